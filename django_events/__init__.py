@@ -1,0 +1,36 @@
+"""Declarative events and subscriptions for Django.
+
+Safe to import before settings are configured: ``publish`` and ``publish_many`` load
+their module (which needs the models) on first access.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .events import Event, current_event
+from .exceptions import EventError, InvalidPayload, ManifestError, UnknownEvent
+from .typed import event
+
+if TYPE_CHECKING:
+    from .publishing import publish, publish_many
+
+__all__ = [
+    "Event",
+    "EventError",
+    "InvalidPayload",
+    "ManifestError",
+    "UnknownEvent",
+    "current_event",
+    "event",
+    "publish",
+    "publish_many",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("publish", "publish_many"):
+        from . import publishing
+
+        return getattr(publishing, name)
+    raise AttributeError(f"module 'django_events' has no attribute {name!r}")

@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.apps import AppConfig
+from django.utils.translation import gettext_lazy as _
+
+
+class DjangoEventsConfig(AppConfig):
+    name = "django_events"
+    label = "django_events"
+    verbose_name = _("Events")
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from django.core.checks import register
+        from django.core.signals import setting_changed
+        from django.utils.module_loading import autodiscover_modules
+
+        from . import checks, tasks  # noqa: F401 - tasks registers django_events.deliver
+        from .conf import conf
+        from .registry import get_registry
+
+        register(checks.check_configuration, "django_events")
+        register(checks.check_handlers, "django_events")
+        register(checks.check_celery, "django_events")
+        setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
+        if conf.AUTODISCOVER:
+            autodiscover_modules("events")  # apps' events.py modules declare @event classes
+        get_registry()
+
+
+def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
+    if setting == "DJANGO_EVENTS":
+        from .registry import reset_registry
+
+        reset_registry()

@@ -1,0 +1,129 @@
+"""Handing async deliveries to Celery: one task message per (event, subscription)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from django.utils.module_loading import import_string
+
+from .conf import conf
+from .events import Event
+from .registry import Subscription
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("django_events.broker")
+
+TASK_NAME = "django_events.deliver"
+MESSAGE_VERSION = 1
+# Seconds of extra hard limit after a subscription's soft ``timeout``.
+HARD_LIMIT_GRACE = 5.0
+
+
+def celery_app() -> Celery | None:
+    """The Celery app that sends deliveries: ``CELERY_APP``, else the project's app."""
+    path = conf.CELERY_APP
+    if path:
+        app: Celery = import_string(path)
+        return app
+    from celery import _state
+
+    current = _state._tls.current_app
+    if current is not None:
+        return current  # type: ignore[no-any-return]
+    # current_app is thread-local; from another thread, use the one app the project created.
+    apps = [a for a in list(_state._apps) if a is not _state.default_app]
+    return apps[0] if len(apps) == 1 else None
+
+
+def build_message(
+    event_message: dict[str, Any], subscription: str, alias: str, prior_attempts: int = 0
+) -> dict[str, Any]:
+    """The task argument: names the subscription, never a handler path."""
+    return {
+        "v": MESSAGE_VERSION,
+        "subscription": subscription,
+        "event": event_message,
+        "db": alias,
+        "prior_attempts": prior_attempts,
+    }
+
+
+class BrokerHealth:
+    """Remembers an outage so it is logged once, not once per event."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.down = False
+
+    def failed(self, exc: BaseException, count: int) -> None:
+        with self._lock:
+            first, self.down = not self.down, True
+        if first:
+            logger.error("Broker unreachable; %d event(s) stay pending for events_relay: %s",
+                         count, exc, exc_info=exc)
+        else:
+            logger.debug("Broker still unreachable; %d more event(s) pending", count)
+
+    def succeeded(self) -> None:
+        if self.down:
+            with self._lock:
+                self.down = False
+            logger.warning("Broker reachable again")
+
+
+health = BrokerHealth()
+
+
+Outgoing = tuple[Event, bool, Sequence[Subscription]]  # event, durable, subscriptions
+
+
+def send_deliveries(
+    items: Sequence[Outgoing],
+    alias: str,
+    *,
+    app: Celery | None = None,
+) -> set[UUID]:
+    """Send one message per (event, subscription); return ids of events not fully sent.
+
+    Never raises: an unreachable broker leaves the unsent events for the relay.
+    """
+    app = app or celery_app()
+    if app is None:
+        logger.error("No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending")
+        return {event.id for event, _, _ in items}
+    # One reconnect for a stale pooled connection; none during a known outage, so that
+    # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
+    policy = {"max_retries": 0 if health.down else 1, "interval_start": 0,
+              "interval_step": 0.2, "interval_max": 0.2}
+    sent = 0
+    try:
+        with app.producer_or_acquire() as producer:
+            for event, durable, subscriptions in items:
+                message = event.to_message()
+                for subscription in subscriptions:
+                    timeout = subscription.declaration.timeout
+                    app.send_task(
+                        TASK_NAME,
+                        args=(build_message(message, subscription.name, alias),),
+                        queue=subscription.queue,
+                        producer=producer,
+                        serializer="json",
+                        delivery_mode=2 if durable else 1,
+                        retry=True,
+                        retry_policy=policy,
+                        soft_time_limit=timeout,
+                        time_limit=timeout + HARD_LIMIT_GRACE if timeout else None,
+                    )
+                sent += 1
+    except Exception as exc:  # any broker/transport error: the outbox keeps the rest
+        health.failed(exc, len(items) - sent)
+        return {event.id for event, _, _ in items[sent:]}
+    health.succeeded()
+    return set()
+

@@ -1,0 +1,85 @@
+"""System checks: every configuration problem with a stable id (docs/checks.md lists them)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.core.checks import CheckMessage, Error, Warning
+
+from .declarations import Problem
+from .registry import HandlerImportError, get_registry, resolve_handler
+
+# Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
+CHECK_IDS: dict[str, str] = {
+    "django_events.E001": "DJANGO_EVENTS has an invalid value",
+    "django_events.W001": "DJANGO_EVENTS has an unknown key",
+    "django_events.E002": "a PIPELINE entry does not import",
+    "django_events.E101": "a manifest file is missing or unreadable",
+    "django_events.E102": "a manifest has a YAML syntax error",
+    "django_events.E103": "a manifest does not match the manifest schema",
+    "django_events.E104": "an event's payload schema is not valid JSON Schema",
+    "django_events.E105": "a subscription names an undeclared event",
+    "django_events.W101": "a subscription pattern matches no declared event",
+    "django_events.W102": "an async-only option on a non-async subscription",
+    "django_events.E106": "an event is declared twice",
+    "django_events.E107": "a subscription is declared twice",
+    "django_events.E108": "a subscription's when filter is invalid",
+    "django_events.E109": "an event's type is not a dataclass or pydantic model",
+    "django_events.E201": "a handler does not import",
+    "django_events.E202": "a handler is not callable",
+    "django_events.E203": "async subscriptions but no Celery app",
+    "django_events.E204": "the Celery app accepts pickle",
+}
+
+
+def to_message(problem: Problem) -> CheckMessage:
+    """Turn a registry problem into a Django check message."""
+    cls = Error if problem.is_error else Warning
+    return cls(problem.message, hint=problem.hint, obj=str(problem.origin or "DJANGO_EVENTS"),
+               id=problem.id)
+
+
+def check_configuration(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Settings, manifests, schemas, names and filters."""
+    return [to_message(p) for p in get_registry().problems]
+
+
+def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Every subscription's handler imports and can be called."""
+    messages: list[CheckMessage] = []
+    for subscription in get_registry().subscriptions.values():
+        try:
+            resolve_handler(subscription.declaration.handler)
+        except HandlerImportError as exc:
+            code = "E201" if isinstance(exc.__cause__, ImportError) else "E202"
+            messages.append(Error(
+                f"Subscription {subscription.name!r}: {exc}",
+                hint="Fix the dotted path in 'handler'.",
+                obj=str(subscription.declaration.origin), id=f"django_events.{code}"))
+    return messages
+
+
+def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Async subscriptions need a Celery app that accepts only safe serializers."""
+    registry = get_registry()
+    if not any(s.mode == "async" for s in registry.subscriptions.values()):
+        return []
+    from .broker import celery_app
+
+    try:
+        app = celery_app()
+    except ImportError as exc:
+        app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] does not import: {exc}"
+    else:
+        reason = "no Celery app is configured"
+    if app is None:
+        return [Error(f"Async subscriptions exist but {reason}",
+                      hint="Create a Celery app (celery.py) or set DJANGO_EVENTS['CELERY_APP'].",
+                      obj="DJANGO_EVENTS", id="django_events.E203")]
+    accepted = {str(c).lower() for c in app.conf.accept_content or ()}
+    if accepted & {"pickle", "application/x-python-serialize"}:
+        return [Error(f"Celery app {app.main!r} accepts pickle: {sorted(accepted)!r}",
+                      hint="Set accept_content = ['json']; pickle runs code from the broker.",
+                      obj="DJANGO_EVENTS", id="django_events.E204")]
+    return []

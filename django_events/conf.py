@@ -1,0 +1,76 @@
+"""Typed, read-on-access view of the ``DJANGO_EVENTS`` setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+DEFAULT_RETRY: dict[str, Any] = {"max_attempts": 3, "backoff": 2, "max_backoff": 300, "jitter": True}
+
+DEFAULTS: dict[str, Any] = {
+    "MANIFESTS": [],
+    "AUTODISCOVER": True,
+    "EVENTS": {},
+    "SUBSCRIPTIONS": [],
+    "CELERY_APP": None,
+    "DEFAULT_QUEUE": "django_events",
+    "DEFAULT_RETRY": DEFAULT_RETRY,
+    "RECORD": "all",
+    "PIPELINE": [],
+}
+
+RECORD_CHOICES = ("all", "failures")
+
+
+class Settings:
+    """Each property reads ``settings.DJANGO_EVENTS`` anew, so ``override_settings`` works."""
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        value = getattr(settings, "DJANGO_EVENTS", {})
+        return value if isinstance(value, dict) else {}
+
+    def _get(self, key: str) -> Any:
+        return self.raw.get(key, DEFAULTS[key])
+
+    @property
+    def MANIFESTS(self) -> list[Path]:  # noqa: N802 - mirrors the setting key
+        return [Path(p) for p in self._get("MANIFESTS")]
+
+    @property
+    def AUTODISCOVER(self) -> bool:  # noqa: N802
+        return bool(self._get("AUTODISCOVER"))
+
+    @property
+    def EVENTS(self) -> dict[str, Any]:  # noqa: N802
+        return dict(self._get("EVENTS"))
+
+    @property
+    def SUBSCRIPTIONS(self) -> list[Any]:  # noqa: N802
+        return list(self._get("SUBSCRIPTIONS"))
+
+    @property
+    def CELERY_APP(self) -> str | None:  # noqa: N802
+        value = self._get("CELERY_APP")
+        return str(value) if value else None
+
+    @property
+    def DEFAULT_QUEUE(self) -> str:  # noqa: N802
+        return str(self._get("DEFAULT_QUEUE"))
+
+    @property
+    def DEFAULT_RETRY(self) -> dict[str, Any]:  # noqa: N802
+        return {**DEFAULT_RETRY, **self._get("DEFAULT_RETRY")}
+
+    @property
+    def RECORD(self) -> str:  # noqa: N802
+        return str(self._get("RECORD"))
+
+    @property
+    def PIPELINE(self) -> list[str]:  # noqa: N802
+        return list(self._get("PIPELINE"))
+
+
+conf = Settings()

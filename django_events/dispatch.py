@@ -1,0 +1,97 @@
+"""After commit: send async deliveries, then run sync handlers, recording what happened."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.db import DatabaseError
+from django.utils import timezone
+
+from . import broker
+from .events import Event
+from .execution import log_extra, run_handler
+from .models import Delivery, EventRecord
+from .recording import delivery, ensure_records, save_deliveries
+from .registry import CompiledEvent, Subscription, get_registry
+
+logger = logging.getLogger("django_events.dispatch")
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A published event on its way out, with the subscriptions its filters let through."""
+
+    event: Event
+    compiled: CompiledEvent
+    sync: list[Subscription]
+    async_: list[Subscription]
+    recorded: bool
+
+
+def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
+    """Deliver a committed batch. Never raises into the code that committed."""
+    unsent = _send_async(batch, alias)
+    _run_sync(batch, alias, unsent)
+
+
+def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
+    outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
+    if not outgoing:
+        return set()
+    unsent: set[object] = set(broker.send_deliveries(outgoing, alias))
+    sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
+    try:
+        if sent_ids:
+            EventRecord.objects.using(alias).filter(pk__in=sent_ids).update(
+                status=EventRecord.Status.DISPATCHED, dispatched_at=timezone.now()
+            )
+        # RECORD='failures' wrote no record: an unsent event needs one now, for the relay.
+        unrecorded = [o.event for o in batch if not o.recorded and o.event.id in unsent]
+        if unrecorded:
+            ensure_records(alias, unrecorded, EventRecord.Status.PENDING)
+    except DatabaseError:
+        # The messages are out; records left pending are sent again by the relay (at least once).
+        logger.exception("Could not mark %d event(s) dispatched", len(sent_ids))
+    return unsent
+
+
+def _run_sync(batch: Sequence[Outgoing], alias: str, unsent: set[object]) -> None:
+    interceptors = get_registry().interceptors
+    rows: list[Delivery] = []
+    unrecorded_failures: list[Event] = []
+    for item in batch:
+        for subscription in item.sync:
+            row = run_sync_handler(subscription, item.event, interceptors)
+            if row.status == Delivery.Status.FAILED and not item.recorded:
+                unrecorded_failures.append(item.event)
+            if item.recorded or row.status == Delivery.Status.FAILED:
+                rows.append(row)
+    if not rows:
+        return
+    try:
+        if unrecorded_failures:
+            ensure_records(alias, unrecorded_failures, EventRecord.Status.DISPATCHED)
+        save_deliveries(alias, rows)
+    except DatabaseError:
+        logger.exception("Could not record %d sync delivery outcome(s)", len(rows))
+
+
+def run_sync_handler(
+    subscription: Subscription, event: Event, interceptors: Sequence[object], prior_attempts: int = 0
+) -> Delivery:
+    """Run one sync handler, isolated: its exception is logged and returned as a failure."""
+    try:
+        run_handler(subscription, event, interceptors)
+    except Exception as exc:
+        logger.exception("Sync handler failed", extra=log_extra(event, subscription))
+        return delivery(event.id, subscription.name, "sync", Delivery.Status.FAILED,
+                        prior_attempts + 1, _error_text(exc), traceback.format_exc())
+    return delivery(event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED,
+                    prior_attempts + 1)
+
+
+def _error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,83 @@
+"""The `Event` handlers receive, and the context that links events into chains."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.utils.dateparse import parse_datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One published event, as handlers see it.
+
+    ``payload`` is a dict, or an instance of the event's class for typed events; ``data`` is
+    always the JSON form that is stored and sent.
+    """
+
+    id: UUID
+    name: str
+    payload: Any
+    headers: dict[str, str]
+    occurred_at: datetime
+    correlation_id: UUID
+    causation_id: UUID | None
+    data: dict[str, Any] = field(repr=False, compare=False)
+
+    def to_message(self) -> dict[str, Any]:
+        """Return the JSON-ready form sent to workers."""
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "payload": self.data,
+            "headers": self.headers,
+            "occurred_at": self.occurred_at.isoformat(),
+            "correlation_id": str(self.correlation_id),
+            "causation_id": str(self.causation_id) if self.causation_id else None,
+        }
+
+    @classmethod
+    def from_message(cls, message: dict[str, Any], payload: Any = None) -> Event:
+        """Rebuild an event from :meth:`to_message` output (``KeyError``/``ValueError`` if bad)."""
+        occurred_at = parse_datetime(message["occurred_at"])
+        if occurred_at is None:
+            raise ValueError(f"bad occurred_at {message['occurred_at']!r}")
+        data = message["payload"]
+        headers = message.get("headers") or {}
+        if not isinstance(data, dict) or not isinstance(headers, dict):
+            raise ValueError("payload and headers must be objects")
+        causation = message.get("causation_id")
+        return cls(
+            id=UUID(message["id"]),
+            name=message["name"],
+            payload=data if payload is None else payload,
+            headers=headers,
+            occurred_at=occurred_at,
+            correlation_id=UUID(message["correlation_id"]),
+            causation_id=UUID(causation) if causation else None,
+            data=data,
+        )
+
+
+_current_event: ContextVar[Event | None] = ContextVar("django_events_current_event", default=None)
+
+
+def current_event() -> Event | None:
+    """Return the event whose handler is running in this context, if any."""
+    return _current_event.get()
+
+
+@contextmanager
+def handling(event: Event) -> Iterator[None]:
+    """Mark ``event`` as the one being handled, so events published meanwhile chain to it."""
+    token = _current_event.set(event)
+    try:
+        yield
+    finally:
+        _current_event.reset(token)

@@ -1,0 +1,49 @@
+"""Exceptions raised by django_events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+class EventError(Exception):
+    """Base class of the errors `publish()` raises."""
+
+
+class UnknownEvent(EventError, LookupError):
+    """The event name is not declared in any manifest, setting or `@event` class."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"Unknown event {name!r}: declare it in a manifest, settings or @event.")
+
+
+@dataclass(frozen=True)
+class PayloadProblem:
+    """One schema violation: where in the payload (JSON path) and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class InvalidPayload(EventError, ValueError):
+    """The payload does not match the event's schema."""
+
+    def __init__(self, name: str, problems: Sequence[PayloadProblem]) -> None:
+        self.name = name
+        self.problems = tuple(problems)
+        details = "; ".join(str(p) for p in self.problems)
+        super().__init__(f"Invalid payload for event {name!r}: {details}")
+
+
+class ManifestError(ImproperlyConfigured):
+    """A manifest could not be loaded; `problems` lists each one with file and line."""
+
+    def __init__(self, problems: Sequence[object]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))

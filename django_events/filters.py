@@ -1,0 +1,111 @@
+"""The ``when`` filter language: data compiled to predicates, never ``eval``."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Predicate = Callable[[Any], bool]
+
+_MISSING = object()
+
+
+class FilterError(ValueError):
+    """A ``when`` block is malformed; ``path`` says where inside it."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"when{path}: {message}")
+
+
+def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
+    def compare(actual: Any, expected: Any) -> bool:
+        if actual is _MISSING:
+            return False
+        try:
+            return bool(op(actual, expected))
+        except TypeError:  # e.g. "abc" > 3: a mismatched type never matches
+            return False
+
+    return compare
+
+
+def _contains(actual: Any, expected: Any) -> bool:
+    if actual is _MISSING or actual is None:
+        return False
+    try:
+        return expected in actual
+    except TypeError:
+        return False
+
+
+OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
+    "eq": lambda actual, expected: actual is not _MISSING and actual == expected,
+    "ne": lambda actual, expected: actual is _MISSING or actual != expected,
+    "gt": _ordered(operator.gt),
+    "gte": _ordered(operator.ge),
+    "lt": _ordered(operator.lt),
+    "lte": _ordered(operator.le),
+    "in": lambda actual, expected: actual is not _MISSING and actual in expected,
+    "not_in": lambda actual, expected: actual is _MISSING or actual not in expected,
+    "exists": lambda actual, expected: (actual is not _MISSING) == bool(expected),
+    "contains": _contains,
+}
+_COMBINATORS = ("any", "all", "not")
+
+
+def lookup(payload: Any, path: str) -> Any:
+    """Follow a dotted path through dicts (and lists, by index); missing gives a sentinel."""
+    value = payload
+    for part in path.split("."):
+        if isinstance(value, Mapping):
+            value = value.get(part, _MISSING)
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return _MISSING
+        if value is _MISSING:
+            return value
+    return value
+
+
+def compile_filter(when: Any, path: str = "") -> Predicate:
+    """Compile a ``when`` block to a predicate over the payload dict."""
+    if not isinstance(when, Mapping):
+        raise FilterError(path, f"expected a mapping, got {when!r}")
+    if not when:
+        raise FilterError(path, "an empty filter matches nothing useful; remove it")
+    predicates = [_compile_key(key, value, f"{path}.{key}") for key, value in when.items()]
+    if len(predicates) == 1:
+        return predicates[0]
+    return lambda payload: all(p(payload) for p in predicates)
+
+
+def _compile_key(key: str, value: Any, path: str) -> Predicate:
+    if key in ("any", "all"):
+        if not isinstance(value, list) or not value:
+            raise FilterError(path, f"{key!r} takes a non-empty list of filters")
+        parts = [compile_filter(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        combine = any if key == "any" else all
+        return lambda payload: combine(p(payload) for p in parts)
+    if key == "not":
+        inner = compile_filter(value, path)
+        return lambda payload: not inner(payload)
+    if isinstance(value, Mapping) and value and all(k in OPERATORS for k in value):
+        tests = [_compile_operator(op, expected, f"{path}.{op}") for op, expected in value.items()]
+        return lambda payload: all(test(lookup(payload, key)) for test in tests)
+    if isinstance(value, Mapping) and any(k in OPERATORS for k in value):
+        unknown = sorted(k for k in value if k not in OPERATORS)
+        raise FilterError(path, f"unknown operator(s) {unknown}; use one of {sorted(OPERATORS)}")
+    expected = value
+    return lambda payload: lookup(payload, key) == expected
+
+
+def _compile_operator(op: str, expected: Any, path: str) -> Callable[[Any], bool]:
+    if op in ("in", "not_in") and not isinstance(expected, list):
+        raise FilterError(path, f"{op!r} takes a list, got {expected!r}")
+    if op == "exists" and not isinstance(expected, bool):
+        raise FilterError(path, f"'exists' takes true or false, got {expected!r}")
+    compare = OPERATORS[op]
+    return lambda actual: compare(actual, expected)

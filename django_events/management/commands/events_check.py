@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.checks import CheckMessage
+from django.core.management.base import BaseCommand, CommandError
+
+from django_events.checks import check_celery, check_configuration, check_handlers
+from django_events.registry import reset_registry
+
+
+class Command(BaseCommand):
+    help = "Validate settings, manifests, payload schemas, handlers and the Celery app."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        reset_registry()  # read the manifests as they are on disk now
+        messages: list[CheckMessage] = [
+            *check_configuration(), *check_handlers(), *check_celery()
+        ]
+        for message in messages:
+            hint = f"\n    HINT: {message.hint}" if message.hint else ""
+            line = f"{message.obj}: ({message.id}) {message.msg}{hint}"
+            self.stderr.write(line) if message.is_serious() else self.stdout.write(line)
+        errors = sum(1 for m in messages if m.is_serious())
+        if errors:
+            raise CommandError(f"{errors} problem(s) found in the events configuration.")
+        warnings = len(messages) - errors
+        self.stdout.write(f"Events configuration OK ({warnings} warning(s)).")

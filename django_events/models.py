@@ -1,0 +1,116 @@
+"""Storage: the event log (which doubles as the outbox) and delivery outcomes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import models
+from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
+
+
+class EventRecord(models.Model):
+    """One published event: the event log, and the outbox while ``status`` is pending."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        DISPATCHED = "dispatched", _("dispatched")
+        FAILED = "failed", _("failed")
+
+    id = models.UUIDField(_("event id"), primary_key=True, editable=False)
+    name = models.CharField(_("event name"), max_length=200)
+    payload = models.JSONField(_("payload"), default=dict)
+    headers = models.JSONField(_("headers"), default=dict, blank=True)
+    occurred_at = models.DateTimeField(_("occurred at"), default=timezone.now)
+    correlation_id = models.UUIDField(
+        _("correlation id"), help_text=_("Shared by every event of one chain.")
+    )
+    causation_id = models.UUIDField(
+        _("causation id"), null=True, blank=True,
+        help_text=_("The event whose handler published this one."),
+    )
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING,
+        help_text=_("pending: not yet handed to the broker; dispatched: handed over."),
+    )
+    dispatched_at = models.DateTimeField(_("dispatched at"), null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("event")
+        verbose_name_plural = _("event log")
+        ordering = ["-occurred_at"]
+        indexes = [
+            models.Index(fields=["name", "-occurred_at"], name="django_events_name_occ_idx"),
+            models.Index(fields=["-occurred_at"], name="django_events_occurred_idx"),
+            models.Index(fields=["correlation_id"], name="django_events_correlation_idx"),
+            models.Index(fields=["causation_id"], name="django_events_causation_idx"),
+            # The outbox: the relay scans only what is still pending, oldest first.
+            models.Index(
+                fields=["occurred_at"], name="django_events_pending_idx",
+                condition=models.Q(status="pending"),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.id}"
+
+
+class Delivery(models.Model):
+    """The outcome of one subscription's handler for one event."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", _("pending")
+        RUNNING = "running", _("running")
+        SUCCEEDED = "succeeded", _("succeeded")
+        FAILED = "failed", _("failed")
+        RESOLVED = "resolved", _("resolved")
+
+    event = models.ForeignKey(
+        EventRecord, on_delete=models.CASCADE, related_name="deliveries",
+        verbose_name=_("event"),
+    )
+    subscription = models.CharField(_("subscription"), max_length=255)
+    mode = models.CharField(_("mode"), max_length=8)
+    status = models.CharField(
+        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING
+    )
+    attempts = models.PositiveIntegerField(
+        _("attempts"), default=0, help_text=_("Runs of the handler, manual retries included.")
+    )
+    last_error = models.TextField(_("last error"), blank=True, default="")
+    traceback = models.TextField(_("traceback"), blank=True, default="")
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("delivery")
+        verbose_name_plural = _("deliveries")
+        ordering = ["-updated_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["event", "subscription"], name="django_events_delivery_unique"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "-updated_at"], name="django_events_dlv_status_idx"),
+            models.Index(fields=["subscription", "status"], name="django_events_dlv_sub_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subscription} <- {self.event_id} ({self.status})"
+
+
+class FailureManager(models.Manager["Failure"]):
+    def get_queryset(self) -> models.QuerySet[Failure]:
+        return super().get_queryset().filter(status=Delivery.Status.FAILED)
+
+
+class Failure(Delivery):
+    """Failed deliveries (a proxy of `Delivery`), for the admin."""
+
+    objects: Any = FailureManager()
+
+    class Meta:
+        proxy = True
+        verbose_name = _("failure")
+        verbose_name_plural = _("failures")

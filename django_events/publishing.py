@@ -1,0 +1,111 @@
+"""``publish()`` and ``publish_many()``: validate, record in the caller's transaction,
+deliver on commit."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from functools import partial
+from typing import Any
+
+from django.db import router, transaction
+from django.utils import timezone
+
+from .dispatch import Outgoing, dispatch
+from .events import Event, current_event
+from .execution import run_handler
+from .models import EventRecord
+from .recording import record_for
+from .registry import Registry, get_registry
+
+
+def publish(
+    event: Any,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event:
+    """Publish one event: by name with a payload dict, or an instance of an ``@event`` class.
+
+    Raises ``UnknownEvent`` or ``InvalidPayload`` (nothing is recorded or sent then).
+    Inline handlers run now; sync and async deliveries run after the transaction on
+    ``using`` commits (at once outside a transaction).
+    """
+    registry = get_registry()
+    outgoing = _prepare(registry, event, payload, headers)
+    _enqueue(registry, [outgoing], using)
+    return outgoing.event
+
+
+def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Event]:
+    """Publish several events with one bulk insert and one on-commit hook.
+
+    Each item is an ``@event`` instance, or a ``(name, payload)`` or
+    ``(name, payload, headers)`` tuple. Every item is validated before anything happens.
+    """
+    registry = get_registry()
+    batch = [
+        _prepare(registry, item, None, None) if not isinstance(item, tuple)
+        else _prepare(registry, *item)
+        for item in items
+    ]
+    _enqueue(registry, batch, using)
+    return [o.event for o in batch]
+
+
+def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outgoing:
+    compiled = registry.resolve(event)
+    given = payload if isinstance(event, str) else event
+    data = compiled.to_data({} if given is None else given)
+    if headers is None:
+        header_dict: dict[str, str] = {}
+    elif isinstance(headers, Mapping) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        header_dict = dict(headers)
+    else:
+        raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
+    event_id = uuid.uuid4()
+    parent = current_event()
+    new = Event(
+        id=event_id,
+        name=compiled.name,
+        payload=compiled.typed_payload(data, given),
+        headers=header_dict,
+        occurred_at=timezone.now(),
+        correlation_id=parent.correlation_id if parent else event_id,
+        causation_id=parent.id if parent else None,
+        data=data,
+    )
+    for interceptor in registry.interceptors:
+        interceptor.send(new)
+    accepts = _accepted
+    return Outgoing(
+        event=new,
+        compiled=compiled,
+        sync=accepts(compiled.sync, data),
+        async_=accepts(compiled.async_, data),
+        recorded=compiled.records_all,
+    )
+
+
+def _accepted(subscriptions: Iterable[Any], data: dict[str, Any]) -> list[Any]:
+    return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
+
+
+def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
+    alias = using or router.db_for_write(EventRecord)
+    interceptors = registry.interceptors
+    for item in batch:
+        for subscription in _accepted(item.compiled.inline, item.event.data):
+            run_handler(subscription, item.event, interceptors)
+    records = [
+        record_for(o.event, EventRecord.Status.PENDING if o.async_ else EventRecord.Status.DISPATCHED)
+        for o in batch if o.recorded
+    ]
+    if records:
+        EventRecord.objects.using(alias).bulk_create(records)
+    deferred = [o for o in batch if o.sync or o.async_]
+    if deferred:
+        transaction.on_commit(partial(dispatch, deferred, alias), using=alias, robust=True)

@@ -1,0 +1,369 @@
+"""The registry: every declaration merged, checked and compiled once for the hot path."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, cast
+
+from django.apps import apps
+from django.utils.module_loading import import_string
+from jsonschema import SchemaError
+
+from . import typed
+from .conf import DEFAULTS, RECORD_CHOICES, conf
+from .declarations import (
+    EventDeclaration,
+    Origin,
+    Problem,
+    RetryPolicy,
+    SubscriptionDeclaration,
+)
+from .events import Event
+from .exceptions import InvalidPayload, UnknownEvent
+from .filters import FilterError, Predicate, compile_filter
+from .manifest import Manifest, load_manifest, parse_settings
+from .validation import PayloadValidator, json_problems
+
+Handler = Callable[[Event], Any]
+SETTINGS_ORIGIN = Origin("settings", "settings.DJANGO_EVENTS")
+
+
+class HandlerImportError(ImportError):
+    """A subscription's handler path does not import or is not callable."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A subscription ready to run: filter compiled, retry policy merged, handler lazy."""
+
+    declaration: SubscriptionDeclaration
+    retry: RetryPolicy
+    accepts: Predicate | None = None
+    _handler: Handler | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def mode(self) -> str:
+        return self.declaration.mode
+
+    @property
+    def queue(self) -> str:
+        return self.declaration.queue or conf.DEFAULT_QUEUE
+
+    def handler(self) -> Handler:
+        """Import the handler on first use (a class is instantiated once per process)."""
+        if self._handler is None:
+            self._handler = resolve_handler(self.declaration.handler)
+        return self._handler
+
+
+@dataclass(eq=False)
+class CompiledEvent:
+    """An event ready to publish: validator compiled, subscriptions sorted by mode."""
+
+    declaration: EventDeclaration
+    validator: PayloadValidator
+    inline: tuple[Subscription, ...] = ()
+    sync: tuple[Subscription, ...] = ()
+    async_: tuple[Subscription, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def type(self) -> type | None:
+        return self.declaration.type
+
+    @property
+    def records_all(self) -> bool:
+        return (self.declaration.record or conf.RECORD) == "all"
+
+    def to_data(self, payload: Any) -> dict[str, Any]:
+        """Validate ``payload`` and return its JSON form (raises ``InvalidPayload``)."""
+        if self.type is not None and isinstance(payload, self.type):
+            data = typed.to_data(payload)
+        elif isinstance(payload, dict):
+            data = payload
+        else:
+            raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
+        problems = self.validator.problems(data) or json_problems(data)
+        if problems:
+            raise InvalidPayload(self.name, problems)
+        return data
+
+    def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
+        """Return what handlers get as ``event.payload``."""
+        if self.type is None:
+            return data
+        if given is not None and isinstance(given, self.type):
+            return given
+        return typed.from_data(self.type, data)
+
+
+def _not_an_object(payload: Any, tp: type | None) -> Any:
+    from .exceptions import PayloadProblem
+
+    expected = f"a dict or {tp.__qualname__}" if tp else "a dict"
+    return PayloadProblem("$", f"expected {expected}, got {type(payload).__name__}")
+
+
+@dataclass
+class Registry:
+    """Everything declared, merged; ``problems`` lists what is wrong with it."""
+
+    events: dict[str, CompiledEvent] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    interceptors: list[Any] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def event(self, name: str) -> CompiledEvent:
+        """Return the compiled event ``name`` (raises ``UnknownEvent``)."""
+        try:
+            return self.events[name]
+        except KeyError:
+            raise UnknownEvent(name) from None
+
+    def resolve(self, name_or_instance: Any) -> CompiledEvent:
+        """Find the event for a name or an instance of an ``@event`` class."""
+        if isinstance(name_or_instance, str):
+            return self.event(name_or_instance)
+        declaration = typed.declaration_of(type(name_or_instance))
+        if declaration is None:
+            raise UnknownEvent(repr(type(name_or_instance)))
+        return self.event(declaration.name)
+
+    def queues(self) -> list[str]:
+        """Queues a worker must consume to run every async subscription."""
+        return sorted({s.queue for s in self.subscriptions.values() if s.mode == "async"})
+
+
+def resolve_handler(path: str) -> Handler:
+    """Import a handler: a function ``f(event)`` or a class with ``handle(self, event)``."""
+    try:
+        target = import_string(path)
+    except ImportError as exc:
+        raise HandlerImportError(f"Handler {path!r} does not import: {exc}") from exc
+    if isinstance(target, type):
+        handle = getattr(target, "handle", None)
+        if not callable(handle):
+            raise HandlerImportError(f"Handler class {path!r} has no handle(self, event) method")
+        handler: Handler = target().handle
+        return handler
+    if not callable(target):
+        raise HandlerImportError(f"Handler {path!r} is not callable")
+    return cast(Handler, target)
+
+
+# -- building -------------------------------------------------------------------------------
+
+_registry: Registry | None = None
+_lock = threading.Lock()
+
+
+def get_registry() -> Registry:
+    """Return the registry, building it on first use after start-up or a reset."""
+    registry = _registry
+    if registry is None:
+        with _lock:
+            registry = _registry or _build_and_store()
+    return registry
+
+
+def _build_and_store() -> Registry:
+    global _registry
+    _registry = build_registry()
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget the registry; the next use rebuilds it from settings, manifests and code."""
+    global _registry
+    _registry = None
+
+
+def manifest_paths() -> list[Path]:
+    """Explicit manifests, then each installed app's ``events.yaml`` (with AUTODISCOVER)."""
+    paths = list(conf.MANIFESTS)
+    if conf.AUTODISCOVER:
+        for app_config in apps.get_app_configs():
+            candidate = Path(app_config.path) / "events.yaml"
+            if candidate.is_file():
+                paths.append(candidate)
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def build_registry() -> Registry:
+    """Read every source and compile the registry, collecting problems instead of raising."""
+    registry = Registry()
+    problems = registry.problems
+    problems.extend(settings_problems())
+    manifests: list[Manifest] = []
+    for path in manifest_paths():
+        registry.sources.append(str(path))
+        manifests.append(load_manifest(path))
+    manifests.append(parse_settings(conf.EVENTS, conf.SUBSCRIPTIONS))
+    event_decls = [d for m in manifests for d in m.events]
+    event_decls += [d for c in typed.declared_event_types() if (d := typed.declaration_of(c))]
+    for manifest in manifests:
+        problems.extend(manifest.problems)
+    _compile_events(registry, event_decls)
+    _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions])
+    registry.interceptors = _load_interceptors(problems)
+    return registry
+
+
+def settings_problems() -> list[Problem]:
+    """Check the shape of ``DJANGO_EVENTS`` itself."""
+    from django.conf import settings
+
+    raw = getattr(settings, "DJANGO_EVENTS", {})
+    if not isinstance(raw, dict):
+        return [_problem("E001", f"DJANGO_EVENTS must be a dict, got {type(raw).__name__}",
+                         None, SETTINGS_ORIGIN)]
+    problems = [
+        _problem("W001", f"DJANGO_EVENTS has unknown key {key!r}",
+                 f"Known keys: {', '.join(sorted(DEFAULTS))}.", SETTINGS_ORIGIN)
+        for key in raw if key not in DEFAULTS
+    ]
+    if raw.get("RECORD", "all") not in RECORD_CHOICES:
+        problems.append(_problem("E001", f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
+                                 "Use 'all' or 'failures'.", SETTINGS_ORIGIN))
+    for key in ("MANIFESTS", "SUBSCRIPTIONS", "PIPELINE"):
+        if not isinstance(raw.get(key, []), list | tuple):
+            problems.append(_problem("E001", f"DJANGO_EVENTS[{key!r}] must be a list",
+                                     None, SETTINGS_ORIGIN))
+    if not isinstance(raw.get("EVENTS", {}), dict):
+        problems.append(_problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict",
+                                 None, SETTINGS_ORIGIN))
+    retry = raw.get("DEFAULT_RETRY", {})
+    try:
+        RetryPolicy(**retry)
+    except TypeError as exc:
+        problems.append(_problem("E001", f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {exc}",
+                                 "Keys: max_attempts, backoff, max_backoff, jitter.",
+                                 SETTINGS_ORIGIN))
+    return problems
+
+
+def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> None:
+    seen: dict[str, EventDeclaration] = {}
+    for declaration in declarations:
+        if declaration.name in seen:
+            registry.problems.append(_problem(
+                "E106",
+                f"Event {declaration.name!r} is declared twice (also at {seen[declaration.name].origin})",
+                "Keep one declaration; names are global.", declaration.origin))
+            continue
+        seen[declaration.name] = declaration
+        declaration = _with_type(declaration, registry.problems)
+        schema = declaration.schema if declaration.schema is not None else {"type": "object"}
+        try:
+            validator = PayloadValidator(schema)
+        except SchemaError as exc:
+            registry.problems.append(_problem(
+                "E104",
+                f"Event {declaration.name!r} has an invalid payload schema: {exc.message}",
+                "The schema must be valid JSON Schema (2020-12).", declaration.origin))
+            continue
+        registry.events[declaration.name] = CompiledEvent(declaration, validator)
+
+
+def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventDeclaration:
+    """Resolve a manifest's ``type:`` dotted path into a class and a derived schema."""
+    if declaration.type is not None or declaration.type_path is None:
+        return declaration
+    from dataclasses import replace
+
+    try:
+        cls = import_string(declaration.type_path)
+        schema = typed.schema_for(cls)
+    except (ImportError, TypeError) as exc:
+        problems.append(_problem(
+            "E109", f"Event {declaration.name!r}: type {declaration.type_path!r} is unusable: {exc}",
+            "Point 'type' at a dataclass or a pydantic model.", declaration.origin))
+        return declaration
+    return replace(declaration, type=cls, schema=schema)
+
+
+def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDeclaration]) -> None:
+    problems = registry.problems
+    default_retry = conf.DEFAULT_RETRY
+    by_mode: dict[str, dict[str, list[Subscription]]] = {n: {} for n in registry.events}
+    for declaration in declarations:
+        if declaration.name in registry.subscriptions:
+            other = registry.subscriptions[declaration.name].declaration.origin
+            problems.append(_problem(
+                "E107", f"Subscription {declaration.name!r} is declared twice (also at {other})",
+                "Give one of them a distinct 'name'.", declaration.origin))
+            continue
+        targets = _matching_events(declaration, registry.events)
+        if not targets:
+            code, what = ("W101", "pattern matches no declared event") if declaration.is_pattern \
+                else ("E105", "subscribes to an undeclared event")
+            problems.append(_problem(
+                code, f"Subscription {declaration.name!r} {what}: {declaration.event!r}",
+                "Declare the event in a manifest, in settings or with @event.", declaration.origin))
+            if not declaration.is_pattern:
+                continue
+        try:
+            accepts = compile_filter(declaration.when) if declaration.when is not None else None
+        except FilterError as exc:
+            problems.append(_problem("E108", f"Subscription {declaration.name!r}: {exc}",
+                                     "See the filter reference in the docs.", declaration.origin))
+            continue
+        if declaration.mode != "async":
+            ignored = [k for k in ("queue", "retry", "timeout") if getattr(declaration, k)]
+            ignored += ["broadcast"] if declaration.broadcast else []
+            if ignored:
+                problems.append(_problem(
+                    "W102", f"Subscription {declaration.name!r} is {declaration.mode}: "
+                    f"{', '.join(ignored)} only apply to async subscriptions",
+                    "Remove them or use mode: async.", declaration.origin))
+        try:
+            retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
+        except TypeError:
+            retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
+        subscription = Subscription(declaration, retry, accepts)
+        registry.subscriptions[declaration.name] = subscription
+        for name in targets:
+            by_mode[name].setdefault(declaration.mode, []).append(subscription)
+    for name, compiled in registry.events.items():
+        modes = by_mode[name]
+        compiled.inline = tuple(modes.get("inline", ()))
+        compiled.sync = tuple(modes.get("sync", ()))
+        compiled.async_ = tuple(modes.get("async", ()))
+
+
+def _matching_events(declaration: SubscriptionDeclaration, events: Iterable[str]) -> list[str]:
+    if declaration.is_pattern:
+        return [name for name in events if fnmatchcase(name, declaration.event)]
+    return [declaration.event] if declaration.event in events else []
+
+
+def _load_interceptors(problems: list[Problem]) -> list[Any]:
+    interceptors = []
+    for path in conf.PIPELINE:
+        try:
+            target = import_string(path)
+        except ImportError as exc:
+            problems.append(_problem("E002", f"PIPELINE entry {path!r} does not import: {exc}",
+                                     None, SETTINGS_ORIGIN))
+            continue
+        interceptors.append(target() if isinstance(target, type) else target)
+    return interceptors
+
+
+def _problem(code: str, message: str, hint: str | None, origin: Origin | None) -> Problem:
+    return Problem(f"django_events.{code}", message, hint, origin)

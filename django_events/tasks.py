@@ -1,0 +1,26 @@
+"""The one Celery task, ``django_events.deliver``. The only module that defines tasks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task, shared_task
+
+from .worker import process_message
+
+
+@shared_task(
+    bind=True,
+    name="django_events.deliver",
+    acks_late=True,  # at least once: a message is acked only after the handler finished
+    reject_on_worker_lost=True,  # a killed worker's message goes back to the queue
+    ignore_result=True,
+    serializer="json",
+    max_retries=None,  # each subscription's retry policy decides
+)
+def deliver(self: Task[Any, Any], message: Any) -> str:
+    """Run one subscription's handler for one event (the message names the subscription)."""
+    outcome = process_message(message, self.request.retries or 0)
+    if outcome.retry_in is not None:
+        raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+    return outcome.status

@@ -1,0 +1,170 @@
+"""The worker side of an async delivery, independent of Celery's task machinery."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, transaction
+
+from .events import Event
+from .execution import log_extra, run_handler
+from .models import Delivery, EventRecord
+from .recording import delivery, ensure_records, save_deliveries
+from .registry import Registry, Subscription, get_registry
+
+logger = logging.getLogger("django_events.worker")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one message: done, or retry after ``retry_in`` seconds."""
+
+    status: str
+    retry_in: float | None = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class _Message:
+    subscription: str
+    event: dict[str, Any]
+    alias: str
+    prior_attempts: int
+
+
+def process_message(message: Any, retries: int) -> Outcome:
+    """Run the handler a message names; record the outcome. ``retries`` is Celery's count.
+
+    Database connections are treated as in Django's request cycle: stale ones are closed
+    before and after, so a restarted database never wedges a worker.
+    """
+    close_old_connections()
+    try:
+        return _process(message, retries)
+    finally:
+        close_old_connections()
+
+
+def _process(raw: Any, retries: int) -> Outcome:
+    try:
+        message = _parse(raw)
+        event_name = message.event["name"]
+    except (KeyError, TypeError, ValueError) as exc:
+        logger.error("Rejected a malformed django_events message (%s): %.500r", exc, raw)
+        return Outcome("rejected")
+    registry = get_registry()
+    subscription = registry.subscriptions.get(message.subscription)
+    compiled = registry.events.get(event_name)
+    attempt = message.prior_attempts + retries + 1
+    if subscription is None or compiled is None:
+        what = f"subscription {message.subscription!r}" if subscription is None \
+            else f"event {event_name!r}"
+        return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
+    problems = compiled.validator.problems(message.event["payload"])
+    if problems:
+        details = "; ".join(map(str, problems))
+        return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
+    try:
+        data = message.event["payload"]
+        event = Event.from_message(message.event, compiled.typed_payload(data))
+    except (KeyError, TypeError, ValueError) as exc:
+        return _give_up(message, attempt, f"Malformed event in message: {exc}")
+    return _run(registry, subscription, event, message.alias, attempt, retries)
+
+
+def _parse(raw: Any) -> _Message:
+    if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
+        raise ValueError("not a django_events delivery message")
+    alias = raw.get("db") or DEFAULT_DB_ALIAS
+    if alias not in settings.DATABASES:
+        alias = DEFAULT_DB_ALIAS
+    return _Message(str(raw["subscription"]), raw["event"], alias, int(raw.get("prior_attempts", 0)))
+
+
+def _run(
+    registry: Registry, subscription: Subscription, event: Event, alias: str, attempt: int,
+    retries: int,
+) -> Outcome:
+    records_all = registry.events[event.name].records_all
+    extra = log_extra(event, subscription)
+    try:
+        if subscription.declaration.idempotent:
+            _run_idempotent(registry, subscription, event, alias, attempt, records_all)
+        else:
+            run_handler(subscription, event, registry.interceptors)
+            if records_all:
+                save_deliveries(alias, [_row(event, subscription, "succeeded", attempt)])
+    except Exception as exc:
+        error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        final = attempt >= subscription.retry.max_attempts
+        status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
+        logger.warning("Handler failed (attempt %d of %d)", attempt,
+                       subscription.retry.max_attempts, exc_info=True, extra=extra)
+        _record_quietly(alias, event, [_row(event, subscription, status, attempt, error, tb)],
+                        always=True)
+        if final:
+            return Outcome("failed", error=exc)
+        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+    return Outcome("succeeded")
+
+
+def _run_idempotent(
+    registry: Registry, subscription: Subscription, event: Event, alias: str, attempt: int,
+    records_all: bool,
+) -> None:
+    """Run at most once successfully: the handler's writes and the success commit together."""
+    if not records_all:
+        ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+    with transaction.atomic(using=alias):
+        # Insert-or-keep, then lock: a concurrent redelivery waits here for this one to finish.
+        Delivery.objects.using(alias).bulk_create(
+            [_row(event, subscription, Delivery.Status.RUNNING, attempt - 1)],
+            ignore_conflicts=True,
+        )
+        status = (
+            Delivery.objects.using(alias).select_for_update()
+            .filter(event_id=event.id, subscription=subscription.name)
+            .values_list("status", flat=True).get()
+        )
+        if status == Delivery.Status.SUCCEEDED:
+            logger.info("Idempotent delivery already succeeded; skipped",
+                        extra=log_extra(event, subscription))
+            return
+        run_handler(subscription, event, registry.interceptors)
+        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
+
+
+def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
+    """A poison message: record it as a failed delivery (no retry, nothing imported)."""
+    logger.error("%s (event %s)", error, message.event.get("id"),
+                 extra={"subscription": message.subscription})
+    try:
+        event = Event.from_message(message.event)
+    except (KeyError, TypeError, ValueError):
+        logger.error("Cannot record the failure: the message's event is malformed")
+        return Outcome("rejected")
+    row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
+    _record_quietly(message.alias, event, [row], always=True)
+    return Outcome("failed")
+
+
+def _record_quietly(alias: str, event: Event, rows: list[Delivery], *, always: bool) -> None:
+    from django.db import DatabaseError
+
+    try:
+        if always:
+            ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+        save_deliveries(alias, rows)
+    except DatabaseError:
+        logger.exception("Could not record the delivery outcome", extra=log_extra(event))
+
+
+def _row(
+    event: Event, subscription: Subscription, status: str, attempt: int,
+    error: str = "", tb: str = "",
+) -> Delivery:
+    return delivery(event.id, subscription.name, "async", status, attempt, error, tb)

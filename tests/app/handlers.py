@@ -1,0 +1,53 @@
+"""Handlers the tests subscribe; each leaves a HandlerRun row so tests can see it ran."""
+
+from __future__ import annotations
+
+import os
+
+from django_events import Event, publish
+
+from .models import HandlerRun
+
+
+def _run(name: str, event: Event) -> HandlerRun:
+    payload = event.data
+    return HandlerRun.objects.create(
+        handler=name, event_id=event.id, event_name=event.name, payload=payload,
+        correlation_id=event.correlation_id, causation_id=event.causation_id, pid=os.getpid(),
+    )
+
+
+def record(event: Event) -> None:
+    _run("record", event)
+
+
+def record_other(event: Event) -> None:
+    _run("record_other", event)
+
+
+def always_fails(event: Event) -> None:
+    _run("always_fails", event)
+    raise RuntimeError(f"boom for {event.payload.get('order_id')}")
+
+
+def inline_fails(event: Event) -> None:
+    raise ValueError("inline handler refused the order")
+
+
+def chain_next(event: Event) -> None:
+    """Publishes a follow-up event from inside a handler (a handler chain)."""
+    _run("chain_next", event)
+    publish("orders.shipped", {"order_id": event.data["order_id"]})
+
+
+class ClassHandler:
+    instances = 0
+
+    def __init__(self) -> None:
+        type(self).instances += 1
+
+    def handle(self, event: Event) -> None:
+        _run("class_handler", event)
+
+
+not_callable = 42

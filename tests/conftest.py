@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.test import override_settings
+
+from django_events.registry import reset_registry
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry() -> Iterator[None]:
+    reset_registry()
+    yield
+    reset_registry()
+
+
+def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:
+    """Override DJANGO_EVENTS with the base test settings plus these subscriptions/keys."""
+    value = {**settings.DJANGO_EVENTS, "SUBSCRIPTIONS": list(subscriptions), **keys}
+    return override_settings(DJANGO_EVENTS=value)

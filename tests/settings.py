@@ -1,0 +1,96 @@
+"""Settings for the test suite. DATABASE_URL / CELERY_BROKER_URL select real servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+BASE_DIR = Path(__file__).resolve().parent
+VAR_DIR = Path(os.environ.get("DJANGO_EVENTS_TEST_VAR", BASE_DIR / "var"))
+
+SECRET_KEY = "django-events-tests"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+ROOT_URLCONF = "tests.urls"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+
+def database_from_url(url: str) -> dict[str, object]:
+    """A tiny DATABASE_URL parser: sqlite:///path or postgres://user@host:port/name."""
+    parsed = urlparse(url)
+    if parsed.scheme == "sqlite":  # sqlite:///relative.db or sqlite:////absolute.db
+        return {"ENGINE": "django.db.backends.sqlite3", "NAME": parsed.path[1:]}
+    if parsed.scheme in ("postgres", "postgresql"):
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": parsed.path.lstrip("/") or "django_events",
+            "USER": parsed.username or "postgres",
+            "PASSWORD": parsed.password or "",
+            "HOST": parsed.hostname or "127.0.0.1",
+            "PORT": str(parsed.port or 5432),
+        }
+    raise ValueError(f"Unsupported DATABASE_URL {url!r}")
+
+
+_url = os.environ.get("DATABASE_URL")
+if _url:
+    _db = database_from_url(_url)
+else:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+    # A file, not :memory:, so that a worker process can open the same test database.
+    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "db.sqlite3"),
+           "OPTIONS": {"timeout": 20}}
+_db["TEST"] = {"NAME": os.environ.get("DJANGO_EVENTS_TEST_DB_NAME") or (
+    str(VAR_DIR / f"test-{os.getpid()}.sqlite3") if _db["ENGINE"].endswith("sqlite3")
+    else f"test_django_events_{os.getpid()}")}
+DATABASES = {"default": _db}
+if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
+    # A worker subprocess connects straight to the database the test process created.
+    DATABASES["default"]["NAME"] = os.environ["DJANGO_EVENTS_WORKER_DB_NAME"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django_events",
+    "tests.app",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _folder = Path(os.environ.get("DJANGO_EVENTS_FS_BROKER", VAR_DIR / "broker"))
+    _folder.mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_folder),
+        "data_folder_out": str(_folder),
+        "store_processed": False,
+    }
+DJANGO_EVENTS = {
+    "MANIFESTS": [BASE_DIR / "manifests" / "base.yaml"],
+    "AUTODISCOVER": False,
+    "CELERY_APP": "tests.celery_app.app",
+    "DEFAULT_RETRY": {"max_attempts": 3, "backoff": 0.1, "max_backoff": 1, "jitter": False},
+}
+LOGGING = {"version": 1, "disable_existing_loggers": False}
