@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -55,17 +56,24 @@ def format_path(path: Iterable[str | int]) -> str:
     return out
 
 
-def _node_lines(node: yaml.Node, path: JsonPath, lines: dict[JsonPath, int]) -> None:
+Duplicate = tuple[JsonPath, int, int]  # path of the repeated key, first line, repeated line
+
+
+def _node_lines(
+    node: yaml.Node, path: JsonPath, lines: dict[JsonPath, int], duplicates: list[Duplicate]
+) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = key_node.value
-            lines[(*path, key)] = key_node.start_mark.line + 1
-            _node_lines(value_node, (*path, key), lines)
-            lines[(*path, key)] = key_node.start_mark.line + 1
+            line = key_node.start_mark.line + 1
+            if (*path, key) in lines:  # YAML keeps the last silently; a manifest must not
+                duplicates.append(((*path, key), lines[(*path, key)], line))
+            _node_lines(value_node, (*path, key), lines, duplicates)
+            lines[(*path, key)] = line
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
-            _node_lines(item, (*path, index), lines)
+            _node_lines(item, (*path, index), lines, duplicates)
 
 
 def _line_lookup(lines: dict[JsonPath, int]) -> Callable[[JsonPath], int | None]:
@@ -101,8 +109,9 @@ def load_manifest(path: Path) -> Manifest:
         return Manifest(problems=[_problem("E102", f"YAML syntax error: {reason}", None,
                                            Origin("manifest", file, line))])
     lines: dict[JsonPath, int] = {}
+    duplicates: list[Duplicate] = []
     if root is not None:
-        _node_lines(root, (), lines)
+        _node_lines(root, (), lines, duplicates)
     line_of = _line_lookup(lines)
     if data is None:
         data = {}
@@ -110,7 +119,18 @@ def load_manifest(path: Path) -> Manifest:
     def origin_for(json_path: JsonPath) -> Origin:
         return Origin("manifest", file, line_of(json_path))
 
-    return parse_manifest_data(data, origin_for)
+    manifest = parse_manifest_data(data, origin_for)
+    manifest.problems[:0] = [_duplicate(file, *d) for d in duplicates]
+    return manifest
+
+
+def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
+    origin = Origin("manifest", file, line)
+    if len(path) == 2 and path[0] == "events":
+        return _problem("E106", f"Event {path[1]!r} is declared twice (also at {file}:{first})",
+                        "Keep one declaration; names are global.", origin)
+    return _problem("E102", f"YAML syntax error: duplicate key {path[-1]!r} at "
+                    f"{format_path(path)} (first at line {first})", None, origin)
 
 
 def parse_settings(events: Any, subscriptions: Any) -> Manifest:
@@ -130,12 +150,14 @@ def parse_settings(events: Any, subscriptions: Any) -> Manifest:
 
 def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
     """Validate ``data`` against the manifest schema and build declarations."""
-    errors = sorted(_manifest_validator().iter_errors(data), key=lambda e: list(map(str, e.path)))
+    errors = _deepest(list(_manifest_validator().iter_errors(data)))
     if errors:
+        located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
+        located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
         return Manifest(problems=[
-            _problem("E103", f"{format_path(error.path)}: {error.message}",
-                     "See the manifest reference in the docs.", origin_for(tuple(error.path)))
-            for error in _deepest(errors)
+            _problem("E103", f"{format_path(path)}: {message}",
+                     "See the manifest reference in the docs.", origin)
+            for origin, path, message in located
         ])
     manifest = Manifest()
     for name, body in (data.get("events") or {}).items():
@@ -150,6 +172,28 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
 def _deepest(errors: Sequence[ValidationError]) -> list[ValidationError]:
     # An anyOf/oneOf failure reports the parent; its most specific child says more.
     return [best_match(error.context) or error if error.context else error for error in errors]
+
+
+def _locate(error: ValidationError) -> tuple[JsonPath, str]:
+    """The path of the offending key (its line is reported) and the message to show."""
+    path: JsonPath = tuple(error.absolute_path)
+    instance, value = error.instance, error.validator_value
+    if "propertyNames" in error.relative_schema_path:  # a bad key: point at the key itself
+        return (*path, str(instance)), error.message
+    if error.validator == "additionalProperties" and value is False and isinstance(instance, dict):
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        patterns = schema.get("patternProperties", {})
+        extra = [k for k in instance if k not in schema.get("properties", {})
+                 and not any(re.search(p, str(k)) for p in patterns)]
+        if extra:
+            return (*path, extra[0]), error.message
+    if error.validator == "not" and isinstance(value, dict) and isinstance(instance, dict):
+        exclusive = value.get("required", [])
+        given = [k for k in instance if k in exclusive]
+        if len(given) > 1:
+            names = " and ".join(repr(k) for k in exclusive)
+            return (*path, given[-1]), f"{names} cannot both be given; use one of them"
+    return path, error.message
 
 
 def _event(name: str, body: dict[str, Any], origin: Origin) -> EventDeclaration:

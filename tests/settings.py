@@ -88,7 +88,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "store_processed": False,
     }
 DJANGO_EVENTS = {
-    "MANIFESTS": [BASE_DIR / "manifests" / "base.yaml"],
+    # A worker subprocess of the delivery tests loads the same extra manifest as the test.
+    "MANIFESTS": [BASE_DIR / "manifests" / name for name in
+                  ["base.yaml", *filter(None, [os.environ.get("DJANGO_EVENTS_TEST_MANIFEST")])]],
+    "DEFAULT_QUEUE": os.environ.get("DJANGO_EVENTS_TEST_QUEUE", "django_events"),
     "AUTODISCOVER": False,
     "CELERY_APP": "tests.celery_app.app",
     "DEFAULT_RETRY": {"max_attempts": 3, "backoff": 0.1, "max_backoff": 1, "jitter": False},

@@ -1,0 +1,190 @@
+"""End to end: publish() -> a real broker -> a real `celery worker` process -> handlers.
+
+Runs on the filesystem transport, RabbitMQ and Redis; the database is SQLite or PostgreSQL
+depending on DATABASE_URL (the test command runs the suite on both).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection, transaction
+from django.test import override_settings
+
+from django_events import publish
+from django_events.broker import TASK_NAME, build_message
+from django_events.models import Delivery, EventRecord
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "delivery.yaml")]
+
+
+@dataclass
+class Broker:
+    kind: str
+    queue: str
+    worker: WorkerProcess
+    marker: Path
+
+    @property
+    def app(self):  # the Celery app the test process sends with
+        return getattr(brokers, self.kind)
+
+
+@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
+    kind = request.param
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"it-{kind}-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp(f"worker-{kind}")
+    marker = folder / "imported"
+    worker = WorkerProcess(
+        kind, queue, connection.settings_dict["NAME"], folder / "worker.log",
+        extra_env={"DJANGO_EVENTS_IMPORT_MARKER": str(marker),
+                   "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER)},
+    )
+    with worker:
+        yield Broker(kind, queue, worker, marker)
+    _drop_queue(kind, queue)
+
+
+def _drop_queue(kind: str, queue: str) -> None:
+    if kind == "filesystem":
+        return
+    app = getattr(brokers, kind)
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_delete(queue)
+
+
+@pytest.fixture
+def wired(broker: Broker) -> Iterator[Broker]:
+    value = {**settings.DJANGO_EVENTS, "MANIFESTS": MANIFESTS,
+             "CELERY_APP": f"tests.brokers.{broker.kind}", "DEFAULT_QUEUE": broker.queue}
+    with override_settings(DJANGO_EVENTS=value):
+        yield broker
+
+
+def runs(handler: str, event_ids) -> list[HandlerRun]:
+    return list(HandlerRun.objects.filter(handler=handler, event_id__in=list(event_ids))
+                .order_by("created_at"))
+
+
+def test_committed_events_reach_async_handlers_exactly_once(wired: Broker) -> None:
+    ids = []
+    for order_id in range(10):
+        with transaction.atomic():
+            ids.append(publish("it.placed", {"order_id": order_id, "total": 10.0 * order_id}).id)
+    with transaction.atomic():
+        big = publish("it.placed", {"order_id": 99, "total": 1500}).id
+    ids.append(big)
+
+    wait_for(lambda: len(runs("record", ids)) >= 11, what="11 async deliveries")
+    wait_for(lambda: len(runs("record_other", [big])) >= 1, what="the big-order subscription")
+    time.sleep(1.0)  # give a duplicate the time to show up
+
+    assert sorted(str(r.event_id) for r in runs("record", ids)) == sorted(map(str, ids))
+    assert [r.event_id for r in runs("record_other", ids)] == [big]  # the `when` filter held
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        "dispatched"}
+    deliveries = Delivery.objects.filter(event_id__in=ids, subscription="it-record")
+    assert set(deliveries.values_list("status", "attempts")) == {("succeeded", 1)}
+    assert deliveries.count() == 11
+    assert runs("record", ids)[0].pid != 0
+
+
+def test_rolled_back_transaction_sends_and_records_nothing(wired: Broker) -> None:
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), transaction.atomic():
+        lost = publish("it.placed", {"order_id": 1}).id
+        raise Rollback
+    with transaction.atomic():
+        marker = publish("it.placed", {"order_id": 2}).id
+
+    wait_for(lambda: runs("record", [marker]), what="the committed marker event")
+    time.sleep(0.5)
+    assert not EventRecord.objects.filter(pk=lost).exists()
+    assert runs("record", [lost]) == []
+    assert not Delivery.objects.filter(event_id=lost).exists()
+
+
+def test_failing_handler_is_retried_with_growing_delays_then_fails(wired: Broker) -> None:
+    event_id = publish("it.placed", {"order_id": 7, "fail": True}).id
+
+    delivery = wait_for(
+        lambda: Delivery.objects.filter(event_id=event_id, subscription="it-fails",
+                                        status="failed").first(),
+        timeout=40, what="the failed delivery")
+    attempts = runs("always_fails", [event_id])
+    assert len(attempts) == 3 == delivery.attempts
+    gaps = [(b.created_at - a.created_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.3  # backoff 0.4 s, no jitter
+    assert gaps[1] >= 0.7  # then 0.8 s
+    assert gaps[1] > gaps[0]
+    assert delivery.last_error == "RuntimeError: boom for 7"
+    assert "Traceback" in delivery.traceback and "always_fails" in delivery.traceback
+    time.sleep(1.0)
+    assert len(runs("always_fails", [event_id])) == 3  # no fourth attempt
+
+
+def test_unknown_subscription_is_a_recorded_failure_and_imports_nothing(wired: Broker) -> None:
+    event = publish("it.strict", {"order_id": 5})
+    wait_for(lambda: runs("record", [event.id]), what="the normal delivery")
+    message = build_message(event.to_message(), "no-such-subscription", "default")
+    message["handler"] = "tests.app.import_marker.handle"  # must be ignored
+    wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
+
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=event.id,
+                                        subscription="no-such-subscription").first(),
+        what="the unknown-subscription failure")
+    assert failure.status == "failed"
+    assert "Unknown subscription 'no-such-subscription'" in failure.last_error
+    assert not wired.marker.exists()
+
+
+def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) -> None:
+    event = publish("it.strict", {"order_id": 6})
+    wait_for(lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").exists(),
+             what="the first delivery")
+    # The same message again, as a broker would redeliver it.
+    message = build_message(event.to_message(), "it-strict", "default")
+    wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
+    follow_up = publish("it.strict", {"order_id": 7})
+    wait_for(lambda: runs("record", [follow_up.id]), what="a later event")
+    time.sleep(0.5)
+    assert len(runs("record", [event.id])) == 1
+    assert Delivery.objects.get(event_id=event.id).attempts == 1
+
+
+def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker) -> None:
+    stored = publish("it.strict", {"order_id": 8})
+    wait_for(lambda: runs("record", [stored.id]), what="the stored event")
+    bad_payload = {**stored.to_message(), "id": str(uuid.uuid4()), "payload": {"order_id": "x"}}
+    EventRecord.objects.create(
+        id=bad_payload["id"], name="it.strict", payload=bad_payload["payload"],
+        correlation_id=stored.correlation_id)
+    wired.app.send_task(TASK_NAME, args=(build_message(bad_payload, "it-strict", "default"),),
+                        queue=wired.queue, serializer="json")
+    wired.app.send_task(TASK_NAME, args=("not a message",), queue=wired.queue, serializer="json")
+    after = publish("it.strict", {"order_id": 9})
+
+    wait_for(lambda: runs("record", [after.id]), what="an event after the poison messages")
+    failure = wait_for(lambda: Delivery.objects.filter(event_id=bad_payload["id"]).first(),
+                       what="the invalid-payload failure")
+    assert failure.status == "failed"
+    assert "Payload no longer valid for 'it.strict'" in failure.last_error
+    assert "$.order_id" in failure.last_error
+    assert runs("record", [bad_payload["id"]]) == []
+    assert "Rejected a malformed django_events message" in wired.worker.log()

@@ -1,0 +1,86 @@
+"""Start and stop a real `celery worker` process for the delivery tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """A prefork worker (2 processes) on ``queue`` of one broker, against the test database."""
+
+    def __init__(self, kind: str, queue: str, db_name: str, log_path: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.kind, self.queue, self.db_name, self.log_path = kind, queue, db_name, log_path
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> WorkerProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60) -> None:
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DJANGO_EVENTS_WORKER_DB_NAME": self.db_name,
+            "DJANGO_EVENTS_TEST_MANIFEST": "delivery.yaml",
+            "DJANGO_EVENTS_TEST_QUEUE": self.queue,
+            "PYTHONPATH": str(ROOT),
+            **self.extra_env,
+        }
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", f"tests.brokers:{self.kind}", "worker",
+             "-Q", self.queue, "--pool", "prefork", "-c", "2", "-n", f"{self.queue}@%h",
+             "--without-heartbeat", "--without-mingle", "--without-gossip", "-l", "INFO"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker exited early; see {self.log_path}:\n{self.log()[-3000:]}")
+            if "ready." in self.log()[offset:]:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"worker not ready in {timeout}s; see {self.log_path}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.1)
