@@ -45,13 +45,17 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     ``(name, payload, headers)`` tuple. Every item is validated before anything happens.
     """
     registry = get_registry()
-    batch = [
-        _prepare(registry, item, None, None) if not isinstance(item, tuple)
-        else _prepare(registry, *item)
-        for item in items
-    ]
+    batch = [_prepare(registry, *_unpack(item)) for item in items]
     _enqueue(registry, batch, using)
     return [o.event for o in batch]
+
+
+def _unpack(item: Any) -> tuple[Any, Any, Any]:
+    if not isinstance(item, tuple):
+        return item, None, None
+    if len(item) not in (2, 3):
+        raise TypeError(f"publish_many() items are (name, payload[, headers]), got {item!r}")
+    return item[0], item[1], item[2] if len(item) == 3 else None
 
 
 def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outgoing:

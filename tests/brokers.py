@@ -62,3 +62,9 @@ def require_server(url: str, what: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{message}; CI runs every server-backed test (see DESIGN.md section 5)")
     pytest.skip(message)
+
+
+# Nothing listens on port 1 of loopback: a broker that refuses every connection.
+unreachable = Celery("tests-unreachable", set_as_current=False)
+unreachable.conf.update(broker_url="amqp://guest:guest@127.0.0.1:1//", accept_content=["json"],
+                        broker_connection_timeout=1)

@@ -1,0 +1,236 @@
+"""publish() and publish_many(): validation, records, commit semantics, modes and chains."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import pytest
+from django.db import transaction
+
+from django_events import InvalidPayload, UnknownEvent, publish, publish_many
+from django_events.events import Event
+from django_events.models import Delivery, EventRecord
+from tests.app.models import HandlerRun, Order
+from tests.conftest import wiring
+
+SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "sync"}
+INLINE = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "inline",
+          "name": "inline-record"}
+FAILING_SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.always_fails",
+                "mode": "sync", "name": "sync-fails"}
+ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async",
+         "name": "async-record"}
+PAYLOAD = {"order_id": 1, "total": 12.5}
+
+
+def handled(handler: str = "record") -> list[HandlerRun]:
+    return list(HandlerRun.objects.filter(handler=handler).order_by("id"))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_handlers_run_after_commit_only() -> None:
+    with wiring(SYNC), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+        assert handled() == []
+        assert EventRecord.objects.get(pk=event.id).status == "dispatched"
+    [run] = handled()
+    assert run.event_id == event.id and run.payload == PAYLOAD
+    delivery = Delivery.objects.get(event_id=event.id)
+    assert (delivery.subscription, delivery.mode, delivery.status, delivery.attempts) == (
+        "orders.placed:tests.app.handlers.record", "sync", "succeeded", 1)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rollback_runs_nothing_and_records_nothing() -> None:
+    with wiring(SYNC), pytest.raises(ZeroDivisionError), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+        1 / 0  # noqa: B018
+    assert handled() == []
+    assert not EventRecord.objects.filter(pk=event.id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_nested_atomic_delivers_on_the_outermost_commit() -> None:
+    with wiring(SYNC), transaction.atomic():
+        with transaction.atomic():
+            publish("orders.placed", PAYLOAD)
+        assert handled() == []
+    assert len(handled()) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_savepoint_drops_its_event_only() -> None:
+    with wiring(SYNC), transaction.atomic():
+        kept = publish("orders.placed", {"order_id": 1, "total": 1})
+        with pytest.raises(RuntimeError), transaction.atomic():
+            publish("orders.placed", {"order_id": 2, "total": 2})
+            raise RuntimeError
+    assert [r.event_id for r in handled()] == [kept.id]
+    assert list(EventRecord.objects.values_list("id", flat=True)) == [kept.id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_outside_a_transaction_delivers_at_once() -> None:
+    with wiring(SYNC):
+        event = publish("orders.placed", PAYLOAD)
+    assert [r.event_id for r in handled()] == [event.id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_inline_handler_runs_in_the_transaction_and_its_error_rolls_back() -> None:
+    failing = {**INLINE, "handler": "tests.app.handlers.inline_fails"}
+    with wiring(INLINE):
+        with transaction.atomic():
+            publish("orders.placed", PAYLOAD)
+            assert len(handled()) == 1  # ran at once, inside the transaction
+    with wiring(failing, SYNC), pytest.raises(ValueError, match="refused"), transaction.atomic():
+        Order.objects.create(total=5)
+        publish("orders.placed", PAYLOAD)
+    assert not Order.objects.exists()
+    assert EventRecord.objects.count() == 1  # only the first event
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failing_sync_handler_is_recorded_never_raised(caplog: pytest.LogCaptureFixture) -> None:
+    with wiring(FAILING_SYNC, SYNC), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+    assert len(handled()) == 1  # the other handler still ran
+    failure = Delivery.objects.get(event_id=event.id, subscription="sync-fails")
+    assert failure.status == "failed" and failure.attempts == 1
+    assert failure.last_error == "RuntimeError: boom for 1"
+    assert "Traceback" in failure.traceback
+    [record] = [r for r in caplog.records if r.name == "django_events.dispatch"]
+    assert record.event_id == str(event.id) and record.subscription == "sync-fails"
+
+
+def test_unknown_event_raises_and_records_nothing(db: None) -> None:
+    with pytest.raises(UnknownEvent, match="'orders.nope'"):
+        publish("orders.nope", {})
+    assert not EventRecord.objects.exists()
+
+
+def test_invalid_payload_names_event_and_paths(db: None) -> None:
+    with wiring(SYNC), pytest.raises(InvalidPayload) as info:
+        publish("orders.placed", {"order_id": "x", "total": -1, "items": [{}]})
+    error = info.value
+    assert error.name == "orders.placed"
+    assert [p.path for p in error.problems] == ["$", "$.items[0]", "$.order_id", "$.total"] or [
+        p.path for p in error.problems] == ["$.items[0]", "$.order_id", "$.total"]
+    assert "'sku' is a required property" in str(error)
+    assert "-1 is less than the minimum of 0" in str(error)
+    assert not EventRecord.objects.exists()
+
+
+def test_payload_must_be_json(db: None) -> None:
+    with pytest.raises(InvalidPayload, match="not JSON-serializable"):
+        publish("orders.placed", {"order_id": 1, "total": 1, "extra": object()})
+    with pytest.raises(InvalidPayload, match="expected a dict"):
+        publish("orders.placed", [1, 2])
+
+
+def test_headers_must_be_strings(db: None) -> None:
+    with pytest.raises(TypeError, match="headers of 'orders.placed' must map str to str"):
+        publish("orders.placed", PAYLOAD, headers={"tenant": 3})  # type: ignore[dict-item]
+    event = publish("orders.placed", PAYLOAD, headers={"tenant": "acme"})
+    assert EventRecord.objects.get(pk=event.id).headers == {"tenant": "acme"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_published_by_a_handler_chain_correlation_and_causation() -> None:
+    chain = {"event": "orders.placed", "handler": "tests.app.handlers.chain_next", "mode": "sync"}
+    shipped = {"event": "orders.shipped", "handler": "tests.app.handlers.record", "mode": "sync"}
+    with wiring(chain, shipped), transaction.atomic():
+        first = publish("orders.placed", PAYLOAD)
+    [second] = EventRecord.objects.filter(name="orders.shipped")
+    assert first.correlation_id == first.id and first.causation_id is None
+    assert second.correlation_id == first.id
+    assert second.causation_id == first.id
+    [run] = handled("record")
+    assert run.causation_id == first.id
+
+
+@pytest.mark.django_db(transaction=True)
+def test_wildcard_and_filtered_subscriptions() -> None:
+    everything = {"event": "*", "handler": "tests.app.handlers.record_other", "mode": "sync"}
+    big = {**SYNC, "when": {"any": [{"total": {"gte": 1000}}, {"email": {"exists": True}}]}}
+    with wiring(everything, big):
+        publish("orders.placed", {"order_id": 1, "total": 5})
+        b = publish("orders.placed", {"order_id": 2, "total": 5000})
+        c = publish("orders.placed", {"order_id": 3, "total": 1, "email": "a@b.c"})
+        publish("orders.shipped", {"order_id": 3})
+    assert len(handled("record_other")) == 4
+    assert [r.event_id for r in handled("record")] == [b.id, c.id]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_class_handler_is_instantiated_once_per_process() -> None:
+    from tests.app.handlers import ClassHandler
+
+    before = ClassHandler.instances
+    sub = {**SYNC, "handler": "tests.app.handlers.ClassHandler"}
+    with wiring(sub):
+        publish("orders.placed", PAYLOAD)
+        publish("orders.placed", PAYLOAD)
+    assert len(handled("class_handler")) == 2
+    assert ClassHandler.instances == before + 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_publish_many_validates_everything_first_and_inserts_once(
+    django_assert_num_queries,
+) -> None:
+    with wiring(SYNC):
+        with pytest.raises(InvalidPayload), transaction.atomic():
+            publish_many([("orders.placed", PAYLOAD), ("orders.placed", {"order_id": "bad"})])
+        assert not EventRecord.objects.exists()
+        with transaction.atomic():
+            with django_assert_num_queries(1):  # one INSERT for all the records
+                events = publish_many([("orders.placed", {"order_id": i, "total": i})
+                                       for i in range(50)])
+            assert handled() == []
+    assert len(events) == 50
+    assert EventRecord.objects.count() == 50
+    assert sorted(r.payload["order_id"] for r in handled()) == list(range(50))
+    assert Delivery.objects.filter(status="succeeded").count() == 50
+
+
+@pytest.mark.django_db(transaction=True)
+def test_record_failures_only_keeps_failed_events() -> None:
+    with wiring(SYNC, FAILING_SYNC, RECORD="failures"):
+        ok = publish("orders.shipped", {"order_id": 1})
+        bad = publish("orders.placed", PAYLOAD)
+    assert not EventRecord.objects.filter(pk=ok.id).exists()
+    assert EventRecord.objects.get(pk=bad.id).payload == PAYLOAD
+    assert list(Delivery.objects.values_list("subscription", "status")) == [
+        ("sync-fails", "failed")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="django_events.broker")
+    with wiring(ASYNC, SYNC, CELERY_APP="tests.brokers.unreachable"):
+        started = time.monotonic()
+        with transaction.atomic():
+            Order.objects.create(total=1)
+            first = publish("orders.placed", PAYLOAD)
+        with transaction.atomic():
+            second = publish("orders.placed", PAYLOAD)
+        elapsed = time.monotonic() - started
+    assert Order.objects.count() == 1
+    assert set(EventRecord.objects.values_list("id", "status")) == {
+        (first.id, "pending"), (second.id, "pending")}
+    assert len(handled()) == 2  # sync handlers are not held back by the broker
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "Broker unreachable" in errors[0].getMessage()
+    assert elapsed < 15  # bounded by broker_connection_timeout, never a hang
+
+
+def test_typed_payload_and_event_fields(db: None, django_capture_on_commit_callbacks) -> None:
+    with wiring(SYNC), django_capture_on_commit_callbacks() as callbacks:
+        event = publish("orders.placed", PAYLOAD, headers={"h": "v"})
+    assert isinstance(event, Event)
+    assert isinstance(event.id, uuid.UUID) and event.occurred_at.tzinfo is not None
+    assert event.payload == PAYLOAD and event.headers == {"h": "v"}
+    assert len(callbacks) == 1 and handled() == []
