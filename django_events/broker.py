@@ -31,13 +31,15 @@ def celery_app() -> Celery | None:
     if path:
         app: Celery = import_string(path)
         return app
+    # Celery keeps its current app per thread and falls back to an unconfigured default app;
+    # read its private state to tell "the project's app" from that fallback.
     from celery import _state
 
-    current = _state._tls.current_app
+    state: Any = _state
+    current: Celery | None = state._tls.current_app
     if current is not None:
-        return current  # type: ignore[no-any-return]
-    # current_app is thread-local; from another thread, use the one app the project created.
-    apps = [a for a in list(_state._apps) if a is not _state.default_app]
+        return current
+    apps = [a for a in list(state._apps) if a is not state.default_app]
     return apps[0] if len(apps) == 1 else None
 
 
@@ -65,8 +67,12 @@ class BrokerHealth:
         with self._lock:
             first, self.down = not self.down, True
         if first:
-            logger.error("Broker unreachable; %d event(s) stay pending for events_relay: %s",
-                         count, exc, exc_info=exc)
+            logger.error(
+                "Broker unreachable; %d event(s) stay pending for events_relay: %s",
+                count,
+                exc,
+                exc_info=exc,
+            )
         else:
             logger.debug("Broker still unreachable; %d more event(s) pending", count)
 
@@ -99,8 +105,12 @@ def send_deliveries(
         return {event.id for event, _, _ in items}
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
-    policy = {"max_retries": 0 if health.down else 1, "interval_start": 0,
-              "interval_step": 0.2, "interval_max": 0.2}
+    policy = {
+        "max_retries": 0 if health.down else 1,
+        "interval_start": 0,
+        "interval_step": 0.2,
+        "interval_max": 0.2,
+    }
     sent = 0
     try:
         with app.producer_or_acquire() as producer:
@@ -117,13 +127,13 @@ def send_deliveries(
                         delivery_mode=2 if durable else 1,
                         retry=True,
                         retry_policy=policy,
-                        soft_time_limit=timeout,
-                        time_limit=timeout + HARD_LIMIT_GRACE if timeout else None,
+                        # Celery takes fractional seconds here; its stubs say int.
+                        soft_time_limit=timeout,  # type: ignore[arg-type]
+                        time_limit=timeout + HARD_LIMIT_GRACE if timeout else None,  # type: ignore[arg-type]
                     )
                 sent += 1
-    except Exception as exc:  # any broker/transport error: the outbox keeps the rest
+    except Exception as exc:  # noqa: BLE001 - any transport error: the outbox keeps the rest
         health.failed(exc, len(items) - sent)
         return {event.id for event, _, _ in items[sent:]}
     health.succeeded()
     return set()
-

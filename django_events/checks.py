@@ -40,7 +40,9 @@ def to_message(problem: Problem) -> CheckMessage:
                id=problem.id)
 
 
-def check_configuration(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+def check_configuration(
+    app_configs: Sequence[Any] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
     """Settings, manifests, schemas, names and filters."""
     return [to_message(p) for p in get_registry().problems]
 

@@ -7,7 +7,12 @@ from typing import Any
 
 from django.conf import settings
 
-DEFAULT_RETRY: dict[str, Any] = {"max_attempts": 3, "backoff": 2, "max_backoff": 300, "jitter": True}
+DEFAULT_RETRY: dict[str, Any] = {
+    "max_attempts": 3,
+    "backoff": 2,
+    "max_backoff": 300,
+    "jitter": True,
+}
 
 DEFAULTS: dict[str, Any] = {
     "MANIFESTS": [],
@@ -36,40 +41,40 @@ class Settings:
         return self.raw.get(key, DEFAULTS[key])
 
     @property
-    def MANIFESTS(self) -> list[Path]:  # noqa: N802 - mirrors the setting key
+    def MANIFESTS(self) -> list[Path]:
         return [Path(p) for p in self._get("MANIFESTS")]
 
     @property
-    def AUTODISCOVER(self) -> bool:  # noqa: N802
+    def AUTODISCOVER(self) -> bool:
         return bool(self._get("AUTODISCOVER"))
 
     @property
-    def EVENTS(self) -> dict[str, Any]:  # noqa: N802
+    def EVENTS(self) -> dict[str, Any]:
         return dict(self._get("EVENTS"))
 
     @property
-    def SUBSCRIPTIONS(self) -> list[Any]:  # noqa: N802
+    def SUBSCRIPTIONS(self) -> list[Any]:
         return list(self._get("SUBSCRIPTIONS"))
 
     @property
-    def CELERY_APP(self) -> str | None:  # noqa: N802
+    def CELERY_APP(self) -> str | None:
         value = self._get("CELERY_APP")
         return str(value) if value else None
 
     @property
-    def DEFAULT_QUEUE(self) -> str:  # noqa: N802
+    def DEFAULT_QUEUE(self) -> str:
         return str(self._get("DEFAULT_QUEUE"))
 
     @property
-    def DEFAULT_RETRY(self) -> dict[str, Any]:  # noqa: N802
+    def DEFAULT_RETRY(self) -> dict[str, Any]:
         return {**DEFAULT_RETRY, **self._get("DEFAULT_RETRY")}
 
     @property
-    def RECORD(self) -> str:  # noqa: N802
+    def RECORD(self) -> str:
         return str(self._get("RECORD"))
 
     @property
-    def PIPELINE(self) -> list[str]:  # noqa: N802
+    def PIPELINE(self) -> list[str]:
         return list(self._get("PIPELINE"))
 
 

@@ -80,17 +80,28 @@ def _run_sync(batch: Sequence[Outgoing], alias: str, unsent: set[object]) -> Non
 
 
 def run_sync_handler(
-    subscription: Subscription, event: Event, interceptors: Sequence[object], prior_attempts: int = 0
+    subscription: Subscription,
+    event: Event,
+    interceptors: Sequence[object],
+    prior_attempts: int = 0,
 ) -> Delivery:
     """Run one sync handler, isolated: its exception is logged and returned as a failure."""
     try:
         run_handler(subscription, event, interceptors)
     except Exception as exc:
         logger.exception("Sync handler failed", extra=log_extra(event, subscription))
-        return delivery(event.id, subscription.name, "sync", Delivery.Status.FAILED,
-                        prior_attempts + 1, _error_text(exc), traceback.format_exc())
-    return delivery(event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED,
-                    prior_attempts + 1)
+        return delivery(
+            event.id,
+            subscription.name,
+            "sync",
+            Delivery.Status.FAILED,
+            prior_attempts + 1,
+            _error_text(exc),
+            traceback.format_exc(),
+        )
+    return delivery(
+        event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED, prior_attempts + 1
+    )
 
 
 def _error_text(exc: BaseException) -> str:

@@ -19,9 +19,26 @@ class FilterError(ValueError):
         super().__init__(f"when{path}: {message}")
 
 
+def json_equal(actual: Any, expected: Any) -> bool:
+    """Equality as JSON sees it: ``true`` is not ``1`` (Python says it is), ``1`` is ``1.0``."""
+    if isinstance(actual, bool) or isinstance(expected, bool):
+        return isinstance(actual, bool) and isinstance(expected, bool) and actual == expected
+    if isinstance(actual, Mapping) and isinstance(expected, Mapping):
+        return actual.keys() == expected.keys() and all(
+            json_equal(actual[key], expected[key]) for key in actual
+        )
+    if isinstance(actual, list | tuple) and isinstance(expected, list | tuple):
+        return len(actual) == len(expected) and all(map(json_equal, actual, expected))
+    return bool(actual == expected)
+
+
+def _member(actual: Any, expected: list[Any]) -> bool:
+    return any(json_equal(actual, item) for item in expected)
+
+
 def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     def compare(actual: Any, expected: Any) -> bool:
-        if actual is _MISSING:
+        if actual is _MISSING or isinstance(actual, bool) != isinstance(expected, bool):
             return False
         try:
             return bool(op(actual, expected))
@@ -34,6 +51,8 @@ def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
 def _contains(actual: Any, expected: Any) -> bool:
     if actual is _MISSING or actual is None:
         return False
+    if isinstance(actual, list | tuple):
+        return _member(expected, list(actual))
     try:
         return expected in actual
     except TypeError:
@@ -41,14 +60,14 @@ def _contains(actual: Any, expected: Any) -> bool:
 
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": lambda actual, expected: actual is not _MISSING and actual == expected,
-    "ne": lambda actual, expected: actual is _MISSING or actual != expected,
+    "eq": lambda actual, expected: actual is not _MISSING and json_equal(actual, expected),
+    "ne": lambda actual, expected: actual is _MISSING or not json_equal(actual, expected),
     "gt": _ordered(operator.gt),
     "gte": _ordered(operator.ge),
     "lt": _ordered(operator.lt),
     "lte": _ordered(operator.le),
-    "in": lambda actual, expected: actual is not _MISSING and actual in expected,
-    "not_in": lambda actual, expected: actual is _MISSING or actual not in expected,
+    "in": lambda actual, expected: actual is not _MISSING and _member(actual, expected),
+    "not_in": lambda actual, expected: actual is _MISSING or not _member(actual, expected),
     "exists": lambda actual, expected: (actual is not _MISSING) == bool(expected),
     "contains": _contains,
 }
@@ -82,7 +101,9 @@ def compile_filter(when: Any, path: str = "") -> Predicate:
     return lambda payload: all(p(payload) for p in predicates)
 
 
-def _compile_key(key: str, value: Any, path: str) -> Predicate:
+def _compile_key(key: Any, value: Any, path: str) -> Predicate:
+    if not isinstance(key, str) or not key:
+        raise FilterError(path, f"a payload path must be a non-empty string, got {key!r}")
     if key in ("any", "all"):
         if not isinstance(value, list) or not value:
             raise FilterError(path, f"{key!r} takes a non-empty list of filters")
@@ -99,7 +120,7 @@ def _compile_key(key: str, value: Any, path: str) -> Predicate:
         unknown = sorted(k for k in value if k not in OPERATORS)
         raise FilterError(path, f"unknown operator(s) {unknown}; use one of {sorted(OPERATORS)}")
     expected = value
-    return lambda payload: lookup(payload, key) == expected
+    return lambda payload: OPERATORS["eq"](lookup(payload, key), expected)
 
 
 def _compile_operator(op: str, expected: Any, path: str) -> Callable[[Any], bool]:

@@ -64,11 +64,13 @@ def _node_lines(
 ) -> None:
     lines[path] = node.start_mark.line + 1
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
         for key_node, value_node in node.value:
             key = key_node.value
             line = key_node.start_mark.line + 1
-            if (*path, key) in lines:  # YAML keeps the last silently; a manifest must not
-                duplicates.append(((*path, key), lines[(*path, key)], line))
+            if key in seen:  # YAML keeps the last silently; a manifest must not
+                duplicates.append(((*path, key), seen[key], line))
+            seen[key] = line
             _node_lines(value_node, (*path, key), lines, duplicates)
             lines[(*path, key)] = line
     elif isinstance(node, yaml.SequenceNode):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 from django.db import models
 from django.utils import timezone
@@ -26,11 +26,16 @@ class EventRecord(models.Model):
         _("correlation id"), help_text=_("Shared by every event of one chain.")
     )
     causation_id = models.UUIDField(
-        _("causation id"), null=True, blank=True,
+        _("causation id"),
+        null=True,
+        blank=True,
         help_text=_("The event whose handler published this one."),
     )
     status = models.CharField(
-        _("status"), max_length=16, choices=Status.choices, default=Status.PENDING,
+        _("status"),
+        max_length=16,
+        choices=Status.choices,
+        default=Status.PENDING,
         help_text=_("pending: not yet handed to the broker; dispatched: handed over."),
     )
     dispatched_at = models.DateTimeField(_("dispatched at"), null=True, blank=True)
@@ -46,7 +51,8 @@ class EventRecord(models.Model):
             models.Index(fields=["causation_id"], name="django_events_causation_idx"),
             # The outbox: the relay scans only what is still pending, oldest first.
             models.Index(
-                fields=["occurred_at"], name="django_events_pending_idx",
+                fields=["occurred_at"],
+                name="django_events_pending_idx",
                 condition=models.Q(status="pending"),
             ),
         ]
@@ -66,7 +72,9 @@ class Delivery(models.Model):
         RESOLVED = "resolved", _("resolved")
 
     event = models.ForeignKey(
-        EventRecord, on_delete=models.CASCADE, related_name="deliveries",
+        EventRecord,
+        on_delete=models.CASCADE,
+        related_name="deliveries",
         verbose_name=_("event"),
     )
     subscription = models.CharField(_("subscription"), max_length=255)
@@ -108,7 +116,7 @@ class FailureManager(models.Manager["Failure"]):
 class Failure(Delivery):
     """Failed deliveries (a proxy of `Delivery`), for the admin."""
 
-    objects: Any = FailureManager()
+    objects: ClassVar[FailureManager] = FailureManager()
 
     class Meta:
         proxy = True

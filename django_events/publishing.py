@@ -105,8 +105,11 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
         for subscription in _accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
     records = [
-        record_for(o.event, EventRecord.Status.PENDING if o.async_ else EventRecord.Status.DISPATCHED)
-        for o in batch if o.recorded
+        record_for(
+            o.event, EventRecord.Status.PENDING if o.async_ else EventRecord.Status.DISPATCHED
+        )
+        for o in batch
+        if o.recorded
     ]
     if records:
         EventRecord.objects.using(alias).bulk_create(records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from uuid import UUID
 
 from django.utils import timezone
 
@@ -44,7 +45,7 @@ def save_deliveries(alias: str, deliveries: Sequence[Delivery]) -> None:
 
 
 def delivery(
-    event_id: object,
+    event_id: UUID,
     subscription: str,
     mode: str,
     status: str,

@@ -230,30 +230,54 @@ def settings_problems() -> list[Problem]:
 
     raw = getattr(settings, "DJANGO_EVENTS", {})
     if not isinstance(raw, dict):
-        return [_problem("E001", f"DJANGO_EVENTS must be a dict, got {type(raw).__name__}",
-                         None, SETTINGS_ORIGIN)]
+        return [
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS must be a dict, got {type(raw).__name__}",
+                None,
+                SETTINGS_ORIGIN,
+            )
+        ]
     problems = [
-        _problem("W001", f"DJANGO_EVENTS has unknown key {key!r}",
-                 f"Known keys: {', '.join(sorted(DEFAULTS))}.", SETTINGS_ORIGIN)
-        for key in raw if key not in DEFAULTS
+        _problem(
+            "W001",
+            f"DJANGO_EVENTS has unknown key {key!r}",
+            f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+            SETTINGS_ORIGIN,
+        )
+        for key in raw
+        if key not in DEFAULTS
     ]
     if raw.get("RECORD", "all") not in RECORD_CHOICES:
-        problems.append(_problem("E001", f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
-                                 "Use 'all' or 'failures'.", SETTINGS_ORIGIN))
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
+                "Use 'all' or 'failures'.",
+                SETTINGS_ORIGIN,
+            )
+        )
     for key in ("MANIFESTS", "SUBSCRIPTIONS", "PIPELINE"):
         if not isinstance(raw.get(key, []), list | tuple):
-            problems.append(_problem("E001", f"DJANGO_EVENTS[{key!r}] must be a list",
-                                     None, SETTINGS_ORIGIN))
+            problems.append(
+                _problem("E001", f"DJANGO_EVENTS[{key!r}] must be a list", None, SETTINGS_ORIGIN)
+            )
     if not isinstance(raw.get("EVENTS", {}), dict):
-        problems.append(_problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict",
-                                 None, SETTINGS_ORIGIN))
+        problems.append(
+            _problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict", None, SETTINGS_ORIGIN)
+        )
     retry = raw.get("DEFAULT_RETRY", {})
     try:
         RetryPolicy(**retry)
     except TypeError as exc:
-        problems.append(_problem("E001", f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {exc}",
-                                 "Keys: max_attempts, backoff, max_backoff, jitter.",
-                                 SETTINGS_ORIGIN))
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {exc}",
+                "Keys: max_attempts, backoff, max_backoff, jitter.",
+                SETTINGS_ORIGIN,
+            )
+        )
     return problems
 
 
@@ -261,10 +285,15 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
     seen: dict[str, EventDeclaration] = {}
     for declaration in declarations:
         if declaration.name in seen:
-            registry.problems.append(_problem(
-                "E106",
-                f"Event {declaration.name!r} is declared twice (also at {seen[declaration.name].origin})",
-                "Keep one declaration; names are global.", declaration.origin))
+            first = seen[declaration.name].origin
+            registry.problems.append(
+                _problem(
+                    "E106",
+                    f"Event {declaration.name!r} is declared twice (also at {first})",
+                    "Keep one declaration; names are global.",
+                    declaration.origin,
+                )
+            )
             continue
         seen[declaration.name] = declaration
         declaration = _with_type(declaration, registry.problems)
@@ -272,10 +301,14 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
         try:
             validator = PayloadValidator(schema)
         except SchemaError as exc:
-            registry.problems.append(_problem(
-                "E104",
-                f"Event {declaration.name!r} has an invalid payload schema: {exc.message}",
-                "The schema must be valid JSON Schema (2020-12).", declaration.origin))
+            registry.problems.append(
+                _problem(
+                    "E104",
+                    f"Event {declaration.name!r} has an invalid payload schema: {exc.message}",
+                    "The schema must be valid JSON Schema (2020-12).",
+                    declaration.origin,
+                )
+            )
             continue
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
 
@@ -290,9 +323,14 @@ def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventD
         cls = import_string(declaration.type_path)
         schema = typed.schema_for(cls)
     except (ImportError, TypeError) as exc:
-        problems.append(_problem(
-            "E109", f"Event {declaration.name!r}: type {declaration.type_path!r} is unusable: {exc}",
-            "Point 'type' at a dataclass or a pydantic model.", declaration.origin))
+        problems.append(
+            _problem(
+                "E109",
+                f"Event {declaration.name!r}: type {declaration.type_path!r} is unusable: {exc}",
+                "Point 'type' at a dataclass or a pydantic model.",
+                declaration.origin,
+            )
+        )
         return declaration
     return replace(declaration, type=cls, schema=schema)
 
@@ -304,33 +342,57 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
     for declaration in declarations:
         if declaration.name in registry.subscriptions:
             other = registry.subscriptions[declaration.name].declaration.origin
-            problems.append(_problem(
-                "E107", f"Subscription {declaration.name!r} is declared twice (also at {other})",
-                "Give one of them a distinct 'name'.", declaration.origin))
+            problems.append(
+                _problem(
+                    "E107",
+                    f"Subscription {declaration.name!r} is declared twice (also at {other})",
+                    "Give one of them a distinct 'name'.",
+                    declaration.origin,
+                )
+            )
             continue
         targets = _matching_events(declaration, registry.events)
         if not targets:
-            code, what = ("W101", "pattern matches no declared event") if declaration.is_pattern \
+            code, what = (
+                ("W101", "pattern matches no declared event")
+                if declaration.is_pattern
                 else ("E105", "subscribes to an undeclared event")
-            problems.append(_problem(
-                code, f"Subscription {declaration.name!r} {what}: {declaration.event!r}",
-                "Declare the event in a manifest, in settings or with @event.", declaration.origin))
+            )
+            problems.append(
+                _problem(
+                    code,
+                    f"Subscription {declaration.name!r} {what}: {declaration.event!r}",
+                    "Declare the event in a manifest, in settings or with @event.",
+                    declaration.origin,
+                )
+            )
             if not declaration.is_pattern:
                 continue
         try:
             accepts = compile_filter(declaration.when) if declaration.when is not None else None
         except FilterError as exc:
-            problems.append(_problem("E108", f"Subscription {declaration.name!r}: {exc}",
-                                     "See the filter reference in the docs.", declaration.origin))
+            problems.append(
+                _problem(
+                    "E108",
+                    f"Subscription {declaration.name!r}: {exc}",
+                    "See the filter reference in the docs.",
+                    declaration.origin,
+                )
+            )
             continue
         if declaration.mode != "async":
             ignored = [k for k in ("queue", "retry", "timeout") if getattr(declaration, k)]
             ignored += ["broadcast"] if declaration.broadcast else []
             if ignored:
-                problems.append(_problem(
-                    "W102", f"Subscription {declaration.name!r} is {declaration.mode}: "
-                    f"{', '.join(ignored)} only apply to async subscriptions",
-                    "Remove them or use mode: async.", declaration.origin))
+                problems.append(
+                    _problem(
+                        "W102",
+                        f"Subscription {declaration.name!r} is {declaration.mode}: "
+                        f"{', '.join(ignored)} only apply to async subscriptions",
+                        "Remove them or use mode: async.",
+                        declaration.origin,
+                    )
+                )
         try:
             retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
         except TypeError:
@@ -358,8 +420,11 @@ def _load_interceptors(problems: list[Problem]) -> list[Any]:
         try:
             target = import_string(path)
         except ImportError as exc:
-            problems.append(_problem("E002", f"PIPELINE entry {path!r} does not import: {exc}",
-                                     None, SETTINGS_ORIGIN))
+            problems.append(
+                _problem(
+                    "E002", f"PIPELINE entry {path!r} does not import: {exc}", None, SETTINGS_ORIGIN
+                )
+            )
             continue
         interceptors.append(target() if isinstance(target, type) else target)
     return interceptors

@@ -7,18 +7,28 @@ on a "no", ``jsonschema`` produces the errors (and has the last word).
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any
 
-from jsonschema import Draft202012Validator
+from jsonschema import Draft202012Validator, validators
 
 from .exceptions import PayloadProblem
-from .manifest import format_path
+from .manifest import JsonPath, format_path
 
 try:
     import jsonschema_rs
 except ImportError:  # the optional "fast" extra is not installed
-    jsonschema_rs = None
+    HAS_FAST = False
+else:
+    HAS_FAST = True
+
+# A tuple travels as a JSON array, and jsonschema-rs reads it as one: so does the reference.
+_ReferenceValidator = validators.extend(  # type: ignore[no-untyped-call]
+    Draft202012Validator,
+    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+        "array", lambda checker, instance: isinstance(instance, list | tuple)
+    ),
+)
 
 
 class PayloadValidator:
@@ -27,19 +37,23 @@ class PayloadValidator:
     def __init__(self, schema: dict[str, Any] | bool) -> None:
         Draft202012Validator.check_schema(schema)  # raises jsonschema.SchemaError
         self.schema = schema
-        self._reference = Draft202012Validator(schema)
+        self._reference = _ReferenceValidator(schema)
         self._fast = _compile_fast(schema)
 
     def problems(self, payload: Any) -> list[PayloadProblem]:
         """Return every schema violation in ``payload`` (empty when it is valid)."""
-        if self._fast is not None and self._fast.is_valid(payload):
-            return []
+        if self._fast is not None:
+            try:
+                if self._fast.is_valid(payload):
+                    return []
+            except ValueError:  # a value jsonschema-rs cannot read (datetime, set, int key...)
+                pass
         errors = sorted(self._reference.iter_errors(payload), key=lambda e: list(map(str, e.path)))
         return [PayloadProblem(format_path(e.absolute_path), e.message) for e in errors]
 
 
 def _compile_fast(schema: dict[str, Any] | bool) -> Any:
-    if jsonschema_rs is None:
+    if not HAS_FAST:
         return None
     try:
         return jsonschema_rs.validator_for(schema)
@@ -48,14 +62,36 @@ def _compile_fast(schema: dict[str, Any] | bool) -> Any:
         return None
 
 
-def _refuse(value: Any) -> Any:
-    raise TypeError(f"{type(value).__name__} {value!r} is not JSON")
-
-
 def json_problems(payload: Any) -> list[PayloadProblem]:
     """Report values that cannot travel as JSON (the record and the message are JSON)."""
-    try:
-        json.dumps(payload, default=_refuse, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return [PayloadProblem("$", f"not JSON-serializable: {exc}")]
-    return []
+    problems: list[PayloadProblem] = []
+    _json_walk(payload, (), problems, set())
+    return problems
+
+
+def _json_walk(value: Any, path: JsonPath, problems: list[PayloadProblem], seen: set[int]) -> None:
+    if value is None or isinstance(value, str | int):  # bool is an int
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            problems.append(PayloadProblem(format_path(path), f"{value!r} is not a JSON number"))
+        return
+    if not isinstance(value, dict | list | tuple):
+        problems.append(PayloadProblem(
+            format_path(path), f"{type(value).__name__} {value!r} is not JSON-serializable"))
+        return
+    if id(value) in seen:
+        problems.append(PayloadProblem(format_path(path), "circular reference"))
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str):
+                _json_walk(item, (*path, key), problems, seen)
+            else:  # json.dumps would turn it into a string: the handler would see another key
+                problems.append(PayloadProblem(
+                    format_path(path), f"key {key!r} is not a string"))
+    else:
+        for index, item in enumerate(value):
+            _json_walk(item, (*path, index), problems, seen)
+    seen.discard(id(value))

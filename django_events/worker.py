@@ -25,7 +25,7 @@ class Outcome:
 
     status: str
     retry_in: float | None = None
-    error: BaseException | None = None
+    error: Exception | None = None
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,11 @@ def _process(raw: Any, retries: int) -> Outcome:
     compiled = registry.events.get(event_name)
     attempt = message.prior_attempts + retries + 1
     if subscription is None or compiled is None:
-        what = f"subscription {message.subscription!r}" if subscription is None \
+        what = (
+            f"subscription {message.subscription!r}"
+            if subscription is None
             else f"event {event_name!r}"
+        )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
     problems = compiled.validator.problems(message.event["payload"])
     if problems:
@@ -82,11 +85,17 @@ def _parse(raw: Any) -> _Message:
     alias = raw.get("db") or DEFAULT_DB_ALIAS
     if alias not in settings.DATABASES:
         alias = DEFAULT_DB_ALIAS
-    return _Message(str(raw["subscription"]), raw["event"], alias, int(raw.get("prior_attempts", 0)))
+    return _Message(
+        str(raw["subscription"]), raw["event"], alias, int(raw.get("prior_attempts", 0))
+    )
 
 
 def _run(
-    registry: Registry, subscription: Subscription, event: Event, alias: str, attempt: int,
+    registry: Registry,
+    subscription: Subscription,
+    event: Event,
+    alias: str,
+    attempt: int,
     retries: int,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
@@ -102,10 +111,16 @@ def _run(
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         final = attempt >= subscription.retry.max_attempts
         status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
-        logger.warning("Handler failed (attempt %d of %d)", attempt,
-                       subscription.retry.max_attempts, exc_info=True, extra=extra)
-        _record_quietly(alias, event, [_row(event, subscription, status, attempt, error, tb)],
-                        always=True)
+        logger.warning(
+            "Handler failed (attempt %d of %d)",
+            attempt,
+            subscription.retry.max_attempts,
+            exc_info=True,
+            extra=extra,
+        )
+        _record_quietly(
+            alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
+        )
         if final:
             return Outcome("failed", error=exc)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
@@ -113,7 +128,11 @@ def _run(
 
 
 def _run_idempotent(
-    registry: Registry, subscription: Subscription, event: Event, alias: str, attempt: int,
+    registry: Registry,
+    subscription: Subscription,
+    event: Event,
+    alias: str,
+    attempt: int,
     records_all: bool,
 ) -> None:
     """Run at most once successfully: the handler's writes and the success commit together."""
@@ -126,13 +145,17 @@ def _run_idempotent(
             ignore_conflicts=True,
         )
         status = (
-            Delivery.objects.using(alias).select_for_update()
+            Delivery.objects.using(alias)
+            .select_for_update()
             .filter(event_id=event.id, subscription=subscription.name)
-            .values_list("status", flat=True).get()
+            .values_list("status", flat=True)
+            .get()
         )
         if status == Delivery.Status.SUCCEEDED:
-            logger.info("Idempotent delivery already succeeded; skipped",
-                        extra=log_extra(event, subscription))
+            logger.info(
+                "Idempotent delivery already succeeded; skipped",
+                extra=log_extra(event, subscription),
+            )
             return
         run_handler(subscription, event, registry.interceptors)
         save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
@@ -140,8 +163,12 @@ def _run_idempotent(
 
 def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported)."""
-    logger.error("%s (event %s)", error, message.event.get("id"),
-                 extra={"subscription": message.subscription})
+    logger.error(
+        "%s (event %s)",
+        error,
+        message.event.get("id"),
+        extra={"subscription": message.subscription},
+    )
     try:
         event = Event.from_message(message.event)
     except (KeyError, TypeError, ValueError):
@@ -164,7 +191,11 @@ def _record_quietly(alias: str, event: Event, rows: list[Delivery], *, always: b
 
 
 def _row(
-    event: Event, subscription: Subscription, status: str, attempt: int,
-    error: str = "", tb: str = "",
+    event: Event,
+    subscription: Subscription,
+    status: str,
+    attempt: int,
+    error: str = "",
+    tb: str = "",
 ) -> Delivery:
     return delivery(event.id, subscription.name, "async", status, attempt, error, tb)

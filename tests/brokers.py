@@ -31,7 +31,8 @@ def _app(kind: str) -> Celery:
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {
-            "data_folder_in": str(FS_FOLDER), "data_folder_out": str(FS_FOLDER),
+            "data_folder_in": str(FS_FOLDER),
+            "data_folder_out": str(FS_FOLDER),
             "store_processed": False,
             "polling_interval": 0.05,  # the default 1 s would blur the retry delays measured
         }
@@ -66,5 +67,8 @@ def require_server(url: str, what: str) -> None:
 
 # Nothing listens on port 1 of loopback: a broker that refuses every connection.
 unreachable = Celery("tests-unreachable", set_as_current=False)
-unreachable.conf.update(broker_url="amqp://guest:guest@127.0.0.1:1//", accept_content=["json"],
-                        broker_connection_timeout=1)
+unreachable.conf.update(
+    broker_url="amqp://guest:guest@127.0.0.1:1//",
+    accept_content=["json"],
+    broker_connection_timeout=1,
+)

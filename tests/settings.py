@@ -40,11 +40,19 @@ if _url:
 else:
     VAR_DIR.mkdir(parents=True, exist_ok=True)
     # A file, not :memory:, so that a worker process can open the same test database.
-    _db = {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "db.sqlite3"),
-           "OPTIONS": {"timeout": 20}}
-_db["TEST"] = {"NAME": os.environ.get("DJANGO_EVENTS_TEST_DB_NAME") or (
-    str(VAR_DIR / f"test-{os.getpid()}.sqlite3") if _db["ENGINE"].endswith("sqlite3")
-    else f"test_django_events_{os.getpid()}")}
+    _db = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(VAR_DIR / "db.sqlite3"),
+        "OPTIONS": {"timeout": 20},
+    }
+_db["TEST"] = {
+    "NAME": os.environ.get("DJANGO_EVENTS_TEST_DB_NAME")
+    or (
+        str(VAR_DIR / f"test-{os.getpid()}.sqlite3")
+        if _db["ENGINE"].endswith("sqlite3")
+        else f"test_django_events_{os.getpid()}"
+    )
+}
 DATABASES = {"default": _db}
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
     # A worker subprocess connects straight to the database the test process created.
@@ -89,8 +97,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 DJANGO_EVENTS = {
     # A worker subprocess of the delivery tests loads the same extra manifest as the test.
-    "MANIFESTS": [BASE_DIR / "manifests" / name for name in
-                  ["base.yaml", *filter(None, [os.environ.get("DJANGO_EVENTS_TEST_MANIFEST")])]],
+    "MANIFESTS": [
+        BASE_DIR / "manifests" / name
+        for name in ["base.yaml", *filter(None, [os.environ.get("DJANGO_EVENTS_TEST_MANIFEST")])]
+    ],
     "DEFAULT_QUEUE": os.environ.get("DJANGO_EVENTS_TEST_QUEUE", "django_events"),
     "AUTODISCOVER": False,
     "CELERY_APP": "tests.celery_app.app",

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,14 @@ def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Ite
     folder = tmp_path_factory.mktemp(f"worker-{kind}")
     marker = folder / "imported"
     worker = WorkerProcess(
-        kind, queue, connection.settings_dict["NAME"], folder / "worker.log",
-        extra_env={"DJANGO_EVENTS_IMPORT_MARKER": str(marker),
-                   "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER)},
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        folder / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_IMPORT_MARKER": str(marker),
+            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        },
     )
     with worker:
         yield Broker(kind, queue, worker, marker)
@@ -68,15 +74,22 @@ def _drop_queue(kind: str, queue: str) -> None:
 
 @pytest.fixture
 def wired(broker: Broker) -> Iterator[Broker]:
-    value = {**settings.DJANGO_EVENTS, "MANIFESTS": MANIFESTS,
-             "CELERY_APP": f"tests.brokers.{broker.kind}", "DEFAULT_QUEUE": broker.queue}
+    value = {
+        **settings.DJANGO_EVENTS,
+        "MANIFESTS": MANIFESTS,
+        "CELERY_APP": f"tests.brokers.{broker.kind}",
+        "DEFAULT_QUEUE": broker.queue,
+    }
     with override_settings(DJANGO_EVENTS=value):
         yield broker
 
 
 def runs(handler: str, event_ids) -> list[HandlerRun]:
-    return list(HandlerRun.objects.filter(handler=handler, event_id__in=list(event_ids))
-                .order_by("created_at"))
+    return list(
+        HandlerRun.objects.filter(handler=handler, event_id__in=list(event_ids)).order_by(
+            "created_at"
+        )
+    )
 
 
 def test_committed_events_reach_async_handlers_exactly_once(wired: Broker) -> None:
@@ -95,7 +108,8 @@ def test_committed_events_reach_async_handlers_exactly_once(wired: Broker) -> No
     assert sorted(str(r.event_id) for r in runs("record", ids)) == sorted(map(str, ids))
     assert [r.event_id for r in runs("record_other", ids)] == [big]  # the `when` filter held
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
-        "dispatched"}
+        "dispatched"
+    }
     deliveries = Delivery.objects.filter(event_id__in=ids, subscription="it-record")
     assert set(deliveries.values_list("status", "attempts")) == {("succeeded", 1)}
     assert deliveries.count() == 11
@@ -123,12 +137,15 @@ def test_failing_handler_is_retried_with_growing_delays_then_fails(wired: Broker
     event_id = publish("it.placed", {"order_id": 7, "fail": True}).id
 
     delivery = wait_for(
-        lambda: Delivery.objects.filter(event_id=event_id, subscription="it-fails",
-                                        status="failed").first(),
-        timeout=40, what="the failed delivery")
+        lambda: Delivery.objects.filter(
+            event_id=event_id, subscription="it-fails", status="failed"
+        ).first(),
+        timeout=40,
+        what="the failed delivery",
+    )
     attempts = runs("always_fails", [event_id])
     assert len(attempts) == 3 == delivery.attempts
-    gaps = [(b.created_at - a.created_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    gaps = [(b.created_at - a.created_at).total_seconds() for a, b in pairwise(attempts)]
     assert gaps[0] >= 0.3  # backoff 0.4 s, no jitter
     assert gaps[1] >= 0.7  # then 0.8 s
     assert gaps[1] > gaps[0]
@@ -146,9 +163,11 @@ def test_unknown_subscription_is_a_recorded_failure_and_imports_nothing(wired: B
     wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
 
     failure = wait_for(
-        lambda: Delivery.objects.filter(event_id=event.id,
-                                        subscription="no-such-subscription").first(),
-        what="the unknown-subscription failure")
+        lambda: Delivery.objects.filter(
+            event_id=event.id, subscription="no-such-subscription"
+        ).first(),
+        what="the unknown-subscription failure",
+    )
     assert failure.status == "failed"
     assert "Unknown subscription 'no-such-subscription'" in failure.last_error
     assert not wired.marker.exists()
@@ -156,8 +175,10 @@ def test_unknown_subscription_is_a_recorded_failure_and_imports_nothing(wired: B
 
 def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) -> None:
     event = publish("it.strict", {"order_id": 6})
-    wait_for(lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").exists(),
-             what="the first delivery")
+    wait_for(
+        lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").exists(),
+        what="the first delivery",
+    )
     # The same message again, as a broker would redeliver it.
     message = build_message(event.to_message(), "it-strict", "default")
     wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
@@ -173,16 +194,25 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
     wait_for(lambda: runs("record", [stored.id]), what="the stored event")
     bad_payload = {**stored.to_message(), "id": str(uuid.uuid4()), "payload": {"order_id": "x"}}
     EventRecord.objects.create(
-        id=bad_payload["id"], name="it.strict", payload=bad_payload["payload"],
-        correlation_id=stored.correlation_id)
-    wired.app.send_task(TASK_NAME, args=(build_message(bad_payload, "it-strict", "default"),),
-                        queue=wired.queue, serializer="json")
+        id=bad_payload["id"],
+        name="it.strict",
+        payload=bad_payload["payload"],
+        correlation_id=stored.correlation_id,
+    )
+    wired.app.send_task(
+        TASK_NAME,
+        args=(build_message(bad_payload, "it-strict", "default"),),
+        queue=wired.queue,
+        serializer="json",
+    )
     wired.app.send_task(TASK_NAME, args=("not a message",), queue=wired.queue, serializer="json")
     after = publish("it.strict", {"order_id": 9})
 
     wait_for(lambda: runs("record", [after.id]), what="an event after the poison messages")
-    failure = wait_for(lambda: Delivery.objects.filter(event_id=bad_payload["id"]).first(),
-                       what="the invalid-payload failure")
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=bad_payload["id"]).first(),
+        what="the invalid-payload failure",
+    )
     assert failure.status == "failed"
     assert "Payload no longer valid for 'it.strict'" in failure.last_error
     assert "$.order_id" in failure.last_error

@@ -16,12 +16,24 @@ from tests.app.models import HandlerRun, Order
 from tests.conftest import wiring
 
 SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "sync"}
-INLINE = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "inline",
-          "name": "inline-record"}
-FAILING_SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.always_fails",
-                "mode": "sync", "name": "sync-fails"}
-ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async",
-         "name": "async-record"}
+INLINE = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.record",
+    "mode": "inline",
+    "name": "inline-record",
+}
+FAILING_SYNC = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.always_fails",
+    "mode": "sync",
+    "name": "sync-fails",
+}
+ASYNC = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.record",
+    "mode": "async",
+    "name": "async-record",
+}
 PAYLOAD = {"order_id": 1, "total": 12.5}
 
 
@@ -39,7 +51,11 @@ def test_sync_handlers_run_after_commit_only() -> None:
     assert run.event_id == event.id and run.payload == PAYLOAD
     delivery = Delivery.objects.get(event_id=event.id)
     assert (delivery.subscription, delivery.mode, delivery.status, delivery.attempts) == (
-        "orders.placed:tests.app.handlers.record", "sync", "succeeded", 1)
+        "orders.placed:tests.app.handlers.record",
+        "sync",
+        "succeeded",
+        1,
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -81,10 +97,9 @@ def test_outside_a_transaction_delivers_at_once() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_inline_handler_runs_in_the_transaction_and_its_error_rolls_back() -> None:
     failing = {**INLINE, "handler": "tests.app.handlers.inline_fails"}
-    with wiring(INLINE):
-        with transaction.atomic():
-            publish("orders.placed", PAYLOAD)
-            assert len(handled()) == 1  # ran at once, inside the transaction
+    with wiring(INLINE), transaction.atomic():
+        publish("orders.placed", PAYLOAD)
+        assert len(handled()) == 1  # ran at once, inside the transaction
     with wiring(failing, SYNC), pytest.raises(ValueError, match="refused"), transaction.atomic():
         Order.objects.create(total=5)
         publish("orders.placed", PAYLOAD)
@@ -117,7 +132,8 @@ def test_invalid_payload_names_event_and_paths(db: None) -> None:
     error = info.value
     assert error.name == "orders.placed"
     assert [p.path for p in error.problems] == ["$", "$.items[0]", "$.order_id", "$.total"] or [
-        p.path for p in error.problems] == ["$.items[0]", "$.order_id", "$.total"]
+        p.path for p in error.problems
+    ] == ["$.items[0]", "$.order_id", "$.total"]
     assert "'sku' is a required property" in str(error)
     assert "-1 is less than the minimum of 0" in str(error)
     assert not EventRecord.objects.exists()
@@ -187,8 +203,9 @@ def test_publish_many_validates_everything_first_and_inserts_once(
         assert not EventRecord.objects.exists()
         with transaction.atomic():
             with django_assert_num_queries(1):  # one INSERT for all the records
-                events = publish_many([("orders.placed", {"order_id": i, "total": i})
-                                       for i in range(50)])
+                events = publish_many(
+                    [("orders.placed", {"order_id": i, "total": i}) for i in range(50)]
+                )
             assert handled() == []
     assert len(events) == 50
     assert EventRecord.objects.count() == 50
@@ -204,7 +221,8 @@ def test_record_failures_only_keeps_failed_events() -> None:
     assert not EventRecord.objects.filter(pk=ok.id).exists()
     assert EventRecord.objects.get(pk=bad.id).payload == PAYLOAD
     assert list(Delivery.objects.values_list("subscription", "status")) == [
-        ("sync-fails", "failed")]
+        ("sync-fails", "failed")
+    ]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -220,7 +238,9 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
         elapsed = time.monotonic() - started
     assert Order.objects.count() == 1
     assert set(EventRecord.objects.values_list("id", "status")) == {
-        (first.id, "pending"), (second.id, "pending")}
+        (first.id, "pending"),
+        (second.id, "pending"),
+    }
     assert len(handled()) == 2  # sync handlers are not held back by the broker
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "Broker unreachable" in errors[0].getMessage()

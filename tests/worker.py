@@ -17,8 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """A prefork worker (2 processes) on ``queue`` of one broker, against the test database."""
 
-    def __init__(self, kind: str, queue: str, db_name: str, log_path: Path,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        kind: str,
+        queue: str,
+        db_name: str,
+        log_path: Path,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.kind, self.queue, self.db_name, self.log_path = kind, queue, db_name, log_path
         self.extra_env = extra_env or {}
         self.process: subprocess.Popen[bytes] | None = None
@@ -44,16 +50,39 @@ class WorkerProcess:
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", f"tests.brokers:{self.kind}", "worker",
-             "-Q", self.queue, "--pool", "prefork", "-c", "2", "-n", f"{self.queue}@%h",
-             "--without-heartbeat", "--without-mingle", "--without-gossip", "-l", "INFO"],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                f"tests.brokers:{self.kind}",
+                "worker",
+                "-Q",
+                self.queue,
+                "--pool",
+                "prefork",
+                "-c",
+                "2",
+                "-n",
+                f"{self.queue}@%h",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+                "-l",
+                "INFO",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"worker exited early; see {self.log_path}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"worker exited early; see {self.log_path}:\n{self.log()[-3000:]}"
+                )
             if "ready." in self.log()[offset:]:
                 return
             time.sleep(0.1)

@@ -14,9 +14,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         reset_registry()  # read the manifests as they are on disk now
-        messages: list[CheckMessage] = [
-            *check_configuration(), *check_handlers(), *check_celery()
-        ]
+        messages: list[CheckMessage] = [*check_configuration(), *check_handlers(), *check_celery()]
         for message in messages:
             hint = f"\n    HINT: {message.hint}" if message.hint else ""
             line = f"{message.obj}: ({message.id}) {message.msg}{hint}"

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: README's test command, and what .ci/run calls.
+#   1. starts PostgreSQL / RabbitMQ / Redis on loopback if one has stopped (DESIGN.md 5);
+#   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1);
+#   3. ruff and mypy;
+#   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the
+#      filesystem transport, RabbitMQ and Redis), then the non-server tests on Django 6.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+PG_URL=${DJANGO_EVENTS_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+
+step() { printf '\n== %s\n' "$*"; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+ensure_services() {
+  if ! port_open 5432 && command -v pg_ctlcluster >/dev/null; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql)" main start || true
+  fi
+  if ! port_open 6379 && command -v redis-server >/dev/null; then
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no || true
+  fi
+  if ! port_open 5672 && command -v rabbitmq-server >/dev/null; then
+    rabbitmq-server -detached || true
+  fi
+  for port in 5432 6379 5672; do
+    for _ in $(seq 1 60); do port_open "$port" && break; sleep 1; done
+    port_open "$port" || echo "warning: nothing listens on 127.0.0.1:$port (server tests will fail under CI)"
+  done
+}
+
+make_venv() {  # make_venv DIR PYTHON DJANGO_SPEC
+  local dir=$1 python=$2 django=$3
+  if [ ! -x "$dir/bin/python" ]; then
+    "$python" -m venv "$dir"
+  fi
+  "$dir/bin/python" -m pip install -q --upgrade "pip>=25.1"
+  "$dir/bin/python" -m pip install -q -e . --group test --group lint --group type "$django"
+}
+
+step "services"
+ensure_services
+
+step "environments"
+make_venv .venv python3 "django>=5.2,<5.3"
+PY313=$(PYENV_VERSION=3.13.0 pyenv which python 2>/dev/null || command -v python3.13 || true)
+if [ -n "$PY313" ]; then
+  make_venv .venv-django61 "$PY313" "django>=6.1,<6.2"
+elif [ -n "${CI:-}" ]; then
+  echo "Python 3.13 not found: Django 6.1 cannot be tested" >&2; exit 1
+fi
+
+step "ruff"
+.venv/bin/ruff check django_events tests example_project
+step "mypy"
+.venv/bin/mypy django_events
+
+step "tests: Django 5.2, SQLite"
+.venv/bin/python -m pytest -q "$@"
+step "tests: Django 5.2, PostgreSQL"
+DATABASE_URL=$PG_URL .venv/bin/python -m pytest -q "$@"
+if [ -n "$PY313" ]; then
+  step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
+  .venv-django61/bin/python -m pytest -q -m "not servers" "$@"
+fi
