@@ -108,7 +108,7 @@ def from_data(cls: type, data: dict[str, Any]) -> Any:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
+    if isinstance(value, list | tuple | set | frozenset):
         return [_jsonable(v) for v in value]
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
         return value.isoformat()
@@ -151,7 +151,10 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _dataclass_schema(tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (list, tuple, set, frozenset) or tp in (list, tuple):
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: fixed items
+        items = [_type_schema(a) for a in args]
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
         item = _type_schema(args[0]) if args else {}
         return {"type": "array", "items": item}
     if origin is dict or tp is dict:
@@ -163,12 +166,38 @@ def _type_schema(tp: Any) -> dict[str, Any]:
     raise TypeError(f"Cannot derive a JSON Schema for {tp!r}; use a pydantic model instead")
 
 
+# The inverse of _jsonable for the types _SIMPLE describes as strings.
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    datetime.datetime: datetime.datetime.fromisoformat,
+    datetime.date: datetime.date.fromisoformat,
+    datetime.time: datetime.time.fromisoformat,
+    uuid.UUID: uuid.UUID,
+    decimal.Decimal: decimal.Decimal,
+}
+
+
 def _build(tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         return tp(**{k: _build(hints[k], v) for k, v in value.items() if k in names})
+    parse = _PARSERS.get(tp)
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value)
+        except (ValueError, ArithmeticError):  # the schema let it through: keep the string
+            return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is list and args and isinstance(value, list):
-        return [_build(args[0], v) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _build(options[0], value) if value is not None and len(options) == 1 else value
+    if not isinstance(value, list):
+        if origin is dict and len(args) == 2 and isinstance(value, dict):
+            return {k: _build(args[1], v) for k, v in value.items()}
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and len(args) == len(value):
+        return tuple(_build(a, v) for a, v in zip(args, value, strict=True))
+    if origin in (list, tuple, set, frozenset) or tp in (tuple, set, frozenset):
+        container = origin or tp
+        return container(_build(args[0], v) for v in value) if args else container(value)
     return value
