@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -94,10 +95,13 @@ def send_deliveries(
     alias: str,
     *,
     app: Celery | None = None,
+    confirm: bool = False,
 ) -> set[UUID]:
     """Send one message per (event, subscription); return ids of events not fully sent.
 
-    Never raises: an unreachable broker leaves the unsent events for the relay.
+    With ``confirm``, each message waits for the broker's publisher confirm (RabbitMQ), so
+    "sent" means "accepted". Never raises: an unreachable broker leaves unsent events for
+    the relay.
     """
     app = app or celery_app()
     if app is None:
@@ -113,7 +117,7 @@ def send_deliveries(
     }
     sent = 0
     try:
-        with app.producer_or_acquire() as producer:
+        with _producer(app, confirm) as producer:
             for event, durable, subscriptions in items:
                 message = event.to_message()
                 for subscription in subscriptions:
@@ -137,3 +141,14 @@ def send_deliveries(
         return {event.id for event, _, _ in items[sent:]}
     health.succeeded()
     return set()
+
+
+@contextmanager
+def _producer(app: Celery, confirm: bool) -> Iterator[Any]:
+    if not confirm:
+        with app.producer_or_acquire() as producer:
+            yield producer
+        return
+    options = {**(app.conf.broker_transport_options or {}), "confirm_publish": True}
+    with app.connection_for_write(transport_options=options) as connection:
+        yield app.amqp.Producer(connection)

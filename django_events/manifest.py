@@ -108,6 +108,9 @@ def load_manifest(path: Path) -> Manifest:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:  # e.g. where an unclosed quote started
+            reason += f" ({context} at line {context_mark.line + 1})"
         return Manifest(problems=[_problem("E102", f"YAML syntax error: {reason}", None,
                                            Origin("manifest", file, line))])
     lines: dict[JsonPath, int] = {}

@@ -24,3 +24,11 @@ def deliver(self: Task[Any, Any], message: Any) -> str:
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
     return outcome.status
+
+
+@shared_task(name="django_events.relay", ignore_result=True)
+def relay(batch_size: int = 500, min_age: float = 10.0) -> int:
+    """Send pending outbox records: schedule it with Celery beat instead of ``--loop``."""
+    from .relay import relay_pending
+
+    return relay_pending(batch_size=batch_size, min_age=min_age).sent

@@ -218,3 +218,27 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
     assert "$.order_id" in failure.last_error
     assert runs("record", [bad_payload["id"]]) == []
     assert "Rejected a malformed django_events message" in wired.worker.log()
+
+
+def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) -> None:
+    from django.core.management import call_command
+
+    down = {**settings.DJANGO_EVENTS, "MANIFESTS": MANIFESTS,
+            "CELERY_APP": "tests.brokers.unreachable", "DEFAULT_QUEUE": wired.queue}
+    with override_settings(DJANGO_EVENTS=down):
+        ids = []
+        for order_id in range(5):
+            with transaction.atomic():
+                ids.append(publish("it.placed", {"order_id": order_id}).id)
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        "pending"}
+    time.sleep(0.5)
+    assert runs("record", ids) == []
+
+    call_command("events_relay", "--min-age", "0", "--batch-size", "2")
+
+    wait_for(lambda: len(runs("record", ids)) == 5, what="the relayed events")
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        "dispatched"}
+    time.sleep(0.5)
+    assert len(runs("record", ids)) == 5  # each once
