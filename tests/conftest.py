@@ -21,3 +21,13 @@ def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:
     """Override DJANGO_EVENTS with the base test settings plus these subscriptions/keys."""
     value = {**settings.DJANGO_EVENTS, "SUBSCRIPTIONS": list(subscriptions), **keys}
     return override_settings(DJANGO_EVENTS=value)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """PostgreSQL-only tests run in the suite's PostgreSQL pass, not skipped in the other."""
+    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        return
+    selected = [i for i in items if i.get_closest_marker("postgresql") is None]
+    if len(selected) < len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in selected])
+        items[:] = selected

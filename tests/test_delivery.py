@@ -242,3 +242,16 @@ def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) ->
         "dispatched"}
     time.sleep(0.5)
     assert len(runs("record", ids)) == 5  # each once
+
+
+@pytest.mark.postgresql
+def test_worker_survives_its_database_connections_being_killed(wired: Broker) -> None:
+    first = publish("it.strict", {"order_id": 1})
+    wait_for(lambda: runs("record", [first.id]), what="a first delivery")
+    with connection.cursor() as cursor:  # what a database restart does to the worker
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    second = publish("it.strict", {"order_id": 2})
+    wait_for(lambda: runs("record", [second.id]), what="a delivery after the restart")
+    assert Delivery.objects.get(event_id=second.id).status == "succeeded"
