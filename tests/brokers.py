@@ -33,6 +33,7 @@ def _app(kind: str) -> Celery:
         app.conf.broker_transport_options = {
             "data_folder_in": str(FS_FOLDER),
             "data_folder_out": str(FS_FOLDER),
+            "control_folder": str(FS_FOLDER / "control"),  # not ./control in the cwd
             "store_processed": False,
             "polling_interval": 0.05,  # the default 1 s would blur the retry delays measured
         }

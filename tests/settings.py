@@ -93,6 +93,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_folder),
         "data_folder_out": str(_folder),
+        "control_folder": str(_folder / "control"),
         "store_processed": False,
     }
 DJANGO_EVENTS = {
