@@ -33,8 +33,8 @@ class Outgoing:
 
 def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
     """Deliver a committed batch. Never raises into the code that committed."""
-    unsent = _send_async(batch, alias)
-    _run_sync(batch, alias, unsent)
+    _send_async(batch, alias)
+    _run_sync(batch, alias)
 
 
 def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
@@ -58,17 +58,18 @@ def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
     return unsent
 
 
-def _run_sync(batch: Sequence[Outgoing], alias: str, unsent: set[object]) -> None:
+def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     interceptors = get_registry().interceptors
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
     for item in batch:
         for subscription in item.sync:
-            row = run_sync_handler(subscription, item.event, interceptors)
-            if row.status == Delivery.Status.FAILED and not item.recorded:
+            row = run_sync_handler(subscription, item.event, interceptors, item.recorded)
+            if row is None:
+                continue
+            rows.append(row)
+            if not item.recorded:
                 unrecorded_failures.append(item.event)
-            if item.recorded or row.status == Delivery.Status.FAILED:
-                rows.append(row)
     if not rows:
         return
     try:
@@ -83,9 +84,14 @@ def run_sync_handler(
     subscription: Subscription,
     event: Event,
     interceptors: Sequence[object],
+    record_success: bool = True,
     prior_attempts: int = 0,
-) -> Delivery:
-    """Run one sync handler, isolated: its exception is logged and returned as a failure."""
+) -> Delivery | None:
+    """Run one sync handler, isolated: its exception is logged, not raised.
+
+    Returns the `Delivery` row to save: always for a failure, for a success only with
+    ``record_success`` (building model instances is not free on this hot path).
+    """
     try:
         run_handler(subscription, event, interceptors)
     except Exception as exc:
@@ -96,13 +102,11 @@ def run_sync_handler(
             "sync",
             Delivery.Status.FAILED,
             prior_attempts + 1,
-            _error_text(exc),
+            f"{type(exc).__name__}: {exc}",
             traceback.format_exc(),
         )
+    if not record_success:
+        return None
     return delivery(
         event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED, prior_attempts + 1
     )
-
-
-def _error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
