@@ -70,8 +70,8 @@ if [[ ! -x "$PYTHON" ]]; then
   step "Creating a virtualenv in $VENV"
   python3 -m venv "$VENV"
 fi
-step "Installing django-event-wiring (editable), psycopg and redis into $VENV"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT" "psycopg[binary]" redis
+step "Installing django-event-wiring (editable), psycopg[binary] and celery[redis] into $VENV"
+"$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT" "psycopg[binary]" "celery[redis]"
 
 cd "$PROJECT"
 mkdir -p "$VAR"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 from django.utils import timezone
-
 from django_events import Event
+
 from orders.models import Order
 
 from .models import Invoice
@@ -17,9 +17,7 @@ logger = logging.getLogger(__name__)
 def create_invoice(event: Event) -> None:
     """Bill a placed order (subscribed with ``idempotent: true``: at most one success)."""
     order = Order.objects.get(pk=event.payload["order_id"])
-    invoice = Invoice.objects.create(
-        order=order, number=f"INV-{order.pk:06d}", amount=order.total
-    )
+    invoice = Invoice.objects.create(order=order, number=f"INV-{order.pk:06d}", amount=order.total)
     logger.info("Issued %s for order #%s (%s)", invoice.number, order.pk, invoice.amount)
 
 

@@ -119,7 +119,8 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = 2  # a publisher with the broker down fails fast
 
 
-# django_events: the wiring lives in events.yaml (this file) and in each app's events.yaml
+# django_events: who handles what is in events.yaml next to manage.py; the events themselves
+# are declared in each app's events.yaml (orders/events.yaml), which is read automatically.
 
 DJANGO_EVENTS = {
     "MANIFESTS": [BASE_DIR / "events.yaml"],

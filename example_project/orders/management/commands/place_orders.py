@@ -8,9 +8,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
-
 from django_events import publish
 from django_events.models import EventRecord
+
 from orders.models import Order
 
 BIG_ORDER_TOTAL = Decimal("1250.00")  # at or above 1000: notifications sends an alert
@@ -52,9 +52,11 @@ class Command(BaseCommand):
                 headers=headers,
             )
         self.stdout.write(f"  cancelled order #{last.pk}")
-        self.stdout.write(self.style.SUCCESS(
-            f"Run {headers['run']}: {count} orders placed, 1 rolled back, 1 cancelled."
-        ))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Run {headers['run']}: {count} orders placed, 1 rolled back, 1 cancelled."
+            )
+        )
 
     def place(self, email: str, total: Decimal, headers: dict[str, str]) -> Order:
         """Save an order and publish ``orders.order_placed`` in one transaction."""

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-
-from billing.models import Invoice
 from django_events.models import Delivery, EventRecord
 from django_events.registry import get_registry
+
+from billing.models import Invoice
 from notifications.models import Notification
 from orders.models import Order
 
@@ -43,7 +44,11 @@ class Progress:
 def check_run(run: str) -> Progress:
     """Compare the run's events, deliveries, invoices and notifications with expectations."""
     progress = Progress()
-    records = list(EventRecord.objects.filter(headers__run=run).prefetch_related("deliveries"))
+    records = list(
+        EventRecord.objects.filter(headers__run=run)
+        .order_by("occurred_at")
+        .prefetch_related("deliveries")
+    )
     if not records:
         progress.failed.append(f"no event carries the header run={run}")
     for record in records:
@@ -70,9 +75,7 @@ def effects_missing(record: EventRecord) -> list[str]:
     """What the handlers should have written for this event and have not (yet)."""
     order_id = record.payload["order_id"]
     invoice = Invoice.objects.filter(order_id=order_id).first()
-    kinds = set(
-        Notification.objects.filter(event_id=record.id).values_list("kind", flat=True)
-    )
+    kinds = set(Notification.objects.filter(event_id=record.id).values_list("kind", flat=True))
     missing = []
     if Notification.Kind.ACTIVITY not in kinds:
         missing.append("no activity notification")
@@ -90,25 +93,25 @@ def effects_missing(record: EventRecord) -> list[str]:
 
 def latest_run() -> str:
     """The run id of the newest event that has one."""
-    record = (
-        EventRecord.objects.filter(headers__has_key="run").order_by("-occurred_at").first()
-    )
+    record = EventRecord.objects.filter(headers__has_key="run").order_by("-occurred_at").first()
     if record is None:
         raise CommandError("No run found: run `python manage.py place_orders` first.")
     return str(record.headers["run"])
 
 
-def redacted(record: EventRecord) -> dict[str, Any]:
-    """The payload with the keys the event declares in ``redact`` masked, as the admin does."""
+def redacted(record: EventRecord) -> str:
+    """The payload as JSON, with the keys the event declares in ``redact`` masked."""
     compiled = get_registry().events.get(record.name)
     hidden = set(compiled.declaration.redact) if compiled else set()
-    return {key: "***" if key in hidden else value for key, value in record.payload.items()}
+    payload = {key: "***" if key in hidden else value for key, value in record.payload.items()}
+    return json.dumps(payload, sort_keys=True)
 
 
 class Command(BaseCommand):
     help = (
         "Wait until every event of a place_orders run has been delivered and handled, then "
-        "print orders, invoices, notifications and the event log. Exit 1 on time-out."
+        "print orders, invoices, notifications and the event log. Exit 1 if something failed "
+        "or did not arrive in time."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -128,40 +131,57 @@ class Command(BaseCommand):
             time.sleep(options["interval"])
         self.show(run)
         if progress.done:
-            self.stdout.write(self.style.SUCCESS(
-                f"\nAll events of run {run} delivered and handled "
-                f"(waited {time.monotonic() - started:.1f}s)."
-            ))
+            self.stdout.write(
+                self.style.SUCCESS(
+                    f"\nAll events of run {run} delivered and handled "
+                    f"(waited {time.monotonic() - started:.1f}s)."
+                )
+            )
             return
         for problem in progress.failed + progress.waiting:
             self.stderr.write(f"  - {problem}")
         what = "failed" if progress.failed else f"not complete after {options['timeout']:g}s"
-        raise CommandError(f"Run {run} {what}; see the list above and var/worker.log.")
+        raise CommandError(f"Run {run} {what}; see the list above and the worker's log.")
 
     def show(self, run: str) -> None:
         records = list(
             EventRecord.objects.filter(headers__run=run)
-            .order_by("occurred_at").prefetch_related("deliveries")
+            .order_by("occurred_at")
+            .prefetch_related("deliveries")
         )
         order_ids = sorted({r.payload["order_id"] for r in records})
         orders = Order.objects.filter(pk__in=order_ids).select_related("invoice")
-        self.table("Orders", ["order", "total", "status", "invoice", "amount", "invoice status"], [
-            [f"#{o.pk}", o.total, o.status, *self.invoice_columns(o)] for o in orders
-        ])
+        self.table(
+            "Orders",
+            ["order", "total", "status", "invoice", "amount", "invoice status"],
+            [[f"#{o.pk}", o.total, o.status, *self.invoice_columns(o)] for o in orders],
+        )
         notifications = Notification.objects.filter(order_id__in=order_ids)
-        self.table("Notifications", ["id", "kind", "order", "recipient", "message"], [
-            [n.pk, n.kind, f"#{n.order_id}", n.recipient or "-", n.message]
-            for n in notifications
-        ])
-        self.table("Event log (django_events.EventRecord)", ["event", "name", "status", "payload"], [
-            [str(r.id)[:8], r.name, r.status, redacted(r)] for r in records
-        ])
+        self.table(
+            "Notifications",
+            ["id", "kind", "order", "recipient", "message"],
+            [
+                [n.pk, n.kind, f"#{n.order_id}", n.recipient or "-", n.message]
+                for n in notifications
+            ],
+        )
+        self.table(
+            "Event log (django_events.EventRecord)",
+            ["event", "name", "status", "payload"],
+            [[str(r.id)[:8], r.name, r.status, redacted(r)] for r in records],
+        )
         self.table(
             "Deliveries (django_events.Delivery)",
             ["event", "subscription", "mode", "status", "attempts", "last error"],
             [
-                [str(r.id)[:8], d.subscription, d.mode, d.status, d.attempts,
-                 d.last_error[:60] or "-"]
+                [
+                    str(r.id)[:8],
+                    d.subscription,
+                    d.mode,
+                    d.status,
+                    d.attempts,
+                    " ".join(d.last_error.split())[:60] or "-",
+                ]
                 for r in records
                 for d in sorted(r.deliveries.all(), key=lambda d: d.subscription)
             ],
@@ -181,7 +201,9 @@ class Command(BaseCommand):
         widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
         self.stdout.write(f"\n{title}")
         for number, row in enumerate(cells):
-            self.stdout.write("  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+            self.stdout.write(
+                "  " + "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+            )
             if number == 0:
                 self.stdout.write("  " + "  ".join("-" * w for w in widths))
         if len(cells) == 1:
