@@ -8,6 +8,7 @@ from urllib.parse import urlparse
 
 BASE_DIR = Path(__file__).resolve().parent
 VAR_DIR = Path(os.environ.get("DJANGO_EVENTS_TEST_VAR", BASE_DIR / "var"))
+VAR_DIR.mkdir(parents=True, exist_ok=True)
 
 SECRET_KEY = "django-events-tests"
 DEBUG = False
@@ -38,7 +39,6 @@ _url = os.environ.get("DATABASE_URL")
 if _url:
     _db = database_from_url(_url)
 else:
-    VAR_DIR.mkdir(parents=True, exist_ok=True)
     # A file, not :memory:, so that a worker process can open the same test database.
     _db = {
         "ENGINE": "django.db.backends.sqlite3",
@@ -53,7 +53,12 @@ _db["TEST"] = {
         else f"test_django_events_{os.getpid()}"
     )
 }
-DATABASES = {"default": _db}
+DATABASES = {
+    "default": _db,
+    # A second alias, for publish(using=...): the event log follows the caller's database.
+    "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "other.sqlite3"),
+              "TEST": {"NAME": str(VAR_DIR / f"test-other-{os.getpid()}.sqlite3")}},
+}
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
     # A worker subprocess connects straight to the database the test process created.
     DATABASES["default"]["NAME"] = os.environ["DJANGO_EVENTS_WORKER_DB_NAME"]

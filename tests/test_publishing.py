@@ -254,3 +254,18 @@ def test_typed_payload_and_event_fields(db: None, django_capture_on_commit_callb
     assert isinstance(event.id, uuid.UUID) and event.occurred_at.tzinfo is not None
     assert event.payload == PAYLOAD and event.headers == {"h": "v"}
     assert len(callbacks) == 1 and handled() == []
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_using_records_on_that_database_and_waits_for_its_commit() -> None:
+    with wiring(SYNC):
+        with transaction.atomic(using="other"):
+            event = publish("orders.placed", PAYLOAD, using="other")
+            assert handled() == []
+            with transaction.atomic():  # a commit on another alias delivers nothing
+                Order.objects.create(total=1)
+            assert handled() == []
+        assert [r.event_id for r in handled()] == [event.id]
+    assert EventRecord.objects.using("other").filter(pk=event.id).exists()
+    assert not EventRecord.objects.filter(pk=event.id).exists()
+    assert Delivery.objects.using("other").get(event_id=event.id).status == "succeeded"

@@ -1,0 +1,347 @@
+"""Payload validation: verdicts, JSON paths of errors, the fast path, and non-JSON values."""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import math
+import uuid
+from typing import Any
+
+import jsonschema
+import jsonschema_rs
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from django_events import InvalidPayload, publish
+from django_events import validation as validation_module
+from django_events.exceptions import PayloadProblem
+from django_events.models import EventRecord
+from django_events.validation import PayloadValidator, json_problems
+
+ORDER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "total"],
+    "properties": {
+        "order_id": {"type": "integer"},
+        "total": {"type": "number", "minimum": 0},
+        "email": {"type": "string"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["sku"],
+                "properties": {"sku": {"type": "string"}, "qty": {"type": "integer"}},
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(params=["fast", "reference-only"])
+def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Run a test with jsonschema-rs answering "valid?" and again as if it were not installed."""
+    enabled = request.param == "fast"
+    if not enabled:
+        monkeypatch.setattr(validation_module, "HAS_FAST", False)
+    return enabled
+
+
+def validator(schema: dict[str, Any] | bool, fast: bool) -> PayloadValidator:
+    compiled = PayloadValidator(schema)
+    assert (compiled._fast is not None) is fast  # the path under test is the one in use
+    return compiled
+
+
+def paths(problems: list[PayloadProblem]) -> list[str]:
+    return [p.path for p in problems]
+
+
+# -- verdicts and error paths ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"order_id": 1, "total": 0},
+        {"order_id": 1, "total": 9.99, "email": "a@example.com"},
+        {"order_id": 1, "total": 1, "items": []},
+        {"order_id": 1, "total": 1, "items": [{"sku": "A"}, {"sku": "B", "qty": 2}]},
+        {"order_id": 1.0, "total": 1},  # 2020-12: an integer is a number with no fraction
+        {"order_id": 1, "total": 1, "unknown": {"nested": [1, None]}},
+        {"order_id": 10**30, "total": 10**30},
+        {"order_id": 1, "total": 1, "items": ({"sku": "A"},)},  # a tuple is sent as an array
+    ],
+)
+def test_valid_payloads_have_no_problems(fast: bool, payload: dict[str, Any]) -> None:
+    assert validator(ORDER_SCHEMA, fast).problems(payload) == []
+
+
+def test_every_error_is_reported_with_its_json_path(fast: bool) -> None:
+    payload = {
+        "order_id": "1",
+        "total": -2,
+        "email": None,
+        "items": [{"sku": 1}, {"qty": 1}, {"sku": "C", "qty": "two"}],
+    }
+
+    problems = validator(ORDER_SCHEMA, fast).problems(payload)
+
+    assert problems == [
+        PayloadProblem("$.email", "None is not of type 'string'"),
+        PayloadProblem("$.items[0].sku", "1 is not of type 'string'"),
+        PayloadProblem("$.items[1]", "'sku' is a required property"),
+        PayloadProblem("$.items[2].qty", "'two' is not of type 'integer'"),
+        PayloadProblem("$.order_id", "'1' is not of type 'integer'"),
+        PayloadProblem("$.total", "-2 is less than the minimum of 0"),
+    ]
+    assert str(problems[1]) == "$.items[0].sku: 1 is not of type 'string'"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({}, [PayloadProblem("$", "'order_id' is a required property"),
+              PayloadProblem("$", "'total' is a required property")]),
+        ([], [PayloadProblem("$", "[] is not of type 'object'")]),
+        ("order", [PayloadProblem("$", "'order' is not of type 'object'")]),
+        ({"order_id": True, "total": 1},
+         [PayloadProblem("$.order_id", "True is not of type 'integer'")]),
+        ({"order_id": 1, "total": False},
+         [PayloadProblem("$.total", "False is not of type 'number'")]),
+        ({"order_id": 1.5, "total": 1},
+         [PayloadProblem("$.order_id", "1.5 is not of type 'integer'")]),
+        ({"order_id": 1, "total": 1, "items": {"sku": "A"}},
+         [PayloadProblem("$.items", "{'sku': 'A'} is not of type 'array'")]),
+    ],
+)
+def test_invalid_payloads(fast: bool, payload: Any, expected: list[PayloadProblem]) -> None:
+    assert validator(ORDER_SCHEMA, fast).problems(payload) == expected
+
+
+def test_keys_that_are_not_identifiers_are_quoted_in_paths(fast: bool) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"headers": {"type": "object",
+                                   "additionalProperties": {"type": "string"}}},
+    }
+
+    problems = validator(schema, fast).problems({"headers": {"content-type": 1, "ok": "x"}})
+
+    assert problems == [PayloadProblem("$.headers['content-type']", "1 is not of type 'string'")]
+
+
+def test_values_the_fast_validator_cannot_read_are_reported_not_raised(fast: bool) -> None:
+    when = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
+
+    problems = validator(ORDER_SCHEMA, fast).problems(
+        {"order_id": 1, "total": 1, "email": when}
+    )
+
+    assert problems == [PayloadProblem("$.email", f"{when!r} is not of type 'string'")]
+    # Not constrained by the schema: valid for the schema, json_problems() refuses it.
+    assert validator(ORDER_SCHEMA, fast).problems({"order_id": 1, "total": 1, "at": when}) == []
+
+
+def test_boolean_schemas(fast: bool) -> None:
+    assert validator(True, fast).problems({"anything": 1}) == []
+    assert validator(False, fast).problems({}) == [
+        PayloadProblem("$", "False schema does not allow {}")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ({"type": "objekt"}, "'objekt' is not valid under any of the given schemas"),
+        ({"type": "object", "required": "order_id"}, "'order_id' is not of type 'array'"),
+        ({"properties": {"total": {"minimum": "0"}}}, "'0' is not of type 'number'"),
+    ],
+)
+def test_an_invalid_schema_is_refused_when_compiled(schema: dict[str, Any], message: str) -> None:
+    with pytest.raises(jsonschema.SchemaError) as excinfo:
+        PayloadValidator(schema)
+
+    assert excinfo.value.message == message
+
+
+# -- the fast path agrees with the reference ---------------------------------------------------
+
+# A typical payload schema: four fields, two required, bounds, an enum and a string array.
+TYPICAL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id", "total"],
+    "additionalProperties": False,
+    "properties": {
+        "order_id": {"type": "integer", "minimum": 1},
+        "total": {"type": "number", "minimum": 0, "exclusiveMaximum": 1_000_000},
+        "currency": {"enum": ["EUR", "USD", "GBP"]},
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1, "maxLength": 8},
+            "maxItems": 3,
+            "uniqueItems": True,
+        },
+    },
+}
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=8,
+)
+# Near-valid values, so that valid payloads are generated as often as invalid ones.
+FIELDS = {
+    "order_id": st.integers(-2, 2**70) | st.floats(-2, 1e20, allow_nan=False) | json_values,
+    "total": st.integers(-5, 2_000_000) | st.floats(-5, 2e6, allow_nan=False) | json_values,
+    "currency": st.sampled_from(["EUR", "USD", "GBP", "eur", "EURO", ""]) | json_values,
+    "tags": st.lists(st.text(max_size=9), max_size=4) | json_values,
+}
+payloads = st.one_of(
+    st.fixed_dictionaries({"order_id": FIELDS["order_id"], "total": FIELDS["total"]},
+                          optional={"currency": FIELDS["currency"], "tags": FIELDS["tags"]}),
+    st.fixed_dictionaries({}, optional={**FIELDS, "extra": json_values}),
+    json_values,
+)
+REFERENCE = jsonschema.Draft202012Validator(TYPICAL_SCHEMA)
+FAST = jsonschema_rs.validator_for(TYPICAL_SCHEMA)
+
+
+@settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads)
+def test_fast_and_reference_validators_agree(payload: Any) -> None:
+    assert FAST.is_valid(payload) is REFERENCE.is_valid(payload)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(payloads)
+def test_payload_validator_verdict_is_the_reference_verdict(payload: Any) -> None:
+    compiled = PayloadValidator(TYPICAL_SCHEMA)
+    assert compiled._fast is not None
+
+    assert (compiled.problems(payload) == []) is REFERENCE.is_valid(payload)
+
+
+def test_the_generated_payloads_cover_both_verdicts() -> None:
+    # Guards the strategy above: a generator of only invalid payloads would prove nothing.
+    verdicts: set[bool] = set()
+
+    @settings(max_examples=200, database=None)
+    @given(payloads)
+    def collect(payload: Any) -> None:
+        verdicts.add(REFERENCE.is_valid(payload))
+
+    collect()
+    assert verdicts == {True, False}
+
+
+# -- values that are not JSON ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"total": decimal.Decimal("1.50")},
+         [PayloadProblem("$.total", "Decimal Decimal('1.50') is not JSON-serializable")]),
+        ({"at": datetime.datetime(2024, 5, 1, 12, 0)},
+         [PayloadProblem("$.at", "datetime datetime.datetime(2024, 5, 1, 12, 0) "
+                                 "is not JSON-serializable")]),
+        ({"on": datetime.date(2024, 5, 1)},
+         [PayloadProblem("$.on", "date datetime.date(2024, 5, 1) is not JSON-serializable")]),
+        ({"id": uuid.UUID(int=1)},
+         [PayloadProblem("$.id", "UUID UUID('00000000-0000-0000-0000-000000000001') "
+                                 "is not JSON-serializable")]),
+        ({"total": math.nan}, [PayloadProblem("$.total", "nan is not a JSON number")]),
+        ({"total": math.inf}, [PayloadProblem("$.total", "inf is not a JSON number")]),
+        ({"items": [{"qty": 1}, {"qty": -math.inf}]},
+         [PayloadProblem("$.items[1].qty", "-inf is not a JSON number")]),
+        ({"tags": {"a"}}, [PayloadProblem("$.tags", "set {'a'} is not JSON-serializable")]),
+        ({"raw": b"\x00"}, [PayloadProblem("$.raw", "bytes b'\\x00' is not JSON-serializable")]),
+        ({"by_id": {1: "x"}}, [PayloadProblem("$.by_id", "key 1 is not a string")]),
+        ({"meta": {"content-type": object}},
+         [PayloadProblem("$.meta['content-type']",
+                         "type <class 'object'> is not JSON-serializable")]),
+        (
+            {"a": decimal.Decimal(1), "b": [math.nan]},
+            [PayloadProblem("$.a", "Decimal Decimal('1') is not JSON-serializable"),
+             PayloadProblem("$.b[0]", "nan is not a JSON number")],
+        ),
+    ],
+)
+def test_json_problems_name_each_non_json_value(
+    payload: dict[str, Any], expected: list[PayloadProblem]
+) -> None:
+    assert json_problems(payload) == expected
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {},
+        {"a": None, "b": True, "c": 1, "d": 1.5, "e": "x", "f": [1, [2]], "g": {"h": {}}},
+        {"t": (1, 2)},  # a tuple is an array
+        {"big": 10**40, "tiny": 5e-324},
+    ],
+)
+def test_json_problems_accepts_json(payload: dict[str, Any]) -> None:
+    assert json_problems(payload) == []
+
+
+def test_json_problems_detects_a_cycle_instead_of_recursing_forever() -> None:
+    payload: dict[str, Any] = {"items": []}
+    payload["items"].append(payload)
+
+    assert json_problems(payload) == [PayloadProblem("$.items[0]", "circular reference")]
+
+
+def test_the_same_value_twice_is_not_a_cycle() -> None:
+    shared = {"sku": "A"}
+
+    assert json_problems({"first": shared, "second": [shared, shared]}) == []
+
+
+# -- through publish() -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ({"order_id": "7", "total": 1, "items": [{"sku": 3}]},
+         "Invalid payload for event 'orders.placed': $.items[0].sku: 3 is not of type 'string'; "
+         "$.order_id: '7' is not of type 'integer'"),
+        ({"order_id": 7, "total": decimal.Decimal("9.90")},
+         "Invalid payload for event 'orders.placed': "
+         "$.total: Decimal Decimal('9.90') is not JSON-serializable"),
+        ({"order_id": 7, "total": math.nan},
+         "Invalid payload for event 'orders.placed': $.total: nan is not a JSON number"),
+        ({"order_id": 7, "total": 1, "at": datetime.date(2024, 1, 1)},
+         "Invalid payload for event 'orders.placed': "
+         "$.at: date datetime.date(2024, 1, 1) is not JSON-serializable"),
+        ({"order_id": 7, "total": 1, "email": datetime.date(2024, 1, 1)},
+         "Invalid payload for event 'orders.placed': "
+         "$.email: datetime.date(2024, 1, 1) is not of type 'string'"),
+        (["order_id", 7],
+         "Invalid payload for event 'orders.placed': $: expected a dict, got list"),
+    ],
+)
+def test_publish_refuses_invalid_payloads_and_records_nothing(
+    django_capture_on_commit_callbacks: Any, payload: Any, message: str
+) -> None:
+    with (
+        django_capture_on_commit_callbacks() as callbacks,
+        pytest.raises(InvalidPayload) as excinfo,
+    ):
+        publish("orders.placed", payload)
+
+    assert str(excinfo.value) == message
+    assert excinfo.value.name == "orders.placed"
+    assert all(p.path.startswith("$") for p in excinfo.value.problems)
+    assert callbacks == []
+    assert not EventRecord.objects.exists()
