@@ -40,9 +40,14 @@ class Settings:
     def _get(self, key: str) -> Any:
         return self.raw.get(key, DEFAULTS[key])
 
+    def _list(self, key: str) -> list[Any]:
+        # A value of the wrong shape reads as empty; checks report it (E001) instead.
+        value = self._get(key)
+        return list(value) if isinstance(value, list | tuple) else []
+
     @property
     def MANIFESTS(self) -> list[Path]:
-        return [Path(p) for p in self._get("MANIFESTS")]
+        return [Path(p) for p in self._list("MANIFESTS")]
 
     @property
     def AUTODISCOVER(self) -> bool:
@@ -50,11 +55,12 @@ class Settings:
 
     @property
     def EVENTS(self) -> dict[str, Any]:
-        return dict(self._get("EVENTS"))
+        value = self._get("EVENTS")
+        return dict(value) if isinstance(value, dict) else {}
 
     @property
     def SUBSCRIPTIONS(self) -> list[Any]:
-        return list(self._get("SUBSCRIPTIONS"))
+        return self._list("SUBSCRIPTIONS")
 
     @property
     def CELERY_APP(self) -> str | None:
@@ -67,7 +73,8 @@ class Settings:
 
     @property
     def DEFAULT_RETRY(self) -> dict[str, Any]:
-        return {**DEFAULT_RETRY, **self._get("DEFAULT_RETRY")}
+        value = self._get("DEFAULT_RETRY")
+        return {**DEFAULT_RETRY, **value} if isinstance(value, dict) else dict(DEFAULT_RETRY)
 
     @property
     def RECORD(self) -> str:
@@ -75,7 +82,7 @@ class Settings:
 
     @property
     def PIPELINE(self) -> list[str]:
-        return list(self._get("PIPELINE"))
+        return self._list("PIPELINE")
 
 
 conf = Settings()

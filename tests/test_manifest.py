@@ -525,8 +525,6 @@ def test_settings_of_the_wrong_type_are_E001_naming_the_key() -> None:
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="conf.EVENTS calls dict() on the raw value and raises "
-                   "instead of leaving the E001 check to report it (conf.py, reported)")
 def test_events_setting_that_is_not_a_dict_is_reported_not_raised() -> None:
     with wiring(EVENTS=["orders.placed"]):
         problems = [(p.id, p.message) for p in get_registry().problems]
