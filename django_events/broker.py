@@ -103,7 +103,11 @@ def send_deliveries(
     "sent" means "accepted". Never raises: an unreachable broker leaves unsent events for
     the relay.
     """
-    app = app or celery_app()
+    try:
+        app = app or celery_app()
+    except ImportError:
+        logger.exception("DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending")
+        return {event.id for event, _, _ in items}
     if app is None:
         logger.error("No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending")
         return {event.id for event, _, _ in items}

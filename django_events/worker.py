@@ -54,7 +54,9 @@ def _process(raw: Any, retries: int) -> Outcome:
         message = _parse(raw)
         event_name = message.event["name"]
     except (KeyError, TypeError, ValueError) as exc:
-        logger.error("Rejected a malformed django_events message (%s): %.500r", exc, raw)
+        # Keys only: a payload may hold fields that `redact` keeps out of logs.
+        shape = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        logger.error("Rejected a malformed django_events message (%s): %s", exc, shape)
         return Outcome("rejected")
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
@@ -67,12 +69,14 @@ def _process(raw: Any, retries: int) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    problems = compiled.validator.problems(message.event["payload"])
+    data = message.event.get("payload")
+    if not isinstance(data, dict):
+        return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
+    problems = compiled.validator.problems(data)
     if problems:
         details = "; ".join(map(str, problems))
         return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
     try:
-        data = message.event["payload"]
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
@@ -105,8 +109,6 @@ def _run(
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
         else:
             run_handler(subscription, event, registry.interceptors)
-            if records_all:
-                save_deliveries(alias, [_row(event, subscription, "succeeded", attempt)])
     except Exception as exc:
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         final = attempt >= subscription.retry.max_attempts
@@ -124,6 +126,10 @@ def _run(
         if final:
             return Outcome("failed", error=exc)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+    if records_all and not subscription.declaration.idempotent:
+        # The handler ran: failing to record that must not run it again.
+        _record_quietly(alias, event, [_row(event, subscription, "succeeded", attempt)],
+                        always=False)
     return Outcome("succeeded")
 
 
