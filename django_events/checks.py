@@ -51,14 +51,20 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     """Every subscription's handler imports and can be called."""
     messages: list[CheckMessage] = []
     for subscription in get_registry().subscriptions.values():
+        path = subscription.declaration.handler
         try:
-            resolve_handler(subscription.declaration.handler)
+            resolve_handler(path)
         except HandlerImportError as exc:
-            code = "E201" if isinstance(exc.__cause__, ImportError) else "E202"
-            messages.append(Error(
-                f"Subscription {subscription.name!r}: {exc}",
-                hint="Fix the dotted path in 'handler'.",
-                obj=str(subscription.declaration.origin), id=f"django_events.{code}"))
+            code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
+        except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
+            code = "E201"
+            reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
+        else:
+            continue
+        messages.append(Error(
+            f"Subscription {subscription.name!r}: {reason}",
+            hint="Fix the dotted path in 'handler'.",
+            obj=str(subscription.declaration.origin), id=f"django_events.{code}"))
     return messages
 
 
@@ -67,14 +73,18 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
     registry = get_registry()
     if not any(s.mode == "async" for s in registry.subscriptions.values()):
         return []
+    from celery import Celery
+
     from .broker import celery_app
 
     try:
-        app = celery_app()
-    except ImportError as exc:
+        app: Any = celery_app()
+    except Exception as exc:  # noqa: BLE001 - ImportError, or the module raised while importing
         app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] does not import: {exc}"
     else:
         reason = "no Celery app is configured"
+    if app is not None and not isinstance(app, Celery):
+        app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] is not a Celery app: {app!r}"
     if app is None:
         return [Error(f"Async subscriptions exist but {reason}",
                       hint="Create a Celery app (celery.py) or set DJANGO_EVENTS['CELERY_APP'].",

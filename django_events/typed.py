@@ -87,6 +87,9 @@ def schema_for(cls: type) -> dict[str, Any]:
     if _is_pydantic(cls):
         schema: dict[str, Any] = cls.model_json_schema()  # type: ignore[attr-defined]
         return schema
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        what = _qualified(cls) if hasattr(cls, "__qualname__") else repr(cls)
+        raise TypeError(f"{what} is not a dataclass or a pydantic model")
     return _dataclass_schema(cls)
 
 

@@ -45,7 +45,11 @@ def write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def typed_events() -> Iterator[ModuleType]:
-    """Declare the @event classes of tests/app/typed_events.py for one test only."""
+    """Declare the @event classes of tests/app/typed_events.py for one test only.
+
+    Importing that module declares them for good, so every test that imports it (directly or
+    through a manifest's ``type:``) uses this fixture.
+    """
     before = typed.declared_event_types()
     module = importlib.import_module("tests.app.typed_events")
     for cls in (module.OrderPlaced, module.PaymentReceived):
@@ -421,7 +425,9 @@ def test_event_class_schema_is_derived_from_the_type(typed_events: ModuleType) -
     assert pydantic_decl.schema["required"] == ["payment_id", "amount"]
 
 
-def test_manifest_type_path_gives_a_typed_event(tmp_path: Path) -> None:
+def test_manifest_type_path_gives_a_typed_event(
+    tmp_path: Path, typed_events: ModuleType
+) -> None:
     manifest = write(tmp_path / "events.yaml", """
         version: 1
         events:
@@ -436,7 +442,7 @@ def test_manifest_type_path_gives_a_typed_event(tmp_path: Path) -> None:
     with wiring(MANIFESTS=[manifest]):
         registry = get_registry()
 
-    from tests.app.typed_events import Shipment
+    Shipment = typed_events.Shipment
 
     assert registry.events["shipping.shipped"].type is Shipment
     assert registry.events["shipping.shipped"].declaration.schema == typed.schema_for(Shipment)
@@ -549,10 +555,12 @@ def test_typed_events_are_validated_like_any_other(
 
 @pytest.mark.django_db
 def test_manifest_typed_event_round_trips_rich_fields(
-    tmp_path: Path, received: list[Any], django_capture_on_commit_callbacks: Any
+    tmp_path: Path,
+    typed_events: ModuleType,
+    received: list[Any],
+    django_capture_on_commit_callbacks: Any,
 ) -> None:
-    from tests.app.typed_events import Shipment
-
+    Shipment = typed_events.Shipment
     manifest = write(tmp_path / "events.yaml", """
         version: 1
         events:

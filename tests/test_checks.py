@@ -1,0 +1,599 @@
+"""System checks and events_check: each broken configuration, by id, with where it is."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import _state as celery_state
+from django.conf import settings
+from django.core.checks import Error, Warning, registry
+from django.core.management import call_command
+from django.core.management.base import CommandError, SystemCheckError
+
+from django_events import checks, typed
+from django_events.checks import CHECK_IDS
+from tests.conftest import wiring
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = Path(settings.BASE_DIR) / "manifests" / "base.yaml"
+RECORD = "tests.app.handlers.record"
+ASYNC = {"event": "orders.placed", "handler": RECORD, "mode": "async", "name": "async-record"}
+MANIFEST_HINT = "See the manifest reference in the docs."
+
+Reported = tuple[str, str, str]  # id, obj (where), message
+LINE = re.compile(r"^(?P<obj>.+?): \((?P<id>django_events\.[EW]\d{3})\) (?P<msg>.*)$", re.MULTILINE)
+
+
+def parse(text: str) -> list[Reported]:
+    return sorted((m["id"], m["obj"], m["msg"]) for m in LINE.finditer(text))
+
+
+def django_check() -> list[Reported]:
+    """What `manage.py check` reports for django_events (and that nothing else is reported)."""
+    out, err = StringIO(), StringIO()
+    try:
+        call_command("check", stdout=out, stderr=err)
+    except SystemCheckError as exc:
+        text = str(exc)
+    else:
+        text = out.getvalue() + err.getvalue()
+    reported = parse(text)
+    issues = re.search(r"identified (\d+) issues?|identified no issues", text)
+    assert issues is not None, text
+    assert int(issues.group(1) or 0) == len(reported), text  # every issue is one of ours
+    return reported
+
+
+@dataclass
+class EventsCheck:
+    reported: list[Reported]
+    stdout: str
+    stderr: str
+    error: CommandError | None
+
+
+def events_check() -> EventsCheck:
+    out, err = StringIO(), StringIO()
+    error = None
+    try:
+        call_command("events_check", stdout=out, stderr=err)
+    except CommandError as exc:
+        error = exc
+    return EventsCheck(parse(out.getvalue() + err.getvalue()), out.getvalue(), err.getvalue(),
+                       error)
+
+
+def assert_reported(*expected: Reported) -> EventsCheck:
+    """`check` and `events_check` both report exactly ``expected``; events_check fails on errors."""
+    assert django_check() == sorted(expected)
+    result = events_check()
+    assert result.reported == sorted(expected)
+    errors = [r for r in expected if ".E" in r[0]]
+    if errors:
+        assert result.error is not None
+        assert str(result.error) == f"{len(errors)} problem(s) found in the events configuration."
+        assert parse(result.stderr) == sorted(errors)  # errors on stderr, warnings on stdout
+    else:
+        assert result.error is None
+        assert result.stdout.endswith(
+            f"Events configuration OK ({len(expected)} warning(s)).\n"
+        )
+    return result
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def manifest(tmp_path: Path, text: str) -> tuple[Path, AbstractContextManager[Any]]:
+    """A manifest file and the settings that load it after base.yaml."""
+    path = write(tmp_path / "events.yaml", text)
+    return path, wiring(MANIFESTS=[BASE, path])
+
+
+@pytest.fixture
+def pickle_app() -> Iterator[str]:
+    """CELERY_APP for a Celery app that accepts pickle; forgotten again after the test."""
+    yield "tests.app.pickle_celery.app"
+    module = sys.modules.pop("tests.app.pickle_celery", None)
+    if module is not None:
+        module.app.close()  # leaves Celery's registry of apps as it was
+
+
+@pytest.fixture
+def no_celery_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process where no Celery app was ever created."""
+    monkeypatch.setattr(celery_state._tls, "current_app", None)
+    monkeypatch.setattr(celery_state, "_apps", weakref.WeakSet())
+
+
+# -- the valid configuration -------------------------------------------------------------------
+
+
+def test_base_configuration_checks_clean() -> None:
+    out = StringIO()
+    call_command("check", stdout=out)
+    assert out.getvalue() == "System check identified no issues (0 silenced).\n"
+
+    result = events_check()
+    assert result.error is None
+    assert (result.stdout, result.stderr) == ("Events configuration OK (0 warning(s)).\n", "")
+
+
+def test_a_rich_valid_configuration_checks_clean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its `type:` imports tests.app.typed_events, whose @event classes must not outlive the test.
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+    _, settings_ = manifest(tmp_path, """
+        version: 1
+        events:
+          billing.invoiced:
+            schema: {type: object, properties: {amount: {type: number}}}
+          shipping.shipped:
+            type: tests.app.typed_events.Shipment
+        subscriptions:
+          - event: orders.*
+            handler: tests.app.handlers.ClassHandler
+            mode: async
+            queue: billing
+            when: {any: [{total: {gte: 100}}, {email: {exists: true}}]}
+            retry: {max_attempts: 5, backoff: 0.5}
+            timeout: 10
+          - event: "*"
+            handler: tests.app.handlers.record_other
+            mode: inline
+        """)
+    with settings_:
+        assert_reported()
+
+
+def test_checks_are_registered_under_the_django_events_tag() -> None:
+    registered = registry.registry.get_checks()
+    for check in (checks.check_configuration, checks.check_handlers, checks.check_celery):
+        assert check in registered
+        assert "django_events" in check.tags  # type: ignore[attr-defined]
+
+
+# -- manifests ---------------------------------------------------------------------------------
+
+
+def test_missing_manifest_file_is_E101(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.yaml"
+
+    with wiring(MANIFESTS=[BASE, missing]):
+        assert_reported(
+            ("django_events.E101", str(missing), f"Manifest file {str(missing)!r} does not exist.")
+        )
+
+
+def test_yaml_syntax_error_is_E102_with_file_and_line(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        events:
+          billing.invoiced:
+            description: totals: wrong
+        """)
+
+    with settings_:
+        assert_reported(
+            ("django_events.E102", f"{path}:4",
+             "YAML syntax error: mapping values are not allowed here"),
+        )
+
+
+def test_manifest_not_matching_its_schema_is_E103_with_file_and_line(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.record
+            mode: later
+            retry: {max_attempts: 0}
+        """)
+
+    with settings_:
+        result = assert_reported(
+            ("django_events.E103", f"{path}:5",
+             "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']"),
+            ("django_events.E103", f"{path}:6",
+             "$.subscriptions[0].retry.max_attempts: 0 is less than the minimum of 1"),
+        )
+
+    assert f"HINT: {MANIFEST_HINT}" in result.stderr
+
+
+def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        events:
+          billing.invoiced:
+            schema:
+              type: objekt
+          billing.paid:
+            schema: {type: object, required: amount}
+        """)
+
+    with settings_:
+        assert_reported(
+            ("django_events.E104", f"{path}:3", "Event 'billing.invoiced' has an invalid payload "
+             "schema: 'objekt' is not valid under any of the given schemas"),
+            ("django_events.E104", f"{path}:6", "Event 'billing.paid' has an invalid payload "
+             "schema: 'amount' is not of type 'array'"),
+        )
+
+
+def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None:
+    with wiring(EVENTS={"billing.invoiced": {"schema": {"minimum": "zero"}}}):
+        assert_reported(
+            ("django_events.E104", "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']",
+             "Event 'billing.invoiced' has an invalid payload schema: "
+             "'zero' is not of type 'number'"),
+        )
+
+
+# -- subscriptions -----------------------------------------------------------------------------
+
+
+def test_subscription_to_an_undeclared_event_is_E105(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        subscriptions:
+          - event: orders.shipped
+            handler: tests.app.handlers.record
+          - event: orders.shiped
+            handler: tests.app.handlers.record
+        """)
+
+    with settings_:
+        assert_reported((
+            "django_events.E105", f"{path}:5",
+            "Subscription 'orders.shiped:tests.app.handlers.record' subscribes to an undeclared "
+            "event: 'orders.shiped'",
+        ))
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        ("tests.app.nope.handler",
+         "Handler 'tests.app.nope.handler' does not import: No module named 'tests.app.nope'"),
+        ("tests.app.handlers.recrod",
+         "Handler 'tests.app.handlers.recrod' does not import: Module \"tests.app.handlers\" "
+         "does not define a \"recrod\" attribute/class"),
+        ("exploding_handlers.handle",
+         "Handler 'exploding_handlers.handle' does not import: RuntimeError: boom at import"),
+    ],
+)
+def test_handler_that_does_not_import_is_E201(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str, reason: str
+) -> None:
+    write(tmp_path / "exploding_handlers.py", 'raise RuntimeError("boom at import")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "exploding_handlers", raising=False)
+
+    with wiring({"event": "orders.placed", "handler": handler, "name": "broken"}):
+        assert_reported(("django_events.E201", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                         f"Subscription 'broken': {reason}"))
+
+
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [
+        ("tests.app.handlers.not_callable", "Handler 'tests.app.handlers.not_callable' is not "
+                                            "callable"),
+        ("tests.app.models.Order", "Handler class 'tests.app.models.Order' has no "
+                                   "handle(self, event) method"),
+    ],
+)
+def test_handler_that_is_not_callable_is_E202(tmp_path: Path, handler: str, reason: str) -> None:
+    path, settings_ = manifest(tmp_path, f"""
+        version: 1
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.record
+          - event: orders.*
+            name: not-a-handler
+            handler: {handler}
+        """)
+
+    with settings_:
+        assert_reported(("django_events.E202", f"{path}:5",
+                         f"Subscription 'not-a-handler': {reason}"))
+
+
+def test_duplicate_event_and_subscription_names_are_E106_and_E107(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        events:
+          orders.placed:
+            description: declared again
+          billing.invoiced: {}
+          billing.invoiced: {}
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.record
+            name: audit
+          - event: orders.shipped
+            handler: tests.app.handlers.record
+            name: audit
+        """)
+
+    with settings_:
+        assert_reported(
+            ("django_events.E106", f"{path}:3",
+             f"Event 'orders.placed' is declared twice (also at {BASE}:3)"),
+            ("django_events.E106", f"{path}:6",
+             f"Event 'billing.invoiced' is declared twice (also at {path}:5)"),
+            ("django_events.E107", f"{path}:11",
+             f"Subscription 'audit' is declared twice (also at {path}:8)"),
+        )
+
+
+def test_filter_type_pattern_and_option_problems(tmp_path: Path) -> None:
+    path, settings_ = manifest(tmp_path, """
+        version: 1
+        events:
+          shipping.shipped:
+            type: tests.app.handlers.record
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.record
+            name: bad-filter
+            when: {total: {gte: 1, over: 2}}
+          - event: billing.*
+            handler: tests.app.handlers.record
+            name: nothing-matches
+          - event: orders.placed
+            handler: tests.app.handlers.record_other
+            queue: billing
+            retry: {max_attempts: 2}
+        """)
+
+    with settings_:
+        assert_reported(
+            ("django_events.E109", f"{path}:3",
+             "Event 'shipping.shipped': type 'tests.app.handlers.record' is unusable: "
+             "tests.app.handlers.record is not a dataclass or a pydantic model"),
+            ("django_events.E108", f"{path}:6",
+             "Subscription 'bad-filter': when.total: unknown operator(s) ['over']; use one of "
+             "['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']"),
+            ("django_events.W101", f"{path}:10",
+             "Subscription 'nothing-matches' pattern matches no declared event: 'billing.*'"),
+            ("django_events.W102", f"{path}:13",
+             "Subscription 'orders.placed:tests.app.handlers.record_other' is sync: "
+             "queue, retry only apply to async subscriptions"),
+        )
+
+
+def test_warnings_alone_do_not_fail_events_check() -> None:
+    with wiring({"event": "billing.*", "handler": RECORD, "name": "later"}):
+        result = assert_reported((
+            "django_events.W101", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+            "Subscription 'later' pattern matches no declared event: 'billing.*'",
+        ))
+
+    assert result.stderr == ""
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_settings_problems_are_E001_W001_E002() -> None:
+    with wiring(RECORD="never", PIPELINE=["tests.app.nope.Interceptor"], TIMEOUT=3):
+        assert_reported(
+            ("django_events.E001", "settings.DJANGO_EVENTS", "DJANGO_EVENTS['RECORD'] is 'never'"),
+            ("django_events.W001", "settings.DJANGO_EVENTS", "DJANGO_EVENTS has unknown key "
+                                                             "'TIMEOUT'"),
+            ("django_events.E002", "settings.DJANGO_EVENTS", "PIPELINE entry "
+             "'tests.app.nope.Interceptor' does not import: No module named 'tests.app.nope'"),
+        )
+
+
+# -- Celery ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("celery_app", "reason"),
+    [
+        ("tests.celery_app.missing", "DJANGO_EVENTS['CELERY_APP'] does not import: Module "
+                                     "\"tests.celery_app\" does not define a \"missing\" "
+                                     "attribute/class"),
+        ("tests.no_such_module.app", "DJANGO_EVENTS['CELERY_APP'] does not import: "
+                                     "No module named 'tests.no_such_module'"),
+        ("tests.app.handlers.not_callable", "DJANGO_EVENTS['CELERY_APP'] is not a Celery app: 42"),
+    ],
+)
+def test_async_subscriptions_with_a_broken_celery_app_are_E203(
+    celery_app: str, reason: str
+) -> None:
+    with wiring(ASYNC, CELERY_APP=celery_app):
+        assert_reported(("django_events.E203", "DJANGO_EVENTS",
+                         f"Async subscriptions exist but {reason}"))
+
+
+def test_async_subscriptions_with_no_celery_app_at_all_are_E203(no_celery_app: None) -> None:
+    with wiring(ASYNC, CELERY_APP=None):
+        assert_reported(("django_events.E203", "DJANGO_EVENTS",
+                         "Async subscriptions exist but no Celery app is configured"))
+
+
+def test_no_celery_app_is_fine_without_async_subscriptions(no_celery_app: None) -> None:
+    with wiring({"event": "orders.placed", "handler": RECORD}, CELERY_APP="tests.nope.app"):
+        assert_reported()
+
+
+def test_the_current_celery_app_is_used_when_celery_app_is_not_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests.celery_app import app
+
+    monkeypatch.setattr(celery_state._tls, "current_app", app)
+    with wiring(ASYNC, CELERY_APP=None):
+        assert_reported()
+
+
+def test_a_celery_app_that_accepts_pickle_is_E204(pickle_app: str) -> None:
+    with wiring(ASYNC, CELERY_APP=pickle_app):
+        assert_reported(("django_events.E204", "DJANGO_EVENTS",
+                         "Celery app 'pickle_app' accepts pickle: ['json', 'pickle']"))
+
+
+# -- every problem at once ---------------------------------------------------------------------
+
+
+def test_events_check_lists_every_problem_at_once(tmp_path: Path) -> None:
+    path, _ = manifest(tmp_path, """
+        version: 1
+        events:
+          billing.invoiced:
+            schema: {type: objekt}
+        subscriptions:
+          - event: billing.paid
+            handler: tests.app.handlers.record
+          - event: orders.placed
+            handler: tests.app.handlers.not_callable
+          - event: orders.*
+            handler: tests.app.nope.handler
+            mode: async
+          - event: refunds.*
+            handler: tests.app.handlers.record
+        """)
+    missing = tmp_path / "missing.yaml"
+
+    with wiring(MANIFESTS=[BASE, path, missing], CELERY_APP="tests.celery_app.nope"):
+        result = events_check()
+
+    assert result.error is not None
+    assert str(result.error) == "6 problem(s) found in the events configuration."
+    assert [(i, obj) for i, obj, _ in result.reported] == sorted([
+        ("django_events.E101", str(missing)),
+        ("django_events.E104", f"{path}:3"),
+        ("django_events.E105", f"{path}:6"),
+        ("django_events.W101", f"{path}:13"),
+        ("django_events.E202", f"{path}:8"),
+        ("django_events.E201", f"{path}:10"),
+        ("django_events.E203", "DJANGO_EVENTS"),
+    ])
+    assert "W101" not in result.stderr and "W101" in result.stdout
+
+
+def test_events_check_exits_1_from_the_command_line(tmp_path: Path) -> None:
+    broken = write(tmp_path / "broken.yaml", """
+        version: 1
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.not_callable
+          - event: nowhere
+            handler: tests.app.handlers.record
+        """)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
+           "DJANGO_EVENTS_TEST_MANIFEST": str(broken)}
+
+    run = subprocess.run(
+        [sys.executable, "-m", "django", "events_check"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+
+    assert run.returncode == 1, run.stderr
+    assert parse(run.stderr) == [
+        ("django_events.E105", f"{broken}:5", "Subscription 'nowhere:tests.app.handlers.record' "
+                                              "subscribes to an undeclared event: 'nowhere'"),
+        ("django_events.E202", f"{broken}:3", "Subscription 'orders.placed:tests.app.handlers."
+                                              "not_callable': Handler 'tests.app.handlers."
+                                              "not_callable' is not callable"),
+    ]
+    assert run.stderr.rstrip().endswith(
+        "CommandError: 2 problem(s) found in the events configuration."
+    )
+
+
+# -- the ids themselves ------------------------------------------------------------------------
+
+
+def _dup_event() -> AbstractContextManager[Any]:
+    return wiring(EVENTS={"orders.placed": {}})
+
+
+def _dup_subscription() -> AbstractContextManager[Any]:
+    sub = {"event": "orders.placed", "handler": RECORD}
+    return wiring(sub, sub)
+
+
+def _manifest_text(text: str) -> Callable[[Path], AbstractContextManager[Any]]:
+    def make(tmp_path: Path) -> AbstractContextManager[Any]:
+        return manifest(tmp_path, text)[1]
+
+    return make
+
+
+TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
+    "django_events.E001": lambda _: wiring(RECORD="never"),
+    "django_events.W001": lambda _: wiring(UNKNOWN=1),
+    "django_events.E002": lambda _: wiring(PIPELINE=["tests.app.nope.X"]),
+    "django_events.E101": lambda p: wiring(MANIFESTS=[p / "missing.yaml"]),
+    "django_events.E102": _manifest_text("version: 1\nevents: [\n"),
+    "django_events.E103": _manifest_text("version: 2\n"),
+    "django_events.E104": lambda _: wiring(EVENTS={"x.y": {"schema": {"type": 3}}}),
+    "django_events.E105": lambda _: wiring({"event": "x.y", "handler": RECORD}),
+    "django_events.W101": lambda _: wiring({"event": "x.*", "handler": RECORD}),
+    "django_events.W102": lambda _: wiring({"event": "orders.placed", "handler": RECORD,
+                                            "queue": "q"}),
+    "django_events.E106": lambda _: _dup_event(),
+    "django_events.E107": lambda _: _dup_subscription(),
+    "django_events.E108": lambda _: wiring({"event": "orders.placed", "handler": RECORD,
+                                            "when": {"any": []}}),
+    "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
+    "django_events.E201": lambda _: wiring({"event": "orders.placed",
+                                            "handler": "tests.app.nope.h"}),
+    "django_events.E202": lambda _: wiring({"event": "orders.placed",
+                                            "handler": "tests.app.handlers.not_callable"}),
+    "django_events.E203": lambda _: wiring(ASYNC, CELERY_APP="tests.nope.app"),
+    "django_events.E204": lambda _: wiring(ASYNC, CELERY_APP="tests.app.pickle_celery.app"),
+}
+
+
+def test_every_check_id_is_well_formed_unique_and_has_a_trigger_here() -> None:
+    ids = list(CHECK_IDS)
+    assert len(ids) == len(set(ids))
+    assert all(re.fullmatch(r"django_events\.[EW]\d{3}", i) for i in ids), ids
+    assert all(CHECK_IDS[i] for i in ids)  # every id has a summary
+    assert set(TRIGGERS) == set(ids)
+
+
+@pytest.mark.parametrize("check_id", sorted(TRIGGERS))
+def test_each_id_is_emitted_at_the_level_its_letter_says(
+    check_id: str, tmp_path: Path, pickle_app: str
+) -> None:
+    from django.core.checks import run_checks
+
+    with TRIGGERS[check_id](tmp_path):
+        messages = [m for m in run_checks(tags=["django_events"]) if m.id == check_id]
+
+    assert messages, f"{check_id} was not emitted"
+    expected = Error if check_id.split(".")[1].startswith("E") else Warning
+    assert all(type(m) is expected for m in messages), messages
+
+
+def test_docs_list_every_check_id() -> None:
+    docs = ROOT / "docs" / "checks.md"
+    if not docs.exists():
+        pytest.skip("docs/checks.md is not written yet")
+    text = docs.read_text(encoding="utf-8")
+
+    assert [i for i in CHECK_IDS if i not in text] == []
+    documented = set(re.findall(r"django_events\.[EW]\d{3}", text))
+    assert documented - set(CHECK_IDS) == set()  # no id documented that checks.py lacks
