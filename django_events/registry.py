@@ -11,7 +11,7 @@ from typing import Any, cast
 
 from django.apps import apps
 from django.utils.module_loading import import_string
-from jsonschema import SchemaError
+from jsonschema import Draft202012Validator, SchemaError
 
 from . import typed
 from .conf import DEFAULTS, RECORD_CHOICES, conf
@@ -25,7 +25,7 @@ from .declarations import (
 from .events import Event
 from .exceptions import InvalidPayload, UnknownEvent
 from .filters import FilterError, Predicate, compile_filter
-from .manifest import Manifest, load_manifest, parse_settings
+from .manifest import Manifest, load_manifest, manifest_schema, parse_settings
 from .validation import PayloadValidator, json_problems
 
 Handler = Callable[[Event], Any]
@@ -43,6 +43,7 @@ class Subscription:
     declaration: SubscriptionDeclaration
     retry: RetryPolicy
     accepts: Predicate | None = None
+    queue: str = ""  # the declared queue, or DEFAULT_QUEUE as it was at build time
     _handler: Handler | None = field(default=None, repr=False)
 
     @property
@@ -52,10 +53,6 @@ class Subscription:
     @property
     def mode(self) -> str:
         return self.declaration.mode
-
-    @property
-    def queue(self) -> str:
-        return self.declaration.queue or conf.DEFAULT_QUEUE
 
     def handler(self) -> Handler:
         """Import the handler on first use (a class is instantiated once per process)."""
@@ -137,9 +134,12 @@ class Registry:
         if isinstance(name_or_instance, str):
             return self.event(name_or_instance)
         declaration = typed.declaration_of(type(name_or_instance))
-        if declaration is None:
-            raise UnknownEvent(repr(type(name_or_instance)))
-        return self.event(declaration.name)
+        if declaration is not None:
+            return self.event(declaration.name)
+        for compiled in self.events.values():  # a manifest's `type:` class
+            if compiled.type is type(name_or_instance):
+                return compiled
+        raise UnknownEvent(repr(type(name_or_instance)))
 
     def queues(self) -> list[str]:
         """Queues a worker must consume to run every async subscription."""
@@ -267,13 +267,13 @@ def settings_problems() -> list[Problem]:
             _problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict", None, SETTINGS_ORIGIN)
         )
     retry = raw.get("DEFAULT_RETRY", {})
-    try:
-        RetryPolicy(**retry)
-    except TypeError as exc:
+    retry_schema = {**manifest_schema()["$defs"]["retry"], "$defs": manifest_schema()["$defs"]}
+    for error in Draft202012Validator(retry_schema).iter_errors(retry):
+        where = "".join(f"[{p!r}]" for p in error.path)
         problems.append(
             _problem(
                 "E001",
-                f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {exc}",
+                f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {where or '$'} {error.message}",
                 "Keys: max_attempts, backoff, max_backoff, jitter.",
                 SETTINGS_ORIGIN,
             )
@@ -397,7 +397,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
         except TypeError:
             retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
-        subscription = Subscription(declaration, retry, accepts)
+        queue = declaration.queue or conf.DEFAULT_QUEUE
+        subscription = Subscription(declaration, retry, accepts, queue)
         registry.subscriptions[declaration.name] = subscription
         for name in targets:
             by_mode[name].setdefault(declaration.mode, []).append(subscription)

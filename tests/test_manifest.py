@@ -553,8 +553,6 @@ def test_default_retry_that_is_not_a_mapping_is_E001() -> None:
     assert problem.hint == "Keys: max_attempts, backoff, max_backoff, jitter."
 
 
-@pytest.mark.xfail(strict=True, reason="DEFAULT_RETRY values are not validated, only its keys "
-                   "(registry.settings_problems; reported)")
 def test_default_retry_values_are_checked_like_a_subscription_retry() -> None:
     with wiring(DEFAULT_RETRY={"max_attempts": 0, "backoff": "fast"}):
         problems = [(p.id, p.message) for p in get_registry().problems]
