@@ -26,6 +26,9 @@ from django_events import checks, typed
 from django_events.checks import CHECK_IDS
 from tests.conftest import wiring
 
+# Django 6.1's `check` command opens a database connection (database-tagged checks).
+pytestmark = pytest.mark.django_db(databases="__all__")
+
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path(settings.BASE_DIR) / "manifests" / "base.yaml"
 RECORD = "tests.app.handlers.record"
