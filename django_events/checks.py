@@ -36,8 +36,12 @@ CHECK_IDS: dict[str, str] = {
 def to_message(problem: Problem) -> CheckMessage:
     """Turn a registry problem into a Django check message."""
     cls = Error if problem.is_error else Warning
-    return cls(problem.message, hint=problem.hint, obj=str(problem.origin or "DJANGO_EVENTS"),
-               id=problem.id)
+    return cls(
+        problem.message,
+        hint=problem.hint,
+        obj=str(problem.origin or "DJANGO_EVENTS"),
+        id=problem.id,
+    )
 
 
 def check_configuration(
@@ -61,10 +65,14 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
         else:
             continue
-        messages.append(Error(
-            f"Subscription {subscription.name!r}: {reason}",
-            hint="Fix the dotted path in 'handler'.",
-            obj=str(subscription.declaration.origin), id=f"django_events.{code}"))
+        messages.append(
+            Error(
+                f"Subscription {subscription.name!r}: {reason}",
+                hint="Fix the dotted path in 'handler'.",
+                obj=str(subscription.declaration.origin),
+                id=f"django_events.{code}",
+            )
+        )
     return messages
 
 
@@ -86,12 +94,22 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
     if app is not None and not isinstance(app, Celery):
         app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] is not a Celery app: {app!r}"
     if app is None:
-        return [Error(f"Async subscriptions exist but {reason}",
-                      hint="Create a Celery app (celery.py) or set DJANGO_EVENTS['CELERY_APP'].",
-                      obj="DJANGO_EVENTS", id="django_events.E203")]
+        return [
+            Error(
+                f"Async subscriptions exist but {reason}",
+                hint="Create a Celery app (celery.py) or set DJANGO_EVENTS['CELERY_APP'].",
+                obj="DJANGO_EVENTS",
+                id="django_events.E203",
+            )
+        ]
     accepted = {str(c).lower() for c in app.conf.accept_content or ()}
     if accepted & {"pickle", "application/x-python-serialize"}:
-        return [Error(f"Celery app {app.main!r} accepts pickle: {sorted(accepted)!r}",
-                      hint="Set accept_content = ['json']; pickle runs code from the broker.",
-                      obj="DJANGO_EVENTS", id="django_events.E204")]
+        return [
+            Error(
+                f"Celery app {app.main!r} accepts pickle: {sorted(accepted)!r}",
+                hint="Set accept_content = ['json']; pickle runs code from the broker.",
+                obj="DJANGO_EVENTS",
+                id="django_events.E204",
+            )
+        ]
     return []

@@ -95,12 +95,27 @@ def load_manifest(path: Path) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Manifest(problems=[_problem("E101", f"Manifest file {file!r} does not exist.",
-                                           "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
-                                           Origin("manifest", file))])
+        return Manifest(
+            problems=[
+                _problem(
+                    "E101",
+                    f"Manifest file {file!r} does not exist.",
+                    "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
+                    Origin("manifest", file),
+                )
+            ]
+        )
     except OSError as exc:
-        return Manifest(problems=[_problem("E101", f"Manifest file {file!r} cannot be read: {exc}",
-                                           None, Origin("manifest", file))])
+        return Manifest(
+            problems=[
+                _problem(
+                    "E101",
+                    f"Manifest file {file!r} cannot be read: {exc}",
+                    None,
+                    Origin("manifest", file),
+                )
+            ]
+        )
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -111,8 +126,13 @@ def load_manifest(path: Path) -> Manifest:
         context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
         if context and context_mark is not None:  # e.g. where an unclosed quote started
             reason += f" ({context} at line {context_mark.line + 1})"
-        return Manifest(problems=[_problem("E102", f"YAML syntax error: {reason}", None,
-                                           Origin("manifest", file, line))])
+        return Manifest(
+            problems=[
+                _problem(
+                    "E102", f"YAML syntax error: {reason}", None, Origin("manifest", file, line)
+                )
+            ]
+        )
     lines: dict[JsonPath, int] = {}
     duplicates: list[Duplicate] = []
     if root is not None:
@@ -132,10 +152,19 @@ def load_manifest(path: Path) -> Manifest:
 def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
     origin = Origin("manifest", file, line)
     if len(path) == 2 and path[0] == "events":
-        return _problem("E106", f"Event {path[1]!r} is declared twice (also at {file}:{first})",
-                        "Keep one declaration; names are global.", origin)
-    return _problem("E102", f"YAML syntax error: duplicate key {path[-1]!r} at "
-                    f"{format_path(path)} (first at line {first})", None, origin)
+        return _problem(
+            "E106",
+            f"Event {path[1]!r} is declared twice (also at {file}:{first})",
+            "Keep one declaration; names are global.",
+            origin,
+        )
+    return _problem(
+        "E102",
+        f"YAML syntax error: duplicate key {path[-1]!r} at "
+        f"{format_path(path)} (first at line {first})",
+        None,
+        origin,
+    )
 
 
 def parse_settings(events: Any, subscriptions: Any) -> Manifest:
@@ -145,8 +174,10 @@ def parse_settings(events: Any, subscriptions: Any) -> Manifest:
         if not json_path:
             return Origin("settings", "settings.DJANGO_EVENTS")
         key = "EVENTS" if json_path[0] == "events" else "SUBSCRIPTIONS"
-        return Origin("settings", f"settings.DJANGO_EVENTS[{key!r}]" + "".join(
-            f"[{p!r}]" for p in json_path[1:2]))
+        return Origin(
+            "settings",
+            f"settings.DJANGO_EVENTS[{key!r}]" + "".join(f"[{p!r}]" for p in json_path[1:2]),
+        )
 
     return parse_manifest_data(
         {"version": 1, "events": events, "subscriptions": subscriptions}, origin_for
@@ -159,18 +190,22 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
     if errors:
         located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
         located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
-        return Manifest(problems=[
-            _problem("E103", f"{format_path(path)}: {message}",
-                     "See the manifest reference in the docs.", origin)
-            for origin, path, message in located
-        ])
+        return Manifest(
+            problems=[
+                _problem(
+                    "E103",
+                    f"{format_path(path)}: {message}",
+                    "See the manifest reference in the docs.",
+                    origin,
+                )
+                for origin, path, message in located
+            ]
+        )
     manifest = Manifest()
     for name, body in (data.get("events") or {}).items():
         manifest.events.append(_event(name, body or {}, origin_for(("events", name))))
     for index, body in enumerate(data.get("subscriptions") or []):
-        manifest.subscriptions.append(
-            _subscription(body, origin_for(("subscriptions", index)))
-        )
+        manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
     return manifest
 
 
@@ -188,8 +223,12 @@ def _locate(error: ValidationError) -> tuple[JsonPath, str]:
     if error.validator == "additionalProperties" and value is False and isinstance(instance, dict):
         schema = error.schema if isinstance(error.schema, dict) else {}
         patterns = schema.get("patternProperties", {})
-        extra = [k for k in instance if k not in schema.get("properties", {})
-                 and not any(re.search(p, str(k)) for p in patterns)]
+        extra = [
+            k
+            for k in instance
+            if k not in schema.get("properties", {})
+            and not any(re.search(p, str(k)) for p in patterns)
+        ]
         if extra:
             return (*path, extra[0]), error.message
     if error.validator == "not" and isinstance(value, dict) and isinstance(instance, dict):

@@ -72,13 +72,15 @@ def relay_pending(
             status=EventRecord.Status.DISPATCHED, dispatched_at=now
         )
         if undeclared:
-            logger.error("%d pending event(s) are no longer declared; marked failed",
-                         len(undeclared))
+            logger.error(
+                "%d pending event(s) are no longer declared; marked failed", len(undeclared)
+            )
             EventRecord.objects.using(using).filter(pk__in=undeclared).update(
                 status=EventRecord.Status.FAILED
             )
-    return RelayResult(sent=len(sent) + len(nothing_to_send), unsent=len(unsent),
-                       undeclared=len(undeclared))
+    return RelayResult(
+        sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
+    )
 
 
 def _event_of(record: EventRecord, payload: object) -> Event:

@@ -80,8 +80,11 @@ def _json_walk(value: Any, path: JsonPath, problems: list[PayloadProblem], seen:
             problems.append(PayloadProblem(format_path(path), f"{value!r} is not a JSON number"))
         return
     if not isinstance(value, dict | list | tuple):
-        problems.append(PayloadProblem(
-            format_path(path), f"{type(value).__name__} {value!r} is not JSON-serializable"))
+        problems.append(
+            PayloadProblem(
+                format_path(path), f"{type(value).__name__} {value!r} is not JSON-serializable"
+            )
+        )
         return
     if id(value) in seen:
         problems.append(PayloadProblem(format_path(path), "circular reference"))
@@ -92,8 +95,7 @@ def _json_walk(value: Any, path: JsonPath, problems: list[PayloadProblem], seen:
             if isinstance(key, str):
                 _json_walk(item, (*path, key), problems, seen)
             else:  # json.dumps would turn it into a string: the handler would see another key
-                problems.append(PayloadProblem(
-                    format_path(path), f"key {key!r} is not a string"))
+                problems.append(PayloadProblem(format_path(path), f"key {key!r} is not a string"))
     else:
         for index, item in enumerate(value):
             _json_walk(item, (*path, index), problems, seen)

@@ -128,8 +128,9 @@ def _run(
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     if records_all and not subscription.declaration.idempotent:
         # The handler ran: failing to record that must not run it again.
-        _record_quietly(alias, event, [_row(event, subscription, "succeeded", attempt)],
-                        always=False)
+        _record_quietly(
+            alias, event, [_row(event, subscription, "succeeded", attempt)], always=False
+        )
     return Outcome("succeeded")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 BASE_DIR = Path(__file__).resolve().parent
@@ -18,7 +19,7 @@ ROOT_URLCONF = "tests.urls"
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
-def database_from_url(url: str) -> dict[str, object]:
+def database_from_url(url: str) -> dict[str, Any]:
     """A tiny DATABASE_URL parser: sqlite:///path or postgres://user@host:port/name."""
     parsed = urlparse(url)
     if parsed.scheme == "sqlite":  # sqlite:///relative.db or sqlite:////absolute.db
@@ -35,6 +36,7 @@ def database_from_url(url: str) -> dict[str, object]:
     raise ValueError(f"Unsupported DATABASE_URL {url!r}")
 
 
+_db: dict[str, Any]
 _url = os.environ.get("DATABASE_URL")
 if _url:
     _db = database_from_url(_url)
@@ -56,8 +58,11 @@ _db["TEST"] = {
 DATABASES = {
     "default": _db,
     # A second alias, for publish(using=...): the event log follows the caller's database.
-    "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(VAR_DIR / "other.sqlite3"),
-              "TEST": {"NAME": str(VAR_DIR / f"test-other-{os.getpid()}.sqlite3")}},
+    "other": {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": str(VAR_DIR / "other.sqlite3"),
+        "TEST": {"NAME": str(VAR_DIR / f"test-other-{os.getpid()}.sqlite3")},
+    },
 }
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
     # A worker subprocess connects straight to the database the test process created.

@@ -74,8 +74,9 @@ def events_check() -> EventsCheck:
         call_command("events_check", stdout=out, stderr=err)
     except CommandError as exc:
         error = exc
-    return EventsCheck(parse(out.getvalue() + err.getvalue()), out.getvalue(), err.getvalue(),
-                       error)
+    return EventsCheck(
+        parse(out.getvalue() + err.getvalue()), out.getvalue(), err.getvalue(), error
+    )
 
 
 def assert_reported(*expected: Reported) -> EventsCheck:
@@ -90,9 +91,7 @@ def assert_reported(*expected: Reported) -> EventsCheck:
         assert parse(result.stderr) == sorted(errors)  # errors on stderr, warnings on stdout
     else:
         assert result.error is None
-        assert result.stdout.endswith(
-            f"Events configuration OK ({len(expected)} warning(s)).\n"
-        )
+        assert result.stdout.endswith(f"Events configuration OK ({len(expected)} warning(s)).\n")
     return result
 
 
@@ -141,7 +140,9 @@ def test_a_rich_valid_configuration_checks_clean(
 ) -> None:
     # Its `type:` imports tests.app.typed_events, whose @event classes must not outlive the test.
     monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
-    _, settings_ = manifest(tmp_path, """
+    _, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           billing.invoiced:
@@ -159,7 +160,8 @@ def test_a_rich_valid_configuration_checks_clean(
           - event: "*"
             handler: tests.app.handlers.record_other
             mode: inline
-        """)
+        """,
+    )
     with settings_:
         assert_reported()
 
@@ -184,43 +186,60 @@ def test_missing_manifest_file_is_E101(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error_is_E102_with_file_and_line(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           billing.invoiced:
             description: totals: wrong
-        """)
+        """,
+    )
 
     with settings_:
         assert_reported(
-            ("django_events.E102", f"{path}:4",
-             "YAML syntax error: mapping values are not allowed here"),
+            (
+                "django_events.E102",
+                f"{path}:4",
+                "YAML syntax error: mapping values are not allowed here",
+            ),
         )
 
 
 def test_manifest_not_matching_its_schema_is_E103_with_file_and_line(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         subscriptions:
           - event: orders.placed
             handler: tests.app.handlers.record
             mode: later
             retry: {max_attempts: 0}
-        """)
+        """,
+    )
 
     with settings_:
         result = assert_reported(
-            ("django_events.E103", f"{path}:5",
-             "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']"),
-            ("django_events.E103", f"{path}:6",
-             "$.subscriptions[0].retry.max_attempts: 0 is less than the minimum of 1"),
+            (
+                "django_events.E103",
+                f"{path}:5",
+                "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.subscriptions[0].retry.max_attempts: 0 is less than the minimum of 1",
+            ),
         )
 
     assert f"HINT: {MANIFEST_HINT}" in result.stderr
 
 
 def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           billing.invoiced:
@@ -228,23 +247,35 @@ def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
               type: objekt
           billing.paid:
             schema: {type: object, required: amount}
-        """)
+        """,
+    )
 
     with settings_:
         assert_reported(
-            ("django_events.E104", f"{path}:3", "Event 'billing.invoiced' has an invalid payload "
-             "schema: 'objekt' is not valid under any of the given schemas"),
-            ("django_events.E104", f"{path}:6", "Event 'billing.paid' has an invalid payload "
-             "schema: 'amount' is not of type 'array'"),
+            (
+                "django_events.E104",
+                f"{path}:3",
+                "Event 'billing.invoiced' has an invalid payload "
+                "schema: 'objekt' is not valid under any of the given schemas",
+            ),
+            (
+                "django_events.E104",
+                f"{path}:6",
+                "Event 'billing.paid' has an invalid payload "
+                "schema: 'amount' is not of type 'array'",
+            ),
         )
 
 
 def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None:
     with wiring(EVENTS={"billing.invoiced": {"schema": {"minimum": "zero"}}}):
         assert_reported(
-            ("django_events.E104", "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']",
-             "Event 'billing.invoiced' has an invalid payload schema: "
-             "'zero' is not of type 'number'"),
+            (
+                "django_events.E104",
+                "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']",
+                "Event 'billing.invoiced' has an invalid payload schema: "
+                "'zero' is not of type 'number'",
+            ),
         )
 
 
@@ -252,33 +283,45 @@ def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None
 
 
 def test_subscription_to_an_undeclared_event_is_E105(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         subscriptions:
           - event: orders.shipped
             handler: tests.app.handlers.record
           - event: orders.shiped
             handler: tests.app.handlers.record
-        """)
+        """,
+    )
 
     with settings_:
-        assert_reported((
-            "django_events.E105", f"{path}:5",
-            "Subscription 'orders.shiped:tests.app.handlers.record' subscribes to an undeclared "
-            "event: 'orders.shiped'",
-        ))
+        assert_reported(
+            (
+                "django_events.E105",
+                f"{path}:5",
+                "Subscription 'orders.shiped:tests.app.handlers.record' subscribes to an "
+                "undeclared event: 'orders.shiped'",
+            )
+        )
 
 
 @pytest.mark.parametrize(
     ("handler", "reason"),
     [
-        ("tests.app.nope.handler",
-         "Handler 'tests.app.nope.handler' does not import: No module named 'tests.app.nope'"),
-        ("tests.app.handlers.recrod",
-         "Handler 'tests.app.handlers.recrod' does not import: Module \"tests.app.handlers\" "
-         "does not define a \"recrod\" attribute/class"),
-        ("exploding_handlers.handle",
-         "Handler 'exploding_handlers.handle' does not import: RuntimeError: boom at import"),
+        (
+            "tests.app.nope.handler",
+            "Handler 'tests.app.nope.handler' does not import: No module named 'tests.app.nope'",
+        ),
+        (
+            "tests.app.handlers.recrod",
+            "Handler 'tests.app.handlers.recrod' does not import: Module \"tests.app.handlers\" "
+            'does not define a "recrod" attribute/class',
+        ),
+        (
+            "exploding_handlers.handle",
+            "Handler 'exploding_handlers.handle' does not import: RuntimeError: boom at import",
+        ),
     ],
 )
 def test_handler_that_does_not_import_is_E201(
@@ -289,21 +332,32 @@ def test_handler_that_does_not_import_is_E201(
     monkeypatch.delitem(sys.modules, "exploding_handlers", raising=False)
 
     with wiring({"event": "orders.placed", "handler": handler, "name": "broken"}):
-        assert_reported(("django_events.E201", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-                         f"Subscription 'broken': {reason}"))
+        assert_reported(
+            (
+                "django_events.E201",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                f"Subscription 'broken': {reason}",
+            )
+        )
 
 
 @pytest.mark.parametrize(
     ("handler", "reason"),
     [
-        ("tests.app.handlers.not_callable", "Handler 'tests.app.handlers.not_callable' is not "
-                                            "callable"),
-        ("tests.app.models.Order", "Handler class 'tests.app.models.Order' has no "
-                                   "handle(self, event) method"),
+        (
+            "tests.app.handlers.not_callable",
+            "Handler 'tests.app.handlers.not_callable' is not callable",
+        ),
+        (
+            "tests.app.models.Order",
+            "Handler class 'tests.app.models.Order' has no handle(self, event) method",
+        ),
     ],
 )
 def test_handler_that_is_not_callable_is_E202(tmp_path: Path, handler: str, reason: str) -> None:
-    path, settings_ = manifest(tmp_path, f"""
+    path, settings_ = manifest(
+        tmp_path,
+        f"""
         version: 1
         subscriptions:
           - event: orders.placed
@@ -311,15 +365,19 @@ def test_handler_that_is_not_callable_is_E202(tmp_path: Path, handler: str, reas
           - event: orders.*
             name: not-a-handler
             handler: {handler}
-        """)
+        """,
+    )
 
     with settings_:
-        assert_reported(("django_events.E202", f"{path}:5",
-                         f"Subscription 'not-a-handler': {reason}"))
+        assert_reported(
+            ("django_events.E202", f"{path}:5", f"Subscription 'not-a-handler': {reason}")
+        )
 
 
 def test_duplicate_event_and_subscription_names_are_E106_and_E107(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           orders.placed:
@@ -333,21 +391,33 @@ def test_duplicate_event_and_subscription_names_are_E106_and_E107(tmp_path: Path
           - event: orders.shipped
             handler: tests.app.handlers.record
             name: audit
-        """)
+        """,
+    )
 
     with settings_:
         assert_reported(
-            ("django_events.E106", f"{path}:3",
-             f"Event 'orders.placed' is declared twice (also at {BASE}:3)"),
-            ("django_events.E106", f"{path}:6",
-             f"Event 'billing.invoiced' is declared twice (also at {path}:5)"),
-            ("django_events.E107", f"{path}:11",
-             f"Subscription 'audit' is declared twice (also at {path}:8)"),
+            (
+                "django_events.E106",
+                f"{path}:3",
+                f"Event 'orders.placed' is declared twice (also at {BASE}:3)",
+            ),
+            (
+                "django_events.E106",
+                f"{path}:6",
+                f"Event 'billing.invoiced' is declared twice (also at {path}:5)",
+            ),
+            (
+                "django_events.E107",
+                f"{path}:11",
+                f"Subscription 'audit' is declared twice (also at {path}:8)",
+            ),
         )
 
 
 def test_filter_type_pattern_and_option_problems(tmp_path: Path) -> None:
-    path, settings_ = manifest(tmp_path, """
+    path, settings_ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           shipping.shipped:
@@ -364,30 +434,46 @@ def test_filter_type_pattern_and_option_problems(tmp_path: Path) -> None:
             handler: tests.app.handlers.record_other
             queue: billing
             retry: {max_attempts: 2}
-        """)
+        """,
+    )
 
     with settings_:
         assert_reported(
-            ("django_events.E109", f"{path}:3",
-             "Event 'shipping.shipped': type 'tests.app.handlers.record' is unusable: "
-             "tests.app.handlers.record is not a dataclass or a pydantic model"),
-            ("django_events.E108", f"{path}:6",
-             "Subscription 'bad-filter': when.total: unknown operator(s) ['over']; use one of "
-             "['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']"),
-            ("django_events.W101", f"{path}:10",
-             "Subscription 'nothing-matches' pattern matches no declared event: 'billing.*'"),
-            ("django_events.W102", f"{path}:13",
-             "Subscription 'orders.placed:tests.app.handlers.record_other' is sync: "
-             "queue, retry only apply to async subscriptions"),
+            (
+                "django_events.E109",
+                f"{path}:3",
+                "Event 'shipping.shipped': type 'tests.app.handlers.record' is unusable: "
+                "tests.app.handlers.record is not a dataclass or a pydantic model",
+            ),
+            (
+                "django_events.E108",
+                f"{path}:6",
+                "Subscription 'bad-filter': when.total: unknown operator(s) ['over']; use one of "
+                "['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
+            ),
+            (
+                "django_events.W101",
+                f"{path}:10",
+                "Subscription 'nothing-matches' pattern matches no declared event: 'billing.*'",
+            ),
+            (
+                "django_events.W102",
+                f"{path}:13",
+                "Subscription 'orders.placed:tests.app.handlers.record_other' is sync: "
+                "queue, retry only apply to async subscriptions",
+            ),
         )
 
 
 def test_warnings_alone_do_not_fail_events_check() -> None:
     with wiring({"event": "billing.*", "handler": RECORD, "name": "later"}):
-        result = assert_reported((
-            "django_events.W101", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-            "Subscription 'later' pattern matches no declared event: 'billing.*'",
-        ))
+        result = assert_reported(
+            (
+                "django_events.W101",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                "Subscription 'later' pattern matches no declared event: 'billing.*'",
+            )
+        )
 
     assert result.stderr == ""
 
@@ -399,10 +485,17 @@ def test_settings_problems_are_E001_W001_E002() -> None:
     with wiring(RECORD="never", PIPELINE=["tests.app.nope.Interceptor"], TIMEOUT=3):
         assert_reported(
             ("django_events.E001", "settings.DJANGO_EVENTS", "DJANGO_EVENTS['RECORD'] is 'never'"),
-            ("django_events.W001", "settings.DJANGO_EVENTS", "DJANGO_EVENTS has unknown key "
-                                                             "'TIMEOUT'"),
-            ("django_events.E002", "settings.DJANGO_EVENTS", "PIPELINE entry "
-             "'tests.app.nope.Interceptor' does not import: No module named 'tests.app.nope'"),
+            (
+                "django_events.W001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS has unknown key 'TIMEOUT'",
+            ),
+            (
+                "django_events.E002",
+                "settings.DJANGO_EVENTS",
+                "PIPELINE entry "
+                "'tests.app.nope.Interceptor' does not import: No module named 'tests.app.nope'",
+            ),
         )
 
 
@@ -412,11 +505,16 @@ def test_settings_problems_are_E001_W001_E002() -> None:
 @pytest.mark.parametrize(
     ("celery_app", "reason"),
     [
-        ("tests.celery_app.missing", "DJANGO_EVENTS['CELERY_APP'] does not import: Module "
-                                     "\"tests.celery_app\" does not define a \"missing\" "
-                                     "attribute/class"),
-        ("tests.no_such_module.app", "DJANGO_EVENTS['CELERY_APP'] does not import: "
-                                     "No module named 'tests.no_such_module'"),
+        (
+            "tests.celery_app.missing",
+            "DJANGO_EVENTS['CELERY_APP'] does not import: Module "
+            '"tests.celery_app" does not define a "missing" '
+            "attribute/class",
+        ),
+        (
+            "tests.no_such_module.app",
+            "DJANGO_EVENTS['CELERY_APP'] does not import: No module named 'tests.no_such_module'",
+        ),
         ("tests.app.handlers.not_callable", "DJANGO_EVENTS['CELERY_APP'] is not a Celery app: 42"),
     ],
 )
@@ -424,14 +522,20 @@ def test_async_subscriptions_with_a_broken_celery_app_are_E203(
     celery_app: str, reason: str
 ) -> None:
     with wiring(ASYNC, CELERY_APP=celery_app):
-        assert_reported(("django_events.E203", "DJANGO_EVENTS",
-                         f"Async subscriptions exist but {reason}"))
+        assert_reported(
+            ("django_events.E203", "DJANGO_EVENTS", f"Async subscriptions exist but {reason}")
+        )
 
 
 def test_async_subscriptions_with_no_celery_app_at_all_are_E203(no_celery_app: None) -> None:
     with wiring(ASYNC, CELERY_APP=None):
-        assert_reported(("django_events.E203", "DJANGO_EVENTS",
-                         "Async subscriptions exist but no Celery app is configured"))
+        assert_reported(
+            (
+                "django_events.E203",
+                "DJANGO_EVENTS",
+                "Async subscriptions exist but no Celery app is configured",
+            )
+        )
 
 
 def test_no_celery_app_is_fine_without_async_subscriptions(no_celery_app: None) -> None:
@@ -451,15 +555,22 @@ def test_the_current_celery_app_is_used_when_celery_app_is_not_set(
 
 def test_a_celery_app_that_accepts_pickle_is_E204(pickle_app: str) -> None:
     with wiring(ASYNC, CELERY_APP=pickle_app):
-        assert_reported(("django_events.E204", "DJANGO_EVENTS",
-                         "Celery app 'pickle_app' accepts pickle: ['json', 'pickle']"))
+        assert_reported(
+            (
+                "django_events.E204",
+                "DJANGO_EVENTS",
+                "Celery app 'pickle_app' accepts pickle: ['json', 'pickle']",
+            )
+        )
 
 
 # -- every problem at once ---------------------------------------------------------------------
 
 
 def test_events_check_lists_every_problem_at_once(tmp_path: Path) -> None:
-    path, _ = manifest(tmp_path, """
+    path, _ = manifest(
+        tmp_path,
+        """
         version: 1
         events:
           billing.invoiced:
@@ -474,7 +585,8 @@ def test_events_check_lists_every_problem_at_once(tmp_path: Path) -> None:
             mode: async
           - event: refunds.*
             handler: tests.app.handlers.record
-        """)
+        """,
+    )
     missing = tmp_path / "missing.yaml"
 
     with wiring(MANIFESTS=[BASE, path, missing], CELERY_APP="tests.celery_app.nope"):
@@ -482,42 +594,63 @@ def test_events_check_lists_every_problem_at_once(tmp_path: Path) -> None:
 
     assert result.error is not None
     assert str(result.error) == "6 problem(s) found in the events configuration."
-    assert [(i, obj) for i, obj, _ in result.reported] == sorted([
-        ("django_events.E101", str(missing)),
-        ("django_events.E104", f"{path}:3"),
-        ("django_events.E105", f"{path}:6"),
-        ("django_events.W101", f"{path}:13"),
-        ("django_events.E202", f"{path}:8"),
-        ("django_events.E201", f"{path}:10"),
-        ("django_events.E203", "DJANGO_EVENTS"),
-    ])
+    assert [(i, obj) for i, obj, _ in result.reported] == sorted(
+        [
+            ("django_events.E101", str(missing)),
+            ("django_events.E104", f"{path}:3"),
+            ("django_events.E105", f"{path}:6"),
+            ("django_events.W101", f"{path}:13"),
+            ("django_events.E202", f"{path}:8"),
+            ("django_events.E201", f"{path}:10"),
+            ("django_events.E203", "DJANGO_EVENTS"),
+        ]
+    )
     assert "W101" not in result.stderr and "W101" in result.stdout
 
 
 def test_events_check_exits_1_from_the_command_line(tmp_path: Path) -> None:
-    broken = write(tmp_path / "broken.yaml", """
+    broken = write(
+        tmp_path / "broken.yaml",
+        """
         version: 1
         subscriptions:
           - event: orders.placed
             handler: tests.app.handlers.not_callable
           - event: nowhere
             handler: tests.app.handlers.record
-        """)
-    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings",
-           "DJANGO_EVENTS_TEST_MANIFEST": str(broken)}
+        """,
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_TEST_MANIFEST": str(broken),
+    }
 
     run = subprocess.run(
         [sys.executable, "-m", "django", "events_check"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
     assert run.returncode == 1, run.stderr
     assert parse(run.stderr) == [
-        ("django_events.E105", f"{broken}:5", "Subscription 'nowhere:tests.app.handlers.record' "
-                                              "subscribes to an undeclared event: 'nowhere'"),
-        ("django_events.E202", f"{broken}:3", "Subscription 'orders.placed:tests.app.handlers."
-                                              "not_callable': Handler 'tests.app.handlers."
-                                              "not_callable' is not callable"),
+        (
+            "django_events.E105",
+            f"{broken}:5",
+            "Subscription 'nowhere:tests.app.handlers.record' "
+            "subscribes to an undeclared event: 'nowhere'",
+        ),
+        (
+            "django_events.E202",
+            f"{broken}:3",
+            "Subscription 'orders.placed:tests.app.handlers."
+            "not_callable': Handler 'tests.app.handlers."
+            "not_callable' is not callable",
+        ),
     ]
     assert run.stderr.rstrip().endswith(
         "CommandError: 2 problem(s) found in the events configuration."
@@ -553,17 +686,21 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E104": lambda _: wiring(EVENTS={"x.y": {"schema": {"type": 3}}}),
     "django_events.E105": lambda _: wiring({"event": "x.y", "handler": RECORD}),
     "django_events.W101": lambda _: wiring({"event": "x.*", "handler": RECORD}),
-    "django_events.W102": lambda _: wiring({"event": "orders.placed", "handler": RECORD,
-                                            "queue": "q"}),
+    "django_events.W102": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "queue": "q"}
+    ),
     "django_events.E106": lambda _: _dup_event(),
     "django_events.E107": lambda _: _dup_subscription(),
-    "django_events.E108": lambda _: wiring({"event": "orders.placed", "handler": RECORD,
-                                            "when": {"any": []}}),
+    "django_events.E108": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "when": {"any": []}}
+    ),
     "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
-    "django_events.E201": lambda _: wiring({"event": "orders.placed",
-                                            "handler": "tests.app.nope.h"}),
-    "django_events.E202": lambda _: wiring({"event": "orders.placed",
-                                            "handler": "tests.app.handlers.not_callable"}),
+    "django_events.E201": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.nope.h"}
+    ),
+    "django_events.E202": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.not_callable"}
+    ),
     "django_events.E203": lambda _: wiring(ASYNC, CELERY_APP="tests.nope.app"),
     "django_events.E204": lambda _: wiring(ASYNC, CELERY_APP="tests.app.pickle_celery.app"),
 }

@@ -17,11 +17,19 @@ def queues() -> str:
 
 def test_events_queues_lists_each_async_queue_once() -> None:
     subs = [
-        {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async",
-         "queue": "billing"},
+        {
+            "event": "orders.placed",
+            "handler": "tests.app.handlers.record",
+            "mode": "async",
+            "queue": "billing",
+        },
         {"event": "orders.*", "handler": "tests.app.handlers.record_other", "mode": "async"},
-        {"event": "orders.shipped", "handler": "tests.app.handlers.record", "mode": "async",
-         "queue": "billing"},
+        {
+            "event": "orders.shipped",
+            "handler": "tests.app.handlers.record",
+            "mode": "async",
+            "queue": "billing",
+        },
         {"event": "orders.shipped", "handler": "tests.app.handlers.record_other", "mode": "sync"},
     ]
     with wiring(*subs, DEFAULT_QUEUE="events-default"):

@@ -223,15 +223,20 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
 def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) -> None:
     from django.core.management import call_command
 
-    down = {**settings.DJANGO_EVENTS, "MANIFESTS": MANIFESTS,
-            "CELERY_APP": "tests.brokers.unreachable", "DEFAULT_QUEUE": wired.queue}
+    down = {
+        **settings.DJANGO_EVENTS,
+        "MANIFESTS": MANIFESTS,
+        "CELERY_APP": "tests.brokers.unreachable",
+        "DEFAULT_QUEUE": wired.queue,
+    }
     with override_settings(DJANGO_EVENTS=down):
         ids = []
         for order_id in range(5):
             with transaction.atomic():
                 ids.append(publish("it.placed", {"order_id": order_id}).id)
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
-        "pending"}
+        "pending"
+    }
     time.sleep(0.5)
     assert runs("record", ids) == []
 
@@ -239,7 +244,8 @@ def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) ->
 
     wait_for(lambda: len(runs("record", ids)) == 5, what="the relayed events")
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
-        "dispatched"}
+        "dispatched"
+    }
     time.sleep(0.5)
     assert len(runs("record", ids)) == 5  # each once
 
@@ -251,7 +257,8 @@ def test_worker_survives_its_database_connections_being_killed(wired: Broker) ->
     with connection.cursor() as cursor:  # what a database restart does to the worker
         cursor.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
     second = publish("it.strict", {"order_id": 2})
     wait_for(lambda: runs("record", [second.id]), what="a delivery after the restart")
     assert Delivery.objects.get(event_id=second.id).status == "succeeded"

@@ -13,17 +13,29 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "example_project"
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL")}
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLE, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL")
+    }
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=EXAMPLE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize(
     ("command", "expected"),
-    [(["check"], "System check identified no issues"),
-     (["events_check"], "Events configuration OK (0 warning(s))."),
-     (["events_queues"], "billing,notifications")],
+    [
+        (["check"], "System check identified no issues"),
+        (["events_check"], "Events configuration OK (0 warning(s))."),
+        (["events_queues"], "billing,notifications"),
+    ],
 )
 def test_example_project_checks_clean(command: list[str], expected: str) -> None:
     result = manage(*command)

@@ -88,7 +88,16 @@ def test_operators(when: dict[str, Any], expected: bool) -> None:
 
 def test_every_documented_operator_is_implemented() -> None:
     assert set(OPERATORS) == {
-        "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "exists", "contains"
+        "eq",
+        "ne",
+        "gt",
+        "gte",
+        "lt",
+        "lte",
+        "in",
+        "not_in",
+        "exists",
+        "contains",
     }
 
 
@@ -245,26 +254,47 @@ def test_any_all_not_composition(when: dict[str, Any], expected: bool) -> None:
         ([], "", "when: expected a mapping, got []"),
         ("total > 3", "", "when: expected a mapping, got 'total > 3'"),
         ({}, "", "when: an empty filter matches nothing useful; remove it"),
-        ({"total": {"gte": 3, "bigger": 2}}, ".total",
-         "when.total: unknown operator(s) ['bigger']; use one of ['contains', 'eq', 'exists', "
-         "'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']"),
+        (
+            {"total": {"gte": 3, "bigger": 2}},
+            ".total",
+            "when.total: unknown operator(s) ['bigger']; use one of ['contains', 'eq', 'exists', "
+            "'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
+        ),
         ({"status": {"in": "paid"}}, ".status.in", "when.status.in: 'in' takes a list, got 'paid'"),
-        ({"status": {"not_in": None}}, ".status.not_in",
-         "when.status.not_in: 'not_in' takes a list, got None"),
-        ({"note": {"exists": "yes"}}, ".note.exists",
-         "when.note.exists: 'exists' takes true or false, got 'yes'"),
+        (
+            {"status": {"not_in": None}},
+            ".status.not_in",
+            "when.status.not_in: 'not_in' takes a list, got None",
+        ),
+        (
+            {"note": {"exists": "yes"}},
+            ".note.exists",
+            "when.note.exists: 'exists' takes true or false, got 'yes'",
+        ),
         ({"any": []}, ".any", "when.any: 'any' takes a non-empty list of filters"),
         ({"all": {"status": "paid"}}, ".all", "when.all: 'all' takes a non-empty list of filters"),
-        ({"any": [{"status": "paid"}, {"total": {"in": 3}}]}, ".any[1].total.in",
-         "when.any[1].total.in: 'in' takes a list, got 3"),
-        ({"all": [{"any": [{}]}]}, ".all[0].any[0]",
-         "when.all[0].any[0]: an empty filter matches nothing useful; remove it"),
+        (
+            {"any": [{"status": "paid"}, {"total": {"in": 3}}]},
+            ".any[1].total.in",
+            "when.any[1].total.in: 'in' takes a list, got 3",
+        ),
+        (
+            {"all": [{"any": [{}]}]},
+            ".all[0].any[0]",
+            "when.all[0].any[0]: an empty filter matches nothing useful; remove it",
+        ),
         ({"not": ["status"]}, ".not", "when.not: expected a mapping, got ['status']"),
-        ({"not": {"status": {"exists": 1}}}, ".not.status.exists",
-         "when.not.status.exists: 'exists' takes true or false, got 1"),
-        ({"customer.address": {"country": "FR", "eq": "x"}}, ".customer.address",
-         "when.customer.address: unknown operator(s) ['country']; use one of ['contains', 'eq', "
-         "'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']"),
+        (
+            {"not": {"status": {"exists": 1}}},
+            ".not.status.exists",
+            "when.not.status.exists: 'exists' takes true or false, got 1",
+        ),
+        (
+            {"customer.address": {"country": "FR", "eq": "x"}},
+            ".customer.address",
+            "when.customer.address: unknown operator(s) ['country']; use one of ['contains', 'eq', "
+            "'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
+        ),
         ({1: "x"}, ".1", "when.1: a payload path must be a non-empty string, got 1"),
         ({"": "x"}, ".", "when.: a payload path must be a non-empty string, got ''"),
     ],
@@ -281,24 +311,37 @@ def test_malformed_filter_raises_with_the_path_inside_when(
 
 
 def test_malformed_filter_in_a_subscription_is_E108_naming_it() -> None:
-    with wiring({"event": "orders.placed", "handler": "tests.app.handlers.record",
-                 "name": "big-orders", "when": {"any": [{"total": {"gt": 3, "above": 3}}]}}):
+    with wiring(
+        {
+            "event": "orders.placed",
+            "handler": "tests.app.handlers.record",
+            "name": "big-orders",
+            "when": {"any": [{"total": {"gt": 3, "above": 3}}]},
+        }
+    ):
         registry = get_registry()
 
-    assert [(p.id, p.message, str(p.origin)) for p in registry.problems] == [(
-        "django_events.E108",
-        "Subscription 'big-orders': when.any[0].total: unknown operator(s) ['above']; use one of "
-        "['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
-        "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-    )]
+    assert [(p.id, p.message, str(p.origin)) for p in registry.problems] == [
+        (
+            "django_events.E108",
+            "Subscription 'big-orders': when.any[0].total: unknown operator(s) ['above']; "
+            "use one of ['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+        )
+    ]
     assert "big-orders" not in registry.subscriptions
 
 
 def test_a_subscription_filter_is_compiled_into_the_registry() -> None:
-    with wiring({"event": "orders.placed", "handler": "tests.app.handlers.record",
-                 "name": "big", "when": {"total": {"gte": 1000}}},
-                {"event": "orders.placed", "handler": "tests.app.handlers.record",
-                 "name": "all"}):
+    with wiring(
+        {
+            "event": "orders.placed",
+            "handler": "tests.app.handlers.record",
+            "name": "big",
+            "when": {"total": {"gte": 1000}},
+        },
+        {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "all"},
+    ):
         registry = get_registry()
 
     big, every = registry.subscriptions["big"], registry.subscriptions["all"]
@@ -320,8 +363,10 @@ scalars = (
 )
 json_values = st.recursive(
     scalars,
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.sampled_from(KEYS), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(KEYS), children, max_size=3)
+    ),
     max_leaves=12,
 )
 payloads = st.dictionaries(st.sampled_from(KEYS), json_values, max_size=3)
@@ -336,9 +381,11 @@ leaf_filters = st.builds(lambda path, op: {path: {op[0]: op[1]}}, paths, operato
 )
 filters = st.recursive(
     leaf_filters,
-    lambda children: st.builds(lambda f: {"not": f}, children)
-    | st.builds(lambda fs: {"any": fs}, st.lists(children, min_size=1, max_size=3))
-    | st.builds(lambda fs: {"all": fs}, st.lists(children, min_size=1, max_size=3)),
+    lambda children: (
+        st.builds(lambda f: {"not": f}, children)
+        | st.builds(lambda fs: {"any": fs}, st.lists(children, min_size=1, max_size=3))
+        | st.builds(lambda fs: {"all": fs}, st.lists(children, min_size=1, max_size=3))
+    ),
     max_leaves=6,
 )
 

@@ -42,7 +42,9 @@ def summary(manifest: Manifest) -> list[tuple[str, int | None, str]]:
 
 
 def test_valid_manifest_gives_declarations_with_origins(tmp_path: Path) -> None:
-    path, manifest = load(tmp_path, """
+    path, manifest = load(
+        tmp_path,
+        """
         version: 1
         events:
           orders.placed:
@@ -71,7 +73,8 @@ def test_valid_manifest_gives_declarations_with_origins(tmp_path: Path) -> None:
             broadcast: true
             idempotent: true
             timeout: 2.5
-        """)
+        """,
+    )
     file = str(path)
 
     assert manifest.problems == []
@@ -80,8 +83,11 @@ def test_valid_manifest_gives_declarations_with_origins(tmp_path: Path) -> None:
             name="orders.placed",
             origin=Origin("manifest", file, 3),
             description="A customer placed an order.",
-            schema={"type": "object", "required": ["order_id"],
-                    "properties": {"order_id": {"type": "integer"}}},
+            schema={
+                "type": "object",
+                "required": ["order_id"],
+                "properties": {"order_id": {"type": "integer"}},
+            },
             redact=("email", "phone"),
             record="failures",
         ),
@@ -129,7 +135,9 @@ def test_the_shipped_schema_is_the_one_used() -> None:
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["required"] == ["version"]
     assert set(schema["$defs"]["subscription"]["properties"]["mode"]["enum"]) == {
-        "inline", "sync", "async"
+        "inline",
+        "sync",
+        "async",
     }
 
 
@@ -141,10 +149,14 @@ def test_missing_file_is_E101(tmp_path: Path) -> None:
 
     manifest = load_manifest(path)
 
-    assert manifest.problems == [Problem(
-        "django_events.E101", f"Manifest file {str(path)!r} does not exist.",
-        "Fix the path in DJANGO_EVENTS['MANIFESTS'].", Origin("manifest", str(path)),
-    )]
+    assert manifest.problems == [
+        Problem(
+            "django_events.E101",
+            f"Manifest file {str(path)!r} does not exist.",
+            "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
+            Origin("manifest", str(path)),
+        )
+    ]
     assert (manifest.events, manifest.subscriptions) == ([], [])
 
 
@@ -171,7 +183,9 @@ def test_directory_instead_of_file_is_E101(tmp_path: Path) -> None:
               orders.placed:
                 description: a: b
             """,
-            4, "YAML syntax error: mapping values are not allowed here", id="mapping-in-scalar",
+            4,
+            "YAML syntax error: mapping values are not allowed here",
+            id="mapping-in-scalar",
         ),
         pytest.param(
             """
@@ -180,8 +194,10 @@ def test_directory_instead_of_file_is_E101(tmp_path: Path) -> None:
               orders.placed: {description: x
             subscriptions: []
             """,
-            4, "YAML syntax error: expected ',' or '}', but got ':' "
-               "(while parsing a flow mapping at line 3)", id="unclosed-flow-mapping",
+            4,
+            "YAML syntax error: expected ',' or '}', but got ':' "
+            "(while parsing a flow mapping at line 3)",
+            id="unclosed-flow-mapping",
         ),
         pytest.param(
             """
@@ -191,12 +207,16 @@ def test_directory_instead_of_file_is_E101(tmp_path: Path) -> None:
                 description: "unterminated
               orders.shipped: {}
             """,
-            6, "YAML syntax error: found unexpected end of stream "
-               "(while scanning a quoted scalar at line 4)", id="unclosed-quote",
+            6,
+            "YAML syntax error: found unexpected end of stream "
+            "(while scanning a quoted scalar at line 4)",
+            id="unclosed-quote",
         ),
         pytest.param(
             "version: 1\n\tevents: {}\n",
-            2, "YAML syntax error: found character '\\t' that cannot start any token", id="tab",
+            2,
+            "YAML syntax error: found character '\\t' that cannot start any token",
+            id="tab",
         ),
         pytest.param(
             """
@@ -204,8 +224,10 @@ def test_directory_instead_of_file_is_E101(tmp_path: Path) -> None:
             events:
               orders.placed: !!python/object/apply:os.system ["true"]
             """,
-            3, "YAML syntax error: could not determine a constructor for the tag "
-               "'tag:yaml.org,2002:python/object/apply:os.system'", id="unsafe-tag-refused",
+            3,
+            "YAML syntax error: could not determine a constructor for the tag "
+            "'tag:yaml.org,2002:python/object/apply:os.system'",
+            id="unsafe-tag-refused",
         ),
         pytest.param(
             """
@@ -218,8 +240,9 @@ def test_directory_instead_of_file_is_E101(tmp_path: Path) -> None:
                 mode: sync
                 mode: async
             """,
-            8, "YAML syntax error: duplicate key 'mode' at $.subscriptions[0].mode "
-               "(first at line 7)", id="duplicate-key",
+            8,
+            "YAML syntax error: duplicate key 'mode' at $.subscriptions[0].mode (first at line 7)",
+            id="duplicate-key",
         ),
     ],
 )
@@ -233,7 +256,9 @@ def test_yaml_errors_are_E102_with_the_1_based_line(
 
 
 def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path: Path) -> None:
-    path, manifest = load(tmp_path, """
+    path, manifest = load(
+        tmp_path,
+        """
         version: 1
         events:
           orders.placed:
@@ -241,11 +266,12 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
           orders.shipped: {}
           orders.placed:
             description: second
-        """)
+        """,
+    )
 
-    assert summary(manifest) == [(
-        "django_events.E106", 6, f"Event 'orders.placed' is declared twice (also at {path}:3)"
-    )]
+    assert summary(manifest) == [
+        ("django_events.E106", 6, f"Event 'orders.placed' is declared twice (also at {path}:3)")
+    ]
 
 
 # -- E103: the manifest schema -----------------------------------------------------------------
@@ -262,8 +288,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
                 description: x
                 colour: red
             """,
-            [(5, "$.events['orders.placed'].colour: Additional properties are not allowed "
-                 "('colour' was unexpected)")],
+            [
+                (
+                    5,
+                    "$.events['orders.placed'].colour: Additional properties are not allowed "
+                    "('colour' was unexpected)",
+                )
+            ],
             id="unknown-event-key",
         ),
         pytest.param(
@@ -283,8 +314,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
                 handler: tests.app.handlers.record
                 retries: 3
             """,
-            [(5, "$.subscriptions[0].retries: Additional properties are not allowed "
-                 "('retries' was unexpected)")],
+            [
+                (
+                    5,
+                    "$.subscriptions[0].retries: Additional properties are not allowed "
+                    "('retries' was unexpected)",
+                )
+            ],
             id="unknown-subscription-key",
         ),
         pytest.param(
@@ -306,8 +342,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
               "orders placed!":
                 description: x
             """,
-            [(4, "$.events['orders placed!']: 'orders placed!' does not match "
-                 "'^[A-Za-z0-9_.-]+$'")],
+            [
+                (
+                    4,
+                    "$.events['orders placed!']: 'orders placed!' does not match "
+                    "'^[A-Za-z0-9_.-]+$'",
+                )
+            ],
             id="bad-event-name",
         ),
         pytest.param(
@@ -317,8 +358,7 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
               - event: orders placed
                 handler: tests.app.handlers.record
             """,
-            [(3, "$.subscriptions[0].event: 'orders placed' does not match "
-                 "'^[A-Za-z0-9_.*-]+$'")],
+            [(3, "$.subscriptions[0].event: 'orders placed' does not match '^[A-Za-z0-9_.*-]+$'")],
             id="bad-subscription-event",
         ),
         pytest.param(
@@ -340,8 +380,11 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
                 (8, "$.subscriptions[0].retry.backoff: -1 is less than the minimum of 0"),
                 (9, "$.subscriptions[0].retry.max_backoff: 'soon' is not of type 'number'"),
                 (10, "$.subscriptions[0].retry.jitter: 'yes please' is not of type 'boolean'"),
-                (11, "$.subscriptions[0].retry.forever: Additional properties are not allowed "
-                     "('forever' was unexpected)"),
+                (
+                    11,
+                    "$.subscriptions[0].retry.forever: Additional properties are not allowed "
+                    "('forever' was unexpected)",
+                ),
             ],
             id="bad-retry",
         ),
@@ -370,8 +413,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
                 description: both
                 type: tests.app.typed_events.Shipment
             """,
-            [(6, "$.events['orders.placed'].type: 'schema' and 'type' cannot both be given; "
-                 "use one of them")],
+            [
+                (
+                    6,
+                    "$.events['orders.placed'].type: 'schema' and 'type' cannot both be given; "
+                    "use one of them",
+                )
+            ],
             id="schema-and-type",
         ),
         pytest.param(
@@ -412,8 +460,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
               - event: orders.placed
                 handler: record
             """,
-            [(4, "$.subscriptions[0].handler: 'record' does not match "
-                 "'^[A-Za-z_][A-Za-z0-9_]*(\\\\.[A-Za-z_][A-Za-z0-9_]*)+$'")],
+            [
+                (
+                    4,
+                    "$.subscriptions[0].handler: 'record' does not match "
+                    "'^[A-Za-z_][A-Za-z0-9_]*(\\\\.[A-Za-z_][A-Za-z0-9_]*)+$'",
+                )
+            ],
             id="handler-not-dotted",
         ),
         pytest.param(
@@ -439,11 +492,14 @@ def test_schema_mismatch_is_E103_with_path_and_line_of_the_offending_key(
 
 def test_an_event_with_no_body_is_valid(tmp_path: Path) -> None:
     # `name:` with nothing after it is null: a declaration with every default.
-    _, manifest = load(tmp_path, """
+    _, manifest = load(
+        tmp_path,
+        """
         version: 1
         events:
           orders.noted:
-        """)
+        """,
+    )
 
     assert manifest.problems == []
     assert [e.name for e in manifest.events] == ["orders.noted"]
@@ -452,10 +508,14 @@ def test_an_event_with_no_body_is_valid(tmp_path: Path) -> None:
 def test_empty_file_reports_the_missing_version(tmp_path: Path) -> None:
     path, manifest = load(tmp_path, "")
 
-    assert manifest.problems == [Problem(
-        "django_events.E103", "$: 'version' is a required property", HINT,
-        Origin("manifest", str(path)),
-    )]
+    assert manifest.problems == [
+        Problem(
+            "django_events.E103",
+            "$: 'version' is a required property",
+            HINT,
+            Origin("manifest", str(path)),
+        )
+    ]
 
 
 # -- settings: EVENTS and SUBSCRIPTIONS --------------------------------------------------------
@@ -468,11 +528,13 @@ def test_settings_declarations_have_settings_origins() -> None:
     )
 
     assert manifest.problems == []
-    assert manifest.events == [EventDeclaration(
-        "billing.invoiced",
-        Origin("settings", "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']"),
-        description="An invoice was sent.",
-    )]
+    assert manifest.events == [
+        EventDeclaration(
+            "billing.invoiced",
+            Origin("settings", "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']"),
+            description="An invoice was sent.",
+        )
+    ]
     [subscription] = manifest.subscriptions
     assert subscription.mode == "inline"
     assert str(subscription.origin) == "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]"
@@ -488,13 +550,22 @@ def test_settings_errors_name_the_setting() -> None:
     )
 
     assert [(p.id, str(p.origin), p.message) for p in manifest.problems] == [
-        ("django_events.E103", "settings.DJANGO_EVENTS['EVENTS']['bad name']",
-         "$.events['bad name']: 'bad name' does not match '^[A-Za-z0-9_.-]+$'"),
-        ("django_events.E103", "settings.DJANGO_EVENTS['EVENTS']['other.event']",
-         "$.events['other.event'].colour: Additional properties are not allowed "
-         "('colour' was unexpected)"),
-        ("django_events.E103", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][1]",
-         "$.subscriptions[1].mode: 'eventually' is not one of ['inline', 'sync', 'async']"),
+        (
+            "django_events.E103",
+            "settings.DJANGO_EVENTS['EVENTS']['bad name']",
+            "$.events['bad name']: 'bad name' does not match '^[A-Za-z0-9_.-]+$'",
+        ),
+        (
+            "django_events.E103",
+            "settings.DJANGO_EVENTS['EVENTS']['other.event']",
+            "$.events['other.event'].colour: Additional properties are not allowed "
+            "('colour' was unexpected)",
+        ),
+        (
+            "django_events.E103",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][1]",
+            "$.subscriptions[1].mode: 'eventually' is not one of ['inline', 'sync', 'async']",
+        ),
     ]
 
 
@@ -506,10 +577,16 @@ def test_settings_errors_reach_the_registry() -> None:
         problems = [(p.id, str(p.origin), p.message) for p in get_registry().problems]
 
     assert problems == [
-        ("django_events.E103", "settings.DJANGO_EVENTS['EVENTS']['orders.refunded']",
-         "$.events['orders.refunded'].schema: 'object' is not of type 'object', 'boolean'"),
-        ("django_events.E103", "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-         "$.subscriptions[0].when: 'total > 3' is not of type 'object'"),
+        (
+            "django_events.E103",
+            "settings.DJANGO_EVENTS['EVENTS']['orders.refunded']",
+            "$.events['orders.refunded'].schema: 'object' is not of type 'object', 'boolean'",
+        ),
+        (
+            "django_events.E103",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+            "$.subscriptions[0].when: 'total > 3' is not of type 'object'",
+        ),
     ]
 
 
@@ -563,14 +640,17 @@ def test_default_retry_values_are_checked_like_a_subscription_retry() -> None:
 
 
 def test_manifests_from_settings_are_loaded_in_order(tmp_path: Path) -> None:
-    extra = write(tmp_path, """
+    extra = write(
+        tmp_path,
+        """
         version: 1
         events:
           billing.invoiced: {}
         subscriptions:
           - event: billing.invoiced
             handler: tests.app.handlers.record
-        """)
+        """,
+    )
     missing = tmp_path / "missing.yaml"
 
     with wiring(MANIFESTS=[*settings.DJANGO_EVENTS["MANIFESTS"], extra, str(missing)]):

@@ -92,7 +92,9 @@ def test_base_settings_build_a_clean_registry() -> None:
 def test_manifests_settings_app_manifest_and_event_classes_merge(
     app_manifest: Path, typed_events: ModuleType
 ) -> None:
-    write(app_manifest, """
+    write(
+        app_manifest,
+        """
         version: 1
         events:
           shop.reviewed:
@@ -101,7 +103,8 @@ def test_manifests_settings_app_manifest_and_event_classes_merge(
           - event: shop.reviewed
             handler: tests.app.handlers.record
             name: from-app
-        """)
+        """,
+    )
 
     with wiring(
         {"event": "billing.invoiced", "handler": RECORD, "name": "from-settings"},
@@ -114,10 +117,13 @@ def test_manifests_settings_app_manifest_and_event_classes_merge(
     assert problems(registry) == []
     assert registry.sources == [str(BASE), str(app_manifest)]
     assert set(registry.events) == {
-        "orders.placed", "orders.shipped", "orders.cancelled",  # base.yaml
+        "orders.placed",
+        "orders.shipped",
+        "orders.cancelled",  # base.yaml
         "shop.reviewed",  # the app's events.yaml
         "billing.invoiced",  # settings
-        "typed.order_placed", "typed.payment_received",  # @event classes
+        "typed.order_placed",
+        "typed.payment_received",  # @event classes
     }
     assert str(registry.events["shop.reviewed"].declaration.origin) == f"{app_manifest}:3"
     assert str(registry.events["billing.invoiced"].declaration.origin) == (
@@ -158,54 +164,66 @@ def test_event_declared_in_a_manifest_and_in_settings_is_E106_naming_both() -> N
     with wiring(EVENTS={"orders.placed": {"description": "again"}}):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E106",
-        "settings.DJANGO_EVENTS['EVENTS']['orders.placed']",
-        f"Event 'orders.placed' is declared twice (also at {BASE}:3)",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E106",
+            "settings.DJANGO_EVENTS['EVENTS']['orders.placed']",
+            f"Event 'orders.placed' is declared twice (also at {BASE}:3)",
+        )
+    ]
     # The first declaration stays: the manifest's schema still applies.
     assert registry.events["orders.placed"].declaration.redact == ("email",)
 
 
 def test_event_declared_in_two_manifests_is_E106_naming_both_lines(tmp_path: Path) -> None:
-    other = write(tmp_path / "other.yaml", """
+    other = write(
+        tmp_path / "other.yaml",
+        """
         version: 1
         events:
           billing.invoiced: {}
           orders.shipped:
             description: shipped again
-        """)
+        """,
+    )
 
     with wiring(MANIFESTS=[BASE, other]):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E106",
-        f"{other}:4",
-        f"Event 'orders.shipped' is declared twice (also at {BASE}:20)",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E106",
+            f"{other}:4",
+            f"Event 'orders.shipped' is declared twice (also at {BASE}:20)",
+        )
+    ]
 
 
 def test_event_class_with_a_manifest_name_is_E106(typed_events: ModuleType) -> None:
     with wiring(EVENTS={"typed.payment_received": {}}):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E106",
-        "@event tests.app.typed_events.PaymentReceived",
-        "Event 'typed.payment_received' is declared twice "
-        "(also at settings.DJANGO_EVENTS['EVENTS']['typed.payment_received'])",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E106",
+            "@event tests.app.typed_events.PaymentReceived",
+            "Event 'typed.payment_received' is declared twice "
+            "(also at settings.DJANGO_EVENTS['EVENTS']['typed.payment_received'])",
+        )
+    ]
 
 
 def test_subscription_name_used_twice_is_E107_naming_both(tmp_path: Path) -> None:
-    manifest = write(tmp_path / "subs.yaml", """
+    manifest = write(
+        tmp_path / "subs.yaml",
+        """
         version: 1
         subscriptions:
           - event: orders.placed
             handler: tests.app.handlers.record
             name: audit
-        """)
+        """,
+    )
 
     with wiring(
         {"event": "orders.shipped", "handler": OTHER, "name": "audit"},
@@ -213,26 +231,32 @@ def test_subscription_name_used_twice_is_E107_naming_both(tmp_path: Path) -> Non
     ):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E107",
-        "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-        f"Subscription 'audit' is declared twice (also at {manifest}:3)",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E107",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+            f"Subscription 'audit' is declared twice (also at {manifest}:3)",
+        )
+    ]
     assert registry.subscriptions["audit"].declaration.event == "orders.placed"
     assert names(registry.events["orders.shipped"].sync) == []
 
 
 def test_same_event_and_handler_twice_collide_on_the_default_name() -> None:
-    with wiring({"event": "orders.placed", "handler": RECORD},
-                {"event": "orders.placed", "handler": RECORD, "mode": "inline"}):
+    with wiring(
+        {"event": "orders.placed", "handler": RECORD},
+        {"event": "orders.placed", "handler": RECORD, "mode": "inline"},
+    ):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E107",
-        "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][1]",
-        "Subscription 'orders.placed:tests.app.handlers.record' is declared twice "
-        "(also at settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0])",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E107",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][1]",
+            "Subscription 'orders.placed:tests.app.handlers.record' is declared twice "
+            "(also at settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0])",
+        )
+    ]
 
 
 # -- undeclared events and patterns ------------------------------------------------------------
@@ -242,11 +266,13 @@ def test_subscription_to_an_undeclared_event_is_E105() -> None:
     with wiring({"event": "orders.placd", "handler": RECORD, "name": "typo"}):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.E105",
-        "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-        "Subscription 'typo' subscribes to an undeclared event: 'orders.placd'",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.E105",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+            "Subscription 'typo' subscribes to an undeclared event: 'orders.placd'",
+        )
+    ]
     assert "typo" not in registry.subscriptions
     assert registry.problems[0].hint == (
         "Declare the event in a manifest, in settings or with @event."
@@ -257,11 +283,13 @@ def test_pattern_that_matches_nothing_is_W101_and_not_an_error() -> None:
     with wiring({"event": "billing.*", "handler": RECORD, "name": "billing-audit"}):
         registry = get_registry()
 
-    assert problems(registry) == [(
-        "django_events.W101",
-        "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
-        "Subscription 'billing-audit' pattern matches no declared event: 'billing.*'",
-    )]
+    assert problems(registry) == [
+        (
+            "django_events.W101",
+            "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+            "Subscription 'billing-audit' pattern matches no declared event: 'billing.*'",
+        )
+    ]
     assert not registry.problems[0].is_error
     assert "billing-audit" in registry.subscriptions
     assert all(not e.sync for e in registry.events.values())
@@ -285,8 +313,13 @@ def test_wildcards_attach_to_the_matching_events_by_mode() -> None:
     assert names(events["orders.cancelled"].sync) == ["orders-sync"]
     assert names(events["billing.invoiced"].sync) == []
     assert names(events["ordersXplaced"].sync) == []  # the dot is literal, not "any character"
-    for name in ("orders.placed", "orders.shipped", "orders.cancelled", "billing.invoiced",
-                 "ordersXplaced"):
+    for name in (
+        "orders.placed",
+        "orders.shipped",
+        "orders.cancelled",
+        "billing.invoiced",
+        "ordersXplaced",
+    ):
         assert names(events[name].async_) == ["everything"]
     # One subscription object, shared by every event it matches.
     assert events["orders.placed"].async_[0] is events["billing.invoiced"].async_[0]
@@ -305,8 +338,13 @@ def test_default_subscription_name_is_event_and_handler() -> None:
 def test_retry_policy_merges_subscription_retry_over_default_retry() -> None:
     with wiring(
         {"event": "orders.placed", "handler": RECORD, "mode": "async", "name": "default"},
-        {"event": "orders.placed", "handler": OTHER, "mode": "async", "name": "custom",
-         "retry": {"max_attempts": 7, "backoff": 0.5}},
+        {
+            "event": "orders.placed",
+            "handler": OTHER,
+            "mode": "async",
+            "name": "custom",
+            "retry": {"max_attempts": 7, "backoff": 0.5},
+        },
         DEFAULT_RETRY={"max_backoff": 60, "jitter": False},
     ):
         subscriptions = get_registry().subscriptions
@@ -321,8 +359,15 @@ def test_retry_policy_merges_subscription_retry_over_default_retry() -> None:
 
 def test_retry_policy_without_default_retry_uses_the_documented_default() -> None:
     value = {k: v for k, v in settings.DJANGO_EVENTS.items() if k != "DEFAULT_RETRY"}
-    value["SUBSCRIPTIONS"] = [{"event": "orders.placed", "handler": RECORD, "mode": "async",
-                               "name": "a", "retry": {"jitter": False}}]
+    value["SUBSCRIPTIONS"] = [
+        {
+            "event": "orders.placed",
+            "handler": RECORD,
+            "mode": "async",
+            "name": "a",
+            "retry": {"jitter": False},
+        }
+    ]
     with override_settings(DJANGO_EVENTS=value):
         retry = get_registry().subscriptions["a"].retry
 
@@ -332,13 +377,28 @@ def test_retry_policy_without_default_retry_uses_the_documented_default() -> Non
 
 def test_queues_are_those_of_async_subscriptions_sorted_once_each() -> None:
     with wiring(
-        {"event": "orders.placed", "handler": RECORD, "mode": "async", "queue": "billing",
-         "name": "a"},
-        {"event": "orders.shipped", "handler": RECORD, "mode": "async", "queue": "billing",
-         "name": "b"},
+        {
+            "event": "orders.placed",
+            "handler": RECORD,
+            "mode": "async",
+            "queue": "billing",
+            "name": "a",
+        },
+        {
+            "event": "orders.shipped",
+            "handler": RECORD,
+            "mode": "async",
+            "queue": "billing",
+            "name": "b",
+        },
         {"event": "orders.*", "handler": OTHER, "mode": "async", "name": "c"},
-        {"event": "orders.placed", "handler": OTHER, "mode": "async", "queue": "alerts",
-         "name": "d"},
+        {
+            "event": "orders.placed",
+            "handler": OTHER,
+            "mode": "async",
+            "queue": "alerts",
+            "name": "d",
+        },
         {"event": "orders.placed", "handler": RECORD, "mode": "sync", "name": "e"},
         DEFAULT_QUEUE="events-default",
     ):
@@ -371,8 +431,7 @@ def test_override_settings_rebuilds_the_registry_and_restores_it() -> None:
     before = get_registry()
     assert "billing.invoiced" not in before.events
 
-    with wiring({"event": "billing.invoiced", "handler": RECORD},
-                EVENTS={"billing.invoiced": {}}):
+    with wiring({"event": "billing.invoiced", "handler": RECORD}, EVENTS={"billing.invoiced": {}}):
         inside = get_registry()
         assert inside is not before
         assert "billing.invoiced" in inside.events
@@ -408,11 +467,14 @@ def test_event_class_schema_is_derived_from_the_type(typed_events: ModuleType) -
             "order_id": {"type": "integer"},
             "total": {"type": "number"},
             "placed_at": {"type": "string", "format": "date-time"},
-            "lines": {"type": "array", "items": {
-                "type": "object",
-                "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer"}},
-                "required": ["sku"],
-            }},
+            "lines": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {"sku": {"type": "string"}, "quantity": {"type": "integer"}},
+                    "required": ["sku"],
+                },
+            },
             "coupon": {"anyOf": [{"type": "string"}, {"type": "null"}]},
         },
         "required": ["order_id", "total", "placed_at"],
@@ -425,10 +487,10 @@ def test_event_class_schema_is_derived_from_the_type(typed_events: ModuleType) -
     assert pydantic_decl.schema["required"] == ["payment_id", "amount"]
 
 
-def test_manifest_type_path_gives_a_typed_event(
-    tmp_path: Path, typed_events: ModuleType
-) -> None:
-    manifest = write(tmp_path / "events.yaml", """
+def test_manifest_type_path_gives_a_typed_event(tmp_path: Path, typed_events: ModuleType) -> None:
+    manifest = write(
+        tmp_path / "events.yaml",
+        """
         version: 1
         events:
           shipping.shipped:
@@ -437,7 +499,8 @@ def test_manifest_type_path_gives_a_typed_event(
             type: tests.app.typed_events.NoSuchClass
           shipping.not_a_model:
             type: tests.app.handlers.record
-        """)
+        """,
+    )
 
     with wiring(MANIFESTS=[manifest]):
         registry = get_registry()
@@ -460,9 +523,12 @@ def test_publishing_a_dataclass_instance_gives_handlers_the_instance(
     typed_events: ModuleType, received: list[Any], django_capture_on_commit_callbacks: Any
 ) -> None:
     OrderPlaced, Line = typed_events.OrderPlaced, typed_events.Line
-    order = OrderPlaced(order_id=4, total=19.5,
-                        placed_at=datetime.datetime(2024, 5, 1, 9, 30, tzinfo=datetime.UTC),
-                        lines=[Line("A-1", 2)])
+    order = OrderPlaced(
+        order_id=4,
+        total=19.5,
+        placed_at=datetime.datetime(2024, 5, 1, 9, 30, tzinfo=datetime.UTC),
+        lines=[Line("A-1", 2)],
+    )
 
     with wiring({"event": "typed.order_placed", "handler": "tests.app.typed_handlers.keep"}):
         with django_capture_on_commit_callbacks(execute=True) as callbacks:
@@ -475,8 +541,13 @@ def test_publishing_a_dataclass_instance_gives_handlers_the_instance(
         assert got.name == "typed.order_placed"
         assert got.payload == order
         assert isinstance(got.payload, OrderPlaced)
-        assert got.data == {"order_id": 4, "total": 19.5, "placed_at": "2024-05-01T09:30:00+00:00",
-                            "lines": [{"sku": "A-1", "quantity": 2}], "coupon": None}
+        assert got.data == {
+            "order_id": 4,
+            "total": 19.5,
+            "placed_at": "2024-05-01T09:30:00+00:00",
+            "lines": [{"sku": "A-1", "quantity": 2}],
+            "coupon": None,
+        }
         assert EventRecord.objects.get(pk=event.id).payload == got.data
 
 
@@ -487,14 +558,19 @@ def test_publishing_a_pydantic_instance_gives_handlers_the_instance(
     django_capture_on_commit_callbacks: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    payment = typed_events.PaymentReceived(payment_id=uuid.UUID(int=9),
-                                           amount=decimal.Decimal("12.30"))
+    payment = typed_events.PaymentReceived(
+        payment_id=uuid.UUID(int=9), amount=decimal.Decimal("12.30")
+    )
 
     monkeypatch.setattr(typed_handlers.KeepingHandler, "instances", 0)
 
     with (
-        wiring({"event": "typed.payment_received",
-                "handler": "tests.app.typed_handlers.KeepingHandler"}),
+        wiring(
+            {
+                "event": "typed.payment_received",
+                "handler": "tests.app.typed_handlers.KeepingHandler",
+            }
+        ),
         django_capture_on_commit_callbacks(execute=True),
     ):
         publish(payment)
@@ -502,8 +578,11 @@ def test_publishing_a_pydantic_instance_gives_handlers_the_instance(
 
     assert [e.payload for e in received] == [payment, payment]
     assert all(isinstance(e.payload, typed_events.PaymentReceived) for e in received)
-    assert received[0].data == {"payment_id": "00000000-0000-0000-0000-000000000009",
-                                "amount": "12.30", "currency": "EUR"}
+    assert received[0].data == {
+        "payment_id": "00000000-0000-0000-0000-000000000009",
+        "amount": "12.30",
+        "currency": "EUR",
+    }
     assert typed_handlers.KeepingHandler.instances == 1  # once per process, not per event
 
 
@@ -511,8 +590,12 @@ def test_publishing_a_pydantic_instance_gives_handlers_the_instance(
 def test_publishing_a_typed_event_by_name_builds_the_instance(
     typed_events: ModuleType, received: list[Any], django_capture_on_commit_callbacks: Any
 ) -> None:
-    data = {"order_id": 5, "total": 3, "placed_at": "2024-05-01T09:30:00+00:00",
-            "lines": [{"sku": "B-2"}]}
+    data = {
+        "order_id": 5,
+        "total": 3,
+        "placed_at": "2024-05-01T09:30:00+00:00",
+        "lines": [{"sku": "B-2"}],
+    }
 
     with (
         wiring({"event": "typed.order_placed", "handler": "tests.app.typed_handlers.keep"}),
@@ -522,7 +605,9 @@ def test_publishing_a_typed_event_by_name_builds_the_instance(
 
     [got] = received
     assert got.payload == typed_events.OrderPlaced(
-        order_id=5, total=3, placed_at=datetime.datetime(2024, 5, 1, 9, 30, tzinfo=datetime.UTC),
+        order_id=5,
+        total=3,
+        placed_at=datetime.datetime(2024, 5, 1, 9, 30, tzinfo=datetime.UTC),
         lines=[typed_events.Line("B-2", 1)],
     )
     assert isinstance(got.payload.placed_at, datetime.datetime)
@@ -538,8 +623,12 @@ def test_typed_events_are_validated_like_any_other(
         with pytest.raises(UnknownEvent):
             publish(typed_events.Shipment(1, "ups", datetime.date(2024, 1, 1)))
         with pytest.raises(InvalidPayload) as wrong_type:
-            publish("typed.order_placed", typed_events.PaymentReceived(
-                payment_id=uuid.UUID(int=1), amount=decimal.Decimal(1)))
+            publish(
+                "typed.order_placed",
+                typed_events.PaymentReceived(
+                    payment_id=uuid.UUID(int=1), amount=decimal.Decimal(1)
+                ),
+            )
 
     assert str(excinfo.value) == (
         "Invalid payload for event 'typed.order_placed': "
@@ -561,7 +650,9 @@ def test_manifest_typed_event_round_trips_rich_fields(
     django_capture_on_commit_callbacks: Any,
 ) -> None:
     Shipment = typed_events.Shipment
-    manifest = write(tmp_path / "events.yaml", """
+    manifest = write(
+        tmp_path / "events.yaml",
+        """
         version: 1
         events:
           shipping.shipped:
@@ -569,7 +660,8 @@ def test_manifest_typed_event_round_trips_rich_fields(
         subscriptions:
           - event: shipping.shipped
             handler: tests.app.typed_handlers.keep
-        """)
+        """,
+    )
     tracking = uuid.UUID(int=77)
     shipment = Shipment(8, "ups", datetime.date(2024, 1, 2), ("p1", "p2"), {"p1": tracking})
 
@@ -578,11 +670,26 @@ def test_manifest_typed_event_round_trips_rich_fields(
         django_capture_on_commit_callbacks(execute=True),
     ):
         publish("shipping.shipped", shipment)
-        publish("shipping.shipped", {"order_id": 8, "carrier": "ups", "shipped_on": "2024-01-02",
-                                     "parcels": ["p1", "p2"], "tracking": {"p1": str(tracking)}})
+        publish(
+            "shipping.shipped",
+            {
+                "order_id": 8,
+                "carrier": "ups",
+                "shipped_on": "2024-01-02",
+                "parcels": ["p1", "p2"],
+                "tracking": {"p1": str(tracking)},
+            },
+        )
 
     assert [e.payload for e in received] == [shipment, shipment]
-    assert received[0].data == received[1].data == {
-        "order_id": 8, "carrier": "ups", "shipped_on": "2024-01-02", "parcels": ["p1", "p2"],
-        "tracking": {"p1": "00000000-0000-0000-0000-00000000004d"},
-    }
+    assert (
+        received[0].data
+        == received[1].data
+        == {
+            "order_id": 8,
+            "carrier": "ups",
+            "shipped_on": "2024-01-02",
+            "parcels": ["p1", "p2"],
+            "tracking": {"p1": "00000000-0000-0000-0000-00000000004d"},
+        }
+    )

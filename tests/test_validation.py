@@ -102,18 +102,31 @@ def test_every_error_is_reported_with_its_json_path(fast: bool) -> None:
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        ({}, [PayloadProblem("$", "'order_id' is a required property"),
-              PayloadProblem("$", "'total' is a required property")]),
+        (
+            {},
+            [
+                PayloadProblem("$", "'order_id' is a required property"),
+                PayloadProblem("$", "'total' is a required property"),
+            ],
+        ),
         ([], [PayloadProblem("$", "[] is not of type 'object'")]),
         ("order", [PayloadProblem("$", "'order' is not of type 'object'")]),
-        ({"order_id": True, "total": 1},
-         [PayloadProblem("$.order_id", "True is not of type 'integer'")]),
-        ({"order_id": 1, "total": False},
-         [PayloadProblem("$.total", "False is not of type 'number'")]),
-        ({"order_id": 1.5, "total": 1},
-         [PayloadProblem("$.order_id", "1.5 is not of type 'integer'")]),
-        ({"order_id": 1, "total": 1, "items": {"sku": "A"}},
-         [PayloadProblem("$.items", "{'sku': 'A'} is not of type 'array'")]),
+        (
+            {"order_id": True, "total": 1},
+            [PayloadProblem("$.order_id", "True is not of type 'integer'")],
+        ),
+        (
+            {"order_id": 1, "total": False},
+            [PayloadProblem("$.total", "False is not of type 'number'")],
+        ),
+        (
+            {"order_id": 1.5, "total": 1},
+            [PayloadProblem("$.order_id", "1.5 is not of type 'integer'")],
+        ),
+        (
+            {"order_id": 1, "total": 1, "items": {"sku": "A"}},
+            [PayloadProblem("$.items", "{'sku': 'A'} is not of type 'array'")],
+        ),
     ],
 )
 def test_invalid_payloads(fast: bool, payload: Any, expected: list[PayloadProblem]) -> None:
@@ -123,8 +136,7 @@ def test_invalid_payloads(fast: bool, payload: Any, expected: list[PayloadProble
 def test_keys_that_are_not_identifiers_are_quoted_in_paths(fast: bool) -> None:
     schema = {
         "type": "object",
-        "properties": {"headers": {"type": "object",
-                                   "additionalProperties": {"type": "string"}}},
+        "properties": {"headers": {"type": "object", "additionalProperties": {"type": "string"}}},
     }
 
     problems = validator(schema, fast).problems({"headers": {"content-type": 1, "ok": "x"}})
@@ -135,9 +147,7 @@ def test_keys_that_are_not_identifiers_are_quoted_in_paths(fast: bool) -> None:
 def test_values_the_fast_validator_cannot_read_are_reported_not_raised(fast: bool) -> None:
     when = datetime.datetime(2024, 5, 1, tzinfo=datetime.UTC)
 
-    problems = validator(ORDER_SCHEMA, fast).problems(
-        {"order_id": 1, "total": 1, "email": when}
-    )
+    problems = validator(ORDER_SCHEMA, fast).problems({"order_id": 1, "total": 1, "email": when})
 
     assert problems == [PayloadProblem("$.email", f"{when!r} is not of type 'string'")]
     # Not constrained by the schema: valid for the schema, json_problems() refuses it.
@@ -192,8 +202,9 @@ json_values = st.recursive(
     | st.integers()
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=10),
-    lambda children: st.lists(children, max_size=3)
-    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=5), children, max_size=3)
+    ),
     max_leaves=8,
 )
 # Near-valid values, so that valid payloads are generated as often as invalid ones.
@@ -204,8 +215,10 @@ FIELDS = {
     "tags": st.lists(st.text(max_size=9), max_size=4) | json_values,
 }
 payloads = st.one_of(
-    st.fixed_dictionaries({"order_id": FIELDS["order_id"], "total": FIELDS["total"]},
-                          optional={"currency": FIELDS["currency"], "tags": FIELDS["tags"]}),
+    st.fixed_dictionaries(
+        {"order_id": FIELDS["order_id"], "total": FIELDS["total"]},
+        optional={"currency": FIELDS["currency"], "tags": FIELDS["tags"]},
+    ),
     st.fixed_dictionaries({}, optional={**FIELDS, "extra": json_values}),
     json_values,
 )
@@ -247,30 +260,54 @@ def test_the_generated_payloads_cover_both_verdicts() -> None:
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        ({"total": decimal.Decimal("1.50")},
-         [PayloadProblem("$.total", "Decimal Decimal('1.50') is not JSON-serializable")]),
-        ({"at": datetime.datetime(2024, 5, 1, 12, 0)},
-         [PayloadProblem("$.at", "datetime datetime.datetime(2024, 5, 1, 12, 0) "
-                                 "is not JSON-serializable")]),
-        ({"on": datetime.date(2024, 5, 1)},
-         [PayloadProblem("$.on", "date datetime.date(2024, 5, 1) is not JSON-serializable")]),
-        ({"id": uuid.UUID(int=1)},
-         [PayloadProblem("$.id", "UUID UUID('00000000-0000-0000-0000-000000000001') "
-                                 "is not JSON-serializable")]),
+        (
+            {"total": decimal.Decimal("1.50")},
+            [PayloadProblem("$.total", "Decimal Decimal('1.50') is not JSON-serializable")],
+        ),
+        (
+            {"at": datetime.datetime(2024, 5, 1, 12, 0)},
+            [
+                PayloadProblem(
+                    "$.at", "datetime datetime.datetime(2024, 5, 1, 12, 0) is not JSON-serializable"
+                )
+            ],
+        ),
+        (
+            {"on": datetime.date(2024, 5, 1)},
+            [PayloadProblem("$.on", "date datetime.date(2024, 5, 1) is not JSON-serializable")],
+        ),
+        (
+            {"id": uuid.UUID(int=1)},
+            [
+                PayloadProblem(
+                    "$.id",
+                    "UUID UUID('00000000-0000-0000-0000-000000000001') is not JSON-serializable",
+                )
+            ],
+        ),
         ({"total": math.nan}, [PayloadProblem("$.total", "nan is not a JSON number")]),
         ({"total": math.inf}, [PayloadProblem("$.total", "inf is not a JSON number")]),
-        ({"items": [{"qty": 1}, {"qty": -math.inf}]},
-         [PayloadProblem("$.items[1].qty", "-inf is not a JSON number")]),
+        (
+            {"items": [{"qty": 1}, {"qty": -math.inf}]},
+            [PayloadProblem("$.items[1].qty", "-inf is not a JSON number")],
+        ),
         ({"tags": {"a"}}, [PayloadProblem("$.tags", "set {'a'} is not JSON-serializable")]),
         ({"raw": b"\x00"}, [PayloadProblem("$.raw", "bytes b'\\x00' is not JSON-serializable")]),
         ({"by_id": {1: "x"}}, [PayloadProblem("$.by_id", "key 1 is not a string")]),
-        ({"meta": {"content-type": object}},
-         [PayloadProblem("$.meta['content-type']",
-                         "type <class 'object'> is not JSON-serializable")]),
+        (
+            {"meta": {"content-type": object}},
+            [
+                PayloadProblem(
+                    "$.meta['content-type']", "type <class 'object'> is not JSON-serializable"
+                )
+            ],
+        ),
         (
             {"a": decimal.Decimal(1), "b": [math.nan]},
-            [PayloadProblem("$.a", "Decimal Decimal('1') is not JSON-serializable"),
-             PayloadProblem("$.b[0]", "nan is not a JSON number")],
+            [
+                PayloadProblem("$.a", "Decimal Decimal('1') is not JSON-serializable"),
+                PayloadProblem("$.b[0]", "nan is not a JSON number"),
+            ],
         ),
     ],
 )
@@ -313,22 +350,34 @@ def test_the_same_value_twice_is_not_a_cycle() -> None:
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
-        ({"order_id": "7", "total": 1, "items": [{"sku": 3}]},
-         "Invalid payload for event 'orders.placed': $.items[0].sku: 3 is not of type 'string'; "
-         "$.order_id: '7' is not of type 'integer'"),
-        ({"order_id": 7, "total": decimal.Decimal("9.90")},
-         "Invalid payload for event 'orders.placed': "
-         "$.total: Decimal Decimal('9.90') is not JSON-serializable"),
-        ({"order_id": 7, "total": math.nan},
-         "Invalid payload for event 'orders.placed': $.total: nan is not a JSON number"),
-        ({"order_id": 7, "total": 1, "at": datetime.date(2024, 1, 1)},
-         "Invalid payload for event 'orders.placed': "
-         "$.at: date datetime.date(2024, 1, 1) is not JSON-serializable"),
-        ({"order_id": 7, "total": 1, "email": datetime.date(2024, 1, 1)},
-         "Invalid payload for event 'orders.placed': "
-         "$.email: datetime.date(2024, 1, 1) is not of type 'string'"),
-        (["order_id", 7],
-         "Invalid payload for event 'orders.placed': $: expected a dict, got list"),
+        (
+            {"order_id": "7", "total": 1, "items": [{"sku": 3}]},
+            "Invalid payload for event 'orders.placed': $.items[0].sku: 3 is not of type 'string'; "
+            "$.order_id: '7' is not of type 'integer'",
+        ),
+        (
+            {"order_id": 7, "total": decimal.Decimal("9.90")},
+            "Invalid payload for event 'orders.placed': "
+            "$.total: Decimal Decimal('9.90') is not JSON-serializable",
+        ),
+        (
+            {"order_id": 7, "total": math.nan},
+            "Invalid payload for event 'orders.placed': $.total: nan is not a JSON number",
+        ),
+        (
+            {"order_id": 7, "total": 1, "at": datetime.date(2024, 1, 1)},
+            "Invalid payload for event 'orders.placed': "
+            "$.at: date datetime.date(2024, 1, 1) is not JSON-serializable",
+        ),
+        (
+            {"order_id": 7, "total": 1, "email": datetime.date(2024, 1, 1)},
+            "Invalid payload for event 'orders.placed': "
+            "$.email: datetime.date(2024, 1, 1) is not of type 'string'",
+        ),
+        (
+            ["order_id", 7],
+            "Invalid payload for event 'orders.placed': $: expected a dict, got list",
+        ),
     ],
 )
 def test_publish_refuses_invalid_payloads_and_records_nothing(

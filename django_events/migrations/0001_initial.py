@@ -8,80 +8,174 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='Delivery',
+            name="Delivery",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('subscription', models.CharField(max_length=255, verbose_name='subscription')),
-                ('mode', models.CharField(max_length=8, verbose_name='mode')),
-                ('status', models.CharField(choices=[('pending', 'pending'), ('running', 'running'), ('succeeded', 'succeeded'), ('failed', 'failed'), ('resolved', 'resolved')], default='pending', max_length=16, verbose_name='status')),
-                ('attempts', models.PositiveIntegerField(default=0, help_text='Runs of the handler, manual retries included.', verbose_name='attempts')),
-                ('last_error', models.TextField(blank=True, default='', verbose_name='last error')),
-                ('traceback', models.TextField(blank=True, default='', verbose_name='traceback')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='created at')),
-                ('updated_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='updated at')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("subscription", models.CharField(max_length=255, verbose_name="subscription")),
+                ("mode", models.CharField(max_length=8, verbose_name="mode")),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("running", "running"),
+                            ("succeeded", "succeeded"),
+                            ("failed", "failed"),
+                            ("resolved", "resolved"),
+                        ],
+                        default="pending",
+                        max_length=16,
+                        verbose_name="status",
+                    ),
+                ),
+                (
+                    "attempts",
+                    models.PositiveIntegerField(
+                        default=0,
+                        help_text="Runs of the handler, manual retries included.",
+                        verbose_name="attempts",
+                    ),
+                ),
+                ("last_error", models.TextField(blank=True, default="", verbose_name="last error")),
+                ("traceback", models.TextField(blank=True, default="", verbose_name="traceback")),
+                (
+                    "created_at",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now, verbose_name="created at"
+                    ),
+                ),
+                (
+                    "updated_at",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now, verbose_name="updated at"
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'delivery',
-                'verbose_name_plural': 'deliveries',
-                'ordering': ['-updated_at'],
+                "verbose_name": "delivery",
+                "verbose_name_plural": "deliveries",
+                "ordering": ["-updated_at"],
             },
         ),
         migrations.CreateModel(
-            name='Failure',
-            fields=[
-            ],
+            name="Failure",
+            fields=[],
             options={
-                'verbose_name': 'failure',
-                'verbose_name_plural': 'failures',
-                'proxy': True,
-                'indexes': [],
-                'constraints': [],
+                "verbose_name": "failure",
+                "verbose_name_plural": "failures",
+                "proxy": True,
+                "indexes": [],
+                "constraints": [],
             },
-            bases=('django_events.delivery',),
+            bases=("django_events.delivery",),
         ),
         migrations.CreateModel(
-            name='EventRecord',
+            name="EventRecord",
             fields=[
-                ('id', models.UUIDField(editable=False, primary_key=True, serialize=False, verbose_name='event id')),
-                ('name', models.CharField(max_length=200, verbose_name='event name')),
-                ('payload', models.JSONField(default=dict, verbose_name='payload')),
-                ('headers', models.JSONField(blank=True, default=dict, verbose_name='headers')),
-                ('occurred_at', models.DateTimeField(default=django.utils.timezone.now, verbose_name='occurred at')),
-                ('correlation_id', models.UUIDField(help_text='Shared by every event of one chain.', verbose_name='correlation id')),
-                ('causation_id', models.UUIDField(blank=True, help_text='The event whose handler published this one.', null=True, verbose_name='causation id')),
-                ('status', models.CharField(choices=[('pending', 'pending'), ('dispatched', 'dispatched'), ('failed', 'failed')], default='pending', help_text='pending: not yet handed to the broker; dispatched: handed over.', max_length=16, verbose_name='status')),
-                ('dispatched_at', models.DateTimeField(blank=True, null=True, verbose_name='dispatched at')),
+                (
+                    "id",
+                    models.UUIDField(
+                        editable=False, primary_key=True, serialize=False, verbose_name="event id"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200, verbose_name="event name")),
+                ("payload", models.JSONField(default=dict, verbose_name="payload")),
+                ("headers", models.JSONField(blank=True, default=dict, verbose_name="headers")),
+                (
+                    "occurred_at",
+                    models.DateTimeField(
+                        default=django.utils.timezone.now, verbose_name="occurred at"
+                    ),
+                ),
+                (
+                    "correlation_id",
+                    models.UUIDField(
+                        help_text="Shared by every event of one chain.",
+                        verbose_name="correlation id",
+                    ),
+                ),
+                (
+                    "causation_id",
+                    models.UUIDField(
+                        blank=True,
+                        help_text="The event whose handler published this one.",
+                        null=True,
+                        verbose_name="causation id",
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("pending", "pending"),
+                            ("dispatched", "dispatched"),
+                            ("failed", "failed"),
+                        ],
+                        default="pending",
+                        help_text="pending: not yet handed to the broker; dispatched: handed over.",
+                        max_length=16,
+                        verbose_name="status",
+                    ),
+                ),
+                (
+                    "dispatched_at",
+                    models.DateTimeField(blank=True, null=True, verbose_name="dispatched at"),
+                ),
             ],
             options={
-                'verbose_name': 'event',
-                'verbose_name_plural': 'event log',
-                'ordering': ['-occurred_at'],
-                'indexes': [models.Index(fields=['name', '-occurred_at'], name='django_events_name_occ_idx'), models.Index(fields=['-occurred_at'], name='django_events_occurred_idx'), models.Index(fields=['correlation_id'], name='django_events_correlation_idx'), models.Index(fields=['causation_id'], name='django_events_causation_idx'), models.Index(condition=models.Q(('status', 'pending')), fields=['occurred_at'], name='django_events_pending_idx')],
+                "verbose_name": "event",
+                "verbose_name_plural": "event log",
+                "ordering": ["-occurred_at"],
+                "indexes": [
+                    models.Index(
+                        fields=["name", "-occurred_at"], name="django_events_name_occ_idx"
+                    ),
+                    models.Index(fields=["-occurred_at"], name="django_events_occurred_idx"),
+                    models.Index(fields=["correlation_id"], name="django_events_correlation_idx"),
+                    models.Index(fields=["causation_id"], name="django_events_causation_idx"),
+                    models.Index(
+                        condition=models.Q(("status", "pending")),
+                        fields=["occurred_at"],
+                        name="django_events_pending_idx",
+                    ),
+                ],
             },
         ),
         migrations.AddField(
-            model_name='delivery',
-            name='event',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='deliveries', to='django_events.eventrecord', verbose_name='event'),
+            model_name="delivery",
+            name="event",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="deliveries",
+                to="django_events.eventrecord",
+                verbose_name="event",
+            ),
         ),
         migrations.AddIndex(
-            model_name='delivery',
-            index=models.Index(fields=['status', '-updated_at'], name='django_events_dlv_status_idx'),
+            model_name="delivery",
+            index=models.Index(
+                fields=["status", "-updated_at"], name="django_events_dlv_status_idx"
+            ),
         ),
         migrations.AddIndex(
-            model_name='delivery',
-            index=models.Index(fields=['subscription', 'status'], name='django_events_dlv_sub_idx'),
+            model_name="delivery",
+            index=models.Index(fields=["subscription", "status"], name="django_events_dlv_sub_idx"),
         ),
         migrations.AddConstraint(
-            model_name='delivery',
-            constraint=models.UniqueConstraint(fields=('event', 'subscription'), name='django_events_delivery_unique'),
+            model_name="delivery",
+            constraint=models.UniqueConstraint(
+                fields=("event", "subscription"), name="django_events_delivery_unique"
+            ),
         ),
     ]

@@ -12,8 +12,13 @@ from .models import HandlerRun
 def _run(name: str, event: Event) -> HandlerRun:
     payload = event.data
     return HandlerRun.objects.create(
-        handler=name, event_id=event.id, event_name=event.name, payload=payload,
-        correlation_id=event.correlation_id, causation_id=event.causation_id, pid=os.getpid(),
+        handler=name,
+        event_id=event.id,
+        event_name=event.name,
+        payload=payload,
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        pid=os.getpid(),
     )
 
 

@@ -14,15 +14,28 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--loop", action="store_true", help="Keep polling until stopped.")
-        parser.add_argument("--interval", type=float, default=5.0,
-                            help="Seconds between polls with --loop (default 5).")
-        parser.add_argument("--batch-size", type=int, default=500,
-                            help="Records sent per transaction (default 500).")
-        parser.add_argument("--min-age", type=float, default=10.0,
-                            help="Only records older than this many seconds (default 10), "
-                                 "leaving fresh ones to the publisher's on-commit send.")
-        parser.add_argument("--database", default=DEFAULT_DB_ALIAS,
-                            help="Database alias holding the event log.")
+        parser.add_argument(
+            "--interval",
+            type=float,
+            default=5.0,
+            help="Seconds between polls with --loop (default 5).",
+        )
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            default=500,
+            help="Records sent per transaction (default 500).",
+        )
+        parser.add_argument(
+            "--min-age",
+            type=float,
+            default=10.0,
+            help="Only records older than this many seconds (default 10), "
+            "leaving fresh ones to the publisher's on-commit send.",
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["database"] not in connections.settings:
@@ -32,8 +45,11 @@ class Command(BaseCommand):
         while True:
             total = 0
             while True:
-                result = relay_pending(batch_size=options["batch_size"],
-                                       min_age=options["min_age"], using=options["database"])
+                result = relay_pending(
+                    batch_size=options["batch_size"],
+                    min_age=options["min_age"],
+                    using=options["database"],
+                )
                 total += result.sent
                 if result.unsent or result.sent + result.undeclared < options["batch_size"]:
                     break

@@ -6,32 +6,40 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='HandlerRun',
+            name="HandlerRun",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('handler', models.CharField(max_length=100)),
-                ('event_id', models.UUIDField()),
-                ('event_name', models.CharField(max_length=200)),
-                ('payload', models.JSONField(default=dict)),
-                ('correlation_id', models.UUIDField(null=True)),
-                ('causation_id', models.UUIDField(null=True)),
-                ('pid', models.IntegerField(default=0)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("handler", models.CharField(max_length=100)),
+                ("event_id", models.UUIDField()),
+                ("event_name", models.CharField(max_length=200)),
+                ("payload", models.JSONField(default=dict)),
+                ("correlation_id", models.UUIDField(null=True)),
+                ("causation_id", models.UUIDField(null=True)),
+                ("pid", models.IntegerField(default=0)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Order',
+            name="Order",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('total', models.FloatField()),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("total", models.FloatField()),
             ],
         ),
     ]
