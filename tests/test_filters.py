@@ -325,7 +325,8 @@ def test_malformed_filter_in_a_subscription_is_E108_naming_it() -> None:
         (
             "django_events.E108",
             "Subscription 'big-orders': when.any[0].total: unknown operator(s) ['above']; "
-            "use one of ['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', 'not_in']",
+            "use one of ['contains', 'eq', 'exists', 'gt', 'gte', 'in', 'lt', 'lte', 'ne', "
+            "'not_in']",
             "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
         )
     ]
