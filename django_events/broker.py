@@ -87,11 +87,11 @@ class BrokerHealth:
 health = BrokerHealth()
 
 
-Outgoing = tuple[Event, bool, Sequence[Subscription]]  # event, durable, subscriptions
+SendItem = tuple[Event, bool, Sequence[Subscription]]  # event, durable, subscriptions
 
 
 def send_deliveries(
-    items: Sequence[Outgoing],
+    items: Sequence[SendItem],
     alias: str,
     *,
     app: Celery | None = None,

@@ -23,7 +23,7 @@ from .declarations import (
     SubscriptionDeclaration,
 )
 from .events import Event
-from .exceptions import InvalidPayload, UnknownEvent
+from .exceptions import InvalidPayload, PayloadProblem, UnknownEvent
 from .filters import FilterError, Predicate, compile_filter
 from .manifest import Manifest, load_manifest, manifest_schema, parse_settings
 from .validation import PayloadValidator, json_problems
@@ -105,9 +105,7 @@ class CompiledEvent:
         return typed.from_data(self.type, data)
 
 
-def _not_an_object(payload: Any, tp: type | None) -> Any:
-    from .exceptions import PayloadProblem
-
+def _not_an_object(payload: Any, tp: type | None) -> PayloadProblem:
     expected = f"a dict or {tp.__qualname__}" if tp else "a dict"
     return PayloadProblem("$", f"expected {expected}, got {type(payload).__name__}")
 
