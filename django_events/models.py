@@ -122,3 +122,36 @@ class Failure(Delivery):
         proxy = True
         verbose_name = _("failure")
         verbose_name_plural = _("failures")
+
+
+class IdempotencyKey(models.Model):
+    """An inbound call's idempotency key: a retry within the window gets the first event id."""
+
+    event_name = models.CharField(_("event name"), max_length=200)
+    key = models.CharField(
+        _("key"),
+        max_length=255,
+        help_text=_("The caller's Idempotency-Key, a payload field, or a signature digest."),
+    )
+    event_id = models.UUIDField(_("event id"), help_text=_("The event the first call published."))
+    created_at = models.DateTimeField(_("created at"), default=timezone.now)
+    expires_at = models.DateTimeField(
+        _("expires at"), help_text=_("After this, the same key publishes a new event.")
+    )
+
+    class Meta:
+        verbose_name = _("idempotency key")
+        verbose_name_plural = _("idempotency keys")
+        ordering = ["-created_at"]
+        constraints = [
+            # Two racing calls with one key: the second insert fails and its publish rolls back.
+            models.UniqueConstraint(
+                fields=["event_name", "key"], name="django_events_idempotency_unique"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["expires_at"], name="django_events_idem_expires_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_name} {self.key}"
