@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .events import Event, current_event
-from .exceptions import EventError, InvalidPayload, ManifestError, UnknownEvent
+from .exceptions import EventError, InterceptorError, InvalidPayload, ManifestError, UnknownEvent
 from .typed import event
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Event",
     "EventError",
+    "InterceptorError",
     "InvalidPayload",
     "ManifestError",
     "UnknownEvent",

@@ -26,6 +26,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E107": "a subscription is declared twice",
     "django_events.E108": "a subscription's when filter is invalid",
     "django_events.E109": "an event's type is not a dataclass or pydantic model",
+    "django_events.E110": "a PIPELINE entry is not an interceptor",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",

@@ -41,6 +41,18 @@ class InvalidPayload(EventError, ValueError):
         super().__init__(f"Invalid payload for event {name!r}: {details}")
 
 
+class InterceptorError(EventError):
+    """An interceptor's ``send`` raised: the publish is aborted, nothing recorded or sent."""
+
+    def __init__(self, name: str, interceptor: str, error: Exception) -> None:
+        self.name = name
+        self.interceptor = interceptor
+        self.error = error
+        super().__init__(
+            f"Interceptor {interceptor} refused event {name!r}: {type(error).__name__}: {error}"
+        )
+
+
 class ManifestError(ImproperlyConfigured):
     """A manifest could not be loaded; `problems` lists each one with file and line."""
 

@@ -14,6 +14,7 @@ from django.utils import timezone
 from .dispatch import Outgoing, dispatch
 from .events import Event, current_event
 from .execution import run_handler
+from .interceptors import run_send
 from .models import EventRecord
 from .recording import record_for
 from .registry import Registry, get_registry
@@ -28,7 +29,8 @@ def publish(
 ) -> Event:
     """Publish one event: by name with a payload dict, or an instance of an ``@event`` class.
 
-    Raises ``UnknownEvent`` or ``InvalidPayload`` (nothing is recorded or sent then).
+    Raises ``UnknownEvent``, ``InvalidPayload`` or ``InterceptorError`` (an interceptor's
+    ``send`` raised); nothing is recorded or sent then.
     Inline handlers run now; sync and async deliveries run after the transaction on
     ``using`` commits (at once outside a transaction).
     """
@@ -82,8 +84,8 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         causation_id=parent.id if parent else None,
         data=data,
     )
-    for interceptor in registry.interceptors:
-        interceptor.send(new)
+    if registry.interceptors:
+        run_send(registry.interceptors, new)
     accepts = _accepted
     return Outgoing(
         event=new,

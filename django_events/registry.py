@@ -425,7 +425,24 @@ def _load_interceptors(problems: list[Problem]) -> list[Any]:
                 )
             )
             continue
-        interceptors.append(target() if isinstance(target, type) else target)
+        try:
+            interceptor = target() if isinstance(target, type) else target
+        except Exception as exc:  # noqa: BLE001 - reported as a check, the entry left out
+            interceptor, reason = None, f"{type(exc).__name__}: {exc}"
+        else:
+            missing = [m for m in ("send", "handle") if not callable(getattr(interceptor, m, None))]
+            reason = f"it has no {' or '.join(missing)} method" if missing else ""
+        if interceptor is None or reason:
+            problems.append(
+                _problem(
+                    "E110",
+                    f"PIPELINE entry {path!r} is not an interceptor: {reason}",
+                    "Give it send(event) and handle(event, subscription, call_next).",
+                    SETTINGS_ORIGIN,
+                )
+            )
+            continue
+        interceptors.append(interceptor)
     return interceptors
 
 

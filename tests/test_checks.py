@@ -695,6 +695,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         {"event": "orders.placed", "handler": RECORD, "when": {"any": []}}
     ),
     "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
+    "django_events.E110": lambda _: wiring(PIPELINE=["tests.app.handlers.not_callable"]),
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),

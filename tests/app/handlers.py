@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import os
 
-from django_events import Event, publish
+from django_events import Event, context, publish
 
 from .models import HandlerRun
 
 
-def _run(name: str, event: Event) -> HandlerRun:
-    payload = event.data
+def _run(name: str, event: Event, payload: dict[str, object] | None = None) -> HandlerRun:
     return HandlerRun.objects.create(
         handler=name,
         event_id=event.id,
         event_name=event.name,
-        payload=payload,
+        payload=event.data if payload is None else payload,
         correlation_id=event.correlation_id,
         causation_id=event.causation_id,
         pid=os.getpid(),
@@ -56,3 +55,11 @@ class ClassHandler:
 
 
 not_callable = 42
+
+
+def forward(event: Event) -> None:
+    """A handler chain: note the context values, publish the next of ``payload["steps"]``."""
+    steps = event.data.get("steps", [])
+    _run("forward", event, {**event.data, "context": context.values()})
+    if steps:
+        publish(steps[0], {"steps": steps[1:]})
