@@ -2,7 +2,7 @@
 # The whole test suite, set-up included: README's test command, and what .ci/run calls.
 #   1. starts PostgreSQL / RabbitMQ / Redis on loopback if one has stopped (DESIGN.md 5);
 #   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1);
-#   3. ruff and mypy;
+#   3. ruff and mypy, and the Sphinx docs with warnings as errors;
 #   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the
 #      filesystem transport, RabbitMQ and Redis), then the non-server tests on Django 6.1.
 set -euo pipefail
@@ -45,6 +45,7 @@ ensure_services
 
 step "environments"
 make_venv .venv python3 "django>=5.2,<5.3"
+.venv/bin/python -m pip install -q --group docs
 PY313=$(PYENV_VERSION=3.13.0 pyenv which python 2>/dev/null || command -v python3.13 || true)
 if [ -n "$PY313" ]; then
   make_venv .venv-django61 "$PY313" "django>=6.1,<6.2"
@@ -53,9 +54,13 @@ elif [ -n "${CI:-}" ]; then
 fi
 
 step "ruff"
-.venv/bin/ruff check django_events tests example_project
+.venv/bin/ruff check django_events tests example_project docs
 step "mypy"
 .venv/bin/mypy django_events
+
+step "docs (Sphinx, warnings are errors)"
+rm -rf docs/_build
+.venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 step "tests: Django 5.2, SQLite"
 .venv/bin/python -m pytest -q "$@"

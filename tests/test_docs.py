@@ -1,0 +1,95 @@
+"""Everything a user can set, run or declare is documented.
+
+Each test names what is missing and where to document it, so a new setting, command or
+manifest field fails here until its documentation exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+from django_events.conf import DEFAULTS
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+COMMANDS = ROOT / "django_events" / "management" / "commands"
+
+
+def reference_generator() -> ModuleType:
+    """The Sphinx extension that renders docs/manifest.md from the shipped schema."""
+    spec = importlib.util.spec_from_file_location(
+        "manifest_reference", DOCS / "_ext" / "manifest_reference.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_keys(markdown: str) -> set[str]:
+    """The backquoted names in the first column of every Markdown table row."""
+    return set(re.findall(r"^\|\s*`([^`]+)`\s*\|", markdown, flags=re.MULTILINE))
+
+
+def test_every_setting_key_is_documented() -> None:
+    page = DOCS / "configuration.md"
+    missing = sorted(set(DEFAULTS) - table_keys(page.read_text(encoding="utf-8")))
+
+    assert not missing, (
+        f"DJANGO_EVENTS key(s) {missing} (django_events/conf.py DEFAULTS) are not documented: "
+        f"add a row `| `KEY` | type | default | meaning |` to the settings table of {page}"
+    )
+
+
+def test_every_management_command_is_documented() -> None:
+    page = DOCS / "commands.md"
+    commands = {p.stem for p in COMMANDS.glob("*.py") if not p.stem.startswith("_")}
+    headings = set(re.findall(r"^##\s+`([a-z_]+)`", page.read_text(encoding="utf-8"), re.M))
+    missing = sorted(commands - headings)
+
+    assert commands, f"no management commands found in {COMMANDS}"
+    assert not missing, (
+        f"management command(s) {missing} are not documented: add a section "
+        f"'## `NAME`' (what it does, its options, its exit status) to {page}"
+    )
+
+
+def test_every_manifest_field_has_a_description_in_the_generated_reference() -> None:
+    generator = reference_generator()
+    schema = generator.load_schema()
+    undescribed = []
+    for _, pointer in generator.object_sections(schema):
+        for name, prop in generator.fields(schema, pointer):
+            target = generator.resolve(schema, prop["$ref"][1:]) if "$ref" in prop else {}
+            if not (prop.get("description") or target.get("description")):
+                undescribed.append(f"{pointer or '/'}/properties/{name}")
+
+    assert not undescribed, (
+        f"manifest field(s) {undescribed} have no 'description' in "
+        "django_events/schemas/manifest.schema.json; docs/manifest.md is generated from it"
+    )
+
+
+def test_generated_reference_lists_every_field_of_every_declaration() -> None:
+    generator = reference_generator()
+    schema = generator.load_schema()
+    rendered = generator.render(schema)
+    titles = re.findall(r"^## (.+)$", rendered, flags=re.MULTILINE)
+
+    assert titles[:4] == [
+        "Top level",
+        "Event declaration",
+        "Subscription declaration",
+        "Retry policy",
+    ]
+    for title, pointer in generator.object_sections(schema):
+        section = rendered.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+        assert table_keys(section) == {name for name, _ in generator.fields(schema, pointer)}
+    assert '| `mode` | `"inline"` or `"sync"` or `"async"` | no | `"sync"` |' in rendered
+    assert "| `handler` | dotted path | yes |" in rendered
+    assert "| `version` | `1` | yes |" in rendered
+    assert "docs/manifest.md" not in rendered
+    assert "{manifest-reference}" in (DOCS / "manifest.md").read_text(encoding="utf-8")
