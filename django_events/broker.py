@@ -13,6 +13,7 @@ from django.utils.module_loading import import_string
 
 from .conf import conf
 from .events import Event
+from .execution import batch_log_extra, log_extra
 from .registry import Subscription
 
 if TYPE_CHECKING:
@@ -64,24 +65,28 @@ class BrokerHealth:
         self._lock = threading.Lock()
         self.down = False
 
-    def failed(self, exc: BaseException, count: int) -> None:
+    def failed(self, exc: BaseException, events: Sequence[Event]) -> None:
         with self._lock:
             first, self.down = not self.down, True
+        extra = batch_log_extra(events)
         if first:
             logger.error(
                 "Broker unreachable; %d event(s) stay pending for events_relay: %s",
-                count,
+                len(events),
                 exc,
                 exc_info=exc,
+                extra=extra,
             )
         else:
-            logger.debug("Broker still unreachable; %d more event(s) pending", count)
+            logger.debug(
+                "Broker still unreachable; %d more event(s) pending", len(events), extra=extra
+            )
 
     def succeeded(self) -> None:
         if self.down:
             with self._lock:
                 self.down = False
-            logger.warning("Broker reachable again")
+            logger.warning("Broker reachable again", extra=log_extra())
 
 
 health = BrokerHealth()
@@ -106,10 +111,16 @@ def send_deliveries(
     try:
         app = app or celery_app()
     except ImportError:
-        logger.exception("DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending")
+        logger.exception(
+            "DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending",
+            extra=batch_log_extra([event for event, _, _ in items]),
+        )
         return {event.id for event, _, _ in items}
     if app is None:
-        logger.error("No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending")
+        logger.error(
+            "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending",
+            extra=batch_log_extra([event for event, _, _ in items]),
+        )
         return {event.id for event, _, _ in items}
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
@@ -141,7 +152,7 @@ def send_deliveries(
                     )
                 sent += 1
     except Exception as exc:  # noqa: BLE001 - any transport error: the outbox keeps the rest
-        health.failed(exc, len(items) - sent)
+        health.failed(exc, [event for event, _, _ in items[sent:]])
         return {event.id for event, _, _ in items[sent:]}
     health.succeeded()
     return set()

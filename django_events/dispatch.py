@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from . import broker
 from .events import Event
-from .execution import log_extra, run_handler
+from .execution import batch_log_extra, log_extra, run_handler
 from .models import Delivery, EventRecord
 from .recording import delivery, ensure_records, save_deliveries
 from .registry import CompiledEvent, Subscription, get_registry
@@ -54,7 +54,11 @@ def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
             ensure_records(alias, unrecorded, EventRecord.Status.PENDING)
     except DatabaseError:
         # The messages are out; records left pending are sent again by the relay (at least once).
-        logger.exception("Could not mark %d event(s) dispatched", len(sent_ids))
+        logger.exception(
+            "Could not mark %d event(s) dispatched",
+            len(sent_ids),
+            extra=batch_log_extra([o.event for o in batch]),
+        )
     return unsent
 
 
@@ -77,7 +81,11 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
             ensure_records(alias, unrecorded_failures, EventRecord.Status.DISPATCHED)
         save_deliveries(alias, rows)
     except DatabaseError:
-        logger.exception("Could not record %d sync delivery outcome(s)", len(rows))
+        logger.exception(
+            "Could not record %d sync delivery outcome(s)",
+            len(rows),
+            extra=batch_log_extra([o.event for o in batch]),
+        )
 
 
 def run_sync_handler(

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from . import broker
 from .events import Event
+from .execution import log_extra
 from .models import EventRecord
 from .registry import get_registry
 
@@ -73,7 +74,9 @@ def relay_pending(
         )
         if undeclared:
             logger.error(
-                "%d pending event(s) are no longer declared; marked failed", len(undeclared)
+                "%d pending event(s) are no longer declared; marked failed",
+                len(undeclared),
+                extra=log_extra(),
             )
             EventRecord.objects.using(using).filter(pk__in=undeclared).update(
                 status=EventRecord.Status.FAILED

@@ -56,7 +56,9 @@ def _process(raw: Any, retries: int) -> Outcome:
     except (KeyError, TypeError, ValueError) as exc:
         # Keys only: a payload may hold fields that `redact` keeps out of logs.
         shape = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        logger.error("Rejected a malformed django_events message (%s): %s", exc, shape)
+        logger.error(
+            "Rejected a malformed django_events message (%s): %s", exc, shape, extra=log_extra()
+        )
         return Outcome("rejected")
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
@@ -170,20 +172,27 @@ def _run_idempotent(
 
 def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported)."""
-    logger.error(
-        "%s (event %s)",
-        error,
-        message.event.get("id"),
-        extra={"subscription": message.subscription},
-    )
+    extra = _message_log_extra(message)
+    logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
         event = Event.from_message(message.event)
     except (KeyError, TypeError, ValueError):
-        logger.error("Cannot record the failure: the message's event is malformed")
+        logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
     row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
     _record_quietly(message.alias, event, [row], always=True)
     return Outcome("failed")
+
+
+def _message_log_extra(message: _Message) -> dict[str, Any]:
+    """``log_extra`` read from a message whose event may not rebuild."""
+    extra = log_extra(None, message.subscription)
+    for field, key in (("event_id", "id"), ("event_name", "name")):
+        value = message.event.get(key)
+        extra[field] = None if value is None else str(value)
+    value = message.event.get("correlation_id")
+    extra["correlation_id"] = None if value is None else str(value)
+    return extra
 
 
 def _record_quietly(alias: str, event: Event, rows: list[Delivery], *, always: bool) -> None:

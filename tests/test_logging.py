@@ -1,0 +1,117 @@
+"""Every log record of the package carries event_id, event_name, subscription and
+correlation_id as ``extra`` attributes, so JSON log formatters always find them."""
+
+from __future__ import annotations
+
+import ast
+import logging
+from pathlib import Path
+
+import pytest
+from django.db import transaction
+
+from django_events import publish
+from django_events.execution import LOG_FIELDS
+from django_events.worker import process_message
+from tests.conftest import wiring
+
+PACKAGE = Path(__file__).resolve().parent.parent / "django_events"
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+FAILING_SYNC = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.always_fails",
+    "mode": "sync",
+    "name": "sync-fails",
+}
+ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
+PAYLOAD = {"order_id": 1, "total": 12.5}
+
+
+def logger_calls_without_extra() -> list[str]:
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LOG_METHODS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in ("logger", "log", "logging")
+                and not any(k.arg == "extra" for k in node.keywords)
+            ):
+                missing.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
+    return missing
+
+
+def test_every_logger_call_of_the_package_passes_extra() -> None:
+    missing = logger_calls_without_extra()
+
+    assert not missing, (
+        f"logger calls without extra= at {missing}: pass "
+        "extra=log_extra(event, subscription) (django_events.execution) so every record "
+        f"carries {LOG_FIELDS}; log_extra() with no event gives None fields"
+    )
+
+
+def package_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("django_events")]
+
+
+def assert_structured(records: list[logging.LogRecord]) -> None:
+    assert records, "no log record from the package"
+    for record in records:
+        missing = [f for f in LOG_FIELDS if not hasattr(record, f)]
+        assert not missing, f"{record.name}: {record.getMessage()!r} lacks {missing}"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_sync_handler_logs_the_event_and_subscription(caplog) -> None:
+    with wiring(FAILING_SYNC), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+
+    [record] = package_records(caplog)
+    assert_structured([record])
+    assert (record.event_id, record.event_name, record.subscription, record.correlation_id) == (
+        str(event.id),
+        "orders.placed",
+        "sync-fails",
+        str(event.correlation_id),
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_unimportable_celery_app_logs_the_event_left_pending(caplog) -> None:
+    with wiring(ASYNC, CELERY_APP="tests.app.no_such_module.app"):
+        event = publish("orders.placed", PAYLOAD)
+
+    [record] = package_records(caplog)
+    assert_structured([record])
+    assert "does not import" in record.getMessage()
+    assert (record.event_id, record.subscription) == (str(event.id), None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_worker_rejections_log_what_the_message_says(caplog) -> None:
+    event = {
+        "id": "8b0f8f3e-6c1d-4a57-9a7e-2f5b1c1d2e3f",
+        "name": "orders.placed",
+        "payload": PAYLOAD,
+        "headers": {},
+        "occurred_at": "2026-01-01T00:00:00+00:00",
+        "correlation_id": "8b0f8f3e-6c1d-4a57-9a7e-2f5b1c1d2e3f",
+        "causation_id": None,
+    }
+    process_message("not a message", 0)
+    process_message({"subscription": "nobody", "event": event}, 0)
+
+    records = package_records(caplog)
+    assert_structured(records)
+    malformed, unknown = records
+    assert (malformed.event_id, malformed.subscription) == (None, None)
+    assert "Unknown subscription 'nobody'" in unknown.getMessage()
+    assert (unknown.event_id, unknown.event_name, unknown.subscription) == (
+        event["id"],
+        "orders.placed",
+        "nobody",
+    )
+    assert unknown.correlation_id == event["correlation_id"]
