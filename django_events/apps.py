@@ -19,11 +19,13 @@ class DjangoEventsConfig(AppConfig):
 
         from . import checks, tasks  # noqa: F401 - tasks registers django_events.deliver
         from .conf import conf
+        from .inbound.checks import check_inbound
         from .registry import get_registry
 
         register(checks.check_configuration, "django_events")
         register(checks.check_handlers, "django_events")
         register(checks.check_celery, "django_events")
+        register(check_inbound, "django_events")
         setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
         if conf.AUTODISCOVER:
             autodiscover_modules("events")  # apps' events.py modules declare @event classes

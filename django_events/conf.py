@@ -24,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "DEFAULT_RETRY": DEFAULT_RETRY,
     "RECORD": "all",
     "PIPELINE": [],
+    "INBOUND_MAX_BODY": 256 * 1024,
 }
 
 RECORD_CHOICES = ("all", "failures")
@@ -83,6 +84,13 @@ class Settings:
     @property
     def PIPELINE(self) -> list[str]:
         return self._list("PIPELINE")
+
+    @property
+    def INBOUND_MAX_BODY(self) -> int:
+        value = self._get("INBOUND_MAX_BODY")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return int(DEFAULTS["INBOUND_MAX_BODY"])  # E001 reports it
+        return value
 
 
 conf = Settings()

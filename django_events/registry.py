@@ -264,6 +264,16 @@ def settings_problems() -> list[Problem]:
         problems.append(
             _problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict", None, SETTINGS_ORIGIN)
         )
+    max_body = raw.get("INBOUND_MAX_BODY", 1)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['INBOUND_MAX_BODY'] is {max_body!r}",
+                "Use a positive number of bytes.",
+                SETTINGS_ORIGIN,
+            )
+        )
     retry = raw.get("DEFAULT_RETRY", {})
     retry_schema = {**manifest_schema()["$defs"]["retry"], "$defs": manifest_schema()["$defs"]}
     for error in Draft202012Validator(retry_schema).iter_errors(retry):

@@ -6,6 +6,7 @@ from django.core.checks import CheckMessage
 from django.core.management.base import BaseCommand, CommandError
 
 from django_events.checks import check_celery, check_configuration, check_handlers
+from django_events.inbound.checks import check_inbound
 from django_events.registry import reset_registry
 
 
@@ -15,7 +16,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         reset_registry()  # read the manifests as they are on disk now
-        messages: list[CheckMessage] = [*check_configuration(), *check_handlers(), *check_celery()]
+        messages: list[CheckMessage] = [
+            *check_configuration(),
+            *check_handlers(),
+            *check_celery(),
+            *check_inbound(),
+        ]
         for message in messages:
             hint = f"\n    HINT: {message.hint}" if message.hint else ""
             line = f"{message.obj}: ({message.id}) {message.msg}{hint}"

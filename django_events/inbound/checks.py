@@ -1,0 +1,123 @@
+"""System checks of inbound declarations (django_events.E301-E319 / W301-W319)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import apps
+from django.core.checks import CheckMessage, Error, Warning
+from django.urls import NoReverseMatch, reverse
+
+from ..registry import get_registry
+from .policy import InboundPolicy, SecretNotConfigured, credentials
+
+# Options that mean something only for some kinds of auth (ignored elsewhere: W302).
+ONLY_FOR: dict[str, tuple[str, ...]] = {
+    "secret": ("hmac", "token"),
+    "tolerance": ("hmac",),
+    "permission": ("permission",),
+}
+
+
+def check_inbound(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Secrets exist, permissions exist, options fit the auth, and the URLs are included."""
+    messages: list[CheckMessage] = []
+    policies = [
+        (compiled, policy)
+        for compiled in get_registry().events.values()
+        if (policy := InboundPolicy.of(compiled.declaration)) is not None
+    ]
+    for compiled, policy in policies:
+        where = str(compiled.declaration.origin)
+        messages += _secret(policy, where) + _permission(policy, where)
+        ignored = [
+            option
+            for option, kinds in ONLY_FOR.items()
+            if option in (compiled.declaration.inbound or {}) and policy.auth not in kinds
+        ]
+        if ignored:
+            messages.append(
+                Warning(
+                    f"Event {policy.event!r}: inbound {', '.join(ignored)} "
+                    f"has no effect with auth: {policy.auth}",
+                    hint="Remove it, or change 'auth'.",
+                    obj=where,
+                    id="django_events.W302",
+                )
+            )
+    if policies and not _urls_included(policies[0][1].event):
+        messages.append(
+            Warning(
+                "Events accept inbound calls but django_events.urls is not included",
+                hint='Add path("events/", include("django_events.urls")) to your URLconf.',
+                obj="ROOT_URLCONF",
+                id="django_events.W303",
+            )
+        )
+    return messages
+
+
+def _secret(policy: InboundPolicy, where: str) -> list[CheckMessage]:
+    if policy.auth not in ONLY_FOR["secret"] or policy.secret is None:
+        return []
+    try:
+        credentials(policy.secret)
+    except SecretNotConfigured as exc:
+        code, hint = (
+            ("E301", f"Define settings.{exc.name} or the environment variable {exc.name}.")
+            if exc.missing
+            else ("E302", "Hold a string, a list of strings or a dict of caller to string.")
+        )
+        return [
+            Error(
+                f"Event {policy.event!r}: inbound secret {exc.name!r} {exc.reason}",
+                hint=hint,
+                obj=where,
+                id=f"django_events.{code}",
+            )
+        ]
+    return []
+
+
+def _permission(policy: InboundPolicy, where: str) -> list[CheckMessage]:
+    if policy.auth != "permission" or policy.permission is None:
+        return []
+    if not apps.is_installed("django.contrib.auth"):
+        return [
+            Error(
+                f"Event {policy.event!r}: auth: permission needs django.contrib.auth",
+                hint="Add django.contrib.auth to INSTALLED_APPS, or use hmac or token.",
+                obj=where,
+                id="django_events.E303",
+            )
+        ]
+    if policy.permission in _declared_permissions():
+        return []
+    return [
+        Warning(
+            f"Event {policy.event!r}: no model declares permission {policy.permission!r}",
+            hint="Use app_label.codename of a model's default or Meta.permissions entry.",
+            obj=where,
+            id="django_events.W301",
+        )
+    ]
+
+
+def _declared_permissions() -> set[str]:
+    """Permissions the installed models declare (the ones migrate creates)."""
+    names: set[str] = set()
+    for model in apps.get_models():
+        opts = model._meta
+        codenames = [f"{action}_{opts.model_name}" for action in opts.default_permissions]
+        codenames += [codename for codename, _ in opts.permissions]
+        names.update(f"{opts.app_label}.{codename}" for codename in codenames)
+    return names
+
+
+def _urls_included(event: str) -> bool:
+    try:
+        reverse("django_events:inbound", kwargs={"name": event})
+    except NoReverseMatch:
+        return False
+    return True

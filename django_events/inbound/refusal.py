@@ -1,0 +1,31 @@
+"""A refused inbound call: the HTTP status and the JSON error the caller gets."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from django.http import JsonResponse
+
+
+class Refusal(Exception):
+    """Raised while handling an inbound call; becomes a JSON error response."""
+
+    def __init__(
+        self,
+        status: int,
+        error: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        self.status, self.error, self.detail = status, error, detail
+        self.headers = dict(headers or {})
+        self.extra = extra
+        super().__init__(f"{status} {error}: {detail}")
+
+    def response(self) -> JsonResponse:
+        """Return ``{"error": ..., "detail": ..., ...}`` with the status and headers."""
+        body = {"error": self.error, "detail": self.detail, **self.extra}
+        return JsonResponse(body, status=self.status, headers=self.headers)

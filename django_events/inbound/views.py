@@ -1,0 +1,118 @@
+"""The inbound endpoint: ``POST <prefix>/<event name>/`` with a JSON body publishes the event."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from ..conf import conf
+from ..exceptions import InvalidPayload
+from ..filters import lookup
+from ..registry import get_registry
+from .auth import authenticate
+from .idempotency import publish_once
+from .policy import InboundPolicy, SecretNotConfigured
+from .refusal import Refusal
+
+logger = logging.getLogger("django_events.inbound")
+
+MAX_KEY_LENGTH = 200  # the stored key adds nothing: the column holds 255
+
+
+@csrf_exempt  # machine callers have no CSRF token; session callers are checked in auth
+def inbound(request: HttpRequest, name: str) -> HttpResponse:
+    """Publish the event ``name`` from an authenticated JSON call; answer 202 ``{"id": ...}``."""
+    try:
+        policy = _policy(name)
+        if request.method != "POST":
+            raise Refusal(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+        _require_json(request)
+        body = _read_body(request, policy.max_body or conf.INBOUND_MAX_BODY)
+        caller = authenticate(request, policy, body)
+        payload = _parse(body)
+        key = _idempotency_key(request, policy, payload)
+        headers = {"source": policy.source, "caller": caller.identity}
+        retention = policy.idempotency_retention
+        if key is not None:
+            headers["idempotency_key"] = key
+        elif caller.replay_key is not None:
+            # An exact replay of a signed call publishes nothing while its timestamp is valid.
+            key, retention = caller.replay_key, 2 * policy.tolerance
+        try:
+            event_id, replayed = publish_once(name, payload, headers, key, retention)
+        except InvalidPayload as exc:
+            raise Refusal(
+                400,
+                "invalid_payload",
+                f"The payload does not match the schema of {name!r}.",
+                problems=[{"path": p.path, "message": p.message} for p in exc.problems],
+            ) from exc
+    except Refusal as refusal:
+        if refusal.status in (401, 403):
+            logger.warning("Inbound call to %r refused: %s", name, refusal.error)
+        return refusal.response()
+    except SecretNotConfigured as exc:
+        logger.error("Inbound call to %r cannot be checked: %s", name, exc)
+        return Refusal(500, "not_configured", "This endpoint is not configured.").response()
+    response = JsonResponse({"id": str(event_id)}, status=202)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _policy(name: str) -> InboundPolicy:
+    compiled = get_registry().events.get(name)
+    policy = InboundPolicy.of(compiled.declaration) if compiled is not None else None
+    if policy is None:
+        raise Refusal(404, "unknown_event", f"No event {name!r} accepts inbound calls.")
+    return policy
+
+
+def _require_json(request: HttpRequest) -> None:
+    content_type = request.content_type or ""
+    if content_type != "application/json" and not (
+        content_type.startswith("application/") and content_type.endswith("+json")
+    ):
+        raise Refusal(415, "unsupported_media_type", "Send the payload as application/json.")
+
+
+def _read_body(request: HttpRequest, limit: int) -> bytes:
+    too_large = Refusal(413, "payload_too_large", f"The body is over {limit} bytes.")
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        raise too_large
+    # read(), not .body: DATA_UPLOAD_MAX_MEMORY_SIZE must not override the endpoint's limit.
+    body = request.read(limit + 1)
+    if len(body) > limit:
+        raise too_large
+    return body
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise Refusal(400, "invalid_json", f"The body is not valid JSON: {exc}") from exc
+
+
+def _idempotency_key(request: HttpRequest, policy: InboundPolicy, payload: Any) -> str | None:
+    key: Any = request.headers.get("Idempotency-Key")
+    where = "The Idempotency-Key header"
+    if key is None and policy.idempotency_key is not None:
+        key = lookup(payload, policy.idempotency_key) if isinstance(payload, dict) else None
+        where = f"The idempotency key field {policy.idempotency_key!r}"
+        if isinstance(key, bool) or not isinstance(key, str | int):
+            return None  # absent (or not a key): the schema decides whether it is required
+        key = str(key)
+    if key is None:
+        return None
+    if not key or len(key) > MAX_KEY_LENGTH:
+        raise Refusal(400, "invalid_idempotency_key", f"{where} must be 1 to 200 characters.")
+    return str(key)
