@@ -33,7 +33,6 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E204": "the Celery app accepts pickle",
     "django_events.E301": "an inbound secret setting or environment variable is missing",
     "django_events.E302": "an inbound secret has the wrong shape or is empty",
-    "django_events.E303": "inbound auth: permission without django.contrib.auth",
     "django_events.W301": "an inbound permission is declared by no model",
     "django_events.W302": "an inbound option has no effect with the event's auth",
     "django_events.W303": "inbound events but django_events.urls is not included",

@@ -9,7 +9,7 @@ import sys
 import textwrap
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -21,6 +21,7 @@ from django.conf import settings
 from django.core.checks import Error, Warning, registry
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
+from django.test import override_settings
 
 from django_events import checks, typed
 from django_events.checks import CHECK_IDS
@@ -676,6 +677,12 @@ def _manifest_text(text: str) -> Callable[[Path], AbstractContextManager[Any]]:
     return make
 
 
+@contextmanager
+def _inbound(block: dict[str, Any], **settings_: Any) -> Iterator[None]:
+    with wiring(EVENTS={"hooks.x": {"inbound": block}}), override_settings(**settings_):
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -704,6 +711,17 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.E203": lambda _: wiring(ASYNC, CELERY_APP="tests.nope.app"),
     "django_events.E204": lambda _: wiring(ASYNC, CELERY_APP="tests.app.pickle_celery.app"),
+    "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
+    "django_events.E302": lambda _: _inbound(
+        {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""
+    ),
+    "django_events.W301": lambda _: _inbound({"auth": "permission", "permission": "testapp.fly"}),
+    "django_events.W302": lambda _: _inbound(
+        {"auth": "token", "secret": "SECRET_KEY", "tolerance": 5}
+    ),
+    "django_events.W303": lambda _: _inbound(
+        {"auth": "token", "secret": "SECRET_KEY"}, ROOT_URLCONF="tests.app.urls_without_events"
+    ),
 }
 
 

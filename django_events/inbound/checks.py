@@ -83,15 +83,6 @@ def _secret(policy: InboundPolicy, where: str) -> list[CheckMessage]:
 def _permission(policy: InboundPolicy, where: str) -> list[CheckMessage]:
     if policy.auth != "permission" or policy.permission is None:
         return []
-    if not apps.is_installed("django.contrib.auth"):
-        return [
-            Error(
-                f"Event {policy.event!r}: auth: permission needs django.contrib.auth",
-                hint="Add django.contrib.auth to INSTALLED_APPS, or use hmac or token.",
-                obj=where,
-                id="django_events.E303",
-            )
-        ]
     if policy.permission in _declared_permissions():
         return []
     return [

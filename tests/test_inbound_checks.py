@@ -1,0 +1,167 @@
+"""System checks and events_check on inbound declarations (E301-W303, and the schema's E103)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from django.test import override_settings
+
+from tests.test_checks import assert_reported, manifest, wiring
+
+pytestmark = pytest.mark.django_db(databases="__all__")
+
+WHERE = "settings.DJANGO_EVENTS['EVENTS']['hooks.x']"
+
+
+def inbound(block: dict) -> override_settings:
+    return wiring(EVENTS={"hooks.x": {"inbound": block}})
+
+
+def test_valid_inbound_declarations_check_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_TOKEN_FROM_ENV", "t0k")
+    events = {
+        "hooks.a": {"inbound": {"auth": "hmac", "secret": "HOOK_SECRETS", "tolerance": 30}},
+        "hooks.b": {"inbound": {"auth": "token", "secret": "HOOK_TOKEN_FROM_ENV"}},
+        "hooks.c": {"inbound": {"auth": "permission", "permission": "testapp.change_order"}},
+        "hooks.d": {"inbound": {"auth": "permission", "permission": "auth.view_user"}},
+    }
+    with wiring(EVENTS=events), override_settings(HOOK_SECRETS={"psp": "s1", "ops": "s2"}):
+        assert_reported()
+
+
+def test_a_secret_named_nowhere_is_e301(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOOK_MISSING_SECRET", raising=False)
+    with inbound({"auth": "hmac", "secret": "HOOK_MISSING_SECRET"}):
+        assert_reported(
+            (
+                "django_events.E301",
+                WHERE,
+                "Event 'hooks.x': inbound secret 'HOOK_MISSING_SECRET' is neither a setting "
+                "nor an environment variable",
+            )
+        )
+
+
+@pytest.mark.parametrize("value", ["", [], ["ok", ""], {"psp": 3}, 42])
+def test_an_empty_or_misshapen_secret_is_e302(value: object) -> None:
+    with inbound({"auth": "token", "secret": "HOOK_BAD"}), override_settings(HOOK_BAD=value):
+        assert_reported(
+            (
+                "django_events.E302",
+                WHERE,
+                "Event 'hooks.x': inbound secret 'HOOK_BAD' must be a non-empty string, a "
+                "list of them or a dict of caller name to one",
+            )
+        )
+
+
+def test_an_undeclared_permission_is_w301() -> None:
+    with inbound({"auth": "permission", "permission": "testapp.launch_order"}):
+        assert_reported(
+            (
+                "django_events.W301",
+                WHERE,
+                "Event 'hooks.x': no model declares permission 'testapp.launch_order'",
+            )
+        )
+
+
+def test_options_of_another_auth_are_w302() -> None:
+    block = {"auth": "permission", "permission": "testapp.add_order", "secret": "SECRET_KEY"}
+    with inbound(block):
+        assert_reported(
+            (
+                "django_events.W302",
+                WHERE,
+                "Event 'hooks.x': inbound secret has no effect with auth: permission",
+            )
+        )
+    with inbound({"auth": "token", "secret": "SECRET_KEY", "tolerance": 9}):
+        assert_reported(
+            (
+                "django_events.W302",
+                WHERE,
+                "Event 'hooks.x': inbound tolerance has no effect with auth: token",
+            )
+        )
+
+
+def test_inbound_events_without_the_urls_are_w303() -> None:
+    with (
+        inbound({"auth": "token", "secret": "SECRET_KEY"}),
+        override_settings(ROOT_URLCONF="tests.app.urls_without_events"),
+    ):
+        assert_reported(
+            (
+                "django_events.W303",
+                "ROOT_URLCONF",
+                "Events accept inbound calls but django_events.urls is not included",
+            )
+        )
+
+
+def test_unknown_auth_and_missing_keys_fail_the_manifest_schema(tmp_path: Path) -> None:
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          hooks.a:
+            inbound: {auth: basic, secret: S}
+          hooks.b:
+            inbound:
+              auth: hmac
+          hooks.c:
+            inbound: {auth: permission, secret: NOT_A_SECRET_NAME!}
+          hooks.d:
+            inbound: {auth: token, secret: "sk_live_4eC39HqLyjWDarjtT1zdp7dc", max_body: 0}
+        """,
+    )
+    with settings_:
+        assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['hooks.a'].inbound.auth: 'basic' is not one of "
+                "['hmac', 'token', 'permission']",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.events['hooks.b'].inbound: 'secret' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:9",
+                "$.events['hooks.c'].inbound: 'permission' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:9",
+                "$.events['hooks.c'].inbound.secret: "
+                "'NOT_A_SECRET_NAME!' does not match '^[A-Z][A-Z0-9_]*$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:11",
+                "$.events['hooks.d'].inbound.secret: "
+                "'sk_live_4eC39HqLyjWDarjtT1zdp7dc' does not match '^[A-Z][A-Z0-9_]*$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:11",
+                "$.events['hooks.d'].inbound.max_body: 0 is less than the minimum of 1",
+            ),
+        )
+
+
+def test_a_bad_inbound_max_body_setting_is_e001() -> None:
+    with wiring(INBOUND_MAX_BODY="256k"):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['INBOUND_MAX_BODY'] is '256k'",
+            )
+        )
