@@ -11,6 +11,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from ..conf import conf
 from ..exceptions import InvalidPayload
+from ..execution import log_extra
 from ..filters import lookup
 from ..registry import get_registry
 from .auth import authenticate
@@ -53,15 +54,21 @@ def inbound(request: HttpRequest, name: str) -> HttpResponse:
             ) from exc
     except Refusal as refusal:
         if refusal.status in (401, 403):
-            logger.warning("Inbound call to %r refused: %s", name, refusal.error)
+            logger.warning(
+                "Inbound call to %r refused: %s", name, refusal.error, extra=_log_extra(name)
+            )
         return refusal.response()
     except SecretNotConfigured as exc:
-        logger.error("Inbound call to %r cannot be checked: %s", name, exc)
+        logger.error("Inbound call to %r cannot be checked: %s", name, exc, extra=_log_extra(name))
         return Refusal(500, "not_configured", "This endpoint is not configured.").response()
     response = JsonResponse({"id": str(event_id)}, status=202)
     if replayed:
         response["Idempotent-Replayed"] = "true"
     return response
+
+
+def _log_extra(name: str) -> dict[str, Any]:
+    return {**log_extra(), "event_name": name}  # no event exists yet, only its name
 
 
 def _policy(name: str) -> InboundPolicy:

@@ -21,7 +21,10 @@ SECTIONS = [
     ("Event declaration", "/$defs/event"),
     ("Subscription declaration", "/$defs/subscription"),
     ("Retry policy", "/$defs/retry"),
+    ("Inbound block", "/$defs/inbound"),
 ]
+# Subschemas that constrain an object rather than declare one (if/then of the inbound block).
+NOT_DECLARATIONS = ("if", "then", "else", "not", "allOf", "anyOf", "oneOf")
 
 
 def load_schema() -> dict[str, Any]:
@@ -48,6 +51,8 @@ def object_sections(schema: dict[str, Any]) -> list[tuple[str, str]]:
                 found.append((pointer.rsplit("/", 1)[-1].replace("_", " ").capitalize(), pointer))
                 known.add(pointer)
             for key, value in node.items():
+                if key in NOT_DECLARATIONS:
+                    continue
                 walk(value, f"{pointer}/{key.replace('~', '~0').replace('/', '~1')}")
         elif isinstance(node, list):
             for index, value in enumerate(node):
