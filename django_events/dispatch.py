@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from django.db import DatabaseError
 from django.utils import timezone
 
-from . import broker
+from . import _overrides, broker
 from .events import Event
 from .execution import batch_log_extra, log_extra, run_handler
 from .models import Delivery, EventRecord
@@ -33,15 +33,18 @@ class Outgoing:
 
 def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
     """Deliver a committed batch. Never raises into the code that committed."""
-    _send_async(batch, alias)
-    _run_sync(batch, alias)
+    try:
+        _send_async(batch, alias)
+    finally:  # only events_eager() raises from there: sync handlers still run
+        _run_sync(batch, alias)
 
 
 def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
     outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
     if not outgoing:
         return set()
-    unsent: set[object] = set(broker.send_deliveries(outgoing, alias))
+    send = _overrides.send or broker.send_deliveries
+    unsent: set[object] = set(send(outgoing, alias))
     sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
     try:
         if sent_ids:

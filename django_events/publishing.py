@@ -11,6 +11,7 @@ from typing import Any
 from django.db import router, transaction
 from django.utils import timezone
 
+from . import _overrides
 from .dispatch import Outgoing, dispatch
 from .events import Event, current_event
 from .execution import run_handler
@@ -102,6 +103,9 @@ def _accepted(subscriptions: Iterable[Any], data: dict[str, Any]) -> list[Any]:
 
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
+    if _overrides.capture is not None:  # django_events.testing.captured_events()
+        _overrides.capture(batch, alias)
+        return
     interceptors = registry.interceptors
     for item in batch:
         for subscription in _accepted(item.compiled.inline, item.event.data):
@@ -117,4 +121,6 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
         EventRecord.objects.using(alias).bulk_create(records)
     deferred = [o for o in batch if o.sync or o.async_]
     if deferred:
-        transaction.on_commit(partial(dispatch, deferred, alias), using=alias, robust=True)
+        # events_eager() wants its failures raised into the test, not logged by on_commit.
+        robust = _overrides.send is None
+        transaction.on_commit(partial(dispatch, deferred, alias), using=alias, robust=robust)

@@ -36,12 +36,15 @@ class _Message:
     prior_attempts: int
 
 
-def process_message(message: Any, retries: int) -> Outcome:
+def process_message(message: Any, retries: int, *, manage_connections: bool = True) -> Outcome:
     """Run the handler a message names; record the outcome. ``retries`` is Celery's count.
 
     Database connections are treated as in Django's request cycle: stale ones are closed
-    before and after, so a restarted database never wedges a worker.
+    before and after, so a restarted database never wedges a worker (``manage_connections``
+    false leaves them alone: in-process runs inside a test's transaction).
     """
+    if not manage_connections:
+        return _process(message, retries)
     close_old_connections()
     try:
         return _process(message, retries)

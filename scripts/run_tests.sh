@@ -4,7 +4,8 @@
 #   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1);
 #   3. ruff and mypy, and the Sphinx docs with warnings as errors;
 #   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the
-#      filesystem transport, RabbitMQ and Redis), then the non-server tests on Django 6.1.
+#      filesystem transport, RabbitMQ and Redis), each followed by the example project's
+#      own tests (example_project/tests), then the non-server tests on Django 6.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -64,8 +65,12 @@ rm -rf docs/_build
 
 step "tests: Django 5.2, SQLite"
 .venv/bin/python -m pytest -q "$@"
+step "tests: the example project's own suite (captured_events / events_eager), SQLite"
+(cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL"
 DATABASE_URL=$PG_URL .venv/bin/python -m pytest -q "$@"
+step "tests: the example project's own suite, PostgreSQL"
+(cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
   .venv-django61/bin/python -m pytest -q -m "not servers" "$@"

@@ -81,10 +81,15 @@ def test_publish_without_settings_fails_with_django_message_not_at_import() -> N
 @pytest.mark.parametrize(
     "module",
     [
+        "django_events.context",
+        "django_events.correlation",
         "django_events.declarations",
         "django_events.exceptions",
         "django_events.filters",
+        "django_events.interceptors",
         "django_events.manifest",
+        "django_events.pytest_plugin",
+        "django_events.testing",
         "django_events.typed",
         "django_events.validation",
     ],

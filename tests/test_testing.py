@@ -1,0 +1,254 @@
+"""django_events.testing and the pytest plugin: captured_events and events_eager, with
+pytest-django's fixtures and with Django's TestCase."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.db import transaction
+from django.test import TestCase, TransactionTestCase
+
+from django_events import publish
+from django_events.models import Delivery, EventRecord
+from django_events.testing import CapturedEvents, EagerEvents, captured_events, events_eager
+from tests.app.models import HandlerRun
+from tests.app.typed_events import PaymentReceived
+from tests.conftest import wiring
+
+PAYLOAD = {"order_id": 1, "total": 12.5}
+RECORD = "tests.app.handlers.record"
+EVERY_MODE = [
+    {"event": "orders.placed", "handler": RECORD, "mode": mode, "name": mode}
+    for mode in ("inline", "sync", "async")
+]
+ASYNC = {"event": "orders.placed", "handler": RECORD, "mode": "async", "name": "async-record"}
+FAILING = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.always_fails",
+    "mode": "async",
+    "name": "async-fails",
+    "when": {"total": {"gte": 100}},
+}
+SYNC = {"event": "orders.placed", "handler": RECORD, "mode": "sync", "name": "sync-record"}
+CHAINS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "chains.yaml")]
+
+
+def handled(name: str = "record") -> list[HandlerRun]:
+    return list(HandlerRun.objects.filter(handler=name).order_by("id"))
+
+
+# -- captured_events ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_captured_events_honours_commit_and_rollback_and_dispatches_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with wiring(*EVERY_MODE, CELERY_APP="tests.brokers.unreachable"), captured_events() as got:
+        with transaction.atomic():
+            kept = publish("orders.placed", PAYLOAD)
+            assert len(got) == 0  # not committed yet
+            with pytest.raises(ZeroDivisionError), transaction.atomic():
+                publish("orders.placed", {"order_id": 2, "total": 1})
+                1 / 0  # noqa: B018
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            publish("orders.placed", {"order_id": 3, "total": 1})
+            1 / 0  # noqa: B018
+        outside = publish("orders.shipped", {"order_id": 1})  # no transaction: at once
+
+    assert list(got) == [kept, outside]
+    assert not HandlerRun.objects.exists()  # not even the inline handler ran
+    assert not EventRecord.objects.exists() and not Delivery.objects.exists()
+    assert not [r for r in caplog.records if r.name.startswith("django_events")]  # no broker
+
+
+@pytest.mark.django_db(transaction=True)
+def test_captured_events_filters_and_asserts_on_payloads() -> None:
+    with captured_events() as got:
+        publish("orders.placed", {"order_id": 1, "total": 10})
+        publish("orders.placed", {"order_id": 2, "total": 20, "email": "a@example.com"})
+        publish("orders.shipped", {"order_id": 1})
+
+    assert got.names == ["orders.placed", "orders.placed", "orders.shipped"]
+    assert [e.data["order_id"] for e in got.named("orders.*")] == [1, 2, 1]
+    assert got.payloads("orders.shipped") == [{"order_id": 1}]
+    event = got.assert_published("orders.placed", {"order_id": 2})
+    assert event.payload["email"] == "a@example.com"
+    assert got.assert_published("orders.placed", times=2).data["order_id"] == 2
+    got.assert_not_published("orders.cancelled")
+
+    with pytest.raises(AssertionError) as info:
+        got.assert_published("orders.placed", {"order_id": 3})
+    assert str(info.value) == (
+        "Expected at least 1 'orders.placed' event(s) with payload matching {'order_id': 3}, "
+        "found 0. Published: orders.placed {'order_id': 1, 'total': 10}, orders.placed "
+        "{'order_id': 2, 'total': 20, 'email': 'a@example.com'}, orders.shipped {'order_id': 1}"
+    )
+    with pytest.raises(AssertionError, match=r"Expected 1 'orders.placed' event\(s\), found 2"):
+        got.assert_published("orders.placed", times=1)
+    with pytest.raises(AssertionError, match="Expected no 'orders.ship\\*' event"):
+        got.assert_not_published("orders.ship*")
+    got.clear()
+    assert len(got) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_captured_typed_events_compare_with_instances() -> None:
+    import decimal
+    import uuid
+
+    payment = PaymentReceived(payment_id=uuid.uuid4(), amount=decimal.Decimal("9.50"))
+    with captured_events() as got:
+        publish(payment)
+
+    assert got.assert_published("typed.payment_received", payment).payload is payment
+    assert got.assert_published("typed.payment_received", {"amount": "9.50"})
+
+
+@pytest.mark.django_db(transaction=True)
+def test_captured_events_sees_headers_from_interceptors() -> None:
+    with wiring(PIPELINE=["tests.app.interceptors.Outer"]), captured_events() as got:
+        publish("orders.placed", PAYLOAD)
+    assert got[0].headers == {"stamp": "outer"}
+
+
+def test_captured_events_with_pytest_django_on_commit_fixture(
+    db: None, django_capture_on_commit_callbacks: Any, captured_events: CapturedEvents
+) -> None:
+    # `db` wraps the test in a transaction: commit callbacks run only through the fixture.
+    with django_capture_on_commit_callbacks(execute=True):
+        publish("orders.placed", PAYLOAD)
+        assert len(captured_events) == 0
+    captured_events.assert_published("orders.placed", PAYLOAD, times=1)
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        publish("orders.placed", PAYLOAD)
+    assert len(callbacks) == 1 and len(captured_events) == 1  # not run: not committed
+
+
+def test_the_plugin_is_an_entry_point() -> None:
+    plugins = importlib.metadata.entry_points(group="pytest11")
+    assert "django_events.pytest_plugin" in [p.value for p in plugins]
+
+
+# -- events_eager ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_runs_async_handlers_in_process_after_commit(
+    events_eager: EagerEvents,
+) -> None:
+    with wiring(ASYNC, SYNC, CELERY_APP="tests.brokers.unreachable"):
+        with transaction.atomic():
+            event = publish("orders.placed", PAYLOAD)
+            assert handled() == []
+        with pytest.raises(RuntimeError), transaction.atomic():
+            publish("orders.placed", {"order_id": 2, "total": 1})
+            raise RuntimeError
+
+    assert [r.event_id for r in handled()] == [event.id, event.id]  # async + sync
+    assert events_eager.delivered == [("async-record", event)]
+    deliveries = dict(Delivery.objects.values_list("subscription", "status"))
+    assert deliveries == {"async-record": "succeeded", "sync-record": "succeeded"}
+    assert EventRecord.objects.get().status == "dispatched"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_raises_a_failed_async_handler_into_the_test() -> None:
+    with (
+        wiring(ASYNC, FAILING, SYNC),
+        events_eager() as eager,
+        pytest.raises(RuntimeError, match="boom for 5") as info,
+        transaction.atomic(),
+    ):
+        event = publish("orders.placed", {"order_id": 5, "total": 100})
+
+    assert info.value.__notes__ == [
+        f"events_eager: async subscription 'async-fails' failed on 'orders.placed' {event.id}"
+    ]
+    failure = Delivery.objects.get(subscription="async-fails")
+    assert (failure.status, failure.attempts) == ("failed", 3)  # retried at once, no waiting
+    assert len(handled("always_fails")) == 3
+    assert len(handled()) == 2  # the other async one and the sync one still ran
+    assert [(f.subscription, f.event.id) for f in eager.failures] == [("async-fails", event.id)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_without_propagate_records_failures_like_a_worker(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, "django_events.worker")
+    with wiring(FAILING), events_eager(propagate=False) as eager:
+        event = publish("orders.placed", {"order_id": 5, "total": 100})
+
+    [failure] = eager.failures
+    assert isinstance(failure.error, RuntimeError) and failure.event == event
+    assert Delivery.objects.get().status == "failed"
+    assert "Handler failed (attempt 3 of 3)" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_follows_a_sync_async_async_chain() -> None:
+    with wiring(MANIFESTS=CHAINS), events_eager():
+        first = publish("chain.placed", {"steps": ["chain.billed", "chain.shipped"]})
+
+    runs = {r.event_name: r for r in handled("forward")}
+    assert list(runs) == ["chain.placed", "chain.billed", "chain.shipped"]
+    assert {r.correlation_id for r in runs.values()} == {first.id}
+    assert runs["chain.placed"].causation_id is None
+    assert runs["chain.billed"].causation_id == runs["chain.placed"].event_id
+    assert runs["chain.shipped"].causation_id == runs["chain.billed"].event_id
+
+
+def test_events_eager_with_pytest_django_on_commit_fixture(
+    db: None, django_capture_on_commit_callbacks: Any, events_eager: EagerEvents
+) -> None:
+    with wiring(ASYNC, FAILING), django_capture_on_commit_callbacks(execute=True):
+        publish("orders.placed", PAYLOAD)
+        assert handled() == []
+    assert len(handled()) == 1
+    with (
+        wiring(ASYNC, FAILING),
+        pytest.raises(RuntimeError, match="boom"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish("orders.placed", {"order_id": 9, "total": 500})
+
+
+# -- Django's TestCase ----------------------------------------------------------------------
+
+
+class CapturedInTestCase(TestCase):
+    def test_captured_after_commit_callbacks_run(self) -> None:
+        with captured_events() as got:
+            with self.captureOnCommitCallbacks(execute=True):
+                publish("orders.placed", PAYLOAD)
+            with self.captureOnCommitCallbacks(execute=False):
+                publish("orders.shipped", {"order_id": 1})
+        assert got.names == ["orders.placed"]
+
+
+class EagerInTestCase(TestCase):
+    def test_async_handler_runs_inside_the_test_transaction(self) -> None:
+        idempotent = {**ASYNC, "name": "idem", "idempotent": True}
+        with (
+            wiring(ASYNC, idempotent),
+            events_eager(),
+            self.captureOnCommitCallbacks(execute=True),
+        ):
+            event = publish("orders.placed", PAYLOAD)
+        assert len(handled()) == 2
+        assert set(Delivery.objects.filter(event_id=event.id).values_list("status", flat=True)) == {
+            "succeeded"
+        }
+
+
+class EagerInTransactionTestCase(TransactionTestCase):
+    def test_failure_raises_at_commit(self) -> None:
+        with wiring(FAILING), events_eager(), pytest.raises(RuntimeError), transaction.atomic():
+            publish("orders.placed", {"order_id": 1, "total": 100})
+        assert Delivery.objects.get().status == "failed"
