@@ -17,8 +17,8 @@ from django_events import publish
 from django_events.models import Delivery, EventRecord
 from django_events.testing import CapturedEvents, EagerEvents, captured_events, events_eager
 from tests.app.models import HandlerRun
-from tests.app.typed_events import PaymentReceived
 from tests.conftest import wiring
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 PAYLOAD = {"order_id": 1, "total": 12.5}
 RECORD = "tests.app.handlers.record"
@@ -98,9 +98,12 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("typed_events")
 def test_captured_typed_events_compare_with_instances() -> None:
     import decimal
     import uuid
+
+    from tests.app.typed_events import PaymentReceived
 
     payment = PaymentReceived(payment_id=uuid.uuid4(), amount=decimal.Decimal("9.50"))
     with captured_events() as got:
