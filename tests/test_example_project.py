@@ -13,11 +13,16 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "example_project"
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
+    return manage_with({}, *args)
+
+
+def manage_with(extra_env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL")
     }
+    env.update(extra_env)
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=EXAMPLE,
@@ -41,3 +46,27 @@ def test_example_project_checks_clean(command: list[str], expected: str) -> None
     result = manage(*command)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+
+
+@pytest.mark.postgresql  # one subprocess run is enough (it uses its own SQLite file anyway)
+def test_example_payment_webhook_is_published_once(tmp_path: Path) -> None:
+    script = (
+        "from django.core.management import call_command as run\n"
+        "from django_events.models import EventRecord\n"
+        "run('migrate', verbosity=0)\n"
+        "run('place_orders', count=2, stdout=open('/dev/null', 'w'))\n"
+        "run('send_payment_webhook')\n"
+        "(record,) = EventRecord.objects.filter(name='payments.payment_succeeded')\n"
+        "print('recorded', record.id, record.headers['source'], record.headers['caller'])\n"
+    )
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3", "CELERY_BROKER_URL": "memory://"}
+    result = manage_with(env, "shell", "--no-imports", "-c", script)
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first, retry, recorded = (lines[-3], lines[-2], lines[-1])
+    event_id = recorded.split()[1]
+    assert first.startswith("webhook: POST /events/payments.payment_succeeded/ -> 202")
+    assert event_id in first and event_id in retry
+    assert retry.endswith("(Idempotent-Replayed: the first call's event)")
+    assert recorded.endswith("payment-provider hmac:PAYMENTS_WEBHOOK_SECRET")

@@ -34,3 +34,21 @@ def void_invoice(event: Event) -> None:
         invoice.voided_at = timezone.now()
         invoice.save(update_fields=["status", "voided_at"])
     logger.info("Voided %s (order #%s cancelled)", invoice.number, invoice.order_id)
+
+
+def record_payment(event: Event) -> None:
+    """Mark the invoice paid when the payment provider's webhook says so.
+
+    The webhook may arrive before the invoice exists (both are asynchronous): then
+    ``Invoice.DoesNotExist`` propagates and the retry policy runs this again later.
+    """
+    invoice = Invoice.objects.get(order_id=event.payload["order_id"])
+    invoice.paid_at = invoice.paid_at or timezone.now()
+    invoice.payment_id = event.payload["payment_id"]
+    invoice.save(update_fields=["paid_at", "payment_id"])
+    logger.info(
+        "Paid %s (payment %s, from %s)",
+        invoice.number,
+        invoice.payment_id,
+        event.headers.get("caller"),
+    )

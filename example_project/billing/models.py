@@ -15,6 +15,8 @@ class Invoice(models.Model):
     status = models.CharField(max_length=8, choices=Status.choices, default=Status.ISSUED)
     created_at = models.DateTimeField(auto_now_add=True)
     voided_at = models.DateTimeField(null=True, blank=True)
+    paid_at = models.DateTimeField(null=True, blank=True)
+    payment_id = models.CharField(max_length=100, blank=True, default="")
 
     class Meta:
         ordering = ["id"]

@@ -127,6 +127,11 @@ DJANGO_EVENTS = {
     "CELERY_APP": "example_project.celery.app",
 }
 
+# The payment provider signs its webhooks with this shared secret. billing/events.yaml names
+# the setting (`secret: PAYMENTS_WEBHOOK_SECRET`), never the value. Outside this demo, set the
+# environment variable and drop the default.
+PAYMENTS_WEBHOOK_SECRET = os.environ.get("PAYMENTS_WEBHOOK_SECRET", "whsec_example_shop_demo_only")
+
 
 # Logging: handlers' log lines show in the console (and in var/worker.log for the worker) --
 
