@@ -52,7 +52,7 @@ def _hmac(request: HttpRequest, policy: InboundPolicy, body: bytes) -> Caller:
     if not stamp or not given:
         raise _missing(HMAC_CHALLENGE)
     pairs = credentials(policy.secret or "")
-    if not (stamp.isascii() and stamp.isdigit()):
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:  # int() caps digits
         raise _invalid(HMAC_CHALLENGE)
     if abs(time.time() - int(stamp)) > policy.tolerance:
         raise _invalid(HMAC_CHALLENGE)
