@@ -104,7 +104,7 @@ def run_sync_handler(
     ``record_success`` (building model instances is not free on this hot path).
     """
     try:
-        run_handler(subscription, event, interceptors)
+        run_handler(subscription, event, interceptors, prior_attempts + 1)
     except Exception as exc:
         logger.exception("Sync handler failed", extra=log_extra(event, subscription))
         return delivery(

@@ -3,14 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
 from .events import Event, handling
 from .registry import Subscription
 
+_attempt: ContextVar[int] = ContextVar("django_events_attempt", default=1)
 
-def run_handler(subscription: Subscription, event: Event, interceptors: Sequence[Any]) -> Any:
+
+def current_attempt() -> int:
+    """The number of the handler run in progress for its event, 1 for the first.
+
+    Interceptors read it in ``handle`` (async retries and manual retries count up).
+    """
+    return _attempt.get()
+
+
+def run_handler(
+    subscription: Subscription, event: Event, interceptors: Sequence[Any], attempt: int = 1
+) -> Any:
     """Call the subscription's handler with ``event`` as the current event."""
     handler = subscription.handler()
     with handling(event):
@@ -19,7 +32,11 @@ def run_handler(subscription: Subscription, event: Event, interceptors: Sequence
         call_next: Any = handler
         for interceptor in reversed(interceptors):
             call_next = partial(_intercept, interceptor, subscription, call_next)
-        return call_next(event)
+        token = _attempt.set(attempt)
+        try:
+            return call_next(event)
+        finally:
+            _attempt.reset(token)
 
 
 def _intercept(interceptor: Any, subscription: Subscription, call_next: Any, event: Event) -> Any:

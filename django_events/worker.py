@@ -113,7 +113,7 @@ def _run(
         if subscription.declaration.idempotent:
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
         else:
-            run_handler(subscription, event, registry.interceptors)
+            run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         final = attempt >= subscription.retry.max_attempts
@@ -169,7 +169,7 @@ def _run_idempotent(
                 extra=log_extra(event, subscription),
             )
             return
-        run_handler(subscription, event, registry.interceptors)
+        run_handler(subscription, event, registry.interceptors, attempt)
         save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
 
 
