@@ -16,6 +16,7 @@ from jsonschema import Draft7Validator
 
 from tests.conftest import wiring
 from tests.test_example_project import manage
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 SCHEMA = Path(__file__).resolve().parent / "asyncapi" / "asyncapi-3.0.0.schema.json"
 
@@ -118,9 +119,8 @@ TREE = {
 
 
 @pytest.mark.django_db
+@pytest.mark.usefixtures("typed_events")
 def test_local_references_and_typed_events_stay_reachable() -> None:
-    import tests.app.typed_events  # noqa: F401 - declares the typed.* events
-
     subscription = {
         "event": "*",
         "handler": "tests.app.handlers.record",
