@@ -15,7 +15,7 @@ from django.core.management import call_command
 from jsonschema import Draft7Validator
 
 from tests.conftest import wiring
-from tests.test_example_project import manage
+from tests.test_example_project import EXAMPLE, manage
 from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 SCHEMA = Path(__file__).resolve().parent / "asyncapi" / "asyncapi-3.0.0.schema.json"
@@ -81,7 +81,14 @@ def test_example_project_document_is_valid_asyncapi_3() -> None:
     assert dangling_refs(document) == []
     assert document["asyncapi"] == "3.0.0"
     assert document["info"] == {"title": "Example shop", "version": "2.1.0"}
-    assert sorted(document["channels"]) == ["orders.order_cancelled", "orders.order_placed"]
+    manifests = [yaml.safe_load(p.read_text()) for p in sorted(EXAMPLE.rglob("events.yaml"))]
+    declared = {name for m in manifests for name in m.get("events") or {}}
+    assert {"orders.order_cancelled", "orders.order_placed"} <= declared
+    assert set(document["channels"]) == declared
+    subscribed = {s["name"] for m in manifests for s in m.get("subscriptions") or []}
+    assert {op["x-django-events"]["subscription"] for op in document["operations"].values()} == (
+        subscribed
+    )
     placed = document["components"]["schemas"]["orders.order_placed"]
     assert placed["required"] == ["order_id", "total", "email"]
     operations = document["operations"]
