@@ -11,6 +11,7 @@ from uuid import UUID
 
 from django.utils.module_loading import import_string
 
+from . import broadcast
 from .conf import conf
 from .events import Event
 from .execution import batch_log_extra, log_extra
@@ -137,10 +138,15 @@ def send_deliveries(
                 message = event.to_message()
                 for subscription in subscriptions:
                     timeout = subscription.declaration.timeout
+                    route = (
+                        broadcast.route(subscription.queue)
+                        if subscription.declaration.broadcast
+                        else {"queue": subscription.queue}
+                    )
                     app.send_task(
                         TASK_NAME,
                         args=(build_message(message, subscription.name, alias),),
-                        queue=subscription.queue,
+                        **route,
                         producer=producer,
                         serializer="json",
                         delivery_mode=2 if durable else 1,

@@ -27,6 +27,8 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E108": "a subscription's when filter is invalid",
     "django_events.E109": "an event's type is not a dataclass or pydantic model",
     "django_events.E110": "a PIPELINE entry is not an interceptor",
+    "django_events.E111": "a broadcast subscription is also idempotent",
+    "django_events.W110": "a broadcast subscription has a retry policy",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",

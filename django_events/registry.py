@@ -401,6 +401,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                         declaration.origin,
                     )
                 )
+        if declaration.mode == "async" and declaration.broadcast:
+            problems.extend(_broadcast_problems(declaration))
         try:
             retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
         except TypeError:
@@ -415,6 +417,31 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
         compiled.async_ = tuple(modes.get("async", ()))
+
+
+def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:
+    problems = []
+    if declaration.idempotent:
+        problems.append(
+            _problem(
+                "E111",
+                f"Subscription {declaration.name!r} is broadcast and idempotent: "
+                "idempotent allows one successful run per event, broadcast one per worker",
+                "Remove one of them.",
+                declaration.origin,
+            )
+        )
+    if declaration.retry:
+        problems.append(
+            _problem(
+                "W110",
+                f"Subscription {declaration.name!r} is broadcast: its retry policy is ignored "
+                "(a copy that fails is recorded, not retried)",
+                "Remove retry, or make the handler retry what it needs itself.",
+                declaration.origin,
+            )
+        )
+    return problems
 
 
 def _matching_events(declaration: SubscriptionDeclaration, events: Iterable[str]) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +111,9 @@ def _run(
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
     extra = log_extra(event, subscription)
+    broadcast = subscription.declaration.broadcast
+    # A broadcast copy is never retried: a retry would reach every worker again.
+    max_attempts = 1 if broadcast else subscription.retry.max_attempts
     try:
         if subscription.declaration.idempotent:
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
@@ -116,12 +121,14 @@ def _run(
             run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
-        final = attempt >= subscription.retry.max_attempts
+        if broadcast:  # one row for every worker's copy: say whose copy failed
+            error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
+        final = attempt >= max_attempts
         status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
         logger.warning(
             "Handler failed (attempt %d of %d)",
             attempt,
-            subscription.retry.max_attempts,
+            max_attempts,
             exc_info=True,
             extra=extra,
         )
@@ -133,8 +140,13 @@ def _run(
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     if records_all and not subscription.declaration.idempotent:
         # The handler ran: failing to record that must not run it again.
+        # A broadcast copy's success never hides another worker's failure of that event.
         _record_quietly(
-            alias, event, [_row(event, subscription, "succeeded", attempt)], always=False
+            alias,
+            event,
+            [_row(event, subscription, "succeeded", attempt)],
+            always=False,
+            overwrite=not broadcast,
         )
     return Outcome("succeeded")
 
@@ -198,13 +210,18 @@ def _message_log_extra(message: _Message) -> dict[str, Any]:
     return extra
 
 
-def _record_quietly(alias: str, event: Event, rows: list[Delivery], *, always: bool) -> None:
+def _record_quietly(
+    alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
+) -> None:
     from django.db import DatabaseError
 
     try:
         if always:
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
-        save_deliveries(alias, rows)
+        if overwrite:
+            save_deliveries(alias, rows)
+        else:
+            Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
     except DatabaseError:
         logger.exception("Could not record the delivery outcome", extra=log_extra(event))
 

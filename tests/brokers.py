@@ -11,6 +11,8 @@ from urllib.parse import urlparse
 import pytest
 from celery import Celery
 
+from django_events.broadcast import consume_broadcasts
+
 AMQP_URL = os.environ.get("DJANGO_EVENTS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("DJANGO_EVENTS_REDIS_URL", "redis://127.0.0.1:6379/0")
 FS_FOLDER = Path(os.environ.get("DJANGO_EVENTS_FS_BROKER") or tempfile.mkdtemp(prefix="events-fs-"))
@@ -43,6 +45,8 @@ def _app(kind: str) -> Celery:
 amqp = _app("amqp")
 redis = _app("redis")
 filesystem = _app("filesystem")
+for _worker_app in (amqp, redis, filesystem):
+    consume_broadcasts(_worker_app)  # broadcast subscriptions of the queues a worker consumes
 
 
 def reachable(url: str) -> bool:

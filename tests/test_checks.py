@@ -703,6 +703,12 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
     "django_events.E110": lambda _: wiring(PIPELINE=["tests.app.handlers.not_callable"]),
+    "django_events.E111": lambda _: wiring(
+        {**ASYNC, "broadcast": True, "idempotent": True, "name": "bc"}
+    ),
+    "django_events.W110": lambda _: wiring(
+        {**ASYNC, "broadcast": True, "retry": {"max_attempts": 2}, "name": "bc"}
+    ),
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),

@@ -24,10 +24,14 @@ class WorkerProcess:
         db_name: str,
         log_path: Path,
         extra_env: dict[str, str] | None = None,
+        node: str | None = None,
     ) -> None:
         self.kind, self.queue, self.db_name, self.log_path = kind, queue, db_name, log_path
         self.extra_env = extra_env or {}
+        self.node = node or queue  # workers sharing a queue need distinct node names
         self.process: subprocess.Popen[bytes] | None = None
+        self._offset = 0
+        self._stopping = False
 
     def __enter__(self) -> WorkerProcess:
         self.start()
@@ -37,6 +41,11 @@ class WorkerProcess:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
+        self.launch()
+        self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting (start several, then `wait_ready` each)."""
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
@@ -47,7 +56,8 @@ class WorkerProcess:
             **self.extra_env,
         }
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self._stopping = False
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [
@@ -64,7 +74,7 @@ class WorkerProcess:
                 "-c",
                 "2",
                 "-n",
-                f"{self.queue}@%h",
+                f"{self.node}@%h",
                 "--without-heartbeat",
                 "--without-mingle",
                 "--without-gossip",
@@ -77,6 +87,11 @@ class WorkerProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Wait for this start's "ready." line in the log; stop the worker if it never comes."""
+        assert self.process is not None, "launch() first"
+        offset = self._offset
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -92,10 +107,15 @@ class WorkerProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def stop(self, timeout: float = 20) -> None:
+    def stop(self, timeout: float = 20, *, wait: bool = True, cold: bool = False) -> None:
+        """Warm shutdown (``cold``: at once, running tasks lost); ``wait=False`` only signals."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
+        if not self._stopping:
+            self.process.send_signal(signal.SIGQUIT if cold else signal.SIGTERM)
+            self._stopping = True
+        if not wait:
+            return
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -63,3 +63,8 @@ def forward(event: Event) -> None:
     _run("forward", event, {**event.data, "context": context.values()})
     if steps:
         publish(steps[0], {"steps": steps[1:]})
+
+
+def record_worker(event: Event) -> None:
+    """Note which worker (``DJANGO_EVENTS_TEST_WORKER``) ran the handler."""
+    _run("record_worker", event, {"worker": os.environ.get("DJANGO_EVENTS_TEST_WORKER", "")})

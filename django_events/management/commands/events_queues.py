@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
+from django_events.broadcast import exchange_name
 from django_events.conf import conf
 from django_events.registry import get_registry
 
@@ -11,6 +12,42 @@ from django_events.registry import get_registry
 class Command(BaseCommand):
     help = "Print the queues a Celery worker must consume, comma-separated (for worker -Q)."
 
-    def handle(self, *args: Any, **options: Any) -> None:
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--explain",
+            action="store_true",
+            help="Say, queue by queue, what a worker consuming it runs (broadcasts included).",
+        )
+
+    def handle(self, *args: Any, explain: bool = False, **options: Any) -> None:
         # Never empty: `worker -Q ""` would fail, and the default queue is where async goes.
-        self.stdout.write(",".join(get_registry().queues() or [conf.DEFAULT_QUEUE]))
+        queues = get_registry().queues() or [conf.DEFAULT_QUEUE]
+        if not explain:
+            self.stdout.write(",".join(queues))
+            return
+        self._explain(queues)
+
+    def _explain(self, queues: list[str]) -> None:
+        subscriptions = [s for s in get_registry().subscriptions.values() if s.mode == "async"]
+        any_broadcast = False
+        for queue in queues:
+            here = [s for s in subscriptions if s.queue == queue]
+            shared = [s.name for s in here if not s.declaration.broadcast]
+            copied = [s.name for s in here if s.declaration.broadcast]
+            self.stdout.write(f"{queue}:")
+            if shared:
+                self.stdout.write(f"  one worker runs each message: {', '.join(shared)}")
+            if copied:
+                any_broadcast = True
+                self.stdout.write(
+                    f"  every worker gets a copy (fanout exchange {exchange_name(queue)}): "
+                    f"{', '.join(copied)}"
+                )
+            if not here:
+                self.stdout.write("  no async subscription (the default queue)")
+        self.stdout.write(f"Start workers with: celery -A <project> worker -Q {','.join(queues)}")
+        if any_broadcast:
+            self.stdout.write(
+                "Broadcasts reach only workers whose Celery app called "
+                "django_events.broadcast.consume_broadcasts(app)."
+            )

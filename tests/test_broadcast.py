@@ -1,0 +1,86 @@
+"""Broadcast subscriptions without a broker: how a worker records copies, events_queues."""
+
+from __future__ import annotations
+
+from io import StringIO
+
+import pytest
+from django.core.management import call_command
+
+from django_events import publish
+from django_events.broadcast import broadcast_queues, exchange_name, route
+from django_events.broker import build_message
+from django_events.models import Delivery
+from django_events.worker import process_message
+from tests.app.models import HandlerRun
+from tests.conftest import wiring
+
+BROADCAST = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.record",
+    "mode": "async",
+    "name": "bc",
+    "queue": "cache",
+    "broadcast": True,
+}
+NORMAL = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
+PAYLOAD = {"order_id": 1, "total": 12.5}
+
+
+def test_a_broadcast_goes_to_the_fanout_exchange_of_its_queue() -> None:
+    options = route("cache")
+    assert exchange_name("cache") == "cache.broadcast"
+    assert (options["exchange"].name, options["exchange"].type) == ("cache.broadcast", "fanout")
+    assert options["routing_key"] == "cache.broadcast"
+    assert options["declare"] == [options["exchange"]]  # the exchange, never a queue
+    with wiring(BROADCAST, NORMAL):
+        assert broadcast_queues() == {"cache": ["bc"]}
+        assert broadcast_queues(["django_events"]) == {}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_copy_is_recorded_once_not_retried_and_not_hidden_by_later_successes() -> None:
+    with wiring(BROADCAST):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event.to_message(), "bc", "default")
+        with wiring(BROADCAST, PIPELINE=["tests.app.interceptors.FailsToHandle"]):
+            failed = process_message(message, 0)  # one worker's copy fails
+        assert process_message(message, 0).status == "succeeded"  # another worker's copy
+
+    assert (failed.status, failed.retry_in) == ("failed", None)
+    row = Delivery.objects.get(event_id=event.id, subscription="bc")
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.last_error.startswith("on ") and " pid " in row.last_error
+    assert row.last_error.endswith(": LookupError: tenant of bc is gone")
+    assert HandlerRun.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_successful_copies_leave_one_succeeded_row() -> None:
+    with wiring(BROADCAST):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event.to_message(), "bc", "default")
+        assert [process_message(message, 0).status for _ in range(2)] == ["succeeded"] * 2
+
+    assert list(Delivery.objects.values_list("status", "attempts")) == [("succeeded", 1)]
+    assert HandlerRun.objects.count() == 2
+
+
+def test_events_queues_explains_what_a_worker_consumes() -> None:
+    out = StringIO()
+    with wiring(BROADCAST, NORMAL, {**NORMAL, "name": "cache-normal", "queue": "cache"}):
+        call_command("events_queues", "--explain", stdout=out)
+        plain = StringIO()
+        call_command("events_queues", stdout=plain)
+
+    assert plain.getvalue().strip() == "cache,django_events"
+    assert out.getvalue().splitlines() == [
+        "cache:",
+        "  one worker runs each message: cache-normal",
+        "  every worker gets a copy (fanout exchange cache.broadcast): bc",
+        "django_events:",
+        "  one worker runs each message: orders.placed:tests.app.handlers.record",
+        "Start workers with: celery -A <project> worker -Q cache,django_events",
+        "Broadcasts reach only workers whose Celery app called "
+        "django_events.broadcast.consume_broadcasts(app).",
+    ]

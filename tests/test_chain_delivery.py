@@ -1,0 +1,92 @@
+"""A handler chain through a real worker: sync -> async -> async, with the context values of
+the publishing request restored around each handler (ContextInterceptor in PIPELINE)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.db import connection, transaction
+from django.test import override_settings
+
+from django_events import context, publish
+from django_events.models import EventRecord
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "chains.yaml")]
+PIPELINE = [
+    "django_events.correlation.CorrelationInterceptor",
+    "django_events.context.ContextInterceptor",
+]
+
+
+@pytest.fixture
+def worker(django_db_setup, django_db_blocker, tmp_path) -> Iterator[WorkerProcess]:
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"chain-{uuid.uuid4().hex[:8]}"
+    process = WorkerProcess(
+        "amqp",
+        queue,
+        connection.settings_dict["NAME"],
+        tmp_path / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "chains.yaml",
+            "DJANGO_EVENTS_TEST_PIPELINE": ",".join(PIPELINE),
+            # Events the worker's handlers publish go through the broker too.
+            "CELERY_BROKER_URL": brokers.AMQP_URL,
+        },
+    )
+    value = {
+        **settings.DJANGO_EVENTS,
+        "MANIFESTS": MANIFESTS,
+        "CELERY_APP": "tests.brokers.amqp",
+        "DEFAULT_QUEUE": queue,
+        "PIPELINE": PIPELINE,
+    }
+    process.start()
+    try:
+        with override_settings(DJANGO_EVENTS=value):
+            yield process
+    finally:
+        process.stop(cold=True)  # the test waited for its deliveries: nothing is running
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+            conn.default_channel.exchange_delete(queue)
+
+
+def test_a_sync_async_async_chain_shares_one_correlation_id_and_the_request_context(
+    worker: WorkerProcess,
+) -> None:
+    # What a request does with ContextMiddleware and a tenant bound.
+    with context.bind(user_id=7, tenant="acme"), transaction.atomic():
+        first = publish("chain.placed", {"steps": ["chain.billed", "chain.shipped"]})
+
+    last = wait_for(
+        lambda: HandlerRun.objects.filter(handler="forward", event_name="chain.shipped").first(),
+        what="the third step on the worker",
+    )
+    runs = {r.event_name: r for r in HandlerRun.objects.filter(handler="forward")}
+    assert list(runs) == ["chain.placed", "chain.billed", "chain.shipped"]
+    # The first step ran here (sync), the next two on the worker.
+    assert runs["chain.placed"].pid == os.getpid()
+    assert {runs["chain.billed"].pid, last.pid}.isdisjoint({os.getpid()})
+    # The request-scoped values, set at publish time, seen by each async handler.
+    expected = {"user_id": "7", "tenant": "acme"}
+    assert [r.payload["context"] for r in runs.values()] == [expected] * 3
+    # One correlation id; each causation id names the step before.
+    records = {r.name: r for r in EventRecord.objects.filter(correlation_id=first.id)}
+    assert sorted(records) == ["chain.billed", "chain.placed", "chain.shipped"]
+    assert records["chain.placed"].causation_id is None
+    assert records["chain.billed"].causation_id == records["chain.placed"].id
+    assert records["chain.shipped"].causation_id == records["chain.billed"].id
+    assert {r.correlation_id for r in runs.values()} == {first.id}
+    assert last.causation_id == records["chain.billed"].id
+    assert records["chain.shipped"].headers == {"context-user_id": "7", "context-tenant": "acme"}
