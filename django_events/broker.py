@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -102,12 +102,14 @@ def send_deliveries(
     *,
     app: Celery | None = None,
     confirm: bool = False,
+    prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
 ) -> set[UUID]:
     """Send one message per (event, subscription); return ids of events not fully sent.
 
     With ``confirm``, each message waits for the broker's publisher confirm (RabbitMQ), so
     "sent" means "accepted". Never raises: an unreachable broker leaves unsent events for
-    the relay.
+    the relay. ``prior_attempts`` maps (event id, subscription) to the runs already
+    recorded, for manual retries and replays (attempts never reset).
     """
     try:
         app = app or celery_app()
@@ -143,9 +145,14 @@ def send_deliveries(
                         if subscription.declaration.broadcast
                         else {"queue": subscription.queue}
                     )
+                    prior = (
+                        prior_attempts.get((event.id, subscription.name), 0)
+                        if prior_attempts
+                        else 0
+                    )
                     app.send_task(
                         TASK_NAME,
-                        args=(build_message(message, subscription.name, alias),),
+                        args=(build_message(message, subscription.name, alias, prior),),
                         **route,
                         producer=producer,
                         serializer="json",

@@ -27,6 +27,20 @@ def record_for(event: Event, status: str) -> EventRecord:
     )
 
 
+def event_of(record: EventRecord, payload: object = None) -> Event:
+    """Rebuild the `Event` a stored record holds (``payload``: the typed form, if any)."""
+    return Event(
+        id=record.pk,
+        name=record.name,
+        payload=record.payload if payload is None else payload,
+        headers=record.headers,
+        occurred_at=record.occurred_at,
+        correlation_id=record.correlation_id,
+        causation_id=record.causation_id,
+        data=record.payload,
+    )
+
+
 def ensure_records(alias: str, events: Sequence[Event], status: str) -> None:
     """Insert records for events that have none yet (existing ones are left alone)."""
     EventRecord.objects.using(alias).bulk_create(

@@ -11,9 +11,9 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from . import broker
-from .events import Event
 from .execution import log_extra
 from .models import EventRecord
+from .recording import event_of
 from .registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -64,7 +64,7 @@ def relay_pending(
             if not subscriptions:
                 nothing_to_send.append(record.pk)
                 continue
-            event = _event_of(record, compiled.typed_payload(record.payload))
+            event = event_of(record, compiled.typed_payload(record.payload))
             outgoing.append((event, compiled.declaration.durable, subscriptions))
         unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
         sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
@@ -83,17 +83,4 @@ def relay_pending(
             )
     return RelayResult(
         sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
-    )
-
-
-def _event_of(record: EventRecord, payload: object) -> Event:
-    return Event(
-        id=record.pk,
-        name=record.name,
-        payload=payload,
-        headers=record.headers,
-        occurred_at=record.occurred_at,
-        correlation_id=record.correlation_id,
-        causation_id=record.causation_id,
-        data=record.payload,
     )

@@ -138,7 +138,8 @@ def _run(
         if final:
             return Outcome("failed", error=exc)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
-    if records_all and not subscription.declaration.idempotent:
+    # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
+    if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         # The handler ran: failing to record that must not run it again.
         # A broadcast copy's success never hides another worker's failure of that event.
         _record_quietly(

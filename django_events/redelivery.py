@@ -1,0 +1,173 @@
+"""Delivering stored events again to one subscription: the path retries and replays share.
+
+Async subscriptions get a new task message through the normal broker path, carrying the
+runs already recorded (``prior_attempts``), so ``Delivery.attempts`` never resets; sync ones
+run in this process. Either way the ``Delivery`` row records it: pending/running first,
+then succeeded or failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TypeVar
+from uuid import UUID
+
+from django.utils import timezone
+
+from . import broker
+from .dispatch import run_sync_handler
+from .models import Delivery, EventRecord
+from .recording import delivery, event_of, save_deliveries
+from .registry import CompiledEvent, Subscription, get_registry
+
+T = TypeVar("T")
+NOT_SENT = "Not sent again: the broker was unreachable; retry later."
+
+
+@dataclass
+class RedeliveryResult:
+    """What a retry or replay did; ``skipped`` says why each skipped item was left alone."""
+
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    unsent: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, other: RedeliveryResult) -> None:
+        self.sent += other.sent
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.unsent += other.unsent
+        self.skipped.extend(other.skipped)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed or self.unsent or self.skipped)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.sent} re-enqueued for a worker",
+            f"{self.succeeded} ran again and succeeded",
+            f"{self.failed} ran again and failed",
+        ]
+        if self.unsent:
+            parts.append(f"{self.unsent} not sent (broker unreachable)")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        return "; ".join(parts) + "."
+
+
+def redeliver(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior_attempts: Mapping[UUID, int],
+    *,
+    using: str,
+) -> RedeliveryResult:
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
+    if not records:
+        return RedeliveryResult()
+    registry = get_registry()
+    compiled = {r.name: registry.event(r.name) for r in records}
+    if subscription.mode == "async":
+        return _send(subscription, records, compiled, prior_attempts, using)
+    return _run(subscription, records, compiled, prior_attempts, using)
+
+
+def _send(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    compiled: Mapping[str, CompiledEvent],
+    prior: Mapping[UUID, int],
+    using: str,
+) -> RedeliveryResult:
+    _mark(subscription, records, prior, Delivery.Status.PENDING, using)
+    items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
+    unsent = broker.send_deliveries(
+        items,
+        using,
+        prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
+    )
+    if unsent:
+        rows = Delivery.objects.using(using).filter(
+            event_id__in=unsent, subscription=subscription.name
+        )
+        rows.update(status=Delivery.Status.FAILED, updated_at=timezone.now())
+        rows.filter(last_error="").update(last_error=NOT_SENT)
+    return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
+
+
+def _run(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    compiled: Mapping[str, CompiledEvent],
+    prior: Mapping[UUID, int],
+    using: str,
+) -> RedeliveryResult:
+    _mark(subscription, records, prior, Delivery.Status.RUNNING, using)
+    interceptors = get_registry().interceptors
+    result = RedeliveryResult()
+    rows: list[Delivery] = []
+    for record in records:
+        event_type = compiled[record.name]
+        attempts = prior.get(record.pk, 0)
+        problems = event_type.validator.problems(record.payload)
+        if problems:
+            error = f"Payload no longer valid for {record.name!r}: " + "; ".join(map(str, problems))
+            rows.append(
+                delivery(
+                    record.pk,
+                    subscription.name,
+                    subscription.mode,
+                    Delivery.Status.FAILED,
+                    attempts,
+                    error,
+                )
+            )
+            continue
+        event = event_of(record, event_type.typed_payload(record.payload))
+        row = run_sync_handler(subscription, event, interceptors, True, attempts)
+        rows.extend([row] if row is not None else [])
+    result.succeeded = sum(1 for r in rows if r.status == Delivery.Status.SUCCEEDED)
+    result.failed = len(rows) - result.succeeded
+    save_deliveries(using, rows)
+    return result
+
+
+def _mark(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior: Mapping[UUID, int],
+    status: str,
+    using: str,
+) -> None:
+    """Show the redelivery as under way: create missing rows, set the status of existing ones."""
+    ids = [r.pk for r in records]
+    Delivery.objects.using(using).bulk_create(
+        [
+            delivery(pk, subscription.name, subscription.mode, status, prior.get(pk, 0))
+            for pk in ids
+        ],
+        ignore_conflicts=True,
+    )
+    Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
+        status=status, updated_at=timezone.now()
+    )
+
+
+def reaches(subscription: Subscription, event_name: str) -> bool:
+    """Whether events named ``event_name`` are delivered to ``subscription`` today."""
+    compiled = get_registry().events.get(event_name)
+    if compiled is None:
+        return False
+    return any(s is subscription for s in (*compiled.inline, *compiled.sync, *compiled.async_))
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to ``size`` items (``itertools.batched`` is Python 3.12+)."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,103 @@
+"""The wiring as data: every event with its subscriptions, read from the registry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .conf import conf
+from .registry import Registry, Subscription, get_registry
+
+
+@dataclass(frozen=True)
+class SubscriptionInfo:
+    """One subscription as the wiring page and ``events_list`` show it."""
+
+    name: str
+    event: str
+    handler: str
+    mode: str
+    queue: str | None
+    when: dict[str, Any] | None
+    retry: dict[str, Any] | None
+    broadcast: bool
+    idempotent: bool
+    timeout: float | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """One declared event and the subscriptions it reaches."""
+
+    name: str
+    description: str
+    schema: Any
+    type: str | None
+    durable: bool
+    record: str
+    redact: list[str]
+    origin: str
+    subscriptions: list[SubscriptionInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Everything declared, sorted by name; ``unmatched``: patterns that match no event."""
+
+    events: list[EventInfo]
+    unmatched: list[SubscriptionInfo]
+    problems: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_wiring(registry: Registry | None = None) -> Wiring:
+    """Describe the registry (the current one by default)."""
+    registry = registry or get_registry()
+    events: list[EventInfo] = []
+    used: set[str] = set()
+    for name in sorted(registry.events):
+        compiled = registry.events[name]
+        declaration = compiled.declaration
+        subscriptions = sorted(
+            (*compiled.inline, *compiled.sync, *compiled.async_), key=lambda s: s.name
+        )
+        used.update(s.name for s in subscriptions)
+        type_ = declaration.type
+        events.append(
+            EventInfo(
+                name=name,
+                description=declaration.description,
+                schema=declaration.schema if declaration.schema is not None else {},
+                type=f"{type_.__module__}.{type_.__qualname__}" if type_ else declaration.type_path,
+                durable=declaration.durable,
+                record=declaration.record or conf.RECORD,
+                redact=list(declaration.redact),
+                origin=str(declaration.origin),
+                subscriptions=[_subscription(s) for s in subscriptions],
+            )
+        )
+    unmatched = [
+        _subscription(s) for name, s in sorted(registry.subscriptions.items()) if name not in used
+    ]
+    return Wiring(events, unmatched, sum(1 for p in registry.problems if p.is_error))
+
+
+def _subscription(subscription: Subscription) -> SubscriptionInfo:
+    declaration = subscription.declaration
+    is_async = declaration.mode == "async"
+    return SubscriptionInfo(
+        name=declaration.name,
+        event=declaration.event,
+        handler=declaration.handler,
+        mode=declaration.mode,
+        queue=subscription.queue if is_async else None,
+        when=declaration.when,
+        retry=asdict(subscription.retry) if is_async else None,
+        broadcast=declaration.broadcast,
+        idempotent=declaration.idempotent,
+        timeout=declaration.timeout,
+        origin=str(declaration.origin),
+    )
