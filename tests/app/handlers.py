@@ -68,3 +68,19 @@ def forward(event: Event) -> None:
 def record_worker(event: Event) -> None:
     """Note which worker (``DJANGO_EVENTS_TEST_WORKER``) ran the handler."""
     _run("record_worker", event, {"worker": os.environ.get("DJANGO_EVENTS_TEST_WORKER", "")})
+
+
+def _fails_first_time(name: str, event: Event) -> None:
+    """Fails on its first run for an event, succeeds on later ones (state in the database)."""
+    first = not HandlerRun.objects.filter(handler=name, event_id=event.id).exists()
+    _run(name, event)
+    if first:
+        raise RuntimeError(f"{name}: first run for order {event.data.get('order_id')} fails")
+
+
+def fails_first_time(event: Event) -> None:
+    _fails_first_time("fails_first_time", event)
+
+
+def fails_first_time_sync(event: Event) -> None:
+    _fails_first_time("fails_first_time_sync", event)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from django_events.pruning import prune_events
+
+
+class Command(BaseCommand):
+    help = (
+        "Delete event records (and their deliveries) older than N days. Records with a failed "
+        "delivery are kept unless --include-failures; pending records (the outbox) always are."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--days", type=float, required=True, help="Delete records older than this many days."
+        )
+        parser.add_argument(
+            "--include-failures",
+            action="store_true",
+            help="Also delete records with a failed delivery.",
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["days"] <= 0:
+            raise CommandError(f"--days must be positive, got {options['days']:g}")
+        if options["database"] not in connections.settings:
+            raise CommandError(f"Unknown database alias {options['database']!r}")
+        result = prune_events(
+            timedelta(days=options["days"]),
+            include_failures=options["include_failures"],
+            using=options["database"],
+        )
+        self.stdout.write(
+            f"Deleted {result.events} event record(s) and {result.deliveries} delivery(ies) "
+            f"older than {options['days']:g} day(s)."
+        )
+        if result.kept_failures:
+            self.stdout.write(
+                f"Kept {result.kept_failures} old record(s) with failures "
+                "(--include-failures deletes them)."
+            )
+        if result.kept_pending:
+            self.stdout.write(
+                f"Kept {result.kept_pending} old record(s) still pending: run events_relay."
+            )

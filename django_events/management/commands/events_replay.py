@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from django_events.replay import ReplayError, replay_events
+from django_events.timerange import EXAMPLES, parse_range
+
+
+class Command(BaseCommand):
+    help = (
+        "Deliver stored events again to one subscription (its `when` filter still applies). "
+        "An idempotent subscription skips events it already handled."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("subscription", help="The subscription to deliver to.")
+        parser.add_argument(
+            "--event",
+            action="append",
+            default=[],
+            help="Only events with this name (repeatable; default: every event it receives).",
+        )
+        parser.add_argument("--since", help=f"Only events that occurred since: {EXAMPLES}.")
+        parser.add_argument("--until", help="Only events that occurred before this moment.")
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["database"] not in connections.settings:
+            raise CommandError(f"Unknown database alias {options['database']!r}")
+        try:
+            since, until = parse_range(options["since"], options["until"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        try:
+            matched, result = replay_events(
+                options["subscription"],
+                events=options["event"],
+                using=options["database"],
+                since=since,
+                until=until,
+            )
+        except ReplayError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(
+            f"Replayed {matched} stored event(s) to {options['subscription']}: {result.summary()}"
+        )
+        if result.unsent:
+            raise CommandError("The broker did not take every delivery; they are marked failed.")

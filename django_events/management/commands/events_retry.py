@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, connections
+
+from django_events.registry import get_registry
+from django_events.retrying import retry_failures, select_failures
+from django_events.timerange import EXAMPLES, parse_range
+
+
+class Command(BaseCommand):
+    help = (
+        "Deliver failed deliveries again through the normal path (async: a new task message; "
+        "sync: the handler runs here). Attempts keep counting."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--all", action="store_true", help="Every failed delivery.")
+        parser.add_argument("--subscription", help="Only failures of this subscription.")
+        parser.add_argument("--event", help="Only failures of events with this name.")
+        parser.add_argument("--since", help=f"Only failures recorded since: {EXAMPLES}.")
+        parser.add_argument("--until", help="Only failures recorded before this moment.")
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        narrowed = any(options[k] for k in ("subscription", "event", "since", "until"))
+        if not narrowed and not options["all"]:
+            raise CommandError(
+                "Say which failures to retry: --all, or --subscription/--event/--since/--until."
+            )
+        if options["database"] not in connections.settings:
+            raise CommandError(f"Unknown database alias {options['database']!r}")
+        registry = get_registry()
+        if options["subscription"] and options["subscription"] not in registry.subscriptions:
+            raise CommandError(f"Unknown subscription {options['subscription']!r}")
+        if options["event"] and options["event"] not in registry.events:
+            raise CommandError(f"Unknown event {options['event']!r}")
+        try:
+            since, until = parse_range(options["since"], options["until"])
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        failures = select_failures(
+            subscription=options["subscription"],
+            event=options["event"],
+            using=options["database"],
+            since=since,
+            until=until,
+        )
+        result = retry_failures(failures)
+        for reason in result.skipped:
+            self.stderr.write(f"Skipped {reason}")
+        self.stdout.write(f"Retried failed deliveries: {result.summary()}")
+        if result.unsent:
+            raise CommandError("The broker did not take every delivery; they stay failed.")

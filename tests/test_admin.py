@@ -1,0 +1,389 @@
+"""The admin through Django's test client: event log, failures, wiring page, permissions."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+
+from django_events import admin_paging, publish
+from django_events.models import Delivery, EventRecord
+from django_events.recording import delivery, save_deliveries
+from django_events.redaction import MASK
+from tests.app.models import HandlerRun
+from tests.ops import shop_wiring, work
+
+LOG = reverse("admin:django_events_eventrecord_changelist")
+FAILURES = reverse("admin:django_events_failure_changelist")
+WIRING = reverse("admin:django_events_wiring")
+APP = reverse("admin:app_list", args=["django_events"])
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    name = f"admin-{uuid.uuid4().hex[:8]}"
+    with shop_wiring(name):
+        yield name
+
+
+@pytest.fixture
+def publish_now(django_capture_on_commit_callbacks, queue):
+    def publish_now(name: str, payload: dict, **kwargs):
+        with django_capture_on_commit_callbacks(execute=True):
+            return publish(name, payload, **kwargs)
+
+    return publish_now
+
+
+def user_client(*perms: str, staff: bool = True) -> Client:
+    user = User.objects.create_user(f"u{uuid.uuid4().hex[:8]}", password="pw", is_staff=staff)
+    for codename in perms:
+        user.user_permissions.add(Permission.objects.get(codename=codename))
+    client = Client()
+    client.force_login(user)
+    return client
+
+
+def failure_of(subscription: str) -> Delivery:
+    return Delivery.objects.get(subscription=subscription, status="failed")
+
+
+def action(client: Client, name: str, *pks: int):
+    data = {"action": name, "_selected_action": [str(pk) for pk in pks]}
+    return client.post(FAILURES, data, follow=True)
+
+
+# -- the event log ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_event_log_shows_each_event_and_its_delivery_outcome(admin_client, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 5})
+    refunded = publish_now("shop.refunded", {"order_id": 1})
+
+    page = admin_client.get(LOG)
+
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert str(paid.id)[:8] in html and str(refunded.id)[:8] in html
+    # shop.paid: shop-audit succeeded, shop-ledger failed (its first run always fails),
+    # shop-receipt sent to a worker (no outcome yet).
+    row = _row_of(html, paid.id)
+    assert 'class="de-badge de-failed" title="shop-ledger">1 failed' in row
+    assert 'title="shop-audit">1 succeeded' in row
+    assert reverse("admin:django_events_wiring") in html  # linked from the log
+
+
+def _row_of(html: str, event_id: uuid.UUID) -> str:
+    url = reverse("admin:django_events_eventrecord_change", args=[event_id])
+    rows = [r for r in re.findall(r"<tr.*?</tr>", html, re.S) if url in r]
+    assert len(rows) == 1, f"no single row links {url}"
+    return rows[0]
+
+
+@pytest.mark.django_db
+def test_event_log_queries_do_not_grow_with_the_page(admin_client, publish_now) -> None:
+    def queries_for_page() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(LOG).status_code == 200
+        return len(captured)
+
+    publish_now("shop.paid", {"order_id": 1})
+    few = queries_for_page()
+    for order_id in range(2, 12):
+        publish_now("shop.paid", {"order_id": order_id})
+    assert queries_for_page() == few
+
+
+@pytest.mark.django_db
+def test_event_log_filters_search_and_date_hierarchy(admin_client, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1})
+    refunded = publish_now("shop.refunded", {"order_id": 2})
+    shipped = EventRecord.objects.get(causation_id=refunded.id)  # published by shop-chain
+    other = str(paid.id)[:8], str(refunded.id)[:8], str(shipped.pk)[:8]
+
+    def shown(query: str) -> set[str]:
+        html = admin_client.get(LOG + query).content.decode()
+        return {short for short in other if short in html}
+
+    assert shown("?name=shop.refunded") == {other[1]}
+    assert shown(f"?q={paid.id}") == {other[0]}
+    assert shown(f"?q={refunded.correlation_id}") == {other[1], other[2]}  # the whole chain
+    assert shown("?q=orders.") == {other[2]}
+    assert shown("?status__exact=dispatched") == set(other)
+    assert shown("?status__exact=pending") == set()
+    year = paid.occurred_at.year
+    assert shown(f"?occurred_at__year={year}") == set(other)
+    assert shown(f"?occurred_at__year={year - 1}") == set()
+    assert shown("?occurred_at__gte=2000-01-01+00:00:00%2B00:00") == set(other)
+    assert admin_client.get(LOG + "?q=not-a-uuid-or-name").status_code == 200
+
+
+@pytest.mark.django_db
+def test_event_page_is_read_only_redacted_escaped_and_shows_deliveries(
+    admin_client, publish_now
+) -> None:
+    payload = {
+        "order_id": 7,
+        "email": "ada@example.com",
+        "card": {"number": "4111111111111111"},
+        "note": "<script>alert('x')</script>",
+    }
+    event = publish_now("shop.paid", payload, headers={"X-Source": "<b>shop</b>"})
+
+    page = admin_client.get(reverse("admin:django_events_eventrecord_change", args=[event.id]))
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in html
+    assert "&lt;b&gt;shop&lt;/b&gt;" in html
+    assert "ada@example.com" not in html and "4111111111111111" not in html
+    assert html.count(MASK) == 2
+    assert "&quot;order_id&quot;: 7" in html  # pretty-printed JSON
+    assert 'name="_save"' not in html  # read-only, even for a superuser
+    for subscription in ("shop-audit", "shop-ledger"):
+        assert f'<td class="field-subscription">{subscription}' in html or subscription in html
+    assert re.search(r"shop-receipt \(async, queue admin-\w+\)", html)  # no outcome yet
+    failure = failure_of("shop-ledger")
+    assert reverse("admin:django_events_failure_change", args=[failure.pk]) in html
+    assert EventRecord.objects.get(pk=event.id).payload == payload  # masking is display-only
+
+
+def _inline_rows(html: str) -> dict[str, str]:
+    rows = re.findall(r'<tr class="form-row.*?</tr>', html, re.S)
+    found = {}
+    for row in rows:
+        name = re.search(r'field-subscription">\s*<p>([^<]*)</p>', row)
+        status = re.search(r'class="de-badge de-(\w+)"', row)
+        assert name and status, row
+        found[name.group(1)] = status.group(1)
+    return found
+
+
+@pytest.mark.django_db
+def test_event_page_links_the_causation_chain(admin_client, publish_now) -> None:
+    refunded = publish_now("shop.refunded", {"order_id": 3})
+    shipped = EventRecord.objects.get(causation_id=refunded.id)
+
+    parent = admin_client.get(reverse("admin:django_events_eventrecord_change", args=[refunded.id]))
+    child = admin_client.get(reverse("admin:django_events_eventrecord_change", args=[shipped.pk]))
+
+    assert reverse("admin:django_events_eventrecord_change", args=[shipped.pk]) in (
+        parent.content.decode()
+    )
+    assert "published outside any handler" in parent.content.decode()
+    child_html = child.content.decode()
+    assert reverse("admin:django_events_eventrecord_change", args=[refunded.id]) in child_html
+    assert f"?q={refunded.correlation_id}" in child_html
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_failure_pages_show_error_and_traceback_escaped(admin_client, publish_now) -> None:
+    event = publish_now("shop.paid", {"order_id": 9, "email": "x@example.com"})
+    save_deliveries(
+        "default",
+        [
+            delivery(
+                event.id,
+                "shop-audit",
+                "sync",
+                "failed",
+                2,
+                "ValueError: <img src=x onerror=alert(1)>",
+                'Traceback (most recent call last):\n  File "<script>evil()</script>"',
+            )
+        ],
+    )
+    failure = failure_of("shop-audit")
+
+    listing = admin_client.get(FAILURES).content.decode()
+    page = admin_client.get(reverse("admin:django_events_failure_change", args=[failure.pk]))
+
+    assert "shop-ledger" in listing and "shop-audit" in listing
+    assert "<img src=x" not in listing and "&lt;img src=x onerror=alert(1)&gt;" in listing
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "<script>evil" not in html and "&lt;script&gt;evil()&lt;/script&gt;" in html
+    assert "Traceback (most recent call last)" in html
+    assert "x@example.com" not in html and MASK in html
+    assert 'name="_save"' not in html
+    assert 'value="retry_selected"' in html and 'value="resolve_selected"' in html
+
+
+@pytest.mark.django_db
+def test_retry_selected_reruns_a_sync_handler_and_records_it(admin_client, publish_now) -> None:
+    event = publish_now("shop.paid", {"order_id": 4})
+    failure = failure_of("shop-ledger")
+    assert failure.attempts == 1
+
+    page = action(admin_client, "retry_selected", failure.pk)
+
+    assert "1 ran again and succeeded" in page.content.decode()
+    done = Delivery.objects.get(pk=failure.pk)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    runs = HandlerRun.objects.filter(handler="fails_first_time_sync", event_id=event.id)
+    assert runs.count() == 2
+    change_url = reverse("admin:django_events_failure_change", args=[failure.pk])
+    assert change_url not in admin_client.get(FAILURES).content.decode()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_selected_reenqueues_async_with_attempts_carried_over(admin_client, queue) -> None:
+    event = publish("shop.paid", {"order_id": 5})
+    assert [o.status for o in work(queue)] == ["failed"]  # max_attempts 1: failed at once
+    failure = failure_of("shop-receipt")
+    assert failure.attempts == 1
+
+    page = action(admin_client, "retry_selected", failure.pk)
+
+    assert "1 re-enqueued for a worker" in page.content.decode()
+    assert Delivery.objects.get(pk=failure.pk).status == "pending"  # off the failure list
+    assert [o.status for o in work(queue)] == ["succeeded"]
+    done = Delivery.objects.get(pk=failure.pk)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert HandlerRun.objects.filter(handler="fails_first_time", event_id=event.id).count() == 2
+
+
+@pytest.mark.django_db
+def test_retry_skips_a_subscription_no_longer_declared(admin_client, publish_now) -> None:
+    event = publish_now("shop.refunded", {"order_id": 1})
+    save_deliveries("default", [delivery(event.id, "gone", "sync", "failed", 3, "Boom")])
+    gone = failure_of("gone")
+
+    html = action(admin_client, "retry_selected", gone.pk).content.decode()
+
+    assert "1 skipped" in html and "no longer declared" in html
+    assert Delivery.objects.get(pk=gone.pk).status == "failed"
+
+
+@pytest.mark.django_db
+def test_mark_resolved(admin_client, publish_now) -> None:
+    publish_now("shop.paid", {"order_id": 6})
+    failure = failure_of("shop-ledger")
+
+    html = action(admin_client, "resolve_selected", failure.pk).content.decode()
+
+    assert "1 failed delivery marked resolved." in html
+    assert Delivery.objects.get(pk=failure.pk).status == "resolved"
+    assert HandlerRun.objects.filter(handler="fails_first_time_sync").count() == 1  # no rerun
+
+
+# -- the wiring page -------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_wiring_page_lists_events_schemas_and_subscriptions(admin_client, queue) -> None:
+    page = admin_client.get(WIRING)
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "shop.paid" in html and "An order was paid." in html
+    assert "&quot;order_id&quot;" in html  # the schema
+    assert "tests.app.handlers.fails_first_time_sync" in html
+    assert "big-orders" in html and "{&quot;total&quot;: {&quot;gte&quot;: 1000}}" in html
+    assert "1x, backoff 0.1s (max 1s)" in html  # manifest merged with DEFAULT_RETRY
+    assert re.search(r"admin\.yaml:\d+", html)
+    assert "redacted" in html and "email, card.number" in html
+
+
+@pytest.mark.django_db
+def test_wiring_page_is_linked_from_the_app_index_and_escapes_declarations(admin_client) -> None:
+    events = {"evil.one": {"description": "<script>alert(1)</script>"}}
+    with shop_wiring(EVENTS=events):
+        assert WIRING in admin_client.get(APP).content.decode()
+        html = admin_client.get(WIRING).content.decode()
+    assert "<script>alert(1)" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+
+
+# -- permissions -----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_anonymous_and_non_staff_users_see_nothing(publish_now) -> None:
+    publish_now("shop.paid", {"order_id": 1})
+    failure = failure_of("shop-ledger")
+    pages = [LOG, FAILURES, WIRING, APP]
+    for client in (Client(), user_client("view_eventrecord", "change_failure", staff=False)):
+        for url in pages:
+            response = client.get(url)
+            assert response.status_code == 302 and "/login/" in response["Location"], url
+        response = action(client, "retry_selected", failure.pk)
+        assert response.redirect_chain[0][0].startswith(reverse("admin:login"))
+    assert Delivery.objects.get(pk=failure.pk).status == "failed"
+
+
+@pytest.mark.django_db
+def test_staff_without_permissions_is_refused(publish_now) -> None:
+    client = user_client()
+    assert client.get(LOG).status_code == 403
+    assert client.get(FAILURES).status_code == 403
+    assert client.get(WIRING).status_code == 403
+
+
+@pytest.mark.django_db
+def test_view_permission_shows_but_cannot_act(publish_now) -> None:
+    publish_now("shop.paid", {"order_id": 1})
+    failure = failure_of("shop-ledger")
+    viewer = user_client("view_eventrecord", "view_failure")
+
+    assert viewer.get(LOG).status_code == 200
+    assert viewer.get(WIRING).status_code == 200
+    assert WIRING in viewer.get(APP).content.decode()
+    listing = viewer.get(FAILURES).content.decode()
+    assert "shop-ledger" in listing and "retry_selected" not in listing
+    page = viewer.get(reverse("admin:django_events_failure_change", args=[failure.pk]))
+    assert page.status_code == 200 and 'value="retry_selected"' not in page.content.decode()
+    for name in ("retry_selected", "resolve_selected"):
+        action(viewer, name, failure.pk)
+    assert Delivery.objects.get(pk=failure.pk).status == "failed"
+    assert HandlerRun.objects.filter(handler="fails_first_time_sync").count() == 1
+
+
+@pytest.mark.django_db
+def test_change_permission_on_failures_can_act(publish_now) -> None:
+    publish_now("shop.paid", {"order_id": 1})
+    failure = failure_of("shop-ledger")
+    operator = user_client("view_failure", "change_failure")
+
+    assert "retry_selected" in operator.get(FAILURES).content.decode()
+    action(operator, "resolve_selected", failure.pk)
+
+    assert Delivery.objects.get(pk=failure.pk).status == "resolved"
+    assert operator.get(LOG).status_code == 403  # the log needs its own view permission
+
+
+# -- counts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_filtered_counts_stop_at_the_cap(admin_client, publish_now, monkeypatch) -> None:
+    for order_id in range(4):
+        publish_now("shop.refunded", {"order_id": order_id})
+    monkeypatch.setattr(admin_paging, "COUNT_CAP", 2)
+    html = admin_client.get(LOG + "?name=shop.refunded").content.decode()
+    assert "2+ event log" in html
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db
+def test_unfiltered_count_is_postgresqls_estimate(admin_client, publish_now, monkeypatch) -> None:
+    for order_id in range(3):
+        publish_now("shop.paid", {"order_id": order_id})
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE django_events_eventrecord")
+    monkeypatch.setattr(admin_paging, "EXACT_BELOW", 1)
+    with CaptureQueriesContext(connection) as captured:
+        html = admin_client.get(LOG).content.decode()
+    assert "~3 event log" in html
+    assert not any("COUNT(" in q["sql"].upper() for q in captured.captured_queries)
