@@ -1,0 +1,287 @@
+"""Operator commands: events_list, events_retry, events_replay, events_prune."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from django_events import publish
+from django_events.models import Delivery, EventRecord
+from django_events.recording import delivery, save_deliveries
+from tests.app.models import HandlerRun
+from tests.ops import drain, shop_wiring, work
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    name = f"cmd-{uuid.uuid4().hex[:8]}"
+    with shop_wiring(name):
+        yield name
+
+
+@pytest.fixture
+def publish_now(django_capture_on_commit_callbacks, queue):
+    def publish_now(name: str, payload: dict):
+        with django_capture_on_commit_callbacks(execute=True):
+            return publish(name, payload)
+
+    return publish_now
+
+
+def run(command: str, *args: str) -> str:
+    out = StringIO()
+    call_command(command, *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def fails(command: str, *args: str) -> str:
+    with pytest.raises(CommandError) as caught:
+        run(command, *args)
+    return str(caught.value)
+
+
+# -- events_list -----------------------------------------------------------------------------
+
+
+def test_events_list_table(queue) -> None:
+    table = run("events_list")
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "EVENT",
+        "SUBSCRIPTION",
+        "MODE",
+        "QUEUE",
+        "FILTER",
+        "RETRY",
+        "FLAGS",
+        "ORIGIN",
+    ]
+    big = next(line for line in lines if "shop-big" in line)
+    assert big.split()[:5] == [
+        "shop.paid",
+        "shop-big",
+        "async",
+        "big-orders",
+        '{"total":{"gte":1000}}',
+    ]
+    assert "idempotent" in big and re.search(r"admin\.yaml:\d+$", big)
+    assert any(line.startswith("orders.cancelled") and " - " in line for line in lines)
+    assert re.search(r"^\d+ event\(s\), \d+ subscription link\(s\)$", lines[-1])
+
+
+def test_events_list_json_is_the_registry(queue) -> None:
+    data = json.loads(run("events_list", "--format", "json"))
+    events = {e["name"]: e for e in data["events"]}
+    paid = events["shop.paid"]
+    assert paid["redact"] == ["email", "card.number"]
+    assert paid["schema"]["required"] == ["order_id"]
+    subs = {s["name"]: s for s in paid["subscriptions"]}
+    assert set(subs) == {"shop-audit", "shop-big", "shop-ledger", "shop-receipt"}
+    assert subs["shop-receipt"]["retry"]["max_attempts"] == 1
+    assert subs["shop-receipt"]["queue"] == queue
+    assert subs["shop-audit"]["queue"] is None and subs["shop-audit"]["event"] == "shop.*"
+    assert data["problems"] == 0
+
+
+def test_events_list_mermaid(queue) -> None:
+    chart = run("events_list", "--format", "mermaid").splitlines()
+    assert chart[0] == "flowchart LR"
+    assert any(re.fullmatch(r'  e\d+\(\["shop\.paid"\]\)', line) for line in chart)
+    assert any('shop-big<br/>async · big-orders"]' in line for line in chart)
+    assert any(
+        re.fullmatch(r"  e\d+ -- \{#quot;total#quot;:\{#quot;gte#quot;:1000\}\} --> s\d+", line)
+        for line in chart
+    )
+
+
+def test_events_list_rejects_an_unknown_format() -> None:
+    assert "invalid choice: 'yaml'" in fails("events_list", "--format", "yaml")
+
+
+# -- events_retry ----------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "Say which failures to retry"),
+        (("--subscription", "nope"), "Unknown subscription 'nope'"),
+        (("--event", "nope.nope"), "Unknown event 'nope.nope'"),
+        (("--since", "yesterday"), "--since: 'yesterday' is not an ISO date"),
+        (("--until", "2026-13-01"), "--until: '2026-13-01' is not a valid date"),
+        (("--since", "1d", "--until", "2d"), "--since ("),
+        (("--all", "--database", "nope"), "Unknown database alias 'nope'"),
+    ],
+)
+def test_events_retry_bad_arguments(queue, args, message) -> None:
+    assert message in fails("events_retry", *args)
+
+
+@pytest.mark.django_db
+def test_events_retry_by_subscription_reruns_sync_handlers(publish_now) -> None:
+    event = publish_now("shop.paid", {"order_id": 1})
+    other = publish_now("shop.refunded", {"order_id": 2})
+    save_deliveries("default", [delivery(other.id, "shop-audit", "sync", "failed", 1, "Boom")])
+
+    out = run("events_retry", "--subscription", "shop-ledger")
+
+    assert "0 re-enqueued for a worker; 1 ran again and succeeded; 0 ran again and failed." in out
+    ledger = Delivery.objects.get(event_id=event.id, subscription="shop-ledger")
+    assert (ledger.status, ledger.attempts) == ("succeeded", 2)
+    audit = Delivery.objects.get(event_id=other.id, subscription="shop-audit")
+    assert (audit.status, audit.attempts) == ("failed", 1)  # not selected
+
+
+@pytest.mark.django_db
+def test_events_retry_by_event_and_time_range(publish_now) -> None:
+    old = publish_now("shop.paid", {"order_id": 1})
+    new = publish_now("shop.paid", {"order_id": 2})
+    Delivery.objects.filter(event_id=old.id).update(updated_at=timezone.now() - timedelta(days=3))
+
+    assert "1 ran again and succeeded" in run(
+        "events_retry", "--event", "shop.paid", "--since", "1d"
+    )
+    assert Delivery.objects.get(event_id=new.id, subscription="shop-ledger").status == "succeeded"
+    assert Delivery.objects.get(event_id=old.id, subscription="shop-ledger").status == "failed"
+    assert "1 ran again and succeeded" in run("events_retry", "--until", "2d")
+    assert Delivery.objects.get(event_id=old.id, subscription="shop-ledger").status == "succeeded"
+    assert "0 ran again" in run("events_retry", "--all")  # nothing left
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_retry_all_reenqueues_async_with_prior_attempts(queue) -> None:
+    event = publish("shop.paid", {"order_id": 3})
+    work(queue)  # the worker's first run fails (max_attempts: 1)
+    save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 4, "Boom")])
+
+    out = run("events_retry", "--all")
+
+    assert "1 re-enqueued for a worker; 1 ran again and succeeded" in out  # + shop-ledger
+    [message] = drain(queue)
+    assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 4)
+    assert message["event"]["id"] == str(event.id)
+
+
+@pytest.mark.django_db
+def test_events_retry_reports_an_unreachable_broker(publish_now) -> None:
+    event = publish_now("shop.paid", {"order_id": 5})
+    save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 1, "Boom")])
+    with shop_wiring(CELERY_APP="tests.brokers.unreachable"):
+        message = fails("events_retry", "--subscription", "shop-receipt")
+    assert "The broker did not take every delivery" in message
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    assert (row.status, row.attempts, row.last_error) == ("failed", 1, "Boom")
+
+
+# -- events_replay ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("nope",), "Unknown subscription 'nope' (declared: "),
+        (("shop-big", "--event", "shop.refunded"), "does not receive event 'shop.refunded'"),
+        (("shop-audit", "--since", "soon"), "--since: 'soon' is not an ISO date"),
+        (("shop-audit", "--since", "2026-01-02", "--until", "2026-01-01"), "must be before"),
+        (("shop-audit", "--database", "nope"), "Unknown database alias 'nope'"),
+    ],
+)
+def test_events_replay_bad_arguments(queue, args, message) -> None:
+    assert message in fails("events_replay", *args)
+
+
+def test_events_replay_needs_a_subscription() -> None:
+    assert "the following arguments are required: subscription" in fails("events_replay")
+
+
+@pytest.mark.django_db
+def test_events_replay_reruns_a_sync_subscription_for_chosen_events(publish_now) -> None:
+    old = publish_now("shop.paid", {"order_id": 1})
+    EventRecord.objects.filter(pk=old.id).update(occurred_at=timezone.now() - timedelta(days=2))
+    new = publish_now("shop.paid", {"order_id": 2})
+    refunded = publish_now("shop.refunded", {"order_id": 3})
+
+    out = run("events_replay", "shop-audit", "--event", "shop.paid", "--since", "1d")
+
+    assert out.startswith("Replayed 1 stored event(s) to shop-audit: ")
+    runs = HandlerRun.objects.filter(handler="record")
+    assert runs.filter(event_id=new.id).count() == 2
+    assert runs.filter(event_id=old.id).count() == 1
+    assert runs.filter(event_id=refunded.id).count() == 1
+    assert Delivery.objects.get(event_id=new.id, subscription="shop-audit").attempts == 2
+
+
+@pytest.mark.django_db
+def test_events_replay_sends_async_and_applies_the_filter(publish_now, queue) -> None:
+    small = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    big = publish_now("shop.paid", {"order_id": 2, "total": 5000})
+    drain("big-orders")
+
+    out = run("events_replay", "shop-big")
+
+    assert "Replayed 2 stored event(s) to shop-big: 1 re-enqueued for a worker" in out
+    assert "1 skipped" in out
+    [message] = drain("big-orders")
+    assert message["event"]["id"] == str(big.id) and message["prior_attempts"] == 0
+    assert not Delivery.objects.filter(event_id=small.id, subscription="shop-big").exists()
+    assert Delivery.objects.get(event_id=big.id, subscription="shop-big").status == "pending"
+
+
+# -- events_prune ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "the following arguments are required: --days"),
+        (("--days", "0"), "--days must be positive, got 0"),
+        (("--days", "ten"), "invalid float value: 'ten'"),
+        (("--days", "3", "--database", "nope"), "Unknown database alias 'nope'"),
+    ],
+)
+def test_events_prune_bad_arguments(args, message) -> None:
+    assert message in fails("events_prune", *args)
+
+
+@pytest.mark.django_db
+def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> None:
+    failed = publish_now("shop.paid", {"order_id": 1})  # shop-ledger failed
+    fine = publish_now("shop.refunded", {"order_id": 2})  # + orders.shipped from its chain
+    recent = publish_now("shop.refunded", {"order_id": 3})
+    recent_ids = [
+        recent.id,
+        *EventRecord.objects.filter(causation_id=recent.id).values_list("pk", flat=True),
+    ]
+    EventRecord.objects.exclude(pk__in=recent_ids).update(
+        occurred_at=timezone.now() - timedelta(days=40)
+    )
+    pending = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.paid",
+        payload={"order_id": 9},
+        correlation_id=uuid.uuid4(),
+        occurred_at=timezone.now() - timedelta(days=40),
+    )
+
+    out = run("events_prune", "--days", "30")
+
+    assert "Deleted 2 event record(s) and 2 delivery(ies) older than 30 day(s)." in out
+    assert "Kept 1 old record(s) with failures (--include-failures deletes them)." in out
+    assert "Kept 1 old record(s) still pending: run events_relay." in out
+    left = set(EventRecord.objects.values_list("pk", flat=True))
+    assert left == {failed.id, pending.pk, *recent_ids}
+    assert not EventRecord.objects.filter(pk=fine.id).exists()
+
+    out = run("events_prune", "--days", "30", "--include-failures")
+    assert "Deleted 1 event record(s) and 2 delivery(ies)" in out
+    assert set(EventRecord.objects.values_list("pk", flat=True)) == {pending.pk, *recent_ids}
