@@ -159,6 +159,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
     search_fields = ("id",)  # shows the search box; get_search_results does the work
     search_help_text = _("An event id or correlation id (whole UUID), or the start of a name.")
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts would scan the whole table
     paginator = CheapCountPaginator
     list_per_page = 50
     inlines = (DeliveryInline,)
@@ -346,12 +347,25 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
     search_fields = ("subscription",)
     search_help_text = _("An event id (whole UUID), or the start of a subscription name.")
     show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts would scan the whole table
     paginator = CheapCountPaginator
     list_per_page = 50
     actions = ("retry_selected", "resolve_selected")
     fieldsets = (
-        (None, {"fields": ("subscription", "event_link", "mode", "status_badge", "attempts")}),
-        (None, {"fields": ("created_at", "updated_at")}),
+        (
+            None,
+            {
+                "fields": (
+                    "subscription",
+                    "event_link",
+                    "mode",
+                    "status_badge",
+                    "attempts",
+                    "created_at",
+                    "updated_at",
+                )
+            },
+        ),
         (_("Error"), {"fields": ("last_error_pre", "traceback_pre")}),
         (_("Event"), {"fields": ("payload_pretty",)}),
     )
@@ -398,6 +412,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         # Every field is read-only: the page acts through its Retry / Mark resolved buttons.
         extra = {
             **(extra_context or {}),
+            "title": _("Failed delivery"),
             "show_save": False,
             "show_save_and_continue": False,
             "show_save_and_add_another": False,

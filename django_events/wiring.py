@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .conf import conf
+from .declarations import Origin
 from .registry import Registry, Subscription, get_registry
 
 
@@ -75,7 +78,7 @@ def describe_wiring(registry: Registry | None = None) -> Wiring:
                 durable=declaration.durable,
                 record=declaration.record or conf.RECORD,
                 redact=list(declaration.redact),
-                origin=str(declaration.origin),
+                origin=_where(declaration.origin),
                 subscriptions=[_subscription(s) for s in subscriptions],
             )
         )
@@ -99,5 +102,17 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         broadcast=declaration.broadcast,
         idempotent=declaration.idempotent,
         timeout=declaration.timeout,
-        origin=str(declaration.origin),
+        origin=_where(declaration.origin),
     )
+
+
+def _where(origin: Origin) -> str:
+    """``file:line`` with the file relative to the working directory when it is below it."""
+    if origin.file is None:
+        return str(origin)
+    path = Path(origin.file)
+    try:
+        shown = str(path.resolve().relative_to(Path(os.getcwd()).resolve()))
+    except ValueError:
+        shown = origin.file
+    return f"{shown}:{origin.line}" if origin.line is not None else shown

@@ -1,0 +1,133 @@
+"""The admin in real headless Chromium, with a real celery worker running the retry."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth.models import User
+from django.db import connection
+
+from django_events import publish
+from django_events.models import Delivery
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.ops import shop_wiring
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+CHROMIUM = os.environ.get("DJANGO_EVENTS_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def page(monkeypatch) -> Iterator[object]:
+    if not shutil.which(CHROMIUM):
+        message = f"Chromium not found at {CHROMIUM} (scripts/run_tests.sh installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    # Playwright's sync API runs an event loop in this thread; the ORM calls of the test
+    # body are still plain synchronous code.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield browser.new_page(viewport={"width": 1280, "height": 800})
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def worker(tmp_path) -> Iterator[str]:
+    queue = f"admin-ui-{uuid.uuid4().hex[:8]}"
+    process = WorkerProcess(
+        "filesystem",
+        queue,
+        connection.settings_dict["NAME"],
+        tmp_path / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "admin.yaml",
+            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        },
+    )
+    with shop_wiring(queue, CELERY_APP="tests.brokers.filesystem"), process:
+        yield queue
+
+
+@pytest.fixture
+def shots(tmp_path) -> Path:
+    """Where screenshots go: DJANGO_EVENTS_SCREENSHOTS (docs/images to refresh the docs)."""
+    folder = Path(os.environ.get("DJANGO_EVENTS_SCREENSHOTS") or tmp_path / "screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def test_retry_a_failed_delivery_from_the_admin(live_server, page, worker, shots) -> None:
+    User.objects.create_superuser("ops", "ops@example.com", "s3cret-pass")
+    for order_id, total in [(1001, 25.0), (1002, 1500.0)]:
+        publish("shop.paid", {"order_id": order_id, "total": total, "email": "ada@example.com"})
+    publish("shop.refunded", {"order_id": 1001})
+    event = publish("shop.paid", {"order_id": 1003, "total": 42.0, "note": "<script>x</script>"})
+    failure = wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event.id, subscription="shop-receipt", status="failed"
+        ).first(),
+        what="the worker's first (failing) run",
+    )
+    assert failure.attempts == 1
+
+    page.goto(f"{live_server.url}/admin/django_events/eventrecord/")
+    page.fill("#id_username", "ops")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#result_list")
+    assert page.locator("#result_list tbody tr").count() == 5  # + orders.shipped (chain)
+    page.screenshot(path=shots / "event-log.png", full_page=True)
+
+    page.click(f"#result_list a[href*='{event.id}']")
+    assert "<script>x</script>" in page.inner_text(".field-payload_pretty")  # shown as text
+    page.locator(".inline-group tr.form-row", has_text="shop-receipt").locator(
+        "text=open the failure"
+    ).click()
+    page.wait_for_selector(".field-traceback_pre")
+    assert "first run for order 1003 fails" in page.inner_text(".field-last_error_pre")
+    page.screenshot(path=shots / "failure.png", full_page=True)
+
+    page.goto(f"{live_server.url}/admin/django_events/failure/")
+    page.check(f"input[name=_selected_action][value='{failure.pk}']")
+    page.select_option("select[name=action]", label="Retry selected")
+    page.click("button[name=index]")
+    assert "1 re-enqueued for a worker" in page.inner_text(".messagelist")
+
+    def receipt_status() -> str | None:
+        page.goto(f"{live_server.url}/admin/django_events/eventrecord/{event.id}/change/")
+        row = page.locator(".inline-group tr.form-row", has_text="shop-receipt")
+        status = row.locator(".field-status_badge").inner_text().strip()
+        return status if status == "succeeded" else None
+
+    wait_for(receipt_status, timeout=30, what="the retried delivery to succeed")
+    done = Delivery.objects.get(pk=failure.pk)
+    assert (done.status, done.attempts) == ("succeeded", 2)
+    assert HandlerRun.objects.filter(handler="fails_first_time", event_id=event.id).count() == 2
+
+    page.goto(f"{live_server.url}/admin/django_events/")
+    page.click("text=Events and their subscriptions")
+    page.click("#event-shoppaid summary")  # unfold one payload schema
+    page.screenshot(path=shots / "wiring.png", full_page=True)
