@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=7, help="requests per page (median)")
     parser.add_argument(
         "--url",
-        default=os.environ.get("DJANGO_EVENTS_PG_URL", "postgres://postgres@127.0.0.1:5432/postgres"),
+        default=os.environ.get(
+            "DJANGO_EVENTS_PG_URL", "postgres://postgres@127.0.0.1:5432/postgres"
+        ),
         help="PostgreSQL server (its database is only used to create the benchmark's own)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the database for a rerun")
@@ -216,9 +218,7 @@ def run_pages(repeat: int) -> list[dict[str, Any]]:
     some = EventRecord.objects.order_by("-occurred_at").values_list("pk", "correlation_id")[500]
     failure = Delivery.objects.filter(status="failed").order_by("-updated_at").first()
     assert failure is not None
-    month = EventRecord.objects.order_by("-occurred_at").values_list("occurred_at", flat=True)[
-        0
-    ]
+    month = EventRecord.objects.order_by("-occurred_at").values_list("occurred_at", flat=True)[0]
     events, failures = "django_events/eventrecord/", "django_events/failure/"
     deep = min(100, EventRecord.objects.count() // 50)
     pages = [
@@ -226,8 +226,11 @@ def run_pages(repeat: int) -> list[dict[str, Any]]:
         (f"event log, page {deep}", events + f"?p={deep}", True),
         ("event log, by name", events + "?name=orders.placed", True),
         ("event log, pending", events + "?status__exact=pending", True),
-        ("event log, a month", events + f"?occurred_at__year={month.year}"
-         f"&occurred_at__month={month.month}", True),
+        (
+            "event log, a month",
+            events + f"?occurred_at__year={month.year}&occurred_at__month={month.month}",
+            True,
+        ),
         ("event log, search by id", events + f"?q={some[0]}", False),
         ("event log, search by correlation", events + f"?q={some[1]}", False),
         ("event page", events + f"{some[0]}/change/", True),
@@ -249,7 +252,11 @@ def run_pages(repeat: int) -> list[dict[str, Any]]:
                 times.append(time.perf_counter() - started)
             queries = len(captured)
             slowest = max(slowest, *(float(q["time"]) for q in captured.captured_queries))
-        return {"queries": queries, "ms": statistics.median(times) * 1000, "slowest": slowest * 1000}
+        return {
+            "queries": queries,
+            "ms": statistics.median(times) * 1000,
+            "slowest": slowest * 1000,
+        }
 
     results = []
     for label, url, has_baseline in pages:
@@ -266,9 +273,18 @@ def report(results: list[dict[str, Any]], count: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for row in results:
         ours, base = row["ours"], row["baseline"]
-        cells = [row["page"], str(ours["queries"]), f"{ours['ms']:.1f} ms", f"{ours['slowest']:.1f} ms"]
+        cells = [
+            row["page"],
+            str(ours["queries"]),
+            f"{ours['ms']:.1f} ms",
+            f"{ours['slowest']:.1f} ms",
+        ]
         if base:
-            cells += [str(base["queries"]), f"{base['ms']:.1f} ms", f"{ours['ms'] / base['ms']:.2f}"]
+            cells += [
+                str(base["queries"]),
+                f"{base['ms']:.1f} ms",
+                f"{ours['ms'] / base['ms']:.2f}",
+            ]
         else:
             cells += ["-", "-", "-"]
         print("| " + " | ".join(cells) + " |")

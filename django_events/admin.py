@@ -21,6 +21,7 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from .admin_paging import CheapCountPaginator
+from .execution import log_extra
 from .listing import retry_text
 from .models import Delivery, EventRecord, Failure
 from .redaction import redact
@@ -430,7 +431,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         try:
             result = retry_failures(queryset)
         except DatabaseError as exc:
-            logger.exception("Retrying failed deliveries failed")
+            logger.exception("Retrying failed deliveries failed", extra=log_extra())
             self.message_user(request, f"Retry failed: {exc}", messages.ERROR)
             return
         level = messages.SUCCESS if result.ok else messages.WARNING

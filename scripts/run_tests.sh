@@ -32,6 +32,15 @@ ensure_services() {
   done
 }
 
+ensure_chromium() {  # the admin's browser test drives Debian's chromium (never `playwright install`)
+  command -v chromium >/dev/null && return
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+  else
+    echo "warning: chromium is missing and cannot be installed here (the browser test will fail under CI)"
+  fi
+}
+
 make_venv() {  # make_venv DIR PYTHON DJANGO_SPEC
   local dir=$1 python=$2 django=$3
   if [ ! -x "$dir/bin/python" ]; then
@@ -45,6 +54,7 @@ step "services"
 ensure_services
 
 step "environments"
+ensure_chromium
 make_venv .venv python3 "django>=5.2,<5.3"
 .venv/bin/python -m pip install -q --group docs
 PY313=$(PYENV_VERSION=3.13.0 pyenv which python 2>/dev/null || command -v python3.13 || true)
