@@ -20,7 +20,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
-from .admin_paging import CheapCountPaginator
+from .admin_paging import CheapCountPaginator, with_cheap_periods
 from .execution import log_extra
 from .listing import retry_text
 from .models import Delivery, EventRecord, Failure
@@ -141,13 +141,16 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
 
 
 class EventLogChangeList(ChangeList):
-    """The list page reads neither payloads nor headers, and fetches deliveries per page."""
+    """The list page reads neither payloads nor headers, fetches deliveries per page, and
+    builds its date hierarchy from the first and last dates only."""
 
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
         queryset = super().get_queryset(request, exclude_parameters)
         deliveries = Delivery.objects.only("id", "event_id", "subscription", "status")
-        return queryset.defer("payload", "headers").prefetch_related(
-            Prefetch("deliveries", queryset=deliveries.order_by("subscription"))
+        return with_cheap_periods(
+            queryset.defer("payload", "headers").prefetch_related(
+                Prefetch("deliveries", queryset=deliveries.order_by("subscription"))
+            )
         )
 
 

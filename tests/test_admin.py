@@ -387,3 +387,32 @@ def test_unfiltered_count_is_postgresqls_estimate(admin_client, publish_now, mon
         html = admin_client.get(LOG).content.decode()
     assert "~3 events" in html
     assert not any("COUNT(" in q["sql"].upper() for q in captured.captured_queries)
+
+
+@pytest.mark.django_db
+def test_date_hierarchy_lists_periods_from_the_first_and_last_event(
+    admin_client, publish_now
+) -> None:
+    from datetime import datetime, timezone
+
+    first = publish_now("shop.refunded", {"order_id": 1})
+    last = publish_now("shop.refunded", {"order_id": 2})
+    EventRecord.objects.filter(pk=first.id).update(
+        occurred_at=datetime(2025, 11, 15, tzinfo=timezone.utc)
+    )
+    EventRecord.objects.filter(pk=last.id).update(
+        occurred_at=datetime(2026, 2, 3, tzinfo=timezone.utc)
+    )
+    EventRecord.objects.exclude(pk__in=[first.id, last.id]).delete()  # the chained events
+
+    months = admin_paging.with_cheap_periods(EventRecord.objects.all()).datetimes(
+        "occurred_at", "month"
+    )
+    assert [(m.year, m.month) for m in months] == [(2025, 11), (2025, 12), (2026, 1), (2026, 2)]
+    top = admin_client.get(LOG).content.decode()
+    assert "?occurred_at__year=2025" in top and "?occurred_at__year=2026" in top
+    year = admin_client.get(LOG + "?occurred_at__year=2025").content.decode()
+    assert "occurred_at__month=11" in year and "occurred_at__month=12" not in year
+    with CaptureQueriesContext(connection) as captured:
+        admin_client.get(LOG)
+    assert not any("DISTINCT" in q["sql"].upper() for q in captured.captured_queries)
