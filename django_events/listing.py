@@ -89,7 +89,7 @@ def as_mermaid(wiring: Wiring) -> str:
         lines.append(f'  s{j}["{_label(s.name)}<br/>{_label(detail)}"]')
         for event in wiring.events:
             if any(x.name == s.name for x in event.subscriptions):
-                arrow = f"-- {_label(_compact(s.when))} -->" if s.when is not None else "-->"
+                arrow = f'-->|"{_label(_compact(s.when))}"|' if s.when is not None else "-->"
                 lines.append(f"  {node_ids[event.name]} {arrow} s{j}")
     return "\n".join(lines)
 

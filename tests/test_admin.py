@@ -89,16 +89,18 @@ def _row_of(html: str, event_id: uuid.UUID) -> str:
 
 
 @pytest.mark.django_db
-def test_event_log_queries_do_not_grow_with_the_page(admin_client, publish_now) -> None:
+@pytest.mark.parametrize("url", [LOG, FAILURES])
+def test_list_queries_do_not_grow_with_the_page(admin_client, publish_now, url) -> None:
     def queries_for_page() -> int:
         with CaptureQueriesContext(connection) as captured:
-            assert admin_client.get(LOG).status_code == 200
+            assert admin_client.get(url).status_code == 200
         return len(captured)
 
     publish_now("shop.paid", {"order_id": 1})
     few = queries_for_page()
     for order_id in range(2, 12):
         publish_now("shop.paid", {"order_id": order_id})
+    assert Delivery.objects.filter(status="failed").count() == 11
     assert queries_for_page() == few
 
 

@@ -97,7 +97,7 @@ def test_events_list_mermaid(queue) -> None:
     assert any(re.fullmatch(r'  e\d+\(\["shop\.paid"\]\)', line) for line in chart)
     assert any('shop-big<br/>async · big-orders"]' in line for line in chart)
     assert any(
-        re.fullmatch(r"  e\d+ -- \{#quot;total#quot;:\{#quot;gte#quot;:1000\}\} --> s\d+", line)
+        re.fullmatch(r'  e\d+ -->\|"\{#quot;total#quot;:\{#quot;gte#quot;:1000\}\}"\| s\d+', line)
         for line in chart
     )
 
