@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -395,16 +396,10 @@ def test_unfiltered_count_is_postgresqls_estimate(admin_client, publish_now, mon
 def test_date_hierarchy_lists_periods_from_the_first_and_last_event(
     admin_client, publish_now
 ) -> None:
-    from datetime import datetime, timezone
-
     first = publish_now("shop.refunded", {"order_id": 1})
     last = publish_now("shop.refunded", {"order_id": 2})
-    EventRecord.objects.filter(pk=first.id).update(
-        occurred_at=datetime(2025, 11, 15, tzinfo=timezone.utc)
-    )
-    EventRecord.objects.filter(pk=last.id).update(
-        occurred_at=datetime(2026, 2, 3, tzinfo=timezone.utc)
-    )
+    EventRecord.objects.filter(pk=first.id).update(occurred_at=datetime(2025, 11, 15, tzinfo=UTC))
+    EventRecord.objects.filter(pk=last.id).update(occurred_at=datetime(2026, 2, 3, tzinfo=UTC))
     EventRecord.objects.exclude(pk__in=[first.id, last.id]).delete()  # the chained events
 
     months = admin_paging.with_cheap_periods(EventRecord.objects.all()).datetimes(
