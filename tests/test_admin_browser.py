@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection
+from django.db import connection, connections
 
 from django_events import publish
 from django_events.models import Delivery
@@ -52,6 +52,9 @@ def page(monkeypatch) -> Iterator[object]:
             yield browser.new_page(viewport={"width": 1280, "height": 800})
         finally:
             browser.close()
+            # The test body's ORM calls ran in Playwright's context, on connections of their
+            # own: close them, or PostgreSQL refuses to drop the test database.
+            connections.close_all()
 
 
 @pytest.fixture
