@@ -7,6 +7,7 @@ import re
 from dataclasses import asdict
 from typing import Any
 
+from .broadcast import exchange_name
 from .registry import CompiledEvent, Registry, Subscription
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -161,6 +162,10 @@ def _operation(subscription: Subscription, channel: str) -> dict[str, Any]:
             timeout=declaration.timeout,
         )
         tags.append({"name": f"queue:{subscription.queue}"})
+        if declaration.broadcast:
+            # Every worker consuming the queue gets a copy, through this fanout exchange.
+            details["exchange"] = exchange_name(subscription.queue)
+            tags.append({"name": "broadcast"})
     return {
         "action": "receive",
         "channel": {"$ref": f"#/channels/{channel}"},

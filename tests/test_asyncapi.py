@@ -135,7 +135,15 @@ def test_local_references_and_typed_events_stay_reachable() -> None:
         "name": "record: all",  # not an AsyncAPI identifier as it is
         "queue": "audit",
     }
-    with wiring(subscription, EVENTS={"catalog.tree": TREE}):
+    broadcast = {
+        "event": "catalog.tree",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "name": "cache-flush",
+        "queue": "caches",
+        "broadcast": True,
+    }
+    with wiring(subscription, broadcast, EVENTS={"catalog.tree": TREE}):
         document = json.loads(asyncapi())
         as_yaml = yaml.safe_load(asyncapi("--format", "yaml"))
 
@@ -159,6 +167,10 @@ def test_local_references_and_typed_events_stay_reachable() -> None:
         for op in operations.values()
     )
     assert len(operations) == len(document["channels"])
+    flush = document["operations"]["cache-flush"]
+    assert flush["x-django-events"]["exchange"] == "caches.broadcast"
+    assert {"name": "broadcast"} in flush["tags"]
+    assert "exchange" not in operations["record__all.catalog.tree"]["x-django-events"]
 
 
 def test_the_vendored_schema_rejects_a_broken_document() -> None:
