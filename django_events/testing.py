@@ -69,15 +69,17 @@ class CapturedEvents(Sequence[Event]):
         (other keys are ignored); a typed instance must be equal. ``times``: exactly that many
         matches (default: at least one).
         """
+        if times is not None and times < 1:
+            raise ValueError(f"times must be at least 1 (got {times}): use assert_not_published")
         matches = [e for e in self.named(name) if _matches(e, payload)]
-        if (times is None and not matches) or (times is not None and len(matches) != times):
+        if not matches or (times is not None and len(matches) != times):
             wanted = "at least 1" if times is None else str(times)
             where = f" with payload matching {payload!r}" if payload is not None else ""
             raise AssertionError(
                 f"Expected {wanted} {name!r} event(s){where}, found {len(matches)}. "
                 f"Published: {self._summary()}"
             )
-        return matches[-1] if matches else _no_event(name)
+        return matches[-1]
 
     def assert_not_published(self, name: str) -> None:
         """Assert no event named ``name`` (a pattern) was published."""
@@ -98,10 +100,6 @@ def _matches(event: Event, payload: Any) -> bool:
         data = event.data
         return all(key in data and data[key] == value for key, value in payload.items())
     return bool(event.payload == payload)
-
-
-def _no_event(name: str) -> Event:
-    raise AssertionError(f"times=0 matched no {name!r} event: there is none to return")
 
 
 @contextmanager

@@ -81,20 +81,28 @@ def test_publish_without_settings_fails_with_django_message_not_at_import() -> N
 @pytest.mark.parametrize(
     "module",
     [
-        "django_events.context",
-        "django_events.correlation",
         "django_events.declarations",
         "django_events.exceptions",
         "django_events.filters",
-        "django_events.interceptors",
         "django_events.manifest",
-        "django_events.pytest_plugin",
-        "django_events.testing",
         "django_events.typed",
         "django_events.validation",
     ],
 )
 def test_pure_modules_import_without_settings(module: str) -> None:
     run = run_without_settings(f"import {module}")
+
+    assert (run.returncode, run.stderr) == (0, "")
+
+
+def test_testing_helpers_and_interceptors_import_without_settings() -> None:
+    # The pytest plugin loads wherever the package is installed: it must not need settings.
+    run = run_without_settings("""
+        import django_events.context, django_events.correlation, django_events.interceptors
+        import django_events.pytest_plugin, django_events.testing
+        from django.conf import settings
+
+        assert not settings.configured
+    """)
 
     assert (run.returncode, run.stderr) == (0, "")

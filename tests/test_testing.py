@@ -93,6 +93,8 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         got.assert_published("orders.placed", times=1)
     with pytest.raises(AssertionError, match="Expected no 'orders.ship\\*' event"):
         got.assert_not_published("orders.ship*")
+    with pytest.raises(ValueError, match="use assert_not_published"):
+        got.assert_published("orders.placed", times=0)
     got.clear()
     assert len(got) == 0
 
