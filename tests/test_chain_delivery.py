@@ -7,13 +7,16 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
 from django.db import connection, transaction
-from django.test import override_settings
+from django.http import HttpRequest, HttpResponse
+from django.test import RequestFactory, override_settings
 
 from django_events import context, publish
+from django_events.context import ContextMiddleware
 from django_events.models import EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -65,9 +68,23 @@ def worker(django_db_setup, django_db_blocker, tmp_path) -> Iterator[WorkerProce
 def test_a_sync_async_async_chain_shares_one_correlation_id_and_the_request_context(
     worker: WorkerProcess,
 ) -> None:
-    # What a request does with ContextMiddleware and a tenant bound.
-    with context.bind(user_id=7, tenant="acme"), transaction.atomic():
-        first = publish("chain.placed", {"steps": ["chain.billed", "chain.shipped"]})
+    published = []
+
+    def place_order(request: HttpRequest) -> HttpResponse:  # a view
+        with transaction.atomic():
+            steps = ["chain.billed", "chain.shipped"]
+            published.append(publish("chain.placed", {"steps": steps}))
+        return HttpResponse(status=202)
+
+    class TenantMiddleware(ContextMiddleware):
+        def context_for(self, request: HttpRequest) -> dict[str, object]:
+            return {**super().context_for(request), "tenant": request.headers["X-Tenant"]}
+
+    request = RequestFactory().post("/orders/", HTTP_X_TENANT="acme")
+    request.user = SimpleNamespace(is_authenticated=True, pk=7)  # as AuthenticationMiddleware
+    assert TenantMiddleware(place_order)(request).status_code == 202
+    assert context.values() == {}  # the request is over
+    [first] = published
 
     last = wait_for(
         lambda: HandlerRun.objects.filter(handler="forward", event_name="chain.shipped").first(),
