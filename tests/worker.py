@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class WorkerProcess:
-    """A prefork worker (2 processes) on ``queue`` of one broker, against the test database."""
+    """A prefork worker (2 processes) on ``queue`` (comma-separated queues) of one broker."""
 
     def __init__(
         self,
@@ -25,10 +25,12 @@ class WorkerProcess:
         log_path: Path,
         extra_env: dict[str, str] | None = None,
         node: str | None = None,
+        app: str | None = None,
     ) -> None:
         self.kind, self.queue, self.db_name, self.log_path = kind, queue, db_name, log_path
         self.extra_env = extra_env or {}
-        self.node = node or queue  # workers sharing a queue need distinct node names
+        self.node = node or queue.replace(",", "+")  # workers sharing a queue need distinct names
+        self.app = app or f"tests.brokers:{kind}"  # the benchmarks bring their own apps
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
         self._stopping = False
@@ -65,7 +67,7 @@ class WorkerProcess:
                 "-m",
                 "celery",
                 "-A",
-                f"tests.brokers:{self.kind}",
+                self.app,
                 "worker",
                 "-Q",
                 self.queue,

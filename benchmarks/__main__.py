@@ -1,0 +1,83 @@
+"""``python -m benchmarks [--smoke] [--repeat N] [--only 1,2,...]``: every figure, one line each.
+
+Needs PostgreSQL, RabbitMQ and Redis on loopback (DESIGN.md section 5). Creates and drops its
+own database, queues and Redis keys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+import uuid
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="each benchmark once, tiny counts")
+    parser.add_argument("--repeat", type=int, default=5, help="repetitions per figure")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers")
+    args = parser.parse_args(argv)
+    only = {f.strip() for f in args.only.split(",") if f.strip()}
+
+    run_id = uuid.uuid4().hex[:10]
+    os.environ["BENCH_QUEUE"] = f"bench-events-{run_id}"
+    os.environ["BENCH_DB_NAME"] = f"django_events_bench_{run_id}"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
+    import logging
+
+    import django
+    import structlog
+
+    # The peer logs every relay pass through structlog at INFO: keep the output to figures.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+    django.setup()
+    from django.db import connection
+
+    from . import bench_delivery, bench_publish
+
+    ctx = bench_publish.Context(
+        smoke=args.smoke, repeat=1 if args.smoke else args.repeat, run_id=run_id
+    )
+    print(
+        f"django_events benchmarks{' (smoke)' if args.smoke else ''}: "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {platform.node()}, {os.cpu_count()} cpus, "
+        f"Python {platform.python_version()}, Django {django.get_version()}",
+        flush=True,
+    )
+    print(
+        "ours and baseline interleaved; medians [min-max] over the repetitions; "
+        "ratio = ours / baseline",
+        flush=True,
+    )
+    server_db = connection.settings_dict["NAME"]
+    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    results: list[bool] = []
+    try:
+        figures = [
+            ("1", bench_publish.figure_1),
+            ("2", bench_publish.figure_2),
+            ("3", bench_publish.figure_3),
+            ("4", bench_delivery.figure_4),
+            ("5", bench_publish.figure_5),
+            ("6", bench_delivery.figure_6),
+            ("7", bench_delivery.figure_7),
+        ]
+        for number, figure in figures:
+            if only and number not in only:
+                continue
+            started = time.monotonic()
+            results.append(figure(ctx))
+            if not args.smoke:
+                print(f"    ({time.monotonic() - started:.0f} s)", flush=True)
+    finally:
+        bench_delivery.cleanup(ctx)
+        connection.creation.destroy_test_db(server_db, verbosity=0)
+    print(f"{sum(results)} of {len(results)} figures met their target", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Through real brokers and real `celery worker` processes: figures 4, 6 and 7."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import redis
+from django.conf import settings
+from django.db import connection, transaction
+from django.test import override_settings
+from django.utils import timezone
+from kombu import Connection, Producer, Queue
+
+from django_events import publish_many
+from django_events.broker import build_message
+from django_events.events import Event
+from django_events.models import EventRecord
+from django_events.recording import record_for
+from django_events.relay import relay_pending
+from tests.worker import WorkerProcess, wait_for
+
+from . import celery_app
+from .bench_publish import Context
+from .harness import Baseline, Series, Target, compare, single
+
+_queues: dict[str, set[str]] = {"amqp": set(), "redis": set()}
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL)
+
+
+@contextmanager
+def _wiring(ctx: Context, kind: str, queue: str) -> Iterator[None]:
+    """Our async subscription on ``queue`` of broker ``kind``."""
+    _queues[kind].add(queue)
+    value = {
+        **settings.DJANGO_EVENTS,
+        "CELERY_APP": f"benchmarks.celery_app.{kind}",
+        "DEFAULT_QUEUE": queue,
+    }
+    with override_settings(DJANGO_EVENTS=value):
+        yield
+
+
+@contextmanager
+def _worker(ctx: Context, kind: str, queues: list[str]) -> Iterator[WorkerProcess]:
+    folder = Path(tempfile.mkdtemp(prefix=f"bench-worker-{kind}-"))
+    worker = WorkerProcess(
+        kind,
+        ",".join(queues),
+        connection.settings_dict["NAME"],
+        folder / "worker.log",
+        extra_env={
+            "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
+            "BENCH_WORKER": "1",
+        },
+        app=f"benchmarks.celery_app:{kind}",
+    )
+    with worker:
+        yield worker
+
+
+def _publish_events(ctx: Context, count: int, note: str, chunk: int = 100) -> None:
+    for start in range(0, count, chunk):
+        items = [("bench.async", ctx.payload(i, note)) for i in range(start, start + chunk)]
+        with transaction.atomic():
+            publish_many(items[: count - start])
+
+
+def _until_counted(client: redis.Redis, key: str, count: int, timeout: float) -> None:
+    def done() -> bool:
+        return int(client.get(key) or 0) >= count
+
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {int(client.get(key) or 0)} of {count} handled in time")
+        time.sleep(0.005)
+
+
+def figure_4(ctx: Context) -> bool:
+    """Publish to handler done, prefork -c 2, against raw Celery on the same worker."""
+    n = ctx.count(2000)
+    client = _redis()
+    met = True
+    for kind in ("amqp", "redis"):
+        ours_queue = f"bench-e2e-{ctx.run_id}-{kind}"
+        raw_queue = f"bench-raw-{ctx.run_id}-{kind}"
+        _queues[kind].add(raw_queue)
+        app = celery_app.APPS[kind]
+        runs = {"n": 0}
+
+        def ours(count: int = n) -> float:
+            runs["n"] += 1
+            key = f"{ctx.counter}:e2e:{kind}:{runs['n']}"
+            start = time.perf_counter()
+            _publish_events(ctx, count, key)
+            _until_counted(client, key, count, timeout=60 + count / 20)
+            return count / (time.perf_counter() - start)
+
+        def raw(count: int = n) -> float:
+            runs["n"] += 1
+            key = f"{ctx.counter}:e2e:{kind}:{runs['n']}"
+            start = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(count):
+                    app.send_task(
+                        celery_app.RAW_TASK,
+                        args=(ctx.payload(i, key),),
+                        queue=raw_queue,
+                        producer=producer,
+                    )
+            _until_counted(client, key, count, timeout=60 + count / 20)
+            return count / (time.perf_counter() - start)
+
+        with _wiring(ctx, kind, ours_queue), _worker(ctx, kind, [ours_queue, raw_queue]):
+            ours(min(n, 50))  # warm-up: imports, connections, registry in the worker
+            raw(min(n, 50))
+            met &= compare(
+                "4",
+                f"end to end, prefork -c 2, {kind}, records on",
+                "events/s",
+                ours,
+                [Baseline("raw Celery task", raw, Target(0.8, higher=True))],
+                ctx.repeat,
+            )
+    return met
+
+
+def figure_6(ctx: Context) -> bool:
+    """Relay draining pending records with publisher confirms, against raw kombu confirms."""
+    n = 20 if ctx.smoke else 100_000
+    queue = f"bench-relay-{ctx.run_id}"
+    raw_queue = f"bench-kombu-{ctx.run_id}"
+    _queues["amqp"].update([queue, raw_queue])
+    sample: dict[str, Any] = {}
+
+    def ours() -> float:
+        now = timezone.now()
+        records = []
+        for i in range(n):
+            event_id = _uuid()
+            records.append(
+                record_for(
+                    Event(event_id, "bench.async", {}, {}, now, event_id, None, ctx.payload(i)),
+                    EventRecord.Status.PENDING,
+                )
+            )
+        EventRecord.objects.bulk_create(records, batch_size=5000)
+        sample["message"] = build_message(
+            Event(_uuid(), "bench.async", {}, {}, now, _uuid(), None, ctx.payload(1)).to_message(),
+            "bench.async:benchmarks.handlers.count",
+            "default",
+        )
+        start = time.perf_counter()
+        sent = 0
+        while True:
+            result = relay_pending(batch_size=500)
+            sent += result.sent
+            if result.sent == 0:
+                break
+        elapsed = time.perf_counter() - start
+        if sent != n:
+            raise RuntimeError(f"the relay sent {sent} of {n}")
+        return n / elapsed
+
+    def kombu_confirms() -> float:
+        body = sample.get("message") or {"payload": ctx.payload(1)}
+        with Connection(
+            settings.AMQP_URL, transport_options={"confirm_publish": True}
+        ) as conn:
+            producer = Producer(conn.default_channel)
+            producer.declare = [Queue(raw_queue, durable=True)]
+            start = time.perf_counter()
+            for _ in range(n):
+                producer.publish(
+                    body,
+                    routing_key=raw_queue,
+                    serializer="json",
+                    delivery_mode=2,
+                    declare=[Queue(raw_queue, durable=True)] if _ == 0 else None,
+                )
+            return n / (time.perf_counter() - start)
+
+    with _wiring(ctx, "amqp", queue):
+        return compare(
+            "6",
+            f"relay draining {n:,} pending records, RabbitMQ publisher confirms",
+            "msg/s",
+            ours,
+            [Baseline("raw kombu publish, confirms", kombu_confirms, Target(0.7, higher=True))],
+            1,
+        )
+
+
+def _uuid() -> Any:
+    import uuid
+
+    return uuid.uuid4()
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def _sizes(worker: WorkerProcess) -> dict[str, float]:
+    assert worker.process is not None
+    parent = worker.process.pid
+    sizes = {"main": _rss_kb(parent) / 1024}
+    for index, child in enumerate(sorted(_children(parent))):
+        sizes[f"child{index + 1}"] = _rss_kb(child) / 1024
+    return sizes
+
+
+def figure_7(ctx: Context) -> bool:
+    """Worker resident size after 100,000 deliveries against after 1,000 (RabbitMQ)."""
+    first, total = (5, 20) if ctx.smoke else (1_000, 100_000)
+    queue = f"bench-mem-{ctx.run_id}"
+    client = _redis()
+    key = f"{ctx.counter}:mem"
+    with _wiring(ctx, "amqp", queue), _worker(ctx, "amqp", [queue]) as worker:
+        _publish_events(ctx, first, key)
+        _until_counted(client, key, first, timeout=120)
+        time.sleep(1)
+        before = _sizes(worker)
+        start = time.perf_counter()
+        _publish_events(ctx, total - first, key, chunk=500)
+        _until_counted(client, key, total, timeout=1800)
+        elapsed = time.perf_counter() - start
+        time.sleep(1)
+        after = _sizes(worker)
+    growth = {name: after[name] - before.get(name, 0.0) for name in after}
+    worst = max(growth.values())
+    parts = ", ".join(
+        f"{name} {before.get(name, 0):.1f} -> {after[name]:.1f} MB" for name in after
+    )
+    return single(
+        "7",
+        f"worker RSS after {total:,} deliveries vs after {first:,} (prefork -c 2, RabbitMQ)",
+        f"{parts}; largest growth {worst:+.1f} MB ({(total - first) / elapsed:.0f} events/s) "
+        f"| target <= +10 MB",
+        worst <= 10,
+    )
+
+
+def cleanup(ctx: Context) -> None:
+    """Delete the run's queues and Redis keys."""
+    for kind, queues in _queues.items():
+        if not queues:
+            continue
+        with celery_app.APPS[kind].connection_for_write() as conn:
+            channel = conn.default_channel
+            for queue in queues:
+                channel.queue_delete(queue)
+    client = _redis()
+    keys = list(client.scan_iter(f"{ctx.counter}*"))
+    if keys:
+        client.delete(*keys)
+
+
+__all__ = ["Series", "figure_4", "figure_6", "figure_7"]

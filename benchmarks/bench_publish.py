@@ -1,0 +1,179 @@
+"""Publishing in the caller's process: figures 1, 2, 3 and 5."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.dispatch import Signal
+from django.utils import timezone
+from jsonschema import Draft202012Validator
+
+from django_events import publish, publish_many
+from django_events.registry import get_registry
+
+from . import celery_app
+from .harness import Baseline, Target, compare, per_op, single
+from .models import HandOutbox
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every benchmark module gets from the runner."""
+
+    smoke: bool
+    repeat: int
+    run_id: str
+
+    def count(self, full: int) -> int:
+        return 2 if self.smoke else full
+
+    def payload(self, i: int = 1, note: str | None = None) -> dict[str, Any]:
+        # "note" names the Redis counter the handlers bump (figures 4 and 7 wait on it).
+        return {"order_id": i, "total": 12.5, "email": "a@example.com", "note": note or self.counter}
+
+    @property
+    def counter(self) -> str:
+        return f"bench:{self.run_id}:count"
+
+    @property
+    def sink(self) -> str:
+        """The queue of the baselines' messages (nobody consumes it during these figures)."""
+        return f"bench-sink-{self.run_id}"
+
+
+def _noop_receiver(sender: Any, **kwargs: Any) -> None:
+    pass
+
+
+def _noop(payload: dict[str, Any]) -> None:
+    pass
+
+
+def figure_1(ctx: Context) -> bool:
+    """publish() with one sync subscription, no record, outside a transaction."""
+    n = ctx.count(2000)
+    payload = ctx.payload()
+    signal = Signal()
+    signal.connect(_noop_receiver, weak=False)
+
+    def ours(count: int) -> None:
+        for _ in range(count):
+            publish("bench.sync", payload)
+
+    def baseline(count: int) -> None:
+        for _ in range(count):
+            signal.send(sender=None, payload=payload)
+            transaction.on_commit(partial(_noop, payload))
+
+    return compare(
+        "1",
+        "publish(), 1 sync subscription, no record",
+        "us",
+        partial(per_op, ours, n),
+        [Baseline("Signal.send + on_commit", partial(per_op, baseline, n), Target(3))],
+        ctx.repeat,
+    )
+
+
+def _send_and_mark(row_id: uuid.UUID, payload: dict[str, Any], queue: str) -> None:
+    celery_app.amqp.send_task(celery_app.RAW_TASK, args=(payload,), queue=queue)
+    HandOutbox.objects.filter(pk=row_id).update(sent=True)
+
+
+def figure_2(ctx: Context) -> bool:
+    """One async event in atomic() on PostgreSQL until the message is on RabbitMQ."""
+    n = ctx.count(100)
+    payload = ctx.payload()
+    from django_celery_outbox.relay import Relay, RelayConfig
+
+    relay = Relay(app=celery_app.peer, config=RelayConfig.init(batch_size=100, idle_time=0))
+    peer_task = celery_app.peer.tasks[celery_app.RAW_TASK]
+
+    def ours(count: int) -> None:
+        for _ in range(count):
+            with transaction.atomic():
+                publish("bench.async", payload)
+
+    def outbox(count: int) -> None:
+        for _ in range(count):
+            with transaction.atomic():
+                row = HandOutbox.objects.create(
+                    task=celery_app.RAW_TASK, payload=payload, created_at=timezone.now()
+                )
+                transaction.on_commit(partial(_send_and_mark, row.pk, payload, ctx.sink))
+
+    def peer(count: int) -> None:
+        for _ in range(count):
+            with transaction.atomic():
+                peer_task.apply_async((payload,), queue=ctx.sink)
+            relay._processing()  # one relay pass: select, publish, delete (its handoff)
+
+    return compare(
+        "2",
+        "publish() in atomic(), PostgreSQL + RabbitMQ, until handed to the broker",
+        "us",
+        partial(per_op, ours, n),
+        [
+            Baseline("hand-written outbox", partial(per_op, outbox, n), Target(1.2)),
+            Baseline("django-celery-outbox", partial(per_op, peer, n), Target(1.0)),
+        ],
+        ctx.repeat,
+    )
+
+
+def figure_3(ctx: Context) -> bool:
+    """100 events in one transaction: publish_many() against 100 publish() calls."""
+    batches = ctx.count(10)
+    items = [("bench.async", ctx.payload(i)) for i in range(100)]
+
+    def many(count: int) -> None:
+        for _ in range(count // 100):
+            with transaction.atomic():
+                publish_many(items)
+
+    def calls(count: int) -> None:
+        for _ in range(count // 100):
+            with transaction.atomic():
+                for name, payload in items:
+                    publish(name, payload)
+
+    return compare(
+        "3",
+        "100 events in one atomic() (per event), publish_many() vs publish() x100",
+        "us",
+        partial(per_op, many, batches * 100),
+        [Baseline("100 publish() calls", partial(per_op, calls, batches * 100), Target(0.3))],
+        ctx.repeat,
+    )
+
+
+def figure_5(ctx: Context) -> bool:
+    """Validation of a 4-field payload on the hot path, against the reference validator."""
+    n = ctx.count(20000)
+    payload = ctx.payload()
+    validator = get_registry().event("bench.async").validator
+    reference = Draft202012Validator(settings.SCHEMA)
+    ours_us: list[float] = []
+    ref_us: list[float] = []
+    for _ in range(ctx.repeat):
+        ours_us.append(per_op(lambda c: [validator.problems(payload) for _ in range(c)], n))
+        ref_us.append(per_op(lambda c: [reference.is_valid(payload) for _ in range(c)], n))
+    ours_us.sort()
+    ref_us.sort()
+    median = ours_us[len(ours_us) // 2]
+    return single(
+        "5",
+        "payload validation, 4-field schema",
+        f"ours {median:.2f} us [{ours_us[0]:.2f}-{ours_us[-1]:.2f}] | jsonschema "
+        f"Draft202012Validator.is_valid {ref_us[len(ref_us) // 2]:.1f} us | target <= 3 us",
+        median <= 3,
+    )
+
+
+def run(ctx: Context) -> list[bool]:
+    return [figure_1(ctx), figure_2(ctx), figure_3(ctx), figure_5(ctx)]

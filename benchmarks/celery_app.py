@@ -1,0 +1,43 @@
+"""Celery apps of the benchmarks: one per broker, and the peer's ``OutboxCelery``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from celery import Celery
+from django_celery_outbox import OutboxCelery
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+RAW_TASK = "bench.raw_count"
+
+
+def _raw_count(payload: dict[str, Any]) -> None:
+    """The raw Celery task: the same work as our async handler."""
+    from .handlers import bump
+
+    bump(payload)
+
+
+def _configure(app: Celery, url: str) -> Celery:
+    app.conf.update(
+        broker_url=url,
+        accept_content=["json"],
+        task_serializer="json",
+        broker_connection_timeout=3,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # django_events.tasks needs Django's apps: imported once the worker set Django up.
+        imports=["django_events.tasks"],
+    )
+
+    app.task(name=RAW_TASK, ignore_result=True)(_raw_count)
+    return app
+
+
+amqp = _configure(Celery("bench-amqp", set_as_current=False), AMQP_URL)
+redis = _configure(Celery("bench-redis", set_as_current=False), REDIS_URL)
+peer = _configure(OutboxCelery("bench-peer", set_as_current=False), AMQP_URL)
+APPS = {"amqp": amqp, "redis": redis}
+URLS = {"amqp": AMQP_URL, "redis": REDIS_URL}

@@ -1,0 +1,30 @@
+"""What the benchmark subscriptions and raw tasks run."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import redis
+from django.conf import settings
+
+from django_events import Event
+
+_clients: dict[int, redis.Redis] = {}
+
+
+def noop(event: Event) -> None:
+    """The sync handler of figure 1: nothing, so only the wiring is measured."""
+
+
+def bump(payload: dict[str, Any]) -> None:
+    """Count one handler run under the key the payload names (how a run sees it is done)."""
+    client = _clients.get(os.getpid())
+    if client is None:  # one connection per (forked) process
+        client = _clients[os.getpid()] = redis.Redis.from_url(settings.REDIS_URL)
+    client.incr(payload["note"])
+
+
+def count(event: Event) -> None:
+    """The async handler: the same work as the raw Celery task."""
+    bump(event.data)

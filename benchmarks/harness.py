@@ -1,0 +1,92 @@
+"""Side-by-side measurement: ours and a baseline interleaved, medians with min and max."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Target:
+    """``ratio <= limit`` (``higher=False``) or ``ratio >= limit`` (``higher=True``)."""
+
+    limit: float
+    higher: bool = False
+
+    def met(self, ratio: float) -> bool:
+        return ratio >= self.limit if self.higher else ratio <= self.limit
+
+    def __str__(self) -> str:
+        return f"{'>=' if self.higher else '<='} {self.limit:g}"
+
+
+@dataclass
+class Series:
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def __str__(self) -> str:
+        return f"{_num(self.median)} [{_num(min(self.values))}-{_num(max(self.values))}]"
+
+
+def _num(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def per_op(fn: Callable[[int], object], count: int, scale: float = 1e6) -> float:
+    """Time ``fn(count)`` and return the cost of one operation (microseconds by default)."""
+    gc.collect()
+    start = time.perf_counter()
+    fn(count)
+    return (time.perf_counter() - start) / count * scale
+
+
+@dataclass(frozen=True)
+class Baseline:
+    name: str
+    run: Callable[[], float]
+    target: Target
+
+
+def compare(
+    number: str,
+    title: str,
+    unit: str,
+    ours: Callable[[], float],
+    baselines: list[Baseline],
+    repeat: int,
+) -> bool:
+    """Run ours and each baseline ``repeat`` times, rotating who goes first; print a line each."""
+    runs: list[tuple[Callable[[], float], Series]] = [(ours, Series())]
+    runs += [(b.run, Series()) for b in baselines]
+    for rep in range(repeat):
+        shift = rep % len(runs)
+        for fn, series in runs[shift:] + runs[:shift]:
+            series.values.append(fn())
+    mine = runs[0][1]
+    met = True
+    for baseline, (_, theirs) in zip(baselines, runs[1:], strict=True):
+        ratio = mine.median / theirs.median
+        ok = baseline.target.met(ratio)
+        met = met and ok
+        print(
+            f"{number:>2}. {title}: ours {mine} {unit} | {baseline.name} {theirs} {unit} | "
+            f"ratio {ratio:.2f} (target {baseline.target}) {'met' if ok else 'MISSED'}"
+            f"  [n={repeat}]",
+            flush=True,
+        )
+    return met
+
+
+def single(number: str, title: str, text: str, met: bool) -> bool:
+    """Print a figure that is not a ratio (validation time, memory growth)."""
+    print(f"{number:>2}. {title}: {text} {'met' if met else 'MISSED'}", flush=True)
+    return met

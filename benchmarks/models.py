@@ -1,0 +1,17 @@
+"""The hand-written outbox of the baselines (no migrations: the bench database is synced)."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.db import models
+
+
+class HandOutbox(models.Model):
+    """What a team writes by hand: a row per message, marked sent once the broker took it."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4)
+    task = models.CharField(max_length=200)
+    payload = models.JSONField()
+    created_at = models.DateTimeField()
+    sent = models.BooleanField(default=False)

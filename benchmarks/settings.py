@@ -1,0 +1,67 @@
+"""Settings of the benchmarks: PostgreSQL, RabbitMQ and Redis on loopback.
+
+The runner creates a database of its own (``django_events_bench_<pid>``) and drops it at the
+end; worker subprocesses get its name and the run's queue names through the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tests.settings import database_from_url
+
+SECRET_KEY = "django-events-benchmarks"
+DEBUG = False
+USE_TZ = True
+TIME_ZONE = "UTC"
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+QUEUE = os.environ.get("BENCH_QUEUE", "bench-events")
+
+_db: dict[str, Any] = database_from_url(
+    os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+)
+_db["TEST"] = {"NAME": os.environ.get("BENCH_DB_NAME") or f"django_events_bench_{os.getpid()}"}
+if os.environ.get("BENCH_WORKER"):
+    _db["NAME"] = _db["TEST"]["NAME"]  # a worker connects to the database the runner made
+DATABASES = {"default": _db}
+
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django_events",
+    "django_celery_outbox",
+    "benchmarks",
+]
+
+# A typical 4-field payload schema (figure 5), shared by every benchmark event.
+SCHEMA = {
+    "type": "object",
+    "required": ["order_id", "total"],
+    "properties": {
+        "order_id": {"type": "integer"},
+        "total": {"type": "number", "minimum": 0},
+        "email": {"type": "string"},
+        "note": {"type": "string"},
+    },
+}
+DJANGO_EVENTS = {
+    "AUTODISCOVER": False,
+    "CELERY_APP": "benchmarks.celery_app.amqp",
+    "DEFAULT_QUEUE": QUEUE,
+    "EVENTS": {
+        "bench.sync": {"schema": SCHEMA, "record": "failures"},
+        "bench.async": {"schema": SCHEMA},
+    },
+    "SUBSCRIPTIONS": [
+        {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
+        {"event": "bench.async", "handler": "benchmarks.handlers.count", "mode": "async"},
+    ],
+}
+
+# The peer, django-celery-outbox: no statsd traffic (we emit no metrics either).
+CELERY_OUTBOX_APP = "benchmarks.celery_app.peer"
+MONITORING_METRICS_ENABLED = False
+LOGGING = {"version": 1, "disable_existing_loggers": False, "root": {"level": "WARNING"}}
