@@ -12,6 +12,8 @@ import platform
 import sys
 import time
 import uuid
+from pathlib import Path
+from typing import Any
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +21,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="each benchmark once, tiny counts")
     parser.add_argument("--repeat", type=int, default=5, help="repetitions per figure")
     parser.add_argument("--only", default="", help="comma-separated figure numbers")
+    parser.add_argument(
+        "--relay-records", type=int, default=100_000, help="pending records for figure 6"
+    )
+    parser.add_argument(
+        "--deliveries", type=int, default=100_000, help="deliveries before the RSS of figure 7"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="write a pyinstrument profile of each figure to DIR/figure-N.txt",
+    )
     args = parser.parse_args(argv)
     only = {f.strip() for f in args.only.split(",") if f.strip()}
 
@@ -39,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import bench_delivery, bench_publish
 
     ctx = bench_publish.Context(
-        smoke=args.smoke, repeat=1 if args.smoke else args.repeat, run_id=run_id
+        smoke=args.smoke,
+        repeat=1 if args.smoke else args.repeat,
+        run_id=run_id,
+        relay_records=args.relay_records,
+        deliveries=args.deliveries,
     )
     print(
         f"django_events benchmarks{' (smoke)' if args.smoke else ''}: "
@@ -69,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             if only and number not in only:
                 continue
             started = time.monotonic()
-            results.append(figure(ctx))
+            results.append(_profiled(figure, ctx, number, args.profile))
             if not args.smoke:
                 print(f"    ({time.monotonic() - started:.0f} s)", flush=True)
     finally:
@@ -77,6 +94,21 @@ def main(argv: list[str] | None = None) -> int:
         connection.creation.destroy_test_db(server_db, verbosity=0)
     print(f"{sum(results)} of {len(results)} figures met their target", flush=True)
     return 0
+
+
+def _profiled(figure: Any, ctx: Any, number: str, folder: str | None) -> bool:
+    if not folder:
+        return bool(figure(ctx))
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005)
+    with profiler:
+        met = bool(figure(ctx))
+    path = Path(folder) / f"figure-{number}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profiler.output_text(unicode=False, color=False, show_all=True))
+    print(f"    profile: {path}", flush=True)
+    return met
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def figure_4(ctx: Context) -> bool:
 
 def figure_6(ctx: Context) -> bool:
     """Relay draining pending records with publisher confirms, against raw kombu confirms."""
-    n = 20 if ctx.smoke else 100_000
+    n = 20 if ctx.smoke else ctx.relay_records
     queue = f"bench-relay-{ctx.run_id}"
     raw_queue = f"bench-kombu-{ctx.run_id}"
     _queues["amqp"].update([queue, raw_queue])
@@ -228,7 +228,7 @@ def _sizes(worker: WorkerProcess) -> dict[str, float]:
 
 def figure_7(ctx: Context) -> bool:
     """Worker resident size after 100,000 deliveries against after 1,000 (RabbitMQ)."""
-    first, total = (5, 20) if ctx.smoke else (1_000, 100_000)
+    first, total = (5, 20) if ctx.smoke else (1_000, ctx.deliveries)
     queue = f"bench-mem-{ctx.run_id}"
     client = _redis()
     key = f"{ctx.counter}:mem"

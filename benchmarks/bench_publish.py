@@ -28,6 +28,8 @@ class Context:
     smoke: bool
     repeat: int
     run_id: str
+    relay_records: int = 100_000
+    deliveries: int = 100_000
 
     def count(self, full: int) -> int:
         return 2 if self.smoke else full

@@ -13,6 +13,7 @@ from django.utils.module_loading import import_string
 
 from . import broadcast
 from .conf import conf
+from .confirms import PublisherConfirms
 from .events import Event
 from .execution import batch_log_extra, log_extra
 from .registry import Subscription
@@ -26,6 +27,8 @@ TASK_NAME = "django_events.deliver"
 MESSAGE_VERSION = 1
 # Seconds of extra hard limit after a subscription's soft ``timeout``.
 HARD_LIMIT_GRACE = 5.0
+# Seconds to wait for the publisher confirms of a batch after its last message.
+CONFIRM_TIMEOUT = 30.0
 
 
 def celery_app() -> Celery | None:
@@ -106,10 +109,11 @@ def send_deliveries(
 ) -> set[UUID]:
     """Send one message per (event, subscription); return ids of events not fully sent.
 
-    With ``confirm``, each message waits for the broker's publisher confirm (RabbitMQ), so
-    "sent" means "accepted". Never raises: an unreachable broker leaves unsent events for
-    the relay. ``prior_attempts`` maps (event id, subscription) to the runs already
-    recorded, for manual retries and replays (attempts never reset).
+    With ``confirm``, the batch waits for the broker's publisher confirms (RabbitMQ), so
+    "sent" means "accepted"; events with a message nacked or unconfirmed count as unsent.
+    Never raises: an unreachable broker leaves unsent events for the relay.
+    ``prior_attempts`` maps (event id, subscription) to the runs already recorded, for
+    manual retries and replays (attempts never reset).
     """
     try:
         app = app or celery_app()
@@ -134,8 +138,10 @@ def send_deliveries(
         "interval_max": 0.2,
     }
     sent = 0
+    confirms: PublisherConfirms | None = None
     try:
         with _producer(app, confirm) as producer:
+            confirms = PublisherConfirms.start(producer.channel) if confirm else None
             for event, durable, subscriptions in items:
                 message = event.to_message()
                 for subscription in subscriptions:
@@ -157,18 +163,30 @@ def send_deliveries(
                         producer=producer,
                         serializer="json",
                         delivery_mode=2 if durable else 1,
-                        retry=True,
+                        # A reconnect would restart the confirms' delivery tags: with
+                        # confirms a failed batch is left to the next relay pass instead.
+                        retry=confirms is None,
                         retry_policy=policy,
                         # Celery takes fractional seconds here; its stubs say int.
                         soft_time_limit=timeout,  # type: ignore[arg-type]
                         time_limit=timeout + HARD_LIMIT_GRACE if timeout else None,  # type: ignore[arg-type]
                     )
+                    if confirms is not None:
+                        confirms.published(event.id)
                 sent += 1
+            unconfirmed = confirms.wait(CONFIRM_TIMEOUT) if confirms is not None else set()
     except Exception as exc:  # noqa: BLE001 - any transport error: the outbox keeps the rest
         health.failed(exc, [event for event, _, _ in items[sent:]])
-        return {event.id for event, _, _ in items[sent:]}
+        unsent = {event.id for event, _, _ in items[sent:]}
+        return unsent | (confirms.unconfirmed() if confirms is not None else set())
     health.succeeded()
-    return set()
+    if unconfirmed:
+        logger.warning(
+            "The broker did not confirm %d event(s); they stay pending",
+            len(unconfirmed),
+            extra=batch_log_extra([event for event, _, _ in items if event.id in unconfirmed]),
+        )
+    return unconfirmed
 
 
 @contextmanager
@@ -177,6 +195,6 @@ def _producer(app: Celery, confirm: bool) -> Iterator[Any]:
         with app.producer_or_acquire() as producer:
             yield producer
         return
-    options = {**(app.conf.broker_transport_options or {}), "confirm_publish": True}
-    with app.connection_for_write(transport_options=options) as connection:
+    # A connection of its own: its channel goes into confirm mode (PublisherConfirms).
+    with app.connection_for_write() as connection:
         yield app.amqp.Producer(connection)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -73,11 +71,17 @@ def current_event() -> Event | None:
     return _current_event.get()
 
 
-@contextmanager
-def handling(event: Event) -> Iterator[None]:
+class handling:
     """Mark ``event`` as the one being handled, so events published meanwhile chain to it."""
-    token = _current_event.set(event)
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+
+    # A class, not @contextmanager: this runs once per handler call, on the hot path.
+    __slots__ = ("event", "token")
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.token = _current_event.set(self.event)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current_event.reset(self.token)

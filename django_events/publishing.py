@@ -3,10 +3,11 @@ deliver on commit."""
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterable, Mapping
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
+from uuid import UUID, SafeUUID
 
 from django.db import router, transaction
 from django.utils import timezone
@@ -73,7 +74,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         header_dict = dict(headers)
     else:
         raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
-    event_id = uuid.uuid4()
+    event_id = _uuid4()
     parent = current_event()
     new = Event(
         id=event_id,
@@ -87,17 +88,31 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)
-    accepts = _accepted
     return Outgoing(
         event=new,
         compiled=compiled,
-        sync=accepts(compiled.sync, data),
-        async_=accepts(compiled.async_, data),
+        sync=_accepted(compiled.sync, data),
+        async_=_accepted(compiled.async_, data),
         recorded=compiled.records_all,
     )
 
 
-def _accepted(subscriptions: Iterable[Any], data: dict[str, Any]) -> list[Any]:
+# uuid.uuid4() from the same os.urandom bytes, built the way Python 3.14's UUID._from_int
+# does (UUID.__init__ validates its arguments: this halves the cost, ~0.65 us a publish).
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def _uuid4() -> UUID:
+    value = UUID.__new__(UUID)
+    object.__setattr__(value, "int", (int.from_bytes(os.urandom(16)) & _V4_CLEAR) | _V4_SET)
+    object.__setattr__(value, "is_safe", SafeUUID.unknown)
+    return value
+
+
+def _accepted(subscriptions: Sequence[Any], data: dict[str, Any]) -> list[Any]:
+    if not subscriptions:  # the common case: skip building a comprehension
+        return []
     return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
 
 
@@ -107,19 +122,19 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
         _overrides.capture(batch, alias)
         return
     interceptors = registry.interceptors
+    records: list[EventRecord] = []
+    deferred: list[Outgoing] = []
+    # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         for subscription in _accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
-    records = [
-        record_for(
-            o.event, EventRecord.Status.PENDING if o.async_ else EventRecord.Status.DISPATCHED
-        )
-        for o in batch
-        if o.recorded
-    ]
+        if item.recorded:
+            status = EventRecord.Status.PENDING if item.async_ else EventRecord.Status.DISPATCHED
+            records.append(record_for(item.event, status))
+        if item.sync or item.async_:
+            deferred.append(item)
     if records:
         EventRecord.objects.using(alias).bulk_create(records)
-    deferred = [o for o in batch if o.sync or o.async_]
     if deferred:
         # events_eager() wants its failures raised into the test, not logged by on_commit.
         robust = _overrides.send is None

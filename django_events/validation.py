@@ -106,11 +106,29 @@ def _refuse(value: Any) -> Any:
     raise TypeError(value)
 
 
+# Values that JSON carries unchanged (exact types: a subclass may serialize differently).
+_JSON_SCALARS = frozenset({str, int, bool, type(None)})
+
+
 def _is_plain_json(payload: Any) -> bool:
-    """The hot path: C json answers for the common payload; the walk explains failures."""
+    """The hot path: a flat dict of scalars is checked in place, anything else by C json;
+    the walk explains failures."""
+    if type(payload) is dict and _is_flat_json(payload):
+        return True
     try:
         text = json.dumps(payload, default=_refuse, allow_nan=False)
     except (TypeError, ValueError):
         return False
     # json.dumps turns non-string keys into strings silently: a round trip must be equal.
     return "{" not in text or json.loads(text) == payload
+
+
+def _is_flat_json(payload: dict[Any, Any]) -> bool:
+    # A round trip through json costs ~2.5 us; this loop ~0.2 us for a typical payload.
+    for key, value in payload.items():
+        kind = type(value)
+        if type(key) is not str:
+            return False
+        if kind not in _JSON_SCALARS and not (kind is float and math.isfinite(value)):
+            return False
+    return True

@@ -269,3 +269,16 @@ def test_using_records_on_that_database_and_waits_for_its_commit() -> None:
     assert EventRecord.objects.using("other").filter(pk=event.id).exists()
     assert not EventRecord.objects.filter(pk=event.id).exists()
     assert Delivery.objects.using("other").get(event_id=event.id).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_event_ids_are_distinct_version_4_uuids_that_round_trip() -> None:
+    with wiring():
+        ids = [publish("orders.placed", {"order_id": n, "total": 1.0}).id for n in range(50)]
+    assert len(set(ids)) == 50
+    for event_id in ids:
+        assert isinstance(event_id, uuid.UUID)
+        assert (event_id.version, event_id.variant) == (4, uuid.RFC_4122)
+        copy = uuid.UUID(str(event_id))
+        assert copy == event_id and hash(copy) == hash(event_id)
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("pk", flat=True)) == set(ids)

@@ -394,3 +394,24 @@ def test_publish_refuses_invalid_payloads_and_records_nothing(
     assert all(p.path.startswith("$") for p in excinfo.value.problems)
     assert callbacks == []
     assert not EventRecord.objects.exists()
+
+
+_FLAT_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=5),
+    st.sampled_from([decimal.Decimal(1), b"x", uuid.UUID(int=2)]),
+)
+
+
+@given(st.dictionaries(st.one_of(st.text(max_size=5), st.integers()), _FLAT_VALUES, max_size=6))
+@settings(max_examples=300)
+def test_flat_payloads_get_the_verdict_json_would_give(payload: dict[Any, Any]) -> None:
+    # The flat-dict fast path must agree with what JSON can carry unchanged.
+    carried = all(isinstance(k, str) for k in payload) and all(
+        v is None or isinstance(v, str | int) or (isinstance(v, float) and math.isfinite(v))
+        for v in payload.values()
+    )
+    assert (json_problems(payload) == []) is carried
