@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.db import connection
 
-    from . import bench_delivery, bench_publish
+    from . import bench_delivery, bench_publish, harness
+
+    harness.judging = not args.smoke
 
     ctx = bench_publish.Context(
         smoke=args.smoke,
@@ -92,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bench_delivery.cleanup(ctx)
         connection.creation.destroy_test_db(server_db, verbosity=0)
-    print(f"{sum(results)} of {len(results)} figures met their target", flush=True)
+    if not args.smoke:
+        print(f"{sum(results)} of {len(results)} figures met their target", flush=True)
+    else:
+        print(f"smoke run: {len(results)} figures ran", flush=True)
     return 0
 
 

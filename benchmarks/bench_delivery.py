@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +23,11 @@ from django_events.events import Event
 from django_events.models import EventRecord
 from django_events.recording import record_for
 from django_events.relay import relay_pending
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess
 
 from . import celery_app
 from .bench_publish import Context
-from .harness import Baseline, Series, Target, compare, single
+from .harness import Baseline, Target, compare, single
 
 _queues: dict[str, set[str]] = {"amqp": set(), "redis": set()}
 
@@ -86,51 +87,50 @@ def _until_counted(client: redis.Redis, key: str, count: int, timeout: float) ->
 
 def figure_4(ctx: Context) -> bool:
     """Publish to handler done, prefork -c 2, against raw Celery on the same worker."""
+    return all([_end_to_end(ctx, "amqp"), _end_to_end(ctx, "redis")])
+
+
+def _end_to_end(ctx: Context, kind: str) -> bool:
     n = ctx.count(2000)
     client = _redis()
-    met = True
-    for kind in ("amqp", "redis"):
-        ours_queue = f"bench-e2e-{ctx.run_id}-{kind}"
-        raw_queue = f"bench-raw-{ctx.run_id}-{kind}"
-        _queues[kind].add(raw_queue)
-        app = celery_app.APPS[kind]
-        runs = {"n": 0}
+    ours_queue = f"bench-e2e-{ctx.run_id}-{kind}"
+    raw_queue = f"bench-raw-{ctx.run_id}-{kind}"
+    _queues[kind].add(raw_queue)
+    app = celery_app.APPS[kind]
+    runs = iter(range(1_000_000))
 
-        def ours(count: int = n) -> float:
-            runs["n"] += 1
-            key = f"{ctx.counter}:e2e:{kind}:{runs['n']}"
-            start = time.perf_counter()
-            _publish_events(ctx, count, key)
-            _until_counted(client, key, count, timeout=60 + count / 20)
-            return count / (time.perf_counter() - start)
+    def ours(count: int = n) -> float:
+        key = f"{ctx.counter}:e2e:{kind}:{next(runs)}"
+        start = time.perf_counter()
+        _publish_events(ctx, count, key)
+        _until_counted(client, key, count, timeout=60 + count / 20)
+        return count / (time.perf_counter() - start)
 
-        def raw(count: int = n) -> float:
-            runs["n"] += 1
-            key = f"{ctx.counter}:e2e:{kind}:{runs['n']}"
-            start = time.perf_counter()
-            with app.producer_or_acquire() as producer:
-                for i in range(count):
-                    app.send_task(
-                        celery_app.RAW_TASK,
-                        args=(ctx.payload(i, key),),
-                        queue=raw_queue,
-                        producer=producer,
-                    )
-            _until_counted(client, key, count, timeout=60 + count / 20)
-            return count / (time.perf_counter() - start)
+    def raw(count: int = n) -> float:
+        key = f"{ctx.counter}:e2e:{kind}:{next(runs)}"
+        start = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for i in range(count):
+                app.send_task(
+                    celery_app.RAW_TASK,
+                    args=(ctx.payload(i, key),),
+                    queue=raw_queue,
+                    producer=producer,
+                )
+        _until_counted(client, key, count, timeout=60 + count / 20)
+        return count / (time.perf_counter() - start)
 
-        with _wiring(ctx, kind, ours_queue), _worker(ctx, kind, [ours_queue, raw_queue]):
-            ours(min(n, 50))  # warm-up: imports, connections, registry in the worker
-            raw(min(n, 50))
-            met &= compare(
-                "4",
-                f"end to end, prefork -c 2, {kind}, records on",
-                "events/s",
-                ours,
-                [Baseline("raw Celery task", raw, Target(0.8, higher=True))],
-                ctx.repeat,
-            )
-    return met
+    with _wiring(ctx, kind, ours_queue), _worker(ctx, kind, [ours_queue, raw_queue]):
+        ours(min(n, 50))  # warm-up: imports, connections, registry in the worker
+        raw(min(n, 50))
+        return compare(
+            "4",
+            f"end to end, prefork -c 2, {kind}, records on",
+            "events/s",
+            ours,
+            [Baseline("raw Celery task", raw, Target(0.8, higher=True))],
+            ctx.repeat,
+        )
 
 
 def figure_6(ctx: Context) -> bool:
@@ -145,7 +145,7 @@ def figure_6(ctx: Context) -> bool:
         now = timezone.now()
         records = []
         for i in range(n):
-            event_id = _uuid()
+            event_id = uuid.uuid4()
             records.append(
                 record_for(
                     Event(event_id, "bench.async", {}, {}, now, event_id, None, ctx.payload(i)),
@@ -154,7 +154,9 @@ def figure_6(ctx: Context) -> bool:
             )
         EventRecord.objects.bulk_create(records, batch_size=5000)
         sample["message"] = build_message(
-            Event(_uuid(), "bench.async", {}, {}, now, _uuid(), None, ctx.payload(1)).to_message(),
+            Event(
+                uuid.uuid4(), "bench.async", {}, {}, now, uuid.uuid4(), None, ctx.payload(1)
+            ).to_message(),
             "bench.async:benchmarks.handlers.count",
             "default",
         )
@@ -172,20 +174,13 @@ def figure_6(ctx: Context) -> bool:
 
     def kombu_confirms() -> float:
         body = sample.get("message") or {"payload": ctx.payload(1)}
-        with Connection(
-            settings.AMQP_URL, transport_options={"confirm_publish": True}
-        ) as conn:
-            producer = Producer(conn.default_channel)
-            producer.declare = [Queue(raw_queue, durable=True)]
+        with Connection(settings.AMQP_URL, transport_options={"confirm_publish": True}) as conn:
+            channel = conn.default_channel
+            Queue(raw_queue, durable=True)(channel).declare()
+            producer = Producer(channel)
             start = time.perf_counter()
             for _ in range(n):
-                producer.publish(
-                    body,
-                    routing_key=raw_queue,
-                    serializer="json",
-                    delivery_mode=2,
-                    declare=[Queue(raw_queue, durable=True)] if _ == 0 else None,
-                )
+                producer.publish(body, routing_key=raw_queue, serializer="json", delivery_mode=2)
             return n / (time.perf_counter() - start)
 
     with _wiring(ctx, "amqp", queue):
@@ -197,12 +192,6 @@ def figure_6(ctx: Context) -> bool:
             [Baseline("raw kombu publish, confirms", kombu_confirms, Target(0.7, higher=True))],
             1,
         )
-
-
-def _uuid() -> Any:
-    import uuid
-
-    return uuid.uuid4()
 
 
 def _rss_kb(pid: int) -> int:
@@ -245,9 +234,7 @@ def figure_7(ctx: Context) -> bool:
         after = _sizes(worker)
     growth = {name: after[name] - before.get(name, 0.0) for name in after}
     worst = max(growth.values())
-    parts = ", ".join(
-        f"{name} {before.get(name, 0):.1f} -> {after[name]:.1f} MB" for name in after
-    )
+    parts = ", ".join(f"{name} {before.get(name, 0):.1f} -> {after[name]:.1f} MB" for name in after)
     return single(
         "7",
         f"worker RSS after {total:,} deliveries vs after {first:,} (prefork -c 2, RabbitMQ)",
@@ -270,6 +257,3 @@ def cleanup(ctx: Context) -> None:
     keys = list(client.scan_iter(f"{ctx.counter}*"))
     if keys:
         client.delete(*keys)
-
-
-__all__ = ["Series", "figure_4", "figure_6", "figure_7"]

@@ -36,7 +36,12 @@ class Context:
 
     def payload(self, i: int = 1, note: str | None = None) -> dict[str, Any]:
         # "note" names the Redis counter the handlers bump (figures 4 and 7 wait on it).
-        return {"order_id": i, "total": 12.5, "email": "a@example.com", "note": note or self.counter}
+        return {
+            "order_id": i,
+            "total": 12.5,
+            "email": "a@example.com",
+            "note": note or self.counter,
+        }
 
     @property
     def counter(self) -> str:

@@ -15,3 +15,6 @@ class HandOutbox(models.Model):
     payload = models.JSONField()
     created_at = models.DateTimeField()
     sent = models.BooleanField(default=False)
+
+    def __str__(self) -> str:
+        return f"{self.task} {self.id}"

@@ -5,7 +5,8 @@
 #   3. ruff and mypy, and the Sphinx docs with warnings as errors;
 #   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the
 #      filesystem transport, RabbitMQ and Redis), each followed by the example project's
-#      own tests (example_project/tests), then the non-server tests on Django 6.1.
+#      own tests (example_project/tests), then the non-server tests on Django 6.1;
+#   5. a smoke run of the benchmarks (each once with a tiny count, nothing timed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -41,13 +42,14 @@ ensure_chromium() {  # the admin's browser test drives Debian's chromium (never 
   fi
 }
 
-make_venv() {  # make_venv DIR PYTHON DJANGO_SPEC
+make_venv() {  # make_venv DIR PYTHON DJANGO_SPEC [PIP ARGS...]
   local dir=$1 python=$2 django=$3
+  shift 3
   if [ ! -x "$dir/bin/python" ]; then
     "$python" -m venv "$dir"
   fi
   "$dir/bin/python" -m pip install -q --upgrade "pip>=25.1"
-  "$dir/bin/python" -m pip install -q -e . --group test --group lint --group type "$django"
+  "$dir/bin/python" -m pip install -q -e . --group test --group lint --group type "$@" "$django"
 }
 
 step "services"
@@ -55,7 +57,7 @@ ensure_services
 
 step "environments"
 ensure_chromium
-make_venv .venv python3 "django>=5.2,<5.3"
+make_venv .venv python3 "django>=5.2,<5.3" --group bench
 .venv/bin/python -m pip install -q --group docs
 PY313=$(PYENV_VERSION=3.13.0 pyenv which python 2>/dev/null || command -v python3.13 || true)
 if [ -n "$PY313" ]; then
@@ -65,7 +67,7 @@ elif [ -n "${CI:-}" ]; then
 fi
 
 step "ruff"
-.venv/bin/ruff check django_events tests example_project docs
+.venv/bin/ruff check django_events tests example_project docs benchmarks
 step "mypy"
 .venv/bin/mypy django_events
 
@@ -81,6 +83,8 @@ step "tests: Django 5.2, PostgreSQL"
 DATABASE_URL=$PG_URL .venv/bin/python -m pytest -q "$@"
 step "tests: the example project's own suite, PostgreSQL"
 (cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
+step "benchmarks: smoke run (each once, tiny counts; nothing is timed or judged)"
+DATABASE_URL=$PG_URL .venv/bin/python -m benchmarks --smoke
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
   .venv-django61/bin/python -m pytest -q -m "not servers" "$@"
