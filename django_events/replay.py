@@ -32,7 +32,8 @@ def replay_events(
 
     ``events`` names the events to replay (default: every event the subscription receives),
     ``since``/``until`` bound their ``occurred_at``. The subscription's ``when`` filter
-    still applies: events it would not have received are skipped.
+    still applies: events it would not have received are skipped, and so are events an
+    ``idempotent`` subscription already handled successfully.
     """
     registry = get_registry()
     target = registry.subscriptions.get(subscription)
@@ -55,14 +56,25 @@ def replay_events(
     matched = 0
     for chunk in batched(records.order_by("occurred_at").iterator(batch_size), batch_size):
         matched += len(chunk)
-        accepted = [r for r in chunk if target.accepts is None or target.accepts(r.payload)]
-        result.skipped.extend(
-            f"{r.pk}: filtered out by the subscription's `when`" for r in chunk if r not in accepted
-        )
-        prior = dict(
+        accepted = []
+        for record in chunk:
+            if target.accepts is None or target.accepts(record.payload):
+                accepted.append(record)
+            else:
+                result.skipped.append(f"{record.pk}: filtered out by the subscription's `when`")
+        existing = (
             Delivery.objects.using(using)
             .filter(subscription=target.name, event_id__in=[r.pk for r in accepted])
-            .values_list("event_id", "attempts")
+            .values_list("event_id", "attempts", "status")
         )
+        prior, done = {}, set()
+        for event_id, attempts, status in existing:
+            prior[event_id] = attempts
+            if status == Delivery.Status.SUCCEEDED:
+                done.add(event_id)
+        if target.declaration.idempotent and done:
+            # At most one successful run per event: replaying a success would break that.
+            result.skipped.extend(f"{pk}: already succeeded (idempotent)" for pk in done)
+            accepted = [r for r in accepted if r.pk not in done]
         result.add(redeliver(target, accepted, prior, using=using))
     return matched, result

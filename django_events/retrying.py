@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import QuerySet
@@ -58,10 +58,10 @@ def retry_failures(
 
 def _claim(
     ids: Sequence[int], using: str, result: RedeliveryResult
-) -> list[tuple[Subscription, list[EventRecord], dict[Any, int]]]:
+) -> list[tuple[Subscription, list[EventRecord], dict[UUID, int]]]:
     registry = get_registry()
     features = connections[using].features
-    groups: dict[str, tuple[Subscription, list[EventRecord], dict[Any, int]]] = {}
+    groups: dict[str, tuple[Subscription, list[EventRecord], dict[UUID, int]]] = {}
     with transaction.atomic(using=using):
         rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.FAILED)
         if features.has_select_for_update:

@@ -73,7 +73,7 @@ def test_events_list_table(queue) -> None:
         '{"total":{"gte":1000}}',
     ]
     assert "idempotent" in big and re.search(r"admin\.yaml:\d+$", big)
-    assert any(line.startswith("orders.cancelled") and " - " in line for line in lines)
+    assert any(line.startswith("orders.placed") and " - " in line for line in lines)
     assert re.search(r"^\d+ event\(s\), \d+ subscription link\(s\)$", lines[-1])
 
 
@@ -285,3 +285,37 @@ def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> No
     out = run("events_prune", "--days", "30", "--include-failures")
     assert "Deleted 1 event record(s) and 2 delivery(ies)" in out
     assert set(EventRecord.objects.values_list("pk", flat=True)) == {pending.pk, *recent_ids}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retried_success_is_recorded_for_an_event_recorded_on_failure_only(queue) -> None:
+    event = publish("orders.cancelled", {})  # record: failures
+    assert not EventRecord.objects.filter(pk=event.id).exists()
+    assert [o.status for o in work(queue)] == ["failed"]  # the failure brings the record
+
+    assert "1 re-enqueued for a worker" in run("events_retry", "--subscription", "cancel-notice")
+    assert [o.status for o in work(queue)] == ["succeeded"]
+
+    row = Delivery.objects.get(event_id=event.id, subscription="cancel-notice")
+    assert (row.status, row.attempts) == ("succeeded", 2)
+
+
+@pytest.mark.django_db
+def test_events_replay_skips_what_an_idempotent_subscription_already_did(publish_now) -> None:
+    done = publish_now("shop.paid", {"order_id": 1, "total": 2000})
+    failed = publish_now("shop.paid", {"order_id": 2, "total": 3000})
+    save_deliveries(
+        "default",
+        [
+            delivery(done.id, "shop-big", "async", "succeeded", 1),
+            delivery(failed.id, "shop-big", "async", "failed", 2, "Boom"),
+        ],
+    )
+    drain("big-orders")
+
+    out = run("events_replay", "shop-big")
+
+    assert "1 re-enqueued for a worker" in out and "1 skipped" in out
+    [message] = drain("big-orders")
+    assert (message["event"]["id"], message["prior_attempts"]) == (str(failed.id), 2)
+    assert Delivery.objects.get(event_id=done.id, subscription="shop-big").status == "succeeded"
