@@ -130,6 +130,13 @@ def test_retry_a_failed_delivery_from_the_admin(live_server, page, worker, shots
     assert (done.status, done.attempts) == ("succeeded", 2)
     assert HandlerRun.objects.filter(handler="fails_first_time", event_id=event.id).count() == 2
 
+    # The buttons of a failure's page post the same actions (with a real CSRF token).
+    ledger = Delivery.objects.get(event_id=event.id, subscription="shop-ledger")
+    page.goto(f"{live_server.url}/admin/django_events/failure/{ledger.pk}/change/")
+    page.click(".de-actions button:has-text('Mark resolved')")
+    assert "1 failed delivery marked resolved." in page.inner_text(".messagelist")
+    assert Delivery.objects.get(pk=ledger.pk).status == "resolved"
+
     page.goto(f"{live_server.url}/admin/django_events/")
     page.click("text=Events and their subscriptions")
     page.click("#event-shoppaid summary")  # unfold one payload schema
