@@ -140,4 +140,5 @@ def test_retry_a_failed_delivery_from_the_admin(live_server, page, worker, shots
     page.goto(f"{live_server.url}/admin/django_events/")
     page.click("text=Events and their subscriptions")
     page.click("#event-shoppaid summary")  # unfold one payload schema
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=shots / "wiring.png", full_page=True)
