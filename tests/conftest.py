@@ -7,6 +7,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
+from django_events import broker
 from django_events.registry import reset_registry
 
 
@@ -15,6 +16,13 @@ def _fresh_registry() -> Iterator[None]:
     reset_registry()
     yield
     reset_registry()
+
+
+@pytest.fixture(autouse=True)
+def _broker_reachable() -> None:
+    # The publisher remembers an outage per process (to log it once); a test that cut the
+    # broker must not make the next test's first failure a silent "still unreachable".
+    broker.health.down = False
 
 
 def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:
