@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.test import Client, override_settings
 from django.utils import timezone
 
@@ -481,12 +482,9 @@ def test_unusable_idempotency_keys_answer_400(client: Client) -> None:
 @pytest.mark.django_db(transaction=True)
 def test_racing_calls_with_one_key_publish_once() -> None:
     """The second insert waits for the first transaction, fails, and answers its event."""
-    import threading
-
-    from django.db import connections, transaction
-
     winner = uuid.uuid4()
-    inserted, release = threading.Event(), threading.Event()
+    inserted = threading.Event()
+    saw_a_waiter: list[bool] = []
 
     def first_call() -> None:
         try:
@@ -498,19 +496,57 @@ def test_racing_calls_with_one_key_publish_once() -> None:
                     expires_at=timezone.now() + timedelta(hours=1),
                 )
                 inserted.set()
-                release.wait(10)
+                # Commit only once the endpoint's insert of the same key waits on this row.
+                saw_a_waiter.append(_wait_for_a_lock_waiter(timeout=10))
         finally:
             connections.close_all()
 
     thread = threading.Thread(target=first_call)
     thread.start()
     assert inserted.wait(10)
-    threading.Timer(0.5, release.set).start()  # commit while our insert waits on the key
     response = post_signed(Client(), "hooks.paid", PAID, headers={"Idempotency-Key": "race"})
     thread.join(10)
 
+    assert saw_a_waiter == [True]  # the endpoint's lookup missed the row: a real race
     assert response.status_code == 202
     assert response.json() == {"id": str(winner)}
     assert response["Idempotent-Replayed"] == "true"
     assert EventRecord.objects.count() == 0  # our publish rolled back with the failed insert
-    assert connection.vendor == "postgresql"
+
+
+def _wait_for_a_lock_waiter(timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if cursor.fetchone()[0]:
+                return True
+            time.sleep(0.02)
+    return False
+
+
+def test_refused_calls_record_and_send_nothing(
+    client: Client, django_capture_on_commit_callbacks
+) -> None:
+    body = body_of(PAID)
+    bad = body_of({"payment_id": 1, "amount": "x"})
+    calls = [
+        ("hooks.paid", body, {**signed_headers(body), "X-Events-Signature": "sha256=00"}, None),
+        ("hooks.paid", bad, signed_headers(bad), None),
+        ("hooks.paid", b"{", signed_headers(b"{"), None),
+        ("hooks.paid", body, signed_headers(body), "text/plain"),
+        ("hooks.synced", body_of({"pad": "x" * 200}), {"Authorization": f"Bearer {TOKEN}"}, None),
+        ("hooks.internal", body, {}, None),
+        ("hooks.adjusted", body, {}, None),
+    ]
+    with django_capture_on_commit_callbacks() as callbacks:
+        statuses = [
+            post_raw(client, name, b, h, content_type or "application/json").status_code
+            for name, b, h, content_type in calls
+        ]
+    assert statuses == [401, 400, 400, 415, 413, 404, 403]
+    assert callbacks == []  # no delivery was hooked on commit: nothing can be sent
+    assert_nothing_published()
