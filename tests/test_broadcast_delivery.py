@@ -1,5 +1,6 @@
 """Broadcast with two real `celery worker` processes: each runs the broadcast subscription
-once per event, while a normal subscription runs once in total."""
+once per event, while a normal subscription runs once in total (RabbitMQ, Redis, and the
+filesystem transport)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "broadcast.yaml")]
 
 
-@pytest.fixture(params=["amqp", "redis"])
+# The filesystem transport (the embedded default) only in the PostgreSQL pass: test time.
+@pytest.fixture(params=["amqp", "redis", pytest.param("filesystem", marks=pytest.mark.postgresql)])
 def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterator[str]:
     kind = request.param
     brokers.require_server(brokers.URLS[kind], kind)
@@ -40,6 +42,7 @@ def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterat
             extra_env={
                 "DJANGO_EVENTS_TEST_MANIFEST": "broadcast.yaml",
                 "DJANGO_EVENTS_TEST_WORKER": name,
+                "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
             },
             node=f"{queue}-{name}",
         )
