@@ -84,7 +84,16 @@ def _send(
     prior: Mapping[UUID, int],
     using: str,
 ) -> RedeliveryResult:
-    _mark(subscription, records, prior, Delivery.Status.PENDING, using)
+    # A worker records the success of a first run only for events that record everything:
+    # a pending row created for any other event would stay pending for good.
+    _mark(
+        subscription,
+        records,
+        prior,
+        Delivery.Status.PENDING,
+        using,
+        create=[r.pk for r in records if compiled[r.name].records_all],
+    )
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
     unsent = broker.send_deliveries(
         items,
@@ -92,10 +101,18 @@ def _send(
         prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
     )
     if unsent:
+        FAILED = Delivery.Status.FAILED
+        Delivery.objects.using(using).bulk_create(
+            [
+                delivery(pk, subscription.name, subscription.mode, FAILED, prior.get(pk, 0))
+                for pk in unsent
+            ],
+            ignore_conflicts=True,
+        )
         rows = Delivery.objects.using(using).filter(
             event_id__in=unsent, subscription=subscription.name
         )
-        rows.update(status=Delivery.Status.FAILED, updated_at=timezone.now())
+        rows.update(status=FAILED, updated_at=timezone.now())
         rows.filter(last_error="").update(last_error=NOT_SENT)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
 
@@ -107,7 +124,8 @@ def _run(
     prior: Mapping[UUID, int],
     using: str,
 ) -> RedeliveryResult:
-    _mark(subscription, records, prior, Delivery.Status.RUNNING, using)
+    create = [r.pk for r in records]
+    _mark(subscription, records, prior, Delivery.Status.RUNNING, using, create=create)
     interceptors = get_registry().interceptors
     result = RedeliveryResult()
     rows: list[Delivery] = []
@@ -143,13 +161,15 @@ def _mark(
     prior: Mapping[UUID, int],
     status: str,
     using: str,
+    *,
+    create: Sequence[UUID],
 ) -> None:
-    """Show the redelivery as under way: create missing rows, set the status of existing ones."""
+    """Show the redelivery as under way: set the status of existing rows, create ``create``."""
     ids = [r.pk for r in records]
     Delivery.objects.using(using).bulk_create(
         [
             delivery(pk, subscription.name, subscription.mode, status, prior.get(pk, 0))
-            for pk in ids
+            for pk in create
         ],
         ignore_conflicts=True,
     )

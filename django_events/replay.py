@@ -40,6 +40,12 @@ def replay_events(
     if target is None:
         known = ", ".join(sorted(registry.subscriptions)) or "none"
         raise ReplayError(f"Unknown subscription {subscription!r} (declared: {known})")
+    if target.declaration.broadcast:
+        # One Delivery row stands for every worker's copy: a copy's success never updates it.
+        raise ReplayError(
+            f"Subscription {subscription!r} is a broadcast: a replay would run on every worker "
+            "again and could not be recorded"
+        )
     received = [name for name in registry.events if reaches(target, name)]
     for name in events:
         if name not in received:

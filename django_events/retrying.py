@@ -15,6 +15,10 @@ from .redelivery import RedeliveryResult, batched, reaches, redeliver
 from .registry import Subscription, get_registry
 
 BATCH_SIZE = 500
+# The worker never retries a broadcast copy either: the Delivery row stands for every copy.
+BROADCAST_NOT_RETRIED = (
+    "a broadcast is not retried (a retry would run on every worker again); mark it resolved"
+)
 
 
 def select_failures(
@@ -81,6 +85,11 @@ def _claim(
                 result.skipped.append(
                     f"{failure.subscription} <- {record.pk}: "
                     f"event {record.name!r} no longer reaches this subscription"
+                )
+                continue
+            if subscription.declaration.broadcast:
+                result.skipped.append(
+                    f"{failure.subscription} <- {record.pk}: {BROADCAST_NOT_RETRIED}"
                 )
                 continue
             group = groups.setdefault(subscription.name, (subscription, [], {}))

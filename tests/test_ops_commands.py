@@ -16,6 +16,7 @@ from django.utils import timezone
 from django_events import publish
 from django_events.models import Delivery, EventRecord
 from django_events.recording import delivery, save_deliveries
+from django_events.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring, work
 
@@ -319,3 +320,68 @@ def test_events_replay_skips_what_an_idempotent_subscription_already_did(publish
     [message] = drain("big-orders")
     assert (message["event"]["id"], message["prior_attempts"]) == (str(failed.id), 2)
     assert Delivery.objects.get(event_id=done.id, subscription="shop-big").status == "succeeded"
+
+
+FANOUT = {
+    "name": "shop-fanout",
+    "event": "shop.refunded",
+    "handler": "tests.app.handlers.record_other",
+    "mode": "async",
+    "broadcast": True,
+}
+
+
+@pytest.mark.django_db
+def test_a_broadcast_failure_is_not_retried_nor_replayed(publish_now, queue) -> None:
+    # A retry or replay goes to the fanout exchange: every worker would run it again,
+    # and a copy's success never overwrites the row, which would stay pending for good.
+    with shop_wiring(queue, SUBSCRIPTIONS=[FANOUT]):
+        event = publish_now("shop.refunded", {"order_id": 1})
+        save_deliveries(
+            "default", [delivery(event.id, "shop-fanout", "async", "failed", 1, "on host1: Boom")]
+        )
+
+        out = run("events_retry", "--subscription", "shop-fanout")
+        message = fails("events_replay", "shop-fanout")
+
+    assert "0 re-enqueued for a worker" in out and "1 skipped" in out
+    assert "Subscription 'shop-fanout' is a broadcast" in message
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-fanout")
+    assert (row.status, row.attempts, row.last_error) == ("failed", 1, "on host1: Boom")
+
+
+ARCHIVE = {
+    "name": "cancel-archive",
+    "event": "orders.cancelled",
+    "handler": "tests.app.handlers.record",
+    "mode": "async",
+}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_replayed_success_of_an_event_recorded_on_failure_only_leaves_nothing_pending(
+    queue,
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ARCHIVE]):
+        event = publish("orders.cancelled", {})
+        outcomes = sorted(o.status for o in work(queue))
+        assert outcomes == ["failed", "succeeded"]  # cancel-notice failed: the record is kept
+
+        assert "1 re-enqueued for a worker" in run("events_replay", "cancel-archive")
+        assert [o.status for o in work(queue)] == ["succeeded"]
+
+    assert HandlerRun.objects.filter(handler="record", event_id=event.id).count() == 2
+    statuses = Delivery.objects.filter(event_id=event.id).values_list("subscription", "status")
+    assert dict(statuses) == {"cancel-notice": "failed"}  # RECORD: failures keeps no success
+
+
+@pytest.mark.django_db
+def test_an_unsent_replay_of_an_event_recorded_on_failure_only_is_a_failure(queue) -> None:
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(), name="orders.cancelled", correlation_id=uuid.uuid4(), status="dispatched"
+    )
+    with shop_wiring(queue, SUBSCRIPTIONS=[ARCHIVE], CELERY_APP="tests.brokers.unreachable"):
+        message = fails("events_replay", "cancel-archive")
+    assert "they are marked failed" in message
+    row = Delivery.objects.get(event_id=record.pk, subscription="cancel-archive")
+    assert (row.status, row.attempts, row.last_error) == ("failed", 0, NOT_SENT)
