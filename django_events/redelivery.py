@@ -20,6 +20,7 @@ from . import broker
 from .dispatch import run_sync_handler
 from .models import Delivery, EventRecord
 from .recording import delivery, event_of, save_deliveries
+from .redaction import redact_text
 from .registry import CompiledEvent, Subscription, get_registry
 
 T = TypeVar("T")
@@ -134,7 +135,10 @@ def _run(
         attempts = prior.get(record.pk, 0)
         problems = event_type.validator.problems(record.payload)
         if problems:
-            error = f"Payload no longer valid for {record.name!r}: " + "; ".join(map(str, problems))
+            details = redact_text(
+                "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
+            )
+            error = f"Payload no longer valid for {record.name!r}: {details}"
             rows.append(
                 delivery(
                     record.pk,

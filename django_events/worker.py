@@ -16,6 +16,7 @@ from .events import Event
 from .execution import log_extra, run_handler
 from .models import Delivery, EventRecord
 from .recording import delivery, ensure_records, save_deliveries
+from .redaction import redact_text
 from .registry import Registry, Subscription, get_registry
 
 logger = logging.getLogger("django_events.worker")
@@ -81,7 +82,7 @@ def _process(raw: Any, retries: int) -> Outcome:
         return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
     problems = compiled.validator.problems(data)
     if problems:
-        details = "; ".join(map(str, problems))
+        details = redact_text("; ".join(map(str, problems)), data, compiled.declaration.redact)
         return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
     try:
         event = Event.from_message(message.event, compiled.typed_payload(data))
