@@ -8,7 +8,7 @@ from datetime import timedelta
 from django.db import DEFAULT_DB_ALIAS, transaction
 from django.utils import timezone
 
-from .models import Delivery, EventRecord
+from .models import Delivery, EventRecord, IdempotencyKey
 
 BATCH_SIZE = 5000
 
@@ -21,6 +21,7 @@ class PruneResult:
     deliveries: int
     kept_failures: int
     kept_pending: int
+    expired_keys: int = 0
 
 
 def prune_events(
@@ -34,6 +35,7 @@ def prune_events(
 
     Records still pending are never deleted (they are the outbox: not yet sent). Records with
     a failed delivery, or that failed themselves, are kept unless ``include_failures``.
+    Inbound idempotency keys past their retention window are deleted too, whatever their age.
     """
     cutoff = timezone.now() - older_than
     old = EventRecord.objects.using(using).filter(occurred_at__lt=cutoff)
@@ -48,7 +50,11 @@ def prune_events(
         with transaction.atomic(using=using):
             deliveries += Delivery.objects.using(using).filter(event_id__in=pks).delete()[0]
             events += EventRecord.objects.using(using).filter(pk__in=pks).delete()[0]
+    expired_keys = (
+        IdempotencyKey.objects.using(using).filter(expires_at__lte=timezone.now()).delete()[0]
+    )
     return PruneResult(
+        expired_keys=expired_keys,
         events=events,
         deliveries=deliveries,
         kept_failures=old.exclude(status=EventRecord.Status.PENDING).count(),

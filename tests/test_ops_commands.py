@@ -14,7 +14,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from django_events import publish
-from django_events.models import Delivery, EventRecord
+from django_events.models import Delivery, EventRecord, IdempotencyKey
 from django_events.recording import delivery, save_deliveries
 from django_events.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
@@ -286,6 +286,23 @@ def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> No
     out = run("events_prune", "--days", "30", "--include-failures")
     assert "Deleted 1 event record(s) and 2 delivery(ies)" in out
     assert set(EventRecord.objects.values_list("pk", flat=True)) == {pending.pk, *recent_ids}
+
+
+@pytest.mark.django_db
+def test_events_prune_deletes_expired_idempotency_keys_only() -> None:
+    now = timezone.now()
+    for key, expires_at in [
+        ("old", now - timedelta(seconds=1)),
+        ("live", now + timedelta(hours=1)),
+    ]:
+        IdempotencyKey.objects.create(
+            event_name="shop.paid", key=key, event_id=uuid.uuid4(), expires_at=expires_at
+        )
+
+    out = run("events_prune", "--days", "30")
+
+    assert "Deleted 1 expired inbound idempotency key(s)." in out
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["live"]
 
 
 @pytest.mark.django_db(transaction=True)

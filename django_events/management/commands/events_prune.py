@@ -12,7 +12,8 @@ from django_events.pruning import prune_events
 class Command(BaseCommand):
     help = (
         "Delete event records (and their deliveries) older than N days. Records with a failed "
-        "delivery are kept unless --include-failures; pending records (the outbox) always are."
+        "delivery are kept unless --include-failures; pending records (the outbox) always are. "
+        "Expired inbound idempotency keys are deleted too."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -42,6 +43,8 @@ class Command(BaseCommand):
             f"Deleted {result.events} event record(s) and {result.deliveries} delivery(ies) "
             f"older than {options['days']:g} day(s)."
         )
+        if result.expired_keys:
+            self.stdout.write(f"Deleted {result.expired_keys} expired inbound idempotency key(s).")
         if result.kept_failures:
             self.stdout.write(
                 f"Kept {result.kept_failures} old record(s) with failures "
