@@ -15,7 +15,10 @@ def parse_moment(text: str, *, now: datetime | None = None) -> datetime:
     """An aware datetime from an ISO date or datetime, or an age such as ``3d`` ago."""
     value = text.strip()
     if value[:-1].isdigit() and value[-1:] in UNITS:
-        return (now or timezone.now()) - timedelta(**{UNITS[value[-1]]: int(value[:-1])})
+        try:
+            return (now or timezone.now()) - timedelta(**{UNITS[value[-1]]: int(value[:-1])})
+        except OverflowError as exc:
+            raise ValueError(f"{text!r} reaches back before the year 1") from exc
     try:
         moment = parse_datetime(value)
         day = parse_date(value) if moment is None else None

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.utils import timezone
 
 from django_events.pruning import prune_events
 
@@ -30,12 +32,18 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["days"] <= 0:
-            raise CommandError(f"--days must be positive, got {options['days']:g}")
+        days = options["days"]
+        if not (math.isfinite(days) and days > 0):
+            raise CommandError(f"--days must be a positive number of days, got {days:g}")
+        try:
+            older_than = timedelta(days=days)
+            timezone.now() - older_than
+        except OverflowError as exc:
+            raise CommandError(f"--days {days:g} reaches back before the year 1") from exc
         if options["database"] not in connections.settings:
             raise CommandError(f"Unknown database alias {options['database']!r}")
         result = prune_events(
-            timedelta(days=options["days"]),
+            older_than,
             include_failures=options["include_failures"],
             using=options["database"],
         )
