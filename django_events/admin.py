@@ -24,7 +24,7 @@ from .admin_paging import CheapCountPaginator, with_cheap_periods
 from .execution import log_extra
 from .listing import retry_text
 from .models import Delivery, EventRecord, Failure
-from .redaction import redact
+from .redaction import mask_values, redact
 from .registry import get_registry
 from .retrying import mark_resolved, retry_failures
 from .wiring import describe_wiring
@@ -53,7 +53,9 @@ def _badge(status: str) -> SafeString:
 
 def _redacted(record: EventRecord) -> Any:
     compiled = get_registry().events.get(record.name)
-    return redact(record.payload, compiled.declaration.redact) if compiled else record.payload
+    if compiled is None:  # which keys to redact is unknown: show the keys, not the values
+        return mask_values(record.payload)
+    return redact(record.payload, compiled.declaration.redact)
 
 
 def _can_view_log(request: HttpRequest) -> bool:

@@ -159,6 +159,23 @@ def test_event_page_is_read_only_redacted_escaped_and_shows_deliveries(
     assert EventRecord.objects.get(pk=event.id).payload == payload  # masking is display-only
 
 
+@pytest.mark.django_db
+def test_an_event_no_longer_declared_shows_its_keys_not_its_values(admin_client, queue) -> None:
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.renamed",  # its declaration, and so its redact list, is gone
+        payload={"email": "ada@example.com", "lines": [{"card": "4111111111111111"}]},
+        correlation_id=uuid.uuid4(),
+    )
+
+    html = admin_client.get(reverse("admin:django_events_eventrecord_change", args=[record.pk]))
+
+    text = html.content.decode()
+    assert "ada@example.com" not in text and "4111111111111111" not in text
+    assert f"&quot;email&quot;: &quot;{MASK}&quot;" in text
+    assert f"&quot;card&quot;: &quot;{MASK}&quot;" in text
+
+
 def _inline_rows(html: str) -> dict[str, str]:
     rows = re.findall(r'<tr class="form-row.*?</tr>', html, re.S)
     found = {}
