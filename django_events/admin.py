@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin, messages
@@ -72,32 +73,43 @@ def _parse_uuid(term: str) -> uuid.UUID | None:
         return None
 
 
-class EventNameFilter(admin.SimpleListFilter):
-    """Event names from the registry (no scan of the table for distinct names)."""
+class RegistryNameFilter(admin.SimpleListFilter):
+    """Choices from the registry (no scan of the table for distinct names).
+
+    ``parameter_name`` is also the field filtered on.
+    """
+
+    parameter_name: str
+
+    def names(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(name, name) for name in sorted(self.names())]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+
+
+class EventNameFilter(RegistryNameFilter):
+    """Event names from the registry."""
 
     title = _("event")
     parameter_name = "name"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(name, name) for name in sorted(get_registry().events)]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        value = self.value()
-        return queryset.filter(name=value) if value else queryset
+    def names(self) -> Iterable[str]:
+        return get_registry().events
 
 
-class SubscriptionFilter(admin.SimpleListFilter):
+class SubscriptionFilter(RegistryNameFilter):
     """Subscription names from the registry."""
 
     title = _("subscription")
     parameter_name = "subscription"
 
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(name, name) for name in sorted(get_registry().subscriptions)]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        value = self.value()
-        return queryset.filter(subscription=value) if value else queryset
+    def names(self) -> Iterable[str]:
+        return get_registry().subscriptions
 
 
 class ReadOnlyMixin:

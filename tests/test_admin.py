@@ -241,6 +241,29 @@ def test_failure_pages_show_error_and_traceback_escaped(admin_client, publish_no
 
 
 @pytest.mark.django_db
+def test_failures_filter_by_subscription_and_search_by_event_or_name(
+    admin_client, publish_now
+) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1})  # shop-ledger fails
+    other = publish_now("shop.paid", {"order_id": 2})
+    save_deliveries("default", [delivery(paid.id, "shop-audit", "sync", "failed", 1, "Boom")])
+    rows = {
+        (d.event_id, d.subscription): reverse("admin:django_events_failure_change", args=[d.pk])
+        for d in Delivery.objects.filter(status="failed")
+    }
+
+    def shown(query: str) -> set[tuple[uuid.UUID, str]]:
+        html = admin_client.get(FAILURES + query).content.decode()
+        return {key for key, url in rows.items() if url in html}
+
+    assert len(rows) == 3
+    assert shown("?subscription=shop-audit") == {(paid.id, "shop-audit")}
+    assert shown(f"?q={paid.id}") == {(paid.id, "shop-audit"), (paid.id, "shop-ledger")}
+    assert shown("?q=shop-le") == {(paid.id, "shop-ledger"), (other.id, "shop-ledger")}
+    assert shown("?q=nothing-like-it") == set()
+
+
+@pytest.mark.django_db
 def test_retry_selected_reruns_a_sync_handler_and_records_it(admin_client, publish_now) -> None:
     event = publish_now("shop.paid", {"order_id": 4})
     failure = failure_of("shop-ledger")
