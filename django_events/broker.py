@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -63,15 +64,47 @@ def build_message(
 
 
 class BrokerHealth:
-    """Remembers an outage so it is logged once, not once per event."""
+    """Remembers an outage so it is logged once, not once per event.
+
+    During an outage publishers try the broker at most once per probe interval (per Celery
+    app; from 0.5 s, doubling up to 10 s while it lasts); the others leave their events
+    pending at once instead of each waiting out a connect timeout against a broker that does
+    not answer. The relay always tries.
+    """
+
+    first_probe = 0.5
+    max_probe = 10.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.down = False
+        self._probes: dict[int, tuple[float, float]] = {}  # id(app) -> (next try, interval)
 
-    def failed(self, exc: BaseException, events: Sequence[Event]) -> None:
+    def reset(self) -> None:
+        """Forget any outage (tests)."""
+        with self._lock:
+            self.down = False
+            self._probes.clear()
+
+    def may_try(self, app: object) -> bool:
+        """Whether a publisher should try the broker now (if so, later ones wait)."""
+        with self._lock:
+            probe = self._probes.get(id(app))
+            if probe is None:
+                return True
+            now = time.monotonic()
+            if now < probe[0]:
+                return False
+            self._probes[id(app)] = (now + probe[1], probe[1])
+            return True
+
+    def failed(self, exc: BaseException, events: Sequence[Event], app: object = None) -> None:
         with self._lock:
             first, self.down = not self.down, True
+            if app is not None:
+                previous = self._probes.get(id(app))
+                interval = min(previous[1] * 2, self.max_probe) if previous else self.first_probe
+                self._probes[id(app)] = (time.monotonic() + interval, interval)
         extra = batch_log_extra(events)
         if first:
             logger.error(
@@ -86,11 +119,13 @@ class BrokerHealth:
                 "Broker still unreachable; %d more event(s) pending", len(events), extra=extra
             )
 
-    def succeeded(self) -> None:
-        if self.down:
+    def succeeded(self, app: object = None) -> None:
+        if self.down or self._probes:
             with self._lock:
-                self.down = False
-            logger.warning("Broker reachable again", extra=log_extra())
+                was_down, self.down = self.down, False
+                self._probes.pop(id(app), None)
+            if was_down:
+                logger.warning("Broker reachable again", extra=log_extra())
 
 
 health = BrokerHealth()
@@ -126,6 +161,14 @@ def send_deliveries(
     if app is None:
         logger.error(
             "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending",
+            extra=batch_log_extra([event for event, _, _ in items]),
+        )
+        return {event.id for event, _, _ in items}
+    # The relay (confirm) always tries: it is what finds the broker back.
+    if not confirm and not health.may_try(app):
+        logger.debug(
+            "Broker down; %d event(s) left pending without trying",
+            len(items),
             extra=batch_log_extra([event for event, _, _ in items]),
         )
         return {event.id for event, _, _ in items}
@@ -176,10 +219,10 @@ def send_deliveries(
                 sent += 1
             unconfirmed = confirms.wait(CONFIRM_TIMEOUT) if confirms is not None else set()
     except Exception as exc:  # noqa: BLE001 - any transport error: the outbox keeps the rest
-        health.failed(exc, [event for event, _, _ in items[sent:]])
+        health.failed(exc, [event for event, _, _ in items[sent:]], app)
         unsent = {event.id for event, _, _ in items[sent:]}
         return unsent | (confirms.unconfirmed() if confirms is not None else set())
-    health.succeeded()
+    health.succeeded(app)
     if unconfirmed:
         logger.warning(
             "The broker did not confirm %d event(s); they stay pending",

@@ -53,7 +53,7 @@ class RetryPolicy:
 
     def delay(self, retry_number: int) -> float:
         """Seconds to wait before retry ``retry_number`` (1 for the first retry)."""
-        base = min(self.max_backoff, self.backoff * 2.0 ** (retry_number - 1))
+        base = min(self.max_backoff, self.backoff * 2.0 ** min(retry_number - 1, 64))
         if self.jitter:
             # "Equal jitter": delays still grow while retries of many events spread out.
             return base / 2 + random.uniform(0, base / 2)

@@ -133,10 +133,12 @@ def _run(
             exc_info=True,
             extra=extra,
         )
-        _record_quietly(
+        recorded = _record_quietly(
             alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
         )
-        if final:
+        # A final failure nobody can see (the database is down too) would be an event lost:
+        # keep retrying until the outcome can be recorded.
+        if final and recorded:
             return Outcome("failed", error=exc)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
@@ -214,7 +216,8 @@ def _message_log_extra(message: _Message) -> dict[str, Any]:
 
 def _record_quietly(
     alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
-) -> None:
+) -> bool:
+    """Save delivery rows; log (not raise) a database error and return False."""
     from django.db import DatabaseError
 
     try:
@@ -226,6 +229,8 @@ def _record_quietly(
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
     except DatabaseError:
         logger.exception("Could not record the delivery outcome", extra=log_extra(event))
+        return False
+    return True
 
 
 def _row(

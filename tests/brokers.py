@@ -19,10 +19,11 @@ FS_FOLDER = Path(os.environ.get("DJANGO_EVENTS_FS_BROKER") or tempfile.mkdtemp(p
 URLS = {"amqp": AMQP_URL, "redis": REDIS_URL, "filesystem": "filesystem://"}
 
 
-def _app(kind: str) -> Celery:
+def make_app(kind: str, url: str | None = None) -> Celery:
+    """The test app of broker ``kind``; ``url`` reaches it another way (a fault proxy)."""
     app = Celery(f"tests-{kind}", set_as_current=False)
     app.conf.update(
-        broker_url=URLS[kind],
+        broker_url=url or URLS[kind],
         accept_content=["json"],
         task_serializer="json",
         broker_connection_timeout=3,
@@ -30,6 +31,9 @@ def _app(kind: str) -> Celery:
         worker_hijack_root_logger=False,
         worker_prefetch_multiplier=4,
     )
+    if kind == "redis":
+        # Without it a Redis that accepts connections but never answers hangs a publisher.
+        app.conf.broker_transport_options = {"socket_timeout": 5}
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport_options = {
@@ -42,9 +46,9 @@ def _app(kind: str) -> Celery:
     return app
 
 
-amqp = _app("amqp")
-redis = _app("redis")
-filesystem = _app("filesystem")
+amqp = make_app("amqp")
+redis = make_app("redis")
+filesystem = make_app("filesystem")
 for _worker_app in (amqp, redis, filesystem):
     consume_broadcasts(_worker_app)  # broadcast subscriptions of the queues a worker consumes
 

@@ -22,7 +22,7 @@ def _fresh_registry() -> Iterator[None]:
 def _broker_reachable() -> None:
     # The publisher remembers an outage per process (to log it once); a test that cut the
     # broker must not make the next test's first failure a silent "still unreachable".
-    broker.health.down = False
+    broker.health.reset()
 
 
 def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:

@@ -199,25 +199,49 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
         payload=bad_payload["payload"],
         correlation_id=stored.correlation_id,
     )
-    wired.app.send_task(
-        TASK_NAME,
-        args=(build_message(bad_payload, "it-strict", "default"),),
-        queue=wired.queue,
-        serializer="json",
-    )
-    wired.app.send_task(TASK_NAME, args=("not a message",), queue=wired.queue, serializer="json")
-    after = publish("it.strict", {"order_id": 9})
+    unknown = build_message(stored.to_message(), "no-such-subscription", "default")
+    for args in [
+        (build_message(bad_payload, "it-strict", "default"),),  # payload fails the schema
+        ("not a message",),  # not a django_events message
+        (unknown,),  # unknown subscription
+        (),  # not even the task's signature
+    ]:
+        wired.app.send_task(TASK_NAME, args=args, queue=wired.queue, serializer="json")
+    _send_raw(wired, b'{"truncated json')  # a body no serializer can read
+    after = [publish("it.strict", {"order_id": 9 + i}) for i in range(3)]
 
-    wait_for(lambda: runs("record", [after.id]), what="an event after the poison messages")
+    wait_for(lambda: len(runs("record", [a.id for a in after])) == 3, what="events after them")
     failure = wait_for(
         lambda: Delivery.objects.filter(event_id=bad_payload["id"]).first(),
         what="the invalid-payload failure",
     )
-    assert failure.status == "failed"
+    wait_for(lambda: "decode message body" in wired.worker.log(), what="the undecodable body")
+    time.sleep(1.5)  # a poison message going round again would show up by now
+    assert (failure.status, failure.attempts) == ("failed", 1)
     assert "Payload no longer valid for 'it.strict'" in failure.last_error
     assert "$.order_id" in failure.last_error
     assert runs("record", [bad_payload["id"]]) == []
-    assert "Rejected a malformed django_events message" in wired.worker.log()
+    assert Delivery.objects.get(event_id=bad_payload["id"]).attempts == 1  # not redelivered
+    unknown_failure = Delivery.objects.get(event_id=stored.id, subscription="no-such-subscription")
+    assert (unknown_failure.status, unknown_failure.attempts) == ("failed", 1)
+    log = wired.worker.log()
+    assert log.count("Rejected a malformed django_events message") == 1
+    assert log.count("Can't decode message body") == 1
+    assert log.count('raised unexpected: TypeError("deliver() missing 1 required') == 1
+
+
+def _send_raw(broker: Broker, body: bytes) -> None:
+    """Publish a task message whose body is not valid JSON (a corrupt or foreign message)."""
+    headers = {"task": TASK_NAME, "id": str(uuid.uuid4()), "lang": "py", "retries": 0}
+    with broker.app.producer_or_acquire() as producer:
+        producer.publish(
+            body,
+            exchange=broker.queue,
+            routing_key=broker.queue,
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+        )
 
 
 def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) -> None:

@@ -87,6 +87,7 @@ class WorkerProcess:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, for kill()
         )
         log.close()
 
@@ -121,8 +122,14 @@ class WorkerProcess:
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker, main process and pool children (a host going down)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from django_events import Event, context, publish
 
@@ -27,6 +29,35 @@ def record(event: Event) -> None:
 
 def record_other(event: Event) -> None:
     _run("record_other", event)
+
+
+def hang_once(event: Event) -> None:
+    """Record a run; on the first run for this event, announce it and hang (``hang`` s)."""
+    _run("hang_once", event)
+    _hang_first_time("hang_once", event)
+
+
+def hang_plain(event: Event) -> None:
+    _run("hang_plain", event)
+    _hang_first_time("hang_plain", event)
+
+
+def _hang_first_time(name: str, event: Event) -> None:
+    """Leave ``<DJANGO_EVENTS_FAULT_DIR>/<event id>-<name>`` holding our pid, then sleep.
+
+    The file is created exclusively, so a redelivered message runs straight through.
+    """
+    seconds = event.data.get("hang")
+    if not seconds:
+        return
+    marker = Path(os.environ["DJANGO_EVENTS_FAULT_DIR"]) / f"{event.id}-{name}"
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    time.sleep(seconds)
 
 
 def always_fails(event: Event) -> None:

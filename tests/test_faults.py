@@ -1,0 +1,300 @@
+"""Fault injection: brokers and databases cut under a real worker, workers killed mid-handler,
+two relays racing. The promise proven: no committed event is lost, and an idempotent
+subscription has its effect once.
+
+A `FaultProxy` sits between the project and the real server; the servers are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from django.conf import settings
+from django.core.management import call_command
+from django.db import connection, transaction
+from django.test import override_settings
+from kombu import Consumer, Queue
+
+from django_events import publish, publish_many
+from django_events.models import Delivery, EventRecord
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.faultproxy import FaultProxy
+from tests.worker import ROOT, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "faults.yaml")]
+HANG = 30  # seconds a handler sleeps on its first run: the test kills it long before
+
+# The app publishers use in these tests: CELERY_APP names it; the `rig` fixture sets it.
+publisher: Celery | None = None
+
+
+@dataclass
+class Rig:
+    kind: str
+    queue: str
+    worker: WorkerProcess
+    faults: Path  # where handlers announce themselves (DJANGO_EVENTS_FAULT_DIR)
+    proxy: FaultProxy  # between the test process and the broker; the worker goes direct
+
+
+@pytest.fixture(scope="module", params=["amqp", "redis"])
+def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Rig]:
+    global publisher
+    kind = request.param
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-{kind}-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp(f"faults-{kind}")
+    worker = _worker(kind, queue, folder)
+    with FaultProxy.for_url(brokers.URLS[kind]) as proxy, worker:
+        publisher = brokers.make_app(kind, proxy.url(brokers.URLS[kind]))
+        publisher.conf.broker_connection_timeout = 1
+        if kind == "redis":
+            publisher.conf.broker_transport_options = {"socket_timeout": 1}
+        try:
+            yield Rig(kind, queue, worker, folder, proxy)
+        finally:
+            publisher = None
+    _drop_queue(getattr(brokers, kind), queue)
+
+
+def _worker(kind: str, queue: str, folder: Path, **env: str) -> WorkerProcess:
+    return WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        folder / f"worker-{queue}.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "faults.yaml",
+            "DJANGO_EVENTS_FAULT_DIR": str(folder),
+            **env,
+        },
+    )
+
+
+def _drop_queue(app: Celery, queue: str) -> None:
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_delete(queue)
+
+
+def _wiring(queue: str, celery_app: str = "tests.test_faults.publisher") -> override_settings:
+    value = {
+        **settings.DJANGO_EVENTS,
+        "MANIFESTS": MANIFESTS,
+        "CELERY_APP": celery_app,
+        "DEFAULT_QUEUE": queue,
+    }
+    return override_settings(DJANGO_EVENTS=value)
+
+
+@pytest.fixture
+def wired(rig: Rig) -> Iterator[Rig]:
+    rig.proxy.restore()
+    with _wiring(rig.queue):
+        yield rig
+
+
+def runs(handler: str, event_ids: Any) -> Counter[uuid.UUID]:
+    """How many committed runs of ``handler`` each of these events had."""
+    return Counter(
+        HandlerRun.objects.filter(handler=handler, event_id__in=list(event_ids)).values_list(
+            "event_id", flat=True
+        )
+    )
+
+
+def succeeded(event_ids: Any) -> int:
+    return Delivery.objects.filter(event_id__in=list(event_ids), status="succeeded").count()
+
+
+def kill_when_announced(rig: Rig, markers: list[str], timeout: float = 30) -> list[int]:
+    """SIGKILL each handler process as soon as it announces ``<event id>-<handler>``."""
+    killed: list[int] = []
+    for name in markers:
+        marker = rig.faults / name
+        wait_for(lambda m=marker: m.exists() and m.read_text(), timeout, f"handler {name}")
+        pid = int(marker.read_text())
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    return killed
+
+
+@pytest.mark.postgresql
+def test_events_committed_while_the_broker_is_cut_are_relayed_and_delivered(
+    wired: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="django_events.broker")
+    before = publish("fault.placed", {"order_id": -1})  # a live pooled connection to cut
+    wait_for(lambda: succeeded([before.id]), what="a delivery before the cut")
+
+    wired.proxy.cut("blackhole")  # connections dropped; new ones never answered
+    started = time.monotonic()
+    ids = []
+    for order_id in range(1000):
+        with transaction.atomic():
+            event = publish("fault.placed", {"order_id": order_id, "plain": order_id % 2 == 1})
+        ids.append(event.id)
+    elapsed = time.monotonic() - started
+
+    assert elapsed < 120, f"publishing during the outage took {elapsed:.0f}s"  # never a hang
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        "pending"
+    }
+    errors = [r.getMessage() for r in caplog.records if "Broker unreachable" in r.getMessage()]
+    assert len(errors) == 1  # once per outage, not once per event
+    assert not HandlerRun.objects.filter(event_id__in=ids).exists()
+
+    wired.proxy.restore()
+    call_command("events_relay", "--min-age", "0", "--batch-size", "300")
+
+    once, plain = ids[0::2], ids[1::2]
+    wait_for(lambda: succeeded(ids) == 1000, timeout=90, what="1,000 relayed deliveries")
+    time.sleep(1.0)  # give a duplicate the time to show up
+    assert runs("hang_once", once) == dict.fromkeys(once, 1)  # idempotent: exactly once
+    plain_runs = runs("hang_plain", plain)
+    assert set(plain_runs) == set(plain)  # at least once
+    assert not runs("hang_once", plain) and not runs("hang_plain", once)
+    assert EventRecord.objects.filter(pk__in=ids, status="dispatched").count() == 1000
+
+
+def test_killed_pool_processes_messages_are_redelivered(wired: Rig) -> None:
+    once = publish("fault.placed", {"order_id": 1, "hang": HANG})
+    plain = publish("fault.placed", {"order_id": 2, "hang": HANG, "plain": True})
+
+    killed = kill_when_announced(wired, [f"{once.id}-hang_once", f"{plain.id}-hang_plain"])
+
+    wait_for(lambda: succeeded([once.id, plain.id]) == 2, timeout=40, what="redeliveries")
+    assert wired.worker.process is not None and wired.worker.process.poll() is None
+    assert runs("hang_once", [once.id]) == {once.id: 1}  # the killed run's writes rolled back
+    assert runs("hang_plain", [plain.id]) == {plain.id: 2}  # not idempotent: ran twice
+    pids = set(HandlerRun.objects.filter(event_id=plain.id).values_list("pid", flat=True))
+    assert set(killed) & pids and len(pids) == 2
+
+
+@pytest.mark.parametrize("rig", ["amqp"], indirect=True)
+def test_killed_worker_messages_go_back_to_the_queue(wired: Rig) -> None:
+    # Redis hands unacked messages of a dead consumer back only after visibility_timeout.
+    once = publish("fault.placed", {"order_id": 3, "hang": HANG})
+    wait_for(lambda: (wired.faults / f"{once.id}-hang_once").exists(), what="the handler")
+    wired.worker.kill()  # main process and pool children: a host going down
+    assert runs("hang_once", [once.id]) == {}
+
+    wired.worker.start()
+
+    wait_for(lambda: succeeded([once.id]), timeout=40, what="the redelivery")
+    assert runs("hang_once", [once.id]) == {once.id: 1}
+    assert Delivery.objects.get(event_id=once.id).status == "succeeded"
+
+
+@pytest.mark.postgresql
+def test_handler_is_retried_until_the_database_is_back(tmp_path: Path) -> None:
+    brokers.require_server(brokers.AMQP_URL, "amqp")
+    queue = f"faults-db-{uuid.uuid4().hex[:8]}"
+    with FaultProxy(
+        (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
+    ) as db:
+        worker = _worker("amqp", queue, tmp_path, DJANGO_EVENTS_WORKER_DB_PORT=str(db.port))
+        with worker, _wiring(queue, "tests.brokers.amqp"):
+            event = publish("fault.placed", {"order_id": 4, "hang": 1.5})
+            wait_for(lambda: (tmp_path / f"{event.id}-hang_once").exists(), what="the handler")
+
+            db.cut()  # the handler's transaction cannot commit, nor can the retries start
+            # max_attempts is 2: a third failed attempt means the worker kept the message.
+            wait_for(
+                lambda: worker.log().count("Handler failed") >= 3,
+                timeout=30,
+                what="three failed attempts",
+            )
+            assert Delivery.objects.filter(event_id=event.id).count() == 0
+            db.restore()
+
+            wait_for(lambda: succeeded([event.id]), timeout=30, what="the retried delivery")
+    _drop_queue(brokers.amqp, queue)
+    assert runs("hang_once", [event.id]) == {event.id: 1}
+    assert Delivery.objects.get(event_id=event.id).attempts >= 3
+    assert "Could not record the delivery outcome" in worker.log()
+
+
+@pytest.mark.postgresql
+def test_two_relays_send_every_pending_record_once() -> None:
+    brokers.require_server(brokers.AMQP_URL, "amqp")
+    queue = f"faults-relay-{uuid.uuid4().hex[:8]}"
+    with _wiring(queue, "tests.brokers.unreachable"), transaction.atomic():
+        events = publish_many(("fault.bulk", {"order_id": i}) for i in range(10_000))
+    ids = {str(e.id) for e in events}
+    assert EventRecord.objects.filter(status="pending").count() == 10_000
+
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
+        "DJANGO_EVENTS_TEST_MANIFEST": "faults.yaml",
+        "DJANGO_EVENTS_TEST_QUEUE": queue,
+        "CELERY_BROKER_URL": brokers.AMQP_URL,
+        "PYTHONPATH": str(ROOT),
+    }
+    command = [sys.executable, "-m", "django", "events_relay", "--min-age", "0"]
+    relays = [
+        subprocess.Popen(
+            [*command, "--batch-size", "200"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [relay.communicate(timeout=180)[0] for relay in relays]
+    finally:
+        for relay in relays:
+            relay.kill()
+    try:
+        assert [relay.returncode for relay in relays] == [0, 0], outputs
+        messages = _drain(brokers.amqp, queue)
+    finally:
+        _drop_queue(brokers.amqp, queue)
+
+    sent = [int(out.split("Relayed ")[1].split()[0]) for out in outputs]
+    assert sum(sent) == 10_000 and min(sent) > 0, outputs  # both took part
+    per_event = Counter(m["event"]["id"] for m in messages)
+    assert len(messages) == 10_000
+    assert set(per_event) == ids and set(per_event.values()) == {1}  # none sent by both
+    assert {m["subscription"] for m in messages} == {"fault-bulk"}
+    assert EventRecord.objects.filter(status="dispatched").count() == 10_000
+
+
+def _drain(app: Celery, queue: str) -> list[dict[str, Any]]:
+    """Take every message off ``queue``; return each task's argument (our message)."""
+    found: list[dict[str, Any]] = []
+
+    def take(body: Any, message: Any) -> None:
+        found.append(body[0][0])  # Celery protocol 2: (args, kwargs, embed)
+        message.ack()
+
+    with (
+        app.connection_for_write() as conn,
+        Consumer(conn, [Queue(queue, no_declare=True)], callbacks=[take], accept=["json"]) as c,
+    ):
+        c.qos(prefetch_count=1000)
+        while True:
+            try:
+                conn.drain_events(timeout=2)
+            except TimeoutError:
+                return found
