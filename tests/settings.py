@@ -68,9 +68,10 @@ DATABASES = {
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
     # A worker subprocess connects straight to the database the test process created.
     DATABASES["default"]["NAME"] = os.environ["DJANGO_EVENTS_WORKER_DB_NAME"]
-    # Workers keep their connection, as production workers should (docs/reliability.md).
-    DATABASES["default"]["CONN_MAX_AGE"] = 60
-    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    if DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        # Workers keep their connection, as production workers should (docs/reliability.md).
+        DATABASES["default"]["CONN_MAX_AGE"] = 60
+        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_PORT"):
     # The fault tests put a proxy between a worker and PostgreSQL.
     DATABASES["default"]["PORT"] = os.environ["DJANGO_EVENTS_WORKER_DB_PORT"]
