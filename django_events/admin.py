@@ -428,6 +428,9 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
         # Every field is read-only: the page acts through its Retry / Mark resolved buttons.
+        # A save would write back the row as read, over a concurrent retry's claim.
+        if request.method == "POST":
+            raise PermissionDenied
         extra = {
             **(extra_context or {}),
             "title": _("Failed delivery"),

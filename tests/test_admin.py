@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
+from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission, User
 from django.db import connection
 from django.test import Client
@@ -422,6 +423,20 @@ def test_actions_need_a_post_with_the_csrf_token(admin_user, publish_now) -> Non
     assert token
     client.post(FAILURES, {**data, "csrfmiddlewaretoken": token.group(1)})
     assert Delivery.objects.get(pk=failure.pk).status == "resolved"
+
+
+@pytest.mark.django_db
+def test_a_failure_page_cannot_be_saved(admin_client, publish_now) -> None:
+    publish_now("shop.paid", {"order_id": 1})
+    failure = failure_of("shop-ledger")
+    url = reverse("admin:django_events_failure_change", args=[failure.pk])
+    before = Delivery.objects.filter(pk=failure.pk).values().get()
+
+    response = admin_client.post(url, {"_save": "Save"})
+
+    assert response.status_code == 403  # the page acts only through its action buttons
+    assert Delivery.objects.filter(pk=failure.pk).values().get() == before
+    assert not LogEntry.objects.exists()
 
 
 # -- counts ----------------------------------------------------------------------------------
