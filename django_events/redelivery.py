@@ -125,38 +125,44 @@ def _run(
     prior: Mapping[UUID, int],
     using: str,
 ) -> RedeliveryResult:
-    create = [r.pk for r in records]
-    _mark(subscription, records, prior, Delivery.Status.RUNNING, using, create=create)
+    ids = [r.pk for r in records]
+    _mark(subscription, records, prior, Delivery.Status.RUNNING, using, create=ids)
     interceptors = get_registry().interceptors
     result = RedeliveryResult()
-    rows: list[Delivery] = []
     for record in records:
-        event_type = compiled[record.name]
-        attempts = prior.get(record.pk, 0)
-        problems = event_type.validator.problems(record.payload)
-        if problems:
-            details = redact_text(
-                "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
-            )
-            error = f"Payload no longer valid for {record.name!r}: {details}"
-            rows.append(
-                delivery(
-                    record.pk,
-                    subscription.name,
-                    subscription.mode,
-                    Delivery.Status.FAILED,
-                    attempts,
-                    error,
-                )
-            )
+        row = _run_one(
+            subscription, record, compiled[record.name], prior.get(record.pk, 0), interceptors
+        )
+        if row is None:
             continue
-        event = event_of(record, event_type.typed_payload(record.payload))
-        row = run_sync_handler(subscription, event, interceptors, True, attempts)
-        rows.extend([row] if row is not None else [])
-    result.succeeded = sum(1 for r in rows if r.status == Delivery.Status.SUCCEEDED)
-    result.failed = len(rows) - result.succeeded
-    save_deliveries(using, rows)
+        # One by one: a process killed mid-batch leaves one delivery running, not the batch.
+        save_deliveries(using, [row])
+        if row.status == Delivery.Status.SUCCEEDED:
+            result.succeeded += 1
+        else:
+            result.failed += 1
     return result
+
+
+def _run_one(
+    subscription: Subscription,
+    record: EventRecord,
+    event_type: CompiledEvent,
+    attempts: int,
+    interceptors: Sequence[object],
+) -> Delivery | None:
+    """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
+    problems = event_type.validator.problems(record.payload)
+    if problems:
+        details = redact_text(
+            "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
+        )
+        error = f"Payload no longer valid for {record.name!r}: {details}"
+        return delivery(
+            record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
+        )
+    event = event_of(record, event_type.typed_payload(record.payload))
+    return run_sync_handler(subscription, event, interceptors, True, attempts)
 
 
 def _mark(

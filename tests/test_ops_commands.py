@@ -406,3 +406,25 @@ def test_an_unsent_replay_of_an_event_recorded_on_failure_only_is_a_failure(queu
     assert "they are marked failed" in message
     row = Delivery.objects.get(event_id=record.pk, subscription="cancel-archive")
     assert (row.status, row.attempts, row.last_error) == ("failed", 0, NOT_SENT)
+
+
+@pytest.mark.django_db
+def test_a_replay_stopped_midway_has_recorded_each_run_before(publish_now, queue) -> None:
+    first = publish_now("shop.paid", {"order_id": 1, "note": "go on"})
+    EventRecord.objects.filter(pk=first.id).update(occurred_at=timezone.now() - timedelta(1))
+    last = publish_now("shop.paid", {"order_id": 2, "note": "stop"})
+    stopper = {
+        "name": "shop-stopper",
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.stops_on_note",
+    }
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[stopper]), pytest.raises(SystemExit):
+        run("events_replay", "shop-stopper")  # the process "dies" in the second handler
+
+    runs = HandlerRun.objects.filter(handler="stops_on_note")
+    assert set(runs.values_list("event_id", flat=True)) == {first.id, last.id}
+    done = Delivery.objects.get(event_id=first.id, subscription="shop-stopper")
+    assert (done.status, done.attempts) == ("succeeded", 1)
+    stopped = Delivery.objects.get(event_id=last.id, subscription="shop-stopper")
+    assert stopped.status == "running"  # the one a dead process leaves: it says so

@@ -60,6 +60,13 @@ def _hang_first_time(name: str, event: Event) -> None:
     time.sleep(seconds)
 
 
+def stops_on_note(event: Event) -> None:
+    """Record the run; a payload with ``note: stop`` then ends the process (SystemExit)."""
+    _run("stops_on_note", event)
+    if event.payload.get("note") == "stop":
+        raise SystemExit("stopped by the test handler")
+
+
 def always_fails(event: Event) -> None:
     _run("always_fails", event)
     raise RuntimeError(f"boom for {event.payload.get('order_id')}")
