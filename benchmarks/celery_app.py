@@ -32,6 +32,11 @@ def _configure(app: Celery, url: str) -> Celery:
         imports=["django_events.tasks"],
     )
 
+    # Celery's Django fixup closes every database connection before and after each task
+    # unless told how many tasks may reuse one (its only knob; CONN_MAX_AGE is not read).
+    reuse = int(os.environ.get("BENCH_DB_REUSE_MAX", "0"))
+    if reuse:
+        app.conf["CELERY_DB_REUSE_MAX"] = reuse
     app.task(name=RAW_TASK, ignore_result=True)(_raw_count)
     return app
 

