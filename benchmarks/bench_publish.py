@@ -17,7 +17,7 @@ from django_events import publish, publish_many
 from django_events.registry import get_registry
 
 from . import celery_app
-from .harness import Baseline, Target, compare, per_op, single
+from .harness import Baseline, Comparison, Target, compare, per_op, single
 from .models import HandOutbox
 
 
@@ -61,7 +61,7 @@ def _noop(payload: dict[str, Any]) -> None:
     pass
 
 
-def figure_1(ctx: Context) -> bool:
+def figure_1(ctx: Context) -> Comparison:
     """publish() with one sync subscription, no record, outside a transaction."""
     n = ctx.count(2000)
     payload = ctx.payload()
@@ -92,7 +92,7 @@ def _send_and_mark(row_id: uuid.UUID, payload: dict[str, Any], queue: str) -> No
     HandOutbox.objects.filter(pk=row_id).update(sent=True)
 
 
-def figure_2(ctx: Context) -> bool:
+def figure_2(ctx: Context) -> Comparison:
     """One async event in atomic() on PostgreSQL until the message is on RabbitMQ."""
     n = ctx.count(100)
     payload = ctx.payload()
@@ -133,7 +133,7 @@ def figure_2(ctx: Context) -> bool:
     )
 
 
-def figure_3(ctx: Context) -> bool:
+def figure_3(ctx: Context) -> Comparison:
     """100 events in one transaction: publish_many() against 100 publish() calls."""
     batches = ctx.count(10)
     items = [("bench.async", ctx.payload(i)) for i in range(100)]
@@ -180,7 +180,3 @@ def figure_5(ctx: Context) -> bool:
         f"Draft202012Validator.is_valid {ref_us[len(ref_us) // 2]:.1f} us | target <= 3 us",
         median <= 3,
     )
-
-
-def run(ctx: Context) -> list[bool]:
-    return [figure_1(ctx), figure_2(ctx), figure_3(ctx), figure_5(ctx)]

@@ -60,6 +60,18 @@ def per_op(fn: Callable[[int], object], count: int, scale: float = 1e6) -> float
 
 
 @dataclass(frozen=True)
+class Comparison:
+    """What :func:`compare` measured: true when every target was met."""
+
+    met: bool
+    ours: float
+    baselines: list[float]
+
+    def __bool__(self) -> bool:
+        return self.met
+
+
+@dataclass(frozen=True)
 class Baseline:
     name: str
     run: Callable[[], float]
@@ -73,7 +85,7 @@ def compare(
     ours: Callable[[], float],
     baselines: list[Baseline],
     repeat: int,
-) -> bool:
+) -> Comparison:
     """Run ours and each baseline ``repeat`` times, rotating who goes first; print a line each."""
     runs: list[tuple[Callable[[], float], Series]] = [(ours, Series())]
     runs += [(b.run, Series()) for b in baselines]
@@ -93,7 +105,7 @@ def compare(
             f"  [n={repeat}]",
             flush=True,
         )
-    return met
+    return Comparison(met, mine.median, [series.median for _, series in runs[1:]])
 
 
 def single(number: str, title: str, text: str, met: bool) -> bool:
