@@ -202,6 +202,10 @@ def send_deliveries(
                     app.send_task(
                         TASK_NAME,
                         args=(build_message(message, subscription.name, alias, prior),),
+                        # Celery would saferepr() the payload into a header (a fifth of the
+                        # send, and redacted fields in monitors): name the delivery instead.
+                        argsrepr=f"({subscription.name!r}, {message['id']!r})",
+                        kwargsrepr="{}",
                         **route,
                         producer=producer,
                         serializer="json",

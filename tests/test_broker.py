@@ -1,0 +1,47 @@
+"""What `send_deliveries` puts on the wire (a real RabbitMQ queue, read back)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+
+from django_events.broker import TASK_NAME, send_deliveries
+from django_events.events import Event
+from django_events.registry import get_registry
+from tests import brokers
+from tests.conftest import wiring
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db]
+
+
+def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"headers-{uuid.uuid4().hex[:8]}"
+    subscription = {
+        "event": "orders.placed",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "name": "billing",
+    }
+    event_id = uuid.uuid4()
+    data = {"order_id": 3, "total": 9.5, "email": "secret@example.com"}
+    event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
+    with wiring(subscription, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        compiled = get_registry().event("orders.placed")
+        assert send_deliveries([(event, True, compiled.async_)], "default") == set()
+    try:
+        with brokers.amqp.connection_for_write() as conn:
+            message = conn.default_channel.basic_get(queue, no_ack=True)
+        assert message is not None
+        headers = message.headers
+        assert headers["task"] == TASK_NAME
+        assert headers["argsrepr"] == f"('billing', '{event_id}')"
+        assert headers["kwargsrepr"] == "{}"
+        assert "secret@example.com" not in str(headers)
+        body = message.body if isinstance(message.body, str) else message.body.decode()
+        assert "secret@example.com" in body  # the payload travels in the body only
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
