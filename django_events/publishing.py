@@ -103,10 +103,17 @@ _V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _V4_SET = (4 << 76) | (0x8000 << 48)
 
 
+_SAFE_UNKNOWN = SafeUUID.unknown
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_from_bytes = int.from_bytes
+_urandom = os.urandom
+
+
 def _uuid4() -> UUID:
-    value = UUID.__new__(UUID)
-    object.__setattr__(value, "int", (int.from_bytes(os.urandom(16)) & _V4_CLEAR) | _V4_SET)
-    object.__setattr__(value, "is_safe", SafeUUID.unknown)
+    value = _new_object(UUID)
+    _set_attribute(value, "int", (_from_bytes(_urandom(16)) & _V4_CLEAR) | _V4_SET)
+    _set_attribute(value, "is_safe", _SAFE_UNKNOWN)
     return value
 
 
