@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db import DatabaseError
@@ -41,6 +42,7 @@ else:
     EventRecordAdminBase = FailureAdminBase = admin.ModelAdmin
 
 CAUSED_SHOWN = 50
+M = TypeVar("M", bound=Delivery | EventRecord)
 
 
 def _pretty(value: Any) -> SafeString:
@@ -66,11 +68,18 @@ def _can_view_log(request: HttpRequest) -> bool:
     )
 
 
-def _parse_uuid(term: str) -> uuid.UUID | None:
+def _search(
+    queryset: QuerySet[M], search_term: str, prefix_field: str, by_id: Callable[[uuid.UUID], Q]
+) -> tuple[QuerySet[M], bool]:
+    """A whole UUID looks up ``by_id`` (indexed); other text, the start of ``prefix_field``."""
+    term = search_term.strip()
+    if not term:
+        return queryset, False
     try:
-        return uuid.UUID(term.strip())
+        value = uuid.UUID(term)
     except ValueError:
-        return None
+        return queryset.filter(**{f"{prefix_field}__startswith": term}), False
+    return queryset.filter(by_id(value)), False
 
 
 class RegistryNameFilter(admin.SimpleListFilter):
@@ -187,19 +196,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         (_("Routing"), {"fields": ("awaiting",)}),
         (_("Data"), {"fields": ("payload_pretty", "headers_pretty")}),
     )
-    readonly_fields = (
-        "id",
-        "name",
-        "status_badge",
-        "occurred_at",
-        "dispatched_at",
-        "correlation",
-        "caused_by",
-        "caused",
-        "awaiting",
-        "payload_pretty",
-        "headers_pretty",
-    )
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field: nothing is edited
 
     class Media:
         css = {"all": ("django_events/admin.css",)}
@@ -213,13 +210,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[EventRecord], search_term: str
     ) -> tuple[QuerySet[EventRecord], bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        value = _parse_uuid(term)
-        if value is None:
-            return queryset.filter(name__startswith=term), False
-        return queryset.filter(Q(pk=value) | Q(correlation_id=value)), False
+        return _search(queryset, search_term, "name", lambda v: Q(pk=v) | Q(correlation_id=v))
 
     def get_urls(self) -> list[URLPattern]:
         wiring = path(
@@ -387,18 +378,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         (_("Error"), {"fields": ("last_error_pre", "traceback_pre")}),
         (_("Event"), {"fields": ("payload_pretty",)}),
     )
-    readonly_fields = (
-        "subscription",
-        "event_link",
-        "mode",
-        "status_badge",
-        "attempts",
-        "created_at",
-        "updated_at",
-        "last_error_pre",
-        "traceback_pre",
-        "payload_pretty",
-    )
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field: nothing is edited
 
     class Media:
         css = {"all": ("django_events/admin.css",)}
@@ -412,13 +392,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Failure], search_term: str
     ) -> tuple[QuerySet[Failure], bool]:
-        term = search_term.strip()
-        if not term:
-            return queryset, False
-        value = _parse_uuid(term)
-        if value is None:
-            return queryset.filter(subscription__startswith=term), False
-        return queryset.filter(event_id=value), False
+        return _search(queryset, search_term, "subscription", lambda v: Q(event_id=v))
 
     def changeform_view(
         self,
