@@ -6,6 +6,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from django.conf import settings
 from django.test import override_settings
 
@@ -49,3 +50,13 @@ def drain(queue: str) -> list[dict[str, Any]]:
 def work(queue: str) -> list[Outcome]:
     """Run what is waiting on ``queue`` through the worker's own code, as a worker would."""
     return [process_message(message, retries=0) for message in drain(queue)]
+
+
+class _DiesWhileSending(Celery):
+    def send_task(self, *args: Any, **kwargs: Any) -> Any:
+        raise SystemExit("the process died while sending")
+
+
+# A Celery app (CELERY_APP="tests.ops.dies_while_sending") whose process "dies" mid-send.
+dies_while_sending = _DiesWhileSending("tests-dies", set_as_current=False)
+dies_while_sending.conf.update(broker_url="memory://", accept_content=["json"])

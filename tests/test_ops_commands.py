@@ -184,6 +184,23 @@ def test_events_retry_reports_an_unreachable_broker(publish_now) -> None:
     assert (row.status, row.attempts, row.last_error) == ("failed", 1, "Boom")
 
 
+@pytest.mark.django_db
+def test_a_retry_whose_process_dies_while_sending_leaves_the_delivery_failed(
+    publish_now,
+) -> None:
+    event = publish_now("shop.paid", {"order_id": 5})
+    save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 1, "Boom")])
+
+    with (
+        shop_wiring(CELERY_APP="tests.ops.dies_while_sending"),
+        pytest.raises(SystemExit),
+    ):
+        run("events_retry", "--subscription", "shop-receipt")
+
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    assert (row.status, row.attempts) == ("failed", 1)  # still on the failures list
+
+
 # -- events_replay ---------------------------------------------------------------------------
 
 
