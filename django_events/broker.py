@@ -243,5 +243,8 @@ def _producer(app: Celery, confirm: bool) -> Iterator[Any]:
             yield producer
         return
     # A connection of its own: its channel goes into confirm mode (PublisherConfirms).
-    with app.connection_for_write() as connection:
+    # py-amqp's per-message confirms (`confirm_publish`, if the app sets it) would take the
+    # acks that PublisherConfirms counts: every message would look unconfirmed.
+    options = {**(app.conf.broker_transport_options or {}), "confirm_publish": False}
+    with app.connection_for_write(transport_options=options) as connection:
         yield app.amqp.Producer(connection)
