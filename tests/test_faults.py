@@ -253,18 +253,23 @@ def test_two_relays_send_every_pending_record_once() -> None:
         "PYTHONPATH": str(ROOT),
     }
     command = [sys.executable, "-m", "django", "events_relay", "--min-age", "0"]
-    relays = [
-        subprocess.Popen(
-            [*command, "--batch-size", "200"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    relays: list[subprocess.Popen[str]] = []
     try:
+        # Both relays start their first pass together: they queue behind this table lock.
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(f"LOCK TABLE {EventRecord._meta.db_table} IN ACCESS EXCLUSIVE MODE")
+            relays = [
+                subprocess.Popen(
+                    [*command, "--batch-size", "200"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                for _ in range(2)
+            ]
+            wait_for(lambda: _waiting_for_locks(cursor) == 2, 60, "both relays at the lock")
         outputs = [relay.communicate(timeout=180)[0] for relay in relays]
     finally:
         for relay in relays:
@@ -282,6 +287,17 @@ def test_two_relays_send_every_pending_record_once() -> None:
     assert set(per_event) == ids and set(per_event.values()) == {1}  # none sent by both
     assert {m["subscription"] for m in messages} == {"fault-bulk"}
     assert EventRecord.objects.filter(status="dispatched").count() == 10_000
+
+
+def _waiting_for_locks(cursor: Any) -> int:
+    """Backends of this database waiting for a lock (pg_stat_activity re-read each call)."""
+    cursor.execute("SELECT pg_stat_clear_snapshot()")
+    cursor.execute(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    count: int = cursor.fetchone()[0]
+    return count
 
 
 def _drain(app: Celery, queue: str) -> list[dict[str, Any]]:
