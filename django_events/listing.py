@@ -104,8 +104,12 @@ def _unique_subscriptions(wiring: Wiring) -> list[SubscriptionInfo]:
     return list(seen.values())
 
 
+LABEL_CODES = str.maketrans(
+    {"&": "#amp;", '"': "#quot;", "<": "#lt;", ">": "#gt;", "`": "#96;", "\n": " ", "\r": " "}
+)
+
+
 def _label(text: str) -> str:
-    # Mermaid labels are quoted; its entity codes keep quotes and brackets literal.
-    return (
-        text.replace("&", "#amp;").replace('"', "#quot;").replace("<", "#lt;").replace(">", "#gt;")
-    )
+    # Mermaid labels are quoted; its entity codes keep quotes and brackets literal, a line
+    # break would end the statement and a backquote would start a Markdown label.
+    return text.translate(LABEL_CODES)

@@ -103,6 +103,22 @@ def test_events_list_mermaid(queue) -> None:
     )
 
 
+def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
+    evil = {
+        "name": 'x"]\n  click s0 href "javascript:alert(1)"\n  `md`',
+        "event": "shop.refunded",
+        "handler": "tests.app.handlers.record",
+        "queue": "q\r\nq",
+        "mode": "async",
+    }
+    with shop_wiring(queue, SUBSCRIPTIONS=[evil]):
+        chart = run("events_list", "--format", "mermaid").splitlines()
+    assert not any(line.lstrip().startswith("click") for line in chart)
+    assert all(re.fullmatch(r"flowchart LR|  (e|s)\d+.*", line) for line in chart), chart
+    [node] = [line for line in chart if "javascript" in line]
+    assert "#quot;" in node and "`" not in node
+
+
 def test_events_list_rejects_an_unknown_format() -> None:
     assert "invalid choice: 'yaml'" in fails("events_list", "--format", "yaml")
 
