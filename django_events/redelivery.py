@@ -14,6 +14,7 @@ from itertools import islice
 from typing import TypeVar
 from uuid import UUID
 
+from django.db import transaction
 from django.utils import timezone
 
 from . import broker
@@ -85,37 +86,45 @@ def _send(
     prior: Mapping[UUID, int],
     using: str,
 ) -> RedeliveryResult:
-    # A worker records the success of a first run only for events that record everything:
-    # a pending row created for any other event would stay pending for good.
-    _mark(
-        subscription,
-        records,
-        prior,
-        Delivery.Status.PENDING,
-        using,
-        create=[r.pk for r in records if compiled[r.name].records_all],
-    )
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
-    unsent = broker.send_deliveries(
-        items,
-        using,
-        prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
-    )
-    if unsent:
-        FAILED = Delivery.Status.FAILED
-        Delivery.objects.using(using).bulk_create(
-            [
-                delivery(pk, subscription.name, subscription.mode, FAILED, prior.get(pk, 0))
-                for pk in unsent
-            ],
-            ignore_conflicts=True,
+    # Marked pending and sent in one transaction: a process that dies before the commit
+    # leaves the rows as they were (a failure stays one), never pending with no message.
+    with transaction.atomic(using=using):
+        # A worker records the success of a first run only for events that record everything:
+        # a pending row created for any other event would stay pending for good.
+        _mark(
+            subscription,
+            records,
+            prior,
+            Delivery.Status.PENDING,
+            using,
+            create=[r.pk for r in records if compiled[r.name].records_all],
         )
-        rows = Delivery.objects.using(using).filter(
-            event_id__in=unsent, subscription=subscription.name
+        unsent = broker.send_deliveries(
+            items,
+            using,
+            prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
         )
-        rows.update(status=FAILED, updated_at=timezone.now())
-        rows.filter(last_error="").update(last_error=NOT_SENT)
+        if unsent:
+            _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
+
+
+def _unsent(
+    subscription: Subscription, unsent: set[UUID], prior: Mapping[UUID, int], using: str
+) -> None:
+    """Record deliveries the broker did not take as failed (kept: an earlier error)."""
+    failed = Delivery.Status.FAILED
+    Delivery.objects.using(using).bulk_create(
+        [
+            delivery(pk, subscription.name, subscription.mode, failed, prior.get(pk, 0))
+            for pk in unsent
+        ],
+        ignore_conflicts=True,
+    )
+    rows = Delivery.objects.using(using).filter(event_id__in=unsent, subscription=subscription.name)
+    rows.update(status=failed, updated_at=timezone.now())
+    rows.filter(last_error="").update(last_error=NOT_SENT)
 
 
 def _run(

@@ -201,20 +201,24 @@ def test_events_retry_reports_an_unreachable_broker(publish_now) -> None:
 
 
 @pytest.mark.django_db
-def test_a_retry_whose_process_dies_while_sending_leaves_the_delivery_failed(
+def test_a_retry_or_replay_dying_while_sending_leaves_the_delivery_failed(
     publish_now,
 ) -> None:
     event = publish_now("shop.paid", {"order_id": 5})
     save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 1, "Boom")])
 
-    with (
-        shop_wiring(CELERY_APP="tests.ops.dies_while_sending"),
-        pytest.raises(SystemExit),
+    for command in (
+        ["events_retry", "--subscription", "shop-receipt"],
+        ["events_replay", "shop-receipt"],
     ):
-        run("events_retry", "--subscription", "shop-receipt")
+        with (
+            shop_wiring(CELERY_APP="tests.ops.dies_while_sending"),
+            pytest.raises(SystemExit),
+        ):
+            run(*command)
 
-    row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
-    assert (row.status, row.attempts) == ("failed", 1)  # still on the failures list
+        row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+        assert (row.status, row.attempts) == ("failed", 1), command  # still a failure
 
 
 # -- events_replay ---------------------------------------------------------------------------
