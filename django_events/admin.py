@@ -26,7 +26,7 @@ from .admin_paging import CheapCountPaginator, with_cheap_periods
 from .execution import log_extra
 from .listing import retry_text
 from .models import Delivery, EventRecord, Failure
-from .redaction import mask_values, redact
+from .redaction import mask_values, redact, redact_text
 from .registry import get_registry
 from .retrying import mark_resolved, retry_failures
 from .wiring import describe_wiring
@@ -59,6 +59,16 @@ def _redacted(record: EventRecord) -> Any:
     if compiled is None:  # which keys to redact is unknown: show the keys, not the values
         return mask_values(record.payload)
     return redact(record.payload, compiled.declaration.redact)
+
+
+def _masked(text: str, delivery: Delivery) -> str:
+    """An error or traceback with the event's ``redact`` values masked (handlers quote them)."""
+    if not text:
+        return text
+    compiled = get_registry().events.get(delivery.event.name)
+    if compiled is None or not compiled.declaration.redact:
+        return text
+    return redact_text(text, delivery.event.payload, compiled.declaration.redact)
 
 
 def _can_view_log(request: HttpRequest) -> bool:
@@ -141,6 +151,10 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     readonly_fields = fields
     ordering = ("subscription",)
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Delivery]:
+        # The event's payload masks the errors' redacted values: one join, not a query a row.
+        return super().get_queryset(request).select_related("event").defer("event__headers")
+
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return _can_view_log(request)
 
@@ -153,7 +167,7 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
 
     @admin.display(description=_("last error"))
     def error(self, obj: Delivery) -> str:
-        return obj.last_error
+        return _masked(obj.last_error, obj)
 
     @admin.display(description="")
     def failure(self, obj: Delivery) -> SafeString | str:
@@ -453,16 +467,18 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
 
     @admin.display(description=_("last error"))
     def error(self, obj: Failure) -> str:
-        first = obj.last_error.splitlines()[0] if obj.last_error else ""
+        text = _masked(obj.last_error, obj)
+        first = text.splitlines()[0] if text else ""
         return first if len(first) <= 120 else first[:119] + "…"
 
     @admin.display(description=_("last error"))
     def last_error_pre(self, obj: Failure) -> SafeString:
-        return format_html('<pre class="de-pre">{}</pre>', obj.last_error)
+        return format_html('<pre class="de-pre">{}</pre>', _masked(obj.last_error, obj))
 
     @admin.display(description=_("traceback"))
     def traceback_pre(self, obj: Failure) -> SafeString:
-        return format_html('<pre class="de-pre de-traceback">{}</pre>', obj.traceback or "-")
+        text = _masked(obj.traceback, obj)
+        return format_html('<pre class="de-pre de-traceback">{}</pre>', text or "-")
 
     @admin.display(description=_("payload"))
     def payload_pretty(self, obj: Failure) -> SafeString:
@@ -470,11 +486,11 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
 
 
 class FailureChangeList(ChangeList):
-    """The list page shows the event's name and id without reading its payload."""
+    """The list page reads no traceback (the payload masks the errors' redacted values)."""
 
     def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
         queryset = super().get_queryset(request, exclude_parameters)
-        return queryset.defer("traceback", "event__payload")
+        return queryset.defer("traceback")
 
 
 __all__ = ["EventRecordAdmin", "FailureAdmin"]

@@ -107,6 +107,22 @@ def test_list_queries_do_not_grow_with_the_page(admin_client, publish_now, url) 
 
 
 @pytest.mark.django_db
+def test_event_page_queries_do_not_grow_with_its_deliveries(admin_client, publish_now) -> None:
+    event = publish_now("shop.paid", {"order_id": 1})
+    url = reverse("admin:django_events_eventrecord_change", args=[event.id])
+
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            assert admin_client.get(url).status_code == 200
+        return len(captured)
+
+    few = queries()
+    rows = [delivery(event.id, f"gone-{n}", "sync", "failed", 1, "Boom") for n in range(5)]
+    save_deliveries("default", rows)
+    assert queries() == few
+
+
+@pytest.mark.django_db
 def test_event_log_filters_search_and_date_hierarchy(admin_client, publish_now) -> None:
     paid = publish_now("shop.paid", {"order_id": 1})
     refunded = publish_now("shop.refunded", {"order_id": 2})
@@ -262,6 +278,29 @@ def test_failures_filter_by_subscription_and_search_by_event_or_name(
     assert shown(f"?q={paid.id}") == {(paid.id, "shop-audit"), (paid.id, "shop-ledger")}
     assert shown("?q=shop-le") == {(paid.id, "shop-ledger"), (other.id, "shop-ledger")}
     assert shown("?q=nothing-like-it") == set()
+
+
+@pytest.mark.django_db
+def test_errors_and_tracebacks_mask_the_events_redacted_values(admin_client, publish_now) -> None:
+    card = "4111111111111111"
+    event = publish_now("shop.paid", {"order_id": 9, "card": {"number": card}})
+    error = f"ValueError: card {card!r} refused"
+    trace = f'Traceback (most recent call last):\n  File "x.py"\n{error}'
+    save_deliveries(
+        "default", [delivery(event.id, "shop-audit", "sync", "failed", 1, error, trace)]
+    )
+    failure = failure_of("shop-audit")
+
+    pages = [
+        admin_client.get(FAILURES),
+        admin_client.get(reverse("admin:django_events_failure_change", args=[failure.pk])),
+        admin_client.get(reverse("admin:django_events_eventrecord_change", args=[event.id])),
+    ]
+
+    for page in pages:
+        html = page.content.decode()
+        assert card not in html, page.request["PATH_INFO"]
+        assert f"card &#x27;{MASK}&#x27; refused" in html, page.request["PATH_INFO"]
 
 
 @pytest.mark.django_db
