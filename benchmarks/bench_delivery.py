@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -55,7 +56,7 @@ def _wiring(ctx: Context, kind: str, queue: str) -> Iterator[None]:
 
 @contextmanager
 def _worker(
-    ctx: Context, kind: str, queues: list[str], reuse: int = REUSE
+    ctx: Context, kind: str, queues: list[str], reuse: int = REUSE, flush: bool = True
 ) -> Iterator[WorkerProcess]:
     folder = Path(tempfile.mkdtemp(prefix=f"bench-worker-{kind}-"))
     worker = WorkerProcess(
@@ -67,6 +68,7 @@ def _worker(
             "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
             "BENCH_WORKER": "1",
             "BENCH_DB_REUSE_MAX": str(reuse),
+            "BENCH_WORKER_SYNCHRONOUS_COMMIT": "on" if flush else "off",
         },
         app=f"benchmarks.celery_app:{kind}",
     )
@@ -95,22 +97,79 @@ def _until_counted(client: redis.Redis, key: str, count: int, timeout: float) ->
 def figure_4(ctx: Context) -> bool:
     """Publish to handler done, prefork -c 2, against raw Celery on the same worker."""
     results = [_end_to_end(ctx, "amqp"), _end_to_end(ctx, "redis")]
-    if not ctx.smoke:  # Celery's default: a new connection for every task (context only)
-        _end_to_end(ctx, "amqp", reuse=0)
-    # The floor: what each delivery costs a worker process beyond the raw task, against the
-    # one database write the delivery record needs.
+    if not ctx.smoke:  # context, not the target:
+        _end_to_end(ctx, "amqp", reuse=0)  # Celery's default: a new connection per task
+        _end_to_end(ctx, "amqp", flush=False)  # the worker's commits not waiting for the disk
+    # The floor: the database write each delivery record needs, and where the CPU goes
+    # (the publisher, the worker and the PostgreSQL backends share 2 cores).
     write_ms = _record_write_ms(ctx)
-    extras = ", ".join(
-        f"{kind} {2000 / r.ours - 2000 / r.baselines[0]:.2f} ms"
-        for kind, r in zip(("amqp", "redis"), results, strict=True)
-    )
     print(
         f" 4. floor: one delivery record (INSERT ... ON CONFLICT + commit) on this PostgreSQL "
-        f"{write_ms:.2f} ms; ours costs each of the 2 worker processes per event, beyond the "
-        f"raw task: {extras}",
+        f"{write_ms:.2f} ms; CPU per event, {_CPU_PARTS}: "
+        + "; ".join(
+            f"{kind} ours {_cpu_text(cpu['ours'])}, raw {_cpu_text(cpu['raw'])}"
+            for kind, cpu in _cpu.items()
+        ),
         flush=True,
     )
     return all(results)
+
+
+_CPU_PARTS = "publisher / worker (all processes) / PostgreSQL backends, ms"
+_cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+
+
+def _cpu_text(samples: list[tuple[float, float, float]]) -> str:
+    parts = [statistics.median(s[i] for s in samples) for i in range(3)]
+    return f"{sum(parts):.2f} ({' / '.join(f'{p:.2f}' for p in parts)})"
+
+
+def _cpu_seconds(pids: list[int]) -> dict[int, float]:
+    seconds = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # a process that ended meanwhile
+        seconds[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return seconds
+
+
+def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds spent in between by the processes alive at both ends."""
+    return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
+
+
+def _pg_backends() -> list[int]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid()"
+        )
+        others = [row[0] for row in cursor.fetchall()]
+        cursor.execute("SELECT pg_backend_pid()")
+        return [*others, cursor.fetchone()[0]]
+
+
+@contextmanager
+def _cpu_per_event(
+    worker: WorkerProcess, count: int, into: list[tuple[float, float, float]]
+) -> Iterator[None]:
+    """CPU time per event of the publisher, the worker's processes and the PostgreSQL backends
+    of the benchmark database (backends that come and go between tasks are missed)."""
+    assert worker.process is not None
+    tree = [worker.process.pid, *_children(worker.process.pid)]
+    backends = _pg_backends()
+    start, tree_before, backends_before = (
+        time.process_time(),
+        _cpu_seconds(tree),
+        _cpu_seconds(backends),
+    )
+    yield
+    publisher = time.process_time() - start
+    in_worker = _cpu_delta(tree_before, _cpu_seconds(tree))
+    in_database = _cpu_delta(backends_before, _cpu_seconds(backends))
+    into.append((publisher / count * 1000, in_worker / count * 1000, in_database / count * 1000))
 
 
 def _record_write_ms(ctx: Context) -> float:
@@ -130,40 +189,53 @@ def _record_write_ms(ctx: Context) -> float:
     return statistics.median(times)
 
 
-def _end_to_end(ctx: Context, kind: str, reuse: int = REUSE) -> Comparison:
+def _end_to_end(ctx: Context, kind: str, reuse: int = REUSE, flush: bool = True) -> Comparison:
     n = ctx.count(1000)
     client = _redis()
-    ours_queue = f"bench-e2e-{ctx.run_id}-{kind}-{reuse}"
-    raw_queue = f"bench-raw-{ctx.run_id}-{kind}-{reuse}"
+    ours_queue = f"bench-e2e-{ctx.run_id}-{kind}-{reuse}-{int(flush)}"
+    raw_queue = f"bench-raw-{ctx.run_id}-{kind}-{reuse}-{int(flush)}"
     _queues[kind].add(raw_queue)
     app = celery_app.APPS[kind]
     runs = iter(range(1_000_000))
 
-    def ours(count: int = n) -> float:
-        key = f"{ctx.counter}:e2e:{kind}:{reuse}:{next(runs)}"
-        start = time.perf_counter()
-        _publish_events(ctx, count, key)
-        _until_counted(client, key, count, timeout=60 + count / 20)
-        return count / (time.perf_counter() - start)
+    cpu: dict[str, list[tuple[float, float, float]]] = {"ours": [], "raw": []}
+    if reuse and flush:  # backends that connect per task cannot be followed
+        _cpu[kind] = cpu
 
-    def raw(count: int = n) -> float:
-        key = f"{ctx.counter}:e2e:{kind}:{reuse}:{next(runs)}"
-        start = time.perf_counter()
-        with app.producer_or_acquire() as producer:
-            for i in range(count):
-                app.send_task(
-                    celery_app.RAW_TASK,
-                    args=(ctx.payload(i, key),),
-                    queue=raw_queue,
-                    producer=producer,
-                )
-        _until_counted(client, key, count, timeout=60 + count / 20)
-        return count / (time.perf_counter() - start)
+    def ours(count: int = n, measured: bool = True) -> float:
+        key = f"{ctx.counter}:e2e:{ours_queue}:{next(runs)}"
+        with _cpu_per_event(worker, count, cpu["ours"] if measured else []):
+            start = time.perf_counter()
+            _publish_events(ctx, count, key)
+            _until_counted(client, key, count, timeout=60 + count / 20)
+            elapsed = time.perf_counter() - start
+        return count / elapsed
+
+    def raw(count: int = n, measured: bool = True) -> float:
+        key = f"{ctx.counter}:e2e:{ours_queue}:{next(runs)}"
+        with _cpu_per_event(worker, count, cpu["raw"] if measured else []):
+            start = time.perf_counter()
+            with app.producer_or_acquire() as producer:
+                for i in range(count):
+                    app.send_task(
+                        celery_app.RAW_TASK,
+                        args=(ctx.payload(i, key),),
+                        queue=raw_queue,
+                        producer=producer,
+                    )
+            _until_counted(client, key, count, timeout=60 + count / 20)
+            elapsed = time.perf_counter() - start
+        return count / elapsed
 
     connections = "connections reused" if reuse else "Celery default: connect per task"
-    with _wiring(ctx, kind, ours_queue), _worker(ctx, kind, [ours_queue, raw_queue], reuse):
-        ours(min(n, 50))  # warm-up: imports, connections, registry in the worker
-        raw(min(n, 50))
+    if not flush:
+        connections += ", worker synchronous_commit=off"
+    with (
+        _wiring(ctx, kind, ours_queue),
+        _worker(ctx, kind, [ours_queue, raw_queue], reuse, flush) as worker,
+    ):
+        ours(min(n, 50), measured=False)  # warm-up: imports, connections, the registry
+        raw(min(n, 50), measured=False)
         return compare(
             "4",
             f"end to end, prefork -c 2, {kind}, records on, {connections}",

@@ -28,6 +28,9 @@ _db["TEST"] = {"NAME": os.environ.get("BENCH_DB_NAME") or f"django_events_bench_
 # Workers keep their connection between deliveries, as a production worker should: with
 # Django's default 0 every delivery would open a new PostgreSQL connection (docs/performance.md).
 _db["CONN_MAX_AGE"] = int(os.environ.get("BENCH_CONN_MAX_AGE", "60"))
+if os.environ.get("BENCH_WORKER_SYNCHRONOUS_COMMIT") == "off" and os.environ.get("BENCH_WORKER"):
+    # Figure 4's floor line: the worker's commits do not wait for the WAL flush.
+    _db["OPTIONS"] = {"options": "-c synchronous_commit=off"}
 if os.environ.get("BENCH_WORKER"):
     _db["NAME"] = _db["TEST"]["NAME"]  # a worker connects to the database the runner made
 DATABASES = {"default": _db}
