@@ -176,6 +176,42 @@ def test_an_exact_replay_publishes_nothing_new(client: Client) -> None:
     assert len(records()) == 2
 
 
+def test_a_replay_with_another_idempotency_key_or_none_publishes_nothing_new(
+    client: Client,
+) -> None:
+    """The Idempotency-Key header is not signed: a replay must not get past by changing it."""
+    body = body_of(PAID)
+    headers = signed_headers(body)
+    first = post_raw(client, "hooks.paid", body, {**headers, "Idempotency-Key": "k-1"})
+    replays = [
+        post_raw(client, "hooks.paid", body, {**headers, "Idempotency-Key": "k-2"}),
+        post_raw(client, "hooks.paid", body, headers),
+    ]
+
+    assert first.status_code == 202
+    assert [(r.status_code, r.json(), r["Idempotent-Replayed"]) for r in replays] == [
+        (202, first.json(), "true")
+    ] * 2
+    assert len(records()) == 1
+
+
+def test_a_replay_with_fewer_of_its_signatures_publishes_nothing_new(client: Client) -> None:
+    """A call signed with the old and the new secret, replayed with only one of them."""
+    body = body_of(PAID)
+    stamp = int(time.time())
+    old, new = (signing.signature(s, str(stamp), body) for s in (SECRET, "whsec_new_0001"))
+    stamped = {signing.TIMESTAMP_HEADER: str(stamp)}
+    with override_settings(TEST_HOOK_SECRET=["whsec_new_0001", SECRET]):
+        answers = [
+            post_raw(client, "hooks.paid", body, {**stamped, signing.SIGNATURE_HEADER: given})
+            for given in (f"{old},{new}", old, new)
+        ]
+
+    assert [r.status_code for r in answers] == [202] * 3
+    assert {r.json()["id"] for r in answers} == {answers[0].json()["id"]}
+    assert len(records()) == 1
+
+
 def test_a_replay_after_the_tolerance_is_refused(
     client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -428,7 +464,9 @@ def test_a_retry_with_the_same_idempotency_key_returns_the_first_event(
     assert record.payload == PAID
     assert record.headers["idempotency_key"] == "order-7-payment"
 
-    other_key = post_signed(client, "hooks.paid", PAID, headers={"Idempotency-Key": "other"})
+    other_key = post_signed(
+        client, "hooks.paid", {**PAID, "payment_id": "p2"}, headers={"Idempotency-Key": "other"}
+    )
     assert other_key.json() != first.json()
     other_event = post_raw(
         client,
@@ -448,7 +486,7 @@ def test_an_expired_key_publishes_again(client: Client) -> None:
     later = post_signed(client, "hooks.paid", PAID, headers=key)
     assert later.status_code == 202
     assert later.json() != first.json()
-    (row,) = IdempotencyKey.objects.all()
+    row = IdempotencyKey.objects.get(key="k-1")
     assert str(row.event_id) == later.json()["id"]
     assert row.expires_at > timezone.now() + timedelta(seconds=86000)  # default retention
 

@@ -18,38 +18,40 @@ def publish_once(
     name: str,
     payload: Any,
     headers: Mapping[str, str],
-    key: str | None,
-    retention: float,
+    keys: Mapping[str, float],
 ) -> tuple[UUID, bool]:
-    """Publish ``name`` unless ``key`` was used for it within ``retention`` seconds.
+    """Publish ``name`` unless one of ``keys`` was used for it within its retention (seconds).
 
     Returns the event id and whether it is the first call's (nothing published now). The
-    key row is written in the transaction that records the event, under a unique
+    key rows are written in the transaction that records the event, under a unique
     constraint: of two racing calls, the second one's insert fails, its publish rolls back
     and it answers the first one's id.
     """
     alias = router.db_for_write(EventRecord)
-    if key is None:
+    if not keys:
         return publish(name, payload, headers=headers, using=alias).id, False
-    keys = IdempotencyKey.objects.using(alias).filter(event_name=name, key=key)
+    rows = IdempotencyKey.objects.using(alias).filter(event_name=name, key__in=list(keys))
     now = timezone.now()
-    first = keys.filter(expires_at__gt=now).values_list("event_id", flat=True).first()
+    first = rows.filter(expires_at__gt=now).values_list("event_id", flat=True).first()
     if first is not None:
         return first, True
     try:
         with transaction.atomic(using=alias):
-            keys.filter(expires_at__lte=now).delete()  # an expired key starts afresh
+            rows.filter(expires_at__lte=now).delete()  # an expired key starts afresh
             event = publish(name, payload, headers=headers, using=alias)
-            IdempotencyKey.objects.using(alias).create(
-                event_name=name,
-                key=key,
-                event_id=event.id,
-                created_at=now,
-                expires_at=now + timedelta(seconds=retention),
+            IdempotencyKey.objects.using(alias).bulk_create(
+                IdempotencyKey(
+                    event_name=name,
+                    key=key,
+                    event_id=event.id,
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=retention),
+                )
+                for key, retention in sorted(keys.items())  # one lock order: no deadlock
             )
     except IntegrityError:
-        # A concurrent call with this key committed first (the insert waited for it).
-        first = keys.values_list("event_id", flat=True).first()
+        # A concurrent call with one of these keys committed first (the insert waited for it).
+        first = rows.values_list("event_id", flat=True).first()
         if first is None:
             raise
         return first, True

@@ -37,14 +37,16 @@ def inbound(request: HttpRequest, name: str) -> HttpResponse:
         payload = _parse(body)
         key = _idempotency_key(request, policy, payload)
         headers = {"source": policy.source, "caller": caller.identity}
-        retention = policy.idempotency_retention
+        keys: dict[str, float] = {}
         if key is not None:
             headers["idempotency_key"] = key
-        elif caller.replay_key is not None:
-            # An exact replay of a signed call publishes nothing while its timestamp is valid.
-            key, retention = caller.replay_key, 2 * policy.tolerance
+            keys[key] = policy.idempotency_retention
+        if caller.replay_key is not None:
+            # An exact replay of a signed call publishes nothing while its timestamp is valid,
+            # whatever its Idempotency-Key header says: the signature does not cover it.
+            keys[caller.replay_key] = 2 * policy.tolerance
         try:
-            event_id, replayed = publish_once(name, payload, headers, key, retention)
+            event_id, replayed = publish_once(name, payload, headers, keys)
         except InvalidPayload as exc:
             raise Refusal(
                 400,
