@@ -446,6 +446,32 @@ def test_json_that_is_not_a_payload_answers_400(client: Client, body: bytes, pat
     assert_nothing_published()
 
 
+@pytest.mark.parametrize(
+    ("body", "path"),
+    [
+        (b'{"payment_id": "a\\u0000b", "amount": 1}', "$.payment_id"),
+        (b'{"payment_id": "a\\ud800", "amount": 1}', "$.payment_id"),
+        (b'{"payment_id": "p", "amount": 1, "order": {"n\\u0000": [1, "\\udfff"]}}', "$.order"),
+    ],
+    ids=["nul", "lone-surrogate", "nested-key-and-item"],
+)
+def test_strings_no_database_can_store_answer_400(client: Client, body: bytes, path: str) -> None:
+    """Valid JSON, but PostgreSQL refuses NUL and no UTF-8 column holds a lone surrogate."""
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 400, response.content
+    assert response.json()["error"] == "invalid_payload"
+    assert response.json()["problems"][0]["path"] == path
+    assert_nothing_published()
+
+
+def test_an_unstorable_idempotency_key_field_answers_400(client: Client) -> None:
+    body = b'{"refund": {"id": "re\\u0000"}}'
+    response = post_raw(client, "hooks.refunded", body, signed_headers(body))
+    assert response.status_code == 400, response.content
+    assert [p["path"] for p in response.json()["problems"]] == ["$.refund.id"]
+    assert_nothing_published()
+
+
 # -- idempotency --------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from ..conf import conf
 from ..exceptions import InvalidPayload
 from ..execution import log_extra
 from ..filters import lookup
+from ..manifest import format_path
 from ..registry import get_registry
 from .auth import authenticate
 from .idempotency import publish_once
@@ -106,9 +107,53 @@ def _read_body(request: HttpRequest, limit: int) -> bytes:
 
 def _parse(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        payload = json.loads(body)
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise Refusal(400, "invalid_json", f"The body is not valid JSON: {exc}") from exc
+    unstorable = _unstorable_strings(payload)
+    if unstorable:
+        raise Refusal(
+            400,
+            "invalid_payload",
+            "The payload holds text that cannot be stored.",
+            problems=[
+                {"path": path, "message": "NUL (\\u0000) or a lone surrogate in a string"}
+                for path in unstorable
+            ],
+        )
+    return payload
+
+
+def _unstorable_strings(payload: Any) -> list[str]:
+    """JSON paths of strings (or of objects, for keys) with NUL or a lone surrogate.
+
+    Valid JSON escapes both; PostgreSQL refuses them in jsonb (a 500 otherwise). Walked with
+    a stack: the payload may nest as deep as json.loads allows.
+    """
+    found: list[str] = []
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), payload)]
+    while stack:
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if not _storable(value):
+                found.append(format_path(path))
+        elif isinstance(value, dict):
+            if not all(_storable(key) for key in value):
+                found.append(format_path(path))
+            stack.extend(((*path, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*path, i), item) for i, item in reversed(list(enumerate(value))))
+    return found
+
+
+def _storable(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _idempotency_key(request: HttpRequest, policy: InboundPolicy, payload: Any) -> str | None:
