@@ -224,6 +224,20 @@ def test_events_eager_with_pytest_django_on_commit_fixture(
         publish("orders.placed", {"order_id": 9, "total": 500})
 
 
+@pytest.mark.django_db(transaction=True)
+def test_both_helpers_leave_nothing_behind_when_their_block_raises() -> None:
+    with wiring(*EVERY_MODE, CELERY_APP="tests.brokers.unreachable"):
+        with pytest.raises(ZeroDivisionError), captured_events() as got:
+            1 / 0  # noqa: B018
+        with pytest.raises(ZeroDivisionError), events_eager() as eager:
+            1 / 0  # noqa: B018
+        event = publish("orders.placed", PAYLOAD)
+
+    assert list(got) == [] and eager.delivered == []
+    assert [r.event_id for r in handled()] == [event.id, event.id]  # inline and sync ran
+    assert EventRecord.objects.get().status == "pending"  # async: left for the relay
+
+
 # -- Django's TestCase ----------------------------------------------------------------------
 
 
