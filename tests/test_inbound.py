@@ -17,6 +17,7 @@ from django.test import Client, override_settings
 from django.utils import timezone
 
 from django_events.inbound import auth, signing
+from django_events.inbound.idempotency import scoped_key
 from django_events.models import EventRecord, IdempotencyKey
 from tests.app.models import HandlerRun
 from tests.inbound import SECRET, body_of, inbound_wiring, post_raw, post_signed, url
@@ -505,6 +506,36 @@ def test_a_retry_with_the_same_idempotency_key_returns_the_first_event(
     assert EventRecord.objects.count() == 3
 
 
+def test_callers_do_not_share_idempotency_keys(client: Client) -> None:
+    """Another caller's key (a guess, or the same order number) never swallows a call."""
+    tokens = {"inventory": TOKEN, "billing": "tok_billing_5e2a91"}
+    key = {"Idempotency-Key": "order-7"}
+    with override_settings(TEST_HOOK_TOKENS=tokens):
+        answers = [
+            post_raw(client, "hooks.synced", b"{}", {"Authorization": f"Bearer {token}", **key})
+            for token in (TOKEN, "tok_billing_5e2a91", TOKEN)
+        ]
+
+    first, other, retry = (r.json()["id"] for r in answers)
+    assert first != other
+    assert retry == first
+    callers = sorted(r.headers["caller"] for r in records("hooks.synced"))
+    assert callers == ["token:billing", "token:inventory"]
+
+
+def test_long_caller_names_and_keys_are_still_told_apart() -> None:
+    key = {"Idempotency-Key": "k" * 200}  # with "user:<150 characters>": over the column
+    ids = []
+    for user in (User.objects.create_user("a" * 150), User.objects.create_user("b" * 150)):
+        user.user_permissions.add(Permission.objects.get(codename="add_order"))
+        client = Client()
+        client.force_login(user)
+        ids += [post_raw(client, "hooks.adjusted", b"{}", key).json()["id"] for _ in range(2)]
+
+    assert ids[0] == ids[1] and ids[2] == ids[3] and ids[0] != ids[2]
+    assert len(records("hooks.adjusted")) == 2
+
+
 def test_an_expired_key_publishes_again(client: Client) -> None:
     key = {"Idempotency-Key": "k-1"}
     first = post_signed(client, "hooks.paid", PAID, headers=key)
@@ -512,7 +543,7 @@ def test_an_expired_key_publishes_again(client: Client) -> None:
     later = post_signed(client, "hooks.paid", PAID, headers=key)
     assert later.status_code == 202
     assert later.json() != first.json()
-    row = IdempotencyKey.objects.get(key="k-1")
+    row = IdempotencyKey.objects.get(key__endswith=":k-1")
     assert str(row.event_id) == later.json()["id"]
     assert row.expires_at > timezone.now() + timedelta(seconds=86000)  # default retention
 
@@ -555,7 +586,7 @@ def test_racing_calls_with_one_key_publish_once() -> None:
             with transaction.atomic():
                 IdempotencyKey.objects.create(
                     event_name="hooks.paid",
-                    key="race",
+                    key=scoped_key("hmac:TEST_HOOK_SECRET", "race"),
                     event_id=winner,
                     expires_at=timezone.now() + timedelta(hours=1),
                 )

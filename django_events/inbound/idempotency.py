@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -12,6 +13,14 @@ from django.utils import timezone
 
 from ..models import EventRecord, IdempotencyKey
 from ..publishing import publish
+
+
+def scoped_key(identity: str, key: str) -> str:
+    """The stored form of a caller's ``key``: one caller's keys never meet another's."""
+    stored = f"{len(identity)}:{identity}:{key}"  # the length: no identity ends inside a key
+    if len(stored) <= (IdempotencyKey._meta.get_field("key").max_length or 0):
+        return stored
+    return "sha256:" + hashlib.sha256(stored.encode()).hexdigest()
 
 
 def publish_once(

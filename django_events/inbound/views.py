@@ -16,7 +16,7 @@ from ..filters import lookup
 from ..manifest import format_path
 from ..registry import get_registry
 from .auth import authenticate
-from .idempotency import publish_once
+from .idempotency import publish_once, scoped_key
 from .policy import InboundPolicy, SecretNotConfigured
 from .refusal import Refusal
 
@@ -41,7 +41,7 @@ def inbound(request: HttpRequest, name: str) -> HttpResponse:
         keys: dict[str, float] = {}
         if key is not None:
             headers["idempotency_key"] = key
-            keys[key] = policy.idempotency_retention
+            keys[scoped_key(caller.identity, key)] = policy.idempotency_retention
         if caller.replay_key is not None:
             # An exact replay of a signed call publishes nothing while its timestamp is valid,
             # whatever its Idempotency-Key header says: the signature does not cover it.
