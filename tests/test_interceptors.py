@@ -292,6 +292,18 @@ def test_a_handler_sees_the_values_of_its_event_not_those_bound_around_the_commi
     assert [r.payload["context"] for r in runs] == [{"tenant": "acme"}, {"tenant": "globex"}]
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handler_leaves_the_values_around_it_as_they_were() -> None:
+    failing = sub("async", handler="tests.app.handlers.always_fails")
+    with wiring(failing, PIPELINE=[CONTEXT]):
+        with context.bind(tenant="acme"):
+            event = publish("orders.placed", {**PAYLOAD, "total": 100})
+        with context.bind(tenant="worker"):
+            assert run_async(event, "async-sub") == "retry"
+            assert context.values() == {"tenant": "worker"}
+    assert context.values() == {}
+
+
 def test_bind_nests_converts_to_str_and_unbinds_with_none() -> None:
     with context.bind(tenant="acme", user_id=7):
         with context.bind(user_id=None, request="r1"):
