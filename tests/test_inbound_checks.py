@@ -156,6 +156,35 @@ def test_unknown_auth_and_missing_keys_fail_the_manifest_schema(tmp_path: Path) 
         )
 
 
+def test_windows_no_date_can_end_fail_the_manifest_schema(tmp_path: Path) -> None:
+    """Past year 9999 every signed or keyed call would be a 500 (after its publish)."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          hooks.a:
+            inbound:
+              auth: hmac
+              secret: S
+              tolerance: 1000000000000
+              idempotency_retention: 1000000000000
+        """,
+    )
+    with settings_:
+        assert_reported(
+            *(
+                (
+                    "django_events.E103",
+                    f"{path}:{line}",
+                    f"$.events['hooks.a'].inbound.{option}: "
+                    "1000000000000 is greater than the maximum of 3153600000",
+                )
+                for line, option in ((7, "tolerance"), (8, "idempotency_retention"))
+            )
+        )
+
+
 def test_a_bad_inbound_max_body_setting_is_e001() -> None:
     with wiring(INBOUND_MAX_BODY="256k"):
         assert_reported(
