@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -23,6 +24,29 @@ def _broker_reachable() -> None:
     # The publisher remembers an outage per process (to log it once); a test that cut the
     # broker must not make the next test's first failure a silent "still unreachable".
     broker.health.reset()
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    """A queue of its own for the admin/operations tests, with their shop wiring on it."""
+    from tests.ops import shop_wiring
+
+    name = f"ops-{uuid.uuid4().hex[:8]}"
+    with shop_wiring(name):
+        yield name
+
+
+@pytest.fixture
+def publish_now(django_capture_on_commit_callbacks: Any, queue: str) -> Callable[..., Any]:
+    """``publish()`` with its on-commit deliveries run at once (the test's transaction stays)."""
+
+    from django_events import publish
+
+    def publish_now(name: str, payload: dict[str, Any], **kwargs: Any) -> Any:
+        with django_capture_on_commit_callbacks(execute=True):
+            return publish(name, payload, **kwargs)
+
+    return publish_now
 
 
 def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:

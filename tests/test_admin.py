@@ -29,19 +29,10 @@ APP = reverse("admin:app_list", args=["django_events"])
 
 
 @pytest.fixture
-def queue() -> Iterator[str]:
+def queue() -> Iterator[str]:  # conftest's, named so the pages below can be matched
     name = f"admin-{uuid.uuid4().hex[:8]}"
     with shop_wiring(name):
         yield name
-
-
-@pytest.fixture
-def publish_now(django_capture_on_commit_callbacks, queue):
-    def publish_now(name: str, payload: dict, **kwargs):
-        with django_capture_on_commit_callbacks(execute=True):
-            return publish(name, payload, **kwargs)
-
-    return publish_now
 
 
 def user_client(*perms: str, staff: bool = True) -> Client:

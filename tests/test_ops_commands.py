@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from io import StringIO
 
@@ -19,22 +18,6 @@ from django_events.recording import delivery, save_deliveries
 from django_events.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring, work
-
-
-@pytest.fixture
-def queue() -> Iterator[str]:
-    name = f"cmd-{uuid.uuid4().hex[:8]}"
-    with shop_wiring(name):
-        yield name
-
-
-@pytest.fixture
-def publish_now(django_capture_on_commit_callbacks, queue):
-    def publish_now(name: str, payload: dict):
-        with django_capture_on_commit_callbacks(execute=True):
-            return publish(name, payload)
-
-    return publish_now
 
 
 def run(command: str, *args: str) -> str:

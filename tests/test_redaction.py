@@ -14,7 +14,7 @@ from django_events.models import Delivery, EventRecord
 from django_events.recording import delivery, save_deliveries
 from django_events.redaction import MASK, redact, redact_text
 from django_events.worker import process_message
-from tests.ops import drain, shop_wiring
+from tests.ops import drain
 
 CARD = "4111111111111111"
 
@@ -42,13 +42,6 @@ def test_redact_text_masks_each_redacted_value_and_what_it_holds() -> None:
 def test_redact_text_without_redacted_values_is_the_text() -> None:
     assert redact_text("x: 1 is not a string", {"x": 1}, []) == "x: 1 is not a string"
     assert redact_text("True is not a string", {"flag": True}, ["flag"]) == "True is not a string"
-
-
-@pytest.fixture
-def queue():
-    name = f"redact-{uuid.uuid4().hex[:8]}"
-    with shop_wiring(name):
-        yield name
 
 
 def _stale_event() -> EventRecord:
