@@ -88,6 +88,8 @@ class BrokerHealth:
 
     def may_try(self, app: object) -> bool:
         """Whether a publisher should try the broker now (if so, later ones wait)."""
+        if not self._probes:  # no outage: every publish passes here, so no lock
+            return True
         with self._lock:
             probe = self._probes.get(id(app))
             if probe is None:
