@@ -7,7 +7,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from django_events import publish
+from django_events import checks, publish
 from django_events.broadcast import broadcast_queues, exchange_name, route
 from django_events.broker import build_message
 from django_events.models import Delivery
@@ -36,6 +36,18 @@ def test_a_broadcast_goes_to_the_fanout_exchange_of_its_queue() -> None:
     with wiring(BROADCAST, NORMAL):
         assert broadcast_queues() == {"cache": ["bc"]}
         assert broadcast_queues(["django_events"]) == {}
+
+
+def test_broadcast_on_a_subscription_that_is_not_async_is_W102() -> None:
+    with wiring({**BROADCAST, "mode": "sync"}):
+        reported = [(m.id, m.msg) for m in checks.check_configuration()]
+
+    assert reported == [
+        (
+            "django_events.W102",
+            "Subscription 'bc' is sync: queue, broadcast only apply to async subscriptions",
+        )
+    ]
 
 
 @pytest.mark.django_db(transaction=True)
