@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, close_old_connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
 
 from .events import Event
 from .execution import log_extra, run_handler
@@ -206,11 +206,13 @@ def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
 def _message_log_extra(message: _Message) -> dict[str, Any]:
     """``log_extra`` read from a message whose event may not rebuild."""
     extra = log_extra(None, message.subscription)
-    for field, key in (("event_id", "id"), ("event_name", "name")):
+    for field, key in (
+        ("event_id", "id"),
+        ("event_name", "name"),
+        ("correlation_id", "correlation_id"),
+    ):
         value = message.event.get(key)
         extra[field] = None if value is None else str(value)
-    value = message.event.get("correlation_id")
-    extra["correlation_id"] = None if value is None else str(value)
     return extra
 
 
@@ -218,8 +220,6 @@ def _record_quietly(
     alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
 ) -> bool:
     """Save delivery rows; log (not raise) a database error and return False."""
-    from django.db import DatabaseError
-
     try:
         if always:
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
