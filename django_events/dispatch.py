@@ -39,10 +39,10 @@ def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
         _run_sync(batch, alias)
 
 
-def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
+def _send_async(batch: Sequence[Outgoing], alias: str) -> None:
     outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
     if not outgoing:
-        return set()
+        return
     send = _overrides.send or broker.send_deliveries
     unsent: set[object] = set(send(outgoing, alias))
     sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
@@ -62,7 +62,6 @@ def _send_async(batch: Sequence[Outgoing], alias: str) -> set[object]:
             len(sent_ids),
             extra=batch_log_extra([o.event for o in batch]),
         )
-    return unsent
 
 
 def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
