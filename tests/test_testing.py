@@ -13,7 +13,7 @@ from django.conf import settings
 from django.db import transaction
 from django.test import TestCase, TransactionTestCase
 
-from django_events import publish
+from django_events import InvalidPayload, UnknownEvent, publish
 from django_events.models import Delivery, EventRecord
 from django_events.testing import CapturedEvents, EagerEvents, captured_events, events_eager
 from tests.app.models import HandlerRun
@@ -97,6 +97,17 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         got.assert_published("orders.placed", times=0)
     got.clear()
     assert len(got) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_captured_events_still_rejects_an_invalid_payload_and_an_unknown_event() -> None:
+    with captured_events() as got:
+        with pytest.raises(InvalidPayload, match="total"):
+            publish("orders.placed", {"order_id": 1, "total": -1})
+        with pytest.raises(UnknownEvent, match="orders.lost"):
+            publish("orders.lost", {"order_id": 1})
+
+    assert list(got) == []
 
 
 @pytest.mark.django_db(transaction=True)
