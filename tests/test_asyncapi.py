@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 from django.core.management import call_command
+from django.core.management.base import SystemCheckError
 from jsonschema import Draft7Validator
 
 from tests.conftest import wiring
@@ -171,6 +172,15 @@ def test_local_references_and_typed_events_stay_reachable() -> None:
     assert flush["x-django-events"]["exchange"] == "caches.broadcast"
     assert {"name": "broadcast"} in flush["tags"]
     assert "exchange" not in operations["record__all.catalog.tree"]["x-django-events"]
+
+
+def test_a_broken_wiring_prints_no_document_but_the_check_error() -> None:
+    out = StringIO()
+    undeclared = {"event": "orders.nope", "handler": "tests.app.handlers.record", "name": "lost"}
+    with wiring(undeclared), pytest.raises(SystemCheckError, match=r"E105.*'lost'"):
+        call_command("events_asyncapi", stdout=out, skip_checks=False)  # as manage.py runs it
+
+    assert out.getvalue() == ""
 
 
 def test_the_vendored_schema_rejects_a_broken_document() -> None:
