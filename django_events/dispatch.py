@@ -6,6 +6,7 @@ import logging
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import DatabaseError
 from django.utils import timezone
@@ -29,6 +30,13 @@ class Outgoing:
     sync: list[Subscription]
     async_: list[Subscription]
     recorded: bool
+
+
+def accepted(subscriptions: Sequence[Subscription], data: dict[str, Any]) -> list[Subscription]:
+    """The subscriptions whose ``when`` filter lets an event with payload ``data`` through."""
+    if not subscriptions:  # the common case: skip building a comprehension
+        return []
+    return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
 
 
 def dispatch(batch: Sequence[Outgoing], alias: str) -> None:

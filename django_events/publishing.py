@@ -4,7 +4,7 @@ deliver on commit."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
 from uuid import UUID, SafeUUID
@@ -13,7 +13,7 @@ from django.db import router, transaction
 from django.utils import timezone
 
 from . import _overrides
-from .dispatch import Outgoing, dispatch
+from .dispatch import Outgoing, accepted, dispatch
 from .events import Event, current_event
 from .execution import run_handler
 from .interceptors import run_send
@@ -91,8 +91,8 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     return Outgoing(
         event=new,
         compiled=compiled,
-        sync=_accepted(compiled.sync, data),
-        async_=_accepted(compiled.async_, data),
+        sync=accepted(compiled.sync, data),
+        async_=accepted(compiled.async_, data),
         recorded=compiled.records_all,
     )
 
@@ -117,12 +117,6 @@ def _uuid4() -> UUID:
     return value
 
 
-def _accepted(subscriptions: Sequence[Any], data: dict[str, Any]) -> list[Any]:
-    if not subscriptions:  # the common case: skip building a comprehension
-        return []
-    return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
-
-
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
     if _overrides.capture is not None:  # django_events.testing.captured_events()
@@ -133,7 +127,7 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     deferred: list[Outgoing] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
-        for subscription in _accepted(item.compiled.inline, item.event.data):
+        for subscription in accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
         if item.recorded:
             status = EventRecord.Status.PENDING if item.async_ else EventRecord.Status.DISPATCHED

@@ -11,6 +11,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
 
 from . import broker
+from .dispatch import accepted
 from .execution import log_extra
 from .models import EventRecord
 from .recording import event_of
@@ -58,9 +59,7 @@ def relay_pending(
             if compiled is None:
                 undeclared.append(record.pk)
                 continue
-            subscriptions = [
-                s for s in compiled.async_ if s.accepts is None or s.accepts(record.payload)
-            ]
+            subscriptions = accepted(compiled.async_, record.payload)
             if not subscriptions:
                 nothing_to_send.append(record.pk)
                 continue
