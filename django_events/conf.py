@@ -25,9 +25,11 @@ DEFAULTS: dict[str, Any] = {
     "RECORD": "all",
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
+    "SUCCESS_RECORDS": "immediate",
 }
 
 RECORD_CHOICES = ("all", "failures")
+SUCCESS_RECORDS_CHOICES = ("immediate", "batched")
 
 
 class Settings:
@@ -84,6 +86,10 @@ class Settings:
     @property
     def PIPELINE(self) -> list[str]:
         return self._list("PIPELINE")
+
+    @property
+    def SUCCESS_RECORDS(self) -> str:
+        return str(self._get("SUCCESS_RECORDS"))
 
     @property
     def INBOUND_MAX_BODY(self) -> int:

@@ -14,7 +14,7 @@ from django.utils.module_loading import import_string
 from jsonschema import Draft202012Validator, SchemaError
 
 from . import typed
-from .conf import DEFAULTS, RECORD_CHOICES, conf
+from .conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf
 from .declarations import (
     EventDeclaration,
     Origin,
@@ -252,6 +252,15 @@ def settings_problems() -> list[Problem]:
                 "E001",
                 f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
                 "Use 'all' or 'failures'.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    if raw.get("SUCCESS_RECORDS", "immediate") not in SUCCESS_RECORDS_CHOICES:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['SUCCESS_RECORDS'] is {raw['SUCCESS_RECORDS']!r}",
+                "Use 'immediate' or 'batched'.",
                 SETTINGS_ORIGIN,
             )
         )

@@ -6,6 +6,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
+from .conf import conf
 from .worker import process_message
 
 
@@ -20,7 +21,9 @@ from .worker import process_message
 )
 def deliver(self: Task[Any, Any], message: Any) -> str:
     """Run one subscription's handler for one event (the message names the subscription)."""
-    outcome = process_message(message, self.request.retries or 0)
+    outcome = process_message(
+        message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
+    )
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
     return outcome.status

@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
 
+from .batching import recorder
 from .events import Event
 from .execution import log_extra, run_handler
 from .models import Delivery, EventRecord
@@ -39,23 +40,27 @@ class _Message:
     prior_attempts: int
 
 
-def process_message(message: Any, retries: int, *, manage_connections: bool = True) -> Outcome:
+def process_message(
+    message: Any, retries: int, *, manage_connections: bool = True, batch_success: bool = False
+) -> Outcome:
     """Run the handler a message names; record the outcome. ``retries`` is Celery's count.
 
     Database connections are treated as in Django's request cycle: stale ones are closed
     before and after, so a restarted database never wedges a worker (``manage_connections``
-    false leaves them alone: in-process runs inside a test's transaction).
+    false leaves them alone: in-process runs inside a test's transaction). ``batch_success``
+    hands a first attempt's success row to this process's `BatchedRecorder` instead of
+    writing it before returning (``SUCCESS_RECORDS = "batched"``).
     """
     if not manage_connections:
-        return _process(message, retries)
+        return _process(message, retries, batch_success)
     close_old_connections()
     try:
-        return _process(message, retries)
+        return _process(message, retries, batch_success)
     finally:
         close_old_connections()
 
 
-def _process(raw: Any, retries: int) -> Outcome:
+def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     try:
         message = _parse(raw)
         event_name = message.event["name"]
@@ -88,7 +93,7 @@ def _process(raw: Any, retries: int) -> Outcome:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
-    return _run(registry, subscription, event, message.alias, attempt, retries)
+    return _run(registry, subscription, event, message.alias, attempt, retries, batch_success)
 
 
 def _parse(raw: Any) -> _Message:
@@ -109,6 +114,7 @@ def _run(
     alias: str,
     attempt: int,
     retries: int,
+    batch_success: bool,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
     extra = log_extra(event, subscription)
@@ -143,15 +149,13 @@ def _run(
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
-        # The handler ran: failing to record that must not run it again.
-        # A broadcast copy's success never hides another worker's failure of that event.
-        _record_quietly(
-            alias,
-            event,
-            [_row(event, subscription, "succeeded", attempt)],
-            always=False,
-            overwrite=not broadcast,
-        )
+        row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
+        if batch_success and attempt == 1:  # nothing recorded before it to overwrite
+            recorder().add(alias, row)
+        else:
+            # The handler ran: failing to record that must not run it again.
+            # A broadcast copy's success never hides another worker's failure of that event.
+            _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
 
 

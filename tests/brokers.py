@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import pytest
 from celery import Celery
+from celery.signals import worker_process_init
 
 from django_events.broadcast import consume_broadcasts
 
@@ -51,6 +52,16 @@ redis = make_app("redis")
 filesystem = make_app("filesystem")
 for _worker_app in (amqp, redis, filesystem):
     consume_broadcasts(_worker_app)  # broadcast subscriptions of the queues a worker consumes
+
+
+@worker_process_init.connect
+def _flush_interval(**kwargs: object) -> None:
+    """A worker subprocess's SUCCESS_RECORDS = "batched" interval, set by a test."""
+    interval = os.environ.get("DJANGO_EVENTS_TEST_FLUSH_INTERVAL")
+    if interval:
+        from django_events import batching
+
+        batching.FLUSH_INTERVAL = float(interval)
 
 
 def reachable(url: str) -> bool:

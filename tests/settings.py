@@ -127,5 +127,6 @@ DJANGO_EVENTS = {
     "DEFAULT_RETRY": {"max_attempts": 3, "backoff": 0.1, "max_backoff": 1, "jitter": False},
     # Interceptors of a worker subprocess (comma-separated dotted paths).
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
+    "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
 LOGGING = {"version": 1, "disable_existing_loggers": False}

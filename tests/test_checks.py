@@ -500,6 +500,20 @@ def test_settings_problems_are_E001_W001_E002() -> None:
         )
 
 
+def test_success_records_must_be_immediate_or_batched() -> None:
+    with wiring(SUCCESS_RECORDS="later"):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['SUCCESS_RECORDS'] is 'later'",
+            ),
+        )
+    for value in ("immediate", "batched"):
+        with wiring(SUCCESS_RECORDS=value):
+            assert_reported()
+
+
 # -- Celery ------------------------------------------------------------------------------------
 
 

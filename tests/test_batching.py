@@ -1,0 +1,187 @@
+"""The recorder behind SUCCESS_RECORDS = "batched": rows written later, in batches, never twice.
+
+Its writer is a thread with database connections of its own, so these tests commit for real
+(``transaction=True``) on SQLite or PostgreSQL, whichever the run uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from django_events import batching
+from django_events.batching import BatchedRecorder
+from django_events.events import Event
+from django_events.models import Delivery, EventRecord
+from django_events.recording import delivery, record_for
+from tests.worker import wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def recorded_events(count: int) -> list[uuid.UUID]:
+    now = timezone.now()
+    events = [Event(i, "orders.placed", {}, {}, now, i, None, {}) for i in _ids(count)]
+    EventRecord.objects.bulk_create([record_for(e, EventRecord.Status.DISPATCHED) for e in events])
+    return [e.id for e in events]
+
+
+def _ids(count: int) -> list[uuid.UUID]:
+    return [uuid.uuid4() for _ in range(count)]
+
+
+def success(event_id: uuid.UUID, attempts: int = 1) -> Delivery:
+    return delivery(event_id, "billing", "async", Delivery.Status.SUCCEEDED, attempts)
+
+
+def stored(ids: list[uuid.UUID]) -> list[tuple[str, str, int]]:
+    rows = Delivery.objects.filter(event_id__in=ids).order_by("event_id")
+    return [(str(r.event_id), r.status, r.attempts) for r in rows]
+
+
+@pytest.fixture
+def recorders() -> Iterator[list[BatchedRecorder]]:
+    made: list[BatchedRecorder] = []
+    yield made
+    for recorder in made:
+        recorder.stop()
+
+
+def make(recorders: list[BatchedRecorder], **kwargs: float) -> BatchedRecorder:
+    recorder = BatchedRecorder(**kwargs)  # type: ignore[arg-type]
+    recorders.append(recorder)
+    return recorder
+
+
+@contextmanager
+def deliveries_table_gone() -> Iterator[None]:
+    """The deliveries table renamed away: every write to it fails as with a database down."""
+    table = Delivery._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER TABLE {table} RENAME TO {table}_away")
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table}_away RENAME TO {table}")
+
+
+def test_rows_are_written_by_the_background_thread_within_the_interval(recorders) -> None:
+    ids = recorded_events(5)
+    recorder = make(recorders, interval=0.05)
+    for event_id in ids:
+        recorder.add("default", success(event_id))
+
+    wait_for(lambda: len(stored(ids)) == 5, timeout=10, what="5 rows written")
+    assert stored(ids) == sorted((str(i), "succeeded", 1) for i in ids)
+    assert recorder.waiting() == 0
+
+
+def test_a_full_batch_is_written_before_the_interval_is_up(recorders) -> None:
+    ids = recorded_events(4)
+    recorder = make(recorders, interval=3600, max_batch=3)
+    recorder.add("default", success(ids[0]))
+    recorder.add("default", success(ids[1]))
+    assert recorder.waiting() == 2
+    assert stored(ids) == []  # two rows: the writer waits for the interval
+
+    recorder.add("default", success(ids[2]))
+    wait_for(lambda: len(stored(ids)) == 3, timeout=10, what="the full batch written")
+    recorder.add("default", success(ids[3]))
+    assert recorder.waiting() == 1
+
+
+def test_stop_writes_what_waits(recorders) -> None:
+    ids = recorded_events(3)
+    recorder = make(recorders, interval=3600)
+    for event_id in ids:
+        recorder.add("default", success(event_id))
+    assert stored(ids) == []
+
+    recorder.stop()
+
+    assert len(stored(ids)) == 3
+    assert recorder.waiting() == 0
+
+
+def test_a_row_already_there_is_kept_and_duplicates_in_a_batch_are_one_row(recorders) -> None:
+    ids = recorded_events(2)
+    Delivery.objects.create(
+        event_id=ids[0], subscription="billing", mode="async", status="succeeded", attempts=2
+    )
+    recorder = make(recorders, interval=3600)
+    recorder.add("default", success(ids[0]))  # a late first run must not overwrite attempt 2
+    recorder.add("default", success(ids[1]))
+    recorder.add("default", success(ids[1]))  # a redelivered message, same batch
+
+    assert recorder.flush() == 3
+
+    assert stored(ids) == sorted([(str(ids[0]), "succeeded", 2), (str(ids[1]), "succeeded", 1)])
+
+
+def test_a_row_whose_event_record_is_gone_is_logged_and_the_others_are_written(
+    recorders, caplog
+) -> None:
+    ids = recorded_events(2)
+    missing = uuid.uuid4()  # pruned meanwhile: no EventRecord
+    recorder = make(recorders, interval=3600)
+    for event_id in (ids[0], missing, ids[1]):
+        recorder.add("default", success(event_id))
+
+    with caplog.at_level(logging.ERROR, logger="django_events.worker"):
+        written = recorder.flush()
+
+    assert written == 2
+    assert len(stored(ids)) == 2
+    assert not Delivery.objects.filter(event_id=missing).exists()
+    [message] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert str(missing) in message.getMessage()
+    assert message.subscription == "billing"
+    assert recorder.waiting() == 0  # not retried forever
+
+
+def test_rows_wait_while_the_database_fails_and_are_written_once_it_is_back(
+    recorders, caplog
+) -> None:
+    ids = recorded_events(3)
+    recorder = make(recorders, interval=3600)
+    for event_id in ids:
+        recorder.add("default", success(event_id))
+
+    with caplog.at_level(logging.ERROR, logger="django_events.worker"), deliveries_table_gone():
+        assert recorder.flush() == 0
+
+    assert "Could not record 3 successful deliveries" in caplog.text
+    assert recorder.waiting() == 3
+    assert recorder.flush() == 3
+    assert len(stored(ids)) == 3
+
+
+def test_rows_beyond_the_bound_are_dropped_with_an_error_while_the_database_fails(
+    recorders, caplog
+) -> None:
+    recorder = make(recorders, interval=3600, max_waiting=3)
+    for event_id in _ids(5):
+        recorder.add("default", success(event_id))
+
+    with caplog.at_level(logging.ERROR, logger="django_events.worker"), deliveries_table_gone():
+        assert recorder.flush() == 0
+
+    assert recorder.waiting() == 3
+    assert "Dropped 2 success records: more than 3 waited for the database" in caplog.text
+
+
+def test_one_recorder_per_process_until_reset() -> None:
+    first = batching.recorder()
+    assert batching.recorder() is first
+    batching.reset_recorder()
+    second = batching.recorder()
+    assert second is not first
+    assert second.interval == batching.FLUSH_INTERVAL
+    batching.reset_recorder()
