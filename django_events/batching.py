@@ -47,7 +47,10 @@ class BatchedRecorder:
         self._thread: threading.Thread | None = None
 
     def add(self, alias: str, row: Delivery) -> None:
-        """Queue one row for the next batch."""
+        """Queue one row for the next batch (written at once after `stop`)."""
+        if self._stopped.is_set():  # a thread pool's task finishing during shutdown
+            _write(alias, [row])
+            return
         with self._lock:
             self._waiting.setdefault(alias, []).append(row)
             self._count += 1
@@ -108,7 +111,10 @@ class BatchedRecorder:
         while not self._stopped.is_set():
             self._wake.wait(self.interval)
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a bug, not the database: keep the writer alive for the next
+                logger.exception("Lost a batch of success records")
         for connection in connections.all(initialized_only=True):
             connection.close()  # this thread's own connections
 

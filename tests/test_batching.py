@@ -185,3 +185,14 @@ def test_one_recorder_per_process_until_reset() -> None:
     assert second is not first
     assert second.interval == batching.FLUSH_INTERVAL
     batching.reset_recorder()
+
+
+def test_a_row_added_after_stop_is_written_at_once(recorders) -> None:
+    [event_id] = recorded_events(1)
+    recorder = make(recorders, interval=3600)
+    recorder.stop()
+
+    recorder.add("default", success(event_id))
+
+    assert stored([event_id]) == [(str(event_id), "succeeded", 1)]
+    assert recorder.waiting() == 0
