@@ -9,13 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from django.db import DatabaseError
-from django.utils import timezone
 
 from . import _overrides, broker
 from .events import Event
 from .execution import batch_log_extra, log_extra, run_handler
 from .models import Delivery, EventRecord
-from .recording import delivery, ensure_records, save_deliveries
+from .recording import delivery, ensure_records, mark_dispatched, save_deliveries
 from .registry import CompiledEvent, Subscription, get_registry
 
 logger = logging.getLogger("django_events.dispatch")
@@ -55,10 +54,7 @@ def _send_async(batch: Sequence[Outgoing], alias: str) -> None:
     unsent: set[object] = set(send(outgoing, alias))
     sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
     try:
-        if sent_ids:
-            EventRecord.objects.using(alias).filter(pk__in=sent_ids).update(
-                status=EventRecord.Status.DISPATCHED, dispatched_at=timezone.now()
-            )
+        mark_dispatched(alias, sent_ids)
         # RECORD='failures' wrote no record: an unsent event needs one now, for the relay.
         unrecorded = [o.event for o in batch if not o.recorded and o.event.id in unsent]
         if unrecorded:

@@ -14,7 +14,7 @@ from . import broker
 from .dispatch import accepted
 from .execution import log_extra
 from .models import EventRecord
-from .recording import event_of
+from .recording import event_of, mark_dispatched
 from .registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -67,10 +67,7 @@ def relay_pending(
             outgoing.append((event, compiled.declaration.durable, subscriptions))
         unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
         sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
-        now = timezone.now()
-        EventRecord.objects.using(using).filter(pk__in=sent + nothing_to_send).update(
-            status=EventRecord.Status.DISPATCHED, dispatched_at=now
-        )
+        mark_dispatched(using, sent + nothing_to_send)
         if undeclared:
             logger.error(
                 "%d pending event(s) are no longer declared; marked failed",

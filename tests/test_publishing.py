@@ -8,8 +8,9 @@ import uuid
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
-from django_events import InvalidPayload, UnknownEvent, publish, publish_many
+from django_events import InvalidPayload, UnknownEvent, broker, publish, publish_many
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun, Order
@@ -245,6 +246,28 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "Broker unreachable" in errors[0].getMessage()
     assert elapsed < 15  # bounded by broker_connection_timeout, never a hang
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sent_events_are_marked_dispatched_and_unsent_ones_stay_pending(monkeypatch) -> None:
+    unsent: set[uuid.UUID] = set()
+
+    def send(items, alias):  # the broker took every message but those of `unsent`
+        return unsent
+
+    monkeypatch.setattr(broker, "send_deliveries", send)
+    with wiring(ASYNC):
+        before = timezone.now()
+        with transaction.atomic():
+            events = publish_many([("orders.placed", PAYLOAD)] * 3)
+            unsent.add(events[1].id)
+        after = timezone.now()
+    records = {r.id: r for r in EventRecord.objects.all()}
+    sent = [records[events[0].id], records[events[2].id]]
+    assert {r.status for r in sent} == {"dispatched"}
+    assert all(r.dispatched_at is not None and before <= r.dispatched_at <= after for r in sent)
+    pending = records[events[1].id]
+    assert (pending.status, pending.dispatched_at) == ("pending", None)
 
 
 def test_typed_payload_and_event_fields(db: None, django_capture_on_commit_callbacks) -> None:
