@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from . import _overrides
 from .dispatch import Outgoing, accepted, dispatch
-from .events import Event, current_event
+from .events import Event, current_event, new_event
 from .execution import run_handler
 from .interceptors import run_send
 from .models import EventRecord
@@ -76,15 +76,15 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
     event_id = _uuid4()
     parent = current_event()
-    new = Event(
-        id=event_id,
-        name=compiled.name,
-        payload=compiled.typed_payload(data, given),
-        headers=header_dict,
-        occurred_at=timezone.now(),
-        correlation_id=parent.correlation_id if parent else event_id,
-        causation_id=parent.id if parent else None,
-        data=data,
+    new = new_event(
+        event_id,
+        compiled.name,
+        compiled.typed_payload(data, given),
+        header_dict,
+        timezone.now(),
+        parent.correlation_id if parent else event_id,
+        parent.id if parent else None,
+        data,
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)

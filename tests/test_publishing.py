@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -305,3 +306,17 @@ def test_event_ids_are_distinct_version_4_uuids_that_round_trip() -> None:
         copy = uuid.UUID(str(event_id))
         assert copy == event_id and hash(copy) == hash(event_id)
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("pk", flat=True)) == set(ids)
+
+
+@pytest.mark.django_db
+def test_published_events_are_whole_frozen_events() -> None:
+    # publish() builds its Event without the dataclass __init__ (figure 1): every field must
+    # still be set, and the event as frozen and equal as one built the ordinary way.
+    event = publish("orders.placed", {"order_id": 3, "total": 1.5})
+
+    values = {f.name: getattr(event, f.name) for f in dataclasses.fields(Event)}
+    assert event == Event(**values)
+    assert values["data"] == {"order_id": 3, "total": 1.5}
+    assert values["correlation_id"] == event.id and values["causation_id"] is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        event.name = "orders.other"  # type: ignore[misc]
