@@ -392,6 +392,9 @@ def figure_7(ctx: Context) -> bool:
 
 def cleanup(ctx: Context) -> None:
     """Delete the run's queues and Redis keys."""
+    # Figures 1-3 and 5 publish to the run's default queue and the baselines' sink, which no
+    # worker consumes: left behind, their messages pile up in RabbitMQ from run to run.
+    _queues["amqp"].update([settings.QUEUE, ctx.sink])
     for kind, queues in _queues.items():
         if not queues:
             continue
