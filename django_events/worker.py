@@ -149,12 +149,12 @@ def _run(
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
-        row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
-            recorder().add(alias, row)
+            recorder().add(alias, event.id, subscription.name)
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
+            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
 

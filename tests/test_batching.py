@@ -19,7 +19,7 @@ from django_events import batching
 from django_events.batching import BatchedRecorder
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
-from django_events.recording import delivery, record_for
+from django_events.recording import record_for
 from tests.worker import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -34,10 +34,6 @@ def recorded_events(count: int) -> list[uuid.UUID]:
 
 def _ids(count: int) -> list[uuid.UUID]:
     return [uuid.uuid4() for _ in range(count)]
-
-
-def success(event_id: uuid.UUID, attempts: int = 1) -> Delivery:
-    return delivery(event_id, "billing", "async", Delivery.Status.SUCCEEDED, attempts)
 
 
 def stored(ids: list[uuid.UUID]) -> list[tuple[str, str, int]]:
@@ -75,25 +71,31 @@ def deliveries_table_gone() -> Iterator[None]:
 def test_rows_are_written_by_the_background_thread_within_the_interval(recorders) -> None:
     ids = recorded_events(5)
     recorder = make(recorders, interval=0.05)
+    before = timezone.now()
     for event_id in ids:
-        recorder.add("default", success(event_id))
+        recorder.add("default", event_id, "billing")
+    added = timezone.now()
 
     wait_for(lambda: len(stored(ids)) == 5, timeout=10, what="5 rows written")
     assert stored(ids) == sorted((str(i), "succeeded", 1) for i in ids)
     assert recorder.waiting() == 0
+    rows = Delivery.objects.filter(event_id__in=ids)
+    assert {(r.mode, r.last_error, r.traceback) for r in rows} == {("async", "", "")}
+    # When the handler finished, not when the batch was written.
+    assert all(before <= r.created_at == r.updated_at <= added for r in rows)
 
 
 def test_a_full_batch_is_written_before_the_interval_is_up(recorders) -> None:
     ids = recorded_events(4)
     recorder = make(recorders, interval=3600, max_batch=3)
-    recorder.add("default", success(ids[0]))
-    recorder.add("default", success(ids[1]))
+    recorder.add("default", ids[0], "billing")
+    recorder.add("default", ids[1], "billing")
     assert recorder.waiting() == 2
     assert stored(ids) == []  # two rows: the writer waits for the interval
 
-    recorder.add("default", success(ids[2]))
+    recorder.add("default", ids[2], "billing")
     wait_for(lambda: len(stored(ids)) == 3, timeout=10, what="the full batch written")
-    recorder.add("default", success(ids[3]))
+    recorder.add("default", ids[3], "billing")
     assert recorder.waiting() == 1
 
 
@@ -101,7 +103,7 @@ def test_stop_writes_what_waits(recorders) -> None:
     ids = recorded_events(3)
     recorder = make(recorders, interval=3600)
     for event_id in ids:
-        recorder.add("default", success(event_id))
+        recorder.add("default", event_id, "billing")
     assert stored(ids) == []
 
     recorder.stop()
@@ -116,9 +118,9 @@ def test_a_row_already_there_is_kept_and_duplicates_in_a_batch_are_one_row(recor
         event_id=ids[0], subscription="billing", mode="async", status="succeeded", attempts=2
     )
     recorder = make(recorders, interval=3600)
-    recorder.add("default", success(ids[0]))  # a late first run must not overwrite attempt 2
-    recorder.add("default", success(ids[1]))
-    recorder.add("default", success(ids[1]))  # a redelivered message, same batch
+    recorder.add("default", ids[0], "billing")  # a late first run must not overwrite attempt 2
+    recorder.add("default", ids[1], "billing")
+    recorder.add("default", ids[1], "billing")  # a redelivered message, same batch
 
     assert recorder.flush() == 3
 
@@ -132,7 +134,7 @@ def test_a_row_whose_event_record_is_gone_is_logged_and_the_others_are_written(
     missing = uuid.uuid4()  # pruned meanwhile: no EventRecord
     recorder = make(recorders, interval=3600)
     for event_id in (ids[0], missing, ids[1]):
-        recorder.add("default", success(event_id))
+        recorder.add("default", event_id, "billing")
 
     with caplog.at_level(logging.ERROR, logger="django_events.worker"):
         written = recorder.flush()
@@ -152,7 +154,7 @@ def test_rows_wait_while_the_database_fails_and_are_written_once_it_is_back(
     ids = recorded_events(3)
     recorder = make(recorders, interval=3600)
     for event_id in ids:
-        recorder.add("default", success(event_id))
+        recorder.add("default", event_id, "billing")
 
     with caplog.at_level(logging.ERROR, logger="django_events.worker"), deliveries_table_gone():
         assert recorder.flush() == 0
@@ -168,7 +170,7 @@ def test_rows_beyond_the_bound_are_dropped_with_an_error_while_the_database_fail
 ) -> None:
     recorder = make(recorders, interval=3600, max_waiting=3)
     for event_id in _ids(5):
-        recorder.add("default", success(event_id))
+        recorder.add("default", event_id, "billing")
 
     with caplog.at_level(logging.ERROR, logger="django_events.worker"), deliveries_table_gone():
         assert recorder.flush() == 0
@@ -192,7 +194,7 @@ def test_a_row_added_after_stop_is_written_at_once(recorders) -> None:
     recorder = make(recorders, interval=3600)
     recorder.stop()
 
-    recorder.add("default", success(event_id))
+    recorder.add("default", event_id, "billing")
 
     assert stored([event_id]) == [(str(event_id), "succeeded", 1)]
     assert recorder.waiting() == 0
