@@ -24,6 +24,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
+from .execution import log_extra
 from .models import Delivery
 
 logger = logging.getLogger("django_events.worker")
@@ -89,6 +90,7 @@ class BatchedRecorder:
                         "Could not record %d successful deliveries; trying again in %.1f s",
                         len(rows),
                         self.interval,
+                        extra=log_extra(),
                     )
                     connections[alias].close()  # a broken connection is opened anew next time
                     self._requeue(alias, rows)
@@ -124,7 +126,7 @@ class BatchedRecorder:
             try:
                 self.flush()
             except Exception:  # a bug, not the database: keep the writer alive for the next
-                logger.exception("Lost a batch of success records")
+                logger.exception("Lost a batch of success records", extra=log_extra())
         for connection in connections.all(initialized_only=True):
             connection.close()  # this thread's own connections
 
@@ -142,6 +144,7 @@ class BatchedRecorder:
                 "Dropped %d success records: more than %d waited for the database",
                 excess,
                 self.max_waiting,
+                extra=log_extra(),
             )
 
 
@@ -164,7 +167,7 @@ def _write_one(connection: BaseDatabaseWrapper, row: Success) -> int:
             "Could not record the successful delivery of event %s to %s",
             row[0],
             row[1],
-            extra={"event_id": str(row[0]), "subscription": row[1]},
+            extra={**log_extra(None, row[1]), "event_id": str(row[0])},
         )
         return 0
     return 1

@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 from typing import Any, cast
 
@@ -79,7 +80,7 @@ class CompiledEvent:
     def type(self) -> type | None:
         return self.declaration.type
 
-    @property
+    @cached_property  # the registry is rebuilt when DJANGO_EVENTS changes
     def records_all(self) -> bool:
         return (self.declaration.record or conf.RECORD) == "all"
 

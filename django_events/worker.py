@@ -117,7 +117,6 @@ def _run(
     batch_success: bool,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
-    extra = log_extra(event, subscription)
     broadcast = subscription.declaration.broadcast
     # A broadcast copy is never retried: a retry would reach every worker again.
     max_attempts = 1 if broadcast else subscription.retry.max_attempts
@@ -137,7 +136,7 @@ def _run(
             attempt,
             max_attempts,
             exc_info=True,
-            extra=extra,
+            extra=log_extra(event, subscription),
         )
         recorded = _record_quietly(
             alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
