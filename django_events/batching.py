@@ -50,25 +50,32 @@ class BatchedRecorder:
         self.interval, self.max_batch, self.max_waiting = interval, max_batch, max_waiting
         self._waiting: dict[str, list[Success]] = {}
         self._count = 0
-        self._lock = threading.Lock()  # guards _waiting and _count
+        self._stopped = False
+        self._lock = threading.Lock()  # guards _waiting, _count and _stopped
         self._flushing = threading.Lock()  # one flush at a time (thread or exit)
         self._wake = threading.Event()
-        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self._owner = os.getpid()  # a forked child inherits the exit hooks, not the thread
 
     def add(self, alias: str, event_id: UUID, subscription: str) -> None:
         """Queue the success of a first attempt, now, for the next batch (at once after `stop`)."""
         row = (event_id, subscription, timezone.now())
-        if self._stopped.is_set():  # a thread pool's task finishing during shutdown
-            _write(alias, [row])
-            return
         with self._lock:
-            self._waiting.setdefault(alias, []).append(row)
-            self._count += 1
-            full = self._count >= self.max_batch
-            if self._thread is None:
-                self._start()
-        if full:
+            stopped = self._stopped
+            if not stopped:
+                self._waiting.setdefault(alias, []).append(row)
+                self._count += 1
+                full = self._count >= self.max_batch
+                if self._thread is None:
+                    self._start()
+        if stopped:  # a thread pool's task finishing during shutdown
+            try:
+                _write(alias, [row])
+            except DatabaseError:
+                logger.exception(
+                    "Could not record a successful delivery", extra=log_extra(None, subscription)
+                )
+        elif full:
             self._wake.set()
 
     def waiting(self) -> int:
@@ -77,33 +84,52 @@ class BatchedRecorder:
             return self._count
 
     def flush(self) -> int:
-        """Write every queued row now; return how many were written."""
+        """Write every queued row now; return how many went to the database (rows already
+        there are skipped by it); rows the database refused wait for the next flush."""
         with self._flushing:
-            with self._lock:
-                batches, self._waiting, self._count = self._waiting, {}, 0
-            written = 0
-            for alias, rows in batches.items():
-                try:
-                    written += _write(alias, rows)
-                except DatabaseError:
-                    logger.exception(
-                        "Could not record %d successful deliveries; trying again in %.1f s",
-                        len(rows),
-                        self.interval,
-                        extra=log_extra(),
-                    )
-                    connections[alias].close()  # a broken connection is opened anew next time
-                    self._requeue(alias, rows)
-            return written
+            return self._flush()
 
     def stop(self) -> None:
-        """Write what is queued and end the background thread."""
-        self._stopped.set()
+        """Write what is queued and end the background thread (in the process that made it)."""
+        if os.getpid() != self._owner:
+            return
+        with self._lock:
+            self._stopped = True
         self._wake.set()
+        patience = max(5.0, 4 * self.interval)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout=max(5.0, 4 * self.interval))
-        self.flush()
+            thread.join(timeout=patience)
+        # A write hanging on a lock or a dead network must not hang the process's exit.
+        if self._flushing.acquire(timeout=patience):
+            try:
+                self._flush()
+            finally:
+                self._flushing.release()
+        lost = self.waiting()
+        if lost:
+            logger.error(
+                "Dropped %d success records at exit: the database could not be written",
+                lost,
+                extra=log_extra(),
+            )
+
+    def _flush(self) -> int:
+        with self._lock:
+            batches, self._waiting, self._count = self._waiting, {}, 0
+        written = 0
+        for alias, rows in batches.items():
+            try:
+                written += _write(alias, rows)
+            except DatabaseError:
+                logger.exception(
+                    "Could not record %d successful deliveries; they wait for the next try",
+                    len(rows),
+                    extra=log_extra(),
+                )
+                connections[alias].close()  # a broken connection is opened anew next time
+                self._requeue(alias, rows)
+        return written
 
     def _start(self) -> None:
         self._thread = threading.Thread(
@@ -120,9 +146,12 @@ class BatchedRecorder:
         self.stop()
 
     def _run(self) -> None:
-        while not self._stopped.is_set():
+        while True:
             self._wake.wait(self.interval)
             self._wake.clear()
+            with self._lock:
+                if self._stopped:
+                    break
             try:
                 self.flush()
             except Exception:  # a bug, not the database: keep the writer alive for the next
@@ -135,14 +164,13 @@ class BatchedRecorder:
             waiting = self._waiting.setdefault(alias, [])
             waiting[:0] = rows
             self._count += len(rows)
-            excess = self._count - self.max_waiting
-            if excess > 0:
-                del waiting[:excess]
-                self._count -= excess
-        if excess > 0:
+            dropped = min(max(0, self._count - self.max_waiting), len(waiting))
+            del waiting[:dropped]  # the oldest
+            self._count -= dropped
+        if dropped:
             logger.error(
                 "Dropped %d success records: more than %d waited for the database",
-                excess,
+                dropped,
                 self.max_waiting,
                 extra=log_extra(),
             )

@@ -51,16 +51,27 @@ def celery_app() -> Celery | None:
 
 
 def build_message(
-    event_message: dict[str, Any], subscription: str, alias: str, prior_attempts: int = 0
+    event_message: dict[str, Any],
+    subscription: str,
+    alias: str,
+    prior_attempts: int = 0,
+    rerun: bool = False,
 ) -> dict[str, Any]:
-    """The task argument: names the subscription, never a handler path."""
-    return {
+    """The task argument: names the subscription, never a handler path.
+
+    ``rerun`` marks a retry or replay: its `Delivery` row already exists, so its success is
+    written before the acknowledgement even with ``SUCCESS_RECORDS = "batched"``.
+    """
+    message = {
         "v": MESSAGE_VERSION,
         "subscription": subscription,
         "event": event_message,
         "db": alias,
         "prior_attempts": prior_attempts,
     }
+    if rerun:
+        message["rerun"] = True
+    return message
 
 
 class BrokerHealth:
@@ -185,6 +196,7 @@ def send_deliveries(
     sent = 0
     confirms: PublisherConfirms | None = None
     declared: set[str] = set()
+    rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"
     try:
         with _producer(app, confirm) as producer:
             confirms = PublisherConfirms.start(producer.channel) if confirm else None
@@ -201,6 +213,7 @@ def send_deliveries(
                             producer.maybe_declare(
                                 app.amqp.queues[subscription.queue],
                                 retry=confirms is None,
+                                on_revive=producer.revive,  # a reconnect rebinds the producer
                                 **policy,
                             )
                             declared.add(subscription.queue)
@@ -212,7 +225,7 @@ def send_deliveries(
                     )
                     app.send_task(
                         TASK_NAME,
-                        args=(build_message(message, subscription.name, alias, prior),),
+                        args=(build_message(message, subscription.name, alias, prior, rerun),),
                         # Celery would saferepr() the payload into a header (a fifth of the
                         # send, and redacted fields in monitors): name the delivery instead.
                         argsrepr=f"({subscription.name!r}, {message['id']!r})",

@@ -38,6 +38,7 @@ class _Message:
     event: dict[str, Any]
     alias: str
     prior_attempts: int
+    rerun: bool
 
 
 def process_message(
@@ -93,7 +94,9 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
-    return _run(registry, subscription, event, message.alias, attempt, retries, batch_success)
+    # A retry or replay has a Delivery row already (pending): its success must replace it.
+    batch = batch_success and not message.rerun
+    return _run(registry, subscription, event, message.alias, attempt, retries, batch)
 
 
 def _parse(raw: Any) -> _Message:
@@ -103,7 +106,11 @@ def _parse(raw: Any) -> _Message:
     if alias not in settings.DATABASES:
         alias = DEFAULT_DB_ALIAS
     return _Message(
-        str(raw["subscription"]), raw["event"], alias, int(raw.get("prior_attempts", 0))
+        str(raw["subscription"]),
+        raw["event"],
+        alias,
+        int(raw.get("prior_attempts", 0)),
+        raw.get("rerun") is True,
     )
 
 

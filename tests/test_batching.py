@@ -198,3 +198,16 @@ def test_a_row_added_after_stop_is_written_at_once(recorders) -> None:
 
     assert stored([event_id]) == [(str(event_id), "succeeded", 1)]
     assert recorder.waiting() == 0
+
+
+def test_rows_the_database_refuses_at_exit_are_reported_dropped(recorders, caplog) -> None:
+    ids = recorded_events(3)
+    recorder = make(recorders, interval=3600)
+    for event_id in ids:
+        recorder.add("default", event_id, "billing")
+
+    with caplog.at_level(logging.ERROR, logger="django_events.worker"), deliveries_table_gone():
+        recorder.stop()
+
+    assert "Dropped 3 success records at exit: the database could not be written" in caplog.text
+    assert stored(ids) == []

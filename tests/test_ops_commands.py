@@ -16,8 +16,11 @@ from django_events import publish
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from django_events.recording import delivery, save_deliveries
 from django_events.redelivery import NOT_SENT
+from django_events.worker import process_message
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring, work
+
+RECORD = "tests.app.handlers.record"
 
 
 def run(command: str, *args: str) -> str:
@@ -257,6 +260,30 @@ def test_events_replay_sends_async_and_applies_the_filter(publish_now, queue) ->
     assert message["event"]["id"] == str(big.id) and message["prior_attempts"] == 0
     assert not Delivery.objects.filter(event_id=small.id, subscription="shop-big").exists()
     assert Delivery.objects.get(event_id=big.id, subscription="shop-big").status == "pending"
+
+
+@pytest.mark.django_db
+def test_a_replayed_success_replaces_its_pending_row_with_batched_success_records(
+    django_capture_on_commit_callbacks, queue
+) -> None:
+    # A plain async subscription (not idempotent), so its successes can be batched.
+    plain = {"event": "shop.paid", "handler": RECORD, "mode": "async", "name": "shop-plain"}
+    with shop_wiring(queue, SUBSCRIPTIONS=[plain]):
+        with django_capture_on_commit_callbacks(execute=True):
+            paid = publish("shop.paid", {"order_id": 7, "total": 10})
+        drain(queue)  # the first message is lost: no Delivery row for shop-plain
+        run("events_replay", "shop-plain")
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-plain"]
+        assert message["rerun"] is True and message["prior_attempts"] == 0
+        assert Delivery.objects.get(event_id=paid.id, subscription="shop-plain").status == "pending"
+
+        # SUCCESS_RECORDS = "batched" leaves first runs to a background writer that never
+        # overwrites a row: a rerun's success is written at once, over the pending row.
+        outcome = process_message(message, 0, manage_connections=False, batch_success=True)
+
+    assert outcome.status == "succeeded"
+    row = Delivery.objects.get(event_id=paid.id, subscription="shop-plain")
+    assert (row.status, row.attempts) == ("succeeded", 1)
 
 
 # -- events_prune ----------------------------------------------------------------------------
