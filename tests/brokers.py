@@ -6,11 +6,13 @@ import os
 import socket
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import pytest
 from celery import Celery
 from celery.signals import worker_process_init
+from django.conf import settings
 
 from django_events.broadcast import consume_broadcasts
 
@@ -62,6 +64,22 @@ def _flush_interval(**kwargs: object) -> None:
         from django_events import batching
 
         batching.FLUSH_INTERVAL = float(interval)
+
+
+def delivery_wiring(app: str, queue: str, manifest: str, **keys: Any) -> Any:
+    """DJANGO_EVENTS of a delivery test: base.yaml and ``manifest`` (from tests/manifests), the
+    Celery app ``tests.brokers.<app>``, async deliveries on ``queue``, and ``keys``."""
+    from django.test import override_settings  # this module is also a worker's Celery app
+
+    folder = Path(settings.BASE_DIR) / "manifests"
+    value = {
+        **settings.DJANGO_EVENTS,
+        "MANIFESTS": [folder / "base.yaml", folder / manifest],
+        "CELERY_APP": f"tests.brokers.{app}",
+        "DEFAULT_QUEUE": queue,
+        **keys,
+    }
+    return override_settings(DJANGO_EVENTS=value)
 
 
 def reachable(url: str) -> bool:

@@ -11,9 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection, transaction
-from django.test import override_settings
 
 from django_events import publish_many
 from django_events.models import Delivery
@@ -22,8 +20,6 @@ from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
-
-MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "delivery.yaml")]
 
 
 def batched_worker(kind: str, queue: str, folder: Path, interval: float) -> WorkerProcess:
@@ -48,13 +44,7 @@ def kind(request) -> str:
 @pytest.fixture
 def queue(kind: str) -> Iterator[str]:
     name = f"batched-{kind}-{uuid.uuid4().hex[:8]}"
-    value = {
-        **settings.DJANGO_EVENTS,
-        "MANIFESTS": MANIFESTS,
-        "CELERY_APP": f"tests.brokers.{kind}",
-        "DEFAULT_QUEUE": name,
-    }
-    with override_settings(DJANGO_EVENTS=value):
+    with brokers.delivery_wiring(kind, name, "delivery.yaml"):
         yield name
     with getattr(brokers, kind).connection_for_write() as conn:
         conn.default_channel.queue_delete(name)

@@ -8,12 +8,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection, transaction
-from django.test import override_settings
 
 from django_events import publish
 from django_events.broadcast import exchange_name
@@ -23,8 +20,6 @@ from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
-
-MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "broadcast.yaml")]
 
 
 # The filesystem transport (the embedded default) only in the PostgreSQL pass: test time.
@@ -60,13 +55,7 @@ def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterat
                 worker.launch()
             for worker in workers:
                 worker.wait_ready()
-        value = {
-            **settings.DJANGO_EVENTS,
-            "MANIFESTS": MANIFESTS,
-            "CELERY_APP": f"tests.brokers.{kind}",
-            "DEFAULT_QUEUE": queue,
-        }
-        with override_settings(DJANGO_EVENTS=value):
+        with brokers.delivery_wiring(kind, queue, "broadcast.yaml"):
             yield queue
     finally:
         for worker in workers:  # the test waited for every delivery: nothing is running

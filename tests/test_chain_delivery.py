@@ -6,14 +6,12 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from django.conf import settings
 from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse
-from django.test import RequestFactory, override_settings
+from django.test import RequestFactory
 
 from django_events import context, publish
 from django_events.context import ContextMiddleware
@@ -24,7 +22,6 @@ from tests.worker import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
-MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "chains.yaml")]
 PIPELINE = [
     "django_events.correlation.CorrelationInterceptor",
     "django_events.context.ContextInterceptor",
@@ -47,16 +44,9 @@ def worker(django_db_setup, django_db_blocker, tmp_path) -> Iterator[WorkerProce
             "CELERY_BROKER_URL": brokers.AMQP_URL,
         },
     )
-    value = {
-        **settings.DJANGO_EVENTS,
-        "MANIFESTS": MANIFESTS,
-        "CELERY_APP": "tests.brokers.amqp",
-        "DEFAULT_QUEUE": queue,
-        "PIPELINE": PIPELINE,
-    }
     process.start()
     try:
-        with override_settings(DJANGO_EVENTS=value):
+        with brokers.delivery_wiring("amqp", queue, "chains.yaml", PIPELINE=PIPELINE):
             yield process
     finally:
         process.stop(cold=True)  # the test waited for its deliveries: nothing is running

@@ -15,9 +15,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.db import connection, transaction
-from django.test import override_settings
 
 from django_events import publish
 from django_events.broker import TASK_NAME, build_message
@@ -27,8 +25,6 @@ from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
-
-MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "delivery.yaml")]
 
 
 @dataclass
@@ -75,13 +71,7 @@ def _drop_queue(kind: str, queue: str) -> None:
 
 @pytest.fixture
 def wired(broker: Broker) -> Iterator[Broker]:
-    value = {
-        **settings.DJANGO_EVENTS,
-        "MANIFESTS": MANIFESTS,
-        "CELERY_APP": f"tests.brokers.{broker.kind}",
-        "DEFAULT_QUEUE": broker.queue,
-    }
-    with override_settings(DJANGO_EVENTS=value):
+    with brokers.delivery_wiring(broker.kind, broker.queue, "delivery.yaml"):
         yield broker
 
 
@@ -248,13 +238,7 @@ def _send_raw(broker: Broker, body: bytes) -> None:
 def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) -> None:
     from django.core.management import call_command
 
-    down = {
-        **settings.DJANGO_EVENTS,
-        "MANIFESTS": MANIFESTS,
-        "CELERY_APP": "tests.brokers.unreachable",
-        "DEFAULT_QUEUE": wired.queue,
-    }
-    with override_settings(DJANGO_EVENTS=down):
+    with brokers.delivery_wiring("unreachable", wired.queue, "delivery.yaml"):
         ids = []
         for order_id in range(5):
             with transaction.atomic():
