@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from .execution import log_extra
 from .models import Delivery
+from .recording import delivery_fields, insert_deliveries_sql
 
 logger = logging.getLogger("django_events.worker")
 
@@ -201,34 +202,15 @@ def _write_one(connection: BaseDatabaseWrapper, row: Success) -> int:
     return 1
 
 
-_COLUMNS = [
-    "event",
-    "subscription",
-    "mode",
-    "status",
-    "attempts",
-    "last_error",
-    "traceback",
-    "created_at",
-    "updated_at",
-]
-
-
 def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
     """``INSERT ... ON CONFLICT DO NOTHING`` (the backend's form) of ``rows``, in chunks.
 
     DO NOTHING: a row already there was written by a later run (a retry, a replay), and one
     statement may not update a row twice (a redelivered message in the same batch).
     """
-    meta = Delivery._meta
-    by_name = {f.name: f for f in meta.concrete_fields}
-    fields = [by_name[name] for name in _COLUMNS]
-    event_field = fields[0]
+    fields = delivery_fields()
+    event_field = Delivery._meta.get_field("event")
     ops = connection.ops
-    columns = ", ".join(ops.quote_name(str(f.column)) for f in fields)
-    head = f"{ops.insert_statement(on_conflict=OnConflict.IGNORE)} {ops.quote_name(meta.db_table)}"
-    tail = ops.on_conflict_suffix_sql(fields, OnConflict.IGNORE, [], []) or ""
-    placeholder = f"({', '.join(['%s'] * len(fields))})"
     size = max(1, ops.bulk_batch_size(fields, list(rows)))
     with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
         for start in range(0, len(rows), size):
@@ -236,10 +218,20 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
             params: list[Any] = []
             for event_id, subscription, finished in chunk:
                 at = ops.adapt_datetimefield_value(finished)
-                event = event_field.get_db_prep_value(event_id, connection)
-                params += [event, subscription, "async", "succeeded", 1, "", "", at, at]
-            values = ", ".join([placeholder] * len(chunk))
-            cursor.execute(f"{head} ({columns}) VALUES {values} {tail}", params)
+                values = {
+                    "event": event_field.get_db_prep_value(event_id, connection),
+                    "subscription": subscription,
+                    "mode": "async",
+                    "status": Delivery.Status.SUCCEEDED.value,
+                    "attempts": 1,
+                    "last_error": "",
+                    "traceback": "",
+                    "created_at": at,
+                    "updated_at": at,
+                }
+                params += [values[f.name] for f in fields]
+            sql = insert_deliveries_sql(connection, len(chunk), OnConflict.IGNORE)
+            cursor.execute(sql, params)
 
 
 _recorder: BatchedRecorder | None = None
