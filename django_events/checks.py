@@ -33,6 +33,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",
     "django_events.E204": "the Celery app accepts pickle",
+    "django_events.W205": "the Celery app uses kombu's own filesystem transport",
     "django_events.E301": "an inbound secret setting or environment variable is missing",
     "django_events.E302": "an inbound secret has the wrong shape or is empty",
     "django_events.W301": "an inbound permission is declared by no model",
@@ -110,14 +111,36 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
                 id="django_events.E203",
             )
         ]
+    messages: list[CheckMessage] = []
     accepted = {str(c).lower() for c in app.conf.accept_content or ()}
     if accepted & {"pickle", "application/x-python-serialize"}:
-        return [
+        messages.append(
             Error(
                 f"Celery app {app.main!r} accepts pickle: {sorted(accepted)!r}",
                 hint="Set accept_content = ['json']; pickle runs code from the broker.",
                 obj="DJANGO_EVENTS",
                 id="django_events.E204",
             )
-        ]
-    return []
+        )
+    if _transport_name(app) == "filesystem":
+        messages.append(
+            Warning(
+                f"Celery app {app.main!r} uses kombu's own filesystem transport, which shows a "
+                "worker a message file before it is written: the worker exits and the message "
+                "is lost",
+                hint='Set broker_transport = "django_events.filesystem_transport:Transport" '
+                "(CELERY_BROKER_TRANSPORT); it reads and writes the same folders.",
+                obj="DJANGO_EVENTS",
+                id="django_events.W205",
+            )
+        )
+    return messages
+
+
+def _transport_name(app: Any) -> str | None:
+    """The transport the app's broker connections use, when a name (not a class) says it."""
+    transport = app.conf.broker_transport
+    if transport is None:
+        url = app.conf.broker_write_url or app.conf.broker_url
+        transport = url.partition("://")[0] if isinstance(url, str) and "://" in url else None
+    return transport if isinstance(transport, str) else None

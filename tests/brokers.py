@@ -39,6 +39,7 @@ def make_app(kind: str, url: str | None = None) -> Celery:
         app.conf.broker_transport_options = {"socket_timeout": 5}
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
+        app.conf.broker_transport = "django_events.filesystem_transport:Transport"
         app.conf.broker_transport_options = {
             "data_folder_in": str(FS_FOLDER),
             "data_folder_out": str(FS_FOLDER),

@@ -44,17 +44,12 @@ def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterat
         for name in ("w1", "w2")
     ]
     try:
-        if kind == "filesystem":
-            # kombu's filesystem transport creates an exchange's table file before it locks
-            # it: a second worker binding at that moment reads it empty and dies at start.
-            for worker in workers:
-                worker.launch()
-                worker.wait_ready()
-        else:
-            for worker in workers:
-                worker.launch()
-            for worker in workers:
-                worker.wait_ready()
+        # Both bind their broadcast queues at once: on the filesystem transport, the same
+        # exchange table file (kombu's own transport made one of them exit at start).
+        for worker in workers:
+            worker.launch()
+        for worker in workers:
+            worker.wait_ready()
         with brokers.delivery_wiring(kind, queue, "broadcast.yaml"):
             yield queue
     finally:

@@ -579,6 +579,25 @@ def test_a_celery_app_that_accepts_pickle_is_E204(pickle_app: str) -> None:
         )
 
 
+def test_a_celery_app_on_kombus_own_filesystem_transport_is_W205() -> None:
+    with wiring(ASYNC, CELERY_APP="tests.app.stock_filesystem_celery.app"):
+        assert_reported(
+            (
+                "django_events.W205",
+                "DJANGO_EVENTS",
+                "Celery app 'stock_filesystem' uses kombu's own filesystem transport, which "
+                "shows a worker a message file before it is written: the worker exits and the "
+                "message is lost",
+            )
+        )
+
+
+@pytest.mark.parametrize("kind", ["filesystem", "amqp", "redis"])
+def test_the_filesystem_transport_of_django_events_and_other_brokers_are_fine(kind: str) -> None:
+    with wiring(ASYNC, CELERY_APP=f"tests.brokers.{kind}"):
+        assert_reported()
+
+
 # -- every problem at once ---------------------------------------------------------------------
 
 
@@ -731,6 +750,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.E203": lambda _: wiring(ASYNC, CELERY_APP="tests.nope.app"),
     "django_events.E204": lambda _: wiring(ASYNC, CELERY_APP="tests.app.pickle_celery.app"),
+    "django_events.W205": lambda _: wiring(
+        ASYNC, CELERY_APP="tests.app.stock_filesystem_celery.app"
+    ),
     "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
     "django_events.E302": lambda _: _inbound(
         {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""

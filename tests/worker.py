@@ -13,6 +13,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Workers started and not yet stopped, for what a timed-out wait reports.
+_running: set[WorkerProcess] = set()
+
 
 class WorkerProcess:
     """A prefork worker (2 processes) on ``queue`` (comma-separated queues) of one broker."""
@@ -90,6 +93,7 @@ class WorkerProcess:
             start_new_session=True,  # its own process group, for kill()
         )
         log.close()
+        _running.add(self)
 
     def wait_ready(self, timeout: float = 60) -> None:
         """Wait for this start's "ready." line in the log; stop the worker if it never comes."""
@@ -113,6 +117,7 @@ class WorkerProcess:
     def stop(self, timeout: float = 20, *, wait: bool = True, cold: bool = False) -> None:
         """Warm shutdown (``cold``: at once, running tasks lost); ``wait=False`` only signals."""
         if self.process is None or self.process.poll() is not None:
+            _running.discard(self)
             return
         if not self._stopping:
             self.process.send_signal(signal.SIGQUIT if cold else signal.SIGTERM)
@@ -123,6 +128,7 @@ class WorkerProcess:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+        _running.discard(self)
 
     def kill(self) -> None:
         """SIGKILL the whole worker, main process and pool children (a host going down)."""
@@ -130,6 +136,18 @@ class WorkerProcess:
             return
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
+        _running.discard(self)
+
+    def describe(self, lines: int = 40) -> str:
+        """Whether the process runs, and the tail of this start's log."""
+        assert self.process is not None
+        code = self.process.poll()
+        state = "running" if code is None else f"exited with {code}"
+        tail = self.log()[self._offset :].splitlines()[-lines:]
+        return (
+            f"worker {self.node} (pid {self.process.pid}, {state}), {self.log_path}:\n"
+            + "\n".join(tail)
+        )
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
@@ -140,5 +158,6 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "con
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            workers = "".join(f"\n\n{worker.describe()}" for worker in _running)
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}{workers}")
         time.sleep(0.1)

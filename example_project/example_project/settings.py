@@ -106,9 +106,11 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # kombu's filesystem transport: each message is a file in this folder. The publisher
-    # writes where the worker reads, so "in" and "out" are the same folder.
+    # writes where the worker reads, so "in" and "out" are the same folder. django_events'
+    # variant writes each file whole before a worker can see it (kombu's own does not).
     BROKER_DIR = VAR_DIR / "broker"
     BROKER_DIR.mkdir(exist_ok=True)
+    CELERY_BROKER_TRANSPORT = "django_events.filesystem_transport:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR),
         "data_folder_out": str(BROKER_DIR),

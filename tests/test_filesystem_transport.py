@@ -1,0 +1,127 @@
+"""django_events.filesystem_transport: kombu's filesystem transport whose files appear whole.
+
+Real files, real kombu connections, a producer and a consumer running at the same time (no
+server needed). kombu's own transport fails the first test most runs: its consumer takes a
+message file that is still being written and cannot decode it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu import Connection, Exchange, Queue
+from kombu.exceptions import ChannelError
+
+from django_events.filesystem_transport import Transport
+
+TRANSPORT = "django_events.filesystem_transport:Transport"
+
+
+def options(folder: Path) -> dict[str, Any]:
+    return {
+        "data_folder_in": str(folder),
+        "data_folder_out": str(folder),
+        "control_folder": str(folder / "control"),
+        "store_processed": False,
+        "polling_interval": 0,  # the consumer reads the folder as often as it can
+    }
+
+
+def connect(folder: Path) -> Connection:
+    return Connection("filesystem://", transport=TRANSPORT, transport_options=options(folder))
+
+
+def test_a_consumer_polling_while_large_messages_are_written_gets_each_one_whole(
+    tmp_path: Path,
+) -> None:
+    queue = Queue("orders", Exchange("orders"), "orders")
+    count, blob = 150, "x" * 300_000  # big files: long writes, wide windows for a reader
+    failures: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with connect(tmp_path) as conn:
+                producer = conn.Producer()
+                for number in range(count):
+                    producer.publish(
+                        {"number": number, "blob": blob},
+                        exchange=queue.exchange,
+                        routing_key="orders",
+                        declare=[queue],
+                        serializer="json",
+                    )
+        except BaseException as exc:  # reported by the test's thread
+            failures.append(exc)
+
+    received = []
+    with connect(tmp_path) as conn:
+        consumer = conn.SimpleQueue(queue)
+        writer = threading.Thread(target=produce)
+        writer.start()
+        try:
+            while len(received) < count:
+                message = consumer.get(timeout=30)
+                received.append((message.payload["number"], len(message.payload["blob"])))
+                message.ack()
+        finally:
+            writer.join()
+    assert failures == []
+    assert sorted(received) == [(number, len(blob)) for number in range(count)]
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []  # no partial file left
+
+
+def test_processes_binding_to_a_new_exchange_at_once_all_end_up_in_its_table(
+    tmp_path: Path,
+) -> None:
+    exchange = Exchange("broadcast", type="fanout")
+    names = [f"worker-{n}" for n in range(8)]
+    start = threading.Barrier(len(names))
+    failures: list[BaseException] = []
+
+    def bind(name: str) -> None:
+        try:
+            with connect(tmp_path) as conn:
+                start.wait()
+                Queue(name, exchange).bind(conn.default_channel).declare()
+                conn.default_channel.get_table("broadcast")  # a reader during the others' writes
+        except BaseException as exc:  # reported by the test's thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=bind, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    with connect(tmp_path) as conn:
+        table = conn.default_channel.get_table("broadcast")
+        assert sorted(binding.queue for binding in table) == names
+        conn.Producer().publish({"hello": 1}, exchange=exchange, serializer="json")
+        for name in names:  # a fanout message reaches every bound queue
+            assert conn.SimpleQueue(name).get(timeout=5).payload == {"hello": 1}
+    assert [p.name for p in (tmp_path / "control").glob(".*")] == []  # no partial table left
+
+
+@pytest.mark.parametrize("name", ["../outside", "a/b"])
+def test_an_exchange_name_that_leaves_the_control_folder_is_refused(
+    tmp_path: Path, name: str
+) -> None:
+    with connect(tmp_path) as conn, pytest.raises(ChannelError, match="Invalid exchange name"):
+        conn.default_channel._queue_bind(name, "key", None, "q")
+    assert not (tmp_path / "outside.exchange").exists()
+
+
+def test_celery_uses_it_when_broker_transport_names_it(tmp_path: Path) -> None:
+    app = Celery("transport-check", set_as_current=False)
+    app.conf.update(
+        broker_url="filesystem://",
+        broker_transport=TRANSPORT,
+        broker_transport_options=options(tmp_path),
+    )
+    with app.connection_for_write() as conn:
+        assert isinstance(conn.transport, Transport)
+        assert conn.transport.driver_type == "filesystem"
