@@ -44,7 +44,7 @@ stop_worker() {
   echo "Worker log:  $WORKER_LOG"
   if [[ -z "${DATABASE_URL:-}" ]]; then echo "Database:    $VAR/db.sqlite3"; fi
   if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
-    echo "Broker:      $VAR/broker (kombu filesystem transport)"
+    echo "Broker:      $VAR/broker (filesystem transport)"
   fi
   if ((status == 0)); then echo "Example finished OK."; else echo "Example FAILED (exit $status)."; fi
   exit "$status"
