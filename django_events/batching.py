@@ -202,13 +202,26 @@ def _write_one(connection: BaseDatabaseWrapper, row: Success) -> int:
     return 1
 
 
+# What every batched row says: a first attempt that succeeded. Written into the statement,
+# these take no parameter (a row has 4 instead of 9, and the database driver's cost is per
+# parameter).
+_SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
+    ("mode", "async"),
+    ("status", Delivery.Status.SUCCEEDED.value),
+    ("attempts", 1),
+    ("last_error", ""),
+    ("traceback", ""),
+)
+
+
 def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
     """``INSERT ... ON CONFLICT DO NOTHING`` (the backend's form) of ``rows``, in chunks.
 
     DO NOTHING: a row already there was written by a later run (a retry, a replay), and one
     statement may not update a row twice (a redelivered message in the same batch).
     """
-    fields = delivery_fields()
+    literal = dict(_SUCCESS_LITERALS)
+    fields = [f for f in delivery_fields() if f.name not in literal]
     event_field = Delivery._meta.get_field("event")
     ops = connection.ops
     size = max(1, ops.bulk_batch_size(fields, list(rows)))
@@ -221,16 +234,13 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
                 values = {
                     "event": event_field.get_db_prep_value(event_id, connection),
                     "subscription": subscription,
-                    "mode": "async",
-                    "status": Delivery.Status.SUCCEEDED.value,
-                    "attempts": 1,
-                    "last_error": "",
-                    "traceback": "",
                     "created_at": at,
                     "updated_at": at,
                 }
                 params += [values[f.name] for f in fields]
-            sql = insert_deliveries_sql(connection, len(chunk), OnConflict.IGNORE)
+            sql = insert_deliveries_sql(
+                connection, len(chunk), OnConflict.IGNORE, _SUCCESS_LITERALS
+            )
             cursor.execute(sql, params)
 
 

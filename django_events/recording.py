@@ -108,19 +108,24 @@ def delivery_fields() -> list[Field[Any, Any]]:
     return [f for f in Delivery._meta.concrete_fields if not f.primary_key]
 
 
-_insert_sql: dict[tuple[str, int, OnConflict], str] = {}
+_insert_sql: dict[tuple[str, int, OnConflict, tuple[tuple[str, str | int], ...]], str] = {}
 
 
 def insert_deliveries_sql(
-    connection: BaseDatabaseWrapper, rows: int, on_conflict: OnConflict
+    connection: BaseDatabaseWrapper,
+    rows: int,
+    on_conflict: OnConflict,
+    literals: tuple[tuple[str, str | int], ...] = (),
 ) -> str:
     """The backend's ``INSERT`` of ``rows`` `Delivery` rows (`delivery_fields` each).
 
     On an existing (event, subscription) row, ``OnConflict.UPDATE`` replaces its outcome and
-    ``OnConflict.IGNORE`` keeps it. Built once per backend and shape: it is on the worker's
-    path for every delivery.
+    ``OnConflict.IGNORE`` keeps it. ``literals`` ((field name, value) pairs) are written into
+    the statement, the same for every row, and take no parameter: the parameters of a row are
+    the other fields' values, in `delivery_fields` order. Built once per backend and shape: it
+    is on the worker's path for every delivery.
     """
-    key = (connection.vendor, rows, on_conflict)
+    key = (connection.vendor, rows, on_conflict, literals)
     sql = _insert_sql.get(key)
     if sql is None:
         fields = delivery_fields()
@@ -133,7 +138,8 @@ def insert_deliveries_sql(
             [columns[name] for name in UPSERT_FIELDS] if update else [],
             [columns[name] for name in UNIQUE_FIELDS] if update else [],
         )
-        row = f"({', '.join(['%s'] * len(fields))})"
+        fixed = dict(literals)
+        row = f"({', '.join(_literal(fixed[f.name]) if f.name in fixed else '%s' for f in fields)})"
         sql = _insert_sql[key] = (
             f"{ops.insert_statement(on_conflict=on_conflict)} "
             f"{ops.quote_name(Delivery._meta.db_table)} "
@@ -141,6 +147,13 @@ def insert_deliveries_sql(
             f"VALUES {', '.join([row] * rows)} {suffix}"
         )
     return sql
+
+
+def _literal(value: str | int) -> str:
+    """An SQL literal of a constant of ours (never user input): every backend reads these."""
+    if isinstance(value, int):
+        return str(int(value))
+    return "'" + value.replace("'", "''") + "'"
 
 
 def delivery(
