@@ -27,9 +27,10 @@ from kombu.utils.encoding import str_to_bytes
 from kombu.utils.json import dumps
 
 
-def _hidden(folder: str | Path, final_name: str) -> Path:
-    """A file of ``folder`` no reader looks at: a dot, the final name, a unique suffix."""
-    return Path(folder, f".{final_name}.{uuid.uuid4().hex}.partial")
+def _hidden(folder: str | Path) -> Path:
+    """A file of ``folder`` no reader looks at: without the queue's name, which kombu before
+    5.7 looks for anywhere in a file name (``.<queue>.msg``), and 5.7 after the first dot."""
+    return Path(folder, f".partial-{uuid.uuid4().hex}")
 
 
 class Channel(filesystem.Channel):
@@ -39,7 +40,7 @@ class Channel(filesystem.Channel):
     def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
         # kombu's name: the time orders the messages, the part after the first dot the queue.
         name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
-        partial = _hidden(self.data_folder_out, name)
+        partial = _hidden(self.data_folder_out)
         try:
             partial.write_bytes(str_to_bytes(dumps(payload)))
             os.replace(partial, os.path.join(self.data_folder_out, name))
@@ -54,7 +55,7 @@ class Channel(filesystem.Channel):
         if not table.exists():
             self.control_folder.mkdir(parents=True, exist_ok=True)
             binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
-            partial = _hidden(self.control_folder, table.name)
+            partial = _hidden(self.control_folder)
             try:
                 partial.write_bytes(str_to_bytes(dumps([binding])))
                 os.link(partial, table)  # unlike a rename, fails if another process made it first

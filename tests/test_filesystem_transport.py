@@ -16,6 +16,7 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import ChannelError
 
+from django_events import filesystem_transport
 from django_events.filesystem_transport import Transport
 
 TRANSPORT = "django_events.filesystem_transport:Transport"
@@ -104,6 +105,19 @@ def test_processes_binding_to_a_new_exchange_at_once_all_end_up_in_its_table(
         for name in names:  # a fanout message reaches every bound queue
             assert conn.SimpleQueue(name).get(timeout=5).payload == {"hello": 1}
     assert [p.name for p in (tmp_path / "control").glob(".*")] == []  # no partial table left
+
+
+def test_a_file_still_being_written_is_not_taken_by_a_consumer(tmp_path: Path) -> None:
+    # A name of its own: kombu remembers bindings per process, not per folder.
+    queue = Queue("refunds", Exchange("refunds"), "refunds")
+    with connect(tmp_path) as conn:
+        consumer = conn.SimpleQueue(queue)
+        # What a producer's file looks like halfway through writing (this kombu's own reader).
+        filesystem_transport._hidden(tmp_path).write_bytes(b'{"body": "half')
+        with pytest.raises(consumer.Empty):
+            consumer.get(timeout=0.3)
+        conn.Producer().publish({"n": 1}, exchange=queue.exchange, routing_key="refunds")
+        assert consumer.get(timeout=5).payload == {"n": 1}
 
 
 @pytest.mark.parametrize("name", ["../outside", "a/b"])
