@@ -18,7 +18,7 @@ from .events import Event, current_event, new_event
 from .execution import run_handler
 from .interceptors import run_send
 from .models import EventRecord
-from .recording import record_for
+from .recording import insert_records
 from .registry import Registry, get_registry
 
 
@@ -123,7 +123,7 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
         _overrides.capture(batch, alias)
         return
     interceptors = registry.interceptors
-    records: list[EventRecord] = []
+    records: list[tuple[Event, str]] = []
     deferred: list[Outgoing] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
@@ -131,11 +131,11 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
             run_handler(subscription, item.event, interceptors)
         if item.recorded:
             status = EventRecord.Status.PENDING if item.async_ else EventRecord.Status.DISPATCHED
-            records.append(record_for(item.event, status))
+            records.append((item.event, status))
         if item.sync or item.async_:
             deferred.append(item)
     if records:
-        EventRecord.objects.using(alias).bulk_create(records)
+        insert_records(alias, records)
     if deferred:
         # events_eager() wants its failures raised into the test, not logged by on_commit.
         robust = _overrides.send is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
@@ -31,6 +32,65 @@ def record_for(event: Event, status: str) -> EventRecord:
         causation_id=event.causation_id,
         status=status,
     )
+
+
+# The columns a new record is written with (the others take their NULL).
+_RECORD_FIELDS = (
+    "id",
+    "name",
+    "payload",
+    "headers",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "status",
+)
+_records_sql: dict[str, str] = {}
+
+
+def insert_records(alias: str, records: Sequence[tuple[Event, str]]) -> None:
+    """Insert the records of new (event, status) pairs in one statement.
+
+    On PostgreSQL the rows travel as one JSON document that ``jsonb_to_recordset`` unpacks:
+    `bulk_create` spends ~4x the client CPU on the same rows (per-field preparation, then
+    psycopg encoding each column as an array literal). Through Django's cursor all the same,
+    so query logging and ``execute_wrapper`` hooks see the statement.
+    """
+    connection = connections[alias]
+    if connection.vendor != "postgresql":
+        EventRecord.objects.using(alias).bulk_create([record_for(e, s) for e, s in records])
+        return
+    rows = [
+        {
+            "id": str(event.id),
+            "name": event.name,
+            "payload": event.data,
+            "headers": event.headers,
+            "occurred_at": event.occurred_at.isoformat(),
+            "correlation_id": str(event.correlation_id),
+            "causation_id": None if event.causation_id is None else str(event.causation_id),
+            "status": status,
+        }
+        for event, status in records
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_insert_records_sql(connection), [json.dumps(rows)])
+
+
+def _insert_records_sql(connection: BaseDatabaseWrapper) -> str:
+    sql = _records_sql.get(connection.alias)
+    if sql is None:
+        quote = connection.ops.quote_name
+        fields = [f for f in EventRecord._meta.concrete_fields if f.name in _RECORD_FIELDS]
+        columns = ", ".join(quote(str(f.column)) for f in fields)
+        # jsonb_to_recordset matches a row's keys to these names: the field names above.
+        types = ", ".join(f"{quote(f.name)} {f.db_type(connection)}" for f in fields)
+        selected = ", ".join(quote(f.name) for f in fields)
+        sql = _records_sql[connection.alias] = (
+            f"INSERT INTO {quote(EventRecord._meta.db_table)} ({columns}) "
+            f"SELECT {selected} FROM jsonb_to_recordset(%s::jsonb) AS rows({types})"
+        )
+    return sql
 
 
 def event_of(record: EventRecord, payload: object = None) -> Event:

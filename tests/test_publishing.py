@@ -320,3 +320,64 @@ def test_published_events_are_whole_frozen_events() -> None:
     assert values["correlation_id"] == event.id and values["causation_id"] is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.name = "orders.other"  # type: ignore[misc]
+
+
+@pytest.mark.django_db
+def test_records_hold_exactly_what_their_events_hold() -> None:
+    from datetime import datetime, timedelta
+    from datetime import timezone as dt_timezone
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from django_events.recording import insert_records
+
+    chained, cause = uuid.uuid4(), uuid.uuid4()
+    data = {
+        "order_id": 2**53,
+        "total": 0.1,
+        "note": "naïve 'quoted' \"double\" back\\slash\nnewline \u2603 %s %(x)s",
+        "nested": {"list": [1, None, True, {"a": []}], "empty": ""},
+    }
+    headers = {"x-request-id": "r'1\"\\", "traceparent": "00-ab"}
+    india = dt_timezone(timedelta(hours=5, minutes=30))
+    at = datetime(2026, 3, 29, 1, 59, 59, 999999, tzinfo=india)
+    events = [
+        Event(uuid.uuid4(), "orders.placed", {}, {}, timezone.now(), uuid.uuid4(), None, {}),
+        Event(chained, "orders.placed", data, headers, at, chained, cause, data),
+    ]
+    with CaptureQueriesContext(connection) as queries:
+        insert_records("default", [(events[0], "pending"), (events[1], "dispatched")])
+    assert len(queries) == 1  # one statement, and Django's query log saw it
+    if connection.vendor == "postgresql":  # the rows as one JSON document
+        assert "jsonb_to_recordset" in queries[0]["sql"]
+    for event, status in zip(events, ["pending", "dispatched"], strict=True):
+        record = EventRecord.objects.get(pk=event.id)
+        assert (record.name, record.payload, record.headers, record.status) == (
+            event.name,
+            event.data,
+            event.headers,
+            status,
+        )
+        assert record.occurred_at == event.occurred_at
+        assert (record.correlation_id, record.causation_id) == (
+            event.correlation_id,
+            event.causation_id,
+        )
+        assert record.dispatched_at is None
+
+
+@pytest.mark.django_db
+def test_the_record_insert_goes_through_django_execute_wrappers() -> None:
+    from django.db import connection
+
+    seen: list[str] = []
+
+    def spy(execute, sql, params, many, context):  # what an APM agent or a query logger does
+        seen.append(sql)
+        return execute(sql, params, many, context)
+
+    with wiring(SYNC), connection.execute_wrapper(spy), transaction.atomic():
+        publish_many([("orders.placed", {"order_id": i, "total": i}) for i in range(3)])
+    inserts = [sql for sql in seen if "django_events_eventrecord" in sql and "INSERT" in sql]
+    assert len(inserts) == 1
