@@ -78,7 +78,7 @@ def insert_records(alias: str, records: Sequence[tuple[Event, str]]) -> None:
 
 
 def _insert_records_sql(connection: BaseDatabaseWrapper) -> str:
-    sql = _records_sql.get(connection.alias)
+    sql = _records_sql.get(connection.vendor)
     if sql is None:
         quote = connection.ops.quote_name
         fields = [f for f in EventRecord._meta.concrete_fields if f.name in _RECORD_FIELDS]
@@ -86,7 +86,7 @@ def _insert_records_sql(connection: BaseDatabaseWrapper) -> str:
         # jsonb_to_recordset matches a row's keys to these names: the field names above.
         types = ", ".join(f"{quote(f.name)} {f.db_type(connection)}" for f in fields)
         selected = ", ".join(quote(f.name) for f in fields)
-        sql = _records_sql[connection.alias] = (
+        sql = _records_sql[connection.vendor] = (
             f"INSERT INTO {quote(EventRecord._meta.db_table)} ({columns}) "
             f"SELECT {selected} FROM jsonb_to_recordset(%s::jsonb) AS rows({types})"
         )
