@@ -75,7 +75,7 @@ def test_a_consumer_polling_while_large_messages_are_written_gets_each_one_whole
     assert [p.name for p in tmp_path.iterdir() if p.is_file()] == []  # no partial file left
 
 
-def test_processes_binding_to_a_new_exchange_at_once_all_end_up_in_its_table(
+def test_connections_binding_to_a_new_exchange_at_once_all_end_up_in_its_table(
     tmp_path: Path,
 ) -> None:
     exchange = Exchange("broadcast", type="fanout")
