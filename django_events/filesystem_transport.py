@@ -52,21 +52,26 @@ class Channel(filesystem.Channel):
         table = self.control_folder / f"{exchange}.exchange"  # kombu's name for it
         if table.parent != self.control_folder:  # "a/b" or "../b": not a name of that folder
             raise ChannelError(f"Invalid exchange name: {exchange!r}")
-        if not table.exists():
-            self.control_folder.mkdir(parents=True, exist_ok=True)
-            binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
-            partial = _hidden(self.control_folder)
-            try:
-                partial.write_bytes(str_to_bytes(dumps([binding])))
-                os.link(partial, table)  # unlike a rename, fails if another process made it first
-                return
-            except FileExistsError:
-                pass  # add the binding to that process's table, under its lock, as kombu does
-            except OSError as exc:
-                raise ChannelError(f"Cannot create {table}") from exc
-            finally:
-                partial.unlink(missing_ok=True)
+        binding = filesystem.exchange_queue_t(routing_key or "", pattern or "", queue or "")
+        if not table.exists() and self._create_table(table, binding):
+            return
+        # The table exists: kombu adds the binding to it under its lock.
         super()._queue_bind(exchange, routing_key, pattern, queue)
+
+    def _create_table(self, table: Path, binding: tuple[str, str, str]) -> bool:
+        """Create ``table`` holding ``binding``, whole; False if another process made it first."""
+        self.control_folder.mkdir(parents=True, exist_ok=True)
+        partial = _hidden(self.control_folder)
+        try:
+            partial.write_bytes(str_to_bytes(dumps([binding])))
+            os.link(partial, table)  # unlike a rename, fails if the table is there already
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise ChannelError(f"Cannot create {table}") from exc
+        finally:
+            partial.unlink(missing_ok=True)
+        return True
 
 
 class Transport(filesystem.Transport):

@@ -43,12 +43,12 @@ class PayloadValidator:
 
     def problems(self, payload: Any) -> list[PayloadProblem]:
         """Return every schema violation in ``payload`` (empty when it is valid)."""
-        if self._fast is not None:
-            try:
-                if self._fast.is_valid(payload):
-                    return []
-            except ValueError:  # a value jsonschema-rs cannot read (datetime, set, int key...)
-                pass
+        try:
+            fast_verdict = self._fast is not None and self._fast.is_valid(payload)
+        except ValueError:  # a value jsonschema-rs cannot read (datetime, set, int key...)
+            fast_verdict = False  # the reference validator decides, and explains
+        if fast_verdict:
+            return []
         errors = sorted(self._reference.iter_errors(payload), key=lambda e: list(map(str, e.path)))
         return [PayloadProblem(format_path(e.absolute_path), e.message) for e in errors]
 
