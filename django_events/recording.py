@@ -212,7 +212,7 @@ def insert_deliveries_sql(
 def _literal(value: str | int) -> str:
     """An SQL literal of a constant of ours (never user input): every backend reads these."""
     if isinstance(value, int):
-        return str(int(value))
+        return str(value)
     return "'" + value.replace("'", "''") + "'"
 
 

@@ -120,6 +120,18 @@ def test_a_file_still_being_written_is_not_taken_by_a_consumer(tmp_path: Path) -
         assert consumer.get(timeout=5).payload == {"n": 1}
 
 
+def test_a_message_that_cannot_be_written_is_a_channel_error(tmp_path: Path) -> None:
+    queue = Queue("invoices", Exchange("invoices"), "invoices")
+    gone = {**options(tmp_path), "data_folder_out": str(tmp_path / "unmounted")}
+    with Connection("filesystem://", transport=TRANSPORT, transport_options=gone) as conn:
+        queue(conn.default_channel).declare()  # bound in the control folder, which is there
+        with pytest.raises(ChannelError, match="Cannot add file"):
+            conn.Producer().publish(
+                {"n": 1}, exchange=queue.exchange, routing_key="invoices", retry=False
+            )
+    assert not (tmp_path / "unmounted").exists()
+
+
 @pytest.mark.parametrize("name", ["../outside", "a/b"])
 def test_an_exchange_name_that_leaves_the_control_folder_is_refused(
     tmp_path: Path, name: str
