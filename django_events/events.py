@@ -52,15 +52,15 @@ class Event:
         if not isinstance(data, dict) or not isinstance(headers, dict):
             raise ValueError("payload and headers must be objects")
         causation = message.get("causation_id")
-        return cls(
-            id=UUID(message["id"]),
-            name=message["name"],
-            payload=data if payload is None else payload,
-            headers=headers,
-            occurred_at=occurred_at,
-            correlation_id=UUID(message["correlation_id"]),
-            causation_id=UUID(causation) if causation else None,
-            data=data,
+        return new_event(
+            UUID(message["id"]),
+            message["name"],
+            data if payload is None else payload,
+            headers,
+            occurred_at,
+            UUID(message["correlation_id"]),
+            UUID(causation) if causation else None,
+            data,
         )
 
 
@@ -90,7 +90,8 @@ def new_event(
     causation_id: UUID | None,
     data: dict[str, Any],
 ) -> Event:
-    """``Event(...)`` without the dataclass ``__init__``: the same object, for ``publish()``."""
+    """``Event(...)`` without the dataclass ``__init__``: the same object, for the hot paths
+    (``publish()``, a worker rebuilding an event from its message)."""
     event: Event = _new_object(Event)
     _set_id(event, id)
     _set_name(event, name)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
 from django.db import connections, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import Field
+from django.db.models import Field, Model
 from django.db.models.constants import OnConflict
 from django.utils import timezone
 
@@ -82,15 +82,38 @@ def _insert_records_sql(connection: BaseDatabaseWrapper) -> str:
     if sql is None:
         quote = connection.ops.quote_name
         fields = [f for f in EventRecord._meta.concrete_fields if f.name in _RECORD_FIELDS]
-        columns = ", ".join(quote(str(f.column)) for f in fields)
         # jsonb_to_recordset matches a row's keys to these names: the field names above.
-        types = ", ".join(f"{quote(f.name)} {f.db_type(connection)}" for f in fields)
-        selected = ", ".join(quote(f.name) for f in fields)
-        sql = _records_sql[connection.vendor] = (
-            f"INSERT INTO {quote(EventRecord._meta.db_table)} ({columns}) "
-            f"SELECT {selected} FROM jsonb_to_recordset(%s::jsonb) AS rows({types})"
+        sql = _records_sql[connection.vendor] = json_rows_insert_sql(
+            connection,
+            EventRecord,
+            {f.name: f"rows.{quote(f.name)}" for f in fields},
+            {f.name: str(f.db_type(connection)) for f in fields},
         )
     return sql
+
+
+def json_rows_insert_sql(
+    connection: BaseDatabaseWrapper,
+    model: type[Model],
+    values: Mapping[str, str],
+    keys: Mapping[str, str],
+    suffix: str = "",
+) -> str:
+    """PostgreSQL: ``INSERT`` the rows of one JSON parameter (an array of objects).
+
+    ``keys`` maps each object key to its SQL type; ``values`` maps each field name written to
+    its SQL expression over ``rows`` (the unpacked objects). One parameter whatever the rows:
+    psycopg adapts a JSON string in C, where it adapts other values one by one in Python.
+    """
+    quote = connection.ops.quote_name
+    column = {f.name: str(f.column) for f in model._meta.concrete_fields}
+    columns = ", ".join(quote(column[name]) for name in values)
+    types = ", ".join(f"{quote(key)} {sql_type}" for key, sql_type in keys.items())
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({columns}) "
+        f"SELECT {', '.join(values.values())} FROM jsonb_to_recordset(%s::jsonb) AS rows({types})"
+        + (f" {suffix}" if suffix else "")
+    )
 
 
 def event_of(record: EventRecord, payload: object = None) -> Event:
@@ -126,16 +149,22 @@ def mark_dispatched(alias: str, ids: Sequence[UUID]) -> None:
     pk, status, dispatched_at = meta.pk, meta.get_field("status"), meta.get_field("dispatched_at")
     assert pk is not None  # every concrete model has one; this narrows the type
     quote = connection.ops.quote_name
-    sql = (
-        f"UPDATE {quote(meta.db_table)} SET {quote(str(status.column))} = %s, "
-        f"{quote(str(dispatched_at.column))} = %s "
-        f"WHERE {quote(str(pk.column))} IN ({', '.join(['%s'] * len(ids))})"
-    )
     params = [
         status.get_db_prep_save(EventRecord.Status.DISPATCHED.value, connection),
         dispatched_at.get_db_prep_save(timezone.now(), connection),
-        *(pk.get_db_prep_value(i, connection) for i in ids),
     ]
+    if connection.vendor == "postgresql":
+        # The ids as one array literal: psycopg adapts each UUID parameter in Python, which
+        # costs twice the client CPU of the whole statement at 100 ids (figure 3).
+        where = "= ANY(%s::uuid[])"
+        params.append("{" + ",".join(str(i) for i in ids) + "}")
+    else:
+        where = f"IN ({', '.join(['%s'] * len(ids))})"
+        params += [pk.get_db_prep_value(i, connection) for i in ids]
+    sql = (
+        f"UPDATE {quote(meta.db_table)} SET {quote(str(status.column))} = %s, "
+        f"{quote(str(dispatched_at.column))} = %s WHERE {quote(str(pk.column))} {where}"
+    )
     with transaction.mark_for_rollback_on_error(alias), connection.cursor() as cursor:
         cursor.execute(sql, params)
 
@@ -199,7 +228,8 @@ def insert_deliveries_sql(
             [columns[name] for name in UNIQUE_FIELDS] if update else [],
         )
         fixed = dict(literals)
-        row = f"({', '.join(_literal(fixed[f.name]) if f.name in fixed else '%s' for f in fields)})"
+        values = (sql_literal(fixed[f.name]) if f.name in fixed else "%s" for f in fields)
+        row = f"({', '.join(values)})"
         sql = _insert_sql[key] = (
             f"{ops.insert_statement(on_conflict=on_conflict)} "
             f"{ops.quote_name(Delivery._meta.db_table)} "
@@ -209,7 +239,7 @@ def insert_deliveries_sql(
     return sql
 
 
-def _literal(value: str | int) -> str:
+def sql_literal(value: str | int) -> str:
     """An SQL literal of a constant of ours (never user input): every backend reads these."""
     if isinstance(value, int):
         return str(value)

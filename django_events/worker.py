@@ -46,19 +46,17 @@ def process_message(
 ) -> Outcome:
     """Run the handler a message names; record the outcome. ``retries`` is Celery's count.
 
-    Database connections are treated as in Django's request cycle: stale ones are closed
-    before and after, so a restarted database never wedges a worker (``manage_connections``
+    Stale database connections are closed before the handler runs, as Django does when a
+    request starts, so a restarted database never wedges a worker (``manage_connections``
     false leaves them alone: in-process runs inside a test's transaction). ``batch_success``
     hands a first attempt's success row to this process's `BatchedRecorder` instead of
     writing it before returning (``SUCCESS_RECORDS = "batched"``).
     """
-    if not manage_connections:
-        return _process(message, retries, batch_success)
-    close_old_connections()
-    try:
-        return _process(message, retries, batch_success)
-    finally:
+    if manage_connections:
+        # Once, before: a connection that broke or aged during this delivery is closed before
+        # the next one, and Celery's Django fixup closes such connections after each task.
         close_old_connections()
+    return _process(message, retries, batch_success)
 
 
 def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:

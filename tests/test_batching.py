@@ -85,6 +85,20 @@ def test_rows_are_written_by_the_background_thread_within_the_interval(recorders
     assert all(before <= r.created_at == r.updated_at <= added for r in rows)
 
 
+def test_rows_hold_exactly_the_subscription_names_given(recorders) -> None:
+    # On PostgreSQL the rows travel as one JSON document: quoting must not bend a name.
+    names = ["it's \"quoted\"", "back\\slash %s", "ünïcødé → 📦"]
+    ids = recorded_events(len(names))
+    recorder = make(recorders, interval=3600)
+    for event_id, name in zip(ids, names, strict=True):
+        recorder.add("default", event_id, name)
+
+    assert recorder.flush() == 3
+
+    rows = Delivery.objects.filter(event_id__in=ids)
+    assert {(r.event_id, r.subscription) for r in rows} == set(zip(ids, names, strict=True))
+
+
 def test_a_full_batch_is_written_before_the_interval_is_up(recorders) -> None:
     ids = recorded_events(4)
     recorder = make(recorders, interval=3600, max_batch=3)
