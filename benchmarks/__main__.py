@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             results.append(_profiled(figure, ctx, number, args.profile))
             bench_delivery.purge_publish_queues(ctx)
+            bench_delivery.fresh_tables()
             if not args.smoke:
                 print(f"    ({time.monotonic() - started:.0f} s)", flush=True)
     finally:

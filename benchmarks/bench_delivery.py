@@ -30,6 +30,7 @@ from tests.worker import WorkerProcess
 from . import celery_app
 from .bench_publish import Context
 from .harness import Baseline, Comparison, Target, compare, single
+from .models import HandOutbox
 
 _queues: dict[str, set[str]] = {"amqp": set(), "redis": set()}
 # Tasks a worker process runs on one database connection (Celery's CELERY_DB_REUSE_MAX):
@@ -224,6 +225,7 @@ def _end_to_end(
     events: int = 1000,
 ) -> Comparison:
     n = ctx.count(events)
+    fresh_tables()
     client = _redis()
     variant = f"{kind}-{reuse}-{int(flush)}-{success}"
     ours_queue = f"bench-e2e-{ctx.run_id}-{variant}"
@@ -395,6 +397,18 @@ def figure_7(ctx: Context) -> bool:
         f"| target <= +10 MB",
         worst <= 10,
     )
+
+
+def fresh_tables() -> None:
+    """Empty the tables earlier figures filled: each figure, and each line of figure 4, starts
+    from an empty event log, so PostgreSQL's upkeep of an earlier one's rows (autovacuum of
+    tens of thousands of updated records) does not land in its timings."""
+    from django_celery_outbox.models import CeleryOutbox
+
+    quote = connection.ops.quote_name
+    tables = ", ".join(quote(m._meta.db_table) for m in (EventRecord, Delivery, HandOutbox))
+    with connection.cursor() as cursor:
+        cursor.execute(f"TRUNCATE {tables}, {quote(CeleryOutbox._meta.db_table)}")
 
 
 def purge_publish_queues(ctx: Context) -> None:

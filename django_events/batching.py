@@ -225,7 +225,7 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
     """
     if connection.vendor == "postgresql":
         # One statement, the same text for every batch, the rows in one JSON parameter: a
-        # statement with parameters per row costs the writer ~3x the CPU (psycopg rebuilds
+        # statement with parameters per row costs the writer 2-6x the CPU (psycopg parses
         # the text of every new batch size and adapts each parameter in Python).
         document = json.dumps(
             [{"event": str(event), "subscription": name, "at": at} for event, name, at in rows]
