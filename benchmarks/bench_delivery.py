@@ -412,8 +412,9 @@ def fresh_tables() -> None:
 
 
 def purge_publish_queues(ctx: Context) -> None:
-    """Empty the queues figures 1-3 publish to and nobody consumes, between figures: tens of
-    thousands of persistent messages left in RabbitMQ keep it busy during the next figure."""
+    """Empty the queues figures 1-3 publish to and nobody consumes, between figures: the tens
+    of thousands of persistent messages they leave are RabbitMQ's to keep until the run ends,
+    while later figures measure it."""
     with celery_app.amqp.connection_for_write() as conn:
         channel = conn.default_channel
         for queue in (settings.QUEUE, ctx.sink):
