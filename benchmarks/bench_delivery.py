@@ -17,6 +17,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.test import override_settings
 from django.utils import timezone
+from django_celery_outbox.models import CeleryOutbox
 from kombu import Connection, Producer, Queue
 
 from django_events import publish_many
@@ -403,8 +404,6 @@ def fresh_tables() -> None:
     """Empty the tables earlier figures filled: each figure, and each line of figure 4, starts
     from an empty event log, so PostgreSQL's upkeep of an earlier one's rows (autovacuum of
     tens of thousands of updated records) does not land in its timings."""
-    from django_celery_outbox.models import CeleryOutbox
-
     quote = connection.ops.quote_name
     tables = ", ".join(quote(m._meta.db_table) for m in (EventRecord, Delivery, HandOutbox))
     with connection.cursor() as cursor:
