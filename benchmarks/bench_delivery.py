@@ -21,11 +21,11 @@ from django_celery_outbox.models import CeleryOutbox
 from kombu import Connection, Producer, Queue
 
 from django_events import publish_many
-from django_events.broker import build_message
+from django_events.delivery.broker import build_message
+from django_events.delivery.recording import delivery, record_for, save_deliveries
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
-from django_events.recording import delivery, record_for, save_deliveries
-from django_events.relay import relay_pending
+from django_events.operations.relay import relay_pending
 from tests.worker import WorkerProcess
 
 from . import celery_app

@@ -14,9 +14,9 @@ from django.utils import timezone
 from jsonschema import Draft202012Validator
 
 from django_events import publish, publish_many
-from django_events.broker import send_deliveries
+from django_events.delivery.broker import send_deliveries
 from django_events.events import Event
-from django_events.registry import get_registry
+from django_events.wiring.registry import get_registry
 
 from . import celery_app
 from .harness import Baseline, Comparison, Target, compare, per_op, single

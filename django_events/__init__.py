@@ -8,12 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .events import Event, current_event
-from .exceptions import EventError, InterceptorError, InvalidPayload, ManifestError, UnknownEvent
-from .typed import event
+from django_events.events import Event, current_event
+from django_events.exceptions import (
+    EventError,
+    InterceptorError,
+    InvalidPayload,
+    ManifestError,
+    UnknownEvent,
+)
+from django_events.wiring.typed import event
 
 if TYPE_CHECKING:
-    from .publishing import publish, publish_many
+    from django_events.publishing import publish, publish_many
 
 __all__ = [
     "Event",
@@ -31,7 +37,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("publish", "publish_many"):
-        from . import publishing
+        from django_events import publishing
 
         return getattr(publishing, name)
     raise AttributeError(f"module 'django_events' has no attribute {name!r}")

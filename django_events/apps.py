@@ -17,10 +17,10 @@ class DjangoEventsConfig(AppConfig):
         from django.core.signals import setting_changed
         from django.utils.module_loading import autodiscover_modules
 
-        from . import checks, tasks  # noqa: F401 - tasks registers django_events.deliver
-        from .conf import conf
-        from .inbound.checks import check_inbound
-        from .registry import get_registry
+        from django_events import checks, tasks  # noqa: F401 - tasks registers django_events.deliver
+        from django_events.conf import conf
+        from django_events.inbound.checks import check_inbound
+        from django_events.wiring.registry import get_registry
 
         register(checks.check_configuration, "django_events")
         register(checks.check_handlers, "django_events")
@@ -34,6 +34,6 @@ class DjangoEventsConfig(AppConfig):
 
 def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
     if setting == "DJANGO_EVENTS":
-        from .registry import reset_registry
+        from django_events.wiring.registry import reset_registry
 
         reset_registry()

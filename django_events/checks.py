@@ -7,8 +7,9 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
-from .declarations import Problem
-from .registry import HandlerImportError, get_registry, resolve_handler
+from django_events.wiring.compiled import HandlerImportError, resolve_handler
+from django_events.wiring.declarations import Problem
+from django_events.wiring.registry import get_registry
 
 # Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
 CHECK_IDS: dict[str, str] = {
@@ -92,7 +93,7 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
         return []
     from celery import Celery
 
-    from .broker import celery_app
+    from django_events.delivery.broker import celery_app
 
     try:
         app: Any = celery_app()
@@ -128,8 +129,8 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
                 f"Celery app {app.main!r} uses kombu's own filesystem transport, which shows a "
                 "worker a message file before it is written: the worker exits and the message "
                 "is lost",
-                hint='Set broker_transport = "django_events.filesystem_transport:Transport" '
-                "(CELERY_BROKER_TRANSPORT); it reads and writes the same folders.",
+                hint="Set CELERY_BROKER_TRANSPORT = "
+                '"django_events.contrib.filesystem_transport:Transport" (same folders).',
                 obj="DJANGO_EVENTS",
                 id="django_events.W205",
             )

@@ -126,3 +126,14 @@ class handling:
 
     def __exit__(self, *exc_info: object) -> None:
         _current_event.reset(self.token)
+
+
+attempt_number: ContextVar[int] = ContextVar("django_events_attempt", default=1)
+
+
+def current_attempt() -> int:
+    """The number of the handler run in progress for its event, 1 for the first.
+
+    Interceptors read it in ``handle`` (async retries and manual retries count up).
+    """
+    return attempt_number.get()

@@ -12,14 +12,15 @@ from uuid import UUID, SafeUUID
 from django.db import router, transaction
 from django.utils import timezone
 
-from . import _overrides
-from .dispatch import Outgoing, accepted, dispatch
-from .events import Event, current_event, new_event
-from .execution import run_handler
-from .interceptors import run_send
-from .models import EventRecord
-from .recording import insert_records
-from .registry import Registry, get_registry
+from django_events import _overrides
+from django_events.delivery.dispatch import Outgoing, accepted, dispatch
+from django_events.delivery.execution import run_handler
+from django_events.delivery.recording import insert_records
+from django_events.events import Event, current_event, new_event
+from django_events.interceptors.base import run_send
+from django_events.models import EventRecord
+from django_events.wiring.compiled import Registry
+from django_events.wiring.registry import get_registry
 
 
 def publish(

@@ -6,8 +6,8 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from .conf import conf
-from .worker import process_message
+from django_events.conf import conf
+from django_events.delivery.worker import process_message
 
 
 @shared_task(
@@ -32,6 +32,6 @@ def deliver(self: Task[Any, Any], message: Any) -> str:
 @shared_task(name="django_events.relay", ignore_result=True)
 def relay(batch_size: int = 500, min_age: float = 10.0) -> int:
     """Send pending outbox records: schedule it with Celery beat instead of ``--loop``."""
-    from .relay import relay_pending
+    from django_events.operations.relay import relay_pending
 
     return relay_pending(batch_size=batch_size, min_age=min_age).sent

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from .inbound.views import inbound
+from django_events.inbound.views import inbound
 
 app_name = "django_events"
 

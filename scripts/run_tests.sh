@@ -68,6 +68,8 @@ fi
 
 step "ruff"
 .venv/bin/ruff check django_events tests example_project docs benchmarks
+step "import layers (lint-imports: a module imports only from the layers below it)"
+.venv/bin/lint-imports
 step "mypy"
 .venv/bin/mypy django_events
 

@@ -14,7 +14,7 @@ from celery import Celery
 from celery.signals import worker_process_init
 from django.conf import settings
 
-from django_events.broadcast import consume_broadcasts
+from django_events.delivery.broadcast import consume_broadcasts
 
 AMQP_URL = os.environ.get("DJANGO_EVENTS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("DJANGO_EVENTS_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -39,7 +39,7 @@ def make_app(kind: str, url: str | None = None) -> Celery:
         app.conf.broker_transport_options = {"socket_timeout": 5}
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
-        app.conf.broker_transport = "django_events.filesystem_transport:Transport"
+        app.conf.broker_transport = "django_events.contrib.filesystem_transport:Transport"
         app.conf.broker_transport_options = {
             "data_folder_in": str(FS_FOLDER),
             "data_folder_out": str(FS_FOLDER),
@@ -62,7 +62,7 @@ def _flush_interval(**kwargs: object) -> None:
     """A worker subprocess's SUCCESS_RECORDS = "batched" interval, set by a test."""
     interval = os.environ.get("DJANGO_EVENTS_TEST_FLUSH_INTERVAL")
     if interval:
-        from django_events import batching
+        from django_events.delivery import batching
 
         batching.FLUSH_INTERVAL = float(interval)
 

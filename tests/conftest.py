@@ -8,8 +8,8 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from django_events import broker
-from django_events.registry import reset_registry
+from django_events.delivery import broker
+from django_events.wiring.registry import reset_registry
 
 
 @pytest.fixture(autouse=True)

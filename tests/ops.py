@@ -10,7 +10,7 @@ from celery import Celery
 from django.conf import settings
 from django.test import override_settings
 
-from django_events.worker import Outcome, process_message
+from django_events.delivery.worker import Outcome, process_message
 from tests.celery_app import app
 
 MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "admin.yaml")]

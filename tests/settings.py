@@ -109,7 +109,7 @@ CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "memory://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _folder = Path(os.environ.get("DJANGO_EVENTS_FS_BROKER", VAR_DIR / "broker"))
     _folder.mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_TRANSPORT = "django_events.filesystem_transport:Transport"
+    CELERY_BROKER_TRANSPORT = "django_events.contrib.filesystem_transport:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(_folder),
         "data_folder_out": str(_folder),

@@ -15,10 +15,11 @@ from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from django_events import admin_paging, publish
+from django_events import publish
+from django_events.admin import paging as admin_paging
+from django_events.delivery.recording import delivery, save_deliveries
 from django_events.models import Delivery, EventRecord
-from django_events.recording import delivery, save_deliveries
-from django_events.redaction import MASK
+from django_events.wiring.redaction import MASK
 from tests.app.models import HandlerRun
 from tests.ops import shop_wiring, work
 

@@ -15,11 +15,11 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from django_events import batching
-from django_events.batching import BatchedRecorder
+from django_events.delivery import batching
+from django_events.delivery.batching import BatchedRecorder
+from django_events.delivery.recording import record_for
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
-from django_events.recording import record_for
 from tests.worker import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -87,7 +87,7 @@ def test_rows_are_written_by_the_background_thread_within_the_interval(recorders
 
 def test_rows_hold_exactly_the_subscription_names_given(recorders) -> None:
     # On PostgreSQL the rows travel as one JSON document: quoting must not bend a name.
-    names = ["it's \"quoted\"", "back\\slash %s", "ünïcødé → 📦"]
+    names = ['it\'s "quoted"', "back\\slash %s", "ünïcødé → 📦"]
     ids = recorded_events(len(names))
     recorder = make(recorders, interval=3600)
     for event_id, name in zip(ids, names, strict=True):

@@ -8,10 +8,10 @@ import pytest
 from django.core.management import call_command
 
 from django_events import checks, publish
-from django_events.broadcast import broadcast_queues, exchange_name, route
-from django_events.broker import build_message
+from django_events.delivery.broadcast import broadcast_queues, exchange_name, route
+from django_events.delivery.broker import build_message
+from django_events.delivery.worker import process_message
 from django_events.models import Delivery
-from django_events.worker import process_message
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
 
@@ -94,5 +94,5 @@ def test_events_queues_explains_what_a_worker_consumes() -> None:
         "  one worker runs each message: orders.placed:tests.app.handlers.record",
         "Start workers with: celery -A <project> worker -Q cache,django_events",
         "Broadcasts reach only workers whose Celery app called "
-        "django_events.broadcast.consume_broadcasts(app).",
+        "django_events.delivery.broadcast.consume_broadcasts(app).",
     ]

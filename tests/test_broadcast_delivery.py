@@ -13,8 +13,8 @@ import pytest
 from django.db import connection, transaction
 
 from django_events import publish
-from django_events.broadcast import exchange_name
 from django_events.models import Delivery
+from django_events.wiring.compiled import exchange_name
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for

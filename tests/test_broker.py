@@ -7,9 +7,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from django_events.broker import TASK_NAME, send_deliveries
+from django_events.delivery.broker import TASK_NAME, send_deliveries
 from django_events.events import Event
-from django_events.registry import get_registry
+from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.conftest import wiring
 

@@ -13,8 +13,9 @@ from django.db import connection, transaction
 from django.http import HttpRequest, HttpResponse
 from django.test import RequestFactory
 
-from django_events import context, publish
-from django_events.context import ContextMiddleware
+from django_events import publish
+from django_events.interceptors import context
+from django_events.interceptors.context import ContextMiddleware
 from django_events.models import EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -23,8 +24,8 @@ from tests.worker import WorkerProcess, wait_for
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 PIPELINE = [
-    "django_events.correlation.CorrelationInterceptor",
-    "django_events.context.ContextInterceptor",
+    "django_events.interceptors.correlation.CorrelationInterceptor",
+    "django_events.interceptors.context.ContextInterceptor",
 ]
 
 

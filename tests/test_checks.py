@@ -23,8 +23,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
 
-from django_events import checks, typed
+from django_events import checks
 from django_events.checks import CHECK_IDS
+from django_events.wiring import typed
 from tests.conftest import wiring
 
 # Django 6.1's `check` command opens a database connection (database-tagged checks).

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from django_events.broker import send_deliveries
-from django_events.confirms import PublisherConfirms
+from django_events.delivery.broker import send_deliveries
+from django_events.delivery.confirms import PublisherConfirms
 from django_events.events import Event
-from django_events.registry import get_registry
+from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.conftest import wiring
 

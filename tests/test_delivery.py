@@ -18,7 +18,7 @@ import pytest
 from django.db import connection, transaction
 
 from django_events import publish
-from django_events.broker import TASK_NAME, build_message
+from django_events.delivery.broker import TASK_NAME, build_message
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun

@@ -1,4 +1,4 @@
-"""django_events.filesystem_transport: kombu's filesystem transport whose files appear whole.
+"""django_events.contrib.filesystem_transport: kombu's filesystem transport, files appear whole.
 
 Real files, real kombu connections, a producer and a consumer running at the same time (no
 server needed). kombu's own transport fails the first test most runs: its consumer takes a
@@ -16,10 +16,10 @@ from celery import Celery
 from kombu import Connection, Exchange, Queue
 from kombu.exceptions import ChannelError
 
-from django_events import filesystem_transport
-from django_events.filesystem_transport import Transport
+from django_events.contrib import filesystem_transport
+from django_events.contrib.filesystem_transport import Transport
 
-TRANSPORT = "django_events.filesystem_transport:Transport"
+TRANSPORT = "django_events.contrib.filesystem_transport:Transport"
 
 
 def options(folder: Path) -> dict[str, Any]:

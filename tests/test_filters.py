@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from django_events.filters import OPERATORS, FilterError, compile_filter
-from django_events.registry import get_registry
+from django_events.wiring.filters import OPERATORS, FilterError, compile_filter
+from django_events.wiring.registry import get_registry
 
 from .conftest import wiring
 

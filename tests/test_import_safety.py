@@ -81,12 +81,12 @@ def test_publish_without_settings_fails_with_django_message_not_at_import() -> N
 @pytest.mark.parametrize(
     "module",
     [
-        "django_events.declarations",
+        "django_events.wiring.declarations",
         "django_events.exceptions",
-        "django_events.filters",
-        "django_events.manifest",
-        "django_events.typed",
-        "django_events.validation",
+        "django_events.wiring.filters",
+        "django_events.wiring.manifest",
+        "django_events.wiring.typed",
+        "django_events.wiring.validation",
     ],
 )
 def test_pure_modules_import_without_settings(module: str) -> None:
@@ -98,8 +98,9 @@ def test_pure_modules_import_without_settings(module: str) -> None:
 def test_testing_helpers_and_interceptors_import_without_settings() -> None:
     # The pytest plugin loads wherever the package is installed: it must not need settings.
     run = run_without_settings("""
-        import django_events.context, django_events.correlation, django_events.interceptors
-        import django_events.pytest_plugin, django_events.testing
+        import django_events.interceptors.context, django_events.interceptors.correlation
+        import django_events.interceptors.base
+        import django_events.testing.pytest_plugin, django_events.testing
         from django.conf import settings
 
         assert not settings.configured

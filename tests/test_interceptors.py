@@ -14,12 +14,13 @@ from django.db import transaction
 from django.http import HttpResponse
 from django.test import RequestFactory
 
-from django_events import Event, InterceptorError, context, publish, publish_many
-from django_events.broker import build_message
-from django_events.context import ContextMiddleware
-from django_events.correlation import CorrelationFilter
+from django_events import Event, InterceptorError, publish, publish_many
+from django_events.delivery.broker import build_message
+from django_events.delivery.worker import process_message
+from django_events.interceptors import context
+from django_events.interceptors.context import ContextMiddleware
+from django_events.interceptors.correlation import CorrelationFilter
 from django_events.models import Delivery, EventRecord
-from django_events.worker import process_message
 from tests.app import interceptors
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
@@ -159,7 +160,7 @@ def test_an_interceptor_raising_in_handle_async_is_a_retried_then_failed_deliver
 def test_a_pipeline_entry_that_is_not_an_interceptor_is_E110_and_left_out(
     entry: str, reason: str
 ) -> None:
-    from django_events.registry import get_registry
+    from django_events.wiring.registry import get_registry
 
     with wiring(PIPELINE=[entry, f"{APP}.Inner"]):
         registry = get_registry()
@@ -181,8 +182,10 @@ SHIPPED = {"event": "orders.shipped", "handler": "tests.app.handlers.record", "n
 def test_correlation_interceptor_logs_each_step_of_a_chain_with_both_ids(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, "django_events.correlation")
-    with wiring(CHAIN, SHIPPED, PIPELINE=["django_events.correlation.CorrelationInterceptor"]):
+    caplog.set_level(logging.INFO, "django_events.interceptors.correlation")
+    with wiring(
+        CHAIN, SHIPPED, PIPELINE=["django_events.interceptors.correlation.CorrelationInterceptor"]
+    ):
         placed = publish("orders.placed", PAYLOAD)
     shipped = EventRecord.objects.get(name="orders.shipped")
 
@@ -206,13 +209,15 @@ def test_correlation_interceptor_logs_a_failed_handler_and_lets_it_fail(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     failing = sub("sync", "tests.app.handlers.always_fails")
-    with wiring(failing, PIPELINE=["django_events.correlation.CorrelationInterceptor"]):
+    with wiring(
+        failing, PIPELINE=["django_events.interceptors.correlation.CorrelationInterceptor"]
+    ):
         event = publish("orders.placed", PAYLOAD)
 
     [warning] = [
         r
         for r in caplog.records
-        if r.name == "django_events.correlation" and r.levelno == logging.WARNING
+        if r.name == "django_events.interceptors.correlation" and r.levelno == logging.WARNING
     ]
     assert warning.getMessage().startswith(f"Handler sync-sub failed on orders.placed {event.id}")
     assert warning.getMessage().endswith("RuntimeError: boom for 1")
@@ -237,7 +242,7 @@ def test_correlation_filter_adds_the_handled_events_ids_to_any_log_record() -> N
 
 # -- the context interceptor ----------------------------------------------------------------
 
-CONTEXT = "django_events.context.ContextInterceptor"
+CONTEXT = "django_events.interceptors.context.ContextInterceptor"
 
 
 def forwarded() -> dict[str, dict[str, object]]:

@@ -11,8 +11,8 @@ import pytest
 from django.db import transaction
 
 from django_events import publish
-from django_events.execution import LOG_FIELDS
-from django_events.worker import process_message
+from django_events.delivery.worker import process_message
+from django_events.logs import LOG_FIELDS
 from tests.conftest import wiring
 
 PACKAGE = Path(__file__).resolve().parent.parent / "django_events"
@@ -48,7 +48,7 @@ def test_every_logger_call_of_the_package_passes_extra() -> None:
 
     assert not missing, (
         f"logger calls without extra= at {missing}: pass "
-        "extra=log_extra(event, subscription) (django_events.execution) so every record "
+        "extra=log_extra(event, subscription) (django_events.logs) so every record "
         f"carries {LOG_FIELDS}; log_extra() with no event gives None fields"
     )
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from django_events.declarations import (
+from django_events.wiring.declarations import (
     EventDeclaration,
     Origin,
     Problem,
     SubscriptionDeclaration,
 )
-from django_events.manifest import Manifest, load_manifest, manifest_schema, parse_settings
-from django_events.registry import get_registry
+from django_events.wiring.manifest import Manifest, load_manifest, manifest_schema, parse_settings
+from django_events.wiring.registry import get_registry
 
 from .conftest import wiring
 

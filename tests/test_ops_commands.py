@@ -13,10 +13,10 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery.recording import delivery, save_deliveries
+from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, IdempotencyKey
-from django_events.recording import delivery, save_deliveries
-from django_events.redelivery import NOT_SENT
-from django_events.worker import process_message
+from django_events.operations.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring, work
 

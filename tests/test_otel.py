@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing and metrics (django_events.otel, the `otel` extra)."""
+"""OpenTelemetry tracing and metrics (django_events.interceptors.otel, the `otel` extra)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from django_events import publish
+from django_events.interceptors.otel import Metrics
 from django_events.models import EventRecord
-from django_events.otel import Metrics
 from tests import brokers
 from tests.app import otel
 from tests.conftest import wiring
@@ -170,14 +170,14 @@ def test_without_the_extra_nothing_is_imported_and_publishing_works() -> None:
         from django_events import publish
         from django_events.checks import check_configuration
         from django_events.models import EventRecord
-        from django_events.registry import reset_registry
+        from django_events.wiring.registry import reset_registry
 
         publish("shop.sold", {"sku": "a"})
         assert EventRecord.objects.count() == 1
         assert check_configuration() == []
         assert not [m for m in sys.modules if m.startswith("opentelemetry")]
-        with override_settings(DJANGO_EVENTS={**settings.DJANGO_EVENTS,
-                                              "PIPELINE": ["django_events.otel.Tracing"]}):
+        pipeline = ["django_events.interceptors.otel.Tracing"]
+        with override_settings(DJANGO_EVENTS={**settings.DJANGO_EVENTS, "PIPELINE": pipeline}):
             reset_registry()
             [problem] = check_configuration()
             print(problem.id, problem.msg)
@@ -185,8 +185,9 @@ def test_without_the_extra_nothing_is_imported_and_publishing_works() -> None:
 
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("Event(id=")
-    assert "django_events.E002 PIPELINE entry 'django_events.otel.Tracing' does not import" in (
-        run.stdout
+    assert (
+        "django_events.E002 PIPELINE entry 'django_events.interceptors.otel.Tracing' "
+        "does not import" in run.stdout
     )
     assert "pip install 'django-event-wiring[otel]'" in run.stdout
 

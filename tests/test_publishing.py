@@ -11,7 +11,8 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
-from django_events import InvalidPayload, UnknownEvent, broker, publish, publish_many
+from django_events import InvalidPayload, UnknownEvent, publish, publish_many
+from django_events.delivery import broker
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun, Order
@@ -330,7 +331,7 @@ def test_records_hold_exactly_what_their_events_hold() -> None:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
-    from django_events.recording import insert_records
+    from django_events.delivery.recording import insert_records
 
     chained, cause = uuid.uuid4(), uuid.uuid4()
     data = {

@@ -10,10 +10,10 @@ import pytest
 from django.core.management import call_command
 
 from django_events import publish
+from django_events.delivery.recording import delivery, save_deliveries
+from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
-from django_events.recording import delivery, save_deliveries
-from django_events.redaction import MASK, redact, redact_text
-from django_events.worker import process_message
+from django_events.wiring.redaction import MASK, redact, redact_text
 from tests.ops import drain
 
 CARD = "4111111111111111"

@@ -17,10 +17,12 @@ from django.apps import apps
 from django.conf import settings
 from django.test import override_settings
 
-from django_events import InvalidPayload, UnknownEvent, publish, typed
-from django_events.declarations import RetryPolicy
+from django_events import InvalidPayload, UnknownEvent, publish
 from django_events.models import EventRecord
-from django_events.registry import Registry, get_registry, reset_registry
+from django_events.wiring import typed
+from django_events.wiring.compiled import Registry
+from django_events.wiring.declarations import RetryPolicy
+from django_events.wiring.registry import get_registry, reset_registry
 from tests.app import typed_handlers
 from tests.conftest import wiring
 

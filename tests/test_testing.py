@@ -148,7 +148,7 @@ def test_captured_events_with_pytest_django_on_commit_fixture(
 
 def test_the_plugin_is_an_entry_point() -> None:
     plugins = importlib.metadata.entry_points(group="pytest11")
-    assert "django_events.pytest_plugin" in [p.value for p in plugins]
+    assert "django_events.testing.pytest_plugin" in [p.value for p in plugins]
 
 
 # -- events_eager ---------------------------------------------------------------------------

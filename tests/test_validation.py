@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
 from django_events import InvalidPayload, publish
-from django_events import validation as validation_module
 from django_events.exceptions import PayloadProblem
 from django_events.models import EventRecord
-from django_events.validation import PayloadValidator, json_problems
+from django_events.wiring import validation as validation_module
+from django_events.wiring.validation import PayloadValidator, json_problems
 
 ORDER_SCHEMA: dict[str, Any] = {
     "type": "object",

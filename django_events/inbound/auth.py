@@ -10,9 +10,9 @@ from django.contrib.auth import SESSION_KEY
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
-from . import signing
-from .policy import InboundPolicy, credentials
-from .refusal import Refusal
+from django_events.inbound import signing
+from django_events.inbound.policy import InboundPolicy, credentials
+from django_events.inbound.refusal import Refusal
 
 HMAC_CHALLENGE = {"WWW-Authenticate": 'HMAC-SHA256 realm="django_events"'}
 TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="django_events"'}

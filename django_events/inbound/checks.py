@@ -9,8 +9,8 @@ from django.apps import apps
 from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
-from ..registry import get_registry
-from .policy import InboundPolicy, SecretNotConfigured, credentials
+from django_events.inbound.policy import InboundPolicy, SecretNotConfigured, credentials
+from django_events.wiring.registry import get_registry
 
 # Options that mean something only for some kinds of auth (ignored elsewhere: W302).
 ONLY_FOR: dict[str, tuple[str, ...]] = {

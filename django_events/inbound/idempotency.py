@@ -11,8 +11,8 @@ from uuid import UUID
 from django.db import IntegrityError, router, transaction
 from django.utils import timezone
 
-from ..models import EventRecord, IdempotencyKey
-from ..publishing import publish
+from django_events.models import EventRecord, IdempotencyKey
+from django_events.publishing import publish
 
 
 def scoped_key(identity: str, key: str) -> str:

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from ..declarations import EventDeclaration
+from django_events.wiring.declarations import EventDeclaration
 
 AUTH_KINDS = ("hmac", "token", "permission")
 DEFAULT_SOURCE = "http"

@@ -9,16 +9,16 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from ..conf import conf
-from ..exceptions import InvalidPayload
-from ..execution import log_extra
-from ..filters import lookup
-from ..manifest import format_path
-from ..registry import get_registry
-from .auth import authenticate
-from .idempotency import publish_once, scoped_key
-from .policy import InboundPolicy, SecretNotConfigured
-from .refusal import Refusal
+from django_events.conf import conf
+from django_events.exceptions import InvalidPayload
+from django_events.inbound.auth import authenticate
+from django_events.inbound.idempotency import publish_once, scoped_key
+from django_events.inbound.policy import InboundPolicy, SecretNotConfigured
+from django_events.inbound.refusal import Refusal
+from django_events.logs import log_extra
+from django_events.wiring.filters import lookup
+from django_events.wiring.manifest import format_path
+from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.inbound")
 

@@ -110,7 +110,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     # variant writes each file whole before a worker can see it (kombu's own does not).
     BROKER_DIR = VAR_DIR / "broker"
     BROKER_DIR.mkdir(exist_ok=True)
-    CELERY_BROKER_TRANSPORT = "django_events.filesystem_transport:Transport"
+    CELERY_BROKER_TRANSPORT = "django_events.contrib.filesystem_transport:Transport"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR),
         "data_folder_out": str(BROKER_DIR),

@@ -6,7 +6,8 @@ import os
 import time
 from pathlib import Path
 
-from django_events import Event, context, publish
+from django_events import Event, publish
+from django_events.interceptors import context
 
 from .models import HandlerRun
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from django_events import Event
-from django_events.context import ContextInterceptor
-from django_events.interceptors import Interceptor
+from django_events.interceptors.base import Interceptor
+from django_events.interceptors.context import ContextInterceptor
 
 calls: list[tuple[str, str, str]] = []  # (interceptor, hook, event name or subscription)
 

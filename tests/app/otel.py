@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from django_events.otel import Metrics, Tracing
+from django_events.interceptors.otel import Metrics, Tracing
 
 
 class JsonLinesExporter(SpanExporter):

@@ -6,8 +6,8 @@ from typing import Any
 import yaml
 from django.core.management.base import BaseCommand, CommandParser
 
-from django_events.asyncapi import asyncapi_document
-from django_events.registry import get_registry
+from django_events.wiring.asyncapi import asyncapi_document
+from django_events.wiring.registry import get_registry
 
 
 class Command(BaseCommand):

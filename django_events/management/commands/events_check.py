@@ -7,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from django_events.checks import check_celery, check_configuration, check_handlers
 from django_events.inbound.checks import check_inbound
-from django_events.registry import reset_registry
+from django_events.wiring.registry import reset_registry
 
 
 class Command(BaseCommand):

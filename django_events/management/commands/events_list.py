@@ -4,8 +4,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from django_events.listing import FORMATS, render
-from django_events.wiring import describe_wiring
+from django_events.wiring.describing import describe_wiring
+from django_events.wiring.listing import FORMATS, render
 
 
 class Command(BaseCommand):

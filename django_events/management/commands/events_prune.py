@@ -8,7 +8,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
-from django_events.pruning import prune_events
+from django_events.operations.pruning import prune_events
 
 
 class Command(BaseCommand):

@@ -4,9 +4,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from django_events.broadcast import exchange_name
 from django_events.conf import conf
-from django_events.registry import get_registry
+from django_events.wiring.compiled import exchange_name
+from django_events.wiring.registry import get_registry
 
 
 class Command(BaseCommand):
@@ -49,5 +49,5 @@ class Command(BaseCommand):
         if any_broadcast:
             self.stdout.write(
                 "Broadcasts reach only workers whose Celery app called "
-                "django_events.broadcast.consume_broadcasts(app)."
+                "django_events.delivery.broadcast.consume_broadcasts(app)."
             )

@@ -6,7 +6,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.relay import relay_pending
+from django_events.operations.relay import relay_pending
 
 
 class Command(BaseCommand):

@@ -5,8 +5,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.replay import ReplayError, replay_events
-from django_events.timerange import EXAMPLES, parse_range
+from django_events.operations.replay import ReplayError, replay_events
+from django_events.operations.timerange import EXAMPLES, parse_range
 
 
 class Command(BaseCommand):

@@ -5,9 +5,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.registry import get_registry
-from django_events.retrying import retry_failures, select_failures
-from django_events.timerange import EXAMPLES, parse_range
+from django_events.operations.retrying import retry_failures, select_failures
+from django_events.operations.timerange import EXAMPLES, parse_range
+from django_events.wiring.registry import get_registry
 
 
 class Command(BaseCommand):

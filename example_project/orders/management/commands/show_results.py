@@ -10,7 +10,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django_events.models import Delivery, EventRecord
-from django_events.registry import get_registry
+from django_events.wiring.registry import get_registry
 
 from billing.models import Invoice
 from notifications.models import Notification

@@ -1,0 +1,496 @@
+"""The admin: the event log, failed deliveries with retry, and the wiring page."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
+from django.contrib.admin.views.main import ChangeList
+from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
+from django.db.models import Prefetch, Q, QuerySet
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
+
+from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
+from django_events.logs import log_extra
+from django_events.models import Delivery, EventRecord, Failure
+from django_events.operations.retrying import mark_resolved, retry_failures
+from django_events.wiring.describing import describe_wiring
+from django_events.wiring.listing import retry_text
+from django_events.wiring.redaction import mask_values, redact, redact_text
+from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.admin")
+
+if TYPE_CHECKING:  # the admin classes are generic for type checkers only
+    DeliveryInlineBase = admin.TabularInline[Delivery, EventRecord]
+    EventRecordAdminBase = admin.ModelAdmin[EventRecord]
+    FailureAdminBase = admin.ModelAdmin[Failure]
+else:
+    DeliveryInlineBase = admin.TabularInline
+    EventRecordAdminBase = FailureAdminBase = admin.ModelAdmin
+
+CAUSED_SHOWN = 50
+M = TypeVar("M", bound=Delivery | EventRecord)
+
+
+def _pretty(value: Any) -> SafeString:
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return format_html('<pre class="de-pre">{}</pre>', text)
+
+
+def _badge(status: str) -> SafeString:
+    return format_html('<span class="de-badge de-{}">{}</span>', status, status)
+
+
+def _redacted(record: EventRecord) -> Any:
+    compiled = get_registry().events.get(record.name)
+    if compiled is None:  # which keys to redact is unknown: show the keys, not the values
+        return mask_values(record.payload)
+    return redact(record.payload, compiled.declaration.redact)
+
+
+def _masked(text: str, delivery: Delivery) -> str:
+    """An error or traceback with the event's ``redact`` values masked (handlers quote them)."""
+    if not text:
+        return text
+    compiled = get_registry().events.get(delivery.event.name)
+    if compiled is None or not compiled.declaration.redact:
+        return text
+    return redact_text(text, delivery.event.payload, compiled.declaration.redact)
+
+
+def _can_view_log(request: HttpRequest) -> bool:
+    user = request.user
+    return user.has_perm("django_events.view_eventrecord") or user.has_perm(
+        "django_events.change_eventrecord"
+    )
+
+
+def _search(
+    queryset: QuerySet[M], search_term: str, prefix_field: str, by_id: Callable[[uuid.UUID], Q]
+) -> tuple[QuerySet[M], bool]:
+    """A whole UUID looks up ``by_id`` (indexed); other text, the start of ``prefix_field``."""
+    term = search_term.strip()
+    if not term:
+        return queryset, False
+    try:
+        value = uuid.UUID(term)
+    except ValueError:
+        return queryset.filter(**{f"{prefix_field}__startswith": term}), False
+    return queryset.filter(by_id(value)), False
+
+
+class RegistryNameFilter(admin.SimpleListFilter):
+    """Choices from the registry (no scan of the table for distinct names).
+
+    ``parameter_name`` is also the field filtered on.
+    """
+
+    parameter_name: str
+
+    def names(self) -> Iterable[str]:
+        raise NotImplementedError
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [(name, name) for name in sorted(self.names())]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        return queryset.filter(**{self.parameter_name: value}) if value else queryset
+
+
+class EventNameFilter(RegistryNameFilter):
+    """Event names from the registry."""
+
+    title = _("event")
+    parameter_name = "name"
+
+    def names(self) -> Iterable[str]:
+        return get_registry().events
+
+
+class SubscriptionFilter(RegistryNameFilter):
+    """Subscription names from the registry."""
+
+    title = _("subscription")
+    parameter_name = "subscription"
+
+    def names(self) -> Iterable[str]:
+        return get_registry().subscriptions
+
+
+class ReadOnlyMixin:
+    """Nothing is added or deleted through the admin; pages show, actions act."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
+    model = Delivery
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = _("deliveries")
+    fields = ("subscription", "mode", "status_badge", "attempts", "error", "updated_at", "failure")
+    readonly_fields = fields
+    ordering = ("subscription",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Delivery]:
+        # The event's payload masks the errors' redacted values: one join, not a query a row.
+        return super().get_queryset(request).select_related("event").defer("event__headers")
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return _can_view_log(request)
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description=_("status"))
+    def status_badge(self, obj: Delivery) -> SafeString:
+        return _badge(obj.status)
+
+    @admin.display(description=_("last error"))
+    def error(self, obj: Delivery) -> str:
+        return _masked(obj.last_error, obj)
+
+    @admin.display(description="")
+    def failure(self, obj: Delivery) -> SafeString | str:
+        if obj.status != Delivery.Status.FAILED:
+            return ""
+        url = reverse("admin:django_events_failure_change", args=[obj.pk])
+        return format_html('<a href="{}">{}</a>', url, _("open the failure"))
+
+
+class EventLogChangeList(ChangeList):
+    """The list page reads neither payloads nor headers, fetches deliveries per page, and
+    builds its date hierarchy from the first and last dates only."""
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
+        queryset = super().get_queryset(request, exclude_parameters)
+        deliveries = Delivery.objects.only("id", "event_id", "subscription", "status")
+        return with_cheap_periods(
+            queryset.defer("payload", "headers").prefetch_related(
+                Prefetch("deliveries", queryset=deliveries.order_by("subscription"))
+            )
+        )
+
+
+@admin.register(EventRecord)
+class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
+    list_display = ("occurred_at", "name", "short_id", "status_badge", "outcome")
+    list_display_links = ("occurred_at", "name")
+    list_filter = (EventNameFilter, "status", "occurred_at")
+    date_hierarchy = "occurred_at"
+    search_fields = ("id",)  # shows the search box; get_search_results does the work
+    search_help_text = _("An event id or correlation id (whole UUID), or the start of a name.")
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts would scan the whole table
+    paginator = CheapCountPaginator
+    list_per_page = 50
+    inlines = (DeliveryInline,)
+    fieldsets = (
+        (None, {"fields": ("id", "name", "status_badge", "occurred_at", "dispatched_at")}),
+        (_("Chain"), {"fields": ("correlation", "caused_by", "caused")}),
+        (_("Routing"), {"fields": ("awaiting",)}),
+        (_("Data"), {"fields": ("payload_pretty", "headers_pretty")}),
+    )
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field: nothing is edited
+
+    class Media:
+        css = {"all": ("django_events/admin.css",)}
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the log is history: view permission shows it, nothing edits it
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> type[EventLogChangeList]:
+        return EventLogChangeList
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[EventRecord], search_term: str
+    ) -> tuple[QuerySet[EventRecord], bool]:
+        return _search(queryset, search_term, "name", lambda v: Q(pk=v) | Q(correlation_id=v))
+
+    def get_urls(self) -> list[URLPattern]:
+        wiring = path(
+            "wiring/",
+            self.admin_site.admin_view(self.wiring_view),
+            name="django_events_wiring",
+        )
+        return [wiring, *super().get_urls()]
+
+    def wiring_view(self, request: HttpRequest) -> HttpResponse:
+        """The read-only wiring page: every event, its schema and its subscriptions."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        wiring = describe_wiring()
+        events = [
+            {
+                "info": event,
+                "schema": json.dumps(event.schema, indent=2, sort_keys=True),
+                "subscriptions": [_subscription_row(s) for s in event.subscriptions],
+            }
+            for event in wiring.events
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Wiring"),
+            "subtitle": None,
+            "opts": self.opts,
+            "events": events,
+            "unmatched": [_subscription_row(s) for s in wiring.unmatched],
+            "problems": wiring.problems,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/django_events/wiring.html", context)
+
+    @admin.display(description=_("event id"))
+    def short_id(self, obj: EventRecord) -> str:
+        return str(obj.pk)[:8]
+
+    @admin.display(description=_("status"), ordering="status")
+    def status_badge(self, obj: EventRecord) -> SafeString:
+        return _badge(obj.status)
+
+    @admin.display(description=_("deliveries"))
+    def outcome(self, obj: EventRecord) -> SafeString | str:
+        by_status: dict[str, list[str]] = {}
+        for row in obj.deliveries.all():  # prefetched for the whole page
+            by_status.setdefault(row.status, []).append(row.subscription)
+        if not by_status:
+            return "-"
+        return format_html_join(
+            " ",
+            '<span class="de-badge de-{}" title="{}">{} {}</span>',
+            (
+                (status, ", ".join(names), len(names), status)
+                for status, names in sorted(by_status.items())
+            ),
+        )
+
+    @admin.display(description=_("correlation id"))
+    def correlation(self, obj: EventRecord) -> SafeString:
+        url = reverse("admin:django_events_eventrecord_changelist")
+        return format_html(
+            '{} <a href="{}?q={}">{}</a>',
+            obj.correlation_id,
+            url,
+            obj.correlation_id,
+            _("every event of this chain"),
+        )
+
+    @admin.display(description=_("caused by"))
+    def caused_by(self, obj: EventRecord) -> SafeString | str:
+        if obj.causation_id is None:
+            return gettext("nothing: published outside any handler")
+        parent = EventRecord.objects.filter(pk=obj.causation_id).only("id", "name").first()
+        if parent is None:
+            return format_html("{} ({})", obj.causation_id, _("not stored"))
+        return _event_link(parent)
+
+    @admin.display(description=_("caused"))
+    def caused(self, obj: EventRecord) -> SafeString | str:
+        children = list(
+            EventRecord.objects.filter(causation_id=obj.pk)
+            .only("id", "name", "occurred_at")
+            .order_by("occurred_at")[: CAUSED_SHOWN + 1]
+        )
+        if not children:
+            return gettext("no stored event")
+        links = format_html_join(
+            "", "<li>{}</li>", ((_event_link(c),) for c in children[:CAUSED_SHOWN])
+        )
+        more = _("… and more: see the chain") if len(children) > CAUSED_SHOWN else ""
+        return format_html('<ul class="de-list">{}</ul>{}', links, more)
+
+    @admin.display(description=_("awaiting an outcome"))
+    def awaiting(self, obj: EventRecord) -> SafeString | str:
+        """Subscriptions the wiring routes this event to that have recorded nothing yet."""
+        compiled = get_registry().events.get(obj.name)
+        if compiled is None:
+            return gettext("the event is no longer declared")
+        recorded = set(obj.deliveries.values_list("subscription", flat=True))
+        waiting = [
+            s
+            for s in (*compiled.sync, *compiled.async_)
+            if s.name not in recorded and (s.accepts is None or s.accepts(obj.payload))
+        ]
+        if not waiting:
+            return gettext("nothing: every subscription recorded an outcome")
+        return format_html_join(
+            ", ",
+            "{} ({})",
+            (
+                (s.name, f"{s.mode}, queue {s.queue}" if s.mode == "async" else s.mode)
+                for s in waiting
+            ),
+        )
+
+    @admin.display(description=_("payload"))
+    def payload_pretty(self, obj: EventRecord) -> SafeString:
+        return _pretty(_redacted(obj))
+
+    @admin.display(description=_("headers"))
+    def headers_pretty(self, obj: EventRecord) -> SafeString:
+        return _pretty(obj.headers)
+
+
+def _event_link(record: EventRecord) -> SafeString:
+    url = reverse("admin:django_events_eventrecord_change", args=[record.pk])
+    return format_html('<a href="{}">{}</a> <code>{}</code>', url, record.name, record.pk)
+
+
+def _subscription_row(info: Any) -> dict[str, Any]:
+    return {
+        "info": info,
+        "when": json.dumps(info.when, sort_keys=True) if info.when is not None else "",
+        "retry": retry_text(info.retry),
+    }
+
+
+@admin.register(Failure)
+class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
+    list_display = ("updated_at", "subscription", "event_link", "mode", "attempts", "error")
+    list_filter = (SubscriptionFilter, "mode", "updated_at")
+    search_fields = ("subscription",)
+    search_help_text = _("An event id (whole UUID), or the start of a subscription name.")
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facet counts would scan the whole table
+    paginator = CheapCountPaginator
+    list_per_page = 50
+    actions = ("retry_selected", "resolve_selected")
+    fieldsets = (
+        (
+            None,
+            {
+                "fields": (
+                    "subscription",
+                    "event_link",
+                    "mode",
+                    "status_badge",
+                    "attempts",
+                    "created_at",
+                    "updated_at",
+                )
+            },
+        ),
+        (_("Error"), {"fields": ("last_error_pre", "traceback_pre")}),
+        (_("Event"), {"fields": ("payload_pretty",)}),
+    )
+    readonly_fields = flatten_fieldsets(fieldsets)  # every field: nothing is edited
+
+    class Media:
+        css = {"all": ("django_events/admin.css",)}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Failure]:
+        return super().get_queryset(request).select_related("event").defer("event__headers")
+
+    def get_changelist(self, request: HttpRequest, **kwargs: Any) -> Any:
+        return FailureChangeList
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Failure], search_term: str
+    ) -> tuple[QuerySet[Failure], bool]:
+        return _search(queryset, search_term, "subscription", lambda v: Q(event_id=v))
+
+    def changeform_view(
+        self,
+        request: HttpRequest,
+        object_id: str | None = None,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        # Every field is read-only: the page acts through its Retry / Mark resolved buttons.
+        # A save would write back the row as read, over a concurrent retry's claim.
+        if request.method == "POST":
+            raise PermissionDenied
+        extra = {
+            **(extra_context or {}),
+            "title": _("Failed delivery"),
+            "show_save": False,
+            "show_save_and_continue": False,
+            "show_save_and_add_another": False,
+            "show_delete": False,
+            "can_act": self.has_change_permission(request),
+            "de_actions": [
+                ("retry_selected", _("Retry")),
+                ("resolve_selected", _("Mark resolved")),
+            ],
+        }
+        return super().changeform_view(request, object_id, form_url, extra)
+
+    @admin.action(description=_("Retry selected"), permissions=["change"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[Failure]) -> None:
+        try:
+            result = retry_failures(queryset)
+        except DatabaseError as exc:
+            logger.exception("Retrying failed deliveries failed", extra=log_extra())
+            self.message_user(request, f"Retry failed: {exc}", messages.ERROR)
+            return
+        level = messages.SUCCESS if result.ok else messages.WARNING
+        self.message_user(request, f"Retried: {result.summary()}", level)
+        for reason in result.skipped[:10]:
+            self.message_user(request, f"Skipped {reason}", messages.WARNING)
+
+    @admin.action(description=_("Mark resolved"), permissions=["change"])
+    def resolve_selected(self, request: HttpRequest, queryset: QuerySet[Failure]) -> None:
+        count = mark_resolved(queryset)
+        message = ngettext(
+            "%(count)d failed delivery marked resolved.",
+            "%(count)d failed deliveries marked resolved.",
+            count,
+        ) % {"count": count}
+        self.message_user(request, message, messages.SUCCESS)
+
+    @admin.display(description=_("event"), ordering="event__occurred_at")
+    def event_link(self, obj: Failure) -> SafeString:
+        return _event_link(obj.event)
+
+    @admin.display(description=_("status"))
+    def status_badge(self, obj: Failure) -> SafeString:
+        return _badge(obj.status)
+
+    @admin.display(description=_("last error"))
+    def error(self, obj: Failure) -> str:
+        text = _masked(obj.last_error, obj)
+        first = text.splitlines()[0] if text else ""
+        return first if len(first) <= 120 else first[:119] + "…"
+
+    @admin.display(description=_("last error"))
+    def last_error_pre(self, obj: Failure) -> SafeString:
+        return format_html('<pre class="de-pre">{}</pre>', _masked(obj.last_error, obj))
+
+    @admin.display(description=_("traceback"))
+    def traceback_pre(self, obj: Failure) -> SafeString:
+        text = _masked(obj.traceback, obj)
+        return format_html('<pre class="de-pre de-traceback">{}</pre>', text or "-")
+
+    @admin.display(description=_("payload"))
+    def payload_pretty(self, obj: Failure) -> SafeString:
+        return _pretty(_redacted(obj.event))
+
+
+class FailureChangeList(ChangeList):
+    """The list page reads no traceback (the payload masks the errors' redacted values)."""
+
+    def get_queryset(self, request: HttpRequest, exclude_parameters: Any = None) -> QuerySet[Any]:
+        queryset = super().get_queryset(request, exclude_parameters)
+        return queryset.defer("traceback")
+
+
+__all__ = ["EventRecordAdmin", "FailureAdmin"]

@@ -1,0 +1,134 @@
+"""After commit: send async deliveries, then run sync handlers, recording what happened."""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import DatabaseError
+
+from django_events import _overrides
+from django_events.delivery import broker
+from django_events.delivery.execution import run_handler
+from django_events.delivery.recording import (
+    delivery,
+    ensure_records,
+    mark_dispatched,
+    save_deliveries,
+)
+from django_events.events import Event
+from django_events.logs import batch_log_extra, log_extra
+from django_events.models import Delivery, EventRecord
+from django_events.wiring.compiled import CompiledEvent, Subscription
+from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.dispatch")
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A published event on its way out, with the subscriptions its filters let through."""
+
+    event: Event
+    compiled: CompiledEvent
+    sync: list[Subscription]
+    async_: list[Subscription]
+    recorded: bool
+
+
+def accepted(subscriptions: Sequence[Subscription], data: dict[str, Any]) -> list[Subscription]:
+    """The subscriptions whose ``when`` filter lets an event with payload ``data`` through."""
+    if not subscriptions:  # the common case: skip building a comprehension
+        return []
+    return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
+
+
+def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
+    """Deliver a committed batch. Never raises into the code that committed."""
+    try:
+        _send_async(batch, alias)
+    finally:  # only events_eager() raises from there: sync handlers still run
+        _run_sync(batch, alias)
+
+
+def _send_async(batch: Sequence[Outgoing], alias: str) -> None:
+    outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
+    if not outgoing:
+        return
+    send = _overrides.send or broker.send_deliveries
+    unsent: set[object] = set(send(outgoing, alias))
+    sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
+    try:
+        mark_dispatched(alias, sent_ids)
+        # RECORD='failures' wrote no record: an unsent event needs one now, for the relay.
+        unrecorded = [o.event for o in batch if not o.recorded and o.event.id in unsent]
+        if unrecorded:
+            ensure_records(alias, unrecorded, EventRecord.Status.PENDING)
+    except DatabaseError:
+        # The messages are out; records left pending are sent again by the relay (at least once).
+        logger.exception(
+            "Could not mark %d event(s) dispatched",
+            len(sent_ids),
+            extra=batch_log_extra([o.event for o in batch]),
+        )
+
+
+def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
+    interceptors = get_registry().interceptors
+    rows: list[Delivery] = []
+    unrecorded_failures: list[Event] = []
+    for item in batch:
+        for subscription in item.sync:
+            row = run_sync_handler(subscription, item.event, interceptors, item.recorded)
+            if row is None:
+                continue
+            rows.append(row)
+            if not item.recorded:
+                unrecorded_failures.append(item.event)
+    if not rows:
+        return
+    try:
+        if unrecorded_failures:
+            ensure_records(alias, unrecorded_failures, EventRecord.Status.DISPATCHED)
+        save_deliveries(alias, rows)
+    except DatabaseError:
+        logger.exception(
+            "Could not record %d sync delivery outcome(s)",
+            len(rows),
+            extra=batch_log_extra([o.event for o in batch]),
+        )
+
+
+def run_sync_handler(
+    subscription: Subscription,
+    event: Event,
+    interceptors: Sequence[object],
+    record_success: bool = True,
+    prior_attempts: int = 0,
+) -> Delivery | None:
+    """Run one sync handler, isolated: its exception is logged, not raised.
+
+    Returns the `Delivery` row to save: always for a failure, for a success only with
+    ``record_success`` (building model instances is not free on this hot path).
+    """
+    try:
+        run_handler(subscription, event, interceptors, prior_attempts + 1)
+    except Exception as exc:
+        logger.exception("Sync handler failed", extra=log_extra(event, subscription))
+        return delivery(
+            event.id,
+            subscription.name,
+            "sync",
+            Delivery.Status.FAILED,
+            prior_attempts + 1,
+            f"{type(exc).__name__}: {exc}",
+            traceback.format_exc(),
+        )
+    if not record_success:
+        return None
+    return delivery(
+        event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED, prior_attempts + 1
+    )

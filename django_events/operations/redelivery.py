@@ -1,0 +1,213 @@
+"""Delivering stored events again to one subscription: the path retries and replays share.
+
+Async subscriptions get a new task message through the normal broker path, carrying the
+runs already recorded (``prior_attempts``), so ``Delivery.attempts`` never resets; sync ones
+run in this process. Either way the ``Delivery`` row records it: pending/running first,
+then succeeded or failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import TypeVar
+from uuid import UUID
+
+from django.db import transaction
+from django.utils import timezone
+
+from django_events.delivery import broker
+from django_events.delivery.dispatch import run_sync_handler
+from django_events.delivery.recording import delivery, event_of, save_deliveries
+from django_events.models import Delivery, EventRecord
+from django_events.wiring.compiled import CompiledEvent, Subscription
+from django_events.wiring.redaction import redact_text
+from django_events.wiring.registry import get_registry
+
+T = TypeVar("T")
+NOT_SENT = "Not sent again: the broker was unreachable; retry later."
+
+
+@dataclass
+class RedeliveryResult:
+    """What a retry or replay did; ``skipped`` says why each skipped item was left alone."""
+
+    sent: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    unsent: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def add(self, other: RedeliveryResult) -> None:
+        self.sent += other.sent
+        self.succeeded += other.succeeded
+        self.failed += other.failed
+        self.unsent += other.unsent
+        self.skipped.extend(other.skipped)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.failed or self.unsent or self.skipped)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.sent} re-enqueued for a worker",
+            f"{self.succeeded} ran again and succeeded",
+            f"{self.failed} ran again and failed",
+        ]
+        if self.unsent:
+            parts.append(f"{self.unsent} not sent (broker unreachable)")
+        if self.skipped:
+            parts.append(f"{len(self.skipped)} skipped")
+        return "; ".join(parts) + "."
+
+
+def redeliver(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior_attempts: Mapping[UUID, int],
+    *,
+    using: str,
+) -> RedeliveryResult:
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
+    if not records:
+        return RedeliveryResult()
+    registry = get_registry()
+    compiled = {r.name: registry.event(r.name) for r in records}
+    if subscription.mode == "async":
+        return _send(subscription, records, compiled, prior_attempts, using)
+    return _run(subscription, records, compiled, prior_attempts, using)
+
+
+def _send(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    compiled: Mapping[str, CompiledEvent],
+    prior: Mapping[UUID, int],
+    using: str,
+) -> RedeliveryResult:
+    items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
+    # Marked pending and sent in one transaction: a process that dies before the commit
+    # leaves the rows as they were (a failure stays one), never pending with no message.
+    with transaction.atomic(using=using):
+        # A worker records the success of a first run only for events that record everything:
+        # a pending row created for any other event would stay pending for good.
+        _mark(
+            subscription,
+            records,
+            prior,
+            Delivery.Status.PENDING,
+            using,
+            create=[r.pk for r in records if compiled[r.name].records_all],
+        )
+        unsent = broker.send_deliveries(
+            items,
+            using,
+            prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
+        )
+        if unsent:
+            _unsent(subscription, unsent, prior, using)
+    return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
+
+
+def _unsent(
+    subscription: Subscription, unsent: set[UUID], prior: Mapping[UUID, int], using: str
+) -> None:
+    """Record deliveries the broker did not take as failed (kept: an earlier error)."""
+    failed = Delivery.Status.FAILED
+    Delivery.objects.using(using).bulk_create(
+        [
+            delivery(pk, subscription.name, subscription.mode, failed, prior.get(pk, 0))
+            for pk in unsent
+        ],
+        ignore_conflicts=True,
+    )
+    rows = Delivery.objects.using(using).filter(event_id__in=unsent, subscription=subscription.name)
+    rows.update(status=failed, updated_at=timezone.now())
+    rows.filter(last_error="").update(last_error=NOT_SENT)
+
+
+def _run(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    compiled: Mapping[str, CompiledEvent],
+    prior: Mapping[UUID, int],
+    using: str,
+) -> RedeliveryResult:
+    ids = [r.pk for r in records]
+    _mark(subscription, records, prior, Delivery.Status.RUNNING, using, create=ids)
+    interceptors = get_registry().interceptors
+    result = RedeliveryResult()
+    for record in records:
+        row = _run_one(
+            subscription, record, compiled[record.name], prior.get(record.pk, 0), interceptors
+        )
+        if row is None:
+            continue
+        # One by one: a process killed mid-batch leaves one delivery running, not the batch.
+        save_deliveries(using, [row])
+        if row.status == Delivery.Status.SUCCEEDED:
+            result.succeeded += 1
+        else:
+            result.failed += 1
+    return result
+
+
+def _run_one(
+    subscription: Subscription,
+    record: EventRecord,
+    event_type: CompiledEvent,
+    attempts: int,
+    interceptors: Sequence[object],
+) -> Delivery | None:
+    """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
+    problems = event_type.validator.problems(record.payload)
+    if problems:
+        details = redact_text(
+            "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
+        )
+        error = f"Payload no longer valid for {record.name!r}: {details}"
+        return delivery(
+            record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
+        )
+    event = event_of(record, event_type.typed_payload(record.payload))
+    return run_sync_handler(subscription, event, interceptors, True, attempts)
+
+
+def _mark(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior: Mapping[UUID, int],
+    status: str,
+    using: str,
+    *,
+    create: Sequence[UUID],
+) -> None:
+    """Show the redelivery as under way: set the status of existing rows, create ``create``."""
+    ids = [r.pk for r in records]
+    Delivery.objects.using(using).bulk_create(
+        [
+            delivery(pk, subscription.name, subscription.mode, status, prior.get(pk, 0))
+            for pk in create
+        ],
+        ignore_conflicts=True,
+    )
+    Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
+        status=status, updated_at=timezone.now()
+    )
+
+
+def reaches(subscription: Subscription, event_name: str) -> bool:
+    """Whether events named ``event_name`` are delivered to ``subscription`` today."""
+    compiled = get_registry().events.get(event_name)
+    if compiled is None:
+        return False
+    return any(s is subscription for s in (*compiled.inline, *compiled.sync, *compiled.async_))
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of up to ``size`` items (``itertools.batched`` is Python 3.12+)."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk

@@ -1,0 +1,114 @@
+"""Retrying failed deliveries (the admin's "Retry selected" and ``events_retry``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from uuid import UUID
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from django_events.models import Delivery, EventRecord
+from django_events.operations.redelivery import RedeliveryResult, batched, reaches, redeliver
+from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
+
+BATCH_SIZE = 500
+# The worker never retries a broadcast copy either: the Delivery row stands for every copy.
+BROADCAST_NOT_RETRIED = (
+    "a broadcast is not retried (a retry would run on every worker again); mark it resolved"
+)
+
+
+def select_failures(
+    *,
+    subscription: str | None = None,
+    event: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    using: str = DEFAULT_DB_ALIAS,
+) -> QuerySet[Delivery]:
+    """Failed deliveries, narrowed by subscription, event name and time of the failure."""
+    failures = Delivery.objects.using(using).filter(status=Delivery.Status.FAILED)
+    if subscription:
+        failures = failures.filter(subscription=subscription)
+    if event:
+        failures = failures.filter(event__name=event)
+    if since:
+        failures = failures.filter(updated_at__gte=since)
+    if until:
+        failures = failures.filter(updated_at__lt=until)
+    return failures
+
+
+def retry_failures(
+    deliveries: QuerySet[Delivery], *, batch_size: int = BATCH_SIZE
+) -> RedeliveryResult:
+    """Deliver each failed delivery in ``deliveries`` again, through the normal path.
+
+    Rows are claimed (status failed -> pending) with row locks where the database has them,
+    so two retries at once do not send a delivery twice. Async messages go out before the
+    claim commits: a process that dies in between leaves the deliveries failed (to retry
+    again), never pending with no message. Sync handlers run after the commit, outside it.
+    Deliveries that are no longer failed are left alone.
+    """
+    using = deliveries.db
+    ids = list(deliveries.filter(status=Delivery.Status.FAILED).values_list("pk", flat=True))
+    result = RedeliveryResult()
+    for chunk in batched(ids, batch_size):
+        with transaction.atomic(using=using):
+            groups = _claim(chunk, using, result)
+            for subscription, records, prior in groups:
+                if subscription.mode == "async":
+                    result.add(redeliver(subscription, records, prior, using=using))
+        for subscription, records, prior in groups:
+            if subscription.mode != "async":
+                result.add(redeliver(subscription, records, prior, using=using))
+    return result
+
+
+def _claim(
+    ids: Sequence[int], using: str, result: RedeliveryResult
+) -> list[tuple[Subscription, list[EventRecord], dict[UUID, int]]]:
+    """Lock and mark pending the deliveries of ``ids`` still failed (inside a transaction)."""
+    registry = get_registry()
+    features = connections[using].features
+    groups: dict[str, tuple[Subscription, list[EventRecord], dict[UUID, int]]] = {}
+    rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.FAILED)
+    if features.has_select_for_update:
+        rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+    failures = list(rows.only("pk", "event_id", "subscription", "attempts"))
+    records = EventRecord.objects.using(using).in_bulk([f.event_id for f in failures])
+    claimed = []
+    for failure in failures:
+        subscription = registry.subscriptions.get(failure.subscription)
+        record = records[failure.event_id]
+        if subscription is None:
+            result.skipped.append(
+                f"{failure.subscription} <- {record.pk}: the subscription is no longer declared"
+            )
+            continue
+        if not reaches(subscription, record.name):
+            result.skipped.append(
+                f"{failure.subscription} <- {record.pk}: "
+                f"event {record.name!r} no longer reaches this subscription"
+            )
+            continue
+        if subscription.declaration.broadcast:
+            result.skipped.append(f"{failure.subscription} <- {record.pk}: {BROADCAST_NOT_RETRIED}")
+            continue
+        group = groups.setdefault(subscription.name, (subscription, [], {}))
+        group[1].append(record)
+        group[2][record.pk] = failure.attempts
+        claimed.append(failure.pk)
+    Delivery.objects.using(using).filter(pk__in=claimed).update(status=Delivery.Status.PENDING)
+    return list(groups.values())
+
+
+def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
+    """Mark failed deliveries resolved (nothing runs); return how many changed."""
+    return deliveries.filter(status=Delivery.Status.FAILED).update(
+        status=Delivery.Status.RESOLVED, updated_at=timezone.now()
+    )

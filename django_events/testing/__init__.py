@@ -1,0 +1,208 @@
+"""Test helpers: `captured_events` and `events_eager` (also pytest fixtures, see docs/testing.md).
+
+Both patch process-wide switches: they see events published from any thread, and are not
+meant for tests running concurrently in one process. Importing this module needs no settings.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from functools import partial
+from typing import Any
+from uuid import UUID
+
+from django_events import _overrides
+from django_events.events import Event
+
+__all__ = [
+    "CapturedEvents",
+    "EagerDeliveryError",
+    "EagerEvents",
+    "EagerFailure",
+    "captured_events",
+    "events_eager",
+]
+
+
+class CapturedEvents(Sequence[Event]):
+    """The events published while capturing, in the order their transactions committed."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.events[index]
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def __repr__(self) -> str:
+        return f"<CapturedEvents {self.names}>"
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the captured events, in order."""
+        return [e.name for e in self.events]
+
+    def named(self, pattern: str) -> list[Event]:
+        """The captured events named ``pattern`` (``*`` wildcards as in subscriptions)."""
+        return [e for e in self.events if fnmatchcase(e.name, pattern)]
+
+    def payloads(self, pattern: str) -> list[Any]:
+        """The payloads (dicts, or typed instances) of the events named ``pattern``."""
+        return [e.payload for e in self.named(pattern)]
+
+    def clear(self) -> None:
+        """Forget what was captured so far."""
+        self.events.clear()
+
+    def assert_published(
+        self, name: str, payload: Any = None, *, times: int | None = None
+    ) -> Event:
+        """Assert an event ``name`` was published; return the last match.
+
+        ``payload``: a dict matches events whose payload has those keys with those values
+        (other keys are ignored); a typed instance must be equal. ``times``: exactly that many
+        matches (default: at least one).
+        """
+        if times is not None and times < 1:
+            raise ValueError(f"times must be at least 1 (got {times}): use assert_not_published")
+        matches = [e for e in self.named(name) if _matches(e, payload)]
+        if not matches or (times is not None and len(matches) != times):
+            wanted = "at least 1" if times is None else str(times)
+            where = f" with payload matching {payload!r}" if payload is not None else ""
+            raise AssertionError(
+                f"Expected {wanted} {name!r} event(s){where}, found {len(matches)}. "
+                f"Published: {self._summary()}"
+            )
+        return matches[-1]
+
+    def assert_not_published(self, name: str) -> None:
+        """Assert no event named ``name`` (a pattern) was published."""
+        if self.named(name):
+            raise AssertionError(f"Expected no {name!r} event. Published: {self._summary()}")
+
+    def _summary(self) -> str:
+        return ", ".join(f"{e.name} {e.data!r}" for e in self.events) or "nothing"
+
+    def _committed(self, events: list[Event]) -> None:
+        self.events.extend(events)
+
+
+def _matches(event: Event, payload: Any) -> bool:
+    if payload is None:
+        return True
+    if isinstance(payload, Mapping):
+        data = event.data
+        return all(key in data and data[key] == value for key, value in payload.items())
+    return bool(event.payload == payload)
+
+
+@contextmanager
+def captured_events() -> Iterator[CapturedEvents]:
+    """Capture what ``publish()`` publishes, and dispatch nothing.
+
+    Events are validated and pass the interceptors' ``send`` hooks as usual; then no
+    handler runs (not even ``inline``), nothing is recorded and nothing is sent. An event
+    joins the capture when its transaction commits (at once outside a transaction) and never
+    if it rolls back: inside ``TestCase`` use ``captureOnCommitCallbacks(execute=True)``.
+    """
+    from django.db import transaction
+
+    captured = CapturedEvents()
+
+    def capture(batch: Sequence[Any], alias: str) -> None:
+        events = [item.event for item in batch]
+        transaction.on_commit(partial(captured._committed, events), using=alias)
+
+    previous, _overrides.capture = _overrides.capture, capture
+    try:
+        yield captured
+    finally:
+        _overrides.capture = previous
+
+
+@dataclass(frozen=True)
+class EagerFailure:
+    """An async delivery that failed for good under `events_eager`."""
+
+    subscription: str
+    event: Event
+    error: BaseException | None
+
+
+class EagerDeliveryError(AssertionError):
+    """An async delivery failed under `events_eager` without a handler exception to raise."""
+
+
+@dataclass
+class EagerEvents:
+    """What `events_eager` ran: ``delivered`` (subscription, event) pairs and ``failures``."""
+
+    propagate: bool = True
+    delivered: list[tuple[str, Event]] = field(default_factory=list)
+    failures: list[EagerFailure] = field(default_factory=list)
+
+    def _send(self, items: Sequence[Any], alias: str) -> set[UUID]:
+        failed: list[EagerFailure] = []
+        for event, _durable, subscriptions in items:
+            # What a worker gets: the message after a JSON round trip.
+            message = json.loads(json.dumps(event.to_message()))
+            for subscription in subscriptions:
+                failure = self._deliver(message, subscription.name, event, alias)
+                self.delivered.append((subscription.name, event))
+                if failure is not None:
+                    failed.append(failure)
+        self.failures.extend(failed)
+        if failed and self.propagate:
+            raise _error_of(failed[0], len(failed))
+        return set()
+
+    def _deliver(
+        self, message: dict[str, Any], subscription: str, event: Event, alias: str
+    ) -> EagerFailure | None:
+        from django_events.delivery.broker import build_message
+        from django_events.delivery.worker import process_message
+
+        retries = 0
+        while True:  # retries run at once: a test does not wait for backoff
+            outcome = process_message(
+                build_message(message, subscription, alias), retries, manage_connections=False
+            )
+            if outcome.retry_in is None:
+                break
+            retries += 1
+        if outcome.status == "succeeded":
+            return None
+        return EagerFailure(subscription, event, outcome.error)
+
+
+def _error_of(failure: EagerFailure, count: int) -> BaseException:
+    where = f"async subscription {failure.subscription!r} failed on {failure.event.name!r}"
+    more = f" ({count - 1} other failure(s) in EagerEvents.failures)" if count > 1 else ""
+    if failure.error is None:
+        return EagerDeliveryError(f"{where}: see its Delivery row{more}")
+    failure.error.add_note(f"events_eager: {where} {failure.event.id}{more}")
+    return failure.error
+
+
+@contextmanager
+def events_eager(*, propagate: bool = True) -> Iterator[EagerEvents]:
+    """Run async subscriptions in-process, after commit, as a worker would.
+
+    Each message takes the worker's path (JSON round trip, registry lookup, interceptors'
+    ``handle``, ``Delivery`` rows); retries run at once up to ``max_attempts``. A delivery
+    that fails for good raises its handler's exception where the commit happened (or out of
+    ``publish()`` outside a transaction); with ``propagate=False`` it is only recorded, as
+    on a worker, and listed in ``failures``.
+    """
+    eager = EagerEvents(propagate=propagate)
+    previous, _overrides.send = _overrides.send, eager._send
+    try:
+        yield eager
+    finally:
+        _overrides.send = previous

@@ -1,0 +1,336 @@
+"""Building the registry: read settings, manifests and ``@event`` classes; compile them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import replace
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from django.apps import apps
+from django.utils.module_loading import import_string
+from jsonschema import Draft202012Validator, SchemaError
+
+from django_events.conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf
+from django_events.wiring import typed
+from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
+from django_events.wiring.declarations import (
+    EventDeclaration,
+    Origin,
+    Problem,
+    RetryPolicy,
+    SubscriptionDeclaration,
+)
+from django_events.wiring.filters import FilterError, compile_filter
+from django_events.wiring.manifest import Manifest, load_manifest, manifest_schema, parse_settings
+from django_events.wiring.validation import PayloadValidator
+
+SETTINGS_ORIGIN = Origin("settings", "settings.DJANGO_EVENTS")
+
+
+def manifest_paths() -> list[Path]:
+    """Explicit manifests, then each installed app's ``events.yaml`` (with AUTODISCOVER)."""
+    paths = list(conf.MANIFESTS)
+    if conf.AUTODISCOVER:
+        for app_config in apps.get_app_configs():
+            candidate = Path(app_config.path) / "events.yaml"
+            if candidate.is_file():
+                paths.append(candidate)
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def build_registry() -> Registry:
+    """Read every source and compile the registry, collecting problems instead of raising."""
+    registry = Registry()
+    problems = registry.problems
+    problems.extend(settings_problems())
+    manifests: list[Manifest] = []
+    for path in manifest_paths():
+        registry.sources.append(str(path))
+        manifests.append(load_manifest(path))
+    manifests.append(parse_settings(conf.EVENTS, conf.SUBSCRIPTIONS))
+    event_decls = [d for m in manifests for d in m.events]
+    event_decls += [d for c in typed.declared_event_types() if (d := typed.declaration_of(c))]
+    for manifest in manifests:
+        problems.extend(manifest.problems)
+    _compile_events(registry, event_decls)
+    _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions])
+    registry.interceptors = _load_interceptors(problems)
+    return registry
+
+
+def settings_problems() -> list[Problem]:
+    """Check the shape of ``DJANGO_EVENTS`` itself."""
+    from django.conf import settings
+
+    raw = getattr(settings, "DJANGO_EVENTS", {})
+    if not isinstance(raw, dict):
+        return [
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS must be a dict, got {type(raw).__name__}",
+                None,
+                SETTINGS_ORIGIN,
+            )
+        ]
+    problems = [
+        _problem(
+            "W001",
+            f"DJANGO_EVENTS has unknown key {key!r}",
+            f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+            SETTINGS_ORIGIN,
+        )
+        for key in raw
+        if key not in DEFAULTS
+    ]
+    if raw.get("RECORD", "all") not in RECORD_CHOICES:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
+                "Use 'all' or 'failures'.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    if raw.get("SUCCESS_RECORDS", "immediate") not in SUCCESS_RECORDS_CHOICES:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['SUCCESS_RECORDS'] is {raw['SUCCESS_RECORDS']!r}",
+                "Use 'immediate' or 'batched'.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    for key in ("MANIFESTS", "SUBSCRIPTIONS", "PIPELINE"):
+        if not isinstance(raw.get(key, []), list | tuple):
+            problems.append(
+                _problem("E001", f"DJANGO_EVENTS[{key!r}] must be a list", None, SETTINGS_ORIGIN)
+            )
+    if not isinstance(raw.get("EVENTS", {}), dict):
+        problems.append(
+            _problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict", None, SETTINGS_ORIGIN)
+        )
+    max_body = raw.get("INBOUND_MAX_BODY", 1)
+    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['INBOUND_MAX_BODY'] is {max_body!r}",
+                "Use a positive number of bytes.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    retry = raw.get("DEFAULT_RETRY", {})
+    retry_schema = {**manifest_schema()["$defs"]["retry"], "$defs": manifest_schema()["$defs"]}
+    for error in Draft202012Validator(retry_schema).iter_errors(retry):
+        where = "".join(f"[{p!r}]" for p in error.path)
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {where or '$'} {error.message}",
+                "Keys: max_attempts, backoff, max_backoff, jitter.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    return problems
+
+
+def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> None:
+    seen: dict[str, EventDeclaration] = {}
+    for declaration in declarations:
+        if declaration.name in seen:
+            first = seen[declaration.name].origin
+            registry.problems.append(
+                _problem(
+                    "E106",
+                    f"Event {declaration.name!r} is declared twice (also at {first})",
+                    "Keep one declaration; names are global.",
+                    declaration.origin,
+                )
+            )
+            continue
+        seen[declaration.name] = declaration
+        declaration = _with_type(declaration, registry.problems)
+        schema = declaration.schema if declaration.schema is not None else {"type": "object"}
+        try:
+            validator = PayloadValidator(schema)
+        except SchemaError as exc:
+            registry.problems.append(
+                _problem(
+                    "E104",
+                    f"Event {declaration.name!r} has an invalid payload schema: {exc.message}",
+                    "The schema must be valid JSON Schema (2020-12).",
+                    declaration.origin,
+                )
+            )
+            continue
+        registry.events[declaration.name] = CompiledEvent(declaration, validator)
+
+
+def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventDeclaration:
+    """Resolve a manifest's ``type:`` dotted path into a class and a derived schema."""
+    if declaration.type is not None or declaration.type_path is None:
+        return declaration
+
+    try:
+        cls = import_string(declaration.type_path)
+        schema = typed.schema_for(cls)
+    except (ImportError, TypeError) as exc:
+        problems.append(
+            _problem(
+                "E109",
+                f"Event {declaration.name!r}: type {declaration.type_path!r} is unusable: {exc}",
+                "Point 'type' at a dataclass or a pydantic model.",
+                declaration.origin,
+            )
+        )
+        return declaration
+    return replace(declaration, type=cls, schema=schema)
+
+
+def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDeclaration]) -> None:
+    problems = registry.problems
+    default_retry = conf.DEFAULT_RETRY
+    by_mode: dict[str, dict[str, list[Subscription]]] = {n: {} for n in registry.events}
+    for declaration in declarations:
+        if declaration.name in registry.subscriptions:
+            other = registry.subscriptions[declaration.name].declaration.origin
+            problems.append(
+                _problem(
+                    "E107",
+                    f"Subscription {declaration.name!r} is declared twice (also at {other})",
+                    "Give one of them a distinct 'name'.",
+                    declaration.origin,
+                )
+            )
+            continue
+        targets = _matching_events(declaration, registry.events)
+        if not targets:
+            code, what = (
+                ("W101", "pattern matches no declared event")
+                if declaration.is_pattern
+                else ("E105", "subscribes to an undeclared event")
+            )
+            problems.append(
+                _problem(
+                    code,
+                    f"Subscription {declaration.name!r} {what}: {declaration.event!r}",
+                    "Declare the event in a manifest, in settings or with @event.",
+                    declaration.origin,
+                )
+            )
+            if not declaration.is_pattern:
+                continue
+        try:
+            accepts = compile_filter(declaration.when) if declaration.when is not None else None
+        except FilterError as exc:
+            problems.append(
+                _problem(
+                    "E108",
+                    f"Subscription {declaration.name!r}: {exc}",
+                    "See the filter reference in the docs.",
+                    declaration.origin,
+                )
+            )
+            continue
+        if declaration.mode != "async":
+            ignored = [k for k in ("queue", "retry", "timeout") if getattr(declaration, k)]
+            ignored += ["broadcast"] if declaration.broadcast else []
+            if ignored:
+                problems.append(
+                    _problem(
+                        "W102",
+                        f"Subscription {declaration.name!r} is {declaration.mode}: "
+                        f"{', '.join(ignored)} only apply to async subscriptions",
+                        "Remove them or use mode: async.",
+                        declaration.origin,
+                    )
+                )
+        if declaration.mode == "async" and declaration.broadcast:
+            problems.extend(_broadcast_problems(declaration))
+        try:
+            retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
+        except TypeError:
+            retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
+        queue = declaration.queue or conf.DEFAULT_QUEUE
+        subscription = Subscription(declaration, retry, accepts, queue)
+        registry.subscriptions[declaration.name] = subscription
+        for name in targets:
+            by_mode[name].setdefault(declaration.mode, []).append(subscription)
+    for name, compiled in registry.events.items():
+        modes = by_mode[name]
+        compiled.inline = tuple(modes.get("inline", ()))
+        compiled.sync = tuple(modes.get("sync", ()))
+        compiled.async_ = tuple(modes.get("async", ()))
+
+
+def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:
+    problems = []
+    if declaration.idempotent:
+        problems.append(
+            _problem(
+                "E111",
+                f"Subscription {declaration.name!r} is broadcast and idempotent: "
+                "idempotent allows one successful run per event, broadcast one per worker",
+                "Remove one of them.",
+                declaration.origin,
+            )
+        )
+    if declaration.retry:
+        problems.append(
+            _problem(
+                "W110",
+                f"Subscription {declaration.name!r} is broadcast: its retry policy is ignored "
+                "(a copy that fails is recorded, not retried)",
+                "Remove retry, or make the handler retry what it needs itself.",
+                declaration.origin,
+            )
+        )
+    return problems
+
+
+def _matching_events(declaration: SubscriptionDeclaration, events: Iterable[str]) -> list[str]:
+    if declaration.is_pattern:
+        return [name for name in events if fnmatchcase(name, declaration.event)]
+    return [declaration.event] if declaration.event in events else []
+
+
+def _load_interceptors(problems: list[Problem]) -> list[Any]:
+    interceptors = []
+    for path in conf.PIPELINE:
+        try:
+            target = import_string(path)
+        except ImportError as exc:
+            problems.append(
+                _problem(
+                    "E002", f"PIPELINE entry {path!r} does not import: {exc}", None, SETTINGS_ORIGIN
+                )
+            )
+            continue
+        try:
+            interceptor = target() if isinstance(target, type) else target
+        except Exception as exc:  # noqa: BLE001 - reported as a check, the entry left out
+            interceptor, reason = None, f"{type(exc).__name__}: {exc}"
+        else:
+            missing = [m for m in ("send", "handle") if not callable(getattr(interceptor, m, None))]
+            reason = f"it has no {' or '.join(missing)} method" if missing else ""
+        if interceptor is None or reason:
+            problems.append(
+                _problem(
+                    "E110",
+                    f"PIPELINE entry {path!r} is not an interceptor: {reason}",
+                    "Give it send(event) and handle(event, subscription, call_next).",
+                    SETTINGS_ORIGIN,
+                )
+            )
+            continue
+        interceptors.append(interceptor)
+    return interceptors
+
+
+def _problem(code: str, message: str, hint: str | None, origin: Origin | None) -> Problem:
+    return Problem(f"django_events.{code}", message, hint, origin)

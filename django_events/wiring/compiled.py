@@ -1,0 +1,159 @@
+"""The compiled registry: events and subscriptions ready for the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, cast
+
+from django.utils.module_loading import import_string
+
+from django_events.conf import conf
+from django_events.events import Event
+from django_events.exceptions import InvalidPayload, PayloadProblem, UnknownEvent
+from django_events.wiring import typed
+from django_events.wiring.declarations import (
+    EventDeclaration,
+    Problem,
+    RetryPolicy,
+    SubscriptionDeclaration,
+)
+from django_events.wiring.filters import Predicate
+from django_events.wiring.validation import PayloadValidator, json_problems
+
+Handler = Callable[[Event], Any]
+
+
+def exchange_name(queue: str) -> str:
+    """The fanout exchange of the broadcast subscriptions on ``queue``."""
+    return f"{queue}.broadcast"
+
+
+class HandlerImportError(ImportError):
+    """A subscription's handler path does not import or is not callable."""
+
+
+@dataclass(eq=False)
+class Subscription:
+    """A subscription ready to run: filter compiled, retry policy merged, handler lazy."""
+
+    declaration: SubscriptionDeclaration
+    retry: RetryPolicy
+    accepts: Predicate | None = None
+    queue: str = ""  # the declared queue, or DEFAULT_QUEUE as it was at build time
+    _handler: Handler | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def mode(self) -> str:
+        return self.declaration.mode
+
+    def handler(self) -> Handler:
+        """Import the handler on first use (a class is instantiated once per process)."""
+        if self._handler is None:
+            self._handler = resolve_handler(self.declaration.handler)
+        return self._handler
+
+
+@dataclass(eq=False)
+class CompiledEvent:
+    """An event ready to publish: validator compiled, subscriptions sorted by mode."""
+
+    declaration: EventDeclaration
+    validator: PayloadValidator
+    inline: tuple[Subscription, ...] = ()
+    sync: tuple[Subscription, ...] = ()
+    async_: tuple[Subscription, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    @property
+    def type(self) -> type | None:
+        return self.declaration.type
+
+    @cached_property  # the registry is rebuilt when DJANGO_EVENTS changes
+    def records_all(self) -> bool:
+        return (self.declaration.record or conf.RECORD) == "all"
+
+    def to_data(self, payload: Any) -> dict[str, Any]:
+        """Validate ``payload`` and return its JSON form (raises ``InvalidPayload``)."""
+        if self.type is not None and isinstance(payload, self.type):
+            data = typed.to_data(payload)
+        elif isinstance(payload, dict):
+            data = payload
+        else:
+            raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
+        problems = self.validator.problems(data) or json_problems(data)
+        if problems:
+            raise InvalidPayload(self.name, problems)
+        return data
+
+    def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
+        """Return what handlers get as ``event.payload``."""
+        if self.type is None:
+            return data
+        if given is not None and isinstance(given, self.type):
+            return given
+        return typed.from_data(self.type, data)
+
+
+def _not_an_object(payload: Any, tp: type | None) -> PayloadProblem:
+    expected = f"a dict or {tp.__qualname__}" if tp else "a dict"
+    return PayloadProblem("$", f"expected {expected}, got {type(payload).__name__}")
+
+
+@dataclass
+class Registry:
+    """Everything declared, merged; ``problems`` lists what is wrong with it."""
+
+    events: dict[str, CompiledEvent] = field(default_factory=dict)
+    subscriptions: dict[str, Subscription] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    interceptors: list[Any] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def event(self, name: str) -> CompiledEvent:
+        """Return the compiled event ``name`` (raises ``UnknownEvent``)."""
+        try:
+            return self.events[name]
+        except KeyError:
+            raise UnknownEvent(name) from None
+
+    def resolve(self, name_or_instance: Any) -> CompiledEvent:
+        """Find the event for a name or an instance of an ``@event`` class."""
+        if isinstance(name_or_instance, str):
+            return self.event(name_or_instance)
+        declaration = typed.declaration_of(type(name_or_instance))
+        if declaration is not None:
+            return self.event(declaration.name)
+        for compiled in self.events.values():  # a manifest's `type:` class
+            if compiled.type is type(name_or_instance):
+                return compiled
+        raise UnknownEvent(repr(type(name_or_instance)))
+
+    def queues(self) -> list[str]:
+        """Queues a worker must consume to run every async subscription."""
+        return sorted({s.queue for s in self.subscriptions.values() if s.mode == "async"})
+
+
+def resolve_handler(path: str) -> Handler:
+    """Import a handler: a function ``f(event)`` or a class with ``handle(self, event)``."""
+    try:
+        target = import_string(path)
+    except ImportError as exc:
+        raise HandlerImportError(f"Handler {path!r} does not import: {exc}") from exc
+    if isinstance(target, type):
+        handle = getattr(target, "handle", None)
+        if not callable(handle):
+            raise HandlerImportError(f"Handler class {path!r} has no handle(self, event) method")
+        handler: Handler = target().handle
+        return handler
+    if not callable(target):
+        raise HandlerImportError(f"Handler {path!r} is not callable")
+    return cast(Handler, target)

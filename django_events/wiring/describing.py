@@ -1,0 +1,119 @@
+"""The wiring as data: every event with its subscriptions, read from the registry."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from django_events.conf import conf
+from django_events.wiring.compiled import Registry, Subscription
+from django_events.wiring.declarations import Origin
+from django_events.wiring.registry import get_registry
+
+
+@dataclass(frozen=True)
+class SubscriptionInfo:
+    """One subscription as the wiring page and ``events_list`` show it."""
+
+    name: str
+    event: str
+    handler: str
+    mode: str
+    queue: str | None
+    when: dict[str, Any] | None
+    retry: dict[str, Any] | None
+    broadcast: bool
+    idempotent: bool
+    timeout: float | None
+    origin: str
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """One declared event and the subscriptions it reaches."""
+
+    name: str
+    description: str
+    schema: Any
+    type: str | None
+    durable: bool
+    record: str
+    redact: list[str]
+    origin: str
+    subscriptions: list[SubscriptionInfo] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Everything declared, sorted by name; ``unmatched``: patterns that match no event."""
+
+    events: list[EventInfo]
+    unmatched: list[SubscriptionInfo]
+    problems: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_wiring(registry: Registry | None = None) -> Wiring:
+    """Describe the registry (the current one by default)."""
+    registry = registry or get_registry()
+    events: list[EventInfo] = []
+    used: set[str] = set()
+    for name in sorted(registry.events):
+        compiled = registry.events[name]
+        declaration = compiled.declaration
+        subscriptions = sorted(
+            (*compiled.inline, *compiled.sync, *compiled.async_), key=lambda s: s.name
+        )
+        used.update(s.name for s in subscriptions)
+        type_ = declaration.type
+        events.append(
+            EventInfo(
+                name=name,
+                description=declaration.description,
+                schema=declaration.schema if declaration.schema is not None else {},
+                type=f"{type_.__module__}.{type_.__qualname__}" if type_ else declaration.type_path,
+                durable=declaration.durable,
+                record=declaration.record or conf.RECORD,
+                redact=list(declaration.redact),
+                origin=_where(declaration.origin),
+                subscriptions=[_subscription(s) for s in subscriptions],
+            )
+        )
+    unmatched = [
+        _subscription(s) for name, s in sorted(registry.subscriptions.items()) if name not in used
+    ]
+    return Wiring(events, unmatched, sum(1 for p in registry.problems if p.is_error))
+
+
+def _subscription(subscription: Subscription) -> SubscriptionInfo:
+    declaration = subscription.declaration
+    is_async = declaration.mode == "async"
+    return SubscriptionInfo(
+        name=declaration.name,
+        event=declaration.event,
+        handler=declaration.handler,
+        mode=declaration.mode,
+        queue=subscription.queue if is_async else None,
+        when=declaration.when,
+        retry=asdict(subscription.retry) if is_async else None,
+        broadcast=declaration.broadcast,
+        idempotent=declaration.idempotent,
+        timeout=declaration.timeout,
+        origin=_where(declaration.origin),
+    )
+
+
+def _where(origin: Origin) -> str:
+    """``file:line`` with the file relative to the working directory when it is below it."""
+    if origin.file is None:
+        return str(origin)
+    path = Path(origin.file)
+    try:
+        shown = str(path.resolve().relative_to(Path(os.getcwd()).resolve()))
+    except ValueError:
+        shown = origin.file
+    return f"{shown}:{origin.line}" if origin.line is not None else shown

@@ -1,0 +1,280 @@
+"""Load and validate manifests (YAML files and the settings' EVENTS / SUBSCRIPTIONS)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonschema import Draft202012Validator, ValidationError
+from jsonschema.exceptions import best_match
+
+from django_events.wiring.declarations import (
+    EventDeclaration,
+    Origin,
+    Problem,
+    SubscriptionDeclaration,
+)
+
+JsonPath = tuple[str | int, ...]
+OriginFor = Callable[[JsonPath], Origin]
+
+
+@dataclass
+class Manifest:
+    """What one source declares, plus the problems found while reading it."""
+
+    events: list[EventDeclaration] = field(default_factory=list)
+    subscriptions: list[SubscriptionDeclaration] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+
+@cache
+def manifest_schema() -> dict[str, Any]:
+    """Return the JSON Schema that manifests are validated against."""
+    text = resources.files("django_events").joinpath("schemas/manifest.schema.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@cache
+def _manifest_validator() -> Draft202012Validator:
+    return Draft202012Validator(manifest_schema())
+
+
+def format_path(path: Iterable[str | int]) -> str:
+    """Render a JSON path as ``$.events['a.b'].schema`` style text."""
+    out = "$"
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier():
+            out += f".{part}"
+        else:
+            out += f"[{part!r}]"
+    return out
+
+
+Duplicate = tuple[JsonPath, int, int]  # path of the repeated key, first line, repeated line
+
+
+def _node_lines(
+    node: yaml.Node, path: JsonPath, lines: dict[JsonPath, int], duplicates: list[Duplicate]
+) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            line = key_node.start_mark.line + 1
+            if key in seen:  # YAML keeps the last silently; a manifest must not
+                duplicates.append(((*path, key), seen[key], line))
+            seen[key] = line
+            _node_lines(value_node, (*path, key), lines, duplicates)
+            lines[(*path, key)] = line
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _node_lines(item, (*path, index), lines, duplicates)
+
+
+def _line_lookup(lines: dict[JsonPath, int]) -> Callable[[JsonPath], int | None]:
+    def line_of(path: JsonPath) -> int | None:
+        for end in range(len(path), -1, -1):
+            line = lines.get(tuple(path[:end]))
+            if line is not None:
+                return line
+        return None
+
+    return line_of
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read one YAML manifest; every problem carries the file and 1-based line."""
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Manifest(
+            problems=[
+                _problem(
+                    "E101",
+                    f"Manifest file {file!r} does not exist.",
+                    "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
+                    Origin("manifest", file),
+                )
+            ]
+        )
+    except OSError as exc:
+        return Manifest(
+            problems=[
+                _problem(
+                    "E101",
+                    f"Manifest file {file!r} cannot be read: {exc}",
+                    None,
+                    Origin("manifest", file),
+                )
+            ]
+        )
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and context_mark is not None:  # e.g. where an unclosed quote started
+            reason += f" ({context} at line {context_mark.line + 1})"
+        return Manifest(
+            problems=[
+                _problem(
+                    "E102", f"YAML syntax error: {reason}", None, Origin("manifest", file, line)
+                )
+            ]
+        )
+    lines: dict[JsonPath, int] = {}
+    duplicates: list[Duplicate] = []
+    if root is not None:
+        _node_lines(root, (), lines, duplicates)
+    line_of = _line_lookup(lines)
+    if data is None:
+        data = {}
+
+    def origin_for(json_path: JsonPath) -> Origin:
+        return Origin("manifest", file, line_of(json_path))
+
+    manifest = parse_manifest_data(data, origin_for)
+    manifest.problems[:0] = [_duplicate(file, *d) for d in duplicates]
+    return manifest
+
+
+def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
+    origin = Origin("manifest", file, line)
+    if len(path) == 2 and path[0] == "events":
+        return _problem(
+            "E106",
+            f"Event {path[1]!r} is declared twice (also at {file}:{first})",
+            "Keep one declaration; names are global.",
+            origin,
+        )
+    return _problem(
+        "E102",
+        f"YAML syntax error: duplicate key {path[-1]!r} at "
+        f"{format_path(path)} (first at line {first})",
+        None,
+        origin,
+    )
+
+
+def parse_settings(events: Any, subscriptions: Any) -> Manifest:
+    """Read the EVENTS and SUBSCRIPTIONS settings as if they were one manifest."""
+
+    def origin_for(json_path: JsonPath) -> Origin:
+        if not json_path:
+            return Origin("settings", "settings.DJANGO_EVENTS")
+        key = "EVENTS" if json_path[0] == "events" else "SUBSCRIPTIONS"
+        return Origin(
+            "settings",
+            f"settings.DJANGO_EVENTS[{key!r}]" + "".join(f"[{p!r}]" for p in json_path[1:2]),
+        )
+
+    return parse_manifest_data(
+        {"version": 1, "events": events, "subscriptions": subscriptions}, origin_for
+    )
+
+
+def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
+    """Validate ``data`` against the manifest schema and build declarations."""
+    errors = _deepest(list(_manifest_validator().iter_errors(data)))
+    if errors:
+        located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
+        located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
+        return Manifest(
+            problems=[
+                _problem(
+                    "E103",
+                    f"{format_path(path)}: {message}",
+                    "See the manifest reference in the docs.",
+                    origin,
+                )
+                for origin, path, message in located
+            ]
+        )
+    manifest = Manifest()
+    for name, body in (data.get("events") or {}).items():
+        manifest.events.append(_event(name, body or {}, origin_for(("events", name))))
+    for index, body in enumerate(data.get("subscriptions") or []):
+        manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
+    return manifest
+
+
+def _deepest(errors: Sequence[ValidationError]) -> list[ValidationError]:
+    # An anyOf/oneOf failure reports the parent; its most specific child says more.
+    return [best_match(error.context) or error if error.context else error for error in errors]
+
+
+def _locate(error: ValidationError) -> tuple[JsonPath, str]:
+    """The path of the offending key (its line is reported) and the message to show."""
+    path: JsonPath = tuple(error.absolute_path)
+    instance, value = error.instance, error.validator_value
+    if "propertyNames" in error.relative_schema_path:  # a bad key: point at the key itself
+        return (*path, str(instance)), error.message
+    if error.validator == "additionalProperties" and value is False and isinstance(instance, dict):
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        patterns = schema.get("patternProperties", {})
+        extra = [
+            k
+            for k in instance
+            if k not in schema.get("properties", {})
+            and not any(re.search(p, str(k)) for p in patterns)
+        ]
+        if extra:
+            return (*path, extra[0]), error.message
+    if error.validator == "not" and isinstance(value, dict) and isinstance(instance, dict):
+        exclusive = value.get("required", [])
+        given = [k for k in instance if k in exclusive]
+        if len(given) > 1:
+            names = " and ".join(repr(k) for k in exclusive)
+            return (*path, given[-1]), f"{names} cannot both be given; use one of them"
+    return path, error.message
+
+
+def _event(name: str, body: dict[str, Any], origin: Origin) -> EventDeclaration:
+    return EventDeclaration(
+        name=name,
+        origin=origin,
+        description=body.get("description", ""),
+        schema=body.get("schema"),
+        type_path=body.get("type"),
+        durable=body.get("durable", True),
+        redact=tuple(body.get("redact", ())),
+        record=body.get("record"),
+        inbound=body.get("inbound"),
+    )
+
+
+def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclaration:
+    event, handler = body["event"], body["handler"]
+    return SubscriptionDeclaration(
+        name=body.get("name") or f"{event}:{handler}",
+        event=event,
+        handler=handler,
+        origin=origin,
+        mode=body.get("mode", "sync"),
+        queue=body.get("queue"),
+        when=body.get("when"),
+        retry=body.get("retry"),
+        broadcast=body.get("broadcast", False),
+        idempotent=body.get("idempotent", False),
+        timeout=body.get("timeout"),
+    )
+
+
+def _problem(code: str, message: str, hint: str | None, origin: Origin) -> Problem:
+    return Problem(f"django_events.{code}", message, hint, origin)

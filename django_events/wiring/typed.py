@@ -1,0 +1,212 @@
+"""``@event``: dataclasses and pydantic models as event declarations."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import decimal
+import re
+import types
+import typing
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from django_events.wiring.declarations import EventDeclaration, Origin
+
+T = TypeVar("T", bound=type)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+# Classes decorated with @event, in declaration order. Code declares events the way it
+# registers admin classes; the registry reads this list when it is (re)built.
+_declared: list[type] = []
+
+ATTRIBUTE = "__django_event__"
+
+_generation = 0
+
+
+def generation() -> int:
+    """Count of ``@event`` declarations so far: a registry built before a new one is stale."""
+    return _generation
+
+
+def event(
+    name: str,
+    *,
+    description: str = "",
+    durable: bool = True,
+    redact: tuple[str, ...] = (),
+    record: str | None = None,
+) -> Callable[[T], T]:
+    """Declare a dataclass or pydantic model as the event ``name``."""
+    if not NAME_RE.match(name):
+        raise ValueError(f"Event name {name!r} must match [A-Za-z0-9_.-]+")
+
+    def decorate(cls: T) -> T:
+        if not (dataclasses.is_dataclass(cls) or _is_pydantic(cls)):
+            raise TypeError(f"@event({name!r}) needs a dataclass or a pydantic model, not {cls!r}")
+        declaration = EventDeclaration(
+            name=name,
+            origin=Origin(f"@event {cls.__module__}.{cls.__qualname__}"),
+            description=description or (cls.__doc__ or "").strip().split("\n")[0],
+            schema=schema_for(cls),
+            type_path=f"{cls.__module__}.{cls.__qualname__}",
+            type=cls,
+            durable=durable,
+            redact=tuple(redact),
+            record=record,
+        )
+        setattr(cls, ATTRIBUTE, declaration)
+        # Re-importing a module (autoreload, tests) replaces the class instead of duplicating it.
+        _declared[:] = [c for c in _declared if _qualified(c) != _qualified(cls)]
+        _declared.append(cls)
+        global _generation
+        _generation += 1  # the registry is rebuilt on its next use
+        return cls
+
+    return decorate
+
+
+def declared_event_types() -> list[type]:
+    """Return the classes decorated with ``@event`` so far."""
+    return list(_declared)
+
+
+def declaration_of(cls: type) -> EventDeclaration | None:
+    """Return the declaration attached by ``@event``, if any."""
+    value = cls.__dict__.get(ATTRIBUTE)
+    return value if isinstance(value, EventDeclaration) else None
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_pydantic(cls: type) -> bool:
+    return callable(getattr(cls, "model_json_schema", None)) and hasattr(cls, "model_validate")
+
+
+def schema_for(cls: type) -> dict[str, Any]:
+    """Derive the payload JSON Schema of a dataclass or pydantic model."""
+    if _is_pydantic(cls):
+        schema: dict[str, Any] = cls.model_json_schema()  # type: ignore[attr-defined]
+        return schema
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        what = _qualified(cls) if hasattr(cls, "__qualname__") else repr(cls)
+        raise TypeError(f"{what} is not a dataclass or a pydantic model")
+    return _dataclass_schema(cls)
+
+
+def to_data(instance: Any) -> dict[str, Any]:
+    """Turn a typed payload into its JSON form."""
+    if _is_pydantic(type(instance)):
+        data: dict[str, Any] = instance.model_dump(mode="json")
+        return data
+    return typing.cast(dict[str, Any], _jsonable(dataclasses.asdict(instance)))
+
+
+def from_data(cls: type, data: dict[str, Any]) -> Any:
+    """Build the typed payload handlers receive from its JSON form."""
+    if _is_pydantic(cls):
+        return cls.model_validate(data)  # type: ignore[attr-defined]
+    return _build(cls, data)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime.datetime | datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | decimal.Decimal):
+        return str(value)
+    return value
+
+
+_SIMPLE: dict[Any, dict[str, Any]] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    bool: {"type": "boolean"},
+    type(None): {"type": "null"},
+    Any: {},
+    datetime.datetime: {"type": "string", "format": "date-time"},
+    datetime.date: {"type": "string", "format": "date"},
+    uuid.UUID: {"type": "string", "format": "uuid"},
+    decimal.Decimal: {"type": "string"},
+}
+
+
+def _dataclass_schema(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    properties: dict[str, Any] = {}
+    required: list[str] = []
+    for f in dataclasses.fields(cls):
+        properties[f.name] = _type_schema(hints[f.name])
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            required.append(f.name)
+    schema: dict[str, Any] = {"type": "object", "properties": properties}
+    if required:
+        schema["required"] = required
+    return schema
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    if tp in _SIMPLE:
+        return dict(_SIMPLE[tp])
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return _dataclass_schema(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: fixed items
+        items = [_type_schema(a) for a in args]
+        return {"type": "array", "prefixItems": items, "items": False, "minItems": len(items)}
+    if origin in (list, tuple, set, frozenset) or tp in (list, tuple, set, frozenset):
+        item = _type_schema(args[0]) if args else {}
+        return {"type": "array", "items": item}
+    if origin is dict or tp is dict:
+        return {"type": "object", "additionalProperties": _type_schema(args[1]) if args else {}}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_type_schema(a) for a in args]}
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    raise TypeError(f"Cannot derive a JSON Schema for {tp!r}; use a pydantic model instead")
+
+
+# The inverse of _jsonable for the types _SIMPLE describes as strings.
+_PARSERS: dict[Any, Callable[[str], Any]] = {
+    datetime.datetime: datetime.datetime.fromisoformat,
+    datetime.date: datetime.date.fromisoformat,
+    datetime.time: datetime.time.fromisoformat,
+    uuid.UUID: uuid.UUID,
+    decimal.Decimal: decimal.Decimal,
+}
+
+
+def _build(tp: Any, value: Any) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        return tp(**{k: _build(hints[k], v) for k, v in value.items() if k in names})
+    parse = _PARSERS.get(tp)
+    if parse is not None and isinstance(value, str):
+        try:
+            return parse(value)
+        except (ValueError, ArithmeticError):  # the schema let it through: keep the string
+            return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _build(options[0], value) if value is not None and len(options) == 1 else value
+    if not isinstance(value, list):
+        if origin is dict and len(args) == 2 and isinstance(value, dict):
+            return {k: _build(args[1], v) for k, v in value.items()}
+        return value
+    if origin is tuple and args and args[-1] is not Ellipsis and len(args) == len(value):
+        return tuple(_build(a, v) for a, v in zip(args, value, strict=True))
+    if origin in (list, tuple, set, frozenset) or tp in (tuple, set, frozenset):
+        container = origin or tp
+        return container(_build(args[0], v) for v in value) if args else container(value)
+    return value
