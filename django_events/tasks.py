@@ -10,6 +10,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_ready
 
 from .conf import conf
+from .execution import log_extra
 from .worker import process_message, wiring_problems
 
 logger = logging.getLogger("django_events.worker")
@@ -52,5 +53,5 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
     """Log, as a worker starts, what will make its deliveries fail (bad handler paths)."""
     queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
     consumed = set(queues.consume_from) if queues is not None else None
-    for line in wiring_problems(consumed):
-        logger.error(line)
+    for subscription, problem in wiring_problems(consumed):
+        logger.error(problem, extra=log_extra(None, subscription))

@@ -233,33 +233,39 @@ def _handler_unavailable(
     return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
 
 
-def wiring_problems(consumed: Collection[str] | None = None) -> list[str]:
-    """What keeps this process from running its async subscriptions, one line per problem.
+def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str | None, str]]:
+    """What keeps this process from running its async subscriptions: (subscription, problem).
 
-    Configuration errors, and async subscriptions (on the ``consumed`` queues; all when
-    ``None``) whose handler does not import. A worker logs them when it starts.
+    Configuration errors (subscription ``None``), and async subscriptions on the ``consumed``
+    queues (all when ``None``) whose handler does not import. A worker logs them at start.
     """
     registry = get_registry()
-    lines = [f"Configuration error: {problem}" for problem in registry.problems if problem.is_error]
+    found: list[tuple[str | None, str]] = [
+        (None, f"Configuration error: {problem}")
+        for problem in registry.problems
+        if problem.is_error
+    ]
     for subscription in registry.subscriptions.values():
         if subscription.mode != "async":
             continue
         if consumed is not None and subscription.queue not in consumed:
             continue
+        where = f"Subscription {subscription.name!r} (queue {subscription.queue!r})"
         try:
             subscription.handler()
         except HandlerImportError as exc:
-            lines.append(
-                f"Subscription {subscription.name!r} (queue {subscription.queue!r}): {exc}; "
-                "its deliveries will fail without retry"
+            found.append(
+                (subscription.name, f"{where}: {exc}; its deliveries will fail without retry")
             )
         except Exception as exc:  # noqa: BLE001 - reported; a delivery will raise it again
-            lines.append(
-                f"Subscription {subscription.name!r} (queue {subscription.queue!r}): handler "
-                f"{subscription.declaration.handler!r} raised on import: "
-                f"{type(exc).__name__}: {exc}"
+            path = subscription.declaration.handler
+            found.append(
+                (
+                    subscription.name,
+                    f"{where}: handler {path!r} raised on import: {type(exc).__name__}: {exc}",
+                )
             )
-    return lines
+    return found
 
 
 def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
