@@ -26,7 +26,7 @@ from .admin_paging import CheapCountPaginator, with_cheap_periods
 from .execution import log_extra
 from .listing import retry_text
 from .models import Delivery, EventRecord, Failure
-from .redaction import mask_values, redact, redact_text
+from .redaction import STALE_PAYLOAD, mask_values, redact, redact_text
 from .registry import get_registry
 from .retrying import mark_resolved, retry_failures
 from .wiring import describe_wiring
@@ -64,6 +64,8 @@ def _redacted(record: EventRecord) -> Any:
 def _masked(text: str, delivery: Delivery) -> str:
     """An error or traceback with the event's ``redact`` values masked (handlers quote them)."""
     if not text:
+        return text
+    if text.startswith(STALE_PAYLOAD):  # schema errors: masked by path when recorded
         return text
     compiled = get_registry().events.get(delivery.event.name)
     if compiled is None or not compiled.declaration.redact:

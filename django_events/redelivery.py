@@ -21,7 +21,7 @@ from . import broker
 from .dispatch import run_sync_handler
 from .models import Delivery, EventRecord
 from .recording import delivery, event_of, save_deliveries
-from .redaction import redact_text
+from .redaction import stale_payload_error
 from .registry import CompiledEvent, Subscription, get_registry
 
 T = TypeVar("T")
@@ -161,12 +161,9 @@ def _run_one(
     interceptors: Sequence[object],
 ) -> Delivery | None:
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
-    problems = event_type.validator.problems(record.payload)
+    problems = event_type.validator.problems(record.payload, event_type.declaration.redact)
     if problems:
-        details = redact_text(
-            "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
-        )
-        error = f"Payload no longer valid for {record.name!r}: {details}"
+        error = stale_payload_error(record.name, problems)
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )

@@ -17,7 +17,7 @@ from .events import Event
 from .execution import log_extra, run_handler
 from .models import Delivery, EventRecord
 from .recording import delivery, ensure_records, save_deliveries
-from .redaction import redact_text
+from .redaction import stale_payload_error
 from .registry import Registry, Subscription, get_registry
 
 logger = logging.getLogger("django_events.worker")
@@ -84,10 +84,9 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     data = message.event.get("payload")
     if not isinstance(data, dict):
         return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
-    problems = compiled.validator.problems(data)
+    problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
-        details = redact_text("; ".join(map(str, problems)), data, compiled.declaration.redact)
-        return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
+        return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
