@@ -402,6 +402,12 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
     def get_queryset(self, request: HttpRequest) -> QuerySet[Failure]:
         return super().get_queryset(request).select_related("event").defer("event__headers")
 
+    def get_model_perms(self, request: HttpRequest) -> dict[str, bool]:
+        # The change permission runs the actions; the pages edit nothing, so the admin index
+        # offers "View", not "Change".
+        perms = super().get_model_perms(request)
+        return {**perms, "view": perms["view"] or perms["change"], "change": False}
+
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> Any:
         return FailureChangeList
 
