@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: README's test command, and what .ci/run calls.
-#   1. starts PostgreSQL / RabbitMQ / Redis on loopback if one has stopped (DESIGN.md 5);
+#   1. starts PostgreSQL / RabbitMQ / Redis on loopback if one has stopped (docs/contributing.md);
 #   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1);
 #   3. ruff and mypy, and the Sphinx docs with warnings as errors;
 #   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the

@@ -20,7 +20,7 @@ from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
-from django_events.wiring.redaction import redact_text
+from django_events.wiring.redaction import stale_payload_error
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.worker")
@@ -87,10 +87,9 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     data = message.event.get("payload")
     if not isinstance(data, dict):
         return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
-    problems = compiled.validator.problems(data)
+    problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
-        details = redact_text("; ".join(map(str, problems)), data, compiled.declaration.redact)
-        return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
+        return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
