@@ -3,7 +3,9 @@ deliver on commit."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 from uuid import uuid4
@@ -11,8 +13,7 @@ from uuid import uuid4
 from django.db import router, transaction
 from django.utils import timezone
 
-from django_events import _overrides
-from django_events.delivery.dispatch import Outgoing, accepted, dispatch
+from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
@@ -97,10 +98,39 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     )
 
 
+@dataclass(frozen=True)
+class Outlet:
+    """Where ``publish()`` hands what it validated: the one seam `django_events.testing` swaps.
+
+    ``capture`` takes each batch instead of recording and delivering it; ``send`` replaces
+    the broker for async deliveries (returns the ids of events it did not take); ``robust``
+    is ``on_commit(robust=...)``: false lets a delivery's failure raise where the commit was.
+    """
+
+    capture: Callable[[Sequence[Outgoing], str], None] | None = None
+    send: Sender | None = None
+    robust: bool = True
+
+
+_outlet = Outlet()
+
+
+@contextmanager
+def use_outlet(outlet: Outlet) -> Iterator[Outlet]:
+    """Send what is published in this block to ``outlet`` (not thread-safe: tests only)."""
+    global _outlet
+    previous, _outlet = _outlet, outlet
+    try:
+        yield outlet
+    finally:
+        _outlet = previous
+
+
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
-    if _overrides.capture is not None:  # django_events.testing.captured_events()
-        _overrides.capture(batch, alias)
+    outlet = _outlet
+    if outlet.capture is not None:  # django_events.testing.captured_events()
+        outlet.capture(batch, alias)
         return
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
@@ -117,6 +147,6 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     if records:
         insert_records(alias, records)
     if deferred:
-        # events_eager() wants its failures raised into the test, not logged by on_commit.
-        robust = _overrides.send is None
-        transaction.on_commit(partial(dispatch, deferred, alias), using=alias, robust=robust)
+        transaction.on_commit(
+            partial(dispatch, deferred, alias, outlet.send), using=alias, robust=outlet.robust
+        )

@@ -16,7 +16,6 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-from django_events import _overrides
 from django_events.events import Event
 
 __all__ = [
@@ -120,11 +119,10 @@ def captured_events() -> Iterator[CapturedEvents]:
         events = [item.event for item in batch]
         transaction.on_commit(partial(captured._committed, events), using=alias)
 
-    previous, _overrides.capture = _overrides.capture, capture
-    try:
+    from django_events.publishing import Outlet, use_outlet
+
+    with use_outlet(Outlet(capture=capture)):
         yield captured
-    finally:
-        _overrides.capture = previous
 
 
 @dataclass(frozen=True)
@@ -221,8 +219,8 @@ def events_eager(*, propagate: bool = True) -> Iterator[EagerEvents]:
     with ``propagate=False`` it is only recorded, as on a worker, and listed in ``failures``.
     """
     eager = EagerEvents(propagate=propagate)
-    previous, _overrides.send = _overrides.send, eager._send
-    try:
+    from django_events.publishing import Outlet, use_outlet
+
+    # robust=False: a failure is raised where the test committed, not logged by on_commit.
+    with use_outlet(Outlet(send=eager._send, robust=False)):
         yield eager
-    finally:
-        _overrides.send = previous
