@@ -92,7 +92,10 @@ class CompiledEvent:
             data = payload
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
-        problems = self.validator.problems(data) or json_problems(data)
+        try:
+            problems = self.validator.problems(data) or json_problems(data)
+        except RecursionError:  # a schema validator recursing into a payload nested too deep
+            problems = json_problems(data) or [PayloadProblem("$", "nested too deep to validate")]
         if problems:
             raise InvalidPayload(self.name, problems)
         return data
