@@ -23,7 +23,6 @@ from django.db import (
 from django.utils.dateparse import parse_datetime
 
 from .batching import recorder
-from .broker import MESSAGE_VERSION
 from .events import Event
 from .execution import log_extra, run_handler
 from .models import Delivery, EventRecord
@@ -137,8 +136,6 @@ def _parse(raw: Any) -> _Message:
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
         raise MalformedMessage("not a django_events delivery message")
-    if raw.get("v") != MESSAGE_VERSION or isinstance(raw.get("v"), bool):
-        raise MalformedMessage(f"message version {raw.get('v')!r} is not {MESSAGE_VERSION}")
     subscription = raw.get("subscription")
     if not isinstance(subscription, str) or not storable_text(subscription):
         raise MalformedMessage("subscription is not a string")
