@@ -90,7 +90,12 @@ class CompiledEvent:
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
         redact = self.declaration.redact
-        problems = self.validator.problems(data, redact) or json_problems(data, redact)
+        try:
+            problems = self.validator.problems(data, redact) or json_problems(data, redact)
+        except RecursionError:  # a schema validator recursing into a payload nested too deep
+            problems = json_problems(data, redact) or [
+                PayloadProblem("$", "nested too deep to validate")
+            ]
         if problems:
             raise InvalidPayload(self.name, problems)
         return data

@@ -75,6 +75,12 @@ def always_fails(event: Event) -> None:
     raise RuntimeError(f"boom for {event.payload.get('order_id')}")
 
 
+def fails_with_unstorable_text(event: Event) -> None:
+    """Fail with an error text PostgreSQL cannot store as is (NUL, a lone surrogate)."""
+    _run("fails_with_unstorable_text", event)
+    raise RuntimeError(f"bad\x00byte \udc80 in {event.payload.get('file')}")
+
+
 def inline_fails(event: Event) -> None:
     raise ValueError("inline handler refused the order")
 
