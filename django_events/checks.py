@@ -7,7 +7,7 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
-from django_events.wiring.compiled import HandlerImportError, resolve_handler
+from django_events.wiring.compiled import HandlerImportError, is_async_handler, resolve_handler
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import get_registry
 
@@ -30,6 +30,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E110": "a PIPELINE entry is not an interceptor",
     "django_events.E111": "a broadcast subscription is also idempotent",
     "django_events.W110": "a broadcast subscription has a retry policy",
+    "django_events.E120": "an inline subscription has an async def handler",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",
@@ -62,18 +63,28 @@ def check_configuration(
 
 
 def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """Every subscription's handler imports and can be called."""
+    """Every subscription's handler imports and can be called (inline ones synchronously)."""
     messages: list[CheckMessage] = []
     for subscription in get_registry().subscriptions.values():
         path = subscription.declaration.handler
         try:
-            resolve_handler(path)
+            handler = resolve_handler(path)
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
         else:
+            if subscription.mode == "inline" and is_async_handler(handler):
+                messages.append(
+                    Error(
+                        f"Subscription {subscription.name!r} is inline but its handler "
+                        f"{path!r} is async def",
+                        hint="Use mode: sync or async (inline runs inside publish()).",
+                        obj=str(subscription.declaration.origin),
+                        id="django_events.E120",
+                    )
+                )
             continue
         messages.append(
             Error(

@@ -743,6 +743,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.W110": lambda _: wiring(
         {**ASYNC, "broadcast": True, "retry": {"max_attempts": 2}, "name": "bc"}
     ),
+    "django_events.E120": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record_async", "mode": "inline"}
+    ),
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),
