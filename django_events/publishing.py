@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 from uuid import UUID, SafeUUID
 
+from asgiref.sync import sync_to_async
 from django.db import router, transaction
 from django.utils import timezone
 
@@ -53,6 +54,32 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     batch = [_prepare(registry, *_unpack(item)) for item in items]
     _enqueue(registry, batch, using)
     return [o.event for o in batch]
+
+
+async def apublish(
+    event: Any,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event:
+    """``publish()`` for async code (an ``async def`` view or consumer): same arguments,
+    validation, errors and semantics.
+
+    It runs ``publish()`` in the thread where Django runs this context's sync code
+    (``sync_to_async``): Django's transactions are synchronous, so outside one (the usual
+    case in async code) deliveries run at once, before it returns, as with ``publish()``.
+    """
+    return await _publish_in_thread(event, payload, headers=headers, using=using)
+
+
+async def apublish_many(items: Iterable[Any], *, using: str | None = None) -> list[Event]:
+    """``publish_many()`` for async code (see :func:`apublish`)."""
+    return await _publish_many_in_thread(list(items), using=using)
+
+
+_publish_in_thread = sync_to_async(publish, thread_sensitive=True)
+_publish_many_in_thread = sync_to_async(publish_many, thread_sensitive=True)
 
 
 def _unpack(item: Any) -> tuple[Any, Any, Any]:
