@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar, overload
 from uuid import UUID, SafeUUID
 
 from asgiref.sync import sync_to_async
@@ -22,6 +22,26 @@ from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry
 from django_events.wiring.registry import get_registry
+
+_Payload = TypeVar("_Payload")
+
+
+@overload
+def publish(
+    event: str,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event: ...
+@overload
+def publish(
+    event: _Payload,
+    payload: None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event[_Payload]: ...
 
 
 def publish(
@@ -54,6 +74,24 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     batch = [_prepare(registry, *_unpack(item)) for item in items]
     _enqueue(registry, batch, using)
     return [o.event for o in batch]
+
+
+@overload
+async def apublish(
+    event: str,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event: ...
+@overload
+async def apublish(
+    event: _Payload,
+    payload: None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event[_Payload]: ...
 
 
 async def apublish(
