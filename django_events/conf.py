@@ -26,10 +26,13 @@ DEFAULTS: dict[str, Any] = {
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
+    "DELIVERY": "celery",
+    "TASKS_BACKEND": "default",
 }
 
 RECORD_CHOICES = ("all", "failures")
 SUCCESS_RECORDS_CHOICES = ("immediate", "batched")
+DELIVERY_CHOICES = ("celery", "tasks")
 
 
 class Settings:
@@ -90,6 +93,15 @@ class Settings:
     @property
     def SUCCESS_RECORDS(self) -> str:
         return str(self._get("SUCCESS_RECORDS"))
+
+    @property
+    def DELIVERY(self) -> str:
+        """How async deliveries travel: ``"celery"`` or ``"tasks"`` (Django's Tasks)."""
+        return str(self._get("DELIVERY"))
+
+    @property
+    def TASKS_BACKEND(self) -> str:
+        return str(self._get("TASKS_BACKEND"))
 
     @property
     def INBOUND_MAX_BODY(self) -> int:

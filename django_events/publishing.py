@@ -20,7 +20,7 @@ from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event, new_event
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
-from django_events.wiring.compiled import Registry
+from django_events.wiring.compiled import Registry, Subscription
 from django_events.wiring.registry import get_registry
 
 _Payload = TypeVar("_Payload")
@@ -160,6 +160,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         sync=accepted(compiled.sync, data),
         async_=accepted(compiled.async_, data),
         recorded=compiled.records_all,
+        tasks=accepted(compiled.tasks, data),
     )
 
 
@@ -183,6 +184,12 @@ def _uuid4() -> UUID:
     return value
 
 
+def _tasks_in_transaction(alias: str) -> bool:
+    from django_events.delivery import tasks_backend
+
+    return tasks_backend.enqueues_in_transaction(alias)
+
+
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
     if _overrides.capture is not None:  # django_events.testing.captured_events()
@@ -191,17 +198,27 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
     deferred: list[Outgoing] = []
+    in_transaction: list[tuple[Event, bool, list[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         for subscription in accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
+        if item.tasks and _tasks_in_transaction(alias):
+            # The task rows go in the caller's transaction, beside the event record.
+            in_transaction.append((item.event, item.compiled.declaration.durable, item.tasks))
+            item.tasks = []
         if item.recorded:
-            status = EventRecord.Status.PENDING if item.async_ else EventRecord.Status.DISPATCHED
+            pending = item.async_ or item.tasks
+            status = EventRecord.Status.PENDING if pending else EventRecord.Status.DISPATCHED
             records.append((item.event, status))
-        if item.sync or item.async_:
+        if item.sync or item.async_ or item.tasks:
             deferred.append(item)
     if records:
         insert_records(alias, records)
+    if in_transaction:
+        from django_events.delivery import tasks_backend
+
+        tasks_backend.enqueue(in_transaction, alias)
     if deferred:
         # events_eager() wants its failures raised into the test, not logged by on_commit.
         robust = _overrides.send is None

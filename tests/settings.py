@@ -85,7 +85,11 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_events",
     "tests.app",
+    # DJANGO_EVENTS["DELIVERY"] = "tasks": the django-tasks backport on 5.2, the database backend
+    *(["django_tasks"] if __import__("django").VERSION < (6,) else []),
+    "django_tasks_db",
 ]
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",

@@ -12,7 +12,13 @@ from django.apps import apps
 from django.utils.module_loading import import_string
 from jsonschema import Draft202012Validator, SchemaError
 
-from django_events.conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf
+from django_events.conf import (
+    DEFAULTS,
+    DELIVERY_CHOICES,
+    RECORD_CHOICES,
+    SUCCESS_RECORDS_CHOICES,
+    conf,
+)
 from django_events.wiring import typed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.declarations import (
@@ -102,6 +108,15 @@ def settings_problems() -> list[Problem]:
                 "E001",
                 f"DJANGO_EVENTS['SUCCESS_RECORDS'] is {raw['SUCCESS_RECORDS']!r}",
                 "Use 'immediate' or 'batched'.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    if raw.get("DELIVERY", "celery") not in DELIVERY_CHOICES:
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['DELIVERY'] is {raw['DELIVERY']!r}",
+                "Use 'celery' or 'tasks'.",
                 SETTINGS_ORIGIN,
             )
         )
@@ -258,6 +273,7 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
         queue = declaration.queue or conf.DEFAULT_QUEUE
         subscription = Subscription(declaration, retry, accepts, queue)
+        subscription.via = declaration.via or conf.DELIVERY
         registry.subscriptions[declaration.name] = subscription
         for name in targets:
             by_mode[name].setdefault(declaration.mode, []).append(subscription)
@@ -265,7 +281,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         modes = by_mode[name]
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
-        compiled.async_ = tuple(modes.get("async", ()))
+        compiled.async_ = tuple(s for s in modes.get("async", ()) if s.via != "tasks")
+        compiled.tasks = tuple(s for s in modes.get("async", ()) if s.via == "tasks")
 
 
 def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:

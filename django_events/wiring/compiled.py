@@ -46,6 +46,7 @@ class Subscription:
     queue: str = ""  # the declared queue, or DEFAULT_QUEUE as it was at build time
     _handler: Handler | None = field(default=None, repr=False)
     is_async: bool = field(default=False, repr=False)  # known once handler() imported it
+    via: str = "celery"  # async deliveries: "celery" or "tasks" (Django's Tasks framework)
 
     @property
     def name(self) -> str:
@@ -72,7 +73,8 @@ class CompiledEvent:
     validator: PayloadValidator
     inline: tuple[Subscription, ...] = ()
     sync: tuple[Subscription, ...] = ()
-    async_: tuple[Subscription, ...] = ()
+    async_: tuple[Subscription, ...] = ()  # async, through Celery
+    tasks: tuple[Subscription, ...] = ()  # async, through Django's Tasks framework
 
     @property
     def name(self) -> str:
