@@ -89,7 +89,13 @@ INSTALLED_APPS = [
     *(["django_tasks"] if __import__("django").VERSION < (6,) else []),
     "django_tasks_db",
 ]
-TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
+_TASKS_PACKAGE = "django_tasks" if __import__("django").VERSION < (6,) else "django.tasks"
+TASKS = {
+    "default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []},
+    # For the checks: a backend that cannot defer, one that serves a single queue.
+    "immediate": {"BACKEND": f"{_TASKS_PACKAGE}.backends.immediate.ImmediateBackend"},
+    "narrow": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["only-this"]},
+}
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
