@@ -110,7 +110,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    if subscription not in compiled.async_:
+    if subscription not in compiled.async_ and subscription not in compiled.tasks:
         return _give_up(
             message,
             attempt,
