@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
+    "LOCK_FILE": "events.lock.json",
 }
 
 RECORD_CHOICES = ("all", "failures")
@@ -97,6 +98,10 @@ class Settings:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return int(DEFAULTS["INBOUND_MAX_BODY"])  # E001 reports it
         return value
+
+    @property
+    def LOCK_FILE(self) -> Path:
+        return Path(self._get("LOCK_FILE"))
 
 
 conf = Settings()
