@@ -3,11 +3,10 @@ deliver on commit."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Mapping
 from functools import partial
 from typing import Any
-from uuid import UUID, SafeUUID
+from uuid import uuid4
 
 from django.db import router, transaction
 from django.utils import timezone
@@ -16,7 +15,7 @@ from django_events import _overrides
 from django_events.delivery.dispatch import Outgoing, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
-from django_events.events import Event, current_event, new_event
+from django_events.events import Event, current_event
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry
@@ -75,9 +74,9 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         header_dict = dict(headers)
     else:
         raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
-    event_id = _uuid4()
+    event_id = uuid4()
     parent = current_event()
-    new = new_event(
+    new = Event(
         event_id,
         compiled.name,
         compiled.typed_payload(data, given),
@@ -96,26 +95,6 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         async_=accepted(compiled.async_, data),
         recorded=compiled.records_all,
     )
-
-
-# uuid.uuid4() from the same os.urandom bytes, built the way Python 3.14's UUID._from_int
-# does (UUID.__init__ validates its arguments: this halves the cost, ~0.65 us a publish).
-_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_V4_SET = (4 << 76) | (0x8000 << 48)
-
-
-_SAFE_UNKNOWN = SafeUUID.unknown
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-_from_bytes = int.from_bytes
-_urandom = os.urandom
-
-
-def _uuid4() -> UUID:
-    value = _new_object(UUID)
-    _set_attribute(value, "int", (_from_bytes(_urandom(16)) & _V4_CLEAR) | _V4_SET)
-    _set_attribute(value, "is_safe", _SAFE_UNKNOWN)
-    return value
 
 
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:

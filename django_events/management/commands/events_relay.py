@@ -34,12 +34,13 @@ class Command(BaseCommand):
             "leaving fresh ones to the publisher's on-commit send.",
         )
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias holding the event log.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["database"] not in connections.settings:
-            raise CommandError(f"Unknown database alias {options['database']!r}")
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
         while True:
