@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,8 @@ class Settings:
 
     @property
     def LOCK_FILE(self) -> Path:
-        return Path(self._get("LOCK_FILE"))
+        value = self._get("LOCK_FILE")
+        return Path(value if isinstance(value, str | PathLike) and value else DEFAULTS["LOCK_FILE"])
 
 
 conf = Settings()
