@@ -27,6 +27,8 @@ class Event:
     correlation_id: UUID
     causation_id: UUID | None
     data: dict[str, Any] = field(repr=False, compare=False)
+    # Of the contract ``data`` follows: the declared one once a worker has upcast it.
+    version: int = 1
 
     def to_message(self) -> dict[str, Any]:
         """Return the JSON-ready form sent to workers."""
