@@ -475,3 +475,21 @@ def test_a_replay_stopped_midway_has_recorded_each_run_before(publish_now, queue
     assert (done.status, done.attempts) == ("succeeded", 1)
     stopped = Delivery.objects.get(event_id=last.id, subscription="shop-stopper")
     assert stopped.status == "running"  # the one a dead process leaves: it says so
+
+
+@pytest.mark.django_db
+def test_a_one_shot_relay_accounts_for_every_record_it_leaves_pending() -> None:
+    # Dated after the run starts (a publisher's clock ahead of this host's): not sent.
+    ahead = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.paid",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        occurred_at=timezone.now() + timedelta(minutes=5),
+    )
+
+    out = run("events_relay")
+
+    assert "Relayed 0 event(s); 1 still pending." in out
+    assert "1 dated after this run started" in out
+    assert EventRecord.objects.get(pk=ahead.pk).status == "pending"
