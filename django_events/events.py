@@ -40,6 +40,7 @@ class Event:
             "occurred_at": self.occurred_at.isoformat(),
             "correlation_id": str(self.correlation_id),
             "causation_id": str(self.causation_id) if self.causation_id else None,
+            "version": self.version,
         }
 
     @classmethod
@@ -62,6 +63,7 @@ class Event:
             UUID(message["correlation_id"]),
             UUID(causation) if causation else None,
             data,
+            int(message.get("version", 1)),  # messages sent before versions existed: 1
         )
 
 

@@ -17,6 +17,7 @@ from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.events import Event
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
@@ -33,6 +34,8 @@ class Outcome:
     status: str
     retry_in: float | None = None
     error: Exception | None = None
+    # The message to retry with, when it is not the same one (a wait that counts no attempt).
+    retry_with: Any = None
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,58 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     data = message.event.get("payload")
     if not isinstance(data, dict):
         return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
+    event_message = message.event
+    version = event_message.get("version", 1)
+    if version != compiled.declaration.version:
+        try:
+            data = compiled.upgrade(data, int(version))
+        except NewerVersion as exc:
+            return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
+        except UpcastError as exc:
+            details = redact_text(str(exc), data, compiled.declaration.redact)
+            return _give_up(message, attempt, details)
+        except (TypeError, ValueError) as exc:  # int() of a version that is not a number
+            return _give_up(message, attempt, f"Malformed event in message: version {exc}")
+        event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data)
     if problems:
         details = redact_text("; ".join(map(str, problems)), data, compiled.declaration.redact)
         return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
     try:
-        event = Event.from_message(message.event, compiled.typed_payload(data))
+        event = Event.from_message(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
     return _run(registry, subscription, event, message.alias, attempt, retries, batch)
+
+
+def _wait_for_newer(
+    raw: dict[str, Any],
+    message: _Message,
+    subscription: Subscription,
+    attempt: int,
+    retries: int,
+    exc: NewerVersion,
+) -> Outcome:
+    """A rolling deploy: the event is newer than this worker. Retry later, run nothing.
+
+    The retried message counts one attempt less, so waiting never uses up ``max_attempts``;
+    its `Delivery` row says what it waits for (pending, attempts unchanged).
+    """
+    error = f"Waiting for a newer worker: {exc}"
+    extra = _message_log_extra(message)
+    logger.warning("%s (event %s)", error, message.event.get("id"), extra=extra)
+    try:
+        event = Event.from_message(message.event)
+    except (KeyError, TypeError, ValueError):
+        return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
+    status = Delivery.Status.PENDING
+    row = delivery(event.id, subscription.name, "async", status, attempt - 1, error)
+    _record_quietly(message.alias, event, [row], always=True)
+    delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
+    waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
+    return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
 
 def _parse(raw: Any) -> _Message:
