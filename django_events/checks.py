@@ -7,9 +7,12 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
+from django_events.conf import conf
 from django_events.wiring.compiled import HandlerImportError, is_async_handler, resolve_handler
+from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import get_registry
+from django_events.wiring.upcasting import resolve_upcaster
 
 # Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
 CHECK_IDS: dict[str, str] = {
@@ -31,6 +34,9 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E111": "a broadcast subscription is also idempotent",
     "django_events.W110": "a broadcast subscription has a retry policy",
     "django_events.E120": "an inline subscription has an async def handler",
+    "django_events.E130": "an event's upcast key is not an older version",
+    "django_events.E131": "an upcaster does not import or is not callable",
+    "django_events.W130": "the lock file no longer matches the declarations",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",
@@ -99,6 +105,52 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             )
         )
     return messages
+
+
+def check_upcasters(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Every upcaster imports and can be called."""
+    messages: list[CheckMessage] = []
+    for compiled in get_registry().events.values():
+        for step, path in sorted(compiled.declaration.upcast.items()):
+            try:
+                resolve_upcaster(path)
+            except Exception as exc:  # noqa: BLE001 - ImportError, TypeError, or the module raised
+                messages.append(
+                    Error(
+                        f"Event {compiled.name!r}: upcaster v{step} -> v{step + 1} {path!r} "
+                        f"is unusable: {type(exc).__name__}: {exc}",
+                        hint="Point it at a function f(payload) -> payload.",
+                        obj=str(compiled.declaration.origin),
+                        id="django_events.E131",
+                    )
+                )
+    return messages
+
+
+def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """A lock file that exists matches the declarations (``events_lock`` rewrites it)."""
+    path = conf.LOCK_FILE
+    if not path.is_file():
+        return []
+    try:
+        locked = read_lock(path)
+    except ValueError as exc:
+        reason = str(exc)
+    else:
+        current = lock_data(get_registry())
+        if locked == current:
+            return []
+        changes = compare(locked, current)
+        first = str(changes[0]) if changes else "its upcasters differ"
+        reason = f"{len(changes)} change(s) since it was written; first: {first}"
+    return [
+        Warning(
+            f"Lock file {str(path)!r} is stale: {reason}",
+            hint="Run manage.py events_compat to review, then manage.py events_lock.",
+            obj=str(path),
+            id="django_events.W130",
+        )
+    ]
 
 
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:

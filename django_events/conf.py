@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "SUCCESS_RECORDS": "immediate",
     "DELIVERY": "celery",
     "TASKS_BACKEND": "default",
+    "LOCK_FILE": "events.lock.json",
 }
 
 
@@ -183,6 +185,11 @@ class Settings:
     @property
     def INBOUND_MAX_BODY(self) -> int:
         return int(self._get("INBOUND_MAX_BODY"))
+
+    @property
+    def LOCK_FILE(self) -> Path:
+        value = self._get("LOCK_FILE")
+        return Path(value if isinstance(value, str | PathLike) and value else DEFAULTS["LOCK_FILE"])
 
 
 conf = Settings()

@@ -38,6 +38,8 @@ class Event(Generic[PayloadT]):
     correlation_id: UUID
     causation_id: UUID | None
     data: dict[str, Any] = field(repr=False, compare=False)
+    # Of the contract ``data`` follows: the declared one once a worker has upcast it.
+    version: int = 1
 
     def to_message(self) -> dict[str, Any]:
         """Return the JSON-ready form sent to workers."""
@@ -49,6 +51,7 @@ class Event(Generic[PayloadT]):
             "occurred_at": self.occurred_at.isoformat(),
             "correlation_id": str(self.correlation_id),
             "causation_id": str(self.causation_id) if self.causation_id else None,
+            "version": self.version,
         }
 
     @classmethod
@@ -71,6 +74,7 @@ class Event(Generic[PayloadT]):
             UUID(message["correlation_id"]),
             UUID(causation) if causation else None,
             data,
+            int(message.get("version", 1)),  # messages sent before versions existed: 1
         )
 
 

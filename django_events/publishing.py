@@ -151,6 +151,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         parent.correlation_id if parent else event_id,
         parent.id if parent else None,
         data,
+        compiled.declaration.version,
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)

@@ -35,7 +35,8 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
     )
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+        args = None if outcome.retry_with is None else (outcome.retry_with,)
+        raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error)
     if outcome.status != "succeeded":
         raise Ignore(f"delivery {outcome.status}")
 

@@ -193,3 +193,14 @@ def test_the_vendored_schema_rejects_a_broken_document() -> None:
 
     assert any("'version' is a required property" in e for e in errors)
     assert any("consume" in e for e in errors)
+
+
+def test_each_event_carries_its_version() -> None:
+    events = {"o.v3": {"version": 3, "upcast": {1: "tests.app.upcasters.split_total"}}, "o.v1": {}}
+    with wiring(EVENTS=events):
+        document = json.loads(asyncapi())
+
+    assert schema_errors(document) == []
+    assert document["channels"]["o.v3"]["x-django-events"]["version"] == 3
+    assert document["channels"]["o.v1"]["x-django-events"]["version"] == 1
+    assert document["components"]["messages"]["o.v3"]["x-django-events"] == {"version": 3}

@@ -27,6 +27,7 @@ def record_for(event: Event, status: str) -> EventRecord:
         id=event.id,
         name=event.name,
         payload=event.data,
+        version=event.version,
         headers=event.headers,
         occurred_at=event.occurred_at,
         correlation_id=event.correlation_id,
@@ -40,6 +41,7 @@ _RECORD_FIELDS = (
     "id",
     "name",
     "payload",
+    "version",
     "headers",
     "occurred_at",
     "correlation_id",
@@ -66,6 +68,7 @@ def insert_records(alias: str, records: Sequence[tuple[Event, str]]) -> None:
             "id": str(event.id),
             "name": event.name,
             "payload": event.data,
+            "version": event.version,
             "headers": event.headers,
             "occurred_at": event.occurred_at.isoformat(),
             "correlation_id": str(event.correlation_id),
@@ -128,6 +131,7 @@ def event_of(record: EventRecord, payload: object = None) -> Event:
         correlation_id=record.correlation_id,
         causation_id=record.causation_id,
         data=record.payload,
+        version=record.version,
     )
 
 

@@ -27,10 +27,11 @@ from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.events import Event
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
-from django_events.wiring.redaction import stale_payload_error
+from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 from django_events.wiring.validation import json_problems, storable_text
 
@@ -59,6 +60,8 @@ class Outcome:
     status: str
     retry_in: float | None = None
     error: Exception | None = None
+    # The message to retry with, when it is not the same one (a wait that counts no attempt).
+    retry_with: Any = None
 
 
 @dataclass(frozen=True)
@@ -118,16 +121,57 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             "asynchronously on this worker",
         )
     data = message.event["payload"]
+    event_message = message.event
+    version = event_message.get("version", 1)
+    if version != compiled.declaration.version:
+        try:
+            data = compiled.upgrade(data, int(version))
+        except NewerVersion as exc:
+            return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
+        except UpcastError as exc:
+            details = redact_text(str(exc), data, compiled.declaration.redact)
+            return _give_up(message, attempt, details)
+        except (TypeError, ValueError) as exc:  # int() of a version that is not a number
+            return _give_up(message, attempt, f"Malformed event in message: version {exc}")
+        event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
         return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
-        event = Event.from_message(message.event, compiled.typed_payload(data))
+        event = Event.from_message(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
     return _run(registry, subscription, event, message.alias, attempt, retries, batch)
+
+
+def _wait_for_newer(
+    raw: dict[str, Any],
+    message: _Message,
+    subscription: Subscription,
+    attempt: int,
+    retries: int,
+    exc: NewerVersion,
+) -> Outcome:
+    """A rolling deploy: the event is newer than this worker. Retry later, run nothing.
+
+    The retried message counts one attempt less, so waiting never uses up ``max_attempts``;
+    its `Delivery` row says what it waits for (pending, attempts unchanged).
+    """
+    error = f"Waiting for a newer worker: {exc}"
+    extra = _message_log_extra(message)
+    logger.warning("%s (event %s)", error, message.event.get("id"), extra=extra)
+    try:
+        event = Event.from_message(message.event)
+    except (KeyError, TypeError, ValueError):
+        return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
+    status = Delivery.Status.PENDING
+    row = delivery(event.id, subscription.name, "async", status, attempt - 1, error)
+    _record_quietly(message.alias, event, [row], always=True)
+    delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
+    waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
+    return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
 
 def _parse(raw: Any) -> _Message:
@@ -145,7 +189,9 @@ def _parse(raw: Any) -> _Message:
     if not isinstance(alias, str) or alias not in settings.DATABASES:
         alias = DEFAULT_DB_ALIAS
     prior = raw.get("prior_attempts", 0)
-    if not _is_int(prior) or not 0 <= prior < MAX_ATTEMPTS:
+    # Below 0 only while waiting for a newer worker (each wait is one uncounted retry);
+    # _attempt checks that the runs it adds up to are a count.
+    if not _is_int(prior) or not -MAX_ATTEMPTS < prior < MAX_ATTEMPTS:
         raise MalformedMessage(f"prior_attempts is not an integer from 0 to {MAX_ATTEMPTS - 1}")
     if not isinstance(raw.get("rerun", False), bool):
         raise MalformedMessage("rerun is not a boolean")
@@ -192,7 +238,7 @@ def _check_event(event: dict[str, Any]) -> None:
 
 def _attempt(message: _Message, retries: Any) -> int:
     """The number of this run of the handler (Celery's ``retries`` is a header too)."""
-    if not _is_int(retries) or retries < 0 or message.prior_attempts + retries >= MAX_ATTEMPTS:
+    if not _is_int(retries) or not 0 <= message.prior_attempts + retries < MAX_ATTEMPTS:
         raise MalformedMessage(f"retries is not an integer from 0 to {MAX_ATTEMPTS - 1}")
     attempt: int = message.prior_attempts + retries + 1
     return attempt

@@ -9,7 +9,7 @@ then succeeded or failed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import TypeVar
 from uuid import UUID
@@ -20,9 +20,10 @@ from django.utils import timezone
 from django_events.delivery import broker
 from django_events.delivery.dispatch import run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import CompiledEvent, Subscription
-from django_events.wiring.redaction import stale_payload_error
+from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
 T = TypeVar("T")
@@ -164,13 +165,24 @@ def _run_one(
     interceptors: Sequence[object],
 ) -> Delivery | None:
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
-    problems = event_type.validator.problems(record.payload, event_type.declaration.redact)
+    try:
+        data = event_type.upgrade(record.payload, record.version)
+    except (NewerVersion, UpcastError) as exc:
+        error = redact_text(str(exc), record.payload, event_type.declaration.redact)
+        # Newer than this process: no run, left pending for a process that knows the version.
+        newer = isinstance(exc, NewerVersion)
+        status = Delivery.Status.PENDING if newer else Delivery.Status.FAILED
+        runs = attempts - 1 if newer else attempts
+        return delivery(record.pk, subscription.name, subscription.mode, status, runs, error)
+    problems = event_type.validator.problems(data, event_type.declaration.redact)
     if problems:
         error = stale_payload_error(record.name, problems)
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )
-    event = event_of(record, event_type.typed_payload(record.payload))
+    event = event_of(record, event_type.typed_payload(data))
+    if data is not record.payload:  # upcast: handlers see the declared version
+        event = replace(event, data=data, version=event_type.version)
     return run_sync_handler(subscription, event, interceptors, True, attempts)
 
 

@@ -81,7 +81,11 @@ def _channel(compiled: CompiledEvent, key: str) -> dict[str, Any]:
         "address": compiled.name,
         "title": compiled.name,
         "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-        EXTENSION: {"durable": declaration.durable, "redact": list(declaration.redact)},
+        EXTENSION: {
+            "durable": declaration.durable,
+            "redact": list(declaration.redact),
+            "version": declaration.version,
+        },
     }
     if declaration.record:
         channel[EXTENSION]["record"] = declaration.record
@@ -97,6 +101,8 @@ def _message(compiled: CompiledEvent, key: str) -> dict[str, Any]:
         "contentType": "application/json",
         "headers": HEADERS_SCHEMA,
         "payload": {"$ref": f"#/components/schemas/{key}"},
+        # The payload contract's version (docs/evolving.md): messages carry it too.
+        EXTENSION: {"version": compiled.declaration.version},
     }
     if compiled.declaration.description:
         message["summary"] = compiled.declaration.description

@@ -90,6 +90,7 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
             continue
         seen[declaration.name] = declaration
         declaration = _with_type(declaration, registry.problems)
+        registry.problems.extend(_upcast_problems(declaration))
         schema = declaration.schema if declaration.schema is not None else {"type": "object"}
         try:
             validator = PayloadValidator(schema)
@@ -104,6 +105,21 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
             )
             continue
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
+
+
+def _upcast_problems(declaration: EventDeclaration) -> list[Problem]:
+    """Each upcaster upgrades a version older than the declared one."""
+    return [
+        _problem(
+            "E130",
+            f"Event {declaration.name!r} is version {declaration.version}: "
+            f"upcast key {key!r} is not an older version",
+            f"Key upcasters by the version they upgrade from (1 to {declaration.version - 1}).",
+            declaration.origin,
+        )
+        for key in sorted(declaration.upcast)
+        if not 1 <= key < declaration.version
+    ]
 
 
 def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventDeclaration:

@@ -22,6 +22,7 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
+from django_events.wiring.upcasting import Upcaster, upcast
 from django_events.wiring.validation import PayloadValidator, json_problems
 
 Handler = Callable[[Event], Any]
@@ -75,10 +76,31 @@ class CompiledEvent:
     sync: tuple[Subscription, ...] = ()
     async_: tuple[Subscription, ...] = ()  # async, through Celery
     tasks: tuple[Subscription, ...] = ()  # async, through Django's Tasks framework
+    upcasters: dict[int, Upcaster] = field(default_factory=dict, repr=False)  # imported ones
 
     @property
     def name(self) -> str:
         return self.declaration.name
+
+    @property
+    def version(self) -> int:
+        return self.declaration.version
+
+    def upgrade(self, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Upcast ``data`` of ``version`` to the declared version (raises ``UpcastError``,
+        or ``NewerVersion`` for a version this process does not know yet)."""
+        declaration = self.declaration
+        if version == declaration.version:
+            return data
+        return upcast(
+            declaration.name,
+            data,
+            version,
+            declaration.version,
+            declaration.upcast,
+            self.upcasters,
+            self.validator.problems,
+        )
 
     @property
     def type(self) -> type | None:

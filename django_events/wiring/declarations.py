@@ -74,6 +74,9 @@ class EventDeclaration:
     redact: tuple[str, ...] = ()
     record: str | None = None
     inbound: dict[str, Any] | None = None
+    version: int = 1
+    # old version -> dotted path of f(payload) -> payload of the next version
+    upcast: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
