@@ -242,13 +242,7 @@ class _Builder:
             send["bindings"] = {
                 "amqp": {
                     "is": "routingKey",
-                    "exchange": {
-                        "name": route.exchange,
-                        "type": route.exchange_type,
-                        "durable": route.durable,
-                        "autoDelete": False,
-                        "vhost": self._vhost(),
-                    },
+                    "exchange": _exchange(route, self._vhost()),
                     "bindingVersion": AMQP_BINDING,
                 }
             }
@@ -288,7 +282,7 @@ class _Builder:
             return Route(name, "fanout", name, durable=True, auto_delete=False)
         if self.broker is not None and queue in self.broker.routes:
             return self.broker.routes[queue]
-        return Route(queue, "direct", queue)  # Celery's queue created on demand
+        return Route("", "default", queue)  # how Celery sends to a queue it creates on demand
 
     def _vhost(self) -> str:
         path = self.broker.pathname if self.broker else ""
@@ -435,6 +429,18 @@ class _Builder:
                 '"content-encoding": "utf-8"}.'
             )
         self.messages[f"{key}.task"] = message
+
+
+def _exchange(route: Route, vhost: str) -> dict[str, Any]:
+    if not route.exchange:  # AMQP's nameless default exchange: routes by queue name
+        return {"type": "default", "vhost": vhost}
+    return {
+        "name": route.exchange,
+        "type": route.exchange_type,
+        "durable": route.durable,
+        "autoDelete": False,
+        "vhost": vhost,
+    }
 
 
 def _inbound_headers(block: Mapping[str, Any]) -> dict[str, Any]:

@@ -82,13 +82,19 @@ def describe_broker(queues: set[str]) -> Broker | None:
         except KeyError:  # task_create_missing_queues off: Celery would refuse to send
             continue
         exchange = declared.exchange
-        routes[queue] = Route(
-            exchange.name or "",
-            (exchange.type or "direct") if exchange.name else "default",
-            declared.routing_key or queue,
-            bool(declared.durable),
-            bool(declared.auto_delete),
-        )
+        kind = (exchange.type if exchange.name else None) or "direct"
+        if kind == "direct":
+            # Celery sends to a direct exchange's queue through the default exchange
+            # (celery.app.amqp send_task_message): exchange "", routing key the queue's name.
+            routes[queue] = Route("", "default", queue, bool(declared.durable))
+        else:
+            routes[queue] = Route(
+                exchange.name,
+                kind,
+                declared.routing_key or queue,
+                bool(declared.durable),
+                bool(declared.auto_delete),
+            )
     path = unquote(parts.path[1:]) if parts.path.startswith("/") else ""
     if protocol == "amqp":  # the path is the virtual host, "/" when empty
         pathname = "" if path in ("", "/") else f"/{path}"
