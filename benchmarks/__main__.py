@@ -1,6 +1,6 @@
 """``python -m benchmarks [--smoke] [--repeat N] [--only 1,2,...]``: every figure, one line each.
 
-Needs PostgreSQL, RabbitMQ and Redis on loopback (DESIGN.md section 5). Creates and drops its
+Needs PostgreSQL, RabbitMQ and Redis on loopback (docs/contributing.md). Creates and drops its
 own database, queues and Redis keys.
 """
 

@@ -13,7 +13,6 @@ from django_events.exceptions import (
     EventError,
     InterceptorError,
     InvalidPayload,
-    ManifestError,
     UnknownEvent,
 )
 from django_events.wiring.typed import event
@@ -26,7 +25,6 @@ __all__ = [
     "EventError",
     "InterceptorError",
     "InvalidPayload",
-    "ManifestError",
     "UnknownEvent",
     "current_event",
     "event",

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from jsonschema import Draft202012Validator, validators
 
 DEFAULT_RETRY: dict[str, Any] = {
     "max_attempts": 3,
@@ -28,29 +33,104 @@ DEFAULTS: dict[str, Any] = {
     "SUCCESS_RECORDS": "immediate",
 }
 
-RECORD_CHOICES = ("all", "failures")
-SUCCESS_RECORDS_CHOICES = ("immediate", "batched")
+
+@dataclass(frozen=True)
+class SettingProblem:
+    """One key of ``DJANGO_EVENTS`` that is unknown (a warning) or does not match its schema."""
+
+    key: str | None  # None: DJANGO_EVENTS itself
+    message: str
+    hint: str | None = None
+    unknown: bool = False
+
+
+def _schema(name: str) -> dict[str, Any]:
+    text = resources.files("django_events").joinpath(f"schemas/{name}").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def settings_schema() -> dict[str, Any]:
+    """The JSON Schema of ``DJANGO_EVENTS`` (its ``$defs`` are the manifest schema's)."""
+    schema = _schema("settings.schema.json")
+    schema["$defs"] = _schema("manifest.schema.json")["$defs"]
+    return schema
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    # Settings are Python, not JSON: a tuple is as good as a list.
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "array", lambda _checker, value: isinstance(value, list | tuple)
+    )
+    cls = validators.extend(Draft202012Validator, type_checker=checker)  # type: ignore[no-untyped-call]
+    validator: Draft202012Validator = cls(settings_schema())
+    return validator
+
+
+def check_settings(value: Any) -> tuple[dict[str, Any], list[SettingProblem]]:
+    """Split ``DJANGO_EVENTS`` into the keys that can be used and the problems of the others."""
+    if not isinstance(value, dict):
+        message = f"DJANGO_EVENTS must be a dict, got {type(value).__name__}"
+        return {}, [SettingProblem(None, message)]
+    problems = [
+        SettingProblem(key, f"DJANGO_EVENTS has unknown key {key!r}", None, unknown=True)
+        for key in value
+        if key not in DEFAULTS
+    ]
+    bad: set[str] = set()
+    for error in sorted(_validator().iter_errors(value), key=lambda e: list(map(str, e.path))):
+        if not error.path:  # only "not an object", ruled out above
+            continue
+        key = str(error.path[0])
+        hint = settings_schema()["properties"][key].get("x-hint")
+        if len(error.path) == 1 and key != "DEFAULT_RETRY":
+            message = f"DJANGO_EVENTS[{key!r}] is {value[key]!r}"
+        else:
+            where = "".join(f"[{p!r}]" for p in list(error.path)[1:])
+            message = f"DJANGO_EVENTS[{key!r}] is invalid: {where or '$'} {error.message}"
+        problems.append(SettingProblem(key, message, hint))
+        bad.add(key)
+    usable = {k: v for k, v in value.items() if k in DEFAULTS and k not in bad}
+    return usable, problems
 
 
 class Settings:
-    """Each property reads ``settings.DJANGO_EVENTS`` anew, so ``override_settings`` works."""
+    """Each property reads ``settings.DJANGO_EVENTS`` anew, so ``override_settings`` works.
+
+    The value is checked against ``schemas/settings.schema.json`` once per setting object;
+    a key that does not match reads as its default (system checks report it).
+    """
+
+    def __init__(self) -> None:
+        self._source: Any = None
+        self._usable: dict[str, Any] = {}
+        self._problems: list[SettingProblem] = []
+
+    def _load(self) -> dict[str, Any]:
+        value = getattr(settings, "DJANGO_EVENTS", {})
+        if value is not self._source:
+            self._usable, self._problems = check_settings(value)
+            self._source = value
+        return self._usable
 
     @property
     def raw(self) -> dict[str, Any]:
-        value = getattr(settings, "DJANGO_EVENTS", {})
-        return value if isinstance(value, dict) else {}
+        """The keys of ``DJANGO_EVENTS`` that are known and valid."""
+        return self._load()
+
+    @property
+    def problems(self) -> list[SettingProblem]:
+        """What is wrong with ``DJANGO_EVENTS``, key by key."""
+        self._load()
+        return list(self._problems)
 
     def _get(self, key: str) -> Any:
-        return self.raw.get(key, DEFAULTS[key])
-
-    def _list(self, key: str) -> list[Any]:
-        # A value of the wrong shape reads as empty; checks report it (E001) instead.
-        value = self._get(key)
-        return list(value) if isinstance(value, list | tuple) else []
+        return self._load().get(key, DEFAULTS[key])
 
     @property
     def MANIFESTS(self) -> list[Path]:
-        return [Path(p) for p in self._list("MANIFESTS")]
+        return [Path(p) for p in self._get("MANIFESTS")]
 
     @property
     def AUTODISCOVER(self) -> bool:
@@ -58,12 +138,11 @@ class Settings:
 
     @property
     def EVENTS(self) -> dict[str, Any]:
-        value = self._get("EVENTS")
-        return dict(value) if isinstance(value, dict) else {}
+        return dict(self._get("EVENTS"))
 
     @property
     def SUBSCRIPTIONS(self) -> list[Any]:
-        return self._list("SUBSCRIPTIONS")
+        return list(self._get("SUBSCRIPTIONS"))
 
     @property
     def CELERY_APP(self) -> str | None:
@@ -76,8 +155,7 @@ class Settings:
 
     @property
     def DEFAULT_RETRY(self) -> dict[str, Any]:
-        value = self._get("DEFAULT_RETRY")
-        return {**DEFAULT_RETRY, **value} if isinstance(value, dict) else dict(DEFAULT_RETRY)
+        return {**DEFAULT_RETRY, **self._get("DEFAULT_RETRY")}
 
     @property
     def RECORD(self) -> str:
@@ -85,7 +163,7 @@ class Settings:
 
     @property
     def PIPELINE(self) -> list[str]:
-        return self._list("PIPELINE")
+        return list(self._get("PIPELINE"))
 
     @property
     def SUCCESS_RECORDS(self) -> str:
@@ -93,10 +171,7 @@ class Settings:
 
     @property
     def INBOUND_MAX_BODY(self) -> int:
-        value = self._get("INBOUND_MAX_BODY")
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return int(DEFAULTS["INBOUND_MAX_BODY"])  # E001 reports it
-        return value
+        return int(self._get("INBOUND_MAX_BODY"))
 
 
 conf = Settings()

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from django.core.exceptions import ImproperlyConfigured
-
 
 class EventError(Exception):
     """Base class of the errors `publish()` raises."""
@@ -51,11 +49,3 @@ class InterceptorError(EventError):
         super().__init__(
             f"Interceptor {interceptor} refused event {name!r}: {type(error).__name__}: {error}"
         )
-
-
-class ManifestError(ImproperlyConfigured):
-    """A manifest could not be loaded; `problems` lists each one with file and line."""
-
-    def __init__(self, problems: Sequence[object]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))

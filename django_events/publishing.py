@@ -3,20 +3,20 @@ deliver on commit."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
-from uuid import UUID, SafeUUID
+from uuid import uuid4
 
 from django.db import router, transaction
 from django.utils import timezone
 
-from django_events import _overrides
-from django_events.delivery.dispatch import Outgoing, accepted, dispatch
+from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
-from django_events.events import Event, current_event, new_event
+from django_events.events import Event, current_event
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry
@@ -75,9 +75,9 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         header_dict = dict(headers)
     else:
         raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
-    event_id = _uuid4()
+    event_id = uuid4()
     parent = current_event()
-    new = new_event(
+    new = Event(
         event_id,
         compiled.name,
         compiled.typed_payload(data, given),
@@ -98,30 +98,39 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     )
 
 
-# uuid.uuid4() from the same os.urandom bytes, built the way Python 3.14's UUID._from_int
-# does (UUID.__init__ validates its arguments: this halves the cost, ~0.65 us a publish).
-_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_V4_SET = (4 << 76) | (0x8000 << 48)
+@dataclass(frozen=True)
+class Outlet:
+    """Where ``publish()`` hands what it validated: the one seam `django_events.testing` swaps.
+
+    ``capture`` takes each batch instead of recording and delivering it; ``send`` replaces
+    the broker for async deliveries (returns the ids of events it did not take); ``robust``
+    is ``on_commit(robust=...)``: false lets a delivery's failure raise where the commit was.
+    """
+
+    capture: Callable[[Sequence[Outgoing], str], None] | None = None
+    send: Sender | None = None
+    robust: bool = True
 
 
-_SAFE_UNKNOWN = SafeUUID.unknown
-_new_object = object.__new__
-_set_attribute = object.__setattr__
-_from_bytes = int.from_bytes
-_urandom = os.urandom
+_outlet = Outlet()
 
 
-def _uuid4() -> UUID:
-    value = _new_object(UUID)
-    _set_attribute(value, "int", (_from_bytes(_urandom(16)) & _V4_CLEAR) | _V4_SET)
-    _set_attribute(value, "is_safe", _SAFE_UNKNOWN)
-    return value
+@contextmanager
+def use_outlet(outlet: Outlet) -> Iterator[Outlet]:
+    """Send what is published in this block to ``outlet`` (not thread-safe: tests only)."""
+    global _outlet
+    previous, _outlet = _outlet, outlet
+    try:
+        yield outlet
+    finally:
+        _outlet = previous
 
 
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
-    if _overrides.capture is not None:  # django_events.testing.captured_events()
-        _overrides.capture(batch, alias)
+    outlet = _outlet
+    if outlet.capture is not None:  # django_events.testing.captured_events()
+        outlet.capture(batch, alias)
         return
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
@@ -138,6 +147,6 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     if records:
         insert_records(alias, records)
     if deferred:
-        # events_eager() wants its failures raised into the test, not logged by on_commit.
-        robust = _overrides.send is None
-        transaction.on_commit(partial(dispatch, deferred, alias), using=alias, robust=robust)
+        transaction.on_commit(
+            partial(dispatch, deferred, alias, outlet.send), using=alias, robust=outlet.robust
+        )

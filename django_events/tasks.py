@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Ignore
+from celery.signals import worker_ready
 
 from django_events.conf import conf
-from django_events.delivery.worker import process_message
+from django_events.delivery.worker import process_message, wiring_problems
+from django_events.logs import log_extra
+
+logger = logging.getLogger("django_events.worker")
 
 
 @shared_task(
@@ -19,14 +25,19 @@ from django_events.delivery.worker import process_message
     serializer="json",
     max_retries=None,  # each subscription's retry policy decides
 )
-def deliver(self: Task[Any, Any], message: Any) -> str:
-    """Run one subscription's handler for one event (the message names the subscription)."""
+def deliver(self: Task[Any, Any], message: Any) -> None:
+    """Run one subscription's handler for one event (the message names the subscription).
+
+    A delivery that failed for good (logged and recorded already) ends as an ignored task,
+    acknowledged: Celery would log a returned value as a task that succeeded.
+    """
     outcome = process_message(
         message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
     )
     if outcome.retry_in is not None:
         raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
-    return outcome.status
+    if outcome.status != "succeeded":
+        raise Ignore(f"delivery {outcome.status}")
 
 
 @shared_task(name="django_events.relay", ignore_result=True)
@@ -35,3 +46,12 @@ def relay(batch_size: int = 500, min_age: float = 10.0) -> int:
     from django_events.operations.relay import relay_pending
 
     return relay_pending(batch_size=batch_size, min_age=min_age).sent
+
+
+@worker_ready.connect(dispatch_uid="django_events.report_wiring")
+def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
+    """Log, as a worker starts, what will make its deliveries fail (bad handler paths)."""
+    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    consumed = set(queues.consume_from) if queues is not None else None
+    for subscription, problem in wiring_problems(consumed):
+        logger.error(problem, extra=log_extra(None, subscription))

@@ -100,7 +100,7 @@ def require_server(url: str, what: str) -> None:
         return
     message = f"{what} at {url} is not reachable"
     if os.environ.get("CI"):
-        pytest.fail(f"{message}; CI runs every server-backed test (see DESIGN.md section 5)")
+        pytest.fail(f"{message}; CI runs every server-backed test (see docs/contributing.md)")
     pytest.skip(message)
 
 

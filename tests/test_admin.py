@@ -439,6 +439,20 @@ def test_change_permission_on_failures_can_act(publish_now) -> None:
 
 
 @pytest.mark.django_db
+def test_the_index_offers_view_not_change_on_the_read_only_pages() -> None:
+    operator = user_client("view_eventrecord", "change_failure")  # acts, edits nothing
+
+    for index in (reverse("admin:index"), APP):
+        html = operator.get(index).content.decode()
+        for model in ("eventrecord", "failure"):
+            row = re.search(rf'<tr class="model-{model}">(.*?)</tr>', html, re.DOTALL)
+            assert row is not None, (index, model)
+            assert 'class="viewlink"' in row[1] and ">View<" in row[1], (index, model)
+            assert "changelink" not in row[1], (index, model)
+    assert "retry_selected" in operator.get(FAILURES).content.decode()
+
+
+@pytest.mark.django_db
 def test_actions_need_a_post_with_the_csrf_token(admin_user, publish_now) -> None:
     publish_now("shop.paid", {"order_id": 1})
     failure = failure_of("shop-ledger")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import uuid
@@ -11,9 +12,11 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import User
 from django.db import connection, connections
+from django.urls import reverse
 
 from django_events import publish
-from django_events.models import Delivery
+from django_events.delivery.recording import delivery, save_deliveries
+from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.ops import shop_wiring
@@ -142,3 +145,92 @@ def test_retry_a_failed_delivery_from_the_admin(live_server, page, worker, shots
     page.click("#event-shoppaid summary")  # unfold one payload schema
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=shots / "wiring.png", full_page=True)
+
+
+# A subscription name with no place to break (underscores): it must wrap, not spill over.
+LONG_NAME = "warehouse_reconciliation_export_of_cancelled_orders_nightly"
+LONG_ERROR = "ValueError: " + " ".join(f"the warehouse refused line {n}" for n in range(12))
+WIDE = {"width": 1400, "height": 900}
+
+# The boxes of each cell's content (a Range reaches text that overflows its cell), per row.
+CONTENT_BOXES = """rows => rows.map(row => [...row.cells].map(cell => {
+    const range = document.createRange();
+    range.selectNodeContents(cell);
+    const box = range.getBoundingClientRect();
+    return {left: box.left, right: box.right, top: box.top, bottom: box.bottom};
+}))"""
+
+
+def assert_columns_apart(page, rows_selector: str) -> None:
+    """No cell's content reaches into the next column's content."""
+    rows = page.locator(rows_selector).evaluate_all(CONTENT_BOXES)
+    assert rows
+    for cells in rows:
+        for index, (box, right) in enumerate(itertools.pairwise(cells)):
+            if box["right"] == box["left"] or right["right"] == right["left"]:
+                continue  # an empty cell
+            # Touching is not overlapping: 1 px of slack for subpixel rounding.
+            assert box["right"] <= right["left"] + 1, (rows_selector, index, box, right)
+
+
+# Whether each element shows whole as the page opens (no scrolling): inside the window, and
+# what is drawn at its corners is itself (not the filters, nor nothing where the list's
+# scrolling box clips it).
+SHOWN_WHOLE = """elements => elements.map(e => {
+    const b = e.getBoundingClientRect();
+    const inside = b.width > 0 && b.left >= 0 && b.right <= window.innerWidth
+        && b.top >= 0 && b.bottom <= window.innerHeight;
+    const corners = [[b.left + 2, b.top + 2], [b.right - 2, b.bottom - 2]];
+    const drawn = corners.every(([x, y]) => e.contains(document.elementFromPoint(x, y)));
+    return {shown: inside && drawn, left: b.left, right: b.right, text: e.innerText.slice(0, 40)};
+})"""
+
+
+def assert_shown_whole(page, selector: str) -> None:
+    boxes = page.locator(selector).evaluate_all(SHOWN_WHOLE)
+    assert boxes
+    for box in boxes:
+        assert box["shown"], (selector, box, page.evaluate("window.innerWidth"))
+
+
+def test_the_pages_fit_1400_px(live_server, page, shots) -> None:
+    User.objects.create_superuser("ops", "ops@example.com", "s3cret-pass")
+    extra = {"name": LONG_NAME, "event": "shop.paid", "handler": "tests.app.handlers.record"}
+    with shop_wiring(SUBSCRIPTIONS=[{**extra, "mode": "sync", "queue": "reconciliation"}]):
+        for order_id in (2001, 2002):
+            record = EventRecord.objects.create(
+                id=uuid.uuid4(),
+                name="shop.paid",
+                payload={"order_id": order_id},
+                correlation_id=uuid.uuid4(),
+                status="dispatched",
+            )
+            save_deliveries(
+                "default", [delivery(record.pk, LONG_NAME, "sync", "failed", 12, LONG_ERROR)]
+            )
+        page.set_viewport_size(WIDE)
+        page.goto(f"{live_server.url}/admin/")
+        page.fill("#id_username", "ops")
+        page.fill("#id_password", "s3cret-pass")
+        page.click("input[type=submit]")
+
+        # Both pages only show: "View", as for any model the user cannot change.
+        for index in ("/admin/", "/admin/django_events/"):
+            page.goto(f"{live_server.url}{index}")
+            for model in ("eventrecord", "failure"):
+                row = page.locator(f"tr.model-{model}")
+                assert row.locator("a.viewlink").inner_text() == "View", (index, model)
+                assert row.locator("a.changelink").count() == 0, (index, model)
+
+        page.goto(live_server.url + reverse("admin:django_events_wiring"))
+        assert LONG_NAME in page.inner_text("#event-shoppaid")
+        assert_columns_apart(page, "#event-shoppaid table.de-subscriptions tr")
+        page.screenshot(path=shots / "wiring-1400.png", full_page=True)
+
+        page.goto(f"{live_server.url}/admin/django_events/failure/")
+        assert page.locator("#result_list tbody tr").count() == 2
+        assert_columns_apart(page, "#result_list tr")
+        assert_shown_whole(page, "#result_list .column-attempts, #result_list .column-error")
+        assert_shown_whole(page, "#result_list td.field-attempts, #result_list td.field-error")
+        assert "12" in page.inner_text("#result_list td.field-attempts >> nth=0")
+        page.screenshot(path=shots / "failures-1400.png", full_page=True)

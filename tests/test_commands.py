@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from io import StringIO
+from pathlib import Path
 
-from django.core.management import call_command
+import pytest
+from django.core.management import CommandError, call_command
 
 from tests.conftest import wiring
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def queues() -> str:
@@ -39,3 +46,39 @@ def test_events_queues_lists_each_async_queue_once() -> None:
 def test_events_queues_is_never_empty() -> None:
     with wiring(DEFAULT_QUEUE="fallback"):
         assert queues() == "fallback"
+
+
+def test_events_queues_reports_configuration_errors_after_the_queues() -> None:
+    broken = {"event": "orders.placed", "handler": "tests.app.nowhere.handle", "mode": "async"}
+    out, err = StringIO(), StringIO()
+    with wiring(broken, DEFAULT_QUEUE="events-default"), pytest.raises(CommandError) as raised:
+        call_command("events_queues", stdout=out, stderr=err)
+    assert out.getvalue().strip() == "events-default"  # never an empty -Q
+    assert "(django_events.E201)" in err.getvalue()
+    assert "'tests.app.nowhere.handle' does not import" in err.getvalue()
+    assert "1 problem(s) in the events configuration" in str(raised.value)
+
+
+def _shell(script: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_TEST_MANIFEST": "outcomes.yaml",  # oc-missing's handler does not import
+        "PYTHONPATH": str(ROOT),
+        "PYTHON": sys.executable,
+    }
+    return subprocess.run(
+        ["bash", "-c", script], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_events_queues_fails_loudly_in_a_shell() -> None:
+    result = _shell('"$PYTHON" -m django events_queues')
+    assert result.returncode == 1
+    assert result.stdout.strip() == "django_events"
+    assert "oc-missing" in result.stderr and "tests.app.no_such_module.handle" in result.stderr
+    # The documented pattern does not start a worker on a broken configuration.
+    documented = _shell('queues=$("$PYTHON" -m django events_queues) && echo "worker -Q $queues"')
+    assert documented.returncode == 1
+    assert "worker -Q" not in documented.stdout
+    assert "oc-missing" in documented.stderr

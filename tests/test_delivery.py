@@ -259,6 +259,29 @@ def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) ->
     assert len(runs("record", ids)) == 5  # each once
 
 
+def test_a_one_shot_relay_right_after_an_outage_sends_the_recent_records(wired: Broker) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    with brokers.delivery_wiring("unreachable", wired.queue, "delivery.yaml"):
+        ids = []
+        for order_id in range(3):
+            with transaction.atomic():
+                ids.append(publish("it.placed", {"order_id": order_id}).id)
+    out = StringIO()
+
+    # All younger than --min-age: the relay used to leave them and report "0 still pending".
+    call_command("events_relay", "--min-age", "4", stdout=out)
+
+    assert "Waiting" in out.getvalue() and "3 pending record(s) are younger" in out.getvalue()
+    assert "Relayed 3 event(s); 0 still pending." in out.getvalue()
+    assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+        "dispatched"
+    }
+    wait_for(lambda: len(runs("record", ids)) == 3, what="the relayed events")
+
+
 @pytest.mark.postgresql
 def test_worker_survives_its_database_connections_being_killed(wired: Broker) -> None:
     first = publish("it.strict", {"order_id": 1})

@@ -7,6 +7,7 @@ manifest field fails here until its documentation exists.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from types import ModuleType
@@ -93,3 +94,35 @@ def test_generated_reference_lists_every_field_of_every_declaration() -> None:
     assert "| `version` | `1` | yes |" in rendered
     assert "docs/manifest.md" not in rendered
     assert "{manifest-reference}" in (DOCS / "manifest.md").read_text(encoding="utf-8")
+
+
+# Build outputs, caches and environments: not the repository's files (.gitignore).
+NOT_THE_REPOSITORY = {".git", ".tox", "__pycache__", ".mypy_cache", ".ruff_cache", ".pytest_cache"}
+NOT_THE_REPOSITORY |= {".hypothesis", "_build", "var", "build", "dist", "node_modules"}
+
+
+def repository_files() -> list[Path]:
+    files = []
+    for folder, subfolders, names in os.walk(ROOT):
+        subfolders[:] = [
+            name
+            for name in subfolders
+            if name not in NOT_THE_REPOSITORY
+            and not name.startswith(".venv")
+            and not name.endswith(".egg-info")
+        ]
+        files.extend(Path(folder) / name for name in names if name != ".git")  # a worktree's
+    return files
+
+
+def test_no_file_cites_a_document_outside_the_repository() -> None:
+    """The docs stand alone: a design document the repository does not hold is no reference."""
+    # Spelled in two halves, so that this file does not cite it either.
+    cited = [("DESIGN" + " section").encode(), ("DESIGN" + ".md").encode()]
+    files = repository_files()
+    offending = sorted(
+        str(path.relative_to(ROOT)) for path in files if any(c in path.read_bytes() for c in cited)
+    )
+
+    assert not offending, f"{offending} cite a document outside the repository: cite docs/ pages"
+    assert ROOT / "docs" / "contributing.md" in files  # where the servers and commands are

@@ -19,6 +19,7 @@ from django.utils import timezone
 from django_events.inbound import auth, signing
 from django_events.inbound.idempotency import scoped_key
 from django_events.models import EventRecord, IdempotencyKey
+from django_events.wiring.redaction import MASK
 from tests.app.models import HandlerRun
 from tests.inbound import SECRET, body_of, inbound_wiring, post_raw, post_signed, url
 
@@ -431,6 +432,17 @@ def test_payloads_failing_the_schema_answer_400_with_json_paths(client: Client) 
         {"path": "$", "message": "'payment_id' is a required property"},
         {"path": "$.amount", "message": "-1 is less than the minimum of 0"},
         {"path": "$.order.id", "message": "'seven' is not of type 'integer'"},
+    ]
+    assert_nothing_published()
+
+
+def test_schema_problems_do_not_quote_redacted_values(client: Client) -> None:
+    payload = {"payment_id": "p", "amount": -10, "card": {"cvv": 1234}}
+    response = post_signed(client, "hooks.paid", payload)
+    assert response.status_code == 400
+    assert response.json()["problems"] == [
+        {"path": "$.amount", "message": "-10 is less than the minimum of 0"},
+        {"path": "$.card.cvv", "message": f"{MASK!r} is not of type 'string'"},
     ]
     assert_nothing_published()
 

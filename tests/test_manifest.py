@@ -597,28 +597,41 @@ def test_settings_of_the_wrong_type_are_E001_naming_the_key() -> None:
     assert problems == [
         ("django_events.W001", "DJANGO_EVENTS has unknown key 'COLOUR'"),
         ("django_events.E001", "DJANGO_EVENTS['RECORD'] is 'sometimes'"),
-        ("django_events.E001", "DJANGO_EVENTS['SUBSCRIPTIONS'] must be a list"),
+        ("django_events.E001", "DJANGO_EVENTS['SUBSCRIPTIONS'] is {'event': 'orders.placed'}"),
     ]
 
 
 @pytest.mark.parametrize(
-    ("key", "value", "message"),
+    ("key", "value", "hint"),
     [
-        ("EVENTS", ["orders.placed"], "DJANGO_EVENTS['EVENTS'] must be a dict"),
-        ("EVENTS", "orders.placed", "DJANGO_EVENTS['EVENTS'] must be a dict"),
-        ("SUBSCRIPTIONS", "orders.placed", "DJANGO_EVENTS['SUBSCRIPTIONS'] must be a list"),
+        ("EVENTS", ["orders.placed"], "A dict: event name -> declaration."),
+        ("EVENTS", "orders.placed", "A dict: event name -> declaration."),
+        ("SUBSCRIPTIONS", "orders.placed", "A list of subscription declarations (dicts)."),
         # A string is not read as a list of one-letter paths (no E101 per character).
-        ("MANIFESTS", "events.yaml", "DJANGO_EVENTS['MANIFESTS'] must be a list"),
-        ("PIPELINE", "tests.Interceptor", "DJANGO_EVENTS['PIPELINE'] must be a list"),
+        ("MANIFESTS", "events.yaml", "A list of paths of YAML manifests."),
+        ("PIPELINE", "tests.Interceptor", "A list of dotted paths of interceptors."),
+        ("PIPELINE", [3], "A list of dotted paths of interceptors."),
+        ("AUTODISCOVER", "yes", "True or False."),
+        ("DEFAULT_QUEUE", "", "A queue name."),
     ],
 )
 def test_a_setting_of_the_wrong_shape_is_reported_not_raised(
-    key: str, value: object, message: str
+    key: str, value: object, hint: str
 ) -> None:
     with wiring(**{key: value}):
-        problems = [(p.id, str(p.origin), p.message) for p in get_registry().problems]
+        problems = [(p.id, str(p.origin), p.message, p.hint) for p in get_registry().problems]
 
-    assert problems == [("django_events.E001", "settings.DJANGO_EVENTS", message)]
+    message = (
+        f"DJANGO_EVENTS[{key!r}] is {value!r}"
+        if not isinstance(value, list) or not value or isinstance(value[0], str)
+        else f"DJANGO_EVENTS[{key!r}] is invalid: [0] 3 is not of type 'string'"
+    )
+    assert problems == [("django_events.E001", "settings.DJANGO_EVENTS", message, hint)]
+
+
+def test_a_tuple_is_as_good_as_a_list_in_settings() -> None:
+    with wiring(PIPELINE=(), MANIFESTS=(), SUBSCRIPTIONS=()):
+        assert get_registry().problems == []
 
 
 def test_default_retry_that_is_not_a_mapping_is_E001() -> None:

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import uuid
 from io import StringIO
 
 import pytest
 from django.core.management import call_command
+from django.urls import reverse
+from django.utils.html import escape
 
-from django_events import publish
+from django_events import InvalidPayload, publish
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.redaction import MASK, redact, redact_text
-from tests.ops import drain
+from tests.ops import drain, shop_wiring
 
 CARD = "4111111111111111"
 
@@ -87,3 +91,118 @@ def test_the_worker_records_and_logs_a_stale_payload_redacted(
     row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
     assert f"$.card.number: {MASK!r} is not of type 'string'" in row.last_error
     assert CARD not in row.last_error and CARD not in caplog.text
+
+
+# A redacted value (pin) that another problem's message holds (10, 1000).
+VAULT = {
+    "vault.opened": {
+        "schema": {
+            "type": "object",
+            "properties": {
+                "pin": {"type": "string"},
+                "qty": {"type": "integer", "minimum": 1000},
+                "card": {"type": "object", "properties": {"number": {"type": "string"}}},
+            },
+            "not": {"required": ["forbidden"]},
+        },
+        "redact": ["pin", "card"],
+    }
+}
+VAULT_ERROR = (
+    "Payload no longer valid for 'vault.opened': "
+    f"$.pin: {MASK!r} is not of type 'string'; $.qty: 10 is less than the minimum of 1000"
+)
+
+
+def vault_wiring(queue: str, mode: str = "async"):
+    subscription = {
+        "name": "vault-audit",
+        "event": "vault.opened",
+        "handler": "tests.app.handlers.record",
+        "mode": mode,
+    }
+    return shop_wiring(queue, EVENTS=VAULT, SUBSCRIPTIONS=[subscription])
+
+
+@pytest.mark.django_db
+def test_publish_refuses_a_payload_with_problems_masked_by_path(queue) -> None:
+    payload = {"pin": 1, "qty": 10, "card": {"number": CARD}, "forbidden": 1}
+    with vault_wiring(queue), pytest.raises(InvalidPayload) as caught:
+        publish("vault.opened", payload)
+
+    masked_payload = {**payload, "pin": MASK, "card": MASK}
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("$", f"{masked_payload!r} should not be valid under {{'required': ['forbidden']}}"),
+        ("$.pin", f"{MASK!r} is not of type 'string'"),
+        ("$.qty", "10 is less than the minimum of 1000"),
+    ]
+    assert CARD not in str(caught.value)
+
+
+@pytest.mark.django_db
+def test_values_that_cannot_travel_as_json_are_masked_by_path(queue) -> None:
+    payload = {"card": {"number": "x", "expiry": datetime.date(2031, 1, 1)}, "ratio": math.nan}
+    with vault_wiring(queue), pytest.raises(InvalidPayload) as caught:
+        publish("vault.opened", payload)
+
+    assert [str(p) for p in caught.value.problems] == [
+        f"$.card.expiry: date {MASK!r} is not JSON-serializable",
+        "$.ratio: nan is not a JSON number",
+    ]
+
+
+@pytest.mark.django_db
+def test_the_worker_records_a_stale_payload_masked_by_path_not_garbled(
+    queue, django_capture_on_commit_callbacks
+) -> None:
+    with vault_wiring(queue):
+        with django_capture_on_commit_callbacks(execute=True):
+            event = publish("vault.opened", {"pin": "1000", "qty": 1200})
+        [message] = drain(queue)
+        message["event"]["payload"].update(pin=1000, qty=10)  # the schema changed since
+
+        outcome = process_message(message, retries=0, manage_connections=False)
+
+    assert outcome.status == "failed"
+    row = Delivery.objects.get(event_id=event.id, subscription="vault-audit")
+    assert row.last_error == VAULT_ERROR
+
+
+@pytest.mark.django_db
+def test_a_retry_records_a_stale_payload_masked_by_path_not_garbled(queue, admin_client) -> None:
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="vault.opened",
+        payload={"pin": 1000, "qty": 10},
+        correlation_id=uuid.uuid4(),
+        status="dispatched",
+    )
+    save_deliveries("default", [delivery(record.pk, "vault-audit", "sync", "failed", 1, "Boom")])
+
+    with vault_wiring(queue, mode="sync"):
+        call_command("events_retry", "--subscription", "vault-audit", stdout=StringIO())
+        row = Delivery.objects.get(event_id=record.pk, subscription="vault-audit")
+        assert row.last_error == VAULT_ERROR
+        page = admin_client.get(reverse("admin:django_events_failure_change", args=[row.pk]))
+
+    assert escape(VAULT_ERROR) in page.content.decode()  # the admin leaves it as recorded
+
+
+def test_redact_text_masks_whole_tokens_only() -> None:
+    data = {"pin": 1000, "code": "abc", "email": "ada@example.com", "n": 42}
+    text = (
+        "pin 1000 refused after 10000 tries (1000.5, 2.1000, x1000); code 'abc' abcd; "
+        "mail ada@example.com."
+    )
+
+    masked = redact_text(text, data, ["pin", "code", "email", "n"])
+
+    assert masked == (
+        f"pin {MASK!r} refused after 10000 tries (1000.5, 2.1000, x1000); code {MASK!r} abcd; "
+        f"mail {MASK!r}."
+    )
+
+
+def test_redact_text_leaves_short_scalars() -> None:
+    text = "10 is less than the minimum of 1; line 42"
+    assert redact_text(text, {"pin": 1, "n": 42, "c": "ab"}, ["pin", "n", "c"]) == text

@@ -220,6 +220,55 @@ def test_events_eager_follows_a_sync_async_async_chain() -> None:
     assert runs["chain.shipped"].causation_id == runs["chain.billed"].event_id
 
 
+PUBLISHES_SHIPPED = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.chain_next_atomically",
+    "mode": "async",
+    "name": "async-ships",
+}
+SHIPPED_FAILS = {
+    "event": "orders.shipped",
+    "handler": "tests.app.handlers.always_fails",
+    "mode": "async",
+    "name": "shipped-fails",
+    "retry": {"max_attempts": 1},
+}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_fails_a_child_delivery_alone() -> None:
+    with wiring(PUBLISHES_SHIPPED, SHIPPED_FAILS), events_eager(propagate=False) as eager:
+        placed = publish("orders.placed", {"order_id": 3, "total": 1.0})
+
+    assert len(handled("chain_next")) == 1  # the parent ran once, not once per attempt
+    assert len(handled("always_fails")) == 1
+    parent = Delivery.objects.get(event_id=placed.id)
+    assert (parent.subscription, parent.status, parent.attempts) == ("async-ships", "succeeded", 1)
+    child = Delivery.objects.get(subscription="shipped-fails")
+    assert (child.status, child.attempts) == ("failed", 1)
+    assert [(f.subscription, f.event.name) for f in eager.failures] == [
+        ("shipped-fails", "orders.shipped")
+    ]
+    assert [name for name, _ in eager.delivered] == ["async-ships", "shipped-fails"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_raises_a_child_failure_as_the_childs_after_the_parent_succeeded() -> None:
+    with (
+        wiring(PUBLISHES_SHIPPED, SHIPPED_FAILS),
+        events_eager() as eager,
+        pytest.raises(RuntimeError, match="boom for 3") as raised,
+    ):
+        publish("orders.placed", {"order_id": 3, "total": 1.0})
+
+    assert "async subscription 'shipped-fails' failed on 'orders.shipped'" in "".join(
+        raised.value.__notes__
+    )
+    assert len(handled("chain_next")) == 1
+    assert len(eager.failures) == 1
+    assert Delivery.objects.get(subscription="async-ships").status == "succeeded"
+
+
 def test_events_eager_with_pytest_django_on_commit_fixture(
     db: None, django_capture_on_commit_callbacks: Any, events_eager: EagerEvents
 ) -> None:

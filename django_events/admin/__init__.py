@@ -28,7 +28,7 @@ from django_events.models import Delivery, EventRecord, Failure
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.wiring.describing import describe_wiring
 from django_events.wiring.listing import retry_text
-from django_events.wiring.redaction import mask_values, redact, redact_text
+from django_events.wiring.redaction import STALE_PAYLOAD, mask_values, redact, redact_text
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.admin")
@@ -64,6 +64,8 @@ def _redacted(record: EventRecord) -> Any:
 def _masked(text: str, delivery: Delivery) -> str:
     """An error or traceback with the event's ``redact`` values masked (handlers quote them)."""
     if not text:
+        return text
+    if text.startswith(STALE_PAYLOAD):  # schema errors: masked by path when recorded
         return text
     compiled = get_registry().events.get(delivery.event.name)
     if compiled is None or not compiled.declaration.redact:
@@ -399,6 +401,12 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Failure]:
         return super().get_queryset(request).select_related("event").defer("event__headers")
+
+    def get_model_perms(self, request: HttpRequest) -> dict[str, bool]:
+        # The change permission runs the actions; the pages edit nothing, so the admin index
+        # offers "View", not "Change".
+        perms = super().get_model_perms(request)
+        return {**perms, "view": perms["view"] or perms["change"], "change": False}
 
     def get_changelist(self, request: HttpRequest, **kwargs: Any) -> Any:
         return FailureChangeList

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from django.db import DatabaseError
 
-from django_events import _overrides
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import (
@@ -46,19 +46,25 @@ def accepted(subscriptions: Sequence[Subscription], data: dict[str, Any]) -> lis
     return [s for s in subscriptions if s.accepts is None or s.accepts(data)]
 
 
-def dispatch(batch: Sequence[Outgoing], alias: str) -> None:
-    """Deliver a committed batch. Never raises into the code that committed."""
+#: Sends async deliveries; returns the ids of the events it could not hand over.
+Sender = Callable[[Sequence[broker.SendItem], str], set[UUID]]
+
+
+def dispatch(batch: Sequence[Outgoing], alias: str, send: Sender | None = None) -> None:
+    """Deliver a committed batch (async ones through ``send``, the broker by default).
+
+    Never raises into the code that committed, unless ``send`` does (`events_eager`).
+    """
     try:
-        _send_async(batch, alias)
+        _send_async(batch, alias, send or broker.send_deliveries)
     finally:  # only events_eager() raises from there: sync handlers still run
         _run_sync(batch, alias)
 
 
-def _send_async(batch: Sequence[Outgoing], alias: str) -> None:
+def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender) -> None:
     outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
     if not outgoing:
         return
-    send = _overrides.send or broker.send_deliveries
     unsent: set[object] = set(send(outgoing, alias))
     sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
     try:

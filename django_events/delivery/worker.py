@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import traceback
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,8 @@ from django_events.delivery.recording import delivery, ensure_records, save_deli
 from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
-from django_events.wiring.compiled import Registry, Subscription
-from django_events.wiring.redaction import redact_text
+from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
+from django_events.wiring.redaction import stale_payload_error
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.worker")
@@ -86,10 +87,9 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     data = message.event.get("payload")
     if not isinstance(data, dict):
         return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
-    problems = compiled.validator.problems(data)
+    problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
-        details = redact_text("; ".join(map(str, problems)), data, compiled.declaration.redact)
-        return _give_up(message, attempt, f"Payload no longer valid for {event_name!r}: {details}")
+        return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
@@ -128,6 +128,11 @@ def _run(
     # A broadcast copy is never retried: a retry would reach every worker again.
     max_attempts = 1 if broadcast else subscription.retry.max_attempts
     try:
+        subscription.handler()
+    except HandlerImportError as exc:
+        # Retrying cannot make a missing module appear: a deploy has to fix it.
+        return _handler_unavailable(subscription, event, alias, attempt, retries, exc)
+    try:
         if subscription.declaration.idempotent:
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
         else:
@@ -151,6 +156,12 @@ def _run(
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded.
         if final and recorded:
+            logger.error(
+                "Delivery failed for good after %d attempt(s): %s",
+                attempt,
+                error,
+                extra=log_extra(event, subscription),
+            )
             return Outcome("failed", error=exc)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
@@ -197,6 +208,65 @@ def _run_idempotent(
             return
         run_handler(subscription, event, registry.interceptors, attempt)
         save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
+
+
+def _handler_unavailable(
+    subscription: Subscription,
+    event: Event,
+    alias: str,
+    attempt: int,
+    retries: int,
+    exc: HandlerImportError,
+) -> Outcome:
+    """The handler does not import on this worker: fail the delivery at once, no retry."""
+    error = f"{type(exc).__name__}: {exc}"
+    logger.error(
+        "Delivery failed without retry: subscription %r: %s",
+        subscription.name,
+        exc,
+        extra=log_extra(event, subscription),
+    )
+    tb = "".join(traceback.format_exception(exc))
+    row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
+    if _record_quietly(alias, event, [row], always=True):
+        return Outcome("failed", error=exc)
+    # As for a handler's failure: retry until the outcome can be recorded.
+    return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+
+
+def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str | None, str]]:
+    """What keeps this process from running its async subscriptions: (subscription, problem).
+
+    Configuration errors (subscription ``None``), and async subscriptions on the ``consumed``
+    queues (all when ``None``) whose handler does not import. A worker logs them at start.
+    """
+    registry = get_registry()
+    found: list[tuple[str | None, str]] = [
+        (None, f"Configuration error: {problem}")
+        for problem in registry.problems
+        if problem.is_error
+    ]
+    for subscription in registry.subscriptions.values():
+        if subscription.mode != "async":
+            continue
+        if consumed is not None and subscription.queue not in consumed:
+            continue
+        where = f"Subscription {subscription.name!r} (queue {subscription.queue!r})"
+        try:
+            subscription.handler()
+        except HandlerImportError as exc:
+            found.append(
+                (subscription.name, f"{where}: {exc}; its deliveries will fail without retry")
+            )
+        except Exception as exc:  # noqa: BLE001 - reported; a delivery will raise it again
+            path = subscription.declaration.handler
+            found.append(
+                (
+                    subscription.name,
+                    f"{where}: handler {path!r} raised on import: {type(exc).__name__}: {exc}",
+                )
+            )
+    return found
 
 
 def _give_up(message: _Message, attempt: int, error: str) -> Outcome:

@@ -22,7 +22,7 @@ from django_events.delivery.dispatch import run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import CompiledEvent, Subscription
-from django_events.wiring.redaction import redact_text
+from django_events.wiring.redaction import stale_payload_error
 from django_events.wiring.registry import get_registry
 
 T = TypeVar("T")
@@ -162,12 +162,9 @@ def _run_one(
     interceptors: Sequence[object],
 ) -> Delivery | None:
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
-    problems = event_type.validator.problems(record.payload)
+    problems = event_type.validator.problems(record.payload, event_type.declaration.redact)
     if problems:
-        details = redact_text(
-            "; ".join(map(str, problems)), record.payload, event_type.declaration.redact
-        )
-        error = f"Payload no longer valid for {record.name!r}: {details}"
+        error = stale_payload_error(record.name, problems)
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )

@@ -7,6 +7,7 @@ meant for tests running concurrently in one process. Importing this module needs
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-from django_events import _overrides
 from django_events.events import Event
 
 __all__ = [
@@ -119,11 +119,10 @@ def captured_events() -> Iterator[CapturedEvents]:
         events = [item.event for item in batch]
         transaction.on_commit(partial(captured._committed, events), using=alias)
 
-    previous, _overrides.capture = _overrides.capture, capture
-    try:
+    from django_events.publishing import Outlet, use_outlet
+
+    with use_outlet(Outlet(capture=capture)):
         yield captured
-    finally:
-        _overrides.capture = previous
 
 
 @dataclass(frozen=True)
@@ -147,16 +146,33 @@ class EagerEvents:
     delivered: list[tuple[str, Event]] = field(default_factory=list)
     failures: list[EagerFailure] = field(default_factory=list)
 
+    _queue: deque[tuple[dict[str, Any], str, Event, str]] = field(
+        default_factory=deque, init=False, repr=False
+    )
+    _draining: bool = field(default=False, init=False, repr=False)
+
     def _send(self, items: Sequence[Any], alias: str) -> set[UUID]:
-        failed: list[EagerFailure] = []
         for event, _durable, subscriptions in items:
             # What a worker gets: the message after a JSON round trip.
             message = json.loads(json.dumps(event.to_message()))
             for subscription in subscriptions:
-                failure = self._deliver(message, subscription.name, event, alias)
-                self.delivered.append((subscription.name, event))
+                self._queue.append((message, subscription.name, event, alias))
+        if self._draining:
+            # Sent from a delivery in progress (a handler published): like a broker, the
+            # queue runs it after that delivery, which neither waits for it nor sees it fail.
+            return set()
+        failed: list[EagerFailure] = []
+        self._draining = True
+        try:
+            while self._queue:
+                message, subscription, event, queued_on = self._queue.popleft()
+                failure = self._deliver(message, subscription, event, queued_on)
+                self.delivered.append((subscription, event))
                 if failure is not None:
                     failed.append(failure)
+        finally:
+            self._draining = False
+            self._queue.clear()
         self.failures.extend(failed)
         if failed and self.propagate:
             raise _error_of(failed[0], len(failed))
@@ -195,14 +211,16 @@ def events_eager(*, propagate: bool = True) -> Iterator[EagerEvents]:
     """Run async subscriptions in-process, after commit, as a worker would.
 
     Each message takes the worker's path (JSON round trip, registry lookup, interceptors'
-    ``handle``, ``Delivery`` rows); retries run at once up to ``max_attempts``. A delivery
-    that fails for good raises its handler's exception where the commit happened (or out of
-    ``publish()`` outside a transaction); with ``propagate=False`` it is only recorded, as
-    on a worker, and listed in ``failures``.
+    ``handle``, ``Delivery`` rows); retries run at once up to ``max_attempts``. Each delivery
+    is its own unit, as on a worker: events that a handler publishes are delivered after that
+    handler's delivery ended, so their failures are theirs, never the publishing handler's.
+    A delivery that fails for good raises its handler's exception where the outermost commit
+    happened (or out of ``publish()`` outside a transaction), once every queued delivery ran;
+    with ``propagate=False`` it is only recorded, as on a worker, and listed in ``failures``.
     """
     eager = EagerEvents(propagate=propagate)
-    previous, _overrides.send = _overrides.send, eager._send
-    try:
+    from django_events.publishing import Outlet, use_outlet
+
+    # robust=False: a failure is raised where the test committed, not logged by on_commit.
+    with use_outlet(Outlet(send=eager._send, robust=False)):
         yield eager
-    finally:
-        _overrides.send = previous

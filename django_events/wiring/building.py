@@ -10,9 +10,9 @@ from typing import Any
 
 from django.apps import apps
 from django.utils.module_loading import import_string
-from jsonschema import Draft202012Validator, SchemaError
+from jsonschema import SchemaError
 
-from django_events.conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf
+from django_events.conf import DEFAULTS, conf
 from django_events.wiring import typed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.declarations import (
@@ -23,7 +23,7 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import FilterError, compile_filter
-from django_events.wiring.manifest import Manifest, load_manifest, manifest_schema, parse_settings
+from django_events.wiring.manifest import Manifest, load_manifest, parse_settings
 from django_events.wiring.validation import PayloadValidator
 
 SETTINGS_ORIGIN = Origin("settings", "settings.DJANGO_EVENTS")
@@ -64,79 +64,14 @@ def build_registry() -> Registry:
 
 
 def settings_problems() -> list[Problem]:
-    """Check the shape of ``DJANGO_EVENTS`` itself."""
-    from django.conf import settings
-
-    raw = getattr(settings, "DJANGO_EVENTS", {})
-    if not isinstance(raw, dict):
-        return [
-            _problem(
-                "E001",
-                f"DJANGO_EVENTS must be a dict, got {type(raw).__name__}",
-                None,
-                SETTINGS_ORIGIN,
-            )
-        ]
-    problems = [
-        _problem(
-            "W001",
-            f"DJANGO_EVENTS has unknown key {key!r}",
-            f"Known keys: {', '.join(sorted(DEFAULTS))}.",
-            SETTINGS_ORIGIN,
-        )
-        for key in raw
-        if key not in DEFAULTS
+    """Check the shape of ``DJANGO_EVENTS`` itself (against its JSON Schema)."""
+    known = f"Known keys: {', '.join(sorted(DEFAULTS))}."
+    return [
+        _problem("W001", p.message, known, SETTINGS_ORIGIN)
+        if p.unknown
+        else _problem("E001", p.message, p.hint, SETTINGS_ORIGIN)
+        for p in conf.problems
     ]
-    if raw.get("RECORD", "all") not in RECORD_CHOICES:
-        problems.append(
-            _problem(
-                "E001",
-                f"DJANGO_EVENTS['RECORD'] is {raw['RECORD']!r}",
-                "Use 'all' or 'failures'.",
-                SETTINGS_ORIGIN,
-            )
-        )
-    if raw.get("SUCCESS_RECORDS", "immediate") not in SUCCESS_RECORDS_CHOICES:
-        problems.append(
-            _problem(
-                "E001",
-                f"DJANGO_EVENTS['SUCCESS_RECORDS'] is {raw['SUCCESS_RECORDS']!r}",
-                "Use 'immediate' or 'batched'.",
-                SETTINGS_ORIGIN,
-            )
-        )
-    for key in ("MANIFESTS", "SUBSCRIPTIONS", "PIPELINE"):
-        if not isinstance(raw.get(key, []), list | tuple):
-            problems.append(
-                _problem("E001", f"DJANGO_EVENTS[{key!r}] must be a list", None, SETTINGS_ORIGIN)
-            )
-    if not isinstance(raw.get("EVENTS", {}), dict):
-        problems.append(
-            _problem("E001", "DJANGO_EVENTS['EVENTS'] must be a dict", None, SETTINGS_ORIGIN)
-        )
-    max_body = raw.get("INBOUND_MAX_BODY", 1)
-    if isinstance(max_body, bool) or not isinstance(max_body, int) or max_body < 1:
-        problems.append(
-            _problem(
-                "E001",
-                f"DJANGO_EVENTS['INBOUND_MAX_BODY'] is {max_body!r}",
-                "Use a positive number of bytes.",
-                SETTINGS_ORIGIN,
-            )
-        )
-    retry = raw.get("DEFAULT_RETRY", {})
-    retry_schema = {**manifest_schema()["$defs"]["retry"], "$defs": manifest_schema()["$defs"]}
-    for error in Draft202012Validator(retry_schema).iter_errors(retry):
-        where = "".join(f"[{p!r}]" for p in error.path)
-        problems.append(
-            _problem(
-                "E001",
-                f"DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: {where or '$'} {error.message}",
-                "Keys: max_attempts, backoff, max_backoff, jitter.",
-                SETTINGS_ORIGIN,
-            )
-        )
-    return problems
 
 
 def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> None:

@@ -89,7 +89,8 @@ class CompiledEvent:
             data = payload
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
-        problems = self.validator.problems(data) or json_problems(data)
+        redact = self.declaration.redact
+        problems = self.validator.problems(data, redact) or json_problems(data, redact)
         if problems:
             raise InvalidPayload(self.name, problems)
         return data

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from jsonschema import Draft202012Validator, validators
 
 from django_events.exceptions import PayloadProblem
 from django_events.wiring.manifest import JsonPath, format_path
+from django_events.wiring.redaction import MASK, error_message, redacted_paths, under
 
 try:
     import jsonschema_rs
@@ -41,8 +43,11 @@ class PayloadValidator:
         self._reference = _ReferenceValidator(schema)
         self._fast = _compile_fast(schema)
 
-    def problems(self, payload: Any) -> list[PayloadProblem]:
-        """Return every schema violation in ``payload`` (empty when it is valid)."""
+    def problems(self, payload: Any, redact: Iterable[str] = ()) -> list[PayloadProblem]:
+        """Return every schema violation in ``payload`` (empty when it is valid).
+
+        A message does not quote the values at the ``redact`` paths (found by its path).
+        """
         try:
             fast_verdict = self._fast is not None and self._fast.is_valid(payload)
         except ValueError:  # a value jsonschema-rs cannot read (datetime, set, int key...)
@@ -50,7 +55,10 @@ class PayloadValidator:
         if fast_verdict:
             return []
         errors = sorted(self._reference.iter_errors(payload), key=lambda e: list(map(str, e.path)))
-        return [PayloadProblem(format_path(e.absolute_path), e.message) for e in errors]
+        paths = redacted_paths(redact)
+        return [
+            PayloadProblem(format_path(e.absolute_path), error_message(e, paths)) for e in errors
+        ]
 
 
 def _compile_fast(schema: dict[str, Any] | bool) -> Any:
@@ -63,26 +71,36 @@ def _compile_fast(schema: dict[str, Any] | bool) -> Any:
         return None
 
 
-def json_problems(payload: Any) -> list[PayloadProblem]:
-    """Report values that cannot travel as JSON (the record and the message are JSON)."""
+def json_problems(payload: Any, redact: Iterable[str] = ()) -> list[PayloadProblem]:
+    """Report values that cannot travel as JSON (the record and the message are JSON).
+
+    A message does not quote the value at (or inside) a ``redact`` path.
+    """
     if _is_plain_json(payload):
         return []
     problems: list[PayloadProblem] = []
-    _json_walk(payload, (), problems, set())
+    _json_walk(payload, (), problems, set(), redacted_paths(redact))
     return problems
 
 
-def _json_walk(value: Any, path: JsonPath, problems: list[PayloadProblem], seen: set[int]) -> None:
+def _json_walk(
+    value: Any,
+    path: JsonPath,
+    problems: list[PayloadProblem],
+    seen: set[int],
+    redacted: list[tuple[str, ...]],
+) -> None:
     if value is None or isinstance(value, str | int):  # bool is an int
         return
+    shown = repr(MASK) if under(path, redacted) else repr(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            problems.append(PayloadProblem(format_path(path), f"{value!r} is not a JSON number"))
+            problems.append(PayloadProblem(format_path(path), f"{shown} is not a JSON number"))
         return
     if not isinstance(value, dict | list | tuple):
         problems.append(
             PayloadProblem(
-                format_path(path), f"{type(value).__name__} {value!r} is not JSON-serializable"
+                format_path(path), f"{type(value).__name__} {shown} is not JSON-serializable"
             )
         )
         return
@@ -93,12 +111,12 @@ def _json_walk(value: Any, path: JsonPath, problems: list[PayloadProblem], seen:
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str):
-                _json_walk(item, (*path, key), problems, seen)
+                _json_walk(item, (*path, key), problems, seen, redacted)
             else:  # json.dumps would turn it into a string: the handler would see another key
                 problems.append(PayloadProblem(format_path(path), f"key {key!r} is not a string"))
     else:
         for index, item in enumerate(value):
-            _json_walk(item, (*path, index), problems, seen)
+            _json_walk(item, (*path, index), problems, seen, redacted)
     seen.discard(id(value))
 
 

@@ -6,6 +6,8 @@ import os
 import time
 from pathlib import Path
 
+from django.db import transaction
+
 from django_events import Event, publish
 from django_events.interceptors import context
 
@@ -81,6 +83,13 @@ def chain_next(event: Event) -> None:
     """Publishes a follow-up event from inside a handler (a handler chain)."""
     _run("chain_next", event)
     publish("orders.shipped", {"order_id": event.data["order_id"]})
+
+
+def chain_next_atomically(event: Event) -> None:
+    """Publishes a follow-up event inside its own transaction (sent when that commits)."""
+    _run("chain_next", event)
+    with transaction.atomic():
+        publish("orders.shipped", {"order_id": event.data["order_id"]})
 
 
 class ClassHandler:

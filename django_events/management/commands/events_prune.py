@@ -28,7 +28,10 @@ class Command(BaseCommand):
             help="Also delete records with a failed delivery.",
         )
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias holding the event log.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -40,8 +43,6 @@ class Command(BaseCommand):
             timezone.now() - older_than
         except OverflowError as exc:
             raise CommandError(f"--days {days:g} reaches back before the year 1") from exc
-        if options["database"] not in connections.settings:
-            raise CommandError(f"Unknown database alias {options['database']!r}")
         result = prune_events(
             older_than,
             include_failures=options["include_failures"],

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from django_events.checks import check_configuration, check_handlers
 from django_events.conf import conf
 from django_events.wiring.compiled import exchange_name
 from django_events.wiring.registry import get_registry
@@ -11,6 +12,9 @@ from django_events.wiring.registry import get_registry
 
 class Command(BaseCommand):
     help = "Print the queues a Celery worker must consume, comma-separated (for worker -Q)."
+    # Django's checks would stop it before printing anything: it reports ours itself, after
+    # the queues, so `-Q "$(...)"` never gets an empty name.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -24,8 +28,16 @@ class Command(BaseCommand):
         queues = get_registry().queues() or [conf.DEFAULT_QUEUE]
         if not explain:
             self.stdout.write(",".join(queues))
-            return
-        self._explain(queues)
+        else:
+            self._explain(queues)
+        errors = [m for m in (*check_configuration(), *check_handlers()) if m.is_serious()]
+        for message in errors:
+            self.stderr.write(f"{message.obj}: ({message.id}) {message.msg}")
+        if errors:
+            raise CommandError(
+                f"{len(errors)} problem(s) in the events configuration: the queues above may "
+                "be incomplete and deliveries will fail (see `manage.py events_check`)."
+            )
 
     def _explain(self, queues: list[str]) -> None:
         subscriptions = [s for s in get_registry().subscriptions.values() if s.mode == "async"]

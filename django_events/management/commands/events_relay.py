@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
+from django.db.models import Count, Max
+from django.utils import timezone
 
+from django_events.models import EventRecord
 from django_events.operations.relay import relay_pending
 
 
@@ -31,32 +35,82 @@ class Command(BaseCommand):
             type=float,
             default=10.0,
             help="Only records older than this many seconds (default 10), "
-            "leaving fresh ones to the publisher's on-commit send.",
+            "leaving fresh ones to the publisher's on-commit send; a one-shot run waits "
+            "for the records pending when it started to reach that age.",
         )
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias holding the event log.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["database"] not in connections.settings:
-            raise CommandError(f"Unknown database alias {options['database']!r}")
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
+        if not options["loop"]:
+            self._one_shot(options)
+            return
         while True:
-            total = 0
-            while True:
-                result = relay_pending(
-                    batch_size=options["batch_size"],
-                    min_age=options["min_age"],
-                    using=options["database"],
-                )
-                total += result.sent
-                if result.unsent or result.sent + result.undeclared < options["batch_size"]:
-                    break
-            if total or result.unsent or not options["loop"]:
-                self.stdout.write(f"Relayed {total} event(s); {result.unsent} still pending.")
-            if not options["loop"]:
-                if result.unsent:
-                    raise CommandError("The broker did not take every pending event.")
-                return
+            total, unsent = self._drain(options)
+            if total or unsent:
+                self.stdout.write(f"Relayed {total} event(s); {unsent} still pending.")
             time.sleep(options["interval"])
+
+    def _drain(self, options: dict[str, Any]) -> tuple[int, int]:
+        """Relay batches until the backlog old enough is empty: (sent, refused by the broker)."""
+        total = 0
+        while True:
+            result = relay_pending(
+                batch_size=options["batch_size"],
+                min_age=options["min_age"],
+                using=options["database"],
+            )
+            total += result.sent
+            if result.unsent or result.sent + result.undeclared < options["batch_size"]:
+                return total, result.unsent
+
+    def _one_shot(self, options: dict[str, Any]) -> None:
+        """Send every record pending when the run started; account for each one left."""
+        started = timezone.now()
+        total, unsent = self._drain(options)
+        if not unsent:
+            # Records of the last --min-age seconds (an outage that just ended): wait for them
+            # to come of age rather than race their publisher's own send, then send them.
+            young = self._pending(options).filter(occurred_at__lte=started)
+            found = young.aggregate(count=Count("pk"), newest=Max("occurred_at"))
+            if found["count"]:
+                newest: datetime = found["newest"]
+                ready_at = newest + timedelta(seconds=options["min_age"])
+                wait = max((ready_at - timezone.now()).total_seconds(), 0.0)
+                self.stdout.write(
+                    f"Waiting {wait:.1f}s: {found['count']} pending record(s) are younger "
+                    f"than --min-age ({options['min_age']:g}s), left meanwhile to their "
+                    "publishers' own send."
+                )
+                time.sleep(wait)
+                more, unsent = self._drain(options)
+                total += more
+        left = self._pending(options).count()
+        newer = self._pending(options).filter(occurred_at__gt=started).count() if left else 0
+        self.stdout.write(f"Relayed {total} event(s); {left} still pending.")
+        if newer:
+            self.stdout.write(
+                f"  {newer} dated after this run started (published meanwhile, or a "
+                "publisher's clock ahead): the next run sends them."
+            )
+        if unsent:
+            raise CommandError(
+                f"The broker did not take every pending event: {left - newer} record(s) from "
+                "before this run are still pending; run events_relay again once it takes them."
+            )
+        if left - newer:
+            self.stdout.write(
+                f"  {left - newer} locked by another relay running at the same time: "
+                "that relay sends them."
+            )
+
+    def _pending(self, options: dict[str, Any]) -> Any:
+        return EventRecord.objects.using(options["database"]).filter(
+            status=EventRecord.Status.PENDING
+        )

@@ -26,12 +26,13 @@ class Command(BaseCommand):
         parser.add_argument("--since", help=f"Only events that occurred since: {EXAMPLES}.")
         parser.add_argument("--until", help="Only events that occurred before this moment.")
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias holding the event log.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["database"] not in connections.settings:
-            raise CommandError(f"Unknown database alias {options['database']!r}")
         try:
             since, until = parse_range(options["since"], options["until"])
         except ValueError as exc:

@@ -23,7 +23,10 @@ class Command(BaseCommand):
         parser.add_argument("--since", help=f"Only failures recorded since: {EXAMPLES}.")
         parser.add_argument("--until", help="Only failures recorded before this moment.")
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, help="Database alias holding the event log."
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias holding the event log.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -32,8 +35,6 @@ class Command(BaseCommand):
             raise CommandError(
                 "Say which failures to retry: --all, or --subscription/--event/--since/--until."
             )
-        if options["database"] not in connections.settings:
-            raise CommandError(f"Unknown database alias {options['database']!r}")
         registry = get_registry()
         if options["subscription"] and options["subscription"] not in registry.subscriptions:
             raise CommandError(f"Unknown subscription {options['subscription']!r}")

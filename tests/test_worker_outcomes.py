@@ -1,0 +1,96 @@
+"""What a real worker says about its deliveries: at start, and when one fails for good."""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from django.db import connection, transaction
+
+from django_events import publish
+from django_events.models import Delivery
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module", params=["filesystem", "redis"])
+def worker(
+    request, django_db_setup, django_db_blocker, tmp_path_factory
+) -> Iterator[WorkerProcess]:
+    kind = request.param
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"oc-{kind}-{uuid.uuid4().hex[:8]}"
+    process = WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        tmp_path_factory.mktemp(f"outcomes-{kind}") / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "outcomes.yaml",
+            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        },
+    )
+    with process, brokers.delivery_wiring(kind, queue, "outcomes.yaml"):
+        yield process
+
+
+def test_worker_start_names_a_handler_that_does_not_import(worker: WorkerProcess) -> None:
+    log = worker.log()
+    assert (
+        "Subscription 'oc-missing' (queue '" in log
+        and "Handler 'tests.app.no_such_module.handle' does not import" in log
+    ), log[-3000:]
+    # Only the broken one: the others import.
+    assert "Subscription 'oc-record'" not in log and "Subscription 'oc-fails'" not in log
+
+
+def test_a_handler_that_does_not_import_fails_at_once_without_retry(
+    worker: WorkerProcess,
+) -> None:
+    with transaction.atomic():
+        event = publish("oc.placed", {"order_id": 1})
+    wait_for(
+        lambda: HandlerRun.objects.filter(event_id=event.id, handler="record").exists(),
+        what="the healthy subscription's run",
+    )
+    failed = wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event.id, subscription="oc-missing", status="failed"
+        ).first(),
+        what="the failed delivery of oc-missing",
+    )
+    time.sleep(1.0)  # backoff is 0.1 s: a retry would have shown by now
+    failed.refresh_from_db()
+    assert failed.attempts == 1
+    assert failed.last_error.startswith("HandlerImportError: Handler ")
+    assert "tests.app.no_such_module.handle" in failed.last_error
+    assert "HandlerImportError" in failed.traceback
+
+
+def test_a_failed_delivery_is_not_logged_as_a_succeeded_task(worker: WorkerProcess) -> None:
+    with transaction.atomic():
+        event = publish("oc.placed", {"order_id": 2})
+    wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event.id, subscription="oc-fails", status="failed"
+        ).exists(),
+        what="the final failure of oc-fails",
+    )
+    wait_for(
+        lambda: (
+            "Delivery failed for good after 1 attempt(s): RuntimeError: boom for 2" in worker.log()
+        ),
+        what="the worker's own outcome line",
+    )
+    time.sleep(0.5)
+    log = worker.log()
+    # Celery's own line for every task of this worker: none says succeeded with a status.
+    assert not re.search(r"succeeded in [\d.]+s: '(failed|rejected|succeeded)'", log), log[-3000:]
+    assert re.search(r"Task django_events\.deliver\[[0-9a-f-]+\] ignored", log), log[-3000:]
+    assert Delivery.objects.get(event_id=event.id, subscription="oc-fails").attempts == 1
