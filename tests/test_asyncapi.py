@@ -220,7 +220,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
     from django.utils import timezone
 
     from django_events.delivery.broker import build_message
-    from django_events.events import new_event
+    from django_events.events import Event
     from tests.brokers import amqp
 
     with wiring(
@@ -230,7 +230,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
         document = json.loads(asyncapi())
         ident = uuid.uuid4()
         data = {"order_id": 1, "total": 2.5}
-        event = new_event(ident, "orders.placed", data, {}, timezone.now(), ident, None, data)
+        event = Event(ident, "orders.placed", data, {}, timezone.now(), ident, None, data)
         message = amqp.amqp.as_task_v2(
             "task-id",
             "django_events.deliver",
