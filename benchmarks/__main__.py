@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             ("5", bench_publish.figure_5),
             ("6", bench_delivery.figure_6),
             ("7", bench_delivery.figure_7),
+            ("8", bench_publish.figure_8),
         ]
         for number, figure in figures:
             if only and number not in only:

@@ -206,7 +206,11 @@ def test_example_project_document_describes_the_wire() -> None:
     assert task["headers"]["properties"]["task"] == {"const": "django_events.deliver"}
     [args, _, _] = task["payload"]["items"]
     event = args["items"][0]["properties"]["event"]
-    assert event["properties"]["payload"] == {"$ref": "#/components/schemas/orders.order_placed"}
+    # email is redacted: the message carries it masked, and the payload sealed.
+    assert event["properties"]["payload"] == {
+        "$ref": "#/components/schemas/orders.order_placed.masked"
+    }
+    assert "sealed" in event["properties"]
     # Inbound: an http channel and a POST operation.
     inbound = operations["inbound.payments.payment_succeeded"]
     assert inbound["bindings"]["http"]["method"] == "POST"
@@ -220,6 +224,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
     from django.utils import timezone
 
     from django_events.delivery.broker import build_message
+    from django_events.delivery.sealing import seal_event
     from django_events.events import Event
     from tests.brokers import amqp
 
@@ -229,12 +234,12 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
     ):
         document = json.loads(asyncapi())
         ident = uuid.uuid4()
-        data = {"order_id": 1, "total": 2.5}
+        data = {"order_id": 1, "total": 2.5, "email": "ada@example.com"}
         event = Event(ident, "orders.placed", data, {}, timezone.now(), ident, None, data)
         message = amqp.amqp.as_task_v2(
             "task-id",
             "django_events.deliver",
-            args=(build_message(event.to_message(), "x", "default"),),
+            args=(build_message(seal_event(event.to_message(), ("email",)), "x", "default"),),
             argsrepr="('x', 'id')",
             kwargsrepr="{}",
         )
@@ -248,7 +253,10 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
     body = json.loads(json.dumps(message.body))  # tuples become arrays, as on the wire
     assert check(task["payload"], body) == []
     assert check(task["headers"], json.loads(json.dumps(message.headers))) == []
+    assert body[0][0]["event"]["payload"]["email"] == "•••" and "sealed" in body[0][0]["event"]
     body[0][0]["event"]["payload"]["total"] = -1
+    assert check(task["payload"], body) != []
+    body[0][0]["event"]["payload"].update(total=1, email="ada@example.com")  # not masked
     assert check(task["payload"], body) != []
 
 
@@ -418,6 +426,14 @@ def test_every_feature_on_the_wire() -> None:
         "idempotency_key": "payment_id",
     }
     assert "TEST_HOOK" not in json.dumps(document)
+    # Redacted fields travel sealed (delivery/sealing.py): the task message says so.
+    [args, _, _] = messages["shop.order_placed.task"]["payload"]["items"]
+    event = args["items"][0]["properties"]["event"]["properties"]
+    assert event["payload"] == {"$ref": "#/components/schemas/shop.order_placed.masked"}
+    masked = document["components"]["schemas"]["shop.order_placed.masked"]
+    assert masked["properties"]["email"]["const"] == "•••"
+    assert masked["properties"]["total"] == {"type": "number", "minimum": 0}
+    assert event["sealed"]["contentEncoding"] == "base64"
     placed = messages["shop.order_placed"]["x-django-events"]
     assert placed == {"durable": True, "redact": ["email"]}
     assert messages["shop.cart_viewed"]["x-django-events"]["record"] == "failures"

@@ -7,7 +7,7 @@ import os
 import socket
 import traceback
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
@@ -16,6 +16,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, tr
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
+from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
@@ -77,6 +78,10 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     subscription = registry.subscriptions.get(message.subscription)
     compiled = registry.events.get(event_name)
     attempt = message.prior_attempts + retries + 1
+    try:
+        message = replace(message, event=open_event(message.event))
+    except Unsealable as exc:
+        return _give_up(message, attempt, f"Cannot open the event's payload: {exc}")
     if subscription is None or compiled is None:
         what = (
             f"subscription {message.subscription!r}"

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription, exchange_name
+from django_events.wiring.redaction import MASK
 
 ASYNCAPI_VERSION = "3.0.0"
 EXTENSION = "x-django-events"
@@ -398,13 +399,15 @@ class _Builder:
         key = self.event_key[compiled.name]
         if f"{key}.task" in self.messages:
             return
+        if compiled.declaration.redact:
+            self.schemas[f"{key}.masked"] = _masked(self.schemas[key], compiled.declaration.redact)
         message: dict[str, Any] = {
             "name": TASK_NAME,
             "title": f"{compiled.name} (Celery task message)",
             "summary": "One message per (event, subscription): the task names the subscription.",
             "contentType": "application/json",
             "headers": TASK_HEADERS,
-            "payload": _task_body(key),
+            "payload": _task_body(key, compiled.declaration.redact),
             "correlationId": {
                 "description": "The Celery task id (AMQP correlation_id).",
                 "location": "$message.header#/id",
@@ -429,6 +432,30 @@ class _Builder:
                 '"content-encoding": "utf-8"}.'
             )
         self.messages[f"{key}.task"] = message
+
+
+def _masked(schema: Any, paths: tuple[str, ...]) -> Any:
+    """``schema`` with the value at each redacted path the mask (lists walked item by item);
+    a path it cannot follow (``$ref``, combinators) leaves that part of the schema open."""
+    result = copy.deepcopy(schema)
+    for path in paths:
+        node = result
+        keys = path.split(".")
+        for i, name in enumerate(keys):
+            while isinstance(node, dict) and isinstance(node.get("items"), dict):
+                node = node["items"]
+            properties = node.get("properties") if isinstance(node, dict) else None
+            if not isinstance(properties, dict) or name not in properties:
+                break
+            if i == len(keys) - 1:
+                properties[name] = {"const": MASK, "description": "Redacted: see `sealed`."}
+            else:
+                node = properties[name]
+    description = (
+        f"The payload with the values at {', '.join(paths)} replaced by {MASK!r}; "
+        "the whole payload is in `sealed`."
+    )
+    return {**result, "description": description} if isinstance(result, dict) else result
 
 
 def _exchange(route: Route, vhost: str) -> dict[str, Any]:
@@ -469,21 +496,35 @@ def _inbound_headers(block: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
 
 
-def _task_body(key: str) -> dict[str, Any]:
+def _task_body(key: str, redact: tuple[str, ...] = ()) -> dict[str, Any]:
     """Celery's protocol 2 body, ``[args, kwargs, embed]``; ``args`` is the delivery."""
-    event = {
+    payload: dict[str, Any] = {"$ref": f"#/components/schemas/{key}"}
+    if redact:
+        # delivery/sealing.py: what monitors may read is masked; the rest is sealed.
+        payload = {"$ref": f"#/components/schemas/{key}.masked"}
+    event: dict[str, Any] = {
         "type": "object",
         "required": ["id", "name", "payload", "headers", "occurred_at", "correlation_id"],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "name": {"type": "string"},
-            "payload": {"$ref": f"#/components/schemas/{key}"},
+            "payload": payload,
             "headers": HEADERS_SCHEMA,
             "occurred_at": {"type": "string", "format": "date-time"},
             "correlation_id": {"type": "string", "format": "uuid"},
             "causation_id": {"type": ["string", "null"], "format": "uuid"},
         },
     }
+    if redact:
+        event["properties"]["sealed"] = {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": (
+                "When a redacted field is present: the payload as JSON, encrypted with "
+                "AES-256-GCM (12-byte nonce first; key derived from SECRET_KEY; the event id "
+                "as associated data)."
+            ),
+        }
     delivery = {
         "type": "object",
         "required": ["v", "subscription", "event", "db", "prior_attempts"],
