@@ -31,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
+    "DELIVERY": "celery",
+    "TASKS_BACKEND": "default",
 }
 
 
@@ -168,6 +170,15 @@ class Settings:
     @property
     def SUCCESS_RECORDS(self) -> str:
         return str(self._get("SUCCESS_RECORDS"))
+
+    @property
+    def DELIVERY(self) -> str:
+        """How async deliveries travel: ``"celery"`` or ``"tasks"`` (Django's Tasks)."""
+        return str(self._get("DELIVERY"))
+
+    @property
+    def TASKS_BACKEND(self) -> str:
+        return str(self._get("TASKS_BACKEND"))
 
     @property
     def INBOUND_MAX_BODY(self) -> int:

@@ -5,23 +5,34 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic
 from uuid import UUID
 
 from django.utils.dateparse import parse_datetime
 
+if TYPE_CHECKING:
+    # A default (PEP 696) keeps a bare `Event` valid under mypy --strict: it is Event[Any].
+    from typing_extensions import TypeVar
+
+    PayloadT = TypeVar("PayloadT", default=Any, covariant=True)
+else:
+    from typing import TypeVar
+
+    PayloadT = TypeVar("PayloadT", covariant=True)
+
 
 @dataclass(frozen=True, slots=True)
-class Event:
+class Event(Generic[PayloadT]):
     """One published event, as handlers see it.
 
     ``payload`` is a dict, or an instance of the event's class for typed events; ``data`` is
-    always the JSON form that is stored and sent.
+    always the JSON form that is stored and sent. ``Event[OrderPlaced]`` types ``payload``
+    (``publish(OrderPlaced(...))`` returns one).
     """
 
     id: UUID
     name: str
-    payload: Any
+    payload: PayloadT
     headers: dict[str, str]
     occurred_at: datetime
     correlation_id: UUID
@@ -41,7 +52,7 @@ class Event:
         }
 
     @classmethod
-    def from_message(cls, message: dict[str, Any], payload: Any = None) -> Event:
+    def from_message(cls, message: dict[str, Any], payload: Any = None) -> Event[Any]:
         """Rebuild an event from :meth:`to_message` output (``KeyError``/``ValueError`` if bad)."""
         occurred_at = parse_datetime(message["occurred_at"])
         if occurred_at is None:
@@ -51,7 +62,7 @@ class Event:
         if not isinstance(data, dict) or not isinstance(headers, dict):
             raise ValueError("payload and headers must be objects")
         causation = message.get("causation_id")
-        return cls(
+        return Event(
             UUID(message["id"]),
             message["name"],
             data if payload is None else payload,

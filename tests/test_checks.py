@@ -743,6 +743,15 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.W110": lambda _: wiring(
         {**ASYNC, "broadcast": True, "retry": {"max_attempts": 2}, "name": "bc"}
     ),
+    "django_events.E120": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record_async", "mode": "inline"}
+    ),
+    "django_events.E210": lambda _: wiring({**ASYNC, "via": "tasks"}, TASKS_BACKEND="nope"),
+    "django_events.E211": lambda _: wiring(
+        {**ASYNC, "via": "tasks", "retry": {"max_attempts": 2}}, TASKS_BACKEND="immediate"
+    ),
+    "django_events.E212": lambda _: wiring({**ASYNC, "via": "tasks", "broadcast": True}),
+    "django_events.E213": lambda _: wiring({**ASYNC, "via": "tasks"}, TASKS_BACKEND="narrow"),
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),

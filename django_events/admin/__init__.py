@@ -329,7 +329,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         recorded = set(obj.deliveries.values_list("subscription", flat=True))
         waiting = [
             s
-            for s in (*compiled.sync, *compiled.async_)
+            for s in (*compiled.sync, *compiled.async_, *compiled.tasks)
             if s.name not in recorded and (s.accepts is None or s.accepts(obj.payload))
         ]
         if not waiting:

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
+from django_events.wiring.validation import storable_text
 
 UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
 UNIQUE_FIELDS = ["event", "subscription"]
@@ -263,8 +264,20 @@ def delivery(
         mode=mode,
         status=status,
         attempts=attempts,
-        last_error=error,
-        traceback=traceback,
+        last_error=storable(error),
+        traceback=storable(traceback),
         created_at=now,
         updated_at=now,
     )
+
+
+def storable(text: str) -> str:
+    """``text`` that every database stores: NUL and lone surrogates written as escapes.
+
+    Handler errors quote what they like (a payload's bytes, a file name), and PostgreSQL
+    refuses NUL in text columns.
+    """
+    if storable_text(text):
+        return text
+    escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped.replace("\x00", "\\x00")

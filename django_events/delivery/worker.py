@@ -9,9 +9,19 @@ import traceback
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+    close_old_connections,
+    transaction,
+)
+from django.utils.dateparse import parse_datetime
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
@@ -23,8 +33,24 @@ from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
 from django_events.wiring.redaction import stale_payload_error
 from django_events.wiring.registry import get_registry
+from django_events.wiring.validation import json_problems, storable_text
 
 logger = logging.getLogger("django_events.worker")
+
+# Handler runs one delivery may count, manual retries included. No retry policy comes near
+# it; a message claiming more (or fewer than none) is forged or corrupt, and would otherwise
+# never reach its last attempt, or overflow `Delivery.attempts` (PostgreSQL: DataError).
+MAX_ATTEMPTS = 1_000_000
+
+# What recording an outcome can come to: the outage of a database is worth waiting out; a
+# statement the database refuses (DataError, IntegrityError...) fails the same way each time.
+RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
+# InternalError too: PostgreSQL reports an aborted transaction or a crashed backend with it.
+_OUTAGES = (OperationalError, InterfaceError, InternalError)
+
+
+class MalformedMessage(ValueError):
+    """A message that is not a well-formed ``django_events.deliver`` argument."""
 
 
 @dataclass(frozen=True)
@@ -66,19 +92,20 @@ def process_message(
 def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     try:
         message = _parse(raw)
-        event_name = message.event["name"]
-    except (KeyError, TypeError, ValueError) as exc:
+        attempt = _attempt(message, retries)
+    except MalformedMessage as exc:
         # Keys only: a payload may hold fields that `redact` keeps out of logs.
-        shape = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        shape = sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
         logger.error(
             "Rejected a malformed django_events message (%s): %s", exc, shape, extra=log_extra()
         )
         return Outcome("rejected")
+    event_name = message.event["name"]
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
     compiled = registry.events.get(event_name)
-    attempt = message.prior_attempts + retries + 1
     try:
+        # Authenticated encryption: what opens was sealed by a publisher with our keys.
         message = replace(message, event=open_event(message.event))
     except Unsealable as exc:
         return _give_up(message, attempt, f"Cannot open the event's payload: {exc}")
@@ -89,9 +116,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    data = message.event.get("payload")
-    if not isinstance(data, dict):
-        return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
+    if subscription not in compiled.async_ and subscription not in compiled.tasks:
+        return _give_up(
+            message,
+            attempt,
+            f"Subscription {subscription.name!r} does not receive event {event_name!r} "
+            "asynchronously on this worker",
+        )
+    data = message.event["payload"]
     problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
         return _give_up(message, attempt, stale_payload_error(event_name, problems))
@@ -105,18 +137,75 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
 
 
 def _parse(raw: Any) -> _Message:
+    """Check a message's shape, all of it, before anything reads it (raises `MalformedMessage`).
+
+    Only `build_message` writes these messages, but anyone who can write to the broker can
+    send one: what passes here can be rebuilt into an `Event` and recorded.
+    """
     if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
-        raise ValueError("not a django_events delivery message")
+        raise MalformedMessage("not a django_events delivery message")
+    subscription = raw.get("subscription")
+    if not isinstance(subscription, str) or not storable_text(subscription):
+        raise MalformedMessage("subscription is not a string")
     alias = raw.get("db") or DEFAULT_DB_ALIAS
-    if alias not in settings.DATABASES:
+    if not isinstance(alias, str) or alias not in settings.DATABASES:
         alias = DEFAULT_DB_ALIAS
-    return _Message(
-        str(raw["subscription"]),
-        raw["event"],
-        alias,
-        int(raw.get("prior_attempts", 0)),
-        raw.get("rerun") is True,
-    )
+    prior = raw.get("prior_attempts", 0)
+    if not _is_int(prior) or not 0 <= prior < MAX_ATTEMPTS:
+        raise MalformedMessage(f"prior_attempts is not an integer from 0 to {MAX_ATTEMPTS - 1}")
+    if not isinstance(raw.get("rerun", False), bool):
+        raise MalformedMessage("rerun is not a boolean")
+    event = raw["event"]
+    _check_event(event)
+    return _Message(subscription, event, alias, prior, raw.get("rerun") is True)
+
+
+def _check_event(event: dict[str, Any]) -> None:
+    """The checks `Event.from_message` leaves out, and those that keep `Delivery` storable."""
+    name = event.get("name")
+    if not isinstance(name, str) or not storable_text(name):
+        raise MalformedMessage("event name is not a string")
+    for key in ("id", "correlation_id", "causation_id"):
+        value = event.get(key)
+        if value is None and key == "causation_id":
+            continue
+        if not isinstance(value, str):
+            raise MalformedMessage(f"event {key} is not a UUID string")
+        try:
+            UUID(value)
+        except ValueError:
+            raise MalformedMessage(f"event {key} is not a UUID string") from None
+    occurred_at = event.get("occurred_at")
+    try:
+        parsed = parse_datetime(occurred_at) if isinstance(occurred_at, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise MalformedMessage("event occurred_at is not an aware ISO 8601 date and time")
+    headers = event.get("headers", {})
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and storable_text(k) and storable_text(v)
+        for k, v in headers.items()
+    ):
+        raise MalformedMessage("event headers do not map strings to strings")
+    payload = event.get("payload")
+    if not isinstance(payload, dict):
+        raise MalformedMessage("event payload is not an object")
+    problems = json_problems(payload)
+    if problems:  # values a database refuses: neither the event nor its failure can be stored
+        raise MalformedMessage(f"event payload cannot be stored: {problems[0]}")
+
+
+def _attempt(message: _Message, retries: Any) -> int:
+    """The number of this run of the handler (Celery's ``retries`` is a header too)."""
+    if not _is_int(retries) or retries < 0 or message.prior_attempts + retries >= MAX_ATTEMPTS:
+        raise MalformedMessage(f"retries is not an integer from 0 to {MAX_ATTEMPTS - 1}")
+    attempt: int = message.prior_attempts + retries + 1
+    return attempt
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _run(
@@ -159,8 +248,9 @@ def _run(
             alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
         )
         # A final failure nobody can see (the database is down too) would be an event lost:
-        # keep retrying until the outcome can be recorded.
-        if final and recorded:
+        # keep retrying until the outcome can be recorded. One the database refuses would be
+        # refused at every retry: it is logged (above and by _record_quietly) instead.
+        if final and recorded != OUTAGE:
             logger.error(
                 "Delivery failed for good after %d attempt(s): %s",
                 attempt,
@@ -303,8 +393,12 @@ def _message_log_extra(message: _Message) -> dict[str, Any]:
 
 def _record_quietly(
     alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
-) -> bool:
-    """Save delivery rows; log (not raise) a database error and return False."""
+) -> str:
+    """Save delivery rows; log (not raise) a database error.
+
+    Return `RECORDED`, `OUTAGE` (the database could not be reached: worth a retry) or
+    `REFUSED` (it refused the statement, and would again).
+    """
     try:
         if always:
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
@@ -312,10 +406,16 @@ def _record_quietly(
             save_deliveries(alias, rows)
         else:
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
-    except DatabaseError:
+    except _OUTAGES:
         logger.exception("Could not record the delivery outcome", extra=log_extra(event))
-        return False
-    return True
+        return OUTAGE
+    except DatabaseError:
+        logger.exception(
+            "The database refused the delivery outcome; it is not retried",
+            extra=log_extra(event),
+        )
+        return REFUSED
+    return RECORDED
 
 
 def _row(

@@ -101,11 +101,13 @@ def _send(
             using,
             create=[r.pk for r in records if compiled[r.name].records_all],
         )
-        unsent = broker.send_deliveries(
-            items,
-            using,
-            prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
-        )
+        prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
+        if subscription.via == "tasks":
+            from django_events.delivery import tasks_backend
+
+            unsent = tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
+        else:
+            unsent = broker.send_deliveries(items, using, prior_attempts=prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
@@ -200,7 +202,10 @@ def reaches(subscription: Subscription, event_name: str) -> bool:
     compiled = get_registry().events.get(event_name)
     if compiled is None:
         return False
-    return any(s is subscription for s in (*compiled.inline, *compiled.sync, *compiled.async_))
+    return any(
+        s is subscription
+        for s in (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks)
+    )
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

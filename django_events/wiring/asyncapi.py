@@ -568,7 +568,7 @@ class _Ids:
 
 def _subscribers(registry: Registry, event_name: str) -> tuple[Subscription, ...]:
     compiled = registry.events[event_name]
-    return compiled.inline + compiled.sync + compiled.async_
+    return compiled.inline + compiled.sync + compiled.async_ + compiled.tasks
 
 
 def _message(compiled: CompiledEvent, key: str) -> dict[str, Any]:

@@ -193,6 +193,7 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
         queue = declaration.queue or conf.DEFAULT_QUEUE
         subscription = Subscription(declaration, retry, accepts, queue)
+        subscription.via = declaration.via or conf.DELIVERY
         registry.subscriptions[declaration.name] = subscription
         for name in targets:
             by_mode[name].setdefault(declaration.mode, []).append(subscription)
@@ -200,7 +201,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         modes = by_mode[name]
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
-        compiled.async_ = tuple(modes.get("async", ()))
+        compiled.async_ = tuple(s for s in modes.get("async", ()) if s.via != "tasks")
+        compiled.tasks = tuple(s for s in modes.get("async", ()) if s.via == "tasks")
 
 
 def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:

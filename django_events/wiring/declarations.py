@@ -91,6 +91,7 @@ class SubscriptionDeclaration:
     broadcast: bool = False
     idempotent: bool = False
     timeout: float | None = None
+    via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
 
     @property
     def is_pattern(self) -> bool:
