@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             ("6", bench_delivery.figure_6),
             ("7", bench_delivery.figure_7),
             ("8", bench_versions.figure_8),
+            ("9", bench_publish.figure_9),
         ]
         for number, figure in figures:
             if only and number not in only:

@@ -15,9 +15,11 @@ from django.utils.module_loading import import_string
 from django_events.conf import conf
 from django_events.delivery import broadcast
 from django_events.delivery.confirms import PublisherConfirms
+from django_events.delivery.sealing import seal_event
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -72,6 +74,16 @@ def build_message(
     if rerun:
         message["rerun"] = True
     return message
+
+
+def summary(subscription: str, event_id: str) -> str:
+    """What Celery's monitors show as a delivery's arguments: never the payload."""
+    return f"({subscription!r}, {event_id!r})"
+
+
+def _redacted(event_name: str) -> tuple[str, ...]:
+    compiled = get_registry().events.get(event_name)
+    return compiled.declaration.redact if compiled is not None else ()
 
 
 class BrokerHealth:
@@ -201,7 +213,7 @@ def send_deliveries(
         with _producer(app, confirm) as producer:
             confirms = PublisherConfirms.start(producer.channel) if confirm else None
             for event, durable, subscriptions in items:
-                message = event.to_message()
+                message = seal_event(event.to_message(), _redacted(event.name))
                 for subscription in subscriptions:
                     timeout = subscription.declaration.timeout
                     if subscription.declaration.broadcast:
@@ -228,7 +240,7 @@ def send_deliveries(
                         args=(build_message(message, subscription.name, alias, prior, rerun),),
                         # Celery would saferepr() the payload into a header (a fifth of the
                         # send, and redacted fields in monitors): name the delivery instead.
-                        argsrepr=f"({subscription.name!r}, {message['id']!r})",
+                        argsrepr=summary(subscription.name, message["id"]),
                         kwargsrepr="{}",
                         **route,
                         producer=producer,

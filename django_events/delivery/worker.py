@@ -7,7 +7,7 @@ import os
 import socket
 import traceback
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from uuid import UUID
 
@@ -26,6 +26,7 @@ from django.utils.dateparse import parse_datetime
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
+from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -106,6 +107,11 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
     compiled = registry.events.get(event_name)
+    try:
+        # Authenticated encryption: what opens was sealed by a publisher with our keys.
+        message = replace(message, event=open_event(message.event))
+    except Unsealable as exc:
+        return _give_up(message, attempt, f"Cannot open the event's payload: {exc}")
     if subscription is None or compiled is None:
         what = (
             f"subscription {message.subscription!r}"
