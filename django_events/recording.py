@@ -16,7 +16,16 @@ from django.utils import timezone
 from .events import Event
 from .models import Delivery, EventRecord
 
-UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
+# retry_at too: a new outcome replaces a retry the relay was to send.
+UPSERT_FIELDS = [
+    "mode",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "updated_at",
+    "retry_at",
+]
 UNIQUE_FIELDS = ["event", "subscription"]
 
 

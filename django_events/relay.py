@@ -6,6 +6,7 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils import timezone
@@ -13,8 +14,9 @@ from django.utils import timezone
 from . import broker
 from .dispatch import accepted
 from .execution import log_extra
-from .models import EventRecord
+from .models import Delivery, EventRecord
 from .recording import event_of, mark_dispatched
+from .redelivery import reaches
 from .registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -27,12 +29,14 @@ class RelayResult:
     sent: int = 0
     unsent: int = 0
     undeclared: int = 0
+    retried: int = 0  # due retries a worker could not hand to the broker, sent now
 
 
 def relay_pending(
     *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
 ) -> RelayResult:
-    """Send one batch of pending records, oldest first, with publisher confirms.
+    """Send one batch of pending records, oldest first, with publisher confirms; then one
+    batch of due retries that a worker could not hand to the broker (`Delivery.retry_at`).
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` where the database has it, so several
     relays can run at once; each record is marked dispatched only once the broker took it.
@@ -77,6 +81,62 @@ def relay_pending(
             EventRecord.objects.using(using).filter(pk__in=undeclared).update(
                 status=EventRecord.Status.FAILED
             )
+    retried, retries_unsent = _send_due_retries(batch_size, using)
     return RelayResult(
-        sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
+        sent=len(sent) + len(nothing_to_send),
+        unsent=len(unsent) + retries_unsent,
+        undeclared=len(undeclared),
+        retried=retried,
     )
+
+
+def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
+    """Send the retries whose time has come; return how many were sent and left unsent."""
+    registry = get_registry()
+    features = connections[using].features
+    locking = features.has_select_for_update
+    with transaction.atomic(using=using) if locking else nullcontext():
+        due = Delivery.objects.using(using).filter(
+            status=Delivery.Status.PENDING, retry_at__lte=timezone.now()
+        )
+        if locking:
+            due = due.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+        rows = list(
+            due.order_by("retry_at").only("pk", "event_id", "subscription", "attempts")[:batch_size]
+        )
+        if not rows:
+            return 0, 0
+        records = EventRecord.objects.using(using).in_bulk([row.event_id for row in rows])
+        outgoing: list[broker.SendItem] = []
+        prior: dict[tuple[UUID, str], int] = {}
+        gone: list[int] = []
+        for row in rows:
+            subscription = registry.subscriptions.get(row.subscription)
+            record = records[row.event_id]
+            compiled = registry.events.get(record.name)
+            if subscription is None or compiled is None or not reaches(subscription, record.name):
+                gone.append(row.pk)
+                continue
+            event = event_of(record, compiled.typed_payload(record.payload))
+            outgoing.append((event, compiled.declaration.durable, [subscription]))
+            prior[(event.id, subscription.name)] = row.attempts
+        unsent = (
+            broker.send_deliveries(outgoing, using, confirm=True, prior_attempts=prior)
+            if outgoing
+            else set()
+        )
+        sent = [row.pk for row in rows if row.pk not in gone and row.event_id not in unsent]
+        Delivery.objects.using(using).filter(pk__in=sent).update(retry_at=None)
+        if gone:
+            logger.error(
+                "%d due retr(y/ies) no longer reach their subscription; marked failed",
+                len(gone),
+                extra=log_extra(),
+            )
+            Delivery.objects.using(using).filter(pk__in=gone).update(
+                status=Delivery.Status.FAILED,
+                retry_at=None,
+                last_error="Not retried: the event no longer reaches this subscription.",
+                updated_at=timezone.now(),
+            )
+    return len(sent), len(rows) - len(sent) - len(gone)

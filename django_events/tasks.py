@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Task, shared_task
+from celery.exceptions import Reject
 
 from .conf import conf
-from .worker import process_message
+from .worker import defer_retry, process_message
 
 
 @shared_task(
@@ -25,7 +26,14 @@ def deliver(self: Task[Any, Any], message: Any) -> str:
         message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
     )
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+        try:
+            raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+        except Reject as rejected:
+            # Celery could not publish the retry and would drop this message: leave the
+            # retry to the relay, or, if the database cannot take it either, requeue.
+            if not defer_retry(outcome):
+                raise Reject(outcome.error, requeue=True) from rejected
+            raise
     return outcome.status
 
 

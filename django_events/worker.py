@@ -7,10 +7,13 @@ import os
 import socket
 import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
+from django.utils import timezone
 
 from .batching import recorder
 from .events import Event
@@ -30,6 +33,8 @@ class Outcome:
     status: str
     retry_in: float | None = None
     error: Exception | None = None
+    # (database alias, event id, subscription) of a retry: the row `defer_retry` marks.
+    retry_of: tuple[str, UUID, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,7 +155,12 @@ def _run(
         # keep retrying until the outcome can be recorded.
         if final and recorded:
             return Outcome("failed", error=exc)
-        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        return Outcome(
+            "retry",
+            retry_in=subscription.retry.delay(retries + 1),
+            error=exc,
+            retry_of=(alias, event.id, subscription.name),
+        )
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -161,6 +171,35 @@ def _run(
             row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
+
+
+def defer_retry(outcome: Outcome) -> bool:
+    """Leave ``outcome``'s retry, which the broker did not take, to ``events_relay``.
+
+    Marks the pending `Delivery` row with the retry's due time; the relay sends rows whose
+    time has come. Returns False if no row could be marked (the caller keeps the message).
+    """
+    if outcome.retry_of is None or outcome.retry_in is None:
+        return False
+    alias, event_id, subscription = outcome.retry_of
+    due = timezone.now() + timedelta(seconds=outcome.retry_in)
+    extra = {**log_extra(None, subscription), "event_id": str(event_id)}
+    try:
+        marked = (
+            Delivery.objects.using(alias)
+            .filter(event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING)
+            .update(retry_at=due)
+        )
+    except DatabaseError:
+        logger.exception("Could not leave the retry to events_relay", extra=extra)
+        return False
+    if marked:
+        logger.warning(
+            "The broker did not take the retry; events_relay sends it from %s",
+            due.isoformat(),
+            extra=extra,
+        )
+    return bool(marked)
 
 
 def _run_idempotent(

@@ -49,12 +49,15 @@ class FaultProxy:
         with self._lock:
             return len(self._live) // 2
 
-    def cut(self, mode: str = "refuse") -> None:
-        """Drop live connections; refuse (or blackhole) new ones until ``restore()``."""
+    def cut(self, mode: str = "refuse", *, keep_live: bool = False) -> None:
+        """Drop live connections (unless ``keep_live``); refuse (or blackhole) new ones until
+        ``restore()``."""
         if mode not in ("refuse", "blackhole"):
             raise ValueError(f"unknown cut mode {mode!r}")
         with self._lock:
             self._mode = mode
+            if keep_live:
+                return
             live, self._live = self._live, set()
         for sock in live:
             _drop(sock)

@@ -318,3 +318,35 @@ def _drain(app: Celery, queue: str) -> list[dict[str, Any]]:
                 conn.drain_events(timeout=2)
             except TimeoutError:
                 return found
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_a_retry_the_broker_refuses_is_sent_by_the_relay(kind: str, tmp_path: Path) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-retry-{kind}-{uuid.uuid4().hex[:8]}"
+    with FaultProxy.for_url(brokers.URLS[kind]) as proxy:
+        # The worker reaches the broker through the proxy; the test process goes direct.
+        url = {f"DJANGO_EVENTS_{kind.upper()}_URL": proxy.url(brokers.URLS[kind])}
+        worker = _worker(kind, queue, tmp_path, **url)
+        with worker, _wiring(queue, f"tests.brokers.{kind}"):
+            # The worker's consuming connection stays; the connection it opens to publish
+            # the retry is refused.
+            proxy.cut("refuse", keep_live=True)
+            event = publish("fault.retried", {"order_id": 5})
+            wait_for(
+                lambda: "reject" in worker.log().lower(),  # Celery drops or requeues it
+                timeout=30,
+                what="the retry's publish to fail",
+            )
+            row = Delivery.objects.get(event_id=event.id)
+            assert (row.status, row.attempts) == ("pending", 1)
+            proxy.restore()
+
+            time.sleep(0.5)  # the retry's backoff (0.3 s) is over
+            call_command("events_relay", "--min-age", "0")
+
+            wait_for(lambda: succeeded([event.id]), timeout=30, what="the relayed retry")
+    _drop_queue(getattr(brokers, kind), queue)
+    row = Delivery.objects.get(event_id=event.id)
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
+    assert runs("fails_first_time", [event.id]) == {event.id: 2}

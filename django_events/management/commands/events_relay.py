@@ -43,7 +43,7 @@ class Command(BaseCommand):
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
         while True:
-            total = 0
+            total = retried = 0
             while True:
                 result = relay_pending(
                     batch_size=options["batch_size"],
@@ -51,10 +51,14 @@ class Command(BaseCommand):
                     using=options["database"],
                 )
                 total += result.sent
+                retried += result.retried
                 if result.unsent or result.sent + result.undeclared < options["batch_size"]:
                     break
-            if total or result.unsent or not options["loop"]:
-                self.stdout.write(f"Relayed {total} event(s); {result.unsent} still pending.")
+            if total or retried or result.unsent or not options["loop"]:
+                retries = f" and {retried} due retry(ies)" if retried else ""
+                self.stdout.write(
+                    f"Relayed {total} event(s){retries}; {result.unsent} still pending."
+                )
             if not options["loop"]:
                 if result.unsent:
                     raise CommandError("The broker did not take every pending event.")
