@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 
 from . import broker
@@ -88,6 +88,52 @@ def relay_pending(
         undeclared=len(undeclared),
         retried=retried,
     )
+
+
+def relay_backlog(
+    *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
+) -> RelayResult:
+    """Relay passes until the backlog is empty or the broker stops taking it; the totals.
+
+    Raises the `DatabaseError` of a database that cannot be reached (see `DatabaseOutage`).
+    """
+    sent = retried = 0
+    while True:
+        result = relay_pending(batch_size=batch_size, min_age=min_age, using=using)
+        sent += result.sent
+        retried += result.retried
+        if result.unsent or result.sent + result.undeclared < batch_size:
+            return RelayResult(sent, result.unsent, result.undeclared, retried)
+
+
+class DatabaseOutage:
+    """A relay loop's database outage: logged once when it starts and once when it ends."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.down = False
+
+    def failed(self, exc: DatabaseError) -> None:
+        """Note a failed pass: close the broken connection (the next pass opens a new one)."""
+        try:
+            connections[self.using].close()
+        except DatabaseError:
+            logger.debug("Closing the broken database connection failed", exc_info=True)
+        if not self.down:
+            logger.error(
+                "Database %r unreachable; the relay keeps trying: %s",
+                self.using,
+                exc,
+                exc_info=exc,
+                extra=log_extra(),
+            )
+        self.down = True
+
+    def passed(self) -> None:
+        """Note a pass that reached the database."""
+        if self.down:
+            self.down = False
+            logger.warning("Database %r reachable again", self.using, extra=log_extra())
 
 
 def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:

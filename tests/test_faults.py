@@ -350,3 +350,66 @@ def test_a_retry_the_broker_refuses_is_sent_by_the_relay(kind: str, tmp_path: Pa
     row = Delivery.objects.get(event_id=event.id)
     assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
     assert runs("fails_first_time", [event.id]) == {event.id: 2}
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_the_relay_loop_outlives_database_and_broker_outages(kind: str, tmp_path: Path) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-loop-{kind}-{uuid.uuid4().hex[:8]}"
+    settings_dict = connection.settings_dict
+    log = tmp_path / "relay.log"
+    with (
+        FaultProxy((settings_dict["HOST"], int(settings_dict["PORT"]))) as db,
+        FaultProxy.for_url(brokers.URLS[kind]) as broker,
+        log.open("w") as output,
+    ):
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DJANGO_EVENTS_WORKER_DB_NAME": settings_dict["NAME"],
+            "DJANGO_EVENTS_WORKER_DB_PORT": str(db.port),
+            "DJANGO_EVENTS_TEST_MANIFEST": "faults.yaml",
+            "DJANGO_EVENTS_TEST_QUEUE": queue,
+            "CELERY_BROKER_URL": broker.url(brokers.URLS[kind]),
+            "PYTHONPATH": str(ROOT),
+        }
+        relay = subprocess.Popen(
+            [sys.executable, "-m", "django", "events_relay", "--loop", "--interval", "0.2"]
+            + ["--min-age", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+
+            def relayed(event: Any) -> bool:
+                assert relay.poll() is None, log.read_text()  # the loop is still running
+                return EventRecord.objects.get(pk=event.id).status == "dispatched"
+
+            with _wiring(queue, "tests.brokers.unreachable"):  # published events stay pending
+                first = publish("fault.bulk", {"order_id": 1})
+                wait_for(lambda: relayed(first), what="the first relayed event")
+
+                db.cut()  # 1 s without the database: the loop's connection is dropped
+                time.sleep(1.0)
+                db.restore()
+                after_db = publish("fault.bulk", {"order_id": 2})
+                wait_for(lambda: relayed(after_db), what="an event relayed after the database cut")
+
+                broker.cut()
+                during_broker = publish("fault.bulk", {"order_id": 3})
+                wait_for(lambda: "Broker unreachable" in log.read_text(), what="the broker cut")
+                db.cut()  # both at once
+                time.sleep(1.0)
+                db.restore()
+                broker.restore()
+                wait_for(lambda: relayed(during_broker), what="the event of the broker cut")
+        finally:
+            relay.terminate()
+            relay.wait(10)
+    _drop_queue(getattr(brokers, kind), queue)
+    text = log.read_text()
+    assert text.count("Database 'default' unreachable") == 2, text  # once per outage
+    assert text.count("Database 'default' reachable again") == 2, text
+    assert text.count("Broker unreachable") == 1 and "Broker reachable again" in text, text

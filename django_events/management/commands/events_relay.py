@@ -4,9 +4,12 @@ import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
-from django_events.relay import relay_pending
+from django_events.relay import DatabaseOutage, relay_backlog
+
+# Seconds between a loop's passes while the database or the broker is down, at most.
+MAX_BACKOFF = 30.0
 
 
 class Command(BaseCommand):
@@ -42,25 +45,35 @@ class Command(BaseCommand):
             raise CommandError(f"Unknown database alias {options['database']!r}")
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
+        loop, interval = options["loop"], options["interval"]
+        outage = DatabaseOutage(options["database"])
+        delay, unsent_before = interval, 0
         while True:
-            total = retried = 0
-            while True:
-                result = relay_pending(
+            try:
+                result = relay_backlog(
                     batch_size=options["batch_size"],
                     min_age=options["min_age"],
                     using=options["database"],
                 )
-                total += result.sent
-                retried += result.retried
-                if result.unsent or result.sent + result.undeclared < options["batch_size"]:
-                    break
-            if total or retried or result.unsent or not options["loop"]:
-                retries = f" and {retried} due retry(ies)" if retried else ""
+            except DatabaseError as exc:
+                if not loop:
+                    raise CommandError(f"The database could not be reached: {exc}") from exc
+                # A loop outlives outages: logged once, retried with backoff.
+                outage.failed(exc)
+                delay = min(delay * 2, max(interval, MAX_BACKOFF))
+                time.sleep(delay)
+                continue
+            outage.passed()
+            if not loop or result.sent or result.retried or result.unsent > unsent_before:
+                retries = f" and {result.retried} due retry(ies)" if result.retried else ""
                 self.stdout.write(
-                    f"Relayed {total} event(s){retries}; {result.unsent} still pending."
+                    f"Relayed {result.sent} event(s){retries}; {result.unsent} still pending."
                 )
-            if not options["loop"]:
+            if not loop:
                 if result.unsent:
                     raise CommandError("The broker did not take every pending event.")
                 return
-            time.sleep(options["interval"])
+            unsent_before = result.unsent
+            # The broker did not take everything: it is down (broker.health logs it once).
+            delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
+            time.sleep(delay)
