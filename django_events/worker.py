@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -12,7 +13,15 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    close_old_connections,
+    connections,
+    transaction,
+)
 from django.utils import timezone
 
 from .batching import recorder
@@ -24,6 +33,10 @@ from .redaction import redact_text
 from .registry import Registry, Subscription, get_registry
 
 logger = logging.getLogger("django_events.worker")
+
+# Seconds between tries to save a success while the database cannot be reached (doubling).
+RECORD_RETRY_FIRST = 0.1
+RECORD_RETRY_MAX = 5.0
 
 
 @dataclass(frozen=True)
@@ -169,8 +182,52 @@ def _run(
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
             row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
-            _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
+            _record_success(alias, event, row, overwrite=not broadcast)
     return Outcome("succeeded")
+
+
+def _record_success(alias: str, event: Event, row: Delivery, *, overwrite: bool) -> None:
+    """Save a success row; while the database cannot be reached, wait for it and try again.
+
+    The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
+    error would be worse than holding this worker process: the message stays unacknowledged
+    until the row is saved (a worker killed meanwhile has it redelivered, at least once).
+    Other database errors (the event record is gone, say) are logged, not retried.
+    """
+    extra = log_extra(event, row.subscription)
+    delay, waited = RECORD_RETRY_FIRST, False
+    while True:
+        try:
+            if overwrite:
+                save_deliveries(alias, [row])
+            else:
+                Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
+        except (OperationalError, InterfaceError) as exc:
+            if not waited:
+                logger.error(
+                    "Database unreachable; the delivery's success is saved once it is back: %s",
+                    exc,
+                    extra=extra,
+                )
+                waited = True
+            _close_broken(alias)
+            time.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+            continue
+        except DatabaseError:
+            logger.exception("Could not record the delivery outcome", extra=extra)
+            return
+        if waited:
+            logger.warning("Saved the delivery's success: the database is back", extra=extra)
+        return
+
+
+def _close_broken(alias: str) -> None:
+    """Close a connection that failed, so that the next query opens a new one."""
+    try:
+        connections[alias].close()
+    except DatabaseError:
+        logger.debug("Closing a broken database connection failed", exc_info=True)
 
 
 def defer_retry(outcome: Outcome) -> bool:

@@ -413,3 +413,31 @@ def test_the_relay_loop_outlives_database_and_broker_outages(kind: str, tmp_path
     assert text.count("Database 'default' unreachable") == 2, text  # once per outage
     assert text.count("Database 'default' reachable again") == 2, text
     assert text.count("Broker unreachable") == 1 and "Broker reachable again" in text, text
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_successes_during_a_database_cut_are_recorded_once_it_is_back(
+    kind: str, tmp_path: Path
+) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-noted-{kind}-{uuid.uuid4().hex[:8]}"
+    settings_dict = connection.settings_dict
+    with FaultProxy((settings_dict["HOST"], int(settings_dict["PORT"]))) as db:
+        worker = _worker(kind, queue, tmp_path, DJANGO_EVENTS_WORKER_DB_PORT=str(db.port))
+        with worker, _wiring(queue, f"tests.brokers.{kind}"):
+            db.cut()  # the worker's database, for 12 s; the handler does not need it
+            cut_at = time.monotonic()
+            ids = [publish("fault.noted", {"order_id": i}).id for i in range(10)]
+            wait_for(
+                lambda: len(list((tmp_path / "runs").glob("*"))) >= 2,
+                what="handlers that ran during the cut",
+            )
+            time.sleep(max(0.0, 12 - (time.monotonic() - cut_at)))
+            db.restore()
+
+            wait_for(lambda: succeeded(ids) == 10, timeout=60, what="10 recorded successes")
+    _drop_queue(getattr(brokers, kind), queue)
+    ran = Counter(uuid.UUID(path.name.split(".")[0]) for path in (tmp_path / "runs").iterdir())
+    assert ran == dict.fromkeys(ids, 1)  # each handler ran once: no rerun for bookkeeping
+    assert set(Delivery.objects.filter(event_id__in=ids).values_list("attempts", flat=True)) == {1}
+    assert "saved once it is back" in worker.log()
