@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
+    "PUBLISHER_CONFIRMS": True,
 }
 
 RECORD_CHOICES = ("all", "failures")
@@ -90,6 +91,10 @@ class Settings:
     @property
     def SUCCESS_RECORDS(self) -> str:
         return str(self._get("SUCCESS_RECORDS"))
+
+    @property
+    def PUBLISHER_CONFIRMS(self) -> bool:
+        return bool(self._get("PUBLISHER_CONFIRMS"))
 
     @property
     def INBOUND_MAX_BODY(self) -> int:

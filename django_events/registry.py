@@ -265,6 +265,15 @@ def settings_problems() -> list[Problem]:
                 SETTINGS_ORIGIN,
             )
         )
+    if not isinstance(raw.get("PUBLISHER_CONFIRMS", True), bool):
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['PUBLISHER_CONFIRMS'] is {raw['PUBLISHER_CONFIRMS']!r}",
+                "Use True or False.",
+                SETTINGS_ORIGIN,
+            )
+        )
     for key in ("MANIFESTS", "SUBSCRIPTIONS", "PIPELINE"):
         if not isinstance(raw.get(key, []), list | tuple):
             problems.append(

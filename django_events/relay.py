@@ -69,7 +69,11 @@ def relay_pending(
                 continue
             event = event_of(record, compiled.typed_payload(record.payload))
             outgoing.append((event, compiled.declaration.durable, subscriptions))
-        unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
+        unsent = (
+            broker.send_deliveries(outgoing, using, confirm=True, always_try=True)
+            if outgoing
+            else set()
+        )
         sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
         mark_dispatched(using, sent + nothing_to_send)
         if undeclared:
@@ -167,7 +171,9 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
             outgoing.append((event, compiled.declaration.durable, [subscription]))
             prior[(event.id, subscription.name)] = row.attempts
         unsent = (
-            broker.send_deliveries(outgoing, using, confirm=True, prior_attempts=prior)
+            broker.send_deliveries(
+                outgoing, using, confirm=True, always_try=True, prior_attempts=prior
+            )
             if outgoing
             else set()
         )

@@ -514,6 +514,20 @@ def test_success_records_must_be_immediate_or_batched() -> None:
             assert_reported()
 
 
+def test_publisher_confirms_must_be_a_boolean() -> None:
+    with wiring(PUBLISHER_CONFIRMS="yes"):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['PUBLISHER_CONFIRMS'] is 'yes'",
+            ),
+        )
+    for value in (True, False):
+        with wiring(PUBLISHER_CONFIRMS=value):
+            assert_reported()
+
+
 # -- Celery ------------------------------------------------------------------------------------
 
 

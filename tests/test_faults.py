@@ -441,3 +441,22 @@ def test_successes_during_a_database_cut_are_recorded_once_it_is_back(
     assert ran == dict.fromkeys(ids, 1)  # each handler ran once: no rerun for bookkeeping
     assert set(Delivery.objects.filter(event_id__in=ids).values_list("attempts", flat=True)) == {1}
     assert "saved once it is back" in worker.log()
+
+
+@pytest.mark.parametrize("rig", ["amqp"], indirect=True)
+def test_events_published_into_a_stalled_broker_connection_are_not_lost(wired: Rig) -> None:
+    # Redis answers every publish (LPUSH) before it returns: a stall is a socket_timeout
+    # error there, and the events stay pending without confirms too.
+    before = publish("fault.placed", {"order_id": -1})  # a live connection to stall
+    wait_for(lambda: succeeded([before.id]), what="a delivery before the stall")
+
+    wired.proxy.cut("stall")  # the connection stays open; nothing reaches RabbitMQ
+    ids = []
+    for order_id in range(3):
+        with transaction.atomic():
+            ids.append(publish("fault.placed", {"order_id": order_id}).id)
+    wired.proxy.restore()
+    call_command("events_relay", "--min-age", "0")
+
+    wait_for(lambda: succeeded(ids) == 3, timeout=30, what="the events published in the stall")
+    assert EventRecord.objects.filter(pk__in=ids, status="dispatched").count() == 3
