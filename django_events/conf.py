@@ -14,6 +14,10 @@ DEFAULT_RETRY: dict[str, Any] = {
     "jitter": True,
 }
 
+# Days kept: event records (without failures; pending ones always are), and inbound
+# idempotency keys after their window expired. None keeps them for good.
+DEFAULT_RETENTION: dict[str, float | None] = {"events": 30, "idempotency_keys": 0}
+
 DEFAULTS: dict[str, Any] = {
     "MANIFESTS": [],
     "AUTODISCOVER": True,
@@ -27,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
     "PUBLISHER_CONFIRMS": True,
+    "RETENTION": DEFAULT_RETENTION,
 }
 
 RECORD_CHOICES = ("all", "failures")
@@ -97,11 +102,41 @@ class Settings:
         return bool(self._get("PUBLISHER_CONFIRMS"))
 
     @property
+    def RETENTION(self) -> dict[str, float | None]:
+        value = self._get("RETENTION")
+        merged = {**DEFAULT_RETENTION, **value} if isinstance(value, dict) else DEFAULT_RETENTION
+        # A value of the wrong kind keeps its default; checks report it (E001).
+        return {
+            key: merged[key] if _days(merged[key], key == "idempotency_keys") else default
+            for key, default in DEFAULT_RETENTION.items()
+        }
+
+    @property
     def INBOUND_MAX_BODY(self) -> int:
         value = self._get("INBOUND_MAX_BODY")
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return int(DEFAULTS["INBOUND_MAX_BODY"])  # E001 reports it
         return value
+
+
+def _days(value: object, zero: bool) -> bool:
+    """Whether ``value`` is a retention: None, or a number of days (> 0, or >= 0 if ``zero``)."""
+    if value is None:
+        return True
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return False
+    return value >= 0 if zero else value > 0
+
+
+def retention_problems(value: object) -> list[str]:
+    """What is wrong with a ``RETENTION`` value, each to follow ``DJANGO_EVENTS['RETENTION']``."""
+    if not isinstance(value, dict):
+        return [f" must be a dict, got {type(value).__name__}"]
+    problems = [f" has unknown key {key!r}" for key in value if key not in DEFAULT_RETENTION]
+    for key in DEFAULT_RETENTION:
+        if key in value and not _days(value[key], key == "idempotency_keys"):
+            problems.append(f"[{key!r}] is {value[key]!r}")
+    return problems
 
 
 conf = Settings()

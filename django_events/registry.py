@@ -15,7 +15,7 @@ from django.utils.module_loading import import_string
 from jsonschema import Draft202012Validator, SchemaError
 
 from . import typed
-from .conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf
+from .conf import DEFAULTS, RECORD_CHOICES, SUCCESS_RECORDS_CHOICES, conf, retention_problems
 from .declarations import (
     EventDeclaration,
     Origin,
@@ -271,6 +271,15 @@ def settings_problems() -> list[Problem]:
                 "E001",
                 f"DJANGO_EVENTS['PUBLISHER_CONFIRMS'] is {raw['PUBLISHER_CONFIRMS']!r}",
                 "Use True or False.",
+                SETTINGS_ORIGIN,
+            )
+        )
+    for problem in retention_problems(raw.get("RETENTION", {})):
+        problems.append(
+            _problem(
+                "E001",
+                f"DJANGO_EVENTS['RETENTION']{problem}",
+                "Keys: events (days > 0), idempotency_keys (days >= 0); None keeps for good.",
                 SETTINGS_ORIGIN,
             )
         )

@@ -43,3 +43,11 @@ def relay(batch_size: int = 500, min_age: float = 10.0) -> int:
     from .relay import relay_pending
 
     return relay_pending(batch_size=batch_size, min_age=min_age).sent
+
+
+@shared_task(name="django_events.prune", ignore_result=True)
+def prune() -> int:
+    """Delete what ``RETENTION`` no longer keeps: schedule it with Celery beat (daily)."""
+    from .pruning import prune_retained
+
+    return prune_retained().events

@@ -528,6 +528,30 @@ def test_publisher_confirms_must_be_a_boolean() -> None:
             assert_reported()
 
 
+def test_retention_is_a_known_key_with_days_or_none() -> None:
+    for value in ({}, {"events": 7, "idempotency_keys": 0}, {"events": None}, {"events": 0.5}):
+        with wiring(RETENTION=value):
+            assert_reported()
+    with wiring(RETENTION={"events": 0, "idempotency_keys": -1, "failures": 3}):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION'] has unknown key 'failures'",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION']['events'] is 0",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION']['idempotency_keys'] is -1",
+            ),
+        )
+
+
 # -- Celery ------------------------------------------------------------------------------------
 
 

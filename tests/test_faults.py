@@ -44,6 +44,7 @@ pytestmark = [
 ]
 
 MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "faults.yaml")]
+RELAY = [sys.executable, "-m", "django", "events_relay"]
 HANG = 30  # seconds a handler sleeps on its first run: the test kills it long before
 
 # The app publishers use in these tests: CELERY_APP names it; the `rig` fixture sets it.
@@ -374,8 +375,7 @@ def test_the_relay_loop_outlives_database_and_broker_outages(kind: str, tmp_path
             "PYTHONPATH": str(ROOT),
         }
         relay = subprocess.Popen(
-            [sys.executable, "-m", "django", "events_relay", "--loop", "--interval", "0.2"]
-            + ["--min-age", "0"],
+            [*RELAY, "--loop", "--interval", "0.2", "--min-age", "0"],
             cwd=ROOT,
             env=env,
             stdout=output,
