@@ -405,6 +405,11 @@ def test_the_relay_loop_outlives_database_and_broker_outages(kind: str, tmp_path
                 db.restore()
                 broker.restore()
                 wait_for(lambda: relayed(during_broker), what="the event of the broker cut")
+                # The pass that relayed it logs the database's recovery just after.
+                wait_for(
+                    lambda: log.read_text().count("Database 'default' reachable again") == 2,
+                    what="the recovery logged",
+                )
         finally:
             relay.terminate()
             relay.wait(10)
