@@ -69,6 +69,8 @@ DJANGO_EVENTS = {
     ],
     # Figure 4 runs its worker both ways: each success row written before the ack, or batched.
     "SUCCESS_RECORDS": os.environ.get("BENCH_SUCCESS_RECORDS", "immediate"),
+    # Figure 2 without the commit path's publisher confirms (the default is on): BENCH_CONFIRMS=0.
+    "PUBLISHER_CONFIRMS": os.environ.get("BENCH_CONFIRMS", "1") != "0",
 }
 
 # The peer, django-celery-outbox: no statsd traffic (we emit no metrics either).

@@ -20,6 +20,10 @@ DEFAULT_RETRY: dict[str, Any] = {
     "jitter": True,
 }
 
+# Days kept: event records (without failures; pending ones always are), and inbound
+# idempotency keys after their window expired. None keeps them for good.
+DEFAULT_RETENTION: dict[str, float | None] = {"events": 30, "idempotency_keys": 0}
+
 DEFAULTS: dict[str, Any] = {
     "MANIFESTS": [],
     "AUTODISCOVER": True,
@@ -35,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "DELIVERY": "celery",
     "TASKS_BACKEND": "default",
     "LOCK_FILE": "events.lock.json",
+    "PUBLISHER_CONFIRMS": True,
+    "RETENTION": DEFAULT_RETENTION,
 }
 
 
@@ -88,7 +94,8 @@ def check_settings(value: Any) -> tuple[dict[str, Any], list[SettingProblem]]:
             continue
         key = str(error.path[0])
         hint = settings_schema()["properties"][key].get("x-hint")
-        if len(error.path) == 1 and key != "DEFAULT_RETRY":
+        # The value itself is wrong: show it; one of its keys or items: say where and why.
+        if len(error.path) == 1 and error.validator not in ("additionalProperties", "required"):
             message = f"DJANGO_EVENTS[{key!r}] is {value[key]!r}"
         else:
             where = "".join(f"[{p!r}]" for p in list(error.path)[1:])
@@ -181,6 +188,15 @@ class Settings:
     @property
     def TASKS_BACKEND(self) -> str:
         return str(self._get("TASKS_BACKEND"))
+
+    @property
+    def PUBLISHER_CONFIRMS(self) -> bool:
+        return bool(self._get("PUBLISHER_CONFIRMS"))
+
+    @property
+    def RETENTION(self) -> dict[str, float | None]:
+        """Days kept: ``events`` (without failures), ``idempotency_keys``; None keeps for good."""
+        return {**DEFAULT_RETENTION, **self._get("RETENTION")}
 
     @property
     def INBOUND_MAX_BODY(self) -> int:

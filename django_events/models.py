@@ -95,6 +95,15 @@ class Delivery(models.Model):
     traceback = models.TextField(_("traceback"), blank=True, default="")
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+    retry_at = models.DateTimeField(
+        _("retry due at"),
+        null=True,
+        blank=True,
+        help_text=_(
+            "Set when the worker could not hand a retry to the broker: "
+            "events_relay sends it once due."
+        ),
+    )
 
     class Meta:
         verbose_name = _("delivery")
@@ -108,6 +117,12 @@ class Delivery(models.Model):
         indexes = [
             models.Index(fields=["status", "-updated_at"], name="django_events_dlv_status_idx"),
             models.Index(fields=["subscription", "status"], name="django_events_dlv_sub_idx"),
+            # The relay scans only the retries it has to send, oldest due first.
+            models.Index(
+                fields=["retry_at"],
+                name="django_events_dlv_retry_idx",
+                condition=models.Q(retry_at__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -6,12 +6,12 @@ import logging
 from typing import Any
 
 from celery import Task, shared_task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.signals import worker_ready
 
 from django_events.conf import conf
 from django_events.delivery.messages import summary_of
-from django_events.delivery.worker import process_message, wiring_problems
+from django_events.delivery.worker import defer_retry, process_message, wiring_problems
 from django_events.logs import log_extra
 
 logger = logging.getLogger("django_events.worker")
@@ -40,7 +40,14 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         # Flower): keep the short summary the first message had.
         shown: dict[str, Any] = {"argsrepr": summary_of(message), "kwargsrepr": "{}"}
         args = None if outcome.retry_with is None else (outcome.retry_with,)
-        raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error, **shown)
+        try:
+            raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error, **shown)
+        except Reject as rejected:
+            # Celery could not publish the retry and would drop this message: leave the
+            # retry to the relay, or, if the database cannot take it either, requeue.
+            if not defer_retry(outcome):
+                raise Reject(outcome.error, requeue=True) from rejected
+            raise
     if outcome.status != "succeeded":
         raise Ignore(f"delivery {outcome.status}")
 
@@ -60,3 +67,11 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
     consumed = set(queues.consume_from) if queues is not None else None
     for subscription, problem in wiring_problems(consumed):
         logger.error(problem, extra=log_extra(None, subscription))
+
+
+@shared_task(name="django_events.prune", ignore_result=True)
+def prune() -> int:
+    """Delete what ``RETENTION`` no longer keeps: schedule it with Celery beat (daily)."""
+    from django_events.operations.pruning import prune_retained
+
+    return prune_retained().events

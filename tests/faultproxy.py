@@ -2,7 +2,9 @@
 
 ``cut()`` drops every live connection and, until ``restore()``, refuses new ones (accepted,
 then reset at once) or, with ``mode="blackhole"``, accepts them and never answers (what a
-dead host or a full network path looks like). The real server is never touched.
+dead host or a full network path looks like). ``mode="stall"`` keeps live connections open
+but forwards nothing either way (a partition: writes still "succeed" into the socket) and
+holds new ones; ``restore()`` then resets the stalled ones. The real server is never touched.
 """
 
 from __future__ import annotations
@@ -49,12 +51,15 @@ class FaultProxy:
         with self._lock:
             return len(self._live) // 2
 
-    def cut(self, mode: str = "refuse") -> None:
-        """Drop live connections; refuse (or blackhole) new ones until ``restore()``."""
-        if mode not in ("refuse", "blackhole"):
+    def cut(self, mode: str = "refuse", *, keep_live: bool = False) -> None:
+        """Drop live connections (unless ``keep_live``); refuse (or blackhole) new ones until
+        ``restore()``."""
+        if mode not in ("refuse", "blackhole", "stall"):
             raise ValueError(f"unknown cut mode {mode!r}")
         with self._lock:
             self._mode = mode
+            if keep_live or mode == "stall":
+                return
             live, self._live = self._live, set()
         for sock in live:
             _drop(sock)
@@ -62,8 +67,12 @@ class FaultProxy:
     def restore(self) -> None:
         """Forward new connections again; blackholed ones are reset."""
         with self._lock:
+            stalled = self._mode == "stall"
             self._mode = None
             held, self._held = self._held, []
+            if stalled:  # what they sent meanwhile is gone: their streams are broken
+                held += self._live
+                self._live = set()
         for sock in held:
             _drop(sock)
 
@@ -91,7 +100,7 @@ class FaultProxy:
             client.settimeout(None)
             with self._lock:
                 mode = self._mode
-                if mode == "blackhole":
+                if mode in ("blackhole", "stall"):
                     self._held.append(client)
                     continue
             if mode == "refuse":
@@ -118,6 +127,8 @@ class FaultProxy:
                 with self._lock:
                     if source not in self._live:  # cut: what was read is dropped
                         return
+                    if self._mode == "stall":
+                        continue
                 sink.sendall(data)
         except OSError:
             pass

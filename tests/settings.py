@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -140,4 +141,6 @@ DJANGO_EVENTS = {
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
     "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
+if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
+    DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
 LOGGING = {"version": 1, "disable_existing_loggers": False}

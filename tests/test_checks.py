@@ -515,6 +515,47 @@ def test_success_records_must_be_immediate_or_batched() -> None:
             assert_reported()
 
 
+def test_publisher_confirms_must_be_a_boolean() -> None:
+    with wiring(PUBLISHER_CONFIRMS="yes"):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['PUBLISHER_CONFIRMS'] is 'yes'",
+            ),
+        )
+    for value in (True, False):
+        with wiring(PUBLISHER_CONFIRMS=value):
+            assert_reported()
+
+
+def test_retention_is_a_known_key_with_days_or_none() -> None:
+    for value in ({}, {"events": 7, "idempotency_keys": 0}, {"events": None}, {"events": 0.5}):
+        with wiring(RETENTION=value):
+            assert_reported()
+    with wiring(RETENTION={"events": 0, "idempotency_keys": -1, "failures": 3}):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION'] is invalid: $ Additional properties are not "
+                "allowed ('failures' was unexpected)",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION'] is invalid: ['events'] 0 is less than or equal to "
+                "the minimum of 0",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['RETENTION'] is invalid: ['idempotency_keys'] -1 is less than the "
+                "minimum of 0",
+            ),
+        )
+
+
 # -- Celery ------------------------------------------------------------------------------------
 
 

@@ -44,6 +44,7 @@ pytestmark = [
 ]
 
 MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "faults.yaml")]
+RELAY = [sys.executable, "-m", "django", "events_relay"]
 HANG = 30  # seconds a handler sleeps on its first run: the test kills it long before
 
 # The app publishers use in these tests: CELERY_APP names it; the `rig` fixture sets it.
@@ -318,3 +319,149 @@ def _drain(app: Celery, queue: str) -> list[dict[str, Any]]:
                 conn.drain_events(timeout=2)
             except TimeoutError:
                 return found
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_a_retry_the_broker_refuses_is_sent_by_the_relay(kind: str, tmp_path: Path) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-retry-{kind}-{uuid.uuid4().hex[:8]}"
+    with FaultProxy.for_url(brokers.URLS[kind]) as proxy:
+        # The worker reaches the broker through the proxy; the test process goes direct.
+        url = {f"DJANGO_EVENTS_{kind.upper()}_URL": proxy.url(brokers.URLS[kind])}
+        worker = _worker(kind, queue, tmp_path, **url)
+        with worker, _wiring(queue, f"tests.brokers.{kind}"):
+            # The worker's consuming connection stays; the connection it opens to publish
+            # the retry is refused.
+            proxy.cut("refuse", keep_live=True)
+            event = publish("fault.retried", {"order_id": 5})
+            wait_for(
+                lambda: "reject" in worker.log().lower(),  # Celery drops or requeues it
+                timeout=30,
+                what="the retry's publish to fail",
+            )
+            row = Delivery.objects.get(event_id=event.id)
+            assert (row.status, row.attempts) == ("pending", 1)
+            proxy.restore()
+
+            time.sleep(0.5)  # the retry's backoff (0.3 s) is over
+            call_command("events_relay", "--min-age", "0")
+
+            wait_for(lambda: succeeded([event.id]), timeout=30, what="the relayed retry")
+    _drop_queue(getattr(brokers, kind), queue)
+    row = Delivery.objects.get(event_id=event.id)
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
+    assert runs("fails_first_time", [event.id]) == {event.id: 2}
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_the_relay_loop_outlives_database_and_broker_outages(kind: str, tmp_path: Path) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-loop-{kind}-{uuid.uuid4().hex[:8]}"
+    settings_dict = connection.settings_dict
+    log = tmp_path / "relay.log"
+    with (
+        FaultProxy((settings_dict["HOST"], int(settings_dict["PORT"]))) as db,
+        FaultProxy.for_url(brokers.URLS[kind]) as broker,
+        log.open("w") as output,
+    ):
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "tests.settings",
+            "DJANGO_EVENTS_WORKER_DB_NAME": settings_dict["NAME"],
+            "DJANGO_EVENTS_WORKER_DB_PORT": str(db.port),
+            "DJANGO_EVENTS_TEST_MANIFEST": "faults.yaml",
+            "DJANGO_EVENTS_TEST_QUEUE": queue,
+            "CELERY_BROKER_URL": broker.url(brokers.URLS[kind]),
+            "PYTHONPATH": str(ROOT),
+        }
+        relay = subprocess.Popen(
+            [*RELAY, "--loop", "--interval", "0.2", "--min-age", "0"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+
+            def relayed(event: Any) -> bool:
+                assert relay.poll() is None, log.read_text()  # the loop is still running
+                return EventRecord.objects.get(pk=event.id).status == "dispatched"
+
+            with _wiring(queue, "tests.brokers.unreachable"):  # published events stay pending
+                first = publish("fault.bulk", {"order_id": 1})
+                wait_for(lambda: relayed(first), what="the first relayed event")
+
+                db.cut()  # 1 s without the database: the loop's connection is dropped
+                time.sleep(1.0)
+                db.restore()
+                after_db = publish("fault.bulk", {"order_id": 2})
+                wait_for(lambda: relayed(after_db), what="an event relayed after the database cut")
+
+                broker.cut()
+                during_broker = publish("fault.bulk", {"order_id": 3})
+                wait_for(lambda: "Broker unreachable" in log.read_text(), what="the broker cut")
+                db.cut()  # both at once
+                time.sleep(1.0)
+                db.restore()
+                broker.restore()
+                wait_for(lambda: relayed(during_broker), what="the event of the broker cut")
+                # The pass that relayed it logs the database's recovery just after.
+                wait_for(
+                    lambda: log.read_text().count("Database 'default' reachable again") == 2,
+                    what="the recovery logged",
+                )
+        finally:
+            relay.terminate()
+            relay.wait(10)
+    _drop_queue(getattr(brokers, kind), queue)
+    text = log.read_text()
+    assert text.count("Database 'default' unreachable") == 2, text  # once per outage
+    assert text.count("Database 'default' reachable again") == 2, text
+    assert text.count("Broker unreachable") == 1 and "Broker reachable again" in text, text
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_successes_during_a_database_cut_are_recorded_once_it_is_back(
+    kind: str, tmp_path: Path
+) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"faults-noted-{kind}-{uuid.uuid4().hex[:8]}"
+    settings_dict = connection.settings_dict
+    with FaultProxy((settings_dict["HOST"], int(settings_dict["PORT"]))) as db:
+        worker = _worker(kind, queue, tmp_path, DJANGO_EVENTS_WORKER_DB_PORT=str(db.port))
+        with worker, _wiring(queue, f"tests.brokers.{kind}"):
+            db.cut()  # the worker's database, for 12 s; the handler does not need it
+            cut_at = time.monotonic()
+            ids = [publish("fault.noted", {"order_id": i}).id for i in range(10)]
+            wait_for(
+                lambda: len(list((tmp_path / "runs").glob("*"))) >= 2,
+                what="handlers that ran during the cut",
+            )
+            time.sleep(max(0.0, 12 - (time.monotonic() - cut_at)))
+            db.restore()
+
+            wait_for(lambda: succeeded(ids) == 10, timeout=60, what="10 recorded successes")
+    _drop_queue(getattr(brokers, kind), queue)
+    ran = Counter(uuid.UUID(path.name.split(".")[0]) for path in (tmp_path / "runs").iterdir())
+    assert ran == dict.fromkeys(ids, 1)  # each handler ran once: no rerun for bookkeeping
+    assert set(Delivery.objects.filter(event_id__in=ids).values_list("attempts", flat=True)) == {1}
+    assert "saved once it is back" in worker.log()
+
+
+@pytest.mark.parametrize("rig", ["amqp"], indirect=True)
+def test_events_published_into_a_stalled_broker_connection_are_not_lost(wired: Rig) -> None:
+    # Redis answers every publish (LPUSH) before it returns: a stall is a socket_timeout
+    # error there, and the events stay pending without confirms too.
+    before = publish("fault.placed", {"order_id": -1})  # a live connection to stall
+    wait_for(lambda: succeeded([before.id]), what="a delivery before the stall")
+
+    wired.proxy.cut("stall")  # the connection stays open; nothing reaches RabbitMQ
+    ids = []
+    for order_id in range(3):
+        with transaction.atomic():
+            ids.append(publish("fault.placed", {"order_id": order_id}).id)
+    wired.proxy.restore()
+    call_command("events_relay", "--min-age", "0")
+
+    wait_for(lambda: succeeded(ids) == 3, timeout=30, what="the events published in the stall")
+    assert EventRecord.objects.filter(pk__in=ids, status="dispatched").count() == 3

@@ -639,7 +639,7 @@ def test_default_retry_that_is_not_a_mapping_is_E001() -> None:
         [problem] = get_registry().problems
 
     assert problem.id == "django_events.E001"
-    assert problem.message.startswith("DJANGO_EVENTS['DEFAULT_RETRY'] is invalid: ")
+    assert problem.message == "DJANGO_EVENTS['DEFAULT_RETRY'] is 'fast'"
     assert problem.hint == "Keys: max_attempts, backoff, max_backoff, jitter."
 
 

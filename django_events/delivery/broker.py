@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,8 +30,10 @@ logger = logging.getLogger("django_events.broker")
 
 # Seconds of extra hard limit after a subscription's soft ``timeout``.
 HARD_LIMIT_GRACE = 5.0
-# Seconds to wait for the publisher confirms of a batch after its last message.
+# Seconds to wait for the publisher confirms of a batch after its last message: the relay's,
+# and a committing publisher's (which is waiting in a request).
 CONFIRM_TIMEOUT = 30.0
+COMMIT_CONFIRM_TIMEOUT = 5.0
 
 
 def celery_app() -> Celery | None:
@@ -134,17 +137,21 @@ def send_deliveries(
     alias: str,
     *,
     app: Celery | None = None,
-    confirm: bool = False,
+    confirm: bool | None = None,
+    always_try: bool = False,
     prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
 ) -> set[UUID]:
     """Send one message per (event, subscription); return ids of events not fully sent.
 
-    With ``confirm``, the batch waits for the broker's publisher confirms (RabbitMQ), so
-    "sent" means "accepted"; events with a message nacked or unconfirmed count as unsent.
-    Never raises: an unreachable broker leaves unsent events for the relay.
+    With ``confirm`` (default: ``PUBLISHER_CONFIRMS``), the batch waits for the broker's
+    publisher confirms (RabbitMQ), so "sent" means "accepted"; events with a message nacked
+    or unconfirmed count as unsent. Never raises: an unreachable broker leaves unsent events
+    for the relay. ``always_try`` (the relay) tries the broker even during a known outage.
     ``prior_attempts`` maps (event id, subscription) to the runs already recorded, for
     manual retries and replays (attempts never reset).
     """
+    if confirm is None:
+        confirm = conf.PUBLISHER_CONFIRMS
     try:
         app = app or celery_app()
     except ImportError:
@@ -159,8 +166,8 @@ def send_deliveries(
             extra=batch_log_extra([event for event, _, _ in items]),
         )
         return {event.id for event, _, _ in items}
-    # The relay (confirm) always tries: it is what finds the broker back.
-    if not confirm and not health.may_try(app):
+    # The relay always tries: it is what finds the broker back.
+    if not always_try and not health.may_try(app):
         logger.debug(
             "Broker down; %d event(s) left pending without trying",
             len(items),
@@ -175,13 +182,64 @@ def send_deliveries(
         "interval_step": 0.2,
         "interval_max": 0.2,
     }
+    wait = CONFIRM_TIMEOUT if always_try else COMMIT_CONFIRM_TIMEOUT
+    for last_try in (False, True):
+        try:
+            unconfirmed, silent = _send(app, items, alias, confirm, wait, policy, prior_attempts)
+        except _StaleConnection:
+            if last_try:
+                raise  # pragma: no cover - a new connection is never stale
+            continue  # a kept connection the broker had dropped: once more on a new one
+        except _SendFailed as failed:
+            health.failed(failed.error, [event for event, _, _ in items[failed.sent :]], app)
+            return failed.unsent
+        break
+    if silent:  # confirms that never came: treated as an outage, the others wait a probe
+        error = TimeoutError(f"no publisher confirm within {wait:g} s")
+        health.failed(error, [event for event, _, _ in items if event.id in unconfirmed], app)
+        return unconfirmed
+    health.succeeded(app)
+    if unconfirmed:
+        logger.warning(
+            "The broker did not confirm %d event(s); they stay pending",
+            len(unconfirmed),
+            extra=batch_log_extra([event for event, _, _ in items if event.id in unconfirmed]),
+        )
+    return unconfirmed
+
+
+class _SendFailed(Exception):
+    """A batch the transport failed: ``sent`` items went out, ``unsent`` events did not."""
+
+    def __init__(self, error: BaseException, sent: int, unsent: set[UUID]) -> None:
+        super().__init__(str(error))
+        self.error, self.sent, self.unsent = error, sent, unsent
+
+
+class _StaleConnection(Exception):
+    """A kept confirming connection failed at its first message: the broker had dropped it."""
+
+
+def _send(
+    app: Celery,
+    items: Sequence[SendItem],
+    alias: str,
+    confirm: bool,
+    confirm_timeout: float,
+    policy: dict[str, Any],
+    prior_attempts: Mapping[tuple[UUID, str], int] | None,
+) -> tuple[set[UUID], bool]:
+    """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
+    and whether confirms were still missing when the wait ended."""
     sent = 0
     confirms: PublisherConfirms | None = None
     declared: set[str] = set()
     rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"
+    kept: _Confirming | None = None
     try:
-        with _producer(app, confirm) as producer:
-            confirms = PublisherConfirms.start(producer.channel) if confirm else None
+        with _producer(app, confirm) as (producer, confirms, kept):
+            if confirms is not None:
+                confirms.begin()
             for event, durable, subscriptions in items:
                 message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
@@ -227,30 +285,98 @@ def send_deliveries(
                     if confirms is not None:
                         confirms.published(event.id)
                 sent += 1
-            unconfirmed = confirms.wait(CONFIRM_TIMEOUT) if confirms is not None else set()
-    except Exception as exc:  # noqa: BLE001 - any transport error: the outbox keeps the rest
-        health.failed(exc, [event for event, _, _ in items[sent:]], app)
+            unconfirmed = confirms.wait(confirm_timeout) if confirms is not None else set()
+            silent = confirms is not None and confirms.waiting()
+            if silent:
+                # A confirm may still come for a tag of this batch: start the next anew.
+                kept = None
+                _drop_confirming(app)
+    except Exception as exc:  # any transport error: the outbox keeps the rest
+        if kept is not None and kept.used:
+            # Most likely the broker dropped the kept connection while it sat idle (the old
+            # pool's "one reconnect"); a message that did get through is sent twice.
+            raise _StaleConnection from exc
         unsent = {event.id for event, _, _ in items[sent:]}
-        return unsent | (confirms.unconfirmed() if confirms is not None else set())
-    health.succeeded(app)
-    if unconfirmed:
-        logger.warning(
-            "The broker did not confirm %d event(s); they stay pending",
-            len(unconfirmed),
-            extra=batch_log_extra([event for event, _, _ in items if event.id in unconfirmed]),
-        )
-    return unconfirmed
+        raise _SendFailed(
+            exc, sent, unsent | (confirms.unconfirmed() if confirms is not None else set())
+        ) from exc
+    if kept is not None:
+        kept.used = True
+    return unconfirmed, silent
+
+
+class _Confirming:
+    """A connection kept for confirmed publishes of one app, in one thread of one process.
+
+    Its own connection, not Celery's pool: its channel is in confirm mode and counts delivery
+    tags, so no other code may publish on it. py-amqp's per-message confirms
+    (`confirm_publish`, if the app sets it) would take the acks that PublisherConfirms counts.
+    """
+
+    def __init__(self, app: Celery) -> None:
+        options = {**(app.conf.broker_transport_options or {}), "confirm_publish": False}
+        self.connection = app.connection_for_write(transport_options=options)
+        self.pid = os.getpid()
+        self.used = False
+        try:
+            self.producer = app.amqp.Producer(self.connection)
+            self.confirms = PublisherConfirms.start(self.producer.channel)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Drop the connection without the AMQP close handshake: it failed, or stalled, and a
+        close would wait for an answer that may never come."""
+        try:
+            self.connection.collect()
+        except Exception:  # a broken connection is dropped all the same
+            logger.debug("Closing a publisher connection failed", exc_info=True)
+
+
+_kept = threading.local()  # .by_app: dict[int, _Confirming] (id of the Celery app)
+
+
+def _drop_confirming(app: Celery) -> None:
+    kept: dict[int, _Confirming] = getattr(_kept, "by_app", {})
+    entry = kept.pop(id(app), None)
+    if entry is not None:
+        entry.close()
+
+
+_has_confirms: dict[int, bool] = {}  # id of a Celery app -> whether its transport has them
+
+
+def _confirms_transport(app: Celery) -> bool:
+    """Whether ``app``'s broker has publisher confirms (AMQP). Redis and the filesystem
+    transport store a message before the publish returns: there is nothing to wait for."""
+    known = _has_confirms.get(id(app))
+    if known is None:
+        connection = app.connection_for_write()  # not connected: the transport's class only
+        try:
+            known = _has_confirms[id(app)] = connection.transport.driver_type == "amqp"
+        finally:
+            connection.release()
+    return known
 
 
 @contextmanager
-def _producer(app: Celery, confirm: bool) -> Iterator[Any]:
-    if not confirm:
+def _producer(
+    app: Celery, confirm: bool
+) -> Iterator[tuple[Any, PublisherConfirms | None, _Confirming | None]]:
+    if not confirm or not _confirms_transport(app):
         with app.producer_or_acquire() as producer:
-            yield producer
+            yield producer, None, None
         return
-    # A connection of its own: its channel goes into confirm mode (PublisherConfirms).
-    # py-amqp's per-message confirms (`confirm_publish`, if the app sets it) would take the
-    # acks that PublisherConfirms counts: every message would look unconfirmed.
-    options = {**(app.conf.broker_transport_options or {}), "confirm_publish": False}
-    with app.connection_for_write(transport_options=options) as connection:
-        yield app.amqp.Producer(connection)
+    kept: dict[int, _Confirming] = _kept.__dict__.setdefault("by_app", {})
+    entry = kept.get(id(app))
+    if entry is not None and entry.pid != os.getpid():  # inherited through fork: not ours
+        kept.pop(id(app))
+        entry = None
+    if entry is None:
+        entry = kept[id(app)] = _Confirming(app)
+    try:
+        yield entry.producer, entry.confirms, entry
+    except BaseException:
+        _drop_confirming(app)
+        raise

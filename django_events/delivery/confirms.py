@@ -49,6 +49,14 @@ class PublisherConfirms:
                 break
         return self.unconfirmed()
 
+    def waiting(self) -> bool:
+        """Whether a message published on this channel still waits for its confirm."""
+        return bool(self._pending)
+
+    def begin(self) -> None:
+        """Start a batch on a channel kept from an earlier one (whose confirms all came)."""
+        self._nacked.clear()
+
     def unconfirmed(self) -> set[UUID]:
         """Events with a message the broker refused or has not confirmed yet."""
         return self._nacked | set(self._pending.values())

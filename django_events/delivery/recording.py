@@ -17,7 +17,16 @@ from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.validation import storable_text
 
-UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
+# retry_at too: a new outcome replaces a retry the relay was to send.
+UPSERT_FIELDS = [
+    "mode",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "updated_at",
+    "retry_at",
+]
 UNIQUE_FIELDS = ["event", "subscription"]
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from collections.abc import Collection
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 from django.db import (
     DatabaseError,
@@ -16,8 +19,10 @@ from django.db import (
     InternalError,
     OperationalError,
     close_old_connections,
+    connections,
     transaction,
 )
+from django.utils import timezone
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
@@ -40,6 +45,10 @@ from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.worker")
 
+# Seconds between tries to save a success while the database cannot be reached (doubling).
+RECORD_RETRY_FIRST = 0.1
+RECORD_RETRY_MAX = 5.0
+
 # What recording an outcome can come to: the outage of a database is worth waiting out; a
 # statement the database refuses (DataError, IntegrityError...) fails the same way each time.
 RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
@@ -56,6 +65,8 @@ class Outcome:
     error: Exception | None = None
     # The message to retry with, when it is not the same one (a wait that counts no attempt).
     retry_with: Any = None
+    # (database alias, event id, subscription) of a retry: the row `defer_retry` marks.
+    retry_of: tuple[str, UUID, str] | None = None
 
 
 def process_message(
@@ -221,7 +232,12 @@ def _run(
                 extra=log_extra(event, subscription),
             )
             return Outcome("failed", error=exc)
-        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        return Outcome(
+            "retry",
+            retry_in=subscription.retry.delay(retries + 1),
+            error=exc,
+            retry_of=(alias, event.id, subscription.name),
+        )
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -230,8 +246,81 @@ def _run(
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
             row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
-            _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
+            _record_success(alias, event, row, overwrite=not broadcast)
     return Outcome("succeeded")
+
+
+def _record_success(alias: str, event: Event, row: Delivery, *, overwrite: bool) -> None:
+    """Save a success row; while the database cannot be reached, wait for it and try again.
+
+    The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
+    error would be worse than holding this worker process: the message stays unacknowledged
+    until the row is saved (a worker killed meanwhile has it redelivered, at least once).
+    Other database errors (the event record is gone, say) are logged, not retried.
+    """
+    extra = log_extra(event, row.subscription)
+    delay, waited = RECORD_RETRY_FIRST, False
+    while True:
+        try:
+            if overwrite:
+                save_deliveries(alias, [row])
+            else:
+                Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
+        except _OUTAGES as exc:
+            if not waited:
+                logger.error(
+                    "Database unreachable; the delivery's success is saved once it is back: %s",
+                    exc,
+                    extra=extra,
+                )
+                waited = True
+            _close_broken(alias)
+            time.sleep(delay)
+            delay = min(delay * 2, RECORD_RETRY_MAX)
+            continue
+        except DatabaseError:
+            logger.exception("Could not record the delivery outcome", extra=extra)
+            return
+        if waited:
+            logger.warning("Saved the delivery's success: the database is back", extra=extra)
+        return
+
+
+def _close_broken(alias: str) -> None:
+    """Close a connection that failed, so that the next query opens a new one."""
+    try:
+        connections[alias].close()
+    except DatabaseError:
+        logger.debug("Closing a broken database connection failed", exc_info=True)
+
+
+def defer_retry(outcome: Outcome) -> bool:
+    """Leave ``outcome``'s retry, which the broker did not take, to ``events_relay``.
+
+    Marks the pending `Delivery` row with the retry's due time; the relay sends rows whose
+    time has come. Returns False if no row could be marked (the caller keeps the message).
+    """
+    if outcome.retry_of is None or outcome.retry_in is None:
+        return False
+    alias, event_id, subscription = outcome.retry_of
+    due = timezone.now() + timedelta(seconds=outcome.retry_in)
+    extra = {**log_extra(None, subscription), "event_id": str(event_id)}
+    try:
+        marked = (
+            Delivery.objects.using(alias)
+            .filter(event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING)
+            .update(retry_at=due)
+        )
+    except DatabaseError:
+        logger.exception("Could not leave the retry to events_relay", extra=extra)
+        return False
+    if marked:
+        logger.warning(
+            "The broker did not take the retry; events_relay sends it from %s",
+            due.isoformat(),
+            extra=extra,
+        )
+    return bool(marked)
 
 
 def _run_idempotent(

@@ -8,6 +8,7 @@ from datetime import timedelta
 from django.db import DEFAULT_DB_ALIAS, transaction
 from django.utils import timezone
 
+from django_events.conf import conf
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 
 BATCH_SIZE = 5000
@@ -25,18 +26,23 @@ class PruneResult:
 
 
 def prune_events(
-    older_than: timedelta,
+    older_than: timedelta | None,
     *,
     include_failures: bool = False,
     using: str = DEFAULT_DB_ALIAS,
     batch_size: int = BATCH_SIZE,
+    keys_kept_for: timedelta | None = timedelta(0),
 ) -> PruneResult:
-    """Delete records that occurred more than ``older_than`` ago, in batches.
+    """Delete records that occurred more than ``older_than`` ago (``None``: none), in batches.
 
     Records still pending are never deleted (they are the outbox: not yet sent). Records with
     a failed delivery, or that failed themselves, are kept unless ``include_failures``.
-    Inbound idempotency keys past their retention window are deleted too, whatever their age.
+    Inbound idempotency keys are deleted ``keys_kept_for`` after their window expired
+    (``None``: kept), whatever their age.
     """
+    if older_than is None:
+        expired_keys = _prune_keys(keys_kept_for, using)
+        return PruneResult(0, 0, 0, 0, expired_keys)
     cutoff = timezone.now() - older_than
     old = EventRecord.objects.using(using).filter(occurred_at__lt=cutoff)
     candidates = old.exclude(status=EventRecord.Status.PENDING)
@@ -50,13 +56,30 @@ def prune_events(
         with transaction.atomic(using=using):
             deliveries += Delivery.objects.using(using).filter(event_id__in=pks).delete()[0]
             events += EventRecord.objects.using(using).filter(pk__in=pks).delete()[0]
-    expired_keys = (
-        IdempotencyKey.objects.using(using).filter(expires_at__lte=timezone.now()).delete()[0]
-    )
+    expired_keys = _prune_keys(keys_kept_for, using)
     return PruneResult(
         expired_keys=expired_keys,
         events=events,
         deliveries=deliveries,
         kept_failures=old.exclude(status=EventRecord.Status.PENDING).count(),
         kept_pending=old.filter(status=EventRecord.Status.PENDING).count(),
+    )
+
+
+def _prune_keys(kept_for: timedelta | None, using: str) -> int:
+    if kept_for is None:
+        return 0
+    expired = IdempotencyKey.objects.using(using).filter(expires_at__lte=timezone.now() - kept_for)
+    return expired.delete()[0]
+
+
+def prune_retained(*, using: str = DEFAULT_DB_ALIAS) -> PruneResult:
+    """Delete what ``DJANGO_EVENTS["RETENTION"]`` no longer keeps (the ``django_events.prune``
+    task). Failures and pending records are kept, whatever their age."""
+    retention = conf.RETENTION
+    events, keys = retention["events"], retention["idempotency_keys"]
+    return prune_events(
+        None if events is None else timedelta(days=events),
+        using=using,
+        keys_kept_for=None if keys is None else timedelta(days=keys),
     )

@@ -6,8 +6,9 @@ import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
+from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 
 from django_events.delivery import broker
@@ -15,7 +16,8 @@ from django_events.delivery.dispatch import accepted
 from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
-from django_events.models import EventRecord
+from django_events.models import Delivery, EventRecord
+from django_events.operations.redelivery import reaches
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -28,12 +30,14 @@ class RelayResult:
     sent: int = 0
     unsent: int = 0
     undeclared: int = 0
+    retried: int = 0  # due retries a worker could not hand to the broker, sent now
 
 
 def relay_pending(
     *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
 ) -> RelayResult:
-    """Send one batch of pending records, oldest first, with publisher confirms.
+    """Send one batch of pending records, oldest first, with publisher confirms; then one
+    batch of due retries that a worker could not hand to the broker (`Delivery.retry_at`).
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` where the database has it, so several
     relays can run at once; each record is marked dispatched only once the broker took it.
@@ -78,7 +82,11 @@ def relay_pending(
                 continue
             event = event_of(record, compiled.typed_payload(data))
             outgoing.append((event, compiled.declaration.durable, subscriptions))
-        unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
+        unsent = (
+            broker.send_deliveries(outgoing, using, confirm=True, always_try=True)
+            if outgoing
+            else set()
+        )
         sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
         mark_dispatched(using, sent + nothing_to_send)
         if undeclared:
@@ -90,6 +98,110 @@ def relay_pending(
             EventRecord.objects.using(using).filter(pk__in=undeclared).update(
                 status=EventRecord.Status.FAILED
             )
+    retried, retries_unsent = _send_due_retries(batch_size, using)
     return RelayResult(
-        sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
+        sent=len(sent) + len(nothing_to_send),
+        unsent=len(unsent) + retries_unsent,
+        undeclared=len(undeclared),
+        retried=retried,
     )
+
+
+def relay_backlog(
+    *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
+) -> RelayResult:
+    """Relay passes until the backlog is empty or the broker stops taking it; the totals.
+
+    Raises the `DatabaseError` of a database that cannot be reached (see `DatabaseOutage`).
+    """
+    sent = retried = 0
+    while True:
+        result = relay_pending(batch_size=batch_size, min_age=min_age, using=using)
+        sent += result.sent
+        retried += result.retried
+        if result.unsent or result.sent + result.undeclared < batch_size:
+            return RelayResult(sent, result.unsent, result.undeclared, retried)
+
+
+class DatabaseOutage:
+    """A relay loop's database outage: logged once when it starts and once when it ends."""
+
+    def __init__(self, using: str) -> None:
+        self.using = using
+        self.down = False
+
+    def failed(self, exc: DatabaseError) -> None:
+        """Note a failed pass: close the broken connection (the next pass opens a new one)."""
+        try:
+            connections[self.using].close()
+        except DatabaseError:
+            logger.debug("Closing the broken database connection failed", exc_info=True)
+        if not self.down:
+            logger.error(
+                "Database %r unreachable; the relay keeps trying: %s",
+                self.using,
+                exc,
+                exc_info=exc,
+                extra=log_extra(),
+            )
+        self.down = True
+
+    def passed(self) -> None:
+        """Note a pass that reached the database."""
+        if self.down:
+            self.down = False
+            logger.warning("Database %r reachable again", self.using, extra=log_extra())
+
+
+def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
+    """Send the retries whose time has come; return how many were sent and left unsent."""
+    registry = get_registry()
+    features = connections[using].features
+    locking = features.has_select_for_update
+    with transaction.atomic(using=using) if locking else nullcontext():
+        due = Delivery.objects.using(using).filter(
+            status=Delivery.Status.PENDING, retry_at__lte=timezone.now()
+        )
+        if locking:
+            due = due.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+        rows = list(
+            due.order_by("retry_at").only("pk", "event_id", "subscription", "attempts")[:batch_size]
+        )
+        if not rows:
+            return 0, 0
+        records = EventRecord.objects.using(using).in_bulk([row.event_id for row in rows])
+        outgoing: list[broker.SendItem] = []
+        prior: dict[tuple[UUID, str], int] = {}
+        gone: list[int] = []
+        for row in rows:
+            subscription = registry.subscriptions.get(row.subscription)
+            record = records[row.event_id]
+            compiled = registry.events.get(record.name)
+            if subscription is None or compiled is None or not reaches(subscription, record.name):
+                gone.append(row.pk)
+                continue
+            event = event_of(record, compiled.typed_payload(record.payload))
+            outgoing.append((event, compiled.declaration.durable, [subscription]))
+            prior[(event.id, subscription.name)] = row.attempts
+        unsent = (
+            broker.send_deliveries(
+                outgoing, using, confirm=True, always_try=True, prior_attempts=prior
+            )
+            if outgoing
+            else set()
+        )
+        sent = [row.pk for row in rows if row.pk not in gone and row.event_id not in unsent]
+        Delivery.objects.using(using).filter(pk__in=sent).update(retry_at=None)
+        if gone:
+            logger.error(
+                "%d due retr(y/ies) no longer reach their subscription; marked failed",
+                len(gone),
+                extra=log_extra(),
+            )
+            Delivery.objects.using(using).filter(pk__in=gone).update(
+                status=Delivery.Status.FAILED,
+                retry_at=None,
+                last_error="Not retried: the event no longer reaches this subscription.",
+                updated_at=timezone.now(),
+            )
+    return len(sent), len(rows) - len(sent) - len(gone)

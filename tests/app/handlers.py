@@ -65,6 +65,13 @@ def _hang_first_time(name: str, event: Event) -> None:
     time.sleep(seconds)
 
 
+def note_run(event: Event) -> None:
+    """Leave a file per run in ``<DJANGO_EVENTS_FAULT_DIR>/runs`` (the database untouched)."""
+    folder = Path(os.environ["DJANGO_EVENTS_FAULT_DIR"]) / "runs"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{event.id}.{os.getpid()}.{time.monotonic_ns()}").touch()
+
+
 def stops_on_note(event: Event) -> None:
     """Record the run; a payload with ``note: stop`` then ends the process (SystemExit)."""
     _run("stops_on_note", event)

@@ -5,12 +5,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.models import Count, Max
 from django.utils import timezone
 
 from django_events.models import EventRecord
-from django_events.operations.relay import relay_pending
+from django_events.operations.relay import DatabaseOutage, RelayResult, relay_backlog
+
+# Seconds between a loop's passes while the database or the broker is down, at most.
+MAX_BACKOFF = 30.0
 
 
 class Command(BaseCommand):
@@ -49,31 +52,51 @@ class Command(BaseCommand):
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
         if not options["loop"]:
-            self._one_shot(options)
+            try:
+                self._one_shot(options)
+            except DatabaseError as exc:
+                raise CommandError(f"The database could not be reached: {exc}") from exc
             return
-        while True:
-            total, unsent = self._drain(options)
-            if total or unsent:
-                self.stdout.write(f"Relayed {total} event(s); {unsent} still pending.")
-            time.sleep(options["interval"])
+        self._loop(options)
 
-    def _drain(self, options: dict[str, Any]) -> tuple[int, int]:
-        """Relay batches until the backlog old enough is empty: (sent, refused by the broker)."""
-        total = 0
+    def _loop(self, options: dict[str, Any]) -> None:
+        """Relay until stopped, outliving database and broker outages (logged once each)."""
+        interval = options["interval"]
+        outage = DatabaseOutage(options["database"])
+        delay, unsent_before = interval, 0
         while True:
-            result = relay_pending(
-                batch_size=options["batch_size"],
-                min_age=options["min_age"],
-                using=options["database"],
-            )
-            total += result.sent
-            if result.unsent or result.sent + result.undeclared < options["batch_size"]:
-                return total, result.unsent
+            try:
+                result = self._drain(options)
+            except DatabaseError as exc:
+                outage.failed(exc)
+                delay = min(delay * 2, max(interval, MAX_BACKOFF))
+                time.sleep(delay)
+                continue
+            outage.passed()
+            if result.sent or result.retried or result.unsent > unsent_before:
+                self.stdout.write(self._relayed(result.sent, result.retried, result.unsent))
+            unsent_before = result.unsent
+            # The broker did not take everything: it is down (broker.health logs it once).
+            delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
+            time.sleep(delay)
+
+    def _drain(self, options: dict[str, Any]) -> RelayResult:
+        return relay_backlog(
+            batch_size=options["batch_size"],
+            min_age=options["min_age"],
+            using=options["database"],
+        )
+
+    @staticmethod
+    def _relayed(sent: int, retried: int, pending: int) -> str:
+        retries = f" and {retried} due retry(ies)" if retried else ""
+        return f"Relayed {sent} event(s){retries}; {pending} still pending."
 
     def _one_shot(self, options: dict[str, Any]) -> None:
         """Send every record pending when the run started; account for each one left."""
         started = timezone.now()
-        total, unsent = self._drain(options)
+        result = self._drain(options)
+        total, retried, unsent = result.sent, result.retried, result.unsent
         if not unsent:
             # Records of the last --min-age seconds (an outage that just ended): wait for them
             # to come of age rather than race their publisher's own send, then send them.
@@ -89,11 +112,11 @@ class Command(BaseCommand):
                     "publishers' own send."
                 )
                 time.sleep(wait)
-                more, unsent = self._drain(options)
-                total += more
+                more = self._drain(options)
+                total, retried, unsent = total + more.sent, retried + more.retried, more.unsent
         left = self._pending(options).count()
         newer = self._pending(options).filter(occurred_at__gt=started).count() if left else 0
-        self.stdout.write(f"Relayed {total} event(s); {left} still pending.")
+        self.stdout.write(self._relayed(total, retried, left))
         if newer:
             self.stdout.write(
                 f"  {newer} dated after this run started (published meanwhile, or a "

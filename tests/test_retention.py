@@ -1,0 +1,77 @@
+"""Retention: the ``django_events.prune`` task, run by a real worker, applies ``RETENTION``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from django_events import publish
+from django_events.models import Delivery, EventRecord, IdempotencyKey
+from tests import brokers
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+
+def _old(days: float, **fields: object) -> EventRecord:
+    event = publish("orders.shipped", {"order_id": 1})
+    EventRecord.objects.filter(pk=event.id).update(
+        occurred_at=timezone.now() - timedelta(days=days), **fields
+    )
+    return EventRecord.objects.get(pk=event.id)
+
+
+def _key(name: str, expired_days_ago: float) -> None:
+    IdempotencyKey.objects.create(
+        event_name="orders.shipped",
+        key=name,
+        event_id=uuid.uuid4(),
+        expires_at=timezone.now() - timedelta(days=expired_days_ago),
+    )
+
+
+@pytest.mark.parametrize(
+    ("retention", "left"),
+    [
+        (None, {"recent", "failed", "pending"}),  # the default: 30 days, failures kept
+        ({"events": 50}, {"old", "recent", "failed", "pending"}),
+        ({"events": None, "idempotency_keys": 0}, {"old", "recent", "failed", "pending"}),
+    ],
+)
+def test_the_prune_task_on_a_worker_applies_retention(retention, left, tmp_path) -> None:
+    queue = f"retention-{uuid.uuid4().hex[:8]}"
+    records = {
+        "old": _old(40, status="dispatched"),
+        "recent": _old(20, status="dispatched"),
+        "failed": _old(40, status="dispatched"),
+        "pending": _old(40, status="pending"),
+    }
+    Delivery.objects.create(
+        event_id=records["failed"].pk, subscription="s", mode="async", status="failed"
+    )
+    _key("expired", 2)
+    _key("live", -1)
+    env = {"DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER)}  # where the test sends
+    if retention is not None:
+        env["DJANGO_EVENTS_TEST_RETENTION"] = json.dumps(retention)
+    worker = WorkerProcess(
+        "filesystem", queue, connection.settings_dict["NAME"], tmp_path / "worker.log", env
+    )
+    with worker:
+        brokers.filesystem.send_task("django_events.prune", queue=queue)
+        wait_for(
+            lambda: not IdempotencyKey.objects.filter(key="expired").exists(),
+            what="the prune task",
+        )
+    kept = {name for name, record in records.items() if _exists(record)}
+    assert kept == left
+    assert list(IdempotencyKey.objects.values_list("key", flat=True)) == ["live"]
+
+
+def _exists(record: EventRecord) -> bool:
+    return EventRecord.objects.filter(pk=record.pk).exists()
