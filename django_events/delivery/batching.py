@@ -11,7 +11,6 @@ written before the acknowledgement whatever this setting says).
 from __future__ import annotations
 
 import atexit
-import json
 import logging
 import os
 import threading
@@ -22,16 +21,10 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connections, transaction
+from django.db import DatabaseError, IntegrityError, connections
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models.constants import OnConflict
 
-from django_events.delivery.recording import (
-    delivery_fields,
-    insert_deliveries_sql,
-    json_rows_insert_sql,
-    sql_literal,
-)
+from django_events.delivery import postgresql
 from django_events.logs import log_extra
 from django_events.models import Delivery
 
@@ -210,87 +203,26 @@ def _write_one(connection: BaseDatabaseWrapper, row: Success) -> int:
     return 1
 
 
-# What every batched row says: a first attempt that succeeded. Written into the statement,
-# these take no parameter (a row has 4 instead of 9, and the database driver's cost is per
-# parameter).
-_SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
-    ("mode", "async"),
-    ("status", Delivery.Status.SUCCEEDED.value),
-    ("attempts", 1),
-    ("last_error", ""),
-    ("traceback", ""),
-)
-
-
 def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
-    """``INSERT ... ON CONFLICT DO NOTHING`` (the backend's form) of ``rows``.
-
-    DO NOTHING: a row already there was written by a later run (a retry, a replay), and one
-    statement may not update a row twice (a redelivered message in the same batch).
-    """
+    """Insert first-attempt successes; a row already there (a later run wrote it) stays."""
     if connection.vendor == "postgresql":
-        # One statement, the same text for every batch, the rows in one JSON parameter: a
-        # statement with parameters per row costs the writer 2-6x the CPU (psycopg parses
-        # the text of every new batch size and adapts each parameter in Python).
-        document = json.dumps(
-            [{"event": str(event), "subscription": name, "at": at} for event, name, at in rows]
-        )
-        with connection.cursor() as cursor:
-            cursor.execute(_successes_sql(connection), [document])
+        postgresql.insert_successes(connection, rows)
         return
-    literal = dict(_SUCCESS_LITERALS)
-    fields = [f for f in delivery_fields() if f.name not in literal]
-    event_field = Delivery._meta.get_field("event")
-    ops = connection.ops
-    size = max(1, ops.bulk_batch_size(fields, list(rows)))
     tz = UTC if settings.USE_TZ else None  # what timezone.now() would give
-    with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            params: list[Any] = []
-            for event_id, subscription, finished in chunk:
-                at = ops.adapt_datetimefield_value(datetime.fromtimestamp(finished, tz))
-                values = {
-                    "event": event_field.get_db_prep_value(event_id, connection),
-                    "subscription": subscription,
-                    "created_at": at,
-                    "updated_at": at,
-                    "retry_at": None,
-                }
-                params += [values[f.name] for f in fields]
-            sql = insert_deliveries_sql(
-                connection, len(chunk), OnConflict.IGNORE, _SUCCESS_LITERALS
+    literal = dict(postgresql.SUCCESS_LITERALS)
+    Delivery.objects.using(connection.alias).bulk_create(
+        [
+            Delivery(
+                event_id=event_id,
+                subscription=subscription,
+                created_at=datetime.fromtimestamp(finished, tz),
+                updated_at=datetime.fromtimestamp(finished, tz),
+                **literal,
             )
-            cursor.execute(sql, params)
-
-
-_successes: dict[str, str] = {}
-
-
-def _successes_sql(connection: BaseDatabaseWrapper) -> str:
-    """PostgreSQL's statement of a batch: rows of {"event", "subscription", "at"} objects."""
-    sql = _successes.get(connection.vendor)
-    if sql is None:
-        at = 'to_timestamp(rows."at")'
-        subscription = Delivery._meta.get_field("subscription")
-        sql = _successes[connection.vendor] = json_rows_insert_sql(
-            connection,
-            Delivery,
-            {
-                "event": 'rows."event"',
-                "subscription": 'rows."subscription"',
-                **{name: sql_literal(value) for name, value in _SUCCESS_LITERALS},
-                "created_at": at,
-                "updated_at": at,
-            },
-            {
-                "event": "uuid",
-                "subscription": str(subscription.db_type(connection)),
-                "at": "float8",
-            },
-            connection.ops.on_conflict_suffix_sql([], OnConflict.IGNORE, [], []),
-        )
-    return sql
+            for event_id, subscription, finished in rows
+        ],
+        ignore_conflicts=True,
+    )
 
 
 _recorder: BatchedRecorder | None = None

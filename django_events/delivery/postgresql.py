@@ -1,0 +1,232 @@
+"""The statements written by hand, all of them: PostgreSQL's, where they buy a figure.
+
+Every other backend (and every other statement) goes through the ORM. These four are on the
+hot paths (a publish, a delivery) and cost a fraction of the ORM's client CPU there
+(docs/performance.md, figures 2-4): the rows of a batch travel as one JSON parameter that
+``jsonb_to_recordset`` unpacks, and the ids of an update as one ``uuid[]`` literal, because
+psycopg adapts a JSON string or an array literal in C and other parameters one by one in
+Python. They go through Django's cursor, so query logging and ``execute_wrapper`` hooks see
+them. tests/test_storage.py checks that each writes exactly the rows the ORM would.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import Field, Model
+
+from django_events.events import Event
+from django_events.models import Delivery, EventRecord
+
+# The columns a new record is written with (the others take their NULL).
+RECORD_FIELDS = (
+    "id",
+    "name",
+    "payload",
+    "version",
+    "headers",
+    "occurred_at",
+    "correlation_id",
+    "causation_id",
+    "status",
+)
+# What a delivery's outcome replaces on an existing (event, subscription) row; retry_at too:
+# a new outcome replaces a retry the relay was to send.
+OUTCOME_FIELDS = ("mode", "status", "attempts", "last_error", "traceback", "updated_at", "retry_at")
+# What every batched success says: a first attempt that succeeded. Literals of the statement,
+# they take no parameter.
+SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
+    ("mode", "async"),
+    ("status", Delivery.Status.SUCCEEDED.value),
+    ("attempts", 1),
+    ("last_error", ""),
+    ("traceback", ""),
+)
+
+
+def insert_records(connection: BaseDatabaseWrapper, records: Sequence[tuple[Event, str]]) -> None:
+    """``INSERT`` the `EventRecord` of each (event, status), in one statement."""
+    rows = [
+        {
+            "id": str(event.id),
+            "name": event.name,
+            "payload": event.data,
+            "version": event.version,
+            "headers": event.headers,
+            "occurred_at": event.occurred_at.isoformat(),
+            "correlation_id": str(event.correlation_id),
+            "causation_id": None if event.causation_id is None else str(event.causation_id),
+            "status": status,
+        }
+        for event, status in records
+    ]
+    with connection.cursor() as cursor:
+        cursor.execute(_records_sql(connection), [json.dumps(rows)])
+
+
+def mark_dispatched(
+    connection: BaseDatabaseWrapper, ids: Sequence[UUID], dispatched_at: datetime
+) -> None:
+    """``UPDATE`` the records of ``ids`` to dispatched (the SQL `QuerySet.update` writes)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _dispatched_sql(connection),
+            [
+                EventRecord.Status.DISPATCHED.value,
+                dispatched_at,
+                "{" + ",".join(str(i) for i in ids) + "}",
+            ],
+        )
+
+
+def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
+    """``INSERT`` one `Delivery`, or replace the outcome of its (event, subscription) row.
+
+    The SQL ``bulk_create(update_conflicts=True)`` writes, without its transaction: BEGIN and
+    COMMIT are round trips of their own, on the worker's path for every delivery.
+    """
+    fields = _delivery_fields()
+    values = [f.get_db_prep_save(f.pre_save(row, add=True), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(_upsert_sql(connection), values)
+
+
+def insert_successes(
+    connection: BaseDatabaseWrapper, rows: Sequence[tuple[UUID, str, float]]
+) -> None:
+    """``INSERT`` first-attempt successes ((event id, subscription, unix time) each).
+
+    ``ON CONFLICT DO NOTHING``: a row already there was written by a later run (a retry, a
+    replay), and one statement may not update a row twice (a message redelivered in a batch).
+    """
+    document = json.dumps(
+        [{"event": str(event), "subscription": name, "at": at} for event, name, at in rows]
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(_successes_sql(connection), [document])
+
+
+def _quote(connection: BaseDatabaseWrapper, name: str) -> str:
+    quoted: str = connection.ops.quote_name(name)
+    return quoted
+
+
+def _column(model: type[Model], name: str) -> str:
+    return str(model._meta.get_field(name).column)  # type: ignore[union-attr]
+
+
+def _delivery_fields() -> list[Field[Any, Any]]:
+    return [f for f in Delivery._meta.concrete_fields if not f.primary_key]
+
+
+def _literal(value: str | int) -> str:
+    """An SQL literal of a constant of ours (never user input)."""
+    return str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+
+
+def _json_rows_insert_sql(
+    connection: BaseDatabaseWrapper,
+    model: type[Model],
+    values: Mapping[str, str],
+    keys: Mapping[str, str],
+    suffix: str = "",
+) -> str:
+    """``INSERT`` the rows of one JSON parameter (an array of objects).
+
+    ``keys`` maps each object key to its SQL type; ``values`` maps each field name written to
+    its SQL expression over ``rows`` (the unpacked objects).
+    """
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(_column(model, name)) for name in values)
+    types = ", ".join(f"{quote(key)} {sql_type}" for key, sql_type in keys.items())
+    return (
+        f"INSERT INTO {quote(model._meta.db_table)} ({columns}) "
+        f"SELECT {', '.join(values.values())} FROM jsonb_to_recordset(%s::jsonb) AS rows({types})"
+        + (f" {suffix}" if suffix else "")
+    )
+
+
+# Each statement is built once a process (the same text every time: psycopg parses it once).
+_built: dict[str, str] = {}
+
+
+def _once(name: str, build: Callable[[], str]) -> str:
+    sql = _built.get(name)
+    if sql is None:
+        sql = _built[name] = build()
+    return sql
+
+
+def _records_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("records", lambda: _build_records_sql(connection))
+
+
+def _dispatched_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("dispatched", lambda: _build_dispatched_sql(connection))
+
+
+def _upsert_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("upsert", lambda: _build_upsert_sql(connection))
+
+
+def _successes_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("successes", lambda: _build_successes_sql(connection))
+
+
+def _build_records_sql(connection: BaseDatabaseWrapper) -> str:
+    quote = connection.ops.quote_name
+    types = {
+        name: str(EventRecord._meta.get_field(name).db_type(connection)) for name in RECORD_FIELDS
+    }
+    # jsonb_to_recordset matches a row's keys to these names: the field names.
+    return _json_rows_insert_sql(
+        connection, EventRecord, {name: f"rows.{quote(name)}" for name in RECORD_FIELDS}, types
+    )
+
+
+def _build_dispatched_sql(connection: BaseDatabaseWrapper) -> str:
+    quote = connection.ops.quote_name
+    return (
+        f"UPDATE {quote(EventRecord._meta.db_table)} "
+        f"SET {quote(_column(EventRecord, 'status'))} = %s, "
+        f"{quote(_column(EventRecord, 'dispatched_at'))} = %s "
+        f"WHERE {quote(_column(EventRecord, 'id'))} = ANY(%s::uuid[])"
+    )
+
+
+def _build_upsert_sql(connection: BaseDatabaseWrapper) -> str:
+    columns = [str(f.column) for f in _delivery_fields()]
+    quote = connection.ops.quote_name
+    updates = ", ".join(
+        f"{quote(_column(Delivery, n))} = EXCLUDED.{quote(_column(Delivery, n))}"
+        for n in OUTCOME_FIELDS
+    )
+    unique = ", ".join(quote(_column(Delivery, n)) for n in ("event", "subscription"))
+    return (
+        f"INSERT INTO {quote(Delivery._meta.db_table)} ({', '.join(map(quote, columns))}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        f"ON CONFLICT ({unique}) DO UPDATE SET {updates}"
+    )
+
+
+def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
+    at = 'to_timestamp(rows."at")'
+    subscription = Delivery._meta.get_field("subscription")
+    return _json_rows_insert_sql(
+        connection,
+        Delivery,
+        {
+            "event": 'rows."event"',
+            "subscription": 'rows."subscription"',
+            **{name: _literal(value) for name, value in SUCCESS_LITERALS},
+            "created_at": at,
+            "updated_at": at,
+        },
+        {"event": "uuid", "subscription": str(subscription.db_type(connection)), "at": "float8"},
+        "ON CONFLICT DO NOTHING",
+    )

@@ -1,0 +1,178 @@
+"""django_events.delivery.postgresql: each hand-written statement writes what the ORM writes.
+
+For each statement: the same rows written once by it and once by the ORM call it stands
+for, then every column compared (the delivery ids aside: a sequence gives those).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from django_events.delivery import postgresql
+from django_events.delivery.recording import delivery, record_for
+from django_events.events import Event
+from django_events.models import Delivery, EventRecord
+
+pytestmark = [pytest.mark.postgresql, pytest.mark.django_db(transaction=True)]
+
+
+def events() -> list[Event[Any]]:
+    first = uuid.uuid4()
+    data = {"quote": 'it\'s "quoted" \\ back', "unicode": "é 中 🎉", "n": 1.5, "deep": {"a": [1]}}
+    return [
+        Event(
+            first,
+            "shop.placed",
+            data,
+            {"tenant": "t'1"},
+            datetime(
+                2026, 12, 3, 10, 0, 0, 123456, tzinfo=timezone(timedelta(hours=5, minutes=30))
+            ),
+            first,
+            None,
+            data,
+            2,
+        ),
+        Event(
+            uuid.uuid4(),
+            "shop.paid",
+            {},
+            {},
+            datetime.now(UTC),
+            first,
+            first,
+            {},
+            1,
+        ),
+    ]
+
+
+def rows(model: type[Any], *exclude: str) -> list[dict[str, Any]]:
+    return (
+        [
+            {k: v for k, v in row.items() if k not in exclude}
+            for row in model.objects.order_by("created_at", "subscription", "pk").values()
+        ]
+        if model is Delivery
+        else [
+            {k: v for k, v in row.items() if k not in exclude}
+            for row in model.objects.order_by("pk").values()
+        ]
+    )
+
+
+def test_insert_records_writes_what_bulk_create_writes() -> None:
+    batch = [
+        (event, status) for event, status in zip(events(), ["pending", "dispatched"], strict=True)
+    ]
+
+    postgresql.insert_records(connection, batch)
+    ours = rows(EventRecord, "created_at")
+    EventRecord.objects.all().delete()
+    EventRecord.objects.bulk_create([record_for(e, s) for e, s in batch])
+
+    assert ours == rows(EventRecord, "created_at")
+    assert ours[0]["payload"] == batch[0][0].data or ours[1]["payload"] == batch[0][0].data
+
+
+def test_mark_dispatched_writes_what_queryset_update_writes() -> None:
+    batch = events()
+    EventRecord.objects.bulk_create([record_for(e, "pending") for e in batch])
+    now = datetime.now(UTC)
+
+    postgresql.mark_dispatched(connection, [batch[0].id], now)
+    ours = rows(EventRecord)
+    EventRecord.objects.update(status="pending", dispatched_at=None)
+    EventRecord.objects.filter(pk__in=[batch[0].id]).update(status="dispatched", dispatched_at=now)
+
+    assert ours == rows(EventRecord)
+    assert sorted(r["status"] for r in ours) == ["dispatched", "pending"]
+
+
+def test_upsert_delivery_inserts_and_replaces_an_outcome_as_bulk_create_does() -> None:
+    event = events()[0]
+    EventRecord.objects.create(
+        **{
+            f: getattr(record_for(event, "pending"), f)
+            for f in ("id", "name", "payload", "headers", "occurred_at", "correlation_id", "status")
+        }
+    )
+    first = delivery(event.id, "sub'1", "async", "pending", 1, "Boom: it's ¡bad!", "tb")
+    then = delivery(event.id, "sub'1", "async", "succeeded", 2)
+    then.retry_at = None
+
+    def orm(row: Delivery) -> None:
+        Delivery.objects.bulk_create(
+            [row],
+            update_conflicts=True,
+            unique_fields=["event", "subscription"],
+            update_fields=list(postgresql.OUTCOME_FIELDS),
+        )
+
+    written = []
+    for write in (lambda row: postgresql.upsert_delivery(connection, row), orm):
+        Delivery.objects.all().delete()
+        first.pk = then.pk = None
+        first.retry_at = datetime.now(UTC)
+        write(first)
+        # The times are the writes' own (auto_now): compared below, not across writes.
+        after_insert = rows(Delivery, "id", "created_at", "updated_at", "retry_at")
+        inserted_at = Delivery.objects.get().updated_at
+        write(then)
+        written.append((after_insert, rows(Delivery, "id", "created_at", "updated_at")))
+        assert Delivery.objects.get().updated_at > inserted_at
+
+    assert written[0] == written[1]
+    assert [r["status"] for r in written[0][1]] == ["succeeded"]
+    assert written[0][1][0]["retry_at"] is None  # a new outcome clears a pending retry
+
+
+def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows() -> None:
+    batch = events()
+    EventRecord.objects.bulk_create([record_for(e, "dispatched") for e in batch])
+    at = time.time()
+    successes = [(batch[0].id, "a-sub", at), (batch[1].id, "it's-sub", at)]
+    kept = delivery(batch[1].id, "it's-sub", "async", "failed", 3, "later run")
+
+    written = []
+    for write in ("ours", "orm"):
+        Delivery.objects.all().delete()
+        Delivery.objects.bulk_create(
+            [delivery(batch[1].id, "it's-sub", "async", "failed", 3, "later run")]
+        )
+        if write == "ours":
+            postgresql.insert_successes(connection, successes)
+        else:
+            when = datetime.fromtimestamp(at, UTC)
+            Delivery.objects.bulk_create(
+                [
+                    Delivery(
+                        event_id=e,
+                        subscription=s,
+                        created_at=when,
+                        updated_at=when,
+                        **dict(postgresql.SUCCESS_LITERALS),
+                    )
+                    for e, s, _ in successes
+                ],
+                ignore_conflicts=True,
+            )
+        written.append(
+            sorted(
+                (r["subscription"], r["status"], r["attempts"], r["mode"], r["last_error"])
+                for r in Delivery.objects.values()
+            )
+        )
+        times = list(
+            Delivery.objects.filter(subscription="a-sub").values_list("created_at", "updated_at")
+        )
+        assert abs(times[0][0].timestamp() - at) < 1e-5 and times[0][0] == times[0][1]
+
+    assert written[0] == written[1]
+    assert ("it's-sub", "failed", 3, "async", kept.last_error) in written[0]
