@@ -14,6 +14,8 @@ from django_events.exceptions import (
     InterceptorError,
     InvalidPayload,
     ManifestError,
+    PermanentFailure,
+    RetryLater,
     UnknownEvent,
 )
 from django_events.wiring.typed import event
@@ -27,6 +29,8 @@ __all__ = [
     "InterceptorError",
     "InvalidPayload",
     "ManifestError",
+    "PermanentFailure",
+    "RetryLater",
     "UnknownEvent",
     "current_event",
     "event",

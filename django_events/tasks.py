@@ -25,7 +25,9 @@ def deliver(self: Task[Any, Any], message: Any) -> str:
         message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
     )
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+        # A changed message (a run that did not count) replaces the task's argument.
+        args = None if outcome.message is None else (outcome.message,)
+        raise self.retry(countdown=outcome.retry_in, exc=outcome.error, args=args)
     return outcome.status
 
 

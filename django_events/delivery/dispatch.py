@@ -22,6 +22,7 @@ from django_events.delivery.recording import (
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import CompiledEvent, Subscription
 from django_events.wiring.registry import get_registry
 
@@ -80,12 +81,15 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     interceptors = get_registry().interceptors
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
+    failed: list[tuple[Event, Delivery]] = []
     for item in batch:
         for subscription in item.sync:
             row = run_sync_handler(subscription, item.event, interceptors, item.recorded)
             if row is None:
                 continue
             rows.append(row)
+            if row.status == Delivery.Status.FAILED:
+                failed.append((item.event, row))
             if not item.recorded:
                 unrecorded_failures.append(item.event)
     if not rows:
@@ -100,6 +104,22 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
             len(rows),
             extra=batch_log_extra([o.event for o in batch]),
         )
+    # After the rows are written, so a receiver finds them; a sync delivery is never retried.
+    for event, row in failed:
+        failed_signal(event, row)
+
+
+def failed_signal(event: Event, row: Delivery) -> None:
+    """Send `delivery_failed` for the failed sync delivery ``row`` of ``event``."""
+    send_delivery_failed(
+        event=event,
+        event_id=event.id,
+        subscription=row.subscription,
+        mode=row.mode,
+        attempts=row.attempts,
+        error=row.last_error,
+        exception=getattr(row, "exception", None),
+    )
 
 
 def run_sync_handler(
@@ -118,7 +138,7 @@ def run_sync_handler(
         run_handler(subscription, event, interceptors, prior_attempts + 1)
     except Exception as exc:
         logger.exception("Sync handler failed", extra=log_extra(event, subscription))
-        return delivery(
+        row = delivery(
             event.id,
             subscription.name,
             "sync",
@@ -127,6 +147,8 @@ def run_sync_handler(
             f"{type(exc).__name__}: {exc}",
             traceback.format_exc(),
         )
+        row.exception = exc  # type: ignore[attr-defined]  # for delivery_failed, not saved
+        return row
     if not record_success:
         return None
     return delivery(

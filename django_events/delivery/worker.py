@@ -6,18 +6,22 @@ import logging
 import os
 import socket
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
+from django.utils import timezone
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
+from django_events.delivery.failing import judge
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.events import Event
+from django_events.exceptions import RetryLater
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import Registry, Subscription
 from django_events.wiring.redaction import redact_text
 from django_events.wiring.registry import get_registry
@@ -27,11 +31,17 @@ logger = logging.getLogger("django_events.worker")
 
 @dataclass(frozen=True)
 class Outcome:
-    """What became of one message: done, or retry after ``retry_in`` seconds."""
+    """What became of one message: done, or retry after ``retry_in`` seconds.
+
+    ``message``: the message the retry must carry when it differs from this one (a
+    ``RetryLater(counts=False)`` run is remembered in it); None: the same message.
+    """
 
     status: str
     retry_in: float | None = None
     error: Exception | None = None
+    message: dict[str, Any] | None = None
+    uncounted: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,6 +51,7 @@ class _Message:
     alias: str
     prior_attempts: int
     rerun: bool
+    uncounted: int = 0  # runs that raised RetryLater(counts=False)
 
 
 def process_message(
@@ -96,7 +107,12 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
-    return _run(registry, subscription, event, message.alias, attempt, retries, batch)
+    outcome = _run(
+        registry, subscription, event, message.alias, attempt, retries, batch, message.uncounted
+    )
+    if outcome.uncounted:
+        outcome = replace(outcome, message={**raw, "uncounted": message.uncounted + 1})
+    return outcome
 
 
 def _parse(raw: Any) -> _Message:
@@ -111,6 +127,7 @@ def _parse(raw: Any) -> _Message:
         alias,
         int(raw.get("prior_attempts", 0)),
         raw.get("rerun") is True,
+        int(raw.get("uncounted", 0)),
     )
 
 
@@ -122,6 +139,7 @@ def _run(
     attempt: int,
     retries: int,
     batch_success: bool,
+    uncounted: int = 0,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
     broadcast = subscription.declaration.broadcast
@@ -136,23 +154,47 @@ def _run(
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
             error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
-        final = attempt >= max_attempts
-        status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
-        logger.warning(
-            "Handler failed (attempt %d of %d)",
-            attempt,
-            max_attempts,
-            exc_info=True,
-            extra=log_extra(event, subscription),
+        verdict = judge(
+            exc, subscription, attempt - uncounted, retries, event.occurred_at, timezone.now()
         )
+        final = verdict.final
+        if verdict.note:
+            error = f"{error} ({verdict.note})"
+        status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
+        if isinstance(exc, RetryLater) and not final:
+            logger.info(
+                "Handler asked for a retry in %gs (attempt %d)",
+                exc.seconds,
+                attempt,
+                extra=log_extra(event, subscription),
+            )
+        else:
+            logger.warning(
+                "Handler failed (attempt %d of %d)",
+                attempt - uncounted,
+                max_attempts,
+                exc_info=True,
+                extra=log_extra(event, subscription),
+            )
         recorded = _record_quietly(
             alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
         )
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded.
         if final and recorded:
+            send_delivery_failed(
+                event=event,
+                event_id=event.id,
+                subscription=subscription.name,
+                mode="async",
+                attempts=attempt,
+                error=error,
+                exception=exc,
+            )
             return Outcome("failed", error=exc)
-        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        if verdict.retry_in is None:
+            return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        return Outcome("retry", retry_in=verdict.retry_in, error=exc, uncounted=not verdict.counted)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -209,7 +251,15 @@ def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
     row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
-    _record_quietly(message.alias, event, [row], always=True)
+    if _record_quietly(message.alias, event, [row], always=True):
+        send_delivery_failed(
+            event=event,
+            event_id=event.id,
+            subscription=message.subscription,
+            mode="async",
+            attempts=attempt,
+            error=error,
+        )
     return Outcome("failed")
 
 

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from django_events.delivery import broker
-from django_events.delivery.dispatch import run_sync_handler
+from django_events.delivery.dispatch import failed_signal, run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import CompiledEvent, Subscription
@@ -151,6 +151,7 @@ def _run(
             result.succeeded += 1
         else:
             result.failed += 1
+            failed_signal(event_of(record), row)
     return result
 
 

@@ -91,6 +91,7 @@ class SubscriptionDeclaration:
     broadcast: bool = False
     idempotent: bool = False
     timeout: float | None = None
+    give_up_after: float | None = None
 
     @property
     def is_pattern(self) -> bool:

@@ -273,6 +273,7 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         broadcast=body.get("broadcast", False),
         idempotent=body.get("idempotent", False),
         timeout=body.get("timeout"),
+        give_up_after=body.get("give_up_after"),
     )
 
 

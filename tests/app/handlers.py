@@ -6,7 +6,7 @@ import os
 import time
 from pathlib import Path
 
-from django_events import Event, publish
+from django_events import Event, PermanentFailure, RetryLater, publish
 from django_events.interceptors import context
 
 from .models import HandlerRun
@@ -73,6 +73,19 @@ def always_fails(event: Event) -> None:
     raise RuntimeError(f"boom for {event.payload.get('order_id')}")
 
 
+def retry_later(event: Event) -> None:
+    """Ask for a retry (``seconds``, ``counts``) on the first ``times`` runs, then succeed."""
+    _run("retry_later", event)
+    done = HandlerRun.objects.filter(handler="retry_later", event_id=event.id).count()
+    if done <= event.data["times"]:
+        raise RetryLater(event.data.get("seconds", 0.2), counts=event.data.get("counts", True))
+
+
+def permanent_failure(event: Event) -> None:
+    _run("permanent_failure", event)
+    raise PermanentFailure(f"customer {event.data['n']} does not exist")
+
+
 def inline_fails(event: Event) -> None:
     raise ValueError("inline handler refused the order")
 
@@ -123,3 +136,21 @@ def fails_first_time(event: Event) -> None:
 
 def fails_first_time_sync(event: Event) -> None:
     _fails_first_time("fails_first_time_sync", event)
+
+
+def record_failed_signal(sender: str, **kwargs: object) -> None:
+    """A ``delivery_failed`` receiver: one HandlerRun row per signal."""
+    event = kwargs["event"]
+    assert isinstance(event, Event)
+    exception = kwargs["exception"]
+    _run(
+        "delivery_failed",
+        event,
+        {
+            "subscription": sender,
+            "attempts": kwargs["attempts"],
+            "mode": kwargs["mode"],
+            "error": kwargs["error"],
+            "exception": type(exception).__name__ if exception is not None else None,
+        },
+    )
