@@ -70,6 +70,7 @@ class Delivery(models.Model):
         SUCCEEDED = "succeeded", _("succeeded")
         FAILED = "failed", _("failed")
         RESOLVED = "resolved", _("resolved")
+        HELD = "held", _("held")
 
     event = models.ForeignKey(
         EventRecord,
@@ -155,3 +156,21 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_name} {self.key}"
+
+
+class PausedSubscription(models.Model):
+    """A paused subscription: its deliveries are held (not run) until it is resumed."""
+
+    subscription = models.CharField(_("subscription"), max_length=255, unique=True)
+    paused_at = models.DateTimeField(_("paused at"), default=timezone.now)
+    paused_by = models.CharField(
+        _("paused by"), max_length=150, blank=True, default="", help_text=_("Who paused it.")
+    )
+
+    class Meta:
+        verbose_name = _("paused subscription")
+        verbose_name_plural = _("paused subscriptions")
+        ordering = ["subscription"]
+
+    def __str__(self) -> str:
+        return self.subscription

@@ -3,6 +3,7 @@ give_up_after and the delivery_failed signal (sent once, on the worker)."""
 
 from __future__ import annotations
 
+import io
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,9 +11,11 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 
 from django_events import publish
+from django_events.delivery import pausing
 from django_events.models import Delivery
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -135,3 +138,47 @@ def test_give_up_after_ends_retries_early(wired: Worker) -> None:
     assert [(s.payload["subscription"], s.payload["attempts"]) for s in signals] == [
         ("fc-give-up", 2)
     ]
+
+
+def test_pause_holds_deliveries_across_a_worker_restart_and_resume_delivers_each_once(
+    wired: Worker,
+) -> None:
+    out = io.StringIO()
+    call_command("events_pause", "fc-record", stdout=out)
+    assert "Paused 'fc-record'" in out.getvalue()
+    time.sleep(pausing.CACHE_SECONDS + 0.2)  # what a worker read before the pause expires
+
+    before = [publish("fc.job", {"n": n}).id for n in range(4)]
+    wait_for(lambda: held_count(before) == 4, what="4 held deliveries")
+    wired.process.stop()
+    during = [publish("fc.job", {"n": n}).id for n in range(4, 7)]  # queued, no worker
+    wired.process.start()
+    wait_for(lambda: held_count(during) == 3, what="the held deliveries after the restart")
+    time.sleep(0.5)
+    ids = before + during
+    assert HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 0
+    listing = io.StringIO()
+    call_command("events_list", stdout=listing)
+    assert "fc-record: paused, 7 held" in listing.getvalue()
+
+    out = io.StringIO()
+    call_command("events_resume", "fc-record", stdout=out)
+    assert "7 re-enqueued for a worker" in out.getvalue()
+    wait_for(
+        lambda: HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 7,
+        what="7 resumed deliveries",
+    )
+    time.sleep(1.0)  # a duplicate would show up by now
+    handled = HandlerRun.objects.filter(handler="record", event_id__in=ids)
+    assert sorted(str(r.event_id) for r in handled) == sorted(map(str, ids))
+    rows = Delivery.objects.filter(event_id__in=ids, subscription="fc-record")
+    assert set(rows.values_list("status", "attempts")) == {("succeeded", 1)}
+    # Resumed means resumed: the next event is not held.
+    after = publish("fc.job", {"n": 9}).id
+    wait_for(lambda: runs("record", after), what="an event after the resume")
+
+
+def held_count(ids) -> int:
+    return Delivery.objects.filter(
+        event_id__in=list(ids), subscription="fc-record", status="held"
+    ).count()

@@ -13,6 +13,7 @@ from django.db import DatabaseError
 from django_events import _overrides
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import (
     delivery,
     ensure_records,
@@ -82,8 +83,14 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
     failed: list[tuple[Event, Delivery]] = []
+    paused = paused_names(alias) if any(item.sync for item in batch) else frozenset()
     for item in batch:
         for subscription in item.sync:
+            if subscription.name in paused:  # held: resuming runs it
+                rows.append(delivery(item.event.id, subscription.name, "sync", "held", 0))
+                if not item.recorded:
+                    unrecorded_failures.append(item.event)
+                continue
             row = run_sync_handler(subscription, item.event, interceptors, item.recorded)
             if row is None:
                 continue

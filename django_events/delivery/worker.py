@@ -16,6 +16,7 @@ from django.utils import timezone
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.events import Event
 from django_events.exceptions import RetryLater
@@ -105,6 +106,10 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         event = Event.from_message(message.event, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
+    if subscription.name in paused_names(message.alias):
+        held = _hold(message, subscription, event, attempt)
+        if held is not None:
+            return held
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
     outcome = _run(
@@ -205,6 +210,23 @@ def _run(
             row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
+
+
+def _hold(
+    message: _Message, subscription: Subscription, event: Event, attempt: int
+) -> Outcome | None:
+    """Record the delivery held (its subscription is paused); None: resumed meanwhile, run it.
+
+    The message is acknowledged: the ``held`` row is what resuming sends again, in order.
+    """
+    row = _row(event, subscription, Delivery.Status.HELD, attempt - 1)
+    if not _record_quietly(message.alias, event, [row], always=True):
+        return Outcome("retry", retry_in=subscription.retry.delay(1))
+    # A resume between the cached read and the row's write would not see this row.
+    if subscription.name not in paused_names(message.alias, fresh=True):
+        return None
+    logger.info("Subscription paused: delivery held", extra=log_extra(event, subscription))
+    return Outcome("held")
 
 
 def _run_idempotent(

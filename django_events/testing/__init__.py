@@ -193,7 +193,7 @@ class EagerEvents:
                         ),
                     )
             retries += 1
-        if outcome.status == "succeeded":
+        if outcome.status in ("succeeded", "held"):  # held: its subscription is paused
             return None
         return EagerFailure(subscription, event, outcome.error)
 
