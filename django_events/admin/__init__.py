@@ -22,6 +22,7 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
+from django_events.admin.diagram import wiring_svg
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, Failure, PausedSubscription
@@ -288,6 +289,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             "unmatched": [_subscription_row(s, state) for s in wiring.unmatched],
             "problems": wiring.problems,
             "can_pause": can_pause(request),
+            "diagram": wiring_svg(wiring, state),
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/django_events/wiring.html", context)
