@@ -90,6 +90,12 @@ class Delivery(models.Model):
     traceback = models.TextField(_("traceback"), blank=True, default="")
     created_at = models.DateTimeField(_("created at"), default=timezone.now)
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+    duration_ms = models.FloatField(
+        _("handler time (ms)"),
+        null=True,
+        blank=True,
+        help_text=_("How long the last run of the handler took; empty when not measured."),
+    )
 
     class Meta:
         verbose_name = _("delivery")

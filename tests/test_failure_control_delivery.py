@@ -158,7 +158,7 @@ def test_pause_holds_deliveries_across_a_worker_restart_and_resume_delivers_each
     ids = before + during
     assert HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 0
     listing = io.StringIO()
-    call_command("events_list", stdout=listing)
+    call_command("events_list", "--state", stdout=listing)
     assert "fc-record: paused, 7 held" in listing.getvalue()
 
     out = io.StringIO()

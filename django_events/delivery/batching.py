@@ -255,6 +255,7 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
                     "subscription": subscription,
                     "created_at": at,
                     "updated_at": at,
+                    "duration_ms": None,  # not measured on this path
                 }
                 params += [values[f.name] for f in fields]
             sql = insert_deliveries_sql(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,6 +142,7 @@ def run_sync_handler(
     Returns the `Delivery` row to save: always for a failure, for a success only with
     ``record_success`` (building model instances is not free on this hot path).
     """
+    started = time.perf_counter()
     try:
         run_handler(subscription, event, interceptors, prior_attempts + 1)
     except Exception as exc:
@@ -153,11 +155,18 @@ def run_sync_handler(
             prior_attempts + 1,
             f"{type(exc).__name__}: {exc}",
             traceback.format_exc(),
+            (time.perf_counter() - started) * 1000,
         )
         row.exception = exc  # type: ignore[attr-defined]  # for delivery_failed, not saved
         return row
     if not record_success:
         return None
+    took = (time.perf_counter() - started) * 1000
     return delivery(
-        event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED, prior_attempts + 1
+        event.id,
+        subscription.name,
+        "sync",
+        Delivery.Status.SUCCEEDED,
+        prior_attempts + 1,
+        duration_ms=took,
     )

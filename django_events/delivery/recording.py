@@ -16,7 +16,15 @@ from django.utils import timezone
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 
-UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
+UPSERT_FIELDS = [
+    "mode",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "updated_at",
+    "duration_ms",
+]
 UNIQUE_FIELDS = ["event", "subscription"]
 
 
@@ -254,8 +262,9 @@ def delivery(
     attempts: int,
     error: str = "",
     traceback: str = "",
+    duration_ms: float | None = None,
 ) -> Delivery:
-    """Build (without saving) one `Delivery` row."""
+    """Build (without saving) one `Delivery` row (``duration_ms``: the handler's run time)."""
     now = timezone.now()
     return Delivery(
         event_id=event_id,
@@ -267,4 +276,5 @@ def delivery(
         traceback=traceback,
         created_at=now,
         updated_at=now,
+        duration_ms=duration_ms,
     )

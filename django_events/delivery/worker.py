@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import traceback
 from dataclasses import dataclass, replace
 from typing import Any
@@ -150,12 +151,14 @@ def _run(
     broadcast = subscription.declaration.broadcast
     # A broadcast copy is never retried: a retry would reach every worker again.
     max_attempts = 1 if broadcast else subscription.retry.max_attempts
+    started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:
+        took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
             error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
@@ -182,7 +185,7 @@ def _run(
                 extra=log_extra(event, subscription),
             )
         recorded = _record_quietly(
-            alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
+            alias, event, [_row(event, subscription, status, attempt, error, tb, took)], always=True
         )
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded.
@@ -207,7 +210,8 @@ def _run(
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
+            took = (time.perf_counter() - started) * 1000
+            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
 
@@ -259,8 +263,11 @@ def _run_idempotent(
                 extra=log_extra(event, subscription),
             )
             return
+        started = time.perf_counter()
         run_handler(subscription, event, registry.interceptors, attempt)
-        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
+        took = (time.perf_counter() - started) * 1000
+        row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
+        save_deliveries(alias, [row])
 
 
 def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
@@ -322,5 +329,6 @@ def _row(
     attempt: int,
     error: str = "",
     tb: str = "",
+    duration_ms: float | None = None,
 ) -> Delivery:
-    return delivery(event.id, subscription.name, "async", status, attempt, error, tb)
+    return delivery(event.id, subscription.name, "async", status, attempt, error, tb, duration_ms)

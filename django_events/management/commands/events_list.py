@@ -18,10 +18,18 @@ class Command(BaseCommand):
         parser.add_argument(
             "--format", choices=FORMATS, default="table", help="Output format (default: table)."
         )
+        parser.add_argument(
+            "--state",
+            action="store_true",
+            help="Also list paused subscriptions and held deliveries (reads the database).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         fmt = options["format"]
         text = render(describe_wiring(), fmt)
+        if not options["state"] or fmt == "mermaid":
+            self.stdout.write(text)
+            return
         try:
             state = pause_state()
         except DatabaseError as exc:  # the wiring needs no database: list it all the same
