@@ -221,3 +221,53 @@ def test_wiring_diagram_and_pause_buttons_in_chromium(live_server, page, shots) 
         row.locator("button:has-text('Resume')").click()
         assert "1 ran again and failed" in page.inner_text(".messagelist")  # the ledger fails
     assert Delivery.objects.get(event_id=event.id, subscription="cancel-notice").status == "failed"
+
+
+def test_dashboard_in_chromium(live_server, page, shots) -> None:
+    from datetime import timedelta
+
+    from django.contrib.auth.models import Permission
+    from django.utils import timezone
+
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    viewer = User.objects.create_user("viewer", password="s3cret-pass", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_eventrecord"))
+    User.objects.create_user("nobody", password="s3cret-pass", is_staff=True)
+    with shop_wiring(f"ui-{uuid.uuid4().hex[:8]}", CELERY_APP="tests.brokers.unreachable"):
+        rows = []
+        for i in range(60):
+            event = publish("shop.refunded", {"order_id": i})  # pending: the broker is down
+            name = ["shop-receipt", "shop-ledger", "cancel-notice-" + "long" * 12][i % 3]
+            status = "failed" if i % 7 == 0 else "succeeded"
+            row = delivery(event.id, name, "async", status, 1 + (i % 7 == 0) * 2)
+            row.duration_ms = 2.0 + (i % 10) ** 3
+            rows.append(row)
+        save_deliveries("default", rows)
+        Delivery.objects.filter(subscription="shop-ledger").update(
+            updated_at=timezone.now() - timedelta(hours=3)
+        )
+    url = f"{live_server.url}/admin/django_events/eventrecord/dashboard/"
+
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/django_events/eventrecord/dashboard/")
+    page.fill("#id_username", "nobody")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    assert page.locator("#dashboard-outbox").count() == 0  # no view permission: no dashboard
+
+    page.context.clear_cookies()
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/django_events/eventrecord/dashboard/")
+    page.fill("#id_username", "viewer")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#dashboard-deliveries svg")
+    assert "events pending" in page.inner_text("#dashboard-outbox")
+    selector = "svg.de-chart text, #dashboard-table th, #dashboard-table td, .de-windows li"
+    for window in ("hour", "day", "week"):
+        page.goto(f"{url}?window={window}")
+        for width in (1400, 900):
+            page.set_viewport_size({"width": width, "height": 900})
+            assert _overlapping_text(page, selector) == [], f"{window} at {width} px"
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{url}?window=day")
+    page.screenshot(path=shots / "dashboard.png", full_page=True)

@@ -22,6 +22,8 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
+from django_events.admin.charts import deliveries_chart, duration_text, durations_chart
+from django_events.admin.dashboard import WINDOWS, collect
 from django_events.admin.diagram import wiring_svg
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
 from django_events.logs import log_extra
@@ -239,7 +241,45 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             self.admin_site.admin_view(self.pause_view),
             name="django_events_wiring_pause",
         )
-        return [wiring, pausing, *super().get_urls()]
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="django_events_dashboard",
+        )
+        return [wiring, pausing, dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Per subscription over the last hour / day / week, and the outbox (view permission)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        names = [name for name, _span in WINDOWS]
+        window = request.GET.get("window", "day")
+        if window not in names:
+            window = "day"
+        figures = collect()
+        rows = [
+            {
+                "name": s.name,
+                "stats": s.windows[window],
+                "p50": duration_text(s.windows[window].p50),
+                "p95": duration_text(s.windows[window].p95),
+            }
+            for s in figures.subscriptions
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Dashboard"),
+            "subtitle": None,
+            "opts": self.opts,
+            "window": window,
+            "windows": names,
+            "rows": rows,
+            "figures": figures,
+            "deliveries_chart": deliveries_chart(figures.subscriptions, window),
+            "durations_chart": durations_chart(figures.subscriptions, window),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/django_events/dashboard.html", context)
 
     def pause_view(self, request: HttpRequest) -> HttpResponse:
         """POST ``name`` and ``action`` (pause or resume): the wiring page's buttons."""
