@@ -138,3 +138,19 @@ def test_an_empty_dashboard() -> None:
     html = user_client("view_eventrecord").get(DASHBOARD).content.decode()
     assert "No delivery was recorded in the last week." in html
     assert "0 events pending" in html
+
+
+@pytest.mark.django_db(transaction=True)
+def test_sync_runs_record_their_handler_time() -> None:
+    from django_events import publish
+    from tests.conftest import wiring
+
+    subs = [
+        {"event": "orders.placed", "handler": h, "mode": "sync", "name": n}
+        for n, h in (("ok", "tests.app.handlers.record"), ("ko", "tests.app.handlers.always_fails"))
+    ]
+    with wiring(*subs):
+        publish("orders.placed", {"order_id": 1, "total": 2.0})
+    times = dict(Delivery.objects.values_list("subscription", "duration_ms"))
+    assert times.keys() == {"ok", "ko"}
+    assert all(t is not None and 0 < t < 10_000 for t in times.values())

@@ -81,6 +81,7 @@ def test_retry_later_waits_the_seconds_it_asks_for(wired: Worker) -> None:
     assert len(attempts) == 2 == delivery.attempts
     gap = (attempts[1].created_at - attempts[0].created_at).total_seconds()
     assert gap >= 1.4  # RetryLater's 1.5 s, not the policy's 0.1 s backoff
+    assert delivery.duration_ms is not None and 0 < delivery.duration_ms < 10_000  # measured
     assert runs("delivery_failed", event.id) == []
 
 
@@ -110,6 +111,18 @@ def test_retry_later_not_counted_runs_past_max_attempts(wired: Worker) -> None:
     # Four uncounted runs, then the fifth succeeds: max_attempts 2 counted only that one.
     assert len(runs("retry_later", event.id)) == 5 == delivery.attempts
     assert runs("delivery_failed", event.id) == []
+
+
+def test_uncounted_runs_leave_max_attempts_to_the_runs_that_count(wired: Worker) -> None:
+    payload = {"n": 4, "times": 3, "seconds": 0.1, "counts": False, "then_fail": True}
+    event = publish("fc.job", payload)
+
+    delivery = settled(event.id, "fc-retry-later", "failed")
+    time.sleep(1.0)
+    # Three uncounted runs, then max_attempts (2) runs that raise: five in all.
+    assert len(runs("retry_later", event.id)) == 5 == delivery.attempts
+    assert delivery.last_error == "RuntimeError: failed after 4 retries asked for"
+    assert [s.payload["attempts"] for s in runs("delivery_failed", event.id)] == [5]
 
 
 def test_permanent_failure_fails_at_once_and_signals_once(wired: Worker) -> None:

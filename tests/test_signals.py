@@ -63,6 +63,14 @@ def test_not_sent_when_a_retry_succeeds(signals) -> None:
     assert signals == []
 
 
+def test_eager_counts_only_counted_runs_and_signals_once(signals) -> None:
+    payload = {"n": 4, "times": 3, "counts": False, "then_fail": True}
+    with wiring(MANIFESTS=_manifests("failctl.yaml")), events_eager(propagate=False):
+        publish("fc.job", payload)
+    assert HandlerRun.objects.filter(handler="retry_later").count() == 5
+    assert [(s["subscription"], s["attempts"]) for s in signals] == [("fc-retry-later", 5)]
+
+
 def test_eager_stops_a_handler_that_never_counts(signals) -> None:
     with (
         wiring(MANIFESTS=_manifests("failctl.yaml")),

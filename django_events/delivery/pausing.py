@@ -13,6 +13,7 @@ import time
 
 from django.db import DatabaseError
 
+from django_events.logs import log_extra
 from django_events.models import PausedSubscription
 
 CACHE_SECONDS = 1.0
@@ -36,7 +37,7 @@ def paused_names(alias: str, *, fresh: bool = False) -> frozenset[str]:
     except DatabaseError:
         # Without the database the handler's outcome cannot be recorded either: the delivery
         # is retried by that path, so running it is no worse than holding it.
-        logger.warning("Could not read the paused subscriptions", exc_info=True)
+        logger.warning("Could not read the paused subscriptions", exc_info=True, extra=log_extra())
         return cached[1] if cached is not None else frozenset()
     _cache[alias] = (now, names)
     return names

@@ -74,11 +74,14 @@ def always_fails(event: Event) -> None:
 
 
 def retry_later(event: Event) -> None:
-    """Ask for a retry (``seconds``, ``counts``) on the first ``times`` runs, then succeed."""
+    """Ask for a retry (``seconds``, ``counts``) on the first ``times`` runs, then succeed
+    (or raise, with ``then_fail``)."""
     _run("retry_later", event)
     done = HandlerRun.objects.filter(handler="retry_later", event_id=event.id).count()
     if done <= event.data["times"]:
         raise RetryLater(event.data.get("seconds", 0.2), counts=event.data.get("counts", True))
+    if event.data.get("then_fail"):
+        raise RuntimeError(f"failed after {done - 1} retries asked for")
 
 
 def permanent_failure(event: Event) -> None:
