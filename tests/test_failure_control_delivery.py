@@ -1,4 +1,4 @@
-"""Failure control through a real `celery worker`: RetryLater, PermanentFailure,
+"""Failure control through a real `celery worker`: RetryLater, PermanentFailure, pause,
 give_up_after and the delivery_failed signal (sent once, on the worker)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from django.db import connection
 from django_events import publish
 from django_events.delivery import pausing
 from django_events.models import Delivery
+from django_events.operations.pausing import pause, resume
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
@@ -195,3 +196,21 @@ def held_count(ids) -> int:
     return Delivery.objects.filter(
         event_id__in=list(ids), subscription="fc-record", status="held"
     ).count()
+
+
+def test_a_resumed_delivery_of_an_event_recorded_only_on_failure_is_recorded(
+    wired: Worker,
+) -> None:
+    pause("fc-quiet")
+    time.sleep(pausing.CACHE_SECONDS + 0.2)
+    ids = [publish("fc.quiet", {"i": i}).id for i in range(2)]
+    wait_for(
+        lambda: Delivery.objects.filter(event_id__in=ids, status="held").count() == 2,
+        what="2 held deliveries",
+    )
+    assert resume("fc-quiet").sent == 2
+    wait_for(
+        lambda: Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == 2,
+        what="their successes recorded (not left pending)",
+    )
+    assert HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 2

@@ -114,7 +114,15 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
     outcome = _run(
-        registry, subscription, event, message.alias, attempt, retries, batch, message.uncounted
+        registry,
+        subscription,
+        event,
+        message.alias,
+        attempt,
+        retries,
+        batch,
+        message.uncounted,
+        message.rerun,
     )
     if outcome.uncounted:
         outcome = replace(outcome, message={**raw, "uncounted": message.uncounted + 1})
@@ -146,6 +154,7 @@ def _run(
     retries: int,
     batch_success: bool,
     uncounted: int = 0,
+    rerun: bool = False,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
     broadcast = subscription.declaration.broadcast
@@ -203,6 +212,7 @@ def _run(
         if verdict.retry_in is None:
             return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
         return Outcome("retry", retry_in=verdict.retry_in, error=exc, uncounted=not verdict.counted)
+    took = (time.perf_counter() - started) * 1000
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -210,10 +220,31 @@ def _run(
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            took = (time.perf_counter() - started) * 1000
             row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
+    elif rerun and not subscription.declaration.idempotent:
+        # A first run sent again (a resumed held delivery) of an event recorded only on
+        # failure: its row exists, pending, and must not stay so; none is created.
+        _finish_existing(alias, event, subscription, attempt, took)
     return Outcome("succeeded")
+
+
+def _finish_existing(
+    alias: str, event: Event, subscription: Subscription, attempt: int, took: float
+) -> None:
+    try:
+        Delivery.objects.using(alias).filter(
+            event_id=event.id, subscription=subscription.name
+        ).update(
+            status=Delivery.Status.SUCCEEDED,
+            attempts=attempt,
+            last_error="",
+            traceback="",
+            duration_ms=took,
+            updated_at=timezone.now(),
+        )
+    except DatabaseError:
+        logger.exception("Could not record the delivery outcome", extra=log_extra(event))
 
 
 def _hold(
