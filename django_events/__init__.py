@@ -9,7 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from django_events.events import Event, current_event
-from django_events.exceptions import EventError, InterceptorError, InvalidPayload, UnknownEvent
+from django_events.exceptions import (
+    EventError,
+    InterceptorError,
+    InvalidPayload,
+    PermanentFailure,
+    RetryLater,
+    UnknownEvent,
+)
 from django_events.wiring.typed import event
 
 if TYPE_CHECKING:
@@ -20,6 +27,8 @@ __all__ = [
     "EventError",
     "InterceptorError",
     "InvalidPayload",
+    "PermanentFailure",
+    "RetryLater",
     "UnknownEvent",
     "apublish",
     "apublish_many",

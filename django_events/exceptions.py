@@ -73,3 +73,26 @@ class NewerVersion(EventError):
             f"Event {name!r} is version {version}; this process knows up to version {known}: "
             "waiting for a newer worker"
         )
+
+
+class RetryLater(Exception):
+    """Raised by a handler: run this delivery again in ``seconds``.
+
+    ``counts=False`` leaves the attempt out of ``max_attempts`` (``Delivery.attempts`` still
+    counts the run). ``give_up_after`` still applies.
+    """
+
+    def __init__(self, seconds: float, *, counts: bool = True) -> None:
+        if seconds < 0:
+            raise ValueError(f"RetryLater needs seconds >= 0, got {seconds!r}")
+        self.seconds = float(seconds)
+        self.counts = counts
+        super().__init__(f"retry in {seconds:g}s" + ("" if counts else " (not counted)"))
+
+
+class PermanentFailure(Exception):
+    """Raised by a handler: this delivery has failed for good; do not retry it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

@@ -76,6 +76,7 @@ class Delivery(models.Model):
         SUCCEEDED = "succeeded", _("succeeded")
         FAILED = "failed", _("failed")
         RESOLVED = "resolved", _("resolved")
+        HELD = "held", _("held")
 
     event = models.ForeignKey(
         EventRecord,
@@ -103,6 +104,12 @@ class Delivery(models.Model):
             "Set when the worker could not hand a retry to the broker: "
             "events_relay sends it once due."
         ),
+    )
+    duration_ms = models.FloatField(
+        _("handler time (ms)"),
+        null=True,
+        blank=True,
+        help_text=_("How long the last run of the handler took; empty when not measured."),
     )
 
     class Meta:
@@ -176,3 +183,21 @@ class IdempotencyKey(models.Model):
 
     def __str__(self) -> str:
         return f"{self.event_name} {self.key}"
+
+
+class PausedSubscription(models.Model):
+    """A paused subscription: its deliveries are held (not run) until it is resumed."""
+
+    subscription = models.CharField(_("subscription"), max_length=255, unique=True)
+    paused_at = models.DateTimeField(_("paused at"), default=timezone.now)
+    paused_by = models.CharField(
+        _("paused by"), max_length=150, blank=True, default="", help_text=_("Who paused it.")
+    )
+
+    class Meta:
+        verbose_name = _("paused subscription")
+        verbose_name_plural = _("paused subscriptions")
+        ordering = ["subscription"]
+
+    def __str__(self) -> str:
+        return self.subscription

@@ -234,3 +234,130 @@ def test_the_pages_fit_1400_px(live_server, page, shots) -> None:
         assert_shown_whole(page, "#result_list td.field-attempts, #result_list td.field-error")
         assert "12" in page.inner_text("#result_list td.field-attempts >> nth=0")
         page.screenshot(path=shots / "failures-1400.png", full_page=True)
+def _login(page, url: str, username: str, password: str) -> None:
+    page.context.clear_cookies()
+    page.goto(f"{url}/admin/login/?next=/admin/django_events/eventrecord/wiring/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("input[type=submit]")
+    page.wait_for_selector("#wiring-diagram")
+
+
+def _overlapping_text(page, selector: str) -> list[tuple[str, str]]:
+    """Pairs of elements matching ``selector`` whose boxes intersect (by their text)."""
+    return page.evaluate(
+        """(selector) => {
+            const els = [...document.querySelectorAll(selector)]
+                .filter(e => e.textContent.trim() !== "");
+            const boxes = els.map(e => [e.textContent.trim(), e.getBoundingClientRect()]);
+            const hits = [];
+            for (let i = 0; i < boxes.length; i++) for (let j = i + 1; j < boxes.length; j++) {
+                const [ta, a] = boxes[i], [tb, b] = boxes[j];
+                if (els[i].contains(els[j]) || els[j].contains(els[i])) continue;
+                if (a.width === 0 || b.width === 0) continue;
+                if (a.left < b.right - 0.5 && b.left < a.right - 0.5
+                    && a.top < b.bottom - 0.5 && b.top < a.bottom - 0.5) hits.push([ta, tb]);
+            }
+            return hits;
+        }""",
+        selector,
+    )
+
+
+TEXT_OF_THE_PAGE = (
+    "svg.de-diagram text, .de-subscriptions th, .de-subscriptions td > *, "
+    ".de-state .de-badge, .de-state button"
+)
+
+
+def test_wiring_diagram_and_pause_buttons_in_chromium(live_server, page, shots) -> None:
+    from django.contrib.auth.models import Permission
+
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    User.objects.create_superuser("ops", "ops@example.com", "s3cret-pass")
+    viewer = User.objects.create_user("viewer", password="s3cret-pass", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_eventrecord"))
+    with shop_wiring(f"ui-{uuid.uuid4().hex[:8]}"):
+        event = publish("shop.refunded", {"order_id": 7})
+        save_deliveries(
+            "default",
+            [delivery(event.id, "cancel-notice", "async", "failed", 3, "RuntimeError: down")],
+        )
+        _login(page, live_server.url, "ops", "s3cret-pass")
+        row = page.locator(".de-subscriptions tr", has_text="shop-ledger").first
+        row.locator("button:has-text('Pause')").click()
+        assert "Paused shop-ledger." in page.inner_text(".messagelist")
+        publish("shop.paid", {"order_id": 8, "total": 3.0})  # held: shop-ledger is sync
+        page.reload()
+        drawn = page.evaluate("() => document.querySelector('#wiring-diagram svg').textContent")
+        assert "paused, 1 held" in drawn
+        assert "1 failed" in drawn  # cancel-notice: one failed delivery
+        for width in (1400, 900):
+            page.set_viewport_size({"width": width, "height": 900})
+            assert _overlapping_text(page, TEXT_OF_THE_PAGE) == [], f"at {width} px"
+        page.set_viewport_size({"width": 1400, "height": 900})
+        page.locator("#wiring-diagram").screenshot(path=shots / "wiring-diagram.png")
+
+        _login(page, live_server.url, "viewer", "s3cret-pass")
+        assert page.locator(".de-state button").count() == 0  # view permission: no buttons
+        assert page.locator("#wiring-diagram svg .de-d-paused").count() >= 1
+        for width in (1400, 900):
+            page.set_viewport_size({"width": width, "height": 900})
+            assert _overlapping_text(page, TEXT_OF_THE_PAGE) == [], f"at {width} px"
+
+        _login(page, live_server.url, "ops", "s3cret-pass")
+        row = page.locator(".de-subscriptions tr", has_text="shop-ledger").first
+        row.locator("button:has-text('Resume')").click()
+        assert "1 ran again and failed" in page.inner_text(".messagelist")  # the ledger fails
+    assert Delivery.objects.get(event_id=event.id, subscription="cancel-notice").status == "failed"
+
+
+def test_dashboard_in_chromium(live_server, page, shots) -> None:
+    from datetime import timedelta
+
+    from django.contrib.auth.models import Permission
+    from django.utils import timezone
+
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    viewer = User.objects.create_user("viewer", password="s3cret-pass", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_eventrecord"))
+    User.objects.create_user("nobody", password="s3cret-pass", is_staff=True)
+    with shop_wiring(f"ui-{uuid.uuid4().hex[:8]}", CELERY_APP="tests.brokers.unreachable"):
+        rows = []
+        for i in range(60):
+            event = publish("shop.refunded", {"order_id": i})  # pending: the broker is down
+            name = ["shop-receipt", "shop-ledger", "cancel-notice-" + "long" * 12][i % 3]
+            status = "failed" if i % 7 == 0 else "succeeded"
+            row = delivery(event.id, name, "async", status, 1 + (i % 7 == 0) * 2)
+            row.duration_ms = 2.0 + (i % 10) ** 3
+            rows.append(row)
+        save_deliveries("default", rows)
+        Delivery.objects.filter(subscription="shop-ledger").update(
+            updated_at=timezone.now() - timedelta(hours=3)
+        )
+    url = f"{live_server.url}/admin/django_events/eventrecord/dashboard/"
+
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/django_events/eventrecord/dashboard/")
+    page.fill("#id_username", "nobody")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    assert page.locator("#dashboard-outbox").count() == 0  # no view permission: no dashboard
+
+    page.context.clear_cookies()
+    page.goto(f"{live_server.url}/admin/login/?next=/admin/django_events/eventrecord/dashboard/")
+    page.fill("#id_username", "viewer")
+    page.fill("#id_password", "s3cret-pass")
+    page.click("input[type=submit]")
+    page.wait_for_selector("#dashboard-deliveries svg")
+    assert "events pending" in page.inner_text("#dashboard-outbox")
+    selector = "svg.de-chart text, #dashboard-table th, #dashboard-table td, .de-windows li"
+    for window in ("hour", "day", "week"):
+        page.goto(f"{url}?window={window}")
+        for width in (1400, 900):
+            page.set_viewport_size({"width": width, "height": 900})
+            assert _overlapping_text(page, selector) == [], f"{window} at {width} px"
+    page.set_viewport_size({"width": 1400, "height": 900})
+    page.goto(f"{url}?window=day")
+    page.screenshot(path=shots / "dashboard.png", full_page=True)

@@ -13,8 +13,8 @@ from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
 from django.db import DatabaseError
-from django.db.models import Prefetch, Q, QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.db.models import Count, Prefetch, Q, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
@@ -22,10 +22,14 @@ from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
+from django_events.admin.charts import deliveries_chart, duration_text, durations_chart
+from django_events.admin.dashboard import WINDOWS, collect
+from django_events.admin.diagram import wiring_svg
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
 from django_events.exceptions import EventError
 from django_events.logs import log_extra
-from django_events.models import Delivery, EventRecord, Failure
+from django_events.models import Delivery, EventRecord, Failure, PausedSubscription
+from django_events.operations.pausing import PauseError, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.wiring.describing import describe_wiring
 from django_events.wiring.listing import retry_text
@@ -258,18 +262,87 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             self.admin_site.admin_view(self.wiring_view),
             name="django_events_wiring",
         )
-        return [wiring, *super().get_urls()]
+        pausing = path(
+            "wiring/pause/",
+            self.admin_site.admin_view(self.pause_view),
+            name="django_events_wiring_pause",
+        )
+        dashboard = path(
+            "dashboard/",
+            self.admin_site.admin_view(self.dashboard_view),
+            name="django_events_dashboard",
+        )
+        return [wiring, pausing, dashboard, *super().get_urls()]
+
+    def dashboard_view(self, request: HttpRequest) -> HttpResponse:
+        """Per subscription over the last hour / day / week, and the outbox (view permission)."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        names = [name for name, _span in WINDOWS]
+        window = request.GET.get("window", "day")
+        if window not in names:
+            window = "day"
+        figures = collect()
+        rows = [
+            {
+                "name": s.name,
+                "stats": s.windows[window],
+                "p50": duration_text(s.windows[window].p50),
+                "p95": duration_text(s.windows[window].p95),
+            }
+            for s in figures.subscriptions
+        ]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": _("Dashboard"),
+            "subtitle": None,
+            "opts": self.opts,
+            "window": window,
+            "windows": names,
+            "rows": rows,
+            "figures": figures,
+            "deliveries_chart": deliveries_chart(figures.subscriptions, window),
+            "durations_chart": durations_chart(figures.subscriptions, window),
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/django_events/dashboard.html", context)
+
+    def pause_view(self, request: HttpRequest) -> HttpResponse:
+        """POST ``name`` and ``action`` (pause or resume): the wiring page's buttons."""
+        if request.method != "POST" or not can_pause(request):
+            raise PermissionDenied
+        name, action = request.POST.get("name", ""), request.POST.get("action")
+        try:
+            if action == "pause":
+                pause(name, by=request.user.get_username())
+                self.message_user(request, gettext("Paused %(name)s.") % {"name": name})
+            elif action == "resume":
+                result = resume(name)
+                level = messages.SUCCESS if result.ok else messages.WARNING
+                text = gettext("Resumed %(name)s. Held deliveries: %(summary)s")
+                self.message_user(
+                    request, text % {"name": name, "summary": result.summary()}, level
+                )
+            else:
+                raise PermissionDenied
+        except (PauseError, DatabaseError) as exc:
+            logger.warning(
+                "Could not %s %r", action, name, exc_info=True, extra=log_extra(None, name)
+            )
+            self.message_user(request, str(exc), messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:django_events_wiring"))
 
     def wiring_view(self, request: HttpRequest) -> HttpResponse:
         """The read-only wiring page: every event, its schema and its subscriptions."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         wiring = describe_wiring()
+        state = subscription_state()
         events = [
             {
                 "info": event,
                 "schema": json.dumps(event.schema, indent=2, sort_keys=True),
-                "subscriptions": [_subscription_row(s) for s in event.subscriptions],
+                "subscriptions": [_subscription_row(s, state) for s in event.subscriptions],
             }
             for event in wiring.events
         ]
@@ -279,8 +352,10 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             "subtitle": None,
             "opts": self.opts,
             "events": events,
-            "unmatched": [_subscription_row(s) for s in wiring.unmatched],
+            "unmatched": [_subscription_row(s, state) for s in wiring.unmatched],
             "problems": wiring.problems,
+            "can_pause": can_pause(request),
+            "diagram": wiring_svg(wiring, state),
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/django_events/wiring.html", context)
@@ -381,12 +456,35 @@ def _event_link(record: EventRecord) -> SafeString:
     return format_html('<a href="{}">{}</a> <code>{}</code>', url, record.name, record.pk)
 
 
-def _subscription_row(info: Any) -> dict[str, Any]:
+def _subscription_row(info: Any, state: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "info": info,
         "when": json.dumps(info.when, sort_keys=True) if info.when is not None else "",
         "retry": retry_text(info.retry),
+        **state.get(info.name, {}),
     }
+
+
+def can_pause(request: HttpRequest) -> bool:
+    """Pausing and resuming need the change permission on failures (the operators' one)."""
+    return bool(request.user.has_perm("django_events.change_failure"))
+
+
+def subscription_state() -> dict[str, dict[str, Any]]:
+    """Per subscription name: ``paused`` (bool), ``held`` and ``failed`` (counts)."""
+    state: dict[str, dict[str, Any]] = {}
+    for name in PausedSubscription.objects.values_list("subscription", flat=True):
+        state.setdefault(name, {})["paused"] = True
+    # Two index scans on (subscription, status): cheap however large the table.
+    counts = (
+        Delivery.objects.filter(status__in=[Delivery.Status.HELD, Delivery.Status.FAILED])
+        .values_list("subscription", "status")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    for name, status, n in counts:
+        state.setdefault(name, {})[status] = n
+    return state
 
 
 @admin.register(Failure)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from django.db import DatabaseError
 
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import (
     delivery,
     ensure_records,
@@ -22,6 +24,7 @@ from django_events.delivery.recording import (
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import CompiledEvent, Subscription
 from django_events.wiring.registry import get_registry
 
@@ -98,12 +101,21 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     interceptors = get_registry().interceptors
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
+    failed: list[tuple[Event, Delivery]] = []
+    paused = paused_names(alias) if any(item.sync for item in batch) else frozenset()
     for item in batch:
         for subscription in item.sync:
+            if subscription.name in paused:  # held: resuming runs it
+                rows.append(delivery(item.event.id, subscription.name, "sync", "held", 0))
+                if not item.recorded:
+                    unrecorded_failures.append(item.event)
+                continue
             row = run_sync_handler(subscription, item.event, interceptors, item.recorded)
             if row is None:
                 continue
             rows.append(row)
+            if row.status == Delivery.Status.FAILED:
+                failed.append((item.event, row))
             if not item.recorded:
                 unrecorded_failures.append(item.event)
     if not rows:
@@ -118,6 +130,22 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
             len(rows),
             extra=batch_log_extra([o.event for o in batch]),
         )
+    # After the rows are written, so a receiver finds them; a sync delivery is never retried.
+    for event, row in failed:
+        failed_signal(event, row)
+
+
+def failed_signal(event: Event, row: Delivery) -> None:
+    """Send `delivery_failed` for the failed sync delivery ``row`` of ``event``."""
+    send_delivery_failed(
+        event=event,
+        event_id=event.id,
+        subscription=row.subscription,
+        mode=row.mode,
+        attempts=row.attempts,
+        error=row.last_error,
+        exception=getattr(row, "exception", None),
+    )
 
 
 def run_sync_handler(
@@ -132,11 +160,12 @@ def run_sync_handler(
     Returns the `Delivery` row to save: always for a failure, for a success only with
     ``record_success`` (building model instances is not free on this hot path).
     """
+    started = time.perf_counter()
     try:
         run_handler(subscription, event, interceptors, prior_attempts + 1)
     except Exception as exc:
         logger.exception("Sync handler failed", extra=log_extra(event, subscription))
-        return delivery(
+        row = delivery(
             event.id,
             subscription.name,
             "sync",
@@ -144,9 +173,18 @@ def run_sync_handler(
             prior_attempts + 1,
             f"{type(exc).__name__}: {exc}",
             traceback.format_exc(),
+            (time.perf_counter() - started) * 1000,
         )
+        row.exception = exc  # type: ignore[attr-defined]  # for delivery_failed, not saved
+        return row
     if not record_success:
         return None
+    took = (time.perf_counter() - started) * 1000
     return delivery(
-        event.id, subscription.name, "sync", Delivery.Status.SUCCEEDED, prior_attempts + 1
+        event.id,
+        subscription.name,
+        "sync",
+        Delivery.Status.SUCCEEDED,
+        prior_attempts + 1,
+        duration_ms=took,
     )

@@ -5,6 +5,7 @@ consumer (the worker) reads it here::
 
     {"v": 1, "subscription": "invoice-on-order", "db": "default", "prior_attempts": 0,
      "rerun": false,                      # a retry or replay: its Delivery row exists
+     "uncounted": 0,                      # runs that asked RetryLater(counts=False)
      "event": {"id": ..., "name": ..., "version": 1, "payload": {...}, "headers": {...},
                "occurred_at": ..., "correlation_id": ..., "causation_id": null,
                "sealed": ...}}           # only for events with `redact` (sealing.py)
@@ -49,6 +50,7 @@ class DeliveryMessage:
     prior_attempts: int
     rerun: bool
     version: int = MESSAGE_VERSION
+    uncounted: int = 0  # runs that raised RetryLater(counts=False): out of max_attempts
 
     def attempt(self, retries: Any) -> int:
         """The number of this run of the handler (the task's ``retries`` comes from outside)."""
@@ -159,9 +161,13 @@ def parse_message(raw: Any) -> DeliveryMessage:
         raise MalformedMessage(f"prior_attempts is not an integer from 0 to {MAX_ATTEMPTS - 1}")
     if not isinstance(raw.get("rerun", False), bool):
         raise MalformedMessage("rerun is not a boolean")
+    uncounted = raw.get("uncounted", 0)
+    if not _is_int(uncounted) or not 0 <= uncounted < MAX_ATTEMPTS:
+        raise MalformedMessage(f"uncounted is not an integer from 0 to {MAX_ATTEMPTS - 1}")
     event = raw["event"]
     _check_event(event)
-    return DeliveryMessage(subscription, event, alias, prior, raw.get("rerun") is True, version)
+    rerun = raw.get("rerun") is True
+    return DeliveryMessage(subscription, event, alias, prior, rerun, version, uncounted)
 
 
 def _check_event(event: dict[str, Any]) -> None:

@@ -37,7 +37,16 @@ RECORD_FIELDS = (
 )
 # What a delivery's outcome replaces on an existing (event, subscription) row; retry_at too:
 # a new outcome replaces a retry the relay was to send.
-OUTCOME_FIELDS = ("mode", "status", "attempts", "last_error", "traceback", "updated_at", "retry_at")
+OUTCOME_FIELDS = (
+    "mode",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "updated_at",
+    "retry_at",
+    "duration_ms",
+)
 # What every batched success says: a first attempt that succeeded. Literals of the statement,
 # they take no parameter.
 SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (

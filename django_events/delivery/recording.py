@@ -97,8 +97,9 @@ def delivery(
     attempts: int,
     error: str = "",
     traceback: str = "",
+    duration_ms: float | None = None,
 ) -> Delivery:
-    """Build (without saving) one `Delivery` row."""
+    """Build (without saving) one `Delivery` row (``duration_ms``: the handler's run time)."""
     now = timezone.now()
     return Delivery(
         event_id=event_id,
@@ -110,6 +111,7 @@ def delivery(
         traceback=storable(traceback),
         created_at=now,
         updated_at=now,
+        duration_ms=duration_ms,
     )
 
 

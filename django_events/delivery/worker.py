@@ -26,6 +26,7 @@ from django.utils import timezone
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
+from django_events.delivery.failing import judge
 from django_events.delivery.messages import (
     MESSAGE_VERSION,
     DeliveryMessage,
@@ -33,12 +34,14 @@ from django_events.delivery.messages import (
     event_from_body,
     parse_message,
 )
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
-from django_events.exceptions import NewerVersion, UpcastError
+from django_events.exceptions import NewerVersion, RetryLater, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
@@ -67,6 +70,8 @@ class Outcome:
     retry_with: Any = None
     # (database alias, event id, subscription) of a retry: the row `defer_retry` marks.
     retry_of: tuple[str, UUID, str] | None = None
+    # The run raised RetryLater(counts=False): its retry's message remembers it.
+    uncounted: bool = False
 
 
 def process_message(
@@ -149,9 +154,26 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
+    if subscription.name in paused_names(message.alias):
+        held = _hold(message, subscription, event, attempt)
+        if held is not None:
+            return held
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not message.rerun
-    return _run(registry, subscription, event, message.alias, attempt, retries, batch)
+    outcome = _run(
+        registry,
+        subscription,
+        event,
+        message.alias,
+        attempt,
+        retries,
+        batch,
+        message.uncounted,
+        message.rerun,
+    )
+    if outcome.uncounted:
+        outcome = replace(outcome, retry_with={**raw, "uncounted": message.uncounted + 1})
+    return outcome
 
 
 def _wait_for_newer(
@@ -190,6 +212,8 @@ def _run(
     attempt: int,
     retries: int,
     batch_success: bool,
+    uncounted: int = 0,
+    rerun: bool = False,
 ) -> Outcome:
     records_all = registry.events[event.name].records_all
     broadcast = subscription.declaration.broadcast
@@ -200,26 +224,41 @@ def _run(
     except HandlerImportError as exc:
         # Retrying cannot make a missing module appear: a deploy has to fix it.
         return _handler_unavailable(subscription, event, alias, attempt, retries, exc)
+    started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
             _run_idempotent(registry, subscription, event, alias, attempt, records_all)
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:
+        took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
             error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
-        final = attempt >= max_attempts
-        status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
-        logger.warning(
-            "Handler failed (attempt %d of %d)",
-            attempt,
-            max_attempts,
-            exc_info=True,
-            extra=log_extra(event, subscription),
+        verdict = judge(
+            exc, subscription, attempt - uncounted, retries, event.occurred_at, timezone.now()
         )
+        final = verdict.final
+        if verdict.note:
+            error = f"{error} ({verdict.note})"
+        status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
+        if isinstance(exc, RetryLater) and not final:
+            logger.info(
+                "Handler asked for a retry in %gs (attempt %d)",
+                exc.seconds,
+                attempt,
+                extra=log_extra(event, subscription),
+            )
+        else:
+            logger.warning(
+                "Handler failed (attempt %d of %d)",
+                attempt - uncounted,
+                max_attempts,
+                exc_info=True,
+                extra=log_extra(event, subscription),
+            )
         recorded = _record_quietly(
-            alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
+            alias, event, [_row(event, subscription, status, attempt, error, tb, took)], always=True
         )
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded. One the database refuses would be
@@ -231,13 +270,27 @@ def _run(
                 error,
                 extra=log_extra(event, subscription),
             )
+            if recorded == RECORDED:
+                send_delivery_failed(
+                    event=event,
+                    event_id=event.id,
+                    subscription=subscription.name,
+                    mode="async",
+                    attempts=attempt,
+                    error=error,
+                    exception=exc,
+                )
             return Outcome("failed", error=exc)
         return Outcome(
             "retry",
-            retry_in=subscription.retry.delay(retries + 1),
+            retry_in=subscription.retry.delay(retries + 1)
+            if verdict.retry_in is None
+            else verdict.retry_in,
             error=exc,
             retry_of=(alias, event.id, subscription.name),
+            uncounted=verdict.retry_in is not None and not verdict.counted,
         )
+    took = (time.perf_counter() - started) * 1000
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -245,9 +298,48 @@ def _run(
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
+            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
             _record_success(alias, event, row, overwrite=not broadcast)
+    elif rerun and not subscription.declaration.idempotent:
+        # A first run sent again (a resumed held delivery) of an event recorded only on
+        # failure: its row exists, pending, and must not stay so; none is created.
+        _finish_existing(alias, event, subscription, attempt, took)
     return Outcome("succeeded")
+
+
+def _finish_existing(
+    alias: str, event: Event, subscription: Subscription, attempt: int, took: float
+) -> None:
+    try:
+        Delivery.objects.using(alias).filter(
+            event_id=event.id, subscription=subscription.name
+        ).update(
+            status=Delivery.Status.SUCCEEDED,
+            attempts=attempt,
+            last_error="",
+            traceback="",
+            duration_ms=took,
+            updated_at=timezone.now(),
+        )
+    except DatabaseError:
+        logger.exception("Could not record the delivery outcome", extra=log_extra(event))
+
+
+def _hold(
+    message: DeliveryMessage, subscription: Subscription, event: Event, attempt: int
+) -> Outcome | None:
+    """Record the delivery held (its subscription is paused); None: resumed meanwhile, run it.
+
+    The message is acknowledged: the ``held`` row is what resuming sends again, in order.
+    """
+    row = _row(event, subscription, Delivery.Status.HELD, attempt - 1)
+    if _record_quietly(message.alias, event, [row], always=True) != RECORDED:
+        return Outcome("retry", retry_in=subscription.retry.delay(1))
+    # A resume between the cached read and the row's write would not see this row.
+    if subscription.name not in paused_names(message.alias, fresh=True):
+        return None
+    logger.info("Subscription paused: delivery held", extra=log_extra(event, subscription))
+    return Outcome("held")
 
 
 def _record_success(alias: str, event: Event, row: Delivery, *, overwrite: bool) -> None:
@@ -353,8 +445,11 @@ def _run_idempotent(
                 extra=log_extra(event, subscription),
             )
             return
+        started = time.perf_counter()
         run_handler(subscription, event, registry.interceptors, attempt)
-        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
+        took = (time.perf_counter() - started) * 1000
+        row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
+        save_deliveries(alias, [row])
 
 
 def _handler_unavailable(
@@ -375,7 +470,18 @@ def _handler_unavailable(
     )
     tb = "".join(traceback.format_exception(exc))
     row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
-    if _record_quietly(alias, event, [row], always=True):
+    recorded = _record_quietly(alias, event, [row], always=True)
+    if recorded == RECORDED:
+        send_delivery_failed(
+            event=event,
+            event_id=event.id,
+            subscription=subscription.name,
+            mode="async",
+            attempts=attempt,
+            error=error,
+            exception=exc,
+        )
+    if recorded != OUTAGE:
         return Outcome("failed", error=exc)
     # As for a handler's failure: retry until the outcome can be recorded.
     return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
@@ -426,7 +532,15 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
     row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
-    _record_quietly(message.alias, event, [row], always=True)
+    if _record_quietly(message.alias, event, [row], always=True) == RECORDED:
+        send_delivery_failed(
+            event=event,
+            event_id=event.id,
+            subscription=message.subscription,
+            mode="async",
+            attempts=attempt,
+            error=error,
+        )
     return Outcome("failed")
 
 
@@ -477,5 +591,6 @@ def _row(
     attempt: int,
     error: str = "",
     tb: str = "",
+    duration_ms: float | None = None,
 ) -> Delivery:
-    return delivery(event.id, subscription.name, "async", status, attempt, error, tb)
+    return delivery(event.id, subscription.name, "async", status, attempt, error, tb, duration_ms)

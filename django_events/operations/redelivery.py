@@ -18,7 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from django_events.delivery import broker
-from django_events.delivery.dispatch import run_sync_handler
+from django_events.delivery.dispatch import failed_signal, run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.models import Delivery, EventRecord
@@ -154,6 +154,7 @@ def _run(
             result.succeeded += 1
         else:
             result.failed += 1
+            failed_signal(event_of(record), row)
     return result
 
 

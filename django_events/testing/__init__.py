@@ -126,6 +126,11 @@ def captured_events() -> Iterator[CapturedEvents]:
         yield captured
 
 
+# Retries run at once under events_eager: a handler that always asks for an uncounted retry
+# would loop for good.
+MAX_UNCOUNTED_RETRIES = 100
+
+
 @dataclass(frozen=True)
 class EagerFailure:
     """An async delivery that failed for good under `events_eager`."""
@@ -185,15 +190,28 @@ class EagerEvents:
         from django_events.delivery.messages import build_message
         from django_events.delivery.worker import process_message
 
-        retries = 0
+        retries, uncounted = 0, 0
+        raw = build_message(message, subscription, alias)
         while True:  # retries run at once: a test does not wait for backoff
-            outcome = process_message(
-                build_message(message, subscription, alias), retries, manage_connections=False
-            )
+            outcome = process_message(raw, retries, manage_connections=False)
             if outcome.retry_in is None:
                 break
+            if outcome.retry_with is not None:  # the retry carries a changed message
+                raw = outcome.retry_with
+            if outcome.uncounted:  # RetryLater(counts=False): a run that did not count
+                uncounted += 1
+                if uncounted >= MAX_UNCOUNTED_RETRIES:
+                    return EagerFailure(
+                        subscription,
+                        event,
+                        EagerDeliveryError(
+                            f"async subscription {subscription!r} raised RetryLater(counts=False) "
+                            f"{uncounted} times on {event.name!r} {event.id}: events_eager "
+                            "does not wait, so it stops there"
+                        ),
+                    )
             retries += 1
-        if outcome.status == "succeeded":
+        if outcome.status in ("succeeded", "held"):  # held: its subscription is paused
             return None
         return EagerFailure(subscription, event, outcome.error)
 

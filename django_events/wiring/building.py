@@ -189,7 +189,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             )
             continue
         if declaration.mode != "async":
-            ignored = [k for k in ("queue", "retry", "timeout") if getattr(declaration, k)]
+            async_only = ("queue", "retry", "timeout", "give_up_after")
+            ignored = [k for k in async_only if getattr(declaration, k)]
             ignored += ["broadcast"] if declaration.broadcast else []
             if ignored:
                 problems.append(

@@ -95,6 +95,7 @@ class SubscriptionDeclaration:
     idempotent: bool = False
     timeout: float | None = None
     via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
+    give_up_after: float | None = None
 
     @property
     def is_pattern(self) -> bool:

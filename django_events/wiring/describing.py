@@ -28,6 +28,7 @@ class SubscriptionInfo:
     idempotent: bool
     timeout: float | None
     origin: str
+    give_up_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         idempotent=declaration.idempotent,
         timeout=declaration.timeout,
         origin=_where(declaration.origin),
+        give_up_after=declaration.give_up_after,
     )
 
 

@@ -52,6 +52,8 @@ def _row(event: str, s: SubscriptionInfo) -> list[str]:
     flags = [f for f, on in (("broadcast", s.broadcast), ("idempotent", s.idempotent)) if on]
     if s.timeout:
         flags.append(f"timeout={s.timeout:g}s")
+    if s.give_up_after:
+        flags.append(f"give_up_after={s.give_up_after:g}s")
     return [
         event,
         s.name,

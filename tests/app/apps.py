@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 from django.apps import AppConfig
 
 
@@ -7,3 +9,12 @@ class TestAppConfig(AppConfig):
     name = "tests.app"
     label = "testapp"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # A worker subprocess of the failure-control tests records each delivery_failed signal.
+        if os.environ.get("DJANGO_EVENTS_TEST_RECORD_FAILED_SIGNAL"):
+            from django_events.signals import delivery_failed
+
+            from .handlers import record_failed_signal
+
+            delivery_failed.connect(record_failed_signal)

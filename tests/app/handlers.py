@@ -10,7 +10,7 @@ from typing import Any
 
 from django.db import transaction
 
-from django_events import Event, current_event, publish
+from django_events import Event, PermanentFailure, RetryLater, current_event, publish
 from django_events.interceptors import context
 
 from .models import HandlerRun
@@ -88,6 +88,22 @@ def fails_with_unstorable_text(event: Event) -> None:
     """Fail with an error text PostgreSQL cannot store as is (NUL, a lone surrogate)."""
     _run("fails_with_unstorable_text", event)
     raise RuntimeError(f"bad\x00byte \udc80 in {event.payload.get('file')}")
+
+
+def retry_later(event: Event) -> None:
+    """Ask for a retry (``seconds``, ``counts``) on the first ``times`` runs, then succeed
+    (or raise, with ``then_fail``)."""
+    _run("retry_later", event)
+    done = HandlerRun.objects.filter(handler="retry_later", event_id=event.id).count()
+    if done <= event.data["times"]:
+        raise RetryLater(event.data.get("seconds", 0.2), counts=event.data.get("counts", True))
+    if event.data.get("then_fail"):
+        raise RuntimeError(f"failed after {done - 1} retries asked for")
+
+
+def permanent_failure(event: Event) -> None:
+    _run("permanent_failure", event)
+    raise PermanentFailure(f"customer {event.data['n']} does not exist")
 
 
 def inline_fails(event: Event) -> None:
@@ -186,3 +202,21 @@ class AsyncClassHandler:
 def returns_coroutine(event: Event) -> Any:
     """A plain callable around an async function: its coroutine must still run."""
     return _arun("returns_coroutine", event)
+
+
+def record_failed_signal(sender: str, **kwargs: object) -> None:
+    """A ``delivery_failed`` receiver: one HandlerRun row per signal."""
+    event = kwargs["event"]
+    assert isinstance(event, Event)
+    exception = kwargs["exception"]
+    _run(
+        "delivery_failed",
+        event,
+        {
+            "subscription": sender,
+            "attempts": kwargs["attempts"],
+            "mode": kwargs["mode"],
+            "error": kwargs["error"],
+            "exception": type(exception).__name__ if exception is not None else None,
+        },
+    )

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_events.operations.pausing import PauseError, pause
+
+
+class Command(BaseCommand):
+    help = "Pause a subscription: its deliveries are held, not run, until events_resume."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("name", help="The subscription's name (see events_list).")
+        parser.add_argument("--database", default="default", help="Database alias.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        name = options["name"]
+        try:
+            created = pause(name, by="events_pause", using=options["database"])
+        except PauseError as exc:
+            raise CommandError(str(exc)) from exc
+        if created:
+            self.stdout.write(f"Paused {name!r}: its deliveries are held until events_resume.")
+        else:
+            self.stdout.write(f"{name!r} was already paused.")

@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_events.operations.pausing import PauseError, resume
+
+
+class Command(BaseCommand):
+    help = "Resume a paused subscription and deliver what it held, oldest event first."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("name", help="The subscription's name (see events_list).")
+        parser.add_argument("--database", default="default", help="Database alias.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        name = options["name"]
+        try:
+            result = resume(name, using=options["database"])
+        except PauseError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"Resumed {name!r}. Held deliveries: {result.summary()}")
+        for reason in result.skipped:
+            self.stderr.write(f"skipped: {reason}")
+        if result.unsent:
+            raise CommandError(f"{result.unsent} held deliveries not sent: the broker is down")

@@ -1,0 +1,127 @@
+"""Pausing and resuming a subscription (``events_pause``, ``events_resume``, the wiring page).
+
+While a subscription is paused its deliveries are held (`Delivery` rows with status ``held``,
+written by the worker, or after commit for sync subscriptions) and nothing runs its handler.
+Resuming removes the pause, then delivers the held rows again through the normal path, in the
+order their events occurred: async ones as new task messages, sync ones in this process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import Count, QuerySet
+
+from django_events.delivery.pausing import forget
+from django_events.models import Delivery, EventRecord, PausedSubscription
+from django_events.operations.redelivery import RedeliveryResult, batched, redeliver
+from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
+
+BATCH_SIZE = 500
+
+
+class PauseError(ValueError):
+    """The subscription cannot be paused or resumed (unknown, or inline)."""
+
+
+def pausable(name: str) -> Subscription:
+    """The declared subscription ``name`` if it can be paused (raises `PauseError`)."""
+    subscription = get_registry().subscriptions.get(name)
+    if subscription is None:
+        raise PauseError(f"Unknown subscription {name!r}: see events_list for the declared ones")
+    if subscription.mode == "inline":
+        raise PauseError(
+            f"Subscription {name!r} is inline: it runs in the publisher's transaction "
+            "and cannot be paused"
+        )
+    return subscription
+
+
+def pause(name: str, *, by: str = "", using: str = DEFAULT_DB_ALIAS) -> bool:
+    """Pause subscription ``name``; False if it was paused already."""
+    pausable(name)
+    _, created = PausedSubscription.objects.using(using).get_or_create(
+        subscription=name, defaults={"paused_by": by}
+    )
+    forget()
+    return created
+
+
+def resume(
+    name: str, *, using: str = DEFAULT_DB_ALIAS, batch_size: int = BATCH_SIZE
+) -> RedeliveryResult:
+    """Resume subscription ``name`` and deliver what was held meanwhile, oldest event first.
+
+    A subscription no longer declared is resumed too (its pause removed); its held rows stay,
+    listed as skipped.
+    """
+    deleted, _ = PausedSubscription.objects.using(using).filter(subscription=name).delete()
+    forget()
+    subscription = get_registry().subscriptions.get(name)
+    result = RedeliveryResult()
+    if subscription is None:
+        count = held(name, using=using).count()
+        if count:
+            result.skipped.append(f"{count} held deliveries: {name!r} is no longer declared")
+        elif not deleted:
+            raise PauseError(f"Unknown subscription {name!r}: see events_list")
+        return result
+    ids = list(held(name, using=using).values_list("pk", flat=True))
+    for chunk in batched(ids, batch_size):
+        with transaction.atomic(using=using):
+            claimed = _claim(chunk, using)
+            records = EventRecord.objects.using(using).in_bulk([d.event_id for d in claimed])
+            ordered = [records[d.event_id] for d in claimed]
+            prior = {d.event_id: d.attempts for d in claimed}
+            if subscription.mode == "async":
+                result.add(redeliver(subscription, ordered, prior, using=using))
+        if subscription.mode != "async":
+            result.add(redeliver(subscription, ordered, prior, using=using))
+    return result
+
+
+def held(name: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Delivery]:
+    """Held deliveries (of subscription ``name``), oldest event first."""
+    rows = Delivery.objects.using(using).filter(status=Delivery.Status.HELD)
+    if name is not None:
+        rows = rows.filter(subscription=name)
+    return rows.order_by("event__occurred_at", "event_id")
+
+
+def is_paused(name: str, *, using: str = DEFAULT_DB_ALIAS) -> bool:
+    """Whether subscription ``name`` is paused now (read from the database)."""
+    return PausedSubscription.objects.using(using).filter(subscription=name).exists()
+
+
+def _claim(ids: list[int], using: str) -> list[Delivery]:
+    """Lock the rows of ``ids`` still held, in event order (inside a transaction)."""
+    features = connections[using].features
+    rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.HELD)
+    if features.has_select_for_update:
+        rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+    claimed = list(
+        rows.order_by("event__occurred_at", "event_id").only("pk", "event_id", "attempts")
+    )
+    Delivery.objects.using(using).filter(pk__in=[d.pk for d in claimed]).update(
+        status=Delivery.Status.PENDING
+    )
+    return claimed
+
+
+def pause_state(*, using: str = DEFAULT_DB_ALIAS) -> dict[str, dict[str, Any]]:
+    """Subscriptions paused or holding deliveries: name -> ``paused`` (bool), ``held`` (count)."""
+    state: dict[str, dict[str, Any]] = {}
+    for name in PausedSubscription.objects.using(using).values_list("subscription", flat=True):
+        state[name] = {"paused": True, "held": 0}
+    counts = (
+        Delivery.objects.using(using)
+        .filter(status=Delivery.Status.HELD)
+        .values_list("subscription")
+        .annotate(n=Count("pk"))
+        .order_by()
+    )
+    for name, n in counts:
+        state.setdefault(name, {"paused": False, "held": 0})["held"] = n
+    return state

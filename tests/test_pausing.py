@@ -1,0 +1,140 @@
+"""Pausing and resuming subscriptions in-process: sync deliveries, events_eager, the commands,
+events_list and the wiring page's buttons (permissions). The worker side is in
+test_failure_control_delivery.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.urls import reverse
+
+from django_events import publish
+from django_events.models import Delivery, PausedSubscription
+from django_events.operations.pausing import held, pause, resume
+from django_events.testing import events_eager
+from tests.app.models import HandlerRun
+from tests.conftest import wiring
+from tests.test_admin import user_client
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+RECORD = "tests.app.handlers.record"
+WIRING = reverse("admin:django_events_wiring")
+PAUSE = reverse("admin:django_events_wiring_pause")
+
+
+def sub(name: str, mode: str, handler: str = RECORD) -> dict[str, Any]:
+    return {"event": "orders.placed", "handler": handler, "mode": mode, "name": name}
+
+
+def order(n: int) -> dict[str, Any]:
+    return {"order_id": n, "total": 1.0}
+
+
+def test_a_paused_sync_subscription_holds_then_runs_in_event_order_on_resume() -> None:
+    with wiring(sub("s", "sync"), sub("other", "sync", "tests.app.handlers.record_other")):
+        assert pause("s") is True
+        assert pause("s") is False  # already paused
+        ids = [publish("orders.placed", order(n)).id for n in range(5)]
+        assert HandlerRun.objects.filter(handler="record").count() == 0
+        assert HandlerRun.objects.filter(handler="record_other").count() == 5  # not paused
+        assert [d.event_id for d in held("s")] == ids
+        assert set(held("s").values_list("mode", "attempts")) == {("sync", 0)}
+
+        result = resume("s")
+
+        assert (result.succeeded, result.failed) == (5, 0)
+        runs = HandlerRun.objects.filter(handler="record").order_by("pk")
+        assert [r.event_id for r in runs] == ids
+        assert set(Delivery.objects.filter(subscription="s").values_list("status", "attempts")) == {
+            ("succeeded", 1)
+        }
+        assert not held("s").exists()
+        publish("orders.placed", order(9))
+        assert HandlerRun.objects.filter(handler="record").count() == 6
+
+
+def test_a_paused_async_subscription_is_held_under_events_eager() -> None:
+    with wiring(sub("a", "async")), events_eager():
+        pause("a")
+        event = publish("orders.placed", order(1))
+        assert HandlerRun.objects.count() == 0
+        assert list(held("a").values_list("event_id", "mode", "attempts")) == [
+            (event.id, "async", 0)
+        ]
+
+
+def test_commands_refuse_unknown_and_inline_subscriptions() -> None:
+    with wiring(sub("i", "inline")):
+        with pytest.raises(CommandError, match="Unknown subscription 'nope'"):
+            call_command("events_pause", "nope")
+        with pytest.raises(CommandError, match="Subscription 'i' is inline"):
+            call_command("events_pause", "i")
+        with pytest.raises(CommandError, match="Unknown subscription 'nope'"):
+            call_command("events_resume", "nope")
+    assert not PausedSubscription.objects.exists()
+
+
+def test_events_list_shows_paused_and_held() -> None:
+    with wiring(sub("s", "sync")):
+        call_command("events_pause", "s", stdout=io.StringIO())
+        publish("orders.placed", order(1))
+        out = io.StringIO()
+        call_command("events_list", "--format", "json", "--state", stdout=out)
+        data = json.loads(out.getvalue())
+        assert (data["paused"], data["held"]) == ({"s": 1}, {"s": 1})
+        out = io.StringIO()
+        call_command("events_list", "--state", stdout=out)
+        assert "s: paused, 1 held" in out.getvalue()
+        out = io.StringIO()
+        call_command("events_list", stdout=out)
+        assert "held" not in out.getvalue()  # the wiring alone needs no database
+
+
+def test_resuming_a_subscription_no_longer_declared_keeps_its_held_rows() -> None:
+    with wiring(sub("gone", "sync")):
+        pause("gone")
+        publish("orders.placed", order(1))
+    with wiring(sub("s", "sync")):
+        result = resume("gone")
+    assert result.skipped == ["1 held deliveries: 'gone' is no longer declared"]
+    assert held("gone").count() == 1
+    assert not PausedSubscription.objects.exists()
+
+
+def test_wiring_page_pauses_and_resumes_with_the_change_permission() -> None:
+    with wiring(sub("s", "sync"), sub("i", "inline", "tests.app.handlers.record_other")):
+        operator = user_client("view_eventrecord", "change_failure")
+        page = operator.get(WIRING).content.decode()
+        assert page.count('name="action" value="pause"') == 1  # not for the inline one
+        response = operator.post(PAUSE, {"name": "s", "action": "pause"}, follow=True)
+        assert "Paused s." in response.content.decode()
+        publish("orders.placed", order(1))
+        page = operator.get(WIRING).content.decode()
+        assert 'de-badge de-held">paused' in page
+        assert "1 held" in page
+        assert 'value="resume"' in page
+
+        response = operator.post(PAUSE, {"name": "s", "action": "resume"}, follow=True)
+        assert "Resumed s. Held deliveries: 0 re-enqueued" in response.content.decode()
+        assert "1 ran again and succeeded" in response.content.decode()
+        assert HandlerRun.objects.filter(handler="record").count() == 1
+
+        response = operator.post(PAUSE, {"name": "i", "action": "pause"}, follow=True)
+        assert "Subscription &#x27;i&#x27; is inline" in response.content.decode()
+
+
+def test_pausing_needs_the_change_permission() -> None:
+    with wiring(sub("s", "sync")):
+        viewer = user_client("view_eventrecord", "view_failure")
+        page = viewer.get(WIRING).content.decode()
+        assert 'value="pause"' not in page
+        assert viewer.post(PAUSE, {"name": "s", "action": "pause"}).status_code == 403
+        operator = user_client("view_eventrecord", "change_failure")
+        assert operator.get(PAUSE).status_code == 403  # POST only
+        assert operator.post(PAUSE, {"name": "s", "action": "explode"}).status_code == 403
+    assert not PausedSubscription.objects.exists()
