@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
+import django
 import pytest
 from django.db import connection, transaction
 from django_tasks_db.models import DBTaskResult
@@ -53,6 +54,14 @@ def other_connection_counts(event_id: uuid.UUID) -> tuple[int, int]:
             other.execute(q.replace(" LIKE", "::text LIKE"), (p,)).fetchone()[0]
             for q, p in zip(queries, (event_id, like), strict=True)
         )
+
+
+def test_django_6_runs_on_django_tasks_itself_not_the_backport() -> None:
+    from django_events.delivery import tasks_backend
+
+    package = "django.tasks" if django.VERSION >= (6,) else "django_tasks"
+    assert type(tasks_backend.deliver).__module__.startswith(f"{package}.")
+    assert type(tasks_backend.backend()).__mro__[1].__module__.startswith(f"{package}.")
 
 
 @pytest.fixture
