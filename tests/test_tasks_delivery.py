@@ -3,6 +3,7 @@ backend (django-tasks-db) and its ``db_worker`` as a real process."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
@@ -16,13 +17,16 @@ from pathlib import Path
 
 import django
 import pytest
+from django.core.management import call_command
 from django.db import connection, transaction
+from django.test import Client
 from django_tasks_db.models import DBTaskResult
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun
 from tests.brokers import delivery_wiring
+from tests.test_admin import action
 from tests.worker import wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
@@ -103,6 +107,7 @@ class DbWorker:
     def __init__(self, queue: str, log: Path) -> None:
         self.queue, self.log = queue, log
         self.process: subprocess.Popen[bytes] | None = None
+        self.fault_dir = log.parent  # where hang_once leaves its marker
 
     def start(self) -> None:
         env = {
@@ -111,6 +116,7 @@ class DbWorker:
             "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
             "DJANGO_EVENTS_TEST_MANIFEST": "tasks.yaml",
             "DJANGO_EVENTS_TEST_QUEUE": self.queue,
+            "DJANGO_EVENTS_FAULT_DIR": str(self.fault_dir),
             "PYTHONPATH": str(ROOT),
         }
         with self.log.open("ab") as log:
@@ -132,6 +138,12 @@ class DbWorker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def kill(self) -> None:
+        """SIGKILL, as a host going down or the OOM killer: no handler of its own runs."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -204,3 +216,118 @@ def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(
     assert delivery.last_error == "RuntimeError: boom for 7"
     time.sleep(1.5)
     assert len(runs("always_fails", [event_id])) == 3  # no fourth attempt
+
+
+def task_of(event_id: uuid.UUID) -> DBTaskResult:
+    return DBTaskResult.objects.get(args_kwargs__args__0__event__id=str(event_id))
+
+
+def relay(*options: str) -> str:
+    return run_command("events_relay", "--min-age", "0", *options)
+
+
+def test_a_killed_db_workers_task_is_requeued_by_the_relay_and_runs_once(
+    db_worker: DbWorker, tmp_path: Path
+) -> None:
+    event = publish("tk.slow", {"order_id": 3, "hang": 60})
+    marker = db_worker.fault_dir / f"{event.id}-hang_once"
+    wait_for(marker.exists, timeout=30, what="the handler to start")
+    db_worker.kill()  # mid-handler: the idempotent handler's write rolls back
+    assert task_of(event.id).status == "RUNNING"
+
+    second = DbWorker(db_worker.queue, tmp_path / "second.log")
+    second.start()
+    try:
+        time.sleep(3.0)
+        # django-tasks-db never runs a task left RUNNING again...
+        assert task_of(event.id).status == "RUNNING" and runs("hang_once", [event.id]) == []
+        # ...nor does the relay before --requeue-running-after (default one hour).
+        assert "Requeued" not in relay()
+        assert task_of(event.id).status == "RUNNING"
+
+        assert "Requeued 1 task(s) left running" in relay("--requeue-running-after", "1")
+        delivery = wait_for(
+            lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").first(),
+            timeout=30,
+            what="the requeued delivery",
+        )
+    finally:
+        second.stop()
+    assert len(runs("hang_once", [event.id])) == 1
+    assert delivery.attempts == 1  # a lost worker is not a retry
+    task = task_of(event.id)
+    assert task.status == "SUCCESSFUL" and len(task.worker_ids) == 2
+    assert "Requeued" not in relay("--requeue-running-after", "1")  # nothing left running
+
+
+# Retry, replay and the admin's "Retry selected" re-enqueue tasks for db_worker.
+
+
+def failed_first_time(event_id: uuid.UUID) -> Delivery:
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=event_id, status="failed").first(),
+        timeout=30,
+        what="the first, failed, run",
+    )
+    assert (failure.subscription, failure.attempts) == ("tk-flaky", 1)  # max_attempts: 1
+    return failure
+
+
+def succeeded(event_id: uuid.UUID, subscription: str, attempts: int) -> Delivery:
+    return wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event_id, subscription=subscription, status="succeeded", attempts=attempts
+        ).first(),
+        timeout=30,
+        what=f"{subscription}'s run number {attempts}",
+    )
+
+
+def test_events_retry_reenqueues_a_failed_task_delivery(db_worker: DbWorker) -> None:
+    event_id = publish("tk.paid", {"order_id": 11}).id
+    failed_first_time(event_id)
+
+    out = run_command("events_retry", "--subscription", "tk-flaky")
+
+    assert "1 re-enqueued for a worker; 0 ran again and succeeded" in out
+    succeeded(event_id, "tk-flaky", 2)
+    assert len(runs("fails_first_time", [event_id])) == 2
+    [first, again] = DBTaskResult.objects.filter(queue_name=db_worker.queue).order_by("enqueued_at")
+    assert first.args_kwargs["args"][0]["prior_attempts"] == 0
+    assert again.args_kwargs["args"][0]["prior_attempts"] == 1
+
+
+def test_events_replay_reenqueues_stored_events_to_a_task_subscription(
+    db_worker: DbWorker,
+) -> None:
+    ids = [publish("tk.placed", {"order_id": n}).id for n in (21, 22)]
+    for event_id in ids:
+        succeeded(event_id, "tk-record", 1)
+
+    out = run_command("events_replay", "tk-record", "--event", "tk.placed")
+
+    assert "Replayed 2 stored event(s) to tk-record: 2 re-enqueued for a worker" in out
+    for event_id in ids:
+        succeeded(event_id, "tk-record", 2)
+    assert sorted(r.event_id for r in runs("record", ids)) == sorted(ids * 2)
+    assert len(runs("record_async", ids)) == 2  # the other subscription was left alone
+
+
+def test_admin_retry_selected_reenqueues_a_failed_task_delivery(
+    db_worker: DbWorker, admin_client: Client
+) -> None:
+    event_id = publish("tk.paid", {"order_id": 31}).id
+    failure = failed_first_time(event_id)
+
+    page = action(admin_client, "retry_selected", failure.pk)
+
+    assert "1 re-enqueued for a worker" in page.content.decode()
+    done = succeeded(event_id, "tk-flaky", 2)
+    assert done.pk == failure.pk
+    assert len(runs("fails_first_time", [event_id])) == 2
+
+
+def run_command(command: str, *args: str) -> str:
+    out = io.StringIO()
+    call_command(command, *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()

@@ -80,3 +80,13 @@ def relay_pending(
     return RelayResult(
         sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
     )
+
+
+def requeue_lost_tasks(*, older_than: float) -> int:
+    """Requeue ``via: tasks`` deliveries whose database-backend task has been running for
+    more than ``older_than`` seconds (its ``db_worker`` was killed); the number requeued."""
+    if not any(s.via == "tasks" for s in get_registry().subscriptions.values()):
+        return 0
+    from django_events.delivery import tasks_backend
+
+    return len(tasks_backend.requeue_lost(older_than))

@@ -10,7 +10,7 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from django_events.models import EventRecord
-from django_events.operations.relay import relay_pending
+from django_events.operations.relay import relay_pending, requeue_lost_tasks
 
 
 class Command(BaseCommand):
@@ -39,6 +39,15 @@ class Command(BaseCommand):
             "for the records pending when it started to reach that age.",
         )
         parser.add_argument(
+            "--requeue-running-after",
+            type=float,
+            default=3600.0,
+            metavar="SECONDS",
+            help="via: tasks with the database backend: requeue a delivery task running for "
+            "longer than this (default 3600), its db_worker having died. Keep it above the "
+            "longest handler run: a task still running would run twice.",
+        )
+        parser.add_argument(
             "--database",
             default=DEFAULT_DB_ALIAS,
             choices=tuple(connections),
@@ -48,14 +57,25 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
+        if options["requeue_running_after"] <= 0:
+            raise CommandError("--requeue-running-after must be positive")
         if not options["loop"]:
+            self._requeue(options)
             self._one_shot(options)
             return
         while True:
+            self._requeue(options)
             total, unsent = self._drain(options)
             if total or unsent:
                 self.stdout.write(f"Relayed {total} event(s); {unsent} still pending.")
             time.sleep(options["interval"])
+
+    def _requeue(self, options: dict[str, Any]) -> None:
+        requeued = requeue_lost_tasks(older_than=options["requeue_running_after"])
+        if requeued:
+            self.stdout.write(
+                f"Requeued {requeued} task(s) left running by a db_worker that is gone."
+            )
 
     def _drain(self, options: dict[str, Any]) -> tuple[int, int]:
         """Relay batches until the backlog old enough is empty: (sent, refused by the broker)."""
