@@ -18,12 +18,13 @@ from pathlib import Path
 import django
 import pytest
 from django.core.management import call_command
-from django.db import connection, transaction
-from django.test import Client
+from django.db import connection, connections, transaction
+from django.test import Client, override_settings
 from django_tasks_db.models import DBTaskResult
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord
+from django_events.operations.relay import relay_pending
 from tests.app.models import HandlerRun
 from tests.brokers import delivery_wiring
 from tests.test_admin import action
@@ -331,3 +332,49 @@ def run_command(command: str, *args: str) -> str:
     out = io.StringIO()
     call_command(command, *args, stdout=out, stderr=io.StringIO())
     return out.getvalue()
+
+
+# A backend that enqueues after commit: the database backend on another database.
+
+
+class TasksElsewhere:
+    """Task rows on the alias ``other``: not the event log's database, so tasks are enqueued
+    after commit, and an outage of that database leaves the event pending for the relay."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model._meta.app_label == "django_tasks_database" else None  # type: ignore[attr-defined]
+
+    db_for_write = db_for_read
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_relay_enqueues_tasks_a_backend_refused_on_commit(tasks_wiring: str) -> None:
+    with override_settings(DATABASE_ROUTERS=[TasksElsewhere()]):
+        tasks = DBTaskResult.objects.using("other")
+        # The task database is down: another process holds its write lock.
+        down = sqlite3.connect(connections["other"].settings_dict["NAME"], timeout=1)
+        down.execute("BEGIN EXCLUSIVE")
+        try:
+            with transaction.atomic():
+                event = publish("tk.placed", {"order_id": 41})
+        finally:
+            down.rollback()
+            down.close()
+        assert EventRecord.objects.get(pk=event.id).status == "pending"
+        assert not tasks.exists()
+
+        result = relay_pending(min_age=0)
+
+        assert (result.sent, result.unsent) == (1, 0)
+        assert EventRecord.objects.get(pk=event.id).status == "dispatched"
+        rows = list(tasks.filter(queue_name=tasks_wiring))
+        assert sorted(r.args_kwargs["args"][0]["subscription"] for r in rows) == [
+            "tk-async",
+            "tk-record",
+        ]
+        for row in rows:  # what db_worker would do with them
+            [message] = row.args_kwargs["args"]
+            assert message["event"]["id"] == str(event.id) and message["prior_attempts"] == 0
+            assert row.task.call(message) == "succeeded"
+        assert relay_pending(min_age=0).sent == 0  # nothing sent twice
+    assert len(runs("record", [event.id])) == 1 == len(runs("record_async", [event.id]))

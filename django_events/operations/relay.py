@@ -1,4 +1,5 @@
-"""The outbox relay: send what was committed but never reached the broker."""
+"""The outbox relay: send what was committed but never reached the broker (Celery), or the
+task backend (``via: tasks`` on a backend that enqueues after commit)."""
 
 from __future__ import annotations
 
@@ -53,20 +54,36 @@ def relay_pending(
                 skip_locked=features.has_select_for_update_skip_locked
             )
         records = list(pending.order_by("occurred_at")[:batch_size])
-        outgoing, nothing_to_send, undeclared = [], [], []
+        outgoing, via_tasks, nothing_to_send, undeclared = [], [], [], []
+        tasks_committed: bool | None = None  # asked once a pass, only if tasks are wired
         for record in records:
             compiled = registry.events.get(record.name)
             if compiled is None:
                 undeclared.append(record.pk)
                 continue
             subscriptions = accepted(compiled.async_, record.payload)
-            if not subscriptions:
+            tasks = accepted(compiled.tasks, record.payload) if compiled.tasks else []
+            if tasks and tasks_committed is None:
+                tasks_committed = _tasks_in_transaction(using)
+            if tasks_committed:
+                tasks = []  # their task rows committed with the record
+            if not subscriptions and not tasks:
                 nothing_to_send.append(record.pk)
                 continue
             event = event_of(record, compiled.typed_payload(record.payload))
-            outgoing.append((event, compiled.declaration.durable, subscriptions))
+            durable = compiled.declaration.durable
+            if subscriptions:
+                outgoing.append((event, durable, subscriptions))
+            if tasks:
+                via_tasks.append((event, durable, tasks))
         unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
-        sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
+        if via_tasks:
+            from django_events.delivery import tasks_backend
+
+            # An event with both kinds stays pending until both took it: the next pass sends
+            # both again (at least once).
+            unsent |= tasks_backend.send_deliveries(via_tasks, using)
+        sent = list({event.id for event, _, _ in [*outgoing, *via_tasks] if event.id not in unsent})
         mark_dispatched(using, sent + nothing_to_send)
         if undeclared:
             logger.error(
@@ -80,6 +97,12 @@ def relay_pending(
     return RelayResult(
         sent=len(sent) + len(nothing_to_send), unsent=len(unsent), undeclared=len(undeclared)
     )
+
+
+def _tasks_in_transaction(alias: str) -> bool:
+    from django_events.delivery import tasks_backend
+
+    return tasks_backend.enqueues_in_transaction(alias)
 
 
 def requeue_lost_tasks(*, older_than: float) -> int:
