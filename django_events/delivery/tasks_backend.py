@@ -42,7 +42,16 @@ DB_BACKENDS = ("django_tasks_db.backend.DatabaseBackend", "django_tasks_db.Datab
 SendItem = tuple[Event, bool, Sequence[Subscription]]
 
 
-@task()  # type: ignore[untyped-decorator,unused-ignore]
+def _as_task(func: Any) -> Any:
+    """``func`` as a task of ``TASKS_BACKEND``. A task is validated when defined, by default on
+    Django's alias ``"default"`` and queue ``"default"``, which a project may not have (its own
+    alias, or ``QUEUES`` without ``"default"``); each enqueue names its subscription's queue."""
+    queues = task_backends[conf.TASKS_BACKEND].queues
+    queue = "default" if not queues or "default" in queues else sorted(queues)[0]
+    return task(backend=conf.TASKS_BACKEND, queue_name=queue)(func)
+
+
+@_as_task
 def deliver(message: dict[str, Any]) -> str:
     """Run one subscription's handler for one event; a retry is a new task, ``run_after``."""
     retries = int(message.get("task_retries", 0))
