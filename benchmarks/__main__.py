@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.db import connection
 
-    from . import bench_delivery, bench_publish, harness
+    from . import bench_async, bench_delivery, bench_publish, harness
 
     harness.judging = not args.smoke
 
@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             ("5", bench_publish.figure_5),
             ("6", bench_delivery.figure_6),
             ("7", bench_delivery.figure_7),
+            ("8", bench_async.figure_8),
+            ("9", bench_async.figure_9),
+            ("10", bench_async.figure_10),
         ]
         for number, figure in figures:
             if only and number not in only:
