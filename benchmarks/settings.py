@@ -40,7 +40,12 @@ INSTALLED_APPS = [
     "django_events",
     "django_celery_outbox",
     "benchmarks",
+    # Figure 9: via: tasks through the database backend and db_worker (the backport on 5.2).
+    *(["django_tasks"] if __import__("django").VERSION < (6,) else []),
+    "django_tasks_db",
 ]
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []}}
+TASKS_QUEUE, RAW_TASKS_QUEUE = "bench-tasks", "bench-tasks-raw"
 
 # A typical 4-field payload schema (figure 5), shared by every benchmark event.
 SCHEMA = {
@@ -62,10 +67,24 @@ DJANGO_EVENTS = {
         "bench.async": {"schema": SCHEMA},
         # Figure 9: the same event with a redacted field (its messages carry it sealed).
         "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
+        "bench.tasks": {"schema": SCHEMA},
+        "bench.handler": {"schema": SCHEMA},  # figure 12: never published, run in-process
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
         {"event": "bench.async", "handler": "benchmarks.handlers.count", "mode": "async"},
+        {
+            "event": "bench.tasks",
+            "handler": "benchmarks.handlers.count",
+            "mode": "async",
+            "via": "tasks",
+            "queue": TASKS_QUEUE,
+        },
+        *(
+            {"name": f"bench.handler-{kind}", "event": "bench.handler", "mode": "async"}
+            | {"handler": f"benchmarks.handlers.{handler}", "queue": "bench-unused"}
+            for kind, handler in (("sync", "count"), ("async", "acount"))
+        ),
     ],
     # Figure 4 runs its worker both ways: each success row written before the ack, or batched.
     "SUCCESS_RECORDS": os.environ.get("BENCH_SUCCESS_RECORDS", "immediate"),

@@ -7,7 +7,21 @@
 #   DATABASE_URL=postgres://postgres@127.0.0.1:5432/django_events_example \
 #   CELERY_BROKER_URL=amqp://guest:guest@127.0.0.1:5672// scripts/run_example.sh
 # Other knobs: ORDERS (orders to place, default 5), RESULTS_TIMEOUT (seconds, default 120).
+#
+# On Django's Tasks framework instead of Celery, with no broker at all (django-tasks-db's
+# db_worker takes the tasks from the database):
+#   scripts/run_example.sh --tasks        (or EVENTS_DELIVERY=tasks scripts/run_example.sh)
 set -euo pipefail
+
+case "${1:-}" in
+  --tasks) export EVENTS_DELIVERY=tasks ;;
+  "") ;;
+  *) echo "usage: $0 [--tasks]" >&2; exit 2 ;;
+esac
+EVENTS_DELIVERY=${EVENTS_DELIVERY:-celery}
+if [[ "$EVENTS_DELIVERY" != celery && "$EVENTS_DELIVERY" != tasks ]]; then
+  echo "EVENTS_DELIVERY must be celery or tasks, not '$EVENTS_DELIVERY'" >&2; exit 2
+fi
 
 ROOT="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 PROJECT="$ROOT/example_project"
@@ -43,7 +57,9 @@ stop_worker() {
   echo
   echo "Worker log:  $WORKER_LOG"
   if [[ -z "${DATABASE_URL:-}" ]]; then echo "Database:    $VAR/db.sqlite3"; fi
-  if [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
+  if [[ "$EVENTS_DELIVERY" == tasks ]]; then
+    echo "Broker:      none (the tasks are rows of the database, django-tasks-db)"
+  elif [[ "${CELERY_BROKER_URL:-filesystem://}" == filesystem://* ]]; then
     echo "Broker:      $VAR/broker (filesystem transport)"
   fi
   if ((status == 0)); then echo "Example finished OK."; else echo "Example FAILED (exit $status)."; fi
@@ -54,8 +70,9 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 wait_for_worker() {
+  # celery: "celery@host ready."; db_worker: "Starting worker worker_id=..."
   for _ in $(seq 1 120); do
-    if grep -q ' ready\.$' "$WORKER_LOG" 2>/dev/null; then return 0; fi
+    if grep -qE ' ready\.$|Starting worker worker_id=' "$WORKER_LOG" 2>/dev/null; then return 0; fi
     if ! kill -0 "$WORKER_PID" 2>/dev/null; then
       echo "The worker exited during start-up." >&2
       return 1
@@ -70,14 +87,23 @@ if [[ ! -x "$PYTHON" ]]; then
   step "Creating a virtualenv in $VENV"
   python3 -m venv "$VENV"
 fi
-step "Installing django-event-wiring (editable), psycopg[binary] and celery[redis] into $VENV"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT" "psycopg[binary]" "celery[redis]"
+if [[ "$EVENTS_DELIVERY" == tasks ]]; then
+  step "Installing django-event-wiring[tasks] (editable) and psycopg[binary] into $VENV"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT[tasks]" "psycopg[binary]"
+else
+  step "Installing django-event-wiring (editable), psycopg[binary] and celery[redis] into $VENV"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check -e "$ROOT" "psycopg[binary]" "celery[redis]"
+fi
 
 cd "$PROJECT"
 mkdir -p "$VAR"
 export PYTHONUNBUFFERED=1
 echo "Database: ${DATABASE_URL:-sqlite (example_project/var/db.sqlite3)}" | hide_password
-echo "Broker:   ${CELERY_BROKER_URL:-filesystem:// (example_project/var/broker)}" | hide_password
+if [[ "$EVENTS_DELIVERY" == tasks ]]; then
+  echo "Delivery: Django's Tasks framework (django-tasks-db, db_worker); no broker"
+else
+  echo "Broker:   ${CELERY_BROKER_URL:-filesystem:// (example_project/var/broker)}" | hide_password
+fi
 
 step "python manage.py migrate"
 "$PYTHON" manage.py migrate --no-input
@@ -86,9 +112,15 @@ step "python manage.py events_check"
 "$PYTHON" manage.py events_check
 
 QUEUES="$("$PYTHON" manage.py events_queues)"
-step "Starting a Celery worker for queues $QUEUES (log: $WORKER_LOG)"
-"$VENV/bin/celery" -A example_project worker -Q "$QUEUES" --pool prefork -c 2 --loglevel INFO \
-  >"$WORKER_LOG" 2>&1 &
+if [[ "$EVENTS_DELIVERY" == tasks ]]; then
+  step "Starting db_worker for queues $QUEUES (log: $WORKER_LOG)"
+  "$PYTHON" manage.py db_worker --queue-name "$QUEUES" --interval 0.2 --no-reload \
+    >"$WORKER_LOG" 2>&1 &
+else
+  step "Starting a Celery worker for queues $QUEUES (log: $WORKER_LOG)"
+  "$VENV/bin/celery" -A example_project worker -Q "$QUEUES" --pool prefork -c 2 --loglevel INFO \
+    >"$WORKER_LOG" 2>&1 &
+fi
 WORKER_PID=$!
 wait_for_worker
 echo "Worker ready (pid $WORKER_PID)."

@@ -98,7 +98,8 @@ DATABASE_URL=$PG_URL .venv/bin/python -m benchmarks --smoke
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
   .venv-django61/bin/python -m pytest -q -m "not servers" "$@"
-  step "tests: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers"
+  step "tests: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
   .venv-django61/bin/python -m pytest -q tests/test_private_apis.py tests/test_confirms.py \
-    tests/test_filesystem_transport.py tests/test_delivery.py
+    tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py
+  DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q tests/test_tasks_delivery.py
 fi

@@ -808,6 +808,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         EVENTS={"x.y": {"version": 2, "upcast": {1: "tests.app.upcasters.not_callable"}}}
     ),
     "django_events.W130": _stale_lock,
+    "django_events.E214": lambda _: wiring({**ASYNC, "via": "tasks", "timeout": 30}),
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),
@@ -864,3 +865,18 @@ def test_docs_list_every_check_id() -> None:
     assert [i for i in CHECK_IDS if i not in text] == []
     documented = set(re.findall(r"django_events\.[EW]\d{3}", text))
     assert documented - set(CHECK_IDS) == set()  # no id documented that checks.py lacks
+
+
+def test_a_timeout_is_an_error_via_tasks_only() -> None:
+    from django.core.checks import run_checks
+
+    with wiring(
+        {**ASYNC, "via": "tasks", "timeout": 30, "name": "slow-task"},
+        {**ASYNC, "timeout": 30, "name": "slow-celery"},
+    ):
+        [message] = [m for m in run_checks(tags=["django_events"]) if m.id.endswith("E214")]
+
+    assert message.msg == (
+        "Subscription 'slow-task' has timeout 30, which task backends cannot enforce"
+    )
+    assert message.hint == "Use via: celery for a time limit, or remove timeout."

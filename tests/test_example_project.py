@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "example_project"
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "example_project"
 
 
 def manage(*args: str) -> subprocess.CompletedProcess[str]:
@@ -22,6 +23,7 @@ def manage_with(extra_env: dict[str, str], *args: str) -> subprocess.CompletedPr
         for k, v in os.environ.items()
         if k not in ("DJANGO_SETTINGS_MODULE", "DATABASE_URL", "CELERY_BROKER_URL")
     }
+    env["PYTHONPATH"] = str(ROOT)  # this checkout's django_events, whatever pip installed
     env.update(extra_env)
     return subprocess.run(
         [sys.executable, "manage.py", *args],
@@ -42,10 +44,46 @@ def manage_with(extra_env: dict[str, str], *args: str) -> subprocess.CompletedPr
         (["events_queues"], "billing,notifications"),
     ],
 )
-def test_example_project_checks_clean(command: list[str], expected: str) -> None:
-    result = manage(*command)
+@pytest.mark.parametrize("delivery", ["celery", "tasks"])
+def test_example_project_checks_clean(command: list[str], expected: str, delivery: str) -> None:
+    result = manage_with({"EVENTS_DELIVERY": delivery}, *command)
     assert result.returncode == 0, result.stderr
     assert expected in result.stdout
+
+
+@pytest.mark.servers
+def test_example_shop_runs_on_django_tasks_with_no_broker(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path}/db.sqlite3",
+        "EVENTS_DELIVERY": "tasks",
+        # Nothing listens there: a message for Celery would leave its event pending.
+        "CELERY_BROKER_URL": "amqp://guest:guest@127.0.0.1:9//",
+    }
+    assert manage_with(env, "migrate").returncode == 0
+    worker_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    worker_env.pop("DJANGO_SETTINGS_MODULE", None)
+    command = ["db_worker", "--queue-name", "billing,notifications", "--interval", "0.1"]
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", *command, "--no-reload", "--no-startup-delay"],
+        cwd=EXAMPLE,
+        env=worker_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        placed = manage_with(env, "place_orders", "--count", "3")
+        assert placed.returncode == 0, placed.stderr
+        results = manage_with(env, "show_results", "--timeout", "60")
+    finally:
+        worker.terminate()
+        log, _ = worker.communicate(timeout=30)
+    assert results.returncode == 0, results.stdout + results.stderr + log
+    assert "delivered and handled" in results.stdout
+    assert "billing.create_invoice         async  succeeded" in results.stdout
+    assert "path=django_events.delivery.tasks_backend.deliver state=SUCCESSFUL" in log
+    assert "Issued INV-000001" in log  # the handler ran on db_worker
+    assert "Broker unreachable" not in placed.stdout + placed.stderr
 
 
 @pytest.mark.postgresql  # one subprocess run is enough (it uses its own SQLite file anyway)

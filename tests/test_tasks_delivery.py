@@ -3,6 +3,7 @@ backend (django-tasks-db) and its ``db_worker`` as a real process."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
@@ -14,14 +15,19 @@ from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
+import django
 import pytest
-from django.db import connection, transaction
+from django.core.management import call_command
+from django.db import connection, connections, transaction
+from django.test import Client, override_settings
 from django_tasks_db.models import DBTaskResult
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord
+from django_events.operations.relay import relay_pending
 from tests.app.models import HandlerRun
 from tests.brokers import delivery_wiring
+from tests.test_admin import action
 from tests.worker import wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
@@ -53,6 +59,14 @@ def other_connection_counts(event_id: uuid.UUID) -> tuple[int, int]:
             other.execute(q.replace(" LIKE", "::text LIKE"), (p,)).fetchone()[0]
             for q, p in zip(queries, (event_id, like), strict=True)
         )
+
+
+def test_django_6_runs_on_django_tasks_itself_not_the_backport() -> None:
+    from django_events.delivery import tasks_backend
+
+    package = "django.tasks" if django.VERSION >= (6,) else "django_tasks"
+    assert type(tasks_backend.deliver).__module__.startswith(f"{package}.")
+    assert type(tasks_backend.backend()).__mro__[1].__module__.startswith(f"{package}.")
 
 
 @pytest.fixture
@@ -94,6 +108,7 @@ class DbWorker:
     def __init__(self, queue: str, log: Path) -> None:
         self.queue, self.log = queue, log
         self.process: subprocess.Popen[bytes] | None = None
+        self.fault_dir = log.parent  # where hang_once leaves its marker
 
     def start(self) -> None:
         env = {
@@ -102,6 +117,7 @@ class DbWorker:
             "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
             "DJANGO_EVENTS_TEST_MANIFEST": "tasks.yaml",
             "DJANGO_EVENTS_TEST_QUEUE": self.queue,
+            "DJANGO_EVENTS_FAULT_DIR": str(self.fault_dir),
             "PYTHONPATH": str(ROOT),
         }
         with self.log.open("ab") as log:
@@ -123,6 +139,12 @@ class DbWorker:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+
+    def kill(self) -> None:
+        """SIGKILL, as a host going down or the OOM killer: no handler of its own runs."""
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -195,3 +217,164 @@ def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(
     assert delivery.last_error == "RuntimeError: boom for 7"
     time.sleep(1.5)
     assert len(runs("always_fails", [event_id])) == 3  # no fourth attempt
+
+
+def task_of(event_id: uuid.UUID) -> DBTaskResult:
+    return DBTaskResult.objects.get(args_kwargs__args__0__event__id=str(event_id))
+
+
+def relay(*options: str) -> str:
+    return run_command("events_relay", "--min-age", "0", *options)
+
+
+def test_a_killed_db_workers_task_is_requeued_by_the_relay_and_runs_once(
+    db_worker: DbWorker, tmp_path: Path
+) -> None:
+    event = publish("tk.slow", {"order_id": 3, "hang": 60})
+    marker = db_worker.fault_dir / f"{event.id}-hang_once"
+    wait_for(marker.exists, timeout=30, what="the handler to start")
+    db_worker.kill()  # mid-handler: the idempotent handler's write rolls back
+    assert task_of(event.id).status == "RUNNING"
+
+    second = DbWorker(db_worker.queue, tmp_path / "second.log")
+    second.start()
+    try:
+        time.sleep(3.0)
+        # django-tasks-db never runs a task left RUNNING again...
+        assert task_of(event.id).status == "RUNNING" and runs("hang_once", [event.id]) == []
+        # ...nor does the relay before --requeue-running-after (default one hour).
+        assert "Requeued" not in relay()
+        assert task_of(event.id).status == "RUNNING"
+
+        assert "Requeued 1 task(s) left running" in relay("--requeue-running-after", "1")
+        delivery = wait_for(
+            lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").first(),
+            timeout=30,
+            what="the requeued delivery",
+        )
+    finally:
+        second.stop()
+    assert len(runs("hang_once", [event.id])) == 1
+    assert delivery.attempts == 1  # a lost worker is not a retry
+    task = task_of(event.id)
+    assert task.status == "SUCCESSFUL" and len(task.worker_ids) == 2
+    assert "Requeued" not in relay("--requeue-running-after", "1")  # nothing left running
+
+
+# Retry, replay and the admin's "Retry selected" re-enqueue tasks for db_worker.
+
+
+def failed_first_time(event_id: uuid.UUID) -> Delivery:
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=event_id, status="failed").first(),
+        timeout=30,
+        what="the first, failed, run",
+    )
+    assert (failure.subscription, failure.attempts) == ("tk-flaky", 1)  # max_attempts: 1
+    return failure
+
+
+def succeeded(event_id: uuid.UUID, subscription: str, attempts: int) -> Delivery:
+    return wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event_id, subscription=subscription, status="succeeded", attempts=attempts
+        ).first(),
+        timeout=30,
+        what=f"{subscription}'s run number {attempts}",
+    )
+
+
+def test_events_retry_reenqueues_a_failed_task_delivery(db_worker: DbWorker) -> None:
+    event_id = publish("tk.paid", {"order_id": 11}).id
+    failed_first_time(event_id)
+
+    out = run_command("events_retry", "--subscription", "tk-flaky")
+
+    assert "1 re-enqueued for a worker; 0 ran again and succeeded" in out
+    succeeded(event_id, "tk-flaky", 2)
+    assert len(runs("fails_first_time", [event_id])) == 2
+    [first, again] = DBTaskResult.objects.filter(queue_name=db_worker.queue).order_by("enqueued_at")
+    assert first.args_kwargs["args"][0]["prior_attempts"] == 0
+    assert again.args_kwargs["args"][0]["prior_attempts"] == 1
+
+
+def test_events_replay_reenqueues_stored_events_to_a_task_subscription(
+    db_worker: DbWorker,
+) -> None:
+    ids = [publish("tk.placed", {"order_id": n}).id for n in (21, 22)]
+    for event_id in ids:
+        succeeded(event_id, "tk-record", 1)
+
+    out = run_command("events_replay", "tk-record", "--event", "tk.placed")
+
+    assert "Replayed 2 stored event(s) to tk-record: 2 re-enqueued for a worker" in out
+    for event_id in ids:
+        succeeded(event_id, "tk-record", 2)
+    assert sorted(r.event_id for r in runs("record", ids)) == sorted(ids * 2)
+    assert len(runs("record_async", ids)) == 2  # the other subscription was left alone
+
+
+def test_admin_retry_selected_reenqueues_a_failed_task_delivery(
+    db_worker: DbWorker, admin_client: Client
+) -> None:
+    event_id = publish("tk.paid", {"order_id": 31}).id
+    failure = failed_first_time(event_id)
+
+    page = action(admin_client, "retry_selected", failure.pk)
+
+    assert "1 re-enqueued for a worker" in page.content.decode()
+    done = succeeded(event_id, "tk-flaky", 2)
+    assert done.pk == failure.pk
+    assert len(runs("fails_first_time", [event_id])) == 2
+
+
+def run_command(command: str, *args: str) -> str:
+    out = io.StringIO()
+    call_command(command, *args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+# A backend that enqueues after commit: the database backend on another database.
+
+
+class TasksElsewhere:
+    """Task rows on the alias ``other``: not the event log's database, so tasks are enqueued
+    after commit, and an outage of that database leaves the event pending for the relay."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model._meta.app_label == "django_tasks_database" else None  # type: ignore[attr-defined]
+
+    db_for_write = db_for_read
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_relay_enqueues_tasks_a_backend_refused_on_commit(tasks_wiring: str) -> None:
+    with override_settings(DATABASE_ROUTERS=[TasksElsewhere()]):
+        tasks = DBTaskResult.objects.using("other")
+        # The task database is down: another process holds its write lock.
+        down = sqlite3.connect(connections["other"].settings_dict["NAME"], timeout=1)
+        down.execute("BEGIN EXCLUSIVE")
+        try:
+            with transaction.atomic():
+                event = publish("tk.placed", {"order_id": 41})
+        finally:
+            down.rollback()
+            down.close()
+        assert EventRecord.objects.get(pk=event.id).status == "pending"
+        assert not tasks.exists()
+
+        result = relay_pending(min_age=0)
+
+        assert (result.sent, result.unsent) == (1, 0)
+        assert EventRecord.objects.get(pk=event.id).status == "dispatched"
+        rows = list(tasks.filter(queue_name=tasks_wiring))
+        assert sorted(r.args_kwargs["args"][0]["subscription"] for r in rows) == [
+            "tk-async",
+            "tk-record",
+        ]
+        for row in rows:  # what db_worker would do with them
+            [message] = row.args_kwargs["args"]
+            assert message["event"]["id"] == str(event.id) and message["prior_attempts"] == 0
+            assert row.task.call(message) == "succeeded"
+        assert relay_pending(min_age=0).sent == 0  # nothing sent twice
+    assert len(runs("record", [event.id])) == 1 == len(runs("record_async", [event.id]))

@@ -23,9 +23,17 @@ from django_events.logs import batch_log_extra
 from django_events.wiring.compiled import Subscription
 
 try:
-    from django.tasks import task, task_backends  # type: ignore[import-not-found,unused-ignore]
+    from django.tasks import (  # type: ignore[import-not-found,unused-ignore]
+        TaskResultStatus,
+        task,
+        task_backends,
+    )
 except ImportError:  # Django 5.2: the backport
-    from django_tasks import task, task_backends  # type: ignore[no-redef,assignment,unused-ignore]
+    from django_tasks import (  # type: ignore[no-redef,assignment,unused-ignore]
+        TaskResultStatus,
+        task,
+        task_backends,
+    )
 
 logger = logging.getLogger("django_events.tasks")
 
@@ -34,7 +42,16 @@ DB_BACKENDS = ("django_tasks_db.backend.DatabaseBackend", "django_tasks_db.Datab
 SendItem = tuple[Event, bool, Sequence[Subscription]]
 
 
-@task()  # type: ignore[untyped-decorator,unused-ignore]
+def _as_task(func: Any) -> Any:
+    """``func`` as a task of ``TASKS_BACKEND``. A task is validated when defined, by default on
+    Django's alias ``"default"`` and queue ``"default"``, which a project may not have (its own
+    alias, or ``QUEUES`` without ``"default"``); each enqueue names its subscription's queue."""
+    queues = task_backends[conf.TASKS_BACKEND].queues
+    queue = "default" if not queues or "default" in queues else sorted(queues)[0]
+    return task(backend=conf.TASKS_BACKEND, queue_name=queue)(func)
+
+
+@_as_task
 def deliver(message: dict[str, Any]) -> str:
     """Run one subscription's handler for one event; a retry is a new task, ``run_after``."""
     retries = int(message.get("task_retries", 0))
@@ -73,6 +90,40 @@ def enqueues_in_transaction(alias: str) -> bool:
     from django_tasks_db.models import DBTaskResult
 
     return router.db_for_write(DBTaskResult) == alias
+
+
+def requeue_lost(older_than: float) -> list[Any]:
+    """Give back to the queue the ``deliver`` tasks a database backend shows running for more
+    than ``older_than`` seconds: their worker died (``db_worker`` never runs them again).
+
+    Returns the ids requeued. A worker that is only slow would run its task a second time,
+    as with Redis' ``visibility_timeout``: keep ``older_than`` above the longest handler run.
+    """
+    if not is_database_backend(backend()):
+        return []
+    from django_tasks_db.models import DBTaskResult
+
+    cutoff = timezone.now() - timedelta(seconds=older_than)
+    lost = DBTaskResult.objects.using(router.db_for_write(DBTaskResult)).filter(
+        status=TaskResultStatus.RUNNING,
+        task_path=deliver.module_path,
+        backend_name=conf.TASKS_BACKEND,
+        started_at__lt=cutoff,
+    )
+    requeued = []
+    for row in lost.only("id", "worker_ids", "started_at"):
+        # Only if still running as seen: a worker that finished meanwhile keeps its outcome.
+        if lost.filter(pk=row.pk).update(status=TaskResultStatus.READY):
+            logger.warning(
+                "Requeued django_events task %s: running since %s on db_worker %s, "
+                "which is gone (over %gs)",
+                row.pk,
+                row.started_at.isoformat(),
+                ",".join(row.worker_ids) or "?",
+                older_than,
+            )
+            requeued.append(row.pk)
+    return requeued
 
 
 def enqueue(

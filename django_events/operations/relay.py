@@ -1,4 +1,5 @@
-"""The outbox relay: send what was committed but never reached the broker."""
+"""The outbox relay: send what was committed but never reached the broker (Celery), or the
+task backend (``via: tasks`` on a backend that enqueues after commit)."""
 
 from __future__ import annotations
 
@@ -58,7 +59,8 @@ def relay_pending(
                 skip_locked=features.has_select_for_update_skip_locked
             )
         records = list(pending.order_by("occurred_at")[:batch_size])
-        outgoing, nothing_to_send, undeclared = [], [], []
+        outgoing, via_tasks, nothing_to_send, undeclared = [], [], [], []
+        tasks_committed: bool | None = None  # asked once a pass, only if tasks are wired
         for record in records:
             compiled = registry.events.get(record.name)
             if compiled is None:
@@ -77,17 +79,32 @@ def relay_pending(
                 )
                 continue
             subscriptions = accepted(compiled.async_, data)
-            if not subscriptions:
+            tasks = accepted(compiled.tasks, data) if compiled.tasks else []
+            if tasks and tasks_committed is None:
+                tasks_committed = _tasks_in_transaction(using)
+            if tasks_committed:
+                tasks = []  # their task rows committed with the record
+            if not subscriptions and not tasks:
                 nothing_to_send.append(record.pk)
                 continue
             event = event_of(record, compiled.typed_payload(data))
-            outgoing.append((event, compiled.declaration.durable, subscriptions))
+            durable = compiled.declaration.durable
+            if subscriptions:
+                outgoing.append((event, durable, subscriptions))
+            if tasks:
+                via_tasks.append((event, durable, tasks))
         unsent = (
             broker.send_deliveries(outgoing, using, confirm=True, always_try=True)
             if outgoing
             else set()
         )
-        sent = [event.id for event, _, _ in outgoing if event.id not in unsent]
+        if via_tasks:
+            from django_events.delivery import tasks_backend
+
+            # An event with both kinds stays pending until both took it: the next pass sends
+            # both again (at least once).
+            unsent |= tasks_backend.send_deliveries(via_tasks, using)
+        sent = list({event.id for event, _, _ in [*outgoing, *via_tasks] if event.id not in unsent})
         mark_dispatched(using, sent + nothing_to_send)
         if undeclared:
             logger.error(
@@ -205,3 +222,19 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
                 updated_at=timezone.now(),
             )
     return len(sent), len(rows) - len(sent) - len(gone)
+
+
+def _tasks_in_transaction(alias: str) -> bool:
+    from django_events.delivery import tasks_backend
+
+    return tasks_backend.enqueues_in_transaction(alias)
+
+
+def requeue_lost_tasks(*, older_than: float) -> int:
+    """Requeue ``via: tasks`` deliveries whose database-backend task has been running for
+    more than ``older_than`` seconds (its ``db_worker`` was killed); the number requeued."""
+    if not any(s.via == "tasks" for s in get_registry().subscriptions.values()):
+        return 0
+    from django_events.delivery import tasks_backend
+
+    return len(tasks_backend.requeue_lost(older_than))

@@ -5,6 +5,9 @@ transport, both under ``example_project/var/``. Two variables switch to real ser
 
 - ``DATABASE_URL``: ``postgres://user@127.0.0.1:5432/name`` or ``sqlite:///path``
 - ``CELERY_BROKER_URL``: ``amqp://guest:guest@127.0.0.1:5672//`` or ``redis://127.0.0.1:6379/0``
+
+``EVENTS_DELIVERY=tasks`` delivers through Django's Tasks framework instead of Celery: the
+database backend (django-tasks-db) and its ``db_worker``, no broker at all.
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ INSTALLED_APPS = [
     "billing",
     "notifications",
 ]
+
+# Celery (default) or Django's Tasks framework: `scripts/run_example.sh --tasks` sets this.
+EVENTS_DELIVERY = os.environ.get("EVENTS_DELIVERY", "celery")
+if EVENTS_DELIVERY == "tasks":
+    import django
+
+    # The task rows live in this project's database, so they commit with the event.
+    INSTALLED_APPS += [*(["django_tasks"] if django.VERSION < (6,) else []), "django_tasks_db"]
+    TASKS = {
+        "default": {
+            "BACKEND": "django_tasks_db.DatabaseBackend",
+            "QUEUES": ["billing", "notifications"],  # events_queues: a queue left out is E213
+        }
+    }
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
@@ -127,6 +144,7 @@ CELERY_BROKER_CONNECTION_TIMEOUT = 2  # a publisher with the broker down fails f
 DJANGO_EVENTS = {
     "MANIFESTS": [BASE_DIR / "events.yaml"],
     "CELERY_APP": "example_project.celery.app",
+    "DELIVERY": EVENTS_DELIVERY,  # "celery" or "tasks"
 }
 
 # The payment provider signs its webhooks with this shared secret. billing/events.yaml names

@@ -10,7 +10,12 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from django_events.models import EventRecord
-from django_events.operations.relay import DatabaseOutage, RelayResult, relay_backlog
+from django_events.operations.relay import (
+    DatabaseOutage,
+    RelayResult,
+    relay_backlog,
+    requeue_lost_tasks,
+)
 
 # Seconds between a loop's passes while the database or the broker is down, at most.
 MAX_BACKOFF = 30.0
@@ -42,6 +47,15 @@ class Command(BaseCommand):
             "for the records pending when it started to reach that age.",
         )
         parser.add_argument(
+            "--requeue-running-after",
+            type=float,
+            default=3600.0,
+            metavar="SECONDS",
+            help="via: tasks with the database backend: requeue a delivery task running for "
+            "longer than this (default 3600), its db_worker having died. Keep it above the "
+            "longest handler run: a task still running would run twice.",
+        )
+        parser.add_argument(
             "--database",
             default=DEFAULT_DB_ALIAS,
             choices=tuple(connections),
@@ -51,13 +65,23 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
+        if options["requeue_running_after"] <= 0:
+            raise CommandError("--requeue-running-after must be positive")
         if not options["loop"]:
             try:
+                self._requeue(options)
                 self._one_shot(options)
             except DatabaseError as exc:
                 raise CommandError(f"The database could not be reached: {exc}") from exc
             return
         self._loop(options)
+
+    def _requeue(self, options: dict[str, Any]) -> None:
+        requeued = requeue_lost_tasks(older_than=options["requeue_running_after"])
+        if requeued:
+            self.stdout.write(
+                f"Requeued {requeued} task(s) left running by a db_worker that is gone."
+            )
 
     def _loop(self, options: dict[str, Any]) -> None:
         """Relay until stopped, outliving database and broker outages (logged once each)."""
@@ -66,6 +90,7 @@ class Command(BaseCommand):
         delay, unsent_before = interval, 0
         while True:
             try:
+                self._requeue(options)
                 result = self._drain(options)
             except DatabaseError as exc:
                 outage.failed(exc)
