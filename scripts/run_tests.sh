@@ -85,14 +85,21 @@ step "docs (Sphinx, warnings are errors)"
 rm -rf docs/_build
 .venv/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
+# Branch coverage of both passes, the celery worker and other subprocesses included
+# ([tool.coverage] in pyproject.toml); the report and its floor follow the PostgreSQL pass.
+COVERAGE_FLOOR=95
+rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite"
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/coverage run -m pytest -q "$@"
 step "tests: the example project's own suite (captured_events / events_eager), SQLite"
 (cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL"
-DATABASE_URL=$PG_URL .venv/bin/python -m pytest -q "$@"
+DATABASE_URL=$PG_URL .venv/bin/coverage run -m pytest -q "$@"
 step "tests: the example project's own suite, PostgreSQL"
 (cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
+step "coverage (branch, both passes; floor ${COVERAGE_FLOOR}%)"
+.venv/bin/coverage combine -q
+.venv/bin/coverage report --fail-under="$COVERAGE_FLOOR" | tail -n 25
 step "benchmarks: smoke run (each once, tiny counts; nothing is timed or judged)"
 DATABASE_URL=$PG_URL .venv/bin/python -m benchmarks --smoke
 if [ -n "$PY313" ]; then
