@@ -271,15 +271,7 @@ def _run(
                 extra=log_extra(event, subscription),
             )
             if recorded == RECORDED:
-                send_delivery_failed(
-                    event=event,
-                    event_id=event.id,
-                    subscription=subscription.name,
-                    mode="async",
-                    attempts=attempt,
-                    error=error,
-                    exception=exc,
-                )
+                _announce_failure(event, subscription.name, attempt, error, exc)
             return Outcome("failed", error=exc)
         return Outcome(
             "retry",
@@ -472,15 +464,7 @@ def _handler_unavailable(
     row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
     recorded = _record_quietly(alias, event, [row], always=True)
     if recorded == RECORDED:
-        send_delivery_failed(
-            event=event,
-            event_id=event.id,
-            subscription=subscription.name,
-            mode="async",
-            attempts=attempt,
-            error=error,
-            exception=exc,
-        )
+        _announce_failure(event, subscription.name, attempt, error, exc)
     if recorded != OUTAGE:
         return Outcome("failed", error=exc)
     # As for a handler's failure: retry until the outcome can be recorded.
@@ -533,15 +517,23 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
         return Outcome("rejected")
     row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
     if _record_quietly(message.alias, event, [row], always=True) == RECORDED:
-        send_delivery_failed(
-            event=event,
-            event_id=event.id,
-            subscription=message.subscription,
-            mode="async",
-            attempts=attempt,
-            error=error,
-        )
+        _announce_failure(event, message.subscription, attempt, error)
     return Outcome("failed")
+
+
+def _announce_failure(
+    event: Event, subscription: str, attempt: int, error: str, exc: BaseException | None = None
+) -> None:
+    """Send `delivery_failed` for an async delivery whose failed row is saved."""
+    send_delivery_failed(
+        event=event,
+        event_id=event.id,
+        subscription=subscription,
+        mode="async",
+        attempts=attempt,
+        error=error,
+        exception=exc,
+    )
 
 
 def _message_log_extra(message: DeliveryMessage) -> dict[str, Any]:
