@@ -270,7 +270,7 @@ def _ready_messages(worker: WorkerProcess) -> dict[str, int]:
 
 def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3) -> None:
     """Wait until no message waits in the broker for these workers (all running ones if none
-    given) and each run a worker's log shows received has ended; fail after ``timeout``.
+    given) and every task run their logs show as received has ended; fail after ``timeout``.
 
     A retry scheduled for later keeps a worker busy: Celery logs its message as received when
     it takes it, and the run as ended only when it ran. The state must hold for ``settle``
@@ -278,6 +278,7 @@ def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3)
     Afterwards a duplicate or a retry that has not run will not come by itself.
     """
     watched = list(workers or _running)
+    assert watched, "wait_idle: no worker is running"
     deadline = time.monotonic() + timeout
     idle_since: float | None = None
     while True:
@@ -294,7 +295,7 @@ def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3)
             idle_since = now
         elif now - idle_since >= settle:
             return
-        if now > deadline:
+        if busy and now > deadline:
             states = "; ".join(
                 f"worker {node}: messages waiting {ready or 'none'}, {running} run(s) not ended"
                 f" (tasks {tasks})"
