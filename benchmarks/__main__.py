@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.db import connection
 
-    from . import bench_delivery, bench_publish, harness
+    from . import bench_delivery, bench_publish, bench_versions, harness
 
     harness.judging = not args.smoke
 
@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             ("5", bench_publish.figure_5),
             ("6", bench_delivery.figure_6),
             ("7", bench_delivery.figure_7),
+            ("8", bench_versions.figure_8),
+            ("9", bench_publish.figure_9),
         ]
         for number, figure in figures:
             if only and number not in only:

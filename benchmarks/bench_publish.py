@@ -15,6 +15,8 @@ from jsonschema import Draft202012Validator
 
 from django_events import publish, publish_many
 from django_events.delivery.broker import send_deliveries
+from django_events.delivery.messages import event_body
+from django_events.delivery.sealing import open_event, seal_event
 from django_events.events import Event
 from django_events.wiring.registry import get_registry
 
@@ -205,3 +207,51 @@ def figure_5(ctx: Context) -> bool:
         f"Draft202012Validator.is_valid {ref_us[len(ref_us) // 2]:.1f} us | target <= 3 us",
         median <= 3,
     )
+
+
+def figure_9(ctx: Context) -> Comparison:
+    """Sending 100 messages whose event has a redacted field (sealed), against the same
+    messages of an event without one."""
+    batches = ctx.count(10)
+    subscriptions = get_registry().event("bench.async").async_
+    now = timezone.now()
+
+    def outgoing(name: str) -> list[tuple[Event, bool, Any]]:
+        events = [Event(i, name, p, {}, now, i, None, p) for i, p in _payloads(ctx)]
+        return [(e, True, subscriptions) for e in events]
+
+    sealed, plain = outgoing("bench.redacted"), outgoing("bench.async")
+    result = compare(
+        "9",
+        "100 messages of an event with redact (sealed) vs without (per message)",
+        "us",
+        partial(
+            per_op,
+            lambda c: [send_deliveries(sealed, "default") for _ in range(c // 100)],
+            100 * batches,
+        ),
+        [
+            Baseline(
+                "the same without redact",
+                partial(
+                    per_op,
+                    lambda c: [send_deliveries(plain, "default") for _ in range(c // 100)],
+                    100 * batches,
+                ),
+                Target(1.25),
+            )
+        ],
+        ctx.repeat,
+    )
+    # The worker's side: opening one sealed payload.
+    message = seal_event(event_body(sealed[0][0]), ("email",))
+    opens = sorted(
+        per_op(lambda c: [open_event(message) for _ in range(c)], ctx.count(20000))
+        for _ in range(ctx.repeat)
+    )
+    print(f" 8. a worker opens a sealed payload in {opens[len(opens) // 2]:.1f} us", flush=True)
+    return result
+
+
+def _payloads(ctx: Context) -> list[tuple[uuid.UUID, dict[str, Any]]]:
+    return [(uuid.uuid4(), ctx.payload(i)) for i in range(100)]

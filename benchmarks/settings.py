@@ -60,6 +60,8 @@ DJANGO_EVENTS = {
     "EVENTS": {
         "bench.sync": {"schema": SCHEMA, "record": "failures"},
         "bench.async": {"schema": SCHEMA},
+        # Figure 9: the same event with a redacted field (its messages carry it sealed).
+        "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},

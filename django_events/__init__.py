@@ -1,7 +1,7 @@
 """Declarative events and subscriptions for Django.
 
-Safe to import before settings are configured: ``publish`` and ``publish_many`` load
-their module (which needs the models) on first access.
+Safe to import before settings are configured: ``publish``, ``publish_many`` and their async
+forms load their module (which needs the models) on first access.
 """
 
 from __future__ import annotations
@@ -9,16 +9,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from django_events.events import Event, current_event
-from django_events.exceptions import (
-    EventError,
-    InterceptorError,
-    InvalidPayload,
-    UnknownEvent,
-)
+from django_events.exceptions import EventError, InterceptorError, InvalidPayload, UnknownEvent
 from django_events.wiring.typed import event
 
 if TYPE_CHECKING:
-    from django_events.publishing import publish, publish_many
+    from django_events.publishing import apublish, apublish_many, publish, publish_many
 
 __all__ = [
     "Event",
@@ -26,6 +21,8 @@ __all__ = [
     "InterceptorError",
     "InvalidPayload",
     "UnknownEvent",
+    "apublish",
+    "apublish_many",
     "current_event",
     "event",
     "publish",
@@ -34,7 +31,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("publish", "publish_many"):
+    if name in ("publish", "publish_many", "apublish", "apublish_many"):
         from django_events import publishing
 
         return getattr(publishing, name)

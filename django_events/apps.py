@@ -25,6 +25,9 @@ class DjangoEventsConfig(AppConfig):
         register(checks.check_configuration, "django_events")
         register(checks.check_handlers, "django_events")
         register(checks.check_celery, "django_events")
+        register(checks.check_tasks, "django_events")
+        register(checks.check_upcasters, "django_events")
+        register(checks.check_lock, "django_events")
         register(check_inbound, "django_events")
         setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
         if conf.AUTODISCOVER:

@@ -7,9 +7,12 @@ from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
 
-from django_events.wiring.compiled import HandlerImportError, resolve_handler
+from django_events.conf import conf
+from django_events.wiring.compiled import HandlerImportError, is_async_handler, resolve_handler
+from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import get_registry
+from django_events.wiring.upcasting import resolve_upcaster
 
 # Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
 CHECK_IDS: dict[str, str] = {
@@ -30,11 +33,19 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E110": "a PIPELINE entry is not an interceptor",
     "django_events.E111": "a broadcast subscription is also idempotent",
     "django_events.W110": "a broadcast subscription has a retry policy",
+    "django_events.E120": "an inline subscription has an async def handler",
+    "django_events.E130": "an event's upcast key is not an older version",
+    "django_events.E131": "an upcaster does not import or is not callable",
+    "django_events.W130": "the lock file no longer matches the declarations",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
     "django_events.E203": "async subscriptions but no Celery app",
     "django_events.E204": "the Celery app accepts pickle",
     "django_events.W205": "the Celery app uses kombu's own filesystem transport",
+    "django_events.E210": "via: tasks, but no such task backend (or no django.tasks)",
+    "django_events.E211": "a task backend without defer for a subscription that retries",
+    "django_events.E212": "a broadcast subscription goes via tasks",
+    "django_events.E213": "a subscription's queue is not served by its task backend",
     "django_events.E301": "an inbound secret setting or environment variable is missing",
     "django_events.E302": "an inbound secret has the wrong shape or is empty",
     "django_events.W301": "an inbound permission is declared by no model",
@@ -62,18 +73,28 @@ def check_configuration(
 
 
 def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
-    """Every subscription's handler imports and can be called."""
+    """Every subscription's handler imports and can be called (inline ones synchronously)."""
     messages: list[CheckMessage] = []
     for subscription in get_registry().subscriptions.values():
         path = subscription.declaration.handler
         try:
-            resolve_handler(path)
+            handler = resolve_handler(path)
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
         else:
+            if subscription.mode == "inline" and is_async_handler(handler):
+                messages.append(
+                    Error(
+                        f"Subscription {subscription.name!r} is inline but its handler "
+                        f"{path!r} is async def",
+                        hint="Use mode: sync or async (inline runs inside publish()).",
+                        obj=str(subscription.declaration.origin),
+                        id="django_events.E120",
+                    )
+                )
             continue
         messages.append(
             Error(
@@ -86,10 +107,56 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     return messages
 
 
+def check_upcasters(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Every upcaster imports and can be called."""
+    messages: list[CheckMessage] = []
+    for compiled in get_registry().events.values():
+        for step, path in sorted(compiled.declaration.upcast.items()):
+            try:
+                resolve_upcaster(path)
+            except Exception as exc:  # noqa: BLE001 - ImportError, TypeError, or the module raised
+                messages.append(
+                    Error(
+                        f"Event {compiled.name!r}: upcaster v{step} -> v{step + 1} {path!r} "
+                        f"is unusable: {type(exc).__name__}: {exc}",
+                        hint="Point it at a function f(payload) -> payload.",
+                        obj=str(compiled.declaration.origin),
+                        id="django_events.E131",
+                    )
+                )
+    return messages
+
+
+def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """A lock file that exists matches the declarations (``events_lock`` rewrites it)."""
+    path = conf.LOCK_FILE
+    if not path.is_file():
+        return []
+    try:
+        locked = read_lock(path)
+    except ValueError as exc:
+        reason = str(exc)
+    else:
+        current = lock_data(get_registry())
+        if locked == current:
+            return []
+        changes = compare(locked, current)
+        first = str(changes[0]) if changes else "its upcasters differ"
+        reason = f"{len(changes)} change(s) since it was written; first: {first}"
+    return [
+        Warning(
+            f"Lock file {str(path)!r} is stale: {reason}",
+            hint="Run manage.py events_compat to review, then manage.py events_lock.",
+            obj=str(path),
+            id="django_events.W130",
+        )
+    ]
+
+
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Async subscriptions need a Celery app that accepts only safe serializers."""
     registry = get_registry()
-    if not any(s.mode == "async" for s in registry.subscriptions.values()):
+    if not any(s.mode == "async" and s.via != "tasks" for s in registry.subscriptions.values()):
         return []
     from celery import Celery
 
@@ -135,6 +202,66 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
                 id="django_events.W205",
             )
         )
+    return messages
+
+
+def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Subscriptions ``via: tasks`` need a task backend that can do what they ask."""
+    from django_events.conf import conf
+
+    subscriptions = [
+        s for s in get_registry().subscriptions.values() if s.mode == "async" and s.via == "tasks"
+    ]
+    if not subscriptions:
+        return []
+    try:
+        from django_events.delivery import tasks_backend
+
+        backend: Any = tasks_backend.backend()
+    except Exception as exc:  # noqa: BLE001 - ImportError, InvalidTaskBackendError, a bad class
+        return [
+            Error(
+                f"Subscription {s.name!r} goes via tasks, but task backend "
+                f"{conf.TASKS_BACKEND!r} is not usable: {type(exc).__name__}: {exc}",
+                hint="Define it in settings.TASKS (on Django 5.2: pip install "
+                "'django-event-wiring[tasks]'), or set DJANGO_EVENTS['TASKS_BACKEND'].",
+                obj=str(s.declaration.origin),
+                id="django_events.E210",
+            )
+            for s in subscriptions
+        ]
+    messages: list[CheckMessage] = []
+    for s in subscriptions:
+        where = str(s.declaration.origin)
+        if s.declaration.broadcast:
+            messages.append(
+                Error(
+                    f"Subscription {s.name!r} is broadcast, which task backends cannot do",
+                    hint="Use via: celery for broadcast subscriptions.",
+                    obj=where,
+                    id="django_events.E212",
+                )
+            )
+        elif s.retry.max_attempts > 1 and not backend.supports_defer:
+            messages.append(
+                Error(
+                    f"Subscription {s.name!r} retries, but task backend "
+                    f"{conf.TASKS_BACKEND!r} cannot defer tasks (run_after)",
+                    hint="Use a backend with supports_defer, or retry: {max_attempts: 1}.",
+                    obj=where,
+                    id="django_events.E211",
+                )
+            )
+        if backend.queues and s.queue not in backend.queues:
+            messages.append(
+                Error(
+                    f"Subscription {s.name!r} uses queue {s.queue!r}, which task backend "
+                    f"{conf.TASKS_BACKEND!r} does not serve: {sorted(backend.queues)!r}",
+                    hint="Add the queue to the backend's QUEUES, or change the queue.",
+                    obj=where,
+                    id="django_events.E213",
+                )
+            )
     return messages
 
 

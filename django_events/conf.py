@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,9 @@ DEFAULTS: dict[str, Any] = {
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
     "SUCCESS_RECORDS": "immediate",
+    "DELIVERY": "celery",
+    "TASKS_BACKEND": "default",
+    "LOCK_FILE": "events.lock.json",
 }
 
 
@@ -170,8 +174,22 @@ class Settings:
         return str(self._get("SUCCESS_RECORDS"))
 
     @property
+    def DELIVERY(self) -> str:
+        """How async deliveries travel: ``"celery"`` or ``"tasks"`` (Django's Tasks)."""
+        return str(self._get("DELIVERY"))
+
+    @property
+    def TASKS_BACKEND(self) -> str:
+        return str(self._get("TASKS_BACKEND"))
+
+    @property
     def INBOUND_MAX_BODY(self) -> int:
         return int(self._get("INBOUND_MAX_BODY"))
+
+    @property
+    def LOCK_FILE(self) -> Path:
+        value = self._get("LOCK_FILE")
+        return Path(value if isinstance(value, str | PathLike) and value else DEFAULTS["LOCK_FILE"])
 
 
 conf = Settings()

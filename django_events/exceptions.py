@@ -49,3 +49,27 @@ class InterceptorError(EventError):
         super().__init__(
             f"Interceptor {interceptor} refused event {name!r}: {type(error).__name__}: {error}"
         )
+
+
+class UpcastError(EventError):
+    """An upcaster raised, did not import, or returned something that is not a payload."""
+
+    def __init__(self, name: str, step: int, path: str, reason: str) -> None:
+        self.name = name
+        self.step = step  # the version it upgrades from
+        self.path = path
+        self.reason = reason
+        super().__init__(f"Upcaster v{step} -> v{step + 1} of event {name!r} ({path}) {reason}")
+
+
+class NewerVersion(EventError):
+    """A stored or sent payload is of a newer version than this process declares."""
+
+    def __init__(self, name: str, version: int, known: int) -> None:
+        self.name = name
+        self.version = version
+        self.known = known
+        super().__init__(
+            f"Event {name!r} is version {version}; this process knows up to version {known}: "
+            "waiting for a newer worker"
+        )

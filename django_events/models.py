@@ -20,6 +20,12 @@ class EventRecord(models.Model):
     id = models.UUIDField(_("event id"), primary_key=True, editable=False)
     name = models.CharField(_("event name"), max_length=200)
     payload = models.JSONField(_("payload"), default=dict)
+    version = models.PositiveIntegerField(
+        _("version"),
+        default=1,
+        db_default=1,  # rows inserted by raw SQL (or before this column) are version 1
+        help_text=_("Version of the event's contract the payload was published with."),
+    )
     headers = models.JSONField(_("headers"), default=dict, blank=True)
     occurred_at = models.DateTimeField(_("occurred at"), default=timezone.now)
     correlation_id = models.UUIDField(

@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar, overload
 from uuid import uuid4
 
+from asgiref.sync import sync_to_async
 from django.db import router, transaction
 from django.utils import timezone
 
@@ -19,8 +20,28 @@ from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
-from django_events.wiring.compiled import Registry
+from django_events.wiring.compiled import Registry, Subscription
 from django_events.wiring.registry import get_registry
+
+_Payload = TypeVar("_Payload")
+
+
+@overload
+def publish(
+    event: str,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event: ...
+@overload
+def publish(
+    event: _Payload,
+    payload: None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event[_Payload]: ...
 
 
 def publish(
@@ -55,6 +76,50 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     return [o.event for o in batch]
 
 
+@overload
+async def apublish(
+    event: str,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event: ...
+@overload
+async def apublish(
+    event: _Payload,
+    payload: None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event[_Payload]: ...
+
+
+async def apublish(
+    event: Any,
+    payload: Any = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    using: str | None = None,
+) -> Event:
+    """``publish()`` for async code (an ``async def`` view or consumer): same arguments,
+    validation, errors and semantics.
+
+    It runs ``publish()`` in the thread where Django runs this context's sync code
+    (``sync_to_async``): Django's transactions are synchronous, so outside one (the usual
+    case in async code) deliveries run at once, before it returns, as with ``publish()``.
+    """
+    return await _publish_in_thread(event, payload, headers=headers, using=using)
+
+
+async def apublish_many(items: Iterable[Any], *, using: str | None = None) -> list[Event]:
+    """``publish_many()`` for async code (see :func:`apublish`)."""
+    return await _publish_many_in_thread(list(items), using=using)
+
+
+_publish_in_thread = sync_to_async(publish, thread_sensitive=True)
+_publish_many_in_thread = sync_to_async(publish_many, thread_sensitive=True)
+
+
 def _unpack(item: Any) -> tuple[Any, Any, Any]:
     if not isinstance(item, tuple):
         return item, None, None
@@ -86,6 +151,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         parent.correlation_id if parent else event_id,
         parent.id if parent else None,
         data,
+        compiled.declaration.version,
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)
@@ -95,6 +161,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         sync=accepted(compiled.sync, data),
         async_=accepted(compiled.async_, data),
         recorded=compiled.records_all,
+        tasks=accepted(compiled.tasks, data),
     )
 
 
@@ -126,6 +193,12 @@ def use_outlet(outlet: Outlet) -> Iterator[Outlet]:
         _outlet = previous
 
 
+def _tasks_in_transaction(alias: str) -> bool:
+    from django_events.delivery import tasks_backend
+
+    return tasks_backend.enqueues_in_transaction(alias)
+
+
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
     alias = using or router.db_for_write(EventRecord)
     outlet = _outlet
@@ -135,17 +208,27 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
     deferred: list[Outgoing] = []
+    in_transaction: list[tuple[Event, bool, list[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         for subscription in accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
+        if item.tasks and _tasks_in_transaction(alias):
+            # The task rows go in the caller's transaction, beside the event record.
+            in_transaction.append((item.event, item.compiled.declaration.durable, item.tasks))
+            item.tasks = []
         if item.recorded:
-            status = EventRecord.Status.PENDING if item.async_ else EventRecord.Status.DISPATCHED
+            pending = item.async_ or item.tasks
+            status = EventRecord.Status.PENDING if pending else EventRecord.Status.DISPATCHED
             records.append((item.event, status))
-        if item.sync or item.async_:
+        if item.sync or item.async_ or item.tasks:
             deferred.append(item)
     if records:
         insert_records(alias, records)
+    if in_transaction:
+        from django_events.delivery import tasks_backend
+
+        tasks_backend.enqueue(in_transaction, alias)
     if deferred:
         transaction.on_commit(
             partial(dispatch, deferred, alias, outlet.send), using=alias, robust=outlet.robust

@@ -10,6 +10,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_ready
 
 from django_events.conf import conf
+from django_events.delivery.messages import summary_of
 from django_events.delivery.worker import process_message, wiring_problems
 from django_events.logs import log_extra
 
@@ -35,7 +36,11 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
     )
     if outcome.retry_in is not None:
-        raise self.retry(countdown=outcome.retry_in, exc=outcome.error)
+        # Celery would saferepr() the whole message into the retry's argsrepr (task events,
+        # Flower): keep the short summary the first message had.
+        shown: dict[str, Any] = {"argsrepr": summary_of(message), "kwargsrepr": "{}"}
+        args = None if outcome.retry_with is None else (outcome.retry_with,)
+        raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error, **shown)
     if outcome.status != "succeeded":
         raise Ignore(f"delivery {outcome.status}")
 

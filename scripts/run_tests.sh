@@ -67,6 +67,13 @@ elif [ -n "${CI:-}" ]; then
   echo "Python 3.13 not found: Django 6.1 cannot be tested" >&2; exit 1
 fi
 
+step "AsyncAPI parser (@asyncapi/parser from npm, for tests/test_asyncapi.py)"
+if command -v npm >/dev/null; then
+  (cd tests/asyncapi && npm ci --no-audit --no-fund --loglevel=error)
+elif [ -n "${CI:-}" ]; then
+  echo "npm not found: the AsyncAPI parser cannot be installed" >&2; exit 1
+fi
+
 step "ruff"
 .venv/bin/ruff check django_events tests example_project docs benchmarks
 step "import layers (lint-imports: a module imports only from the layers below it)"

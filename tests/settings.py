@@ -85,7 +85,17 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_events",
     "tests.app",
+    # DJANGO_EVENTS["DELIVERY"] = "tasks": the django-tasks backport on 5.2, the database backend
+    *(["django_tasks"] if __import__("django").VERSION < (6,) else []),
+    "django_tasks_db",
 ]
+_TASKS_PACKAGE = "django_tasks" if __import__("django").VERSION < (6,) else "django.tasks"
+TASKS = {
+    "default": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": []},
+    # For the checks: a backend that cannot defer, one that serves a single queue.
+    "immediate": {"BACKEND": f"{_TASKS_PACKAGE}.backends.immediate.ImmediateBackend"},
+    "narrow": {"BACKEND": "django_tasks_db.DatabaseBackend", "QUEUES": ["only-this"]},
+}
 MIDDLEWARE = [
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",

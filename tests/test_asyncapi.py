@@ -1,9 +1,15 @@
-"""`events_asyncapi`: the wiring as an AsyncAPI 3.0 document, valid against the official
-JSON Schema (vendored in tests/asyncapi/, see its README)."""
+"""`events_asyncapi`: the wiring as an AsyncAPI 3.0 document, valid for the official parser
+(`@asyncapi/parser`, installed in tests/asyncapi/ by scripts/run_tests.sh) and against the
+official JSON Schema (vendored in tests/asyncapi/, see its README)."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import tempfile
+import uuid
 from functools import cache
 from io import StringIO
 from pathlib import Path
@@ -11,15 +17,54 @@ from typing import Any
 
 import pytest
 import yaml
+from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from jsonschema import Draft7Validator
 
 from tests.conftest import wiring
-from tests.test_example_project import EXAMPLE, manage
+from tests.test_example_project import EXAMPLE, manage_with
 from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
-SCHEMA = Path(__file__).resolve().parent / "asyncapi" / "asyncapi-3.0.0.schema.json"
+FOLDER = Path(__file__).resolve().parent / "asyncapi"
+SCHEMA = FOLDER / "asyncapi-3.0.0.schema.json"
+ROOT = FOLDER.parent.parent
+ALL = Path(settings.BASE_DIR) / "manifests" / "asyncapi.yaml"
+
+
+def parse(document: dict[str, Any] | str) -> list[dict[str, str]]:
+    """The official parser's diagnostics of ``document`` (tests/asyncapi/validate.mjs)."""
+    node = shutil.which("node")
+    if node is None or not (FOLDER / "node_modules" / "@asyncapi" / "parser").is_dir():
+        message = "the AsyncAPI parser is not installed: cd tests/asyncapi && npm ci"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    text = document if isinstance(document, str) else json.dumps(document)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as out:
+        out.write(text)
+    try:
+        run = subprocess.run(
+            [node, str(FOLDER / "validate.mjs"), out.name],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.unlink(out.name)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    return list(result["diagnostics"])
+
+
+def parser_errors(document: dict[str, Any] | str) -> list[str]:
+    """The diagnostics of error severity, as "path: message" lines."""
+    return [
+        f"{d['path']}: {d['code']}: {d['message']}"
+        for d in parse(document)
+        if d["severity"] == "error"
+    ]
 
 
 @cache
@@ -69,34 +114,84 @@ def asyncapi(*args: str) -> str:
 
 
 @cache
-def example_document() -> str:
-    result = manage("events_asyncapi", "--title", "Example shop", "--api-version", "2.1.0")
+def example_document(broker: str = "filesystem://") -> str:
+    # PYTHONPATH: this checkout's package, whatever the shared virtualenv has installed.
+    env = {"PYTHONPATH": str(ROOT), "CELERY_BROKER_URL": broker}
+    args = ("events_asyncapi", "--title", "Example shop", "--api-version", "2.1.0")
+    result = manage_with(env, *args)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_example_project_document_is_valid_asyncapi_3() -> None:
-    document = json.loads(example_document())
+@pytest.mark.parametrize(
+    "broker",
+    ["amqp://guest:guest@127.0.0.1:5672//", "redis://:s3cret@127.0.0.1:6379/0", "filesystem://"],
+)
+def test_example_project_document_passes_the_official_parser(broker: str) -> None:
+    text = example_document(broker)
+    document = json.loads(text)
 
+    assert parser_errors(text) == []
     assert schema_errors(document) == []
     assert dangling_refs(document) == []
+    assert "guest" not in text and "s3cret" not in text
+
+
+def test_example_project_document_describes_the_wire() -> None:
+    document = json.loads(example_document("amqp://guest:guest@127.0.0.1:5672//"))
+
     assert document["asyncapi"] == "3.0.0"
     assert document["info"] == {"title": "Example shop", "version": "2.1.0"}
+    assert document["servers"]["broker"] == {
+        "host": "127.0.0.1:5672",
+        "protocol": "amqp",
+        "protocolVersion": "0.9.1",
+        "title": "Celery broker",
+        "description": "The broker of the Celery app (`CELERY_APP`).",
+    }
+    assert document["servers"]["http"]["pathname"] == "/events"
     manifests = [yaml.safe_load(p.read_text()) for p in sorted(EXAMPLE.rglob("events.yaml"))]
     declared = {name for m in manifests for name in m.get("events") or {}}
     assert {"orders.order_cancelled", "orders.order_placed"} <= declared
-    assert set(document["channels"]) == declared
+    assert {m for m in document["components"]["messages"] if "." not in m[-5:]} >= declared
     subscribed = {s["name"] for m in manifests for s in m.get("subscriptions") or []}
-    assert {op["x-django-events"]["subscription"] for op in document["operations"].values()} == (
-        subscribed
-    )
+    received = [op for op in document["operations"].values() if op["action"] == "receive"]
+    assert {
+        op["x-django-events"]["subscription"]
+        for op in received
+        if "subscription" in op["x-django-events"]
+    } == subscribed
     placed = document["components"]["schemas"]["orders.order_placed"]
     assert placed["required"] == ["order_id", "total", "email"]
+    # The queue as Celery sends to it: AMQP's default exchange, routing key "billing" (the
+    # delivery_info of a real message says so: tests/test_monitoring.py).
+    billing = document["channels"]["queue.billing"]
+    assert billing["address"] == "billing"
+    assert billing["bindings"] == {
+        "amqp": {
+            "is": "routingKey",
+            "exchange": {"type": "default", "vhost": "/"},
+            "bindingVersion": "0.3.0",
+        }
+    }
+    consumed = document["channels"]["queue.billing.consume"]
+    assert consumed["address"] == "billing"
+    assert consumed["bindings"]["amqp"]["queue"] == {
+        "name": "billing",
+        "durable": True,
+        "exclusive": False,
+        "autoDelete": False,
+        "vhost": "/",
+    }
     operations = document["operations"]
+    send = operations["send.orders.order_placed.billing"]
+    assert send["action"] == "send"
+    assert send["channel"] == {"$ref": "#/channels/queue.billing"}
+    assert send["bindings"]["amqp"]["deliveryMode"] == 2
     invoice = operations["billing.create_invoice"]
     assert invoice["action"] == "receive"
-    assert invoice["channel"] == {"$ref": "#/channels/orders.order_placed"}
-    assert invoice["x-django-events"]["queue"] == "billing"
+    assert invoice["channel"] == {"$ref": "#/channels/queue.billing.consume"}
+    assert invoice["bindings"] == {"amqp": {"ack": True, "bindingVersion": "0.3.0"}}
     assert invoice["x-django-events"]["retry"]["max_attempts"] == 5
     assert operations["notifications.big_order_alert"]["x-django-events"]["when"] == {
         "total": {"gte": 1000}
@@ -106,10 +201,63 @@ def test_example_project_document_is_valid_asyncapi_3() -> None:
         "notifications.order_activity.orders.order_cancelled",
         "notifications.order_activity.orders.order_placed",
     ]
-    assert (
-        "queue"
-        not in operations["notifications.order_activity.orders.order_placed"]["x-django-events"]
-    )
+    # The Celery task message, with the payload schema inside its one argument.
+    task = document["components"]["messages"]["orders.order_placed.task"]
+    assert task["headers"]["properties"]["task"] == {"const": "django_events.deliver"}
+    [args, _, _] = task["payload"]["items"]
+    event = args["items"][0]["properties"]["event"]
+    # email is redacted: the message carries it masked, and the payload sealed.
+    assert event["properties"]["payload"] == {
+        "$ref": "#/components/schemas/orders.order_placed.masked"
+    }
+    assert "sealed" in event["properties"]
+    # Inbound: an http channel and a POST operation.
+    inbound = operations["inbound.payments.payment_succeeded"]
+    assert inbound["bindings"]["http"]["method"] == "POST"
+    channel = document["channels"]["http.payments.payment_succeeded"]
+    assert channel["address"] == "/payments.payment_succeeded/"
+    assert "secret" not in inbound["x-django-events"]
+
+
+def test_a_message_on_the_wire_matches_its_description() -> None:
+    """A real task message (Celery builds it) validates against the document's schemas."""
+    from django.utils import timezone
+
+    from django_events.delivery.messages import build_message, event_body
+    from django_events.delivery.sealing import seal_event
+    from django_events.events import Event
+    from tests.brokers import amqp
+
+    with wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"},
+        CELERY_APP="tests.brokers.amqp",
+    ):
+        document = json.loads(asyncapi())
+        ident = uuid.uuid4()
+        data = {"order_id": 1, "total": 2.5, "email": "ada@example.com"}
+        event = Event(ident, "orders.placed", data, {}, timezone.now(), ident, None, data)
+        message = amqp.amqp.as_task_v2(
+            "task-id",
+            "django_events.deliver",
+            args=(build_message(seal_event(event_body(event), ("email",)), "x", "default"),),
+            argsrepr="('x', 'id')",
+            kwargsrepr="{}",
+        )
+    task = document["components"]["messages"]["orders.placed.task"]
+    resolver_root = {"components": document["components"]}
+
+    def check(schema: dict[str, Any], value: Any) -> list[str]:
+        validator = Draft7Validator({**schema, **resolver_root})
+        return [e.message for e in validator.iter_errors(value)]
+
+    body = json.loads(json.dumps(message.body))  # tuples become arrays, as on the wire
+    assert check(task["payload"], body) == []
+    assert check(task["headers"], json.loads(json.dumps(message.headers))) == []
+    assert body[0][0]["event"]["payload"]["email"] == "•••" and "sealed" in body[0][0]["event"]
+    body[0][0]["event"]["payload"]["total"] = -1
+    assert check(task["payload"], body) != []
+    body[0][0]["event"]["payload"].update(total=1, email="ada@example.com")  # not masked
+    assert check(task["payload"], body) != []
 
 
 TREE = {
@@ -167,7 +315,8 @@ def test_local_references_and_typed_events_stay_reachable() -> None:
         and op["x-django-events"]["queue"] == "audit"
         for op in operations.values()
     )
-    assert len(operations) == len(document["channels"])
+    events = {k for k in document["components"]["messages"] if not k.endswith((".task", ".http"))}
+    assert len(operations) == len(events)
     flush = document["operations"]["cache-flush"]
     assert flush["x-django-events"]["exchange"] == "caches.broadcast"
     assert {"name": "broadcast"} in flush["tags"]
@@ -193,3 +342,134 @@ def test_the_vendored_schema_rejects_a_broken_document() -> None:
 
     assert any("'version' is a required property" in e for e in errors)
     assert any("consume" in e for e in errors)
+
+
+def test_each_event_carries_its_version() -> None:
+    events = {"o.v3": {"version": 3, "upcast": {1: "tests.app.upcasters.split_total"}}, "o.v1": {}}
+    with wiring(EVENTS=events):
+        document = json.loads(asyncapi())
+
+    assert schema_errors(document) == []
+    messages = document["components"]["messages"]
+    assert messages["o.v3"]["x-django-events"]["version"] == 3
+    assert messages["o.v3"]["title"] == "o.v3 v3"
+    assert messages["o.v1"]["x-django-events"]["version"] == 1
+
+
+def every_feature_document(app: str = "tests.brokers.amqp") -> dict[str, Any]:
+    with wiring(MANIFESTS=[ALL], CELERY_APP=app):
+        return json.loads(asyncapi("--http-host", "shop.example.com"))
+
+
+@pytest.mark.usefixtures("typed_events")
+@pytest.mark.parametrize("app", ["tests.brokers.amqp", "tests.brokers.redis"])
+def test_a_manifest_using_every_feature_passes_the_official_parser(app: str) -> None:
+    document = every_feature_document(app)
+
+    assert parser_errors(document) == []
+    assert schema_errors(document) == []
+    assert dangling_refs(document) == []
+
+
+def test_every_feature_on_the_wire() -> None:
+    document = every_feature_document()
+    channels, operations = document["channels"], document["operations"]
+
+    assert set(channels) == {
+        "queue.audit",
+        "queue.audit.consume",
+        "queue.billing",
+        "queue.billing.consume",
+        "broadcast.caches",
+        "broadcast.caches.consume",
+        "in_process.shop.order_placed",
+        "http.hooks.adjusted",
+        "http.hooks.paid",
+        "http.hooks.synced",
+    }
+    assert document["servers"]["http"] == {
+        "host": "shop.example.com",
+        "pathname": "/events",
+        "protocol": "https",
+        "title": "Inbound events",
+        "description": "`django_events.urls`: POST an event's JSON payload.",
+    }
+    # Broadcasts: a fanout exchange; each worker consumes through a queue of its own.
+    fanout = channels["broadcast.caches"]
+    assert fanout["address"] == "caches.broadcast"
+    assert fanout["bindings"]["amqp"]["exchange"]["type"] == "fanout"
+    assert channels["broadcast.caches.consume"]["address"] is None
+    assert channels["broadcast.caches.consume"]["bindings"]["amqp"]["queue"]["autoDelete"]
+    # send: one operation per (event, queue); transient events are not persistent messages.
+    sends = {k: op for k, op in operations.items() if op["action"] == "send"}
+    assert set(sends) == {
+        "send.hooks.adjusted.audit",
+        "send.hooks.paid.audit",
+        "send.hooks.synced.audit",
+        "send.shop.cart_viewed.audit",
+        "send.shop.order_placed.audit",
+        "send.hooks.paid.billing",
+        "send.shop.order_placed.billing",
+        "send.shop.cart_viewed.caches",
+        "send.shop.order_placed.caches",
+    }
+    assert sends["send.shop.order_placed.billing"]["x-django-events"]["subscriptions"] == [
+        "big-orders",
+        "invoice",
+    ]
+    assert sends["send.shop.cart_viewed.audit"]["bindings"]["amqp"]["deliveryMode"] == 1
+    assert sends["send.shop.order_placed.audit"]["bindings"]["amqp"]["deliveryMode"] == 2
+    # In-process subscriptions: no address, no bindings.
+    for name in ("stock-reserve", "mail-confirm"):
+        assert operations[name]["channel"] == {"$ref": "#/channels/in_process.shop.order_placed"}
+        assert "bindings" not in operations[name]
+    # Inbound: what the caller must send, per auth.
+    messages = document["components"]["messages"]
+    assert messages["hooks.paid.http"]["headers"]["required"] == [
+        "Content-Type",
+        "X-Events-Timestamp",
+        "X-Events-Signature",
+    ]
+    assert "Authorization" in messages["hooks.synced.http"]["headers"]["required"]
+    assert operations["inbound.hooks.paid"]["x-django-events"] == {
+        "event": "hooks.paid",
+        "auth": "hmac",
+        "source": "payments",
+        "idempotency_key": "payment_id",
+    }
+    assert "TEST_HOOK" not in json.dumps(document)
+    # Redacted fields travel sealed (delivery/sealing.py): the task message says so.
+    [args, _, _] = messages["shop.order_placed.task"]["payload"]["items"]
+    event = args["items"][0]["properties"]["event"]["properties"]
+    assert event["payload"] == {"$ref": "#/components/schemas/shop.order_placed.masked"}
+    masked = document["components"]["schemas"]["shop.order_placed.masked"]
+    assert masked["properties"]["email"]["const"] == "•••"
+    assert masked["properties"]["total"] == {"type": "number", "minimum": 0}
+    assert event["sealed"]["contentEncoding"] == "base64"
+    placed = messages["shop.order_placed"]["x-django-events"]
+    assert placed == {"durable": True, "redact": ["email"], "version": 1}
+    assert messages["shop.cart_viewed"]["x-django-events"]["record"] == "failures"
+
+
+def test_redis_queues_are_lists_and_broadcasts_pub_sub_channels() -> None:
+    document = every_feature_document("tests.brokers.redis")
+    channels = document["channels"]
+
+    assert document["servers"]["broker"]["protocol"] == "redis"
+    assert document["servers"]["broker"]["pathname"] == "/0"
+    assert "queue.billing.consume" not in channels  # one address: the list
+    assert channels["queue.billing"]["address"] == "billing"
+    assert channels["queue.billing"]["bindings"] == {"redis": {"bindingVersion": "0.1.0"}}
+    assert channels["broadcast.caches"]["address"] == "/0.caches.broadcast/caches.broadcast"
+    invoice = document["operations"]["invoice"]
+    assert invoice["channel"] == {"$ref": "#/channels/queue.billing"}
+
+
+def test_the_official_parser_reports_a_broken_document() -> None:
+    document = every_feature_document()
+    document["operations"]["invoice"]["channel"] = {"$ref": "#/channels/nowhere"}
+    document["operations"]["invoice"]["action"] = "consume"
+
+    errors = parser_errors(document)
+
+    assert any("invoice" in e for e in errors), errors

@@ -717,6 +717,14 @@ def _inbound(block: dict[str, Any], **settings_: Any) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _stale_lock(tmp_path: Path) -> Iterator[None]:
+    lock = tmp_path / "events.lock.json"
+    lock.write_text('{"format": 1, "events": {}, "subscriptions": {}, "queues": []}')
+    with wiring(LOCK_FILE=str(lock)):
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -743,6 +751,22 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.W110": lambda _: wiring(
         {**ASYNC, "broadcast": True, "retry": {"max_attempts": 2}, "name": "bc"}
     ),
+    "django_events.E120": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record_async", "mode": "inline"}
+    ),
+    "django_events.E210": lambda _: wiring({**ASYNC, "via": "tasks"}, TASKS_BACKEND="nope"),
+    "django_events.E211": lambda _: wiring(
+        {**ASYNC, "via": "tasks", "retry": {"max_attempts": 2}}, TASKS_BACKEND="immediate"
+    ),
+    "django_events.E212": lambda _: wiring({**ASYNC, "via": "tasks", "broadcast": True}),
+    "django_events.E213": lambda _: wiring({**ASYNC, "via": "tasks"}, TASKS_BACKEND="narrow"),
+    "django_events.E130": lambda _: wiring(
+        EVENTS={"x.y": {"version": 2, "upcast": {2: "tests.app.upcasters.add_channel"}}}
+    ),
+    "django_events.E131": lambda _: wiring(
+        EVENTS={"x.y": {"version": 2, "upcast": {1: "tests.app.upcasters.not_callable"}}}
+    ),
+    "django_events.W130": _stale_lock,
     "django_events.E201": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.nope.h"}
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -421,6 +422,40 @@ def test_malformed_json_answers_400(client: Client, body: bytes) -> None:
     assert response.status_code == 400
     assert response.json()["error"] == "invalid_json"
     assert_nothing_published()
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32", "utf-32-be"])
+def test_bodies_in_utf16_or_utf32_answer_400(client: Client, encoding: str) -> None:
+    """json.loads(bytes) would detect these encodings; the endpoint reads UTF-8 only."""
+    body = json.dumps(PAID).encode(encoding)
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 400, response.content
+    assert response.json()["error"] == "invalid_json"
+    assert_nothing_published()
+
+
+def test_a_utf8_body_with_a_byte_order_mark_is_accepted(client: Client) -> None:
+    body = b"\xef\xbb\xbf" + body_of(PAID)
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 202, response.content
+
+
+@pytest.mark.parametrize("depth", [64, 500])
+def test_payloads_nested_deeper_than_publish_allows_answer_400(client: Client, depth: int) -> None:
+    """Valid JSON that json.loads reads, nested deeper than MAX_DEPTH (64 levels)."""
+    body = b'{"payment_id": "p", "amount": 1, "deep": ' + b"[" * depth + b"]" * depth + b"}"
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 400, response.content
+    assert response.json()["error"] == "invalid_payload"
+    (problem,) = response.json()["problems"]
+    assert problem == {"path": "$.deep" + "[0]" * 63, "message": "nested deeper than 64 levels"}
+    assert_nothing_published()
+
+
+def test_a_payload_nested_as_deep_as_publish_allows_answers_202(client: Client) -> None:
+    body = b'{"payment_id": "p", "amount": 1, "deep": ' + b"[" * 63 + b"]" * 63 + b"}"
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 202, response.content
 
 
 def test_payloads_failing_the_schema_answer_400_with_json_paths(client: Client) -> None:

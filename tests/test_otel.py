@@ -12,9 +12,12 @@ from django.db import transaction
 from django.test import override_settings
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg
+from opentelemetry.semconv._incubating.metrics import messaging_metrics
+from opentelemetry.semconv.attributes import error_attributes, server_attributes
 
 from django_events import publish
-from django_events.interceptors.otel import Metrics
+from django_events.interceptors.otel import SEMCONV_VERSION, Metrics, broker_attributes
 from django_events.models import EventRecord
 from tests import brokers
 from tests.app import otel
@@ -57,37 +60,106 @@ def memory_spans() -> list[dict[str, Any]]:
     return [otel.span_record(s) for s in otel.memory.get_finished_spans()]
 
 
+def test_the_conventions_version_is_the_installed_one() -> None:
+    from opentelemetry.semconv.schemas import Schemas
+
+    assert f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}" == max(
+        (s.value for s in Schemas), key=lambda url: tuple(map(int, url.rsplit("/")[-1].split(".")))
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "amqp://guest:secret@rabbit.internal:5672//",
+            {
+                "messaging.system": "rabbitmq",
+                "server.address": "rabbit.internal",
+                "server.port": 5672,
+            },
+        ),
+        (
+            "redis://:secret@cache:6380/0;redis://other:6379/0",
+            {"messaging.system": "redis", "server.address": "cache", "server.port": 6380},
+        ),
+        (
+            "sentinel+redis://s1:26379/0",
+            {"messaging.system": "redis", "server.address": "s1", "server.port": 26379},
+        ),
+        ("sqs://", {"messaging.system": "aws_sqs"}),
+        ("filesystem://", {"messaging.system": "filesystem"}),
+        (None, {"messaging.system": "rabbitmq", "server.address": "localhost"}),
+    ],
+)
+def test_broker_attributes_name_the_broker_never_its_credentials(url, expected) -> None:
+    from celery import Celery
+
+    app = Celery("broker-attributes", broker=url, set_as_current=False)
+    with override_settings(DJANGO_EVENTS={"CELERY_APP": "tests.test_otel.broker_app"}):
+        globals()["broker_app"] = app
+        try:
+            assert broker_attributes() == expected
+        finally:
+            del globals()["broker_app"]
+
+
 @pytest.mark.django_db(transaction=True)
-def test_publish_and_delivery_spans_share_one_trace_along_a_chain() -> None:
+def test_send_and_process_spans_share_one_trace_along_a_chain() -> None:
     otel.memory.clear()
     with wiring(CHAIN, SHIPPED, PIPELINE=["tests.app.otel.tracing"]), transaction.atomic():
         placed = publish("orders.placed", PAYLOAD)
 
     spans = spans_by_name(memory_spans())
-    [publish_placed] = spans["publish orders.placed"]
-    [deliver_placed] = spans["deliver orders.placed"]
-    [publish_shipped] = spans["publish orders.shipped"]
-    [deliver_shipped] = spans["deliver orders.shipped"]
-    assert publish_placed["parent_id"] is None and publish_placed["kind"] == "PRODUCER"
-    assert deliver_placed["parent_id"] == publish_placed["span_id"]
-    assert publish_shipped["parent_id"] == deliver_placed["span_id"]
-    assert deliver_shipped["parent_id"] == publish_shipped["span_id"]
-    assert {s["trace_id"] for s in (publish_shipped, deliver_shipped)} == {
-        publish_placed["trace_id"]
+    [send_placed] = spans["send orders.placed"]
+    [process_placed] = spans["process orders.placed"]
+    [send_shipped] = spans["send orders.shipped"]
+    [process_shipped] = spans["process orders.shipped"]
+    assert send_placed["parent_id"] is None and send_placed["kind"] == "PRODUCER"
+    assert process_placed["parent_id"] == send_placed["span_id"]
+    assert send_shipped["parent_id"] == process_placed["span_id"]
+    assert process_shipped["parent_id"] == send_shipped["span_id"]
+    assert {s["trace_id"] for s in (send_shipped, process_shipped)} == {send_placed["trace_id"]}
+    # tests.celery_app.app's broker is memory:// here (no host).
+    assert send_placed["attributes"] == {
+        msg.MESSAGING_SYSTEM: "memory",
+        msg.MESSAGING_OPERATION_TYPE: "send",
+        msg.MESSAGING_OPERATION_NAME: "send",
+        msg.MESSAGING_DESTINATION_NAME: "orders.placed",
+        msg.MESSAGING_MESSAGE_ID: str(placed.id),
+        msg.MESSAGING_MESSAGE_CONVERSATION_ID: str(placed.id),
     }
-    assert (
-        deliver_placed["attributes"].items()
-        >= {
-            "django_events.event.name": "orders.placed",
-            "django_events.event.id": str(placed.id),
-            "django_events.subscription": "chain",
-            "django_events.attempt": 1,
-            "django_events.mode": "sync",
-        }.items()
-    )
+    # A sync handler runs in the publisher's process: no broker, an INTERNAL span.
+    assert process_placed["kind"] == "INTERNAL"
+    assert process_placed["attributes"] == {
+        msg.MESSAGING_SYSTEM: "django_events",
+        msg.MESSAGING_OPERATION_TYPE: "process",
+        msg.MESSAGING_OPERATION_NAME: "process",
+        msg.MESSAGING_DESTINATION_NAME: "orders.placed",
+        msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME: "chain",
+        msg.MESSAGING_MESSAGE_ID: str(placed.id),
+        msg.MESSAGING_MESSAGE_CONVERSATION_ID: str(placed.id),
+        "django_events.delivery.mode": "sync",
+        "django_events.delivery.attempt": 1,
+    }
+    shipped_id = send_shipped["attributes"][msg.MESSAGING_MESSAGE_ID]
+    assert send_shipped["attributes"][msg.MESSAGING_MESSAGE_CONVERSATION_ID] == str(placed.id)
+    assert send_shipped["attributes"]["django_events.event.causation_id"] == str(placed.id)
+    assert shipped_id != str(placed.id)
     # The trace context travels (and is stored) in the event's headers, W3C format.
     traceparent = EventRecord.objects.get(pk=placed.id).headers["traceparent"]
-    assert traceparent.startswith(f"00-{publish_placed['trace_id']}-{publish_placed['span_id']}-")
+    assert traceparent.startswith(f"00-{send_placed['trace_id']}-{send_placed['span_id']}-")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handler_sets_error_type() -> None:
+    otel.memory.clear()
+    with wiring(FAILS, PIPELINE=["tests.app.otel.tracing"]), transaction.atomic():
+        publish("orders.placed", PAYLOAD)
+
+    [process] = spans_by_name(memory_spans())["process orders.placed"]
+    assert process["status"] == "ERROR"
+    assert process["attributes"][error_attributes.ERROR_TYPE] == "RuntimeError"
 
 
 @pytest.mark.django_db(transaction=True)
@@ -111,27 +183,43 @@ def test_metrics_after_one_success_and_one_failure(monkeypatch) -> None:
         for scope in resource.scope_metrics
         for metric in scope.metrics
     }
-    [(attributes, published)] = points["django_events.events.published"]
-    assert (attributes, published.value) == ({"django_events.event.name": "orders.placed"}, 1)
-    succeeded = {
-        a["django_events.subscription"]: p.value
-        for a, p in points["django_events.deliveries.succeeded"]
+    [(attributes, sent)] = points[messaging_metrics.MESSAGING_CLIENT_SENT_MESSAGES]
+    assert sent.value == 1
+    assert attributes == {
+        msg.MESSAGING_SYSTEM: "django_events",  # CELERY_APP does not import
+        msg.MESSAGING_OPERATION_NAME: "send",
+        msg.MESSAGING_DESTINATION_NAME: "orders.placed",
     }
-    failed = {
-        a["django_events.subscription"]: p.value
-        for a, p in points["django_events.deliveries.failed"]
+    in_process = {
+        msg.MESSAGING_SYSTEM: "django_events",
+        msg.MESSAGING_OPERATION_NAME: "process",
+        msg.MESSAGING_DESTINATION_NAME: "orders.placed",
+        "django_events.delivery.mode": "sync",
     }
-    assert succeeded == {"orders.placed:tests.app.handlers.record": 1}
-    assert failed == {"fails": 1}
+    consumed = {
+        a[msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME]: (a, p.value)
+        for a, p in points[messaging_metrics.MESSAGING_CLIENT_CONSUMED_MESSAGES]
+    }
+    record = "orders.placed:tests.app.handlers.record"
+    assert consumed == {
+        record: ({**in_process, msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME: record}, 1),
+        "fails": ({**in_process, msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME: "fails"}, 1),
+    }
     durations = {
-        (a["django_events.subscription"], a["django_events.outcome"]): p
-        for a, p in points["django_events.delivery.duration"]
+        a[msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME]: (a, p)
+        for a, p in points[messaging_metrics.MESSAGING_PROCESS_DURATION]
     }
-    assert set(durations) == {
-        ("orders.placed:tests.app.handlers.record", "succeeded"),
-        ("fails", "failed"),
+    assert durations[record][0] == consumed[record][0]
+    assert durations["fails"][0] == {
+        **consumed["fails"][0],
+        error_attributes.ERROR_TYPE: "RuntimeError",
     }
-    assert all(p.count == 1 and p.sum > 0 for p in durations.values())
+    assert all(p.count == 1 and p.sum > 0 for _, p in durations.values())
+    assert not [
+        name
+        for name in points
+        if name.startswith("django_events.") and "outbox" not in name and "relay" not in name
+    ]
     [(_, pending)] = points["django_events.outbox.pending"]
     [(_, lag)] = points["django_events.relay.lag"]
     assert pending.value == 1 == EventRecord.objects.filter(status="pending").count()
@@ -196,9 +284,11 @@ def test_without_the_extra_nothing_is_imported_and_publishing_works() -> None:
 @pytest.mark.django_db(transaction=True)
 def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) -> None:
     spans_file = tmp_path / "worker-spans.jsonl"
+    metrics_files = tmp_path / "worker-metrics"
     env = {
-        "DJANGO_EVENTS_TEST_PIPELINE": "tests.app.otel.tracing",
+        "DJANGO_EVENTS_TEST_PIPELINE": "tests.app.otel.tracing,tests.app.otel.file_metrics",
         "DJANGO_EVENTS_TEST_SPANS": str(spans_file),
+        "DJANGO_EVENTS_TEST_METRICS": str(metrics_files),
         # The worker's own publishes (the chain) go through its CELERY_APP: same broker.
         "CELERY_BROKER_URL": brokers.AMQP_URL,
     }
@@ -211,14 +301,15 @@ def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) ->
 
     def finished() -> bool:
         names = [s["name"] for s in worker_spans()]
-        return "deliver orders.shipped" in names and names.count("deliver otel.placed") >= 3
+        return "process orders.shipped" in names and names.count("process otel.placed") >= 3
 
     with start_worker("amqp", tmp_path, prefix="it-otel", manifest="otel.yaml", env=env) as worker:
+        queue = worker.queue
         value = {
             **settings.DJANGO_EVENTS,
             "MANIFESTS": MANIFESTS,
             "CELERY_APP": "tests.brokers.amqp",
-            "DEFAULT_QUEUE": worker.queue,
+            "DEFAULT_QUEUE": queue,
             "PIPELINE": ["tests.app.otel.tracing"],
         }
         with override_settings(DJANGO_EVENTS=value):
@@ -226,36 +317,94 @@ def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) ->
                 placed = publish("otel.placed", {"order_id": 5})
             failing = publish("otel.placed", {"order_id": 6, "fail": True})
             try:
-                wait_for(finished, timeout=30, what="the worker's delivery spans")
+                wait_for(finished, timeout=30, what="the worker's process spans")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; worker log:\n{worker.log()[-3000:]}") from None
 
-    published = spans_by_name(memory_spans())["publish otel.placed"]
+    sent = spans_by_name(memory_spans())["send otel.placed"]
     in_worker = spans_by_name(worker_spans())
-    by_trace = {s["attributes"]["django_events.event.id"]: s for s in published}
-    root = by_trace[str(placed.id)]
-    [deliver] = [
+    by_event = {s["attributes"][msg.MESSAGING_MESSAGE_ID]: s for s in sent}
+    root = by_event[str(placed.id)]
+    rabbitmq = {
+        msg.MESSAGING_SYSTEM: "rabbitmq",
+        server_attributes.SERVER_ADDRESS: "127.0.0.1",
+        server_attributes.SERVER_PORT: 5672,
+    }
+    assert root["kind"] == "PRODUCER"
+    assert root["attributes"] == {
+        **rabbitmq,
+        msg.MESSAGING_OPERATION_TYPE: "send",
+        msg.MESSAGING_OPERATION_NAME: "send",
+        msg.MESSAGING_DESTINATION_NAME: "otel.placed",
+        msg.MESSAGING_MESSAGE_ID: str(placed.id),
+        msg.MESSAGING_MESSAGE_CONVERSATION_ID: str(placed.id),
+    }
+    [process] = [
         s
-        for s in in_worker["deliver otel.placed"]
-        if s["attributes"]["django_events.subscription"] == "otel-chain"
+        for s in in_worker["process otel.placed"]
+        if s["attributes"][msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME] == "otel-chain"
     ]
-    [chained_publish] = in_worker["publish orders.shipped"]
-    [chained_deliver] = in_worker["deliver orders.shipped"]
-    # One trace: publish (test process) -> delivery (worker) -> publish -> delivery (worker).
-    assert deliver["pid"] != root["pid"] and deliver["kind"] == "CONSUMER"
-    assert deliver["parent_id"] == root["span_id"]
-    assert chained_publish["parent_id"] == deliver["span_id"]
-    assert chained_deliver["parent_id"] == chained_publish["span_id"]
-    assert {deliver["trace_id"], chained_publish["trace_id"], chained_deliver["trace_id"]} == {
+    assert process["attributes"] == {
+        **rabbitmq,
+        msg.MESSAGING_OPERATION_TYPE: "process",
+        msg.MESSAGING_OPERATION_NAME: "process",
+        msg.MESSAGING_DESTINATION_NAME: "otel.placed",
+        msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME: "otel-chain",
+        msg.MESSAGING_MESSAGE_ID: str(placed.id),
+        msg.MESSAGING_MESSAGE_CONVERSATION_ID: str(placed.id),
+        "django_events.delivery.mode": "async",
+        "django_events.delivery.queue": queue,
+        "django_events.delivery.attempt": 1,
+    }
+    [chained_send] = in_worker["send orders.shipped"]
+    [chained_process] = in_worker["process orders.shipped"]
+    # One trace: send (test process) -> process (worker) -> send -> process (worker).
+    assert process["pid"] != root["pid"] and process["kind"] == "CONSUMER"
+    assert process["parent_id"] == root["span_id"]
+    assert chained_send["parent_id"] == process["span_id"]
+    assert chained_process["parent_id"] == chained_send["span_id"]
+    assert {process["trace_id"], chained_send["trace_id"], chained_process["trace_id"]} == {
         root["trace_id"]
     }
-    assert chained_deliver["attributes"]["django_events.subscription"] == "otel-shipped"
-    # The failing subscription: one span per attempt, marked as errors, in the event's trace.
+    assert chained_send["attributes"][msg.MESSAGING_SYSTEM] == "rabbitmq"
+    assert chained_process["attributes"][msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME] == (
+        "otel-shipped"
+    )
+    assert chained_process["attributes"][msg.MESSAGING_MESSAGE_CONVERSATION_ID] == str(placed.id)
+    # The failing subscription: one span per attempt, errors with error.type, in its trace.
     attempts = [
         s
-        for s in in_worker["deliver otel.placed"]
-        if s["attributes"]["django_events.subscription"] == "otel-fails"
+        for s in in_worker["process otel.placed"]
+        if s["attributes"][msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME] == "otel-fails"
     ]
-    assert sorted(s["attributes"]["django_events.attempt"] for s in attempts) == [1, 2]
+    assert sorted(s["attributes"]["django_events.delivery.attempt"] for s in attempts) == [1, 2]
     assert {s["status"] for s in attempts} == {"ERROR"}
-    assert {s["trace_id"] for s in attempts} == {by_trace[str(failing.id)]["trace_id"]}
+    assert {s["attributes"][error_attributes.ERROR_TYPE] for s in attempts} == {"RuntimeError"}
+    assert {s["trace_id"] for s in attempts} == {by_event[str(failing.id)]["trace_id"]}
+
+    # The worker's metrics (each pool process reports its own; they add up).
+    consumed: dict[tuple[str, str | None], int] = {}
+    durations: dict[tuple[str, str | None], int] = {}
+    for path in tmp_path.glob("worker-metrics.*.json"):
+        points = json.loads(path.read_text())
+        for name, into, field in (
+            (messaging_metrics.MESSAGING_CLIENT_CONSUMED_MESSAGES, consumed, "value"),
+            (messaging_metrics.MESSAGING_PROCESS_DURATION, durations, "count"),
+        ):
+            for point in points.get(name, []):
+                attributes = point["attributes"]
+                assert (
+                    attributes.items()
+                    >= {**rabbitmq, msg.MESSAGING_OPERATION_NAME: "process"}.items()
+                )
+                key = (
+                    attributes[msg.MESSAGING_DESTINATION_SUBSCRIPTION_NAME],
+                    attributes.get(error_attributes.ERROR_TYPE),
+                )
+                into[key] = into.get(key, 0) + point[field]
+    assert consumed == {("otel-chain", None): 1, ("otel-fails", None): 2, ("otel-shipped", None): 1}
+    assert durations == {
+        ("otel-chain", None): 1,
+        ("otel-fails", "RuntimeError"): 2,
+        ("otel-shipped", None): 1,
+    }

@@ -11,10 +11,11 @@ from typing import Any
 import jsonschema
 import jsonschema_rs
 import pytest
+from django.db import transaction
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from django_events import InvalidPayload, publish
+from django_events import InvalidPayload, publish, publish_many
 from django_events.exceptions import PayloadProblem
 from django_events.models import EventRecord
 from django_events.wiring import validation as validation_module
@@ -346,6 +347,14 @@ def test_the_same_value_twice_is_not_a_cycle() -> None:
 # -- through publish() -------------------------------------------------------------------------
 
 
+def _nested(levels: int) -> Any:
+    """``levels`` lists, one in another (``[[...[1]...]]``)."""
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
 @pytest.mark.django_db
 @pytest.mark.parametrize(
     ("payload", "message"),
@@ -378,6 +387,31 @@ def test_the_same_value_twice_is_not_a_cycle() -> None:
             ["order_id", 7],
             "Invalid payload for event 'orders.placed': $: expected a dict, got list",
         ),
+        (
+            {"order_id": 7, "total": 1, "email": "a\x00b"},
+            "Invalid payload for event 'orders.placed': "
+            "$.email: NUL (\\u0000) or a lone surrogate in a string",
+        ),
+        (
+            {"order_id": 7, "total": 1, "items": [{"sku": "\udc80"}]},
+            "Invalid payload for event 'orders.placed': "
+            "$.items[0].sku: NUL (\\u0000) or a lone surrogate in a string",
+        ),
+        (
+            {"order_id": 7, "total": 1, "note\ud800": 1},
+            "Invalid payload for event 'orders.placed': "
+            "$: a key holds NUL (\\u0000) or a lone surrogate in a string",
+        ),
+        (
+            {"order_id": 7, "total": 1, "deep": _nested(64)},
+            "Invalid payload for event 'orders.placed': "
+            f"$.deep{'[0]' * 63}: nested deeper than 64 levels",
+        ),
+        (
+            {"order_id": 7, "total": 1, "deep": _nested(5000)},
+            "Invalid payload for event 'orders.placed': "
+            f"$.deep{'[0]' * 63}: nested deeper than 64 levels",
+        ),
     ],
 )
 def test_publish_refuses_invalid_payloads_and_records_nothing(
@@ -406,12 +440,49 @@ _FLAT_VALUES = st.one_of(
 )
 
 
+def _storable(text: str) -> bool:
+    return "\x00" not in text and not any("\ud800" <= c <= "\udfff" for c in text)
+
+
 @given(st.dictionaries(st.one_of(st.text(max_size=5), st.integers()), _FLAT_VALUES, max_size=6))
 @settings(max_examples=300)
 def test_flat_payloads_get_the_verdict_json_would_give(payload: dict[Any, Any]) -> None:
-    # The flat-dict fast path must agree with what JSON can carry unchanged.
-    carried = all(isinstance(k, str) for k in payload) and all(
-        v is None or isinstance(v, str | int) or (isinstance(v, float) and math.isfinite(v))
+    # The flat-dict fast path must agree with what JSON can carry unchanged and store.
+    carried = all(isinstance(k, str) and _storable(k) for k in payload) and all(
+        v is None
+        or (isinstance(v, str) and _storable(v))
+        or (isinstance(v, int) and not isinstance(v, str))
+        or (isinstance(v, float) and math.isfinite(v))
         for v in payload.values()
     )
     assert (json_problems(payload) == []) is carried
+
+
+@pytest.mark.django_db
+def test_the_deepest_payload_allowed_is_published() -> None:
+    event = publish("orders.placed", {"order_id": 7, "total": 1, "deep": _nested(63)})
+    assert EventRecord.objects.get(pk=event.id).payload["deep"] == _nested(63)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"email": "secret\x00value"},
+        {"email": "secret\ud83dvalue"},
+        {"items": [{"sku": "x", "secret\x00key": 1}]},
+    ],
+    ids=["nul", "lone-surrogate", "nul-in-a-key"],
+)
+@pytest.mark.django_db
+def test_unstorable_text_is_refused_before_the_database_sees_it(payload: dict[str, Any]) -> None:
+    """PostgreSQL would raise DataError, abort the caller's transaction and quote the text."""
+    with transaction.atomic():
+        keep = publish("orders.placed", {"order_id": 1, "total": 2})
+        with pytest.raises(InvalidPayload) as excinfo:
+            publish("orders.placed", {"order_id": 1, "total": 2, **payload})
+        assert "secret" not in str(excinfo.value)  # redacted fields must not reach logs
+        with pytest.raises(InvalidPayload):
+            publish_many([("orders.placed", {"order_id": 1, "total": 2, **payload})])
+        # The caller's transaction is still usable.
+        assert EventRecord.objects.filter(pk=keep.id).exists()
+    assert list(EventRecord.objects.values_list("pk", flat=True)) == [keep.id]

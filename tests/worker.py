@@ -33,11 +33,13 @@ class WorkerProcess:
         extra_env: dict[str, str] | None = None,
         node: str | None = None,
         app: str | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.kind, self.queue, self.db_name, self.log_path = kind, queue, db_name, log_path
         self.extra_env = extra_env or {}
         self.node = node or queue.replace(",", "+")  # workers sharing a queue need distinct names
         self.app = app or f"tests.brokers:{kind}"  # the benchmarks bring their own apps
+        self.extra_args = extra_args  # more `celery worker` options (-E: task events)
         self.process: subprocess.Popen[bytes] | None = None
         self._offset = 0
         self._stopping = False
@@ -89,6 +91,7 @@ class WorkerProcess:
                 "--without-gossip",
                 "-l",
                 "INFO",
+                *self.extra_args,
             ],
             cwd=ROOT,
             env=env,

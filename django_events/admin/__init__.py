@@ -23,6 +23,7 @@ from django.utils.translation import gettext, ngettext
 from django.utils.translation import gettext_lazy as _
 
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
+from django_events.exceptions import EventError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, Failure
 from django_events.operations.retrying import mark_resolved, retry_failures
@@ -59,6 +60,29 @@ def _redacted(record: EventRecord) -> Any:
     if compiled is None:  # which keys to redact is unknown: show the keys, not the values
         return mask_values(record.payload)
     return redact(record.payload, compiled.declaration.redact)
+
+
+def _payload_view(record: EventRecord) -> SafeString:
+    """The payload as handlers get it: upcast to the declared version, the stored one below."""
+    compiled = get_registry().events.get(record.name)
+    if compiled is None or record.version == compiled.version:
+        return _pretty(_redacted(record))
+    keys = compiled.declaration.redact
+    stored = _pretty(_redacted(record))
+    try:
+        data = compiled.upgrade(record.payload, record.version)
+    except EventError as exc:  # NewerVersion, UpcastError: say why, show what is stored
+        reason = redact_text(str(exc), record.payload, keys)
+        return format_html(
+            "<p>{}</p>{}",
+            gettext("Stored as version %(v)s: %(r)s") % {"v": record.version, "r": reason},
+            stored,
+        )
+    note = gettext("Upcast from version %(old)s (as stored, below) to version %(new)s") % {
+        "old": record.version,
+        "new": compiled.version,
+    }
+    return format_html("<p>{}</p>{}{}", note, _pretty(redact(data, keys)), stored)
 
 
 def _masked(text: str, delivery: Delivery) -> str:
@@ -329,7 +353,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         recorded = set(obj.deliveries.values_list("subscription", flat=True))
         waiting = [
             s
-            for s in (*compiled.sync, *compiled.async_)
+            for s in (*compiled.sync, *compiled.async_, *compiled.tasks)
             if s.name not in recorded and (s.accepts is None or s.accepts(obj.payload))
         ]
         if not waiting:
@@ -345,7 +369,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
 
     @admin.display(description=_("payload"))
     def payload_pretty(self, obj: EventRecord) -> SafeString:
-        return _pretty(_redacted(obj))
+        return _payload_view(obj)
 
     @admin.display(description=_("headers"))
     def headers_pretty(self, obj: EventRecord) -> SafeString:
@@ -490,7 +514,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
 
     @admin.display(description=_("payload"))
     def payload_pretty(self, obj: Failure) -> SafeString:
-        return _pretty(_redacted(obj.event))
+        return _payload_view(obj.event)
 
 
 class FailureChangeList(ChangeList):

@@ -15,17 +15,18 @@ from django.utils.module_loading import import_string
 from django_events.conf import conf
 from django_events.delivery import broadcast
 from django_events.delivery.confirms import PublisherConfirms
+from django_events.delivery.messages import TASK_NAME, build_message, event_body, summary
+from django_events.delivery.sealing import seal_event
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
 
 if TYPE_CHECKING:
     from celery import Celery
 
 logger = logging.getLogger("django_events.broker")
 
-TASK_NAME = "django_events.deliver"
-MESSAGE_VERSION = 1
 # Seconds of extra hard limit after a subscription's soft ``timeout``.
 HARD_LIMIT_GRACE = 5.0
 # Seconds to wait for the publisher confirms of a batch after its last message.
@@ -50,28 +51,9 @@ def celery_app() -> Celery | None:
     return apps[0] if len(apps) == 1 else None
 
 
-def build_message(
-    event_message: dict[str, Any],
-    subscription: str,
-    alias: str,
-    prior_attempts: int = 0,
-    rerun: bool = False,
-) -> dict[str, Any]:
-    """The task argument: names the subscription, never a handler path.
-
-    ``rerun`` marks a retry or replay: its `Delivery` row already exists, so its success is
-    written before the acknowledgement even with ``SUCCESS_RECORDS = "batched"``.
-    """
-    message = {
-        "v": MESSAGE_VERSION,
-        "subscription": subscription,
-        "event": event_message,
-        "db": alias,
-        "prior_attempts": prior_attempts,
-    }
-    if rerun:
-        message["rerun"] = True
-    return message
+def _redacted(event_name: str) -> tuple[str, ...]:
+    compiled = get_registry().events.get(event_name)
+    return compiled.declaration.redact if compiled is not None else ()
 
 
 class BrokerHealth:
@@ -201,7 +183,7 @@ def send_deliveries(
         with _producer(app, confirm) as producer:
             confirms = PublisherConfirms.start(producer.channel) if confirm else None
             for event, durable, subscriptions in items:
-                message = event.to_message()
+                message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
                     timeout = subscription.declaration.timeout
                     if subscription.declaration.broadcast:
@@ -228,7 +210,7 @@ def send_deliveries(
                         args=(build_message(message, subscription.name, alias, prior, rerun),),
                         # Celery would saferepr() the payload into a header (a fifth of the
                         # send, and redacted fields in monitors): name the delivery instead.
-                        argsrepr=f"({subscription.name!r}, {message['id']!r})",
+                        argsrepr=summary(subscription.name, message["id"]),
                         kwargsrepr="{}",
                         **route,
                         producer=producer,

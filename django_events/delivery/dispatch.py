@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -37,6 +37,7 @@ class Outgoing:
     sync: list[Subscription]
     async_: list[Subscription]
     recorded: bool
+    tasks: list[Subscription] = field(default_factory=list)  # via Django's Tasks, on commit
 
 
 def accepted(subscriptions: Sequence[Subscription], data: dict[str, Any]) -> list[Subscription]:
@@ -63,10 +64,21 @@ def dispatch(batch: Sequence[Outgoing], alias: str, send: Sender | None = None) 
 
 def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender) -> None:
     outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
-    if not outgoing:
+    via_tasks = [(o.event, o.compiled.declaration.durable, o.tasks) for o in batch if o.tasks]
+    if not outgoing and not via_tasks:
         return
-    unsent: set[object] = set(send(outgoing, alias))
-    sent_ids = [o.event.id for o in batch if o.async_ and o.recorded and o.event.id not in unsent]
+    unsent: set[object] = set()
+    if outgoing:
+        unsent.update(send(outgoing, alias))
+    if via_tasks:
+        from django_events.delivery import tasks_backend
+
+        unsent.update(tasks_backend.send_deliveries(via_tasks, alias))
+    sent_ids = [
+        o.event.id
+        for o in batch
+        if (o.async_ or o.tasks) and o.recorded and o.event.id not in unsent
+    ]
     try:
         mark_dispatched(alias, sent_ids)
         # RECORD='failures' wrote no record: an unsent event needs one now, for the relay.

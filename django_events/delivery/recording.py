@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
+from django_events.wiring.validation import storable_text
 
 UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
 UNIQUE_FIELDS = ["event", "subscription"]
@@ -26,6 +27,7 @@ def record_for(event: Event, status: str) -> EventRecord:
         id=event.id,
         name=event.name,
         payload=event.data,
+        version=event.version,
         headers=event.headers,
         occurred_at=event.occurred_at,
         correlation_id=event.correlation_id,
@@ -39,6 +41,7 @@ _RECORD_FIELDS = (
     "id",
     "name",
     "payload",
+    "version",
     "headers",
     "occurred_at",
     "correlation_id",
@@ -65,6 +68,7 @@ def insert_records(alias: str, records: Sequence[tuple[Event, str]]) -> None:
             "id": str(event.id),
             "name": event.name,
             "payload": event.data,
+            "version": event.version,
             "headers": event.headers,
             "occurred_at": event.occurred_at.isoformat(),
             "correlation_id": str(event.correlation_id),
@@ -127,6 +131,7 @@ def event_of(record: EventRecord, payload: object = None) -> Event:
         correlation_id=record.correlation_id,
         causation_id=record.causation_id,
         data=record.payload,
+        version=record.version,
     )
 
 
@@ -263,8 +268,20 @@ def delivery(
         mode=mode,
         status=status,
         attempts=attempts,
-        last_error=error,
-        traceback=traceback,
+        last_error=storable(error),
+        traceback=storable(traceback),
         created_at=now,
         updated_at=now,
     )
+
+
+def storable(text: str) -> str:
+    """``text`` that every database stores: NUL and lone surrogates written as escapes.
+
+    Handler errors quote what they like (a payload's bytes, a file name), and PostgreSQL
+    refuses NUL in text columns.
+    """
+    if storable_text(text):
+        return text
+    escaped = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return escaped.replace("\x00", "\\x00")

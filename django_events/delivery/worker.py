@@ -7,23 +7,44 @@ import os
 import socket
 import traceback
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, close_old_connections, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    InternalError,
+    OperationalError,
+    close_old_connections,
+    transaction,
+)
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
+from django_events.delivery.messages import (
+    MESSAGE_VERSION,
+    DeliveryMessage,
+    MalformedMessage,
+    event_from_body,
+    parse_message,
+)
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
+from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
-from django_events.wiring.redaction import stale_payload_error
+from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.worker")
+
+# What recording an outcome can come to: the outage of a database is worth waiting out; a
+# statement the database refuses (DataError, IntegrityError...) fails the same way each time.
+RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
+# InternalError too: PostgreSQL reports an aborted transaction or a crashed backend with it.
+_OUTAGES = (OperationalError, InterfaceError, InternalError)
 
 
 @dataclass(frozen=True)
@@ -33,15 +54,8 @@ class Outcome:
     status: str
     retry_in: float | None = None
     error: Exception | None = None
-
-
-@dataclass(frozen=True)
-class _Message:
-    subscription: str
-    event: dict[str, Any]
-    alias: str
-    prior_attempts: int
-    rerun: bool
+    # The message to retry with, when it is not the same one (a wait that counts no attempt).
+    retry_with: Any = None
 
 
 def process_message(
@@ -64,19 +78,31 @@ def process_message(
 
 def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     try:
-        message = _parse(raw)
-        event_name = message.event["name"]
-    except (KeyError, TypeError, ValueError) as exc:
+        message = parse_message(raw)
+        attempt = message.attempt(retries)
+    except MalformedMessage as exc:
         # Keys only: a payload may hold fields that `redact` keeps out of logs.
-        shape = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        shape = sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
         logger.error(
             "Rejected a malformed django_events message (%s): %s", exc, shape, extra=log_extra()
         )
         return Outcome("rejected")
+    event_name = message.event["name"]
+    if message.version != MESSAGE_VERSION:
+        return _give_up(
+            message,
+            attempt,
+            f"Message format v{message.version} is unknown to this worker (it reads "
+            f"v{MESSAGE_VERSION}): deploy the release that sent it, then retry the delivery",
+        )
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
     compiled = registry.events.get(event_name)
-    attempt = message.prior_attempts + retries + 1
+    try:
+        # Authenticated encryption: what opens was sealed by a publisher with our keys.
+        message = replace(message, event=open_event(message.event))
+    except Unsealable as exc:
+        return _give_up(message, attempt, f"Cannot open the event's payload: {exc}")
     if subscription is None or compiled is None:
         what = (
             f"subscription {message.subscription!r}"
@@ -84,14 +110,32 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    data = message.event.get("payload")
-    if not isinstance(data, dict):
-        return _give_up(message, attempt, f"Malformed event in message: payload is {data!r}")
+    if subscription not in compiled.async_ and subscription not in compiled.tasks:
+        return _give_up(
+            message,
+            attempt,
+            f"Subscription {subscription.name!r} does not receive event {event_name!r} "
+            "asynchronously on this worker",
+        )
+    data = message.event["payload"]
+    event_message = message.event
+    version = event_message.get("version", 1)
+    if version != compiled.declaration.version:
+        try:
+            data = compiled.upgrade(data, int(version))
+        except NewerVersion as exc:
+            return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
+        except UpcastError as exc:
+            details = redact_text(str(exc), data, compiled.declaration.redact)
+            return _give_up(message, attempt, details)
+        except (TypeError, ValueError) as exc:  # int() of a version that is not a number
+            return _give_up(message, attempt, f"Malformed event in message: version {exc}")
+        event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data, compiled.declaration.redact)
     if problems:
         return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
-        event = Event.from_message(message.event, compiled.typed_payload(data))
+        event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
@@ -99,19 +143,32 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     return _run(registry, subscription, event, message.alias, attempt, retries, batch)
 
 
-def _parse(raw: Any) -> _Message:
-    if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
-        raise ValueError("not a django_events delivery message")
-    alias = raw.get("db") or DEFAULT_DB_ALIAS
-    if alias not in settings.DATABASES:
-        alias = DEFAULT_DB_ALIAS
-    return _Message(
-        str(raw["subscription"]),
-        raw["event"],
-        alias,
-        int(raw.get("prior_attempts", 0)),
-        raw.get("rerun") is True,
-    )
+def _wait_for_newer(
+    raw: dict[str, Any],
+    message: DeliveryMessage,
+    subscription: Subscription,
+    attempt: int,
+    retries: int,
+    exc: NewerVersion,
+) -> Outcome:
+    """A rolling deploy: the event is newer than this worker. Retry later, run nothing.
+
+    The retried message counts one attempt less, so waiting never uses up ``max_attempts``;
+    its `Delivery` row says what it waits for (pending, attempts unchanged).
+    """
+    error = f"Waiting for a newer worker: {exc}"
+    extra = _message_log_extra(message)
+    logger.warning("%s (event %s)", error, message.event.get("id"), extra=extra)
+    try:
+        event = event_from_body(message.event)
+    except (KeyError, TypeError, ValueError):
+        return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
+    status = Delivery.Status.PENDING
+    row = delivery(event.id, subscription.name, "async", status, attempt - 1, error)
+    _record_quietly(message.alias, event, [row], always=True)
+    delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
+    waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
+    return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
 
 def _run(
@@ -154,8 +211,9 @@ def _run(
             alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
         )
         # A final failure nobody can see (the database is down too) would be an event lost:
-        # keep retrying until the outcome can be recorded.
-        if final and recorded:
+        # keep retrying until the outcome can be recorded. One the database refuses would be
+        # refused at every retry: it is logged (above and by _record_quietly) instead.
+        if final and recorded != OUTAGE:
             logger.error(
                 "Delivery failed for good after %d attempt(s): %s",
                 attempt,
@@ -269,12 +327,12 @@ def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str |
     return found
 
 
-def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
+def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported)."""
     extra = _message_log_extra(message)
     logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
-        event = Event.from_message(message.event)
+        event = event_from_body(message.event)
     except (KeyError, TypeError, ValueError):
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
@@ -283,7 +341,7 @@ def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
     return Outcome("failed")
 
 
-def _message_log_extra(message: _Message) -> dict[str, Any]:
+def _message_log_extra(message: DeliveryMessage) -> dict[str, Any]:
     """``log_extra`` read from a message whose event may not rebuild."""
     extra = log_extra(None, message.subscription)
     for field, key in (
@@ -298,8 +356,12 @@ def _message_log_extra(message: _Message) -> dict[str, Any]:
 
 def _record_quietly(
     alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
-) -> bool:
-    """Save delivery rows; log (not raise) a database error and return False."""
+) -> str:
+    """Save delivery rows; log (not raise) a database error.
+
+    Return `RECORDED`, `OUTAGE` (the database could not be reached: worth a retry) or
+    `REFUSED` (it refused the statement, and would again).
+    """
     try:
         if always:
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
@@ -307,10 +369,16 @@ def _record_quietly(
             save_deliveries(alias, rows)
         else:
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
-    except DatabaseError:
+    except _OUTAGES:
         logger.exception("Could not record the delivery outcome", extra=log_extra(event))
-        return False
-    return True
+        return OUTAGE
+    except DatabaseError:
+        logger.exception(
+            "The database refused the delivery outcome; it is not retried",
+            extra=log_extra(event),
+        )
+        return REFUSED
+    return RECORDED
 
 
 def _row(

@@ -19,6 +19,7 @@ from django_events.logs import log_extra
 from django_events.wiring.filters import lookup
 from django_events.wiring.manifest import format_path
 from django_events.wiring.registry import get_registry
+from django_events.wiring.validation import storable_text
 
 logger = logging.getLogger("django_events.inbound")
 
@@ -107,8 +108,14 @@ def _read_body(request: HttpRequest, limit: int) -> bytes:
 
 def _parse(body: bytes) -> Any:
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        # Decoded here: json.loads(bytes) would also read UTF-16 and UTF-32 (RFC 8259: UTF-8).
+        # A UTF-8 byte order mark is tolerated, as before.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Refusal(400, "invalid_json", f"The body is not UTF-8: {exc}") from exc
+    try:
+        payload = json.loads(text)
+    except (ValueError, RecursionError) as exc:
         raise Refusal(400, "invalid_json", f"The body is not valid JSON: {exc}") from exc
     unstorable = _unstorable_strings(payload)
     if unstorable:
@@ -135,25 +142,15 @@ def _unstorable_strings(payload: Any) -> list[str]:
     while stack:
         path, value = stack.pop()
         if isinstance(value, str):
-            if not _storable(value):
+            if not storable_text(value):
                 found.append(format_path(path))
         elif isinstance(value, dict):
-            if not all(_storable(key) for key in value):
+            if not all(storable_text(key) for key in value):
                 found.append(format_path(path))
             stack.extend(((*path, key), item) for key, item in reversed(value.items()))
         elif isinstance(value, list):
             stack.extend(((*path, i), item) for i, item in reversed(list(enumerate(value))))
     return found
-
-
-def _storable(text: str) -> bool:
-    if "\x00" in text:
-        return False
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _idempotency_key(request: HttpRequest, policy: InboundPolicy, payload: Any) -> str | None:

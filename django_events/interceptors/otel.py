@@ -29,52 +29,146 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
         f"pip install 'django-event-wiring[otel]' ({exc})"
     ) from exc
 
+from django_events.conf import conf
 from django_events.events import Event, current_attempt
 from django_events.wiring.compiled import Subscription
 
 INSTRUMENTATION = "django_events"
-EVENT_NAME = "django_events.event.name"
-EVENT_ID = "django_events.event.id"
-CORRELATION_ID = "django_events.correlation_id"
-SUBSCRIPTION = "django_events.subscription"
-MODE = "django_events.mode"
-ATTEMPT = "django_events.attempt"
-OUTCOME = "django_events.outcome"
+# The version of the OpenTelemetry semantic conventions the names below follow.
+SEMCONV_VERSION = "1.44.0"
+SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
+
+# Messaging conventions (https://opentelemetry.io/docs/specs/semconv/messaging/).
+SYSTEM = "messaging.system"
+OPERATION_TYPE = "messaging.operation.type"
+OPERATION_NAME = "messaging.operation.name"
+DESTINATION = "messaging.destination.name"
+SUBSCRIPTION_NAME = "messaging.destination.subscription.name"
+MESSAGE_ID = "messaging.message.id"
+CONVERSATION_ID = "messaging.message.conversation_id"
+ERROR_TYPE = "error.type"
+SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
+# What the conventions lack, under the package's prefix.
+CAUSATION_ID = "django_events.event.causation_id"
+MODE = "django_events.delivery.mode"
+ATTEMPT = "django_events.delivery.attempt"
+QUEUE = "django_events.delivery.queue"
+
+# messaging.system of a handler run in the publisher's process (inline, sync): no broker.
+IN_PROCESS = "django_events"
+# kombu transport -> messaging.system: the conventions' value where they have one.
+_SYSTEMS = {
+    "amqp": "rabbitmq",
+    "amqps": "rabbitmq",
+    "pyamqp": "rabbitmq",
+    "librabbitmq": "rabbitmq",
+    "redis": "redis",
+    "rediss": "redis",
+    "sentinel": "redis",
+    "sqs": "aws_sqs",
+    "azureservicebus": "servicebus",
+    "gcpubsub": "gcp_pubsub",
+    "confluentkafka": "kafka",
+}
 
 
-def event_attributes(event: Event) -> dict[str, str]:
-    """Span attributes naming an event."""
-    return {
-        "messaging.system": INSTRUMENTATION,
-        "messaging.message.id": str(event.id),
-        EVENT_NAME: event.name,
-        EVENT_ID: str(event.id),
-        CORRELATION_ID: str(event.correlation_id),
+def broker_attributes() -> dict[str, str | int]:
+    """``messaging.system`` and ``server.*`` of the broker the Celery app talks to."""
+    try:
+        if conf.CELERY_APP:
+            from django.utils.module_loading import import_string
+
+            app: Any = import_string(conf.CELERY_APP)
+        else:
+            from celery import current_app as app
+        url = app.conf.broker_url
+    except (ImportError, AttributeError):
+        # No Celery app to ask (the publisher logs that when it sends): say nothing false.
+        return {SYSTEM: IN_PROCESS}
+    return dict(_parse_broker(url if isinstance(url, str) else ""))
+
+
+@cache
+def _parse_broker(url: str) -> tuple[tuple[str, str | int], ...]:
+    from urllib.parse import urlsplit
+
+    first = url.split(";")[0].strip() or "amqp://localhost"  # Celery's default broker
+    parts = urlsplit(first if "://" in first else f"{first}://")
+    scheme = parts.scheme.split("+")[-1]  # "sentinel+redis", "redis+socket"
+    found: list[tuple[str, str | int]] = [(SYSTEM, _SYSTEMS.get(scheme, scheme))]
+    if parts.hostname:
+        found.append((SERVER_ADDRESS, parts.hostname))  # never the user or password
+        if parts.port:
+            found.append((SERVER_PORT, parts.port))
+    return tuple(found)
+
+
+def message_attributes(event: Event) -> dict[str, str | int]:
+    """The attributes that name an event as a message, in both spans."""
+    attributes: dict[str, str | int] = {
+        DESTINATION: event.name,
+        MESSAGE_ID: str(event.id),
+        CONVERSATION_ID: str(event.correlation_id),
     }
+    if event.causation_id is not None:
+        attributes[CAUSATION_ID] = str(event.causation_id)
+    return attributes
+
+
+def _process_attributes(subscription: Subscription) -> dict[str, str | int]:
+    attributes: dict[str, str | int] = {
+        OPERATION_TYPE: "process",
+        OPERATION_NAME: "process",
+        SUBSCRIPTION_NAME: subscription.name,
+        MODE: subscription.mode,
+    }
+    if subscription.mode == "async":
+        attributes.update(broker_attributes())
+        attributes[QUEUE] = subscription.queue
+    else:
+        attributes[SYSTEM] = IN_PROCESS
+    return attributes
+
+
+def error_type(exc: BaseException) -> str:
+    """``error.type`` of an exception: its fully qualified class name."""
+    cls = type(exc)
+    return (
+        cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    )
 
 
 class Tracing:
-    """A ``publish <event>`` span per published event and a ``deliver <event>`` span around
+    """A ``send <event>`` span per published event and a ``process <event>`` span around
     each handler run, linked by W3C trace context carried in the event's headers.
 
-    ``send`` starts the publish span as a child of the current span (or of the trace context
+    ``send`` starts the send span as a child of the current span (or of the trace context
     already in the headers) and writes its context into ``event.headers`` (``traceparent``,
     ``tracestate``), which are stored and sent with the event. ``handle`` continues that
     trace in whichever process runs the handler, so events published by a handler stay in the
-    same trace.
+    same trace; a span already current there (Celery's own ``run`` span, when
+    opentelemetry-instrumentation-celery is on) becomes a link of the process span.
     """
 
     def __init__(self, tracer_provider: trace.TracerProvider | None = None) -> None:
-        self.tracer = trace.get_tracer(INSTRUMENTATION, tracer_provider=tracer_provider)
+        self.tracer = trace.get_tracer(
+            INSTRUMENTATION, tracer_provider=tracer_provider, schema_url=SCHEMA_URL
+        )
 
     def send(self, event: Event) -> None:
         current = trace.get_current_span().get_span_context()
         parent = None if current.is_valid else propagate.extract(event.headers)
         span = self.tracer.start_span(
-            f"publish {event.name}",
+            f"send {event.name}",
             context=parent,
             kind=trace.SpanKind.PRODUCER,
-            attributes=event_attributes(event),
+            attributes={
+                **broker_attributes(),
+                OPERATION_TYPE: "send",
+                OPERATION_NAME: "send",
+                **message_attributes(event),
+            },
         )
         try:
             propagate.inject(event.headers, context=trace.set_span_in_context(span))
@@ -85,38 +179,41 @@ class Tracing:
         self, event: Event, subscription: Subscription, call_next: Callable[..., Any]
     ) -> Any:
         kind = trace.SpanKind.CONSUMER if subscription.mode == "async" else trace.SpanKind.INTERNAL
-        attributes: dict[str, str | int] = {
-            **event_attributes(event),
-            SUBSCRIPTION: subscription.name,
-            MODE: subscription.mode,
+        attributes = {
+            **_process_attributes(subscription),
+            **message_attributes(event),
             ATTEMPT: current_attempt(),
         }
+        current = trace.get_current_span().get_span_context()
+        links = [trace.Link(current)] if current.is_valid and subscription.mode == "async" else []
         with self.tracer.start_as_current_span(
-            f"deliver {event.name}",
+            f"process {event.name}",
             context=propagate.extract(event.headers),
             kind=kind,
             attributes=attributes,
-        ):
-            return call_next(event)
+            links=links,
+        ) as span:
+            try:
+                return call_next(event)
+            except BaseException as exc:
+                span.set_attribute(ERROR_TYPE, error_type(exc))
+                raise
 
 
 class _Instruments:
     def __init__(self, meter: metrics.Meter, observe_outbox: bool) -> None:
-        self.published = meter.create_counter(
-            "django_events.events.published", unit="{event}", description="Events published."
+        self.sent = meter.create_counter(
+            "messaging.client.sent.messages",
+            unit="{message}",
+            description="Number of messages producer attempted to send to the broker.",
         )
-        self.succeeded = meter.create_counter(
-            "django_events.deliveries.succeeded",
-            unit="{delivery}",
-            description="Handler runs that succeeded.",
-        )
-        self.failed = meter.create_counter(
-            "django_events.deliveries.failed",
-            unit="{delivery}",
-            description="Handler runs that raised (each failed attempt counts).",
+        self.consumed = meter.create_counter(
+            "messaging.client.consumed.messages",
+            unit="{message}",
+            description="Number of messages that were delivered to the application.",
         )
         self.duration = meter.create_histogram(
-            "django_events.delivery.duration", unit="s", description="Duration of handler runs."
+            "messaging.process.duration", unit="s", description="Duration of processing operation."
         )
         if observe_outbox:
             meter.create_observable_gauge(
@@ -138,13 +235,13 @@ def _instruments(
     meter_provider: metrics.MeterProvider | None, observe_outbox: bool
 ) -> _Instruments:
     # Once per provider: the registry is rebuilt on settings changes, the instruments are not.
-    meter = metrics.get_meter(INSTRUMENTATION, meter_provider=meter_provider)
+    meter = metrics.get_meter(INSTRUMENTATION, meter_provider=meter_provider, schema_url=SCHEMA_URL)
     return _Instruments(meter, observe_outbox)
 
 
 class Metrics:
-    """Counters of published events and of succeeded and failed handler runs per
-    subscription, a histogram of handler durations, and gauges of the outbox.
+    """The messaging metrics of the conventions (messages sent, messages consumed, processing
+    duration, per event and subscription, ``error.type`` on failures) and gauges of the outbox.
 
     The outbox gauges query the event log of the default database when the meter provider
     collects; every process that has this interceptor reports them. Subclass with
@@ -157,30 +254,25 @@ class Metrics:
         self.instruments = _instruments(meter_provider, self.observe_outbox)
 
     def send(self, event: Event) -> None:
-        self.instruments.published.add(1, {EVENT_NAME: event.name})
+        attributes = {**broker_attributes(), OPERATION_NAME: "send", DESTINATION: event.name}
+        self.instruments.sent.add(1, attributes)
 
     def handle(
         self, event: Event, subscription: Subscription, call_next: Callable[..., Any]
     ) -> Any:
-        attributes = {
-            EVENT_NAME: event.name,
-            SUBSCRIPTION: subscription.name,
-            MODE: subscription.mode,
-        }
+        attributes = _process_attributes(subscription)
+        del attributes[OPERATION_TYPE]  # a span attribute only: the metric says it
+        attributes[DESTINATION] = event.name
+        self.instruments.consumed.add(1, attributes)
         started = time.perf_counter()
         try:
             result = call_next(event)
-        except Exception:
-            self.instruments.failed.add(1, attributes)
-            self._duration(started, attributes, "failed")
+        except BaseException as exc:
+            attributes[ERROR_TYPE] = error_type(exc)
+            self.instruments.duration.record(time.perf_counter() - started, attributes)
             raise
-        self.instruments.succeeded.add(1, attributes)
-        self._duration(started, attributes, "succeeded")
+        self.instruments.duration.record(time.perf_counter() - started, attributes)
         return result
-
-    def _duration(self, started: float, attributes: dict[str, str], outcome: str) -> None:
-        elapsed = time.perf_counter() - started
-        self.instruments.duration.record(elapsed, {**attributes, OUTCOME: outcome})
 
 
 def _pending_records() -> tuple[int, datetime | None]:

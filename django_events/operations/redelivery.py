@@ -9,7 +9,7 @@ then succeeded or failed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from typing import TypeVar
 from uuid import UUID
@@ -20,9 +20,10 @@ from django.utils import timezone
 from django_events.delivery import broker
 from django_events.delivery.dispatch import run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import CompiledEvent, Subscription
-from django_events.wiring.redaction import stale_payload_error
+from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
 T = TypeVar("T")
@@ -101,11 +102,13 @@ def _send(
             using,
             create=[r.pk for r in records if compiled[r.name].records_all],
         )
-        unsent = broker.send_deliveries(
-            items,
-            using,
-            prior_attempts={(r.pk, subscription.name): prior.get(r.pk, 0) for r in records},
-        )
+        prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
+        if subscription.via == "tasks":
+            from django_events.delivery import tasks_backend
+
+            unsent = tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
+        else:
+            unsent = broker.send_deliveries(items, using, prior_attempts=prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
@@ -162,13 +165,24 @@ def _run_one(
     interceptors: Sequence[object],
 ) -> Delivery | None:
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
-    problems = event_type.validator.problems(record.payload, event_type.declaration.redact)
+    try:
+        data = event_type.upgrade(record.payload, record.version)
+    except (NewerVersion, UpcastError) as exc:
+        error = redact_text(str(exc), record.payload, event_type.declaration.redact)
+        # Newer than this process: no run, left pending for a process that knows the version.
+        newer = isinstance(exc, NewerVersion)
+        status = Delivery.Status.PENDING if newer else Delivery.Status.FAILED
+        runs = attempts - 1 if newer else attempts
+        return delivery(record.pk, subscription.name, subscription.mode, status, runs, error)
+    problems = event_type.validator.problems(data, event_type.declaration.redact)
     if problems:
         error = stale_payload_error(record.name, problems)
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )
-    event = event_of(record, event_type.typed_payload(record.payload))
+    event = event_of(record, event_type.typed_payload(data))
+    if data is not record.payload:  # upcast: handlers see the declared version
+        event = replace(event, data=data, version=event_type.version)
     return run_sync_handler(subscription, event, interceptors, True, attempts)
 
 
@@ -200,7 +214,10 @@ def reaches(subscription: Subscription, event_name: str) -> bool:
     compiled = get_registry().events.get(event_name)
     if compiled is None:
         return False
-    return any(s is subscription for s in (*compiled.inline, *compiled.sync, *compiled.async_))
+    return any(
+        s is subscription
+        for s in (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks)
+    )
 
 
 def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:

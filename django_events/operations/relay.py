@@ -13,6 +13,7 @@ from django.utils import timezone
 from django_events.delivery import broker
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.recording import event_of, mark_dispatched
+from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import EventRecord
 from django_events.wiring.registry import get_registry
@@ -59,11 +60,23 @@ def relay_pending(
             if compiled is None:
                 undeclared.append(record.pk)
                 continue
-            subscriptions = accepted(compiled.async_, record.payload)
+            try:  # filters and typed payloads follow the declared version
+                data = compiled.upgrade(record.payload, record.version)
+            except NewerVersion as exc:  # a relay of the release before: a newer one sends it
+                logger.warning("Left pending: %s", exc, extra=log_extra())
+                continue
+            except UpcastError as exc:
+                # Sent as stored, to every async subscription: each worker records the failure.
+                logger.error("%s (event %s)", exc, record.pk, extra=log_extra())
+                outgoing.append(
+                    (event_of(record), compiled.declaration.durable, list(compiled.async_))
+                )
+                continue
+            subscriptions = accepted(compiled.async_, data)
             if not subscriptions:
                 nothing_to_send.append(record.pk)
                 continue
-            event = event_of(record, compiled.typed_payload(record.payload))
+            event = event_of(record, compiled.typed_payload(data))
             outgoing.append((event, compiled.declaration.durable, subscriptions))
         unsent = broker.send_deliveries(outgoing, using, confirm=True) if outgoing else set()
         sent = [event.id for event, _, _ in outgoing if event.id not in unsent]

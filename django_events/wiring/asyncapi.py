@@ -1,56 +1,552 @@
-"""The wiring as an AsyncAPI 3.0 document: channels are events, operations subscriptions."""
+"""The wiring as an AsyncAPI 3.0 document, described as it is on the wire.
+
+Servers: the Celery broker (no credentials) and, for inbound events, the HTTP endpoint.
+Channels: the queues (and fanout exchanges) that async deliveries travel through, with
+their AMQP or Redis bindings; each inbound event's URL; an address-less channel per event
+that has in-process (inline, sync) subscriptions. Messages: the Celery task message of each
+event (protocol 2: headers, and the body ``[args, kwargs, embed]`` whose one argument holds
+the event with its payload schema), the event as an inbound HTTP body, the event itself.
+Operations: ``send`` for each event the app publishes to a queue, ``receive`` for each
+subscription and inbound endpoint.
+"""
 
 from __future__ import annotations
 
 import copy
 import re
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription, exchange_name
+from django_events.wiring.redaction import MASK
 
 ASYNCAPI_VERSION = "3.0.0"
 EXTENSION = "x-django-events"
+TASK_NAME = "django_events.deliver"
+AMQP_BINDING = "0.3.0"
+HTTP_BINDING = "0.3.0"
+REDIS_BINDING = "0.1.0"
 HEADERS_SCHEMA: dict[str, Any] = {
     "type": "object",
     "description": "The event's headers (interceptors, tenants, W3C trace context).",
     "additionalProperties": {"type": "string"},
 }
 _NOT_AN_ID = re.compile(r"[^A-Za-z0-9_.-]")
+_NULLABLE_STRING = {"type": ["string", "null"]}
+# Celery's task message headers (message protocol 2), as `app.amqp.as_task_v2` writes them.
+TASK_HEADERS: dict[str, Any] = {
+    "type": "object",
+    "description": "Celery task message headers (message protocol 2).",
+    "required": ["lang", "task", "id", "root_id", "retries", "argsrepr", "kwargsrepr"],
+    "properties": {
+        "lang": {"const": "py"},
+        "task": {"const": TASK_NAME},
+        "id": {"type": "string", "description": "The Celery task id (a new one per message)."},
+        "root_id": {"type": "string"},
+        "parent_id": _NULLABLE_STRING,
+        "group": _NULLABLE_STRING,
+        "group_index": {"type": ["integer", "null"]},
+        "shadow": _NULLABLE_STRING,
+        "eta": {
+            "type": ["string", "null"],
+            "description": "ISO 8601 time before which a retry is not run.",
+        },
+        "expires": _NULLABLE_STRING,
+        "retries": {"type": "integer", "minimum": 0, "description": "Celery's retry count."},
+        "timelimit": {
+            "type": "array",
+            "description": "[hard, soft] time limits in seconds (the subscription's timeout).",
+            "items": {"type": ["number", "null"]},
+        },
+        "argsrepr": {
+            "type": "string",
+            "description": "What monitors show: (subscription, event id), never the payload.",
+        },
+        "kwargsrepr": {"const": "{}"},
+        "origin": {"type": "string", "description": "<process>@<host> that sent the message."},
+        "ignore_result": {"type": "boolean"},
+        "replaced_task_nesting": {"type": "integer"},
+        "stamped_headers": {"type": ["array", "null"]},
+        "stamps": {"type": "object"},
+    },
+}
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where messages for one queue go on the broker (Celery's routing of ``send_task``)."""
+
+    exchange: str
+    exchange_type: str
+    routing_key: str
+    durable: bool = True
+    auto_delete: bool = False
+
+
+@dataclass(frozen=True)
+class Broker:
+    """The broker the Celery app sends to, without credentials.
+
+    ``protocol`` is kombu's transport (``amqp``, ``redis``, ``filesystem``, ...), ``host``
+    ``host[:port]`` (empty for transports without one), ``pathname`` the AMQP virtual host or
+    the Redis database; ``routes`` maps each queue to its exchange and routing key.
+    """
+
+    protocol: str
+    host: str
+    pathname: str = ""
+    routes: Mapping[str, Route] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HttpServer:
+    """Where ``django_events.urls`` answers: ``https://<host><pathname><event name>/``."""
+
+    host: str
+    pathname: str
+    protocol: str = "https"
 
 
 def asyncapi_document(
-    registry: Registry, *, title: str, version: str, description: str = ""
+    registry: Registry,
+    *,
+    title: str,
+    version: str,
+    description: str = "",
+    broker: Broker | None = None,
+    http: HttpServer | None = None,
 ) -> dict[str, Any]:
-    """Describe every event (a channel with its message and payload schema) and every
-    subscription (a ``receive`` operation with its mode, queue, filter and retry policy)."""
-    ids = _Ids()
-    channels: dict[str, Any] = {}
-    messages: dict[str, Any] = {}
-    schemas: dict[str, Any] = {}
-    channel_of: dict[str, str] = {}
-    for name in sorted(registry.events):
-        key = channel_of[name] = ids.new(name)
-        compiled = registry.events[name]
-        schemas[key] = _payload_schema(compiled, key, schemas)
-        messages[key] = _message(compiled, key)
-        channels[key] = _channel(compiled, key)
-    operations: dict[str, Any] = {}
-    for subscription in sorted(registry.subscriptions.values(), key=lambda s: s.name):
-        targets = [n for n in sorted(registry.events) if subscription in _subscribers(registry, n)]
-        for event_name in targets:
-            label = subscription.name if len(targets) == 1 else f"{subscription.name}.{event_name}"
-            operations[ids.new(label)] = _operation(subscription, channel_of[event_name])
-    info: dict[str, Any] = {"title": title, "version": version}
-    if description:
-        info["description"] = description
+    """Describe the wiring as it is on the wire (see the module's docstring).
+
+    Without ``broker``, queues get no server and no bindings; without ``http``, inbound
+    events are left out (their URLs are not routed).
+    """
+    return _Builder(registry, broker, http).build(title, version, description)
+
+
+class _Builder:
+    def __init__(self, registry: Registry, broker: Broker | None, http: HttpServer | None):
+        self.registry, self.broker, self.http = registry, broker, http
+        self.ids = _Ids()
+        self.channels: dict[str, Any] = {}
+        self.operations: dict[str, Any] = {}
+        self.messages: dict[str, Any] = {}
+        self.schemas: dict[str, Any] = {}
+        self.event_key: dict[str, str] = {}
+        self.amqp = broker is not None and broker.protocol in ("amqp", "amqps", "pyamqp")
+        self.redis = broker is not None and broker.protocol in ("redis", "rediss")
+
+    def build(self, title: str, version: str, description: str) -> dict[str, Any]:
+        events = self.registry.events
+        for name in sorted(events):
+            key = self.event_key[name] = self.ids.new(name)
+            compiled = events[name]
+            self.schemas[key] = _payload_schema(compiled, key, self.schemas)
+            self.messages[key] = _message(compiled, key)
+        subscriptions = sorted(self.registry.subscriptions.values(), key=lambda s: s.name)
+        targets = {
+            s.name: [n for n in sorted(events) if s in _subscribers(self.registry, n)]
+            for s in subscriptions
+        }
+        self._queues(subscriptions, targets)
+        self._in_process(subscriptions, targets)
+        inbound = [n for n in sorted(events) if events[n].declaration.inbound]
+        if self.http is not None:
+            for name in inbound:
+                self._inbound(events[name])
+        info: dict[str, Any] = {"title": title, "version": version}
+        if description:
+            info["description"] = description
+        document: dict[str, Any] = {"asyncapi": ASYNCAPI_VERSION, "info": info}
+        servers = self._servers(bool(inbound))
+        if servers:
+            document["servers"] = servers
+        document.update(
+            defaultContentType="application/json",
+            channels=self.channels,
+            operations=self.operations,
+            components={"messages": self.messages, "schemas": self.schemas},
+        )
+        return document
+
+    def _servers(self, inbound: bool) -> dict[str, Any]:
+        servers: dict[str, Any] = {}
+        if self.broker is not None:
+            server: dict[str, Any] = {
+                "host": self.broker.host or "localhost",
+                "protocol": self.broker.protocol,
+                "title": "Celery broker",
+                "description": "The broker of the Celery app (`CELERY_APP`).",
+            }
+            if self.broker.pathname:
+                server["pathname"] = self.broker.pathname
+            if self.amqp:
+                server["protocolVersion"] = "0.9.1"
+            servers["broker"] = server
+        if self.http is not None and inbound:
+            servers["http"] = {
+                "host": self.http.host,
+                "pathname": self.http.pathname.rstrip("/") or "/",
+                "protocol": self.http.protocol,
+                "title": "Inbound events",
+                "description": "`django_events.urls`: POST an event's JSON payload.",
+            }
+        return servers
+
+    # Queues: one message per (event, async subscription), to the subscription's queue.
+
+    def _queues(self, subscriptions: list[Subscription], targets: dict[str, list[str]]) -> None:
+        by_queue: dict[tuple[str, bool], list[Subscription]] = {}
+        for subscription in subscriptions:
+            if subscription.mode == "async" and targets[subscription.name]:
+                key = (subscription.queue, subscription.declaration.broadcast)
+                by_queue.setdefault(key, []).append(subscription)
+        for (queue, broadcast), subscribed in sorted(by_queue.items()):
+            names = sorted({n for s in subscribed for n in targets[s.name]})
+            send, consume = self._queue_channels(queue, broadcast, names)
+            for name in names:
+                on_it = [s for s in subscribed if name in targets[s.name]]
+                self._send(name, queue, send, on_it, broadcast)
+            for subscription in subscribed:
+                self._receive(subscription, targets[subscription.name], consume)
+
+    def _queue_channels(self, queue: str, broadcast: bool, names: list[str]) -> tuple[str, str]:
+        """The channel messages are sent to and the one they are consumed from (AMQP tells
+        an exchange and routing key from a queue; other transports have one address)."""
+        messages = {
+            self.event_key[n]: {"$ref": f"#/components/messages/{self.event_key[n]}.task"}
+            for n in names
+        }
+        for n in names:
+            self._task_message(self.registry.events[n])
+        route = self._route(queue, broadcast)
+        what = f"broadcasts of queue {queue!r}" if broadcast else f"queue {queue!r}"
+        send: dict[str, Any] = {
+            "address": route.routing_key,
+            "title": what,
+            "messages": messages,
+        }
+        if self.broker is not None:
+            send["servers"] = [{"$ref": "#/servers/broker"}]
+        if self.redis and broadcast:
+            # kombu's Redis fanout: PUBLISH on "/<db>.<exchange>/<routing key>" (its defaults
+            # fanout_prefix and fanout_patterns), one subscriber per worker.
+            db = (self.broker.pathname if self.broker else "").strip("/") or "0"
+            send["address"] = f"/{db}.{route.exchange}/{route.routing_key}"
+            send["description"] = "A Redis pub/sub channel: every worker gets each message."
+        elif self.redis:
+            send["description"] = "A Redis list (kombu LPUSHes, workers BRPOP)."
+        send_id = self.ids.new(f"{'broadcast' if broadcast else 'queue'}.{queue}")
+        self.channels[send_id] = send
+        if self.amqp:
+            send["bindings"] = {
+                "amqp": {
+                    "is": "routingKey",
+                    "exchange": _exchange(route, self._vhost()),
+                    "bindingVersion": AMQP_BINDING,
+                }
+            }
+        elif self.redis:
+            send["bindings"] = {"redis": {"bindingVersion": REDIS_BINDING}}
+        if not self.amqp:
+            return send_id, send_id
+        consume: dict[str, Any] = {
+            "title": f"{what}: consumed",
+            "messages": messages,
+            "servers": [{"$ref": "#/servers/broker"}],
+        }
+        queue_binding: dict[str, Any] = {"vhost": self._vhost()}
+        if broadcast:
+            # Each worker binds an auto-delete queue of its own (kombu Broadcast, unique).
+            consume["address"] = None
+            consume["description"] = (
+                f"One auto-delete queue per worker, `{route.exchange}.<worker>.<uuid>`, "
+                f"bound to the fanout exchange {route.exchange!r}."
+            )
+            queue_binding.update(durable=False, exclusive=False, autoDelete=True)
+        else:
+            consume["address"] = queue
+            queue_binding.update(
+                name=queue, durable=route.durable, exclusive=False, autoDelete=route.auto_delete
+            )
+        consume["bindings"] = {
+            "amqp": {"is": "queue", "queue": queue_binding, "bindingVersion": AMQP_BINDING}
+        }
+        consume_id = self.ids.new(f"{send_id}.consume")
+        self.channels[consume_id] = consume
+        return send_id, consume_id
+
+    def _route(self, queue: str, broadcast: bool) -> Route:
+        if broadcast:
+            name = exchange_name(queue)
+            return Route(name, "fanout", name, durable=True, auto_delete=False)
+        if self.broker is not None and queue in self.broker.routes:
+            return self.broker.routes[queue]
+        return Route("", "default", queue)  # how Celery sends to a queue it creates on demand
+
+    def _vhost(self) -> str:
+        path = self.broker.pathname if self.broker else ""
+        return path[1:] if path.startswith("/") and len(path) > 1 else "/"
+
+    def _send(
+        self,
+        name: str,
+        queue: str,
+        channel: str,
+        subscriptions: list[Subscription],
+        broadcast: bool,
+    ) -> None:
+        compiled = self.registry.events[name]
+        key = self.event_key[name]
+        operation: dict[str, Any] = {
+            "action": "send",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{key}"}],
+            "title": f"publish {name}",
+            "summary": (
+                f"publish() sends one message per subscription: "
+                f"{', '.join(s.name for s in subscriptions)}."
+            ),
+            EXTENSION: {
+                "event": name,
+                "queue": queue,
+                "subscriptions": [s.name for s in subscriptions],
+                "broadcast": broadcast,
+            },
+        }
+        if self.amqp:
+            operation["bindings"] = {
+                "amqp": {
+                    "deliveryMode": 2 if compiled.declaration.durable else 1,
+                    "bindingVersion": AMQP_BINDING,
+                }
+            }
+        self.operations[self.ids.new(f"send.{name}.{queue}")] = operation
+
+    def _receive(self, subscription: Subscription, names: list[str], channel: str) -> None:
+        for name in names:
+            label = subscription.name if len(names) == 1 else f"{subscription.name}.{name}"
+            operation = _operation(subscription, channel, self.event_key[name])
+            if self.amqp and subscription.mode == "async":
+                # Late acknowledgement: at least once (a killed worker's message comes back).
+                operation["bindings"] = {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}}
+            self.operations[self.ids.new(label)] = operation
+
+    # In-process subscriptions: no broker, no address.
+
+    def _in_process(self, subscriptions: list[Subscription], targets: dict[str, list[str]]) -> None:
+        channel_of: dict[str, str] = {}
+        for subscription in subscriptions:
+            if subscription.mode == "async":
+                continue
+            for name in targets[subscription.name]:
+                if name not in channel_of:
+                    key = self.event_key[name]
+                    channel_of[name] = self.ids.new(f"in_process.{name}")
+                    self.channels[channel_of[name]] = {
+                        "address": None,
+                        "title": f"{name} in-process",
+                        "description": (
+                            "No broker: inline handlers run in publish(), sync handlers "
+                            "in the publisher's process after commit."
+                        ),
+                        "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+                    }
+            for name in targets[subscription.name]:
+                label = (
+                    subscription.name
+                    if len(targets[subscription.name]) == 1
+                    else f"{subscription.name}.{name}"
+                )
+                operation = _operation(subscription, channel_of[name], self.event_key[name])
+                self.operations[self.ids.new(label)] = operation
+
+    # Inbound HTTP: POST <prefix><event name>/ with the payload as JSON body.
+
+    def _inbound(self, compiled: CompiledEvent) -> None:
+        key = self.event_key[compiled.name]
+        block = compiled.declaration.inbound or {}
+        headers = _inbound_headers(block)
+        message_key = f"{key}.http"
+        self.messages[message_key] = {
+            "name": compiled.name,
+            "title": f"{compiled.name} (inbound HTTP)",
+            "contentType": "application/json",
+            "headers": headers,
+            "payload": {"$ref": f"#/components/schemas/{key}"},
+            "bindings": {"http": {"headers": headers, "bindingVersion": HTTP_BINDING}},
+        }
+        channel = self.ids.new(f"http.{compiled.name}")
+        self.channels[channel] = {
+            "address": f"/{compiled.name}/",
+            "title": f"POST {compiled.name}",
+            "servers": [{"$ref": "#/servers/http"}],
+            "messages": {key: {"$ref": f"#/components/messages/{message_key}"}},
+        }
+        details = {"event": compiled.name, **{k: v for k, v in block.items() if k != "secret"}}
+        self.operations[self.ids.new(f"inbound.{compiled.name}")] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{key}"}],
+            "title": f"POST {compiled.name}",
+            "summary": 'Publishes the event; answers 202 {"id": <event id>}.',
+            "bindings": {"http": {"method": "POST", "bindingVersion": HTTP_BINDING}},
+            EXTENSION: details,
+        }
+
+    def _task_message(self, compiled: CompiledEvent) -> None:
+        key = self.event_key[compiled.name]
+        if f"{key}.task" in self.messages:
+            return
+        if compiled.declaration.redact:
+            self.schemas[f"{key}.masked"] = _masked(self.schemas[key], compiled.declaration.redact)
+        message: dict[str, Any] = {
+            "name": TASK_NAME,
+            "title": f"{compiled.name} (Celery task message)",
+            "summary": "One message per (event, subscription): the task names the subscription.",
+            "contentType": "application/json",
+            "headers": TASK_HEADERS,
+            "payload": _task_body(key, compiled.declaration.redact),
+            "correlationId": {
+                "description": "The Celery task id (AMQP correlation_id).",
+                "location": "$message.header#/id",
+            },
+        }
+        version = getattr(compiled.declaration, "version", None)
+        if version is not None:
+            message[EXTENSION] = {"version": version}
+        if self.amqp:
+            message["bindings"] = {
+                "amqp": {
+                    "contentEncoding": "utf-8",
+                    "messageType": TASK_NAME,
+                    "bindingVersion": AMQP_BINDING,
+                }
+            }
+        elif self.redis:
+            message["description"] = (
+                "kombu's Redis transport stores it as a JSON envelope "
+                '{"body": <base64 of this payload>, "headers": <these headers>, '
+                '"properties": {...}, "content-type": "application/json", '
+                '"content-encoding": "utf-8"}.'
+            )
+        self.messages[f"{key}.task"] = message
+
+
+def _masked(schema: Any, paths: tuple[str, ...]) -> Any:
+    """``schema`` with the value at each redacted path the mask (lists walked item by item);
+    a path it cannot follow (``$ref``, combinators) leaves that part of the schema open."""
+    result = copy.deepcopy(schema)
+    for path in paths:
+        node = result
+        keys = path.split(".")
+        for i, name in enumerate(keys):
+            while isinstance(node, dict) and isinstance(node.get("items"), dict):
+                node = node["items"]
+            properties = node.get("properties") if isinstance(node, dict) else None
+            if not isinstance(properties, dict) or name not in properties:
+                break
+            if i == len(keys) - 1:
+                properties[name] = {"const": MASK, "description": "Redacted: see `sealed`."}
+            else:
+                node = properties[name]
+    description = (
+        f"The payload with the values at {', '.join(paths)} replaced by {MASK!r}; "
+        "the whole payload is in `sealed`."
+    )
+    return {**result, "description": description} if isinstance(result, dict) else result
+
+
+def _exchange(route: Route, vhost: str) -> dict[str, Any]:
+    if not route.exchange:  # AMQP's nameless default exchange: routes by queue name
+        return {"type": "default", "vhost": vhost}
     return {
-        "asyncapi": ASYNCAPI_VERSION,
-        "info": info,
-        "defaultContentType": "application/json",
-        "channels": channels,
-        "operations": operations,
-        "components": {"messages": messages, "schemas": schemas},
+        "name": route.exchange,
+        "type": route.exchange_type,
+        "durable": route.durable,
+        "autoDelete": False,
+        "vhost": vhost,
+    }
+
+
+def _inbound_headers(block: Mapping[str, Any]) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "Content-Type": {"type": "string", "const": "application/json"},
+        "Idempotency-Key": {
+            "type": "string",
+            "maxLength": 200,
+            "description": "Makes a retried call safe: the same key publishes once.",
+        },
+    }
+    required = ["Content-Type"]
+    auth = block.get("auth")
+    if auth == "hmac":
+        properties["X-Events-Timestamp"] = {"type": "string", "description": "Unix time."}
+        properties["X-Events-Signature"] = {
+            "type": "string",
+            "description": "HMAC-SHA256 of '<timestamp>.<body>' with the shared secret.",
+        }
+        required += ["X-Events-Timestamp", "X-Events-Signature"]
+    elif auth == "token":
+        properties["Authorization"] = {"type": "string", "pattern": "^Bearer "}
+        required.append("Authorization")
+    elif auth == "permission":
+        properties["Cookie"] = {"type": "string", "description": "A Django session."}
+    return {"type": "object", "required": required, "properties": properties}
+
+
+def _task_body(key: str, redact: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Celery's protocol 2 body, ``[args, kwargs, embed]``; ``args`` is the delivery."""
+    payload: dict[str, Any] = {"$ref": f"#/components/schemas/{key}"}
+    if redact:
+        # delivery/sealing.py: what monitors may read is masked; the rest is sealed.
+        payload = {"$ref": f"#/components/schemas/{key}.masked"}
+    event: dict[str, Any] = {
+        "type": "object",
+        "required": ["id", "name", "payload", "headers", "occurred_at", "correlation_id"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "payload": payload,
+            "headers": HEADERS_SCHEMA,
+            "occurred_at": {"type": "string", "format": "date-time"},
+            "correlation_id": {"type": "string", "format": "uuid"},
+            "causation_id": {"type": ["string", "null"], "format": "uuid"},
+        },
+    }
+    if redact:
+        event["properties"]["sealed"] = {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": (
+                "When a redacted field is present: the payload as JSON, encrypted with "
+                "AES-256-GCM (12-byte nonce first; key derived from SECRET_KEY; the event id "
+                "as associated data)."
+            ),
+        }
+    delivery = {
+        "type": "object",
+        "required": ["v", "subscription", "event", "db", "prior_attempts"],
+        "properties": {
+            "v": {"type": "integer", "description": "Version of this message's format."},
+            "subscription": {"type": "string", "description": "Looked up in the worker."},
+            "event": event,
+            "db": {"type": "string", "description": "The database alias of the event log."},
+            "prior_attempts": {"type": "integer", "minimum": 0},
+            "rerun": {"type": "boolean"},
+        },
+    }
+    return {
+        "type": "array",
+        "description": "Celery message protocol 2 body: [args, kwargs, embed].",
+        "minItems": 3,
+        "maxItems": 3,
+        "items": [
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": [delivery]},
+            {"type": "object", "maxProperties": 0},
+            {"type": "object", "description": "callbacks, errbacks, chain, chord (all null)."},
+        ],
     }
 
 
@@ -72,22 +568,7 @@ class _Ids:
 
 def _subscribers(registry: Registry, event_name: str) -> tuple[Subscription, ...]:
     compiled = registry.events[event_name]
-    return compiled.inline + compiled.sync + compiled.async_
-
-
-def _channel(compiled: CompiledEvent, key: str) -> dict[str, Any]:
-    declaration = compiled.declaration
-    channel: dict[str, Any] = {
-        "address": compiled.name,
-        "title": compiled.name,
-        "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-        EXTENSION: {"durable": declaration.durable, "redact": list(declaration.redact)},
-    }
-    if declaration.record:
-        channel[EXTENSION]["record"] = declaration.record
-    if declaration.description:
-        channel["description"] = declaration.description
-    return channel
+    return compiled.inline + compiled.sync + compiled.async_ + compiled.tasks
 
 
 def _message(compiled: CompiledEvent, key: str) -> dict[str, Any]:
@@ -100,6 +581,16 @@ def _message(compiled: CompiledEvent, key: str) -> dict[str, Any]:
     }
     if compiled.declaration.description:
         message["summary"] = compiled.declaration.description
+    # The payload contract's version (docs/evolving.md): records and messages carry it too.
+    extension: dict[str, Any] = {
+        "durable": compiled.declaration.durable,
+        "redact": list(compiled.declaration.redact),
+        "version": compiled.declaration.version,
+    }
+    if compiled.declaration.record:
+        extension["record"] = compiled.declaration.record
+    message["title"] = f"{compiled.name} v{compiled.declaration.version}"
+    message[EXTENSION] = extension
     return message
 
 
@@ -139,7 +630,7 @@ def _rebase(node: Any, key: str) -> Any:
     return result
 
 
-def _operation(subscription: Subscription, channel: str) -> dict[str, Any]:
+def _operation(subscription: Subscription, channel: str, message: str) -> dict[str, Any]:
     declaration = subscription.declaration
     details: dict[str, Any] = {
         "subscription": subscription.name,
@@ -168,7 +659,7 @@ def _operation(subscription: Subscription, channel: str) -> dict[str, Any]:
     return {
         "action": "receive",
         "channel": {"$ref": f"#/channels/{channel}"},
-        "messages": [{"$ref": f"#/channels/{channel}/messages/{channel}"}],
+        "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
         "title": subscription.name,
         "summary": f"{declaration.handler} runs {where}.",
         "tags": tags,

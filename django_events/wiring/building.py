@@ -90,6 +90,7 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
             continue
         seen[declaration.name] = declaration
         declaration = _with_type(declaration, registry.problems)
+        registry.problems.extend(_upcast_problems(declaration))
         schema = declaration.schema if declaration.schema is not None else {"type": "object"}
         try:
             validator = PayloadValidator(schema)
@@ -104,6 +105,21 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
             )
             continue
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
+
+
+def _upcast_problems(declaration: EventDeclaration) -> list[Problem]:
+    """Each upcaster upgrades a version older than the declared one."""
+    return [
+        _problem(
+            "E130",
+            f"Event {declaration.name!r} is version {declaration.version}: "
+            f"upcast key {key!r} is not an older version",
+            f"Key upcasters by the version they upgrade from (1 to {declaration.version - 1}).",
+            declaration.origin,
+        )
+        for key in sorted(declaration.upcast)
+        if not 1 <= key < declaration.version
+    ]
 
 
 def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventDeclaration:
@@ -193,6 +209,7 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
         queue = declaration.queue or conf.DEFAULT_QUEUE
         subscription = Subscription(declaration, retry, accepts, queue)
+        subscription.via = declaration.via or conf.DELIVERY
         registry.subscriptions[declaration.name] = subscription
         for name in targets:
             by_mode[name].setdefault(declaration.mode, []).append(subscription)
@@ -200,7 +217,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         modes = by_mode[name]
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
-        compiled.async_ = tuple(modes.get("async", ()))
+        compiled.async_ = tuple(s for s in modes.get("async", ()) if s.via != "tasks")
+        compiled.tasks = tuple(s for s in modes.get("async", ()) if s.via == "tasks")
 
 
 def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:

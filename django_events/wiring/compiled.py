@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from types import FunctionType, MethodType
 from typing import Any, cast
 
+from asgiref.sync import iscoroutinefunction
 from django.utils.module_loading import import_string
 
 from django_events.conf import conf
@@ -20,6 +22,7 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
+from django_events.wiring.upcasting import Upcaster, upcast
 from django_events.wiring.validation import PayloadValidator, json_problems
 
 Handler = Callable[[Event], Any]
@@ -43,6 +46,8 @@ class Subscription:
     accepts: Predicate | None = None
     queue: str = ""  # the declared queue, or DEFAULT_QUEUE as it was at build time
     _handler: Handler | None = field(default=None, repr=False)
+    is_async: bool = field(default=False, repr=False)  # known once handler() imported it
+    via: str = "celery"  # async deliveries: "celery" or "tasks" (Django's Tasks framework)
 
     @property
     def name(self) -> str:
@@ -55,7 +60,9 @@ class Subscription:
     def handler(self) -> Handler:
         """Import the handler on first use (a class is instantiated once per process)."""
         if self._handler is None:
-            self._handler = resolve_handler(self.declaration.handler)
+            handler = resolve_handler(self.declaration.handler)
+            self.is_async = is_async_handler(handler)
+            self._handler = handler
         return self._handler
 
 
@@ -67,11 +74,33 @@ class CompiledEvent:
     validator: PayloadValidator
     inline: tuple[Subscription, ...] = ()
     sync: tuple[Subscription, ...] = ()
-    async_: tuple[Subscription, ...] = ()
+    async_: tuple[Subscription, ...] = ()  # async, through Celery
+    tasks: tuple[Subscription, ...] = ()  # async, through Django's Tasks framework
+    upcasters: dict[int, Upcaster] = field(default_factory=dict, repr=False)  # imported ones
 
     @property
     def name(self) -> str:
         return self.declaration.name
+
+    @property
+    def version(self) -> int:
+        return self.declaration.version
+
+    def upgrade(self, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Upcast ``data`` of ``version`` to the declared version (raises ``UpcastError``,
+        or ``NewerVersion`` for a version this process does not know yet)."""
+        declaration = self.declaration
+        if version == declaration.version:
+            return data
+        return upcast(
+            declaration.name,
+            data,
+            version,
+            declaration.version,
+            declaration.upcast,
+            self.upcasters,
+            self.validator.problems,
+        )
 
     @property
     def type(self) -> type | None:
@@ -90,7 +119,12 @@ class CompiledEvent:
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
         redact = self.declaration.redact
-        problems = self.validator.problems(data, redact) or json_problems(data, redact)
+        try:
+            problems = self.validator.problems(data, redact) or json_problems(data, redact)
+        except RecursionError:  # a schema validator recursing into a payload nested too deep
+            problems = json_problems(data, redact) or [
+                PayloadProblem("$", "nested too deep to validate")
+            ]
         if problems:
             raise InvalidPayload(self.name, problems)
         return data
@@ -141,6 +175,15 @@ class Registry:
     def queues(self) -> list[str]:
         """Queues a worker must consume to run every async subscription."""
         return sorted({s.queue for s in self.subscriptions.values() if s.mode == "async"})
+
+
+def is_async_handler(handler: Handler) -> bool:
+    """Whether calling ``handler`` returns a coroutine: ``async def`` (or ``handle``)."""
+    if iscoroutinefunction(handler):
+        return True
+    if isinstance(handler, FunctionType | MethodType):
+        return False
+    return iscoroutinefunction(type(handler).__call__)  # an instance with async def __call__
 
 
 def resolve_handler(path: str) -> Handler:

@@ -74,6 +74,9 @@ class EventDeclaration:
     redact: tuple[str, ...] = ()
     record: str | None = None
     inbound: dict[str, Any] | None = None
+    version: int = 1
+    # old version -> dotted path of f(payload) -> payload of the next version
+    upcast: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class SubscriptionDeclaration:
     broadcast: bool = False
     idempotent: bool = False
     timeout: float | None = None
+    via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
 
     @property
     def is_pattern(self) -> bool:

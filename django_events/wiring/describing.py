@@ -66,7 +66,8 @@ def describe_wiring(registry: Registry | None = None) -> Wiring:
         compiled = registry.events[name]
         declaration = compiled.declaration
         subscriptions = sorted(
-            (*compiled.inline, *compiled.sync, *compiled.async_), key=lambda s: s.name
+            (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks),
+            key=lambda s: s.name,
         )
         used.update(s.name for s in subscriptions)
         type_ = declaration.type

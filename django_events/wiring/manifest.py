@@ -208,7 +208,8 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
         )
     manifest = Manifest()
     for name, body in (data.get("events") or {}).items():
-        manifest.events.append(_event(name, body or {}, origin_for(("events", name))))
+        origin = origin_for(("events", name))
+        manifest.events.append(_event(name, body or {}, origin, manifest.problems))
     for index, body in enumerate(data.get("subscriptions") or []):
         manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
     return manifest
@@ -245,7 +246,25 @@ def _locate(error: ValidationError) -> tuple[JsonPath, str]:
     return path, error.message
 
 
-def _event(name: str, body: dict[str, Any], origin: Origin) -> EventDeclaration:
+def _event(
+    name: str, body: dict[str, Any], origin: Origin, problems: list[Problem]
+) -> EventDeclaration:
+    upcast: dict[int, str] = {}
+    for key, path in (body.get("upcast") or {}).items():
+        # YAML reads `1:` as an int, JSON and settings may say "1"; True or 1.5 are neither.
+        if isinstance(key, int) and not isinstance(key, bool):
+            upcast[key] = path
+        elif isinstance(key, str) and key.isdigit():
+            upcast[int(key)] = path
+        else:
+            problems.append(
+                _problem(
+                    "E130",
+                    f"Event {name!r}: upcast key {key!r} is not a version number",
+                    "Key each upcaster by the version it upgrades from (1, 2, ...).",
+                    origin,
+                )
+            )
     return EventDeclaration(
         name=name,
         origin=origin,
@@ -256,6 +275,8 @@ def _event(name: str, body: dict[str, Any], origin: Origin) -> EventDeclaration:
         redact=tuple(body.get("redact", ())),
         record=body.get("record"),
         inbound=body.get("inbound"),
+        version=body.get("version", 1),
+        upcast=upcast,
     )
 
 
@@ -273,6 +294,7 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         broadcast=body.get("broadcast", False),
         idempotent=body.get("idempotent", False),
         timeout=body.get("timeout"),
+        via=body.get("via"),
     )
 
 

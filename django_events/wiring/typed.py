@@ -39,10 +39,18 @@ def event(
     durable: bool = True,
     redact: tuple[str, ...] = (),
     record: str | None = None,
+    version: int = 1,
+    upcast: dict[int, str] | None = None,
 ) -> Callable[[T], T]:
-    """Declare a dataclass or pydantic model as the event ``name``."""
+    """Declare a dataclass or pydantic model as the event ``name``.
+
+    ``version`` and ``upcast`` (old version -> dotted path of ``f(payload) -> payload``)
+    evolve its contract (docs/evolving.md).
+    """
     if not NAME_RE.match(name):
         raise ValueError(f"Event name {name!r} must match [A-Za-z0-9_.-]+")
+    if isinstance(version, bool) or version < 1:
+        raise ValueError(f"@event({name!r}): version must be an integer >= 1, not {version!r}")
 
     def decorate(cls: T) -> T:
         if not (dataclasses.is_dataclass(cls) or _is_pydantic(cls)):
@@ -57,6 +65,8 @@ def event(
             durable=durable,
             redact=tuple(redact),
             record=record,
+            version=version,
+            upcast=dict(upcast or {}),
         )
         setattr(cls, ATTRIBUTE, declaration)
         # Re-importing a module (autoreload, tests) replaces the class instead of duplicating it.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -71,8 +72,26 @@ def _compile_fast(schema: dict[str, Any] | bool) -> Any:
         return None
 
 
+# Levels of objects and arrays a payload may nest (the payload object is level 1). Deeper
+# payloads do not survive the trip: the prefork pool pickles each message to its child, and
+# pickle gives up near 500 levels on CPython (a RecursionError that stops the worker, for
+# every worker that receives it); json and the databases stop near 1000. 64 leaves room for
+# recursive schemas, filters and handlers, which walk payloads recursively too.
+MAX_DEPTH = 64
+
+UNSTORABLE_TEXT = "NUL (\\u0000) or a lone surrogate in a string"
+# PostgreSQL refuses both in text and jsonb; no UTF-8 encoder can write a lone surrogate.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> bool:
+    """Whether ``text`` can be stored and sent as UTF-8 (no NUL, no lone surrogate)."""
+    return (text.isascii() and "\x00" not in text) or _UNSTORABLE.search(text) is None
+
+
 def json_problems(payload: Any, redact: Iterable[str] = ()) -> list[PayloadProblem]:
-    """Report values that cannot travel as JSON (the record and the message are JSON).
+    """Report values that cannot travel as JSON (the record and the message are JSON):
+    non-JSON values, strings with NUL or a lone surrogate, nesting deeper than `MAX_DEPTH`.
 
     A message does not quote the value at (or inside) a ``redact`` path.
     """
@@ -90,27 +109,38 @@ def _json_walk(
     seen: set[int],
     redacted: list[tuple[str, ...]],
 ) -> None:
-    if value is None or isinstance(value, str | int):  # bool is an int
+    if isinstance(value, str):
+        if not storable_text(value):
+            problems.append(PayloadProblem(format_path(path), UNSTORABLE_TEXT))
         return
-    shown = repr(MASK) if under(path, redacted) else repr(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            problems.append(PayloadProblem(format_path(path), f"{shown} is not a JSON number"))
+    if value is None or isinstance(value, int):  # bool is an int
         return
     if not isinstance(value, dict | list | tuple):
-        problems.append(
-            PayloadProblem(
-                format_path(path), f"{type(value).__name__} {shown} is not JSON-serializable"
-            )
-        )
+        # Only scalars are quoted (a container's repr could recurse as deep as it nests).
+        shown = repr(MASK) if under(path, redacted) else repr(value)
+        if not isinstance(value, float):
+            problem = f"{type(value).__name__} {shown} is not JSON-serializable"
+        elif math.isfinite(value):
+            return
+        else:
+            problem = f"{shown} is not a JSON number"
+        problems.append(PayloadProblem(format_path(path), problem))
         return
     if id(value) in seen:
         problems.append(PayloadProblem(format_path(path), "circular reference"))
+        return
+    if len(path) >= MAX_DEPTH:  # this container is level len(path) + 1
+        problems.append(PayloadProblem(format_path(path), f"nested deeper than {MAX_DEPTH} levels"))
         return
     seen.add(id(value))
     if isinstance(value, dict):
         for key, item in value.items():
             if isinstance(key, str):
+                if not storable_text(key):
+                    problems.append(
+                        PayloadProblem(format_path(path), f"a key holds {UNSTORABLE_TEXT}")
+                    )
+                    continue
                 _json_walk(item, (*path, key), problems, seen, redacted)
             else:  # json.dumps would turn it into a string: the handler would see another key
                 problems.append(PayloadProblem(format_path(path), f"key {key!r} is not a string"))
@@ -135,18 +165,42 @@ def _is_plain_json(payload: Any) -> bool:
         return True
     try:
         text = json.dumps(payload, default=_refuse, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
+        return False
+    # ensure_ascii escapes NUL and every surrogate (pairs too: the walk tells them apart).
+    if "\\u0000" in text or "\\ud" in text:
+        return False
+    # Fewer brackets than levels allowed (those in strings count too): not too deep.
+    if text.count("[") + text.count("{") > MAX_DEPTH and _deeper_than_allowed(payload):
         return False
     # json.dumps turns non-string keys into strings silently: a round trip must be equal.
     return "{" not in text or json.loads(text) == payload
+
+
+def _deeper_than_allowed(payload: Any) -> bool:
+    level, depth = [payload], 1
+    while level:
+        if depth > MAX_DEPTH:
+            return True
+        level = [
+            item
+            for container in level
+            for item in (container.values() if isinstance(container, dict) else container)
+            if isinstance(item, dict | list | tuple)
+        ]
+        depth += 1
+    return False
 
 
 def _is_flat_json(payload: dict[Any, Any]) -> bool:
     # A round trip through json costs ~2.5 us; this loop ~0.2 us for a typical payload.
     for key, value in payload.items():
         kind = type(value)
-        if type(key) is not str:
+        if type(key) is not str or not storable_text(key):
             return False
-        if kind not in _JSON_SCALARS and not (kind is float and math.isfinite(value)):
+        if kind is str:
+            if not storable_text(value):
+                return False
+        elif kind not in _JSON_SCALARS and not (kind is float and math.isfinite(value)):
             return False
     return True

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from django.db import transaction
 
-from django_events import Event, publish
+from django_events import Event, current_event, publish
 from django_events.interceptors import context
 
 from .models import HandlerRun
@@ -75,6 +77,12 @@ def always_fails(event: Event) -> None:
     raise RuntimeError(f"boom for {event.payload.get('order_id')}")
 
 
+def fails_with_unstorable_text(event: Event) -> None:
+    """Fail with an error text PostgreSQL cannot store as is (NUL, a lone surrogate)."""
+    _run("fails_with_unstorable_text", event)
+    raise RuntimeError(f"bad\x00byte \udc80 in {event.payload.get('file')}")
+
+
 def inline_fails(event: Event) -> None:
     raise ValueError("inline handler refused the order")
 
@@ -132,3 +140,42 @@ def fails_first_time(event: Event) -> None:
 
 def fails_first_time_sync(event: Event) -> None:
     _fails_first_time("fails_first_time_sync", event)
+
+
+async def _arun(name: str, event: Event) -> None:
+    """Record a run from async code, after really suspending (the body must have run)."""
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    current = current_event()
+    await HandlerRun.objects.acreate(
+        handler=name,
+        event_id=event.id,
+        event_name=event.name,
+        payload={
+            **event.data,
+            "loop": id(loop),
+            "current": str(current.id) if current else None,
+        },
+        correlation_id=event.correlation_id,
+        causation_id=event.causation_id,
+        pid=os.getpid(),
+    )
+
+
+async def record_async(event: Event) -> None:
+    await _arun("record_async", event)
+
+
+async def fails_async(event: Event) -> None:
+    await _arun("fails_async", event)
+    raise RuntimeError(f"async boom for {event.data.get('order_id')}")
+
+
+class AsyncClassHandler:
+    async def handle(self, event: Event) -> None:
+        await _arun("async_class", event)
+
+
+def returns_coroutine(event: Event) -> Any:
+    """A plain callable around an async function: its coroutine must still run."""
+    return _arun("returns_coroutine", event)

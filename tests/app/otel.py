@@ -2,14 +2,17 @@
 
 Spans go to memory, and also to the JSON-lines file named by ``DJANGO_EVENTS_TEST_SPANS``:
 that is how a worker subprocess reports its spans to the test. ``metrics`` reads into an
-in-memory reader (tests replace it with a fresh one).
+in-memory reader (tests replace it with a fresh one); ``file_metrics`` also writes this
+process's data points, after each handler run, to ``<DJANGO_EVENTS_TEST_METRICS>.<pid>.json``
+(how a worker reports its metrics).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -17,7 +20,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from django_events.events import Event
 from django_events.interceptors.otel import Metrics, Tracing
+from django_events.wiring.compiled import Subscription
 
 
 class JsonLinesExporter(SpanExporter):
@@ -59,3 +64,46 @@ tracing = Tracing(tracer_provider=provider)
 
 reader = InMemoryMetricReader()
 metrics = Metrics(meter_provider=MeterProvider(metric_readers=[reader]))
+
+
+def metric_points(reader: InMemoryMetricReader) -> dict[str, list[dict[str, Any]]]:
+    """Instrument name -> its data points (attributes and value, or count and sum)."""
+    data = reader.get_metrics_data()
+    found: dict[str, list[dict[str, Any]]] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    found.setdefault(metric.name, []).append(
+                        {
+                            "attributes": dict(point.attributes or {}),
+                            "value": getattr(point, "value", None),
+                            "count": getattr(point, "count", None),
+                            "sum": getattr(point, "sum", None),
+                        }
+                    )
+    return found
+
+
+class FileMetrics(Metrics):
+    """`Metrics` that writes what it collected after each handler run (worker processes)."""
+
+    observe_outbox = False
+
+    def __init__(self, path: str) -> None:
+        self.reader = InMemoryMetricReader()
+        super().__init__(meter_provider=MeterProvider(metric_readers=[self.reader]))
+        self.path = path
+
+    def handle(
+        self, event: Event, subscription: Subscription, call_next: Callable[..., Any]
+    ) -> Any:
+        try:
+            return super().handle(event, subscription, call_next)
+        finally:
+            if self.path:
+                with open(f"{self.path}.{os.getpid()}.json", "w", encoding="utf-8") as out:
+                    json.dump(metric_points(self.reader), out)
+
+
+file_metrics = FileMetrics(os.environ.get("DJANGO_EVENTS_TEST_METRICS", ""))

@@ -5,7 +5,13 @@ from typing import Any
 from django.core.checks import CheckMessage
 from django.core.management.base import BaseCommand, CommandError
 
-from django_events.checks import check_celery, check_configuration, check_handlers
+from django_events.checks import (
+    check_celery,
+    check_configuration,
+    check_handlers,
+    check_lock,
+    check_upcasters,
+)
 from django_events.inbound.checks import check_inbound
 from django_events.wiring.registry import reset_registry
 
@@ -21,6 +27,8 @@ class Command(BaseCommand):
             *check_handlers(),
             *check_celery(),
             *check_inbound(),
+            *check_upcasters(),
+            *check_lock(),
         ]
         for message in messages:
             hint = f"\n    HINT: {message.hint}" if message.hint else ""

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from django_events.conf import conf
+from django_events.wiring.contracts import compare, lock_data, read_lock
+from django_events.wiring.registry import get_registry, reset_registry
+
+
+class Command(BaseCommand):
+    help = (
+        "Compare the declarations with a lock file and classify each change; exit 1 on a "
+        "breaking change without a version bump and an upcaster."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--against",
+            help="Lock file to compare with (default: DJANGO_EVENTS['LOCK_FILE']).",
+        )
+        parser.add_argument("--format", choices=["text", "json"], default="text")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        path = Path(options["against"]) if options["against"] else conf.LOCK_FILE
+        try:
+            locked = read_lock(path)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
+        reset_registry()  # the manifests as they are on disk now
+        registry = get_registry()
+        errors = [p for p in registry.problems if p.is_error]
+        if errors:
+            details = "\n".join(map(str, errors))
+            raise CommandError(f"The configuration is broken (events_check):\n{details}")
+        changes = compare(locked, lock_data(registry))
+        failing = [c for c in changes if c.fails]
+        if options["format"] == "json":
+            report = {
+                "against": str(path),
+                "ok": not failing,
+                "changes": [c.as_dict() for c in changes],
+            }
+            self.stdout.write(json.dumps(report, indent=2))
+        else:
+            for change in changes:
+                self.stdout.write(str(change))
+            self.stdout.write(
+                f"{len(changes)} change(s) against {path}, {len(failing)} breaking "
+                "without a version bump and an upcaster."
+            )
+        if failing:
+            raise CommandError(
+                f"{len(failing)} breaking change(s): bump the event's version and add an "
+                "upcaster (docs/evolving.md), or review and accept with events_lock.",
+                returncode=1,
+            )

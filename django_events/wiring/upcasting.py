@@ -1,0 +1,76 @@
+"""Upcasting: a stored or sent payload of an older version, upgraded step by step."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.utils.module_loading import import_string
+
+from django_events.exceptions import NewerVersion, PayloadProblem, UpcastError
+from django_events.wiring.validation import json_problems
+
+Upcaster = Callable[[dict[str, Any]], Any]
+
+
+def resolve_upcaster(path: str) -> Upcaster:
+    """Import an upcaster ``f(payload) -> payload`` (``ImportError``/``TypeError`` if unusable)."""
+    target = import_string(path)
+    if not callable(target):
+        raise TypeError(f"{path!r} is not callable")
+    upcaster: Upcaster = target
+    return upcaster
+
+
+def upcast(
+    name: str,
+    data: dict[str, Any],
+    version: int,
+    current: int,
+    steps: dict[int, str],
+    cache: dict[int, Upcaster] | None = None,
+    validate: Callable[[dict[str, Any]], list[PayloadProblem]] | None = None,
+) -> dict[str, Any]:
+    """Return ``data`` (of ``version``) upgraded to ``current``, one step at a time.
+
+    A version without an upcaster passes unchanged (the change was additive). Each step's
+    result must be a JSON object; the caller validates the last one against the schema.
+    ``validate`` checks the result of the last upcaster against the current schema, so an
+    invalid result names that step. Raises `NewerVersion` for a payload newer than
+    ``current``, `UpcastError` naming the step that failed.
+    """
+    if version == current:
+        return data
+    if version > current:
+        raise NewerVersion(name, version, current)
+    cache = {} if cache is None else cache
+    last: tuple[int, str] | None = None
+    for step in range(max(version, 1), current):
+        path = steps.get(step)
+        if path is None:
+            continue
+        function = cache.get(step)
+        if function is None:
+            try:
+                function = cache[step] = resolve_upcaster(path)
+            except (ImportError, TypeError) as exc:
+                raise UpcastError(name, step, path, f"does not import: {exc}") from exc
+        try:
+            result = function(data)
+        except Exception as exc:  # any error of user code: the caller records it as a failure
+            raise UpcastError(name, step, path, f"raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(result, dict):
+            raise UpcastError(
+                name, step, path, f"returned {type(result).__name__}, not a payload dict"
+            )
+        problems = json_problems(result)
+        if problems:
+            details = "; ".join(map(str, problems))
+            raise UpcastError(name, step, path, f"returned a payload that is not JSON: {details}")
+        data, last = result, (step, path)
+    if last is not None and validate is not None:
+        problems = validate(data)
+        if problems:
+            details = "; ".join(map(str, problems))
+            raise UpcastError(name, *last, f"returned an invalid payload: {details}")
+    return data

@@ -1,0 +1,459 @@
+"""events_lock and events_compat: the lock file, and every classification both ways."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from io import StringIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+from django.core.management.base import CommandError
+
+from django_events.wiring.contracts import (
+    BREAKS_BOTH,
+    BREAKS_CONSUMERS,
+    BREAKS_PRODUCERS,
+    BY_HAND,
+    COMPATIBLE,
+    QUEUE_CHANGED,
+    REMOVED,
+)
+from tests.conftest import wiring
+
+ROOT = Path(__file__).resolve().parent.parent
+RECORD = "tests.app.handlers.record"
+OTHER = "tests.app.handlers.record_other"
+UP = "tests.app.upcasters.split_total"
+BASE_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["order_id"],
+    "properties": {
+        "order_id": {"type": "integer"},
+        "total": {"type": "number", "minimum": 0},
+        "status": {"enum": ["new", "paid"]},
+        "note": {"type": ["string", "null"], "maxLength": 100},
+    },
+}
+
+
+def schema(**changes: Any) -> dict[str, Any]:
+    """BASE_SCHEMA with top-level keys replaced, ``properties`` merged (None removes one)."""
+    result = json.loads(json.dumps(BASE_SCHEMA))
+    for key, value in changes.items():
+        if key == "properties":
+            for name, sub in value.items():
+                if sub is None:
+                    result["properties"].pop(name)
+                else:
+                    result["properties"][name] = sub
+        elif value is None:
+            result.pop(key, None)
+        else:
+            result[key] = value
+    return result
+
+
+def event(body: dict[str, Any] | None = None, **declaration: Any) -> dict[str, Any]:
+    return {"o.placed": {"schema": body or BASE_SCHEMA, **declaration}}
+
+
+SUB = {"event": "o.placed", "handler": RECORD, "mode": "async", "queue": "billing", "name": "s"}
+
+
+def compat(
+    tmp_path: Path,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_subs: tuple[dict[str, Any], ...] = (SUB,),
+    new_subs: tuple[dict[str, Any], ...] = (SUB,),
+) -> tuple[int, dict[str, Any]]:
+    """Lock ``old``, declare ``new``: events_compat's exit status and JSON report."""
+    lock = tmp_path / "events.lock.json"
+    with wiring(*old_subs, EVENTS=old, MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    out = StringIO()
+    with wiring(*new_subs, EVENTS=new, MANIFESTS=[]):
+        try:
+            call_command("events_compat", "--against", str(lock), "--format", "json", stdout=out)
+        except CommandError as exc:
+            code = exc.returncode
+        else:
+            code = 0
+    return code, json.loads(out.getvalue())
+
+
+def kinds(report: dict[str, Any]) -> list[str]:
+    return [c["kind"] for c in report["changes"]]
+
+
+# (id, old events, new events, old subscriptions, new subscriptions, kind expected, exit)
+Case = tuple[
+    str,
+    dict[str, Any],
+    dict[str, Any],
+    tuple[dict[str, Any], ...],
+    tuple[dict[str, Any], ...],
+    str,
+    int,
+]
+CASES: list[Case] = [
+    # Each classification: a change that must pass, then one that must fail.
+    (
+        "optional property added",
+        event(),
+        event(schema(properties={"x": {}})),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "property removed",
+        event(),
+        event(schema(properties={"note": None})),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "description changed",
+        event(),
+        event(schema(description="now documented")),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "property renamed",
+        event(),
+        event(schema(properties={"note": None, "comment": BASE_SCHEMA["properties"]["note"]})),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "type widened to null",
+        event(schema(properties={"order_id": {"type": "integer"}})),
+        event(schema(properties={"order_id": {"type": "number"}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "type narrowed",
+        event(),
+        event(schema(properties={"note": {"type": "string", "maxLength": 100}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "enum value added",
+        event(),
+        event(schema(properties={"status": {"enum": ["new", "paid", "void"]}})),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "enum value removed",
+        event(),
+        event(schema(properties={"status": {"enum": ["new"]}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "required property dropped from required",
+        event(),
+        event(schema(required=[])),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "new required property",
+        event(),
+        event(schema(required=["order_id", "total"])),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "additionalProperties opened",
+        event(schema(additionalProperties=False)),
+        event(),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "additionalProperties closed",
+        event(),
+        event(schema(additionalProperties=False)),
+        (SUB,),
+        (SUB,),
+        BREAKS_PRODUCERS,
+        1,
+    ),
+    (
+        "bound loosened",
+        event(),
+        event(schema(properties={"note": {"type": ["string", "null"], "maxLength": 200}})),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "bound tightened",
+        event(),
+        event(schema(properties={"total": {"type": "number", "minimum": 1}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_PRODUCERS,
+        1,
+    ),
+    ("event added", event(), {**event(), "o.shipped": {}}, (SUB,), (SUB,), COMPATIBLE, 0),
+    ("event removed", {**event(), "o.shipped": {}}, event(), (SUB,), (SUB,), REMOVED, 1),
+    ("subscription added", event(), event(), (SUB,), (SUB, {**SUB, "name": "t"}), COMPATIBLE, 0),
+    ("subscription removed", event(), event(), (SUB, {**SUB, "name": "t"}), (SUB,), REMOVED, 1),
+    ("handler changed", event(), event(), (SUB,), ({**SUB, "handler": OTHER},), COMPATIBLE, 0),
+    ("queue changed", event(), event(), (SUB,), ({**SUB, "queue": "invoices"},), QUEUE_CHANGED, 1),
+    (
+        "oneOf unchanged, its description changed",
+        event(schema(oneOf=[{"required": ["total"]}])),
+        event(schema(oneOf=[{"required": ["total"]}], description="d")),
+        (SUB,),
+        (SUB,),
+        COMPATIBLE,
+        0,
+    ),
+    (
+        "oneOf changed",
+        event(schema(oneOf=[{"required": ["total"]}])),
+        event(schema(oneOf=[{"required": ["note"]}])),
+        (SUB,),
+        (SUB,),
+        BY_HAND,
+        1,
+    ),
+    (
+        "$ref target changed",
+        event(
+            schema(
+                properties={"total": {"$ref": "#/$defs/m"}}, **{"$defs": {"m": {"type": "number"}}}
+            )
+        ),
+        event(
+            schema(
+                properties={"total": {"$ref": "#/$defs/m"}}, **{"$defs": {"m": {"type": "integer"}}}
+            )
+        ),
+        (SUB,),
+        (SUB,),
+        BY_HAND,
+        1,
+    ),
+    (
+        "if/then added",
+        event(),
+        event(schema(**{"if": {"required": ["total"]}, "then": {"required": ["status"]}})),
+        (SUB,),
+        (SUB,),
+        BY_HAND,
+        1,
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "old_subs", "new_subs", "kind", "exit_code"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_each_change_is_classified_and_fails_only_when_breaking(
+    tmp_path: Path,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    old_subs: tuple[dict[str, Any], ...],
+    new_subs: tuple[dict[str, Any], ...],
+    kind: str,
+    exit_code: int,
+) -> None:
+    code, report = compat(tmp_path, old, new, old_subs, new_subs)
+
+    assert kind in kinds(report), report
+    assert code == exit_code, report
+    assert report["ok"] is (exit_code == 0)
+
+
+def test_no_change_is_no_change(tmp_path: Path) -> None:
+    code, report = compat(tmp_path, event(), event())
+
+    assert (code, report["changes"]) == (0, [])
+
+
+def test_a_rename_is_reported_as_one(tmp_path: Path) -> None:
+    note = BASE_SCHEMA["properties"]["note"]
+    _, report = compat(tmp_path, event(), event(schema(properties={"note": None, "remark": note})))
+
+    removed = [c for c in report["changes"] if c["kind"] == BREAKS_CONSUMERS]
+    assert [c["message"] for c in removed] == ["property 'note' removed (renamed to 'remark'?)"]
+    assert removed[0]["path"] == "$.properties.note"
+
+
+def test_nested_properties_are_compared(tmp_path: Path) -> None:
+    inner = {"type": "object", "properties": {"city": {"type": "string"}}}
+    narrowed = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 5}}}
+    code, report = compat(
+        tmp_path,
+        event(schema(properties={"address": inner})),
+        event(schema(properties={"address": narrowed})),
+    )
+
+    assert code == 1
+    assert [(c["kind"], c["path"]) for c in report["changes"]] == [
+        (BREAKS_PRODUCERS, "$.properties.address.properties.city")
+    ]
+
+
+def test_a_breaking_change_with_a_version_bump_and_an_upcaster_passes(tmp_path: Path) -> None:
+    v2 = schema(properties={"total": None, "amount": {"type": "integer"}})
+    code, report = compat(tmp_path, event(), event(v2, version=2, upcast={1: UP}))
+
+    assert code == 0, report
+    breaking = [c for c in report["changes"] if c["breaking"]]
+    assert breaking and all(c["covered"] and not c["fails"] for c in breaking)
+
+
+def test_a_version_bump_without_an_upcaster_does_not_cover_a_breaking_change(
+    tmp_path: Path,
+) -> None:
+    v2 = schema(properties={"total": None, "amount": {"type": "integer"}})
+    code, report = compat(tmp_path, event(), event(v2, version=2))
+
+    assert code == 1
+    assert any(c["fails"] for c in report["changes"])
+
+
+def test_an_upcaster_without_a_version_bump_does_not_cover_it(tmp_path: Path) -> None:
+    code, _ = compat(
+        tmp_path, event(version=2), event(schema(required=[]), version=2, upcast={1: UP})
+    )
+
+    assert code == 1
+
+
+def test_a_version_going_down_fails(tmp_path: Path) -> None:
+    code, report = compat(tmp_path, event(version=3), event(version=2))
+
+    assert code == 1
+    assert "version went down (3 -> 2)" in report["changes"][0]["message"]
+
+
+def test_text_report_names_each_change_and_the_count(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    out = StringIO()
+    with (
+        wiring(SUB, EVENTS=event(schema(required=[])), MANIFESTS=[], LOCK_FILE=str(lock)),
+        pytest.raises(CommandError, match="1 breaking change"),
+    ):
+        call_command("events_compat", stdout=out)
+
+    assert out.getvalue().splitlines() == [
+        "BREAKING FOR CONSUMERS: event o.placed $.properties.order_id: property 'order_id' no "
+        "longer required: consumers may not get it",
+        f"1 change(s) against {lock}, 1 breaking without a version bump and an upcaster.",
+    ]
+
+
+def test_lock_file_is_sorted_stable_and_ends_with_a_newline(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    subs = ({**SUB, "name": "z"}, {**SUB, "name": "a", "queue": "audit"})
+    events = {"z.last": {}, **event(version=2, upcast={1: UP})}
+    with wiring(*subs, EVENTS=events, MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+        first = lock.read_text()
+        call_command("events_lock", stdout=StringIO())
+    with wiring(*reversed(subs), EVENTS=dict(reversed(events.items())), MANIFESTS=[]):
+        call_command("events_lock", "--output", str(tmp_path / "again.json"), stdout=StringIO())
+
+    assert lock.read_text() == first == (tmp_path / "again.json").read_text()
+    assert first.endswith("}\n") and not first.endswith("\n\n")
+    data = json.loads(first)
+    assert list(data["events"]) == ["o.placed", "z.last"]
+    assert data["events"]["o.placed"]["version"] == 2
+    assert data["events"]["o.placed"]["upcast"] == {"1": UP}
+    assert data["events"]["o.placed"]["schema"] == BASE_SCHEMA
+    assert data["subscriptions"]["a"] == {
+        "event": "o.placed",
+        "handler": RECORD,
+        "mode": "async",
+        "queue": "audit",
+    }
+    assert data["queues"] == ["audit", "billing"]
+
+
+def test_lock_refuses_a_broken_configuration(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with (
+        wiring({"event": "nope", "handler": RECORD}, LOCK_FILE=str(lock)),
+        pytest.raises(CommandError, match="E105"),
+    ):
+        call_command("events_lock", stdout=StringIO())
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{", r"events\.lock\.json:1: not JSON"),
+        ("[]", "not an events lock file"),
+        ('{"format": 9, "events": {}}', "lock format 9, expected 1"),
+    ],
+)
+def test_compat_names_a_bad_lock_file(tmp_path: Path, text: str, message: str) -> None:
+    lock = tmp_path / "events.lock.json"
+    lock.write_text(text)
+    with pytest.raises(CommandError, match=message):
+        call_command("events_compat", "--against", str(lock), stdout=StringIO())
+
+
+def test_compat_without_a_lock_file_says_so(tmp_path: Path) -> None:
+    with pytest.raises(CommandError, match="cannot be read"):
+        call_command("events_compat", "--against", str(tmp_path / "nope.json"))
+
+
+def test_compat_exits_1_from_the_command_line(tmp_path: Path) -> None:
+    """What CI runs: manage.py events_compat, a non-zero status on a breaking change."""
+    lock = tmp_path / "events.lock.json"
+    with wiring({**SUB, "event": "orders.placed"}, LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    data = json.loads(lock.read_text())
+    data["events"]["orders.placed"]["schema"]["properties"]["gone"] = {"type": "string"}
+    lock.write_text(json.dumps(data))
+    command = [sys.executable, "-m", "django", "events_compat", "--against", str(lock)]
+    env = {"DJANGO_SETTINGS_MODULE": "tests.settings", "PATH": "/usr/bin:/bin"}
+
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+    assert result.returncode == 1, result.stderr
+    assert "property 'gone' removed" in result.stdout
+    assert "breaking change(s): bump the event" in result.stderr

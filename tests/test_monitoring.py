@@ -1,0 +1,119 @@
+"""Redacted payload fields never reach Celery's monitoring (docs/celery.md).
+
+A real worker on RabbitMQ and on Redis: `celery inspect active` while a slow handler runs,
+and `celery events --dump` (what Flower reads too) across a delivery that is retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from django_events import publish
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import ROOT, WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+EMAIL = "ada.secret@example.com"
+CARD = "4111222233334444"
+
+
+def celery(kind: str, *args: str, stdout: Any = subprocess.PIPE) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",  # the events dump is read after the process is stopped
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", f"tests.brokers:{kind}", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=stdout,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, stopped by the test
+    )
+
+
+def run_celery(kind: str, *args: str) -> str:
+    process = celery(kind, *args)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, out
+    return out
+
+
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
+def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Path) -> None:
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"it-mon-{kind}-{uuid.uuid4().hex[:8]}"
+    node = f"{queue}@{socket.gethostname()}"
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    worker = WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        tmp_path / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "monitoring.yaml",
+            "DJANGO_EVENTS_FAULT_DIR": str(faults),
+        },
+        extra_args=("-E",),  # task events, as for Flower and `celery events`
+    )
+    dump_path = tmp_path / "events.txt"
+    try:
+        with worker, brokers.delivery_wiring(kind, queue, "monitoring.yaml"):
+            with dump_path.open("w") as dump_out:
+                dump = celery(kind, "events", "--dump", stdout=dump_out)
+            try:
+                time.sleep(2)  # the dumper's queue is bound before anything is sent
+                secret = {"email": EMAIL, "card": {"number": CARD}}
+                slow = publish("mon.signed_up", {"user_id": 1, **secret, "hang": 6})
+                wait_for(lambda: list(faults.iterdir()), timeout=30, what="the slow handler")
+                active = run_celery(kind, "inspect", "active", "-d", node, "--json")
+                failing = publish("mon.signed_up", {"user_id": 2, **secret, "fail": True})
+                wait_for(
+                    lambda: HandlerRun.objects.filter(event_id=failing.id).count() >= 2,
+                    timeout=30,
+                    what="a retried delivery",
+                )
+                time.sleep(1.5)  # the retry's events reach the dumper
+            finally:
+                os.killpg(dump.pid, signal.SIGTERM)
+                dump.wait(10)
+    finally:
+        with getattr(brokers, kind).connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+
+    events = dump_path.read_text()
+    # Both surfaces saw the deliveries (else the test proves nothing) ...
+    assert str(slow.id) in active, active
+    assert "mon-slow" in active
+    assert str(failing.id) in events, events
+    # ... and no redacted value.
+    for output in (active, events):
+        assert EMAIL not in output
+        assert CARD not in output
+    # After a retry monitors still show the short summary, not the message.
+    received = [line for line in events.splitlines() if str(failing.id) in line]
+    assert received, events
+    summary = f"('mon-fails', '{failing.id}')"
+    assert all(summary in line and "payload" not in line for line in received), received
+    json.loads(active)  # --json output stays parseable
+    # The worker opened the sealed payload: handlers get the real values.
+    [run] = HandlerRun.objects.filter(event_id=slow.id, handler="hang_plain")
+    assert run.payload["email"] == EMAIL and run.payload["card"] == {"number": CARD}

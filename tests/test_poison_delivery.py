@@ -1,0 +1,168 @@
+"""Poison input meets a real `celery worker` (prefork): nothing stops a worker or loops.
+
+Runs on the filesystem transport, RabbitMQ and Redis; on SQLite or PostgreSQL (DATABASE_URL).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection
+
+from django_events import InvalidPayload, publish
+from django_events.delivery.messages import TASK_NAME, build_message
+from django_events.models import Delivery, EventRecord
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.test_delivery import Broker, _drop_queue
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
+    kind = request.param
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"poison-{kind}-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp(f"poison-{kind}")
+    worker = WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        folder / "worker.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": "poison.yaml",
+            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        },
+    )
+    with worker:
+        yield Broker(kind, queue, worker, folder / "unused")
+    _drop_queue(kind, queue)
+
+
+@pytest.fixture
+def wired(broker: Broker) -> Iterator[Broker]:
+    with brokers.delivery_wiring(broker.kind, broker.queue, "poison.yaml"):
+        yield broker
+
+
+def nested(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+def runs(handler: str, event_id: Any) -> int:
+    return HandlerRun.objects.filter(handler=handler, event_id=event_id).count()
+
+
+def test_the_deepest_payload_publish_accepts_is_delivered(wired: Broker) -> None:
+    """The bound sits well below what a prefork pool carries (pickle stops near 500)."""
+    deepest = {"deep": nested(63)}  # the payload object is the first level
+    with pytest.raises(InvalidPayload, match=r"\$\.deep(\[0\]){63}: nested deeper than 64"):
+        publish("poison.any", {"deep": nested(64)})
+    event = publish("poison.any", deepest)
+
+    run = wait_for(
+        lambda: HandlerRun.objects.filter(handler="record", event_id=event.id).first(),
+        what="the deepest payload's delivery",
+    )
+    assert run.payload == deepest
+    assert Delivery.objects.get(event_id=event.id).status == "succeeded"
+    assert wired.worker.process is not None and wired.worker.process.poll() is None
+    assert "Unrecoverable error" not in wired.worker.log()
+
+
+def test_a_handler_error_with_nul_and_a_lone_surrogate_fails_once_recorded(
+    wired: Broker,
+) -> None:
+    event = publish("poison.fails", {"file": "a.txt"})
+
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=event.id, status="failed").first(),
+        timeout=30,
+        what="the failed delivery",
+    )
+    time.sleep(1.0)  # a third run would show up by now
+    assert runs("fails_with_unstorable_text", event.id) == 2 == failure.attempts
+    assert failure.last_error == "RuntimeError: bad\\x00byte \\udc80 in a.txt"
+    assert "bad\\x00byte \\udc80" in failure.traceback
+
+
+def _forged(event: dict[str, Any], subscription: str, **changes: Any) -> dict[str, Any]:
+    message = build_message(event, subscription, "default")
+    message.update(changes)
+    return message
+
+
+def _event_message(event: Any, payload: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    event_id = str(uuid.uuid4())
+    return {
+        "id": event_id,
+        "name": event,
+        "payload": payload,
+        "headers": {},
+        "occurred_at": "2025-03-01T12:00:00+00:00",
+        "correlation_id": event_id,
+        "causation_id": None,
+        **changes,
+    }
+
+
+def test_forged_messages_are_rejected_or_recorded_once_never_run_or_looped(
+    wired: Broker,
+) -> None:
+    """Someone with write access to the broker sends `django_events.deliver` tasks by hand."""
+    as_list = _event_message(["poison.fails"], {})
+    negative = _event_message("poison.fails", {"file": "negative"})
+    huge = _event_message("poison.fails", {"file": "huge"})
+    nul = _event_message("poison.fails", {"file": "nul\u0000"})
+    surrogate_key = _event_message("poison.fails", {"file\udc80": "x"})
+    unwired = _event_message("poison.fails", {"file": "unwired"})
+    rejected = [
+        _forged(as_list, "poison-fails"),
+        _forged(negative, "poison-fails", prior_attempts=-1_000_000),
+        _forged(huge, "poison-fails", prior_attempts=10**12),
+        _forged(nul, "poison-fails"),
+        _forged(surrogate_key, "poison-fails"),
+    ]
+    start = len(wired.worker.log())
+    for message in [*rejected, _forged(unwired, "poison-record")]:
+        wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
+    after = publish("poison.any", {"n": 1})
+
+    wait_for(lambda: runs("record", after.id), what="an event sent after them")
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=unwired["id"]).first(),
+        what="the failure of the unwired pair",
+    )
+    log = wait_for(
+        lambda: (
+            (text := wired.worker.log()[start:]).count("Rejected a malformed django_events message")
+            >= len(rejected)
+            and text
+        ),
+        what="the rejections",
+    )
+    time.sleep(1.5)  # a message going round again would show up by now
+    assert (failure.subscription, failure.status, failure.attempts) == (
+        "poison-record",
+        "failed",
+        1,
+    )
+    assert "'poison-record' does not receive event 'poison.fails'" in failure.last_error
+    ids = [as_list["id"], negative["id"], huge["id"], nul["id"], surrogate_key["id"], unwired["id"]]
+    assert not HandlerRun.objects.filter(event_id__in=ids).exists()  # no handler ran
+    assert list(Delivery.objects.filter(event_id__in=ids)) == [failure]
+    assert list(EventRecord.objects.filter(pk__in=ids).values_list("pk", flat=True)) == [
+        uuid.UUID(unwired["id"])
+    ]
+    log = wired.worker.log()[start:]
+    assert log.count("Rejected a malformed django_events message") == len(rejected)
+    assert "nul\u0000" not in log and "Traceback" not in log
