@@ -194,11 +194,12 @@ def worker_for(
     manifest: str = "delivery.yaml",
     node: str | None = None,
     env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> WorkerProcess:
     """A worker (not started) of the test app of ``kind`` on the test database.
 
     It loads base.yaml and ``manifest`` (from tests/manifests), consumes ``queue``, and logs to
-    ``folder/<node>.log``; ``env`` adds to its environment.
+    ``folder/<node>.log``; ``env`` adds to its environment, ``args`` to its command line.
     """
     from django.db import connection
 
@@ -215,6 +216,7 @@ def worker_for(
             **(env or {}),
         },
         node=node,
+        extra_args=args,
     )
 
 
