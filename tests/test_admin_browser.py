@@ -11,16 +11,15 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import User
-from django.db import connection, connections
+from django.db import connections
 from django.urls import reverse
 
 from django_events import publish
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.models import Delivery, EventRecord
-from tests import brokers
 from tests.app.models import HandlerRun
 from tests.ops import shop_wiring
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import start_worker, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -62,19 +61,11 @@ def page(monkeypatch) -> Iterator[object]:
 
 @pytest.fixture
 def worker(tmp_path) -> Iterator[str]:
-    queue = f"admin-ui-{uuid.uuid4().hex[:8]}"
-    process = WorkerProcess(
-        "filesystem",
-        queue,
-        connection.settings_dict["NAME"],
-        tmp_path / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "admin.yaml",
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-    )
-    with shop_wiring(queue, CELERY_APP="tests.brokers.filesystem"), process:
-        yield queue
+    with (
+        start_worker("filesystem", tmp_path, prefix="admin-ui", manifest="admin.yaml") as process,
+        shop_wiring(process.queue, CELERY_APP="tests.brokers.filesystem"),
+    ):
+        yield process.queue
 
 
 @pytest.fixture

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
-import uuid
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from django_events import publish
 from django_events.delivery.execution import run_coroutine_function
@@ -20,7 +18,7 @@ from tests import brokers
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
 from tests.test_checks import django_check
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import start_worker, wait_for, wait_idle
 
 PLACED = "orders.placed"
 
@@ -112,19 +110,9 @@ def test_inline_async_handler_is_a_check_error() -> None:
 
 @pytest.fixture(scope="module")
 def async_worker(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[str]:
-    queue = f"ah-{uuid.uuid4().hex[:8]}"
     folder: Path = tmp_path_factory.mktemp("worker-async-handlers")
-    with WorkerProcess(
-        "filesystem",
-        queue,
-        connection.settings_dict["NAME"],
-        folder / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "async_handlers.yaml",
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-    ):
-        yield queue
+    with start_worker("filesystem", folder, prefix="ah", manifest="async_handlers.yaml") as worker:
+        yield worker.queue
 
 
 @pytest.fixture
@@ -142,7 +130,7 @@ def test_worker_runs_async_handlers_once_each_on_one_loop_per_process(async_wire
             ids.append(publish("ah.placed", {"order_id": order_id}).id)
     done = HandlerRun.objects.filter(event_id__in=ids)
     wait_for(lambda: done.count() >= 16, what="16 async handler runs")
-    time.sleep(0.5)  # a duplicate would show up
+    wait_idle()  # a duplicate would have run by now
     assert (
         sorted(done.values_list("handler", flat=True)) == ["async_class"] * 8 + ["record_async"] * 8
     )

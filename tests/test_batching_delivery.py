@@ -11,43 +11,37 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from django_events import publish_many
 from django_events.models import Delivery
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, fresh_queue, wait_for, worker_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 
 def batched_worker(kind: str, queue: str, folder: Path, interval: float) -> WorkerProcess:
-    return WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_SUCCESS_RECORDS": "batched",
-            "DJANGO_EVENTS_TEST_FLUSH_INTERVAL": str(interval),
-        },
-    )
+    env = {
+        "DJANGO_EVENTS_TEST_SUCCESS_RECORDS": "batched",
+        "DJANGO_EVENTS_TEST_FLUSH_INTERVAL": str(interval),
+    }
+    return worker_for(kind, queue, folder, env=env)
 
 
 @pytest.fixture(params=["amqp", "redis"])
 def kind(request) -> str:
-    brokers.require_server(brokers.URLS[request.param], request.param)
     return str(request.param)
 
 
 @pytest.fixture
 def queue(kind: str) -> Iterator[str]:
-    name = f"batched-{kind}-{uuid.uuid4().hex[:8]}"
-    with brokers.delivery_wiring(kind, name, "delivery.yaml"):
+    with (
+        fresh_queue(kind, f"batched-{kind}") as name,
+        brokers.delivery_wiring(kind, name, "delivery.yaml"),
+    ):
         yield name
-    with getattr(brokers, kind).connection_for_write() as conn:
-        conn.default_channel.queue_delete(name)
 
 
 def publish_orders(count: int, **extra: object) -> list[uuid.UUID]:

@@ -4,20 +4,17 @@ filesystem transport)."""
 
 from __future__ import annotations
 
-import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from django_events import publish
 from django_events.models import Delivery
-from django_events.wiring.compiled import exchange_name
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import fresh_queue, wait_for, wait_idle, worker_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -26,46 +23,32 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 @pytest.fixture(params=["amqp", "redis", pytest.param("filesystem", marks=pytest.mark.postgresql)])
 def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterator[str]:
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"bc-{kind}-{uuid.uuid4().hex[:8]}"
-    workers = [
-        WorkerProcess(
-            kind,
-            queue,
-            connection.settings_dict["NAME"],
-            tmp_path / f"{name}.log",
-            extra_env={
-                "DJANGO_EVENTS_TEST_MANIFEST": "broadcast.yaml",
-                "DJANGO_EVENTS_TEST_WORKER": name,
-                "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-            },
-            node=f"{queue}-{name}",
-        )
-        for name in ("w1", "w2")
-    ]
-    try:
-        # Both bind their broadcast queues at once: on the filesystem transport, the same
-        # exchange table file (kombu's own transport made one of them exit at start).
-        for worker in workers:
-            worker.launch()
-        for worker in workers:
-            worker.wait_ready()
-        with brokers.delivery_wiring(kind, queue, "broadcast.yaml"):
-            yield queue
-    finally:
-        for worker in workers:  # the test waited for every delivery: nothing is running
-            worker.stop(wait=False, cold=True)
-        for worker in workers:
-            worker.stop()
-        _clean_up(kind, queue)
-
-
-def _clean_up(kind: str, queue: str) -> None:
-    with getattr(brokers, kind).connection_for_write() as conn:
-        channel = conn.default_channel
-        channel.queue_delete(queue)
-        for exchange in (queue, exchange_name(queue)):
-            channel.exchange_delete(exchange)
+    with fresh_queue(kind, f"bc-{kind}") as queue:
+        workers = [
+            worker_for(
+                kind,
+                queue,
+                tmp_path,
+                manifest="broadcast.yaml",
+                node=f"{queue}-{name}",
+                env={"DJANGO_EVENTS_TEST_WORKER": name},
+            )
+            for name in ("w1", "w2")
+        ]
+        try:
+            # Both bind their broadcast queues at once: on the filesystem transport, the same
+            # exchange table file (kombu's own transport made one of them exit at start).
+            for worker in workers:
+                worker.launch()
+            for worker in workers:
+                worker.wait_ready()
+            with brokers.delivery_wiring(kind, queue, "broadcast.yaml"):
+                yield queue
+        finally:
+            for worker in workers:  # the test waited for every delivery: nothing is running
+                worker.stop(wait=False, cold=True)
+            for worker in workers:
+                worker.stop()
 
 
 def test_each_worker_runs_a_broadcast_once_and_a_normal_subscription_runs_once(
@@ -85,7 +68,7 @@ def test_each_worker_runs_a_broadcast_once_and_a_normal_subscription_runs_once(
         lambda: HandlerRun.objects.filter(handler="record", event_id__in=ids).count() >= 3,
         what="the normal subscription",
     )
-    time.sleep(0.5)  # give a duplicate the time to show up
+    wait_idle()  # both workers: a duplicate would have run by now
 
     assert copies() == Counter({(str(i), w): 1 for i in ids for w in ("w1", "w2")})
     normal = HandlerRun.objects.filter(handler="record", event_id__in=ids)

@@ -4,12 +4,11 @@ the publishing request restored around each handler (ContextInterceptor in PIPEL
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 from django.http import HttpRequest, HttpResponse
 from django.test import RequestFactory
 
@@ -19,7 +18,7 @@ from django_events.interceptors.context import ContextMiddleware
 from django_events.models import EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, start_worker, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -31,29 +30,17 @@ PIPELINE = [
 
 @pytest.fixture
 def worker(django_db_setup, django_db_blocker, tmp_path) -> Iterator[WorkerProcess]:
-    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
-    queue = f"chain-{uuid.uuid4().hex[:8]}"
-    process = WorkerProcess(
-        "amqp",
-        queue,
-        connection.settings_dict["NAME"],
-        tmp_path / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "chains.yaml",
-            "DJANGO_EVENTS_TEST_PIPELINE": ",".join(PIPELINE),
-            # Events the worker's handlers publish go through the broker too.
-            "CELERY_BROKER_URL": brokers.AMQP_URL,
-        },
-    )
-    process.start()
-    try:
-        with brokers.delivery_wiring("amqp", queue, "chains.yaml", PIPELINE=PIPELINE):
-            yield process
-    finally:
-        process.stop(cold=True)  # the test waited for its deliveries: nothing is running
-        with brokers.amqp.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
-            conn.default_channel.exchange_delete(queue)
+    env = {
+        "DJANGO_EVENTS_TEST_PIPELINE": ",".join(PIPELINE),
+        # Events the worker's handlers publish go through the broker too.
+        "CELERY_BROKER_URL": brokers.AMQP_URL,
+    }
+    with start_worker("amqp", tmp_path, prefix="chain", manifest="chains.yaml", env=env) as process:
+        try:
+            with brokers.delivery_wiring("amqp", process.queue, "chains.yaml", PIPELINE=PIPELINE):
+                yield process
+        finally:
+            process.stop(cold=True)  # the test waited for its deliveries: nothing is running
 
 
 def test_a_sync_async_async_chain_shares_one_correlation_id_and_the_request_context(

@@ -7,7 +7,6 @@ depending on DATABASE_URL (the test command runs the suite on both).
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from django_events.delivery.messages import TASK_NAME, build_message, event_body
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -42,31 +41,11 @@ class Broker:
 @pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
 def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"it-{kind}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp(f"worker-{kind}")
     marker = folder / "imported"
-    worker = WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_IMPORT_MARKER": str(marker),
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-    )
-    with worker:
-        yield Broker(kind, queue, worker, marker)
-    _drop_queue(kind, queue)
-
-
-def _drop_queue(kind: str, queue: str) -> None:
-    if kind == "filesystem":
-        return
-    app = getattr(brokers, kind)
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_delete(queue)
+    env = {"DJANGO_EVENTS_IMPORT_MARKER": str(marker)}
+    with start_worker(kind, folder, prefix=f"it-{kind}", env=env) as worker:
+        yield Broker(kind, worker.queue, worker, marker)
 
 
 @pytest.fixture
@@ -94,7 +73,7 @@ def test_committed_events_reach_async_handlers_exactly_once(wired: Broker) -> No
 
     wait_for(lambda: len(runs("record", ids)) >= 11, what="11 async deliveries")
     wait_for(lambda: len(runs("record_other", [big])) >= 1, what="the big-order subscription")
-    time.sleep(1.0)  # give a duplicate the time to show up
+    wait_idle(wired.worker)  # a duplicate would have run by now
 
     assert sorted(str(r.event_id) for r in runs("record", ids)) == sorted(map(str, ids))
     assert [r.event_id for r in runs("record_other", ids)] == [big]  # the `when` filter held
@@ -118,7 +97,7 @@ def test_rolled_back_transaction_sends_and_records_nothing(wired: Broker) -> Non
         marker = publish("it.placed", {"order_id": 2}).id
 
     wait_for(lambda: runs("record", [marker]), what="the committed marker event")
-    time.sleep(0.5)
+    wait_idle(wired.worker)
     assert not EventRecord.objects.filter(pk=lost).exists()
     assert runs("record", [lost]) == []
     assert not Delivery.objects.filter(event_id=lost).exists()
@@ -142,7 +121,7 @@ def test_failing_handler_is_retried_with_growing_delays_then_fails(wired: Broker
     assert gaps[1] > gaps[0]
     assert delivery.last_error == "RuntimeError: boom for 7"
     assert "Traceback" in delivery.traceback and "always_fails" in delivery.traceback
-    time.sleep(1.0)
+    wait_idle(wired.worker)
     assert len(runs("always_fails", [event_id])) == 3  # no fourth attempt
 
 
@@ -193,7 +172,7 @@ def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) ->
     wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
     follow_up = publish("it.strict", {"order_id": 7})
     wait_for(lambda: runs("record", [follow_up.id]), what="a later event")
-    time.sleep(0.5)
+    wait_idle(wired.worker)
     assert len(runs("record", [event.id])) == 1
     assert Delivery.objects.get(event_id=event.id).attempts == 1
 
@@ -225,7 +204,7 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
         what="the invalid-payload failure",
     )
     wait_for(lambda: "decode message body" in wired.worker.log(), what="the undecodable body")
-    time.sleep(1.5)  # a poison message going round again would show up by now
+    wait_idle(wired.worker)  # a poison message going round again would show up by now
     assert (failure.status, failure.attempts) == ("failed", 1)
     assert "Payload no longer valid for 'it.strict'" in failure.last_error
     assert "$.order_id" in failure.last_error
@@ -264,7 +243,7 @@ def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) ->
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
         "pending"
     }
-    time.sleep(0.5)
+    wait_idle(wired.worker)
     assert runs("record", ids) == []
 
     call_command("events_relay", "--min-age", "0", "--batch-size", "2")
@@ -273,7 +252,7 @@ def test_events_committed_while_the_broker_is_down_are_relayed(wired: Broker) ->
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
         "dispatched"
     }
-    time.sleep(0.5)
+    wait_idle(wired.worker)
     assert len(runs("record", ids)) == 5  # each once
 
 

@@ -33,7 +33,7 @@ from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.faultproxy import FaultProxy
-from tests.worker import ROOT, WorkerProcess, wait_for
+from tests.worker import ROOT, WorkerProcess, fresh_queue, wait_for, wait_idle, worker_for
 
 # The PostgreSQL pass only: the promise is made for PostgreSQL, and the suite's time budget
 # does not pay for a second run on SQLite (where an idempotent handler holds the write lock).
@@ -64,11 +64,12 @@ class Rig:
 def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Rig]:
     global publisher
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"faults-{kind}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp(f"faults-{kind}")
-    worker = _worker(kind, queue, folder)
-    with FaultProxy.for_url(brokers.URLS[kind]) as proxy, worker:
+    with (
+        fresh_queue(kind, f"faults-{kind}") as queue,
+        FaultProxy.for_url(brokers.URLS[kind]) as proxy,
+        _worker(kind, queue, folder) as worker,
+    ):
         publisher = brokers.make_app(kind, proxy.url(brokers.URLS[kind]))
         publisher.conf.broker_connection_timeout = 1
         if kind == "redis":
@@ -77,21 +78,11 @@ def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
             yield Rig(kind, queue, worker, folder, proxy)
         finally:
             publisher = None
-    _drop_queue(getattr(brokers, kind), queue)
 
 
 def _worker(kind: str, queue: str, folder: Path, **env: str) -> WorkerProcess:
-    return WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / f"worker-{queue}.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "faults.yaml",
-            "DJANGO_EVENTS_FAULT_DIR": str(folder),
-            **env,
-        },
-    )
+    env = {"DJANGO_EVENTS_FAULT_DIR": str(folder), **env}
+    return worker_for(kind, queue, folder, manifest="faults.yaml", env=env)
 
 
 def _drop_queue(app: Celery, queue: str) -> None:
@@ -171,7 +162,7 @@ def test_events_committed_while_the_broker_is_cut_are_relayed_and_delivered(
 
     once, plain = ids[0::2], ids[1::2]
     wait_for(lambda: succeeded(ids) == 1000, timeout=90, what="1,000 relayed deliveries")
-    time.sleep(1.0)  # give a duplicate the time to show up
+    wait_idle(wired.worker)  # a duplicate would have run by now
     assert runs("hang_once", once) == dict.fromkeys(once, 1)  # idempotent: exactly once
     plain_runs = runs("hang_plain", plain)
     assert set(plain_runs) == set(plain)  # at least once
@@ -209,11 +200,8 @@ def test_killed_worker_messages_go_back_to_the_queue(wired: Rig) -> None:
 
 
 def test_handler_is_retried_until_the_database_is_back(tmp_path: Path) -> None:
-    brokers.require_server(brokers.AMQP_URL, "amqp")
-    queue = f"faults-db-{uuid.uuid4().hex[:8]}"
-    with FaultProxy(
-        (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
-    ) as db:
+    db_address = (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
+    with fresh_queue("amqp", "faults-db") as queue, FaultProxy(db_address) as db:
         worker = _worker("amqp", queue, tmp_path, DJANGO_EVENTS_WORKER_DB_PORT=str(db.port))
         with worker, _wiring(queue, "tests.brokers.amqp"):
             event = publish("fault.placed", {"order_id": 4, "hang": 1.5})
@@ -230,7 +218,6 @@ def test_handler_is_retried_until_the_database_is_back(tmp_path: Path) -> None:
             db.restore()
 
             wait_for(lambda: succeeded([event.id]), timeout=30, what="the retried delivery")
-    _drop_queue(brokers.amqp, queue)
     assert runs("hang_once", [event.id]) == {event.id: 1}
     assert Delivery.objects.get(event_id=event.id).attempts >= 3
     assert "Could not record the delivery outcome" in worker.log()

@@ -13,17 +13,15 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from django_events import publish
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import ROOT, WorkerProcess, wait_for
+from tests.worker import ROOT, fresh_queue, wait_for, worker_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -58,24 +56,14 @@ def run_celery(kind: str, *args: str) -> str:
 
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Path) -> None:
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"it-mon-{kind}-{uuid.uuid4().hex[:8]}"
-    node = f"{queue}@{socket.gethostname()}"
     faults = tmp_path / "faults"
     faults.mkdir()
-    worker = WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        tmp_path / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "monitoring.yaml",
-            "DJANGO_EVENTS_FAULT_DIR": str(faults),
-        },
-        extra_args=("-E",),  # task events, as for Flower and `celery events`
-    )
     dump_path = tmp_path / "events.txt"
-    try:
+    with fresh_queue(kind, f"it-mon-{kind}") as queue:
+        node = f"{queue}@{socket.gethostname()}"
+        env = {"DJANGO_EVENTS_FAULT_DIR": str(faults)}
+        args = ("-E",)  # task events, as for Flower and `celery events`
+        worker = worker_for(kind, queue, tmp_path, manifest="monitoring.yaml", env=env, args=args)
         with worker, brokers.delivery_wiring(kind, queue, "monitoring.yaml"):
             with dump_path.open("w") as dump_out:
                 dump = celery(kind, "events", "--dump", stdout=dump_out)
@@ -95,9 +83,6 @@ def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Pat
             finally:
                 os.killpg(dump.pid, signal.SIGTERM)
                 dump.wait(10)
-    finally:
-        with getattr(brokers, kind).connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
 
     events = dump_path.read_text()
     # Both surfaces saw the deliveries (else the test proves nothing) ...

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.test import override_settings
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -24,7 +23,7 @@ from tests import brokers
 from tests.app import otel
 from tests.conftest import wiring
 from tests.test_import_safety import run_without_settings
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import start_worker, wait_for
 
 MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "otel.yaml")]
 PAYLOAD = {"order_id": 1, "total": 12.5}
@@ -284,30 +283,14 @@ def test_without_the_extra_nothing_is_imported_and_publishing_works() -> None:
 @pytest.mark.postgresql  # tracing does not depend on the database: one pass is enough
 @pytest.mark.django_db(transaction=True)
 def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) -> None:
-    brokers.require_server(brokers.URLS["amqp"], "amqp")
-    queue = f"it-otel-{uuid.uuid4().hex[:8]}"
     spans_file = tmp_path / "worker-spans.jsonl"
     metrics_files = tmp_path / "worker-metrics"
-    worker = WorkerProcess(
-        "amqp",
-        queue,
-        connection.settings_dict["NAME"],
-        tmp_path / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "otel.yaml",
-            "DJANGO_EVENTS_TEST_PIPELINE": "tests.app.otel.tracing,tests.app.otel.file_metrics",
-            "DJANGO_EVENTS_TEST_SPANS": str(spans_file),
-            "DJANGO_EVENTS_TEST_METRICS": str(metrics_files),
-            # The worker's own publishes (the chain) go through its CELERY_APP: same broker.
-            "CELERY_BROKER_URL": brokers.AMQP_URL,
-        },
-    )
-    value = {
-        **settings.DJANGO_EVENTS,
-        "MANIFESTS": MANIFESTS,
-        "CELERY_APP": "tests.brokers.amqp",
-        "DEFAULT_QUEUE": queue,
-        "PIPELINE": ["tests.app.otel.tracing"],
+    env = {
+        "DJANGO_EVENTS_TEST_PIPELINE": "tests.app.otel.tracing,tests.app.otel.file_metrics",
+        "DJANGO_EVENTS_TEST_SPANS": str(spans_file),
+        "DJANGO_EVENTS_TEST_METRICS": str(metrics_files),
+        # The worker's own publishes (the chain) go through its CELERY_APP: same broker.
+        "CELERY_BROKER_URL": brokers.AMQP_URL,
     }
     otel.memory.clear()
 
@@ -320,8 +303,16 @@ def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) ->
         names = [s["name"] for s in worker_spans()]
         return "process orders.shipped" in names and names.count("process otel.placed") >= 3
 
-    try:
-        with worker, override_settings(DJANGO_EVENTS=value):
+    with start_worker("amqp", tmp_path, prefix="it-otel", manifest="otel.yaml", env=env) as worker:
+        queue = worker.queue
+        value = {
+            **settings.DJANGO_EVENTS,
+            "MANIFESTS": MANIFESTS,
+            "CELERY_APP": "tests.brokers.amqp",
+            "DEFAULT_QUEUE": queue,
+            "PIPELINE": ["tests.app.otel.tracing"],
+        }
+        with override_settings(DJANGO_EVENTS=value):
             with transaction.atomic():
                 placed = publish("otel.placed", {"order_id": 5})
             failing = publish("otel.placed", {"order_id": 6, "fail": True})
@@ -329,9 +320,6 @@ def test_one_trace_across_a_real_worker_and_a_chain_of_events(tmp_path: Path) ->
                 wait_for(finished, timeout=30, what="the worker's process spans")
             except AssertionError as exc:
                 raise AssertionError(f"{exc}; worker log:\n{worker.log()[-3000:]}") from None
-    finally:
-        with brokers.amqp.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
 
     sent = spans_by_name(memory_spans())["send otel.placed"]
     in_worker = spans_by_name(worker_spans())

@@ -5,21 +5,19 @@ Runs on the filesystem transport, RabbitMQ and Redis; on SQLite or PostgreSQL (D
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from django.db import connection
 
 from django_events import InvalidPayload, publish
 from django_events.delivery.messages import TASK_NAME, build_message
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.test_delivery import Broker, _drop_queue
-from tests.worker import WorkerProcess, wait_for
+from tests.test_delivery import Broker
+from tests.worker import start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -27,22 +25,9 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 @pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
 def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"poison-{kind}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp(f"poison-{kind}")
-    worker = WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "poison.yaml",
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-    )
-    with worker:
-        yield Broker(kind, queue, worker, folder / "unused")
-    _drop_queue(kind, queue)
+    with start_worker(kind, folder, prefix=f"poison-{kind}", manifest="poison.yaml") as worker:
+        yield Broker(kind, worker.queue, worker, folder / "unused")
 
 
 @pytest.fixture
@@ -89,7 +74,7 @@ def test_a_handler_error_with_nul_and_a_lone_surrogate_fails_once_recorded(
         timeout=30,
         what="the failed delivery",
     )
-    time.sleep(1.0)  # a third run would show up by now
+    wait_idle(wired.worker)  # a third run would have run by now
     assert runs("fails_with_unstorable_text", event.id) == 2 == failure.attempts
     assert failure.last_error == "RuntimeError: bad\\x00byte \\udc80 in a.txt"
     assert "bad\\x00byte \\udc80" in failure.traceback
@@ -150,7 +135,7 @@ def test_forged_messages_are_rejected_or_recorded_once_never_run_or_looped(
         ),
         what="the rejections",
     )
-    time.sleep(1.5)  # a message going round again would show up by now
+    wait_idle(wired.worker)  # a message going round again would show up by now
     assert (failure.subscription, failure.status, failure.attempts) == (
         "poison-record",
         "failed",

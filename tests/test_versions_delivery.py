@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.core.management import call_command
-from django.db import connection
 from django.test import override_settings
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, fresh_queue, wait_for, worker_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -33,23 +32,13 @@ V1_PLACED = {
 
 def worker(queue: str, manifest: str, folder: Path, node: str) -> WorkerProcess:
     """A worker of the release whose manifest is ``manifest`` (besides base.yaml)."""
-    return WorkerProcess(
-        KIND,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / f"{node}.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": manifest,
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-        node=f"{queue}-{node}",
-    )
+    return worker_for(KIND, queue, folder, manifest=manifest, node=f"{queue}-{node}")
 
 
 @pytest.fixture
-def queue() -> str:
-    brokers.require_server(brokers.URLS[KIND], KIND)
-    return f"ver-{uuid.uuid4().hex[:8]}"
+def queue() -> Iterator[str]:
+    with fresh_queue(KIND, "ver") as name:
+        yield name
 
 
 @pytest.fixture

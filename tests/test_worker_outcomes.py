@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import re
-import time
-import uuid
 from collections.abc import Iterator
 
 import pytest
-from django.db import connection, transaction
+from django.db import transaction
 
 from django_events import publish
 from django_events.models import Delivery
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -24,19 +22,11 @@ def worker(
     request, django_db_setup, django_db_blocker, tmp_path_factory
 ) -> Iterator[WorkerProcess]:
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"oc-{kind}-{uuid.uuid4().hex[:8]}"
-    process = WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        tmp_path_factory.mktemp(f"outcomes-{kind}") / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": "outcomes.yaml",
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        },
-    )
-    with process, brokers.delivery_wiring(kind, queue, "outcomes.yaml"):
+    folder = tmp_path_factory.mktemp(f"outcomes-{kind}")
+    with (
+        start_worker(kind, folder, prefix=f"oc-{kind}", manifest="outcomes.yaml") as process,
+        brokers.delivery_wiring(kind, process.queue, "outcomes.yaml"),
+    ):
         yield process
 
 
@@ -65,7 +55,7 @@ def test_a_handler_that_does_not_import_fails_at_once_without_retry(
         ).first(),
         what="the failed delivery of oc-missing",
     )
-    time.sleep(1.0)  # backoff is 0.1 s: a retry would have shown by now
+    wait_idle(worker)  # a retry would have run by now
     failed.refresh_from_db()
     assert failed.attempts == 1
     assert failed.last_error.startswith("HandlerImportError: Handler ")
@@ -88,7 +78,7 @@ def test_a_failed_delivery_is_not_logged_as_a_succeeded_task(worker: WorkerProce
         ),
         what="the worker's own outcome line",
     )
-    time.sleep(0.5)
+    wait_idle(worker)  # each task's own line logged
     log = worker.log()
     # Celery's own line for every task of this worker: none says succeeded with a status.
     assert not re.search(r"succeeded in [\d.]+s: '(failed|rejected|succeeded)'", log), log[-3000:]

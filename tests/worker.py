@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,160 @@ class WorkerProcess:
             f"worker {self.node} (pid {self.process.pid}, {state}), {self.log_path}:\n"
             + "\n".join(tail)
         )
+
+
+@contextmanager
+def fresh_queue(kind: str, prefix: str) -> Iterator[str]:
+    """A queue name of its own on broker ``kind``, dropped afterwards with its exchanges.
+
+    The test skips when the broker is down on a laptop, and fails under CI.
+    """
+    from tests import brokers
+
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    try:
+        yield queue
+    finally:
+        _drop_queue(kind, queue)
+
+
+def _drop_queue(kind: str, queue: str) -> None:
+    from django_events.wiring.compiled import exchange_name
+    from tests import brokers
+
+    with getattr(brokers, kind).connection_for_write() as conn:
+        channel = conn.default_channel
+        if kind == "filesystem":  # kombu's filesystem queue_delete leaves the message files
+            channel.queue_purge(queue)
+        channel.queue_delete(queue)
+        for exchange in (queue, exchange_name(queue)):  # its direct and broadcast exchanges
+            channel.exchange_delete(exchange)
+
+
+def worker_for(
+    kind: str,
+    queue: str,
+    folder: Path,
+    *,
+    manifest: str = "delivery.yaml",
+    node: str | None = None,
+    env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
+) -> WorkerProcess:
+    """A worker (not started) of the test app of ``kind`` on the test database.
+
+    It loads base.yaml and ``manifest`` (from tests/manifests), consumes ``queue``, and logs to
+    ``folder/<node>.log``; ``env`` adds to its environment, ``args`` to its command line.
+    """
+    from django.db import connection
+
+    from tests import brokers
+
+    return WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        folder / f"{node or 'worker'}.log",
+        extra_env={
+            "DJANGO_EVENTS_TEST_MANIFEST": manifest,
+            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+            **(env or {}),
+        },
+        node=node,
+        extra_args=args,
+    )
+
+
+@contextmanager
+def start_worker(
+    kind: str,
+    folder: Path,
+    *,
+    prefix: str,
+    manifest: str = "delivery.yaml",
+    env: dict[str, str] | None = None,
+) -> Iterator[WorkerProcess]:
+    """A started worker on a `fresh_queue` of its own (``worker.queue``), stopped afterwards."""
+    with (
+        fresh_queue(kind, prefix) as queue,
+        worker_for(kind, queue, folder, manifest=manifest, env=env) as worker,
+    ):
+        yield worker
+
+
+# Celery's log lines about a task: "Task <name>[<id>] received" when the worker takes the
+# message, then one line that ends that run: "succeeded in ...", "ignored", "retry: ...",
+# "raised unexpected: ...", "INTERNAL ERROR: ..." or a rejection.
+_TASK_LINE = re.compile(r"Task [\w.]+\[([0-9a-f-]{36})\] (\S+)")
+# A pool process that died mid-task (WorkerLostError); Celery names no task there.
+_LOST_LINE = "Task handler raised error: "
+_BROADCAST_QUEUE = re.compile(r"Consuming broadcasts of .* through (\S+) \(fanout exchange")
+
+
+def _unfinished(worker: WorkerProcess) -> tuple[int, list[str]]:
+    """How many runs this start of ``worker`` took and has not finished, and of which tasks."""
+    runs: Counter[str] = Counter()
+    lost = 0
+    for line in worker.log()[worker._offset :].splitlines():
+        if match := _TASK_LINE.search(line):
+            runs[match[1]] += 1 if match[2] == "received" else -1
+        elif _LOST_LINE in line:
+            lost += 1
+    return sum(runs.values()) - lost, [task for task, count in runs.items() if count > 0]
+
+
+def _ready_messages(worker: WorkerProcess) -> dict[str, int]:
+    """Messages waiting in the broker on each queue ``worker`` consumes (its broadcast ones too)."""
+    from tests import brokers
+
+    queues = worker.queue.split(",") + _BROADCAST_QUEUE.findall(worker.log()[worker._offset :])
+    if worker.kind == "filesystem":  # kombu's rule: the part after the first dot
+        names = [p.name.partition(".")[2] for p in brokers.FS_FOLDER.iterdir()]
+        return {queue: names.count(f"{queue}.msg") for queue in queues}
+    with getattr(brokers, worker.kind).connection_for_write() as conn:
+        channel = conn.default_channel
+        if worker.kind == "redis":  # a list per queue (the tests send without priority)
+            return {queue: int(channel.client.llen(queue)) for queue in queues}
+        return {queue: channel.queue_declare(queue, passive=True).message_count for queue in queues}
+
+
+def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3) -> None:
+    """Wait until no message waits in the broker for these workers (all running ones if none
+    given) and every task run their logs show as received has ended; fail after ``timeout``.
+
+    A retry scheduled for later keeps a worker busy: Celery logs its message as received when
+    it takes it, and the run as ended only when it ran. The state must hold for ``settle``
+    seconds: a message just taken from the broker is logged as received a moment later.
+    Afterwards a duplicate or a retry that has not run will not come by itself.
+    """
+    watched = list(workers or _running)
+    assert watched, "wait_idle: no worker is running"
+    deadline = time.monotonic() + timeout
+    idle_since: float | None = None
+    while True:
+        busy = {}
+        for worker in watched:
+            ready = {queue: n for queue, n in _ready_messages(worker).items() if n}
+            running, tasks = _unfinished(worker)
+            if ready or running > 0:
+                busy[worker.node] = (ready, running, tasks)
+        now = time.monotonic()
+        if busy:
+            idle_since = None
+        elif idle_since is None:
+            idle_since = now
+        elif now - idle_since >= settle:
+            return
+        if busy and now > deadline:
+            states = "; ".join(
+                f"worker {node}: messages waiting {ready or 'none'}, {running} run(s) not ended"
+                f" (tasks {tasks})"
+                for node, (ready, running, tasks) in busy.items()
+            )
+            logs = "".join(f"\n\n{worker.describe()}" for worker in watched)
+            raise AssertionError(f"workers not idle after {timeout}s: {states}{logs}")
+        time.sleep(0.05)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
