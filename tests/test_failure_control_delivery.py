@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
 
 from django_events import publish
 from django_events.delivery import pausing
@@ -20,7 +18,7 @@ from django_events.models import Delivery
 from django_events.operations.pausing import pause, resume
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -37,22 +35,10 @@ class Worker:
 @pytest.fixture(scope="module", params=["filesystem", "redis"])
 def worker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Worker]:
     kind = request.param
-    brokers.require_server(brokers.URLS[kind], kind)
-    queue = f"fc-{kind}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp(f"worker-{kind}")
-    process = WorkerProcess(
-        kind,
-        queue,
-        connection.settings_dict["NAME"],
-        folder / "worker.log",
-        extra_env={
-            "DJANGO_EVENTS_TEST_MANIFEST": MANIFEST,
-            "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-            "DJANGO_EVENTS_TEST_RECORD_FAILED_SIGNAL": "1",
-        },
-    )
-    with process:
-        yield Worker(kind, queue, process)
+    env = {"DJANGO_EVENTS_TEST_RECORD_FAILED_SIGNAL": "1"}
+    with start_worker(kind, folder, prefix=f"fc-{kind}", manifest=MANIFEST, env=env) as process:
+        yield Worker(kind, process.queue, process)
 
 
 @pytest.fixture
@@ -90,7 +76,7 @@ def test_retry_later_that_counts_uses_up_max_attempts(wired: Worker) -> None:
     event = publish("fc.job", {"n": 2, "times": 5, "seconds": 0.1})
 
     delivery = settled(event.id, "fc-retry-later", "failed")
-    time.sleep(1.0)  # a third run or a second signal would show up by now
+    wait_idle(wired.process)  # a third run or a second signal would have shown by now
     assert len(runs("retry_later", event.id)) == 2 == delivery.attempts  # max_attempts: 2
     assert delivery.last_error == "RetryLater: retry in 0.1s"
     signals = runs("delivery_failed", event.id)
@@ -119,7 +105,7 @@ def test_uncounted_runs_leave_max_attempts_to_the_runs_that_count(wired: Worker)
     event = publish("fc.job", payload)
 
     delivery = settled(event.id, "fc-retry-later", "failed")
-    time.sleep(1.0)
+    wait_idle(wired.process)
     # Three uncounted runs, then max_attempts (2) runs that raise: five in all.
     assert len(runs("retry_later", event.id)) == 5 == delivery.attempts
     assert delivery.last_error == "RuntimeError: failed after 4 retries asked for"
@@ -130,7 +116,7 @@ def test_permanent_failure_fails_at_once_and_signals_once(wired: Worker) -> None
     event = publish("fc.job", {"n": -1})
 
     delivery = settled(event.id, "fc-permanent", "failed")
-    time.sleep(1.0)  # max_attempts is 5: a retry would have run by now
+    wait_idle(wired.process)  # max_attempts is 5: no retry is scheduled
     assert len(runs("permanent_failure", event.id)) == 1 == delivery.attempts
     assert delivery.last_error == "PermanentFailure: customer -1 does not exist"
     assert [r.payload["exception"] for r in runs("delivery_failed", event.id)] == [
@@ -142,7 +128,7 @@ def test_give_up_after_ends_retries_early(wired: Worker) -> None:
     event = publish("fc.job", {"n": -2})
 
     delivery = settled(event.id, "fc-give-up", "failed")
-    time.sleep(1.0)
+    wait_idle(wired.process)
     attempts = runs("always_fails", event.id)
     # Backoff 0.4 s then 0.8 s: the third run would start after the 1 s limit.
     assert len(attempts) == 2 == delivery.attempts
@@ -168,7 +154,7 @@ def test_pause_holds_deliveries_across_a_worker_restart_and_resume_delivers_each
     during = [publish("fc.job", {"n": n}).id for n in range(4, 7)]  # queued, no worker
     wired.process.start()
     wait_for(lambda: held_count(during) == 3, what="the held deliveries after the restart")
-    time.sleep(0.5)
+    wait_idle(wired.process)
     ids = before + during
     assert HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 0
     listing = io.StringIO()
@@ -182,7 +168,7 @@ def test_pause_holds_deliveries_across_a_worker_restart_and_resume_delivers_each
         lambda: HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 7,
         what="7 resumed deliveries",
     )
-    time.sleep(1.0)  # a duplicate would show up by now
+    wait_idle(wired.process)  # a duplicate would have shown by now
     handled = HandlerRun.objects.filter(handler="record", event_id__in=ids)
     assert sorted(str(r.event_id) for r in handled) == sorted(map(str, ids))
     rows = Delivery.objects.filter(event_id__in=ids, subscription="fc-record")

@@ -7,13 +7,12 @@ import uuid
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from tests import brokers
-from tests.worker import WorkerProcess, wait_for
+from tests.worker import start_worker, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -44,7 +43,6 @@ def _key(name: str, expired_days_ago: float) -> None:
     ],
 )
 def test_the_prune_task_on_a_worker_applies_retention(retention, left, tmp_path) -> None:
-    queue = f"retention-{uuid.uuid4().hex[:8]}"
     records = {
         "old": _old(40, status="dispatched"),
         "recent": _old(20, status="dispatched"),
@@ -56,14 +54,9 @@ def test_the_prune_task_on_a_worker_applies_retention(retention, left, tmp_path)
     )
     _key("expired", 2)
     _key("live", -1)
-    env = {"DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER)}  # where the test sends
-    if retention is not None:
-        env["DJANGO_EVENTS_TEST_RETENTION"] = json.dumps(retention)
-    worker = WorkerProcess(
-        "filesystem", queue, connection.settings_dict["NAME"], tmp_path / "worker.log", env
-    )
-    with worker:
-        brokers.filesystem.send_task("django_events.prune", queue=queue)
+    env = {} if retention is None else {"DJANGO_EVENTS_TEST_RETENTION": json.dumps(retention)}
+    with start_worker("filesystem", tmp_path, prefix="retention", env=env) as worker:
+        brokers.filesystem.send_task("django_events.prune", queue=worker.queue)
         wait_for(
             lambda: not IdempotencyKey.objects.filter(key="expired").exists(),
             what="the prune task",
