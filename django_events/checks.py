@@ -51,6 +51,14 @@ CHECK_IDS: dict[str, str] = {
     "django_events.W301": "an inbound permission is declared by no model",
     "django_events.W302": "an inbound option has no effect with the event's auth",
     "django_events.W303": "inbound events but django_events.urls is not included",
+    "django_events.E310": "a source's auth is not a known kind",
+    "django_events.E311": "a source maps a provider type to an undeclared event",
+    "django_events.E312": "a source's secret setting or environment variable is missing",
+    "django_events.E313": "a source's secret has the wrong shape or is empty",
+    "django_events.E314": "a source is declared twice",
+    "django_events.E315": "a standard-webhooks source without the standardwebhooks package",
+    "django_events.W310": "a source option has no effect with its auth",
+    "django_events.W311": "sources but django_events.urls is not included",
 }
 
 

@@ -725,6 +725,33 @@ def _stale_lock(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+def _source(body: str, **settings_: Any) -> Callable[[Path], AbstractContextManager[Any]]:
+    text = "version: 1\nevents:\n  gh.push: {}\nsources:\n  s: " + body + "\n"
+
+    @contextmanager
+    def make(tmp_path: Path) -> Iterator[None]:
+        with manifest(tmp_path, text)[1], override_settings(S_OK="x", **settings_):
+            yield
+
+    return make
+
+
+@contextmanager
+def _without_standardwebhooks(tmp_path: Path) -> Iterator[None]:
+    body = "{auth: standard-webhooks, secret: S_OK, events: {}}"
+    with _source(body)(tmp_path), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "standardwebhooks", None)  # import fails
+        yield
+
+
+@contextmanager
+def _dup_source(tmp_path: Path) -> Iterator[None]:
+    text = "version: 1\nsources:\n  s: {auth: token, secret: S_OK, events: {}}\n"
+    first, second = write(tmp_path / "a.yaml", text), write(tmp_path / "b.yaml", text)
+    with wiring(MANIFESTS=[BASE, first, second]), override_settings(S_OK="x"):
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -788,6 +815,16 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.W303": lambda _: _inbound(
         {"auth": "token", "secret": "SECRET_KEY"}, ROOT_URLCONF="tests.app.urls_without_events"
+    ),
+    "django_events.E310": _source("{auth: basic, secret: S_OK, events: {}}"),
+    "django_events.E311": _source("{auth: github, secret: S_OK, events: {push: nope.x}}"),
+    "django_events.E312": _source("{auth: github, secret: NO_SUCH_SECRET_E312, events: {}}"),
+    "django_events.E313": _source("{auth: github, secret: S_EMPTY, events: {}}", S_EMPTY=""),
+    "django_events.E314": _dup_source,
+    "django_events.E315": _without_standardwebhooks,
+    "django_events.W310": _source("{auth: github, secret: S_OK, tolerance: 1, events: {}}"),
+    "django_events.W311": _source(
+        "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
 }
 

@@ -19,6 +19,7 @@ from django_events.wiring.declarations import (
     EventDeclaration,
     Problem,
     RetryPolicy,
+    SourceDeclaration,
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
@@ -151,7 +152,8 @@ class Registry:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     interceptors: list[Any] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # the manifest files read
+    inbound_sources: dict[str, SourceDeclaration] = field(default_factory=dict)  # `sources:`
 
     def event(self, name: str) -> CompiledEvent:
         """Return the compiled event ``name`` (raises ``UnknownEvent``)."""

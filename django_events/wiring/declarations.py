@@ -99,3 +99,30 @@ class SubscriptionDeclaration:
     @property
     def is_pattern(self) -> bool:
         return "*" in self.event
+
+
+# How a source's provider signs its calls (docs/inbound.md, "Webhooks from providers").
+SOURCE_AUTH_KINDS = ("standard-webhooks", "github", "stripe", "hmac", "token")
+
+
+@dataclass(frozen=True)
+class SourceDeclaration:
+    """A provider whose webhooks arrive at ``POST <prefix>/sources/<name>/`` (manifest ``sources``).
+
+    ``type`` and ``idempotency`` say where the provider puts its event type and its delivery
+    id: ``{"header": name}`` or ``{"field": dotted path}``; ``events`` maps its types to
+    declared events. Options left out take the defaults of the ``auth`` kind.
+    """
+
+    name: str
+    origin: Origin
+    auth: str
+    secret: str | None = None
+    type: dict[str, str] | None = None
+    events: dict[str, str] = field(default_factory=dict)
+    idempotency: dict[str, str] | None = None
+    idempotency_retention: float | None = None
+    tolerance: float | None = None
+    max_body: int | None = None
+    payload: str | None = None  # dotted path of the part of the body to publish; None: all
+    options: tuple[str, ...] = ()  # the keys the declaration gave (checks of ignored options)

@@ -19,6 +19,7 @@ from django_events.wiring.declarations import (
     EventDeclaration,
     Origin,
     Problem,
+    SourceDeclaration,
     SubscriptionDeclaration,
 )
 
@@ -33,6 +34,7 @@ class Manifest:
     events: list[EventDeclaration] = field(default_factory=list)
     subscriptions: list[SubscriptionDeclaration] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    sources: list[SourceDeclaration] = field(default_factory=list)
 
 
 @cache
@@ -212,6 +214,8 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
         manifest.events.append(_event(name, body or {}, origin, manifest.problems))
     for index, body in enumerate(data.get("subscriptions") or []):
         manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
+    for name, body in (data.get("sources") or {}).items():
+        manifest.sources.append(_source(name, body, origin_for(("sources", name))))
     return manifest
 
 
@@ -295,6 +299,23 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         idempotent=body.get("idempotent", False),
         timeout=body.get("timeout"),
         via=body.get("via"),
+    )
+
+
+def _source(name: str, body: dict[str, Any], origin: Origin) -> SourceDeclaration:
+    return SourceDeclaration(
+        name=name,
+        origin=origin,
+        auth=body["auth"],
+        secret=body.get("secret"),
+        type=body.get("type"),
+        events=dict(body.get("events") or {}),
+        idempotency=body.get("idempotency"),
+        idempotency_retention=body.get("idempotency_retention"),
+        tolerance=body.get("tolerance"),
+        max_body=body.get("max_body"),
+        payload=body.get("payload"),
+        options=tuple(body),
     )
 
 
