@@ -21,7 +21,7 @@ from django_celery_outbox.models import CeleryOutbox
 from kombu import Connection, Producer, Queue
 
 from django_events import publish_many
-from django_events.delivery.broker import build_message
+from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.recording import delivery, record_for, save_deliveries
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
@@ -310,9 +310,9 @@ def figure_6(ctx: Context) -> Comparison:
             )
         EventRecord.objects.bulk_create(records, batch_size=5000)
         sample["message"] = build_message(
-            Event(
-                uuid.uuid4(), "bench.async", {}, {}, now, uuid.uuid4(), None, ctx.payload(1)
-            ).to_message(),
+            event_body(
+                Event(uuid.uuid4(), "bench.async", {}, {}, now, uuid.uuid4(), None, ctx.payload(1))
+            ),
             "bench.async:benchmarks.handlers.count",
             "default",
         )

@@ -15,6 +15,7 @@ from jsonschema import Draft202012Validator
 
 from django_events import publish, publish_many
 from django_events.delivery.broker import send_deliveries
+from django_events.delivery.messages import event_body
 from django_events.delivery.sealing import open_event, seal_event
 from django_events.events import Event
 from django_events.wiring.registry import get_registry
@@ -243,7 +244,7 @@ def figure_9(ctx: Context) -> Comparison:
         ctx.repeat,
     )
     # The worker's side: opening one sealed payload.
-    message = seal_event(sealed[0][0].to_message(), ("email",))
+    message = seal_event(event_body(sealed[0][0]), ("email",))
     opens = sorted(
         per_op(lambda c: [open_event(message) for _ in range(c)], ctx.count(20000))
         for _ in range(ctx.repeat)

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.test import override_settings
 from django.utils import timezone
 
-from django_events.delivery.broker import build_message
+from django_events.delivery.messages import build_message
 from django_events.delivery.worker import process_message
 from django_events.wiring.registry import get_registry
 

@@ -8,8 +8,6 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic
 from uuid import UUID
 
-from django.utils.dateparse import parse_datetime
-
 if TYPE_CHECKING:
     # A default (PEP 696) keeps a bare `Event` valid under mypy --strict: it is Event[Any].
     from typing_extensions import TypeVar
@@ -40,42 +38,6 @@ class Event(Generic[PayloadT]):
     data: dict[str, Any] = field(repr=False, compare=False)
     # Of the contract ``data`` follows: the declared one once a worker has upcast it.
     version: int = 1
-
-    def to_message(self) -> dict[str, Any]:
-        """Return the JSON-ready form sent to workers."""
-        return {
-            "id": str(self.id),
-            "name": self.name,
-            "payload": self.data,
-            "headers": self.headers,
-            "occurred_at": self.occurred_at.isoformat(),
-            "correlation_id": str(self.correlation_id),
-            "causation_id": str(self.causation_id) if self.causation_id else None,
-            "version": self.version,
-        }
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any], payload: Any = None) -> Event[Any]:
-        """Rebuild an event from :meth:`to_message` output (``KeyError``/``ValueError`` if bad)."""
-        occurred_at = parse_datetime(message["occurred_at"])
-        if occurred_at is None:
-            raise ValueError(f"bad occurred_at {message['occurred_at']!r}")
-        data = message["payload"]
-        headers = message.get("headers") or {}
-        if not isinstance(data, dict) or not isinstance(headers, dict):
-            raise ValueError("payload and headers must be objects")
-        causation = message.get("causation_id")
-        return Event(
-            UUID(message["id"]),
-            message["name"],
-            data if payload is None else payload,
-            headers,
-            occurred_at,
-            UUID(message["correlation_id"]),
-            UUID(causation) if causation else None,
-            data,
-            int(message.get("version", 1)),  # messages sent before versions existed: 1
-        )
 
 
 _current_event: ContextVar[Event | None] = ContextVar("django_events_current_event", default=None)

@@ -10,7 +10,7 @@ from celery.exceptions import Ignore
 from celery.signals import worker_ready
 
 from django_events.conf import conf
-from django_events.delivery.broker import summary
+from django_events.delivery.messages import summary_of
 from django_events.delivery.worker import process_message, wiring_problems
 from django_events.logs import log_extra
 
@@ -38,18 +38,11 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
     if outcome.retry_in is not None:
         # Celery would saferepr() the whole message into the retry's argsrepr (task events,
         # Flower): keep the short summary the first message had.
-        shown: dict[str, Any] = {"argsrepr": _summary(message), "kwargsrepr": "{}"}
+        shown: dict[str, Any] = {"argsrepr": summary_of(message), "kwargsrepr": "{}"}
         args = None if outcome.retry_with is None else (outcome.retry_with,)
         raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error, **shown)
     if outcome.status != "succeeded":
         raise Ignore(f"delivery {outcome.status}")
-
-
-def _summary(message: Any) -> str:
-    event = message.get("event") if isinstance(message, dict) else None
-    event_id = event.get("id") if isinstance(event, dict) else None
-    subscription = message.get("subscription") if isinstance(message, dict) else None
-    return summary(str(subscription), str(event_id))
 
 
 @shared_task(name="django_events.relay", ignore_result=True)

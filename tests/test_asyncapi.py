@@ -223,7 +223,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
     """A real task message (Celery builds it) validates against the document's schemas."""
     from django.utils import timezone
 
-    from django_events.delivery.broker import build_message
+    from django_events.delivery.messages import build_message, event_body
     from django_events.delivery.sealing import seal_event
     from django_events.events import Event
     from tests.brokers import amqp
@@ -239,7 +239,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
         message = amqp.amqp.as_task_v2(
             "task-id",
             "django_events.deliver",
-            args=(build_message(seal_event(event.to_message(), ("email",)), "x", "default"),),
+            args=(build_message(seal_event(event_body(event), ("email",)), "x", "default"),),
             argsrepr="('x', 'id')",
             kwargsrepr="{}",
         )

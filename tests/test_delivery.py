@@ -18,7 +18,7 @@ import pytest
 from django.db import connection, transaction
 
 from django_events import publish
-from django_events.delivery.broker import TASK_NAME, build_message
+from django_events.delivery.messages import TASK_NAME, build_message, event_body
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -149,7 +149,7 @@ def test_failing_handler_is_retried_with_growing_delays_then_fails(wired: Broker
 def test_unknown_subscription_is_a_recorded_failure_and_imports_nothing(wired: Broker) -> None:
     event = publish("it.strict", {"order_id": 5})
     wait_for(lambda: runs("record", [event.id]), what="the normal delivery")
-    message = build_message(event.to_message(), "no-such-subscription", "default")
+    message = build_message(event_body(event), "no-such-subscription", "default")
     message["handler"] = "tests.app.import_marker.handle"  # must be ignored
     wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
 
@@ -164,6 +164,24 @@ def test_unknown_subscription_is_a_recorded_failure_and_imports_nothing(wired: B
     assert not wired.marker.exists()
 
 
+def test_a_message_of_an_unknown_format_version_is_a_recorded_failure(wired: Broker) -> None:
+    stored = publish("it.strict", {"order_id": 6})
+    event_id = str(uuid.uuid4())  # an event only this message carries
+    message = build_message({**event_body(stored), "id": event_id}, "it-strict", "default")
+    message["v"] = 2  # a newer release's format
+    wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
+
+    failure = wait_for(
+        lambda: Delivery.objects.filter(event_id=event_id).first(),
+        what="the unknown-version failure",
+    )
+    assert (failure.subscription, failure.status, failure.attempts) == ("it-strict", "failed", 1)
+    assert failure.last_error.startswith(
+        "Message format v2 is unknown to this worker (it reads v1)"
+    )
+    assert runs("record", [event_id]) == []  # the handler never ran for it
+
+
 def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) -> None:
     event = publish("it.strict", {"order_id": 6})
     wait_for(
@@ -171,7 +189,7 @@ def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) ->
         what="the first delivery",
     )
     # The same message again, as a broker would redeliver it.
-    message = build_message(event.to_message(), "it-strict", "default")
+    message = build_message(event_body(event), "it-strict", "default")
     wired.app.send_task(TASK_NAME, args=(message,), queue=wired.queue, serializer="json")
     follow_up = publish("it.strict", {"order_id": 7})
     wait_for(lambda: runs("record", [follow_up.id]), what="a later event")
@@ -183,14 +201,14 @@ def test_idempotent_subscription_ignores_a_redelivered_message(wired: Broker) ->
 def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker) -> None:
     stored = publish("it.strict", {"order_id": 8})
     wait_for(lambda: runs("record", [stored.id]), what="the stored event")
-    bad_payload = {**stored.to_message(), "id": str(uuid.uuid4()), "payload": {"order_id": "x"}}
+    bad_payload = {**event_body(stored), "id": str(uuid.uuid4()), "payload": {"order_id": "x"}}
     EventRecord.objects.create(
         id=bad_payload["id"],
         name="it.strict",
         payload=bad_payload["payload"],
         correlation_id=stored.correlation_id,
     )
-    unknown = build_message(stored.to_message(), "no-such-subscription", "default")
+    unknown = build_message(event_body(stored), "no-such-subscription", "default")
     for args in [
         (build_message(bad_payload, "it-strict", "default"),),  # payload fails the schema
         ("not a message",),  # not a django_events message

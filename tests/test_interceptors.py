@@ -15,7 +15,7 @@ from django.http import HttpResponse
 from django.test import RequestFactory
 
 from django_events import Event, InterceptorError, publish, publish_many
-from django_events.delivery.broker import build_message
+from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.worker import process_message
 from django_events.interceptors import context
 from django_events.interceptors.context import ContextMiddleware
@@ -43,7 +43,7 @@ def _no_calls() -> Iterator[None]:
 
 def run_async(event: Event, subscription: str = "async-sub", prior_attempts: int = 0) -> str:
     """Run the message a worker would get for ``subscription`` (the test broker is memory://)."""
-    message = build_message(event.to_message(), subscription, "default", prior_attempts)
+    message = build_message(event_body(event), subscription, "default", prior_attempts)
     return process_message(message, 0).status
 
 

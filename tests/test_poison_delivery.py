@@ -14,7 +14,7 @@ import pytest
 from django.db import connection
 
 from django_events import InvalidPayload, publish
-from django_events.delivery.broker import TASK_NAME, build_message
+from django_events.delivery.messages import TASK_NAME, build_message
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun

@@ -15,6 +15,7 @@ from django.utils.module_loading import import_string
 from django_events.conf import conf
 from django_events.delivery import broadcast
 from django_events.delivery.confirms import PublisherConfirms
+from django_events.delivery.messages import TASK_NAME, build_message, event_body, summary
 from django_events.delivery.sealing import seal_event
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
@@ -26,8 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("django_events.broker")
 
-TASK_NAME = "django_events.deliver"
-MESSAGE_VERSION = 1
 # Seconds of extra hard limit after a subscription's soft ``timeout``.
 HARD_LIMIT_GRACE = 5.0
 # Seconds to wait for the publisher confirms of a batch after its last message.
@@ -50,35 +49,6 @@ def celery_app() -> Celery | None:
         return current
     apps = [a for a in list(state._apps) if a is not state.default_app]
     return apps[0] if len(apps) == 1 else None
-
-
-def build_message(
-    event_message: dict[str, Any],
-    subscription: str,
-    alias: str,
-    prior_attempts: int = 0,
-    rerun: bool = False,
-) -> dict[str, Any]:
-    """The task argument: names the subscription, never a handler path.
-
-    ``rerun`` marks a retry or replay: its `Delivery` row already exists, so its success is
-    written before the acknowledgement even with ``SUCCESS_RECORDS = "batched"``.
-    """
-    message = {
-        "v": MESSAGE_VERSION,
-        "subscription": subscription,
-        "event": event_message,
-        "db": alias,
-        "prior_attempts": prior_attempts,
-    }
-    if rerun:
-        message["rerun"] = True
-    return message
-
-
-def summary(subscription: str, event_id: str) -> str:
-    """What Celery's monitors show as a delivery's arguments: never the payload."""
-    return f"({subscription!r}, {event_id!r})"
 
 
 def _redacted(event_name: str) -> tuple[str, ...]:
@@ -213,7 +183,7 @@ def send_deliveries(
         with _producer(app, confirm) as producer:
             confirms = PublisherConfirms.start(producer.channel) if confirm else None
             for event, durable, subscriptions in items:
-                message = seal_event(event.to_message(), _redacted(event.name))
+                message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
                     timeout = subscription.declaration.timeout
                     if subscription.declaration.broadcast:

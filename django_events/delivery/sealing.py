@@ -65,7 +65,7 @@ def unseal(token: str, event_id: str) -> dict[str, Any]:
 
 
 def seal_event(message: dict[str, Any], paths: Sequence[str]) -> dict[str, Any]:
-    """An event's message (`Event.to_message`) with its payload masked and ``sealed``."""
+    """An event's message body (`messages.event_body`) with its payload masked and ``sealed``."""
     if not paths:
         return message
     masked, token = seal(message["payload"], paths, message["id"])

@@ -16,7 +16,7 @@ from django.db import router
 from django.utils import timezone
 
 from django_events.conf import conf
-from django_events.delivery.broker import build_message
+from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.worker import process_message
 from django_events.events import Event
 from django_events.logs import batch_log_extra
@@ -84,7 +84,7 @@ def enqueue(
 ) -> None:
     """Enqueue one task per (event, subscription); raises what the backend raises."""
     for event, _durable, subscriptions in items:
-        body = event.to_message()
+        body = event_body(event)
         for subscription in subscriptions:
             prior = prior_attempts.get((event.id, subscription.name), 0) if prior_attempts else 0
             message = build_message(body, subscription.name, alias, prior, rerun)

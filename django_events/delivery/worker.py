@@ -9,11 +9,8 @@ import traceback
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
-from uuid import UUID
 
-from django.conf import settings
 from django.db import (
-    DEFAULT_DB_ALIAS,
     DatabaseError,
     InterfaceError,
     InternalError,
@@ -21,10 +18,16 @@ from django.db import (
     close_old_connections,
     transaction,
 )
-from django.utils.dateparse import parse_datetime
 
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
+from django_events.delivery.messages import (
+    MESSAGE_VERSION,
+    DeliveryMessage,
+    MalformedMessage,
+    event_from_body,
+    parse_message,
+)
 from django_events.delivery.recording import delivery, ensure_records, save_deliveries
 from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
@@ -34,24 +37,14 @@ from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
-from django_events.wiring.validation import json_problems, storable_text
 
 logger = logging.getLogger("django_events.worker")
-
-# Handler runs one delivery may count, manual retries included. No retry policy comes near
-# it; a message claiming more (or fewer than none) is forged or corrupt, and would otherwise
-# never reach its last attempt, or overflow `Delivery.attempts` (PostgreSQL: DataError).
-MAX_ATTEMPTS = 1_000_000
 
 # What recording an outcome can come to: the outage of a database is worth waiting out; a
 # statement the database refuses (DataError, IntegrityError...) fails the same way each time.
 RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
 # InternalError too: PostgreSQL reports an aborted transaction or a crashed backend with it.
 _OUTAGES = (OperationalError, InterfaceError, InternalError)
-
-
-class MalformedMessage(ValueError):
-    """A message that is not a well-formed ``django_events.deliver`` argument."""
 
 
 @dataclass(frozen=True)
@@ -63,15 +56,6 @@ class Outcome:
     error: Exception | None = None
     # The message to retry with, when it is not the same one (a wait that counts no attempt).
     retry_with: Any = None
-
-
-@dataclass(frozen=True)
-class _Message:
-    subscription: str
-    event: dict[str, Any]
-    alias: str
-    prior_attempts: int
-    rerun: bool
 
 
 def process_message(
@@ -94,8 +78,8 @@ def process_message(
 
 def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     try:
-        message = _parse(raw)
-        attempt = _attempt(message, retries)
+        message = parse_message(raw)
+        attempt = message.attempt(retries)
     except MalformedMessage as exc:
         # Keys only: a payload may hold fields that `redact` keeps out of logs.
         shape = sorted(map(str, raw)) if isinstance(raw, dict) else type(raw).__name__
@@ -104,6 +88,13 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         )
         return Outcome("rejected")
     event_name = message.event["name"]
+    if message.version != MESSAGE_VERSION:
+        return _give_up(
+            message,
+            attempt,
+            f"Message format v{message.version} is unknown to this worker (it reads "
+            f"v{MESSAGE_VERSION}): deploy the release that sent it, then retry the delivery",
+        )
     registry = get_registry()
     subscription = registry.subscriptions.get(message.subscription)
     compiled = registry.events.get(event_name)
@@ -144,7 +135,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     if problems:
         return _give_up(message, attempt, stale_payload_error(event_name, problems))
     try:
-        event = Event.from_message(event_message, compiled.typed_payload(data))
+        event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
@@ -154,7 +145,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
 
 def _wait_for_newer(
     raw: dict[str, Any],
-    message: _Message,
+    message: DeliveryMessage,
     subscription: Subscription,
     attempt: int,
     retries: int,
@@ -169,7 +160,7 @@ def _wait_for_newer(
     extra = _message_log_extra(message)
     logger.warning("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
-        event = Event.from_message(message.event)
+        event = event_from_body(message.event)
     except (KeyError, TypeError, ValueError):
         return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
     status = Delivery.Status.PENDING
@@ -178,80 +169,6 @@ def _wait_for_newer(
     delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
     waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
-
-
-def _parse(raw: Any) -> _Message:
-    """Check a message's shape, all of it, before anything reads it (raises `MalformedMessage`).
-
-    Only `build_message` writes these messages, but anyone who can write to the broker can
-    send one: what passes here can be rebuilt into an `Event` and recorded.
-    """
-    if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
-        raise MalformedMessage("not a django_events delivery message")
-    subscription = raw.get("subscription")
-    if not isinstance(subscription, str) or not storable_text(subscription):
-        raise MalformedMessage("subscription is not a string")
-    alias = raw.get("db") or DEFAULT_DB_ALIAS
-    if not isinstance(alias, str) or alias not in settings.DATABASES:
-        alias = DEFAULT_DB_ALIAS
-    prior = raw.get("prior_attempts", 0)
-    # Below 0 only while waiting for a newer worker (each wait is one uncounted retry);
-    # _attempt checks that the runs it adds up to are a count.
-    if not _is_int(prior) or not -MAX_ATTEMPTS < prior < MAX_ATTEMPTS:
-        raise MalformedMessage(f"prior_attempts is not an integer from 0 to {MAX_ATTEMPTS - 1}")
-    if not isinstance(raw.get("rerun", False), bool):
-        raise MalformedMessage("rerun is not a boolean")
-    event = raw["event"]
-    _check_event(event)
-    return _Message(subscription, event, alias, prior, raw.get("rerun") is True)
-
-
-def _check_event(event: dict[str, Any]) -> None:
-    """The checks `Event.from_message` leaves out, and those that keep `Delivery` storable."""
-    name = event.get("name")
-    if not isinstance(name, str) or not storable_text(name):
-        raise MalformedMessage("event name is not a string")
-    for key in ("id", "correlation_id", "causation_id"):
-        value = event.get(key)
-        if value is None and key == "causation_id":
-            continue
-        if not isinstance(value, str):
-            raise MalformedMessage(f"event {key} is not a UUID string")
-        try:
-            UUID(value)
-        except ValueError:
-            raise MalformedMessage(f"event {key} is not a UUID string") from None
-    occurred_at = event.get("occurred_at")
-    try:
-        parsed = parse_datetime(occurred_at) if isinstance(occurred_at, str) else None
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.tzinfo is None:
-        raise MalformedMessage("event occurred_at is not an aware ISO 8601 date and time")
-    headers = event.get("headers", {})
-    if not isinstance(headers, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) and storable_text(k) and storable_text(v)
-        for k, v in headers.items()
-    ):
-        raise MalformedMessage("event headers do not map strings to strings")
-    payload = event.get("payload")
-    if not isinstance(payload, dict):
-        raise MalformedMessage("event payload is not an object")
-    problems = json_problems(payload)
-    if problems:  # values a database refuses: neither the event nor its failure can be stored
-        raise MalformedMessage(f"event payload cannot be stored: {problems[0]}")
-
-
-def _attempt(message: _Message, retries: Any) -> int:
-    """The number of this run of the handler (Celery's ``retries`` is a header too)."""
-    if not _is_int(retries) or not 0 <= message.prior_attempts + retries < MAX_ATTEMPTS:
-        raise MalformedMessage(f"retries is not an integer from 0 to {MAX_ATTEMPTS - 1}")
-    attempt: int = message.prior_attempts + retries + 1
-    return attempt
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _run(
@@ -410,12 +327,12 @@ def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str |
     return found
 
 
-def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
+def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported)."""
     extra = _message_log_extra(message)
     logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
-        event = Event.from_message(message.event)
+        event = event_from_body(message.event)
     except (KeyError, TypeError, ValueError):
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
@@ -424,7 +341,7 @@ def _give_up(message: _Message, attempt: int, error: str) -> Outcome:
     return Outcome("failed")
 
 
-def _message_log_extra(message: _Message) -> dict[str, Any]:
+def _message_log_extra(message: DeliveryMessage) -> dict[str, Any]:
     """``log_extra`` read from a message whose event may not rebuild."""
     extra = log_extra(None, message.subscription)
     for field, key in (

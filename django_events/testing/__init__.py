@@ -16,6 +16,7 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
+from django_events.delivery.messages import event_body
 from django_events.events import Event
 
 __all__ = [
@@ -154,7 +155,7 @@ class EagerEvents:
     def _send(self, items: Sequence[Any], alias: str) -> set[UUID]:
         for event, _durable, subscriptions in items:
             # What a worker gets: the message after a JSON round trip.
-            message = json.loads(json.dumps(event.to_message()))
+            message = json.loads(json.dumps(event_body(event)))
             for subscription in subscriptions:
                 self._queue.append((message, subscription.name, event, alias))
         if self._draining:
@@ -181,7 +182,7 @@ class EagerEvents:
     def _deliver(
         self, message: dict[str, Any], subscription: str, event: Event, alias: str
     ) -> EagerFailure | None:
-        from django_events.delivery.broker import build_message
+        from django_events.delivery.messages import build_message
         from django_events.delivery.worker import process_message
 
         retries = 0
