@@ -164,7 +164,7 @@ def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Async subscriptions need a Celery app that accepts only safe serializers."""
     registry = get_registry()
-    if not any(s.mode == "async" and s.via != "tasks" for s in registry.subscriptions.values()):
+    if not any(s.is_queued and s.via != "tasks" for s in registry.subscriptions.values()):
         return []
     from celery import Celery
 
@@ -218,7 +218,7 @@ def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list
     from django_events.conf import conf
 
     subscriptions = [
-        s for s in get_registry().subscriptions.values() if s.mode == "async" and s.via == "tasks"
+        s for s in get_registry().subscriptions.values() if s.is_queued and s.via == "tasks"
     ]
     if not subscriptions:
         return []

@@ -140,4 +140,7 @@ DJANGO_EVENTS = {
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
     "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
+if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):
+    # The webhook tests' worker posts to a receiver on 127.0.0.1.
+    DJANGO_EVENTS["WEBHOOKS_ALLOW_PRIVATE"] = True
 LOGGING = {"version": 1, "disable_existing_loggers": False}

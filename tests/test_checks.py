@@ -226,7 +226,8 @@ def test_manifest_not_matching_its_schema_is_E103_with_file_and_line(tmp_path: P
             (
                 "django_events.E103",
                 f"{path}:5",
-                "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']",
+                "$.subscriptions[0].mode: 'later' is not one of "
+                "['inline', 'sync', 'async', 'webhook']",
             ),
             (
                 "django_events.E103",

@@ -362,7 +362,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             ", ",
             "{} ({})",
             (
-                (s.name, f"{s.mode}, queue {s.queue}" if s.mode == "async" else s.mode)
+                (s.name, f"{s.mode}, queue {s.queue}" if s.is_queued else s.mode)
                 for s in waiting
             ),
         )

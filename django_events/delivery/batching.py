@@ -219,6 +219,7 @@ _SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
     ("attempts", 1),
     ("last_error", ""),
     ("traceback", ""),
+    ("response_body", ""),  # no webhook's: their successes are never batched
 )
 
 
@@ -256,7 +257,7 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
                     "created_at": at,
                     "updated_at": at,
                 }
-                params += [values[f.name] for f in fields]
+                params += [values.get(f.name) for f in fields]  # the others: NULL
             sql = insert_deliveries_sql(
                 connection, len(chunk), OnConflict.IGNORE, _SUCCESS_LITERALS
             )

@@ -17,7 +17,17 @@ from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.validation import storable_text
 
-UPSERT_FIELDS = ["mode", "status", "attempts", "last_error", "traceback", "updated_at"]
+UPSERT_FIELDS = [
+    "mode",
+    "status",
+    "attempts",
+    "last_error",
+    "traceback",
+    "updated_at",
+    "response_status",
+    "response_ms",
+    "response_body",
+]
 UNIQUE_FIELDS = ["event", "subscription"]
 
 
@@ -259,10 +269,11 @@ def delivery(
     attempts: int,
     error: str = "",
     traceback: str = "",
+    response: Any = None,
 ) -> Delivery:
-    """Build (without saving) one `Delivery` row."""
+    """Build (without saving) one `Delivery` row (``response``: a webhook's answer)."""
     now = timezone.now()
-    return Delivery(
+    row = Delivery(
         event_id=event_id,
         subscription=subscription,
         mode=mode,
@@ -273,6 +284,11 @@ def delivery(
         created_at=now,
         updated_at=now,
     )
+    if response is not None:
+        row.response_status = response.status
+        row.response_ms = response.milliseconds
+        row.response_body = storable(response.body)
+    return row
 
 
 def storable(text: str) -> str:

@@ -19,6 +19,7 @@ from django.db import (
     transaction,
 )
 
+from django_events.delivery import webhooks
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.messages import (
@@ -139,7 +140,8 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
     # A retry or replay has a Delivery row already (pending): its success must replace it.
-    batch = batch_success and not message.rerun
+    # A webhook's success row carries the receiver's answer: written at once, not batched.
+    batch = batch_success and not message.rerun and subscription.mode != "webhook"
     return _run(registry, subscription, event, message.alias, attempt, retries, batch)
 
 
@@ -199,6 +201,9 @@ def _run(
         if broadcast:  # one row for every worker's copy: say whose copy failed
             error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
         final = attempt >= max_attempts
+        response = None
+        if isinstance(exc, webhooks.WebhookFailed):  # 410, other 4xx: no retry can succeed
+            final, response = final or not exc.retry, exc.response
         status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
         logger.warning(
             "Handler failed (attempt %d of %d)",
@@ -207,9 +212,8 @@ def _run(
             exc_info=True,
             extra=log_extra(event, subscription),
         )
-        recorded = _record_quietly(
-            alias, event, [_row(event, subscription, status, attempt, error, tb)], always=True
-        )
+        row = _row(event, subscription, status, attempt, error, tb, response)
+        recorded = _record_quietly(alias, event, [row], always=True)
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded. One the database refuses would be
         # refused at every retry: it is logged (above and by _record_quietly) instead.
@@ -221,7 +225,9 @@ def _run(
                 extra=log_extra(event, subscription),
             )
             return Outcome("failed", error=exc)
-        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        delay = subscription.retry.delay(retries + 1)
+        delay = webhooks.retry_delay(exc, delay, subscription.retry.max_backoff)
+        return Outcome("retry", retry_in=delay, error=exc)
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     if (records_all or attempt > 1) and not subscription.declaration.idempotent:
         if batch_success and attempt == 1:  # nothing recorded before it to overwrite
@@ -229,7 +235,8 @@ def _run(
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt)
+            response = webhooks.last_response() if subscription.mode == "webhook" else None
+            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, response=response)
             _record_quietly(alias, event, [row], always=False, overwrite=not broadcast)
     return Outcome("succeeded")
 
@@ -388,5 +395,7 @@ def _row(
     attempt: int,
     error: str = "",
     tb: str = "",
+    response: webhooks.Response | None = None,
 ) -> Delivery:
-    return delivery(event.id, subscription.name, "async", status, attempt, error, tb)
+    mode = "webhook" if subscription.mode == "webhook" else "async"
+    return delivery(event.id, subscription.name, mode, status, attempt, error, tb, response)

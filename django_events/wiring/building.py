@@ -191,7 +191,7 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                 )
             )
             continue
-        if declaration.mode != "async":
+        if declaration.mode not in ("async", "webhook"):
             ignored = [k for k in ("queue", "retry", "timeout") if getattr(declaration, k)]
             ignored += ["broadcast"] if declaration.broadcast else []
             if ignored:
@@ -220,8 +220,10 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         modes = by_mode[name]
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
-        compiled.async_ = tuple(s for s in modes.get("async", ()) if s.via != "tasks")
-        compiled.tasks = tuple(s for s in modes.get("async", ()) if s.via == "tasks")
+        # A webhook is sent by the worker: it travels as an async delivery does.
+        queued = (*modes.get("async", ()), *modes.get("webhook", ()))
+        compiled.async_ = tuple(s for s in queued if s.via != "tasks")
+        compiled.tasks = tuple(s for s in queued if s.via == "tasks")
 
 
 # Options of a source that mean something only for some kinds of auth (ignored elsewhere).

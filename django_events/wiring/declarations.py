@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Mode = Literal["inline", "sync", "async"]
-MODES: tuple[Mode, ...] = ("inline", "sync", "async")
+Mode = Literal["inline", "sync", "async", "webhook"]
+MODES: tuple[Mode, ...] = ("inline", "sync", "async", "webhook")
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,10 @@ class SubscriptionDeclaration:
     idempotent: bool = False
     timeout: float | None = None
     via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
+    # mode: webhook (DESIGN 3.15): where to POST, the signing secret, the body's format
+    url: str | None = None  # a literal https URL, or the name of a setting or env var
+    secret: str | None = None  # the name of a setting or env var holding whsec_<base64>
+    format: str = "standard-webhooks"  # or "cloudevents"
 
     @property
     def is_pattern(self) -> bool:

@@ -285,9 +285,10 @@ def _event(
 
 
 def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclaration:
-    event, handler = body["event"], body["handler"]
+    event, handler = body["event"], body.get("handler", "")
+    target = handler or f"webhook:{body.get('url', '')}"  # mode: webhook has no handler
     return SubscriptionDeclaration(
-        name=body.get("name") or f"{event}:{handler}",
+        name=body.get("name") or f"{event}:{target}",
         event=event,
         handler=handler,
         origin=origin,
@@ -299,6 +300,9 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         idempotent=body.get("idempotent", False),
         timeout=body.get("timeout"),
         via=body.get("via"),
+        url=body.get("url"),
+        secret=body.get("secret"),
+        format=body.get("format", "standard-webhooks"),
     )
 
 
