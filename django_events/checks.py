@@ -8,7 +8,12 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning
 
 from django_events.conf import conf
-from django_events.wiring.compiled import HandlerImportError, is_async_handler, resolve_handler
+from django_events.wiring.compiled import (
+    HandlerImportError,
+    Subscription,
+    is_async_handler,
+    resolve_handler,
+)
 from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import get_registry
@@ -59,6 +64,10 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E315": "a standard-webhooks source without the standardwebhooks package",
     "django_events.W310": "a source option has no effect with its auth",
     "django_events.W311": "sources but django_events.urls is not included",
+    "django_events.E320": "a webhook's url names no setting or env var holding a URL",
+    "django_events.E321": "a webhook's secret is missing or not whsec_ + base64",
+    "django_events.E322": "webhook subscriptions but httpx is not installed",
+    "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
 }
 
 
@@ -77,13 +86,29 @@ def check_configuration(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """Settings, manifests, schemas, names and filters."""
-    return [to_message(p) for p in get_registry().problems]
+    messages = [to_message(p) for p in get_registry().problems]
+    from django.conf import settings
+
+    if conf.WEBHOOKS_ALLOW_PRIVATE and not settings.DEBUG:
+        messages.append(
+            Warning(
+                "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] is on with DEBUG = False: webhooks "
+                "may reach private and loopback addresses",
+                hint="Turn it off in production unless every webhook URL is trusted.",
+                obj="settings.DJANGO_EVENTS",
+                id="django_events.W320",
+            )
+        )
+    return messages
 
 
 def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Every subscription's handler imports and can be called (inline ones synchronously)."""
     messages: list[CheckMessage] = []
     for subscription in get_registry().subscriptions.values():
+        if subscription.mode == "webhook":  # no handler: its URL and secret instead
+            messages += _webhook_problems(subscription)
+            continue
         path = subscription.declaration.handler
         try:
             handler = resolve_handler(path)
@@ -159,6 +184,41 @@ def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[
             id="django_events.W130",
         )
     ]
+
+
+def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
+    from django_events.delivery import webhooks
+
+    declaration, where = subscription.declaration, str(subscription.declaration.origin)
+    name = subscription.name
+    messages: list[CheckMessage] = []
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        messages.append(
+            Error(
+                f"Subscription {name!r} is a webhook but httpx is not installed",
+                hint="pip install 'django-event-wiring[webhooks]'",
+                obj=where,
+                id="django_events.E322",
+            )
+        )
+    for code, read, value, hint in (
+        ("E320", webhooks.target_url, declaration.url or "", "Hold an https:// URL in it."),
+        ("E321", webhooks.signing_key, declaration.secret or "", "Hold whsec_ + base64 in it."),
+    ):
+        try:
+            read(value)
+        except webhooks.WebhookNotConfigured as exc:
+            messages.append(
+                Error(
+                    f"Subscription {name!r}: webhook {exc}",
+                    hint=f"Define settings.{value} or the environment variable {value}; {hint}",
+                    obj=where,
+                    id=f"django_events.{code}",
+                )
+            )
+    return messages
 
 
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:

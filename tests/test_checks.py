@@ -753,6 +753,26 @@ def _dup_source(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+WEBHOOK = {
+    "event": "orders.placed",
+    "mode": "webhook",
+    "name": "hook",
+    "url": "https://hooks.example.com/in",
+    "secret": "TEST_WH_SECRET",
+}
+
+
+@contextmanager
+def _without_httpx(tmp_path: Path) -> Iterator[None]:
+    with (
+        wiring(WEBHOOK),
+        override_settings(TEST_WH_SECRET="whsec_c2VjcmV0"),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setitem(sys.modules, "httpx", None)  # import fails
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -824,6 +844,12 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E314": _dup_source,
     "django_events.E315": _without_standardwebhooks,
     "django_events.W310": _source("{auth: github, secret: S_OK, tolerance: 1, events: {}}"),
+    "django_events.E320": lambda _: wiring(
+        {**WEBHOOK, "url": "NO_SUCH_URL_E320"}, TEST_WH_SECRET="whsec_c2VjcmV0"
+    ),
+    "django_events.E321": lambda _: wiring(WEBHOOK),
+    "django_events.E322": _without_httpx,
+    "django_events.W320": lambda _: wiring(WEBHOOKS_ALLOW_PRIVATE=True),
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),

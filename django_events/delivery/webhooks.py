@@ -118,13 +118,21 @@ def signing_key(name: str) -> bytes:
     value = setting_value(name)
     if not isinstance(value, str) or not value:
         raise WebhookNotConfigured(f"secret {name!r} is not a setting or environment variable")
-    raw = value.removeprefix("whsec_")
+    try:
+        return signing_key_of(value)
+    except ValueError as exc:
+        raise WebhookNotConfigured(f"secret {name!r} is not whsec_ followed by base64") from exc
+
+
+def signing_key_of(secret: str) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret (raises ValueError)."""
+    raw = secret.removeprefix("whsec_")
     try:
         key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise WebhookNotConfigured(f"secret {name!r} is not whsec_ followed by base64") from exc
+    except binascii.Error as exc:
+        raise ValueError(str(exc)) from exc
     if not key:
-        raise WebhookNotConfigured(f"secret {name!r} is empty")
+        raise ValueError("empty")
     return key
 
 

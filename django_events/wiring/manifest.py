@@ -247,6 +247,9 @@ def _locate(error: ValidationError) -> tuple[JsonPath, str]:
         if len(given) > 1:
             names = " and ".join(repr(k) for k in exclusive)
             return (*path, given[-1]), f"{names} cannot both be given; use one of them"
+        if len(exclusive) == 1 and given:  # a key some other key's value rules out
+            mode = f" with mode: {instance['mode']}" if "mode" in instance else ""
+            return (*path, given[0]), f"{given[0]!r} is not allowed{mode}"
     return path, error.message
 
 
