@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.db import connection
 
-    from . import bench_delivery, bench_publish, bench_versions, harness
+    from . import bench_delivery, bench_publish, bench_versions, bench_webhooks, harness
 
     harness.judging = not args.smoke
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             ("7", bench_delivery.figure_7),
             ("8", bench_versions.figure_8),
             ("9", bench_publish.figure_9),
+            ("10", bench_webhooks.figure_10),
         ]
         for number, figure in figures:
             if only and number not in only:

@@ -62,11 +62,21 @@ DJANGO_EVENTS = {
         "bench.async": {"schema": SCHEMA},
         # Figure 9: the same event with a redacted field (its messages carry it sealed).
         "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
+        # Figure 10: a webhook to a receiver on 127.0.0.1 (BENCH_HOOK_URL).
+        "bench.webhook": {"schema": SCHEMA},
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
         {"event": "bench.async", "handler": "benchmarks.handlers.count", "mode": "async"},
+        {
+            "event": "bench.webhook",
+            "name": "bench-webhook",
+            "mode": "webhook",
+            "url": "BENCH_HOOK_URL",
+            "secret": "BENCH_HOOK_SECRET",
+        },
     ],
+    "WEBHOOKS_ALLOW_PRIVATE": True,  # the receiver is on loopback
     # Figure 4 runs its worker both ways: each success row written before the ack, or batched.
     "SUCCESS_RECORDS": os.environ.get("BENCH_SUCCESS_RECORDS", "immediate"),
 }

@@ -204,8 +204,8 @@ def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
             )
         )
     for code, read, value, hint in (
-        ("E320", webhooks.target_url, declaration.url or "", "Hold an https:// URL in it."),
-        ("E321", webhooks.signing_key, declaration.secret or "", "Hold whsec_ + base64 in it."),
+        ("E320", webhooks.target_url, declaration.url or "", "hold an https:// URL in it."),
+        ("E321", webhooks.signing_key, declaration.secret or "", "hold whsec_ + base64 in it."),
     ):
         try:
             read(value)

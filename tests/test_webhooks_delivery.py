@@ -4,10 +4,15 @@ the standardwebhooks library and answers by script (tests/webhook_receiver.py)."
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.db import connection, transaction
@@ -21,6 +26,7 @@ from tests.worker import WorkerProcess, wait_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"outbound-signing-secret-0123456").decode()
 
 
@@ -195,3 +201,36 @@ def test_cloudevents_format(worker: WorkerProcess, receiver: Receiver) -> None:
     assert document["type"] == "shop.order_paid"
     assert document["id"] == message_id(event, "hook-cloud")
     assert document["data"] == {"order_id": 8, "script": "cloud"}
+
+
+def test_via_tasks_a_db_worker_sends_and_retries_with_the_same_id(
+    receiver: Receiver, tmp_path
+) -> None:
+    queue = f"whtk-{uuid.uuid4().hex[:8]}"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
+        "DJANGO_EVENTS_TEST_MANIFEST": "webhooks.yaml",
+        "DJANGO_EVENTS_TEST_QUEUE": queue,
+        "DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE": "1",
+        "TEST_HOOK_SIGNING_SECRET": SECRET,
+        "PYTHONPATH": str(ROOT),
+        **{f"TEST_HOOK_URL_{s.upper()}": receiver.url(s) for s in SCRIPTS},
+        "TEST_HOOK_URL_CLOSED": f"http://127.0.0.1:{closed_port()}/closed",
+    }
+    command = [sys.executable, "-m", "django", "db_worker", "--queue-name", queue]
+    command += ["--interval", "0.1", "--no-startup-delay"]
+    with (tmp_path / "db_worker.log").open("ab") as log:
+        worker = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        with brokers.delivery_wiring("filesystem", queue, "webhooks.yaml", DELIVERY="tasks"):
+            event = send("flaky", 9)
+        row = delivery(event, "hook-flaky", "succeeded", timeout=60)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=20)
+
+    first, second = receiver.of("flaky", message_id(event, "hook-flaky"))
+    assert first.verified and second.verified
+    assert (row.attempts, row.response_status) == (2, 200)

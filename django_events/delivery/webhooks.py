@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 KEEP_BYTES = 1024  # of a response's body, kept on the Delivery; never more is read
 DEFAULT_TIMEOUT = 10.0  # seconds, of each phase of the call (connect, write, read)
 USER_AGENT = "django-event-wiring-webhooks"
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 
 
 @dataclass(frozen=True)
@@ -315,10 +316,14 @@ def client() -> httpx.Client:
 
     with _client_lock:
         if _client is None or _client_pid != pid:
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+            # h11 writes the headers and the body apart: without TCP_NODELAY the body waits
+            # for the receiver's delayed ACK (40 ms on Linux) on a kept-alive connection.
+            transport = httpx.HTTPTransport(socket_options=NODELAY, limits=limits)
             _client = httpx.Client(
                 follow_redirects=False,  # a redirect is the receiver's answer, not followed
                 trust_env=False,  # no proxy from the environment between us and the address
-                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                transport=transport,
             )
             _client_pid = pid
     return _client
