@@ -177,3 +177,19 @@ def test_a_webhook_subscription_needs_url_and_secret_and_no_handler(tmp_path) ->
         "$.subscriptions[2]: 'secret' is a required property",
         "$.subscriptions[2]: 'url' is a required property",
     ]
+
+
+def test_events_list_shows_a_webhook_without_its_urls_path_or_query() -> None:
+    import json
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    literal = {**HOOK, "url": "https://hooks.example.com/in?token=s3cret"}
+    out = StringIO()
+    with wiring(literal):
+        call_command("events_list", format="json", stdout=out)
+    (shown,) = [s for e in json.loads(out.getvalue())["events"] for s in e["subscriptions"]]
+    assert shown["handler"] == "webhook -> https://hooks.example.com/"
+    assert (shown["mode"], shown["queue"]) == ("webhook", "django_events")
+    assert "s3cret" not in out.getvalue()
