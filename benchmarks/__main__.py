@@ -50,7 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     django.setup()
     from django.db import connection
 
-    from . import bench_async, bench_delivery, bench_publish, bench_versions, harness
+    from . import (
+        bench_async,
+        bench_delivery,
+        bench_publish,
+        bench_versions,
+        bench_webhooks,
+        harness,
+    )
 
     harness.judging = not args.smoke
 
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             ("10", bench_async.figure_10),
             ("11", bench_async.figure_11),
             ("12", bench_async.figure_12),
+            ("13", bench_webhooks.figure_13),
         ]
         for number, figure in figures:
             if only and number not in only:

@@ -69,6 +69,8 @@ DJANGO_EVENTS = {
         "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
         "bench.tasks": {"schema": SCHEMA},
         "bench.handler": {"schema": SCHEMA},  # figure 12: never published, run in-process
+        # Figure 13: a webhook to a receiver on 127.0.0.1 (BENCH_HOOK_URL).
+        "bench.webhook": {"schema": SCHEMA},
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
@@ -85,7 +87,15 @@ DJANGO_EVENTS = {
             | {"handler": f"benchmarks.handlers.{handler}", "queue": "bench-unused"}
             for kind, handler in (("sync", "count"), ("async", "acount"))
         ),
+        {
+            "event": "bench.webhook",
+            "name": "bench-webhook",
+            "mode": "webhook",
+            "url": "BENCH_HOOK_URL",
+            "secret": "BENCH_HOOK_SECRET",
+        },
     ],
+    "WEBHOOKS_ALLOW_PRIVATE": True,  # the receiver is on loopback
     # Figure 4 runs its worker both ways: each success row written before the ack, or batched.
     "SUCCESS_RECORDS": os.environ.get("BENCH_SUCCESS_RECORDS", "immediate"),
     # Figure 2 without the commit path's publisher confirms (the default is on): BENCH_CONFIRMS=0.

@@ -8,7 +8,12 @@ from typing import Any
 from django.core.checks import CheckMessage, Error, Warning
 
 from django_events.conf import conf
-from django_events.wiring.compiled import HandlerImportError, is_async_handler, resolve_handler
+from django_events.wiring.compiled import (
+    HandlerImportError,
+    Subscription,
+    is_async_handler,
+    resolve_handler,
+)
 from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import get_registry
@@ -52,6 +57,18 @@ CHECK_IDS: dict[str, str] = {
     "django_events.W301": "an inbound permission is declared by no model",
     "django_events.W302": "an inbound option has no effect with the event's auth",
     "django_events.W303": "inbound events but django_events.urls is not included",
+    "django_events.E310": "a source's auth is not a known kind",
+    "django_events.E311": "a source maps a provider type to an undeclared event",
+    "django_events.E312": "a source's secret setting or environment variable is missing",
+    "django_events.E313": "a source's secret has the wrong shape or is empty",
+    "django_events.E314": "a source is declared twice",
+    "django_events.E315": "a standard-webhooks source without the standardwebhooks package",
+    "django_events.W310": "a source option has no effect with its auth",
+    "django_events.W311": "sources but django_events.urls is not included",
+    "django_events.E320": "a webhook's url names no setting or env var holding a URL",
+    "django_events.E321": "a webhook's secret is missing or not whsec_ + base64",
+    "django_events.E322": "webhook subscriptions but httpx is not installed",
+    "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
 }
 
 
@@ -70,13 +87,29 @@ def check_configuration(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """Settings, manifests, schemas, names and filters."""
-    return [to_message(p) for p in get_registry().problems]
+    messages = [to_message(p) for p in get_registry().problems]
+    from django.conf import settings
+
+    if conf.WEBHOOKS_ALLOW_PRIVATE and not settings.DEBUG:
+        messages.append(
+            Warning(
+                "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] is on with DEBUG = False: webhooks "
+                "may reach private and loopback addresses",
+                hint="Turn it off in production unless every webhook URL is trusted.",
+                obj="settings.DJANGO_EVENTS",
+                id="django_events.W320",
+            )
+        )
+    return messages
 
 
 def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Every subscription's handler imports and can be called (inline ones synchronously)."""
     messages: list[CheckMessage] = []
     for subscription in get_registry().subscriptions.values():
+        if subscription.mode == "webhook":  # no handler: its URL and secret instead
+            messages += _webhook_problems(subscription)
+            continue
         path = subscription.declaration.handler
         try:
             handler = resolve_handler(path)
@@ -154,10 +187,45 @@ def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[
     ]
 
 
+def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
+    from django_events.delivery import webhooks
+
+    declaration, where = subscription.declaration, str(subscription.declaration.origin)
+    name = subscription.name
+    messages: list[CheckMessage] = []
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        messages.append(
+            Error(
+                f"Subscription {name!r} is a webhook but httpx is not installed",
+                hint="pip install 'django-event-wiring[webhooks]'",
+                obj=where,
+                id="django_events.E322",
+            )
+        )
+    for code, read, value, hint in (
+        ("E320", webhooks.target_url, declaration.url or "", "hold an https:// URL in it."),
+        ("E321", webhooks.signing_key, declaration.secret or "", "hold whsec_ + base64 in it."),
+    ):
+        try:
+            read(value)
+        except webhooks.WebhookNotConfigured as exc:
+            messages.append(
+                Error(
+                    f"Subscription {name!r}: webhook {exc}",
+                    hint=f"Define settings.{value} or the environment variable {value}; {hint}",
+                    obj=where,
+                    id=f"django_events.{code}",
+                )
+            )
+    return messages
+
+
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Async subscriptions need a Celery app that accepts only safe serializers."""
     registry = get_registry()
-    if not any(s.mode == "async" and s.via != "tasks" for s in registry.subscriptions.values()):
+    if not any(s.is_queued and s.via != "tasks" for s in registry.subscriptions.values()):
         return []
     from celery import Celery
 
@@ -211,7 +279,7 @@ def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list
     from django_events.conf import conf
 
     subscriptions = [
-        s for s in get_registry().subscriptions.values() if s.mode == "async" and s.via == "tasks"
+        s for s in get_registry().subscriptions.values() if s.is_queued and s.via == "tasks"
     ]
     if not subscriptions:
         return []

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "LOCK_FILE": "events.lock.json",
     "PUBLISHER_CONFIRMS": True,
     "RETENTION": DEFAULT_RETENTION,
+    "WEBHOOKS_ALLOW_PRIVATE": False,
 }
 
 
@@ -201,6 +202,11 @@ class Settings:
     @property
     def INBOUND_MAX_BODY(self) -> int:
         return int(self._get("INBOUND_MAX_BODY"))
+
+    @property
+    def WEBHOOKS_ALLOW_PRIVATE(self) -> bool:
+        """Let webhooks reach private, loopback and link-local addresses (tests, intranets)."""
+        return bool(self._get("WEBHOOKS_ALLOW_PRIVATE"))
 
     @property
     def LOCK_FILE(self) -> Path:

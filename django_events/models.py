@@ -111,6 +111,24 @@ class Delivery(models.Model):
         blank=True,
         help_text=_("How long the last run of the handler took; empty when not measured."),
     )
+    response_status = models.PositiveSmallIntegerField(
+        _("response status"),
+        null=True,
+        blank=True,
+        help_text=_("Webhooks: the HTTP status of the last attempt's answer."),
+    )
+    response_ms = models.PositiveIntegerField(
+        _("response time (ms)"),
+        null=True,
+        blank=True,
+        help_text=_("Webhooks: milliseconds the last attempt took."),
+    )
+    response_body = models.TextField(
+        _("response body"),
+        blank=True,
+        default="",
+        help_text=_("Webhooks: the first kilobyte of the last answer's body."),
+    )
 
     class Meta:
         verbose_name = _("delivery")

@@ -143,4 +143,7 @@ DJANGO_EVENTS = {
 }
 if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
     DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
+if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):
+    # The webhook tests' worker posts to a receiver on 127.0.0.1.
+    DJANGO_EVENTS["WEBHOOKS_ALLOW_PRIVATE"] = True
 LOGGING = {"version": 1, "disable_existing_loggers": False}

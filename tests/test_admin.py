@@ -532,3 +532,38 @@ def test_date_hierarchy_lists_periods_from_the_first_and_last_event(
     with CaptureQueriesContext(connection) as captured:
         admin_client.get(LOG)
     assert not any("DISTINCT" in q["sql"].upper() for q in captured.captured_queries)
+
+
+@pytest.mark.django_db
+def test_a_webhook_failure_shows_the_answer_escaped_and_redacted(admin_client, publish_now) -> None:
+    from django_events.delivery.webhooks import Response
+
+    event = publish_now("shop.paid", {"order_id": 10, "email": "y@example.com"})
+    answer = Response(422, 37, '<b>bad</b> "email": "y@example.com"')
+    save_deliveries(
+        "default",
+        [
+            delivery(
+                event.id,
+                "shop-audit",
+                "webhook",
+                "failed",
+                1,
+                "WebhookFailed: HTTP 422",
+                "",
+                response=answer,
+            )
+        ],
+    )
+    failure = failure_of("shop-audit")
+
+    html = admin_client.get(
+        reverse("admin:django_events_failure_change", args=[failure.pk])
+    ).content.decode()
+    event_page = admin_client.get(
+        reverse("admin:django_events_eventrecord_change", args=[event.id])
+    ).content.decode()
+
+    assert "HTTP 422 in 37 ms" in html and "HTTP 422 in 37 ms" in event_page
+    assert "&lt;b&gt;bad&lt;/b&gt;" in html and "<b>bad</b>" not in html
+    assert "y@example.com" not in html and MASK in html

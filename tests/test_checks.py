@@ -226,7 +226,8 @@ def test_manifest_not_matching_its_schema_is_E103_with_file_and_line(tmp_path: P
             (
                 "django_events.E103",
                 f"{path}:5",
-                "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']",
+                "$.subscriptions[0].mode: 'later' is not one of "
+                "['inline', 'sync', 'async', 'webhook']",
             ),
             (
                 "django_events.E103",
@@ -766,6 +767,53 @@ def _stale_lock(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+def _source(body: str, **settings_: Any) -> Callable[[Path], AbstractContextManager[Any]]:
+    text = "version: 1\nevents:\n  gh.push: {}\nsources:\n  s: " + body + "\n"
+
+    @contextmanager
+    def make(tmp_path: Path) -> Iterator[None]:
+        with manifest(tmp_path, text)[1], override_settings(S_OK="x", **settings_):
+            yield
+
+    return make
+
+
+@contextmanager
+def _without_standardwebhooks(tmp_path: Path) -> Iterator[None]:
+    body = "{auth: standard-webhooks, secret: S_OK, events: {}}"
+    with _source(body)(tmp_path), pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "standardwebhooks", None)  # import fails
+        yield
+
+
+@contextmanager
+def _dup_source(tmp_path: Path) -> Iterator[None]:
+    text = "version: 1\nsources:\n  s: {auth: token, secret: S_OK, events: {}}\n"
+    first, second = write(tmp_path / "a.yaml", text), write(tmp_path / "b.yaml", text)
+    with wiring(MANIFESTS=[BASE, first, second]), override_settings(S_OK="x"):
+        yield
+
+
+WEBHOOK = {
+    "event": "orders.placed",
+    "mode": "webhook",
+    "name": "hook",
+    "url": "https://hooks.example.com/in",
+    "secret": "TEST_WH_SECRET",
+}
+
+
+@contextmanager
+def _without_httpx(tmp_path: Path) -> Iterator[None]:
+    with (
+        wiring(WEBHOOK),
+        override_settings(TEST_WH_SECRET="whsec_c2VjcmV0"),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setitem(sys.modules, "httpx", None)  # import fails
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -830,6 +878,22 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.W303": lambda _: _inbound(
         {"auth": "token", "secret": "SECRET_KEY"}, ROOT_URLCONF="tests.app.urls_without_events"
+    ),
+    "django_events.E310": _source("{auth: basic, secret: S_OK, events: {}}"),
+    "django_events.E311": _source("{auth: github, secret: S_OK, events: {push: nope.x}}"),
+    "django_events.E312": _source("{auth: github, secret: NO_SUCH_SECRET_E312, events: {}}"),
+    "django_events.E313": _source("{auth: github, secret: S_EMPTY, events: {}}", S_EMPTY=""),
+    "django_events.E314": _dup_source,
+    "django_events.E315": _without_standardwebhooks,
+    "django_events.W310": _source("{auth: github, secret: S_OK, tolerance: 1, events: {}}"),
+    "django_events.E320": lambda _: wiring(
+        {**WEBHOOK, "url": "NO_SUCH_URL_E320"}, TEST_WH_SECRET="whsec_c2VjcmV0"
+    ),
+    "django_events.E321": lambda _: wiring(WEBHOOK),
+    "django_events.E322": _without_httpx,
+    "django_events.W320": lambda _: wiring(WEBHOOKS_ALLOW_PRIVATE=True),
+    "django_events.W311": _source(
+        "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
 }
 

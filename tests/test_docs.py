@@ -89,8 +89,9 @@ def test_generated_reference_lists_every_field_of_every_declaration() -> None:
     for title, pointer in generator.object_sections(schema):
         section = rendered.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
         assert table_keys(section) == {name for name, _ in generator.fields(schema, pointer)}
-    assert '| `mode` | `"inline"` or `"sync"` or `"async"` | no | `"sync"` |' in rendered
-    assert "| `handler` | dotted path | yes |" in rendered
+    modes = '`"inline"` or `"sync"` or `"async"` or `"webhook"`'
+    assert f'| `mode` | {modes} | no | `"sync"` |' in rendered
+    assert "| `handler` | dotted path | no |" in rendered  # mode: webhook has none
     assert "| `version` | `1` | yes |" in rendered
     assert "docs/manifest.md" not in rendered
     assert "{manifest-reference}" in (DOCS / "manifest.md").read_text(encoding="utf-8")

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from django.test import override_settings
 
-from tests.test_checks import assert_reported, manifest, wiring
+from tests.test_checks import BASE, assert_reported, events_check, manifest, wiring, write
 
 pytestmark = pytest.mark.django_db(databases="__all__")
 
@@ -194,3 +194,113 @@ def test_a_bad_inbound_max_body_setting_is_e001() -> None:
                 "DJANGO_EVENTS['INBOUND_MAX_BODY'] is '256k'",
             )
         )
+
+
+# -- sources (webhooks from providers): E310-E315, W310, W311 ----------------------------------
+
+SOURCE_EVENTS = """
+version: 1
+events:
+  gh.push: {}
+sources:
+"""
+
+
+def test_valid_sources_check_clean(tmp_path: Path) -> None:
+    _, settings_ = manifest(
+        tmp_path,
+        SOURCE_EVENTS
+        + """
+          gh: {auth: github, secret: S_GH, events: {push: gh.push}}
+          sw: {auth: standard-webhooks, secret: S_SW, events: {push: gh.push}}
+          st: {auth: stripe, secret: S_ST, tolerance: 60, events: {push: gh.push}}
+        """,
+    )
+    with settings_, override_settings(S_GH="x", S_SW="whsec_c2VjcmV0", S_ST="whsec_1"):
+        assert_reported()
+
+
+def test_source_checks_report_each_problem_with_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("S_MISSING", raising=False)
+    path, settings_ = manifest(
+        tmp_path,
+        SOURCE_EVENTS
+        + """
+          a: {auth: gitlab, secret: S_GH, events: {push: gh.push}}
+          b: {auth: github, secret: S_GH, events: {push: gh.pushed, issues: gh.issue}}
+          c: {auth: github, secret: S_MISSING, events: {push: gh.push}}
+          d: {auth: standard-webhooks, secret: S_BAD, events: {push: gh.push}}
+          e: {auth: token, secret: S_GH, tolerance: 5, events: {push: gh.push}}
+        """,
+    )
+    with settings_, override_settings(S_GH="x", S_BAD="not base64!"):
+        assert_reported(
+            ("django_events.E310", f"{path}:6", "Source 'a': unknown auth 'gitlab'"),
+            (
+                "django_events.E311",
+                f"{path}:7",
+                "Source 'b' maps 'issues' to an undeclared event: 'gh.issue'",
+            ),
+            (
+                "django_events.E311",
+                f"{path}:7",
+                "Source 'b' maps 'push' to an undeclared event: 'gh.pushed'",
+            ),
+            (
+                "django_events.E312",
+                f"{path}:8",
+                "Source 'c': secret 'S_MISSING' is neither a setting nor an environment variable",
+            ),
+            (
+                "django_events.E313",
+                f"{path}:9",
+                "Source 'd': secret 'S_BAD' must be a Standard Webhooks secret: whsec_ and base64",
+            ),
+            (
+                "django_events.W310",
+                f"{path}:10",
+                "Source 'e': tolerance has no effect with auth: token",
+            ),
+        )
+
+
+def test_a_source_declared_in_two_manifests_is_e314(tmp_path: Path) -> None:
+    body = "version: 1\nsources:\n  gh: {auth: github, secret: S_GH, events: {}}\n"
+    first = write(tmp_path / "one.yaml", body)
+    second = write(tmp_path / "two.yaml", body)
+    with wiring(MANIFESTS=[BASE, first, second]), override_settings(S_GH="x"):
+        assert_reported(
+            (
+                "django_events.E314",
+                f"{second}:3",
+                f"Source 'gh' is declared twice (also at {first}:3)",
+            )
+        )
+
+
+def test_sources_without_the_urls_are_w311(tmp_path: Path) -> None:
+    _, settings_ = manifest(
+        tmp_path, SOURCE_EVENTS + "  gh: {auth: github, secret: S_GH, events: {push: gh.push}}\n"
+    )
+    with (
+        settings_,
+        override_settings(S_GH="x", ROOT_URLCONF="tests.app.urls_without_events"),
+    ):
+        assert_reported(
+            (
+                "django_events.W311",
+                "ROOT_URLCONF",
+                "Sources receive webhooks but django_events.urls is not included",
+            )
+        )
+
+
+def test_a_source_without_secret_or_events_fails_the_schema(tmp_path: Path) -> None:
+    _, settings_ = manifest(tmp_path, SOURCE_EVENTS + "  gh: {auth: github}\n")
+    with settings_:
+        result = events_check()
+    assert [r[0] for r in result.reported] == ["django_events.E103", "django_events.E103"]
+    assert "'secret' is a required property" in result.stderr
+    assert "'events' is a required property" in result.stderr

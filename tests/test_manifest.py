@@ -138,6 +138,7 @@ def test_the_shipped_schema_is_the_one_used() -> None:
         "inline",
         "sync",
         "async",
+        "webhook",
     }
 
 
@@ -331,7 +332,13 @@ def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path
                 handler: tests.app.handlers.record
                 mode: later
             """,
-            [(5, "$.subscriptions[0].mode: 'later' is not one of ['inline', 'sync', 'async']")],
+            [
+                (
+                    5,
+                    "$.subscriptions[0].mode: 'later' is not one of "
+                    "['inline', 'sync', 'async', 'webhook']",
+                )
+            ],
             id="bad-mode",
         ),
         pytest.param(
@@ -564,7 +571,8 @@ def test_settings_errors_name_the_setting() -> None:
         (
             "django_events.E103",
             "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][1]",
-            "$.subscriptions[1].mode: 'eventually' is not one of ['inline', 'sync', 'async']",
+            "$.subscriptions[1].mode: 'eventually' is not one of "
+            "['inline', 'sync', 'async', 'webhook']",
         ),
     ]
 

@@ -177,7 +177,16 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     can_delete = False
     show_change_link = False
     verbose_name_plural = _("deliveries")
-    fields = ("subscription", "mode", "status_badge", "attempts", "error", "updated_at", "failure")
+    fields = (
+        "subscription",
+        "mode",
+        "status_badge",
+        "attempts",
+        "error",
+        "response",
+        "updated_at",
+        "failure",
+    )
     readonly_fields = fields
     ordering = ("subscription",)
 
@@ -198,6 +207,10 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     @admin.display(description=_("last error"))
     def error(self, obj: Delivery) -> str:
         return _masked(obj.last_error, obj)
+
+    @admin.display(description=_("response"))
+    def response(self, obj: Delivery) -> str:
+        return _response_summary(obj)
 
     @admin.display(description="")
     def failure(self, obj: Delivery) -> SafeString | str:
@@ -436,10 +449,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         return format_html_join(
             ", ",
             "{} ({})",
-            (
-                (s.name, f"{s.mode}, queue {s.queue}" if s.mode == "async" else s.mode)
-                for s in waiting
-            ),
+            ((s.name, f"{s.mode}, queue {s.queue}" if s.is_queued else s.mode) for s in waiting),
         )
 
     @admin.display(description=_("payload"))
@@ -514,6 +524,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
             },
         ),
         (_("Error"), {"fields": ("last_error_pre", "traceback_pre")}),
+        (_("Response"), {"fields": ("response_summary", "response_body_pre")}),
         (_("Event"), {"fields": ("payload_pretty",)}),
     )
     readonly_fields = flatten_fieldsets(fieldsets)  # every field: nothing is edited
@@ -602,6 +613,14 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         return first if len(first) <= 120 else first[:119] + "…"
 
     @admin.display(description=_("last error"))
+    @admin.display(description=_("webhook answer"))
+    def response_summary(self, obj: Failure) -> str:
+        return _response_summary(obj) or "-"
+
+    @admin.display(description=_("response body (first KB)"))
+    def response_body_pre(self, obj: Failure) -> SafeString:
+        return format_html('<pre class="de-pre">{}</pre>', _masked(obj.response_body, obj))
+
     def last_error_pre(self, obj: Failure) -> SafeString:
         return format_html('<pre class="de-pre">{}</pre>', _masked(obj.last_error, obj))
 
@@ -624,3 +643,11 @@ class FailureChangeList(ChangeList):
 
 
 __all__ = ["EventRecordAdmin", "FailureAdmin"]
+
+
+def _response_summary(obj: Delivery) -> str:
+    """A webhook's last answer, ``HTTP 200 in 12 ms``; empty for other deliveries."""
+    if obj.response_ms is None:
+        return ""
+    status = f"HTTP {obj.response_status}" if obj.response_status else _("no answer")
+    return f"{status} in {obj.response_ms} ms"

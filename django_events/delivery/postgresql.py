@@ -46,6 +46,9 @@ OUTCOME_FIELDS = (
     "updated_at",
     "retry_at",
     "duration_ms",
+    "response_status",
+    "response_ms",
+    "response_body",
 )
 # What every batched success says: a first attempt that succeeded. Literals of the statement,
 # they take no parameter.
@@ -55,6 +58,7 @@ SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
     ("attempts", 1),
     ("last_error", ""),
     ("traceback", ""),
+    ("response_body", ""),  # no webhook's: their successes are never batched
 )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 from uuid import UUID
 
 from django.db import connections, transaction
@@ -98,10 +99,14 @@ def delivery(
     error: str = "",
     traceback: str = "",
     duration_ms: float | None = None,
+    response: Any = None,
 ) -> Delivery:
-    """Build (without saving) one `Delivery` row (``duration_ms``: the handler's run time)."""
+    """Build (without saving) one `Delivery` row.
+
+    ``duration_ms``: the handler's run time; ``response``: a webhook's answer.
+    """
     now = timezone.now()
-    return Delivery(
+    row = Delivery(
         event_id=event_id,
         subscription=subscription,
         mode=mode,
@@ -113,6 +118,11 @@ def delivery(
         updated_at=now,
         duration_ms=duration_ms,
     )
+    if response is not None:
+        row.response_status = response.status
+        row.response_ms = response.milliseconds
+        row.response_body = storable(response.body)
+    return row
 
 
 def storable(text: str) -> str:

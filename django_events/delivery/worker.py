@@ -24,6 +24,7 @@ from django.db import (
 )
 from django.utils import timezone
 
+from django_events.delivery import webhooks
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
@@ -159,7 +160,8 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         if held is not None:
             return held
     # A retry or replay has a Delivery row already (pending): its success must replace it.
-    batch = batch_success and not message.rerun
+    # A webhook's success row carries the receiver's answer: written at once, not batched.
+    batch = batch_success and not message.rerun and subscription.mode != "webhook"
     outcome = _run(
         registry,
         subscription,
@@ -241,6 +243,9 @@ def _run(
         final = verdict.final
         if verdict.note:
             error = f"{error} ({verdict.note})"
+        response = None
+        if isinstance(exc, webhooks.WebhookFailed):  # 410, other 4xx: no retry can succeed
+            final, response = final or not exc.retry, exc.response
         status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
         if isinstance(exc, RetryLater) and not final:
             logger.info(
@@ -257,9 +262,8 @@ def _run(
                 exc_info=True,
                 extra=log_extra(event, subscription),
             )
-        recorded = _record_quietly(
-            alias, event, [_row(event, subscription, status, attempt, error, tb, took)], always=True
-        )
+        row = _row(event, subscription, status, attempt, error, tb, took, response)
+        recorded = _record_quietly(alias, event, [row], always=True)
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded. One the database refuses would be
         # refused at every retry: it is logged (above and by _record_quietly) instead.
@@ -273,11 +277,12 @@ def _run(
             if recorded == RECORDED:
                 _announce_failure(event, subscription.name, attempt, error, exc)
             return Outcome("failed", error=exc)
+        delay = (
+            subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
+        )
         return Outcome(
             "retry",
-            retry_in=subscription.retry.delay(retries + 1)
-            if verdict.retry_in is None
-            else verdict.retry_in,
+            retry_in=webhooks.retry_delay(exc, delay, subscription.retry.max_backoff),
             error=exc,
             retry_of=(alias, event.id, subscription.name),
             uncounted=verdict.retry_in is not None and not verdict.counted,
@@ -290,7 +295,15 @@ def _run(
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
+            response = webhooks.last_response() if subscription.mode == "webhook" else None
+            row = _row(
+                event,
+                subscription,
+                Delivery.Status.SUCCEEDED,
+                attempt,
+                duration_ms=took,
+                response=response,
+            )
             _record_success(alias, event, row, overwrite=not broadcast)
     elif rerun and not subscription.declaration.idempotent:
         # A first run sent again (a resumed held delivery) of an event recorded only on
@@ -584,5 +597,9 @@ def _row(
     error: str = "",
     tb: str = "",
     duration_ms: float | None = None,
+    response: webhooks.Response | None = None,
 ) -> Delivery:
-    return delivery(event.id, subscription.name, "async", status, attempt, error, tb, duration_ms)
+    mode = "webhook" if subscription.mode == "webhook" else "async"
+    return delivery(
+        event.id, subscription.name, mode, status, attempt, error, tb, duration_ms, response
+    )

@@ -2,35 +2,58 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
+import hmac
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from django.contrib.auth import SESSION_KEY
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import CsrfViewMiddleware
 
 from django_events.inbound import signing
-from django_events.inbound.policy import InboundPolicy, credentials
+from django_events.inbound.policy import (
+    InboundPolicy,
+    SecretNotConfigured,
+    SourcePolicy,
+    credentials,
+)
 from django_events.inbound.refusal import Refusal
 
 HMAC_CHALLENGE = {"WWW-Authenticate": 'HMAC-SHA256 realm="django_events"'}
 TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="django_events"'}
+NO_CHALLENGE: dict[str, str] = {}  # providers' schemes define no WWW-Authenticate challenge
+
+STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+GITHUB_HEADER = "X-Hub-Signature-256"
+STRIPE_HEADER = "Stripe-Signature"
+STANDARD_TOLERANCE = 300.0  # fixed by the Standard Webhooks specification (and library)
 
 
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller; ``replay_key`` names an exact replay of a signed call."""
+    """An authenticated caller; ``replay_key`` names an exact replay of a signed call,
+    remembered ``replay_retention`` seconds (None: twice the policy's tolerance)."""
 
     identity: str
     replay_key: str | None = None
+    replay_retention: float | None = None
 
 
-def authenticate(request: HttpRequest, policy: InboundPolicy, body: bytes) -> Caller:
+def authenticate(request: HttpRequest, policy: InboundPolicy | SourcePolicy, body: bytes) -> Caller:
     """Return who is calling, or raise ``Refusal`` (401 or 403).
 
     Raises ``SecretNotConfigured`` when the policy's secret cannot be read.
     """
+    if policy.auth == "standard-webhooks":
+        return _standard_webhooks(request, policy, body)
+    if policy.auth == "github":
+        return _github(request, policy, body)
+    if policy.auth == "stripe":
+        return _stripe(request, policy, body)
     if policy.auth == "hmac":
         return _hmac(request, policy, body)
     if policy.auth == "token":
@@ -47,7 +70,7 @@ def _invalid(challenge: dict[str, str]) -> Refusal:
     return Refusal(401, "invalid_credentials", "The credentials are not valid.", headers=challenge)
 
 
-def _hmac(request: HttpRequest, policy: InboundPolicy, body: bytes) -> Caller:
+def _hmac(request: HttpRequest, policy: InboundPolicy | SourcePolicy, body: bytes) -> Caller:
     stamp = request.headers.get(signing.TIMESTAMP_HEADER)
     given = request.headers.get(signing.SIGNATURE_HEADER)
     if not stamp or not given:
@@ -66,13 +89,99 @@ def _hmac(request: HttpRequest, policy: InboundPolicy, body: bytes) -> Caller:
     raise _invalid(HMAC_CHALLENGE)
 
 
+def standard_webhooks_verifiers(name: str) -> list[tuple[str, Any]]:
+    """The (identity, ``standardwebhooks.Webhook``) of each secret held by ``name``.
+
+    Raises ``SecretNotConfigured`` for a secret that is not ``whsec_`` + base64, or when the
+    ``standardwebhooks`` package (extra ``webhooks``) is not installed.
+    """
+    try:
+        from standardwebhooks.webhooks import EmptyWebhookSecretError, Webhook
+    except ImportError as exc:
+        raise SecretNotConfigured(
+            name,
+            "needs the standardwebhooks package (django-event-wiring[webhooks])",
+            missing=False,
+        ) from exc
+    verifiers = []
+    for identity, secret in credentials(name):
+        raw = secret.removeprefix("whsec_")
+        try:
+            # The library decodes leniently (any text passes): refuse what is not base64.
+            base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+            verifiers.append((identity, Webhook(secret)))
+        except (binascii.Error, ValueError, EmptyWebhookSecretError) as exc:
+            raise SecretNotConfigured(
+                name, "must be a Standard Webhooks secret: whsec_ and base64", missing=False
+            ) from exc
+    return verifiers
+
+
+def _standard_webhooks(
+    request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes
+) -> Caller:
+    from standardwebhooks.webhooks import WebhookVerificationError
+
+    headers = {name: request.headers.get(name, "") for name in STANDARD_HEADERS}
+    if not all(headers.values()):
+        raise _missing(NO_CHALLENGE)
+    for identity, verifier in standard_webhooks_verifiers(policy.secret or ""):
+        try:
+            # The library's own check: several "v1," signatures, 5 minutes either way.
+            verifier.verify(body, headers, json_parse=False)
+        except WebhookVerificationError:
+            continue
+        except ValueError:  # a malformed signature list, bad base64, a body not UTF-8
+            raise _invalid(NO_CHALLENGE) from None
+        key = _replay_key(identity, f"{headers['webhook-id']}.{headers['webhook-timestamp']}", body)
+        return Caller(f"standard-webhooks:{identity}", key, 2 * STANDARD_TOLERANCE)
+    raise _invalid(NO_CHALLENGE)
+
+
+def _github(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes) -> Caller:
+    given = request.headers.get(GITHUB_HEADER)
+    if not given:
+        raise _missing(NO_CHALLENGE)
+    for identity, secret in credentials(policy.secret or ""):
+        expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        if signing.matches(expected, given.strip()):
+            # GitHub signs no timestamp: a captured call is refused again for as long as a
+            # delivery id is remembered, whatever X-GitHub-Delivery (unsigned) it carries.
+            key = _replay_key(identity, "", body)
+            return Caller(f"github:{identity}", key, policy.idempotency_retention)
+    raise _invalid(NO_CHALLENGE)
+
+
+def _stripe(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes) -> Caller:
+    given = request.headers.get(STRIPE_HEADER)
+    if not given:
+        raise _missing(NO_CHALLENGE)
+    items = [item.strip().partition("=") for item in given.split(",")]
+    stamps = [value for key, _, value in items if key == "t"]
+    candidates = [value for key, _, value in items if key == "v1"]
+    if not stamps or not candidates:
+        raise _invalid(NO_CHALLENGE)
+    stamp = stamps[0]
+    if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
+        raise _invalid(NO_CHALLENGE)
+    if abs(time.time() - int(stamp)) > policy.tolerance:
+        raise _invalid(NO_CHALLENGE)
+    signed = stamp.encode() + b"." + body
+    for identity, secret in credentials(policy.secret or ""):
+        # Stripe keys the HMAC with the whole secret, whsec_ prefix included.
+        expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+        if any(signing.matches(expected, c) for c in candidates):
+            return Caller(f"stripe:{identity}", replay_key=_replay_key(identity, stamp, body))
+    raise _invalid(NO_CHALLENGE)
+
+
 def _replay_key(identity: str, stamp: str, body: bytes) -> str:
     # Not the signature: a call signed with two secrets, replayed with one, is the same call.
     digest = hashlib.sha256(f"{identity}\n{stamp}.".encode() + body).hexdigest()
     return f"signed:{digest}"
 
 
-def _token(request: HttpRequest, policy: InboundPolicy) -> Caller:
+def _token(request: HttpRequest, policy: InboundPolicy | SourcePolicy) -> Caller:
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
@@ -83,7 +192,7 @@ def _token(request: HttpRequest, policy: InboundPolicy) -> Caller:
     raise _invalid(TOKEN_CHALLENGE)
 
 
-def _permission(request: HttpRequest, policy: InboundPolicy) -> Caller:
+def _permission(request: HttpRequest, policy: InboundPolicy | SourcePolicy) -> Caller:
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         raise Refusal(403, "not_authenticated", "Log in to call this endpoint.")

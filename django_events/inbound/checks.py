@@ -1,4 +1,5 @@
-"""System checks of inbound declarations (django_events.E301-E319 / W301-W319)."""
+"""System checks of inbound declarations (django_events.E301-E319 / W301-W319) and of
+webhook sources (E312, E313, E315, W311)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from django.apps import apps
 from django.core.checks import CheckMessage, Error, Warning
 from django.urls import NoReverseMatch, reverse
 
+from django_events.inbound.auth import standard_webhooks_verifiers
 from django_events.inbound.policy import InboundPolicy, SecretNotConfigured, credentials
 from django_events.wiring.registry import get_registry
 
@@ -46,6 +48,20 @@ def check_inbound(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> li
                     id="django_events.W302",
                 )
             )
+    sources = get_registry().inbound_sources
+    for declaration in sources.values():
+        messages += _source_secret(
+            declaration.name, declaration.auth, declaration.secret or "", str(declaration.origin)
+        )
+    if sources and not _urls_included(None):
+        messages.append(
+            Warning(
+                "Sources receive webhooks but django_events.urls is not included",
+                hint='Add path("events/", include("django_events.urls")) to your URLconf.',
+                obj="ROOT_URLCONF",
+                id="django_events.W311",
+            )
+        )
     if policies and not _urls_included(policies[0][1].event):
         messages.append(
             Warning(
@@ -80,6 +96,41 @@ def _secret(policy: InboundPolicy, where: str) -> list[CheckMessage]:
     return []
 
 
+def _source_secret(name: str, auth: str, secret: str, where: str) -> list[CheckMessage]:
+    if auth == "standard-webhooks":
+        try:
+            import standardwebhooks  # noqa: F401
+        except ImportError:
+            return [
+                Error(
+                    f"Source {name!r}: auth standard-webhooks needs the standardwebhooks package",
+                    hint="pip install 'django-event-wiring[webhooks]'",
+                    obj=where,
+                    id="django_events.E315",
+                )
+            ]
+    try:
+        if auth == "standard-webhooks":
+            standard_webhooks_verifiers(secret)
+        else:
+            credentials(secret)
+    except SecretNotConfigured as exc:
+        code, hint = (
+            ("E312", f"Define settings.{exc.name} or the environment variable {exc.name}.")
+            if exc.missing
+            else ("E313", "Hold the secret the provider gave you (a list while rotating).")
+        )
+        return [
+            Error(
+                f"Source {name!r}: secret {exc.name!r} {exc.reason}",
+                hint=hint,
+                obj=where,
+                id=f"django_events.{code}",
+            )
+        ]
+    return []
+
+
 def _permission(policy: InboundPolicy, where: str) -> list[CheckMessage]:
     if policy.auth != "permission" or policy.permission is None:
         return []
@@ -106,9 +157,13 @@ def _declared_permissions() -> set[str]:
     return names
 
 
-def _urls_included(event: str) -> bool:
+def _urls_included(event: str | None) -> bool:
+    """Whether the URLconf reaches the inbound endpoint (of ``event``; None: of sources)."""
     try:
-        reverse("django_events:inbound", kwargs={"name": event})
+        if event is None:
+            reverse("django_events:source", kwargs={"source": "probe"})
+        else:
+            reverse("django_events:inbound", kwargs={"name": event})
     except NoReverseMatch:
         return False
     return True

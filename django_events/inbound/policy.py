@@ -8,7 +8,7 @@ from typing import Any
 
 from django.conf import settings
 
-from django_events.wiring.declarations import EventDeclaration
+from django_events.wiring.declarations import EventDeclaration, SourceDeclaration
 
 AUTH_KINDS = ("hmac", "token", "permission")
 DEFAULT_SOURCE = "http"
@@ -46,6 +46,50 @@ class InboundPolicy:
             idempotency_retention=block.get("idempotency_retention", DEFAULT_RETENTION),
             tolerance=block.get("tolerance", DEFAULT_TOLERANCE),
             max_body=block.get("max_body"),
+        )
+
+
+# Where each kind of provider puts its event type and its delivery id, unless declared.
+TYPE_DEFAULTS: dict[str, dict[str, str]] = {"github": {"header": "X-GitHub-Event"}}
+IDEMPOTENCY_DEFAULTS: dict[str, dict[str, str]] = {
+    "standard-webhooks": {"header": "webhook-id"},
+    "github": {"header": "X-GitHub-Delivery"},
+    "stripe": {"field": "id"},
+}
+
+
+@dataclass(frozen=True)
+class SourcePolicy:
+    """How one provider's webhooks are verified and turned into declared events."""
+
+    name: str
+    auth: str
+    secret: str
+    events: dict[str, str]
+    type: dict[str, str]  # {"header": name} or {"field": dotted path}
+    idempotency: dict[str, str]
+    idempotency_retention: float = DEFAULT_RETENTION
+    tolerance: float = DEFAULT_TOLERANCE
+    max_body: int | None = None
+    payload: str | None = None
+    permission: str | None = None  # never set: sources do not authenticate users
+
+    @classmethod
+    def of(cls, declaration: SourceDeclaration) -> SourcePolicy:
+        """Return the policy of a source, with the defaults of its kind of auth."""
+        auth = declaration.auth
+        return cls(
+            name=declaration.name,
+            auth=auth,
+            secret=declaration.secret or "",
+            events=dict(declaration.events),
+            type=declaration.type or TYPE_DEFAULTS.get(auth, {"field": "type"}),
+            idempotency=declaration.idempotency
+            or IDEMPOTENCY_DEFAULTS.get(auth, {"header": "Idempotency-Key"}),
+            idempotency_retention=declaration.idempotency_retention or DEFAULT_RETENTION,
+            tolerance=declaration.tolerance or DEFAULT_TOLERANCE,
+            max_body=declaration.max_body,
+            payload=declaration.payload,
         )
 
 

@@ -33,10 +33,10 @@ def inbound(request: HttpRequest, name: str) -> HttpResponse:
         policy = _policy(name)
         if request.method != "POST":
             raise Refusal(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
-        _require_json(request)
-        body = _read_body(request, policy.max_body or conf.INBOUND_MAX_BODY)
+        require_json(request)
+        body = read_body(request, policy.max_body or conf.INBOUND_MAX_BODY)
         caller = authenticate(request, policy, body)
-        payload = _parse(body)
+        payload = parse_json(body)
         key = _idempotency_key(request, policy, payload)
         headers = {"source": policy.source, "caller": caller.identity}
         keys: dict[str, float] = {}
@@ -83,7 +83,8 @@ def _policy(name: str) -> InboundPolicy:
     return policy
 
 
-def _require_json(request: HttpRequest) -> None:
+def require_json(request: HttpRequest) -> None:
+    """Refuse (415) a body that is not ``application/json`` or ``application/*+json``."""
     content_type = request.content_type or ""
     if content_type != "application/json" and not (
         content_type.startswith("application/") and content_type.endswith("+json")
@@ -91,7 +92,8 @@ def _require_json(request: HttpRequest) -> None:
         raise Refusal(415, "unsupported_media_type", "Send the payload as application/json.")
 
 
-def _read_body(request: HttpRequest, limit: int) -> bytes:
+def read_body(request: HttpRequest, limit: int) -> bytes:
+    """Read at most ``limit`` bytes of the body; refuse (413) a longer one."""
     too_large = Refusal(413, "payload_too_large", f"The body is over {limit} bytes.")
     try:
         declared = int(request.META.get("CONTENT_LENGTH") or 0)
@@ -106,7 +108,8 @@ def _read_body(request: HttpRequest, limit: int) -> bytes:
     return body
 
 
-def _parse(body: bytes) -> Any:
+def parse_json(body: bytes) -> Any:
+    """Parse a UTF-8 JSON body whose strings can be stored; refuse (400) anything else."""
     try:
         # Decoded here: json.loads(bytes) would also read UTF-16 and UTF-32 (RFC 8259: UTF-8).
         # A UTF-8 byte order mark is tolerated, as before.

@@ -76,7 +76,7 @@ def redeliver(
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
-    if subscription.mode == "async":
+    if subscription.is_queued:
         return _send(subscription, records, compiled, prior_attempts, using)
     return _run(subscription, records, compiled, prior_attempts, using)
 

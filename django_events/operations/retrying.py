@@ -61,10 +61,10 @@ def retry_failures(
         with transaction.atomic(using=using):
             groups = _claim(chunk, using, result)
             for subscription, records, prior in groups:
-                if subscription.mode == "async":
+                if subscription.is_queued:
                     result.add(redeliver(subscription, records, prior, using=using))
         for subscription, records, prior in groups:
-            if subscription.mode != "async":
+            if not subscription.is_queued:
                 result.add(redeliver(subscription, records, prior, using=using))
     return result
 

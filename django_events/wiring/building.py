@@ -16,10 +16,12 @@ from django_events.conf import DEFAULTS, conf
 from django_events.wiring import typed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.declarations import (
+    SOURCE_AUTH_KINDS,
     EventDeclaration,
     Origin,
     Problem,
     RetryPolicy,
+    SourceDeclaration,
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import FilterError, compile_filter
@@ -59,6 +61,7 @@ def build_registry() -> Registry:
         problems.extend(manifest.problems)
     _compile_events(registry, event_decls)
     _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions])
+    _compile_sources(registry, [s for m in manifests for s in m.sources])
     registry.interceptors = _load_interceptors(problems)
     return registry
 
@@ -188,7 +191,7 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                 )
             )
             continue
-        if declaration.mode != "async":
+        if declaration.mode not in ("async", "webhook"):
             async_only = ("queue", "retry", "timeout", "give_up_after")
             ignored = [k for k in async_only if getattr(declaration, k)]
             ignored += ["broadcast"] if declaration.broadcast else []
@@ -218,8 +221,66 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
         modes = by_mode[name]
         compiled.inline = tuple(modes.get("inline", ()))
         compiled.sync = tuple(modes.get("sync", ()))
-        compiled.async_ = tuple(s for s in modes.get("async", ()) if s.via != "tasks")
-        compiled.tasks = tuple(s for s in modes.get("async", ()) if s.via == "tasks")
+        # A webhook is sent by the worker: it travels as an async delivery does.
+        queued = (*modes.get("async", ()), *modes.get("webhook", ()))
+        compiled.async_ = tuple(s for s in queued if s.via != "tasks")
+        compiled.tasks = tuple(s for s in queued if s.via == "tasks")
+
+
+# Options of a source that mean something only for some kinds of auth (ignored elsewhere).
+SOURCE_OPTIONS_FOR: dict[str, tuple[str, ...]] = {"tolerance": ("stripe", "hmac")}
+
+
+def _compile_sources(registry: Registry, declarations: list[SourceDeclaration]) -> None:
+    for declaration in declarations:
+        name, origin = declaration.name, declaration.origin
+        if name in registry.inbound_sources:
+            first = registry.inbound_sources[name].origin
+            registry.problems.append(
+                _problem(
+                    "E314",
+                    f"Source {name!r} is declared twice (also at {first})",
+                    "Keep one declaration; source names are global.",
+                    origin,
+                )
+            )
+            continue
+        if declaration.auth not in SOURCE_AUTH_KINDS:
+            registry.problems.append(
+                _problem(
+                    "E310",
+                    f"Source {name!r}: unknown auth {declaration.auth!r}",
+                    f"Use one of: {', '.join(SOURCE_AUTH_KINDS)}.",
+                    origin,
+                )
+            )
+            continue
+        registry.problems.extend(
+            _problem(
+                "E311",
+                f"Source {name!r} maps {kind!r} to an undeclared event: {event!r}",
+                "Declare the event in a manifest, in settings or with @event.",
+                origin,
+            )
+            for kind, event in sorted(declaration.events.items())
+            if event not in registry.events
+        )
+        ignored = [
+            option
+            for option, kinds in SOURCE_OPTIONS_FOR.items()
+            if option in declaration.options and declaration.auth not in kinds
+        ]
+        if ignored:
+            registry.problems.append(
+                _problem(
+                    "W310",
+                    f"Source {name!r}: {', '.join(ignored)} has no effect with auth: "
+                    f"{declaration.auth}",
+                    "Remove it, or change 'auth'.",
+                    origin,
+                )
+            )
+        registry.inbound_sources[name] = declaration
 
 
 def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:

@@ -19,6 +19,7 @@ from django_events.wiring.declarations import (
     EventDeclaration,
     Problem,
     RetryPolicy,
+    SourceDeclaration,
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
@@ -26,6 +27,7 @@ from django_events.wiring.upcasting import Upcaster, upcast
 from django_events.wiring.validation import PayloadValidator, json_problems
 
 Handler = Callable[[Event], Any]
+WEBHOOK_SENDER = "django_events.delivery.webhooks.sender_for"  # (subscription) -> handler
 
 
 def exchange_name(queue: str) -> str:
@@ -57,8 +59,16 @@ class Subscription:
     def mode(self) -> str:
         return self.declaration.mode
 
+    @property
+    def is_queued(self) -> bool:
+        """Run by a worker: ``async``, and ``webhook`` (the worker sends the POST)."""
+        return self.declaration.mode in ("async", "webhook")
+
     def handler(self) -> Handler:
         """Import the handler on first use (a class is instantiated once per process)."""
+        if self._handler is None and self.mode == "webhook":
+            # The sender lives in the delivery layer, which the wiring does not import.
+            self._handler = import_string(WEBHOOK_SENDER)(self)
         if self._handler is None:
             handler = resolve_handler(self.declaration.handler)
             self.is_async = is_async_handler(handler)
@@ -151,7 +161,8 @@ class Registry:
     subscriptions: dict[str, Subscription] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     interceptors: list[Any] = field(default_factory=list)
-    sources: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)  # the manifest files read
+    inbound_sources: dict[str, SourceDeclaration] = field(default_factory=dict)  # `sources:`
 
     def event(self, name: str) -> CompiledEvent:
         """Return the compiled event ``name`` (raises ``UnknownEvent``)."""
@@ -174,7 +185,7 @@ class Registry:
 
     def queues(self) -> list[str]:
         """Queues a worker must consume to run every async subscription."""
-        return sorted({s.queue for s in self.subscriptions.values() if s.mode == "async"})
+        return sorted({s.queue for s in self.subscriptions.values() if s.is_queued})
 
 
 def is_async_handler(handler: Handler) -> bool:

@@ -101,7 +101,7 @@ def lock_data(registry: Registry) -> dict[str, Any]:
             "event": s.declaration.event,
             "handler": s.declaration.handler,
             "mode": s.mode,
-            "queue": s.queue if s.mode == "async" else None,
+            "queue": s.queue if s.is_queued else None,
         }
         for name, s in registry.subscriptions.items()
     }

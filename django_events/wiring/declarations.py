@@ -6,8 +6,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Mode = Literal["inline", "sync", "async"]
-MODES: tuple[Mode, ...] = ("inline", "sync", "async")
+Mode = Literal["inline", "sync", "async", "webhook"]
+MODES: tuple[Mode, ...] = ("inline", "sync", "async", "webhook")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,38 @@ class SubscriptionDeclaration:
     timeout: float | None = None
     via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
     give_up_after: float | None = None
+    # mode: webhook (DESIGN 3.15): where to POST, the signing secret, the body's format
+    url: str | None = None  # a literal https URL, or the name of a setting or env var
+    secret: str | None = None  # the name of a setting or env var holding whsec_<base64>
+    format: str = "standard-webhooks"  # or "cloudevents"
 
     @property
     def is_pattern(self) -> bool:
         return "*" in self.event
+
+
+# How a source's provider signs its calls (docs/inbound.md, "Webhooks from providers").
+SOURCE_AUTH_KINDS = ("standard-webhooks", "github", "stripe", "hmac", "token")
+
+
+@dataclass(frozen=True)
+class SourceDeclaration:
+    """A provider whose webhooks arrive at ``POST <prefix>/sources/<name>/`` (manifest ``sources``).
+
+    ``type`` and ``idempotency`` say where the provider puts its event type and its delivery
+    id: ``{"header": name}`` or ``{"field": dotted path}``; ``events`` maps its types to
+    declared events. Options left out take the defaults of the ``auth`` kind.
+    """
+
+    name: str
+    origin: Origin
+    auth: str
+    secret: str | None = None
+    type: dict[str, str] | None = None
+    events: dict[str, str] = field(default_factory=dict)
+    idempotency: dict[str, str] | None = None
+    idempotency_retention: float | None = None
+    tolerance: float | None = None
+    max_body: int | None = None
+    payload: str | None = None  # dotted path of the part of the body to publish; None: all
+    options: tuple[str, ...] = ()  # the keys the declaration gave (checks of ignored options)

@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from django_events.conf import conf
 from django_events.wiring.compiled import Registry, Subscription
@@ -93,11 +94,11 @@ def describe_wiring(registry: Registry | None = None) -> Wiring:
 
 def _subscription(subscription: Subscription) -> SubscriptionInfo:
     declaration = subscription.declaration
-    is_async = declaration.mode == "async"
+    is_async = subscription.is_queued
     return SubscriptionInfo(
         name=declaration.name,
         event=declaration.event,
-        handler=declaration.handler,
+        handler=declaration.handler or _webhook_target(declaration.url or ""),
         mode=declaration.mode,
         queue=subscription.queue if is_async else None,
         when=declaration.when,
@@ -108,6 +109,14 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         origin=_where(declaration.origin),
         give_up_after=declaration.give_up_after,
     )
+
+
+def _webhook_target(url: str) -> str:
+    """``webhook -> NAME`` or ``webhook -> https://host/`` (a literal URL's path or query
+    may hold a token: not shown)."""
+    if url.startswith("https://"):
+        return f"webhook -> https://{urlsplit(url).netloc}/"
+    return f"webhook -> {url}"
 
 
 def _where(origin: Origin) -> str:

@@ -19,6 +19,7 @@ from django_events.wiring.declarations import (
     EventDeclaration,
     Origin,
     Problem,
+    SourceDeclaration,
     SubscriptionDeclaration,
 )
 
@@ -33,6 +34,7 @@ class Manifest:
     events: list[EventDeclaration] = field(default_factory=list)
     subscriptions: list[SubscriptionDeclaration] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    sources: list[SourceDeclaration] = field(default_factory=list)
 
 
 @cache
@@ -212,6 +214,8 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
         manifest.events.append(_event(name, body or {}, origin, manifest.problems))
     for index, body in enumerate(data.get("subscriptions") or []):
         manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
+    for name, body in (data.get("sources") or {}).items():
+        manifest.sources.append(_source(name, body, origin_for(("sources", name))))
     return manifest
 
 
@@ -243,6 +247,9 @@ def _locate(error: ValidationError) -> tuple[JsonPath, str]:
         if len(given) > 1:
             names = " and ".join(repr(k) for k in exclusive)
             return (*path, given[-1]), f"{names} cannot both be given; use one of them"
+        if len(exclusive) == 1 and given:  # a key some other key's value rules out
+            mode = f" with mode: {instance['mode']}" if "mode" in instance else ""
+            return (*path, given[0]), f"{given[0]!r} is not allowed{mode}"
     return path, error.message
 
 
@@ -281,9 +288,10 @@ def _event(
 
 
 def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclaration:
-    event, handler = body["event"], body["handler"]
+    event, handler = body["event"], body.get("handler", "")
+    target = handler or f"webhook:{body.get('url', '')}"  # mode: webhook has no handler
     return SubscriptionDeclaration(
-        name=body.get("name") or f"{event}:{handler}",
+        name=body.get("name") or f"{event}:{target}",
         event=event,
         handler=handler,
         origin=origin,
@@ -296,6 +304,26 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         timeout=body.get("timeout"),
         via=body.get("via"),
         give_up_after=body.get("give_up_after"),
+        url=body.get("url"),
+        secret=body.get("secret"),
+        format=body.get("format", "standard-webhooks"),
+    )
+
+
+def _source(name: str, body: dict[str, Any], origin: Origin) -> SourceDeclaration:
+    return SourceDeclaration(
+        name=name,
+        origin=origin,
+        auth=body["auth"],
+        secret=body.get("secret"),
+        type=body.get("type"),
+        events=dict(body.get("events") or {}),
+        idempotency=body.get("idempotency"),
+        idempotency_retention=body.get("idempotency_retention"),
+        tolerance=body.get("tolerance"),
+        max_body=body.get("max_body"),
+        payload=body.get("payload"),
+        options=tuple(body),
     )
 
 

@@ -40,7 +40,7 @@ class Command(BaseCommand):
             )
 
     def _explain(self, queues: list[str]) -> None:
-        subscriptions = [s for s in get_registry().subscriptions.values() if s.mode == "async"]
+        subscriptions = [s for s in get_registry().subscriptions.values() if s.is_queued]
         any_broadcast = False
         for queue in queues:
             here = [s for s in subscriptions if s.queue == queue]

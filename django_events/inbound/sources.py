@@ -1,0 +1,125 @@
+"""Webhooks from providers: ``POST <prefix>/sources/<source>/`` (a manifest's ``sources``).
+
+The provider's call is verified (``standard-webhooks``, ``github``, ``stripe``, ``hmac`` or
+``token``), its type looked up in the source's ``events`` and published as that event; a type
+not listed is acknowledged and ignored, so the provider does not retry it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from django_events.conf import conf
+from django_events.exceptions import InvalidPayload, UnknownEvent
+from django_events.inbound.auth import authenticate
+from django_events.inbound.idempotency import publish_once, scoped_key
+from django_events.inbound.policy import SecretNotConfigured, SourcePolicy
+from django_events.inbound.refusal import Refusal
+from django_events.inbound.views import MAX_KEY_LENGTH, parse_json, read_body, require_json
+from django_events.logs import log_extra
+from django_events.wiring.filters import lookup
+from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.inbound")
+
+
+@csrf_exempt  # providers have no CSRF token; they sign their calls
+def source(request: HttpRequest, source: str) -> HttpResponse:
+    """Publish the declared event of a verified provider call; answer 202 ``{"id": ...}``."""
+    try:
+        policy = _policy(source)
+        if request.method != "POST":
+            raise Refusal(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
+        require_json(request)
+        body = read_body(request, policy.max_body or conf.INBOUND_MAX_BODY)
+        caller = authenticate(request, policy, body)
+        document = parse_json(body)
+        kind = _locate(request, document, policy.type, "type")
+        if kind is None:
+            raise Refusal(
+                400, "missing_type", f"The call does not say its type ({_where(policy.type)})."
+            )
+        name = policy.events.get(kind)
+        if name is None:
+            return JsonResponse({"ignored": kind}, status=202)
+        delivery_id = _locate(request, document, policy.idempotency, "delivery id")
+        headers = {"source": policy.name, "caller": caller.identity, "source_type": kind}
+        keys: dict[str, float] = {}
+        if delivery_id is not None:
+            headers["idempotency_key"] = delivery_id
+            keys[scoped_key(f"source:{policy.name}", delivery_id)] = policy.idempotency_retention
+        if caller.replay_key is not None:
+            keys[caller.replay_key] = caller.replay_retention or 2 * policy.tolerance
+        payload = _payload(document, policy.payload)
+        try:
+            event_id, replayed = publish_once(name, payload, headers, keys)
+        except InvalidPayload as exc:
+            raise Refusal(
+                400,
+                "invalid_payload",
+                f"The payload does not match the schema of {name!r}.",
+                problems=[{"path": p.path, "message": p.message} for p in exc.problems],
+            ) from exc
+    except Refusal as refusal:
+        if refusal.status in (401, 403):
+            logger.warning(
+                "Webhook to source %r refused: %s", source, refusal.error, extra=log_extra()
+            )
+        return refusal.response()
+    except (SecretNotConfigured, UnknownEvent) as exc:
+        logger.error("Webhook to source %r cannot be handled: %s", source, exc, extra=log_extra())
+        return Refusal(500, "not_configured", "This endpoint is not configured.").response()
+    response = JsonResponse({"id": str(event_id)}, status=202)
+    if replayed:
+        response["Idempotent-Replayed"] = "true"
+    return response
+
+
+def _policy(name: str) -> SourcePolicy:
+    declaration = get_registry().inbound_sources.get(name)
+    if declaration is None:
+        raise Refusal(404, "unknown_source", f"No source {name!r} receives webhooks.")
+    return SourcePolicy.of(declaration)
+
+
+def _where(locator: dict[str, str]) -> str:
+    return f"header {locator['header']}" if "header" in locator else f"field {locator['field']!r}"
+
+
+def _locate(request: HttpRequest, document: Any, locator: dict[str, str], what: str) -> str | None:
+    """The value a header or a body field holds, as text; None when absent."""
+    value: Any
+    if "header" in locator:
+        value = request.headers.get(locator["header"])
+    else:
+        value = lookup(document, locator["field"]) if isinstance(document, dict) else None
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            return None
+        value = str(value)
+    if value is None:
+        return None
+    if not value or len(value) > MAX_KEY_LENGTH:
+        raise Refusal(
+            400,
+            f"invalid_{what.replace(' ', '_')}",
+            f"The {what} ({_where(locator)}) must be 1 to {MAX_KEY_LENGTH} characters.",
+        )
+    return str(value)
+
+
+def _payload(document: Any, path: str | None) -> Any:
+    if path is None:
+        return document
+    value = lookup(document, path) if isinstance(document, dict) else None
+    if not isinstance(value, dict):
+        raise Refusal(
+            400,
+            "invalid_payload",
+            f"The body has no object at {path!r} to publish.",
+            problems=[{"path": f"$.{path}", "message": "expected an object"}],
+        )
+    return value
