@@ -173,7 +173,16 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     can_delete = False
     show_change_link = False
     verbose_name_plural = _("deliveries")
-    fields = ("subscription", "mode", "status_badge", "attempts", "error", "updated_at", "failure")
+    fields = (
+        "subscription",
+        "mode",
+        "status_badge",
+        "place",
+        "attempts",
+        "error",
+        "updated_at",
+        "failure",
+    )
     readonly_fields = fields
     ordering = ("subscription",)
 
@@ -190,6 +199,13 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     @admin.display(description=_("status"))
     def status_badge(self, obj: Delivery) -> SafeString:
         return _badge(obj.status)
+
+    @admin.display(description=_("key, place in line"))
+    def place(self, obj: Delivery) -> str:
+        # Ordered subscriptions (ordering_key): a held delivery waits for the lower numbers.
+        if obj.sequence is None:
+            return ""
+        return f"{obj.ordering_key} #{obj.sequence}"
 
     @admin.display(description=_("last error"))
     def error(self, obj: Delivery) -> str:

@@ -95,6 +95,7 @@ class SubscriptionDeclaration:
     idempotent: bool = False
     timeout: float | None = None
     via: str | None = None  # "celery" or "tasks"; None: DJANGO_EVENTS["DELIVERY"]
+    ordering_key: str | None = None  # payload path: deliveries of one key value run in order
 
     @property
     def is_pattern(self) -> bool:

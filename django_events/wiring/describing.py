@@ -28,6 +28,7 @@ class SubscriptionInfo:
     idempotent: bool
     timeout: float | None
     origin: str
+    ordering_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         broadcast=declaration.broadcast,
         idempotent=declaration.idempotent,
         timeout=declaration.timeout,
+        ordering_key=declaration.ordering_key,
         origin=_where(declaration.origin),
     )
 

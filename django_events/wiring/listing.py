@@ -52,6 +52,8 @@ def _row(event: str, s: SubscriptionInfo) -> list[str]:
     flags = [f for f, on in (("broadcast", s.broadcast), ("idempotent", s.idempotent)) if on]
     if s.timeout:
         flags.append(f"timeout={s.timeout:g}s")
+    if s.ordering_key:
+        flags.append(f"ordered by {s.ordering_key}")
     return [
         event,
         s.name,

@@ -295,6 +295,7 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         idempotent=body.get("idempotent", False),
         timeout=body.get("timeout"),
         via=body.get("via"),
+        ordering_key=body.get("ordering_key"),
     )
 
 

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
+from django.db import DEFAULT_DB_ALIAS
 
+from django_events.operations.retrying import held_deliveries
 from django_events.wiring.describing import describe_wiring
 from django_events.wiring.listing import FORMATS, render
 
@@ -15,6 +18,30 @@ class Command(BaseCommand):
         parser.add_argument(
             "--format", choices=FORMATS, default="table", help="Output format (default: table)."
         )
+        parser.add_argument(
+            "--held",
+            action="store_true",
+            help="List the keys of ordered subscriptions with held deliveries instead.",
+        )
+        parser.add_argument("--database", default=DEFAULT_DB_ALIAS, help="With --held.")
 
     def handle(self, *args: Any, **options: Any) -> None:
-        self.stdout.write(render(describe_wiring(), options["format"]))
+        if not options["held"]:
+            self.stdout.write(render(describe_wiring(), options["format"]))
+            return
+        held = held_deliveries(options["database"])
+        if options["format"] == "json":
+            self.stdout.write(json.dumps(held, indent=2, default=str))
+            return
+        for row in held:
+            head: dict[str, Any] | None = row["head"]  # type: ignore[assignment]
+            behind = (
+                f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
+                + (f": {head['last_error'].splitlines()[0]}" if head["last_error"] else "")
+                if head
+                else "behind nothing (events_relay hands it on)"
+            )
+            self.stdout.write(
+                f"{row['subscription']} [{row['ordering_key']}]: {row['held']} held, {behind}"
+            )
+        self.stdout.write(f"{sum(int(str(r['held'])) for r in held)} held delivery(ies)")
