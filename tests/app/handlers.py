@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,13 @@ class AsyncClassHandler:
 def returns_coroutine(event: Event) -> Any:
     """A plain callable around an async function: its coroutine must still run."""
     return _arun("returns_coroutine", event)
+
+
+def ordered_step(event: Event) -> None:
+    """Sleep 0-20 ms and record the run with its start and end (monotonic across processes:
+    time.time); a payload with ``fail: true`` raises instead."""
+    if event.data.get("fail"):
+        raise RuntimeError(f"failing on purpose: {event.data['account']} #{event.data['n']}")
+    start = time.time()
+    time.sleep(random.uniform(0, 0.02))
+    _run("ordered_step", event, {**event.data, "start": start, "end": time.time()})
