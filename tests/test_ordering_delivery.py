@@ -1,5 +1,5 @@
 """Ordered delivery per key, end to end: two real `celery worker` processes (prefork, 2 each)
-on each broker, events published from concurrent transactions (DESIGN.md 3.17)."""
+on each broker, events published from concurrent transactions (docs/ordering.md)."""
 
 from __future__ import annotations
 
