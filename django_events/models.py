@@ -129,6 +129,20 @@ class Delivery(models.Model):
         default="",
         help_text=_("Webhooks: the first kilobyte of the last answer's body."),
     )
+    # NULL: not ordered; "" is a key (events without the value).
+    ordering_key = models.CharField(  # noqa: DJ001
+        _("ordering key"),
+        max_length=255,
+        null=True,
+        blank=True,
+        help_text=_("The key value of a subscription with ordering_key: one at a time per key."),
+    )
+    sequence = models.BigIntegerField(
+        _("sequence"),
+        null=True,
+        blank=True,
+        help_text=_("Recorded order of the event among its key's (assigned at publish)."),
+    )
 
     class Meta:
         verbose_name = _("delivery")
@@ -148,10 +162,41 @@ class Delivery(models.Model):
                 name="django_events_dlv_retry_idx",
                 condition=models.Q(retry_at__isnull=False),
             ),
+            # Ordered deliveries: what comes before a delivery of the same key.
+            models.Index(
+                fields=["subscription", "ordering_key", "sequence"],
+                name="django_events_dlv_order_idx",
+                condition=models.Q(sequence__isnull=False),
+            ),
         ]
 
     def __str__(self) -> str:
         return f"{self.subscription} <- {self.event_id} ({self.status})"
+
+
+class OrderingGate(models.Model):
+    """One key of an ordered subscription: the sequence counter, and the row workers lock.
+
+    Publishers take the next sequence in their transaction (its row lock orders concurrent
+    publishers of one key by commit); workers lock it to decide whose turn it is.
+    """
+
+    subscription = models.CharField(_("subscription"), max_length=255)
+    key = models.CharField(_("key"), max_length=255)
+    last_sequence = models.BigIntegerField(_("last sequence"), default=0)
+
+    class Meta:
+        verbose_name = _("ordering gate")
+        verbose_name_plural = _("ordering gates")
+        ordering = ["subscription", "key"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subscription", "key"], name="django_events_gate_unique"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.subscription} [{self.key}] #{self.last_sequence}"
 
 
 class FailureManager(models.Manager["Failure"]):

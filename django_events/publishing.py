@@ -14,6 +14,7 @@ from asgiref.sync import sync_to_async
 from django.db import router, transaction
 from django.utils import timezone
 
+from django_events.delivery import ordering
 from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
@@ -155,14 +156,20 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)
+    async_, tasks = accepted(compiled.async_, data), accepted(compiled.tasks, data)
     return Outgoing(
         event=new,
         compiled=compiled,
         sync=accepted(compiled.sync, data),
-        async_=accepted(compiled.async_, data),
-        recorded=compiled.records_all,
-        tasks=accepted(compiled.tasks, data),
+        async_=async_,
+        # An ordered delivery's row (its place in line) refers to the record.
+        recorded=compiled.records_all or _any_ordered(async_, tasks),
+        tasks=tasks,
     )
+
+
+def _any_ordered(*groups: list[Subscription]) -> bool:
+    return any(s.declaration.ordering_key is not None for g in groups for s in g)
 
 
 @dataclass(frozen=True)
@@ -207,12 +214,17 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
         return
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
+    in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number
     deferred: list[Outgoing] = []
     in_transaction: list[tuple[Event, bool, list[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         for subscription in accepted(item.compiled.inline, item.event.data):
             run_handler(subscription, item.event, interceptors)
+        if item.compiled.has_ordered:
+            line = ordering.ordered([*item.async_, *item.tasks])
+            if line:
+                in_line.append((item.event, line))
         if item.tasks and _tasks_in_transaction(alias):
             # The task rows go in the caller's transaction, beside the event record.
             in_transaction.append((item.event, item.compiled.declaration.durable, item.tasks))
@@ -225,6 +237,8 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
             deferred.append(item)
     if records:
         insert_records(alias, records)
+    if in_line:
+        ordering.assign(alias, in_line)
     if in_transaction:
         from django_events.delivery import tasks_backend
 

@@ -135,7 +135,8 @@ DJANGO_EVENTS = {
     ],
     "DEFAULT_QUEUE": os.environ.get("DJANGO_EVENTS_TEST_QUEUE", "django_events"),
     "AUTODISCOVER": False,
-    "CELERY_APP": "tests.celery_app.app",
+    # A worker that sends messages itself (ordered deliveries hand on) sends with its own app.
+    "CELERY_APP": os.environ.get("DJANGO_EVENTS_TEST_CELERY_APP", "tests.celery_app.app"),
     "DEFAULT_RETRY": {"max_attempts": 3, "backoff": 0.1, "max_backoff": 1, "jitter": False},
     # Interceptors of a worker subprocess (comma-separated dotted paths).
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],

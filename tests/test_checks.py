@@ -840,6 +840,14 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.W110": lambda _: wiring(
         {**ASYNC, "broadcast": True, "retry": {"max_attempts": 2}, "name": "bc"}
     ),
+    "django_events.E160": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "ordering_key": "order_id"}
+    ),
+    "django_events.E161": lambda _: wiring(
+        {**ASYNC, "broadcast": True, "ordering_key": "order_id", "name": "bc"}
+    ),
+    "django_events.E162": lambda _: wiring({**ASYNC, "ordering_key": "customer.id"}),
+    "django_events.W160": lambda _: wiring({**ASYNC, "ordering_key": "email"}),
     "django_events.E120": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.handlers.record_async", "mode": "inline"}
     ),
@@ -944,3 +952,40 @@ def test_a_timeout_is_an_error_via_tasks_only() -> None:
         "Subscription 'slow-task' has timeout 30, which task backends cannot enforce"
     )
     assert message.hint == "Use via: celery for a time limit, or remove timeout."
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        ({"mode": "inline"}, ["django_events.E160"]),
+        ({"mode": "sync"}, ["django_events.E160"]),
+        ({"mode": "async", "broadcast": True}, ["django_events.E161"]),
+        ({"mode": "async", "ordering_key": "order_id.x"}, ["django_events.E162"]),
+        ({"mode": "async", "ordering_key": "nope"}, ["django_events.E162"]),
+        ({"mode": "async", "ordering_key": "email"}, ["django_events.W160"]),
+        ({"mode": "async"}, []),
+    ],
+)
+def test_ordering_key_checks(declared: dict[str, Any], expected: list[str]) -> None:
+    from django.core.checks import run_checks
+
+    sub = {"event": "orders.placed", "handler": RECORD, "ordering_key": "order_id", **declared}
+    with wiring({**sub, "name": "ordered"}):
+        messages = [
+            m for m in run_checks(tags=["django_events"]) if m.id.split(".")[1][1:3] == "16"
+        ]
+    assert [m.id for m in messages] == expected
+    assert all("'ordered'" in m.msg for m in messages)
+
+
+def test_ordering_key_follows_nested_properties_and_refs() -> None:
+    from django_events.wiring.building import schema_path
+
+    schema = {
+        "type": "object",
+        "required": ["customer"],
+        "properties": {"customer": {"$ref": "#/$defs/C"}},
+        "$defs": {"C": {"type": "object", "required": ["id"], "properties": {"id": {}}}},
+    }
+    assert schema_path(schema, "customer.id") is True
+    assert schema_path(schema, "customer.name") is None
+    assert schema_path({"properties": {"a": {}}}, "a") is False
+    assert schema_path(True, "a") is None

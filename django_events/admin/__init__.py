@@ -181,6 +181,7 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
         "subscription",
         "mode",
         "status_badge",
+        "place",
         "attempts",
         "error",
         "response",
@@ -203,6 +204,13 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
     @admin.display(description=_("status"))
     def status_badge(self, obj: Delivery) -> SafeString:
         return _badge(obj.status)
+
+    @admin.display(description=_("key, place in line"))
+    def place(self, obj: Delivery) -> str:
+        # Ordered subscriptions (ordering_key): a held delivery waits for the lower numbers.
+        if obj.sequence is None:
+            return ""
+        return f"{obj.ordering_key} #{obj.sequence}"
 
     @admin.display(description=_("last error"))
     def error(self, obj: Delivery) -> str:

@@ -10,6 +10,7 @@ import traceback
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -24,7 +25,7 @@ from django.db import (
 )
 from django.utils import timezone
 
-from django_events.delivery import webhooks
+from django_events.delivery import ordering, webhooks
 from django_events.delivery.batching import recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
@@ -226,6 +227,11 @@ def _run(
     except HandlerImportError as exc:
         # Retrying cannot make a missing module appear: a deploy has to fix it.
         return _handler_unavailable(subscription, event, alias, attempt, retries, exc)
+    ordered = subscription.declaration.ordering_key is not None
+    if ordered:
+        waiting = _claim_turn(subscription, event, alias, retries)
+        if waiting is not None:
+            return waiting
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
@@ -289,8 +295,11 @@ def _run(
         )
     took = (time.perf_counter() - started) * 1000
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
-    if (records_all or attempt > 1) and not subscription.declaration.idempotent:
-        if batch_success and attempt == 1:  # nothing recorded before it to overwrite
+    # An ordered delivery's success hands its key on: always recorded, at once.
+    if (records_all or attempt > 1 or ordered) and not subscription.declaration.idempotent:
+        if (
+            batch_success and attempt == 1 and not ordered
+        ):  # nothing recorded before it to overwrite
             recorder().add(alias, event.id, subscription.name)
         else:
             # The handler ran: failing to record that must not run it again.
@@ -304,7 +313,7 @@ def _run(
                 duration_ms=took,
                 response=response,
             )
-            _record_success(alias, event, row, overwrite=not broadcast)
+            _record_success(alias, event, row, overwrite=not broadcast, ordered=ordered)
     elif rerun and not subscription.declaration.idempotent:
         # A first run sent again (a resumed held delivery) of an event recorded only on
         # failure: its row exists, pending, and must not stay so; none is created.
@@ -347,7 +356,31 @@ def _hold(
     return Outcome("held")
 
 
-def _record_success(alias: str, event: Event, row: Delivery, *, overwrite: bool) -> None:
+def _claim_turn(
+    subscription: Subscription, event: Event, alias: str, retries: int
+) -> Outcome | None:
+    """An ordered delivery: None if it is its turn, else what became of the message."""
+    extra = log_extra(event, subscription)
+    try:
+        turn = ordering.claim(alias, event.id, subscription.name)
+    except DatabaseError as exc:
+        # Nothing ran: try again later, the gate decides then.
+        logger.warning("Cannot reach the ordering gate: %s", exc, extra=extra)
+        if isinstance(exc, _OUTAGES):
+            _close_broken(alias)
+        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+    if turn is ordering.Turn.HELD:
+        logger.info("Held: an earlier delivery of its key is not finished", extra=extra)
+        return Outcome("held")
+    if turn is ordering.Turn.DONE:
+        logger.info("Already succeeded or resolved; skipped", extra=extra)
+        return Outcome("skipped")
+    return None
+
+
+def _record_success(
+    alias: str, event: Event, row: Delivery, *, overwrite: bool, ordered: bool = False
+) -> None:
     """Save a success row; while the database cannot be reached, wait for it and try again.
 
     The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
@@ -359,7 +392,11 @@ def _record_success(alias: str, event: Event, row: Delivery, *, overwrite: bool)
     delay, waited = RECORD_RETRY_FIRST, False
     while True:
         try:
-            if overwrite:
+            if ordered:  # the success and the hand-on to the key's next, together
+                ordering.finish(
+                    alias, event.id, row.subscription, partial(save_deliveries, alias, [row])
+                )
+            elif overwrite:
                 save_deliveries(alias, [row])
             else:
                 Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
@@ -455,6 +492,9 @@ def _run_idempotent(
         took = (time.perf_counter() - started) * 1000
         row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
         save_deliveries(alias, [row])
+        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
+        if subscription.declaration.ordering_key is not None:
+            ordering.finish(alias, event.id, subscription.name)
 
 
 def _handler_unavailable(

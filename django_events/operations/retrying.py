@@ -7,9 +7,10 @@ from datetime import datetime
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
+from django_events.delivery import ordering
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import RedeliveryResult, batched, reaches, redeliver
 from django_events.wiring.compiled import Subscription
@@ -108,7 +109,42 @@ def _claim(
 
 
 def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
-    """Mark failed deliveries resolved (nothing runs); return how many changed."""
-    return deliveries.filter(status=Delivery.Status.FAILED).update(
-        status=Delivery.Status.RESOLVED, updated_at=timezone.now()
+    """Mark failed deliveries resolved (nothing runs); return how many changed.
+
+    An ordered delivery resolved no longer holds its key: the next one of the key is sent.
+    """
+    failed = deliveries.filter(status=Delivery.Status.FAILED)
+    keys = [
+        (subscription, key)
+        for subscription, key in failed.filter(sequence__isnull=False).values_list(
+            "subscription", "ordering_key"
+        )
+        if key is not None
+    ]
+    count = failed.update(status=Delivery.Status.RESOLVED, updated_at=timezone.now())
+    if keys:
+        ordering.release(deliveries.db, keys)
+    return count
+
+
+def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
+    """Keys of ordered subscriptions with held deliveries: how many wait, and behind what."""
+    rows = (
+        Delivery.objects.using(using)
+        .filter(status=Delivery.Status.HELD)
+        .values("subscription", "ordering_key")
+        .annotate(held=Count("pk"))
+        .order_by("subscription", "ordering_key")
     )
+    found: list[dict[str, object]] = []
+    for row in rows:
+        head = (
+            Delivery.objects.using(using)
+            .filter(subscription=row["subscription"], ordering_key=row["ordering_key"])
+            .exclude(status__in=ordering.FINISHED)
+            .order_by("sequence")
+            .values("event_id", "status", "attempts", "last_error")
+            .first()
+        )
+        found.append({**row, "head": head})
+    return found

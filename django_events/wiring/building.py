@@ -207,6 +207,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                 )
         if declaration.mode == "async" and declaration.broadcast:
             problems.extend(_broadcast_problems(declaration))
+        if declaration.ordering_key is not None:
+            problems.extend(_ordering_problems(declaration, [registry.events[n] for n in targets]))
         try:
             retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
         except TypeError:
@@ -306,6 +308,89 @@ def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:
             )
         )
     return problems
+
+
+# Modes whose deliveries a worker runs, one message each: those an ordering gate can hold.
+# (`webhook`, once it exists, sends from the worker as well: add it here.)
+ORDERED_MODES = ("async",)
+
+
+def _ordering_problems(
+    declaration: SubscriptionDeclaration, events: list[CompiledEvent]
+) -> list[Problem]:
+    """``ordering_key``: a worker-run, non-broadcast subscription, a path every event has."""
+    name, path = declaration.name, declaration.ordering_key
+    assert path is not None
+    if declaration.mode not in ORDERED_MODES:
+        return [
+            _problem(
+                "E160",
+                f"Subscription {name!r} is {declaration.mode}: ordering_key needs mode async",
+                "Use mode: async, or remove ordering_key (sync handlers already run in order "
+                "per process).",
+                declaration.origin,
+            )
+        ]
+    if declaration.broadcast:
+        return [
+            _problem(
+                "E161",
+                f"Subscription {name!r} is broadcast: ordering_key cannot order its copies",
+                "Remove broadcast or ordering_key.",
+                declaration.origin,
+            )
+        ]
+    problems = []
+    for compiled in events:
+        found = schema_path(compiled.declaration.schema, path)
+        if found is None:
+            problems.append(
+                _problem(
+                    "E162",
+                    f"Subscription {name!r}: ordering_key {path!r} is not in the schema "
+                    f"of event {compiled.name!r}",
+                    "Name a property the event's schema declares (dots for nesting).",
+                    declaration.origin,
+                )
+            )
+        elif not found:
+            problems.append(
+                _problem(
+                    "W160",
+                    f"Subscription {name!r}: ordering_key {path!r} is optional in event "
+                    f"{compiled.name!r}; events without it share one key",
+                    "Make the property required, or accept that those events run in one line.",
+                    declaration.origin,
+                )
+            )
+    return problems
+
+
+def schema_path(schema: object, path: str) -> bool | None:
+    """Whether ``schema`` declares ``path`` (its ``properties``, dots for nesting): None if
+    not, False if some step is optional, True if it is required all the way."""
+    root, required = schema, True
+    for step in path.split("."):
+        schema = _local_ref(root, schema)
+        if not isinstance(schema, dict):
+            return None
+        properties = schema.get("properties")
+        if not isinstance(properties, dict) or step not in properties:
+            return None
+        required = required and step in (schema.get("required") or ())
+        schema = properties[step]
+    return required
+
+
+def _local_ref(root: object, schema: object) -> object:
+    """Follow a ``{"$ref": "#/$defs/X"}`` (typed events' nested classes) within ``root``."""
+    ref = schema.get("$ref") if isinstance(schema, dict) else None
+    if isinstance(ref, str) and ref.startswith("#/") and isinstance(root, dict):
+        target: object = root
+        for part in ref[2:].split("/"):
+            target = target.get(part) if isinstance(target, dict) else None
+        return target
+    return schema
 
 
 def _matching_events(declaration: SubscriptionDeclaration, events: Iterable[str]) -> list[str]:

@@ -116,6 +116,11 @@ class CompiledEvent:
     def type(self) -> type | None:
         return self.declaration.type
 
+    @cached_property
+    def has_ordered(self) -> bool:
+        """Whether an async subscription of this event has an ``ordering_key``."""
+        return any(s.declaration.ordering_key is not None for s in (*self.async_, *self.tasks))
+
     @cached_property  # the registry is rebuilt when DJANGO_EVENTS changes
     def records_all(self) -> bool:
         return (self.declaration.record or conf.RECORD) == "all"

@@ -100,6 +100,7 @@ class SubscriptionDeclaration:
     url: str | None = None  # a literal https URL, or the name of a setting or env var
     secret: str | None = None  # the name of a setting or env var holding whsec_<base64>
     format: str = "standard-webhooks"  # or "cloudevents"
+    ordering_key: str | None = None  # payload path: deliveries of one key value run in order
 
     @property
     def is_pattern(self) -> bool:

@@ -30,6 +30,7 @@ class SubscriptionInfo:
     timeout: float | None
     origin: str
     give_up_after: float | None = None
+    ordering_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,7 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         broadcast=declaration.broadcast,
         idempotent=declaration.idempotent,
         timeout=declaration.timeout,
+        ordering_key=declaration.ordering_key,
         origin=_where(declaration.origin),
         give_up_after=declaration.give_up_after,
     )

@@ -54,6 +54,8 @@ def _row(event: str, s: SubscriptionInfo) -> list[str]:
         flags.append(f"timeout={s.timeout:g}s")
     if s.give_up_after:
         flags.append(f"give_up_after={s.give_up_after:g}s")
+    if s.ordering_key:
+        flags.append(f"ordered by {s.ordering_key}")
     return [
         event,
         s.name,

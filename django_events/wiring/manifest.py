@@ -304,6 +304,7 @@ def _subscription(body: dict[str, Any], origin: Origin) -> SubscriptionDeclarati
         timeout=body.get("timeout"),
         via=body.get("via"),
         give_up_after=body.get("give_up_after"),
+        ordering_key=body.get("ordering_key"),
         url=body.get("url"),
         secret=body.get("secret"),
         format=body.get("format", "standard-webhooks"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,11 @@ def record_failed_signal(sender: str, **kwargs: object) -> None:
             "exception": type(exception).__name__ if exception is not None else None,
         },
     )
+def ordered_step(event: Event) -> None:
+    """Sleep 0-20 ms and record the run with its start and end (monotonic across processes:
+    time.time); a payload with ``fail: true`` raises instead."""
+    if event.data.get("fail"):
+        raise RuntimeError(f"failing on purpose: {event.data['account']} #{event.data['n']}")
+    start = time.time()
+    time.sleep(random.uniform(0, 0.02))
+    _run("ordered_step", event, {**event.data, "start": start, "end": time.time()})

@@ -4,9 +4,10 @@ import json
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
-from django.db import DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from django_events.operations.pausing import pause_state
+from django_events.operations.retrying import held_deliveries
 from django_events.wiring.describing import describe_wiring
 from django_events.wiring.listing import FORMATS, render
 
@@ -23,8 +24,19 @@ class Command(BaseCommand):
             action="store_true",
             help="Also list paused subscriptions and held deliveries (reads the database).",
         )
+        parser.add_argument(
+            "--held",
+            action="store_true",
+            help="List the keys of ordered subscriptions with held deliveries instead.",
+        )
+        parser.add_argument(
+            "--database", default=DEFAULT_DB_ALIAS, choices=tuple(connections), help="With --held."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["held"]:
+            self._held(options)
+            return
         fmt = options["format"]
         text = render(describe_wiring(), fmt)
         if not options["state"] or fmt == "mermaid":
@@ -47,3 +59,21 @@ class Command(BaseCommand):
             ]
             text += "\n\nPaused or holding deliveries:\n  " + "\n  ".join(lines)
         self.stdout.write(text)
+
+    def _held(self, options: dict[str, Any]) -> None:
+        held = held_deliveries(options["database"])
+        if options["format"] == "json":
+            self.stdout.write(json.dumps(held, indent=2, default=str))
+            return
+        for row in held:
+            head: dict[str, Any] | None = row["head"]  # type: ignore[assignment]
+            behind = (
+                f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
+                + (f": {head['last_error'].splitlines()[0]}" if head["last_error"] else "")
+                if head
+                else "behind nothing (events_relay hands it on)"
+            )
+            self.stdout.write(
+                f"{row['subscription']} [{row['ordering_key']}]: {row['held']} held, {behind}"
+            )
+        self.stdout.write(f"{sum(int(str(r['held'])) for r in held)} held delivery(ies)")

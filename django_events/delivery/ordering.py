@@ -1,0 +1,278 @@
+"""Ordered delivery per key (``ordering_key``): a gate per (subscription, key) in the database.
+
+- At publish, in the publisher's transaction, each ordered delivery takes the next number of
+  its gate (`assign`): an upsert that locks the gate row until that transaction ends, so
+  concurrent publishers of one key get their numbers in commit order ("recorded order"), and
+  a rolled-back publish gives its number back. Its `Delivery` row is written then, pending.
+- A worker that gets the message locks the gate and looks for an unfinished delivery of the
+  key with a lower number (`claim`). If there is one, the delivery is left ``held`` and the
+  message acknowledged; otherwise the handler runs.
+- The worker that finishes a delivery (`finish`, in the transaction that records its success)
+  finds the key's first unfinished delivery; if it is held, it marks it pending and sends its
+  message again after the commit. A failed delivery is unfinished: it holds its key until a
+  retry succeeds or it is marked resolved (`release`).
+
+The broker is not involved (RabbitMQ, Redis and the filesystem transport alike), nor is the
+number of workers and hosts. Its cost: at publish, one upsert and one `Delivery` insert per
+ordered delivery, and the gate row locked until the publisher commits; at the worker, a short
+transaction before and one after each run. docs/ordering.md says why this over the brokers'
+own tools. Webhook deliveries (``mode: webhook``) use the same three calls around their send.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from enum import Enum
+from typing import Any
+from uuid import UUID
+
+from django.db import DatabaseError, connections, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from django_events.delivery.recording import delivery, event_of
+from django_events.events import Event
+from django_events.logs import log_extra
+from django_events.models import Delivery, EventRecord, OrderingGate
+from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.ordering")
+
+#: Statuses after which a delivery no longer holds its key.
+FINISHED = (Delivery.Status.SUCCEEDED, Delivery.Status.RESOLVED)
+#: Seconds before events_relay sends a handed-on delivery whose send did not happen (the
+#: worker died between its commit and the send, or the broker refused it).
+HAND_ON_GRACE = 30.0
+KEY_LENGTH = 255  # OrderingGate.key, Delivery.ordering_key
+
+
+class Turn(Enum):
+    """What `claim` decided for a message."""
+
+    RUN = "run"  # its turn (or not ordered): run the handler
+    HELD = "held"  # an earlier delivery of its key is unfinished: left held
+    DONE = "done"  # already succeeded or resolved: a duplicate message, run nothing
+
+
+def key_value(data: dict[str, Any], path: str) -> str:
+    """The key of a payload: the value at ``path`` (dots for nesting), as text.
+
+    Strings as they are, other values as JSON; a missing value is ``""``. Two values with
+    one text (``"1"`` and ``1``) share a key: more order than asked for, never less.
+    """
+    value: Any = data
+    for step in path.split("."):
+        if not isinstance(value, dict) or step not in value:
+            return ""
+        value = value[step]
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    if len(text) > KEY_LENGTH:
+        text = "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return text
+
+
+def ordered(subscriptions: Sequence[Subscription]) -> list[Subscription]:
+    """Those of ``subscriptions`` with an ``ordering_key``."""
+    return [s for s in subscriptions if s.declaration.ordering_key is not None]
+
+
+def assign(alias: str, items: Sequence[tuple[Event, Sequence[Subscription]]]) -> None:
+    """Number the ordered deliveries of new events and write their pending `Delivery` rows.
+
+    Runs in the publisher's transaction (after the event records are inserted). The gates are
+    locked in one order, (subscription, key), so two publishers never wait on each other in
+    a cycle.
+    """
+    wanted: dict[tuple[str, str], list[UUID]] = {}
+    for event, subscriptions in items:
+        for subscription in subscriptions:
+            path = subscription.declaration.ordering_key
+            assert path is not None
+            wanted.setdefault((subscription.name, key_value(event.data, path)), []).append(event.id)
+    rows = []
+    with transaction.mark_for_rollback_on_error(alias):
+        for (subscription_name, key), event_ids in sorted(wanted.items()):
+            last = _take(alias, subscription_name, key, len(event_ids))
+            for number, event_id in enumerate(event_ids, start=last - len(event_ids) + 1):
+                row = delivery(event_id, subscription_name, "async", Delivery.Status.PENDING, 0)
+                row.ordering_key, row.sequence = key, number
+                rows.append(row)
+        Delivery.objects.using(alias).bulk_create(rows)
+
+
+def _take(alias: str, subscription: str, key: str, count: int) -> int:
+    """Add ``count`` to the gate's counter (creating the gate); return its new value."""
+    connection = connections[alias]
+    if connection.vendor in ("postgresql", "sqlite"):
+        quote = connection.ops.quote_name
+        meta = OrderingGate._meta
+        table = quote(meta.db_table)
+        column = {f.name: quote(str(f.column)) for f in meta.concrete_fields}
+        last = column["last_sequence"]
+        sql = (
+            f"INSERT INTO {table} ({column['subscription']}, {column['key']}, {last}) "
+            f"VALUES (%s, %s, %s) ON CONFLICT ({column['subscription']}, {column['key']}) "
+            f"DO UPDATE SET {last} = {table}.{last} + excluded.{last} RETURNING {last}"
+        )
+        with connection.cursor() as cursor:
+            cursor.execute(sql, [subscription, key, count])
+            value: int = cursor.fetchone()[0]
+        return value
+    gates = OrderingGate.objects.using(alias)  # pragma: no cover - other backends
+    gates.get_or_create(subscription=subscription, key=key)  # pragma: no cover
+    gate = gates.select_for_update().get(subscription=subscription, key=key)  # pragma: no cover
+    gate.last_sequence += count  # pragma: no cover
+    gate.save(update_fields=["last_sequence"])  # pragma: no cover
+    return gate.last_sequence  # pragma: no cover
+
+
+def _lock(alias: str, subscription: str, key: str) -> None:
+    """Lock the gate row until the transaction ends.
+
+    An ``UPDATE``, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first
+    and writes later can fail at once with "database is locked"; one that writes first waits.
+    """
+    OrderingGate.objects.using(alias).filter(subscription=subscription, key=key).update(
+        last_sequence=F("last_sequence")
+    )
+
+
+def _head(alias: str, subscription: str, key: str) -> Delivery | None:
+    """The key's first unfinished delivery (lowest number), if any."""
+    return (
+        Delivery.objects.using(alias)
+        .filter(subscription=subscription, ordering_key=key, sequence__isnull=False)
+        .exclude(status__in=FINISHED)
+        .order_by("sequence")
+        .only("pk", "event_id", "status", "attempts", "sequence")
+        .first()
+    )
+
+
+def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
+    """Decide whether the delivery of ``event_id`` may run now (see the module docstring)."""
+    row = (
+        Delivery.objects.using(alias)
+        .filter(event_id=event_id, subscription=subscription)
+        .values_list("ordering_key", "sequence")
+        .first()
+    )
+    if row is None or row[1] is None:  # published before the subscription was ordered
+        return Turn.RUN
+    key, number = row
+    assert key is not None
+    with transaction.atomic(using=alias):
+        _lock(alias, subscription, key)
+        status = (
+            Delivery.objects.using(alias)
+            .filter(event_id=event_id, subscription=subscription)
+            .values_list("status", flat=True)
+            .get()
+        )
+        if status in FINISHED:
+            return Turn.DONE
+        earlier = (
+            Delivery.objects.using(alias)
+            .filter(subscription=subscription, ordering_key=key, sequence__lt=number)
+            .exclude(status__in=FINISHED)
+            .exists()
+        )
+        if not earlier:
+            return Turn.RUN
+        Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription).update(
+            status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None
+        )
+    return Turn.HELD
+
+
+def finish(
+    alias: str, event_id: UUID, subscription: str, save: Callable[[], None] | None = None
+) -> None:
+    """Record a delivery's outcome with ``save`` and hand its key on, in one transaction.
+
+    The gate is locked before ``save`` writes, as `claim` locks it before its writes: the
+    same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
+    transaction that recorded the outcome already: an idempotent run) only hands on. The next
+    delivery's message is sent after the commit.
+    """
+    key = (
+        Delivery.objects.using(alias)
+        .filter(event_id=event_id, subscription=subscription)
+        .values_list("ordering_key", flat=True)
+        .first()
+    )
+    with transaction.atomic(using=alias):
+        if key is not None:
+            _lock(alias, subscription, key)
+        if save is not None:
+            save()
+        if key is not None:
+            hand_on(alias, subscription, key)
+
+
+def hand_on(alias: str, subscription: str, key: str) -> None:
+    """If the key's first unfinished delivery is held, make it pending and send it.
+
+    Inside a transaction: the gate stays locked until it commits, and the message goes out
+    after the commit. The row is due for events_relay in `HAND_ON_GRACE` seconds in case
+    this process never sends it; a sent message clears that.
+    """
+    _lock(alias, subscription, key)
+    head = _head(alias, subscription, key)
+    if head is None or head.status != Delivery.Status.HELD:
+        return
+    due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
+    Delivery.objects.using(alias).filter(pk=head.pk).update(
+        status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now()
+    )
+    transaction.on_commit(
+        lambda: _send(alias, subscription, head.pk, head.event_id, head.attempts, due),
+        using=alias,
+    )
+
+
+def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
+    """Hand on the keys of deliveries just marked resolved: (subscription, key) pairs."""
+    for subscription, key in sorted(set(deliveries)):
+        with transaction.atomic(using=alias):
+            hand_on(alias, subscription, key)
+
+
+def _send(
+    alias: str, subscription_name: str, pk: int, event_id: UUID, attempts: int, due: Any
+) -> None:
+    """Send a handed-on delivery's message; on success the relay need not."""
+    from django_events.delivery import broker
+
+    registry = get_registry()
+    subscription = registry.subscriptions.get(subscription_name)
+    extra = {**log_extra(None, subscription_name), "event_id": str(event_id)}
+    try:
+        record = EventRecord.objects.using(alias).get(pk=event_id)
+    except (EventRecord.DoesNotExist, DatabaseError):
+        logger.exception("Cannot hand on the delivery; events_relay will", extra=extra)
+        return
+    compiled = registry.events.get(record.name)
+    if subscription is None or compiled is None:
+        logger.error("Cannot hand on the delivery: no longer declared", extra=extra)
+        return
+    items = [(event_of(record), compiled.declaration.durable, [subscription])]
+    prior = {(event_id, subscription_name): attempts}
+    if subscription.via == "tasks":
+        from django_events.delivery import tasks_backend
+
+        unsent = tasks_backend.send_deliveries(items, alias, prior_attempts=prior)
+    else:
+        unsent = broker.send_deliveries(items, alias, prior_attempts=prior)
+    if unsent:
+        logger.warning("The broker did not take a handed-on delivery; events_relay sends it")
+        return
+    try:
+        Delivery.objects.using(alias).filter(pk=pk, retry_at=due).update(retry_at=None)
+    except DatabaseError:
+        logger.exception("Sent, but could not clear its relay due time", extra=extra)

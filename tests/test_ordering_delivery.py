@@ -1,0 +1,232 @@
+"""Ordered delivery per key, end to end: two real `celery worker` processes (prefork, 2 each)
+on each broker, events published from concurrent transactions (docs/ordering.md)."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection, connections, transaction
+
+from django_events import publish
+from django_events.models import Delivery
+from django_events.operations.retrying import held_deliveries, mark_resolved
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import WorkerProcess, wait_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+EVENTS = int(os.environ.get("DJANGO_EVENTS_ORDERING_EVENTS", "200"))
+KEYS = int(os.environ.get("DJANGO_EVENTS_ORDERING_KEYS", "10"))
+PUBLISHERS = 4
+
+
+@dataclass
+class Rig:
+    kind: str
+    queue: str
+    workers: list[WorkerProcess]
+
+
+@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Rig]:
+    kind = request.param
+    brokers.require_server(brokers.URLS[kind], kind)
+    queue = f"ord-{kind}-{uuid.uuid4().hex[:8]}"
+    folder = tmp_path_factory.mktemp(f"ordering-{kind}")
+    workers = [
+        WorkerProcess(
+            kind,
+            queue,
+            connection.settings_dict["NAME"],
+            folder / f"worker{i}.log",
+            extra_env={
+                "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
+                "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
+                "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+            },
+            node=f"{queue}-{i}",
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        worker.launch()
+    try:
+        for worker in workers:
+            worker.wait_ready()
+        yield Rig(kind, queue, workers)
+    finally:
+        for worker in workers:
+            worker.stop()
+        if kind != "filesystem":
+            with getattr(brokers, kind).connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+
+
+@pytest.fixture
+def wired(rig: Rig) -> Iterator[Rig]:
+    with brokers.delivery_wiring(rig.kind, rig.queue, "ordering.yaml"):
+        yield rig
+
+
+def publish_concurrently(event: str, count: int, keys: list[str]) -> list[uuid.UUID]:
+    """``count`` events over ``keys`` from `PUBLISHERS` threads, 1-5 events a transaction.
+
+    The events of one transaction are in key order: a transaction locks the gates of the
+    keys it publishes to as it goes, so two taking them in opposite orders would deadlock
+    (docs/ordering.md).
+    """
+    ids: list[uuid.UUID] = []
+    lock = threading.Lock()
+    plan = [(random.choice(keys), n) for n in range(count)]
+    chunks = [plan[i::PUBLISHERS] for i in range(PUBLISHERS)]
+    errors: list[BaseException] = []
+
+    def publisher(chunk: list[tuple[str, int]]) -> None:
+        try:
+            while chunk:
+                size = random.randint(1, 5)
+                batch, chunk[:] = sorted(chunk[:size]), chunk[size:]
+                with transaction.atomic():
+                    sent = [publish(event, {"account": k, "n": n}).id for k, n in batch]
+                    time.sleep(random.uniform(0, 0.005))  # overlap the transactions
+                with lock:
+                    ids.extend(sent)
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=publisher, args=(c,)) for c in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return ids
+
+
+def check_order(ids: list[uuid.UUID], subscription: str = "ord-steps") -> dict[str, int]:
+    """Assert every event ran once, per key in sequence order, never two at once."""
+    rows = Delivery.objects.filter(subscription=subscription, event_id__in=ids)
+    sequence = {r.event_id: (r.ordering_key, r.sequence) for r in rows}
+    assert len(sequence) == len(ids)
+    runs = list(HandlerRun.objects.filter(handler="ordered_step", event_id__in=ids))
+    counts: dict[uuid.UUID, int] = {}
+    for run in runs:
+        counts[run.event_id] = counts.get(run.event_id, 0) + 1
+    lost = [i for i in ids if i not in counts]
+    twice = [i for i, c in counts.items() if c > 1]
+    by_key: dict[str, list[tuple[int, float, float]]] = {}
+    for run in runs:
+        key, number = sequence[run.event_id]
+        assert key == run.payload["account"]
+        by_key.setdefault(key, []).append((number, run.payload["start"], run.payload["end"]))
+    out_of_order = 0
+    for line in by_key.values():
+        line.sort()
+        numbers = [n for n, _, _ in line]
+        assert numbers == sorted(set(numbers))  # one number per delivery of the key
+        out_of_order += sum(1 for a, b in pairwise(line) if b[1] < a[2])
+    figures = {"lost": len(lost), "twice": len(twice), "out_of_order": out_of_order}
+    assert figures == {"lost": 0, "twice": 0, "out_of_order": 0}
+    return figures
+
+
+def all_succeeded(ids: list[uuid.UUID], subscription: str = "ord-steps") -> bool:
+    done = Delivery.objects.filter(
+        subscription=subscription, event_id__in=ids, status="succeeded"
+    ).count()
+    return done == len(ids)
+
+
+def test_per_key_order_with_two_workers_and_concurrent_publishers(wired: Rig) -> None:
+    keys = [f"acct-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
+    ids = publish_concurrently("ord.changed", EVENTS, keys)
+
+    try:
+        wait_for(lambda: all_succeeded(ids), timeout=60 + EVENTS / 10, what=f"{EVENTS} deliveries")
+    except AssertionError:
+        rows = Delivery.objects.filter(event_id__in=ids).order_by("ordering_key", "sequence")
+        for r in rows:
+            print(r.ordering_key, r.sequence, r.status, r.attempts, r.retry_at, r.last_error[:80])
+        raise
+
+    check_order(ids)
+    # Both workers took part: the keys ran concurrently, not through one process.
+    pids = set(HandlerRun.objects.filter(event_id__in=ids).values_list("pid", flat=True))
+    assert len(pids) >= 3
+    assert not Delivery.objects.filter(event_id__in=ids).exclude(status="succeeded").exists()
+
+
+def _pool_children(worker: WorkerProcess) -> list[int]:
+    assert worker.process is not None
+    path = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> None:
+    keys = [f"kill-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
+    done = threading.Event()
+    killed: list[int] = []
+
+    def killer() -> None:
+        # SIGKILL a pool child of the first worker every 0.4 s while deliveries run: its
+        # message goes back to the queue (acks_late + reject_on_worker_lost), Celery starts
+        # a new child, and the rolled-back run is run again.
+        while not done.wait(0.4) and len(killed) < 4:
+            children = _pool_children(wired.workers[0])
+            if children:
+                pid = random.choice(children)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        ids = publish_concurrently("ord.changed", EVENTS, keys)
+        wait_for(lambda: all_succeeded(ids), timeout=90 + EVENTS / 10, what="every delivery")
+    finally:
+        done.set()
+        thread.join()
+
+    assert killed
+    check_order(ids)
+
+
+def test_failing_head_holds_its_key_while_other_keys_proceed(wired: Rig) -> None:
+    stuck, free = f"stuck-{uuid.uuid4().hex[:6]}", f"free-{uuid.uuid4().hex[:6]}"
+    head = publish("ord.flaky", {"account": stuck, "n": 0, "fail": True}).id
+    behind = [publish("ord.flaky", {"account": stuck, "n": n}).id for n in (1, 2, 3)]
+    others = [publish("ord.flaky", {"account": free, "n": n}).id for n in range(4)]
+
+    wait_for(lambda: all_succeeded(others, "ord-flaky"), what="the other key's deliveries")
+    wait_for(
+        lambda: Delivery.objects.get(event_id=head, subscription="ord-flaky").status == "failed",
+        what="the head to fail for good",
+    )
+    wait_for(
+        lambda: Delivery.objects.filter(event_id__in=behind, status="held").count() == 3,
+        what="the key's later deliveries to be held",
+    )
+    assert not HandlerRun.objects.filter(event_id__in=behind).exists()
+    held: list[dict[str, Any]] = held_deliveries()
+    mine = [h for h in held if h["ordering_key"] == stuck]
+    assert mine[0]["held"] == 3 and mine[0]["head"]["event_id"] == head
+
+    assert mark_resolved(Delivery.objects.filter(event_id=head, subscription="ord-flaky")) == 1
+
+    wait_for(lambda: all_succeeded(behind, "ord-flaky"), what="the held deliveries")
+    check_order(behind, "ord-flaky")
+    assert Delivery.objects.get(event_id=head, subscription="ord-flaky").status == "resolved"
