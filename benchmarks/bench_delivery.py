@@ -21,6 +21,7 @@ from django_celery_outbox.models import CeleryOutbox
 from kombu import Connection, Producer, Queue
 
 from django_events import publish_many
+from django_events.delivery import marking
 from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.recording import delivery, record_for, save_deliveries
 from django_events.events import Event
@@ -31,7 +32,7 @@ from tests.worker import WorkerProcess
 from . import celery_app
 from .bench_publish import Context
 from .harness import Baseline, Comparison, Target, compare, single
-from .models import HandOutbox
+from .models import HandOutbox, Order
 
 _queues: dict[str, set[str]] = {"amqp": set(), "redis": set()}
 # Tasks a worker process runs on one database connection (Celery's CELERY_DB_REUSE_MAX):
@@ -405,7 +406,7 @@ def fresh_tables() -> None:
     from an empty event log, so PostgreSQL's upkeep of an earlier one's rows (autovacuum of
     tens of thousands of updated records) does not land in its timings."""
     quote = connection.ops.quote_name
-    tables = ", ".join(quote(m._meta.db_table) for m in (EventRecord, Delivery, HandOutbox))
+    tables = ", ".join(quote(m._meta.db_table) for m in (EventRecord, Delivery, HandOutbox, Order))
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables}, {quote(CeleryOutbox._meta.db_table)}")
 
@@ -424,7 +425,8 @@ def purge_publish_queues(ctx: Context) -> None:
 
 
 def cleanup(ctx: Context) -> None:
-    """Delete the run's queues and Redis keys."""
+    """Delete the run's queues and Redis keys; end the background marker (its connection)."""
+    marking.stop()
     # Figures 1-3 and 5 publish to the run's default queue and the baselines' sink, which no
     # worker consumes: left behind, their messages pile up in RabbitMQ from run to run.
     _queues["amqp"].update([settings.QUEUE, ctx.sink])
