@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             ("7", bench_delivery.figure_7),
             ("8", bench_versions.figure_8),
             ("9", bench_publish.figure_9),
+            ("10", bench_delivery.figure_10),
+            ("11", bench_delivery.figure_11),
         ]
         for number, figure in figures:
             if only and number not in only:

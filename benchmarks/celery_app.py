@@ -11,6 +11,7 @@ from django_celery_outbox import OutboxCelery
 AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 RAW_TASK = "bench.raw_count"
+RAW_STAMP = "bench.raw_stamp"
 
 
 def _raw_count(payload: dict[str, Any]) -> None:
@@ -18,6 +19,13 @@ def _raw_count(payload: dict[str, Any]) -> None:
     from .handlers import bump
 
     bump(payload)
+
+
+def _raw_stamp(payload: dict[str, Any]) -> None:
+    """The raw Celery task of figure 10: notes when it started, as our handler does."""
+    from .handlers import stamp_payload
+
+    stamp_payload(payload)
 
 
 def _configure(app: Celery, url: str) -> Celery:
@@ -38,6 +46,7 @@ def _configure(app: Celery, url: str) -> Celery:
     if reuse:
         app.conf["CELERY_DB_REUSE_MAX"] = reuse
     app.task(name=RAW_TASK, ignore_result=True)(_raw_count)
+    app.task(name=RAW_STAMP, ignore_result=True)(_raw_stamp)
     return app
 
 

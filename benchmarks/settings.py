@@ -62,13 +62,14 @@ DJANGO_EVENTS = {
         "bench.async": {"schema": SCHEMA},
         # Figure 9: the same event with a redacted field (its messages carry it sealed).
         "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
+        # Figure 10: latency from commit to handler start.
+        "bench.latency": {"schema": SCHEMA},
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
         {"event": "bench.async", "handler": "benchmarks.handlers.count", "mode": "async"},
+        {"event": "bench.latency", "handler": "benchmarks.handlers.stamp", "mode": "async"},
     ],
-    # Figure 4 runs its worker both ways: each success row written before the ack, or batched.
-    "SUCCESS_RECORDS": os.environ.get("BENCH_SUCCESS_RECORDS", "immediate"),
     # Figure 2 without the commit path's publisher confirms (the default is on): BENCH_CONFIRMS=0.
     "PUBLISHER_CONFIRMS": os.environ.get("BENCH_CONFIRMS", "1") != "0",
 }
@@ -76,4 +77,8 @@ DJANGO_EVENTS = {
 # The peer, django-celery-outbox: no statsd traffic (we emit no metrics either).
 CELERY_OUTBOX_APP = "benchmarks.celery_app.peer"
 MONITORING_METRICS_ENABLED = False
+# Figure 4 runs its worker with the default (success rows batched) and, for context, with
+# each success row written before the ack: BENCH_SUCCESS_RECORDS=immediate.
+if os.environ.get("BENCH_SUCCESS_RECORDS"):
+    DJANGO_EVENTS["SUCCESS_RECORDS"] = os.environ["BENCH_SUCCESS_RECORDS"]
 LOGGING = {"version": 1, "disable_existing_loggers": False, "root": {"level": "WARNING"}}
