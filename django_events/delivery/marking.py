@@ -123,7 +123,14 @@ class Marker:
             self._thread.start()
             if not self._exit_hook:
                 atexit.register(self.stop)
+                # A prefork pool child (a handler that publishes) leaves through this, not atexit.
+                from celery.signals import worker_process_shutdown
+
+                worker_process_shutdown.connect(self._on_process_shutdown, weak=False)
                 self._exit_hook = True
+
+    def _on_process_shutdown(self, **kwargs: object) -> None:
+        self.stop()
 
     def _run(self) -> None:
         while True:
