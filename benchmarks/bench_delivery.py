@@ -288,7 +288,7 @@ def _end_to_end(
             f"end to end, prefork -c 2, {kind}, {records}, {connections}",
             "events/s",
             ours,
-            [Baseline("raw Celery task", raw, Target(0.8, higher=True))],
+            [Baseline("raw Celery task", raw, Target(0.85, higher=True))],
             ctx.repeat,
         )
 
