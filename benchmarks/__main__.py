@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             ("11", bench_async.figure_11),
             ("12", bench_async.figure_12),
             ("13", bench_webhooks.figure_13),
+            ("14", bench_delivery.figure_14),
+            ("15", bench_delivery.figure_15),
         ]
         for number, figure in figures:
             if only and number not in only:

@@ -12,6 +12,7 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 RAW_TASK = "bench.raw_count"
 RAW_WEBHOOK_TASK = "bench.raw_webhook"
+RAW_STAMP = "bench.raw_stamp"
 
 
 def _raw_count(payload: dict[str, Any]) -> None:
@@ -19,6 +20,13 @@ def _raw_count(payload: dict[str, Any]) -> None:
     from .handlers import bump
 
     bump(payload)
+
+
+def _raw_stamp(payload: dict[str, Any]) -> None:
+    """The raw Celery task of figure 10: notes when it started, as our handler does."""
+    from .handlers import stamp_payload
+
+    stamp_payload(payload)
 
 
 def _configure(app: Celery, url: str) -> Celery:
@@ -46,6 +54,7 @@ def _configure(app: Celery, url: str) -> Celery:
         bind=True,
         max_retries=3,
     )(_raw_webhook)
+    app.task(name=RAW_STAMP, ignore_result=True)(_raw_stamp)
     return app
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import redis
@@ -23,6 +24,20 @@ def bump(payload: dict[str, Any]) -> None:
     if client is None:  # one connection per (forked) process
         client = _clients[os.getpid()] = redis.Redis.from_url(settings.REDIS_URL)
     client.incr(payload["note"])
+
+
+def stamp_payload(payload: dict[str, Any]) -> None:
+    """Note when a handler started (figure 10): ``<order_id> <time.time()>`` on a Redis list."""
+    started = time.time()
+    client = _clients.get(os.getpid())
+    if client is None:
+        client = _clients[os.getpid()] = redis.Redis.from_url(settings.REDIS_URL)
+    client.rpush(payload["note"], f"{payload['order_id']} {started}")
+
+
+def stamp(event: Event) -> None:
+    """Figure 10's async handler."""
+    stamp_payload(event.data)
 
 
 def count(event: Event) -> None:

@@ -18,3 +18,13 @@ class HandOutbox(models.Model):
 
     def __str__(self) -> str:
         return f"{self.task} {self.id}"
+
+
+class Order(models.Model):
+    """The caller's own write in figure 2's transaction (ours and the bare on_commit alike)."""
+
+    total = models.DecimalField(max_digits=10, decimal_places=2)
+    created_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"order {self.pk}"

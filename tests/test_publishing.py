@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from django_events import InvalidPayload, UnknownEvent, publish, publish_many
-from django_events.delivery import broker
+from django_events.delivery import broker, marking
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun, Order
@@ -254,7 +254,9 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
 def test_sent_events_are_marked_dispatched_and_unsent_ones_stay_pending(monkeypatch) -> None:
     unsent: set[uuid.UUID] = set()
 
-    def send(items, alias):  # the broker took every message but those of `unsent`
+    def send(items, alias, marker=None):  # the broker took every message but those of `unsent`
+        if marker is not None:  # PostgreSQL: the background marker marks what was taken
+            marker.taken(alias, [e.id for e, _, _ in items if e.id not in unsent])
         return unsent
 
     monkeypatch.setattr(broker, "send_deliveries", send)
@@ -263,6 +265,7 @@ def test_sent_events_are_marked_dispatched_and_unsent_ones_stay_pending(monkeypa
         with transaction.atomic():
             events = publish_many([("orders.placed", PAYLOAD)] * 3)
             unsent.add(events[1].id)
+        marking.flush()
         after = timezone.now()
     records = {r.id: r for r in EventRecord.objects.all()}
     sent = [records[events[0].id], records[events[2].id]]

@@ -16,6 +16,7 @@ from django.utils.module_loading import import_string
 from django_events.conf import conf
 from django_events.delivery import broadcast
 from django_events.delivery.confirms import PublisherConfirms
+from django_events.delivery.marking import Marker
 from django_events.delivery.messages import TASK_NAME, build_message, event_body, summary
 from django_events.delivery.sealing import seal_event
 from django_events.events import Event
@@ -140,6 +141,7 @@ def send_deliveries(
     confirm: bool | None = None,
     always_try: bool = False,
     prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
+    marker: Marker | None = None,
 ) -> set[UUID]:
     """Send one message per (event, subscription); return ids of events not fully sent.
 
@@ -149,7 +151,29 @@ def send_deliveries(
     for the relay. ``always_try`` (the relay) tries the broker even during a known outage.
     ``prior_attempts`` maps (event id, subscription) to the runs already recorded, for
     manual retries and replays (attempts never reset).
+
+    With a ``marker`` (the commit path) the events the broker takes are handed to it, to be
+    marked dispatched in the background: with confirms, once they come (the send does not
+    wait for them); without, at once. The ids returned are those not even published.
     """
+    unsent, deferred = _send_deliveries(
+        items, alias, app, confirm, always_try, prior_attempts, marker
+    )
+    if marker is not None and not deferred:
+        marker.taken(alias, [event.id for event, _, _ in items if event.id not in unsent])
+    return unsent
+
+
+def _send_deliveries(
+    items: Sequence[SendItem],
+    alias: str,
+    app: Celery | None,
+    confirm: bool | None,
+    always_try: bool,
+    prior_attempts: Mapping[tuple[UUID, str], int] | None,
+    marker: Marker | None,
+) -> tuple[set[UUID], bool]:
+    """`send_deliveries`: the ids not sent, and whether their confirms went to ``marker``."""
     if confirm is None:
         confirm = conf.PUBLISHER_CONFIRMS
     try:
@@ -159,13 +183,13 @@ def send_deliveries(
             "DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending",
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}
+        return {event.id for event, _, _ in items}, False
     if app is None:
         logger.error(
             "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending",
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}
+        return {event.id for event, _, _ in items}, False
     # The relay always tries: it is what finds the broker back.
     if not always_try and not health.may_try(app):
         logger.debug(
@@ -173,7 +197,7 @@ def send_deliveries(
             len(items),
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}
+        return {event.id for event, _, _ in items}, False
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
     policy = {
@@ -183,21 +207,26 @@ def send_deliveries(
         "interval_max": 0.2,
     }
     wait = CONFIRM_TIMEOUT if always_try else COMMIT_CONFIRM_TIMEOUT
+    later = marker if confirm and _confirms_transport(app) else None
     for last_try in (False, True):
         try:
-            unconfirmed, silent = _send(app, items, alias, confirm, wait, policy, prior_attempts)
+            unconfirmed, silent = _send(
+                app, items, alias, confirm, wait, policy, prior_attempts, later
+            )
         except _StaleConnection:
             if last_try:
                 raise  # pragma: no cover - a new connection is never stale
             continue  # a kept connection the broker had dropped: once more on a new one
         except _SendFailed as failed:
             health.failed(failed.error, [event for event, _, _ in items[failed.sent :]], app)
-            return failed.unsent
+            return failed.unsent, False
         break
+    if later is not None:
+        return set(), True
     if silent:  # confirms that never came: treated as an outage, the others wait a probe
         error = TimeoutError(f"no publisher confirm within {wait:g} s")
         health.failed(error, [event for event, _, _ in items if event.id in unconfirmed], app)
-        return unconfirmed
+        return unconfirmed, False
     health.succeeded(app)
     if unconfirmed:
         logger.warning(
@@ -205,7 +234,7 @@ def send_deliveries(
             len(unconfirmed),
             extra=batch_log_extra([event for event, _, _ in items if event.id in unconfirmed]),
         )
-    return unconfirmed
+    return unconfirmed, False
 
 
 class _SendFailed(Exception):
@@ -228,9 +257,11 @@ def _send(
     confirm_timeout: float,
     policy: dict[str, Any],
     prior_attempts: Mapping[tuple[UUID, str], int] | None,
+    marker: Marker | None = None,
 ) -> tuple[set[UUID], bool]:
     """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
-    and whether confirms were still missing when the wait ended."""
+    and whether confirms were still missing when the wait ended. With a ``marker`` the
+    batch's confirms are left to it instead (nothing is waited for)."""
     sent = 0
     confirms: PublisherConfirms | None = None
     declared: set[str] = set()
@@ -238,8 +269,6 @@ def _send(
     kept: _Confirming | None = None
     try:
         with _producer(app, confirm) as (producer, confirms, kept):
-            if confirms is not None:
-                confirms.begin()
             for event, durable, subscriptions in items:
                 message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
@@ -285,7 +314,20 @@ def _send(
                     if confirms is not None:
                         confirms.published(event.id)
                 sent += 1
-            unconfirmed = confirms.wait(confirm_timeout) if confirms is not None else set()
+            if marker is not None:
+                ids = {event.id for event, _, _ in items}
+                if kept is not None and kept.confirms is not None:
+                    kept.awaiting(alias, ids, confirm_timeout)
+                    marker.watch(kept)
+                    kept.used = True
+                else:
+                    marker.taken(alias, list(ids))
+                return set(), False
+            unconfirmed = set()
+            if confirms is not None:
+                batch = {event.id for event, _, _ in items}
+                unconfirmed = confirms.wait(confirm_timeout) & batch
+                confirms.forget(batch)
             silent = confirms is not None and confirms.waiting()
             if silent:
                 # A confirm may still come for a tag of this batch: start the next anew.
@@ -297,9 +339,9 @@ def _send(
             # pool's "one reconnect"); a message that did get through is sent twice.
             raise _StaleConnection from exc
         unsent = {event.id for event, _, _ in items[sent:]}
-        raise _SendFailed(
-            exc, sent, unsent | (confirms.unconfirmed() if confirms is not None else set())
-        ) from exc
+        if confirms is not None:  # a kept channel: earlier batches' events are not this one's
+            unsent |= confirms.unconfirmed() & {event.id for event, _, _ in items}
+        raise _SendFailed(exc, sent, unsent) from exc
     if kept is not None:
         kept.used = True
     return unconfirmed, silent
@@ -315,15 +357,85 @@ class _Confirming:
 
     def __init__(self, app: Celery) -> None:
         options = {**(app.conf.broker_transport_options or {}), "confirm_publish": False}
+        self.app = app
         self.connection = app.connection_for_write(transport_options=options)
         self.pid = os.getpid()
         self.used = False
+        self.broken = False
+        # Held by its thread while publishing, by the marker's while collecting confirms.
+        self.lock = threading.Lock()
+        # Batches whose confirms the marker collects: (alias, event ids, deadline).
+        self.batches: list[tuple[str, set[UUID], float]] = []
         try:
             self.producer = app.amqp.Producer(self.connection)
             self.confirms = PublisherConfirms.start(self.producer.channel)
         except BaseException:
             self.close()
             raise
+
+    def awaiting(self, alias: str, event_ids: set[UUID], timeout: float) -> None:
+        """Leave the confirms of a batch just published to the marker (see `collect`)."""
+        self.batches.append((alias, event_ids, time.monotonic() + timeout))
+
+    def outstanding(self) -> bool:
+        return bool(self.batches) and not self.broken
+
+    def collect(self, timeout: float) -> list[tuple[str, set[UUID]]]:
+        """(alias, events taken) of each batch whose confirms all came (`marking.Confirming`).
+
+        A batch refused, or still unconfirmed at its deadline, leaves its events pending for
+        the relay; a deadline missed or a transport error drops the connection (its thread
+        opens a new one), as an outage.
+        """
+        if not self.lock.acquire(blocking=False):
+            return []  # its thread is publishing: the next round
+        try:
+            if self.broken or not self.batches or self.confirms is None:
+                return []
+            try:
+                self.confirms.wait(timeout)
+            except Exception as exc:  # any transport error: the relay has the events
+                logger.warning(
+                    "Lost the publisher connection with %d batch(es) unconfirmed; "
+                    "they stay pending",
+                    len(self.batches),
+                    exc_info=True,
+                    extra=log_extra(),
+                )
+                self._fail(exc)
+                return []
+            taken, left, now = [], [], time.monotonic()
+            for alias, event_ids, deadline in self.batches:
+                settled = self.confirms.settle(event_ids)
+                if settled is None:
+                    left.append((alias, event_ids, deadline))
+                    continue
+                if settled[1]:
+                    logger.warning(
+                        "The broker did not confirm %d event(s); they stay pending",
+                        len(settled[1]),
+                        extra=log_extra(),
+                    )
+                taken.append((alias, settled[0]))
+            self.batches = left
+            if any(deadline <= now for _, _, deadline in left):
+                logger.warning(
+                    "No publisher confirm in time for %d batch(es); they stay pending",
+                    len(left),
+                    extra=log_extra(),
+                )
+                self._fail(TimeoutError("no publisher confirm in time"))
+            elif taken:
+                health.succeeded(self.app)
+            return taken
+        finally:
+            self.lock.release()
+
+    def _fail(self, exc: BaseException) -> None:
+        self.broken = True
+        self.batches = []
+        self.close()
+        health.failed(exc, [], self.app)
 
     def close(self) -> None:
         """Drop the connection without the AMQP close handshake: it failed, or stalled, and a
@@ -370,13 +482,15 @@ def _producer(
         return
     kept: dict[int, _Confirming] = _kept.__dict__.setdefault("by_app", {})
     entry = kept.get(id(app))
-    if entry is not None and entry.pid != os.getpid():  # inherited through fork: not ours
+    # One inherited through fork is not ours; a broken one the marker gave up.
+    if entry is not None and (entry.pid != os.getpid() or entry.broken):
         kept.pop(id(app))
         entry = None
     if entry is None:
         entry = kept[id(app)] = _Confirming(app)
-    try:
-        yield entry.producer, entry.confirms, entry
-    except BaseException:
-        _drop_confirming(app)
-        raise
+    with entry.lock:
+        try:
+            yield entry.producer, entry.confirms, entry
+        except BaseException:
+            _drop_confirming(app)
+            raise

@@ -53,13 +53,22 @@ class PublisherConfirms:
         """Whether a message published on this channel still waits for its confirm."""
         return bool(self._pending)
 
-    def begin(self) -> None:
-        """Start a batch on a channel kept from an earlier one (whose confirms all came)."""
-        self._nacked.clear()
-
     def unconfirmed(self) -> set[UUID]:
         """Events with a message the broker refused or has not confirmed yet."""
         return self._nacked | set(self._pending.values())
+
+    def forget(self, event_ids: set[UUID]) -> None:
+        """Forget the refusals of a batch waited for (batches share a kept channel)."""
+        self._nacked -= event_ids
+
+    def settle(self, event_ids: set[UUID]) -> tuple[set[UUID], set[UUID]] | None:
+        """(taken, refused) of a batch once no message of it waits for its confirm (else
+        ``None``); its refusals are forgotten then, so batches may share the channel."""
+        if not event_ids.isdisjoint(self._pending.values()):
+            return None
+        refused = event_ids & self._nacked
+        self._nacked -= refused
+        return event_ids - refused, refused
 
     def _settle(self, tag: int, multiple: bool) -> list[UUID]:
         if not multiple:

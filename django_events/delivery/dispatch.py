@@ -14,6 +14,7 @@ from django.db import DatabaseError
 
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
+from django_events.delivery.marking import marker, marks_later
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import (
     delivery,
@@ -60,19 +61,30 @@ def dispatch(batch: Sequence[Outgoing], alias: str, send: Sender | None = None) 
     Never raises into the code that committed, unless ``send`` does (`events_eager`).
     """
     try:
-        _send_async(batch, alias, send or broker.send_deliveries)
+        _send_async(batch, alias, send)
     finally:  # only events_eager() raises from there: sync handlers still run
         _run_sync(batch, alias)
 
 
-def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender) -> None:
+def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender | None) -> None:
     outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
     via_tasks = [(o.event, o.compiled.declaration.durable, o.tasks) for o in batch if o.tasks]
     if not outgoing and not via_tasks:
         return
+    if (
+        send is None
+        and not via_tasks
+        and all(o.recorded for o in batch if o.async_)
+        and marks_later(alias)
+    ):
+        # The common case: the broker's confirms and the UPDATE marking the records
+        # dispatched are left to this process's background marker (delivery/marking.py); a
+        # record it never marks stays pending for the relay.
+        broker.send_deliveries(outgoing, alias, marker=marker())
+        return
     unsent: set[object] = set()
     if outgoing:
-        unsent.update(send(outgoing, alias))
+        unsent.update((send or broker.send_deliveries)(outgoing, alias))
     if via_tasks:
         from django_events.delivery import tasks_backend
 

@@ -1,0 +1,155 @@
+"""Marking records dispatched in the background (delivery/marking.py): the commit path neither
+waits for publisher confirms nor writes the UPDATE, and nothing committed is lost by it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+from kombu import Queue
+
+from django_events import publish
+from django_events.delivery import marking
+from django_events.delivery.confirms import PublisherConfirms
+from django_events.models import EventRecord
+from django_events.operations.relay import relay_pending
+from tests import brokers
+from tests.conftest import wiring
+from tests.test_confirms import ScriptedChannel, publish_tags
+
+ROOT = Path(__file__).resolve().parent.parent
+ORDER = {"order_id": 1, "total": 10.0}
+ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
+
+# A Celery app whose queue refuses every message: RabbitMQ nacks each publish.
+refusing = brokers.make_app("amqp")
+
+
+def test_batches_sharing_a_channel_settle_apart() -> None:
+    a, b = uuid.uuid4(), uuid.uuid4()
+    channel = ScriptedChannel([("basic_nack", 1, False)])
+    confirms = PublisherConfirms.start(channel)
+    assert confirms is not None
+    publish_tags(confirms, a)  # batch 1: tag 1
+    publish_tags(confirms, b)  # batch 2: tag 2
+    assert confirms.settle({a}) is None  # nothing read yet
+    confirms.wait(timeout=0.01)  # the nack of tag 1; tag 2 still waits
+    assert confirms.settle({a}) == (set(), {a})
+    assert confirms.settle({b}) is None
+    confirms._on_ack(2, False)
+    assert confirms.settle({b}) == ({b}, set())  # batch 1's refusal is not batch 2's
+
+
+@pytest.fixture
+def queue() -> Iterator[str]:
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    name = f"marking-{uuid.uuid4().hex[:8]}"
+    yield name
+    with brokers.amqp.connection_for_write() as conn:
+        conn.default_channel.queue_delete(name)
+
+
+def _messages(queue: str) -> list[dict[str, Any]]:
+    bodies = []
+    with brokers.amqp.connection_for_write() as conn:
+        channel = conn.default_channel
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            bodies.append(json.loads(message.body)[0][0]["event"])
+    return bodies
+
+
+def _statuses(ids: list[uuid.UUID]) -> list[str]:
+    records = EventRecord.objects.in_bulk(ids)
+    return [records[i].status for i in ids]
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_the_commit_path_leaves_the_update_to_the_marker(queue: str) -> None:
+    with wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        with CaptureQueriesContext(connection) as queries, transaction.atomic():
+            events = [publish("orders.placed", ORDER) for _ in range(3)]
+        assert not [q for q in queries if q["sql"].startswith("UPDATE")]
+        marking.flush()
+    ids = [e.id for e in events]
+    assert _statuses(ids) == ["dispatched"] * 3
+    assert sorted(m["id"] for m in _messages(queue)) == sorted(map(str, ids))
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_an_event_the_broker_refuses_stays_pending_and_the_relay_sends_it(queue: str) -> None:
+    refusing.conf.task_queues = [
+        Queue(queue, queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    ]
+    with wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.test_marking.refusing"):
+        with transaction.atomic():
+            event = publish("orders.placed", ORDER)
+        marking.flush()
+    assert _statuses([event.id]) == ["pending"]
+    assert _messages(queue) == []
+
+    other = f"{queue}-relayed"
+    try:
+        with wiring(ASYNC, DEFAULT_QUEUE=other, CELERY_APP="tests.brokers.amqp"):
+            assert relay_pending(min_age=0).sent == 1
+        assert _statuses([event.id]) == ["dispatched"]
+        assert [m["id"] for m in _messages(other)] == [str(event.id)]
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(other)
+
+
+_PUBLISHER = """
+import os, sys, django
+django.setup()
+from django.db import transaction
+from django.test import override_settings
+from django.conf import settings
+from django_events import publish
+value = {**settings.DJANGO_EVENTS, "SUBSCRIPTIONS": [%(subscription)r],
+         "DEFAULT_QUEUE": %(queue)r, "CELERY_APP": "tests.brokers.amqp"}
+with override_settings(DJANGO_EVENTS=value):
+    for _ in range(5):
+        with transaction.atomic():
+            print(publish("orders.placed", {"order_id": 1, "total": 1.0}).id, flush=True)
+os._exit(0)  # killed, as it were: no exit hooks, the marker's thread gone with the process
+"""
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_publisher_that_dies_before_marking_loses_nothing(queue: str) -> None:
+    script = _PUBLISHER % {"subscription": ASYNC, "queue": queue}
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    ids = [uuid.UUID(line) for line in done.stdout.split()]
+    assert len(ids) == 5
+    # Committed and sent, but not (all) marked: the relay has what the process did not mark.
+    assert "pending" in _statuses(ids)
+
+    with wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        relay_pending(min_age=0)
+    assert _statuses(ids) == ["dispatched"] * 5
+    # At least once: every event reached the queue, those sent twice too.
+    assert {m["id"] for m in _messages(queue)} == set(map(str, ids))
