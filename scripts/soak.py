@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 URLS = {
     "amqp": os.environ.get("DJANGO_EVENTS_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    "redis": os.environ.get("DJANGO_EVENTS_REDIS_URL", "redis://127.0.0.1:6379/0"),
+    # A Redis database of its own: kombu's unacked hash is per database, and the soak's short
+    # visibility_timeout must not hand out the unacknowledged messages of anyone else.
+    "redis": os.environ.get("SOAK_REDIS_URL", "redis://127.0.0.1:6379/15"),
 }
 DATABASE_URL = os.environ.get("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")
 SUBSCRIPTIONS = {"soak-once": "hang_once", "soak-plain": "hang_plain"}
