@@ -37,6 +37,10 @@ def make_app(kind: str, url: str | None = None) -> Celery:
     if kind == "redis":
         # Without it a Redis that accepts connections but never answers hangs a publisher.
         app.conf.broker_transport_options = {"socket_timeout": 5}
+        if os.environ.get("DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"):  # the soak run's
+            app.conf.broker_transport_options["visibility_timeout"] = float(
+                os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"]
+            )
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport = "django_events.contrib.filesystem_transport:Transport"

@@ -142,6 +142,13 @@ DJANGO_EVENTS = {
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
     "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
+if os.environ.get("DJANGO_EVENTS_TEST_CELERY_APP"):
+    # The soak run (scripts/soak.py): the package's defaults, only the wiring is set.
+    DJANGO_EVENTS = {
+        "MANIFESTS": DJANGO_EVENTS["MANIFESTS"],
+        "DEFAULT_QUEUE": DJANGO_EVENTS["DEFAULT_QUEUE"],
+        "CELERY_APP": os.environ["DJANGO_EVENTS_TEST_CELERY_APP"],
+    }
 if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
     DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
 if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):
