@@ -107,6 +107,7 @@ def main() -> int:
         DJANGO_EVENTS_TEST_MANIFEST="soak.yaml",
         DJANGO_EVENTS_TEST_QUEUE=queue,
         DJANGO_EVENTS_TEST_CELERY_APP=f"tests.brokers.{args.broker}",
+        DJANGO_EVENTS_SOAK="1",  # the package's defaults (tests/settings.py)
         **{f"DJANGO_EVENTS_{args.broker.upper()}_URL": broker_proxy.url(URLS[args.broker])},
     )
     if args.broker == "redis":

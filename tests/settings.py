@@ -142,7 +142,7 @@ DJANGO_EVENTS = {
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
     "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
-if os.environ.get("DJANGO_EVENTS_TEST_CELERY_APP"):
+if os.environ.get("DJANGO_EVENTS_SOAK"):
     # The soak run (scripts/soak.py): the package's defaults, only the wiring is set.
     DJANGO_EVENTS = {
         "MANIFESTS": DJANGO_EVENTS["MANIFESTS"],
