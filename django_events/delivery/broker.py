@@ -443,7 +443,7 @@ class _Confirming:
         try:
             self.connection.collect()
         except Exception:  # a broken connection is dropped all the same
-            logger.debug("Closing a publisher connection failed", exc_info=True)
+            logger.debug("Closing a publisher connection failed", exc_info=True, extra=log_extra())
 
 
 _kept = threading.local()  # .by_app: dict[int, _Confirming] (id of the Celery app)

@@ -270,7 +270,9 @@ def _send(
     else:
         unsent = broker.send_deliveries(items, alias, prior_attempts=prior)
     if unsent:
-        logger.warning("The broker did not take a handed-on delivery; events_relay sends it")
+        logger.warning(
+            "The broker did not take a handed-on delivery; events_relay sends it", extra=extra
+        )
         return
     try:
         Delivery.objects.using(alias).filter(pk=pk, retry_at=due).update(retry_at=None)

@@ -19,7 +19,7 @@ from django_events.conf import conf
 from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.worker import process_message
 from django_events.events import Event
-from django_events.logs import batch_log_extra
+from django_events.logs import batch_log_extra, log_extra
 from django_events.wiring.compiled import Subscription
 
 try:
@@ -121,6 +121,7 @@ def requeue_lost(older_than: float) -> list[Any]:
                 row.started_at.isoformat(),
                 ",".join(row.worker_ids) or "?",
                 older_than,
+                extra=log_extra(),
             )
             requeued.append(row.pk)
     return requeued

@@ -425,7 +425,9 @@ def _close_broken(alias: str) -> None:
     try:
         connections[alias].close()
     except DatabaseError:
-        logger.debug("Closing a broken database connection failed", exc_info=True)
+        logger.debug(
+            "Closing a broken database connection failed", exc_info=True, extra=log_extra()
+        )
 
 
 def defer_retry(outcome: Outcome) -> bool:

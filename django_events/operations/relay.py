@@ -152,7 +152,9 @@ class DatabaseOutage:
         try:
             connections[self.using].close()
         except DatabaseError:
-            logger.debug("Closing the broken database connection failed", exc_info=True)
+            logger.debug(
+                "Closing the broken database connection failed", exc_info=True, extra=log_extra()
+            )
         if not self.down:
             logger.error(
                 "Database %r unreachable; the relay keeps trying: %s",
