@@ -149,6 +149,9 @@ def main() -> int:
         broker_proxy.restore()
         db_proxy.restore()
         _drop_queue(args.broker, queue)
+        from django_events.delivery import marking
+
+        marking.stop()  # the publisher's background marker and its database connection
         connection.close()
         connection.settings_dict["PORT"] = direct_port
         teardown_databases(databases, verbosity=0)
