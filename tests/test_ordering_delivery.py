@@ -20,6 +20,7 @@ from django.db import connection, connections, transaction
 
 from django_events import publish
 from django_events.models import Delivery
+from django_events.operations.relay import relay_backlog
 from django_events.operations.retrying import held_deliveries, mark_resolved
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -196,7 +197,14 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
     thread.start()
     try:
         ids = publish_concurrently("ord.changed", EVENTS, keys)
-        wait_for(lambda: all_succeeded(ids), timeout=90 + EVENTS / 10, what="every delivery")
+
+        def settled() -> bool:
+            # The relay runs beside the workers, as in a deployment: a hand-on whose send
+            # died with its pool process is due for it (retry_at) after 30 s.
+            relay_backlog(min_age=10)
+            return all_succeeded(ids)
+
+        wait_for(settled, timeout=120 + EVENTS / 10, what="every delivery")
     finally:
         done.set()
         thread.join()
