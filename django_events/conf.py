@@ -107,6 +107,10 @@ def check_settings(value: Any) -> tuple[dict[str, Any], list[SettingProblem]]:
     return usable, problems
 
 
+# What a project without DJANGO_EVENTS reads: one object, so it is checked once too.
+_UNSET: dict[str, Any] = {}
+
+
 class Settings:
     """Each property reads ``settings.DJANGO_EVENTS`` anew, so ``override_settings`` works.
 
@@ -120,7 +124,7 @@ class Settings:
         self._problems: list[SettingProblem] = []
 
     def _load(self) -> dict[str, Any]:
-        value = getattr(settings, "DJANGO_EVENTS", {})
+        value = getattr(settings, "DJANGO_EVENTS", _UNSET)
         if value is not self._source:
             self._usable, self._problems = check_settings(value)
             self._source = value
