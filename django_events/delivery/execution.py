@@ -66,19 +66,19 @@ def run_coroutine_function(function: Callable[..., Coroutine[Any, Any, Any]], *a
     with its database connection and open transaction.
     """
     local = SyncToAsync.threadlocal
-    if getattr(local, "main_event_loop", None) is not None and (
-        getattr(local, "main_event_loop_pid", None) == os.getpid()
-    ):
+    above = getattr(local, "main_event_loop", None)
+    above_pid = getattr(local, "main_event_loop_pid", None)
+    # A loop that is not running is one left behind by code that ran here before (its
+    # async_to_sync is over): scheduling on it would start a new loop for every call.
+    if above is not None and above_pid == os.getpid() and above.is_running():
         return AsyncToSync(function)(*args)
     # asgiref's own hook for "the loop above this sync thread": async_to_sync then schedules
     # on our loop instead of starting a loop (and a thread) for this one call.
-    local.main_event_loop = _process_loop()
-    local.main_event_loop_pid = os.getpid()
+    local.main_event_loop, local.main_event_loop_pid = _process_loop(), os.getpid()
     try:
         return AsyncToSync(function)(*args)
     finally:
-        del local.main_event_loop
-        del local.main_event_loop_pid
+        local.main_event_loop, local.main_event_loop_pid = above, above_pid
 
 
 _loop: asyncio.AbstractEventLoop | None = None
