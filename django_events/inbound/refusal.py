@@ -7,6 +7,8 @@ from typing import Any
 
 from django.http import JsonResponse
 
+from django_events.exceptions import InvalidPayload
+
 
 class Refusal(Exception):
     """Raised while handling an inbound call; becomes a JSON error response."""
@@ -29,3 +31,13 @@ class Refusal(Exception):
         """Return ``{"error": ..., "detail": ..., ...}`` with the status and headers."""
         body = {"error": self.error, "detail": self.detail, **self.extra}
         return JsonResponse(body, status=self.status, headers=self.headers)
+
+
+def invalid_payload(name: str, exc: InvalidPayload) -> Refusal:
+    """The 400 answer to a payload that does not match the event's schema."""
+    return Refusal(
+        400,
+        "invalid_payload",
+        f"The payload does not match the schema of {name!r}.",
+        problems=[{"path": p.path, "message": p.message} for p in exc.problems],
+    )

@@ -18,7 +18,7 @@ from django_events.exceptions import InvalidPayload, UnknownEvent
 from django_events.inbound.auth import authenticate
 from django_events.inbound.idempotency import publish_once, scoped_key
 from django_events.inbound.policy import SecretNotConfigured, SourcePolicy
-from django_events.inbound.refusal import Refusal
+from django_events.inbound.refusal import Refusal, invalid_payload
 from django_events.inbound.views import MAX_KEY_LENGTH, parse_json, read_body, require_json
 from django_events.logs import log_extra
 from django_events.wiring.filters import lookup
@@ -58,12 +58,7 @@ def source(request: HttpRequest, source: str) -> HttpResponse:
         try:
             event_id, replayed = publish_once(name, payload, headers, keys)
         except InvalidPayload as exc:
-            raise Refusal(
-                400,
-                "invalid_payload",
-                f"The payload does not match the schema of {name!r}.",
-                problems=[{"path": p.path, "message": p.message} for p in exc.problems],
-            ) from exc
+            raise invalid_payload(name, exc) from exc
     except Refusal as refusal:
         if refusal.status in (401, 403):
             logger.warning(

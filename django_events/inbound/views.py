@@ -14,7 +14,7 @@ from django_events.exceptions import InvalidPayload
 from django_events.inbound.auth import authenticate
 from django_events.inbound.idempotency import publish_once, scoped_key
 from django_events.inbound.policy import InboundPolicy, SecretNotConfigured
-from django_events.inbound.refusal import Refusal
+from django_events.inbound.refusal import Refusal, invalid_payload
 from django_events.logs import log_extra
 from django_events.wiring.filters import lookup
 from django_events.wiring.manifest import format_path
@@ -50,12 +50,7 @@ def inbound(request: HttpRequest, name: str) -> HttpResponse:
         try:
             event_id, replayed = publish_once(name, payload, headers, keys)
         except InvalidPayload as exc:
-            raise Refusal(
-                400,
-                "invalid_payload",
-                f"The payload does not match the schema of {name!r}.",
-                problems=[{"path": p.path, "message": p.message} for p in exc.problems],
-            ) from exc
+            raise invalid_payload(name, exc) from exc
     except Refusal as refusal:
         if refusal.status in (401, 403):
             logger.warning(
