@@ -88,6 +88,21 @@ def test_the_commit_path_leaves_the_update_to_the_marker(queue: str) -> None:
 
 @pytest.mark.servers
 @pytest.mark.postgresql
+@pytest.mark.django_db
+def test_callbacks_run_inside_an_open_transaction_mark_at_once(
+    queue: str, django_capture_on_commit_callbacks: Any
+) -> None:
+    # As TestCase.captureOnCommitCallbacks(execute=True) runs them: the rows are not committed,
+    # so the marker's own connection could not see them; the publisher's connection marks.
+    with wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        with django_capture_on_commit_callbacks(execute=True):
+            event = publish("orders.placed", ORDER)
+    assert _statuses([event.id]) == ["dispatched"]
+    assert [m["id"] for m in _messages(queue)] == [str(event.id)]
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
 def test_an_event_the_broker_refuses_stays_pending_and_the_relay_sends_it(queue: str) -> None:
     refusing.conf.task_queues = [

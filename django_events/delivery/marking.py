@@ -13,7 +13,8 @@ by default, far longer than the interval). What it can cost is a second message 
 the broker did take (at least once, as ever).
 
 Used on databases with row locks (PostgreSQL, MySQL, Oracle). On SQLite a second writer
-thread would contend for the database's single write lock: the publisher marks at once there.
+thread would contend for the database's single write lock: the publisher marks at once there,
+as it does when its batch is delivered inside a transaction still open (tests).
 """
 
 from __future__ import annotations
@@ -52,8 +53,16 @@ class Confirming(Protocol):
 
 
 def marks_later(alias: str) -> bool:
-    """Whether events committed on ``alias`` are marked dispatched by the background thread."""
-    return bool(connections[alias].features.has_select_for_update_skip_locked)
+    """Whether events committed on ``alias`` are marked dispatched by the background thread.
+
+    Not while ``alias`` is still inside a transaction (on-commit callbacks run by hand, as
+    tests do with ``captureOnCommitCallbacks``): the thread's own connection cannot see rows
+    that are not committed, so they would stay pending.
+    """
+    connection = connections[alias]
+    return bool(connection.features.has_select_for_update_skip_locked) and not (
+        connection.in_atomic_block
+    )
 
 
 class Marker:
