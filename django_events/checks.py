@@ -73,6 +73,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E321": "a webhook's secret is missing or not whsec_ + base64",
     "django_events.E322": "webhook subscriptions but httpx is not installed",
     "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
+    "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
 }
 
 

@@ -8,15 +8,17 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from django_events.delivery import broker
+from django_events.delivery import broker, endpoints
 from django_events.wiring.registry import reset_registry
 
 
 @pytest.fixture(autouse=True)
 def _fresh_registry() -> Iterator[None]:
     reset_registry()
+    endpoints.forget()  # a rolled-back test's endpoints
     yield
     reset_registry()
+    endpoints.forget()
 
 
 @pytest.fixture(autouse=True)

@@ -16,6 +16,7 @@ from django_events.conf import DEFAULTS, conf
 from django_events.wiring import typed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.declarations import (
+    ENDPOINT_PREFIX,
     SOURCE_AUTH_KINDS,
     EventDeclaration,
     Origin,
@@ -158,6 +159,17 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                     "E107",
                     f"Subscription {declaration.name!r} is declared twice (also at {other})",
                     "Give one of them a distinct 'name'.",
+                    declaration.origin,
+                )
+            )
+            continue
+        if declaration.name.startswith(ENDPOINT_PREFIX):
+            problems.append(
+                _problem(
+                    "E323",
+                    f"Subscription {declaration.name!r}: names starting {ENDPOINT_PREFIX!r} "
+                    "belong to webhook endpoints",
+                    "Give it another 'name'.",
                     declaration.origin,
                 )
             )
