@@ -900,6 +900,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E321": lambda _: wiring(WEBHOOK),
     "django_events.E322": _without_httpx,
     "django_events.W320": lambda _: wiring(WEBHOOKS_ALLOW_PRIVATE=True),
+    "django_events.E323": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:x"}
+    ),
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),

@@ -40,6 +40,13 @@ SEPARATORS = re.compile(r"[\s,]+")
 class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
     """URL, event patterns, description, enabled; the secret is written, never read back."""
 
+    url = forms.URLField(
+        label=_("URL"),
+        max_length=2000,
+        assume_scheme="https",
+        widget=forms.URLInput(attrs={"size": 80}),
+        help_text=_("Where each event is POSTed (https://...)."),
+    )
     patterns = forms.CharField(
         label=_("Events"),
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
