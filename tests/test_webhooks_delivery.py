@@ -100,7 +100,11 @@ def wired(process: WorkerProcess) -> Any:
     """Publish to ``process``'s broker and queue (per test: workers of several brokers live
     side by side in this module)."""
     return brokers.delivery_wiring(
-        process.kind, process.queue, "webhooks.yaml", WEBHOOK_ENDPOINTS=ENDPOINTS
+        process.kind,
+        process.queue,
+        "webhooks.yaml",
+        WEBHOOK_ENDPOINTS=ENDPOINTS,
+        WEBHOOKS_ALLOW_PRIVATE=True,  # the admin's form accepts the receiver's URL
     )
 
 

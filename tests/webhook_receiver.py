@@ -66,7 +66,7 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                script = self.path.strip("/")
+                script = self.path.partition("?")[0].strip("/")  # a query tells URLs apart
                 try:
                     Webhook(receiver.secret).verify(body, headers, json_parse=False)
                     verified, error = True, ""
