@@ -955,6 +955,8 @@ def test_a_timeout_is_an_error_via_tasks_only() -> None:
         "Subscription 'slow-task' has timeout 30, which task backends cannot enforce"
     )
     assert message.hint == "Use via: celery for a time limit, or remove timeout."
+
+
 @pytest.mark.parametrize(
     ("declared", "expected"),
     [
