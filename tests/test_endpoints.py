@@ -10,6 +10,7 @@ import logging
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
+from io import StringIO
 from typing import Any
 from unittest import mock
 
@@ -25,7 +26,7 @@ from django_events import publish
 from django_events.delivery import endpoints, webhooks
 from django_events.delivery.sealing import Unsealable
 from django_events.events import Event
-from django_events.models import WebhookEndpoint
+from django_events.models import Delivery, WebhookEndpoint
 from django_events.publishing import Outlet, use_outlet
 from django_events.signals import endpoint_disabled
 
@@ -319,3 +320,36 @@ def test_the_signature_verifies_with_the_standardwebhooks_library() -> None:
         "webhook-signature": webhooks.sign(key, "msg_1", now, body),
     }
     assert Webhook(secret).verify(body, headers) == {"type": "x"}
+
+
+@pytest.mark.django_db(transaction=True)  # the worker's code closes stale connections
+def test_retry_and_replay_name_an_endpoint_and_reach_a_real_receiver(publish_now, queue) -> None:
+    """events_retry and events_replay by an endpoint's name; the worker's own code (in this
+    process) posts to a receiver on 127.0.0.1 that verifies with the standardwebhooks library."""
+    from django.core.management import call_command
+
+    from tests.ops import shop_wiring, work
+    from tests.webhook_receiver import Receiver
+
+    with Receiver(SECRET) as receiver, shop_wiring(queue, WEBHOOKS_ALLOW_PRIVATE=True):
+        endpoint, _ = endpoints.create_endpoint(receiver.url("ok"), ["shop.*"], secret=SECRET)
+        name = endpoints.subscription_name(endpoint.pk)
+        event = publish_now("shop.paid", {"order_id": 1})
+        WebhookEndpoint.objects.filter(pk=endpoint.pk).update(enabled=False)
+        work(queue)
+        failed = Delivery.objects.get(event_id=event.id, subscription=name)
+        assert (failed.status, failed.mode) == ("failed", "webhook")
+        endpoints.enable([endpoint])
+
+        out = StringIO()
+        call_command("events_retry", "--subscription", name, stdout=out)
+        assert "1 re-enqueued for a worker" in out.getvalue()
+        work(queue)
+        call_command("events_replay", name, "--event", "shop.paid", stdout=out)
+        work(queue)
+
+        calls = receiver.of("ok")
+    row = Delivery.objects.get(event_id=event.id, subscription=name)
+    assert (row.status, row.attempts, row.response_status) == ("succeeded", 3, 200)
+    assert len(calls) == 2 and all(c.verified for c in calls)
+    assert calls[0].headers["webhook-id"] == calls[1].headers["webhook-id"]
