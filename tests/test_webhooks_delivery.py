@@ -67,6 +67,8 @@ def webhook_worker(kind: str, receiver: Receiver, folder: Path) -> Iterator[Work
     urls["TEST_HOOK_URL_CLOSED"] = f"http://127.0.0.1:{closed_port()}/closed"
     env = {
         "DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE": "1",
+        # The worker sends too (an ordered key's next delivery): to its own broker.
+        "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
         "DJANGO_EVENTS_TEST_WEBHOOK_ENDPOINTS": json.dumps(ENDPOINTS),
         "TEST_HOOK_SIGNING_SECRET": SECRET,
         **urls,
@@ -287,6 +289,37 @@ def test_via_tasks_a_db_worker_sends_and_retries_with_the_same_id(
     first, second = receiver.of("flaky", message_id(event, "hook-flaky"))
     assert first.verified and second.verified
     assert (row.attempts, row.response_status) == (2, 200)
+
+
+def test_ordering_key_sends_a_key_in_recorded_order_each_after_the_last_was_answered(
+    any_worker: WorkerProcess, receiver: Receiver
+) -> None:
+    key = uuid.uuid4().int % 10**9  # this run's own key (the receiver serves every broker)
+    with transaction.atomic():
+        events = [
+            publish("shop.order_paid", {"order_id": key, "script": "ordered", "step": n})
+            for n in range(3)
+        ]
+    # Numbered in the publisher's transaction: its place in line is a webhook delivery's.
+    last = Delivery.objects.get(event_id=events[2].id, subscription="hook-ordered")
+    assert (last.mode, last.sequence) == ("webhook", 3)
+    other = send("ordered", key + 1)  # another key: it waits for nobody
+
+    rows = [delivery(e, "hook-ordered", "succeeded", timeout=60) for e in events]
+    delivery(other, "hook-ordered", "succeeded", timeout=60)
+
+    # Each event: HTTP 500, then 200 (the "flaky" receiver). The key's next event is sent
+    # only once the one before it was answered 2xx.
+    calls = sorted(
+        (c.at, c.json["data"]["step"])
+        for e in events
+        for c in receiver.of("flaky", message_id(e, "hook-ordered"))
+    )
+    assert [step for _, step in calls] == [0, 0, 1, 1, 2, 2]
+    assert all(row.attempts == 2 and row.sequence is not None for row in rows)
+    assert [row.sequence for row in rows] == [1, 2, 3]
+    first_of_other = min(c.at for c in receiver.of("flaky", message_id(other, "hook-ordered")))
+    assert first_of_other < calls[2][0]  # not held behind the first key
 
 
 # Endpoints registered at run time (WebhookEndpoint): the admin adds them, the same worker

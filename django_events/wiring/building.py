@@ -322,9 +322,9 @@ def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:
     return problems
 
 
-# Modes whose deliveries a worker runs, one message each: those an ordering gate can hold.
-# (`webhook`, once it exists, sends from the worker as well: add it here.)
-ORDERED_MODES = ("async",)
+# Modes whose deliveries a worker runs, one message each: those an ordering gate can hold
+# (a webhook is sent by the worker: the same claim / finish / release around its POST).
+ORDERED_MODES = ("async", "webhook")
 
 
 def _ordering_problems(
@@ -337,7 +337,8 @@ def _ordering_problems(
         return [
             _problem(
                 "E160",
-                f"Subscription {name!r} is {declaration.mode}: ordering_key needs mode async",
+                f"Subscription {name!r} is {declaration.mode}: ordering_key needs mode async "
+                "or webhook",
                 "Use mode: async, or remove ordering_key (sync handlers already run in order "
                 "per process).",
                 declaration.origin,
