@@ -38,6 +38,14 @@ CHANGES = reverse("admin:django_events_webhookendpoint_changelist")
 SECRET = "whsec_" + base64.b64encode(b"endpoint-secret-0123456789abcdef").decode()
 
 
+@pytest.fixture
+def admin_client(client, django_user_model):
+    """pytest-django's, without hashing a password (a second a test on a busy machine)."""
+    user = django_user_model.objects.create(username="admin", is_staff=True, is_superuser=True)
+    client.force_login(user)
+    return client
+
+
 def change_url(endpoint: WebhookEndpoint) -> str:
     return reverse("admin:django_events_webhookendpoint_change", args=[endpoint.pk])
 
@@ -164,7 +172,7 @@ def test_the_failures_page_filters_by_endpoint(admin_client) -> None:
 
 
 def test_a_user_without_the_permission_cannot_add_or_act(client, django_user_model) -> None:
-    user = django_user_model.objects.create_user("viewer", password="pw", is_staff=True)
+    user = django_user_model.objects.create(username="viewer", is_staff=True)
     client.force_login(user)
     assert client.get(ADD).status_code == 403
     assert client.post(ADD, form()).status_code == 403
@@ -353,3 +361,24 @@ def test_retry_and_replay_name_an_endpoint_and_reach_a_real_receiver(publish_now
     assert (row.status, row.attempts, row.response_status) == ("succeeded", 3, 200)
     assert len(calls) == 2 and all(c.verified for c in calls)
     assert calls[0].headers["webhook-id"] == calls[1].headers["webhook-id"]
+
+
+def test_the_relay_sends_a_pending_record_to_the_endpoints(queue) -> None:
+    """An event whose broker was down at commit reaches the endpoints through the relay."""
+    from django_events.models import EventRecord
+    from django_events.operations.relay import relay_pending
+    from tests.ops import drain
+
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.paid"])
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.paid",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        occurred_at=datetime.now(tz=UTC) - timedelta(minutes=1),
+    )
+
+    assert relay_pending().sent == 1
+
+    sent = {m["subscription"] for m in drain(queue) if m["event"]["id"] == str(record.pk)}
+    assert endpoints.subscription_name(endpoint.pk) in sent

@@ -39,6 +39,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "whsec_" + base64.b64encode(b"outbound-signing-secret-0123456").decode()
 
 
+@pytest.fixture
+def admin_client(client, django_user_model):
+    """pytest-django's, without hashing a password (a second a test on a busy machine)."""
+    user = django_user_model.objects.create(username="admin", is_staff=True, is_superuser=True)
+    client.force_login(user)
+    return client
+
+
 def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
