@@ -24,7 +24,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 from uuid import UUID
 
-from django.db import DatabaseError, router, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, router, transaction
 from django.utils import timezone
 
 from django_events.conf import conf
@@ -167,7 +167,8 @@ def forget() -> None:
 
 def for_event(event_name: str) -> tuple[EndpointSubscription, ...]:
     """The subscriptions of the enabled endpoints that receive ``event_name`` (hot path)."""
-    alias = router.db_for_read(WebhookEndpoint)
+    # Asking the routers costs more than the rest of this: only when there are some.
+    alias = router.db_for_read(WebhookEndpoint) if router.routers else DEFAULT_DB_ALIAS
     routes = _routes.get(alias)
     if routes is None or routes.expires <= time.monotonic():
         routes = _load(alias)
