@@ -382,3 +382,33 @@ def test_the_relay_sends_a_pending_record_to_the_endpoints(queue) -> None:
 
     sent = {m["subscription"] for m in drain(queue) if m["event"]["id"] == str(record.pk)}
     assert endpoints.subscription_name(endpoint.pk) in sent
+
+
+def test_bad_endpoint_settings_and_names_are_reported() -> None:
+    from tests.conftest import wiring
+    from tests.test_checks import assert_reported
+
+    with wiring(WEBHOOK_ENDPOINTS={"timeout": 0, "every": 1}):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['WEBHOOK_ENDPOINTS'] is invalid: $ Additional properties are not "
+                "allowed ('every' was unexpected)",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['WEBHOOK_ENDPOINTS'] is invalid: ['timeout'] 0 is less than or "
+                "equal to the minimum of 0",
+            ),
+        )
+    taken = {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:1"}
+    with wiring(taken):
+        assert_reported(
+            (
+                "django_events.E323",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                "Subscription 'endpoint:1': names starting 'endpoint:' belong to webhook endpoints",
+            )
+        )
