@@ -24,7 +24,8 @@ from fnmatch import fnmatchcase
 from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, router, transaction
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from django_events.conf import conf
@@ -181,16 +182,11 @@ def for_event(event_name: str) -> tuple[EndpointSubscription, ...]:
 
 def _load(alias: str) -> _Routes:
     with _routes_lock:
+        routes = _routes.get(alias)
+        if routes is not None and routes.expires > time.monotonic():
+            return routes  # another thread read them meanwhile
         try:
-            # A savepoint inside the publisher's transaction: a failed read (no table yet:
-            # migrations not run) must not break the transaction it runs in.
-            with transaction.atomic(using=alias):
-                rows = list(
-                    WebhookEndpoint.objects.using(alias)
-                    .filter(enabled=True)
-                    .only("id", "events")
-                    .order_by("created_at")
-                )
+            rows = _read(alias)
         except DatabaseError:
             logger.exception(
                 "Cannot read the webhook endpoints: none is sent to until they can be read",
@@ -203,6 +199,28 @@ def _load(alias: str) -> _Routes:
         )
         _routes[alias] = routes
         return routes
+
+
+def _read(alias: str) -> list[WebhookEndpoint]:
+    """The enabled endpoints, read inside the publisher's transaction if there is one."""
+    connection = connections[alias]
+    in_transaction = connection.in_atomic_block
+    # A savepoint: a failed read (no table yet: migrations not run) must not break the
+    # transaction it runs in.
+    with transaction.atomic(using=alias):
+        if in_transaction and connection.vendor == "sqlite":
+            # SQLite: a transaction that reads and then writes fails at once ("database is
+            # locked") when another one wrote meanwhile; one that writes first waits its turn.
+            # The publisher writes next: take the write lock now, with an UPDATE of no row.
+            WebhookEndpoint.objects.using(alias).filter(pk__isnull=True).update(
+                enabled=F("enabled")
+            )
+        return list(
+            WebhookEndpoint.objects.using(alias)
+            .filter(enabled=True)
+            .only("id", "events")
+            .order_by("created_at")
+        )
 
 
 def subscription_for(endpoint: WebhookEndpoint, *, keep_row: bool = True) -> EndpointSubscription:
