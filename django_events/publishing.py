@@ -7,8 +7,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
+from os import urandom
 from typing import Any, TypeVar, overload
-from uuid import uuid4
+from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.db import router, transaction
@@ -141,7 +142,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         header_dict = dict(headers)
     else:
         raise TypeError(f"headers of {compiled.name!r} must map str to str, got {headers!r}")
-    event_id = uuid4()
+    event_id = new_event_id()
     parent = current_event()
     new = Event(
         event_id,
@@ -163,13 +164,25 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         sync=accepted(compiled.sync, data),
         async_=async_,
         # An ordered delivery's row (its place in line) refers to the record.
-        recorded=compiled.records_all or _any_ordered(async_, tasks),
+        recorded=compiled.records_all or (compiled.has_ordered and _any_ordered(async_, tasks)),
         tasks=tasks,
     )
 
 
-def _any_ordered(*groups: list[Subscription]) -> bool:
+def _any_ordered(*groups: Sequence[Subscription]) -> bool:
     return any(s.declaration.ordering_key is not None for g in groups for s in g)
+
+
+# uuid4()'s version and variant bits: version 4 (random), the RFC 4122 variant.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (4 << 76) | (0x8000 << 48)
+
+
+def new_event_id() -> UUID:
+    """A new random event id: what ``uuid4()`` returns, built the way it builds it (16 bytes
+    of ``os.urandom``, the version and variant bits set) but through ``UUID(int=...)``, whose
+    argument checks cost half of ``UUID(bytes=..., version=4)``'s (figure 1)."""
+    return UUID(int=int.from_bytes(urandom(16)) & _UUID4_CLEAR | _UUID4_SET)
 
 
 @dataclass(frozen=True)
