@@ -157,11 +157,15 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     )
     if registry.interceptors:
         run_send(registry.interceptors, new)
-    async_, tasks = accepted(compiled.async_, data), accepted(compiled.tasks, data)
+    sync: Sequence[Subscription] = compiled.sync
+    async_: Sequence[Subscription] = compiled.async_
+    tasks: Sequence[Subscription] = compiled.tasks
+    if compiled.has_filters:  # else every subscription gets the event: no `when` to run
+        sync, async_, tasks = accepted(sync, data), accepted(async_, data), accepted(tasks, data)
     return Outgoing(
         event=new,
         compiled=compiled,
-        sync=accepted(compiled.sync, data),
+        sync=sync,
         async_=async_,
         # An ordered delivery's row (its place in line) refers to the record.
         recorded=compiled.records_all or (compiled.has_ordered and _any_ordered(async_, tasks)),
@@ -229,7 +233,7 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     records: list[tuple[Event, str]] = []
     in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number
     deferred: list[Outgoing] = []
-    in_transaction: list[tuple[Event, bool, list[Subscription]]] = []
+    in_transaction: list[tuple[Event, bool, Sequence[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         for subscription in accepted(item.compiled.inline, item.event.data):

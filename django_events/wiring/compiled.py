@@ -121,6 +121,12 @@ class CompiledEvent:
         """Whether an async subscription of this event has an ``ordering_key``."""
         return any(s.declaration.ordering_key is not None for s in (*self.async_, *self.tasks))
 
+    @cached_property
+    def has_filters(self) -> bool:
+        """Whether a subscription of this event has a ``when`` filter."""
+        groups = (self.inline, self.sync, self.async_, self.tasks)
+        return any(s.accepts is not None for group in groups for s in group)
+
     @cached_property  # the registry is rebuilt when DJANGO_EVENTS changes
     def records_all(self) -> bool:
         return (self.declaration.record or conf.RECORD) == "all"
