@@ -13,7 +13,6 @@ from uuid import UUID
 
 from asgiref.sync import sync_to_async
 from django.db import router, transaction
-from django.utils import timezone
 
 from django_events.delivery import ordering
 from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
@@ -149,7 +148,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
         compiled.name,
         compiled.typed_payload(data, given),
         header_dict,
-        timezone.now(),
+        registry.now(),
         parent.correlation_id if parent else event_id,
         parent.id if parent else None,
         data,

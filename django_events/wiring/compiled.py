@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from functools import cached_property
 from types import FunctionType, MethodType
 from typing import Any, cast
@@ -174,6 +175,14 @@ class Registry:
     interceptors: list[Any] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # the manifest files read
     inbound_sources: dict[str, SourceDeclaration] = field(default_factory=dict)  # `sources:`
+    # The zone of `occurred_at`, as `timezone.now()` gives it: UTC, or None (local time)
+    # without USE_TZ. Read when the registry is built (a change of USE_TZ rebuilds it): the
+    # setting's lookup would be a tenth of a publish() (figure 1).
+    clock: tzinfo | None = UTC
+
+    def now(self) -> datetime:
+        """``timezone.now()``, with USE_TZ as it was when this registry was built."""
+        return datetime.now(self.clock)
 
     def event(self, name: str) -> CompiledEvent:
         """Return the compiled event ``name`` (raises ``UnknownEvent``)."""
