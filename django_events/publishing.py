@@ -235,8 +235,9 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     in_transaction: list[tuple[Event, bool, Sequence[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
-        for subscription in accepted(item.compiled.inline, item.event.data):
-            run_handler(subscription, item.event, interceptors)
+        if item.compiled.inline:
+            for subscription in accepted(item.compiled.inline, item.event.data):
+                run_handler(subscription, item.event, interceptors)
         if item.compiled.has_ordered:
             line = ordering.ordered([*item.async_, *item.tasks])
             if line:

@@ -134,12 +134,13 @@ class CompiledEvent:
 
     def to_data(self, payload: Any) -> dict[str, Any]:
         """Validate ``payload`` and return its JSON form (raises ``InvalidPayload``)."""
-        if self.type is not None and isinstance(payload, self.type):
+        tp = self.declaration.type
+        if tp is not None and isinstance(payload, tp):
             data = typed.to_data(payload)
         elif isinstance(payload, dict):
             data = payload
         else:
-            raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
+            raise InvalidPayload(self.name, [_not_an_object(payload, tp)])
         redact = self.declaration.redact
         try:
             problems = self.validator.problems(data, redact) or json_problems(data, redact)
