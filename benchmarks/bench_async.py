@@ -76,10 +76,6 @@ def _db_worker(
     queues: list[str], extra_env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     env = {
-        # The webhook subscription's url and secret, which figure 13 sets when it runs: the
-        # worker's system checks refuse to start without them.
-        "BENCH_HOOK_URL": "http://127.0.0.1:9/unused",
-        "BENCH_HOOK_SECRET": "whsec_" + "A" * 32,
         **os.environ,
         **(extra_env or {}),
         "DJANGO_SETTINGS_MODULE": "benchmarks.settings",
