@@ -22,6 +22,7 @@ from django.utils import timezone
 from django_events import apublish, publish, publish_many
 from django_events.delivery.broker import build_message
 from django_events.delivery.execution import run_coroutine_function
+from django_events.delivery.messages import event_body
 from django_events.delivery.recording import record_for
 from django_events.delivery.worker import process_message
 from django_events.events import Event
@@ -188,7 +189,7 @@ def figure_12(ctx: Context) -> bool:
         EventRecord.objects.bulk_create(
             [record_for(e, EventRecord.Status.DISPATCHED) for e in events]
         )
-        return [build_message(e.to_message(), subscription, "default") for e in events]
+        return [build_message(event_body(e), subscription, "default") for e in events]
 
     def deliveries(subscription: str) -> Any:
         def measure() -> float:
