@@ -99,6 +99,15 @@ def test_outside_a_transaction_delivers_at_once() -> None:
     assert [r.event_id for r in handled()] == [event.id]
 
 
+@pytest.mark.django_db
+def test_event_ids_are_random_rfc4122_version_4_uuids() -> None:
+    ids = [publish("orders.placed", {"order_id": n, "total": 1.0}).id for n in range(200)]
+    assert len(set(ids)) == 200
+    assert {i.version for i in ids} == {4}
+    assert {i.variant for i in ids} == {uuid.RFC_4122}
+    assert all(uuid.UUID(str(i), version=4) == i for i in ids)  # the bits uuid4() would set
+
+
 @pytest.mark.django_db(transaction=True)
 def test_inline_handler_runs_in_the_transaction_and_its_error_rolls_back() -> None:
     failing = {**INLINE, "handler": "tests.app.handlers.inline_fails"}
