@@ -42,7 +42,7 @@ class DjangoEventsConfig(AppConfig):
 
 
 def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
-    if setting == "DJANGO_EVENTS":
+    if setting in ("DJANGO_EVENTS", "USE_TZ"):  # the registry holds USE_TZ's clock
         from django_events.wiring.registry import reset_registry
 
         reset_registry()

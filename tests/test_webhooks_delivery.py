@@ -69,7 +69,9 @@ ENDPOINTS = {
 
 
 @contextmanager
-def webhook_worker(kind: str, receiver: Receiver, folder: Path) -> Iterator[WorkerProcess]:
+def webhook_worker(
+    kind: str, receiver: Receiver, folder: Path, **extra: str
+) -> Iterator[WorkerProcess]:
     """A worker of broker ``kind`` on a queue of its own, with the webhooks.yaml wiring."""
     urls = {f"TEST_HOOK_URL_{s.upper()}": receiver.url(s) for s in SCRIPTS}
     urls["TEST_HOOK_URL_CLOSED"] = f"http://127.0.0.1:{closed_port()}/closed"
@@ -80,6 +82,7 @@ def webhook_worker(kind: str, receiver: Receiver, folder: Path) -> Iterator[Work
         "DJANGO_EVENTS_TEST_WEBHOOK_ENDPOINTS": json.dumps(ENDPOINTS),
         "TEST_HOOK_SIGNING_SECRET": SECRET,
         **urls,
+        **extra,
     }
     with start_worker(kind, folder, prefix="wh", manifest="webhooks.yaml", env=env) as process:
         yield process
@@ -162,6 +165,41 @@ def test_200_succeeds_signed_with_the_standard_headers_and_body(
     assert (row.mode, row.attempts, row.response_status) == ("webhook", 1, 200)
     assert row.response_body == '{"received": true}'
     assert row.response_ms is not None
+
+
+def test_batched_success_rows_of_webhooks_keep_the_receivers_answer(
+    receiver: Receiver, tmp_path: Path
+) -> None:
+    # SUCCESS_RECORDS = "batched": a webhook's success row waits for the writer like any
+    # first attempt's (here only the worker's exit writes), with the answer on it.
+    batched = webhook_worker(
+        "filesystem",
+        receiver,
+        tmp_path,
+        DJANGO_EVENTS_TEST_SUCCESS_RECORDS="batched",
+        DJANGO_EVENTS_TEST_FLUSH_INTERVAL="3600",
+    )
+    with batched as process, wired(process):
+        ok, huge = send("ok", 11), send("huge", 12)
+        wait_for(
+            lambda: (
+                receiver.of("ok", message_id(ok, "hook-ok"))
+                and receiver.of("huge", message_id(huge, "hook-huge"))
+            ),
+            timeout=30,
+            what="both webhooks received",
+        )
+        time.sleep(0.5)  # the answers are read, the handlers done
+        assert not Delivery.objects.filter(event_id__in=[ok.id, huge.id]).exists()
+        process.stop()  # warm shutdown: each pool process writes its rows as it exits
+
+    rows = {r.subscription: r for r in Delivery.objects.filter(event_id__in=[ok.id, huge.id])}
+    assert set(rows) == {"hook-ok", "hook-huge"}
+    for row in rows.values():
+        assert (row.mode, row.status, row.attempts) == ("webhook", "succeeded", 1)
+        assert row.response_status == 200 and row.response_ms is not None
+    assert rows["hook-ok"].response_body == '{"received": true}'
+    assert rows["hook-huge"].response_body == "x" * 1024
 
 
 def test_500_then_200_is_retried_with_the_same_id_signed_again(

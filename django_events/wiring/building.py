@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import UTC
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from django.apps import apps
+from django.conf import settings
 from django.utils.module_loading import import_string
 from jsonschema import SchemaError
 
@@ -48,7 +50,7 @@ def manifest_paths() -> list[Path]:
 
 def build_registry() -> Registry:
     """Read every source and compile the registry, collecting problems instead of raising."""
-    registry = Registry()
+    registry = Registry(clock=UTC if settings.USE_TZ else None)
     problems = registry.problems
     problems.extend(settings_problems())
     manifests: list[Manifest] = []
