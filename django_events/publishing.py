@@ -14,7 +14,7 @@ from uuid import UUID
 from asgiref.sync import sync_to_async
 from django.db import router, transaction
 
-from django_events.delivery import ordering
+from django_events.delivery import endpoints, ordering
 from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
@@ -161,6 +161,10 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     tasks: Sequence[Subscription] = compiled.tasks
     if compiled.has_filters:  # else every subscription gets the event: no `when` to run
         sync, async_, tasks = accepted(sync, data), accepted(async_, data), accepted(tasks, data)
+    hooks = endpoints.for_event(compiled.name)  # webhook endpoints registered at run time
+    if hooks:
+        async_ = [*async_, *(h for h in hooks if h.via != "tasks")]
+        tasks = [*tasks, *(h for h in hooks if h.via == "tasks")]
     return Outgoing(
         event=new,
         compiled=compiled,

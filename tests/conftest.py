@@ -8,7 +8,7 @@ import pytest
 from django.conf import settings
 from django.test import override_settings
 
-from django_events.delivery import broker
+from django_events.delivery import broker, endpoints
 from django_events.wiring.registry import reset_registry
 
 
@@ -27,8 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def _fresh_registry() -> Iterator[None]:
     reset_registry()
+    endpoints.forget()  # a rolled-back test's endpoints
     yield
     reset_registry()
+    endpoints.forget()
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from django.db import (
 )
 from django.utils import timezone
 
-from django_events.delivery import ordering, webhooks
+from django_events.delivery import endpoints, ordering, webhooks
 from django_events.delivery.batching import Answer, recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
@@ -114,7 +114,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             f"v{MESSAGE_VERSION}): deploy the release that sent it, then retry the delivery",
         )
     registry = get_registry()
-    subscription = registry.subscriptions.get(message.subscription)
+    subscription: Subscription | None = registry.subscriptions.get(message.subscription)
+    if subscription is None and endpoints.is_endpoint_name(message.subscription):
+        try:
+            subscription = endpoints.find(message.subscription)
+        except DatabaseError as exc:  # nothing ran: the endpoint is read again next time
+            logger.warning("Cannot read the webhook endpoint: %s", exc, extra=log_extra())
+            _close_broken(message.alias)
+            return Outcome("retry", retry_in=RECORD_RETRY_MAX, error=exc)
     compiled = registry.events.get(event_name)
     try:
         # Authenticated encryption: what opens was sealed by a publisher with our keys.
@@ -128,7 +135,11 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    if subscription not in compiled.async_ and subscription not in compiled.tasks:
+    if (
+        not subscription.receives(event_name)
+        if isinstance(subscription, endpoints.EndpointSubscription)
+        else subscription not in compiled.async_ and subscription not in compiled.tasks
+    ):
         return _give_up(
             message,
             attempt,
