@@ -225,6 +225,8 @@ def test_the_pages_fit_1400_px(live_server, page, shots) -> None:
         assert_shown_whole(page, "#result_list td.field-attempts, #result_list td.field-error")
         assert "12" in page.inner_text("#result_list td.field-attempts >> nth=0")
         page.screenshot(path=shots / "failures-1400.png", full_page=True)
+
+
 def _login(page, url: str, username: str, password: str) -> None:
     page.context.clear_cookies()
     page.goto(f"{url}/admin/login/?next=/admin/django_events/eventrecord/wiring/")

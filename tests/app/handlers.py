@@ -221,6 +221,8 @@ def record_failed_signal(sender: str, **kwargs: object) -> None:
             "exception": type(exception).__name__ if exception is not None else None,
         },
     )
+
+
 def ordered_step(event: Event) -> None:
     """Sleep 0-20 ms and record the run with its start and end (monotonic across processes:
     time.time); a payload with ``fail: true`` raises instead."""
