@@ -179,6 +179,33 @@ def check_order(
     return figures
 
 
+def settle(ids: list[uuid.UUID], timeout: float, *, relay: bool = True) -> None:
+    """Wait until every delivery of ``ids`` succeeded, the relay running beside the workers
+    (as in a deployment); on a timeout, say where the unfinished ones are."""
+
+    def settled() -> bool:
+        if relay:
+            relay_backlog(min_age=10)
+        return all_succeeded(ids)
+
+    try:
+        wait_for(settled, timeout=timeout, what="every delivery")
+    except AssertionError:
+        unfinished = Delivery.objects.filter(event_id__in=ids).exclude(status="succeeded")
+        print(f"\n{unfinished.count()} unfinished, now {timezone.now()}:")
+        for row in unfinished.order_by("ordering_key", "sequence")[:60]:
+            print(
+                row.ordering_key,
+                row.sequence,
+                row.status,
+                row.attempts,
+                row.retry_at,
+                row.updated_at,
+                row.last_error[:80],
+            )
+        raise
+
+
 def all_succeeded(ids: list[uuid.UUID], subscription: str = "ord-steps") -> bool:
     done = Delivery.objects.filter(
         subscription=subscription, event_id__in=ids, status="succeeded"
@@ -190,13 +217,7 @@ def test_per_key_order_with_two_workers_and_concurrent_publishers(wired: Rig) ->
     keys = [f"acct-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
     ids = publish_concurrently("ord.changed", EVENTS, keys)
 
-    try:
-        wait_for(lambda: all_succeeded(ids), timeout=60 + EVENTS / 10, what=f"{EVENTS} deliveries")
-    except AssertionError:
-        rows = Delivery.objects.filter(event_id__in=ids).order_by("ordering_key", "sequence")
-        for r in rows:
-            print(r.ordering_key, r.sequence, r.status, r.attempts, r.retry_at, r.last_error[:80])
-        raise
+    settle(ids, timeout=60 + EVENTS / 10, relay=False)  # no faults: nothing for the relay
 
     check_order(ids)
     # Both workers took part: the keys ran concurrently, not through one process.
@@ -231,14 +252,8 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
     thread.start()
     try:
         ids = publish_concurrently("ord.changed", EVENTS, keys)
-
-        def settled() -> bool:
-            # The relay runs beside the workers, as in a deployment: a hand-on whose send
-            # died with its pool process is due for it (retry_at) after 30 s.
-            relay_backlog(min_age=10)
-            return all_succeeded(ids)
-
-        wait_for(settled, timeout=120 + EVENTS / 10, what="every delivery")
+        # A hand-on whose send died with its pool process is due for the relay after 30 s.
+        settle(ids, timeout=120 + EVENTS / 10)
     finally:
         done.set()
         thread.join()
@@ -280,7 +295,19 @@ def _succeeded_of(keys: list[str]) -> int:
     ).count()
 
 
-@pytest.mark.parametrize("rig", ["amqp", "redis"], indirect=True)
+# Not on Redis yet: a worker killed as a whole can take a message with it there (kombu's BRPOP
+# removes it before the worker notes it unacknowledged: docs/reliability.md, "Limits, by decision"),
+# and the lost delivery, pending, holds its key until something sends it again. Reproduced
+# here in 2 runs of 3 (one key stuck behind one pending delivery each time).
+REDIS_LOSES_A_MESSAGE = pytest.mark.xfail(
+    reason="Redis: a whole-worker SIGKILL can lose a message; no recovery for it yet",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    "rig", ["amqp", pytest.param("redis", marks=REDIS_LOSES_A_MESSAGE)], indirect=True
+)
 def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> None:
     # The filesystem transport has no acknowledgements: a killed worker's messages are gone.
     keys = [f"host-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
@@ -319,11 +346,7 @@ def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> Non
     assert not errors, errors
     assert len(kills) == 2
 
-    def settled() -> bool:
-        relay_backlog(min_age=10)  # beside the workers, as in a deployment
-        return all_succeeded(ids)
-
-    wait_for(settled, timeout=120 + EVENTS / 10, what="every delivery")
+    settle(ids, timeout=120 + EVENTS / 10)
     check_order(ids)
 
 
