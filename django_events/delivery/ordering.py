@@ -16,7 +16,8 @@ The broker is not involved (RabbitMQ, Redis and the filesystem transport alike),
 number of workers and hosts. Its cost: at publish, one upsert per key and one `Delivery`
 insert per ordered delivery, and the gate row locked until the publisher commits; at the
 worker, two reads before each run (a transaction only to hold it) and one transaction after.
-docs/ordering.md says why this over the brokers' own tools. Webhook deliveries (``mode: webhook``) use the same three calls around their send.
+docs/ordering.md says why this over the brokers' own tools. Webhook deliveries
+(``mode: webhook``) use the same three calls around their send.
 """
 
 from __future__ import annotations
