@@ -5,8 +5,8 @@
   concurrent publishers of one key get their numbers in commit order ("recorded order"), and
   a rolled-back publish gives its number back. Its `Delivery` row is written then, pending.
 - A worker that gets the message looks for an unfinished delivery of the key with a lower
-  number (`claim`). If there is none, the handler runs; if there is one, it locks the gate,
-  looks again, and leaves the delivery ``held`` (the message acknowledged).
+  number (`claim`). If there is none, the handler runs; if there is one, it locks the key's
+  turn (`_lock`), looks again, and leaves the delivery ``held`` (the message acknowledged).
 - The worker that finishes a delivery (`finish`, in the transaction that records its success)
   finds the key's first unfinished delivery; if it is held, it marks it pending and sends its
   message again after the commit. A failed delivery is unfinished: it holds its key until a
@@ -133,11 +133,22 @@ def _take(alias: str, subscription: str, key: str, count: int) -> int:
 
 
 def _lock(alias: str, subscription: str, key: str) -> None:
-    """Lock the gate row until the transaction ends.
+    """Lock the key's turn until the transaction ends: `claim` holding a delivery and
+    `finish` handing on wait for each other.
 
-    An ``UPDATE``, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first
-    and writes later can fail at once with "database is locked"; one that writes first waits.
+    On PostgreSQL a transaction-level advisory lock on the key, not the gate row: a publisher
+    holds the gate row from its numbering to its commit, and a worker waiting for that would
+    run no faster than the publishers commit (figure 16). Elsewhere an ``UPDATE`` of the gate
+    row, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first and writes
+    later can fail at once with "database is locked"; one that writes first waits.
     """
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        digest = hashlib.sha256(f"django_events.ordering\0{subscription}\0{key}".encode())
+        with connection.cursor() as cursor:  # a shared id (a hash collision) only waits
+            lock_id = int.from_bytes(digest.digest()[:8], "big", signed=True)
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id])
+        return
     OrderingGate.objects.using(alias).filter(subscription=subscription, key=key).update(
         last_sequence=F("last_sequence")
     )
@@ -158,9 +169,10 @@ def _head(alias: str, subscription: str, key: str) -> Delivery | None:
 def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
     """Decide whether the delivery of ``event_id`` may run now (see the module docstring).
 
-    Its turn is read without the gate: every earlier delivery of the key finished (committed)
+    Its turn is read without a lock: every earlier delivery of the key finished (committed)
     stays finished, and a later one that looks now sees this one unfinished. Only holding
-    takes the gate, so that the worker finishing the delivery before it cannot miss the hold.
+    locks the key's turn, so that the worker finishing the delivery before it cannot miss
+    the hold.
     """
     row = (
         Delivery.objects.using(alias)
@@ -172,6 +184,7 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
         return Turn.RUN
     key, number, status = row
     assert key is not None
+    assert number is not None
     if status in FINISHED:
         return Turn.DONE
     if not _earlier_unfinished(alias, subscription, key, number):
@@ -200,8 +213,8 @@ def finish(
 ) -> None:
     """Record a delivery's outcome with ``save`` and hand its key on, in one transaction.
 
-    The gate is locked before ``save`` writes, as `claim` locks it before its writes: the
-    same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
+    The key's turn is locked before ``save`` writes, as `claim` locks it before its writes:
+    the same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
     transaction that recorded the outcome already: an idempotent run) only hands on. The next
     delivery's message is sent after the commit.
     """
@@ -223,7 +236,7 @@ def finish(
 def hand_on(alias: str, subscription: str, key: str) -> None:
     """If the key's first unfinished delivery is held, make it pending and send it.
 
-    Inside a transaction that locked the gate (`_lock`): it stays locked until the commit,
+    Inside a transaction that locked the key's turn (`_lock`): it stays so until the commit,
     and the message goes out after the commit. The row is due for events_relay in
     `HAND_ON_GRACE` seconds in case this process never sends it; a sent message clears that.
     """
