@@ -14,6 +14,6 @@ export DJANGO_EVENTS_ORDERING_EVENTS=${DJANGO_EVENTS_ORDERING_EVENTS:-10000}
 export DJANGO_EVENTS_ORDERING_KEYS=${DJANGO_EVENTS_ORDERING_KEYS:-50}
 BROKERS=${ORDERING_SOAK_BROKERS:-filesystem or amqp or redis}
 # The suite's pytest-timeout (300 s a test, pyproject.toml) would stop a run of this size
-# midway; each test waits for its own deliveries with a deadline scaled to the count.
+# midway; each test waits for as long as its deliveries keep succeeding.
 exec .venv/bin/python -m pytest -q -p no:randomly -s --timeout 3600 tests/test_ordering_delivery.py \
   -k "(per_key or sigkilled) and ($BROKERS)" "$@"
