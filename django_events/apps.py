@@ -15,6 +15,7 @@ class DjangoEventsConfig(AppConfig):
     def ready(self) -> None:
         from django.core.checks import register
         from django.core.signals import setting_changed
+        from django.db.models.signals import post_delete, post_save
         from django.utils.module_loading import autodiscover_modules
 
         from django_events import checks, tasks  # noqa: F401 - tasks registers django_events.deliver
@@ -30,13 +31,25 @@ class DjangoEventsConfig(AppConfig):
         register(checks.check_lock, "django_events")
         register(check_inbound, "django_events")
         setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
+        # A publisher's list of webhook endpoints is read again after a change in this
+        # process (other processes: after WEBHOOK_ENDPOINTS["refresh"] seconds).
+        endpoint = self.get_model("WebhookEndpoint")
+        post_save.connect(_forget_endpoints, endpoint, dispatch_uid="django_events.endpoints")
+        post_delete.connect(_forget_endpoints, endpoint, dispatch_uid="django_events.endpoints")
         if conf.AUTODISCOVER:
             autodiscover_modules("events")  # apps' events.py modules declare @event classes
         get_registry()
 
 
 def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
-    if setting == "DJANGO_EVENTS":
+    if setting in ("DJANGO_EVENTS", "USE_TZ"):  # the registry holds USE_TZ's clock
         from django_events.wiring.registry import reset_registry
 
         reset_registry()
+        _forget_endpoints()
+
+
+def _forget_endpoints(**kwargs: Any) -> None:
+    from django_events.delivery.endpoints import forget
+
+    forget()

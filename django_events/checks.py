@@ -38,7 +38,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E110": "a PIPELINE entry is not an interceptor",
     "django_events.E111": "a broadcast subscription is also idempotent",
     "django_events.W110": "a broadcast subscription has a retry policy",
-    "django_events.E160": "ordering_key on a subscription that is not async",
+    "django_events.E160": "ordering_key on a subscription that is not async or webhook",
     "django_events.E161": "ordering_key on a broadcast subscription",
     "django_events.E162": "ordering_key names a path the event's schema does not have",
     "django_events.W160": "ordering_key names an optional property",
@@ -73,6 +73,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E321": "a webhook's secret is missing or not whsec_ + base64",
     "django_events.E322": "webhook subscriptions but httpx is not installed",
     "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
+    "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
 }
 
 

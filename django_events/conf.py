@@ -24,6 +24,19 @@ DEFAULT_RETRY: dict[str, Any] = {
 # idempotency keys after their window expired. None keeps them for good.
 DEFAULT_RETENTION: dict[str, float | None] = {"events": 30, "idempotency_keys": 0}
 
+# Webhook endpoints registered at run time (models.WebhookEndpoint; docs/webhooks.md).
+# queue None: DEFAULT_QUEUE; retry None: DEFAULT_RETRY; disable_after: seconds an endpoint may
+# fail (every attempt since its last success) before it is disabled, Svix's 5 days (None:
+# never);
+# refresh: seconds a publishing process keeps the list of enabled endpoints.
+DEFAULT_WEBHOOK_ENDPOINTS: dict[str, Any] = {
+    "queue": None,
+    "retry": None,
+    "timeout": 10,
+    "disable_after": 5 * 24 * 3600,
+    "refresh": 5,
+}
+
 DEFAULTS: dict[str, Any] = {
     "MANIFESTS": [],
     "AUTODISCOVER": True,
@@ -42,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "PUBLISHER_CONFIRMS": True,
     "RETENTION": DEFAULT_RETENTION,
     "WEBHOOKS_ALLOW_PRIVATE": False,
+    "WEBHOOK_ENDPOINTS": DEFAULT_WEBHOOK_ENDPOINTS,
 }
 
 
@@ -211,6 +225,14 @@ class Settings:
     def WEBHOOKS_ALLOW_PRIVATE(self) -> bool:
         """Let webhooks reach private, loopback and link-local addresses (tests, intranets)."""
         return bool(self._get("WEBHOOKS_ALLOW_PRIVATE"))
+
+    @property
+    def WEBHOOK_ENDPOINTS(self) -> dict[str, Any]:
+        """Run-time webhook endpoints: queue, retry, timeout, disable_after, refresh."""
+        value = {**DEFAULT_WEBHOOK_ENDPOINTS, **self._get("WEBHOOK_ENDPOINTS")}
+        value["queue"] = value["queue"] or self.DEFAULT_QUEUE
+        value["retry"] = {**self.DEFAULT_RETRY, **(value["retry"] or {})}
+        return value
 
     @property
     def LOCK_FILE(self) -> Path:

@@ -40,28 +40,29 @@ class Event(Generic[PayloadT]):
     version: int = 1
 
 
-_current_event: ContextVar[Event | None] = ContextVar("django_events_current_event", default=None)
+# The event whose handler runs in this context: events published meanwhile chain to it.
+# Set and reset around each handler run by `django_events.delivery.execution.run_handler`.
+handled_event: ContextVar[Event | None] = ContextVar("django_events_current_event", default=None)
 
 
 def current_event() -> Event | None:
     """Return the event whose handler is running in this context, if any."""
-    return _current_event.get()
+    return handled_event.get()
 
 
 class handling:
     """Mark ``event`` as the one being handled, so events published meanwhile chain to it."""
 
-    # A class, not @contextmanager: this runs once per handler call, on the hot path.
     __slots__ = ("event", "token")
 
     def __init__(self, event: Event) -> None:
         self.event = event
 
     def __enter__(self) -> None:
-        self.token = _current_event.set(self.event)
+        self.token = handled_event.set(self.event)
 
     def __exit__(self, *exc_info: object) -> None:
-        _current_event.reset(self.token)
+        handled_event.reset(self.token)
 
 
 attempt_number: ContextVar[int] = ContextVar("django_events_attempt", default=1)

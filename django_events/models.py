@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import ClassVar
 
 from django.db import models
@@ -264,3 +265,70 @@ class PausedSubscription(models.Model):
 
     def __str__(self) -> str:
         return self.subscription
+
+
+class WebhookEndpoint(models.Model):
+    """A webhook receiver registered at run time (the admin): one signed POST per event whose
+    name matches one of ``events``, sent by the worker as a ``mode: webhook`` subscription is.
+
+    The signing secret is stored encrypted (``secret_sealed``, a key derived from
+    ``SECRET_KEY``): only ``secret_hint`` is ever shown.
+    """
+
+    id = models.UUIDField(_("id"), primary_key=True, default=uuid.uuid4, editable=False)
+    url = models.URLField(
+        _("URL"), max_length=2000, help_text=_("Where each event is POSTed (https://...).")
+    )
+    events = models.JSONField(
+        _("events"),
+        default=list,
+        help_text=_("Event names or patterns (orders.*, *) this endpoint receives."),
+    )
+    description = models.CharField(_("description"), max_length=500, blank=True, default="")
+    enabled = models.BooleanField(
+        _("enabled"), default=True, help_text=_("A disabled endpoint is sent nothing.")
+    )
+    secret_sealed = models.TextField(
+        _("signing secret (encrypted)"), editable=False, default="", blank=True
+    )
+    secret_hint = models.CharField(
+        _("signing secret"),
+        max_length=32,
+        editable=False,
+        default="",
+        blank=True,
+        help_text=_("The start of the whsec_ secret; the rest is never shown."),
+    )
+    created_at = models.DateTimeField(_("created at"), default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now, editable=False)
+    failing_since = models.DateTimeField(
+        _("failing since"),
+        null=True,
+        blank=True,
+        editable=False,
+        help_text=_("First failed attempt since the last success; empty when healthy."),
+    )
+    disabled_at = models.DateTimeField(_("disabled at"), null=True, blank=True, editable=False)
+    disabled_reason = models.TextField(
+        _("why disabled"),
+        blank=True,
+        default="",
+        editable=False,
+        help_text=_("Set when it was disabled for failing too long (empty: by hand or never)."),
+    )
+
+    class Meta:
+        verbose_name = _("webhook endpoint")
+        verbose_name_plural = _("webhook endpoints")
+        ordering = ["-created_at"]
+        indexes = [
+            # Publishers read the enabled endpoints (cached; see delivery/endpoints.py).
+            models.Index(
+                fields=["created_at"],
+                name="django_events_endpoint_on_idx",
+                condition=models.Q(enabled=True),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.description or self.url

@@ -6,6 +6,9 @@ worker cannot handle. Keyword arguments: ``event`` (the `Event`, or None when th
 event does not rebuild), ``event_id``, ``subscription`` (its name), ``mode``, ``attempts``
 (runs of the handler so far), ``error`` (the text recorded on the `Delivery`) and
 ``exception`` (the handler's exception, or None). The sender is the subscription's name.
+
+``endpoint_disabled`` is sent when a webhook endpoint registered at run time is disabled for
+failing too long (see below).
 """
 
 from __future__ import annotations
@@ -19,9 +22,14 @@ from django.dispatch import Signal
 from django_events.events import Event
 from django_events.logs import log_extra
 
-__all__ = ["delivery_failed"]
+__all__ = ["delivery_failed", "endpoint_disabled"]
 
 delivery_failed = Signal()
+
+#: Sent once when a webhook endpoint is disabled for failing longer than
+#: ``WEBHOOK_ENDPOINTS["disable_after"]``: ``endpoint`` (the `WebhookEndpoint`, as it was
+#: before) and ``reason`` (what its admin page shows). The sender is `WebhookEndpoint`.
+endpoint_disabled = Signal()
 
 logger = logging.getLogger("django_events.signals")
 

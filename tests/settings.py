@@ -154,4 +154,8 @@ if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of tes
 if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):
     # The webhook tests' worker posts to a receiver on 127.0.0.1.
     DJANGO_EVENTS["WEBHOOKS_ALLOW_PRIVATE"] = True
+if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOK_ENDPOINTS"):  # their retry and disable_after
+    DJANGO_EVENTS["WEBHOOK_ENDPOINTS"] = json.loads(
+        os.environ["DJANGO_EVENTS_TEST_WEBHOOK_ENDPOINTS"]
+    )
 LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -92,6 +92,7 @@ def test_events_queues_explains_what_a_worker_consumes() -> None:
         "  every worker gets a copy (fanout exchange cache.broadcast): bc",
         "django_events:",
         "  one worker runs each message: orders.placed:tests.app.handlers.record",
+        "  webhook endpoints registered at run time (the admin)",
         "Start workers with: celery -A <project> worker -Q cache,django_events",
         "Broadcasts reach only workers whose Celery app called "
         "django_events.delivery.broadcast.consume_broadcasts(app).",

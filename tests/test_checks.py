@@ -900,6 +900,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E321": lambda _: wiring(WEBHOOK),
     "django_events.E322": _without_httpx,
     "django_events.W320": lambda _: wiring(WEBHOOKS_ALLOW_PRIVATE=True),
+    "django_events.E323": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:x"}
+    ),
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
@@ -952,6 +955,8 @@ def test_a_timeout_is_an_error_via_tasks_only() -> None:
         "Subscription 'slow-task' has timeout 30, which task backends cannot enforce"
     )
     assert message.hint == "Use via: celery for a time limit, or remove timeout."
+
+
 @pytest.mark.parametrize(
     ("declared", "expected"),
     [
@@ -962,12 +967,14 @@ def test_a_timeout_is_an_error_via_tasks_only() -> None:
         ({"mode": "async", "ordering_key": "nope"}, ["django_events.E162"]),
         ({"mode": "async", "ordering_key": "email"}, ["django_events.W160"]),
         ({"mode": "async"}, []),
+        ({"mode": "webhook", "handler": None, "url": "https://x.example", "secret": "WH"}, []),
     ],
 )
 def test_ordering_key_checks(declared: dict[str, Any], expected: list[str]) -> None:
     from django.core.checks import run_checks
 
     sub = {"event": "orders.placed", "handler": RECORD, "ordering_key": "order_id", **declared}
+    sub = {k: v for k, v in sub.items() if v is not None}  # a webhook has no handler
     with wiring({**sub, "name": "ordered"}):
         messages = [
             m for m in run_checks(tags=["django_events"]) if m.id.split(".")[1][1:3] == "16"

@@ -94,9 +94,11 @@ def test_callbacks_run_inside_an_open_transaction_mark_at_once(
 ) -> None:
     # As TestCase.captureOnCommitCallbacks(execute=True) runs them: the rows are not committed,
     # so the marker's own connection could not see them; the publisher's connection marks.
-    with wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
-        with django_capture_on_commit_callbacks(execute=True):
-            event = publish("orders.placed", ORDER)
+    with (
+        wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        event = publish("orders.placed", ORDER)
     assert _statuses([event.id]) == ["dispatched"]
     assert [m["id"] for m in _messages(queue)] == [str(event.id)]
 

@@ -6,9 +6,11 @@ import dataclasses
 import logging
 import time
 import uuid
+from datetime import datetime, timedelta
 
 import pytest
 from django.db import transaction
+from django.test import override_settings
 from django.utils import timezone
 
 from django_events import InvalidPayload, UnknownEvent, publish, publish_many
@@ -95,6 +97,15 @@ def test_outside_a_transaction_delivers_at_once() -> None:
     with wiring(SYNC):
         event = publish("orders.placed", PAYLOAD)
     assert [r.event_id for r in handled()] == [event.id]
+
+
+@pytest.mark.django_db
+def test_event_ids_are_random_rfc4122_version_4_uuids() -> None:
+    ids = [publish("orders.placed", {"order_id": n, "total": 1.0}).id for n in range(200)]
+    assert len(set(ids)) == 200
+    assert {i.version for i in ids} == {4}
+    assert {i.variant for i in ids} == {uuid.RFC_4122}
+    assert all(uuid.UUID(str(i), version=4) == i for i in ids)  # the bits uuid4() would set
 
 
 @pytest.mark.django_db(transaction=True)
@@ -310,6 +321,21 @@ def test_event_ids_are_distinct_version_4_uuids_that_round_trip() -> None:
         copy = uuid.UUID(str(event_id))
         assert copy == event_id and hash(copy) == hash(event_id)
     assert set(EventRecord.objects.filter(pk__in=ids).values_list("pk", flat=True)) == set(ids)
+
+
+@pytest.mark.django_db
+def test_occurred_at_follows_use_tz_as_timezone_now_does(
+    django_capture_on_commit_callbacks,
+) -> None:
+    # The registry reads USE_TZ once (figure 1); changing the setting must still be seen.
+    with wiring():
+        with override_settings(USE_TZ=False), django_capture_on_commit_callbacks():
+            naive = publish("orders.placed", PAYLOAD, using="default").occurred_at
+        with django_capture_on_commit_callbacks():
+            aware = publish("orders.placed", PAYLOAD).occurred_at
+    assert naive.tzinfo is None
+    assert abs(naive - datetime.now()) < timedelta(minutes=1)  # local time, as Django's
+    assert aware.tzinfo is not None and aware.utcoffset() == timedelta(0)
 
 
 @pytest.mark.django_db

@@ -137,7 +137,12 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
     batch = events()
     EventRecord.objects.bulk_create([record_for(e, "dispatched") for e in batch])
     at = time.time()
-    successes = [(batch[0].id, "a-sub", at), (batch[1].id, "it's-sub", at)]
+    # An async delivery's success, a webhook's (with its answer), and one already recorded.
+    successes = [
+        (batch[0].id, "a-sub", at, None),
+        (batch[0].id, "hook-sub", at, (204, 17, 'it\'s "ok" é')),
+        (batch[1].id, "it's-sub", at, None),
+    ]
     kept = delivery(batch[1].id, "it's-sub", "async", "failed", 3, "later run")
 
     written = []
@@ -158,14 +163,15 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
                         created_at=when,
                         updated_at=when,
                         **dict(postgresql.SUCCESS_LITERALS),
+                        **postgresql.answer_fields(answer),
                     )
-                    for e, s, _ in successes
+                    for e, s, _, answer in successes
                 ],
                 ignore_conflicts=True,
             )
         written.append(
             sorted(
-                (r["subscription"], r["status"], r["attempts"], r["mode"], r["last_error"])
+                tuple(r[k] for k in sorted(r) if k not in ("id", "created_at", "updated_at"))
                 for r in Delivery.objects.values()
             )
         )
@@ -175,4 +181,9 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
         assert abs(times[0][0].timestamp() - at) < 1e-5 and times[0][0] == times[0][1]
 
     assert written[0] == written[1]
-    assert ("it's-sub", "failed", 3, "async", kept.last_error) in written[0]
+    stored = {r.subscription: r for r in Delivery.objects.all()}
+    assert (stored["it's-sub"].status, stored["it's-sub"].last_error) == ("failed", kept.last_error)
+    hook = stored["hook-sub"]
+    assert (hook.mode, hook.response_status, hook.response_ms) == ("webhook", 204, 17)
+    assert hook.response_body == 'it\'s "ok" é' and hook.status == "succeeded"
+    assert (stored["a-sub"].mode, stored["a-sub"].response_status) == ("async", None)

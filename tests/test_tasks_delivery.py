@@ -105,14 +105,15 @@ def test_task_row_is_written_in_the_publishers_transaction(tasks_wiring: str) ->
 
 
 class DbWorker:
-    def __init__(self, queue: str, log: Path) -> None:
-        self.queue, self.log = queue, log
+    def __init__(self, queue: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.queue, self.log, self.env = queue, log, env or {}
         self.process: subprocess.Popen[bytes] | None = None
         self.fault_dir = log.parent  # where hang_once leaves its marker
 
     def start(self) -> None:
         env = {
             **os.environ,
+            **self.env,
             "DJANGO_SETTINGS_MODULE": "tests.settings",
             "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
             "DJANGO_EVENTS_TEST_MANIFEST": "tasks.yaml",
@@ -197,6 +198,42 @@ def test_db_worker_handles_committed_events_once_and_rolled_back_never(
     assert set(deliveries.values_list("status", "attempts", "mode")) == {("succeeded", 1, "async")}
     assert deliveries.count() == 10
     assert runs("record", [lost]) == [] and not Delivery.objects.filter(event_id=lost).exists()
+
+
+def test_batched_success_rows_of_a_db_worker_are_written_after_the_handlers_and_at_exit(
+    tasks_wiring: str, tmp_path: Path
+) -> None:
+    # SUCCESS_RECORDS = "batched" on the tasks path, as on Celery's: first attempts' success
+    # rows wait for the writer (here only the exit writes), failures are written at once.
+    env = {
+        "DJANGO_EVENTS_TEST_SUCCESS_RECORDS": "batched",
+        "DJANGO_EVENTS_TEST_FLUSH_INTERVAL": "3600",
+    }
+    worker = DbWorker(tasks_wiring, tmp_path / "db_worker.log", env)
+    worker.start()
+    try:
+        ids = [publish("tk.placed", {"order_id": order_id}).id for order_id in range(4)]
+        failing = publish("tk.placed", {"order_id": 9, "fail": True}).id
+        wait_for(
+            lambda: len(runs("record", ids)) == 4 and len(runs("record_async", ids)) == 4,
+            timeout=60,
+            what="8 deliveries through db_worker",
+        )
+        failed = wait_for(
+            lambda: Delivery.objects.filter(event_id=failing, status="failed").first(),
+            timeout=60,
+            what="the failed delivery, recorded at once",
+        )
+        assert failed.attempts == 3
+        assert not Delivery.objects.filter(event_id__in=ids).exists()  # still waiting
+    finally:
+        worker.stop()  # SIGTERM: db_worker finishes, the process writes what waits as it exits
+
+    assert worker.process is not None and worker.process.returncode == 0
+    deliveries = Delivery.objects.filter(event_id__in=ids)
+    assert set(deliveries.values_list("status", "attempts", "mode")) == {("succeeded", 1, "async")}
+    assert deliveries.count() == 8
+    assert len(runs("record", ids)) == 4  # each handler ran once
 
 
 def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(

@@ -1,6 +1,6 @@
 """A webhook receiver on 127.0.0.1 that verifies every request with the standardwebhooks
 library and answers by script (the path): ok, flaky, throttled, gone, bad, redirect, huge,
-hang."""
+hang, down (500, always)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-SCRIPTS = ("ok", "flaky", "throttled", "gone", "bad", "redirect", "huge", "hang")
+SCRIPTS = ("ok", "flaky", "throttled", "gone", "bad", "redirect", "huge", "hang", "down")
 HUGE = 10 * 1024 * 1024
 
 
@@ -66,7 +66,7 @@ class Receiver:
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 headers = {k.lower(): v for k, v in self.headers.items()}
-                script = self.path.strip("/")
+                script = self.path.partition("?")[0].strip("/")  # a query tells URLs apart
                 try:
                     Webhook(receiver.secret).verify(body, headers, json_parse=False)
                     verified, error = True, ""
@@ -88,6 +88,8 @@ class Receiver:
                     if count == 1:
                         return self._answer(429, b"slow down", {"Retry-After": "2"})
                     return self._answer(200, b"ok")
+                if script == "down":
+                    return self._answer(500, b"down")
                 if script == "gone":
                     return self._answer(410, b"gone")
                 if script == "bad":

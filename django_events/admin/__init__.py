@@ -25,10 +25,12 @@ from django.utils.translation import gettext_lazy as _
 from django_events.admin.charts import deliveries_chart, duration_text, durations_chart
 from django_events.admin.dashboard import WINDOWS, collect
 from django_events.admin.diagram import wiring_svg
+from django_events.admin.endpoints import WebhookEndpointAdmin
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
+from django_events.delivery.endpoints import subscription_name
 from django_events.exceptions import EventError
 from django_events.logs import log_extra
-from django_events.models import Delivery, EventRecord, Failure, PausedSubscription
+from django_events.models import Delivery, EventRecord, Failure, PausedSubscription, WebhookEndpoint
 from django_events.operations.pausing import PauseError, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.wiring.describing import describe_wiring
@@ -152,13 +154,14 @@ class EventNameFilter(RegistryNameFilter):
 
 
 class SubscriptionFilter(RegistryNameFilter):
-    """Subscription names from the registry."""
+    """Subscription names from the registry, and those of the webhook endpoints."""
 
     title = _("subscription")
     parameter_name = "subscription"
 
     def names(self) -> Iterable[str]:
-        return get_registry().subscriptions
+        hooks = WebhookEndpoint.objects.values_list("pk", flat=True)
+        return [*get_registry().subscriptions, *map(subscription_name, hooks)]
 
 
 class ReadOnlyMixin:
@@ -620,7 +623,6 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
         first = text.splitlines()[0] if text else ""
         return first if len(first) <= 120 else first[:119] + "…"
 
-    @admin.display(description=_("last error"))
     @admin.display(description=_("webhook answer"))
     def response_summary(self, obj: Failure) -> str:
         return _response_summary(obj) or "-"
@@ -629,6 +631,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
     def response_body_pre(self, obj: Failure) -> SafeString:
         return format_html('<pre class="de-pre">{}</pre>', _masked(obj.response_body, obj))
 
+    @admin.display(description=_("last error"))
     def last_error_pre(self, obj: Failure) -> SafeString:
         return format_html('<pre class="de-pre">{}</pre>', _masked(obj.last_error, obj))
 
@@ -650,7 +653,7 @@ class FailureChangeList(ChangeList):
         return queryset.defer("traceback")
 
 
-__all__ = ["EventRecordAdmin", "FailureAdmin"]
+__all__ = ["EventRecordAdmin", "FailureAdmin", "WebhookEndpointAdmin"]
 
 
 def _response_summary(obj: Delivery) -> str:

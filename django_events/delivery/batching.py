@@ -34,10 +34,13 @@ FLUSH_INTERVAL = 0.2  # seconds a success row may wait before it is written
 MAX_BATCH = 500  # rows that wake the writer before the interval is up
 MAX_WAITING = 50_000  # rows kept while the database cannot be written; older ones are dropped
 
-# One success: event id, subscription name, when the handler finished (``time.time()``). A
-# plain tuple: a `Delivery` instance and its field-by-field adaptation would cost the worker
-# ~50 us each.
-Success = tuple[UUID, str, float]
+# A webhook's answer, kept on its success row: status, milliseconds, the start of the body
+# (storable: see `recording.storable`).
+Answer = tuple[int | None, int, str]
+# One success: event id, subscription name, when the handler finished (``time.time()``), and
+# the answer of a webhook (None for any other delivery). A plain tuple: a `Delivery` instance
+# and its field-by-field adaptation would cost the worker ~50 us each.
+Success = tuple[UUID, str, float, Answer | None]
 
 
 class BatchedRecorder:
@@ -59,9 +62,14 @@ class BatchedRecorder:
         self._thread: threading.Thread | None = None
         self._owner = os.getpid()  # a forked child inherits the exit hooks, not the thread
 
-    def add(self, alias: str, event_id: UUID, subscription: str) -> None:
-        """Queue the success of a first attempt, now, for the next batch (at once after `stop`)."""
-        row = (event_id, subscription, time.time())
+    def add(
+        self, alias: str, event_id: UUID, subscription: str, answer: Answer | None = None
+    ) -> None:
+        """Queue the success of a first attempt, now, for the next batch (at once after `stop`).
+
+        ``answer``: a webhook's (its row is a ``webhook`` delivery that keeps it).
+        """
+        row = (event_id, subscription, time.time(), answer)
         with self._lock:
             stopped = self._stopped
             if not stopped:
@@ -218,8 +226,9 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
                 created_at=datetime.fromtimestamp(finished, tz),
                 updated_at=datetime.fromtimestamp(finished, tz),
                 **literal,
+                **postgresql.answer_fields(answer),
             )
-            for event_id, subscription, finished in rows
+            for event_id, subscription, finished, answer in rows
         ],
         ignore_conflicts=True,
     )

@@ -6,7 +6,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -38,10 +38,10 @@ class Outgoing:
 
     event: Event
     compiled: CompiledEvent
-    sync: list[Subscription]
-    async_: list[Subscription]
+    sync: Sequence[Subscription]
+    async_: Sequence[Subscription]
     recorded: bool
-    tasks: list[Subscription] = field(default_factory=list)  # via Django's Tasks, on commit
+    tasks: Sequence[Subscription] = ()  # via Django's Tasks, on commit
 
 
 def accepted(subscriptions: Sequence[Subscription], data: dict[str, Any]) -> list[Subscription]:
@@ -67,8 +67,13 @@ def dispatch(batch: Sequence[Outgoing], alias: str, send: Sender | None = None) 
 
 
 def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender | None) -> None:
-    outgoing = [(o.event, o.compiled.declaration.durable, o.async_) for o in batch if o.async_]
-    via_tasks = [(o.event, o.compiled.declaration.durable, o.tasks) for o in batch if o.tasks]
+    outgoing: list[broker.SendItem] = []
+    via_tasks: list[broker.SendItem] = []
+    for o in batch:  # one plain loop: a batch of one with only sync deliveries is common
+        if o.async_:
+            outgoing.append((o.event, o.compiled.declaration.durable, o.async_))
+        if o.tasks:
+            via_tasks.append((o.event, o.compiled.declaration.durable, o.tasks))
     if not outgoing and not via_tasks:
         return
     if (
@@ -114,9 +119,11 @@ def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
     failed: list[tuple[Event, Delivery]] = []
-    paused = paused_names(alias) if any(item.sync for item in batch) else frozenset()
+    paused: frozenset[str] | None = None  # read once, if a sync delivery is due
     for item in batch:
         for subscription in item.sync:
+            if paused is None:
+                paused = paused_names(alias)
             if subscription.name in paused:  # held: resuming runs it
                 rows.append(delivery(item.event.id, subscription.name, "sync", "held", 0))
                 if not item.recorded:

@@ -12,7 +12,7 @@ from typing import Any
 
 from asgiref.sync import AsyncToSync, SyncToAsync
 
-from django_events.events import Event, attempt_number, handling
+from django_events.events import Event, attempt_number, handled_event
 from django_events.wiring.compiled import Subscription
 
 
@@ -27,7 +27,10 @@ def run_handler(
     handler = subscription.handler()
     if subscription.is_async:
         handler = partial(run_coroutine_function, handler)
-    with handling(event):
+    # The context variables set and reset by hand, not by a context manager: this runs for
+    # every handler call (figure 1).
+    handled = handled_event.set(event)
+    try:
         if not interceptors:
             return _finish(handler(event))
         call_next: Any = handler
@@ -38,6 +41,8 @@ def run_handler(
             return _finish(call_next(event))
         finally:
             attempt_number.reset(token)
+    finally:
+        handled_event.reset(handled)
 
 
 def _intercept(interceptor: Any, subscription: Subscription, call_next: Any, event: Event) -> Any:

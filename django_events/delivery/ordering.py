@@ -90,17 +90,20 @@ def assign(alias: str, items: Sequence[tuple[Event, Sequence[Subscription]]]) ->
     a cycle.
     """
     wanted: dict[tuple[str, str], list[UUID]] = {}
+    modes: dict[str, str] = {}
     for event, subscriptions in items:
         for subscription in subscriptions:
             path = subscription.declaration.ordering_key
             assert path is not None
             wanted.setdefault((subscription.name, key_value(event.data, path)), []).append(event.id)
+            modes[subscription.name] = "webhook" if subscription.mode == "webhook" else "async"
     rows = []
     with transaction.mark_for_rollback_on_error(alias):
         for (subscription_name, key), event_ids in sorted(wanted.items()):
+            mode = modes[subscription_name]
             last = _take(alias, subscription_name, key, len(event_ids))
             for number, event_id in enumerate(event_ids, start=last - len(event_ids) + 1):
-                row = delivery(event_id, subscription_name, "async", Delivery.Status.PENDING, 0)
+                row = delivery(event_id, subscription_name, mode, Delivery.Status.PENDING, 0)
                 row.ordering_key, row.sequence = key, number
                 rows.append(row)
         Delivery.objects.using(alias).bulk_create(rows)

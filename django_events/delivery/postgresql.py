@@ -53,13 +53,25 @@ OUTCOME_FIELDS = (
 # What every batched success says: a first attempt that succeeded. Literals of the statement,
 # they take no parameter.
 SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
-    ("mode", "async"),
     ("status", Delivery.Status.SUCCEEDED.value),
     ("attempts", 1),
     ("last_error", ""),
     ("traceback", ""),
-    ("response_body", ""),  # no webhook's: their successes are never batched
 )
+
+
+def answer_fields(answer: tuple[int | None, int, str] | None) -> dict[str, Any]:
+    """The `Delivery` fields of a batched success that differ between an async delivery
+    (``answer`` None) and a webhook (its answer: status, milliseconds, body start)."""
+    if answer is None:
+        return {"mode": "async", "response_body": ""}
+    status, milliseconds, body = answer
+    return {
+        "mode": "webhook",
+        "response_status": status,
+        "response_ms": milliseconds,
+        "response_body": body,
+    }
 
 
 def insert_records(connection: BaseDatabaseWrapper, records: Sequence[tuple[Event, str]]) -> None:
@@ -110,18 +122,28 @@ def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
 
 
 def insert_successes(
-    connection: BaseDatabaseWrapper, rows: Sequence[tuple[UUID, str, float]]
+    connection: BaseDatabaseWrapper,
+    rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None]],
 ) -> None:
-    """``INSERT`` first-attempt successes ((event id, subscription, unix time) each).
+    """``INSERT`` first-attempt successes ((event id, subscription, unix time, a webhook's
+    answer or None) each).
 
     ``ON CONFLICT DO NOTHING``: a row already there was written by a later run (a retry, a
     replay), and one statement may not update a row twice (a message redelivered in a batch).
     """
-    document = json.dumps(
-        [{"event": str(event), "subscription": name, "at": at} for event, name, at in rows]
-    )
+    document = json.dumps([_success(*row) for row in rows])
     with connection.cursor() as cursor:
         cursor.execute(_successes_sql(connection), [document])
+
+
+def _success(
+    event: UUID, name: str, at: float, answer: tuple[int | None, int, str] | None
+) -> dict[str, Any]:
+    row: dict[str, Any] = {"event": str(event), "subscription": name, "at": at}
+    if answer is not None:  # a webhook's: the keys an async delivery's row goes without
+        row["mode"] = "webhook"
+        row["status"], row["ms"], row["body"] = answer
+    return row
 
 
 def _quote(connection: BaseDatabaseWrapper, name: str) -> str:
@@ -229,7 +251,11 @@ def _build_upsert_sql(connection: BaseDatabaseWrapper) -> str:
 
 def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
     at = 'to_timestamp(rows."at")'
-    subscription = Delivery._meta.get_field("subscription")
+
+    def db_type(name: str) -> str:
+        return str(Delivery._meta.get_field(name).db_type(connection))
+
+    # A webhook's row has its answer (status, ms, body); an async delivery's has none of them.
     return _json_rows_insert_sql(
         connection,
         Delivery,
@@ -237,9 +263,21 @@ def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
             "event": 'rows."event"',
             "subscription": 'rows."subscription"',
             **{name: _literal(value) for name, value in SUCCESS_LITERALS},
+            "mode": """COALESCE(rows."mode", 'async')""",
+            "response_status": 'rows."status"',
+            "response_ms": 'rows."ms"',
+            "response_body": """COALESCE(rows."body", '')""",
             "created_at": at,
             "updated_at": at,
         },
-        {"event": "uuid", "subscription": str(subscription.db_type(connection)), "at": "float8"},
+        {
+            "event": "uuid",
+            "subscription": db_type("subscription"),
+            "at": "float8",
+            "mode": db_type("mode"),
+            "status": db_type("response_status"),
+            "ms": db_type("response_ms"),
+            "body": db_type("response_body"),
+        },
         "ON CONFLICT DO NOTHING",
     )

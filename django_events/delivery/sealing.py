@@ -26,6 +26,7 @@ from django.utils.crypto import salted_hmac
 from django_events.wiring.redaction import redact
 
 SALT = "django_events.delivery.sealing"
+SECRET_SALT = "django_events.delivery.sealing.secrets"  # another key for stored secrets
 NONCE = 12  # bytes: AES-GCM's standard nonce, random per message
 
 
@@ -86,15 +87,41 @@ def open_event(message: dict[str, Any]) -> dict[str, Any]:
     return opened
 
 
+def seal_text(text: str, bound_to: str) -> str:
+    """``text`` encrypted (AES-256-GCM, a key from ``SECRET_KEY``), bound to ``bound_to``.
+
+    For secrets kept in the database (a webhook endpoint's signing secret): a copy of the
+    table, or the admin's pages, never show them; a row's secret moved to another row does
+    not open.
+    """
+    nonce = os.urandom(NONCE)
+    sealed = _ciphers(_secrets(), SECRET_SALT)[0].encrypt(nonce, text.encode(), bound_to.encode())
+    return base64.b64encode(nonce + sealed).decode("ascii")
+
+
+def open_text(token: str, bound_to: str) -> str:
+    """The text `seal_text` sealed; `Unsealable` if no key of this process opens it."""
+    try:
+        raw = base64.b64decode(token, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise Unsealable("the sealed text is not base64") from exc
+    for cipher in _ciphers(_secrets(), SECRET_SALT):
+        try:
+            return cipher.decrypt(raw[:NONCE], raw[NONCE:], bound_to.encode()).decode()
+        except InvalidTag:
+            continue
+    raise Unsealable("the sealed text opens with neither SECRET_KEY nor SECRET_KEY_FALLBACKS")
+
+
 def _secrets() -> tuple[str, ...]:
     fallbacks = getattr(settings, "SECRET_KEY_FALLBACKS", None) or ()
     return (settings.SECRET_KEY, *fallbacks)
 
 
-@lru_cache(maxsize=4)
-def _ciphers(secrets: tuple[str, ...]) -> list[AESGCM]:
+@lru_cache(maxsize=8)
+def _ciphers(secrets: tuple[str, ...], salt: str = SALT) -> list[AESGCM]:
     # The first seals, all open.
     return [
-        AESGCM(salted_hmac(SALT, "aes-256-gcm", secret=s, algorithm="sha256").digest())
+        AESGCM(salted_hmac(salt, "aes-256-gcm", secret=s, algorithm="sha256").digest())
         for s in secrets
     ]

@@ -55,7 +55,7 @@ def _as_task(func: Any) -> Any:
 def deliver(message: dict[str, Any]) -> str:
     """Run one subscription's handler for one event; a retry is a new task, ``run_after``."""
     retries = int(message.get("task_retries", 0))
-    outcome = process_message(message, retries)
+    outcome = process_message(message, retries, batch_success=conf.SUCCESS_RECORDS == "batched")
     if outcome.retry_in is not None:
         again = {**message, "task_retries": retries + 1, "rerun": True}
         run_after = timezone.now() + timedelta(seconds=outcome.retry_in)

@@ -171,6 +171,17 @@ def deliver(subscription: Subscription, event: Event) -> Response:
         key = signing_key(declaration.secret or "")
     except WebhookNotConfigured as exc:
         raise WebhookFailed(f"Webhook not configured: {exc}", retry=False) from exc
+    return send(url, key, event, subscription, declaration.timeout or DEFAULT_TIMEOUT)
+
+
+def send(
+    url: str, key: bytes, event: Event, subscription: Subscription, timeout: float
+) -> Response:
+    """POST ``event`` to ``url`` signed with ``key``; return the answer, or raise WebhookFailed.
+
+    The path every webhook takes: manifest subscriptions and run-time endpoints alike.
+    """
+    _last_response.set(None)
     msg_id = message_id(event, subscription.name)
     body, content_type = body_of(event, subscription, msg_id)
     timestamp = int(time.time())
@@ -181,7 +192,7 @@ def deliver(subscription: Subscription, event: Event) -> Response:
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(key, msg_id, timestamp, body),
     }
-    response = post(url, body, headers, declaration.timeout or DEFAULT_TIMEOUT)
+    response = post(url, body, headers, timeout)
     _last_response.set(response)
     return response
 

@@ -25,8 +25,8 @@ from django.db import (
 )
 from django.utils import timezone
 
-from django_events.delivery import ordering, webhooks
-from django_events.delivery.batching import recorder
+from django_events.delivery import endpoints, ordering, webhooks
+from django_events.delivery.batching import Answer, recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
 from django_events.delivery.messages import (
@@ -37,7 +37,7 @@ from django_events.delivery.messages import (
     parse_message,
 )
 from django_events.delivery.pausing import paused_names
-from django_events.delivery.recording import delivery, ensure_records, save_deliveries
+from django_events.delivery.recording import delivery, ensure_records, save_deliveries, storable
 from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
 from django_events.exceptions import NewerVersion, RetryLater, UpcastError
@@ -114,7 +114,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             f"v{MESSAGE_VERSION}): deploy the release that sent it, then retry the delivery",
         )
     registry = get_registry()
-    subscription = registry.subscriptions.get(message.subscription)
+    subscription: Subscription | None = registry.subscriptions.get(message.subscription)
+    if subscription is None and endpoints.is_endpoint_name(message.subscription):
+        try:
+            subscription = endpoints.find(message.subscription)
+        except DatabaseError as exc:  # nothing ran: the endpoint is read again next time
+            logger.warning("Cannot read the webhook endpoint: %s", exc, extra=log_extra())
+            _close_broken(message.alias)
+            return Outcome("retry", retry_in=RECORD_RETRY_MAX, error=exc)
     compiled = registry.events.get(event_name)
     try:
         # Authenticated encryption: what opens was sealed by a publisher with our keys.
@@ -128,7 +135,11 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             else f"event {event_name!r}"
         )
         return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
-    if subscription not in compiled.async_ and subscription not in compiled.tasks:
+    if (
+        not subscription.receives(event_name)
+        if isinstance(subscription, endpoints.EndpointSubscription)
+        else subscription not in compiled.async_ and subscription not in compiled.tasks
+    ):
         return _give_up(
             message,
             attempt,
@@ -161,8 +172,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         if held is not None:
             return held
     # A retry or replay has a Delivery row already (pending): its success must replace it.
-    # A webhook's success row carries the receiver's answer: written at once, not batched.
-    batch = batch_success and not message.rerun and subscription.mode != "webhook"
+    batch = batch_success and not message.rerun
     outcome = _run(
         registry,
         subscription,
@@ -297,14 +307,14 @@ def _run(
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
     # An ordered delivery's success hands its key on: always recorded, at once.
     if (records_all or attempt > 1 or ordered) and not subscription.declaration.idempotent:
+        response = webhooks.last_response() if subscription.mode == "webhook" else None
         if (
             batch_success and attempt == 1 and not ordered
         ):  # nothing recorded before it to overwrite
-            recorder().add(alias, event.id, subscription.name)
+            recorder().add(alias, event.id, subscription.name, _answer(response))
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
-            response = webhooks.last_response() if subscription.mode == "webhook" else None
             row = _row(
                 event,
                 subscription,
@@ -319,6 +329,13 @@ def _run(
         # failure: its row exists, pending, and must not stay so; none is created.
         _finish_existing(alias, event, subscription, attempt, took)
     return Outcome("succeeded")
+
+
+def _answer(response: webhooks.Response | None) -> Answer | None:
+    """A webhook's answer as its batched success row keeps it (the body made storable)."""
+    if response is None:
+        return None
+    return response.status, response.milliseconds, storable(response.body)
 
 
 def _finish_existing(

@@ -19,13 +19,13 @@ from uuid import UUID
 from django.db import transaction
 from django.utils import timezone
 
-from django_events.delivery import broker, ordering
+from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
-from django_events.wiring.compiled import CompiledEvent, Subscription
+from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
@@ -265,11 +265,22 @@ def _mark(
     )
 
 
+def find_subscription(name: str, registry: Registry | None = None) -> Subscription | None:
+    """The subscription ``name``: declared, or a webhook endpoint's (``endpoint:<id>``)."""
+    registry = registry or get_registry()
+    found = registry.subscriptions.get(name)
+    if found is None and endpoints.is_endpoint_name(name):
+        return endpoints.find(name)
+    return found
+
+
 def reaches(subscription: Subscription, event_name: str) -> bool:
     """Whether events named ``event_name`` are delivered to ``subscription`` today."""
     compiled = get_registry().events.get(event_name)
     if compiled is None:
         return False
+    if isinstance(subscription, endpoints.EndpointSubscription):
+        return subscription.receives(event_name)
     return any(
         s is subscription
         for s in (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks)

@@ -12,13 +12,13 @@ from uuid import UUID
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.utils import timezone
 
-from django_events.delivery import broker
+from django_events.delivery import broker, endpoints
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
-from django_events.operations.redelivery import reaches
+from django_events.operations.redelivery import find_subscription, reaches
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -74,12 +74,16 @@ def relay_pending(
             except UpcastError as exc:
                 # Sent as stored, to every async subscription: each worker records the failure.
                 logger.error("%s (event %s)", exc, record.pk, extra=log_extra())
+                hooks = [h for h in endpoints.for_event(record.name) if h.via != "tasks"]
                 outgoing.append(
-                    (event_of(record), compiled.declaration.durable, list(compiled.async_))
+                    (event_of(record), compiled.declaration.durable, [*compiled.async_, *hooks])
                 )
                 continue
+            hooks = list(endpoints.for_event(record.name))  # webhook endpoints (run time)
             subscriptions = accepted(compiled.async_, data)
+            subscriptions += [h for h in hooks if h.via != "tasks"]
             tasks = accepted(compiled.tasks, data) if compiled.tasks else []
+            tasks += [h for h in hooks if h.via == "tasks"]
             if tasks and tasks_committed is None:
                 tasks_committed = _tasks_in_transaction(using)
             if tasks_committed:
@@ -193,7 +197,7 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
         prior: dict[tuple[UUID, str], int] = {}
         gone: list[int] = []
         for row in rows:
-            subscription = registry.subscriptions.get(row.subscription)
+            subscription = find_subscription(row.subscription, registry)
             record = records[row.event_id]
             compiled = registry.events.get(record.name)
             if subscription is None or compiled is None or not reaches(subscription, record.name):

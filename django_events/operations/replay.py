@@ -9,7 +9,13 @@ from django.db import DEFAULT_DB_ALIAS
 
 from django_events.exceptions import EventError
 from django_events.models import Delivery, EventRecord
-from django_events.operations.redelivery import RedeliveryResult, batched, reaches, redeliver
+from django_events.operations.redelivery import (
+    RedeliveryResult,
+    batched,
+    find_subscription,
+    reaches,
+    redeliver,
+)
 from django_events.wiring.registry import get_registry
 
 BATCH_SIZE = 500
@@ -36,7 +42,7 @@ def replay_events(
     ``idempotent`` subscription already handled successfully.
     """
     registry = get_registry()
-    target = registry.subscriptions.get(subscription)
+    target = find_subscription(subscription, registry)
     if target is None:
         known = ", ".join(sorted(registry.subscriptions)) or "none"
         raise ReplayError(f"Unknown subscription {subscription!r} (declared: {known})")

@@ -11,8 +11,15 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import ordering
+from django_events.delivery.endpoints import is_endpoint_name
 from django_events.models import Delivery, EventRecord
-from django_events.operations.redelivery import RedeliveryResult, batched, reaches, redeliver
+from django_events.operations.redelivery import (
+    RedeliveryResult,
+    batched,
+    find_subscription,
+    reaches,
+    redeliver,
+)
 from django_events.wiring.compiled import Subscription
 from django_events.wiring.registry import get_registry
 
@@ -83,13 +90,21 @@ def _claim(
     failures = list(rows.only("pk", "event_id", "subscription", "attempts"))
     records = EventRecord.objects.using(using).in_bulk([f.event_id for f in failures])
     claimed = []
+    found: dict[str, Subscription | None] = {}  # an endpoint's is read once a batch
     for failure in failures:
-        subscription = registry.subscriptions.get(failure.subscription)
+        subscription = found.get(failure.subscription)
+        if failure.subscription not in found:
+            subscription = found[failure.subscription] = find_subscription(
+                failure.subscription, registry
+            )
         record = records[failure.event_id]
         if subscription is None:
-            result.skipped.append(
-                f"{failure.subscription} <- {record.pk}: the subscription is no longer declared"
+            gone = (
+                "the webhook endpoint was deleted"
+                if is_endpoint_name(failure.subscription)
+                else "the subscription is no longer declared"
             )
+            result.skipped.append(f"{failure.subscription} <- {record.pk}: {gone}")
             continue
         if not reaches(subscription, record.name):
             result.skipped.append(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import replace
+from datetime import UTC
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from django.apps import apps
+from django.conf import settings
 from django.utils.module_loading import import_string
 from jsonschema import SchemaError
 
@@ -16,6 +18,7 @@ from django_events.conf import DEFAULTS, conf
 from django_events.wiring import typed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.declarations import (
+    ENDPOINT_PREFIX,
     SOURCE_AUTH_KINDS,
     EventDeclaration,
     Origin,
@@ -47,7 +50,7 @@ def manifest_paths() -> list[Path]:
 
 def build_registry() -> Registry:
     """Read every source and compile the registry, collecting problems instead of raising."""
-    registry = Registry()
+    registry = Registry(clock=UTC if settings.USE_TZ else None)
     problems = registry.problems
     problems.extend(settings_problems())
     manifests: list[Manifest] = []
@@ -158,6 +161,17 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
                     "E107",
                     f"Subscription {declaration.name!r} is declared twice (also at {other})",
                     "Give one of them a distinct 'name'.",
+                    declaration.origin,
+                )
+            )
+            continue
+        if declaration.name.startswith(ENDPOINT_PREFIX):
+            problems.append(
+                _problem(
+                    "E323",
+                    f"Subscription {declaration.name!r}: names starting {ENDPOINT_PREFIX!r} "
+                    "belong to webhook endpoints",
+                    "Give it another 'name'.",
                     declaration.origin,
                 )
             )
@@ -310,9 +324,9 @@ def _broadcast_problems(declaration: SubscriptionDeclaration) -> list[Problem]:
     return problems
 
 
-# Modes whose deliveries a worker runs, one message each: those an ordering gate can hold.
-# (`webhook`, once it exists, sends from the worker as well: add it here.)
-ORDERED_MODES = ("async",)
+# Modes whose deliveries a worker runs, one message each: those an ordering gate can hold
+# (a webhook is sent by the worker: the same claim / finish / release around its POST).
+ORDERED_MODES = ("async", "webhook")
 
 
 def _ordering_problems(
@@ -325,7 +339,8 @@ def _ordering_problems(
         return [
             _problem(
                 "E160",
-                f"Subscription {name!r} is {declaration.mode}: ordering_key needs mode async",
+                f"Subscription {name!r} is {declaration.mode}: ordering_key needs mode async "
+                "or webhook",
                 "Use mode: async, or remove ordering_key (sync handlers already run in order "
                 "per process).",
                 declaration.origin,

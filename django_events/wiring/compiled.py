@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, tzinfo
 from functools import cached_property
 from types import FunctionType, MethodType
 from typing import Any, cast
@@ -121,18 +122,25 @@ class CompiledEvent:
         """Whether an async subscription of this event has an ``ordering_key``."""
         return any(s.declaration.ordering_key is not None for s in (*self.async_, *self.tasks))
 
+    @cached_property
+    def has_filters(self) -> bool:
+        """Whether a subscription of this event has a ``when`` filter."""
+        groups = (self.inline, self.sync, self.async_, self.tasks)
+        return any(s.accepts is not None for group in groups for s in group)
+
     @cached_property  # the registry is rebuilt when DJANGO_EVENTS changes
     def records_all(self) -> bool:
         return (self.declaration.record or conf.RECORD) == "all"
 
     def to_data(self, payload: Any) -> dict[str, Any]:
         """Validate ``payload`` and return its JSON form (raises ``InvalidPayload``)."""
-        if self.type is not None and isinstance(payload, self.type):
+        tp = self.declaration.type
+        if tp is not None and isinstance(payload, tp):
             data = typed.to_data(payload)
         elif isinstance(payload, dict):
             data = payload
         else:
-            raise InvalidPayload(self.name, [_not_an_object(payload, self.type)])
+            raise InvalidPayload(self.name, [_not_an_object(payload, tp)])
         redact = self.declaration.redact
         try:
             problems = self.validator.problems(data, redact) or json_problems(data, redact)
@@ -168,6 +176,14 @@ class Registry:
     interceptors: list[Any] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)  # the manifest files read
     inbound_sources: dict[str, SourceDeclaration] = field(default_factory=dict)  # `sources:`
+    # The zone of `occurred_at`, as `timezone.now()` gives it: UTC, or None (local time)
+    # without USE_TZ. Read when the registry is built (a change of USE_TZ rebuilds it): the
+    # setting's lookup would be a tenth of a publish() (figure 1).
+    clock: tzinfo | None = UTC
+
+    def now(self) -> datetime:
+        """``timezone.now()``, with USE_TZ as it was when this registry was built."""
+        return datetime.now(self.clock)
 
     def event(self, name: str) -> CompiledEvent:
         """Return the compiled event ``name`` (raises ``UnknownEvent``)."""

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["inline", "sync", "async", "webhook"]
+# Subscription names of the webhook endpoints registered at run time (models.WebhookEndpoint):
+# `endpoint:<id>`. A declared subscription may not take one (E323).
+ENDPOINT_PREFIX = "endpoint:"
 MODES: tuple[Mode, ...] = ("inline", "sync", "async", "webhook")
 
 

@@ -194,13 +194,14 @@ def _deeper_than_allowed(payload: Any) -> bool:
 
 def _is_flat_json(payload: dict[Any, Any]) -> bool:
     # A round trip through json costs ~2.5 us; this loop ~0.2 us for a typical payload.
+    texts = []  # every key and string value, checked at once: storable if each one is
     for key, value in payload.items():
-        kind = type(value)
-        if type(key) is not str or not storable_text(key):
+        if type(key) is not str:
             return False
+        texts.append(key)
+        kind = type(value)
         if kind is str:
-            if not storable_text(value):
-                return False
+            texts.append(value)
         elif kind not in _JSON_SCALARS and not (kind is float and math.isfinite(value)):
             return False
-    return True
+    return storable_text("".join(texts))

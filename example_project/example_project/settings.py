@@ -145,6 +145,8 @@ DJANGO_EVENTS = {
     "MANIFESTS": [BASE_DIR / "events.yaml"],
     "CELERY_APP": "example_project.celery.app",
     "DELIVERY": EVENTS_DELIVERY,  # "celery" or "tasks"
+    # Webhook endpoints added in the admin are sent from a queue the workers already consume.
+    "WEBHOOK_ENDPOINTS": {"queue": "notifications"},
 }
 
 # The payment provider signs its webhooks with this shared secret. billing/events.yaml names

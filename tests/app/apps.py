@@ -18,3 +18,10 @@ class TestAppConfig(AppConfig):
             from .handlers import record_failed_signal
 
             delivery_failed.connect(record_failed_signal)
+        # A worker subprocess's SUCCESS_RECORDS = "batched" interval (a db_worker's; Celery's
+        # pool processes inherit it too).
+        interval = os.environ.get("DJANGO_EVENTS_TEST_FLUSH_INTERVAL")
+        if interval:
+            from django_events.delivery import batching
+
+            batching.FLUSH_INTERVAL = float(interval)

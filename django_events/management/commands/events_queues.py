@@ -24,8 +24,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, explain: bool = False, **options: Any) -> None:
-        # Never empty: `worker -Q ""` would fail, and the default queue is where async goes.
-        queues = get_registry().queues() or [conf.DEFAULT_QUEUE]
+        # Never empty: `worker -Q ""` would fail. The queue of the webhook endpoints
+        # registered at run time (DEFAULT_QUEUE unless set) is always there: endpoints are
+        # rows, added without a deploy.
+        queues = sorted({*get_registry().queues(), conf.WEBHOOK_ENDPOINTS["queue"]})
         if not explain:
             self.stdout.write(",".join(queues))
         else:
@@ -55,7 +57,9 @@ class Command(BaseCommand):
                     f"  every worker gets a copy (fanout exchange {exchange_name(queue)}): "
                     f"{', '.join(copied)}"
                 )
-            if not here:
+            if queue == conf.WEBHOOK_ENDPOINTS["queue"]:
+                self.stdout.write("  webhook endpoints registered at run time (the admin)")
+            elif not here:
                 self.stdout.write("  no async subscription (the default queue)")
         self.stdout.write(f"Start workers with: celery -A <project> worker -Q {','.join(queues)}")
         if any_broadcast:

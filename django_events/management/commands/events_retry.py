@@ -5,6 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from django_events.operations.redelivery import find_subscription
 from django_events.operations.retrying import retry_failures, select_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
 from django_events.wiring.registry import get_registry
@@ -36,7 +37,8 @@ class Command(BaseCommand):
                 "Say which failures to retry: --all, or --subscription/--event/--since/--until."
             )
         registry = get_registry()
-        if options["subscription"] and options["subscription"] not in registry.subscriptions:
+        subscription = options["subscription"]
+        if subscription and find_subscription(subscription, registry) is None:
             raise CommandError(f"Unknown subscription {options['subscription']!r}")
         if options["event"] and options["event"] not in registry.events:
             raise CommandError(f"Unknown event {options['event']!r}")

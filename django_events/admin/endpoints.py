@@ -1,0 +1,241 @@
+"""The admin of webhook endpoints registered at run time: add, edit, disable, enable again.
+
+The signing secret is write-only: a new endpoint's form offers a fresh one to copy to the
+receiver before saving; afterwards only its start is shown, and a new one replaces it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+from django.utils.translation import gettext, ngettext
+from django.utils.translation import gettext_lazy as _
+
+from django_events.conf import conf
+from django_events.delivery import endpoints, webhooks
+from django_events.models import WebhookEndpoint
+from django_events.wiring.registry import get_registry
+
+if TYPE_CHECKING:
+    WebhookEndpointAdminBase = admin.ModelAdmin[WebhookEndpoint]
+else:
+    WebhookEndpointAdminBase = admin.ModelAdmin
+
+PATTERN = re.compile(r"^[A-Za-z0-9_.*-]+$")  # event names (3.2), with * for patterns
+SEPARATORS = re.compile(r"[\s,]+")
+
+
+class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
+    """URL, event patterns, description, enabled; the secret is written, never read back."""
+
+    url = forms.URLField(
+        label=_("URL"),
+        max_length=2000,
+        assume_scheme="https",
+        widget=forms.URLInput(attrs={"size": 80}),
+        help_text=_("Where each event is POSTed (https://...)."),
+    )
+    patterns = forms.CharField(
+        label=_("Events"),
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60}),
+        help_text=_(
+            "Declared event names or patterns (orders.*, or * for every event), "
+            "separated by spaces, commas or new lines."
+        ),
+    )
+    secret = forms.CharField(
+        label=_("Signing secret"),
+        required=False,
+        strip=True,
+        widget=forms.TextInput(attrs={"size": 60, "autocomplete": "off"}),
+    )
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("url", "patterns", "secret", "description", "enabled")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        secret = self.fields["secret"]
+        if self.instance._state.adding:
+            secret.initial = endpoints.new_secret()
+            secret.required = True
+            secret.help_text = _(
+                "Standard Webhooks secret (whsec_ + base64) the receiver verifies with. A new "
+                "one is filled in: copy it to the receiver now; once saved, only its start is "
+                "shown."
+            )
+        else:
+            self.fields["patterns"].initial = "\n".join(self.instance.events or ())
+            secret.widget = forms.PasswordInput(
+                render_value=False, attrs={"size": 60, "autocomplete": "new-password"}
+            )
+            secret.help_text = gettext(
+                "Now %(hint)s (the rest is never shown). Leave empty to keep it; enter a new "
+                "whsec_ secret to replace it."
+            ) % {"hint": self.instance.secret_hint or "-"}
+
+    def clean_url(self) -> str:
+        url: str = self.cleaned_data["url"]
+        parts = urlsplit(url)
+        allow_private = conf.WEBHOOKS_ALLOW_PRIVATE
+        if parts.scheme != "https" and not allow_private:
+            raise forms.ValidationError(_("Use an https:// URL."))
+        try:
+            address = ipaddress.ip_address((parts.hostname or "").strip("[]"))
+        except ValueError:
+            return url  # a name: checked where it resolves, at each attempt
+        if not address.is_global and not allow_private:
+            raise forms.ValidationError(
+                _("%(address)s is not a public address."), params={"address": str(address)}
+            )
+        return url
+
+    def clean_patterns(self) -> list[str]:
+        patterns = [p for p in SEPARATORS.split(self.cleaned_data["patterns"]) if p]
+        if not patterns:
+            raise forms.ValidationError(_("Name at least one event or pattern."))
+        declared = get_registry().events
+        problems = []
+        for pattern in dict.fromkeys(patterns):
+            if not PATTERN.match(pattern):
+                problems.append(gettext("%(p)r is not an event name or pattern.") % {"p": pattern})
+            elif not any(_matches(name, pattern) for name in declared):
+                problems.append(gettext("%(p)r matches no declared event.") % {"p": pattern})
+        if problems:
+            raise forms.ValidationError(problems)
+        return list(dict.fromkeys(patterns))
+
+    def clean_secret(self) -> str:
+        secret: str = self.cleaned_data.get("secret") or ""
+        if secret:
+            try:
+                webhooks.signing_key_of(secret)
+            except ValueError:
+                raise forms.ValidationError(
+                    _("A secret is whsec_ followed by base64 (at least one byte).")
+                ) from None
+        return secret
+
+    def save(self, commit: bool = True) -> WebhookEndpoint:
+        endpoint: WebhookEndpoint = super().save(commit=False)
+        endpoint.events = self.cleaned_data["patterns"]
+        if self.cleaned_data.get("secret"):
+            endpoints.set_secret(endpoint, self.cleaned_data["secret"])
+        endpoint.updated_at = timezone.now()
+        if "enabled" in self.changed_data and endpoint.enabled:  # enabled again by hand
+            endpoint.failing_since = endpoint.disabled_at = None
+            endpoint.disabled_reason = ""
+        elif "enabled" in self.changed_data:
+            endpoint.disabled_at, endpoint.disabled_reason = timezone.now(), ""
+        if commit:
+            endpoint.save()
+        return endpoint
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return fnmatchcase(name, pattern)
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(WebhookEndpointAdminBase):
+    form = WebhookEndpointForm
+    list_display = ("shown", "event_list", "state", "secret_hint", "created_at", "failures")
+    list_filter = ("enabled",)
+    search_fields = ("url", "description")
+    actions = ("enable_selected", "disable_selected")
+    readonly_fields = (
+        "subscription",
+        "state",
+        "failing_since",
+        "disabled_at",
+        "disabled_reason",
+        "created_at",
+        "updated_at",
+        "failures",
+    )
+
+    class Media:
+        css = {"all": ("django_events/admin.css",)}
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        main = (None, {"fields": ("url", "patterns", "secret", "description", "enabled")})
+        if obj is None:
+            return (main,)
+        state = (
+            _("Health"),
+            {
+                "fields": (
+                    "subscription",
+                    "state",
+                    "failing_since",
+                    "disabled_at",
+                    "disabled_reason",
+                    "failures",
+                    "created_at",
+                    "updated_at",
+                )
+            },
+        )
+        return (main, state)
+
+    @admin.display(description=_("endpoint"), ordering="url")
+    def shown(self, obj: WebhookEndpoint) -> str:
+        parts = urlsplit(obj.url)
+        where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # the query may hold a token
+        return f"{obj.description} ({where})" if obj.description else where
+
+    @admin.display(description=_("events"))
+    def event_list(self, obj: WebhookEndpoint) -> str:
+        return ", ".join(obj.events or ())
+
+    @admin.display(description=_("subscription"))
+    def subscription(self, obj: WebhookEndpoint) -> str:
+        return endpoints.subscription_name(obj.pk)
+
+    @admin.display(description=_("state"), ordering="enabled")
+    def state(self, obj: WebhookEndpoint) -> SafeString:
+        if not obj.enabled:
+            why = _("disabled: failing too long") if obj.disabled_reason else _("disabled")
+            return format_html('<span class="de-badge de-failed">{}</span>', why)
+        if obj.failing_since is not None:
+            since = timezone.localtime(obj.failing_since).strftime("%Y-%m-%d %H:%M")
+            text = gettext("failing since %(since)s") % {"since": since}
+            return format_html('<span class="de-badge de-pending">{}</span>', text)
+        return format_html('<span class="de-badge de-succeeded">{}</span>', _("enabled"))
+
+    @admin.display(description=_("failed deliveries"))
+    def failures(self, obj: WebhookEndpoint) -> SafeString:
+        url = reverse("admin:django_events_failure_changelist")
+        name = endpoints.subscription_name(obj.pk)
+        return format_html('<a href="{}?subscription={}">{}</a>', url, name, _("show"))
+
+    @admin.action(description=_("Enable selected (again)"), permissions=["change"])
+    def enable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        count = endpoints.enable(queryset, using=queryset.db)
+        message = ngettext(
+            "%(count)d endpoint enabled; retry its failed deliveries from the failures page.",
+            "%(count)d endpoints enabled; retry their failed deliveries from the failures page.",
+            count,
+        ) % {"count": count}
+        self.message_user(request, message, messages.SUCCESS)
+
+    @admin.action(description=_("Disable selected"), permissions=["change"])
+    def disable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
+        count = endpoints.disable(queryset, using=queryset.db)
+        message = ngettext(
+            "%(count)d endpoint disabled.", "%(count)d endpoints disabled.", count
+        ) % {"count": count}
+        self.message_user(request, message, messages.SUCCESS)

@@ -1,0 +1,414 @@
+"""Webhook endpoints registered at run time, without a worker: the admin's form and pages,
+the stored secret, what publishing sends to them, the address refusal and the checks.
+
+Deliveries through a real worker: tests/test_webhooks_delivery.py."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from io import StringIO
+from typing import Any
+from unittest import mock
+
+import pytest
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import DatabaseError
+from django.test import override_settings
+from django.urls import reverse
+from standardwebhooks import Webhook
+
+from django_events import publish
+from django_events.delivery import endpoints, webhooks
+from django_events.delivery.sealing import Unsealable
+from django_events.events import Event
+from django_events.models import Delivery, WebhookEndpoint
+from django_events.publishing import Outlet, use_outlet
+from django_events.signals import endpoint_disabled
+
+pytestmark = pytest.mark.django_db
+
+ORDER = {"order_id": 1, "total": 9.5}
+ADD = reverse("admin:django_events_webhookendpoint_add")
+CHANGES = reverse("admin:django_events_webhookendpoint_changelist")
+SECRET = "whsec_" + base64.b64encode(b"endpoint-secret-0123456789abcdef").decode()
+
+
+@pytest.fixture
+def admin_client(client, django_user_model):
+    """pytest-django's, without hashing a password (a second a test on a busy machine)."""
+    user = django_user_model.objects.create(username="admin", is_staff=True, is_superuser=True)
+    client.force_login(user)
+    return client
+
+
+def change_url(endpoint: WebhookEndpoint) -> str:
+    return reverse("admin:django_events_webhookendpoint_change", args=[endpoint.pk])
+
+
+def form(**fields: Any) -> dict[str, Any]:
+    return {
+        "url": "https://hooks.example.com/in",
+        "patterns": "orders.*",
+        "secret": SECRET,
+        "description": "CRM",
+        "enabled": "on",
+        **fields,
+    }
+
+
+def errors_of(answer: Any) -> str:
+    assert answer.status_code == 200, "the form was saved"
+    return answer.content.decode()
+
+
+def test_the_add_form_offers_a_fresh_secret_and_stores_it_encrypted(admin_client) -> None:
+    first = admin_client.get(ADD).content.decode()
+    second = admin_client.get(ADD).content.decode()
+    offered = re.findall(r'name="secret" value="(whsec_[^"]+)"', first + second)
+    assert len(set(offered)) == 2  # a new one each time
+    webhooks.signing_key_of(offered[0])
+
+    assert admin_client.post(ADD, form(secret=offered[0])).status_code == 302
+
+    endpoint = WebhookEndpoint.objects.get()
+    assert endpoint.events == ["orders.*"]
+    assert offered[0] not in endpoint.secret_sealed
+    assert endpoint.secret_hint == offered[0][:12] + "…"
+    assert endpoints.secret_of(endpoint) == offered[0]
+    for page in (admin_client.get(change_url(endpoint)), admin_client.get(CHANGES)):
+        html = page.content.decode()
+        assert offered[0] not in html and endpoint.secret_hint in html
+
+
+def test_editing_keeps_the_secret_unless_a_new_one_is_given(admin_client) -> None:
+    endpoint, _ = endpoints.create_endpoint(
+        "https://hooks.example.com/a", ["orders.*"], secret=SECRET
+    )
+    html = admin_client.get(change_url(endpoint)).content.decode()
+    assert 'name="secret" type="password"' in html or 'type="password" name="secret"' in html
+    assert SECRET not in html
+
+    edit = form(
+        url="https://hooks.example.com/b", patterns="orders.placed, orders.shipped", secret=""
+    )
+    assert admin_client.post(change_url(endpoint), edit).status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoint.url == "https://hooks.example.com/b"
+    assert endpoint.events == ["orders.placed", "orders.shipped"]
+    assert endpoints.secret_of(endpoint) == SECRET
+
+    rotated = endpoints.new_secret()
+    assert admin_client.post(change_url(endpoint), form(secret=rotated)).status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoints.secret_of(endpoint) == rotated
+
+
+@pytest.mark.parametrize(
+    ("fields", "error"),
+    [
+        ({"url": "http://hooks.example.com/in"}, "Use an https:// URL."),
+        ({"url": "https://10.0.0.7/in"}, "10.0.0.7 is not a public address."),
+        ({"url": "https://[::1]/in"}, "::1 is not a public address."),
+        ({"url": "not a url"}, "Enter a valid URL."),
+        ({"patterns": "nope.*"}, "&#x27;nope.*&#x27; matches no declared event."),
+        ({"patterns": "orders.placed;drop"}, "is not an event name or pattern."),
+        ({"patterns": " , "}, "Name at least one event or pattern."),
+        ({"secret": "whsec_not base64!"}, "A secret is whsec_ followed by base64"),
+        ({"secret": ""}, "This field is required."),
+    ],
+)
+def test_the_form_refuses_what_could_never_be_delivered(admin_client, fields, error) -> None:
+    html = errors_of(admin_client.post(ADD, form(**fields)))
+    assert error in html
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_private_addresses_are_accepted_when_allowed(admin_client) -> None:
+    with override_settings(
+        DJANGO_EVENTS={**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": True}
+    ):
+        answer = admin_client.post(ADD, form(url="http://127.0.0.1:8000/in"))
+    assert answer.status_code == 302
+
+
+def test_enable_and_disable_actions(admin_client) -> None:
+    endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/a", ["*"])
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        enabled=False,
+        failing_since=datetime.now(tz=UTC) - timedelta(days=6),
+        disabled_at=datetime.now(tz=UTC),
+        disabled_reason="Failing since ...; last error: HTTP 500",
+    )
+    html = admin_client.get(CHANGES).content.decode()
+    assert "disabled: failing too long" in html
+    assert (
+        "Failing since ...; last error: HTTP 500"
+        in admin_client.get(change_url(endpoint)).content.decode()
+    )
+
+    action = {"action": "enable_selected", "_selected_action": [str(endpoint.pk)]}
+    admin_client.post(CHANGES, action)
+    endpoint.refresh_from_db()
+    assert endpoint.enabled and endpoint.failing_since is None and not endpoint.disabled_reason
+
+    admin_client.post(CHANGES, {**action, "action": "disable_selected"})
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled and endpoint.disabled_at is not None
+
+
+def test_the_failures_page_filters_by_endpoint(admin_client) -> None:
+    endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/a", ["*"])
+    html = admin_client.get(change_url(endpoint)).content.decode()
+    failures = reverse("admin:django_events_failure_changelist")
+    link = f"{failures}?subscription=endpoint:{endpoint.pk}"
+    assert link in html
+    assert admin_client.get(link).status_code == 200
+    assert f"endpoint:{endpoint.pk}" in admin_client.get(failures).content.decode()
+
+
+def test_a_user_without_the_permission_cannot_add_or_act(client, django_user_model) -> None:
+    user = django_user_model.objects.create(username="viewer", is_staff=True)
+    client.force_login(user)
+    assert client.get(ADD).status_code == 403
+    assert client.post(ADD, form()).status_code == 403
+    assert not WebhookEndpoint.objects.exists()
+
+
+def published(name: str, payload: dict[str, Any]) -> list[Any]:
+    """What ``publish()`` hands on (one Outgoing an event), nothing sent."""
+    batches: list[Any] = []
+    with use_outlet(Outlet(capture=lambda batch, alias: batches.extend(batch))):
+        publish(name, payload)
+    return batches
+
+
+def test_publishing_sends_one_delivery_per_enabled_matching_endpoint() -> None:
+    every, _ = endpoints.create_endpoint("https://a.example.com/", ["*"])
+    placed, _ = endpoints.create_endpoint("https://b.example.com/", ["orders.placed"])
+    endpoints.create_endpoint("https://c.example.com/", ["orders.shipped"])
+    endpoints.create_endpoint("https://d.example.com/", ["*"], enabled=False)
+
+    (item,) = published("orders.placed", ORDER)
+
+    hooks = [s for s in item.async_ if s.name.startswith("endpoint:")]
+    assert sorted(s.name for s in hooks) == sorted(
+        [f"endpoint:{every.pk}", f"endpoint:{placed.pk}"]
+    )
+    assert {(s.mode, s.queue) for s in hooks} == {
+        ("webhook", settings.DJANGO_EVENTS.get("DEFAULT_QUEUE", "django_events"))
+    }
+    assert item.recorded  # pending until the broker takes it (the outbox)
+
+
+def test_a_change_in_this_process_is_seen_at_once_others_after_refresh() -> None:
+    assert endpoints.for_event("orders.placed") == ()
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["orders.*"])
+    assert [s.endpoint_id for s in endpoints.for_event("orders.placed")] == [endpoint.pk]
+    # Another process's change (no signal here) waits for `refresh` seconds.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(enabled=False)
+    assert endpoints.for_event("orders.placed") != ()
+    endpoints.forget()
+    assert endpoints.for_event("orders.placed") == ()
+
+
+def test_an_unreadable_endpoint_table_never_breaks_a_publish(caplog) -> None:
+    unreadable = mock.patch.object(
+        WebhookEndpoint.objects, "using", side_effect=DatabaseError("no such table")
+    )
+    with caplog.at_level(logging.ERROR, "django_events.endpoints"), unreadable:
+        (item,) = published("orders.placed", ORDER)
+    assert not [s for s in item.async_ if s.name.startswith("endpoint:")]
+    assert "Cannot read the webhook endpoints" in caplog.text
+
+
+def _event() -> Event:
+    return Event(
+        id=uuid.uuid4(),
+        name="orders.placed",
+        payload=ORDER,
+        headers={},
+        occurred_at=datetime.now(tz=UTC),
+        correlation_id=uuid.uuid4(),
+        causation_id=None,
+        data=ORDER,
+    )
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:9/in", "https://169.254.169.254/latest"])
+def test_a_private_address_is_refused_at_send_and_counts_as_a_failure(url: str) -> None:
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["*"])
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url=url)  # e.g. allowed, then not
+    subscription = endpoints.find(endpoints.subscription_name(endpoint.pk))
+    assert subscription is not None
+
+    with pytest.raises(webhooks.WebhookFailed, match="not a public address") as caught:
+        subscription.handler()(_event())
+
+    assert caught.value.retry is False
+    endpoint.refresh_from_db()
+    assert endpoint.failing_since is not None and endpoint.enabled
+
+
+def test_disabled_after_failing_long_enough_once_with_the_signal() -> None:
+    endpoint, _ = endpoints.create_endpoint("https://127.0.0.1:9/in", ["*"])
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        failing_since=datetime.now(tz=UTC) - timedelta(days=5, seconds=1)
+    )
+    received: list[dict[str, Any]] = []
+
+    def receiver(**kwargs: Any) -> None:
+        received.append(kwargs)
+
+    endpoint_disabled.connect(receiver)
+    try:
+        for _ in range(2):
+            subscription = endpoints.find(endpoints.subscription_name(endpoint.pk))
+            assert subscription is not None
+            with pytest.raises(webhooks.WebhookFailed):
+                subscription.handler()(_event())
+    finally:
+        endpoint_disabled.disconnect(receiver)
+
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled
+    assert "not a public address" in endpoint.disabled_reason
+    (sent,) = received  # the second attempt found it disabled: no second signal
+    assert sent["sender"] is WebhookEndpoint and sent["endpoint"].pk == endpoint.pk
+    assert sent["reason"] == endpoint.disabled_reason
+
+
+def test_never_disabled_with_disable_after_none() -> None:
+    endpoint, _ = endpoints.create_endpoint("https://127.0.0.1:9/in", ["*"])
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        failing_since=datetime.now(tz=UTC) - timedelta(days=365)
+    )
+    value = {**settings.DJANGO_EVENTS, "WEBHOOK_ENDPOINTS": {"disable_after": None}}
+    with override_settings(DJANGO_EVENTS=value):
+        subscription = endpoints.find(endpoints.subscription_name(endpoint.pk))
+        assert subscription is not None
+        with pytest.raises(webhooks.WebhookFailed):
+            subscription.handler()(_event())
+    endpoint.refresh_from_db()
+    assert endpoint.enabled
+
+
+def test_secrets_are_bound_to_their_endpoint_and_to_secret_key() -> None:
+    one, secret = endpoints.create_endpoint("https://a.example.com/", ["*"])
+    two, _ = endpoints.create_endpoint("https://b.example.com/", ["*"])
+    two.secret_sealed = one.secret_sealed  # a row's secret copied to another does not open
+    with pytest.raises(Unsealable):
+        endpoints.secret_of(two)
+    with override_settings(
+        SECRET_KEY="rotated-" + "x" * 50, SECRET_KEY_FALLBACKS=[settings.SECRET_KEY]
+    ):
+        assert endpoints.secret_of(one) == secret
+    with override_settings(SECRET_KEY="another-" + "x" * 50), pytest.raises(Unsealable):
+        endpoints.secret_of(one)
+
+
+def test_create_endpoint_checks_its_input() -> None:
+    with pytest.raises(ValueError, match="base64"):
+        endpoints.create_endpoint("https://a.example.com/", ["*"], secret="whsec_!!")
+    with pytest.raises(ValidationError):
+        endpoints.create_endpoint("not a url", ["*"])
+
+
+def test_the_signature_verifies_with_the_standardwebhooks_library() -> None:
+    endpoint, secret = endpoints.create_endpoint("https://a.example.com/", ["*"])
+    key = webhooks.signing_key_of(endpoints.secret_of(endpoint))
+    body, now = b'{"type": "x"}', int(datetime.now(tz=UTC).timestamp())
+    headers = {
+        "webhook-id": "msg_1",
+        "webhook-timestamp": str(now),
+        "webhook-signature": webhooks.sign(key, "msg_1", now, body),
+    }
+    assert Webhook(secret).verify(body, headers) == {"type": "x"}
+
+
+@pytest.mark.django_db(transaction=True)  # the worker's code closes stale connections
+def test_retry_and_replay_name_an_endpoint_and_reach_a_real_receiver(publish_now, queue) -> None:
+    """events_retry and events_replay by an endpoint's name; the worker's own code (in this
+    process) posts to a receiver on 127.0.0.1 that verifies with the standardwebhooks library."""
+    from django.core.management import call_command
+
+    from tests.ops import shop_wiring, work
+    from tests.webhook_receiver import Receiver
+
+    with Receiver(SECRET) as receiver, shop_wiring(queue, WEBHOOKS_ALLOW_PRIVATE=True):
+        endpoint, _ = endpoints.create_endpoint(receiver.url("ok"), ["shop.*"], secret=SECRET)
+        name = endpoints.subscription_name(endpoint.pk)
+        event = publish_now("shop.paid", {"order_id": 1})
+        WebhookEndpoint.objects.filter(pk=endpoint.pk).update(enabled=False)
+        work(queue)
+        failed = Delivery.objects.get(event_id=event.id, subscription=name)
+        assert (failed.status, failed.mode) == ("failed", "webhook")
+        endpoints.enable([endpoint])
+
+        out = StringIO()
+        call_command("events_retry", "--subscription", name, stdout=out)
+        assert "1 re-enqueued for a worker" in out.getvalue()
+        work(queue)
+        call_command("events_replay", name, "--event", "shop.paid", stdout=out)
+        work(queue)
+
+        calls = receiver.of("ok")
+    row = Delivery.objects.get(event_id=event.id, subscription=name)
+    assert (row.status, row.attempts, row.response_status) == ("succeeded", 3, 200)
+    assert len(calls) == 2 and all(c.verified for c in calls)
+    assert calls[0].headers["webhook-id"] == calls[1].headers["webhook-id"]
+
+
+def test_the_relay_sends_a_pending_record_to_the_endpoints(queue) -> None:
+    """An event whose broker was down at commit reaches the endpoints through the relay."""
+    from django_events.models import EventRecord
+    from django_events.operations.relay import relay_pending
+    from tests.ops import drain
+
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.paid"])
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.paid",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        occurred_at=datetime.now(tz=UTC) - timedelta(minutes=1),
+    )
+
+    assert relay_pending().sent == 1
+
+    sent = {m["subscription"] for m in drain(queue) if m["event"]["id"] == str(record.pk)}
+    assert endpoints.subscription_name(endpoint.pk) in sent
+
+
+def test_bad_endpoint_settings_and_names_are_reported() -> None:
+    from tests.conftest import wiring
+    from tests.test_checks import assert_reported
+
+    with wiring(WEBHOOK_ENDPOINTS={"timeout": 0, "every": 1}):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['WEBHOOK_ENDPOINTS'] is invalid: $ Additional properties are not "
+                "allowed ('every' was unexpected)",
+            ),
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS['WEBHOOK_ENDPOINTS'] is invalid: ['timeout'] 0 is less than or "
+                "equal to the minimum of 0",
+            ),
+        )
+    taken = {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:1"}
+    with wiring(taken):
+        assert_reported(
+            (
+                "django_events.E323",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                "Subscription 'endpoint:1': names starting 'endpoint:' belong to webhook endpoints",
+            )
+        )
