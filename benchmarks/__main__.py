@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import (
         bench_async,
         bench_delivery,
+        bench_ordering,
         bench_publish,
         bench_versions,
         bench_webhooks,
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             ("13", bench_webhooks.figure_13),
             ("14", bench_delivery.figure_14),
             ("15", bench_delivery.figure_15),
+            ("16", bench_ordering.figure_16),
         ]
         for number, figure in figures:
             if only and number not in only:

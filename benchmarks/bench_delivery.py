@@ -26,7 +26,7 @@ from django_events.delivery import marking
 from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.recording import delivery, record_for, save_deliveries
 from django_events.events import Event
-from django_events.models import Delivery, EventRecord
+from django_events.models import Delivery, EventRecord, OrderingGate
 from django_events.operations.relay import relay_pending
 from tests.worker import WorkerProcess
 
@@ -79,6 +79,10 @@ def _worker(
             "BENCH_DB_REUSE_MAX": str(reuse),
             "BENCH_WORKER_SYNCHRONOUS_COMMIT": "on" if flush else "off",
             "BENCH_SUCCESS_RECORDS": success,
+            # What the worker sends itself (an ordered delivery's hand-on to the next one of
+            # its key) goes to its broker and its first queue, as the publisher's would.
+            "BENCH_CELERY_APP": f"benchmarks.celery_app.{kind}",
+            "BENCH_QUEUE": queues[0],
         },
         app=f"benchmarks.celery_app:{kind}",
     )
@@ -496,7 +500,8 @@ def fresh_tables() -> None:
     from an empty event log, so PostgreSQL's upkeep of an earlier one's rows (autovacuum of
     tens of thousands of updated records) does not land in its timings."""
     quote = connection.ops.quote_name
-    tables = ", ".join(quote(m._meta.db_table) for m in (EventRecord, Delivery, HandOutbox, Order))
+    models = (EventRecord, Delivery, OrderingGate, HandOutbox, Order)
+    tables = ", ".join(quote(m._meta.db_table) for m in models)
     with connection.cursor() as cursor:
         cursor.execute(f"TRUNCATE {tables}, {quote(CeleryOutbox._meta.db_table)}")
 

@@ -60,7 +60,8 @@ SCHEMA = {
 }
 DJANGO_EVENTS = {
     "AUTODISCOVER": False,
-    "CELERY_APP": "benchmarks.celery_app.amqp",
+    # A worker sends messages itself (an ordered delivery hands its key on): on its broker.
+    "CELERY_APP": os.environ.get("BENCH_CELERY_APP", "benchmarks.celery_app.amqp"),
     "DEFAULT_QUEUE": QUEUE,
     "EVENTS": {
         "bench.sync": {"schema": SCHEMA, "record": "failures"},
@@ -73,6 +74,9 @@ DJANGO_EVENTS = {
         "bench.webhook": {"schema": SCHEMA},
         # Figure 14: latency from commit to handler start.
         "bench.latency": {"schema": SCHEMA},
+        # Figure 16: one subscription with ordering_key, the same one without.
+        "bench.ordered": {"schema": SCHEMA},
+        "bench.unordered": {"schema": SCHEMA},
     },
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
@@ -97,6 +101,13 @@ DJANGO_EVENTS = {
             "secret": "BENCH_HOOK_SECRET",
         },
         {"event": "bench.latency", "handler": "benchmarks.handlers.stamp", "mode": "async"},
+        *(
+            {"event": event, "handler": "benchmarks.handlers.count", "mode": "async"} | keyed
+            for event, keyed in (
+                ("bench.ordered", {"ordering_key": "order_id"}),
+                ("bench.unordered", {}),
+            )
+        ),
     ],
     "WEBHOOKS_ALLOW_PRIVATE": True,  # the receiver is on loopback
     # Figure 2 without the commit path's publisher confirms (the default is on): BENCH_CONFIRMS=0.

@@ -41,6 +41,12 @@ def make_app(kind: str, url: str | None = None) -> Celery:
             app.conf.broker_transport_options["visibility_timeout"] = float(
                 os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"]
             )
+            # A worker looks for messages past their visibility timeout every second, not
+            # every 10 x 10 s (kombu's unacked_restore_interval x unacked_restore_throttle).
+            app.conf.broker_transport_options |= {
+                "unacked_restore_interval": 1,
+                "unacked_restore_throttle": 1,
+            }
     if kind == "filesystem":
         FS_FOLDER.mkdir(parents=True, exist_ok=True)
         app.conf.broker_transport = "django_events.contrib.filesystem_transport:Transport"

@@ -16,12 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.db import connection, connections, transaction
+from django.utils import timezone
 
 from django_events import publish
 from django_events.models import Delivery
 from django_events.operations.relay import relay_backlog
-from django_events.operations.retrying import held_deliveries, mark_resolved
+from django_events.operations.replay import replay_events
+from django_events.operations.retrying import held_deliveries, mark_resolved, retry_failures
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
@@ -31,6 +34,12 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 EVENTS = int(os.environ.get("DJANGO_EVENTS_ORDERING_EVENTS", "200"))
 KEYS = int(os.environ.get("DJANGO_EVENTS_ORDERING_KEYS", "10"))
 PUBLISHERS = 4
+# A Redis database of its own: the messages a SIGKILLed worker took come back after a short
+# visibility_timeout, and kombu keeps its unacknowledged messages per database: a short
+# timeout must not hand out anyone else's (as scripts/soak.py does).
+REDIS_URL = os.environ.get("DJANGO_EVENTS_ORDERING_REDIS_URL", "redis://127.0.0.1:6379/11")
+VISIBILITY_TIMEOUT = "10"
+redis_publisher = brokers.make_app("redis", REDIS_URL)  # CELERY_APP of the Redis rig
 
 
 @dataclass
@@ -38,6 +47,11 @@ class Rig:
     kind: str
     queue: str
     workers: list[WorkerProcess]
+    fixed: Path  # DJANGO_EVENTS_ORDERING_FIXED: a file per key whose `fail` is fixed
+
+    @property
+    def app(self) -> Celery:
+        return redis_publisher if self.kind == "redis" else getattr(brokers, self.kind)
 
 
 @pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
@@ -46,38 +60,50 @@ def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
     brokers.require_server(brokers.URLS[kind], kind)
     queue = f"ord-{kind}-{uuid.uuid4().hex[:8]}"
     folder = tmp_path_factory.mktemp(f"ordering-{kind}")
+    fixed = folder / "fixed"
+    fixed.mkdir()
+    env = {
+        "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
+        # What a worker sends itself (a hand-on) goes to the broker the test publishes to.
+        "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
+        "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        "DJANGO_EVENTS_ORDERING_FIXED": str(fixed),
+    }
+    if kind == "redis":
+        env |= {
+            "DJANGO_EVENTS_REDIS_URL": REDIS_URL,
+            "DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT": VISIBILITY_TIMEOUT,
+        }
     workers = [
         WorkerProcess(
             kind,
             queue,
             connection.settings_dict["NAME"],
             folder / f"worker{i}.log",
-            extra_env={
-                "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
-                "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
-                "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-            },
+            extra_env=env,
             node=f"{queue}-{i}",
         )
         for i in range(2)
     ]
+    rig = Rig(kind, queue, workers, fixed)
     for worker in workers:
         worker.launch()
     try:
         for worker in workers:
             worker.wait_ready()
-        yield Rig(kind, queue, workers)
+        yield rig
     finally:
         for worker in workers:
             worker.stop()
         if kind != "filesystem":
-            with getattr(brokers, kind).connection_for_write() as conn:
+            with rig.app.connection_for_write() as conn:
                 conn.default_channel.queue_delete(queue)
 
 
 @pytest.fixture
 def wired(rig: Rig) -> Iterator[Rig]:
-    with brokers.delivery_wiring(rig.kind, rig.queue, "ordering.yaml"):
+    app = {"CELERY_APP": f"{__name__}.redis_publisher"} if rig.kind == "redis" else {}
+    with brokers.delivery_wiring(rig.kind, rig.queue, "ordering.yaml", **app):
         yield rig
 
 
@@ -118,12 +144,19 @@ def publish_concurrently(event: str, count: int, keys: list[str]) -> list[uuid.U
     return ids
 
 
-def check_order(ids: list[uuid.UUID], subscription: str = "ord-steps") -> dict[str, int]:
-    """Assert every event ran once, per key in sequence order, never two at once."""
+def check_order(
+    ids: list[uuid.UUID], subscription: str = "ord-steps", *, since: float = 0.0
+) -> dict[str, int]:
+    """Assert every event ran once (runs started after ``since``), per key in sequence
+    order, never two at once; print the counts (the soak run reports them)."""
     rows = Delivery.objects.filter(subscription=subscription, event_id__in=ids)
     sequence = {r.event_id: (r.ordering_key, r.sequence) for r in rows}
     assert len(sequence) == len(ids)
-    runs = list(HandlerRun.objects.filter(handler="ordered_step", event_id__in=ids))
+    runs = [
+        run
+        for run in HandlerRun.objects.filter(handler="ordered_step", event_id__in=ids)
+        if run.payload["start"] >= since
+    ]
     counts: dict[uuid.UUID, int] = {}
     for run in runs:
         counts[run.event_id] = counts.get(run.event_id, 0) + 1
@@ -141,8 +174,42 @@ def check_order(ids: list[uuid.UUID], subscription: str = "ord-steps") -> dict[s
         assert numbers == sorted(set(numbers))  # one number per delivery of the key
         out_of_order += sum(1 for a, b in pairwise(line) if b[1] < a[2])
     figures = {"lost": len(lost), "twice": len(twice), "out_of_order": out_of_order}
+    print(f"\n{len(ids)} deliveries over {len(by_key)} keys: {figures}")
     assert figures == {"lost": 0, "twice": 0, "out_of_order": 0}
     return figures
+
+
+def settle(ids: list[uuid.UUID], stall: float = 90, *, relay: bool = True) -> None:
+    """Wait until every delivery of ``ids`` succeeded, the relay running beside the workers
+    (as in a deployment). Fail once none has succeeded for ``stall`` seconds (a stuck key,
+    not a slow host: the relay sends a lost hand-on after 30 s), saying where they are."""
+    last, since = -1, time.monotonic()
+    while True:
+        if relay:
+            relay_backlog(min_age=10)
+        done = Delivery.objects.filter(
+            subscription="ord-steps", event_id__in=ids, status="succeeded"
+        ).count()
+        if done == len(ids):
+            return
+        if done != last:
+            last, since = done, time.monotonic()
+        elif time.monotonic() - since > stall:
+            break
+        time.sleep(0.1)
+    unfinished = Delivery.objects.filter(event_id__in=ids).exclude(status="succeeded")
+    print(f"\n{unfinished.count()} unfinished, now {timezone.now()}:")
+    for row in unfinished.order_by("ordering_key", "sequence")[:60]:
+        print(
+            row.ordering_key,
+            row.sequence,
+            row.status,
+            row.attempts,
+            row.retry_at,
+            row.updated_at,
+            row.last_error[:80],
+        )
+    raise AssertionError(f"no delivery succeeded for {stall}s: {done} of {len(ids)}")
 
 
 def all_succeeded(ids: list[uuid.UUID], subscription: str = "ord-steps") -> bool:
@@ -156,13 +223,7 @@ def test_per_key_order_with_two_workers_and_concurrent_publishers(wired: Rig) ->
     keys = [f"acct-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
     ids = publish_concurrently("ord.changed", EVENTS, keys)
 
-    try:
-        wait_for(lambda: all_succeeded(ids), timeout=60 + EVENTS / 10, what=f"{EVENTS} deliveries")
-    except AssertionError:
-        rows = Delivery.objects.filter(event_id__in=ids).order_by("ordering_key", "sequence")
-        for r in rows:
-            print(r.ordering_key, r.sequence, r.status, r.attempts, r.retry_at, r.last_error[:80])
-        raise
+    settle(ids, relay=False)  # no faults: nothing for the relay
 
     check_order(ids)
     # Both workers took part: the keys ran concurrently, not through one process.
@@ -197,14 +258,8 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
     thread.start()
     try:
         ids = publish_concurrently("ord.changed", EVENTS, keys)
-
-        def settled() -> bool:
-            # The relay runs beside the workers, as in a deployment: a hand-on whose send
-            # died with its pool process is due for it (retry_at) after 30 s.
-            relay_backlog(min_age=10)
-            return all_succeeded(ids)
-
-        wait_for(settled, timeout=120 + EVENTS / 10, what="every delivery")
+        # A hand-on whose send died with its pool process is due for the relay after 30 s.
+        settle(ids)
     finally:
         done.set()
         thread.join()
@@ -238,3 +293,111 @@ def test_failing_head_holds_its_key_while_other_keys_proceed(wired: Rig) -> None
     wait_for(lambda: all_succeeded(behind, "ord-flaky"), what="the held deliveries")
     check_order(behind, "ord-flaky")
     assert Delivery.objects.get(event_id=head, subscription="ord-flaky").status == "resolved"
+
+
+def _succeeded_of(keys: list[str]) -> int:
+    return Delivery.objects.filter(
+        subscription="ord-steps", ordering_key__in=keys, status="succeeded"
+    ).count()
+
+
+# Not on Redis yet: a worker killed as a whole can take a message with it there (kombu's BRPOP
+# removes it before the worker notes it unacknowledged: docs/reliability.md, "Limits, by decision"),
+# and the lost delivery, pending, holds its key until something sends it again. Reproduced
+# here in 2 runs of 3 (one key stuck behind one pending delivery each time).
+REDIS_LOSES_A_MESSAGE = pytest.mark.xfail(
+    reason="Redis: a whole-worker SIGKILL can lose a message; no recovery for it yet",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    "rig", ["amqp", pytest.param("redis", marks=REDIS_LOSES_A_MESSAGE)], indirect=True
+)
+def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> None:
+    # The filesystem transport has no acknowledgements: a killed worker's messages are gone.
+    keys = [f"host-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
+    victim = wired.workers[0]
+    kills: list[int] = []
+    errors: list[BaseException] = []
+
+    def killer() -> None:
+        # SIGKILL the first worker as a whole (main process and pool: a host going down) once
+        # a tenth and once half of the deliveries ran, and start it again. Its unacknowledged
+        # messages go back to the queue (RabbitMQ at once, Redis after its visibility timeout);
+        # the hand-ons its processes committed and never sent are due for the relay.
+        try:
+            for share in (10, 2):
+                wait_for(
+                    lambda s=share: _succeeded_of(keys) >= EVENTS // s,
+                    timeout=60 + EVENTS / 10,
+                    what=f"1/{share} of the deliveries",
+                )
+                assert victim.process is not None
+                kills.append(victim.process.pid)
+                victim.kill()
+                time.sleep(1)
+                victim.start()
+        except BaseException as exc:  # reported by the test thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        ids = publish_concurrently("ord.changed", EVENTS, keys)
+    finally:
+        thread.join()
+    assert not errors, errors
+    assert len(kills) == 2
+
+    settle(ids)
+    check_order(ids)
+
+
+def test_replay_runs_a_key_again_in_order(wired: Rig) -> None:
+    key = f"replay-{uuid.uuid4().hex[:6]}"
+    since = timezone.now()
+    ids = [publish("ord.flaky", {"account": key, "n": n}).id for n in range(6)]
+    wait_for(lambda: all_succeeded(ids, "ord-flaky"), what="the first runs")
+    replayed_at = time.time()
+
+    with transaction.atomic():  # a replay whose commit comes late (or ATOMIC_REQUESTS)
+        matched, result = replay_events("ord-flaky", since=since)
+        time.sleep(1)  # a worker given a replayed message now still reads it succeeded
+
+    assert (matched, result.sent, result.unsent) == (6, 6, 0)
+    wait_for(
+        lambda: (
+            HandlerRun.objects.filter(event_id__in=ids).count() == 12
+            and all_succeeded(ids, "ord-flaky")
+        ),
+        what="the replayed runs",
+    )
+    # Each event ran once more, the key's events again one at a time in their order.
+    check_order(ids, "ord-flaky", since=replayed_at)
+    rows = Delivery.objects.filter(event_id__in=ids, subscription="ord-flaky")
+    assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 2, None)}
+
+
+def test_retried_failed_head_runs_then_its_key_follows_in_order(wired: Rig) -> None:
+    stuck = f"fix-{uuid.uuid4().hex[:6]}"
+    head = publish("ord.flaky", {"account": stuck, "n": 0, "fail": True}).id
+    behind = [publish("ord.flaky", {"account": stuck, "n": n}).id for n in (1, 2, 3)]
+    wait_for(
+        lambda: Delivery.objects.get(event_id=head, subscription="ord-flaky").status == "failed",
+        what="the head to fail for good",
+    )
+    wait_for(
+        lambda: Delivery.objects.filter(event_id__in=behind, status="held").count() == 3,
+        what="the key's later deliveries to be held",
+    )
+    (wired.fixed / stuck).touch()  # the fix is deployed
+
+    result = retry_failures(Delivery.objects.filter(event_id=head, subscription="ord-flaky"))
+
+    assert (result.sent, result.unsent) == (1, 0)
+    wait_for(lambda: all_succeeded([head, *behind], "ord-flaky"), what="the key's deliveries")
+    check_order([head, *behind], "ord-flaky")
+    assert Delivery.objects.get(event_id=head, subscription="ord-flaky").attempts == 3

@@ -4,19 +4,20 @@
   its gate (`assign`): an upsert that locks the gate row until that transaction ends, so
   concurrent publishers of one key get their numbers in commit order ("recorded order"), and
   a rolled-back publish gives its number back. Its `Delivery` row is written then, pending.
-- A worker that gets the message locks the gate and looks for an unfinished delivery of the
-  key with a lower number (`claim`). If there is one, the delivery is left ``held`` and the
-  message acknowledged; otherwise the handler runs.
+- A worker that gets the message looks for an unfinished delivery of the key with a lower
+  number (`claim`). If there is none, the handler runs; if there is one, it locks the key's
+  turn (`_lock`), looks again, and leaves the delivery ``held`` (the message acknowledged).
 - The worker that finishes a delivery (`finish`, in the transaction that records its success)
   finds the key's first unfinished delivery; if it is held, it marks it pending and sends its
   message again after the commit. A failed delivery is unfinished: it holds its key until a
   retry succeeds or it is marked resolved (`release`).
 
 The broker is not involved (RabbitMQ, Redis and the filesystem transport alike), nor is the
-number of workers and hosts. Its cost: at publish, one upsert and one `Delivery` insert per
-ordered delivery, and the gate row locked until the publisher commits; at the worker, a short
-transaction before and one after each run. docs/ordering.md says why this over the brokers'
-own tools. Webhook deliveries (``mode: webhook``) use the same three calls around their send.
+number of workers and hosts. Its cost: at publish, one upsert per key and one `Delivery`
+insert per ordered delivery, and the gate row locked until the publisher commits; at the
+worker, two reads before each run (a transaction only to hold it) and one transaction after.
+docs/ordering.md says why this over the brokers' own tools. Webhook deliveries
+(``mode: webhook``) use the same three calls around their send.
 """
 
 from __future__ import annotations
@@ -135,11 +136,22 @@ def _take(alias: str, subscription: str, key: str, count: int) -> int:
 
 
 def _lock(alias: str, subscription: str, key: str) -> None:
-    """Lock the gate row until the transaction ends.
+    """Lock the key's turn until the transaction ends: `claim` holding a delivery and
+    `finish` handing on wait for each other.
 
-    An ``UPDATE``, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first
-    and writes later can fail at once with "database is locked"; one that writes first waits.
+    On PostgreSQL a transaction-level advisory lock on the key, not the gate row: a publisher
+    holds the gate row from its numbering to its commit, and a worker waiting for that would
+    run no faster than the publishers commit (figure 16). Elsewhere an ``UPDATE`` of the gate
+    row, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first and writes
+    later can fail at once with "database is locked"; one that writes first waits.
     """
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        digest = hashlib.sha256(f"django_events.ordering\0{subscription}\0{key}".encode())
+        with connection.cursor() as cursor:  # a shared id (a hash collision) only waits
+            lock_id = int.from_bytes(digest.digest()[:8], "big", signed=True)
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id])
+        return
     OrderingGate.objects.using(alias).filter(subscription=subscription, key=key).update(
         last_sequence=F("last_sequence")
     )
@@ -158,34 +170,31 @@ def _head(alias: str, subscription: str, key: str) -> Delivery | None:
 
 
 def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
-    """Decide whether the delivery of ``event_id`` may run now (see the module docstring)."""
+    """Decide whether the delivery of ``event_id`` may run now (see the module docstring).
+
+    Its turn is read without a lock: every earlier delivery of the key finished (committed)
+    stays finished, and a later one that looks now sees this one unfinished. Only holding
+    locks the key's turn, so that the worker finishing the delivery before it cannot miss
+    the hold.
+    """
     row = (
         Delivery.objects.using(alias)
         .filter(event_id=event_id, subscription=subscription)
-        .values_list("ordering_key", "sequence")
+        .values_list("ordering_key", "sequence", "status")
         .first()
     )
     if row is None or row[1] is None:  # published before the subscription was ordered
         return Turn.RUN
-    key, number = row
+    key, number, status = row
     assert key is not None
+    assert number is not None
+    if status in FINISHED:
+        return Turn.DONE
+    if not _earlier_unfinished(alias, subscription, key, number):
+        return Turn.RUN
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
-        status = (
-            Delivery.objects.using(alias)
-            .filter(event_id=event_id, subscription=subscription)
-            .values_list("status", flat=True)
-            .get()
-        )
-        if status in FINISHED:
-            return Turn.DONE
-        earlier = (
-            Delivery.objects.using(alias)
-            .filter(subscription=subscription, ordering_key=key, sequence__lt=number)
-            .exclude(status__in=FINISHED)
-            .exists()
-        )
-        if not earlier:
+        if not _earlier_unfinished(alias, subscription, key, number):  # finished meanwhile
             return Turn.RUN
         Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription).update(
             status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None
@@ -193,13 +202,22 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
     return Turn.HELD
 
 
+def _earlier_unfinished(alias: str, subscription: str, key: str, number: int) -> bool:
+    return (
+        Delivery.objects.using(alias)
+        .filter(subscription=subscription, ordering_key=key, sequence__lt=number)
+        .exclude(status__in=FINISHED)
+        .exists()
+    )
+
+
 def finish(
     alias: str, event_id: UUID, subscription: str, save: Callable[[], None] | None = None
 ) -> None:
     """Record a delivery's outcome with ``save`` and hand its key on, in one transaction.
 
-    The gate is locked before ``save`` writes, as `claim` locks it before its writes: the
-    same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
+    The key's turn is locked before ``save`` writes, as `claim` locks it before its writes:
+    the same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
     transaction that recorded the outcome already: an idempotent run) only hands on. The next
     delivery's message is sent after the commit.
     """
@@ -221,11 +239,10 @@ def finish(
 def hand_on(alias: str, subscription: str, key: str) -> None:
     """If the key's first unfinished delivery is held, make it pending and send it.
 
-    Inside a transaction: the gate stays locked until it commits, and the message goes out
-    after the commit. The row is due for events_relay in `HAND_ON_GRACE` seconds in case
-    this process never sends it; a sent message clears that.
+    Inside a transaction that locked the key's turn (`_lock`): it stays so until the commit,
+    and the message goes out after the commit. The row is due for events_relay in
+    `HAND_ON_GRACE` seconds in case this process never sends it; a sent message clears that.
     """
-    _lock(alias, subscription, key)
     head = _head(alias, subscription, key)
     if head is None or head.status != Delivery.Status.HELD:
         return
@@ -243,6 +260,7 @@ def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
     """Hand on the keys of deliveries just marked resolved: (subscription, key) pairs."""
     for subscription, key in sorted(set(deliveries)):
         with transaction.atomic(using=alias):
+            _lock(alias, subscription, key)
             hand_on(alias, subscription, key)
 
 

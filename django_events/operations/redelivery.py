@@ -8,8 +8,10 @@ then succeeded or failed.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from itertools import islice
 from typing import TypeVar
 from uuid import UUID
@@ -17,15 +19,17 @@ from uuid import UUID
 from django.db import transaction
 from django.utils import timezone
 
-from django_events.delivery import broker, endpoints
+from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
+from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
+logger = logging.getLogger("django_events.redelivery")
 T = TypeVar("T")
 NOT_SENT = "Not sent again: the broker was unreachable; retry later."
 
@@ -89,29 +93,75 @@ def _send(
     using: str,
 ) -> RedeliveryResult:
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
+    prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
+    # A worker records the success of a first run only for events that record everything:
+    # a pending row created for any other event would stay pending for good.
+    create = [r.pk for r in records if compiled[r.name].records_all]
+    if subscription.declaration.ordering_key is not None:
+        return _send_ordered(subscription, records, items, prior, prior_attempts, create, using)
     # Marked pending and sent in one transaction: a process that dies before the commit
     # leaves the rows as they were (a failure stays one), never pending with no message.
     with transaction.atomic(using=using):
-        # A worker records the success of a first run only for events that record everything:
-        # a pending row created for any other event would stay pending for good.
-        _mark(
-            subscription,
-            records,
-            prior,
-            Delivery.Status.PENDING,
-            using,
-            create=[r.pk for r in records if compiled[r.name].records_all],
-        )
-        prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
-        if subscription.via == "tasks":
-            from django_events.delivery import tasks_backend
-
-            unsent = tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
-        else:
-            unsent = broker.send_deliveries(items, using, prior_attempts=prior_attempts)
+        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
+        unsent = _send_items(subscription, items, using, prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
+
+
+def _send_ordered(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    items: Sequence[broker.SendItem],
+    prior: Mapping[UUID, int],
+    prior_attempts: Mapping[tuple[UUID, str], int],
+    create: Sequence[UUID],
+    using: str,
+) -> RedeliveryResult:
+    """Mark an ordered subscription's deliveries pending, then send them once that commits.
+
+    Sent before the commit, a replayed message could reach a worker that still reads the
+    delivery as succeeded: it would skip it as a duplicate, and the row, pending once the
+    commit lands, would hold its key for good. The rows are due for events_relay in
+    `ordering.HAND_ON_GRACE` seconds in case this process dies before sending.
+    """
+    due = timezone.now() + timedelta(seconds=ordering.HAND_ON_GRACE)
+    result = RedeliveryResult(sent=len(records))
+    ids = [r.pk for r in records]
+
+    def send() -> None:
+        unsent = _send_items(subscription, items, using, prior_attempts)
+        sent = [pk for pk in ids if pk not in unsent]
+        Delivery.objects.using(using).filter(
+            event_id__in=sent, subscription=subscription.name, retry_at=due
+        ).update(retry_at=None)
+        if unsent:
+            logger.warning(
+                "The broker did not take %d delivery(ies) sent again; events_relay sends them",
+                len(unsent),
+                extra=log_extra(None, subscription.name),
+            )
+        result.sent, result.unsent = len(sent), len(unsent)
+
+    with transaction.atomic(using=using):
+        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
+        # Inside a caller's transaction (a retry's claim) this runs when that one commits: the
+        # counts returned are then what was to be sent.
+        transaction.on_commit(send, using=using)
+    return result
+
+
+def _send_items(
+    subscription: Subscription,
+    items: Sequence[broker.SendItem],
+    using: str,
+    prior_attempts: Mapping[tuple[UUID, str], int],
+) -> set[UUID]:
+    if subscription.via == "tasks":
+        from django_events.delivery import tasks_backend
+
+        return tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
+    return broker.send_deliveries(items, using, prior_attempts=prior_attempts)
 
 
 def _unsent(
@@ -195,8 +245,12 @@ def _mark(
     using: str,
     *,
     create: Sequence[UUID],
+    due: datetime | None = None,
 ) -> None:
-    """Show the redelivery as under way: set the status of existing rows, create ``create``."""
+    """Show the redelivery as under way: set the status of existing rows, create ``create``.
+
+    ``due``: when events_relay is to send them, should this process not (`Delivery.retry_at`).
+    """
     ids = [r.pk for r in records]
     Delivery.objects.using(using).bulk_create(
         [
@@ -205,8 +259,9 @@ def _mark(
         ],
         ignore_conflicts=True,
     )
+    due_time = {} if due is None else {"retry_at": due}
     Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
-        status=status, updated_at=timezone.now()
+        status=status, updated_at=timezone.now(), **due_time
     )
 
 

@@ -1,0 +1,70 @@
+"""Ordered delivery per key (``ordering_key``) through a real worker: figure 16."""
+
+from __future__ import annotations
+
+import time
+
+from django.db import transaction
+
+from django_events import publish_many
+
+from .bench_delivery import _redis, _until_counted, _wiring, _worker, fresh_tables
+from .bench_publish import Context
+from .harness import Baseline, Target, compare
+
+KEYS = 50
+
+
+def figure_16(ctx: Context) -> bool:
+    """Events/s of a subscription with ``ordering_key`` over 50 keys against the same
+    subscription without it, on the same worker (prefork -c 2); then one key, the serial floor.
+
+    The handler is figure 4's (a Redis ``INCR``): the gate's own cost is what is measured.
+    """
+    met = [_over_keys(ctx, kind, KEYS) for kind in ("amqp", "redis")]
+    for kind in ("amqp", "redis"):
+        _over_keys(ctx, kind, 1)
+    return all(met)
+
+
+def _over_keys(ctx: Context, kind: str, keys: int) -> bool:
+    n = ctx.count(3000 if keys > 1 else 500)
+    fresh_tables()
+    client = _redis()
+    queue = f"bench-ordering-{ctx.run_id}-{kind}-{keys}"
+    runs = iter(range(1_000_000))
+
+    def side(event: str, count: int = n) -> float:
+        note = f"{ctx.counter}:ordering:{queue}:{next(runs)}"
+        start = time.perf_counter()
+        for first in range(0, count, 100):
+            with transaction.atomic():
+                publish_many(
+                    (event, ctx.payload(i % keys, note))
+                    for i in range(first, min(first + 100, count))
+                )
+        _until_counted(client, note, count, timeout=60 + count / 5)
+        return count / (time.perf_counter() - start)
+
+    with _wiring(ctx, kind, queue), _worker(ctx, kind, [queue]):
+        side("bench.ordered", min(n, 100))  # warm-up: imports, connections, the gates
+        side("bench.unordered", min(n, 100))
+        title = f"ordering_key over {keys} key{'s' if keys > 1 else ''}, prefork -c 2, {kind}"
+        if keys == 1:
+            title += " (the serial floor, reported)"
+        return bool(
+            compare(
+                "16",
+                f"{title}, records on, default settings",
+                "events/s",
+                lambda: side("bench.ordered"),
+                [
+                    Baseline(
+                        "the same subscription unordered",
+                        lambda: side("bench.unordered"),
+                        Target(0.7 if keys > 1 else 0.0, higher=True),
+                    )
+                ],
+                ctx.repeat,
+            )
+        )
