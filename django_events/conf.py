@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "TASKS_BACKEND": "default",
     "LOCK_FILE": "events.lock.json",
     "PUBLISHER_CONFIRMS": True,
+    "RESEND_UNFINISHED_AFTER": None,
     "RETENTION": DEFAULT_RETENTION,
     "WEBHOOKS_ALLOW_PRIVATE": False,
 }
@@ -197,6 +198,13 @@ class Settings:
     @property
     def PUBLISHER_CONFIRMS(self) -> bool:
         return bool(self._get("PUBLISHER_CONFIRMS"))
+
+    @property
+    def RESEND_UNFINISHED_AFTER(self) -> float | None:
+        """Seconds after its dispatch an async delivery with no outcome is sent again
+        (None: derived from the broker, see `operations.unfinished`)."""
+        value = self._get("RESEND_UNFINISHED_AFTER")
+        return None if value is None else float(value)
 
     @property
     def RETENTION(self) -> dict[str, float | None]:

@@ -70,14 +70,19 @@ def redeliver(
     prior_attempts: Mapping[UUID, int],
     *,
     using: str,
+    relay: bool = False,
 ) -> RedeliveryResult:
-    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again.
+
+    ``relay``: sent as the relay sends (with publisher confirms, trying the broker even
+    during an outage it knows of).
+    """
     if not records:
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
     if subscription.is_queued:
-        return _send(subscription, records, compiled, prior_attempts, using)
+        return _send(subscription, records, compiled, prior_attempts, using, relay)
     return _run(subscription, records, compiled, prior_attempts, using)
 
 
@@ -87,6 +92,7 @@ def _send(
     compiled: Mapping[str, CompiledEvent],
     prior: Mapping[UUID, int],
     using: str,
+    relay: bool = False,
 ) -> RedeliveryResult:
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
     # Marked pending and sent in one transaction: a process that dies before the commit
@@ -108,7 +114,13 @@ def _send(
 
             unsent = tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
         else:
-            unsent = broker.send_deliveries(items, using, prior_attempts=prior_attempts)
+            unsent = broker.send_deliveries(
+                items,
+                using,
+                prior_attempts=prior_attempts,
+                confirm=True if relay else None,
+                always_try=relay,
+            )
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
