@@ -7,15 +7,18 @@ hands it out again (docs/reliability.md). The event is ``dispatched`` and its de
 no `Delivery` row, for good.
 
 `resend_unfinished` finds such deliveries and sends them again through the redelivery path
-of retries and replays. It walks the events dispatched longer ago than the threshold
-(`resend_after`), in dispatch order, from where its last pass stopped (a `RelayCheckpoint`
-row, locked while it works, so that two relays never resend the same delivery); each pass
-reads at most one batch, through an index on the dispatch time. A delivery counts as
-unfinished when its event records every outcome (``RECORD = "all"``), the subscription is
-async (Celery, not broadcast), its filter accepts the payload, the relay had seen the
-subscription wired before the event was dispatched, and no `Delivery` row exists: not even a
-pending, held, running or failed one (retries, pauses and ordered keys each write theirs, and
-keep their own way of sending them).
+of retries and replays. For each queue it walks the events dispatched longer ago than the
+threshold (`resend_after`), in dispatch order, from where its last pass stopped (a
+`RelayCheckpoint` row per queue, locked while it works, so that two relays never resend the
+same delivery); each pass reads at most one batch, through an index on the dispatch time.
+A delivery counts as unfinished when its event records every outcome (``RECORD = "all"``),
+the subscription is async (Celery, not broadcast), its filter accepts the payload, the relay
+had seen the subscription wired before the event was dispatched, and no `Delivery` row
+exists: not even a pending, held, running or failed one (retries, pauses and ordered keys
+each write theirs, and keep their own way of sending them).
+
+A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
+of that queue stops at its first unfinished delivery and waits for the queue to drain.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from django_events.conf import conf
-from django_events.delivery.broker import celery_app
+from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
 from django_events.delivery.dispatch import accepted
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -52,7 +55,7 @@ CHECKPOINT = "unfinished-deliveries"
 QUEUE_ALLOWANCE = 3600.0
 #: Transports that hand out a dead consumer's unacknowledged messages only after a visibility
 #: timeout, with kombu's default for it (seconds).
-VISIBILITY_TIMEOUTS = {"redis": 3600.0, "rediss": 3600.0, "sentinel": 3600.0, "sqs": 1800.0}
+VISIBILITY_TIMEOUTS = {"redis": 3600.0, "sqs": 1800.0}
 
 
 @dataclass
@@ -91,9 +94,7 @@ def visibility_timeout(app: Celery | None = None) -> float:
         return 0.0
     if app is None:
         return 0.0
-    url = str(app.conf.broker_url or "")
-    scheme = url.split(";", 1)[0].split("://", 1)[0].split("+", 1)[0].lower()
-    default = VISIBILITY_TIMEOUTS.get(scheme)
+    default = VISIBILITY_TIMEOUTS.get(transport_kind(app))
     if default is None:
         return 0.0
     options = app.conf.broker_transport_options or {}
@@ -106,45 +107,14 @@ def resend_unfinished(
     batch_size: int = 500,
     using: str = DEFAULT_DB_ALIAS,
 ) -> ResendResult:
-    """Check one batch of events dispatched over ``older_than`` seconds ago (default
-    `resend_after`) and send again their async deliveries that have no outcome."""
+    """Check one batch of events per queue dispatched over ``older_than`` seconds ago (default
+    `resend_after`), and send again their async deliveries that have no outcome."""
     threshold = resend_after() if older_than is None else older_than
-    now = timezone.now()
-    horizon = now - timedelta(seconds=threshold)
     registry = get_registry()
-    features = connections[using].features
-    locking = features.has_select_for_update
-    # Without row locks (SQLite) one relay runs, in autocommit (as the outbox relay does).
-    with transaction.atomic(using=using) if locking else nullcontext():
-        # A first pass looks back one threshold: events dispatched before are not checked.
-        checkpoint = _checkpoint(using, horizon - timedelta(seconds=threshold), locking)
-        if checkpoint is None:
-            return ResendResult(busy=True)
-        since = _wired_since(checkpoint, registry, now)
-        after = Q(dispatched_at__gt=checkpoint.dispatched_at)
-        if checkpoint.event_id is not None:
-            after |= Q(dispatched_at=checkpoint.dispatched_at, pk__gt=checkpoint.event_id)
-        records = list(
-            EventRecord.objects.using(using)
-            .filter(after, status=EventRecord.Status.DISPATCHED, dispatched_at__lte=horizon)
-            .order_by("dispatched_at", "pk")[:batch_size]
-        )
-        result = ResendResult()
-        if not records:
-            checkpoint.save(using=using, update_fields=["subscriptions"])
-            return result
-        unfinished, checked = _unfinished(records, registry, since, using)
-        result.checked = checked
-        for name, waiting in unfinished.items():
-            sent = redeliver(registry.subscriptions[name], waiting, {}, using=using, relay=True)
-            result.resent[name] = sent.sent
-            result.unsent += sent.unsent
-        if checked:
-            last = records[checked - 1]
-            assert last.dispatched_at is not None  # filtered on it
-            checkpoint.dispatched_at, checkpoint.event_id = last.dispatched_at, last.pk
-            checkpoint.updated_at = now
-        checkpoint.save(using=using)
+    queues = sorted({s.queue for e in registry.events.values() for s in e.async_})
+    result = ResendResult()
+    for queue in queues:
+        _resend_queue(queue, threshold, batch_size, using, registry, result)
     if result.total or result.unsent:
         logger.warning(
             "Resent %d async deliveries with no outcome %gs after their event was dispatched "
@@ -158,18 +128,64 @@ def resend_unfinished(
     return result
 
 
-def _checkpoint(using: str, start: datetime, locking: bool) -> RelayCheckpoint | None:
-    """The checkpoint row, locked (created at ``start``); None if another relay holds it."""
+def _resend_queue(
+    queue: str,
+    threshold: float,
+    batch_size: int,
+    using: str,
+    registry: Registry,
+    result: ResendResult,
+) -> None:
+    """One batch of ``queue``'s walk; adds what it did to ``result``."""
+    now = timezone.now()
+    horizon = now - timedelta(seconds=threshold)
+    locking = connections[using].features.has_select_for_update
+    # Without row locks (SQLite) one relay runs, in autocommit (as the outbox relay does).
+    with transaction.atomic(using=using) if locking else nullcontext():
+        # A first pass looks back one threshold: events dispatched before are not checked.
+        name = f"{CHECKPOINT}:{queue}"
+        checkpoint = _checkpoint(using, name, horizon - timedelta(seconds=threshold), locking)
+        if checkpoint is None:
+            result.busy = True
+            return
+        since = _wired_since(checkpoint, registry, queue, now)
+        after = Q(dispatched_at__gt=checkpoint.dispatched_at)
+        if checkpoint.event_id is not None:
+            after |= Q(dispatched_at=checkpoint.dispatched_at, pk__gt=checkpoint.event_id)
+        records = list(
+            EventRecord.objects.using(using)
+            .filter(after, status=EventRecord.Status.DISPATCHED, dispatched_at__lte=horizon)
+            .order_by("dispatched_at", "pk")[:batch_size]
+        )
+        unfinished, checked = _unfinished(records, registry, queue, since, using)
+        result.checked += checked
+        for subscription_name, waiting in unfinished.items():
+            sent = redeliver(
+                registry.subscriptions[subscription_name], waiting, {}, using=using, relay=True
+            )
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
+            result.unsent += sent.unsent
+        if checked:
+            last = records[checked - 1]
+            assert last.dispatched_at is not None  # filtered on it
+            checkpoint.dispatched_at, checkpoint.event_id = last.dispatched_at, last.pk
+        checkpoint.updated_at = now
+        checkpoint.save(using=using)
+
+
+def _checkpoint(using: str, name: str, start: datetime, locking: bool) -> RelayCheckpoint | None:
+    """The checkpoint row ``name``, locked (created at ``start``); None if another relay
+    holds it."""
     features = connections[using].features
-    rows = RelayCheckpoint.objects.using(using).filter(name=CHECKPOINT)
+    rows = RelayCheckpoint.objects.using(using).filter(name=name)
     if locking:
         rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
     checkpoint = rows.first()
     if checkpoint is None:
-        if RelayCheckpoint.objects.using(using).filter(name=CHECKPOINT).exists():
+        if RelayCheckpoint.objects.using(using).filter(name=name).exists():
             return None
         RelayCheckpoint.objects.using(using).bulk_create(
-            [RelayCheckpoint(name=CHECKPOINT, dispatched_at=start, subscriptions={})],
+            [RelayCheckpoint(name=name, dispatched_at=start, subscriptions={})],
             ignore_conflicts=True,
         )
         checkpoint = rows.first()
@@ -180,14 +196,14 @@ def _checkpoint(using: str, start: datetime, locking: bool) -> RelayCheckpoint |
 
 
 def _wired_since(
-    checkpoint: RelayCheckpoint, registry: Registry, now: datetime
+    checkpoint: RelayCheckpoint, registry: Registry, queue: str, now: datetime
 ) -> dict[str, datetime]:
-    """When the relay first saw each async subscription wired (new ones: now), noted on
-    ``checkpoint``; events dispatched before that were not sent to it."""
+    """When the relay first saw each async subscription of ``queue`` wired (new ones: now),
+    noted on ``checkpoint``; events dispatched before that were not sent to it."""
     seen: dict[str, str] = dict(checkpoint.subscriptions)
     first = seen.pop("*", None)
     for subscription in registry.subscriptions.values():
-        if subscription.is_queued and subscription.name not in seen:
+        if subscription.queue == queue and subscription.name not in seen:
             seen[subscription.name] = first or now.isoformat()
     checkpoint.subscriptions = seen
     return {name: datetime.fromisoformat(when) for name, when in seen.items()}
@@ -196,11 +212,16 @@ def _wired_since(
 def _unfinished(
     records: list[EventRecord],
     registry: Registry,
+    queue: str,
     since: Mapping[str, datetime],
     using: str,
 ) -> tuple[dict[str, list[EventRecord]], int]:
-    """The records of each subscription whose delivery has no outcome, and how many of
-    ``records`` were checked (a version newer than this process stops the batch there)."""
+    """The records of each subscription of ``queue`` whose delivery has no outcome, and how
+    many of ``records`` were checked: the batch stops before a record whose check has to
+    wait (the queue holds a backlog; a version newer than this process)."""
+    if not records:
+        return {}, 0
+    backlog: int | None = -1  # not asked yet: only once a delivery without outcome is found
     have = set(
         Delivery.objects.using(using)
         .filter(event_id__in=[r.pk for r in records])
@@ -223,12 +244,26 @@ def _unfinished(
         else:
             subscriptions = accepted(compiled.async_, data)
         assert record.dispatched_at is not None  # filtered on it
-        for subscription in subscriptions:
-            if (
-                subscription.declaration.broadcast  # a copy per worker: no single outcome
-                or (record.pk, subscription.name) in have
-                or record.dispatched_at < since[subscription.name]
-            ):
-                continue
+        missing = [
+            subscription
+            for subscription in subscriptions
+            if subscription.queue == queue
+            and not subscription.declaration.broadcast  # a copy per worker: no one outcome
+            and (record.pk, subscription.name) not in have
+            and record.dispatched_at >= since[subscription.name]
+        ]
+        if missing and backlog == -1:
+            backlog = waiting_messages(queue)
+        if missing and backlog != 0:
+            # Its message may still be waiting in the queue: come back once it drained.
+            if checked == 0:
+                logger.info(
+                    "Unfinished deliveries of queue %r wait: %s message(s) in the queue",
+                    queue,
+                    "unknown" if backlog is None else backlog,
+                    extra=log_extra(),
+                )
+            return unfinished, checked
+        for subscription in missing:
             unfinished.setdefault(subscription.name, []).append(record)
     return unfinished, len(records)
