@@ -160,9 +160,7 @@ def test_a_queue_holding_a_backlog_is_not_resent_until_it_drained(plain, publish
 
 
 @pytest.mark.django_db
-def test_held_paused_and_ordered_deliveries_are_left_to_their_mechanism(
-    queue, publish_now
-) -> None:
+def test_held_paused_and_ordered_deliveries_are_left_to_their_mechanism(queue, publish_now) -> None:
     with shop_wiring(queue, SUBSCRIPTIONS=[PLAIN, ORDERED]):
         pause("shop-plain")
         first = publish_now("shop.paid", {"order_id": 7, "total": 10})
