@@ -68,9 +68,14 @@ def test_a_lost_delivery_is_sent_again_once_and_then_recorded(plain, publish_now
     # Pending until a worker records the outcome: a second run sends nothing more.
     assert "resent" not in relay()
     assert drain(plain) == []
+    # Should the resent message be lost too, it is due again one threshold later.
+    due = Delivery.objects.filter(event_id=paid.id).exclude(retry_at=None)
+    assert due.count() == 3
+    assert min(d.retry_at for d in due) > timezone.now() + timedelta(minutes=59)
     for message in sent:
         process_message(message, 0, manage_connections=False)
     rows = Delivery.objects.filter(event_id=paid.id, mode="async")
+    assert not rows.exclude(retry_at=None).exists()  # an outcome clears it
     assert sorted(rows.values_list("subscription", "status", "attempts")) == [
         ("shop-once", "succeeded", 1),
         ("shop-plain", "succeeded", 1),
@@ -236,3 +241,15 @@ def test_the_relay_function_reports_what_it_resent(plain, publish_now, caplog) -
     [line] = [r.getMessage() for r in caplog.records if "Resent" in r.getMessage()]
     assert "Resent 3 async deliveries" in line
     assert "shop-once x1, shop-plain x1, shop-receipt x1" in line
+
+
+@pytest.mark.django_db
+def test_a_resent_message_lost_again_is_sent_once_more_when_due(plain, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, plain, ago=1.5 * HOUR)
+    assert "resent 3" in relay()
+    drain(plain)  # lost again
+    Delivery.objects.filter(event_id=paid.id).update(retry_at=timezone.now())
+
+    assert "and 3 due retry(ies)" in relay()
+    assert sorted(s for s, _ in messages(plain)) == ["shop-once", "shop-plain", "shop-receipt"]

@@ -165,6 +165,14 @@ def _resend_queue(
             )
             result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
             result.unsent += sent.unsent
+            # Should this message be lost too, the relay sends it once more when due (any
+            # outcome a worker writes clears it).
+            Delivery.objects.using(using).filter(
+                event_id__in=[r.pk for r in waiting],
+                subscription=subscription_name,
+                status=Delivery.Status.PENDING,
+                retry_at__isnull=True,
+            ).update(retry_at=now + timedelta(seconds=threshold))
         if checked:
             last = records[checked - 1]
             assert last.dispatched_at is not None  # filtered on it
