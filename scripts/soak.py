@@ -94,6 +94,12 @@ def main() -> int:
         help="passed to events_relay --loop: seconds after which a delivery with no outcome "
         "is sent again (the package's default is one hour plus the broker's visibility timeout)",
     )
+    parser.add_argument(
+        "--success-records",
+        choices=["immediate", "batched"],
+        default=None,
+        help="set SUCCESS_RECORDS (default: the package's default) to compare the two",
+    )
     args = parser.parse_args()
     if args.events < 3 or args.batch < 1 or args.cut <= 0 or args.kill_every <= 0:
         parser.error("--events >= 3, --batch >= 1, --cut and --kill-every > 0")
@@ -118,6 +124,8 @@ def main() -> int:
         DJANGO_EVENTS_SOAK="1",  # the package's defaults (tests/settings.py)
         **{f"DJANGO_EVENTS_{args.broker.upper()}_URL": broker_proxy.url(URLS[args.broker])},
     )
+    if args.success_records:
+        os.environ["DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"] = args.success_records
     if args.broker == "redis":
         os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)
     import django
