@@ -404,7 +404,10 @@ def _count(run: Run, relay_log: Path) -> tuple[dict[str, Any], bool]:
     relayed_events = sum(int(n) for n in re.findall(r"Relayed (\d+) event", text))
     relayed_retries = sum(int(n) for n in re.findall(r"and (\d+) due retr", text))
     resent = sum(int(n) for n in re.findall(r"resent (\d+) delivery", text))
+    from django_events.conf import conf
+
     figures: dict[str, Any] = {
+        "SUCCESS_RECORDS": conf.SUCCESS_RECORDS,
         "events committed": len(committed),
         "  of which in a transaction that raised": len(run.unsure & records),
         "transactions that raised (retried)": run.failed_transactions,
