@@ -228,6 +228,12 @@ class RelayCheckpoint(models.Model):
             "are not resent to it."
         ),
     )
+    drained = models.JSONField(
+        _("queue seen empty"),
+        default=list,
+        blank=True,
+        help_text=_("When the relay saw the queue empty (ISO times, newest last)."),
+    )
     updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
 
     class Meta:

@@ -20,7 +20,11 @@ pytestmark = [pytest.mark.servers, pytest.mark.postgresql]
 # events_relay sends it again once RESEND_UNFINISHED_AFTER passed and the queue drained; both
 # are shortened to fit the run (the visibility timeout stays below the threshold, as in the
 # package's default).
-REDIS = ("--visibility-timeout", "20", "--resend-unfinished-after", "30", "--deadline", "210")
+# The relay resends once the queue has been seen empty for the visibility timeout plus 30 s.
+REDIS = (
+    *("--visibility-timeout", "20", "--resend-unfinished-after", "30"),
+    *("--settle", "120", "--deadline", "240"),
+)
 
 
 @pytest.mark.parametrize("kind", ["amqp", "redis"])
@@ -41,7 +45,7 @@ def test_the_soak_script_loses_nothing_through_cuts_and_kills(kind: str) -> None
         "SOAK_REDIS_URL": os.environ.get("SOAK_REDIS_URL", "redis://127.0.0.1:6379/15"),
     }
     done = subprocess.run(
-        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=330, check=False
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=360, check=False
     )
     out = done.stdout
     figures = dict(re.findall(r"^(\S[^:\n]*):\s+(.*)$", out, re.MULTILINE))

@@ -24,7 +24,7 @@ of that queue stops at its first unfinished delivery and waits for the queue to 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -56,6 +56,11 @@ QUEUE_ALLOWANCE = 3600.0
 #: Transports that hand out a dead consumer's unacknowledged messages only after a visibility
 #: timeout, with kombu's default for it (seconds).
 VISIBILITY_TIMEOUTS = {"redis": 3600.0, "sqs": 1800.0}
+#: Seconds, beyond the visibility timeout, for a dead worker's messages to be given back and
+#: handled again (kombu's Redis transport restores them every 10 s).
+DRAIN_MARGIN = 30.0
+#: Seconds between two notes that a queue was seen empty (bounds `RelayCheckpoint.drained`).
+DRAIN_NOTE_EVERY = 15.0
 
 
 @dataclass
@@ -157,7 +162,8 @@ def _resend_queue(
             .filter(after, status=EventRecord.Status.DISPATCHED, dispatched_at__lte=horizon)
             .order_by("dispatched_at", "pk")[:batch_size]
         )
-        unfinished, checked = _unfinished(records, registry, queue, since, using)
+        cutoff = _Drained(checkpoint, queue, now, drain_settle())
+        unfinished, checked = _unfinished(records, registry, queue, since, using, cutoff)
         result.checked += checked
         for subscription_name, waiting in unfinished.items():
             sent = redeliver(
@@ -179,6 +185,52 @@ def _resend_queue(
             checkpoint.dispatched_at, checkpoint.event_id = last.dispatched_at, last.pk
         checkpoint.updated_at = now
         checkpoint.save(using=using)
+
+
+def drain_settle(app: Celery | None = None) -> float:
+    """Seconds a queue must have been seen empty before the deliveries of events dispatched
+    until then may count as lost: a dead worker's unacknowledged messages come back only
+    after the broker's visibility timeout (kombu's Redis transport restores them every 10 s
+    after it); 0 for brokers that give them back at once (RabbitMQ)."""
+    timeout = visibility_timeout(app)
+    return timeout + DRAIN_MARGIN if timeout else 0.0
+
+
+class _Drained:
+    """The latest time ``queue`` was seen empty at least ``settle`` seconds ago: every message
+    sent before then had been taken by a worker, and had time to come back had the worker
+    died. Asks the broker at most once (the first call), and notes what it saw on the
+    checkpoint (``RelayCheckpoint.drained``, newest last)."""
+
+    def __init__(
+        self, checkpoint: RelayCheckpoint, queue: str, now: datetime, settle: float
+    ) -> None:
+        self.checkpoint, self.queue, self.now, self.settle = checkpoint, queue, now, settle
+        self.asked = False
+        self.cutoff: datetime | None = None
+
+    def __call__(self) -> datetime | None:
+        if self.asked:
+            return self.cutoff
+        self.asked = True
+        waiting = waiting_messages(self.queue)
+        if waiting != 0:
+            # Messages wait (a backlog), or the broker cannot say: nothing is resent now.
+            logger.info(
+                "Unfinished deliveries of queue %r wait: %s message(s) in the queue",
+                self.queue,
+                "unknown" if waiting is None else waiting,
+                extra=log_extra(),
+            )
+            return None
+        seen = [datetime.fromisoformat(t) for t in self.checkpoint.drained]
+        settled = [t for t in [*seen, self.now] if (self.now - t).total_seconds() >= self.settle]
+        self.cutoff = settled[-1] if settled else None
+        if not seen or (self.now - seen[-1]).total_seconds() >= DRAIN_NOTE_EVERY:
+            seen.append(self.now)
+        kept = [t for t in seen if self.cutoff is None or t >= self.cutoff]
+        self.checkpoint.drained = [t.isoformat() for t in kept]
+        return self.cutoff
 
 
 def _checkpoint(using: str, name: str, start: datetime, locking: bool) -> RelayCheckpoint | None:
@@ -223,13 +275,14 @@ def _unfinished(
     queue: str,
     since: Mapping[str, datetime],
     using: str,
+    drained: Callable[[], datetime | None],
 ) -> tuple[dict[str, list[EventRecord]], int]:
     """The records of each subscription of ``queue`` whose delivery has no outcome, and how
     many of ``records`` were checked: the batch stops before a record whose check has to
-    wait (the queue holds a backlog; a version newer than this process)."""
+    wait (its message may still be in the queue or with a worker, see `_Drained`; a version
+    newer than this process)."""
     if not records:
         return {}, 0
-    backlog: int | None = -1  # not asked yet: only once a delivery without outcome is found
     have = set(
         Delivery.objects.using(using)
         .filter(event_id__in=[r.pk for r in records])
@@ -260,18 +313,10 @@ def _unfinished(
             and (record.pk, subscription.name) not in have
             and record.dispatched_at >= since[subscription.name]
         ]
-        if missing and backlog == -1:
-            backlog = waiting_messages(queue)
-        if missing and backlog != 0:
-            # Its message may still be waiting in the queue: come back once it drained.
-            if checked == 0:
-                logger.info(
-                    "Unfinished deliveries of queue %r wait: %s message(s) in the queue",
-                    queue,
-                    "unknown" if backlog is None else backlog,
-                    extra=log_extra(),
-                )
-            return unfinished, checked
+        if missing:
+            cutoff = drained()
+            if cutoff is None or record.dispatched_at > cutoff:
+                return unfinished, checked  # come back once the queue drained and settled
         for subscription in missing:
             unfinished.setdefault(subscription.name, []).append(record)
     return unfinished, len(records)
