@@ -18,7 +18,9 @@ exists: not even a pending, held, running or failed one (retries, pauses and ord
 each write theirs, and keep their own way of sending them).
 
 A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
-of that queue stops at its first unfinished delivery and waits for the queue to drain.
+of that queue stops at its first unfinished delivery and waits for the queue to drain; on a
+broker with a visibility timeout (Redis), until it has been seen empty for longer than that
+timeout, so that a dead worker's unacknowledged messages are back (`_Drained`).
 """
 
 from __future__ import annotations
