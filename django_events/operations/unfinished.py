@@ -155,6 +155,7 @@ def _resend_queue(
         if checkpoint is None:
             result.busy = True
             return
+        before = (checkpoint.subscriptions, checkpoint.drained)
         since = _wired_since(checkpoint, registry, queue, now)
         after = Q(dispatched_at__gt=checkpoint.dispatched_at)
         if checkpoint.event_id is not None:
@@ -185,8 +186,10 @@ def _resend_queue(
             last = records[checked - 1]
             assert last.dispatched_at is not None  # filtered on it
             checkpoint.dispatched_at, checkpoint.event_id = last.dispatched_at, last.pk
-        checkpoint.updated_at = now
-        checkpoint.save(using=using)
+        # Written only when it moved: a pass with nothing to check writes nothing.
+        if checked or (checkpoint.subscriptions, checkpoint.drained) != before:
+            checkpoint.updated_at = now
+            checkpoint.save(using=using)
 
 
 def drain_settle(app: Celery | None = None) -> float:
