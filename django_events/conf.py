@@ -53,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "TASKS_BACKEND": "default",
     "LOCK_FILE": "events.lock.json",
     "PUBLISHER_CONFIRMS": True,
+    "RESEND_UNFINISHED_AFTER": None,
     "RETENTION": DEFAULT_RETENTION,
     "WEBHOOKS_ALLOW_PRIVATE": False,
     "WEBHOOK_ENDPOINTS": DEFAULT_WEBHOOK_ENDPOINTS,
@@ -211,6 +212,13 @@ class Settings:
     @property
     def PUBLISHER_CONFIRMS(self) -> bool:
         return bool(self._get("PUBLISHER_CONFIRMS"))
+
+    @property
+    def RESEND_UNFINISHED_AFTER(self) -> float | None:
+        """Seconds after its dispatch an async delivery with no outcome is sent again
+        (None: derived from the broker, see `operations.unfinished`)."""
+        value = self._get("RESEND_UNFINISHED_AFTER")
+        return None if value is None else float(value)
 
     @property
     def RETENTION(self) -> dict[str, float | None]:

@@ -62,6 +62,13 @@ class EventRecord(models.Model):
                 name="django_events_pending_idx",
                 condition=models.Q(status="pending"),
             ),
+            # The relay's check for unfinished deliveries walks dispatched events in the
+            # order they were dispatched, from where its last pass stopped.
+            models.Index(
+                fields=["dispatched_at", "id"],
+                name="django_events_dispatched_idx",
+                condition=models.Q(status="dispatched"),
+            ),
         ]
 
     def __str__(self) -> str:
@@ -198,6 +205,45 @@ class OrderingGate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.subscription} [{self.key}] #{self.last_sequence}"
+
+
+class RelayCheckpoint(models.Model):
+    """How far the relay has checked dispatched events for deliveries with no outcome.
+
+    One row per check (``name``); the relay locks it while it checks, so that two relays
+    never resend the same delivery.
+    """
+
+    name = models.CharField(_("name"), max_length=100, unique=True)
+    dispatched_at = models.DateTimeField(
+        _("checked up to"),
+        help_text=_("Events dispatched up to this time (and event id) have been checked."),
+    )
+    event_id = models.UUIDField(_("last event checked"), null=True, blank=True)
+    subscriptions = models.JSONField(
+        _("subscriptions seen"),
+        default=dict,
+        blank=True,
+        help_text=_(
+            "When the relay first saw each subscription wired: events dispatched before "
+            "are not resent to it."
+        ),
+    )
+    drained = models.JSONField(
+        _("queue seen empty"),
+        default=list,
+        blank=True,
+        help_text=_("When the relay saw the queue empty (ISO times, newest last)."),
+    )
+    updated_at = models.DateTimeField(_("updated at"), default=timezone.now)
+
+    class Meta:
+        verbose_name = _("relay checkpoint")
+        verbose_name_plural = _("relay checkpoints")
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.dispatched_at.isoformat()}"
 
 
 class FailureManager(models.Manager["Failure"]):

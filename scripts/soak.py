@@ -13,7 +13,8 @@ The package's settings are its defaults (only MANIFESTS, DEFAULT_QUEUE and CELER
 set). Every event goes to one idempotent and one plain async subscription
 (tests/manifests/soak.yaml). Two workers (prefork, 2 processes each) consume; one is
 SIGKILLed as a whole every few seconds and restarted; `events_relay --loop` runs beside them
-with its default options. A third of the way through publishing the broker is cut (live
+with its default options, except --resend-unfinished-after (the package's default, an hour
+or more, is longer than a run). A third of the way through publishing the broker is cut (live
 connections reset, new ones refused) for --cut seconds, two thirds of the way the database.
 The publisher retries a transaction the database cut made fail.
 
@@ -86,6 +87,19 @@ def main() -> int:
         help="Redis only: seconds before the messages of a killed worker are handed out again "
         "(Celery's default is one hour)",
     )
+    parser.add_argument(
+        "--resend-unfinished-after",
+        type=float,
+        default=120.0,
+        help="passed to events_relay --loop: seconds after which a delivery with no outcome "
+        "is sent again (the package's default is one hour plus the broker's visibility timeout)",
+    )
+    parser.add_argument(
+        "--success-records",
+        choices=["immediate", "batched"],
+        default=None,
+        help="set SUCCESS_RECORDS (default: the package's default) to compare the two",
+    )
     args = parser.parse_args()
     if args.events < 3 or args.batch < 1 or args.cut <= 0 or args.kill_every <= 0:
         parser.error("--events >= 3, --batch >= 1, --cut and --kill-every > 0")
@@ -110,6 +124,8 @@ def main() -> int:
         DJANGO_EVENTS_SOAK="1",  # the package's defaults (tests/settings.py)
         **{f"DJANGO_EVENTS_{args.broker.upper()}_URL": broker_proxy.url(URLS[args.broker])},
     )
+    if args.success_records:
+        os.environ["DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"] = args.success_records
     if args.broker == "redis":
         os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)
     import django
@@ -140,7 +156,9 @@ def main() -> int:
     relay: subprocess.Popen[bytes] | None = None
     try:
         with steady, victim:
-            relay = _start_relay(name, db_proxy.port, logs / "relay.log")
+            relay = _start_relay(
+                name, db_proxy.port, logs / "relay.log", args.resend_unfinished_after
+            )
             return _soak(args, victim, broker_proxy, db_proxy, relay, logs / "relay.log")
     finally:
         if relay is not None:
@@ -159,8 +177,11 @@ def main() -> int:
         db_proxy.close()
 
 
-def _start_relay(db_name: str, db_port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`events_relay --loop` with its default options, as a deployment runs it."""
+def _start_relay(
+    db_name: str, db_port: int, log: Path, resend_after: float
+) -> subprocess.Popen[bytes]:
+    """`events_relay --loop` with its default options, as a deployment runs it, but a
+    threshold for unfinished deliveries that fits a run of minutes."""
     env = {
         **os.environ,
         "DJANGO_EVENTS_WORKER_DB_NAME": db_name,
@@ -169,7 +190,10 @@ def _start_relay(db_name: str, db_port: int, log: Path) -> subprocess.Popen[byte
     }
     with log.open("ab") as output:
         return subprocess.Popen(
-            [sys.executable, "-m", "django", "events_relay", "--loop"],
+            [
+                *(sys.executable, "-m", "django", "events_relay", "--loop"),
+                *("--resend-unfinished-after", f"{resend_after:g}"),
+            ],
             cwd=ROOT,
             env=env,
             stdout=output,
@@ -379,7 +403,11 @@ def _count(run: Run, relay_log: Path) -> tuple[dict[str, Any], bool]:
     text = relay_log.read_text(errors="replace") if relay_log.exists() else ""
     relayed_events = sum(int(n) for n in re.findall(r"Relayed (\d+) event", text))
     relayed_retries = sum(int(n) for n in re.findall(r"and (\d+) due retr", text))
+    resent = sum(int(n) for n in re.findall(r"resent (\d+) delivery", text))
+    from django_events.conf import conf
+
     figures: dict[str, Any] = {
+        "SUCCESS_RECORDS": conf.SUCCESS_RECORDS,
         "events committed": len(committed),
         "  of which in a transaction that raised": len(run.unsure & records),
         "transactions that raised (retried)": run.failed_transactions,
@@ -388,6 +416,7 @@ def _count(run: Run, relay_log: Path) -> tuple[dict[str, Any], bool]:
         "restarts not ready in 120 s": run.restarts_not_ready,
         "events relayed by events_relay --loop": relayed_events,
         "retries relayed by events_relay --loop": relayed_retries,
+        "deliveries resent (no outcome) by events_relay": resent,
         "deliveries expected": len(expected),
         "deliveries succeeded": succeeded,
         "lost (event x subscription never run)": lost,

@@ -149,6 +149,8 @@ if os.environ.get("DJANGO_EVENTS_SOAK"):
         "DEFAULT_QUEUE": DJANGO_EVENTS["DEFAULT_QUEUE"],
         "CELERY_APP": os.environ["DJANGO_EVENTS_TEST_CELERY_APP"],
     }
+    if os.environ.get("DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"):  # soak.py --success-records
+        DJANGO_EVENTS["SUCCESS_RECORDS"] = os.environ["DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"]
 if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
     DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
 if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):

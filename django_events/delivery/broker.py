@@ -494,3 +494,45 @@ def _producer(
         except BaseException:
             _drop_confirming(app)
             raise
+
+
+def transport_kind(app: Celery) -> str:
+    """The kind of ``app``'s broker transport (kombu's ``driver_type``: amqp, redis, ...)."""
+    connection = app.connection_for_write()  # not connected: the transport's class only
+    try:
+        return str(connection.transport.driver_type)
+    finally:
+        connection.release()
+
+
+def waiting_messages(queue: str, app: Celery | None = None) -> int | None:
+    """Messages waiting in ``queue`` for a consumer (not those a worker holds); 0 for a queue
+    that does not exist, None if the broker cannot be asked."""
+    app = app or celery_app()
+    if app is None:
+        return None
+    with app.connection_for_write() as connection:
+        channel_errors: tuple[type[BaseException], ...] = tuple(connection.channel_errors)
+        errors: tuple[type[BaseException], ...] = (
+            *connection.connection_errors,
+            *channel_errors,
+            OSError,
+        )
+        try:
+            channel: Any = connection.channel()
+        except errors:
+            logger.warning("Cannot ask the broker about queue %r", queue, exc_info=True)
+            return None
+        try:
+            _, count, _ = channel.queue_declare(queue=queue, passive=True)
+        except channel_errors:
+            return 0  # no such queue (RabbitMQ), or an empty one (Redis drops empty lists)
+        except errors:
+            logger.warning("Cannot ask the broker about queue %r", queue, exc_info=True)
+            return None
+        finally:
+            try:
+                channel.close()
+            except errors:
+                logger.debug("Closing a channel failed", exc_info=True)
+    return int(count)

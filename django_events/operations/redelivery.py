@@ -74,14 +74,19 @@ def redeliver(
     prior_attempts: Mapping[UUID, int],
     *,
     using: str,
+    relay: bool = False,
 ) -> RedeliveryResult:
-    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again.
+
+    ``relay``: sent as the relay sends (with publisher confirms, trying the broker even
+    during an outage it knows of).
+    """
     if not records:
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
     if subscription.is_queued:
-        return _send(subscription, records, compiled, prior_attempts, using)
+        return _send(subscription, records, compiled, prior_attempts, using, relay)
     return _run(subscription, records, compiled, prior_attempts, using)
 
 
@@ -91,6 +96,7 @@ def _send(
     compiled: Mapping[str, CompiledEvent],
     prior: Mapping[UUID, int],
     using: str,
+    relay: bool = False,
 ) -> RedeliveryResult:
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
     prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
@@ -103,7 +109,7 @@ def _send(
     # leaves the rows as they were (a failure stays one), never pending with no message.
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
-        unsent = _send_items(subscription, items, using, prior_attempts)
+        unsent = _send_items(subscription, items, using, prior_attempts, relay=relay)
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
@@ -156,12 +162,20 @@ def _send_items(
     items: Sequence[broker.SendItem],
     using: str,
     prior_attempts: Mapping[tuple[UUID, str], int],
+    relay: bool = False,
 ) -> set[UUID]:
     if subscription.via == "tasks":
         from django_events.delivery import tasks_backend
 
         return tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
-    return broker.send_deliveries(items, using, prior_attempts=prior_attempts)
+    # The relay waits for the broker's confirms and tries it even during a known outage.
+    return broker.send_deliveries(
+        items,
+        using,
+        prior_attempts=prior_attempts,
+        confirm=True if relay else None,
+        always_try=relay,
+    )
 
 
 def _unsent(

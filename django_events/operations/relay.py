@@ -19,6 +19,7 @@ from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import find_subscription, reaches
+from django_events.operations.unfinished import ResendResult, resend_unfinished
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.relay")
@@ -32,13 +33,21 @@ class RelayResult:
     unsent: int = 0
     undeclared: int = 0
     retried: int = 0  # due retries a worker could not hand to the broker, sent now
+    resent: int = 0  # async deliveries with no outcome long after dispatch, sent again
+    checked: int = 0  # dispatched events checked for such deliveries
 
 
 def relay_pending(
-    *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
+    *,
+    batch_size: int = 500,
+    min_age: float = 0.0,
+    using: str = DEFAULT_DB_ALIAS,
+    resend_after: float | None = None,
 ) -> RelayResult:
     """Send one batch of pending records, oldest first, with publisher confirms; then one
-    batch of due retries that a worker could not hand to the broker (`Delivery.retry_at`).
+    batch of due retries that a worker could not hand to the broker (`Delivery.retry_at`);
+    then check one batch of events dispatched over ``resend_after`` seconds ago (default:
+    `unfinished.resend_after`) and send again their async deliveries that have no outcome.
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` where the database has it, so several
     relays can run at once; each record is marked dispatched only once the broker took it.
@@ -120,28 +129,48 @@ def relay_pending(
                 status=EventRecord.Status.FAILED
             )
     retried, retries_unsent = _send_due_retries(batch_size, using)
+    unsent_count = len(unsent) + retries_unsent
+    # The broker refused the sends above: deliveries resent now would be recorded failed.
+    unfinished = (
+        ResendResult()
+        if unsent_count
+        else resend_unfinished(older_than=resend_after, batch_size=batch_size, using=using)
+    )
     return RelayResult(
         sent=len(sent) + len(nothing_to_send),
-        unsent=len(unsent) + retries_unsent,
+        unsent=unsent_count,
         undeclared=len(undeclared),
         retried=retried,
+        resent=unfinished.total,
+        checked=unfinished.checked,
     )
 
 
 def relay_backlog(
-    *, batch_size: int = 500, min_age: float = 0.0, using: str = DEFAULT_DB_ALIAS
+    *,
+    batch_size: int = 500,
+    min_age: float = 0.0,
+    using: str = DEFAULT_DB_ALIAS,
+    resend_after: float | None = None,
 ) -> RelayResult:
     """Relay passes until the backlog is empty or the broker stops taking it; the totals.
 
     Raises the `DatabaseError` of a database that cannot be reached (see `DatabaseOutage`).
     """
-    sent = retried = 0
+    sent = retried = resent = checked = 0
     while True:
-        result = relay_pending(batch_size=batch_size, min_age=min_age, using=using)
+        result = relay_pending(
+            batch_size=batch_size, min_age=min_age, using=using, resend_after=resend_after
+        )
         sent += result.sent
         retried += result.retried
-        if result.unsent or result.sent + result.undeclared < batch_size:
-            return RelayResult(sent, result.unsent, result.undeclared, retried)
+        resent += result.resent
+        checked += result.checked
+        more = result.sent + result.undeclared >= batch_size or result.checked >= batch_size
+        if result.unsent or not more:
+            return RelayResult(
+                sent, result.unsent, result.undeclared, retried, resent=resent, checked=checked
+            )
 
 
 class DatabaseOutage:

@@ -56,6 +56,16 @@ class Command(BaseCommand):
             "longest handler run: a task still running would run twice.",
         )
         parser.add_argument(
+            "--resend-unfinished-after",
+            type=float,
+            default=None,
+            metavar="SECONDS",
+            help="Send again the async deliveries of events dispatched longer ago than this "
+            "that still have no outcome (their message was lost). Default: the "
+            "RESEND_UNFINISHED_AFTER setting, else one hour plus the broker's visibility "
+            "timeout (two hours on Redis). Keep it above the longest queue wait plus run.",
+        )
+        parser.add_argument(
             "--database",
             default=DEFAULT_DB_ALIAS,
             choices=tuple(connections),
@@ -67,6 +77,9 @@ class Command(BaseCommand):
             raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
         if options["requeue_running_after"] <= 0:
             raise CommandError("--requeue-running-after must be positive")
+        resend_after = options["resend_unfinished_after"]
+        if resend_after is not None and resend_after <= 0:
+            raise CommandError("--resend-unfinished-after must be positive")
         if not options["loop"]:
             try:
                 self._requeue(options)
@@ -98,8 +111,8 @@ class Command(BaseCommand):
                 time.sleep(delay)
                 continue
             outage.passed()
-            if result.sent or result.retried or result.unsent > unsent_before:
-                self.stdout.write(self._relayed(result.sent, result.retried, result.unsent))
+            if result.sent or result.retried or result.resent or result.unsent > unsent_before:
+                self.stdout.write(self._relayed(result, result.unsent))
             unsent_before = result.unsent
             # The broker did not take everything: it is down (broker.health logs it once).
             delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
@@ -110,18 +123,21 @@ class Command(BaseCommand):
             batch_size=options["batch_size"],
             min_age=options["min_age"],
             using=options["database"],
+            resend_after=options["resend_unfinished_after"],
         )
 
     @staticmethod
-    def _relayed(sent: int, retried: int, pending: int) -> str:
-        retries = f" and {retried} due retry(ies)" if retried else ""
-        return f"Relayed {sent} event(s){retries}; {pending} still pending."
+    def _relayed(result: RelayResult, pending: int) -> str:
+        retries = f" and {result.retried} due retry(ies)" if result.retried else ""
+        resent = f"; resent {result.resent} delivery(ies) with no outcome" if result.resent else ""
+        return f"Relayed {result.sent} event(s){retries}; {pending} still pending{resent}."
 
     def _one_shot(self, options: dict[str, Any]) -> None:
         """Send every record pending when the run started; account for each one left."""
         started = timezone.now()
         result = self._drain(options)
         total, retried, unsent = result.sent, result.retried, result.unsent
+        resent = result.resent
         if not unsent:
             # Records of the last --min-age seconds (an outage that just ended): wait for them
             # to come of age rather than race their publisher's own send, then send them.
@@ -139,9 +155,10 @@ class Command(BaseCommand):
                 time.sleep(wait)
                 more = self._drain(options)
                 total, retried, unsent = total + more.sent, retried + more.retried, more.unsent
+                resent += more.resent
         left = self._pending(options).count()
         newer = self._pending(options).filter(occurred_at__gt=started).count() if left else 0
-        self.stdout.write(self._relayed(total, retried, left))
+        self.stdout.write(self._relayed(RelayResult(total, retried=retried, resent=resent), left))
         if newer:
             self.stdout.write(
                 f"  {newer} dated after this run started (published meanwhile, or a "

@@ -1,0 +1,327 @@
+"""Async deliveries that never finished: sent again by the relay, at least once.
+
+A message the broker took can still vanish before any worker records an outcome: kombu's
+Redis transport removes a message from its list (``BRPOP``) before the consumer notes it as
+unacknowledged, so a worker killed between the two takes the message with it, and nothing
+hands it out again (docs/reliability.md). The event is ``dispatched`` and its delivery has
+no `Delivery` row, for good.
+
+`resend_unfinished` finds such deliveries and sends them again through the redelivery path
+of retries and replays. For each queue it walks the events dispatched longer ago than the
+threshold (`resend_after`), in dispatch order, from where its last pass stopped (a
+`RelayCheckpoint` row per queue, locked while it works, so that two relays never resend the
+same delivery); each pass reads at most one batch, through an index on the dispatch time.
+A delivery counts as unfinished when its event records every outcome (``RECORD = "all"``),
+the subscription is async (Celery, not broadcast), its filter accepts the payload, the relay
+had seen the subscription wired before the event was dispatched, and no `Delivery` row
+exists: not even a pending, held, running or failed one (retries, pauses and ordered keys
+each write theirs, and keep their own way of sending them).
+
+A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
+of that queue stops at its first unfinished delivery and waits for the queue to drain; on a
+broker with a visibility timeout (Redis), until it has been seen empty for longer than that
+timeout, so that a dead worker's unacknowledged messages are back (`_Drained`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from django_events.conf import conf
+from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
+from django_events.delivery.dispatch import accepted
+from django_events.exceptions import NewerVersion, UpcastError
+from django_events.logs import log_extra
+from django_events.models import Delivery, EventRecord, RelayCheckpoint
+from django_events.operations.redelivery import redeliver
+from django_events.wiring.compiled import Registry, Subscription
+from django_events.wiring.registry import get_registry
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+logger = logging.getLogger("django_events.relay")
+
+CHECKPOINT = "unfinished-deliveries"
+#: Seconds allowed, beyond the broker's own redelivery delay, for a message to wait in its
+#: queue and for its handler to run, before the delivery counts as lost.
+QUEUE_ALLOWANCE = 3600.0
+#: Transports that hand out a dead consumer's unacknowledged messages only after a visibility
+#: timeout, with kombu's default for it (seconds).
+VISIBILITY_TIMEOUTS = {"redis": 3600.0, "sqs": 1800.0}
+#: Seconds, beyond the visibility timeout, for a dead worker's messages to be given back and
+#: handled again (kombu's Redis transport restores them every 10 s).
+DRAIN_MARGIN = 30.0
+#: Seconds between two notes that a queue was seen empty (bounds `RelayCheckpoint.drained`).
+DRAIN_NOTE_EVERY = 15.0
+
+
+@dataclass
+class ResendResult:
+    """One pass: events checked, deliveries sent again per subscription, and those unsent."""
+
+    checked: int = 0
+    resent: dict[str, int] = field(default_factory=dict)
+    unsent: int = 0
+    busy: bool = False  # another relay holds the checkpoint
+
+    @property
+    def total(self) -> int:
+        return sum(self.resent.values())
+
+
+def resend_after(app: Celery | None = None) -> float:
+    """Seconds after its dispatch an async delivery with no outcome is sent again.
+
+    ``RESEND_UNFINISHED_AFTER`` if set; else `QUEUE_ALLOWANCE` plus the broker's visibility
+    timeout (Redis, SQS: how long it keeps a dead worker's messages before handing them out
+    again), so that nothing the broker would still deliver, or a worker is still running,
+    is sent twice.
+    """
+    value = conf.RESEND_UNFINISHED_AFTER
+    if value is not None:
+        return value
+    return QUEUE_ALLOWANCE + visibility_timeout(app)
+
+
+def visibility_timeout(app: Celery | None = None) -> float:
+    """The broker's visibility timeout in seconds (0 for brokers without one: RabbitMQ)."""
+    try:
+        app = app or celery_app()
+    except ImportError:  # CELERY_APP does not import: the send reports it
+        return 0.0
+    if app is None:
+        return 0.0
+    default = VISIBILITY_TIMEOUTS.get(transport_kind(app))
+    if default is None:
+        return 0.0
+    options = app.conf.broker_transport_options or {}
+    return float(options.get("visibility_timeout", default))
+
+
+def resend_unfinished(
+    *,
+    older_than: float | None = None,
+    batch_size: int = 500,
+    using: str = DEFAULT_DB_ALIAS,
+) -> ResendResult:
+    """Check one batch of events per queue dispatched over ``older_than`` seconds ago (default
+    `resend_after`), and send again their async deliveries that have no outcome."""
+    threshold = resend_after() if older_than is None else older_than
+    registry = get_registry()
+    queues = sorted({s.queue for e in registry.events.values() for s in e.async_})
+    result = ResendResult()
+    for queue in queues:
+        _resend_queue(queue, threshold, batch_size, using, registry, result)
+    if result.total or result.unsent:
+        logger.warning(
+            "Resent %d async deliveries with no outcome %gs after their event was dispatched "
+            "(their message was lost): %s%s",
+            result.total,
+            threshold,
+            ", ".join(f"{name} x{count}" for name, count in sorted(result.resent.items())),
+            f"; {result.unsent} not sent (recorded failed)" if result.unsent else "",
+            extra=log_extra(),
+        )
+    return result
+
+
+def _resend_queue(
+    queue: str,
+    threshold: float,
+    batch_size: int,
+    using: str,
+    registry: Registry,
+    result: ResendResult,
+) -> None:
+    """One batch of ``queue``'s walk; adds what it did to ``result``."""
+    now = timezone.now()
+    horizon = now - timedelta(seconds=threshold)
+    locking = connections[using].features.has_select_for_update
+    # Without row locks (SQLite) one relay runs, in autocommit (as the outbox relay does).
+    with transaction.atomic(using=using) if locking else nullcontext():
+        # A first pass looks back one threshold: events dispatched before are not checked.
+        name = f"{CHECKPOINT}:{queue}"
+        checkpoint = _checkpoint(using, name, horizon - timedelta(seconds=threshold), locking)
+        if checkpoint is None:
+            result.busy = True
+            return
+        before = (checkpoint.subscriptions, checkpoint.drained)
+        since = _wired_since(checkpoint, registry, queue, now)
+        after = Q(dispatched_at__gt=checkpoint.dispatched_at)
+        if checkpoint.event_id is not None:
+            after |= Q(dispatched_at=checkpoint.dispatched_at, pk__gt=checkpoint.event_id)
+        records = list(
+            EventRecord.objects.using(using)
+            .filter(after, status=EventRecord.Status.DISPATCHED, dispatched_at__lte=horizon)
+            .order_by("dispatched_at", "pk")[:batch_size]
+        )
+        cutoff = _Drained(checkpoint, queue, now, drain_settle())
+        unfinished, checked = _unfinished(records, registry, queue, since, using, cutoff)
+        result.checked += checked
+        for subscription_name, waiting in unfinished.items():
+            sent = redeliver(
+                registry.subscriptions[subscription_name], waiting, {}, using=using, relay=True
+            )
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
+            result.unsent += sent.unsent
+            # Should this message be lost too, the relay sends it once more when due (any
+            # outcome a worker writes clears it).
+            Delivery.objects.using(using).filter(
+                event_id__in=[r.pk for r in waiting],
+                subscription=subscription_name,
+                status=Delivery.Status.PENDING,
+                retry_at__isnull=True,
+            ).update(retry_at=now + timedelta(seconds=threshold))
+        if checked:
+            last = records[checked - 1]
+            assert last.dispatched_at is not None  # filtered on it
+            checkpoint.dispatched_at, checkpoint.event_id = last.dispatched_at, last.pk
+        # Written only when it moved: a pass with nothing to check writes nothing.
+        if checked or (checkpoint.subscriptions, checkpoint.drained) != before:
+            checkpoint.updated_at = now
+            checkpoint.save(using=using)
+
+
+def drain_settle(app: Celery | None = None) -> float:
+    """Seconds a queue must have been seen empty before the deliveries of events dispatched
+    until then may count as lost: a dead worker's unacknowledged messages come back only
+    after the broker's visibility timeout (kombu's Redis transport restores them every 10 s
+    after it); 0 for brokers that give them back at once (RabbitMQ)."""
+    timeout = visibility_timeout(app)
+    return timeout + DRAIN_MARGIN if timeout else 0.0
+
+
+class _Drained:
+    """The latest time ``queue`` was seen empty at least ``settle`` seconds ago: every message
+    sent before then had been taken by a worker, and had time to come back had the worker
+    died. Asks the broker at most once (the first call), and notes what it saw on the
+    checkpoint (``RelayCheckpoint.drained``, newest last)."""
+
+    def __init__(
+        self, checkpoint: RelayCheckpoint, queue: str, now: datetime, settle: float
+    ) -> None:
+        self.checkpoint, self.queue, self.now, self.settle = checkpoint, queue, now, settle
+        self.asked = False
+        self.cutoff: datetime | None = None
+
+    def __call__(self) -> datetime | None:
+        if self.asked:
+            return self.cutoff
+        self.asked = True
+        waiting = waiting_messages(self.queue)
+        if waiting != 0:
+            # Messages wait (a backlog), or the broker cannot say: nothing is resent now.
+            logger.info(
+                "Unfinished deliveries of queue %r wait: %s message(s) in the queue",
+                self.queue,
+                "unknown" if waiting is None else waiting,
+                extra=log_extra(),
+            )
+            return None
+        seen = [datetime.fromisoformat(t) for t in self.checkpoint.drained]
+        settled = [t for t in [*seen, self.now] if (self.now - t).total_seconds() >= self.settle]
+        self.cutoff = settled[-1] if settled else None
+        if not seen or (self.now - seen[-1]).total_seconds() >= DRAIN_NOTE_EVERY:
+            seen.append(self.now)
+        kept = [t for t in seen if self.cutoff is None or t >= self.cutoff]
+        self.checkpoint.drained = [t.isoformat() for t in kept]
+        return self.cutoff
+
+
+def _checkpoint(using: str, name: str, start: datetime, locking: bool) -> RelayCheckpoint | None:
+    """The checkpoint row ``name``, locked (created at ``start``); None if another relay
+    holds it."""
+    features = connections[using].features
+    rows = RelayCheckpoint.objects.using(using).filter(name=name)
+    if locking:
+        rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+    checkpoint = rows.first()
+    if checkpoint is None:
+        if RelayCheckpoint.objects.using(using).filter(name=name).exists():
+            return None
+        RelayCheckpoint.objects.using(using).bulk_create(
+            [RelayCheckpoint(name=name, dispatched_at=start, subscriptions={})],
+            ignore_conflicts=True,
+        )
+        checkpoint = rows.first()
+        if checkpoint is not None and not checkpoint.subscriptions:
+            # The first pass takes today's wiring as the wiring of the window it looks back on.
+            checkpoint.subscriptions = {"*": start.isoformat()}
+    return checkpoint
+
+
+def _wired_since(
+    checkpoint: RelayCheckpoint, registry: Registry, queue: str, now: datetime
+) -> dict[str, datetime]:
+    """When the relay first saw each async subscription of ``queue`` wired (new ones: now),
+    noted on ``checkpoint``; events dispatched before that were not sent to it."""
+    seen: dict[str, str] = dict(checkpoint.subscriptions)
+    first = seen.pop("*", None)
+    for subscription in registry.subscriptions.values():
+        if subscription.queue == queue and subscription.name not in seen:
+            seen[subscription.name] = first or now.isoformat()
+    checkpoint.subscriptions = seen
+    return {name: datetime.fromisoformat(when) for name, when in seen.items()}
+
+
+def _unfinished(
+    records: list[EventRecord],
+    registry: Registry,
+    queue: str,
+    since: Mapping[str, datetime],
+    using: str,
+    drained: Callable[[], datetime | None],
+) -> tuple[dict[str, list[EventRecord]], int]:
+    """The records of each subscription of ``queue`` whose delivery has no outcome, and how
+    many of ``records`` were checked: the batch stops before a record whose check has to
+    wait (its message may still be in the queue or with a worker, see `_Drained`; a version
+    newer than this process)."""
+    if not records:
+        return {}, 0
+    have = set(
+        Delivery.objects.using(using)
+        .filter(event_id__in=[r.pk for r in records])
+        .values_list("event_id", "subscription")
+    )
+    unfinished: dict[str, list[EventRecord]] = {}
+    for checked, record in enumerate(records):
+        compiled = registry.events.get(record.name)
+        if compiled is None or not compiled.records_all:
+            continue  # undeclared now, or its successes leave no row to look for
+        subscriptions: list[Subscription]
+        try:
+            data = compiled.upgrade(record.payload, record.version)
+        except NewerVersion as exc:
+            # Its filters are unknown here: left to a relay of the release that sent it.
+            logger.warning("Unfinished deliveries not checked: %s", exc, extra=log_extra())
+            return unfinished, checked
+        except UpcastError:
+            subscriptions = list(compiled.async_)  # sent as stored: the worker records it
+        else:
+            subscriptions = accepted(compiled.async_, data)
+        assert record.dispatched_at is not None  # filtered on it
+        missing = [
+            subscription
+            for subscription in subscriptions
+            if subscription.queue == queue
+            and not subscription.declaration.broadcast  # a copy per worker: no one outcome
+            and (record.pk, subscription.name) not in have
+            and record.dispatched_at >= since[subscription.name]
+        ]
+        if missing:
+            cutoff = drained()
+            if cutoff is None or record.dispatched_at > cutoff:
+                return unfinished, checked  # come back once the queue drained and settled
+        for subscription in missing:
+            unfinished.setdefault(subscription.name, []).append(record)
+    return unfinished, len(records)

@@ -1,0 +1,255 @@
+"""events_relay sends again the async deliveries whose message was lost (no outcome, long after
+their event was dispatched): operations/unfinished.py, through the command and the relay."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from io import StringIO
+from typing import Any
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from django_events import publish
+from django_events.delivery.worker import process_message
+from django_events.models import Delivery, EventRecord
+from django_events.operations.pausing import pause, resume
+from django_events.operations.relay import relay_backlog
+from django_events.operations.unfinished import QUEUE_ALLOWANCE, resend_after
+from tests.app.models import HandlerRun
+from tests.ops import drain, shop_wiring
+
+RECORD = "tests.app.handlers.record"
+PLAIN = {"event": "shop.paid", "handler": RECORD, "mode": "async", "name": "shop-plain"}
+ONCE = {**PLAIN, "name": "shop-once", "idempotent": True}
+ORDERED = {**PLAIN, "name": "shop-ordered", "ordering_key": "order_id"}
+HOUR = 3600.0
+
+
+def relay(*args: str) -> str:
+    out = StringIO()
+    call_command("events_relay", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def lost(event: Any, queue: str, *, ago: float) -> None:
+    """The event's messages never reached a worker, and it was dispatched ``ago`` s ago."""
+    drain(queue)
+    drain("big-orders")
+    EventRecord.objects.filter(pk=event.id).update(
+        status="dispatched", dispatched_at=timezone.now() - timedelta(seconds=ago)
+    )
+
+
+def messages(queue: str) -> list[tuple[str, str]]:
+    return [(m["subscription"], m["event"]["id"]) for m in drain(queue)]
+
+
+@pytest.fixture
+def plain(queue: str) -> Any:
+    with shop_wiring(queue, SUBSCRIPTIONS=[PLAIN, ONCE]):
+        yield queue
+
+
+@pytest.mark.django_db
+def test_a_lost_delivery_is_sent_again_once_and_then_recorded(plain, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, plain, ago=1.5 * HOUR)  # older than the default threshold (1 h on memory://)
+
+    out = relay()
+
+    assert "resent 3 delivery(ies) with no outcome" in out, out
+    sent = drain(plain)
+    assert sorted(m["subscription"] for m in sent) == ["shop-once", "shop-plain", "shop-receipt"]
+    assert {m["event"]["id"] for m in sent} == {str(paid.id)}
+    assert all(m["rerun"] and m["prior_attempts"] == 0 for m in sent)
+    # Pending until a worker records the outcome: a second run sends nothing more.
+    assert "resent" not in relay()
+    assert drain(plain) == []
+    # Should the resent message be lost too, it is due again one threshold later.
+    due = Delivery.objects.filter(event_id=paid.id).exclude(retry_at=None)
+    assert due.count() == 3
+    assert min(d.retry_at for d in due) > timezone.now() + timedelta(minutes=59)
+    for message in sent:
+        process_message(message, 0, manage_connections=False)
+    rows = Delivery.objects.filter(event_id=paid.id, mode="async")
+    assert not rows.exclude(retry_at=None).exists()  # an outcome clears it
+    assert sorted(rows.values_list("subscription", "status", "attempts")) == [
+        ("shop-once", "succeeded", 1),
+        ("shop-plain", "succeeded", 1),
+        ("shop-receipt", "failed", 1),  # its handler fails a first run: an outcome too
+    ]
+    # shop-audit (sync, ran at publish), then shop-plain and shop-once once each.
+    assert HandlerRun.objects.filter(event_id=paid.id, handler="record").count() == 3
+
+
+@pytest.mark.django_db
+def test_a_delivery_with_an_outcome_or_inside_the_threshold_is_not_resent(
+    plain, publish_now
+) -> None:
+    done = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    for message in drain(plain):
+        process_message(message, 0, manage_connections=False)
+    lost(done, plain, ago=1.5 * HOUR)
+    young = publish_now("shop.paid", {"order_id": 2, "total": 10})
+    lost(young, plain, ago=0.5 * HOUR)
+
+    assert "resent" not in relay()
+    assert drain(plain) == []
+
+    # Once it is old enough, the next pass sends it: the walk had not gone past it.
+    EventRecord.objects.filter(pk=young.id).update(
+        dispatched_at=timezone.now() - timedelta(hours=1.2)
+    )
+    assert "resent 3 delivery(ies)" in relay()
+    assert {e for _, e in messages(plain)} == {str(young.id)}
+
+
+@pytest.mark.django_db
+def test_the_threshold_is_a_setting_and_an_option(plain, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, plain, ago=120)
+
+    assert "resent" not in relay()
+    with override_settings(DJANGO_EVENTS={**_settings(), "RESEND_UNFINISHED_AFTER": 600}):
+        assert "resent" not in relay()
+    assert "resent 3" in relay("--resend-unfinished-after", "60")
+    with pytest.raises(CommandError, match="must be positive"):
+        relay("--resend-unfinished-after", "0")
+
+
+def _settings() -> dict[str, Any]:
+    from django.conf import settings
+
+    return dict(settings.DJANGO_EVENTS)
+
+
+def test_the_default_threshold_waits_out_the_brokers_visibility_timeout() -> None:
+    from tests import brokers
+
+    assert resend_after(brokers.amqp) == QUEUE_ALLOWANCE
+    assert resend_after(brokers.redis) == QUEUE_ALLOWANCE + float(
+        brokers.redis.conf.broker_transport_options.get("visibility_timeout", 3600)
+    )
+
+
+@pytest.mark.django_db
+def test_filters_and_routing_apply_as_at_publish(queue, publish_now) -> None:
+    small = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    big = publish_now("shop.paid", {"order_id": 2, "total": 5000})
+    lost(small, queue, ago=1.5 * HOUR)
+    lost(big, queue, ago=1.5 * HOUR)
+
+    relay()
+
+    # shop-big (queue big-orders, when total >= 1000) only for the big order.
+    assert sorted(messages(queue)) == sorted(
+        [("shop-receipt", str(small.id)), ("shop-receipt", str(big.id))]
+    )
+    assert messages("big-orders") == [("shop-big", str(big.id))]
+
+
+@pytest.mark.django_db
+def test_a_queue_holding_a_backlog_is_not_resent_until_it_drained(plain, publish_now) -> None:
+    waiting = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    EventRecord.objects.filter(pk=waiting.id).update(
+        dispatched_at=timezone.now() - timedelta(hours=1.5)
+    )  # its messages are still in the queue: a backlog, not a loss
+
+    assert "resent" not in relay()
+    assert len(drain(plain)) == 3  # the original messages, nothing more
+
+    assert "resent 3" in relay()  # drained without outcomes: lost
+
+
+@pytest.mark.django_db
+def test_held_paused_and_ordered_deliveries_are_left_to_their_mechanism(queue, publish_now) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[PLAIN, ORDERED]):
+        pause("shop-plain")
+        first = publish_now("shop.paid", {"order_id": 7, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 7, "total": 10})
+        for message in drain(queue):
+            if message["subscription"] == "shop-plain":
+                # The paused subscription's delivery is held by the worker.
+                assert process_message(message, 0, manage_connections=False).status == "held"
+        # The ordered deliveries' messages are lost: their rows (written at publish) wait
+        # for the gate; the key's first failing would hold the second.
+        lost(first, queue, ago=1.5 * HOUR)
+        lost(second, queue, ago=1.5 * HOUR)
+
+        out = relay()
+
+        assert "resent 2 delivery(ies)" in out, out  # shop-receipt only
+        assert {s for s, _ in messages(queue)} == {"shop-receipt"}
+        assert set(
+            Delivery.objects.filter(subscription="shop-plain").values_list("status", flat=True)
+        ) == {"held"}
+        assert set(
+            Delivery.objects.filter(subscription="shop-ordered").values_list("status", flat=True)
+        ) == {"pending"}
+        # Resuming sends the held ones, as ever.
+        assert resume("shop-plain").sent == 2
+
+
+@pytest.mark.django_db
+def test_events_recording_only_failures_are_not_checked(plain, publish_now) -> None:
+    with shop_wiring(plain, SUBSCRIPTIONS=[PLAIN], RECORD="failures"):
+        paid = publish("shop.paid", {"order_id": 1, "total": 10})
+        EventRecord.objects.create(
+            id=paid.id,
+            name=paid.name,
+            payload=paid.data,
+            correlation_id=paid.correlation_id,
+            status="dispatched",
+        )
+        lost(paid, plain, ago=1.5 * HOUR)
+
+        assert "resent" not in relay()
+
+
+@pytest.mark.django_db
+def test_a_subscription_wired_after_the_event_is_not_sent_it(queue, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, queue, ago=1.5 * HOUR)
+    newer = publish_now("shop.paid", {"order_id": 2, "total": 10})
+    lost(newer, queue, ago=0.5 * HOUR)
+    assert "resent 1" in relay()  # shop-receipt, of the first event
+    drain(queue)
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[PLAIN]):  # a new subscription is deployed
+        relay()
+        EventRecord.objects.filter(pk=newer.id).update(
+            dispatched_at=timezone.now() - timedelta(hours=1.2)
+        )
+        out = relay()
+
+    assert "resent 1" in out, out  # shop-receipt of the second; shop-plain was not wired then
+    assert messages(queue) == [("shop-receipt", str(newer.id))]
+
+
+@pytest.mark.django_db
+def test_the_relay_function_reports_what_it_resent(plain, publish_now, caplog) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, plain, ago=1.5 * HOUR)
+
+    with caplog.at_level("WARNING", logger="django_events.relay"):
+        result = relay_backlog()
+
+    assert (result.resent, result.checked) == (3, 2)  # checked once per queue
+    [line] = [r.getMessage() for r in caplog.records if "Resent" in r.getMessage()]
+    assert "Resent 3 async deliveries" in line
+    assert "shop-once x1, shop-plain x1, shop-receipt x1" in line
+
+
+@pytest.mark.django_db
+def test_a_resent_message_lost_again_is_sent_once_more_when_due(plain, publish_now) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, plain, ago=1.5 * HOUR)
+    assert "resent 3" in relay()
+    drain(plain)  # lost again
+    Delivery.objects.filter(event_id=paid.id).update(retry_at=timezone.now())
+
+    assert "and 3 due retry(ies)" in relay()
+    assert sorted(s for s, _ in messages(plain)) == ["shop-once", "shop-plain", "shop-receipt"]

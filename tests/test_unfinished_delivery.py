@@ -1,0 +1,112 @@
+"""A message lost before any worker recorded it, on a real broker with a real worker: the
+relay sends it again and the worker completes it, once (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from datetime import timedelta
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+from django.test import override_settings
+from django.utils import timezone
+
+from django_events import publish
+from django_events.delivery import marking
+from django_events.models import Delivery, EventRecord
+from django_events.operations.unfinished import drain_settle, resend_after
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import fresh_queue, wait_for, wait_idle, worker_for
+
+pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
+
+MANIFESTS = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "faults.yaml")]
+# Redis: a visibility timeout of 2 s (Celery's default is an hour), for the worker and for the
+# relay, whose wait after the queue drained follows it.
+VISIBILITY_TIMEOUT = "2"
+publishers = {"amqp": brokers.make_app("amqp"), "redis": brokers.make_app("redis")}
+publishers["redis"].conf.broker_transport_options["visibility_timeout"] = float(VISIBILITY_TIMEOUT)
+
+
+def relay() -> str:
+    out = StringIO()
+    call_command("events_relay", "--min-age", "0", stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def lose_every_message(kind: str, queue: str) -> int:
+    """Take the queue's messages away as a consumer killed at once would: on Redis, kombu's
+    ``BRPOP`` takes a message off the list before it is noted as unacknowledged."""
+    with getattr(brokers, kind).connection_for_write() as connection:
+        channel = connection.default_channel
+        if kind == "redis":
+            taken = 0
+            while channel.client.rpop(queue) is not None:
+                taken += 1
+            return taken
+        return int(channel.queue_purge(queue))
+
+
+@pytest.mark.parametrize("kind", ["redis", "amqp"])
+def test_a_lost_message_is_resent_by_the_relay_and_runs_once(kind: str, tmp_path: Path) -> None:
+    with fresh_queue(kind, "unfinished") as queue:
+        wiring = {
+            **settings.DJANGO_EVENTS,
+            "MANIFESTS": MANIFESTS,
+            "CELERY_APP": f"tests.test_unfinished_delivery.{kind}_publisher",
+            "DEFAULT_QUEUE": queue,
+        }
+        with override_settings(DJANGO_EVENTS=wiring):
+            once = publish("fault.placed", {"order_id": 1})
+            plain = publish("fault.placed", {"order_id": 2, "plain": True})
+            marking.flush()
+            ids = [once.id, plain.id]
+            assert set(EventRecord.objects.filter(pk__in=ids).values_list("status", flat=True)) == {
+                "dispatched"
+            }
+            assert lose_every_message(kind, queue) == 2
+            # Long ago: older than the default threshold (on Redis, with its visibility timeout).
+            long_ago = timezone.now() - timedelta(seconds=resend_after() + 600)
+            EventRecord.objects.filter(pk__in=ids).update(dispatched_at=long_ago)
+
+            env = {
+                "DJANGO_EVENTS_FAULT_DIR": str(tmp_path),
+                "DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT": VISIBILITY_TIMEOUT,
+            }
+            with worker_for(kind, queue, tmp_path, manifest="faults.yaml", env=env) as worker:
+                out = relay()
+                settle = drain_settle()
+                if settle:
+                    # Redis: a dead worker's messages come back after the visibility timeout;
+                    # until the queue has been seen empty for that long, nothing is resent.
+                    assert "resent" not in out, out
+                    time.sleep(settle + 1)
+                    out = relay()
+                assert "resent 2 delivery(ies) with no outcome" in out, out
+                wait_for(
+                    lambda: (
+                        Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == 2
+                    ),
+                    timeout=60,
+                    what="the resent deliveries",
+                )
+                wait_idle(worker)
+                assert "resent" not in relay()  # they have their outcome now
+                wait_idle(worker)
+
+    runs = Counter(HandlerRun.objects.filter(event_id__in=ids).values_list("handler", "event_id"))
+    assert runs == {("hang_once", once.id): 1, ("hang_plain", plain.id): 1}
+    rows = Delivery.objects.filter(event_id__in=ids)
+    assert sorted(rows.values_list("subscription", "status", "attempts")) == [
+        ("fault-once", "succeeded", 1),
+        ("fault-plain", "succeeded", 1),
+    ]
+
+
+amqp_publisher = publishers["amqp"]
+redis_publisher = publishers["redis"]
