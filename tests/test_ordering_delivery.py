@@ -238,6 +238,21 @@ def _pool_children(worker: WorkerProcess) -> list[int]:
     return [int(p) for p in path.read_text().split()]
 
 
+# Seen in CI on 2026-12-03 (a quiet host) and by helpers under load: on the filesystem
+# transport each SIGKILLed pool child left one key stuck behind a head delivery whose row no
+# worker ever touched (pending since publish, no retry_at): the message it was handed seems
+# not to come back to the queue. Not understood yet (issue 19); RabbitMQ and Redis pass.
+FILESYSTEM_POOL_KILL = pytest.mark.xfail(
+    reason="filesystem transport: a SIGKILLed pool child's message may not be requeued",
+    strict=False,
+)
+
+
+@pytest.mark.parametrize(
+    "rig",
+    [pytest.param("filesystem", marks=FILESYSTEM_POOL_KILL), "amqp", "redis"],
+    indirect=True,
+)
 def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> None:
     keys = [f"kill-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
     done = threading.Event()

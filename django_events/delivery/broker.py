@@ -521,18 +521,22 @@ def waiting_messages(queue: str, app: Celery | None = None) -> int | None:
         try:
             channel: Any = connection.channel()
         except errors:
-            logger.warning("Cannot ask the broker about queue %r", queue, exc_info=True)
+            logger.warning(
+                "Cannot ask the broker about queue %r", queue, exc_info=True, extra=log_extra()
+            )
             return None
         try:
             _, count, _ = channel.queue_declare(queue=queue, passive=True)
         except channel_errors:
             return 0  # no such queue (RabbitMQ), or an empty one (Redis drops empty lists)
         except errors:
-            logger.warning("Cannot ask the broker about queue %r", queue, exc_info=True)
+            logger.warning(
+                "Cannot ask the broker about queue %r", queue, exc_info=True, extra=log_extra()
+            )
             return None
         finally:
             try:
                 channel.close()
             except errors:
-                logger.debug("Closing a channel failed", exc_info=True)
+                logger.debug("Closing a channel failed", exc_info=True, extra=log_extra())
     return int(count)
