@@ -176,11 +176,11 @@ def fill(count: int) -> None:
             """
             INSERT INTO django_events_delivery
               (event_id, subscription, mode, status, attempts, last_error, traceback,
-               created_at, updated_at, duration_ms)
+               created_at, updated_at, duration_ms, response_body)
             SELECT md5('e' || g)::uuid, 'bench-audit', 'sync', 'succeeded', 1, '', '',
                    now() - make_interval(secs => g * 31.0),
                    now() - make_interval(secs => g * 31.0),
-                   0.3 + (g %% 50) * 0.9
+                   0.3 + (g %% 50) * 0.9, ''
             FROM generate_series(1, %s) AS g
             """,
             [count],
@@ -189,13 +189,13 @@ def fill(count: int) -> None:
             f"""
             INSERT INTO django_events_delivery
               (event_id, subscription, mode, status, attempts, last_error, traceback,
-               created_at, updated_at, duration_ms)
+               created_at, updated_at, duration_ms, response_body)
             SELECT md5('e' || g)::uuid, 'bench-mail', 'async', 'failed', 3,
                    'SMTPError: 451 temporary failure for order ' || g,
                    repeat('  File "mail.py", line 12, in send' || chr(10), 20),
                    now() - make_interval(secs => g * 31.0),
                    now() - make_interval(secs => g * 31.0),
-                   120 + (g %% 500)
+                   120 + (g %% 500), ''
             FROM generate_series({FAILED_EVERY}, %s, {FAILED_EVERY}) AS g
             """,
             [count],
