@@ -76,6 +76,9 @@ def test_commands_refuse_unknown_and_inline_subscriptions() -> None:
             call_command("events_pause", "i")
         with pytest.raises(CommandError, match="Unknown subscription 'nope'"):
             call_command("events_resume", "nope")
+        for command in ("events_pause", "events_resume"):
+            with pytest.raises(CommandError, match="invalid choice: 'nope'"):
+                call_command(command, "i", "--database", "nope")
     assert not PausedSubscription.objects.exists()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import DEFAULT_DB_ALIAS, connections
 
 from django_events.operations.pausing import PauseError, resume
 
@@ -12,7 +13,12 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="The subscription's name (see events_list).")
-        parser.add_argument("--database", default="default", help="Database alias.")
+        parser.add_argument(
+            "--database",
+            default=DEFAULT_DB_ALIAS,
+            choices=tuple(connections),
+            help="Database alias.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["name"]
