@@ -13,13 +13,11 @@ from typing import Any
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from django_events.conf import conf
 from django_events.exceptions import InvalidPayload, UnknownEvent
-from django_events.inbound.auth import authenticate
 from django_events.inbound.idempotency import publish_once, scoped_key
 from django_events.inbound.policy import SecretNotConfigured, SourcePolicy
 from django_events.inbound.refusal import Refusal, invalid_payload
-from django_events.inbound.views import MAX_KEY_LENGTH, parse_json, read_body, require_json
+from django_events.inbound.views import MAX_KEY_LENGTH, read_call
 from django_events.logs import log_extra
 from django_events.wiring.filters import lookup
 from django_events.wiring.registry import get_registry
@@ -32,12 +30,7 @@ def source(request: HttpRequest, source: str) -> HttpResponse:
     """Publish the declared event of a verified provider call; answer 202 ``{"id": ...}``."""
     try:
         policy = _policy(source)
-        if request.method != "POST":
-            raise Refusal(405, "method_not_allowed", "Use POST.", headers={"Allow": "POST"})
-        require_json(request)
-        body = read_body(request, policy.max_body or conf.INBOUND_MAX_BODY)
-        caller = authenticate(request, policy, body)
-        document = parse_json(body)
+        caller, document = read_call(request, policy)
         kind = _locate(request, document, policy.type, "type")
         if kind is None:
             raise Refusal(
