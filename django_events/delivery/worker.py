@@ -511,7 +511,6 @@ def _run_idempotent(
         took = (time.perf_counter() - started) * 1000
         row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
         save_deliveries(alias, [row])
-        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
         if subscription.declaration.ordering_key is not None:
             ordering.finish(alias, event.id, subscription.name)
 
