@@ -412,3 +412,69 @@ def test_bad_endpoint_settings_and_names_are_reported() -> None:
                 "Subscription 'endpoint:1': names starting 'endpoint:' belong to webhook endpoints",
             )
         )
+
+
+@pytest.mark.django_db(transaction=True)  # the worker's code closes stale connections
+def test_pausing_an_endpoint_holds_its_deliveries_and_resuming_sends_them(
+    publish_now, queue
+) -> None:
+    """events_pause / events_resume by an endpoint's name; the worker's own code (in this
+    process) holds, then posts to a receiver on 127.0.0.1."""
+    from django.core.management import call_command
+
+    from tests.ops import shop_wiring, work
+    from tests.webhook_receiver import Receiver
+
+    with Receiver(SECRET) as receiver, shop_wiring(queue, WEBHOOKS_ALLOW_PRIVATE=True):
+        endpoint, _ = endpoints.create_endpoint(receiver.url("ok"), ["shop.*"], secret=SECRET)
+        name = endpoints.subscription_name(endpoint.pk)
+        out = StringIO()
+        call_command("events_pause", name, stdout=out)
+        assert f"Paused {name!r}" in out.getvalue()
+        paid = [publish_now("shop.paid", {"order_id": n}) for n in (1, 2)]
+
+        outcomes = work(queue)
+
+        assert sorted(o.status for o in outcomes).count("held") == 2
+        held = Delivery.objects.filter(subscription=name)
+        assert sorted(held.values_list("event_id", "status", "mode")) == sorted(
+            (e.id, "held", "webhook") for e in paid
+        )
+        assert receiver.of("ok") == []
+
+        call_command("events_resume", name, stdout=out)
+        assert "Held deliveries: 2 re-enqueued for a worker" in out.getvalue()
+        work(queue)
+
+        calls = receiver.of("ok")
+    rows = Delivery.objects.filter(subscription=name)
+    assert set(rows.values_list("status", "attempts", "response_status")) == {("succeeded", 1, 200)}
+    assert len(calls) == 2 and all(c.verified for c in calls)
+    assert {c.json["data"]["order_id"] for c in calls} == {1, 2}
+
+
+def test_pause_names_an_existing_endpoint_and_resuming_a_deleted_one_keeps_its_held_rows(
+    publish_now,
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    from django_events.delivery.recording import delivery, save_deliveries
+    from django_events.models import PausedSubscription
+    from django_events.operations.pausing import held, resume
+
+    missing = endpoints.subscription_name(uuid.uuid4())
+    for name in (missing, "endpoint:not-a-uuid"):
+        with pytest.raises(CommandError, match="no such webhook endpoint"):
+            call_command("events_pause", name)
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.*"])
+    name = endpoints.subscription_name(endpoint.pk)
+    call_command("events_pause", name, stdout=StringIO())
+    paid = publish_now("shop.paid", {"order_id": 1})
+    save_deliveries("default", [delivery(paid.id, name, "webhook", "held", 0)])  # as a worker
+    endpoint.delete()
+
+    result = resume(name)
+
+    assert result.skipped == [f"1 held deliveries: {name!r} its webhook endpoint was deleted"]
+    assert held(name).count() == 1
+    assert not PausedSubscription.objects.exists()
