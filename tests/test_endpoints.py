@@ -6,6 +6,7 @@ Deliveries through a real worker: tests/test_webhooks_delivery.py."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import uuid
@@ -478,3 +479,147 @@ def test_pause_names_an_existing_endpoint_and_resuming_a_deleted_one_keeps_its_h
     assert result.skipped == [f"1 held deliveries: {name!r} its webhook endpoint was deleted"]
     assert held(name).count() == 1
     assert not PausedSubscription.objects.exists()
+
+
+# -- endpoints in the wiring: events_list and the wiring page ------------------------------
+
+HIDDEN_URL = "https://ops:pw-123@hooks.example.com:8443/T0123/path-token?token=query-token"
+
+
+def three_endpoints() -> tuple[WebhookEndpoint, WebhookEndpoint, WebhookEndpoint]:
+    """One enabled (paused), one failing, one disabled for failing too long."""
+    crm, _ = endpoints.create_endpoint(HIDDEN_URL, ["orders.*"], secret=SECRET, description="CRM")
+    failing, _ = endpoints.create_endpoint("https://b.example.com/", ["orders.shipped"])
+    WebhookEndpoint.objects.filter(pk=failing.pk).update(
+        failing_since=datetime(2026, 5, 1, 12, tzinfo=UTC)
+    )
+    off, _ = endpoints.create_endpoint("https://c.example.com/", ["*"], description="old")
+    WebhookEndpoint.objects.filter(pk=off.pk).update(
+        enabled=False, disabled_reason="Failing since ...; last error: HTTP 500"
+    )
+    from django_events.operations.pausing import pause
+
+    pause(endpoints.subscription_name(crm.pk))
+    return crm, failing, off
+
+
+def list_wiring(*args: str) -> str:
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("events_list", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def assert_nothing_secret(text: str) -> None:
+    for hidden in (SECRET, "pw-123", "path-token", "query-token", "T0123"):
+        assert hidden not in text
+
+
+def test_events_list_shows_every_endpoint_with_patterns_url_queue_and_state() -> None:
+    crm, failing, off = three_endpoints()
+    names = [endpoints.subscription_name(e.pk) for e in (crm, failing, off)]
+    queue = settings.DJANGO_EVENTS["DEFAULT_QUEUE"]
+
+    table = list_wiring()
+
+    lines = table.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("WEBHOOK ENDPOINT")))
+    assert lines[header].split() == [
+        "WEBHOOK",
+        "ENDPOINT",
+        "URL",
+        "EVENTS",
+        "QUEUE",
+        "STATE",
+        "DESCRIPTION",
+    ]
+    rows = {line.split()[0]: line.split(maxsplit=4) for line in lines[header + 1 : header + 4]}
+    assert rows[names[0]][1:4] == ["https://hooks.example.com:8443/", "orders.*", queue]
+    assert rows[names[0]][4].split() == ["enabled", "CRM"]
+    assert rows[names[1]][4].split() == ["failing", "since", "2026-05-01T12:00:00+00:00"]
+    assert rows[names[2]][1:4] == ["https://c.example.com/", "*", queue]
+    assert rows[names[2]][4].split() == ["disabled:", "failing", "too", "long", "old"]
+    # The enabled ones are subscriptions of the events they match; the disabled one of none.
+    links = {tuple(line.split()[:4]) for line in lines[:header]}
+    assert ("orders.placed", names[0], "webhook", queue) in links
+    assert ("orders.shipped", names[0], "webhook", queue) in links
+    assert ("orders.shipped", names[1], "webhook", queue) in links
+    assert not any(line.startswith("orders.placed") and names[1] in line for line in lines)
+    assert not any(names[2] in line for line in lines[:header])
+    assert lines[-1].endswith("3 webhook endpoint(s) (2 enabled)")
+    assert_nothing_secret(table)
+
+    data = json.loads(list_wiring("--format", "json"))
+    assert [(e["name"], e["url"], e["events"], e["enabled"]) for e in data["endpoints"]] == [
+        (names[0], "https://hooks.example.com:8443/", ["orders.*"], True),
+        (names[1], "https://b.example.com/", ["orders.shipped"], True),
+        (names[2], "https://c.example.com/", ["*"], False),
+    ]
+    placed = next(e for e in data["events"] if e["name"] == "orders.placed")
+    (hook,) = [s for s in placed["subscriptions"] if s["mode"] == "webhook"]
+    assert (hook["name"], hook["handler"]) == (
+        names[0],
+        "webhook -> https://hooks.example.com:8443/",
+    )
+    assert_nothing_secret(json.dumps(data))
+    assert f"{names[0]}: paused, 0 held" in list_wiring("--state")
+    assert any(names[0] in line for line in list_wiring("--format", "mermaid").splitlines())
+
+
+@pytest.mark.django_db(databases=[])
+def test_events_list_no_endpoints_reads_no_database() -> None:
+    table = list_wiring("--no-endpoints")  # a query would raise here: no database allowed
+    assert "orders.placed" in table and "endpoint" not in table.lower()
+
+
+WIRING = reverse("admin:django_events_wiring")
+
+
+def test_the_wiring_page_shows_the_endpoints_their_state_and_pause_buttons(admin_client) -> None:
+    crm, failing, off = three_endpoints()
+    names = [endpoints.subscription_name(e.pk) for e in (crm, failing, off)]
+
+    page = admin_client.get(WIRING).content.decode()
+
+    section = page[page.index('id="webhook-endpoints"') :]
+    for name, url, state in [
+        (names[0], "https://hooks.example.com:8443/", "enabled"),
+        (names[1], "https://b.example.com/", "failing since 2026-05-01T12:00:00+00:00"),
+        (names[2], "https://c.example.com/", "disabled: failing too long"),
+    ]:
+        row = section[section.index(f"<strong>{name}</strong>") :].split("</tr>")[0]
+        assert f"<code>{url}</code>" in row and state in row, row
+        assert change_url(WebhookEndpoint(pk=name.removeprefix("endpoint:"))) in row
+    crm_row = section[section.index(f"<strong>{names[0]}</strong>") :].split("</tr>")[0]
+    assert 'de-badge de-held">paused' in crm_row and 'value="resume"' in crm_row
+    off_row = section[section.index(f"<strong>{names[2]}</strong>") :].split("</tr>")[0]
+    assert 'value="pause"' in off_row
+    # An enabled endpoint is also listed under each event it receives, and drawn.
+    placed = page[page.index('id="event-ordersplaced"') :].split('<div class="module"')[0]
+    assert names[0] in placed and names[1] not in placed and names[2] not in placed
+    diagram = page[page.index('id="wiring-diagram"') :].split("</svg>")[0]
+    assert names[0][:30] in diagram and names[2][:30] not in diagram
+    assert "3 webhook endpoints registered at run time" in page
+    assert_nothing_secret(page)
+
+    answer = admin_client.post(
+        reverse("admin:django_events_wiring_pause"), {"name": names[1], "action": "pause"}
+    )
+    assert answer.status_code == 302
+    from django_events.operations.pausing import is_paused
+
+    assert is_paused(names[1])
+
+
+def test_the_wiring_page_links_an_endpoint_only_for_who_may_open_it() -> None:
+    from tests.test_admin import user_client
+
+    crm, _ = endpoints.create_endpoint("https://a.example.com/", ["orders.*"])
+    viewer = user_client("view_eventrecord")
+    page = viewer.get(WIRING).content.decode()
+    assert endpoints.subscription_name(crm.pk) in page
+    assert change_url(crm) not in page
+    assert 'value="pause"' not in page  # pausing needs the operators' permission
+    page = user_client("view_eventrecord", "view_webhookendpoint").get(WIRING).content.decode()
+    assert change_url(crm) in page
