@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 from uuid import UUID
@@ -286,6 +287,24 @@ def subscription_for(endpoint: WebhookEndpoint, *, keep_row: bool = True) -> End
     subscription.via = conf.DELIVERY
     subscription._handler = lambda event: deliver(subscription, event)
     return subscription
+
+
+def enabled(*, using: str | None = None) -> list[EndpointSubscription]:
+    """The subscriptions of the enabled endpoints, read now, with their rows (raises
+    DatabaseError)."""
+    alias = using or router.db_for_read(WebhookEndpoint)
+    rows = WebhookEndpoint.objects.using(alias).filter(enabled=True).order_by("created_at")
+    return [subscription_for(row) for row in rows]
+
+
+def wired_since(subscription: EndpointSubscription) -> datetime:
+    """Since when every publisher sends the endpoint the events its patterns match: its last
+    change (created, enabled again, patterns edited: ``updated_at``) plus the ``refresh``
+    seconds publishers may keep the list they read before."""
+    endpoint = subscription.endpoint
+    assert endpoint is not None, "a subscription read with its row (enabled(), find())"
+    changed = max(endpoint.created_at, endpoint.updated_at)
+    return changed + timedelta(seconds=float(conf.WEBHOOK_ENDPOINTS["refresh"]))
 
 
 # Workers.
