@@ -585,8 +585,8 @@ def test_the_wiring_page_shows_the_endpoints_their_state_and_pause_buttons(admin
     section = page[page.index('id="webhook-endpoints"') :]
     for name, url, state in [
         (names[0], "https://hooks.example.com:8443/", "enabled"),
-        (names[1], "https://b.example.com/", "failing since 2026-05-01T12:00:00+00:00"),
-        (names[2], "https://c.example.com/", "disabled: failing too long"),
+        (names[1], "https://b.example.com/", "failing</span><div>since 2026-05-01 12:00"),
+        (names[2], "https://c.example.com/", "disabled</span><div>failing too long"),
     ]:
         row = section[section.index(f"<strong>{name}</strong>") :].split("</tr>")[0]
         assert f"<code>{url}</code>" in row and state in row, row
@@ -623,3 +623,125 @@ def test_the_wiring_page_links_an_endpoint_only_for_who_may_open_it() -> None:
     assert 'value="pause"' not in page  # pausing needs the operators' permission
     page = user_client("view_eventrecord", "view_webhookendpoint").get(WIRING).content.decode()
     assert change_url(crm) in page
+
+
+# -- replaying an endpoint's deliveries from its admin page ---------------------------------
+
+
+def replay_url(endpoint: WebhookEndpoint) -> str:
+    return reverse("admin:django_events_webhookendpoint_replay", args=[endpoint.pk])
+
+
+def shop_endpoint(queue: str) -> tuple[WebhookEndpoint, str]:
+    from tests.ops import drain
+
+    endpoint, _ = endpoints.create_endpoint("https://crm.example.com/in", ["shop.*"])
+    drain(queue)
+    return endpoint, endpoints.subscription_name(endpoint.pk)
+
+
+def sent_to(queue: str, name: str) -> list[str]:
+    from tests.ops import drain
+
+    return sorted(m["event"]["id"] for m in drain(queue) if m["subscription"] == name)
+
+
+def test_the_replay_page_retries_the_endpoints_failed_deliveries(
+    admin_client, publish_now, queue
+) -> None:
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    endpoint, name = shop_endpoint(queue)
+    failed, ok = (publish_now("shop.paid", {"order_id": n}) for n in (1, 2))
+    save_deliveries(
+        "default",
+        [
+            delivery(failed.id, name, "webhook", "failed", 3, "HTTP 500"),
+            delivery(ok.id, name, "webhook", "succeeded", 1),
+            delivery(ok.id, "shop-receipt", "async", "failed", 1, "not this one"),
+        ],
+    )
+    sent_to(queue, name)
+    assert replay_url(endpoint) in admin_client.get(change_url(endpoint)).content.decode()
+    page = admin_client.get(replay_url(endpoint)).content.decode()
+    assert "1 failed delivery" in page
+
+    answer = admin_client.post(replay_url(endpoint), {"what": "failed"}, follow=True)
+
+    assert answer.redirect_chain[-1][0] == change_url(endpoint)
+    assert "Retried 1 failed delivery: 1 re-enqueued for a worker" in answer.content.decode()
+    assert sent_to(queue, name) == [str(failed.id)]
+    row = Delivery.objects.get(event_id=failed.id, subscription=name)
+    assert (row.status, row.attempts) == ("pending", 3)
+    assert Delivery.objects.get(event_id=ok.id, subscription="shop-receipt").status == "failed"
+
+
+def test_the_replay_page_delivers_the_events_of_a_time_range_again(
+    admin_client, publish_now, queue
+) -> None:
+    from django_events.models import EventRecord
+
+    endpoint, name = shop_endpoint(queue)
+    ages = {1: 3, 2: 1.5, 3: 1, 4: 0.2}  # hours ago
+    events = {}
+    for order_id, hours in ages.items():
+        kind = "shop.refunded" if order_id == 3 else "shop.paid"
+        events[order_id] = publish_now(kind, {"order_id": order_id})
+        EventRecord.objects.filter(pk=events[order_id].id).update(
+            occurred_at=datetime.now(tz=UTC) - timedelta(hours=hours)
+        )
+    sent_to(queue, name)
+
+    answer = admin_client.post(
+        replay_url(endpoint), {"what": "range", "since": "2h", "until": "30m"}, follow=True
+    )
+
+    assert "Replayed 2 stored event(s): 2 re-enqueued for a worker" in answer.content.decode()
+    assert sent_to(queue, name) == sorted(str(events[n].id) for n in (2, 3))
+    narrowed = {"what": "range", "since": "2h", "until": "30m", "events": ["shop.refunded"]}
+    admin_client.post(replay_url(endpoint), narrowed)
+    assert sent_to(queue, name) == [str(events[3].id)]
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"what": "range"}, "Give the start of the range"),
+        ({"what": "range", "since": "yesterday-ish"}, "is not an ISO date or datetime"),
+        ({"what": "range", "since": "1h", "until": "2h"}, "must be before --until"),
+        ({"what": "range", "since": "1h", "events": ["orders.placed"]}, "not one of the"),
+        ({"what": "everything"}, "not one of the available choices"),
+    ],
+)
+def test_the_replay_form_refuses_what_it_cannot_do(admin_client, queue, data, error) -> None:
+    endpoint, name = shop_endpoint(queue)
+    answer = admin_client.post(replay_url(endpoint), data)
+    assert answer.status_code == 200 and error in answer.content.decode()
+    assert sent_to(queue, name) == []
+
+
+def test_a_disabled_endpoint_is_not_replayed_to(admin_client, publish_now, queue) -> None:
+    from django.core.management import CommandError, call_command
+
+    endpoint, name = shop_endpoint(queue)
+    publish_now("shop.paid", {"order_id": 1})
+    sent_to(queue, name)  # what publishing sent
+    endpoints.disable([endpoint])
+    answer = admin_client.post(replay_url(endpoint), {"what": "range", "since": "1h"})
+    assert "is disabled: enable it first" in answer.content.decode()
+    with pytest.raises(CommandError, match="is disabled: enable it first"):
+        call_command("events_replay", name)
+    assert sent_to(queue, name) == []
+
+
+def test_replaying_needs_the_operators_permission(queue) -> None:
+    from tests.test_admin import user_client
+
+    endpoint, _ = shop_endpoint(queue)
+    viewer = user_client("view_webhookendpoint", "change_webhookendpoint")
+    assert replay_url(endpoint) not in viewer.get(change_url(endpoint)).content.decode()
+    assert viewer.get(replay_url(endpoint)).status_code == 403
+    assert viewer.post(replay_url(endpoint), {"what": "failed"}).status_code == 403
+    operator = user_client("view_webhookendpoint", "change_failure")
+    assert replay_url(endpoint) in operator.get(change_url(endpoint)).content.decode()
+    assert operator.get(replay_url(endpoint)).status_code == 200

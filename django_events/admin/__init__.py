@@ -17,6 +17,7 @@ from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
@@ -495,10 +496,13 @@ def _subscription_row(info: Any, state: dict[str, dict[str, Any]]) -> dict[str, 
 def _endpoint_state(endpoint: EndpointInfo, request: HttpRequest) -> dict[str, Any]:
     """What the wiring page shows of an endpoint besides its pause: its state (where a
     subscription shows "active") and a link to its admin page."""
-    if not endpoint.enabled:
+    health, badge, note = endpoint.state, "succeeded", ""
+    if not endpoint.enabled:  # "disabled", or "disabled: failing too long"
+        health, _, note = endpoint.state.partition(": ")
         badge = "failed"
-    else:
-        badge = "succeeded" if endpoint.state == "enabled" else "pending"  # failing since...
+    elif endpoint.failing_since is not None:
+        since = timezone.localtime(endpoint.failing_since).strftime("%Y-%m-%d %H:%M")
+        health, badge, note = gettext("failing"), "pending", gettext("since %s") % since
     user = request.user
     can_open = user.has_perm("django_events.view_webhookendpoint") or user.has_perm(
         "django_events.change_webhookendpoint"
@@ -507,8 +511,9 @@ def _endpoint_state(endpoint: EndpointInfo, request: HttpRequest) -> dict[str, A
         "admin:django_events_webhookendpoint_change", args=[endpoint.name.removeprefix(PREFIX)]
     )
     return {
-        "health": endpoint.state,
+        "health": health,
         "health_badge": badge,
+        "health_note": note,
         "endpoint_page": page if can_open else "",
     }
 

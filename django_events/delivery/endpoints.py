@@ -177,6 +177,7 @@ def describe(*, using: str | None = None) -> list[EndpointInfo]:
                 description=endpoint.description,
                 retry=asdict(subscription.retry),
                 timeout=subscription.declaration.timeout,
+                failing_since=endpoint.failing_since,
             )
         )
     return found

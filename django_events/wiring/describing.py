@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ class EndpointInfo:
     description: str
     retry: dict[str, Any]
     timeout: float | None
+    failing_since: datetime | None = None  # its first failed attempt since the last success
     mode: str = "webhook"
 
 
