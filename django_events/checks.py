@@ -74,7 +74,9 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E322": "webhook subscriptions but httpx is not installed",
     "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
     "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
+    "django_events.E324": "enabled webhook endpoints but httpx is not installed",
 }
+WEBHOOKS_EXTRA = "pip install 'django-event-wiring[webhooks]'"
 
 
 def to_message(problem: Problem) -> CheckMessage:
@@ -198,13 +200,11 @@ def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
     declaration, where = subscription.declaration, str(subscription.declaration.origin)
     name = subscription.name
     messages: list[CheckMessage] = []
-    try:
-        import httpx  # noqa: F401
-    except ImportError:
+    if not _has_httpx():
         messages.append(
             Error(
                 f"Subscription {name!r} is a webhook but httpx is not installed",
-                hint="pip install 'django-event-wiring[webhooks]'",
+                hint=WEBHOOKS_EXTRA,
                 obj=where,
                 id="django_events.E322",
             )
@@ -222,6 +222,53 @@ def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
                     hint=f"Define settings.{value} or the environment variable {value}; {hint}",
                     obj=where,
                     id=f"django_events.{code}",
+                )
+            )
+    return messages
+
+
+def _has_httpx() -> bool:
+    """Whether httpx, which sends webhooks (the optional ``webhooks`` extra), imports."""
+    try:
+        import httpx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_endpoints(
+    app_configs: Sequence[Any] | None = None,
+    databases: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[CheckMessage]:
+    """Enabled webhook endpoints need httpx, as webhook subscriptions do (E322).
+
+    They are rows: read only when the checks may query a database (``databases``: ``manage.py
+    check --database default``, and ``migrate`` before it migrates).
+    """
+    if not databases or _has_httpx():
+        return []
+    from django.db import connections, router
+
+    from django_events.models import WebhookEndpoint
+
+    messages: list[CheckMessage] = []
+    for alias in databases:
+        connection = connections[alias]
+        if not router.allow_migrate_model(alias, WebhookEndpoint):
+            continue
+        with connection.cursor() as cursor:
+            if WebhookEndpoint._meta.db_table not in connection.introspection.table_names(cursor):
+                continue  # not migrated yet: no endpoint
+        enabled = WebhookEndpoint.objects.using(alias).filter(enabled=True).count()
+        if enabled:
+            messages.append(
+                Error(
+                    f"{enabled} webhook endpoint(s) enabled in database {alias!r} but httpx "
+                    "is not installed",
+                    hint=f"{WEBHOOKS_EXTRA}, or disable them in the admin.",
+                    obj="django_events.WebhookEndpoint",
+                    id="django_events.E324",
                 )
             )
     return messages

@@ -87,14 +87,18 @@ rm -rf docs/_build
 
 # Branch coverage of both passes, the celery worker and other subprocesses included
 # ([tool.coverage] in pyproject.toml); the report and its floor follow the PostgreSQL pass.
+# Test processes per pass (pytest-xdist): the suite mostly waits on workers, brokers and
+# browsers, so three processes on two cores take about half the time of one; each has its own
+# test databases (tests/settings.py) and queues. PYTEST_PROCESSES=0 runs in this process.
+PROCESSES=${PYTEST_PROCESSES:-3}
 COVERAGE_FLOOR=90  # measured: 92% on 2026-12-03 (both passes, workers included); the goal is 95 (issue 15)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite"
-.venv/bin/coverage run -m pytest -q "$@"
+.venv/bin/coverage run -m pytest -q -n "$PROCESSES" "$@"
 step "tests: the example project's own suite (captured_events / events_eager), SQLite"
 (cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL"
-DATABASE_URL=$PG_URL .venv/bin/coverage run -m pytest -q "$@"
+DATABASE_URL=$PG_URL .venv/bin/coverage run -m pytest -q -n "$PROCESSES" "$@"
 step "tests: the example project's own suite, PostgreSQL"
 (cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
 step "coverage (branch, both passes; floor ${COVERAGE_FLOOR}%)"
@@ -104,9 +108,9 @@ step "benchmarks: smoke run (each once, tiny counts; nothing is timed or judged)
 DATABASE_URL=$PG_URL .venv/bin/python -m benchmarks --smoke
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
-  .venv-django61/bin/python -m pytest -q -m "not servers" "$@"
+  .venv-django61/bin/python -m pytest -q -n "$PROCESSES" -m "not servers" "$@"
   step "tests: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
-  .venv-django61/bin/python -m pytest -q tests/test_private_apis.py tests/test_confirms.py \
+  .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_private_apis.py tests/test_confirms.py \
     tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py
   DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q tests/test_tasks_delivery.py
 fi

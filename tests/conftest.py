@@ -24,6 +24,16 @@ def pytest_configure(config: pytest.Config) -> None:
     hypothesis_settings.load_profile("shared-host")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _marker_stopped_before_the_test_database_goes(django_db_setup: None) -> Iterator[None]:
+    # The background marker's thread keeps a connection of its own to the test database;
+    # PostgreSQL refuses to drop a database someone is connected to.
+    yield
+    from django_events.delivery import marking
+
+    marking.stop()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry() -> Iterator[None]:
     reset_registry()

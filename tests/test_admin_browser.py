@@ -354,3 +354,25 @@ def test_dashboard_in_chromium(live_server, page, shots) -> None:
     page.set_viewport_size({"width": 1400, "height": 900})
     page.goto(f"{url}?window=day")
     page.screenshot(path=shots / "dashboard.png", full_page=True)
+
+
+def test_replay_an_endpoints_failed_deliveries_in_chromium(live_server, page) -> None:
+    from django_events.delivery import endpoints
+
+    User.objects.create_superuser("ops", "ops@example.com", "s3cret-pass")
+    with shop_wiring(f"ui-{uuid.uuid4().hex[:8]}"):
+        endpoint, _ = endpoints.create_endpoint("https://crm.example.com/in", ["shop.*"])
+        name = endpoints.subscription_name(endpoint.pk)
+        event = publish("shop.refunded", {"order_id": 9})
+        save_deliveries("default", [delivery(event.id, name, "webhook", "failed", 2, "HTTP 500")])
+        page.goto(f"{live_server.url}/admin/login/?next=/admin/django_events/webhookendpoint/")
+        page.fill("#id_username", "ops")
+        page.fill("#id_password", "s3cret-pass")
+        page.click("input[type=submit]")
+        page.click(f"#result_list a[href*='{endpoint.pk}']")
+        page.click(".object-tools a:has-text('Replay')")
+        assert "It has 1 failed delivery." in page.inner_text("#content-main")
+        page.check("input[name=what][value=failed]")
+        page.click("#replay-form input[type=submit]")
+        assert "Retried 1 failed delivery: 1 re-enqueued" in page.inner_text(".messagelist")
+    assert Delivery.objects.get(event_id=event.id, subscription=name).status == "pending"

@@ -814,6 +814,16 @@ def _without_httpx(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _endpoint_without_httpx(tmp_path: Path) -> Iterator[None]:
+    from django_events.delivery.endpoints import create_endpoint
+
+    create_endpoint("https://hooks.example.com/in", ["orders.*"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "httpx", None)  # import fails
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -903,6 +913,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E323": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:x"}
     ),
+    "django_events.E324": _endpoint_without_httpx,
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
@@ -924,7 +935,9 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
     from django.core.checks import run_checks
 
     with TRIGGERS[check_id](tmp_path):
-        messages = [m for m in run_checks(tags=["django_events"]) if m.id == check_id]
+        # `databases`: as `check --database default` and `migrate` run them (E324 reads rows).
+        checked = run_checks(tags=["django_events"], databases=["default"])
+        messages = [m for m in checked if m.id == check_id]
 
     assert messages, f"{check_id} was not emitted"
     expected = Error if check_id.split(".")[1].startswith("E") else Warning
@@ -940,6 +953,35 @@ def test_docs_list_every_check_id() -> None:
     assert [i for i in CHECK_IDS if i not in text] == []
     documented = set(re.findall(r"django_events\.[EW]\d{3}", text))
     assert documented - set(CHECK_IDS) == set()  # no id documented that checks.py lacks
+
+
+def test_enabled_endpoints_without_httpx_are_an_error_where_checks_read_the_database(
+    tmp_path: Path,
+) -> None:
+    from django.core.checks import run_checks
+
+    from django_events.models import WebhookEndpoint
+
+    with _endpoint_without_httpx(tmp_path):
+        assert [m for m in run_checks(tags=["django_events"]) if m.id.endswith("E324")] == []
+        out, err = StringIO(), StringIO()
+        with pytest.raises(SystemCheckError) as caught:
+            call_command("check", "--database", "default", stdout=out, stderr=err)
+        assert parse(str(caught.value)) == [
+            (
+                "django_events.E324",
+                "django_events.WebhookEndpoint",
+                "1 webhook endpoint(s) enabled in database 'default' but httpx is not installed",
+            )
+        ]
+        assert "HINT: pip install 'django-event-wiring[webhooks]', or disable them" in str(
+            caught.value
+        )
+        WebhookEndpoint.objects.update(enabled=False)  # disabled ones are sent nothing
+        call_command("check", "--database", "default", stdout=out, stderr=err)
+    # With httpx (the webhooks extra, installed here): nothing to report.
+    WebhookEndpoint.objects.update(enabled=True)
+    call_command("check", "--database", "default", stdout=out, stderr=err)
 
 
 def test_a_timeout_is_an_error_via_tasks_only() -> None:

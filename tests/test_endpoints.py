@@ -6,6 +6,7 @@ Deliveries through a real worker: tests/test_webhooks_delivery.py."""
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import uuid
@@ -412,3 +413,335 @@ def test_bad_endpoint_settings_and_names_are_reported() -> None:
                 "Subscription 'endpoint:1': names starting 'endpoint:' belong to webhook endpoints",
             )
         )
+
+
+@pytest.mark.django_db(transaction=True)  # the worker's code closes stale connections
+def test_pausing_an_endpoint_holds_its_deliveries_and_resuming_sends_them(
+    publish_now, queue
+) -> None:
+    """events_pause / events_resume by an endpoint's name; the worker's own code (in this
+    process) holds, then posts to a receiver on 127.0.0.1."""
+    from django.core.management import call_command
+
+    from tests.ops import shop_wiring, work
+    from tests.webhook_receiver import Receiver
+
+    with Receiver(SECRET) as receiver, shop_wiring(queue, WEBHOOKS_ALLOW_PRIVATE=True):
+        endpoint, _ = endpoints.create_endpoint(receiver.url("ok"), ["shop.*"], secret=SECRET)
+        name = endpoints.subscription_name(endpoint.pk)
+        out = StringIO()
+        call_command("events_pause", name, stdout=out)
+        assert f"Paused {name!r}" in out.getvalue()
+        paid = [publish_now("shop.paid", {"order_id": n}) for n in (1, 2)]
+
+        outcomes = work(queue)
+
+        assert sorted(o.status for o in outcomes).count("held") == 2
+        held = Delivery.objects.filter(subscription=name)
+        assert sorted(held.values_list("event_id", "status", "mode")) == sorted(
+            (e.id, "held", "webhook") for e in paid
+        )
+        assert receiver.of("ok") == []
+
+        call_command("events_resume", name, stdout=out)
+        assert "Held deliveries: 2 re-enqueued for a worker" in out.getvalue()
+        work(queue)
+
+        calls = receiver.of("ok")
+    rows = Delivery.objects.filter(subscription=name)
+    assert set(rows.values_list("status", "attempts", "response_status")) == {("succeeded", 1, 200)}
+    assert len(calls) == 2 and all(c.verified for c in calls)
+    assert {c.json["data"]["order_id"] for c in calls} == {1, 2}
+
+
+def test_pause_names_an_existing_endpoint_and_resuming_a_deleted_one_keeps_its_held_rows(
+    publish_now,
+) -> None:
+    from django.core.management import CommandError, call_command
+
+    from django_events.delivery.recording import delivery, save_deliveries
+    from django_events.models import PausedSubscription
+    from django_events.operations.pausing import held, resume
+
+    missing = endpoints.subscription_name(uuid.uuid4())
+    for name in (missing, "endpoint:not-a-uuid"):
+        with pytest.raises(CommandError, match="no such webhook endpoint"):
+            call_command("events_pause", name)
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.*"])
+    name = endpoints.subscription_name(endpoint.pk)
+    call_command("events_pause", name, stdout=StringIO())
+    paid = publish_now("shop.paid", {"order_id": 1})
+    save_deliveries("default", [delivery(paid.id, name, "webhook", "held", 0)])  # as a worker
+    endpoint.delete()
+
+    result = resume(name)
+
+    assert result.skipped == [f"1 held deliveries: {name!r} its webhook endpoint was deleted"]
+    assert held(name).count() == 1
+    assert not PausedSubscription.objects.exists()
+
+
+# -- endpoints in the wiring: events_list and the wiring page ------------------------------
+
+HIDDEN_URL = "https://ops:pw-123@hooks.example.com:8443/T0123/path-token?token=query-token"
+
+
+def three_endpoints() -> tuple[WebhookEndpoint, WebhookEndpoint, WebhookEndpoint]:
+    """One enabled (paused), one failing, one disabled for failing too long."""
+    crm, _ = endpoints.create_endpoint(HIDDEN_URL, ["orders.*"], secret=SECRET, description="CRM")
+    failing, _ = endpoints.create_endpoint("https://b.example.com/", ["orders.shipped"])
+    WebhookEndpoint.objects.filter(pk=failing.pk).update(
+        failing_since=datetime(2026, 5, 1, 12, tzinfo=UTC)
+    )
+    off, _ = endpoints.create_endpoint("https://c.example.com/", ["*"], description="old")
+    WebhookEndpoint.objects.filter(pk=off.pk).update(
+        enabled=False, disabled_reason="Failing since ...; last error: HTTP 500"
+    )
+    from django_events.operations.pausing import pause
+
+    pause(endpoints.subscription_name(crm.pk))
+    return crm, failing, off
+
+
+def list_wiring(*args: str) -> str:
+    from django.core.management import call_command
+
+    out = StringIO()
+    call_command("events_list", *args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+def assert_nothing_secret(text: str) -> None:
+    for hidden in (SECRET, "pw-123", "path-token", "query-token", "T0123"):
+        assert hidden not in text
+
+
+def test_events_list_shows_every_endpoint_with_patterns_url_queue_and_state() -> None:
+    crm, failing, off = three_endpoints()
+    names = [endpoints.subscription_name(e.pk) for e in (crm, failing, off)]
+    queue = settings.DJANGO_EVENTS["DEFAULT_QUEUE"]
+
+    table = list_wiring()
+
+    lines = table.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("WEBHOOK ENDPOINT")))
+    assert lines[header].split() == [
+        "WEBHOOK",
+        "ENDPOINT",
+        "URL",
+        "EVENTS",
+        "QUEUE",
+        "STATE",
+        "DESCRIPTION",
+    ]
+    rows = {line.split()[0]: line.split(maxsplit=4) for line in lines[header + 1 : header + 4]}
+    assert rows[names[0]][1:4] == ["https://hooks.example.com:8443/", "orders.*", queue]
+    assert rows[names[0]][4].split() == ["enabled", "CRM"]
+    assert rows[names[1]][4].split() == ["failing", "since", "2026-05-01T12:00:00+00:00"]
+    assert rows[names[2]][1:4] == ["https://c.example.com/", "*", queue]
+    assert rows[names[2]][4].split() == ["disabled:", "failing", "too", "long", "old"]
+    # The enabled ones are subscriptions of the events they match; the disabled one of none.
+    links = {tuple(line.split()[:4]) for line in lines[:header]}
+    assert ("orders.placed", names[0], "webhook", queue) in links
+    assert ("orders.shipped", names[0], "webhook", queue) in links
+    assert ("orders.shipped", names[1], "webhook", queue) in links
+    assert not any(line.startswith("orders.placed") and names[1] in line for line in lines)
+    assert not any(names[2] in line for line in lines[:header])
+    assert lines[-1].endswith("3 webhook endpoint(s) (2 enabled)")
+    assert_nothing_secret(table)
+
+    data = json.loads(list_wiring("--format", "json"))
+    assert [(e["name"], e["url"], e["events"], e["enabled"]) for e in data["endpoints"]] == [
+        (names[0], "https://hooks.example.com:8443/", ["orders.*"], True),
+        (names[1], "https://b.example.com/", ["orders.shipped"], True),
+        (names[2], "https://c.example.com/", ["*"], False),
+    ]
+    placed = next(e for e in data["events"] if e["name"] == "orders.placed")
+    (hook,) = [s for s in placed["subscriptions"] if s["mode"] == "webhook"]
+    assert (hook["name"], hook["handler"]) == (
+        names[0],
+        "webhook -> https://hooks.example.com:8443/",
+    )
+    assert_nothing_secret(json.dumps(data))
+    assert f"{names[0]}: paused, 0 held" in list_wiring("--state")
+    assert any(names[0] in line for line in list_wiring("--format", "mermaid").splitlines())
+
+
+@pytest.mark.django_db(databases=[])
+def test_events_list_no_endpoints_reads_no_database() -> None:
+    table = list_wiring("--no-endpoints")  # a query would raise here: no database allowed
+    assert "orders.placed" in table and "endpoint" not in table.lower()
+
+
+WIRING = reverse("admin:django_events_wiring")
+
+
+def test_the_wiring_page_shows_the_endpoints_their_state_and_pause_buttons(admin_client) -> None:
+    crm, failing, off = three_endpoints()
+    names = [endpoints.subscription_name(e.pk) for e in (crm, failing, off)]
+
+    page = admin_client.get(WIRING).content.decode()
+
+    section = page[page.index('id="webhook-endpoints"') :]
+    for name, url, state in [
+        (names[0], "https://hooks.example.com:8443/", "enabled"),
+        (names[1], "https://b.example.com/", "failing</span><div>since 2026-05-01 12:00"),
+        (names[2], "https://c.example.com/", "disabled</span><div>failing too long"),
+    ]:
+        row = section[section.index(f"<strong>{name}</strong>") :].split("</tr>")[0]
+        assert f"<code>{url}</code>" in row and state in row, row
+        assert change_url(WebhookEndpoint(pk=name.removeprefix("endpoint:"))) in row
+    crm_row = section[section.index(f"<strong>{names[0]}</strong>") :].split("</tr>")[0]
+    assert 'de-badge de-held">paused' in crm_row and 'value="resume"' in crm_row
+    off_row = section[section.index(f"<strong>{names[2]}</strong>") :].split("</tr>")[0]
+    assert 'value="pause"' in off_row
+    # An enabled endpoint is also listed under each event it receives, and drawn.
+    placed = page[page.index('id="event-ordersplaced"') :].split('<div class="module"')[0]
+    assert names[0] in placed and names[1] not in placed and names[2] not in placed
+    diagram = page[page.index('id="wiring-diagram"') :].split("</svg>")[0]
+    assert names[0][:30] in diagram and names[2][:30] not in diagram
+    assert "3 webhook endpoints registered at run time" in page
+    assert_nothing_secret(page)
+
+    answer = admin_client.post(
+        reverse("admin:django_events_wiring_pause"), {"name": names[1], "action": "pause"}
+    )
+    assert answer.status_code == 302
+    from django_events.operations.pausing import is_paused
+
+    assert is_paused(names[1])
+
+
+def test_the_wiring_page_links_an_endpoint_only_for_who_may_open_it() -> None:
+    from tests.test_admin import user_client
+
+    crm, _ = endpoints.create_endpoint("https://a.example.com/", ["orders.*"])
+    viewer = user_client("view_eventrecord")
+    page = viewer.get(WIRING).content.decode()
+    assert endpoints.subscription_name(crm.pk) in page
+    assert change_url(crm) not in page
+    assert 'value="pause"' not in page  # pausing needs the operators' permission
+    page = user_client("view_eventrecord", "view_webhookendpoint").get(WIRING).content.decode()
+    assert change_url(crm) in page
+
+
+# -- replaying an endpoint's deliveries from its admin page ---------------------------------
+
+
+def replay_url(endpoint: WebhookEndpoint) -> str:
+    return reverse("admin:django_events_webhookendpoint_replay", args=[endpoint.pk])
+
+
+def shop_endpoint(queue: str) -> tuple[WebhookEndpoint, str]:
+    from tests.ops import drain
+
+    endpoint, _ = endpoints.create_endpoint("https://crm.example.com/in", ["shop.*"])
+    drain(queue)
+    return endpoint, endpoints.subscription_name(endpoint.pk)
+
+
+def sent_to(queue: str, name: str) -> list[str]:
+    from tests.ops import drain
+
+    return sorted(m["event"]["id"] for m in drain(queue) if m["subscription"] == name)
+
+
+def test_the_replay_page_retries_the_endpoints_failed_deliveries(
+    admin_client, publish_now, queue
+) -> None:
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    endpoint, name = shop_endpoint(queue)
+    failed, ok = (publish_now("shop.paid", {"order_id": n}) for n in (1, 2))
+    save_deliveries(
+        "default",
+        [
+            delivery(failed.id, name, "webhook", "failed", 3, "HTTP 500"),
+            delivery(ok.id, name, "webhook", "succeeded", 1),
+            delivery(ok.id, "shop-receipt", "async", "failed", 1, "not this one"),
+        ],
+    )
+    sent_to(queue, name)
+    assert replay_url(endpoint) in admin_client.get(change_url(endpoint)).content.decode()
+    page = admin_client.get(replay_url(endpoint)).content.decode()
+    assert "1 failed delivery" in page
+
+    answer = admin_client.post(replay_url(endpoint), {"what": "failed"}, follow=True)
+
+    assert answer.redirect_chain[-1][0] == change_url(endpoint)
+    assert "Retried 1 failed delivery: 1 re-enqueued for a worker" in answer.content.decode()
+    assert sent_to(queue, name) == [str(failed.id)]
+    row = Delivery.objects.get(event_id=failed.id, subscription=name)
+    assert (row.status, row.attempts) == ("pending", 3)
+    assert Delivery.objects.get(event_id=ok.id, subscription="shop-receipt").status == "failed"
+
+
+def test_the_replay_page_delivers_the_events_of_a_time_range_again(
+    admin_client, publish_now, queue
+) -> None:
+    from django_events.models import EventRecord
+
+    endpoint, name = shop_endpoint(queue)
+    ages = {1: 3, 2: 1.5, 3: 1, 4: 0.2}  # hours ago
+    events = {}
+    for order_id, hours in ages.items():
+        kind = "shop.refunded" if order_id == 3 else "shop.paid"
+        events[order_id] = publish_now(kind, {"order_id": order_id})
+        EventRecord.objects.filter(pk=events[order_id].id).update(
+            occurred_at=datetime.now(tz=UTC) - timedelta(hours=hours)
+        )
+    sent_to(queue, name)
+
+    answer = admin_client.post(
+        replay_url(endpoint), {"what": "range", "since": "2h", "until": "30m"}, follow=True
+    )
+
+    assert "Replayed 2 stored event(s): 2 re-enqueued for a worker" in answer.content.decode()
+    assert sent_to(queue, name) == sorted(str(events[n].id) for n in (2, 3))
+    narrowed = {"what": "range", "since": "2h", "until": "30m", "events": ["shop.refunded"]}
+    admin_client.post(replay_url(endpoint), narrowed)
+    assert sent_to(queue, name) == [str(events[3].id)]
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ({"what": "range"}, "Give the start of the range"),
+        ({"what": "range", "since": "yesterday-ish"}, "is not an ISO date or datetime"),
+        ({"what": "range", "since": "1h", "until": "2h"}, "must be before --until"),
+        ({"what": "range", "since": "1h", "events": ["orders.placed"]}, "not one of the"),
+        ({"what": "everything"}, "not one of the available choices"),
+    ],
+)
+def test_the_replay_form_refuses_what_it_cannot_do(admin_client, queue, data, error) -> None:
+    endpoint, name = shop_endpoint(queue)
+    answer = admin_client.post(replay_url(endpoint), data)
+    assert answer.status_code == 200 and error in answer.content.decode()
+    assert sent_to(queue, name) == []
+
+
+def test_a_disabled_endpoint_is_not_replayed_to(admin_client, publish_now, queue) -> None:
+    from django.core.management import CommandError, call_command
+
+    endpoint, name = shop_endpoint(queue)
+    publish_now("shop.paid", {"order_id": 1})
+    sent_to(queue, name)  # what publishing sent
+    endpoints.disable([endpoint])
+    answer = admin_client.post(replay_url(endpoint), {"what": "range", "since": "1h"})
+    assert "is disabled: enable it first" in answer.content.decode()
+    with pytest.raises(CommandError, match="is disabled: enable it first"):
+        call_command("events_replay", name)
+    assert sent_to(queue, name) == []
+
+
+def test_replaying_needs_the_operators_permission(queue) -> None:
+    from tests.test_admin import user_client
+
+    endpoint, _ = shop_endpoint(queue)
+    viewer = user_client("view_webhookendpoint", "change_webhookendpoint")
+    assert replay_url(endpoint) not in viewer.get(change_url(endpoint)).content.decode()
+    assert viewer.get(replay_url(endpoint)).status_code == 403
+    assert viewer.post(replay_url(endpoint), {"what": "failed"}).status_code == 403
+    operator = user_client("view_webhookendpoint", "change_failure")
+    assert replay_url(endpoint) in operator.get(change_url(endpoint)).content.decode()
+    assert operator.get(replay_url(endpoint)).status_code == 200

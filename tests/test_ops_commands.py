@@ -38,6 +38,7 @@ def fails(command: str, *args: str) -> str:
 # -- events_list -----------------------------------------------------------------------------
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_table(queue) -> None:
     table = run("events_list")
     lines = table.splitlines()
@@ -64,6 +65,7 @@ def test_events_list_table(queue) -> None:
     assert re.search(r"^\d+ event\(s\), \d+ subscription link\(s\)$", lines[-1])
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_json_is_the_registry(queue) -> None:
     data = json.loads(run("events_list", "--format", "json"))
     events = {e["name"]: e for e in data["events"]}
@@ -78,6 +80,7 @@ def test_events_list_json_is_the_registry(queue) -> None:
     assert data["problems"] == 0
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_mermaid(queue) -> None:
     chart = run("events_list", "--format", "mermaid").splitlines()
     assert chart[0] == "flowchart LR"
@@ -89,6 +92,7 @@ def test_events_list_mermaid(queue) -> None:
     )
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     evil = {
         "name": 'x"]\n  click s0 href "javascript:alert(1)"\n  `md`',

@@ -355,3 +355,82 @@ def test_ordered_deliveries_a_worker_has_or_will_get_are_not_sent_again(
             ("shop-ordered", str(gone.id)),
             ("shop-receipt", str(gone.id)),
         ]
+
+
+# -- webhooks: manifest `mode: webhook` subscriptions and run-time endpoints -----------------
+
+HOOK = {
+    "event": "shop.paid",
+    "mode": "webhook",
+    "name": "shop-hook",
+    "url": "https://hooks.example.com/in",
+    "secret": "SHOP_HOOK_SECRET",
+}
+
+
+def endpoint_since(ago: float, **fields: Any) -> Any:
+    """A webhook endpoint for shop.* that was created (and last changed) ``ago`` s ago."""
+    from django_events.delivery import endpoints
+    from django_events.models import WebhookEndpoint
+
+    endpoint, _ = endpoints.create_endpoint("https://crm.example.com/in", ["shop.*"], **fields)
+    then = timezone.now() - timedelta(seconds=ago)
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(created_at=then, updated_at=then)
+    return endpoints.subscription_name(endpoint.pk)
+
+
+@pytest.mark.django_db
+def test_a_lost_webhook_delivery_is_sent_again_manifest_and_endpoint(queue, publish_now) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[HOOK]):
+        hook = endpoint_since(2 * HOUR)
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        lost(paid, queue, ago=1.5 * HOUR)
+
+        out = relay()
+
+        assert "resent 3 delivery(ies) with no outcome" in out, out
+        assert sorted(messages(queue)) == sorted(
+            (name, str(paid.id)) for name in ("shop-hook", hook, "shop-receipt")
+        )
+        rows = Delivery.objects.filter(event_id=paid.id, subscription__in=["shop-hook", hook])
+        assert set(rows.values_list("status", "mode")) == {("pending", "webhook")}
+        assert "resent" not in relay()  # pending until a worker records the outcome
+
+
+@pytest.mark.django_db
+def test_an_endpoints_own_queue_is_walked_too(queue, publish_now) -> None:
+    hooks_queue = f"{queue}-hooks"
+    with shop_wiring(queue, WEBHOOK_ENDPOINTS={"queue": hooks_queue}):
+        hook = endpoint_since(2 * HOUR)
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        drain(hooks_queue)
+        lost(paid, queue, ago=1.5 * HOUR)
+
+        assert "resent 2 delivery(ies)" in relay()
+
+        assert messages(hooks_queue) == [(hook, str(paid.id))]
+        assert messages(queue) == [("shop-receipt", str(paid.id))]
+
+
+@pytest.mark.django_db
+def test_an_endpoint_added_enabled_or_changed_after_the_event_is_not_sent_it(
+    queue, publish_now
+) -> None:
+    from django_events.delivery import endpoints
+    from django_events.models import WebhookEndpoint
+
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    lost(paid, queue, ago=1.5 * HOUR)
+    # One added after the event was dispatched; one changed (created, enabled again, edited:
+    # its `updated_at`) 3 s before it, which publishers may have seen only `refresh` (5 s)
+    # later; and a disabled one.
+    later = endpoint_since(HOUR)
+    changed = endpoint_since(1.5 * HOUR + 3)
+    off = endpoint_since(2 * HOUR, enabled=False)
+
+    assert "resent 1 delivery(ies)" in relay()  # shop-receipt alone
+
+    assert messages(queue) == [("shop-receipt", str(paid.id))]
+    assert not Delivery.objects.filter(subscription__in=[later, changed, off]).exists()
+    assert endpoints.for_event("shop.paid")  # the enabled ones do receive new events
+    assert WebhookEndpoint.objects.count() == 3

@@ -99,6 +99,28 @@ def test_a_private_address_is_refused_before_any_connection() -> None:
     assert caught.value.retry is False
 
 
+def test_a_receivers_cookie_is_never_sent_back_nor_compression_asked_for() -> None:
+    """One pool of connections for every receiver: what one sets must not reach the next."""
+    from tests.webhook_receiver import Receiver
+
+    with Receiver(SECRET) as receiver, wiring(HOOK, WEBHOOKS_ALLOW_PRIVATE=True):
+        with override_settings(TEST_WH_URL=receiver.url("cookie"), TEST_WH_SECRET=SECRET):
+            subscription = get_registry().subscriptions["hook"]
+            for _ in range(2):
+                answer = webhooks.deliver(subscription, _event())
+                assert (answer.status, answer.body) == (200, "ok")
+        calls = receiver.of("cookie")
+    assert len(calls) == 2 and all(c.verified for c in calls)
+    assert [c.headers.get("cookie") for c in calls] == [None, None]
+    assert all("accept-encoding" not in c.headers for c in calls)  # the body is kept as sent
+
+
+def _event() -> Event:
+    now = datetime.now(tz=UTC)
+    data = {"order_id": 1, "total": 1.0}
+    return Event(uuid.uuid4(), "orders.placed", data, {}, now, uuid.uuid4(), None, data)
+
+
 def test_webhook_subscription_compiles_as_a_queued_delivery() -> None:
     with wiring(HOOK):
         registry = get_registry()

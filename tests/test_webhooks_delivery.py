@@ -504,6 +504,42 @@ def test_a_deleted_endpoints_queued_delivery_fails_without_retry(
     assert "Unknown subscription 'endpoint:" in row.last_error
 
 
+def test_a_paused_endpoint_holds_its_deliveries_and_resumed_sends_each_once(
+    worker: WorkerProcess, admin_client
+) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    from django_events.delivery.pausing import CACHE_SECONDS
+    from tests.worker import wait_idle
+
+    with Receiver(SECRET) as own:
+        endpoint, own.secret = add_in_admin(admin_client, own.url("ok"), "shop.order_paid")
+        name = subscription_name(endpoint.pk)
+        call_command("events_pause", name, stdout=StringIO())
+        time.sleep(CACHE_SECONDS + 0.2)  # what the worker read before the pause expires
+
+        events = [send("ok", n) for n in (30, 31, 32)]
+
+        for event in events:
+            delivery(event, name, "held")
+        delivery(events[-1], "hook-ok", "succeeded")  # the manifest's webhook is not paused
+        wait_idle(worker)
+        ids = [message_id(event, name) for event in events]
+        assert [c for c in own.of("ok") if c.headers["webhook-id"] in ids] == []
+
+        out = StringIO()
+        call_command("events_resume", name, stdout=out)
+        assert "3 re-enqueued for a worker" in out.getvalue()
+        rows = [delivery(event, name, "succeeded") for event in events]
+        wait_idle(worker)  # a duplicate would have shown by now
+        calls = [c for c in own.of("ok") if c.headers["webhook-id"] in ids]
+    assert sorted(c.headers["webhook-id"] for c in calls) == sorted(ids)
+    assert all(c.verified for c in calls)
+    assert {(r.attempts, r.response_status) for r in rows} == {(1, 200)}
+
+
 def override_endpoints(**options: Any) -> Any:
     value = {**settings.DJANGO_EVENTS, "WEBHOOK_ENDPOINTS": {**ENDPOINTS, **options}}
     return override_settings(DJANGO_EVENTS=value)

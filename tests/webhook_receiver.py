@@ -1,6 +1,6 @@
 """A webhook receiver on 127.0.0.1 that verifies every request with the standardwebhooks
 library and answers by script (the path): ok, flaky, throttled, gone, bad, redirect, huge,
-hang, down (500, always)."""
+hang, down (500, always), cookie (200, setting a cookie)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-SCRIPTS = ("ok", "flaky", "throttled", "gone", "bad", "redirect", "huge", "hang", "down")
+SCRIPTS = ("ok", "flaky", "throttled", "gone", "bad", "redirect", "huge", "hang", "down", "cookie")
 HUGE = 10 * 1024 * 1024
 
 
@@ -90,6 +90,8 @@ class Receiver:
                     return self._answer(200, b"ok")
                 if script == "down":
                     return self._answer(500, b"down")
+                if script == "cookie":
+                    return self._answer(200, b"ok", {"Set-Cookie": "session=receivers; Path=/"})
                 if script == "gone":
                     return self._answer(410, b"gone")
                 if script == "bad":

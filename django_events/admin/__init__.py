@@ -17,6 +17,7 @@ from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 from django.utils.translation import gettext, ngettext
@@ -27,13 +28,13 @@ from django_events.admin.dashboard import WINDOWS, collect
 from django_events.admin.diagram import wiring_svg
 from django_events.admin.endpoints import WebhookEndpointAdmin
 from django_events.admin.paging import CheapCountPaginator, with_cheap_periods
-from django_events.delivery.endpoints import subscription_name
+from django_events.delivery.endpoints import PREFIX, describe, subscription_name
 from django_events.exceptions import EventError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, Failure, PausedSubscription, WebhookEndpoint
 from django_events.operations.pausing import PauseError, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
-from django_events.wiring.describing import describe_wiring
+from django_events.wiring.describing import EndpointInfo, describe_wiring
 from django_events.wiring.listing import retry_text
 from django_events.wiring.redaction import STALE_PAYLOAD, mask_values, redact, redact_text
 from django_events.wiring.registry import get_registry
@@ -360,8 +361,11 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         """The read-only wiring page: every event, its schema and its subscriptions."""
         if not self.has_view_permission(request):
             raise PermissionDenied
-        wiring = describe_wiring()
+        found = describe()
+        wiring = describe_wiring(endpoints=found)
         state = subscription_state()
+        for endpoint in found:
+            state.setdefault(endpoint.name, {}).update(_endpoint_state(endpoint, request))
         events = [
             {
                 "info": event,
@@ -377,6 +381,8 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
             "opts": self.opts,
             "events": events,
             "unmatched": [_subscription_row(s, state) for s in wiring.unmatched],
+            "endpoints": [_subscription_row(e, state) for e in found],
+            "endpoints_enabled": sum(1 for e in found if e.enabled),
             "problems": wiring.problems,
             "can_pause": can_pause(request),
             "diagram": wiring_svg(wiring, state),
@@ -478,11 +484,37 @@ def _event_link(record: EventRecord) -> SafeString:
 
 
 def _subscription_row(info: Any, state: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    when = getattr(info, "when", None)
     return {
         "info": info,
-        "when": json.dumps(info.when, sort_keys=True) if info.when is not None else "",
+        "when": json.dumps(when, sort_keys=True) if when is not None else "",
         "retry": retry_text(info.retry),
         **state.get(info.name, {}),
+    }
+
+
+def _endpoint_state(endpoint: EndpointInfo, request: HttpRequest) -> dict[str, Any]:
+    """What the wiring page shows of an endpoint besides its pause: its state (where a
+    subscription shows "active") and a link to its admin page."""
+    health, badge, note = endpoint.state, "succeeded", ""
+    if not endpoint.enabled:  # "disabled", or "disabled: failing too long"
+        health, _, note = endpoint.state.partition(": ")
+        badge = "failed"
+    elif endpoint.failing_since is not None:
+        since = timezone.localtime(endpoint.failing_since).strftime("%Y-%m-%d %H:%M")
+        health, badge, note = gettext("failing"), "pending", gettext("since %s") % since
+    user = request.user
+    can_open = user.has_perm("django_events.view_webhookendpoint") or user.has_perm(
+        "django_events.change_webhookendpoint"
+    )
+    page = reverse(
+        "admin:django_events_webhookendpoint_change", args=[endpoint.name.removeprefix(PREFIX)]
+    )
+    return {
+        "health": health,
+        "health_badge": badge,
+        "health_note": note,
+        "endpoint_page": page if can_open else "",
     }
 
 

@@ -1,4 +1,5 @@
-"""The admin of webhook endpoints registered at run time: add, edit, disable, enable again.
+"""The admin of webhook endpoints registered at run time: add, edit, disable, enable again,
+and replay (retry its failed deliveries, or deliver a time range's events again).
 
 The signing secret is write-only: a new endpoint's form offers a fresh one to copy to the
 receiver before saving; afterwards only its start is shown, and a new one replaces it.
@@ -7,6 +8,7 @@ receiver before saving; afterwards only its start is shown, and a new one replac
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
@@ -14,9 +16,13 @@ from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
+from django.db import DatabaseError
 from django.db.models import QuerySet
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
@@ -25,8 +31,14 @@ from django.utils.translation import gettext_lazy as _
 
 from django_events.conf import conf
 from django_events.delivery import endpoints, webhooks
-from django_events.models import WebhookEndpoint
+from django_events.logs import log_extra
+from django_events.models import Failure, WebhookEndpoint
+from django_events.operations.replay import ReplayError, replay_events
+from django_events.operations.retrying import retry_failures
+from django_events.operations.timerange import EXAMPLES, parse_range
 from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.admin")
 
 if TYPE_CHECKING:
     WebhookEndpointAdminBase = admin.ModelAdmin[WebhookEndpoint]
@@ -149,6 +161,57 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatchcase(name, pattern)
 
 
+def _receives(endpoint: WebhookEndpoint, event_name: str) -> bool:
+    return any(_matches(event_name, p) for p in endpoint.events or () if isinstance(p, str))
+
+
+class ReplayForm(forms.Form):
+    """What to send an endpoint again: its failed deliveries, or a time range's events."""
+
+    what = forms.ChoiceField(
+        label=_("Send again"),
+        choices=[
+            ("failed", _("its failed deliveries (a retry: attempts go on counting)")),
+            ("range", _("the stored events it receives that occurred in a time range")),
+        ],
+        initial="failed",
+        widget=forms.RadioSelect,
+    )
+    since = forms.CharField(label=_("Since"), required=False, help_text=EXAMPLES)
+    until = forms.CharField(
+        label=_("Until"), required=False, help_text=_("Empty: until now. The same forms.")
+    )
+    events = forms.MultipleChoiceField(
+        label=_("Events"),
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
+        help_text=_("Empty: every event it receives."),
+    )
+
+    def __init__(self, *args: Any, received: list[str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        events: forms.MultipleChoiceField = self.fields["events"]  # type: ignore[assignment]
+        events.choices = [(name, name) for name in received]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("what") != "range":
+            return data
+        if not data.get("since"):
+            self.add_error("since", _("Give the start of the range."))
+            return data
+        try:
+            data["since"], data["until"] = parse_range(data["since"], data.get("until") or None)
+        except ValueError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return data
+
+
+def can_replay(request: HttpRequest) -> bool:
+    """Replaying needs the change permission on failures (the operators' one, as retrying)."""
+    return bool(request.user.has_perm("django_events.change_failure"))
+
+
 @admin.register(WebhookEndpoint)
 class WebhookEndpointAdmin(WebhookEndpointAdminBase):
     form = WebhookEndpointForm
@@ -169,6 +232,98 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     class Media:
         css = {"all": ("django_events/admin.css",)}
+
+    def get_urls(self) -> list[URLPattern]:
+        replay = path(
+            "<path:object_id>/replay/",
+            self.admin_site.admin_view(self.replay_view),
+            name="django_events_webhookendpoint_replay",
+        )
+        return [replay, *super().get_urls()]
+
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
+        extra = {**(extra_context or {}), "can_replay": can_replay(request)}
+        return super().change_view(request, object_id, form_url, extra)
+
+    def replay_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        """Retry the endpoint's failed deliveries, or deliver a time range's events again."""
+        endpoint = self.get_object(request, unquote(object_id))
+        if endpoint is None or not self.has_view_permission(request, endpoint):
+            raise PermissionDenied  # as the change page does for an object one may not see
+        if not can_replay(request):
+            raise PermissionDenied
+        name = endpoints.subscription_name(endpoint.pk)
+        failed = Failure.objects.filter(subscription=name)
+        received = [e for e in sorted(get_registry().events) if _receives(endpoint, e)]
+        form = ReplayForm(request.POST or None, received=received)
+        done = (
+            request.method == "POST"
+            and form.is_valid()
+            and self._replay(request, endpoint, name, failed, form.cleaned_data)
+        )
+        if done:
+            return HttpResponseRedirect(
+                reverse("admin:django_events_webhookendpoint_change", args=[endpoint.pk])
+            )
+        context = {
+            **self.admin_site.each_context(request),
+            "title": gettext("Replay to %(endpoint)s") % {"endpoint": endpoint},
+            "subtitle": None,
+            "opts": self.opts,
+            "original": endpoint,
+            "subscription": name,
+            "form": form,
+            "failed": failed.count(),
+            "received": received,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/django_events/webhookendpoint/replay.html", context)
+
+    def _replay(
+        self,
+        request: HttpRequest,
+        endpoint: WebhookEndpoint,
+        name: str,
+        failed: QuerySet[Failure],
+        data: dict[str, Any],
+    ) -> bool:
+        """Run the replay the form asks for and say what it did; False: refused (say why)."""
+        try:
+            if not endpoint.enabled:
+                raise ReplayError(f"Webhook endpoint {name!r} is disabled: enable it first")
+            if data["what"] == "failed":
+                count = failed.count()
+                result = retry_failures(failed)
+                text = ngettext(
+                    "Retried %(count)d failed delivery: %(summary)s",
+                    "Retried %(count)d failed deliveries: %(summary)s",
+                    count,
+                ) % {"count": count, "summary": result.summary()}
+            else:
+                matched, result = replay_events(
+                    name, events=data["events"], since=data["since"], until=data["until"]
+                )
+                text = gettext("Replayed %(count)d stored event(s): %(summary)s") % {
+                    "count": matched,
+                    "summary": result.summary(),
+                }
+        except ReplayError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return False
+        except DatabaseError as exc:
+            logger.exception("Replaying to %s failed", name, extra=log_extra(None, name))
+            self.message_user(request, f"Replay failed: {exc}", messages.ERROR)
+            return False
+        self.message_user(request, text, messages.SUCCESS if result.ok else messages.WARNING)
+        for reason in result.skipped[:10]:
+            self.message_user(request, f"Skipped {reason}", messages.WARNING)
+        return True
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         main = (None, {"fields": ("url", "patterns", "secret", "description", "enabled")})

@@ -19,7 +19,8 @@ import os
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
 from uuid import UUID
@@ -42,6 +43,7 @@ from django_events.wiring.declarations import (
     RetryPolicy,
     SubscriptionDeclaration,
 )
+from django_events.wiring.describing import EndpointInfo, shown_url
 
 logger = logging.getLogger("django_events.endpoints")
 
@@ -145,6 +147,40 @@ def disable(endpoints: Iterable[WebhookEndpoint], *, using: str | None = None) -
     )
     forget()
     return count
+
+
+def state_of(endpoint: WebhookEndpoint) -> str:
+    """``enabled``, ``failing since <time>``, ``disabled`` or ``disabled: failing too long``."""
+    if not endpoint.enabled:
+        return "disabled: failing too long" if endpoint.disabled_reason else "disabled"
+    if endpoint.failing_since is not None:
+        since = timezone.localtime(endpoint.failing_since).isoformat(timespec="seconds")
+        return f"failing since {since}"
+    return "enabled"
+
+
+def describe(*, using: str | None = None) -> list[EndpointInfo]:
+    """Every endpoint, oldest first, as the wiring page and ``events_list`` show it (raises
+    DatabaseError)."""
+    alias = using or router.db_for_read(WebhookEndpoint)
+    found = []
+    for endpoint in WebhookEndpoint.objects.using(alias).order_by("created_at", "pk"):
+        subscription = subscription_for(endpoint, keep_row=False)
+        found.append(
+            EndpointInfo(
+                name=subscription.name,
+                url=shown_url(endpoint.url),
+                events=list(subscription.patterns),
+                queue=subscription.queue,
+                enabled=endpoint.enabled,
+                state=state_of(endpoint),
+                description=endpoint.description,
+                retry=asdict(subscription.retry),
+                timeout=subscription.declaration.timeout,
+                failing_since=endpoint.failing_since,
+            )
+        )
+    return found
 
 
 # Publishers: the enabled endpoints, per database alias, kept `refresh` seconds.
@@ -252,6 +288,24 @@ def subscription_for(endpoint: WebhookEndpoint, *, keep_row: bool = True) -> End
     subscription.via = conf.DELIVERY
     subscription._handler = lambda event: deliver(subscription, event)
     return subscription
+
+
+def enabled(*, using: str | None = None) -> list[EndpointSubscription]:
+    """The subscriptions of the enabled endpoints, read now, with their rows (raises
+    DatabaseError)."""
+    alias = using or router.db_for_read(WebhookEndpoint)
+    rows = WebhookEndpoint.objects.using(alias).filter(enabled=True).order_by("created_at")
+    return [subscription_for(row) for row in rows]
+
+
+def wired_since(subscription: EndpointSubscription) -> datetime:
+    """Since when every publisher sends the endpoint the events its patterns match: its last
+    change (created, enabled again, patterns edited: ``updated_at``) plus the ``refresh``
+    seconds publishers may keep the list they read before."""
+    endpoint = subscription.endpoint
+    assert endpoint is not None, "a subscription read with its row (enabled(), find())"
+    changed = max(endpoint.created_at, endpoint.updated_at)
+    return changed + timedelta(seconds=float(conf.WEBHOOK_ENDPOINTS["refresh"]))
 
 
 # Workers.

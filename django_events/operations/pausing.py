@@ -13,11 +13,16 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Count, QuerySet
 
+from django_events.delivery.endpoints import is_endpoint_name
 from django_events.delivery.pausing import forget
 from django_events.models import Delivery, EventRecord, PausedSubscription
-from django_events.operations.redelivery import RedeliveryResult, batched, redeliver
+from django_events.operations.redelivery import (
+    RedeliveryResult,
+    batched,
+    find_subscription,
+    redeliver,
+)
 from django_events.wiring.compiled import Subscription
-from django_events.wiring.registry import get_registry
 
 BATCH_SIZE = 500
 
@@ -27,8 +32,11 @@ class PauseError(ValueError):
 
 
 def pausable(name: str) -> Subscription:
-    """The declared subscription ``name`` if it can be paused (raises `PauseError`)."""
-    subscription = get_registry().subscriptions.get(name)
+    """The subscription ``name`` (declared, or a webhook endpoint's ``endpoint:<id>``) if it
+    can be paused (raises `PauseError`)."""
+    subscription = find_subscription(name)
+    if subscription is None and is_endpoint_name(name):
+        raise PauseError(f"Unknown subscription {name!r}: no such webhook endpoint")
     if subscription is None:
         raise PauseError(f"Unknown subscription {name!r}: see events_list for the declared ones")
     if subscription.mode == "inline":
@@ -54,17 +62,22 @@ def resume(
 ) -> RedeliveryResult:
     """Resume subscription ``name`` and deliver what was held meanwhile, oldest event first.
 
-    A subscription no longer declared is resumed too (its pause removed); its held rows stay,
-    listed as skipped.
+    A subscription no longer declared (an endpoint deleted) is resumed too (its pause
+    removed); its held rows stay, listed as skipped.
     """
     deleted, _ = PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
-    subscription = get_registry().subscriptions.get(name)
+    subscription = find_subscription(name)
     result = RedeliveryResult()
     if subscription is None:
         count = held(name, using=using).count()
         if count:
-            result.skipped.append(f"{count} held deliveries: {name!r} is no longer declared")
+            what = (
+                "its webhook endpoint was deleted"
+                if is_endpoint_name(name)
+                else "is no longer declared"
+            )
+            result.skipped.append(f"{count} held deliveries: {name!r} {what}")
         elif not deleted:
             raise PauseError(f"Unknown subscription {name!r}: see events_list")
         return result
@@ -75,9 +88,11 @@ def resume(
             records = EventRecord.objects.using(using).in_bulk([d.event_id for d in claimed])
             ordered = [records[d.event_id] for d in claimed]
             prior = {d.event_id: d.attempts for d in claimed}
-            if subscription.mode == "async":
+            # Sent before the claim commits (as retries are): a process that dies in between
+            # leaves them held, never pending with no message.
+            if subscription.is_queued:
                 result.add(redeliver(subscription, ordered, prior, using=using))
-        if subscription.mode != "async":
+        if not subscription.is_queued:
             result.add(redeliver(subscription, ordered, prior, using=using))
     return result
 

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from django.db import DEFAULT_DB_ALIAS
 
+from django_events.delivery.endpoints import EndpointSubscription
 from django_events.exceptions import EventError
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
@@ -46,6 +47,11 @@ def replay_events(
     if target is None:
         known = ", ".join(sorted(registry.subscriptions)) or "none"
         raise ReplayError(f"Unknown subscription {subscription!r} (declared: {known})")
+    if isinstance(target, EndpointSubscription) and not (
+        target.endpoint and target.endpoint.enabled
+    ):
+        # Each delivery would fail at once, without a call: "Webhook endpoint disabled".
+        raise ReplayError(f"Webhook endpoint {subscription!r} is disabled: enable it first")
     if target.declaration.broadcast:
         # One Delivery row stands for every worker's copy: a copy's success never updates it.
         raise ReplayError(

@@ -12,10 +12,13 @@ threshold (`resend_after`), in dispatch order, from where its last pass stopped 
 `RelayCheckpoint` row per queue, locked while it works, so that two relays never resend the
 same delivery); each pass reads at most one batch, through an index on the dispatch time.
 A delivery counts as unfinished when its event records every outcome (``RECORD = "all"``),
-the subscription is async (Celery, not broadcast), its filter accepts the payload, the relay
-had seen the subscription wired before the event was dispatched, and no `Delivery` row
-exists: not even a pending, held, running or failed one (retries, pauses and ordered keys
-each write theirs, and keep their own way of sending them).
+the subscription is sent by a Celery worker (``async`` or ``webhook``, not broadcast), its
+filter accepts the payload, the relay had seen the subscription wired before the event was
+dispatched, and no `Delivery` row exists: not even a pending, held, running or failed one
+(retries, pauses and ordered keys each write theirs, and keep their own way of sending them).
+The webhook endpoints registered at run time count as wired from their last change (created,
+enabled again, edited) plus the time publishers may keep the list they read
+(`endpoints.wired_since`); those enabled when the relay looks are checked.
 
 An ordered subscription's deliveries have their row from publish on (pending, numbered), so
 a lost message of one is not "without a row": its key waits behind it for good. The relay
@@ -33,7 +36,7 @@ timeout, so that a dead worker's unacknowledged messages are back (`_Drained`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -44,6 +47,7 @@ from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from django_events.conf import conf
+from django_events.delivery import endpoints
 from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.ordering import FINISHED
@@ -126,10 +130,14 @@ def resend_unfinished(
     `resend_after`), and send again their async deliveries that have no outcome."""
     threshold = resend_after() if older_than is None else older_than
     registry = get_registry()
-    queues = sorted({s.queue for e in registry.events.values() for s in e.async_})
+    hooks = [h for h in endpoints.enabled(using=using) if h.via != "tasks"]
+    queues = sorted(
+        {s.queue for e in registry.events.values() for s in e.async_} | {h.queue for h in hooks}
+    )
     result = ResendResult()
     for queue in queues:
-        _resend_queue(queue, threshold, batch_size, using, registry, result)
+        queue_hooks = [h for h in hooks if h.queue == queue]
+        _resend_queue(queue, threshold, batch_size, using, registry, queue_hooks, result)
     if result.total or result.unsent:
         logger.warning(
             "Resent %d async deliveries with no outcome %gs after their event was dispatched "
@@ -149,9 +157,11 @@ def _resend_queue(
     batch_size: int,
     using: str,
     registry: Registry,
+    hooks: Sequence[endpoints.EndpointSubscription],
     result: ResendResult,
 ) -> None:
-    """One batch of ``queue``'s walk; adds what it did to ``result``."""
+    """One batch of ``queue``'s walk (``hooks``: its enabled endpoints); adds what it did
+    to ``result``."""
     now = timezone.now()
     horizon = now - timedelta(seconds=threshold)
     locking = connections[using].features.has_select_for_update
@@ -165,6 +175,7 @@ def _resend_queue(
             return
         before = (checkpoint.subscriptions, checkpoint.drained)
         since = _wired_since(checkpoint, registry, queue, now)
+        since.update((h.name, endpoints.wired_since(h)) for h in hooks)
         after = Q(dispatched_at__gt=checkpoint.dispatched_at)
         if checkpoint.event_id is not None:
             after |= Q(dispatched_at=checkpoint.dispatched_at, pk__gt=checkpoint.event_id)
@@ -174,7 +185,7 @@ def _resend_queue(
             .order_by("dispatched_at", "pk")[:batch_size]
         )
         cutoff = _Drained(checkpoint, queue, now, drain_settle())
-        unfinished, checked = _unfinished(records, registry, queue, since, using, cutoff)
+        unfinished, checked = _unfinished(records, registry, hooks, queue, since, using, cutoff)
         result.checked += checked
         for subscription_name, heads in _lost_heads(
             queue, registry, horizon, batch_size, using, cutoff
@@ -189,10 +200,12 @@ def _resend_queue(
                 relay=True,
             )  # sent once this commits; due for the relay's retries meanwhile
             result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
+        subscriptions: dict[str, Subscription] = {
+            **registry.subscriptions,
+            **{h.name: h for h in hooks},
+        }
         for subscription_name, waiting in unfinished.items():
-            sent = redeliver(
-                registry.subscriptions[subscription_name], waiting, {}, using=using, relay=True
-            )
+            sent = redeliver(subscriptions[subscription_name], waiting, {}, using=using, relay=True)
             result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
             result.unsent += sent.unsent
             # Should this message be lost too, the relay sends it once more when due (any
@@ -351,6 +364,7 @@ def _lost_heads(
 def _unfinished(
     records: list[EventRecord],
     registry: Registry,
+    hooks: Sequence[endpoints.EndpointSubscription],
     queue: str,
     since: Mapping[str, datetime],
     using: str,
@@ -383,6 +397,7 @@ def _unfinished(
             subscriptions = list(compiled.async_)  # sent as stored: the worker records it
         else:
             subscriptions = accepted(compiled.async_, data)
+        subscriptions += [h for h in hooks if h.receives(record.name)]
         assert record.dispatched_at is not None  # filtered on it
         missing = [
             subscription

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,29 +52,54 @@ class EventInfo:
 
 
 @dataclass(frozen=True)
+class EndpointInfo:
+    """A webhook endpoint registered at run time, as the wiring shows it (no secret, and of
+    its URL only the scheme, host and port: a path or query may hold a token)."""
+
+    name: str  # its subscription: endpoint:<id>
+    url: str
+    events: list[str]  # its patterns
+    queue: str
+    enabled: bool
+    state: str  # enabled, failing since <time>, disabled, disabled: failing too long
+    description: str
+    retry: dict[str, Any]
+    timeout: float | None
+    failing_since: datetime | None = None  # its first failed attempt since the last success
+    mode: str = "webhook"
+
+
+@dataclass(frozen=True)
 class Wiring:
-    """Everything declared, sorted by name; ``unmatched``: patterns that match no event."""
+    """Everything declared, sorted by name; ``unmatched``: patterns that match no event;
+    ``endpoints``: the webhook endpoints given (each enabled one is also a subscription of
+    the events it matches)."""
 
     events: list[EventInfo]
     unmatched: list[SubscriptionInfo]
     problems: int
+    endpoints: list[EndpointInfo] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def describe_wiring(registry: Registry | None = None) -> Wiring:
-    """Describe the registry (the current one by default)."""
+def describe_wiring(
+    registry: Registry | None = None, endpoints: Sequence[EndpointInfo] = ()
+) -> Wiring:
+    """Describe the registry (the current one by default) and the webhook ``endpoints``
+    (`django_events.delivery.endpoints.describe` reads them: the declarations need no
+    database)."""
     registry = registry or get_registry()
     events: list[EventInfo] = []
     used: set[str] = set()
+    hooks = [(e, _endpoint_subscription(e)) for e in endpoints if e.enabled]
     for name in sorted(registry.events):
         compiled = registry.events[name]
         declaration = compiled.declaration
-        subscriptions = sorted(
-            (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks),
-            key=lambda s: s.name,
-        )
+        declared = (*compiled.inline, *compiled.sync, *compiled.async_, *compiled.tasks)
+        received = [s for e, s in hooks if any(fnmatchcase(name, p) for p in e.events)]
+        subscriptions = sorted([*map(_subscription, declared), *received], key=lambda s: s.name)
         used.update(s.name for s in subscriptions)
         type_ = declaration.type
         events.append(
@@ -84,13 +112,15 @@ def describe_wiring(registry: Registry | None = None) -> Wiring:
                 record=declaration.record or conf.RECORD,
                 redact=list(declaration.redact),
                 origin=_where(declaration.origin),
-                subscriptions=[_subscription(s) for s in subscriptions],
+                subscriptions=subscriptions,
             )
         )
     unmatched = [
         _subscription(s) for name, s in sorted(registry.subscriptions.items()) if name not in used
     ]
-    return Wiring(events, unmatched, sum(1 for p in registry.problems if p.is_error))
+    unmatched += [s for _, s in hooks if s.name not in used]
+    problems = sum(1 for p in registry.problems if p.is_error)
+    return Wiring(events, unmatched, problems, list(endpoints))
 
 
 def _subscription(subscription: Subscription) -> SubscriptionInfo:
@@ -113,12 +143,42 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
     )
 
 
+def _endpoint_subscription(endpoint: EndpointInfo) -> SubscriptionInfo:
+    return SubscriptionInfo(
+        name=endpoint.name,
+        event=" ".join(endpoint.events),
+        handler=f"webhook -> {endpoint.url}",
+        mode="webhook",
+        queue=endpoint.queue,
+        when=None,
+        retry=endpoint.retry,
+        broadcast=False,
+        idempotent=False,
+        timeout=endpoint.timeout,
+        origin="webhook endpoint" + (f": {endpoint.description}" if endpoint.description else ""),
+    )
+
+
 def _webhook_target(url: str) -> str:
     """``webhook -> NAME`` or ``webhook -> https://host/`` (a literal URL's path or query
     may hold a token: not shown)."""
     if url.startswith("https://"):
-        return f"webhook -> https://{urlsplit(url).netloc}/"
+        return f"webhook -> {shown_url(url)}"
     return f"webhook -> {url}"
+
+
+def shown_url(url: str) -> str:
+    """``scheme://host[:port]/`` of ``url``: never its user and password, path or query,
+    any of which may hold a token (Slack's hooks carry theirs in the path)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number: shown without it
+        port = None
+    return f"{parts.scheme}://{host}{f':{port}' if port else ''}/"
 
 
 def _where(origin: Origin) -> str:

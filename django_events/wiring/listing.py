@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from django_events.wiring.describing import SubscriptionInfo, Wiring
+from django_events.wiring.describing import EndpointInfo, SubscriptionInfo, Wiring
 
 FORMATS = ("table", "json", "mermaid")
 
@@ -36,16 +36,37 @@ def as_table(wiring: Wiring) -> str:
             rows.append([event.name, "-", "", "", "", "", "", event.origin])
         rows.extend(_row(event.name, s) for s in event.subscriptions)
     rows.extend(_row("(no event)", s) for s in wiring.unmatched)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
-        for r in [header, *rows]
-    ]
+    lines = _columns(header, rows)
     summary = f"{len(wiring.events)} event(s), {sum(len(e.subscriptions) for e in wiring.events)}"
     summary += " subscription link(s)"
+    if wiring.endpoints:
+        enabled = sum(1 for e in wiring.endpoints if e.enabled)
+        summary += f", {len(wiring.endpoints)} webhook endpoint(s) ({enabled} enabled)"
+        header = ["WEBHOOK ENDPOINT", "URL", "EVENTS", "QUEUE", "STATE", "DESCRIPTION"]
+        lines += ["", *_columns(header, [_endpoint_row(e) for e in wiring.endpoints])]
     if wiring.problems:
         summary += f"; {wiring.problems} configuration error(s): run events_check"
     return "\n".join([*lines, "", summary])
+
+
+def _columns(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
+        for r in [header, *rows]
+    ]
+
+
+def _endpoint_row(endpoint: EndpointInfo) -> list[str]:
+    description = " ".join(endpoint.description.split())  # one line
+    return [
+        endpoint.name,
+        endpoint.url,
+        ",".join(endpoint.events),
+        endpoint.queue,
+        endpoint.state,
+        description,
+    ]
 
 
 def _row(event: str, s: SubscriptionInfo) -> list[str]:

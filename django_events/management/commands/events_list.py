@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import json
+from argparse import BooleanOptionalAction
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
+from django_events.delivery import endpoints
 from django_events.operations.pausing import pause_state
 from django_events.operations.retrying import held_deliveries
 from django_events.wiring.describing import describe_wiring
@@ -30,7 +32,17 @@ class Command(BaseCommand):
             help="List the keys of ordered subscriptions with held deliveries instead.",
         )
         parser.add_argument(
-            "--database", default=DEFAULT_DB_ALIAS, choices=tuple(connections), help="With --held."
+            "--endpoints",
+            action=BooleanOptionalAction,
+            default=True,
+            help="List the webhook endpoints registered at run time (reads the database; "
+            "--no-endpoints: the declarations only).",
+        )
+        parser.add_argument(
+            "--database",
+            default=None,
+            choices=tuple(connections),
+            help="With --held (default: default), or where the endpoints are read.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -38,12 +50,18 @@ class Command(BaseCommand):
             self._held(options)
             return
         fmt = options["format"]
-        text = render(describe_wiring(), fmt)
+        found = []
+        if options["endpoints"]:
+            try:
+                found = endpoints.describe(using=options["database"])
+            except DatabaseError as exc:  # the declarations need no database: list them
+                self.stderr.write(f"Webhook endpoints not listed (database: {exc})")
+        text = render(describe_wiring(endpoints=found), fmt)
         if not options["state"] or fmt == "mermaid":
             self.stdout.write(text)
             return
         try:
-            state = pause_state()
+            state = pause_state(using=options["database"] or DEFAULT_DB_ALIAS)
         except DatabaseError as exc:  # the wiring needs no database: list it all the same
             self.stderr.write(f"Paused subscriptions unknown (database: {exc})")
             state = {}
@@ -61,7 +79,7 @@ class Command(BaseCommand):
         self.stdout.write(text)
 
     def _held(self, options: dict[str, Any]) -> None:
-        held = held_deliveries(options["database"])
+        held = held_deliveries(options["database"] or DEFAULT_DB_ALIAS)
         if options["format"] == "json":
             self.stdout.write(json.dumps(held, indent=2, default=str))
             return
