@@ -48,3 +48,35 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
     finally:
         with brokers.amqp.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
+
+
+def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"limits-{uuid.uuid4().hex[:8]}"
+    common = {"event": "orders.placed", "queue": queue, "timeout": 2}
+    handler = {**common, "handler": "tests.app.handlers.record", "mode": "async", "name": "job"}
+    hook = {
+        **common,
+        "mode": "webhook",
+        "name": "hook",
+        "url": "https://hooks.example/orders",
+        "secret": "TEST_HOOK_SIGNING_SECRET",
+    }
+    data = {"order_id": 3, "total": 9.5}
+    event_id = uuid.uuid4()
+    event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
+    with wiring(handler, hook, CELERY_APP="tests.brokers.amqp"):
+        compiled = get_registry().event("orders.placed")
+        assert send_deliveries([(event, True, compiled.async_)], "default") == set()
+    limits = {}
+    try:
+        with brokers.amqp.connection_for_write() as conn:
+            while message := conn.default_channel.basic_get(queue, no_ack=True):
+                name = message.headers["argsrepr"].split("'")[1]
+                limits[name] = tuple(message.headers["timelimit"])
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    # (hard, soft): a handler's soft limit is its timeout; a webhook's timeout bounds each
+    # phase of the call (connect, send, read), the limit all three and 5 s.
+    assert limits == {"job": (7, 2), "hook": (16, 11)}

@@ -7,6 +7,9 @@ depending on DATABASE_URL (the test command runs the suite on both).
 from __future__ import annotations
 
 import os
+import random
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -216,6 +219,50 @@ def test_poison_messages_are_recorded_and_the_worker_keeps_serving(wired: Broker
     assert log.count("Rejected a malformed django_events message") == 1
     assert log.count("Can't decode message body") == 1
     assert log.count('raised unexpected: TypeError("deliver() missing 1 required') == 1
+
+
+def test_sigkilled_pool_processes_lose_no_delivery(wired: Broker) -> None:
+    # Every pool process SIGKILLed while idle: on the filesystem transport, kombu's own made
+    # Celery run billiard's classic pool, whose idle processes wait for a job holding one
+    # shared lock; the one killed holding it left the pool wedged, the worker's messages
+    # neither run nor given back (django_events.contrib.filesystem_transport).
+    wait_idle(wired.worker)
+    before = wired.worker.pool_children()
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(
+        lambda: len(set(wired.worker.pool_children()) - set(before)) == 2,
+        what="two new pool processes",
+    )
+    done = threading.Event()
+    killed: list[int] = []
+
+    def killer() -> None:
+        # Then one pool process every 0.3 s while deliveries run: a message a killed process
+        # was running goes back to the queue (acks_late + reject_on_worker_lost).
+        while not done.wait(0.3) and len(killed) < 4:
+            if children := wired.worker.pool_children():
+                pid = random.choice(children)
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    try:
+        ids = [publish("it.placed", {"order_id": n}).id for n in range(100)]
+        wait_for(
+            lambda: len({r.event_id for r in runs("record", ids)}) == len(ids),
+            timeout=60,
+            what="every delivery to run",
+        )
+    finally:
+        done.set()
+        thread.join()
+    wait_for(
+        lambda: Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == len(ids),
+        what="every delivery's success row",
+    )
+    assert killed
 
 
 def _send_raw(broker: Broker, body: bytes) -> None:

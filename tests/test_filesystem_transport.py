@@ -1,4 +1,5 @@
-"""django_events.contrib.filesystem_transport: kombu's filesystem transport, files appear whole.
+"""django_events.contrib.filesystem_transport: kombu's filesystem transport, files appear whole,
+and consumers polled from an event loop (Celery's, in a worker).
 
 Real files, real kombu connections, a producer and a consumer running at the same time (no
 server needed). kombu's own transport fails the first test most runs: its consumer takes a
@@ -8,12 +9,15 @@ message file that is still being written and cannot decode it.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous import Hub, set_event_loop
 from kombu.exceptions import ChannelError
 
 from django_events.contrib import filesystem_transport
@@ -151,3 +155,83 @@ def test_celery_uses_it_when_broker_transport_names_it(tmp_path: Path) -> None:
     with app.connection_for_write() as conn:
         assert isinstance(conn.transport, Transport)
         assert conn.transport.driver_type == "filesystem"
+
+
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    """An event loop, current as a Celery worker's is (kombu's `get_event_loop`)."""
+    loop = Hub()
+    set_event_loop(loop)
+    try:
+        yield loop
+    finally:
+        set_event_loop(None)
+        loop.close()
+
+
+def run_until(hub: Hub, condition: Callable[[], bool], timeout: float = 10) -> None:
+    loop, deadline = hub.create_loop(), time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the event loop did not get there"
+        next(loop)
+
+
+def test_celery_runs_its_event_loop_and_own_pool_for_it() -> None:
+    # Celery's WorkController.should_use_eventloop reads this; kombu's says False.
+    assert Transport.implements.asynchronous is True
+
+
+def test_in_an_event_loop_consumers_get_messages_within_the_prefetch_limit(
+    tmp_path: Path, hub: Hub
+) -> None:
+    queue = Queue("shipments", Exchange("shipments"), "shipments")
+    received: list[Any] = []
+    with connect(tmp_path) as conn:
+        producer = conn.Producer()
+        for number in range(3):
+            producer.publish(
+                {"n": number},
+                exchange=queue.exchange,
+                routing_key="shipments",
+                declare=[queue],
+                serializer="json",
+            )
+        consumer = conn.Consumer(
+            [queue], callbacks=[lambda body, message: received.append(message)], accept=["json"]
+        )
+        consumer.qos(prefetch_count=2)
+        consumer.consume()  # nothing calls drain_events: the loop's timer polls the folder
+
+        run_until(hub, lambda: len(received) == 2)
+        for _ in range(5):  # a few more turns: the third waits for a free slot
+            next(hub.create_loop())
+        assert len(received) == 2
+        assert len([p for p in tmp_path.iterdir() if p.name.endswith(".msg")]) == 1
+
+        received[0].ack()
+        run_until(hub, lambda: len(received) == 3)
+        # Same millisecond, same place in kombu's order: the file names' uuids decide.
+        assert sorted(m.payload["n"] for m in received) == [0, 1, 2]
+        for message in received[1:]:
+            message.ack()
+        consumer.cancel()
+    # Each taken once; an unacknowledged one would have been written back at the close.
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".msg")] == []
+
+
+def test_without_an_event_loop_consumers_are_drained_as_with_kombus(tmp_path: Path) -> None:
+    queue = Queue("returns", Exchange("returns"), "returns")
+    with connect(tmp_path) as conn:
+        conn.Producer().publish(
+            {"n": 1},
+            exchange=queue.exchange,
+            routing_key="returns",
+            declare=[queue],
+            serializer="json",
+        )
+        received: list[Any] = []
+        with conn.Consumer(
+            [queue], callbacks=[lambda body, message: received.append(body)], accept=["json"]
+        ):
+            conn.drain_events(timeout=5)
+    assert received == [{"n": 1}]

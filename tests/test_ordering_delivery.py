@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
 from django_events import publish
@@ -40,6 +41,12 @@ PUBLISHERS = 4
 REDIS_URL = os.environ.get("DJANGO_EVENTS_ORDERING_REDIS_URL", "redis://127.0.0.1:6379/11")
 VISIBILITY_TIMEOUT = "10"
 redis_publisher = brokers.make_app("redis", REDIS_URL)  # CELERY_APP of the Redis rig
+# The relay's too: it waits that long (and 30 s) after the queue drained before it sends a
+# message again that a killed worker may still hold.
+redis_publisher.conf.broker_transport_options["visibility_timeout"] = float(VISIBILITY_TIMEOUT)
+# Seconds after which the relay beside the workers sends again a key's first delivery that no
+# worker touched (its message lost with a killed worker); an hour by default.
+RESEND_AFTER = 20.0
 
 
 @dataclass
@@ -181,12 +188,14 @@ def check_order(
 
 def settle(ids: list[uuid.UUID], stall: float = 90, *, relay: bool = True) -> None:
     """Wait until every delivery of ``ids`` succeeded, the relay running beside the workers
-    (as in a deployment). Fail once none has succeeded for ``stall`` seconds (a stuck key,
-    not a slow host: the relay sends a lost hand-on after 30 s), saying where they are."""
+    (as in a deployment, with a short `RESEND_AFTER`). Fail once none has succeeded for
+    ``stall`` seconds (a stuck key, not a slow host: the relay sends a lost hand-on after
+    30 s, a lost first delivery of a key after `RESEND_AFTER`, and on Redis 40 s after the
+    queue drained), saying where they are."""
     last, since = -1, time.monotonic()
     while True:
         if relay:
-            relay_backlog(min_age=10)
+            relay_backlog(min_age=10, resend_after=RESEND_AFTER)
         done = Delivery.objects.filter(
             subscription="ord-steps", event_id__in=ids, status="succeeded"
         ).count()
@@ -212,6 +221,32 @@ def settle(ids: list[uuid.UUID], stall: float = 90, *, relay: bool = True) -> No
     raise AssertionError(f"no delivery succeeded for {stall}s: {done} of {len(ids)}")
 
 
+@contextmanager
+def relay_beside() -> Iterator[None]:
+    """The relay running beside the workers in a thread, as `events_relay --loop` would (a
+    pass every half second, with a short `RESEND_AFTER`; a database error waits a pass)."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        try:
+            while not stop.wait(0.5):
+                try:
+                    relay_backlog(min_age=10, resend_after=RESEND_AFTER)
+                except DatabaseError as exc:  # SQLite's "database is locked", say
+                    print(f"relay pass failed: {exc}")
+                    connections.close_all()
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def all_succeeded(ids: list[uuid.UUID], subscription: str = "ord-steps") -> bool:
     done = Delivery.objects.filter(
         subscription=subscription, event_id__in=ids, status="succeeded"
@@ -232,27 +267,6 @@ def test_per_key_order_with_two_workers_and_concurrent_publishers(wired: Rig) ->
     assert not Delivery.objects.filter(event_id__in=ids).exclude(status="succeeded").exists()
 
 
-def _pool_children(worker: WorkerProcess) -> list[int]:
-    assert worker.process is not None
-    path = Path(f"/proc/{worker.process.pid}/task/{worker.process.pid}/children")
-    return [int(p) for p in path.read_text().split()]
-
-
-# Seen in CI on 2026-12-03 (a quiet host) and by helpers under load: on the filesystem
-# transport each SIGKILLed pool child left one key stuck behind a head delivery whose row no
-# worker ever touched (pending since publish, no retry_at): the message it was handed seems
-# not to come back to the queue. Not understood yet (issue 19); RabbitMQ and Redis pass.
-FILESYSTEM_POOL_KILL = pytest.mark.xfail(
-    reason="filesystem transport: a SIGKILLed pool child's message may not be requeued",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "rig",
-    [pytest.param("filesystem", marks=FILESYSTEM_POOL_KILL), "amqp", "redis"],
-    indirect=True,
-)
 def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> None:
     keys = [f"kill-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
     done = threading.Event()
@@ -263,7 +277,7 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
         # message goes back to the queue (acks_late + reject_on_worker_lost), Celery starts
         # a new child, and the rolled-back run is run again.
         while not done.wait(0.4) and len(killed) < 4:
-            children = _pool_children(wired.workers[0])
+            children = wired.workers[0].pool_children()
             if children:
                 pid = random.choice(children)
                 os.kill(pid, signal.SIGKILL)
@@ -316,21 +330,11 @@ def _succeeded_of(keys: list[str]) -> int:
     ).count()
 
 
-# Not on Redis yet: a worker killed as a whole can take a message with it there (kombu's BRPOP
-# removes it before the worker notes it unacknowledged: docs/reliability.md, "Limits, by decision"),
-# and the lost delivery, pending, holds its key until something sends it again. Reproduced
-# here in 2 runs of 3 (one key stuck behind one pending delivery each time).
-REDIS_LOSES_A_MESSAGE = pytest.mark.xfail(
-    reason="Redis: a whole-worker SIGKILL can lose a message; no recovery for it yet",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "rig", ["amqp", pytest.param("redis", marks=REDIS_LOSES_A_MESSAGE)], indirect=True
-)
 def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> None:
-    # The filesystem transport has no acknowledgements: a killed worker's messages are gone.
+    # The messages a killed worker took are gone on the filesystem transport (it deletes a
+    # message's file when it takes it), and can be on Redis (kombu's BRPOP takes one off its
+    # list before the worker notes it unacknowledged): the relay sends a key's first delivery
+    # again once no worker touched it for RESEND_AFTER (docs/reliability.md).
     keys = [f"host-{uuid.uuid4().hex[:6]}" for _ in range(KEYS)]
     victim = wired.workers[0]
     kills: list[int] = []
@@ -339,8 +343,9 @@ def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> Non
     def killer() -> None:
         # SIGKILL the first worker as a whole (main process and pool: a host going down) once
         # a tenth and once half of the deliveries ran, and start it again. Its unacknowledged
-        # messages go back to the queue (RabbitMQ at once, Redis after its visibility timeout);
-        # the hand-ons its processes committed and never sent are due for the relay.
+        # messages go back to the queue (RabbitMQ at once, Redis after its visibility timeout)
+        # or are lost (filesystem; Redis at times): the relay sends them again; the hand-ons
+        # its processes committed and never sent are due for the relay.
         try:
             for share in (10, 2):
                 wait_for(
@@ -359,15 +364,16 @@ def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> Non
             connections.close_all()
 
     thread = threading.Thread(target=killer)
-    thread.start()
-    try:
-        ids = publish_concurrently("ord.changed", EVENTS, keys)
-    finally:
-        thread.join()
-    assert not errors, errors
-    assert len(kills) == 2
+    with relay_beside():  # a key stuck behind a lost message resumes meanwhile
+        thread.start()
+        try:
+            ids = publish_concurrently("ord.changed", EVENTS, keys)
+        finally:
+            thread.join()
+        assert not errors, errors
+        assert len(kills) == 2
 
-    settle(ids)
+        settle(ids, relay=False)
     check_order(ids)
 
 

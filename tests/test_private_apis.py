@@ -52,6 +52,27 @@ def test_kombu_filesystem_names_its_exchange_tables_and_bindings_as_we_write_the
     assert '.exchange"' in source or ".exchange'" in source or "exchange_file" in source
 
 
+def test_celery_runs_the_event_loop_for_transports_that_say_they_are_asynchronous() -> None:
+    # django_events.contrib.filesystem_transport.Transport says so, to get Celery's own
+    # prefork pool (AsynPool) instead of billiard's classic pool.
+    from celery.worker.worker import WorkController
+
+    source = inspect.getsource(WorkController.should_use_eventloop)
+    assert "implements.asynchronous" in source, "Celery chooses its event loop another way"
+
+
+def test_kombu_virtual_channels_drain_one_message_to_their_connection() -> None:
+    # django_events.contrib.filesystem_transport.Channel._poll_folder calls drain_events()
+    # without a callback while it has `_consumers` and is not `closed`.
+    drain = inspect.signature(filesystem.Channel.drain_events)
+    assert list(drain.parameters) == ["self", "timeout", "callback"]
+    source = inspect.getsource(filesystem.Channel.drain_events)
+    assert "self.connection._deliver" in source and "can_consume" in source
+    with Connection("memory://") as connection:
+        channel: Any = connection.default_channel
+        assert channel._consumers == set() and channel.closed is False
+
+
 @pytest.mark.servers
 def test_py_amqp_channels_confirm_and_report_acks_through_their_events() -> None:
     # django_events.delivery.confirms.PublisherConfirms registers on these events.

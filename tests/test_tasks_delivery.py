@@ -371,6 +371,41 @@ def run_command(command: str, *args: str) -> str:
     return out.getvalue()
 
 
+def test_a_due_delivery_is_sent_by_the_relay_through_its_task_backend(tasks_wiring: str) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tests import brokers
+
+    with transaction.atomic():
+        event = publish("tk.placed", {"order_id": 50})
+    DBTaskResult.objects.filter(queue_name=tasks_wiring).delete()  # the first run was made
+    # A run failed; its retry, or a hand-on or a replay, was left due to the relay.
+    Delivery.objects.create(
+        event_id=event.id,
+        subscription="tk-record",
+        mode="async",
+        status="pending",
+        attempts=1,
+        retry_at=timezone.now() - timedelta(seconds=1),
+    )
+
+    assert relay_pending(min_age=0).retried == 1
+
+    [row] = DBTaskResult.objects.filter(queue_name=tasks_wiring)
+    [message] = row.args_kwargs["args"]
+    assert (message["subscription"], message["prior_attempts"]) == ("tk-record", 1)
+    # Not through Celery (the wiring's app is the filesystem transport's).
+    assert not [p for p in brokers.FS_FOLDER.iterdir() if tasks_wiring in p.name]
+    assert Delivery.objects.get(event_id=event.id).retry_at is None
+    assert row.task.call(message) == "succeeded"
+    assert Delivery.objects.values_list("status", "attempts").get(event_id=event.id) == (
+        "succeeded",
+        2,
+    )
+
+
 # A backend that enqueues after commit: the database backend on another database.
 
 

@@ -174,8 +174,8 @@ def test_held_paused_and_ordered_deliveries_are_left_to_their_mechanism(queue, p
             if message["subscription"] == "shop-plain":
                 # The paused subscription's delivery is held by the worker.
                 assert process_message(message, 0, manage_connections=False).status == "held"
-        # The ordered deliveries' messages are lost: their rows (written at publish) wait
-        # for the gate; the key's first failing would hold the second.
+        # The ordered deliveries' messages are lost, but their rows (written at publish) were
+        # touched inside the threshold: left to the gate for now (see the tests below).
         lost(first, queue, ago=1.5 * HOUR)
         lost(second, queue, ago=1.5 * HOUR)
 
@@ -253,6 +253,108 @@ def test_a_resent_message_lost_again_is_sent_once_more_when_due(plain, publish_n
 
     assert "and 3 due retry(ies)" in relay()
     assert sorted(s for s, _ in messages(plain)) == ["shop-once", "shop-plain", "shop-receipt"]
+
+
+def ordered_and_lost(*events: Any, queue: str, ago: float) -> None:
+    """The events' messages are lost; dispatched, and their ordered rows last touched, ``ago``
+    seconds ago."""
+    for event in events:
+        lost(event, queue, ago=ago)
+    Delivery.objects.filter(
+        event_id__in=[e.id for e in events], subscription="shop-ordered"
+    ).update(updated_at=timezone.now() - timedelta(seconds=ago))
+
+
+def ordered_rows() -> list[tuple[str, int, str, int]]:
+    rows = Delivery.objects.filter(subscription="shop-ordered").order_by("ordering_key", "sequence")
+    return list(rows.values_list("ordering_key", "sequence", "status", "attempts"))
+
+
+@pytest.mark.django_db
+def test_a_lost_first_delivery_of_an_ordered_key_is_sent_again_then_its_key_follows(
+    queue, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish_now("shop.paid", {"order_id": 7, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 7, "total": 11})
+        other = publish_now("shop.paid", {"order_id": 8, "total": 12})
+        ordered_and_lost(first, second, other, queue=queue, ago=1.5 * HOUR)
+
+        with django_capture_on_commit_callbacks(execute=True):  # sent once the pass commits
+            out = relay()
+
+        # The first of each key (shop-receipt: no row, as before); the second waits its turn.
+        assert "resent 5 delivery(ies)" in out, out
+        sent = drain(queue)
+        assert sorted((m["subscription"], m["event"]["id"]) for m in sent) == sorted(
+            [("shop-ordered", str(first.id)), ("shop-ordered", str(other.id))]
+            + [("shop-receipt", str(e.id)) for e in (first, second, other)]
+        )
+        assert all(m["rerun"] for m in sent)
+        # Touched now: a second pass does not send them again.
+        with django_capture_on_commit_callbacks(execute=True):
+            assert "resent" not in relay()
+        assert drain(queue) == []
+        assert not Delivery.objects.filter(subscription="shop-ordered").exclude(retry_at=None)
+
+        for message in sent:
+            if message["subscription"] == "shop-ordered":
+                process_message(message, 0, manage_connections=False)
+        assert ordered_rows() == [
+            ("7", 1, "succeeded", 1),
+            ("7", 2, "pending", 0),
+            ("8", 1, "succeeded", 1),
+        ]
+
+        # The second is the key's first unfinished one now, its message lost as well.
+        with django_capture_on_commit_callbacks(execute=True):
+            assert "resent 1 delivery(ies)" in relay()
+        [message] = drain(queue)
+        assert (message["subscription"], message["event"]["id"]) == ("shop-ordered", str(second.id))
+        process_message(message, 0, manage_connections=False)
+    assert ordered_rows() == [
+        ("7", 1, "succeeded", 1),
+        ("7", 2, "succeeded", 1),
+        ("8", 1, "succeeded", 1),
+    ]
+
+
+@pytest.mark.django_db
+def test_ordered_deliveries_a_worker_has_or_will_get_are_not_sent_again(
+    queue, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        failed = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        behind = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        young = publish_now("shop.paid", {"order_id": 2, "total": 10})
+        due = publish_now("shop.paid", {"order_id": 3, "total": 10})
+        ordered_and_lost(failed, behind, due, queue=queue, ago=1.5 * HOUR)
+        lost(young, queue, ago=1.5 * HOUR)  # its row touched inside the threshold
+        # A failed first holds its key (the gate's business); a due time is a retry's.
+        Delivery.objects.filter(event_id=failed.id, subscription="shop-ordered").update(
+            status="failed"
+        )
+        Delivery.objects.filter(event_id=due.id, subscription="shop-ordered").update(
+            retry_at=timezone.now() + timedelta(minutes=5)
+        )
+
+        with django_capture_on_commit_callbacks(execute=True):
+            assert "resent 4 delivery(ies)" in relay()  # shop-receipt's only
+
+        assert {s for s, _ in messages(queue)} == {"shop-receipt"}
+
+        gone = publish_now("shop.paid", {"order_id": 4, "total": 10})
+        ordered_and_lost(gone, queue=queue, ago=1.5 * HOUR)
+        publish_now("shop.paid", {"order_id": 5, "total": 10})  # its messages wait: a backlog
+        with django_capture_on_commit_callbacks(execute=True):
+            assert "resent" not in relay()
+        drain(queue)
+        with django_capture_on_commit_callbacks(execute=True):
+            assert "resent 2 delivery(ies)" in relay()  # the queue drained
+        assert sorted(messages(queue)) == [
+            ("shop-ordered", str(gone.id)),
+            ("shop-receipt", str(gone.id)),
+        ]
 
 
 # -- webhooks: manifest `mode: webhook` subscriptions and run-time endpoints -----------------

@@ -4,6 +4,7 @@ relay sends it again and the worker completes it, once (docs/reliability.md)."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from datetime import timedelta
 from io import StringIO
@@ -106,6 +107,71 @@ def test_a_lost_message_is_resent_by_the_relay_and_runs_once(kind: str, tmp_path
         ("fault-once", "succeeded", 1),
         ("fault-plain", "succeeded", 1),
     ]
+
+
+def test_a_worker_sigkilled_on_the_filesystem_transport_loses_what_it_took_to_the_relay(
+    tmp_path: Path,
+) -> None:
+    # kombu's filesystem transport deletes a message's file when a worker takes it: the
+    # messages a worker runs or holds in advance (prefetch) die with it.
+    with fresh_queue("filesystem", "unfinished") as queue:
+        wiring = {
+            **settings.DJANGO_EVENTS,
+            "MANIFESTS": MANIFESTS,
+            "CELERY_APP": "tests.brokers.filesystem",
+            "DEFAULT_QUEUE": queue,
+        }
+        env = {"DJANGO_EVENTS_FAULT_DIR": str(tmp_path)}
+        with override_settings(DJANGO_EVENTS=wiring):
+            worker = worker_for("filesystem", queue, tmp_path, manifest="faults.yaml", env=env)
+            worker.start()
+            try:
+                # Four deliveries hang on their first run: the worker's two pool processes run
+                # two of them, its main process holds the other two. (Plain ones: on SQLite an
+                # idempotent one holds the write lock while it runs.)
+                ids = [
+                    publish("fault.placed", {"order_id": n, "hang": 60, "plain": True}).id
+                    for n in range(4)
+                ]
+                wait_for(
+                    lambda: (
+                        len(list(tmp_path.glob("*-hang_plain"))) == 2
+                        and not _ready_files(queue)
+                        and worker.log().count(" received") == 4
+                    ),
+                    what="two runs under way and the other two messages taken",
+                )
+            finally:
+                worker.kill()
+            assert not _ready_files(queue)  # nothing came back
+            assert not Delivery.objects.filter(event_id__in=ids).exists()
+            started = {uuid.UUID(p.name[:36]) for p in tmp_path.glob("*-hang_plain")}
+            for event_id in ids:  # no more hanging
+                (tmp_path / f"{event_id}-hang_plain").touch(exist_ok=True)
+            long_ago = timezone.now() - timedelta(seconds=resend_after() + 600)
+            EventRecord.objects.filter(pk__in=ids).update(dispatched_at=long_ago)
+
+            with worker_for(
+                "filesystem", queue, tmp_path, manifest="faults.yaml", env=env
+            ) as again:
+                assert "resent 4 delivery(ies) with no outcome" in relay()
+                wait_for(
+                    lambda: (
+                        Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == 4
+                    ),
+                    timeout=60,
+                    what="the resent deliveries",
+                )
+                wait_idle(again)
+
+    runs = Counter(HandlerRun.objects.filter(event_id__in=ids).values_list("event_id", flat=True))
+    # Each ran again, once; the two killed while running had recorded their start before.
+    assert runs == {i: 2 if i in started else 1 for i in ids}
+
+
+def _ready_files(queue: str) -> list[Path]:
+    """The message files waiting on ``queue`` (kombu's name: the queue after the first dot)."""
+    return [p for p in brokers.FS_FOLDER.iterdir() if p.name.partition(".")[2] == f"{queue}.msg"]
 
 
 amqp_publisher = publishers["amqp"]

@@ -145,6 +145,12 @@ class WorkerProcess:
         self.process.wait(10)
         _running.discard(self)
 
+    def pool_children(self) -> list[int]:
+        """The pids of the worker's pool processes (any of its threads may have forked one)."""
+        assert self.process is not None
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        return [int(p) for task in tasks.iterdir() for p in (task / "children").read_text().split()]
+
     def describe(self, lines: int = 40) -> str:
         """Whether the process runs, and the tail of this start's log."""
         assert self.process is not None

@@ -1,10 +1,23 @@
-"""kombu's filesystem transport, with message and exchange files that only ever appear whole.
+"""kombu's filesystem transport, with message and exchange files that only ever appear whole,
+and a Celery worker that survives a killed pool process.
 
 kombu's own transport creates a message file under its final name and then writes it; a
 worker polling the folder in between moves the still empty file away, fails to decode it and
 exits, and the message is gone. It creates an exchange's table file the same way, so a process
 binding a queue at that moment reads an empty table and fails. This transport writes each file
-under a name nobody reads and renames it into place. Use it with ``filesystem://``::
+under a name nobody reads and renames it into place.
+
+It also runs in a Celery worker's event loop, polling the folder from the loop's timer (as
+kombu's SQS transport polls its queues). kombu's own is not asynchronous, so Celery runs its
+prefork pool without the event loop: billiard's classic pool, where the idle pool processes
+read their jobs from one shared pipe under one lock, which the process waiting for a job holds
+while it waits. A pool process SIGKILLed then (out of memory, a time limit, an operator) takes
+the lock with it: no process ever gets a job again, the messages the worker took (their files
+deleted) are neither run nor given back while it lives, and lost if it is killed. In the event
+loop Celery runs its own pool (a pipe per process), which gives a dead process's jobs to
+another one, or their messages back to the queue (``reject_on_worker_lost``).
+
+Use it with ``filesystem://``::
 
     CELERY_BROKER_URL = "filesystem://"
     CELERY_BROKER_TRANSPORT = "django_events.contrib.filesystem_transport:Transport"
@@ -18,9 +31,11 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from queue import Empty
 from time import monotonic
 from typing import Any
 
+from kombu.asynchronous import Hub, get_event_loop
 from kombu.exceptions import ChannelError
 from kombu.transport import filesystem
 from kombu.utils.encoding import str_to_bytes
@@ -35,6 +50,37 @@ def _hidden(folder: str | Path) -> Path:
 
 class Channel(filesystem.Channel):
     """A filesystem channel whose files appear under their names complete."""
+
+    _hub: Hub | None = None  # the event loop that polls for this channel's consumers
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str | None, **kwargs: Any
+    ) -> str:
+        consumed = super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        hub = get_event_loop()  # a Celery worker's; None elsewhere (drain_events polls there)
+        if hub is not None and self._hub is None:
+            self._hub = hub
+            hub.call_soon(self._poll_folder)
+        return consumed
+
+    def _poll_folder(self) -> None:
+        """Deliver what waits in the consumed queues, as the prefetch limit allows; again soon."""
+        hub = self._hub
+        if hub is None or self.closed or not self._consumers:
+            self._hub = None  # a later basic_consume starts polling again
+            return
+        delivered = False
+        try:
+            while True:
+                self.drain_events()  # one message, or Empty (none, or the prefetch is full)
+                delivered = True
+        except Empty:
+            pass
+        finally:  # an error that does not end the connection must not end the polling
+            if delivered:
+                hub.call_soon(self._poll_folder)
+            else:
+                hub.call_later(self.connection.polling_interval or 0, self._poll_folder)
 
     # kombu's filesystem signature, which differs from its virtual channel's
     def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
@@ -78,3 +124,5 @@ class Transport(filesystem.Transport):
     """``CELERY_BROKER_TRANSPORT = "django_events.contrib.filesystem_transport:Transport"``."""
 
     Channel = Channel
+    # Celery runs a worker's event loop (and its own prefork pool) for asynchronous transports.
+    implements = filesystem.Transport.implements.extend(asynchronous=True)

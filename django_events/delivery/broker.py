@@ -31,10 +31,26 @@ logger = logging.getLogger("django_events.broker")
 
 # Seconds of extra hard limit after a subscription's soft ``timeout``.
 HARD_LIMIT_GRACE = 5.0
+# Phases of a webhook call its ``timeout`` bounds one by one (connect, send, read).
+WEBHOOK_PHASES = 3
 # Seconds to wait for the publisher confirms of a batch after its last message: the relay's,
 # and a committing publisher's (which is waiting in a request).
 CONFIRM_TIMEOUT = 30.0
 COMMIT_CONFIRM_TIMEOUT = 5.0
+
+
+def _soft_limit(subscription: Subscription) -> float | None:
+    """Celery's soft time limit of a subscription's messages: its ``timeout``.
+
+    A webhook's ``timeout`` bounds each phase of the call, and the HTTP client reports one
+    that expires (with the time it took); the limit only stops a call slower than all its
+    phases together. Celery's own prefork pool applies a limit to the millisecond: equal to
+    the HTTP timeout, it would expire first.
+    """
+    timeout = subscription.declaration.timeout
+    if timeout and subscription.mode == "webhook":
+        return WEBHOOK_PHASES * timeout + HARD_LIMIT_GRACE
+    return timeout
 
 
 def celery_app() -> Celery | None:
@@ -272,7 +288,7 @@ def _send(
             for event, durable, subscriptions in items:
                 message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
-                    timeout = subscription.declaration.timeout
+                    soft_limit = _soft_limit(subscription)
                     if subscription.declaration.broadcast:
                         route = broadcast.route(subscription.queue)
                     else:
@@ -308,8 +324,8 @@ def _send(
                         retry=confirms is None,
                         retry_policy=policy,
                         # Celery takes fractional seconds here; its stubs say int.
-                        soft_time_limit=timeout,  # type: ignore[arg-type]
-                        time_limit=timeout + HARD_LIMIT_GRACE if timeout else None,  # type: ignore[arg-type]
+                        soft_time_limit=soft_limit,  # type: ignore[arg-type]
+                        time_limit=soft_limit + HARD_LIMIT_GRACE if soft_limit else None,  # type: ignore[arg-type]
                     )
                     if confirms is not None:
                         confirms.published(event.id)

@@ -15,7 +15,8 @@
 The broker is not involved (RabbitMQ, Redis and the filesystem transport alike), nor is the
 number of workers and hosts. Its cost: at publish, one upsert per key and one `Delivery`
 insert per ordered delivery, and the gate row locked until the publisher commits; at the
-worker, two reads before each run (a transaction only to hold it) and one transaction after.
+worker, one read before each run (a transaction only to hold it) and one transaction after
+(tests/test_ordering.py counts the statements).
 docs/ordering.md says why this over the brokers' own tools. Webhook deliveries
 (``mode: webhook``) use the same three calls around their send.
 """
@@ -26,19 +27,20 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import Enum
 from typing import Any
 from uuid import UUID
 
 from django.db import DatabaseError, connections, transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from django_events.delivery.recording import delivery, event_of
 from django_events.events import Event
 from django_events.logs import log_extra
-from django_events.models import Delivery, EventRecord, OrderingGate
+from django_events.models import Delivery, OrderingGate
 from django_events.wiring.compiled import Subscription
 from django_events.wiring.registry import get_registry
 
@@ -58,6 +60,14 @@ class Turn(Enum):
     RUN = "run"  # its turn (or not ordered): run the handler
     HELD = "held"  # an earlier delivery of its key is unfinished: left held
     DONE = "done"  # already succeeded or resolved: a duplicate message, run nothing
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `claim` decided, and the delivery's key (for `finish`; None: not numbered)."""
+
+    turn: Turn
+    key: str | None = None
 
 
 def key_value(data: dict[str, Any], path: str) -> str:
@@ -158,75 +168,86 @@ def _lock(alias: str, subscription: str, key: str) -> None:
 
 
 def _head(alias: str, subscription: str, key: str) -> Delivery | None:
-    """The key's first unfinished delivery (lowest number), if any."""
+    """The key's first unfinished delivery (lowest number), if any, with its event record
+    (what a hand-on sends)."""
     return (
         Delivery.objects.using(alias)
         .filter(subscription=subscription, ordering_key=key, sequence__isnull=False)
         .exclude(status__in=FINISHED)
         .order_by("sequence")
-        .only("pk", "event_id", "status", "attempts", "sequence")
+        .select_related("event")
+        .defer("last_error", "traceback", "response_body")
         .first()
     )
 
 
-def claim(alias: str, event_id: UUID, subscription: str) -> Turn:
+def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     """Decide whether the delivery of ``event_id`` may run now (see the module docstring).
 
-    Its turn is read without a lock: every earlier delivery of the key finished (committed)
-    stays finished, and a later one that looks now sees this one unfinished. Only holding
-    locks the key's turn, so that the worker finishing the delivery before it cannot miss
-    the hold.
+    Its turn is read without a lock, with the row, in one query: every earlier delivery of
+    the key finished (committed) stays finished, and a later one that looks now sees this
+    one unfinished. Only holding locks the key's turn, so that the worker finishing the
+    delivery before it cannot miss the hold.
     """
+    rows = Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription)
     row = (
-        Delivery.objects.using(alias)
-        .filter(event_id=event_id, subscription=subscription)
-        .values_list("ordering_key", "sequence", "status")
+        rows.annotate(waits=Exists(_unfinished_before(alias, subscription)))
+        .values_list("ordering_key", "sequence", "status", "waits")
         .first()
     )
     if row is None or row[1] is None:  # published before the subscription was ordered
-        return Turn.RUN
-    key, number, status = row
+        return Claim(Turn.RUN)
+    key, number, status, waits = row
     assert key is not None
-    assert number is not None
     if status in FINISHED:
-        return Turn.DONE
-    if not _earlier_unfinished(alias, subscription, key, number):
-        return Turn.RUN
+        return Claim(Turn.DONE, key)
+    if not waits:
+        return Claim(Turn.RUN, key)
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
-        if not _earlier_unfinished(alias, subscription, key, number):  # finished meanwhile
-            return Turn.RUN
-        Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription).update(
+        # Held only if an earlier one is still unfinished: it may have finished meanwhile.
+        held = rows.filter(Exists(_unfinished_before(alias, subscription, key, number))).update(
             status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None
         )
-    return Turn.HELD
+    return Claim(Turn.HELD if held else Turn.RUN, key)
 
 
-def _earlier_unfinished(alias: str, subscription: str, key: str, number: int) -> bool:
+def _unfinished_before(
+    alias: str, subscription: str, key: str | None = None, number: int | None = None
+) -> QuerySet[Delivery]:
+    """The unfinished deliveries of the key numbered before ``number``; without them, before
+    the row of the outer query (`claim`'s)."""
+    outer = {"ordering_key": OuterRef("ordering_key"), "sequence__lt": OuterRef("sequence")}
+    where = outer if key is None else {"ordering_key": key, "sequence__lt": number}
     return (
         Delivery.objects.using(alias)
-        .filter(subscription=subscription, ordering_key=key, sequence__lt=number)
+        .filter(subscription=subscription, **where)
         .exclude(status__in=FINISHED)
-        .exists()
     )
 
 
 def finish(
-    alias: str, event_id: UUID, subscription: str, save: Callable[[], None] | None = None
+    alias: str,
+    event_id: UUID,
+    subscription: str,
+    save: Callable[[], None] | None = None,
+    key: str | None = None,
 ) -> None:
     """Record a delivery's outcome with ``save`` and hand its key on, in one transaction.
 
     The key's turn is locked before ``save`` writes, as `claim` locks it before its writes:
     the same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
-    transaction that recorded the outcome already: an idempotent run) only hands on. The next
-    delivery's message is sent after the commit.
+    transaction that recorded the outcome already: an idempotent run) only hands on. ``key``:
+    the delivery's, as `claim` returned it (read here if None). The next delivery's message is
+    sent after the commit.
     """
-    key = (
-        Delivery.objects.using(alias)
-        .filter(event_id=event_id, subscription=subscription)
-        .values_list("ordering_key", flat=True)
-        .first()
-    )
+    if key is None:
+        key = (
+            Delivery.objects.using(alias)
+            .filter(event_id=event_id, subscription=subscription)
+            .values_list("ordering_key", flat=True)
+            .first()
+        )
     with transaction.atomic(using=alias):
         if key is not None:
             _lock(alias, subscription, key)
@@ -250,10 +271,7 @@ def hand_on(alias: str, subscription: str, key: str) -> None:
     Delivery.objects.using(alias).filter(pk=head.pk).update(
         status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now()
     )
-    transaction.on_commit(
-        lambda: _send(alias, subscription, head.pk, head.event_id, head.attempts, due),
-        using=alias,
-    )
+    transaction.on_commit(lambda: _send(alias, subscription, head, due), using=alias)
 
 
 def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
@@ -264,26 +282,21 @@ def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
             hand_on(alias, subscription, key)
 
 
-def _send(
-    alias: str, subscription_name: str, pk: int, event_id: UUID, attempts: int, due: Any
-) -> None:
-    """Send a handed-on delivery's message; on success the relay need not."""
+def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
+    """Send a handed-on delivery's message (``head``, read with its event record); on success
+    the relay need not."""
     from django_events.delivery import broker
 
     registry = get_registry()
     subscription = registry.subscriptions.get(subscription_name)
-    extra = {**log_extra(None, subscription_name), "event_id": str(event_id)}
-    try:
-        record = EventRecord.objects.using(alias).get(pk=event_id)
-    except (EventRecord.DoesNotExist, DatabaseError):
-        logger.exception("Cannot hand on the delivery; events_relay will", extra=extra)
-        return
+    record = head.event
+    extra = {**log_extra(None, subscription_name), "event_id": str(record.pk)}
     compiled = registry.events.get(record.name)
     if subscription is None or compiled is None:
         logger.error("Cannot hand on the delivery: no longer declared", extra=extra)
         return
     items = [(event_of(record), compiled.declaration.durable, [subscription])]
-    prior = {(event_id, subscription_name): attempts}
+    prior = {(record.pk, subscription_name): head.attempts}
     if subscription.via == "tasks":
         from django_events.delivery import tasks_backend
 
@@ -296,6 +309,6 @@ def _send(
         )
         return
     try:
-        Delivery.objects.using(alias).filter(pk=pk, retry_at=due).update(retry_at=None)
+        Delivery.objects.using(alias).filter(pk=head.pk, retry_at=due).update(retry_at=None)
     except DatabaseError:
         logger.exception("Sent, but could not clear its relay due time", extra=extra)

@@ -238,14 +238,16 @@ def _run(
         # Retrying cannot make a missing module appear: a deploy has to fix it.
         return _handler_unavailable(subscription, event, alias, attempt, retries, exc)
     ordered = subscription.declaration.ordering_key is not None
+    key = None  # an ordered delivery's, from its claim to its finish
     if ordered:
-        waiting = _claim_turn(subscription, event, alias, retries)
-        if waiting is not None:
-            return waiting
+        claimed = _claim_turn(subscription, event, alias, retries)
+        if isinstance(claimed, Outcome):
+            return claimed
+        key = claimed.key
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
-            _run_idempotent(registry, subscription, event, alias, attempt, records_all)
+            _run_idempotent(registry, subscription, event, alias, attempt, records_all, key)
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:
@@ -323,7 +325,7 @@ def _run(
                 duration_ms=took,
                 response=response,
             )
-            _record_success(alias, event, row, overwrite=not broadcast, ordered=ordered)
+            _record_success(alias, event, row, overwrite=not broadcast, ordered=ordered, key=key)
     elif rerun and not subscription.declaration.idempotent:
         # A first run sent again (a resumed held delivery) of an event recorded only on
         # failure: its row exists, pending, and must not stay so; none is created.
@@ -375,28 +377,34 @@ def _hold(
 
 def _claim_turn(
     subscription: Subscription, event: Event, alias: str, retries: int
-) -> Outcome | None:
-    """An ordered delivery: None if it is its turn, else what became of the message."""
+) -> Outcome | ordering.Claim:
+    """An ordered delivery: its claim if it is its turn, else what became of the message."""
     extra = log_extra(event, subscription)
     try:
-        turn = ordering.claim(alias, event.id, subscription.name)
+        claimed = ordering.claim(alias, event.id, subscription.name)
     except DatabaseError as exc:
         # Nothing ran: try again later, the gate decides then.
         logger.warning("Cannot reach the ordering gate: %s", exc, extra=extra)
         if isinstance(exc, _OUTAGES):
             _close_broken(alias)
         return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
-    if turn is ordering.Turn.HELD:
+    if claimed.turn is ordering.Turn.HELD:
         logger.info("Held: an earlier delivery of its key is not finished", extra=extra)
         return Outcome("held")
-    if turn is ordering.Turn.DONE:
+    if claimed.turn is ordering.Turn.DONE:
         logger.info("Already succeeded or resolved; skipped", extra=extra)
         return Outcome("skipped")
-    return None
+    return claimed
 
 
 def _record_success(
-    alias: str, event: Event, row: Delivery, *, overwrite: bool, ordered: bool = False
+    alias: str,
+    event: Event,
+    row: Delivery,
+    *,
+    overwrite: bool,
+    ordered: bool = False,
+    key: str | None = None,
 ) -> None:
     """Save a success row; while the database cannot be reached, wait for it and try again.
 
@@ -410,9 +418,8 @@ def _record_success(
     while True:
         try:
             if ordered:  # the success and the hand-on to the key's next, together
-                ordering.finish(
-                    alias, event.id, row.subscription, partial(save_deliveries, alias, [row])
-                )
+                save = partial(save_deliveries, alias, [row])
+                ordering.finish(alias, event.id, row.subscription, save, key)
             elif overwrite:
                 save_deliveries(alias, [row])
             else:
@@ -483,8 +490,12 @@ def _run_idempotent(
     alias: str,
     attempt: int,
     records_all: bool,
+    key: str | None = None,
 ) -> None:
-    """Run at most once successfully: the handler's writes and the success commit together."""
+    """Run at most once successfully: the handler's writes and the success commit together.
+
+    ``key``: an ordered delivery's, as its claim read it.
+    """
     if not records_all:
         ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
     with transaction.atomic(using=alias):
@@ -511,9 +522,8 @@ def _run_idempotent(
         took = (time.perf_counter() - started) * 1000
         row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
         save_deliveries(alias, [row])
-        save_deliveries(alias, [_row(event, subscription, Delivery.Status.SUCCEEDED, attempt)])
         if subscription.declaration.ordering_key is not None:
-            ordering.finish(alias, event.id, subscription.name)
+            ordering.finish(alias, event.id, subscription.name, key=key)
 
 
 def _handler_unavailable(

@@ -222,7 +222,8 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
         if not rows:
             return 0, 0
         records = EventRecord.objects.using(using).in_bulk([row.event_id for row in rows])
-        outgoing: list[broker.SendItem] = []
+        outgoing: dict[str, list[broker.SendItem]] = {}  # by path: "celery" or "tasks"
+        paths: dict[int, str] = {}
         prior: dict[tuple[UUID, str], int] = {}
         gone: list[int] = []
         for row in rows:
@@ -233,16 +234,14 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
                 gone.append(row.pk)
                 continue
             event = event_of(record, compiled.typed_payload(record.payload))
-            outgoing.append((event, compiled.declaration.durable, [subscription]))
+            paths[row.pk] = subscription.via
+            item = (event, compiled.declaration.durable, [subscription])
+            outgoing.setdefault(subscription.via, []).append(item)
             prior[(event.id, subscription.name)] = row.attempts
-        unsent = (
-            broker.send_deliveries(
-                outgoing, using, confirm=True, always_try=True, prior_attempts=prior
-            )
-            if outgoing
-            else set()
-        )
-        sent = [row.pk for row in rows if row.pk not in gone and row.event_id not in unsent]
+        unsent = {path: _send_due(path, items, using, prior) for path, items in outgoing.items()}
+        sent = [
+            row.pk for row in rows if row.pk in paths and row.event_id not in unsent[paths[row.pk]]
+        ]
         Delivery.objects.using(using).filter(pk__in=sent).update(retry_at=None)
         if gone:
             logger.error(
@@ -257,6 +256,20 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
                 updated_at=timezone.now(),
             )
     return len(sent), len(rows) - len(sent) - len(gone)
+
+
+def _send_due(
+    path: str,
+    items: list[broker.SendItem],
+    using: str,
+    prior: dict[tuple[UUID, str], int],
+) -> set[UUID]:
+    """Send due deliveries the way their subscriptions go (``via``); the event ids unsent."""
+    if path == "tasks":
+        from django_events.delivery import tasks_backend
+
+        return tasks_backend.send_deliveries(items, using, prior_attempts=prior)
+    return broker.send_deliveries(items, using, confirm=True, always_try=True, prior_attempts=prior)
 
 
 def _tasks_in_transaction(alias: str) -> bool:

@@ -20,6 +20,13 @@ The webhook endpoints registered at run time count as wired from their last chan
 enabled again, edited) plus the time publishers may keep the list they read
 (`endpoints.wired_since`); those enabled when the relay looks are checked.
 
+An ordered subscription's deliveries have their row from publish on (pending, numbered), so
+a lost message of one is not "without a row": its key waits behind it for good. The relay
+sends again a key's first unfinished delivery that is still pending with no due time, its
+event dispatched and the row untouched for longer than the threshold (`_lost_heads`): no
+worker took it (a worker that holds it back, runs it or fails it writes the row). The later
+deliveries of its key follow through the gate, each in turn.
+
 A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
 of that queue stops at its first unfinished delivery and waits for the queue to drain; on a
 broker with a visibility timeout (Redis), until it has been seen empty for longer than that
@@ -36,13 +43,14 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from django_events.conf import conf
 from django_events.delivery import endpoints
 from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
 from django_events.delivery.dispatch import accepted
+from django_events.delivery.ordering import FINISHED
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, RelayCheckpoint
@@ -179,6 +187,19 @@ def _resend_queue(
         cutoff = _Drained(checkpoint, queue, now, drain_settle())
         unfinished, checked = _unfinished(records, registry, hooks, queue, since, using, cutoff)
         result.checked += checked
+        for subscription_name, heads in _lost_heads(
+            queue, registry, horizon, batch_size, using, cutoff
+        ).items():
+            prior = {head.event_id: head.attempts for head in heads}
+            records_of = [head.event for head in heads]
+            sent = redeliver(
+                registry.subscriptions[subscription_name],
+                records_of,
+                prior,
+                using=using,
+                relay=True,
+            )  # sent once this commits; due for the relay's retries meanwhile
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
         subscriptions: dict[str, Subscription] = {
             **registry.subscriptions,
             **{h.name: h for h in hooks},
@@ -285,6 +306,59 @@ def _wired_since(
             seen[subscription.name] = first or now.isoformat()
     checkpoint.subscriptions = seen
     return {name: datetime.fromisoformat(when) for name, when in seen.items()}
+
+
+def _lost_heads(
+    queue: str,
+    registry: Registry,
+    horizon: datetime,
+    batch_size: int,
+    using: str,
+    drained: Callable[[], datetime | None],
+) -> dict[str, list[Delivery]]:
+    """The first unfinished deliveries of the ordered keys of ``queue`` whose message is lost,
+    by subscription: pending with no due time, the row untouched and its event dispatched
+    before ``horizon``, sent before the queue was last seen drained (see `_Drained`)."""
+    names = [
+        s.name
+        for s in registry.subscriptions.values()
+        if s.queue == queue
+        and s.is_queued
+        and s.via == "celery"
+        and s.declaration.ordering_key is not None
+    ]
+    if not names:
+        return {}
+    rows = Delivery.objects.using(using)
+    earlier = rows.filter(
+        subscription=OuterRef("subscription"),
+        ordering_key=OuterRef("ordering_key"),
+        sequence__lt=OuterRef("sequence"),
+    ).exclude(status__in=FINISHED)
+    heads = list(
+        rows.filter(
+            subscription__in=names,
+            sequence__isnull=False,
+            status=Delivery.Status.PENDING,
+            retry_at__isnull=True,
+            updated_at__lte=horizon,
+            event__status=EventRecord.Status.DISPATCHED,
+            event__dispatched_at__lte=horizon,
+        )
+        .filter(~Exists(earlier))
+        .select_related("event")
+        .order_by("updated_at")[:batch_size]
+    )
+    if not heads:
+        return {}
+    cutoff = drained()
+    lost: dict[str, list[Delivery]] = {}
+    for head in heads:
+        dispatched = head.event.dispatched_at
+        assert dispatched is not None  # filtered on it
+        if cutoff is not None and max(head.updated_at, dispatched) <= cutoff:
+            lost.setdefault(head.subscription, []).append(head)
+    return lost
 
 
 def _unfinished(

@@ -1,0 +1,69 @@
+"""django_events.delivery.ordering, in this process: the gate's decisions and what each costs
+in database statements at the worker (figure 16 measures the time; docs/ordering.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from django_events.delivery.worker import process_message
+from django_events.models import Delivery
+from tests.ops import drain, shop_wiring
+
+ORDERED = {
+    "event": "shop.paid",
+    "handler": "tests.app.handlers.record",
+    "mode": "async",
+    "name": "shop-ordered",
+    "ordering_key": "order_id",
+}
+
+
+def gate_statements(queries: CaptureQueriesContext) -> list[str]:
+    """The statements of a delivery but its handler's own (and the worker's transaction:
+    savepoints in a test's transaction, BEGIN and COMMIT in a worker)."""
+    return [q["sql"] for q in queries.captured_queries if "testapp_" not in q["sql"]]
+
+
+@pytest.mark.django_db
+def test_held_then_handed_on_in_order_in_few_statements(
+    queue: str, publish_now: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 1, "total": 11})
+        messages = {
+            m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+        }
+
+        def deliver(event: Any) -> tuple[str, list[str]]:
+            message = messages.pop(str(event.id))
+            with (
+                CaptureQueriesContext(connection) as queries,
+                django_capture_on_commit_callbacks(execute=True),
+            ):
+                status = process_message(message, 0, manage_connections=False).status
+            return status, gate_statements(queries)
+
+        # The second's message first: its turn and row in one read, then held under the lock.
+        status, statements = deliver(second)
+        assert (status, len(statements)) == ("held", 5), statements
+        # The first runs: one read; lock, success, the key's next (with its event record) and
+        # its hand-on in one transaction; its message sent after, its relay due time cleared.
+        status, statements = deliver(first)
+        assert (status, len(statements)) == ("succeeded", 8), statements
+        [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+        assert again["event"]["id"] == str(second.id)
+        messages[str(second.id)] = again
+        # The second again: one read; lock, success and a look at the key's next (none).
+        status, statements = deliver(second)
+        assert (status, len(statements)) == ("succeeded", 6), statements
+
+    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    assert list(rows.values_list("sequence", "status", "attempts", "retry_at")) == [
+        (1, "succeeded", 1, None),
+        (2, "succeeded", 1, None),
+    ]
