@@ -67,6 +67,8 @@ class Run:
     kills: int = 0
     restarts_not_ready: int = 0
     cuts: list[str] = field(default_factory=list)
+    kill_times: list[float] = field(default_factory=list)  # time.time() of each kill
+    unconfirmed_batches: int = 0  # left pending by a lost publisher connection
 
 
 def main() -> int:
@@ -99,6 +101,12 @@ def main() -> int:
         choices=["immediate", "batched"],
         default=None,
         help="set SUCCESS_RECORDS (default: the package's default) to compare the two",
+    )
+    parser.add_argument(
+        "--cuts",
+        choices=["both", "broker", "db", "none"],
+        default="both",
+        help="which cuts to make (default both)",
     )
     args = parser.parse_args()
     if args.events < 3 or args.batch < 1 or args.cut <= 0 or args.kill_every <= 0:
@@ -214,6 +222,7 @@ def _soak(
     from django_events.models import Delivery, EventRecord
 
     run = Run()
+    logging.getLogger("django_events.broker").addHandler(_Unconfirmed(run))
     stop = threading.Event()
     started = time.monotonic()
     deadline = started + args.deadline
@@ -290,6 +299,7 @@ def _publish(
     from django_events import publish_many
 
     faults = [(args.events // 3, "broker", broker_proxy), (2 * args.events // 3, "db", db_proxy)]
+    faults = [f for f in faults if args.cuts in ("both", f[1])]
     timer: threading.Timer | None = None
 
     def cut(published: int) -> threading.Timer:
@@ -358,6 +368,7 @@ def _reset_connection() -> None:
 def _killer(args: argparse.Namespace, victim: WorkerProcess, run: Run, stop: Any) -> None:
     """SIGKILL the victim worker (main process and pool) every --kill-every s; restart it."""
     while not stop.wait(args.kill_every):
+        run.kill_times.append(time.time())
         victim.kill()
         run.kills += 1
         if stop.is_set():
@@ -441,7 +452,81 @@ def _count(run: Run, relay_log: Path) -> tuple[dict[str, Any], bool]:
             "records still pending",
         )
     )
+    _attribute(run, figures)
     return figures, failed
+
+
+# How a run of the plain handler beyond its first came (tests.app.handlers._how_delivered).
+SECOND_RUNS = {
+    "retry": "a Celery retry of a message that had run",
+    "resent": "a rerun message (events_relay resent it: no outcome, or a due retry)",
+    "redelivered": "the broker redelivered a message that had run (worker killed or cut off)",
+    "redelivered-other": "the broker redelivered another message of the event",
+    # Its first attempt may have failed (the database cut): it ran on a retry.
+    "relayed": "a second message (events_relay sent a record still pending, sent before)",
+    "unflagged": "the same message again, not flagged redelivered",
+}
+
+
+def _attribute(run: Run, figures: dict[str, Any]) -> None:
+    """Say how each duplicate run of the plain subscription came, from its message's flags."""
+    import bisect
+
+    from tests.app.models import HandlerRun
+
+    by_event: dict[uuid.UUID, list[Any]] = {}
+    for row in HandlerRun.objects.filter(handler="hang_plain").order_by("created_at", "pk"):
+        by_event.setdefault(row.event_id, []).append(row)
+    kinds: Counter[str] = Counter()
+    gaps: dict[str, list[float]] = {}
+    before_kill: list[float] = []
+    for event_runs in by_event.values():
+        first, tasks = event_runs[0], {event_runs[0].payload.get("task_id")}
+        for later in event_runs[1:]:
+            how = later.payload
+            if how.get("retries") and how.get("task_id") in tasks:
+                kind = "retry"  # a retry keeps its task id: this message had run before
+            elif how.get("rerun"):
+                kind = "resent"
+            elif how.get("redelivered"):
+                kind = "redelivered" if how.get("task_id") in tasks else "redelivered-other"
+            else:
+                kind = "unflagged" if how.get("task_id") in tasks else "relayed"
+            kinds[kind] += 1
+            tasks.add(how.get("task_id"))
+            gaps.setdefault(kind, []).append((later.created_at - first.created_at).total_seconds())
+            if kind == "redelivered":  # how long before the next kill its first run was
+                at = first.created_at.timestamp()
+                i = bisect.bisect_left(run.kill_times, at)
+                if i < len(run.kill_times):
+                    before_kill.append(run.kill_times[i] - at)
+    figures["publisher batches unconfirmed at a broker cut"] = run.unconfirmed_batches
+    for kind, label in SECOND_RUNS.items():
+        if kind in kinds:
+            spread = sorted(gaps[kind])
+            figures[f"  duplicate runs: {label}"] = (
+                f"{kinds[kind]} (s after the first run: min {spread[0]:.1f}, "
+                f"median {spread[len(spread) // 2]:.1f}, max {spread[-1]:.1f})"
+            )
+    if before_kill:
+        before_kill.sort()
+        figures["  redelivered: s from their first run to the kill"] = (
+            f"min {before_kill[0]:.2f}, median {before_kill[len(before_kill) // 2]:.2f}, "
+            f"max {before_kill[-1]:.2f}"
+        )
+
+
+class _Unconfirmed(logging.Handler):
+    """Counts the publisher batches a lost connection left unconfirmed (they stay pending and
+    events_relay sends them again: a second message for each event the broker had taken)."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__()
+        self.run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("Lost the publisher connection with %d batch"):
+            self.run.unconfirmed_batches += int(record.args[0])  # type: ignore[index]
 
 
 def _drop_queue(kind: str, queue: str) -> None:

@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from kombu import Queue
 
-from django_events import publish
-from django_events.delivery import marking
+from django_events import publish, publish_many
+from django_events.delivery import broker, marking
 from django_events.delivery.confirms import PublisherConfirms
 from django_events.models import EventRecord
 from django_events.operations.relay import relay_pending
@@ -170,3 +172,45 @@ def test_a_publisher_that_dies_before_marking_loses_nothing(queue: str) -> None:
     assert _statuses(ids) == ["dispatched"] * 5
     # At least once: every event reached the queue, those sent twice too.
     assert {m["id"] for m in _messages(queue)} == set(map(str, ids))
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_busy_publisher_settles_the_confirms_that_arrived(queue: str) -> None:
+    """The marker's rounds skip a connection whose thread is publishing: the publishing thread
+    itself takes the confirms that arrived, after each batch. Otherwise a publisher that keeps
+    publishing leaves every batch unconfirmed on its connection, and a connection lost then
+    makes the relay send all of them again (issue 22's soak: 2 to 10 batches at a broker cut)."""
+    # A marker whose rounds do not come during the test: only the publisher settles.
+    slow = marking.Marker(interval=600)
+    with _marker(slow), wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        with transaction.atomic():
+            first = {e.id for e in publish_many(("orders.placed", ORDER) for _ in range(20))}
+        deadline = time.monotonic() + 10
+        while first & _unconfirmed() and time.monotonic() < deadline:
+            with transaction.atomic():  # the next batch, as a busy publisher sends it
+                publish("orders.placed", ORDER)
+        assert not first & _unconfirmed()
+        assert set(slow._taken.get("default", [])) >= first  # marked in the next round
+        slow.stop()
+    assert set(_statuses(list(first))) == {"dispatched"}
+
+
+def _unconfirmed() -> set[uuid.UUID]:
+    """Events of this thread's kept publisher connections whose batch waits for its confirms."""
+    kept = getattr(broker._kept, "by_app", {}).values()
+    return {event for k in kept for _, ids, _ in k.batches for event in ids}
+
+
+@contextmanager
+def _marker(replacement: marking.Marker) -> Iterator[None]:
+    with marking._marker_lock:
+        saved = marking._marker, marking._marker_pid
+        marking._marker, marking._marker_pid = replacement, os.getpid()
+    try:
+        yield
+    finally:
+        replacement.stop()
+        with marking._marker_lock:
+            marking._marker, marking._marker_pid = saved

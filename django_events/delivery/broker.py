@@ -334,6 +334,8 @@ def _send(
                 ids = {event.id for event, _, _ in items}
                 if kept is not None and kept.confirms is not None:
                     kept.awaiting(alias, ids, confirm_timeout)
+                    for done_alias, taken in kept.settle_arrived():
+                        marker.taken(done_alias, list(taken))
                     marker.watch(kept)
                     kept.used = True
                 else:
@@ -396,6 +398,39 @@ class _Confirming:
     def outstanding(self) -> bool:
         return bool(self.batches) and not self.broken
 
+    def settle_arrived(self) -> list[tuple[str, set[UUID]]]:
+        """(alias, events taken) of the batches whose confirms have all arrived, read without
+        waiting, by its own thread while it holds the lock (after each batch it publishes):
+        the marker's rounds skip a connection whose thread is publishing, so a thread that
+        keeps publishing would leave every batch unconfirmed, for the relay to send again
+        should the connection break."""
+        if self.confirms is None:
+            return []
+        try:
+            self.confirms.poll()
+        except Exception:  # noqa: BLE001 - the marker's next round finds it broken
+            return []
+        return self._settled()
+
+    def _settled(self) -> list[tuple[str, set[UUID]]]:
+        """Take the batches whose confirms all came off the list: (alias, events taken)."""
+        assert self.confirms is not None
+        taken, left = [], []
+        for alias, event_ids, deadline in self.batches:
+            settled = self.confirms.settle(event_ids)
+            if settled is None:
+                left.append((alias, event_ids, deadline))
+                continue
+            if settled[1]:
+                logger.warning(
+                    "The broker did not confirm %d event(s); they stay pending",
+                    len(settled[1]),
+                    extra=log_extra(),
+                )
+            taken.append((alias, settled[0]))
+        self.batches = left
+        return taken
+
     def collect(self, timeout: float) -> list[tuple[str, set[UUID]]]:
         """(alias, events taken) of each batch whose confirms all came (`marking.Confirming`).
 
@@ -420,24 +455,11 @@ class _Confirming:
                 )
                 self._fail(exc)
                 return []
-            taken, left, now = [], [], time.monotonic()
-            for alias, event_ids, deadline in self.batches:
-                settled = self.confirms.settle(event_ids)
-                if settled is None:
-                    left.append((alias, event_ids, deadline))
-                    continue
-                if settled[1]:
-                    logger.warning(
-                        "The broker did not confirm %d event(s); they stay pending",
-                        len(settled[1]),
-                        extra=log_extra(),
-                    )
-                taken.append((alias, settled[0]))
-            self.batches = left
-            if any(deadline <= now for _, _, deadline in left):
+            taken, now = self._settled(), time.monotonic()
+            if any(deadline <= now for _, _, deadline in self.batches):
                 logger.warning(
                     "No publisher confirm in time for %d batch(es); they stay pending",
-                    len(left),
+                    len(self.batches),
                     extra=log_extra(),
                 )
                 self._fail(TimeoutError("no publisher confirm in time"))

@@ -49,6 +49,14 @@ class PublisherConfirms:
                 break
         return self.unconfirmed()
 
+    def poll(self) -> None:
+        """Read the confirms that have arrived, without waiting for more."""
+        while self._pending:
+            try:
+                self._channel.connection.drain_events(timeout=0)
+            except TimeoutError:
+                return
+
     def waiting(self) -> bool:
         """Whether a message published on this channel still waits for its confirm."""
         return bool(self._pending)

@@ -3,8 +3,9 @@
 After commit a publisher sends its messages and returns: it neither waits for RabbitMQ's
 publisher confirms nor writes ``UPDATE ... dispatched`` itself. One background thread per
 process collects the confirms of what was sent (draining each kept confirming connection while
-its own thread is not publishing on it) and marks the events whose every message the broker
-took, with one ``UPDATE`` per database every `INTERVAL` seconds.
+its own thread is not publishing on it; a thread that keeps publishing takes the confirms that
+arrived itself, after each batch) and marks the events whose every message the broker took,
+with one ``UPDATE`` per database every `INTERVAL` seconds.
 
 Nothing committed is lost by it: until that ``UPDATE`` the record is ``pending``, so an event
 whose message was refused or never confirmed, or whose mark was never written (the process

@@ -44,8 +44,26 @@ def hang_once(event: Event) -> None:
 
 
 def hang_plain(event: Event) -> None:
-    _run("hang_plain", event)
+    _run("hang_plain", event, {**event.data, **_how_delivered()})
     _hang_first_time("hang_plain", event)
+
+
+def _how_delivered() -> dict[str, object]:
+    """How this run's message came (the soak attributes duplicate runs with it)."""
+    from celery import current_task
+
+    request = getattr(current_task, "request", None)
+    if request is None or not request.args:
+        return {}
+    message = request.args[0] if isinstance(request.args[0], dict) else {}
+    info = request.delivery_info or {}
+    return {
+        "redelivered": bool(info.get("redelivered")),
+        "retries": request.retries or 0,
+        "rerun": bool(message.get("rerun")),
+        "prior": message.get("prior_attempts", 0),
+        "task_id": request.id,
+    }
 
 
 def _hang_first_time(name: str, event: Event) -> None:
