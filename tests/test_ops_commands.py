@@ -161,6 +161,38 @@ def test_events_retry_by_event_and_time_range(publish_now) -> None:
     assert "0 ran again" in run("events_retry", "--all")  # nothing left
 
 
+@pytest.mark.django_db
+def test_events_retry_skips_failures_their_subscription_no_longer_takes(publish_now) -> None:
+    first = publish_now("shop.refunded", {"order_id": 1})
+    second = publish_now("shop.refunded", {"order_id": 2})
+    save_deliveries(
+        "default",
+        [  # shop-ledger now takes shop.paid only; "gone" is declared no more
+            delivery(first.id, "shop-ledger", "sync", "failed", 1, "Boom"),
+            delivery(first.id, "gone", "sync", "failed", 1, "Boom"),
+            delivery(second.id, "gone", "sync", "failed", 1, "Boom"),
+        ],
+    )
+    out, err = StringIO(), StringIO()
+
+    call_command("events_retry", "--all", stdout=out, stderr=err)
+
+    assert out.getvalue() == (
+        "Retried failed deliveries: 0 re-enqueued for a worker; 0 ran again and succeeded; "
+        "0 ran again and failed; 3 skipped.\n"
+    )
+    assert sorted(err.getvalue().splitlines()) == sorted(
+        [
+            f"Skipped shop-ledger <- {first.id}: event 'shop.refunded' no longer reaches this "
+            "subscription",
+            f"Skipped gone <- {first.id}: the subscription is no longer declared",
+            f"Skipped gone <- {second.id}: the subscription is no longer declared",
+        ]
+    )
+    skipped = Delivery.objects.filter(subscription__in=["gone", "shop-ledger"])
+    assert set(skipped.values_list("status", "attempts")) == {("failed", 1)}
+
+
 @pytest.mark.django_db(transaction=True)
 def test_events_retry_all_reenqueues_async_with_prior_attempts(queue) -> None:
     event = publish("shop.paid", {"order_id": 3})
@@ -493,3 +525,143 @@ def test_a_one_shot_relay_accounts_for_every_record_it_leaves_pending() -> None:
     assert "Relayed 0 event(s); 1 still pending." in out
     assert "1 dated after this run started" in out
     assert EventRecord.objects.get(pk=ahead.pk).status == "pending"
+
+
+def pending(name: str, payload: dict[str, object], **fields: object) -> EventRecord:
+    """A record its publisher could not hand to the broker, a minute ago."""
+    return EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name=name,
+        payload=payload,
+        correlation_id=uuid.uuid4(),
+        occurred_at=timezone.now() - timedelta(minutes=1),
+        **fields,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--batch-size", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--interval", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--min-age", "-1"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--requeue-running-after", "0"), "--requeue-running-after must be positive"),
+        (("--database", "nope"), "invalid choice: 'nope'"),
+    ],
+)
+def test_events_relay_bad_arguments(args, message) -> None:
+    assert message in fails("events_relay", *args)
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_what_is_wired_now_and_fails_the_undeclared(queue, caplog) -> None:
+    small = pending("shop.paid", {"order_id": 1, "total": 10})
+    big = pending("shop.paid", {"order_id": 2, "total": 5000})
+    sync_only = pending("shop.refunded", {"order_id": 3})  # its handlers ran at commit
+    gone = pending("shop.closed", {"order_id": 4})  # declared no more
+
+    with caplog.at_level("ERROR", logger="django_events.relay"):
+        out = run("events_relay")
+
+    assert out == "Relayed 3 event(s); 0 still pending.\n"
+    assert sorted((m["subscription"], m["event"]["id"]) for m in drain(queue)) == sorted(
+        [("shop-receipt", str(small.id)), ("shop-receipt", str(big.id))]
+    )
+    assert [(m["subscription"], m["event"]["id"]) for m in drain("big-orders")] == [
+        ("shop-big", str(big.id))
+    ]
+    status = dict(EventRecord.objects.values_list("pk", "status"))
+    assert [status[r.pk] for r in (small, big, sync_only, gone)] == [
+        "dispatched",
+        "dispatched",
+        "dispatched",
+        "failed",
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 pending event(s) are no longer declared; marked failed"
+    ]
+    assert HandlerRun.objects.count() == 0  # the relay runs no handler itself
+
+
+@pytest.mark.django_db
+def test_events_relay_fails_while_the_broker_is_down_and_keeps_the_records(queue) -> None:
+    record = pending("shop.paid", {"order_id": 1})
+
+    with shop_wiring(queue, CELERY_APP="tests.brokers.unreachable"):
+        message = fails("events_relay")
+
+    assert message == (
+        "The broker did not take every pending event: 1 record(s) from before this run are "
+        "still pending; run events_relay again once it takes them."
+    )
+    assert EventRecord.objects.get(pk=record.pk).status == "pending"
+    assert "Relayed 1 event(s); 0 still pending." in run("events_relay")  # once it is back
+    assert len(drain(queue)) == 1
+
+
+@pytest.mark.django_db
+def test_events_relay_leaves_a_newer_version_to_the_newer_release_and_says_so(
+    queue, caplog
+) -> None:
+    """A rolling deploy: this release declares shop.paid v1; a newer one published v2."""
+    newer = pending("shop.paid", {"order_id": 1}, version=2)
+    current = pending("shop.paid", {"order_id": 2})
+
+    with caplog.at_level("WARNING", logger="django_events.relay"):
+        out = run("events_relay")
+
+    # It used to wait for it as "younger than --min-age" and count it "locked by another relay".
+    assert out.splitlines() == [
+        "Relayed 1 event(s); 1 still pending.",
+        "  1 of a version newer than this release declares: a relay of the newer release "
+        "sends them.",
+    ]
+    assert [m["event"]["id"] for m in drain(queue)] == [str(current.id)]
+    assert EventRecord.objects.get(pk=newer.pk).status == "pending"
+    assert (
+        "Left pending: Event 'shop.paid' is version 2; this process knows up to version 1: "
+        "waiting for a newer worker"
+    ) in caplog.messages
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_a_whole_backlog_behind_records_of_a_newer_version(queue) -> None:
+    newer = pending("shop.paid", {"order_id": 0}, version=2)
+    backlog = [pending("shop.paid", {"order_id": n}) for n in range(1, 6)]
+    for position, record in enumerate([newer, *backlog]):  # the newer one first
+        EventRecord.objects.filter(pk=record.pk).update(
+            occurred_at=timezone.now() - timedelta(minutes=10 - position)
+        )
+
+    out = run("events_relay", "--batch-size", "2")
+
+    # Each pass read the newer one and one more; it used to stop after the first pass.
+    assert out.splitlines()[0] == "Relayed 5 event(s); 1 still pending."
+    assert sorted(m["event"]["id"] for m in drain(queue)) == sorted(str(r.pk) for r in backlog)
+    assert list(EventRecord.objects.filter(status="pending").values_list("pk", flat=True)) == [
+        newer.pk
+    ]
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_an_event_its_upcaster_fails_on_as_stored(queue, caplog) -> None:
+    """The workers record the failure against each subscription (shown in the admin)."""
+    upcast = {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "async", "name": "o-sub"}
+    with shop_wiring(queue, EVENTS={"o.placed": upcast}, SUBSCRIPTIONS=[subscription]):
+        record = pending("o.placed", {"order_id": 1})
+
+        with caplog.at_level("ERROR", logger="django_events.relay"):
+            out = run("events_relay")
+        outcomes = [process_message(m, 0, manage_connections=False) for m in drain(queue)]
+
+    assert out == "Relayed 1 event(s); 0 still pending.\n"
+    assert [r.getMessage() for r in caplog.records if r.name == "django_events.relay"] == [
+        "Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.explode) raised "
+        f"RuntimeError: upcaster exploded on purpose (event {record.pk})"
+    ]
+    assert [o.status for o in outcomes] == ["failed"]
+    failure = Delivery.objects.get(event_id=record.pk, subscription="o-sub")
+    assert failure.status == "failed"
+    assert "upcaster exploded on purpose" in failure.last_error
+    assert not HandlerRun.objects.exists()
