@@ -665,3 +665,39 @@ def test_events_relay_sends_an_event_its_upcaster_fails_on_as_stored(queue, capl
     assert failure.status == "failed"
     assert "upcaster exploded on purpose" in failure.last_error
     assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_due_retries_and_fails_those_whose_subscription_is_gone(
+    queue, publish_now, caplog
+) -> None:
+    event = publish_now("shop.paid", {"order_id": 1})
+    drain(queue)
+    save_deliveries(
+        "default",
+        [  # retries a worker could not hand to the broker
+            delivery(event.id, "shop-receipt", "async", "pending", 1, "Boom"),
+            delivery(event.id, "gone", "async", "pending", 2, "Boom"),
+        ],
+    )
+    due = timezone.now() - timedelta(seconds=1)
+    Delivery.objects.filter(subscription__in=["gone", "shop-receipt"]).update(retry_at=due)
+
+    with caplog.at_level("ERROR", logger="django_events.relay"):
+        out = run("events_relay")
+
+    assert out == "Relayed 0 event(s) and 1 due retry(ies); 0 still pending.\n"
+    [message] = drain(queue)
+    assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 1)
+    sent = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    assert (sent.status, sent.retry_at) == ("pending", None)
+    gone = Delivery.objects.get(event_id=event.id, subscription="gone")
+    assert (gone.status, gone.retry_at, gone.attempts, gone.last_error) == (
+        "failed",
+        None,
+        2,
+        "Not retried: the event no longer reaches this subscription.",
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "django_events.relay"] == [
+        "1 due retr(y/ies) no longer reach their subscription; marked failed"
+    ]
