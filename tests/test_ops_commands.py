@@ -18,6 +18,7 @@ from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from django_events.operations.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
+from tests.conftest import wiring
 from tests.ops import drain, shop_wiring, work
 
 RECORD = "tests.app.handlers.record"
@@ -103,6 +104,36 @@ def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     assert all(re.fullmatch(r"flowchart LR|  (e|s)\d+.*", line) for line in chart), chart
     [node] = [line for line in chart if "javascript" in line]
     assert "#quot;" in node and "`" not in node
+
+
+def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
+    manifest = tmp_path / "events.yaml"  # outside the working directory: shown whole
+    manifest.write_text(
+        "version: 1\n"
+        "events:\n"
+        "  crm.synced: {}\n"
+        "subscriptions:\n"
+        "  - {name: crm-hook, event: crm.synced, mode: webhook, url: CRM_WEBHOOK_URL,\n"
+        "     secret: CRM_SECRET}\n"
+        "  - {name: crm-literal, event: crm.synced, mode: webhook, secret: CRM_SECRET,\n"
+        "     url: 'https://crm.example/hooks/in?token=s3cret'}\n"
+    )
+    from_settings = {"event": "billing.invoiced", "handler": RECORD, "name": "from-settings"}
+
+    with wiring(from_settings, MANIFESTS=[manifest], EVENTS={"billing.invoiced": {}}):
+        data = json.loads(run("events_list", "--format", "json"))
+
+    events = {e["name"]: e for e in data["events"]}
+    assert events["crm.synced"]["origin"] == f"{manifest}:3"
+    assert events["billing.invoiced"]["origin"] == (
+        "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']"
+    )
+    [settings_sub] = events["billing.invoiced"]["subscriptions"]
+    assert settings_sub["origin"] == "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]"
+    hooks = {s["name"]: s for s in events["crm.synced"]["subscriptions"]}
+    assert hooks["crm-hook"]["handler"] == "webhook -> CRM_WEBHOOK_URL"
+    assert hooks["crm-literal"]["handler"] == "webhook -> https://crm.example/"  # no token
+    assert "s3cret" not in json.dumps(data)
 
 
 def test_events_list_rejects_an_unknown_format() -> None:
