@@ -619,3 +619,33 @@ def test_compat_exits_1_from_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "property 'gone' removed" in result.stdout
     assert "breaking change(s): bump the event" in result.stderr
+
+
+def w130() -> list[str]:
+    from django.core.checks import run_checks
+
+    return [m.msg for m in run_checks(tags=["django_events"]) if m.id == "django_events.W130"]
+
+
+def test_the_lock_check_is_quiet_while_the_lock_file_matches(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == []  # no lock file: nothing to compare
+        call_command("events_lock", stdout=StringIO())
+        assert w130() == []
+    with wiring(SUB, EVENTS=event(schema(required=[])), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: 1 change(s) since it was written; first: "
+            "BREAKING FOR CONSUMERS: event o.placed $.properties.order_id: property 'order_id' "
+            "no longer required: consumers may not get it"
+        ]
+
+
+def test_the_lock_check_names_a_lock_file_it_cannot_read(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    lock.write_text("{")
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: {lock}:1: not JSON: Expecting property name "
+            "enclosed in double quotes"
+        ]

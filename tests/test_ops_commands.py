@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from io import StringIO
 
 import pytest
@@ -190,6 +190,22 @@ def test_events_retry_by_event_and_time_range(publish_now) -> None:
     assert "1 ran again and succeeded" in run("events_retry", "--until", "2d")
     assert Delivery.objects.get(event_id=old.id, subscription="shop-ledger").status == "succeeded"
     assert "0 ran again" in run("events_retry", "--all")  # nothing left
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("since", ["2026-01-05", "2026-1-5", "2026-01-05T00:00"])
+def test_events_retry_since_a_day_starts_at_its_midnight(publish_now, since) -> None:
+    before = publish_now("shop.paid", {"order_id": 1})
+    after = publish_now("shop.paid", {"order_id": 2})
+    for event, moment in ((before, (1, 4, 23)), (after, (1, 5, 0))):
+        month, day, hour = moment
+        Delivery.objects.filter(event_id=event.id).update(
+            updated_at=timezone.make_aware(datetime(2026, month, day, hour, 30))
+        )
+
+    assert "1 ran again and succeeded" in run("events_retry", "--since", since)
+    assert Delivery.objects.get(event_id=after.id, subscription="shop-ledger").status == "succeeded"
+    assert Delivery.objects.get(event_id=before.id, subscription="shop-ledger").status == "failed"
 
 
 @pytest.mark.django_db
