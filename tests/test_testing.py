@@ -208,6 +208,21 @@ def test_events_eager_without_propagate_records_failures_like_a_worker(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_idempotent_success_is_kept_for_an_event_recording_failures_only() -> None:
+    """The success record that makes a redelivery a no-op needs the event's record."""
+    idempotent = {**ASYNC, "name": "idem", "idempotent": True}
+    with wiring(idempotent, RECORD="failures"), events_eager() as eager:
+        event = publish("orders.placed", PAYLOAD)
+        quiet = publish("orders.shipped", {"order_id": 1})  # no subscription: no record
+
+    assert eager.delivered == [("idem", event)]
+    assert [r.event_id for r in handled()] == [event.id]
+    assert list(EventRecord.objects.values_list("pk", "status")) == [(event.id, "dispatched")]
+    assert Delivery.objects.get(event_id=event.id).status == "succeeded"
+    assert not EventRecord.objects.filter(pk=quiet.id).exists()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_events_eager_follows_a_sync_async_async_chain() -> None:
     with wiring(MANIFESTS=CHAINS), events_eager():
         first = publish("chain.placed", {"steps": ["chain.billed", "chain.shipped"]})
