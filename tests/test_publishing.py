@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 import uuid
+import weakref
 from datetime import datetime, timedelta
 
 import pytest
@@ -259,6 +260,30 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "Broker unreachable" in errors[0].getMessage()
     assert elapsed < 15  # bounded by broker_connection_timeout, never a hang
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("celery_app", ["tests.app.nope.app", None])
+def test_without_a_celery_app_async_events_stay_pending_and_it_says_why(
+    celery_app, monkeypatch, caplog
+) -> None:
+    from celery import _state as celery_state
+
+    if celery_app is None:  # a process where no Celery app was ever created
+        monkeypatch.setattr(celery_state._tls, "current_app", None)
+        monkeypatch.setattr(celery_state, "_apps", weakref.WeakSet())
+    with wiring(ASYNC, SYNC, CELERY_APP=celery_app), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+
+    assert EventRecord.objects.get(pk=event.id).status == "pending"  # for events_relay
+    assert len(handled()) == 1  # the sync handler ran all the same
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage() == (
+        "DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending"
+        if celery_app
+        else "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending"
+    )
+    assert error.event_id == str(event.id)
 
 
 @pytest.mark.django_db(transaction=True)

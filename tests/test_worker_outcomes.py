@@ -39,7 +39,8 @@ def test_worker_start_names_a_handler_that_does_not_import(worker: WorkerProcess
     assert (
         "Subscription 'oc-raises' (queue '" in log
         and "handler 'tests.app.raises_on_import.handle' raised on import: RuntimeError: this "
-        "module needs a setting the worker lacks" in log
+        "module needs a setting the worker lacks"
+        in log
     ), log[-3000:]
     # Only the broken ones: the others import.
     assert "Subscription 'oc-record'" not in log and "Subscription 'oc-fails'" not in log
