@@ -748,3 +748,67 @@ def test_events_relay_sends_due_retries_and_fails_those_whose_subscription_is_go
     assert [r.getMessage() for r in caplog.records if r.name == "django_events.relay"] == [
         "1 due retr(y/ies) no longer reach their subscription; marked failed"
     ]
+
+
+@pytest.mark.django_db
+def test_events_replay_gives_a_sync_handler_the_declared_version(queue) -> None:
+    declared = {"version": 2, "upcast": {1: "tests.app.upcasters.split_total"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": declared}, SUBSCRIPTIONS=[subscription]):
+        old = pending("o.placed", {"order_id": 1, "total": 9.5}, status="dispatched")
+        newer = pending("o.placed", {"order_id": 2}, version=3, status="dispatched")
+
+        out = run("events_replay", "o-sync")
+
+    assert out == (
+        "Replayed 2 stored event(s) to o-sync: 0 re-enqueued for a worker; "
+        "1 ran again and succeeded; 1 ran again and failed.\n"
+    )
+    [handled] = HandlerRun.objects.filter(handler="record")
+    assert (handled.event_id, handled.payload) == (
+        old.pk,
+        {"order_id": 1, "amount": 950, "currency": "EUR"},
+    )
+    waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
+    assert (waiting.status, waiting.last_error) == (
+        "pending",
+        "Event 'o.placed' is version 3; this process knows up to version 2: waiting for a "
+        "newer worker",
+    )
+    assert EventRecord.objects.get(pk=old.pk).payload == {"order_id": 1, "total": 9.5}
+
+
+@pytest.mark.django_db
+def test_events_replay_records_an_upcaster_failure_without_running_the_handler(queue) -> None:
+    declared = {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": declared}, SUBSCRIPTIONS=[subscription]):
+        record = pending("o.placed", {"order_id": 1}, status="dispatched")
+
+        out = run("events_replay", "o-sync")
+
+    assert "0 ran again and succeeded; 1 ran again and failed." in out
+    failed = Delivery.objects.get(event_id=record.pk, subscription="o-sync")
+    assert (failed.status, failed.attempts, failed.last_error) == (
+        "failed",
+        0,
+        "Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.explode) raised "
+        "RuntimeError: upcaster exploded on purpose",
+    )
+    assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_retry_of_a_newer_version_waits_and_keeps_the_count_of_runs(queue) -> None:
+    """A rolling deploy: this release declares o.placed v2, the event is v3."""
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": {"version": 2}}, SUBSCRIPTIONS=[subscription]):
+        newer = pending("o.placed", {"order_id": 2}, version=3, status="dispatched")
+        save_deliveries("default", [delivery(newer.pk, "o-sync", "sync", "failed", 2, "Boom")])
+
+        run("events_retry", "--subscription", "o-sync")
+
+    waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
+    assert (waiting.status, waiting.attempts) == ("pending", 2)  # it used to lose a run
+    assert waiting.last_error.startswith("Event 'o.placed' is version 3;")
+    assert not HandlerRun.objects.exists()
