@@ -20,6 +20,7 @@ from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun, Order
 from tests.conftest import wiring
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "sync"}
 INLINE = {
@@ -226,6 +227,33 @@ def test_publish_many_validates_everything_first_and_inserts_once(
     assert EventRecord.objects.count() == 50
     assert sorted(r.payload["order_id"] for r in handled()) == list(range(50))
     assert Delivery.objects.filter(status="succeeded").count() == 50
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("typed_events")
+def test_publish_many_takes_typed_instances_and_headers_and_refuses_other_shapes() -> None:
+    from tests.app.typed_events import Shipment  # not an @event: a manifest types it
+
+    typed = {"shipping.shipped": {"type": "tests.app.typed_events.Shipment"}}
+    shipment = Shipment(1, "ups", datetime(2024, 1, 2).date())
+    with wiring(SYNC, EVENTS=typed):
+        events = publish_many(
+            [
+                shipment,
+                ("orders.placed", PAYLOAD, {"X-Source": "import"}),
+                ("orders.shipped", {"order_id": 1}),
+            ]
+        )
+        with pytest.raises(TypeError, match=r"items are \(name, payload\[, headers\]\), got"):
+            publish_many([("orders.placed",)])
+
+    assert [(e.name, e.headers.get("X-Source")) for e in events] == [
+        ("shipping.shipped", None),
+        ("orders.placed", "import"),
+        ("orders.shipped", None),
+    ]
+    assert events[0].payload == shipment
+    assert EventRecord.objects.count() == 3
 
 
 @pytest.mark.django_db(transaction=True)

@@ -392,6 +392,21 @@ def test_retry_policy_without_default_retry_uses_the_documented_default() -> Non
     assert [retry.delay(n) for n in (1, 2, 3, 8, 9, 20)] == [2, 4, 8, 256, 300, 300]
 
 
+def test_retry_policy_with_jitter_spreads_each_delay_over_its_upper_half() -> None:
+    """The default (``jitter: true``): retries of many events do not all come at once."""
+    value = {k: v for k, v in settings.DJANGO_EVENTS.items() if k != "DEFAULT_RETRY"}
+    value["SUBSCRIPTIONS"] = [{"event": "orders.placed", "handler": RECORD, "mode": "async"}]
+    with override_settings(DJANGO_EVENTS=value):
+        [subscription] = get_registry().subscriptions.values()
+
+    retry = subscription.retry
+    assert retry.jitter is True
+    for number, base in ((1, 2), (3, 8), (20, 300)):
+        delays = [retry.delay(number) for _ in range(50)]
+        assert all(base / 2 <= d <= base for d in delays), (number, delays)
+        assert len(set(delays)) > 1
+
+
 def test_queues_are_those_of_async_subscriptions_sorted_once_each() -> None:
     with wiring(
         {

@@ -75,6 +75,7 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         publish("orders.shipped", {"order_id": 1})
 
     assert got.names == ["orders.placed", "orders.placed", "orders.shipped"]
+    assert repr(got) == "<CapturedEvents ['orders.placed', 'orders.placed', 'orders.shipped']>"
     assert [e.data["order_id"] for e in got.named("orders.*")] == [1, 2, 1]
     assert got.payloads("orders.shipped") == [{"order_id": 1}]
     event = got.assert_published("orders.placed", {"order_id": 2})
