@@ -324,6 +324,13 @@ def test_events_replay_reruns_a_sync_subscription_for_chosen_events(publish_now)
     assert runs.filter(event_id=refunded.id).count() == 1
     assert Delivery.objects.get(event_id=new.id, subscription="shop-audit").attempts == 2
 
+    # --until: the old one only, whatever its name.
+    out = run("events_replay", "shop-audit", "--until", "1d")
+
+    assert out.startswith("Replayed 1 stored event(s) to shop-audit: ")
+    assert runs.filter(event_id=old.id).count() == 2
+    assert runs.filter(event_id=new.id).count() == 2
+
 
 @pytest.mark.django_db
 def test_events_replay_sends_async_and_applies_the_filter(publish_now, queue) -> None:
