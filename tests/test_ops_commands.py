@@ -819,3 +819,21 @@ def test_a_retry_of_a_newer_version_waits_and_keeps_the_count_of_runs(queue) -> 
     assert (waiting.status, waiting.attempts) == ("pending", 2)  # it used to lose a run
     assert waiting.last_error.startswith("Event 'o.placed' is version 3;")
     assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)  # the task closes its connections, as a worker does
+def test_events_relay_enqueues_via_tasks_deliveries_on_a_backend_outside_the_database(
+    queue,
+) -> None:
+    """The immediate backend runs a task as it is enqueued: nothing of it committed before."""
+    via_tasks = {"event": "shop.refunded", "handler": RECORD, "mode": "async", "via": "tasks"}
+    via_tasks["queue"] = "default"  # the only queue the immediate backend has
+    with shop_wiring(queue, SUBSCRIPTIONS=[via_tasks], TASKS_BACKEND="immediate"):
+        record = pending("shop.refunded", {"order_id": 1})
+
+        out = run("events_relay")
+
+    assert out == "Relayed 1 event(s); 0 still pending.\n"
+    assert EventRecord.objects.get(pk=record.pk).status == "dispatched"
+    [handled] = HandlerRun.objects.filter(handler="record")
+    assert handled.event_id == record.pk
