@@ -808,6 +808,32 @@ def test_typed_event_with_fixed_tuples_literals_and_optional_dataclasses(
 
 
 @pytest.mark.django_db
+def test_typed_event_with_a_time_field(
+    declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    @event("typed.opened")
+    @dataclass
+    class Opened:
+        opens_at: datetime.time
+
+    schema = get_registry().events["typed.opened"].declaration.schema
+    assert isinstance(schema, dict)
+    assert schema["properties"]["opens_at"] == {"type": "string", "format": "time"}
+    with (
+        wiring({"event": "typed.opened", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        published = publish(Opened(datetime.time(9, 30)))
+        publish("typed.opened", {"opens_at": "18:00:00"})
+
+    assert published.data == {"opens_at": "09:30:00"}
+    assert [e.payload for e in received] == [
+        Opened(datetime.time(9, 30)),
+        Opened(datetime.time(18, 0)),
+    ]
+
+
+@pytest.mark.django_db
 def test_typed_event_without_required_fields_publishes_an_empty_payload(
     declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
 ) -> None:
