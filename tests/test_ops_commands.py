@@ -821,19 +821,29 @@ def test_a_retry_of_a_newer_version_waits_and_keeps_the_count_of_runs(queue) -> 
     assert not HandlerRun.objects.exists()
 
 
-@pytest.mark.django_db(transaction=True)  # the task closes its connections, as a worker does
-def test_events_relay_enqueues_via_tasks_deliveries_on_a_backend_outside_the_database(
-    queue,
-) -> None:
-    """The immediate backend runs a task as it is enqueued: nothing of it committed before."""
-    via_tasks = {"event": "shop.refunded", "handler": RECORD, "mode": "async", "via": "tasks"}
-    via_tasks["queue"] = "default"  # the only queue the immediate backend has
-    with shop_wiring(queue, SUBSCRIPTIONS=[via_tasks], TASKS_BACKEND="immediate"):
-        record = pending("shop.refunded", {"order_id": 1})
+@pytest.mark.django_db(databases=["default", "other"])
+def test_events_relay_enqueues_via_tasks_deliveries_kept_outside_the_event_log(queue) -> None:
+    """The task table is on the default database, this event log on "other": a task row did
+    not commit with the record, the relay enqueues it."""
+    from django_tasks_db.models import DBTaskResult
 
-        out = run("events_relay")
+    via_tasks = {"event": "shop.refunded", "handler": RECORD, "mode": "async", "via": "tasks"}
+    via_tasks |= {"name": "refund-task", "queue": queue}
+    with shop_wiring(queue, SUBSCRIPTIONS=[via_tasks]):
+        record = EventRecord.objects.using("other").create(
+            id=uuid.uuid4(),
+            name="shop.refunded",
+            payload={"order_id": 1},
+            correlation_id=uuid.uuid4(),
+            occurred_at=timezone.now() - timedelta(minutes=1),
+        )
+
+        out = run("events_relay", "--database", "other")
 
     assert out == "Relayed 1 event(s); 0 still pending.\n"
-    assert EventRecord.objects.get(pk=record.pk).status == "dispatched"
-    [handled] = HandlerRun.objects.filter(handler="record")
-    assert handled.event_id == record.pk
+    assert EventRecord.objects.using("other").get(pk=record.pk).status == "dispatched"
+    [task] = DBTaskResult.objects.filter(queue_name=queue)
+    message = task.args_kwargs["args"][0]
+    assert (message["subscription"], message["event"]["id"]) == ("refund-task", str(record.pk))
+    assert (message["db"], task.status) == ("other", "READY")
+    assert not HandlerRun.objects.exists()  # a db_worker runs it
