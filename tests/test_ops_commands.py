@@ -20,6 +20,7 @@ from django_events.operations.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
 from tests.ops import drain, shop_wiring, work
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 RECORD = "tests.app.handlers.record"
 
@@ -106,6 +107,7 @@ def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     assert "#quot;" in node and "`" not in node
 
 
+@pytest.mark.usefixtures("typed_events")
 def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
     manifest = tmp_path / "events.yaml"  # outside the working directory: shown whole
     manifest.write_text(
@@ -125,6 +127,7 @@ def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
 
     events = {e["name"]: e for e in data["events"]}
     assert events["crm.synced"]["origin"] == f"{manifest}:3"
+    assert events["typed.order_placed"]["origin"] == "@event tests.app.typed_events.OrderPlaced"
     assert events["billing.invoiced"]["origin"] == (
         "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']"
     )
@@ -134,6 +137,33 @@ def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
     assert hooks["crm-hook"]["handler"] == "webhook -> CRM_WEBHOOK_URL"
     assert hooks["crm-literal"]["handler"] == "webhook -> https://crm.example/"  # no token
     assert "s3cret" not in json.dumps(data)
+
+
+def test_events_list_table_flags_and_a_broken_wiring() -> None:
+    subscriptions = [
+        {"name": "slow", "event": "orders.placed", "handler": RECORD, "mode": "async"}
+        | {"timeout": 2.5, "give_up_after": 600},
+        {"name": "in-order", "event": "orders.placed", "handler": RECORD, "mode": "async"}
+        | {"ordering_key": "order_id"},
+        {"name": "stray", "event": "nothing.*", "handler": RECORD},  # matches no event
+        {"name": "lost", "event": "orders.nope", "handler": RECORD},  # undeclared: E105
+    ]
+    with wiring(*subscriptions):
+        table = run("events_list").splitlines()
+        chart = run("events_list", "--format", "mermaid").splitlines()
+
+    [slow] = [line for line in table if " slow " in line]
+    assert "timeout=2.5s,give_up_after=600s" in slow
+    [ordered] = [line for line in table if " in-order " in line]
+    assert "ordered by order_id" in ordered
+    [stray] = [line for line in table if " stray " in line]
+    assert stray.startswith("(no event)")
+    assert not any(" lost " in line for line in table)  # left out: events_check names it
+    assert table[-1] == (
+        "3 event(s), 2 subscription link(s); 1 configuration error(s): run events_check"
+    )
+    assert '  s2["stray<br/>sync"]' in chart  # a box, no arrow reaches it
+    assert not any(line.endswith(" s2") for line in chart)
 
 
 def test_events_list_rejects_an_unknown_format() -> None:
