@@ -107,6 +107,7 @@ def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     assert "#quot;" in node and "`" not in node
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too (on main since endpoints2)
 @pytest.mark.usefixtures("typed_events")
 def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
     manifest = tmp_path / "events.yaml"  # outside the working directory: shown whole
@@ -139,6 +140,7 @@ def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
     assert "s3cret" not in json.dumps(data)
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too (on main since endpoints2)
 def test_events_list_table_flags_and_a_broken_wiring() -> None:
     subscriptions = [
         {"name": "slow", "event": "orders.placed", "handler": RECORD, "mode": "async"}
