@@ -106,8 +106,8 @@ def check_settings(value: Any) -> tuple[dict[str, Any], list[SettingProblem]]:
     ]
     bad: set[str] = set()
     for error in sorted(_validator().iter_errors(value), key=lambda e: list(map(str, e.path))):
-        if not error.path:  # only "not an object", ruled out above
-            continue
+        # Every error has a path: the schema's root constrains nothing but the type, ruled out
+        # above (keys it does not know are W001, not schema errors).
         key = str(error.path[0])
         hint = settings_schema()["properties"][key].get("x-hint")
         # The value itself is wrong: show it; one of its keys or items: say where and why.
@@ -144,11 +144,6 @@ class Settings:
             self._usable, self._problems = check_settings(value)
             self._source = value
         return self._usable
-
-    @property
-    def raw(self) -> dict[str, Any]:
-        """The keys of ``DJANGO_EVENTS`` that are known and valid."""
-        return self._load()
 
     @property
     def problems(self) -> list[SettingProblem]:

@@ -186,6 +186,44 @@ def test_an_event_no_longer_declared_shows_its_keys_not_its_values(admin_client,
     assert f"&quot;card&quot;: &quot;{MASK}&quot;" in text
 
 
+@pytest.mark.django_db
+def test_an_older_or_newer_version_shows_what_handlers_get_and_what_is_stored(
+    admin_client, queue
+) -> None:
+    declared = {
+        "version": 2,
+        "upcast": {1: "tests.app.upcasters.split_total"},
+        "redact": ["email"],
+    }
+
+    def page(version: int, payload: dict[str, object]) -> str:
+        record = EventRecord.objects.create(
+            id=uuid.uuid4(),
+            name="o.placed",
+            payload=payload,
+            version=version,
+            correlation_id=uuid.uuid4(),
+        )
+        url = reverse("admin:django_events_eventrecord_change", args=[record.pk])
+        return admin_client.get(url).content.decode()
+
+    with shop_wiring(queue, EVENTS={"o.placed": declared}):
+        old = page(1, {"order_id": 1, "total": 9.5, "email": "ada@example.com"})
+        newer = page(3, {"order_id": 2, "email": "ada@example.com"})
+        broken = page(1, {"order_id": 3, "email": "ada@example.com"})  # no total to split
+
+    assert "Upcast from version 1 (as stored, below) to version 2" in old
+    assert "&quot;amount&quot;: 950" in old and "&quot;total&quot;: 9.5" in old
+    assert (
+        "Stored as version 3: Event &#x27;o.placed&#x27; is version 3; this process knows up "
+        "to version 2: waiting for a newer worker"
+    ) in newer
+    assert "Stored as version 1: Upcaster v1 -&gt; v2 of event &#x27;o.placed&#x27;" in broken
+    assert "KeyError" in broken and "&quot;amount&quot;" not in broken
+    for html in (old, newer, broken):
+        assert "ada@example.com" not in html
+
+
 def _inline_rows(html: str) -> dict[str, str]:
     rows = re.findall(r'<tr class="form-row.*?</tr>', html, re.S)
     found = {}
@@ -212,6 +250,25 @@ def test_event_page_links_the_causation_chain(admin_client, publish_now) -> None
     child_html = child.content.decode()
     assert reverse("admin:django_events_eventrecord_change", args=[refunded.id]) in child_html
     assert f"?q={refunded.correlation_id}" in child_html
+
+
+@pytest.mark.django_db
+def test_event_page_names_a_cause_that_was_not_stored(admin_client, queue) -> None:
+    """The parent recorded failures only (RECORD: failures) and had none."""
+    parent_id = uuid.uuid4()
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.refunded",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        causation_id=parent_id,
+    )
+
+    url = reverse("admin:django_events_eventrecord_change", args=[record.pk])
+    html = admin_client.get(url).content.decode()
+
+    assert f"{parent_id} (not stored)" in html
+    assert reverse("admin:django_events_eventrecord_change", args=[parent_id]) not in html
 
 
 # -- failures --------------------------------------------------------------------------------

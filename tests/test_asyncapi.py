@@ -17,10 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
+from celery import Celery
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.test import override_settings
 from jsonschema import Draft7Validator
+from kombu import Exchange, Queue
 
 from tests.conftest import wiring
 from tests.test_example_project import EXAMPLE, manage_with
@@ -354,6 +357,61 @@ def test_each_event_carries_its_version() -> None:
     assert messages["o.v3"]["x-django-events"]["version"] == 3
     assert messages["o.v3"]["title"] == "o.v3 v3"
     assert messages["o.v1"]["x-django-events"]["version"] == 1
+
+
+# A project's own routing: a topic exchange for billing, no queue created on demand.
+ROUTED = Celery("asyncapi-routes", set_as_current=False)
+ROUTED.conf.update(
+    broker_url="amqp://guest:guest@127.0.0.1:5672/shop",
+    task_create_missing_queues=False,
+    task_queues=[
+        Queue("billing", Exchange("billing-topic", type="topic"), routing_key="billing.#")
+    ],
+)
+ROUTED_SUBSCRIPTIONS = [
+    {"name": f"to-{q}", "event": "orders.placed", "handler": "tests.app.handlers.record"}
+    | {"mode": "async", "queue": q}
+    for q in ("billing", "audit")
+]
+
+
+def test_the_celery_apps_own_routes_and_no_inbound_endpoint() -> None:
+    with (
+        wiring(*ROUTED_SUBSCRIPTIONS, CELERY_APP="tests.test_asyncapi.ROUTED"),
+        override_settings(ROOT_URLCONF="tests.app.urls_without_events"),
+    ):
+        document = json.loads(asyncapi("--description", "The shop's events."))
+
+    assert schema_errors(document) == []
+    assert document["info"]["description"] == "The shop's events."
+    assert list(document["servers"]) == ["broker"]  # django_events.urls is not included
+    assert document["servers"]["broker"]["pathname"] == "/shop"
+    billing = document["channels"]["queue.billing"]
+    assert billing["address"] == "billing.#"
+    assert billing["bindings"]["amqp"]["exchange"] == {
+        "name": "billing-topic",
+        "type": "topic",
+        "durable": True,
+        "autoDelete": False,
+        "vhost": "shop",
+    }
+    audit = document["channels"]["queue.audit"]  # not declared: Celery's default exchange
+    assert audit["address"] == "audit"
+    assert audit["bindings"]["amqp"]["exchange"] == {"type": "default", "vhost": "shop"}
+
+
+def test_a_celery_app_that_does_not_import_leaves_the_broker_out() -> None:
+    """events_check reports CELERY_APP; the document still describes the queues."""
+    with wiring(*ROUTED_SUBSCRIPTIONS, CELERY_APP="tests.app.nope.app"):
+        document = json.loads(asyncapi())
+
+    assert schema_errors(document) == []
+    assert "servers" not in document
+    assert {k: c["address"] for k, c in document["channels"].items()} == {
+        "queue.audit": "audit",
+        "queue.billing": "billing",
+    }
+    assert all("bindings" not in c for c in document["channels"].values())
 
 
 def every_feature_document(app: str = "tests.brokers.amqp") -> dict[str, Any]:

@@ -26,6 +26,7 @@ from django.test import override_settings
 from django_events import checks
 from django_events.checks import CHECK_IDS
 from django_events.wiring import typed
+from django_events.wiring.registry import get_registry
 from tests.conftest import wiring
 
 # Django 6.1's `check` command opens a database connection (database-tagged checks).
@@ -500,6 +501,18 @@ def test_settings_problems_are_E001_W001_E002() -> None:
                 "'tests.app.nope.Interceptor' does not import: No module named 'tests.app.nope'",
             ),
         )
+
+
+def test_settings_that_are_not_a_dict_are_E001_and_the_defaults_apply() -> None:
+    with override_settings(DJANGO_EVENTS=["MANIFESTS"]):
+        assert_reported(
+            (
+                "django_events.E001",
+                "settings.DJANGO_EVENTS",
+                "DJANGO_EVENTS must be a dict, got list",
+            )
+        )
+        assert get_registry().events == {}  # the default: no manifests
 
 
 def test_success_records_must_be_immediate_or_batched() -> None:

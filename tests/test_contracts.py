@@ -270,6 +270,97 @@ CASES: list[Case] = [
         1,
     ),
     (
+        "new optional property added as required",
+        event(),
+        event(schema(properties={"x": {"type": "string"}}, required=["order_id", "x"])),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "mode sync -> inline",
+        event(),
+        event(),
+        ({**SUB, "mode": "sync"},),
+        ({**SUB, "mode": "inline"},),
+        COMPATIBLE,
+        0,
+    ),
+    ("mode sync -> async", event(), event(), ({**SUB, "mode": "sync"},), (SUB,), QUEUE_CHANGED, 1),
+    (
+        "items narrowed",
+        event(schema(properties={"tags": {"type": "array", "items": {"type": "string"}}})),
+        event(schema(properties={"tags": {"type": "array", "items": {"type": "integer"}}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "items made unique",
+        event(schema(properties={"tags": {"type": "array"}})),
+        event(schema(properties={"tags": {"type": "array", "uniqueItems": True}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_PRODUCERS,
+        1,
+    ),
+    (
+        "any value typed",
+        event(schema(properties={"total": True})),
+        event(schema(properties={"total": {"type": "number"}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "typed value made any",
+        event(schema(properties={"total": {"type": "number"}})),
+        event(schema(properties={"total": {}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "values restricted",
+        event(schema(properties={"status": {"type": "string"}})),
+        event(schema(properties={"status": {"type": "string", "const": "new"}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "values no longer restricted",
+        event(),
+        event(schema(properties={"status": {"type": "string"}})),
+        (SUB,),
+        (SUB,),
+        BREAKS_CONSUMERS,
+        1,
+    ),
+    (
+        "additionalProperties schema narrowed",
+        event(schema(additionalProperties={"type": ["string", "integer"]})),
+        event(schema(additionalProperties={"type": "string"})),
+        (SUB,),
+        (SUB,),
+        BREAKS_BOTH,
+        1,
+    ),
+    (
+        "a never-valid property allowed",
+        event(schema(properties={"legacy": False})),
+        event(schema(properties={"legacy": {"type": "string"}})),
+        (SUB,),
+        (SUB,),
+        BY_HAND,
+        1,
+    ),
+    (
         "if/then added",
         event(),
         event(schema(**{"if": {"required": ["total"]}, "then": {"required": ["status"]}})),
@@ -306,6 +397,77 @@ def test_no_change_is_no_change(tmp_path: Path) -> None:
     code, report = compat(tmp_path, event(), event())
 
     assert (code, report["changes"]) == (0, [])
+
+
+def test_messages_name_what_a_value_may_now_be(tmp_path: Path) -> None:
+    old = schema(properties={"total": True, "status": {"type": "string"}})
+    new = schema(
+        properties={"total": {"type": "number"}, "status": {"type": "string", "enum": ["new"]}}
+    )
+    _, narrowed = compat(tmp_path, event(old), event(new))
+    _, widened = compat(tmp_path, event(new), event(old))
+
+    assert [(c["path"], c["message"]) for c in narrowed["changes"]] == [
+        ("$.properties.status", 'values restricted to ["new"]'),
+        ("$.properties.total", 'type narrowed (any -> "number"): any type no longer valid'),
+    ]
+    assert [(c["path"], c["message"]) for c in widened["changes"]] == [
+        ("$.properties.status", 'values no longer restricted to ["new"]'),
+        ("$.properties.total", 'type widened ("number" -> any): consumers may get any type'),
+    ]
+
+
+def test_a_required_property_removed_is_one_change(tmp_path: Path) -> None:
+    code, report = compat(
+        tmp_path, event(), event(schema(properties={"order_id": None}, required=[]))
+    )
+
+    assert code == 1
+    assert [(c["kind"], c["message"]) for c in report["changes"]] == [
+        (BREAKS_CONSUMERS, "property 'order_id' removed")
+    ]
+
+
+def test_compat_refuses_a_broken_configuration(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    with (
+        wiring({"event": "nope", "handler": RECORD}, EVENTS=event(), MANIFESTS=[]),
+        pytest.raises(CommandError, match=r"The configuration is broken \(events_check\):\n.*E105"),
+    ):
+        call_command("events_compat", "--against", str(lock), stdout=StringIO())
+
+
+def test_lock_names_a_file_it_cannot_write(tmp_path: Path) -> None:
+    target = tmp_path / "missing-folder" / "events.lock.json"
+    with (
+        wiring(SUB, EVENTS=event(), MANIFESTS=[]),
+        pytest.raises(CommandError, match=f"^Cannot write {target}: "),
+    ):
+        call_command("events_lock", "--output", str(target), stdout=StringIO())
+    assert not target.parent.exists()
+
+
+def test_a_lock_file_schema_that_is_not_a_schema_is_left_to_a_person(tmp_path: Path) -> None:
+    """A lock file edited by hand (or of another tool): compared, not trusted."""
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    data = json.loads(lock.read_text())
+    data["events"]["o.placed"]["schema"]["properties"]["total"] = ["number"]
+    lock.write_text(json.dumps(data))
+    out = StringIO()
+
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[]), pytest.raises(CommandError):
+        call_command("events_compat", "--against", str(lock), "--format", "json", stdout=out)
+
+    [change] = json.loads(out.getvalue())["changes"]
+    assert (change["kind"], change["path"], change["message"]) == (
+        BY_HAND,
+        "$.properties.total",
+        "the schema is not an object or a boolean",
+    )
 
 
 def test_a_rename_is_reported_as_one(tmp_path: Path) -> None:
@@ -457,3 +619,33 @@ def test_compat_exits_1_from_the_command_line(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "property 'gone' removed" in result.stdout
     assert "breaking change(s): bump the event" in result.stderr
+
+
+def w130() -> list[str]:
+    from django.core.checks import run_checks
+
+    return [m.msg for m in run_checks(tags=["django_events"]) if m.id == "django_events.W130"]
+
+
+def test_the_lock_check_is_quiet_while_the_lock_file_matches(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == []  # no lock file: nothing to compare
+        call_command("events_lock", stdout=StringIO())
+        assert w130() == []
+    with wiring(SUB, EVENTS=event(schema(required=[])), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: 1 change(s) since it was written; first: "
+            "BREAKING FOR CONSUMERS: event o.placed $.properties.order_id: property 'order_id' "
+            "no longer required: consumers may not get it"
+        ]
+
+
+def test_the_lock_check_names_a_lock_file_it_cannot_read(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    lock.write_text("{")
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: {lock}:1: not JSON: Expecting property name "
+            "enclosed in double quotes"
+        ]

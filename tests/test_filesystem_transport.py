@@ -145,6 +145,13 @@ def test_an_exchange_name_that_leaves_the_control_folder_is_refused(
     assert not (tmp_path / "outside.exchange").exists()
 
 
+def test_an_exchange_table_that_cannot_be_created_is_a_channel_error(tmp_path: Path) -> None:
+    name = "x" * 300  # longer than a file name may be
+    with connect(tmp_path) as conn, pytest.raises(ChannelError, match="^Cannot create "):
+        Queue("q-long", Exchange(name, type="fanout")).bind(conn.default_channel).declare()
+    assert list((tmp_path / "control").iterdir()) == []  # no partial table left
+
+
 def test_celery_uses_it_when_broker_transport_names_it(tmp_path: Path) -> None:
     app = Celery("transport-check", set_as_current=False)
     app.conf.update(

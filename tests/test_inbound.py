@@ -520,6 +520,23 @@ def test_an_unstorable_idempotency_key_field_answers_400(client: Client) -> None
     assert_nothing_published()
 
 
+def test_an_idempotency_key_field_that_is_not_a_key_leaves_the_call_unkeyed(
+    client: Client,
+) -> None:
+    """``refund.id`` holding an object or a boolean: the schema decides, no key is kept, so
+    the provider's retry (signed again) publishes again."""
+    now = time.time()
+    for body in (b'{"refund": {"id": {"n": 1}}}', b'{"refund": {"id": true}}'):
+        for at in (now - 1, now):
+            response = post_raw(client, "hooks.refunded", body, signed_headers(body, at=at))
+            assert response.status_code == 202, response.content
+            assert "Idempotent-Replayed" not in response
+
+    published = records("hooks.refunded")
+    assert len(published) == 4
+    assert all("idempotency_key" not in r.headers for r in published)
+
+
 # -- idempotency --------------------------------------------------------------------------------
 
 

@@ -479,6 +479,28 @@ def test_token_source_type_and_delivery_id_from_fields(client: Client) -> None:
     assert post(client, "tokened", body, {}).status_code == 401
 
 
+def test_a_delivery_id_or_type_that_cannot_be_a_key_is_400(client: Client) -> None:
+    body = json.dumps(PUSH).encode()
+    long_delivery = {**github_headers(body), "X-GitHub-Delivery": "d" * 300}
+    auth = {"Authorization": "Bearer tok_123"}
+
+    too_long = post(client, "github", body, long_delivery)
+    empty = post(client, "tokened", b'{"kind": "", "delivery": "d-1"}', auth)
+
+    assert (too_long.status_code, too_long.json()) == (
+        400,
+        {
+            "error": "invalid_delivery_id",
+            "detail": "The delivery id (header X-GitHub-Delivery) must be 1 to 200 characters.",
+        },
+    )
+    assert (empty.status_code, empty.json()) == (
+        400,
+        {"error": "invalid_type", "detail": "The type (field 'kind') must be 1 to 200 characters."},
+    )
+    assert_nothing_published()
+
+
 # -- what every source shares with the inbound endpoint ------------------------------------------
 
 

@@ -73,6 +73,20 @@ def test_send_adds_headers_and_handle_wraps_the_handler_in_pipeline_order(mode: 
 
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("mode", ["inline", "sync", "async"])
+def test_an_interceptor_overriding_send_only_lets_every_handler_run(mode: str) -> None:
+    with wiring(sub(mode), PIPELINE=[f"{APP}.StampsOnly"]):
+        with transaction.atomic():
+            event = publish("orders.placed", PAYLOAD)
+        if mode == "async":
+            assert run_async(event) == "succeeded"
+
+    [handled] = HandlerRun.objects.all()
+    assert handled.event_id == event.id
+    assert EventRecord.objects.get(pk=event.id).headers == {"stamp": "only"}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("mode", ["inline", "sync", "async"])
 def test_an_interceptor_raising_in_send_aborts_the_publish(mode: str) -> None:
     with (
         wiring(sub(mode), PIPELINE=[f"{APP}.Outer", f"{APP}.RefusesToSend"]),

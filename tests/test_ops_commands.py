@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from io import StringIO
 
 import pytest
@@ -18,7 +18,9 @@ from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from django_events.operations.redelivery import NOT_SENT
 from tests.app.models import HandlerRun
+from tests.conftest import wiring
 from tests.ops import drain, shop_wiring, work
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 RECORD = "tests.app.handlers.record"
 
@@ -109,6 +111,67 @@ def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     assert "#quot;" in node and "`" not in node
 
 
+@pytest.mark.django_db  # the webhook endpoints are listed too (on main since endpoints2)
+@pytest.mark.usefixtures("typed_events")
+def test_events_list_says_where_each_declaration_comes_from(tmp_path) -> None:
+    manifest = tmp_path / "events.yaml"  # outside the working directory: shown whole
+    manifest.write_text(
+        "version: 1\n"
+        "events:\n"
+        "  crm.synced: {}\n"
+        "subscriptions:\n"
+        "  - {name: crm-hook, event: crm.synced, mode: webhook, url: CRM_WEBHOOK_URL,\n"
+        "     secret: CRM_SECRET}\n"
+        "  - {name: crm-literal, event: crm.synced, mode: webhook, secret: CRM_SECRET,\n"
+        "     url: 'https://crm.example/hooks/in?token=s3cret'}\n"
+    )
+    from_settings = {"event": "billing.invoiced", "handler": RECORD, "name": "from-settings"}
+
+    with wiring(from_settings, MANIFESTS=[manifest], EVENTS={"billing.invoiced": {}}):
+        data = json.loads(run("events_list", "--format", "json"))
+
+    events = {e["name"]: e for e in data["events"]}
+    assert events["crm.synced"]["origin"] == f"{manifest}:3"
+    assert events["typed.order_placed"]["origin"] == "@event tests.app.typed_events.OrderPlaced"
+    assert events["billing.invoiced"]["origin"] == (
+        "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']"
+    )
+    [settings_sub] = events["billing.invoiced"]["subscriptions"]
+    assert settings_sub["origin"] == "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]"
+    hooks = {s["name"]: s for s in events["crm.synced"]["subscriptions"]}
+    assert hooks["crm-hook"]["handler"] == "webhook -> CRM_WEBHOOK_URL"
+    assert hooks["crm-literal"]["handler"] == "webhook -> https://crm.example/"  # no token
+    assert "s3cret" not in json.dumps(data)
+
+
+@pytest.mark.django_db  # the webhook endpoints are listed too (on main since endpoints2)
+def test_events_list_table_flags_and_a_broken_wiring() -> None:
+    subscriptions = [
+        {"name": "slow", "event": "orders.placed", "handler": RECORD, "mode": "async"}
+        | {"timeout": 2.5, "give_up_after": 600},
+        {"name": "in-order", "event": "orders.placed", "handler": RECORD, "mode": "async"}
+        | {"ordering_key": "order_id"},
+        {"name": "stray", "event": "nothing.*", "handler": RECORD},  # matches no event
+        {"name": "lost", "event": "orders.nope", "handler": RECORD},  # undeclared: E105
+    ]
+    with wiring(*subscriptions):
+        table = run("events_list").splitlines()
+        chart = run("events_list", "--format", "mermaid").splitlines()
+
+    [slow] = [line for line in table if " slow " in line]
+    assert "timeout=2.5s,give_up_after=600s" in slow
+    [ordered] = [line for line in table if " in-order " in line]
+    assert "ordered by order_id" in ordered
+    [stray] = [line for line in table if " stray " in line]
+    assert stray.startswith("(no event)")
+    assert not any(" lost " in line for line in table)  # left out: events_check names it
+    assert table[-1] == (
+        "3 event(s), 2 subscription link(s); 1 configuration error(s): run events_check"
+    )
+    assert '  s2["stray<br/>sync"]' in chart  # a box, no arrow reaches it
+    assert not any(line.endswith(" s2") for line in chart)
+
+
 def test_events_list_rejects_an_unknown_format() -> None:
     assert "invalid choice: 'yaml'" in fails("events_list", "--format", "yaml")
 
@@ -163,6 +226,54 @@ def test_events_retry_by_event_and_time_range(publish_now) -> None:
     assert "1 ran again and succeeded" in run("events_retry", "--until", "2d")
     assert Delivery.objects.get(event_id=old.id, subscription="shop-ledger").status == "succeeded"
     assert "0 ran again" in run("events_retry", "--all")  # nothing left
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("since", ["2026-01-05", "2026-1-5", "2026-01-05T00:00"])
+def test_events_retry_since_a_day_starts_at_its_midnight(publish_now, since) -> None:
+    before = publish_now("shop.paid", {"order_id": 1})
+    after = publish_now("shop.paid", {"order_id": 2})
+    for event, moment in ((before, (1, 4, 23)), (after, (1, 5, 0))):
+        month, day, hour = moment
+        Delivery.objects.filter(event_id=event.id).update(
+            updated_at=timezone.make_aware(datetime(2026, month, day, hour, 30))
+        )
+
+    assert "1 ran again and succeeded" in run("events_retry", "--since", since)
+    assert Delivery.objects.get(event_id=after.id, subscription="shop-ledger").status == "succeeded"
+    assert Delivery.objects.get(event_id=before.id, subscription="shop-ledger").status == "failed"
+
+
+@pytest.mark.django_db
+def test_events_retry_skips_failures_their_subscription_no_longer_takes(publish_now) -> None:
+    first = publish_now("shop.refunded", {"order_id": 1})
+    second = publish_now("shop.refunded", {"order_id": 2})
+    save_deliveries(
+        "default",
+        [  # shop-ledger now takes shop.paid only; "gone" is declared no more
+            delivery(first.id, "shop-ledger", "sync", "failed", 1, "Boom"),
+            delivery(first.id, "gone", "sync", "failed", 1, "Boom"),
+            delivery(second.id, "gone", "sync", "failed", 1, "Boom"),
+        ],
+    )
+    out, err = StringIO(), StringIO()
+
+    call_command("events_retry", "--all", stdout=out, stderr=err)
+
+    assert out.getvalue() == (
+        "Retried failed deliveries: 0 re-enqueued for a worker; 0 ran again and succeeded; "
+        "0 ran again and failed; 3 skipped.\n"
+    )
+    assert sorted(err.getvalue().splitlines()) == sorted(
+        [
+            f"Skipped shop-ledger <- {first.id}: event 'shop.refunded' no longer reaches this "
+            "subscription",
+            f"Skipped gone <- {first.id}: the subscription is no longer declared",
+            f"Skipped gone <- {second.id}: the subscription is no longer declared",
+        ]
+    )
+    skipped = Delivery.objects.filter(subscription__in=["gone", "shop-ledger"])
+    assert set(skipped.values_list("status", "attempts")) == {("failed", 1)}
 
 
 @pytest.mark.django_db(transaction=True)
@@ -248,6 +359,13 @@ def test_events_replay_reruns_a_sync_subscription_for_chosen_events(publish_now)
     assert runs.filter(event_id=old.id).count() == 1
     assert runs.filter(event_id=refunded.id).count() == 1
     assert Delivery.objects.get(event_id=new.id, subscription="shop-audit").attempts == 2
+
+    # --until: the old one only, whatever its name.
+    out = run("events_replay", "shop-audit", "--until", "1d")
+
+    assert out.startswith("Replayed 1 stored event(s) to shop-audit: ")
+    assert runs.filter(event_id=old.id).count() == 2
+    assert runs.filter(event_id=new.id).count() == 2
 
 
 @pytest.mark.django_db
@@ -497,3 +615,271 @@ def test_a_one_shot_relay_accounts_for_every_record_it_leaves_pending() -> None:
     assert "Relayed 0 event(s); 1 still pending." in out
     assert "1 dated after this run started" in out
     assert EventRecord.objects.get(pk=ahead.pk).status == "pending"
+
+
+def pending(name: str, payload: dict[str, object], **fields: object) -> EventRecord:
+    """A record its publisher could not hand to the broker, a minute ago."""
+    return EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name=name,
+        payload=payload,
+        correlation_id=uuid.uuid4(),
+        occurred_at=timezone.now() - timedelta(minutes=1),
+        **fields,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--batch-size", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--interval", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--min-age", "-1"), "--batch-size and --interval must be positive, --min-age >= 0"),
+        (("--requeue-running-after", "0"), "--requeue-running-after must be positive"),
+        (("--database", "nope"), "invalid choice: 'nope'"),
+    ],
+)
+def test_events_relay_bad_arguments(args, message) -> None:
+    assert message in fails("events_relay", *args)
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_what_is_wired_now_and_fails_the_undeclared(queue, caplog) -> None:
+    small = pending("shop.paid", {"order_id": 1, "total": 10})
+    big = pending("shop.paid", {"order_id": 2, "total": 5000})
+    sync_only = pending("shop.refunded", {"order_id": 3})  # its handlers ran at commit
+    gone = pending("shop.closed", {"order_id": 4})  # declared no more
+
+    with caplog.at_level("ERROR", logger="django_events.relay"):
+        out = run("events_relay")
+
+    assert out == "Relayed 3 event(s); 0 still pending.\n"
+    assert sorted((m["subscription"], m["event"]["id"]) for m in drain(queue)) == sorted(
+        [("shop-receipt", str(small.id)), ("shop-receipt", str(big.id))]
+    )
+    assert [(m["subscription"], m["event"]["id"]) for m in drain("big-orders")] == [
+        ("shop-big", str(big.id))
+    ]
+    status = dict(EventRecord.objects.values_list("pk", "status"))
+    assert [status[r.pk] for r in (small, big, sync_only, gone)] == [
+        "dispatched",
+        "dispatched",
+        "dispatched",
+        "failed",
+    ]
+    assert [r.getMessage() for r in caplog.records] == [
+        "1 pending event(s) are no longer declared; marked failed"
+    ]
+    assert HandlerRun.objects.count() == 0  # the relay runs no handler itself
+
+
+@pytest.mark.django_db
+def test_events_relay_fails_while_the_broker_is_down_and_keeps_the_records(queue) -> None:
+    record = pending("shop.paid", {"order_id": 1})
+
+    with shop_wiring(queue, CELERY_APP="tests.brokers.unreachable"):
+        message = fails("events_relay")
+
+    assert message == (
+        "The broker did not take every pending event: 1 record(s) from before this run are "
+        "still pending; run events_relay again once it takes them."
+    )
+    assert EventRecord.objects.get(pk=record.pk).status == "pending"
+    assert "Relayed 1 event(s); 0 still pending." in run("events_relay")  # once it is back
+    assert len(drain(queue)) == 1
+
+
+@pytest.mark.django_db
+def test_events_relay_leaves_a_newer_version_to_the_newer_release_and_says_so(
+    queue, caplog
+) -> None:
+    """A rolling deploy: this release declares shop.paid v1; a newer one published v2."""
+    newer = pending("shop.paid", {"order_id": 1}, version=2)
+    current = pending("shop.paid", {"order_id": 2})
+
+    with caplog.at_level("WARNING", logger="django_events.relay"):
+        out = run("events_relay")
+
+    # It used to wait for it as "younger than --min-age" and count it "locked by another relay".
+    assert out.splitlines() == [
+        "Relayed 1 event(s); 1 still pending.",
+        "  1 of a version newer than this release declares: a relay of the newer release "
+        "sends them.",
+    ]
+    assert [m["event"]["id"] for m in drain(queue)] == [str(current.id)]
+    assert EventRecord.objects.get(pk=newer.pk).status == "pending"
+    assert (
+        "Left pending: Event 'shop.paid' is version 2; this process knows up to version 1: "
+        "waiting for a newer worker"
+    ) in caplog.messages
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_a_whole_backlog_behind_records_of_a_newer_version(queue) -> None:
+    newer = pending("shop.paid", {"order_id": 0}, version=2)
+    backlog = [pending("shop.paid", {"order_id": n}) for n in range(1, 6)]
+    for position, record in enumerate([newer, *backlog]):  # the newer one first
+        EventRecord.objects.filter(pk=record.pk).update(
+            occurred_at=timezone.now() - timedelta(minutes=10 - position)
+        )
+
+    out = run("events_relay", "--batch-size", "2")
+
+    # Each pass read the newer one and one more; it used to stop after the first pass.
+    assert out.splitlines()[0] == "Relayed 5 event(s); 1 still pending."
+    assert sorted(m["event"]["id"] for m in drain(queue)) == sorted(str(r.pk) for r in backlog)
+    assert list(EventRecord.objects.filter(status="pending").values_list("pk", flat=True)) == [
+        newer.pk
+    ]
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_an_event_its_upcaster_fails_on_as_stored(queue, caplog) -> None:
+    """The workers record the failure against each subscription (shown in the admin)."""
+    upcast = {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "async", "name": "o-sub"}
+    with shop_wiring(queue, EVENTS={"o.placed": upcast}, SUBSCRIPTIONS=[subscription]):
+        record = pending("o.placed", {"order_id": 1})
+
+        with caplog.at_level("ERROR", logger="django_events.relay"):
+            out = run("events_relay")
+        outcomes = [process_message(m, 0, manage_connections=False) for m in drain(queue)]
+
+    assert out == "Relayed 1 event(s); 0 still pending.\n"
+    assert [r.getMessage() for r in caplog.records if r.name == "django_events.relay"] == [
+        "Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.explode) raised "
+        f"RuntimeError: upcaster exploded on purpose (event {record.pk})"
+    ]
+    assert [o.status for o in outcomes] == ["failed"]
+    failure = Delivery.objects.get(event_id=record.pk, subscription="o-sub")
+    assert failure.status == "failed"
+    assert "upcaster exploded on purpose" in failure.last_error
+    assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_events_relay_sends_due_retries_and_fails_those_whose_subscription_is_gone(
+    queue, publish_now, caplog
+) -> None:
+    event = publish_now("shop.paid", {"order_id": 1})
+    drain(queue)
+    save_deliveries(
+        "default",
+        [  # retries a worker could not hand to the broker
+            delivery(event.id, "shop-receipt", "async", "pending", 1, "Boom"),
+            delivery(event.id, "gone", "async", "pending", 2, "Boom"),
+        ],
+    )
+    due = timezone.now() - timedelta(seconds=1)
+    Delivery.objects.filter(subscription__in=["gone", "shop-receipt"]).update(retry_at=due)
+
+    with caplog.at_level("ERROR", logger="django_events.relay"):
+        out = run("events_relay")
+
+    assert out == "Relayed 0 event(s) and 1 due retry(ies); 0 still pending.\n"
+    [message] = drain(queue)
+    assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 1)
+    sent = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    assert (sent.status, sent.retry_at) == ("pending", None)
+    gone = Delivery.objects.get(event_id=event.id, subscription="gone")
+    assert (gone.status, gone.retry_at, gone.attempts, gone.last_error) == (
+        "failed",
+        None,
+        2,
+        "Not retried: the event no longer reaches this subscription.",
+    )
+    assert [r.getMessage() for r in caplog.records if r.name == "django_events.relay"] == [
+        "1 due retr(y/ies) no longer reach their subscription; marked failed"
+    ]
+
+
+@pytest.mark.django_db
+def test_events_replay_gives_a_sync_handler_the_declared_version(queue) -> None:
+    declared = {"version": 2, "upcast": {1: "tests.app.upcasters.split_total"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": declared}, SUBSCRIPTIONS=[subscription]):
+        old = pending("o.placed", {"order_id": 1, "total": 9.5}, status="dispatched")
+        newer = pending("o.placed", {"order_id": 2}, version=3, status="dispatched")
+
+        out = run("events_replay", "o-sync")
+
+    assert out == (
+        "Replayed 2 stored event(s) to o-sync: 0 re-enqueued for a worker; "
+        "1 ran again and succeeded; 1 ran again and failed.\n"
+    )
+    [handled] = HandlerRun.objects.filter(handler="record")
+    assert (handled.event_id, handled.payload) == (
+        old.pk,
+        {"order_id": 1, "amount": 950, "currency": "EUR"},
+    )
+    waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
+    assert (waiting.status, waiting.last_error) == (
+        "pending",
+        "Event 'o.placed' is version 3; this process knows up to version 2: waiting for a "
+        "newer worker",
+    )
+    assert EventRecord.objects.get(pk=old.pk).payload == {"order_id": 1, "total": 9.5}
+
+
+@pytest.mark.django_db
+def test_events_replay_records_an_upcaster_failure_without_running_the_handler(queue) -> None:
+    declared = {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": declared}, SUBSCRIPTIONS=[subscription]):
+        record = pending("o.placed", {"order_id": 1}, status="dispatched")
+
+        out = run("events_replay", "o-sync")
+
+    assert "0 ran again and succeeded; 1 ran again and failed." in out
+    failed = Delivery.objects.get(event_id=record.pk, subscription="o-sync")
+    assert (failed.status, failed.attempts, failed.last_error) == (
+        "failed",
+        0,
+        "Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.explode) raised "
+        "RuntimeError: upcaster exploded on purpose",
+    )
+    assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_a_retry_of_a_newer_version_waits_and_keeps_the_count_of_runs(queue) -> None:
+    """A rolling deploy: this release declares o.placed v2, the event is v3."""
+    subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
+    with shop_wiring(queue, EVENTS={"o.placed": {"version": 2}}, SUBSCRIPTIONS=[subscription]):
+        newer = pending("o.placed", {"order_id": 2}, version=3, status="dispatched")
+        save_deliveries("default", [delivery(newer.pk, "o-sync", "sync", "failed", 2, "Boom")])
+
+        run("events_retry", "--subscription", "o-sync")
+
+    waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
+    assert (waiting.status, waiting.attempts) == ("pending", 2)  # it used to lose a run
+    assert waiting.last_error.startswith("Event 'o.placed' is version 3;")
+    assert not HandlerRun.objects.exists()
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_events_relay_enqueues_via_tasks_deliveries_kept_outside_the_event_log(queue) -> None:
+    """The task table is on the default database, this event log on "other": a task row did
+    not commit with the record, the relay enqueues it."""
+    from django_tasks_db.models import DBTaskResult
+
+    via_tasks = {"event": "shop.refunded", "handler": RECORD, "mode": "async", "via": "tasks"}
+    via_tasks |= {"name": "refund-task", "queue": queue}
+    with shop_wiring(queue, SUBSCRIPTIONS=[via_tasks]):
+        record = EventRecord.objects.using("other").create(
+            id=uuid.uuid4(),
+            name="shop.refunded",
+            payload={"order_id": 1},
+            correlation_id=uuid.uuid4(),
+            occurred_at=timezone.now() - timedelta(minutes=1),
+        )
+
+        out = run("events_relay", "--database", "other")
+
+    assert out == "Relayed 1 event(s); 0 still pending.\n"
+    assert EventRecord.objects.using("other").get(pk=record.pk).status == "dispatched"
+    [task] = DBTaskResult.objects.filter(queue_name=queue)
+    message = task.args_kwargs["args"][0]
+    assert (message["subscription"], message["event"]["id"]) == ("refund-task", str(record.pk))
+    assert (message["db"], task.status) == ("other", "READY")
+    assert not HandlerRun.objects.exists()  # a db_worker runs it

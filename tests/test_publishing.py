@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 import uuid
+import weakref
 from datetime import datetime, timedelta
 
 import pytest
@@ -19,6 +20,7 @@ from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun, Order
 from tests.conftest import wiring
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 
 SYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "sync"}
 INLINE = {
@@ -228,6 +230,33 @@ def test_publish_many_validates_everything_first_and_inserts_once(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("typed_events")
+def test_publish_many_takes_typed_instances_and_headers_and_refuses_other_shapes() -> None:
+    from tests.app.typed_events import Shipment  # not an @event: a manifest types it
+
+    typed = {"shipping.shipped": {"type": "tests.app.typed_events.Shipment"}}
+    shipment = Shipment(1, "ups", datetime(2024, 1, 2).date())
+    with wiring(SYNC, EVENTS=typed):
+        events = publish_many(
+            [
+                shipment,
+                ("orders.placed", PAYLOAD, {"X-Source": "import"}),
+                ("orders.shipped", {"order_id": 1}),
+            ]
+        )
+        with pytest.raises(TypeError, match=r"items are \(name, payload\[, headers\]\), got"):
+            publish_many([("orders.placed",)])
+
+    assert [(e.name, e.headers.get("X-Source")) for e in events] == [
+        ("shipping.shipped", None),
+        ("orders.placed", "import"),
+        ("orders.shipped", None),
+    ]
+    assert events[0].payload == shipment
+    assert EventRecord.objects.count() == 3
+
+
+@pytest.mark.django_db(transaction=True)
 def test_record_failures_only_keeps_failed_events() -> None:
     with wiring(SYNC, FAILING_SYNC, RECORD="failures"):
         ok = publish("orders.shipped", {"order_id": 1})
@@ -259,6 +288,30 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "Broker unreachable" in errors[0].getMessage()
     assert elapsed < 15  # bounded by broker_connection_timeout, never a hang
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("celery_app", ["tests.app.nope.app", None])
+def test_without_a_celery_app_async_events_stay_pending_and_it_says_why(
+    celery_app, monkeypatch, caplog
+) -> None:
+    from celery import _state as celery_state
+
+    if celery_app is None:  # a process where no Celery app was ever created
+        monkeypatch.setattr(celery_state._tls, "current_app", None)
+        monkeypatch.setattr(celery_state, "_apps", weakref.WeakSet())
+    with wiring(ASYNC, SYNC, CELERY_APP=celery_app), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+
+    assert EventRecord.objects.get(pk=event.id).status == "pending"  # for events_relay
+    assert len(handled()) == 1  # the sync handler ran all the same
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert error.getMessage() == (
+        "DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending"
+        if celery_app
+        else "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending"
+    )
+    assert error.event_id == str(event.id)
 
 
 @pytest.mark.django_db(transaction=True)

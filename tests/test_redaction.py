@@ -45,6 +45,13 @@ def test_redact_text_masks_each_redacted_value_and_what_it_holds() -> None:
     assert f"{MASK!r} is not of type 'string'" in masked
 
 
+def test_redact_text_reaches_into_lists() -> None:
+    data = {"lines": [{"card": CARD}, {"card": "4222222222222222"}, "gift"]}
+    text = f"Card {CARD} declined; then '4222222222222222' too"
+
+    assert redact_text(text, data, ["lines.card"]) == f"Card {MASK!r} declined; then {MASK!r} too"
+
+
 def test_redact_text_without_redacted_values_is_the_text() -> None:
     assert redact_text("x: 1 is not a string", {"x": 1}, []) == "x: 1 is not a string"
     assert redact_text("True is not a string", {"flag": True}, ["flag"]) == "True is not a string"
@@ -142,6 +149,42 @@ def test_publish_refuses_a_payload_with_problems_masked_by_path(queue) -> None:
         ("$.qty", "10 is less than the minimum of 1000"),
     ]
     assert CARD not in str(caught.value)
+
+
+@pytest.mark.django_db
+def test_messages_that_do_not_quote_the_value_are_masked_too(queue) -> None:
+    checkout = {
+        "checkout.paid": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "lines": {
+                        "type": "array",
+                        "contains": {"required": ["card"]},
+                        "maxContains": 1,
+                    },
+                    "card": {
+                        "type": "object",
+                        "required": ["number"],
+                        "additionalProperties": False,
+                        "properties": {"number": {"type": "string"}},
+                    },
+                },
+            },
+            "redact": ["card", "lines.card"],
+        }
+    }
+    payload = {"lines": [{"card": CARD}, {"card": "4222222222222222"}], "card": {"cvv": "123"}}
+
+    with shop_wiring(queue, EVENTS=checkout), pytest.raises(InvalidPayload) as caught:
+        publish("checkout.paid", payload)
+
+    assert [(p.path, p.message) for p in caught.value.problems] == [
+        ("$.card", "'number' is a required property"),  # names the schema's key only
+        ("$.card", f"{MASK!r} does not satisfy 'additionalProperties'"),  # 'cvv' unsaid
+        ("$.lines", f"[{{'card': {MASK!r}}}, {{'card': {MASK!r}}}] does not satisfy 'maxContains'"),
+    ]
+    assert CARD not in str(caught.value) and "cvv" not in str(caught.value)
 
 
 @pytest.mark.django_db

@@ -8,16 +8,17 @@ import importlib
 import textwrap
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from django.apps import apps
 from django.conf import settings
 from django.test import override_settings
 
-from django_events import InvalidPayload, UnknownEvent, publish
+from django_events import InvalidPayload, UnknownEvent, event, publish
 from django_events.models import EventRecord
 from django_events.wiring import typed
 from django_events.wiring.compiled import Registry
@@ -61,6 +62,20 @@ def typed_events() -> Iterator[ModuleType]:
     yield module
     typed._declared[:] = before
     reset_registry()
+
+
+@pytest.fixture
+def declare(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The @event classes a test declares are forgotten after it."""
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+
+@dataclass(frozen=True)
+class Parcel:
+    """A nested dataclass of the typed events declared in tests (module level: type hints)."""
+
+    weight: decimal.Decimal
+    sent_on: datetime.date | None = None
 
 
 @pytest.fixture
@@ -375,6 +390,21 @@ def test_retry_policy_without_default_retry_uses_the_documented_default() -> Non
 
     assert retry == RetryPolicy(max_attempts=3, backoff=2, max_backoff=300, jitter=False)
     assert [retry.delay(n) for n in (1, 2, 3, 8, 9, 20)] == [2, 4, 8, 256, 300, 300]
+
+
+def test_retry_policy_with_jitter_spreads_each_delay_over_its_upper_half() -> None:
+    """The default (``jitter: true``): retries of many events do not all come at once."""
+    value = {k: v for k, v in settings.DJANGO_EVENTS.items() if k != "DEFAULT_RETRY"}
+    value["SUBSCRIPTIONS"] = [{"event": "orders.placed", "handler": RECORD, "mode": "async"}]
+    with override_settings(DJANGO_EVENTS=value):
+        [subscription] = get_registry().subscriptions.values()
+
+    retry = subscription.retry
+    assert retry.jitter is True
+    for number, base in ((1, 2), (3, 8), (20, 300)):
+        delays = [retry.delay(number) for _ in range(50)]
+        assert all(base / 2 <= d <= base for d in delays), (number, delays)
+        assert len(set(delays)) > 1
 
 
 def test_queues_are_those_of_async_subscriptions_sorted_once_each() -> None:
@@ -695,3 +725,168 @@ def test_manifest_typed_event_round_trips_rich_fields(
             "tracking": {"p1": "00000000-0000-0000-0000-00000000004d"},
         }
     )
+
+
+def test_event_refuses_a_bad_name_and_a_class_it_cannot_describe(declare: None) -> None:
+    class Plain:
+        order_id: int
+
+    @dataclass
+    class WithBytes:
+        blob: bytes
+
+    with pytest.raises(ValueError, match=r"^Event name 'orders placed' must match"):
+        event("orders placed")
+    with pytest.raises(TypeError, match=r"^@event\('o.plain'\) needs a dataclass or a pydantic"):
+        event("o.plain")(Plain)
+    with pytest.raises(TypeError, match=r"^Cannot derive a JSON Schema for <class 'bytes'>; use"):
+        event("o.bytes")(WithBytes)
+
+    assert typed.declared_event_types() == []
+    assert not {"o.plain", "o.bytes"} & set(get_registry().events)
+
+
+@pytest.mark.django_db
+def test_typed_event_with_fixed_tuples_literals_and_optional_dataclasses(
+    declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    @event("typed.parcel_sent")
+    @dataclass
+    class ParcelSent:
+        size: tuple[int, int]
+        speed: Literal["slow", "fast"]
+        parcel: Parcel | None = None
+        notes: Any = None
+
+    schema = get_registry().events["typed.parcel_sent"].declaration.schema
+    assert isinstance(schema, dict)
+    assert schema["required"] == ["size", "speed"]
+    assert schema["properties"]["size"] == {
+        "type": "array",
+        "prefixItems": [{"type": "integer"}, {"type": "integer"}],
+        "items": False,
+        "minItems": 2,
+    }
+    assert schema["properties"]["speed"] == {"enum": ["slow", "fast"]}
+
+    data = {
+        "size": [20, 30],
+        "speed": "fast",
+        "parcel": {"weight": "1.5", "sent_on": "2024-01-02"},
+        "notes": ["fragile", 1],
+    }
+    with (
+        wiring({"event": "typed.parcel_sent", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish("typed.parcel_sent", data)
+        publish("typed.parcel_sent", {"size": [1, 2], "speed": "slow", "parcel": None})
+        with pytest.raises(InvalidPayload) as too_long:
+            publish("typed.parcel_sent", {"size": [1, 2, 3], "speed": "slow"})
+        with pytest.raises(InvalidPayload) as unknown_speed:
+            publish("typed.parcel_sent", {"size": [1, 2], "speed": "warp"})
+
+    assert [e.payload for e in received] == [
+        ParcelSent(
+            (20, 30),
+            "fast",
+            Parcel(decimal.Decimal("1.5"), datetime.date(2024, 1, 2)),
+            ["fragile", 1],
+        ),
+        ParcelSent((1, 2), "slow"),
+    ]
+    assert isinstance(received[0].payload.size, tuple)
+    assert received[0].data == data  # stored and sent as published
+    assert str(too_long.value) == (
+        "Invalid payload for event 'typed.parcel_sent': "
+        "$.size: Expected at most 2 items but found 1 extra: 3"
+    )
+    assert str(unknown_speed.value) == (
+        "Invalid payload for event 'typed.parcel_sent': "
+        "$.speed: 'warp' is not one of ['slow', 'fast']"
+    )
+
+
+@pytest.mark.django_db
+def test_typed_event_with_a_time_field(
+    declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    @event("typed.opened")
+    @dataclass
+    class Opened:
+        opens_at: datetime.time
+
+    schema = get_registry().events["typed.opened"].declaration.schema
+    assert isinstance(schema, dict)
+    assert schema["properties"]["opens_at"] == {"type": "string", "format": "time"}
+    with (
+        wiring({"event": "typed.opened", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        published = publish(Opened(datetime.time(9, 30)))
+        publish("typed.opened", {"opens_at": "18:00:00"})
+
+    assert published.data == {"opens_at": "09:30:00"}
+    assert [e.payload for e in received] == [
+        Opened(datetime.time(9, 30)),
+        Opened(datetime.time(18, 0)),
+    ]
+
+
+@pytest.mark.django_db
+def test_typed_event_without_required_fields_publishes_an_empty_payload(
+    declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    @event("typed.pinged")
+    @dataclass
+    class Pinged:
+        note: str = ""
+
+    assert get_registry().events["typed.pinged"].declaration.schema == {
+        "type": "object",
+        "properties": {"note": {"type": "string"}},
+    }
+    with (
+        wiring({"event": "typed.pinged", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish("typed.pinged")
+
+    assert [e.payload for e in received] == [Pinged()]
+
+
+@pytest.mark.django_db
+def test_a_typed_string_field_that_does_not_parse_reaches_handlers_as_published(
+    declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    """The derived schema says "a string" (formats are not asserted): the handler gets it."""
+
+    @event("typed.weighed")
+    @dataclass
+    class Weighed:
+        parcel: Parcel
+
+    with (
+        wiring({"event": "typed.weighed", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish("typed.weighed", {"parcel": {"weight": "heavy", "sent_on": "2024-02-30"}})
+
+    assert [e.payload for e in received] == [Weighed(Parcel("heavy", "2024-02-30"))]
+
+
+@pytest.mark.django_db
+def test_publishing_a_pydantic_event_by_name_gives_handlers_the_model(
+    typed_events: ModuleType, received: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    with (
+        wiring({"event": "typed.payment_received", "handler": "tests.app.typed_handlers.keep"}),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        publish("typed.payment_received", {"payment_id": str(uuid.UUID(int=3)), "amount": "2.5"})
+
+    [got] = received
+    assert got.payload == typed_events.PaymentReceived(
+        payment_id=uuid.UUID(int=3), amount=decimal.Decimal("2.5")
+    )
+    assert got.payload.currency == "EUR"

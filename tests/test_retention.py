@@ -1,4 +1,5 @@
-"""Retention: the ``django_events.prune`` task, run by a real worker, applies ``RETENTION``."""
+"""The tasks Celery beat schedules, run by a real worker: ``django_events.prune`` applies
+``RETENTION``; ``django_events.relay`` sends what the broker missed."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from tests import brokers
-from tests.worker import start_worker, wait_for
+from tests.app.models import HandlerRun
+from tests.worker import start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -68,3 +71,25 @@ def test_the_prune_task_on_a_worker_applies_retention(retention, left, tmp_path)
 
 def _exists(record: EventRecord) -> bool:
     return EventRecord.objects.filter(pk=record.pk).exists()
+
+
+def test_the_relay_task_on_a_worker_sends_what_the_broker_missed(tmp_path) -> None:
+    # The worker sends with its own app, as a deployed worker does.
+    env = {"DJANGO_EVENTS_TEST_CELERY_APP": "tests.brokers.filesystem"}
+    with start_worker("filesystem", tmp_path, prefix="relay", env=env) as worker:
+        with (
+            brokers.delivery_wiring("unreachable", worker.queue, "delivery.yaml"),
+            transaction.atomic(),
+        ):
+            ids = [publish("it.placed", {"order_id": n}).id for n in range(3)]
+        assert set(EventRecord.objects.values_list("status", flat=True)) == {"pending"}
+
+        brokers.filesystem.send_task(
+            "django_events.relay", kwargs={"min_age": 0}, queue=worker.queue
+        )
+
+        handled = HandlerRun.objects.filter(handler="record", event_id__in=ids)
+        wait_for(lambda: handled.count() == 3, what="the relayed events")
+        wait_idle(worker)
+        assert handled.count() == 3  # each once
+    assert set(EventRecord.objects.values_list("status", flat=True)) == {"dispatched"}

@@ -89,3 +89,24 @@ def test_a_message_sealed_with_another_key_is_a_recorded_failure() -> None:
     assert row.status == "failed"
     assert "Cannot open the event's payload" in row.last_error
     assert "SECRET_KEY_FALLBACKS" in row.last_error
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("sealed", "reason"),
+    [(5, "sealed is int, not a string"), ("not base64!", "the sealed payload is not base64")],
+)
+def test_a_tampered_sealed_message_is_a_recorded_failure(sealed: object, reason: str) -> None:
+    queue = f"seal-{uuid.uuid4().hex[:8]}"
+    with shop_wiring(queue):
+        with transaction.atomic():
+            event = publish("shop.paid", {"order_id": 4, "card": {"number": CARD}})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-receipt"]
+        message["event"]["sealed"] = sealed
+        outcome = process_message(message, retries=0, manage_connections=False)
+
+    assert outcome.status == "failed"
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    assert row.status == "failed"
+    assert reason in row.last_error
+    assert not HandlerRun.objects.filter(event_id=event.id, handler="fails_first_time").exists()

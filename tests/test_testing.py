@@ -75,6 +75,7 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         publish("orders.shipped", {"order_id": 1})
 
     assert got.names == ["orders.placed", "orders.placed", "orders.shipped"]
+    assert repr(got) == "<CapturedEvents ['orders.placed', 'orders.placed', 'orders.shipped']>"
     assert [e.data["order_id"] for e in got.named("orders.*")] == [1, 2, 1]
     assert got.payloads("orders.shipped") == [{"order_id": 1}]
     event = got.assert_published("orders.placed", {"order_id": 2})
@@ -205,6 +206,21 @@ def test_events_eager_without_propagate_records_failures_like_a_worker(
     assert isinstance(failure.error, RuntimeError) and failure.event == event
     assert Delivery.objects.get().status == "failed"
     assert "Handler failed (attempt 3 of 3)" in caplog.text
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_idempotent_success_is_kept_for_an_event_recording_failures_only() -> None:
+    """The success record that makes a redelivery a no-op needs the event's record."""
+    idempotent = {**ASYNC, "name": "idem", "idempotent": True}
+    with wiring(idempotent, RECORD="failures"), events_eager() as eager:
+        event = publish("orders.placed", PAYLOAD)
+        quiet = publish("orders.shipped", {"order_id": 1})  # no subscription: no record
+
+    assert eager.delivered == [("idem", event)]
+    assert [r.event_id for r in handled()] == [event.id]
+    assert list(EventRecord.objects.values_list("pk", "status")) == [(event.id, "dispatched")]
+    assert Delivery.objects.get(event_id=event.id).status == "succeeded"
+    assert not EventRecord.objects.filter(pk=quiet.id).exists()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -74,6 +74,50 @@ def test_retry_after_as_an_http_date() -> None:
     assert seconds is not None and 115 <= seconds <= 121
 
 
+def test_retry_after_as_an_http_date_without_a_zone_is_utc() -> None:
+    assert webhooks.parse_retry_after("Wed, 21 Oct 2015 07:28:00 -0000") == 0.0  # past: now
+
+
+def test_a_name_that_does_not_resolve_now_is_retried() -> None:
+    """A DNS outage ends: worth another attempt, unlike an address refused."""
+    with pytest.raises(webhooks.WebhookFailed, match="^Cannot resolve 'hooks.invalid'") as caught:
+        webhooks.resolve("hooks.invalid", 443, allow_private=False)
+    assert caught.value.retry is True
+
+
+def test_an_invalid_url_fails_without_retry() -> None:
+    with pytest.raises(webhooks.WebhookFailed, match="^Invalid webhook URL: ") as caught:
+        webhooks.post("https://[::1/x", b"{}", {}, 1.0)
+    assert caught.value.retry is False
+
+
+def test_a_webhook_whose_url_is_gone_at_delivery_fails_without_retry(
+    monkeypatch, django_capture_on_commit_callbacks
+) -> None:
+    """The worker's settings lack what the publisher's had: recorded, not retried."""
+    from django_events import publish
+    from django_events.models import Delivery
+    from django_events.testing import events_eager
+
+    monkeypatch.delenv("TEST_WH_URL", raising=False)
+    with (
+        wiring(HOOK),
+        override_settings(TEST_WH_SECRET=SECRET),
+        events_eager(propagate=False) as eager,
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        event = publish("orders.placed", {"order_id": 1, "total": 2})
+
+    [failure] = eager.failures
+    assert failure.subscription == "hook"
+    row = Delivery.objects.get(event_id=event.id, subscription="hook")
+    assert (row.status, row.attempts) == ("failed", 1)
+    assert row.last_error == (
+        "WebhookFailed: Webhook not configured: url 'TEST_WH_URL' is not a setting or "
+        "environment variable holding an http(s) URL"
+    )
+
+
 def test_retry_after_is_capped_by_max_backoff() -> None:
     throttled = webhooks.WebhookFailed("HTTP 429", retry=True, retry_after=3600)
     assert webhooks.retry_delay(throttled, 0.5, 300) == 300
@@ -150,6 +194,15 @@ def test_webhook_checks_name_the_missing_url_and_secret(monkeypatch) -> None:
             ),
         )
     with wiring(HOOK), override_settings(TEST_WH_URL="https://x.example", TEST_WH_SECRET="nope!"):
+        assert_reported(
+            (
+                "django_events.E321",
+                where,
+                "Subscription 'hook': webhook secret 'TEST_WH_SECRET' is not whsec_ followed "
+                "by base64",
+            )
+        )
+    with wiring(HOOK), override_settings(TEST_WH_URL="https://x.example", TEST_WH_SECRET="whsec_"):
         assert_reported(
             (
                 "django_events.E321",

@@ -36,7 +36,13 @@ def test_worker_start_names_a_handler_that_does_not_import(worker: WorkerProcess
         "Subscription 'oc-missing' (queue '" in log
         and "Handler 'tests.app.no_such_module.handle' does not import" in log
     ), log[-3000:]
-    # Only the broken one: the others import.
+    assert (
+        "Subscription 'oc-raises' (queue '" in log
+        and "handler 'tests.app.raises_on_import.handle' raised on import: RuntimeError: this "
+        "module needs a setting the worker lacks"
+        in log
+    ), log[-3000:]
+    # Only the broken ones: the others import.
     assert "Subscription 'oc-record'" not in log and "Subscription 'oc-fails'" not in log
 
 

@@ -235,10 +235,10 @@ def _run_one(
     except (NewerVersion, UpcastError) as exc:
         error = redact_text(str(exc), record.payload, event_type.declaration.redact)
         # Newer than this process: no run, left pending for a process that knows the version.
+        # Either way the handler did not run: the count of runs stays as it was.
         newer = isinstance(exc, NewerVersion)
         status = Delivery.Status.PENDING if newer else Delivery.Status.FAILED
-        runs = attempts - 1 if newer else attempts
-        return delivery(record.pk, subscription.name, subscription.mode, status, runs, error)
+        return delivery(record.pk, subscription.name, subscription.mode, status, attempts, error)
     problems = event_type.validator.problems(data, event_type.declaration.redact)
     if problems:
         error = stale_payload_error(record.name, problems)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from django_events.delivery import broker, endpoints
@@ -35,6 +36,7 @@ class RelayResult:
     retried: int = 0  # due retries a worker could not hand to the broker, sent now
     resent: int = 0  # async deliveries with no outcome long after dispatch, sent again
     checked: int = 0  # dispatched events checked for such deliveries
+    newer: int = 0  # events of a version newer than declared here, left to a newer relay
 
 
 def relay_pending(
@@ -69,6 +71,7 @@ def relay_pending(
             )
         records = list(pending.order_by("occurred_at")[:batch_size])
         outgoing, via_tasks, nothing_to_send, undeclared = [], [], [], []
+        newer = 0
         tasks_committed: bool | None = None  # asked once a pass, only if tasks are wired
         for record in records:
             compiled = registry.events.get(record.name)
@@ -79,6 +82,7 @@ def relay_pending(
                 data = compiled.upgrade(record.payload, record.version)
             except NewerVersion as exc:  # a relay of the release before: a newer one sends it
                 logger.warning("Left pending: %s", exc, extra=log_extra())
+                newer += 1
                 continue
             except UpcastError as exc:
                 # Sent as stored, to every async subscription: each worker records the failure.
@@ -143,6 +147,7 @@ def relay_pending(
         retried=retried,
         resent=unfinished.total,
         checked=unfinished.checked,
+        newer=newer,
     )
 
 
@@ -166,11 +171,34 @@ def relay_backlog(
         retried += result.retried
         resent += result.resent
         checked += result.checked
-        more = result.sent + result.undeclared >= batch_size or result.checked >= batch_size
+        # A full batch: there may be more. Records left for a newer release take batch slots
+        # too, but a batch of nothing else would be read again and again.
+        took = result.sent + result.undeclared
+        more = (took and took + result.newer >= batch_size) or result.checked >= batch_size
         if result.unsent or not more:
             return RelayResult(
-                sent, result.unsent, result.undeclared, retried, resent=resent, checked=checked
+                sent,
+                result.unsent,
+                result.undeclared,
+                retried,
+                resent=resent,
+                checked=checked,
+                newer=result.newer,
             )
+
+
+def pending_of_newer_versions(until: datetime, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Records pending since ``until`` or before, of a version newer than this process
+    declares: the relay leaves them to a relay of the newer release (a rolling deploy)."""
+    newer = Q()
+    for name, compiled in get_registry().events.items():
+        newer |= Q(name=name, version__gt=compiled.version)
+    if not newer:
+        return 0
+    pending = EventRecord.objects.using(using).filter(
+        status=EventRecord.Status.PENDING, occurred_at__lte=until
+    )
+    return pending.filter(newer).count()
 
 
 class DatabaseOutage:

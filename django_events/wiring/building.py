@@ -223,10 +223,8 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             problems.extend(_broadcast_problems(declaration))
         if declaration.ordering_key is not None:
             problems.extend(_ordering_problems(declaration, [registry.events[n] for n in targets]))
-        try:
-            retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
-        except TypeError:
-            retry = RetryPolicy()  # DEFAULT_RETRY itself is reported by settings_problems()
+        # Both are schema-checked (no other keys); an invalid DEFAULT_RETRY reads as the default.
+        retry = RetryPolicy(**{**default_retry, **(declaration.retry or {})})
         queue = declaration.queue or conf.DEFAULT_QUEUE
         subscription = Subscription(declaration, retry, accepts, queue)
         subscription.via = declaration.via or conf.DELIVERY

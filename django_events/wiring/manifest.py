@@ -178,8 +178,7 @@ def parse_settings(events: Any, subscriptions: Any) -> Manifest:
     """Read the EVENTS and SUBSCRIPTIONS settings as if they were one manifest."""
 
     def origin_for(json_path: JsonPath) -> Origin:
-        if not json_path:
-            return Origin("settings", "settings.DJANGO_EVENTS")
+        # Never the root: it is built here, version and all; only its two values can be wrong.
         key = "EVENTS" if json_path[0] == "events" else "SUBSCRIPTIONS"
         return Origin(
             "settings",

@@ -145,6 +145,7 @@ _SIMPLE: dict[Any, dict[str, Any]] = {
     Any: {},
     datetime.datetime: {"type": "string", "format": "date-time"},
     datetime.date: {"type": "string", "format": "date"},
+    datetime.time: {"type": "string", "format": "time"},
     uuid.UUID: {"type": "string", "format": "uuid"},
     decimal.Decimal: {"type": "string"},
 }

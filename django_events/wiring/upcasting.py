@@ -39,8 +39,6 @@ def upcast(
     invalid result names that step. Raises `NewerVersion` for a payload newer than
     ``current``, `UpcastError` naming the step that failed.
     """
-    if version == current:
-        return data
     if version > current:
         raise NewerVersion(name, version, current)
     cache = {} if cache is None else cache

@@ -32,6 +32,13 @@ class Inner(Interceptor):
         return call_next(event)
 
 
+class StampsOnly(Interceptor):
+    """Overrides ``send`` only: handlers run through the base class's ``handle``."""
+
+    def send(self, event: Event) -> None:
+        event.headers["stamp"] = "only"
+
+
 class RefusesToSend(Interceptor):
     def send(self, event: Event) -> None:
         raise PermissionError("no tenant bound")

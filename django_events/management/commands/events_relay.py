@@ -13,6 +13,7 @@ from django_events.models import EventRecord
 from django_events.operations.relay import (
     DatabaseOutage,
     RelayResult,
+    pending_of_newer_versions,
     relay_backlog,
     requeue_lost_tasks,
 )
@@ -141,7 +142,10 @@ class Command(BaseCommand):
         if not unsent:
             # Records of the last --min-age seconds (an outage that just ended): wait for them
             # to come of age rather than race their publisher's own send, then send them.
-            young = self._pending(options).filter(occurred_at__lte=started)
+            young = self._pending(options).filter(
+                occurred_at__lte=started,
+                occurred_at__gt=started - timedelta(seconds=options["min_age"]),
+            )
             found = young.aggregate(count=Count("pk"), newest=Max("occurred_at"))
             if found["count"]:
                 newest: datetime = found["newest"]
@@ -158,20 +162,27 @@ class Command(BaseCommand):
                 resent += more.resent
         left = self._pending(options).count()
         newer = self._pending(options).filter(occurred_at__gt=started).count() if left else 0
+        versions = pending_of_newer_versions(started, options["database"]) if left else 0
         self.stdout.write(self._relayed(RelayResult(total, retried=retried, resent=resent), left))
         if newer:
             self.stdout.write(
                 f"  {newer} dated after this run started (published meanwhile, or a "
                 "publisher's clock ahead): the next run sends them."
             )
+        if versions:
+            self.stdout.write(
+                f"  {versions} of a version newer than this release declares: a relay of the "
+                "newer release sends them."
+            )
         if unsent:
             raise CommandError(
                 f"The broker did not take every pending event: {left - newer} record(s) from "
                 "before this run are still pending; run events_relay again once it takes them."
             )
-        if left - newer:
+        locked = left - newer - versions
+        if locked:
             self.stdout.write(
-                f"  {left - newer} locked by another relay running at the same time: "
+                f"  {locked} locked by another relay running at the same time: "
                 "that relay sends them."
             )
 
