@@ -13,7 +13,7 @@ class DjangoEventsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from django.core.checks import register
+        from django.core.checks import Tags, register
         from django.core.signals import setting_changed
         from django.db.models.signals import post_delete, post_save
         from django.utils.module_loading import autodiscover_modules
@@ -29,7 +29,7 @@ class DjangoEventsConfig(AppConfig):
         register(checks.check_tasks, "django_events")
         register(checks.check_upcasters, "django_events")
         register(checks.check_lock, "django_events")
-        register(checks.check_endpoints, "django_events")
+        register(checks.check_endpoints, "django_events", Tags.database)  # reads rows
         register(check_inbound, "django_events")
         setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
         # A publisher's list of webhook endpoints is read again after a change in this

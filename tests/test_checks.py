@@ -976,7 +976,9 @@ def test_enabled_endpoints_without_httpx_are_an_error_where_checks_read_the_data
     from django_events.models import WebhookEndpoint
 
     with _endpoint_without_httpx(tmp_path):
-        assert [m for m in run_checks(tags=["django_events"]) if m.id.endswith("E324")] == []
+        # `manage.py check` without --database reads no rows (Django 6.1 hands every alias
+        # to a check run without tags, so the check is tagged "database").
+        assert [m for m in run_checks() if m.id.endswith("E324")] == []
         out, err = StringIO(), StringIO()
         with pytest.raises(SystemCheckError) as caught:
             call_command("check", "--database", "default", stdout=out, stderr=err)
