@@ -63,6 +63,12 @@ def test_stored_v1_events_replay_through_a_worker_after_the_v2_upcaster_lands(
     with brokers.delivery_wiring(KIND, queue, "versions_v2.yaml"):
         call_command("events_replay", "ver-record", "--event", "ver.placed")
         wait_for(lambda: len(runs(ids)) == 3, 60, "the replayed events to be handled")
+        # The handler's own row commits before the worker writes the delivery's outcome.
+        wait_for(
+            lambda: not Delivery.objects.filter(event_id__in=ids, status="pending").exists(),
+            30,
+            "the replayed deliveries' outcomes",
+        )
 
     seen = {run.event_id: run.payload for run in runs(ids)}
     assert [seen[i] for i in ids] == [
