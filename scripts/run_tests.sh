@@ -88,9 +88,9 @@ rm -rf docs/_build
 # Branch coverage of both passes, the celery worker and other subprocesses included
 # ([tool.coverage] in pyproject.toml); the report and its floor follow the PostgreSQL pass.
 # Test processes per pass (pytest-xdist): the suite mostly waits on workers, brokers and
-# browsers, so three processes on two cores take about half the time of one; each has its own
+# browsers, so two processes on two cores take about half the time of one; each has its own
 # test databases (tests/settings.py) and queues. PYTEST_PROCESSES=0 runs in this process.
-PROCESSES=${PYTEST_PROCESSES:-3}
+PROCESSES=${PYTEST_PROCESSES:-2}
 COVERAGE_FLOOR=95  # measured: 97% on 2026-12-03 20:18 UTC (both passes, workers and pool children included)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite"
