@@ -71,16 +71,22 @@ class Channel(filesystem.Channel):
             return
         delivered = False
         try:
-            while True:
-                self.drain_events()  # one message, or Empty (none, or the prefetch is full)
-                delivered = True
-        except Empty:
-            pass
+            delivered = self._drain_waiting()
         finally:  # an error that does not end the connection must not end the polling
             if delivered:
                 hub.call_soon(self._poll_folder)
             else:
                 hub.call_later(self.connection.polling_interval or 0, self._poll_folder)
+
+    def _drain_waiting(self) -> bool:
+        """Deliver messages until none waits or the prefetch is full; whether any was."""
+        delivered = False
+        while True:
+            try:
+                self.drain_events()  # one message, or Empty (none, or the prefetch is full)
+            except Empty:
+                return delivered
+            delivered = True
 
     # kombu's filesystem signature, which differs from its virtual channel's
     def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]
