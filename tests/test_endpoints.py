@@ -503,6 +503,19 @@ def three_endpoints() -> tuple[WebhookEndpoint, WebhookEndpoint, WebhookEndpoint
     return crm, failing, off
 
 
+def test_the_endpoint_list_shows_paused_and_no_credentials_or_path(admin_client) -> None:
+    crm, failing, off = three_endpoints()
+
+    html = admin_client.get(CHANGES).content.decode()
+
+    rows = {e.pk: html[html.index(change_url(e)) :].split("</tr>")[0] for e in (crm, failing, off)}
+    assert "CRM (https://hooks.example.com:8443/)" in rows[crm.pk]
+    assert 'de-pending">paused' in rows[crm.pk]
+    assert 'de-pending">failing since 2026-05-01' in rows[failing.pk]
+    assert "disabled: failing too long" in rows[off.pk]
+    assert_nothing_secret(html)
+
+
 def list_wiring(*args: str) -> str:
     from django.core.management import call_command
 

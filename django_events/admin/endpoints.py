@@ -31,11 +31,13 @@ from django.utils.translation import gettext_lazy as _
 
 from django_events.conf import conf
 from django_events.delivery import endpoints, webhooks
+from django_events.delivery.pausing import paused_names
 from django_events.logs import log_extra
 from django_events.models import Failure, WebhookEndpoint
 from django_events.operations.replay import ReplayError, replay_events
 from django_events.operations.retrying import retry_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
+from django_events.wiring.describing import shown_url
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.admin")
@@ -348,8 +350,7 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.display(description=_("endpoint"), ordering="url")
     def shown(self, obj: WebhookEndpoint) -> str:
-        parts = urlsplit(obj.url)
-        where = f"{parts.scheme}://{parts.netloc}{parts.path}"  # the query may hold a token
+        where = shown_url(obj.url)  # as events_list and the wiring page show it
         return f"{obj.description} ({where})" if obj.description else where
 
     @admin.display(description=_("events"))
@@ -362,6 +363,9 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.display(description=_("state"), ordering="enabled")
     def state(self, obj: WebhookEndpoint) -> SafeString:
+        paused = endpoints.subscription_name(obj.pk) in paused_names(obj._state.db or "default")
+        if obj.enabled and paused:
+            return format_html('<span class="de-badge de-pending">{}</span>', _("paused"))
         if not obj.enabled:
             why = _("disabled: failing too long") if obj.disabled_reason else _("disabled")
             return format_html('<span class="de-badge de-failed">{}</span>', why)
