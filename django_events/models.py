@@ -176,6 +176,15 @@ class Delivery(models.Model):
                 name="django_events_dlv_order_idx",
                 condition=models.Q(sequence__isnull=False),
             ),
+            # The same, unfinished ones only: a key's turn and its head are found without
+            # walking through its history (PostgreSQL; SQLite does not match a partial index
+            # to a query with bound parameters, and uses the one above).
+            models.Index(
+                fields=["subscription", "ordering_key", "sequence"],
+                name="django_events_dlv_turn_idx",
+                condition=models.Q(sequence__isnull=False)
+                & ~models.Q(status__in=["succeeded", "resolved"]),
+            ),
         ]
 
     def __str__(self) -> str:

@@ -9,6 +9,7 @@ import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
+from django_events.delivery import ordering
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery
 from tests.ops import drain, shop_wiring
@@ -67,3 +68,31 @@ def test_held_then_handed_on_in_order_in_few_statements(
         (1, "succeeded", 1, None),
         (2, "succeeded", 1, None),
     ]
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db
+def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
+    queue: str, publish_now: Any
+) -> None:
+    # A key with a long history: its turn (the worker's claim) and its head (the hand-on)
+    # must not walk through the finished deliveries, or each delivery of a busy key gets
+    # slower than the last.
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        history = [publish_now("shop.paid", {"order_id": 7, "total": n}) for n in range(300)]
+        drain(queue)
+        Delivery.objects.filter(event_id__in=[e.id for e in history]).update(status="succeeded")
+        latest = publish_now("shop.paid", {"order_id": 7, "total": 1})
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE django_events_delivery")
+        with CaptureQueriesContext(connection) as queries:
+            claimed = ordering.claim("default", latest.id, ORDERED["name"])
+            head = ordering._head("default", ORDERED["name"], "7")
+        assert claimed.turn is ordering.Turn.RUN and head is not None and head.event_id == latest.id
+
+    for query in queries.captured_queries:
+        with connection.cursor() as cursor:
+            cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + query["sql"])
+            plan = "\n".join(row[0] for row in cursor.fetchall())
+        assert "django_events_dlv_turn_idx" in plan, plan
+        assert "Rows Removed by Filter: 300" not in plan, plan
