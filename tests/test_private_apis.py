@@ -90,3 +90,25 @@ def test_py_amqp_channels_confirm_and_report_acks_through_their_events() -> None
             channel.connection.drain_events(timeout=1)
         channel.queue_delete(queue)
     assert acks and acks[0][0] == 1, "py-amqp no longer reports confirms via channel.events"
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db
+def test_psycopg_pipelines_what_django_sends_through_its_cursor() -> None:
+    # django_events.delivery.postgresql.pipelined (an ordered delivery's success, figure 16)
+    # uses Django's raw connection as a psycopg 3 connection: pipeline mode, and errors
+    # still raised as Django's.
+    from django.db import ProgrammingError, connection
+    from psycopg import pq
+
+    from django_events.delivery.postgresql import pipelined
+
+    with pipelined(connection):
+        assert connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.execute("SELECT 2")
+            assert cursor.fetchone() == (2,)
+    assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+    with pytest.raises(ProgrammingError), pipelined(connection), connection.cursor() as cursor:
+        cursor.execute("SELECT no_such_column FROM django_events_delivery")

@@ -37,6 +37,7 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
+from django_events.delivery.postgresql import pipelined
 from django_events.delivery.recording import delivery, event_of
 from django_events.events import Event
 from django_events.logs import log_extra
@@ -248,7 +249,8 @@ def finish(
             .values_list("ordering_key", flat=True)
             .first()
         )
-    with transaction.atomic(using=alias):
+    # Lock, save and the read of the key's next in one round trip (figure 16).
+    with transaction.atomic(using=alias), pipelined(connections[alias]):
         if key is not None:
             _lock(alias, subscription, key)
         if save is not None:

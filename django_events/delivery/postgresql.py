@@ -12,7 +12,8 @@ them. tests/test_storage.py checks that each writes exactly the rows the ORM wou
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -107,6 +108,22 @@ def mark_dispatched(
                 "{" + ",".join(str(i) for i in ids) + "}",
             ],
         )
+
+
+@contextmanager
+def pipelined(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Send the statements of the block without waiting for each one's answer (psycopg's
+    pipeline mode): one round trip up to the first result the block reads, one for the rest.
+
+    PostgreSQL with psycopg 3 only; elsewhere the block runs as it is. Errors come out as
+    Django's database errors, as the statements' own would.
+    """
+    if connection.vendor != "postgresql" or not hasattr(connection.connection, "pipeline"):
+        yield
+        return
+    connection.ensure_connection()
+    with connection.wrap_database_errors, connection.connection.pipeline():
+        yield
 
 
 def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
