@@ -12,10 +12,10 @@ from typing import Any, TypeVar, overload
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
-from django.db import router, transaction
+from django.db import DEFAULT_DB_ALIAS, router, transaction
 
 from django_events.delivery import endpoints, ordering
-from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
+from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch, run_sync
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
@@ -227,7 +227,8 @@ def _tasks_in_transaction(alias: str) -> bool:
 
 
 def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> None:
-    alias = using or router.db_for_write(EventRecord)
+    # Without DATABASE_ROUTERS that is the default database: not asked on each publish.
+    alias = using or (router.db_for_write(EventRecord) if router.routers else DEFAULT_DB_ALIAS)
     outlet = _outlet
     if outlet.capture is not None:  # django_events.testing.captured_events()
         outlet.capture(batch, alias)
@@ -236,6 +237,7 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     records: list[tuple[Event, str]] = []
     in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number
     deferred: list[Outgoing] = []
+    sends = False  # whether a deferred item has async deliveries
     in_transaction: list[tuple[Event, bool, Sequence[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
@@ -254,7 +256,10 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
             pending = item.async_ or item.tasks
             status = EventRecord.Status.PENDING if pending else EventRecord.Status.DISPATCHED
             records.append((item.event, status))
-        if item.sync or item.async_ or item.tasks:
+        if item.async_ or item.tasks:
+            deferred.append(item)
+            sends = True
+        elif item.sync:
             deferred.append(item)
     if records:
         insert_records(alias, records)
@@ -265,6 +270,9 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
 
         tasks_backend.enqueue(in_transaction, alias)
     if deferred:
-        transaction.on_commit(
-            partial(dispatch, deferred, alias, outlet.send), using=alias, robust=outlet.robust
+        callback = (
+            partial(dispatch, deferred, alias, outlet.send)
+            if sends
+            else partial(run_sync, deferred, alias)  # nothing to send first (figure 1)
         )
+        transaction.on_commit(callback, using=alias, robust=outlet.robust)

@@ -4,7 +4,9 @@
 then reset at once) or, with ``mode="blackhole"``, accepts them and never answers (what a
 dead host or a full network path looks like). ``mode="stall"`` keeps live connections open
 but forwards nothing either way (a partition: writes still "succeed" into the socket) and
-holds new ones; ``restore()`` then resets the stalled ones. The real server is never touched.
+holds new ones; ``restore()`` then resets the stalled ones. ``mode="deaf"`` ends what live
+connections receive (a clean end after what was forwarded) while what they send still reaches
+the server: a peer lost just as it answers. The real server is never touched.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ class FaultProxy:
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
         self._lock = threading.Lock()
-        self._mode: str | None = None  # None (forwarding), "refuse" or "blackhole"
+        self._mode: str | None = None  # None (forwarding), or the mode of cut()
         self._live: set[socket.socket] = set()
+        self._clients: set[socket.socket] = set()  # our side of each accepted connection
         self._held: list[socket.socket] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.1)
@@ -54,10 +57,14 @@ class FaultProxy:
     def cut(self, mode: str = "refuse", *, keep_live: bool = False) -> None:
         """Drop live connections (unless ``keep_live``); refuse (or blackhole) new ones until
         ``restore()``."""
-        if mode not in ("refuse", "blackhole", "stall"):
+        if mode not in ("refuse", "blackhole", "stall", "deaf"):
             raise ValueError(f"unknown cut mode {mode!r}")
         with self._lock:
             self._mode = mode
+            if mode == "deaf":
+                for client in self._live & self._clients:
+                    client.shutdown(socket.SHUT_WR)
+                return
             if keep_live or mode == "stall":
                 return
             live, self._live = self._live, set()
@@ -67,10 +74,10 @@ class FaultProxy:
     def restore(self) -> None:
         """Forward new connections again; blackholed ones are reset."""
         with self._lock:
-            stalled = self._mode == "stall"
+            stalled, deaf = self._mode == "stall", self._mode == "deaf"
             self._mode = None
             held, self._held = self._held, []
-            if stalled:  # what they sent meanwhile is gone: their streams are broken
+            if stalled or deaf:  # what they sent meanwhile is gone: their streams are broken
                 held += self._live
                 self._live = set()
         for sock in held:
@@ -118,6 +125,7 @@ class FaultProxy:
                     _drop(server)
                     continue
                 self._live.update((client, server))
+                self._clients.add(client)
             for source, sink in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
@@ -127,7 +135,7 @@ class FaultProxy:
                 with self._lock:
                     if source not in self._live:  # cut: what was read is dropped
                         return
-                    if self._mode == "stall":
+                    if self._mode == "stall" or (self._mode == "deaf" and sink in self._clients):
                         continue
                 sink.sendall(data)
         except OSError:
@@ -137,6 +145,8 @@ class FaultProxy:
                 dropped = source in self._live
                 self._live.discard(source)
                 self._live.discard(sink)
+                self._clients.discard(source)
+                self._clients.discard(sink)
             if dropped:
                 _drop(source)
                 _drop(sink)

@@ -4,7 +4,9 @@ waits for publisher confirms nor writes the UPDATE, and nothing committed is los
 from __future__ import annotations
 
 import json
+import logging
 import os
+import select
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from kombu import Queue
@@ -26,6 +29,7 @@ from django_events.models import EventRecord
 from django_events.operations.relay import relay_pending
 from tests import brokers
 from tests.conftest import wiring
+from tests.faultproxy import FaultProxy
 from tests.test_confirms import ScriptedChannel, publish_tags
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,6 +38,8 @@ ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode
 
 # A Celery app whose queue refuses every message: RabbitMQ nacks each publish.
 refusing = brokers.make_app("amqp")
+# One publishing through a FaultProxy, set by the test that cuts it.
+proxied: Celery | None = None
 
 
 def test_batches_sharing_a_channel_settle_apart() -> None:
@@ -214,3 +220,77 @@ def _marker(replacement: marking.Marker) -> Iterator[None]:
         replacement.stop()
         with marking._marker_lock:
             marking._marker, marking._marker_pid = saved
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_connection_lost_right_after_a_send_is_given_up_and_its_events_relayed(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The publishing thread's read of the confirms that arrived fails: its connection is given
+    up at once (logged), not kept for more publishes whose confirms can never be read; the
+    events it sent stay pending and the relay sends them."""
+    slow = marking.Marker(interval=600)  # only the publishing thread reads confirms
+    with FaultProxy.for_url(brokers.AMQP_URL) as proxy:
+        global proxied
+        proxied = brokers.make_app("amqp", proxy.url(brokers.AMQP_URL))
+        wired = wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.test_marking.proxied")
+        with _marker(slow), wired:
+            kept, sent = None, []
+            while kept is None or not kept.batches:  # a batch whose confirm is not read yet
+                with transaction.atomic():
+                    sent.append(publish("orders.placed", ORDER).id)
+                kept = broker._kept.by_app[id(proxied)]
+            assert select.select([kept.connection.connection.sock], [], [], 5)[0]
+            # That confirm has arrived; then the connection ends. py-amqp reads one frame (the
+            # confirm) before a publish, the message goes out, reading its confirm fails.
+            proxy.cut("deaf")
+            with transaction.atomic(), caplog.at_level(logging.WARNING, "django_events"):
+                second = publish("orders.placed", ORDER)
+            assert "Lost the publisher connection with 1 batch(es)" in caplog.text
+            assert kept.broken and not _unconfirmed()
+            slow.stop()
+            assert _statuses([*sent, second.id]) == [*(["dispatched"] * len(sent)), "pending"]
+            proxy.restore()
+            broker.health.reset()
+            relay_pending(min_age=0)
+    ids = [*sent, second.id]
+    assert _statuses(ids) == ["dispatched"] * len(ids)
+    # At least once: the second event's message reached the queue before the relay's.
+    assert {m["id"] for m in _messages(queue)} == set(map(str, ids))
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_cut_with_confirms_outstanding_is_one_warning_and_loses_nothing(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A publish that fails on a kept connection drops it; the marker then leaves the batches
+    still unconfirmed on it to the relay, instead of reading the closed connection (which
+    logged a traceback: 'NoneType' object has no attribute 'drain_events')."""
+    slow = marking.Marker(interval=600)
+    with FaultProxy.for_url(brokers.AMQP_URL) as proxy:
+        global proxied
+        proxied = brokers.make_app("amqp", proxy.url(brokers.AMQP_URL))
+        proxied.conf.broker_connection_timeout = 1
+        wired = wiring(ASYNC, DEFAULT_QUEUE=queue, CELERY_APP="tests.test_marking.proxied")
+        with _marker(slow), wired, caplog.at_level(logging.DEBUG, "django_events"):
+            with transaction.atomic():
+                warm = publish("orders.placed", ORDER)  # opens the kept connection
+            proxy.cut("stall")  # sent, never confirmed
+            with transaction.atomic():
+                first = publish("orders.placed", ORDER)
+            proxy.cut("refuse")  # the stalled connection reset: the next publish fails
+            with transaction.atomic():
+                second = publish("orders.placed", ORDER)
+            slow.flush(timeout=1)
+            assert "object has no attribute" not in caplog.text
+            assert _statuses([first.id, second.id]) == ["pending"] * 2
+            proxy.restore()
+            broker.health.reset()
+            relay_pending(min_age=0)
+    ids = [warm.id, first.id, second.id]
+    assert _statuses(ids) == ["dispatched"] * 3
+    assert {m["id"] for m in _messages(queue)} == set(map(str, ids))

@@ -408,8 +408,8 @@ class _Confirming:
             return []
         try:
             self.confirms.poll()
-        except Exception:  # noqa: BLE001 - the marker's next round finds it broken
-            return []
+        except Exception as exc:  # noqa: BLE001 - any transport error; _lost logs it
+            return self._lost(exc)
         return self._settled()
 
     def _settled(self) -> list[tuple[str, set[UUID]]]:
@@ -445,16 +445,8 @@ class _Confirming:
                 return []
             try:
                 self.confirms.wait(timeout)
-            except Exception as exc:  # any transport error: the relay has the events
-                logger.warning(
-                    "Lost the publisher connection with %d batch(es) unconfirmed; "
-                    "they stay pending",
-                    len(self.batches),
-                    exc_info=True,
-                    extra=log_extra(),
-                )
-                self._fail(exc)
-                return []
+            except Exception as exc:  # noqa: BLE001 - any transport error; _lost logs it
+                return self._lost(exc)
             taken, now = self._settled(), time.monotonic()
             if any(deadline <= now for _, _, deadline in self.batches):
                 logger.warning(
@@ -469,11 +461,30 @@ class _Confirming:
         finally:
             self.lock.release()
 
+    def _lost(self, exc: Exception) -> list[tuple[str, set[UUID]]]:
+        """Give the connection up after reading its confirms failed: (alias, events taken) of
+        the batches whose confirms all came before; the others stay pending."""
+        taken = self._settled()
+        logger.warning(
+            "Lost the publisher connection with %d batch(es) unconfirmed; they stay pending: %s",
+            len(self.batches),
+            exc,
+            extra=log_extra(),
+        )
+        logger.debug("Reading publisher confirms failed", exc_info=exc, extra=log_extra())
+        self._fail(exc)
+        return taken
+
     def _fail(self, exc: BaseException) -> None:
+        self.drop()
+        health.failed(exc, [], self.app)
+
+    def drop(self) -> None:
+        """Close the connection for good: the marker no longer reads it, and the events of
+        the batches still unconfirmed stay pending for the relay."""
         self.broken = True
         self.batches = []
         self.close()
-        health.failed(exc, [], self.app)
 
     def close(self) -> None:
         """Drop the connection without the AMQP close handshake: it failed, or stalled, and a
@@ -491,7 +502,9 @@ def _drop_confirming(app: Celery) -> None:
     kept: dict[int, _Confirming] = getattr(_kept, "by_app", {})
     entry = kept.pop(id(app), None)
     if entry is not None:
-        entry.close()
+        # Broken too: the marker reading its closed connection would fail ("'NoneType' object
+        # has no attribute 'drain_events'").
+        entry.drop()
 
 
 _has_confirms: dict[int, bool] = {}  # id of a Celery app -> whether its transport has them

@@ -63,7 +63,7 @@ def dispatch(batch: Sequence[Outgoing], alias: str, send: Sender | None = None) 
     try:
         _send_async(batch, alias, send)
     finally:  # only events_eager() raises from there: sync handlers still run
-        _run_sync(batch, alias)
+        run_sync(batch, alias)
 
 
 def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender | None) -> None:
@@ -114,7 +114,9 @@ def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender | None) -> N
         )
 
 
-def _run_sync(batch: Sequence[Outgoing], alias: str) -> None:
+def run_sync(batch: Sequence[Outgoing], alias: str) -> None:
+    """Run the sync deliveries of a committed batch, recording what happened (`dispatch`
+    without the async part, for a batch that has none)."""
     interceptors = get_registry().interceptors
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
