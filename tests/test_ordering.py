@@ -52,10 +52,11 @@ def test_held_then_handed_on_in_order_in_few_statements(
         # The second's message first: its turn and row in one read, then held under the lock.
         status, statements = deliver(second)
         assert (status, len(statements)) == ("held", 5), statements
-        # The first runs: one read; lock, success, the key's next (with its event record) and
-        # its hand-on in one transaction; its message sent after, its relay due time cleared.
+        # The first runs: one read; lock, success, the key's next, that one (held) with its
+        # event record and its hand-on in one transaction; its message sent after, its relay
+        # due time cleared.
         status, statements = deliver(first)
-        assert (status, len(statements)) == ("succeeded", 8), statements
+        assert (status, len(statements)) == ("succeeded", 9), statements
         [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
         assert again["event"]["id"] == str(second.id)
         messages[str(second.id)] = again
@@ -87,8 +88,9 @@ def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
             cursor.execute("ANALYZE django_events_delivery")
         with CaptureQueriesContext(connection) as queries:
             claimed = ordering.claim("default", latest.id, ORDERED["name"])
-            head = ordering._head("default", ORDERED["name"], "7")
-        assert claimed.turn is ordering.Turn.RUN and head is not None and head.event_id == latest.id
+            first = ordering._first_unfinished("default", ORDERED["name"], "7")
+        head = Delivery.objects.get(event_id=latest.id, subscription=ORDERED["name"])
+        assert claimed.turn is ordering.Turn.RUN and first == (head.pk, "pending")
 
     for query in queries.captured_queries:
         with connection.cursor() as cursor:

@@ -187,3 +187,52 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
     assert (hook.mode, hook.response_status, hook.response_ms) == ("webhook", 204, 17)
     assert hook.response_body == 'it\'s "ok" é' and hook.status == "succeeded"
     assert (stored["a-sub"].mode, stored["a-sub"].response_status) == ("async", None)
+
+
+def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
+    from django.db.models import Exists
+
+    from django_events.delivery import ordering
+
+    records = []
+    for _ in range(8):
+        event_id = uuid.uuid4()
+        event = Event(event_id, "shop.paid", {}, {}, datetime.now(UTC), event_id, None, {}, 1)
+        records.append(record_for(event, "dispatched"))
+    EventRecord.objects.bulk_create(records)
+    statuses = ["succeeded", "failed", "resolved", "held", "pending", "pending"]
+    layout = [  # (subscription, key, number, status) of each event's delivery
+        *[("ordered", "k", n, status) for n, status in enumerate(statuses, start=1)],
+        ("ordered", "other", 1, "held"),
+        ("plain", None, None, "pending"),
+    ]
+    for record, (name, key, number, status) in zip(records, layout, strict=True):
+        row = delivery(record.pk, name, "async", status, 1)
+        row.ordering_key, row.sequence = key, number
+        row.save()
+    finished = ordering.FINISHED
+
+    for record, (name, _, _, _) in zip(records, layout, strict=True):
+        by_orm = (
+            Delivery.objects.filter(event_id=record.pk, subscription=name)
+            .annotate(waits=Exists(ordering._unfinished_before("default", name)))
+            .values_list("ordering_key", "sequence", "status", "waits")
+            .first()
+        )
+        assert postgresql.turn(connection, record.pk, name, finished) == by_orm
+    assert postgresql.turn(connection, uuid.uuid4(), "ordered", finished) is None
+    for key in ("k", "other", "none"):
+        by_orm = (
+            Delivery.objects.filter(
+                subscription="ordered", ordering_key=key, sequence__isnull=False
+            )
+            .exclude(status__in=finished)
+            .order_by("sequence")
+            .values_list("pk", "status")
+            .first()
+        )
+        assert postgresql.first_unfinished(connection, "ordered", key, finished) == by_orm
+    assert postgresql.first_unfinished(connection, "ordered", "k", finished) == (
+        Delivery.objects.get(subscription="ordered", ordering_key="k", sequence=2).pk,
+        "failed",
+    )

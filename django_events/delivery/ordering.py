@@ -37,6 +37,7 @@ from django.db import DatabaseError, connections, transaction
 from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
+from django_events.delivery import postgresql
 from django_events.delivery.postgresql import pipelined
 from django_events.delivery.recording import delivery, event_of
 from django_events.events import Event
@@ -168,16 +169,17 @@ def _lock(alias: str, subscription: str, key: str) -> None:
     )
 
 
-def _head(alias: str, subscription: str, key: str) -> Delivery | None:
-    """The key's first unfinished delivery (lowest number), if any, with its event record
-    (what a hand-on sends)."""
+def _first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str] | None:
+    """The id and status of the key's first unfinished delivery (lowest number), if any."""
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        return postgresql.first_unfinished(connection, subscription, key, FINISHED)
     return (
         Delivery.objects.using(alias)
         .filter(subscription=subscription, ordering_key=key, sequence__isnull=False)
         .exclude(status__in=FINISHED)
         .order_by("sequence")
-        .select_related("event")
-        .defer("last_error", "traceback", "response_body")
+        .values_list("pk", "status")
         .first()
     )
 
@@ -191,11 +193,15 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     delivery before it cannot miss the hold.
     """
     rows = Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription)
-    row = (
-        rows.annotate(waits=Exists(_unfinished_before(alias, subscription)))
-        .values_list("ordering_key", "sequence", "status", "waits")
-        .first()
-    )
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        row = postgresql.turn(connection, event_id, subscription, FINISHED)
+    else:
+        row = (
+            rows.annotate(waits=Exists(_unfinished_before(alias, subscription)))
+            .values_list("ordering_key", "sequence", "status", "waits")
+            .first()
+        )
     if row is None or row[1] is None:  # published before the subscription was ordered
         return Claim(Turn.RUN)
     key, number, status, waits = row
@@ -266,9 +272,16 @@ def hand_on(alias: str, subscription: str, key: str) -> None:
     and the message goes out after the commit. The row is due for events_relay in
     `HAND_ON_GRACE` seconds in case this process never sends it; a sent message clears that.
     """
-    head = _head(alias, subscription, key)
-    if head is None or head.status != Delivery.Status.HELD:
+    first = _first_unfinished(alias, subscription, key)
+    if first is None or first[1] != Delivery.Status.HELD:
         return
+    # With its event record: what the hand-on sends.
+    head = (
+        Delivery.objects.using(alias)
+        .select_related("event")
+        .defer("last_error", "traceback", "response_body")
+        .get(pk=first[0])
+    )
     due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
     Delivery.objects.using(alias).filter(pk=head.pk).update(
         status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now()

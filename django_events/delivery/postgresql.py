@@ -1,12 +1,13 @@
 """The statements written by hand, all of them: PostgreSQL's, where they buy a figure.
 
-Every other backend (and every other statement) goes through the ORM. These four are on the
-hot paths (a publish, a delivery) and cost a fraction of the ORM's client CPU there
-(docs/performance.md, figures 2-4): the rows of a batch travel as one JSON parameter that
-``jsonb_to_recordset`` unpacks, and the ids of an update as one ``uuid[]`` literal, because
-psycopg adapts a JSON string or an array literal in C and other parameters one by one in
-Python. They go through Django's cursor, so query logging and ``execute_wrapper`` hooks see
-them. tests/test_storage.py checks that each writes exactly the rows the ORM would.
+Every other backend (and every other statement) goes through the ORM. These are on the
+hot paths (a publish, a delivery, an ordered delivery's turn) and cost a fraction of the
+ORM's client CPU there (docs/performance.md, figures 2-4 and 16): the rows of a batch
+travel as one JSON parameter that ``jsonb_to_recordset`` unpacks, and the ids of an update
+as one ``uuid[]`` literal, because psycopg adapts a JSON string or an array literal in C and
+other parameters one by one in Python. They go through Django's cursor, so query logging and
+``execute_wrapper`` hooks see them. tests/test_storage.py checks that each writes exactly
+the rows the ORM would, and reads what the ORM reads.
 """
 
 from __future__ import annotations
@@ -138,6 +139,31 @@ def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
         cursor.execute(_upsert_sql(connection), values)
 
 
+def turn(
+    connection: BaseDatabaseWrapper, event_id: UUID, subscription: str, finished: Sequence[str]
+) -> tuple[str | None, int | None, str, bool] | None:
+    """An ordered delivery's key, number and status, and whether an unfinished delivery of
+    its key comes before it (statuses other than ``finished``): what a worker reads for its
+    turn, in the SQL the ORM writes for it (`ordering.claim`)."""
+    with connection.cursor() as cursor:
+        cursor.execute(_turn_sql(connection, len(finished)), [*finished, event_id, subscription])
+        row: tuple[str | None, int | None, str, bool] | None = cursor.fetchone()
+        return row
+
+
+def first_unfinished(
+    connection: BaseDatabaseWrapper, subscription: str, key: str, finished: Sequence[str]
+) -> tuple[int, str] | None:
+    """The id and status of the first delivery of ``key`` (lowest number) whose status is
+    not one of ``finished``, if any."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _first_unfinished_sql(connection, len(finished)), [subscription, key, *finished]
+        )
+        row: tuple[int, str] | None = cursor.fetchone()
+        return row
+
+
 def insert_successes(
     connection: BaseDatabaseWrapper,
     rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None]],
@@ -228,6 +254,49 @@ def _upsert_sql(connection: BaseDatabaseWrapper) -> str:
 
 def _successes_sql(connection: BaseDatabaseWrapper) -> str:
     return _once("successes", lambda: _build_successes_sql(connection))
+
+
+def _turn_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    return _once(f"turn:{statuses}", lambda: _build_turn_sql(connection, statuses))
+
+
+def _first_unfinished_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    return _once(
+        f"first_unfinished:{statuses}", lambda: _build_first_unfinished_sql(connection, statuses)
+    )
+
+
+def _ordering_columns(connection: BaseDatabaseWrapper) -> dict[str, str]:
+    quote = connection.ops.quote_name
+    names = ("id", "event", "subscription", "ordering_key", "sequence", "status")
+    return {"table": quote(Delivery._meta.db_table)} | {
+        name: quote(_column(Delivery, name)) for name in names
+    }
+
+
+def _build_turn_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    # The status test is written as the index of unfinished deliveries' condition is, so
+    # that PostgreSQL reads that index (migration 0010).
+    c = _ordering_columns(connection)
+    finished = ", ".join(["%s"] * statuses)
+    return (
+        f"SELECT d.{c['ordering_key']}, d.{c['sequence']}, d.{c['status']}, EXISTS("
+        f"SELECT 1 FROM {c['table']} u WHERE u.{c['subscription']} = d.{c['subscription']} "
+        f"AND u.{c['ordering_key']} = d.{c['ordering_key']} "
+        f"AND u.{c['sequence']} < d.{c['sequence']} AND NOT (u.{c['status']} IN ({finished}))) "
+        f"FROM {c['table']} d WHERE d.{c['event']} = %s AND d.{c['subscription']} = %s"
+    )
+
+
+def _build_first_unfinished_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    c = _ordering_columns(connection)
+    finished = ", ".join(["%s"] * statuses)
+    return (
+        f"SELECT {c['id']}, {c['status']} FROM {c['table']} "
+        f"WHERE {c['subscription']} = %s AND {c['ordering_key']} = %s "
+        f"AND {c['sequence']} IS NOT NULL AND NOT ({c['status']} IN ({finished})) "
+        f"ORDER BY {c['sequence']} LIMIT 1"
+    )
 
 
 def _build_records_sql(connection: BaseDatabaseWrapper) -> str:
