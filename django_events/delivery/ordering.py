@@ -38,7 +38,6 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import postgresql
-from django_events.delivery.postgresql import pipelined
 from django_events.delivery.recording import delivery, event_of
 from django_events.events import Event
 from django_events.logs import log_extra
@@ -256,7 +255,7 @@ def finish(
             .first()
         )
     # Lock, save and the read of the key's next in one round trip (figure 16).
-    with transaction.atomic(using=alias), pipelined(connections[alias]):
+    with transaction.atomic(using=alias), postgresql.pipelined(connections[alias]):
         if key is not None:
             _lock(alias, subscription, key)
         if save is not None:
