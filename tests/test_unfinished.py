@@ -373,7 +373,7 @@ def worker_finishes_during_the_broker_check(monkeypatch: Any, held: list[dict[st
 
 @pytest.mark.django_db
 def test_a_lost_head_a_worker_finishes_during_the_pass_is_left_alone(
-    queue, publish_now, django_capture_on_commit_callbacks, monkeypatch
+    queue, publish_now, django_capture_on_commit_callbacks, monkeypatch, caplog
 ) -> None:
     with shop_wiring(queue, SUBSCRIPTIONS=[{**ORDERED, "idempotent": True}]):
         head = publish_now("shop.paid", {"order_id": 7, "total": 10})
@@ -385,10 +385,14 @@ def test_a_lost_head_a_worker_finishes_during_the_pass_is_left_alone(
         held = [m for m in taken if m["subscription"] == "shop-ordered"]
         worker_finishes_during_the_broker_check(monkeypatch, held)
 
-        with django_capture_on_commit_callbacks(execute=True):
+        with (
+            caplog.at_level("INFO", logger="django_events.relay"),
+            django_capture_on_commit_callbacks(execute=True),
+        ):
             out = relay()
 
         assert held == []  # the worker ran it after the relay read the head
+        assert "1 delivery(ies) taken for lost not sent again" in caplog.text
         assert "resent" not in out, out
         assert drain(queue) == []  # nothing sent
         assert ordered_rows() == [("7", 1, "succeeded", 1)]
@@ -399,16 +403,18 @@ def test_a_lost_head_a_worker_finishes_during_the_pass_is_left_alone(
 
 @pytest.mark.django_db
 def test_a_delivery_a_worker_records_during_the_pass_is_left_alone(
-    plain, publish_now, monkeypatch
+    plain, publish_now, monkeypatch, caplog
 ) -> None:
     paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
     held = drain(plain)  # a worker prefetched them: the queue is empty
     lost(paid, plain, ago=1.5 * HOUR)
     worker_finishes_during_the_broker_check(monkeypatch, held)
 
-    out = relay()
+    with caplog.at_level("INFO", logger="django_events.relay"):
+        out = relay()
 
     assert held == []  # the worker ran them after the relay read their rows (none)
+    assert caplog.text.count("delivery(ies) taken for lost not sent again") == 3
     assert "resent" not in out, out
     assert drain(plain) == []  # nothing sent
     rows = Delivery.objects.filter(event_id=paid.id, mode="async")

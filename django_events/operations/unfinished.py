@@ -431,6 +431,7 @@ def _resend_heads(
     claimed = set(
         rows.filter(status=Delivery.Status.PENDING, retry_at=due).values_list("pk", flat=True)
     )
+    _note_left_alone(subscription, len(heads) - len(claimed))
     heads = [h for h in heads if h.pk in claimed]
     if not heads:
         return 0
@@ -480,6 +481,7 @@ def _resend_absent(
         retry_at=again,
     )
     claimed = set(mine.values_list("event_id", flat=True))
+    _note_left_alone(subscription, len(records) - len(claimed))
     records = [r for r in records if r.pk in claimed]
     if not records:
         return 0, 0
@@ -492,3 +494,12 @@ def _resend_absent(
             updated_at=timezone.now(),
         )
     return len(records) - len(unsent), len(unsent)
+
+
+def _note_left_alone(subscription: Subscription, count: int) -> None:
+    if count:
+        logger.info(
+            "%d delivery(ies) taken for lost not sent again: a worker wrote them meanwhile",
+            count,
+            extra=log_extra(None, subscription.name),
+        )
