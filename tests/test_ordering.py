@@ -3,12 +3,15 @@ in database statements at the worker (figure 16 measures the time; docs/ordering
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
+from django_events import publish
 from django_events.delivery import ordering
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery
@@ -98,3 +101,63 @@ def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
             plan = "\n".join(row[0] for row in cursor.fetchall())
         assert "django_events_dlv_turn_idx" in plan, plan
         assert "Rows Removed by Filter: 300" not in plan, plan
+
+
+@pytest.mark.postgresql  # SQLite: the hand-on's gate write waits for any writer before it reads
+@pytest.mark.django_db(transaction=True)
+def test_a_hand_on_leaves_a_head_a_worker_finished_meanwhile_alone(queue: str) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        [message] = [
+            m
+            for m in drain(queue)
+            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
+        ]
+        assert process_message(message, 0, manage_connections=False).status == "held"
+        rows = Delivery.objects.filter(subscription=ORDERED["name"])
+        rows.filter(event_id=first.id).update(status="resolved")
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            [hand_on_pid] = cursor.fetchone()
+        locked, waited = threading.Event(), []
+
+        def worker() -> None:
+            # A duplicate of the second's message runs it (no key lock while a handler runs)
+            # and commits its success once the hand-on below waits for the row.
+            try:
+                with transaction.atomic():
+                    row = rows.select_for_update().get(event_id=second.id)
+                    rows.filter(pk=row.pk).update(status="succeeded", attempts=1)
+                    locked.set()
+                    waited.append(_waits_for_a_lock(hand_on_pid))
+            finally:
+                connections.close_all()
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        assert locked.wait(10)
+        ordering.release("default", [(ORDERED["name"], "1")])  # first marked resolved
+        thread.join()
+
+        assert waited == [True]  # the hand-on read the row held, then waited to write it
+        assert list(rows.order_by("sequence").values_list("status", "retry_at")) == [
+            ("resolved", None),
+            ("succeeded", None),
+        ]
+        assert drain(queue) == []  # not sent again
+
+
+def _waits_for_a_lock(pid: int, timeout: float = 10.0) -> bool:
+    """Whether the backend ``pid`` is seen waiting for a lock within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    with connection.cursor() as cursor:
+        while time.monotonic() < deadline:
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+                [pid],
+            )
+            if cursor.fetchone()[0]:
+                return True
+            time.sleep(0.05)
+    return False

@@ -330,15 +330,6 @@ def _succeeded_of(keys: list[str]) -> int:
     ).count()
 
 
-# Seen in CI on 2026-12-03 (PostgreSQL pass, RabbitMQ): the relay beside, with this test's
-# 20 s threshold, resent a key's first delivery that was not lost (RabbitMQ had it, a worker
-# was about to run it), and it ran twice. The lost-head resend cannot tell a message a worker
-# holds from a lost one when the queue looks empty, on any broker (a worker's prefetched or
-# unacknowledged messages are not in the queue's count): issue 19.
-@pytest.mark.xfail(
-    reason="the relay's lost-head resend may resend a head a worker still holds (issue 19)",
-    strict=False,
-)
 def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> None:
     # The messages a killed worker took are gone on the filesystem transport (it deletes a
     # message's file when it takes it), and can be on Redis (kombu's BRPOP takes one off its

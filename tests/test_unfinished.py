@@ -15,6 +15,7 @@ from django.utils import timezone
 from django_events import publish
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
+from django_events.operations import unfinished
 from django_events.operations.pausing import pause, resume
 from django_events.operations.relay import relay_backlog
 from django_events.operations.unfinished import QUEUE_ALLOWANCE, resend_after
@@ -355,6 +356,74 @@ def test_ordered_deliveries_a_worker_has_or_will_get_are_not_sent_again(
             ("shop-ordered", str(gone.id)),
             ("shop-receipt", str(gone.id)),
         ]
+
+
+def worker_finishes_during_the_broker_check(monkeypatch: Any, held: list[dict[str, Any]]) -> None:
+    """A worker that held ``held`` (prefetched: not in the queue's count) runs them while the
+    relay asks the broker for that count, between the relay's read and its resend."""
+    real = unfinished.waiting_messages
+
+    def waiting_messages(queue: str) -> int | None:
+        while held:
+            process_message(held.pop(0), 0, manage_connections=False)
+        return real(queue)
+
+    monkeypatch.setattr(unfinished, "waiting_messages", waiting_messages)
+
+
+@pytest.mark.django_db
+def test_a_lost_head_a_worker_finishes_during_the_pass_is_left_alone(
+    queue, publish_now, django_capture_on_commit_callbacks, monkeypatch, caplog
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**ORDERED, "idempotent": True}]):
+        head = publish_now("shop.paid", {"order_id": 7, "total": 10})
+        taken = drain(queue)  # a worker prefetched them: the queue is empty
+        for message in taken:
+            if message["subscription"] != "shop-ordered":
+                process_message(message, 0, manage_connections=False)
+        ordered_and_lost(head, queue=queue, ago=1.5 * HOUR)
+        held = [m for m in taken if m["subscription"] == "shop-ordered"]
+        worker_finishes_during_the_broker_check(monkeypatch, held)
+
+        with (
+            caplog.at_level("INFO", logger="django_events.relay"),
+            django_capture_on_commit_callbacks(execute=True),
+        ):
+            out = relay()
+
+        assert held == []  # the worker ran it after the relay read the head
+        assert "1 delivery(ies) taken for lost not sent again" in caplog.text
+        assert "resent" not in out, out
+        assert drain(queue) == []  # nothing sent
+        assert ordered_rows() == [("7", 1, "succeeded", 1)]
+        assert not Delivery.objects.filter(subscription="shop-ordered").exclude(retry_at=None)
+        # shop-audit (sync, ran at publish), then shop-ordered once.
+        assert HandlerRun.objects.filter(event_id=head.id, handler="record").count() == 2
+
+
+@pytest.mark.django_db
+def test_a_delivery_a_worker_records_during_the_pass_is_left_alone(
+    plain, publish_now, monkeypatch, caplog
+) -> None:
+    paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+    held = drain(plain)  # a worker prefetched them: the queue is empty
+    lost(paid, plain, ago=1.5 * HOUR)
+    worker_finishes_during_the_broker_check(monkeypatch, held)
+
+    with caplog.at_level("INFO", logger="django_events.relay"):
+        out = relay()
+
+    assert held == []  # the worker ran them after the relay read their rows (none)
+    assert caplog.text.count("delivery(ies) taken for lost not sent again") == 3
+    assert "resent" not in out, out
+    assert drain(plain) == []  # nothing sent
+    rows = Delivery.objects.filter(event_id=paid.id, mode="async")
+    assert not rows.exclude(retry_at=None).exists()
+    assert sorted(rows.values_list("subscription", "status", "attempts")) == [
+        ("shop-once", "succeeded", 1),
+        ("shop-plain", "succeeded", 1),
+        ("shop-receipt", "failed", 1),
+    ]
 
 
 # -- webhooks: manifest `mode: webhook` subscriptions and run-time endpoints -----------------

@@ -282,9 +282,15 @@ def hand_on(alias: str, subscription: str, key: str) -> None:
         .get(pk=first[0])
     )
     due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
-    Delivery.objects.using(alias).filter(pk=head.pk).update(
-        status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now()
+    # Only if still held: a worker running a duplicate of its message (no key lock while it
+    # runs) may have finished it since the read; it is not made pending again nor resent.
+    handed = (
+        Delivery.objects.using(alias)
+        .filter(pk=head.pk, status=Delivery.Status.HELD)
+        .update(status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now())
     )
+    if not handed:
+        return
     transaction.on_commit(lambda: _send(alias, subscription, head, due), using=alias)
 
 

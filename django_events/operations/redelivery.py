@@ -74,20 +74,36 @@ def redeliver(
     prior_attempts: Mapping[UUID, int],
     *,
     using: str,
-    relay: bool = False,
 ) -> RedeliveryResult:
-    """Deliver ``records`` (events declared in the registry) to ``subscription`` again.
-
-    ``relay``: sent as the relay sends (with publisher confirms, trying the broker even
-    during an outage it knows of).
-    """
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
     if not records:
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
     if subscription.is_queued:
-        return _send(subscription, records, compiled, prior_attempts, using, relay)
+        return _send(subscription, records, compiled, prior_attempts, using)
     return _run(subscription, records, compiled, prior_attempts, using)
+
+
+def send_claimed(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior_attempts: Mapping[UUID, int],
+    *,
+    using: str,
+) -> set[UUID]:
+    """Send ``records``' messages to ``subscription`` as the relay sends (with publisher
+    confirms, trying the broker even during an outage it knows of); the event ids the broker
+    did not take.
+
+    Writes no `Delivery` row: the caller has claimed the rows in the state it sends them for.
+    """
+    registry = get_registry()
+    items = [
+        (event_of(r), registry.event(r.name).declaration.durable, [subscription]) for r in records
+    ]
+    prior = {(r.pk, subscription.name): prior_attempts.get(r.pk, 0) for r in records}
+    return _send_items(subscription, items, using, prior, relay=True)
 
 
 def _send(
@@ -96,7 +112,6 @@ def _send(
     compiled: Mapping[str, CompiledEvent],
     prior: Mapping[UUID, int],
     using: str,
-    relay: bool = False,
 ) -> RedeliveryResult:
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
     prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
@@ -109,7 +124,7 @@ def _send(
     # leaves the rows as they were (a failure stays one), never pending with no message.
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
-        unsent = _send_items(subscription, items, using, prior_attempts, relay=relay)
+        unsent = _send_items(subscription, items, using, prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)
     return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))

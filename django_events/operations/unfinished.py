@@ -27,6 +27,13 @@ event dispatched and the row untouched for longer than the threshold (`_lost_hea
 worker took it (a worker that holds it back, runs it or fails it writes the row). The later
 deliveries of its key follow through the gate, each in turn.
 
+A worker can hold a message the relay takes for lost (prefetched or unacknowledged messages
+are not in the queue's count) and write its outcome while the relay works. The relay sends
+only what is still as it read it: a lost head still pending, with no due time and untouched
+(one conditional ``UPDATE`` claims it, `_resend_heads`), a delivery with no row still without
+one (an insert that keeps an existing row, `_resend_absent`). It never writes a status a
+worker wrote; a row a worker wrote meanwhile is left alone and not sent.
+
 A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
 of that queue stops at its first unfinished delivery and waits for the queue to drain; on a
 broker with a visibility timeout (Redis), until it has been seen empty for longer than that
@@ -50,11 +57,12 @@ from django_events.conf import conf
 from django_events.delivery import endpoints
 from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
 from django_events.delivery.dispatch import accepted
-from django_events.delivery.ordering import FINISHED
+from django_events.delivery.ordering import FINISHED, HAND_ON_GRACE
+from django_events.delivery.recording import delivery
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, RelayCheckpoint
-from django_events.operations.redelivery import redeliver
+from django_events.operations.redelivery import NOT_SENT, send_claimed
 from django_events.wiring.compiled import Registry, Subscription
 from django_events.wiring.registry import get_registry
 
@@ -190,32 +198,17 @@ def _resend_queue(
         for subscription_name, heads in _lost_heads(
             queue, registry, horizon, batch_size, using, cutoff
         ).items():
-            prior = {head.event_id: head.attempts for head in heads}
-            records_of = [head.event for head in heads]
-            sent = redeliver(
-                registry.subscriptions[subscription_name],
-                records_of,
-                prior,
-                using=using,
-                relay=True,
-            )  # sent once this commits; due for the relay's retries meanwhile
-            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
+            sent = _resend_heads(registry.subscriptions[subscription_name], heads, horizon, using)
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent
         subscriptions: dict[str, Subscription] = {
             **registry.subscriptions,
             **{h.name: h for h in hooks},
         }
+        again = now + timedelta(seconds=threshold)
         for subscription_name, waiting in unfinished.items():
-            sent = redeliver(subscriptions[subscription_name], waiting, {}, using=using, relay=True)
-            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent.sent
-            result.unsent += sent.unsent
-            # Should this message be lost too, the relay sends it once more when due (any
-            # outcome a worker writes clears it).
-            Delivery.objects.using(using).filter(
-                event_id__in=[r.pk for r in waiting],
-                subscription=subscription_name,
-                status=Delivery.Status.PENDING,
-                retry_at__isnull=True,
-            ).update(retry_at=now + timedelta(seconds=threshold))
+            sent, unsent = _resend_absent(subscriptions[subscription_name], waiting, again, using)
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent
+            result.unsent += unsent
         if checked:
             last = records[checked - 1]
             assert last.dispatched_at is not None  # filtered on it
@@ -414,3 +407,99 @@ def _unfinished(
         for subscription in missing:
             unfinished.setdefault(subscription.name, []).append(record)
     return unfinished, len(records)
+
+
+def _resend_heads(
+    subscription: Subscription, heads: Sequence[Delivery], horizon: datetime, using: str
+) -> int:
+    """Send again the lost ``heads`` (`_lost_heads`) that no worker wrote since they were
+    read; how many are to be sent (once the pass commits).
+
+    A worker can hold a message the queue's count leaves out (prefetched, unacknowledged)
+    and finish it after the read: a head is claimed only if its row is still as read
+    (pending, no due time, untouched since ``horizon``), in one conditional ``UPDATE`` that
+    makes it due for the relay's retries in `HAND_ON_GRACE` seconds (should this process
+    not send it); the send clears that. Its status is never written.
+    """
+    now = timezone.now()
+    due = now + timedelta(seconds=HAND_ON_GRACE)
+    rows = Delivery.objects.using(using).filter(pk__in=[h.pk for h in heads])
+    rows.filter(
+        status=Delivery.Status.PENDING, retry_at__isnull=True, updated_at__lte=horizon
+    ).update(retry_at=due, updated_at=now)
+    # ``due`` marks this pass's claim (a worker's outcome clears `retry_at`).
+    claimed = set(
+        rows.filter(status=Delivery.Status.PENDING, retry_at=due).values_list("pk", flat=True)
+    )
+    _note_left_alone(subscription, len(heads) - len(claimed))
+    heads = [h for h in heads if h.pk in claimed]
+    if not heads:
+        return 0
+
+    def send() -> None:
+        records = [h.event for h in heads]
+        unsent = send_claimed(
+            subscription, records, {h.event_id: h.attempts for h in heads}, using=using
+        )
+        sent = [h.pk for h in heads if h.event_id not in unsent]
+        Delivery.objects.using(using).filter(pk__in=sent, retry_at=due).update(retry_at=None)
+        if unsent:
+            logger.warning(
+                "The broker did not take %d lost delivery(ies) sent again; the relay's "
+                "retries send them",
+                len(unsent),
+                extra=log_extra(None, subscription.name),
+            )
+
+    # Sent once the pass commits (with its claim), as a hand-on is.
+    transaction.on_commit(send, using=using)
+    return len(heads)
+
+
+def _resend_absent(
+    subscription: Subscription, records: Sequence[EventRecord], again: datetime, using: str
+) -> tuple[int, int]:
+    """Send again the deliveries of ``records`` that still have no `Delivery` row; how many
+    were sent and not sent.
+
+    A row is inserted only where none exists (a worker may have written one since the read),
+    pending and due for the relay's retries at ``again`` should this message be lost too
+    (any outcome a worker writes clears it); only the rows this inserted are sent. Those the
+    broker did not take are recorded failed, unless a worker wrote the row meanwhile.
+    """
+    mode = subscription.mode
+    rows = []
+    for record in records:
+        row = delivery(record.pk, subscription.name, mode, Delivery.Status.PENDING, 0)
+        row.retry_at = again
+        rows.append(row)
+    Delivery.objects.using(using).bulk_create(rows, ignore_conflicts=True)
+    mine = Delivery.objects.using(using).filter(
+        event_id__in=[r.pk for r in records],
+        subscription=subscription.name,
+        status=Delivery.Status.PENDING,
+        retry_at=again,
+    )
+    claimed = set(mine.values_list("event_id", flat=True))
+    _note_left_alone(subscription, len(records) - len(claimed))
+    records = [r for r in records if r.pk in claimed]
+    if not records:
+        return 0, 0
+    unsent = send_claimed(subscription, records, {}, using=using)
+    if unsent:
+        mine.filter(event_id__in=unsent).update(
+            status=Delivery.Status.FAILED,
+            retry_at=None,
+            last_error=NOT_SENT,
+            updated_at=timezone.now(),
+        )
+    return len(records) - len(unsent), len(unsent)
+
+
+def _note_left_alone(subscription: Subscription, count: int) -> None:
+    if count:
+        logger.info(
+            "%d delivery(ies) taken for lost not sent again: a worker wrote them meanwhile",
+            count,
+            extra=log_extra(None, subscription.name),
+        )
