@@ -99,6 +99,9 @@ def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Pat
     summary = f"('mon-fails', '{failing.id}')"
     assert all(summary in line and "payload" not in line for line in received), received
     json.loads(active)  # --json output stays parseable
-    # The worker opened the sealed payload: handlers get the real values.
-    [run] = HandlerRun.objects.filter(event_id=slow.id, handler="hang_plain")
-    assert run.payload["email"] == EMAIL and run.payload["card"] == {"number": CARD}
+    # The worker opened the sealed payload: handlers get the real values (in every run: a
+    # message may come twice, at least once, on a loaded host).
+    runs = list(HandlerRun.objects.filter(event_id=slow.id, handler="hang_plain"))
+    assert runs
+    for run in runs:
+        assert run.payload["email"] == EMAIL and run.payload["card"] == {"number": CARD}
