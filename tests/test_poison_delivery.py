@@ -59,7 +59,11 @@ def test_the_deepest_payload_publish_accepts_is_delivered(wired: Broker) -> None
         what="the deepest payload's delivery",
     )
     assert run.payload == deepest
-    assert Delivery.objects.get(event_id=event.id).status == "succeeded"
+    # The handler's row commits before the worker writes the delivery's outcome.
+    wait_for(
+        lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").exists(),
+        what="the deepest payload's delivery outcome",
+    )
     assert wired.worker.process is not None and wired.worker.process.poll() is None
     assert "Unrecoverable error" not in wired.worker.log()
 
