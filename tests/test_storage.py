@@ -236,3 +236,59 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
         Delivery.objects.get(subscription="ordered", ordering_key="k", sequence=2).pk,
         "failed",
     )
+
+
+def test_hand_on_changes_what_the_orm_changes() -> None:
+    from django_events.delivery import ordering
+
+    finished = ordering.FINISHED
+    layouts = {  # key -> statuses of its deliveries, numbered from 1
+        "held-head": ["succeeded", "held", "held"],
+        "pending-head": ["resolved", "pending", "held"],
+        "failed-head": ["failed", "held"],
+        "all-done": ["succeeded", "resolved"],
+    }
+    now = datetime(2026, 12, 4, 5, 0, tzinfo=UTC)
+    due = now + timedelta(seconds=ordering.HAND_ON_GRACE)
+
+    def lay_out() -> None:
+        Delivery.objects.all().delete()
+        EventRecord.objects.all().delete()
+        for key, statuses in layouts.items():
+            for number, status in enumerate(statuses, start=1):
+                event_id = uuid.uuid4()
+                event = Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1)
+                record_for(event, "dispatched").save()
+                row = delivery(event_id, "ordered", "async", status, 1)
+                row.ordering_key, row.sequence = key, number
+                row.save()
+        Delivery.objects.update(updated_at=now - timedelta(hours=1))
+
+    def state() -> list[tuple[Any, ...]]:
+        return list(
+            Delivery.objects.order_by("ordering_key", "sequence").values_list(
+                "ordering_key", "sequence", "status", "retry_at", "updated_at"
+            )
+        )
+
+    written: list[tuple[list[Any], list[tuple[Any, ...]]]] = []
+    for by_hand in (True, False):
+        lay_out()
+        handed = []
+        for key in [*layouts, "no-such-key"]:
+            if by_hand:
+                handed.append(postgresql.hand_on(connection, "ordered", key, finished, due, now)())
+            else:
+                handed.append(ordering._held_to_pending("default", "ordered", key, due, now))
+        numbers = [
+            None if pk is None else Delivery.objects.values_list("sequence", flat=True).get(pk=pk)
+            for pk in handed
+        ]
+        written.append((numbers, state()))
+
+    assert written[0] == written[1]
+    numbers, rows = written[0]
+    assert numbers == [2, None, None, None, None]  # only a held head is handed on
+    held_head = [row[1:] for row in rows if row[0] == "held-head"]
+    assert [row[:2] for row in held_head] == [(1, "succeeded"), (2, "pending"), (3, "held")]
+    assert held_head[1][2:] == (due, now)  # due for the relay, in case its send never happens

@@ -28,7 +28,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from enum import Enum
 from typing import Any
 from uuid import UUID
@@ -254,44 +254,81 @@ def finish(
             .values_list("ordering_key", flat=True)
             .first()
         )
-    # Lock, save and the read of the key's next in one round trip (figure 16).
-    with transaction.atomic(using=alias), postgresql.pipelined(connections[alias]):
+    connection = connections[alias]
+    commits_here = not connection.in_atomic_block
+    # BEGIN, the lock, the success row, the hand-on and, when this transaction is the
+    # outermost, COMMIT: one round trip (figure 16).
+    with postgresql.pipelined(connection), transaction.atomic(using=alias):
         if key is not None:
             _lock(alias, subscription, key)
         if save is not None:
             save()
-        if key is not None:
-            hand_on(alias, subscription, key)
+        send_handed = None if key is None else _hand_on(alias, subscription, key)
+        if send_handed is not None and not commits_here:
+            transaction.on_commit(send_handed, using=alias)
+    if send_handed is not None and commits_here:
+        send_handed()
 
 
-def hand_on(alias: str, subscription: str, key: str) -> None:
-    """If the key's first unfinished delivery is held, make it pending and send it.
+def _hand_on(alias: str, subscription: str, key: str) -> Callable[[], None]:
+    """If the key's first unfinished delivery is held, make it pending; return what sends it
+    once the transaction commits.
 
-    Inside a transaction that locked the key's turn (`_lock`): it stays so until the commit,
-    and the message goes out after the commit. The row is due for events_relay in
-    `HAND_ON_GRACE` seconds in case this process never sends it; a sent message clears that.
+    Inside a transaction that locked the key's turn (`_lock`). The row is due for events_relay
+    in `HAND_ON_GRACE` seconds in case this process never sends it; a sent message clears
+    that. Only a row still held is handed on: a worker running a duplicate of its message (no
+    key lock while it runs) may have finished it since; it is not made pending again nor
+    resent.
     """
+    connection = connections[alias]
+    now = timezone.now()
+    due = now + timedelta(seconds=HAND_ON_GRACE)
+    if connection.vendor == "postgresql":
+        handed = postgresql.hand_on(connection, subscription, key, FINISHED, due, now)
+    else:
+        handed = _known(_held_to_pending(alias, subscription, key, due, now))
+
+    def send_handed() -> None:
+        pk = handed()
+        if pk is None:
+            return
+        extra = {**log_extra(None, subscription), "delivery_id": pk}
+        try:  # with its event record: what the hand-on sends
+            head = (
+                Delivery.objects.using(alias)
+                .select_related("event")
+                .defer("last_error", "traceback", "response_body")
+                .get(pk=pk)
+            )
+        except (DatabaseError, Delivery.DoesNotExist):
+            logger.warning(
+                "Cannot read a handed-on delivery; events_relay sends it",
+                exc_info=True,
+                extra=extra,
+            )
+            return
+        _send(alias, subscription, head, due)
+
+    return send_handed
+
+
+def _held_to_pending(
+    alias: str, subscription: str, key: str, due: datetime, now: datetime
+) -> int | None:
+    """`postgresql.hand_on` through the ORM: the id of the row it made pending, if any."""
     first = _first_unfinished(alias, subscription, key)
     if first is None or first[1] != Delivery.Status.HELD:
-        return
-    # With its event record: what the hand-on sends.
-    head = (
-        Delivery.objects.using(alias)
-        .select_related("event")
-        .defer("last_error", "traceback", "response_body")
-        .get(pk=first[0])
-    )
-    due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
-    # Only if still held: a worker running a duplicate of its message (no key lock while it
-    # runs) may have finished it since the read; it is not made pending again nor resent.
+        return None
     handed = (
         Delivery.objects.using(alias)
-        .filter(pk=head.pk, status=Delivery.Status.HELD)
-        .update(status=Delivery.Status.PENDING, retry_at=due, updated_at=timezone.now())
+        .filter(pk=first[0], status=Delivery.Status.HELD)
+        .update(status=Delivery.Status.PENDING, retry_at=due, updated_at=now)
     )
-    if not handed:
-        return
-    transaction.on_commit(lambda: _send(alias, subscription, head, due), using=alias)
+    return first[0] if handed else None
+
+
+def _known(value: int | None) -> Callable[[], int | None]:
+    return lambda: value
 
 
 def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
@@ -299,7 +336,7 @@ def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
     for subscription, key in sorted(set(deliveries)):
         with transaction.atomic(using=alias):
             _lock(alias, subscription, key)
-            hand_on(alias, subscription, key)
+            transaction.on_commit(_hand_on(alias, subscription, key), using=alias)
 
 
 def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:

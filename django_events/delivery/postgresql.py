@@ -164,6 +164,34 @@ def first_unfinished(
         return row
 
 
+def hand_on(
+    connection: BaseDatabaseWrapper,
+    subscription: str,
+    key: str,
+    finished: Sequence[str],
+    due: datetime,
+    now: datetime,
+) -> Callable[[], int | None]:
+    """Make the key's first unfinished delivery pending if it is held (due for the relay at
+    ``due``), in one ``UPDATE``; return what reads the id of the row it changed, if any.
+
+    The read waits for nothing in a pipeline that commits before it (`pipelined`): the answer
+    comes with the ``COMMIT``'s.
+    """
+    cursor = connection.cursor()
+    cursor.execute(
+        _hand_on_sql(connection, len(finished)),
+        [Delivery.Status.PENDING.value, due, now, subscription, key, *finished],
+    )
+
+    def handed() -> int | None:
+        with cursor:
+            row = cursor.fetchone()
+        return None if row is None else int(row[0])
+
+    return handed
+
+
 def insert_successes(
     connection: BaseDatabaseWrapper,
     rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None]],
@@ -288,14 +316,33 @@ def _build_turn_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
     )
 
 
-def _build_first_unfinished_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+def _build_first_unfinished_sql(
+    connection: BaseDatabaseWrapper, statuses: int, *, with_status: bool = True
+) -> str:
     c = _ordering_columns(connection)
     finished = ", ".join(["%s"] * statuses)
+    columns = f"{c['id']}, {c['status']}" if with_status else c["id"]
     return (
-        f"SELECT {c['id']}, {c['status']} FROM {c['table']} "
+        f"SELECT {columns} FROM {c['table']} "
         f"WHERE {c['subscription']} = %s AND {c['ordering_key']} = %s "
         f"AND {c['sequence']} IS NOT NULL AND NOT ({c['status']} IN ({finished})) "
         f"ORDER BY {c['sequence']} LIMIT 1"
+    )
+
+
+def _hand_on_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    return _once(f"hand_on:{statuses}", lambda: _build_hand_on_sql(connection, statuses))
+
+
+def _build_hand_on_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    c = _ordering_columns(connection)
+    quote = connection.ops.quote_name
+    retry_at, updated_at = (quote(_column(Delivery, n)) for n in ("retry_at", "updated_at"))
+    first = _build_first_unfinished_sql(connection, statuses, with_status=False)
+    return (
+        f"UPDATE {c['table']} SET {c['status']} = %s, {retry_at} = %s, {updated_at} = %s "
+        f"WHERE {c['id']} = ({first}) "
+        f"AND {c['status']} = {_literal(Delivery.Status.HELD.value)} RETURNING {c['id']}"
     )
 
 
