@@ -292,3 +292,56 @@ def test_hand_on_changes_what_the_orm_changes() -> None:
     held_head = [row[1:] for row in rows if row[0] == "held-head"]
     assert [row[:2] for row in held_head] == [(1, "succeeded"), (2, "pending"), (3, "held")]
     assert held_head[1][2:] == (due, now)  # due for the relay, in case its send never happens
+
+
+def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
+    from django_events.delivery import ordering
+    from django_events.models import OrderingGate
+
+    now = datetime(2026, 12, 4, 5, 0, tzinfo=UTC)
+    ids = []
+    for _ in range(4):
+        event_id = uuid.uuid4()
+        record_for(Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1), "x").save()
+        ids.append(event_id)
+    # Two transactions' worth: the second adds to the gates the first created.
+    batches = [[("sub", "b", 2), ("sub", "a", 1)], [("sub", "a", 3), ("hook", "it's", 1)]]
+    rows = [(ids[0], "sub", "async", "a", 1), (ids[1], "hook", "webhook", "it's", 1)]
+
+    written = []
+    for by_hand in (True, False):
+        OrderingGate.objects.all().delete()
+        Delivery.objects.all().delete()
+        taken = []
+        for batch in batches:
+            if by_hand:
+                taken.append(postgresql.take_numbers(connection, batch))
+            else:
+                taken.append({(s, k): ordering._take("default", s, k, n) for s, k, n in batch})
+        if by_hand:
+            postgresql.insert_numbered(connection, rows, now)
+        else:
+            made = []
+            for event_id, name, mode, key, number in rows:
+                row = delivery(event_id, name, mode, Delivery.Status.PENDING, 0)
+                row.ordering_key, row.sequence, row.created_at, row.updated_at = (
+                    key,
+                    number,
+                    now,
+                    now,
+                )
+                made.append(row)
+            Delivery.objects.bulk_create(made)
+        gates = list(
+            OrderingGate.objects.order_by("subscription", "key").values_list(
+                "subscription", "key", "last_sequence"
+            )
+        )
+        fields = [f.attname for f in Delivery._meta.concrete_fields if not f.primary_key]
+        stored = list(Delivery.objects.order_by("subscription").values_list(*fields))
+        written.append((taken, gates, stored))
+
+    assert written[0] == written[1]
+    taken, gates, _ = written[0]
+    assert taken == [{("sub", "a"): 1, ("sub", "b"): 2}, {("sub", "a"): 4, ("hook", "it's"): 1}]
+    assert gates == [("hook", "it's", 1), ("sub", "a", 4), ("sub", "b", 2)]

@@ -23,7 +23,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
 from django_events.events import Event
-from django_events.models import Delivery, EventRecord
+from django_events.models import Delivery, EventRecord, OrderingGate
 
 # The columns a new record is written with (the others take their NULL).
 RECORD_FIELDS = (
@@ -192,6 +192,29 @@ def hand_on(
     return handed
 
 
+def take_numbers(
+    connection: BaseDatabaseWrapper, counts: Sequence[tuple[str, str, int]]
+) -> dict[tuple[str, str], int]:
+    """Add each count to its (subscription, key) gate's counter, creating the gates, in one
+    statement that locks them in (subscription, key) order; return each gate's new value."""
+    document = json.dumps([{"s": s, "k": k, "n": n} for s, k, n in counts])
+    with connection.cursor() as cursor:
+        cursor.execute(_numbers_sql(connection), [document])
+        return {(s, k): int(last) for s, k, last in cursor.fetchall()}
+
+
+def insert_numbered(
+    connection: BaseDatabaseWrapper,
+    rows: Sequence[tuple[UUID, str, str, str, int]],
+    created_at: datetime,
+) -> None:
+    """``INSERT`` the pending `Delivery` rows of ordered deliveries ((event id, subscription,
+    mode, key, number) each), in one statement."""
+    document = json.dumps([{"e": str(e), "s": s, "m": m, "k": k, "n": n} for e, s, m, k, n in rows])
+    with connection.cursor() as cursor:
+        cursor.execute(_numbered_sql(connection), [created_at, created_at, document])
+
+
 def insert_successes(
     connection: BaseDatabaseWrapper,
     rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None]],
@@ -278,6 +301,14 @@ def _dispatched_sql(connection: BaseDatabaseWrapper) -> str:
 
 def _upsert_sql(connection: BaseDatabaseWrapper) -> str:
     return _once("upsert", lambda: _build_upsert_sql(connection))
+
+
+def _numbers_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("numbers", lambda: _build_numbers_sql(connection))
+
+
+def _numbered_sql(connection: BaseDatabaseWrapper) -> str:
+    return _once("numbered", lambda: _build_numbered_sql(connection))
 
 
 def _successes_sql(connection: BaseDatabaseWrapper) -> str:
@@ -379,6 +410,58 @@ def _build_upsert_sql(connection: BaseDatabaseWrapper) -> str:
         f"INSERT INTO {quote(Delivery._meta.db_table)} ({', '.join(map(quote, columns))}) "
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
         f"ON CONFLICT ({unique}) DO UPDATE SET {updates}"
+    )
+
+
+def _build_numbers_sql(connection: BaseDatabaseWrapper) -> str:
+    quote = connection.ops.quote_name
+    table = quote(OrderingGate._meta.db_table)
+    subscription, key, last = (
+        quote(_column(OrderingGate, n)) for n in ("subscription", "key", "last_sequence")
+    )
+    types = {
+        n: OrderingGate._meta.get_field(n).db_type(connection) for n in ("subscription", "key")
+    }
+    # The rows go in (subscription, key) order, so two publishers never wait on each other
+    # in a cycle.
+    return (
+        f"INSERT INTO {table} ({subscription}, {key}, {last}) "
+        f'SELECT rows."s", rows."k", rows."n" FROM jsonb_to_recordset(%s::jsonb) '
+        f'AS rows("s" {types["subscription"]}, "k" {types["key"]}, "n" bigint) '
+        f'ORDER BY rows."s", rows."k" '
+        f"ON CONFLICT ({subscription}, {key}) DO UPDATE SET {last} = {table}.{last} + "
+        f"EXCLUDED.{last} RETURNING {subscription}, {key}, {last}"
+    )
+
+
+def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
+    def db_type(name: str) -> str:
+        return str(Delivery._meta.get_field(name).db_type(connection))
+
+    return _json_rows_insert_sql(
+        connection,
+        Delivery,
+        {
+            "event": 'rows."e"',
+            "subscription": 'rows."s"',
+            "mode": 'rows."m"',
+            "status": _literal(Delivery.Status.PENDING.value),
+            "attempts": "0",
+            "last_error": "''",
+            "traceback": "''",
+            "response_body": "''",
+            "created_at": "%s",
+            "updated_at": "%s",
+            "ordering_key": 'rows."k"',
+            "sequence": 'rows."n"',
+        },
+        {
+            "e": "uuid",
+            "s": db_type("subscription"),
+            "m": db_type("mode"),
+            "k": db_type("ordering_key"),
+            "n": "bigint",
+        },
     )
 
 
