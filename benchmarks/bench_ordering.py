@@ -8,7 +8,16 @@ from django.db import transaction
 
 from django_events import publish_many
 
-from .bench_delivery import _redis, _until_counted, _wiring, _worker, fresh_tables
+from .bench_delivery import (
+    _CPU_PARTS,
+    _cpu_per_event,
+    _cpu_text,
+    _redis,
+    _until_counted,
+    _wiring,
+    _worker,
+    fresh_tables,
+)
 from .bench_publish import Context
 from .harness import Baseline, Target, compare
 
@@ -21,34 +30,52 @@ def figure_16(ctx: Context) -> bool:
 
     The handler is figure 4's (a Redis ``INCR``): the gate's own cost is what is measured.
     """
-    met = [_over_keys(ctx, kind, KEYS) for kind in ("amqp", "redis")]
+    cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    met = [_over_keys(ctx, kind, KEYS, cpu) for kind in ("amqp", "redis")]
     for kind in ("amqp", "redis"):
-        _over_keys(ctx, kind, 1)
+        _over_keys(ctx, kind, 1, cpu)
+    # Where the CPU goes: the publisher, the worker and PostgreSQL share 2 cores.
+    print(
+        f"16. CPU per event, {_CPU_PARTS}: "
+        + "; ".join(
+            f"{line} ordered {_cpu_text(samples['ordered'])}, "
+            f"unordered {_cpu_text(samples['unordered'])}"
+            for line, samples in cpu.items()
+        ),
+        flush=True,
+    )
     return all(met)
 
 
-def _over_keys(ctx: Context, kind: str, keys: int) -> bool:
+def _over_keys(
+    ctx: Context, kind: str, keys: int, cpu: dict[str, dict[str, list[tuple[float, float, float]]]]
+) -> bool:
     n = ctx.count(3000 if keys > 1 else 500)
     fresh_tables()
     client = _redis()
     queue = f"bench-ordering-{ctx.run_id}-{kind}-{keys}"
     runs = iter(range(1_000_000))
+    samples: dict[str, list[tuple[float, float, float]]] = {"ordered": [], "unordered": []}
+    cpu[f"{keys} key{'s' if keys > 1 else ''} {kind}"] = samples
 
-    def side(event: str, count: int = n) -> float:
+    def side(event: str, count: int = n, measured: bool = True) -> float:
         note = f"{ctx.counter}:ordering:{queue}:{next(runs)}"
-        start = time.perf_counter()
-        for first in range(0, count, 100):
-            with transaction.atomic():
-                publish_many(
-                    (event, ctx.payload(i % keys, note))
-                    for i in range(first, min(first + 100, count))
-                )
-        _until_counted(client, note, count, timeout=60 + count / 5)
-        return count / (time.perf_counter() - start)
+        into = samples[event.removeprefix("bench.")] if measured else []
+        with _cpu_per_event(worker, count, into):
+            start = time.perf_counter()
+            for first in range(0, count, 100):
+                with transaction.atomic():
+                    publish_many(
+                        (event, ctx.payload(i % keys, note))
+                        for i in range(first, min(first + 100, count))
+                    )
+            _until_counted(client, note, count, timeout=60 + count / 5)
+            return count / (time.perf_counter() - start)
 
-    with _wiring(ctx, kind, queue), _worker(ctx, kind, [queue]):
-        side("bench.ordered", min(n, 100))  # warm-up: imports, connections, the gates
-        side("bench.unordered", min(n, 100))
+    with _wiring(ctx, kind, queue), _worker(ctx, kind, [queue]) as worker:
+        # warm-up: imports, connections, the gates
+        side("bench.ordered", min(n, 100), measured=False)
+        side("bench.unordered", min(n, 100), measured=False)
         title = f"ordering_key over {keys} key{'s' if keys > 1 else ''}, prefork -c 2, {kind}"
         if keys == 1:
             title += " (the serial floor, reported)"

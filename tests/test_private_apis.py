@@ -93,22 +93,51 @@ def test_py_amqp_channels_confirm_and_report_acks_through_their_events() -> None
 
 
 @pytest.mark.postgresql
-@pytest.mark.django_db
-def test_psycopg_pipelines_what_django_sends_through_its_cursor() -> None:
-    # django_events.delivery.postgresql.pipelined (an ordered delivery's success, figure 16)
-    # uses Django's raw connection as a psycopg 3 connection: pipeline mode, and errors
-    # still raised as Django's.
-    from django.db import ProgrammingError, connection
+@pytest.mark.django_db(transaction=True)
+def test_psycopg_pipelines_a_transaction_written_as_statements() -> None:
+    # django_events.delivery.postgresql.transaction_in_one_round_trip (an ordered delivery's
+    # success, figure 16) uses Django's raw connection as a psycopg 3 connection in pipeline
+    # mode, with BEGIN and COMMIT sent as statements in autocommit mode: it commits, a
+    # result is read after the block, and an error (the database's or the block's) leaves
+    # nothing written, no transaction open and errors raised as Django's.
+    from django.db import IntegrityError, connection
     from psycopg import pq
 
-    from django_events.delivery.postgresql import pipelined
+    from django_events.delivery.postgresql import transaction_in_one_round_trip
 
-    with pipelined(connection):
-        assert connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
+    def names() -> list[str]:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-            cursor.execute("SELECT 2")
-            assert cursor.fetchone() == (2,)
-    assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
-    with pytest.raises(ProgrammingError), pipelined(connection), connection.cursor() as cursor:
-        cursor.execute("SELECT no_such_column FROM django_events_delivery")
+            cursor.execute("SELECT name FROM it ORDER BY name")
+            return [row[0] for row in cursor.fetchall()]
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE it (name text PRIMARY KEY)")
+    try:
+        kept = connection.cursor()
+        with transaction_in_one_round_trip(connection):
+            assert connection.connection.pgconn.pipeline_status != pq.PipelineStatus.OFF
+            assert connection.get_autocommit() and not connection.in_atomic_block
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO it VALUES ('a')")
+            kept.execute("INSERT INTO it VALUES ('b') RETURNING name")
+        assert connection.connection.pgconn.pipeline_status == pq.PipelineStatus.OFF
+        assert kept.fetchone() == ("b",)
+        assert names() == ["a", "b"]
+
+        with (
+            pytest.raises(IntegrityError),
+            transaction_in_one_round_trip(connection),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute("INSERT INTO it VALUES ('c')")
+            cursor.execute("INSERT INTO it VALUES ('a')")
+        with pytest.raises(KeyError), transaction_in_one_round_trip(connection):
+            with connection.cursor() as cursor:
+                cursor.execute("INSERT INTO it VALUES ('d')")
+            raise KeyError("the block's own error")
+        idle = pq.TransactionStatus.IDLE
+        assert connection.connection.pgconn.transaction_status == idle
+        assert names() == ["a", "b"]
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TABLE it")

@@ -272,9 +272,9 @@ def finish(
         )
     connection = connections[alias]
     commits_here = not connection.in_atomic_block
-    # BEGIN, the lock, the success row, the hand-on and, when this transaction is the
-    # outermost, COMMIT: one round trip (figure 16).
-    with postgresql.pipelined(connection), transaction.atomic(using=alias):
+    # On PostgreSQL BEGIN, the lock, the success row, the hand-on and COMMIT travel in one
+    # round trip (figure 16).
+    with postgresql.transaction_in_one_round_trip(connection):
         if key is not None:
             _lock(alias, subscription, key)
         if save is not None:

@@ -13,17 +13,22 @@ the rows the ORM would, and reads what the ORM reads.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
 from django_events.events import Event
+from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, OrderingGate
+
+logger = logging.getLogger("django_events.worker")
 
 # The columns a new record is written with (the others take their NULL).
 RECORD_FIELDS = (
@@ -112,19 +117,49 @@ def mark_dispatched(
 
 
 @contextmanager
-def pipelined(connection: BaseDatabaseWrapper) -> Iterator[None]:
-    """Send the statements of the block without waiting for each one's answer (psycopg's
-    pipeline mode): one round trip up to the first result the block reads, one for the rest.
+def transaction_in_one_round_trip(connection: BaseDatabaseWrapper) -> Iterator[None]:
+    """Run the block in a transaction whose ``BEGIN``, statements and ``COMMIT`` travel in one
+    round trip; on any error it is rolled back.
 
-    PostgreSQL with psycopg 3 only; elsewhere the block runs as it is. Errors come out as
-    Django's database errors, as the statements' own would.
+    psycopg's pipeline mode, with the transaction written as statements: Django's ``atomic()``
+    inside a pipeline waits for the server four times (psycopg syncs when autocommit is turned
+    off and on, at its implicit ``BEGIN`` and at ``COMMIT``). The block may not read a result
+    (a read waits for the server); a cursor it keeps has its result after the block. Django's
+    view of the connection does not change (autocommit, no atomic block, no on-commit hooks).
+    Only on PostgreSQL with psycopg 3 outside any ``atomic()`` block; elsewhere ``atomic()``.
     """
-    if connection.vendor != "postgresql" or not hasattr(connection.connection, "pipeline"):
-        yield
+    raw = connection.connection if connection.vendor == "postgresql" else None
+    if connection.vendor == "postgresql" and raw is None:
+        connection.ensure_connection()
+        raw = connection.connection
+    if raw is None or not hasattr(raw, "pipeline") or connection.in_atomic_block:
+        with transaction.atomic(using=connection.alias):
+            yield
         return
-    connection.ensure_connection()
-    with connection.wrap_database_errors, connection.connection.pipeline():
-        yield
+    try:
+        with connection.wrap_database_errors, raw.pipeline(), connection.cursor() as cursor:
+            cursor.execute("BEGIN")
+            yield
+            cursor.execute("COMMIT")
+    except BaseException:
+        _roll_back(connection)
+        raise
+
+
+def _roll_back(connection: BaseDatabaseWrapper) -> None:
+    """End the transaction `transaction_in_one_round_trip` left open by an error."""
+    from psycopg import pq
+
+    raw = connection.connection
+    if raw is None or raw.closed or raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+        return
+    try:
+        with connection.wrap_database_errors:
+            raw.rollback()
+    except DatabaseError:
+        # The connection broke: the server ends the transaction with it, and Django replaces
+        # the connection before its next use (close_old_connections: errors occurred).
+        logger.warning("Could not roll back on PostgreSQL", exc_info=True, extra=log_extra())
 
 
 def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
@@ -175,8 +210,8 @@ def hand_on(
     """Make the key's first unfinished delivery pending if it is held (due for the relay at
     ``due``), in one ``UPDATE``; return what reads the id of the row it changed, if any.
 
-    The read waits for nothing in a pipeline that commits before it (`pipelined`): the answer
-    comes with the ``COMMIT``'s.
+    Inside `transaction_in_one_round_trip` the read waits for nothing: the answer came with
+    the ``COMMIT``'s.
     """
     cursor = connection.cursor()
     cursor.execute(
