@@ -207,13 +207,17 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     one unfinished. Only holding locks the key's turn, so that the worker finishing the
     delivery before it cannot miss the hold.
     """
-    rows = Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription)
+
+    def this_delivery() -> QuerySet[Delivery]:  # built only when used: not on PostgreSQL's turn
+        return Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription)
+
     connection = connections[alias]
     if connection.vendor == "postgresql":
         row = postgresql.turn(connection, event_id, subscription, FINISHED)
     else:
         row = (
-            rows.annotate(waits=Exists(_unfinished_before(alias, subscription)))
+            this_delivery()
+            .annotate(waits=Exists(_unfinished_before(alias, subscription)))
             .values_list("ordering_key", "sequence", "status", "waits")
             .first()
         )
@@ -228,8 +232,11 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
         # Held only if an earlier one is still unfinished: it may have finished meanwhile.
-        held = rows.filter(Exists(_unfinished_before(alias, subscription, key, number))).update(
-            status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None
+        earlier = Exists(_unfinished_before(alias, subscription, key, number))
+        held = (
+            this_delivery()
+            .filter(earlier)
+            .update(status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None)
         )
     return Claim(Turn.HELD if held else Turn.RUN, key)
 
