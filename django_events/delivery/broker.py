@@ -265,6 +265,16 @@ class _StaleConnection(Exception):
     """A kept confirming connection failed at its first message: the broker had dropped it."""
 
 
+class _Sent:
+    """What ``send_task`` returns for a delivery: its task id. Celery's default, an
+    ``AsyncResult``, builds promises nobody waits on here (a fifth of a send, figure 3)."""
+
+    __slots__ = ("id", "ignored")
+
+    def __init__(self, task_id: str) -> None:
+        self.id = task_id
+
+
 def _send(
     app: Celery,
     items: Sequence[SendItem],
@@ -326,6 +336,10 @@ def _send(
                         # Celery takes fractional seconds here; its stubs say int.
                         soft_time_limit=soft_limit,  # type: ignore[arg-type]
                         time_limit=soft_limit + HARD_LIMIT_GRACE if soft_limit else None,  # type: ignore[arg-type]
+                        # Celery calls it with the task id; its stubs ask for an AsyncResult.
+                        result_cls=_Sent,  # type: ignore[arg-type]
+                        # Not a child of the task that publishes (its result is ignored).
+                        add_to_parent=False,
                     )
                     if confirms is not None:
                         confirms.published(event.id)
