@@ -128,11 +128,11 @@ def transaction_in_one_round_trip(connection: BaseDatabaseWrapper) -> Iterator[N
     view of the connection does not change (autocommit, no atomic block, no on-commit hooks).
     Only on PostgreSQL with psycopg 3 outside any ``atomic()`` block; elsewhere ``atomic()``.
     """
-    raw = connection.connection if connection.vendor == "postgresql" else None
-    if connection.vendor == "postgresql" and raw is None:
+    one_trip = connection.vendor == "postgresql" and not connection.in_atomic_block
+    if one_trip:
         connection.ensure_connection()
-        raw = connection.connection
-    if raw is None or not hasattr(raw, "pipeline") or connection.in_atomic_block:
+    raw = connection.connection
+    if not one_trip or not hasattr(raw, "pipeline"):  # psycopg2 has no pipeline mode
         with transaction.atomic(using=connection.alias):
             yield
         return
