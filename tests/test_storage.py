@@ -277,7 +277,7 @@ def test_hand_on_changes_what_the_orm_changes() -> None:
         handed = []
         for key in [*layouts, "no-such-key"]:
             if by_hand:
-                handed.append(postgresql.hand_on(connection, "ordered", key, finished, due, now)())
+                handed.append(postgresql.hand_on(connection, "ordered", key, finished, due, now))
             else:
                 handed.append(ordering._held_to_pending("default", "ordered", key, due, now))
         numbers = [
@@ -345,3 +345,78 @@ def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
     taken, gates, _ = written[0]
     assert taken == [{("sub", "a"): 1, ("sub", "b"): 2}, {("sub", "a"): 4, ("hook", "it's"): 1}]
     assert gates == [("hook", "it's", 1), ("sub", "a", 4), ("sub", "b", 2)]
+
+
+def test_finish_ordered_writes_what_the_orm_writes() -> None:
+    from django.db import transaction
+
+    from django_events.delivery import ordering
+
+    now = datetime(2026, 12, 4, 5, 0, tzinfo=UTC)
+    due = now + timedelta(seconds=ordering.HAND_ON_GRACE)
+    layouts = {  # key -> statuses of its deliveries, numbered from 1; the first is finished
+        "next-held": ["pending", "held", "held"],
+        "next-pending": ["pending", "pending"],
+        "retried": ["failed", "held"],
+        "alone": ["pending"],
+    }
+
+    def lay_out() -> dict[str, uuid.UUID]:
+        Delivery.objects.all().delete()
+        EventRecord.objects.all().delete()
+        firsts = {}
+        for key, statuses in layouts.items():
+            for number, status in enumerate(statuses, start=1):
+                event_id = uuid.uuid4()
+                event = Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1)
+                record_for(event, "dispatched").save()
+                row = delivery(event_id, "ordered", "async", status, 1, error="boom")
+                row.ordering_key, row.sequence = key, number
+                row.save()
+                firsts.setdefault(key, event_id)
+        Delivery.objects.update(created_at=now, updated_at=now - timedelta(hours=1))
+        return firsts
+
+    def success(event_id: uuid.UUID) -> Delivery:
+        row = delivery(event_id, "ordered", "async", "succeeded", 2, duration_ms=1.5)
+        row.created_at = row.updated_at = now
+        return row
+
+    written = []
+    for by_function in (True, False):
+        firsts = lay_out()
+        handed = []
+        for key, event_id in firsts.items():
+            if by_function:
+                lock = ordering._lock_id("ordered", key)
+                pk = postgresql.finish_ordered(connection, success(event_id), key, lock, due)
+            else:
+                with transaction.atomic():
+                    ordering._lock("default", "ordered", key)
+                    Delivery.objects.bulk_create(
+                        [success(event_id)],
+                        update_conflicts=True,
+                        unique_fields=["event", "subscription"],
+                        update_fields=list(postgresql.OUTCOME_FIELDS),
+                    )
+                    pk = ordering._held_to_pending("default", "ordered", key, due, now)
+            handed.append(
+                None
+                if pk is None
+                else Delivery.objects.values_list("sequence", flat=True).get(pk=pk)
+            )
+        fields = [
+            f.attname for f in Delivery._meta.concrete_fields if f.attname not in ("id", "event_id")
+        ]
+        rows = list(Delivery.objects.order_by("ordering_key", "sequence").values_list(*fields))
+        written.append((handed, rows))
+
+    assert written[0] == written[1]
+    handed, rows = written[0]
+    assert handed == [2, None, 2, None]  # a held next only, after a pending or failed first
+    by_key = {(r[fields.index("ordering_key")], r[fields.index("sequence")]): r for r in rows}
+    first = by_key["next-held", 1]
+    assert first[fields.index("status")] == "succeeded" and first[fields.index("last_error")] == ""
+    assert by_key["next-held", 2][fields.index("status")] == "pending"
+    assert by_key["next-held", 2][fields.index("retry_at")] == due
+    assert by_key["next-held", 3][fields.index("status")] == "held"

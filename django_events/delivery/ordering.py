@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -39,7 +40,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import postgresql
-from django_events.delivery.recording import delivery, event_of
+from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, OrderingGate
@@ -174,14 +175,19 @@ def _lock(alias: str, subscription: str, key: str) -> None:
     """
     connection = connections[alias]
     if connection.vendor == "postgresql":
-        digest = hashlib.sha256(f"django_events.ordering\0{subscription}\0{key}".encode())
-        with connection.cursor() as cursor:  # a shared id (a hash collision) only waits
-            lock_id = int.from_bytes(digest.digest()[:8], "big", signed=True)
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [lock_id])
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_id(subscription, key)])
         return
     OrderingGate.objects.using(alias).filter(subscription=subscription, key=key).update(
         last_sequence=F("last_sequence")
     )
+
+
+def _lock_id(subscription: str, key: str) -> int:
+    """The advisory lock of a key's turn on PostgreSQL (a shared id, a hash collision, only
+    waits)."""
+    digest = hashlib.sha256(f"django_events.ordering\0{subscription}\0{key}".encode())
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
 def _first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str] | None:
@@ -259,16 +265,17 @@ def finish(
     alias: str,
     event_id: UUID,
     subscription: str,
-    save: Callable[[], None] | None = None,
+    row: Delivery | None = None,
     key: str | None = None,
 ) -> None:
-    """Record a delivery's outcome with ``save`` and hand its key on, in one transaction.
+    """Record a delivery's outcome ``row`` and hand its key on, in one transaction.
 
-    The key's turn is locked before ``save`` writes, as `claim` locks it before its writes:
-    the same order everywhere, so no two workers wait on each other. Without ``save`` (inside a
-    transaction that recorded the outcome already: an idempotent run) only hands on. ``key``:
-    the delivery's, as `claim` returned it (read here if None). The next delivery's message is
-    sent after the commit.
+    The key's turn is locked before the row is written, as `claim` locks it before its
+    writes: the same order everywhere, so no two workers wait on each other. Without ``row``
+    (inside a transaction that recorded the outcome already: an idempotent run) only hands
+    on. ``key``: the delivery's, as `claim` returned it (read here if None). The next
+    delivery's message is sent after the commit. On PostgreSQL outside a transaction all of
+    it is one statement (figure 16).
     """
     if key is None:
         key = (
@@ -278,18 +285,24 @@ def finish(
             .first()
         )
     connection = connections[alias]
+    if key is None:  # published before the subscription was ordered: nothing to hand on
+        if row is not None:
+            save_deliveries(alias, [row])
+        return
+    if row is not None and connection.vendor == "postgresql" and not connection.in_atomic_block:
+        due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
+        handed = postgresql.finish_ordered(connection, row, key, _lock_id(subscription, key), due)
+        _send_handed(alias, subscription, handed, due)
+        return
     commits_here = not connection.in_atomic_block
-    # On PostgreSQL BEGIN, the lock, the success row, the hand-on and COMMIT travel in one
-    # round trip (figure 16).
-    with postgresql.transaction_in_one_round_trip(connection):
-        if key is not None:
-            _lock(alias, subscription, key)
-        if save is not None:
-            save()
-        send_handed = None if key is None else _hand_on(alias, subscription, key)
-        if send_handed is not None and not commits_here:
+    with transaction.atomic(using=alias):
+        _lock(alias, subscription, key)
+        if row is not None:
+            save_deliveries(alias, [row])
+        send_handed = _hand_on(alias, subscription, key)
+        if not commits_here:
             transaction.on_commit(send_handed, using=alias)
-    if send_handed is not None and commits_here:
+    if commits_here:
         send_handed()
 
 
@@ -309,30 +322,28 @@ def _hand_on(alias: str, subscription: str, key: str) -> Callable[[], None]:
     if connection.vendor == "postgresql":
         handed = postgresql.hand_on(connection, subscription, key, FINISHED, due, now)
     else:
-        handed = _known(_held_to_pending(alias, subscription, key, due, now))
+        handed = _held_to_pending(alias, subscription, key, due, now)
+    return partial(_send_handed, alias, subscription, handed, due)
 
-    def send_handed() -> None:
-        pk = handed()
-        if pk is None:
-            return
-        extra = {**log_extra(None, subscription), "delivery_id": pk}
-        try:  # with its event record: what the hand-on sends
-            head = (
-                Delivery.objects.using(alias)
-                .select_related("event")
-                .defer("last_error", "traceback", "response_body")
-                .get(pk=pk)
-            )
-        except (DatabaseError, Delivery.DoesNotExist):
-            logger.warning(
-                "Cannot read a handed-on delivery; events_relay sends it",
-                exc_info=True,
-                extra=extra,
-            )
-            return
-        _send(alias, subscription, head, due)
 
-    return send_handed
+def _send_handed(alias: str, subscription: str, pk: int | None, due: datetime) -> None:
+    """Send the delivery ``pk`` a committed hand-on made pending (None: none was)."""
+    if pk is None:
+        return
+    extra = {**log_extra(None, subscription), "delivery_id": pk}
+    try:  # with its event record: what the hand-on sends
+        head = (
+            Delivery.objects.using(alias)
+            .select_related("event")
+            .defer("last_error", "traceback", "response_body")
+            .get(pk=pk)
+        )
+    except (DatabaseError, Delivery.DoesNotExist):
+        logger.warning(
+            "Cannot read a handed-on delivery; events_relay sends it", exc_info=True, extra=extra
+        )
+        return
+    _send(alias, subscription, head, due)
 
 
 def _held_to_pending(
@@ -348,10 +359,6 @@ def _held_to_pending(
         .update(status=Delivery.Status.PENDING, retry_at=due, updated_at=now)
     )
     return first[0] if handed else None
-
-
-def _known(value: int | None) -> Callable[[], int | None]:
-    return lambda: value
 
 
 def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:

@@ -7,28 +7,23 @@ travel as one JSON parameter that ``jsonb_to_recordset`` unpacks, and the ids of
 as one ``uuid[]`` literal, because psycopg adapts a JSON string or an array literal in C and
 other parameters one by one in Python. They go through Django's cursor, so query logging and
 ``execute_wrapper`` hooks see them. tests/test_storage.py checks that each writes exactly
-the rows the ORM would, and reads what the ORM reads.
+the rows the ORM would, and reads what the ORM reads. One is a function, of migration 0011
+(an ordered delivery's finish, one statement instead of a transaction of five).
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import DatabaseError, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
 from django_events.events import Event
-from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, OrderingGate
-
-logger = logging.getLogger("django_events.worker")
 
 # The columns a new record is written with (the others take their NULL).
 RECORD_FIELDS = (
@@ -116,52 +111,6 @@ def mark_dispatched(
         )
 
 
-@contextmanager
-def transaction_in_one_round_trip(connection: BaseDatabaseWrapper) -> Iterator[None]:
-    """Run the block in a transaction whose ``BEGIN``, statements and ``COMMIT`` travel in one
-    round trip; on any error it is rolled back.
-
-    psycopg's pipeline mode, with the transaction written as statements: Django's ``atomic()``
-    inside a pipeline waits for the server four times (psycopg syncs when autocommit is turned
-    off and on, at its implicit ``BEGIN`` and at ``COMMIT``). The block may not read a result
-    (a read waits for the server); a cursor it keeps has its result after the block. Django's
-    view of the connection does not change (autocommit, no atomic block, no on-commit hooks).
-    Only on PostgreSQL with psycopg 3 outside any ``atomic()`` block; elsewhere ``atomic()``.
-    """
-    one_trip = connection.vendor == "postgresql" and not connection.in_atomic_block
-    if one_trip:
-        connection.ensure_connection()
-    raw = connection.connection
-    if not one_trip or not hasattr(raw, "pipeline"):  # psycopg2 has no pipeline mode
-        with transaction.atomic(using=connection.alias):
-            yield
-        return
-    try:
-        with connection.wrap_database_errors, raw.pipeline(), connection.cursor() as cursor:
-            cursor.execute("BEGIN")
-            yield
-            cursor.execute("COMMIT")
-    except BaseException:
-        _roll_back(connection)
-        raise
-
-
-def _roll_back(connection: BaseDatabaseWrapper) -> None:
-    """End the transaction `transaction_in_one_round_trip` left open by an error."""
-    from psycopg import pq
-
-    raw = connection.connection
-    if raw is None or raw.closed or raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-        return
-    try:
-        with connection.wrap_database_errors:
-            raw.rollback()
-    except DatabaseError:
-        # The connection broke: the server ends the transaction with it, and Django replaces
-        # the connection before its next use (close_old_connections: errors occurred).
-        logger.warning("Could not roll back on PostgreSQL", exc_info=True, extra=log_extra())
-
-
 def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
     """``INSERT`` one `Delivery`, or replace the outcome of its (event, subscription) row.
 
@@ -199,6 +148,26 @@ def first_unfinished(
         return row
 
 
+def finish_ordered(
+    connection: BaseDatabaseWrapper, row: Delivery, key: str, lock_id: int, due: datetime
+) -> int | None:
+    """Record an ordered delivery's outcome ``row`` and hand its key on, in one statement:
+    the key's lock, the row's upsert and `hand_on`, in the function of migration 0011 (a
+    statement of its own in autocommit: its own transaction). The id of the delivery it
+    made pending, if any; its message is the caller's to send."""
+    values = {
+        str(f.column): f.get_db_prep_save(f.pre_save(row, add=True), connection)
+        for f in _delivery_fields()
+    }
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT django_events_finish_ordered(%s, %s, %s::jsonb, %s)",
+            [lock_id, key, json.dumps(values, default=str), due],
+        )
+        handed: int | None = cursor.fetchone()[0]
+        return handed
+
+
 def hand_on(
     connection: BaseDatabaseWrapper,
     subscription: str,
@@ -206,25 +175,16 @@ def hand_on(
     finished: Sequence[str],
     due: datetime,
     now: datetime,
-) -> Callable[[], int | None]:
+) -> int | None:
     """Make the key's first unfinished delivery pending if it is held (due for the relay at
-    ``due``), in one ``UPDATE``; return what reads the id of the row it changed, if any.
-
-    Inside `transaction_in_one_round_trip` the read waits for nothing: the answer came with
-    the ``COMMIT``'s.
-    """
-    cursor = connection.cursor()
-    cursor.execute(
-        _hand_on_sql(connection, len(finished)),
-        [Delivery.Status.PENDING.value, due, now, subscription, key, *finished],
-    )
-
-    def handed() -> int | None:
-        with cursor:
-            row = cursor.fetchone()
+    ``due``), in one ``UPDATE``; the id of the row it changed, if any."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _hand_on_sql(connection, len(finished)),
+            [Delivery.Status.PENDING.value, due, now, subscription, key, *finished],
+        )
+        row = cursor.fetchone()
         return None if row is None else int(row[0])
-
-    return handed
 
 
 def take_numbers(

@@ -10,7 +10,6 @@ import traceback
 from collections.abc import Collection
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -418,8 +417,7 @@ def _record_success(
     while True:
         try:
             if ordered:  # the success and the hand-on to the key's next, together
-                save = partial(save_deliveries, alias, [row])
-                ordering.finish(alias, event.id, row.subscription, save, key)
+                ordering.finish(alias, event.id, row.subscription, row, key)
             elif overwrite:
                 save_deliveries(alias, [row])
             else:
