@@ -17,3 +17,24 @@ def test_no_missing_migrations(db: None, auto_field: str) -> None:
     with override_settings(DEFAULT_AUTO_FIELD=auto_field):
         call_command("makemigrations", "django_events", "--check", "--dry-run", stdout=out)
     assert "No changes detected" in out.getvalue()
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_the_finish_function_comes_and_goes_with_its_migration() -> None:
+    # Migration 0011's function (an ordered delivery's finish, PostgreSQL): unmigrating drops
+    # it, migrating creates it again.
+    from django.db import connection
+
+    def exists() -> bool:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT to_regproc('django_events_finish_ordered') IS NOT NULL")
+            return bool(cursor.fetchone()[0])
+
+    assert exists()
+    try:
+        call_command("migrate", "django_events", "0010", verbosity=0)
+        assert not exists()
+    finally:
+        call_command("migrate", "django_events", verbosity=0)
+    assert exists()
