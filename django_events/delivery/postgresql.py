@@ -429,10 +429,12 @@ def _build_numbers_sql(connection: BaseDatabaseWrapper) -> str:
     )
 
 
-def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
-    def db_type(name: str) -> str:
-        return str(Delivery._meta.get_field(name).db_type(connection))
+def _delivery_type(connection: BaseDatabaseWrapper, name: str) -> str:
+    """The SQL type of a `Delivery` field."""
+    return str(Delivery._meta.get_field(name).db_type(connection))
 
+
+def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
     return _json_rows_insert_sql(
         connection,
         Delivery,
@@ -452,9 +454,9 @@ def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
         },
         {
             "e": "uuid",
-            "s": db_type("subscription"),
-            "m": db_type("mode"),
-            "k": db_type("ordering_key"),
+            "s": _delivery_type(connection, "subscription"),
+            "m": _delivery_type(connection, "mode"),
+            "k": _delivery_type(connection, "ordering_key"),
             "n": "bigint",
         },
     )
@@ -464,7 +466,7 @@ def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
     at = 'to_timestamp(rows."at")'
 
     def db_type(name: str) -> str:
-        return str(Delivery._meta.get_field(name).db_type(connection))
+        return _delivery_type(connection, name)
 
     # A webhook's row has its answer (status, ms, body); an async delivery's has none of them.
     return _json_rows_insert_sql(
