@@ -77,6 +77,36 @@ def test_held_then_handed_on_in_order_in_few_statements(
 
 
 @pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_turn_on_postgresql_is_two_statements(queue: str) -> None:
+    # Outside a transaction (a worker), the finish is one statement: the function of
+    # migration 0011 (lock, success row, hand-on); figure 16 measures what that buys.
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        messages = {
+            m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+        }
+
+        def deliver(event: Any) -> tuple[str, list[str]]:
+            with CaptureQueriesContext(connection) as queries:
+                status = process_message(messages.pop(str(event.id)), 0).status
+            return status, gate_statements(queries)
+
+        assert deliver(second)[0] == "held"
+        status, statements = deliver(first)  # the turn, the finish; the handed-on one sent
+        assert status == "succeeded" and len(statements) == 4, statements
+        assert "django_events_finish_ordered" in statements[1]
+        [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+        messages[str(second.id)] = again
+        status, statements = deliver(second)
+        assert (status, len(statements)) == ("succeeded", 2), statements
+
+    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
+
+
+@pytest.mark.postgresql
 @pytest.mark.django_db
 def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
     queue: str, publish_now: Any
