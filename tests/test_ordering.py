@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 import pytest
+from django.core.management import call_command
 from django.db import connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
@@ -104,6 +105,36 @@ def test_a_turn_on_postgresql_is_two_statements(queue: str) -> None:
 
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rolling deploy: the worker's code calls migration 0011's function before anyone
+    # ran migrate. The outcome is recorded the slower way (the transaction), and said once.
+    ordering._warn_missing_function.cache_clear()
+    call_command("migrate", "django_events", "0010", verbosity=0)
+    try:
+        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+            first = publish("shop.paid", {"order_id": 1, "total": 10})
+            second = publish("shop.paid", {"order_id": 1, "total": 11})
+            messages = {
+                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+            }
+            assert process_message(messages[str(second.id)], 0).status == "held"
+            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+            [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+            assert process_message(again, 0).status == "succeeded"
+    finally:
+        call_command("migrate", "django_events", verbosity=0)
+        ordering._warn_missing_function.cache_clear()
+
+    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
+    missing = [r for r in caplog.records if "migration 0011 is not applied" in r.getMessage()]
+    assert len(missing) == 1
 
 
 @pytest.mark.postgresql

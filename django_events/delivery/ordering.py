@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
-from functools import partial
+from functools import cache, partial
 from typing import Any
 from uuid import UUID
 
-from django.db import DatabaseError, connections, transaction
+from django.db import DatabaseError, ProgrammingError, connections, transaction
 from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
@@ -291,9 +291,18 @@ def finish(
         return
     if row is not None and connection.vendor == "postgresql" and not connection.in_atomic_block:
         due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
-        handed = postgresql.finish_ordered(connection, row, key, _lock_id(subscription, key), due)
-        _send_handed(alias, subscription, handed, due)
-        return
+        lock_id = _lock_id(subscription, key)
+        try:
+            handed = postgresql.finish_ordered(connection, row, key, lock_id, due)
+        except ProgrammingError as exc:
+            if not postgresql.is_missing_function(exc):
+                raise
+            # Nothing was written (one statement in autocommit): the transaction below does
+            # the same, slower.
+            _warn_missing_function()
+        else:
+            _send_handed(alias, subscription, handed, due)
+            return
     commits_here = not connection.in_atomic_block
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
@@ -304,6 +313,15 @@ def finish(
             transaction.on_commit(send_handed, using=alias)
     if commits_here:
         send_handed()
+
+
+@cache  # once a process
+def _warn_missing_function() -> None:
+    logger.error(
+        "Run migrate: django_events migration 0011 is not applied; ordered deliveries are "
+        "recorded the slower way until it is",
+        extra=log_extra(),
+    )
 
 
 def _hand_on(alias: str, subscription: str, key: str) -> Callable[[], None]:

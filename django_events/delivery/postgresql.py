@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from django.db import DatabaseError
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import Field, Model
 
@@ -166,6 +167,12 @@ def finish_ordered(
         )
         handed: int | None = cursor.fetchone()[0]
         return handed
+
+
+def is_missing_function(error: DatabaseError) -> bool:
+    """Whether ``error`` says a function does not exist (SQLSTATE 42883): a worker whose code
+    is newer than the database's migrations."""
+    return getattr(error.__cause__, "sqlstate", None) == "42883"
 
 
 def hand_on(
