@@ -16,8 +16,8 @@ The broker is not involved (RabbitMQ, Redis and the filesystem transport alike),
 number of workers and hosts. Its cost: at publish, the gates' upsert and the `Delivery`
 rows' insert (on PostgreSQL two statements a transaction, elsewhere one upsert per key and
 one insert), and the gate rows locked until the publisher commits; at the worker, one read
-before each run (a transaction only to hold it) and one transaction after, sent with its
-``COMMIT`` in one round trip on PostgreSQL (tests/test_ordering.py counts the statements).
+before each run (a transaction only to hold it) and one transaction after, on PostgreSQL
+one statement: a function of migration 0011 (tests/test_ordering.py counts the statements).
 docs/ordering.md says why this over the brokers' own tools. Webhook deliveries
 (``mode: webhook``) use the same three calls around their send.
 """
@@ -303,16 +303,11 @@ def finish(
         else:
             _send_handed(alias, subscription, handed, due)
             return
-    commits_here = not connection.in_atomic_block
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
         if row is not None:
             save_deliveries(alias, [row])
-        send_handed = _hand_on(alias, subscription, key)
-        if not commits_here:
-            transaction.on_commit(send_handed, using=alias)
-    if commits_here:
-        send_handed()
+        transaction.on_commit(_hand_on(alias, subscription, key), using=alias)
 
 
 @cache  # once a process

@@ -472,9 +472,6 @@ def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
 def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
     at = 'to_timestamp(rows."at")'
 
-    def db_type(name: str) -> str:
-        return _delivery_type(connection, name)
-
     # A webhook's row has its answer (status, ms, body); an async delivery's has none of them.
     return _json_rows_insert_sql(
         connection,
@@ -492,12 +489,12 @@ def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
         },
         {
             "event": "uuid",
-            "subscription": db_type("subscription"),
+            "subscription": _delivery_type(connection, "subscription"),
             "at": "float8",
-            "mode": db_type("mode"),
-            "status": db_type("response_status"),
-            "ms": db_type("response_ms"),
-            "body": db_type("response_body"),
+            "mode": _delivery_type(connection, "mode"),
+            "status": _delivery_type(connection, "response_status"),
+            "ms": _delivery_type(connection, "response_ms"),
+            "body": _delivery_type(connection, "response_body"),
         },
         "ON CONFLICT DO NOTHING",
     )
