@@ -48,7 +48,7 @@ DEFAULTS: dict[str, Any] = {
     "RECORD": "all",
     "PIPELINE": [],
     "INBOUND_MAX_BODY": 256 * 1024,
-    "SUCCESS_RECORDS": "immediate",
+    "SUCCESS_RECORDS": "batched",
     "DELIVERY": "celery",
     "TASKS_BACKEND": "default",
     "LOCK_FILE": "events.lock.json",

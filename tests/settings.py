@@ -140,6 +140,9 @@ DJANGO_EVENTS = {
     "DEFAULT_RETRY": {"max_attempts": 3, "backoff": 0.1, "max_backoff": 1, "jitter": False},
     # Interceptors of a worker subprocess (comma-separated dotted paths).
     "PIPELINE": [p for p in os.environ.get("DJANGO_EVENTS_TEST_PIPELINE", "").split(",") if p],
+    # Not the package's default ("batched"): most tests read a success row as soon as its
+    # handler ran. The default's own tests: test_batching*, and test_soak (the package's
+    # defaults through kills and cuts).
     "SUCCESS_RECORDS": os.environ.get("DJANGO_EVENTS_TEST_SUCCESS_RECORDS", "immediate"),
 }
 if os.environ.get("DJANGO_EVENTS_SOAK"):

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from django.conf import settings
 from django.db import connection
+from django.test import override_settings
 from django.utils import timezone
 
 from django_events.delivery import batching
@@ -23,6 +25,7 @@ from django_events.models import Delivery, EventRecord
 from tests.worker import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
+RECORD = "tests.app.handlers.record"
 
 
 def recorded_events(count: int) -> list[uuid.UUID]:
@@ -177,6 +180,63 @@ def test_rows_wait_while_the_database_fails_and_are_written_once_it_is_back(
     assert recorder.waiting() == 3
     assert recorder.flush() == 3
     assert len(stored(ids)) == 3
+
+
+def test_a_database_whose_write_failed_takes_no_rows_until_a_write_succeeds(recorders) -> None:
+    ids = recorded_events(1)
+    recorder = make(recorders, interval=3600)
+    recorder.add("default", ids[0], "billing")
+    assert recorder.takes("default")
+
+    with deliveries_table_gone():
+        assert recorder.flush() == 0
+
+    assert not recorder.takes("default")
+    assert recorder.takes("other")  # one database's outage says nothing of another
+    assert recorder.flush() == 1  # the database is back: the waiting row is written
+    assert recorder.takes("default")
+
+
+def test_a_worker_writes_a_first_success_at_once_while_its_database_cannot_be_written(
+    queue: str, publish_now, monkeypatch
+) -> None:
+    from django_events.delivery.worker import process_message
+    from tests.ops import drain
+
+    monkeypatch.setattr(batching, "FLUSH_INTERVAL", 3600)  # nothing flushes behind the test
+    batching.reset_recorder()
+    plain = {"event": "shop.paid", "handler": RECORD, "mode": "async", "name": "shop-plain"}
+    with override_settings(DJANGO_EVENTS={**settings.DJANGO_EVENTS, "SUBSCRIPTIONS": [plain]}):
+        paid = [publish_now("shop.paid", {"order_id": i, "total": 10}) for i in range(3)]
+        messages = [m for m in drain(queue) if m["subscription"] == "shop-plain"]
+
+        def deliver(index: int) -> None:
+            outcome = process_message(messages[index], 0, batch_success=True)
+            assert outcome.status == "succeeded"
+
+        def row_of(index: int) -> bool:
+            return Delivery.objects.filter(
+                event_id=paid[index].id, subscription="shop-plain"
+            ).exists()
+
+        try:
+            deliver(0)  # batched: its row waits for the writer
+            assert not row_of(0) and batching.recorder().waiting() == 1
+            with deliveries_table_gone():
+                assert batching.recorder().flush() == 0
+
+            deliver(1)  # the database failed: written before returning, not batched
+            assert row_of(1) and batching.recorder().waiting() == 1
+
+            assert batching.recorder().flush() == 1  # the batch gets through: batching again
+            deliver(2)
+            assert row_of(0) and not row_of(2) and batching.recorder().waiting() == 1
+        finally:
+            batching.reset_recorder()
+    assert row_of(2)  # written when the recorder stopped
+    batched = Delivery.objects.get(event_id=paid[0].id, subscription="shop-plain")
+    assert (batched.status, batched.attempts, batched.mode) == ("succeeded", 1, "async")
+    assert batched.duration_ms is not None and batched.duration_ms >= 0  # the handler's time
 
 
 def test_rows_beyond_the_bound_are_dropped_with_an_error_while_the_database_fails(

@@ -25,9 +25,13 @@ REDIS = (
     *("--visibility-timeout", "20", "--resend-unfinished-after", "30"),
     *("--settle", "120", "--deadline", "300"),
 )
+# RabbitMQ: success rows are batched by default, so a killed worker's last ones are lost and
+# the relay resends those deliveries: RESEND_UNFINISHED_AFTER shortened to fit the run.
+AMQP = ("--resend-unfinished-after", "30", "--settle", "90", "--deadline", "240")
 
 
-@pytest.mark.parametrize("kind", ["amqp", pytest.param("redis", marks=pytest.mark.timeout(480))])
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("kind", ["amqp", "redis"])
 def test_the_soak_script_loses_nothing_through_cuts_and_kills(kind: str) -> None:
     brokers.require_server(brokers.URLS[kind], kind)
     assert settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
@@ -35,8 +39,7 @@ def test_the_soak_script_loses_nothing_through_cuts_and_kills(kind: str) -> None
     command = [
         *(sys.executable, str(ROOT / "scripts" / "soak.py"), "--broker", kind),
         *("--events", "300", "--batch", "10", "--kill-every", "2", "--cut", "10"),
-        *("--settle", "60", "--deadline", "150"),
-        *(REDIS if kind == "redis" else ()),
+        *(REDIS if kind == "redis" else AMQP),
     ]
     env = {
         **os.environ,

@@ -139,9 +139,9 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
     at = time.time()
     # An async delivery's success, a webhook's (with its answer), and one already recorded.
     successes = [
-        (batch[0].id, "a-sub", at, None),
-        (batch[0].id, "hook-sub", at, (204, 17, 'it\'s "ok" é')),
-        (batch[1].id, "it's-sub", at, None),
+        (batch[0].id, "a-sub", at, None, 1.25),
+        (batch[0].id, "hook-sub", at, (204, 17, 'it\'s "ok" é'), None),
+        (batch[1].id, "it's-sub", at, None, 0.5),
     ]
     kept = delivery(batch[1].id, "it's-sub", "async", "failed", 3, "later run")
 
@@ -162,17 +162,21 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
                         subscription=s,
                         created_at=when,
                         updated_at=when,
+                        duration_ms=took,
                         **dict(postgresql.SUCCESS_LITERALS),
                         **postgresql.answer_fields(answer),
                     )
-                    for e, s, _, answer in successes
+                    for e, s, _, answer, took in successes
                 ],
                 ignore_conflicts=True,
             )
         written.append(
             sorted(
-                tuple(r[k] for k in sorted(r) if k not in ("id", "created_at", "updated_at"))
-                for r in Delivery.objects.values()
+                (
+                    tuple(r[k] for k in sorted(r) if k not in ("id", "created_at", "updated_at"))
+                    for r in Delivery.objects.values()
+                ),
+                key=repr,  # None and numbers side by side (duration_ms)
             )
         )
         times = list(
@@ -187,6 +191,7 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
     assert (hook.mode, hook.response_status, hook.response_ms) == ("webhook", 204, 17)
     assert hook.response_body == 'it\'s "ok" é' and hook.status == "succeeded"
     assert (stored["a-sub"].mode, stored["a-sub"].response_status) == ("async", None)
+    assert (stored["a-sub"].duration_ms, hook.duration_ms) == (1.25, None)
 
 
 def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:

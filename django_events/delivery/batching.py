@@ -5,7 +5,9 @@ thread writes what has gathered every `FLUSH_INTERVAL` seconds (sooner once `MAX
 wait) with one ``INSERT ... ON CONFLICT DO NOTHING``, and the process writes the rest when it
 exits. The message is acknowledged before its row is written: a process killed with SIGKILL
 loses the rows of its last interval, never an event, a failure or a retry's outcome (those are
-written before the acknowledgement whatever this setting says).
+written before the acknowledgement whatever this setting says). While a database cannot be
+written the recorder `takes` no more of its rows: the worker writes them before the
+acknowledgement, waiting for the database, so a kill never loses more than one interval's.
 """
 
 from __future__ import annotations
@@ -37,10 +39,10 @@ MAX_WAITING = 50_000  # rows kept while the database cannot be written; older on
 # A webhook's answer, kept on its success row: status, milliseconds, the start of the body
 # (storable: see `recording.storable`).
 Answer = tuple[int | None, int, str]
-# One success: event id, subscription name, when the handler finished (``time.time()``), and
-# the answer of a webhook (None for any other delivery). A plain tuple: a `Delivery` instance
-# and its field-by-field adaptation would cost the worker ~50 us each.
-Success = tuple[UUID, str, float, Answer | None]
+# One success: event id, subscription name, when the handler finished (``time.time()``), the
+# answer of a webhook (None for any other delivery) and the handler's run time in ms. A plain
+# tuple: a `Delivery` instance and its field-by-field adaptation would cost the worker ~50 us.
+Success = tuple[UUID, str, float, Answer | None, float | None]
 
 
 class BatchedRecorder:
@@ -56,20 +58,27 @@ class BatchedRecorder:
         self._waiting: dict[str, list[Success]] = {}
         self._count = 0
         self._stopped = False
-        self._lock = threading.Lock()  # guards _waiting, _count and _stopped
+        self._failing: set[str] = set()  # aliases whose last write failed
+        self._lock = threading.Lock()  # guards _waiting, _count, _stopped and _failing
         self._flushing = threading.Lock()  # one flush at a time (thread or exit)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._owner = os.getpid()  # a forked child inherits the exit hooks, not the thread
 
     def add(
-        self, alias: str, event_id: UUID, subscription: str, answer: Answer | None = None
+        self,
+        alias: str,
+        event_id: UUID,
+        subscription: str,
+        answer: Answer | None = None,
+        duration_ms: float | None = None,
     ) -> None:
         """Queue the success of a first attempt, now, for the next batch (at once after `stop`).
 
-        ``answer``: a webhook's (its row is a ``webhook`` delivery that keeps it).
+        ``answer``: a webhook's (its row is a ``webhook`` delivery that keeps it);
+        ``duration_ms``: the handler's run time.
         """
-        row = (event_id, subscription, time.time(), answer)
+        row = (event_id, subscription, time.time(), answer, duration_ms)
         with self._lock:
             stopped = self._stopped
             if not stopped:
@@ -87,6 +96,12 @@ class BatchedRecorder:
                 )
         elif full:
             self._wake.set()
+
+    def takes(self, alias: str) -> bool:
+        """Whether a success row of ``alias`` may wait for a batch: not while that database
+        could not be written (its waiting rows would grow, and die with a killed worker)."""
+        with self._lock:
+            return alias not in self._failing
 
     def waiting(self) -> int:
         """Rows queued and not yet written."""
@@ -132,6 +147,8 @@ class BatchedRecorder:
             try:
                 written += _write(alias, rows)
             except DatabaseError:
+                with self._lock:
+                    self._failing.add(alias)
                 logger.exception(
                     "Could not record %d successful deliveries; they wait for the next try",
                     len(rows),
@@ -139,6 +156,9 @@ class BatchedRecorder:
                 )
                 connections[alias].close()  # a broken connection is opened anew next time
                 self._requeue(alias, rows)
+            else:
+                with self._lock:
+                    self._failing.discard(alias)
         return written
 
     def _start(self) -> None:
@@ -225,10 +245,11 @@ def _insert(connection: BaseDatabaseWrapper, rows: Sequence[Success]) -> None:
                 subscription=subscription,
                 created_at=datetime.fromtimestamp(finished, tz),
                 updated_at=datetime.fromtimestamp(finished, tz),
+                duration_ms=duration_ms,
                 **literal,
                 **postgresql.answer_fields(answer),
             )
-            for event_id, subscription, finished, answer in rows
+            for event_id, subscription, finished, answer, duration_ms in rows
         ],
         ignore_conflicts=True,
     )

@@ -219,10 +219,10 @@ def insert_numbered(
 
 def insert_successes(
     connection: BaseDatabaseWrapper,
-    rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None]],
+    rows: Sequence[tuple[UUID, str, float, tuple[int | None, int, str] | None, float | None]],
 ) -> None:
     """``INSERT`` first-attempt successes ((event id, subscription, unix time, a webhook's
-    answer or None) each).
+    answer or None, the handler's milliseconds or None) each).
 
     ``ON CONFLICT DO NOTHING``: a row already there was written by a later run (a retry, a
     replay), and one statement may not update a row twice (a message redelivered in a batch).
@@ -233,9 +233,13 @@ def insert_successes(
 
 
 def _success(
-    event: UUID, name: str, at: float, answer: tuple[int | None, int, str] | None
+    event: UUID,
+    name: str,
+    at: float,
+    answer: tuple[int | None, int, str] | None,
+    took: float | None,
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"event": str(event), "subscription": name, "at": at}
+    row: dict[str, Any] = {"event": str(event), "subscription": name, "at": at, "took": took}
     if answer is not None:  # a webhook's: the keys an async delivery's row goes without
         row["mode"] = "webhook"
         row["status"], row["ms"], row["body"] = answer
@@ -484,6 +488,7 @@ def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
             "response_status": 'rows."status"',
             "response_ms": 'rows."ms"',
             "response_body": """COALESCE(rows."body", '')""",
+            "duration_ms": 'rows."took"',
             "created_at": at,
             "updated_at": at,
         },
@@ -491,6 +496,7 @@ def _build_successes_sql(connection: BaseDatabaseWrapper) -> str:
             "event": "uuid",
             "subscription": _delivery_type(connection, "subscription"),
             "at": "float8",
+            "took": _delivery_type(connection, "duration_ms"),
             "mode": _delivery_type(connection, "mode"),
             "status": _delivery_type(connection, "response_status"),
             "ms": _delivery_type(connection, "response_ms"),

@@ -309,10 +309,10 @@ def _run(
     # An ordered delivery's success hands its key on: always recorded, at once.
     if (records_all or attempt > 1 or ordered) and not subscription.declaration.idempotent:
         response = webhooks.last_response() if subscription.mode == "webhook" else None
-        if (
-            batch_success and attempt == 1 and not ordered
-        ):  # nothing recorded before it to overwrite
-            recorder().add(alias, event.id, subscription.name, _answer(response))
+        # A first attempt has no row to overwrite; a database that cannot be written keeps
+        # it here, until its row is saved, rather than in a batch a kill would lose.
+        if batch_success and attempt == 1 and not ordered and recorder().takes(alias):
+            recorder().add(alias, event.id, subscription.name, _answer(response), took)
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
