@@ -117,8 +117,8 @@ DJANGO_EVENTS = {
 # The peer, django-celery-outbox: no statsd traffic (we emit no metrics either).
 CELERY_OUTBOX_APP = "benchmarks.celery_app.peer"
 MONITORING_METRICS_ENABLED = False
-# Figure 4 runs its worker with the default (each success row written before the ack) and,
-# for context, with success rows batched: BENCH_SUCCESS_RECORDS=batched.
+# Figures 4, 11, 13 and 16 run their worker with the default (success rows batched) and, for
+# context, with each success row written before the ack: BENCH_SUCCESS_RECORDS=immediate.
 if os.environ.get("BENCH_SUCCESS_RECORDS"):
     DJANGO_EVENTS["SUCCESS_RECORDS"] = os.environ["BENCH_SUCCESS_RECORDS"]
 LOGGING = {"version": 1, "disable_existing_loggers": False, "root": {"level": "WARNING"}}
