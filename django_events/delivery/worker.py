@@ -311,8 +311,9 @@ def _run(
         response = webhooks.last_response() if subscription.mode == "webhook" else None
         # A first attempt has no row to overwrite; a database that cannot be written keeps
         # it here, until its row is saved, rather than in a batch a kill would lose.
-        if batch_success and attempt == 1 and not ordered and recorder().takes(alias):
-            recorder().add(alias, event.id, subscription.name, _answer(response), took)
+        batch = recorder() if batch_success and attempt == 1 and not ordered else None
+        if batch is not None and batch.takes(alias):
+            batch.add(alias, event.id, subscription.name, _answer(response), took)
         else:
             # The handler ran: failing to record that must not run it again.
             # A broadcast copy's success never hides another worker's failure of that event.
