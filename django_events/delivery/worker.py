@@ -309,8 +309,9 @@ def _run(
     # An ordered delivery's success hands its key on: always recorded, at once.
     if (records_all or attempt > 1 or ordered) and not subscription.declaration.idempotent:
         response = webhooks.last_response() if subscription.mode == "webhook" else None
-        # A first attempt has no row to overwrite; a database that cannot be written keeps
-        # it here, until its row is saved, rather than in a batch a kill would lose.
+        # A first attempt has no row to overwrite, so it may wait for a batch; not while its
+        # database cannot be written: then it is saved here, waiting for the database,
+        # rather than piling up in memory where a kill would lose it.
         batch = recorder() if batch_success and attempt == 1 and not ordered else None
         if batch is not None and batch.takes(alias):
             batch.add(alias, event.id, subscription.name, _answer(response), took)
