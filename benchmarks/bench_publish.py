@@ -291,7 +291,7 @@ def figure_9(ctx: Context) -> Comparison:
         per_op(lambda c: [open_event(message) for _ in range(c)], ctx.count(20000))
         for _ in range(ctx.repeat)
     )
-    print(f" 8. a worker opens a sealed payload in {opens[len(opens) // 2]:.1f} us", flush=True)
+    print(f" 9. a worker opens a sealed payload in {opens[len(opens) // 2]:.1f} us", flush=True)
     return result
 
 
