@@ -21,7 +21,7 @@ from .bench_delivery import (
     fresh_tables,
 )
 from .bench_publish import Context
-from .harness import Baseline, Target, compare
+from .harness import Baseline, Comparison, Target, compare
 
 KEYS = 50
 
@@ -36,9 +36,19 @@ def figure_16(ctx: Context) -> bool:
     (``SUCCESS_RECORDS = "immediate"``): the gate's own cost.
     """
     cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
-    met = [_over_keys(ctx, kind, KEYS, cpu) for kind in ("amqp", "redis")]
-    for kind in ("amqp", "redis"):
-        _over_keys(ctx, kind, KEYS, cpu, success="immediate")
+    judged = {kind: _over_keys(ctx, kind, KEYS, cpu) for kind in ("amqp", "redis")}
+    immediate = {kind: _over_keys(ctx, kind, KEYS, cpu, success="immediate") for kind in judged}
+    # An ordered delivery writes its row before the ack, as "immediate" does for all: the
+    # unordered subscription with "immediate" rows is as fast as any gate could make it.
+    print(
+        "16. the most a gate that cost nothing could reach against the default: unordered "
+        '"immediate" / unordered default (medians of the lines above, not interleaved): '
+        + ", ".join(
+            f"{kind} {immediate[kind].baselines[0] / judged[kind].baselines[0]:.2f}"
+            for kind in judged
+        ),
+        flush=True,
+    )
     for kind in ("amqp", "redis"):
         _over_keys(ctx, kind, 1, cpu)
     # Where the CPU goes: the publisher, the worker and PostgreSQL share 2 cores.
@@ -51,7 +61,7 @@ def figure_16(ctx: Context) -> bool:
         ),
         flush=True,
     )
-    return all(met)
+    return all(judged.values())
 
 
 def _over_keys(
@@ -60,7 +70,7 @@ def _over_keys(
     keys: int,
     cpu: dict[str, dict[str, list[tuple[float, float, float]]]],
     success: str = "",
-) -> bool:
+) -> Comparison:
     n = ctx.count(3000 if keys > 1 else 500)
     fresh_tables()
     client = _redis()
@@ -95,19 +105,17 @@ def _over_keys(
         if keys == 1:
             title += " (the serial floor, reported)"
         settings = f"SUCCESS_RECORDS {success} (context)" if success else "default settings"
-        return bool(
-            compare(
-                "16",
-                f"{title}, records on, {settings}",
-                "events/s",
-                lambda: side("bench.ordered"),
-                [
-                    Baseline(
-                        "the same subscription unordered",
-                        lambda: side("bench.unordered"),
-                        Target(0.7 if keys > 1 and not success else 0.0, higher=True),
-                    )
-                ],
-                ctx.repeat,
-            )
+        return compare(
+            "16",
+            f"{title}, records on, {settings}",
+            "events/s",
+            lambda: side("bench.ordered"),
+            [
+                Baseline(
+                    "the same subscription unordered",
+                    lambda: side("bench.unordered"),
+                    Target(0.7 if keys > 1 and not success else 0.0, higher=True),
+                )
+            ],
+            ctx.repeat,
         )
