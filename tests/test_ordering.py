@@ -28,10 +28,10 @@ ORDERED = {
 
 
 def gate_statements(queries: CaptureQueriesContext) -> list[str]:
-    """The statements of a delivery but its handler's own (and the worker's transaction:
-    savepoints in a test's transaction, BEGIN and COMMIT in a worker), and but the read of
-    the paused subscriptions, cached for a second a process: whether a delivery makes it
-    depends on the clock, not on its turn."""
+    """The statements of a delivery, leaving out its handler's own (and the worker's
+    transaction: savepoints in a test's transaction, BEGIN and COMMIT in a worker) and the
+    read of the paused subscriptions, cached for a second a process: whether a delivery
+    makes that read depends on the clock, not on its turn."""
     paused = PausedSubscription._meta.db_table
     return [
         q["sql"]
