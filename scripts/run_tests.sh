@@ -3,9 +3,10 @@
 #   1. starts PostgreSQL / RabbitMQ / Redis on loopback if one has stopped (docs/contributing.md);
 #   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1);
 #   3. ruff and mypy, and the Sphinx docs with warnings as errors;
-#   4. the full suite on SQLite, then again on PostgreSQL (real celery workers on the
-#      filesystem transport, RabbitMQ and Redis), each followed by the example project's
-#      own tests (example_project/tests), then the non-server tests on Django 6.1;
+#   4. the full suite on SQLite (real celery workers on the filesystem transport), then
+#      again on PostgreSQL (real workers on the filesystem transport, RabbitMQ and Redis),
+#      each followed by the example project's own tests (example_project/tests), then the
+#      non-server tests on Django 6.1;
 #   5. a smoke run of the benchmarks (each once with a tiny count, nothing timed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,7 @@ ROOT=$PWD
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 PG_URL=${DJANGO_EVENTS_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 
-step() { printf '\n== %s\n' "$*"; }
+step() { printf '\n== %s  [%dm%02ds]\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
@@ -88,9 +89,10 @@ rm -rf docs/_build
 # Branch coverage of both passes, the celery worker and other subprocesses included
 # ([tool.coverage] in pyproject.toml); the report and its floor follow the PostgreSQL pass.
 # Test processes per pass (pytest-xdist): the suite mostly waits on workers, brokers and
-# browsers, so two processes on two cores take about half the time of one; each has its own
-# test databases (tests/settings.py) and queues. PYTEST_PROCESSES=0 runs in this process.
-PROCESSES=${PYTEST_PROCESSES:-2}
+# browsers (two processes left the two cores idle half the time), so four run on two cores;
+# each has its own test databases (tests/settings.py) and queues. Timings in
+# docs/contributing.md. PYTEST_PROCESSES=0 runs in this process.
+PROCESSES=${PYTEST_PROCESSES:-4}
 COVERAGE_FLOOR=95  # measured: 97% on 2026-12-03 20:18 UTC (both passes, workers and pool children included)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite"
@@ -114,3 +116,4 @@ if [ -n "$PY313" ]; then
     tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py
   DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q tests/test_tasks_delivery.py
 fi
+step "all passed"

@@ -77,6 +77,17 @@ def _flush_interval(**kwargs: object) -> None:
         batching.FLUSH_INTERVAL = float(interval)
 
 
+def worker_kinds(*kinds: str) -> list[Any]:
+    """``params`` of a test that runs real workers on each broker of ``kinds``: the filesystem
+    transport in both passes (with SQLite, the embedded default), RabbitMQ and Redis in the
+    PostgreSQL pass only (their pairing in production; the SQLite pass would run the same
+    broker code again and double the suite's time, docs/contributing.md)."""
+    return [
+        kind if kind == "filesystem" else pytest.param(kind, marks=pytest.mark.postgresql)
+        for kind in kinds
+    ]
+
+
 def delivery_wiring(app: str, queue: str, manifest: str, **keys: Any) -> Any:
     """DJANGO_EVENTS of a delivery test: base.yaml and ``manifest`` (from tests/manifests), the
     Celery app ``tests.brokers.<app>``, async deliveries on ``queue``, and ``keys``."""

@@ -80,10 +80,11 @@ def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """PostgreSQL-only tests run in the suite's PostgreSQL pass, not skipped in the other."""
-    if settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
-        return
-    selected = [i for i in items if i.get_closest_marker("postgresql") is None]
-    if len(selected) < len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in selected])
-        items[:] = selected
+    """PostgreSQL-only tests run in the suite's PostgreSQL pass, not skipped in the other;
+    ``long`` tests start first, so the rest of a pass runs beside them, not after them."""
+    if not settings.DATABASES["default"]["ENGINE"].endswith("postgresql"):
+        selected = [i for i in items if i.get_closest_marker("postgresql") is None]
+        if len(selected) < len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in selected])
+            items[:] = selected
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable

@@ -1,4 +1,4 @@
-"""SUCCESS_RECORDS = "batched" on a real `celery worker` over RabbitMQ and Redis.
+"""SUCCESS_RECORDS = "batched" on a real `celery worker` (filesystem transport, RabbitMQ, Redis).
 
 Success rows of first attempts reach the database after the handler, in batches; failures are
 written as before; a worker shutting down writes what still waits.
@@ -30,7 +30,7 @@ def batched_worker(kind: str, queue: str, folder: Path, interval: float) -> Work
     return worker_for(kind, queue, folder, env=env)
 
 
-@pytest.fixture(params=["amqp", "redis"])
+@pytest.fixture(params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def kind(request) -> str:
     return str(request.param)
 

@@ -19,8 +19,7 @@ from tests.worker import fresh_queue, wait_for, wait_idle, worker_for
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 
-# The filesystem transport (the embedded default) only in the PostgreSQL pass: test time.
-@pytest.fixture(params=["amqp", "redis", pytest.param("filesystem", marks=pytest.mark.postgresql)])
+@pytest.fixture(params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def two_workers(request, django_db_setup, django_db_blocker, tmp_path) -> Iterator[str]:
     kind = request.param
     with fresh_queue(kind, f"bc-{kind}") as queue:

@@ -41,7 +41,7 @@ class Broker:
         return getattr(brokers, self.kind)
 
 
-@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
     kind = request.param
     folder = tmp_path_factory.mktemp(f"worker-{kind}")

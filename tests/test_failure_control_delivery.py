@@ -32,7 +32,7 @@ class Worker:
     process: WorkerProcess
 
 
-@pytest.fixture(scope="module", params=["filesystem", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "redis"))
 def worker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Worker]:
     kind = request.param
     folder = tmp_path_factory.mktemp(f"worker-{kind}")

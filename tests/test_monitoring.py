@@ -54,7 +54,7 @@ def run_celery(kind: str, *args: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("kind", ["amqp", "redis"])
+@pytest.mark.parametrize("kind", brokers.worker_kinds("amqp", "redis"))
 def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Path) -> None:
     faults = tmp_path / "faults"
     faults.mkdir()

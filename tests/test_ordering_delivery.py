@@ -61,7 +61,7 @@ class Rig:
         return redis_publisher if self.kind == "redis" else getattr(brokers, self.kind)
 
 
-@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Rig]:
     kind = request.param
     brokers.require_server(brokers.URLS[kind], kind)

@@ -22,7 +22,7 @@ from tests.worker import start_worker, wait_for, wait_idle
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def broker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Broker]:
     kind = request.param
     folder = tmp_path_factory.mktemp(f"poison-{kind}")

@@ -13,7 +13,7 @@ from django.conf import settings
 from tests import brokers
 from tests.worker import ROOT
 
-pytestmark = [pytest.mark.servers, pytest.mark.postgresql]
+pytestmark = [pytest.mark.servers, pytest.mark.postgresql, pytest.mark.long]
 
 
 # Redis: a worker killed as a whole can take a message with it (kombu's BRPOP window), and

@@ -54,7 +54,8 @@ def lose_every_message(kind: str, queue: str) -> int:
         return int(channel.queue_purge(queue))
 
 
-@pytest.mark.parametrize("kind", ["redis", "amqp"])
+@pytest.mark.long
+@pytest.mark.parametrize("kind", brokers.worker_kinds("redis", "amqp"))
 def test_a_lost_message_is_resent_by_the_relay_and_runs_once(kind: str, tmp_path: Path) -> None:
     with fresh_queue(kind, "unfinished") as queue:
         wiring = {

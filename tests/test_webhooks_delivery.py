@@ -96,7 +96,7 @@ def fs_worker(
         yield process
 
 
-@pytest.fixture(scope="module", params=["filesystem", "amqp", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def broker_worker(
     request, receiver: Receiver, django_db_setup, django_db_blocker, tmp_path_factory
 ) -> Iterator[WorkerProcess]:

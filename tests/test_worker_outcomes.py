@@ -17,7 +17,7 @@ from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture(scope="module", params=["filesystem", "redis"])
+@pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "redis"))
 def worker(
     request, django_db_setup, django_db_blocker, tmp_path_factory
 ) -> Iterator[WorkerProcess]:
