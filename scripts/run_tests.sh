@@ -6,8 +6,9 @@
 #   4. the full suite on SQLite (real celery workers on the filesystem transport), then
 #      again on PostgreSQL (real workers on the filesystem transport, RabbitMQ and Redis),
 #      each followed by the example project's own tests (example_project/tests), then the
-#      non-server tests on Django 6.1;
-#   5. a smoke run of the benchmarks (each once with a tiny count, nothing timed).
+#      non-server tests on Django 6.1 and the broker tests on the oldest Celery and kombu;
+#   5. a smoke run of the benchmarks (each once with a tiny count, nothing timed), beside
+#      step 4's Django 6.1 passes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
