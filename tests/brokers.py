@@ -80,8 +80,8 @@ def _flush_interval(**kwargs: object) -> None:
 def worker_kinds(*kinds: str) -> list[Any]:
     """``params`` of a test that runs real workers on each broker of ``kinds``: the filesystem
     transport in both passes (with SQLite, the embedded default), RabbitMQ and Redis in the
-    PostgreSQL pass only (their pairing in production; the SQLite pass would run the same
-    broker code again and double the suite's time, docs/contributing.md)."""
+    PostgreSQL pass only (their pairing in production; in the SQLite pass they ran the same
+    broker code again, about two minutes of the suite, docs/contributing.md)."""
     return [
         kind if kind == "filesystem" else pytest.param(kind, marks=pytest.mark.postgresql)
         for kind in kinds
