@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.test import override_settings
+from django.test import TransactionTestCase, override_settings
 
 from django_events.delivery import broker, endpoints
 from django_events.wiring.registry import reset_registry
@@ -77,6 +77,37 @@ def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:
     """Override DJANGO_EVENTS with the base test settings plus these subscriptions/keys."""
     value = {**settings.DJANGO_EVENTS, "SUBSCRIPTIONS": list(subscriptions), **keys}
     return override_settings(DJANGO_EVENTS=value)
+
+
+# pytest-django's public fixtures that open the test database to a test (admin_client and
+# the like request `db`; `item.fixturenames` holds what a test's fixtures request in turn).
+_DATABASE_FIXTURES = frozenset(
+    {
+        "db",
+        "transactional_db",
+        "django_db_reset_sequences",
+        "django_db_serialized_rollback",
+        "live_server",
+    }
+)
+
+
+def uses_a_database(item: pytest.Item) -> bool:
+    """Whether the test can reach a database: pytest-django keeps every other test away from
+    one, unless it starts a worker (``servers``), which opens its own."""
+    cls = getattr(item, "cls", None)
+    return (
+        item.get_closest_marker("django_db") is not None
+        or item.get_closest_marker("servers") is not None
+        or not _DATABASE_FIXTURES.isdisjoint(getattr(item, "fixturenames", ()))
+        or (cls is not None and issubclass(cls, TransactionTestCase))
+    )
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    # `-m database` selects them (the suite's SQLite pass: the rest runs in its PostgreSQL pass).
+    if uses_a_database(item):
+        item.add_marker("database")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
