@@ -7,10 +7,10 @@
 #   4. the tests that can reach a database on SQLite (real celery workers on the filesystem
 #      transport), then the full suite on PostgreSQL with coverage (real workers on the
 #      filesystem transport, RabbitMQ and Redis), each followed by the example project's own
-#      tests (example_project/tests), then the non-server tests on Django 6.1 and the broker
-#      tests on the oldest Celery and kombu;
-#   5. a smoke run of the benchmarks (each once with a tiny count, nothing timed), beside
-#      step 4's Django 6.1 passes.
+#      tests (example_project/tests), then the non-server tests on Django 6.1;
+#   5. beside the SQLite pass: the broker tests on the oldest Celery and kombu, and a smoke
+#      run of the benchmarks (each once with a tiny count, nothing timed); their output
+#      follows step 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +20,26 @@ PG_URL=${DJANGO_EVENTS_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
 step() { printf '\n== %s  [%dm%02ds]\n' "$*" $((SECONDS / 60)) $((SECONDS % 60)); }
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# `beside NAME COMMAND...` runs COMMAND in the background, its output kept in a file;
+# `joined NAME` waits for it, prints that output, and stops the run if COMMAND failed.
+declare -A BESIDE_PID BESIDE_LOG
+beside() {
+  local name=$1
+  shift
+  BESIDE_LOG[$name]=$(mktemp)
+  "$@" >"${BESIDE_LOG[$name]}" 2>&1 &
+  BESIDE_PID[$name]=$!
+}
+joined() {
+  local name=$1 status=0
+  wait "${BESIDE_PID[$name]}" || status=$?
+  unset "BESIDE_PID[$name]"
+  cat "${BESIDE_LOG[$name]}" && rm -f "${BESIDE_LOG[$name]}"
+  [ "$status" = 0 ] || { echo "$name failed (exit $status)" >&2; exit 1; }
+}
+# A step that fails leaves nothing running in the background.
+trap 'for pid in "${BESIDE_PID[@]}"; do wait "$pid" 2>/dev/null || true; done' EXIT
 
 ensure_services() {
   if ! port_open 5432 && command -v pg_ctlcluster >/dev/null; then
@@ -65,20 +85,12 @@ PY313=$(PYENV_VERSION=3.13.0 pyenv which python 2>/dev/null || command -v python
 if [ -n "$PY313" ]; then
   # Built beside .venv (a pip install keeps one core busy). The oldest Celery and kombu that
   # pyproject.toml allows: their private APIs are tested there.
-  VENV61_LOG=$(mktemp)
-  make_venv .venv-django61 "$PY313" "django>=6.1,<6.2" "celery==5.5.0" "kombu==5.5.2" >"$VENV61_LOG" 2>&1 &
-  VENV61_PID=$!
-  trap 'wait "$VENV61_PID" 2>/dev/null || true' EXIT  # no orphan pip if .venv fails
+  beside venv-django61 make_venv .venv-django61 "$PY313" "django>=6.1,<6.2" "celery==5.5.0" "kombu==5.5.2"
 elif [ -n "${CI:-}" ]; then
   echo "Python 3.13 not found: Django 6.1 cannot be tested" >&2; exit 1
 fi
 make_venv .venv python3 "django>=5.2,<5.3" --group bench --group docs
-if [ -n "$PY313" ]; then
-  VENV61_STATUS=0
-  wait "$VENV61_PID" || VENV61_STATUS=$?
-  cat "$VENV61_LOG" && rm -f "$VENV61_LOG"
-  [ "$VENV61_STATUS" = 0 ] || { echo ".venv-django61 could not be built (exit $VENV61_STATUS)" >&2; exit 1; }
-fi
+[ -z "$PY313" ] || joined venv-django61
 
 step "AsyncAPI parser (@asyncapi/parser from npm, for tests/test_asyncapi.py)"
 if command -v npm >/dev/null; then
@@ -103,6 +115,22 @@ rm -rf docs/_build
 # each has its own test databases (tests/settings.py) and queues. Timings in
 # docs/contributing.md. PYTEST_PROCESSES=0 runs in this process.
 PROCESSES=${PYTEST_PROCESSES:-4}
+
+oldest_celery_passes() {
+  # PostgreSQL: RabbitMQ and Redis workers run in the PostgreSQL pass only (tests/brokers.py).
+  DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_private_apis.py \
+    tests/test_confirms.py tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py &&
+    .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_tasks_delivery.py
+}
+# The SQLite pass leaves a core idle about a third of the time: these mostly wait on their
+# workers (their own databases and queues); their output follows the Django 6.1 pass.
+if [ -n "$PY313" ]; then
+  step "started: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
+  beside oldest-celery oldest_celery_passes
+fi
+step "started: the benchmarks' smoke run (each once, tiny counts; nothing is timed or judged)"
+beside benchmark-smoke env DATABASE_URL="$PG_URL" .venv/bin/python -m benchmarks --smoke
+
 # The SQLite pass runs the tests that can reach a database (`-m database`, tests/conftest.py);
 # the PostgreSQL pass runs every test, measured: branch coverage, the celery worker and other
 # subprocesses included ([tool.coverage] in pyproject.toml).
@@ -119,25 +147,12 @@ step "tests: the example project's own suite, PostgreSQL"
 step "coverage (branch, the PostgreSQL pass; floor ${COVERAGE_FLOOR}%)"
 .venv/bin/coverage combine -q
 .venv/bin/coverage report --fail-under="$COVERAGE_FLOOR" | tail -n 25
-# The smoke run mostly waits on its workers: it runs beside the Django 6.1 passes (its own
-# database and queues), and its output follows them.
-step "benchmarks: smoke run started (each once, tiny counts; nothing is timed or judged)"
-SMOKE_LOG=$(mktemp)
-DATABASE_URL=$PG_URL .venv/bin/python -m benchmarks --smoke >"$SMOKE_LOG" 2>&1 &
-SMOKE_PID=$!
-trap 'wait "$SMOKE_PID" 2>/dev/null || true; rm -f "$SMOKE_LOG"' EXIT  # no orphan if a pass fails
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
   .venv-django61/bin/python -m pytest -q -n "$PROCESSES" -m "not servers" "$@"
-  step "tests: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
-  # PostgreSQL: RabbitMQ and Redis workers run in the PostgreSQL pass only (tests/brokers.py).
-  DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_private_apis.py \
-    tests/test_confirms.py tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py
-  .venv-django61/bin/python -m pytest -q tests/test_tasks_delivery.py
+  step "tests: the oldest Celery and kombu allowed: output"
+  joined oldest-celery
 fi
 step "benchmarks: the smoke run's output"
-SMOKE_STATUS=0
-wait "$SMOKE_PID" || SMOKE_STATUS=$?
-cat "$SMOKE_LOG"
-[ "$SMOKE_STATUS" = 0 ] || { echo "the benchmarks' smoke run failed (exit $SMOKE_STATUS)" >&2; exit 1; }
+joined benchmark-smoke
 step "all passed"
