@@ -179,9 +179,12 @@ def test_killed_pool_processes_messages_are_redelivered(wired: Rig) -> None:
     wait_for(lambda: succeeded([once.id, plain.id]) == 2, timeout=40, what="redeliveries")
     assert wired.worker.process is not None and wired.worker.process.poll() is None
     assert runs("hang_once", [once.id]) == {once.id: 1}  # the killed run's writes rolled back
-    assert runs("hang_plain", [plain.id]) == {plain.id: 2}  # not idempotent: ran twice
+    # Not idempotent: the killed run and its redelivery, and at times a third run. Under load
+    # a reply slower than this publisher's 1-s socket timeout (the cut tests') makes kombu
+    # publish the message again, with the same task id: at least once (seen in CI on Redis).
+    assert runs("hang_plain", [plain.id])[plain.id] >= 2
     pids = set(HandlerRun.objects.filter(event_id=plain.id).values_list("pid", flat=True))
-    assert set(killed) & pids and len(pids) == 2
+    assert set(killed) & pids and len(pids) >= 2
 
 
 @pytest.mark.parametrize("rig", ["amqp"], indirect=True)
