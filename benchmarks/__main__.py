@@ -16,6 +16,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from . import harness
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
@@ -37,13 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     only = {f.strip() for f in args.only.split(",") if f.strip()}
 
     run_id = uuid.uuid4().hex[:10]
-    os.environ["BENCH_QUEUE"] = f"bench-events-{run_id}"
-    os.environ["BENCH_DB_NAME"] = f"django_events_bench_{run_id}"
-    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
-    # Figure 13 points these at its receiver; until then the wiring's checks (run by every
-    # worker process a figure starts) need a value.
-    os.environ.setdefault("BENCH_HOOK_URL", "http://127.0.0.1:9/unused")
-    os.environ.setdefault("BENCH_HOOK_SECRET", "whsec_" + "A" * 43 + "=")
+    harness.use_benchmark_settings(run_id)
     import logging
 
     import django
@@ -61,7 +57,6 @@ def main(argv: list[str] | None = None) -> int:
         bench_publish,
         bench_versions,
         bench_webhooks,
-        harness,
     )
 
     harness.judging = not args.smoke

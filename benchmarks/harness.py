@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,17 @@ def _num(value: float) -> str:
     if value >= 100:
         return f"{value:.0f}"
     return f"{value:.3g}" if value < 10 else f"{value:.1f}"
+
+
+def use_benchmark_settings(run_id: str) -> None:
+    """Point ``benchmarks.settings`` at this run's queue and database (its processes, workers
+    and children included, inherit them); the webhook values let the wiring's checks pass
+    until figure 13 points them at its receiver."""
+    os.environ["BENCH_QUEUE"] = f"bench-events-{run_id}"
+    os.environ["BENCH_DB_NAME"] = f"django_events_bench_{run_id}"
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
+    os.environ.setdefault("BENCH_HOOK_URL", "http://127.0.0.1:9/unused")
+    os.environ.setdefault("BENCH_HOOK_SECRET", "whsec_" + "A" * 43 + "=")
 
 
 # A smoke run (tiny counts) proves the benchmarks run; its figures judge nothing.

@@ -21,6 +21,8 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from . import harness
+
 _MARKERS = ("--dump-after=os_getppid", "--dump-before=os_getpgrp")
 _PAYLOAD = {"order_id": 1, "total": 12.5, "email": "a@example.com", "note": "bench-counter"}
 
@@ -30,12 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=4000, help="calls counted per loop")
     parser.add_argument("--loop", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    _environment()
-    if args.loop:  # the child, under callgrind
+    if args.loop:  # the child, under callgrind, in the environment its parent set
         _run_loop(args.loop, args.count)
         return 0
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not on PATH (Debian: apt-get install valgrind)")
+    harness.use_benchmark_settings(f"instructions_{uuid.uuid4().hex[:10]}")
+    os.environ.setdefault("PYTHONHASHSEED", "0")  # the same dict layouts in both children
     import django
 
     django.setup()
@@ -57,14 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _environment() -> None:
-    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.settings")
-    os.environ.setdefault("BENCH_DB_NAME", f"django_events_instructions_{uuid.uuid4().hex[:10]}")
-    os.environ.setdefault("BENCH_HOOK_URL", "http://127.0.0.1:9/unused")  # as python -m benchmarks
-    os.environ.setdefault("BENCH_HOOK_SECRET", "whsec_" + "A" * 43 + "=")
-    os.environ.setdefault("PYTHONHASHSEED", "0")
-
-
 def _count(loop: str, count: int) -> int:
     """The instructions of ``count`` calls of ``loop``, counted in a child under callgrind."""
     with tempfile.TemporaryDirectory() as folder:
@@ -75,7 +70,9 @@ def _count(loop: str, count: int) -> int:
             *("--count", str(count)),
         ]
         env = {**os.environ, "BENCH_WORKER": "1"}  # the child opens the database made here
-        subprocess.run(command, env=env, check=True, capture_output=True)
+        child = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if child.returncode:
+            raise RuntimeError(f"the {loop!r} loop under callgrind failed:\n{child.stderr[-3000:]}")
         # Dump 2 holds what ran between the markers: the loop.
         for line in Path(f"{out}.2").read_text().splitlines():
             if line.startswith("summary:"):
