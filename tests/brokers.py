@@ -38,6 +38,14 @@ def make_app(kind: str, url: str | None = None) -> Celery:
         # Without it a Redis that accepts connections but never answers hangs a publisher.
         app.conf.broker_transport_options = {"socket_timeout": 5}
         if os.environ.get("DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"):  # the soak run's
+            # kombu keeps unacknowledged messages per Redis database, and a worker hands back
+            # every one it finds there older than its timeout: other tests' too.
+            if "DJANGO_EVENTS_REDIS_URL" not in os.environ:
+                raise RuntimeError(
+                    "DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT needs DJANGO_EVENTS_REDIS_URL: a "
+                    "short visibility timeout on the suite's shared Redis database hands "
+                    "other tests' unacknowledged messages back to their queues"
+                )
             app.conf.broker_transport_options["visibility_timeout"] = float(
                 os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"]
             )

@@ -13,7 +13,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,8 +167,10 @@ class WorkerProcess:
 
 
 @contextmanager
-def fresh_queue(kind: str, prefix: str) -> Iterator[str]:
-    """A queue name of its own on broker ``kind``, dropped afterwards with its exchanges.
+def fresh_queue(kind: str, prefix: str, app: Celery | None = None) -> Iterator[str]:
+    """A queue name of its own on broker ``kind``, dropped afterwards with its exchanges
+    (through ``app``, when the test reaches the broker another way: a Redis database of its
+    own).
 
     The test skips when the broker is down on a laptop, and fails under CI.
     """
@@ -176,14 +181,13 @@ def fresh_queue(kind: str, prefix: str) -> Iterator[str]:
     try:
         yield queue
     finally:
-        _drop_queue(kind, queue)
+        _drop_queue(app or getattr(brokers, kind), kind, queue)
 
 
-def _drop_queue(kind: str, queue: str) -> None:
+def _drop_queue(app: Celery, kind: str, queue: str) -> None:
     from django_events.wiring.compiled import exchange_name
-    from tests import brokers
 
-    with getattr(brokers, kind).connection_for_write() as conn:
+    with app.connection_for_write() as conn:
         channel = conn.default_channel
         if kind == "filesystem":  # kombu's filesystem queue_delete leaves the message files
             channel.queue_purge(queue)
