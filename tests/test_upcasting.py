@@ -98,6 +98,17 @@ def test_a_payload_that_is_not_json_after_a_step_is_refused() -> None:
         compiled(events).upgrade({"x": {1, 2}}, 1)
 
 
+def test_the_chain_is_checked_once_against_its_last_step() -> None:
+    # Step 1 lets a set through; step 2 passes it on: the chain's result is what is checked.
+    events = {"o.placed": {"version": 3, "upcast": {1: "builtins.dict", 2: f"{U}.add_channel"}}}
+    with wiring(EVENTS=events), pytest.raises(UpcastError) as caught:
+        compiled(events).upgrade({"x": {1, 2}}, 1)
+    assert caught.value.step == 2
+    assert str(caught.value).endswith(
+        "returned a payload that is not JSON: $.x: set {1, 2} is not JSON-serializable"
+    )
+
+
 def test_manifest_declares_version_and_upcast(tmp_path: Path) -> None:
     manifest = tmp_path / "events.yaml"
     manifest.write_text(

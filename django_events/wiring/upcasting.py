@@ -33,11 +33,12 @@ def upcast(
 ) -> dict[str, Any]:
     """Return ``data`` (of ``version``) upgraded to ``current``, one step at a time.
 
-    A version without an upcaster passes unchanged (the change was additive). Each step's
-    result must be a JSON object; the caller validates the last one against the schema.
-    ``validate`` checks the result of the last upcaster against the current schema, so an
-    invalid result names that step. Raises `NewerVersion` for a payload newer than
-    ``current``, `UpcastError` naming the step that failed.
+    A version without an upcaster passes unchanged (the change was additive). Each step must
+    return a dict; the chain's result must be JSON and, with ``validate``, valid for the
+    current schema, or the last step that ran is named (a value an earlier step returned may
+    have passed through it: a worker checks a payload once, not once a step). Raises
+    `NewerVersion` for a payload newer than ``current``, `UpcastError` naming the step that
+    failed.
     """
     if version > current:
         raise NewerVersion(name, version, current)
@@ -61,14 +62,15 @@ def upcast(
             raise UpcastError(
                 name, step, path, f"returned {type(result).__name__}, not a payload dict"
             )
-        problems = json_problems(result)
-        if problems:
-            details = "; ".join(map(str, problems))
-            raise UpcastError(name, step, path, f"returned a payload that is not JSON: {details}")
         data, last = result, (step, path)
-    if last is not None and validate is not None:
-        problems = validate(data)
-        if problems:
-            details = "; ".join(map(str, problems))
-            raise UpcastError(name, *last, f"returned an invalid payload: {details}")
+    if last is None:
+        return data
+    problems = json_problems(data)
+    if problems:
+        details = "; ".join(map(str, problems))
+        raise UpcastError(name, *last, f"returned a payload that is not JSON: {details}")
+    problems = validate(data) if validate is not None else []
+    if problems:
+        details = "; ".join(map(str, problems))
+        raise UpcastError(name, *last, f"returned an invalid payload: {details}")
     return data
