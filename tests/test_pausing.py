@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+from django.db.models import F
 from django.urls import reverse
 
 from django_events import publish
-from django_events.models import Delivery, PausedSubscription
+from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.pausing import held, pause, resume
 from django_events.testing import events_eager
 from tests.app.models import HandlerRun
@@ -56,6 +59,38 @@ def test_a_paused_sync_subscription_holds_then_runs_in_event_order_on_resume() -
         assert not held("s").exists()
         publish("orders.placed", order(9))
         assert HandlerRun.objects.filter(handler="record").count() == 6
+
+
+@pytest.mark.postgresql  # row locks: SQLite has none
+def test_resume_claims_held_rows_whose_events_another_transaction_is_updating() -> None:
+    # The background marker or a relay updates event rows while a resume runs; only another
+    # resume's lock on the held rows themselves may make it leave them (it skips locked rows).
+    with wiring(sub("s", "sync")):
+        pause("s")
+        ids = [publish("orders.placed", order(n)).id for n in range(2)]
+        updating, release = threading.Event(), threading.Event()
+
+        def update_the_events() -> None:
+            try:
+                with transaction.atomic():
+                    EventRecord.objects.filter(pk__in=ids).update(status=F("status"))
+                    updating.set()
+                    release.wait(30)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=update_the_events)
+        thread.start()
+        try:
+            assert updating.wait(30)
+            result = resume("s")
+        finally:
+            release.set()
+            thread.join()
+
+        assert (result.sent, result.succeeded, result.failed) == (0, 2, 0)
+        assert not held("s").exists()
+        assert HandlerRun.objects.filter(handler="record").count() == 2
 
 
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:

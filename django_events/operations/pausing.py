@@ -115,7 +115,12 @@ def _claim(ids: list[int], using: str) -> list[Delivery]:
     features = connections[using].features
     rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.HELD)
     if features.has_select_for_update:
-        rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
+        # Only the held rows: ordering joins their events, whose rows the background marker
+        # or a relay may be updating, and a locked row is skipped (left held) here.
+        rows = rows.select_for_update(
+            skip_locked=features.has_select_for_update_skip_locked,
+            of=("self",) if features.has_select_for_update_of else (),
+        )
     claimed = list(
         rows.order_by("event__occurred_at", "event_id").only("pk", "event_id", "attempts")
     )
