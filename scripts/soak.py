@@ -10,9 +10,10 @@ server. See docs/reliability.md.
     .venv/bin/python scripts/soak.py --broker redis --events 20000
 
 The package's settings are its defaults (only MANIFESTS, DEFAULT_QUEUE and CELERY_APP are
-set). Every event goes to one idempotent and one plain async subscription
-(tests/manifests/soak.yaml). Two workers (prefork, 2 processes each) consume; one is
-SIGKILLed as a whole every few seconds and restarted; `events_relay --loop` runs beside them
+set, and RESEND_UNFINISHED_AFTER to --resend-unfinished-after). Every event goes to one
+idempotent and one plain async subscription (tests/manifests/soak.yaml). Two workers
+(prefork, 2 processes each) consume; one is SIGKILLed as a whole every few seconds and
+restarted; `events_relay --loop` runs beside them
 with its default options, except --resend-unfinished-after (the package's default, an hour
 or more, is longer than a run). A third of the way through publishing the broker is cut (live
 connections reset, new ones refused) for --cut seconds, two thirds of the way the database.
@@ -134,6 +135,8 @@ def main() -> int:
     )
     if args.success_records:
         os.environ["DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"] = args.success_records
+    # The workers' too: a retry's row falls due for the relay that long after the retry's time.
+    os.environ["DJANGO_EVENTS_SOAK_RESEND_AFTER"] = str(args.resend_unfinished_after)
     if args.broker == "redis":
         os.environ["DJANGO_EVENTS_REDIS_VISIBILITY_TIMEOUT"] = str(args.visibility_timeout)
     import django

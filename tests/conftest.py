@@ -25,13 +25,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _marker_stopped_before_the_test_database_goes(django_db_setup: None) -> Iterator[None]:
+def _marker_stopped_before_the_test_database_goes(
+    django_db_setup: None, django_db_blocker: Any
+) -> Iterator[None]:
     # The background marker's thread keeps a connection of its own to the test database;
     # PostgreSQL refuses to drop a database someone is connected to.
     yield
     from django_events.delivery import marking
 
-    marking.stop()
+    with django_db_blocker.unblock():  # the marks still waiting are written from this thread
+        marking.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -13,12 +13,12 @@ from django.test import override_settings
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery.lost_messages import QUEUE_ALLOWANCE, resend_after
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
 from django_events.operations import unfinished
 from django_events.operations.pausing import pause, resume
 from django_events.operations.relay import relay_backlog
-from django_events.operations.unfinished import QUEUE_ALLOWANCE, resend_after
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring
 

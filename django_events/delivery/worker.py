@@ -28,6 +28,7 @@ from django_events.delivery import endpoints, ordering, webhooks
 from django_events.delivery.batching import Answer, recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
+from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.messages import (
     MESSAGE_VERSION,
     DeliveryMessage,
@@ -279,7 +280,17 @@ def _run(
                 exc_info=True,
                 extra=log_extra(event, subscription),
             )
+        delay = (
+            subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
+        )
+        retry_in = webhooks.retry_delay(exc, delay, subscription.retry.max_backoff)
         row = _row(event, subscription, status, attempt, error, tb, took, response)
+        if not final and not ordered:
+            # The retry goes as a message with a countdown, which a worker killed as it takes
+            # it (Redis, the filesystem transport) loses: the row falls due for the relay's
+            # retries one threshold after the retry's own time; any outcome written clears it.
+            # (An ordered key's first delivery has the relay's own check for a lost message.)
+            row.retry_at = timezone.now() + timedelta(seconds=retry_in + resend_after())
         recorded = _record_quietly(alias, event, [row], always=True)
         # A final failure nobody can see (the database is down too) would be an event lost:
         # keep retrying until the outcome can be recorded. One the database refuses would be
@@ -294,12 +305,9 @@ def _run(
             if recorded == RECORDED:
                 _announce_failure(event, subscription.name, attempt, error, exc)
             return Outcome("failed", error=exc)
-        delay = (
-            subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
-        )
         return Outcome(
             "retry",
-            retry_in=webhooks.retry_delay(exc, delay, subscription.retry.max_backoff),
+            retry_in=retry_in,
             error=exc,
             retry_of=(alias, event.id, subscription.name),
             uncounted=verdict.retry_in is not None and not verdict.counted,

@@ -49,7 +49,7 @@ def relay_pending(
     """Send one batch of pending records, oldest first, with publisher confirms; then one
     batch of due retries that a worker could not hand to the broker (`Delivery.retry_at`);
     then check one batch of events dispatched over ``resend_after`` seconds ago (default:
-    `unfinished.resend_after`) and send again their async deliveries that have no outcome.
+    `lost_messages.resend_after`) and send again their async deliveries that have no outcome.
 
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` where the database has it, so several
     relays can run at once; each record is marked dispatched only once the broker took it.

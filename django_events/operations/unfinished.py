@@ -53,10 +53,10 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
-from django_events.conf import conf
 from django_events.delivery import endpoints
-from django_events.delivery.broker import celery_app, transport_kind, waiting_messages
+from django_events.delivery.broker import waiting_messages
 from django_events.delivery.dispatch import accepted
+from django_events.delivery.lost_messages import resend_after, visibility_timeout
 from django_events.delivery.ordering import FINISHED, HAND_ON_GRACE
 from django_events.delivery.recording import delivery
 from django_events.exceptions import NewerVersion, UpcastError
@@ -72,12 +72,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_events.relay")
 
 CHECKPOINT = "unfinished-deliveries"
-#: Seconds allowed, beyond the broker's own redelivery delay, for a message to wait in its
-#: queue and for its handler to run, before the delivery counts as lost.
-QUEUE_ALLOWANCE = 3600.0
-#: Transports that hand out a dead consumer's unacknowledged messages only after a visibility
-#: timeout, with kombu's default for it (seconds).
-VISIBILITY_TIMEOUTS = {"redis": 3600.0, "sqs": 1800.0}
 #: Seconds, beyond the visibility timeout, for a dead worker's messages to be given back and
 #: handled again (kombu's Redis transport restores them every 10 s).
 DRAIN_MARGIN = 30.0
@@ -97,35 +91,6 @@ class ResendResult:
     @property
     def total(self) -> int:
         return sum(self.resent.values())
-
-
-def resend_after(app: Celery | None = None) -> float:
-    """Seconds after its dispatch an async delivery with no outcome is sent again.
-
-    ``RESEND_UNFINISHED_AFTER`` if set; else `QUEUE_ALLOWANCE` plus the broker's visibility
-    timeout (Redis, SQS: how long it keeps a dead worker's messages before handing them out
-    again), so that nothing the broker would still deliver, or a worker is still running,
-    is sent twice.
-    """
-    value = conf.RESEND_UNFINISHED_AFTER
-    if value is not None:
-        return value
-    return QUEUE_ALLOWANCE + visibility_timeout(app)
-
-
-def visibility_timeout(app: Celery | None = None) -> float:
-    """The broker's visibility timeout in seconds (0 for brokers without one: RabbitMQ)."""
-    try:
-        app = app or celery_app()
-    except ImportError:  # CELERY_APP does not import: the send reports it
-        return 0.0
-    if app is None:
-        return 0.0
-    default = VISIBILITY_TIMEOUTS.get(transport_kind(app))
-    if default is None:
-        return 0.0
-    options = app.conf.broker_transport_options or {}
-    return float(options.get("visibility_timeout", default))
 
 
 def resend_unfinished(
