@@ -155,8 +155,9 @@ if os.environ.get("DJANGO_EVENTS_SOAK"):
     if os.environ.get("DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"):  # soak.py --success-records
         DJANGO_EVENTS["SUCCESS_RECORDS"] = os.environ["DJANGO_EVENTS_SOAK_SUCCESS_RECORDS"]
     if os.environ.get("DJANGO_EVENTS_SOAK_RESEND_AFTER"):  # soak.py --resend-unfinished-after
-        resend_after = float(os.environ["DJANGO_EVENTS_SOAK_RESEND_AFTER"])
-        DJANGO_EVENTS["RESEND_UNFINISHED_AFTER"] = resend_after
+        DJANGO_EVENTS["RESEND_UNFINISHED_AFTER"] = float(
+            os.environ["DJANGO_EVENTS_SOAK_RESEND_AFTER"]
+        )
 if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
     DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
 if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):
