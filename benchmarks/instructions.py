@@ -31,7 +31,7 @@ _MARKERS = ("--dump-after=os_getppid", "--dump-before=os_getpgrp")
 _PAYLOAD = {"order_id": 1, "total": 12.5, "email": "a@example.com", "note": "bench-counter"}
 Loop = Callable[[int], None]
 _LOOPS = ("ours", "baseline")
-#: What each figure's line says: its number, its two loops, its target (in time).
+#: Each figure counted: what its two loops run (ours, the baseline) and its target (in time).
 _FIGURES = {
     "1": ("publish(), 1 sync subscription, no record", "Signal.send + on_commit", "<= 3"),
     "8": ("worker delivery of a v1 event upcast to v3", "a current v3 event", "<= 1.1"),
