@@ -75,3 +75,16 @@ def test_a_retry_whose_message_is_lost_falls_due_for_the_relay(queue: str, publi
 
     row.refresh_from_db()
     assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
+
+
+@pytest.mark.django_db(transaction=True)  # the ordered claim and finish commit
+def test_an_ordered_retry_is_left_to_the_relays_check_of_its_key(queue: str, publish_now) -> None:
+    # An ordered key's first unfinished delivery has a check of its own for a lost message
+    # (pending, no due time, untouched): its retry row gets no due time.
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**FLAKY, "ordering_key": "order_id"}]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        assert process_message(message, 0, manage_connections=False).status == "retry"
+
+    row: Any = Delivery.objects.get(event_id=paid.id, subscription="shop-flaky")
+    assert (row.status, row.attempts, row.retry_at) == ("pending", 1, None)
