@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, IdempotencyKey
@@ -320,6 +321,37 @@ def test_a_retry_or_replay_dying_while_sending_leaves_the_delivery_failed(
 
         row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
         assert (row.status, row.attempts) == ("failed", 1), command  # still a failure
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "command",
+    [["events_retry", "--subscription", "shop-receipt"], ["events_replay", "shop-receipt"]],
+)
+def test_a_delivery_sent_again_whose_message_is_lost_falls_due_for_the_relay(
+    queue, command
+) -> None:
+    event = publish("shop.paid", {"order_id": 6})
+    work(queue)  # shop-receipt's first run fails for good (max_attempts: 1)
+
+    before = timezone.now()
+    assert "1 re-enqueued for a worker" in run(*command)
+    after = timezone.now()
+
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
+    wait = timedelta(seconds=resend_after())
+    assert row.status == "pending" and before + wait <= row.retry_at <= after + wait
+    # The message is lost (a worker killed as it takes it): once the row is due, the relay
+    # sends it again.
+    assert [m["subscription"] for m in drain(queue)] == ["shop-receipt"]
+    Delivery.objects.filter(pk=row.pk).update(retry_at=timezone.now() - timedelta(seconds=1))
+    assert "1 due retry(ies)" in run("events_relay", "--min-age", "0")
+    [again] = drain(queue)
+    assert (again["subscription"], again["prior_attempts"]) == ("shop-receipt", 1)
+    assert process_message(again, 0).status == "succeeded"
+
+    row.refresh_from_db()
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
 
 
 # -- events_replay ---------------------------------------------------------------------------
@@ -774,13 +806,17 @@ def test_events_relay_sends_due_retries_and_fails_those_whose_subscription_is_go
     Delivery.objects.filter(subscription__in=["gone", "shop-receipt"]).update(retry_at=due)
 
     with caplog.at_level("ERROR", logger="django_events.relay"):
-        out = run("events_relay")
+        before = timezone.now()
+        out = run("events_relay", "--resend-unfinished-after", "600")
+        after = timezone.now()
 
     assert out == "Relayed 0 event(s) and 1 due retry(ies); 0 still pending.\n"
     [message] = drain(queue)
     assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 1)
     sent = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
-    assert (sent.status, sent.retry_at) == ("pending", None)
+    # Due again one threshold later, should this message be lost too.
+    wait = timedelta(seconds=600)
+    assert sent.status == "pending" and before + wait <= sent.retry_at <= after + wait
     gone = Delivery.objects.get(event_id=event.id, subscription="gone")
     assert (gone.status, gone.retry_at, gone.attempts, gone.last_error) == (
         "failed",

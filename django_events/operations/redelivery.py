@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
+from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -122,8 +123,11 @@ def _send(
         return _send_ordered(subscription, records, items, prior, prior_attempts, create, using)
     # Marked pending and sent in one transaction: a process that dies before the commit
     # leaves the rows as they were (a failure stays one), never pending with no message.
+    # A message the broker took can still be lost (a worker killed as it takes it): the rows
+    # fall due for the relay's retries one threshold later; any outcome written clears it.
+    due = timezone.now() + timedelta(seconds=resend_after())
     with transaction.atomic(using=using):
-        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
+        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
         unsent = _send_items(subscription, items, using, prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)
@@ -206,7 +210,7 @@ def _unsent(
         ignore_conflicts=True,
     )
     rows = Delivery.objects.using(using).filter(event_id__in=unsent, subscription=subscription.name)
-    rows.update(status=failed, updated_at=timezone.now())
+    rows.update(status=failed, retry_at=None, updated_at=timezone.now())
     rows.filter(last_error="").update(last_error=NOT_SENT)
 
 
