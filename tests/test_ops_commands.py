@@ -853,9 +853,9 @@ def test_events_replay_gives_a_sync_handler_the_declared_version(queue) -> None:
     )
     waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
     assert (waiting.status, waiting.last_error) == (
-        "pending",
-        "Event 'o.placed' is version 3; this process knows up to version 2: waiting for a "
-        "newer worker",
+        "failed",  # for a retry from the newer release: no worker takes it later
+        "Not run: event 'o.placed' is version 3; this process knows up to version 2. "
+        "Retry it from a process that declares version 3.",
     )
     assert EventRecord.objects.get(pk=old.pk).payload == {"order_id": 1, "total": 9.5}
 
@@ -881,19 +881,31 @@ def test_events_replay_records_an_upcaster_failure_without_running_the_handler(q
 
 
 @pytest.mark.django_db
-def test_a_retry_of_a_newer_version_waits_and_keeps_the_count_of_runs(queue) -> None:
+def test_a_sync_retry_of_a_newer_version_stays_a_failure_for_the_newer_release(queue) -> None:
     """A rolling deploy: this release declares o.placed v2, the event is v3."""
     subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
     with shop_wiring(queue, EVENTS={"o.placed": {"version": 2}}, SUBSCRIPTIONS=[subscription]):
         newer = pending("o.placed", {"order_id": 2}, version=3, status="dispatched")
         save_deliveries("default", [delivery(newer.pk, "o-sync", "sync", "failed", 2, "Boom")])
 
-        run("events_retry", "--subscription", "o-sync")
+        assert "1 ran again and failed" in run("events_retry", "--subscription", "o-sync")
 
+    # Still a failure (no worker takes a sync delivery later: pending, it stayed so for
+    # good), its count of runs as it was (it used to lose a run).
     waiting = Delivery.objects.get(event_id=newer.pk, subscription="o-sync")
-    assert (waiting.status, waiting.attempts) == ("pending", 2)  # it used to lose a run
-    assert waiting.last_error.startswith("Event 'o.placed' is version 3;")
+    assert (waiting.status, waiting.attempts) == ("failed", 2)
+    assert waiting.last_error == (
+        "Not run: event 'o.placed' is version 3; this process knows up to version 2. "
+        "Retry it from a process that declares version 3."
+    )
     assert not HandlerRun.objects.exists()
+
+    # The newer release retries it.
+    with shop_wiring(queue, EVENTS={"o.placed": {"version": 3}}, SUBSCRIPTIONS=[subscription]):
+        assert "1 ran again and succeeded" in run("events_retry", "--subscription", "o-sync")
+    waiting.refresh_from_db()
+    assert (waiting.status, waiting.attempts) == ("succeeded", 3)
+    assert HandlerRun.objects.count() == 1
 
 
 @pytest.mark.django_db(databases=["default", "other"])

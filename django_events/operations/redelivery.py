@@ -251,13 +251,20 @@ def _run_one(
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
     try:
         data = event_type.upgrade(record.payload, record.version)
-    except (NewerVersion, UpcastError) as exc:
+    except NewerVersion as exc:
+        # No worker takes a sync delivery later: it stays a failure, for a retry from a
+        # process of the release that declares the version. The handler did not run: the
+        # count of runs stays as it was.
+        error = (
+            f"Not run: event {exc.name!r} is version {exc.version}; this process knows up to "
+            f"version {exc.known}. Retry it from a process that declares version {exc.version}."
+        )
+        failed = Delivery.Status.FAILED
+        return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
+    except UpcastError as exc:
         error = redact_text(str(exc), record.payload, event_type.declaration.redact)
-        # Newer than this process: no run, left pending for a process that knows the version.
-        # Either way the handler did not run: the count of runs stays as it was.
-        newer = isinstance(exc, NewerVersion)
-        status = Delivery.Status.PENDING if newer else Delivery.Status.FAILED
-        return delivery(record.pk, subscription.name, subscription.mode, status, attempts, error)
+        failed = Delivery.Status.FAILED
+        return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
     problems = event_type.validator.problems(data, event_type.declaration.redact)
     if problems:
         error = stale_payload_error(record.name, problems)
