@@ -635,6 +635,33 @@ def test_a_replay_stopped_midway_has_recorded_each_run_before(publish_now, queue
 
 
 @pytest.mark.django_db
+def test_a_retry_stopped_midway_leaves_the_failures_after_it_failed(publish_now, queue) -> None:
+    notes = ["go on", "stop", "go on"]
+    events = [
+        publish_now("shop.paid", {"order_id": n, "note": note}) for n, note in enumerate(notes)
+    ]
+    save_deliveries(
+        "default", [delivery(e.id, "shop-stopper", "sync", "failed", 1, "Boom") for e in events]
+    )
+    stopper = {
+        "name": "shop-stopper",
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.stops_on_note",
+    }
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[stopper]), pytest.raises(SystemExit):
+        run("events_retry", "--subscription", "shop-stopper")  # "dies" in the second handler
+
+    rows = Delivery.objects.filter(subscription="shop-stopper")
+    outcomes = {d.event_id: (d.status, d.attempts) for d in rows}
+    # The one a dead process was running says so; the one after it is still a failure.
+    assert [outcomes[e.id] for e in events] == [("succeeded", 2), ("running", 1), ("failed", 1)]
+    with shop_wiring(queue, SUBSCRIPTIONS=[stopper]):
+        assert "1 ran again and succeeded" in run("events_retry", "--subscription", "shop-stopper")
+    assert rows.get(event_id=events[2].id).status == "succeeded"
+
+
+@pytest.mark.django_db
 def test_a_one_shot_relay_accounts_for_every_record_it_leaves_pending() -> None:
     # Dated after the run starts (a publisher's clock ahead of this host's): not sent.
     ahead = EventRecord.objects.create(

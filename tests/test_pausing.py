@@ -61,6 +61,25 @@ def test_a_paused_sync_subscription_holds_then_runs_in_event_order_on_resume() -
         assert HandlerRun.objects.filter(handler="record").count() == 6
 
 
+def test_a_resume_stopped_midway_leaves_the_deliveries_after_it_held() -> None:
+    with wiring(sub("s", "sync", "tests.app.handlers.stops_on_note")):
+        pause("s")
+        notes = ["go on", "stop", "go on"]
+        ids = [
+            publish("orders.placed", {**order(n), "note": note}).id for n, note in enumerate(notes)
+        ]
+        with pytest.raises(SystemExit):
+            resume("s")  # the process "dies" in the second handler
+
+        statuses = dict(Delivery.objects.filter(subscription="s").values_list("event_id", "status"))
+        # The one a dead process was running says so; the one after it is still held.
+        assert [statuses[i] for i in ids] == ["succeeded", "running", "held"]
+        result = resume("s")  # not paused any more: it runs what is still held
+
+    assert (result.succeeded, result.failed) == (1, 0)
+    assert Delivery.objects.get(event_id=ids[2], subscription="s").status == "succeeded"
+
+
 @pytest.mark.postgresql  # row locks: SQLite has none
 def test_resume_claims_held_rows_whose_events_another_transaction_is_updating() -> None:
     # The background marker or a relay updates event rows while a resume runs; only another

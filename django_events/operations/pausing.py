@@ -84,7 +84,8 @@ def resume(
     ids = list(held(name, using=using).values_list("pk", flat=True))
     for chunk in batched(ids, batch_size):
         with transaction.atomic(using=using):
-            claimed = _claim(chunk, using)
+            # A sync subscription's run claims each row itself (see `redeliver`).
+            claimed = _claim(chunk, using, mark_pending=subscription.is_queued)
             records = EventRecord.objects.using(using).in_bulk([d.event_id for d in claimed])
             ordered = [records[d.event_id] for d in claimed]
             prior = {d.event_id: d.attempts for d in claimed}
@@ -93,7 +94,8 @@ def resume(
             if subscription.is_queued:
                 result.add(redeliver(subscription, ordered, prior, using=using))
         if not subscription.is_queued:
-            result.add(redeliver(subscription, ordered, prior, using=using))
+            held_status = Delivery.Status.HELD
+            result.add(redeliver(subscription, ordered, prior, using=using, claim_from=held_status))
     return result
 
 
@@ -110,8 +112,9 @@ def is_paused(name: str, *, using: str = DEFAULT_DB_ALIAS) -> bool:
     return PausedSubscription.objects.using(using).filter(subscription=name).exists()
 
 
-def _claim(ids: list[int], using: str) -> list[Delivery]:
-    """Lock the rows of ``ids`` still held, in event order (inside a transaction)."""
+def _claim(ids: list[int], using: str, *, mark_pending: bool) -> list[Delivery]:
+    """Lock the rows of ``ids`` still held, in event order (inside a transaction); mark
+    them pending if ``mark_pending``."""
     features = connections[using].features
     rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.HELD)
     if features.has_select_for_update:
@@ -124,9 +127,10 @@ def _claim(ids: list[int], using: str) -> list[Delivery]:
     claimed = list(
         rows.order_by("event__occurred_at", "event_id").only("pk", "event_id", "attempts")
     )
-    Delivery.objects.using(using).filter(pk__in=[d.pk for d in claimed]).update(
-        status=Delivery.Status.PENDING
-    )
+    if mark_pending:
+        Delivery.objects.using(using).filter(pk__in=[d.pk for d in claimed]).update(
+            status=Delivery.Status.PENDING
+        )
     return claimed
 
 

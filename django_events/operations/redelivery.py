@@ -75,15 +75,22 @@ def redeliver(
     prior_attempts: Mapping[UUID, int],
     *,
     using: str,
+    claim_from: str | None = None,
 ) -> RedeliveryResult:
-    """Deliver ``records`` (events declared in the registry) to ``subscription`` again."""
+    """Deliver ``records`` (events declared in the registry) to ``subscription`` again.
+
+    A sync subscription's deliveries run one at a time, each claimed just before its run:
+    with ``claim_from`` (a `Delivery.Status`), only a row still in that status is run (one
+    another process claimed meanwhile is left alone); without, whatever its row says (a
+    replay). An async subscription's rows are the caller's to claim.
+    """
     if not records:
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
     if subscription.is_queued:
         return _send(subscription, records, compiled, prior_attempts, using)
-    return _run(subscription, records, compiled, prior_attempts, using)
+    return _run(subscription, records, compiled, prior_attempts, using, claim_from)
 
 
 def send_claimed(
@@ -220,18 +227,20 @@ def _run(
     compiled: Mapping[str, CompiledEvent],
     prior: Mapping[UUID, int],
     using: str,
+    claim_from: str | None,
 ) -> RedeliveryResult:
-    ids = [r.pk for r in records]
-    _mark(subscription, records, prior, Delivery.Status.RUNNING, using, create=ids)
     interceptors = get_registry().interceptors
     result = RedeliveryResult()
     for record in records:
+        # Claimed one by one: a process killed midway leaves the delivery it was running
+        # `running` and the ones after it as they were (failed, held: still retryable).
+        if not _claim_run(subscription, record, prior, using, claim_from):
+            continue
         row = _run_one(
             subscription, record, compiled[record.name], prior.get(record.pk, 0), interceptors
         )
         if row is None:
             continue
-        # One by one: a process killed mid-batch leaves one delivery running, not the batch.
         save_deliveries(using, [row])
         if row.status == Delivery.Status.SUCCEEDED:
             result.succeeded += 1
@@ -239,6 +248,23 @@ def _run(
             result.failed += 1
             failed_signal(event_of(record), row)
     return result
+
+
+def _claim_run(
+    subscription: Subscription,
+    record: EventRecord,
+    prior: Mapping[UUID, int],
+    using: str,
+    claim_from: str | None,
+) -> bool:
+    """Mark one sync delivery `running`; whether this process is to run it (see `redeliver`)."""
+    if claim_from is None:
+        _mark(subscription, [record], prior, Delivery.Status.RUNNING, using, create=[record.pk])
+        return True
+    rows = Delivery.objects.using(using).filter(
+        event_id=record.pk, subscription=subscription.name, status=claim_from
+    )
+    return bool(rows.update(status=Delivery.Status.RUNNING, updated_at=timezone.now()))
 
 
 def _run_one(

@@ -56,14 +56,16 @@ def retry_failures(
 ) -> RedeliveryResult:
     """Deliver each failed delivery in ``deliveries`` again, through the normal path.
 
-    Rows are claimed (status failed -> pending) with row locks where the database has them,
-    so two retries at once do not send a delivery twice. Async messages go out before the
-    claim commits: a process that dies in between leaves the deliveries failed (to retry
-    again), never pending with no message. Sync handlers run after the commit, outside it.
-    Deliveries that are no longer failed are left alone.
+    Async deliveries are claimed (status failed -> pending) with row locks where the
+    database has them, so two retries at once do not send a delivery twice; their messages
+    go out before the claim commits: a process that dies in between leaves the deliveries
+    failed (to retry again), never pending with no message. Sync handlers run after the
+    commit, outside it, each claimed (failed -> running) just before its run, so a process
+    that dies midway leaves the rest failed. Deliveries no longer failed are left alone.
     """
     using = deliveries.db
-    ids = list(deliveries.filter(status=Delivery.Status.FAILED).values_list("pk", flat=True))
+    failed = deliveries.filter(status=Delivery.Status.FAILED)
+    ids = list(failed.order_by("pk").values_list("pk", flat=True))
     result = RedeliveryResult()
     for chunk in batched(ids, batch_size):
         with transaction.atomic(using=using):
@@ -73,21 +75,25 @@ def retry_failures(
                     result.add(redeliver(subscription, records, prior, using=using))
         for subscription, records, prior in groups:
             if not subscription.is_queued:
-                result.add(redeliver(subscription, records, prior, using=using))
+                failed_status = Delivery.Status.FAILED
+                result.add(
+                    redeliver(subscription, records, prior, using=using, claim_from=failed_status)
+                )
     return result
 
 
 def _claim(
     ids: Sequence[int], using: str, result: RedeliveryResult
 ) -> list[tuple[Subscription, list[EventRecord], dict[UUID, int]]]:
-    """Lock and mark pending the deliveries of ``ids`` still failed (inside a transaction)."""
+    """Lock the deliveries of ``ids`` still failed (inside a transaction), and mark those of
+    async subscriptions pending (a sync one's run claims its own, see `redeliver`)."""
     registry = get_registry()
     features = connections[using].features
     groups: dict[str, tuple[Subscription, list[EventRecord], dict[UUID, int]]] = {}
     rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.FAILED)
     if features.has_select_for_update:
         rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
-    failures = list(rows.only("pk", "event_id", "subscription", "attempts"))
+    failures = list(rows.order_by("pk").only("pk", "event_id", "subscription", "attempts"))
     records = EventRecord.objects.using(using).in_bulk([f.event_id for f in failures])
     claimed = []
     found: dict[str, Subscription | None] = {}  # an endpoint's is read once a batch
@@ -118,7 +124,8 @@ def _claim(
         group = groups.setdefault(subscription.name, (subscription, [], {}))
         group[1].append(record)
         group[2][record.pk] = failure.attempts
-        claimed.append(failure.pk)
+        if subscription.is_queued:
+            claimed.append(failure.pk)
     Delivery.objects.using(using).filter(pk__in=claimed).update(status=Delivery.Status.PENDING)
     return list(groups.values())
 
