@@ -611,6 +611,15 @@ def test_an_unsent_replay_of_an_event_recorded_on_failure_only_is_a_failure(queu
     row = Delivery.objects.get(event_id=record.pk, subscription="cancel-archive")
     assert (row.status, row.attempts, row.last_error) == ("failed", 0, NOT_SENT)
 
+    # Retried, its first run (no success row kept for this event) finishes the row, due time
+    # included: a row left due would be sent again and again.
+    with shop_wiring(queue, SUBSCRIPTIONS=[ARCHIVE]):
+        assert "1 re-enqueued" in run("events_retry", "--subscription", "cancel-archive")
+        [message] = drain(queue)
+        assert process_message(message, 0, manage_connections=False).status == "succeeded"
+    row.refresh_from_db()
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 1, None)
+
 
 @pytest.mark.django_db
 def test_a_replay_stopped_midway_has_recorded_each_run_before(publish_now, queue) -> None:

@@ -361,6 +361,7 @@ def _finish_existing(
             last_error="",
             traceback="",
             duration_ms=took,
+            retry_at=None,  # as every outcome: the row is no longer due for the relay
             updated_at=timezone.now(),
         )
     except DatabaseError:
