@@ -497,6 +497,28 @@ def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> No
 
 
 @pytest.mark.django_db
+def test_events_prune_keeps_events_whose_deliveries_are_not_finished(publish_now) -> None:
+    # A retry that waits, a paused subscription's held delivery, a handler that runs: their
+    # events are still to be delivered, however old (an ordered key's later events too).
+    events = {
+        status: publish_now("shop.refunded", {"order_id": n})
+        for n, status in enumerate(["pending", "held", "running", "succeeded"])
+    }
+    save_deliveries(
+        "default",
+        [delivery(e.id, "shop-audit", "async", status, 1) for status, e in events.items()],
+    )
+    EventRecord.objects.update(occurred_at=timezone.now() - timedelta(days=40))
+
+    out = run("events_prune", "--days", "30", "--include-failures")
+
+    assert "Kept 3 old record(s) with deliveries not finished (pending, held or running)." in out
+    left = set(EventRecord.objects.filter(name="shop.refunded").values_list("pk", flat=True))
+    assert left == {events[s].id for s in ("pending", "held", "running")}
+    assert Delivery.objects.filter(subscription="shop-audit").count() == 3
+
+
+@pytest.mark.django_db
 def test_events_prune_deletes_expired_idempotency_keys_only() -> None:
     now = timezone.now()
     for key, expires_at in [

@@ -14,15 +14,22 @@ from django_events.models import Delivery, EventRecord, IdempotencyKey
 BATCH_SIZE = 5000
 
 
+#: Deliveries not finished yet: their events are never deleted (a retry waits, a paused
+#: subscription holds them, an ordered key waits for its turn, a handler runs).
+UNFINISHED = (Delivery.Status.PENDING, Delivery.Status.HELD, Delivery.Status.RUNNING)
+
+
 @dataclass(frozen=True)
 class PruneResult:
-    """Rows deleted, and old records kept: with a failure, or still pending (the outbox)."""
+    """Rows deleted, and old records kept: with a failure, still pending (the outbox), or
+    with deliveries not finished."""
 
     events: int
     deliveries: int
     kept_failures: int
     kept_pending: int
     expired_keys: int = 0
+    kept_unfinished: int = 0
 
 
 def prune_events(
@@ -35,8 +42,9 @@ def prune_events(
 ) -> PruneResult:
     """Delete records that occurred more than ``older_than`` ago (``None``: none), in batches.
 
-    Records still pending are never deleted (they are the outbox: not yet sent). Records with
-    a failed delivery, or that failed themselves, are kept unless ``include_failures``.
+    Records still pending are never deleted (they are the outbox: not yet sent), nor records
+    with a delivery not finished (`UNFINISHED`). Records with a failed delivery, or that
+    failed themselves, are kept unless ``include_failures``.
     Inbound idempotency keys are deleted ``keys_kept_for`` after their window expired
     (``None``: kept), whatever their age.
     """
@@ -45,7 +53,8 @@ def prune_events(
         return PruneResult(0, 0, 0, 0, expired_keys)
     cutoff = timezone.now() - older_than
     old = EventRecord.objects.using(using).filter(occurred_at__lt=cutoff)
-    candidates = old.exclude(status=EventRecord.Status.PENDING)
+    under_way = Delivery.objects.using(using).filter(status__in=UNFINISHED).values("event_id")
+    candidates = old.exclude(status=EventRecord.Status.PENDING).exclude(pk__in=under_way)
     if not include_failures:
         failed = Delivery.objects.using(using).filter(status=Delivery.Status.FAILED)
         candidates = candidates.exclude(status=EventRecord.Status.FAILED).exclude(
@@ -57,12 +66,15 @@ def prune_events(
             deliveries += Delivery.objects.using(using).filter(event_id__in=pks).delete()[0]
             events += EventRecord.objects.using(using).filter(pk__in=pks).delete()[0]
     expired_keys = _prune_keys(keys_kept_for, using)
+    kept = old.exclude(status=EventRecord.Status.PENDING)
+    kept_unfinished = kept.filter(pk__in=under_way).count()
     return PruneResult(
         expired_keys=expired_keys,
         events=events,
         deliveries=deliveries,
-        kept_failures=old.exclude(status=EventRecord.Status.PENDING).count(),
+        kept_failures=kept.count() - kept_unfinished,
         kept_pending=old.filter(status=EventRecord.Status.PENDING).count(),
+        kept_unfinished=kept_unfinished,
     )
 
 

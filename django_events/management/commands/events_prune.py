@@ -14,8 +14,9 @@ from django_events.operations.pruning import prune_events
 class Command(BaseCommand):
     help = (
         "Delete event records (and their deliveries) older than N days. Records with a failed "
-        "delivery are kept unless --include-failures; pending records (the outbox) always are. "
-        "Expired inbound idempotency keys are deleted too."
+        "delivery are kept unless --include-failures; pending records (the outbox) and records "
+        "with a delivery not finished (pending, held, running) always are. Expired inbound "
+        "idempotency keys are deleted too."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -62,4 +63,9 @@ class Command(BaseCommand):
         if result.kept_pending:
             self.stdout.write(
                 f"Kept {result.kept_pending} old record(s) still pending: run events_relay."
+            )
+        if result.kept_unfinished:
+            self.stdout.write(
+                f"Kept {result.kept_unfinished} old record(s) with deliveries not finished "
+                "(pending, held or running)."
             )
