@@ -329,28 +329,29 @@ def test_a_retry_or_replay_dying_while_sending_leaves_the_delivery_failed(
     "command",
     [["events_retry", "--subscription", "shop-receipt"], ["events_replay", "shop-receipt"]],
 )
-def test_a_delivery_sent_again_whose_message_is_lost_falls_due_for_the_relay(
+def test_a_delivery_sent_again_whose_message_is_lost_is_sent_once_more_by_the_relay(
     queue, command
 ) -> None:
     event = publish("shop.paid", {"order_id": 6})
     marking.flush()  # the event marked dispatched: the relay below has no outbox work
     work(queue)  # shop-receipt's first run fails for good (max_attempts: 1)
-
-    before = timezone.now()
     assert "1 re-enqueued for a worker" in run(*command)
-    after = timezone.now()
-
     row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
-    wait = timedelta(seconds=resend_after())
-    assert row.status == "pending" and before + wait <= row.retry_at <= after + wait
-    # The message is lost (a worker killed as it takes it): once the row is due, the relay
-    # sends it again.
+    assert (row.status, row.retry_at) == ("pending", None)
+
+    # Untouched for longer than the threshold (an hour on this broker), its event dispatched
+    # before: while its message waits in the queue (a backlog), it is not sent again.
+    long_ago = timezone.now() - timedelta(seconds=resend_after() * 1.5)
+    EventRecord.objects.filter(pk=event.id).update(dispatched_at=long_ago)
+    Delivery.objects.filter(pk=row.pk).update(updated_at=long_ago)
+    assert "resent" not in run("events_relay", "--min-age", "0")
+    # The message is lost (a worker killed as it takes it): once the queue is seen empty,
+    # the relay sends it again.
     assert [m["subscription"] for m in drain(queue)] == ["shop-receipt"]
-    Delivery.objects.filter(pk=row.pk).update(retry_at=timezone.now() - timedelta(seconds=1))
-    relayed = run("events_relay", "--min-age", "0")
-    assert relayed == "Relayed 0 event(s) and 1 due retry(ies); 0 still pending.\n"
+    assert "resent 1 delivery(ies)" in run("events_relay", "--min-age", "0")
     [again] = drain(queue)
     assert (again["subscription"], again["prior_attempts"]) == ("shop-receipt", 1)
+    assert "resent" not in run("events_relay", "--min-age", "0")  # touched now: once
     assert process_message(again, 0).status == "succeeded"
 
     row.refresh_from_db()
@@ -868,16 +869,15 @@ def test_events_relay_sends_due_retries_and_fails_those_whose_subscription_is_go
 
     with caplog.at_level("ERROR", logger="django_events.relay"):
         before = timezone.now()
-        out = run("events_relay", "--resend-unfinished-after", "600")
-        after = timezone.now()
+        out = run("events_relay")
 
     assert out == "Relayed 0 event(s) and 1 due retry(ies); 0 still pending.\n"
     [message] = drain(queue)
     assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 1)
     sent = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
-    # Due again one threshold later, should this message be lost too.
-    wait = timedelta(seconds=600)
-    assert sent.status == "pending" and before + wait <= sent.retry_at <= after + wait
+    # No due time, touched as it was sent: the relay's check of lost pending deliveries
+    # starts from the send, should this message be lost too.
+    assert (sent.status, sent.retry_at) == ("pending", None) and sent.updated_at >= before
     gone = Delivery.objects.get(event_id=event.id, subscription="gone")
     assert (gone.status, gone.retry_at, gone.attempts, gone.last_error) == (
         "failed",

@@ -63,6 +63,13 @@ def prune_events(
     events = deliveries = 0
     while pks := list(candidates.values_list("pk", flat=True)[:batch_size]):
         with transaction.atomic(using=using):
+            # Read again here: a retry or replay may have reopened a delivery since.
+            pks = list(
+                EventRecord.objects.using(using)
+                .filter(pk__in=pks)
+                .exclude(pk__in=under_way)
+                .values_list("pk", flat=True)
+            )
             deliveries += Delivery.objects.using(using).filter(event_id__in=pks).delete()[0]
             events += EventRecord.objects.using(using).filter(pk__in=pks).delete()[0]
     expired_keys = _prune_keys(keys_kept_for, using)

@@ -21,7 +21,6 @@ from django.utils import timezone
 
 from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
-from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -130,11 +129,10 @@ def _send(
         return _send_ordered(subscription, records, items, prior, prior_attempts, create, using)
     # Marked pending and sent in one transaction: a process that dies before the commit
     # leaves the rows as they were (a failure stays one), never pending with no message.
-    # A message the broker took can still be lost (a worker killed as it takes it): the rows
-    # fall due for the relay's retries one threshold later; any outcome written clears it.
-    due = timezone.now() + timedelta(seconds=resend_after())
+    # A message the broker took can still be lost (a worker killed as it takes it): the
+    # relay's check of pending rows untouched since (`operations.unfinished`) sends it again.
     with transaction.atomic(using=using):
-        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
+        _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
         unsent = _send_items(subscription, items, using, prior_attempts)
         if unsent:
             _unsent(subscription, unsent, prior, using)

@@ -13,7 +13,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from django_events.delivery import broker, endpoints, lost_messages
+from django_events.delivery import broker, endpoints
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
@@ -132,7 +132,7 @@ def relay_pending(
             EventRecord.objects.using(using).filter(pk__in=undeclared).update(
                 status=EventRecord.Status.FAILED
             )
-    retried, retries_unsent = _send_due_retries(batch_size, using, resend_after)
+    retried, retries_unsent = _send_due_retries(batch_size, using)
     unsent_count = len(unsent) + retries_unsent
     # The broker refused the sends above: deliveries resent now would be recorded failed.
     unfinished = (
@@ -233,21 +233,19 @@ class DatabaseOutage:
             logger.warning("Database %r reachable again", self.using, extra=log_extra())
 
 
-def _send_due_retries(
-    batch_size: int, using: str, resend_after: float | None = None
-) -> tuple[int, int]:
+def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
     """Send the retries whose time has come; return how many were sent and left unsent.
 
-    A sent row stays pending, due again one ``resend_after`` threshold later (default:
-    `lost_messages.resend_after`) should its message be lost too; any outcome clears it.
-    An ordered key's rows get no due time: the relay's check of the key finds a lost one.
+    A sent row stays pending with no due time, touched now: should its message be lost too,
+    the relay's check of pending rows untouched since sends it again (`operations.unfinished`).
     """
     registry = get_registry()
     features = connections[using].features
     locking = features.has_select_for_update
+    read_at = timezone.now()
     with transaction.atomic(using=using) if locking else nullcontext():
         due = Delivery.objects.using(using).filter(
-            status=Delivery.Status.PENDING, retry_at__lte=timezone.now()
+            status=Delivery.Status.PENDING, retry_at__lte=read_at
         )
         if locking:
             due = due.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
@@ -259,7 +257,6 @@ def _send_due_retries(
         records = EventRecord.objects.using(using).in_bulk([row.event_id for row in rows])
         outgoing: dict[str, list[broker.SendItem]] = {}  # by path: "celery" or "tasks"
         paths: dict[int, str] = {}
-        ordered: set[int] = set()
         prior: dict[tuple[UUID, str], int] = {}
         gone: list[int] = []
         for row in rows:
@@ -271,8 +268,6 @@ def _send_due_retries(
                 continue
             event = event_of(record, compiled.typed_payload(record.payload))
             paths[row.pk] = subscription.via
-            if subscription.declaration.ordering_key is not None:
-                ordered.add(row.pk)
             item = (event, compiled.declaration.durable, [subscription])
             outgoing.setdefault(subscription.via, []).append(item)
             prior[(event.id, subscription.name)] = row.attempts
@@ -280,14 +275,11 @@ def _send_due_retries(
         sent = [
             row.pk for row in rows if row.pk in paths and row.event_id not in unsent[paths[row.pk]]
         ]
-        threshold = lost_messages.resend_after() if resend_after is None else resend_after
-        again = timezone.now() + timedelta(seconds=threshold)
-        deliveries = Delivery.objects.using(using)
-        # (Without row locks a worker may have written the outcome already: left as written.)
-        deliveries.filter(
-            pk__in=[pk for pk in sent if pk not in ordered], status=Delivery.Status.PENDING
-        ).update(retry_at=again)
-        deliveries.filter(pk__in=[pk for pk in sent if pk in ordered]).update(retry_at=None)
+        # Without row locks a worker may have written an outcome already (a new retry's due
+        # time is later than this read): left as written.
+        Delivery.objects.using(using).filter(
+            pk__in=sent, status=Delivery.Status.PENDING, retry_at__lte=read_at
+        ).update(retry_at=None, updated_at=timezone.now())
         if gone:
             logger.error(
                 "%d due retr(y/ies) no longer reach their subscription; marked failed",

@@ -20,19 +20,21 @@ The webhook endpoints registered at run time count as wired from their last chan
 enabled again, edited) plus the time publishers may keep the list they read
 (`endpoints.wired_since`); those enabled when the relay looks are checked.
 
-An ordered subscription's deliveries have their row from publish on (pending, numbered), so
-a lost message of one is not "without a row": its key waits behind it for good. The relay
-sends again a key's first unfinished delivery that is still pending with no due time, its
-event dispatched and the row untouched for longer than the threshold (`_lost_heads`): no
-worker took it (a worker that holds it back, runs it or fails it writes the row). The later
-deliveries of its key follow through the gate, each in turn.
+A delivery whose message went out with its row already `pending` is not "without a row"
+either: an ordered subscription's (its row is written at publish, numbered: its key waits
+behind it for good), and any delivery sent again by a retry, a replay, a resume or the
+relay's due retries. The relay sends again such a delivery that is still pending with no
+due time, its event dispatched and the row untouched for longer than the threshold
+(`_lost_pending`): no worker took it (a worker that holds it back, runs it or fails it
+writes the row). Of an ordered key only the first unfinished delivery: the later ones have
+no message yet and follow through the gate, each in turn.
 
 A worker can hold a message the relay takes for lost (prefetched or unacknowledged messages
 are not in the queue's count) and write its outcome while the relay works. The relay sends
-only what is still as it read it: a lost head still pending, with no due time and untouched
-(one conditional ``UPDATE`` claims it, `_resend_heads`), a delivery with no row still without
-one (an insert that keeps an existing row, `_resend_absent`). It never writes a status a
-worker wrote; a row a worker wrote meanwhile is left alone and not sent.
+only what is still as it read it: a lost pending delivery still pending, with no due time
+and untouched (one conditional ``UPDATE`` claims it, `_resend_pending`), a delivery with no
+row still without one (an insert that keeps an existing row, `_resend_absent`). It never
+writes a status a worker wrote; a row a worker wrote meanwhile is left alone and not sent.
 
 A backlog is never resent: while the queue holds messages waiting for a consumer, the walk
 of that queue stops at its first unfinished delivery and waits for the queue to drain; on a
@@ -160,15 +162,15 @@ def _resend_queue(
         cutoff = _Drained(checkpoint, queue, now, drain_settle())
         unfinished, checked = _unfinished(records, registry, hooks, queue, since, using, cutoff)
         result.checked += checked
-        for subscription_name, heads in _lost_heads(
-            queue, registry, horizon, batch_size, using, cutoff
-        ).items():
-            sent = _resend_heads(registry.subscriptions[subscription_name], heads, horizon, using)
-            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent
         subscriptions: dict[str, Subscription] = {
             **registry.subscriptions,
             **{h.name: h for h in hooks},
         }
+        for subscription_name, lost in _lost_pending(
+            queue, registry, hooks, horizon, batch_size, using, cutoff
+        ).items():
+            sent = _resend_pending(subscriptions[subscription_name], lost, horizon, using)
+            result.resent[subscription_name] = result.resent.get(subscription_name, 0) + sent
         again = now + timedelta(seconds=threshold)
         for subscription_name, waiting in unfinished.items():
             sent, unsent = _resend_absent(subscriptions[subscription_name], waiting, again, using)
@@ -266,25 +268,25 @@ def _wired_since(
     return {name: datetime.fromisoformat(when) for name, when in seen.items()}
 
 
-def _lost_heads(
+def _lost_pending(
     queue: str,
     registry: Registry,
+    hooks: Sequence[endpoints.EndpointSubscription],
     horizon: datetime,
     batch_size: int,
     using: str,
     drained: Callable[[], datetime | None],
 ) -> dict[str, list[Delivery]]:
-    """The first unfinished deliveries of the ordered keys of ``queue`` whose message is lost,
-    by subscription: pending with no due time, the row untouched and its event dispatched
-    before ``horizon``, sent before the queue was last seen drained (see `_Drained`)."""
+    """The pending deliveries of ``queue`` whose message is lost, by subscription: with no due
+    time, the row untouched and its event dispatched before ``horizon``, sent before the
+    queue was last seen drained (see `_Drained`); of an ordered key, only its first
+    unfinished delivery. Not a broadcast's (a copy per worker: no one outcome)."""
     names = [
         s.name
         for s in registry.subscriptions.values()
-        if s.queue == queue
-        and s.is_queued
-        and s.via == "celery"
-        and s.declaration.ordering_key is not None
+        if s.queue == queue and s.is_queued and s.via == "celery" and not s.declaration.broadcast
     ]
+    names += [h.name for h in hooks]
     if not names:
         return {}
     rows = Delivery.objects.using(using)
@@ -293,29 +295,28 @@ def _lost_heads(
         ordering_key=OuterRef("ordering_key"),
         sequence__lt=OuterRef("sequence"),
     ).exclude(status__in=FINISHED)
-    heads = list(
+    lost_rows = list(
         rows.filter(
             subscription__in=names,
-            sequence__isnull=False,
             status=Delivery.Status.PENDING,
             retry_at__isnull=True,
             updated_at__lte=horizon,
             event__status=EventRecord.Status.DISPATCHED,
             event__dispatched_at__lte=horizon,
         )
-        .filter(~Exists(earlier))
+        .filter(Q(sequence__isnull=True) | ~Exists(earlier))  # unordered, or its key's first
         .select_related("event")
         .order_by("updated_at")[:batch_size]
     )
-    if not heads:
+    if not lost_rows:
         return {}
     cutoff = drained()
     lost: dict[str, list[Delivery]] = {}
-    for head in heads:
-        dispatched = head.event.dispatched_at
+    for row in lost_rows:
+        dispatched = row.event.dispatched_at
         assert dispatched is not None  # filtered on it
-        if cutoff is not None and max(head.updated_at, dispatched) <= cutoff:
-            lost.setdefault(head.subscription, []).append(head)
+        if cutoff is not None and max(row.updated_at, dispatched) <= cutoff:
+            lost.setdefault(row.subscription, []).append(row)
     return lost
 
 
@@ -374,21 +375,21 @@ def _unfinished(
     return unfinished, len(records)
 
 
-def _resend_heads(
-    subscription: Subscription, heads: Sequence[Delivery], horizon: datetime, using: str
+def _resend_pending(
+    subscription: Subscription, lost: Sequence[Delivery], horizon: datetime, using: str
 ) -> int:
-    """Send again the lost ``heads`` (`_lost_heads`) that no worker wrote since they were
-    read; how many are to be sent (once the pass commits).
+    """Send again the lost pending deliveries ``lost`` (`_lost_pending`) that no worker wrote
+    since they were read; how many are to be sent (once the pass commits).
 
     A worker can hold a message the queue's count leaves out (prefetched, unacknowledged)
-    and finish it after the read: a head is claimed only if its row is still as read
+    and finish it after the read: a delivery is claimed only if its row is still as read
     (pending, no due time, untouched since ``horizon``), in one conditional ``UPDATE`` that
     makes it due for the relay's retries in `HAND_ON_GRACE` seconds (should this process
     not send it); the send clears that. Its status is never written.
     """
     now = timezone.now()
     due = now + timedelta(seconds=HAND_ON_GRACE)
-    rows = Delivery.objects.using(using).filter(pk__in=[h.pk for h in heads])
+    rows = Delivery.objects.using(using).filter(pk__in=[d.pk for d in lost])
     rows.filter(
         status=Delivery.Status.PENDING, retry_at__isnull=True, updated_at__lte=horizon
     ).update(retry_at=due, updated_at=now)
@@ -396,17 +397,17 @@ def _resend_heads(
     claimed = set(
         rows.filter(status=Delivery.Status.PENDING, retry_at=due).values_list("pk", flat=True)
     )
-    _note_left_alone(subscription, len(heads) - len(claimed))
-    heads = [h for h in heads if h.pk in claimed]
-    if not heads:
+    _note_left_alone(subscription, len(lost) - len(claimed))
+    lost = [d for d in lost if d.pk in claimed]
+    if not lost:
         return 0
 
     def send() -> None:
-        records = [h.event for h in heads]
+        records = [d.event for d in lost]
         unsent = send_claimed(
-            subscription, records, {h.event_id: h.attempts for h in heads}, using=using
+            subscription, records, {d.event_id: d.attempts for d in lost}, using=using
         )
-        sent = [h.pk for h in heads if h.event_id not in unsent]
+        sent = [d.pk for d in lost if d.event_id not in unsent]
         Delivery.objects.using(using).filter(pk__in=sent, retry_at=due).update(retry_at=None)
         if unsent:
             logger.warning(
@@ -418,7 +419,7 @@ def _resend_heads(
 
     # Sent once the pass commits (with its claim), as a hand-on is.
     transaction.on_commit(send, using=using)
-    return len(heads)
+    return len(lost)
 
 
 def _resend_absent(
