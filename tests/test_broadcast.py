@@ -68,6 +68,24 @@ def test_a_failed_copy_is_recorded_once_not_retried_and_not_hidden_by_later_succ
 
 
 @pytest.mark.django_db(transaction=True)
+def test_copies_sent_again_finish_a_pending_row_but_never_a_failure() -> None:
+    # events_resume sends a held broadcast again (its row pending): a copy's success
+    # finishes the row (it stayed pending for good); a failed copy is still never hidden.
+    with wiring(BROADCAST):
+        event = publish("orders.placed", PAYLOAD)
+        Delivery.objects.create(event_id=event.id, subscription="bc", mode="async")  # pending
+        again = build_message(event_body(event), "bc", "default", prior_attempts=0, rerun=True)
+        assert process_message(again, 0).status == "succeeded"
+        row = Delivery.objects.get(event_id=event.id, subscription="bc")
+        assert (row.status, row.attempts, row.retry_at) == ("succeeded", 1, None)
+
+        Delivery.objects.filter(pk=row.pk).update(status="failed", last_error="on host1: Boom")
+        assert process_message(again, 0).status == "succeeded"
+    row.refresh_from_db()
+    assert (row.status, row.last_error) == ("failed", "on host1: Boom")
+
+
+@pytest.mark.django_db(transaction=True)
 def test_successful_copies_leave_one_succeeded_row() -> None:
     with wiring(BROADCAST):
         event = publish("orders.placed", PAYLOAD)

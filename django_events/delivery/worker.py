@@ -334,7 +334,15 @@ def _run(
                 duration_ms=took,
                 response=response,
             )
-            _record_success(alias, event, row, overwrite=not broadcast, ordered=ordered, key=key)
+            _record_success(
+                alias,
+                event,
+                row,
+                overwrite=not broadcast,
+                ordered=ordered,
+                key=key,
+                finish_pending=broadcast and rerun,
+            )
     elif rerun and not subscription.declaration.idempotent:
         # A first run sent again (a resumed held delivery) of an event recorded only on
         # failure: its row exists, pending, and must not stay so; none is created.
@@ -347,6 +355,21 @@ def _answer(response: webhooks.Response | None) -> Answer | None:
     if response is None:
         return None
     return response.status, response.milliseconds, storable(response.body)
+
+
+def _finish_pending(alias: str, row: Delivery) -> None:
+    """Write ``row``'s success over its delivery's row if that is still `pending`."""
+    Delivery.objects.using(alias).filter(
+        event_id=row.event_id, subscription=row.subscription, status=Delivery.Status.PENDING
+    ).update(
+        status=row.status,
+        attempts=row.attempts,
+        last_error="",
+        traceback="",
+        duration_ms=row.duration_ms,
+        retry_at=None,
+        updated_at=timezone.now(),
+    )
 
 
 def _finish_existing(
@@ -415,8 +438,12 @@ def _record_success(
     overwrite: bool,
     ordered: bool = False,
     key: str | None = None,
+    finish_pending: bool = False,
 ) -> None:
     """Save a success row; while the database cannot be reached, wait for it and try again.
+
+    Without ``overwrite`` (a broadcast copy) an existing row is kept; with
+    ``finish_pending`` (a copy sent again: a resumed hold) a `pending` one is finished.
 
     The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
     error would be worse than holding this worker process: the message stays unacknowledged
@@ -433,6 +460,8 @@ def _record_success(
                 save_deliveries(alias, [row])
             else:
                 Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
+                if finish_pending:
+                    _finish_pending(alias, row)
         except _OUTAGES as exc:
             if not waited:
                 logger.error(
