@@ -498,7 +498,8 @@ def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> No
 
 
 @pytest.mark.django_db
-def test_events_prune_keeps_events_whose_deliveries_are_not_finished(publish_now) -> None:
+@pytest.mark.parametrize("flags", [(), ("--include-failures",)])
+def test_events_prune_keeps_events_whose_deliveries_are_not_finished(publish_now, flags) -> None:
     # A retry that waits, a paused subscription's held delivery, a handler that runs: their
     # events are still to be delivered, however old (an ordered key's later events too).
     events = {
@@ -511,7 +512,7 @@ def test_events_prune_keeps_events_whose_deliveries_are_not_finished(publish_now
     )
     EventRecord.objects.update(occurred_at=timezone.now() - timedelta(days=40))
 
-    out = run("events_prune", "--days", "30", "--include-failures")
+    out = run("events_prune", "--days", "30", *flags)
 
     assert "Kept 3 old record(s) with deliveries not finished (pending, held or running)." in out
     left = set(EventRecord.objects.filter(name="shop.refunded").values_list("pk", flat=True))

@@ -195,6 +195,31 @@ def test_held_paused_and_ordered_deliveries_are_left_to_their_mechanism(queue, p
 
 
 @pytest.mark.django_db
+def test_a_lost_pending_delivery_is_sent_again_but_never_a_broadcasts(
+    queue, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    # Rows a resume left pending, their messages lost. A broadcast's is never resent: a
+    # copy would reach every worker, and no one copy's outcome stands for the others.
+    broadcast = {**PLAIN, "name": "shop-bc", "broadcast": True}
+    with shop_wiring(queue, SUBSCRIPTIONS=[PLAIN, broadcast]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        lost(paid, queue, ago=1.5 * HOUR)
+        long_ago = timezone.now() - timedelta(seconds=1.5 * HOUR)
+        for name in ("shop-plain", "shop-bc"):
+            Delivery.objects.create(event_id=paid.id, subscription=name, mode="async")
+        Delivery.objects.update(updated_at=long_ago)
+
+        with django_capture_on_commit_callbacks(execute=True):  # sent once the pass commits
+            out = relay()
+
+    assert "resent 2 delivery(ies)" in out, out  # shop-plain, and shop-receipt (no row)
+    assert sorted(s for s, _ in messages(queue)) == ["shop-plain", "shop-receipt"]
+    rows = Delivery.objects.filter(event_id=paid.id)
+    assert rows.get(subscription="shop-plain").updated_at > long_ago  # touched: sent once
+    assert rows.get(subscription="shop-bc").updated_at == long_ago  # left alone
+
+
+@pytest.mark.django_db
 def test_events_recording_only_failures_are_not_checked(plain, publish_now) -> None:
     with shop_wiring(plain, SUBSCRIPTIONS=[PLAIN], RECORD="failures"):
         paid = publish("shop.paid", {"order_id": 1, "total": 10})

@@ -22,6 +22,7 @@ from django.db import (
     connections,
     transaction,
 )
+from django.db.models import QuerySet
 from django.utils import timezone
 
 from django_events.delivery import endpoints, ordering, webhooks
@@ -357,16 +358,14 @@ def _answer(response: webhooks.Response | None) -> Answer | None:
     return response.status, response.milliseconds, storable(response.body)
 
 
-def _finish_pending(alias: str, row: Delivery) -> None:
-    """Write ``row``'s success over its delivery's row if that is still `pending`."""
-    Delivery.objects.using(alias).filter(
-        event_id=row.event_id, subscription=row.subscription, status=Delivery.Status.PENDING
-    ).update(
-        status=row.status,
-        attempts=row.attempts,
+def _write_success_over(rows: QuerySet[Delivery], attempts: int, took: float | None) -> None:
+    """Turn the existing delivery rows ``rows`` into a success (no longer due either)."""
+    rows.update(
+        status=Delivery.Status.SUCCEEDED,
+        attempts=attempts,
         last_error="",
         traceback="",
-        duration_ms=row.duration_ms,
+        duration_ms=took,
         retry_at=None,
         updated_at=timezone.now(),
     )
@@ -375,18 +374,9 @@ def _finish_pending(alias: str, row: Delivery) -> None:
 def _finish_existing(
     alias: str, event: Event, subscription: Subscription, attempt: int, took: float
 ) -> None:
+    rows = Delivery.objects.using(alias).filter(event_id=event.id, subscription=subscription.name)
     try:
-        Delivery.objects.using(alias).filter(
-            event_id=event.id, subscription=subscription.name
-        ).update(
-            status=Delivery.Status.SUCCEEDED,
-            attempts=attempt,
-            last_error="",
-            traceback="",
-            duration_ms=took,
-            retry_at=None,  # as every outcome: the row is no longer due for the relay
-            updated_at=timezone.now(),
-        )
+        _write_success_over(rows, attempt, took)
     except DatabaseError:
         logger.exception("Could not record the delivery outcome", extra=log_extra(event))
 
@@ -461,7 +451,12 @@ def _record_success(
             else:
                 Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
                 if finish_pending:
-                    _finish_pending(alias, row)
+                    pending = Delivery.objects.using(alias).filter(
+                        event_id=event.id,
+                        subscription=row.subscription,
+                        status=Delivery.Status.PENDING,
+                    )
+                    _write_success_over(pending, row.attempts, row.duration_ms)
         except _OUTAGES as exc:
             if not waited:
                 logger.error(

@@ -93,9 +93,12 @@ def resume(
             # leaves them held, never pending with no message.
             if subscription.is_queued:
                 result.add(redeliver(subscription, ordered, prior, using=using))
-        if not subscription.is_queued:
-            held_status = Delivery.Status.HELD
-            result.add(redeliver(subscription, ordered, prior, using=using, claim_from=held_status))
+        if not subscription.is_queued:  # each row claimed from held as it runs
+            result.add(
+                redeliver(
+                    subscription, ordered, prior, using=using, claim_from=Delivery.Status.HELD
+                )
+            )
     return result
 
 

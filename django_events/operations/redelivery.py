@@ -275,18 +275,15 @@ def _run_one(
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
     try:
         data = event_type.upgrade(record.payload, record.version)
-    except NewerVersion as exc:
-        # No worker takes a sync delivery later: it stays a failure, for a retry from a
-        # process of the release that declares the version. The handler did not run: the
-        # count of runs stays as it was.
+    except (NewerVersion, UpcastError) as exc:
+        # The handler did not run: a failure, its count of runs as it was. (Of a newer
+        # version too: no worker takes a sync delivery later, a retry from a process of the
+        # release that declares it does.)
         error = (
-            f"Not run: event {exc.name!r} is version {exc.version}; this process knows up to "
-            f"version {exc.known}. Retry it from a process that declares version {exc.version}."
+            _not_run_here(exc)
+            if isinstance(exc, NewerVersion)
+            else redact_text(str(exc), record.payload, event_type.declaration.redact)
         )
-        failed = Delivery.Status.FAILED
-        return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
-    except UpcastError as exc:
-        error = redact_text(str(exc), record.payload, event_type.declaration.redact)
         failed = Delivery.Status.FAILED
         return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
     problems = event_type.validator.problems(data, event_type.declaration.redact)
@@ -299,6 +296,13 @@ def _run_one(
     if data is not record.payload:  # upcast: handlers see the declared version
         event = replace(event, data=data, version=event_type.version)
     return run_sync_handler(subscription, event, interceptors, True, attempts)
+
+
+def _not_run_here(exc: NewerVersion) -> str:
+    return (
+        f"Not run: event {exc.name!r} is version {exc.version}; this process knows up to "
+        f"version {exc.known}. Retry it from a process that declares version {exc.version}."
+    )
 
 
 def _mark(

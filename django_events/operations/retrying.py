@@ -74,10 +74,10 @@ def retry_failures(
                 if subscription.is_queued:
                     result.add(redeliver(subscription, records, prior, using=using))
         for subscription, records, prior in groups:
-            if not subscription.is_queued:
-                failed_status = Delivery.Status.FAILED
+            if not subscription.is_queued:  # each row claimed from failed as it runs
+                claim_from = Delivery.Status.FAILED
                 result.add(
-                    redeliver(subscription, records, prior, using=using, claim_from=failed_status)
+                    redeliver(subscription, records, prior, using=using, claim_from=claim_from)
                 )
     return result
 
