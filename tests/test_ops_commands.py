@@ -19,6 +19,7 @@ from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from django_events.operations.redelivery import NOT_SENT
+from django_events.signals import delivery_failed
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
 from tests.ops import drain, shop_wiring, work
@@ -692,6 +693,58 @@ def test_a_retry_stopped_midway_leaves_the_failures_after_it_failed(publish_now,
     with shop_wiring(queue, SUBSCRIPTIONS=[stopper]):
         assert "1 ran again and succeeded" in run("events_retry", "--subscription", "shop-stopper")
     assert rows.get(event_id=events[2].id).status == "succeeded"
+
+
+@pytest.mark.django_db
+def test_the_relay_records_a_sync_run_its_dead_process_left_running_as_failed(
+    publish_now, queue
+) -> None:
+    event = publish_now("shop.paid", {"order_id": 1, "note": "stop"})
+    save_deliveries("default", [delivery(event.id, "shop-stopper", "sync", "failed", 1, "Boom")])
+    stopper = {
+        "name": "shop-stopper",
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.stops_on_note",
+    }
+    with shop_wiring(queue, SUBSCRIPTIONS=[stopper]), pytest.raises(SystemExit):
+        run("events_retry", "--subscription", "shop-stopper")  # "dies" in the handler
+    row = Delivery.objects.get(event_id=event.id, subscription="shop-stopper")
+    assert (row.status, row.attempts) == ("running", 1)
+    failures: list[dict[str, object]] = []
+
+    def note(**kwargs: object) -> None:
+        failures.append(kwargs)
+
+    delivery_failed.connect(note)
+    try:
+        # Running for less than --requeue-running-after (an hour): it may still be going.
+        assert "left running" not in run("events_relay")
+        row.refresh_from_db()
+        assert row.status == "running"
+
+        began = timezone.now() - timedelta(hours=2)
+        Delivery.objects.filter(pk=row.pk).update(updated_at=began)
+        out = run("events_relay")
+        assert "Recorded 1 sync delivery(ies) left running by a process that is gone" in out
+        assert "left running" not in run("events_relay")  # once
+    finally:
+        delivery_failed.disconnect(note)
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("failed", 2)  # the interrupted run counts
+    assert row.last_error.startswith(
+        f"Interrupted: its run began at {began.isoformat(timespec='seconds')}"
+    )
+    [failure] = failures
+    assert (failure["event_id"], failure["subscription"], failure["attempts"]) == (
+        event.id,
+        "shop-stopper",
+        2,
+    )
+    # A failure like any other: a retry runs it (here, of a handler that no longer stops).
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**stopper, "handler": RECORD}]):
+        assert "1 ran again and succeeded" in run("events_retry", "--subscription", "shop-stopper")
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("succeeded", 3)
 
 
 @pytest.mark.django_db

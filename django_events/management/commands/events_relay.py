@@ -10,6 +10,7 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from django_events.models import EventRecord
+from django_events.operations.interrupted import record_interrupted
 from django_events.operations.relay import (
     DatabaseOutage,
     RelayResult,
@@ -52,9 +53,11 @@ class Command(BaseCommand):
             type=float,
             default=3600.0,
             metavar="SECONDS",
-            help="via: tasks with the database backend: requeue a delivery task running for "
-            "longer than this (default 3600), its db_worker having died. Keep it above the "
-            "longest handler run: a task still running would run twice.",
+            help="A delivery running for longer than this (default 3600) counts as its "
+            "process having died: via: tasks with the database backend, its task is requeued "
+            "(its db_worker is gone); a sync one run again by events_retry, events_replay, "
+            "events_resume or the admin is recorded failed, to be retried. Keep it above the "
+            "longest handler run: a run still going would run twice.",
         )
         parser.add_argument(
             "--resend-unfinished-after",
@@ -95,6 +98,14 @@ class Command(BaseCommand):
         if requeued:
             self.stdout.write(
                 f"Requeued {requeued} task(s) left running by a db_worker that is gone."
+            )
+        interrupted = record_interrupted(
+            older_than=options["requeue_running_after"], using=options["database"]
+        )
+        if interrupted:
+            self.stdout.write(
+                f"Recorded {interrupted} sync delivery(ies) left running by a process that is "
+                "gone as failed: retry them (events_retry, or the admin's failures)."
             )
 
     def _loop(self, options: dict[str, Any]) -> None:
