@@ -696,6 +696,30 @@ def test_a_retry_stopped_midway_leaves_the_failures_after_it_failed(publish_now,
 
 
 @pytest.mark.django_db
+def test_two_sync_retries_at_once_count_every_run(publish_now, queue) -> None:
+    first = publish_now("shop.paid", {"order_id": 1, "note": "retry"})
+    second = publish_now("shop.paid", {"order_id": 2, "note": "fail"})
+    for event in (first, second):
+        save_deliveries("default", [delivery(event.id, "shop-racer", "sync", "failed", 1, "Boom")])
+    racer = {
+        "name": "shop-racer",
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.retries_the_rest",
+    }
+
+    # The first handler runs a second retry, which runs (and fails) the second delivery
+    # before this retry reaches it: this one then runs it a third time.
+    with shop_wiring(queue, SUBSCRIPTIONS=[racer]):
+        run("events_retry", "--subscription", "shop-racer")
+
+    rows = Delivery.objects.filter(subscription="shop-racer")
+    runs = HandlerRun.objects.filter(handler="retries_the_rest", event_id=second.id).count()
+    assert runs == 2
+    assert rows.get(event_id=second.id).attempts == 1 + runs  # not 2: each run counted
+    assert rows.get(event_id=first.id).attempts == 2
+
+
+@pytest.mark.django_db
 def test_the_relay_records_a_sync_run_its_dead_process_left_running_as_failed(
     publish_now, queue
 ) -> None:

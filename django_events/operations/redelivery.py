@@ -232,11 +232,10 @@ def _run(
     for record in records:
         # Claimed one by one: a process killed midway leaves the delivery it was running
         # `running` and the ones after it as they were (failed, held: still retryable).
-        if not _claim_run(subscription, record, prior, using, claim_from):
+        attempts = _claim_run(subscription, record, prior, using, claim_from)
+        if attempts is None:
             continue
-        row = _run_one(
-            subscription, record, compiled[record.name], prior.get(record.pk, 0), interceptors
-        )
+        row = _run_one(subscription, record, compiled[record.name], attempts, interceptors)
         if row is None:
             continue
         save_deliveries(using, [row])
@@ -254,15 +253,18 @@ def _claim_run(
     prior: Mapping[UUID, int],
     using: str,
     claim_from: str | None,
-) -> bool:
-    """Mark one sync delivery `running`; whether this process is to run it (see `redeliver`)."""
+) -> int | None:
+    """Mark one sync delivery `running`: its runs so far, or None if this process is not to
+    run it (see `redeliver`)."""
+    row = Delivery.objects.using(using).filter(event_id=record.pk, subscription=subscription.name)
     if claim_from is None:
         _mark(subscription, [record], prior, Delivery.Status.RUNNING, using, create=[record.pk])
-        return True
-    rows = Delivery.objects.using(using).filter(
-        event_id=record.pk, subscription=subscription.name, status=claim_from
-    )
-    return bool(rows.update(status=Delivery.Status.RUNNING, updated_at=timezone.now()))
+    elif not row.filter(status=claim_from).update(
+        status=Delivery.Status.RUNNING, updated_at=timezone.now()
+    ):
+        return None
+    # Read again once claimed: another retry may have run it since ``prior`` was read.
+    return row.values_list("attempts", flat=True).get()
 
 
 def _run_one(

@@ -6,9 +6,11 @@ import asyncio
 import os
 import random
 import time
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
+from django.core.management import call_command
 from django.db import transaction
 
 from django_events import Event, PermanentFailure, RetryLater, current_event, publish
@@ -96,6 +98,15 @@ def stops_on_note(event: Event) -> None:
     _run("stops_on_note", event)
     if event.payload.get("note") == "stop":
         raise SystemExit("stopped by the test handler")
+
+
+def retries_the_rest(event: Event) -> None:
+    """Note ``retry``: run a second ``events_retry`` of this subscription from inside this
+    handler, as a second operator at the same moment would, then succeed. Otherwise fail."""
+    _run("retries_the_rest", event)
+    if event.payload.get("note") != "retry":
+        raise RuntimeError(f"fails for {event.payload.get('order_id')}")
+    call_command("events_retry", "--subscription", "shop-racer", stdout=StringIO())
 
 
 def always_fails(event: Event) -> None:
