@@ -151,13 +151,31 @@ def figure_4(ctx: Context) -> bool:
     return all(results)
 
 
-_CPU_PARTS = "publisher / worker (all processes) / PostgreSQL backends, ms"
-_cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+_CPU_PARTS = (
+    "publisher / worker (all processes) / PostgreSQL backends / RabbitMQ and Redis servers, ms"
+)
+# Milliseconds of CPU per event of each part of _CPU_PARTS, in that order.
+CpuSample = tuple[float, ...]
+_cpu: dict[str, dict[str, list[CpuSample]]] = {}
+# The servers both sides use: RabbitMQ's Erlang VM and Redis (a broker, and the handlers'
+# counter). Read whole: another run's use of them in the meantime counts too.
+_SERVERS = ("beam.smp", "redis-server")
 
 
-def _cpu_text(samples: list[tuple[float, float, float]]) -> str:
-    parts = [statistics.median(s[i] for s in samples) for i in range(3)]
+def _cpu_text(samples: list[CpuSample]) -> str:
+    parts = [statistics.median(s[i] for s in samples) for i in range(len(samples[0]))]
     return f"{sum(parts):.2f} ({' / '.join(f'{p:.2f}' for p in parts)})"
+
+
+def _server_pids() -> list[int]:
+    pids = []
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in _SERVERS:
+                pids.append(int(comm.parent.name))
+        except OSError:
+            continue  # a process that ended meanwhile
+    return pids
 
 
 def _cpu_seconds(pids: list[int]) -> dict[int, float]:
@@ -188,24 +206,18 @@ def _pg_backends() -> list[int]:
 
 
 @contextmanager
-def _cpu_per_event(
-    worker: WorkerProcess, count: int, into: list[tuple[float, float, float]]
-) -> Iterator[None]:
+def _cpu_per_event(worker: WorkerProcess, count: int, into: list[CpuSample]) -> Iterator[None]:
     """CPU time per event of the publisher, the worker's processes and the PostgreSQL backends
     of the benchmark database (backends that come and go between tasks are missed)."""
     assert worker.process is not None
-    tree = [worker.process.pid, *_children(worker.process.pid)]
-    backends = _pg_backends()
-    start, tree_before, backends_before = (
-        time.process_time(),
-        _cpu_seconds(tree),
-        _cpu_seconds(backends),
-    )
+    groups = [[worker.process.pid, *_children(worker.process.pid)], _pg_backends(), _server_pids()]
+    start, before = time.process_time(), [_cpu_seconds(pids) for pids in groups]
     yield
-    publisher = time.process_time() - start
-    in_worker = _cpu_delta(tree_before, _cpu_seconds(tree))
-    in_database = _cpu_delta(backends_before, _cpu_seconds(backends))
-    into.append((publisher / count * 1000, in_worker / count * 1000, in_database / count * 1000))
+    seconds = [time.process_time() - start]
+    seconds += [
+        _cpu_delta(then, _cpu_seconds(pids)) for then, pids in zip(before, groups, strict=True)
+    ]
+    into.append(tuple(s / count * 1000 for s in seconds))
 
 
 def _record_write_ms(ctx: Context) -> float:
@@ -243,7 +255,7 @@ def _end_to_end(
     app = celery_app.APPS[kind]
     runs = iter(range(1_000_000))
 
-    cpu: dict[str, list[tuple[float, float, float]]] = {"ours": [], "raw": []}
+    cpu: dict[str, list[CpuSample]] = {"ours": [], "raw": []}
     if reuse and flush:  # backends that connect per task cannot be followed
         _cpu[f"{kind} {success or 'default'}"] = cpu
 

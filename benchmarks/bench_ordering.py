@@ -11,6 +11,7 @@ from django_events.models import Delivery
 
 from .bench_delivery import (
     _CPU_PARTS,
+    CpuSample,
     _cpu_per_event,
     _cpu_text,
     _redis,
@@ -35,7 +36,7 @@ def figure_16(ctx: Context) -> bool:
     row is its key's state); then, for context, both writing each row before the ack
     (``SUCCESS_RECORDS = "immediate"``): the gate's own cost.
     """
-    cpu: dict[str, dict[str, list[tuple[float, float, float]]]] = {}
+    cpu: dict[str, dict[str, list[CpuSample]]] = {}
     judged = {kind: _over_keys(ctx, kind, KEYS, cpu) for kind in ("amqp", "redis")}
     immediate = {kind: _over_keys(ctx, kind, KEYS, cpu, success="immediate") for kind in judged}
     # An ordered delivery writes its row before the ack, as "immediate" does for all: the
@@ -68,7 +69,7 @@ def _over_keys(
     ctx: Context,
     kind: str,
     keys: int,
-    cpu: dict[str, dict[str, list[tuple[float, float, float]]]],
+    cpu: dict[str, dict[str, list[CpuSample]]],
     success: str = "",
 ) -> Comparison:
     n = ctx.count(3000 if keys > 1 else 500)
@@ -76,7 +77,7 @@ def _over_keys(
     client = _redis()
     queue = f"bench-ordering-{ctx.run_id}-{kind}-{keys}-{success or 'default'}"
     runs = iter(range(1_000_000))
-    samples: dict[str, list[tuple[float, float, float]]] = {"ordered": [], "unordered": []}
+    samples: dict[str, list[CpuSample]] = {"ordered": [], "unordered": []}
     cpu[f"{keys} key{'s' if keys > 1 else ''} {kind} {success or 'default'}"] = samples
 
     def side(event: str, count: int = n, measured: bool = True) -> float:
