@@ -242,3 +242,13 @@ def test_without_an_event_loop_consumers_are_drained_as_with_kombus(tmp_path: Pa
         ):
             conn.drain_events(timeout=5)
     assert received == [{"n": 1}]
+
+
+def test_filesystem_urls_need_no_host_and_log_no_warning(tmp_path: Path, caplog) -> None:
+    with caplog.at_level("WARNING", logger="kombu.connection"), connect(tmp_path) as conn:
+        queue = Queue("quiet", Exchange("quiet"), "quiet")
+        conn.Producer().publish({"n": 1}, routing_key="quiet", declare=[queue])
+        conn.clone().release()
+        message = queue(conn.default_channel).get(accept=["json"])
+    assert message is not None and message.payload == {"n": 1}
+    assert [r.getMessage() for r in caplog.records] == []  # kombu's "No hostname was supplied"

@@ -12,6 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery.recording import delivery, save_deliveries
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -83,6 +84,12 @@ def test_the_relay_task_on_a_worker_sends_what_the_broker_missed(tmp_path) -> No
         ):
             ids = [publish("it.placed", {"order_id": n}).id for n in range(3)]
         assert set(EventRecord.objects.values_list("status", flat=True)) == {"pending"}
+        # A sync retry whose process died two hours ago in its handler (see
+        # test_ops_commands: the relay records it failed, as events_relay does).
+        save_deliveries("default", [delivery(ids[0], "it-sync", "sync", "running", 1)])
+        Delivery.objects.filter(subscription="it-sync").update(
+            updated_at=timezone.now() - timedelta(hours=2)
+        )
 
         brokers.filesystem.send_task(
             "django_events.relay", kwargs={"min_age": 0}, queue=worker.queue
@@ -93,3 +100,6 @@ def test_the_relay_task_on_a_worker_sends_what_the_broker_missed(tmp_path) -> No
         wait_idle(worker)
         assert handled.count() == 3  # each once
     assert set(EventRecord.objects.values_list("status", flat=True)) == {"dispatched"}
+    interrupted = Delivery.objects.get(subscription="it-sync")
+    assert (interrupted.status, interrupted.attempts) == ("failed", 2)
+    assert interrupted.last_error.startswith("Interrupted: ")

@@ -132,3 +132,9 @@ class Transport(filesystem.Transport):
     Channel = Channel
     # Celery runs a worker's event loop (and its own prefork pool) for asynchronous transports.
     implements = filesystem.Transport.implements.extend(asynchronous=True)
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        # A folder has no host: kombu's virtual transports default to "localhost", and warn
+        # "No hostname was supplied" for every connection to ``filesystem://``.
+        return {"port": self.default_port}
