@@ -37,6 +37,7 @@ class DjangoEventsConfig(AppConfig):
         endpoint = self.get_model("WebhookEndpoint")
         post_save.connect(_forget_endpoints, endpoint, dispatch_uid="django_events.endpoints")
         post_delete.connect(_forget_endpoints, endpoint, dispatch_uid="django_events.endpoints")
+        post_delete.connect(_endpoint_deleted, endpoint, dispatch_uid="django_events.deleted")
         if conf.AUTODISCOVER:
             autodiscover_modules("events")  # apps' events.py modules declare @event classes
         get_registry()
@@ -48,6 +49,12 @@ def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
 
         reset_registry()
         _forget_endpoints()
+
+
+def _endpoint_deleted(*, instance: Any, using: str, **kwargs: Any) -> None:
+    from django_events.operations.pausing import endpoint_deleted
+
+    endpoint_deleted(instance.pk, using=using)
 
 
 def _forget_endpoints(**kwargs: Any) -> None:

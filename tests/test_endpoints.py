@@ -454,31 +454,48 @@ def test_pausing_an_endpoint_holds_its_deliveries_and_resuming_sends_them(
     assert {c.json["data"]["order_id"] for c in calls} == {1, 2}
 
 
-def test_pause_names_an_existing_endpoint_and_resuming_a_deleted_one_keeps_its_held_rows(
-    publish_now,
+def test_pause_names_an_existing_endpoint_and_deleting_one_fails_what_it_had_waiting(
+    publish_now, admin_client
 ) -> None:
     from django.core.management import CommandError, call_command
 
     from django_events.delivery.recording import delivery, save_deliveries
-    from django_events.models import PausedSubscription
-    from django_events.operations.pausing import held, resume
+    from django_events.models import Delivery, PausedSubscription
+    from django_events.operations.pausing import PauseError, resume
 
     missing = endpoints.subscription_name(uuid.uuid4())
     for name in (missing, "endpoint:not-a-uuid"):
         with pytest.raises(CommandError, match="no such webhook endpoint"):
             call_command("events_pause", name)
     endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.*"])
-    name = endpoints.subscription_name(endpoint.pk)
+    other, _ = endpoints.create_endpoint("https://b.example.com/", ["shop.*"])
+    name, kept = endpoints.subscription_name(endpoint.pk), endpoints.subscription_name(other.pk)
     call_command("events_pause", name, stdout=StringIO())
-    paid = publish_now("shop.paid", {"order_id": 1})
-    save_deliveries("default", [delivery(paid.id, name, "webhook", "held", 0)])  # as a worker
-    endpoint.delete()
+    paid, placed, shipped = (publish_now("shop.paid", {"order_id": n}) for n in (1, 2, 3))
+    save_deliveries(  # as workers write them: held while paused, a retry waiting, a success
+        "default",
+        [
+            delivery(paid.id, name, "webhook", "held", 0),
+            delivery(placed.id, name, "webhook", "pending", 1, "HTTP 503"),
+            delivery(shipped.id, name, "webhook", "succeeded", 1),
+            delivery(paid.id, kept, "webhook", "pending", 1, "HTTP 503"),
+        ],
+    )
 
-    result = resume(name)
+    answer = admin_client.post(
+        reverse("admin:django_events_webhookendpoint_delete", args=[endpoint.pk]), {"post": "yes"}
+    )
 
-    assert result.skipped == [f"1 held deliveries: {name!r} its webhook endpoint was deleted"]
-    assert held(name).count() == 1
+    assert answer.status_code == 302
+    rows = {(d.event_id, d.subscription): (d.status, d.last_error) for d in Delivery.objects.all()}
+    # Nothing can deliver them any more: failures, as a worker records a message of it.
+    assert rows[(paid.id, name)] == ("failed", "Webhook endpoint deleted")
+    assert rows[(placed.id, name)] == ("failed", "Webhook endpoint deleted")
+    assert rows[(shipped.id, name)] == ("succeeded", "")
+    assert rows[(paid.id, kept)] == ("pending", "HTTP 503")  # another endpoint's: untouched
     assert not PausedSubscription.objects.exists()
+    with pytest.raises(PauseError, match="Unknown subscription"):
+        resume(name)
 
 
 # -- endpoints in the wiring: events_list and the wiring page ------------------------------

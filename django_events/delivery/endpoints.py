@@ -48,6 +48,8 @@ from django_events.wiring.describing import EndpointInfo, shown_url
 logger = logging.getLogger("django_events.endpoints")
 
 PREFIX = ENDPOINT_PREFIX  # of the subscription names of endpoints; manifests may not use it
+#: The error of a delivery whose endpoint was deleted (nothing can deliver it any more).
+DELETED = "Webhook endpoint deleted"
 SECRET_BYTES = 32
 HINT_LENGTH = 12  # characters of a secret shown: "whsec_" and 6 of the key
 
@@ -332,7 +334,7 @@ def deliver(subscription: EndpointSubscription, event: Event) -> webhooks.Respon
         alias = router.db_for_read(WebhookEndpoint)
         endpoint = WebhookEndpoint.objects.using(alias).filter(pk=subscription.endpoint_id).first()
     if endpoint is None:
-        raise webhooks.WebhookFailed("Webhook endpoint deleted", retry=False)
+        raise webhooks.WebhookFailed(DELETED, retry=False)
     if not endpoint.enabled:
         raise webhooks.WebhookFailed(
             "Webhook endpoint disabled: enable it, then retry this delivery", retry=False

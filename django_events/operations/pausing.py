@@ -9,11 +9,13 @@ order their events occurred: async ones as new task messages, sync ones in this 
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Count, QuerySet
+from django.utils import timezone
 
-from django_events.delivery.endpoints import is_endpoint_name
+from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.pausing import forget
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.redelivery import (
@@ -100,6 +102,25 @@ def resume(
                 )
             )
     return result
+
+
+def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int:
+    """Webhook endpoint ``endpoint_id`` was deleted: record what it still had waiting (held
+    while it was paused, or pending: a retry's turn to come) as failed, as a worker records
+    a message for a deleted endpoint, and remove its pause. How many were recorded failed.
+
+    Nothing could deliver them any more, and held or pending they would keep their events
+    from pruning for good.
+    """
+    name = subscription_name(endpoint_id)
+    PausedSubscription.objects.using(using).filter(subscription=name).delete()
+    forget()
+    waiting = Delivery.objects.using(using).filter(
+        subscription=name, status__in=(Delivery.Status.HELD, Delivery.Status.PENDING)
+    )
+    return waiting.update(
+        status=Delivery.Status.FAILED, last_error=DELETED, retry_at=None, updated_at=timezone.now()
+    )
 
 
 def held(name: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Delivery]:
