@@ -471,14 +471,14 @@ def test_pause_names_an_existing_endpoint_and_deleting_one_fails_what_it_had_wai
     other, _ = endpoints.create_endpoint("https://b.example.com/", ["shop.*"])
     name, kept = endpoints.subscription_name(endpoint.pk), endpoints.subscription_name(other.pk)
     call_command("events_pause", name, stdout=StringIO())
-    paid, placed, shipped = (publish_now("shop.paid", {"order_id": n}) for n in (1, 2, 3))
+    held, waiting, done = (publish_now("shop.paid", {"order_id": n}) for n in (1, 2, 3))
     save_deliveries(  # as workers write them: held while paused, a retry waiting, a success
         "default",
         [
-            delivery(paid.id, name, "webhook", "held", 0),
-            delivery(placed.id, name, "webhook", "pending", 1, "HTTP 503"),
-            delivery(shipped.id, name, "webhook", "succeeded", 1),
-            delivery(paid.id, kept, "webhook", "pending", 1, "HTTP 503"),
+            delivery(held.id, name, "webhook", "held", 0),
+            delivery(waiting.id, name, "webhook", "pending", 1, "HTTP 503"),
+            delivery(done.id, name, "webhook", "succeeded", 1),
+            delivery(held.id, kept, "webhook", "pending", 1, "HTTP 503"),
         ],
     )
 
@@ -489,10 +489,10 @@ def test_pause_names_an_existing_endpoint_and_deleting_one_fails_what_it_had_wai
     assert answer.status_code == 302
     rows = {(d.event_id, d.subscription): (d.status, d.last_error) for d in Delivery.objects.all()}
     # Nothing can deliver them any more: failures, as a worker records a message of it.
-    assert rows[(paid.id, name)] == ("failed", "Webhook endpoint deleted")
-    assert rows[(placed.id, name)] == ("failed", "Webhook endpoint deleted")
-    assert rows[(shipped.id, name)] == ("succeeded", "")
-    assert rows[(paid.id, kept)] == ("pending", "HTTP 503")  # another endpoint's: untouched
+    assert rows[(held.id, name)] == ("failed", "Webhook endpoint deleted")
+    assert rows[(waiting.id, name)] == ("failed", "Webhook endpoint deleted")
+    assert rows[(done.id, name)] == ("succeeded", "")
+    assert rows[(held.id, kept)] == ("pending", "HTTP 503")  # another endpoint's: untouched
     assert not PausedSubscription.objects.exists()
     with pytest.raises(PauseError, match="Unknown subscription"):
         resume(name)
