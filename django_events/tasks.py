@@ -56,16 +56,17 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
 def relay(batch_size: int = 500, min_age: float = 10.0, running_after: float = 3600.0) -> int:
     """Send pending outbox records: schedule it with Celery beat instead of ``--loop``.
 
-    As each pass of ``events_relay`` does, it first takes deliveries running for over
-    ``running_after`` seconds for dead (``--requeue-running-after``): a ``via: tasks`` one's
-    task is requeued, a sync redelivery is recorded failed.
+    Each run does what one pass of ``events_relay --loop`` does: it takes deliveries running
+    for over ``running_after`` seconds for dead (``--requeue-running-after``: a ``via: tasks``
+    one's task is requeued, a sync redelivery is recorded failed), then relays batches of
+    ``batch_size`` until the backlog is sent or the broker stops taking it.
     """
     from django_events.operations.interrupted import record_interrupted
-    from django_events.operations.relay import relay_pending, requeue_lost_tasks
+    from django_events.operations.relay import relay_backlog, requeue_lost_tasks
 
     requeue_lost_tasks(older_than=running_after)
     record_interrupted(older_than=running_after)
-    return relay_pending(batch_size=batch_size, min_age=min_age).sent
+    return relay_backlog(batch_size=batch_size, min_age=min_age).sent
 
 
 @worker_ready.connect(dispatch_uid="django_events.report_wiring")

@@ -82,7 +82,7 @@ def test_the_relay_task_on_a_worker_sends_what_the_broker_missed(tmp_path) -> No
             brokers.delivery_wiring("unreachable", worker.queue, "delivery.yaml"),
             transaction.atomic(),
         ):
-            ids = [publish("it.placed", {"order_id": n}).id for n in range(3)]
+            ids = [publish("it.placed", {"order_id": n}).id for n in range(5)]
         assert set(EventRecord.objects.values_list("status", flat=True)) == {"pending"}
         # A sync retry whose process died two hours ago in its handler (see
         # test_ops_commands: the relay records it failed, as events_relay does).
@@ -92,13 +92,14 @@ def test_the_relay_task_on_a_worker_sends_what_the_broker_missed(tmp_path) -> No
         )
 
         brokers.filesystem.send_task(
-            "django_events.relay", kwargs={"min_age": 0}, queue=worker.queue
+            "django_events.relay", kwargs={"min_age": 0, "batch_size": 2}, queue=worker.queue
         )
 
+        # Three batches of two: the whole backlog in one run of the task.
         handled = HandlerRun.objects.filter(handler="record", event_id__in=ids)
-        wait_for(lambda: handled.count() == 3, what="the relayed events")
+        wait_for(lambda: handled.count() == 5, what="the relayed events")
         wait_idle(worker)
-        assert handled.count() == 3  # each once
+        assert handled.count() == 5  # each once
     assert set(EventRecord.objects.values_list("status", flat=True)) == {"dispatched"}
     interrupted = Delivery.objects.get(subscription="it-sync")
     assert (interrupted.status, interrupted.attempts) == ("failed", 2)
