@@ -64,8 +64,9 @@ def resume(
 ) -> RedeliveryResult:
     """Resume subscription ``name`` and deliver what was held meanwhile, oldest event first.
 
-    A subscription no longer declared (an endpoint deleted) is resumed too (its pause
-    removed); its held rows stay, listed as skipped.
+    A subscription no longer declared is resumed too (its pause removed); its held rows stay,
+    listed as skipped (a deleted endpoint's were recorded failed as it was deleted, see
+    `endpoint_deleted`: only a worker holding one at that very moment leaves one here).
     """
     deleted, _ = PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
