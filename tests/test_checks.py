@@ -957,6 +957,21 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
     assert all(type(m) is expected for m in messages), messages
 
 
+# Read from the database, only by `check --database` and `migrate` (events_check reads none).
+DATABASE_CHECKS = {"django_events.E324"}
+
+
+@pytest.mark.parametrize("check_id", sorted(set(TRIGGERS) - DATABASE_CHECKS))
+def test_events_check_reports_each_id_the_system_checks_do(
+    check_id: str, tmp_path: Path, pickle_app: str
+) -> None:
+    with TRIGGERS[check_id](tmp_path):
+        result = events_check()
+
+    assert check_id in {reported[0] for reported in result.reported}, result.stdout + result.stderr
+    assert (result.error is not None) == (".E" in check_id)
+
+
 def test_docs_list_every_check_id() -> None:
     docs = ROOT / "docs" / "checks.md"
     if not docs.exists():

@@ -10,6 +10,7 @@ from django_events.checks import (
     check_configuration,
     check_handlers,
     check_lock,
+    check_tasks,
     check_upcasters,
 )
 from django_events.inbound.checks import check_inbound
@@ -26,6 +27,7 @@ class Command(BaseCommand):
             *check_configuration(),
             *check_handlers(),
             *check_celery(),
+            *check_tasks(),
             *check_inbound(),
             *check_upcasters(),
             *check_lock(),
