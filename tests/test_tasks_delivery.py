@@ -256,6 +256,25 @@ def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(
     assert len(runs("always_fails", [event_id])) == 3  # no fourth attempt
 
 
+def test_db_worker_leaves_retries_that_do_not_count_out_of_max_attempts(
+    db_worker: DbWorker,
+) -> None:
+    payload = {"order_id": 8, "times": 3, "seconds": 0.1, "counts": False, "then_fail": True}
+    event_id = publish("tk.later", payload).id
+
+    delivery = wait_for(
+        lambda: Delivery.objects.filter(
+            event_id=event_id, subscription="tk-later", status="failed"
+        ).first(),
+        timeout=60,
+        what="the failed delivery",
+    )
+    # Three uncounted runs, then max_attempts (2) runs that raise: five in all, as on Celery
+    # (tests/test_failure_control_delivery.py).
+    assert len(runs("retry_later", [event_id])) == 5 == delivery.attempts
+    assert delivery.last_error == "RuntimeError: failed after 4 retries asked for"
+
+
 def task_of(event_id: uuid.UUID) -> DBTaskResult:
     return DBTaskResult.objects.get(args_kwargs__args__0__event__id=str(event_id))
 

@@ -57,7 +57,10 @@ def deliver(message: dict[str, Any]) -> str:
     retries = int(message.get("task_retries", 0))
     outcome = process_message(message, retries, batch_success=conf.SUCCESS_RECORDS == "batched")
     if outcome.retry_in is not None:
-        again = {**message, "task_retries": retries + 1, "rerun": True}
+        # The worker's own retry message, when it differs (runs that did not count, a wait
+        # for a newer worker), as Celery's path retries with it.
+        base = message if outcome.retry_with is None else outcome.retry_with
+        again = {**base, "task_retries": retries + 1, "rerun": True}
         run_after = timezone.now() + timedelta(seconds=outcome.retry_in)
         _task(message_queue(message)).using(run_after=run_after).enqueue(again)
     return outcome.status
