@@ -151,6 +151,49 @@ def test_send_and_process_spans_share_one_trace_along_a_chain() -> None:
     assert traceparent.startswith(f"00-{send_placed['trace_id']}-{send_placed['span_id']}-")
 
 
+@pytest.mark.parametrize(
+    ("declared", "system"),
+    [
+        # The worker takes a webhook's message off the broker, as an async one's.
+        (
+            {"mode": "webhook", "url": "https://hooks.example.com/in", "secret": "WH_SECRET"},
+            "memory",
+        ),
+        # Django's Tasks framework carries a `via: tasks` one: no broker to name.
+        ({"mode": "async", "via": "tasks", "handler": "tests.app.handlers.record"}, "django_tasks"),
+    ],
+)
+def test_a_worker_runs_webhook_and_task_deliveries_in_consumer_spans(
+    declared: dict[str, str], system: str
+) -> None:
+    import uuid
+
+    from django.utils import timezone
+
+    from django_events import Event
+    from django_events.wiring.registry import get_registry
+
+    otel.memory.clear()
+    subscription = {"event": "orders.placed", "name": "worked", **declared}
+    with (
+        wiring(subscription, PIPELINE=["tests.app.otel.tracing"], TASKS_BACKEND="default"),
+        override_settings(WH_SECRET="whsec_c2VjcmV0"),
+    ):
+        worked = get_registry().subscriptions["worked"]
+        event_id = uuid.uuid4()
+        event = Event(
+            event_id, "orders.placed", PAYLOAD, {}, timezone.now(), event_id, None, PAYLOAD
+        )
+        assert otel.tracing.handle(event, worked, lambda e: "ran") == "ran"
+
+    [process] = spans_by_name(memory_spans())["process orders.placed"]
+    assert process["kind"] == "CONSUMER"
+    attributes = process["attributes"]
+    assert attributes[msg.MESSAGING_SYSTEM] == system
+    assert attributes["django_events.delivery.queue"] == worked.queue
+    assert attributes["django_events.delivery.mode"] == declared["mode"]
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_handler_sets_error_type() -> None:
     otel.memory.clear()

@@ -57,6 +57,8 @@ QUEUE = "django_events.delivery.queue"
 
 # messaging.system of a handler run in the publisher's process (inline, sync): no broker.
 IN_PROCESS = "django_events"
+# `messaging.system` of `via: tasks` deliveries: Django's Tasks framework, not a broker.
+TASKS = "django_tasks"
 # kombu transport -> messaging.system: the conventions' value where they have one.
 _SYSTEMS = {
     "amqp": "rabbitmq",
@@ -123,11 +125,14 @@ def _process_attributes(subscription: Subscription) -> dict[str, str | int]:
         SUBSCRIPTION_NAME: subscription.name,
         MODE: subscription.mode,
     }
-    if subscription.mode == "async":
+    if not subscription.is_queued:
+        attributes[SYSTEM] = IN_PROCESS
+    elif subscription.via == "tasks":  # a task backend's queue, no broker
+        attributes[SYSTEM] = TASKS
+        attributes[QUEUE] = subscription.queue
+    else:  # async and webhook: a Celery worker took the message off the broker
         attributes.update(broker_attributes())
         attributes[QUEUE] = subscription.queue
-    else:
-        attributes[SYSTEM] = IN_PROCESS
     return attributes
 
 
@@ -178,14 +183,14 @@ class Tracing:
     def handle(
         self, event: Event, subscription: Subscription, call_next: Callable[..., Any]
     ) -> Any:
-        kind = trace.SpanKind.CONSUMER if subscription.mode == "async" else trace.SpanKind.INTERNAL
+        kind = trace.SpanKind.CONSUMER if subscription.is_queued else trace.SpanKind.INTERNAL
         attributes = {
             **_process_attributes(subscription),
             **message_attributes(event),
             ATTEMPT: current_attempt(),
         }
         current = trace.get_current_span().get_span_context()
-        links = [trace.Link(current)] if current.is_valid and subscription.mode == "async" else []
+        links = [trace.Link(current)] if current.is_valid and subscription.is_queued else []
         with self.tracer.start_as_current_span(
             f"process {event.name}",
             context=propagate.extract(event.headers),
