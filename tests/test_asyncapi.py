@@ -509,6 +509,51 @@ def test_every_feature_on_the_wire() -> None:
     assert messages["shop.cart_viewed"]["x-django-events"]["record"] == "failures"
 
 
+def test_webhooks_travel_the_broker_and_tasks_do_not() -> None:
+    hook = {
+        "name": "partner-hook",
+        "event": "orders.placed",
+        "mode": "webhook",
+        "url": "https://partner.example.com/in?token=t0k3n",
+        "secret": "WH_SECRET",
+        "queue": "hooks",
+    }
+    ledger = {
+        "name": "ledger",
+        "event": "orders.placed",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "via": "tasks",
+    }
+    with (
+        wiring(hook, ledger, CELERY_APP="tests.brokers.amqp"),
+        override_settings(WH_SECRET="whsec_c2VjcmV0"),
+    ):
+        document = json.loads(asyncapi())
+    assert parser_errors(document) == []
+    assert schema_errors(document) == []
+    assert dangling_refs(document) == []
+    channels, operations = document["channels"], document["operations"]
+
+    assert set(channels) == {"queue.hooks", "queue.hooks.consume", "tasks.orders.placed"}
+    # The webhook's message is a Celery task message on its queue: sent, then received
+    # (late acknowledgement) by the worker that POSTs it.
+    assert operations["send.orders.placed.hooks"]["channel"] == {"$ref": "#/channels/queue.hooks"}
+    received = operations["partner-hook"]
+    assert received["channel"] == {"$ref": "#/channels/queue.hooks.consume"}
+    assert received["bindings"]["amqp"]["ack"] is True
+    assert "Celery worker, queue 'hooks'" in received["summary"]
+    assert "partner.example.com" not in json.dumps(document)  # a URL may carry a token
+    # via: tasks: no broker carries it, no send to a queue.
+    assert channels["tasks.orders.placed"]["address"] is None
+    assert "servers" not in channels["tasks.orders.placed"]
+    assert operations["ledger"]["channel"] == {"$ref": "#/channels/tasks.orders.placed"}
+    assert {"name": "via:tasks"} in operations["ledger"]["tags"]
+    assert [k for k, op in operations.items() if op["action"] == "send"] == [
+        "send.orders.placed.hooks"
+    ]
+
+
 def test_redis_queues_are_lists_and_broadcasts_pub_sub_channels() -> None:
     document = every_feature_document("tests.brokers.redis")
     channels = document["channels"]

@@ -1,9 +1,10 @@
 """The wiring as an AsyncAPI 3.0 document, described as it is on the wire.
 
 Servers: the Celery broker (no credentials) and, for inbound events, the HTTP endpoint.
-Channels: the queues (and fanout exchanges) that async deliveries travel through, with
-their AMQP or Redis bindings; each inbound event's URL; an address-less channel per event
-that has in-process (inline, sync) subscriptions. Messages: the Celery task message of each
+Channels: the queues (and fanout exchanges) that async and webhook deliveries travel
+through, with their AMQP or Redis bindings; each inbound event's URL; an address-less
+channel per event that has in-process (inline, sync) subscriptions, and one per event that
+has ``via: tasks`` subscriptions (Django's Tasks framework: no broker). Messages: the Celery task message of each
 event (protocol 2: headers, and the body ``[args, kwargs, embed]`` whose one argument holds
 the event with its payload schema), the event as an inbound HTTP body, the event itself.
 Operations: ``send`` for each event the app publishes to a queue, ``receive`` for each
@@ -199,7 +200,7 @@ class _Builder:
     def _queues(self, subscriptions: list[Subscription], targets: dict[str, list[str]]) -> None:
         by_queue: dict[tuple[str, bool], list[Subscription]] = {}
         for subscription in subscriptions:
-            if subscription.mode == "async" and targets[subscription.name]:
+            if _on_broker(subscription) and targets[subscription.name]:
                 key = (subscription.queue, subscription.declaration.broadcast)
                 by_queue.setdefault(key, []).append(subscription)
         for (queue, broadcast), subscribed in sorted(by_queue.items()):
@@ -328,30 +329,28 @@ class _Builder:
         for name in names:
             label = subscription.name if len(names) == 1 else f"{subscription.name}.{name}"
             operation = _operation(subscription, channel, self.event_key[name])
-            if self.amqp and subscription.mode == "async":
+            if self.amqp:
                 # Late acknowledgement: at least once (a killed worker's message comes back).
                 operation["bindings"] = {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}}
             self.operations[self.ids.new(label)] = operation
 
-    # In-process subscriptions: no broker, no address.
+    # Subscriptions no broker carries: in-process (inline, sync) and Django's Tasks
+    # (``via: tasks``), one address-less channel per event and kind.
 
     def _in_process(self, subscriptions: list[Subscription], targets: dict[str, list[str]]) -> None:
-        channel_of: dict[str, str] = {}
+        channel_of: dict[tuple[str, str], str] = {}
         for subscription in subscriptions:
-            if subscription.mode == "async":
+            if _on_broker(subscription):
                 continue
+            kind = "tasks" if subscription.is_queued else "in_process"
             for name in targets[subscription.name]:
-                if name not in channel_of:
+                if (kind, name) not in channel_of:
                     key = self.event_key[name]
-                    channel_of[name] = self.ids.new(f"in_process.{name}")
-                    self.channels[channel_of[name]] = {
+                    channel_of[kind, name] = self.ids.new(f"{kind}.{name}")
+                    self.channels[channel_of[kind, name]] = {
                         "address": None,
-                        "title": f"{name} in-process",
-                        "description": (
-                            "No broker: inline handlers run in publish(), sync handlers "
-                            "in the publisher's process after commit."
-                        ),
                         "messages": {key: {"$ref": f"#/components/messages/{key}"}},
+                        **_UNBROKERED[kind](name),
                     }
             for name in targets[subscription.name]:
                 label = (
@@ -359,7 +358,8 @@ class _Builder:
                     if len(targets[subscription.name]) == 1
                     else f"{subscription.name}.{name}"
                 )
-                operation = _operation(subscription, channel_of[name], self.event_key[name])
+                channel = channel_of[kind, name]
+                operation = _operation(subscription, channel, self.event_key[name])
                 self.operations[self.ids.new(label)] = operation
 
     # Inbound HTTP: POST <prefix><event name>/ with the payload as JSON body.
@@ -630,6 +630,29 @@ def _rebase(node: Any, key: str) -> Any:
     return result
 
 
+_UNBROKERED = {
+    "in_process": lambda name: {
+        "title": f"{name} in-process",
+        "description": (
+            "No broker: inline handlers run in publish(), sync handlers in the publisher's "
+            "process after commit."
+        ),
+    },
+    "tasks": lambda name: {
+        "title": f"{name} via Django's Tasks",
+        "description": (
+            "No broker: each delivery is a task of Django's Tasks framework (the backend "
+            "`DJANGO_EVENTS['TASKS_BACKEND']`), run by that backend's worker."
+        ),
+    },
+}
+
+
+def _on_broker(subscription: Subscription) -> bool:
+    """Carried by the Celery broker: async and webhook deliveries, unless ``via: tasks``."""
+    return subscription.is_queued and subscription.via != "tasks"
+
+
 def _operation(subscription: Subscription, channel: str, message: str) -> dict[str, Any]:
     declaration = subscription.declaration
     details: dict[str, Any] = {
@@ -640,11 +663,22 @@ def _operation(subscription: Subscription, channel: str, message: str) -> dict[s
         "idempotent": declaration.idempotent,
         "when": declaration.when,
     }
-    where = {"inline": "in the publisher's transaction", "sync": "in-process after commit"}.get(
-        subscription.mode, f"on a Celery worker, queue {subscription.queue!r}"
+    if not subscription.is_queued:
+        where = {"inline": "in the publisher's transaction", "sync": "in-process after commit"}
+        runs = where[subscription.mode]
+    elif subscription.via == "tasks":
+        runs = f"as a task of Django's Tasks framework, queue {subscription.queue!r}"
+    else:
+        runs = f"on a Celery worker, queue {subscription.queue!r}"
+    what = (
+        "A signed POST of the event to the subscription's URL"
+        if subscription.mode == "webhook"
+        else f"{declaration.handler}"
     )
     tags = [{"name": subscription.mode}]
-    if subscription.mode == "async":
+    if subscription.via == "tasks":
+        tags.append({"name": "via:tasks"})
+    if subscription.is_queued:
         details.update(
             queue=subscription.queue,
             retry=asdict(subscription.retry),
@@ -661,7 +695,7 @@ def _operation(subscription: Subscription, channel: str, message: str) -> dict[s
         "channel": {"$ref": f"#/channels/{channel}"},
         "messages": [{"$ref": f"#/channels/{channel}/messages/{message}"}],
         "title": subscription.name,
-        "summary": f"{declaration.handler} runs {where}.",
+        "summary": f"{what} runs {runs}.",
         "tags": tags,
         EXTENSION: details,
     }
