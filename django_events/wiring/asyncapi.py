@@ -4,9 +4,10 @@ Servers: the Celery broker (no credentials) and, for inbound events, the HTTP en
 Channels: the queues (and fanout exchanges) that async and webhook deliveries travel
 through, with their AMQP or Redis bindings; each inbound event's URL; an address-less
 channel per event that has in-process (inline, sync) subscriptions, and one per event that
-has ``via: tasks`` subscriptions (Django's Tasks framework: no broker). Messages: the Celery task message of each
-event (protocol 2: headers, and the body ``[args, kwargs, embed]`` whose one argument holds
-the event with its payload schema), the event as an inbound HTTP body, the event itself.
+has ``via: tasks`` subscriptions (Django's Tasks framework: no broker). Messages: the Celery
+task message of each event (protocol 2: headers, and the body ``[args, kwargs, embed]``
+whose one argument holds the event with its payload schema), the event as an inbound HTTP
+body, the event itself.
 Operations: ``send`` for each event the app publishes to a queue, ``receive`` for each
 subscription and inbound endpoint.
 """
