@@ -890,3 +890,19 @@ def test_publishing_a_pydantic_event_by_name_gives_handlers_the_model(
         payment_id=uuid.UUID(int=3), amount=decimal.Decimal("2.5")
     )
     assert got.payload.currency == "EUR"
+
+
+def test_delivery_tasks_is_the_default_that_via_celery_overrides() -> None:
+    from django_events.wiring.registry import get_registry
+    from tests.conftest import wiring
+
+    base = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
+    subscriptions = [
+        {**base, "name": "by-default"},
+        {**base, "name": "on-celery", "via": "celery"},
+        {**base, "name": "on-tasks", "via": "tasks"},
+    ]
+    for delivery, by_default in (("tasks", "tasks"), ("celery", "celery")):
+        with wiring(*subscriptions, DELIVERY=delivery):
+            via = {n: s.via for n, s in get_registry().subscriptions.items()}
+        assert via == {"by-default": by_default, "on-celery": "celery", "on-tasks": "tasks"}
