@@ -554,6 +554,55 @@ def test_webhooks_travel_the_broker_and_tasks_do_not() -> None:
     ]
 
 
+def test_providers_webhooks_are_http_channels_of_their_source() -> None:
+    sources = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "sources.yaml")]
+    secrets = {
+        "TEST_GITHUB_SECRET": "gh-secret-4711",
+        "TEST_STRIPE_SECRET": "whsec_stripe_4712",
+        "TEST_PARTNER_SECRET": "whsec_c2VjcmV0NDcxMw==",
+        "TEST_SIGNED_SECRET": "signed-secret-4714",
+        "TEST_TOKEN_SECRET": "tok_4715",
+    }
+    with wiring(MANIFESTS=sources), override_settings(**secrets):
+        document = json.loads(asyncapi("--http-host", "shop.example.com"))
+    assert parser_errors(document) == []
+    assert schema_errors(document) == []
+    assert dangling_refs(document) == []
+    channels, operations = document["channels"], document["operations"]
+    messages = document["components"]["messages"]
+
+    addresses = {k: c["address"] for k, c in channels.items() if k.startswith("http.sources.")}
+    assert addresses == {
+        f"http.sources.{n}": f"/sources/{n}/"
+        for n in ("github", "partner", "signed", "stripe", "tokened")
+    }
+    assert channels["http.sources.github"]["servers"] == [{"$ref": "#/servers/http"}]
+    assert document["servers"]["http"]["host"] == "shop.example.com"
+    # One message per type the source maps: GitHub names it in a header, signs the body.
+    push = messages["github.push.source.github"]["headers"]
+    assert push["properties"]["X-GitHub-Event"] == {"type": "string", "const": "push"}
+    assert {"X-GitHub-Event", "X-Hub-Signature-256"} <= set(push["required"])
+    assert messages["github.push.source.github"]["payload"] == {
+        "$ref": "#/components/schemas/github.push"
+    }
+    # Standard Webhooks with `payload: data`: the event is the body's `data`, its type `type`.
+    order = messages["partner.order_created.source.partner"]
+    assert {"webhook-id", "webhook-timestamp", "webhook-signature"} <= set(
+        order["headers"]["required"]
+    )
+    data, kind = order["payload"]["allOf"]
+    assert data["properties"]["data"] == {"$ref": "#/components/schemas/partner.order_created"}
+    assert kind["properties"]["type"] == {"type": "string", "const": "order.created"}
+    received = operations["source.github"]
+    assert received["action"] == "receive"
+    assert received["bindings"]["http"]["method"] == "POST"
+    assert received["x-django-events"]["events"] == {
+        "push": "github.push",
+        "issues": "github.issues",
+    }
+    assert not any(v in json.dumps(document) for v in secrets.values())
+
+
 def test_redis_queues_are_lists_and_broadcasts_pub_sub_channels() -> None:
     document = every_feature_document("tests.brokers.redis")
     channels = document["channels"]

@@ -49,15 +49,6 @@ class InboundPolicy:
         )
 
 
-# Where each kind of provider puts its event type and its delivery id, unless declared.
-TYPE_DEFAULTS: dict[str, dict[str, str]] = {"github": {"header": "X-GitHub-Event"}}
-IDEMPOTENCY_DEFAULTS: dict[str, dict[str, str]] = {
-    "standard-webhooks": {"header": "webhook-id"},
-    "github": {"header": "X-GitHub-Delivery"},
-    "stripe": {"field": "id"},
-}
-
-
 @dataclass(frozen=True)
 class SourcePolicy:
     """How one provider's webhooks are verified and turned into declared events."""
@@ -83,9 +74,8 @@ class SourcePolicy:
             auth=auth,
             secret=declaration.secret or "",
             events=dict(declaration.events),
-            type=declaration.type or TYPE_DEFAULTS.get(auth, {"field": "type"}),
-            idempotency=declaration.idempotency
-            or IDEMPOTENCY_DEFAULTS.get(auth, {"header": "Idempotency-Key"}),
+            type=declaration.type_at,
+            idempotency=declaration.idempotency_at,
             idempotency_retention=declaration.idempotency_retention or DEFAULT_RETENTION,
             tolerance=declaration.tolerance or DEFAULT_TOLERANCE,
             max_body=declaration.max_body,

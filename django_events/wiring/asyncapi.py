@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription, exchange_name
+from django_events.wiring.declarations import SourceDeclaration
 from django_events.wiring.redaction import MASK
 
 ASYNCAPI_VERSION = "3.0.0"
@@ -154,14 +155,17 @@ class _Builder:
         self._queues(subscriptions, targets)
         self._in_process(subscriptions, targets)
         inbound = [n for n in sorted(events) if events[n].declaration.inbound]
+        sources = [self.registry.inbound_sources[n] for n in sorted(self.registry.inbound_sources)]
         if self.http is not None:
             for name in inbound:
                 self._inbound(events[name])
+            for source in sources:
+                self._source(source)
         info: dict[str, Any] = {"title": title, "version": version}
         if description:
             info["description"] = description
         document: dict[str, Any] = {"asyncapi": ASYNCAPI_VERSION, "info": info}
-        servers = self._servers(bool(inbound))
+        servers = self._servers(bool(inbound or sources))
         if servers:
             document["servers"] = servers
         document.update(
@@ -396,6 +400,53 @@ class _Builder:
             EXTENSION: details,
         }
 
+    # Providers' webhooks: POST <prefix>sources/<source>/, the call's type names the event.
+
+    def _source(self, source: SourceDeclaration) -> None:
+        channel = self.ids.new(f"http.sources.{source.name}")
+        messages: dict[str, Any] = {}
+        for kind, name in sorted(source.events.items()):
+            if name not in self.event_key:
+                continue  # an undeclared event: a check error, the document is not printed
+            message_key = f"{self.event_key[name]}.source.{source.name}"
+            headers = _source_headers(source, kind)
+            self.messages[message_key] = {
+                "name": name,
+                "title": f"{name} ({source.name}'s {kind!r} call)",
+                "contentType": "application/json",
+                "headers": headers,
+                "payload": _source_body(source, kind, self.event_key[name]),
+                "bindings": {"http": {"headers": headers, "bindingVersion": HTTP_BINDING}},
+            }
+            messages[message_key] = {"$ref": f"#/components/messages/{message_key}"}
+        self.channels[channel] = {
+            "address": f"/sources/{source.name}/",
+            "title": f"POST sources/{source.name}",
+            "servers": [{"$ref": "#/servers/http"}],
+            "messages": messages,
+        }
+        details = {
+            "source": source.name,
+            "auth": source.auth,
+            "events": dict(source.events),
+            "type": source.type_at,
+            "idempotency": source.idempotency_at,
+        }
+        if source.payload:
+            details["payload"] = source.payload
+        self.operations[self.ids.new(f"source.{source.name}")] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{channel}"},
+            "messages": [{"$ref": f"#/channels/{channel}/messages/{m}"} for m in messages],
+            "title": f"POST sources/{source.name}",
+            "summary": (
+                "Verifies the provider's signature and publishes the event its type names; "
+                'answers 202 {"id": <event id>}, or {"ignored": <type>} for a type not listed.'
+            ),
+            "bindings": {"http": {"method": "POST", "bindingVersion": HTTP_BINDING}},
+            EXTENSION: details,
+        }
+
     def _task_message(self, compiled: CompiledEvent) -> None:
         key = self.event_key[compiled.name]
         if f"{key}.task" in self.messages:
@@ -495,6 +546,56 @@ def _inbound_headers(block: Mapping[str, Any]) -> dict[str, Any]:
     elif auth == "permission":
         properties["Cookie"] = {"type": "string", "description": "A Django session."}
     return {"type": "object", "required": required, "properties": properties}
+
+
+# The headers each kind of provider signs its calls with (the package's own hmac and token
+# schemes are those of inbound events).
+_PROVIDER_HEADERS: dict[str, dict[str, str]] = {
+    "standard-webhooks": {
+        "webhook-id": "The message id.",
+        "webhook-timestamp": "Unix time.",
+        "webhook-signature": "v1,<base64 HMAC-SHA256 of '<id>.<timestamp>.<body>'>",
+    },
+    "github": {"X-Hub-Signature-256": "sha256=<hex HMAC-SHA256 of the body>"},
+    "stripe": {"Stripe-Signature": "t=<unix time>,v1=<hex HMAC-SHA256 of '<t>.<body>'>"},
+}
+
+
+def _source_headers(source: SourceDeclaration, kind: str) -> dict[str, Any]:
+    headers = _inbound_headers({"auth": source.auth})
+    for header, description in _PROVIDER_HEADERS.get(source.auth, {}).items():
+        headers["properties"][header] = {"type": "string", "description": description}
+        headers["required"].append(header)
+    idempotency = source.idempotency_at
+    if "header" in idempotency and idempotency["header"] not in headers["properties"]:
+        headers["properties"][idempotency["header"]] = {
+            "type": "string",
+            "description": "The provider's delivery id: a call repeated with it publishes once.",
+        }
+    if "header" in source.type_at:
+        headers["properties"][source.type_at["header"]] = {"type": "string", "const": kind}
+        headers["required"].append(source.type_at["header"])
+    return headers
+
+
+def _source_body(source: SourceDeclaration, kind: str, key: str) -> dict[str, Any]:
+    """The provider's JSON body: its type at its place, the event's payload at ``payload``."""
+    parts: list[dict[str, Any]] = []
+    event: dict[str, Any] = {"$ref": f"#/components/schemas/{key}"}
+    if source.payload:
+        parts.append(_at_path(source.payload, event))
+    else:
+        parts.append(event)
+    if "field" in source.type_at:
+        parts.append(_at_path(source.type_at["field"], {"type": "string", "const": kind}))
+    return parts[0] if len(parts) == 1 else {"allOf": parts}
+
+
+def _at_path(path: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An object schema holding ``schema`` at the dotted ``path``."""
+    for part in reversed(path.split(".")):
+        schema = {"type": "object", "required": [part], "properties": {part: schema}}
+    return schema
 
 
 def _task_body(key: str, redact: tuple[str, ...] = ()) -> dict[str, Any]:

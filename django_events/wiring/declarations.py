@@ -112,6 +112,13 @@ class SubscriptionDeclaration:
 
 # How a source's provider signs its calls (docs/inbound.md, "Webhooks from providers").
 SOURCE_AUTH_KINDS = ("standard-webhooks", "github", "stripe", "hmac", "token")
+# Where each kind of provider puts its event type and its delivery id, unless declared.
+TYPE_DEFAULTS: dict[str, dict[str, str]] = {"github": {"header": "X-GitHub-Event"}}
+IDEMPOTENCY_DEFAULTS: dict[str, dict[str, str]] = {
+    "standard-webhooks": {"header": "webhook-id"},
+    "github": {"header": "X-GitHub-Delivery"},
+    "stripe": {"field": "id"},
+}
 
 
 @dataclass(frozen=True)
@@ -135,3 +142,15 @@ class SourceDeclaration:
     max_body: int | None = None
     payload: str | None = None  # dotted path of the part of the body to publish; None: all
     options: tuple[str, ...] = ()  # the keys the declaration gave (checks of ignored options)
+
+    @property
+    def type_at(self) -> dict[str, str]:
+        """Where a call says its type: declared, else the ``auth`` kind's place."""
+        return self.type or TYPE_DEFAULTS.get(self.auth, {"field": "type"})
+
+    @property
+    def idempotency_at(self) -> dict[str, str]:
+        """Where a call carries its delivery id: declared, else the ``auth`` kind's place."""
+        return self.idempotency or IDEMPOTENCY_DEFAULTS.get(
+            self.auth, {"header": "Idempotency-Key"}
+        )
