@@ -12,12 +12,14 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from io import StringIO
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 from celery import Celery
+from django.core.management import call_command
 from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
@@ -316,6 +318,10 @@ def test_failing_head_holds_its_key_while_other_keys_proceed(wired: Rig) -> None
     held: list[dict[str, Any]] = held_deliveries()
     mine = [h for h in held if h["ordering_key"] == stuck]
     assert mine[0]["held"] == 3 and mine[0]["head"]["event_id"] == head
+    # What an operator sees (DESIGN 3.17: held deliveries are visible).
+    listed = StringIO()
+    call_command("events_list", "--held", stdout=listed)
+    assert f"ord-flaky [{stuck}]: 3 held, behind {head} (failed, " in listed.getvalue()
 
     assert mark_resolved(Delivery.objects.filter(event_id=head, subscription="ord-flaky")) == 1
 
