@@ -275,6 +275,41 @@ def test_db_worker_leaves_retries_that_do_not_count_out_of_max_attempts(
     assert delivery.last_error == "RuntimeError: failed after 4 retries asked for"
 
 
+def test_db_worker_holds_a_key_behind_its_failed_head_then_runs_it_in_order(
+    db_worker: DbWorker,
+) -> None:
+    from django_events.operations.retrying import mark_resolved
+
+    stuck, free = f"stuck-{uuid.uuid4().hex[:6]}", f"free-{uuid.uuid4().hex[:6]}"
+    head = publish("tk.step", {"account": stuck, "n": 0, "fail": True}).id
+    behind = [publish("tk.step", {"account": stuck, "n": n}).id for n in (1, 2, 3)]
+    others = [publish("tk.step", {"account": free, "n": n}).id for n in range(3)]
+    rows = Delivery.objects.filter(subscription="tk-ordered")
+
+    wait_for(
+        lambda: (
+            rows.filter(event_id__in=others, status="succeeded").count() == 3
+            and rows.filter(event_id=head, status="failed").exists()
+            and rows.filter(event_id__in=behind, status="held").count() == 3
+        ),
+        timeout=60,
+        what="the free key done, the stuck one held behind its failed head",
+    )
+    assert runs("ordered_step", behind) == []
+
+    assert mark_resolved(rows.filter(event_id=head)) == 1  # handed on through the task backend
+
+    wait_for(
+        lambda: rows.filter(event_id__in=behind, status="succeeded").count() == 3,
+        timeout=60,
+        what="the held deliveries",
+    )
+    for ids in (behind, others):
+        ran = runs("ordered_step", ids)
+        assert [r.payload["n"] for r in ran] == sorted(r.payload["n"] for r in ran)  # in order
+        assert len(ran) == len(ids)  # each once
+
+
 def task_of(event_id: uuid.UUID) -> DBTaskResult:
     return DBTaskResult.objects.get(args_kwargs__args__0__event__id=str(event_id))
 
