@@ -580,12 +580,8 @@ def _source_headers(source: SourceDeclaration, kind: str) -> dict[str, Any]:
 
 def _source_body(source: SourceDeclaration, kind: str, key: str) -> dict[str, Any]:
     """The provider's JSON body: its type at its place, the event's payload at ``payload``."""
-    parts: list[dict[str, Any]] = []
     event: dict[str, Any] = {"$ref": f"#/components/schemas/{key}"}
-    if source.payload:
-        parts.append(_at_path(source.payload, event))
-    else:
-        parts.append(event)
+    parts = [_at_path(source.payload, event) if source.payload else event]
     if "field" in source.type_at:
         parts.append(_at_path(source.type_at["field"], {"type": "string", "const": kind}))
     return parts[0] if len(parts) == 1 else {"allOf": parts}
@@ -775,7 +771,7 @@ def _operation(subscription: Subscription, channel: str, message: str) -> dict[s
     what = (
         "A signed POST of the event to the subscription's URL"
         if subscription.mode == "webhook"
-        else f"{declaration.handler}"
+        else declaration.handler
     )
     tags = [{"name": subscription.mode}]
     if subscription.via == "tasks":
