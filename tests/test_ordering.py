@@ -231,3 +231,32 @@ def _waits_for_a_lock(pid: int, timeout: float = 10.0) -> bool:
                 return True
             time.sleep(0.05)
     return False
+
+
+@pytest.mark.django_db
+def test_a_delivery_held_by_its_key_shows_in_the_admin(queue: str, publish_now: Any) -> None:
+    from django.urls import reverse
+
+    from tests.test_admin import user_client
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        publish_now("shop.paid", {"order_id": 7, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 7, "total": 11})
+        [message] = [
+            m
+            for m in drain(queue)
+            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
+        ]
+        assert process_message(message, 0, manage_connections=False).status == "held"
+
+        client = user_client("view_eventrecord")
+        page = client.get(reverse("admin:django_events_eventrecord_change", args=[second.id]))
+        wiring_page = client.get(reverse("admin:django_events_wiring"))
+
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "7 #2" in html  # its key and place in line: behind #1
+    assert ">held<" in html
+    # The wiring page counts it under its subscription, which is not paused: its key holds it.
+    wired = wiring_page.content.decode()
+    assert f"{ORDERED['name']} (tests.app.handlers.record): async · {queue} · 1 held" in wired
