@@ -236,17 +236,22 @@ def test_batched_success_rows_of_a_db_worker_are_written_after_the_handlers_and_
     assert len(runs("record", ids)) == 4  # each handler ran once
 
 
-def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(
-    db_worker: DbWorker,
-) -> None:
-    event_id = publish("tk.placed", {"order_id": 7, "fail": True}).id
-    delivery = wait_for(
+def failed_for_good(event_id: uuid.UUID, subscription: str) -> Delivery:
+    failed: Delivery = wait_for(
         lambda: Delivery.objects.filter(
-            event_id=event_id, subscription="tk-fails", status="failed"
+            event_id=event_id, subscription=subscription, status="failed"
         ).first(),
         timeout=60,
         what="the failed delivery",
     )
+    return failed
+
+
+def test_db_worker_retries_a_failing_handler_with_backoff_then_fails_it(
+    db_worker: DbWorker,
+) -> None:
+    event_id = publish("tk.placed", {"order_id": 7, "fail": True}).id
+    delivery = failed_for_good(event_id, "tk-fails")
     attempts = runs("always_fails", [event_id])
     assert len(attempts) == 3 == delivery.attempts
     gaps = [(b.created_at - a.created_at).total_seconds() for a, b in pairwise(attempts)]
@@ -262,13 +267,7 @@ def test_db_worker_leaves_retries_that_do_not_count_out_of_max_attempts(
     payload = {"order_id": 8, "times": 3, "seconds": 0.1, "counts": False, "then_fail": True}
     event_id = publish("tk.later", payload).id
 
-    delivery = wait_for(
-        lambda: Delivery.objects.filter(
-            event_id=event_id, subscription="tk-later", status="failed"
-        ).first(),
-        timeout=60,
-        what="the failed delivery",
-    )
+    delivery = failed_for_good(event_id, "tk-later")
     # Three uncounted runs, then max_attempts (2) runs that raise: five in all, as on Celery
     # (tests/test_failure_control_delivery.py).
     assert len(runs("retry_later", [event_id])) == 5 == delivery.attempts
