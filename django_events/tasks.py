@@ -61,11 +61,9 @@ def relay(batch_size: int = 500, min_age: float = 10.0, running_after: float = 3
     one's task is requeued, a sync redelivery is recorded failed), then relays batches of
     ``batch_size`` until the backlog is sent or the broker stops taking it.
     """
-    from django_events.operations.interrupted import record_interrupted
-    from django_events.operations.relay import relay_backlog, requeue_lost_tasks
+    from django_events.operations.relay import recover_dead_runs, relay_backlog
 
-    requeue_lost_tasks(older_than=running_after)
-    record_interrupted(older_than=running_after)
+    recover_dead_runs(older_than=running_after)
     return relay_backlog(batch_size=batch_size, min_age=min_age).sent
 
 

@@ -19,6 +19,7 @@ from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.operations.interrupted import record_interrupted
 from django_events.operations.redelivery import find_subscription, reaches
 from django_events.operations.unfinished import ResendResult, resend_unfinished
 from django_events.wiring.registry import get_registry
@@ -313,6 +314,25 @@ def _tasks_in_transaction(alias: str) -> bool:
     from django_events.delivery import tasks_backend
 
     return tasks_backend.enqueues_in_transaction(alias)
+
+
+@dataclass(frozen=True)
+class DeadRuns:
+    """What `recover_dead_runs` found: ``via: tasks`` tasks requeued, sync runs failed."""
+
+    requeued: int
+    interrupted: int
+
+
+def recover_dead_runs(*, older_than: float, using: str = DEFAULT_DB_ALIAS) -> DeadRuns:
+    """Take deliveries running for over ``older_than`` seconds for dead, as each relay pass
+    does first (``events_relay`` and the ``django_events.relay`` task alike): requeue the
+    ``via: tasks`` ones (`requeue_lost_tasks`), record the sync ones failed
+    (`interrupted.record_interrupted`)."""
+    return DeadRuns(
+        requeued=requeue_lost_tasks(older_than=older_than),
+        interrupted=record_interrupted(older_than=older_than, using=using),
+    )
 
 
 def requeue_lost_tasks(*, older_than: float) -> int:

@@ -355,7 +355,8 @@ class _Builder:
                     self.channels[channel_of[kind, name]] = {
                         "address": None,
                         "messages": {key: {"$ref": f"#/components/messages/{key}"}},
-                        **_UNBROKERED[kind](name),
+                        "title": f"{name} {_UNBROKERED[kind][0]}",
+                        "description": _UNBROKERED[kind][1],
                     }
             for name in targets[subscription.name]:
                 label = (
@@ -728,21 +729,18 @@ def _rebase(node: Any, key: str) -> Any:
     return result
 
 
+# Channels no broker carries, by kind: (the title after the event's name, the description).
 _UNBROKERED = {
-    "in_process": lambda name: {
-        "title": f"{name} in-process",
-        "description": (
-            "No broker: inline handlers run in publish(), sync handlers in the publisher's "
-            "process after commit."
-        ),
-    },
-    "tasks": lambda name: {
-        "title": f"{name} via Django's Tasks",
-        "description": (
-            "No broker: each delivery is a task of Django's Tasks framework (the backend "
-            "`DJANGO_EVENTS['TASKS_BACKEND']`), run by that backend's worker."
-        ),
-    },
+    "in_process": (
+        "in-process",
+        "No broker: inline handlers run in publish(), sync handlers in the publisher's "
+        "process after commit.",
+    ),
+    "tasks": (
+        "via Django's Tasks",
+        "No broker: each delivery is a task of Django's Tasks framework (the backend "
+        "`DJANGO_EVENTS['TASKS_BACKEND']`), run by that backend's worker.",
+    ),
 }
 
 

@@ -10,13 +10,12 @@ from django.db.models import Count, Max
 from django.utils import timezone
 
 from django_events.models import EventRecord
-from django_events.operations.interrupted import record_interrupted
 from django_events.operations.relay import (
     DatabaseOutage,
     RelayResult,
     pending_of_newer_versions,
+    recover_dead_runs,
     relay_backlog,
-    requeue_lost_tasks,
 )
 
 # Seconds between a loop's passes while the database or the broker is down, at most.
@@ -94,18 +93,17 @@ class Command(BaseCommand):
         self._loop(options)
 
     def _requeue(self, options: dict[str, Any]) -> None:
-        requeued = requeue_lost_tasks(older_than=options["requeue_running_after"])
-        if requeued:
-            self.stdout.write(
-                f"Requeued {requeued} task(s) left running by a db_worker that is gone."
-            )
-        interrupted = record_interrupted(
+        dead = recover_dead_runs(
             older_than=options["requeue_running_after"], using=options["database"]
         )
-        if interrupted:
+        if dead.requeued:
             self.stdout.write(
-                f"Recorded {interrupted} sync delivery(ies) left running by a process that is "
-                "gone as failed: retry them (events_retry, or the admin's failures)."
+                f"Requeued {dead.requeued} task(s) left running by a db_worker that is gone."
+            )
+        if dead.interrupted:
+            self.stdout.write(
+                f"Recorded {dead.interrupted} sync delivery(ies) left running by a process "
+                "that is gone as failed: retry them (events_retry, or the admin's failures)."
             )
 
     def _loop(self, options: dict[str, Any]) -> None:
