@@ -295,7 +295,11 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
         return [
             Error(
                 f"Async subscriptions exist but {reason}",
-                hint="Create a Celery app (celery.py) or set DJANGO_EVENTS['CELERY_APP'].",
+                hint=(
+                    "Create a Celery app in proj/celery.py and import it in proj/__init__.py "
+                    "(Celery's Django layout), or set DJANGO_EVENTS['CELERY_APP'] to its "
+                    "dotted path, such as 'proj.celery.app'."
+                ),
                 obj="DJANGO_EVENTS",
                 id="django_events.E203",
             )

@@ -122,6 +122,7 @@ def pickle_app() -> Iterator[str]:
 def no_celery_app(monkeypatch: pytest.MonkeyPatch) -> None:
     """A process where no Celery app was ever created."""
     monkeypatch.setattr(celery_state._tls, "current_app", None)
+    monkeypatch.setattr(celery_state, "default_app", None)
     monkeypatch.setattr(celery_state, "_apps", weakref.WeakSet())
 
 
@@ -598,6 +599,26 @@ def test_async_subscriptions_with_a_broken_celery_app_are_E203(
         )
 
 
+def test_a_celery_app_setting_naming_its_module_is_E203_saying_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "named_module_proj"
+    package.mkdir()
+    (package / "__init__.py").write_text("")  # the module is not imported by its package
+    (package / "celery.py").write_text("from celery import Celery\napp = Celery('proj')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with wiring(ASYNC, CELERY_APP="named_module_proj.celery"):
+        assert_reported(
+            (
+                "django_events.E203",
+                "DJANGO_EVENTS",
+                "Async subscriptions exist but DJANGO_EVENTS['CELERY_APP'] does not import: "
+                "'named_module_proj.celery' is a module: name the Celery app in it, such as "
+                "'named_module_proj.celery.app'",
+            )
+        )
+
+
 def test_async_subscriptions_with_no_celery_app_at_all_are_E203(no_celery_app: None) -> None:
     with wiring(ASYNC, CELERY_APP=None):
         assert_reported(
@@ -622,6 +643,52 @@ def test_the_current_celery_app_is_used_when_celery_app_is_not_set(
     monkeypatch.setattr(celery_state._tls, "current_app", app)
     with wiring(ASYNC, CELERY_APP=None):
         assert_reported()
+
+
+def test_the_projects_celery_app_is_found_from_every_thread_without_celery_app(
+    tmp_path: Path,
+) -> None:
+    # The standard layout (proj/celery.py imported by proj/__init__.py) in a process of its
+    # own: Celery's Django fixup makes that app Celery's default, and a thread that did not
+    # create it (runserver's, a threaded WSGI server's, asgiref's) must find it too.
+    script = tmp_path / "threads.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import threading
+
+            import django
+
+            django.setup()
+            from django.core import checks
+
+            from django_events.delivery.broker import celery_app
+            from tests.celery_app import app
+
+            seen = {}
+
+            def look():
+                seen["app"] = celery_app()
+                seen["ids"] = [m.id for m in checks.run_checks() if m.id.startswith("django_")]
+
+            thread = threading.Thread(target=look)
+            thread.start()
+            thread.join()
+            print(seen["app"] is app, seen["ids"])
+            """
+        )
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_TEST_CELERY_APP": "",
+        "PYTHONPATH": str(ROOT),
+    }
+    run = subprocess.run(
+        [sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[0] == "True []", run.stdout + run.stderr
 
 
 def test_a_celery_app_that_accepts_pickle_is_E204(pickle_app: str) -> None:

@@ -25,13 +25,25 @@ def test_celery_state_holds_the_current_app_and_every_app() -> None:
     # django_events.delivery.broker.celery_app() tells the project's app from Celery's fallback.
     from celery import _state
 
+    from django_events.delivery.broker import _is_celery_fallback
+
     app = Celery("private-api-probe", set_as_current=True)
     try:
         assert _state._tls.current_app is app, "celery._state._tls.current_app changed"
         assert app in list(_state._apps), "celery._state._apps changed"
         assert _state.default_app is None or isinstance(_state.default_app, Celery)
+        assert not _is_celery_fallback(app)
     finally:
         _state._tls.current_app = None
+    # The fallback Celery creates when a current app is asked for and there is no default.
+    default = _state.default_app
+    _state.default_app = None
+    try:
+        fallback = _state._get_current_app()
+        assert fallback is _state.default_app, "celery._state._get_current_app changed"
+        assert _is_celery_fallback(fallback), "Celery's fallback app is made another way"
+    finally:
+        _state.default_app = default
 
 
 @pytest.mark.parametrize("method", ["_put", "_queue_bind"])

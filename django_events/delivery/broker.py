@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -57,18 +58,39 @@ def celery_app() -> Celery | None:
     """The Celery app that sends deliveries: ``CELERY_APP``, else the project's app."""
     path = conf.CELERY_APP
     if path:
-        app: Celery = import_string(path)
+        try:
+            app: Celery = import_string(path)
+        except ImportError:
+            if _is_module(path):
+                raise ImportError(
+                    f"{path!r} is a module: name the Celery app in it, such as {path + '.app'!r}"
+                ) from None
+            raise
         return app
-    # Celery keeps its current app per thread and falls back to an unconfigured default app;
-    # read its private state to tell "the project's app" from that fallback.
+    # Celery's current app is the thread's, else its default app: the project's once Celery's
+    # Django fixup made it so (every thread), else an unconfigured fallback Celery creates
+    # when asked. Its private state tells the project's apps from that fallback.
     from celery import _state
 
     state: Any = _state
-    current: Celery | None = state._tls.current_app
-    if current is not None:
+    current: Celery | None = state._tls.current_app or state.default_app
+    if current is not None and not _is_celery_fallback(current):
         return current
-    apps = [a for a in list(state._apps) if a is not state.default_app]
+    apps = [a for a in list(state._apps) if not _is_celery_fallback(a)]
     return apps[0] if len(apps) == 1 else None
+
+
+def _is_module(path: str) -> bool:
+    try:
+        return importlib.util.find_spec(path) is not None
+    except ImportError:  # its parent package does not import
+        return False
+
+
+def _is_celery_fallback(app: Celery) -> bool:
+    """Whether ``app`` is the unconfigured app Celery makes when a current app is asked for
+    and none exists (``celery._state._get_current_app``): "default", never current, no fixups."""
+    return app.main == "default" and not app.set_as_current and not app.fixups
 
 
 def _redacted(event_name: str) -> tuple[str, ...]:
