@@ -87,7 +87,7 @@ def _is_module(path: str) -> bool:
         return False
 
 
-def _is_celery_fallback(app: Celery) -> bool:
+def _is_celery_fallback(app: Any) -> bool:
     """Whether ``app`` is the unconfigured app Celery makes when a current app is asked for
     and none exists (``celery._state._get_current_app``): "default", never current, no fixups."""
     return app.main == "default" and not app.set_as_current and not app.fixups
