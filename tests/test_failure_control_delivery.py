@@ -14,7 +14,7 @@ from django.core.management import call_command
 
 from django_events import publish
 from django_events.delivery import pausing
-from django_events.models import Delivery
+from django_events.models import Delivery, EventRecord
 from django_events.operations.pausing import pause, resume
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -200,3 +200,25 @@ def test_a_resumed_delivery_of_an_event_recorded_only_on_failure_is_recorded(
         what="their successes recorded (not left pending)",
     )
     assert HandlerRun.objects.filter(handler="record", event_id__in=ids).count() == 2
+
+
+def test_a_duplicate_of_a_success_meeting_a_pause_is_not_held_nor_run_again(
+    wired: Worker,
+) -> None:
+    # The duplicate comes as DESIGN 3.5 says it may: a publisher that died after its commit,
+    # before marking its record dispatched, leaves it pending, and the relay sends it again.
+    event_id = publish("fc.once", {}).id
+    settled(event_id, "fc-once", "succeeded")
+    pause("fc-once")
+    time.sleep(pausing.CACHE_SECONDS + 0.2)
+    EventRecord.objects.filter(pk=event_id).update(status="pending")
+    call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+    wait_for(
+        lambda: "Already succeeded or resolved" in wired.process.log(),
+        what="the worker skipping the duplicate",
+    )
+    assert resume("fc-once").sent == 0
+    wait_idle(wired.process)
+    row = Delivery.objects.get(event_id=event_id, subscription="fc-once")
+    assert (row.status, row.attempts) == ("succeeded", 1)
+    assert len(runs("record", event_id)) == 1

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from django.db import connection
 
-from django_events.delivery import postgresql
+from django_events.delivery import postgresql, recording
 from django_events.delivery.recording import delivery, record_for
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
@@ -215,7 +215,7 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
         row = delivery(record.pk, name, "async", status, 1)
         row.ordering_key, row.sequence = key, number
         row.save()
-    finished = ordering.FINISHED
+    finished = recording.FINISHED
 
     for record, (name, _, _, _) in zip(records, layout, strict=True):
         by_orm = (
@@ -246,7 +246,7 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
 def test_hand_on_changes_what_the_orm_changes() -> None:
     from django_events.delivery import ordering
 
-    finished = ordering.FINISHED
+    finished = recording.FINISHED
     layouts = {  # key -> statuses of its deliveries, numbered from 1
         "held-head": ["succeeded", "held", "held"],
         "pending-head": ["resolved", "pending", "held"],

@@ -40,7 +40,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import postgresql
-from django_events.delivery.recording import delivery, event_of, save_deliveries
+from django_events.delivery.recording import FINISHED, delivery, event_of, save_deliveries
 from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, OrderingGate
@@ -49,8 +49,6 @@ from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.ordering")
 
-#: Statuses after which a delivery no longer holds its key.
-FINISHED = (Delivery.Status.SUCCEEDED, Delivery.Status.RESOLVED)
 #: Seconds before events_relay sends a handed-on delivery whose send did not happen (the
 #: worker died between its commit and the send, or the broker refused it).
 HAND_ON_GRACE = 30.0

@@ -14,6 +14,9 @@ from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.validation import storable_text
 
+#: Statuses after which a delivery is done: nothing runs it again but a retry or replay.
+FINISHED = (Delivery.Status.SUCCEEDED, Delivery.Status.RESOLVED)
+
 
 def record_for(event: Event, status: str) -> EventRecord:
     """Build (without saving) the `EventRecord` of ``event``."""
@@ -88,6 +91,17 @@ def save_deliveries(alias: str, deliveries: Sequence[Delivery]) -> None:
         unique_fields=["event", "subscription"],
         update_fields=list(postgresql.OUTCOME_FIELDS),
     )
+
+
+def save_unless_finished(alias: str, row: Delivery) -> bool:
+    """Insert ``row``, or write its outcome over its (event, subscription) row unless that one
+    succeeded or was resolved (`FINISHED`); return whether it was written."""
+    Delivery.objects.using(alias).bulk_create([row], ignore_conflicts=True)
+    unfinished = Delivery.objects.using(alias).filter(
+        event_id=row.event_id, subscription=row.subscription
+    )
+    outcome = {name: getattr(row, name) for name in postgresql.OUTCOME_FIELDS}
+    return bool(unfinished.exclude(status__in=FINISHED).update(**outcome))
 
 
 def delivery(

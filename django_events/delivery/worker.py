@@ -38,7 +38,13 @@ from django_events.delivery.messages import (
     parse_message,
 )
 from django_events.delivery.pausing import paused_names
-from django_events.delivery.recording import delivery, ensure_records, save_deliveries, storable
+from django_events.delivery.recording import (
+    delivery,
+    ensure_records,
+    save_deliveries,
+    save_unless_finished,
+    storable,
+)
 from django_events.delivery.sealing import Unsealable, open_event
 from django_events.events import Event
 from django_events.exceptions import NewerVersion, RetryLater, UpcastError
@@ -58,6 +64,8 @@ RECORD_RETRY_MAX = 5.0
 # What recording an outcome can come to: the outage of a database is worth waiting out; a
 # statement the database refuses (DataError, IntegrityError...) fails the same way each time.
 RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
+#: `_record_quietly` found the delivery succeeded or resolved: the message was a duplicate.
+DUPLICATE = "duplicate"
 # InternalError too: PostgreSQL reports an aborted transaction or a crashed backend with it.
 _OUTAGES = (OperationalError, InterfaceError, InternalError)
 
@@ -212,7 +220,9 @@ def _wait_for_newer(
         return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
     status = Delivery.Status.PENDING
     row = delivery(event.id, subscription.name, "async", status, attempt - 1, error)
-    _record_quietly(message.alias, event, [row], always=True)
+    keep = _finished_wins(message.rerun, subscription)
+    if _record_quietly(message.alias, event, [row], always=True, keep_finished=keep) == DUPLICATE:
+        return _duplicate(event, subscription.name)
     delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
     waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
@@ -237,7 +247,7 @@ def _run(
         subscription.handler()
     except HandlerImportError as exc:
         # Retrying cannot make a missing module appear: a deploy has to fix it.
-        return _handler_unavailable(subscription, event, alias, attempt, retries, exc)
+        return _handler_unavailable(subscription, event, alias, attempt, retries, exc, rerun)
     ordered = subscription.declaration.ordering_key is not None
     key = None  # an ordered delivery's, from its claim to its finish
     if ordered:
@@ -389,7 +399,11 @@ def _hold(
     The message is acknowledged: the ``held`` row is what resuming sends again, in order.
     """
     row = _row(event, subscription, Delivery.Status.HELD, attempt - 1)
-    if _record_quietly(message.alias, event, [row], always=True) != RECORDED:
+    keep = _finished_wins(message.rerun, subscription)
+    recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
+    if recorded == DUPLICATE:
+        return _duplicate(event, subscription.name)
+    if recorded != RECORDED:
         return Outcome("retry", retry_in=subscription.retry.delay(1))
     # A resume between the cached read and the row's write would not see this row.
     if subscription.name not in paused_names(message.alias, fresh=True):
@@ -566,6 +580,7 @@ def _handler_unavailable(
     attempt: int,
     retries: int,
     exc: HandlerImportError,
+    rerun: bool,
 ) -> Outcome:
     """The handler does not import on this worker: fail the delivery at once, no retry."""
     error = f"{type(exc).__name__}: {exc}"
@@ -577,7 +592,10 @@ def _handler_unavailable(
     )
     tb = "".join(traceback.format_exception(exc))
     row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
-    recorded = _record_quietly(alias, event, [row], always=True)
+    keep = _finished_wins(rerun, subscription)
+    recorded = _record_quietly(alias, event, [row], always=True, keep_finished=keep)
+    if recorded == DUPLICATE:
+        return _duplicate(event, subscription.name)
     if recorded == RECORDED:
         _announce_failure(event, subscription.name, attempt, error, exc)
     if recorded != OUTAGE:
@@ -631,9 +649,39 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
     row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
-    if _record_quietly(message.alias, event, [row], always=True) == RECORDED:
+    keep = _finished_wins(message.rerun, None)
+    recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
+    if recorded == DUPLICATE:
+        return _duplicate(event, message.subscription)
+    if recorded == RECORDED:
         _announce_failure(event, message.subscription, attempt, error)
     return Outcome("failed")
+
+
+def _finished_wins(rerun: bool, subscription: Subscription | None) -> bool:
+    """Whether a delivery already succeeded or resolved makes this message a duplicate, so that
+    a worker that does not run it (paused, unknown here, newer) writes nothing over that row.
+
+    A first send's message is one. A retry's or replay's may arrive before the transaction
+    that made its row pending commits (they send inside it), so a row still finished is
+    written over, but for idempotent and ordered subscriptions (``subscription`` None: not
+    known here): their reruns are never sent for a success (a replay skips an idempotent
+    one) or before their rows commit.
+    """
+    if not rerun:
+        return True
+    if subscription is None:
+        return False
+    declared = subscription.declaration
+    return declared.idempotent or declared.ordering_key is not None
+
+
+def _duplicate(event: Event, subscription: str) -> Outcome:
+    logger.info(
+        "Already succeeded or resolved; the message was a duplicate: skipped",
+        extra=log_extra(event, subscription),
+    )
+    return Outcome("skipped")
 
 
 def _announce_failure(
@@ -665,17 +713,28 @@ def _message_log_extra(message: DeliveryMessage) -> dict[str, Any]:
 
 
 def _record_quietly(
-    alias: str, event: Event, rows: list[Delivery], *, always: bool, overwrite: bool = True
+    alias: str,
+    event: Event,
+    rows: list[Delivery],
+    *,
+    always: bool,
+    overwrite: bool = True,
+    keep_finished: bool = False,
 ) -> str:
     """Save delivery rows; log (not raise) a database error.
 
     Return `RECORDED`, `OUTAGE` (the database could not be reached: worth a retry) or
-    `REFUSED` (it refused the statement, and would again).
+    `REFUSED` (it refused the statement, and would again); with ``keep_finished`` (one row),
+    `DUPLICATE` if its delivery had succeeded or was resolved (nothing is written then).
     """
     try:
         if always:
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
-        if overwrite:
+        if keep_finished:
+            (row,) = rows
+            if not save_unless_finished(alias, row):
+                return DUPLICATE
+        elif overwrite:
             save_deliveries(alias, rows)
         else:
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)

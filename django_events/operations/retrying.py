@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from django_events.delivery import ordering
 from django_events.delivery.endpoints import is_endpoint_name
+from django_events.delivery.recording import FINISHED
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
     RedeliveryResult,
@@ -163,7 +164,7 @@ def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
         head = (
             Delivery.objects.using(using)
             .filter(subscription=row["subscription"], ordering_key=row["ordering_key"])
-            .exclude(status__in=ordering.FINISHED)
+            .exclude(status__in=FINISHED)
             .order_by("sequence")
             .values("event_id", "status", "attempts", "last_error")
             .first()

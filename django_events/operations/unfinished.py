@@ -59,8 +59,8 @@ from django_events.delivery import endpoints
 from django_events.delivery.broker import waiting_messages
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.lost_messages import resend_after, visibility_timeout
-from django_events.delivery.ordering import FINISHED, HAND_ON_GRACE
-from django_events.delivery.recording import delivery
+from django_events.delivery.ordering import HAND_ON_GRACE
+from django_events.delivery.recording import FINISHED, delivery
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, RelayCheckpoint

@@ -1,0 +1,147 @@
+"""A duplicate message of a delivery that already succeeded or was resolved (a relay's resend
+of a record its publisher never marked, a broker's redelivery) reaching a worker that does not
+run it (its subscription paused, unknown to that worker, its event newer, its handler missing):
+nothing is written over the finished row, so nothing runs it again.
+
+In process (`process_message`, what a worker runs), on the test database; the paused case
+through a real worker is in tests/test_failure_control_delivery.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from django_events import publish
+from django_events.delivery.messages import build_message, event_body
+from django_events.delivery.worker import process_message
+from django_events.events import Event
+from django_events.models import Delivery
+from django_events.operations.pausing import pause, resume
+from django_events.signals import delivery_failed
+from tests.app.models import HandlerRun
+from tests.conftest import wiring
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PAYLOAD = {"order_id": 7, "total": 12.5}
+BASE = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
+KINDS = {
+    "idempotent": {**BASE, "name": "sub", "idempotent": True},
+    "ordered": {**BASE, "name": "sub", "ordering_key": "order_id"},
+    "plain": {**BASE, "name": "sub"},
+}
+
+
+@pytest.fixture
+def failures() -> Iterator[list[dict[str, Any]]]:
+    sent: list[dict[str, Any]] = []
+
+    def note(sender: Any, **kwargs: Any) -> None:
+        sent.append(kwargs)
+
+    delivery_failed.connect(note)
+    yield sent
+    delivery_failed.disconnect(note)
+
+
+def handled(declaration: dict[str, Any], status: str = "succeeded") -> tuple[Event, dict[str, Any]]:
+    """An event whose delivery ran (its row then set to ``status``); its first message."""
+    with wiring(declaration):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event_body(event), "sub", "default")
+        assert process_message(message, 0).status == "succeeded"
+    Delivery.objects.filter(event_id=event.id, subscription="sub").update(status=status)
+    return event, message
+
+
+def row(event: Event) -> tuple[str, int, str]:
+    found = Delivery.objects.get(event_id=event.id, subscription="sub")
+    return found.status, found.attempts, found.last_error
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("status", ["succeeded", "resolved"])
+def test_a_paused_subscription_does_not_hold_a_duplicate_of_a_finished_delivery(
+    kind: str, status: str
+) -> None:
+    declaration = KINDS[kind]
+    event, message = handled(declaration, status)
+    with wiring(declaration):
+        pause("sub")
+        assert process_message(message, 0).status == "skipped"
+        assert row(event) == (status, 1, "")
+        result = resume("sub")
+    assert result.sent == 0
+    assert HandlerRun.objects.filter(event_id=event.id).count() == 1
+
+
+def test_a_worker_that_does_not_know_the_subscription_leaves_its_success_alone(
+    failures: list[dict[str, Any]],
+) -> None:
+    # A rolling deploy: the duplicate reaches a worker of the release before the subscription.
+    event, message = handled(KINDS["idempotent"])
+    with wiring({**BASE, "name": "other"}):
+        assert process_message(message, 0).status == "skipped"
+    assert row(event) == ("succeeded", 1, "")
+    assert failures == []
+
+
+def test_a_worker_older_than_the_event_leaves_its_success_alone() -> None:
+    event, message = handled(KINDS["idempotent"])
+    newer = {**message, "event": {**message["event"], "version": 2}}
+    with wiring(KINDS["idempotent"]):
+        outcome = process_message(newer, 0)
+    assert (outcome.status, outcome.retry_with) == ("skipped", None)  # no retry to wait with
+    assert row(event) == ("succeeded", 1, "")
+
+
+def test_a_worker_whose_handler_does_not_import_leaves_a_success_alone(
+    failures: list[dict[str, Any]],
+) -> None:
+    event, message = handled(KINDS["ordered"])
+    with wiring({**KINDS["ordered"], "handler": "tests.app.no_such_module.handler"}):
+        assert process_message(message, 0).status == "skipped"
+    assert row(event) == ("succeeded", 1, "")
+    assert failures == []
+
+
+def test_each_still_records_a_delivery_it_does_not_run_that_has_not_finished(
+    failures: list[dict[str, Any]],
+) -> None:
+    # The control: the same messages for deliveries not finished are recorded as before.
+    with wiring(KINDS["idempotent"]):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event_body(event), "sub", "default")
+        pause("sub")
+        assert process_message(message, 0).status == "held"
+        assert row(event)[:2] == ("held", 0)
+    with wiring({**BASE, "name": "other"}):
+        assert process_message(message, 0).status == "failed"
+    assert row(event)[0] == "failed"
+    assert [f["subscription"] for f in failures] == ["sub"]
+
+
+def test_a_replay_reaching_a_paused_plain_subscription_before_its_commit_is_held() -> None:
+    # A replay sends inside the transaction that makes the row pending: its message may find
+    # the row still succeeded. For a subscription that may run again it is held, not lost.
+    event, _ = handled(KINDS["plain"])
+    replayed = build_message(event_body(event), "sub", "default", prior_attempts=1, rerun=True)
+    with wiring(KINDS["plain"]):
+        pause("sub")
+        assert process_message(replayed, 0).status == "held"
+        assert row(event)[:2] == ("held", 1)
+        assert resume("sub").sent == 1
+
+
+@pytest.mark.parametrize("kind", ["idempotent", "ordered"])
+def test_a_rerun_of_an_idempotent_or_ordered_success_is_a_duplicate_too(kind: str) -> None:
+    # Their reruns are never sent for a success, or before their rows are pending.
+    event, _ = handled(KINDS[kind])
+    again = build_message(event_body(event), "sub", "default", prior_attempts=1, rerun=True)
+    with wiring(KINDS[kind]):
+        pause("sub")
+        assert process_message(again, 0).status == "skipped"
+    assert row(event) == ("succeeded", 1, "")
