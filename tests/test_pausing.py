@@ -18,6 +18,7 @@ from django.urls import reverse
 from django_events import publish
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.pausing import held, pause, resume
+from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.testing import events_eager
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
@@ -152,15 +153,29 @@ def test_events_list_shows_paused_and_held() -> None:
         assert "held" not in out.getvalue()  # the wiring alone needs no database
 
 
-def test_resuming_a_subscription_no_longer_declared_keeps_its_held_rows() -> None:
+def test_resuming_a_subscription_no_longer_declared_records_its_held_rows_failed() -> None:
+    # Held, nothing could ever run them, resolve them or prune their events.
     with wiring(sub("gone", "sync")):
         pause("gone")
-        publish("orders.placed", order(1))
+        events = [publish("orders.placed", order(n)) for n in (1, 2)]
+    rows = Delivery.objects.filter(subscription="gone")
     with wiring(sub("s", "sync")):
         result = resume("gone")
-    assert result.skipped == ["1 held deliveries: 'gone' is no longer declared"]
-    assert held("gone").count() == 1
-    assert not PausedSubscription.objects.exists()
+        assert result.skipped == ["2 held deliveries recorded failed: 'gone' is no longer declared"]
+        assert not held("gone").exists()
+        assert not PausedSubscription.objects.exists()
+        assert set(rows.values_list("status", "attempts", "last_error")) == {
+            (
+                "failed",
+                0,
+                "Not run: subscription 'gone' is no longer declared. Retry it once it is "
+                "declared again, or mark it resolved.",
+            )
+        }
+        assert mark_resolved(rows.filter(event_id=events[0].id)) == 1
+    with wiring(sub("gone", "sync")):  # declared again: a retry runs the other
+        assert retry_failures(rows.filter(event_id=events[1].id)).succeeded == 1
+    assert list(HandlerRun.objects.values_list("event_id", flat=True)) == [events[1].id]
 
 
 def test_wiring_page_pauses_and_resumes_with_the_change_permission() -> None:

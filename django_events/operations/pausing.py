@@ -64,23 +64,33 @@ def resume(
 ) -> RedeliveryResult:
     """Resume subscription ``name`` and deliver what was held meanwhile, oldest event first.
 
-    A subscription no longer declared is resumed too (its pause removed); its held rows stay,
-    listed as skipped (a deleted endpoint's were recorded failed as it was deleted, see
-    `endpoint_deleted`: only a worker holding one at that very moment leaves one here).
+    A subscription no longer declared is resumed too (its pause removed); nothing can run its
+    held rows, so they are recorded failed, listed as skipped: a retry once it is declared
+    again, or marked resolved, and pruned like any failure. (A deleted endpoint's were
+    recorded failed as it was deleted, see `endpoint_deleted`: only a worker holding one at
+    that very moment leaves one here.)
     """
     deleted, _ = PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
     subscription = find_subscription(name)
     result = RedeliveryResult()
     if subscription is None:
-        count = held(name, using=using).count()
-        if count:
-            what = (
-                "its webhook endpoint was deleted"
-                if is_endpoint_name(name)
-                else "is no longer declared"
+        if is_endpoint_name(name):
+            what, error = "its webhook endpoint was deleted", DELETED
+        else:
+            what = "is no longer declared"
+            error = (
+                f"Not run: subscription {name!r} is no longer declared. Retry it once it is "
+                "declared again, or mark it resolved."
             )
-            result.skipped.append(f"{count} held deliveries: {name!r} {what}")
+        count = held(name, using=using).update(
+            status=Delivery.Status.FAILED,
+            last_error=error,
+            retry_at=None,
+            updated_at=timezone.now(),
+        )
+        if count:
+            result.skipped.append(f"{count} held deliveries recorded failed: {name!r} {what}")
         elif not deleted:
             raise PauseError(f"Unknown subscription {name!r}: see events_list")
         return result
