@@ -12,7 +12,7 @@ from typing import Any, TypeVar, overload
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
-from django.db import DEFAULT_DB_ALIAS, router, transaction
+from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 
 from django_events.delivery import endpoints, ordering
 from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch, run_sync
@@ -233,6 +233,31 @@ def _enqueue(registry: Registry, batch: list[Outgoing], using: str | None) -> No
     if outlet.capture is not None:  # django_events.testing.captured_events()
         outlet.capture(batch, alias)
         return
+    if _all_or_nothing(batch, alias):
+        with transaction.atomic(using=alias):
+            _record_and_hook(registry, batch, alias, outlet)
+    else:
+        _record_and_hook(registry, batch, alias, outlet)
+
+
+def _all_or_nothing(batch: list[Outgoing], alias: str) -> bool:
+    """Whether publishing ``batch`` needs a transaction (or savepoint) of its own to happen
+    whole or not at all.
+
+    With inline handlers, always: one that raises undoes the writes of those that ran before
+    it and the publish's own. Outside a transaction, with more than one write to commit
+    together: an ordered delivery's number and row (its gate stays locked until its row is
+    there, or a later number could run first), task rows beside their record.
+    """
+    writes = False
+    for item in batch:
+        if item.compiled.inline:
+            return True
+        writes = writes or item.compiled.has_ordered or bool(item.tasks)
+    return writes and not connections[alias].in_atomic_block
+
+
+def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outlet: Outlet) -> None:
     interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
     in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from django_events import publish
 from django_events.delivery import ordering
 from django_events.delivery.worker import process_message
-from django_events.models import Delivery, PausedSubscription
+from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
 from tests.ops import drain, shop_wiring
 
 ORDERED = {
@@ -260,3 +260,27 @@ def test_a_delivery_held_by_its_key_shows_in_the_admin(queue: str, publish_now: 
     # The wiring page counts it under its subscription, which is not paused: its key holds it.
     wired = wiring_page.content.decode()
     assert f"{ORDERED['name']} (tests.app.handlers.record): async · {queue} · 1 held" in wired
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_ordered_publish_outside_a_transaction_takes_its_number_with_its_row(
+    queue: str,
+) -> None:
+    # Outside a transaction the gate's number and the delivery row commit together: a row that
+    # cannot be written leaves no record and no number (else a later publish of the key could
+    # be numbered, written and run first, the gate's lock gone with the first statement).
+    table = Delivery._meta.db_table
+
+    def refuse_rows(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("INSERT INTO") and table in sql.split("(")[0]:
+            raise OperationalError("the delivery rows cannot be written")
+        return execute(sql, params, many, context)
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        with connection.execute_wrapper(refuse_rows), pytest.raises(OperationalError):
+            publish("shop.paid", {"order_id": 1, "total": 10})
+        assert not EventRecord.objects.exists()
+        assert not OrderingGate.objects.filter(last_sequence__gt=0).exists()
+        event = publish("shop.paid", {"order_id": 1, "total": 11})
+    row = Delivery.objects.get(event_id=event.id, subscription=ORDERED["name"])
+    assert row.sequence == 1

@@ -124,6 +124,31 @@ def test_inline_handler_runs_in_the_transaction_and_its_error_rolls_back() -> No
 
 
 @pytest.mark.django_db(transaction=True)
+def test_publish_many_whose_inline_handler_raises_publishes_nothing_even_in_autocommit() -> None:
+    # The second item's inline handler raises after the first's ran: publish_many() raised,
+    # so none of it happened, outside a transaction as inside (where the caller carries on).
+    failing = {
+        **INLINE,
+        "handler": "tests.app.handlers.inline_fails",
+        "name": "inline-fails",
+        "when": {"order_id": {"eq": 2}},
+    }
+    items = [("orders.placed", {**PAYLOAD, "order_id": n}) for n in (1, 2)]
+    with wiring(INLINE, failing, SYNC):
+        with pytest.raises(ValueError, match="refused"):
+            publish_many(items)
+        assert handled() == []  # the first item's inline run undone, no sync run
+        assert not EventRecord.objects.exists()
+        with transaction.atomic():
+            Order.objects.create(total=5)
+            with pytest.raises(ValueError, match="refused"):
+                publish_many(items)
+    assert Order.objects.count() == 1
+    assert handled() == []
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_failing_sync_handler_is_recorded_never_raised(caplog: pytest.LogCaptureFixture) -> None:
     with wiring(FAILING_SYNC, SYNC), transaction.atomic():
         event = publish("orders.placed", PAYLOAD)

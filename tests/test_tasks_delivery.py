@@ -14,11 +14,12 @@ import uuid
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import django
 import pytest
 from django.core.management import call_command
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.test import Client, override_settings
 from django_tasks_db.models import DBTaskResult
 
@@ -99,6 +100,25 @@ def test_task_row_is_written_in_the_publishers_transaction(tasks_wiring: str) ->
     ]
     assert {t.task_path for t in tasks} == {"django_events.delivery.tasks_backend.deliver"}
     assert EventRecord.objects.get(pk=kept.id).status == "dispatched"  # no relay needed
+
+
+def test_outside_a_transaction_a_record_is_written_with_its_task_rows_or_not_at_all(
+    tasks_wiring: str,
+) -> None:
+    # The record says dispatched (its tasks go in with it): committed alone, before task rows
+    # that then fail, its deliveries would be lost, nothing left pending for the relay.
+    tasks = DBTaskResult._meta.db_table
+
+    def refuse_tasks(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("INSERT INTO") and tasks in sql.split("(")[0]:
+            raise OperationalError("the task rows cannot be written")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse_tasks), pytest.raises(OperationalError):
+        publish("tk.placed", {"order_id": 3})
+    assert not EventRecord.objects.exists()
+    event = publish("tk.placed", {"order_id": 4})
+    assert other_connection_counts(event.id) == (1, 2)
 
 
 # db_worker as a real process.
