@@ -324,6 +324,7 @@ def test_without_a_celery_app_async_events_stay_pending_and_it_says_why(
 
     if celery_app is None:  # a process where no Celery app was ever created
         monkeypatch.setattr(celery_state._tls, "current_app", None)
+        monkeypatch.setattr(celery_state, "default_app", None)
         monkeypatch.setattr(celery_state, "_apps", weakref.WeakSet())
     with wiring(ASYNC, SYNC, CELERY_APP=celery_app), transaction.atomic():
         event = publish("orders.placed", PAYLOAD)
