@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E203": "async subscriptions but no Celery app",
     "django_events.E204": "the Celery app accepts pickle",
     "django_events.W205": "the Celery app uses kombu's own filesystem transport",
+    "django_events.W206": "the filesystem transport's folder does not exist",
     "django_events.E210": "via: tasks, but no such task backend (or no django.tasks)",
     "django_events.E211": "a task backend without defer for a subscription that retries",
     "django_events.E212": "a broadcast subscription goes via tasks",
@@ -327,7 +329,33 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
                 id="django_events.W205",
             )
         )
+    for folder in _missing_broker_folders(app):
+        messages.append(
+            Warning(
+                f"Celery app {app.main!r} uses the filesystem transport, but its folder "
+                f"{folder!r} does not exist: every publish would find the broker unreachable "
+                "and leave its events pending",
+                hint=f"Create it (mkdir -p {folder}) wherever publishers and workers run, or "
+                "set data_folder_in and data_folder_out in CELERY_BROKER_TRANSPORT_OPTIONS.",
+                obj="DJANGO_EVENTS",
+                id="django_events.W206",
+            )
+        )
     return messages
+
+
+def _missing_broker_folders(app: Any) -> list[str]:
+    """The message folders of a ``filesystem://`` broker that do not exist (none are created:
+    one missing may be a volume not mounted)."""
+    url = app.conf.broker_write_url or app.conf.broker_url
+    if not (isinstance(url, str) and url.startswith("filesystem:")):
+        return []
+    options = app.conf.broker_transport_options or {}
+    folders = {
+        str(options.get(k, d))
+        for k, d in (("data_folder_in", "data_in"), ("data_folder_out", "data_out"))
+    }
+    return sorted(f for f in folders if not os.path.isdir(f))
 
 
 def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:

@@ -715,6 +715,22 @@ def test_a_celery_app_on_kombus_own_filesystem_transport_is_W205() -> None:
         )
 
 
+def test_a_filesystem_broker_whose_folder_does_not_exist_is_W206() -> None:
+    from tests.app.missing_folder_celery import MISSING
+
+    with wiring(ASYNC, CELERY_APP="tests.app.missing_folder_celery.app"):
+        assert_reported(
+            (
+                "django_events.W206",
+                "DJANGO_EVENTS",
+                f"Celery app 'missing_folder' uses the filesystem transport, but its folder "
+                f"'{MISSING}' does not exist: every publish would find the broker unreachable "
+                "and leave its events pending",
+            )
+        )
+    assert not MISSING.exists()  # never created: a folder missing may be a volume unmounted
+
+
 @pytest.mark.parametrize("kind", ["filesystem", "amqp", "redis"])
 def test_the_filesystem_transport_of_django_events_and_other_brokers_are_fine(kind: str) -> None:
     with wiring(ASYNC, CELERY_APP=f"tests.brokers.{kind}"):
@@ -966,6 +982,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.W205": lambda _: wiring(
         ASYNC, CELERY_APP="tests.app.stock_filesystem_celery.app"
     ),
+    "django_events.W206": lambda _: wiring(ASYNC, CELERY_APP="tests.app.missing_folder_celery.app"),
     "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
     "django_events.E302": lambda _: _inbound(
         {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""
