@@ -13,9 +13,10 @@ class EventError(Exception):
 class UnknownEvent(EventError, LookupError):
     """The event name is not declared in any manifest, setting or `@event` class."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, detail: str = "") -> None:
         self.name = name
-        super().__init__(f"Unknown event {name!r}: declare it in a manifest, settings or @event.")
+        message = f"Unknown event {name!r}: declare it in a manifest, settings or @event."
+        super().__init__(f"{message} {detail}" if detail else message)
 
 
 @dataclass(frozen=True)

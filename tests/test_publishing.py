@@ -167,6 +167,24 @@ def test_unknown_event_raises_and_records_nothing(db: None) -> None:
     assert not EventRecord.objects.exists()
 
 
+def test_an_unknown_event_says_the_close_name_and_the_configuration_errors(db: None) -> None:
+    # A web process runs no system checks: a declaration left out for an error would only
+    # show as "unknown event".
+    broken = {**SYNC, "name": "broken", "mode": "asynch"}
+    with wiring(SYNC, broken), pytest.raises(UnknownEvent) as info:
+        publish("orders.placd", PAYLOAD)
+    message = str(info.value)
+    assert message.startswith(
+        "Unknown event 'orders.placd': declare it in a manifest, settings or @event. "
+        "Did you mean 'orders.placed'? The configuration has 1 error(s), and a declaration "
+        "with an error is left out (the first: django_events.E103 "
+    )
+    assert "'asynch'" in message and message.endswith(": run manage.py events_check.")
+    with wiring(SYNC), pytest.raises(UnknownEvent) as info:
+        publish("zzz", PAYLOAD)
+    assert str(info.value) == ("Unknown event 'zzz': declare it in a manifest, settings or @event.")
+
+
 def test_invalid_payload_names_event_and_paths(db: None) -> None:
     with wiring(SYNC), pytest.raises(InvalidPayload) as info:
         publish("orders.placed", {"order_id": "x", "total": -1, "items": [{}]})

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
+from difflib import get_close_matches
 from functools import cached_property
 from types import FunctionType, MethodType
 from typing import Any, cast
@@ -190,7 +191,18 @@ class Registry:
         try:
             return self.events[name]
         except KeyError:
-            raise UnknownEvent(name) from None
+            raise UnknownEvent(name, self._unknown_detail(name)) from None
+
+    def _unknown_detail(self, name: str) -> str:
+        """What may explain an unknown event: a close name, or declarations left out."""
+        parts = [f"Did you mean {m!r}?" for m in get_close_matches(name, self.events, n=1)]
+        errors = [p for p in self.problems if p.is_error]
+        if errors:
+            parts.append(
+                f"The configuration has {len(errors)} error(s), and a declaration with an "
+                f"error is left out (the first: {errors[0]}): run manage.py events_check."
+            )
+        return " ".join(parts)
 
     def resolve(self, name_or_instance: Any) -> CompiledEvent:
         """Find the event for a name or an instance of an ``@event`` class."""
