@@ -16,6 +16,8 @@ from django_events.wiring.listing import FORMATS, render
 
 class Command(BaseCommand):
     help = "Print the wiring: every event and its subscriptions (table, JSON or Mermaid)."
+    # A broken configuration is listed too, ending with how many errors events_check reports.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
