@@ -254,6 +254,16 @@ def test_yaml_errors_are_E102_with_the_1_based_line(
 
     assert summary(manifest) == [("django_events.E102", line, message)]
     assert str(manifest.problems[0]).startswith(f"django_events.E102 {path}:{line}: ")
+    if "duplicate key" in message:  # the file is loaded all the same, with the last value
+        assert manifest.problems[0].hint == (
+            "Remove one of them: until then the last one is used, as YAML does."
+        )
+        assert [s.mode for s in manifest.subscriptions] == ["async"]
+    else:
+        assert manifest.problems[0].hint == (
+            "Fix the YAML at that line: the file is ignored until then."
+        )
+        assert not manifest.events and not manifest.subscriptions
 
 
 def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path: Path) -> None:

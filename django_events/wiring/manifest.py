@@ -136,7 +136,10 @@ def load_manifest(path: Path) -> Manifest:
         return Manifest(
             problems=[
                 _problem(
-                    "E102", f"YAML syntax error: {reason}", None, Origin("manifest", file, line)
+                    "E102",
+                    f"YAML syntax error: {reason}",
+                    "Fix the YAML at that line: the file is ignored until then.",
+                    Origin("manifest", file, line),
                 )
             ]
         )
@@ -169,7 +172,7 @@ def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
         "E102",
         f"YAML syntax error: duplicate key {path[-1]!r} at "
         f"{format_path(path)} (first at line {first})",
-        None,
+        "Remove one of them: until then the last one is used, as YAML does.",
         origin,
     )
 
