@@ -252,6 +252,14 @@ def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
               type: objekt
           billing.paid:
             schema: {type: object, required: amount}
+          billing.refunded:
+            schema:
+              type: object
+              properties:
+                order_id: {type: integr}
+        subscriptions:
+          - event: billing.refunded
+            handler: tests.app.handlers.record
         """,
     )
 
@@ -260,14 +268,27 @@ def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
             (
                 "django_events.E104",
                 f"{path}:3",
-                "Event 'billing.invoiced' has an invalid payload "
-                "schema: 'objekt' is not valid under any of the given schemas",
+                "Event 'billing.invoiced' has an invalid payload schema at schema.type: "
+                "'objekt' is not valid under any of the given schemas",
             ),
             (
                 "django_events.E104",
                 f"{path}:6",
-                "Event 'billing.paid' has an invalid payload "
-                "schema: 'amount' is not of type 'array'",
+                "Event 'billing.paid' has an invalid payload schema at schema.required: "
+                "'amount' is not of type 'array'",
+            ),
+            (
+                "django_events.E104",
+                f"{path}:8",
+                "Event 'billing.refunded' has an invalid payload schema at "
+                "schema.properties.order_id.type: 'integr' is not valid under any of the "
+                "given schemas",
+            ),
+            (  # not "an undeclared event": it is declared, with an error
+                "django_events.E105",
+                f"{path}:14",
+                "Subscription 'billing.refunded:tests.app.handlers.record' subscribes to event "
+                "'billing.refunded', which is left out for its own error (E104)",
             ),
         )
 
@@ -278,7 +299,7 @@ def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None
             (
                 "django_events.E104",
                 "settings.DJANGO_EVENTS['EVENTS']['billing.invoiced']",
-                "Event 'billing.invoiced' has an invalid payload schema: "
+                "Event 'billing.invoiced' has an invalid payload schema at schema.minimum: "
                 "'zero' is not of type 'number'",
             ),
         )

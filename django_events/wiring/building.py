@@ -62,8 +62,8 @@ def build_registry() -> Registry:
     event_decls += [d for c in typed.declared_event_types() if (d := typed.declaration_of(c))]
     for manifest in manifests:
         problems.extend(manifest.problems)
-    _compile_events(registry, event_decls)
-    _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions])
+    left_out = _compile_events(registry, event_decls)
+    _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions], left_out)
     _compile_sources(registry, [s for m in manifests for s in m.sources])
     registry.interceptors = _load_interceptors(problems)
     return registry
@@ -80,8 +80,10 @@ def settings_problems() -> list[Problem]:
     ]
 
 
-def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> None:
+def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> set[str]:
+    """Compile the events into ``registry``; the names of those left out for an error."""
     seen: dict[str, EventDeclaration] = {}
+    left_out: set[str] = set()
     for declaration in declarations:
         if declaration.name in seen:
             first = seen[declaration.name].origin
@@ -101,16 +103,20 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
         try:
             validator = PayloadValidator(schema)
         except SchemaError as exc:
+            where = "schema" + exc.json_path.removeprefix("$")  # e.g. schema.properties.id.type
             registry.problems.append(
                 _problem(
                     "E104",
-                    f"Event {declaration.name!r} has an invalid payload schema: {exc.message}",
+                    f"Event {declaration.name!r} has an invalid payload schema at {where}: "
+                    f"{exc.message}",
                     "The schema must be valid JSON Schema (2020-12).",
                     declaration.origin,
                 )
             )
+            left_out.add(declaration.name)
             continue
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
+    return left_out
 
 
 def _upcast_problems(declaration: EventDeclaration) -> list[Problem]:
@@ -149,7 +155,9 @@ def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventD
     return replace(declaration, type=cls, schema=schema)
 
 
-def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDeclaration]) -> None:
+def _compile_subscriptions(
+    registry: Registry, declarations: list[SubscriptionDeclaration], left_out: set[str]
+) -> None:
     problems = registry.problems
     default_retry = conf.DEFAULT_RETRY
     by_mode: dict[str, dict[str, list[Subscription]]] = {n: {} for n in registry.events}
@@ -177,6 +185,17 @@ def _compile_subscriptions(registry: Registry, declarations: list[SubscriptionDe
             )
             continue
         targets = _matching_events(declaration, registry.events)
+        if not targets and declaration.event in left_out:
+            problems.append(
+                _problem(
+                    "E105",
+                    f"Subscription {declaration.name!r} subscribes to event "
+                    f"{declaration.event!r}, which is left out for its own error (E104)",
+                    "Fix that event's schema: this error then goes away.",
+                    declaration.origin,
+                )
+            )
+            continue
         if not targets:
             code, what = (
                 ("W101", "pattern matches no declared event")
