@@ -120,13 +120,17 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             messages += _webhook_problems(subscription)
             continue
         path = subscription.declaration.handler
+        hint = "Fix the dotted path in 'handler'."
         try:
             handler = resolve_handler(path)
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
+            hint = _import_hint(path, exc.__cause__) or hint
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
+            module = path.rpartition(".")[0]
+            hint = f"Its module raised while importing: run python -c 'import {module}'."
         else:
             if subscription.mode == "inline" and is_async_handler(handler):
                 messages.append(
@@ -142,12 +146,23 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         messages.append(
             Error(
                 f"Subscription {subscription.name!r}: {reason}",
-                hint="Fix the dotted path in 'handler'.",
+                hint=hint,
                 obj=str(subscription.declaration.origin),
                 id=f"django_events.{code}",
             )
         )
     return messages
+
+
+def _import_hint(path: str, error: BaseException | None) -> str | None:
+    """The hint for a handler whose module imports a module that is missing (not the path's)."""
+    missing = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    if not missing or path == missing or path.startswith(f"{missing}."):
+        return None  # the path itself names what is missing
+    return (
+        f"The handler's module imports {missing!r}, which is not installed here: install it, "
+        "or fix that import."
+    )
 
 
 def check_upcasters(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:

@@ -332,30 +332,44 @@ def test_subscription_to_an_undeclared_event_is_E105(tmp_path: Path) -> None:
         )
 
 
+PATH_HINT = "Fix the dotted path in 'handler'."
+
+
 @pytest.mark.parametrize(
-    ("handler", "reason"),
+    ("handler", "reason", "hint"),
     [
         (
             "tests.app.nope.handler",
             "Handler 'tests.app.nope.handler' does not import: No module named 'tests.app.nope'",
+            PATH_HINT,
         ),
         (
             "tests.app.handlers.recrod",
             "Handler 'tests.app.handlers.recrod' does not import: Module \"tests.app.handlers\" "
             'does not define a "recrod" attribute/class',
+            PATH_HINT,
         ),
         (
             "exploding_handlers.handle",
             "Handler 'exploding_handlers.handle' does not import: RuntimeError: boom at import",
+            "Its module raised while importing: run python -c 'import exploding_handlers'.",
+        ),
+        (
+            "needy_handlers.handle",
+            "Handler 'needy_handlers.handle' does not import: No module named 'not_installed_lib'",
+            "The handler's module imports 'not_installed_lib', which is not installed here: "
+            "install it, or fix that import.",
         ),
     ],
 )
 def test_handler_that_does_not_import_is_E201(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str, reason: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str, reason: str, hint: str
 ) -> None:
     write(tmp_path / "exploding_handlers.py", 'raise RuntimeError("boom at import")\n')
+    write(tmp_path / "needy_handlers.py", "import not_installed_lib\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "exploding_handlers", raising=False)
+    for module in ("exploding_handlers", "needy_handlers"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
 
     with wiring({"event": "orders.placed", "handler": handler, "name": "broken"}):
         assert_reported(
@@ -365,6 +379,7 @@ def test_handler_that_does_not_import_is_E201(
                 f"Subscription 'broken': {reason}",
             )
         )
+        assert [m.hint for m in checks.check_handlers()] == [hint]
 
 
 @pytest.mark.parametrize(
