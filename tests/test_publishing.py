@@ -159,6 +159,9 @@ def test_failing_sync_handler_is_recorded_never_raised(caplog: pytest.LogCapture
     assert "Traceback" in failure.traceback
     [record] = [r for r in caplog.records if r.name == "django_events.dispatch"]
     assert record.event_id == str(event.id) and record.subscription == "sync-fails"
+    assert record.getMessage() == (
+        f"Sync handler failed: subscription 'sync-fails', event orders.placed {event.id}"
+    )
 
 
 def test_unknown_event_raises_and_records_nothing(db: None) -> None:

@@ -205,7 +205,14 @@ def test_events_eager_without_propagate_records_failures_like_a_worker(
     [failure] = eager.failures
     assert isinstance(failure.error, RuntimeError) and failure.event == event
     assert Delivery.objects.get().status == "failed"
-    assert "Handler failed (attempt 3 of 3)" in caplog.text
+    messages = [r.getMessage() for r in caplog.records if r.name == "django_events.worker"]
+    # Each names what failed, for a log read with Celery's default format (no extras).
+    where = f"subscription 'async-fails', event orders.placed {event.id}"
+    assert f"Handler failed (attempt 3 of 3): {where}" in messages
+    assert (
+        f"Delivery failed for good after 3 attempt(s): RuntimeError: boom for 5; {where}"
+        in messages
+    )
 
 
 @pytest.mark.django_db(transaction=True)

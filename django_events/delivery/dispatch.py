@@ -185,7 +185,13 @@ def run_sync_handler(
     try:
         run_handler(subscription, event, interceptors, prior_attempts + 1)
     except Exception as exc:
-        logger.exception("Sync handler failed", extra=log_extra(event, subscription))
+        logger.exception(
+            "Sync handler failed: subscription %r, event %s %s",
+            subscription.name,
+            event.name,
+            event.id,
+            extra=log_extra(event, subscription),
+        )
         row = delivery(
             event.id,
             subscription.name,

@@ -285,9 +285,12 @@ def _run(
             )
         else:
             logger.warning(
-                "Handler failed (attempt %d of %d)",
+                "Handler failed (attempt %d of %d): subscription %r, event %s %s",
                 attempt - uncounted,
                 max_attempts,
+                subscription.name,
+                event.name,
+                event.id,
                 exc_info=True,
                 extra=log_extra(event, subscription),
             )
@@ -308,9 +311,12 @@ def _run(
         # refused at every retry: it is logged (above and by _record_quietly) instead.
         if final and recorded != OUTAGE:
             logger.error(
-                "Delivery failed for good after %d attempt(s): %s",
+                "Delivery failed for good after %d attempt(s): %s; subscription %r, event %s %s",
                 attempt,
                 error,
+                subscription.name,
+                event.name,
+                event.id,
                 extra=log_extra(event, subscription),
             )
             if recorded == RECORDED:
