@@ -11,7 +11,12 @@ from celery.signals import worker_ready
 
 from django_events.conf import conf
 from django_events.delivery.messages import summary_of
-from django_events.delivery.worker import defer_retry, process_message, wiring_problems
+from django_events.delivery.worker import (
+    defer_retry,
+    process_message,
+    queues_left_waiting,
+    wiring_problems,
+)
 from django_events.logs import log_extra
 
 logger = logging.getLogger("django_events.worker")
@@ -70,10 +75,22 @@ def relay(batch_size: int = 500, min_age: float = 10.0, running_after: float = 3
 @worker_ready.connect(dispatch_uid="django_events.report_wiring")
 def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
     """Log, as a worker starts, what will make its deliveries fail (bad handler paths)."""
-    queues = getattr(getattr(getattr(sender, "app", None), "amqp", None), "queues", None)
+    app = getattr(sender, "app", None)
+    queues = getattr(getattr(app, "amqp", None), "queues", None)
     consumed = set(queues.consume_from) if queues is not None else None
     for subscription, problem in wiring_problems(consumed):
         logger.error(problem, extra=log_extra(None, subscription))
+    if consumed is not None and app is not None:
+        waiting = queues_left_waiting(consumed, app.conf.task_default_queue)
+        if waiting:
+            logger.warning(
+                "This worker consumes only Celery's default queue %r: the deliveries of "
+                "django_events wait on %s for a worker that consumes them "
+                '(-Q "$(python manage.py events_queues)")',
+                app.conf.task_default_queue,
+                ", ".join(waiting),
+                extra=log_extra(),
+            )
 
 
 @shared_task(name="django_events.prune", ignore_result=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from django.db import transaction
@@ -12,7 +13,7 @@ from django_events import publish
 from django_events.models import Delivery
 from tests import brokers
 from tests.app.models import HandlerRun
-from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
+from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle, worker_for
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
@@ -90,3 +91,29 @@ def test_a_failed_delivery_is_not_logged_as_a_succeeded_task(worker: WorkerProce
     assert not re.search(r"succeeded in [\d.]+s: '(failed|rejected|succeeded)'", log), log[-3000:]
     assert re.search(r"Task django_events\.deliver\[[0-9a-f-]+\] ignored", log), log[-3000:]
     assert Delivery.objects.get(event_id=event.id, subscription="oc-fails").attempts == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_started_without_q_warns_that_no_delivery_reaches_it(tmp_path: Path) -> None:
+    # The classic mistake: `celery -A proj worker` consumes Celery's default queue only.
+    worker = worker_for(
+        "filesystem", "celery", tmp_path, env={"DJANGO_EVENTS_TEST_QUEUE": "oc-elsewhere"}
+    )
+    worker.start()
+    try:
+        wait_for(lambda: "ready." in worker.log(), what="the worker's start")
+    finally:
+        worker.stop()
+    assert (
+        "This worker consumes only Celery's default queue 'celery': the deliveries of "
+        "django_events wait on oc-elsewhere for a worker that consumes them "
+        '(-Q "$(python manage.py events_queues)")'
+    ) in worker.log()
+    # A worker that consumes the subscriptions' queue says nothing of the kind.
+    served = worker_for("filesystem", "celery", tmp_path / "served")
+    served.start()
+    try:
+        wait_for(lambda: "ready." in served.log(), what="the second worker's start")
+    finally:
+        served.stop()
+    assert "consumes only Celery's default queue" not in served.log()

@@ -645,6 +645,18 @@ def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str |
     return found
 
 
+def queues_left_waiting(consumed: Collection[str], default_queue: str) -> list[str]:
+    """The queues of this process's Celery subscriptions, when a worker consumes only
+    Celery's default queue (started without ``-Q``) and none of them: no message of theirs
+    reaches that worker. Empty otherwise (a worker may well serve other queues only)."""
+    ours = {
+        s.queue for s in get_registry().subscriptions.values() if s.is_queued and s.via != "tasks"
+    }
+    if set(consumed) != {default_queue} or default_queue in ours:
+        return []
+    return sorted(ours)
+
+
 def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported)."""
     extra = _message_log_extra(message)
