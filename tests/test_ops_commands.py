@@ -71,6 +71,13 @@ def test_events_list_table(queue) -> None:
     assert re.search(r"^\d+ event\(s\), \d+ subscription link\(s\)$", lines[-1])
 
 
+def test_events_list_shows_the_schema_a_payload_is_checked_against() -> None:
+    with wiring(EVENTS={"x.plain": {}}):  # no schema: any object, as configuration.md says
+        data = json.loads(run("events_list", "--format", "json", "--no-endpoints"))
+    [plain] = [e for e in data["events"] if e["name"] == "x.plain"]
+    assert plain["schema"] == {"type": "object"}
+
+
 @pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_json_is_the_registry(queue) -> None:
     data = json.loads(run("events_list", "--format", "json"))

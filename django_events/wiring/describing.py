@@ -106,7 +106,7 @@ def describe_wiring(
             EventInfo(
                 name=name,
                 description=declaration.description,
-                schema=declaration.schema if declaration.schema is not None else {},
+                schema=compiled.validator.schema,  # what payloads are checked against
                 type=f"{type_.__module__}.{type_.__qualname__}" if type_ else declaration.type_path,
                 durable=declaration.durable,
                 record=declaration.record or conf.RECORD,
