@@ -372,6 +372,21 @@ def test_a_delivery_sent_again_whose_message_is_lost_is_sent_once_more_by_the_re
     assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
 
 
+@pytest.mark.django_db
+def test_an_unknown_subscription_name_gets_the_names_it_may_mean() -> None:
+    # A default name is "<event>:<handler path>": users type the handler's name.
+    plain = {"event": "orders.placed", "handler": RECORD}
+    with wiring(plain, {**plain, "name": "shop-big"}):
+        assert fails("events_retry", "--subscription", "record") == (
+            "Unknown subscription 'record'; did you mean "
+            "'orders.placed:tests.app.handlers.record'? (events_list lists them)"
+        )
+        assert fails("events_replay", "shop-bgi") == (
+            "Unknown subscription 'shop-bgi'; did you mean 'shop-big'? (events_list lists them)"
+        )
+        assert fails("events_pause", "zzz") == "Unknown subscription 'zzz' (events_list lists them)"
+
+
 # -- events_replay ---------------------------------------------------------------------------
 
 
@@ -379,7 +394,7 @@ def test_a_delivery_sent_again_whose_message_is_lost_is_sent_once_more_by_the_re
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("nope",), "Unknown subscription 'nope' (declared: "),
+        (("nope",), "Unknown subscription 'nope' (events_list lists them)"),
         (("shop-big", "--event", "shop.refunded"), "does not receive event 'shop.refunded'"),
         (("shop-audit", "--since", "soon"), "--since: 'soon' is not an ISO date"),
         (("shop-audit", "--since", "2026-01-02", "--until", "2026-01-01"), "must be before"),

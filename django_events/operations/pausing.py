@@ -23,6 +23,7 @@ from django_events.operations.redelivery import (
     batched,
     find_subscription,
     redeliver,
+    unknown_subscription,
 )
 from django_events.wiring.compiled import Subscription
 
@@ -40,7 +41,7 @@ def pausable(name: str) -> Subscription:
     if subscription is None and is_endpoint_name(name):
         raise PauseError(f"Unknown subscription {name!r}: no such webhook endpoint")
     if subscription is None:
-        raise PauseError(f"Unknown subscription {name!r}: see events_list for the declared ones")
+        raise PauseError(unknown_subscription(name))
     if subscription.mode == "inline":
         raise PauseError(
             f"Subscription {name!r} is inline: it runs in the publisher's transaction "
@@ -92,7 +93,7 @@ def resume(
         if count:
             result.skipped.append(f"{count} held deliveries recorded failed: {name!r} {what}")
         elif not deleted:
-            raise PauseError(f"Unknown subscription {name!r}: see events_list")
+            raise PauseError(unknown_subscription(name))
         return result
     ids = list(held(name, using=using).values_list("pk", flat=True))
     for chunk in batched(ids, batch_size):

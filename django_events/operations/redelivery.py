@@ -12,6 +12,7 @@ import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from difflib import get_close_matches
 from itertools import islice
 from typing import TypeVar
 from uuid import UUID
@@ -342,6 +343,16 @@ def find_subscription(name: str, registry: Registry | None = None) -> Subscripti
     if found is None and endpoints.is_endpoint_name(name):
         return endpoints.find(name)
     return found
+
+
+def unknown_subscription(name: str, registry: Registry | None = None) -> str:
+    """The error for a subscription name nobody declared, with the names it may mean: those
+    it ends (a default name is ``<event>:<handler path>``), else the closest."""
+    names = list((registry or get_registry()).subscriptions)
+    ends = [n for n in names if n.endswith((f".{name}", f":{name}"))]
+    meant = sorted(ends)[:3] or get_close_matches(name, names, n=3)
+    guess = f"; did you mean {' or '.join(map(repr, meant))}?" if meant else ""
+    return f"Unknown subscription {name!r}{guess} (events_list lists them)"
 
 
 def reaches(subscription: Subscription, event_name: str) -> bool:

@@ -16,6 +16,7 @@ from django_events.operations.redelivery import (
     find_subscription,
     reaches,
     redeliver,
+    unknown_subscription,
 )
 from django_events.wiring.registry import get_registry
 
@@ -45,8 +46,7 @@ def replay_events(
     registry = get_registry()
     target = find_subscription(subscription, registry)
     if target is None:
-        known = ", ".join(sorted(registry.subscriptions)) or "none"
-        raise ReplayError(f"Unknown subscription {subscription!r} (declared: {known})")
+        raise ReplayError(unknown_subscription(subscription, registry))
     if isinstance(target, EndpointSubscription) and not (
         target.endpoint and target.endpoint.enabled
     ):

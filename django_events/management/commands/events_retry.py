@@ -5,7 +5,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.operations.redelivery import find_subscription
+from django_events.operations.redelivery import find_subscription, unknown_subscription
 from django_events.operations.retrying import retry_failures, select_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
 from django_events.wiring.registry import get_registry
@@ -39,7 +39,7 @@ class Command(BaseCommand):
         registry = get_registry()
         subscription = options["subscription"]
         if subscription and find_subscription(subscription, registry) is None:
-            raise CommandError(f"Unknown subscription {options['subscription']!r}")
+            raise CommandError(unknown_subscription(subscription, registry))
         if options["event"] and options["event"] not in registry.events:
             raise CommandError(f"Unknown event {options['event']!r}")
         try:
