@@ -35,6 +35,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E106": "an event is declared twice",
     "django_events.E107": "a subscription is declared twice",
     "django_events.E108": "a subscription's when filter is invalid",
+    "django_events.W108": "a when filter compares with an object a value the schema says is not",
     "django_events.E109": "an event's type is not a dataclass or pydantic model",
     "django_events.E110": "a PIPELINE entry is not an interceptor",
     "django_events.E111": "a broadcast subscription is also idempotent",

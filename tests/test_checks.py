@@ -293,6 +293,49 @@ def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
         )
 
 
+def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:
+    # "gtee" is no operator: {gtee: 1000} is a plain value, which a number never equals.
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        subscriptions:
+          - event: orders.*
+            name: big
+            handler: tests.app.handlers.record
+            when:
+              any:
+                - {total: {gtee: 1000}}
+                - {items: {eq: []}, email: {domain: shop.example}}
+          - event: orders.placed
+            name: fine
+            handler: tests.app.handlers.record
+            when: {items.0: {sku: A1}, total: {gte: 1000}}
+        """,
+    )
+    operators = "eq, ne, gt, gte, lt, lte, in, not_in, exists, contains"
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.W108",
+                f"{path}:3",
+                "Subscription 'big': when.total compares with the object {\"gtee\": 1000}, but "
+                "event 'orders.placed' declares 'total' as number: it never matches",
+            ),
+            (
+                "django_events.W108",
+                f"{path}:3",
+                "Subscription 'big': when.email compares with the object "
+                "{\"domain\": \"shop.example\"}, but event 'orders.placed' declares 'email' as "
+                "string: it never matches",
+            ),
+        )
+    assert (
+        f"HINT: A misspelt operator? They are {operators}; a mapping with none of them is a "
+        "plain value."
+    ) in result.stdout
+
+
 def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None:
     with wiring(EVENTS={"billing.invoiced": {"schema": {"minimum": "zero"}}}):
         assert_reported(
@@ -973,6 +1016,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E107": lambda _: _dup_subscription(),
     "django_events.E108": lambda _: wiring(
         {"event": "orders.placed", "handler": RECORD, "when": {"any": []}}
+    ),
+    "django_events.W108": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "when": {"total": {"gtee": 1}}}
     ),
     "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
     "django_events.E110": lambda _: wiring(PIPELINE=["tests.app.handlers.not_callable"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC
@@ -27,7 +28,12 @@ from django_events.wiring.declarations import (
     SourceDeclaration,
     SubscriptionDeclaration,
 )
-from django_events.wiring.filters import FilterError, compile_filter
+from django_events.wiring.filters import (
+    OPERATORS,
+    FilterError,
+    compile_filter,
+    object_comparisons,
+)
 from django_events.wiring.manifest import Manifest, load_manifest, parse_settings
 from django_events.wiring.validation import PayloadValidator
 
@@ -224,6 +230,8 @@ def _compile_subscriptions(
                 )
             )
             continue
+        if declaration.when is not None:
+            problems.extend(_object_comparisons(declaration, [registry.events[n] for n in targets]))
         if declaration.mode not in ("async", "webhook"):
             async_only = ("queue", "retry", "timeout", "give_up_after")
             ignored = [k for k in async_only if getattr(declaration, k)]
@@ -396,6 +404,46 @@ def _ordering_problems(
                 )
             )
     return problems
+
+
+def _object_comparisons(
+    declaration: SubscriptionDeclaration, events: list[CompiledEvent]
+) -> list[Problem]:
+    """A ``when`` key compared with an object where the event's schema says the value is no
+    object: never true, most likely an operator misspelt (``{gtee: 1000}``)."""
+    assert declaration.when is not None
+    problems = []
+    for path, value in object_comparisons(declaration.when):
+        for compiled in events:
+            declared = _property_schema(compiled.declaration.schema, path)
+            types = declared.get("type") if isinstance(declared, dict) else None
+            types = [types] if isinstance(types, str) else types
+            if not isinstance(types, list) or "object" in types:
+                continue
+            problems.append(
+                _problem(
+                    "W108",
+                    f"Subscription {declaration.name!r}: when.{path} compares with the object "
+                    f"{json.dumps(value)}, but event {compiled.name!r} declares {path!r} as "
+                    f"{' or '.join(map(str, types))}: it never matches",
+                    f"A misspelt operator? They are {', '.join(OPERATORS)}; a mapping with "
+                    "none of them is a plain value.",
+                    declaration.origin,
+                )
+            )
+    return problems
+
+
+def _property_schema(schema: object, path: str) -> object:
+    """The schema of the property at ``path`` (dots for nesting), or None if not declared."""
+    root = schema
+    for step in path.split("."):
+        schema = _local_ref(root, schema)
+        properties = schema.get("properties") if isinstance(schema, dict) else None
+        if not isinstance(properties, dict) or step not in properties:
+            return None
+        schema = properties[step]
+    return _local_ref(root, schema)
 
 
 def schema_path(schema: object, path: str) -> bool | None:
