@@ -145,3 +145,21 @@ def test_a_rerun_of_an_idempotent_or_ordered_success_is_a_duplicate_too(kind: st
         pause("sub")
         assert process_message(again, 0).status == "skipped"
     assert row(event) == ("succeeded", 1, "")
+
+
+BROADCAST = {**BASE, "name": "sub", "queue": "cache", "broadcast": True}
+
+
+def test_a_broadcast_copy_is_no_duplicate_of_another_workers_success() -> None:
+    # One row stands for every worker's copy: this worker's copy is still owed its run.
+    event, message = handled(BROADCAST)
+    with wiring(BROADCAST):
+        pause("sub")
+        assert process_message(message, 0).status == "held"
+        assert row(event)[0] == "held"
+        assert resume("sub").sent == 1
+    Delivery.objects.filter(event_id=event.id).update(status="succeeded")
+    with wiring({**BROADCAST, "handler": "tests.app.no_such_module.handler"}):
+        assert process_message(message, 0).status == "failed"  # never hidden by a success
+    status, _, error = row(event)
+    assert status == "failed" and "no_such_module" in error

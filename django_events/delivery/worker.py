@@ -590,18 +590,18 @@ def _handler_unavailable(
 ) -> Outcome:
     """The handler does not import on this worker: fail the delivery at once, no retry."""
     error = f"{type(exc).__name__}: {exc}"
-    logger.error(
-        "Delivery failed without retry: subscription %r: %s",
-        subscription.name,
-        exc,
-        extra=log_extra(event, subscription),
-    )
     tb = "".join(traceback.format_exception(exc))
     row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
     keep = _finished_wins(rerun, subscription)
     recorded = _record_quietly(alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
         return _duplicate(event, subscription.name)
+    logger.error(
+        "Delivery failed without retry: subscription %r: %s",
+        subscription.name,
+        exc,
+        extra=log_extra(event, subscription),
+    )
     if recorded == RECORDED:
         _announce_failure(event, subscription.name, attempt, error, exc)
     if recorded != OUTAGE:
@@ -678,14 +678,20 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
 
 def _finished_wins(rerun: bool, subscription: Subscription | None) -> bool:
     """Whether a delivery already succeeded or resolved makes this message a duplicate, so that
-    a worker that does not run it (paused, unknown here, newer) writes nothing over that row.
+    a worker that does not run it (paused, unknown here, newer, its handler missing) writes
+    nothing over that row (``subscription`` None: not declared here).
 
-    A first send's message is one. A retry's or replay's may arrive before the transaction
-    that made its row pending commits (they send inside it), so a row still finished is
-    written over, but for idempotent and ordered subscriptions (``subscription`` None: not
-    known here): their reruns are never sent for a success (a replay skips an idempotent
-    one) or before their rows commit.
+    A first send's message is one, but a broadcast copy's: one row stands for every worker's
+    copy, and another worker's success never hides this one's failure. A retry's or replay's
+    may arrive before the transaction that made its row pending commits (they send inside
+    it; the worker's statement, reading the row as finished, does not wait for that one), so
+    a finished row is written over; not for ordered subscriptions, whose reruns are sent
+    after that commit, nor idempotent ones, which must never run twice: a replay skips their
+    successes, and one of a resolved delivery that meets its row still resolved is left
+    pending, for the relay to send again (`operations.unfinished`).
     """
+    if subscription is not None and subscription.declaration.broadcast:
+        return False
     if not rerun:
         return True
     if subscription is None:
@@ -696,7 +702,11 @@ def _finished_wins(rerun: bool, subscription: Subscription | None) -> bool:
 
 def _duplicate(event: Event, subscription: str) -> Outcome:
     logger.info(
-        "Already succeeded or resolved; the message was a duplicate: skipped",
+        "Already succeeded or resolved; the message was a duplicate: skipped (subscription "
+        "%r, event %s %s)",
+        subscription,
+        event.name,
+        event.id,
         extra=log_extra(event, subscription),
     )
     return Outcome("skipped")
