@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from datetime import date
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,18 @@ def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> Non
         """,
     )
     operators = "eq, ne, gt, gte, lt, lte, in, not_in, exists, contains"
+    # YAML reads 2024-01-01 as a date, which JSON does not know: still reported, not a crash.
+    dated = {
+        "event": "orders.placed",
+        "handler": RECORD,
+        "when": {"email": {"on": date(2024, 1, 1)}},
+    }
+    with wiring(dated):
+        assert [m.msg for m in checks.check_configuration()] == [
+            "Subscription 'orders.placed:tests.app.handlers.record': when.email compares with "
+            "the object {\"on\": \"2024-01-01\"}, but event 'orders.placed' declares 'email' "
+            "as string: it never matches"
+        ]
     with settings_:
         result = assert_reported(
             (

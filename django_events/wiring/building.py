@@ -424,7 +424,8 @@ def _object_comparisons(
                 _problem(
                     "W108",
                     f"Subscription {declaration.name!r}: when.{path} compares with the object "
-                    f"{json.dumps(value)}, but event {compiled.name!r} declares {path!r} as "
+                    f"{json.dumps(value, default=str)}, but event {compiled.name!r} declares "
+                    f"{path!r} as "
                     f"{' or '.join(map(str, types))}: it never matches",
                     f"A misspelt operator? They are {', '.join(OPERATORS)}; a mapping with "
                     "none of them is a plain value.",
