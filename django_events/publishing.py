@@ -258,17 +258,16 @@ def _all_or_nothing(batch: list[Outgoing], alias: str) -> bool:
 
 
 def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outlet: Outlet) -> None:
-    interceptors = registry.interceptors
     records: list[tuple[Event, str]] = []
     in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number
     deferred: list[Outgoing] = []
     sends = False  # whether a deferred item has async deliveries
+    inline = False  # whether an item has inline subscriptions
     in_transaction: list[tuple[Event, bool, Sequence[Subscription]]] = []
     # One plain loop: this runs for every publish(), mostly with a batch of one.
     for item in batch:
         if item.compiled.inline:
-            for subscription in accepted(item.compiled.inline, item.event.data):
-                run_handler(subscription, item.event, interceptors)
+            inline = True
         if item.compiled.has_ordered:
             line = ordering.ordered([*item.async_, *item.tasks])
             if line:
@@ -286,6 +285,23 @@ def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outl
             sends = True
         elif item.sync:
             deferred.append(item)
+    deliver: Callable[[], None] | None = None
+    if deferred:
+        deliver = (
+            partial(dispatch, deferred, alias, outlet.send)
+            if sends
+            else partial(run_sync, deferred, alias)  # nothing to send first (figure 1)
+        )
+    if inline:
+        # In this publish's own atomic block (`_all_or_nothing`), so the deliveries' hook can
+        # go first: a hook of an inline handler's that raises at commit cannot keep it from
+        # running. (Outside an atomic block a hook runs at once: after the records, below.)
+        if deliver is not None:
+            transaction.on_commit(deliver, using=alias, robust=outlet.robust)
+            deliver = None
+        for item in batch:
+            for subscription in accepted(item.compiled.inline, item.event.data):
+                run_handler(subscription, item.event, registry.interceptors)
     if records:
         insert_records(alias, records)
     if in_line:
@@ -294,10 +310,5 @@ def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outl
         from django_events.delivery import tasks_backend
 
         tasks_backend.enqueue(in_transaction, alias)
-    if deferred:
-        callback = (
-            partial(dispatch, deferred, alias, outlet.send)
-            if sends
-            else partial(run_sync, deferred, alias)  # nothing to send first (figure 1)
-        )
-        transaction.on_commit(callback, using=alias, robust=outlet.robust)
+    if deliver is not None:
+        transaction.on_commit(deliver, using=alias, robust=outlet.robust)

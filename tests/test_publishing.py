@@ -149,6 +149,26 @@ def test_publish_many_whose_inline_handler_raises_publishes_nothing_even_in_auto
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("in_transaction", [False, True])
+def test_an_inline_handlers_failing_hook_does_not_keep_the_deliveries_from_running(
+    in_transaction: bool,
+) -> None:
+    # Django stops running a transaction's hooks at one that raises: the deliveries' hook is
+    # registered before the inline handlers run, so theirs cannot stop it.
+    hooked = {**INLINE, "handler": "tests.app.handlers.inline_hook_fails", "name": "hooked"}
+    with wiring(hooked, SYNC), pytest.raises(RuntimeError, match="hook failed"):
+        if in_transaction:
+            with transaction.atomic():
+                publish("orders.placed", PAYLOAD)
+        else:  # the hook raises as publish()'s own transaction commits
+            publish("orders.placed", PAYLOAD)
+    [record] = EventRecord.objects.all()
+    assert record.status == "dispatched"
+    [run] = handled()  # the sync handler ran all the same
+    assert run.event_id == record.pk
+
+
+@pytest.mark.django_db(transaction=True)
 def test_failing_sync_handler_is_recorded_never_raised(caplog: pytest.LogCaptureFixture) -> None:
     with wiring(FAILING_SYNC, SYNC), transaction.atomic():
         event = publish("orders.placed", PAYLOAD)

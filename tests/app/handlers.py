@@ -140,6 +140,15 @@ def inline_fails(event: Event) -> None:
     raise ValueError("inline handler refused the order")
 
 
+def inline_hook_fails(event: Event) -> None:
+    """An inline handler whose own on_commit hook raises (not robust: Django's default)."""
+
+    def fail() -> None:
+        raise RuntimeError("the inline handler's hook failed")
+
+    transaction.on_commit(fail)
+
+
 def chain_next(event: Event) -> None:
     """Publishes a follow-up event from inside a handler (a handler chain)."""
     _run("chain_next", event)
