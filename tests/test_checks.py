@@ -754,6 +754,8 @@ def test_the_projects_celery_app_is_found_from_every_thread_without_celery_app(
             django.setup()
             from django.core import checks
 
+            from celery import Celery
+
             from django_events.delivery.broker import celery_app
             from tests.celery_app import app
 
@@ -767,6 +769,13 @@ def test_the_projects_celery_app_is_found_from_every_thread_without_celery_app(
             thread.start()
             thread.join()
             print(seen["app"] is app, seen["ids"])
+            # A second app, made later (current in this thread only): every thread still
+            # finds the project's, the one Celery made its default.
+            other = Celery("other")
+            thread = threading.Thread(target=look)
+            thread.start()
+            thread.join()
+            print(celery_app() is app, seen["app"] is app)
             """
         )
     )
@@ -780,7 +789,7 @@ def test_the_projects_celery_app_is_found_from_every_thread_without_celery_app(
         [sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True
     )
     assert run.returncode == 0, run.stderr
-    assert run.stdout.split("\n")[0] == "True []", run.stdout + run.stderr
+    assert run.stdout.split("\n")[:2] == ["True []", "True True"], run.stdout + run.stderr
 
 
 def test_a_celery_app_that_accepts_pickle_is_E204(pickle_app: str) -> None:

@@ -67,17 +67,18 @@ def celery_app() -> Celery | None:
                 ) from None
             raise
         return app
-    # Celery's current app is the thread's, else its default app: the project's once Celery's
-    # Django fixup made it so (every thread), else an unconfigured fallback Celery creates
-    # when asked. Its private state tells the project's apps from that fallback.
+    # Celery's private state holds every app the process made, the thread's current one and
+    # its default one: the project's once Celery's Django fixup ran (the first app made), or
+    # an unconfigured fallback Celery makes when asked, which is never the one.
     from celery import _state
 
     state: Any = _state
-    current: Celery | None = state._tls.current_app or state.default_app
-    if current is not None and not _is_celery_fallback(current):
-        return current
-    apps = [a for a in list(state._apps) if not _is_celery_fallback(a)]
-    return apps[0] if len(apps) == 1 else None
+    apps: list[Celery] = [a for a in list(state._apps) if not _is_celery_fallback(a)]
+    if len(apps) == 1:
+        return apps[0]
+    # Several: the default one, the same in every thread; else this thread's current one.
+    candidates: tuple[Celery | None, ...] = (state.default_app, state._tls.current_app)
+    return next((a for a in candidates if a is not None and not _is_celery_fallback(a)), None)
 
 
 def _is_module(path: str) -> bool:
