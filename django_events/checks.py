@@ -131,7 +131,9 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
             module = path.rpartition(".")[0]
-            hint = f"Its module raised while importing: run python -c 'import {module}'."
+            hint = (
+                f"Its module raised while importing: python manage.py shell -c 'import {module}'."
+            )
         else:
             if subscription.mode == "inline" and is_async_handler(handler):
                 messages.append(

@@ -84,9 +84,9 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
         waiting = queues_left_waiting(consumed, app.conf.task_default_queue)
         if waiting:
             logger.warning(
-                "This worker consumes only Celery's default queue %r: the deliveries of "
-                "django_events wait on %s for a worker that consumes them "
-                '(-Q "$(python manage.py events_queues)")',
+                "This worker consumes only Celery's default queue %r, none of the queues of "
+                "django_events (%s): unless another worker consumes them, their deliveries "
+                'wait (-Q "$(python manage.py events_queues)")',
                 app.conf.task_default_queue,
                 ", ".join(waiting),
                 extra=log_extra(),

@@ -408,7 +408,8 @@ PATH_HINT = "Fix the dotted path in 'handler'."
         (
             "exploding_handlers.handle",
             "Handler 'exploding_handlers.handle' does not import: RuntimeError: boom at import",
-            "Its module raised while importing: run python -c 'import exploding_handlers'.",
+            "Its module raised while importing: python manage.py shell -c "
+            "'import exploding_handlers'.",
         ),
         (
             "needy_handlers.handle",

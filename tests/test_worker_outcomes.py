@@ -105,9 +105,9 @@ def test_a_worker_started_without_q_warns_that_no_delivery_reaches_it(tmp_path: 
     finally:
         worker.stop()
     assert (
-        "This worker consumes only Celery's default queue 'celery': the deliveries of "
-        "django_events wait on oc-elsewhere for a worker that consumes them "
-        '(-Q "$(python manage.py events_queues)")'
+        "This worker consumes only Celery's default queue 'celery', none of the queues of "
+        "django_events (oc-elsewhere): unless another worker consumes them, their deliveries "
+        'wait (-Q "$(python manage.py events_queues)")'
     ) in worker.log()
     # A worker that consumes the subscriptions' queue says nothing of the kind.
     served = worker_for("filesystem", "celery", tmp_path / "served")
