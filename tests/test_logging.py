@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ast
 import logging
+import uuid
 from pathlib import Path
 
 import pytest
 from django.db import transaction
+from django.utils import timezone
 
-from django_events import publish
+from django_events import Event, publish
+from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.worker import process_message
 from django_events.logs import LOG_FIELDS
 from tests.conftest import wiring
@@ -115,3 +118,34 @@ def test_worker_rejections_log_what_the_message_says(caplog) -> None:
         "nobody",
     )
     assert unknown.correlation_id == event["correlation_id"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failed_handlers_log_lines_mask_the_events_redacted_values(caplog) -> None:
+    # orders.placed redacts `email` (base.yaml); the handler's error quotes it.
+    caplog.set_level(logging.WARNING, "django_events")
+    quoting = "tests.app.handlers.fails_quoting_email"
+    payload = {**PAYLOAD, "email": "carol@example.com"}
+    with wiring({**FAILING_SYNC, "handler": quoting}):
+        publish("orders.placed", payload)
+    with wiring({**ASYNC, "handler": quoting, "name": "mailer", "retry": {"max_attempts": 1}}):
+        # The message a publish would send, run here as a worker runs it.
+        event_id = uuid.uuid4()
+        event = Event(
+            event_id, "orders.placed", payload, {}, timezone.now(), event_id, None, payload
+        )
+        message = build_message(event_body(event), "mailer", "default")
+        assert process_message(message, 0).status == "failed"
+    records = package_records(caplog)
+    assert [r.getMessage().split(":")[0] for r in records] == [
+        "Sync handler failed",
+        "Handler failed (attempt 1 of 1)",
+        "Delivery failed for good after 1 attempt(s)",
+    ]
+    for record in records:  # as a log handler prints them: message, then traceback
+        printed = logging.Formatter().format(record)
+        assert "carol@example.com" not in printed, printed
+        assert "cannot mail '•••'" in printed, printed
+        assert record.pathname.endswith(("dispatch.py", "worker.py"))  # where it was logged
+        assert record.event_id == str(record.event_id) and record.subscription
+    assert "Traceback" in logging.Formatter().format(records[0])

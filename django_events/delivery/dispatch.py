@@ -14,6 +14,7 @@ from django.db import DatabaseError
 
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
+from django_events.delivery.failure_logs import log_failure
 from django_events.delivery.marking import marker, marks_later
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import (
@@ -23,7 +24,7 @@ from django_events.delivery.recording import (
     save_deliveries,
 )
 from django_events.events import Event
-from django_events.logs import batch_log_extra, log_extra
+from django_events.logs import batch_log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import CompiledEvent, Subscription
@@ -184,13 +185,17 @@ def run_sync_handler(
     started = time.perf_counter()
     try:
         run_handler(subscription, event, interceptors, prior_attempts + 1)
-    except Exception as exc:
-        logger.exception(
+    except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
+        log_failure(
+            logger,
+            logging.ERROR,
+            event,
+            subscription,
             "Sync handler failed: subscription %r, event %s %s",
             subscription.name,
             event.name,
             event.id,
-            extra=log_extra(event, subscription),
+            exc_info=True,
         )
         row = delivery(
             event.id,

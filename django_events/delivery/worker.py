@@ -29,6 +29,7 @@ from django_events.delivery import endpoints, ordering, webhooks
 from django_events.delivery.batching import Answer, recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
+from django_events.delivery.failure_logs import log_failure
 from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.messages import (
     MESSAGE_VERSION,
@@ -261,7 +262,7 @@ def _run(
             _run_idempotent(registry, subscription, event, alias, attempt, records_all, key)
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
         took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
@@ -284,7 +285,11 @@ def _run(
                 extra=log_extra(event, subscription),
             )
         else:
-            logger.warning(
+            log_failure(
+                logger,
+                logging.WARNING,
+                event,
+                subscription,
                 "Handler failed (attempt %d of %d): subscription %r, event %s %s",
                 attempt - uncounted,
                 max_attempts,
@@ -292,7 +297,6 @@ def _run(
                 event.name,
                 event.id,
                 exc_info=True,
-                extra=log_extra(event, subscription),
             )
         delay = (
             subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
@@ -310,14 +314,17 @@ def _run(
         # keep retrying until the outcome can be recorded. One the database refuses would be
         # refused at every retry: it is logged (above and by _record_quietly) instead.
         if final and recorded != OUTAGE:
-            logger.error(
+            log_failure(
+                logger,
+                logging.ERROR,
+                event,
+                subscription,
                 "Delivery failed for good after %d attempt(s): %s; subscription %r, event %s %s",
                 attempt,
                 error,
                 subscription.name,
                 event.name,
                 event.id,
-                extra=log_extra(event, subscription),
             )
             if recorded == RECORDED:
                 _announce_failure(event, subscription.name, attempt, error, exc)

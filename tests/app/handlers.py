@@ -136,6 +136,11 @@ def permanent_failure(event: Event) -> None:
     raise PermanentFailure(f"customer {event.data['n']} does not exist")
 
 
+def fails_quoting_email(event: Event) -> None:
+    """Fails with an error that quotes the payload's email (a field orders.placed redacts)."""
+    raise ValueError(f"cannot mail {event.data['email']}")
+
+
 def inline_fails(event: Event) -> None:
     raise ValueError("inline handler refused the order")
 
