@@ -371,6 +371,41 @@ def test_a_killed_db_workers_task_is_requeued_by_the_relay_and_runs_once(
     assert "Requeued" not in relay("--requeue-running-after", "1")  # nothing left running
 
 
+def test_a_db_worker_stopped_by_a_second_signal_mid_handler_records_the_delivery_failed(
+    db_worker: DbWorker, tmp_path: Path
+) -> None:
+    # SIGTERM, then SIGTERM again ("press Ctrl+C again to force"): db_worker raises SystemExit
+    # in the handler and marks the task failed, which it never runs again. Without a row the
+    # delivery was lost; recorded failed, it is retried.
+    event = publish("tk.slow", {"order_id": 4, "hang": 60})
+    marker = db_worker.fault_dir / f"{event.id}-hang_once"
+    wait_for(marker.exists, timeout=30, what="the handler to start")
+    assert db_worker.process is not None
+    db_worker.process.send_signal(signal.SIGTERM)  # warm: waits for the task
+    time.sleep(0.5)
+    db_worker.process.send_signal(signal.SIGTERM)  # the second one stops the task
+    db_worker.process.wait(20)
+    assert task_of(event.id).status == "FAILED"
+    row = Delivery.objects.get(event_id=event.id, subscription="tk-slow")
+    assert (row.status, row.attempts, row.last_error) == (
+        "failed",
+        1,
+        "Interrupted: the worker was stopped (SystemExit) while the handler ran. Retry it.",
+    )
+    second = DbWorker(db_worker.queue, tmp_path / "second.log")
+    second.start()
+    try:
+        assert "1 re-enqueued" in run_command("events_retry", "--subscription", "tk-slow")
+        wait_for(
+            lambda: Delivery.objects.filter(event_id=event.id, status="succeeded").exists(),
+            timeout=30,
+            what="the retried delivery",
+        )
+    finally:
+        second.stop()
+    assert len(runs("hang_once", [event.id])) == 1  # the stopped run's write rolled back
+
+
 # Retry, replay and the admin's "Retry selected" re-enqueue tasks for db_worker.
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from django_events.conf import conf
 from django_events.delivery.messages import build_message, event_body
-from django_events.delivery.worker import process_message
+from django_events.delivery.worker import process_message, record_stopped_run
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.wiring.compiled import Subscription
@@ -55,7 +55,13 @@ def _as_task(func: Any) -> Any:
 def deliver(message: dict[str, Any]) -> str:
     """Run one subscription's handler for one event; a retry is a new task, ``run_after``."""
     retries = int(message.get("task_retries", 0))
-    outcome = process_message(message, retries, batch_success=conf.SUCCESS_RECORDS == "batched")
+    try:
+        outcome = process_message(message, retries, batch_success=conf.SUCCESS_RECORDS == "batched")
+    except (SystemExit, KeyboardInterrupt) as stop:
+        # db_worker's second signal (or Ctrl+C) stops it inside the handler: the task ends
+        # failed, and no db_worker runs it again. The delivery is recorded failed, to retry.
+        record_stopped_run(message, retries, stop)
+        raise
     if outcome.retry_in is not None:
         # The worker's own retry message, when it differs (runs that did not count, a wait
         # for a newer worker), as Celery's path retries with it.
