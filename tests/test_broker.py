@@ -62,10 +62,13 @@ def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
         "url": "https://hooks.example/orders",
         "secret": "TEST_HOOK_SIGNING_SECRET",
     }
+    # Without a timeout of its own a webhook still gets one: the HTTP client's default bounds
+    # each phase (10 s), not a receiver that trickles its answer.
+    plain_hook = {k: v for k, v in hook.items() if k != "timeout"} | {"name": "plain-hook"}
     data = {"order_id": 3, "total": 9.5}
     event_id = uuid.uuid4()
     event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
-    with wiring(handler, hook, CELERY_APP="tests.brokers.amqp"):
+    with wiring(handler, hook, plain_hook, CELERY_APP="tests.brokers.amqp"):
         compiled = get_registry().event("orders.placed")
         assert send_deliveries([(event, True, compiled.async_)], "default") == set()
     limits = {}
@@ -79,4 +82,4 @@ def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
             conn.default_channel.queue_delete(queue)
     # (hard, soft): a handler's soft limit is its timeout; a webhook's timeout bounds each
     # phase of the call (connect, send, read), the limit all three and 5 s.
-    assert limits == {"job": (7, 2), "hook": (16, 11)}
+    assert limits == {"job": (7, 2), "hook": (16, 11), "plain-hook": (40, 35)}

@@ -280,6 +280,22 @@ def test_a_receiver_that_never_answers_times_out_and_is_retried(
     assert len(receiver.of("hang", message_id(event, "hook-hang"))) == 2
 
 
+def test_a_receiver_that_trickles_its_answer_is_cut_off_by_the_time_limit(
+    worker: WorkerProcess, receiver: Receiver
+) -> None:
+    # Each read gets a byte within the second the subscription's timeout allows each phase,
+    # so only the task's time limit (3 phases and a grace: 8 s) ends the call.
+    event = send("trickle", 7)
+
+    row = delivery(event, "hook-trickle", "failed", timeout=40)
+
+    assert row.attempts == 1
+    assert row.last_error.startswith("WebhookFailed: Timed out after")
+    assert row.last_error.endswith(" ms (SoftTimeLimitExceeded)")
+    assert 7_000 <= (row.response_ms or 0) < 20_000
+    assert len(receiver.of("trickle", message_id(event, "hook-trickle"))) == 1
+
+
 def test_a_refused_connection_is_retried_then_fails(worker: WorkerProcess) -> None:
     event = send("closed", 7)
 

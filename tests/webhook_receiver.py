@@ -1,6 +1,7 @@
 """A webhook receiver on 127.0.0.1 that verifies every request with the standardwebhooks
 library and answers by script (the path): ok, flaky, throttled, gone, bad, redirect, huge,
-hang, down (500, always), cookie (200, setting a cookie)."""
+hang, down (500, always), cookie (200, setting a cookie), trickle (a status line, then a byte
+of its headers every half second: no read ever waits a second)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,19 @@ from typing import Any
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-SCRIPTS = ("ok", "flaky", "throttled", "gone", "bad", "redirect", "huge", "hang", "down", "cookie")
+SCRIPTS = (
+    "ok",
+    "flaky",
+    "throttled",
+    "gone",
+    "bad",
+    "redirect",
+    "huge",
+    "hang",
+    "down",
+    "cookie",
+    "trickle",
+)
 HUGE = 10 * 1024 * 1024
 
 
@@ -111,6 +124,15 @@ class Receiver:
                     return None
                 if script == "hang":
                     receiver.stop_hanging.wait(30)
+                    return None
+                if script == "trickle":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    try:
+                        while not receiver.stop_hanging.wait(0.5):
+                            self.wfile.write(b"X")  # a header name that never ends
+                            self.wfile.flush()
+                    except OSError:
+                        pass  # the sender gave up: what the test expects
                     return None
                 return self._answer(404, b"no script")
 

@@ -15,7 +15,7 @@ from uuid import UUID
 from django.utils.module_loading import import_string
 
 from django_events.conf import conf
-from django_events.delivery import broadcast
+from django_events.delivery import broadcast, webhooks
 from django_events.delivery.confirms import PublisherConfirms
 from django_events.delivery.marking import Marker
 from django_events.delivery.messages import TASK_NAME, build_message, event_body, summary
@@ -43,14 +43,15 @@ COMMIT_CONFIRM_TIMEOUT = 5.0
 def _soft_limit(subscription: Subscription) -> float | None:
     """Celery's soft time limit of a subscription's messages: its ``timeout``.
 
-    A webhook's ``timeout`` bounds each phase of the call, and the HTTP client reports one
-    that expires (with the time it took); the limit only stops a call slower than all its
-    phases together. Celery's own prefork pool applies a limit to the millisecond: equal to
-    the HTTP timeout, it would expire first.
+    A webhook's ``timeout`` (declared or not: the HTTP client's default) bounds each phase of
+    the call, and the HTTP client reports one that expires (with the time it took); the limit
+    stops a call slower than all its phases together, such as an answer trickled a byte at a
+    time, which no phase's timeout ends. Celery's own prefork pool applies a limit to the
+    millisecond: equal to the HTTP timeout, it would expire first.
     """
     timeout = subscription.declaration.timeout
-    if timeout and subscription.mode == "webhook":
-        return WEBHOOK_PHASES * timeout + HARD_LIMIT_GRACE
+    if subscription.mode == "webhook":
+        return WEBHOOK_PHASES * (timeout or webhooks.DEFAULT_TIMEOUT) + HARD_LIMIT_GRACE
     return timeout
 
 

@@ -219,6 +219,8 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Resp
         headers={**headers, "host": target.netloc.decode("ascii")},
         extensions={"timeout": httpx.Timeout(timeout).as_dict(), "sni_hostname": target.host},
     )
+    from celery.exceptions import SoftTimeLimitExceeded
+
     started = time.perf_counter()
     try:
         answer = transport().handle_request(request)
@@ -226,7 +228,9 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Resp
             kept = _read_start(answer)
         finally:
             answer.close()
-    except httpx.TimeoutException as exc:
+    except (httpx.TimeoutException, SoftTimeLimitExceeded) as exc:
+        # SoftTimeLimitExceeded: the Celery task's time limit, for a call that outlasted all
+        # its phases' timeouts together (see broker._soft_limit).
         elapsed = _ms(started)
         raise WebhookFailed(
             f"Timed out after {elapsed} ms ({type(exc).__name__})",
