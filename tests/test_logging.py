@@ -149,3 +149,9 @@ def test_a_failed_handlers_log_lines_mask_the_events_redacted_values(caplog) -> 
         assert record.pathname.endswith(("dispatch.py", "worker.py"))  # where it was logged
         assert record.event_id == str(record.event_id) and record.subscription
     assert "Traceback" in logging.Formatter().format(records[0])
+    # An event without `redact` is logged as it is, from the same place.
+    with wiring({**FAILING_SYNC, "event": "orders.shipped"}):
+        publish("orders.shipped", {"order_id": 4})
+    [plain] = package_records(caplog)[3:]
+    assert plain.getMessage().startswith("Sync handler failed: subscription 'sync-fails'")
+    assert plain.pathname.endswith("dispatch.py") and plain.exc_info is not None

@@ -31,8 +31,9 @@ def log_failure(
     compiled = get_registry().events.get(event.name)
     redact = compiled.declaration.redact if compiled is not None else ()
     caught = sys.exc_info() if exc_info else None
-    if not redact:
-        logger.log(level, msg, *args, exc_info=caught, extra=log_extra(event, subscription))
+    extra = log_extra(event, subscription)
+    if not redact:  # stacklevel: the record names where log_failure was called, as below
+        logger.log(level, msg, *args, exc_info=caught, extra=extra, stacklevel=2)
         return
 
     def mask(text: str) -> str:
@@ -40,7 +41,6 @@ def log_failure(
 
     masked = tuple(mask(a) if isinstance(a, str) else a for a in args)
     path, line, function, _ = logger.findCaller(stacklevel=2)  # where log_failure was called
-    extra = log_extra(event, subscription)
     record = logger.makeRecord(logger.name, level, path, line, msg, masked, caught, function, extra)
     if caught is not None:
         # Formatters print exc_text when it is set; exc_info stays, unmasked, for tools that
