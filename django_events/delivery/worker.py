@@ -686,27 +686,21 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
 def record_stopped_run(raw: Any, retries: int, stop: BaseException) -> None:
     """Record as failed (to retry) the delivery of message ``raw`` whose run ``stop``
     (``SystemExit``, ``KeyboardInterrupt``) ended: its worker is being stopped, and a task
-    backend that marks the task failed then never runs it again. A delivery that succeeded
-    meanwhile, or a message that does not parse, is left alone."""
+    backend that marks the task failed then never runs it again. Recorded as `_give_up`
+    records a message it does not run; one that does not parse is left alone."""
     try:
         message = parse_message(raw)
-        event = event_from_body(message.event)
         attempt = message.attempt(retries)
-    except (MalformedMessage, KeyError, TypeError, ValueError):
+    except MalformedMessage:
         return
     error = (
         f"Interrupted: the worker was stopped ({type(stop).__name__}) while the handler ran. "
         "Retry it."
     )
-    row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
     try:
-        recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=True)
+        _give_up(message, attempt, error)
     except Exception:  # the stop is re-raised by the caller whatever happens here
-        logger.exception("Could not record the stopped delivery", extra=log_extra(event))
-        return
-    if recorded == RECORDED:
-        logger.error("%s (event %s)", error, event.id, extra=log_extra(event, message.subscription))
-        _announce_failure(event, message.subscription, attempt, error)
+        logger.exception("Could not record the stopped delivery", extra=log_extra())
 
 
 def _finished_wins(rerun: bool, subscription: Subscription | None) -> bool:
