@@ -2,10 +2,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import OperationalError, connection
 from django.test import TransactionTestCase, override_settings
 
 from django_events.delivery import broker, endpoints
@@ -74,6 +76,20 @@ def publish_now(django_capture_on_commit_callbacks: Any, queue: str) -> Callable
             return publish(name, payload, **kwargs)
 
     return publish_now
+
+
+@contextmanager
+def inserts_refused(table: str) -> Iterator[None]:
+    """The default database refuses every INSERT into ``table`` (``OperationalError``), as a
+    full disk or a connection lost mid-publish would."""
+
+    def refuse(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("INSERT INTO") and table in sql.split("(")[0]:
+            raise OperationalError(f"{table}: the rows cannot be written")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse):
+        yield
 
 
 def wiring(*subscriptions: dict[str, Any], **keys: Any) -> override_settings:

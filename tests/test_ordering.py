@@ -16,6 +16,7 @@ from django_events import publish
 from django_events.delivery import ordering
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
+from tests.conftest import inserts_refused
 from tests.ops import drain, shop_wiring
 
 ORDERED = {
@@ -269,15 +270,8 @@ def test_an_ordered_publish_outside_a_transaction_takes_its_number_with_its_row(
     # Outside a transaction the gate's number and the delivery row commit together: a row that
     # cannot be written leaves no record and no number (else a later publish of the key could
     # be numbered, written and run first, the gate's lock gone with the first statement).
-    table = Delivery._meta.db_table
-
-    def refuse_rows(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if sql.startswith("INSERT INTO") and table in sql.split("(")[0]:
-            raise OperationalError("the delivery rows cannot be written")
-        return execute(sql, params, many, context)
-
     with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-        with connection.execute_wrapper(refuse_rows), pytest.raises(OperationalError):
+        with inserts_refused(Delivery._meta.db_table), pytest.raises(OperationalError):
             publish("shop.paid", {"order_id": 1, "total": 10})
         assert not EventRecord.objects.exists()
         assert not OrderingGate.objects.filter(last_sequence__gt=0).exists()

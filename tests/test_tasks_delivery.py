@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
 
 import django
 import pytest
@@ -28,6 +27,7 @@ from django_events.models import Delivery, EventRecord
 from django_events.operations.relay import relay_pending
 from tests.app.models import HandlerRun
 from tests.brokers import delivery_wiring
+from tests.conftest import inserts_refused
 from tests.test_admin import action
 from tests.worker import wait_for
 
@@ -107,14 +107,7 @@ def test_outside_a_transaction_a_record_is_written_with_its_task_rows_or_not_at_
 ) -> None:
     # The record says dispatched (its tasks go in with it): committed alone, before task rows
     # that then fail, its deliveries would be lost, nothing left pending for the relay.
-    tasks = DBTaskResult._meta.db_table
-
-    def refuse_tasks(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
-        if sql.startswith("INSERT INTO") and tasks in sql.split("(")[0]:
-            raise OperationalError("the task rows cannot be written")
-        return execute(sql, params, many, context)
-
-    with connection.execute_wrapper(refuse_tasks), pytest.raises(OperationalError):
+    with inserts_refused(DBTaskResult._meta.db_table), pytest.raises(OperationalError):
         publish("tk.placed", {"order_id": 3})
     assert not EventRecord.objects.exists()
     event = publish("tk.placed", {"order_id": 4})
