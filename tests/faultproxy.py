@@ -6,7 +6,9 @@ dead host or a full network path looks like). ``mode="stall"`` keeps live connec
 but forwards nothing either way (a partition: writes still "succeed" into the socket) and
 holds new ones; ``restore()`` then resets the stalled ones. ``mode="deaf"`` ends what live
 connections receive (a clean end after what was forwarded) while what they send still reaches
-the server: a peer lost just as it answers. The real server is never touched.
+the server: a peer lost just as it answers. ``mode="mute"`` is the same without the end: what
+the server answers is dropped and the connection stays open (a return path lost). The real
+server is never touched.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ class FaultProxy:
     def cut(self, mode: str = "refuse", *, keep_live: bool = False) -> None:
         """Drop live connections (unless ``keep_live``); refuse (or blackhole) new ones until
         ``restore()``."""
-        if mode not in ("refuse", "blackhole", "stall", "deaf"):
+        if mode not in ("refuse", "blackhole", "stall", "deaf", "mute"):
             raise ValueError(f"unknown cut mode {mode!r}")
         with self._lock:
             self._mode = mode
@@ -65,7 +67,7 @@ class FaultProxy:
                 for client in self._live & self._clients:
                     client.shutdown(socket.SHUT_WR)
                 return
-            if keep_live or mode == "stall":
+            if keep_live or mode in ("stall", "mute"):
                 return
             live, self._live = self._live, set()
         for sock in live:
@@ -74,10 +76,10 @@ class FaultProxy:
     def restore(self) -> None:
         """Forward new connections again; blackholed ones are reset."""
         with self._lock:
-            stalled, deaf = self._mode == "stall", self._mode == "deaf"
+            broken = self._mode in ("stall", "deaf", "mute")
             self._mode = None
             held, self._held = self._held, []
-            if stalled or deaf:  # what they sent meanwhile is gone: their streams are broken
+            if broken:  # what they sent meanwhile is gone: their streams are broken
                 held += self._live
                 self._live = set()
         for sock in held:
@@ -135,7 +137,8 @@ class FaultProxy:
                 with self._lock:
                     if source not in self._live:  # cut: what was read is dropped
                         return
-                    if self._mode == "stall" or (self._mode == "deaf" and sink in self._clients):
+                    answer = sink in self._clients
+                    if self._mode == "stall" or (self._mode in ("deaf", "mute") and answer):
                         continue
                 sink.sendall(data)
         except OSError:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from django_events.delivery.broker import send_deliveries
+from django_events.delivery.broker import Unsent, send_deliveries
 from django_events.delivery.messages import TASK_NAME
 from django_events.events import Event
 from django_events.wiring.registry import get_registry
@@ -31,7 +31,7 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
     event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
     with wiring(subscription, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
         compiled = get_registry().event("orders.placed")
-        assert send_deliveries([(event, True, compiled.async_)], "default") == set()
+        assert send_deliveries([(event, True, compiled.async_)], "default") == Unsent()
     try:
         with brokers.amqp.connection_for_write() as conn:
             message = conn.default_channel.basic_get(queue, no_ack=True)
@@ -70,7 +70,7 @@ def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
     event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
     with wiring(handler, hook, plain_hook, CELERY_APP="tests.brokers.amqp"):
         compiled = get_registry().event("orders.placed")
-        assert send_deliveries([(event, True, compiled.async_)], "default") == set()
+        assert send_deliveries([(event, True, compiled.async_)], "default") == Unsent()
     limits = {}
     try:
         with brokers.amqp.connection_for_write() as conn:

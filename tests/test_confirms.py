@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from django_events.delivery.broker import send_deliveries
+from django_events.delivery.broker import Unsent, send_deliveries
 from django_events.delivery.confirms import PublisherConfirms
 from django_events.events import Event
 from django_events.wiring.registry import get_registry
@@ -73,6 +73,16 @@ def test_a_multiple_nack_refuses_every_pending_message_up_to_its_tag() -> None:
     assert confirms.wait(timeout=5) == {b, c}
 
 
+def test_refused_messages_are_told_from_those_the_broker_has_not_answered() -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    channel = ScriptedChannel([("basic_ack", 1, False), ("basic_nack", 2, False)])
+    confirms = PublisherConfirms.start(channel)
+    assert confirms is not None
+    publish_tags(confirms, a, b, c)
+    assert confirms.wait(timeout=5) == {b, c}
+    assert (confirms.refused(), confirms.unanswered()) == ({b}, {c})
+
+
 def test_without_confirms_on_the_transport_there_is_nothing_to_track() -> None:
     assert PublisherConfirms.start(object()) is None
 
@@ -102,7 +112,7 @@ def test_a_confirmed_batch_reaches_rabbitmq_whole(transport_options: dict[str, A
             [(e, True, compiled.async_) for e in events], "default", app=app, confirm=True
         )
     try:
-        assert unsent == set()
+        assert unsent == Unsent()
         with brokers.amqp.connection_for_write() as conn:
             declared: Any = conn.default_channel.queue_declare(queue, passive=True)
         assert declared.message_count == 60  # one message per (event, subscription)

@@ -17,6 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from django.test import override_settings
 from kombu import Consumer, Queue
 
 from django_events import publish, publish_many
+from django_events.delivery import broker
 from django_events.models import Delivery, EventRecord
 from tests import brokers
 from tests.app.models import HandlerRun
@@ -341,6 +343,65 @@ def test_a_retry_the_broker_refuses_is_sent_by_the_relay(kind: str, tmp_path: Pa
     row = Delivery.objects.get(event_id=event.id)
     assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
     assert runs("fails_first_time", [event.id]) == {event.id: 2}
+
+
+@pytest.mark.parametrize("fault", ["mute", "stall"])
+def test_a_retry_sent_without_a_confirm_is_left_pending_and_runs_once(
+    fault: str, tmp_path: Path
+) -> None:
+    """A retry's confirm never comes back: its message reached RabbitMQ (``mute``: only the
+    answers are lost) or not (``stall``). Either way the delivery is left pending, not
+    recorded failed "not sent": a second events_retry has nothing to send again, and the
+    relay's check of lost messages sends it only if the queue does not hold it. The handler
+    runs once more, not twice."""
+    global publisher
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    with (
+        fresh_queue("amqp", "faults-unconfirmed") as queue,
+        FaultProxy.for_url(brokers.AMQP_URL) as proxy,
+    ):
+        publisher = brokers.make_app("amqp", proxy.url(brokers.AMQP_URL))
+        publisher.conf.broker_connection_timeout = 1
+        try:
+            with _wiring(queue):
+                with _worker("amqp", queue, tmp_path):
+                    event = publish("fault.unconfirmed", {"order_id": 9})
+                    wait_for(lambda: _status(event.id) == "failed", what="the first run")
+                # The worker is stopped, as behind a backlog. The test process keeps the
+                # connection to RabbitMQ its publish opened, which now brings nothing back.
+                proxy.cut(fault)
+                retried = _command("events_retry", "--subscription", "fault-unconfirmed")
+                assert "0 re-enqueued" in retried
+                assert "1 sent with no confirm from the broker (left pending" in retried
+                row = Delivery.objects.get(event_id=event.id)
+                assert (row.status, row.attempts) == ("pending", 1)
+                proxy.restore()
+                broker.health.reset()
+                again = _command("events_retry", "--all")
+                assert "0 re-enqueued" in again and "no confirm" not in again
+                time.sleep(1.1)  # the row counts as lost a second after it was written
+                relayed = _command("events_relay", "--resend-unfinished-after", "1")
+                # Resent only what the queue does not hold.
+                resent = "resent 1 delivery(ies) with no outcome" in relayed
+                assert resent == (fault == "stall"), relayed
+                with _worker("amqp", queue, tmp_path) as worker:
+                    wait_for(lambda: _status(event.id) == "succeeded", what="the retry's run")
+                    wait_idle(worker)
+        finally:
+            publisher = None
+    row = Delivery.objects.get(event_id=event.id)
+    assert (row.status, row.attempts) == ("succeeded", 2)
+    assert runs("fails_first_time", [event.id]) == {event.id: 2}
+
+
+def _status(event_id: uuid.UUID) -> str | None:
+    return Delivery.objects.filter(event_id=event_id).values_list("status", flat=True).first()
+
+
+def _command(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=out)
+    return out.getvalue()
 
 
 @pytest.mark.parametrize("kind", ["amqp", "redis"])

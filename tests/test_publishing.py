@@ -388,7 +388,7 @@ def test_sent_events_are_marked_dispatched_and_unsent_ones_stay_pending(monkeypa
     def send(items, alias, marker=None):  # the broker took every message but those of `unsent`
         if marker is not None:  # PostgreSQL: the background marker marks what was taken
             marker.taken(alias, [e.id for e, _, _ in items if e.id not in unsent])
-        return unsent
+        return broker.Unsent(refused=frozenset(unsent))
 
     monkeypatch.setattr(broker, "send_deliveries", send)
     with wiring(ASYNC):

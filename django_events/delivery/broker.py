@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -173,6 +174,31 @@ health = BrokerHealth()
 SendItem = tuple[Event, bool, Sequence[Subscription]]  # event, durable, subscriptions
 
 
+@dataclass(frozen=True)
+class Unsent:
+    """The events of a send the broker is not known to have taken.
+
+    ``refused``: a message of the event was not published, or the broker refused it (nack):
+    no worker gets it from this send. ``unconfirmed``: its messages went out but a confirm
+    did not come in time: the broker may hold them, and a worker may still run them.
+    """
+
+    refused: frozenset[UUID] = frozenset()
+    unconfirmed: frozenset[UUID] = frozenset()
+
+    @property
+    def ids(self) -> set[UUID]:
+        """Every event of the send not known to be taken."""
+        return {*self.refused, *self.unconfirmed}
+
+    def __bool__(self) -> bool:
+        return bool(self.refused or self.unconfirmed)
+
+
+def _refused(items: Sequence[SendItem]) -> Unsent:
+    return Unsent(refused=frozenset(event.id for event, _, _ in items))
+
+
 def send_deliveries(
     items: Sequence[SendItem],
     alias: str,
@@ -182,25 +208,26 @@ def send_deliveries(
     always_try: bool = False,
     prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
     marker: Marker | None = None,
-) -> set[UUID]:
-    """Send one message per (event, subscription); return ids of events not fully sent.
+) -> Unsent:
+    """Send one message per (event, subscription); return the events not known to be taken.
 
     With ``confirm`` (default: ``PUBLISHER_CONFIRMS``), the batch waits for the broker's
     publisher confirms (RabbitMQ), so "sent" means "accepted"; events with a message nacked
-    or unconfirmed count as unsent. Never raises: an unreachable broker leaves unsent events
-    for the relay. ``always_try`` (the relay) tries the broker even during a known outage.
-    ``prior_attempts`` maps (event id, subscription) to the runs already recorded, for
-    manual retries and replays (attempts never reset).
+    or unconfirmed count as unsent (`Unsent` tells the two apart). Never raises: an
+    unreachable broker leaves unsent events for the relay. ``always_try`` (the relay) tries
+    the broker even during a known outage. ``prior_attempts`` maps (event id, subscription)
+    to the runs already recorded, for manual retries and replays (attempts never reset).
 
     With a ``marker`` (the commit path) the events the broker takes are handed to it, to be
     marked dispatched in the background: with confirms, once they come (the send does not
-    wait for them); without, at once. The ids returned are those not even published.
+    wait for them); without, at once. The events returned are those not even published.
     """
     unsent, deferred = _send_deliveries(
         items, alias, app, confirm, always_try, prior_attempts, marker
     )
     if marker is not None and not deferred:
-        marker.taken(alias, [event.id for event, _, _ in items if event.id not in unsent])
+        left = unsent.ids
+        marker.taken(alias, [event.id for event, _, _ in items if event.id not in left])
     return unsent
 
 
@@ -212,8 +239,8 @@ def _send_deliveries(
     always_try: bool,
     prior_attempts: Mapping[tuple[UUID, str], int] | None,
     marker: Marker | None,
-) -> tuple[set[UUID], bool]:
-    """`send_deliveries`: the ids not sent, and whether their confirms went to ``marker``."""
+) -> tuple[Unsent, bool]:
+    """`send_deliveries`: the events not sent, and whether their confirms went to ``marker``."""
     if confirm is None:
         confirm = conf.PUBLISHER_CONFIRMS
     try:
@@ -223,13 +250,13 @@ def _send_deliveries(
             "DJANGO_EVENTS['CELERY_APP'] does not import; events stay pending",
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}, False
+        return _refused(items), False
     if app is None:
         logger.error(
             "No Celery app: set DJANGO_EVENTS['CELERY_APP']; events stay pending",
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}, False
+        return _refused(items), False
     # The relay always tries: it is what finds the broker back.
     if not always_try and not health.may_try(app):
         logger.debug(
@@ -237,7 +264,7 @@ def _send_deliveries(
             len(items),
             extra=batch_log_extra([event for event, _, _ in items]),
         )
-        return {event.id for event, _, _ in items}, False
+        return _refused(items), False
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
     policy = {
@@ -250,9 +277,7 @@ def _send_deliveries(
     later = marker if confirm and _confirms_transport(app) else None
     for last_try in (False, True):
         try:
-            unconfirmed, silent = _send(
-                app, items, alias, confirm, wait, policy, prior_attempts, later
-            )
+            unsent, silent = _send(app, items, alias, confirm, wait, policy, prior_attempts, later)
         except _StaleConnection:
             if last_try:
                 raise  # pragma: no cover - a new connection is never stale
@@ -262,25 +287,26 @@ def _send_deliveries(
             return failed.unsent, False
         break
     if later is not None:
-        return set(), True
+        return Unsent(), True
+    left = unsent.ids
     if silent:  # confirms that never came: treated as an outage, the others wait a probe
         error = TimeoutError(f"no publisher confirm within {wait:g} s")
-        health.failed(error, [event for event, _, _ in items if event.id in unconfirmed], app)
-        return unconfirmed, False
+        health.failed(error, [event for event, _, _ in items if event.id in left], app)
+        return unsent, False
     health.succeeded(app)
-    if unconfirmed:
+    if left:
         logger.warning(
             "The broker did not confirm %d event(s); they stay pending",
-            len(unconfirmed),
-            extra=batch_log_extra([event for event, _, _ in items if event.id in unconfirmed]),
+            len(left),
+            extra=batch_log_extra([event for event, _, _ in items if event.id in left]),
         )
-    return unconfirmed, False
+    return unsent, False
 
 
 class _SendFailed(Exception):
     """A batch the transport failed: ``sent`` items went out, ``unsent`` events did not."""
 
-    def __init__(self, error: BaseException, sent: int, unsent: set[UUID]) -> None:
+    def __init__(self, error: BaseException, sent: int, unsent: Unsent) -> None:
         super().__init__(str(error))
         self.error, self.sent, self.unsent = error, sent, unsent
 
@@ -308,7 +334,7 @@ def _send(
     policy: dict[str, Any],
     prior_attempts: Mapping[tuple[UUID, str], int] | None,
     marker: Marker | None = None,
-) -> tuple[set[UUID], bool]:
+) -> tuple[Unsent, bool]:
     """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
     and whether confirms were still missing when the wait ended. With a ``marker`` the
     batch's confirms are left to it instead (nothing is waited for)."""
@@ -378,11 +404,12 @@ def _send(
                     kept.used = True
                 else:
                     marker.taken(alias, list(ids))
-                return set(), False
-            unconfirmed = set()
+                return Unsent(), False
+            unsent = Unsent()
             if confirms is not None:
                 batch = {event.id for event, _, _ in items}
-                unconfirmed = confirms.wait(confirm_timeout) & batch
+                confirms.wait(confirm_timeout)
+                unsent = _unsent_of(confirms, batch)
                 confirms.forget(batch)
             silent = confirms is not None and confirms.waiting()
             if silent:
@@ -394,13 +421,21 @@ def _send(
             # Most likely the broker dropped the kept connection while it sat idle (the old
             # pool's "one reconnect"); a message that did get through is sent twice.
             raise _StaleConnection from exc
-        unsent = {event.id for event, _, _ in items[sent:]}
+        unsent = _refused(items[sent:])
         if confirms is not None:  # a kept channel: earlier batches' events are not this one's
-            unsent |= confirms.unconfirmed() & {event.id for event, _, _ in items}
+            unsent = _unsent_of(confirms, {event.id for event, _, _ in items}, unsent.refused)
         raise _SendFailed(exc, sent, unsent) from exc
     if kept is not None:
         kept.used = True
-    return unconfirmed, silent
+    return unsent, silent
+
+
+def _unsent_of(
+    confirms: PublisherConfirms, batch: set[UUID], unpublished: frozenset[UUID] = frozenset()
+) -> Unsent:
+    """What the confirms say of ``batch`` (``unpublished``: its events not published)."""
+    refused = frozenset(confirms.refused() & batch) | unpublished
+    return Unsent(refused, frozenset(confirms.unanswered() & batch) - refused)
 
 
 class _Confirming:

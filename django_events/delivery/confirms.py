@@ -65,6 +65,15 @@ class PublisherConfirms:
         """Events with a message the broker refused or has not confirmed yet."""
         return self._nacked | set(self._pending.values())
 
+    def refused(self) -> set[UUID]:
+        """Events with a message the broker refused (nacked)."""
+        return set(self._nacked)
+
+    def unanswered(self) -> set[UUID]:
+        """Events with a message the broker has neither confirmed nor refused yet: it may
+        hold it or not."""
+        return set(self._pending.values())
+
     def forget(self, event_ids: set[UUID]) -> None:
         """Forget the refusals of a batch waited for (batches share a kept channel)."""
         self._nacked -= event_ids

@@ -90,7 +90,9 @@ def _send_async(batch: Sequence[Outgoing], alias: str, send: Sender | None) -> N
         return
     unsent: set[object] = set()
     if outgoing:
-        unsent.update((send or broker.send_deliveries)(outgoing, alias))
+        unsent.update(
+            send(outgoing, alias) if send else broker.send_deliveries(outgoing, alias).ids
+        )
     if via_tasks:
         from django_events.delivery import tasks_backend
 

@@ -400,7 +400,7 @@ def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
 
         unsent = tasks_backend.send_deliveries(items, alias, prior_attempts=prior)
     else:
-        unsent = broker.send_deliveries(items, alias, prior_attempts=prior)
+        unsent = broker.send_deliveries(items, alias, prior_attempts=prior).ids
     if unsent:
         logger.warning(
             "The broker did not take a handed-on delivery; events_relay sends it", extra=extra

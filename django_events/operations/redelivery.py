@@ -43,6 +43,7 @@ class RedeliveryResult:
     succeeded: int = 0
     failed: int = 0
     unsent: int = 0
+    unconfirmed: int = 0  # sent, with no confirm from the broker: left pending for the relay
     skipped: list[str] = field(default_factory=list)
 
     def add(self, other: RedeliveryResult) -> None:
@@ -50,11 +51,12 @@ class RedeliveryResult:
         self.succeeded += other.succeeded
         self.failed += other.failed
         self.unsent += other.unsent
+        self.unconfirmed += other.unconfirmed
         self.skipped.extend(other.skipped)
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.unsent or self.skipped)
+        return not (self.failed or self.unsent or self.unconfirmed or self.skipped)
 
     def summary(self) -> str:
         parts = [
@@ -64,6 +66,11 @@ class RedeliveryResult:
         ]
         if self.unsent:
             parts.append(f"{self.unsent} not sent (broker unreachable)")
+        if self.unconfirmed:
+            parts.append(
+                f"{self.unconfirmed} sent with no confirm from the broker (left pending: "
+                "events_relay sends them again if no worker runs them)"
+            )
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         return "; ".join(parts) + "."
@@ -99,10 +106,10 @@ def send_claimed(
     prior_attempts: Mapping[UUID, int],
     *,
     using: str,
-) -> set[UUID]:
+) -> broker.Unsent:
     """Send ``records``' messages to ``subscription`` as the relay sends (with publisher
-    confirms, trying the broker even during an outage it knows of); the event ids the broker
-    did not take.
+    confirms, trying the broker even during an outage it knows of); the events the broker
+    is not known to have taken.
 
     Writes no `Delivery` row: the caller has claimed the rows in the state it sends them for.
     """
@@ -132,12 +139,27 @@ def _send(
     # leaves the rows as they were (a failure stays one), never pending with no message.
     # A message the broker took can still be lost (a worker killed as it takes it): the
     # relay's check of pending rows untouched since (`operations.unfinished`) sends it again.
+    # So is one sent with no confirm: the broker may hold it, and a worker run it, so it is
+    # not recorded failed (a retry of it would run the handler twice). A broadcast's row has
+    # no such check: it is.
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create)
         unsent = _send_items(subscription, items, using, prior_attempts)
-        if unsent:
-            _unsent(subscription, unsent, prior, using)
-    return RedeliveryResult(sent=len(records) - len(unsent), unsent=len(unsent))
+        broadcast = subscription.declaration.broadcast
+        failed = unsent.ids if broadcast else set(unsent.refused)
+        if failed:
+            _unsent(subscription, failed, prior, using)
+    unconfirmed = 0 if broadcast else len(unsent.unconfirmed)
+    if unconfirmed:
+        logger.warning(
+            "The broker did not confirm %d delivery(ies) sent again; left pending: events_relay "
+            "sends them again if no worker records an outcome",
+            unconfirmed,
+            extra=log_extra(None, subscription.name),
+        )
+    return RedeliveryResult(
+        sent=len(records) - len(unsent.ids), unsent=len(failed), unconfirmed=unconfirmed
+    )
 
 
 def _send_ordered(
@@ -161,7 +183,8 @@ def _send_ordered(
     ids = [r.pk for r in records]
 
     def send() -> None:
-        unsent = _send_items(subscription, items, using, prior_attempts)
+        # Unconfirmed or refused, a message stays due: the gate skips a second one it ran.
+        unsent = _send_items(subscription, items, using, prior_attempts).ids
         sent = [pk for pk in ids if pk not in unsent]
         Delivery.objects.using(using).filter(
             event_id__in=sent, subscription=subscription.name, retry_at=due
@@ -188,11 +211,12 @@ def _send_items(
     using: str,
     prior_attempts: Mapping[tuple[UUID, str], int],
     relay: bool = False,
-) -> set[UUID]:
+) -> broker.Unsent:
     if subscription.via == "tasks":
         from django_events.delivery import tasks_backend
 
-        return tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
+        refused = tasks_backend.send_deliveries(items, using, prior_attempts=prior_attempts)
+        return broker.Unsent(refused=frozenset(refused))
     # The relay waits for the broker's confirms and tries it even during a known outage.
     return broker.send_deliveries(
         items,

@@ -112,7 +112,7 @@ def relay_pending(
             if tasks:
                 via_tasks.append((event, durable, tasks))
         unsent = (
-            broker.send_deliveries(outgoing, using, confirm=True, always_try=True)
+            broker.send_deliveries(outgoing, using, confirm=True, always_try=True).ids
             if outgoing
             else set()
         )
@@ -307,7 +307,10 @@ def _send_due(
         from django_events.delivery import tasks_backend
 
         return tasks_backend.send_deliveries(items, using, prior_attempts=prior)
-    return broker.send_deliveries(items, using, confirm=True, always_try=True, prior_attempts=prior)
+    unsent = broker.send_deliveries(
+        items, using, confirm=True, always_try=True, prior_attempts=prior
+    )
+    return unsent.ids
 
 
 def _tasks_in_transaction(alias: str) -> bool:

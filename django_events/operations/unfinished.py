@@ -404,9 +404,10 @@ def _resend_pending(
 
     def send() -> None:
         records = [d.event for d in lost]
+        # Unconfirmed or refused, a message stays due for the relay's retries.
         unsent = send_claimed(
             subscription, records, {d.event_id: d.attempts for d in lost}, using=using
-        )
+        ).ids
         sent = [d.pk for d in lost if d.event_id not in unsent]
         Delivery.objects.using(using).filter(pk__in=sent, retry_at=due).update(retry_at=None)
         if unsent:
@@ -431,8 +432,8 @@ def _resend_absent(
     A row is inserted only where none exists (a worker may have written one since the read),
     pending and due for the relay's retries at ``again`` should this message be lost too
     (any outcome a worker writes clears it); only the rows this inserted are sent. Those the
-    broker did not take are recorded failed, unless a worker wrote the row meanwhile.
-    """
+    broker refused are recorded failed, unless a worker wrote the row meanwhile; one sent
+    with no confirm is left as inserted (the broker may hold it)."""
     mode = subscription.mode
     rows = []
     for record in records:
@@ -451,7 +452,8 @@ def _resend_absent(
     records = [r for r in records if r.pk in claimed]
     if not records:
         return 0, 0
-    unsent = send_claimed(subscription, records, {}, using=using)
+    # One sent with no confirm stays pending and due at ``again``: the broker may hold it.
+    unsent = send_claimed(subscription, records, {}, using=using).refused
     if unsent:
         mine.filter(event_id__in=unsent).update(
             status=Delivery.Status.FAILED,
