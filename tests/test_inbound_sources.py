@@ -130,6 +130,27 @@ def test_standard_webhooks_call_publishes_its_data(
     assert HandlerRun.objects.get().event_id == record.id  # the sync subscription ran
 
 
+def test_standard_webhooks_sent_with_svix_header_names_are_verified_and_deduplicated(
+    client: Client,
+) -> None:
+    """Svix (and Clerk, Resend through it) names the headers svix-id, svix-timestamp and
+    svix-signature by default."""
+    body = json.dumps(ORDER).encode()
+
+    def svix_headers(at: datetime | None = None) -> dict[str, str]:
+        signed = standard_headers(body, msg_id="msg_svix", at=at)
+        return {name.replace("webhook-", "svix-"): value for name, value in signed.items()}
+
+    first = post(client, "partner", body, svix_headers())
+    later = datetime.now(tz=UTC) + timedelta(seconds=30)
+    again = post(client, "partner", body, svix_headers(at=later))
+
+    assert first.status_code == again.status_code == 202, first.content
+    assert again.json() == first.json() and again["Idempotent-Replayed"] == "true"
+    (record,) = records()
+    assert record.headers["idempotency_key"] == "msg_svix"
+
+
 def test_standard_webhooks_retry_with_the_same_webhook_id_publishes_once(client: Client) -> None:
     body = json.dumps(ORDER).encode()
     first = post(client, "partner", body, standard_headers(body, msg_id="msg_same"))
@@ -172,7 +193,16 @@ def test_standard_webhooks_secret_rotation_accepts_either(client: Client) -> Non
 
 @pytest.mark.parametrize(
     "variant",
-    ["tampered", "wrong_secret", "stale", "future", "other_id", "garbage_signature", "v2_only"],
+    [
+        "tampered",
+        "wrong_secret",
+        "stale",
+        "future",
+        "other_id",
+        "garbage_signature",
+        "v2_only",
+        "respelled_timestamp",
+    ],
 )
 def test_standard_webhooks_forgeries_are_401(client: Client, variant: str) -> None:
     body = json.dumps(ORDER).encode()
@@ -191,6 +221,8 @@ def test_standard_webhooks_forgeries_are_401(client: Client, variant: str) -> No
         headers["webhook-signature"] = "v1,not base64!! nonsense"
     if variant == "v2_only":
         headers["webhook-signature"] = headers["webhook-signature"].replace("v1,", "v2,")
+    if variant == "respelled_timestamp":  # the library would read it as the signed time
+        headers["webhook-timestamp"] += ".0"
 
     response = post(client, "partner", body, headers)
 

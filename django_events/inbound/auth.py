@@ -28,6 +28,9 @@ TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="django_events"'}
 NO_CHALLENGE: dict[str, str] = {}  # providers' schemes define no WWW-Authenticate challenge
 
 STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+# Svix, and the providers that send through it (Clerk, Resend, ...), name the same headers
+# svix-*; its own libraries accept either spelling.
+SVIX_HEADERS = {name: name.replace("webhook-", "svix-") for name in STANDARD_HEADERS}
 GITHUB_HEADER = "X-Hub-Signature-256"
 STRIPE_HEADER = "Stripe-Signature"
 STANDARD_TOLERANCE = 300.0  # fixed by the Standard Webhooks specification (and library)
@@ -122,9 +125,14 @@ def _standard_webhooks(
 ) -> Caller:
     from standardwebhooks.webhooks import WebhookVerificationError
 
-    headers = {name: request.headers.get(name, "") for name in STANDARD_HEADERS}
+    headers = standard_webhook_headers(request)
     if not all(headers.values()):
         raise _missing(NO_CHALLENGE)
+    # The library reads the time with float() and signs it floored: "1796458200.0" would
+    # pass too, and each spelling would be a new call to the replay key.
+    stamp = headers["webhook-timestamp"]
+    if not (stamp.isascii() and stamp.isdigit()):
+        raise _invalid(NO_CHALLENGE)
     for identity, verifier in standard_webhooks_verifiers(policy.secret or ""):
         try:
             # The library's own check: several "v1," signatures, 5 minutes either way.
@@ -136,6 +144,15 @@ def _standard_webhooks(
         key = _replay_key(identity, f"{headers['webhook-id']}.{headers['webhook-timestamp']}", body)
         return Caller(f"standard-webhooks:{identity}", key, 2 * STANDARD_TOLERANCE)
     raise _invalid(NO_CHALLENGE)
+
+
+def standard_webhook_headers(request: HttpRequest) -> dict[str, str]:
+    """A Standard Webhooks call's id, timestamp and signature headers, by their standard
+    names ("" when absent): ``webhook-*``, else Svix's ``svix-*``."""
+    headers = {name: request.headers.get(name, "") for name in STANDARD_HEADERS}
+    if any(headers.values()):
+        return headers
+    return {name: request.headers.get(svix, "") for name, svix in SVIX_HEADERS.items()}
 
 
 def _github(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes) -> Caller:

@@ -14,6 +14,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from django_events.exceptions import InvalidPayload, UnknownEvent
+from django_events.inbound.auth import SVIX_HEADERS
 from django_events.inbound.idempotency import publish_once, scoped_key
 from django_events.inbound.policy import SecretNotConfigured, SourcePolicy
 from django_events.inbound.refusal import Refusal, invalid_payload
@@ -82,7 +83,10 @@ def _locate(request: HttpRequest, document: Any, locator: dict[str, str], what: 
     """The value a header or a body field holds, as text; None when absent."""
     value: Any
     if "header" in locator:
-        value = request.headers.get(locator["header"])
+        name = locator["header"]
+        value = request.headers.get(name)
+        if value is None and name.lower() in SVIX_HEADERS:  # webhook-id sent as svix-id
+            value = request.headers.get(SVIX_HEADERS[name.lower()])
     else:
         value = lookup(document, locator["field"]) if isinstance(document, dict) else None
         if isinstance(value, bool) or not isinstance(value, str | int):
