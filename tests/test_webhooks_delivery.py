@@ -216,6 +216,17 @@ def test_500_then_200_is_retried_with_the_same_id_signed_again(
     assert (row.attempts, row.response_status) == (2, 200)
 
 
+def test_an_idempotent_webhook_keeps_the_receivers_answer(worker: WorkerProcess) -> None:
+    """An ``idempotent: true`` webhook's success is recorded with the handler's writes, by
+    its own path: the answer (status, time, body) is kept there too."""
+    event = send("idempotent", 12)
+
+    row = delivery(event, "hook-idempotent", "succeeded")
+
+    assert (row.attempts, row.response_status, row.response_body) == (2, 200, "flaky")
+    assert row.response_ms is not None
+
+
 def test_429_waits_for_retry_after(worker: WorkerProcess, receiver: Receiver) -> None:
     event = send("throttled", 3)
 

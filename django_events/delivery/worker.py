@@ -580,7 +580,15 @@ def _run_idempotent(
         started = time.perf_counter()
         run_handler(subscription, event, registry.interceptors, attempt)
         took = (time.perf_counter() - started) * 1000
-        row = _row(event, subscription, Delivery.Status.SUCCEEDED, attempt, duration_ms=took)
+        response = webhooks.last_response() if subscription.mode == "webhook" else None
+        row = _row(
+            event,
+            subscription,
+            Delivery.Status.SUCCEEDED,
+            attempt,
+            duration_ms=took,
+            response=response,
+        )
         save_deliveries(alias, [row])
         if subscription.declaration.ordering_key is not None:
             ordering.finish(alias, event.id, subscription.name, key=key)
