@@ -52,6 +52,18 @@ def test_redact_text_reaches_into_lists() -> None:
     assert redact_text(text, data, ["lines.card"]) == f"Card {MASK!r} declined; then {MASK!r} too"
 
 
+def test_redact_text_masks_values_as_json_writes_them() -> None:
+    """A webhook receiver's answer may echo the body it was sent, which JSON escaped."""
+    data = {"card": "José Müller-Straße 12", "note": 'say "hi" \\ bye', "lines": [{"n": 1}]}
+    echoed = json.dumps({"error": "invalid", "got": data})
+
+    masked = redact_text(echoed, data, ["card", "note", "lines"])
+
+    assert "Jos\\u00e9" not in masked and 'hi\\"' not in masked and '"n": 1' not in masked
+    assert masked.count(repr(MASK)) == 3, masked
+    assert redact_text(json.dumps(data, ensure_ascii=False), data, ["card"]).count("José") == 0
+
+
 def test_redact_text_without_redacted_values_is_the_text() -> None:
     assert redact_text("x: 1 is not a string", {"x": 1}, []) == "x: 1 is not a string"
     assert redact_text("True is not a string", {"flag": True}, ["flag"]) == "True is not a string"

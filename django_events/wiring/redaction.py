@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -98,7 +99,8 @@ def redact_text(text: str, data: Any, paths: Iterable[str]) -> str:
     For free text that quotes the payload with no path to go by, such as a handler's error
     or traceback (schema errors are masked by path: `error_message`). The value under each
     path, and each value nested in it, is masked where it stands as a whole token: as its
-    ``repr`` or, for a string, its bare text; never inside a longer number or word. Scalars
+    ``repr``, as JSON writes it (a webhook receiver's answer may echo the body) or, for a
+    string, its bare text; never inside a longer number or word. Scalars
     shorter than `MIN_MASKED_LENGTH` characters are left (see there), as are None and booleans.
     """
     values: set[str] = set()
@@ -129,13 +131,15 @@ def _texts(value: Any, out: set[str]) -> None:
     if value is None or isinstance(value, bool):
         return  # None, True, False are no secret, and masking them would garble the text
     if isinstance(value, dict | list):
-        out.add(repr(value))
+        out.update((repr(value), json.dumps(value, default=str)))
         for child in value.values() if isinstance(value, dict) else value:
             _texts(child, out)
     elif len(str(value)) >= MIN_MASKED_LENGTH:
         out.add(repr(value))
         if isinstance(value, str):
             out.add(value)
+            # Inside JSON quotes: non-ASCII as \uXXXX (or not), quotes and backslashes escaped.
+            out.update(json.dumps(value, ensure_ascii=ascii)[1:-1] for ascii in (True, False))
 
 
 def mask_values(data: Any) -> Any:
