@@ -494,6 +494,15 @@ def test_json_that_is_not_a_payload_answers_400(client: Client, body: bytes, pat
     assert_nothing_published()
 
 
+def test_a_null_body_is_not_taken_for_an_empty_payload(client: Client) -> None:
+    body = b"null"
+    response = post_raw(client, "hooks.paid", body, signed_headers(body))
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_payload"
+    assert response.json()["problems"] == [{"path": "$", "message": "expected an object, got null"}]
+    assert_nothing_published()
+
+
 @pytest.mark.parametrize(
     ("body", "path"),
     [

@@ -211,6 +211,22 @@ def test_webhook_checks_name_the_missing_url_and_secret(monkeypatch) -> None:
                 "by base64",
             )
         )
+    # A list is how an inbound secret rotates; an outgoing call is signed with one secret.
+    listed = override_settings(TEST_WH_URL=["https://x.example"], TEST_WH_SECRET=[SECRET])
+    with wiring(HOOK), listed:
+        assert_reported(
+            (
+                "django_events.E320",
+                where,
+                "Subscription 'hook': webhook url 'TEST_WH_URL' holds a list, not an http(s) URL",
+            ),
+            (
+                "django_events.E321",
+                where,
+                "Subscription 'hook': webhook secret 'TEST_WH_SECRET' holds a list, not one "
+                "whsec_ secret",
+            ),
+        )
     with wiring(HOOK), override_settings(TEST_WH_URL="https://x.example", TEST_WH_SECRET=SECRET):
         assert_reported()
 

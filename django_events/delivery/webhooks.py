@@ -107,18 +107,26 @@ def target_url(declared: str) -> str:
     if declared.startswith("https://"):
         return declared
     value = setting_value(declared)
-    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+    if value is None:
         raise WebhookNotConfigured(
             f"url {declared!r} is not a setting or environment variable holding an http(s) URL"
         )
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
+        held = f"a {type(value).__name__}" if not isinstance(value, str) else "text"
+        raise WebhookNotConfigured(f"url {declared!r} holds {held}, not an http(s) URL")
     return value
 
 
 def signing_key(name: str) -> bytes:
     """The key of the secret the setting or env var ``name`` holds (``whsec_`` + base64)."""
     value = setting_value(name)
-    if not isinstance(value, str) or not value:
+    if value is None or value == "":
         raise WebhookNotConfigured(f"secret {name!r} is not a setting or environment variable")
+    if not isinstance(value, str):
+        # A list is how inbound secrets rotate; an outgoing call is signed with one secret.
+        raise WebhookNotConfigured(
+            f"secret {name!r} holds a {type(value).__name__}, not one whsec_ secret"
+        )
     try:
         return signing_key_of(value)
     except ValueError as exc:

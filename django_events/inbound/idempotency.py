@@ -11,6 +11,7 @@ from uuid import UUID
 from django.db import IntegrityError, router, transaction
 from django.utils import timezone
 
+from django_events.exceptions import InvalidPayload, PayloadProblem
 from django_events.models import EventRecord, IdempotencyKey
 from django_events.publishing import publish
 
@@ -36,6 +37,8 @@ def publish_once(
     constraint: of two racing calls, the second one's insert fails, its publish rolls back
     and it answers the first one's id.
     """
+    if payload is None:  # a JSON null: publish() would take it for no payload at all ({})
+        raise InvalidPayload(name, [PayloadProblem("$", "expected an object, got null")])
     alias = router.db_for_write(EventRecord)
     if not keys:
         return publish(name, payload, headers=headers, using=alias).id, False
