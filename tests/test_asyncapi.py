@@ -326,6 +326,48 @@ def test_local_references_and_typed_events_stay_reachable() -> None:
     assert "exchange" not in operations["record__all.catalog.tree"]["x-django-events"]
 
 
+def test_an_event_named_like_another_ones_derived_keys_keeps_its_own() -> None:
+    """Keys made from an event's (its task message, masked payload, $defs) never take the
+    key of an event so named: ``x.task``, ``user.masked`` and ``tree.line`` are events."""
+
+    def obj(*required: str) -> dict[str, Any]:
+        properties = {name: {"type": "string"} for name in required}
+        return {"schema": {"type": "object", "required": list(required), "properties": properties}}
+
+    events = {
+        "x": obj("a"),
+        "x.task": obj("b"),
+        "user": {**obj("email"), "redact": ["email"]},
+        "user.masked": obj("reason"),
+        "tree": TREE,
+        "tree.line": obj("c"),
+    }
+    everything = {"event": "*", "handler": "tests.app.handlers.record", "mode": "async"}
+    with wiring({**everything, "queue": "clash"}, EVENTS=events):
+        document = json.loads(asyncapi())
+
+    messages, schemas = document["components"]["messages"], document["components"]["schemas"]
+    sent = document["channels"]["queue.clash"]["messages"]
+    for name in events:
+        task = messages[sent[name]["$ref"].rpartition("/")[2]]
+        assert task["title"] == f"{name} (Celery task message)"
+        delivery = task["payload"]["items"][0]["items"][0]
+        payload = delivery["properties"]["event"]["properties"]["payload"]
+        payload_schema = schemas[payload["$ref"].rpartition("/")[2]]
+        if name == "user":
+            assert payload_schema["required"] == ["email"]
+            assert payload_schema["properties"]["email"]["const"] == "•••"
+        else:
+            assert payload_schema == schemas[name]
+        assert messages[name]["payload"] == {"$ref": f"#/components/schemas/{name}"}
+    assert schemas["user.masked"]["required"] == ["reason"]
+    assert schemas["tree.line"]["required"] == ["c"]
+    line = schemas["tree"]["properties"]["lines"]["items"]["$ref"].rpartition("/")[2]
+    assert schemas[line]["properties"] == {"sku": {"type": "string"}}
+    assert dangling_refs(document) == []
+    assert parser_errors(document) == []
+
+
 def test_a_broken_wiring_prints_no_document_but_the_check_error() -> None:
     out = StringIO()
     undeclared = {"event": "orders.nope", "handler": "tests.app.handlers.record", "name": "lost"}

@@ -137,16 +137,20 @@ class _Builder:
         self.messages: dict[str, Any] = {}
         self.schemas: dict[str, Any] = {}
         self.event_key: dict[str, str] = {}
+        self.task_key: dict[str, str] = {}  # event name -> its Celery task message's key
         self.amqp = broker is not None and broker.protocol in ("amqp", "amqps", "pyamqp")
         self.redis = broker is not None and broker.protocol in ("redis", "rediss")
 
     def build(self, title: str, version: str, description: str) -> dict[str, Any]:
         events = self.registry.events
+        # Every event's key first: a key made from another's (its task message, its $defs)
+        # then never takes an event's own name ("x.task" the event, not x's task message).
         for name in sorted(events):
-            key = self.event_key[name] = self.ids.new(name)
-            compiled = events[name]
-            self.schemas[key] = _payload_schema(compiled, key, self.schemas)
-            self.messages[key] = _message(compiled, key)
+            self.event_key[name] = self.ids.new(name)
+        for name in sorted(events):
+            key = self.event_key[name]
+            self.schemas[key] = _payload_schema(events[name], key, self.schemas, self.ids)
+            self.messages[key] = _message(events[name], key)
         subscriptions = sorted(self.registry.subscriptions.values(), key=lambda s: s.name)
         targets = {
             s.name: [n for n in sorted(events) if s in _subscribers(self.registry, n)]
@@ -221,11 +225,9 @@ class _Builder:
         """The channel messages are sent to and the one they are consumed from (AMQP tells
         an exchange and routing key from a queue; other transports have one address)."""
         messages = {
-            self.event_key[n]: {"$ref": f"#/components/messages/{self.event_key[n]}.task"}
+            self.event_key[n]: {"$ref": f"#/components/messages/{self._task_message(n)}"}
             for n in names
         }
-        for n in names:
-            self._task_message(self.registry.events[n])
         route = self._route(queue, broadcast)
         what = f"broadcasts of queue {queue!r}" if broadcast else f"queue {queue!r}"
         send: dict[str, Any] = {
@@ -374,7 +376,7 @@ class _Builder:
         key = self.event_key[compiled.name]
         block = compiled.declaration.inbound or {}
         headers = _inbound_headers(block)
-        message_key = f"{key}.http"
+        message_key = self.ids.new(f"{key}.http")
         self.messages[message_key] = {
             "name": compiled.name,
             "title": f"{compiled.name} (inbound HTTP)",
@@ -409,7 +411,7 @@ class _Builder:
         for kind, name in sorted(source.events.items()):
             if name not in self.event_key:
                 continue  # an undeclared event: a check error, the document is not printed
-            message_key = f"{self.event_key[name]}.source.{source.name}"
+            message_key = self.ids.new(f"{self.event_key[name]}.source.{source.name}")
             headers = _source_headers(source, kind)
             self.messages[message_key] = {
                 "name": name,
@@ -448,19 +450,23 @@ class _Builder:
             EXTENSION: details,
         }
 
-    def _task_message(self, compiled: CompiledEvent) -> None:
-        key = self.event_key[compiled.name]
-        if f"{key}.task" in self.messages:
-            return
+    def _task_message(self, name: str) -> str:
+        """The key of event ``name``'s Celery task message, made on first use."""
+        if name in self.task_key:
+            return self.task_key[name]
+        compiled = self.registry.events[name]
+        key = self.event_key[name]
+        payload = key
         if compiled.declaration.redact:
-            self.schemas[f"{key}.masked"] = _masked(self.schemas[key], compiled.declaration.redact)
+            payload = self.ids.new(f"{key}.masked")
+            self.schemas[payload] = _masked(self.schemas[key], compiled.declaration.redact)
         message: dict[str, Any] = {
             "name": TASK_NAME,
             "title": f"{compiled.name} (Celery task message)",
             "summary": "One message per (event, subscription): the task names the subscription.",
             "contentType": "application/json",
             "headers": TASK_HEADERS,
-            "payload": _task_body(key, compiled.declaration.redact),
+            "payload": _task_body(payload, sealed=bool(compiled.declaration.redact)),
             "correlationId": {
                 "description": "The Celery task id (AMQP correlation_id).",
                 "location": "$message.header#/id",
@@ -484,7 +490,9 @@ class _Builder:
                 '"properties": {...}, "content-type": "application/json", '
                 '"content-encoding": "utf-8"}.'
             )
-        self.messages[f"{key}.task"] = message
+        task_key = self.task_key[name] = self.ids.new(f"{key}.task")
+        self.messages[task_key] = message
+        return task_key
 
 
 def _masked(schema: Any, paths: tuple[str, ...]) -> Any:
@@ -595,12 +603,11 @@ def _at_path(path: str, schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def _task_body(key: str, redact: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Celery's protocol 2 body, ``[args, kwargs, embed]``; ``args`` is the delivery."""
-    payload: dict[str, Any] = {"$ref": f"#/components/schemas/{key}"}
-    if redact:
-        # delivery/sealing.py: what monitors may read is masked; the rest is sealed.
-        payload = {"$ref": f"#/components/schemas/{key}.masked"}
+def _task_body(payload_key: str, sealed: bool) -> dict[str, Any]:
+    """Celery's protocol 2 body, ``[args, kwargs, embed]``; ``args`` is the delivery, its
+    payload the schema ``payload_key``; ``sealed``: redacted fields are masked there and the
+    payload sealed alongside (delivery/sealing.py)."""
+    payload: dict[str, Any] = {"$ref": f"#/components/schemas/{payload_key}"}
     event: dict[str, Any] = {
         "type": "object",
         "required": ["id", "name", "payload", "headers", "occurred_at", "correlation_id"],
@@ -614,7 +621,7 @@ def _task_body(key: str, redact: tuple[str, ...] = ()) -> dict[str, Any]:
             "causation_id": {"type": ["string", "null"], "format": "uuid"},
         },
     }
-    if redact:
+    if sealed:
         event["properties"]["sealed"] = {
             "type": "string",
             "contentEncoding": "base64",
@@ -693,7 +700,7 @@ def _message(compiled: CompiledEvent, key: str) -> dict[str, Any]:
     return message
 
 
-def _payload_schema(compiled: CompiledEvent, key: str, schemas: dict[str, Any]) -> Any:
+def _payload_schema(compiled: CompiledEvent, key: str, schemas: dict[str, Any], ids: _Ids) -> Any:
     """The payload schema, its local ``$ref``s pointed at ``components/schemas``.
 
     ``$defs`` (pydantic models, nested dataclasses) become schemas of their own, named
@@ -704,25 +711,34 @@ def _payload_schema(compiled: CompiledEvent, key: str, schemas: dict[str, Any]) 
         return schema
     schema.pop("$schema", None)
     schema.pop("$id", None)
-    for keyword in ("$defs", "definitions"):
-        for name, sub in (schema.pop(keyword, None) or {}).items():
-            schemas[f"{key}.{name}"] = _rebase(sub, key)
-    return _rebase(schema, key)
+    defs = {
+        (keyword, name): sub
+        for keyword in ("$defs", "definitions")
+        for name, sub in (schema.pop(keyword, None) or {}).items()
+    }
+    keys = {found: ids.new(f"{key}.{found[1]}") for found in defs}
+    for found, sub in defs.items():
+        schemas[keys[found]] = _rebase(sub, key, keys)
+    return _rebase(schema, key, keys)
 
 
-def _rebase(node: Any, key: str) -> Any:
+def _rebase(node: Any, key: str, keys: dict[tuple[str, str], str]) -> Any:
+    """``node`` with its local ``$ref``s pointed into ``components/schemas``: one to a
+    ``$defs``/``definitions`` entry at that entry's schema (``keys``: (keyword, name) -> its
+    key), any other into the event's schema ``key``."""
     if isinstance(node, list):
-        return [_rebase(item, key) for item in node]
+        return [_rebase(item, key, keys) for item in node]
     if not isinstance(node, dict):
         return node
-    result = {k: _rebase(v, key) for k, v in node.items()}
+    result = {k: _rebase(v, key, keys) for k, v in node.items()}
     ref = result.get("$ref")
     if isinstance(ref, str) and ref.startswith("#"):
         for keyword in ("$defs", "definitions"):
             prefix = f"#/{keyword}/"
             if ref.startswith(prefix):
                 name, _, rest = ref[len(prefix) :].partition("/")
-                result["$ref"] = f"#/components/schemas/{key}.{name}" + (f"/{rest}" if rest else "")
+                target = keys.get((keyword, name), f"{key}.{name}")
+                result["$ref"] = f"#/components/schemas/{target}" + (f"/{rest}" if rest else "")
                 break
         else:
             result["$ref"] = f"#/components/schemas/{key}{ref[1:]}"
