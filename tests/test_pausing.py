@@ -149,6 +149,12 @@ def test_events_list_shows_paused_and_held() -> None:
         call_command("events_list", "--state", stdout=out)
         assert "s: paused, 1 held" in out.getvalue()
         out = io.StringIO()
+        call_command("events_list", "--held", stdout=out)
+        assert out.getvalue().splitlines() == [
+            "s: 1 held, paused (events_resume s sends them)",
+            "1 held delivery(ies)",
+        ]
+        out = io.StringIO()
         call_command("events_list", stdout=out)
         assert "held" not in out.getvalue()  # the wiring alone needs no database
 

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from django_events.delivery import ordering
 from django_events.delivery.endpoints import is_endpoint_name
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import FINISHED
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
@@ -151,7 +152,9 @@ def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
 
 
 def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
-    """Keys of ordered subscriptions with held deliveries: how many wait, and behind what."""
+    """Held deliveries by subscription and key: how many wait, behind what, and whether
+    their subscription is paused (then they wait for events_resume, whatever is ahead)."""
+    paused = paused_names(using, fresh=True)
     rows = (
         Delivery.objects.using(using)
         .filter(status=Delivery.Status.HELD)
@@ -169,5 +172,5 @@ def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
             .values("event_id", "status", "attempts", "last_error")
             .first()
         )
-        found.append({**row, "head": head})
+        found.append({**row, "head": head, "paused": row["subscription"] in paused})
     return found

@@ -87,13 +87,15 @@ class Command(BaseCommand):
             return
         for row in held:
             head: dict[str, Any] | None = row["head"]  # type: ignore[assignment]
-            behind = (
-                f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
-                + (f": {head['last_error'].splitlines()[0]}" if head["last_error"] else "")
-                if head
-                else "behind nothing (events_relay hands it on)"
-            )
-            self.stdout.write(
-                f"{row['subscription']} [{row['ordering_key']}]: {row['held']} held, {behind}"
-            )
+            if row["paused"]:
+                behind = f"paused (events_resume {row['subscription']} sends them)"
+            else:
+                behind = (
+                    f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
+                    + (f": {head['last_error'].splitlines()[0]}" if head["last_error"] else "")
+                    if head
+                    else "behind nothing (events_relay hands it on)"
+                )
+            key = "" if row["ordering_key"] is None else f" [{row['ordering_key']}]"
+            self.stdout.write(f"{row['subscription']}{key}: {row['held']} held, {behind}")
         self.stdout.write(f"{sum(int(str(r['held'])) for r in held)} held delivery(ies)")
