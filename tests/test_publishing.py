@@ -66,6 +66,28 @@ def test_sync_handlers_run_after_commit_only() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_changing_a_payload_after_publish_does_not_change_what_was_published() -> None:
+    """Handlers run after the commit: they get each payload as it was published, not as the
+    caller's dict (reused in a loop) is by then, nested values included."""
+    payload: dict[str, object] = {"order_id": 0, "total": 1.0}
+    nested = {"order_id": 0, "total": 1.0, "items": [{"sku": "a"}]}
+    with wiring(SYNC), transaction.atomic():
+        events = []
+        for order_id in (1, 2, 3):
+            payload["order_id"] = order_id
+            events.append(publish("orders.placed", payload))
+        events.append(publish("orders.placed", nested))
+        nested["items"][0]["sku"] = "changed"  # type: ignore[index]
+        payload["order_id"] = "not an integer"  # what the schema refuses
+    expected = [{"order_id": n, "total": 1.0} for n in (1, 2, 3)]
+    expected.append({"order_id": 0, "total": 1.0, "items": [{"sku": "a"}]})
+    assert [run.payload for run in handled()] == expected
+    assert [event.payload for event in events] == expected
+    records = EventRecord.objects.in_bulk([event.id for event in events])
+    assert [records[event.id].payload for event in events] == expected
+
+
+@pytest.mark.django_db(transaction=True)
 def test_rollback_runs_nothing_and_records_nothing() -> None:
     with wiring(SYNC), pytest.raises(ZeroDivisionError), transaction.atomic():
         event = publish("orders.placed", PAYLOAD)

@@ -26,7 +26,7 @@ from django_events.wiring.declarations import (
 )
 from django_events.wiring.filters import Predicate
 from django_events.wiring.upcasting import Upcaster, upcast
-from django_events.wiring.validation import PayloadValidator, json_problems
+from django_events.wiring.validation import PayloadValidator, json_problems, snapshot
 
 Handler = Callable[[Event], Any]
 WEBHOOK_SENDER = "django_events.delivery.webhooks.sender_for"  # (subscription) -> handler
@@ -139,7 +139,7 @@ class CompiledEvent:
         if tp is not None and isinstance(payload, tp):
             data = typed.to_data(payload)
         elif isinstance(payload, dict):
-            data = payload
+            data = payload  # copied once valid (below)
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, tp)])
         redact = self.declaration.redact
@@ -151,7 +151,7 @@ class CompiledEvent:
             ]
         if problems:
             raise InvalidPayload(self.name, problems)
-        return data
+        return snapshot(data) if data is payload else data
 
     def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
         """Return what handlers get as ``event.payload``."""

@@ -102,6 +102,15 @@ def json_problems(payload: Any, redact: Iterable[str] = ()) -> list[PayloadProbl
     return problems
 
 
+def snapshot(payload: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a payload `json_problems` passed, out of reach of later changes to
+    ``payload``: handlers, filters and the message read it after the commit."""
+    if all(type(value) in _JSON_SCALARS or type(value) is float for value in payload.values()):
+        return dict(payload)
+    copied: dict[str, Any] = json.loads(json.dumps(payload))
+    return copied
+
+
 def _json_walk(
     value: Any,
     path: JsonPath,
