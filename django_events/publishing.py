@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from os import urandom
 from typing import Any, TypeVar, overload
@@ -210,12 +210,17 @@ _outlet = Outlet()
 
 
 @contextmanager
-def use_outlet(outlet: Outlet) -> Iterator[Outlet]:
-    """Send what is published in this block to ``outlet`` (not thread-safe: tests only)."""
+def use_outlet(**changes: Any) -> Iterator[Outlet]:
+    """Change the outlet's fields (`Outlet`) in this block (not thread-safe: tests only).
+
+    The fields left out stay as the enclosing block set them: a capture inside which
+    `events_eager` is entered still captures, whichever was entered first.
+    """
     global _outlet
-    previous, _outlet = _outlet, outlet
+    previous = _outlet
+    _outlet = replace(previous, **changes)
     try:
-        yield outlet
+        yield _outlet
     finally:
         _outlet = previous
 

@@ -28,7 +28,7 @@ from django_events.delivery import endpoints, webhooks
 from django_events.delivery.sealing import Unsealable
 from django_events.events import Event
 from django_events.models import Delivery, WebhookEndpoint
-from django_events.publishing import Outlet, use_outlet
+from django_events.publishing import use_outlet
 from django_events.signals import endpoint_disabled
 
 pytestmark = pytest.mark.django_db
@@ -183,7 +183,7 @@ def test_a_user_without_the_permission_cannot_add_or_act(client, django_user_mod
 def published(name: str, payload: dict[str, Any]) -> list[Any]:
     """What ``publish()`` hands on (one Outgoing an event), nothing sent."""
     batches: list[Any] = []
-    with use_outlet(Outlet(capture=lambda batch, alias: batches.extend(batch))):
+    with use_outlet(capture=lambda batch, alias: batches.extend(batch)):
         publish(name, payload)
     return batches
 

@@ -68,6 +68,30 @@ def test_captured_events_honours_commit_and_rollback_and_dispatches_nothing(
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("capture_first", [True, False])
+def test_captured_events_dispatches_nothing_with_events_eager_either_side(
+    capture_first: bool,
+) -> None:
+    """docs/testing.md: inside captured_events nothing is dispatched, even with events_eager
+    active too, whichever of the two was entered first (two fixtures in any order)."""
+    with wiring(*EVERY_MODE):
+        first, second = (
+            (captured_events, events_eager)
+            if capture_first
+            else (
+                events_eager,
+                captured_events,
+            )
+        )
+        with first() as one, second() as two:
+            event = publish("orders.placed", PAYLOAD)
+        got = one if capture_first else two
+    assert isinstance(got, CapturedEvents) and list(got) == [event]
+    assert not HandlerRun.objects.exists()
+    assert not EventRecord.objects.exists() and not Delivery.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_captured_events_filters_and_asserts_on_payloads() -> None:
     with captured_events() as got:
         publish("orders.placed", {"order_id": 1, "total": 10})

@@ -120,9 +120,9 @@ def captured_events() -> Iterator[CapturedEvents]:
         events = [item.event for item in batch]
         transaction.on_commit(partial(captured._committed, events), using=alias)
 
-    from django_events.publishing import Outlet, use_outlet
+    from django_events.publishing import use_outlet
 
-    with use_outlet(Outlet(capture=capture)):
+    with use_outlet(capture=capture):
         yield captured
 
 
@@ -238,8 +238,8 @@ def events_eager(*, propagate: bool = True) -> Iterator[EagerEvents]:
     with ``propagate=False`` it is only recorded, as on a worker, and listed in ``failures``.
     """
     eager = EagerEvents(propagate=propagate)
-    from django_events.publishing import Outlet, use_outlet
+    from django_events.publishing import use_outlet
 
     # robust=False: a failure is raised where the test committed, not logged by on_commit.
-    with use_outlet(Outlet(send=eager._send, robust=False)):
+    with use_outlet(send=eager._send, robust=False):
         yield eager
