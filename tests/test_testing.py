@@ -74,18 +74,11 @@ def test_captured_events_dispatches_nothing_with_events_eager_either_side(
 ) -> None:
     """docs/testing.md: inside captured_events nothing is dispatched, even with events_eager
     active too, whichever of the two was entered first (two fixtures in any order)."""
-    with wiring(*EVERY_MODE):
-        first, second = (
-            (captured_events, events_eager)
-            if capture_first
-            else (
-                events_eager,
-                captured_events,
-            )
-        )
-        with first() as one, second() as two:
-            event = publish("orders.placed", PAYLOAD)
-        got = one if capture_first else two
+    helpers = [captured_events, events_eager]
+    outer, inner = helpers if capture_first else helpers[::-1]
+    with wiring(*EVERY_MODE), outer() as one, inner() as two:
+        event = publish("orders.placed", PAYLOAD)
+    got = one if capture_first else two
     assert isinstance(got, CapturedEvents) and list(got) == [event]
     assert not HandlerRun.objects.exists()
     assert not EventRecord.objects.exists() and not Delivery.objects.exists()
