@@ -8,11 +8,12 @@ import importlib
 import textwrap
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
 
+import pydantic
 import pytest
 from django.apps import apps
 from django.conf import settings
@@ -20,6 +21,7 @@ from django.test import override_settings
 
 from django_events import InvalidPayload, UnknownEvent, event, publish
 from django_events.models import EventRecord
+from django_events.testing import events_eager
 from django_events.wiring import typed
 from django_events.wiring.compiled import Registry
 from django_events.wiring.declarations import RetryPolicy
@@ -890,6 +892,69 @@ def test_publishing_a_pydantic_event_by_name_gives_handlers_the_model(
         payment_id=uuid.UUID(int=3), amount=decimal.Decimal("2.5")
     )
     assert got.payload.currency == "EUR"
+
+
+@dataclass
+class Tallied:
+    """A dataclass event with a field the class sets itself and integer dict keys."""
+
+    counts: dict[int, str]
+    total: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = len(self.counts)
+
+
+class Aliased(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    order_id: int = pydantic.Field(alias="orderId")
+    at: datetime.datetime
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def day(self) -> str:
+        return self.at.date().isoformat()
+
+    @pydantic.field_validator("order_id")
+    @classmethod
+    def positive(cls, value: int) -> int:
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+
+
+@pytest.mark.django_db(transaction=True)
+def test_typed_events_the_class_accepts_reach_handlers_through_the_worker_path(
+    declare: None, received: list[Any]
+) -> None:
+    """Aliases, computed fields with extra="forbid", a strict model's datetime, a dataclass
+    field with init=False and integer dict keys: published, delivered, equal."""
+    event("typed.tallied")(Tallied)
+    event("typed.aliased")(Aliased)
+    keep = {"handler": "tests.app.typed_handlers.keep", "mode": "async"}
+    tallied = Tallied({1: "a", 2: "b"})
+    aliased = Aliased(orderId=7, at=datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.UTC))
+    with (
+        wiring({**keep, "event": "typed.tallied"}, {**keep, "event": "typed.aliased"}),
+        events_eager(),
+    ):
+        published = [publish(tallied), publish(aliased)]
+
+    assert [e.payload for e in received] == [tallied, aliased]
+    assert published[1].data == {"orderId": 7, "at": "2026-01-02T03:04:00Z"}
+    assert published[0].data == {"counts": {"1": "a", "2": "b"}, "total": 2}
+
+
+@pytest.mark.django_db
+def test_data_a_typed_events_class_refuses_is_an_invalid_payload(declare: None) -> None:
+    event("typed.aliased")(Aliased)
+    with wiring(), pytest.raises(InvalidPayload) as refused:
+        publish("typed.aliased", {"orderId": 0, "at": "2026-01-02T03:04:00Z"})
+    assert [(p.path, p.message) for p in refused.value.problems] == [
+        ("$.orderId", "Value error, must be positive")
+    ]
+    assert not EventRecord.objects.exists()
 
 
 def test_delivery_tasks_is_the_default_that_via_celery_overrides() -> None:

@@ -25,6 +25,7 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
+from django_events.wiring.redaction import redact_text
 from django_events.wiring.upcasting import Upcaster, upcast
 from django_events.wiring.validation import PayloadValidator, json_problems, snapshot
 
@@ -159,7 +160,15 @@ class CompiledEvent:
             return data
         if given is not None and isinstance(given, self.type):
             return given
-        return typed.from_data(self.type, data)
+        try:
+            return typed.from_data(self.type, data)
+        except (TypeError, ValueError) as exc:  # a validator or __post_init__ of the class
+            redact = self.declaration.redact
+            problems = [
+                PayloadProblem(path, redact_text(message, data, redact))
+                for path, message in typed.problems_of(exc)
+            ]
+            raise InvalidPayload(self.name, problems) from exc
 
 
 def _not_an_object(payload: Any, tp: type | None) -> PayloadProblem:

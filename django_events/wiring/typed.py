@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import json
 import re
 import types
 import typing
@@ -110,23 +111,42 @@ def schema_for(cls: type) -> dict[str, Any]:
 
 
 def to_data(instance: Any) -> dict[str, Any]:
-    """Turn a typed payload into its JSON form."""
-    if _is_pydantic(type(instance)):
-        data: dict[str, Any] = instance.model_dump(mode="json")
+    """Turn a typed payload into its JSON form: what its schema (`schema_for`) describes."""
+    cls = type(instance)
+    if _is_pydantic(cls):
+        # As the model reads it (model_json_schema's default): field aliases, and no computed
+        # fields, which the model would refuse as extra input (they are computed again).
+        computed = set(cls.model_computed_fields) or None
+        data: dict[str, Any] = instance.model_dump(mode="json", by_alias=True, exclude=computed)
         return data
     return typing.cast(dict[str, Any], _jsonable(dataclasses.asdict(instance)))
 
 
 def from_data(cls: type, data: dict[str, Any]) -> Any:
-    """Build the typed payload handlers receive from its JSON form."""
+    """Build the typed payload handlers receive from its JSON form (raises ValueError or
+    TypeError for data the class refuses: `problems_of` says where)."""
     if _is_pydantic(cls):
-        return cls.model_validate(data)  # type: ignore[attr-defined]
+        # JSON mode: a strict model takes a datetime's ISO text from JSON, not from a dict.
+        return cls.model_validate_json(json.dumps(data))  # type: ignore[attr-defined]
     return _build(cls, data)
 
 
+def problems_of(error: Exception) -> list[tuple[str, str]]:
+    """(JSON path, message) of each problem ``from_data`` raised ``error`` for."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):  # a dataclass's constructor or __post_init__
+        return [("$", f"{type(error).__name__}: {error}")]
+    return [
+        ("".join(["$", *(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"])]), e["msg"])
+        for e in errors()
+    ]
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys as JSON writes them: dict[int, str] has "1", not 1
+        return {
+            k if isinstance(k, str) else str(_jsonable(k)): _jsonable(v) for k, v in value.items()
+        }
     if isinstance(value, list | tuple | set | frozenset):
         return [_jsonable(v) for v in value]
     if isinstance(value, datetime.datetime | datetime.date | datetime.time):
@@ -157,7 +177,8 @@ def _dataclass_schema(cls: type) -> dict[str, Any]:
     required: list[str] = []
     for f in dataclasses.fields(cls):
         properties[f.name] = _type_schema(hints[f.name])
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        given = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        if f.init and not given:  # an init=False field is set by the class itself
             required.append(f.name)
     schema: dict[str, Any] = {"type": "object", "properties": properties}
     if required:
@@ -199,7 +220,7 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
 def _build(tp: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type) and isinstance(value, dict):
         hints = typing.get_type_hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
+        names = {f.name for f in dataclasses.fields(tp) if f.init}  # the others are computed
         return tp(**{k: _build(hints[k], v) for k, v in value.items() if k in names})
     parse = _PARSERS.get(tp)
     if parse is not None and isinstance(value, str):
@@ -213,7 +234,7 @@ def _build(tp: Any, value: Any) -> Any:
         return _build(options[0], value) if value is not None and len(options) == 1 else value
     if not isinstance(value, list):
         if origin is dict and len(args) == 2 and isinstance(value, dict):
-            return {k: _build(args[1], v) for k, v in value.items()}
+            return {_key(args[0], k): _build(args[1], v) for k, v in value.items()}
         return value
     if origin is tuple and args and args[-1] is not Ellipsis and len(args) == len(value):
         return tuple(_build(a, v) for a, v in zip(args, value, strict=True))
@@ -221,3 +242,13 @@ def _build(tp: Any, value: Any) -> Any:
         container = origin or tp
         return container(_build(args[0], v) for v in value) if args else container(value)
     return value
+
+
+def _key(tp: Any, key: str) -> Any:
+    """A dict key of type ``tp`` from its JSON text (``_jsonable`` wrote it with str())."""
+    if tp is int:
+        try:
+            return int(key)
+        except ValueError:  # the schema let it through: keep the text
+            return key
+    return _build(tp, key)
