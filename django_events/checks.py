@@ -11,6 +11,7 @@ from django.core.checks import CheckMessage, Error, Warning
 from django_events.conf import conf
 from django_events.wiring.compiled import (
     HandlerImportError,
+    HandlerInitError,
     Subscription,
     is_async_handler,
     resolve_handler,
@@ -127,6 +128,8 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
             hint = _import_hint(path, exc.__cause__) or hint
+            if isinstance(exc, HandlerInitError):  # one instance a process, made with no arguments
+                hint = "Give its __init__ arguments defaults, or use a function handler."
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"

@@ -472,6 +472,36 @@ def test_handler_that_is_not_callable_is_E202(tmp_path: Path, handler: str, reas
         )
 
 
+def test_a_handler_class_that_needs_arguments_is_E202_with_its_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its module imports fine: the class cannot be made with no arguments."""
+    write(
+        tmp_path / "needy_class.py",
+        "class Handler:\n"
+        "    def __init__(self, client):\n"
+        "        self.client = client\n"
+        "    def handle(self, event):\n"
+        "        pass\n",
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "needy_class", raising=False)
+
+    with wiring({"event": "orders.placed", "handler": "needy_class.Handler", "name": "needy"}):
+        assert_reported(
+            (
+                "django_events.E202",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                "Subscription 'needy': Handler class 'needy_class.Handler' cannot be instantiated "
+                "with no arguments: TypeError: Handler.__init__() missing 1 required positional "
+                "argument: 'client'",
+            )
+        )
+        assert [m.hint for m in checks.check_handlers()] == [
+            "Give its __init__ arguments defaults, or use a function handler."
+        ]
+
+
 def test_duplicate_event_and_subscription_names_are_E106_and_E107(tmp_path: Path) -> None:
     path, settings_ = manifest(
         tmp_path,

@@ -42,6 +42,10 @@ class HandlerImportError(ImportError):
     """A subscription's handler path does not import or is not callable."""
 
 
+class HandlerInitError(HandlerImportError):
+    """A handler class that cannot be instantiated with no arguments (its ``__init__`` raised)."""
+
+
 @dataclass(eq=False)
 class Subscription:
     """A subscription ready to run: filter compiled, retry policy merged, handler lazy."""
@@ -249,7 +253,14 @@ def resolve_handler(path: str) -> Handler:
         handle = getattr(target, "handle", None)
         if not callable(handle):
             raise HandlerImportError(f"Handler class {path!r} has no handle(self, event) method")
-        handler: Handler = target().handle
+        try:
+            instance = target()
+        except Exception as exc:  # whatever its __init__ raised: kept as the cause
+            raise HandlerInitError(
+                f"Handler class {path!r} cannot be instantiated with no arguments: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        handler: Handler = instance.handle
         return handler
     if not callable(target):
         raise HandlerImportError(f"Handler {path!r} is not callable")
