@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -27,7 +28,7 @@ from django_events.wiring.declarations import (
 from django_events.wiring.filters import Predicate
 from django_events.wiring.redaction import redact_text
 from django_events.wiring.upcasting import Upcaster, upcast
-from django_events.wiring.validation import PayloadValidator, json_problems, snapshot
+from django_events.wiring.validation import PayloadValidator, json_problems, plain_json_copy
 
 Handler = Callable[[Event], Any]
 WEBHOOK_SENDER = "django_events.delivery.webhooks.sender_for"  # (subscription) -> handler
@@ -144,19 +145,26 @@ class CompiledEvent:
         if tp is not None and isinstance(payload, tp):
             data = typed.to_data(payload)
         elif isinstance(payload, dict):
-            data = payload  # copied once valid (below)
+            data = payload  # copied (below): later changes to the caller's dict must not reach it
         else:
             raise InvalidPayload(self.name, [_not_an_object(payload, tp)])
         redact = self.declaration.redact
+        copied = plain_json_copy(data)
         try:
-            problems = self.validator.problems(data, redact) or json_problems(data, redact)
+            problems = self.validator.problems(data, redact)
+            if not problems and copied is None:
+                problems = json_problems(data, redact)
         except RecursionError:  # a schema validator recursing into a payload nested too deep
             problems = json_problems(data, redact) or [
                 PayloadProblem("$", "nested too deep to validate")
             ]
         if problems:
             raise InvalidPayload(self.name, problems)
-        return snapshot(data) if data is payload else data
+        if data is not payload:  # a typed payload's JSON form, made here
+            return data
+        if copied is None:  # JSON all the same (tuples, say): JSON's round trip copies it
+            copied = json.loads(json.dumps(data))
+        return cast(dict[str, Any], copied)
 
     def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
         """Return what handlers get as ``event.payload``."""

@@ -95,20 +95,11 @@ def json_problems(payload: Any, redact: Iterable[str] = ()) -> list[PayloadProbl
 
     A message does not quote the value at (or inside) a ``redact`` path.
     """
-    if _is_plain_json(payload):
+    if plain_json_copy(payload) is not None:
         return []
     problems: list[PayloadProblem] = []
     _json_walk(payload, (), problems, set(), redacted_paths(redact))
     return problems
-
-
-def snapshot(payload: dict[str, Any]) -> dict[str, Any]:
-    """A copy of a payload `json_problems` passed, out of reach of later changes to
-    ``payload``: handlers, filters and the message read it after the commit."""
-    if all(type(value) in _JSON_SCALARS or type(value) is float for value in payload.values()):
-        return dict(payload)
-    copied: dict[str, Any] = json.loads(json.dumps(payload))
-    return copied
 
 
 def _json_walk(
@@ -167,23 +158,28 @@ def _refuse(value: Any) -> Any:
 _JSON_SCALARS = frozenset({str, int, bool, type(None)})
 
 
-def _is_plain_json(payload: Any) -> bool:
-    """The hot path: a flat dict of scalars is checked in place, anything else by C json;
-    the walk explains failures."""
+def plain_json_copy(payload: Any) -> Any:
+    """A copy of ``payload`` if it is plain JSON that can travel as it is, out of reach of
+    later changes to ``payload``; None if it may not be (`json_problems` walks it to say).
+
+    The hot path: a flat dict of scalars is checked in place and copied with ``dict()``;
+    anything else goes through C json, whose round trip is the copy.
+    """
     if type(payload) is dict and _is_flat_json(payload):
-        return True
+        return dict(payload)
     try:
         text = json.dumps(payload, default=_refuse, allow_nan=False)
     except (TypeError, ValueError, RecursionError):
-        return False
+        return None
     # ensure_ascii escapes NUL and every surrogate (pairs too: the walk tells them apart).
     if "\\u0000" in text or "\\ud" in text:
-        return False
+        return None
     # Fewer brackets than levels allowed (those in strings count too): not too deep.
     if text.count("[") + text.count("{") > MAX_DEPTH and _deeper_than_allowed(payload):
-        return False
+        return None
+    copied = json.loads(text)
     # json.dumps turns non-string keys into strings silently: a round trip must be equal.
-    return "{" not in text or json.loads(text) == payload
+    return copied if copied == payload else None
 
 
 def _deeper_than_allowed(payload: Any) -> bool:
