@@ -164,7 +164,8 @@ class CompiledEvent:
             return data
         if copied is None:  # JSON all the same (tuples, say): JSON's round trip copies it
             copied = json.loads(json.dumps(data))
-        return cast(dict[str, Any], copied)
+        snapshot: dict[str, Any] = copied
+        return snapshot
 
     def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
         """Return what handlers get as ``event.payload``."""
