@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from django_events import publish
+from django_events.delivery import batching
 from django_events.delivery.messages import build_message, event_body
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.worker import process_message
 from django_events.events import Event
-from django_events.models import Delivery
+from django_events.models import Delivery, PausedSubscription
 from django_events.operations.pausing import pause, resume
 from django_events.signals import delivery_failed
 from tests.app.models import HandlerRun
@@ -163,3 +165,23 @@ def test_a_broadcast_copy_is_no_duplicate_of_another_workers_success() -> None:
         assert process_message(message, 0).status == "failed"  # never hidden by a success
     status, _, error = row(event)
     assert status == "failed" and "no_such_module" in error
+
+
+@pytest.mark.parametrize("record", ["all", "failures"])
+def test_a_message_held_by_a_stale_read_of_the_pauses_runs_once_when_resumed_meanwhile(
+    record: str,
+) -> None:
+    """A worker reads the pauses at most CACHE_SECONDS old: a resume elsewhere in between read
+    the held rows before this one was written. The worker takes the row back and runs it;
+    its first run's success (batched) is recorded, not left behind a held row."""
+    with wiring(KINDS["plain"], RECORD=record):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event_body(event), "sub", "default")
+        pause("sub")
+        assert "sub" in paused_names("default")  # this worker's cache: paused
+        PausedSubscription.objects.filter(subscription="sub").delete()  # resumed elsewhere
+        assert process_message(message, 0, batch_success=True).status == "succeeded"
+        batching.recorder().flush()
+        assert row(event) == ("succeeded", 1, "")
+        assert resume("sub").sent == 0
+    assert HandlerRun.objects.filter(event_id=event.id).count() == 1

@@ -113,6 +113,21 @@ def test_resume_claims_held_rows_whose_events_another_transaction_is_updating() 
         assert HandlerRun.objects.filter(handler="record").count() == 2
 
 
+def test_a_sync_delivery_held_by_a_stale_read_of_the_pauses_runs_once_resumed() -> None:
+    """A publisher reads the pauses at most CACHE_SECONDS old: another process's resume in
+    between has read the held rows before this one is written, and nothing would run it."""
+    with wiring(sub("s", "sync")):
+        pause("s")
+        publish("orders.placed", order(1))  # this process now holds "s" paused in its cache
+        PausedSubscription.objects.filter(subscription="s").delete()  # resumed elsewhere
+        late = publish("orders.placed", order(2))
+
+        assert Delivery.objects.get(event_id=late.id).status == "succeeded"
+        assert [r.event_id for r in HandlerRun.objects.all()] == [late.id]
+        assert resume("s").succeeded == 1  # the first one, held while paused: run once
+        assert HandlerRun.objects.count() == 2 and not held("s").exists()
+
+
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:
     with wiring(sub("a", "async")), events_eager():
         pause("a")

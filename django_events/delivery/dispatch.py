@@ -11,6 +11,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import DatabaseError
+from django.utils import timezone
 
 from django_events.delivery import broker
 from django_events.delivery.execution import run_handler
@@ -124,6 +125,7 @@ def run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     rows: list[Delivery] = []
     unrecorded_failures: list[Event] = []
     failed: list[tuple[Event, Delivery]] = []
+    held: list[tuple[Event, Subscription]] = []
     paused: frozenset[str] | None = None  # read once, if a sync delivery is due
     for item in batch:
         for subscription in item.sync:
@@ -131,6 +133,7 @@ def run_sync(batch: Sequence[Outgoing], alias: str) -> None:
                 paused = paused_names(alias)
             if subscription.name in paused:  # held: resuming runs it
                 rows.append(delivery(item.event.id, subscription.name, "sync", "held", 0))
+                held.append((item.event, subscription))
                 if not item.recorded:
                     unrecorded_failures.append(item.event)
                 continue
@@ -157,6 +160,38 @@ def run_sync(batch: Sequence[Outgoing], alias: str) -> None:
     # After the rows are written, so a receiver finds them; a sync delivery is never retried.
     for event, row in failed:
         failed_signal(event, row)
+    if held:
+        _run_resumed(held, alias, interceptors)
+
+
+def _run_resumed(
+    held: Sequence[tuple[Event, Subscription]], alias: str, interceptors: Sequence[object]
+) -> None:
+    """Run the deliveries just recorded held whose subscription was resumed meanwhile.
+
+    The pauses read were up to `pausing.CACHE_SECONDS` old: a resume in between read the held
+    rows before these were written, and nothing else would run them. Each row is claimed from
+    ``held`` first, so one a resume claimed meanwhile runs there, not twice.
+    """
+    try:
+        paused = paused_names(alias, fresh=True)
+        resumed = [(e, s) for e, s in held if s.name not in paused]
+        for event, subscription in resumed:
+            claimed = Delivery.objects.using(alias).filter(
+                event_id=event.id, subscription=subscription.name, status=Delivery.Status.HELD
+            )
+            if not claimed.update(status=Delivery.Status.RUNNING, updated_at=timezone.now()):
+                continue
+            row = run_sync_handler(subscription, event, interceptors)
+            if row is not None:
+                save_deliveries(alias, [row])
+                if row.status == Delivery.Status.FAILED:
+                    failed_signal(event, row)
+    except DatabaseError:  # held ones wait for the next resume; events_relay fails running ones
+        logger.exception(
+            "Could not run the held sync deliveries of a subscription resumed meanwhile",
+            extra=batch_log_extra([event for event, _ in held]),
+        )
 
 
 def failed_signal(event: Event, row: Delivery) -> None:

@@ -177,12 +177,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, attempt, f"Malformed event in message: {exc}")
+    rerun = message.rerun
     if subscription.name in paused_names(message.alias):
         held = _hold(message, subscription, event, attempt)
         if held is not None:
             return held
+        rerun = True  # resumed meanwhile: its row, taken back, waits for the outcome as one resumed
     # A retry or replay has a Delivery row already (pending): its success must replace it.
-    batch = batch_success and not message.rerun
+    batch = batch_success and not rerun
     outcome = _run(
         registry,
         subscription,
@@ -192,7 +194,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         retries,
         batch,
         message.uncounted,
-        message.rerun,
+        rerun,
     )
     if outcome.uncounted:
         outcome = replace(outcome, retry_with={**raw, "uncounted": message.uncounted + 1})
@@ -418,11 +420,30 @@ def _hold(
         return _duplicate(event, subscription.name)
     if recorded != RECORDED:
         return Outcome("retry", retry_in=subscription.retry.delay(1))
-    # A resume between the cached read and the row's write would not see this row.
+    # A resume between the cached read and the row's write would not see this row: it is
+    # taken back and run here, unless that resume took it first (and sends it again).
     if subscription.name not in paused_names(message.alias, fresh=True):
-        return None
+        try:
+            if _unhold(message.alias, event, subscription):
+                return None
+        except DatabaseError:
+            return Outcome("retry", retry_in=subscription.retry.delay(1))
+        logger.info(
+            "Subscription resumed meanwhile: the resume sends this delivery again",
+            extra=log_extra(event, subscription),
+        )
+        return Outcome("held")
     logger.info("Subscription paused: delivery held", extra=log_extra(event, subscription))
     return Outcome("held")
+
+
+def _unhold(alias: str, event: Event, subscription: Subscription) -> bool:
+    """Take back the row just recorded held for this delivery: pending, as a resume leaves
+    it (False: a resume took it from held meanwhile)."""
+    rows = Delivery.objects.using(alias).filter(
+        event_id=event.id, subscription=subscription.name, status=Delivery.Status.HELD
+    )
+    return bool(rows.update(status=Delivery.Status.PENDING, updated_at=timezone.now()))
 
 
 def _claim_turn(
