@@ -128,6 +128,28 @@ def test_a_sync_delivery_held_by_a_stale_read_of_the_pauses_runs_once_resumed() 
         assert HandlerRun.objects.count() == 2 and not held("s").exists()
 
 
+def test_retrying_or_replaying_a_paused_sync_subscription_holds_instead_of_running() -> None:
+    """Its handler stops running while paused (docs/commands.md), whoever delivers again."""
+    with wiring(sub("s", "sync", "tests.app.handlers.fails_first_time_sync")):
+        event = publish("orders.placed", order(1))
+        assert Delivery.objects.get(event_id=event.id).status == "failed"
+        pause("s")
+        for command in (
+            ("events_retry", "--subscription", "s"),
+            ("events_replay", "s", "--since", "1h"),
+        ):
+            out = io.StringIO()
+            call_command(*command, stdout=out)
+            assert "1 held (the subscription is paused: events_resume runs them)" in out.getvalue()
+            assert "0 ran again and succeeded; 0 ran again and failed" in out.getvalue()
+            row = Delivery.objects.get(event_id=event.id)
+            assert (row.status, row.attempts) == ("held", 1)
+        assert HandlerRun.objects.count() == 1  # the first run only
+
+        assert resume("s").succeeded == 1
+    assert HandlerRun.objects.count() == 2
+
+
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:
     with wiring(sub("a", "async")), events_eager():
         pause("a")

@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
+from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -44,6 +45,7 @@ class RedeliveryResult:
     failed: int = 0
     unsent: int = 0
     unconfirmed: int = 0  # sent, with no confirm from the broker: left pending for the relay
+    held: int = 0  # sync ones of a paused subscription: events_resume runs them
     skipped: list[str] = field(default_factory=list)
 
     def add(self, other: RedeliveryResult) -> None:
@@ -52,6 +54,7 @@ class RedeliveryResult:
         self.failed += other.failed
         self.unsent += other.unsent
         self.unconfirmed += other.unconfirmed
+        self.held += other.held
         self.skipped.extend(other.skipped)
 
     @property
@@ -71,6 +74,8 @@ class RedeliveryResult:
                 f"{self.unconfirmed} sent with no confirm from the broker (left pending: "
                 "events_relay sends them again if no worker runs them)"
             )
+        if self.held:
+            parts.append(f"{self.held} held (the subscription is paused: events_resume runs them)")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         return "; ".join(parts) + "."
@@ -252,6 +257,8 @@ def _run(
     using: str,
     claim_from: str | None,
 ) -> RedeliveryResult:
+    if subscription.name in paused_names(using, fresh=True):
+        return RedeliveryResult(held=_hold(subscription, records, prior, using, claim_from))
     interceptors = get_registry().interceptors
     result = RedeliveryResult()
     for record in records:
@@ -270,6 +277,25 @@ def _run(
             result.failed += 1
             failed_signal(event_of(record), row)
     return result
+
+
+def _hold(
+    subscription: Subscription,
+    records: Sequence[EventRecord],
+    prior: Mapping[UUID, int],
+    using: str,
+    claim_from: str | None,
+) -> int:
+    """Record a paused sync subscription's deliveries held instead of running them (as a
+    publish would); how many. With ``claim_from``, only rows still in that status."""
+    if claim_from is None:
+        create = [r.pk for r in records]
+        _mark(subscription, records, prior, Delivery.Status.HELD, using, create=create)
+        return len(records)
+    rows = Delivery.objects.using(using).filter(
+        event_id__in=[r.pk for r in records], subscription=subscription.name, status=claim_from
+    )
+    return rows.update(status=Delivery.Status.HELD, updated_at=timezone.now())
 
 
 def _claim_run(
