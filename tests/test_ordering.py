@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from io import StringIO
 from typing import Any
 
 import pytest
@@ -278,3 +279,22 @@ def test_an_ordered_publish_outside_a_transaction_takes_its_number_with_its_row(
         event = publish("shop.paid", {"order_id": 1, "total": 11})
     row = Delivery.objects.get(event_id=event.id, subscription=ORDERED["name"])
     assert row.sequence == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_retry_of_an_ordered_delivery_the_broker_does_not_take_is_left_to_the_relay(
+    queue: str,
+) -> None:
+    """Its message goes at the commit of the retry's claim: the counts are read after it."""
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        event = publish("shop.paid", {"order_id": 3, "total": 10})
+        drain(queue)
+        ordered = Delivery.objects.filter(event_id=event.id, subscription=ORDERED["name"])
+        ordered.update(status="failed", attempts=1)
+    out = StringIO()
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED], CELERY_APP="tests.brokers.unreachable"):
+        call_command("events_retry", "--subscription", ORDERED["name"], stdout=out)
+    assert "0 re-enqueued for a worker" in out.getvalue()
+    assert "1 left pending for events_relay" in out.getvalue()
+    row = ordered.get()
+    assert row.status == "pending" and row.retry_at is not None  # due for the relay

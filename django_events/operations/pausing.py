@@ -97,6 +97,7 @@ def resume(
         return result
     ids = list(held(name, using=using).values_list("pk", flat=True))
     for chunk in batched(ids, batch_size):
+        sent = RedeliveryResult()
         with transaction.atomic(using=using):
             # A sync subscription's run claims each row itself (see `redeliver`).
             claimed = _claim(chunk, using, mark_pending=subscription.is_queued)
@@ -106,7 +107,8 @@ def resume(
             # Sent before the claim commits (as retries are): a process that dies in between
             # leaves them held, never pending with no message.
             if subscription.is_queued:
-                result.add(redeliver(subscription, ordered, prior, using=using))
+                sent = redeliver(subscription, ordered, prior, using=using)
+        result.add(sent)  # after the commit: an ordered subscription's sends run at it
         if not subscription.is_queued:  # each row claimed from held as it runs
             result.add(
                 redeliver(

@@ -44,7 +44,9 @@ class RedeliveryResult:
     succeeded: int = 0
     failed: int = 0
     unsent: int = 0
-    unconfirmed: int = 0  # sent, with no confirm from the broker: left pending for the relay
+    # Left pending for events_relay: sent with no confirm (the broker may hold them), or an
+    # ordered subscription's the broker did not take (due for the relay's retries).
+    to_relay: int = 0
     held: int = 0  # sync ones of a paused subscription: events_resume runs them
     skipped: list[str] = field(default_factory=list)
 
@@ -53,13 +55,13 @@ class RedeliveryResult:
         self.succeeded += other.succeeded
         self.failed += other.failed
         self.unsent += other.unsent
-        self.unconfirmed += other.unconfirmed
+        self.to_relay += other.to_relay
         self.held += other.held
         self.skipped.extend(other.skipped)
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.unsent or self.unconfirmed or self.skipped)
+        return not (self.failed or self.unsent or self.to_relay or self.skipped)
 
     def summary(self) -> str:
         parts = [
@@ -69,10 +71,10 @@ class RedeliveryResult:
         ]
         if self.unsent:
             parts.append(f"{self.unsent} not sent (broker unreachable)")
-        if self.unconfirmed:
+        if self.to_relay:
             parts.append(
-                f"{self.unconfirmed} sent with no confirm from the broker (left pending: "
-                "events_relay sends them again if no worker runs them)"
+                f"{self.to_relay} left pending for events_relay (the broker did not confirm or "
+                "take them; do not retry them)"
             )
         if self.held:
             parts.append(f"{self.held} held (the subscription is paused: events_resume runs them)")
@@ -163,7 +165,7 @@ def _send(
             extra=log_extra(None, subscription.name),
         )
     return RedeliveryResult(
-        sent=len(records) - len(unsent.ids), unsent=len(failed), unconfirmed=unconfirmed
+        sent=len(records) - len(unsent.ids), unsent=len(failed), to_relay=unconfirmed
     )
 
 
@@ -200,12 +202,12 @@ def _send_ordered(
                 len(unsent),
                 extra=log_extra(None, subscription.name),
             )
-        result.sent, result.unsent = len(sent), len(unsent)
+        result.sent, result.to_relay = len(sent), len(unsent)
 
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
         # Inside a caller's transaction (a retry's claim) this runs when that one commits: the
-        # counts returned are then what was to be sent.
+        # result returned is final only then (the caller reads it after its commit).
         transaction.on_commit(send, using=using)
     return result
 

@@ -70,11 +70,14 @@ def retry_failures(
     ids = list(failed.order_by("pk").values_list("pk", flat=True))
     result = RedeliveryResult()
     for chunk in batched(ids, batch_size):
+        sends: list[RedeliveryResult] = []
         with transaction.atomic(using=using):
             groups = _claim(chunk, using, result)
             for subscription, records, prior in groups:
                 if subscription.is_queued:
-                    result.add(redeliver(subscription, records, prior, using=using))
+                    sends.append(redeliver(subscription, records, prior, using=using))
+        for sent in sends:  # read after the commit: an ordered subscription's sends run at it
+            result.add(sent)
         for subscription, records, prior in groups:
             if not subscription.is_queued:  # each row claimed from failed as it runs
                 claim_from = Delivery.Status.FAILED
