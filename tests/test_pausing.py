@@ -19,6 +19,7 @@ from django_events import publish
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.pausing import held, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
+from django_events.signals import delivery_failed
 from django_events.testing import events_eager
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
@@ -148,6 +149,35 @@ def test_retrying_or_replaying_a_paused_sync_subscription_holds_instead_of_runni
 
         assert resume("s").succeeded == 1
     assert HandlerRun.objects.count() == 2
+
+
+def test_held_deliveries_a_resume_records_failed_send_delivery_failed_once_each() -> None:
+    """DESIGN 3.18: the signal is sent once when a delivery ends failed, whoever ends it."""
+    sent: list[tuple[str, str]] = []
+
+    def note(sender: Any, **kwargs: Any) -> None:
+        sent.append((kwargs["subscription"], kwargs["error"]))
+
+    delivery_failed.connect(note)
+    try:
+        with wiring(sub("a", "async"), sub("gone", "sync")), events_eager():
+            pause("a")
+            pause("gone")
+            publish("orders.placed", order(1))
+        with wiring(sub("a", "async"), CELERY_APP="tests.brokers.unreachable"):
+            assert resume("a").unsent == 1  # the broker is down: recorded failed
+            resume("gone")  # no longer declared: recorded failed
+    finally:
+        delivery_failed.disconnect(note)
+    assert sorted(sent) == [
+        ("a", "Not sent again: the broker was unreachable; retry later."),
+        (
+            "gone",
+            "Not run: subscription 'gone' is no longer declared. Retry it once it is declared "
+            "again, or mark it resolved.",
+        ),
+    ]
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"failed"}
 
 
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:

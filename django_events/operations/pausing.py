@@ -13,11 +13,11 @@ from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.db.models import Count, QuerySet
-from django.utils import timezone
 
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.pausing import forget
 from django_events.models import Delivery, EventRecord, PausedSubscription
+from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import (
     RedeliveryResult,
     batched,
@@ -84,12 +84,7 @@ def resume(
                 f"Not run: subscription {name!r} is no longer declared. Retry it once it is "
                 "declared again, or mark it resolved."
             )
-        count = held(name, using=using).update(
-            status=Delivery.Status.FAILED,
-            last_error=error,
-            retry_at=None,
-            updated_at=timezone.now(),
-        )
+        count = record_failed(held(name, using=using), error)
         if count:
             result.skipped.append(f"{count} held deliveries recorded failed: {name!r} {what}")
         elif not deleted:
@@ -132,9 +127,7 @@ def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int
     waiting = Delivery.objects.using(using).filter(
         subscription=name, status__in=(Delivery.Status.HELD, Delivery.Status.PENDING)
     )
-    return waiting.update(
-        status=Delivery.Status.FAILED, last_error=DELETED, retry_at=None, updated_at=timezone.now()
-    )
+    return record_failed(waiting, DELETED)
 
 
 def held(name: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Delivery]:

@@ -27,6 +27,7 @@ from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.operations.failing import record_failed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
@@ -238,17 +239,16 @@ def _unsent(
     subscription: Subscription, unsent: set[UUID], prior: Mapping[UUID, int], using: str
 ) -> None:
     """Record deliveries the broker did not take as failed (kept: an earlier error)."""
-    failed = Delivery.Status.FAILED
+    pending = Delivery.Status.PENDING  # until recorded failed below, with delivery_failed
     Delivery.objects.using(using).bulk_create(
         [
-            delivery(pk, subscription.name, subscription.mode, failed, prior.get(pk, 0))
+            delivery(pk, subscription.name, subscription.mode, pending, prior.get(pk, 0))
             for pk in unsent
         ],
         ignore_conflicts=True,
     )
     rows = Delivery.objects.using(using).filter(event_id__in=unsent, subscription=subscription.name)
-    rows.update(status=failed, retry_at=None, updated_at=timezone.now())
-    rows.filter(last_error="").update(last_error=NOT_SENT)
+    record_failed(rows, NOT_SENT, keep_error=True)
 
 
 def _run(

@@ -19,6 +19,7 @@ from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
+from django_events.operations.failing import record_failed
 from django_events.operations.interrupted import record_interrupted
 from django_events.operations.redelivery import find_subscription, reaches
 from django_events.operations.unfinished import ResendResult, resend_unfinished
@@ -287,11 +288,9 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
                 len(gone),
                 extra=log_extra(),
             )
-            Delivery.objects.using(using).filter(pk__in=gone).update(
-                status=Delivery.Status.FAILED,
-                retry_at=None,
-                last_error="Not retried: the event no longer reaches this subscription.",
-                updated_at=timezone.now(),
+            record_failed(
+                Delivery.objects.using(using).filter(pk__in=gone),
+                "Not retried: the event no longer reaches this subscription.",
             )
     return len(sent), len(rows) - len(sent) - len(gone)
 

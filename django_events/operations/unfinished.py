@@ -64,6 +64,7 @@ from django_events.delivery.recording import FINISHED, delivery
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, RelayCheckpoint
+from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import NOT_SENT, send_claimed
 from django_events.wiring.compiled import Registry, Subscription
 from django_events.wiring.registry import get_registry
@@ -455,12 +456,7 @@ def _resend_absent(
     # One sent with no confirm stays pending and due at ``again``: the broker may hold it.
     unsent = send_claimed(subscription, records, {}, using=using).refused
     if unsent:
-        mine.filter(event_id__in=unsent).update(
-            status=Delivery.Status.FAILED,
-            retry_at=None,
-            last_error=NOT_SENT,
-            updated_at=timezone.now(),
-        )
+        record_failed(mine.filter(event_id__in=unsent), NOT_SENT)
     return len(records) - len(unsent), len(unsent)
 
 
