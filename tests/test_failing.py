@@ -37,9 +37,14 @@ def verdict(exc: BaseException, attempt: int = 1, age: float = 0, **keys) -> Ver
         (RuntimeError("x"), 3, {}, Verdict(None)),
         (PermanentFailure("gone"), 1, {}, Verdict(None)),
         (RetryLater(60), 1, {}, Verdict(60.0)),
-        (RetryLater(60), 3, {}, Verdict(None)),
+        (RetryLater(60), 3, {}, Verdict(None, note="not retried: max_attempts 3 reached")),
         (RetryLater(60, counts=False), 3, {}, Verdict(60.0, counted=False)),
-        (RetryLater(60, counts=False), 1, {"broadcast": True}, Verdict(None)),
+        (
+            RetryLater(60, counts=False),
+            1,
+            {"broadcast": True},
+            Verdict(None, note="not retried: a broadcast copy is never retried"),
+        ),
         (RuntimeError("x"), 1, {"broadcast": True}, Verdict(None)),
     ],
 )

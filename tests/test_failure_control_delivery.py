@@ -78,14 +78,14 @@ def test_retry_later_that_counts_uses_up_max_attempts(wired: Worker) -> None:
     delivery = settled(event.id, "fc-retry-later", "failed")
     wait_idle(wired.process)  # a third run or a second signal would have shown by now
     assert len(runs("retry_later", event.id)) == 2 == delivery.attempts  # max_attempts: 2
-    assert delivery.last_error == "RetryLater: retry in 0.1s"
+    assert delivery.last_error == "RetryLater: retry in 0.1s (not retried: max_attempts 2 reached)"
     signals = runs("delivery_failed", event.id)
     assert len(signals) == 1
     assert signals[0].payload == {
         "subscription": "fc-retry-later",
         "attempts": 2,
         "mode": "async",
-        "error": "RetryLater: retry in 0.1s",
+        "error": "RetryLater: retry in 0.1s (not retried: max_attempts 2 reached)",
         "exception": "RetryLater",
     }
     assert signals[0].pid == runs("retry_later", event.id)[-1].pid  # sent on the worker

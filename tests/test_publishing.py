@@ -206,6 +206,18 @@ def test_failing_sync_handler_is_recorded_never_raised(caplog: pytest.LogCapture
     )
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_sync_handlers_retry_later_is_recorded_as_not_retried() -> None:
+    """Sync deliveries are never retried: "RetryLater: retry in 5s" alone would promise one."""
+    asks = {**SYNC, "handler": "tests.app.handlers.retry_later"}
+    with wiring(asks):
+        event = publish("orders.placed", {**PAYLOAD, "times": 1, "seconds": 5})
+    assert Delivery.objects.get(event_id=event.id).last_error == (
+        "RetryLater: retry in 5s (not retried: sync deliveries are not; events_retry runs it "
+        "again)"
+    )
+
+
 def test_unknown_event_raises_and_records_nothing(db: None) -> None:
     with pytest.raises(UnknownEvent, match="'orders.nope'"):
         publish("orders.nope", {})

@@ -25,6 +25,7 @@ from django_events.delivery.recording import (
     save_deliveries,
 )
 from django_events.events import Event
+from django_events.exceptions import RetryLater
 from django_events.logs import batch_log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.signals import send_delivery_failed
@@ -207,6 +208,10 @@ def failed_signal(event: Event, row: Delivery) -> None:
     )
 
 
+# A sync handler's RetryLater reads "retry in 60s": no retry comes (docs/failure control).
+SYNC_NOT_RETRIED = " (not retried: sync deliveries are not; events_retry runs it again)"
+
+
 def run_sync_handler(
     subscription: Subscription,
     event: Event,
@@ -240,7 +245,8 @@ def run_sync_handler(
             "sync",
             Delivery.Status.FAILED,
             prior_attempts + 1,
-            f"{type(exc).__name__}: {exc}",
+            f"{type(exc).__name__}: {exc}"
+            + (SYNC_NOT_RETRIED if isinstance(exc, RetryLater) else ""),
             traceback.format_exc(),
             (time.perf_counter() - started) * 1000,
         )
