@@ -213,8 +213,7 @@ def test_a_sync_handlers_retry_later_is_recorded_as_not_retried() -> None:
     with wiring(asks):
         event = publish("orders.placed", {**PAYLOAD, "times": 1, "seconds": 5})
     assert Delivery.objects.get(event_id=event.id).last_error == (
-        "RetryLater: retry in 5s (not retried: sync deliveries are not; events_retry runs it "
-        "again)"
+        "RetryLater: retry in 5s (not retried: sync deliveries are not; events_retry runs it again)"
     )
 
 
