@@ -11,6 +11,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, ManagementUtility, call_command
+from django.db import OperationalError, connection
 from django.utils import timezone
 
 from django_events import publish
@@ -1098,3 +1099,24 @@ def test_events_relay_enqueues_via_tasks_deliveries_kept_outside_the_event_log(q
     assert (message["subscription"], message["event"]["id"]) == ("refund-task", str(record.pk))
     assert (message["db"], task.status) == ("other", "READY")
     assert not HandlerRun.objects.exists()  # a db_worker runs it
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("events_retry", "--all"),
+        ("events_replay", "shop-audit", "--since", "1h"),
+        ("events_pause", "shop-audit"),
+        ("events_resume", "shop-audit"),
+        ("events_prune", "--days", "1"),
+        ("events_list", "--held"),
+    ],
+)
+def test_a_database_that_does_not_answer_is_a_one_line_error(command: tuple[str, ...]) -> None:
+    def refuse(*args: object) -> None:
+        raise OperationalError("connection refused")
+
+    refused = pytest.raises(CommandError, match="^The database 'default' did not answer: conn")
+    with shop_wiring(), connection.execute_wrapper(refuse), refused:
+        call_command(*command, stdout=StringIO(), stderr=StringIO())

@@ -204,6 +204,17 @@ def test_commands_refuse_unknown_and_inline_subscriptions() -> None:
     assert not PausedSubscription.objects.exists()
 
 
+def test_events_resume_says_when_the_subscription_was_not_paused() -> None:
+    with wiring(sub("s", "sync")):
+        out = io.StringIO()
+        call_command("events_pause", "s", stdout=out)
+        call_command("events_resume", "s", stdout=out)
+        call_command("events_resume", "s", stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[1].startswith("Resumed 's'. Held deliveries: 0 re-enqueued")
+    assert lines[2].startswith("'s' was not paused. Held deliveries: 0 re-enqueued")
+
+
 def test_events_list_shows_paused_and_held() -> None:
     with wiring(sub("s", "sync")):
         call_command("events_pause", "s", stdout=io.StringIO())

@@ -4,17 +4,18 @@ import json
 from argparse import BooleanOptionalAction
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from django_events.delivery import endpoints
+from django_events.management.base import EventLogCommand
 from django_events.operations.pausing import pause_state
 from django_events.operations.retrying import held_deliveries
 from django_events.wiring.describing import describe_wiring
 from django_events.wiring.listing import FORMATS, render
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = "Print the wiring: every event and its subscriptions (table, JSON or Mermaid)."
     # A broken configuration is listed too, ending with how many errors events_check reports.
     requires_system_checks: list[str] = []

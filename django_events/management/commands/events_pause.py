@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from django_events.management.base import EventLogCommand
 from django_events.operations.pausing import PauseError, pause
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = "Pause a subscription: its deliveries are held, not run, until events_resume."
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -4,14 +4,15 @@ import math
 from datetime import timedelta
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
+from django_events.management.base import EventLogCommand
 from django_events.operations.pruning import prune_events
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = (
         "Delete event records (and their deliveries) older than N days. Records with a failed "
         "delivery are kept unless --include-failures; pending records (the outbox) and records "

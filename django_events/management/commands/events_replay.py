@@ -2,14 +2,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from django_events.management.base import EventLogCommand
 from django_events.operations.replay import ReplayError, replay_events
 from django_events.operations.timerange import EXAMPLES, parse_range
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = (
         "Deliver stored events again to one subscription (its `when` filter still applies). "
         "An idempotent subscription skips events it already handled."

@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.operations.pausing import PauseError, resume
+from django_events.management.base import EventLogCommand
+from django_events.operations.pausing import PauseError, is_paused, resume
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = "Resume a paused subscription and deliver what it held, oldest event first."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -22,11 +23,13 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["name"]
+        was_paused = is_paused(name, using=options["database"])
         try:
             result = resume(name, using=options["database"])
         except PauseError as exc:
             raise CommandError(str(exc)) from exc
-        self.stdout.write(f"Resumed {name!r}. Held deliveries: {result.summary()}")
+        done = f"Resumed {name!r}." if was_paused else f"{name!r} was not paused."
+        self.stdout.write(f"{done} Held deliveries: {result.summary()}")
         for reason in result.skipped:
             self.stderr.write(f"skipped: {reason}")
         if result.unsent:

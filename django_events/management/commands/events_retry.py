@@ -2,16 +2,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import DEFAULT_DB_ALIAS, connections
 
+from django_events.management.base import EventLogCommand
 from django_events.operations.redelivery import find_subscription, unknown_subscription
 from django_events.operations.retrying import retry_failures, select_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
 from django_events.wiring.registry import get_registry
 
 
-class Command(BaseCommand):
+class Command(EventLogCommand):
     help = (
         "Deliver failed deliveries again through the normal path (async: a new task message; "
         "sync: the handler runs here). Attempts keep counting."
