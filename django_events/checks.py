@@ -125,11 +125,16 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
         hint = "Fix the dotted path in 'handler'."
         try:
             handler = resolve_handler(path)
+        except HandlerInitError as exc:  # it imports: one instance a process, no arguments
+            code, reason = "E202", str(exc)
+            hint = (
+                "Give its __init__ arguments defaults, or use a function handler."
+                if isinstance(exc.__cause__, TypeError)
+                else "Its __init__ raised: it runs once a process, with no arguments."
+            )
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
             hint = _import_hint(path, exc.__cause__) or hint
-            if isinstance(exc, HandlerInitError):  # one instance a process, made with no arguments
-                hint = "Give its __init__ arguments defaults, or use a function handler."
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"

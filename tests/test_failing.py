@@ -45,6 +45,12 @@ def verdict(exc: BaseException, attempt: int = 1, age: float = 0, **keys) -> Ver
             {"broadcast": True},
             Verdict(None, note="not retried: a broadcast copy is never retried"),
         ),
+        (
+            RetryLater(60),
+            1,
+            {"broadcast": True, "retry": {"max_attempts": 5}},
+            Verdict(None, note="not retried: a broadcast copy is never retried"),
+        ),
         (RuntimeError("x"), 1, {"broadcast": True}, Verdict(None)),
     ],
 )

@@ -202,6 +202,7 @@ def test_standard_webhooks_secret_rotation_accepts_either(client: Client) -> Non
         "garbage_signature",
         "v2_only",
         "respelled_timestamp",
+        "zero_padded_timestamp",
     ],
 )
 def test_standard_webhooks_forgeries_are_401(client: Client, variant: str) -> None:
@@ -223,6 +224,8 @@ def test_standard_webhooks_forgeries_are_401(client: Client, variant: str) -> No
         headers["webhook-signature"] = headers["webhook-signature"].replace("v1,", "v2,")
     if variant == "respelled_timestamp":  # the library would read it as the signed time
         headers["webhook-timestamp"] += ".0"
+    if variant == "zero_padded_timestamp":
+        headers["webhook-timestamp"] = "0" + headers["webhook-timestamp"]
 
     response = post(client, "partner", body, headers)
 

@@ -1117,6 +1117,8 @@ def test_a_database_that_does_not_answer_is_a_one_line_error(command: tuple[str,
     def refuse(*args: object) -> None:
         raise OperationalError("connection refused")
 
-    refused = pytest.raises(CommandError, match="^The database 'default' did not answer: conn")
+    refused = pytest.raises(
+        CommandError, match="^The database 'default' failed: OperationalError: connection refused"
+    )
     with shop_wiring(), connection.execute_wrapper(refuse), refused:
         call_command(*command, stdout=StringIO(), stderr=StringIO())

@@ -49,10 +49,10 @@ def judge(
     max_attempts = 1 if subscription.declaration.broadcast else subscription.retry.max_attempts
     if isinstance(exc, RetryLater):
         # Its message, "retry in 0.3s", would read as a retry to come: say there is none.
-        if exc.counts and counted_attempt >= max_attempts:
-            return Verdict(None, note=f"not retried: max_attempts {max_attempts} reached")
         if subscription.declaration.broadcast:
             return Verdict(None, note="not retried: a broadcast copy is never retried")
+        if exc.counts and counted_attempt >= max_attempts:
+            return Verdict(None, note=f"not retried: max_attempts {max_attempts} reached")
         retry_in, counted = exc.seconds, exc.counts
     elif counted_attempt >= max_attempts:
         return Verdict(None)

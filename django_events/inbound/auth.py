@@ -128,10 +128,10 @@ def _standard_webhooks(
     headers = standard_webhook_headers(request)
     if not all(headers.values()):
         raise _missing(NO_CHALLENGE)
-    # The library reads the time with float() and signs it floored: "1796458200.0" would
-    # pass too, and each spelling would be a new call to the replay key.
+    # The library reads the time with float() and signs it floored: "1796458200.0" or
+    # "01796458200" would pass too, and each spelling would be a new call to the replay key.
     stamp = headers["webhook-timestamp"]
-    if not (stamp.isascii() and stamp.isdigit()):
+    if not (stamp.isascii() and stamp.isdigit() and stamp == str(int(stamp))):
         raise _invalid(NO_CHALLENGE)
     for identity, verifier in standard_webhooks_verifiers(policy.secret or ""):
         try:

@@ -9,12 +9,13 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError
 
 
 class EventLogCommand(BaseCommand):
-    """A command on the event log: a database it cannot reach is a one-line error (exit 1),
-    as for any `CommandError`, not a traceback."""
+    """A command on the event log: a database error (unreachable, tables not migrated) is a
+    one-line error (exit 1), as for any `CommandError`, not a traceback."""
 
     def execute(self, *args: Any, **options: Any) -> Any:
         try:
             return super().execute(*args, **options)
         except DatabaseError as exc:
             alias = options.get("database") or DEFAULT_DB_ALIAS
-            raise CommandError(f"The database {alias!r} did not answer: {exc}".strip()) from exc
+            error = f"{type(exc).__name__}: {exc}".strip()
+            raise CommandError(f"The database {alias!r} failed: {error}") from exc
