@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -14,10 +15,11 @@ from django.core.management import CommandError, call_command
 from django.db import connection, transaction
 from django.db.models import F
 from django.urls import reverse
+from django.utils import timezone
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord, PausedSubscription
-from django_events.operations.pausing import held, pause, resume
+from django_events.operations.pausing import ORPHAN_AFTER, held, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.signals import delivery_failed
 from django_events.testing import events_eager
@@ -178,6 +180,34 @@ def test_held_deliveries_a_resume_records_failed_send_delivery_failed_once_each(
         ),
     ]
     assert set(Delivery.objects.values_list("status", flat=True)) == {"failed"}
+
+
+def test_the_relay_delivers_held_rows_a_resume_could_not_see() -> None:
+    """A row held by a process that read the pauses before a resume committed (a resume in
+    an admin request's transaction) is still held once the pause is gone; the relay runs it
+    a minute later. Rows of a subscription still paused, or held just now, wait."""
+    with wiring(sub("s", "sync"), sub("p", "sync", "tests.app.handlers.record_other")):
+        pause("s")
+        pause("p")
+        orphan, young = (publish("orders.placed", order(n)).id for n in (1, 2))
+        PausedSubscription.objects.filter(subscription="s").delete()  # that resume committed
+        Delivery.objects.filter(event_id=orphan).update(
+            updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1)
+        )
+        Delivery.objects.filter(event_id=orphan, subscription="p").update(
+            updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1)
+        )
+
+        call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+
+        statuses = set(Delivery.objects.values_list("event_id", "subscription", "status"))
+        assert statuses == {
+            (orphan, "s", "succeeded"),
+            (young, "s", "held"),  # its writer may still take it back itself
+            (orphan, "p", "held"),  # still paused
+            (young, "p", "held"),
+        }
+        assert [r.event_id for r in HandlerRun.objects.all()] == [orphan]
 
 
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:

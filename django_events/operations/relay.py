@@ -21,6 +21,7 @@ from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.operations.failing import record_failed
 from django_events.operations.interrupted import record_interrupted
+from django_events.operations.pausing import deliver_orphaned_held
 from django_events.operations.redelivery import find_subscription, reaches
 from django_events.operations.unfinished import ResendResult, resend_unfinished
 from django_events.wiring.registry import get_registry
@@ -136,6 +137,14 @@ def relay_pending(
             )
     retried, retries_unsent = _send_due_retries(batch_size, using)
     unsent_count = len(unsent) + retries_unsent
+    orphans = deliver_orphaned_held(using=using)
+    if orphans.sent or orphans.succeeded or orphans.failed or orphans.unsent:
+        logger.warning(
+            "Delivered the held deliveries of subscriptions no longer paused (held as a resume "
+            "ran): %s",
+            orphans.summary(),
+            extra=log_extra(),
+        )
     # The broker refused the sends above: deliveries resent now would be recorded failed.
     unfinished = (
         ResendResult()
