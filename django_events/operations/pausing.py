@@ -163,10 +163,13 @@ def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int
     name = subscription_name(endpoint_id)
     PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
-    waiting = Delivery.objects.using(using).filter(
-        subscription=name, status__in=(Delivery.Status.HELD, Delivery.Status.PENDING)
+    rows = Delivery.objects.using(using).filter(subscription=name)
+    # A pending one's retry is on its way to a worker, which records it failed, with
+    # delivery_failed, when it comes ("not declared on this worker"): no signal twice.
+    pending = rows.filter(status=Delivery.Status.PENDING).update(
+        status=Delivery.Status.FAILED, last_error=DELETED, retry_at=None, updated_at=timezone.now()
     )
-    return record_failed(waiting, DELETED)
+    return pending + record_failed(rows.filter(status=Delivery.Status.HELD), DELETED)
 
 
 def held(name: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Delivery]:
