@@ -924,6 +924,12 @@ class Aliased(pydantic.BaseModel):
         return value
 
 
+class Renamed(pydantic.BaseModel):
+    """A serialization_alias alone: the model reads the field's name."""
+
+    order_id: int = pydantic.Field(serialization_alias="orderId")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_typed_events_the_class_accepts_reach_handlers_through_the_worker_path(
     declare: None, received: list[Any]
@@ -932,18 +938,19 @@ def test_typed_events_the_class_accepts_reach_handlers_through_the_worker_path(
     field with init=False and integer dict keys: published, delivered, equal."""
     event("typed.tallied")(Tallied)
     event("typed.aliased")(Aliased)
+    event("typed.renamed")(Renamed)
     keep = {"handler": "tests.app.typed_handlers.keep", "mode": "async"}
     tallied = Tallied({1: "a", 2: "b"})
     aliased = Aliased(orderId=7, at=datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.UTC))
-    with (
-        wiring({**keep, "event": "typed.tallied"}, {**keep, "event": "typed.aliased"}),
-        events_eager(),
-    ):
-        published = [publish(tallied), publish(aliased)]
+    renamed = Renamed(order_id=8)
+    names = ("typed.tallied", "typed.aliased", "typed.renamed")
+    with wiring(*({**keep, "event": name} for name in names)), events_eager():
+        published = [publish(tallied), publish(aliased), publish(renamed)]
 
-    assert [e.payload for e in received] == [tallied, aliased]
-    assert published[1].data == {"orderId": 7, "at": "2026-01-02T03:04:00Z"}
+    assert [e.payload for e in received] == [tallied, aliased, renamed]
     assert published[0].data == {"counts": {"1": "a", "2": "b"}, "total": 2}
+    assert published[1].data == {"orderId": 7, "at": "2026-01-02T03:04:00Z"}
+    assert published[2].data == {"order_id": 8}
 
 
 @pytest.mark.django_db

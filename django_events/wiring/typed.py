@@ -114,12 +114,21 @@ def to_data(instance: Any) -> dict[str, Any]:
     """Turn a typed payload into its JSON form: what its schema (`schema_for`) describes."""
     cls = type(instance)
     if _is_pydantic(cls):
-        # As the model reads it (model_json_schema's default): field aliases, and no computed
-        # fields, which the model would refuse as extra input (they are computed again).
+        # As the model reads it (model_json_schema's default): no computed fields, which the
+        # model would refuse as extra input (they are computed again), and its aliases.
         computed = set(cls.model_computed_fields) or None
-        data: dict[str, Any] = instance.model_dump(mode="json", by_alias=True, exclude=computed)
+        by_alias = _reads_its_dump_by_alias(cls)
+        data: dict[str, Any] = instance.model_dump(mode="json", by_alias=by_alias, exclude=computed)
         return data
     return typing.cast(dict[str, Any], _jsonable(dataclasses.asdict(instance)))
+
+
+def _reads_its_dump_by_alias(cls: type) -> bool:
+    """Whether a pydantic model reads its fields by the names ``by_alias`` dumps them under:
+    yes with ``alias`` (both ways), no with a ``serialization_alias`` alone (it reads the
+    field's name, so it is dumped by name, as before aliases were used)."""
+    fields = cls.model_fields.values()  # type: ignore[attr-defined]
+    return all(f.serialization_alias in (None, f.alias) for f in fields)
 
 
 def from_data(cls: type, data: dict[str, Any]) -> Any:
