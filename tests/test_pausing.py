@@ -19,7 +19,13 @@ from django.utils import timezone
 
 from django_events import publish
 from django_events.models import Delivery, EventRecord, PausedSubscription
-from django_events.operations.pausing import ORPHAN_AFTER, held, pause, resume
+from django_events.operations.pausing import (
+    ORPHAN_AFTER,
+    deliver_orphaned_held,
+    held,
+    pause,
+    resume,
+)
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.signals import delivery_failed
 from django_events.testing import events_eager
@@ -208,6 +214,20 @@ def test_the_relay_delivers_held_rows_a_resume_could_not_see() -> None:
             (young, "p", "held"),
         }
         assert [r.event_id for r in HandlerRun.objects.all()] == [orphan]
+
+
+def test_the_relay_leaves_an_ordered_keys_held_deliveries_to_their_turn() -> None:
+    """Held behind a failed delivery of their key, not by a pause: nothing to deliver."""
+    ordered = {**sub("o", "async"), "ordering_key": "order_id"}
+    with wiring(ordered, CELERY_APP="tests.brokers.unreachable"):
+        first, second = (publish("orders.placed", order(1)).id for _ in range(2))
+        rows = Delivery.objects.filter(subscription="o")
+        rows.filter(event_id=first).update(status="failed")
+        rows.filter(event_id=second).update(status="held")
+        rows.update(updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1))
+
+        assert deliver_orphaned_held().sent == 0
+        assert rows.get(event_id=second).status == "held"
 
 
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:

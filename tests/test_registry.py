@@ -905,10 +905,12 @@ class Tallied:
         self.total = len(self.counts)
 
 
-class Aliased(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+class Stamped(pydantic.BaseModel):
+    """Strict, with a datetime; a validator; a computed field."""
 
-    order_id: int = pydantic.Field(alias="orderId")
+    model_config = pydantic.ConfigDict(strict=True)
+
+    n: int
     at: datetime.datetime
 
     @pydantic.computed_field  # type: ignore[prop-decorator]
@@ -916,7 +918,7 @@ class Aliased(pydantic.BaseModel):
     def day(self) -> str:
         return self.at.date().isoformat()
 
-    @pydantic.field_validator("order_id")
+    @pydantic.field_validator("n")
     @classmethod
     def positive(cls, value: int) -> int:
         if value <= 0:
@@ -924,42 +926,42 @@ class Aliased(pydantic.BaseModel):
         return value
 
 
-class Renamed(pydantic.BaseModel):
-    """A serialization_alias alone: the model reads the field's name."""
+class Coupon(pydantic.BaseModel):
+    """An aliased field with a default: its JSON form holds the field's name."""
 
-    order_id: int = pydantic.Field(serialization_alias="orderId")
+    coupon_code: str | None = pydantic.Field(None, alias="couponCode")
 
 
 @pytest.mark.django_db(transaction=True)
 def test_typed_events_the_class_accepts_reach_handlers_through_the_worker_path(
     declare: None, received: list[Any]
 ) -> None:
-    """Aliases, computed fields with extra="forbid", a strict model's datetime, a dataclass
-    field with init=False and integer dict keys: published, delivered, equal."""
+    """A strict model's datetime, a computed field, an aliased field (read back by name, not
+    left at its default), a dataclass field with init=False and integer dict keys."""
     event("typed.tallied")(Tallied)
-    event("typed.aliased")(Aliased)
-    event("typed.renamed")(Renamed)
+    event("typed.stamped")(Stamped)
+    event("typed.coupon")(Coupon)
     keep = {"handler": "tests.app.typed_handlers.keep", "mode": "async"}
     tallied = Tallied({1: "a", 2: "b"})
-    aliased = Aliased(orderId=7, at=datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.UTC))
-    renamed = Renamed(order_id=8)
-    names = ("typed.tallied", "typed.aliased", "typed.renamed")
+    stamped = Stamped(n=7, at=datetime.datetime(2026, 1, 2, 3, 4, tzinfo=datetime.UTC))
+    coupon = Coupon(couponCode="SAVE")
+    names = ("typed.tallied", "typed.stamped", "typed.coupon")
     with wiring(*({**keep, "event": name} for name in names)), events_eager():
-        published = [publish(tallied), publish(aliased), publish(renamed)]
+        published = [publish(tallied), publish(stamped), publish(coupon)]
 
-    assert [e.payload for e in received] == [tallied, aliased, renamed]
+    assert [e.payload for e in received] == [tallied, stamped, coupon]
     assert published[0].data == {"counts": {"1": "a", "2": "b"}, "total": 2}
-    assert published[1].data == {"orderId": 7, "at": "2026-01-02T03:04:00Z"}
-    assert published[2].data == {"order_id": 8}
+    assert published[1].data == {"n": 7, "at": "2026-01-02T03:04:00Z", "day": "2026-01-02"}
+    assert published[2].data == {"coupon_code": "SAVE"}
 
 
 @pytest.mark.django_db
 def test_data_a_typed_events_class_refuses_is_an_invalid_payload(declare: None) -> None:
-    event("typed.aliased")(Aliased)
+    event("typed.stamped")(Stamped)
     with wiring(), pytest.raises(InvalidPayload) as refused:
-        publish("typed.aliased", {"orderId": 0, "at": "2026-01-02T03:04:00Z"})
+        publish("typed.stamped", {"n": 0, "at": "2026-01-02T03:04:00Z"})
     assert [(p.path, p.message) for p in refused.value.problems] == [
-        ("$.orderId", "Value error, must be positive")
+        ("$.n", "Value error, must be positive")
     ]
     assert not EventRecord.objects.exists()
 

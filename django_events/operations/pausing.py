@@ -115,6 +115,8 @@ def deliver_orphaned_held(
     paused = paused_names(using, fresh=True)
     horizon = timezone.now() - timedelta(seconds=older_than)
     late = held(using=using).filter(updated_at__lte=horizon).exclude(subscription__in=paused)
+    # Not an ordered key's: those wait for their turn (the gate hands each on in order).
+    late = late.filter(ordering_key__isnull=True)
     result = RedeliveryResult()
     for name in sorted(set(late.values_list("subscription", flat=True))):
         subscription = find_subscription(name)

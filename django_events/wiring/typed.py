@@ -111,32 +111,24 @@ def schema_for(cls: type) -> dict[str, Any]:
 
 
 def to_data(instance: Any) -> dict[str, Any]:
-    """Turn a typed payload into its JSON form: what its schema (`schema_for`) describes."""
-    cls = type(instance)
-    if _is_pydantic(cls):
-        # As the model reads it (model_json_schema's default): no computed fields, which the
-        # model would refuse as extra input (they are computed again), and its aliases.
-        computed = set(cls.model_computed_fields) or None
-        by_alias = _reads_its_dump_by_alias(cls)
-        data: dict[str, Any] = instance.model_dump(mode="json", by_alias=by_alias, exclude=computed)
+    """Turn a typed payload into its JSON form (a pydantic model's fields by name, computed
+    ones included: what `redact`, `when` and stored records go by)."""
+    if _is_pydantic(type(instance)):
+        data: dict[str, Any] = instance.model_dump(mode="json")
         return data
     return typing.cast(dict[str, Any], _jsonable(dataclasses.asdict(instance)))
-
-
-def _reads_its_dump_by_alias(cls: type) -> bool:
-    """Whether a pydantic model reads its fields by the names ``by_alias`` dumps them under:
-    yes with ``alias`` (both ways), no with a ``serialization_alias`` alone (it reads the
-    field's name, so it is dumped by name, as before aliases were used)."""
-    fields = cls.model_fields.values()  # type: ignore[attr-defined]
-    return all(f.serialization_alias in (None, f.alias) for f in fields)
 
 
 def from_data(cls: type, data: dict[str, Any]) -> Any:
     """Build the typed payload handlers receive from its JSON form (raises ValueError or
     TypeError for data the class refuses: `problems_of` says where)."""
     if _is_pydantic(cls):
-        # JSON mode: a strict model takes a datetime's ISO text from JSON, not from a dict.
-        return cls.model_validate_json(json.dumps(data))  # type: ignore[attr-defined]
+        # Computed fields are computed again (a model with extra="forbid" refuses them);
+        # fields are read by name as well as by alias (the JSON form has the names); JSON
+        # mode, so that a strict model takes a datetime's ISO text.
+        computed = cls.model_computed_fields  # type: ignore[attr-defined]
+        given = {key: value for key, value in data.items() if key not in computed}
+        return cls.model_validate_json(json.dumps(given), by_name=True)  # type: ignore[attr-defined]
     return _build(cls, data)
 
 
