@@ -550,6 +550,28 @@ def test_events_prune_keeps_events_whose_deliveries_are_not_finished(publish_now
     assert Delivery.objects.filter(subscription="shop-audit").count() == 3
 
 
+@pytest.mark.django_db(transaction=True)
+def test_events_prune_keeps_a_delivery_a_retry_reopens_while_it_deletes(publish_now) -> None:
+    """The retry's claim (failed -> pending) commits while prune's DELETE waits for its row
+    lock: the DELETE then sees the row pending, and the event is kept."""
+    event = publish_now("shop.refunded", {"order_id": 1})
+    save_deliveries("default", [delivery(event.id, "shop-audit", "async", "failed", 1)])
+    EventRecord.objects.update(occurred_at=timezone.now() - timedelta(days=40))
+    audit = Delivery.objects.filter(event_id=event.id, subscription="shop-audit")
+    table = Delivery._meta.db_table
+
+    def claim_first(execute, sql, params, many, context):
+        if sql.startswith(f'DELETE FROM "{table}"') and audit.filter(status="failed").exists():
+            audit.update(status="pending")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(claim_first):
+        run("events_prune", "--days", "30", "--include-failures")
+
+    assert audit.get().status == "pending"
+    assert EventRecord.objects.filter(pk=event.id).exists()
+
+
 @pytest.mark.django_db
 def test_events_prune_deletes_expired_idempotency_keys_only() -> None:
     now = timezone.now()

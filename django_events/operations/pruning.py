@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from django_events.conf import conf
@@ -70,8 +71,15 @@ def prune_events(
                 .exclude(pk__in=under_way)
                 .values_list("pk", flat=True)
             )
-            deliveries += Delivery.objects.using(using).filter(event_id__in=pks).delete()[0]
-            events += EventRecord.objects.using(using).filter(pk__in=pks).delete()[0]
+            # The statements carry the conditions too: a retry's claim that commits while they
+            # wait for its row locks is seen by them (a reopened delivery is not deleted), and
+            # a record keeps whatever delivery is left.
+            finished = Delivery.objects.using(using).filter(event_id__in=pks)
+            finished = finished.exclude(status__in=UNFINISHED)
+            deliveries += finished.delete()[0]
+            left = Delivery.objects.using(using).filter(event_id=OuterRef("pk"))
+            unused = EventRecord.objects.using(using).filter(pk__in=pks).exclude(Exists(left))
+            events += unused.delete()[0]
     expired_keys = _prune_keys(keys_kept_for, using)
     kept = old.exclude(status=EventRecord.Status.PENDING)
     kept_unfinished = kept.filter(pk__in=under_way).count()
