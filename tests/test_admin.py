@@ -624,3 +624,32 @@ def test_a_webhook_failure_shows_the_answer_escaped_and_redacted(admin_client, p
     assert "HTTP 422 in 37 ms" in html and "HTTP 422 in 37 ms" in event_page
     assert "&lt;b&gt;bad&lt;/b&gt;" in html and "<b>bad</b>" not in html
     assert "y@example.com" not in html and MASK in html
+
+
+class EventLogElsewhere:
+    """A router that keeps the event log on the "other" database."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model._meta.app_label == "django_events" else None
+
+    db_for_write = db_for_read
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_admin_reads_and_writes_the_event_log_where_the_router_says(admin_client) -> None:
+    from django.test import override_settings
+
+    from django_events.models import PausedSubscription
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        event = publish("shop.paid", {"order_id": 1, "total": 10}, using="other")
+        save_deliveries("other", [delivery(event.id, "shop-audit", "async", "failed", 1, "x")])
+
+        dashboard = admin_client.get(reverse("admin:django_events_dashboard"))
+        assert dashboard.status_code == 200 and "shop-audit" in dashboard.content.decode()
+        paused = admin_client.post(
+            reverse("admin:django_events_wiring_pause"), {"name": "shop-audit", "action": "pause"}
+        )
+        assert paused.status_code == 302
+        assert PausedSubscription.objects.using("other").filter(subscription="shop-audit")
+        assert not PausedSubscription.objects.using("default").exists()

@@ -12,7 +12,7 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import flatten_fieldsets
 from django.contrib.admin.views.main import ChangeList
 from django.core.exceptions import PermissionDenied
-from django.db import DatabaseError
+from django.db import DatabaseError, router
 from django.db.models import Count, Prefetch, Q, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -307,7 +307,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         window = request.GET.get("window", "day")
         if window not in names:
             window = "day"
-        figures = collect()
+        figures = collect(using=router.db_for_read(Delivery))
         rows = [
             {
                 "name": s.name,
@@ -337,12 +337,13 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         if request.method != "POST" or not can_pause(request):
             raise PermissionDenied
         name, action = request.POST.get("name", ""), request.POST.get("action")
+        using = router.db_for_write(PausedSubscription)
         try:
             if action == "pause":
-                pause(name, by=request.user.get_username())
+                pause(name, by=request.user.get_username(), using=using)
                 self.message_user(request, gettext("Paused %(name)s.") % {"name": name})
             elif action == "resume":
-                result = resume(name)
+                result = resume(name, using=using)
                 level = messages.SUCCESS if result.ok else messages.WARNING
                 text = gettext("Resumed %(name)s. Held deliveries: %(summary)s")
                 self.message_user(
@@ -621,7 +622,8 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
     @admin.action(description=_("Retry selected"), permissions=["change"])
     def retry_selected(self, request: HttpRequest, queryset: QuerySet[Failure]) -> None:
         try:
-            result = retry_failures(queryset)
+            # Claimed and written where the router writes (the list may read a replica).
+            result = retry_failures(queryset.using(router.db_for_write(Failure)))
         except DatabaseError as exc:
             logger.exception("Retrying failed deliveries failed", extra=log_extra())
             self.message_user(request, f"Retry failed: {exc}", messages.ERROR)

@@ -18,7 +18,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
-from django.db import DatabaseError
+from django.db import DatabaseError, router
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -301,7 +301,7 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
                 raise ReplayError(f"Webhook endpoint {name!r} is disabled: enable it first")
             if data["what"] == "failed":
                 count = failed.count()
-                result = retry_failures(failed)
+                result = retry_failures(failed.using(router.db_for_write(Failure)))
                 text = ngettext(
                     "Retried %(count)d failed delivery: %(summary)s",
                     "Retried %(count)d failed deliveries: %(summary)s",
@@ -383,7 +383,7 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.action(description=_("Enable selected (again)"), permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
-        count = endpoints.enable(queryset, using=queryset.db)
+        count = endpoints.enable(queryset, using=router.db_for_write(WebhookEndpoint))
         message = ngettext(
             "%(count)d endpoint enabled; retry its failed deliveries from the failures page.",
             "%(count)d endpoints enabled; retry their failed deliveries from the failures page.",
@@ -393,7 +393,7 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.action(description=_("Disable selected"), permissions=["change"])
     def disable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
-        count = endpoints.disable(queryset, using=queryset.db)
+        count = endpoints.disable(queryset, using=router.db_for_write(WebhookEndpoint))
         message = ngettext(
             "%(count)d endpoint disabled.", "%(count)d endpoints disabled.", count
         ) % {"count": count}
