@@ -1144,3 +1144,29 @@ def test_a_database_that_does_not_answer_is_a_one_line_error(command: tuple[str,
     )
     with shop_wiring(), connection.execute_wrapper(refuse), refused:
         call_command(*command, stdout=StringIO(), stderr=StringIO())
+
+
+def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -> None:
+    """Not migrated (or the log is on another alias): no outage to wait out, for good."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}  # SQLite
+    env.update(
+        DJANGO_SETTINGS_MODULE="tests.settings",
+        DJANGO_EVENTS_WORKER_DB_NAME=str(tmp_path / "empty.sqlite3"),
+    )
+    relay = subprocess.run(
+        [sys.executable, "-m", "django", "events_relay", "--loop", "--interval", "0.2"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert relay.returncode == 1, relay.stderr
+    assert "The database 'default' has no django_events tables" in relay.stderr
+    assert "migrate --database default" in relay.stderr

@@ -88,6 +88,7 @@ class Command(BaseCommand):
                 self._requeue(options)
                 self._one_shot(options)
             except DatabaseError as exc:
+                _refuse_without_tables(options["database"], exc)
                 raise CommandError(f"The database could not be reached: {exc}") from exc
             return
         self._loop(options)
@@ -116,6 +117,7 @@ class Command(BaseCommand):
                 self._requeue(options)
                 result = self._drain(options)
             except DatabaseError as exc:
+                _refuse_without_tables(options["database"], exc)  # no outage: no relay ever
                 outage.failed(exc)
                 delay = min(delay * 2, max(interval, MAX_BACKOFF))
                 time.sleep(delay)
@@ -199,3 +201,19 @@ class Command(BaseCommand):
         return EventRecord.objects.using(options["database"]).filter(
             status=EventRecord.Status.PENDING
         )
+
+
+def _refuse_without_tables(alias: str, error: DatabaseError) -> None:
+    """Raise `CommandError` if the database answers but has no event log (not migrated, or
+    the log is on another alias): an outage would be waited out for good."""
+    connection = connections[alias]
+    try:
+        with connection.cursor() as cursor:
+            tables = connection.introspection.table_names(cursor)
+    except DatabaseError:  # it does not answer: an outage, waited out
+        return
+    if EventRecord._meta.db_table not in tables:
+        raise CommandError(
+            f"The database {alias!r} has no django_events tables ({error}): run manage.py "
+            f"migrate --database {alias}, or pass --database with the event log's alias"
+        ) from error
