@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from django.db import OperationalError, connection
 
 from django_events import publish
 from django_events.delivery import batching
@@ -185,3 +186,26 @@ def test_a_message_held_by_a_stale_read_of_the_pauses_runs_once_when_resumed_mea
         assert row(event) == ("succeeded", 1, "")
         assert resume("sub").sent == 0
     assert HandlerRun.objects.filter(event_id=event.id).count() == 1
+
+
+def test_a_held_row_the_worker_cannot_take_back_is_retried_not_run() -> None:
+    """The database refuses the take-back (held -> pending): the message is retried later,
+    the handler does not run, and the row stays held for the resume or the relay."""
+    table = Delivery._meta.db_table
+
+    def refuse_take_back(execute, sql, params, many, context):
+        taking_back = sql.startswith(f'UPDATE "{table}"') and params and params[0] == "pending"
+        if taking_back and "held" in params:
+            raise OperationalError("connection lost")
+        return execute(sql, params, many, context)
+
+    with wiring(KINDS["plain"]):
+        event = publish("orders.placed", PAYLOAD)
+        message = build_message(event_body(event), "sub", "default")
+        pause("sub")
+        assert "sub" in paused_names("default")
+        PausedSubscription.objects.filter(subscription="sub").delete()  # resumed elsewhere
+        with connection.execute_wrapper(refuse_take_back):
+            assert process_message(message, 0).status == "retry"
+    assert row(event) == ("held", 0, "")
+    assert not HandlerRun.objects.filter(event_id=event.id).exists()

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.urls import reverse
 from django.utils import timezone
@@ -135,6 +135,31 @@ def test_a_sync_delivery_held_by_a_stale_read_of_the_pauses_runs_once_resumed() 
         assert [r.event_id for r in HandlerRun.objects.all()] == [late.id]
         assert resume("s").succeeded == 1  # the first one, held while paused: run once
         assert HandlerRun.objects.count() == 2 and not held("s").exists()
+
+
+def test_a_held_sync_delivery_the_publisher_cannot_take_back_stays_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The database refuses the claim (held -> running): logged, nothing raised into the code
+    that committed, the handler not run; the relay's pass for such rows delivers it later."""
+    table = Delivery._meta.db_table
+
+    def refuse_claim(execute, sql, params, many, context):
+        claiming = sql.startswith(f'UPDATE "{table}"') and params and params[0] == "running"
+        if claiming and "held" in params:
+            raise OperationalError("connection lost")
+        return execute(sql, params, many, context)
+
+    with wiring(sub("s", "sync")):
+        pause("s")
+        publish("orders.placed", order(1))  # this process now holds "s" paused in its cache
+        PausedSubscription.objects.filter(subscription="s").delete()  # resumed elsewhere
+        with connection.execute_wrapper(refuse_claim):
+            late = publish("orders.placed", order(2))
+
+    assert Delivery.objects.get(event_id=late.id).status == "held"
+    assert not HandlerRun.objects.exists()
+    assert "Could not run the held sync deliveries" in caplog.text
 
 
 def test_retrying_or_replaying_a_paused_sync_subscription_holds_instead_of_running() -> None:
