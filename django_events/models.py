@@ -100,6 +100,16 @@ class Delivery(models.Model):
     attempts = models.PositiveIntegerField(
         _("attempts"), default=0, help_text=_("Runs of the handler, manual retries included.")
     )
+    # db_default: rows written by a worker of the release before this column count none.
+    uncounted = models.PositiveIntegerField(
+        _("uncounted runs"),
+        default=0,
+        db_default=0,
+        help_text=_(
+            "Of the attempts, the runs that raised RetryLater(counts=False): "
+            "not counted towards max_attempts."
+        ),
+    )
     last_error = models.TextField(_("last error"), blank=True, default="")
     traceback = models.TextField(_("traceback"), blank=True, default="")
     created_at = models.DateTimeField(_("created at"), default=timezone.now)

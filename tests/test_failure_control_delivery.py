@@ -112,6 +112,25 @@ def test_uncounted_runs_leave_max_attempts_to_the_runs_that_count(wired: Worker)
     assert [s.payload["attempts"] for s in runs("delivery_failed", event.id)] == [5]
 
 
+def test_uncounted_runs_stay_uncounted_when_a_pause_holds_the_delivery(wired: Worker) -> None:
+    # The first retry meets a pause: held, then resumed from its row, which remembers the
+    # uncounted run (the retry's message did, and was acknowledged when held).
+    payload = {"n": 5, "times": 3, "seconds": 2.5, "counts": False, "then_fail": True}
+    event = publish("fc.job", payload)
+    wait_for(lambda: runs("retry_later", event.id), what="the first run")
+    pause("fc-retry-later")  # the worker reads it within CACHE_SECONDS, before the retry
+    held = settled(event.id, "fc-retry-later", "held")
+    assert (held.attempts, held.uncounted) == (1, 1)
+    assert resume("fc-retry-later").sent == 1
+
+    delivery = settled(event.id, "fc-retry-later", "failed")
+    wait_idle(wired.process)
+    # As without the pause: three uncounted runs, then max_attempts (2) runs that raise.
+    assert len(runs("retry_later", event.id)) == 5 == delivery.attempts
+    assert delivery.uncounted == 3
+    assert [s.payload["attempts"] for s in runs("delivery_failed", event.id)] == [5]
+
+
 def test_permanent_failure_fails_at_once_and_signals_once(wired: Worker) -> None:
     event = publish("fc.job", {"n": -1})
 

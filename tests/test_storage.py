@@ -383,7 +383,7 @@ def test_finish_ordered_writes_what_the_orm_writes() -> None:
         return firsts
 
     def success(event_id: uuid.UUID) -> Delivery:
-        row = delivery(event_id, "ordered", "async", "succeeded", 2, duration_ms=1.5)
+        row = delivery(event_id, "ordered", "async", "succeeded", 3, duration_ms=1.5, uncounted=1)
         row.created_at = row.updated_at = now
         return row
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 from io import StringIO
+from pathlib import Path
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
@@ -15,7 +17,8 @@ from django.utils import timezone
 from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery
-from tests.ops import drain, shop_wiring
+from django_events.operations.pausing import pause, resume
+from tests.ops import MANIFESTS, drain, shop_wiring
 
 RECORD = "tests.app.handlers.record"
 ONCE = {"event": "shop.paid", "handler": RECORD, "mode": "async", "name": "shop-once"}
@@ -88,3 +91,75 @@ def test_an_ordered_retry_is_left_to_the_relays_check_of_its_key(queue: str, pub
 
     row: Any = Delivery.objects.get(event_id=paid.id, subscription="shop-flaky")
     assert (row.status, row.attempts, row.retry_at) == ("pending", 1, None)
+
+
+# RetryLater(counts=False) runs of a delivery sent again from its row (tests/manifests/
+# failctl.yaml: fc-retry-later asks for `times` uncounted retries, then raises; max_attempts 2).
+FAILCTL = [*MANIFESTS, Path(settings.BASE_DIR) / "manifests" / "failctl.yaml"]
+UNCOUNTED_THEN_FAILS = {"n": 1, "times": 2, "seconds": 0.1, "counts": False, "then_fail": True}
+
+
+def retry_later_messages(queue: str) -> list[dict[str, Any]]:
+    return [m for m in drain(queue) if m["subscription"] == "fc-retry-later"]
+
+
+def retry_later_row(event_id: Any) -> tuple[str, int, int]:
+    row = Delivery.objects.get(event_id=event_id, subscription="fc-retry-later")
+    return row.status, row.attempts, row.uncounted
+
+
+@pytest.mark.django_db
+def test_uncounted_runs_stay_uncounted_when_the_relay_sends_a_lost_retry(
+    queue: str, publish_now
+) -> None:
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        job = publish_now("fc.job", UNCOUNTED_THEN_FAILS)
+        [message] = retry_later_messages(queue)
+        first = process_message(message, 0, manage_connections=False)
+        second = process_message(first.retry_with, 1, manage_connections=False)
+        assert (first.status, second.status) == ("retry", "retry")
+        assert retry_later_row(job.id) == ("pending", 2, 2)
+
+        # The second retry's message was lost: the relay sends it from the row once due.
+        Delivery.objects.filter(event_id=job.id).update(retry_at=timezone.now())
+        out = StringIO()
+        call_command("events_relay", "--min-age", "0", stdout=out, stderr=StringIO())
+        assert "1 due retry(ies)" in out.getvalue()
+        [again] = retry_later_messages(queue)
+        assert (again["prior_attempts"], again["uncounted"]) == (2, 2)
+        # The first run that counts raises: 1 of max_attempts 2, so it is retried once more.
+        third = process_message(again, 0, manage_connections=False)
+        assert third.status == "retry"
+        assert retry_later_row(job.id) == ("pending", 3, 2)
+        assert process_message(again, 1, manage_connections=False).status == "failed"
+        assert retry_later_row(job.id) == ("failed", 4, 2)
+
+        # A manual retry goes on from the row too.
+        call_command("events_retry", "--all", stdout=StringIO(), stderr=StringIO())
+        [retried] = retry_later_messages(queue)
+        assert (retried["prior_attempts"], retried["uncounted"]) == (4, 2)
+
+
+@pytest.mark.django_db
+def test_uncounted_runs_stay_uncounted_across_a_pause_and_resume(queue: str, publish_now) -> None:
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        job = publish_now("fc.job", UNCOUNTED_THEN_FAILS)
+        [message] = retry_later_messages(queue)
+        first = process_message(message, 0, manage_connections=False)
+        assert first.status == "retry"
+
+        pause("fc-retry-later")
+        assert process_message(first.retry_with, 1, manage_connections=False).status == "held"
+        assert retry_later_row(job.id) == ("held", 1, 1)
+        assert resume("fc-retry-later").sent == 1
+        [again] = retry_later_messages(queue)
+        assert (again["prior_attempts"], again["uncounted"]) == (1, 1)
+
+        second = process_message(again, 0, manage_connections=False)  # the second uncounted
+        assert second.status == "retry"
+        third = process_message(second.retry_with, 1, manage_connections=False)
+        assert third.status == "retry"  # the first run that counts: 1 of max_attempts 2
+        assert retry_later_row(job.id) == ("pending", 3, 2)
+        assert process_message(second.retry_with, 2, manage_connections=False).status == "failed"
+
+    assert retry_later_row(job.id) == ("failed", 4, 2)

@@ -562,6 +562,7 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
                     "mode",
                     "status_badge",
                     "attempts",
+                    "uncounted",
                     "created_at",
                     "updated_at",
                 )

@@ -19,7 +19,14 @@ from django_events.conf import conf
 from django_events.delivery import broadcast, webhooks
 from django_events.delivery.confirms import PublisherConfirms
 from django_events.delivery.marking import Marker
-from django_events.delivery.messages import TASK_NAME, build_message, event_body, summary
+from django_events.delivery.messages import (
+    NO_RUNS,
+    TASK_NAME,
+    PriorRuns,
+    build_message,
+    event_body,
+    summary,
+)
 from django_events.delivery.sealing import seal_event
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
@@ -206,7 +213,7 @@ def send_deliveries(
     app: Celery | None = None,
     confirm: bool | None = None,
     always_try: bool = False,
-    prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None = None,
     marker: Marker | None = None,
 ) -> Unsent:
     """Send one message per (event, subscription); return the events not known to be taken.
@@ -216,7 +223,7 @@ def send_deliveries(
     or unconfirmed count as unsent (`Unsent` tells the two apart). Never raises: an
     unreachable broker leaves unsent events for the relay. ``always_try`` (the relay) tries
     the broker even during a known outage. ``prior_attempts`` maps (event id, subscription)
-    to the runs already recorded, for manual retries and replays (attempts never reset).
+    to the runs already recorded, for deliveries sent again (attempts never reset).
 
     With a ``marker`` (the commit path) the events the broker takes are handed to it, to be
     marked dispatched in the background: with confirms, once they come (the send does not
@@ -237,7 +244,7 @@ def _send_deliveries(
     app: Celery | None,
     confirm: bool | None,
     always_try: bool,
-    prior_attempts: Mapping[tuple[UUID, str], int] | None,
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None,
     marker: Marker | None,
 ) -> tuple[Unsent, bool]:
     """`send_deliveries`: the events not sent, and whether their confirms went to ``marker``."""
@@ -332,7 +339,7 @@ def _send(
     confirm: bool,
     confirm_timeout: float,
     policy: dict[str, Any],
-    prior_attempts: Mapping[tuple[UUID, str], int] | None,
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None,
     marker: Marker | None = None,
 ) -> tuple[Unsent, bool]:
     """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
@@ -364,13 +371,22 @@ def _send(
                             declared.add(subscription.queue)
                         route = {"queue": subscription.queue, "declare": []}
                     prior = (
-                        prior_attempts.get((event.id, subscription.name), 0)
+                        prior_attempts.get((event.id, subscription.name), NO_RUNS)
                         if prior_attempts
-                        else 0
+                        else NO_RUNS
                     )
                     app.send_task(
                         TASK_NAME,
-                        args=(build_message(message, subscription.name, alias, prior, rerun),),
+                        args=(
+                            build_message(
+                                message,
+                                subscription.name,
+                                alias,
+                                prior.attempts,
+                                rerun,
+                                prior.uncounted,
+                            ),
+                        ),
                         # Celery would saferepr() the payload into a header (a fifth of the
                         # send, and redacted fields in monitors): name the delivery instead.
                         argsrepr=summary(subscription.name, message["id"]),

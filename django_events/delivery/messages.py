@@ -17,7 +17,7 @@ one, so `parse_message` checks all of it before anything reads it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from django.conf import settings
@@ -58,6 +58,18 @@ class DeliveryMessage:
             raise MalformedMessage(f"retries is not an integer from 0 to {MAX_ATTEMPTS - 1}")
         attempt: int = self.prior_attempts + retries + 1
         return attempt
+
+
+class PriorRuns(NamedTuple):
+    """A delivery's runs so far, as its row records them: what a message that sends it
+    again (a retry, replay or resume, the relay's resend) goes on counting from."""
+
+    attempts: int
+    uncounted: int = 0  # of the attempts, RetryLater(counts=False) runs
+
+
+#: A first send's: no run before it.
+NO_RUNS = PriorRuns(0)
 
 
 def event_body(event: Event[Any]) -> dict[str, Any]:
@@ -106,11 +118,13 @@ def build_message(
     alias: str,
     prior_attempts: int = 0,
     rerun: bool = False,
+    uncounted: int = 0,
 ) -> dict[str, Any]:
     """The task argument for one (event, subscription).
 
     ``rerun`` marks a retry or replay: its `Delivery` row already exists, so its success is
     written before the acknowledgement even with ``SUCCESS_RECORDS = "batched"``.
+    ``prior_attempts`` and ``uncounted``: the runs its row records (`PriorRuns`).
     """
     message = {
         "v": MESSAGE_VERSION,
@@ -121,6 +135,8 @@ def build_message(
     }
     if rerun:
         message["rerun"] = True
+    if uncounted:
+        message["uncounted"] = uncounted
     return message
 
 

@@ -17,7 +17,8 @@ number of workers and hosts. Its cost: at publish, the gates' upsert and the `De
 rows' insert (on PostgreSQL two statements a transaction, elsewhere one upsert per key and
 one insert), and the gate rows locked until the publisher commits; at the worker, one read
 before each run (a transaction only to hold it) and one transaction after, on PostgreSQL
-one statement: a function of migration 0011 (tests/test_ordering.py counts the statements).
+one statement: a function of migrations 0011 and 0012 (tests/test_ordering.py counts the
+statements).
 docs/ordering.md says why this over the brokers' own tools. Webhook deliveries
 (``mode: webhook``) use the same three calls around their send.
 """
@@ -40,6 +41,7 @@ from django.db.models import Exists, F, OuterRef, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import postgresql
+from django_events.delivery.messages import PriorRuns
 from django_events.delivery.recording import FINISHED, delivery, event_of, save_deliveries
 from django_events.events import Event
 from django_events.logs import log_extra
@@ -394,7 +396,7 @@ def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
         logger.error("Cannot hand on the delivery: no longer declared", extra=extra)
         return
     items = [(event_of(record), compiled.declaration.durable, [subscription])]
-    prior = {(record.pk, subscription_name): head.attempts}
+    prior = {(record.pk, subscription_name): PriorRuns(head.attempts, head.uncounted)}
     if subscription.via == "tasks":
         from django_events.delivery import tasks_backend
 

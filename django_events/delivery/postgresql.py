@@ -8,7 +8,8 @@ as one ``uuid[]`` literal, because psycopg adapts a JSON string or an array lite
 other parameters one by one in Python. They go through Django's cursor, so query logging and
 ``execute_wrapper`` hooks see them. tests/test_storage.py checks that each writes exactly
 the rows the ORM would, and reads what the ORM reads. One is a function, of migration 0011
-(an ordered delivery's finish, one statement instead of a transaction of five).
+(0012 creates it again): an ordered delivery's finish, one statement instead of a transaction
+of five.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ OUTCOME_FIELDS = (
     "mode",
     "status",
     "attempts",
+    "uncounted",
     "last_error",
     "traceback",
     "updated_at",
@@ -58,6 +60,7 @@ OUTCOME_FIELDS = (
 SUCCESS_LITERALS: tuple[tuple[str, str | int], ...] = (
     ("status", Delivery.Status.SUCCEEDED.value),
     ("attempts", 1),
+    ("uncounted", 0),
     ("last_error", ""),
     ("traceback", ""),
 )
@@ -153,7 +156,7 @@ def finish_ordered(
     connection: BaseDatabaseWrapper, row: Delivery, key: str, lock_id: int, due: datetime
 ) -> int | None:
     """Record an ordered delivery's outcome ``row`` and hand its key on, in one statement:
-    the key's lock, the row's upsert and `hand_on`, in the function of migration 0011 (a
+    the key's lock, the row's upsert and `hand_on`, in the function of migration 0012 (a
     statement of its own in autocommit: its own transaction). The id of the delivery it
     made pending, if any; its message is the caller's to send."""
     values = {

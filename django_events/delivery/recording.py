@@ -114,10 +114,12 @@ def delivery(
     traceback: str = "",
     duration_ms: float | None = None,
     response: Any = None,
+    uncounted: int = 0,
 ) -> Delivery:
     """Build (without saving) one `Delivery` row.
 
-    ``duration_ms``: the handler's run time; ``response``: a webhook's answer.
+    ``duration_ms``: the handler's run time; ``response``: a webhook's answer;
+    ``uncounted``: of the ``attempts``, the runs that raised ``RetryLater(counts=False)``.
     """
     now = timezone.now()
     row = Delivery(
@@ -126,6 +128,7 @@ def delivery(
         mode=mode,
         status=status,
         attempts=attempts,
+        uncounted=uncounted,
         last_error=storable(error),
         traceback=storable(traceback),
         created_at=now,

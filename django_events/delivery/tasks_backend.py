@@ -16,7 +16,7 @@ from django.db import router
 from django.utils import timezone
 
 from django_events.conf import conf
-from django_events.delivery.messages import build_message, event_body
+from django_events.delivery.messages import NO_RUNS, PriorRuns, build_message, event_body
 from django_events.delivery.worker import process_message, record_stopped_run
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
@@ -140,15 +140,18 @@ def enqueue(
     items: Sequence[SendItem],
     alias: str,
     *,
-    prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None = None,
     rerun: bool = False,
 ) -> None:
     """Enqueue one task per (event, subscription); raises what the backend raises."""
     for event, _durable, subscriptions in items:
         body = event_body(event)
         for subscription in subscriptions:
-            prior = prior_attempts.get((event.id, subscription.name), 0) if prior_attempts else 0
-            message = build_message(body, subscription.name, alias, prior, rerun)
+            key = (event.id, subscription.name)
+            prior = prior_attempts.get(key, NO_RUNS) if prior_attempts else NO_RUNS
+            message = build_message(
+                body, subscription.name, alias, prior.attempts, rerun, prior.uncounted
+            )
             message["queue"] = subscription.queue
             _task(subscription.queue).enqueue(message)
 
@@ -157,7 +160,7 @@ def send_deliveries(
     items: Sequence[SendItem],
     alias: str,
     *,
-    prior_attempts: Mapping[tuple[UUID, str], int] | None = None,
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None = None,
 ) -> set[UUID]:
     """Enqueue after commit; return the ids of events not enqueued (never raises)."""
     rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"

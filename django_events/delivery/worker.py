@@ -222,7 +222,15 @@ def _wait_for_newer(
     except (KeyError, TypeError, ValueError):
         return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
     status = Delivery.Status.PENDING
-    row = delivery(event.id, subscription.name, "async", status, attempt - 1, error)
+    row = delivery(
+        event.id,
+        subscription.name,
+        "async",
+        status,
+        attempt - 1,
+        error,
+        uncounted=message.uncounted,
+    )
     keep = _finished_wins(message.rerun, subscription)
     if _record_quietly(message.alias, event, [row], always=True, keep_finished=keep) == DUPLICATE:
         return _duplicate(event, subscription.name)
@@ -250,7 +258,9 @@ def _run(
         subscription.handler()
     except HandlerImportError as exc:
         # Retrying cannot make a missing module appear: a deploy has to fix it.
-        return _handler_unavailable(subscription, event, alias, attempt, retries, exc, rerun)
+        return _handler_unavailable(
+            subscription, event, alias, attempt, uncounted, retries, exc, rerun
+        )
     ordered = subscription.declaration.ordering_key is not None
     key = None  # an ordered delivery's, from its claim to its finish
     if ordered:
@@ -261,7 +271,9 @@ def _run(
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
-            _run_idempotent(registry, subscription, event, alias, attempt, records_all, key)
+            _run_idempotent(
+                registry, subscription, event, alias, attempt, uncounted, records_all, key
+            )
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
@@ -273,6 +285,8 @@ def _run(
             exc, subscription, attempt - uncounted, retries, event.occurred_at, timezone.now()
         )
         final = verdict.final
+        # Kept on the row with those before it: a retry sent from the row goes on counting.
+        skips_count = verdict.retry_in is not None and not verdict.counted
         if verdict.note:
             error = f"{error} ({verdict.note})"
         response = None
@@ -304,7 +318,17 @@ def _run(
             subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
         )
         retry_in = webhooks.retry_delay(exc, delay, subscription.retry.max_backoff)
-        row = _row(event, subscription, status, attempt, error, tb, took, response)
+        row = _row(
+            event,
+            subscription,
+            status,
+            attempt,
+            error,
+            tb,
+            took,
+            response,
+            uncounted=uncounted + skips_count,
+        )
         if not final and not ordered:
             # The retry goes as a message with a countdown, which a worker killed as it takes
             # it (Redis, the filesystem transport) loses: the row falls due for the relay's
@@ -336,7 +360,7 @@ def _run(
             retry_in=retry_in,
             error=exc,
             retry_of=(alias, event.id, subscription.name),
-            uncounted=verdict.retry_in is not None and not verdict.counted,
+            uncounted=skips_count,
         )
     took = (time.perf_counter() - started) * 1000
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
@@ -359,6 +383,7 @@ def _run(
                 attempt,
                 duration_ms=took,
                 response=response,
+                uncounted=uncounted,
             )
             _record_success(
                 alias,
@@ -413,7 +438,7 @@ def _hold(
 
     The message is acknowledged: the ``held`` row is what resuming sends again, in order.
     """
-    row = _row(event, subscription, Delivery.Status.HELD, attempt - 1)
+    row = _row(event, subscription, Delivery.Status.HELD, attempt - 1, uncounted=message.uncounted)
     keep = _finished_wins(message.rerun, subscription)
     recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
@@ -570,6 +595,7 @@ def _run_idempotent(
     event: Event,
     alias: str,
     attempt: int,
+    uncounted: int,
     records_all: bool,
     key: str | None = None,
 ) -> None:
@@ -582,7 +608,7 @@ def _run_idempotent(
     with transaction.atomic(using=alias):
         # Insert-or-keep, then lock: a concurrent redelivery waits here for this one to finish.
         Delivery.objects.using(alias).bulk_create(
-            [_row(event, subscription, Delivery.Status.RUNNING, attempt - 1)],
+            [_row(event, subscription, Delivery.Status.RUNNING, attempt - 1, uncounted=uncounted)],
             ignore_conflicts=True,
         )
         status = (
@@ -609,6 +635,7 @@ def _run_idempotent(
             attempt,
             duration_ms=took,
             response=response,
+            uncounted=uncounted,
         )
         save_deliveries(alias, [row])
         if subscription.declaration.ordering_key is not None:
@@ -620,6 +647,7 @@ def _handler_unavailable(
     event: Event,
     alias: str,
     attempt: int,
+    uncounted: int,
     retries: int,
     exc: HandlerImportError,
     rerun: bool,
@@ -627,7 +655,7 @@ def _handler_unavailable(
     """The handler does not import on this worker: fail the delivery at once, no retry."""
     error = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(exc))
-    row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb)
+    row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb, uncounted=uncounted)
     keep = _finished_wins(rerun, subscription)
     recorded = _record_quietly(alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
@@ -702,7 +730,15 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     except (KeyError, TypeError, ValueError):
         logger.error("Cannot record the failure: the message's event is malformed", extra=extra)
         return Outcome("rejected")
-    row = delivery(event.id, message.subscription, "async", Delivery.Status.FAILED, attempt, error)
+    row = delivery(
+        event.id,
+        message.subscription,
+        "async",
+        Delivery.Status.FAILED,
+        attempt,
+        error,
+        uncounted=message.uncounted,
+    )
     keep = _finished_wins(message.rerun, None)
     recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
@@ -843,8 +879,19 @@ def _row(
     tb: str = "",
     duration_ms: float | None = None,
     response: webhooks.Response | None = None,
+    *,
+    uncounted: int = 0,
 ) -> Delivery:
     mode = "webhook" if subscription.mode == "webhook" else "async"
     return delivery(
-        event.id, subscription.name, mode, status, attempt, error, tb, duration_ms, response
+        event.id,
+        subscription.name,
+        mode,
+        status,
+        attempt,
+        error,
+        tb,
+        duration_ms,
+        response,
+        uncounted,
     )

@@ -17,6 +17,7 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
+from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import forget, paused_names
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.failing import record_failed
@@ -139,7 +140,7 @@ def _deliver_held(
             claimed = _claim(chunk, using, mark_pending=subscription.is_queued)
             records = EventRecord.objects.using(using).in_bulk([d.event_id for d in claimed])
             ordered = [records[d.event_id] for d in claimed]
-            prior = {d.event_id: d.attempts for d in claimed}
+            prior = {d.event_id: PriorRuns(d.attempts, d.uncounted) for d in claimed}
             # Sent before the claim commits (as retries are): a process that dies in between
             # leaves them held, never pending with no message.
             if subscription.is_queued:
@@ -200,7 +201,9 @@ def _claim(ids: list[int], using: str, *, mark_pending: bool) -> list[Delivery]:
             of=("self",) if features.has_select_for_update_of else (),
         )
     claimed = list(
-        rows.order_by("event__occurred_at", "event_id").only("pk", "event_id", "attempts")
+        rows.order_by("event__occurred_at", "event_id").only(
+            "pk", "event_id", "attempts", "uncounted"
+        )
     )
     if mark_pending:
         Delivery.objects.using(using).filter(pk__in=[d.pk for d in claimed]).update(

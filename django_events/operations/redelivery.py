@@ -1,7 +1,8 @@
 """Delivering stored events again to one subscription: the path retries and replays share.
 
 Async subscriptions get a new task message through the normal broker path, carrying the
-runs already recorded (``prior_attempts``), so ``Delivery.attempts`` never resets; sync ones
+runs already recorded (``prior_attempts``: `PriorRuns`), so ``Delivery.attempts`` never
+resets and ``RetryLater(counts=False)`` runs stay uncounted; sync ones
 run in this process. Either way the ``Delivery`` row records it: pending/running first,
 then succeeded or failed.
 """
@@ -22,6 +23,7 @@ from django.utils import timezone
 
 from django_events.delivery import broker, endpoints, ordering
 from django_events.delivery.dispatch import failed_signal, run_sync_handler
+from django_events.delivery.messages import NO_RUNS, PriorRuns
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import delivery, event_of, save_deliveries
 from django_events.exceptions import NewerVersion, UpcastError
@@ -87,7 +89,7 @@ class RedeliveryResult:
 def redeliver(
     subscription: Subscription,
     records: Sequence[EventRecord],
-    prior_attempts: Mapping[UUID, int],
+    prior_attempts: Mapping[UUID, PriorRuns],
     *,
     using: str,
     claim_from: str | None = None,
@@ -111,7 +113,7 @@ def redeliver(
 def send_claimed(
     subscription: Subscription,
     records: Sequence[EventRecord],
-    prior_attempts: Mapping[UUID, int],
+    prior_attempts: Mapping[UUID, PriorRuns],
     *,
     using: str,
 ) -> broker.Unsent:
@@ -125,7 +127,7 @@ def send_claimed(
     items = [
         (event_of(r), registry.event(r.name).declaration.durable, [subscription]) for r in records
     ]
-    prior = {(r.pk, subscription.name): prior_attempts.get(r.pk, 0) for r in records}
+    prior = {(r.pk, subscription.name): prior_attempts.get(r.pk, NO_RUNS) for r in records}
     return _send_items(subscription, items, using, prior, relay=True)
 
 
@@ -133,11 +135,11 @@ def _send(
     subscription: Subscription,
     records: Sequence[EventRecord],
     compiled: Mapping[str, CompiledEvent],
-    prior: Mapping[UUID, int],
+    prior: Mapping[UUID, PriorRuns],
     using: str,
 ) -> RedeliveryResult:
     items = [(event_of(r), compiled[r.name].declaration.durable, [subscription]) for r in records]
-    prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, 0) for r in records}
+    prior_attempts = {(r.pk, subscription.name): prior.get(r.pk, NO_RUNS) for r in records}
     # A worker records the success of a first run only for events that record everything:
     # a pending row created for any other event would stay pending for good.
     create = [r.pk for r in records if compiled[r.name].records_all]
@@ -174,8 +176,8 @@ def _send_ordered(
     subscription: Subscription,
     records: Sequence[EventRecord],
     items: Sequence[broker.SendItem],
-    prior: Mapping[UUID, int],
-    prior_attempts: Mapping[tuple[UUID, str], int],
+    prior: Mapping[UUID, PriorRuns],
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns],
     create: Sequence[UUID],
     using: str,
 ) -> RedeliveryResult:
@@ -217,7 +219,7 @@ def _send_items(
     subscription: Subscription,
     items: Sequence[broker.SendItem],
     using: str,
-    prior_attempts: Mapping[tuple[UUID, str], int],
+    prior_attempts: Mapping[tuple[UUID, str], PriorRuns],
     relay: bool = False,
 ) -> broker.Unsent:
     if subscription.via == "tasks":
@@ -236,15 +238,12 @@ def _send_items(
 
 
 def _unsent(
-    subscription: Subscription, unsent: set[UUID], prior: Mapping[UUID, int], using: str
+    subscription: Subscription, unsent: set[UUID], prior: Mapping[UUID, PriorRuns], using: str
 ) -> None:
     """Record deliveries the broker did not take as failed (kept: an earlier error)."""
     pending = Delivery.Status.PENDING  # until recorded failed below, with delivery_failed
     Delivery.objects.using(using).bulk_create(
-        [
-            delivery(pk, subscription.name, subscription.mode, pending, prior.get(pk, 0))
-            for pk in unsent
-        ],
+        [_row(subscription, pk, pending, prior.get(pk, NO_RUNS)) for pk in unsent],
         ignore_conflicts=True,
     )
     rows = Delivery.objects.using(using).filter(event_id__in=unsent, subscription=subscription.name)
@@ -255,7 +254,7 @@ def _run(
     subscription: Subscription,
     records: Sequence[EventRecord],
     compiled: Mapping[str, CompiledEvent],
-    prior: Mapping[UUID, int],
+    prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
 ) -> RedeliveryResult:
@@ -284,7 +283,7 @@ def _run(
 def _hold(
     subscription: Subscription,
     records: Sequence[EventRecord],
-    prior: Mapping[UUID, int],
+    prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
 ) -> int:
@@ -303,7 +302,7 @@ def _hold(
 def _claim_run(
     subscription: Subscription,
     record: EventRecord,
-    prior: Mapping[UUID, int],
+    prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
 ) -> int | None:
@@ -363,7 +362,7 @@ def _not_run_here(exc: NewerVersion) -> str:
 def _mark(
     subscription: Subscription,
     records: Sequence[EventRecord],
-    prior: Mapping[UUID, int],
+    prior: Mapping[UUID, PriorRuns],
     status: str,
     using: str,
     *,
@@ -376,15 +375,24 @@ def _mark(
     """
     ids = [r.pk for r in records]
     Delivery.objects.using(using).bulk_create(
-        [
-            delivery(pk, subscription.name, subscription.mode, status, prior.get(pk, 0))
-            for pk in create
-        ],
+        [_row(subscription, pk, status, prior.get(pk, NO_RUNS)) for pk in create],
         ignore_conflicts=True,
     )
     due_time = {} if due is None else {"retry_at": due}
     Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
         status=status, updated_at=timezone.now(), **due_time
+    )
+
+
+def _row(subscription: Subscription, event_id: UUID, status: str, prior: PriorRuns) -> Delivery:
+    """A new `Delivery` row of a delivery sent or run again, with its runs so far."""
+    return delivery(
+        event_id,
+        subscription.name,
+        subscription.mode,
+        status,
+        prior.attempts,
+        uncounted=prior.uncounted,
     )
 
 

@@ -15,6 +15,7 @@ from django.utils import timezone
 
 from django_events.delivery import broker, endpoints
 from django_events.delivery.dispatch import accepted
+from django_events.delivery.messages import PriorRuns
 from django_events.delivery.recording import event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
@@ -261,14 +262,16 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
         if locking:
             due = due.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
         rows = list(
-            due.order_by("retry_at").only("pk", "event_id", "subscription", "attempts")[:batch_size]
+            due.order_by("retry_at").only(
+                "pk", "event_id", "subscription", "attempts", "uncounted"
+            )[:batch_size]
         )
         if not rows:
             return 0, 0
         records = EventRecord.objects.using(using).in_bulk([row.event_id for row in rows])
         outgoing: dict[str, list[broker.SendItem]] = {}  # by path: "celery" or "tasks"
         paths: dict[int, str] = {}
-        prior: dict[tuple[UUID, str], int] = {}
+        prior: dict[tuple[UUID, str], PriorRuns] = {}
         gone: list[int] = []
         for row in rows:
             subscription = find_subscription(row.subscription, registry)
@@ -281,7 +284,7 @@ def _send_due_retries(batch_size: int, using: str) -> tuple[int, int]:
             paths[row.pk] = subscription.via
             item = (event, compiled.declaration.durable, [subscription])
             outgoing.setdefault(subscription.via, []).append(item)
-            prior[(event.id, subscription.name)] = row.attempts
+            prior[(event.id, subscription.name)] = PriorRuns(row.attempts, row.uncounted)
         unsent = {path: _send_due(path, items, using, prior) for path, items in outgoing.items()}
         sent = [
             row.pk for row in rows if row.pk in paths and row.event_id not in unsent[paths[row.pk]]
@@ -309,7 +312,7 @@ def _send_due(
     path: str,
     items: list[broker.SendItem],
     using: str,
-    prior: dict[tuple[UUID, str], int],
+    prior: dict[tuple[UUID, str], PriorRuns],
 ) -> set[UUID]:
     """Send due deliveries the way their subscriptions go (``via``); the event ids not sent
     (refused: an unconfirmed one counts as sent)."""

@@ -8,6 +8,7 @@ from datetime import datetime
 from django.db import DEFAULT_DB_ALIAS
 
 from django_events.delivery.endpoints import EndpointSubscription
+from django_events.delivery.messages import PriorRuns
 from django_events.exceptions import EventError
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
@@ -83,11 +84,11 @@ def replay_events(
         existing = (
             Delivery.objects.using(using)
             .filter(subscription=target.name, event_id__in=[r.pk for r in accepted])
-            .values_list("event_id", "attempts", "status")
+            .values_list("event_id", "attempts", "uncounted", "status")
         )
         prior, done = {}, set()
-        for event_id, attempts, status in existing:
-            prior[event_id] = attempts
+        for event_id, attempts, uncounted, status in existing:
+            prior[event_id] = PriorRuns(attempts, uncounted)
             if status == Delivery.Status.SUCCEEDED:
                 done.add(event_id)
         if target.declaration.idempotent and done:

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from django_events.delivery import ordering
 from django_events.delivery.endpoints import is_endpoint_name
+from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import FINISHED
 from django_events.models import Delivery, EventRecord
@@ -89,16 +90,18 @@ def retry_failures(
 
 def _claim(
     ids: Sequence[int], using: str, result: RedeliveryResult
-) -> list[tuple[Subscription, list[EventRecord], dict[UUID, int]]]:
+) -> list[tuple[Subscription, list[EventRecord], dict[UUID, PriorRuns]]]:
     """Lock the deliveries of ``ids`` still failed (inside a transaction), and mark those of
     async subscriptions pending (a sync one's run claims its own, see `redeliver`)."""
     registry = get_registry()
     features = connections[using].features
-    groups: dict[str, tuple[Subscription, list[EventRecord], dict[UUID, int]]] = {}
+    groups: dict[str, tuple[Subscription, list[EventRecord], dict[UUID, PriorRuns]]] = {}
     rows = Delivery.objects.using(using).filter(pk__in=ids, status=Delivery.Status.FAILED)
     if features.has_select_for_update:
         rows = rows.select_for_update(skip_locked=features.has_select_for_update_skip_locked)
-    failures = list(rows.order_by("pk").only("pk", "event_id", "subscription", "attempts"))
+    failures = list(
+        rows.order_by("pk").only("pk", "event_id", "subscription", "attempts", "uncounted")
+    )
     records = EventRecord.objects.using(using).in_bulk([f.event_id for f in failures])
     claimed = []
     found: dict[str, Subscription | None] = {}  # an endpoint's is read once a batch
@@ -128,7 +131,7 @@ def _claim(
             continue
         group = groups.setdefault(subscription.name, (subscription, [], {}))
         group[1].append(record)
-        group[2][record.pk] = failure.attempts
+        group[2][record.pk] = PriorRuns(failure.attempts, failure.uncounted)
         if subscription.is_queued:
             claimed.append(failure.pk)
     Delivery.objects.using(using).filter(pk__in=claimed).update(status=Delivery.Status.PENDING)

@@ -59,6 +59,7 @@ from django_events.delivery import endpoints
 from django_events.delivery.broker import waiting_messages
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.lost_messages import resend_after, visibility_timeout
+from django_events.delivery.messages import PriorRuns
 from django_events.delivery.ordering import HAND_ON_GRACE
 from django_events.delivery.recording import FINISHED, delivery
 from django_events.exceptions import NewerVersion, UpcastError
@@ -407,7 +408,10 @@ def _resend_pending(
         records = [d.event for d in lost]
         # Unconfirmed or refused, a message stays due for the relay's retries.
         unsent = send_claimed(
-            subscription, records, {d.event_id: d.attempts for d in lost}, using=using
+            subscription,
+            records,
+            {d.event_id: PriorRuns(d.attempts, d.uncounted) for d in lost},
+            using=using,
         ).ids
         sent = [d.pk for d in lost if d.event_id not in unsent]
         Delivery.objects.using(using).filter(pk__in=sent, retry_at=due).update(retry_at=None)

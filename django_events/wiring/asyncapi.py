@@ -641,6 +641,11 @@ def _task_body(payload_key: str, sealed: bool) -> dict[str, Any]:
             "db": {"type": "string", "description": "The database alias of the event log."},
             "prior_attempts": {"type": "integer", "minimum": 0},
             "rerun": {"type": "boolean"},
+            "uncounted": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Of the runs so far, those not counted towards max_attempts.",
+            },
         },
     }
     return {
