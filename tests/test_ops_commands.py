@@ -308,7 +308,7 @@ def test_events_retry_all_reenqueues_async_with_prior_attempts(queue) -> None:
 
 
 @pytest.mark.django_db
-def test_events_retry_reports_an_unreachable_broker(publish_now) -> None:
+def test_events_retry_reports_an_unreachable_broker(publish_now, caplog) -> None:
     event = publish_now("shop.paid", {"order_id": 5})
     save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 1, "Boom")])
     with shop_wiring(CELERY_APP="tests.brokers.unreachable"):
@@ -316,6 +316,9 @@ def test_events_retry_reports_an_unreachable_broker(publish_now) -> None:
     assert "The broker did not take every delivery" in message
     row = Delivery.objects.get(event_id=event.id, subscription="shop-receipt")
     assert (row.status, row.attempts, row.last_error) == ("failed", 1, "Boom")
+    # The log says so too: the delivery stays failed, not "pending for events_relay".
+    [logged] = [r.getMessage() for r in caplog.records if "Broker unreachable" in r.getMessage()]
+    assert logged.startswith("Broker unreachable; 1 delivery(ies) not sent again: ")
 
 
 @pytest.mark.django_db

@@ -145,7 +145,17 @@ class BrokerHealth:
             self._probes[id(app)] = (now + probe[1], probe[1])
             return True
 
-    def failed(self, exc: BaseException, events: Sequence[Event], app: object = None) -> None:
+    def failed(
+        self,
+        exc: BaseException,
+        events: Sequence[Event],
+        app: object = None,
+        *,
+        sent_again: bool = False,
+    ) -> None:
+        """The broker failed a send of ``events``; ``sent_again``: deliveries sent again from
+        their rows (a retry, replay or resume, the relay's), whose caller says what becomes
+        of them (recorded failed, or left due for the relay), not new events left pending."""
         with self._lock:
             first, self.down = not self.down, True
             if app is not None:
@@ -154,12 +164,13 @@ class BrokerHealth:
                 self._probes[id(app)] = (time.monotonic() + interval, interval)
         extra = batch_log_extra(events)
         if first:
+            fate = (
+                "delivery(ies) not sent again"
+                if sent_again
+                else "event(s) stay pending for events_relay"
+            )
             logger.error(
-                "Broker unreachable; %d event(s) stay pending for events_relay: %s",
-                len(events),
-                exc,
-                exc_info=exc,
-                extra=extra,
+                "Broker unreachable; %d %s: %s", len(events), fate, exc, exc_info=exc, extra=extra
             )
         else:
             logger.debug(
@@ -290,7 +301,8 @@ def _send_deliveries(
                 raise  # pragma: no cover - a new connection is never stale
             continue  # a kept connection the broker had dropped: once more on a new one
         except _SendFailed as failed:
-            health.failed(failed.error, [event for event, _, _ in items[failed.sent :]], app)
+            not_sent = [event for event, _, _ in items[failed.sent :]]
+            health.failed(failed.error, not_sent, app, sent_again=prior_attempts is not None)
             return failed.unsent, False
         break
     if later is not None:
@@ -298,7 +310,8 @@ def _send_deliveries(
     left = unsent.ids
     if silent:  # confirms that never came: treated as an outage, the others wait a probe
         error = TimeoutError(f"no publisher confirm within {wait:g} s")
-        health.failed(error, [event for event, _, _ in items if event.id in left], app)
+        unconfirmed = [event for event, _, _ in items if event.id in left]
+        health.failed(error, unconfirmed, app, sent_again=prior_attempts is not None)
         return unsent, False
     health.succeeded(app)
     if left:
