@@ -18,10 +18,11 @@ from django.urls import reverse
 from django_events import publish
 from django_events.admin import paging as admin_paging
 from django_events.delivery.recording import delivery, save_deliveries
+from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.redaction import MASK
 from tests.app.models import HandlerRun
-from tests.ops import shop_wiring, work
+from tests.ops import drain, shop_wiring, work
 
 LOG = reverse("admin:django_events_eventrecord_changelist")
 FAILURES = reverse("admin:django_events_failure_changelist")
@@ -385,6 +386,41 @@ def test_retry_selected_reenqueues_async_with_attempts_carried_over(admin_client
     done = Delivery.objects.get(pk=failure.pk)
     assert (done.status, done.attempts) == ("succeeded", 2)
     assert HandlerRun.objects.filter(handler="fails_first_time", event_id=event.id).count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_retry_selected_under_atomic_requests_says_an_ordered_delivery_is_not_sent_yet(
+    admin_client, queue, monkeypatch
+) -> None:
+    # An ordered delivery is sent when the claim commits: under ATOMIC_REQUESTS that is the
+    # request's commit, after the message is written, so the message cannot say "sent".
+    ordered = {
+        "name": "shop-ordered-fails",
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.always_fails",
+        "mode": "async",
+        "ordering_key": "order_id",
+        "retry": {"max_attempts": 1},
+    }
+    def run_ordered() -> list[str]:
+        return [
+            process_message(m, 0).status
+            for m in drain(queue)
+            if m["subscription"] == "shop-ordered-fails"
+        ]
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[ordered]):
+        publish("shop.paid", {"order_id": 5})
+        assert run_ordered() == ["failed"]
+        failure = failure_of("shop-ordered-fails")
+        monkeypatch.setitem(connection.settings_dict, "ATOMIC_REQUESTS", True)
+
+        html = action(admin_client, "retry_selected", failure.pk).content.decode()
+
+        assert "0 re-enqueued for a worker" in html
+        assert "1 to be sent when the current transaction commits" in html
+        assert run_ordered() == ["failed"]  # sent once the request committed
+    assert Delivery.objects.get(pk=failure.pk).attempts == 2
 
 
 @pytest.mark.django_db

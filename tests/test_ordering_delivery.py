@@ -394,7 +394,9 @@ def test_replay_runs_a_key_again_in_order(wired: Rig) -> None:
         matched, result = replay_events("ord-flaky", since=since)
         time.sleep(1)  # a worker given a replayed message now still reads it succeeded
 
-    assert (matched, result.sent, result.unsent) == (6, 6, 0)
+    # Read before the commit that sends them: counted as such, not as sent.
+    assert (matched, result.at_commit, result.sent, result.unsent) == (6, 6, 0, 0)
+    assert "6 to be sent when the current transaction commits" in result.summary()
     wait_for(
         lambda: (
             HandlerRun.objects.filter(event_id__in=ids).count() == 12

@@ -51,6 +51,9 @@ class RedeliveryResult:
     # ordered subscription's the broker did not take (due for the relay's retries).
     to_relay: int = 0
     held: int = 0  # sync ones of a paused subscription: events_resume runs them
+    # An ordered subscription's, sent when the caller's transaction commits (the admin's,
+    # under ATOMIC_REQUESTS): not sent yet when this result was read.
+    at_commit: int = 0
     skipped: list[str] = field(default_factory=list)
 
     def add(self, other: RedeliveryResult) -> None:
@@ -60,6 +63,7 @@ class RedeliveryResult:
         self.unsent += other.unsent
         self.to_relay += other.to_relay
         self.held += other.held
+        self.at_commit += other.at_commit
         self.skipped.extend(other.skipped)
 
     @property
@@ -81,6 +85,11 @@ class RedeliveryResult:
             )
         if self.held:
             parts.append(f"{self.held} held (the subscription is paused: events_resume runs them)")
+        if self.at_commit:
+            parts.append(
+                f"{self.at_commit} to be sent when the current transaction commits (ordered; "
+                "events_relay sends any the broker does not take)"
+            )
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         return "; ".join(parts) + "."
@@ -189,7 +198,7 @@ def _send_ordered(
     `ordering.HAND_ON_GRACE` seconds in case this process dies before sending.
     """
     due = timezone.now() + timedelta(seconds=ordering.HAND_ON_GRACE)
-    result = RedeliveryResult(sent=len(records))
+    result = RedeliveryResult(at_commit=len(records))
     ids = [r.pk for r in records]
 
     def send() -> None:
@@ -205,12 +214,13 @@ def _send_ordered(
                 len(unsent),
                 extra=log_extra(None, subscription.name),
             )
-        result.sent, result.to_relay = len(sent), len(unsent)
+        result.at_commit, result.sent, result.to_relay = 0, len(sent), len(unsent)
 
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
         # Inside a caller's transaction (a retry's claim) this runs when that one commits: the
-        # result returned is final only then (the caller reads it after its commit).
+        # result returned is final only then (the caller reads it after its commit). One
+        # read before (an outer transaction's) counts them `at_commit`.
         transaction.on_commit(send, using=using)
     return result
 
