@@ -402,6 +402,7 @@ def test_retry_selected_under_atomic_requests_says_an_ordered_delivery_is_not_se
         "ordering_key": "order_id",
         "retry": {"max_attempts": 1},
     }
+
     def run_ordered() -> list[str]:
         return [
             process_message(m, 0).status

@@ -26,7 +26,7 @@ BASE = {
 def verdict(exc: BaseException, attempt: int = 1, age: float = 0, **keys) -> Verdict:
     with wiring({**BASE, **keys}):
         subscription = get_registry().subscriptions["s"]
-        return judge(exc, subscription, attempt, attempt - 1, NOW - timedelta(seconds=age), NOW)
+        return judge(exc, subscription, attempt, NOW - timedelta(seconds=age), NOW)
 
 
 @pytest.mark.parametrize(

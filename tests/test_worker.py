@@ -163,3 +163,19 @@ def test_uncounted_runs_stay_uncounted_across_a_pause_and_resume(queue: str, pub
         assert process_message(second.retry_with, 2, manage_connections=False).status == "failed"
 
     assert retry_later_row(job.id) == ("failed", 4, 2)
+
+
+@pytest.mark.django_db
+def test_the_first_failure_after_uncounted_runs_waits_the_first_backoff(
+    queue: str, publish_now
+) -> None:
+    # fc-retry-later: backoff 0.1 s, doubling, no jitter. Three uncounted runs do not grow it.
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        publish_now("fc.job", {**UNCOUNTED_THEN_FAILS, "times": 3})
+        [message] = retry_later_messages(queue)
+        for retries in range(3):
+            outcome = process_message(message, retries, manage_connections=False)
+            assert (outcome.status, outcome.retry_in) == ("retry", 0.1)  # RetryLater's own
+            message = outcome.retry_with
+        failure = process_message(message, 3, manage_connections=False)
+    assert (failure.status, failure.retry_in) == ("retry", 0.1)  # counted attempt 1

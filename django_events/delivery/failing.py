@@ -34,14 +34,14 @@ def judge(
     exc: BaseException,
     subscription: Subscription,
     counted_attempt: int,
-    retries: int,
     occurred_at: datetime,
     now: datetime,
 ) -> Verdict:
     """Decide what follows a run that raised ``exc``.
 
     ``counted_attempt`` is this run's number among the runs that count (``RetryLater(...,
-    counts=False)`` runs do not); ``retries`` is the broker's retry count, for the backoff.
+    counts=False)`` runs do not): it decides ``max_attempts`` and the backoff, so a failure
+    after uncounted runs waits the first delay, not one grown by runs that did not count.
     """
     if isinstance(exc, PermanentFailure):
         return Verdict(None)
@@ -57,7 +57,7 @@ def judge(
     elif counted_attempt >= max_attempts:
         return Verdict(None)
     else:
-        retry_in, counted = subscription.retry.delay(retries + 1), True
+        retry_in, counted = subscription.retry.delay(counted_attempt), True
     limit = subscription.declaration.give_up_after
     if limit is not None and (now - occurred_at).total_seconds() + retry_in > limit:
         return Verdict(None, note=f"gave up: give_up_after {limit:g}s since the event occurred")

@@ -281,9 +281,7 @@ def _run(
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
             error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
-        verdict = judge(
-            exc, subscription, attempt - uncounted, retries, event.occurred_at, timezone.now()
-        )
+        verdict = judge(exc, subscription, attempt - uncounted, event.occurred_at, timezone.now())
         final = verdict.final
         # Kept on the row with those before it: a retry sent from the row goes on counting.
         skips_count = verdict.retry_in is not None and not verdict.counted
@@ -315,7 +313,9 @@ def _run(
                 exc_info=True,
             )
         delay = (
-            subscription.retry.delay(retries + 1) if verdict.retry_in is None else verdict.retry_in
+            subscription.retry.delay(attempt - uncounted)
+            if verdict.retry_in is None
+            else verdict.retry_in
         )
         retry_in = webhooks.retry_delay(exc, delay, subscription.retry.max_backoff)
         row = _row(
