@@ -106,8 +106,8 @@ class Delivery(models.Model):
         default=0,
         db_default=0,
         help_text=_(
-            "Of the attempts, the runs that raised RetryLater(counts=False): "
-            "not counted towards max_attempts."
+            "Of the attempts, the runs not counted towards max_attempts: those that raised "
+            "RetryLater(counts=False), and those before a replay."
         ),
     )
     last_error = models.TextField(_("last error"), blank=True, default="")

@@ -179,3 +179,24 @@ def test_the_first_failure_after_uncounted_runs_waits_the_first_backoff(
             message = outcome.retry_with
         failure = process_message(message, 3, manage_connections=False)
     assert (failure.status, failure.retry_in) == ("retry", 0.1)  # counted attempt 1
+
+
+@pytest.mark.django_db
+def test_a_replay_gets_max_attempts_of_its_own(queue: str, publish_now) -> None:
+    # A read model rebuilt after its deliveries failed for good: the replay's runs are
+    # retried on failure as a first delivery's are; attempts still count every run.
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        job = publish_now("fc.job", {"n": 1, "times": 0, "then_fail": True})
+        [message] = retry_later_messages(queue)
+        assert process_message(message, 0, manage_connections=False).status == "retry"
+        assert process_message(message, 1, manage_connections=False).status == "failed"
+        assert retry_later_row(job.id) == ("failed", 2, 0)
+
+        call_command("events_replay", "fc-retry-later", stdout=StringIO(), stderr=StringIO())
+        # The row says what the message carries (the relay or a hand-on may send it from there).
+        assert retry_later_row(job.id) == ("pending", 2, 2)
+        [replayed] = retry_later_messages(queue)
+        assert process_message(replayed, 0, manage_connections=False).status == "retry"
+        assert retry_later_row(job.id) == ("pending", 3, 2)
+        assert process_message(replayed, 1, manage_connections=False).status == "failed"
+    assert retry_later_row(job.id) == ("failed", 4, 2)

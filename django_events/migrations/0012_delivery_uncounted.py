@@ -79,8 +79,8 @@ class Migration(migrations.Migration):
                 db_default=0,
                 default=0,
                 help_text=(
-                    "Of the attempts, the runs that raised RetryLater(counts=False): "
-                    "not counted towards max_attempts."
+                    "Of the attempts, the runs not counted towards max_attempts: those that raised "
+                    "RetryLater(counts=False), and those before a replay."
                 ),
                 verbose_name="uncounted runs",
             ),

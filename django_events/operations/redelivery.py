@@ -19,6 +19,7 @@ from typing import TypeVar
 from uuid import UUID
 
 from django.db import transaction
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from django_events.delivery import broker, endpoints, ordering
@@ -389,8 +390,15 @@ def _mark(
         ignore_conflicts=True,
     )
     due_time = {} if due is None else {"retry_at": due}
+    # The rows say what the messages carry: what the relay or a hand-on sends from them then
+    # counts as the message did (a replay's runs before it are uncounted).
+    uncounted = Case(
+        *(When(event_id=pk, then=Value(runs.uncounted)) for pk, runs in prior.items()),
+        default=F("uncounted"),
+        output_field=Delivery._meta.get_field("uncounted"),
+    )
     Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
-        status=status, updated_at=timezone.now(), **due_time
+        status=status, updated_at=timezone.now(), uncounted=uncounted, **due_time
     )
 
 

@@ -84,11 +84,13 @@ def replay_events(
         existing = (
             Delivery.objects.using(using)
             .filter(subscription=target.name, event_id__in=[r.pk for r in accepted])
-            .values_list("event_id", "attempts", "uncounted", "status")
+            .values_list("event_id", "attempts", "status")
         )
         prior, done = {}, set()
-        for event_id, attempts, uncounted, status in existing:
-            prior[event_id] = PriorRuns(attempts, uncounted)
+        for event_id, attempts, status in existing:
+            # A replay is a new round: the runs before it count as runs (attempts carry on)
+            # but not towards max_attempts, so a transient error is retried as on a first run.
+            prior[event_id] = PriorRuns(attempts, uncounted=attempts)
             if status == Delivery.Status.SUCCEEDED:
                 done.add(event_id)
         if target.declaration.idempotent and done:
