@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,9 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         got.assert_published("orders.placed", {"order_id": 3})
     assert str(info.value) == (
         "Expected at least 1 'orders.placed' event(s) with payload matching {'order_id': 3}, "
-        "found 0. Published: orders.placed {'order_id': 1, 'total': 10}, orders.placed "
+        "found 0. Differences: [0] orders.placed $.order_id: expected 3, got 1; "
+        "[1] orders.placed $.order_id: expected 3, got 2. "
+        "Published: orders.placed {'order_id': 1, 'total': 10}, orders.placed "
         "{'order_id': 2, 'total': 20, 'email': 'a@example.com'}, orders.shipped {'order_id': 1}"
     )
     with pytest.raises(AssertionError, match=r"Expected 1 'orders.placed' event\(s\), found 2"):
@@ -115,6 +118,69 @@ def test_captured_events_filters_and_asserts_on_payloads() -> None:
         got.assert_published("orders.placed", times=0)
     got.clear()
     assert len(got) == 0
+
+
+CANCELLED = {
+    "order_id": 1,
+    "refunded": True,
+    "fee": 2,
+    "coupon": None,
+    "notes": {"by": "shop", "codes": [1, True]},
+}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_assert_published_compares_payload_values_as_json_values() -> None:
+    """A dict payload's values compare type for type (True is not 1, as JSON's true is not a
+    number); numbers by value (1 is 1.0: JSON has one number type)."""
+    with captured_events() as got:
+        publish("orders.cancelled", CANCELLED)
+
+    got.assert_published("orders.cancelled", CANCELLED)
+    got.assert_published("orders.cancelled", {"fee": 2.0, "refunded": True, "coupon": None})
+    got.assert_published("orders.cancelled", {"notes": {"by": "shop", "codes": (1.0, True)}})
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("payload", "difference"),
+    [
+        ({"refunded": 1}, "$.refunded: expected 1, got True"),
+        ({"fee": True}, "$.fee: expected True, got 2"),
+        ({"order_id": "1"}, "$.order_id: expected '1', got 1"),
+        ({"coupon": 0}, "$.coupon: expected 0, got None"),
+        ({"coupon": uuid.UUID(int=0)}, f"$.coupon: expected {uuid.UUID(int=0)!r}, got None"),
+        ({"refund": True}, "$.refund: missing (expected True)"),
+        ({"fee": {"net": 2}}, "$.fee: expected {'net': 2}, got 2"),
+        ({"notes": "shop"}, "$.notes: expected 'shop', got {'by': 'shop', 'codes': [1, True]}"),
+        ({"notes": {"by": "shop"}}, "$.notes.codes: unexpected key (got [1, True])"),
+        (
+            {"notes": {"by": "shop", "codes": [1, True], "at": None}},
+            "$.notes.at: missing (expected None)",
+        ),
+        (
+            {"notes": {"by": ["shop"], "codes": [1, True]}},
+            "$.notes.by: expected ['shop'], got 'shop'",
+        ),
+        (
+            {"notes": {"by": "shop", "codes": [1]}},
+            "$.notes.codes: expected 1 item(s), got 2: [1, True]",
+        ),
+        ({"notes": {"by": "shop", "codes": [1, 1]}}, "$.notes.codes[1]: expected 1, got True"),
+    ],
+)
+def test_assert_published_names_the_path_where_a_payload_differs(
+    payload: dict[str, Any], difference: str
+) -> None:
+    with captured_events() as got:
+        publish("orders.placed", PAYLOAD)
+        publish("orders.cancelled", CANCELLED)
+
+    with pytest.raises(AssertionError) as info:
+        got.assert_published("orders.cancelled", payload)
+    assert f"found 0. Differences: [1] orders.cancelled {difference}. Published: " in str(
+        info.value
+    )
 
 
 @pytest.mark.django_db(transaction=True)
@@ -132,7 +198,6 @@ def test_captured_events_still_rejects_an_invalid_payload_and_an_unknown_event()
 @pytest.mark.usefixtures("typed_events")
 def test_captured_typed_events_compare_with_instances() -> None:
     import decimal
-    import uuid
 
     from tests.app.typed_events import PaymentReceived
 
@@ -142,6 +207,11 @@ def test_captured_typed_events_compare_with_instances() -> None:
 
     assert got.assert_published("typed.payment_received", payment).payload is payment
     assert got.assert_published("typed.payment_received", {"amount": "9.50"})
+    other = PaymentReceived(payment_id=payment.payment_id, amount=decimal.Decimal("1"))
+    with pytest.raises(AssertionError) as info:
+        got.assert_published("typed.payment_received", other)
+    difference = f"[0] typed.payment_received payload {payment!r} != {other!r}."
+    assert f"Differences: {difference}" in str(info.value)
 
 
 @pytest.mark.django_db(transaction=True)

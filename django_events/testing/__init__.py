@@ -18,6 +18,7 @@ from uuid import UUID
 
 from django_events.delivery.messages import event_body
 from django_events.events import Event
+from django_events.wiring.manifest import JsonPath, format_path
 
 __all__ = [
     "CapturedEvents",
@@ -66,19 +67,21 @@ class CapturedEvents(Sequence[Event]):
     ) -> Event:
         """Assert an event ``name`` was published; return the last match.
 
-        ``payload``: a dict matches events whose payload has those keys with those values
-        (other keys are ignored); a typed instance must be equal. ``times``: exactly that many
-        matches (default: at least one).
+        ``payload``: a dict matches events whose payload (its JSON form) has those keys with
+        those values (other top-level keys are ignored); values compare as JSON values, type
+        for type: ``True`` is not ``1``, ``"1"`` is not ``1``, a nested dict must have the
+        same keys; ``1`` and ``1.0`` are the same number. A typed instance must be equal.
+        ``times``: exactly that many matches (default: at least one).
         """
         if times is not None and times < 1:
             raise ValueError(f"times must be at least 1 (got {times}): use assert_not_published")
-        matches = [e for e in self.named(name) if _matches(e, payload)]
+        matches = [e for e in self.named(name) if _difference(e, payload) is None]
         if not matches or (times is not None and len(matches) != times):
             wanted = "at least 1" if times is None else str(times)
             where = f" with payload matching {payload!r}" if payload is not None else ""
             raise AssertionError(
-                f"Expected {wanted} {name!r} event(s){where}, found {len(matches)}. "
-                f"Published: {self._summary()}"
+                f"Expected {wanted} {name!r} event(s){where}, found {len(matches)}."
+                f"{self._differences(name, payload)} Published: {self._summary()}"
             )
         return matches[-1]
 
@@ -90,17 +93,84 @@ class CapturedEvents(Sequence[Event]):
     def _summary(self) -> str:
         return ", ".join(f"{e.name} {e.data!r}" for e in self.events) or "nothing"
 
+    def _differences(self, name: str, payload: Any) -> str:
+        """Where each event named ``name`` that does not match differs from ``payload``."""
+        found = []
+        for index, event in enumerate(self.events):
+            difference = _difference(event, payload) if fnmatchcase(event.name, name) else None
+            if difference is not None:
+                found.append(f"[{index}] {event.name} {difference}")
+        return f" Differences: {'; '.join(found)}." if found else ""
+
     def _committed(self, events: list[Event]) -> None:
         self.events.extend(events)
 
 
-def _matches(event: Event, payload: Any) -> bool:
+def _difference(event: Event, payload: Any) -> str | None:
+    """How ``event`` fails to match ``payload`` (see assert_published); None if it matches."""
     if payload is None:
-        return True
+        return None
     if isinstance(payload, Mapping):
-        data = event.data
-        return all(key in data and data[key] == value for key, value in payload.items())
-    return bool(event.payload == payload)
+        for key, value in payload.items():
+            if key not in event.data:
+                return f"{format_path((key,))}: missing (expected {value!r})"
+            difference = _json_difference(event.data[key], value, (key,))
+            if difference is not None:
+                return difference
+        return None
+    return None if event.payload == payload else f"payload {event.payload!r} != {payload!r}"
+
+
+def _json_difference(actual: Any, expected: Any, path: JsonPath) -> str | None:
+    """The first place where the JSON value ``actual`` differs from ``expected``, or None.
+
+    Type-strict where JSON is: a bool matches only a bool (``True == 1`` in Python, but JSON's
+    ``true`` is not a number), a string only a string, an object only an object with the same
+    keys. Numbers compare by value, so ``1`` matches ``1.0``: JSON has one number type, JSON
+    Schema's ``integer`` accepts ``1.0``, and a receiver in another language cannot tell them
+    apart.
+    """
+    where = format_path(path)
+    if isinstance(expected, Mapping):
+        if not isinstance(actual, Mapping):
+            return f"{where}: expected {expected!r}, got {actual!r}"
+        for key in expected:
+            if key not in actual:
+                return f"{format_path((*path, key))}: missing (expected {expected[key]!r})"
+        for key in actual:
+            if key not in expected:
+                return f"{format_path((*path, key))}: unexpected key (got {actual[key]!r})"
+        for key, value in expected.items():
+            difference = _json_difference(actual[key], value, (*path, key))
+            if difference is not None:
+                return difference
+        return None
+    if isinstance(expected, list | tuple):  # json.dumps writes a tuple as an array too
+        if not isinstance(actual, list | tuple):
+            return f"{where}: expected {expected!r}, got {actual!r}"
+        if len(actual) != len(expected):
+            return f"{where}: expected {len(expected)} item(s), got {len(actual)}: {actual!r}"
+        for index, (got, value) in enumerate(zip(actual, expected, strict=True)):
+            difference = _json_difference(got, value, (*path, index))
+            if difference is not None:
+                return difference
+        return None
+    if _json_kind(actual) != _json_kind(expected) or actual != expected:
+        return f"{where}: expected {expected!r}, got {actual!r}"
+    return None
+
+
+def _json_kind(value: Any) -> type:
+    """The JSON type ``value`` stands for: ``int`` and ``float`` are both numbers.
+
+    Subclasses count as their base (a ``StrEnum`` member is a string, as in its JSON form).
+    """
+    for kind in (bool, str):
+        if isinstance(value, kind):
+            return kind
+    if isinstance(value, int | float):
+        return float
+    return type(value)
 
 
 @contextmanager
