@@ -54,6 +54,8 @@ def publish(
 ) -> Event:
     """Publish one event: by name with a payload dict, or an instance of an ``@event`` class.
 
+    An instance is its own payload: passing a ``payload`` with it raises ``TypeError``.
+
     Raises ``UnknownEvent``, ``InvalidPayload`` or ``InterceptorError`` (an interceptor's
     ``send`` raised); nothing is recorded or sent then.
     Inline handlers run now; sync and async deliveries run after the transaction on
@@ -69,7 +71,8 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     """Publish several events with one bulk insert and one on-commit hook.
 
     Each item is an ``@event`` instance, or a ``(name, payload)`` or
-    ``(name, payload, headers)`` tuple. Every item is validated before anything happens.
+    ``(name, payload, headers)`` tuple (``(instance, None, headers)`` for an instance with
+    headers). Every item is validated before anything happens.
     """
     registry = get_registry()
     batch = [_prepare(registry, *_unpack(item)) for item in items]
@@ -131,6 +134,13 @@ def _unpack(item: Any) -> tuple[Any, Any, Any]:
 
 def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outgoing:
     compiled = registry.resolve(event)
+    if not isinstance(event, str) and payload is not None:
+        # Not quoted: the payload may hold values the declaration redacts.
+        raise TypeError(
+            f"Event {compiled.name!r}: the {type(event).__name__} instance is the payload, "
+            f"so no payload argument is taken (got {type(payload).__name__}); publish the "
+            f"instance alone, or the name {compiled.name!r} with a payload dict"
+        )
     given = payload if isinstance(event, str) else event
     data = compiled.to_data({} if given is None else given)
     if headers is None:

@@ -12,6 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from django.test import AsyncClient
 from django_events import InvalidPayload, UnknownEvent, apublish, apublish_many, publish
 from django_events.models import Delivery, EventRecord
 from tests.app.models import HandlerRun
+from tests.test_registry import typed_events  # noqa: F401 - a fixture
 from tests.worker import wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -91,6 +93,22 @@ def test_apublish_raises_what_publish_raises(wired: None) -> None:
     with pytest.raises(InvalidPayload):
         async_to_sync(apublish_many)([("orders.placed", ORDER), ("orders.placed", {"total": 1})])
     assert not EventRecord.objects.exists()  # one bad item: nothing published
+
+
+@pytest.mark.usefixtures("typed_events")
+def test_apublish_refuses_a_typed_instance_with_a_payload_too(wired: None) -> None:
+    from tests.app.typed_events import OrderPlaced
+
+    order = OrderPlaced(order_id=1, total=9.5, placed_at=datetime(2024, 1, 2, tzinfo=UTC))
+    with pytest.raises(
+        TypeError, match="'typed.order_placed': the OrderPlaced instance is the payload"
+    ):
+        async_to_sync(apublish)(order, {"order_id": 2})
+    with pytest.raises(
+        TypeError, match="'typed.order_placed': the OrderPlaced instance is the payload"
+    ):
+        async_to_sync(apublish_many)([("orders.placed", ORDER), (order, {"order_id": 2})])
+    assert not EventRecord.objects.exists()
 
 
 def test_plain_publish_in_async_code_is_refused_by_django(wired: None) -> None:

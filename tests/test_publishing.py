@@ -356,6 +356,42 @@ def test_publish_many_takes_typed_instances_and_headers_and_refuses_other_shapes
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.usefixtures("typed_events")
+def test_a_typed_instance_with_a_payload_too_is_refused() -> None:
+    """An instance is its own payload: a second argument is an error, not silently dropped."""
+    from decimal import Decimal
+
+    from tests.app.typed_events import PaymentReceived, Shipment
+
+    typed = {"shipping.shipped": {"type": "tests.app.typed_events.Shipment"}}
+    payment = PaymentReceived(payment_id=uuid.uuid4(), amount=Decimal("9.50"))
+    shipment = Shipment(1, "ups", datetime(2024, 1, 2).date())
+    subscriptions = [
+        {"event": name, "handler": "tests.app.handlers.record", "mode": "sync", "name": name}
+        for name in ("typed.payment_received", "shipping.shipped", "orders.shipped")
+    ]
+    with wiring(*subscriptions, EVENTS=typed):
+        with pytest.raises(TypeError) as info:
+            publish(payment, {"amount": "1.00"})
+        with pytest.raises(
+            TypeError, match="'shipping.shipped': the Shipment instance is the payload"
+        ):
+            publish(shipment, {}, headers={"X-Source": "import"})
+        with pytest.raises(
+            TypeError, match="'shipping.shipped': the Shipment instance is the payload"
+        ):
+            publish_many([("orders.shipped", {"order_id": 1}), (shipment, {"carrier": "dhl"})])
+        publish_many([(shipment, None, {"X-Source": "import"})])  # no payload: headers only
+
+    assert str(info.value) == (
+        "Event 'typed.payment_received': the PaymentReceived instance is the payload, so no "
+        "payload argument is taken (got dict); publish the instance alone, or the name "
+        "'typed.payment_received' with a payload dict"
+    )
+    assert [r.event_name for r in handled()] == ["shipping.shipped"]  # nothing else ran
+
+
+@pytest.mark.django_db(transaction=True)
 def test_record_failures_only_keeps_failed_events() -> None:
     with wiring(SYNC, FAILING_SYNC, RECORD="failures"):
         ok = publish("orders.shipped", {"order_id": 1})
