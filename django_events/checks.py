@@ -79,6 +79,8 @@ CHECK_IDS: dict[str, str] = {
     "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
     "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
     "django_events.E324": "enabled webhook endpoints but httpx is not installed",
+    "django_events.E325": "a webhook's url has a user name or password",
+    "django_events.E326": "webhook endpoints have a user name or password in their URL",
 }
 WEBHOOKS_EXTRA = "pip install 'django-event-wiring[webhooks]'"
 
@@ -252,7 +254,34 @@ def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
                     id=f"django_events.{code}",
                 )
             )
+    messages.extend(_credentials_problems(subscription))
     return messages
+
+
+def _credentials_problems(subscription: Subscription) -> list[CheckMessage]:
+    """A webhook URL's ``user:password@`` is never sent: refused (E325), never quoted."""
+    from django_events.delivery import webhooks
+    from django_events.models import has_credentials
+
+    declared = subscription.declaration.url or ""
+    try:
+        url = webhooks.target_url(declared)
+    except webhooks.WebhookNotConfigured:
+        return []  # E320
+    if not has_credentials(url):
+        return []
+    held = "" if declared == url else f" ({declared})"
+    return [
+        Error(
+            f"Subscription {subscription.name!r}: webhook url{held} has a user name or password",
+            hint=(
+                "Remove them (webhooks do not send them); the receiver verifies the signature, "
+                "and a token can go in the URL's path or query."
+            ),
+            obj=str(subscription.declaration.origin),
+            id="django_events.E325",
+        )
+    ]
 
 
 def _has_httpx() -> bool:
@@ -269,16 +298,17 @@ def check_endpoints(
     databases: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[CheckMessage]:
-    """Enabled webhook endpoints need httpx, as webhook subscriptions do (E322).
+    """Enabled webhook endpoints need httpx, as webhook subscriptions do (E324); no endpoint's
+    URL may have a user name or password (E326).
 
     They are rows: read only when the checks may query a database (``databases``: ``manage.py
     check --database default``, and ``migrate`` before it migrates).
     """
-    if not databases or _has_httpx():
+    if not databases:
         return []
     from django.db import connections, router
 
-    from django_events.models import WebhookEndpoint
+    from django_events.models import WebhookEndpoint, has_credentials
 
     messages: list[CheckMessage] = []
     for alias in databases:
@@ -288,7 +318,20 @@ def check_endpoints(
         with connection.cursor() as cursor:
             if WebhookEndpoint._meta.db_table not in connection.introspection.table_names(cursor):
                 continue  # not migrated yet: no endpoint
-        enabled = WebhookEndpoint.objects.using(alias).filter(enabled=True).count()
+        rows = WebhookEndpoint.objects.using(alias)
+        urls = rows.filter(url__contains="@").values_list("url", flat=True)
+        with_credentials = sum(1 for url in urls if has_credentials(url))
+        if with_credentials:
+            messages.append(
+                Error(
+                    f"{with_credentials} webhook endpoint URL(s) in database {alias!r} have a "
+                    "user name or password",
+                    hint="Remove them in the admin: they are not sent, and deliveries are refused.",
+                    obj="django_events.WebhookEndpoint",
+                    id="django_events.E326",
+                )
+            )
+        enabled = 0 if _has_httpx() else rows.filter(enabled=True).count()
         if enabled:
             messages.append(
                 Error(

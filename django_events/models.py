@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import uuid
 from typing import ClassVar
+from urllib.parse import urlsplit
 
+from django.core.exceptions import ValidationError
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
@@ -396,4 +398,31 @@ class WebhookEndpoint(models.Model):
         ]
 
     def __str__(self) -> str:
-        return self.description or self.url
+        # Never a user name or password (an endpoint saved before they were refused).
+        return self.description or without_credentials(self.url)
+
+    def clean(self) -> None:
+        """Refuse a URL with a user name or password: they would not be sent."""
+        if has_credentials(self.url):
+            raise ValidationError({"url": CREDENTIALS_REFUSED})
+
+
+#: Why a webhook URL with ``user:password@`` is refused (the form, ``create_endpoint``).
+CREDENTIALS_REFUSED = _(
+    "Remove the user name and password from the URL: webhooks do not send them (and the URL "
+    "is shown in the admin). The receiver authenticates a webhook by its signature, made "
+    "with the signing secret; a token it needs too can go in the URL's path or query."
+)
+
+
+def has_credentials(url: str) -> bool:
+    """Whether ``url`` has a user name or password (``https://user:pw@host/``)."""
+    return "@" in urlsplit(url).netloc
+
+
+def without_credentials(url: str) -> str:
+    """``url`` with its user name and password (if any) left out."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()

@@ -1052,6 +1052,17 @@ def _endpoint_without_httpx(tmp_path: Path) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _endpoint_with_credentials(tmp_path: Path) -> Iterator[None]:
+    from django_events.delivery.endpoints import create_endpoint
+    from django_events.models import WebhookEndpoint
+
+    endpoint, _ = create_endpoint("https://hooks.example.com/in", ["orders.*"])
+    # Saved before such URLs were refused (create_endpoint and the admin refuse them now).
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url="https://u:pw@hooks.example.com/")
+    yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -1146,6 +1157,10 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         {"event": "orders.placed", "handler": "tests.app.handlers.record", "name": "endpoint:x"}
     ),
     "django_events.E324": _endpoint_without_httpx,
+    "django_events.E325": lambda _: wiring(
+        {**WEBHOOK, "url": "https://u:pw@hooks.example.com/in"}, TEST_WH_SECRET="whsec_c2VjcmV0"
+    ),
+    "django_events.E326": _endpoint_with_credentials,
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
@@ -1177,7 +1192,7 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
 
 
 # Read from the database, only by `check --database` and `migrate` (events_check reads none).
-DATABASE_CHECKS = {"django_events.E324"}
+DATABASE_CHECKS = {"django_events.E324", "django_events.E326"}
 
 
 @pytest.mark.parametrize("check_id", sorted(set(TRIGGERS) - DATABASE_CHECKS))
@@ -1231,6 +1246,29 @@ def test_enabled_endpoints_without_httpx_are_an_error_where_checks_read_the_data
     # With httpx (the webhooks extra, installed here): nothing to report.
     WebhookEndpoint.objects.update(enabled=True)
     call_command("check", "--database", "default", stdout=out, stderr=err)
+
+
+def test_endpoint_urls_with_credentials_are_an_error_where_checks_read_the_database(
+    tmp_path: Path,
+) -> None:
+    from django.core.checks import run_checks
+
+    from django_events.delivery.endpoints import create_endpoint
+
+    create_endpoint("https://hooks.example.com/a@b?to=x@example.com", ["orders.*"])  # no userinfo
+    call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
+    with _endpoint_with_credentials(tmp_path):
+        assert [m for m in run_checks() if m.id.endswith("E326")] == []
+        with pytest.raises(SystemCheckError) as caught:
+            call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
+    assert parse(str(caught.value)) == [
+        (
+            "django_events.E326",
+            "django_events.WebhookEndpoint",
+            "1 webhook endpoint URL(s) in database 'default' have a user name or password",
+        )
+    ]
+    assert "pw" not in str(caught.value).replace("password", "")
 
 
 def test_a_timeout_is_an_error_via_tasks_only() -> None:

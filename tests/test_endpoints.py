@@ -129,6 +129,56 @@ def test_the_form_refuses_what_could_never_be_delivered(admin_client, fields, er
     assert not WebhookEndpoint.objects.exists()
 
 
+CREDENTIALS_REFUSED = "Remove the user name and password from the URL: webhooks do not send"
+
+
+@pytest.mark.parametrize(
+    "url", ["https://user:pw-123@hooks.example.com/in", "https://pw-123@hooks.example.com/in"]
+)
+def test_a_url_with_a_user_name_or_password_is_refused(admin_client, url: str) -> None:
+    """They would not be sent, and the URL is shown in the admin: refused, where to go said."""
+    html = errors_of(admin_client.post(ADD, form(url=url)))
+    assert CREDENTIALS_REFUSED in html
+    assert not WebhookEndpoint.objects.exists()
+    with pytest.raises(ValidationError) as caught:
+        endpoints.create_endpoint(url, ["*"])
+    assert CREDENTIALS_REFUSED in str(caught.value.message_dict["url"])
+    # An @ elsewhere than before the host is no user name.
+    assert admin_client.post(ADD, form(url="https://a.example.com/x@y?cc=a@b.c")).status_code == 302
+
+
+def test_an_endpoint_saved_with_a_password_never_shows_it_and_is_refused_at_send(
+    admin_client,
+) -> None:
+    endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/in", ["*"])
+    # Saved before such URLs were refused.
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+        url="https://u:pw-123@hooks.example.com/in"
+    )
+    endpoint.refresh_from_db()
+    assert str(endpoint) == "https://hooks.example.com/in"
+
+    page = admin_client.get(change_url(endpoint)).content.decode()
+    assert "pw-123" not in page
+    assert 'value="https://***@hooks.example.com/in"' in page  # masked: saved as is, refused
+    for view in ("changelist", "delete", "history"):
+        args = [] if view == "changelist" else [endpoint.pk]
+        other = admin_client.get(reverse(f"admin:django_events_webhookendpoint_{view}", args=args))
+        assert other.status_code == 200 and "pw-123" not in other.content.decode()
+    edit = form(url="https://***@hooks.example.com/in", secret="")
+    assert CREDENTIALS_REFUSED in errors_of(admin_client.post(change_url(endpoint), edit))
+
+    subscription = endpoints.find(endpoints.subscription_name(endpoint.pk))
+    assert subscription is not None
+    with pytest.raises(webhooks.WebhookFailed, match="has a user name or password") as caught:
+        subscription.handler()(_event())
+    assert caught.value.retry is False
+
+    assert admin_client.post(change_url(endpoint), form(secret="")).status_code == 302
+    endpoint.refresh_from_db()
+    assert endpoint.url == "https://hooks.example.com/in"
+
+
 def test_private_addresses_are_accepted_when_allowed(admin_client) -> None:
     with override_settings(
         DJANGO_EVENTS={**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": True}
@@ -519,7 +569,12 @@ HIDDEN_URL = "https://ops:pw-123@hooks.example.com:8443/T0123/path-token?token=q
 
 def three_endpoints() -> tuple[WebhookEndpoint, WebhookEndpoint, WebhookEndpoint]:
     """One enabled (paused), one failing, one disabled for failing too long."""
-    crm, _ = endpoints.create_endpoint(HIDDEN_URL, ["orders.*"], secret=SECRET, description="CRM")
+    crm, _ = endpoints.create_endpoint(
+        HIDDEN_URL.replace("ops:pw-123@", ""), ["orders.*"], secret=SECRET, description="CRM"
+    )
+    # A user name and password are refused now; one saved before must not show either.
+    WebhookEndpoint.objects.filter(pk=crm.pk).update(url=HIDDEN_URL)
+    crm.refresh_from_db()
     failing, _ = endpoints.create_endpoint("https://b.example.com/", ["orders.shipped"])
     WebhookEndpoint.objects.filter(pk=failing.pk).update(
         failing_since=datetime(2026, 5, 1, 12, tzinfo=UTC)

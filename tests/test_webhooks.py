@@ -231,6 +231,44 @@ def test_webhook_checks_name_the_missing_url_and_secret(monkeypatch) -> None:
         assert_reported()
 
 
+def test_a_webhook_url_with_a_user_name_or_password_is_an_error_that_never_quotes_it(
+    monkeypatch,
+) -> None:
+    """They would not be sent (the request goes to the resolved address, without them)."""
+    where = "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]"
+    literal = {**HOOK, "url": "https://user:pw-123@hooks.example.com/in"}
+    with wiring(literal), override_settings(TEST_WH_SECRET=SECRET):
+        assert_reported(
+            (
+                "django_events.E325",
+                where,
+                "Subscription 'hook': webhook url has a user name or password",
+            )
+        )
+    monkeypatch.setenv("TEST_WH_URL", "https://token-only@hooks.example.com/in")
+    with wiring(HOOK), override_settings(TEST_WH_SECRET=SECRET):
+        assert_reported(
+            (
+                "django_events.E325",
+                where,
+                "Subscription 'hook': webhook url (TEST_WH_URL) has a user name or password",
+            )
+        )
+    monkeypatch.setenv("TEST_WH_URL", "https://hooks.example.com/in?cc=ops@example.com")
+    with wiring(HOOK), override_settings(TEST_WH_SECRET=SECRET):
+        assert_reported()  # an @ in the query is no user name
+
+
+def test_a_url_with_a_user_name_or_password_is_refused_at_send_without_retry() -> None:
+    with pytest.raises(webhooks.WebhookFailed) as caught:
+        webhooks.post("https://user:pw-123@hooks.example.com/in", b"{}", {}, 1.0)
+    assert str(caught.value) == (
+        "Refused: the URL has a user name or password, which webhooks do not send (the "
+        "receiver verifies the signature; a token can go in the path or query)"
+    )
+    assert caught.value.retry is False
+
+
 def test_allow_private_without_debug_is_w320() -> None:
     with wiring(WEBHOOKS_ALLOW_PRIVATE=True):
         assert_reported(

@@ -33,7 +33,12 @@ from django_events.conf import conf
 from django_events.delivery import endpoints, webhooks
 from django_events.delivery.pausing import paused_names
 from django_events.logs import log_extra
-from django_events.models import Failure, WebhookEndpoint
+from django_events.models import (
+    Failure,
+    WebhookEndpoint,
+    has_credentials,
+    without_credentials,
+)
 from django_events.operations.replay import ReplayError, replay_events
 from django_events.operations.retrying import retry_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
@@ -93,6 +98,10 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
             )
         else:
             self.fields["patterns"].initial = "\n".join(self.instance.events or ())
+            if has_credentials(self.instance.url):  # saved before they were refused
+                # Not shown: masked, which the URL's check then refuses until removed.
+                url = without_credentials(self.instance.url)
+                self.initial["url"] = url.replace("://", "://***@", 1)
             secret.widget = forms.PasswordInput(
                 render_value=False, attrs={"size": 60, "autocomplete": "new-password"}
             )

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 
@@ -216,6 +217,12 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Resp
     allow_private = conf.WEBHOOKS_ALLOW_PRIVATE
     if target.scheme != "https" and not (target.scheme == "http" and allow_private):
         raise WebhookFailed(f"Refused: {target.scheme}:// URL (use https)", retry=False)
+    if "@" in urlsplit(url).netloc:  # refused where declared; an older endpoint, an env change
+        raise WebhookFailed(
+            "Refused: the URL has a user name or password, which webhooks do not send "
+            "(the receiver verifies the signature; a token can go in the path or query)",
+            retry=False,
+        )
     port = target.port or (443 if target.scheme == "https" else 80)
     address = resolve(target.host, port, allow_private)
     # Connect to the address checked above, not to a second lookup (DNS rebinding); the
