@@ -18,7 +18,7 @@ from django_events.wiring.compiled import (
 )
 from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
-from django_events.wiring.registry import get_registry
+from django_events.wiring.registry import checked_registry
 from django_events.wiring.upcasting import resolve_upcaster
 
 # Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
@@ -100,7 +100,7 @@ def check_configuration(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """Settings, manifests, schemas, names and filters."""
-    messages = [to_message(p) for p in get_registry().problems]
+    messages = [to_message(p) for p in checked_registry().problems]
     from django.conf import settings
 
     if conf.WEBHOOKS_ALLOW_PRIVATE and not settings.DEBUG:
@@ -119,7 +119,7 @@ def check_configuration(
 def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Every subscription's handler imports and can be called (inline ones synchronously)."""
     messages: list[CheckMessage] = []
-    for subscription in get_registry().subscriptions.values():
+    for subscription in checked_registry().subscriptions.values():
         if subscription.mode == "webhook":  # no handler: its URL and secret instead
             messages += _webhook_problems(subscription)
             continue
@@ -181,7 +181,7 @@ def _import_hint(path: str, error: BaseException | None) -> str | None:
 def check_upcasters(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Every upcaster imports and can be called."""
     messages: list[CheckMessage] = []
-    for compiled in get_registry().events.values():
+    for compiled in checked_registry().events.values():
         for step, path in sorted(compiled.declaration.upcast.items()):
             try:
                 resolve_upcaster(path)
@@ -208,7 +208,7 @@ def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[
     except ValueError as exc:
         reason = str(exc)
     else:
-        current = lock_data(get_registry())
+        current = lock_data(checked_registry())
         if locked == current:
             return []
         changes = compare(locked, current)
@@ -347,7 +347,7 @@ def check_endpoints(
 
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Async subscriptions need a Celery app that accepts only safe serializers."""
-    registry = get_registry()
+    registry = checked_registry()
     if not any(s.is_queued and s.via != "tasks" for s in registry.subscriptions.values()):
         return []
     from celery import Celery
@@ -432,7 +432,7 @@ def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list
     from django_events.conf import conf
 
     subscriptions = [
-        s for s in get_registry().subscriptions.values() if s.is_queued and s.via == "tasks"
+        s for s in checked_registry().subscriptions.values() if s.is_queued and s.via == "tasks"
     ]
     if not subscriptions:
         return []

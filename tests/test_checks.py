@@ -24,7 +24,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
 
-from django_events import checks
+from django_events import UnknownEvent, checks, publish
 from django_events.checks import CHECK_IDS
 from django_events.wiring import typed
 from django_events.wiring.registry import get_registry
@@ -292,6 +292,86 @@ def test_invalid_payload_json_schema_is_E104(tmp_path: Path) -> None:
                 "'billing.refunded', which is left out for its own error (E104)",
             ),
         )
+
+
+def test_a_schema_error_hides_none_of_the_files_other_problems(tmp_path: Path) -> None:
+    """Every problem of a manifest with an E103 in one run, its declarations still unused."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          billing.invoiced:
+            schema: {type: objekt}
+          billing.paid:
+            durable: "yes"
+          billing.refunded: {}
+        subscriptions:
+          - event: billing.paid
+            handler: tests.app.handlers.record
+          - event: billing.refunded
+            handler: tests.app.handlers.record
+            mode: bogus
+          - event: billing.refunded
+            handler: tests.app.nope.handle
+          - event: billing.voided
+            handler: tests.app.handlers.record
+          - event: billing.refunded
+            handler: tests.app.handlers.record
+            name: filtered
+            when: {any: []}
+        """,
+    )
+
+    with settings_:
+        assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.events['billing.paid'].durable: 'yes' is not of type 'boolean'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:13",
+                "$.subscriptions[1].mode: 'bogus' is not one of ['inline', 'sync', 'async', "
+                "'webhook']",
+            ),
+            (
+                "django_events.E104",
+                f"{path}:3",
+                "Event 'billing.invoiced' has an invalid payload schema at schema.type: "
+                "'objekt' is not valid under any of the given schemas",
+            ),
+            (  # declared, with an error: not "an undeclared event"
+                "django_events.E105",
+                f"{path}:9",
+                "Subscription 'billing.paid:tests.app.handlers.record' subscribes to event "
+                "'billing.paid', which is left out for its own error (E103)",
+            ),
+            (
+                "django_events.E105",
+                f"{path}:16",
+                "Subscription 'billing.voided:tests.app.handlers.record' subscribes to an "
+                "undeclared event: 'billing.voided'",
+            ),
+            (
+                "django_events.E108",
+                f"{path}:18",
+                "Subscription 'filtered': when.any: 'any' takes a non-empty list of filters",
+            ),
+            (
+                "django_events.E201",
+                f"{path}:14",
+                "Subscription 'billing.refunded:tests.app.nope.handle': Handler "
+                "'tests.app.nope.handle' does not import: No module named 'tests.app.nope'",
+            ),
+        )
+        # Still none of the file is used until its E103s are fixed (no half-read wiring).
+        registry = get_registry()
+        assert not [name for name in registry.events if name.startswith("billing.")]
+        assert not [s for s in registry.subscriptions.values() if s.event.startswith("billing.")]
+        with pytest.raises(UnknownEvent, match="billing.refunded"):
+            publish("billing.refunded", {})
 
 
 def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:

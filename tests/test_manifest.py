@@ -503,8 +503,41 @@ def test_schema_mismatch_is_E103_with_path_and_line_of_the_offending_key(
     assert summary(manifest) == [("django_events.E103", line, msg) for line, msg in expected]
     assert all(p.hint == HINT for p in manifest.problems)
     assert all(p.origin is not None and p.origin.file == str(path) for p in manifest.problems)
-    # A manifest that does not match its schema declares nothing (no half-read wiring).
-    assert (manifest.events, manifest.subscriptions) == ([], [])
+    # A manifest that does not match its schema is rejected: the registry uses none of it (no
+    # half-read wiring); what matches is read for the checks only (test_checks.py).
+    assert manifest.rejected
+
+
+@pytest.mark.parametrize(
+    ("head", "built"),
+    [
+        ("version: 1", (["orders.placed"], ["orders.placed:tests.app.handlers.record"])),
+        ("version: 1\nextra: 1", (["orders.placed"], ["orders.placed:tests.app.handlers.record"])),
+        ("version: 2", ([], [])),  # another format: nothing is read
+        ("", ([], [])),  # no version
+    ],
+)
+def test_a_rejected_manifest_still_reads_what_matches_for_the_checks(
+    tmp_path: Path, head: str, built: tuple[list[str], list[str]]
+) -> None:
+    """Each declaration with a schema error is left out, the others are read (for the
+    checks: the registry uses none of a rejected manifest)."""
+    body = """
+        events:
+          orders.placed: {}
+          orders.lost: {durable: "yes"}
+        subscriptions:
+          - {event: orders.placed, handler: tests.app.handlers.record}
+          - {event: orders.placed, handler: tests.app.handlers.record, mode: bogus}
+        sources:
+          broken: {auth: github}
+        """
+    _, manifest = load(tmp_path, head + textwrap.dedent(body))
+
+    assert manifest.rejected
+    assert ([e.name for e in manifest.events], [s.name for s in manifest.subscriptions]) == built
+    assert manifest.sources == []
+    assert manifest.left_out == (["orders.lost"] if built[0] else [])
 
 
 def test_an_event_with_no_body_is_valid(tmp_path: Path) -> None:

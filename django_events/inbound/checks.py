@@ -12,7 +12,7 @@ from django.urls import NoReverseMatch, reverse
 
 from django_events.inbound.auth import standard_webhooks_verifiers
 from django_events.inbound.policy import InboundPolicy, SecretNotConfigured, credentials
-from django_events.wiring.registry import get_registry
+from django_events.wiring.registry import checked_registry
 
 # Options that mean something only for some kinds of auth (ignored elsewhere: W302).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
@@ -27,7 +27,7 @@ def check_inbound(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> li
     messages: list[CheckMessage] = []
     policies = [
         (compiled, policy)
-        for compiled in get_registry().events.values()
+        for compiled in checked_registry().events.values()
         if (policy := InboundPolicy.of(compiled.declaration)) is not None
     ]
     for compiled, policy in policies:
@@ -48,7 +48,7 @@ def check_inbound(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> li
                     id="django_events.W302",
                 )
             )
-    sources = get_registry().inbound_sources
+    sources = checked_registry().inbound_sources
     for declaration in sources.values():
         messages += _source_secret(
             declaration.name, declaration.auth, declaration.secret or "", str(declaration.origin)

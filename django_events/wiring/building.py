@@ -55,20 +55,33 @@ def manifest_paths() -> list[Path]:
 
 
 def build_registry() -> Registry:
-    """Read every source and compile the registry, collecting problems instead of raising."""
+    """Read every source and compile the registry, collecting problems instead of raising.
+
+    A manifest with a schema error (E103) declares nothing; the checks read ``checked``, a
+    registry with its declarations that match the schema, to report their problems too.
+    """
+    paths = manifest_paths()
+    manifests = [load_manifest(path) for path in paths]
+    manifests.append(parse_settings(conf.EVENTS, conf.SUBSCRIPTIONS))
+    used = [m if not m.rejected else Manifest(problems=m.problems) for m in manifests]
+    registry = _compile(paths, used)
+    if any(m.rejected for m in manifests):
+        registry.checked = _compile(paths, manifests)
+    return registry
+
+
+def _compile(paths: list[Path], manifests: list[Manifest]) -> Registry:
     registry = Registry(clock=UTC if settings.USE_TZ else None)
+    registry.sources.extend(str(path) for path in paths)
     problems = registry.problems
     problems.extend(settings_problems())
-    manifests: list[Manifest] = []
-    for path in manifest_paths():
-        registry.sources.append(str(path))
-        manifests.append(load_manifest(path))
-    manifests.append(parse_settings(conf.EVENTS, conf.SUBSCRIPTIONS))
     event_decls = [d for m in manifests for d in m.events]
     event_decls += [d for c in typed.declared_event_types() if (d := typed.declaration_of(c))]
     for manifest in manifests:
         problems.extend(manifest.problems)
     left_out = _compile_events(registry, event_decls)
+    for manifest in manifests:  # declared, but left out for a schema error
+        left_out.update(dict.fromkeys(manifest.left_out, "E103"))
     _compile_subscriptions(registry, [s for m in manifests for s in m.subscriptions], left_out)
     _compile_sources(registry, [s for m in manifests for s in m.sources])
     registry.interceptors = _load_interceptors(problems)
@@ -86,10 +99,11 @@ def settings_problems() -> list[Problem]:
     ]
 
 
-def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> set[str]:
-    """Compile the events into ``registry``; the names of those left out for an error."""
+def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> dict[str, str]:
+    """Compile the events into ``registry``; the names of those left out for an error, with
+    the error's code."""
     seen: dict[str, EventDeclaration] = {}
-    left_out: set[str] = set()
+    left_out: dict[str, str] = {}
     for declaration in declarations:
         if declaration.name in seen:
             first = seen[declaration.name].origin
@@ -119,7 +133,7 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
                     declaration.origin,
                 )
             )
-            left_out.add(declaration.name)
+            left_out[declaration.name] = "E104"
             continue
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
     return left_out
@@ -162,7 +176,7 @@ def _with_type(declaration: EventDeclaration, problems: list[Problem]) -> EventD
 
 
 def _compile_subscriptions(
-    registry: Registry, declarations: list[SubscriptionDeclaration], left_out: set[str]
+    registry: Registry, declarations: list[SubscriptionDeclaration], left_out: dict[str, str]
 ) -> None:
     problems = registry.problems
     default_retry = conf.DEFAULT_RETRY
@@ -192,12 +206,15 @@ def _compile_subscriptions(
             continue
         targets = _matching_events(declaration, registry.events)
         if not targets and declaration.event in left_out:
+            code = left_out[declaration.event]
             problems.append(
                 _problem(
                     "E105",
                     f"Subscription {declaration.name!r} subscribes to event "
-                    f"{declaration.event!r}, which is left out for its own error (E104)",
-                    "Fix that event's schema: this error then goes away.",
+                    f"{declaration.event!r}, which is left out for its own error ({code})",
+                    "Fix that event's "
+                    + ("schema" if code == "E104" else "declaration")
+                    + ": this error then goes away.",
                     declaration.origin,
                 )
             )

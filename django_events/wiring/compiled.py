@@ -203,6 +203,10 @@ class Registry:
     # without USE_TZ. Read when the registry is built (a change of USE_TZ rebuilds it): the
     # setting's lookup would be a tenth of a publish() (figure 1).
     clock: tzinfo | None = UTC
+    # What the system checks read when a manifest has a schema error (E103): this registry
+    # plus that file's declarations that match the schema, so their own problems are
+    # reported in the same run; publishing uses none of that file's declarations.
+    checked: Registry | None = field(default=None, repr=False)
 
     def now(self) -> datetime:
         """``timezone.now()``, with USE_TZ as it was when this registry was built."""

@@ -35,6 +35,14 @@ class Manifest:
     subscriptions: list[SubscriptionDeclaration] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     sources: list[SourceDeclaration] = field(default_factory=list)
+    #: Events declared here but left out for a schema error (E103): not "undeclared" (E105).
+    left_out: list[str] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> bool:
+        """Whether it does not match the schema (E103): then none of it is used, and its
+        declarations that match are there for the checks only."""
+        return any(p.id == "django_events.E103" for p in self.problems)
 
 
 @cache
@@ -194,31 +202,54 @@ def parse_settings(events: Any, subscriptions: Any) -> Manifest:
 
 
 def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
-    """Validate ``data`` against the manifest schema and build declarations."""
+    """Validate ``data`` against the manifest schema and build declarations.
+
+    Every schema error is reported (E103). The declarations without one are still built,
+    for the checks to report their own problems in the same run (the registry uses none of
+    a rejected manifest's declarations). An error in the file as a whole (not a mapping, no
+    or another ``version``) builds nothing; one in a section's shape, nothing of the section.
+    """
     errors = _deepest(list(_manifest_validator().iter_errors(data)))
-    if errors:
-        located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
-        located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
-        return Manifest(
-            problems=[
-                _problem(
-                    "E103",
-                    f"{format_path(path)}: {message}",
-                    "See the manifest reference in the docs.",
-                    origin,
-                )
-                for origin, path, message in located
-            ]
-        )
-    manifest = Manifest()
-    for name, body in (data.get("events") or {}).items():
+    located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
+    located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
+    manifest = Manifest(
+        problems=[
+            _problem(
+                "E103",
+                f"{format_path(path)}: {message}",
+                "See the manifest reference in the docs.",
+                origin,
+            )
+            for origin, path, message in located
+        ]
+    )
+    # Where the errors are: () the file, ("events",) a section (or a key at the top that is
+    # none), ("events", name) a declaration.
+    broken = {path[:2] for _, path, _ in located}
+    if any(len(where) == 0 or where[0] == "version" for where in broken):
+        return manifest
+    for name, body in _section(data, "events", broken):
+        if ("events", name) in broken:
+            manifest.left_out.append(name)
+            continue
         origin = origin_for(("events", name))
         manifest.events.append(_event(name, body or {}, origin, manifest.problems))
-    for index, body in enumerate(data.get("subscriptions") or []):
-        manifest.subscriptions.append(_subscription(body, origin_for(("subscriptions", index))))
-    for name, body in (data.get("sources") or {}).items():
-        manifest.sources.append(_source(name, body, origin_for(("sources", name))))
+    for index, body in _section(data, "subscriptions", broken):
+        if ("subscriptions", index) not in broken:
+            origin = origin_for(("subscriptions", index))
+            manifest.subscriptions.append(_subscription(body, origin))
+    for name, body in _section(data, "sources", broken):
+        if ("sources", name) not in broken:
+            manifest.sources.append(_source(name, body, origin_for(("sources", name))))
     return manifest
+
+
+def _section(data: dict[str, Any], key: str, broken: set[JsonPath]) -> Iterable[tuple[Any, Any]]:
+    """The (name or index, body) pairs of a section whose shape the schema accepted."""
+    if (key,) in broken:
+        return []
+    section = data.get(key) or {}
+    return enumerate(section) if isinstance(section, list) else section.items()
 
 
 def _deepest(errors: Sequence[ValidationError]) -> list[ValidationError]:

@@ -22,6 +22,14 @@ def get_registry() -> Registry:
     return registry
 
 
+def checked_registry() -> Registry:
+    """The registry the system checks read: ``get_registry()``, plus, when a manifest has a
+    schema error (E103), that file's declarations that match the schema (never published to),
+    so one run reports every problem of the file."""
+    registry = get_registry()
+    return registry.checked or registry
+
+
 def _build_and_store() -> Registry:
     global _registry, _built_for
     generation = typed.generation()
