@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 import uuid
 from contextlib import redirect_stdout
 from datetime import datetime, timedelta
@@ -11,7 +13,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, ManagementUtility, call_command
-from django.db import OperationalError, connection
+from django.db import OperationalError, connection, connections
 from django.utils import timezone
 
 from django_events import publish
@@ -573,6 +575,123 @@ def test_events_prune_keeps_a_delivery_a_retry_reopens_while_it_deletes(publish_
 
     assert audit.get().status == "pending"
     assert EventRecord.objects.filter(pk=event.id).exists()
+
+
+ARCHIVE_REFUNDS = {
+    "name": "shop-archive",
+    "event": "shop.refunded",
+    "handler": RECORD,
+    "mode": "async",
+}
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("subscription", ["shop-archive", "shop-audit"])  # async, sync
+def test_events_replay_skips_records_events_prune_deletes_meanwhile(queue, subscription) -> None:
+    """Prune deletes an old record after the replay read it, before the replay writes its
+    delivery: the replay sends (or runs) nothing for it and says so; nothing breaks."""
+    old, gone, kept = timezone.now() - timedelta(days=40), uuid.uuid4(), uuid.uuid4()
+    for pk, occurred_at in [(gone, old), (kept, timezone.now())]:
+        EventRecord.objects.create(
+            id=pk,
+            name="shop.refunded",
+            payload={"order_id": 1},
+            correlation_id=uuid.uuid4(),
+            status="dispatched",
+            occurred_at=occurred_at,
+        )
+    table, pruned = Delivery._meta.db_table, StringIO()
+
+    def prune_first(execute, sql, params, many, context):
+        # The replay's first look at the deliveries: it has read the records by then.
+        if not pruned.tell() and table in sql:
+            pruned.write("prune: ")
+            call_command("events_prune", "--days", "30", stdout=pruned)
+        return execute(sql, params, many, context)
+
+    out, err = StringIO(), StringIO()
+    with shop_wiring(queue, SUBSCRIPTIONS=[ARCHIVE_REFUNDS]):
+        with connection.execute_wrapper(prune_first):
+            call_command("events_replay", subscription, stdout=out, stderr=err)
+        sent = [message["event"]["id"] for message in drain(queue)]
+
+    assert "Deleted 1 event record(s)" in pruned.getvalue()
+    assert "Replayed 2 stored event(s)" in out.getvalue() and "1 skipped" in out.getvalue()
+    assert f"Skipped {gone}: its record was deleted meanwhile (events_prune)" in err.getvalue()
+    assert not EventRecord.objects.filter(pk=gone).exists()
+    assert not Delivery.objects.filter(event_id=gone).exists()
+    if subscription == "shop-archive":
+        assert sent == [str(kept)]
+    else:
+        assert list(HandlerRun.objects.values_list("event_id", flat=True)) == [kept]
+    row = Delivery.objects.get(event_id=kept, subscription=subscription)
+    assert row.status == ("pending" if subscription == "shop-archive" else "succeeded")
+
+
+@pytest.mark.postgresql  # SQLite has no row locks: its writers take turns, a whole transaction each
+@pytest.mark.django_db(transaction=True)
+def test_events_prune_waits_for_a_replay_writing_deliveries_and_keeps_the_record(queue) -> None:
+    """Prune starts while a replay holds its record, the delivery row written, not yet
+    committed: prune waits, then sees the delivery pending and keeps the record."""
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.refunded",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        status="dispatched",
+        occurred_at=timezone.now() - timedelta(days=40),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [replay_pid] = cursor.fetchone()
+    table, pruned, failed, waited = Delivery._meta.db_table, StringIO(), [], []
+    prune_pid: list[int] = []
+
+    def prune() -> None:
+        try:
+            with connection.cursor() as cursor:  # this thread's own connection
+                cursor.execute("SELECT pg_backend_pid()")
+                prune_pid.extend(cursor.fetchone())
+            call_command("events_prune", "--days", "30", stdout=pruned)
+        except Exception as exc:  # the test says what failed
+            failed.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=prune)
+
+    def prune_meanwhile(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if sql.startswith(f'UPDATE "{table}"') and not waited:
+            thread.start()  # the replay's row is written; its transaction goes on
+            waited.append(_blocked_by(replay_pid, prune_pid, thread))
+        return result
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[ARCHIVE_REFUNDS]):
+        with connection.execute_wrapper(prune_meanwhile):
+            out = run("events_replay", "shop-archive")
+        thread.join(30)
+        sent = [message["event"]["id"] for message in drain(queue)]
+
+    assert failed == [] and waited == [True]
+    assert "1 re-enqueued for a worker" in out and sent == [str(record.pk)]
+    assert "Deleted 0 event record(s)" in pruned.getvalue()
+    assert "Kept 1 old record(s) with deliveries not finished" in pruned.getvalue()
+    assert Delivery.objects.get(event_id=record.pk, subscription="shop-archive").status == "pending"
+
+
+def _blocked_by(pid: int, waiting: list[int], thread: threading.Thread) -> bool:
+    """Whether the backend in ``waiting`` (once there) is seen waiting for a lock ``pid``
+    holds, before ``thread`` ends or 10 s pass."""
+    deadline = time.monotonic() + 10
+    with connection.cursor() as cursor:
+        while thread.is_alive() and time.monotonic() < deadline:
+            if waiting:
+                cursor.execute("SELECT %s = ANY(pg_blocking_pids(%s))", [pid, waiting[0]])
+                if cursor.fetchone()[0]:
+                    return True
+            time.sleep(0.02)
+    return False
 
 
 @pytest.mark.django_db

@@ -18,7 +18,7 @@ from itertools import islice
 from typing import TypeVar
 from uuid import UUID
 
-from django.db import transaction
+from django.db import connections, transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
@@ -38,6 +38,7 @@ from django_events.wiring.registry import get_registry
 logger = logging.getLogger("django_events.redelivery")
 T = TypeVar("T")
 NOT_SENT = "Not sent again: the broker was unreachable; retry later."
+GONE = "its record was deleted meanwhile (events_prune)"
 
 
 @dataclass
@@ -103,6 +104,7 @@ def redeliver(
     *,
     using: str,
     claim_from: str | None = None,
+    lock_records: bool = False,
 ) -> RedeliveryResult:
     """Deliver ``records`` (events declared in the registry) to ``subscription`` again.
 
@@ -110,14 +112,44 @@ def redeliver(
     with ``claim_from`` (a `Delivery.Status`), only a row still in that status is run (one
     another process claimed meanwhile is left alone); without, whatever its row says (a
     replay). An async subscription's rows are the caller's to claim.
+
+    With ``lock_records`` (a replay, whose records no delivery row keeps from events_prune),
+    the records are locked in the transaction that writes their rows, and those deleted
+    since the caller read them are skipped: nothing is sent or run for them.
     """
     if not records:
         return RedeliveryResult()
     registry = get_registry()
     compiled = {r.name: registry.event(r.name) for r in records}
-    if subscription.is_queued:
+    if not subscription.is_queued:
+        return _run(
+            subscription, records, compiled, prior_attempts, using, claim_from, lock_records
+        )
+    if not lock_records:
         return _send(subscription, records, compiled, prior_attempts, using)
-    return _run(subscription, records, compiled, prior_attempts, using, claim_from)
+    result, gone = RedeliveryResult(), list[str]()
+    with transaction.atomic(using=using):
+        stored = _still_stored(records, using, gone)
+        if stored:  # an ordered subscription's are sent at the commit (`_send_ordered`)
+            result = _send(subscription, stored, compiled, prior_attempts, using)
+    result.skipped.extend(gone)
+    return result
+
+
+def _still_stored(records: Sequence[EventRecord], using: str, gone: list[str]) -> list[EventRecord]:
+    """Lock ``records`` till the end of the transaction (where the database has row locks);
+    return those still stored, and add a note for each one deleted to ``gone``.
+
+    events_prune locks what it deletes and then reads their deliveries again: it waits for
+    this transaction, then sees the rows it wrote. ``FOR NO KEY UPDATE`` (PostgreSQL) keeps
+    a DELETE waiting, not a worker's insert of another delivery row of the event.
+    """
+    features = connections[using].features
+    rows = EventRecord.objects.using(using).filter(pk__in=[r.pk for r in records])
+    rows = rows.order_by("pk").select_for_update(no_key=features.has_select_for_no_key_update)
+    found = set(rows.values_list("pk", flat=True))
+    gone.extend(f"{r.pk}: {GONE}" for r in records if r.pk not in found)
+    return [r for r in records if r.pk in found]
 
 
 def send_claimed(
@@ -268,15 +300,17 @@ def _run(
     prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
+    lock: bool,
 ) -> RedeliveryResult:
-    if subscription.name in paused_names(using, fresh=True):
-        return RedeliveryResult(held=_hold(subscription, records, prior, using, claim_from))
-    interceptors = get_registry().interceptors
     result = RedeliveryResult()
+    if subscription.name in paused_names(using, fresh=True):
+        result.held = _hold(subscription, records, prior, using, claim_from, lock, result.skipped)
+        return result
+    interceptors = get_registry().interceptors
     for record in records:
         # Claimed one by one: a process killed midway leaves the delivery it was running
         # `running` and the ones after it as they were (failed, held: still retryable).
-        attempts = _claim_run(subscription, record, prior, using, claim_from)
+        attempts = _claim_run(subscription, record, prior, using, claim_from, lock, result.skipped)
         if attempts is None:
             continue
         row = _run_one(subscription, record, compiled[record.name], attempts, interceptors)
@@ -297,12 +331,18 @@ def _hold(
     prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
+    lock: bool,
+    gone: list[str],
 ) -> int:
     """Record a paused sync subscription's deliveries held instead of running them (as a
-    publish would); how many. With ``claim_from``, only rows still in that status."""
+    publish would); how many. With ``claim_from``, only rows still in that status; with
+    ``lock``, only those whose records are still stored (see `redeliver`)."""
     if claim_from is None:
-        create = [r.pk for r in records]
-        _mark(subscription, records, prior, Delivery.Status.HELD, using, create=create)
+        with transaction.atomic(using=using):
+            if lock:
+                records = _still_stored(records, using, gone)
+            create = [r.pk for r in records]
+            _mark(subscription, records, prior, Delivery.Status.HELD, using, create=create)
         return len(records)
     rows = Delivery.objects.using(using).filter(
         event_id__in=[r.pk for r in records], subscription=subscription.name, status=claim_from
@@ -316,12 +356,17 @@ def _claim_run(
     prior: Mapping[UUID, PriorRuns],
     using: str,
     claim_from: str | None,
+    lock: bool,
+    gone: list[str],
 ) -> int | None:
     """Mark one sync delivery `running`: its runs so far, or None if this process is not to
-    run it (see `redeliver`)."""
+    run it (see `redeliver`; a record deleted meanwhile is noted in ``gone``)."""
     row = Delivery.objects.using(using).filter(event_id=record.pk, subscription=subscription.name)
     if claim_from is None:
-        _mark(subscription, [record], prior, Delivery.Status.RUNNING, using, create=[record.pk])
+        with transaction.atomic(using=using):
+            if lock and not _still_stored([record], using, gone):
+                return None
+            _mark(subscription, [record], prior, Delivery.Status.RUNNING, using, create=[record.pk])
     elif not row.filter(status=claim_from).update(
         status=Delivery.Status.RUNNING, updated_at=timezone.now()
     ):

@@ -42,7 +42,8 @@ def replay_events(
     ``events`` names the events to replay (default: every event the subscription receives),
     ``since``/``until`` bound their ``occurred_at``. The subscription's ``when`` filter
     still applies: events it would not have received are skipped, and so are events an
-    ``idempotent`` subscription already handled successfully.
+    ``idempotent`` subscription already handled successfully, and events whose record is
+    deleted (by events_prune) before their delivery is written.
     """
     registry = get_registry()
     target = find_subscription(subscription, registry)
@@ -97,5 +98,6 @@ def replay_events(
             # At most one successful run per event: replaying a success would break that.
             result.skipped.extend(f"{pk}: already succeeded (idempotent)" for pk in done)
             accepted = [r for r in accepted if r.pk not in done]
-        result.add(redeliver(target, accepted, prior, using=using))
+        # Locked as their deliveries are written: events_prune may delete old records.
+        result.add(redeliver(target, accepted, prior, using=using, lock_records=True))
     return matched, result

@@ -48,6 +48,8 @@ class Command(EventLogCommand):
             )
         except ReplayError as exc:
             raise CommandError(str(exc)) from exc
+        for reason in result.skipped:
+            self.stderr.write(f"Skipped {reason}")
         self.stdout.write(
             f"Replayed {matched} stored event(s) to {options['subscription']}: {result.summary()}"
         )
