@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from django_events import publish
 from django_events.delivery import marking
+from django_events.delivery.batching import recorder
 from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.worker import process_message
@@ -507,8 +508,9 @@ def test_events_prune_keeps_failures_and_pending_unless_asked(publish_now) -> No
         recent.id,
         *EventRecord.objects.filter(causation_id=recent.id).values_list("pk", flat=True),
     ]
+    long_ago = timezone.now() - timedelta(days=40)
     EventRecord.objects.exclude(pk__in=recent_ids).update(
-        occurred_at=timezone.now() - timedelta(days=40)
+        occurred_at=long_ago, dispatched_at=long_ago
     )
     pending = EventRecord.objects.create(
         id=uuid.uuid4(),
@@ -692,6 +694,63 @@ def _blocked_by(pid: int, waiting: list[int], thread: threading.Thread) -> bool:
                     return True
             time.sleep(0.02)
     return False
+
+
+WAITING = [
+    {
+        "name": "x-once",
+        "event": "x.waiting",
+        "handler": RECORD,
+        "mode": "async",
+        "idempotent": True,
+    },
+    {"name": "x-plain", "event": "x.waiting", "handler": RECORD, "mode": "async"},
+]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("days", "occurred", "dispatched"),
+    [
+        ("0.01", timedelta(minutes=20), timedelta(minutes=20)),  # a retention under an hour
+        ("30", timedelta(days=40), timedelta(minutes=20)),  # relayed after an outage
+    ],
+    ids=["short-retention", "relayed-late"],
+)
+def test_events_prune_keeps_a_record_whose_first_deliveries_may_still_wait_in_a_queue(
+    queue, days, occurred, dispatched
+) -> None:
+    """A first delivery has no `Delivery` row until a worker writes its outcome, which needs
+    the record: prune keeps a record dispatched less than the lost-message threshold ago."""
+    with shop_wiring(queue, MANIFESTS=[], EVENTS={"x.waiting": {}}, SUBSCRIPTIONS=WAITING):
+        event = publish("x.waiting", {"n": 1})
+        marking.flush()
+        now = timezone.now()
+        EventRecord.objects.filter(pk=event.id).update(
+            occurred_at=now - occurred, dispatched_at=now - dispatched
+        )
+
+        out = run("events_prune", "--days", days)
+        # The worker reaches the backlog only now.
+        outcomes = [
+            process_message(message, 0, manage_connections=False, batch_success=True)
+            for message in drain(queue)
+        ]
+        recorder().flush()
+
+    rows = Delivery.objects.filter(event_id=event.id).values_list("subscription", "status")
+    assert (sorted(rows), [o.status for o in outcomes]) == (
+        [("x-once", "succeeded"), ("x-plain", "succeeded")],
+        ["succeeded", "succeeded"],
+    )
+    assert HandlerRun.objects.filter(event_id=event.id).count() == 2  # once each
+    assert f"Kept 1 old record(s) dispatched less than {resend_after():g} s ago" in out
+
+    # Past the threshold it goes as any other: its deliveries are finished.
+    EventRecord.objects.filter(pk=event.id).update(
+        dispatched_at=now - timedelta(seconds=resend_after() + 1)
+    )
+    assert "Deleted 1 event record(s) and 2 delivery(ies)" in run("events_prune", "--days", days)
 
 
 @pytest.mark.django_db

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from django.db import DEFAULT_DB_ALIAS, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from django_events.conf import conf
+from django_events.delivery.lost_messages import resend_after
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 
 BATCH_SIZE = 5000
@@ -22,8 +23,8 @@ UNFINISHED = (Delivery.Status.PENDING, Delivery.Status.HELD, Delivery.Status.RUN
 
 @dataclass(frozen=True)
 class PruneResult:
-    """Rows deleted, and old records kept: with a failure, still pending (the outbox), or
-    with deliveries not finished."""
+    """Rows deleted, and old records kept: with a failure, still pending (the outbox), with
+    deliveries not finished, or dispatched less than ``in_flight_for`` seconds ago."""
 
     events: int
     deliveries: int
@@ -31,6 +32,8 @@ class PruneResult:
     kept_pending: int
     expired_keys: int = 0
     kept_unfinished: int = 0
+    kept_in_flight: int = 0
+    in_flight_for: float = 0.0
 
 
 def prune_events(
@@ -44,18 +47,29 @@ def prune_events(
     """Delete records that occurred more than ``older_than`` ago (``None``: none), in batches.
 
     Records still pending are never deleted (they are the outbox: not yet sent), nor records
-    with a delivery not finished (`UNFINISHED`). Records with a failed delivery, or that
-    failed themselves, are kept unless ``include_failures``.
+    with a delivery not finished (`UNFINISHED`), nor records dispatched less than the
+    lost-message threshold ago (`resend_after`): a first delivery has no `Delivery` row until
+    a worker records its outcome, so a message still waiting in a queue shows only there.
+    Records with a failed delivery, or that failed themselves, are kept unless
+    ``include_failures``.
     Inbound idempotency keys are deleted ``keys_kept_for`` after their window expired
     (``None``: kept), whatever their age.
     """
     if older_than is None:
         expired_keys = _prune_keys(keys_kept_for, using)
         return PruneResult(0, 0, 0, 0, expired_keys)
-    cutoff = timezone.now() - older_than
+    now = timezone.now()
+    cutoff = now - older_than
     old = EventRecord.objects.using(using).filter(occurred_at__lt=cutoff)
     under_way = Delivery.objects.using(using).filter(status__in=UNFINISHED).values("event_id")
+    # Measured from the dispatch, not the occurrence: an event the relay sent late (the
+    # broker was down) has its messages in a queue now. Past this threshold a delivery with
+    # no outcome counts as lost (the relay sends it again once its queue drains); a backlog
+    # older than that is the operator's to outlast (docs: retention above the longest one).
+    in_flight_for = resend_after()
+    in_flight = Q(dispatched_at__gt=now - timedelta(seconds=in_flight_for))
     candidates = old.exclude(status=EventRecord.Status.PENDING).exclude(pk__in=under_way)
+    candidates = candidates.exclude(in_flight)
     if not include_failures:
         failed = Delivery.objects.using(using).filter(status=Delivery.Status.FAILED)
         candidates = candidates.exclude(status=EventRecord.Status.FAILED).exclude(
@@ -87,13 +101,16 @@ def prune_events(
     expired_keys = _prune_keys(keys_kept_for, using)
     kept = old.exclude(status=EventRecord.Status.PENDING)
     kept_unfinished = kept.filter(pk__in=under_way).count()
+    kept_in_flight = kept.filter(in_flight).exclude(pk__in=under_way).count()
     return PruneResult(
         expired_keys=expired_keys,
         events=events,
         deliveries=deliveries,
-        kept_failures=kept.count() - kept_unfinished,
+        kept_failures=kept.count() - kept_unfinished - kept_in_flight,
         kept_pending=old.filter(status=EventRecord.Status.PENDING).count(),
         kept_unfinished=kept_unfinished,
+        kept_in_flight=kept_in_flight,
+        in_flight_for=in_flight_for,
     )
 
 
@@ -106,7 +123,8 @@ def _prune_keys(kept_for: timedelta | None, using: str) -> int:
 
 def prune_retained(*, using: str = DEFAULT_DB_ALIAS) -> PruneResult:
     """Delete what ``DJANGO_EVENTS["RETENTION"]`` no longer keeps (the ``django_events.prune``
-    task). Failures and pending records are kept, whatever their age."""
+    task). Failures, pending records and records still in flight (see `prune_events`) are
+    kept, whatever their age."""
     retention = conf.RETENTION
     events, keys = retention["events"], retention["idempotency_keys"]
     return prune_events(

@@ -16,8 +16,9 @@ class Command(EventLogCommand):
     help = (
         "Delete event records (and their deliveries) older than N days. Records with a failed "
         "delivery are kept unless --include-failures; pending records (the outbox) and records "
-        "with a delivery not finished (pending, held, running) always are. Expired inbound "
-        "idempotency keys are deleted too."
+        "with a delivery not finished (pending, held, running) always are, and so are records "
+        "dispatched less than RESEND_UNFINISHED_AFTER ago (their messages may still wait in a "
+        "queue). Expired inbound idempotency keys are deleted too."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -64,6 +65,12 @@ class Command(EventLogCommand):
         if result.kept_pending:
             self.stdout.write(
                 f"Kept {result.kept_pending} old record(s) still pending: run events_relay."
+            )
+        if result.kept_in_flight:
+            self.stdout.write(
+                f"Kept {result.kept_in_flight} old record(s) dispatched less than "
+                f"{result.in_flight_for:g} s ago: their first deliveries may still wait in a "
+                "queue (RESEND_UNFINISHED_AFTER)."
             )
         if result.kept_unfinished:
             self.stdout.write(
