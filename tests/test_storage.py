@@ -425,3 +425,36 @@ def test_finish_ordered_writes_what_the_orm_writes() -> None:
     assert by_key["next-held", 2][fields.index("status")] == "pending"
     assert by_key["next-held", 2][fields.index("retry_at")] == due
     assert by_key["next-held", 3][fields.index("status")] == "held"
+
+
+def test_finish_ordered_from_a_worker_of_the_release_before_keeps_uncounted(monkeypatch) -> None:
+    # A rolling deploy: an old worker's outcome has no "uncounted" (migration 0012's column).
+    # A new row gets 0, an existing one keeps its count, as that worker's plain upsert does.
+    import json
+
+    from django_events.delivery import ordering
+
+    now = datetime(2026, 12, 5, 5, 0, tzinfo=UTC)
+    old_json = json.dumps
+    monkeypatch.setattr(
+        postgresql.json,
+        "dumps",
+        lambda values, **kw: old_json({k: v for k, v in values.items() if k != "uncounted"}, **kw),
+    )
+    kept, new = uuid.uuid4(), uuid.uuid4()
+    for event_id in (kept, new):
+        event = Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1)
+        record_for(event, "dispatched").save()
+    row = delivery(kept, "ordered", "async", "pending", 4, uncounted=3)
+    row.ordering_key, row.sequence = "k", 1
+    row.save()
+
+    for event_id, number in ((kept, 1), (new, 2)):
+        done = delivery(event_id, "ordered", "async", "succeeded", 5, uncounted=9)
+        done.ordering_key, done.sequence = "k", number
+        lock = ordering._lock_id("ordered", "k")
+        postgresql.finish_ordered(connection, done, "k", lock, now)
+
+    stored = dict(Delivery.objects.values_list("event_id", "uncounted"))
+    assert stored == {kept: 3, new: 0}
+    assert set(Delivery.objects.values_list("status", "attempts")) == {("succeeded", 5)}

@@ -9,14 +9,14 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.worker import process_message
-from django_events.models import Delivery
+from django_events.models import Delivery, EventRecord
 from django_events.operations.pausing import pause, resume
 from tests.ops import MANIFESTS, drain, shop_wiring
 
@@ -200,3 +200,99 @@ def test_a_replay_gets_max_attempts_of_its_own(queue: str, publish_now) -> None:
         assert retry_later_row(job.id) == ("pending", 3, 2)
         assert process_message(replayed, 1, manage_connections=False).status == "failed"
     assert retry_later_row(job.id) == ("failed", 4, 2)
+
+
+@pytest.mark.django_db
+def test_a_replay_the_broker_refused_leaves_the_failure_as_it_was(queue: str, publish_now) -> None:
+    # Nothing ran: the failure keeps its counts, so a manual retry still gets one run.
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        job = publish_now("fc.job", {"n": 1, "times": 0, "then_fail": True})
+        [message] = retry_later_messages(queue)
+        process_message(message, 0, manage_connections=False)
+        assert process_message(message, 1, manage_connections=False).status == "failed"
+    with shop_wiring(queue, MANIFESTS=FAILCTL, CELERY_APP="tests.brokers.unreachable"):
+        out = StringIO()
+        with pytest.raises(CommandError):
+            call_command("events_replay", "fc-retry-later", stdout=out, stderr=StringIO())
+        assert "1 not sent (broker unreachable)" in out.getvalue()
+    assert retry_later_row(job.id) == ("failed", 2, 0)
+
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        call_command("events_retry", "--all", stdout=StringIO(), stderr=StringIO())
+        [retried] = retry_later_messages(queue)
+        assert process_message(retried, 0, manage_connections=False).status == "failed"
+
+
+ORDERED_LATER = {
+    "name": "fc-ordered-later",
+    "event": "fc.job",
+    "handler": "tests.app.handlers.retry_later",
+    "mode": "async",
+    "ordering_key": "n",
+    "retry": {"max_attempts": 2, "backoff": 0.1, "max_backoff": 1, "jitter": False},
+}
+
+
+def ordered_later(queue: str) -> list[dict[str, Any]]:
+    return [m for m in drain(queue) if m["subscription"] == ORDERED_LATER["name"]]
+
+
+def ordered_row(event_id: Any) -> tuple[str, int, int]:
+    row = Delivery.objects.get(event_id=event_id, subscription=ORDERED_LATER["name"])
+    return row.status, row.attempts, row.uncounted
+
+
+@pytest.mark.django_db
+def test_a_lost_ordered_head_is_resent_with_its_uncounted_runs(
+    queue: str, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    with shop_wiring(queue, MANIFESTS=FAILCTL, SUBSCRIPTIONS=[ORDERED_LATER]):
+        job = publish_now("fc.job", {"n": 1, "times": 1, "counts": False, "then_fail": True})
+        [message] = ordered_later(queue)
+        assert process_message(message, 0, manage_connections=False).status == "retry"
+        assert ordered_row(job.id) == ("pending", 1, 1)
+        # The retry's message is lost: the relay's check of the key's head sends it again.
+        drain(queue)
+        ago = timezone.now() - timedelta(seconds=resend_after() + 60)
+        EventRecord.objects.filter(pk=job.id).update(status="dispatched", dispatched_at=ago)
+        Delivery.objects.filter(event_id=job.id).update(updated_at=ago)
+        with django_capture_on_commit_callbacks(execute=True):
+            out = StringIO()
+            call_command("events_relay", stdout=out, stderr=StringIO())
+        assert "resent" in out.getvalue(), out.getvalue()
+        [again] = ordered_later(queue)
+        assert (again["prior_attempts"], again["uncounted"]) == (1, 1)
+        # Its first counted run fails: 1 of max_attempts 2, retried.
+        assert process_message(again, 0, manage_connections=False).status == "retry"
+
+
+@pytest.mark.django_db
+def test_a_handed_on_delivery_carries_its_uncounted_runs(
+    queue: str, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    with shop_wiring(queue, MANIFESTS=FAILCTL, SUBSCRIPTIONS=[ORDERED_LATER]):
+        head = publish_now("fc.job", {"n": 2, "times": 0})
+        behind = publish_now("fc.job", {"n": 2, "times": 1, "counts": False, "then_fail": True})
+        first_head, first_behind = ordered_later(queue)
+        assert process_message(first_head, 0, manage_connections=False).status == "succeeded"
+        ordered_later(queue)  # the hand-on's copy of `behind` (sent at publish already)
+        uncounted = process_message(first_behind, 0, manage_connections=False)
+        assert uncounted.status == "retry"
+        assert ordered_row(behind.id) == ("pending", 1, 1)
+        # A replay of the head makes it unfinished again: `behind`'s retry meets it, held.
+        until = EventRecord.objects.get(pk=behind.id).occurred_at.isoformat()
+        with django_capture_on_commit_callbacks(execute=True):
+            call_command(
+                "events_replay", ORDERED_LATER["name"], "--until", until, stdout=StringIO()
+            )
+        [replayed] = ordered_later(queue)
+        assert replayed["event"]["id"] == str(head.id)
+        assert process_message(uncounted.retry_with, 1, manage_connections=False).status == "held"
+        assert ordered_row(behind.id) == ("held", 1, 1)
+        # The head succeeds: the key is handed on to `behind`, sent from its row.
+        with django_capture_on_commit_callbacks(execute=True):
+            assert process_message(replayed, 0, manage_connections=False).status == "succeeded"
+        [handed] = ordered_later(queue)
+        assert handed["event"]["id"] == str(behind.id)
+        assert (handed["prior_attempts"], handed["uncounted"]) == (1, 1)
+        assert process_message(handed, 0, manage_connections=False).status == "retry"

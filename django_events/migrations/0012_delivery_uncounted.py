@@ -1,7 +1,8 @@
 # A delivery's uncounted runs (RetryLater(counts=False)) kept on its row, so that a delivery
 # sent again from its row (a resume, the relay, a retry) goes on counting as its messages did.
 # The ordered finish function (0011) writes the new column too; COALESCE: the outcome of a
-# worker of the release before this one has no "uncounted".
+# worker of the release before this one has no "uncounted" (a new row gets 0, an existing
+# one keeps its count, as that worker's plain upsert leaves it).
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ BEGIN
         done.response_ms, done.response_body, done.ordering_key, done.sequence
     ) ON CONFLICT (event_id, subscription) DO UPDATE SET
         mode = EXCLUDED.mode, status = EXCLUDED.status, attempts = EXCLUDED.attempts,
-        uncounted = EXCLUDED.uncounted, last_error = EXCLUDED.last_error,
+        uncounted = COALESCE(done.uncounted, django_events_delivery.uncounted),
+        last_error = EXCLUDED.last_error,
         traceback = EXCLUDED.traceback, updated_at = EXCLUDED.updated_at,
         retry_at = EXCLUDED.retry_at, duration_ms = EXCLUDED.duration_ms,
         response_status = EXCLUDED.response_status, response_ms = EXCLUDED.response_ms,

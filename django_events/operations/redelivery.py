@@ -201,6 +201,7 @@ def _send(
         failed = unsent.ids if broadcast else set(unsent.refused)
         if failed:
             _unsent(subscription, failed, prior, using)
+        _carry_runs(subscription, [r.pk for r in records if r.pk not in failed], prior, using)
     unconfirmed = 0 if broadcast else len(unsent.unconfirmed)
     if unconfirmed:
         logger.warning(
@@ -251,6 +252,8 @@ def _send_ordered(
 
     with transaction.atomic(using=using):
         _mark(subscription, records, prior, Delivery.Status.PENDING, using, create=create, due=due)
+        # Refused at the commit, they stay due for the relay, which sends them from the rows.
+        _carry_runs(subscription, ids, prior, using)
         # Inside a caller's transaction (a retry's claim) this runs when that one commits: the
         # result returned is final only then (the caller reads it after its commit). One
         # read before (an outer transaction's) counts them `at_commit`.
@@ -435,16 +438,28 @@ def _mark(
         ignore_conflicts=True,
     )
     due_time = {} if due is None else {"retry_at": due}
-    # The rows say what the messages carry: what the relay or a hand-on sends from them then
-    # counts as the message did (a replay's runs before it are uncounted).
+    Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
+        status=status, updated_at=timezone.now(), **due_time
+    )
+
+
+def _carry_runs(
+    subscription: Subscription, ids: Sequence[UUID], prior: Mapping[UUID, PriorRuns], using: str
+) -> None:
+    """Write the uncounted runs the messages of ``ids`` carry onto their rows (a replay's
+    runs before it), so that what the relay or a hand-on sends from a row counts as the
+    message did. Only for messages sent: a refused one's failure keeps its own count."""
+    runs = {pk: prior[pk].uncounted for pk in ids if pk in prior}
+    if not runs:
+        return
     uncounted = Case(
-        *(When(event_id=pk, then=Value(runs.uncounted)) for pk, runs in prior.items()),
+        *(When(event_id=pk, then=Value(n)) for pk, n in runs.items()),
         default=F("uncounted"),
         output_field=Delivery._meta.get_field("uncounted"),
     )
-    Delivery.objects.using(using).filter(event_id__in=ids, subscription=subscription.name).update(
-        status=status, updated_at=timezone.now(), uncounted=uncounted, **due_time
-    )
+    Delivery.objects.using(using).filter(
+        event_id__in=list(runs), subscription=subscription.name
+    ).update(uncounted=uncounted)
 
 
 def _row(subscription: Subscription, event_id: UUID, status: str, prior: PriorRuns) -> Delivery:
