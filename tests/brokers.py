@@ -140,3 +140,7 @@ unreachable.conf.update(
     accept_content=["json"],
     broker_connection_timeout=1,
 )
+
+# A broker URL whose transport kombu cannot load (a typo in the scheme).
+unloadable = Celery("tests-unloadable", set_as_current=False)
+unloadable.conf.update(broker_url="redsi://127.0.0.1:1/5", accept_content=["json"])

@@ -426,6 +426,25 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_broker_url_whose_transport_does_not_load_leaves_the_record_pending(caplog) -> None:
+    # "redsi://": kombu cannot load the transport. publish() and the commit raise nothing,
+    # as for a broker that is down; the record waits for the relay; the log says why.
+    with wiring(ASYNC, SYNC, CELERY_APP="tests.brokers.unloadable"):
+        with transaction.atomic():
+            Order.objects.create(total=1)
+            event = publish("orders.placed", PAYLOAD)
+        outside = publish("orders.placed", PAYLOAD)
+    assert Order.objects.count() == 1
+    assert set(EventRecord.objects.values_list("id", "status")) == {
+        (event.id, "pending"),
+        (outside.id, "pending"),
+    }
+    assert len(handled()) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all("redsi" in e for e in errors), errors
+
+
+@pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("celery_app", ["tests.app.nope.app", None])
 def test_without_a_celery_app_async_events_stay_pending_and_it_says_why(
     celery_app, monkeypatch, caplog

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 from django.utils.module_loading import import_string
@@ -275,6 +276,13 @@ def _send_deliveries(
             extra=batch_log_extra([event for event, _, _ in items]),
         )
         return _refused(items), False
+    try:
+        confirms_transport = _confirms_transport(app)
+    except (KeyError, ImportError) as exc:
+        # kombu cannot load the broker URL's transport: a scheme it does not know, or the
+        # transport's client library missing. No send can succeed until a deploy fixes it.
+        _log_unloadable(app, exc, [event for event, _, _ in items])
+        return _refused(items), False
     # The relay always tries: it is what finds the broker back.
     if not always_try and not health.may_try(app):
         logger.debug(
@@ -292,7 +300,7 @@ def _send_deliveries(
         "interval_max": 0.2,
     }
     wait = CONFIRM_TIMEOUT if always_try else COMMIT_CONFIRM_TIMEOUT
-    later = marker if confirm and _confirms_transport(app) else None
+    later = marker if confirm and confirms_transport else None
     for last_try in (False, True):
         try:
             unsent, silent = _send(app, items, alias, confirm, wait, policy, prior_attempts, later)
@@ -610,6 +618,25 @@ def _drop_confirming(app: Celery) -> None:
 
 
 _has_confirms: dict[int, bool] = {}  # id of a Celery app -> whether its transport has them
+_unloadable: set[int] = set()  # ids of Celery apps whose transport did not load (logged)
+
+
+def _log_unloadable(app: Celery, exc: BaseException, events: Sequence[Event]) -> None:
+    """Log, at ERROR once a process and app, that ``app``'s transport does not load."""
+    scheme = urlsplit(str(app.conf.broker_url or "")).scheme or "amqp"  # never credentials
+    first = id(app) not in _unloadable
+    _unloadable.add(id(app))
+    logger.log(
+        logging.ERROR if first else logging.DEBUG,
+        "Celery's broker transport %r does not load (%s: %s); %d event(s) stay pending for "
+        "events_relay until a deploy fixes the broker URL or installs its client library "
+        "(events_check reports it)",
+        scheme,
+        type(exc).__name__,
+        exc,
+        len(events),
+        extra=batch_log_extra(events),
+    )
 
 
 def _confirms_transport(app: Celery) -> bool:
