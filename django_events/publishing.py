@@ -12,6 +12,7 @@ from typing import Any, TypeVar, overload
 from uuid import UUID
 
 from asgiref.sync import sync_to_async
+from django.core.exceptions import SynchronousOnlyOperation
 from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 
 from django_events.delivery import endpoints, ordering
@@ -62,8 +63,11 @@ def publish(
     ``using`` commits (at once outside a transaction).
     """
     registry = get_registry()
-    outgoing = _prepare(registry, event, payload, headers)
-    _enqueue(registry, [outgoing], using)
+    try:
+        outgoing = _prepare(registry, event, payload, headers)
+        _enqueue(registry, [outgoing], using)
+    except SynchronousOnlyOperation as exc:
+        raise _in_async_code(exc) from exc
     return outgoing.event
 
 
@@ -75,9 +79,20 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     headers). Every item is validated before anything happens.
     """
     registry = get_registry()
-    batch = [_prepare(registry, *_unpack(item)) for item in items]
-    _enqueue(registry, batch, using)
+    try:
+        batch = [_prepare(registry, *_unpack(item)) for item in items]
+        _enqueue(registry, batch, using)
+    except SynchronousOnlyOperation as exc:
+        raise _in_async_code(exc) from exc
     return [o.event for o in batch]
+
+
+def _in_async_code(exc: SynchronousOnlyOperation) -> SynchronousOnlyOperation:
+    """Django's refusal of the database in async code, with what to call there instead."""
+    return SynchronousOnlyOperation(
+        f"{exc} In async code (an async view, a coroutine) publish with `await apublish(...)` "
+        "or `await apublish_many(...)`, which run publish() where Django runs sync code."
+    )
 
 
 @overload

@@ -328,6 +328,23 @@ def test_publish_many_validates_everything_first_and_inserts_once(
     assert Delivery.objects.filter(status="succeeded").count() == 50
 
 
+@pytest.mark.django_db
+def test_a_payload_where_the_event_goes_is_a_type_error_not_an_unknown_event() -> None:
+    @dataclasses.dataclass
+    class NotDeclared:
+        order_id: int
+
+    with wiring(SYNC):
+        for first in ({"order_id": 1}, None, [1], 7):
+            with pytest.raises(TypeError, match="its name \\(str\\) or an instance of an @event"):
+                publish(first, PAYLOAD)
+        with pytest.raises(UnknownEvent, match="neither an @event class nor the type:"):
+            publish(NotDeclared(1))
+        with pytest.raises(TypeError, match="got dict"):
+            publish_many([({"order_id": 1}, None)])
+    assert not EventRecord.objects.exists()
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.usefixtures("typed_events")
 def test_publish_many_takes_typed_instances_and_headers_and_refuses_other_shapes() -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
 from difflib import get_close_matches
@@ -240,7 +240,17 @@ class Registry:
         for compiled in self.events.values():  # a manifest's `type:` class
             if compiled.type is type(name_or_instance):
                 return compiled
-        raise UnknownEvent(repr(type(name_or_instance)))
+        if name_or_instance is None or isinstance(
+            name_or_instance, (Mapping, list, tuple, bytes, int, float)
+        ):  # the name left out (a payload first), or a value that is none
+            raise TypeError(
+                "The event to publish is its name (str) or an instance of an @event class "
+                f"(or a manifest's type:), got {type(name_or_instance).__name__}"
+            )
+        raise UnknownEvent(
+            repr(type(name_or_instance)),
+            "Its class is neither an @event class nor the type: of a declared event.",
+        )
 
     def queues(self) -> list[str]:
         """Queues a worker must consume to run every async subscription."""
