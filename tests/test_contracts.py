@@ -624,7 +624,9 @@ def test_compat_exits_1_from_the_command_line(tmp_path: Path) -> None:
 def w130() -> list[str]:
     from django.core.checks import run_checks
 
-    return [m.msg for m in run_checks(tags=["django_events"]) if m.id == "django_events.W130"]
+    # No database: Django 6.1 hands every alias to the database checks a tag selects.
+    checked = run_checks(tags=["django_events"], databases=[])
+    return [m.msg for m in checked if m.id == "django_events.W130"]
 
 
 def test_the_lock_check_is_quiet_while_the_lock_file_matches(tmp_path: Path) -> None:
