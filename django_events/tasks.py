@@ -11,6 +11,7 @@ from celery.signals import worker_ready
 
 from django_events.conf import conf
 from django_events.delivery.messages import summary_of
+from django_events.delivery.migration_state import unapplied_problems
 from django_events.delivery.worker import (
     defer_retry,
     process_message,
@@ -80,6 +81,8 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
     consumed = set(queues.consume_from) if queues is not None else None
     for subscription, problem in wiring_problems(consumed):
         logger.error(problem, extra=log_extra(None, subscription))
+    for problem in unapplied_problems():
+        logger.error(problem, extra=log_extra())
     if consumed is not None and app is not None:
         waiting = queues_left_waiting(consumed, app.conf.task_default_queue)
         if waiting:

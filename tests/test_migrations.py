@@ -38,3 +38,19 @@ def test_the_finish_function_comes_and_goes_with_its_migration() -> None:
     finally:
         call_command("migrate", "django_events", verbosity=0)
     assert exists()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_worker_says_at_start_which_migrations_are_missing() -> None:
+    from django_events.delivery.migration_state import unapplied_problems
+
+    assert unapplied_problems() == []
+    try:
+        call_command("migrate", "django_events", "0011", verbosity=0)
+        [problem] = unapplied_problems()
+    finally:
+        call_command("migrate", "django_events", verbosity=0)
+    assert problem.startswith(
+        "Database 'default' lacks django_events migration(s) 0012_delivery_uncounted: run "
+        "manage.py migrate."
+    )

@@ -296,3 +296,28 @@ def test_a_handed_on_delivery_carries_its_uncounted_runs(
         assert handed["event"]["id"] == str(behind.id)
         assert (handed["prior_attempts"], handed["uncounted"]) == (1, 1)
         assert process_message(handed, 0, manage_connections=False).status == "retry"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_outcome_the_database_cannot_store_before_migrate_waits_for_it(queue: str) -> None:
+    # A worker of a new release started before migrate: the column it writes is missing.
+    # A final failure is not dropped unseen (no failed row, no signal): it waits, as for a
+    # database that is down, and is recorded once migrate ran.
+    from django.db import connection
+
+    from django_events import publish
+
+    table = Delivery._meta.db_table
+    with shop_wiring(queue, MANIFESTS=FAILCTL):
+        job = publish("fc.job", {"n": 1, "times": 0, "then_fail": True})
+        [message] = retry_later_messages(queue)
+        with connection.cursor() as cursor:
+            cursor.execute(f"ALTER TABLE {table} RENAME COLUMN uncounted TO not_yet")
+        try:
+            last = process_message(message, 1)  # attempt 2 of max_attempts 2
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute(f"ALTER TABLE {table} RENAME COLUMN not_yet TO uncounted")
+        assert last.status == "retry"
+        assert process_message(message, 1).status == "failed"
+    assert retry_later_row(job.id) == ("failed", 2, 0)

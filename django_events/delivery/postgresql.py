@@ -178,6 +178,12 @@ def is_missing_function(error: DatabaseError) -> bool:
     return getattr(error.__cause__, "sqlstate", None) == "42883"
 
 
+def is_unmigrated(error: DatabaseError) -> bool:
+    """Whether ``error`` says a column or table does not exist (SQLSTATE 42703, 42P01): code
+    newer than the database's migrations (SQLite says so with an `OperationalError`)."""
+    return getattr(error.__cause__, "sqlstate", None) in ("42703", "42P01")
+
+
 def hand_on(
     connection: BaseDatabaseWrapper,
     subscription: str,

@@ -25,7 +25,7 @@ from django.db import (
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from django_events.delivery import endpoints, ordering, webhooks
+from django_events.delivery import endpoints, ordering, postgresql, webhooks
 from django_events.delivery.batching import Answer, recorder
 from django_events.delivery.execution import run_handler
 from django_events.delivery.failing import judge
@@ -69,6 +69,12 @@ RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
 DUPLICATE = "duplicate"
 # InternalError too: PostgreSQL reports an aborted transaction or a crashed backend with it.
 _OUTAGES = (OperationalError, InterfaceError, InternalError)
+
+
+def _is_outage(error: DatabaseError) -> bool:
+    """Whether ``error`` is worth waiting out: the database unreachable, or not migrated yet
+    (a worker started before ``migrate``: SQLite reports that as an `OperationalError` too)."""
+    return isinstance(error, _OUTAGES) or postgresql.is_unmigrated(error)
 
 
 @dataclass(frozen=True)
@@ -530,10 +536,14 @@ def _record_success(
                         status=Delivery.Status.PENDING,
                     )
                     _write_success_over(pending, row.attempts, row.duration_ms)
-        except _OUTAGES as exc:
+        except DatabaseError as exc:
+            if not _is_outage(exc):
+                logger.exception("Could not record the delivery outcome", extra=extra)
+                return
             if not waited:
                 logger.error(
-                    "Database unreachable; the delivery's success is saved once it is back: %s",
+                    "Database unreachable or not migrated; the delivery's success is saved "
+                    "once it can be: %s",
                     exc,
                     extra=extra,
                 )
@@ -542,9 +552,6 @@ def _record_success(
             time.sleep(delay)
             delay = min(delay * 2, RECORD_RETRY_MAX)
             continue
-        except DatabaseError:
-            logger.exception("Could not record the delivery outcome", extra=extra)
-            return
         if waited:
             logger.warning("Saved the delivery's success: the database is back", extra=extra)
         return
@@ -858,10 +865,10 @@ def _record_quietly(
             save_deliveries(alias, rows)
         else:
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
-    except _OUTAGES:
-        logger.exception("Could not record the delivery outcome", extra=log_extra(event))
-        return OUTAGE
-    except DatabaseError:
+    except DatabaseError as exc:
+        if _is_outage(exc):
+            logger.exception("Could not record the delivery outcome", extra=log_extra(event))
+            return OUTAGE
         logger.exception(
             "The database refused the delivery outcome; it is not retried",
             extra=log_extra(event),
