@@ -164,19 +164,17 @@ class BrokerHealth:
                 interval = min(previous[1] * 2, self.max_probe) if previous else self.first_probe
                 self._probes[id(app)] = (time.monotonic() + interval, interval)
         extra = batch_log_extra(events)
+        fate = (
+            "delivery(ies) not sent again"
+            if sent_again
+            else "event(s) stay pending for events_relay"
+        )
         if first:
-            fate = (
-                "delivery(ies) not sent again"
-                if sent_again
-                else "event(s) stay pending for events_relay"
-            )
             logger.error(
                 "Broker unreachable; %d %s: %s", len(events), fate, exc, exc_info=exc, extra=extra
             )
         else:
-            logger.debug(
-                "Broker still unreachable; %d more event(s) pending", len(events), extra=extra
-            )
+            logger.debug("Broker still unreachable; %d more %s", len(events), fate, extra=extra)
 
     def succeeded(self, app: object = None) -> None:
         if self.down or self._probes:
