@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import pkgutil
+import sys
 from collections.abc import Sequence
+from difflib import get_close_matches
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
@@ -12,6 +15,7 @@ from django_events.conf import conf
 from django_events.wiring.compiled import (
     HandlerImportError,
     HandlerInitError,
+    HandlerWithoutHandle,
     Subscription,
     is_async_handler,
     resolve_handler,
@@ -134,9 +138,12 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 if isinstance(exc.__cause__, TypeError)
                 else "Its __init__ raised: it runs once a process, with no arguments."
             )
+        except HandlerWithoutHandle as exc:
+            code, reason = "E202", str(exc)
+            hint = "Add a method handle(self, event) to the class."
         except HandlerImportError as exc:
             code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
-            hint = _import_hint(path, exc.__cause__) or hint
+            hint = _import_hint(path, exc.__cause__) or _close_path(path) or hint
         except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
             code = "E201"
             reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
@@ -176,6 +183,25 @@ def _import_hint(path: str, error: BaseException | None) -> str | None:
         f"The handler's module imports {missing!r}, which is not installed here: install it, "
         "or fix that import."
     )
+
+
+def _close_path(path: str) -> str | None:
+    """``Did you mean ...?`` for a handler path whose last name is misspelt: an attribute of
+    its module, or a module of its package (both already imported: nothing more runs)."""
+    module_path, _, name = path.rpartition(".")
+    module = sys.modules.get(module_path)
+    if module is not None:
+        names = [n for n in dir(module) if n[:1] != "_" and callable(getattr(module, n, None))]
+        close = get_close_matches(name, names, n=1)
+        return f"Did you mean {f'{module_path}.{close[0]}'!r}?" if close else None
+    package_path, _, module_name = module_path.rpartition(".")
+    package = sys.modules.get(package_path)
+    search = getattr(package, "__path__", None)
+    if not package_path or search is None:
+        return None
+    modules = [info.name for info in pkgutil.iter_modules(search)]
+    close = get_close_matches(module_name, modules, n=1)
+    return f"Did you mean {f'{package_path}.{close[0]}.{name}'!r}?" if close else None
 
 
 def check_upcasters(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:

@@ -45,7 +45,7 @@ def test_broadcast_on_a_subscription_that_is_not_async_is_W102() -> None:
     assert reported == [
         (
             "django_events.W102",
-            "Subscription 'bc' is sync: queue, broadcast only apply to async subscriptions",
+            "Subscription 'bc' is sync: queue and broadcast only apply to async subscriptions",
         )
     ]
 

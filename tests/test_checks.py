@@ -483,7 +483,7 @@ PATH_HINT = "Fix the dotted path in 'handler'."
             "tests.app.handlers.recrod",
             "Handler 'tests.app.handlers.recrod' does not import: Module \"tests.app.handlers\" "
             'does not define a "recrod" attribute/class',
-            PATH_HINT,
+            "Did you mean 'tests.app.handlers.record'?",
         ),
         (
             "exploding_handlers.handle",
@@ -550,6 +550,47 @@ def test_handler_that_is_not_callable_is_E202(tmp_path: Path, handler: str, reas
         assert_reported(
             ("django_events.E202", f"{path}:5", f"Subscription 'not-a-handler': {reason}")
         )
+
+
+def test_a_misspelt_handler_name_is_E201_with_the_close_name_as_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "billing_handlers.py", "def create_invoice(event):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "billing_handlers", raising=False)
+    misspelt = {"event": "orders.placed", "handler": "billing_handlers.create_invoce"}
+
+    with wiring({**misspelt, "name": "invoice"}):
+        [message] = checks.check_handlers()
+
+    assert message.id == "django_events.E201"
+    assert message.hint == "Did you mean 'billing_handlers.create_invoice'?"
+
+
+def test_a_misspelt_handler_module_is_E201_with_the_close_module_as_hint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    package = tmp_path / "shop_pkg"
+    package.mkdir()
+    write(package / "__init__.py", "")
+    write(package / "handlers.py", "def create_invoice(event):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in ("shop_pkg", "shop_pkg.handlers", "shop_pkg.handler"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+
+    with wiring({"event": "orders.placed", "handler": "shop_pkg.handler.create_invoice"}):
+        [message] = checks.check_handlers()
+
+    assert message.id == "django_events.E201"
+    assert message.hint == "Did you mean 'shop_pkg.handlers.create_invoice'?"
+
+
+def test_a_handler_class_without_handle_is_E202_hinting_to_add_it() -> None:
+    with wiring({"event": "orders.placed", "handler": "tests.app.models.Order", "name": "o"}):
+        [message] = checks.check_handlers()
+
+    assert message.id == "django_events.E202"
+    assert message.hint == "Add a method handle(self, event) to the class."
 
 
 def test_a_handler_class_that_needs_arguments_is_E202_with_its_hint(
@@ -668,9 +709,33 @@ def test_filter_type_pattern_and_option_problems(tmp_path: Path) -> None:
                 "django_events.W102",
                 f"{path}:13",
                 "Subscription 'orders.placed:tests.app.handlers.record_other' is sync: "
-                "queue, retry only apply to async subscriptions",
+                "queue and retry only apply to async subscriptions",
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("options", "message", "hint"),
+    [
+        ({"queue": "q"}, "queue only applies", "Remove it or use mode: async."),
+        ({"queue": "q", "timeout": 5}, "queue and timeout only apply", "Remove them or use"),
+        (
+            {"queue": "q", "timeout": 5, "broadcast": True},
+            "queue, timeout and broadcast only apply",
+            "Remove them or use",
+        ),
+    ],
+)
+def test_W102_says_it_or_them_for_one_or_several_keys(
+    options: dict[str, Any], message: str, hint: str
+) -> None:
+    with wiring({"event": "orders.placed", "handler": RECORD, "name": "s", **options}):
+        [reported] = checks.check_configuration()
+
+    assert reported.id == "django_events.W102"
+    assert reported.msg == f"Subscription 's' is sync: {message} to async subscriptions"
+    assert reported.hint is not None
+    assert reported.hint.startswith(hint)
 
 
 def test_warnings_alone_do_not_fail_events_check() -> None:
@@ -705,6 +770,37 @@ def test_settings_problems_are_E001_W001_E002() -> None:
                 "'tests.app.nope.Interceptor' does not import: No module named 'tests.app.nope'",
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("key", "hint"),
+    [
+        ("MANIFEST", "Did you mean 'MANIFESTS'?"),
+        ("manifests", "Did you mean 'MANIFESTS'?"),
+        ("DEFAULT_QUEU", "Did you mean 'DEFAULT_QUEUE'?"),
+    ],
+)
+def test_an_unknown_key_close_to_a_known_one_is_W001_with_that_key_as_hint(
+    key: str, hint: str
+) -> None:
+    with wiring(**{key: ["events.yaml"]}):
+        [message] = checks.check_configuration()
+
+    assert (message.id, message.msg) == (
+        "django_events.W001",
+        f"DJANGO_EVENTS has unknown key {key!r}",
+    )
+    assert message.hint == hint
+
+
+def test_an_unknown_key_like_no_known_one_is_W001_listing_the_known_keys() -> None:
+    with wiring(COLOUR="red"):
+        [message] = checks.check_configuration()
+
+    assert message.id == "django_events.W001"
+    assert message.hint is not None
+    assert message.hint.startswith("Known keys: ")
+    assert "MANIFESTS" in message.hint
 
 
 def test_settings_that_are_not_a_dict_are_E001_and_the_defaults_apply() -> None:

@@ -77,7 +77,7 @@ def test_give_up_after_is_listed_and_warned_about_on_sync_subscriptions() -> Non
     assert reported == [
         (
             "django_events.W102",
-            "Subscription 's' is sync: give_up_after only apply to async subscriptions",
+            "Subscription 's' is sync: give_up_after only applies to async subscriptions",
         )
     ]
 

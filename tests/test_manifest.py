@@ -555,15 +555,37 @@ def test_an_event_with_no_body_is_valid(tmp_path: Path) -> None:
     assert [e.name for e in manifest.events] == ["orders.noted"]
 
 
-def test_empty_file_reports_the_missing_version(tmp_path: Path) -> None:
-    path, manifest = load(tmp_path, "")
+@pytest.mark.parametrize("text", ["", "\n\n", "# events come later\n"])
+def test_an_empty_file_is_E103_saying_it_is_empty(tmp_path: Path, text: str) -> None:
+    path, manifest = load(tmp_path, text)
 
     assert manifest.problems == [
         Problem(
             "django_events.E103",
-            "$: 'version' is a required property",
-            HINT,
+            "The manifest is empty: it needs at least 'version: 1'",
+            "Write version: 1 in it (then events: and subscriptions:), or remove it from "
+            "DJANGO_EVENTS['MANIFESTS'].",
             Origin("manifest", str(path)),
+        )
+    ]
+
+
+def test_a_missing_relative_path_is_E101_naming_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    manifest = load_manifest(Path("config") / "events.yaml")
+
+    assert manifest.problems == [
+        Problem(
+            "django_events.E101",
+            f"Manifest file 'config/events.yaml' does not exist (relative paths are looked up "
+            f"in the working directory, {str(tmp_path)!r})",
+            'Make it absolute, as BASE_DIR / "config/events.yaml" in '
+            "DJANGO_EVENTS['MANIFESTS']: the working directory depends on where the process "
+            "starts.",
+            Origin("manifest", "config/events.yaml"),
         )
     ]
 

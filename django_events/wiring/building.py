@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC
+from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,21 @@ def _compile(paths: list[Path], manifests: list[Manifest]) -> Registry:
 
 def settings_problems() -> list[Problem]:
     """Check the shape of ``DJANGO_EVENTS`` itself (against its JSON Schema)."""
-    known = f"Known keys: {', '.join(sorted(DEFAULTS))}."
     return [
-        _problem("W001", p.message, known, SETTINGS_ORIGIN)
+        _problem("W001", p.message, _known_key_hint(p.key), SETTINGS_ORIGIN)
         if p.unknown
         else _problem("E001", p.message, p.hint, SETTINGS_ORIGIN)
         for p in conf.problems
     ]
+
+
+def _known_key_hint(key: object) -> str:
+    """The known key an unknown one is most likely a typo of (``MANIFEST``), or all of them."""
+    by_upper = {known.upper(): known for known in DEFAULTS}
+    close = get_close_matches(str(key).upper(), by_upper, n=1)
+    if close:
+        return f"Did you mean {by_upper[close[0]]!r}?"
+    return f"Known keys: {', '.join(sorted(DEFAULTS))}."
 
 
 def _compile_events(registry: Registry, declarations: list[EventDeclaration]) -> dict[str, str]:
@@ -254,12 +263,14 @@ def _compile_subscriptions(
             ignored = [k for k in async_only if getattr(declaration, k)]
             ignored += ["broadcast"] if declaration.broadcast else []
             if ignored:
+                keys = " and ".join(filter(None, (", ".join(ignored[:-1]), ignored[-1])))
+                apply, them = ("applies", "it") if len(ignored) == 1 else ("apply", "them")
                 problems.append(
                     _problem(
                         "W102",
                         f"Subscription {declaration.name!r} is {declaration.mode}: "
-                        f"{', '.join(ignored)} only apply to async subscriptions",
-                        "Remove them or use mode: async.",
+                        f"{keys} only {apply} to async subscriptions",
+                        f"Remove {them} or use mode: async.",
                         declaration.origin,
                     )
                 )

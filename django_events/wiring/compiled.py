@@ -43,6 +43,10 @@ class HandlerImportError(ImportError):
     """A subscription's handler path does not import or is not callable."""
 
 
+class HandlerWithoutHandle(HandlerImportError):
+    """A handler class that has no ``handle(self, event)`` method."""
+
+
 class HandlerInitError(HandlerImportError):
     """A handler class that cannot be instantiated with no arguments (its ``__init__`` raised)."""
 
@@ -275,7 +279,7 @@ def resolve_handler(path: str) -> Handler:
     if isinstance(target, type):
         handle = getattr(target, "handle", None)
         if not callable(handle):
-            raise HandlerImportError(f"Handler class {path!r} has no handle(self, event) method")
+            raise HandlerWithoutHandle(f"Handler class {path!r} has no handle(self, event) method")
         try:
             instance = target()
         except Exception as exc:  # whatever its __init__ raised: kept as the cause

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -110,16 +111,7 @@ def load_manifest(path: Path) -> Manifest:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return Manifest(
-            problems=[
-                _problem(
-                    "E101",
-                    f"Manifest file {file!r} does not exist.",
-                    "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
-                    Origin("manifest", file),
-                )
-            ]
-        )
+        return Manifest(problems=[_missing(path)])
     except OSError as exc:
         return Manifest(
             problems=[
@@ -156,8 +148,18 @@ def load_manifest(path: Path) -> Manifest:
     if root is not None:
         _node_lines(root, (), lines, duplicates)
     line_of = _line_lookup(lines)
-    if data is None:
-        data = {}
+    if data is None:  # nothing but blank lines and comments: say so, not "'version' required"
+        return Manifest(
+            problems=[
+                _problem(
+                    "E103",
+                    "The manifest is empty: it needs at least 'version: 1'",
+                    "Write version: 1 in it (then events: and subscriptions:), or remove it "
+                    "from DJANGO_EVENTS['MANIFESTS'].",
+                    Origin("manifest", file),
+                )
+            ]
+        )
 
     def origin_for(json_path: JsonPath) -> Origin:
         return Origin("manifest", file, line_of(json_path))
@@ -165,6 +167,27 @@ def load_manifest(path: Path) -> Manifest:
     manifest = parse_manifest_data(data, origin_for)
     manifest.problems[:0] = [_duplicate(file, *d) for d in duplicates]
     return manifest
+
+
+def _missing(path: Path) -> Problem:
+    """E101 for a file that does not exist; a relative path says where it was looked for."""
+    file = str(path)
+    if path.is_absolute():
+        message, hint = (
+            f"Manifest file {file!r} does not exist.",
+            "Fix the path in DJANGO_EVENTS['MANIFESTS'].",
+        )
+    else:
+        message = (
+            f"Manifest file {file!r} does not exist (relative paths are looked up in the "
+            f"working directory, {os.getcwd()!r})"
+        )
+        hint = (
+            f'Make it absolute, as BASE_DIR / "{path.as_posix()}" in '
+            "DJANGO_EVENTS['MANIFESTS']: the working directory depends on where the process "
+            "starts."
+        )
+    return _problem("E101", message, hint, Origin("manifest", file))
 
 
 def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
