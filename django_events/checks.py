@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import pkgutil
 import sys
@@ -10,6 +12,7 @@ from difflib import get_close_matches
 from typing import Any
 
 from django.core.checks import CheckMessage, Error, Warning
+from django.utils.module_loading import import_string
 
 from django_events.conf import conf
 from django_events.wiring.compiled import (
@@ -55,6 +58,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.W130": "the lock file no longer matches the declarations",
     "django_events.E201": "a handler does not import",
     "django_events.E202": "a handler is not callable",
+    "django_events.E207": "a handler cannot be called with the event as its one argument",
     "django_events.E203": "async subscriptions but no Celery app",
     "django_events.E204": "the Celery app accepts pickle",
     "django_events.W205": "the Celery app uses kombu's own filesystem transport",
@@ -152,6 +156,7 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
                 f"Its module raised while importing: python manage.py shell -c 'import {module}'."
             )
         else:
+            messages += _signature_problems(subscription, handler)
             if subscription.mode == "inline" and is_async_handler(handler):
                 messages.append(
                     Error(
@@ -172,6 +177,51 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             )
         )
     return messages
+
+
+def _signature_problems(subscription: Subscription, handler: Any) -> list[CheckMessage]:
+    """A handler that cannot be called as ``handler(event)``: a TypeError at every delivery."""
+    try:
+        # The outermost signature: a decorator (functools.wraps) may supply other arguments.
+        signature = inspect.signature(handler, follow_wrapped=False)
+        signature.bind(None)
+    except TypeError as exc:  # bind(): the event does not fit
+        reason = str(exc)
+    except ValueError:  # no signature to read (a builtin): not checked
+        return []
+    else:
+        return []
+    path = subscription.declaration.handler
+    target = import_string(path)  # it imported: resolve_handler did
+    shown, define = f"{path}{signature}", ""
+    if isinstance(target, type):
+        cls: Any = target  # a class with handle (resolve_handler checked it)
+        handle = inspect.signature(cls.handle, follow_wrapped=False)
+        shown, define = f"{path}.handle{handle}", "def handle(self, event)"
+    elif inspect.isfunction(target) or inspect.ismethod(target):
+        prefix = "async def" if inspect.iscoroutinefunction(target) else "def"
+        define = f"{prefix} {target.__name__}(event)"
+    elif not isinstance(target, functools.partial):  # an instance with __call__
+        define = "def __call__(self, event)"
+    positional = (
+        inspect.Parameter.POSITIONAL_ONLY,
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+    )
+    takes_one = any(p.kind in positional for p in signature.parameters.values())
+    return [
+        Error(
+            f"Subscription {subscription.name!r}: handler {shown!r} cannot be called with the "
+            f"event as its one argument: {reason}",
+            hint=(
+                "Give its other parameters defaults: it is called with the event only."
+                if takes_one
+                else f"Give it a parameter for the event{f': {define}' if define else ''}."
+            ),
+            obj=str(subscription.declaration.origin),
+            id="django_events.E207",
+        )
+    ]
 
 
 def _import_hint(path: str, error: BaseException | None) -> str | None:

@@ -585,6 +585,168 @@ def test_a_misspelt_handler_module_is_E201_with_the_close_module_as_hint(
     assert message.hint == "Did you mean 'shop_pkg.handlers.create_invoice'?"
 
 
+SIGNATURES = """
+import functools
+
+
+def no_args():
+    pass
+
+
+async def async_no_args():
+    pass
+
+
+def two_required(event, client):
+    pass
+
+
+def keyword_only(*, event):
+    pass
+
+
+class NoEventParameter:
+    def handle(self):
+        pass
+
+
+class CallableWithoutParameter:
+    def __call__(self):
+        pass
+
+
+no_args_instance = CallableWithoutParameter()
+
+
+def event_only(event):
+    pass
+
+
+async def async_event_only(event, retries=3):
+    pass
+
+
+def star_args(*args, **kwargs):
+    pass
+
+
+class Handles:
+    def handle(self, event):
+        pass
+
+
+class StaticHandles:
+    @staticmethod
+    def handle(event):
+        pass
+
+
+class CallableWithEvent:
+    def __call__(self, event):
+        pass
+
+
+with_event_instance = CallableWithEvent()
+
+
+def _injects(func):
+    @functools.wraps(func)  # the wrapper supplies `client`: only its own signature counts
+    def wrapper(event):
+        return func(event, client=None)
+
+    return wrapper
+
+
+@_injects
+def injected(event, client):
+    pass
+
+
+partial_event = functools.partial(two_required, client=None)
+"""
+
+
+@pytest.fixture
+def signatures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    write(tmp_path / "signature_handlers.py", SIGNATURES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "signature_handlers", raising=False)
+    return "signature_handlers"
+
+
+@pytest.mark.parametrize(
+    ("handler", "shown", "reason", "hint"),
+    [
+        ("no_args", "no_args()", "too many positional arguments", "def no_args(event)"),
+        (
+            "async_no_args",
+            "async_no_args()",
+            "too many positional arguments",
+            "def async_no_args(event)",
+        ),
+        (
+            "two_required",
+            "two_required(event, client)",
+            "missing a required argument: 'client'",
+            "Give its other parameters defaults",
+        ),
+        (
+            "keyword_only",
+            "keyword_only(*, event)",
+            "too many positional arguments",
+            "def keyword_only(event)",
+        ),
+        (
+            "NoEventParameter",
+            "NoEventParameter.handle(self)",
+            "too many positional arguments",
+            "def handle(self, event)",
+        ),
+        (
+            "no_args_instance",
+            "no_args_instance()",
+            "too many positional arguments",
+            "def __call__(self, event)",
+        ),
+    ],
+)
+def test_a_handler_that_cannot_take_the_event_is_E207(
+    signatures: str, handler: str, shown: str, reason: str, hint: str
+) -> None:
+    with wiring({"event": "orders.placed", "handler": f"{signatures}.{handler}", "name": "h"}):
+        assert_reported(
+            (
+                "django_events.E207",
+                "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]",
+                f"Subscription 'h': handler {f'{signatures}.{shown}'!r} cannot be called with "
+                f"the event as its one argument: {reason}",
+            )
+        )
+        [message] = checks.check_handlers()
+    assert message.hint is not None
+    assert hint in message.hint
+
+
+@pytest.mark.parametrize(
+    "handler",
+    [
+        "event_only",
+        "async_event_only",
+        "star_args",
+        "Handles",
+        "StaticHandles",
+        "with_event_instance",
+        "injected",
+        "partial_event",
+    ],
+)
+def test_handlers_that_take_the_event_pass_the_signature_check(
+    signatures: str, handler: str
+) -> None:
+    with wiring({"event": "orders.placed", "handler": f"{signatures}.{handler}", "mode": "sync"}):
+        assert checks.check_handlers() == []
+
+
 def test_a_handler_class_without_handle_is_E202_hinting_to_add_it() -> None:
     with wiring({"event": "orders.placed", "handler": "tests.app.models.Order", "name": "o"}):
         [message] = checks.check_handlers()
@@ -1298,6 +1460,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     ),
     "django_events.E202": lambda _: wiring(
         {"event": "orders.placed", "handler": "tests.app.handlers.not_callable"}
+    ),
+    "django_events.E207": lambda _: wiring(
+        {"event": "orders.placed", "handler": "tests.app.handlers.takes_no_event"}
     ),
     "django_events.E203": lambda _: wiring(ASYNC, CELERY_APP="tests.nope.app"),
     "django_events.E204": lambda _: wiring(ASYNC, CELERY_APP="tests.app.pickle_celery.app"),

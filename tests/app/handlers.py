@@ -180,6 +180,10 @@ class ClassHandler:
 not_callable = 42
 
 
+def takes_no_event() -> None:
+    """Takes no argument: it cannot be called with the event (django_events.E207)."""
+
+
 def forward(event: Event) -> None:
     """A handler chain: note the context values, publish the next of ``payload["steps"]``."""
     steps = event.data.get("steps", [])
