@@ -61,6 +61,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E207": "a handler cannot be called with the event as its one argument",
     "django_events.E203": "async subscriptions but no Celery app",
     "django_events.E204": "the Celery app accepts pickle",
+    "django_events.E208": "the Celery app's broker transport does not load",
     "django_events.W205": "the Celery app uses kombu's own filesystem transport",
     "django_events.W206": "the filesystem transport's folder does not exist",
     "django_events.E210": "via: tasks, but no such task backend (or no django.tasks)",
@@ -462,6 +463,7 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
                 id="django_events.E204",
             )
         )
+    messages.extend(_transport_problems(app))
     if _transport_name(app) == "filesystem":
         messages.append(
             Warning(
@@ -487,6 +489,76 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
             )
         )
     return messages
+
+
+# Celery's bundles for the transports whose packages are not kombu's own dependencies.
+CELERY_EXTRAS = {"redis": "redis", "rediss": "redis", "sentinel": "redis", "sqs": "sqs"}
+
+
+def _transport_problems(app: Any) -> list[CheckMessage]:
+    """Each broker URL's transport class loads (as kombu resolves it; nothing connects).
+
+    kombu resolves it when a connection is made: a misspelt scheme or a missing package
+    (redis://, without redis) would fail every publish, and the worker, at run time only.
+    """
+    from kombu import Connection
+
+    conf = app.conf
+    transport = conf.broker_transport
+    if transport is not None and not isinstance(transport, str):
+        return []  # a class, given as such: it loaded
+    urls: list[str | None] = []  # None: Celery's default broker
+    for url in (conf.broker_write_url or conf.broker_url, conf.broker_read_url or conf.broker_url):
+        urls += [one for one in (url.split(";") if url else [None]) if one not in urls]
+    checked: set[str] = set()
+    messages: list[CheckMessage] = []
+    for url in urls:
+        scheme = url.partition("://")[0] if url and "://" in url else "amqp"
+        if (transport or scheme) in checked:
+            continue
+        checked.add(transport or scheme)
+        try:
+            Connection(url or "", transport=transport).get_transport_cls()
+        except Exception as exc:  # noqa: BLE001 - KeyError (no such alias) or what it raised
+            messages.append(_transport_problem(app, transport, scheme, exc))
+    return messages
+
+
+def _transport_problem(app: Any, transport: str | None, scheme: str, exc: Exception) -> Error:
+    """E208, naming the URL's scheme (never the URL: it may hold a password) and the cause."""
+    extra = CELERY_EXTRAS.get(scheme) if transport is None else None
+    bundle = f"pip install 'celery[{extra}]'" if extra else ""
+    if isinstance(exc, KeyError):  # kombu's own message, with its "Did you mean ...?"
+        cause = " ".join(str(exc.args[0] if exc.args else exc).split())
+        hint = (
+            "Fix the scheme of the broker URL (CELERY_BROKER_URL, or the app's broker_url): "
+            "amqp://, redis://, sqs://, filesystem:// and the others kombu knows."
+        )
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+        missing = exc.name if isinstance(exc, ImportError) else None
+        if missing:
+            top = missing.partition(".")[0]
+            hint = f"Install {top!r} wherever publishers and workers run" + (
+                f" (for {scheme}://: {bundle})." if bundle else "."
+            )
+        elif bundle:
+            hint = (
+                f"Install its transport's packages ({bundle}) wherever publishers and workers run."
+            )
+        else:
+            hint = "Make its transport importable wherever publishers and workers run."
+    what = (
+        f"broker URL scheme '{scheme}://' has no transport that loads"
+        if transport is None
+        else f"broker transport {transport!r} (broker_transport) does not load"
+    )
+    return Error(
+        f"Celery app {app.main!r}: {what}: {cause}",
+        hint=hint,
+        obj="DJANGO_EVENTS",
+        id="django_events.E208",
+    )
 
 
 def _missing_broker_folders(app: Any) -> list[str]:

@@ -1207,6 +1207,135 @@ def test_the_filesystem_transport_of_django_events_and_other_brokers_are_fine(ki
         assert_reported()
 
 
+@pytest.fixture
+def broker_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
+    """CELERY_APP for a Celery app with this broker configuration (never connected to)."""
+
+    def make(**conf: Any) -> str:
+        name = f"broker_app_{len(list(tmp_path.glob('broker_app_*.py')))}"
+        lines = "".join(f"app.conf.{key} = {value!r}\n" for key, value in conf.items())
+        write(
+            tmp_path / f"{name}.py",
+            f"from celery import Celery\napp = Celery({name!r}, set_as_current=False)\n" + lines,
+        )
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        return f"{name}.app"
+
+    return make
+
+
+@pytest.fixture
+def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make ``module`` fail to import, as when it is not installed (kombu imported afresh)."""
+    import kombu.transport
+
+    def hide(module: str) -> None:
+        monkeypatch.setitem(sys.modules, module, None)
+        for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setattr(kombu.transport, "_transport_cache", {})
+
+    return hide
+
+
+def test_a_broker_url_whose_scheme_names_no_transport_is_E208() -> None:
+    with wiring(ASYNC, CELERY_APP="tests.app.misspelt_broker_celery.app"):
+        result = assert_reported(
+            (
+                "django_events.E208",
+                "DJANGO_EVENTS",
+                "Celery app 'misspelt_broker': broker URL scheme 'redsi://' has no transport "
+                "that loads: No such transport: redsi. Did you mean redis?",
+            )
+        )
+        [message] = checks.check_celery()
+
+    assert "s3cret" not in result.stderr and "user" not in result.stderr  # never credentials
+    assert message.hint == (
+        "Fix the scheme of the broker URL (CELERY_BROKER_URL, or the app's broker_url): "
+        "amqp://, redis://, sqs://, filesystem:// and the others kombu knows."
+    )
+
+
+@pytest.mark.parametrize(
+    ("hidden", "cause", "hint"),
+    [
+        (
+            "redis",
+            "AttributeError: 'NoneType' object has no attribute 'Redis'",
+            "Install its transport's packages (pip install 'celery[redis]') wherever "
+            "publishers and workers run.",
+        ),
+        (
+            "packaging.version",
+            "ModuleNotFoundError: import of packaging.version halted; None in sys.modules",
+            "Install 'packaging' wherever publishers and workers run (for redis://: pip "
+            "install 'celery[redis]').",
+        ),
+    ],
+)
+def test_a_broker_transport_whose_modules_are_missing_is_E208(
+    broker_app: Callable[..., str],
+    without_module: Callable[[str], None],
+    hidden: str,
+    cause: str,
+    hint: str,
+) -> None:
+    app = broker_app(broker_url="redis://:pw@127.0.0.1:6379/8")
+    without_module(hidden)
+
+    with wiring(ASYNC, CELERY_APP=app):
+        [message] = checks.check_celery()
+
+    assert (message.id, message.msg) == (
+        "django_events.E208",
+        f"Celery app {app.split('.')[0]!r}: broker URL scheme 'redis://' has no transport "
+        f"that loads: {cause}",
+    )
+    assert message.hint == hint
+
+
+def test_a_broker_transport_setting_that_does_not_import_is_E208(
+    broker_app: Callable[..., str],
+) -> None:
+    app = broker_app(broker_url="memory://", broker_transport="tests.app.nope:Transport")
+
+    with wiring(ASYNC, CELERY_APP=app):
+        [message] = checks.check_celery()
+
+    assert (message.id, message.msg) == (
+        "django_events.E208",
+        f"Celery app {app.split('.')[0]!r}: broker transport 'tests.app.nope:Transport' "
+        "(broker_transport) does not load: ModuleNotFoundError: No module named 'tests.app.nope'",
+    )
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [
+        {"broker_url": "amqp://guest:guest@127.0.0.1:5672//"},
+        {"broker_url": "memory://;amqp://127.0.0.1//"},
+        {"broker_url": "amqp://127.0.0.1//", "broker_read_url": "redis://127.0.0.1:6379/8"},
+        {},  # no URL: Celery's default, amqp on localhost
+    ],
+)
+def test_broker_urls_whose_transports_load_are_fine(
+    broker_app: Callable[..., str], conf: dict[str, str]
+) -> None:
+    with wiring(ASYNC, CELERY_APP=broker_app(**conf)):
+        assert checks.check_celery() == []
+
+
+def test_each_failover_and_read_url_is_checked(broker_app: Callable[..., str]) -> None:
+    app = broker_app(broker_url="amqp://127.0.0.1//;amqqp://127.0.0.1//")
+    read = broker_app(broker_url="amqp://127.0.0.1//", broker_read_url="redsi://127.0.0.1/8")
+
+    for celery_app in (app, read):
+        with wiring(ASYNC, CELERY_APP=celery_app):
+            assert [m.id for m in checks.check_celery()] == ["django_events.E208"]
+
+
 # -- every problem at once ---------------------------------------------------------------------
 
 
@@ -1470,6 +1599,9 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         ASYNC, CELERY_APP="tests.app.stock_filesystem_celery.app"
     ),
     "django_events.W206": lambda _: wiring(ASYNC, CELERY_APP="tests.app.missing_folder_celery.app"),
+    "django_events.E208": lambda _: wiring(
+        ASYNC, CELERY_APP="tests.app.misspelt_broker_celery.app"
+    ),
     "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
     "django_events.E302": lambda _: _inbound(
         {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""
