@@ -429,6 +429,238 @@ def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> Non
     ) in result.stdout
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "email": {"type": "string"},
+        "total": {"type": "number"},
+        "count": {"type": "integer"},
+        "paid": {"type": "boolean"},
+        "note": {"type": ["string", "null"]},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "customer": {"$ref": "#/$defs/Customer"},
+        "items": {
+            "type": "array",
+            "items": {"type": "object", "properties": {"sku": {"type": "string"}}},
+        },
+    },
+    "patternProperties": {"^x_": {"type": "string"}},
+    "$defs": {"Customer": {"type": "object", "properties": {"phone": {"type": "string"}}}},
+}
+
+
+@pytest.mark.parametrize(
+    "paths",
+    [
+        ["email", "customer.phone", "items.sku", "x_secret", "customer"],
+        ["anything"],  # with no properties listed, nothing can be told
+    ],
+    ids=["declared", "no-properties"],
+)
+def test_redact_paths_that_the_schema_declares_check_clean(paths: list[str]) -> None:
+    schema = SCHEMA if paths[0] != "anything" else {"type": "object"}
+    with wiring(EVENTS={"shop.sold": {"schema": schema, "redact": paths}}):
+        assert checks.check_configuration() == []
+
+
+@pytest.mark.parametrize(
+    ("path", "hint"),
+    [
+        ("emial", "Did you mean 'email'? A path the schema does not declare masks nothing."),
+        (
+            "customer.phnoe",
+            "Did you mean 'customer.phone'? A path the schema does not declare masks nothing.",
+        ),
+        (
+            "items.skus",
+            "Did you mean 'items.sku'? A path the schema does not declare masks nothing.",
+        ),
+        (
+            "password",
+            "Name a property the schema declares (dots for nesting): a path the "
+            "schema does not declare masks nothing.",
+        ),
+    ],
+)
+def test_a_redact_path_the_schema_does_not_declare_is_E112(path: str, hint: str) -> None:
+    with wiring(EVENTS={"shop.sold": {"schema": SCHEMA, "redact": ["email", path]}}):
+        assert_reported(
+            (
+                "django_events.E112",
+                "settings.DJANGO_EVENTS['EVENTS']['shop.sold']",
+                f"Event 'shop.sold': redact path {path!r} is not declared by its schema",
+            )
+        )
+        [message] = checks.check_configuration()
+    assert message.hint == hint
+
+
+def test_a_misspelt_redact_path_in_a_manifest_is_E112_at_its_line(tmp_path: Path) -> None:
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          billing.invoiced:
+            schema:
+              type: object
+              properties: {email: {type: string}}
+            redact: [emial]
+        """,
+    )
+    with settings_:
+        assert_reported(
+            (
+                "django_events.E112",
+                f"{path}:3",
+                "Event 'billing.invoiced': redact path 'emial' is not declared by its schema",
+            )
+        )
+
+
+def sold(when: dict[str, Any], event: str = "shop.sold") -> AbstractContextManager[Any]:
+    """A subscription with ``when`` to ``event``, among shop.sold (SCHEMA) and shop.other."""
+    other = {"schema": {"type": "object", "properties": {"total": {"type": "string"}}}}
+    events = {"shop.sold": {"schema": SCHEMA}, "shop.other": other}
+    return wiring({"event": event, "handler": RECORD, "name": "s", "when": when}, EVENTS=events)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        {"email": "a@example.com", "total": {"gte": 1000}, "count": {"in": [1, 2.0]}},
+        {"total": {"gt": 5}, "count": 3, "paid": True, "note": None},
+        {"count": {"gte": 1.5, "lt": 9}, "total": {"ne": 2}, "tags": ["a", "b"]},
+        {"note": {"ne": "x"}, "tags": {"contains": "vip"}, "email": {"contains": "@"}},
+        {"items.0.sku": "A-1", "customer.phone": {"exists": True}, "x_ref": "abc"},
+        {"any": [{"total": {"lt": 1.5}}, {"not": {"paid": False}}]},
+        {"customer": {"phone": "123"}},  # an object compared with an object
+    ],
+)
+def test_a_when_filter_on_declared_fields_of_matching_types_checks_clean(
+    when: dict[str, Any],
+) -> None:
+    with sold(when):
+        assert checks.check_configuration() == []
+
+
+def test_a_when_field_the_schema_does_not_declare_is_W113() -> None:
+    with sold({"all": [{"totl": {"gte": 10}}, {"customer.phnoe": {"exists": True}}]}):
+        messages = checks.check_configuration()
+
+    assert [(m.id, m.msg, m.hint) for m in messages] == [
+        (
+            "django_events.W113",
+            "Subscription 's': when field 'totl' is not declared by the schema of event "
+            "'shop.sold'",
+            "Did you mean 'total'? A field that is never in the payload never matches.",
+        ),
+        (
+            "django_events.W113",
+            "Subscription 's': when field 'customer.phnoe' is not declared by the schema of "
+            "event 'shop.sold'",
+            "Did you mean 'customer.phone'? A field that is never in the payload never matches.",
+        ),
+    ]
+    assert all(isinstance(m, Warning) for m in messages)
+
+
+def test_a_pattern_warns_of_a_when_field_only_when_no_event_it_matches_declares_it() -> None:
+    with sold({"email": {"exists": True}}, event="shop.*"):  # shop.sold declares it
+        assert checks.check_configuration() == []
+    with sold({"mail": {"exists": True}}, event="shop.*"):
+        [message] = checks.check_configuration()
+    assert message.msg == (
+        "Subscription 's': when field 'mail' is not declared by the schema of events "
+        "'shop.other', 'shop.sold'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("when", "where", "value", "declared", "outcome"),
+    [
+        ({"total": {"gte": "1000"}}, "total.gte", '"1000" (string)', "number", "never matches"),
+        ({"count": 1.5}, "count", "1.5 (number)", "integer", "never matches"),
+        ({"paid": "true"}, "paid", '"true" (string)', "boolean", "never matches"),
+        ({"email": {"eq": None}}, "email.eq", "null (null)", "string", "never matches"),
+        (
+            {"total": {"in": [1, "2"]}},
+            "total.in",
+            '"2" (string)',
+            "number",
+            "that item never matches",
+        ),
+        (
+            {"count": {"not_in": ["2"]}},
+            "count.not_in",
+            '"2" (string)',
+            "integer",
+            "that item never matches",
+        ),
+        ({"total": {"ne": "0"}}, "total.ne", '"0" (string)', "number", "always matches"),
+        (
+            {"tags": {"contains": 1}},
+            "tags.contains",
+            "1 (integer)",
+            "array of string",
+            "never matches",
+        ),
+        (
+            {"any": [{"note": {"lt": 3}}]},
+            "note.lt",
+            "3 (integer)",
+            "string or null",
+            "never matches",
+        ),
+    ],
+)
+def test_a_when_value_of_a_type_the_schema_rules_out_is_W114(
+    when: dict[str, Any], where: str, value: str, declared: str, outcome: str
+) -> None:
+    with sold(when):
+        [message] = checks.check_configuration()
+
+    assert (message.id, message.msg) == (
+        "django_events.W114",
+        f"Subscription 's': when.{where} compares with {value}, but event 'shop.sold' "
+        f"declares {where.split('.')[0]!r} as {declared}: it {outcome}",
+    )
+    assert isinstance(message, Warning)
+
+
+def test_a_yaml_date_in_a_when_filter_is_W114_hinting_to_quote_it(tmp_path: Path) -> None:
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          billing.invoiced:
+            schema:
+              type: object
+              properties: {due: {type: string, format: date}}
+        subscriptions:
+          - event: billing.invoiced
+            handler: tests.app.handlers.record
+            name: late
+            when: {due: {lt: 2024-01-01}}
+        """,
+    )
+    with settings_:
+        assert_reported(
+            (
+                "django_events.W114",
+                f"{path}:8",
+                "Subscription 'late': when.due.lt compares with 2024-01-01 (a YAML date), but "
+                "event 'billing.invoiced' declares 'due' as string: it never matches",
+            )
+        )
+        [message] = checks.check_configuration()
+    assert message.hint == (
+        'Write the value as the declared type: in YAML, 1000 is a number, "1000" a string, '
+        "and an unquoted date is a date (quote it)."
+    )
+
+
 def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None:
     with wiring(EVENTS={"billing.invoiced": {"schema": {"minimum": "zero"}}}):
         assert_reported(
@@ -1552,6 +1784,13 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         {"event": "orders.placed", "handler": RECORD, "when": {"total": {"gtee": 1}}}
     ),
     "django_events.E109": lambda _: wiring(EVENTS={"x.y": {"type": "tests.app.nope.T"}}),
+    "django_events.E112": lambda _: wiring(EVENTS={"x.y": {"schema": SCHEMA, "redact": ["x"]}}),
+    "django_events.W113": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "when": {"totl": 1}}
+    ),
+    "django_events.W114": lambda _: wiring(
+        {"event": "orders.placed", "handler": RECORD, "when": {"total": {"gte": "1"}}}
+    ),
     "django_events.E110": lambda _: wiring(PIPELINE=["tests.app.handlers.not_callable"]),
     "django_events.E111": lambda _: wiring(
         {**ASYNC, "broadcast": True, "idempotent": True, "name": "bc"}

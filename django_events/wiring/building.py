@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import replace
-from datetime import UTC
+from datetime import UTC, date
 from difflib import get_close_matches
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.apps import apps
 from django.conf import settings
@@ -32,6 +33,7 @@ from django_events.wiring.declarations import (
 from django_events.wiring.filters import (
     OPERATORS,
     FilterError,
+    comparisons,
     compile_filter,
     object_comparisons,
 )
@@ -144,8 +146,30 @@ def _compile_events(registry: Registry, declarations: list[EventDeclaration]) ->
             )
             left_out[declaration.name] = "E104"
             continue
+        registry.problems.extend(_redact_problems(declaration, schema))
         registry.events[declaration.name] = CompiledEvent(declaration, validator)
     return left_out
+
+
+def _redact_problems(declaration: EventDeclaration, schema: object) -> list[Problem]:
+    """Each ``redact`` path is declared by the schema (where it lists its properties): a
+    misspelt one masks nothing, and the value meant is shown."""
+    problems = []
+    for path in declaration.redact:
+        declared, _, close = declared_path(schema, path, lists="each")
+        if declared is not False:
+            continue
+        fix = "Name a property the schema declares (dots for nesting): a"
+        problems.append(
+            _problem(
+                "E112",
+                f"Event {declaration.name!r}: redact path {path!r} is not declared by its schema",
+                (f"Did you mean {close!r}? A" if close else fix)
+                + " path the schema does not declare masks nothing.",
+                declaration.origin,
+            )
+        )
+    return problems
 
 
 def _upcast_problems(declaration: EventDeclaration) -> list[Problem]:
@@ -257,7 +281,9 @@ def _compile_subscriptions(
             )
             continue
         if declaration.when is not None:
-            problems.extend(_object_comparisons(declaration, [registry.events[n] for n in targets]))
+            matched = [registry.events[n] for n in targets]
+            problems.extend(_object_comparisons(declaration, matched))
+            problems.extend(_when_field_problems(declaration, matched))
         if declaration.mode not in ("async", "webhook"):
             async_only = ("queue", "retry", "timeout", "give_up_after")
             ignored = [k for k in async_only if getattr(declaration, k)]
@@ -461,6 +487,185 @@ def _object_comparisons(
                 )
             )
     return problems
+
+
+def _when_field_problems(
+    declaration: SubscriptionDeclaration, events: list[CompiledEvent]
+) -> list[Problem]:
+    """A ``when`` field no event's schema declares (W113), or compared with a value of a type
+    its schema rules out (W114): it never matches (or, with ``ne``, always does)."""
+    assert declaration.when is not None
+    problems: list[Problem] = []
+    undeclared: set[str] = set()
+    for path, op, expected in comparisons(declaration.when):
+        found = [(c, declared_path(c.declaration.schema, path, lists="index")) for c in events]
+        missing = [(c, d.close) for c, d in found if d.declared is False]
+        if path not in undeclared and missing and not any(d.declared for _, d in found):
+            undeclared.add(path)
+            names = ", ".join(sorted(repr(c.name) for c, _ in missing))
+            close = missing[0][1] if len(missing) == 1 else None
+            problems.append(
+                _problem(
+                    "W113",
+                    f"Subscription {declaration.name!r}: when field {path!r} is not declared "
+                    f"by the schema of event{'s' if len(missing) > 1 else ''} {names}",
+                    (
+                        f"Did you mean {close!r}? A"
+                        if close
+                        else "Fix the field (dots for nesting), or declare it in the schema. A"
+                    )
+                    + " field that is never in the payload never matches.",
+                    declaration.origin,
+                )
+            )
+        for compiled, d in found:
+            if d.declared:
+                problems.extend(_type_problems(declaration, compiled, path, d.schema, op, expected))
+    return problems
+
+
+# Operators whose value is compared with the payload's value as it is (``in``: each item).
+_TYPED_OPERATORS = (None, "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains")
+
+
+def _type_problems(
+    declaration: SubscriptionDeclaration,
+    compiled: CompiledEvent,
+    path: str,
+    declared: object,
+    op: str | None,
+    expected: Any,
+) -> list[Problem]:
+    if op not in _TYPED_OPERATORS or (op is None and isinstance(expected, dict)):
+        return []  # exists; an object compared for equality is W108's
+    types = _declared_types(declared)
+    values = list(expected) if op in ("in", "not_in") and isinstance(expected, list) else [expected]
+    shown_types = " or ".join(types or ())
+    if op == "contains":  # an item of an array, or a part of a string
+        items = declared.get("items") if isinstance(declared, dict) else None
+        if types == ["array"] and isinstance(items, dict):
+            types = _declared_types(_local_ref(compiled.declaration.schema, items))
+            shown_types = f"array of {' or '.join(types or ())}"
+        elif types != ["string"]:
+            return []
+    if not types:
+        return []
+    allowed = set(types)
+    if op in ("gt", "gte", "lt", "lte") and "integer" in allowed:
+        allowed.add("number")  # count >= 1.5 is a fine question about an integer
+    outcome = "that item never matches" if op in ("in", "not_in") else "never matches"
+    outcome = "always matches" if op == "ne" else outcome
+    where = f"when.{path}" + (f".{op}" if op else "")
+    return [
+        _problem(
+            "W114",
+            f"Subscription {declaration.name!r}: {where} compares with {_shown(value)}, but "
+            f"event {compiled.name!r} declares {path!r} as {shown_types}: it {outcome}",
+            'Write the value as the declared type: in YAML, 1000 is a number, "1000" a '
+            "string, and an unquoted date is a date (quote it).",
+            declaration.origin,
+        )
+        for value in values
+        if not _json_types(value) & allowed
+    ]
+
+
+def _declared_types(schema: object) -> list[str] | None:
+    """The JSON types a property's schema declares (``type``), or None if it says none."""
+    types = schema.get("type") if isinstance(schema, dict) else None
+    types = [types] if isinstance(types, str) else types
+    return [str(t) for t in types] if isinstance(types, list) and types else None
+
+
+def _json_types(value: Any) -> set[str]:
+    """The JSON types ``value`` matches (1 is an integer and a number, 1.0 both too)."""
+    if value is None:
+        return {"null"}
+    if isinstance(value, bool):
+        return {"boolean"}
+    if isinstance(value, int):
+        return {"integer", "number"}
+    if isinstance(value, float):
+        return {"number", "integer"} if value.is_integer() else {"number"}
+    if isinstance(value, str):
+        return {"string"}
+    if isinstance(value, list | tuple):
+        return {"array"}
+    if isinstance(value, dict):
+        return {"object"}
+    return set()  # a YAML date or timestamp: no JSON value equals it
+
+
+_KINDS = ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"))
+
+
+def _shown(value: Any) -> str:
+    """``value`` as the filter gives it, with its JSON type: ``"1000" (string)``."""
+    if isinstance(value, date):
+        return f"{value.isoformat()} (a YAML date)"
+    kind = next((k for t, k in _KINDS if isinstance(value, t)), "null" if value is None else "")
+    return f"{json.dumps(value, default=str)} ({kind or type(value).__name__})"
+
+
+class Declared(NamedTuple):
+    """Whether a schema declares a payload path: True, False (not among the properties a
+    step's schema lists), or None (a step's schema lists none: nothing can be told)."""
+
+    declared: bool | None
+    schema: object = None  # declared: the path's own schema
+    close: str | None = None  # not declared: the close path a misspelling may have meant
+
+
+def declared_path(schema: object, path: str, *, lists: str) -> Declared:
+    """Whether ``schema`` declares the payload path ``path`` (dots for nesting; ``$ref``s,
+    ``patternProperties`` and the properties of ``allOf``/``anyOf``/``oneOf`` branches
+    followed). ``lists``: how a path goes through an array: ``"each"`` reaches into each item
+    (``redact``), ``"index"`` takes a number (``when``: ``items.0.sku``).
+    """
+    root, done = schema, []
+    for step in path.split("."):
+        schema = _local_ref(root, schema)
+        if lists == "each":
+            while isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+                schema = _local_ref(root, schema["items"])
+        elif step.isdigit() and isinstance(schema, dict) and isinstance(schema.get("items"), dict):
+            schema = schema["items"]
+            done.append(step)
+            continue
+        if not isinstance(schema, dict):
+            return Declared(None)
+        properties = _listed_properties(root, schema)
+        patterns = schema.get("patternProperties")
+        patterns = patterns if isinstance(patterns, dict) else {}
+        if step in properties:
+            schema = properties[step]
+        elif matching := [p for p in patterns if _matches(p, step)]:
+            schema = patterns[matching[0]]
+        elif not properties and not patterns:
+            return Declared(None)
+        else:
+            close = get_close_matches(step, properties, n=1)
+            return Declared(False, close=".".join([*done, close[0]]) if close else None)
+        done.append(step)
+    return Declared(True, _local_ref(root, schema))
+
+
+def _listed_properties(root: object, schema: dict[str, Any]) -> dict[str, Any]:
+    """``properties``, with those of its ``allOf``/``anyOf``/``oneOf`` branches."""
+    listed = dict(schema.get("properties") or {})
+    for keyword in ("allOf", "anyOf", "oneOf"):
+        for branch in schema.get(keyword) or ():
+            branch = _local_ref(root, branch)
+            if isinstance(branch, dict) and isinstance(branch.get("properties"), dict):
+                listed = {**branch["properties"], **listed}
+    return listed
+
+
+def _matches(pattern: str, key: str) -> bool:
+    try:
+        return re.search(pattern, key) is not None
+    except re.error:  # not Python's flavour of regex: as if it matched (nothing told)
+        return True
 
 
 def _property_schema(schema: object, path: str) -> object:

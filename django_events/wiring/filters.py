@@ -145,3 +145,20 @@ def object_comparisons(when: Mapping[str, Any]) -> list[tuple[str, Mapping[str, 
         elif isinstance(value, Mapping) and not any(k in OPERATORS for k in value):
             found.append((key, value))
     return found
+
+
+def comparisons(when: Mapping[str, Any]) -> list[tuple[str, str | None, Any]]:
+    """The (payload path, operator, value) of each comparison in a valid ``when``, in order;
+    the operator is None for a plain value (equality)."""
+    found: list[tuple[str, str | None, Any]] = []
+    for key, value in when.items():
+        if key in ("any", "all"):
+            for item in value:
+                found += comparisons(item)
+        elif key == "not":
+            found += comparisons(value)
+        elif isinstance(value, Mapping) and value and all(k in OPERATORS for k in value):
+            found += [(key, op, expected) for op, expected in value.items()]
+        else:
+            found.append((key, None, value))
+    return found
