@@ -4,6 +4,8 @@ correlation_id as ``extra`` attributes, so JSON log formatters always find them.
 from __future__ import annotations
 
 import ast
+import io
+import json
 import logging
 import uuid
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 from django.db import transaction
 from django.utils import timezone
+from pythonjsonlogger.json import JsonFormatter
 
 from django_events import Event, publish
 from django_events.delivery.messages import build_message, event_body
@@ -147,6 +150,7 @@ def test_a_failed_handlers_log_lines_mask_the_events_redacted_values(caplog) -> 
         assert "carol@example.com" not in printed, printed
         assert "cannot mail '•••'" in printed, printed
         assert record.pathname.endswith(("dispatch.py", "worker.py"))  # where it was logged
+        assert record.exc_info is None  # a formatter would print the exception in clear
         assert record.event_id == str(record.event_id) and record.subscription
     assert "Traceback" in logging.Formatter().format(records[0])
     # An event without `redact` is logged as it is, from the same place.
@@ -155,3 +159,47 @@ def test_a_failed_handlers_log_lines_mask_the_events_redacted_values(caplog) -> 
     [plain] = package_records(caplog)[3:]
     assert plain.getMessage().startswith("Sync handler failed: subscription 'sync-fails'")
     assert plain.pathname.endswith("dispatch.py") and plain.exc_info is not None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_no_formatter_gets_a_redacted_value_from_a_failed_handlers_record() -> None:
+    # python-json-logger (the JSON formatter docs/observability.md shows) formats a record's
+    # exc_info itself, ignoring exc_text: the record must not hold the exception in clear.
+    json_out, plain_out = io.StringIO(), io.StringIO()
+    as_json = logging.StreamHandler(json_out)
+    as_json.setFormatter(JsonFormatter("%(levelname)s %(name)s %(message)s"))
+    as_text = logging.StreamHandler(plain_out)
+    as_text.setFormatter(logging.Formatter())
+    package = logging.getLogger("django_events")
+    quoting = "tests.app.handlers.fails_quoting_email"
+    payload = {**PAYLOAD, "email": "carol@example.com"}
+    package.addHandler(as_json)
+    package.addHandler(as_text)
+    try:
+        with wiring({**FAILING_SYNC, "handler": quoting}):
+            publish("orders.placed", payload)
+        with wiring({**ASYNC, "handler": quoting, "name": "mailer", "retry": {"max_attempts": 2}}):
+            event_id = uuid.uuid4()
+            event = Event(
+                event_id, "orders.placed", payload, {}, timezone.now(), event_id, None, payload
+            )
+            message = build_message(event_body(event), "mailer", "default")
+            process_message(message, 0)  # attempt 1 of 2: "Handler failed"
+            assert process_message(message, 1).status == "failed"  # "Delivery failed for good"
+    finally:
+        package.removeHandler(as_json)
+        package.removeHandler(as_text)
+
+    lines = [json.loads(line) for line in json_out.getvalue().splitlines()]
+    assert [line["message"].split(":")[0] for line in lines] == [
+        "Sync handler failed",
+        "Handler failed (attempt 1 of 2)",
+        "Handler failed (attempt 2 of 2)",
+        "Delivery failed for good after 2 attempt(s)",
+    ]
+    for line in lines:
+        assert "carol@example.com" not in json.dumps(line), line
+        assert "cannot mail '•••'" in line.get("exc_info", line["message"]), line
+    assert all("Traceback" in line["exc_info"] for line in lines[:3])
+    assert "carol@example.com" not in plain_out.getvalue()
+    assert plain_out.getvalue().count("ValueError: cannot mail '•••'") == 4

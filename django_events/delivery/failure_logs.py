@@ -25,7 +25,9 @@ def log_failure(
     exc_info: bool = False,
 ) -> None:
     """``logger.log(level, msg, *args)`` with ``log_extra``; with ``exc_info``, the traceback
-    of the exception being handled. Text arguments and that traceback come masked."""
+    of the exception being handled. For an event that declares ``redact``, text arguments and
+    that traceback come masked, and the record holds the traceback only as masked text
+    (``exc_text``, with ``exc_info`` None)."""
     if not logger.isEnabledFor(level):
         return
     compiled = get_registry().events.get(event.name)
@@ -41,9 +43,12 @@ def log_failure(
 
     masked = tuple(mask(a) if isinstance(a, str) else a for a in args)
     path, line, function, _ = logger.findCaller(stacklevel=2)  # where log_failure was called
-    record = logger.makeRecord(logger.name, level, path, line, msg, masked, caught, function, extra)
+    # No exc_info: a formatter given the exception formats it itself, in clear
+    # (python-json-logger's JsonFormatter does, whatever exc_text says), and error trackers
+    # read its message and the traceback's local variables. The record carries the masked
+    # traceback as exc_text, which every formatter prints when exc_info is None. The exception
+    # object itself reaches code only through the delivery_failed signal (docs/observability.md).
+    record = logger.makeRecord(logger.name, level, path, line, msg, masked, None, function, extra)
     if caught is not None:
-        # Formatters print exc_text when it is set; exc_info stays, unmasked, for tools that
-        # read the exception object itself (as they read the handler's own variables).
         record.exc_text = mask(logging.Formatter().formatException(caught))
     logger.handle(record)
