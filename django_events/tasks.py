@@ -10,6 +10,7 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import worker_ready
 
 from django_events.conf import conf
+from django_events.delivery.failure_logs import masked_for_celery
 from django_events.delivery.messages import summary_of
 from django_events.delivery.migration_state import unapplied_problems
 from django_events.delivery.worker import (
@@ -46,13 +47,16 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         # Flower): keep the short summary the first message had.
         shown: dict[str, Any] = {"argsrepr": summary_of(message), "kwargsrepr": "{}"}
         args = None if outcome.retry_with is None else (outcome.retry_with,)
+        # Celery logs the exception (INFO "retry: Retry in 5s: <repr>"), sends its repr in
+        # task events and logs a rejection's reason: the redacted values masked.
+        error = masked_for_celery(message, outcome.error)
         try:
-            raise self.retry(args=args, countdown=outcome.retry_in, exc=outcome.error, **shown)
+            raise self.retry(args=args, countdown=outcome.retry_in, exc=error, **shown)
         except Reject as rejected:
             # Celery could not publish the retry and would drop this message: leave the
             # retry to the relay, or, if the database cannot take it either, requeue.
             if not defer_retry(outcome):
-                raise Reject(outcome.error, requeue=True) from rejected
+                raise Reject(error, requeue=True) from rejected
             raise
     if outcome.status != "succeeded":
         raise Ignore(f"delivery {outcome.status}")

@@ -1,7 +1,8 @@
 """Redacted payload fields never reach Celery's monitoring (docs/celery.md).
 
 A real worker on RabbitMQ and on Redis: `celery inspect active` while a slow handler runs,
-and `celery events --dump` (what Flower reads too) across a delivery that is retried.
+and `celery events --dump` (what Flower reads too) across a delivery that is retried; the
+worker's own log across that retry (Celery logs the exception it is handed at INFO).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from django_events import publish
+from django_events.wiring.redaction import MASK
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.worker import ROOT, fresh_queue, wait_for, worker_for
@@ -105,3 +107,27 @@ def test_redacted_values_stay_out_of_inspect_and_events(kind: str, tmp_path: Pat
     assert runs
     for run in runs:
         assert run.payload["email"] == EMAIL and run.payload["card"] == {"number": CARD}
+
+
+@pytest.mark.parametrize("kind", brokers.worker_kinds("filesystem", "amqp", "redis"))
+def test_celerys_log_of_a_retry_masks_the_redacted_values(kind: str, tmp_path: Path) -> None:
+    # mon-fails raises RuntimeError quoting the whole payload; Celery logs the exception
+    # handed to Task.retry: "Task django_events.deliver[...] retry: Retry in 1s: <repr>".
+    with fresh_queue(kind, f"it-mon-log-{kind}") as queue:
+        worker = worker_for(kind, queue, tmp_path, manifest="monitoring.yaml")
+        with worker, brokers.delivery_wiring(kind, queue, "monitoring.yaml"):
+            secret = {"email": EMAIL, "card": {"number": CARD}}
+            failing = publish("mon.signed_up", {"user_id": 3, **secret, "fail": True})
+            wait_for(
+                lambda: worker.log().count(" retry: Retry in ") >= 2,
+                timeout=30,
+                what="two retries of the delivery",
+            )
+            log = worker.log()
+
+    assert HandlerRun.objects.filter(event_id=failing.id).count() >= 2
+    retries = [line for line in log.splitlines() if " retry: Retry in " in line]
+    # The exception's type and text, the two values masked as the admin masks them.
+    assert all(': RuntimeError(\'boom {"user_id": 3' in line for line in retries), retries
+    assert all(line.count(MASK) == 2 for line in retries), retries
+    assert EMAIL not in log and CARD not in log

@@ -6,17 +6,24 @@ import datetime
 import json
 import logging
 import math
+import pickle
 import uuid
 from io import StringIO
 
 import pytest
+from celery.utils.serialization import get_pickleable_exception
+from django.conf import settings
 from django.core.management import call_command
+from django.test import override_settings
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import escape
 
-from django_events import InvalidPayload, publish
+from django_events import Event, InvalidPayload, publish
+from django_events.delivery.failure_logs import masked_for_celery
+from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.recording import delivery, save_deliveries
-from django_events.delivery.sealing import open_event
+from django_events.delivery.sealing import open_event, seal_event
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
 from django_events.wiring.redaction import MASK, redact, redact_text
@@ -267,3 +274,67 @@ def test_redact_text_masks_whole_tokens_only() -> None:
 def test_redact_text_leaves_short_scalars() -> None:
     text = "10 is less than the minimum of 1; line 42"
     assert redact_text(text, {"pin": 1, "n": 42, "c": "ab"}, ["pin", "n", "c"]) == text
+
+
+def test_the_exception_celery_is_shown_for_a_retry_masks_the_redacted_values(settings) -> None:
+    # orders.placed redacts `email` (base.yaml); orders.shipped redacts nothing.
+    email = "carol@example.com"
+    error = RuntimeError(f"cannot mail {email}")
+
+    def message(name: str, *, sealed: bool = False) -> dict:
+        event_id = uuid.uuid4()
+        payload = {"order_id": 1, "email": email}
+        event = Event(event_id, name, payload, {}, timezone.now(), event_id, None, payload)
+        body = event_body(event)
+        return build_message(seal_event(body, ["email"]) if sealed else body, "sub", "default")
+
+    for sealed in (False, True):
+        shown = masked_for_celery(message("orders.placed", sealed=sealed), error)
+        assert repr(shown) == f"RuntimeError({f'cannot mail {MASK!r}'!r})", repr(shown)
+        assert str(shown) == f"cannot mail {MASK!r}"
+        # Celery keeps what pickles (else a wrapper with another name): this does, as is.
+        assert repr(get_pickleable_exception(shown)) == repr(shown)
+        assert repr(pickle.loads(pickle.dumps(shown))) == repr(shown)
+    assert masked_for_celery(message("orders.shipped"), error) is error
+    assert masked_for_celery(message("orders.placed"), None) is None
+    # A payload this process cannot open (sealed under another key): no text is shown.
+    sealed = message("orders.placed", sealed=True)
+    settings.SECRET_KEY, settings.SECRET_KEY_FALLBACKS = "another key, not the sealer's", []
+    unopened = masked_for_celery(sealed, error)
+    assert "carol" not in repr(unopened) and repr(unopened).startswith("RuntimeError(")
+
+
+def test_the_exception_celery_is_shown_is_masked_with_the_payload_the_handler_got() -> None:
+    # v2 renames total (v1) to amount and redacts it: the handler's error quotes the upcast
+    # value, which only the upcast payload holds.
+    events = {
+        "ver.placed": {
+            "version": 2,
+            "upcast": {1: "tests.app.upcasters.split_total"},
+            "redact": ["amount"],
+        },
+        "ver.exploding": {
+            "version": 2,
+            "upcast": {1: "tests.app.upcasters.explode"},
+            "redact": ["pin"],
+        },
+    }
+
+    def message(name: str, payload: dict) -> dict:
+        event_id = uuid.uuid4()
+        event = Event(event_id, name, payload, {}, timezone.now(), event_id, None, payload, 1)
+        return build_message(event_body(event), "sub", "default")
+
+    with override_settings(DJANGO_EVENTS={**settings.DJANGO_EVENTS, "EVENTS": events}):
+        upcast = masked_for_celery(
+            message("ver.placed", {"order_id": 1, "total": 123.45}),
+            ValueError("amount 12345 declined"),
+        )
+        # An upcaster that fails ran no handler; the payload as sent still masks.
+        exploded = masked_for_celery(
+            message("ver.exploding", {"pin": "2468"}), RuntimeError("pin 2468 refused")
+        )
+    assert str(upcast) == f"amount {MASK!r} declined"
+    assert str(exploded) == f"pin {MASK!r} refused"
+    error = RuntimeError("not a message of ours")
+    assert masked_for_celery("not a message", error) is error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -112,6 +113,12 @@ def retries_the_rest(event: Event) -> None:
 def always_fails(event: Event) -> None:
     _run("always_fails", event)
     raise RuntimeError(f"boom for {event.payload.get('order_id')}")
+
+
+def fails_quoting_payload(event: Event) -> None:
+    """Fail with an error that quotes the whole payload, as JSON (redacted fields included)."""
+    _run("fails_quoting_payload", event)
+    raise RuntimeError(f"boom {json.dumps(event.data)}")
 
 
 def fails_with_unstorable_text(event: Event) -> None:
