@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from django.conf import settings
 from django.db import transaction
 from django.test import override_settings
+from django.utils import timezone
+from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg
 from opentelemetry.semconv._incubating.metrics import messaging_metrics
-from opentelemetry.semconv.attributes import error_attributes, server_attributes
+from opentelemetry.semconv.attributes import (
+    error_attributes,
+    exception_attributes,
+    server_attributes,
+)
+from opentelemetry.trace import StatusCode
 
 from django_events import publish
-from django_events.interceptors.otel import SEMCONV_VERSION, Metrics, broker_attributes
+from django_events.events import Event
+from django_events.interceptors.otel import (
+    SEMCONV_VERSION,
+    Metrics,
+    broker_attributes,
+    record_masked,
+)
 from django_events.models import EventRecord
+from django_events.wiring.redaction import MASK
 from tests import brokers
 from tests.app import otel
 from tests.conftest import wiring
@@ -203,6 +219,47 @@ def test_a_failing_handler_sets_error_type() -> None:
     [process] = spans_by_name(memory_spans())["process orders.placed"]
     assert process["status"] == "ERROR"
     assert process["attributes"][error_attributes.ERROR_TYPE] == "RuntimeError"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_failing_handlers_exception_is_recorded_with_redacted_values_masked() -> None:
+    # orders.placed redacts `email` (base.yaml); the handler's error quotes it.
+    otel.memory.clear()
+    quoting = {**FAILS, "handler": "tests.app.handlers.fails_quoting_email"}
+    with wiring(quoting, PIPELINE=["tests.app.otel.tracing"]), transaction.atomic():
+        publish("orders.placed", {**PAYLOAD, "email": "carol@example.com"})
+
+    [span] = [s for s in otel.memory.get_finished_spans() if s.name.startswith("process")]
+    assert "carol@example.com" not in span.to_json()  # events, status, attributes
+    [event] = span.events
+    assert event.name == "exception"
+    assert dict(event.attributes or {}) == {
+        exception_attributes.EXCEPTION_TYPE: "ValueError",
+        exception_attributes.EXCEPTION_MESSAGE: f"cannot mail {MASK!r}",
+        exception_attributes.EXCEPTION_STACKTRACE: ANY,
+    }
+    stacktrace = event.attributes[exception_attributes.EXCEPTION_STACKTRACE]
+    assert stacktrace.startswith("Traceback (most recent call last):")
+    assert stacktrace.endswith(f"ValueError: cannot mail {MASK!r}\n")
+    assert (span.status.status_code, span.status.description) == (
+        StatusCode.ERROR,
+        f"ValueError: cannot mail {MASK!r}",
+    )
+    assert span.attributes[error_attributes.ERROR_TYPE] == "ValueError"
+    # An event without `redact` is recorded as the SDK records it.
+    otel.memory.clear()
+    shipped = {**FAILS, "event": "orders.shipped"}
+    with wiring(shipped, PIPELINE=["tests.app.otel.tracing"]), transaction.atomic():
+        publish("orders.shipped", {"order_id": 4})
+    [span] = [s for s in otel.memory.get_finished_spans() if s.name.startswith("process")]
+    [event] = span.events
+    assert event.attributes[exception_attributes.EXCEPTION_MESSAGE] == "boom for 4"
+    assert span.status.description == "RuntimeError: boom for 4"
+    # A span not sampled records nothing (and formats no traceback).
+    unsampled = trace.NonRecordingSpan(trace.INVALID_SPAN_CONTEXT)
+    ident = uuid.uuid4()
+    nothing = Event(ident, "orders.placed", {}, {}, timezone.now(), ident, None, {})
+    record_masked(unsampled, nothing, RuntimeError("unused"))
 
 
 @pytest.mark.django_db(transaction=True)

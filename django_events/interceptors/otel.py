@@ -15,6 +15,7 @@ tracer and meter providers unless others are passed in.
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from functools import cache
@@ -23,6 +24,7 @@ from typing import Any
 try:
     from opentelemetry import metrics, propagate, trace
     from opentelemetry.metrics import CallbackOptions, Observation
+    from opentelemetry.trace import Status, StatusCode
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess without the extra
     raise ImportError(
         "django_events.interceptors.otel needs OpenTelemetry: "
@@ -32,6 +34,8 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 from django_events.conf import conf
 from django_events.events import Event, current_attempt
 from django_events.wiring.compiled import Subscription
+from django_events.wiring.redaction import redact_text
+from django_events.wiring.registry import get_registry
 
 INSTRUMENTATION = "django_events"
 # The version of the OpenTelemetry semantic conventions the names below follow.
@@ -47,6 +51,10 @@ SUBSCRIPTION_NAME = "messaging.destination.subscription.name"
 MESSAGE_ID = "messaging.message.id"
 CONVERSATION_ID = "messaging.message.conversation_id"
 ERROR_TYPE = "error.type"
+# The exception event's attributes (https://opentelemetry.io/docs/specs/semconv/exceptions/).
+EXCEPTION_TYPE = "exception.type"
+EXCEPTION_MESSAGE = "exception.message"
+EXCEPTION_STACKTRACE = "exception.stacktrace"
 SERVER_ADDRESS = "server.address"
 SERVER_PORT = "server.port"
 # What the conventions lack, under the package's prefix.
@@ -191,18 +199,47 @@ class Tracing:
         }
         current = trace.get_current_span().get_span_context()
         links = [trace.Link(current)] if current.is_valid and subscription.is_queued else []
+        # Not the SDK's own recording of the exception: its event and the status description
+        # quote the exception's text and traceback, redacted values included.
         with self.tracer.start_as_current_span(
             f"process {event.name}",
             context=propagate.extract(event.headers),
             kind=kind,
             attributes=attributes,
             links=links,
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
             try:
                 return call_next(event)
             except BaseException as exc:
                 span.set_attribute(ERROR_TYPE, error_type(exc))
+                if isinstance(exc, Exception):  # as the SDK: SystemExit & co. are no errors
+                    record_masked(span, event, exc)
                 raise
+
+
+def record_masked(span: trace.Span, event: Event, exc: Exception) -> None:
+    """Record ``exc`` on ``span`` as the SDK would (an ``exception`` event, status ERROR), with
+    the values of the event's ``redact`` fields masked in its message and stack trace."""
+    if not span.is_recording():
+        return
+    compiled = get_registry().events.get(event.name)
+    redact = compiled.declaration.redact if compiled is not None else ()
+
+    def mask(text: str) -> str:
+        return redact_text(text, event.data, redact) if redact else text
+
+    message = mask(str(exc))
+    span.add_event(
+        "exception",
+        {
+            EXCEPTION_TYPE: error_type(exc),
+            EXCEPTION_MESSAGE: message,
+            EXCEPTION_STACKTRACE: mask("".join(traceback.format_exception(exc))),
+        },
+    )
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {message}"))
 
 
 class _Instruments:
