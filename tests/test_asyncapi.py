@@ -222,30 +222,41 @@ def test_example_project_document_describes_the_wire() -> None:
     assert "secret" not in inbound["x-django-events"]
 
 
+@pytest.mark.servers
+@pytest.mark.django_db
 def test_a_message_on_the_wire_matches_its_description() -> None:
-    """A real task message (Celery builds it) validates against the document's schemas."""
+    """A real task message, as `send_deliveries` put it on RabbitMQ and read back raw,
+    validates against the document's schemas, and each of its keys is described."""
     from django.utils import timezone
 
-    from django_events.delivery.messages import build_message, event_body
-    from django_events.delivery.sealing import seal_event
+    from django_events.delivery.broker import Unsent, send_deliveries
     from django_events.events import Event
-    from tests.brokers import amqp
+    from django_events.wiring.registry import get_registry
+    from tests import brokers
 
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"asyncapi-{uuid.uuid4().hex[:8]}"
+    subscription = {"event": "orders.placed", "handler": "tests.app.handlers.record"}
     with wiring(
-        {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"},
+        {**subscription, "mode": "async", "name": "billing"},
+        DEFAULT_QUEUE=queue,
         CELERY_APP="tests.brokers.amqp",
     ):
         document = json.loads(asyncapi())
         ident = uuid.uuid4()
         data = {"order_id": 1, "total": 2.5, "email": "ada@example.com"}
         event = Event(ident, "orders.placed", data, {}, timezone.now(), ident, None, data)
-        message = amqp.amqp.as_task_v2(
-            "task-id",
-            "django_events.deliver",
-            args=(build_message(seal_event(event_body(event), ("email",)), "x", "default"),),
-            argsrepr="('x', 'id')",
-            kwargsrepr="{}",
-        )
+        compiled = get_registry().event("orders.placed")
+        assert send_deliveries([(event, True, compiled.async_)], "default") == Unsent()
+    try:
+        with brokers.amqp.connection_for_write() as conn:
+            raw = conn.default_channel.basic_get(queue, no_ack=True)
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    assert raw is not None
+    headers = raw.headers  # as Celery sends them: ignore_result null, timelimit [null, null]
+    body = json.loads(raw.body)
     task = document["components"]["messages"]["orders.placed.task"]
     resolver_root = {"components": document["components"]}
 
@@ -253,13 +264,20 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
         validator = Draft7Validator({**schema, **resolver_root})
         return [e.message for e in validator.iter_errors(value)]
 
-    body = json.loads(json.dumps(message.body))  # tuples become arrays, as on the wire
     assert check(task["payload"], body) == []
-    assert check(task["headers"], json.loads(json.dumps(message.headers))) == []
+    assert check(task["headers"], headers) == []
+    # Nothing on the wire goes undescribed: every header, every key of the event.
+    assert set(headers) <= set(task["headers"]["properties"])
+    described = task["payload"]["items"][0]["items"][0]["properties"]["event"]
+    assert set(body[0][0]["event"]) <= set(described["properties"])
+    assert set(described["required"]) <= set(body[0][0]["event"])
     assert body[0][0]["event"]["payload"]["email"] == "•••" and "sealed" in body[0][0]["event"]
     body[0][0]["event"]["payload"]["total"] = -1
     assert check(task["payload"], body) != []
     body[0][0]["event"]["payload"].update(total=1, email="ada@example.com")  # not masked
+    assert check(task["payload"], body) != []
+    body[0][0]["event"]["payload"]["email"] = "•••"
+    body[0][0]["event"]["version"] = 0
     assert check(task["payload"], body) != []
 
 
@@ -531,6 +549,10 @@ def test_every_feature_on_the_wire() -> None:
         "X-Events-Signature",
     ]
     assert "Authorization" in messages["hooks.synced.http"]["headers"]["required"]
+    # An inbound event's view reads the Idempotency-Key header first, whatever else it has
+    # (hooks.paid's `idempotency_key: payment_id` is the fallback when the header is absent).
+    for name in ("hooks.paid.http", "hooks.synced.http"):
+        assert "Idempotency-Key" in messages[name]["headers"]["properties"]
     assert operations["inbound.hooks.paid"]["x-django-events"] == {
         "event": "hooks.paid",
         "auth": "hmac",
@@ -635,6 +657,22 @@ def test_providers_webhooks_are_http_channels_of_their_source() -> None:
     data, kind = order["payload"]["allOf"]
     assert data["properties"]["data"] == {"$ref": "#/components/schemas/partner.order_created"}
     assert kind["properties"]["type"] == {"type": "string", "const": "order.created"}
+    # The header a retried call is made safe with: only the delivery id's own place. Stripe's
+    # is the body's `id`, Standard Webhooks' `webhook-id`, GitHub's `X-GitHub-Delivery`;
+    # `tokened` declares a body field; `signed` (hmac) keeps the default Idempotency-Key.
+    idempotency = {
+        source: {h for h in messages[key]["headers"]["properties"] if h in IDEMPOTENCY_HEADERS}
+        for key in messages
+        if ".source." in key
+        for source in [key.rpartition(".source.")[2]]
+    }
+    assert idempotency == {
+        "github": {"X-GitHub-Delivery"},
+        "stripe": set(),
+        "partner": {"webhook-id"},
+        "signed": {"Idempotency-Key"},
+        "tokened": set(),
+    }
     received = operations["source.github"]
     assert received["action"] == "receive"
     assert received["bindings"]["http"]["method"] == "POST"
@@ -643,6 +681,9 @@ def test_providers_webhooks_are_http_channels_of_their_source() -> None:
         "issues": "github.issues",
     }
     assert not any(v in json.dumps(document) for v in secrets.values())
+
+
+IDEMPOTENCY_HEADERS = {"Idempotency-Key", "X-GitHub-Delivery", "webhook-id"}
 
 
 def test_redis_queues_are_lists_and_broadcasts_pub_sub_channels() -> None:

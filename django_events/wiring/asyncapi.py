@@ -68,7 +68,10 @@ TASK_HEADERS: dict[str, Any] = {
         },
         "kwargsrepr": {"const": "{}"},
         "origin": {"type": "string", "description": "<process>@<host> that sent the message."},
-        "ignore_result": {"type": "boolean"},
+        "ignore_result": {
+            "type": ["boolean", "null"],
+            "description": "null when the send leaves it to the task (as the package's do).",
+        },
         "replaced_task_nesting": {"type": "integer"},
         "stamped_headers": {"type": ["array", "null"]},
         "stamps": {"type": "object"},
@@ -531,15 +534,22 @@ def _exchange(route: Route, vhost: str) -> dict[str, Any]:
     }
 
 
-def _inbound_headers(block: Mapping[str, Any]) -> dict[str, Any]:
+# The header an inbound event's caller, or a source that declares it, makes a retry safe with.
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def _inbound_headers(block: Mapping[str, Any], idempotency_header: bool = True) -> dict[str, Any]:
+    """An inbound call's headers; ``idempotency_header``: the view reads ``Idempotency-Key``
+    (an inbound event's always does; a source's only where its delivery id is that header)."""
     properties: dict[str, Any] = {
         "Content-Type": {"type": "string", "const": "application/json"},
-        "Idempotency-Key": {
+    }
+    if idempotency_header:
+        properties[IDEMPOTENCY_HEADER] = {
             "type": "string",
             "maxLength": 200,
             "description": "Makes a retried call safe: the same key publishes once.",
-        },
-    }
+        }
     required = ["Content-Type"]
     auth = block.get("auth")
     if auth == "hmac":
@@ -571,7 +581,11 @@ _PROVIDER_HEADERS: dict[str, dict[str, str]] = {
 
 
 def _source_headers(source: SourceDeclaration, kind: str) -> dict[str, Any]:
-    headers = _inbound_headers({"auth": source.auth})
+    # A source reads its delivery id where `idempotency` (or its kind's default) says, and
+    # nowhere else: Stripe's is the body's `id`, Standard Webhooks' the `webhook-id` header.
+    headers = _inbound_headers(
+        {"auth": source.auth}, source.idempotency_at == {"header": IDEMPOTENCY_HEADER}
+    )
     for header, description in _PROVIDER_HEADERS.get(source.auth, {}).items():
         headers["properties"][header] = {"type": "string", "description": description}
         headers["required"].append(header)
@@ -610,7 +624,15 @@ def _task_body(payload_key: str, sealed: bool) -> dict[str, Any]:
     payload: dict[str, Any] = {"$ref": f"#/components/schemas/{payload_key}"}
     event: dict[str, Any] = {
         "type": "object",
-        "required": ["id", "name", "payload", "headers", "occurred_at", "correlation_id"],
+        "required": [
+            "id",
+            "name",
+            "payload",
+            "headers",
+            "occurred_at",
+            "correlation_id",
+            "version",
+        ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "name": {"type": "string"},
@@ -619,6 +641,14 @@ def _task_body(payload_key: str, sealed: bool) -> dict[str, Any]:
             "occurred_at": {"type": "string", "format": "date-time"},
             "correlation_id": {"type": "string", "format": "uuid"},
             "causation_id": {"type": ["string", "null"], "format": "uuid"},
+            "version": {
+                "type": "integer",
+                "minimum": 1,
+                "description": (
+                    "The version of the event's contract the payload follows: the declared "
+                    "one where it was published (a worker upcasts an older one)."
+                ),
+            },
         },
     }
     if sealed:
