@@ -45,7 +45,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E108": "a subscription's when filter is invalid",
     "django_events.W108": "a when filter compares with an object a value the schema says is not",
     "django_events.E109": "an event's type is not a dataclass or pydantic model",
-    "django_events.E112": "an event's redact path is not declared by its schema",
+    "django_events.W112": "an event's redact path is not declared by its schema",
     "django_events.W113": "a when filter names a field the event's schema does not declare",
     "django_events.W114": "a when filter compares with a value of a type the schema rules out",
     "django_events.E110": "a PIPELINE entry is not an interceptor",
@@ -512,7 +512,9 @@ def _transport_problems(app: Any) -> list[CheckMessage]:
         return []  # a class, given as such: it loaded
     urls: list[str | None] = []  # None: Celery's default broker
     for url in (conf.broker_write_url or conf.broker_url, conf.broker_read_url or conf.broker_url):
-        urls += [one for one in (url.split(";") if url else [None]) if one not in urls]
+        # A string with ";" between failover URLs, or a list of them (Celery takes both).
+        listed = url.split(";") if isinstance(url, str) else list(url or [None])
+        urls += [one for one in listed or [None] if one not in urls]
     checked: set[str] = set()
     messages: list[CheckMessage] = []
     for url in urls:

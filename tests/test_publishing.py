@@ -340,6 +340,8 @@ def test_a_payload_where_the_event_goes_is_a_type_error_not_an_unknown_event() -
                 publish(first, PAYLOAD)
         with pytest.raises(UnknownEvent, match="neither an @event class nor the type:"):
             publish(NotDeclared(1))
+        with pytest.raises(TypeError, match=r"an instance of NotDeclared, not the class"):
+            publish(NotDeclared)
         with pytest.raises(TypeError, match="got dict"):
             publish_many([({"order_id": 1}, None)])
     assert not EventRecord.objects.exists()
@@ -636,3 +638,27 @@ def test_the_record_insert_goes_through_django_execute_wrappers() -> None:
         publish_many([("orders.placed", {"order_id": i, "total": i}) for i in range(3)])
     inserts = [sql for sql in seen if "django_events_eventrecord" in sql and "INSERT" in sql]
     assert len(inserts) == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_broker_whose_client_library_is_missing_leaves_the_record_pending(
+    monkeypatch, caplog
+) -> None:
+    # redis:// without the redis package: kombu 5.7 fails with AttributeError, not
+    # ImportError. publish() and the commit raise nothing; the record waits for the relay.
+    import sys
+
+    import kombu.transport
+
+    from django_events.delivery import broker
+
+    monkeypatch.setitem(sys.modules, "redis", None)
+    for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
+        monkeypatch.delitem(sys.modules, loaded)
+    monkeypatch.setattr(kombu.transport, "_transport_cache", {})
+    monkeypatch.setattr(broker, "_has_confirms", {})
+    with wiring(ASYNC, CELERY_APP="tests.brokers.redis"), transaction.atomic():
+        event = publish("orders.placed", PAYLOAD)
+    assert EventRecord.objects.get(pk=event.id).status == "pending"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and "transport 'redis' does not load" in errors[0], errors

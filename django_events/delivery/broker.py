@@ -276,9 +276,10 @@ def _send_deliveries(
         return _refused(items), False
     try:
         confirms_transport = _confirms_transport(app)
-    except (KeyError, ImportError) as exc:
-        # kombu cannot load the broker URL's transport: a scheme it does not know, or the
-        # transport's client library missing. No send can succeed until a deploy fixes it.
+    except Exception as exc:  # noqa: BLE001 - logged; the events stay pending for the relay
+        # kombu cannot load the broker URL's transport: a scheme it does not know (KeyError),
+        # or the transport's client library missing (ImportError; AttributeError for redis in
+        # kombu 5.7). No send can succeed until a deploy fixes it (E208 says so).
         _log_unloadable(app, exc, [event for event, _, _ in items])
         return _refused(items), False
     # The relay always tries: it is what finds the broker back.
@@ -621,7 +622,9 @@ _unloadable: set[int] = set()  # ids of Celery apps whose transport did not load
 
 def _log_unloadable(app: Celery, exc: BaseException, events: Sequence[Event]) -> None:
     """Log, at ERROR once a process and app, that ``app``'s transport does not load."""
-    scheme = urlsplit(str(app.conf.broker_url or "")).scheme or "amqp"  # never credentials
+    url: Any = app.conf.broker_url  # a string (";" between failover URLs) or a list
+    first_url = url.split(";")[0] if isinstance(url, str) else next(iter(url or []), "")
+    scheme = app.conf.broker_transport or urlsplit(first_url or "").scheme or "amqp"
     first = id(app) not in _unloadable
     _unloadable.add(id(app))
     logger.log(

@@ -1,4 +1,4 @@
-"""Whether the databases a worker writes to have every migration of django_events applied.
+"""Whether the event log's database has every migration of django_events applied.
 
 A worker of a new release started before ``manage.py migrate`` writes columns that do not
 exist yet: its outcomes wait (`worker._is_outage`) until migrate runs. It says so at start.
@@ -14,30 +14,35 @@ from django_events.models import Delivery
 APP = "django_events"
 
 
-def unapplied_migrations() -> dict[str, list[str]]:
-    """Database alias -> django_events migrations on disk not applied there, for each
-    database the router lets hold the event log (raises ``DatabaseError``)."""
-    missing: dict[str, list[str]] = {}
-    for alias in connections:
-        if not router.allow_migrate_model(alias, Delivery):
-            continue
-        loader = MigrationLoader(connections[alias])  # reads django_migrations
-        on_disk = {name for app, name in loader.disk_migrations if app == APP}
-        applied = {name for app, name in loader.applied_migrations if app == APP}
-        if on_disk - applied:
-            missing[alias] = sorted(on_disk - applied)
-    return missing
+def unapplied_migrations(alias: str) -> list[str]:
+    """django_events migrations on disk not applied on database ``alias`` (raises
+    ``DatabaseError``)."""
+    loader = MigrationLoader(connections[alias])  # reads django_migrations
+    on_disk = {name for app, name in loader.disk_migrations if app == APP}
+    applied = {name for app, name in loader.applied_migrations if app == APP}
+    return sorted(on_disk - applied)
+
+
+def lacks_migrations(alias: str) -> bool:
+    """Whether ``alias`` lacks a django_events migration (False when it cannot be told)."""
+    try:
+        return bool(unapplied_migrations(alias))
+    except DatabaseError:
+        return False
 
 
 def unapplied_problems() -> list[str]:
-    """`unapplied_migrations` as the lines a worker logs at start (none when all applied)."""
+    """What a worker logs at start when the event log's database (the router's, for
+    `Delivery`) lacks migrations; nothing when all are applied."""
+    alias = router.db_for_write(Delivery)
     try:
-        missing = unapplied_migrations()
+        missing = unapplied_migrations(alias)
     except DatabaseError as exc:  # the database is down: the worker waits for it anyway
-        return [f"Could not check django_events' migrations: {exc}"]
+        return [f"Could not check django_events' migrations on database {alias!r}: {exc}"]
+    if not missing:
+        return []
     return [
-        f"Database {alias!r} lacks django_events migration(s) {', '.join(names)}: run "
+        f"Database {alias!r} lacks django_events migration(s) {', '.join(missing)}: run "
         "manage.py migrate. Until then this worker cannot record outcomes: each waits, "
         "unacknowledged, for the migration"
-        for alias, names in missing.items()
     ]

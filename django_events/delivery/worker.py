@@ -38,6 +38,7 @@ from django_events.delivery.messages import (
     event_from_body,
     parse_message,
 )
+from django_events.delivery.migration_state import lacks_migrations
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import (
     delivery,
@@ -71,10 +72,14 @@ DUPLICATE = "duplicate"
 _OUTAGES = (OperationalError, InterfaceError, InternalError)
 
 
-def _is_outage(error: DatabaseError) -> bool:
+def _is_outage(error: DatabaseError, alias: str) -> bool:
     """Whether ``error`` is worth waiting out: the database unreachable, or not migrated yet
-    (a worker started before ``migrate``: SQLite reports that as an `OperationalError` too)."""
-    return isinstance(error, _OUTAGES) or postgresql.is_unmigrated(error)
+    (a worker started before ``migrate``: SQLite reports that as an `OperationalError` too).
+    A missing column or table of a database whose migrations are all applied is no outage:
+    nothing would bring it back."""
+    if isinstance(error, _OUTAGES):
+        return True
+    return postgresql.is_unmigrated(error) and lacks_migrations(alias)
 
 
 @dataclass(frozen=True)
@@ -537,7 +542,7 @@ def _record_success(
                     )
                     _write_success_over(pending, row.attempts, row.duration_ms)
         except DatabaseError as exc:
-            if not _is_outage(exc):
+            if not _is_outage(exc, alias):
                 logger.exception("Could not record the delivery outcome", extra=extra)
                 return
             if not waited:
@@ -866,7 +871,7 @@ def _record_quietly(
         else:
             Delivery.objects.using(alias).bulk_create(rows, ignore_conflicts=True)
     except DatabaseError as exc:
-        if _is_outage(exc):
+        if _is_outage(exc, alias):
             logger.exception("Could not record the delivery outcome", extra=log_extra(event))
             return OUTAGE
         logger.exception(

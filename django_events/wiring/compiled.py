@@ -244,6 +244,11 @@ class Registry:
         for compiled in self.events.values():  # a manifest's `type:` class
             if compiled.type is type(name_or_instance):
                 return compiled
+        if isinstance(name_or_instance, type):
+            raise TypeError(
+                f"Publish an instance of {name_or_instance.__name__}, not the class itself: "
+                f"publish({name_or_instance.__name__}(...))"
+            )
         if name_or_instance is None or isinstance(
             name_or_instance, (Mapping, list, tuple, bytes, int, float)
         ):  # the name left out (a payload first), or a value that is none

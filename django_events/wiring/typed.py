@@ -54,7 +54,7 @@ def event(
         raise ValueError(f"@event({name!r}): version must be an integer >= 1, not {version!r}")
 
     def decorate(cls: T) -> T:
-        if not (dataclasses.is_dataclass(cls) or _is_pydantic(cls)):
+        if not (dataclasses.is_dataclass(cls) or is_pydantic(cls)):
             raise TypeError(f"@event({name!r}) needs a dataclass or a pydantic model, not {cls!r}")
         declaration = EventDeclaration(
             name=name,
@@ -95,13 +95,13 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _is_pydantic(cls: type) -> bool:
+def is_pydantic(cls: type) -> bool:
     return callable(getattr(cls, "model_json_schema", None)) and hasattr(cls, "model_validate")
 
 
 def schema_for(cls: type) -> dict[str, Any]:
     """Derive the payload JSON Schema of a dataclass or pydantic model."""
-    if _is_pydantic(cls):
+    if is_pydantic(cls):
         schema: dict[str, Any] = cls.model_json_schema()  # type: ignore[attr-defined]
         return schema
     if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
@@ -113,7 +113,7 @@ def schema_for(cls: type) -> dict[str, Any]:
 def to_data(instance: Any) -> dict[str, Any]:
     """Turn a typed payload into its JSON form (a pydantic model's fields by name, computed
     ones included: what `redact`, `when` and stored records go by)."""
-    if _is_pydantic(type(instance)):
+    if is_pydantic(type(instance)):
         data: dict[str, Any] = instance.model_dump(mode="json")
         return data
     return typing.cast(dict[str, Any], _jsonable(dataclasses.asdict(instance)))
@@ -122,7 +122,7 @@ def to_data(instance: Any) -> dict[str, Any]:
 def from_data(cls: type, data: dict[str, Any]) -> Any:
     """Build the typed payload handlers receive from its JSON form (raises ValueError or
     TypeError for data the class refuses: `problems_of` says where)."""
-    if _is_pydantic(cls):
+    if is_pydantic(cls):
         # Computed fields are computed again (a model with extra="forbid" refuses them);
         # fields are read by name as well as by alias (the JSON form has the names); JSON
         # mode, so that a strict model takes a datetime's ISO text.
