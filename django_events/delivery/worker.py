@@ -547,8 +547,8 @@ def _record_success(
                 return
             if not waited:
                 logger.error(
-                    "Database unreachable or not migrated; the delivery's success is saved "
-                    "once it can be: %s",
+                    "Database unreachable (or not migrated yet); the delivery's success is "
+                    "saved once it is back: %s",
                     exc,
                     extra=extra,
                 )
