@@ -1495,6 +1495,14 @@ def test_a_broker_url_whose_scheme_names_no_transport_is_E208() -> None:
     )
 
 
+def _kombu_redis_imports(module: str) -> bool:
+    import importlib.util
+
+    spec = importlib.util.find_spec("kombu.transport.redis")
+    source = Path(spec.origin).read_text() if spec and spec.origin else ""
+    return f"from {module}" in source or f"import {module}" in source
+
+
 @pytest.mark.parametrize(
     ("hidden", "cause", "hint"),
     [
@@ -1504,11 +1512,16 @@ def test_a_broker_url_whose_scheme_names_no_transport_is_E208() -> None:
             "Install its transport's packages (pip install 'celery[redis]') wherever "
             "publishers and workers run.",
         ),
-        (
+        pytest.param(
             "packaging.version",
             "ModuleNotFoundError: import of packaging.version halted; None in sys.modules",
             "Install 'packaging' wherever publishers and workers run (for redis://: pip "
             "install 'celery[redis]').",
+            # kombu's redis transport imports packaging in some releases only (5.7 does).
+            marks=pytest.mark.skipif(
+                not _kombu_redis_imports("packaging"),
+                reason="this kombu's redis transport does not import packaging",
+            ),
         ),
     ],
 )
