@@ -138,3 +138,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             config.hook.pytest_deselected(items=[i for i in items if i not in selected])
             items[:] = selected
     items.sort(key=lambda item: item.get_closest_marker("long") is None)  # stable
+
+
+@pytest.fixture
+def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """Make ``module`` fail to import, as when it is not installed (kombu's transports, and
+    which of them this process found it has confirms, read afresh)."""
+    import sys
+
+    import kombu.transport
+
+    def hide(module: str) -> None:
+        monkeypatch.setitem(sys.modules, module, None)
+        for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
+            monkeypatch.delitem(sys.modules, loaded)
+        monkeypatch.setattr(kombu.transport, "_transport_cache", {})
+        monkeypatch.setattr(broker, "_has_confirms", {})
+
+    return hide

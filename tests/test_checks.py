@@ -1462,20 +1462,6 @@ def broker_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[...,
     return make
 
 
-@pytest.fixture
-def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
-    """Make ``module`` fail to import, as when it is not installed (kombu imported afresh)."""
-    import kombu.transport
-
-    def hide(module: str) -> None:
-        monkeypatch.setitem(sys.modules, module, None)
-        for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
-            monkeypatch.delitem(sys.modules, loaded)
-        monkeypatch.setattr(kombu.transport, "_transport_cache", {})
-
-    return hide
-
-
 def test_a_broker_url_whose_scheme_names_no_transport_is_E208() -> None:
     with wiring(ASYNC, CELERY_APP="tests.app.misspelt_broker_celery.app"):
         result = assert_reported(

@@ -54,3 +54,23 @@ def test_a_worker_says_at_start_which_migrations_are_missing() -> None:
         "Database 'default' lacks django_events migration(s) 0012_delivery_uncounted: run "
         "manage.py migrate."
     )
+
+
+@pytest.mark.django_db
+def test_a_worker_that_cannot_read_the_migrations_says_so_and_waits_for_no_migration() -> None:
+    from django.db import OperationalError, connection
+
+    from django_events.delivery.migration_state import lacks_migrations, unapplied_problems
+
+    def refuse(execute, sql, params, many, context):  # type: ignore[no-untyped-def]
+        if "django_migrations" in sql:
+            raise OperationalError("the database went away")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse):
+        [problem] = unapplied_problems()
+        lacks = lacks_migrations("default")
+    assert problem == (
+        "Could not check django_events' migrations on database 'default': the database went away"
+    )
+    assert lacks is False  # a missing column is then refused, not waited for

@@ -642,21 +642,11 @@ def test_the_record_insert_goes_through_django_execute_wrappers() -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_broker_whose_client_library_is_missing_leaves_the_record_pending(
-    monkeypatch, caplog
+    without_module, caplog
 ) -> None:
     # redis:// without the redis package: kombu 5.7 fails with AttributeError, not
     # ImportError. publish() and the commit raise nothing; the record waits for the relay.
-    import sys
-
-    import kombu.transport
-
-    from django_events.delivery import broker
-
-    monkeypatch.setitem(sys.modules, "redis", None)
-    for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
-        monkeypatch.delitem(sys.modules, loaded)
-    monkeypatch.setattr(kombu.transport, "_transport_cache", {})
-    monkeypatch.setattr(broker, "_has_confirms", {})
+    without_module("redis")
     with wiring(ASYNC, CELERY_APP="tests.brokers.redis"), transaction.atomic():
         event = publish("orders.placed", PAYLOAD)
     assert EventRecord.objects.get(pk=event.id).status == "pending"
