@@ -27,6 +27,7 @@ class DjangoEventsConfig(AppConfig):
         register(checks.check_handlers, "django_events")
         register(checks.check_celery, "django_events")
         register(checks.check_tasks, "django_events")
+        register(checks.check_database, "django_events")
         register(checks.check_upcasters, "django_events")
         register(checks.check_lock, "django_events")
         register(checks.check_endpoints, "django_events", Tags.database)  # reads rows

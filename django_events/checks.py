@@ -66,6 +66,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E204": "the Celery app accepts pickle",
     "django_events.E208": "the Celery app's broker transport does not load",
     "django_events.W205": "the Celery app uses kombu's own filesystem transport",
+    "django_events.W209": "workers share the event log's SQLite file, which locks late",
     "django_events.W206": "the filesystem transport's folder does not exist",
     "django_events.E210": "via: tasks, but no such task backend (or no django.tasks)",
     "django_events.E211": "a task backend without defer for a subscription that retries",
@@ -657,3 +658,39 @@ def _transport_name(app: Any) -> str | None:
         url = app.conf.broker_write_url or app.conf.broker_url
         transport = url.partition("://")[0] if isinstance(url, str) and "://" in url else None
     return transport if isinstance(transport, str) else None
+
+
+# SQLite transaction modes that take the write lock at BEGIN.
+_LOCKS_AT_BEGIN = ("IMMEDIATE", "EXCLUSIVE")
+
+
+def check_database(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
+    """Workers write to the event log while the web process does: on SQLite a transaction
+    that reads before it writes (the admin's retry, a replay) fails at once with "database is
+    locked" unless it takes the write lock at BEGIN, where the busy timeout applies."""
+    if not any(s.is_queued for s in checked_registry().subscriptions.values()):
+        return []
+    from django.db import connections, router
+
+    from django_events.models import Delivery
+
+    alias = router.db_for_write(Delivery)
+    database = connections.settings[alias]
+    if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+        return []
+    mode = (database.get("OPTIONS") or {}).get("transaction_mode")
+    if str(mode).upper() in _LOCKS_AT_BEGIN:
+        return []
+    return [
+        Warning(
+            f"Database {alias!r} (the event log's) is SQLite "
+            + ("without a transaction_mode" if mode is None else f"with transaction_mode {mode!r}")
+            + ", and workers write to it while this process does: a transaction that "
+            "reads before it writes (the admin's retry, events_replay) fails at once with "
+            '"database is locked"',
+            hint=f'Add "transaction_mode": "IMMEDIATE" (and "timeout": 20) to '
+            f"DATABASES[{alias!r}]['OPTIONS'], or use PostgreSQL.",
+            obj="DATABASES",
+            id="django_events.W209",
+        )
+    ]

@@ -1422,6 +1422,41 @@ def test_a_celery_app_on_kombus_own_filesystem_transport_is_W205() -> None:
         )
 
 
+class EventLogOnOther:
+    """A router that keeps the event log on the "other" database: SQLite, no transaction_mode."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model._meta.app_label == "django_events" else None
+
+    db_for_write = db_for_read
+
+
+@contextmanager
+def _event_log_on_sqlite_locking_late(*subscriptions: dict[str, Any]) -> Iterator[None]:
+    with override_settings(DATABASE_ROUTERS=[EventLogOnOther()]), wiring(*subscriptions):
+        yield
+
+
+def test_workers_sharing_an_sqlite_event_log_that_locks_late_is_W209() -> None:
+    with _event_log_on_sqlite_locking_late(ASYNC):
+        assert_reported(
+            (
+                "django_events.W209",
+                "DATABASES",
+                "Database 'other' (the event log's) is SQLite without a transaction_mode, and "
+                "workers write to it while this process does: a transaction that reads before "
+                "it writes (the admin's retry, events_replay) fails at once with \"database is "
+                'locked"',
+            )
+        )
+    # Only sync subscriptions: no worker process writes, so no warning.
+    with _event_log_on_sqlite_locking_late({"event": "orders.placed", "handler": RECORD}):
+        assert_reported()
+    # transaction_mode IMMEDIATE, as tests/settings.py sets it for "default" on SQLite.
+    with override_settings(DATABASE_ROUTERS=[]), wiring(ASYNC):
+        assert_reported()
+
+
 def test_a_filesystem_broker_whose_folder_does_not_exist_is_W206() -> None:
     from tests.app.missing_folder_celery import MISSING
 
@@ -1853,6 +1888,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E208": lambda _: wiring(
         ASYNC, CELERY_APP="tests.app.misspelt_broker_celery.app"
     ),
+    "django_events.W209": lambda _: _event_log_on_sqlite_locking_late(ASYNC),
     "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
     "django_events.E302": lambda _: _inbound(
         {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""

@@ -13,7 +13,7 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, ManagementUtility, call_command
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError, connection, connections, transaction
 from django.utils import timezone
 
 from django_events import publish
@@ -308,6 +308,49 @@ def test_events_retry_all_reenqueues_async_with_prior_attempts(queue) -> None:
     [message] = drain(queue)
     assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 4)
     assert message["event"]["id"] == str(event.id)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_retry_waits_for_a_worker_writing_meanwhile(queue) -> None:
+    """Another process takes the write lock just after the retry read its failures: the
+    retry waits for it, on SQLite too (check W209's transaction_mode, in tests/settings.py);
+    before, SQLite refused the retry's first write at once ("database is locked")."""
+    event = publish("shop.paid", {"order_id": 3})
+    work(queue)
+    save_deliveries("default", [delivery(event.id, "shop-receipt", "async", "failed", 1, "Boom")])
+    table = Delivery._meta.db_table
+    locked, worker_errors = threading.Event(), []
+
+    def worker_writes() -> None:  # a worker's write transaction, held a moment
+        try:
+            with transaction.atomic():
+                HandlerRun.objects.create(handler="worker", event_id=uuid.uuid4(), event_name="x")
+                locked.set()
+                time.sleep(0.5)
+        except Exception as exc:  # reported by the assertion below
+            worker_errors.append(exc)
+        finally:
+            locked.set()
+            connections.close_all()
+
+    worker = threading.Thread(target=worker_writes)
+
+    def worker_writes_after_the_read(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if sql.startswith("SELECT") and f'FROM "{table}"' in sql and not worker.ident:
+            worker.start()
+            locked.wait(timeout=1)  # where the mode takes the lock at BEGIN, it waits for us
+        return result
+
+    with connection.execute_wrapper(worker_writes_after_the_read):
+        out = run("events_retry", "--subscription", "shop-receipt")
+    worker.join()
+
+    assert "1 re-enqueued for a worker" in out
+    assert worker_errors == []
+    assert HandlerRun.objects.filter(handler="worker").count() == 1
+    [message] = drain(queue)
+    assert (message["subscription"], message["prior_attempts"]) == ("shop-receipt", 1)
 
 
 @pytest.mark.django_db

@@ -8,6 +8,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django_events.checks import (
     check_celery,
     check_configuration,
+    check_database,
     check_handlers,
     check_lock,
     check_tasks,
@@ -28,6 +29,7 @@ class Command(BaseCommand):
             *check_handlers(),
             *check_celery(),
             *check_tasks(),
+            *check_database(),
             *check_inbound(),
             *check_upcasters(),
             *check_lock(),
