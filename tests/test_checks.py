@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import decimal
 import os
 import re
 import subprocess
@@ -23,10 +24,12 @@ from django.core.checks import Error, Warning, registry
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
+from pydantic import BaseModel, Field, computed_field
 
 from django_events import UnknownEvent, checks, publish
 from django_events.checks import CHECK_IDS
 from django_events.wiring import typed
+from django_events.wiring.filters import compile_filter
 from django_events.wiring.registry import get_registry
 from tests.conftest import wiring
 
@@ -582,12 +585,150 @@ def test_a_pattern_warns_of_a_when_field_only_when_no_event_it_matches_declares_
 
 
 @pytest.mark.parametrize(
+    ("condition", "outcome"),
+    [
+        ({"gte": 10}, "never matches."),
+        (10, "never matches."),
+        ({"in": [10]}, "never matches."),
+        ({"contains": "a"}, "never matches."),
+        ({"exists": True}, "never matches."),
+        ({"ne": 10}, "makes when.totl.ne always match."),
+        ({"not_in": [10]}, "makes when.totl.not_in always match."),
+        ({"exists": False}, "makes when.totl.exists: false always match."),
+        ({"ne": 10, "gte": 1}, "makes when.totl.ne always match and when.totl.gte never match."),
+    ],
+)
+def test_W113_says_what_the_comparison_does_with_a_field_never_in_the_payload(
+    condition: Any, outcome: str
+) -> None:
+    with sold({"totl": condition}):
+        [message] = checks.check_configuration()
+
+    assert message.id == "django_events.W113"
+    assert message.hint == f"Did you mean 'total'? A field that is never in the payload {outcome}"
+    # What the filter does with an event without the field (the hint says "always" or not).
+    matches = compile_filter({"totl": condition})({"total": 10})
+    assert matches == ("never" not in outcome)
+
+
+def test_a_pattern_warns_of_a_when_value_only_when_no_event_it_matches_admits_its_type() -> None:
+    # shop.sold declares total a number, shop.other a string: the filter picks shop.sold's.
+    with sold({"total": {"gte": 1000}}, event="shop.*"):
+        assert checks.check_configuration() == []
+    with sold({"email": "a@example.com"}, event="shop.*"):  # shop.other has no email: W113's
+        assert checks.check_configuration() == []
+    with sold({"total": {"gte": True}}, event="shop.*"):  # a boolean suits neither
+        messages = checks.check_configuration()
+    assert [(m.id, m.msg) for m in messages] == [
+        (
+            "django_events.W114",
+            "Subscription 's': when.total.gte compares with true (boolean), but event "
+            f"{name!r} declares 'total' as {declared}: it never matches",
+        )
+        for name, declared in (("shop.sold", "number"), ("shop.other", "string"))
+    ]
+
+
+def test_a_pattern_names_the_events_of_one_declared_type_in_one_W114() -> None:
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}}
+    events = {"shop.a": {"schema": schema}, "shop.b": {"schema": schema}}
+    subscription = {"event": "shop.*", "handler": RECORD, "name": "s"}
+    with wiring({**subscription, "when": {"total": {"in": ["1000", 2000]}}}, EVENTS=events):
+        [message] = checks.check_configuration()
+
+    assert message.msg == (
+        "Subscription 's': when.total.in compares with \"1000\" (string), but events 'shop.a', "
+        "'shop.b' declare 'total' as number: that item never matches"
+    )
+
+
+def test_a_decimal_of_a_pydantic_event_compared_with_a_number_is_W114(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # pydantic validates a Decimal from a number or a string, but an instance's JSON form (what
+    # `when` sees) has a string: `gte: 1000` never matches a published instance.
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+    @typed.event("shop.paid")
+    class Paid(BaseModel):
+        amount: decimal.Decimal
+        refund: decimal.Decimal | None = None
+
+    when = {"amount": {"gte": 1000}, "refund": {"lt": 5}, "any": [{"amount": "1500.00"}]}
+    with wiring({"event": "shop.paid", "handler": RECORD, "name": "big", "when": when}):
+        messages = checks.check_configuration()
+
+    shown = "(in the JSON form of an instance)"
+    assert [(m.id, m.msg, m.hint) for m in messages] == [
+        (
+            "django_events.W114",
+            f"Subscription 'big': when.{path}.{op} compares with {value} (integer), but event "
+            f"'shop.paid' declares {path!r} as {declared} {shown}: it never matches",
+            f"The payload holds {path!r} as a string (as a Decimal's JSON form): {op} compares "
+            "strings as text, not as numbers. Compare in the handler, or add a number field.",
+        )
+        for path, op, value, declared in (
+            ("amount", "gte", 1000, "string"),
+            ("refund", "lt", 5, "string or null"),
+        )
+    ]
+    published = publish(Paid(amount=decimal.Decimal("1500.00")))
+    assert published.data["amount"] == "1500.00"
+    assert not compile_filter({"amount": {"gte": 1000}})(published.data)
+    assert compile_filter({"amount": "1500.00"})(published.data)
+
+
+def test_a_decimal_of_a_dataclass_event_compared_with_a_number_hints_at_its_string(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+    @typed.event("shop.paid")
+    @dataclass(frozen=True)
+    class Paid:
+        amount: decimal.Decimal
+
+    with wiring(
+        {"event": "shop.paid", "handler": RECORD, "name": "big", "when": {"amount": {"gt": 9}}}
+    ):
+        [message] = checks.check_configuration()
+
+    assert (message.id, message.msg, message.hint) == (
+        "django_events.W114",
+        "Subscription 'big': when.amount.gt compares with 9 (integer), but event 'shop.paid' "
+        "declares 'amount' as string: it never matches",
+        "The payload holds 'amount' as a string (as a Decimal's JSON form): gt compares strings "
+        "as text, not as numbers. Compare in the handler, or add a number field.",
+    )
+
+
+def test_a_pydantic_event_s_computed_field_and_field_names_are_declared_for_when(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The JSON form `when` sees has field names (not aliases) and computed fields.
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+    @typed.event("shop.paid")
+    class Paid(BaseModel):
+        amount_cents: int = Field(alias="amountCents")
+
+        @computed_field  # type: ignore[prop-decorator]
+        @property
+        def big(self) -> bool:
+            return self.amount_cents >= 100_000
+
+    when = {"big": True, "amount_cents": {"gte": 100_000}}
+    with wiring({"event": "shop.paid", "handler": RECORD, "name": "big", "when": when}):
+        assert checks.check_configuration() == []
+
+
+@pytest.mark.parametrize(
     ("when", "where", "value", "declared", "outcome"),
     [
-        ({"total": {"gte": "1000"}}, "total.gte", '"1000" (string)', "number", "never matches"),
-        ({"count": 1.5}, "count", "1.5 (number)", "integer", "never matches"),
-        ({"paid": "true"}, "paid", '"true" (string)', "boolean", "never matches"),
-        ({"email": {"eq": None}}, "email.eq", "null (null)", "string", "never matches"),
+        ({"total": {"gte": "1000"}}, "total.gte", '"1000" (string)', "number", "it never matches"),
+        ({"count": 1.5}, "count", "1.5 (number)", "integer", "it never matches"),
+        ({"paid": "true"}, "paid", '"true" (string)', "boolean", "it never matches"),
+        ({"email": {"eq": None}}, "email.eq", "null (null)", "string", "it never matches"),
         (
             {"total": {"in": [1, "2"]}},
             "total.in",
@@ -602,20 +743,20 @@ def test_a_pattern_warns_of_a_when_field_only_when_no_event_it_matches_declares_
             "integer",
             "that item never matches",
         ),
-        ({"total": {"ne": "0"}}, "total.ne", '"0" (string)', "number", "always matches"),
+        ({"total": {"ne": "0"}}, "total.ne", '"0" (string)', "number", "it always matches"),
         (
             {"tags": {"contains": 1}},
             "tags.contains",
             "1 (integer)",
             "array of string",
-            "never matches",
+            "it never matches",
         ),
         (
             {"any": [{"note": {"lt": 3}}]},
             "note.lt",
             "3 (integer)",
             "string or null",
-            "never matches",
+            "it never matches",
         ),
     ],
 )
@@ -628,7 +769,7 @@ def test_a_when_value_of_a_type_the_schema_rules_out_is_W114(
     assert (message.id, message.msg) == (
         "django_events.W114",
         f"Subscription 's': when.{where} compares with {value}, but event 'shop.sold' "
-        f"declares {where.split('.')[0]!r} as {declared}: it {outcome}",
+        f"declares {where.split('.')[0]!r} as {declared}: {outcome}",
     )
     assert isinstance(message, Warning)
 

@@ -158,7 +158,7 @@ def _redact_problems(declaration: EventDeclaration, schema: object) -> list[Prob
     A warning: an open object may carry keys it does not declare. Not for pydantic types,
     whose schema speaks of aliases where the payload (``redact`` goes by it) has names.
     """
-    if declaration.type is not None and typed.is_pydantic(declaration.type):
+    if _is_pydantic(declaration):
         return []
     problems = []
     for path in declaration.redact:
@@ -499,88 +499,186 @@ def _when_field_problems(
     declaration: SubscriptionDeclaration, events: list[CompiledEvent]
 ) -> list[Problem]:
     """A ``when`` field no event's schema declares (W113), or compared with a value of a type
-    its schema rules out (W114): it never matches (or, with ``ne``, always does)."""
+    its schema rules out (W114). For a pattern, only where no event it matches could match:
+    a filter may pick the events that have the field, or whose type suits the value."""
     assert declaration.when is not None
-    problems: list[Problem] = []
-    undeclared: set[str] = set()
+    schemas = {c.name: filtered_schema(c.declaration) for c in events}
+    by_path: dict[str, list[tuple[str | None, Any]]] = {}
     for path, op, expected in comparisons(declaration.when):
-        found = [(c, declared_path(c.declaration.schema, path, lists="index")) for c in events]
+        by_path.setdefault(path, []).append((op, expected))
+    problems: list[Problem] = []
+    for path, compared in by_path.items():
+        found = [(c, declared_path(schemas[c.name], path, lists="index")) for c in events]
         missing = [(c, d.close) for c, d in found if d.declared is False]
-        if path not in undeclared and missing and not any(d.declared for _, d in found):
-            undeclared.add(path)
-            names = ", ".join(sorted(repr(c.name) for c, _ in missing))
-            close = missing[0][1] if len(missing) == 1 else None
-            problems.append(
-                _problem(
-                    "W113",
-                    f"Subscription {declaration.name!r}: when field {path!r} is not declared "
-                    f"by the schema of event{'s' if len(missing) > 1 else ''} {names}",
-                    (
-                        f"Did you mean {close!r}? A"
-                        if close
-                        else "Fix the field (dots for nesting), or declare it in the schema. A"
-                    )
-                    + " field that is never in the payload never matches.",
-                    declaration.origin,
-                )
-            )
-        for compiled, d in found:
-            if d.declared:
-                problems.extend(_type_problems(declaration, compiled, path, d.schema, op, expected))
+        if missing and not any(d.declared for _, d in found):
+            problems.append(_undeclared_field(declaration, path, compared, missing))
+        for op, expected in compared:
+            problems += _type_problems(declaration, schemas, path, op, expected, found)
     return problems
+
+
+def filtered_schema(declaration: EventDeclaration) -> object:
+    """The schema of what ``when`` sees: the payload's JSON form. For a pydantic type, that of
+    an instance (``model_dump(mode="json")``: fields by name, computed ones included, a
+    ``Decimal`` as a string), not the schema it validates input with (aliases, numbers)."""
+    tp = declaration.type
+    if tp is None or not _is_pydantic(declaration):
+        return declaration.schema
+    from pydantic.errors import PydanticUserError  # only here: pydantic is an optional extra
+
+    try:
+        schema: object = tp.model_json_schema(mode="serialization", by_alias=False)  # type: ignore[attr-defined]
+    except PydanticUserError:  # a type with no JSON Schema in serialization mode: as declared
+        return declaration.schema
+    return schema
+
+
+def _is_pydantic(declaration: EventDeclaration) -> bool:
+    return declaration.type is not None and typed.is_pydantic(declaration.type)
+
+
+def _missing_outcome(op: str | None, expected: Any) -> str:
+    """What a comparison does with a field absent from the payload (filters.OPERATORS)."""
+    always = op in ("ne", "not_in") or (op == "exists" and expected is False)
+    return "always" if always else "never"
+
+
+def _undeclared_field(
+    declaration: SubscriptionDeclaration,
+    path: str,
+    compared: list[tuple[str | None, Any]],
+    missing: list[tuple[CompiledEvent, str | None]],
+) -> Problem:
+    names = ", ".join(sorted(repr(c.name) for c, _ in missing))
+    close = missing[0][1] if len(missing) == 1 else None
+    outcomes: dict[str, dict[str, None]] = {"always": {}, "never": {}}
+    for op, expected in compared:
+        where = f"when.{path}" + (f".{op}" if op else "")
+        where += f": {json.dumps(expected)}" if op == "exists" else ""
+        outcomes[_missing_outcome(op, expected)][where] = None
+    if outcomes["always"]:
+        never = f" and {', '.join(outcomes['never'])} never match" if outcomes["never"] else ""
+        outcome = f" makes {', '.join(outcomes['always'])} always match{never}."
+    else:
+        outcome = " never matches."
+    fix = "Fix the field (dots for nesting), or declare it in the schema."
+    return _problem(
+        "W113",
+        f"Subscription {declaration.name!r}: when field {path!r} is not declared "
+        f"by the schema of event{'s' if len(missing) > 1 else ''} {names}",
+        (f"Did you mean {close!r}?" if close else fix)
+        + " A field that is never in the payload"
+        + outcome,
+        declaration.origin,
+    )
 
 
 # Operators whose value is compared with the payload's value as it is (``in``: each item).
 _TYPED_OPERATORS = (None, "eq", "ne", "gt", "gte", "lt", "lte", "in", "not_in", "contains")
+_ORDERED = ("gt", "gte", "lt", "lte")
 
 
 def _type_problems(
     declaration: SubscriptionDeclaration,
-    compiled: CompiledEvent,
+    schemas: dict[str, object],
     path: str,
-    declared: object,
     op: str | None,
     expected: Any,
+    found: list[tuple[CompiledEvent, Declared]],
 ) -> list[Problem]:
+    """W114 for each value of a comparison that no matched event's declared type admits (an
+    event without the field admits none: ``W113``'s; one whose schema tells nothing, all)."""
     if op not in _TYPED_OPERATORS or (op is None and isinstance(expected, dict)):
         return []  # exists; an object compared for equality is W108's
-    types = _declared_types(declared)
     values = list(expected) if op in ("in", "not_in") and isinstance(expected, list) else [expected]
+    ruled_out: dict[int, list[tuple[CompiledEvent, str]]] = {i: [] for i in range(len(values))}
+    for compiled, d in found:
+        if d.declared is False:
+            continue
+        allowed = _allowed_types(schemas[compiled.name], d.schema, op) if d.declared else None
+        if allowed is not None and _is_pydantic(compiled.declaration):
+            # A dict published by name is filtered as given: its number is not a string.
+            allowed = (allowed[0], f"{allowed[1]} (in the JSON form of an instance)")
+        for i in list(ruled_out):
+            if allowed is not None and not _json_types(values[i]) & allowed[0]:
+                ruled_out[i].append((compiled, allowed[1]))
+            else:
+                del ruled_out[i]  # this event admits it: the filter may match
+        if not ruled_out:
+            return []
+    outcome = "that item never matches" if op in ("in", "not_in") else "it never matches"
+    outcome = "it always matches" if op == "ne" else outcome
+    where = f"when.{path}" + (f".{op}" if op else "")
+    problems = []
+    for i, events in ruled_out.items():
+        by_types: dict[str, list[str]] = {}
+        for compiled, shown_types in events:
+            by_types.setdefault(shown_types, []).append(repr(compiled.name))
+        for shown_types, names in by_types.items():
+            declare = (
+                f"event {names[0]} declares"
+                if len(names) == 1
+                else f"events {', '.join(sorted(names))} declare"
+            )
+            problems.append(
+                _problem(
+                    "W114",
+                    f"Subscription {declaration.name!r}: {where} compares with "
+                    f"{_shown(values[i])}, but {declare} {path!r} as {shown_types}: {outcome}",
+                    _type_hint(path, op, values[i], shown_types),
+                    declaration.origin,
+                )
+            )
+    return problems
+
+
+def _allowed_types(root: object, declared: object, op: str | None) -> tuple[set[str], str] | None:
+    """The JSON types a value compared by ``op`` may have, and how to show the declared ones;
+    None if the schema tells nothing."""
+    types = _declared_types(root, declared)
     shown_types = " or ".join(types or ())
     if op == "contains":  # an item of an array, or a part of a string
         items = declared.get("items") if isinstance(declared, dict) else None
         if types == ["array"] and isinstance(items, dict):
-            types = _declared_types(_local_ref(compiled.declaration.schema, items))
+            types = _declared_types(root, _local_ref(root, items))
             shown_types = f"array of {' or '.join(types or ())}"
         elif types != ["string"]:
-            return []
+            return None
     if not types:
-        return []
+        return None
     allowed = set(types)
-    if op in ("gt", "gte", "lt", "lte") and "integer" in allowed:
+    if op in _ORDERED and "integer" in allowed:
         allowed.add("number")  # count >= 1.5 is a fine question about an integer
-    outcome = "that item never matches" if op in ("in", "not_in") else "never matches"
-    outcome = "always matches" if op == "ne" else outcome
-    where = f"when.{path}" + (f".{op}" if op else "")
-    return [
-        _problem(
-            "W114",
-            f"Subscription {declaration.name!r}: {where} compares with {_shown(value)}, but "
-            f"event {compiled.name!r} declares {path!r} as {shown_types}: it {outcome}",
-            'Write the value as the declared type: in YAML, 1000 is a number, "1000" a '
-            "string, and an unquoted date is a date (quote it).",
-            declaration.origin,
+    return allowed, shown_types
+
+
+def _type_hint(path: str, op: str | None, value: Any, shown_types: str) -> str:
+    if op in _ORDERED and shown_types.startswith("string") and _json_types(value) & {"number"}:
+        # Written as a string, the value would be compared as text: "999" > "1000".
+        return (
+            f"The payload holds {path!r} as a string (as a Decimal's JSON form): {op} compares "
+            "strings as text, not as numbers. Compare in the handler, or add a number field."
         )
-        for value in values
-        if not _json_types(value) & allowed
-    ]
+    return (
+        'Write the value as the declared type: in YAML, 1000 is a number, "1000" a '
+        "string, and an unquoted date is a date (quote it)."
+    )
 
 
-def _declared_types(schema: object) -> list[str] | None:
-    """The JSON types a property's schema declares (``type``), or None if it says none."""
+def _declared_types(root: object, schema: object) -> list[str] | None:
+    """The JSON types a property's schema declares (``type``, or those of each branch of an
+    ``anyOf``/``oneOf``: ``Decimal | None``), or None if it says none."""
     types = schema.get("type") if isinstance(schema, dict) else None
     types = [types] if isinstance(types, str) else types
-    return [str(t) for t in types] if isinstance(types, list) and types else None
+    if isinstance(types, list) and types:
+        return [str(t) for t in types]
+    for keyword in ("anyOf", "oneOf"):
+        branches = schema.get(keyword) if isinstance(schema, dict) else None
+        if isinstance(branches, list) and branches:
+            each = [_declared_types(root, _local_ref(root, b)) for b in branches]
+            if all(each):
+                return list(dict.fromkeys(t for branch in each if branch for t in branch))
+    return None
 
 
 def _json_types(value: Any) -> set[str]:
