@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,3 +83,35 @@ def test_events_queues_fails_loudly_in_a_shell() -> None:
     assert documented.returncode == 1
     assert "worker -Q" not in documented.stdout
     assert "oc-missing" in documented.stderr
+
+
+@pytest.mark.django_db(databases="__all__")  # Django 6.1's `check` opens a connection
+def test_events_list_shows_a_declaration_s_origin_as_events_check_and_check_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the manifest is below the working directory
+    manifest = tmp_path / "events.yaml"
+    manifest.write_text(
+        "version: 1\n"
+        "events:\n"
+        "  shop.paid: {}\n"
+        "subscriptions:\n"
+        "  - event: shop.paid\n"
+        "    handler: tests.app.handlers.record\n"
+        "    queue: billing\n"  # W102 (sync): events_check and check name the origin
+    )
+    with wiring(MANIFESTS=[manifest], EVENTS={}):
+        listed, checked, checks = StringIO(), StringIO(), StringIO()
+        call_command("events_list", "--no-endpoints", stdout=listed)
+        call_command("events_check", stdout=checked)
+        call_command("check", "--tag", "django_events", stdout=checks, stderr=checks)
+        as_json = StringIO()
+        call_command("events_list", "--no-endpoints", "--format", "json", stdout=as_json)
+
+    where = f"{manifest}:5"
+    assert checked.getvalue().startswith(f"{where}: (django_events.W102)")
+    assert f"{where}: (django_events.W102)" in checks.getvalue()
+    [row] = [line for line in listed.getvalue().splitlines() if "shop.paid:" in line]
+    assert row.split()[-1] == where
+    event = json.loads(as_json.getvalue())["events"][0]
+    assert (event["origin"], event["subscriptions"][0]["origin"]) == (f"{manifest}:3", where)

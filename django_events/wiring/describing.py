@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from fnmatch import fnmatchcase
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from django_events.conf import conf
 from django_events.wiring.compiled import Registry, Subscription
-from django_events.wiring.declarations import Origin
 from django_events.wiring.registry import get_registry
 
 
@@ -111,7 +108,7 @@ def describe_wiring(
                 durable=declaration.durable,
                 record=declaration.record or conf.RECORD,
                 redact=list(declaration.redact),
-                origin=_where(declaration.origin),
+                origin=str(declaration.origin),  # as the checks show it
                 subscriptions=subscriptions,
             )
         )
@@ -138,7 +135,7 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         idempotent=declaration.idempotent,
         timeout=declaration.timeout,
         ordering_key=declaration.ordering_key,
-        origin=_where(declaration.origin),
+        origin=str(declaration.origin),  # as the checks show it
         give_up_after=declaration.give_up_after,
     )
 
@@ -179,15 +176,3 @@ def shown_url(url: str) -> str:
     except ValueError:  # not a number: shown without it
         port = None
     return f"{parts.scheme}://{host}{f':{port}' if port else ''}/"
-
-
-def _where(origin: Origin) -> str:
-    """``file:line`` with the file relative to the working directory when it is below it."""
-    if origin.file is None:
-        return str(origin)
-    path = Path(origin.file)
-    try:
-        shown = str(path.resolve().relative_to(Path(os.getcwd()).resolve()))
-    except ValueError:
-        shown = origin.file
-    return f"{shown}:{origin.line}" if origin.line is not None else shown
