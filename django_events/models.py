@@ -6,10 +6,19 @@ import uuid
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from django.core.exceptions import ValidationError
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db import models
 from django.utils import timezone
 from django.utils.translation import gettext_lazy as _
+
+# Once per process, where Django would fail anyway ("Model class ... isn't in an application
+# in INSTALLED_APPS") at the first import of publish(), the admin or the inbound views.
+if apps.get_containing_app_config(__name__) is None:
+    raise ImproperlyConfigured(
+        'django_events is not in INSTALLED_APPS: add "django_events" to INSTALLED_APPS to '
+        "publish events (its models, task, checks and management commands need it)."
+    )
 
 
 class EventRecord(models.Model):

@@ -2226,3 +2226,38 @@ def test_ordering_key_follows_nested_properties_and_refs() -> None:
     assert schema_path(schema, "customer.name") is None
     assert schema_path({"properties": {"a": {}}}, "a") is False
     assert schema_path(True, "a") is None
+
+
+def test_publish_in_a_project_without_django_events_installed_says_to_add_it(
+    tmp_path: Path,
+) -> None:
+    # A project that forgot "django_events" in INSTALLED_APPS: the first import of publish()
+    # (a views module, say) used to fail with Django's "Model class ... isn't in an
+    # application in INSTALLED_APPS", which did not say what to add.
+    (tmp_path / "forgot_settings.py").write_text(
+        textwrap.dedent(
+            """
+            SECRET_KEY = "x"
+            INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
+            DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+            DJANGO_EVENTS = {"EVENTS": {"shop.paid": {}}}
+            """
+        )
+    )
+    code = "import django; django.setup(); from django_events import publish"
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "forgot_settings",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+    }
+
+    run = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+
+    assert run.returncode == 1
+    assert run.stderr.splitlines()[-1] == (
+        "django.core.exceptions.ImproperlyConfigured: django_events is not in INSTALLED_APPS: "
+        'add "django_events" to INSTALLED_APPS to publish events (its models, task, checks and '
+        "management commands need it)."
+    )
