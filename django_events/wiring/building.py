@@ -502,7 +502,7 @@ def _when_field_problems(
     its schema rules out (W114). For a pattern, only where no event it matches could match:
     a filter may pick the events that have the field, or whose type suits the value."""
     assert declaration.when is not None
-    schemas = {c.name: filtered_schema(c.declaration) for c in events}
+    schemas = {c.name: _filtered_schema(c.declaration) for c in events}
     by_path: dict[str, list[tuple[str | None, Any]]] = {}
     for path, op, expected in comparisons(declaration.when):
         by_path.setdefault(path, []).append((op, expected))
@@ -517,12 +517,12 @@ def _when_field_problems(
     return problems
 
 
-def filtered_schema(declaration: EventDeclaration) -> object:
+def _filtered_schema(declaration: EventDeclaration) -> object:
     """The schema of what ``when`` sees: the payload's JSON form. For a pydantic type, that of
     an instance (``model_dump(mode="json")``: fields by name, computed ones included, a
     ``Decimal`` as a string), not the schema it validates input with (aliases, numbers)."""
     tp = declaration.type
-    if tp is None or not _is_pydantic(declaration):
+    if tp is None or not typed.is_pydantic(tp):
         return declaration.schema
     from pydantic.errors import PydanticUserError  # only here: pydantic is an optional extra
 
