@@ -858,10 +858,10 @@ def test_typed_event_without_required_fields_publishes_an_empty_payload(
 
 
 @pytest.mark.django_db
-def test_a_typed_string_field_that_does_not_parse_reaches_handlers_as_published(
+def test_a_typed_string_field_that_does_not_parse_is_refused(
     declare: None, received: list[Any], django_capture_on_commit_callbacks: Any
 ) -> None:
-    """The derived schema says "a string" (formats are not asserted): the handler gets it."""
+    """The derived schema says "a string" (formats are not asserted): publish() parses it."""
 
     @event("typed.weighed")
     @dataclass
@@ -871,10 +871,15 @@ def test_a_typed_string_field_that_does_not_parse_reaches_handlers_as_published(
     with (
         wiring({"event": "typed.weighed", "handler": "tests.app.typed_handlers.keep"}),
         django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(InvalidPayload) as excinfo,
     ):
         publish("typed.weighed", {"parcel": {"weight": "heavy", "sent_on": "2024-02-30"}})
 
-    assert [e.payload for e in received] == [Weighed(Parcel("heavy", "2024-02-30"))]
+    assert [str(p) for p in excinfo.value.problems] == [
+        "$.parcel.weight: 'heavy' is not a decimal number",
+        "$.parcel.sent_on: '2024-02-30' is not an ISO 8601 date (YYYY-MM-DD)",
+    ]
+    assert received == []
 
 
 @pytest.mark.django_db

@@ -6,20 +6,29 @@ import datetime
 import decimal
 import math
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from io import StringIO
 from typing import Any
 
 import jsonschema
 import jsonschema_rs
 import pytest
+from django.core.management import call_command
 from django.db import transaction
+from django.utils import timezone
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
 
-from django_events import InvalidPayload, publish, publish_many
+from django_events import InvalidPayload, event, publish, publish_many
 from django_events.exceptions import PayloadProblem
 from django_events.models import EventRecord
+from django_events.testing import events_eager
+from django_events.wiring import typed
 from django_events.wiring import validation as validation_module
 from django_events.wiring.validation import PayloadValidator, json_problems
+from tests.app import typed_handlers
+from tests.conftest import wiring
 
 ORDER_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -486,3 +495,174 @@ def test_unstorable_text_is_refused_before_the_database_sees_it(payload: dict[st
         # The caller's transaction is still usable.
         assert EventRecord.objects.filter(pk=keep.id).exists()
     assert list(EventRecord.objects.values_list("pk", flat=True)) == [keep.id]
+
+
+# -- typed events: strings that must parse as their dataclass field's type --------------------
+
+
+@dataclass(frozen=True)
+class Refunded:
+    """A dataclass event whose fields travel as strings (module level: type hints)."""
+
+    amount: decimal.Decimal
+    refunded_at: datetime.datetime
+    refund_id: uuid.UUID
+    booked_on: datetime.date | None = None
+    lines: list[decimal.Decimal] | None = None
+    by_ticket: dict[uuid.UUID, datetime.time] = field(default_factory=dict)
+    notes: dict[uuid.UUID, str] | None = None
+    window: tuple[str, datetime.date] | None = None
+
+
+GOOD_REFUND = {
+    "amount": "12.50",
+    "refunded_at": "2024-05-01T09:30:00+00:00",
+    "refund_id": str(uuid.UUID(int=1)),
+}
+
+
+@pytest.fixture
+def refunded(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """Declare ``Refunded`` for one test; yield what its handler received."""
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+    event("refunds.issued", redact=("refund_id",))(Refunded)
+    typed_handlers.received.clear()
+    yield typed_handlers.received
+    typed_handlers.received.clear()
+
+
+def handled_in(mode: str) -> Any:
+    return wiring(
+        {"event": "refunds.issued", "handler": "tests.app.typed_handlers.keep", "mode": mode}
+    )
+
+
+@pytest.mark.parametrize("mode", ["inline", "sync", "async"])
+@pytest.mark.django_db
+def test_publish_refuses_a_dataclass_whose_strings_do_not_parse_as_its_field_types(
+    refunded: list[Any], django_capture_on_commit_callbacks: Any, mode: str
+) -> None:
+    """A dataclass does not check its fields: handlers got 'abc' for a Decimal, whatever
+    their mode (a sync handler the instance, an async one the string kept by the rebuild)."""
+    wrong = Refunded(
+        amount="abc",  # type: ignore[arg-type]
+        refunded_at="not a date",  # type: ignore[arg-type]
+        refund_id=uuid.UUID(int=1),
+        booked_on="2024-02-30",  # type: ignore[arg-type]
+    )
+
+    with (
+        handled_in(mode),
+        events_eager(),
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+    ):
+        with pytest.raises(InvalidPayload) as excinfo:
+            publish(wrong)
+        with pytest.raises(InvalidPayload):
+            publish_many([wrong])
+
+    assert str(excinfo.value) == (
+        "Invalid payload for event 'refunds.issued': "
+        "$.amount: 'abc' is not a decimal number; "
+        "$.refunded_at: 'not a date' is not an ISO 8601 date and time; "
+        "$.booked_on: '2024-02-30' is not an ISO 8601 date (YYYY-MM-DD)"
+    )
+    assert [p.path for p in excinfo.value.problems] == ["$.amount", "$.refunded_at", "$.booked_on"]
+    assert callbacks == []
+    assert refunded == []
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db
+def test_publish_by_name_refuses_typed_strings_that_do_not_parse_wherever_they_nest(
+    refunded: list[Any], django_capture_on_commit_callbacks: Any
+) -> None:
+    ticket = str(uuid.UUID(int=2))
+    payload = {
+        **GOOD_REFUND,
+        "refund_id": "secret-refund",  # redacted: not quoted
+        "lines": ["1.5", "1,5"],
+        "by_ticket": {"nope": "09:30", ticket: "25:00"},
+        "notes": {"x": "a note", ticket: "why not"},
+        "window": ["until", "2024-13-01"],
+    }
+
+    with (
+        handled_in("sync"),
+        django_capture_on_commit_callbacks(execute=True) as callbacks,
+        pytest.raises(InvalidPayload) as excinfo,
+    ):
+        publish("refunds.issued", payload)
+
+    assert [str(p) for p in excinfo.value.problems] == [
+        "$.refund_id: '•••' is not a UUID",
+        "$.lines[1]: '1,5' is not a decimal number",
+        "$.by_ticket: key 'nope' is not a UUID",
+        f"$.by_ticket['{ticket}']: '25:00' is not an ISO 8601 time",
+        "$.notes: key 'x' is not a UUID",
+        "$.window[1]: '2024-13-01' is not an ISO 8601 date (YYYY-MM-DD)",
+    ]
+    assert "secret-refund" not in str(excinfo.value)
+    assert callbacks == []
+    assert refunded == []
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.django_db
+def test_typed_strings_that_parse_are_published_and_handlers_get_the_declared_types(
+    refunded: list[Any], django_capture_on_commit_callbacks: Any, mode: str
+) -> None:
+    payload = {
+        **GOOD_REFUND,
+        "booked_on": None,
+        "lines": ["1.5"],
+        "by_ticket": {},
+        "notes": None,
+        "window": None,
+    }
+
+    with (
+        handled_in(mode),
+        events_eager(),
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        published = publish("refunds.issued", payload)
+
+    assert [e.payload for e in refunded] == [
+        Refunded(
+            amount=decimal.Decimal("12.50"),
+            refunded_at=datetime.datetime(2024, 5, 1, 9, 30, tzinfo=datetime.UTC),
+            refund_id=uuid.UUID(int=1),
+            lines=[decimal.Decimal("1.5")],
+        )
+    ]
+    assert EventRecord.objects.get(pk=published.id).payload == payload
+
+
+@pytest.mark.django_db
+def test_a_stored_typed_payload_that_does_not_parse_is_delivered_as_stored(
+    refunded: list[Any],
+) -> None:
+    """A record of an earlier release (publish() refuses such strings now) still reaches its
+    handlers, on replay too: the string kept, nothing lost."""
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="refunds.issued",
+        payload={**GOOD_REFUND, "amount": "abc"},
+        correlation_id=uuid.uuid4(),
+        status="dispatched",
+        occurred_at=timezone.now(),
+    )
+    subscription = {
+        "name": "refunds-kept",
+        "event": "refunds.issued",
+        "handler": "tests.app.typed_handlers.keep",
+    }
+
+    with wiring(subscription):
+        call_command("events_replay", "refunds-kept", stdout=StringIO())
+
+    [got] = refunded
+    assert got.id == record.id
+    assert got.payload.amount == "abc"
+    assert got.payload.refund_id == uuid.UUID(int=1)

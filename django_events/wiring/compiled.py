@@ -172,11 +172,20 @@ class CompiledEvent:
         return snapshot
 
     def typed_payload(self, data: dict[str, Any], given: Any = None) -> Any:
-        """Return what handlers get as ``event.payload``."""
+        """Return what handlers get as ``event.payload``.
+
+        ``given`` is what ``publish()`` was given (an instance, or a dict): a string of it
+        that does not parse as its dataclass field's type raises ``InvalidPayload``. A stored
+        payload (no ``given``) is rebuilt as it is.
+        """
         if self.type is None:
             return data
-        if given is not None and isinstance(given, self.type):
-            return given
+        if given is not None:  # here, not in to_data(): an event without a type skips it
+            problems = typed.unparsed(self.type, data, self.declaration.redact)
+            if problems:
+                raise InvalidPayload(self.name, problems)
+            if isinstance(given, self.type):
+                return given
         try:
             return typed.from_data(self.type, data)
         except (TypeError, ValueError) as exc:  # a validator or __post_init__ of the class

@@ -5,15 +5,18 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import functools
 import json
 import re
 import types
 import typing
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from django_events.exceptions import PayloadProblem
 from django_events.wiring.declarations import EventDeclaration, Origin
+from django_events.wiring.redaction import MASK, redacted_paths, under
 
 T = TypeVar("T", bound=type)
 
@@ -216,6 +219,131 @@ _PARSERS: dict[Any, Callable[[str], Any]] = {
     uuid.UUID: uuid.UUID,
     decimal.Decimal: decimal.Decimal,
 }
+
+
+# What a string of each parsed type must be, for the messages of `unparsed`.
+_EXPECTED: dict[Any, str] = {
+    datetime.datetime: "an ISO 8601 date and time",
+    datetime.date: "an ISO 8601 date (YYYY-MM-DD)",
+    datetime.time: "an ISO 8601 time",
+    uuid.UUID: "a UUID",
+    decimal.Decimal: "a decimal number",
+}
+
+
+def unparsed(cls: type, data: dict[str, Any], redact: Iterable[str] = ()) -> list[PayloadProblem]:
+    """Report each string of a dataclass's JSON form ``data`` that does not parse as its
+    field's declared type (``datetime``, ``date``, ``time``, ``UUID``, ``Decimal``).
+
+    The schema says "a string" (its ``format`` is not asserted) and a dataclass does not
+    check its fields, so ``publish()`` asks this: a handler must get the declared type.
+    A message does not quote the value at (or inside) a ``redact`` path.
+    """
+    check = _checker(cls) if dataclasses.is_dataclass(cls) else None  # pydantic checks its own
+    if check is None:  # no field of those types: nothing to walk
+        return []
+    found: list[_Unparsed] = []
+    check(data, (), found)
+    if not found:
+        return []
+    from django_events.wiring.manifest import format_path  # yaml and jsonschema: not at import
+
+    paths = redacted_paths(redact)
+    return [PayloadProblem(format_path(u.path), u.message(paths)) for u in found]
+
+
+_Path = tuple[str | int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unparsed:
+    path: _Path  # a dict key's is its dict's
+    text: str
+    what: str  # what it is not
+    key: bool = False
+
+    def message(self, redacted: list[tuple[str, ...]]) -> str:
+        shown = MASK if under(self.path, redacted) else self.text
+        return f"{'key ' if self.key else ''}{shown!r} is not {self.what}"
+
+
+_Check = Callable[[Any, _Path, list[_Unparsed]], None]
+
+
+@functools.cache  # built once per type: publish() walks only the fields that need it
+def _checker(tp: Any) -> _Check | None:
+    """What checks the JSON form of a ``tp`` value as `_build` reads it; None if nothing."""
+    if tp in _PARSERS:
+        return functools.partial(_check_text, _PARSERS[tp], _EXPECTED[tp])
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = typing.get_type_hints(tp)
+        # Not the init=False fields: the class computes them (_build leaves them out).
+        fields = [f.name for f in dataclasses.fields(tp) if f.init]
+        checks = [(name, c) for name in fields if (c := _checker(hints[name])) is not None]
+        return functools.partial(_check_fields, tuple(checks)) if checks else None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        # Several options: _build keeps the JSON form as it is.
+        return _checker(options[0]) if len(options) == 1 else None
+    if origin is dict and len(args) == 2:
+        keys, values = _checker(args[0]), _checker(args[1])
+        return functools.partial(_check_dict, keys, values) if keys or values else None
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        items = tuple(_checker(a) for a in args)
+        return functools.partial(_check_fixed, items) if any(items) else None
+    if origin in (list, tuple, set, frozenset) and args:
+        item = _checker(args[0])
+        return functools.partial(_check_items, item) if item else None
+    return None
+
+
+def _check_text(
+    parse: Callable[[str], Any], what: str, value: Any, path: _Path, found: list[_Unparsed]
+) -> None:
+    if isinstance(value, str):
+        try:
+            parse(value)
+        except (ValueError, ArithmeticError):  # decimal.InvalidOperation: an ArithmeticError
+            found.append(_Unparsed(path, value, what))
+
+
+def _check_fields(
+    checks: tuple[tuple[str, _Check], ...], value: Any, path: _Path, found: list[_Unparsed]
+) -> None:
+    if isinstance(value, dict):
+        for name, check in checks:
+            if name in value:
+                check(value[name], (*path, name), found)
+
+
+def _check_dict(
+    keys: _Check | None, values: _Check | None, value: Any, path: _Path, found: list[_Unparsed]
+) -> None:
+    if not isinstance(value, dict):
+        return
+    for name, item in value.items():
+        if keys is not None:
+            wrong: list[_Unparsed] = []
+            keys(name, path, wrong)
+            found.extend(dataclasses.replace(u, key=True) for u in wrong)
+        if values is not None:
+            values(item, (*path, name), found)
+
+
+def _check_fixed(
+    items: tuple[_Check | None, ...], value: Any, path: _Path, found: list[_Unparsed]
+) -> None:
+    if isinstance(value, list) and len(value) == len(items):
+        for index, (check, item) in enumerate(zip(items, value, strict=True)):
+            if check is not None:
+                check(item, (*path, index), found)
+
+
+def _check_items(item: _Check, value: Any, path: _Path, found: list[_Unparsed]) -> None:
+    if isinstance(value, list):
+        for index, element in enumerate(value):
+            item(element, (*path, index), found)
 
 
 def _build(tp: Any, value: Any) -> Any:
