@@ -142,6 +142,16 @@ def test_the_shipped_schema_is_the_one_used() -> None:
     }
 
 
+def test_the_schema_field_says_that_format_is_an_annotation() -> None:
+    """docs/manifest.md is generated from these descriptions (docs/_ext/manifest_reference.py)."""
+    event = manifest_schema()["$defs"]["event"]["properties"]
+
+    assert (
+        "`format` (`date-time`, `uuid`, `email`...) is an annotation that validation does "
+        "not assert" in event["schema"]["description"]
+    )
+
+
 # -- E101: missing or unreadable file ----------------------------------------------------------
 
 
