@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -10,7 +13,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -339,3 +342,97 @@ def test_a_missing_column_of_a_migrated_database_is_not_waited_for(queue: str) -
             with connection.cursor() as cursor:
                 cursor.execute(f"ALTER TABLE {table} RENAME COLUMN not_here TO uncounted")
     assert last.status == "failed"
+
+
+# Retries before the handler ran (the database could not be read or written for it): the
+# retry's run is the same attempt, so the handler's own failures get max_attempts and backoff.
+ONCE_MORE = {"max_attempts": 2, "backoff": 0.1, "max_backoff": 1, "jitter": False}
+
+
+@contextmanager
+def refused_once(*words: str) -> Iterator[None]:
+    """The next query whose SQL holds all of ``words`` fails as a lost connection does."""
+    left = [True]
+
+    def refuse(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if left and all(word in sql for word in words):
+            left.clear()
+            raise OperationalError("server closed the connection unexpectedly")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse):
+        yield
+    assert not left, f"no query with {words}"
+
+
+def flaky_row(event_id: Any) -> tuple[str, int]:
+    row = Delivery.objects.get(event_id=event_id, subscription="shop-flaky")
+    return row.status, row.attempts
+
+
+@pytest.mark.django_db(transaction=True)  # the gate's outage closes the connection
+def test_a_retry_for_an_unreachable_ordering_gate_counts_no_run(queue: str, publish_now) -> None:
+    with shop_wiring(
+        queue, SUBSCRIPTIONS=[{**FLAKY, "ordering_key": "order_id", "retry": ONCE_MORE}]
+    ):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        with refused_once("ordering_key", "sequence"):
+            gate = process_message(message, 0, manage_connections=False)
+        assert gate.status == "retry"
+        # The handler's first run fails: 1 of max_attempts 2, retried after the first backoff.
+        first = process_message(gate.retry_with or message, 1, manage_connections=False)
+        assert (first.status, first.retry_in) == ("retry", 0.1)
+        assert flaky_row(paid.id) == ("pending", 1)
+
+
+@pytest.mark.django_db(transaction=True)  # the refused write ends its transaction
+def test_a_retry_for_a_hold_not_recorded_counts_no_run(queue: str, publish_now) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**FLAKY, "retry": ONCE_MORE}]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        pause("shop-flaky")
+        with refused_once("INSERT", Delivery._meta.db_table):
+            hold = process_message(message, 0, manage_connections=False)
+        assert hold.status == "retry"
+        resume("shop-flaky")
+        first = process_message(hold.retry_with or message, 1, manage_connections=False)
+        assert (first.status, first.retry_in) == ("retry", 0.1)
+        assert flaky_row(paid.id) == ("pending", 1)
+
+
+@pytest.mark.django_db(transaction=True)  # the refused write ends its transaction
+def test_a_retry_for_an_idempotent_run_the_database_refused_to_start_counts_no_run(
+    queue: str, publish_now
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**FLAKY, "idempotent": True, "retry": ONCE_MORE}]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        with refused_once("INSERT", Delivery._meta.db_table):
+            start = process_message(message, 0, manage_connections=False)
+        assert start.status == "retry"
+        first = process_message(start.retry_with or message, 1, manage_connections=False)
+        assert (first.status, first.retry_in) == ("retry", 0.1)
+        assert flaky_row(paid.id) == ("pending", 1)
+
+
+@pytest.mark.django_db(transaction=True)  # the endpoint table's outage closes the connection
+def test_a_retry_for_an_unreadable_webhook_endpoint_counts_no_run(queue: str, publish_now) -> None:
+    from django_events.delivery import endpoints
+    from django_events.models import WebhookEndpoint
+    from tests.webhook_receiver import Receiver
+
+    secret = "whsec_" + base64.b64encode(b"endpoint-secret-0123456789abcdef").decode()
+    with Receiver(secret) as receiver, shop_wiring(queue, WEBHOOKS_ALLOW_PRIVATE=True):
+        endpoint, _ = endpoints.create_endpoint(receiver.url("flaky"), ["shop.*"], secret=secret)
+        name = endpoints.subscription_name(endpoint.pk)
+        paid = publish_now("shop.paid", {"order_id": 1})
+        [message] = [m for m in drain(queue) if m["subscription"] == name]
+        with refused_once("SELECT", WebhookEndpoint._meta.db_table):
+            unread = process_message(message, 0, manage_connections=False)
+        assert unread.status == "retry" and receiver.of("flaky") == []
+        # The first POST answers 500: attempt 1, retried after the first backoff.
+        first = process_message(unread.retry_with or message, 1, manage_connections=False)
+        assert (first.status, first.retry_in) == ("retry", 0.1)
+    row = Delivery.objects.get(event_id=paid.id, subscription=name)
+    assert (row.status, row.attempts, row.response_status) == ("pending", 1, 500)

@@ -95,6 +95,9 @@ class Outcome:
     retry_of: tuple[str, UUID, str] | None = None
     # The run raised RetryLater(counts=False): its retry's message remembers it.
     uncounted: bool = False
+    # A retry before the handler ran (the database could not be read or written for it):
+    # its run is this attempt again, so max_attempts and the backoff count handler runs only.
+    same_attempt: bool = False
 
 
 def process_message(
@@ -142,7 +145,8 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         except DatabaseError as exc:  # nothing ran: the endpoint is read again next time
             logger.warning("Cannot read the webhook endpoint: %s", exc, extra=log_extra())
             _close_broken(message.alias)
-            return Outcome("retry", retry_in=RECORD_RETRY_MAX, error=exc)
+            retry = Outcome("retry", retry_in=RECORD_RETRY_MAX, error=exc, same_attempt=True)
+            return _again(raw, message, retry)
     compiled = registry.events.get(event_name)
     try:
         # Authenticated encryption: what opens was sealed by a publisher with our keys.
@@ -192,7 +196,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     if subscription.name in paused_names(message.alias):
         held = _hold(message, subscription, event, attempt)
         if held is not None:
-            return held
+            return _again(raw, message, held)
         rerun = True  # resumed meanwhile: its row, taken back, waits for the outcome as one resumed
     # A retry or replay has a Delivery row already (pending): its success must replace it.
     batch = batch_success and not rerun
@@ -209,7 +213,19 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     )
     if outcome.uncounted:
         outcome = replace(outcome, retry_with={**raw, "uncounted": message.uncounted + 1})
-    return outcome
+    return _again(raw, message, outcome)
+
+
+def _again(raw: dict[str, Any], message: DeliveryMessage, outcome: Outcome) -> Outcome:
+    """``outcome`` with the message its retry sends, if that retry ran nothing: one prior
+    attempt less, as Celery's (or the task's) retry count adds one."""
+    if not outcome.same_attempt:
+        return outcome
+    return replace(outcome, retry_with=_same_attempt(raw, message))
+
+
+def _same_attempt(raw: dict[str, Any], message: DeliveryMessage) -> dict[str, Any]:
+    return {**raw, "prior_attempts": message.prior_attempts - 1}
 
 
 def _wait_for_newer(
@@ -246,7 +262,7 @@ def _wait_for_newer(
     if _record_quietly(message.alias, event, [row], always=True, keep_finished=keep) == DUPLICATE:
         return _duplicate(event, subscription.name)
     delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
-    waiting = {**raw, "prior_attempts": message.prior_attempts - 1, "rerun": True}
+    waiting = {**_same_attempt(raw, message), "rerun": True}
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
 
@@ -282,11 +298,19 @@ def _run(
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
-            _run_idempotent(
-                registry, subscription, event, alias, attempt, uncounted, records_all, key
-            )
+            _run_idempotent(registry, subscription, event, alias, attempt, uncounted, key)
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
+    except _NothingRan as exc:
+        outage = exc.__cause__
+        logger.warning(
+            "Cannot reach the database to run the idempotent delivery: %s",
+            outage,
+            extra=log_extra(event, subscription),
+        )
+        _close_broken(alias)
+        delay = subscription.retry.delay(retries + 1)
+        return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
     except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
         took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
@@ -455,7 +479,7 @@ def _hold(
     if recorded == DUPLICATE:
         return _duplicate(event, subscription.name)
     if recorded != RECORDED:
-        return Outcome("retry", retry_in=subscription.retry.delay(1))
+        return Outcome("retry", retry_in=subscription.retry.delay(1), same_attempt=True)
     # A resume between the cached read and the row's write would not see this row: it is
     # taken back and run here, unless that resume took it first (and sends it again).
     if subscription.name not in paused_names(message.alias, fresh=True):
@@ -463,7 +487,7 @@ def _hold(
             if _unhold(message.alias, event, subscription):
                 return None
         except DatabaseError:
-            return Outcome("retry", retry_in=subscription.retry.delay(1))
+            return Outcome("retry", retry_in=subscription.retry.delay(1), same_attempt=True)
         logger.info(
             "Subscription resumed meanwhile: the resume sends this delivery again",
             extra=log_extra(event, subscription),
@@ -494,7 +518,8 @@ def _claim_turn(
         logger.warning("Cannot reach the ordering gate: %s", exc, extra=extra)
         if isinstance(exc, _OUTAGES):
             _close_broken(alias)
-        return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+        delay = subscription.retry.delay(retries + 1)
+        return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
     if claimed.turn is ordering.Turn.HELD:
         logger.info("Held: an earlier delivery of its key is not finished", extra=extra)
         return Outcome("held")
@@ -601,6 +626,10 @@ def defer_retry(outcome: Outcome) -> bool:
     return bool(marked)
 
 
+class _NothingRan(Exception):
+    """The database could not be reached before an idempotent handler ran (the cause)."""
+
+
 def _run_idempotent(
     registry: Registry,
     subscription: Subscription,
@@ -608,28 +637,32 @@ def _run_idempotent(
     alias: str,
     attempt: int,
     uncounted: int,
-    records_all: bool,
     key: str | None = None,
 ) -> None:
     """Run at most once successfully: the handler's writes and the success commit together.
 
-    ``key``: an ordered delivery's, as its claim read it.
+    ``key``: an ordered delivery's, as its claim read it. Raises `_NothingRan` if the
+    database could not be reached before the handler ran.
     """
-    if not records_all:
-        ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
     with transaction.atomic(using=alias):
-        # Insert-or-keep, then lock: a concurrent redelivery waits here for this one to finish.
-        Delivery.objects.using(alias).bulk_create(
-            [_row(event, subscription, Delivery.Status.RUNNING, attempt - 1, uncounted=uncounted)],
-            ignore_conflicts=True,
-        )
-        status = (
-            Delivery.objects.using(alias)
-            .select_for_update()
-            .filter(event_id=event.id, subscription=subscription.name)
-            .values_list("status", flat=True)
-            .get()
-        )
+        try:
+            # The event's record, also where RECORD keeps all: `events_prune` may have
+            # deleted it while the message waited in its queue, and the rows below need it.
+            ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+            # Insert-or-keep, then lock: a concurrent redelivery waits here for this one.
+            running = _row(
+                event, subscription, Delivery.Status.RUNNING, attempt - 1, uncounted=uncounted
+            )
+            Delivery.objects.using(alias).bulk_create([running], ignore_conflicts=True)
+            status = (
+                Delivery.objects.using(alias)
+                .select_for_update()
+                .filter(event_id=event.id, subscription=subscription.name)
+                .values_list("status", flat=True)
+                .get()
+            )
+        except _OUTAGES as exc:  # a refused statement fails as the handler's failure would
+            raise _NothingRan from exc
         if status == Delivery.Status.SUCCEEDED:
             logger.info(
                 "Idempotent delivery already succeeded; skipped",
@@ -682,8 +715,9 @@ def _handler_unavailable(
         _announce_failure(event, subscription.name, attempt, error, exc)
     if recorded != OUTAGE:
         return Outcome("failed", error=exc)
-    # As for a handler's failure: retry until the outcome can be recorded.
-    return Outcome("retry", retry_in=subscription.retry.delay(retries + 1), error=exc)
+    # Retry until the outcome can be recorded (the handler did not run: no attempt used).
+    delay = subscription.retry.delay(retries + 1)
+    return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
 
 
 def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str | None, str]]:
