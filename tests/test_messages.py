@@ -129,3 +129,14 @@ def test_event_from_body_rejects_a_naive_time_it_cannot_parse() -> None:
 
     with pytest.raises(ValueError, match="bad occurred_at"):
         event_from_body(body)
+
+
+def test_uncounted_runs_are_some_of_the_runs_before() -> None:
+    body = event_body(an_event())
+    message = parse_message(build_message(body, "s", "default", 1, uncounted=2))
+
+    assert message.attempt(1) == 3  # its retry: two runs before, both uncounted
+    with pytest.raises(MalformedMessage, match=r"uncounted \(2\) exceeds the runs before"):
+        message.attempt(0)
+    waited = parse_message(build_message(body, "s", "default", -1, uncounted=1))
+    assert waited.attempt(2) == 2  # one wait for a newer worker, one uncounted run

@@ -436,3 +436,19 @@ def test_a_retry_for_an_unreadable_webhook_endpoint_counts_no_run(queue: str, pu
         assert (first.status, first.retry_in) == ("retry", 0.1)
     row = Delivery.objects.get(event_id=paid.id, subscription=name)
     assert (row.status, row.attempts, row.response_status) == ("pending", 1, 500)
+
+
+@pytest.mark.django_db
+def test_a_message_claiming_more_uncounted_runs_than_runs_is_rejected(
+    queue: str, publish_now, caplog
+) -> None:
+    # Forged or corrupt: its handler's failures would count below zero, and be retried with
+    # no backoff for as long as the claim lasts.
+    with shop_wiring(queue, SUBSCRIPTIONS=[FLAKY]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        forged = {**message, "prior_attempts": 1, "uncounted": 1000}
+        assert process_message(forged, 0, manage_connections=False).status == "rejected"
+        assert process_message(forged, 998, manage_connections=False).status == "rejected"
+    assert "uncounted (1000) exceeds the runs before this one" in caplog.text
+    assert not Delivery.objects.filter(event_id=paid.id, subscription="shop-flaky").exists()

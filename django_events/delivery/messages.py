@@ -56,8 +56,15 @@ class DeliveryMessage:
         """The number of this run of the handler (the task's ``retries`` comes from outside)."""
         if not _is_int(retries) or not 0 <= self.prior_attempts + retries < MAX_ATTEMPTS:
             raise MalformedMessage(f"retries is not an integer from 0 to {MAX_ATTEMPTS - 1}")
-        attempt: int = self.prior_attempts + retries + 1
-        return attempt
+        runs: int = self.prior_attempts + retries
+        # Uncounted runs are some of the runs before: every sender (a retry, a row's
+        # `PriorRuns`, a replay) keeps them so. More would count this run below the first,
+        # retried with no backoff for as long as the claim lasts.
+        if self.uncounted > runs:
+            raise MalformedMessage(
+                f"uncounted ({self.uncounted}) exceeds the runs before this one ({runs})"
+            )
+        return runs + 1
 
 
 class PriorRuns(NamedTuple):
