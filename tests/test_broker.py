@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from datetime import UTC, datetime
+from io import StringIO
 
 import pytest
+from django.core.management import CommandError, call_command
 
-from django_events.delivery.broker import Unsent, send_deliveries
+from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries
 from django_events.delivery.messages import TASK_NAME
+from django_events.delivery.recording import delivery, save_deliveries
 from django_events.events import Event
+from django_events.models import EventRecord
 from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.conftest import wiring
+from tests.ops import shop_wiring
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db]
 
@@ -83,3 +90,30 @@ def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
     # (hard, soft): a handler's soft limit is its timeout; a webhook's timeout bounds each
     # phase of the call (connect, send, read), the limit all three and 5 s.
     assert limits == {"job": (7, 2), "hook": (16, 11), "plain-hook": (40, 35)}
+
+
+@pytest.mark.parametrize("tried", [False, True], ids=["within-the-probe-interval", "after-it"])
+def test_a_publish_after_a_failed_resend_still_says_its_events_stay_pending(
+    tried: bool, queue: str, publish_now, caplog
+) -> None:
+    # The outage's first failure is a manual retry's: it says what becomes of that delivery.
+    # The first event a publisher then leaves pending says so too, at ERROR: tried again
+    # or not (within the probe interval no publisher tries).
+    paid = publish_now("shop.paid", {"order_id": 5})
+    save_deliveries("default", [delivery(paid.id, "shop-receipt", "async", "failed", 1, "Boom")])
+    with shop_wiring(queue, CELERY_APP="tests.brokers.unreachable"):
+        with pytest.raises(CommandError):
+            call_command("events_retry", "--subscription", "shop-receipt", stdout=StringIO())
+        if tried:
+            time.sleep(BrokerHealth.first_probe + 0.1)
+        later = [publish_now("shop.paid", {"order_id": n}) for n in (6, 7)]
+    errors = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name == "django_events.broker"
+    ]
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("Broker unreachable; 1 delivery(ies) not sent again: ")
+    assert errors[1].startswith("Broker unreachable; 1 event(s) stay pending for events_relay: ")
+    assert "Connection refused" in errors[1]
+    assert {EventRecord.objects.get(pk=e.id).status for e in later} == {"pending"}

@@ -110,7 +110,8 @@ def _redacted(event_name: str) -> tuple[str, ...]:
 
 
 class BrokerHealth:
-    """Remembers an outage so it is logged once, not once per event.
+    """Remembers an outage so it is logged once, not once per event: once for the events a
+    publisher leaves pending, once for the deliveries not sent again (each says its fate).
 
     During an outage publishers try the broker at most once per probe interval (per Celery
     app; from 0.5 s, doubling up to 10 s while it lasts); the others leave their events
@@ -125,12 +126,17 @@ class BrokerHealth:
         self._lock = threading.Lock()
         self.down = False
         self._probes: dict[int, tuple[float, float]] = {}  # id(app) -> (next try, interval)
+        # The fates logged at ERROR in this outage (`failed`'s ``sent_again``), and its error.
+        self._told: set[bool] = set()
+        self._error: BaseException | None = None
 
     def reset(self) -> None:
         """Forget any outage (tests)."""
         with self._lock:
             self.down = False
             self._probes.clear()
+            self._told.clear()
+            self._error = None
 
     def may_try(self, app: object) -> bool:
         """Whether a publisher should try the broker now (if so, later ones wait)."""
@@ -158,11 +164,23 @@ class BrokerHealth:
         their rows (a retry, replay or resume, the relay's), whose caller says what becomes
         of them (recorded failed, or left due for the relay), not new events left pending."""
         with self._lock:
-            first, self.down = not self.down, True
+            self.down, self._error = True, exc
             if app is not None:
                 previous = self._probes.get(id(app))
                 interval = min(previous[1] * 2, self.max_probe) if previous else self.first_probe
                 self._probes[id(app)] = (time.monotonic() + interval, interval)
+        self._report(events, sent_again, tried=True)
+
+    def passed_over(self, events: Sequence[Event], *, sent_again: bool = False) -> None:
+        """A send of ``events`` not tried (the outage's probe interval); as `failed`."""
+        self._report(events, sent_again, tried=False)
+
+    def _report(self, events: Sequence[Event], sent_again: bool, *, tried: bool) -> None:
+        # A resend's failure says "not sent again": the first events a publisher then leaves
+        # pending are said at ERROR too, or the log would hide that they wait for the relay.
+        with self._lock:
+            first, error = sent_again not in self._told, self._error
+            self._told.add(sent_again)
         extra = batch_log_extra(events)
         fate = (
             "delivery(ies) not sent again"
@@ -171,16 +189,24 @@ class BrokerHealth:
         )
         if first:
             logger.error(
-                "Broker unreachable; %d %s: %s", len(events), fate, exc, exc_info=exc, extra=extra
+                "Broker unreachable; %d %s: %s",
+                len(events),
+                fate,
+                error,
+                exc_info=error if tried else None,
+                extra=extra,
             )
-        else:
+        elif tried:
             logger.debug("Broker still unreachable; %d more %s", len(events), fate, extra=extra)
+        else:
+            logger.debug("Broker down; %d %s without trying", len(events), fate, extra=extra)
 
     def succeeded(self, app: object = None) -> None:
         if self.down or self._probes:
             with self._lock:
                 was_down, self.down = self.down, False
                 self._probes.pop(id(app), None)
+                self._told.clear()
             if was_down:
                 logger.warning("Broker reachable again", extra=log_extra())
 
@@ -284,11 +310,8 @@ def _send_deliveries(
         return _refused(items), False
     # The relay always tries: it is what finds the broker back.
     if not always_try and not health.may_try(app):
-        logger.debug(
-            "Broker down; %d event(s) left pending without trying",
-            len(items),
-            extra=batch_log_extra([event for event, _, _ in items]),
-        )
+        not_sent = [event for event, _, _ in items]
+        health.passed_over(not_sent, sent_again=prior_attempts is not None)
         return _refused(items), False
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
