@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -21,6 +22,7 @@ from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord
 from django_events.operations.pausing import pause, resume
+from tests.app.models import HandlerRun
 from tests.ops import MANIFESTS, drain, shop_wiring
 
 RECORD = "tests.app.handlers.record"
@@ -452,3 +454,37 @@ def test_a_message_claiming_more_uncounted_runs_than_runs_is_rejected(
         assert process_message(forged, 998, manage_connections=False).status == "rejected"
     assert "uncounted (1000) exceeds the runs before this one" in caplog.text
     assert not Delivery.objects.filter(event_id=paid.id, subscription="shop-flaky").exists()
+
+
+@pytest.mark.parametrize("idempotent", [False, True])
+@pytest.mark.django_db(transaction=True)  # the event record's foreign key is checked at commit
+def test_a_success_brings_back_the_event_record_pruned_while_its_message_waited(
+    idempotent: bool, queue: str, caplog
+) -> None:
+    # A backlog older than the prune's in-flight threshold (`resend_after`): events_prune
+    # deleted the record of an event whose message still waited in the queue. The handler
+    # runs once; its success is recorded, with the record written back, not dropped.
+    from django_events import publish
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**ONCE, "idempotent": idempotent}]):
+        paid = publish("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-once"]
+        ago = timezone.now() - timedelta(days=2)
+        EventRecord.objects.filter(pk=paid.id).update(
+            status="dispatched", occurred_at=ago, dispatched_at=ago
+        )
+        call_command("events_prune", "--days", "1", "--include-failures", stdout=StringIO())
+        assert not EventRecord.objects.filter(pk=paid.id).exists()
+        runs = HandlerRun.objects.filter(handler="record", event_id=paid.id)
+        before = runs.count()  # shop-audit's, in sync mode
+
+        assert process_message(message, 0, manage_connections=False).status == "succeeded"
+        assert process_message(message, 0, manage_connections=False).status == "succeeded"
+
+    row = Delivery.objects.get(event_id=paid.id, subscription="shop-once")
+    assert (row.status, row.attempts) == ("succeeded", 1)
+    record = EventRecord.objects.get(pk=paid.id)
+    assert (record.name, record.payload) == ("shop.paid", {"order_id": 1, "total": 10})
+    # A redelivered idempotent message is a no-op; a plain one runs again.
+    assert runs.count() - before == (1 if idempotent else 2)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "worker" in r.name]

@@ -15,6 +15,7 @@ from uuid import UUID
 
 from django.db import (
     DatabaseError,
+    IntegrityError,
     InterfaceError,
     InternalError,
     OperationalError,
@@ -547,10 +548,11 @@ def _record_success(
     The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
     error would be worse than holding this worker process: the message stays unacknowledged
     until the row is saved (a worker killed meanwhile has it redelivered, at least once).
-    Other database errors (the event record is gone, say) are logged, not retried.
+    An event record deleted meanwhile is written back, as a failure's is; other database
+    errors are logged, not retried.
     """
     extra = log_extra(event, row.subscription)
-    delay, waited = RECORD_RETRY_FIRST, False
+    delay, waited, restored = RECORD_RETRY_FIRST, False, False
     while True:
         try:
             if ordered:  # the success and the hand-on to the key's next, together
@@ -568,6 +570,10 @@ def _record_success(
                     _write_success_over(pending, row.attempts, row.duration_ms)
         except DatabaseError as exc:
             if not _is_outage(exc, alias):
+                if not restored and isinstance(exc, IntegrityError):
+                    restored = _restore_record(alias, event)
+                    if restored:
+                        continue
                 logger.exception("Could not record the delivery outcome", extra=extra)
                 return
             if not waited:
@@ -585,6 +591,25 @@ def _record_success(
         if waited:
             logger.warning("Saved the delivery's success: the database is back", extra=extra)
         return
+
+
+def _restore_record(alias: str, event: Event) -> bool:
+    """Write back the record of ``event`` if it is gone: `events_prune` deleted it while the
+    delivery's message waited or its handler ran. Whether it was written."""
+    extra = log_extra(event)
+    try:
+        if EventRecord.objects.using(alias).filter(pk=event.id).exists():
+            return False
+        ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+    except DatabaseError:
+        logger.exception("Could not write back the event's deleted record", extra=extra)
+        return False
+    logger.warning(
+        "The event's record was deleted (events_prune) while its delivery was under way: "
+        "written back with the delivery's outcome",
+        extra=extra,
+    )
+    return True
 
 
 def _close_broken(alias: str) -> None:
