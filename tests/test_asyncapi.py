@@ -266,6 +266,11 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
 
     assert check(task["payload"], body) == []
     assert check(task["headers"], headers) == []
+    # A retry that ran nothing (the worker could not reach the database, or waits for a
+    # newer release) is sent with one prior attempt less: below 0 on a first send's retry.
+    body[0][0]["prior_attempts"] = -1
+    assert check(task["payload"], body) == []
+    body[0][0]["prior_attempts"] = 0
     # Nothing on the wire goes undescribed: every header, every key of the event.
     assert set(headers) <= set(task["headers"]["properties"])
     described = task["payload"]["items"][0]["items"][0]["properties"]["event"]

@@ -178,10 +178,12 @@ def parse_message(raw: Any) -> DeliveryMessage:
     if not isinstance(alias, str) or alias not in settings.DATABASES:
         alias = DEFAULT_DB_ALIAS
     prior = raw.get("prior_attempts", 0)
-    # Below 0 only while waiting for a newer worker (each wait is one uncounted retry);
-    # DeliveryMessage.attempt checks that the runs it adds up to are a count.
+    # Below 0 after retries that ran nothing (a wait for a newer worker, the database out of
+    # reach): each is one less. DeliveryMessage.attempt checks that the runs add up to a count.
     if not _is_int(prior) or not -MAX_ATTEMPTS < prior < MAX_ATTEMPTS:
-        raise MalformedMessage(f"prior_attempts is not an integer from 0 to {MAX_ATTEMPTS - 1}")
+        raise MalformedMessage(
+            f"prior_attempts is not an integer from {1 - MAX_ATTEMPTS} to {MAX_ATTEMPTS - 1}"
+        )
     if not isinstance(raw.get("rerun", False), bool):
         raise MalformedMessage("rerun is not a boolean")
     uncounted = raw.get("uncounted", 0)

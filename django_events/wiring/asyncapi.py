@@ -669,7 +669,14 @@ def _task_body(payload_key: str, sealed: bool) -> dict[str, Any]:
             "subscription": {"type": "string", "description": "Looked up in the worker."},
             "event": event,
             "db": {"type": "string", "description": "The database alias of the event log."},
-            "prior_attempts": {"type": "integer", "minimum": 0},
+            "prior_attempts": {
+                "type": "integer",
+                "description": (
+                    "Runs before this message's, less Celery's retries of it that ran "
+                    "nothing (the database unreachable, a wait for a newer release): "
+                    "below 0 then; the worker counts prior_attempts + retries."
+                ),
+            },
             "rerun": {"type": "boolean"},
             "uncounted": {
                 "type": "integer",
