@@ -162,14 +162,17 @@ class BrokerHealth:
     ) -> None:
         """The broker failed a send of ``events``; ``sent_again``: deliveries sent again from
         their rows (a retry, replay or resume, the relay's), whose caller says what becomes
-        of them (recorded failed, or left due for the relay), not new events left pending."""
+        of them (recorded failed, or left due for the relay), not new events left pending.
+        No ``events`` (a connection lost while reading confirms, which its caller logs): the
+        outage is noted, and the first send that leaves events behind says so at ERROR."""
         with self._lock:
             self.down, self._error = True, exc
             if app is not None:
                 previous = self._probes.get(id(app))
                 interval = min(previous[1] * 2, self.max_probe) if previous else self.first_probe
                 self._probes[id(app)] = (time.monotonic() + interval, interval)
-        self._report(events, sent_again, tried=True)
+        if events:
+            self._report(events, sent_again, tried=True)
 
     def passed_over(self, events: Sequence[Event], *, sent_again: bool = False) -> None:
         """A send of ``events`` not tried (the outage's probe interval); as `failed`."""
