@@ -210,6 +210,56 @@ def test_a_worker_runs_webhook_and_task_deliveries_in_consumer_spans(
     assert attributes["django_events.delivery.mode"] == declared["mode"]
 
 
+def _rabbitmq_app() -> Any:
+    from celery import Celery
+
+    return Celery("otel-rabbitmq", broker="amqp://rabbit.internal:5672//", set_as_current=False)
+
+
+RABBITMQ_APP = _rabbitmq_app()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("declared", "keys"),
+    [
+        # The event's only worker subscription goes through Django's Tasks framework.
+        ({"mode": "async", "via": "tasks"}, {}),
+        # Every async delivery goes through it; this event has only a sync subscription.
+        ({"mode": "sync"}, {"DELIVERY": "tasks"}),
+    ],
+)
+def test_an_event_no_broker_carries_names_no_broker_in_its_send_span_and_metric(
+    monkeypatch, declared: dict[str, str], keys: dict[str, str]
+) -> None:
+    otel.memory.clear()
+    reader = InMemoryMetricReader()
+    monkeypatch.setattr(otel, "metrics", Metrics(meter_provider=MeterProvider([reader])))
+    subscription = {"event": "orders.placed", "handler": "tests.app.handlers.record", **declared}
+    pipeline = ["tests.app.otel.tracing", "tests.app.otel.metrics"]
+    # A Celery app is configured (RabbitMQ): it carries none of this event's messages.
+    celery_app = "tests.test_otel.RABBITMQ_APP"
+    with wiring(subscription, PIPELINE=pipeline, CELERY_APP=celery_app, **keys):
+        with transaction.atomic():
+            publish("orders.placed", PAYLOAD)
+            transaction.set_rollback(True)  # nothing enqueued: only the send side is looked at
+        data = reader.get_metrics_data()
+
+    [send] = spans_by_name(memory_spans())["send orders.placed"]
+    assert send["attributes"][msg.MESSAGING_SYSTEM] == "django_tasks"
+    assert server_attributes.SERVER_ADDRESS not in send["attributes"]
+    [sent] = [
+        dict(point.attributes or {})
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == messaging_metrics.MESSAGING_CLIENT_SENT_MESSAGES
+        for point in metric.data.data_points
+    ]
+    assert sent[msg.MESSAGING_SYSTEM] == "django_tasks"
+    assert server_attributes.SERVER_ADDRESS not in sent
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_failing_handler_sets_error_type() -> None:
     otel.memory.clear()

@@ -114,6 +114,20 @@ def _parse_broker(url: str) -> tuple[tuple[str, str | int], ...]:
     return tuple(found)
 
 
+def send_attributes(name: str) -> dict[str, str | int]:
+    """``messaging.system`` and ``server.*`` of what carries the event ``name``'s messages.
+
+    The Celery broker when a subscription of the event goes through Celery; Django's Tasks
+    framework when they all go ``via: tasks`` (or, for an event with no worker subscription,
+    when ``DELIVERY`` is ``"tasks"``: run-time webhook endpoints go that way). A project
+    that delivers through its task backend has no broker to name, only Celery's default.
+    """
+    compiled = get_registry().events.get(name)
+    if compiled is None or compiled.async_:  # Celery carries some (or it is unknown)
+        return broker_attributes()
+    return {SYSTEM: TASKS} if compiled.tasks or conf.DELIVERY == "tasks" else broker_attributes()
+
+
 def message_attributes(event: Event) -> dict[str, str | int]:
     """The attributes that name an event as a message, in both spans."""
     attributes: dict[str, str | int] = {
@@ -177,7 +191,7 @@ class Tracing:
             context=parent,
             kind=trace.SpanKind.PRODUCER,
             attributes={
-                **broker_attributes(),
+                **send_attributes(event.name),
                 OPERATION_TYPE: "send",
                 OPERATION_NAME: "send",
                 **message_attributes(event),
@@ -296,7 +310,11 @@ class Metrics:
         self.instruments = _instruments(meter_provider, self.observe_outbox)
 
     def send(self, event: Event) -> None:
-        attributes = {**broker_attributes(), OPERATION_NAME: "send", DESTINATION: event.name}
+        attributes = {
+            **send_attributes(event.name),
+            OPERATION_NAME: "send",
+            DESTINATION: event.name,
+        }
         self.instruments.sent.add(1, attributes)
 
     def handle(
