@@ -263,7 +263,7 @@ def test_unlisted_type_is_still_verified_first(client: Client) -> None:
     assert post(client, "partner", body, headers).status_code == 401
 
 
-def test_schema_error_is_400_with_paths(client: Client) -> None:
+def test_schema_error_is_400_with_paths_in_the_body_sent(client: Client) -> None:
     body = json.dumps({**ORDER, "data": {"order_id": "seven", "total": -1}}).encode()
 
     response = post(client, "partner", body, standard_headers(body))
@@ -271,7 +271,8 @@ def test_schema_error_is_400_with_paths(client: Client) -> None:
     assert response.status_code == 400
     answer = response.json()
     assert answer["error"] == "invalid_payload"
-    assert sorted(p["path"] for p in answer["problems"]) == ["$.order_id", "$.total"]
+    # `payload: data` publishes the body's `data`: the paths say where the sender put them.
+    assert sorted(p["path"] for p in answer["problems"]) == ["$.data.order_id", "$.data.total"]
     assert_nothing_published()
 
 
@@ -280,6 +281,22 @@ def test_body_without_the_published_part_is_400(client: Client) -> None:
     response = post(client, "partner", body, standard_headers(body))
     assert response.status_code == 400
     assert response.json()["problems"] == [{"path": "$.data", "message": "expected an object"}]
+
+
+def test_paths_of_a_payload_nested_in_a_list_are_paths_of_the_body(client: Client) -> None:
+    nested = Path(settings.BASE_DIR) / "manifests" / "sources_nested.yaml"
+    headers = {"Authorization": "Bearer tok_123"}
+    with wiring(MANIFESTS=[*MANIFESTS, nested]):
+        body = json.dumps({"kind": "batch", "batch": [{"order_id": "seven"}]}).encode()
+        invalid = post(client, "batched", body, headers)
+        body = json.dumps({"kind": "batch", "batch": []}).encode()
+        missing = post(client, "batched", body, headers)
+
+    assert invalid.status_code == 400
+    assert [p["path"] for p in invalid.json()["problems"]] == ["$.batch[0].order_id"]
+    assert missing.status_code == 400
+    assert missing.json()["problems"] == [{"path": "$.batch[0]", "message": "expected an object"}]
+    assert_nothing_published()
 
 
 def test_body_without_a_type_is_400(client: Client) -> None:

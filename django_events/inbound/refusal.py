@@ -33,11 +33,19 @@ class Refusal(Exception):
         return JsonResponse(body, status=self.status, headers=self.headers)
 
 
-def invalid_payload(name: str, exc: InvalidPayload) -> Refusal:
-    """The 400 answer to a payload that does not match the event's schema."""
+def invalid_payload(name: str, exc: InvalidPayload, at: str = "$") -> Refusal:
+    """The 400 answer to a payload that does not match the event's schema.
+
+    ``at`` is the JSON path of the payload in the body (a source's ``payload``): the paths
+    of the problems are given in the body the caller sent.
+    """
     return Refusal(
         400,
         "invalid_payload",
         f"The payload does not match the schema of {name!r}.",
-        problems=[{"path": p.path, "message": p.message} for p in exc.problems],
+        problems=[{"path": _within(at, p.path), "message": p.message} for p in exc.problems],
     )
+
+
+def _within(at: str, path: str) -> str:
+    return at + path[1:] if path.startswith("$") else path

@@ -21,6 +21,7 @@ from django_events.inbound.refusal import Refusal, invalid_payload
 from django_events.inbound.views import MAX_KEY_LENGTH, read_call
 from django_events.logs import log_extra
 from django_events.wiring.filters import lookup
+from django_events.wiring.manifest import format_path
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.inbound")
@@ -52,7 +53,8 @@ def source(request: HttpRequest, source: str) -> HttpResponse:
         try:
             event_id, replayed = publish_once(name, payload, headers, keys)
         except InvalidPayload as exc:
-            raise invalid_payload(name, exc) from exc
+            at = "$" if policy.payload is None else _json_path(document, policy.payload)
+            raise invalid_payload(name, exc, at) from exc
     except Refusal as refusal:
         if refusal.status in (401, 403):
             logger.warning(
@@ -112,6 +114,17 @@ def _payload(document: Any, path: str | None) -> Any:
             400,
             "invalid_payload",
             f"The body has no object at {path!r} to publish.",
-            problems=[{"path": f"$.{path}", "message": "expected an object"}],
+            problems=[{"path": _json_path(document, path), "message": "expected an object"}],
         )
     return value
+
+
+def _json_path(document: Any, path: str) -> str:
+    """The dotted ``payload`` path as a JSON path of the body (``$.data``, ``$.items[0]``)."""
+    parts: list[str | int] = []
+    value = document
+    for part in path.split("."):
+        index = int(part) if isinstance(value, list) and part.isdigit() else None
+        parts.append(part if index is None else index)
+        value = lookup(value, part) if isinstance(value, dict | list) else None
+    return format_path(parts)
