@@ -127,3 +127,15 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
 
     assert not offending, f"{offending} cite a document outside the repository: cite docs/ pages"
     assert ROOT / "docs" / "contributing.md" in files  # where the servers and commands are
+
+
+def test_every_db_worker_command_line_of_the_docs_passes_no_reload() -> None:
+    # Under DEBUG, db_worker's autoreloader (its --reload default) ends the worker process
+    # on a second Ctrl+C without the SystemExit the docs describe: the task stays RUNNING.
+    lines = [
+        f"{page.name}: {line.strip()}"
+        for page in sorted(DOCS.glob("*.md"))
+        for line in page.read_text(encoding="utf-8").splitlines()
+        if re.search(r"python manage\.py db_worker\b", line) and "--no-reload" not in line
+    ]
+    assert lines == [], "Add --no-reload to these db_worker command lines"
