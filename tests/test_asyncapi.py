@@ -713,3 +713,42 @@ def test_the_official_parser_reports_a_broken_document() -> None:
     errors = parser_errors(document)
 
     assert any("invoice" in e for e in errors), errors
+
+
+def test_a_subscriptions_ordering_give_up_and_carrier_are_in_its_operation() -> None:
+    ordered = {
+        "name": "ordered",
+        "event": "orders.placed",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "queue": "billing",
+        "ordering_key": "order_id",
+        "give_up_after": 600,
+    }
+    ledger = {
+        "name": "ledger",
+        "event": "orders.placed",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "via": "tasks",
+    }
+    with wiring(ordered, ledger, CELERY_APP="tests.brokers.amqp"):
+        document = json.loads(asyncapi())
+    assert parser_errors(document) == []
+    assert schema_errors(document) == []
+    operations = document["operations"]
+
+    # A consumer reading the catalogue learns that one order's events come one at a time.
+    details = operations["ordered"]["x-django-events"]
+    assert (details["ordering_key"], details["give_up_after"], details["via"]) == (
+        "order_id",
+        600,
+        "celery",
+    )
+    assert {"name": "ordered:order_id"} in operations["ordered"]["tags"]
+    details = operations["ledger"]["x-django-events"]
+    assert (details["ordering_key"], details["give_up_after"], details["via"]) == (
+        None,
+        None,
+        "tasks",
+    )

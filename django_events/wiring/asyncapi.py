@@ -834,12 +834,18 @@ def _operation(subscription: Subscription, channel: str, message: str) -> dict[s
         tags.append({"name": "via:tasks"})
     if subscription.is_queued:
         details.update(
+            via=subscription.via,
             queue=subscription.queue,
             retry=asdict(subscription.retry),
             broadcast=declaration.broadcast,
             timeout=declaration.timeout,
+            give_up_after=declaration.give_up_after,
+            ordering_key=declaration.ordering_key,
         )
         tags.append({"name": f"queue:{subscription.queue}"})
+        if declaration.ordering_key is not None:
+            # One key's deliveries run one at a time, in the order their events were recorded.
+            tags.append({"name": f"ordered:{declaration.ordering_key}"})
         if declaration.broadcast:
             # Every worker consuming the queue gets a copy, through this fanout exchange.
             details["exchange"] = exchange_name(subscription.queue)
