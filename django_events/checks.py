@@ -662,6 +662,9 @@ def _transport_name(app: Any) -> str | None:
 
 # SQLite transaction modes that take the write lock at BEGIN.
 _LOCKS_AT_BEGIN = ("IMMEDIATE", "EXCLUSIVE")
+# Django's SQLite backends: GeoDjango's spatialite one extends the sqlite3 one. Read from the
+# ENGINE path: a check must not load a backend (the configured one may not import).
+_SQLITE_ENGINES = ("sqlite3", "spatialite")
 
 
 def check_database(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
@@ -676,7 +679,7 @@ def check_database(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
 
     alias = router.db_for_write(Delivery)
     database = connections.settings[alias]
-    if not str(database.get("ENGINE", "")).endswith("sqlite3"):
+    if not str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES):
         return []
     mode = (database.get("OPTIONS") or {}).get("transaction_mode")
     if str(mode).upper() in _LOCKS_AT_BEGIN:

@@ -1598,6 +1598,32 @@ def test_workers_sharing_an_sqlite_event_log_that_locks_late_is_W209() -> None:
         assert_reported()
 
 
+@pytest.mark.parametrize(
+    ("engine", "options", "warned"),
+    [
+        # GeoDjango's SQLite backend locks as the plain one does (its DatabaseWrapper's base).
+        ("django.contrib.gis.db.backends.spatialite", {}, True),
+        ("django.db.backends.sqlite3", {"transaction_mode": "DEFERRED"}, True),
+        # Django reads the mode in any case (`transaction_mode.upper()`).
+        ("django.contrib.gis.db.backends.spatialite", {"transaction_mode": "immediate"}, False),
+        ("django.db.backends.sqlite3", {"transaction_mode": "exclusive"}, False),
+    ],
+)
+def test_W209_knows_each_sqlite_backend_of_django_and_its_transaction_modes(
+    monkeypatch: pytest.MonkeyPatch, engine: str, options: dict[str, str], warned: bool
+) -> None:
+    from django.db import connections
+
+    monkeypatch.setitem(connections.settings["other"], "ENGINE", engine)
+    monkeypatch.setitem(connections.settings["other"], "OPTIONS", options)
+    # A webhook subscription is sent by a worker too.
+    webhook = {"event": "orders.placed", "mode": "webhook", "url": "https://example.com/in"}
+    with _event_log_on_sqlite_locking_late({**webhook, "secret": "WHSEC_W209"}):
+        messages = checks.check_database()
+
+    assert [m.id for m in messages] == (["django_events.W209"] if warned else [])
+
+
 def test_a_filesystem_broker_whose_folder_does_not_exist_is_W206() -> None:
     from tests.app.missing_folder_celery import MISSING
 
