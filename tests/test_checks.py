@@ -24,7 +24,7 @@ from django.core.checks import Error, Warning, registry
 from django.core.management import call_command
 from django.core.management.base import CommandError, SystemCheckError
 from django.test import override_settings
-from pydantic import BaseModel, Field, computed_field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from django_events import UnknownEvent, checks, publish
 from django_events.checks import CHECK_IDS
@@ -720,6 +720,33 @@ def test_a_pydantic_event_s_computed_field_and_field_names_are_declared_for_when
     when = {"big": True, "amount_cents": {"gte": 100_000}}
     with wiring({"event": "shop.paid", "handler": RECORD, "name": "big", "when": when}):
         assert checks.check_configuration() == []
+
+
+def test_a_pydantic_event_that_serializes_by_alias_is_checked_by_its_aliases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With serialize_by_alias (pydantic 2.11+), an instance's JSON form, which `when` sees,
+    # has the aliases: `amountCents` matches a published instance, `amount_cents` never does.
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+    @typed.event("shop.paid")
+    class Paid(BaseModel):
+        model_config = ConfigDict(serialize_by_alias=True)
+
+        amount_cents: int = Field(alias="amountCents")
+
+    published = publish(Paid(amountCents=100_000))
+    assert compile_filter({"amountCents": {"gte": 100_000}})(published.data)
+
+    subscription = {"event": "shop.paid", "handler": RECORD, "name": "big"}
+    with wiring({**subscription, "when": {"amountCents": {"gte": 100_000}}}):
+        assert checks.check_configuration() == []
+    with wiring({**subscription, "when": {"amount_cents": {"gte": 100_000}}}):
+        [message] = checks.check_configuration()
+    assert (message.id, message.hint) == (
+        "django_events.W113",
+        "Did you mean 'amountCents'? A field that is never in the payload never matches.",
+    )
 
 
 @pytest.mark.parametrize(

@@ -519,15 +519,18 @@ def _when_field_problems(
 
 def _filtered_schema(declaration: EventDeclaration) -> object:
     """The schema of what ``when`` sees: the payload's JSON form. For a pydantic type, that of
-    an instance (``model_dump(mode="json")``: fields by name, computed ones included, a
-    ``Decimal`` as a string), not the schema it validates input with (aliases, numbers)."""
+    an instance (``model_dump(mode="json")``: fields by name, or by alias where the model has
+    ``serialize_by_alias``, computed ones included, a ``Decimal`` as a string), not the schema
+    it validates input with (aliases, numbers)."""
     tp = declaration.type
     if tp is None or not typed.is_pydantic(tp):
         return declaration.schema
     from pydantic.errors import PydanticUserError  # only here: pydantic is an optional extra
 
+    # As typed.to_data dumps it: model_dump() follows the model's serialize_by_alias (2.11+).
+    by_alias = bool(tp.model_config.get("serialize_by_alias", False))  # type: ignore[attr-defined]
     try:
-        schema: object = tp.model_json_schema(mode="serialization", by_alias=False)  # type: ignore[attr-defined]
+        schema: object = tp.model_json_schema(mode="serialization", by_alias=by_alias)  # type: ignore[attr-defined]
     except PydanticUserError:  # a type with no JSON Schema in serialization mode: as declared
         return declaration.schema
     return schema
