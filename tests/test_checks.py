@@ -584,6 +584,17 @@ def test_a_pattern_warns_of_a_when_field_only_when_no_event_it_matches_declares_
     )
 
 
+def test_a_pattern_warns_of_a_when_field_only_when_no_event_it_matches_may_have_it() -> None:
+    # shop.free has no schema: its payload may hold a coupon, and the filter picks those.
+    schema = {"type": "object", "properties": {"total": {"type": "number"}}}
+    events = {"shop.sold": {"schema": schema}, "shop.free": {}}
+    subscription = {"event": "shop.*", "handler": RECORD, "name": "s", "when": {"coupon": "X"}}
+
+    with wiring(subscription, EVENTS=events):
+        assert checks.check_configuration() == []
+        assert compile_filter({"coupon": "X"})(publish("shop.free", {"coupon": "X"}).data)
+
+
 @pytest.mark.parametrize(
     ("condition", "outcome"),
     [

@@ -510,7 +510,8 @@ def _when_field_problems(
     for path, compared in by_path.items():
         found = [(c, declared_path(schemas[c.name], path, lists="index")) for c in events]
         missing = [(c, d.close) for c, d in found if d.declared is False]
-        if missing and not any(d.declared for _, d in found):
+        # Not where an event declares the field or tells nothing of it (no schema): it may be there.
+        if missing and len(missing) == len(found):
             problems.append(_undeclared_field(declaration, path, compared, missing))
         for op, expected in compared:
             problems += _type_problems(declaration, schemas, path, op, expected, found)
