@@ -19,6 +19,7 @@ from django.db import transaction
 from django.utils import timezone
 from hypothesis import HealthCheck, find, given, settings
 from hypothesis import strategies as st
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from django_events import InvalidPayload, event, publish, publish_many
 from django_events.exceptions import PayloadProblem
@@ -677,3 +678,35 @@ def test_a_stored_typed_payload_that_does_not_parse_is_delivered_as_stored(
     assert got.id == record.id
     assert got.payload.amount == "abc"
     assert got.payload.refund_id == uuid.UUID(int=1)
+
+
+@pydantic_dataclass(frozen=True)
+class Stamped:
+    """A pydantic dataclass: pydantic checks its fields, more leniently than fromisoformat."""
+
+    at: datetime.datetime
+    amount: decimal.Decimal
+
+
+@pytest.mark.django_db
+def test_a_pydantic_dataclass_is_checked_by_pydantic_not_by_publish(
+    monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any
+) -> None:
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+    event("stamps.taken")(Stamped)
+    typed_handlers.received.clear()
+    keep = {"event": "stamps.taken", "handler": "tests.app.typed_handlers.keep"}
+
+    with wiring(keep), django_capture_on_commit_callbacks(execute=True):
+        # A Unix time as text: pydantic reads it, datetime.fromisoformat does not.
+        publish("stamps.taken", {"at": "1700000000", "amount": "1.5"})
+        with pytest.raises(InvalidPayload) as excinfo:
+            publish("stamps.taken", {"at": "1700000000", "amount": "abc"})
+
+    [got] = typed_handlers.received
+    typed_handlers.received.clear()
+    assert got.payload == Stamped(
+        at=datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=datetime.UTC),
+        amount=decimal.Decimal("1.5"),
+    )
+    assert [p.path for p in excinfo.value.problems] == ["$.amount"]

@@ -276,6 +276,8 @@ def _checker(tp: Any) -> _Check | None:
     if tp in _PARSERS:
         return functools.partial(_check_text, _PARSERS[tp], _EXPECTED[tp])
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if "__pydantic_validator__" in tp.__dict__:
+            return None  # a pydantic dataclass: pydantic checks its fields, more leniently
         hints = typing.get_type_hints(tp)
         # Not the init=False fields: the class computes them (_build leaves them out).
         fields = [f.name for f in dataclasses.fields(tp) if f.init]
