@@ -213,19 +213,46 @@ def test_handler_is_retried_until_the_database_is_back(tmp_path: Path) -> None:
             wait_for(lambda: (tmp_path / f"{event.id}-hang_once").exists(), what="the handler")
 
             db.cut()  # the handler's transaction cannot commit, nor can the retries start
-            # max_attempts is 2: a third failed attempt means the worker kept the message.
+            # max_attempts is 2: retries that run nothing count no attempt, so the worker
+            # keeps the message for as long as the cut lasts.
             wait_for(
-                lambda: worker.log().count("Handler failed") >= 3,
+                lambda: worker.log().count("Cannot reach the database to run") >= 3,
                 timeout=30,
-                what="three failed attempts",
+                what="three retries that could not start",
             )
             assert Delivery.objects.filter(event_id=event.id).count() == 0
             db.restore()
 
             wait_for(lambda: succeeded([event.id]), timeout=30, what="the retried delivery")
     assert runs("hang_once", [event.id]) == {event.id: 1}
-    assert Delivery.objects.get(event_id=event.id).attempts >= 3
+    # The run whose commit the cut failed, then the one that succeeded.
+    assert Delivery.objects.get(event_id=event.id).attempts == 2
+    assert worker.log().count("Handler failed") == 1
     assert "Could not record the delivery outcome" in worker.log()
+
+
+def test_an_idempotent_delivery_the_database_cut_keeps_from_starting_counts_no_attempt(
+    tmp_path: Path,
+) -> None:
+    # The worker's connection is refused before the handler's transaction begins: each retry
+    # runs nothing, so the handler's one run, once the database is back, is attempt 1.
+    db_address = (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
+    with fresh_queue("amqp", "faults-db-start") as queue, FaultProxy(db_address) as db:
+        worker = _worker("amqp", queue, tmp_path, DJANGO_EVENTS_WORKER_DB_PORT=str(db.port))
+        with worker, _wiring(queue, "tests.brokers.amqp"):
+            db.cut()
+            event = publish("fault.placed", {"order_id": 5})
+            # max_attempts is 2: three retries are more than a counted attempt would allow.
+            wait_for(
+                lambda: worker.log().count("retry: Retry in") >= 3,
+                timeout=30,
+                what="three retries during the cut",
+            )
+            db.restore()
+            wait_for(lambda: succeeded([event.id]), timeout=30, what="the delivery")
+    assert runs("hang_once", [event.id]) == {event.id: 1}
+    assert Delivery.objects.get(event_id=event.id).attempts == 1
+    assert "Handler failed" not in worker.log()
 
 
 def test_two_relays_send_every_pending_record_once() -> None:

@@ -8,6 +8,7 @@ import socket
 import time
 import traceback
 from collections.abc import Collection
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
@@ -669,8 +670,11 @@ def _run_idempotent(
     ``key``: an ordered delivery's, as its claim read it. Raises `_NothingRan` if the
     database could not be reached before the handler ran.
     """
-    with transaction.atomic(using=alias):
+    with ExitStack() as transaction_of_run:
         try:
+            # Begun inside the try: a connection refused as the transaction begins (the
+            # outage a closed connection meets first) ran nothing either.
+            transaction_of_run.enter_context(transaction.atomic(using=alias))
             # The event's record, also where RECORD keeps all: `events_prune` may have
             # deleted it while the message waited in its queue, and the rows below need it.
             ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
