@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
-from django.db import OperationalError, connection
+from django.db import OperationalError, connection, connections
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -488,3 +490,47 @@ def test_a_success_brings_back_the_event_record_pruned_while_its_message_waited(
     # A redelivered idempotent message is a no-op; a plain one runs again.
     assert runs.count() - before == (1 if idempotent else 2)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "worker" in r.name]
+
+
+@pytest.mark.postgresql  # SQLite's one write lock serializes these transactions anyway
+@pytest.mark.django_db(transaction=True)  # two connections, each delivery its own transaction
+def test_an_idempotent_delivery_does_not_wait_for_another_of_its_event_to_finish(
+    queue: str, publish_now, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # RECORD "failures": the event has no record until a delivery writes it. One the first
+    # delivery wrote inside its transaction would make the second wait for its handler.
+    monkeypatch.setenv("DJANGO_EVENTS_FAULT_DIR", str(tmp_path))
+    slow = {**ONCE, "name": "shop-slow", "handler": "tests.app.handlers.hang_once"}
+    with shop_wiring(
+        queue,
+        MANIFESTS=[],
+        EVENTS={"shop.paid": {"schema": {"type": "object"}}},
+        SUBSCRIPTIONS=[{**slow, "idempotent": True}, {**ONCE, "idempotent": True}],
+        RECORD="failures",
+    ):
+        paid = publish_now("shop.paid", {"order_id": 1, "hang": 5})
+        assert not EventRecord.objects.filter(pk=paid.id).exists()
+        messages = {m["subscription"]: m for m in drain(queue)}
+        outcomes: list[str] = []
+
+        def deliver_slowly() -> None:
+            try:
+                outcomes.append(process_message(messages["shop-slow"], 0).status)
+            finally:
+                connections.close_all()
+
+        hanging = threading.Thread(target=deliver_slowly)
+        hanging.start()
+        try:
+            marker = tmp_path / f"{paid.id}-hang_once"
+            deadline = time.monotonic() + 10
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), "the slow handler never started"
+            assert process_message(messages["shop-once"], 0).status == "succeeded"
+            assert hanging.is_alive()  # done while the slow handler still runs
+        finally:
+            hanging.join()
+    assert outcomes == ["succeeded"]
+    statuses = Delivery.objects.filter(event_id=paid.id).values_list("status", flat=True)
+    assert sorted(statuses) == ["succeeded", "succeeded"]

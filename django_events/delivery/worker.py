@@ -300,7 +300,9 @@ def _run(
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
-            _run_idempotent(registry, subscription, event, alias, attempt, uncounted, key)
+            _run_idempotent(
+                registry, subscription, event, alias, attempt, uncounted, records_all, key
+            )
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except _NothingRan as exc:
@@ -663,6 +665,7 @@ def _run_idempotent(
     alias: str,
     attempt: int,
     uncounted: int,
+    records_all: bool,
     key: str | None = None,
 ) -> None:
     """Run at most once successfully: the handler's writes and the success commit together.
@@ -672,12 +675,16 @@ def _run_idempotent(
     """
     with ExitStack() as transaction_of_run:
         try:
+            # The event's record, which the rows below need. Where RECORD keeps failures only
+            # it is new: committed before the transaction begins, or every other delivery of
+            # the event would wait for this handler to write it.
+            if not records_all:
+                ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
             # Begun inside the try: a connection refused as the transaction begins (the
             # outage a closed connection meets first) ran nothing either.
             transaction_of_run.enter_context(transaction.atomic(using=alias))
-            # The event's record, also where RECORD keeps all: `events_prune` may have
-            # deleted it while the message waited in its queue, and the rows below need it.
-            ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+            if records_all:  # there, unless `events_prune` deleted it while the message waited
+                ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
             # Insert-or-keep, then lock: a concurrent redelivery waits here for this one.
             running = _row(
                 event, subscription, Delivery.Status.RUNNING, attempt - 1, uncounted=uncounted
