@@ -306,7 +306,7 @@ def _run(
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
     except _NothingRan as exc:
-        outage = exc.__cause__
+        outage = exc.outage  # what Celery's retry line shows too
         logger.warning(
             "Cannot reach the database to run the idempotent delivery: %s",
             outage,
@@ -314,7 +314,7 @@ def _run(
         )
         _close_broken(alias)
         delay = subscription.retry.delay(retries + 1)
-        return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
+        return Outcome("retry", retry_in=delay, error=outage, same_attempt=True)
     except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
         took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
@@ -655,7 +655,11 @@ def defer_retry(outcome: Outcome) -> bool:
 
 
 class _NothingRan(Exception):
-    """The database could not be reached before an idempotent handler ran (the cause)."""
+    """The database could not be reached before an idempotent handler ran."""
+
+    def __init__(self, outage: Exception) -> None:
+        super().__init__(str(outage))
+        self.outage = outage
 
 
 def _run_idempotent(
@@ -698,7 +702,7 @@ def _run_idempotent(
                 .get()
             )
         except _OUTAGES as exc:  # a refused statement fails as the handler's failure would
-            raise _NothingRan from exc
+            raise _NothingRan(exc) from exc
         if status == Delivery.Status.SUCCEEDED:
             logger.info(
                 "Idempotent delivery already succeeded; skipped",
