@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.core import checks
 
 from django_events import event
 from django_events.exceptions import NewerVersion, UpcastError
@@ -152,6 +153,24 @@ def test_upcast_key_that_is_not_an_older_version_is_E130(
     with wiring(EVENTS={"o.placed": {"version": 2, "upcast": upcast}}):
         problems = get_registry().problems
     assert [(p.id, p.message) for p in problems] == [("django_events.E130", message)]
+
+
+@pytest.mark.parametrize(
+    ("version", "key", "hint"),
+    [
+        (1, 1, "Version 1 has no older version to upcast: bump 'version', or remove the key."),
+        (2, 3, "Key upcasters by the version they upgrade from (1)."),
+        (4, 0, "Key upcasters by the version they upgrade from (1 to 3)."),
+    ],
+)
+def test_an_upcast_key_out_of_range_is_one_E130_with_the_range_there_is(
+    version: int, key: int, hint: str
+) -> None:
+    # The upcaster does not import either: no delivery ever runs it, so no E131 besides.
+    events = {"o.placed": {"version": version, "upcast": {key: "tests.app.nope.x"}}}
+    with wiring(EVENTS=events):
+        reported = [m for m in checks.run_checks() if m.id.startswith("django_events.")]
+    assert [(m.id, m.hint) for m in reported] == [("django_events.E130", hint)]
 
 
 def test_typed_event_declares_version_and_upcast(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -180,16 +180,22 @@ def _redact_problems(declaration: EventDeclaration, schema: object) -> list[Prob
 
 def _upcast_problems(declaration: EventDeclaration) -> list[Problem]:
     """Each upcaster upgrades a version older than the declared one."""
+    version = declaration.version
+    if version == 1:
+        hint = "Version 1 has no older version to upcast: bump 'version', or remove the key."
+    else:
+        older = "1" if version == 2 else f"1 to {version - 1}"
+        hint = f"Key upcasters by the version they upgrade from ({older})."
     return [
         _problem(
             "E130",
-            f"Event {declaration.name!r} is version {declaration.version}: "
+            f"Event {declaration.name!r} is version {version}: "
             f"upcast key {key!r} is not an older version",
-            f"Key upcasters by the version they upgrade from (1 to {declaration.version - 1}).",
+            hint,
             declaration.origin,
         )
         for key in sorted(declaration.upcast)
-        if not 1 <= key < declaration.version
+        if not 1 <= key < version
     ]
 
 
