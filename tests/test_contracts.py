@@ -417,6 +417,38 @@ def test_messages_name_what_a_value_may_now_be(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "message"),
+    [
+        (
+            "integer",
+            "string",
+            'type changed ("integer" -> "string"): integer no longer valid, '
+            "consumers may get string",
+        ),
+        (
+            ["integer", "null"],
+            ["string", "null"],
+            'type changed (["integer", "null"] -> ["string", "null"]): integer no longer '
+            "valid, consumers may get string",
+        ),
+    ],
+)
+def test_a_type_changed_is_one_change_breaking_both(
+    tmp_path: Path, before: Any, after: Any, message: str
+) -> None:
+    code, report = compat(
+        tmp_path,
+        event(schema(properties={"order_id": {"type": before}})),
+        event(schema(properties={"order_id": {"type": after}})),
+    )
+
+    assert code == 1
+    assert [(c["kind"], c["path"], c["message"]) for c in report["changes"]] == [
+        (BREAKS_BOTH, "$.properties.order_id", message)
+    ]
+
+
 def test_a_required_property_removed_is_one_change(tmp_path: Path) -> None:
     code, report = compat(
         tmp_path, event(), event(schema(properties={"order_id": None}, required=[]))

@@ -271,14 +271,16 @@ def _type_changes(old: dict[str, Any], new: dict[str, Any], path: JsonPath) -> I
     if after is None and before is not None:
         gained = ["any type"]
     shown = f"{_show(old.get('type'))} -> {_show(new.get('type'))}"
-    if lost:
-        yield BREAKS_BOTH, path, f"type narrowed ({shown}): {', '.join(lost)} no longer valid"
-    if gained:
-        yield (
-            BREAKS_CONSUMERS,
-            path,
-            f"type widened ({shown}): consumers may get {', '.join(gained)}",
-        )
+    no_longer = f"{', '.join(lost)} no longer valid"
+    may_get = f"consumers may get {', '.join(gained)}"
+    # One change, classified by what it does to whom: a type that both loses and gains
+    # (integer -> string) breaks what narrowing breaks, and more.
+    if lost and gained:
+        yield BREAKS_BOTH, path, f"type changed ({shown}): {no_longer}, {may_get}"
+    elif lost:
+        yield BREAKS_BOTH, path, f"type narrowed ({shown}): {no_longer}"
+    elif gained:
+        yield BREAKS_CONSUMERS, path, f"type widened ({shown}): {may_get}"
 
 
 def _show(value: Any) -> str:
