@@ -640,10 +640,10 @@ def test_events_list_shows_every_endpoint_with_patterns_url_queue_and_state() ->
     assert rows[names[2]][1:4] == ["https://c.example.com/", "*", queue]
     assert rows[names[2]][4].split() == ["disabled:", "failing", "too", "long", "old"]
     # The enabled ones are subscriptions of the events they match; the disabled one of none.
-    links = {tuple(line.split()[:4]) for line in lines[:header]}
-    assert ("orders.placed", names[0], "webhook", queue) in links
-    assert ("orders.shipped", names[0], "webhook", queue) in links
-    assert ("orders.shipped", names[1], "webhook", queue) in links
+    links = {tuple(line.split()[:5]) for line in lines[:header]}
+    assert ("orders.placed", names[0], "webhook", "celery", queue) in links
+    assert ("orders.shipped", names[0], "webhook", "celery", queue) in links
+    assert ("orders.shipped", names[1], "webhook", "celery", queue) in links
     assert not any(line.startswith("orders.placed") and names[1] in line for line in lines)
     assert not any(names[2] in line for line in lines[:header])
     assert lines[-1].endswith("3 webhook endpoint(s) (2 enabled)")

@@ -56,6 +56,7 @@ def test_events_list_table(queue) -> None:
         "EVENT",
         "SUBSCRIPTION",
         "MODE",
+        "VIA",
         "QUEUE",
         "FILTER",
         "RETRY",
@@ -63,10 +64,11 @@ def test_events_list_table(queue) -> None:
         "ORIGIN",
     ]
     big = next(line for line in lines if "shop-big" in line)
-    assert big.split()[:5] == [
+    assert big.split()[:6] == [
         "shop.paid",
         "shop-big",
         "async",
+        "celery",
         "big-orders",
         '{"total":{"gte":1000}}',
     ]

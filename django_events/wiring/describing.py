@@ -31,6 +31,7 @@ class SubscriptionInfo:
     origin: str
     give_up_after: float | None = None
     ordering_key: str | None = None
+    via: str | None = None  # run by a worker: "celery" or "tasks" (Django's Tasks framework)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,7 @@ def _subscription(subscription: Subscription) -> SubscriptionInfo:
         handler=declaration.handler or _webhook_target(declaration.url or ""),
         mode=declaration.mode,
         queue=subscription.queue if is_async else None,
+        via=subscription.via if is_async else None,
         when=declaration.when,
         retry=asdict(subscription.retry) if is_async else None,
         broadcast=declaration.broadcast,
@@ -147,6 +149,7 @@ def _endpoint_subscription(endpoint: EndpointInfo) -> SubscriptionInfo:
         handler=f"webhook -> {endpoint.url}",
         mode="webhook",
         queue=endpoint.queue,
+        via=conf.DELIVERY,  # as the endpoints' subscriptions are delivered
         when=None,
         retry=endpoint.retry,
         broadcast=False,

@@ -26,11 +26,11 @@ def as_json(wiring: Wiring) -> str:
 
 
 def as_table(wiring: Wiring) -> str:
-    header = ["EVENT", "SUBSCRIPTION", "MODE", "QUEUE", "FILTER", "RETRY", "FLAGS", "ORIGIN"]
+    header = ["EVENT", "SUBSCRIPTION", "MODE", "VIA", "QUEUE", "FILTER", "RETRY", "FLAGS", "ORIGIN"]
     rows: list[list[str]] = []
     for event in wiring.events:
         if not event.subscriptions:
-            rows.append([event.name, "-", "", "", "", "", "", event.origin])
+            rows.append([event.name, "-", "", "", "", "", "", "", event.origin])
         rows.extend(_row(event.name, s) for s in event.subscriptions)
     rows.extend(_row("(no event)", s) for s in wiring.unmatched)
     lines = _columns(header, rows)
@@ -78,6 +78,7 @@ def _row(event: str, s: SubscriptionInfo) -> list[str]:
         event,
         s.name,
         s.mode,
+        s.via or "",
         s.queue or "",
         _compact(s.when) if s.when is not None else "",
         retry_text(s.retry),
