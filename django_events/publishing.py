@@ -20,6 +20,7 @@ from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
+from django_events.exceptions import InvalidPayload
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry, Subscription
@@ -76,15 +77,29 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
 
     Each item is an ``@event`` instance, or a ``(name, payload)`` or
     ``(name, payload, headers)`` tuple (``(instance, None, headers)`` for an instance with
-    headers). Every item is validated before anything happens.
+    headers). Every item is validated before anything happens: an ``InvalidPayload``
+    names the item by its index.
     """
     registry = get_registry()
     try:
-        batch = [_prepare(registry, *_unpack(item)) for item in items]
+        batch = _prepare_all(registry, items)
         _enqueue(registry, batch, using)
     except SynchronousOnlyOperation as exc:
         raise _in_async_code(exc) from exc
     return [o.event for o in batch]
+
+
+def _prepare_all(registry: Registry, items: Iterable[Any]) -> list[Outgoing]:
+    batch: list[Outgoing] = []
+    try:
+        for item in items:
+            batch.append(_prepare(registry, *_unpack(item)))
+    except InvalidPayload as exc:
+        # Items often share an event name: say which one (an index, as items may be a
+        # generator). Still the InvalidPayload raised, with its name and problems.
+        exc.args = (f"publish_many() item at index {len(batch)}: {exc}",)
+        raise
+    return batch
 
 
 def _in_async_code(exc: SynchronousOnlyOperation) -> SynchronousOnlyOperation:

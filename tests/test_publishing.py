@@ -10,11 +10,12 @@ import weakref
 from datetime import datetime, timedelta
 
 import pytest
+from asgiref.sync import async_to_sync
 from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from django_events import InvalidPayload, UnknownEvent, publish, publish_many
+from django_events import InvalidPayload, UnknownEvent, apublish_many, publish, publish_many
 from django_events.delivery import broker, marking
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
@@ -251,6 +252,21 @@ def test_invalid_payload_names_event_and_paths(db: None) -> None:
     ] == ["$.items[0]", "$.order_id", "$.total"]
     assert "'sku' is a required property" in str(error)
     assert "-1 is less than the minimum of 0" in str(error)
+    assert not EventRecord.objects.exists()
+
+
+def test_publish_many_names_the_item_whose_payload_is_invalid(db: None) -> None:
+    items = (("orders.placed", {"order_id": n, "total": 1}) for n in (1, 2, "three", 4))
+    with wiring(SYNC), pytest.raises(InvalidPayload) as info:
+        publish_many(items)  # a generator: the index counts what it yielded
+    error = info.value
+    assert str(error) == (
+        "publish_many() item at index 2: Invalid payload for event 'orders.placed': "
+        "$.order_id: 'three' is not of type 'integer'"
+    )
+    assert (error.name, [p.path for p in error.problems]) == ("orders.placed", ["$.order_id"])
+    with pytest.raises(InvalidPayload, match=r"^publish_many\(\) item at index 1: "):
+        async_to_sync(apublish_many)([("orders.placed", PAYLOAD), ("orders.placed", [1])])
     assert not EventRecord.objects.exists()
 
 
