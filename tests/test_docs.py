@@ -132,10 +132,15 @@ def test_no_file_cites_a_document_outside_the_repository() -> None:
 def test_every_db_worker_command_line_of_the_docs_passes_no_reload() -> None:
     # Under DEBUG, db_worker's autoreloader (its --reload default) ends the worker process
     # on a second Ctrl+C without the SystemExit the docs describe: the task stays RUNNING.
-    lines = [
-        f"{page.name}: {line.strip()}"
-        for page in sorted(DOCS.glob("*.md"))
+    pages = [*sorted(DOCS.glob("*.md")), ROOT / "README.md", ROOT / "example_project" / "README.md"]
+    commands = [
+        (page, line.strip())
+        for page in pages
         for line in page.read_text(encoding="utf-8").splitlines()
-        if re.search(r"python manage\.py db_worker\b", line) and "--no-reload" not in line
+        if re.search(r"python manage\.py db_worker\b", line)
+    ]
+    lines = [
+        f"{page.relative_to(ROOT)}: {line}" for page, line in commands if "--no-reload" not in line
     ]
     assert lines == [], "Add --no-reload to these db_worker command lines"
+    assert any(page.parent.name == "example_project" for page, _ in commands)
