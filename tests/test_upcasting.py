@@ -169,7 +169,8 @@ def test_an_upcast_key_out_of_range_is_one_E130_with_the_range_there_is(
     # The upcaster does not import either: no delivery ever runs it, so no E131 besides.
     events = {"o.placed": {"version": version, "upcast": {key: "tests.app.nope.x"}}}
     with wiring(EVENTS=events):
-        reported = [m for m in checks.run_checks() if m.id.startswith("django_events.")]
+        # No database: Django 6.1 hands every alias to the database checks otherwise.
+        reported = [m for m in checks.run_checks(databases=[]) if m.id.startswith("django_events.")]
     assert [(m.id, m.hint) for m in reported] == [("django_events.E130", hint)]
 
 
