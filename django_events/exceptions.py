@@ -70,9 +70,10 @@ class NewerVersion(EventError):
         self.name = name
         self.version = version
         self.known = known
+        # What the process does about it is its own to say (the worker: "Waiting for a
+        # newer worker: ...", the relay: "Left pending: ..."), once.
         super().__init__(
-            f"Event {name!r} is version {version}; this process knows up to version {known}: "
-            "waiting for a newer worker"
+            f"Event {name!r} is version {version}; this process knows up to version {known}"
         )
 
 

@@ -217,7 +217,7 @@ def test_an_older_or_newer_version_shows_what_handlers_get_and_what_is_stored(
     assert "&quot;amount&quot;: 950" in old and "&quot;total&quot;: 9.5" in old
     assert (
         "Stored as version 3: Event &#x27;o.placed&#x27; is version 3; this process knows up "
-        "to version 2: waiting for a newer worker"
+        "to version 2</p>"
     ) in newer
     assert "Stored as version 1: Upcaster v1 -&gt; v2 of event &#x27;o.placed&#x27;" in broken
     assert "KeyError" in broken and "&quot;amount&quot;" not in broken

@@ -249,7 +249,9 @@ def _wait_for_newer(
     try:
         event = event_from_body(message.event)
     except (KeyError, TypeError, ValueError):
-        return _give_up(message, attempt, f"Malformed event in message (it waits for {exc})")
+        return _give_up(
+            message, attempt, f"Malformed event in message (it waits for a newer worker: {exc})"
+        )
     status = Delivery.Status.PENDING
     row = delivery(
         event.id,
