@@ -3,7 +3,8 @@
 ``delivery_failed`` is sent once when a delivery ends failed: retries used up, a
 `PermanentFailure`, ``give_up_after`` passed, a sync handler that raised, or a message the
 worker cannot handle. Keyword arguments: ``event`` (the `Event`, or None when the message's
-event does not rebuild), ``event_id``, ``subscription`` (its name), ``mode``, ``attempts``
+event does not rebuild), ``event_id``, ``subscription`` (its name), ``mode`` (the
+subscription's, as on its `Delivery`: ``sync``, ``async`` or ``webhook``), ``attempts``
 (runs of the handler so far), ``error`` (the text recorded on the `Delivery`) and
 ``exception`` (the handler's exception, or None). The sender is the subscription's name.
 

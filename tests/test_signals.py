@@ -3,12 +3,14 @@ deliveries (and their retries), and a receiver that raises breaks nothing."""
 
 from __future__ import annotations
 
+import base64
 import logging
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from django.core.management import call_command
+from django.test import override_settings
 
 from django_events import PermanentFailure, RetryLater, publish
 from django_events.models import Delivery
@@ -16,11 +18,13 @@ from django_events.signals import delivery_failed
 from django_events.testing import EagerDeliveryError, events_eager
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
+from tests.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 FAILS = "tests.app.handlers.always_fails"
 PAYLOAD = {"order_id": 4, "total": 10.0}
+SECRET = "whsec_" + base64.b64encode(b"signal-secret-0123456789abcdef").decode()
 
 
 def sub(name: str, handler: str, mode: str = "async", **keys: Any) -> dict[str, Any]:
@@ -104,6 +108,25 @@ def test_sync_failure_sends_it_after_its_row_is_written_and_so_does_its_retry(
     finally:
         delivery_failed.disconnect(dispatch_uid="rows")
     assert [(s["event_id"], s["attempts"]) for s in signals] == [(event.id, 1), (event.id, 2)]
+
+
+def test_a_webhook_failure_says_mode_webhook_as_its_row_does(signals) -> None:
+    # It said "async" for every delivery a worker ran, while the row said "webhook".
+    hook = {"event": "orders.placed", "mode": "webhook", "name": "crm"}
+    hook |= {"url": "TEST_WH_URL", "secret": "TEST_WH_SECRET"}
+    with (
+        Receiver(SECRET) as receiver,
+        override_settings(TEST_WH_URL=receiver.url("gone"), TEST_WH_SECRET=SECRET),
+        wiring(hook, WEBHOOKS_ALLOW_PRIVATE=True),
+        events_eager(propagate=False),
+    ):
+        event = publish("orders.placed", PAYLOAD)
+
+    row = Delivery.objects.get(event_id=event.id, subscription="crm")
+    assert (row.mode, row.status, row.attempts) == ("webhook", "failed", 1)
+    assert [(s["subscription"], s["mode"], s["attempts"], s["error"]) for s in signals] == [
+        ("crm", "webhook", 1, "WebhookFailed: HTTP 410 Gone: the receiver is gone")
+    ]
 
 
 def test_a_receiver_that_raises_is_logged_and_delivery_goes_on(

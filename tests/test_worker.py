@@ -534,3 +534,102 @@ def test_an_idempotent_delivery_does_not_wait_for_another_of_its_event_to_finish
     assert outcomes == ["succeeded"]
     statuses = Delivery.objects.filter(event_id=paid.id).values_list("status", flat=True)
     assert sorted(statuses) == ["succeeded", "succeeded"]
+# crm.placed: stored at v1 ({"order_id", "total"}), declared now at v2 (total -> amount).
+CRM_V1 = {"schema": {"type": "object", "required": ["order_id"]}}
+CRM_V2 = {
+    "version": 2,
+    "upcast": {1: "tests.app.upcasters.split_total"},
+    "schema": {"type": "object", "required": ["order_id", "amount", "currency"]},
+}
+CRM_V3 = {
+    **CRM_V2,
+    "version": 3,
+    "upcast": {1: "tests.app.upcasters.split_total", 2: "tests.app.upcasters.add_channel"},
+}
+CRM_SECRET = "whsec_" + base64.b64encode(b"crm-secret-0123456789abcdefghij").decode()
+CRM_HOOK = {
+    "event": "crm.placed",
+    "mode": "webhook",
+    "name": "crm",
+    "url": "https://hooks.example.com/crm",  # never reached: nothing is sent
+    "secret": "CRM_WH_SECRET",
+}
+CRM_ASYNC = {"event": "crm.placed", "handler": RECORD, "mode": "async", "name": "crm-async"}
+CRM_SYNC = {"event": "crm.placed", "handler": RECORD, "mode": "sync", "name": "crm-sync"}
+
+
+@contextmanager
+def failures_signalled() -> Iterator[list[tuple[str, str, int]]]:
+    """(subscription, mode, attempts) of each `delivery_failed` sent meanwhile."""
+    from django_events.signals import delivery_failed
+
+    sent: list[tuple[str, str, int]] = []
+
+    def receiver(sender: str, mode: str, attempts: int, **kwargs: Any) -> None:
+        sent.append((sender, mode, attempts))
+
+    delivery_failed.connect(receiver)
+    try:
+        yield sent
+    finally:
+        delivery_failed.disconnect(receiver)
+
+
+@pytest.mark.django_db
+def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode(
+    queue: str, publish_now, settings: Any
+) -> None:
+    # A replay of a stored v1 event whose upcaster raises (no "total"): the worker recorded
+    # mode "async" for the webhook, and sent that in the signal.
+    settings.CRM_WH_SECRET = CRM_SECRET
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}):
+        stored = publish_now("crm.placed", {"order_id": 11})
+    subscriptions = [CRM_HOOK, CRM_ASYNC, CRM_SYNC]
+    with (
+        shop_wiring(queue, EVENTS={"crm.placed": CRM_V2}, SUBSCRIPTIONS=subscriptions),
+        failures_signalled() as signalled,
+    ):
+        for name in ("crm", "crm-async", "crm-sync"):
+            call_command("events_replay", name, "--since", "10m", stdout=StringIO())
+        outcomes = [process_message(m, 0, manage_connections=False).status for m in drain(queue)]
+
+    assert outcomes == ["failed", "failed"]
+    rows = Delivery.objects.filter(event_id=stored.id).order_by("subscription")
+    error = (
+        "Upcaster v1 -> v2 of event 'crm.placed' (tests.app.upcasters.split_total) raised "
+        "KeyError: 'total'"
+    )
+    assert [(r.subscription, r.mode, r.status, r.attempts, r.last_error) for r in rows] == [
+        ("crm", "webhook", "failed", 1, error),
+        ("crm-async", "async", "failed", 1, error),
+        ("crm-sync", "sync", "failed", 0, error),
+    ]
+    assert sorted(signalled) == [
+        ("crm", "webhook", 1),
+        ("crm-async", "async", 1),
+        ("crm-sync", "sync", 0),
+    ]
+    assert not HandlerRun.objects.filter(event_id=stored.id).exists()
+
+
+@pytest.mark.django_db
+def test_a_webhook_waiting_for_a_newer_worker_keeps_its_mode(
+    queue: str, publish_now, settings: Any
+) -> None:
+    settings.CRM_WH_SECRET = CRM_SECRET
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V3}, SUBSCRIPTIONS=[CRM_HOOK]):
+        newer = publish_now("crm.placed", {"order_id": 1, "amount": 3, "currency": "EUR"})
+        [message] = drain(queue)
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V2}, SUBSCRIPTIONS=[CRM_HOOK]):
+        assert process_message(message, 0, manage_connections=False).status == "waiting"
+
+    row = Delivery.objects.get(event_id=newer.id, subscription="crm")
+    assert (row.mode, row.status, row.attempts) == ("webhook", "pending", 0)
+    assert row.last_error == (
+        "Waiting for a newer worker: Event 'crm.placed' is version 3; this process knows up to "
+        "version 2"
+    )
+    # docs/evolving.md quotes it for its own event, word for word (it once had a tail more).
+    docs = Path(__file__).resolve().parent.parent / "docs" / "evolving.md"
+    quoted = row.last_error.replace("'crm.placed'", "'orders.order_placed'")
+    assert f"`{quoted}`" in " ".join(docs.read_text().split())

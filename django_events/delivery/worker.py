@@ -252,12 +252,10 @@ def _wait_for_newer(
         return _give_up(
             message, attempt, f"Malformed event in message (it waits for a newer worker: {exc})"
         )
-    status = Delivery.Status.PENDING
-    row = delivery(
-        event.id,
-        subscription.name,
-        "async",
-        status,
+    row = _row(
+        event,
+        subscription,
+        Delivery.Status.PENDING,
         attempt - 1,
         error,
         uncounted=message.uncounted,
@@ -394,7 +392,7 @@ def _run(
                 event.id,
             )
             if recorded == RECORDED:
-                _announce_failure(event, subscription.name, attempt, error, exc)
+                _announce_failure(event, row, exc)
             return Outcome("failed", error=exc)
         return Outcome(
             "retry",
@@ -754,7 +752,7 @@ def _handler_unavailable(
         extra=log_extra(event, subscription),
     )
     if recorded == RECORDED:
-        _announce_failure(event, subscription.name, attempt, error, exc)
+        _announce_failure(event, row, exc)
     if recorded != OUTAGE:
         return Outcome("failed", error=exc)
     # Retry until the outcome can be recorded (the handler did not run: no attempt used).
@@ -809,8 +807,12 @@ def queues_left_waiting(consumed: Collection[str], default_queue: str) -> list[s
     return sorted(ours)
 
 
-def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
-    """A poison message: record it as a failed delivery (no retry, nothing imported)."""
+def _give_up(message: DeliveryMessage, runs: int, error: str) -> Outcome:
+    """A poison message: record it as a failed delivery (no retry, nothing imported).
+
+    ``runs``: the handler's runs to record (`Delivery.attempts`), this one included if the
+    handler ran.
+    """
     extra = _message_log_extra(message)
     logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
@@ -821,9 +823,9 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     row = delivery(
         event.id,
         message.subscription,
-        "async",
+        _mode_of(message.subscription),
         Delivery.Status.FAILED,
-        attempt,
+        runs,
         error,
         uncounted=message.uncounted,
     )
@@ -832,8 +834,22 @@ def _give_up(message: DeliveryMessage, attempt: int, error: str) -> Outcome:
     if recorded == DUPLICATE:
         return _duplicate(event, message.subscription)
     if recorded == RECORDED:
-        _announce_failure(event, message.subscription, attempt, error)
+        _announce_failure(event, row)
     return Outcome("failed")
+
+
+def _mode_of(name: str) -> str:
+    """The `Delivery.mode` of the subscription ``name``: ``async`` if this worker does not
+    declare it (a webhook endpoint's is ``webhook``, whether or not it is still there)."""
+    subscription = get_registry().subscriptions.get(name)
+    if subscription is not None:
+        return _mode(subscription)
+    return "webhook" if endpoints.is_endpoint_name(name) else "async"
+
+
+def _mode(subscription: Subscription) -> str:
+    """The `Delivery.mode` of a queued subscription's rows: ``webhook`` or ``async``."""
+    return "webhook" if subscription.mode == "webhook" else "async"
 
 
 def record_stopped_run(raw: Any, retries: int, stop: BaseException) -> None:
@@ -892,17 +908,16 @@ def _duplicate(event: Event, subscription: str) -> Outcome:
     return Outcome("skipped")
 
 
-def _announce_failure(
-    event: Event, subscription: str, attempt: int, error: str, exc: BaseException | None = None
-) -> None:
-    """Send `delivery_failed` for an async delivery whose failed row is saved."""
+def _announce_failure(event: Event, row: Delivery, exc: BaseException | None = None) -> None:
+    """Send `delivery_failed` for the failed delivery ``row``, once it is saved: its mode,
+    attempts and error as recorded."""
     send_delivery_failed(
         event=event,
         event_id=event.id,
-        subscription=subscription,
-        mode="async",
-        attempts=attempt,
-        error=error,
+        subscription=row.subscription,
+        mode=row.mode,
+        attempts=row.attempts,
+        error=row.last_error,
         exception=exc,
     )
 
@@ -970,11 +985,10 @@ def _row(
     *,
     uncounted: int = 0,
 ) -> Delivery:
-    mode = "webhook" if subscription.mode == "webhook" else "async"
     return delivery(
         event.id,
         subscription.name,
-        mode,
+        _mode(subscription),
         status,
         attempt,
         error,
