@@ -576,11 +576,12 @@ def failures_signalled() -> Iterator[list[tuple[str, str, int]]]:
 
 
 @pytest.mark.django_db
-def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode(
+def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode_and_no_run(
     queue: str, publish_now, settings: Any
 ) -> None:
-    # A replay of a stored v1 event whose upcaster raises (no "total"): the worker recorded
-    # mode "async" for the webhook, and sent that in the signal.
+    # A replay of a stored v1 event whose upcaster raises (no "total"): the handler never
+    # ran, in any mode. The worker recorded mode "async" for the webhook, and 1 attempt
+    # where a sync retry or replay records the runs as they were (0).
     settings.CRM_WH_SECRET = CRM_SECRET
     with shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}):
         stored = publish_now("crm.placed", {"order_id": 11})
@@ -600,13 +601,13 @@ def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode(
         "KeyError: 'total'"
     )
     assert [(r.subscription, r.mode, r.status, r.attempts, r.last_error) for r in rows] == [
-        ("crm", "webhook", "failed", 1, error),
-        ("crm-async", "async", "failed", 1, error),
+        ("crm", "webhook", "failed", 0, error),
+        ("crm-async", "async", "failed", 0, error),
         ("crm-sync", "sync", "failed", 0, error),
     ]
     assert sorted(signalled) == [
-        ("crm", "webhook", 1),
-        ("crm-async", "async", 1),
+        ("crm", "webhook", 0),
+        ("crm-async", "async", 0),
         ("crm-sync", "sync", 0),
     ]
     assert not HandlerRun.objects.filter(event_id=stored.id).exists()
@@ -633,3 +634,25 @@ def test_a_webhook_waiting_for_a_newer_worker_keeps_its_mode(
     docs = Path(__file__).resolve().parent.parent / "docs" / "evolving.md"
     quoted = row.last_error.replace("'crm.placed'", "'orders.order_placed'")
     assert f"`{quoted}`" in " ".join(docs.read_text().split())
+
+
+@pytest.mark.django_db
+def test_a_stored_payload_the_schema_now_refuses_is_a_failure_with_no_run(
+    queue: str, publish_now
+) -> None:
+    # The schema tightened without a version bump: as a failing upcaster, nothing ran.
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}):
+        stored = publish_now("crm.placed", {"order_id": 11})
+    strict = {"schema": {"type": "object", "required": ["order_id", "total"]}}
+    with shop_wiring(queue, EVENTS={"crm.placed": strict}, SUBSCRIPTIONS=[CRM_ASYNC, CRM_SYNC]):
+        for name in ("crm-async", "crm-sync"):
+            call_command("events_replay", name, "--since", "10m", stdout=StringIO())
+        [message] = drain(queue)
+        assert process_message(message, 0, manage_connections=False).status == "failed"
+
+    rows = Delivery.objects.filter(event_id=stored.id).order_by("subscription")
+    assert [(r.subscription, r.status, r.attempts) for r in rows] == [
+        ("crm-async", "failed", 0),
+        ("crm-sync", "failed", 0),
+    ]
+    assert all("'total' is a required property" in r.last_error for r in rows)

@@ -183,13 +183,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
         except UpcastError as exc:
             details = redact_text(str(exc), data, compiled.declaration.redact)
-            return _give_up(message, attempt, details)
+            # The handler did not run: its count of runs as it was, as a sync retry records it.
+            return _give_up(message, attempt - 1, details)
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
             return _give_up(message, attempt, f"Malformed event in message: version {exc}")
         event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data, compiled.declaration.redact)
-    if problems:
-        return _give_up(message, attempt, stale_payload_error(event_name, problems))
+    if problems:  # the handler did not run either
+        return _give_up(message, attempt - 1, stale_payload_error(event_name, problems))
     try:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
