@@ -93,7 +93,7 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
             logger.warning(
                 "This worker consumes only Celery's default queue %r, none of the queues of "
                 "django_events (%s): unless another worker consumes them, their deliveries "
-                'wait (-Q "$(python manage.py events_queues)")',
+                'wait (-Q "$(python manage.py events_queues --via celery)")',
                 app.conf.task_default_queue,
                 ", ".join(waiting),
                 extra=log_extra(),

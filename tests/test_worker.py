@@ -534,6 +534,8 @@ def test_an_idempotent_delivery_does_not_wait_for_another_of_its_event_to_finish
     assert outcomes == ["succeeded"]
     statuses = Delivery.objects.filter(event_id=paid.id).values_list("status", flat=True)
     assert sorted(statuses) == ["succeeded", "succeeded"]
+
+
 # crm.placed: stored at v1 ({"order_id", "total"}), declared now at v2 (total -> amount).
 CRM_V1 = {"schema": {"type": "object", "required": ["order_id"]}}
 CRM_V2 = {

@@ -107,7 +107,7 @@ def test_a_worker_started_without_q_warns_that_no_delivery_reaches_it(tmp_path: 
     assert (
         "This worker consumes only Celery's default queue 'celery', none of the queues of "
         "django_events (oc-elsewhere): unless another worker consumes them, their deliveries "
-        'wait (-Q "$(python manage.py events_queues)")'
+        'wait (-Q "$(python manage.py events_queues --via celery)")'
     ) in worker.log()
     # A worker that consumes the subscriptions' queue says nothing of the kind.
     served = worker_for("filesystem", "celery", tmp_path / "served")
