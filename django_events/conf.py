@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from os import PathLike
+from os import PathLike, fspath
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +118,36 @@ def check_settings(value: Any) -> tuple[dict[str, Any], list[SettingProblem]]:
             message = f"DJANGO_EVENTS[{key!r}] is invalid: {where or '$'} {error.message}"
         problems.append(SettingProblem(key, message, hint))
         bad.add(key)
+    for key, where in _path_problems(value):
+        if key not in bad:
+            hint = settings_schema()["properties"][key].get("x-hint")
+            problems.append(SettingProblem(key, f"DJANGO_EVENTS[{key!r}] {where}", hint))
+            bad.add(key)
     usable = {k: v for k, v in value.items() if k in DEFAULTS and k not in bad}
     return usable, problems
+
+
+def _is_path(value: Any) -> bool:
+    return isinstance(value, str | PathLike) and bool(fspath(value))
+
+
+def _path_problems(value: dict[str, Any]) -> list[tuple[str, str]]:
+    """The path keys whose value is not a path, each with what is wrong.
+
+    Paths are Python objects (``str`` or ``os.PathLike``), which JSON Schema cannot describe.
+    """
+    found = []
+    manifests = value.get("MANIFESTS")
+    if isinstance(manifests, list | tuple):
+        for index, item in enumerate(manifests):
+            if not isinstance(item, str | PathLike):
+                found.append(
+                    ("MANIFESTS", f"is invalid: [{index}] {item!r} is not a str or os.PathLike")
+                )
+                break
+    if "LOCK_FILE" in value and not _is_path(value["LOCK_FILE"]):
+        found.append(("LOCK_FILE", f"is {value['LOCK_FILE']!r}"))
+    return found
 
 
 # What a project without DJANGO_EVENTS reads: one object, so it is checked once too.
@@ -239,8 +267,7 @@ class Settings:
 
     @property
     def LOCK_FILE(self) -> Path:
-        value = self._get("LOCK_FILE")
-        return Path(value if isinstance(value, str | PathLike) and value else DEFAULTS["LOCK_FILE"])
+        return Path(self._get("LOCK_FILE"))
 
 
 conf = Settings()
