@@ -4,6 +4,9 @@ their failures, and the two shipped ones (correlation logging, context values)."
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -252,6 +255,52 @@ def test_correlation_filter_adds_the_handled_events_ids_to_any_log_record() -> N
     assert (outside.correlation_id, outside.causation_id, outside.event_id) == ("-", "-", "-")
     assert (inside.correlation_id, inside.causation_id, inside.event_id) == ("c1", "p1", "e1")
     assert inside.event_name == "orders.placed"
+
+
+LOGGING_OF_THE_DOCS = """
+import django
+from django.conf import settings
+
+settings.configure(
+    INSTALLED_APPS=["django_events"],
+    DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
+    DJANGO_EVENTS={
+        "EVENTS": {"orders.shipped": None},
+        "PIPELINE": ["django_events.interceptors.correlation.CorrelationInterceptor"],
+    },
+    LOGGING={  # docs/interceptors.md's, without disable_existing_loggers (true by default)
+        "version": 1,
+        "filters": {"events": {"()": "django_events.interceptors.correlation.CorrelationFilter"}},
+        "formatters": {"plain": {"format": "%(levelname)s [%(correlation_id)s] %(message)s"}},
+        "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain",
+                                 "filters": ["events"]}},
+        "root": {"handlers": ["console"], "level": "INFO"},
+    },
+)
+django.setup()
+from django.core.management import call_command
+from django_events import publish
+
+call_command("migrate", verbosity=0)
+print(publish("orders.shipped", {}).id)
+"""
+
+
+def test_correlation_interceptor_logs_when_logging_names_its_filter() -> None:
+    # LOGGING imports the filter's module; dictConfig() then disabled the loggers that
+    # existed, and the interceptor's was one of them: it logged nothing.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    run = subprocess.run(
+        [sys.executable, "-c", LOGGING_OF_THE_DOCS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+
+    event_id = run.stdout.strip()
+    assert f"INFO [{event_id}] Published orders.shipped {event_id}" in run.stderr
 
 
 # -- the context interceptor ----------------------------------------------------------------

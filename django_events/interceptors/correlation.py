@@ -13,7 +13,14 @@ from django_events.logs import log_extra
 if TYPE_CHECKING:
     from django_events.wiring.compiled import Subscription
 
-logger = logging.getLogger("django_events.interceptors.correlation")
+LOGGER = "django_events.interceptors.correlation"
+
+
+def _logger() -> logging.Logger:
+    # Looked up when used, not at import: LOGGING imports this module for CorrelationFilter,
+    # and dictConfig() then disables every logger that existed before it ran
+    # (disable_existing_loggers, true unless set), this one included.
+    return logging.getLogger(LOGGER)
 
 
 def correlation_extra(event: Event, subscription: str | None = None) -> dict[str, Any]:
@@ -31,7 +38,7 @@ class CorrelationInterceptor(Interceptor):
     """
 
     def send(self, event: Event) -> None:
-        logger.info(
+        _logger().info(
             "Published %s %s (correlation %s, caused by %s)",
             event.name,
             event.id,
@@ -46,7 +53,7 @@ class CorrelationInterceptor(Interceptor):
         try:
             result = call_next(event)
         except Exception as exc:
-            logger.warning(
+            _logger().warning(
                 "Handler %s failed on %s %s after %.1f ms (correlation %s): %s: %s",
                 subscription.name,
                 event.name,
@@ -58,7 +65,7 @@ class CorrelationInterceptor(Interceptor):
                 extra=extra,
             )
             raise
-        logger.info(
+        _logger().info(
             "Handled %s %s by %s in %.1f ms (correlation %s, caused by %s)",
             event.name,
             event.id,
