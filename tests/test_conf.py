@@ -69,3 +69,25 @@ def test_a_lock_file_may_be_str_or_path(value: object) -> None:
         assert problems() == []
         lock_file = conf.LOCK_FILE
         assert lock_file == Path("contract.lock.json")
+
+
+@pytest.mark.parametrize(
+    ("retry", "where"),
+    [
+        ({"max_attempts": "5"}, "['retry']['max_attempts'] '5' is not of type 'integer'"),
+        ({"max_attempt": 5}, "['retry'] Additional properties are not allowed ('max_attempt' was"),
+        (3, "['retry'] 3 is not of type 'object', 'null'"),
+    ],
+)
+def test_a_webhook_endpoints_retry_error_says_what_is_wrong(retry: object, where: str) -> None:
+    with wiring(WEBHOOK_ENDPOINTS={"retry": retry}):
+        [(check_id, _, message, _)] = problems()
+
+    assert check_id == "django_events.E001"
+    assert message.startswith(f"DJANGO_EVENTS['WEBHOOK_ENDPOINTS'] is invalid: {where}")
+
+
+def test_a_webhook_endpoints_retry_may_be_a_policy_or_none() -> None:
+    for retry in (None, {}, {"max_attempts": 5}):
+        with wiring(WEBHOOK_ENDPOINTS={"retry": retry}):
+            assert problems() == []
