@@ -129,6 +129,21 @@ def test_a_header_that_is_not_a_string_aborts_the_publish() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_header_that_is_not_a_string_names_the_interceptor_that_set_it() -> None:
+    with (
+        wiring(sub("sync"), PIPELINE=[f"{APP}.StampsOnly", f"{APP}.BadHeader", f"{APP}.Inner"]),
+        pytest.raises(InterceptorError) as refused,
+    ):
+        publish("orders.placed", PAYLOAD)
+
+    assert refused.value.interceptor == f"{APP}.BadHeader"
+    assert str(refused.value).startswith(f"Interceptor {APP}.BadHeader refused event")
+    assert refused.value.__cause__ is refused.value.error
+    assert isinstance(refused.value.error, ValueError)
+    assert not EventRecord.objects.exists()
+
+
+@pytest.mark.django_db(transaction=True)
 def test_an_interceptor_raising_in_handle_inline_propagates_and_rolls_back() -> None:
     with (
         wiring(sub("inline"), PIPELINE=[f"{APP}.FailsToHandle"]),

@@ -30,16 +30,17 @@ class Interceptor:
 
 def run_send(interceptors: Sequence[Any], event: Event) -> None:
     """Call each interceptor's ``send``; any exception becomes an `InterceptorError`."""
+    headers: dict[Any, Any] = event.headers  # typed str -> str; interceptors may break that
     for interceptor in interceptors:
         try:
             interceptor.send(event)
         except Exception as exc:
             raise InterceptorError(event.name, _name(interceptor), exc) from exc
-    headers: dict[Any, Any] = event.headers  # typed str -> str; interceptors may break that
-    for key, value in headers.items():
-        if not isinstance(key, str) or not isinstance(value, str):
-            problem = ValueError(f"header {key!r} is {value!r}; headers map str to str")
-            raise InterceptorError(event.name, "PIPELINE", problem)
+        # Checked after each hook, so the error names the interceptor that broke it.
+        for key, value in headers.items():
+            if not isinstance(key, str) or not isinstance(value, str):
+                problem = ValueError(f"header {key!r} is {value!r}; headers map str to str")
+                raise InterceptorError(event.name, _name(interceptor), problem) from problem
 
 
 def _name(interceptor: Any) -> str:
