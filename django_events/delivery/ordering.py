@@ -109,7 +109,7 @@ def assign(alias: str, items: Sequence[tuple[Event, Sequence[Subscription]]]) ->
             path = subscription.declaration.ordering_key
             assert path is not None
             wanted.setdefault((subscription.name, key_value(event.data, path)), []).append(event.id)
-            modes[subscription.name] = "webhook" if subscription.mode == "webhook" else "async"
+            modes[subscription.name] = subscription.queued_mode
     connection = connections[alias]
     with transaction.mark_for_rollback_on_error(alias):
         if connection.vendor == "postgresql":  # two statements, whatever the count

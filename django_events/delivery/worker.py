@@ -844,13 +844,8 @@ def _mode_of(name: str) -> str:
     declare it (a webhook endpoint's is ``webhook``, whether or not it is still there)."""
     subscription = get_registry().subscriptions.get(name)
     if subscription is not None:
-        return _mode(subscription)
+        return subscription.queued_mode
     return "webhook" if endpoints.is_endpoint_name(name) else "async"
-
-
-def _mode(subscription: Subscription) -> str:
-    """The `Delivery.mode` of a queued subscription's rows: ``webhook`` or ``async``."""
-    return "webhook" if subscription.mode == "webhook" else "async"
 
 
 def record_stopped_run(raw: Any, retries: int, stop: BaseException) -> None:
@@ -989,7 +984,7 @@ def _row(
     return delivery(
         event.id,
         subscription.name,
-        _mode(subscription),
+        subscription.queued_mode,
         status,
         attempt,
         error,

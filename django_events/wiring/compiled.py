@@ -76,6 +76,11 @@ class Subscription:
         """Run by a worker: ``async``, and ``webhook`` (the worker sends the POST)."""
         return self.declaration.mode in ("async", "webhook")
 
+    @property
+    def queued_mode(self) -> str:
+        """The `Delivery.mode` of a queued subscription's rows: ``webhook`` or ``async``."""
+        return "webhook" if self.declaration.mode == "webhook" else "async"
+
     def handler(self) -> Handler:
         """Import the handler on first use (a class is instantiated once per process)."""
         if self._handler is None and self.mode == "webhook":
