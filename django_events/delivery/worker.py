@@ -65,6 +65,9 @@ logger = logging.getLogger("django_events.worker")
 RECORD_RETRY_FIRST = 0.1
 RECORD_RETRY_MAX = 5.0
 
+# Seconds a retry that ran nothing (the database out of reach for it) waits at least.
+RAN_NOTHING_MIN_WAIT = 1.0
+
 # What recording an outcome can come to: the outage of a database is worth waiting out; a
 # statement the database refuses (DataError, IntegrityError...) fails the same way each time.
 RECORDED, OUTAGE, REFUSED = "recorded", "outage", "refused"
@@ -224,7 +227,10 @@ def _again(raw: dict[str, Any], message: DeliveryMessage, outcome: Outcome) -> O
     attempt less, as Celery's (or the task's) retry count adds one."""
     if not outcome.same_attempt:
         return outcome
-    return replace(outcome, retry_with=_same_attempt(raw, message))
+    # At least a second, as a wait for a newer worker: with `backoff: 0` these retries would
+    # spin through the broker while the database is out, and use up the count a message carries.
+    wait = max(RAN_NOTHING_MIN_WAIT, outcome.retry_in or 0.0)
+    return replace(outcome, retry_in=wait, retry_with=_same_attempt(raw, message))
 
 
 def _same_attempt(raw: dict[str, Any], message: DeliveryMessage) -> dict[str, Any]:
@@ -264,7 +270,7 @@ def _wait_for_newer(
     keep = _finished_wins(message.rerun, subscription)
     if _record_quietly(message.alias, event, [row], always=True, keep_finished=keep) == DUPLICATE:
         return _duplicate(event, subscription.name)
-    delay = max(1.0, subscription.retry.delay(min(retries + 1, 8)))
+    delay = max(RAN_NOTHING_MIN_WAIT, subscription.retry.delay(min(retries + 1, 8)))
     waiting = {**_same_attempt(raw, message), "rerun": True}
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
