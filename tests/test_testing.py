@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import transaction
 from django.test import TestCase, TransactionTestCase
 
-from django_events import InvalidPayload, UnknownEvent, publish
+from django_events import InvalidPayload, UnknownEvent, publish, publish_many
 from django_events.models import Delivery, EventRecord
 from django_events.testing import CapturedEvents, EagerEvents, captured_events, events_eager
 from tests.app.models import HandlerRun
@@ -83,6 +83,17 @@ def test_captured_events_dispatches_nothing_with_events_eager_either_side(
     assert isinstance(got, CapturedEvents) and list(got) == [event]
     assert not HandlerRun.objects.exists()
     assert not EventRecord.objects.exists() and not Delivery.objects.exists()
+
+
+def test_captured_events_needs_no_database(captured_events: CapturedEvents) -> None:
+    """docs/testing.md: `captured_events` does not need the database. It used to read the
+    webhook endpoints registered at run time on each publish: "Database access not allowed"
+    in a test without one (unless an earlier test had left them in the process's cache)."""
+    with wiring(*EVERY_MODE):
+        event = publish("orders.placed", PAYLOAD)
+        [shipped] = publish_many([("orders.shipped", {"order_id": 1})])
+
+    assert list(captured_events) == [event, shipped]
 
 
 @pytest.mark.django_db(transaction=True)

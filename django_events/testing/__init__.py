@@ -181,19 +181,28 @@ def captured_events() -> Iterator[CapturedEvents]:
     handler runs (not even ``inline``), nothing is recorded and nothing is sent. An event
     joins the capture when its transaction commits (at once outside a transaction) and never
     if it rolls back: inside ``TestCase`` use ``captureOnCommitCallbacks(execute=True)``.
+    Outside a transaction it needs no database (nor do the webhook endpoints registered at
+    run time get read: nothing is sent to them).
     """
-    from django.db import transaction
+    from django.db import connections, transaction
 
     captured = CapturedEvents()
 
     def capture(batch: Sequence[Any], alias: str) -> None:
         events = [item.event for item in batch]
-        transaction.on_commit(partial(captured._committed, events), using=alias)
+        if connections[alias].in_atomic_block:
+            transaction.on_commit(partial(captured._committed, events), using=alias)
+        else:  # what on_commit would do, without the connection it opens to ask
+            captured._committed(events)
 
     from django_events.publishing import use_outlet
 
-    with use_outlet(capture=capture):
+    with use_outlet(capture=capture, endpoints_for=_no_endpoints):
         yield captured
+
+
+def _no_endpoints(event_name: str) -> tuple[()]:
+    return ()
 
 
 # Retries run at once under events_eager: a handler that always asks for an uncounted retry
