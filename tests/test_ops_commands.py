@@ -1081,10 +1081,20 @@ def pending(name: str, payload: dict[str, object], **fields: object) -> EventRec
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--batch-size", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
-        (("--interval", "0"), "--batch-size and --interval must be positive, --min-age >= 0"),
-        (("--min-age", "-1"), "--batch-size and --interval must be positive, --min-age >= 0"),
-        (("--requeue-running-after", "0"), "--requeue-running-after must be positive"),
+        # Each names the option and the value (all three used to get one message for all).
+        (("--batch-size", "0"), "--batch-size must be at least 1, got 0"),
+        (("--interval", "0", "--loop"), "--interval must be a positive number of seconds, got 0"),
+        (("--interval", "nan"), "--interval must be a positive number of seconds, got nan"),
+        (("--min-age", "-1"), "--min-age must be a number of seconds >= 0, got -1"),
+        (("--min-age", "inf"), "--min-age must be a number of seconds >= 0, got inf"),
+        (
+            ("--requeue-running-after", "0"),
+            "--requeue-running-after must be a positive number of seconds, got 0",
+        ),
+        (
+            ("--resend-unfinished-after", "-2.5"),
+            "--resend-unfinished-after must be a positive number of seconds, got -2.5",
+        ),
         (("--database", "nope"), "invalid choice: 'nope'"),
     ],
 )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,13 +77,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["batch_size"] < 1 or options["interval"] <= 0 or options["min_age"] < 0:
-            raise CommandError("--batch-size and --interval must be positive, --min-age >= 0")
-        if options["requeue_running_after"] <= 0:
-            raise CommandError("--requeue-running-after must be positive")
-        resend_after = options["resend_unfinished_after"]
-        if resend_after is not None and resend_after <= 0:
-            raise CommandError("--resend-unfinished-after must be positive")
+        _check_options(options)
         if not options["loop"]:
             try:
                 self._requeue(options)
@@ -201,6 +196,26 @@ class Command(BaseCommand):
         return EventRecord.objects.using(options["database"]).filter(
             status=EventRecord.Status.PENDING
         )
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """Raise `CommandError` naming an option whose value is out of range, and its value."""
+    if options["batch_size"] < 1:
+        raise CommandError(f"--batch-size must be at least 1, got {options['batch_size']}")
+    seconds = {
+        "--interval": options["interval"],
+        "--min-age": options["min_age"],
+        "--requeue-running-after": options["requeue_running_after"],
+        "--resend-unfinished-after": options["resend_unfinished_after"],  # None: the setting
+    }
+    for option, value in seconds.items():
+        if value is None:
+            continue
+        if option == "--min-age":
+            if not (math.isfinite(value) and value >= 0):
+                raise CommandError(f"--min-age must be a number of seconds >= 0, got {value:g}")
+        elif not (math.isfinite(value) and value > 0):
+            raise CommandError(f"{option} must be a positive number of seconds, got {value:g}")
 
 
 def _refuse_without_tables(alias: str, error: DatabaseError) -> None:
