@@ -7,7 +7,7 @@ import re
 import threading
 import time
 import uuid
-from contextlib import redirect_stdout
+from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime, timedelta
 from io import StringIO
 
@@ -109,6 +109,25 @@ def test_events_list_mermaid(queue) -> None:
         re.fullmatch(r'  e\d+ -->\|"\{#quot;total#quot;:\{#quot;gte#quot;:1000\}\}"\| s\d+', line)
         for line in chart
     )
+
+
+def test_events_list_refuses_state_in_mermaid_as_a_usage_error() -> None:
+    """The chart has no place for paused subscriptions: --state used to be ignored there
+    without a word. As manage.py runs it: exit 2, the usage on stderr, nothing listed."""
+    out, err = StringIO(), StringIO()
+    argv = ["manage.py", "events_list", "--format", "mermaid", "--state", "--no-endpoints"]
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        ManagementUtility(argv).execute()
+
+    assert exited.value.code == 2
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("usage: manage.py events_list")
+    assert err.getvalue().endswith(
+        "error: --state lists paused subscriptions in the table and JSON formats, "
+        "not in --format mermaid\n"
+    )
+    with pytest.raises(CommandError, match="^Error: --state lists paused subscriptions"):
+        run("events_list", "--format", "mermaid", "--state")
 
 
 @pytest.mark.django_db  # the webhook endpoints are listed too

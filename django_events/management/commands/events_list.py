@@ -48,11 +48,22 @@ class Command(EventLogCommand):
             help="With --held (default: default), or where the endpoints are read.",
         )
 
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        self._parser = super().create_parser(prog_name, subcommand, **kwargs)
+        return self._parser
+
     def handle(self, *args: Any, **options: Any) -> None:
+        fmt = options["format"]
+        if options["state"] and fmt == "mermaid" and not options["held"]:
+            # A usage error (exit 2, the usage on stderr), as argparse's own: the chart has
+            # no place for the state, which used to be left out without a word.
+            self._parser.error(
+                "--state lists paused subscriptions in the table and JSON formats, "
+                "not in --format mermaid"
+            )
         if options["held"]:
             self._held(options)
             return
-        fmt = options["format"]
         found = []
         if options["endpoints"]:
             try:
@@ -60,7 +71,7 @@ class Command(EventLogCommand):
             except DatabaseError as exc:  # the declarations need no database: list them
                 self.stderr.write(f"Webhook endpoints not listed (database: {exc})")
         text = render(describe_wiring(endpoints=found), fmt)
-        if not options["state"] or fmt == "mermaid":
+        if not options["state"]:
             self.stdout.write(text)
             return
         try:
