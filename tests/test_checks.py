@@ -857,6 +857,21 @@ def test_invalid_payload_schema_in_settings_is_E104_naming_the_setting() -> None
         )
 
 
+def test_a_pattern_matching_only_an_event_left_out_for_its_schema_is_not_W101() -> None:
+    """The event is declared (E104 says what is wrong with it): W101 said the pattern
+    matched no declared event."""
+    events = {"c.refunded": {"schema": {"minimum": "zero"}}}
+    with wiring({"event": "c.*", "handler": RECORD, "name": "every-c"}, EVENTS=events):
+        assert_reported(
+            (
+                "django_events.E104",
+                "settings.DJANGO_EVENTS['EVENTS']['c.refunded']",
+                "Event 'c.refunded' has an invalid payload schema at schema.minimum: "
+                "'zero' is not of type 'number'",
+            ),
+        )
+
+
 # -- subscriptions -----------------------------------------------------------------------------
 
 

@@ -264,7 +264,9 @@ def _compile_subscriptions(
                 )
             )
             continue
-        if not targets:
+        # A pattern that matches only events left out for their own errors (E103, E104)
+        # matches declared events: their errors say what is wrong, not W101.
+        if not targets and not _matching_events(declaration, left_out):
             code, what = (
                 ("W101", "pattern matches no declared event")
                 if declaration.is_pattern
