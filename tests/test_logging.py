@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from pythonjsonlogger.json import JsonFormatter
@@ -19,6 +20,7 @@ from django_events import Event, publish
 from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.worker import process_message
 from django_events.logs import LOG_FIELDS
+from django_events.testing import events_eager
 from tests.conftest import wiring
 
 PACKAGE = Path(__file__).resolve().parent.parent / "django_events"
@@ -203,3 +205,27 @@ def test_no_formatter_gets_a_redacted_value_from_a_failed_handlers_record() -> N
     assert all("Traceback" in line["exc_info"] for line in lines[:3])
     assert "carol@example.com" not in plain_out.getvalue()
     assert plain_out.getvalue().count("ValueError: cannot mail '•••'") == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_runs_that_did_not_count_are_told_apart_from_attempts(caplog) -> None:
+    """RetryLater(counts=False) runs used to be logged as attempts ("(attempt 3)", then
+    "failed for good after 5 attempt(s)" of max_attempts 2): the log says the run and the
+    counted attempt of max_attempts once a run did not count."""
+    caplog.set_level(logging.INFO, "django_events.worker")
+    manifests = [Path(settings.BASE_DIR) / "manifests" / n for n in ("base.yaml", "failctl.yaml")]
+    # fc-retry-later: 3 runs that ask for an uncounted retry, then it raises; max_attempts 2.
+    payload = {"n": 1, "times": 3, "seconds": 0.5, "counts": False, "then_fail": True}
+    with wiring(MANIFESTS=manifests), events_eager(propagate=False):
+        event = publish("fc.job", payload)
+
+    where = f"subscription 'fc-retry-later', event fc.job {event.id}"
+    assert [r.getMessage() for r in caplog.records if r.name == "django_events.worker"] == [
+        "Handler asked for a retry in 0.5s (attempt 1 of 2, not counted)",
+        "Handler asked for a retry in 0.5s (run 2, attempt 1 of 2, not counted)",
+        "Handler asked for a retry in 0.5s (run 3, attempt 1 of 2, not counted)",
+        f"Handler failed (run 4, attempt 1 of 2): {where}",
+        f"Handler failed (run 5, attempt 2 of 2): {where}",
+        "Delivery failed for good after 2 attempt(s) in 5 runs: RuntimeError: failed after 4 "
+        f"retries asked for; {where}",
+    ]

@@ -275,6 +275,14 @@ def _wait_for_newer(
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
 
 
+def _attempts_text(run: int, uncounted: int, max_attempts: int) -> str:
+    """Which attempt of ``max_attempts`` run ``run`` is, for the log: ``attempt 2 of 3``, or
+    ``run 60, attempt 2 of 3`` once runs did not count (``RetryLater(counts=False)``, a
+    replay's runs before it): the run number alone read as an attempt beyond the limit."""
+    counted = f"attempt {run - uncounted} of {max_attempts}"
+    return f"run {run}, {counted}" if uncounted else counted
+
+
 def _run(
     registry: Registry,
     subscription: Subscription,
@@ -337,11 +345,13 @@ def _run(
         if isinstance(exc, webhooks.WebhookFailed):  # 410, other 4xx: no retry can succeed
             final, response = final or not exc.retry, exc.response
         status = Delivery.Status.FAILED if final else Delivery.Status.PENDING
+        attempts = _attempts_text(attempt, uncounted, max_attempts)
         if isinstance(exc, RetryLater) and not final:
             logger.info(
-                "Handler asked for a retry in %gs (attempt %d)",
+                "Handler asked for a retry in %gs (%s%s)",
                 exc.seconds,
-                attempt,
+                attempts,
+                ", not counted" if skips_count else "",
                 extra=log_extra(event, subscription),
             )
         else:
@@ -350,9 +360,8 @@ def _run(
                 logging.WARNING,
                 event,
                 subscription,
-                "Handler failed (attempt %d of %d): subscription %r, event %s %s",
-                attempt - uncounted,
-                max_attempts,
+                "Handler failed (%s): subscription %r, event %s %s",
+                attempts,
                 subscription.name,
                 event.name,
                 event.id,
@@ -391,8 +400,9 @@ def _run(
                 logging.ERROR,
                 event,
                 subscription,
-                "Delivery failed for good after %d attempt(s): %s; subscription %r, event %s %s",
-                attempt,
+                "Delivery failed for good after %d attempt(s)%s: %s; subscription %r, event %s %s",
+                attempt - uncounted,
+                f" in {attempt} runs" if uncounted else "",
                 error,
                 subscription.name,
                 event.name,
