@@ -293,6 +293,29 @@ def test_events_eager_raises_a_failed_async_handler_into_the_test() -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+def test_events_eager_a_failure_ends_the_commits_later_callbacks_as_django_does() -> None:
+    """What docs/testing.md says: Django stops a commit's on-commit callbacks at the first
+    that raises, so what was registered after the failing event does not run."""
+    fails_for_1 = {**FAILING, "when": {"order_id": 1}}
+    syncs_for_2 = {**SYNC, "when": {"order_id": 2}}
+    later: list[str] = []
+    with (
+        wiring(fails_for_1, syncs_for_2),
+        events_eager(),
+        pytest.raises(RuntimeError, match="boom for 1"),
+        transaction.atomic(),
+    ):
+        publish("orders.placed", {"order_id": 1, "total": 1})
+        publish("orders.placed", {"order_id": 2, "total": 1})
+        transaction.on_commit(lambda: later.append("the test's own callback"))
+
+    assert handled() == [] and later == []  # the second event's sync handler, the callback
+    with wiring(fails_for_1, syncs_for_2), events_eager(), transaction.atomic():
+        publish("orders.placed", {"order_id": 2, "total": 1})  # alone, it runs
+    assert len(handled()) == 1
+
+
+@pytest.mark.django_db(transaction=True)
 def test_events_eager_without_propagate_records_failures_like_a_worker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
