@@ -622,6 +622,79 @@ def test_W113_says_what_the_comparison_does_with_a_field_never_in_the_payload(
     assert matches == ("never" not in outcome)
 
 
+@pytest.mark.parametrize(
+    ("when", "outcome"),
+    [
+        ({"not": {"totl": 5}}, "makes when.not.totl always match."),
+        ({"not": {"totl": {"ne": 5}}}, "makes when.not.totl.ne never match."),
+        ({"all": [{"not": {"totl": {"gte": 1}}}]}, "makes when.not.totl.gte always match."),
+        (
+            {"not": {"any": [{"totl": {"exists": True}}]}},
+            "makes when.not.totl.exists: true always match.",
+        ),
+        ({"not": {"not": {"totl": 5}}}, "never matches."),
+        (
+            {"totl": {"ne": 1}, "not": {"totl": 5}},
+            "makes when.totl.ne, when.not.totl always match.",
+        ),
+        ({"totl": 1, "not": {"totl": {"ne": 5}}}, "makes when.totl, when.not.totl.ne never match."),
+    ],
+)
+def test_W113_says_what_a_comparison_under_a_not_makes_the_filter_do(
+    when: dict[str, Any], outcome: str
+) -> None:
+    with sold(when):
+        [message] = checks.check_configuration()
+
+    assert message.id == "django_events.W113"
+    assert message.hint == f"Did you mean 'total'? A field that is never in the payload {outcome}"
+    # The filter itself, with an event without the field: "always" is what it does.
+    assert compile_filter(when)({"total": 10}) == ("always" in outcome)
+
+
+@pytest.mark.parametrize(
+    ("when", "where", "value", "declared", "outcome"),
+    [
+        ({"not": {"count": "x"}}, "not.count", '"x" (string)', "integer", "it always matches"),
+        (
+            {"not": {"total": {"ne": "0"}}},
+            "not.total.ne",
+            '"0" (string)',
+            "number",
+            "it never matches",
+        ),
+        (
+            {"not": {"not": {"paid": "true"}}},
+            "paid",
+            '"true" (string)',
+            "boolean",
+            "it never matches",
+        ),
+        (
+            {"not": {"total": {"in": [1, "2"]}}},
+            "not.total.in",
+            '"2" (string)',
+            "number",
+            "that item never matches",
+        ),
+    ],
+)
+def test_W114_says_what_a_comparison_under_a_not_makes_the_filter_do(
+    when: dict[str, Any], where: str, value: str, declared: str, outcome: str
+) -> None:
+    with sold(when):
+        [message] = checks.check_configuration()
+
+    field = where.removeprefix("not.").split(".")[0]
+    assert (message.id, message.msg) == (
+        "django_events.W114",
+        f"Subscription 's': when.{where} compares with {value}, but event 'shop.sold' "
+        f"declares {field!r} as {declared}: {outcome}",
+    )
+    if outcome != "that item never matches":  # what the filter does with any such payload
+        assert compile_filter(when)({field: 3}) == (outcome == "it always matches")
+
+
 def test_a_pattern_warns_of_a_when_value_only_when_no_event_it_matches_admits_its_type() -> None:
     # shop.sold declares total a number, shop.other a string: the filter picks shop.sold's.
     with sold({"total": {"gte": 1000}}, event="shop.*"):

@@ -511,9 +511,9 @@ def _when_field_problems(
     a filter may pick the events that have the field, or whose type suits the value."""
     assert declaration.when is not None
     schemas = {c.name: _filtered_schema(c.declaration) for c in events}
-    by_path: dict[str, list[tuple[str | None, Any]]] = {}
-    for path, op, expected in comparisons(declaration.when):
-        by_path.setdefault(path, []).append((op, expected))
+    by_path: dict[str, list[tuple[str | None, Any, bool]]] = {}
+    for path, op, expected, negated in comparisons(declaration.when):
+        by_path.setdefault(path, []).append((op, expected, negated))
     problems: list[Problem] = []
     for path, compared in by_path.items():
         found = [(c, declared_path(schemas[c.name], path, lists="index")) for c in events]
@@ -521,8 +521,8 @@ def _when_field_problems(
         # Not where an event declares the field or tells nothing of it (no schema): it may be there.
         if missing and len(missing) == len(found):
             problems.append(_undeclared_field(declaration, path, compared, missing))
-        for op, expected in compared:
-            problems += _type_problems(declaration, schemas, path, op, expected, found)
+        for op, expected, negated in compared:
+            problems += _type_problems(declaration, schemas, path, op, expected, negated, found)
     return problems
 
 
@@ -549,28 +549,35 @@ def _is_pydantic(declaration: EventDeclaration) -> bool:
     return declaration.type is not None and typed.is_pydantic(declaration.type)
 
 
-def _missing_outcome(op: str | None, expected: Any) -> str:
-    """What a comparison does with a field absent from the payload (filters.OPERATORS)."""
+def _missing_outcome(op: str | None, expected: Any, negated: bool) -> str:
+    """What a comparison does with a field absent from the payload (filters.OPERATORS), as
+    the filter sees it: under a ``not``, the other way."""
     always = op in ("ne", "not_in") or (op == "exists" and expected is False)
-    return "always" if always else "never"
+    return "always" if always != negated else "never"
+
+
+def _where(path: str, op: str | None, negated: bool) -> str:
+    """``when.total.gte``, or ``when.not.total.gte`` for a comparison under a ``not``."""
+    return "when." + ("not." if negated else "") + path + (f".{op}" if op else "")
 
 
 def _undeclared_field(
     declaration: SubscriptionDeclaration,
     path: str,
-    compared: list[tuple[str | None, Any]],
+    compared: list[tuple[str | None, Any, bool]],
     missing: list[tuple[CompiledEvent, str | None]],
 ) -> Problem:
     names = ", ".join(sorted(repr(c.name) for c, _ in missing))
     close = missing[0][1] if len(missing) == 1 else None
     outcomes: dict[str, dict[str, None]] = {"always": {}, "never": {}}
-    for op, expected in compared:
-        where = f"when.{path}" + (f".{op}" if op else "")
+    for op, expected, negated in compared:
+        where = _where(path, op, negated)
         where += f": {json.dumps(expected)}" if op == "exists" else ""
-        outcomes[_missing_outcome(op, expected)][where] = None
-    if outcomes["always"]:
-        never = f" and {', '.join(outcomes['never'])} never match" if outcomes["never"] else ""
-        outcome = f" makes {', '.join(outcomes['always'])} always match{never}."
+        outcomes[_missing_outcome(op, expected, negated)][where] = None
+    if outcomes["always"] or any(negated for _, _, negated in compared):
+        # Name each comparison: under a `not`, what it does is not what the filter does.
+        said = [f"{', '.join(w)} {does} match" for does, w in outcomes.items() if w]
+        outcome = f" makes {' and '.join(said)}."
     else:
         outcome = " never matches."
     fix = "Fix the field (dots for nesting), or declare it in the schema."
@@ -596,10 +603,13 @@ def _type_problems(
     path: str,
     op: str | None,
     expected: Any,
+    negated: bool,
     found: list[tuple[CompiledEvent, Declared]],
 ) -> list[Problem]:
     """W114 for each value of a comparison that no matched event's declared type admits (an
-    event without the field admits none: ``W113``'s; one whose schema tells nothing, all)."""
+    event without the field admits none: ``W113``'s; one whose schema tells nothing, all).
+    Under a ``not``, what the filter then does is the other way round (an item of ``in`` that
+    never matches still never does: the others decide)."""
     if op not in _TYPED_OPERATORS or (op is None and isinstance(expected, dict)):
         return []  # exists; an object compared for equality is W108's
     values = list(expected) if op in ("in", "not_in") and isinstance(expected, list) else [expected]
@@ -618,9 +628,11 @@ def _type_problems(
                 del ruled_out[i]  # this event admits it: the filter may match
         if not ruled_out:
             return []
-    outcome = "that item never matches" if op in ("in", "not_in") else "it never matches"
-    outcome = "it always matches" if op == "ne" else outcome
-    where = f"when.{path}" + (f".{op}" if op else "")
+    if op in ("in", "not_in"):
+        outcome = "that item never matches"
+    else:
+        outcome = "it always matches" if (op == "ne") != negated else "it never matches"
+    where = _where(path, op, negated)
     problems = []
     for i, events in ruled_out.items():
         by_types: dict[str, list[str]] = {}

@@ -147,18 +147,21 @@ def object_comparisons(when: Mapping[str, Any]) -> list[tuple[str, Mapping[str, 
     return found
 
 
-def comparisons(when: Mapping[str, Any]) -> list[tuple[str, str | None, Any]]:
-    """The (payload path, operator, value) of each comparison in a valid ``when``, in order;
-    the operator is None for a plain value (equality)."""
-    found: list[tuple[str, str | None, Any]] = []
+def comparisons(
+    when: Mapping[str, Any], negated: bool = False
+) -> list[tuple[str, str | None, Any, bool]]:
+    """The (payload path, operator, value, negated) of each comparison in a valid ``when``, in
+    order; the operator is None for a plain value (equality), and ``negated`` is true under an
+    odd number of ``not`` (what the comparison decides, the filter then decides the other way)."""
+    found: list[tuple[str, str | None, Any, bool]] = []
     for key, value in when.items():
         if key in ("any", "all"):
             for item in value:
-                found += comparisons(item)
+                found += comparisons(item, negated)
         elif key == "not":
-            found += comparisons(value)
+            found += comparisons(value, not negated)
         elif isinstance(value, Mapping) and value and all(k in OPERATORS for k in value):
-            found += [(key, op, expected) for op, expected in value.items()]
+            found += [(key, op, expected, negated) for op, expected in value.items()]
         else:
-            found.append((key, None, value))
+            found.append((key, None, value, negated))
     return found
