@@ -130,6 +130,39 @@ def test_events_list_refuses_state_in_mermaid_as_a_usage_error() -> None:
         run("events_list", "--format", "mermaid", "--state")
 
 
+@pytest.mark.django_db  # what --held used to read before it printed
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ["--held", "--format", "mermaid"],
+            "--held lists held deliveries in the table and JSON formats, not in --format mermaid",
+        ),
+        *(
+            (
+                ["--held", "--state", *fmt],
+                "--held lists held deliveries instead of the wiring, and --state adds paused "
+                "subscriptions to the wiring: use one of them",
+            )
+            for fmt in ([], ["--format", "json"])
+        ),
+    ],
+)
+def test_events_list_refuses_held_with_what_it_does_not_list_as_a_usage_error(
+    args: list[str], error: str
+) -> None:
+    """--held printed its plain text for --format mermaid and ignored --state."""
+    out, err = StringIO(), StringIO()
+    argv = ["manage.py", "events_list", *args]
+    with redirect_stdout(out), redirect_stderr(err), pytest.raises(SystemExit) as exited:
+        ManagementUtility(argv).execute()
+
+    assert exited.value.code == 2
+    assert out.getvalue() == ""
+    assert err.getvalue().startswith("usage: manage.py events_list")
+    assert err.getvalue().endswith(f"error: {error}\n")
+
+
 @pytest.mark.django_db  # the webhook endpoints are listed too
 def test_events_list_mermaid_keeps_names_inside_their_labels(queue) -> None:
     evil = {

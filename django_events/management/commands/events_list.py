@@ -32,7 +32,8 @@ class Command(EventLogCommand):
         parser.add_argument(
             "--held",
             action="store_true",
-            help="List the keys of ordered subscriptions with held deliveries instead.",
+            help="List the keys of ordered subscriptions with held deliveries instead "
+            "(table or JSON; not with --state).",
         )
         parser.add_argument(
             "--endpoints",
@@ -54,9 +55,19 @@ class Command(EventLogCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         fmt = options["format"]
-        if options["state"] and fmt == "mermaid" and not options["held"]:
-            # A usage error (exit 2, the usage on stderr), as argparse's own: the chart has
-            # no place for the state, which used to be left out without a word.
+        # Usage errors (exit 2, the usage on stderr), as argparse's own: what an option
+        # cannot do used to be left out without a word.
+        if options["held"] and options["state"]:
+            self._parser.error(
+                "--held lists held deliveries instead of the wiring, and --state adds "
+                "paused subscriptions to the wiring: use one of them"
+            )
+        if options["held"] and fmt == "mermaid":
+            self._parser.error(
+                "--held lists held deliveries in the table and JSON formats, "
+                "not in --format mermaid"
+            )
+        if options["state"] and fmt == "mermaid":  # the chart has no place for the state
             self._parser.error(
                 "--state lists paused subscriptions in the table and JSON formats, "
                 "not in --format mermaid"
