@@ -20,7 +20,7 @@ from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
-from django_events.exceptions import InvalidPayload
+from django_events.exceptions import InvalidPayload, UnknownEvent
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry, Subscription
@@ -77,8 +77,9 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
 
     Each item is an ``@event`` instance, or a ``(name, payload)`` or
     ``(name, payload, headers)`` tuple (``(instance, None, headers)`` for an instance with
-    headers). Every item is validated before anything happens: an ``InvalidPayload``
-    names the item by its index.
+    headers). Every item is validated before anything happens: an ``InvalidPayload``,
+    ``UnknownEvent`` or ``TypeError`` (a malformed item, headers that are not strings) names
+    the item by its index.
     """
     registry = get_registry()
     try:
@@ -94,9 +95,9 @@ def _prepare_all(registry: Registry, items: Iterable[Any]) -> list[Outgoing]:
     try:
         for item in items:
             batch.append(_prepare(registry, *_unpack(item)))
-    except InvalidPayload as exc:
+    except (InvalidPayload, UnknownEvent, TypeError) as exc:
         # Items often share an event name: say which one (an index, as items may be a
-        # generator). Still the InvalidPayload raised, with its name and problems.
+        # generator). Still the exception raised, with its attributes (name, problems).
         exc.args = (f"publish_many() item at index {len(batch)}: {exc}",)
         raise
     return batch

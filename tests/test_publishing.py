@@ -270,6 +270,43 @@ def test_publish_many_names_the_item_whose_payload_is_invalid(db: None) -> None:
     assert not EventRecord.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("bad", "error", "message"),
+    [
+        (
+            ("orders.placd", PAYLOAD),
+            UnknownEvent,
+            "Unknown event 'orders.placd': declare it in a manifest, settings or @event. "
+            "Did you mean 'orders.placed'?",
+        ),
+        (
+            ("orders.placed", PAYLOAD, {"tenant": 3}),
+            TypeError,
+            "headers of 'orders.placed' must map str to str, got {'tenant': 3}",
+        ),
+        (
+            ("orders.placed",),
+            TypeError,
+            "publish_many() items are (name, payload[, headers]), got ('orders.placed',)",
+        ),
+    ],
+)
+def test_publish_many_names_the_item_whose_name_or_headers_are_wrong(
+    db: None, bad: tuple[object, ...], error: type[Exception], message: str
+) -> None:
+    items = [("orders.placed", PAYLOAD), ("orders.placed", PAYLOAD), bad]
+    with wiring(SYNC), pytest.raises(error) as info:
+        publish_many(iter(items))
+    assert str(info.value) == f"publish_many() item at index 2: {message}"
+    if isinstance(info.value, UnknownEvent):
+        assert info.value.name == "orders.placd"
+    with pytest.raises(error) as info:
+        async_to_sync(apublish_many)([bad, ("orders.placed", PAYLOAD)])
+    assert str(info.value) == f"publish_many() item at index 0: {message}"
+    assert not EventRecord.objects.exists()
+    assert not HandlerRun.objects.exists()
+
+
 def test_payload_must_be_json(db: None) -> None:
     with pytest.raises(InvalidPayload, match="not JSON-serializable"):
         publish("orders.placed", {"order_id": 1, "total": 1, "extra": object()})
