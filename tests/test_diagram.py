@@ -3,6 +3,7 @@ in words and line style, boxes that do not overlap; and on the wiring page."""
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from itertools import combinations
 
@@ -57,7 +58,8 @@ def test_names_are_escaped_and_the_svg_parses() -> None:
     texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
     assert any(t.startswith("<script>alert(") for t in texts)  # shown as text, shortened
     titles = ["".join(t.itertext()) for t in root.iter(f"{SVG}title")]
-    assert any(t.startswith(EVIL + " (tests.app.handlers.record): async · billing") for t in titles)
+    title = EVIL + " (tests.app.handlers.record): async via celery · billing"
+    assert any(t.startswith(title) for t in titles)
     assert any(t.startswith("every-order-" + "x" * 80) for t in titles)  # full name in tooltip
     assert all(len(t) <= 42 for t in texts)
 
@@ -73,7 +75,7 @@ def test_links_modes_and_state_are_drawn_in_words_and_line_styles() -> None:
     groups = {g.get("class") for g in root.iter(f"{SVG}g")}
     assert "de-d-sub de-d-paused de-d-failing" in groups
     texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
-    assert "async · billing" in texts
+    assert "async via celery · billing" in texts
     assert "paused, 3 failed, 2 held" in texts
     assert "sync" in texts
     assert {"paused", "failing", "filtered (when)"} <= set(texts)  # the legend
@@ -106,3 +108,30 @@ def test_the_wiring_page_shows_the_diagram_with_paused_marked() -> None:
     assert 'id="wiring-diagram"' in html
     assert 'class="de-d-sub de-d-paused"' in html
     assert "<script>alert" not in html
+
+
+VIA = [
+    {**SUBS[0], "name": "by-celery"},
+    {**SUBS[0], "name": "by-tasks", "queue": "mails", "via": "tasks"},
+    {**SUBS[1], "name": "here"},
+]
+
+
+def test_the_diagram_says_what_runs_each_subscription() -> None:
+    with wiring(*VIA):
+        root = parse(str(wiring_svg(describe_wiring(), {})))
+    texts = ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
+    assert {"async via celery · billing", "async via tasks · mails", "sync"} <= set(texts)
+
+
+@pytest.mark.django_db
+def test_the_wiring_page_says_what_runs_each_subscription_under_its_mode() -> None:
+    with wiring(*VIA):
+        page = user_client("view_eventrecord").get(reverse("admin:django_events_wiring"))
+    html = page.content.decode()
+    shown = r'<span class="de-mode">(\w+)</span>(?:<div class="de-origin">(via \w+)</div>)?'
+    assert sorted(set(re.findall(shown, html))) == [
+        ("async", "via celery"),
+        ("async", "via tasks"),
+        ("sync", ""),  # run in the publishing process: no via
+    ]

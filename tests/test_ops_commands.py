@@ -104,11 +104,30 @@ def test_events_list_mermaid(queue) -> None:
     chart = run("events_list", "--format", "mermaid").splitlines()
     assert chart[0] == "flowchart LR"
     assert any(re.fullmatch(r'  e\d+\(\["shop\.paid"\]\)', line) for line in chart)
-    assert any('shop-big<br/>async · big-orders"]' in line for line in chart)
+    assert any('shop-big<br/>async via celery · big-orders"]' in line for line in chart)
     assert any(
         re.fullmatch(r'  e\d+ -->\|"\{#quot;total#quot;:\{#quot;gte#quot;:1000\}\}"\| s\d+', line)
         for line in chart
     )
+
+
+def test_events_list_mermaid_says_what_runs_each_subscription() -> None:
+    """The table's VIA column, in the chart too: a celery worker or a db_worker runs it."""
+    handled = {"event": "orders.placed", "handler": RECORD}
+    subscriptions = [
+        {**handled, "name": "by-celery", "mode": "async", "queue": "billing"},
+        {**handled, "name": "by-tasks", "mode": "async", "queue": "mails", "via": "tasks"},
+        {**handled, "name": "here", "mode": "sync"},
+    ]
+    with wiring(*subscriptions):
+        chart = run("events_list", "--format", "mermaid", "--no-endpoints").splitlines()
+
+    boxes = {line.split("[", 1)[1] for line in chart if re.match(r"  s\d+\[", line)}
+    assert boxes == {
+        '"by-celery<br/>async via celery · billing"]',
+        '"by-tasks<br/>async via tasks · mails"]',
+        '"here<br/>sync"]',
+    }
 
 
 def test_events_list_refuses_state_in_mermaid_as_a_usage_error() -> None:

@@ -270,7 +270,10 @@ def test_a_delivery_held_by_its_key_shows_in_the_admin(queue: str, publish_now: 
     assert ">held<" in html
     # The wiring page counts it under its subscription, which is not paused: its key holds it.
     wired = wiring_page.content.decode()
-    assert f"{ORDERED['name']} (tests.app.handlers.record): async · {queue} · 1 held" in wired
+    assert (
+        f"{ORDERED['name']} (tests.app.handlers.record): async via celery · {queue} · 1 held"
+        in wired
+    )
 
 
 @pytest.mark.django_db(transaction=True)

@@ -1,6 +1,7 @@
 """The wiring as an SVG picture, drawn on the server from the declarations (no script, no CDN).
 
-Events on the left, subscriptions on the right, one arrow per (event, subscription) link.
+Events on the left, subscriptions on the right (their mode, what runs them: celery or tasks,
+and their queue), one arrow per (event, subscription) link.
 Everything a colour says is also said in words or line style: a paused subscription has a
 dashed box and the word "paused", a failing one a thick box and "N failed", a filtered link
 (``when``) a dashed arrow. Every name is escaped; long ones are shortened, in full in a
@@ -16,7 +17,7 @@ from typing import Any
 from django.utils.html import escape
 from django.utils.safestring import SafeString, mark_safe
 
-from django_events.wiring.describing import SubscriptionInfo, Wiring
+from django_events.wiring.describing import SubscriptionInfo, Wiring, carried
 
 ROW = 72  # vertical room of one box
 BOX_H = 62  # three lines: name, detail, state
@@ -86,7 +87,7 @@ def wiring_svg(wiring: Wiring, state: Mapping[str, Mapping[str, Any]]) -> SafeSt
         )
     for name, s in subscriptions.items():
         info = state.get(name, {})
-        detail = s.mode + (f" · {s.queue}" if s.queue else "")
+        detail = carried(s)  # async via celery · big-orders
         flags = []
         css = "de-d-sub"
         if info.get("paused"):

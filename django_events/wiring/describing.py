@@ -34,6 +34,13 @@ class SubscriptionInfo:
     via: str | None = None  # run by a worker: "celery" or "tasks" (Django's Tasks framework)
 
 
+def carried(subscription: SubscriptionInfo) -> str:
+    """How a subscription's deliveries go, in one line: its mode, what runs them and on which
+    queue (``async via celery · big-orders``, ``webhook via tasks · hooks``, ``sync``)."""
+    via = f" via {subscription.via}" if subscription.via else ""
+    return subscription.mode + via + (f" · {subscription.queue}" if subscription.queue else "")
+
+
 @dataclass(frozen=True)
 class EventInfo:
     """One declared event and the subscriptions it reaches."""

@@ -6,7 +6,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from django_events.wiring.describing import EndpointInfo, SubscriptionInfo, Wiring
+from django_events.wiring.describing import EndpointInfo, SubscriptionInfo, Wiring, carried
 
 FORMATS = ("table", "json", "mermaid")
 
@@ -108,8 +108,7 @@ def as_mermaid(wiring: Wiring) -> str:
         node_ids[event.name] = f"e{i}"
         lines.append(f'  e{i}(["{_label(event.name)}"])')
     for j, s in enumerate(_unique_subscriptions(wiring)):
-        detail = s.mode + (f" · {s.queue}" if s.queue else "")
-        lines.append(f'  s{j}["{_label(s.name)}<br/>{_label(detail)}"]')
+        lines.append(f'  s{j}["{_label(s.name)}<br/>{_label(carried(s))}"]')
         for event in wiring.events:
             if any(x.name == s.name for x in event.subscriptions):
                 arrow = f'-->|"{_label(_compact(s.when))}"|' if s.when is not None else "-->"
