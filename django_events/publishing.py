@@ -20,7 +20,7 @@ from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch
 from django_events.delivery.execution import run_handler
 from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
-from django_events.exceptions import InvalidPayload, UnknownEvent
+from django_events.exceptions import InterceptorError, InvalidPayload, UnknownEvent
 from django_events.interceptors.base import run_send
 from django_events.models import EventRecord
 from django_events.wiring.compiled import Registry, Subscription
@@ -95,7 +95,7 @@ def _prepare_all(registry: Registry, items: Iterable[Any]) -> list[Outgoing]:
     try:
         for item in items:
             batch.append(_prepare(registry, *_unpack(item)))
-    except (InvalidPayload, UnknownEvent, TypeError) as exc:
+    except (InvalidPayload, UnknownEvent, InterceptorError, TypeError) as exc:
         # Items often share an event name: say which one (an index, as items may be a
         # generator). Still the exception raised, with its attributes (name, problems).
         exc.args = (f"publish_many() item at index {len(batch)}: {exc}",)

@@ -15,7 +15,14 @@ from django.db import transaction
 from django.test import override_settings
 from django.utils import timezone
 
-from django_events import InvalidPayload, UnknownEvent, apublish_many, publish, publish_many
+from django_events import (
+    InterceptorError,
+    InvalidPayload,
+    UnknownEvent,
+    apublish_many,
+    publish,
+    publish_many,
+)
 from django_events.delivery import broker, marking
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
@@ -305,6 +312,20 @@ def test_publish_many_names_the_item_whose_name_or_headers_are_wrong(
     assert str(info.value) == f"publish_many() item at index 0: {message}"
     assert not EventRecord.objects.exists()
     assert not HandlerRun.objects.exists()
+
+
+def test_publish_many_names_the_item_an_interceptor_refused(db: None) -> None:
+    items = [("orders.placed", {**PAYLOAD, "order_id": n}) for n in (1, 2, 3)]
+    with (
+        wiring(SYNC, PIPELINE=["tests.app.interceptors.RefusesOrderTwo"]),
+        pytest.raises(InterceptorError) as info,
+    ):
+        publish_many(items)
+    assert str(info.value) == (
+        "publish_many() item at index 1: Interceptor tests.app.interceptors.RefusesOrderTwo "
+        "refused event 'orders.placed': ValueError: order 2 is on hold"
+    )
+    assert not EventRecord.objects.exists()
 
 
 def test_payload_must_be_json(db: None) -> None:
