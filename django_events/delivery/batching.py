@@ -28,7 +28,7 @@ from django.db.backends.base.base import BaseDatabaseWrapper
 
 from django_events.delivery import postgresql
 from django_events.logs import log_extra
-from django_events.models import Delivery
+from django_events.models import Delivery, EventRecord
 
 logger = logging.getLogger("django_events.worker")
 
@@ -221,12 +221,23 @@ def _write_one(connection: BaseDatabaseWrapper, row: Success) -> int:
     try:
         _insert(connection, [row])
     except IntegrityError:
-        logger.exception(
-            "Could not record the successful delivery of event %s to %s",
-            row[0],
-            row[1],
-            extra={**log_extra(None, row[1]), "event_id": str(row[0])},
-        )
+        extra = {**log_extra(None, row[1]), "event_id": str(row[0])}
+        if EventRecord.objects.using(connection.alias).filter(pk=row[0]).exists():
+            logger.exception(
+                "Could not record the successful delivery of event %s to %s",
+                row[0],
+                row[1],
+                extra=extra,
+            )
+        else:  # the usual cause, said plainly: the database's own error adds nothing
+            logger.error(
+                "Could not record the successful delivery of event %s to %s: the event's "
+                "record is gone (events_prune deleted it while the message waited, or it is "
+                "in another database); the handler ran",
+                row[0],
+                row[1],
+                extra=extra,
+            )
         return 0
     return 1
 

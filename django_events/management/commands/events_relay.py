@@ -119,7 +119,9 @@ class Command(BaseCommand):
                 continue
             outage.passed()
             if result.sent or result.retried or result.resent or result.unsent > unsent_before:
-                self.stdout.write(self._relayed(result, result.unsent))
+                # This pass's count: the records younger than --min-age are not in it.
+                left = f"{result.unsent} not taken by the broker (left pending)"
+                self.stdout.write(self._relayed(result, left))
             unsent_before = result.unsent
             # The broker did not take everything: it is down (broker.health logs it once).
             delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
@@ -134,10 +136,10 @@ class Command(BaseCommand):
         )
 
     @staticmethod
-    def _relayed(result: RelayResult, pending: int) -> str:
+    def _relayed(result: RelayResult, left: str) -> str:
         retries = f" and {result.retried} due retry(ies)" if result.retried else ""
         resent = f"; resent {result.resent} delivery(ies) with no outcome" if result.resent else ""
-        return f"Relayed {result.sent} event(s){retries}; {pending} still pending{resent}."
+        return f"Relayed {result.sent} event(s){retries}; {left}{resent}."
 
     def _one_shot(self, options: dict[str, Any]) -> None:
         """Send every record pending when the run started; account for each one left."""
@@ -169,7 +171,8 @@ class Command(BaseCommand):
         left = self._pending(options).count()
         newer = self._pending(options).filter(occurred_at__gt=started).count() if left else 0
         versions = pending_of_newer_versions(started, options["database"]) if left else 0
-        self.stdout.write(self._relayed(RelayResult(total, retried=retried, resent=resent), left))
+        relayed = RelayResult(total, retried=retried, resent=resent)
+        self.stdout.write(self._relayed(relayed, f"{left} still pending"))
         if newer:
             self.stdout.write(
                 f"  {newer} dated after this run started (published meanwhile, or a "
