@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from unittest.mock import ANY
 
 import pytest
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, connections, transaction
 from django.test import override_settings
 from django.utils import timezone
 from opentelemetry import trace
@@ -374,6 +376,114 @@ def test_metrics_after_one_success_and_one_failure(monkeypatch) -> None:
     [(_, lag)] = points["django_events.relay.lag"]
     assert pending.value == 1 == EventRecord.objects.filter(status="pending").count()
     assert 0 < lag.value < 60
+
+
+def gauges(reader: InMemoryMetricReader) -> dict[str, float]:
+    """The outbox gauges' values of one collection (absent: their callback failed)."""
+    data = reader.get_metrics_data()
+    return {
+        metric.name: point.value
+        for resource in (data.resource_metrics if data else [])
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        for point in metric.data.data_points
+        if metric.name.startswith("django_events.")
+    }
+
+
+def pending_record(age: timedelta) -> EventRecord:
+    ident = uuid.uuid4()
+    return EventRecord.objects.create(
+        id=ident,
+        name="orders.placed",
+        payload=PAYLOAD,
+        correlation_id=ident,
+        status="pending",
+        occurred_at=timezone.now() - age,
+    )
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        [pid] = cursor.fetchone()
+    return int(pid)
+
+
+def backend_alive(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone() is not None
+
+
+@pytest.mark.postgresql  # one connection ending another's
+@pytest.mark.django_db(transaction=True)
+def test_the_outbox_gauges_report_again_once_the_collecting_threads_connection_broke() -> None:
+    """The SDK's reader collects in a thread of its own: when the database ends that
+    thread's connection (a restart, a failover), the next collection opens a new one."""
+    reader = InMemoryMetricReader()
+    Metrics(meter_provider=MeterProvider([reader]))
+    pending_record(timedelta(hours=1))
+    collector = ThreadPoolExecutor(1)  # one thread, as the SDK's PeriodicExportingMetricReader
+    try:
+        before = collector.submit(gauges, reader).result()
+        pid = collector.submit(backend_pid).result()
+        with connection.cursor() as cursor:  # what a database restart does to that thread
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+        wait_for(lambda: not backend_alive(pid), what="the collecting thread's backend to end")
+        after = collector.submit(gauges, reader).result()
+        again = collector.submit(gauges, reader).result()
+    finally:
+        collector.submit(connections.close_all).result()
+        collector.shutdown()
+
+    for collected in (before, after, again):
+        assert collected.keys() == {"django_events.outbox.pending", "django_events.relay.lag"}
+        assert collected["django_events.outbox.pending"] == 1
+        assert 3600 <= collected["django_events.relay.lag"] < 3660
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_outbox_gauges_report_again_once_the_database_is_back() -> None:
+    """A collection while the database cannot be reached reports no gauge; the first one
+    after it is back reports both."""
+    reader = InMemoryMetricReader()
+    Metrics(meter_provider=MeterProvider([reader]))
+    pending_record(timedelta(hours=1))
+    reachable = connection.settings_dict
+
+    def reach(settings_dict: dict[str, Any]) -> None:
+        connection.close()
+        connection.settings_dict = settings_dict  # this thread's connection only
+
+    collector = ThreadPoolExecutor(1)
+    try:
+        collector.submit(reach, {**reachable, "NAME": "no-such-directory/database"}).result()
+        down = collector.submit(gauges, reader).result()
+        collector.submit(reach, reachable).result()
+        back = collector.submit(gauges, reader).result()
+    finally:
+        collector.submit(connections.close_all).result()
+        collector.shutdown()
+
+    assert down == {}
+    assert back.keys() == {"django_events.outbox.pending", "django_events.relay.lag"}
+    assert back["django_events.outbox.pending"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_outbox_gauges_leave_a_broken_transactions_connection_to_its_owner() -> None:
+    """Collected in a thread inside a transaction that can run no more queries (a test's,
+    collecting in the main thread): no gauge, and the transaction keeps its connection."""
+    reader = InMemoryMetricReader()
+    Metrics(meter_provider=MeterProvider([reader]))
+    with transaction.atomic():
+        pending_record(timedelta(hours=1))
+        with transaction.atomic():
+            transaction.set_rollback(True)  # no more queries until this block ends
+            assert gauges(reader) == {}
+        pending_record(timedelta(hours=2))  # the transaction goes on: its connection is open
+    assert gauges(reader)["django_events.outbox.pending"] == 2
 
 
 def test_without_the_extra_nothing_is_imported_and_publishing_works() -> None:

@@ -336,12 +336,39 @@ class Metrics:
 
 
 def _pending_records() -> tuple[int, datetime | None]:
+    from django.db import DatabaseError, connections, router
+
+    from django_events.models import EventRecord
+
+    # The SDK's reader collects in a thread of its own, where nothing closes a broken
+    # connection as Django does around each request: closed here, or every later collection
+    # would fail on it, the database back or not. Not inside a transaction (a test's, when
+    # the test collects in its own thread): that connection is the transaction owner's.
+    alias = router.db_for_read(EventRecord)
+    connection = connections[alias]
+    reused = connection.connection is not None
+    try:
+        return _count_pending(alias)
+    except DatabaseError:
+        if connection.in_atomic_block:
+            raise
+        connection.close()
+        if not reused:  # a new connection failed: the database is down, no use trying again
+            raise
+    # The connection broke since the last collection (a restart, a failover): once more, on
+    # a new one, so that this collection reports if the database is back.
+    return _count_pending(alias)
+
+
+def _count_pending(alias: str) -> tuple[int, datetime | None]:
     from django.db.models import Count, Min
 
     from django_events.models import EventRecord
 
-    found = EventRecord.objects.filter(status=EventRecord.Status.PENDING).aggregate(
-        count=Count("pk"), oldest=Min("occurred_at")
+    found = (
+        EventRecord.objects.using(alias)
+        .filter(status=EventRecord.Status.PENDING)
+        .aggregate(count=Count("pk"), oldest=Min("occurred_at"))
     )
     return int(found["count"]), found["oldest"]
 
