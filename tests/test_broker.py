@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import socket
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import StringIO
 
 import pytest
+from celery import Celery
 from django.core.management import CommandError, call_command
 
 from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries
@@ -22,6 +26,45 @@ from tests.conftest import wiring
 from tests.ops import shop_wiring
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db]
+
+# A broker that closes every connection it accepts (its URL set by the `closing_broker` fixture).
+closing = Celery("tests-closing", set_as_current=False)
+closing.conf.update(accept_content=["json"], broker_connection_timeout=3)
+
+
+class _ClosingBroker:
+    """A loopback port that accepts each connection and closes it at once, counting them."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # the listener closed
+                return
+            self.accepted += 1  # before the close the client waits for
+            client.close()
+
+    def close(self) -> None:
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+
+
+@pytest.fixture
+def closing_broker() -> Iterator[_ClosingBroker]:
+    broker = _ClosingBroker()
+    closing.conf.broker_url = f"amqp://guest:guest@127.0.0.1:{broker.port}//"
+    try:
+        yield broker
+    finally:
+        broker.close()
 
 
 def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
@@ -117,3 +160,18 @@ def test_a_publish_after_a_failed_resend_still_says_its_events_stay_pending(
     assert errors[1].startswith("Broker unreachable; 1 event(s) stay pending for events_relay: ")
     assert "Connection refused" in errors[1]
     assert {EventRecord.objects.get(pk=e.id).status for e in later} == {"pending"}
+
+
+def test_a_broker_that_drops_every_connection_fails_a_commit_at_once(
+    closing_broker: _ClosingBroker, queue: str, publish_now
+) -> None:
+    # The publisher's own connect policy: one reconnect at once when an outage starts, none
+    # while it is known. Not kombu's defaults for a channel, which try again 2 s, then 4 s
+    # later for as long as the connect timeout (3 s here) has not passed: 6 s of a commit.
+    with shop_wiring(queue, CELERY_APP="tests.test_broker.closing"):
+        first = publish_now("shop.paid", {"order_id": 1})
+        assert closing_broker.accepted == 2
+        time.sleep(BrokerHealth.first_probe + 0.1)  # the next publisher probes the broker
+        second = publish_now("shop.paid", {"order_id": 2})
+        assert closing_broker.accepted == 3
+    assert {EventRecord.objects.get(pk=e.id).status for e in (first, second)} == {"pending"}

@@ -397,7 +397,7 @@ def _send(
     rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"
     kept: _Confirming | None = None
     try:
-        with _producer(app, confirm) as (producer, confirms, kept):
+        with _producer(app, confirm, policy) as (producer, confirms, kept):
             for event, durable, subscriptions in items:
                 message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
@@ -508,7 +508,7 @@ class _Confirming:
     (`confirm_publish`, if the app sets it) would take the acks that PublisherConfirms counts.
     """
 
-    def __init__(self, app: Celery) -> None:
+    def __init__(self, app: Celery, policy: Mapping[str, Any]) -> None:
         options = {**(app.conf.broker_transport_options or {}), "confirm_publish": False}
         self.app = app
         self.connection = app.connection_for_write(transport_options=options)
@@ -520,6 +520,12 @@ class _Confirming:
         # Batches whose confirms the marker collects: (alias, event ids, deadline).
         self.batches: list[tuple[str, set[UUID], float]] = []
         try:
+            # Connect with the send's retry policy: the channel would connect with kombu's
+            # defaults (tries 2 s, then 4 s apart until the connect timeout has passed), seconds
+            # of a commit against a broker that refuses connections. Bounded by one connect
+            # timeout in all, as kombu's are: a broker that never answers is not tried twice.
+            bound = self.connection.connect_timeout  # kombu takes fractional seconds; stubs: int
+            self.connection.ensure_connection(timeout=bound, **policy)  # type: ignore[arg-type]
             self.producer = app.amqp.Producer(self.connection)
             self.confirms = PublisherConfirms.start(self.producer.channel)
         except BaseException:
@@ -681,7 +687,7 @@ def _confirms_transport(app: Celery) -> bool:
 
 @contextmanager
 def _producer(
-    app: Celery, confirm: bool
+    app: Celery, confirm: bool, policy: Mapping[str, Any]
 ) -> Iterator[tuple[Any, PublisherConfirms | None, _Confirming | None]]:
     if not confirm or not _confirms_transport(app):
         with app.producer_or_acquire() as producer:
@@ -694,7 +700,7 @@ def _producer(
         kept.pop(id(app))
         entry = None
     if entry is None:
-        entry = kept[id(app)] = _Confirming(app)
+        entry = kept[id(app)] = _Confirming(app, policy)
     with entry.lock:
         try:
             yield entry.producer, entry.confirms, entry
