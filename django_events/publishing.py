@@ -78,8 +78,8 @@ def publish_many(items: Iterable[Any], *, using: str | None = None) -> list[Even
     Each item is an ``@event`` instance, or a ``(name, payload)`` or
     ``(name, payload, headers)`` tuple (``(instance, None, headers)`` for an instance with
     headers). Every item is validated before anything happens: an ``InvalidPayload``,
-    ``UnknownEvent`` or ``TypeError`` (a malformed item, headers that are not strings) names
-    the item by its index.
+    ``UnknownEvent``, ``InterceptorError`` or ``TypeError`` (a malformed item, headers that
+    are not strings) names the item by its index.
     """
     registry = get_registry()
     try:
@@ -202,7 +202,7 @@ def _prepare(registry: Registry, event: Any, payload: Any, headers: Any) -> Outg
     tasks: Sequence[Subscription] = compiled.tasks
     if compiled.has_filters:  # else every subscription gets the event: no `when` to run
         sync, async_, tasks = accepted(sync, data), accepted(async_, data), accepted(tasks, data)
-    hooks = _endpoints_for(compiled.name)  # webhook endpoints registered at run time
+    hooks = _outlet.endpoints_for(compiled.name)  # webhook endpoints registered at run time
     if hooks:
         async_ = [*async_, *(h for h in hooks if h.via != "tasks")]
         tasks = [*tasks, *(h for h in hooks if h.via == "tasks")]
@@ -251,10 +251,6 @@ class Outlet:
 
 
 _outlet = Outlet()
-# `_outlet.endpoints_for`, called through a global that `use_outlet` keeps in step: called
-# on the instance, a function in its dict is looked up unspecialised each time (+1% of
-# figure 1's instructions); through a global, no more than `endpoints.for_event` was.
-_endpoints_for = _outlet.endpoints_for
 
 
 @contextmanager
@@ -264,15 +260,13 @@ def use_outlet(**changes: Any) -> Iterator[Outlet]:
     The fields left out stay as the enclosing block set them: a capture inside which
     `events_eager` is entered still captures, whichever was entered first.
     """
-    global _outlet, _endpoints_for
+    global _outlet
     previous = _outlet
     _outlet = replace(previous, **changes)
-    _endpoints_for = _outlet.endpoints_for
     try:
         yield _outlet
     finally:
         _outlet = previous
-        _endpoints_for = previous.endpoints_for
 
 
 def _tasks_in_transaction(alias: str) -> bool:
