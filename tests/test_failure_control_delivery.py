@@ -213,6 +213,9 @@ def test_a_resumed_delivery_of_an_event_recorded_only_on_failure_is_recorded(
         lambda: Delivery.objects.filter(event_id__in=ids, status="held").count() == 2,
         what="2 held deliveries",
     )
+    # Both runs ended: a worker still between writing its held row and reading the pauses
+    # again would see the resume and run that delivery itself (`_hold`), not the resume.
+    wait_idle(wired.process)
     assert resume("fc-quiet").sent == 2
     wait_for(
         lambda: Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == 2,
