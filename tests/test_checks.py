@@ -526,6 +526,33 @@ def test_a_misspelt_redact_path_in_a_manifest_is_W112_at_its_line(tmp_path: Path
         )
 
 
+@pytest.mark.parametrize(
+    ("when", "where", "outcome"),
+    [
+        ({"not": {"total": {"gtee": 1000}}}, "not.total", "it always matches"),
+        ({"not": {"not": {"total": {"gtee": 1000}}}}, "total", "it never matches"),
+        (
+            {"any": [{"count": 1}, {"not": {"total": {"gtee": 1000}}}]},
+            "not.total",
+            "it always matches",
+        ),
+    ],
+)
+def test_W108_says_what_a_comparison_under_a_not_makes_the_filter_do(
+    when: dict[str, Any], where: str, outcome: str
+) -> None:
+    with sold(when):
+        [message] = checks.check_configuration()
+
+    assert (message.id, message.msg) == (
+        "django_events.W108",
+        f"Subscription 's': when.{where} compares with the object {{\"gtee\": 1000}}, but event "
+        f"'shop.sold' declares 'total' as number: {outcome}",
+    )
+    # What the filter does with a payload whose total is a number (count 2: any's other fails).
+    assert compile_filter(when)({"total": 5, "count": 2}) == (outcome == "it always matches")
+
+
 def sold(when: dict[str, Any], event: str = "shop.sold") -> AbstractContextManager[Any]:
     """A subscription with ``when`` to ``event``, among shop.sold (SCHEMA) and shop.other."""
     other = {"schema": {"type": "object", "properties": {"total": {"type": "string"}}}}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from datetime import UTC, date
 from difflib import get_close_matches
@@ -35,7 +35,6 @@ from django_events.wiring.filters import (
     FilterError,
     comparisons,
     compile_filter,
-    object_comparisons,
 )
 from django_events.wiring.manifest import Manifest, load_manifest, parse_settings
 from django_events.wiring.validation import PayloadValidator
@@ -478,10 +477,14 @@ def _object_comparisons(
     declaration: SubscriptionDeclaration, events: list[CompiledEvent]
 ) -> list[Problem]:
     """A ``when`` key compared with an object where the event's schema says the value is no
-    object: never true, most likely an operator misspelt (``{gtee: 1000}``)."""
+    object: never true, most likely an operator misspelt (``{gtee: 1000}``). Under a ``not``,
+    the filter then always matches."""
     assert declaration.when is not None
     problems = []
-    for path, value in object_comparisons(declaration.when):
+    for path, op, value, negated in comparisons(declaration.when):
+        if op is not None or not isinstance(value, Mapping):
+            continue  # an operator, or a plain value that is no object: W114's
+        outcome = "it always matches" if negated else "it never matches"
         for compiled in events:
             declared = _property_schema(compiled.declaration.schema, path)
             types = declared.get("type") if isinstance(declared, dict) else None
@@ -491,10 +494,10 @@ def _object_comparisons(
             problems.append(
                 _problem(
                     "W108",
-                    f"Subscription {declaration.name!r}: when.{path} compares with the object "
-                    f"{json.dumps(value, default=str)}, but event {compiled.name!r} declares "
-                    f"{path!r} as "
-                    f"{' or '.join(map(str, types))}: it never matches",
+                    f"Subscription {declaration.name!r}: {_where(path, None, negated)} "
+                    f"compares with the object {json.dumps(value, default=str)}, but event "
+                    f"{compiled.name!r} declares {path!r} as "
+                    f"{' or '.join(map(str, types))}: {outcome}",
                     f"A misspelt operator? They are {', '.join(OPERATORS)}; a mapping with "
                     "none of them is a plain value.",
                     declaration.origin,

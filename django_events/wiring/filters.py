@@ -132,21 +132,6 @@ def _compile_operator(op: str, expected: Any, path: str) -> Callable[[Any], bool
     return lambda actual: compare(actual, expected)
 
 
-def object_comparisons(when: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
-    """The (payload path, mapping) pairs of a valid ``when`` that compare a value for equality
-    with an object (a mapping with no operator key: often an operator misspelt)."""
-    found: list[tuple[str, Mapping[str, Any]]] = []
-    for key, value in when.items():
-        if key in ("any", "all"):
-            for item in value:
-                found += object_comparisons(item)
-        elif key == "not":
-            found += object_comparisons(value)
-        elif isinstance(value, Mapping) and not any(k in OPERATORS for k in value):
-            found.append((key, value))
-    return found
-
-
 def comparisons(
     when: Mapping[str, Any], negated: bool = False
 ) -> list[tuple[str, str | None, Any, bool]]:
