@@ -553,6 +553,53 @@ def test_W108_says_what_a_comparison_under_a_not_makes_the_filter_do(
     assert compile_filter(when)({"total": 5, "count": 2}) == (outcome == "it always matches")
 
 
+@pytest.mark.parametrize(
+    ("path", "declared"),
+    [("tags.0", "string"), ("x_ref", "string"), ("items.0.sku", "string")],
+)
+def test_W108_finds_the_field_as_the_filter_does(path: str, declared: str) -> None:
+    # An array's item by its index, a patternProperties name: as W113 and W114 find them.
+    with sold({path: {"gtee": 1}}):
+        [message] = checks.check_configuration()
+
+    assert (message.id, message.msg) == (
+        "django_events.W108",
+        f"Subscription 's': when.{path} compares with the object {{\"gtee\": 1}}, but event "
+        f"'shop.sold' declares {path!r} as {declared}: it never matches",
+    )
+
+
+def test_W108_goes_by_the_json_form_of_a_pydantic_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    # `when` sees model_dump(mode="json"): field names (not aliases), a Decimal as a string; an
+    # optional field's type is an anyOf.
+    monkeypatch.setattr(typed, "_declared", typed.declared_event_types())
+
+    @typed.event("shop.paid")
+    class Paid(BaseModel):
+        amount_cents: int = Field(alias="amountCents")
+        amount: decimal.Decimal
+        count: int | None = None
+
+    shown = "(in the JSON form of an instance)"
+    for path, declared in (
+        ("amount_cents", "integer"),
+        ("amount", "string"),
+        ("count", "integer or null"),
+    ):
+        when = {path: {"gtee": 1}}
+        with wiring({"event": "shop.paid", "handler": RECORD, "name": "big", "when": when}):
+            [message] = checks.check_configuration()
+        assert (message.id, message.msg) == (
+            "django_events.W108",
+            f"Subscription 'big': when.{path} compares with the object {{\"gtee\": 1}}, but "
+            f"event 'shop.paid' declares {path!r} as {declared} {shown}: it never matches",
+        )
+    # An alias is never in the JSON form: W113 says so, and no type is said for it.
+    when = {"amountCents": {"gtee": 1}}
+    with wiring({"event": "shop.paid", "handler": RECORD, "name": "big", "when": when}):
+        assert [m.id for m in checks.check_configuration()] == ["django_events.W113"]
+
+
 def sold(when: dict[str, Any], event: str = "shop.sold") -> AbstractContextManager[Any]:
     """A subscription with ``when`` to ``event``, among shop.sold (SCHEMA) and shop.other."""
     other = {"schema": {"type": "object", "properties": {"total": {"type": "string"}}}}

@@ -486,24 +486,32 @@ def _object_comparisons(
             continue  # an operator, or a plain value that is no object: W114's
         outcome = "it always matches" if negated else "it never matches"
         for compiled in events:
-            declared = _property_schema(compiled.declaration.schema, path)
-            types = declared.get("type") if isinstance(declared, dict) else None
-            types = [types] if isinstance(types, str) else types
-            if not isinstance(types, list) or "object" in types:
-                continue
+            types = _declared_types_at(compiled.declaration, path)
+            if types is None or "object" in types:
+                continue  # not declared (W113's), or nothing told: it may be an object
+            shown = " or ".join(types)
+            if _is_pydantic(compiled.declaration):
+                shown += " (in the JSON form of an instance)"
             problems.append(
                 _problem(
                     "W108",
                     f"Subscription {declaration.name!r}: {_where(path, None, negated)} "
                     f"compares with the object {json.dumps(value, default=str)}, but event "
-                    f"{compiled.name!r} declares {path!r} as "
-                    f"{' or '.join(map(str, types))}: {outcome}",
+                    f"{compiled.name!r} declares {path!r} as {shown}: {outcome}",
                     f"A misspelt operator? They are {', '.join(OPERATORS)}; a mapping with "
                     "none of them is a plain value.",
                     declaration.origin,
                 )
             )
     return problems
+
+
+def _declared_types_at(declaration: EventDeclaration, path: str) -> list[str] | None:
+    """The JSON types the schema of what ``when`` sees declares at ``path``, found as the
+    filter finds it (``items.0.sku``, ``patternProperties``); None if it tells none."""
+    schema = _filtered_schema(declaration)
+    found = declared_path(schema, path, lists="index")
+    return _declared_types(schema, found.schema) if found.declared else None
 
 
 def _when_field_problems(
@@ -797,18 +805,6 @@ def _matches(pattern: str, key: str) -> bool:
         return re.search(pattern, key) is not None
     except re.error:  # not Python's flavour of regex: as if it matched (nothing told)
         return True
-
-
-def _property_schema(schema: object, path: str) -> object:
-    """The schema of the property at ``path`` (dots for nesting), or None if not declared."""
-    root = schema
-    for step in path.split("."):
-        schema = _local_ref(root, schema)
-        properties = schema.get("properties") if isinstance(schema, dict) else None
-        if not isinstance(properties, dict) or step not in properties:
-            return None
-        schema = properties[step]
-    return _local_ref(root, schema)
 
 
 def schema_path(schema: object, path: str) -> bool | None:
