@@ -382,25 +382,23 @@ def check_endpoints(
     **kwargs: Any,
 ) -> list[CheckMessage]:
     """Enabled webhook endpoints need httpx, as webhook subscriptions do (E324); no endpoint's
-    URL may have a user name or password (E326).
+    URL may have a user name or password (E326); workers send them, as W209 tells of.
 
     They are rows: read only when the checks may query a database (``databases``: ``manage.py
     check --database default``, and ``migrate`` before it migrates).
     """
     if not databases:
         return []
-    from django.db import connections, router
+    from django.db import router
 
     from django_events.models import WebhookEndpoint, has_credentials
 
     messages: list[CheckMessage] = []
     for alias in databases:
-        connection = connections[alias]
         if not router.allow_migrate_model(alias, WebhookEndpoint):
             continue
-        with connection.cursor() as cursor:
-            if WebhookEndpoint._meta.db_table not in connection.introspection.table_names(cursor):
-                continue  # not migrated yet: no endpoint
+        if not _has_endpoints_table(alias):
+            continue  # not migrated yet: no endpoint
         rows = WebhookEndpoint.objects.using(alias)
         urls = rows.filter(url__contains="@").values_list("url", flat=True)
         with_credentials = sum(1 for url in urls if has_credentials(url))
@@ -425,7 +423,36 @@ def check_endpoints(
                     id="django_events.E324",
                 )
             )
-    return messages
+    return messages + _endpoints_on_workers(databases)
+
+
+def _has_endpoints_table(alias: str) -> bool:
+    """Whether the database ``alias`` has WebhookEndpoint's table (migrated)."""
+    from django.db import connections
+
+    from django_events.models import WebhookEndpoint
+
+    connection = connections[alias]
+    with connection.cursor() as cursor:
+        return WebhookEndpoint._meta.db_table in connection.introspection.table_names(cursor)
+
+
+def _endpoints_on_workers(databases: Sequence[str]) -> list[CheckMessage]:
+    """W209 for the enabled endpoints of the database publishers read them from, which
+    workers send to, when no declared subscription has told it already (check_database)."""
+    from django.db import router
+
+    from django_events.models import WebhookEndpoint
+
+    late = _event_log_locking_late()
+    if late is None or _subscriptions_on_workers() or not _on_workers(conf.DELIVERY):
+        return []
+    alias = router.db_for_read(WebhookEndpoint)
+    if alias not in databases or not _has_endpoints_table(alias):
+        return []
+    if not WebhookEndpoint.objects.using(alias).filter(enabled=True).exists():
+        return []
+    return [_workers_share_sqlite(*late)]
 
 
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
@@ -672,9 +699,18 @@ _SQLITE_ENGINES = ("sqlite3", "spatialite")
 def check_database(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Workers write to the event log while the web process does: on SQLite a transaction
     that reads before it writes (the admin's retry, a replay) fails at once with "database is
-    locked" unless it takes the write lock at BEGIN, where the busy timeout applies."""
-    if not any(s.is_queued for s in checked_registry().subscriptions.values()):
+    locked" unless it takes the write lock at BEGIN, where the busy timeout applies.
+
+    Webhook endpoints are rows: ``check_endpoints`` tells of them, where checks read rows."""
+    late = _event_log_locking_late()
+    if late is None or not _subscriptions_on_workers():
         return []
+    return [_workers_share_sqlite(*late)]
+
+
+def _event_log_locking_late() -> tuple[str, object] | None:
+    """The event log's alias and transaction_mode when it is SQLite that takes the write lock
+    at a transaction's first write; None otherwise (nothing connects)."""
     from django.db import connections, router
 
     from django_events.models import Delivery
@@ -682,20 +718,39 @@ def check_database(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
     alias = router.db_for_write(Delivery)
     database = connections.settings[alias]
     if not str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES):
-        return []
+        return None
     mode = (database.get("OPTIONS") or {}).get("transaction_mode")
-    if str(mode).upper() in _LOCKS_AT_BEGIN:
-        return []
-    return [
-        Warning(
-            f"Database {alias!r} (the event log's) is SQLite "
-            + ("without a transaction_mode" if mode is None else f"with transaction_mode {mode!r}")
-            + ", and workers write to it while this process does: a transaction that "
-            "reads before it writes (the admin's retry, events_replay) fails at once with "
-            '"database is locked"',
-            hint=f'Add "transaction_mode": "IMMEDIATE" (and "timeout": 20) to '
-            f"DATABASES[{alias!r}]['OPTIONS'], or use PostgreSQL.",
-            obj="DATABASES",
-            id="django_events.W209",
-        )
-    ]
+    return None if str(mode).upper() in _LOCKS_AT_BEGIN else (alias, mode)
+
+
+def _subscriptions_on_workers() -> bool:
+    """Whether a declared subscription's deliveries run in worker processes."""
+    queued = {s.via for s in checked_registry().subscriptions.values() if s.is_queued}
+    return any(_on_workers(via) for via in queued)
+
+
+def _on_workers(via: str) -> bool:
+    """Whether deliveries ``via`` celery or tasks run in worker processes: not with a task
+    backend that runs them in the publishing process (ImmediateBackend), or never."""
+    if via != "tasks":
+        return True
+    try:
+        from django_events.delivery import tasks_backend
+
+        return tasks_backend.has_workers(tasks_backend.backend())
+    except Exception:  # noqa: BLE001 - an unusable backend is E210's: counted as having workers
+        return True
+
+
+def _workers_share_sqlite(alias: str, mode: object) -> Warning:
+    return Warning(
+        f"Database {alias!r} (the event log's) is SQLite "
+        + ("without a transaction_mode" if mode is None else f"with transaction_mode {mode!r}")
+        + ", and workers write to it while this process does: a transaction that "
+        "reads before it writes (the admin's retry, events_replay) fails at once with "
+        '"database is locked"',
+        hint=f'Add "transaction_mode": "IMMEDIATE" (and "timeout": 20) to '
+        f"DATABASES[{alias!r}]['OPTIONS'], or use PostgreSQL.",
+        obj="DATABASES",
+        id="django_events.W209",
+    )

@@ -1773,8 +1773,10 @@ class EventLogOnOther:
 
 
 @contextmanager
-def _event_log_on_sqlite_locking_late(*subscriptions: dict[str, Any]) -> Iterator[None]:
-    with override_settings(DATABASE_ROUTERS=[EventLogOnOther()]), wiring(*subscriptions):
+def _event_log_on_sqlite_locking_late(
+    *subscriptions: dict[str, Any], **keys: Any
+) -> Iterator[None]:
+    with override_settings(DATABASE_ROUTERS=[EventLogOnOther()]), wiring(*subscriptions, **keys):
         yield
 
 
@@ -1822,6 +1824,79 @@ def test_W209_knows_each_sqlite_backend_of_django_and_its_transaction_modes(
         messages = checks.check_database()
 
     assert [m.id for m in messages] == (["django_events.W209"] if warned else [])
+
+
+VIA_TASKS = {**ASYNC, "via": "tasks", "retry": {"max_attempts": 1}}  # no E211 on any backend
+WEBHOOK_VIA_TASKS = {
+    "event": "orders.placed",
+    "mode": "webhook",
+    "url": "https://example.com/in",
+    "secret": "WHSEC_W209",
+    "via": "tasks",
+    "retry": {"max_attempts": 1},
+}
+
+
+@pytest.mark.parametrize(
+    ("subscriptions", "backend", "warned"),
+    [
+        # ImmediateBackend runs each task inside enqueue(), in the publishing process (Django's
+        # default TASKS): no worker writes, as with sync subscriptions.
+        ([VIA_TASKS], "immediate", False),
+        ([WEBHOOK_VIA_TASKS], "immediate", False),
+        ([WEBHOOK_VIA_TASKS], "default", True),
+        ([VIA_TASKS], "dummy", False),  # DummyBackend keeps tasks and never runs them
+        ([VIA_TASKS], "default", True),  # the database backend's db_worker processes write
+        ([VIA_TASKS, {**ASYNC, "name": "on-celery"}], "immediate", True),  # Celery's workers
+    ],
+)
+def test_W209_leaves_out_a_task_backend_that_runs_no_worker(
+    subscriptions: list[dict[str, Any]], backend: str, warned: bool
+) -> None:
+    dummy = {
+        "BACKEND": f"{settings.TASKS['immediate']['BACKEND'].rsplit('.', 2)[0]}.dummy.DummyBackend"
+    }
+    with (
+        override_settings(TASKS={**settings.TASKS, "dummy": dummy}),
+        _event_log_on_sqlite_locking_late(*subscriptions, TASKS_BACKEND=backend),
+    ):
+        messages = checks.check_database()
+
+    assert [m.id for m in messages] == (["django_events.W209"] if warned else [])
+
+
+def test_W209_counts_the_enabled_webhook_endpoints_where_checks_read_the_database() -> None:
+    # Endpoints are rows: their deliveries run on workers too, but only a check that may read a
+    # database sees them (`check --database`, `migrate`), in the database that holds them.
+    from django.core.checks import run_checks
+
+    from django_events.delivery.endpoints import create_endpoint
+    from django_events.models import WebhookEndpoint
+
+    def w209(**kwargs: Any) -> list[str]:
+        checked = run_checks(tags=["django_events"], **kwargs)
+        return [m.msg for m in checked if m.id == "django_events.W209"]
+
+    warning = (
+        "Database 'other' (the event log's) is SQLite without a transaction_mode, and workers "
+        "write to it while this process does: a transaction that reads before it writes (the "
+        'admin\'s retry, events_replay) fails at once with "database is locked"'
+    )
+    with _event_log_on_sqlite_locking_late():  # no async or webhook subscription
+        create_endpoint("https://hooks.example.com/in", ["orders.*"])  # in "other", as routed
+        assert w209() == []  # no row read without `databases`
+        assert w209(databases=["default"]) == []  # not the database that holds them
+        assert w209(databases=["other"]) == [warning]
+        for database in ([], ["--database", "other"]):
+            err = StringIO()
+            call_command("check", *database, stdout=StringIO(), stderr=err)
+            assert ("(django_events.W209)" in err.getvalue()) == bool(database)
+        with wiring(ASYNC):  # warned once, by the subscription
+            assert w209(databases=["other"]) == [warning]
+        with wiring(DELIVERY="tasks", TASKS_BACKEND="immediate"):  # sent by the publisher
+            assert w209(databases=["other"]) == []
+        WebhookEndpoint.objects.using("other").update(enabled=False)  # sent nothing
+        assert w209(databases=["other"]) == []
 
 
 def test_a_filesystem_broker_whose_folder_does_not_exist_is_W206() -> None:

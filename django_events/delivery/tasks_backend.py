@@ -38,6 +38,13 @@ except ImportError:  # Django 5.2: the backport
 logger = logging.getLogger("django_events.tasks")
 
 DB_BACKENDS = ("django_tasks_db.backend.DatabaseBackend", "django_tasks_db.DatabaseBackend")
+# Backends with no worker process: ImmediateBackend runs each task inside enqueue(), in the
+# process that enqueues it (Django's default TASKS); DummyBackend keeps it and never runs it.
+NO_WORKER_BACKENDS = frozenset(
+    f"{package}.backends.{name}"
+    for package in ("django.tasks", "django_tasks")
+    for name in ("immediate.ImmediateBackend", "dummy.DummyBackend")
+)
 
 SendItem = tuple[Event, bool, Sequence[Subscription]]
 
@@ -88,6 +95,13 @@ def backend() -> Any:
 def is_database_backend(value: Any) -> bool:
     cls = type(value)
     return f"{cls.__module__}.{cls.__qualname__}" in DB_BACKENDS
+
+
+def has_workers(value: Any) -> bool:
+    """Whether the backend's tasks run in worker processes, not in the one that enqueues them
+    (a subclass of ImmediateBackend or DummyBackend counts as its base)."""
+    names = {f"{cls.__module__}.{cls.__qualname__}" for cls in type(value).__mro__}
+    return not names & NO_WORKER_BACKENDS
 
 
 def enqueues_in_transaction(alias: str) -> bool:
