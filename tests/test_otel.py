@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -13,11 +15,18 @@ from unittest.mock import ANY
 import pytest
 from django.conf import settings
 from django.db import connection, connections, transaction
+from django.db.backends.signals import connection_created
 from django.test import override_settings
 from django.utils import timezone
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.semconv._incubating.attributes import messaging_attributes as msg
 from opentelemetry.semconv._incubating.metrics import messaging_metrics
 from opentelemetry.semconv.attributes import (
@@ -416,11 +425,103 @@ def backend_alive(pid: int) -> bool:
         return cursor.fetchone() is not None
 
 
+class HeldExporter(MetricExporter):
+    """Holds the SDK reader's thread after each collection until the test has looked, and
+    notes then whether that thread's database connection is open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.turn = threading.Barrier(2, timeout=30)  # reader and test meet twice an export
+        self.open: list[bool] = []
+        self.thread: int | None = None
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self.thread = threading.get_ident()
+        self.open.append(connection.connection is not None)  # this thread's connection
+        try:
+            self.turn.wait()  # collected: the test looks
+            self.turn.wait()  # the test has looked
+        except threading.BrokenBarrierError:  # the test is done (the reader's last export)
+            connections.close_all()
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        """Nothing to release (the test lets the reader's thread go)."""
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("max_age", [0, 60])
+def test_the_readers_thread_keeps_its_connection_as_long_as_conn_max_age_says(
+    max_age: int, monkeypatch
+) -> None:
+    """The SDK's PeriodicExportingMetricReader collects in a thread no request starts or
+    ends: its connection is closed after each collection with CONN_MAX_AGE = 0 (Django's
+    default), kept for the next ones with a CONN_MAX_AGE that keeps it."""
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", max_age)  # every thread's
+    exporter = HeldExporter()
+    opened: list[tuple[int, int | None]] = []  # (thread, backend pid) of each new connection
+
+    def note(sender: Any, connection: Any, **kwargs: Any) -> None:
+        pid = None
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_backend_pid()")
+                [pid] = cursor.fetchone()
+        opened.append((threading.get_ident(), pid))
+
+    connection_created.connect(note)
+    provider = MeterProvider([PeriodicExportingMetricReader(exporter, 50)])
+    Metrics(meter_provider=provider)
+    kept = 0 if max_age == 0 else 1  # connections the reader's thread keeps between collections
+    postgresql = connection.vendor == "postgresql"
+    looks = []  # at each look: the connections the reader's thread opened so far, those alive
+    try:
+        for _ in range(3):
+            exporter.turn.wait()  # a collection is done; the reader waits
+            pids = [pid for thread, pid in opened if thread == exporter.thread]
+            looks.append((len(pids), live_backends(pids, kept) if postgresql else kept))
+            exporter.turn.wait()
+    finally:
+        exporter.turn.abort()  # lets the reader's thread go, to its end
+        provider.shutdown()
+        connection_created.disconnect(note)
+
+    assert exporter.open[:3] == [bool(kept)] * 3
+    opened_by_then = [count for count, _ in looks]
+    if max_age == 0:  # new connections each collection, closed by its end
+        assert opened_by_then[0] > 0 and opened_by_then == sorted(set(opened_by_then))
+    else:  # one connection for every collection
+        assert opened_by_then == [1] * 3
+    assert [alive for _, alive in looks] == [kept] * 3
+
+
+def live_backends(pids: list[int | None], expected: int) -> int:
+    """How many of the backends ``pids`` are alive, once ``expected`` are (a backend ends a
+    moment after its client closed the connection), or after 5 s."""
+    deadline = time.monotonic() + 5
+    while True:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", [pids])
+            [count] = cursor.fetchone()
+        if count == expected or time.monotonic() > deadline:
+            return int(count)
+        time.sleep(0.05)
+
+
 @pytest.mark.postgresql  # one connection ending another's
 @pytest.mark.django_db(transaction=True)
-def test_the_outbox_gauges_report_again_once_the_collecting_threads_connection_broke() -> None:
-    """The SDK's reader collects in a thread of its own: when the database ends that
-    thread's connection (a restart, a failover), the next collection opens a new one."""
+def test_the_outbox_gauges_report_again_once_the_collecting_threads_connection_broke(
+    monkeypatch,
+) -> None:
+    """The SDK's reader collects in a thread of its own: when the database ends the
+    connection that thread keeps (a restart, a failover), the next collection opens a new
+    one."""
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 60)  # every thread's
     reader = InMemoryMetricReader()
     Metrics(meter_provider=MeterProvider([reader]))
     pending_record(timedelta(hours=1))

@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     from opentelemetry import metrics, propagate, trace
@@ -36,6 +36,9 @@ from django_events.events import Event, current_attempt
 from django_events.wiring.compiled import Subscription
 from django_events.wiring.redaction import redact_text
 from django_events.wiring.registry import get_registry
+
+if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
 
 INSTRUMENTATION = "django_events"
 # The version of the OpenTelemetry semantic conventions the names below follow.
@@ -336,20 +339,30 @@ class Metrics:
 
 
 def _pending_records() -> tuple[int, datetime | None]:
-    from django.db import DatabaseError, connections, router
+    from django.db import connections, router
 
     from django_events.models import EventRecord
 
-    # The SDK's reader collects in a thread of its own, where nothing closes a broken
-    # connection as Django does around each request: closed here, or every later collection
-    # would fail on it, the database back or not. Not inside a transaction (a test's, when
-    # the test collects in its own thread): that connection is the transaction owner's.
+    # The SDK's reader collects in a thread of its own, which no request starts or ends: its
+    # connection is closed here as Django closes a request's, before and after each query.
     alias = router.db_for_read(EventRecord)
     connection = connections[alias]
+    _close_if_unusable_or_obsolete(connection)
+    try:
+        return _pending_records_on(connection, alias)
+    finally:
+        _close_if_unusable_or_obsolete(connection)
+
+
+def _pending_records_on(connection: BaseDatabaseWrapper, alias: str) -> tuple[int, datetime | None]:
+    from django.db import DatabaseError
+
     reused = connection.connection is not None
     try:
         return _count_pending(alias)
     except DatabaseError:
+        # Not inside a transaction (a test's, when the test collects in its own thread):
+        # that connection is the transaction owner's.
         if connection.in_atomic_block:
             raise
         connection.close()
@@ -358,6 +371,19 @@ def _pending_records() -> tuple[int, datetime | None]:
     # The connection broke since the last collection (a restart, a failover): once more, on
     # a new one, so that this collection reports if the database is back.
     return _count_pending(alias)
+
+
+def _close_if_unusable_or_obsolete(connection: BaseDatabaseWrapper) -> None:
+    """What `django.db.close_old_connections` does at the start and end of each request, to
+    this one connection: close it if it failed or ``CONN_MAX_AGE`` has passed (0: at once).
+    Not while the thread holds a transaction on it: the gauges may be collected in a thread
+    doing other work (a test's transaction, collecting in the test's thread)."""
+    if (
+        connection.in_atomic_block
+        or connection.autocommit != connection.settings_dict["AUTOCOMMIT"]
+    ):
+        return
+    connection.close_if_unusable_or_obsolete()
 
 
 def _count_pending(alias: str) -> tuple[int, datetime | None]:
