@@ -519,6 +519,33 @@ def test_unreachable_broker_leaves_the_record_pending_and_commits(caplog) -> Non
 
 
 @pytest.mark.django_db(transaction=True)
+def test_an_outage_is_one_celery_apps_and_another_apps_sends_do_not_end_it(caplog) -> None:
+    # Two Celery apps in one process, the broker of one down: the other's sends succeed
+    # without saying the outage ended, and the next probe of the first says nothing new.
+    caplog.set_level(logging.DEBUG, logger="django_events.broker")
+
+    def publish_with(app: str) -> Event:
+        with wiring(ASYNC, CELERY_APP=app), transaction.atomic():
+            return publish("orders.placed", PAYLOAD)
+
+    down = publish_with("tests.brokers.unreachable")
+    sent = publish_with("tests.celery_app.app")  # in memory
+    time.sleep(broker.BrokerHealth.first_probe + 0.1)  # the next publisher probes the broker
+    still_down = publish_with("tests.brokers.unreachable")
+    said = [
+        (r.levelname, r.getMessage().partition(";")[0])
+        for r in caplog.records
+        if r.name == "django_events.broker" and r.levelno >= logging.INFO
+    ]
+    assert said == [("ERROR", "Broker unreachable")]
+    assert [EventRecord.objects.get(pk=e.id).status for e in (down, sent, still_down)] == [
+        "pending",
+        "dispatched",
+        "pending",
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_broker_url_whose_transport_does_not_load_leaves_the_record_pending(caplog) -> None:
     # "redsi://": kombu cannot load the transport. publish() and the commit raise nothing,
     # as for a broker that is down; the record waits for the relay; the log says why.

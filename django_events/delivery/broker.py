@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -109,14 +109,27 @@ def _redacted(event_name: str) -> tuple[str, ...]:
     return compiled.declaration.redact if compiled is not None else ()
 
 
+@dataclass
+class _Outage:
+    """One Celery app's outage: when its publishers may try the broker next, the interval,
+    the fates already logged at ERROR (`BrokerHealth.failed`'s ``sent_again``), the error."""
+
+    next_try: float
+    interval: float
+    error: BaseException
+    told: set[bool] = field(default_factory=set)
+
+
 class BrokerHealth:
     """Remembers an outage so it is logged once, not once per event: once for the events a
     publisher leaves pending, once for the deliveries not sent again (each says its fate).
 
-    During an outage publishers try the broker at most once per probe interval (per Celery
-    app; from 0.5 s, doubling up to 10 s while it lasts); the others leave their events
-    pending at once instead of each waiting out a connect timeout against a broker that does
-    not answer. The relay always tries.
+    During an outage publishers try the broker at most once per probe interval (from 0.5 s,
+    doubling up to 10 s while it lasts); the others leave their events pending at once
+    instead of each waiting out a connect timeout against a broker that does not answer. The
+    relay always tries. Kept per Celery app (the app that sends): an app's outage, its
+    probes, its log lines and its end are its own; another app's sends neither wait for it
+    nor end it, even on the same broker.
     """
 
     first_probe = 0.5
@@ -124,66 +137,73 @@ class BrokerHealth:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.down = False
-        self._probes: dict[int, tuple[float, float]] = {}  # id(app) -> (next try, interval)
-        # The fates logged at ERROR in this outage (`failed`'s ``sent_again``), and its error.
-        self._told: set[bool] = set()
-        self._error: BaseException | None = None
+        self._outages: dict[int, _Outage] = {}  # id(app) -> its outage, while it lasts
 
     def reset(self) -> None:
-        """Forget any outage (tests)."""
+        """Forget every outage (tests)."""
         with self._lock:
-            self.down = False
-            self._probes.clear()
-            self._told.clear()
-            self._error = None
+            self._outages.clear()
+
+    def is_down(self, app: object) -> bool:
+        """Whether ``app``'s last send failed (its outage is known)."""
+        return id(app) in self._outages
 
     def may_try(self, app: object) -> bool:
         """Whether a publisher should try the broker now (if so, later ones wait)."""
-        if not self._probes:  # no outage: every publish passes here, so no lock
+        if not self._outages:  # no outage: every publish passes here, so no lock
             return True
         with self._lock:
-            probe = self._probes.get(id(app))
-            if probe is None:
+            outage = self._outages.get(id(app))
+            if outage is None:
                 return True
             now = time.monotonic()
-            if now < probe[0]:
+            if now < outage.next_try:
                 return False
-            self._probes[id(app)] = (now + probe[1], probe[1])
+            outage.next_try = now + outage.interval
             return True
 
     def failed(
         self,
         exc: BaseException,
         events: Sequence[Event],
-        app: object = None,
+        app: object,
         *,
         sent_again: bool = False,
     ) -> None:
-        """The broker failed a send of ``events``; ``sent_again``: deliveries sent again from
-        their rows (a retry, replay or resume, the relay's), whose caller says what becomes
-        of them (recorded failed, or left due for the relay), not new events left pending.
-        No ``events`` (a connection lost while reading confirms, which its caller logs): the
-        outage is noted, and the first send that leaves events behind says so at ERROR."""
+        """The broker of ``app`` failed a send of ``events``; ``sent_again``: deliveries sent
+        again from their rows (a retry, replay or resume, the relay's), whose caller says what
+        becomes of them (recorded failed, or left due for the relay), not new events left
+        pending. No ``events`` (a connection lost while reading confirms, which its caller
+        logs): the outage is noted, and the first send that leaves events behind says so at
+        ERROR."""
         with self._lock:
-            self.down, self._error = True, exc
-            if app is not None:
-                previous = self._probes.get(id(app))
-                interval = min(previous[1] * 2, self.max_probe) if previous else self.first_probe
-                self._probes[id(app)] = (time.monotonic() + interval, interval)
+            outage = self._outages.get(id(app))
+            if outage is None:
+                outage = _Outage(time.monotonic() + self.first_probe, self.first_probe, exc)
+                self._outages[id(app)] = outage
+            else:
+                outage.interval = min(outage.interval * 2, self.max_probe)
+                outage.next_try, outage.error = time.monotonic() + outage.interval, exc
         if events:
-            self._report(events, sent_again, tried=True)
+            self._report(events, outage, sent_again, tried=True)
 
-    def passed_over(self, events: Sequence[Event], *, sent_again: bool = False) -> None:
-        """A send of ``events`` not tried (the outage's probe interval); as `failed`."""
-        self._report(events, sent_again, tried=False)
+    def passed_over(
+        self, events: Sequence[Event], app: object, *, sent_again: bool = False
+    ) -> None:
+        """A send of ``events`` not tried (``app``'s probe interval); as `failed`."""
+        self._report(events, self._outages.get(id(app)), sent_again, tried=False)
 
-    def _report(self, events: Sequence[Event], sent_again: bool, *, tried: bool) -> None:
+    def _report(
+        self, events: Sequence[Event], outage: _Outage | None, sent_again: bool, *, tried: bool
+    ) -> None:
         # A resend's failure says "not sent again": the first events a publisher then leaves
         # pending are said at ERROR too, or the log would hide that they wait for the relay.
+        # No outage: a send that succeeded ended it since this one was passed over.
         with self._lock:
-            first, error = sent_again not in self._told, self._error
-            self._told.add(sent_again)
+            first = outage is not None and sent_again not in outage.told
+            if outage is not None:
+                outage.told.add(sent_again)
+        error = outage.error if outage is not None else None
         extra = batch_log_extra(events)
         fate = (
             "delivery(ies) not sent again"
@@ -204,14 +224,14 @@ class BrokerHealth:
         else:
             logger.debug("Broker down; %d %s without trying", len(events), fate, extra=extra)
 
-    def succeeded(self, app: object = None) -> None:
-        if self.down or self._probes:
-            with self._lock:
-                was_down, self.down = self.down, False
-                self._probes.pop(id(app), None)
-                self._told.clear()
-            if was_down:
-                logger.warning("Broker reachable again", extra=log_extra())
+    def succeeded(self, app: object) -> None:
+        """The broker of ``app`` took a send: its outage, if any, is over."""
+        if not self._outages:  # no outage: every send passes here, so no lock
+            return
+        with self._lock:
+            outage = self._outages.pop(id(app), None)
+        if outage is not None:
+            logger.warning("Broker reachable again", extra=log_extra())
 
 
 health = BrokerHealth()
@@ -314,12 +334,12 @@ def _send_deliveries(
     # The relay always tries: it is what finds the broker back.
     if not always_try and not health.may_try(app):
         not_sent = [event for event, _, _ in items]
-        health.passed_over(not_sent, sent_again=prior_attempts is not None)
+        health.passed_over(not_sent, app, sent_again=prior_attempts is not None)
         return _refused(items), False
     # One reconnect for a stale pooled connection; none during a known outage, so that
     # publishers fail fast (each attempt is bounded by Celery's broker_connection_timeout).
     policy = {
-        "max_retries": 0 if health.down else 1,
+        "max_retries": 0 if health.is_down(app) else 1,
         "interval_start": 0,
         "interval_step": 0.2,
         "interval_max": 0.2,
