@@ -23,19 +23,25 @@ from django_events.models import EventRecord
 from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.conftest import wiring
-from tests.ops import shop_wiring
+from tests.ops import drain, shop_wiring
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db]
 
-# A broker that closes every connection it accepts (its URL set by the `closing_broker` fixture).
-closing = Celery("tests-closing", set_as_current=False)
-closing.conf.update(accept_content=["json"], broker_connection_timeout=3)
+# Brokers that close every connection they accept (their URLs set by the `closing_broker`
+# fixture): an app a transport, as a publisher remembers each app's.
+closing_amqp = Celery("tests-closing-amqp", set_as_current=False)
+closing_redis = Celery("tests-closing-redis", set_as_current=False)
+for _closing_app in (closing_amqp, closing_redis):
+    _closing_app.conf.update(accept_content=["json"], broker_connection_timeout=3)
+CLOSING_URLS = {"amqp": "amqp://guest:guest@127.0.0.1:{}//", "redis": "redis://127.0.0.1:{}/0"}
 
 
 class _ClosingBroker:
-    """A loopback port that accepts each connection and closes it at once, counting them."""
+    """A loopback port that accepts each connection and closes it at once, counting them;
+    ``celery_app``: the path of the Celery app whose broker it is."""
 
-    def __init__(self) -> None:
+    def __init__(self, celery_app: str) -> None:
+        self.celery_app = celery_app
         self.accepted = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -57,14 +63,30 @@ class _ClosingBroker:
         self._thread.join(5)
 
 
-@pytest.fixture
-def closing_broker() -> Iterator[_ClosingBroker]:
-    broker = _ClosingBroker()
-    closing.conf.broker_url = f"amqp://guest:guest@127.0.0.1:{broker.port}//"
+@pytest.fixture(scope="module")
+def closing_brokers() -> Iterator[dict[str, _ClosingBroker]]:
+    """A closing broker a transport, for the module: a Celery app's connection pool keeps
+    its broker's URL."""
+    started: dict[str, _ClosingBroker] = {}
     try:
-        yield broker
+        for kind, app in (("amqp", closing_amqp), ("redis", closing_redis)):
+            started[kind] = _ClosingBroker(f"tests.test_broker.closing_{kind}")
+            app.conf.broker_url = CLOSING_URLS[kind].format(started[kind].port)
+        yield started
     finally:
-        broker.close()
+        for broker in started.values():
+            broker.close()
+
+
+@pytest.fixture(params=["amqp"])
+def closing_broker(
+    request: pytest.FixtureRequest, closing_brokers: dict[str, _ClosingBroker]
+) -> _ClosingBroker:
+    """The closing broker of the transport the test names (indirectly; by default AMQP),
+    with no connection counted yet."""
+    broker = closing_brokers[request.param]
+    broker.accepted = 0
+    return broker
 
 
 def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
@@ -162,16 +184,48 @@ def test_a_publish_after_a_failed_resend_still_says_its_events_stay_pending(
     assert {EventRecord.objects.get(pk=e.id).status for e in later} == {"pending"}
 
 
+@pytest.mark.parametrize(
+    ("closing_broker", "confirms"),
+    [
+        ("amqp", True),  # the publisher's own connection, kept for its confirms
+        ("amqp", False),  # a producer of Celery's pool
+        ("redis", True),  # Redis has no confirms: Celery's pool all the same
+    ],
+    ids=["amqp-confirms", "amqp-no-confirms", "redis"],
+    indirect=["closing_broker"],
+)
 def test_a_broker_that_drops_every_connection_fails_a_commit_at_once(
-    closing_broker: _ClosingBroker, queue: str, publish_now
+    closing_broker: _ClosingBroker, confirms: bool, queue: str, publish_now
 ) -> None:
     # The publisher's own connect policy: one reconnect at once when an outage starts, none
     # while it is known. Not kombu's defaults for a channel, which try again 2 s, then 4 s
     # later for as long as the connect timeout (3 s here) has not passed: 6 s of a commit.
-    with shop_wiring(queue, CELERY_APP="tests.test_broker.closing"):
+    with shop_wiring(queue, CELERY_APP=closing_broker.celery_app, PUBLISHER_CONFIRMS=confirms):
         first = publish_now("shop.paid", {"order_id": 1})
         assert closing_broker.accepted == 2
         time.sleep(BrokerHealth.first_probe + 0.1)  # the next publisher probes the broker
         second = publish_now("shop.paid", {"order_id": 2})
         assert closing_broker.accepted == 3
     assert {EventRecord.objects.get(pk=e.id).status for e in (first, second)} == {"pending"}
+
+
+@pytest.mark.parametrize("closing_broker", ["amqp", "redis"], indirect=True)
+def test_each_relay_pass_fails_at_once_on_a_broker_that_drops_every_connection(
+    closing_broker: _ClosingBroker, queue: str
+) -> None:
+    # The relay always tries, with the publishers' policy: one reconnect when an outage
+    # starts, none while it is known (with kombu's defaults: 3 connections a pass, 6 s).
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(), name="shop.paid", payload={"order_id": 1}, correlation_id=uuid.uuid4()
+    )
+    with shop_wiring(queue, CELERY_APP=closing_broker.celery_app):
+        for accepted in (2, 3, 4):
+            with pytest.raises(CommandError):
+                call_command("events_relay", "--min-age", "0", stdout=StringIO())
+            assert closing_broker.accepted == accepted
+    assert EventRecord.objects.get(pk=record.pk).status == "pending"
+    out = StringIO()
+    with shop_wiring(queue):  # the broker is back
+        call_command("events_relay", "--min-age", "0", stdout=out)
+    assert "Relayed 1 event(s); 0 still pending." in out.getvalue()
+    assert len(drain(queue)) == 1

@@ -540,12 +540,7 @@ class _Confirming:
         # Batches whose confirms the marker collects: (alias, event ids, deadline).
         self.batches: list[tuple[str, set[UUID], float]] = []
         try:
-            # Connect with the send's retry policy: the channel would connect with kombu's
-            # defaults (tries 2 s, then 4 s apart until the connect timeout has passed), seconds
-            # of a commit against a broker that refuses connections. Bounded by one connect
-            # timeout in all, as kombu's are: a broker that never answers is not tried twice.
-            bound = self.connection.connect_timeout  # kombu takes fractional seconds; stubs: int
-            self.connection.ensure_connection(timeout=bound, **policy)  # type: ignore[arg-type]
+            _connect(self.connection, policy)
             self.producer = app.amqp.Producer(self.connection)
             self.confirms = PublisherConfirms.start(self.producer.channel)
         except BaseException:
@@ -711,6 +706,7 @@ def _producer(
 ) -> Iterator[tuple[Any, PublisherConfirms | None, _Confirming | None]]:
     if not confirm or not _confirms_transport(app):
         with app.producer_or_acquire() as producer:
+            _connect(producer.connection, policy)
             yield producer, None, None
         return
     kept: dict[int, _Confirming] = _kept.__dict__.setdefault("by_app", {})
@@ -727,6 +723,18 @@ def _producer(
         except BaseException:
             _drop_confirming(app)
             raise
+
+
+def _connect(connection: Any, policy: Mapping[str, Any]) -> None:
+    """Connect ``connection``, unless it is, with the send's retry policy, bounded by one
+    connect timeout in all, as kombu's own are: a broker that never answers is not tried twice.
+
+    Left to its channel, the connection would connect with kombu's defaults (tries 2 s, then
+    4 s apart until the connect timeout has passed): about 6 s of a commit against a broker
+    that refuses connections.
+    """
+    bound = connection.connect_timeout  # kombu takes fractional seconds; its stubs say int
+    connection.ensure_connection(timeout=bound, **policy)
 
 
 def transport_kind(app: Celery) -> str:
