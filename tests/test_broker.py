@@ -14,8 +14,9 @@ from io import StringIO
 import pytest
 from celery import Celery
 from django.core.management import CommandError, call_command
+from django.utils.module_loading import import_string
 
-from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries
+from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries, waiting_messages
 from django_events.delivery.messages import TASK_NAME
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.events import Event
@@ -229,3 +230,14 @@ def test_each_relay_pass_fails_at_once_on_a_broker_that_drops_every_connection(
         call_command("events_relay", "--min-age", "0", stdout=out)
     assert "Relayed 1 event(s); 0 still pending." in out.getvalue()
     assert len(drain(queue)) == 1
+
+
+@pytest.mark.parametrize("closing_broker", ["amqp", "redis"], indirect=True)
+def test_asking_a_broker_that_drops_every_connection_about_a_queue_fails_at_once(
+    closing_broker: _ClosingBroker, queue: str
+) -> None:
+    # The relay's check for lost messages asks once per queue a pass; with kombu's defaults
+    # the channel tried again 2 s later.
+    app = import_string(closing_broker.celery_app)
+    assert waiting_messages(queue, app) is None
+    assert closing_broker.accepted == 1

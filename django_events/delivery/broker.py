@@ -752,14 +752,18 @@ def waiting_messages(queue: str, app: Celery | None = None) -> int | None:
     app = app or celery_app()
     if app is None:
         return None
+    from kombu.exceptions import OperationalError  # what a failed ensure_connection raises
+
     with app.connection_for_write() as connection:
         channel_errors: tuple[type[BaseException], ...] = tuple(connection.channel_errors)
         errors: tuple[type[BaseException], ...] = (
             *connection.connection_errors,
             *channel_errors,
+            OperationalError,
             OSError,
         )
         try:
+            _connect(connection, {"max_retries": 0})  # a question, not a send: asked once
             channel: Any = connection.channel()
         except errors:
             logger.warning(
