@@ -10,10 +10,12 @@ through a real worker is in tests/test_failure_control_delivery.py.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import OperationalError, connection
+from django.utils import timezone
 
 from django_events import publish
 from django_events.delivery import batching
@@ -22,7 +24,12 @@ from django_events.delivery.pausing import paused_names
 from django_events.delivery.worker import process_message
 from django_events.events import Event
 from django_events.models import Delivery, PausedSubscription
-from django_events.operations.pausing import pause, resume
+from django_events.operations.pausing import (
+    ORPHAN_AFTER,
+    deliver_orphaned_held,
+    pause,
+    resume,
+)
 from django_events.signals import delivery_failed
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
@@ -188,9 +195,9 @@ def test_a_message_held_by_a_stale_read_of_the_pauses_runs_once_when_resumed_mea
     assert HandlerRun.objects.filter(event_id=event.id).count() == 1
 
 
-def test_a_held_row_the_worker_cannot_take_back_is_retried_not_run() -> None:
-    """The database refuses the take-back (held -> pending): the message is retried later,
-    the handler does not run, and the row stays held for the resume or the relay."""
+def take_back_refused(message: dict[str, Any]) -> Any:
+    """Process ``message`` of subscription "sub", paused as this worker last read it, resumed
+    elsewhere meanwhile, with the database refusing the take-back of its held row."""
     table = Delivery._meta.db_table
 
     def refuse_take_back(execute, sql, params, many, context):
@@ -199,13 +206,44 @@ def test_a_held_row_the_worker_cannot_take_back_is_retried_not_run() -> None:
             raise OperationalError("connection lost")
         return execute(sql, params, many, context)
 
-    with wiring(KINDS["plain"]):
+    pause("sub")
+    assert "sub" in paused_names("default")
+    PausedSubscription.objects.filter(subscription="sub").delete()  # resumed elsewhere
+    with connection.execute_wrapper(refuse_take_back):
+        return process_message(message, 0)
+
+
+def orphaned() -> int:
+    """What the relay's pass for held rows of subscriptions not paused sends, a minute on."""
+    Delivery.objects.update(updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1))
+    return deliver_orphaned_held().sent
+
+
+@pytest.mark.parametrize("record", ["all", "failures"])
+def test_a_held_row_the_worker_cannot_take_back_is_left_to_the_relay(record: str) -> None:
+    """The database refuses the take-back (held -> pending): the message is acknowledged, not
+    retried (its retry ran the handler and, with RECORD "failures", left the row held for the
+    relay to send again: two runs), and the row stays held for the relay, which sends it.
+    Through a real worker, where it runs once: tests/test_failure_control_delivery.py."""
+    with wiring(KINDS["plain"], RECORD=record):
         event = publish("orders.placed", PAYLOAD)
-        message = build_message(event_body(event), "sub", "default")
-        pause("sub")
-        assert "sub" in paused_names("default")
-        PausedSubscription.objects.filter(subscription="sub").delete()  # resumed elsewhere
-        with connection.execute_wrapper(refuse_take_back):
-            assert process_message(message, 0).status == "retry"
-    assert row(event) == ("held", 0, "")
-    assert not HandlerRun.objects.filter(event_id=event.id).exists()
+        outcome = take_back_refused(build_message(event_body(event), "sub", "default"))
+        assert (outcome.status, outcome.retry_with) == ("held", None)
+        assert row(event) == ("held", 0, "")
+        assert not HandlerRun.objects.filter(event_id=event.id).exists()
+        assert orphaned() == 1  # claimed from held, once (a worker runs it)
+    assert row(event) == ("pending", 0, "")
+
+
+def test_an_ordered_held_row_the_worker_cannot_take_back_is_retried_through_the_gate() -> None:
+    """The relay leaves an ordered key's held rows to their turn: the message is retried (the
+    same attempt), and its claim runs the delivery, its row's key having nothing before it."""
+    with wiring(KINDS["ordered"]):
+        event = publish("orders.placed", PAYLOAD)
+        outcome = take_back_refused(build_message(event_body(event), "sub", "default"))
+        assert (outcome.status, outcome.same_attempt) == ("retry", True)
+        assert row(event) == ("held", 0, "")
+        assert process_message(outcome.retry_with, 1).status == "succeeded"
+        assert orphaned() == 0
+    assert row(event) == ("succeeded", 1, "")
+    assert HandlerRun.objects.filter(event_id=event.id).count() == 1

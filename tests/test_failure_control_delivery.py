@@ -7,17 +7,20 @@ import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from itertools import pairwise
 
 import pytest
 from django.core.management import call_command
+from django.utils import timezone
 
 from django_events import publish
 from django_events.delivery import pausing
 from django_events.models import Delivery, EventRecord
-from django_events.operations.pausing import pause, resume
+from django_events.operations.pausing import ORPHAN_AFTER, pause, resume
 from tests import brokers
 from tests.app.models import HandlerRun
+from tests.app.take_back_fault import REFUSED
 from tests.worker import WorkerProcess, start_worker, wait_for, wait_idle
 
 pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
@@ -36,7 +39,10 @@ class Worker:
 def worker(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Worker]:
     kind = request.param
     folder = tmp_path_factory.mktemp(f"worker-{kind}")
-    env = {"DJANGO_EVENTS_TEST_RECORD_FAILED_SIGNAL": "1"}
+    env = {
+        "DJANGO_EVENTS_TEST_RECORD_FAILED_SIGNAL": "1",
+        "DJANGO_EVENTS_TEST_REFUSE_TAKE_BACK": "fc-take-back",
+    }
     with start_worker(kind, folder, prefix=f"fc-{kind}", manifest=MANIFEST, env=env) as process:
         yield Worker(kind, process.queue, process)
 
@@ -243,4 +249,28 @@ def test_a_duplicate_of_a_success_meeting_a_pause_is_not_held_nor_run_again(
     wait_idle(wired.process)
     row = Delivery.objects.get(event_id=event_id, subscription="fc-once")
     assert (row.status, row.attempts) == ("succeeded", 1)
+    assert len(runs("record", event_id)) == 1
+
+
+def test_a_held_row_the_worker_cannot_take_back_runs_once_from_the_relay(wired: Worker) -> None:
+    """A resume commits just after the worker recorded the delivery held, before it read the
+    pauses again; taking its row back (held -> pending) then fails (tests/app/take_back_fault).
+    The row stays held and the message is acknowledged: the relay delivers the row as any held
+    row of a subscription no longer paused, and the handler runs once. A retry of the message
+    besides would run it too (twice; with the event recorded only on failure, its success
+    leaving the row held for the relay to send again)."""
+    pause("fc-take-back")
+    time.sleep(pausing.CACHE_SECONDS + 0.2)  # what the worker read before the pause expires
+    event_id = publish("fc.take_back", {}).id
+    wait_for(lambda: REFUSED in wired.process.log(), what="the refused take-back")
+    wait_idle(wired.process)  # a retry of the message would have run by now
+    assert runs("record", event_id) == []
+    rows = Delivery.objects.filter(event_id=event_id, subscription="fc-take-back")
+    assert rows.get().status == "held"
+    assert not pausing.paused_names("default", fresh=True)  # resumed: nothing else sends it
+
+    rows.update(updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1))
+    call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+    settled(event_id, "fc-take-back", "succeeded")
+    wait_idle(wired.process)
     assert len(runs("record", event_id)) == 1

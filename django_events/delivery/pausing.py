@@ -17,6 +17,10 @@ from django_events.logs import log_extra
 from django_events.models import PausedSubscription
 
 CACHE_SECONDS = 1.0
+#: Seconds a held row of a subscription no longer paused waits before the relay delivers it
+#: (`operations.pausing.deliver_orphaned_held`): time for the process that wrote it to take it
+#: back itself.
+ORPHAN_AFTER = 60.0
 
 logger = logging.getLogger("django_events.pausing")
 

@@ -41,7 +41,7 @@ from django_events.delivery.messages import (
     parse_message,
 )
 from django_events.delivery.migration_state import lacks_migrations
-from django_events.delivery.pausing import paused_names
+from django_events.delivery.pausing import ORPHAN_AFTER, paused_names
 from django_events.delivery.recording import (
     delivery,
     ensure_records,
@@ -507,8 +507,8 @@ def _hold(
         try:
             if _unhold(message.alias, event, subscription):
                 return None
-        except DatabaseError:
-            return Outcome("retry", retry_in=subscription.retry.delay(1), same_attempt=True)
+        except DatabaseError as exc:
+            return _take_back_failed(message.alias, event, subscription, exc)
         logger.info(
             "Subscription resumed meanwhile: the resume sends this delivery again",
             extra=log_extra(event, subscription),
@@ -525,6 +525,37 @@ def _unhold(alias: str, event: Event, subscription: Subscription) -> bool:
         event_id=event.id, subscription=subscription.name, status=Delivery.Status.HELD
     )
     return bool(rows.update(status=Delivery.Status.PENDING, updated_at=timezone.now()))
+
+
+def _take_back_failed(
+    alias: str, event: Event, subscription: Subscription, exc: DatabaseError
+) -> Outcome:
+    """The row of a subscription resumed meanwhile could not be taken back (held -> pending).
+
+    Left held for `events_relay` (`deliver_orphaned_held`), which claims it from held and
+    sends it once: the message is acknowledged, as its retry would run the handler without
+    claiming the row, and the relay then send it again. Not an ordered key's, which the relay
+    leaves to their turn: its retry's claim (the gate) runs it or holds it for its turn.
+    """
+    if isinstance(exc, _OUTAGES):
+        _close_broken(alias)
+    extra = log_extra(event, subscription)
+    if subscription.declaration.ordering_key is not None:
+        logger.warning(
+            "Subscription resumed meanwhile, but its held delivery could not be taken back "
+            "(%s): retried",
+            exc,
+            extra=extra,
+        )
+        return Outcome("retry", retry_in=subscription.retry.delay(1), error=exc, same_attempt=True)
+    logger.warning(
+        "Subscription resumed meanwhile, but its held delivery could not be taken back (%s): "
+        "events_relay sends it in %g s",
+        exc,
+        ORPHAN_AFTER,
+        extra=extra,
+    )
+    return Outcome("held")
 
 
 def _claim_turn(

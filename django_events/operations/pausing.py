@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.messages import PriorRuns
-from django_events.delivery.pausing import forget, paused_names
+from django_events.delivery.pausing import ORPHAN_AFTER, forget, paused_names
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import (
@@ -31,9 +31,6 @@ from django_events.operations.redelivery import (
 from django_events.wiring.compiled import Subscription
 
 BATCH_SIZE = 500
-#: Seconds a held row of a subscription no longer paused waits before the relay delivers it
-#: (`deliver_orphaned_held`): time for the process that wrote it to take it back itself.
-ORPHAN_AFTER = 60.0
 
 
 class PauseError(ValueError):
@@ -110,7 +107,8 @@ def deliver_orphaned_held(
     A process that read the pauses before a resume committed (a resume in an admin request's
     transaction; a read up to a second old, see `delivery.pausing`) can write a held row
     after the resume listed them. Publishers and workers take back such a row when they read
-    the pauses again, but not past a resume's uncommitted delete; nothing else would run it.
+    the pauses again, but not past a resume's uncommitted delete, nor when the database fails
+    the take-back (a worker then acknowledges the message); nothing else would run it.
     Each row is claimed from held as a resume claims it, so none runs twice.
     """
     paused = paused_names(using, fresh=True)

@@ -18,6 +18,13 @@ class TestAppConfig(AppConfig):
             from .handlers import record_failed_signal
 
             delivery_failed.connect(record_failed_signal)
+        # A worker subprocess of test_failure_control_delivery whose take-back of a held row
+        # fails for this subscription.
+        refused = os.environ.get("DJANGO_EVENTS_TEST_REFUSE_TAKE_BACK")
+        if refused:
+            from .take_back_fault import install
+
+            install(refused)
         # A worker subprocess's SUCCESS_RECORDS = "batched" interval (a db_worker's; Celery's
         # pool processes inherit it too).
         interval = os.environ.get("DJANGO_EVENTS_TEST_FLUSH_INTERVAL")
