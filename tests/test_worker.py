@@ -616,6 +616,55 @@ def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode_and_no_run(
     assert not HandlerRun.objects.filter(event_id=stored.id).exists()
 
 
+MISSING = "tests.app.no_such_module.handle"
+
+
+@pytest.mark.django_db
+def test_a_handler_that_does_not_import_is_a_failure_with_no_run_in_every_mode(
+    queue: str, publish_now
+) -> None:
+    # DESIGN: `Delivery.attempts` counts the handler's runs; a handler that does not import
+    # never ran (as a failing upcaster's). Both modes recorded 1 attempt, so a retry once the
+    # module is deployed had one run less than max_attempts.
+    missing = [{**CRM_ASYNC, "handler": MISSING}, {**CRM_SYNC, "handler": MISSING}]
+    with (
+        shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}, SUBSCRIPTIONS=missing),
+        failures_signalled() as signalled,
+    ):
+        event = publish_now("crm.placed", {"order_id": 12})  # the sync one fails at commit
+        [message] = drain(queue)
+        assert process_message(message, 0, manage_connections=False).status == "failed"
+
+    rows = Delivery.objects.filter(event_id=event.id).order_by("subscription")
+    assert [(r.subscription, r.status, r.attempts) for r in rows] == [
+        ("crm-async", "failed", 0),
+        ("crm-sync", "failed", 0),
+    ]
+    assert all(r.last_error.startswith("HandlerImportError: Handler ") for r in rows)
+    assert sorted(signalled) == [("crm-async", "async", 0), ("crm-sync", "sync", 0)]
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("prior_attempts", [0, 2])
+def test_a_subscription_not_declared_on_this_worker_records_the_runs_before_it(
+    queue: str, publish_now, prior_attempts: int
+) -> None:
+    # A message (a first send, or the retry of a delivery that ran twice) reaching a worker of
+    # a release that does not declare its subscription: nothing ran, so the runs stay as
+    # they were (they were one more).
+    from django_events.delivery.messages import build_message, event_body
+
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}), failures_signalled() as signalled:
+        event = publish_now("crm.placed", {"order_id": 13})
+        message = build_message(event_body(event), "crm-gone", "default", prior_attempts)
+        assert process_message(message, 0, manage_connections=False).status == "failed"
+
+    row = Delivery.objects.get(event_id=event.id, subscription="crm-gone")
+    assert (row.status, row.attempts) == ("failed", prior_attempts)
+    assert row.last_error == "Unknown subscription 'crm-gone': not declared on this worker"
+    assert signalled == [("crm-gone", "async", prior_attempts)]
+
+
 @pytest.mark.django_db
 def test_a_webhook_waiting_for_a_newer_worker_keeps_its_mode(
     queue: str, publish_now, settings: Any

@@ -29,7 +29,7 @@ from django_events.exceptions import RetryLater
 from django_events.logs import batch_log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.signals import send_delivery_failed
-from django_events.wiring.compiled import CompiledEvent, Subscription
+from django_events.wiring.compiled import CompiledEvent, HandlerImportError, Subscription
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.dispatch")
@@ -239,12 +239,14 @@ def run_sync_handler(
             event.id,
             exc_info=True,
         )
+        # A handler that does not import never ran: `Delivery.attempts` counts runs.
+        ran = not isinstance(exc, HandlerImportError)
         row = delivery(
             event.id,
             subscription.name,
             "sync",
             Delivery.Status.FAILED,
-            prior_attempts + 1,
+            prior_attempts + ran,
             f"{type(exc).__name__}: {exc}"
             + (SYNC_NOT_RETRIED if isinstance(exc, RetryLater) else ""),
             traceback.format_exc(),

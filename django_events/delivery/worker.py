@@ -134,11 +134,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             "Rejected a malformed django_events message (%s): %s", exc, shape, extra=log_extra()
         )
         return Outcome("rejected")
+    # What a message given up before its handler runs records: the runs before it (DESIGN:
+    # `Delivery.attempts` counts handler runs), as a sync retry records them.
+    prior_runs = attempt - 1
     event_name = message.event["name"]
     if message.version != MESSAGE_VERSION:
         return _give_up(
             message,
-            attempt,
+            prior_runs,
             f"Message format v{message.version} is unknown to this worker (it reads "
             f"v{MESSAGE_VERSION}): deploy the release that sent it, then retry the delivery",
         )
@@ -157,14 +160,14 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         # Authenticated encryption: what opens was sealed by a publisher with our keys.
         message = replace(message, event=open_event(message.event))
     except Unsealable as exc:
-        return _give_up(message, attempt, f"Cannot open the event's payload: {exc}")
+        return _give_up(message, prior_runs, f"Cannot open the event's payload: {exc}")
     if subscription is None or compiled is None:
         what = (
             f"subscription {message.subscription!r}"
             if subscription is None
             else f"event {event_name!r}"
         )
-        return _give_up(message, attempt, f"Unknown {what}: not declared on this worker")
+        return _give_up(message, prior_runs, f"Unknown {what}: not declared on this worker")
     if (
         not subscription.receives(event_name)
         if isinstance(subscription, endpoints.EndpointSubscription)
@@ -172,7 +175,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     ):
         return _give_up(
             message,
-            attempt,
+            prior_runs,
             f"Subscription {subscription.name!r} does not receive event {event_name!r} "
             "asynchronously on this worker",
         )
@@ -186,18 +189,17 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
         except UpcastError as exc:
             details = redact_text(str(exc), data, compiled.declaration.redact)
-            # The handler did not run: its count of runs as it was, as a sync retry records it.
-            return _give_up(message, attempt - 1, details)
+            return _give_up(message, prior_runs, details)
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
-            return _give_up(message, attempt, f"Malformed event in message: version {exc}")
+            return _give_up(message, prior_runs, f"Malformed event in message: version {exc}")
         event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data, compiled.declaration.redact)
-    if problems:  # the handler did not run either
-        return _give_up(message, attempt - 1, stale_payload_error(event_name, problems))
+    if problems:
+        return _give_up(message, prior_runs, stale_payload_error(event_name, problems))
     try:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:
-        return _give_up(message, attempt, f"Malformed event in message: {exc}")
+        return _give_up(message, prior_runs, f"Malformed event in message: {exc}")
     rerun = message.rerun
     if subscription.name in paused_names(message.alias):
         held = _hold(message, subscription, event, attempt)
@@ -257,7 +259,9 @@ def _wait_for_newer(
         event = event_from_body(message.event)
     except (KeyError, TypeError, ValueError):
         return _give_up(
-            message, attempt, f"Malformed event in message (it waits for a newer worker: {exc})"
+            message,
+            attempt - 1,
+            f"Malformed event in message (it waits for a newer worker: {exc})",
         )
     row = _row(
         event,
@@ -785,10 +789,14 @@ def _handler_unavailable(
     exc: HandlerImportError,
     rerun: bool,
 ) -> Outcome:
-    """The handler does not import on this worker: fail the delivery at once, no retry."""
+    """The handler does not import on this worker: fail the delivery at once, no retry.
+
+    It did not run: the row keeps the runs before this message (``attempt - 1``).
+    """
     error = f"{type(exc).__name__}: {exc}"
     tb = "".join(traceback.format_exception(exc))
-    row = _row(event, subscription, Delivery.Status.FAILED, attempt, error, tb, uncounted=uncounted)
+    runs = attempt - 1
+    row = _row(event, subscription, Delivery.Status.FAILED, runs, error, tb, uncounted=uncounted)
     keep = _finished_wins(rerun, subscription)
     recorded = _record_quietly(alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
