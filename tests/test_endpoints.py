@@ -802,6 +802,23 @@ def test_the_replay_page_delivers_the_events_of_a_time_range_again(
     assert sent_to(queue, name) == [str(events[3].id)]
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_replay_page_reads_the_event_log_where_the_router_says(admin_client, queue) -> None:
+    from django_events.models import EventRecord
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
+        endpoint, name = shop_endpoint(queue)
+        event = publish("shop.paid", {"order_id": 1}, using="other")
+        sent_to(queue, name)
+
+        answer = admin_client.post(replay_url(endpoint), {"what": "range", "since": "1h"})
+
+        assert answer.status_code == 302, answer.content.decode()
+        assert sent_to(queue, name) == [str(event.id)]
+        assert not EventRecord.objects.using("default").exists()
+
+
 @pytest.mark.parametrize(
     ("data", "error"),
     [

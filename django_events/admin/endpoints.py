@@ -34,6 +34,7 @@ from django_events.delivery import endpoints, webhooks
 from django_events.delivery.pausing import paused_names
 from django_events.logs import log_extra
 from django_events.models import (
+    EventRecord,
     Failure,
     WebhookEndpoint,
     has_credentials,
@@ -318,7 +319,11 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
                 ) % {"count": count, "summary": result.summary()}
             else:
                 matched, result = replay_events(
-                    name, events=data["events"], since=data["since"], until=data["until"]
+                    name,
+                    events=data["events"],
+                    since=data["since"],
+                    until=data["until"],
+                    using=router.db_for_write(EventRecord),
                 )
                 text = gettext("Replayed %(count)d stored event(s): %(summary)s") % {
                     "count": matched,
