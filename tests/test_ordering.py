@@ -276,6 +276,44 @@ def test_a_delivery_held_by_its_key_shows_in_the_admin(queue: str, publish_now: 
     )
 
 
+@pytest.mark.django_db
+def test_a_key_that_is_a_redacted_value_is_masked_where_held_deliveries_show(
+    queue: str, publish_now: Any
+) -> None:
+    from django.urls import reverse
+
+    from tests.test_admin import user_client
+
+    by_email = {**ORDERED, "ordering_key": "email"}
+    email = "ada@example.com"
+    with shop_wiring(queue, SUBSCRIPTIONS=[by_email]):
+        first = publish_now("shop.paid", {"order_id": 1, "email": email})
+        second = publish_now("shop.paid", {"order_id": 2, "email": email})
+        Delivery.objects.filter(event_id=first.id, subscription=ORDERED["name"]).update(
+            status="failed", attempts=1, last_error=f"RuntimeError: declined {email}"
+        )
+        [message] = [
+            m
+            for m in drain(queue)
+            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
+        ]
+        assert process_message(message, 0, manage_connections=False).status == "held"
+
+        page = user_client("view_eventrecord").get(
+            reverse("admin:django_events_eventrecord_change", args=[second.id])
+        )
+        listed, as_json = StringIO(), StringIO()
+        call_command("events_list", "--held", stdout=listed)
+        call_command("events_list", "--held", "--format", "json", stdout=as_json)
+
+    html = page.content.decode()
+    assert "#2" in html and ">held<" in html
+    assert email not in html
+    assert f"{ORDERED['name']} ['•••']: 1 held, behind {first.id}" in listed.getvalue()
+    assert "RuntimeError: declined '•••'" in listed.getvalue()
+    assert email not in listed.getvalue() + as_json.getvalue()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_ordered_publish_outside_a_transaction_takes_its_number_with_its_row(
     queue: str,

@@ -214,7 +214,8 @@ class DeliveryInline(ReadOnlyMixin, DeliveryInlineBase):
         # Ordered subscriptions (ordering_key): a held delivery waits for the lower numbers.
         if obj.sequence is None:
             return ""
-        return f"{obj.ordering_key} #{obj.sequence}"
+        # The key is a payload value, perhaps one the event redacts (ordering_key: email).
+        return f"{_masked(obj.ordering_key or '', obj)} #{obj.sequence}"
 
     @admin.display(description=_("last error"))
     def error(self, obj: Delivery) -> str:

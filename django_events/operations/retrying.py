@@ -24,6 +24,7 @@ from django_events.operations.redelivery import (
     redeliver,
 )
 from django_events.wiring.compiled import Subscription
+from django_events.wiring.redaction import redact_text
 from django_events.wiring.registry import get_registry
 
 BATCH_SIZE = 500
@@ -159,7 +160,8 @@ def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
 
 def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
     """Held deliveries by subscription and key: how many wait, behind what, and whether
-    their subscription is paused (then they wait for events_resume, whatever is ahead)."""
+    their subscription is paused (then they wait for events_resume, whatever is ahead).
+    A key or an error that is, or quotes, a value the event redacts comes masked."""
     paused = paused_names(using, fresh=True)
     rows = (
         Delivery.objects.using(using)
@@ -170,13 +172,34 @@ def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
     )
     found: list[dict[str, object]] = []
     for row in rows:
-        head = (
+        first = (
             Delivery.objects.using(using)
             .filter(subscription=row["subscription"], ordering_key=row["ordering_key"])
             .exclude(status__in=FINISHED)
             .order_by("sequence")
-            .values("event_id", "status", "attempts", "last_error")
+            .values("event_id", "status", "attempts", "last_error", "event__name", "event__payload")
             .first()
         )
+        head = None
+        if first is not None:
+            # The key is a payload value of the key's events, the head's among them, and the
+            # error may quote the payload: mask what the event redacts, as the admin does.
+            name, payload = first["event__name"], first["event__payload"]
+            if row["ordering_key"]:
+                row["ordering_key"] = masked_text(row["ordering_key"], name, payload)
+            head = {
+                "event_id": first["event_id"],
+                "status": first["status"],
+                "attempts": first["attempts"],
+                "last_error": masked_text(first["last_error"], name, payload),
+            }
         found.append({**row, "head": head, "paused": row["subscription"] in paused})
     return found
+
+
+def masked_text(text: str, name: str, payload: object) -> str:
+    """``text`` with the values that event ``name`` redacts in ``payload`` masked."""
+    compiled = get_registry().events.get(name)
+    if not text or compiled is None or not compiled.declaration.redact:
+        return text
+    return redact_text(text, payload, compiled.declaration.redact)
