@@ -1452,6 +1452,62 @@ def test_a_database_that_does_not_answer_is_a_one_line_error(command: tuple[str,
         call_command(*command, stdout=StringIO(), stderr=StringIO())
 
 
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("events_retry", "--all"),
+        ("events_replay", "shop-audit", "--since", "1h"),
+        ("events_pause", "shop-audit"),
+        ("events_resume", "shop-audit"),
+        ("events_prune", "--days", "1"),
+        ("events_list", "--held"),
+    ],
+)
+def test_a_database_without_the_log_names_the_alias_the_routers_give_it(
+    command: tuple[str, ...],
+) -> None:
+    from django.db import ProgrammingError
+    from django.test import override_settings
+
+    from tests.test_admin import EventLogElsewhere
+
+    def missing(*args: object) -> None:
+        raise ProgrammingError('relation "django_events_delivery" does not exist')
+
+    refused = pytest.raises(CommandError, match="routers write the event log to 'other'")
+    with (
+        override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]),
+        shop_wiring(),
+        connection.execute_wrapper(missing),
+        refused as raised,
+    ):
+        call_command(*command, stdout=StringIO(), stderr=StringIO())
+    assert "--database other" in str(raised.value)
+
+
+@pytest.mark.django_db
+def test_events_list_state_names_the_alias_the_routers_give_the_log() -> None:
+    from django.db import ProgrammingError
+    from django.test import override_settings
+
+    from tests.test_admin import EventLogElsewhere
+
+    def missing(*args: object) -> None:
+        raise ProgrammingError('relation "django_events_pausedsubscription" does not exist')
+
+    listed, noted = StringIO(), StringIO()
+    with (
+        override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]),
+        shop_wiring(),
+        connection.execute_wrapper(missing),
+    ):
+        call_command("events_list", "--state", "--no-endpoints", stdout=listed, stderr=noted)
+    assert "shop-audit" in listed.getvalue()  # the wiring, all the same
+    assert "Paused subscriptions unknown" in noted.getvalue()
+    assert "pass --database other" in noted.getvalue()
+
+
 def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -> None:
     """Not migrated (or the log is on another alias): no outage to wait out, for good."""
     import os

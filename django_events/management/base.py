@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DEFAULT_DB_ALIAS, DatabaseError
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, router
+
+from django_events.models import EventRecord
 
 
 class EventLogCommand(BaseCommand):
@@ -18,4 +20,15 @@ class EventLogCommand(BaseCommand):
         except DatabaseError as exc:
             alias = options.get("database") or DEFAULT_DB_ALIAS
             error = f"{type(exc).__name__}: {exc}".strip()
-            raise CommandError(f"The database {alias!r} failed: {error}") from exc
+            raise CommandError(
+                f"The database {alias!r} failed{routed_elsewhere(alias)}: {error}"
+            ) from exc
+
+
+def routed_elsewhere(alias: str) -> str:
+    """A note naming the alias the routers write the event log to, when it is not ``alias``
+    (the commands read ``--database``, ``default`` unless given); else ``""``."""
+    routed = router.db_for_write(EventRecord)
+    if routed == alias:
+        return ""
+    return f" (the routers write the event log to {routed!r}: pass --database {routed})"

@@ -8,7 +8,7 @@ from django.core.management.base import CommandParser
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 
 from django_events.delivery import endpoints
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, routed_elsewhere
 from django_events.operations.pausing import pause_state
 from django_events.operations.retrying import held_deliveries
 from django_events.wiring.describing import describe_wiring
@@ -85,10 +85,13 @@ class Command(EventLogCommand):
         if not options["state"]:
             self.stdout.write(text)
             return
+        alias = options["database"] or DEFAULT_DB_ALIAS
         try:
-            state = pause_state(using=options["database"] or DEFAULT_DB_ALIAS)
+            state = pause_state(using=alias)
         except DatabaseError as exc:  # the wiring needs no database: list it all the same
-            self.stderr.write(f"Paused subscriptions unknown (database: {exc})")
+            self.stderr.write(
+                f"Paused subscriptions unknown (database: {exc}){routed_elsewhere(alias)}"
+            )
             state = {}
         if fmt == "json":
             data = json.loads(text)

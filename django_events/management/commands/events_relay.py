@@ -10,6 +10,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
 from django.db.models import Count, Max
 from django.utils import timezone
 
+from django_events.management.base import routed_elsewhere
 from django_events.models import EventRecord
 from django_events.operations.relay import (
     DatabaseOutage,
@@ -234,4 +235,5 @@ def _refuse_without_tables(alias: str, error: DatabaseError) -> None:
         raise CommandError(
             f"The database {alias!r} has no django_events tables ({error}): run manage.py "
             f"migrate --database {alias}, or pass --database with the event log's alias"
+            f"{routed_elsewhere(alias)}"
         ) from error
