@@ -56,6 +56,23 @@ def test_a_worker_says_at_start_which_migrations_are_missing() -> None:
     )
 
 
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_missing_migrations_name_the_database_the_routers_give_the_log() -> None:
+    from django_events.delivery.migration_state import unapplied_problems
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
+        try:
+            call_command("migrate", "django_events", "0011", database="other", verbosity=0)
+            [problem] = unapplied_problems()
+        finally:
+            call_command("migrate", "django_events", database="other", verbosity=0)
+    assert problem.startswith(
+        "Database 'other' lacks django_events migration(s) 0012_delivery_uncounted: run "
+        "manage.py migrate --database other."
+    )
+
+
 @pytest.mark.django_db
 def test_a_worker_that_cannot_read_the_migrations_says_so_and_waits_for_no_migration() -> None:
     from django.db import OperationalError, connection

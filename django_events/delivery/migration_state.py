@@ -6,7 +6,7 @@ exist yet: its outcomes wait (`worker._is_outage`) until migrate runs. It says s
 
 from __future__ import annotations
 
-from django.db import DatabaseError, connections, router
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
 from django.db.migrations.loader import MigrationLoader
 
 from django_events.models import Delivery
@@ -41,8 +41,10 @@ def unapplied_problems() -> list[str]:
         return [f"Could not check django_events' migrations on database {alias!r}: {exc}"]
     if not missing:
         return []
+    # A plain migrate migrates `default` only: name another alias (the log on its own).
+    command = "manage.py migrate" + ("" if alias == DEFAULT_DB_ALIAS else f" --database {alias}")
     return [
         f"Database {alias!r} lacks django_events migration(s) {', '.join(missing)}: run "
-        "manage.py migrate. Until then this worker cannot record outcomes: each waits, "
+        f"{command}. Until then this worker cannot record outcomes: each waits, "
         "unacknowledged, for the migration"
     ]
