@@ -151,15 +151,16 @@ def check_handlers(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> l
             code, reason = "E202", str(exc)
             hint = "Add a method handle(self, event) to the class."
         except HandlerImportError as exc:
-            code, reason = ("E201" if isinstance(exc.__cause__, ImportError) else "E202"), str(exc)
-            hint = _import_hint(path, exc.__cause__) or _close_path(path) or hint
-        except Exception as exc:  # noqa: BLE001 - the handler's module raised while importing
-            code = "E201"
-            reason = f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
-            module = path.rpartition(".")[0]
-            hint = (
-                f"Its module raised while importing: python manage.py shell -c 'import {module}'."
-            )
+            cause, reason = exc.__cause__, str(exc)
+            if cause is None or isinstance(cause, ImportError):  # None: not callable
+                code = "E201" if cause is not None else "E202"
+                hint = _import_hint(path, cause) or _close_path(path) or hint
+            else:
+                code, module = "E201", path.rpartition(".")[0]
+                hint = (
+                    f"Its module raised while importing: python manage.py shell -c "
+                    f"'import {module}'."
+                )
         else:
             messages += _signature_problems(subscription, handler)
             if subscription.mode == "inline" and is_async_handler(handler):

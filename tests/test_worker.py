@@ -620,16 +620,27 @@ def test_a_failing_upcaster_is_recorded_with_the_subscriptions_mode_and_no_run(
 
 
 MISSING = "tests.app.no_such_module.handle"
+RAISES_ON_IMPORT = "tests.app.raises_on_import.handle"
 
 
 @pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("path", "why"),
+    [
+        (MISSING, "No module named 'tests.app.no_such_module'"),
+        # Not an ImportError: the worker's task raised it, with no row, and the relay sent
+        # the message again and again; the sync path counted a run.
+        (RAISES_ON_IMPORT, "RuntimeError: this module needs a setting the worker lacks"),
+    ],
+    ids=["missing", "raises-on-import"],
+)
 def test_a_handler_that_does_not_import_is_a_failure_with_no_run_in_every_mode(
-    queue: str, publish_now
+    queue: str, publish_now, path: str, why: str
 ) -> None:
     # DESIGN: `Delivery.attempts` counts the handler's runs; a handler that does not import
     # never ran (as a failing upcaster's). Both modes recorded 1 attempt, so a retry once the
     # module is deployed had one run less than max_attempts.
-    missing = [{**CRM_ASYNC, "handler": MISSING}, {**CRM_SYNC, "handler": MISSING}]
+    missing = [{**CRM_ASYNC, "handler": path}, {**CRM_SYNC, "handler": path}]
     with (
         shop_wiring(queue, EVENTS={"crm.placed": CRM_V1}, SUBSCRIPTIONS=missing),
         failures_signalled() as signalled,
@@ -643,7 +654,8 @@ def test_a_handler_that_does_not_import_is_a_failure_with_no_run_in_every_mode(
         ("crm-async", "failed", 0),
         ("crm-sync", "failed", 0),
     ]
-    assert all(r.last_error.startswith("HandlerImportError: Handler ") for r in rows)
+    expected = f"HandlerImportError: Handler {path!r} does not import: {why}"
+    assert [r.last_error for r in rows] == [expected, expected]
     assert sorted(signalled) == [("crm-async", "async", 0), ("crm-sync", "sync", 0)]
 
 

@@ -39,8 +39,8 @@ def test_worker_start_names_a_handler_that_does_not_import(worker: WorkerProcess
     ), log[-3000:]
     assert (
         "Subscription 'oc-raises' (queue '" in log
-        and "handler 'tests.app.raises_on_import.handle' raised on import: RuntimeError: this "
-        "module needs a setting the worker lacks"
+        and "Handler 'tests.app.raises_on_import.handle' does not import: RuntimeError: this "
+        "module needs a setting the worker lacks; its deliveries will fail without retry"
         in log
     ), log[-3000:]
     # Only the broken ones: the others import.

@@ -840,14 +840,6 @@ def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str |
             found.append(
                 (subscription.name, f"{where}: {exc}; its deliveries will fail without retry")
             )
-        except Exception as exc:  # noqa: BLE001 - reported; a delivery will raise it again
-            path = subscription.declaration.handler
-            found.append(
-                (
-                    subscription.name,
-                    f"{where}: handler {path!r} raised on import: {type(exc).__name__}: {exc}",
-                )
-            )
     return found
 
 

@@ -295,6 +295,10 @@ def resolve_handler(path: str) -> Handler:
         target = import_string(path)
     except ImportError as exc:
         raise HandlerImportError(f"Handler {path!r} does not import: {exc}") from exc
+    except Exception as exc:  # its module raised while importing: it does not import either
+        raise HandlerImportError(
+            f"Handler {path!r} does not import: {type(exc).__name__}: {exc}"
+        ) from exc
     if isinstance(target, type):
         handle = getattr(target, "handle", None)
         if not callable(handle):
