@@ -316,6 +316,34 @@ def test_events_eager_a_failure_ends_the_commits_later_callbacks_as_django_does(
 
 
 @pytest.mark.django_db(transaction=True)
+def test_events_eager_a_failure_runs_sync_handlers_after_and_leaves_its_records_pending() -> None:
+    """What docs/testing.md says: the failing event's sync handlers run after its async
+    deliveries (they said before); its record stays pending with those of its publish_many()
+    call, delivered as they were, and an earlier publish() of the commit is marked as usual."""
+    fails_for_2 = {**FAILING, "when": {"order_id": 2}}
+    with (
+        wiring(ASYNC, fails_for_2, SYNC),
+        events_eager(),
+        pytest.raises(RuntimeError, match="boom for 2"),
+        transaction.atomic(),
+    ):
+        first = publish("orders.placed", {"order_id": 1, "total": 1})
+        batch = publish_many([("orders.placed", {"order_id": n, "total": 1}) for n in (2, 3)])
+
+    runs = [(r.handler, r.payload["order_id"]) for r in HandlerRun.objects.order_by("id")]
+    assert runs == [
+        *[("record", 1)] * 2,  # async-record, then sync-record
+        ("record", 2),  # async-record
+        *[("always_fails", 2)] * 3,
+        ("record", 3),  # async-record: the batch's async deliveries all ran
+        ("record", 2),  # then the batch's sync handlers, the failing event's included
+        ("record", 3),
+    ]
+    statuses = dict(EventRecord.objects.values_list("pk", "status"))
+    assert statuses == {first.id: "dispatched", batch[0].id: "pending", batch[1].id: "pending"}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_events_eager_without_propagate_records_failures_like_a_worker(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
