@@ -496,6 +496,61 @@ def test_a_success_brings_back_the_event_record_pruned_while_its_message_waited(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and "worker" in r.name]
 
 
+@pytest.mark.postgresql  # SQLite's one write lock keeps events_prune waiting anyway
+@pytest.mark.django_db(transaction=True)  # the delivery and the prune: a connection each
+def test_events_prune_waits_for_an_idempotent_delivery_under_way(
+    queue: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog
+) -> None:
+    # A backlog older than the prune's in-flight threshold, and the prune runs while the
+    # handler does. PostgreSQL checks the running row's foreign key only at commit: the
+    # prune deleted the record under the handler, whose transaction then failed on it
+    # ("Handler failed (attempt 1 of 3)", an IntegrityError), and the handler ran again.
+    from django_events import publish
+
+    monkeypatch.setenv("DJANGO_EVENTS_FAULT_DIR", str(tmp_path))
+    slow = {**ONCE, "handler": "tests.app.handlers.hang_once", "idempotent": True}
+    with shop_wiring(
+        queue,
+        MANIFESTS=[],
+        EVENTS={"shop.paid": {"schema": {"type": "object"}}},
+        SUBSCRIPTIONS=[slow],
+    ):
+        paid = publish("shop.paid", {"order_id": 1, "hang": 3})
+        marking.flush()  # marked dispatched now, not after the dates below (PostgreSQL)
+        [message] = drain(queue)
+        ago = timezone.now() - timedelta(days=2)
+        EventRecord.objects.filter(pk=paid.id).update(
+            status="dispatched", occurred_at=ago, dispatched_at=ago
+        )
+        outcomes: list[str] = []
+
+        def deliver() -> None:
+            try:
+                outcomes.append(process_message(message, 0).status)
+            finally:
+                connections.close_all()
+
+        running = threading.Thread(target=deliver)
+        running.start()
+        try:
+            marker = tmp_path / f"{paid.id}-hang_once"
+            deadline = time.monotonic() + 10
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert marker.exists(), "the handler never started"
+            pruned = StringIO()
+            call_command("events_prune", "--days", "1", stdout=pruned)  # waits for the run
+        finally:
+            running.join()
+
+    assert outcomes == ["succeeded"]
+    assert HandlerRun.objects.filter(handler="hang_once", event_id=paid.id).count() == 1
+    # Then pruned, as its age says: the record and its finished delivery.
+    assert pruned.getvalue().startswith("Deleted 1 event record(s) and 1 delivery(ies)")
+    assert not EventRecord.objects.filter(pk=paid.id).exists()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "worker" in r.name]
+
+
 @pytest.mark.postgresql  # SQLite's one write lock serializes these transactions anyway
 @pytest.mark.django_db(transaction=True)  # two connections, each delivery its own transaction
 def test_an_idempotent_delivery_does_not_wait_for_another_of_its_event_to_finish(

@@ -115,6 +115,20 @@ def mark_dispatched(
         )
 
 
+def share_record(connection: BaseDatabaseWrapper, event_id: UUID) -> bool:
+    """Lock the record of ``event_id`` ``FOR KEY SHARE`` till the transaction ends; whether it
+    is there.
+
+    What a foreign key check takes, now rather than at the commit its constraint is deferred
+    to: a ``DELETE`` (events_prune's ``FOR UPDATE`` first) waits for this transaction, while
+    other deliveries of the event and the ``UPDATE`` that marks it dispatched do not. The ORM
+    has no such lock.
+    """
+    with connection.cursor() as cursor:
+        cursor.execute(_once("share", lambda: _build_share_sql(connection)), [event_id])
+        return cursor.fetchone() is not None
+
+
 def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
     """``INSERT`` one `Delivery`, or replace the outcome of its (event, subscription) row.
 
@@ -400,6 +414,14 @@ def _build_records_sql(connection: BaseDatabaseWrapper) -> str:
     # jsonb_to_recordset matches a row's keys to these names: the field names.
     return _json_rows_insert_sql(
         connection, EventRecord, {name: f"rows.{quote(name)}" for name in RECORD_FIELDS}, types
+    )
+
+
+def _build_share_sql(connection: BaseDatabaseWrapper) -> str:
+    quote = connection.ops.quote_name
+    return (
+        f"SELECT 1 FROM {quote(EventRecord._meta.db_table)} "
+        f"WHERE {quote(_column(EventRecord, 'id'))} = %s FOR KEY SHARE"
     )
 
 

@@ -739,8 +739,7 @@ def _run_idempotent(
             # Begun inside the try: a connection refused as the transaction begins (the
             # outage a closed connection meets first) ran nothing either.
             transaction_of_run.enter_context(transaction.atomic(using=alias))
-            if records_all:  # there, unless `events_prune` deleted it while the message waited
-                ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+            _keep_record(alias, event, written=not records_all)
             # Insert-or-keep, then lock: a concurrent redelivery waits here for this one.
             running = _row(
                 event, subscription, Delivery.Status.RUNNING, attempt - 1, uncounted=uncounted
@@ -777,6 +776,24 @@ def _run_idempotent(
         save_deliveries(alias, [row])
         if subscription.declaration.ordering_key is not None:
             ordering.finish(alias, event.id, subscription.name, key=key)
+
+
+def _keep_record(alias: str, event: Event, *, written: bool) -> None:
+    """Make sure the record of ``event`` is there, and stays till this transaction ends.
+
+    `events_prune` deletes it under a message that waited past its in-flight threshold, and,
+    on PostgreSQL, whose foreign keys are checked only at commit, under a handler that runs:
+    the commit would then fail, after the handler ran. There the record is locked as that
+    check locks it, so a prune waits for this run. ``written``: this delivery has just
+    committed it (no prune waits that long elsewhere: SQLite has one write lock).
+    """
+    connection = connections[alias]
+    if connection.vendor == "postgresql":
+        if not postgresql.share_record(connection, event.id):
+            ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
+            postgresql.share_record(connection, event.id)
+    elif not written:
+        ensure_records(alias, [event], EventRecord.Status.DISPATCHED)
 
 
 def _handler_unavailable(

@@ -78,9 +78,9 @@ def prune_events(
     events = deliveries = 0
     while pks := list(candidates.values_list("pk", flat=True)[:batch_size]):
         with transaction.atomic(using=using):
-            # Locked first (a replay writing their deliveries holds its records locked till it
-            # commits: this waits for it), then read again: a retry or replay may have
-            # reopened a delivery since.
+            # Locked first (a replay writing their deliveries, and on PostgreSQL an idempotent
+            # delivery under way, hold their records locked till they commit: this waits for
+            # them), then read again: a retry or replay may have reopened a delivery since.
             locked = EventRecord.objects.using(using).filter(pk__in=pks).order_by("pk")
             pks = list(locked.select_for_update().values_list("pk", flat=True))
             pks = list(
