@@ -296,8 +296,10 @@ def check_lock(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[
         if locked == current:
             return []
         changes = compare(locked, current)
-        first = str(changes[0]) if changes else "its upcasters differ"
-        reason = f"{len(changes)} change(s) since it was written; first: {first}"
+        if changes:
+            reason = f"{len(changes)} change(s) since it was written; first: {changes[0]}"
+        else:  # a hand edit no change names (its list of queues, say)
+            reason = "it differs from what events_lock writes now"
     return [
         Warning(
             f"Lock file {str(path)!r} is stale: {reason}",

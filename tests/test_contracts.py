@@ -535,6 +535,128 @@ def test_a_breaking_change_with_a_version_bump_and_an_upcaster_passes(tmp_path: 
     assert breaking and all(c["covered"] and not c["fails"] for c in breaking)
 
 
+def test_a_version_bump_with_an_upcaster_does_not_cover_a_change_to_check_by_hand(
+    tmp_path: Path,
+) -> None:
+    """docs/evolving.md: only a reviewer accepts "check by hand" (the tool cannot judge it)."""
+    v2 = schema(properties={"note": {"type": "string", "pattern": "^[a-z]+$"}})
+    code, report = compat(tmp_path, event(), event(v2, version=2, upcast={1: UP}))
+
+    assert code == 1, report
+    by_hand = [c for c in report["changes"] if c["kind"] == BY_HAND]
+    assert [(c["covered"], c["fails"]) for c in by_hand] == [(False, True)]
+
+
+@pytest.mark.parametrize(
+    ("old_upcast", "new_upcast", "kind", "message", "exit_code"),
+    [
+        ({}, {1: UP}, COMPATIBLE, f"upcaster v1 -> v2 added: {UP!r}", 0),
+        (
+            {1: UP},
+            {1: "tests.app.upcasters.add_channel"},
+            COMPATIBLE,
+            f"upcaster v1 -> v2 {UP!r} -> 'tests.app.upcasters.add_channel'",
+            0,
+        ),
+        (
+            {1: UP},
+            {},
+            REMOVED,
+            f"upcaster v1 -> v2 removed (was {UP!r}): stored and in-flight events of "
+            "version 1 reach the handlers as they are",
+            1,
+        ),
+    ],
+    ids=["added", "changed", "removed"],
+)
+def test_an_upcaster_change_is_listed(
+    tmp_path: Path,
+    old_upcast: dict[int, str],
+    new_upcast: dict[int, str],
+    kind: str,
+    message: str,
+    exit_code: int,
+) -> None:
+    """A lock stale only in its upcasters: events_compat (W130's hint) says what changed."""
+    code, report = compat(
+        tmp_path, event(version=2, upcast=old_upcast), event(version=2, upcast=new_upcast)
+    )
+
+    assert [(c["kind"], c["path"], c["message"]) for c in report["changes"]] == [
+        (kind, "$", message)
+    ]
+    assert code == exit_code
+
+
+def test_the_lock_check_names_an_upcaster_change(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(version=2, upcast={1: UP}), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    other = "tests.app.upcasters.add_channel"
+    with wiring(SUB, EVENTS=event(version=2, upcast={1: other}), MANIFESTS=[], LOCK_FILE=str(lock)):
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: 1 change(s) since it was written; first: "
+            f"COMPATIBLE: event o.placed: upcaster v1 -> v2 {UP!r} -> {other!r}"
+        ]
+
+
+def test_the_lock_check_says_so_when_no_change_explains_the_difference(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+        data = json.loads(lock.read_text())
+        lock.write_text(json.dumps({**data, "queues": ["edited"]}))
+
+        assert w130() == [
+            f"Lock file {str(lock)!r} is stale: it differs from what events_lock writes now"
+        ]
+
+
+def test_a_change_no_version_bump_covers_is_named_for_review(tmp_path: Path) -> None:
+    """A removed subscription: the summary and the error do not say to bump a version."""
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    out = StringIO()
+    with (
+        wiring({**SUB, "name": "t"}, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)),
+        pytest.raises(CommandError) as raised,
+    ):
+        call_command("events_compat", stdout=out)
+
+    assert out.getvalue().splitlines()[-1] == (
+        f"2 change(s) against {lock}, 0 breaking without a version bump and an upcaster, "
+        "1 that only a review accepts (removed, queue changed, check by hand)."
+    )
+    assert str(raised.value) == (
+        "1 change(s) that no version bump covers (removed, queue changed, check by hand): "
+        "review them, then accept them with events_lock."
+    )
+
+
+def test_both_kinds_of_failing_change_are_named(tmp_path: Path) -> None:
+    lock = tmp_path / "events.lock.json"
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    with (
+        wiring(
+            {**SUB, "queue": "other"},
+            EVENTS=event(schema(required=[])),
+            MANIFESTS=[],
+            LOCK_FILE=str(lock),
+        ),
+        pytest.raises(CommandError) as raised,
+    ):
+        call_command("events_compat", stdout=StringIO())
+
+    assert str(raised.value) == (
+        "1 breaking change(s): bump the event's version and add an upcaster "
+        "(docs/evolving.md), or review and accept with events_lock; 1 change(s) that no "
+        "version bump covers (removed, queue changed, check by hand): review them, then "
+        "accept them with events_lock."
+    )
+
+
 def test_a_version_bump_without_an_upcaster_does_not_cover_a_breaking_change(
     tmp_path: Path,
 ) -> None:

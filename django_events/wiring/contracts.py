@@ -32,6 +32,8 @@ BREAKS_BOTH = "breaking for consumers and producers"
 BY_HAND = "check by hand"
 REMOVED = "removed"
 QUEUE_CHANGED = "queue changed"
+# What a version bump with an upcaster covers; the other kinds only a reviewer accepts.
+COVERABLE = frozenset({BREAKS_CONSUMERS, BREAKS_PRODUCERS, BREAKS_BOTH})
 
 # Keywords that describe without constraining: a change to them is compatible.
 ANNOTATIONS = frozenset(
@@ -203,11 +205,31 @@ def _event_changes(subject: str, before: dict[str, Any], after: dict[str, Any]) 
     covered = new_version > old_version and any(
         str(step) in upcast for step in range(old_version, new_version)
     )
+    changes.extend(_upcaster_changes(subject, before.get("upcast") or {}, upcast))
     for kind, path, message in schema_changes:
         changes.append(
-            Change(kind, subject, format_path(path), message, covered and kind != COMPATIBLE)
+            Change(kind, subject, format_path(path), message, covered and kind in COVERABLE)
         )
     return changes
+
+
+def _upcaster_changes(
+    subject: str, before: dict[str, str], after: dict[str, str]
+) -> Iterator[Change]:
+    """Upcasters added, pointed elsewhere (compatible, as a handler changed) or removed."""
+    for step in sorted(before.keys() | after.keys(), key=int):
+        old, new = before.get(step), after.get(step)
+        label = f"upcaster v{step} -> v{int(step) + 1}"
+        if old is None:
+            yield Change(COMPATIBLE, subject, "$", f"{label} added: {new!r}")
+        elif new is None:
+            message = (
+                f"{label} removed (was {old!r}): stored and in-flight events of version "
+                f"{step} reach the handlers as they are"
+            )
+            yield Change(REMOVED, subject, "$", message)
+        elif old != new:
+            yield Change(COMPATIBLE, subject, "$", f"{label} {old!r} -> {new!r}")
 
 
 Found = tuple[str, JsonPath, str]  # kind, path in the schema, message
