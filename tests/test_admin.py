@@ -355,6 +355,35 @@ def test_errors_and_tracebacks_mask_the_events_redacted_values(admin_client, pub
 
 
 @pytest.mark.django_db
+def test_errors_of_an_event_no_longer_declared_mask_every_value(admin_client, queue) -> None:
+    """Its redact list is unknown: its errors are masked as its payload is (every value)."""
+    card = "4111111111111111"
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="shop.renamed",  # its declaration, and so its redact list, is gone
+        payload={"order_id": 9, "card": {"number": card}},
+        correlation_id=uuid.uuid4(),
+    )
+    error = f"ValueError: card {card!r} refused"
+    trace = f'Traceback (most recent call last):\n  File "x.py"\n{error}'
+    save_deliveries(
+        "default", [delivery(record.id, "shop-gone", "sync", "failed", 1, error, trace)]
+    )
+    failure = failure_of("shop-gone")
+
+    pages = [
+        admin_client.get(FAILURES),
+        admin_client.get(reverse("admin:django_events_failure_change", args=[failure.pk])),
+        admin_client.get(reverse("admin:django_events_eventrecord_change", args=[record.id])),
+    ]
+
+    for page in pages:
+        html = page.content.decode()
+        assert card not in html, page.request["PATH_INFO"]
+        assert f"card &#x27;{MASK}&#x27; refused" in html, page.request["PATH_INFO"]
+
+
+@pytest.mark.django_db
 def test_retry_selected_reruns_a_sync_handler_and_records_it(admin_client, publish_now) -> None:
     event = publish_now("shop.paid", {"order_id": 4})
     failure = failure_of("shop-ledger")

@@ -36,7 +36,13 @@ from django_events.operations.pausing import PauseError, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.wiring.describing import EndpointInfo, describe_wiring
 from django_events.wiring.listing import retry_text
-from django_events.wiring.redaction import STALE_PAYLOAD, mask_values, redact, redact_text
+from django_events.wiring.redaction import (
+    STALE_PAYLOAD,
+    mask_values,
+    mask_values_in_text,
+    redact,
+    redact_text,
+)
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.admin")
@@ -99,7 +105,9 @@ def _masked(text: str, delivery: Delivery) -> str:
     if text.startswith(STALE_PAYLOAD):  # schema errors: masked by path when recorded
         return text
     compiled = get_registry().events.get(delivery.event.name)
-    if compiled is None or not compiled.declaration.redact:
+    if compiled is None:  # which keys to redact is unknown: mask every value, as the payload
+        return mask_values_in_text(text, delivery.event.payload)
+    if not compiled.declaration.redact:
         return text
     return redact_text(text, delivery.event.payload, compiled.declaration.redact)
 

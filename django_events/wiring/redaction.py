@@ -106,6 +106,21 @@ def redact_text(text: str, data: Any, paths: Iterable[str]) -> str:
     values: set[str] = set()
     for path in paths:
         _collect(data, path.split("."), values)
+    return _mask_tokens(text, values)
+
+
+def mask_values_in_text(text: str, data: Any) -> str:
+    """Return ``text`` with every value of ``data`` masked where it appears whole.
+
+    The free-text counterpart of `mask_values`, for a payload whose ``redact`` list is
+    unknown: each value is masked as `redact_text` masks a redacted one.
+    """
+    values: set[str] = set()
+    _texts(data, values)
+    return _mask_tokens(text, values)
+
+
+def _mask_tokens(text: str, values: set[str]) -> str:
     if not values:
         return text
     # Longest first: a dict's repr holds its values' reprs, a string's repr its text.
