@@ -33,6 +33,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E001": "DJANGO_EVENTS has an invalid value",
     "django_events.W001": "DJANGO_EVENTS has an unknown key",
     "django_events.E002": "a PIPELINE entry does not import",
+    "django_events.W002": "no event is declared",
     "django_events.E101": "a manifest file is missing or unreadable",
     "django_events.E102": "a manifest has a YAML syntax error",
     "django_events.E103": "a manifest does not match the manifest schema",
@@ -113,7 +114,20 @@ def check_configuration(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
     """Settings, manifests, schemas, names and filters."""
-    messages = [to_message(p) for p in checked_registry().problems]
+    registry = checked_registry()
+    messages = [to_message(p) for p in registry.problems]
+    if not registry.events and not messages:
+        messages.append(
+            Warning(
+                "No event is declared: MANIFESTS, EVENTS and @event classes declare none, so "
+                "publish() and inbound sources have nothing to publish",
+                hint="List your manifests in DJANGO_EVENTS['MANIFESTS']. A later "
+                "DJANGO_EVENTS = {...} in settings replaces the whole dict: set one key "
+                "with DJANGO_EVENTS['DELIVERY'] = ... instead.",
+                obj="settings.DJANGO_EVENTS",
+                id="django_events.W002",
+            )
+        )
     from django.conf import settings
 
     if conf.WEBHOOKS_ALLOW_PRIVATE and not settings.DEBUG:

@@ -1491,6 +1491,25 @@ def test_warnings_alone_do_not_fail_events_check() -> None:
     assert result.stderr == ""
 
 
+def test_a_settings_dict_that_declares_no_event_is_W002() -> None:
+    # The slip a user made following the docs: `DJANGO_EVENTS = {"DELIVERY": "tasks"}` later
+    # in settings replaced the dict that held MANIFESTS; events_check said OK.
+    with override_settings(DJANGO_EVENTS={"DELIVERY": "tasks"}):
+        assert_reported(
+            (
+                "django_events.W002",
+                "settings.DJANGO_EVENTS",
+                "No event is declared: MANIFESTS, EVENTS and @event classes declare none, so "
+                "publish() and inbound sources have nothing to publish",
+            )
+        )
+
+
+def test_no_W002_when_a_manifest_that_does_not_load_says_why_itself(tmp_path: Path) -> None:
+    with override_settings(DJANGO_EVENTS={"MANIFESTS": [tmp_path / "missing.yaml"]}):
+        assert [reported[0] for reported in django_check()] == ["django_events.E101"]
+
+
 # -- settings ----------------------------------------------------------------------------------
 
 
@@ -2254,6 +2273,7 @@ def _endpoint_with_credentials(tmp_path: Path) -> Iterator[None]:
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
+    "django_events.W002": lambda _: override_settings(DJANGO_EVENTS={"DELIVERY": "tasks"}),
     "django_events.E002": lambda _: wiring(PIPELINE=["tests.app.nope.X"]),
     "django_events.E101": lambda p: wiring(MANIFESTS=[p / "missing.yaml"]),
     "django_events.E102": _manifest_text("version: 1\nevents: [\n"),
