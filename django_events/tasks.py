@@ -13,6 +13,7 @@ from django_events.conf import conf
 from django_events.delivery.failure_logs import masked_for_celery
 from django_events.delivery.messages import summary_of
 from django_events.delivery.migration_state import unapplied_problems
+from django_events.delivery.recording import event_log_alias
 from django_events.delivery.worker import (
     defer_retry,
     process_message,
@@ -63,18 +64,25 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
 
 
 @shared_task(name="django_events.relay", ignore_result=True)
-def relay(batch_size: int = 500, min_age: float = 10.0, running_after: float = 3600.0) -> int:
+def relay(
+    batch_size: int = 500,
+    min_age: float = 10.0,
+    running_after: float = 3600.0,
+    database: str | None = None,
+) -> int:
     """Send pending outbox records: schedule it with Celery beat instead of ``--loop``.
 
     Each run does what one pass of ``events_relay --loop`` does: it takes deliveries running
     for over ``running_after`` seconds for dead (``--requeue-running-after``: a ``via: tasks``
     one's task is requeued, a sync redelivery is recorded failed), then relays batches of
-    ``batch_size`` until the backlog is sent or the broker stops taking it.
+    ``batch_size`` until the backlog is sent or the broker stops taking it. ``database``
+    (``--database``): the event log's alias, by default the one the routers write it to.
     """
     from django_events.operations.relay import recover_dead_runs, relay_backlog
 
-    recover_dead_runs(older_than=running_after)
-    return relay_backlog(batch_size=batch_size, min_age=min_age).sent
+    using = event_log_alias(database)
+    recover_dead_runs(older_than=running_after, using=using)
+    return relay_backlog(batch_size=batch_size, min_age=min_age, using=using).sent
 
 
 @worker_ready.connect(dispatch_uid="django_events.report_wiring")
@@ -101,8 +109,9 @@ def _report_wiring(sender: Any = None, **kwargs: Any) -> None:
 
 
 @shared_task(name="django_events.prune", ignore_result=True)
-def prune() -> int:
-    """Delete what ``RETENTION`` no longer keeps: schedule it with Celery beat (daily)."""
+def prune(database: str | None = None) -> int:
+    """Delete what ``RETENTION`` no longer keeps: schedule it with Celery beat (daily).
+    ``database``: the event log's alias, by default the one the routers write it to."""
     from django_events.operations.pruning import prune_retained
 
-    return prune_retained().events
+    return prune_retained(using=event_log_alias(database)).events

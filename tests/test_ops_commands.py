@@ -7,6 +7,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from datetime import datetime, timedelta
 from io import StringIO
@@ -22,7 +23,7 @@ from django_events.delivery.batching import recorder
 from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.worker import process_message
-from django_events.models import Delivery, EventRecord, IdempotencyKey
+from django_events.models import Delivery, EventRecord, IdempotencyKey, PausedSubscription
 from django_events.operations.redelivery import NOT_SENT
 from django_events.signals import delivery_failed
 from tests.app.models import HandlerRun
@@ -1454,19 +1455,20 @@ def test_a_database_that_does_not_answer_is_a_one_line_error(command: tuple[str,
 
 @pytest.mark.django_db
 @pytest.mark.parametrize(
-    "command",
+    ("command", "routed"),
     [
-        ("events_retry", "--all"),
-        ("events_replay", "shop-audit", "--since", "1h"),
-        ("events_pause", "shop-audit"),
-        ("events_resume", "shop-audit"),
-        ("events_prune", "--days", "1"),
-        ("events_list", "--held"),
+        (("events_retry", "--all"), "write the event log to 'other'"),
+        (("events_replay", "shop-audit", "--since", "1h"), "write the event log to 'other'"),
+        (("events_pause", "shop-audit"), "write the event log to 'other'"),
+        (("events_resume", "shop-audit"), "write the event log to 'other'"),
+        (("events_prune", "--days", "1"), "write the event log to 'other'"),
+        (("events_list", "--held"), "read the event log from 'other'"),  # it only reads
     ],
 )
 def test_a_database_without_the_log_names_the_alias_the_routers_give_it(
-    command: tuple[str, ...],
+    command: tuple[str, ...], routed: str
 ) -> None:
+    """``--database`` names another alias than the routers' (without it: theirs)."""
     from django.db import ProgrammingError
     from django.test import override_settings
 
@@ -1475,14 +1477,14 @@ def test_a_database_without_the_log_names_the_alias_the_routers_give_it(
     def missing(*args: object) -> None:
         raise ProgrammingError('relation "django_events_delivery" does not exist')
 
-    refused = pytest.raises(CommandError, match="routers write the event log to 'other'")
+    refused = pytest.raises(CommandError, match=f"^The database 'default' failed .*{routed}")
     with (
         override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]),
         shop_wiring(),
         connection.execute_wrapper(missing),
         refused as raised,
     ):
-        call_command(*command, stdout=StringIO(), stderr=StringIO())
+        call_command(*command, "--database", "default", stdout=StringIO(), stderr=StringIO())
     assert "--database other" in str(raised.value)
 
 
@@ -1502,10 +1504,155 @@ def test_events_list_state_names_the_alias_the_routers_give_the_log() -> None:
         shop_wiring(),
         connection.execute_wrapper(missing),
     ):
-        call_command("events_list", "--state", "--no-endpoints", stdout=listed, stderr=noted)
+        call_command(
+            "events_list",
+            "--state",
+            "--no-endpoints",
+            "--database",
+            "default",
+            stdout=listed,
+            stderr=noted,
+        )
     assert "shop-audit" in listed.getvalue()  # the wiring, all the same
     assert "Paused subscriptions unknown" in noted.getvalue()
-    assert "pass --database other" in noted.getvalue()
+    assert "(the routers read the event log from 'other': pass --database other)" in (
+        noted.getvalue()
+    )
+
+
+# -- the event log on a database of its own (DATABASE_ROUTERS) -------------------------------
+
+
+def _record(alias: str, *, status: str = "dispatched", days: float = 0.0) -> EventRecord:
+    """A record of ``shop.refunded`` (sync subscriptions only) on ``alias``."""
+    at = timezone.now() - timedelta(days=days, minutes=1)
+    return EventRecord.objects.using(alias).create(
+        id=uuid.uuid4(),
+        name="shop.refunded",
+        payload={"order_id": 1},
+        correlation_id=uuid.uuid4(),
+        occurred_at=at,
+        status=status,
+        dispatched_at=None if status == "pending" else at,
+    )
+
+
+def _audit_delivery(status: str) -> Callable[[str], object]:
+    def write(alias: str) -> None:
+        record = _record(alias)
+        save_deliveries(alias, [delivery(record.pk, "shop-audit", "sync", status, 1, "Boom")])
+
+    return write
+
+
+def _audit_paused(alias: str) -> None:
+    PausedSubscription.objects.using(alias).create(subscription="shop-audit")
+
+
+def _event_log_rows(alias: str) -> int:
+    return sum(
+        model.objects.using(alias).count() for model in (EventRecord, Delivery, PausedSubscription)
+    )
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+@pytest.mark.parametrize(
+    ("command", "prepare", "expected"),
+    [
+        (
+            ("events_relay",),
+            lambda alias: _record(alias, status="pending"),
+            "Relayed 1 event(s); 0 still pending.",  # was "Relayed 0 event(s)": default's
+        ),
+        (("events_retry", "--all"), _audit_delivery("failed"), "1 ran again and succeeded"),
+        (("events_replay", "shop-audit"), _record, "Replayed 1 stored event(s) to shop-audit"),
+        (("events_pause", "shop-audit"), lambda alias: None, "Paused 'shop-audit'"),
+        (("events_resume", "shop-audit"), _audit_paused, "Resumed 'shop-audit'."),
+        (
+            ("events_prune", "--days", "1"),
+            lambda alias: _record(alias, days=2),
+            "Deleted 1 event record(s)",
+        ),
+        (("events_list", "--held"), _audit_delivery("held"), "1 held delivery(ies)"),
+        (("events_list", "--state", "--no-endpoints"), _audit_paused, "shop-audit: paused"),
+    ],
+)
+def test_the_event_log_commands_use_the_database_the_routers_give_it(
+    command: tuple[str, ...], prepare: Callable[[str], object], expected: str
+) -> None:
+    """Without --database, the alias the routers give django_events (as publish() and the
+    admin use), not default; here both databases have the tables (migrate ran on both)."""
+    from django.test import override_settings
+
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        prepare("other")
+
+        assert expected in run(*command)
+
+    assert _event_log_rows("default") == 0  # nothing written there
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_events_list_reads_where_the_routers_read_the_event_log() -> None:
+    """A replica router: the listing reads where the routers read, the others write."""
+    from django.test import override_settings
+
+    class ReadsElsewhere:
+        def db_for_read(self, model: type, **hints: object) -> str | None:
+            return "other" if model._meta.app_label == "django_events" else None
+
+    with override_settings(DATABASE_ROUTERS=[ReadsElsewhere()]), shop_wiring():
+        _audit_delivery("held")("other")
+
+        assert "1 held delivery(ies)" in run("events_list", "--held")
+        assert "Paused 'shop-audit'" in run("events_pause", "shop-audit")
+
+    assert PausedSubscription.objects.using("default").exists()  # written where it writes
+    assert not PausedSubscription.objects.using("other").exists()
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_an_explicit_database_wins_over_the_routers() -> None:
+    from django.test import override_settings
+
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        on_default = _record("default", status="pending")
+        elsewhere = _record("other", status="pending")
+
+        out = run("events_relay", "--database", "default")
+
+    assert out == "Relayed 1 event(s); 0 still pending.\n"
+    assert EventRecord.objects.using("default").get(pk=on_default.pk).status == "dispatched"
+    assert EventRecord.objects.using("other").get(pk=elsewhere.pk).status == "pending"
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_beat_tasks_use_the_database_the_routers_give_the_event_log() -> None:
+    """``django_events.relay`` and ``django_events.prune`` (Celery beat) follow the routers;
+    their ``database`` argument, as ``--database``, wins."""
+    from django.test import override_settings
+
+    from django_events.tasks import prune, relay
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        pending = _record("other", status="pending")
+        old = _record("other", days=40)  # RETENTION: 30 days
+        on_default = _record("default", status="pending")
+
+        assert relay() == 1
+        assert EventRecord.objects.using("other").get(pk=pending.pk).status == "dispatched"
+        assert EventRecord.objects.using("default").get(pk=on_default.pk).status == "pending"
+        assert prune() == 1
+        assert not EventRecord.objects.using("other").filter(pk=old.pk).exists()
+
+        assert relay(database="default") == 1
+        assert prune(database="default") == 0
+    assert EventRecord.objects.using("default").get(pk=on_default.pk).status == "dispatched"
 
 
 def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -> None:

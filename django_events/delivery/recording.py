@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from django.db import connections, transaction
+from django.db import connections, router, transaction
 from django.utils import timezone
 
 from django_events.delivery import postgresql
@@ -16,6 +16,12 @@ from django_events.wiring.validation import storable_text
 
 #: Statuses after which a delivery is done: nothing runs it again but a retry or replay.
 FINISHED = (Delivery.Status.SUCCEEDED, Delivery.Status.RESOLVED)
+
+
+def event_log_alias(using: str | None = None) -> str:
+    """``using``, else the database alias the routers write the event log to (``default``
+    without routers): where `publish()` records events by default."""
+    return using or router.db_for_write(EventRecord)
 
 
 def record_for(event: Event, status: str) -> EventRecord:

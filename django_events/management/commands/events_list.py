@@ -5,7 +5,7 @@ from argparse import BooleanOptionalAction
 from typing import Any
 
 from django.core.management.base import CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DatabaseError, connections
 
 from django_events.delivery import endpoints
 from django_events.management.base import EventLogCommand, routed_elsewhere
@@ -19,6 +19,7 @@ class Command(EventLogCommand):
     help = "Print the wiring: every event and its subscriptions (table, JSON or Mermaid)."
     # A broken configuration is listed too, ending with how many errors events_check reports.
     requires_system_checks: list[str] = []
+    reads_only = True  # without --database: where the routers read the event log
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -46,7 +47,8 @@ class Command(EventLogCommand):
             "--database",
             default=None,
             choices=tuple(connections),
-            help="With --held (default: default), or where the endpoints are read.",
+            help="Where --held and --state read the event log (default: where DATABASE_ROUTERS "
+            "read it, default without routers), and the endpoints.",
         )
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
@@ -85,13 +87,12 @@ class Command(EventLogCommand):
         if not options["state"]:
             self.stdout.write(text)
             return
-        alias = options["database"] or DEFAULT_DB_ALIAS
+        alias = self.database(options)
         try:
             state = pause_state(using=alias)
         except DatabaseError as exc:  # the wiring needs no database: list it all the same
-            self.stderr.write(
-                f"Paused subscriptions unknown (database: {exc}){routed_elsewhere(alias)}"
-            )
+            note = routed_elsewhere(alias, read=True)
+            self.stderr.write(f"Paused subscriptions unknown (database: {exc}){note}")
             state = {}
         if fmt == "json":
             data = json.loads(text)
@@ -107,7 +108,7 @@ class Command(EventLogCommand):
         self.stdout.write(text)
 
     def _held(self, options: dict[str, Any]) -> None:
-        held = held_deliveries(options["database"] or DEFAULT_DB_ALIAS)
+        held = held_deliveries(self.database(options))
         if options["format"] == "json":
             self.stdout.write(json.dumps(held, indent=2, default=str))
             return

@@ -3,9 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.pausing import PauseError, pause
 
 
@@ -14,17 +13,12 @@ class Command(EventLogCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="The subscription's name (see events_list).")
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["name"]
         try:
-            created = pause(name, by="events_pause", using=options["database"])
+            created = pause(name, by="events_pause", using=self.database(options))
         except PauseError as exc:
             raise CommandError(str(exc)) from exc
         if created:

@@ -5,10 +5,9 @@ from datetime import timedelta
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils import timezone
 
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.pruning import prune_events
 
 
@@ -30,12 +29,7 @@ class Command(EventLogCommand):
             action="store_true",
             help="Also delete records with a failed delivery.",
         )
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias holding the event log.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         days = options["days"]
@@ -49,7 +43,7 @@ class Command(EventLogCommand):
         result = prune_events(
             older_than,
             include_failures=options["include_failures"],
-            using=options["database"],
+            using=self.database(options),
         )
         self.stdout.write(
             f"Deleted {result.events} event record(s) and {result.deliveries} delivery(ies) "

@@ -6,11 +6,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections
+from django.db import DatabaseError, connections
 from django.db.models import Count, Max
 from django.utils import timezone
 
-from django_events.management.base import routed_elsewhere
+from django_events.management.base import add_database_argument, routed_alias, routed_elsewhere
 from django_events.models import EventRecord
 from django_events.operations.relay import (
     DatabaseOutage,
@@ -70,15 +70,12 @@ class Command(BaseCommand):
             "RESEND_UNFINISHED_AFTER setting, else one hour plus the broker's visibility "
             "timeout (two hours on Redis). Keep it above the longest queue wait plus run.",
         )
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias holding the event log.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         _check_options(options)
+        # The event log's database, as publish() records it: the routers' unless given.
+        options["database"] = options["database"] or routed_alias()
         if not options["loop"]:
             try:
                 self._requeue(options)

@@ -3,9 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.replay import ReplayError, replay_events
 from django_events.operations.timerange import EXAMPLES, parse_range
 
@@ -26,12 +25,7 @@ class Command(EventLogCommand):
         )
         parser.add_argument("--since", help=f"Only events that occurred since: {EXAMPLES}.")
         parser.add_argument("--until", help="Only events that occurred before this moment.")
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias holding the event log.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         try:
@@ -42,7 +36,7 @@ class Command(EventLogCommand):
             matched, result = replay_events(
                 options["subscription"],
                 events=options["event"],
-                using=options["database"],
+                using=self.database(options),
                 since=since,
                 until=until,
             )

@@ -3,9 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.pausing import PauseError, is_paused, resume
 
 
@@ -14,18 +13,14 @@ class Command(EventLogCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name", help="The subscription's name (see events_list).")
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         name = options["name"]
-        was_paused = is_paused(name, using=options["database"])
+        using = self.database(options)
+        was_paused = is_paused(name, using=using)
         try:
-            result = resume(name, using=options["database"])
+            result = resume(name, using=using)
         except PauseError as exc:
             raise CommandError(str(exc)) from exc
         done = f"Resumed {name!r}." if was_paused else f"{name!r} was not paused."

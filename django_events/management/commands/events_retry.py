@@ -3,9 +3,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
-from django.db import DEFAULT_DB_ALIAS, connections
 
-from django_events.management.base import EventLogCommand
+from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.redelivery import find_subscription, unknown_subscription
 from django_events.operations.retrying import retry_failures, select_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
@@ -24,12 +23,7 @@ class Command(EventLogCommand):
         parser.add_argument("--event", help="Only failures of events with this name.")
         parser.add_argument("--since", help=f"Only failures recorded since: {EXAMPLES}.")
         parser.add_argument("--until", help="Only failures recorded before this moment.")
-        parser.add_argument(
-            "--database",
-            default=DEFAULT_DB_ALIAS,
-            choices=tuple(connections),
-            help="Database alias holding the event log.",
-        )
+        add_database_argument(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         narrowed = any(options[k] for k in ("subscription", "event", "since", "until"))
@@ -50,7 +44,7 @@ class Command(EventLogCommand):
         failures = select_failures(
             subscription=options["subscription"],
             event=options["event"],
-            using=options["database"],
+            using=self.database(options),
             since=since,
             until=until,
         )
