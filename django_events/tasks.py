@@ -13,7 +13,6 @@ from django_events.conf import conf
 from django_events.delivery.failure_logs import masked_for_celery
 from django_events.delivery.messages import summary_of
 from django_events.delivery.migration_state import unapplied_problems
-from django_events.delivery.recording import event_log_alias
 from django_events.delivery.worker import (
     defer_retry,
     process_message,
@@ -80,9 +79,8 @@ def relay(
     """
     from django_events.operations.relay import recover_dead_runs, relay_backlog
 
-    using = event_log_alias(database)
-    recover_dead_runs(older_than=running_after, using=using)
-    return relay_backlog(batch_size=batch_size, min_age=min_age, using=using).sent
+    recover_dead_runs(older_than=running_after, using=database)
+    return relay_backlog(batch_size=batch_size, min_age=min_age, using=database).sent
 
 
 @worker_ready.connect(dispatch_uid="django_events.report_wiring")
@@ -114,4 +112,4 @@ def prune(database: str | None = None) -> int:
     ``database``: the event log's alias, by default the one the routers write it to."""
     from django_events.operations.pruning import prune_retained
 
-    return prune_retained(using=event_log_alias(database)).events
+    return prune_retained(using=database).events

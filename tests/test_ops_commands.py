@@ -1655,6 +1655,33 @@ def test_the_beat_tasks_use_the_database_the_routers_give_the_event_log() -> Non
     assert EventRecord.objects.using("default").get(pk=on_default.pk).status == "dispatched"
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_relay_and_pruning_functions_use_the_routers_database_by_default() -> None:
+    """What the docs offer to call (wrapping ``prune_retained()`` in a task of Django's Tasks
+    framework; ``relay_pending()``): without ``using``, the routers' alias too."""
+    from django.test import override_settings
+
+    from django_events.operations.pruning import prune_events, prune_retained
+    from django_events.operations.relay import recover_dead_runs, relay_backlog, relay_pending
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        _record("other", status="pending")
+        _record("other", status="pending")
+        _record("other", days=40)
+        _record("other", days=2)
+        _audit_delivery("running")("other")
+        Delivery.objects.using("other").update(updated_at=timezone.now() - timedelta(hours=2))
+
+        assert recover_dead_runs(older_than=3600).interrupted == 1
+        assert relay_pending(batch_size=1).sent == 1
+        assert relay_backlog().sent == 1
+        assert prune_retained().events == 1
+        assert prune_events(timedelta(days=1)).events == 1
+    assert Delivery.objects.using("other").get().status == "failed"
+    assert _event_log_rows("default") == 0
+
+
 def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -> None:
     """Not migrated (or the log is on another alias): no outage to wait out, for good."""
     import os

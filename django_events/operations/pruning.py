@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from django.db import DEFAULT_DB_ALIAS, transaction
+from django.db import transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from django_events.conf import conf
 from django_events.delivery.lost_messages import resend_after
+from django_events.delivery.recording import event_log_alias
 from django_events.models import Delivery, EventRecord, IdempotencyKey
 
 BATCH_SIZE = 5000
@@ -40,7 +41,7 @@ def prune_events(
     older_than: timedelta | None,
     *,
     include_failures: bool = False,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     batch_size: int = BATCH_SIZE,
     keys_kept_for: timedelta | None = timedelta(0),
 ) -> PruneResult:
@@ -53,8 +54,10 @@ def prune_events(
     Records with a failed delivery, or that failed themselves, are kept unless
     ``include_failures``.
     Inbound idempotency keys are deleted ``keys_kept_for`` after their window expired
-    (``None``: kept), whatever their age.
+    (``None``: kept), whatever their age. ``using``: the event log's alias (default: the one
+    the routers write it to).
     """
+    using = event_log_alias(using)
     if older_than is None:
         expired_keys = _prune_keys(keys_kept_for, using)
         return PruneResult(0, 0, 0, 0, expired_keys)
@@ -121,10 +124,10 @@ def _prune_keys(kept_for: timedelta | None, using: str) -> int:
     return expired.delete()[0]
 
 
-def prune_retained(*, using: str = DEFAULT_DB_ALIAS) -> PruneResult:
+def prune_retained(*, using: str | None = None) -> PruneResult:
     """Delete what ``DJANGO_EVENTS["RETENTION"]`` no longer keeps (the ``django_events.prune``
-    task). Failures, pending records and records still in flight (see `prune_events`) are
-    kept, whatever their age."""
+    task) on ``using`` (default: where the routers write the event log). Failures, pending
+    records and records still in flight (see `prune_events`) are kept, whatever their age."""
     retention = conf.RETENTION
     events, keys = retention["events"], retention["idempotency_keys"]
     return prune_events(

@@ -16,7 +16,7 @@ from django.utils import timezone
 from django_events.delivery import broker, endpoints
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.messages import PriorRuns
-from django_events.delivery.recording import event_of, mark_dispatched
+from django_events.delivery.recording import event_log_alias, event_of, mark_dispatched
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
@@ -47,7 +47,7 @@ def relay_pending(
     *,
     batch_size: int = 500,
     min_age: float = 0.0,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     resend_after: float | None = None,
 ) -> RelayResult:
     """Send one batch of pending records, oldest first, with publisher confirms; then one
@@ -58,7 +58,9 @@ def relay_pending(
     Rows are locked with ``FOR UPDATE SKIP LOCKED`` where the database has it, so several
     relays can run at once; each record is marked dispatched only once the broker took it.
     ``min_age`` (seconds) leaves fresh records to the publisher's own on-commit send.
+    ``using``: the event log's alias (default: the one the routers write it to).
     """
+    using = event_log_alias(using)
     registry = get_registry()
     cutoff = timezone.now() - timedelta(seconds=min_age)
     features = connections[using].features
@@ -167,13 +169,14 @@ def relay_backlog(
     *,
     batch_size: int = 500,
     min_age: float = 0.0,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     resend_after: float | None = None,
 ) -> RelayResult:
     """Relay passes until the backlog is empty or the broker stops taking it; the totals.
 
     Raises the `DatabaseError` of a database that cannot be reached (see `DatabaseOutage`).
     """
+    using = event_log_alias(using)
     sent = retried = resent = checked = 0
     while True:
         result = relay_pending(
@@ -343,14 +346,15 @@ class DeadRuns:
     interrupted: int
 
 
-def recover_dead_runs(*, older_than: float, using: str = DEFAULT_DB_ALIAS) -> DeadRuns:
+def recover_dead_runs(*, older_than: float, using: str | None = None) -> DeadRuns:
     """Take deliveries running for over ``older_than`` seconds for dead, as each relay pass
     does first (``events_relay`` and the ``django_events.relay`` task alike): requeue the
     ``via: tasks`` ones (`requeue_lost_tasks`), record the sync ones failed
-    (`interrupted.record_interrupted`)."""
+    (`interrupted.record_interrupted`) on ``using`` (default: where the routers write the
+    event log)."""
     return DeadRuns(
         requeued=requeue_lost_tasks(older_than=older_than),
-        interrupted=record_interrupted(older_than=older_than, using=using),
+        interrupted=record_interrupted(older_than=older_than, using=event_log_alias(using)),
     )
 
 
