@@ -377,6 +377,60 @@ def test_a_schema_error_hides_none_of_the_files_other_problems(tmp_path: Path) -
             publish("billing.refunded", {})
 
 
+def test_E103_never_quotes_a_secret_typed_where_its_name_belongs(tmp_path: Path) -> None:
+    """A literal secret (or a URL with a token in it) in a manifest is masked in the message:
+    check output ends up in CI logs."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          payments.paid:
+            inbound: {auth: hmac, secret: "hunter2-literal"}
+        sources:
+          stripe:
+            auth: stripe
+            secret: sk_live_51Habc
+            events: {}
+        subscriptions:
+          - event: orders.placed
+            mode: webhook
+            url: http://hooks.example.com/services/T0KEN
+            secret: [whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw]
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound.secret: '•••' does not match "
+                "'^[A-Z][A-Z0-9_]*$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:8",
+                "$.sources.stripe.secret: '•••' does not match '^[A-Z][A-Z0-9_]*$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:13",
+                "$.subscriptions[0].url: '•••' does not match '^(https://\\\\S+|[A-Z][A-Z0-9_]*)$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:14",
+                "$.subscriptions[0].secret: '•••' is not of type 'string'",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "sk_live_51Habc", "T0KEN", "whsec_MfKQ9r8"):
+        assert secret not in output
+    assert "HINT: Give the NAME of the setting or environment variable" in result.stderr
+
+
 def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:
     # "gtee" is no operator: {gtee: 1000} is a plain value, which a number never equals.
     path, settings_ = manifest(

@@ -139,14 +139,13 @@ def test_unknown_auth_and_missing_keys_fail_the_manifest_schema(tmp_path: Path) 
             (
                 "django_events.E103",
                 f"{path}:9",
-                "$.events['hooks.c'].inbound.secret: "
-                "'NOT_A_SECRET_NAME!' does not match '^[A-Z][A-Z0-9_]*$'",
+                "$.events['hooks.c'].inbound.secret: '•••' does not match '^[A-Z][A-Z0-9_]*$'",
             ),
             (
                 "django_events.E103",
                 f"{path}:11",
-                "$.events['hooks.d'].inbound.secret: "
-                "'sk_live_4eC39HqLyjWDarjtT1zdp7dc' does not match '^[A-Z][A-Z0-9_]*$'",
+                # Masked: a secret typed where its name belongs must not reach the CI logs.
+                "$.events['hooks.d'].inbound.secret: '•••' does not match '^[A-Z][A-Z0-9_]*$'",
             ),
             (
                 "django_events.E103",

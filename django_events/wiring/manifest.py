@@ -23,6 +23,7 @@ from django_events.wiring.declarations import (
     SourceDeclaration,
     SubscriptionDeclaration,
 )
+from django_events.wiring.redaction import MASK, error_message
 
 JsonPath = tuple[str | int, ...]
 OriginFor = Callable[[JsonPath], Origin]
@@ -233,14 +234,18 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
     or another ``version``) builds nothing; one in a section's shape, nothing of the section.
     """
     errors = _deepest(list(_manifest_validator().iter_errors(data)))
-    located = [(origin_for(path), path, message) for path, message in map(_locate, errors)]
+    hidden = _hidden_paths(data)
+    located = [
+        (origin_for(path), path, message)
+        for path, message in (_locate(error, hidden) for error in errors)
+    ]
     located.sort(key=lambda opm: (opm[0].line or 0, [*map(str, opm[1])]))
     manifest = Manifest(
         problems=[
             _problem(
                 "E103",
                 f"{format_path(path)}: {message}",
-                "See the manifest reference in the docs.",
+                _hint(path, message),
                 origin,
             )
             for origin, path, message in located
@@ -280,8 +285,34 @@ def _deepest(errors: Sequence[ValidationError]) -> list[ValidationError]:
     return [best_match(error.context) or error if error.context else error for error in errors]
 
 
-def _locate(error: ValidationError) -> tuple[JsonPath, str]:
-    """The path of the offending key (its line is reported) and the message to show."""
+SECRET_HINT = (
+    "Give the NAME of the setting or environment variable that holds the secret (upper "
+    "case), never the secret itself."
+)
+
+
+def _hint(path: JsonPath, message: str) -> str:
+    if path[-1:] == ("secret",) and message.startswith(repr(MASK)):  # a bad value, not a key
+        return SECRET_HINT
+    return "See the manifest reference in the docs."
+
+
+def _hidden_paths(data: Any) -> list[tuple[str, ...]]:
+    """The keys whose values an E103 message never quotes (as `redaction.error_message`
+    masks a payload's): a ``secret`` may be the secret itself, typed by mistake where its
+    name belongs, and a literal webhook ``url`` may carry a token in its path or query.
+    Check output ends up in CI logs."""
+    paths: list[tuple[str, ...]] = [("subscriptions", "secret"), ("subscriptions", "url")]
+    for section, inner in (("events", ("inbound", "secret")), ("sources", ("secret",))):
+        declared = data.get(section) if isinstance(data, dict) else None
+        if isinstance(declared, dict):
+            paths += [(section, name, *inner) for name in declared if isinstance(name, str)]
+    return paths
+
+
+def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[JsonPath, str]:
+    """The path of the offending key (its line is reported) and the message to show, with
+    the values at ``hidden`` paths masked."""
     path: JsonPath = tuple(error.absolute_path)
     instance, value = error.instance, error.validator_value
     if "propertyNames" in error.relative_schema_path:  # a bad key: point at the key itself
@@ -306,7 +337,7 @@ def _locate(error: ValidationError) -> tuple[JsonPath, str]:
         if len(exclusive) == 1 and given:  # a key some other key's value rules out
             mode = f" with mode: {instance['mode']}" if "mode" in instance else ""
             return (*path, given[0]), f"{given[0]!r} is not allowed{mode}"
-    return path, error.message
+    return path, error_message(error, hidden)
 
 
 def _event(
