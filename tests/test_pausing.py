@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import threading
 from datetime import timedelta
 from typing import Any
@@ -357,6 +358,24 @@ def test_wiring_page_pauses_and_resumes_with_the_change_permission() -> None:
 
         response = operator.post(PAUSE, {"name": "i", "action": "pause"}, follow=True)
         assert "Subscription &#x27;i&#x27; is inline" in response.content.decode()
+
+
+def test_wiring_page_refusing_a_pause_tells_the_user_and_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A name that cannot be paused is the user's mistake, not the server's fault."""
+    with wiring(sub("s", "sync"), sub("i", "inline", "tests.app.handlers.record_other")):
+        operator = user_client("view_eventrecord", "change_failure")
+        with caplog.at_level(logging.DEBUG, logger="django_events"):
+            unknown = operator.post(PAUSE, {"name": "nope", "action": "pause"}, follow=True)
+            inline = operator.post(PAUSE, {"name": "i", "action": "pause"}, follow=True)
+            resumed = operator.post(PAUSE, {"name": "nope", "action": "resume"}, follow=True)
+    assert "Unknown subscription &#x27;nope&#x27;" in unknown.content.decode()
+    assert "Subscription &#x27;i&#x27; is inline" in inline.content.decode()
+    assert "Unknown subscription &#x27;nope&#x27;" in resumed.content.decode()
+    ours = [r for r in caplog.records if r.name.startswith("django_events")]
+    assert [(r.levelno, r.exc_info) for r in ours] == [(logging.INFO, None)] * 3
+    assert not PausedSubscription.objects.exists()
 
 
 def test_pausing_needs_the_change_permission() -> None:

@@ -360,7 +360,10 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
                 )
             else:
                 raise PermissionDenied
-        except (PauseError, DatabaseError) as exc:
+        except PauseError as exc:  # the user's mistake (an unknown or inline name): no traceback
+            logger.info("Did not %s %r: %s", action, name, exc, extra=log_extra(None, name))
+            self.message_user(request, str(exc), messages.ERROR)
+        except DatabaseError as exc:
             logger.warning(
                 "Could not %s %r", action, name, exc_info=True, extra=log_extra(None, name)
             )
