@@ -556,6 +556,34 @@ def test_a_delivery_id_or_type_that_cannot_be_a_key_is_400(client: Client) -> No
 # -- what every source shares with the inbound endpoint ------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("source", "body", "forged", "challenge"),
+    [
+        (
+            "partner",
+            json.dumps(ORDER).encode(),
+            standard_headers(b"{}", OTHER_SECRET),
+            "Standard-Webhooks",
+        ),
+        ("github", json.dumps(PUSH).encode(), github_headers(b"{}", "nope"), "GitHub"),
+        ("stripe", stripe_event(), stripe_headers(b"{}", "whsec_other"), "Stripe"),
+        ("signed", b'{"n": 1}', signing.sign("nope", b"{}"), "HMAC-SHA256"),
+    ],
+)
+def test_every_401_carries_a_challenge_naming_the_scheme(
+    client: Client, source: str, body: bytes, forged: dict[str, str], challenge: str
+) -> None:
+    """RFC 9110 15.5.2: a 401 MUST carry WWW-Authenticate, providers' schemes included."""
+    unsigned = post(client, source, body, {"X-Event-Type": "signed"})
+    invalid = post(client, source, body, {**forged, "X-Event-Type": "signed"})
+
+    assert (unsigned.status_code, unsigned.json()["error"]) == (401, "missing_credentials")
+    assert (invalid.status_code, invalid.json()["error"]) == (401, "invalid_credentials")
+    for response in (unsigned, invalid):
+        assert response["WWW-Authenticate"] == f'{challenge} realm="django_events"'
+    assert_nothing_published()
+
+
 def test_unknown_source_is_404(client: Client) -> None:
     response = post(client, "gitlab", b"{}", {})
     assert response.status_code == 404

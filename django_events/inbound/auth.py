@@ -25,7 +25,12 @@ from django_events.inbound.refusal import Refusal
 
 HMAC_CHALLENGE = {"WWW-Authenticate": 'HMAC-SHA256 realm="django_events"'}
 TOKEN_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="django_events"'}
-NO_CHALLENGE: dict[str, str] = {}  # providers' schemes define no WWW-Authenticate challenge
+# Providers' schemes define no challenge of their own, but a 401 MUST carry one (RFC 9110
+# 15.5.2, https://www.rfc-editor.org/rfc/rfc9110#status.401): each names its scheme, as the
+# source's ``auth`` does. Providers ignore it; a person debugging a refused call reads it.
+STANDARD_WEBHOOKS_CHALLENGE = {"WWW-Authenticate": 'Standard-Webhooks realm="django_events"'}
+GITHUB_CHALLENGE = {"WWW-Authenticate": 'GitHub realm="django_events"'}
+STRIPE_CHALLENGE = {"WWW-Authenticate": 'Stripe realm="django_events"'}
 
 STANDARD_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 # Svix, and the providers that send through it (Clerk, Resend, ...), name the same headers
@@ -127,12 +132,12 @@ def _standard_webhooks(
 
     headers = standard_webhook_headers(request)
     if not all(headers.values()):
-        raise _missing(NO_CHALLENGE)
+        raise _missing(STANDARD_WEBHOOKS_CHALLENGE)
     # The library reads the time with float() and signs it floored: "1796458200.0" or
     # "01796458200" would pass too, and each spelling would be a new call to the replay key.
     stamp = headers["webhook-timestamp"]
     if not (stamp.isascii() and stamp.isdigit() and stamp == str(int(stamp))):
-        raise _invalid(NO_CHALLENGE)
+        raise _invalid(STANDARD_WEBHOOKS_CHALLENGE)
     for identity, verifier in standard_webhooks_verifiers(policy.secret or ""):
         try:
             # The library's own check: several "v1," signatures, 5 minutes either way.
@@ -140,10 +145,10 @@ def _standard_webhooks(
         except WebhookVerificationError:
             continue
         except ValueError:  # a malformed signature list, bad base64, a body not UTF-8
-            raise _invalid(NO_CHALLENGE) from None
+            raise _invalid(STANDARD_WEBHOOKS_CHALLENGE) from None
         key = _replay_key(identity, f"{headers['webhook-id']}.{headers['webhook-timestamp']}", body)
         return Caller(f"standard-webhooks:{identity}", key, 2 * STANDARD_TOLERANCE)
-    raise _invalid(NO_CHALLENGE)
+    raise _invalid(STANDARD_WEBHOOKS_CHALLENGE)
 
 
 def standard_webhook_headers(request: HttpRequest) -> dict[str, str]:
@@ -158,7 +163,7 @@ def standard_webhook_headers(request: HttpRequest) -> dict[str, str]:
 def _github(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes) -> Caller:
     given = request.headers.get(GITHUB_HEADER)
     if not given:
-        raise _missing(NO_CHALLENGE)
+        raise _missing(GITHUB_CHALLENGE)
     for identity, secret in credentials(policy.secret or ""):
         expected = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
         if signing.matches(expected, given.strip()):
@@ -166,30 +171,30 @@ def _github(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: by
             # delivery id is remembered, whatever X-GitHub-Delivery (unsigned) it carries.
             key = _replay_key(identity, "", body)
             return Caller(f"github:{identity}", key, policy.idempotency_retention)
-    raise _invalid(NO_CHALLENGE)
+    raise _invalid(GITHUB_CHALLENGE)
 
 
 def _stripe(request: HttpRequest, policy: SourcePolicy | InboundPolicy, body: bytes) -> Caller:
     given = request.headers.get(STRIPE_HEADER)
     if not given:
-        raise _missing(NO_CHALLENGE)
+        raise _missing(STRIPE_CHALLENGE)
     items = [item.strip().partition("=") for item in given.split(",")]
     stamps = [value for key, _, value in items if key == "t"]
     candidates = [value for key, _, value in items if key == "v1"]
     if not stamps or not candidates:
-        raise _invalid(NO_CHALLENGE)
+        raise _invalid(STRIPE_CHALLENGE)
     stamp = stamps[0]
     if not (stamp.isascii() and stamp.isdigit()) or len(stamp) > 12:
-        raise _invalid(NO_CHALLENGE)
+        raise _invalid(STRIPE_CHALLENGE)
     if abs(time.time() - int(stamp)) > policy.tolerance:
-        raise _invalid(NO_CHALLENGE)
+        raise _invalid(STRIPE_CHALLENGE)
     signed = stamp.encode() + b"." + body
     for identity, secret in credentials(policy.secret or ""):
         # Stripe keys the HMAC with the whole secret, whsec_ prefix included.
         expected = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
         if any(signing.matches(expected, c) for c in candidates):
             return Caller(f"stripe:{identity}", replay_key=_replay_key(identity, stamp, body))
-    raise _invalid(NO_CHALLENGE)
+    raise _invalid(STRIPE_CHALLENGE)
 
 
 def _replay_key(identity: str, stamp: str, body: bytes) -> str:
