@@ -553,6 +553,51 @@ def test_a_delivery_id_or_type_that_cannot_be_a_key_is_400(client: Client) -> No
     assert_nothing_published()
 
 
+@pytest.mark.parametrize(
+    ("delivery", "held"),
+    [("null", "null"), ("1.5", "a number"), ('{"n": 1}', "an object"), ("[1]", "an array")],
+)
+def test_a_delivery_id_field_that_is_no_id_is_400_not_an_unkeyed_call(
+    client: Client, delivery: str, held: str
+) -> None:
+    """Published without a key, each retry of the provider would be a new event."""
+    auth = {"Authorization": "Bearer tok_123"}
+    body = f'{{"kind": "token", "delivery": {delivery}}}'.encode()
+
+    response = post(client, "tokened", body, auth)
+
+    assert (response.status_code, response.json()) == (
+        400,
+        {
+            "error": "invalid_delivery_id",
+            "detail": "The delivery id (field 'delivery') must be a string or an integer, "
+            f"not {held}.",
+        },
+    )
+    assert_nothing_published()
+
+
+def test_a_type_field_that_is_no_type_is_400(client: Client) -> None:
+    auth = {"Authorization": "Bearer tok_123"}
+    response = post(client, "tokened", b'{"kind": {"name": "token"}}', auth)
+    assert (response.status_code, response.json()["error"]) == (400, "invalid_type")
+    assert response.json()["detail"] == (
+        "The type (field 'kind') must be a string or an integer, not an object."
+    )
+    assert_nothing_published()
+
+
+def test_a_call_without_its_delivery_id_is_published_unkeyed(client: Client) -> None:
+    """As documented: no id, nothing to recognise a retry by (a signed call's exact replay
+    is still refused, by its signature)."""
+    auth = {"Authorization": "Bearer tok_123"}
+    first = post(client, "tokened", b'{"kind": "token"}', auth)
+    again = post(client, "tokened", b'{"kind": "token"}', auth)
+    assert (first.status_code, again.status_code) == (202, 202)
+    assert first.json() != again.json()
+    assert all("idempotency_key" not in r.headers for r in records())
+
+
 # -- what every source shares with the inbound endpoint ------------------------------------------
 
 

@@ -20,11 +20,18 @@ from django_events.inbound.policy import SecretNotConfigured, SourcePolicy
 from django_events.inbound.refusal import Refusal, invalid_payload
 from django_events.inbound.views import MAX_KEY_LENGTH, read_call
 from django_events.logs import log_extra
-from django_events.wiring.filters import lookup
+from django_events.wiring.filters import MISSING, lookup
 from django_events.wiring.manifest import format_path
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.inbound")
+# What a body field that is no id or type holds, in JSON's words (other numbers: fractions).
+JSON_KINDS: dict[type, str] = {
+    type(None): "null",
+    bool: "a boolean",
+    dict: "an object",
+    list: "an array",
+}
 
 
 @csrf_exempt  # providers have no CSRF token; they sign their calls
@@ -90,10 +97,7 @@ def _locate(request: HttpRequest, document: Any, locator: dict[str, str], what: 
         if value is None and name.lower() in SVIX_HEADERS:  # webhook-id sent as svix-id
             value = request.headers.get(SVIX_HEADERS[name.lower()])
     else:
-        value = lookup(document, locator["field"]) if isinstance(document, dict) else None
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            return None
-        value = str(value)
+        value = _field(document, locator["field"], what)
     if value is None:
         return None
     if not value or len(value) > MAX_KEY_LENGTH:
@@ -101,6 +105,23 @@ def _locate(request: HttpRequest, document: Any, locator: dict[str, str], what: 
             400,
             f"invalid_{what.replace(' ', '_')}",
             f"The {what} ({_where(locator)}) must be 1 to {MAX_KEY_LENGTH} characters.",
+        )
+    return str(value)
+
+
+def _field(document: Any, path: str, what: str) -> str | None:
+    """The text of a body field; None when absent. A value that is no id or type (null, a
+    boolean, a fraction, an object, an array) is refused: left unkeyed, each retry of the
+    provider would publish again."""
+    value = lookup(document, path) if isinstance(document, dict) else MISSING
+    if value is MISSING:
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        held = JSON_KINDS.get(type(value), "a number")
+        raise Refusal(
+            400,
+            f"invalid_{what.replace(' ', '_')}",
+            f"The {what} (field {path!r}) must be a string or an integer, not {held}.",
         )
     return str(value)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 Predicate = Callable[[Any], bool]
 
-_MISSING = object()
+MISSING = object()  # what `lookup` returns for a path that is not there
 
 
 class FilterError(ValueError):
@@ -38,7 +38,7 @@ def _member(actual: Any, expected: list[Any]) -> bool:
 
 def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
     def compare(actual: Any, expected: Any) -> bool:
-        if actual is _MISSING or isinstance(actual, bool) != isinstance(expected, bool):
+        if actual is MISSING or isinstance(actual, bool) != isinstance(expected, bool):
             return False
         try:
             return bool(op(actual, expected))
@@ -49,7 +49,7 @@ def _ordered(op: Callable[[Any, Any], bool]) -> Callable[[Any, Any], bool]:
 
 
 def _contains(actual: Any, expected: Any) -> bool:
-    if actual is _MISSING or actual is None:
+    if actual is MISSING or actual is None:
         return False
     if isinstance(actual, list | tuple):
         return _member(expected, list(actual))
@@ -60,15 +60,15 @@ def _contains(actual: Any, expected: Any) -> bool:
 
 
 OPERATORS: dict[str, Callable[[Any, Any], bool]] = {
-    "eq": lambda actual, expected: actual is not _MISSING and json_equal(actual, expected),
-    "ne": lambda actual, expected: actual is _MISSING or not json_equal(actual, expected),
+    "eq": lambda actual, expected: actual is not MISSING and json_equal(actual, expected),
+    "ne": lambda actual, expected: actual is MISSING or not json_equal(actual, expected),
     "gt": _ordered(operator.gt),
     "gte": _ordered(operator.ge),
     "lt": _ordered(operator.lt),
     "lte": _ordered(operator.le),
-    "in": lambda actual, expected: actual is not _MISSING and _member(actual, expected),
-    "not_in": lambda actual, expected: actual is _MISSING or not _member(actual, expected),
-    "exists": lambda actual, expected: (actual is not _MISSING) == bool(expected),
+    "in": lambda actual, expected: actual is not MISSING and _member(actual, expected),
+    "not_in": lambda actual, expected: actual is MISSING or not _member(actual, expected),
+    "exists": lambda actual, expected: (actual is not MISSING) == bool(expected),
     "contains": _contains,
 }
 _COMBINATORS = ("any", "all", "not")
@@ -79,12 +79,12 @@ def lookup(payload: Any, path: str) -> Any:
     value = payload
     for part in path.split("."):
         if isinstance(value, Mapping):
-            value = value.get(part, _MISSING)
+            value = value.get(part, MISSING)
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
         else:
-            return _MISSING
-        if value is _MISSING:
+            return MISSING
+        if value is MISSING:
             return value
     return value
 
