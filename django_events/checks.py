@@ -87,8 +87,10 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E315": "a standard-webhooks source without the standardwebhooks package",
     "django_events.W310": "a source option has no effect with its auth",
     "django_events.W311": "sources but django_events.urls is not included",
+    "django_events.W312": "a stripe or standard-webhooks source's secret lacks whsec_",
     "django_events.E320": "a webhook's url names no setting or env var holding a URL",
     "django_events.E321": "a webhook's secret is missing or not whsec_ + base64",
+    "django_events.W321": "a webhook's secret is base64 without the whsec_ prefix",
     "django_events.E322": "webhook subscriptions but httpx is not installed",
     "django_events.W320": "WEBHOOKS_ALLOW_PRIVATE is on with DEBUG = False",
     "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
@@ -354,8 +356,36 @@ def _webhook_problems(subscription: Subscription) -> list[CheckMessage]:
                     id=f"django_events.{code}",
                 )
             )
-    messages.extend(_credentials_problems(subscription))
+    messages.extend(_credentials_problems(subscription) + _unprefixed_secret(subscription))
     return messages
+
+
+def _unprefixed_secret(subscription: Subscription) -> list[CheckMessage]:
+    """W321: base64 alone signs with the same key (the ``standardwebhooks`` libraries decode
+    it so too), but it is not the documented ``whsec_`` + base64: perhaps not the secret the
+    receiver was given. Never quoted: it is the secret."""
+    from django_events.delivery import webhooks
+
+    name = subscription.declaration.secret or ""
+    value = webhooks.setting_value(name)
+    if not isinstance(value, str) or value.startswith(webhooks.SECRET_PREFIX):
+        return []
+    try:
+        webhooks.signing_key_of(value)
+    except ValueError:
+        return []  # E321
+    return [
+        Warning(
+            f"Subscription {subscription.name!r}: webhook secret {name!r} does not start with "
+            f"{webhooks.SECRET_PREFIX}",
+            hint=(
+                f"Give {webhooks.SECRET_PREFIX} + base64 (as the receiver holds it); the base64 "
+                "alone is read as the same key."
+            ),
+            obj=str(subscription.declaration.origin),
+            id="django_events.W321",
+        )
+    ]
 
 
 def _credentials_problems(subscription: Subscription) -> list[CheckMessage]:

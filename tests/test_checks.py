@@ -2324,6 +2324,13 @@ def _endpoint_with_credentials(tmp_path: Path) -> Iterator[None]:
     yield
 
 
+@contextmanager
+def _settings(wired: AbstractContextManager[Any], **values: Any) -> Iterator[None]:
+    """``wired`` with Django settings of its own (not DJANGO_EVENTS keys)."""
+    with wired, override_settings(**values):
+        yield
+
+
 TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E001": lambda _: wiring(RECORD="never"),
     "django_events.W001": lambda _: wiring(UNKNOWN=1),
@@ -2423,10 +2430,12 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
     "django_events.E314": _dup_source,
     "django_events.E315": _without_standardwebhooks,
     "django_events.W310": _source("{auth: github, secret: S_OK, tolerance: 1, events: {}}"),
+    "django_events.W312": _source("{auth: stripe, secret: S_OK, events: {}}"),
     "django_events.E320": lambda _: wiring(
         {**WEBHOOK, "url": "NO_SUCH_URL_E320"}, TEST_WH_SECRET="whsec_c2VjcmV0"
     ),
     "django_events.E321": lambda _: wiring(WEBHOOK),
+    "django_events.W321": lambda _: _settings(wiring(WEBHOOK), TEST_WH_SECRET="c2VjcmV0"),
     "django_events.E322": _without_httpx,
     "django_events.W320": lambda _: wiring(WEBHOOKS_ALLOW_PRIVATE=True),
     "django_events.E323": lambda _: wiring(

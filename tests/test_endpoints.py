@@ -120,6 +120,7 @@ def test_editing_keeps_the_secret_unless_a_new_one_is_given(admin_client) -> Non
         ({"patterns": "orders.placed;drop"}, "is not an event name or pattern."),
         ({"patterns": " , "}, "Name at least one event or pattern."),
         ({"secret": "whsec_not base64!"}, "A secret is whsec_ followed by base64"),
+        ({"secret": "c2VjcmV0LWtleQ=="}, "A secret is whsec_ followed by base64"),
         ({"secret": ""}, "This field is required."),
     ],
 )
@@ -365,6 +366,8 @@ def test_secrets_are_bound_to_their_endpoint_and_to_secret_key() -> None:
 def test_create_endpoint_checks_its_input() -> None:
     with pytest.raises(ValueError, match="base64"):
         endpoints.create_endpoint("https://a.example.com/", ["*"], secret="whsec_!!")
+    with pytest.raises(ValueError, match="whsec_"):  # base64 alone: not the documented format
+        endpoints.create_endpoint("https://a.example.com/", ["*"], secret="c2VjcmV0LWtleQ==")
     with pytest.raises(ValidationError):
         endpoints.create_endpoint("not a url", ["*"])
 

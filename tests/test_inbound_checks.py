@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -263,6 +264,60 @@ def test_source_checks_report_each_problem_with_its_line(
                 "Source 'e': tolerance has no effect with auth: token",
             ),
         )
+
+
+def test_a_source_secret_not_in_its_providers_format(tmp_path: Path) -> None:
+    """Stripe's signing secrets, and Standard Webhooks', start with whsec_. The stripe library
+    keys its HMAC with any text, and standardwebhooks decodes base64 without the prefix too:
+    only an API key is certainly wrong (every call would be refused, 401)."""
+    sw_bare = base64.b64encode(b"partner-secret").decode()
+    path, settings_ = manifest(
+        tmp_path,
+        SOURCE_EVENTS
+        + """
+          live: {auth: stripe, secret: S_LIVE, events: {push: gh.push}}
+          rotating: {auth: stripe, secret: S_ROTATING, events: {push: gh.push}}
+          other: {auth: stripe, secret: S_OTHER, events: {push: gh.push}}
+          sw: {auth: standard-webhooks, secret: S_SW, events: {push: gh.push}}
+        """,
+    )
+    with (
+        settings_,
+        override_settings(
+            S_LIVE="sk_live_51HabcDEFghiJKLmno",
+            S_ROTATING=["whsec_old", "rk_test_51Habc"],
+            S_OTHER="my-stripe-secret",
+            S_SW=sw_bare,
+        ),
+    ):
+        result = assert_reported(
+            (
+                "django_events.E313",
+                f"{path}:6",
+                "Source 'live': secret 'S_LIVE' holds a Stripe API key (sk_...), not the "
+                "endpoint's signing secret (whsec_...)",
+            ),
+            (
+                "django_events.E313",
+                f"{path}:7",
+                "Source 'rotating': secret 'S_ROTATING' holds a Stripe API key (rk_...), not "
+                "the endpoint's signing secret (whsec_...)",
+            ),
+            (
+                "django_events.W312",
+                f"{path}:8",
+                "Source 'other': secret 'S_OTHER' does not start with whsec_, as Stripe's "
+                "signing secrets do",
+            ),
+            (
+                "django_events.W312",
+                f"{path}:9",
+                "Source 'sw': secret 'S_SW' does not start with whsec_, as Standard Webhooks "
+                "secrets do",
+            ),
+        )
+    output = result.stdout + result.stderr
+    assert "51Habc" not in output and sw_bare not in output
 
 
 def test_a_source_declared_in_two_manifests_is_e314(tmp_path: Path) -> None:

@@ -231,6 +231,22 @@ def test_webhook_checks_name_the_missing_url_and_secret(monkeypatch) -> None:
         assert_reported()
 
 
+def test_a_webhook_secret_without_whsec_is_w321() -> None:
+    """Base64 alone signs with the same key (standardwebhooks decodes it so too), but it is
+    not the documented whsec_ + base64: perhaps not the secret the receiver was given."""
+    where = "settings.DJANGO_EVENTS['SUBSCRIPTIONS'][0]"
+    bare = SECRET.removeprefix("whsec_")
+    with wiring(HOOK), override_settings(TEST_WH_URL="https://x.example", TEST_WH_SECRET=bare):
+        result = assert_reported(
+            (
+                "django_events.W321",
+                where,
+                "Subscription 'hook': webhook secret 'TEST_WH_SECRET' does not start with whsec_",
+            )
+        )
+    assert bare not in result.stdout + result.stderr
+
+
 def test_a_webhook_url_with_a_user_name_or_password_is_an_error_that_never_quotes_it(
     monkeypatch,
 ) -> None:

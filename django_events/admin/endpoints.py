@@ -146,7 +146,7 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
         secret: str = self.cleaned_data.get("secret") or ""
         if secret:
             try:
-                webhooks.signing_key_of(secret)
+                webhooks.signing_key_of(secret, prefixed=True)
             except ValueError:
                 raise forms.ValidationError(
                     _("A secret is whsec_ followed by base64 (at least one byte).")

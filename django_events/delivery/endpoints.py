@@ -88,7 +88,7 @@ def secret_hint(secret: str) -> str:
 
 def set_secret(endpoint: WebhookEndpoint, secret: str) -> None:
     """Store ``secret`` (``whsec_`` + base64) on ``endpoint``, encrypted; raises ValueError."""
-    webhooks.signing_key_of(secret)
+    webhooks.signing_key_of(secret, prefixed=True)
     endpoint.secret_sealed = seal_text(secret, str(endpoint.pk))
     endpoint.secret_hint = secret_hint(secret)
 

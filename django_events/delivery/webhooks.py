@@ -118,6 +118,9 @@ def target_url(declared: str) -> str:
     return value
 
 
+SECRET_PREFIX = "whsec_"  # of Standard Webhooks secrets: https://www.standardwebhooks.com/
+
+
 def signing_key(name: str) -> bytes:
     """The key of the secret the setting or env var ``name`` holds (``whsec_`` + base64)."""
     value = setting_value(name)
@@ -134,9 +137,15 @@ def signing_key(name: str) -> bytes:
         raise WebhookNotConfigured(f"secret {name!r} is not whsec_ followed by base64") from exc
 
 
-def signing_key_of(secret: str) -> bytes:
-    """The HMAC key of a ``whsec_<base64>`` secret (raises ValueError)."""
-    raw = secret.removeprefix("whsec_")
+def signing_key_of(secret: str, *, prefixed: bool = False) -> bytes:
+    """The HMAC key of a ``whsec_<base64>`` secret (raises ValueError).
+
+    The base64 alone gives the same key, as the ``standardwebhooks`` libraries read it;
+    ``prefixed`` refuses it, for a secret typed in now (check W321 warns of a setting's).
+    """
+    if prefixed and not secret.startswith(SECRET_PREFIX):
+        raise ValueError(f"not {SECRET_PREFIX} followed by base64")
+    raw = secret.removeprefix(SECRET_PREFIX)
     try:
         key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
     except binascii.Error as exc:

@@ -1,5 +1,5 @@
 """System checks of inbound declarations (django_events.E301-E319 / W301-W319) and of
-webhook sources (E312, E313, E315, W311)."""
+webhook sources (E312, E313, E315, W311, W312)."""
 
 from __future__ import annotations
 
@@ -128,7 +128,52 @@ def _source_secret(name: str, auth: str, secret: str, where: str) -> list[CheckM
                 id=f"django_events.{code}",
             )
         ]
-    return []
+    return _provider_format(name, auth, secret, where)
+
+
+# Stripe's API keys (secret, restricted, publishable), pasted where the endpoint's signing
+# secret belongs: https://docs.stripe.com/keys
+STRIPE_API_KEYS = ("sk_", "rk_", "pk_")
+WHSEC_SOURCES = {
+    "stripe": "Stripe's signing secrets",
+    "standard-webhooks": "Standard Webhooks secrets",
+}
+
+
+def _provider_format(name: str, auth: str, secret: str, where: str) -> list[CheckMessage]:
+    """E313 for a Stripe API key, W312 for another secret without ``whsec_`` (a readable one).
+
+    Both providers' secrets start with ``whsec_``, but their libraries take others too (the
+    ``stripe`` library keys its HMAC with any text, ``standardwebhooks`` decodes bare base64):
+    only an API key is certainly wrong. The value is never quoted: it is the secret.
+    """
+    if auth not in WHSEC_SOURCES:
+        return []
+    values = [value for _, value in credentials(secret)]
+    api_keys = [v for v in values if auth == "stripe" and v.startswith(STRIPE_API_KEYS)]
+    if api_keys:
+        return [
+            Error(
+                f"Source {name!r}: secret {secret!r} holds a Stripe API key "
+                f"({api_keys[0][:3]}...), not the endpoint's signing secret (whsec_...)",
+                hint="Put the endpoint's signing secret in it instead (Dashboard -> "
+                "Developers -> Webhooks, or stripe listen).",
+                obj=where,
+                id="django_events.E313",
+            )
+        ]
+    if all(value.startswith("whsec_") for value in values):
+        return []
+    return [
+        Warning(
+            f"Source {name!r}: secret {secret!r} does not start with whsec_, as "
+            f"{WHSEC_SOURCES[auth]} do",
+            hint="Check it is the secret the provider gave you (whsec_...); calls signed "
+            "with another are refused (401).",
+            obj=where,
+            id="django_events.W312",
+        )
+    ]
 
 
 def _permission(policy: InboundPolicy, where: str) -> list[CheckMessage]:
