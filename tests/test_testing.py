@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from django.conf import settings
 from django.db import transaction
-from django.test import TestCase, TransactionTestCase
+from django.test import TestCase, TransactionTestCase, override_settings
 
 from django_events import InvalidPayload, UnknownEvent, publish, publish_many
 from django_events.models import Delivery, EventRecord
@@ -270,6 +270,46 @@ def test_events_eager_runs_async_handlers_in_process_after_commit(
     deliveries = dict(Delivery.objects.values_list("subscription", "status"))
     assert deliveries == {"async-record": "succeeded", "sync-record": "succeeded"}
     assert EventRecord.objects.get().status == "dispatched"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_eager_posts_webhooks_over_the_network() -> None:
+    """docs/testing.md: webhook subscriptions and endpoints are really sent (the receiver
+    here is on loopback), their retries at once; a test that must not send stubs them."""
+    import base64
+
+    from django_events.delivery import endpoints
+    from django_events.delivery.webhooks import WebhookFailed
+    from tests.webhook_receiver import Receiver
+
+    secret = "whsec_" + base64.b64encode(b"eager-secret-0123456789abcdef").decode()
+    with Receiver(secret) as receiver:
+        hook = {
+            "event": "orders.placed",
+            "mode": "webhook",
+            "name": "hook",
+            "url": "TEST_EAGER_URL",
+            "secret": "TEST_EAGER_SECRET",
+            "retry": {"max_attempts": 2, "backoff": 60},
+        }
+        with (
+            wiring(hook, WEBHOOKS_ALLOW_PRIVATE=True),
+            override_settings(TEST_EAGER_URL=receiver.url("ok"), TEST_EAGER_SECRET=secret),
+            events_eager() as eager,
+        ):
+            endpoints.create_endpoint(receiver.url("ok"), ["orders.*"], secret=secret)
+            publish("orders.placed", PAYLOAD)
+            with (
+                override_settings(TEST_EAGER_URL=receiver.url("down")),
+                pytest.raises(WebhookFailed, match="HTTP 500"),
+            ):
+                publish("orders.placed", PAYLOAD)
+
+    sent = receiver.of("ok")
+    assert len(sent) == 3 and all(r.verified for r in sent)  # hook once, the endpoint twice
+    assert all(r.json["data"] == PAYLOAD for r in sent)
+    assert len(receiver.of("down")) == 2  # max_attempts, without the 60 s backoff
+    assert [f.subscription for f in eager.failures] == ["hook"]
 
 
 @pytest.mark.django_db(transaction=True)
