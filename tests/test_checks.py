@@ -1957,7 +1957,7 @@ def test_W209_counts_the_enabled_webhook_endpoints_where_checks_read_the_databas
     )
     with _event_log_on_sqlite_locking_late():  # no async or webhook subscription
         create_endpoint("https://hooks.example.com/in", ["orders.*"])  # in "other", as routed
-        assert w209() == []  # no row read without `databases`
+        # (Not `run_checks(tags=...)` without databases: Django 6.1 then passes every alias.)
         assert w209(databases=["default"]) == []  # not the database that holds them
         assert w209(databases=["other"]) == [warning]
         for database in ([], ["--database", "other"]):
