@@ -10,6 +10,7 @@ import logging
 import threading
 from datetime import timedelta
 from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -19,6 +20,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery import marking
+from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.pausing import (
     ORPHAN_AFTER,
@@ -32,6 +35,7 @@ from django_events.signals import delivery_failed
 from django_events.testing import events_eager
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
+from tests.ops import drain
 from tests.test_admin import user_client
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -254,6 +258,88 @@ def test_the_relay_leaves_an_ordered_keys_held_deliveries_to_their_turn() -> Non
 
         assert deliver_orphaned_held().sent == 0
         assert rows.get(event_id=second).status == "held"
+
+
+def ordered_on(queue: str) -> dict[str, Any]:
+    """An ordered async subscription "o" whose messages go to ``queue`` (in-memory broker)."""
+    return {**sub("o", "async"), "ordering_key": "order_id", "queue": queue}
+
+
+def deliver_waiting(queue: str) -> list[tuple[UUID, str]]:
+    """Run the messages waiting on ``queue`` as a worker would: (event id, outcome) each."""
+    return [(UUID(m["event"]["id"]), process_message(m, 0).status) for m in drain(queue)]
+
+
+def hand_on_a_minute_later(queue: str) -> list[tuple[UUID, str]]:
+    """Relay passes a minute on (two: what the first sent, the second does not send again);
+    what the messages they sent came to."""
+    marking.flush()  # the events are marked dispatched: the relay does not send them again
+    Delivery.objects.update(updated_at=timezone.now() - timedelta(seconds=ORPHAN_AFTER + 1))
+    for _ in range(2):
+        call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+    return deliver_waiting(queue)
+
+
+def test_the_relay_hands_on_an_ordered_key_whose_first_delivery_a_resume_could_not_see() -> None:
+    """Held by a pause a resume could not see (see above), a key's first unfinished delivery
+    has nothing before it to finish and hand it on, and the key's later deliveries wait
+    behind it: the relay hands it on a minute later, as the gate would, then the key goes on
+    in its order, each delivery once."""
+    queue = f"held-{uuid4().hex[:8]}"
+    with wiring(ordered_on(queue)):
+        pause("o")
+        first, second = (publish("orders.placed", order(1)).id for _ in range(2))
+        other = publish("orders.placed", order(2)).id  # another key
+        messages = {UUID(m["event"]["id"]): m for m in drain(queue)}
+        assert process_message(messages.pop(first), 0).status == "held"
+        assert process_message(messages.pop(other), 0).status == "held"
+        PausedSubscription.objects.filter(subscription="o").delete()  # that resume committed
+        # Whether this worker reads the pause (a cached read) or not: its key's turn holds it.
+        assert process_message(messages.pop(second), 0).status == "held"
+
+        # Each key's first delivery, not the one behind it.
+        assert hand_on_a_minute_later(queue) == [(first, "succeeded"), (other, "succeeded")]
+        assert deliver_waiting(queue) == [(second, "succeeded")]  # handed on by the first
+        assert hand_on_a_minute_later(queue) == []  # nothing twice
+
+    runs = HandlerRun.objects.order_by("pk").values_list("event_id", flat=True)
+    assert list(runs) == [first, other, second]
+    assert set(Delivery.objects.values_list("status", flat=True)) == {"succeeded"}
+
+
+@pytest.mark.postgresql  # SQLite: the worker's write waits for the resume's commit
+def test_an_ordered_delivery_held_while_a_resume_was_uncommitted_is_handed_on() -> None:
+    """A resume inside a transaction (the admin's, under ATOMIC_REQUESTS) lists the held rows;
+    a worker still reads the pause until it commits, and holds the key's first delivery."""
+    queue = f"held-{uuid4().hex[:8]}"
+    with wiring(ordered_on(queue)):
+        pause("o")
+        event = publish("orders.placed", order(1)).id
+        [message] = drain(queue)
+        listed, commit = threading.Event(), threading.Event()
+
+        def resume_in_a_request() -> None:
+            try:
+                with transaction.atomic():
+                    resume("o")
+                    listed.set()
+                    commit.wait(30)
+            finally:
+                connection.close()
+
+        thread = threading.Thread(target=resume_in_a_request)
+        thread.start()
+        try:
+            assert listed.wait(30)
+            assert process_message(message, 0).status == "held"
+        finally:
+            commit.set()
+            thread.join()
+        assert not PausedSubscription.objects.exists()
+        assert list(held("o").values_list("event_id", flat=True)) == [event]
+
+        assert hand_on_a_minute_later(queue) == [(event, "succeeded")]
+    assert list(HandlerRun.objects.values_list("event_id", flat=True)) == [event]
 
 
 def test_a_paused_async_subscription_is_held_under_events_eager() -> None:

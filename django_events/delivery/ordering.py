@@ -329,14 +329,19 @@ def _hand_on(alias: str, subscription: str, key: str) -> Callable[[], None]:
     key lock while it runs) may have finished it since; it is not made pending again nor
     resent.
     """
+    handed, due = _head_to_pending(alias, subscription, key)
+    return partial(_send_handed, alias, subscription, handed, due)
+
+
+def _head_to_pending(alias: str, subscription: str, key: str) -> tuple[int | None, datetime]:
+    """Make the key's first unfinished delivery pending if it is held, due for events_relay
+    in `HAND_ON_GRACE` seconds: the id of the row it changed (if any), and that due time."""
     connection = connections[alias]
     now = timezone.now()
     due = now + timedelta(seconds=HAND_ON_GRACE)
     if connection.vendor == "postgresql":
-        handed = postgresql.hand_on(connection, subscription, key, FINISHED, due, now)
-    else:
-        handed = _held_to_pending(alias, subscription, key, due, now)
-    return partial(_send_handed, alias, subscription, handed, due)
+        return postgresql.hand_on(connection, subscription, key, FINISHED, due, now), due
+    return _held_to_pending(alias, subscription, key, due, now), due
 
 
 def _send_handed(alias: str, subscription: str, pk: int | None, due: datetime) -> None:
@@ -374,12 +379,20 @@ def _held_to_pending(
     return first[0] if handed else None
 
 
-def release(alias: str, deliveries: Sequence[tuple[str, str]]) -> None:
-    """Hand on the keys of deliveries just marked resolved: (subscription, key) pairs."""
-    for subscription, key in sorted(set(deliveries)):
+def release(alias: str, keys: Sequence[tuple[str, str]]) -> int:
+    """Hand on ``keys``, (subscription, key) pairs, as a finish does: those of deliveries just
+    marked resolved, or whose first unfinished delivery is held with nothing before it to
+    hand it on (a pause's hold that a resume could not see). How many deliveries it made
+    pending; each is sent once its hand-on commits."""
+    handed = 0
+    for subscription, key in sorted(set(keys)):
         with transaction.atomic(using=alias):
             _lock(alias, subscription, key)
-            transaction.on_commit(_hand_on(alias, subscription, key), using=alias)
+            head, due = _head_to_pending(alias, subscription, key)
+            send = partial(_send_handed, alias, subscription, head, due)
+            transaction.on_commit(send, using=alias)
+        handed += head is not None
+    return handed
 
 
 def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:

@@ -538,8 +538,9 @@ def _take_back_failed(
 
     Left held for `events_relay` (`deliver_orphaned_held`), which claims it from held and
     sends it once: the message is acknowledged, as its retry would run the handler without
-    claiming the row, and the relay then send it again. Not an ordered key's, which the relay
-    leaves to their turn: its retry's claim (the gate) runs it or holds it for its turn.
+    claiming the row, and the relay then send it again. An ordered key's message is retried
+    instead: its claim (the gate) runs it or holds it for its turn, sooner than the relay
+    hands on a key's first held delivery (a minute on).
     """
     if isinstance(exc, _OUTAGES):
         _close_broken(alias)

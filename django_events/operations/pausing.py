@@ -13,12 +13,14 @@ from typing import Any
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Exists, OuterRef, QuerySet
 from django.utils import timezone
 
+from django_events.delivery import ordering
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import ORPHAN_AFTER, forget, paused_names
+from django_events.delivery.recording import FINISHED
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import (
@@ -110,20 +112,48 @@ def deliver_orphaned_held(
     the pauses again, but not past a resume's uncommitted delete, nor when the database fails
     the take-back (a worker then acknowledges the message); nothing else would run it.
     Each row is claimed from held as a resume claims it, so none runs twice.
+
+    An ordered key's held rows wait for their turn: the gate hands each on in order when the
+    delivery before it finishes. One with none unfinished before it (the key's first) has
+    nothing to wait for: its key is handed on here, as a finish would (`ordering.release`).
     """
     paused = paused_names(using, fresh=True)
     horizon = timezone.now() - timedelta(seconds=older_than)
     late = held(using=using).filter(updated_at__lte=horizon).exclude(subscription__in=paused)
-    # Not an ordered key's: those wait for their turn (the gate hands each on in order).
-    late = late.filter(ordering_key__isnull=True)
+    unordered = late.filter(sequence__isnull=True)
     result = RedeliveryResult()
-    for name in sorted(set(late.values_list("subscription", flat=True))):
+    for name in sorted(set(unordered.values_list("subscription", flat=True))):
         subscription = find_subscription(name)
         if subscription is None:  # events_resume records an undeclared one's rows failed
             continue
-        ids = list(late.filter(subscription=name).values_list("pk", flat=True))
+        ids = list(unordered.filter(subscription=name).values_list("pk", flat=True))
         result.add(_deliver_held(subscription, ids, using, BATCH_SIZE))
+    result.sent += _hand_on_first_held(late.filter(sequence__isnull=False), using)
     return result
+
+
+def _hand_on_first_held(late: QuerySet[Delivery], using: str) -> int:
+    """Hand on the keys whose first unfinished delivery is one of the ordered held rows
+    ``late``; how many deliveries that sent (each once: only a row still held is handed on)."""
+    earlier = (
+        Delivery.objects.using(using)
+        .filter(
+            subscription=OuterRef("subscription"),
+            ordering_key=OuterRef("ordering_key"),
+            sequence__lt=OuterRef("sequence"),
+        )
+        .exclude(status__in=FINISHED)
+    )
+    firsts = late.filter(~Exists(earlier)).order_by().values_list("subscription", "ordering_key")
+    keys = [(name, key) for name, key in firsts if key is not None]
+    ordered = {name for name in {name for name, _ in keys} if _is_ordered(name)}
+    return ordering.release(using, [(name, key) for name, key in keys if name in ordered])
+
+
+def _is_ordered(name: str) -> bool:
+    """Whether the subscription ``name`` is declared, with an ``ordering_key``."""
+    subscription = find_subscription(name)
+    return subscription is not None and subscription.declaration.ordering_key is not None
 
 
 def _deliver_held(
