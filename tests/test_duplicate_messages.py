@@ -9,21 +9,27 @@ through a real worker is in tests/test_failure_control_delivery.py.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
+from uuid import uuid4
 
 import pytest
+from django.core.management import call_command
 from django.db import OperationalError, connection
+from django.db.models import F
 from django.utils import timezone
+from django_tasks_db.models import DBTaskResult
 
 from django_events import publish
-from django_events.delivery import batching
+from django_events.delivery import batching, marking
+from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.messages import build_message, event_body
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.worker import process_message
 from django_events.events import Event
-from django_events.models import Delivery, PausedSubscription
+from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.pausing import (
     ORPHAN_AFTER,
     deliver_orphaned_held,
@@ -33,6 +39,7 @@ from django_events.operations.pausing import (
 from django_events.signals import delivery_failed
 from tests.app.models import HandlerRun
 from tests.conftest import wiring
+from tests.ops import drain
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -233,6 +240,76 @@ def test_a_held_row_the_worker_cannot_take_back_is_left_to_the_relay(record: str
         assert not HandlerRun.objects.filter(event_id=event.id).exists()
         assert orphaned() == 1  # claimed from held, once (a worker runs it)
     assert row(event) == ("pending", 0, "")
+
+
+def take_back_answer_lost(message: dict[str, Any]) -> Any:
+    """As `take_back_refused`, but the database commits the take-back and its answer is lost
+    (the connection drops after the commit): the worker reads a failure."""
+    table = Delivery._meta.db_table
+
+    def commit_then_drop(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        taking_back = sql.startswith(f'UPDATE "{table}"') and params and params[0] == "pending"
+        if taking_back and "held" in params:
+            raise OperationalError("connection lost")
+        return result
+
+    pause("sub")
+    assert "sub" in paused_names("default")
+    PausedSubscription.objects.filter(subscription="sub").delete()  # resumed elsewhere
+    with connection.execute_wrapper(commit_then_drop):
+        return process_message(message, 0)
+
+
+def sent_since(via: str, queue: str) -> list[dict[str, Any]]:
+    """The messages sent since the last look: on ``queue`` (Celery), or as task rows (``via:
+    tasks``, the database task backend: taken, as a worker takes them)."""
+    if via == "celery":
+        return drain(queue)
+    tasks = DBTaskResult.objects.order_by("enqueued_at")
+    messages = [t["args"][0] for t in tasks.values_list("args_kwargs", flat=True)]
+    tasks.delete()
+    return messages
+
+
+@pytest.mark.parametrize("via", ["celery", "tasks"])
+def test_a_take_back_whose_answer_was_lost_is_sent_again_by_the_relay(via: str) -> None:
+    """The take-back (held -> pending) commits but its answer is lost: the worker, reading a
+    failure, acknowledges the message (above), and the row is pending with no message. Held
+    no more, it is not for the relay's pass over held rows: the relay sends it one threshold
+    for lost messages later (RESEND_UNFINISHED_AFTER), whichever way its subscription goes."""
+    queue = f"tb-{uuid4().hex[:8]}"
+    with wiring({**KINDS["plain"], "via": via, "queue": queue}, TASKS_BACKEND="default"):
+        event = publish("orders.placed", PAYLOAD)
+        sent_since(via, queue)  # its first message
+        outcome = take_back_answer_lost(build_message(event_body(event), "sub", "default"))
+        assert (outcome.status, outcome.retry_with) == ("held", None)
+        assert row(event) == ("pending", 0, "")
+        assert orphaned() == 0
+
+        marking.flush()  # the event is marked dispatched
+        later = timedelta(seconds=resend_after() + 1)
+        EventRecord.objects.update(dispatched_at=F("dispatched_at") - later)
+        Delivery.objects.update(updated_at=F("updated_at") - later, retry_at=F("retry_at") - later)
+        call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+
+        [message] = sent_since(via, queue)
+        assert message["event"]["id"] == str(event.id)
+        assert process_message(message, 0).status == "succeeded"
+        call_command("events_relay", "--min-age", "0", stdout=io.StringIO())
+        assert sent_since(via, queue) == []  # once
+    assert row(event) == ("succeeded", 1, "")
+    assert HandlerRun.objects.filter(event_id=event.id).count() == 1
+
+
+def test_a_broadcasts_take_back_is_never_due_for_the_relay() -> None:
+    """A broadcast's copy reaches every worker: the relay never sends one again."""
+    with wiring({**KINDS["plain"], "broadcast": True}):
+        event = publish("orders.placed", PAYLOAD)
+        outcome = take_back_answer_lost(build_message(event_body(event), "sub", "default"))
+        assert outcome.status == "held"
+    taken_back = Delivery.objects.get(event_id=event.id, subscription="sub")
+    assert (taken_back.status, taken_back.retry_at) == ("pending", None)
 
 
 def test_an_ordered_held_row_the_worker_cannot_take_back_is_retried_through_the_gate() -> None:

@@ -524,11 +524,21 @@ def _hold(
 
 def _unhold(alias: str, event: Event, subscription: Subscription) -> bool:
     """Take back the row just recorded held for this delivery: pending, as a resume leaves
-    it (False: a resume took it from held meanwhile)."""
+    it (False: a resume took it from held meanwhile).
+
+    Due for events_relay's retries one threshold for lost messages on (`resend_after`), as a
+    retry's row is: should the update commit and its answer not come back (the connection
+    lost after the commit), the worker reads a failure and acknowledges the message, leaving
+    the row pending with no message. This run's outcome clears the due time. Not a
+    broadcast's: a copy reaches every worker, and none is sent again.
+    """
+    now = timezone.now()
+    broadcast = subscription.declaration.broadcast
+    due = None if broadcast else now + timedelta(seconds=resend_after())
     rows = Delivery.objects.using(alias).filter(
         event_id=event.id, subscription=subscription.name, status=Delivery.Status.HELD
     )
-    return bool(rows.update(status=Delivery.Status.PENDING, updated_at=timezone.now()))
+    return bool(rows.update(status=Delivery.Status.PENDING, updated_at=now, retry_at=due))
 
 
 def _take_back_failed(
@@ -538,9 +548,11 @@ def _take_back_failed(
 
     Left held for `events_relay` (`deliver_orphaned_held`), which claims it from held and
     sends it once: the message is acknowledged, as its retry would run the handler without
-    claiming the row, and the relay then send it again. An ordered key's message is retried
-    instead: its claim (the gate) runs it or holds it for its turn, sooner than the relay
-    hands on a key's first held delivery (a minute on).
+    claiming the row, and the relay then send it again. A take-back that committed all the
+    same (its answer lost with the connection) left the row pending, due for the relay's
+    retries one threshold for lost messages on (`_unhold`): they send it then. An ordered
+    key's message is retried instead: its claim (the gate) runs it or holds it for its turn,
+    sooner than the relay hands on a key's first held delivery (a minute on).
     """
     if isinstance(exc, _OUTAGES):
         _close_broken(alias)
