@@ -188,7 +188,7 @@ def _run_resumed(
                 save_deliveries(alias, [row])
                 if row.status == Delivery.Status.FAILED:
                     failed_signal(event, row)
-    except DatabaseError:  # held ones wait for the next resume; events_relay fails running ones
+    except DatabaseError:  # events_relay runs held ones a minute on, fails running ones
         logger.exception(
             "Could not run the held sync deliveries of a subscription resumed meanwhile",
             extra=batch_log_extra([event for event, _ in held]),
