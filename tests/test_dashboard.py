@@ -95,6 +95,21 @@ def test_figures_per_window(traffic) -> None:
     assert age is not None and timedelta(minutes=6) < age < timedelta(minutes=8)
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_figures_are_read_where_the_routers_read_the_event_log() -> None:
+    from django.test import override_settings
+
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
+        _delivery("billing", timedelta(minutes=1), "succeeded", 3)  # routed: on "other"
+
+        figures = collect()
+
+    assert [s.name for s in figures.subscriptions] == ["billing"]
+    assert not Delivery.objects.using("default").exists()
+
+
 def test_charts_are_svg_with_words_and_escaped_names(traffic) -> None:
     figures = collect()
     for chart in (

@@ -1682,6 +1682,89 @@ def test_the_relay_and_pruning_functions_use_the_routers_database_by_default() -
     assert _event_log_rows("default") == 0
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_pausing_functions_use_the_routers_database_by_default() -> None:
+    """Without ``using``, pausing and resuming work where the routers put the event log (as
+    the relay and pruning functions do); ``is_paused`` and ``pause_state``, which only read,
+    where the routers read it."""
+    from django.test import override_settings
+
+    from django_events.operations.pausing import (
+        deliver_orphaned_held,
+        endpoint_deleted,
+        held,
+        is_paused,
+        pause,
+        pause_state,
+        resume,
+    )
+    from tests.test_admin import EventLogElsewhere
+
+    endpoint_id = uuid.uuid4()
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        _audit_delivery("held")("other")
+        record = _record("other")
+        endpoint_row = delivery(record.pk, f"endpoint:{endpoint_id}", "webhook", "held", 0)
+        save_deliveries("other", [endpoint_row])
+
+        assert pause("shop-audit") is True
+        assert is_paused("shop-audit")
+        assert pause_state()["shop-audit"] == {"paused": True, "held": 1}
+        assert held("shop-audit").count() == 1
+        assert resume("shop-audit").succeeded == 1
+        assert endpoint_deleted(endpoint_id) == 1
+
+        _audit_delivery("held")("other")  # held as a resume ran: the relay delivers it
+        Delivery.objects.using("other").filter(status="held").update(
+            updated_at=timezone.now() - timedelta(hours=1)
+        )
+        assert deliver_orphaned_held().succeeded == 1
+    rows = Delivery.objects.using("other").values_list("subscription", "status")
+    assert sorted(rows) == [
+        (f"endpoint:{endpoint_id}", "failed"),
+        ("shop-audit", "succeeded"),
+        ("shop-audit", "succeeded"),
+    ]
+    assert _event_log_rows("default") == 0
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_retry_replay_and_their_reads_use_the_routers_database_by_default() -> None:
+    """``select_failures`` (what ``retry_failures`` retries), ``replay_events``,
+    ``record_interrupted``, ``held_deliveries`` and ``pending_of_newer_versions`` without
+    ``using``: the routers' alias."""
+    from django.test import override_settings
+
+    from django_events.operations.interrupted import record_interrupted
+    from django_events.operations.relay import pending_of_newer_versions
+    from django_events.operations.replay import replay_events
+    from django_events.operations.retrying import (
+        held_deliveries,
+        retry_failures,
+        select_failures,
+    )
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
+        _audit_delivery("failed")("other")
+        _audit_delivery("running")("other")
+        _audit_delivery("held")("other")
+        Delivery.objects.using("other").update(updated_at=timezone.now() - timedelta(hours=2))
+
+        failures = select_failures()
+        assert failures.db == "other" and failures.count() == 1
+        assert retry_failures(failures).succeeded == 1
+        assert record_interrupted(older_than=3600) == 1
+        assert [row["held"] for row in held_deliveries()] == [1]
+        matched, replayed = replay_events("shop-audit", events=["shop.refunded"])
+        assert (matched, replayed.succeeded) == (3, 3)
+
+        newer = _record("other", status="pending")
+        EventRecord.objects.using("other").filter(pk=newer.pk).update(version=2)
+        assert pending_of_newer_versions(timezone.now()) == 1
+    assert _event_log_rows("default") == 0
+
+
 def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -> None:
     """Not migrated (or the log is on another alias): no outage to wait out, for good."""
     import os

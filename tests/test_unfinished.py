@@ -529,3 +529,33 @@ def test_an_endpoint_added_enabled_or_changed_after_the_event_is_not_sent_it(
     assert not Delivery.objects.filter(subscription__in=[later, changed, off]).exists()
     assert endpoints.for_event("shop.paid")  # the enabled ones do receive new events
     assert WebhookEndpoint.objects.count() == 3
+
+
+def _stored_on(alias: str, *, status: str, ago: float) -> EventRecord:
+    """A ``shop.paid`` record on ``alias`` (occurred and, unless pending, dispatched ``ago``
+    s ago) without a delivery row: its async deliveries have no outcome."""
+    import uuid
+
+    at = timezone.now() - timedelta(seconds=ago)
+    return EventRecord.objects.using(alias).create(
+        id=uuid.uuid4(),
+        name="shop.paid",
+        payload={"order_id": 1, "total": 10},
+        correlation_id=uuid.uuid4(),
+        occurred_at=at,
+        status=status,
+        dispatched_at=None if status == "pending" else at,
+    )
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_resend_unfinished_uses_the_routers_database_by_default(queue) -> None:
+    from tests.test_admin import EventLogElsewhere
+
+    with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
+        paid = _stored_on("other", status="dispatched", ago=1.5 * HOUR)
+
+        assert unfinished.resend_unfinished().total == 1
+
+    assert messages(queue) == [("shop-receipt", str(paid.id))]
+    assert Delivery.objects.using("other").get().status == "pending"

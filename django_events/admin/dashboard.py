@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from django.db import DEFAULT_DB_ALIAS
 from django.db.models import Case, Count, F, IntegerField, Min, Q, Sum, Value, When
 from django.utils import timezone
 
+from django_events.delivery.recording import event_log_read_alias
 from django_events.models import Delivery, EventRecord
 
 WINDOWS: tuple[tuple[str, timedelta], ...] = (
@@ -88,8 +88,9 @@ def percentile(histogram: Sequence[int], q: float) -> float | None:
     return float("inf")  # not reached: seen ends at total >= rank
 
 
-def collect(now: datetime | None = None, *, using: str = DEFAULT_DB_ALIAS) -> Dashboard:
-    """Read the dashboard's figures."""
+def collect(now: datetime | None = None, *, using: str | None = None) -> Dashboard:
+    """Read the dashboard's figures (by default where the routers read the event log)."""
+    using = event_log_read_alias(using)
     now = now or timezone.now()
     starts = {name: now - span for name, span in WINDOWS}
     bucket = Case(

@@ -24,6 +24,12 @@ def event_log_alias(using: str | None = None) -> str:
     return using or router.db_for_write(EventRecord)
 
 
+def event_log_read_alias(using: str | None = None) -> str:
+    """``using``, else the database alias the routers read the event log from (``default``
+    without routers): where a QuerySet of it reads by default."""
+    return using or router.db_for_read(EventRecord)
+
+
 def record_for(event: Event, status: str) -> EventRecord:
     """Build (without saving) the `EventRecord` of ``event``."""
     return EventRecord(

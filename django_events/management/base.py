@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import DatabaseError, connections, router
+from django.db import DatabaseError, connections
 
-from django_events.delivery.recording import event_log_alias
-from django_events.models import EventRecord
+from django_events.delivery.recording import event_log_alias, event_log_read_alias
 
 
 class EventLogCommand(BaseCommand):
@@ -54,7 +53,7 @@ def add_database_argument(parser: CommandParser) -> None:
 def routed_alias(*, read: bool = False) -> str:
     """The alias the routers write the event log to (``read``: read it from); ``default``
     without routers, as for any model."""
-    return router.db_for_read(EventRecord) if read else event_log_alias()
+    return event_log_read_alias() if read else event_log_alias()
 
 
 def routed_elsewhere(alias: str, *, read: bool = False) -> str:

@@ -15,12 +15,11 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from django.db import DEFAULT_DB_ALIAS
 from django.db.models import F
 from django.utils import timezone
 
 from django_events.delivery.dispatch import failed_signal
-from django_events.delivery.recording import event_of
+from django_events.delivery.recording import event_log_alias, event_of
 from django_events.logs import log_extra
 from django_events.models import Delivery
 
@@ -38,11 +37,12 @@ def interrupted_error(since: str, older_than: float) -> str:
     )
 
 
-def record_interrupted(*, older_than: float, using: str = DEFAULT_DB_ALIAS) -> int:
-    """Record as failed the sync deliveries `running` for over ``older_than`` seconds; how
-    many. Keep ``older_than`` above the longest handler run: a run still going is then
-    offered for a retry, and a retry would run it a second time."""
-    stale = Delivery.objects.using(using).filter(
+def record_interrupted(*, older_than: float, using: str | None = None) -> int:
+    """Record as failed the sync deliveries `running` for over ``older_than`` seconds on
+    ``using`` (default: where the routers write the event log); how many. Keep
+    ``older_than`` above the longest handler run: a run still going is then offered for a
+    retry, and a retry would run it a second time."""
+    stale = Delivery.objects.using(event_log_alias(using)).filter(
         mode__in=IN_PROCESS_MODES,
         status=Delivery.Status.RUNNING,
         updated_at__lt=timezone.now() - timedelta(seconds=older_than),

@@ -4,6 +4,9 @@ While a subscription is paused its deliveries are held (`Delivery` rows with sta
 written by the worker, or after commit for sync subscriptions) and nothing runs its handler.
 Resuming removes the pause, then delivers the held rows again through the normal path, in the
 order their events occurred: async ones as new task messages, sync ones in this process.
+
+``using`` is the event log's database alias: by default the one the routers write it to (the
+functions that only read: read it from), ``default`` without routers.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Count, Exists, OuterRef, QuerySet
 from django.utils import timezone
 
@@ -20,7 +23,7 @@ from django_events.delivery import ordering
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import ORPHAN_AFTER, forget, paused_names
-from django_events.delivery.recording import FINISHED
+from django_events.delivery.recording import FINISHED, event_log_alias, event_log_read_alias
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import (
@@ -55,10 +58,10 @@ def pausable(name: str) -> Subscription:
     return subscription
 
 
-def pause(name: str, *, by: str = "", using: str = DEFAULT_DB_ALIAS) -> bool:
+def pause(name: str, *, by: str = "", using: str | None = None) -> bool:
     """Pause subscription ``name``; False if it was paused already."""
     pausable(name)
-    _, created = PausedSubscription.objects.using(using).get_or_create(
+    _, created = PausedSubscription.objects.using(event_log_alias(using)).get_or_create(
         subscription=name, defaults={"paused_by": by}
     )
     forget()
@@ -66,7 +69,7 @@ def pause(name: str, *, by: str = "", using: str = DEFAULT_DB_ALIAS) -> bool:
 
 
 def resume(
-    name: str, *, using: str = DEFAULT_DB_ALIAS, batch_size: int = BATCH_SIZE
+    name: str, *, using: str | None = None, batch_size: int = BATCH_SIZE
 ) -> RedeliveryResult:
     """Resume subscription ``name`` and deliver what was held meanwhile, oldest event first.
 
@@ -76,6 +79,7 @@ def resume(
     recorded failed as it was deleted, see `endpoint_deleted`: only a worker holding one at
     that very moment leaves one here.)
     """
+    using = event_log_alias(using)
     deleted, _ = PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
     subscription = find_subscription(name)
@@ -101,7 +105,7 @@ def resume(
 
 
 def deliver_orphaned_held(
-    *, older_than: float = ORPHAN_AFTER, using: str = DEFAULT_DB_ALIAS
+    *, older_than: float = ORPHAN_AFTER, using: str | None = None
 ) -> RedeliveryResult:
     """Deliver the rows held over ``older_than`` seconds ago of subscriptions not paused (each
     relay pass does): what a resume could not see.
@@ -117,6 +121,7 @@ def deliver_orphaned_held(
     delivery before it finishes. One with none unfinished before it (the key's first) has
     nothing to wait for: its key is handed on here, as a finish would (`ordering.release`).
     """
+    using = event_log_alias(using)
     paused = paused_names(using, fresh=True)
     horizon = timezone.now() - timedelta(seconds=older_than)
     late = held(using=using).filter(updated_at__lte=horizon).exclude(subscription__in=paused)
@@ -183,7 +188,7 @@ def _deliver_held(
     return result
 
 
-def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int:
+def endpoint_deleted(endpoint_id: UUID, *, using: str | None = None) -> int:
     """Webhook endpoint ``endpoint_id`` was deleted: record what it still had waiting (held
     while it was paused, or pending: a retry's turn to come) as failed, as a worker records
     a message for a deleted endpoint, and remove its pause. How many were recorded failed.
@@ -191,6 +196,7 @@ def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int
     Nothing could deliver them any more, and held or pending they would keep their events
     from pruning for good.
     """
+    using = event_log_alias(using)
     name = subscription_name(endpoint_id)
     PausedSubscription.objects.using(using).filter(subscription=name).delete()
     forget()
@@ -203,17 +209,22 @@ def endpoint_deleted(endpoint_id: UUID, *, using: str = DEFAULT_DB_ALIAS) -> int
     return pending + record_failed(rows.filter(status=Delivery.Status.HELD), DELETED)
 
 
-def held(name: str | None = None, *, using: str = DEFAULT_DB_ALIAS) -> QuerySet[Delivery]:
-    """Held deliveries (of subscription ``name``), oldest event first."""
-    rows = Delivery.objects.using(using).filter(status=Delivery.Status.HELD)
+def held(name: str | None = None, *, using: str | None = None) -> QuerySet[Delivery]:
+    """Held deliveries (of subscription ``name``), oldest event first; on the alias the
+    routers write the event log to by default, as `resume` delivers and records them there."""
+    rows = Delivery.objects.using(event_log_alias(using)).filter(status=Delivery.Status.HELD)
     if name is not None:
         rows = rows.filter(subscription=name)
     return rows.order_by("event__occurred_at", "event_id")
 
 
-def is_paused(name: str, *, using: str = DEFAULT_DB_ALIAS) -> bool:
+def is_paused(name: str, *, using: str | None = None) -> bool:
     """Whether subscription ``name`` is paused now (read from the database)."""
-    return PausedSubscription.objects.using(using).filter(subscription=name).exists()
+    return (
+        PausedSubscription.objects.using(event_log_read_alias(using))
+        .filter(subscription=name)
+        .exists()
+    )
 
 
 def _claim(ids: list[int], using: str, *, mark_pending: bool) -> list[Delivery]:
@@ -240,8 +251,9 @@ def _claim(ids: list[int], using: str, *, mark_pending: bool) -> list[Delivery]:
     return claimed
 
 
-def pause_state(*, using: str = DEFAULT_DB_ALIAS) -> dict[str, dict[str, Any]]:
+def pause_state(*, using: str | None = None) -> dict[str, dict[str, Any]]:
     """Subscriptions paused or holding deliveries: name -> ``paused`` (bool), ``held`` (count)."""
+    using = event_log_read_alias(using)
     state: dict[str, dict[str, Any]] = {}
     for name in PausedSubscription.objects.using(using).values_list("subscription", flat=True):
         state[name] = {"paused": True, "held": 0}

@@ -9,14 +9,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, transaction
+from django.db import DatabaseError, connections, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from django_events.delivery import broker, endpoints
 from django_events.delivery.dispatch import accepted
 from django_events.delivery.messages import PriorRuns
-from django_events.delivery.recording import event_log_alias, event_of, mark_dispatched
+from django_events.delivery.recording import (
+    event_log_alias,
+    event_log_read_alias,
+    event_of,
+    mark_dispatched,
+)
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
@@ -202,15 +207,16 @@ def relay_backlog(
             )
 
 
-def pending_of_newer_versions(until: datetime, using: str = DEFAULT_DB_ALIAS) -> int:
+def pending_of_newer_versions(until: datetime, using: str | None = None) -> int:
     """Records pending since ``until`` or before, of a version newer than this process
-    declares: the relay leaves them to a relay of the newer release (a rolling deploy)."""
+    declares: the relay leaves them to a relay of the newer release (a rolling deploy).
+    ``using``: by default the alias the routers read the event log from."""
     newer = Q()
     for name, compiled in get_registry().events.items():
         newer |= Q(name=name, version__gt=compiled.version)
     if not newer:
         return 0
-    pending = EventRecord.objects.using(using).filter(
+    pending = EventRecord.objects.using(event_log_read_alias(using)).filter(
         status=EventRecord.Status.PENDING, occurred_at__lte=until
     )
     return pending.filter(newer).count()

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from django.db import DEFAULT_DB_ALIAS
-
 from django_events.delivery.endpoints import EndpointSubscription
 from django_events.delivery.messages import PriorRuns
+from django_events.delivery.recording import event_log_alias
 from django_events.exceptions import EventError
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
@@ -34,7 +33,7 @@ def replay_events(
     events: Sequence[str] = (),
     since: datetime | None = None,
     until: datetime | None = None,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
     batch_size: int = BATCH_SIZE,
 ) -> tuple[int, RedeliveryResult]:
     """Deliver stored events again to ``subscription``; return (events matched, result).
@@ -43,8 +42,10 @@ def replay_events(
     ``since``/``until`` bound their ``occurred_at``. The subscription's ``when`` filter
     still applies: events it would not have received are skipped, and so are events an
     ``idempotent`` subscription already handled successfully, and events whose record is
-    deleted (by events_prune) before their delivery is written.
+    deleted (by events_prune) before their delivery is written. ``using``: the event log's
+    alias (default: the one the routers write it to).
     """
+    using = event_log_alias(using)
     registry = get_registry()
     target = find_subscription(subscription, registry)
     if target is None:

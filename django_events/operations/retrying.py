@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
@@ -14,7 +14,7 @@ from django_events.delivery import ordering
 from django_events.delivery.endpoints import is_endpoint_name
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import paused_names
-from django_events.delivery.recording import FINISHED
+from django_events.delivery.recording import FINISHED, event_log_alias, event_log_read_alias
 from django_events.models import Delivery, EventRecord
 from django_events.operations.redelivery import (
     RedeliveryResult,
@@ -40,10 +40,14 @@ def select_failures(
     event: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
 ) -> QuerySet[Delivery]:
-    """Failed deliveries, narrowed by subscription, event name and time of the failure."""
-    failures = Delivery.objects.using(using).filter(status=Delivery.Status.FAILED)
+    """Failed deliveries, narrowed by subscription, event name and time of the failure.
+
+    On ``using``, by default the alias the routers write the event log to: `retry_failures`
+    and `mark_resolved` write where the QuerySet reads.
+    """
+    failures = Delivery.objects.using(event_log_alias(using)).filter(status=Delivery.Status.FAILED)
     if subscription:
         failures = failures.filter(subscription=subscription)
     if event:
@@ -158,10 +162,12 @@ def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
     return count
 
 
-def held_deliveries(using: str = DEFAULT_DB_ALIAS) -> list[dict[str, object]]:
+def held_deliveries(using: str | None = None) -> list[dict[str, object]]:
     """Held deliveries by subscription and key: how many wait, behind what, and whether
     their subscription is paused (then they wait for events_resume, whatever is ahead).
-    A key or an error that is, or quotes, a value the event redacts comes masked."""
+    A key or an error that is, or quotes, a value the event redacts comes masked.
+    ``using``: by default the alias the routers read the event log from."""
+    using = event_log_read_alias(using)
     paused = paused_names(using, fresh=True)
     rows = (
         Delivery.objects.using(using)

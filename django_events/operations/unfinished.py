@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import connections, transaction
 from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
@@ -61,7 +61,7 @@ from django_events.delivery.dispatch import accepted
 from django_events.delivery.lost_messages import resend_after, visibility_timeout
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.ordering import HAND_ON_GRACE
-from django_events.delivery.recording import FINISHED, delivery
+from django_events.delivery.recording import FINISHED, delivery, event_log_alias
 from django_events.exceptions import NewerVersion, UpcastError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, RelayCheckpoint
@@ -101,10 +101,12 @@ def resend_unfinished(
     *,
     older_than: float | None = None,
     batch_size: int = 500,
-    using: str = DEFAULT_DB_ALIAS,
+    using: str | None = None,
 ) -> ResendResult:
     """Check one batch of events per queue dispatched over ``older_than`` seconds ago (default
-    `resend_after`), and send again their async deliveries that have no outcome."""
+    `resend_after`), and send again their async deliveries that have no outcome.
+    ``using``: the event log's alias (default: the one the routers write it to)."""
+    using = event_log_alias(using)
     threshold = resend_after() if older_than is None else older_than
     registry = get_registry()
     hooks = [h for h in endpoints.enabled(using=using) if h.via != "tasks"]
