@@ -559,3 +559,25 @@ def test_resend_unfinished_uses_the_routers_database_by_default(queue) -> None:
 
     assert messages(queue) == [("shop-receipt", str(paid.id))]
     assert Delivery.objects.using("other").get().status == "pending"
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_relay_of_another_database_resends_to_the_endpoints_it_sends_to(queue) -> None:
+    """An event log on a database of its own (``publish(using=...)``, ``--database``): the
+    relay sends its pending records to the endpoints publishers and workers read (the
+    routers', here ``default``), and its lost-message check looks for those same endpoints'
+    deliveries (it read the endpoints of the relayed database: none, nothing resent)."""
+    hook = endpoint_since(2 * HOUR)
+    dispatched = _stored_on("other", status="dispatched", ago=1.5 * HOUR)
+
+    assert "resent 2 delivery(ies)" in relay("--database", "other")
+    assert sorted(messages(queue)) == sorted(
+        [(hook, str(dispatched.pk)), ("shop-receipt", str(dispatched.pk))]
+    )
+
+    pending = _stored_on("other", status="pending", ago=60)
+    assert "Relayed 1 event(s)" in relay("--database", "other")
+    assert sorted(messages(queue)) == sorted(
+        [(hook, str(pending.pk)), ("shop-receipt", str(pending.pk))]
+    )
+    assert not Delivery.objects.using("default").exists()

@@ -109,7 +109,9 @@ def resend_unfinished(
     using = event_log_alias(using)
     threshold = resend_after() if older_than is None else older_than
     registry = get_registry()
-    hooks = [h for h in endpoints.enabled(using=using) if h.via != "tasks"]
+    # Where publishers, the relay's sends and workers read them (the routers' alias), whatever
+    # the event log's: the endpoints its events were sent to.
+    hooks = [h for h in endpoints.enabled() if h.via != "tasks"]
     queues = sorted(
         {s.queue for e in registry.events.values() for s in e.async_} | {h.queue for h in hooks}
     )
