@@ -377,6 +377,23 @@ def test_events_resume_says_when_the_subscription_was_not_paused() -> None:
     assert lines[2].startswith("'s' was not paused. Held deliveries: 0 re-enqueued")
 
 
+def test_the_wiring_page_says_what_events_pause_and_events_resume_say() -> None:
+    """Pausing one paused already, resuming one not paused: said so, not "Paused"/"Resumed"."""
+    with wiring(sub("s", "sync")):
+        operator = user_client("view_eventrecord", "change_failure")
+
+        def said(action: str) -> str:
+            answer = operator.post(PAUSE, {"name": "s", "action": action}, follow=True)
+            return answer.content.decode()
+
+        assert "Paused s." in said("pause")
+        assert "&#x27;s&#x27; was already paused." in said("pause")
+        assert "Resumed s. Held deliveries: 0 re-enqueued" in said("resume")
+        not_paused = said("resume")
+    assert "&#x27;s&#x27; was not paused. Held deliveries: 0 re-enqueued" in not_paused
+    assert "Resumed s." not in not_paused
+
+
 def test_events_list_shows_paused_and_held() -> None:
     with wiring(sub("s", "sync")):
         call_command("events_pause", "s", stdout=io.StringIO())

@@ -32,7 +32,7 @@ from django_events.delivery.endpoints import PREFIX, describe, subscription_name
 from django_events.exceptions import EventError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, Failure, PausedSubscription, WebhookEndpoint
-from django_events.operations.pausing import PauseError, pause, resume
+from django_events.operations.pausing import PauseError, is_paused, pause, resume
 from django_events.operations.retrying import mark_resolved, retry_failures
 from django_events.wiring.describing import EndpointInfo, describe_wiring
 from django_events.wiring.listing import retry_text
@@ -349,12 +349,24 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
         using = router.db_for_write(PausedSubscription)
         try:
             if action == "pause":
-                pause(name, by=request.user.get_username(), using=using)
-                self.message_user(request, gettext("Paused %(name)s.") % {"name": name})
+                created = pause(name, by=request.user.get_username(), using=using)
+                # What events_pause says: a pause already there is not a new one.
+                text = (
+                    gettext("Paused %(name)s.")
+                    if created
+                    else gettext("'%(name)s' was already paused.")
+                )
+                self.message_user(request, text % {"name": name})
             elif action == "resume":
+                was_paused = is_paused(name, using=using)
                 result = resume(name, using=using)
                 level = messages.SUCCESS if result.ok else messages.WARNING
-                text = gettext("Resumed %(name)s. Held deliveries: %(summary)s")
+                # What events_resume says: resuming one not paused still delivers what it held.
+                text = (
+                    gettext("Resumed %(name)s. Held deliveries: %(summary)s")
+                    if was_paused
+                    else gettext("'%(name)s' was not paused. Held deliveries: %(summary)s")
+                )
                 self.message_user(
                     request, text % {"name": name, "summary": result.summary()}, level
                 )
