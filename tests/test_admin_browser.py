@@ -302,7 +302,7 @@ def test_wiring_diagram_and_pause_buttons_in_chromium(live_server, page, shots) 
         _login(page, live_server.url, "ops", "s3cret-pass")
         row = page.locator(".de-subscriptions tr", has_text="shop-ledger").first
         row.locator("button:has-text('Resume')").click()
-        assert "1 ran again and failed" in page.inner_text(".messagelist")  # the ledger fails
+        assert "1 ran and failed" in page.inner_text(".messagelist")  # the ledger fails
     assert Delivery.objects.get(event_id=event.id, subscription="cancel-notice").status == "failed"
 
 

@@ -180,7 +180,7 @@ def test_retrying_or_replaying_a_paused_sync_subscription_holds_instead_of_runni
             out = io.StringIO()
             call_command(*command, stdout=out)
             assert "1 held (the subscription is paused: events_resume runs them)" in out.getvalue()
-            assert "0 ran again and succeeded; 0 ran again and failed" in out.getvalue()
+            assert "0 ran and succeeded; 0 ran and failed" in out.getvalue()
             row = Delivery.objects.get(event_id=event.id)
             assert (row.status, row.attempts) == ("held", 1)
         assert HandlerRun.objects.count() == 1  # the first run only
@@ -392,6 +392,26 @@ def test_the_wiring_page_says_what_events_pause_and_events_resume_say() -> None:
         not_paused = said("resume")
     assert "&#x27;s&#x27; was not paused. Held deliveries: 0 re-enqueued" in not_paused
     assert "Resumed s." not in not_paused
+def test_events_resume_says_held_sync_deliveries_ran_not_that_they_ran_again() -> None:
+    """Held sync deliveries never ran before; one whose handler does not import does not run
+    now either: counted apart, not as a run that failed."""
+    missing = sub("m", "sync", "tests.app.no_such_module.handle")
+    with wiring(sub("s", "sync"), missing):
+        pause("s")
+        pause("m")
+        publish("orders.placed", order(1))
+        out = io.StringIO()
+        call_command("events_resume", "s", stdout=out)
+        call_command("events_resume", "m", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "Resumed 's'. Held deliveries: 0 re-enqueued for a worker; 1 ran and succeeded; "
+        "0 ran and failed.",
+        "Resumed 'm'. Held deliveries: 0 re-enqueued for a worker; 0 ran and succeeded; "
+        "0 ran and failed; 1 not run (recorded failed with the reason).",
+    ]
+    missed = Delivery.objects.get(subscription="m")
+    assert (missed.status, missed.attempts) == ("failed", 0)
+    assert "no_such_module" in missed.last_error
 
 
 def test_events_list_shows_paused_and_held() -> None:
@@ -456,7 +476,7 @@ def test_wiring_page_pauses_and_resumes_with_the_change_permission() -> None:
 
         response = operator.post(PAUSE, {"name": "s", "action": "resume"}, follow=True)
         assert "Resumed s. Held deliveries: 0 re-enqueued" in response.content.decode()
-        assert "1 ran again and succeeded" in response.content.decode()
+        assert "1 ran and succeeded" in response.content.decode()
         assert HandlerRun.objects.filter(handler="record").count() == 1
 
         response = operator.post(PAUSE, {"name": "i", "action": "pause"}, follow=True)

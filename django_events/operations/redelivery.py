@@ -46,8 +46,12 @@ class RedeliveryResult:
     """What a retry or replay did; ``skipped`` says why each skipped item was left alone."""
 
     sent: int = 0
+    # Sync deliveries run in this process: their handler ran and succeeded, ran and failed,
+    # or could not run (recorded failed with the reason: a newer event version, a failed
+    # upcast, a payload the schema now refuses, a handler that does not import).
     succeeded: int = 0
     failed: int = 0
+    not_run: int = 0
     unsent: int = 0
     # Left pending for events_relay: sent with no confirm (the broker may hold them), or an
     # ordered subscription's the broker did not take (due for the relay's retries).
@@ -62,6 +66,7 @@ class RedeliveryResult:
         self.sent += other.sent
         self.succeeded += other.succeeded
         self.failed += other.failed
+        self.not_run += other.not_run
         self.unsent += other.unsent
         self.to_relay += other.to_relay
         self.held += other.held
@@ -70,14 +75,16 @@ class RedeliveryResult:
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.unsent or self.to_relay or self.skipped)
+        return not (self.failed or self.not_run or self.unsent or self.to_relay or self.skipped)
 
     def summary(self) -> str:
         parts = [
             f"{self.sent} re-enqueued for a worker",
-            f"{self.succeeded} ran again and succeeded",
-            f"{self.failed} ran again and failed",
+            f"{self.succeeded} ran and succeeded",
+            f"{self.failed} ran and failed",
         ]
+        if self.not_run:
+            parts.append(f"{self.not_run} not run (recorded failed with the reason)")
         if self.unsent:
             parts.append(f"{self.unsent} not sent (broker unreachable)")
         if self.to_relay:
@@ -322,9 +329,12 @@ def _run(
         save_deliveries(using, [row])
         if row.status == Delivery.Status.SUCCEEDED:
             result.succeeded += 1
-        else:
+            continue
+        failed_signal(event_of(record), row)
+        if row.attempts > attempts:  # `Delivery.attempts` counts the handler's runs
             result.failed += 1
-            failed_signal(event_of(record), row)
+        else:
+            result.not_run += 1
     return result
 
 

@@ -146,7 +146,7 @@ def relay_pending(
     retried, retries_unsent = _send_due_retries(batch_size, using)
     unsent_count = len(unsent) + retries_unsent
     orphans = deliver_orphaned_held(using=using)
-    if orphans.sent or orphans.succeeded or orphans.failed or orphans.unsent:
+    if orphans.sent or orphans.succeeded or orphans.failed or orphans.not_run or orphans.unsent:
         logger.warning(
             "Delivered the held deliveries of subscriptions no longer paused (held as a resume "
             "ran): %s",
