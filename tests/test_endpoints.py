@@ -188,6 +188,34 @@ def test_private_addresses_are_accepted_when_allowed(admin_client) -> None:
     assert answer.status_code == 302
 
 
+URL_HELP = {
+    False: "Where each event is POSTed: an https:// URL of a public address.",
+    True: "Where each event is POSTed: an https:// or http:// URL, of any address "
+    "(DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] is on).",
+}
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_the_url_help_text_says_what_the_form_accepts(admin_client, allow_private) -> None:
+    value = {**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": allow_private}
+    with override_settings(DJANGO_EVENTS=value):
+        assert URL_HELP[allow_private] in admin_client.get(ADD).content.decode()
+        plain = admin_client.post(ADD, form(url="http://10.0.0.7/in"))
+    assert (plain.status_code == 302) is allow_private
+
+
+@pytest.mark.parametrize("allow_private", [False, True])
+def test_the_form_refuses_ftp_whatever_the_setting(admin_client, allow_private) -> None:
+    """Only http(s) is ever sent (webhooks.post); Django's URLField also takes ftp(s)://."""
+    value = {**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": allow_private}
+    with override_settings(DJANGO_EVENTS=value):
+        for url in ("ftp://hooks.example.com/in", "ftps://hooks.example.com/in"):
+            html = errors_of(admin_client.post(ADD, form(url=url)))
+            use = "Use an https:// or http:// URL." if allow_private else "Use an https:// URL."
+            assert use in html
+    assert not WebhookEndpoint.objects.exists()
+
+
 def test_enable_and_disable_actions(admin_client) -> None:
     endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/a", ["*"])
     WebhookEndpoint.objects.filter(pk=endpoint.pk).update(

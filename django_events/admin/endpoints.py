@@ -65,7 +65,6 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
         max_length=2000,
         assume_scheme="https",
         widget=forms.URLInput(attrs={"size": 80}),
-        help_text=_("Where each event is POSTed (https://...)."),
     )
     patterns = forms.CharField(
         label=_("Events"),
@@ -88,6 +87,14 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.fields["url"].help_text = (
+            _(
+                "Where each event is POSTed: an https:// or http:// URL, of any address "
+                "(DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] is on)."
+            )
+            if conf.WEBHOOKS_ALLOW_PRIVATE
+            else _("Where each event is POSTed: an https:// URL of a public address.")
+        )
         secret = self.fields["secret"]
         if self.instance._state.adding:
             secret.initial = endpoints.new_secret()
@@ -115,6 +122,9 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
         url: str = self.cleaned_data["url"]
         parts = urlsplit(url)
         allow_private = conf.WEBHOOKS_ALLOW_PRIVATE
+        # What webhooks.post sends to (URLField alone also takes ftp:// and ftps://).
+        if allow_private and parts.scheme not in ("https", "http"):
+            raise forms.ValidationError(_("Use an https:// or http:// URL."))
         if parts.scheme != "https" and not allow_private:
             raise forms.ValidationError(_("Use an https:// URL."))
         try:
