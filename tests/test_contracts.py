@@ -805,3 +805,41 @@ def test_the_lock_check_names_a_lock_file_it_cannot_read(tmp_path: Path) -> None
             f"Lock file {str(lock)!r} is stale: {lock}:1: not JSON: Expecting property name "
             "enclosed in double quotes"
         ]
+
+
+def test_lock_and_compat_do_not_warn_first_that_the_lock_is_stale(tmp_path: Path) -> None:
+    """W130 says "run events_compat, then events_lock": Django's system checks, run before a
+    command, printed it just before events_compat listed the changes and events_lock
+    rewrote the file."""
+    lock = tmp_path / "events.lock.json"
+    lock.write_text(json.dumps({"format": 1, "events": {}, "subscriptions": {}, "queues": []}))
+    env = {"DJANGO_SETTINGS_MODULE": "tests.settings", "PATH": "/usr/bin:/bin"}
+    env["PYTHONPATH"] = str(ROOT)  # run where the default LOCK_FILE is this one
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "django", *args]
+        return subprocess.run(
+            command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+
+    compared = run("events_compat")
+    assert "new event" in compared.stdout
+    assert "W130" not in compared.stderr
+    locked = run("events_lock")
+    assert (locked.returncode, locked.stderr) == (0, "")
+    assert locked.stdout.startswith("Wrote events.lock.json (")
+
+
+def test_lock_and_compat_refuse_an_unusable_upcaster(tmp_path: Path) -> None:
+    """The lock would name an upcaster that cannot run, and a comparison count it."""
+    lock = tmp_path / "events.lock.json"
+    broken = event(version=2, upcast={1: "tests.app.upcasters.no_such_function"})
+    with wiring(SUB, EVENTS=event(), MANIFESTS=[], LOCK_FILE=str(lock)):
+        call_command("events_lock", stdout=StringIO())
+    with wiring(SUB, EVENTS=broken, MANIFESTS=[], LOCK_FILE=str(lock)):
+        with pytest.raises(CommandError, match=r"(?s)broken \(events_check\):\n.*E131"):
+            call_command("events_compat", stdout=StringIO())
+        written = lock.read_text()
+        with pytest.raises(CommandError, match=r"(?s)Not locking .*\n.*E131"):
+            call_command("events_lock", stdout=StringIO())
+    assert lock.read_text() == written

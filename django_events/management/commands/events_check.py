@@ -15,6 +15,7 @@ from django_events.checks import (
     check_upcasters,
 )
 from django_events.inbound.checks import check_inbound
+from django_events.management.contract import line
 from django_events.wiring.registry import reset_registry
 
 
@@ -35,9 +36,8 @@ class Command(BaseCommand):
             *check_lock(),
         ]
         for message in messages:
-            hint = f"\n    HINT: {message.hint}" if message.hint else ""
-            line = f"{message.obj}: ({message.id}) {message.msg}{hint}"
-            self.stderr.write(line) if message.is_serious() else self.stdout.write(line)
+            text = line(message)
+            self.stderr.write(text) if message.is_serious() else self.stdout.write(text)
         errors = sum(1 for m in messages if m.is_serious())
         if errors:
             raise CommandError(f"{errors} problem(s) found in the events configuration.")

@@ -7,8 +7,8 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_events.conf import conf
+from django_events.management.contract import checked_contract
 from django_events.wiring.contracts import COVERABLE, Change, compare, lock_data, read_lock
-from django_events.wiring.registry import get_registry, reset_registry
 
 _REVIEW_KINDS = "(removed, queue changed, check by hand)"
 
@@ -19,6 +19,8 @@ class Command(BaseCommand):
         "breaking change without a version bump and an upcaster, or a change that only a "
         f"review accepts {_REVIEW_KINDS}."
     )
+    # Not Django's system checks: W130 (the lock is stale) only says to run this command.
+    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument(
@@ -33,12 +35,7 @@ class Command(BaseCommand):
             locked = read_lock(path)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
-        reset_registry()  # the manifests as they are on disk now
-        registry = get_registry()
-        errors = [p for p in registry.problems if p.is_error]
-        if errors:
-            details = "\n".join(map(str, errors))
-            raise CommandError(f"The configuration is broken (events_check):\n{details}")
+        registry = checked_contract(self, "The configuration is broken")
         changes = compare(locked, lock_data(registry))
         failing = [c for c in changes if c.fails]
         uncovered = sum(c.kind in COVERABLE for c in failing)
