@@ -1789,3 +1789,45 @@ def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -
     assert relay.returncode == 1, relay.stderr
     assert "The database 'default' has no django_events tables" in relay.stderr
     assert "migrate --database default" in relay.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_relay_loop_stops_on_ctrl_c_with_a_line_and_status_0() -> None:
+    """Ctrl+C is how a loop is stopped by hand: no KeyboardInterrupt traceback, and status 0
+    as Django's runserver and a Celery worker's warm shutdown exit."""
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    record = pending("orders.placed", {"order_id": 1, "total": 1.0})
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "DJANGO_EVENTS_WORKER_DB_NAME": connection.settings_dict["NAME"],
+    }
+    command = [sys.executable, "-m", "django", "events_relay", "--loop", "--interval", "0.2"]
+    relay = subprocess.Popen(
+        command,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert relay.stdout is not None
+        ready, _, _ = select.select([relay.stdout], [], [], 30)
+        assert ready, "the loop printed nothing in 30 s"
+        first = relay.stdout.readline()  # a pass ran: the loop is going
+        assert first.startswith("Relayed 1 event(s)"), first
+        relay.send_signal(signal.SIGINT)
+        out, err = relay.communicate(timeout=30)
+    finally:
+        relay.kill()
+        relay.wait()
+
+    assert (relay.returncode, out, err) == (0, "Stopped.\n", "")
+    assert EventRecord.objects.get(pk=record.pk).status == "dispatched"

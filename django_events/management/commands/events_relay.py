@@ -84,7 +84,10 @@ class Command(BaseCommand):
                 _refuse_without_tables(options["database"], exc)
                 raise CommandError(f"The database could not be reached: {exc}") from exc
             return
-        self._loop(options)
+        try:
+            self._loop(options)
+        except KeyboardInterrupt:  # Ctrl+C: how a loop is stopped by hand (status 0, as runserver)
+            self.stdout.write("Stopped.")
 
     def _requeue(self, options: dict[str, Any]) -> None:
         dead = recover_dead_runs(
