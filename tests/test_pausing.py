@@ -392,6 +392,8 @@ def test_the_wiring_page_says_what_events_pause_and_events_resume_say() -> None:
         not_paused = said("resume")
     assert "&#x27;s&#x27; was not paused. Held deliveries: 0 re-enqueued" in not_paused
     assert "Resumed s." not in not_paused
+
+
 def test_events_resume_says_held_sync_deliveries_ran_not_that_they_ran_again() -> None:
     """Held sync deliveries never ran before; one whose handler does not import does not run
     now either: counted apart, not as a run that failed."""
