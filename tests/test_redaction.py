@@ -338,3 +338,23 @@ def test_the_exception_celery_is_shown_is_masked_with_the_payload_the_handler_go
     assert str(exploded) == f"pin {MASK!r} refused"
     error = RuntimeError("not a message of ours")
     assert masked_for_celery("not a message", error) is error
+
+
+@pytest.mark.parametrize("card", [CARD, [CARD], int(CARD)], ids=["string", "list", "number"])
+def test_a_redacted_value_sent_in_the_wrong_shape_is_not_quoted_by_the_schema_error(
+    card: object, queue: str
+) -> None:
+    # redact: [card.number]; a client sends the number itself where the card object goes.
+    with shop_wiring(queue), pytest.raises(InvalidPayload) as raised:
+        publish("shop.paid", {"order_id": 1, "card": card})
+
+    assert str(int(CARD)) not in str(raised.value)
+    shown = f"[{MASK!r}]" if isinstance(card, list) else repr(MASK)
+    assert f"$.card: {shown} is not of type 'object'" in str(raised.value)
+
+
+def test_a_null_where_a_redacted_value_goes_is_quoted(queue: str) -> None:
+    with shop_wiring(queue), pytest.raises(InvalidPayload) as raised:
+        publish("shop.paid", {"order_id": 1, "card": None})
+
+    assert "$.card: None is not of type 'object'" in str(raised.value)

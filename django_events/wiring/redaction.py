@@ -85,12 +85,31 @@ def error_message(error: ValidationError, paths: Sequence[tuple[str, ...]]) -> s
         if message.startswith(instance_text):  # most jsonschema messages: "<value> is ..."
             return repr(MASK) + message[len(instance_text) :]
         return f"{MASK!r} does not satisfy {error.validator!r}"
-    inner = [".".join(path[len(keys) :]) for path in paths if path[: len(keys)] == keys]
+    inner = [path[len(keys) :] for path in paths if path[: len(keys)] == keys]
     if not inner or error.validator in _KEYS_ONLY:
         return message
+    shown = repr(_redact_shaped(error.instance, inner))
     if instance_text in message:
-        return message.replace(instance_text, repr(redact(error.instance, inner)))
-    return f"{redact(error.instance, inner)!r} does not satisfy {error.validator!r}"
+        return message.replace(instance_text, shown)
+    return f"{shown} does not satisfy {error.validator!r}"
+
+
+def _redact_shaped(value: Any, paths: Sequence[tuple[str, ...]]) -> Any:
+    """``value`` with the redacted ``paths`` below it masked, and any value that is not an
+    object where one of them expects one: the redacted value itself, sent in another shape
+    (a card number where ``card: {number}`` goes) is what a schema error then quotes."""
+    if isinstance(value, list):
+        return [_redact_shaped(item, paths) for item in value]
+    if value is None or isinstance(value, bool):  # nothing to hide, as in `redact_text`
+        return value
+    if not isinstance(value, dict):
+        return MASK
+    masked = dict(value)
+    for key in {path[0] for path in paths}:
+        if key in masked:
+            below = [path[1:] for path in paths if path[0] == key]
+            masked[key] = MASK if () in below else _redact_shaped(masked[key], below)
+    return masked
 
 
 def redact_text(text: str, data: Any, paths: Iterable[str]) -> str:
