@@ -431,6 +431,56 @@ def test_E103_never_quotes_a_secret_typed_where_its_name_belongs(tmp_path: Path)
     assert "HINT: Give the NAME of the setting or environment variable" in result.stderr
 
 
+def test_E103_never_quotes_a_secret_or_url_in_a_section_of_the_wrong_shape(tmp_path: Path) -> None:
+    """A section written as a mapping where a list belongs (or the reverse) is quoted whole by
+    its E103: the secrets and webhook urls in it are masked there too."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          - name: payments.paid
+            inbound: {auth: hmac, secret: "hunter2-literal"}
+        sources:
+          - name: stripe
+            auth: stripe
+            secret: sk_live_51Habc
+        subscriptions:
+          notify:
+            event: orders.placed
+            mode: webhook
+            url: https://hooks.example.com/services/T0KEN
+            secret: HOOK_SECRET
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:2",
+                "$.events: [{'name': 'payments.paid', 'inbound': {'auth': 'hmac', 'secret': "
+                "'•••'}}] is not of type 'object'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:5",
+                "$.sources: [{'name': 'stripe', 'auth': 'stripe', 'secret': '•••'}] is not of "
+                "type 'object'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:9",
+                "$.subscriptions: {'notify': {'event': 'orders.placed', 'mode': 'webhook', "
+                "'url': '•••', 'secret': '•••'}} is not of type 'array'",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "sk_live_51Habc", "T0KEN", "HOOK_SECRET"):
+        assert secret not in output
+
+
 def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:
     # "gtee" is no operator: {gtee: 1000} is a plain value, which a number never equals.
     path, settings_ = manifest(

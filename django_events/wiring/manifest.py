@@ -297,16 +297,29 @@ def _hint(path: JsonPath, message: str) -> str:
     return "See the manifest reference in the docs."
 
 
+# Where each section keeps the values E103 never quotes, below each of its items.
+HIDDEN_IN_ITEMS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "subscriptions": (("secret",), ("url",)),
+    "events": (("inbound", "secret"),),
+    "sources": (("secret",),),
+}
+
+
 def _hidden_paths(data: Any) -> list[tuple[str, ...]]:
     """The keys whose values an E103 message never quotes (as `redaction.error_message`
     masks a payload's): a ``secret`` may be the secret itself, typed by mistake where its
     name belongs, and a literal webhook ``url`` may carry a token in its path or query.
-    Check output ends up in CI logs."""
-    paths: list[tuple[str, ...]] = [("subscriptions", "secret"), ("subscriptions", "url")]
-    for section, inner in (("events", ("inbound", "secret")), ("sources", ("secret",))):
+    Check output ends up in CI logs. A section in the wrong shape (a mapping of names where
+    a list belongs, or the reverse) is quoted whole: its items' values are found either way."""
+    paths: list[tuple[str, ...]] = []
+    for section, inner in HIDDEN_IN_ITEMS.items():
         declared = data.get(section) if isinstance(data, dict) else None
-        if isinstance(declared, dict):
-            paths += [(section, name, *inner) for name in declared if isinstance(name, str)]
+        if isinstance(declared, dict):  # items by name (for subscriptions, or one item)
+            names = [name for name in declared if isinstance(name, str)]
+            paths += [(section, name, *keys) for name in names for keys in inner]
+        if not isinstance(declared, dict) or section == "subscriptions":
+            # A list's items: list indexes drop out of the paths.
+            paths += [(section, *keys) for keys in inner]
     return paths
 
 
