@@ -172,7 +172,7 @@ def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
             cursor.execute("ANALYZE django_events_delivery")
         with CaptureQueriesContext(connection) as queries:
             claimed = ordering.claim("default", latest.id, ORDERED["name"])
-            first = ordering._first_unfinished("default", ORDERED["name"], "7")
+            first = ordering.first_unfinished("default", ORDERED["name"], "7")
         head = Delivery.objects.get(event_id=latest.id, subscription=ORDERED["name"])
         assert claimed.turn is ordering.Turn.RUN and first == (head.pk, "pending")
 

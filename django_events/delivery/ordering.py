@@ -190,7 +190,7 @@ def _lock_id(subscription: str, key: str) -> int:
     return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
-def _first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str] | None:
+def first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str] | None:
     """The id and status of the key's first unfinished delivery (lowest number), if any."""
     connection = connections[alias]
     if connection.vendor == "postgresql":
@@ -368,7 +368,7 @@ def _held_to_pending(
     alias: str, subscription: str, key: str, due: datetime, now: datetime
 ) -> int | None:
     """`postgresql.hand_on` through the ORM: the id of the row it made pending, if any."""
-    first = _first_unfinished(alias, subscription, key)
+    first = first_unfinished(alias, subscription, key)
     if first is None or first[1] != Delivery.Status.HELD:
         return None
     handed = (

@@ -16,14 +16,14 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connections, transaction
-from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import ordering
 from django_events.delivery.endpoints import DELETED, is_endpoint_name, subscription_name
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import ORPHAN_AFTER, forget, paused_names
-from django_events.delivery.recording import FINISHED, event_log_alias, event_log_read_alias
+from django_events.delivery.recording import event_log_alias, event_log_read_alias
 from django_events.models import Delivery, EventRecord, PausedSubscription
 from django_events.operations.failing import record_failed
 from django_events.operations.redelivery import (
@@ -139,20 +139,26 @@ def deliver_orphaned_held(
 
 def _hand_on_first_held(late: QuerySet[Delivery], using: str) -> int:
     """Hand on the keys whose first unfinished delivery is one of the ordered held rows
-    ``late``; how many deliveries that sent (each once: only a row still held is handed on)."""
-    earlier = (
-        Delivery.objects.using(using)
-        .filter(
-            subscription=OuterRef("subscription"),
-            ordering_key=OuterRef("ordering_key"),
-            sequence__lt=OuterRef("sequence"),
-        )
-        .exclude(status__in=FINISHED)
-    )
-    firsts = late.filter(~Exists(earlier)).order_by().values_list("subscription", "ordering_key")
-    keys = [(name, key) for name, key in firsts if key is not None]
+    ``late``; how many deliveries that sent (each once: only a row still held is handed on).
+
+    Key by key, its first unfinished delivery read as the gate reads it (an index's first
+    entry): a key blocked behind a failed delivery holds every later one of it, and comparing
+    each with those before it grew as their square, every relay pass.
+    """
+    keys = set(late.order_by().values_list("subscription", "ordering_key").distinct())
     ordered = {name for name in {name for name, _ in keys} if _is_ordered(name)}
-    return ordering.release(using, [(name, key) for name, key in keys if name in ordered])
+    heads: dict[int, tuple[str, str]] = {}
+    for name, key in keys:
+        if name not in ordered or key is None:
+            continue
+        first = ordering.first_unfinished(using, name, key)
+        if first is not None and first[1] == Delivery.Status.HELD:
+            heads[first[0]] = (name, key)
+    handed: list[tuple[str, str]] = []
+    for ids in batched(heads, BATCH_SIZE):  # held over the orphan threshold too
+        still_late = late.filter(pk__in=ids).order_by().values_list("pk", flat=True)
+        handed += [heads[pk] for pk in still_late]
+    return ordering.release(using, handed)
 
 
 def _is_ordered(name: str) -> bool:
