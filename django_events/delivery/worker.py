@@ -547,30 +547,21 @@ def _take_back_failed(
     """The row of a subscription resumed meanwhile could not be taken back (held -> pending).
 
     Left held for `events_relay` (`deliver_orphaned_held`), which claims it from held and
-    sends it once: the message is acknowledged, as its retry would run the handler without
-    claiming the row, and the relay then send it again. A take-back that committed all the
-    same (its answer lost with the connection) left the row pending, due for the relay's
-    retries one threshold for lost messages on (`_unhold`): they send it then. An ordered
-    key's message is retried instead: its claim (the gate) runs it or holds it for its turn,
-    sooner than the relay hands on a key's first held delivery (a minute on).
+    sends it once (an ordered key's: the gate hands it on in its turn, or the relay, a key's
+    first held delivery): the message is acknowledged, as its retry would run the handler
+    without claiming the row, and the relay then send it again (an ordered one's retry
+    could overlap the relay's message: the gate lets both run). A take-back that committed
+    all the same (its answer lost with the connection) left the row pending, due for the
+    relay's retries one threshold for lost messages on (`_unhold`): they send it then.
     """
     if isinstance(exc, _OUTAGES):
         _close_broken(alias)
-    extra = log_extra(event, subscription)
-    if subscription.declaration.ordering_key is not None:
-        logger.warning(
-            "Subscription resumed meanwhile, but its held delivery could not be taken back "
-            "(%s): retried",
-            exc,
-            extra=extra,
-        )
-        return Outcome("retry", retry_in=subscription.retry.delay(1), error=exc, same_attempt=True)
     logger.warning(
         "Subscription resumed meanwhile, but its held delivery could not be taken back (%s): "
         "events_relay sends it in %g s",
         exc,
         ORPHAN_AFTER,
-        extra=extra,
+        extra=log_extra(event, subscription),
     )
     return Outcome("held")
 
