@@ -355,6 +355,24 @@ def test_the_relay_hands_on_an_ordered_key_whose_first_delivery_a_resume_could_n
     assert set(Delivery.objects.values_list("status", flat=True)) == {"succeeded"}
 
 
+def test_the_relay_delivers_the_rows_the_gate_held_once_ordering_key_is_removed() -> None:
+    """Held behind a failed delivery of their key, then the subscription loses its
+    ordering_key (a deploy): no gate hands them on any more, so the relay delivers them as
+    any held rows, oldest event first."""
+    queue = f"held-{uuid4().hex[:8]}"
+    with wiring(ordered_on(queue)):
+        first, second, third = (publish("orders.placed", order(1)).id for _ in range(3))
+        messages = {UUID(m["event"]["id"]): m for m in drain(queue)}
+        assert process_message(messages.pop(second), 0).status == "held"  # behind the first
+        assert process_message(messages.pop(third), 0).status == "held"
+        Delivery.objects.filter(event_id=first).update(status="failed")  # its retry to come
+    unordered = {k: v for k, v in ordered_on(queue).items() if k != "ordering_key"}
+    with wiring(unordered):
+        assert hand_on_a_minute_later(queue) == [(second, "succeeded"), (third, "succeeded")]
+    runs = HandlerRun.objects.order_by("pk").values_list("event_id", flat=True)
+    assert list(runs) == [second, third]
+
+
 @pytest.mark.postgresql  # SQLite: the worker's write waits for the resume's commit
 def test_an_ordered_delivery_held_while_a_resume_was_uncommitted_is_handed_on() -> None:
     """A resume inside a transaction (the admin's, under ATOMIC_REQUESTS) lists the held rows;

@@ -16,7 +16,7 @@ from typing import Any
 from uuid import UUID
 
 from django.db import connections, transaction
-from django.db.models import Count, QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import ordering
@@ -125,7 +125,11 @@ def deliver_orphaned_held(
     paused = paused_names(using, fresh=True)
     horizon = timezone.now() - timedelta(seconds=older_than)
     late = held(using=using).filter(updated_at__lte=horizon).exclude(subscription__in=paused)
-    unordered = late.filter(sequence__isnull=True)
+    names = set(late.order_by().values_list("subscription", flat=True).distinct())
+    ordered = {name for name in names if _is_ordered(name)}
+    # The gate holds a row only while its subscription is ordered: one whose ordering_key a
+    # deploy removed has nothing to hand its key's rows on, so they go as any held rows.
+    unordered = late.filter(Q(sequence__isnull=True) | ~Q(subscription__in=ordered))
     result = RedeliveryResult()
     for name in sorted(set(unordered.values_list("subscription", flat=True))):
         subscription = find_subscription(name)
@@ -133,7 +137,8 @@ def deliver_orphaned_held(
             continue
         ids = list(unordered.filter(subscription=name).values_list("pk", flat=True))
         result.add(_deliver_held(subscription, ids, using, BATCH_SIZE))
-    result.sent += _hand_on_first_held(late.filter(sequence__isnull=False), using)
+    gated = late.filter(sequence__isnull=False, subscription__in=ordered)
+    result.sent += _hand_on_first_held(gated, using)
     return result
 
 
