@@ -546,13 +546,12 @@ def _take_back_failed(
 ) -> Outcome:
     """The row of a subscription resumed meanwhile could not be taken back (held -> pending).
 
-    Left held for `events_relay` (`deliver_orphaned_held`), which claims it from held and
-    sends it once (an ordered key's: the gate hands it on in its turn, or the relay, a key's
-    first held delivery): the message is acknowledged, as its retry would run the handler
-    without claiming the row, and the relay then send it again (an ordered one's retry
-    could overlap the relay's message: the gate lets both run). A take-back that committed
-    all the same (its answer lost with the connection) left the row pending, due for the
-    relay's retries one threshold for lost messages on (`_unhold`): they send it then.
+    The row stays held and the message is acknowledged: `events_relay`
+    (`deliver_orphaned_held`) claims the row from held and sends it once (an ordered key's
+    row is handed on by the gate in its turn, or by the relay as the key's first). Retrying
+    the message instead would run the handler without claiming the row, and the relay would
+    send it again. A take-back that committed all the same (its answer lost with the
+    connection) left the row pending and due for the relay's retries (`_unhold`).
     """
     if isinstance(exc, _OUTAGES):
         _close_broken(alias)

@@ -143,18 +143,18 @@ def deliver_orphaned_held(
 
 
 def _hand_on_first_held(late: QuerySet[Delivery], using: str) -> int:
-    """Hand on the keys whose first unfinished delivery is one of the ordered held rows
-    ``late``; how many deliveries that sent (each once: only a row still held is handed on).
+    """Hand on the keys whose first unfinished delivery is one of the held rows ``late`` (of
+    ordered subscriptions); how many deliveries that sent (each once: only a row still held
+    is handed on).
 
     Key by key, its first unfinished delivery read as the gate reads it (an index's first
     entry): a key blocked behind a failed delivery holds every later one of it, and comparing
     each with those before it grew as their square, every relay pass.
     """
     keys = set(late.order_by().values_list("subscription", "ordering_key").distinct())
-    ordered = {name for name in {name for name, _ in keys} if _is_ordered(name)}
     heads: dict[int, tuple[str, str]] = {}
     for name, key in keys:
-        if name not in ordered or key is None:
+        if key is None:
             continue
         first = ordering.first_unfinished(using, name, key)
         if first is not None and first[1] == Delivery.Status.HELD:
