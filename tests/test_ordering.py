@@ -314,6 +314,46 @@ def test_a_key_that_is_a_redacted_value_is_masked_where_held_deliveries_show(
     assert email not in listed.getvalue() + as_json.getvalue()
 
 
+@pytest.mark.django_db
+def test_held_deliveries_of_an_event_no_longer_declared_mask_every_value(
+    queue: str, publish_now: Any
+) -> None:
+    """Its redact list is unknown: events_list --held masks the key and the head's error as
+    the admin does (every value of the payload), not shows them in clear."""
+    from django.urls import reverse
+
+    from tests.test_admin import user_client
+
+    by_account = {**ORDERED, "ordering_key": "account"}
+    account = "acct-4111-secret"
+    with shop_wiring(queue, SUBSCRIPTIONS=[by_account]):
+        first = publish_now("shop.paid", {"order_id": 1, "account": account})
+        second = publish_now("shop.paid", {"order_id": 2, "account": account})
+        Delivery.objects.filter(event_id=first.id, subscription=ORDERED["name"]).update(
+            status="failed", attempts=1, last_error=f"RuntimeError: declined {account}"
+        )
+        [message] = [
+            m
+            for m in drain(queue)
+            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
+        ]
+        assert process_message(message, 0, manage_connections=False).status == "held"
+        # A deploy renamed the event: its records' declaration, and redact list, are gone.
+        EventRecord.objects.filter(pk__in=[first.id, second.id]).update(name="shop.renamed")
+
+        page = user_client("view_eventrecord").get(
+            reverse("admin:django_events_eventrecord_change", args=[second.id])
+        )
+        listed, as_json = StringIO(), StringIO()
+        call_command("events_list", "--held", stdout=listed)
+        call_command("events_list", "--held", "--format", "json", stdout=as_json)
+
+    assert account not in page.content.decode()  # the admin, as before
+    assert f"{ORDERED['name']} ['•••']: 1 held, behind {first.id}" in listed.getvalue()
+    assert "RuntimeError: declined '•••'" in listed.getvalue()
+    assert account not in listed.getvalue() + as_json.getvalue()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_an_ordered_publish_outside_a_transaction_takes_its_number_with_its_row(
     queue: str,

@@ -33,16 +33,10 @@ from django_events.exceptions import EventError
 from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord, Failure, PausedSubscription, WebhookEndpoint
 from django_events.operations.pausing import PauseError, is_paused, pause, resume
-from django_events.operations.retrying import mark_resolved, retry_failures
+from django_events.operations.retrying import mark_resolved, masked_text, retry_failures
 from django_events.wiring.describing import EndpointInfo, describe_wiring
 from django_events.wiring.listing import retry_text
-from django_events.wiring.redaction import (
-    STALE_PAYLOAD,
-    mask_values,
-    mask_values_in_text,
-    redact,
-    redact_text,
-)
+from django_events.wiring.redaction import mask_values, redact, redact_text
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.admin")
@@ -99,17 +93,9 @@ def _payload_view(record: EventRecord) -> SafeString:
 
 
 def _masked(text: str, delivery: Delivery) -> str:
-    """An error or traceback with the event's ``redact`` values masked (handlers quote them)."""
-    if not text:
-        return text
-    if text.startswith(STALE_PAYLOAD):  # schema errors: masked by path when recorded
-        return text
-    compiled = get_registry().events.get(delivery.event.name)
-    if compiled is None:  # which keys to redact is unknown: mask every value, as the payload
-        return mask_values_in_text(text, delivery.event.payload)
-    if not compiled.declaration.redact:
-        return text
-    return redact_text(text, delivery.event.payload, compiled.declaration.redact)
+    """An error or traceback with the event's ``redact`` values masked (handlers quote them),
+    as events_list --held masks it."""
+    return masked_text(text, delivery.event.name, delivery.event.payload)
 
 
 def _can_view_log(request: HttpRequest) -> bool:

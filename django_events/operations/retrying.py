@@ -24,7 +24,7 @@ from django_events.operations.redelivery import (
     redeliver,
 )
 from django_events.wiring.compiled import Subscription
-from django_events.wiring.redaction import redact_text
+from django_events.wiring.redaction import STALE_PAYLOAD, mask_values_in_text, redact_text
 from django_events.wiring.registry import get_registry
 
 BATCH_SIZE = 500
@@ -204,8 +204,18 @@ def held_deliveries(using: str | None = None) -> list[dict[str, object]]:
 
 
 def masked_text(text: str, name: str, payload: object) -> str:
-    """``text`` with the values that event ``name`` redacts in ``payload`` masked."""
+    """``text`` (an error, a traceback, a webhook's answer, an ordering key) with the values
+    that event ``name`` redacts in ``payload`` masked, as the admin and events_list show it.
+
+    For an event no longer declared, whose ``redact`` list is unknown, every value of the
+    payload is masked, as its payload is. A stale payload's schema error is shown as
+    recorded: its problems were masked by path then.
+    """
+    if not text or text.startswith(STALE_PAYLOAD):
+        return text
     compiled = get_registry().events.get(name)
-    if not text or compiled is None or not compiled.declaration.redact:
+    if compiled is None:
+        return mask_values_in_text(text, payload)
+    if not compiled.declaration.redact:
         return text
     return redact_text(text, payload, compiled.declaration.redact)
