@@ -477,6 +477,59 @@ def test_mark_resolved(admin_client, publish_now) -> None:
     assert HandlerRun.objects.filter(handler="fails_first_time_sync").count() == 1  # no rerun
 
 
+class EventLogReadFromReplica:
+    """A router that reads the event log from "other" (a replica); it is written to default."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model._meta.app_label == "django_events" else None
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_mark_resolved_hands_on_an_ordered_key_where_the_router_writes(
+    admin_client, queue, publish_now, django_capture_on_commit_callbacks
+) -> None:
+    """The list reads a replica: the key's next delivery is handed on on the primary (it was
+    handed on, or not, on the replica, and stayed held on the primary)."""
+    from django.test import override_settings
+
+    from django_events.models import OrderingGate
+
+    ordered = {
+        "event": "shop.paid",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "name": "shop-ordered",
+        "ordering_key": "order_id",
+    }
+    rows = Delivery.objects.filter(subscription="shop-ordered")
+    with shop_wiring(queue, SUBSCRIPTIONS=[ordered]):
+        first = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 1, "total": 11})
+        rows.filter(event_id=first.id).update(status="failed", attempts=1, last_error="Boom")
+        [message] = [
+            m
+            for m in drain(queue)
+            if m["subscription"] == "shop-ordered" and m["event"]["id"] == str(second.id)
+        ]
+        assert process_message(message, 0, manage_connections=False).status == "held"
+        for model in (EventRecord, OrderingGate, Delivery):  # the replica caught up
+            model.objects.using("other").bulk_create(model.objects.using("default").all())
+
+        with (
+            override_settings(DATABASE_ROUTERS=[EventLogReadFromReplica()]),
+            django_capture_on_commit_callbacks(execute=True),
+        ):
+            page = action(admin_client, "resolve_selected", rows.get(event_id=first.id).pk)
+        sent = [m for m in drain(queue) if m["subscription"] == "shop-ordered"]
+
+    assert "1 failed delivery marked resolved." in page.content.decode()
+    assert rows.get(event_id=first.id).status == "resolved"
+    assert rows.get(event_id=second.id).status == "pending"  # handed on, its message sent
+    assert [m["event"]["id"] for m in sent] == [str(second.id)]
+    replica = Delivery.objects.using("other").filter(subscription="shop-ordered")
+    assert sorted(replica.values_list("status", flat=True)) == ["failed", "held"]  # not written
+
+
 # -- the wiring page -------------------------------------------------------------------------
 
 

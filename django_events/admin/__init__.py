@@ -646,7 +646,9 @@ class FailureAdmin(ReadOnlyMixin, FailureAdminBase):
 
     @admin.action(description=_("Mark resolved"), permissions=["change"])
     def resolve_selected(self, request: HttpRequest, queryset: QuerySet[Failure]) -> None:
-        count = mark_resolved(queryset)
+        # Resolved, and an ordered key handed on, where the router writes (the list may read
+        # a replica), as "Retry selected" claims.
+        count = mark_resolved(queryset.using(router.db_for_write(Failure)))
         message = ngettext(
             "%(count)d failed delivery marked resolved.",
             "%(count)d failed deliveries marked resolved.",

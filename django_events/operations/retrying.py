@@ -147,6 +147,8 @@ def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
     """Mark failed deliveries resolved (nothing runs); return how many changed.
 
     An ordered delivery resolved no longer holds its key: the next one of the key is sent.
+    Its keys are read and handed on on ``deliveries.db``: give a QuerySet of the database to
+    write (`select_failures`, or ``.using(...)``), not one that reads a replica.
     """
     failed = deliveries.filter(status=Delivery.Status.FAILED)
     keys = [
