@@ -65,10 +65,16 @@ def test_a_message_without_rerun_or_version_keys_reads_with_their_defaults() -> 
     assert event_from_body(message.event).version == 1
 
 
-def test_an_unknown_database_alias_reads_as_the_default_one() -> None:
+def test_a_database_alias_is_kept_as_sent_and_a_missing_one_is_the_default() -> None:
+    # The worker leaves a message for a database it lacks to a worker that has it
+    # (test_worker): it is never read as another database's.
     message = parse_message(build_message(event_body(an_event()), "sub", "nope"))
+    assert (message.alias, message.database_known) == ("nope", False)
 
-    assert message.alias == "default"
+    for missing in ({}, {"db": None}):
+        raw = {"subscription": "sub", "event": event_body(an_event()), **missing}
+        message = parse_message(raw)
+        assert (message.alias, message.database_known) == ("default", True)
 
 
 def test_another_format_version_parses_and_says_which() -> None:
@@ -84,6 +90,8 @@ def test_another_format_version_parses_and_says_which() -> None:
         (lambda m: m.update(subscription=["a"]), "subscription is not a string"),
         (lambda m: m.update(prior_attempts=10**12), "prior_attempts is not an integer"),
         (lambda m: m.update(rerun="yes"), "rerun is not a boolean"),
+        (lambda m: m.update(db=["default"]), "db is not a database alias"),
+        (lambda m: m.update(db=""), "db is not a database alias"),
         (lambda m: m.update(uncounted=-1), "uncounted is not an integer from 0"),
         (lambda m: m["event"].update(name=7), "event name is not a string"),
         (lambda m: m["event"].update(id="x"), "event id is not a UUID string"),

@@ -155,3 +155,34 @@ def test_forged_messages_are_rejected_or_recorded_once_never_run_or_looped(
     log = wired.worker.log()[start:]
     assert log.count("Rejected a malformed django_events message") == len(rejected)
     assert "nul\u0000" not in log and "Traceback" not in log
+
+
+def test_a_message_for_a_database_the_worker_lacks_goes_round_never_run_nor_recorded(
+    tmp_path: Any,
+) -> None:
+    """The publisher's DATABASES has an alias the worker's lacks: the worker runs nothing,
+    records nothing on its own databases, and sends the message again for one that has it
+    (a worker of its own: the message goes round until the test ends)."""
+    event = _event_message("poison.any", {"n": 1})
+    message = _forged(event, "poison-record", db="reporting")
+    logged = "Database 'reporting' is not in this worker's DATABASES ('default', 'other')"
+    with (
+        start_worker(
+            "filesystem", tmp_path, prefix="poison-nodb", manifest="poison.yaml"
+        ) as worker,
+        brokers.delivery_wiring("filesystem", worker.queue, "poison.yaml"),
+    ):
+        brokers.filesystem.send_task(
+            TASK_NAME, args=(message,), queue=worker.queue, serializer="json"
+        )
+        log = wait_for(
+            lambda: (text := worker.log()).count(logged) >= 2 and text,
+            timeout=30,
+            what="the message to come round again",
+        )
+
+    assert f"subscription 'poison-record', event poison.any {event['id']} not run" in log
+    assert "Traceback" not in log
+    assert not HandlerRun.objects.filter(event_id=event["id"]).exists()
+    assert not Delivery.objects.filter(event_id=event["id"]).exists()
+    assert not EventRecord.objects.filter(pk=event["id"]).exists()

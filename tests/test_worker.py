@@ -17,6 +17,7 @@ import pytest
 from django.conf import settings
 from django.core.management import CommandError, call_command
 from django.db import OperationalError, connection, connections
+from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -733,6 +734,86 @@ def test_a_subscription_not_declared_on_this_worker_records_the_runs_before_it(
     assert (row.status, row.attempts) == ("failed", prior_attempts)
     assert row.last_error == "Unknown subscription 'crm-gone': not declared on this worker"
     assert signalled == [("crm-gone", "async", prior_attempts)]
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_a_message_for_a_database_this_worker_lacks_waits_for_a_worker_that_has_it(
+    queue: str, django_capture_on_commit_callbacks: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The publisher's DATABASES has an alias the worker's lacks (settings drift, or a worker
+    # of another project on the queue). Its outcome belongs in that database, next to its
+    # event: the worker ran the handler and recorded it on `default` instead, where the
+    # event's log never saw it (the relay sent it again: a second run).
+    from django_events import publish
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[ONCE]):
+        with django_capture_on_commit_callbacks(using="other", execute=True):
+            paid = publish("shop.paid", {"order_id": 1, "total": 10}, using="other")
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-once"]
+        assert message["db"] == "other"
+        runs = HandlerRun.objects.filter(event_id=paid.id)
+        ran_at_commit = runs.count()  # the sync subscriptions of the shop wiring
+        lacking = {"default": settings.DATABASES["default"]}
+        with (
+            pytest.warns(UserWarning, match="Overriding setting DATABASES"),
+            override_settings(DATABASES=lacking),
+            caplog.at_level(logging.ERROR, logger="django_events.worker"),
+        ):
+            outcome = process_message(message, 0, manage_connections=False)
+
+        # Nothing ran, nothing was recorded anywhere; sent again, counting no attempt.
+        assert outcome.status == "waiting"
+        assert outcome.retry_in is not None and outcome.retry_in >= 1
+        assert outcome.retry_with == {**message, "prior_attempts": -1}
+        assert runs.count() == ran_at_commit
+        for alias in ("default", "other"):
+            rows = Delivery.objects.using(alias).filter(event_id=paid.id)
+            assert not rows.filter(subscription="shop-once").exists()
+        assert not EventRecord.objects.using("default").filter(pk=paid.id).exists()
+        [logged] = [r.getMessage() for r in caplog.records if r.name == "django_events.worker"]
+        assert logged.startswith(
+            "Database 'other' is not in this worker's DATABASES ('default'): subscription "
+            f"'shop-once', event shop.paid {paid.id} not run; sent again in "
+        )
+        assert logged.endswith(
+            "to fix: give this worker the DATABASES of the publishers (with 'other'), or stop "
+            f"it consuming queue {queue!r}"
+        )
+
+        # A worker that has the database runs it, as the first attempt.
+        retried = process_message(outcome.retry_with, 1, manage_connections=False)
+        assert retried.status == "succeeded"
+
+    row = Delivery.objects.using("other").get(event_id=paid.id, subscription="shop-once")
+    assert (row.status, row.attempts) == ("succeeded", 1)
+    assert not Delivery.objects.using("default").filter(event_id=paid.id).exists()
+    assert runs.count() == ran_at_commit + 1
+
+
+@pytest.mark.django_db
+def test_a_broadcast_copy_for_a_database_this_worker_lacks_is_not_sent_again(
+    queue: str, publish_now, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A retry of a broadcast copy would reach every worker again: the copy is dropped.
+    from django_events.delivery.messages import build_message, event_body
+
+    everywhere = {**ONCE, "name": "shop-everywhere", "broadcast": True}
+    with shop_wiring(queue, SUBSCRIPTIONS=[everywhere]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        message = build_message(event_body(paid), "shop-everywhere", "reporting")
+        runs = HandlerRun.objects.filter(event_id=paid.id)
+        ran_at_commit = runs.count()  # the sync subscriptions of the shop wiring
+        with caplog.at_level(logging.ERROR, logger="django_events.worker"):
+            outcome = process_message(message, 0, manage_connections=False)
+
+    assert (outcome.status, outcome.retry_in) == ("rejected", None)
+    assert runs.count() == ran_at_commit
+    assert not Delivery.objects.filter(event_id=paid.id, subscription="shop-everywhere")
+    assert (
+        "Database 'reporting' is not in this worker's DATABASES ('default', 'other'): the "
+        "broadcast copy of subscription 'shop-everywhere', event shop.paid "
+        f"{paid.id} was not run on this worker, and is not sent again"
+    ) in caplog.text
 
 
 @pytest.mark.django_db

@@ -52,6 +52,11 @@ class DeliveryMessage:
     version: int = MESSAGE_VERSION
     uncounted: int = 0  # runs that raised RetryLater(counts=False): out of max_attempts
 
+    @property
+    def database_known(self) -> bool:
+        """Whether this process has the message's database (``alias`` in ``DATABASES``)."""
+        return self.alias in settings.DATABASES
+
     def attempt(self, retries: Any) -> int:
         """The number of this run of the handler (the task's ``retries`` comes from outside)."""
         if not _is_int(retries) or not 0 <= self.prior_attempts + retries < MAX_ATTEMPTS:
@@ -164,7 +169,8 @@ def parse_message(raw: Any) -> DeliveryMessage:
     """Check a message's shape, all of it (raises `MalformedMessage`).
 
     A message of another format version (``v``) is parsed as far as its event and
-    subscription go, so the worker can record it as failed; its ``version`` says which.
+    subscription go, so the worker can record it as failed; its ``version`` says which. Its
+    database (``db``) is kept as sent, one this process lacks too (`database_known`).
     """
     if not isinstance(raw, dict) or not isinstance(raw.get("event"), dict):
         raise MalformedMessage("not a django_events delivery message")
@@ -174,9 +180,13 @@ def parse_message(raw: Any) -> DeliveryMessage:
     subscription = raw.get("subscription")
     if not isinstance(subscription, str) or not storable_text(subscription):
         raise MalformedMessage("subscription is not a string")
-    alias = raw.get("db") or DEFAULT_DB_ALIAS
-    if not isinstance(alias, str) or alias not in settings.DATABASES:
+    # Kept as sent, even when this process lacks it: the worker leaves such a message for one
+    # that has it (its outcome belongs in that database). Missing: the default database.
+    alias = raw.get("db", DEFAULT_DB_ALIAS)
+    if alias is None:
         alias = DEFAULT_DB_ALIAS
+    if not isinstance(alias, str) or not alias or not storable_text(alias):
+        raise MalformedMessage("db is not a database alias")
     prior = raw.get("prior_attempts", 0)
     # Below 0 after retries that ran nothing (a wait for a newer worker, the database out of
     # reach): each is one less. DeliveryMessage.attempt checks that the runs add up to a count.

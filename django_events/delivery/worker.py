@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.db import (
     DatabaseError,
     IntegrityError,
@@ -56,6 +57,7 @@ from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
+from django_events.wiring.declarations import RetryPolicy
 from django_events.wiring.redaction import redact_text, stale_payload_error
 from django_events.wiring.registry import get_registry
 
@@ -134,6 +136,8 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             "Rejected a malformed django_events message (%s): %s", exc, shape, extra=log_extra()
         )
         return Outcome("rejected")
+    if not message.database_known:  # before anything reads or writes a database for it
+        return _wait_for_database(raw, message, retries)
     # What a message given up before its handler runs records: the runs before it (DESIGN:
     # `Delivery.attempts` counts handler runs), as a sync retry records them.
     prior_runs = attempt - 1
@@ -277,6 +281,57 @@ def _wait_for_newer(
     delay = max(RAN_NOTHING_MIN_WAIT, subscription.retry.delay(min(retries + 1, 8)))
     waiting = {**_same_attempt(raw, message), "rerun": True}
     return Outcome("waiting", retry_in=delay, error=exc, retry_with=waiting)
+
+
+class UnknownDatabase(LookupError):
+    """A delivery message names a database alias that this process's ``DATABASES`` lacks."""
+
+
+def _wait_for_database(raw: dict[str, Any], message: DeliveryMessage, retries: int) -> Outcome:
+    """The message names a database this worker does not have: run nothing, record nothing.
+
+    The delivery's outcome belongs in that database, next to its event: recorded on another
+    one, the event's own log would never see it (the relay would send it again: a second
+    run), or it would fail where the tables are not. So the message is sent again for a
+    worker that has the database, counting no attempt, as a wait for a newer worker does.
+    A broadcast copy is not (its retry would reach every worker again): it is dropped.
+    """
+    subscription = get_registry().subscriptions.get(message.subscription)
+    known = ", ".join(map(repr, settings.DATABASES))
+    error = UnknownDatabase(
+        f"Database {message.alias!r} is not in this worker's DATABASES ({known})"
+    )
+    queue = f"queue {subscription.queue!r}" if subscription is not None else "its queue"
+    where = (
+        f"subscription {message.subscription!r}, event {message.event['name']} "
+        f"{message.event.get('id')}"
+    )
+    fix = (
+        f"give this worker the DATABASES of the publishers (with {message.alias!r}), or "
+        f"stop it consuming {queue}"
+    )
+    extra = _message_log_extra(message)
+    if subscription is not None and subscription.declaration.broadcast:
+        logger.error(
+            "%s: the broadcast copy of %s was not run on this worker, and is not sent again; "
+            "to fix: %s",
+            error,
+            where,
+            fix,
+            extra=extra,
+        )
+        return Outcome("rejected", error=error)
+    policy = subscription.retry if subscription is not None else RetryPolicy()
+    delay = max(RAN_NOTHING_MIN_WAIT, policy.delay(min(retries + 1, 8)))
+    logger.error(
+        "%s: %s not run; sent again in %.3g s for a worker that has it; to fix: %s",
+        error,
+        where,
+        delay,
+        fix,
+        extra=extra,
+    )
+    return Outcome("waiting", retry_in=delay, error=error, retry_with=_same_attempt(raw, message))
 
 
 def _attempts_text(run: int, uncounted: int, max_attempts: int) -> str:
@@ -924,6 +979,8 @@ def record_stopped_run(raw: Any, retries: int, stop: BaseException) -> None:
         message = parse_message(raw)
         attempt = message.attempt(retries)
     except MalformedMessage:
+        return
+    if not message.database_known:  # its handler never runs here (`_wait_for_database`)
         return
     error = (
         f"Interrupted: the worker was stopped ({type(stop).__name__}) while the handler ran. "
