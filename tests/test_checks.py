@@ -481,6 +481,117 @@ def test_E103_never_quotes_a_secret_or_url_in_a_section_of_the_wrong_shape(tmp_p
         assert secret not in output
 
 
+def test_E103_never_quotes_a_string_given_where_an_item_or_a_block_with_secrets_belongs(
+    tmp_path: Path,
+) -> None:
+    """A bare string where a subscription, a source or an inbound block belongs may be the
+    secret or the webhook url typed in the wrong place: masked, as values of `secret` and
+    `url` are."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          payments.paid:
+            inbound: hunter2-literal
+        sources:
+          stripe: sk_live_51Habc
+        subscriptions:
+          - whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw
+          - https://hooks.example.com/services/T0KEN
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: '•••' is not of type 'object'",
+            ),
+            ("django_events.E103", f"{path}:6", "$.sources.stripe: '•••' is not of type 'object'"),
+            *[
+                ("django_events.E103", f"{path}:{line}", f"$.subscriptions[{index}]: {message}")
+                for index, line in ((0, 8), (1, 9))
+                for message in (
+                    "'•••' is not of type 'object'",
+                    "'•••' should not be valid under {'required': ['handler']}",
+                )
+            ],
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "sk_live_51Habc", "whsec_MfKQ9r8", "T0KEN"):
+        assert secret not in output
+
+
+def test_E103_never_quotes_a_secret_or_url_run_together_with_its_key(tmp_path: Path) -> None:
+    """`{secret:hunter2}` (no space after the colon) in a YAML flow mapping is one key, the
+    secret in it, which E103 quoted as an unexpected key, and as the key's path."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          payments.paid:
+            inbound: {auth: hmac, secret:hunter2-literal}
+        sources:
+          stripe: {auth: stripe, secret:sk_live_51Habc, events: {}}
+        subscriptions:
+          - {event: orders.placed, mode: webhook, url:https://hooks.example.com/T0KEN, secret: S}
+          - {event: orders.placed, handler: tests.app.handlers.record, queue:billing}
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: 'secret' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: Additional properties are not allowed "
+                "('secret:•••' was unexpected)",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.sources.stripe: 'secret' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.sources.stripe: Additional properties are not allowed ('secret:•••' was "
+                "unexpected)",
+            ),
+            ("django_events.E103", f"{path}:8", "$.subscriptions[0]: 'url' is a required property"),
+            (
+                "django_events.E103",
+                f"{path}:8",
+                "$.subscriptions[0]: Additional properties are not allowed ('url:•••' was "
+                "unexpected)",
+            ),
+            (  # not a secret or a url: quoted, and pointed at
+                "django_events.E103",
+                f"{path}:9",
+                "$.subscriptions[1]['queue:billing']: Additional properties are not allowed "
+                "('queue:billing' was unexpected)",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "sk_live_51Habc", "T0KEN"):
+        assert secret not in output
+    assert (
+        "HINT: Write 'secret: <value>', with a space after the colon. Give the NAME of the "
+        "setting or environment variable"
+    ) in result.stderr
+    assert "HINT: Write 'url: <value>', with a space after the colon." in result.stderr
+
+
 def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:
     # "gtee" is no operator: {gtee: 1000} is a plain value, which a number never equals.
     path, settings_ = manifest(

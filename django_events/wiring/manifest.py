@@ -294,6 +294,11 @@ SECRET_HINT = (
 def _hint(path: JsonPath, message: str) -> str:
     if path[-1:] == ("secret",) and message.startswith(repr(MASK)):  # a bad value, not a key
         return SECRET_HINT
+    run_together = re.search(rf"'(?P<name>secret|url)[^']*{MASK}'", message)
+    if run_together:  # `_key_shown`: a key and its value with no space between them
+        name = run_together["name"]
+        space = f"Write '{name}: <value>', with a space after the colon."
+        return f"{space} {SECRET_HINT}" if name == "secret" else space
     return "See the manifest reference in the docs."
 
 
@@ -323,6 +328,21 @@ def _hidden_paths(data: Any) -> list[tuple[str, ...]]:
     return paths
 
 
+# A key that is a hidden key, a separator and a value: `{secret:hunter2}` and `{url:https://...}`
+# in a YAML flow mapping (no space after the colon) are one key, the value in it.
+_KEY_WITH_VALUE = re.compile(r"^(?P<name>[A-Za-z_]+)(?P<sep>\s*[:=]\s*|\s+)\S")
+
+
+def _key_shown(path: JsonPath, key: Any) -> Any:
+    """An unexpected ``key`` as E103 may quote it: the value masked when it is a hidden key
+    run together with its value, inside a section that holds secrets or webhook urls."""
+    found = _KEY_WITH_VALUE.match(key) if isinstance(key, str) else None
+    if found is None or not path or path[0] not in HIDDEN_IN_ITEMS:
+        return key
+    names = {keys[-1] for keys in HIDDEN_IN_ITEMS[str(path[0])]}
+    return f"{found['name']}{found['sep']}{MASK}" if found["name"] in names else key
+
+
 def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[JsonPath, str]:
     """The path of the offending key (its line is reported) and the message to show, with
     the values at ``hidden`` paths masked."""
@@ -340,7 +360,13 @@ def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[
             and not any(re.search(p, str(k)) for p in patterns)
         ]
         if extra:
-            return (*path, extra[0]), error.message
+            shown = {key: _key_shown(path, key) for key in extra}
+            if all(shown[key] == key for key in extra):
+                return (*path, extra[0]), error.message
+            message = error.message
+            for key in extra:
+                message = message.replace(repr(key), repr(shown[key]))
+            return path, message  # the block's line: its key's path would quote the value
     if error.validator == "not" and isinstance(value, dict) and isinstance(instance, dict):
         exclusive = value.get("required", [])
         given = [k for k in instance if k in exclusive]
