@@ -53,9 +53,20 @@ def _reset_on_settings_change(*, setting: str, **kwargs: Any) -> None:
 
 
 def _endpoint_deleted(*, instance: Any, using: str, **kwargs: Any) -> None:
+    from functools import partial
+
+    from django.db import transaction
+
+    from django_events.delivery.recording import event_log_alias
     from django_events.operations.pausing import endpoint_deleted
 
-    endpoint_deleted(instance.pk, using=using)
+    # Its pause and deliveries are in the event log, where the routers put it: maybe not
+    # the endpoint's database (``using``).
+    alias = event_log_alias()
+    if alias == using:  # in the deletion's transaction, undone with it
+        endpoint_deleted(instance.pk, using=alias)
+    else:  # not for a deletion rolled back (at once outside a transaction)
+        transaction.on_commit(partial(endpoint_deleted, instance.pk, using=alias), using=using)
 
 
 def _forget_endpoints(**kwargs: Any) -> None:

@@ -593,6 +593,93 @@ def test_pause_names_an_existing_endpoint_and_deleting_one_fails_what_it_had_wai
         resume(name)
 
 
+class EndpointsApart:
+    """A router that keeps webhook endpoints on "default" and the rest of the event log
+    (events, deliveries, pauses) on "other"."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        if model._meta.app_label != "django_events":  # type: ignore[attr-defined]
+            return None
+        return "default" if model is WebhookEndpoint else "other"
+
+    db_for_write = db_for_read
+
+
+def _waiting_on_other(name: str) -> list[uuid.UUID]:
+    """A held and a pending delivery of subscription ``name``, on "other"; their events."""
+    from django_events.delivery.recording import delivery, save_deliveries
+
+    held, waiting = (publish("shop.paid", {"order_id": n}) for n in (1, 2))
+    save_deliveries(
+        "other",
+        [
+            delivery(held.id, name, "webhook", "held", 0),
+            delivery(waiting.id, name, "webhook", "pending", 1, "HTTP 503"),
+        ],
+    )
+    return [held.id, waiting.id]
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+@pytest.mark.parametrize("how", ["admin", "instance", "queryset"])
+def test_deleting_an_endpoint_fails_what_it_had_waiting_where_the_routers_keep_the_event_log(
+    admin_client, django_capture_on_commit_callbacks, queue, how: str
+) -> None:
+    """Endpoints on one database, the event log on another: the deletion (the admin's,
+    ``endpoint.delete()``, a QuerySet's) records the endpoint's held and pending deliveries
+    failed and removes its pause there, not on the endpoint's database."""
+    from django_events.models import PausedSubscription
+    from django_events.operations.pausing import pause
+
+    with override_settings(DATABASE_ROUTERS=[EndpointsApart()]):
+        endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.*"])
+        name = endpoints.subscription_name(endpoint.pk)
+        pause(name)
+        waiting = _waiting_on_other(name)
+        with django_capture_on_commit_callbacks(execute=True, using="default"):
+            if how == "admin":
+                delete = reverse("admin:django_events_webhookendpoint_delete", args=[endpoint.pk])
+                assert admin_client.post(delete, {"post": "yes"}).status_code == 302
+            elif how == "instance":
+                endpoint.delete()
+            else:
+                WebhookEndpoint.objects.filter(pk=endpoint.pk).delete()
+
+    assert not WebhookEndpoint.objects.using("default").exists()
+    rows = Delivery.objects.using("other").filter(subscription=name)
+    assert sorted(rows.values_list("event_id", "status", "last_error")) == sorted(
+        (event_id, "failed", "Webhook endpoint deleted") for event_id in waiting
+    )
+    assert not PausedSubscription.objects.using("other").exists()
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_an_endpoint_deletion_rolled_back_leaves_the_event_log_of_another_database(
+    django_capture_on_commit_callbacks, queue
+) -> None:
+    """On another database the event log is not in the deletion's transaction: its rows are
+    recorded failed once the deletion commits, never for one rolled back."""
+    from django.db import transaction
+
+    from django_events.models import PausedSubscription
+    from django_events.operations.pausing import pause
+
+    with override_settings(DATABASE_ROUTERS=[EndpointsApart()]):
+        endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["shop.*"])
+        name = endpoints.subscription_name(endpoint.pk)
+        pause(name)
+        _waiting_on_other(name)
+        committed = django_capture_on_commit_callbacks(execute=True, using="default")
+        with committed, pytest.raises(RuntimeError), transaction.atomic(using="default"):
+            WebhookEndpoint.objects.filter(pk=endpoint.pk).delete()
+            raise RuntimeError("rolled back")
+
+    assert WebhookEndpoint.objects.using("default").filter(pk=endpoint.pk).exists()
+    rows = Delivery.objects.using("other").filter(subscription=name)
+    assert sorted(rows.values_list("status", flat=True)) == ["held", "pending"]
+    assert PausedSubscription.objects.using("other").filter(subscription=name).exists()
+
+
 # -- endpoints in the wiring: events_list and the wiring page ------------------------------
 
 HIDDEN_URL = "https://ops:pw-123@hooks.example.com:8443/T0123/path-token?token=query-token"
