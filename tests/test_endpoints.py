@@ -6,6 +6,7 @@ Deliveries through a real worker: tests/test_webhooks_delivery.py."""
 from __future__ import annotations
 
 import base64
+import html
 import json
 import logging
 import re
@@ -112,9 +113,9 @@ def test_editing_keeps_the_secret_unless_a_new_one_is_given(admin_client) -> Non
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"url": "http://hooks.example.com/in"}, "Use an https:// URL."),
-        ({"url": "https://10.0.0.7/in"}, "10.0.0.7 is not a public address."),
-        ({"url": "https://[::1]/in"}, "::1 is not a public address."),
+        ({"url": "http://hooks.example.com/in"}, "Refused http://hooks.example.com/: use an"),
+        ({"url": "https://10.0.0.7/in"}, "https://10.0.0.7/: 10.0.0.7 is not a public address"),
+        ({"url": "https://[::1]/in"}, "Refused https://[::1]/: ::1 is not a public address"),
         ({"url": "not a url"}, "Enter a valid URL."),
         ({"patterns": "nope.*"}, "&#x27;nope.*&#x27; matches no declared event."),
         ({"patterns": "orders.placed;drop"}, "is not an event name or pattern."),
@@ -188,6 +189,90 @@ def test_private_addresses_are_accepted_when_allowed(admin_client) -> None:
     assert answer.status_code == 302
 
 
+HTTPS_ONLY = "use an https:// URL (http:// only with DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
+NOT_PUBLIC = (
+    "is not a public address (private, loopback, link-local and reserved ones only with "
+    "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
+)
+HTTP_OR_HTTPS = "use an https:// or http:// URL (webhooks use no other)."
+
+
+@pytest.mark.parametrize(
+    ("allow_private", "url", "refused"),
+    [
+        (False, "https://hooks.example.com/in?token=t-123", None),
+        (False, "https://hooks.intranet.example/in", None),  # a name: checked as it resolves
+        (False, "https://8.8.8.8/in", None),
+        (False, "http://hooks.example.com/in", f"Refused http://hooks.example.com/: {HTTPS_ONLY}"),
+        (False, "ftp://hooks.example.com/in", f"Refused ftp://hooks.example.com/: {HTTPS_ONLY}"),
+        (False, "https://10.0.0.7/p/t-123", f"Refused https://10.0.0.7/: 10.0.0.7 {NOT_PUBLIC}"),
+        (
+            False,
+            "https://127.0.0.1:8443/",
+            f"Refused https://127.0.0.1:8443/: 127.0.0.1 {NOT_PUBLIC}",
+        ),
+        (
+            False,
+            "https://169.254.169.254/latest",
+            f"Refused https://169.254.169.254/: 169.254.169.254 {NOT_PUBLIC}",
+        ),
+        (False, "https://[::1]/in", f"Refused https://[::1]/: ::1 {NOT_PUBLIC}"),
+        (
+            False,
+            "https://[::ffff:127.0.0.1]/",
+            f"Refused https://[::ffff:127.0.0.1]/: ::ffff:127.0.0.1 {NOT_PUBLIC}",
+        ),
+        (
+            False,
+            "https://localhost:8000/in",
+            f"Refused https://localhost:8000/: localhost {NOT_PUBLIC}",
+        ),
+        (
+            False,
+            "https://api.localhost/in",
+            f"Refused https://api.localhost/: api.localhost {NOT_PUBLIC}",
+        ),
+        (True, "http://127.0.0.1:8000/in", None),
+        (True, "https://localhost/in", None),
+        (True, "http://10.0.0.7/in", None),
+        (True, "ftp://hooks.example.com/in", f"Refused ftp://hooks.example.com/: {HTTP_OR_HTTPS}"),
+        (True, "ftps://10.0.0.7/in", f"Refused ftps://10.0.0.7/: {HTTP_OR_HTTPS}"),
+    ],
+)
+def test_the_form_and_create_endpoint_refuse_the_same_urls(
+    admin_client, allow_private: bool, url: str, refused: str | None
+) -> None:
+    """One set of rules (`endpoints.check_url`): what the form refuses, code cannot register
+    (it would fail at each attempt, or be sent to a private address once allowed); the
+    message names the URL (never its path or query) and the rule."""
+    value = {**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": allow_private}
+    with override_settings(DJANGO_EVENTS=value):
+        answer = admin_client.post(ADD, form(url=url))
+        if refused is None:
+            assert answer.status_code == 302, answer.content.decode()
+            endpoint, _ = endpoints.create_endpoint(url, ["*"])
+            assert endpoint.url == url
+            assert WebhookEndpoint.objects.filter(url=url).count() == 2
+            return
+        assert html.escape(refused) in errors_of(answer)
+        with pytest.raises(ValidationError) as caught:
+            endpoints.create_endpoint(url, ["*"])
+    assert caught.value.message_dict == {"url": [refused]}
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_create_endpoint_names_each_field_refused() -> None:
+    """Like the form: the URL's rule and the other fields' errors together."""
+    with pytest.raises(ValidationError) as caught:
+        endpoints.create_endpoint("https://10.0.0.7/", ["*"], description="x" * 501)
+    errors = caught.value.message_dict
+    assert errors["url"] == [f"Refused https://10.0.0.7/: 10.0.0.7 {NOT_PUBLIC}"]
+    assert set(errors) == {"description", "url"}
+    with pytest.raises(ValidationError) as caught:  # not a URL: not the scheme's rule too
+        endpoints.create_endpoint("not a url", ["*"])
+    assert caught.value.message_dict == {"url": ["Enter a valid URL."]}
+
+
 URL_HELP = {
     False: "Where each event is POSTed: an https:// URL of a public address.",
     True: "Where each event is POSTed: an https:// or http:// URL, of any address "
@@ -211,8 +296,8 @@ def test_the_form_refuses_ftp_whatever_the_setting(admin_client, allow_private) 
     with override_settings(DJANGO_EVENTS=value):
         for url in ("ftp://hooks.example.com/in", "ftps://hooks.example.com/in"):
             html = errors_of(admin_client.post(ADD, form(url=url)))
-            use = "Use an https:// or http:// URL." if allow_private else "Use an https:// URL."
-            assert use in html
+            use = "use an https:// or http:// URL" if allow_private else "use an https:// URL"
+            assert f"Refused {url.removesuffix('in')}: {use}" in html
     assert not WebhookEndpoint.objects.exists()
 
 
@@ -335,9 +420,10 @@ def test_a_private_address_is_refused_at_send_and_counts_as_a_failure(url: str) 
 
 
 def test_disabled_after_failing_long_enough_once_with_the_signal() -> None:
-    endpoint, _ = endpoints.create_endpoint("https://127.0.0.1:9/in", ["*"])
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["*"])
     WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
-        failing_since=datetime.now(tz=UTC) - timedelta(days=5, seconds=1)
+        url="https://127.0.0.1:9/in",  # refused at each attempt (saved when it was allowed)
+        failing_since=datetime.now(tz=UTC) - timedelta(days=5, seconds=1),
     )
     received: list[dict[str, Any]] = []
 
@@ -363,9 +449,9 @@ def test_disabled_after_failing_long_enough_once_with_the_signal() -> None:
 
 
 def test_never_disabled_with_disable_after_none() -> None:
-    endpoint, _ = endpoints.create_endpoint("https://127.0.0.1:9/in", ["*"])
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["*"])
     WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
-        failing_since=datetime.now(tz=UTC) - timedelta(days=365)
+        url="https://127.0.0.1:9/in", failing_since=datetime.now(tz=UTC) - timedelta(days=365)
     )
     value = {**settings.DJANGO_EVENTS, "WEBHOOK_ENDPOINTS": {"disable_after": None}}
     with override_settings(DJANGO_EVENTS=value):

@@ -7,12 +7,10 @@ receiver before saving; afterwards only its start is shown, and a new one replac
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import re
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin, messages
@@ -120,21 +118,7 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def clean_url(self) -> str:
         url: str = self.cleaned_data["url"]
-        parts = urlsplit(url)
-        allow_private = conf.WEBHOOKS_ALLOW_PRIVATE
-        # What webhooks.post sends to (URLField alone also takes ftp:// and ftps://).
-        if allow_private and parts.scheme not in ("https", "http"):
-            raise forms.ValidationError(_("Use an https:// or http:// URL."))
-        if parts.scheme != "https" and not allow_private:
-            raise forms.ValidationError(_("Use an https:// URL."))
-        try:
-            address = ipaddress.ip_address((parts.hostname or "").strip("[]"))
-        except ValueError:
-            return url  # a name: checked where it resolves, at each attempt
-        if not address.is_global and not allow_private:
-            raise forms.ValidationError(
-                _("%(address)s is not a public address."), params={"address": str(address)}
-            )
+        endpoints.check_url(url)  # create_endpoint() applies the same rules
         return url
 
     def clean_patterns(self) -> list[str]:

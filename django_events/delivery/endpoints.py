@@ -14,6 +14,7 @@ is disabled (Svix's behaviour): logged, `endpoint_disabled` sent, the reason on 
 from __future__ import annotations
 
 import base64
+import ipaddress
 import logging
 import os
 import threading
@@ -23,11 +24,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from fnmatch import fnmatchcase
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
+from django.core.exceptions import ValidationError
 from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router, transaction
 from django.db.models import F
 from django.utils import timezone
+from django.utils.translation import gettext_lazy as _
 
 from django_events.conf import conf
 from django_events.delivery import webhooks
@@ -98,6 +102,55 @@ def secret_of(endpoint: WebhookEndpoint) -> str:
     return open_text(endpoint.secret_sealed, str(endpoint.pk))
 
 
+def check_url(url: str) -> None:
+    """Raise ValidationError for a URL no webhook is sent to: the rules of the admin's form
+    and `create_endpoint` alike.
+
+    An ``https://`` URL (or ``http://`` with ``WEBHOOKS_ALLOW_PRIVATE``) whose host, given as
+    an address (or ``localhost``), is public unless ``WEBHOOKS_ALLOW_PRIVATE``. A host name
+    is checked where it resolves, at each attempt (`webhooks.resolve`); a user name or
+    password is refused by the model's ``clean``.
+    """
+    parts = urlsplit(url)
+    allow_private = conf.WEBHOOKS_ALLOW_PRIVATE
+    shown = shown_url(url)  # not its path or query, which may hold a token
+    if allow_private and parts.scheme not in ("https", "http"):
+        raise ValidationError(
+            _("Refused %(url)s: use an https:// or http:// URL (webhooks use no other)."),
+            code="scheme",
+            params={"url": shown},
+        )
+    if not allow_private and parts.scheme != "https":
+        raise ValidationError(
+            _(
+                "Refused %(url)s: use an https:// URL (http:// only with "
+                "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
+            ),
+            code="scheme",
+            params={"url": shown},
+        )
+    if allow_private:
+        return
+    host = parts.hostname or ""
+    if host == "localhost" or host.endswith(".localhost"):  # always loopback (RFC 6761)
+        public = False
+    else:
+        try:
+            public = ipaddress.ip_address(host).is_global
+        except ValueError:
+            return  # a name: checked where it resolves, at each attempt
+    if not public:
+        raise ValidationError(
+            _(
+                "Refused %(url)s: %(address)s is not a public address (private, loopback, "
+                "link-local and reserved ones only with DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] "
+                "on)."
+            ),
+            code="address",
+            params={"url": shown, "address": host},
+        )
+
+
 def create_endpoint(
     url: str,
     events: Sequence[str],
@@ -107,13 +160,29 @@ def create_endpoint(
     enabled: bool = True,
     using: str | None = None,
 ) -> tuple[WebhookEndpoint, str]:
-    """Register an endpoint from code; return it and its secret (new unless given)."""
+    """Register an endpoint from code; return it and its secret (new unless given).
+
+    Refuses what the admin's form refuses: ValidationError (by field) for a URL it would not
+    take (`check_url`, a user name or password), ValueError for a secret that is not
+    ``whsec_`` + base64.
+    """
     endpoint = WebhookEndpoint(
         url=url, events=list(events), description=description, enabled=enabled
     )
     secret = secret or new_secret()
     set_secret(endpoint, secret)
-    endpoint.full_clean(exclude=["secret_sealed", "secret_hint"])
+    errors: dict[str, list[ValidationError]] = {}
+    try:
+        endpoint.full_clean(exclude=["secret_sealed", "secret_hint"])
+    except ValidationError as exc:
+        errors = exc.update_error_dict(errors)
+    if "url" not in errors:  # a URL at all, without a user name or password
+        try:
+            check_url(url)
+        except ValidationError as exc:
+            errors["url"] = exc.error_list
+    if errors:
+        raise ValidationError(errors)
     endpoint.save(using=using or router.db_for_write(WebhookEndpoint))
     return endpoint, secret
 
