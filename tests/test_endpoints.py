@@ -806,6 +806,27 @@ def test_the_endpoint_list_shows_paused_and_no_credentials_or_path(admin_client)
     assert_nothing_secret(html)
 
 
+@pytest.mark.django_db(databases=["default", "other"])
+def test_the_endpoint_pages_read_its_pause_where_the_routers_keep_the_event_log(
+    admin_client,
+) -> None:
+    """Endpoints on "default", pauses with the event log on "other": the list and the
+    endpoint's page say "paused" (they read the endpoint's own database)."""
+    from django_events.models import PausedSubscription
+    from django_events.operations.pausing import pause
+
+    with override_settings(DATABASE_ROUTERS=[EndpointsApart()]):
+        endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["*"])
+        pause(endpoints.subscription_name(endpoint.pk))
+        assert PausedSubscription.objects.using("other").exists()
+        listed = admin_client.get(CHANGES).content.decode()
+        page = admin_client.get(change_url(endpoint)).content.decode()
+
+    row = listed[listed.index(change_url(endpoint)) :].split("</tr>")[0]
+    assert 'de-pending">paused' in row
+    assert 'de-pending">paused' in page
+
+
 def list_wiring(*args: str) -> str:
     from django.core.management import call_command
 

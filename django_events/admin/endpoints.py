@@ -30,6 +30,7 @@ from django.utils.translation import gettext_lazy as _
 from django_events.conf import conf
 from django_events.delivery import endpoints, webhooks
 from django_events.delivery.pausing import paused_names
+from django_events.delivery.recording import event_log_read_alias
 from django_events.logs import log_extra
 from django_events.models import (
     EventRecord,
@@ -371,7 +372,8 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.display(description=_("state"), ordering="enabled")
     def state(self, obj: WebhookEndpoint) -> SafeString:
-        paused = endpoints.subscription_name(obj.pk) in paused_names(obj._state.db or "default")
+        # Pauses are in the event log, which the routers may keep apart from the endpoints.
+        paused = endpoints.subscription_name(obj.pk) in paused_names(event_log_read_alias())
         if obj.enabled and paused:
             return format_html('<span class="de-badge de-pending">{}</span>', _("paused"))
         if not obj.enabled:
