@@ -3,8 +3,10 @@ in database statements at the worker (figure 16 measures the time; docs/ordering
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterator
 from importlib import import_module
 from io import StringIO
 from typing import Any
@@ -18,8 +20,11 @@ from django_events import publish
 from django_events.delivery import ordering
 from django_events.delivery.worker import process_message
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
+from tests.app import handlers
+from tests.app.models import HandlerRun
 from tests.conftest import inserts_refused
 from tests.ops import drain, shop_wiring
+from tests.worker import wait_for
 
 # The migration that last created the ordered finish function.
 LATEST_FUNCTION = "django_events.migrations.0012_delivery_uncounted"
@@ -118,6 +123,7 @@ def test_a_turn_on_postgresql_is_two_statements(queue: str) -> None:
 
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
+    assert run_locks() == []  # the finish released each run's lock in its statement
 
 
 @pytest.mark.postgresql
@@ -175,13 +181,18 @@ def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
             first = ordering.first_unfinished("default", ORDERED["name"], "7")
         head = Delivery.objects.get(event_id=latest.id, subscription=ORDERED["name"])
         assert claimed.turn is ordering.Turn.RUN and first == (head.pk, "pending")
+        ordering.end_run(claimed)
 
-    for query in queries.captured_queries:
+    try:
+        for query in queries.captured_queries:
+            with connection.cursor() as cursor:
+                cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + query["sql"])
+                plan = "\n".join(row[0] for row in cursor.fetchall())
+            assert "django_events_dlv_turn_idx" in plan, plan
+            assert "Rows Removed by Filter: 300" not in plan, plan
+    finally:  # the turn's EXPLAIN ANALYZE took its run's lock again
         with connection.cursor() as cursor:
-            cursor.execute("EXPLAIN (ANALYZE, COSTS OFF) " + query["sql"])
-            plan = "\n".join(row[0] for row in cursor.fetchall())
-        assert "django_events_dlv_turn_idx" in plan, plan
-        assert "Rows Removed by Filter: 300" not in plan, plan
+            cursor.execute("SELECT pg_advisory_unlock_all()")
 
 
 @pytest.mark.postgresql  # SQLite: the hand-on's gate write waits for any writer before it reads
@@ -388,3 +399,234 @@ def test_a_retry_of_an_ordered_delivery_the_broker_does_not_take_is_left_to_the_
     assert "1 left pending for events_relay" in out.getvalue()
     row = ordered.get()
     assert row.status == "pending" and row.retry_at is not None  # due for the relay
+
+
+# A run of an ordered delivery and a copy of its message (a broker's redelivery, the relay's
+# resend) at the same time: threads, each with a database connection of its own, as two
+# worker processes would have.
+GATED = {**ORDERED, "handler": "tests.app.handlers.gated"}
+
+
+@pytest.fixture
+def gates() -> Iterator[list[threading.Event]]:
+    """`tests.app.handlers.gated`'s gates: its n-th run waits for the n-th to be set."""
+    handlers.GATED.clear()
+    handlers.GATES[:] = [threading.Event() for _ in range(4)]
+    try:
+        yield handlers.GATES
+    finally:
+        for gate in handlers.GATES:
+            gate.set()
+        handlers.GATED.clear()
+        handlers.GATES.clear()
+
+
+class Worker(threading.Thread):
+    """`process_message` in a thread of its own (its own database connection)."""
+
+    def __init__(self, message: dict[str, Any], retries: int = 0) -> None:
+        super().__init__()
+        self.message, self.retries = message, retries
+        self.status: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.status = process_message(self.message, self.retries).status
+        finally:
+            connections.close_all()
+
+    def outcome(self, timeout: float = 10.0) -> str | None:
+        """Its outcome's status, once it ended within ``timeout`` seconds (None: still runs)."""
+        self.join(timeout)
+        return None if self.is_alive() else self.status
+
+
+def gated_runs() -> list[str]:
+    return [run["event"] for run in handlers.GATED]
+
+
+def run_locks() -> list[tuple[int, int]]:
+    """The session-level advisory locks held on this database: (backend pid, object id)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, objid FROM pg_locks WHERE locktype = 'advisory' "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+        return [tuple(row) for row in cursor.fetchall()]
+
+
+def ordered_messages(queue: str, subscription: str = ORDERED["name"]) -> dict[str, Any]:
+    return {m["event"]["id"]: m for m in drain(queue) if m["subscription"] == subscription}
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_copy_of_a_running_delivery_runs_nothing_beside_it(
+    queue: str, gates: list[threading.Event], caplog: pytest.LogCaptureFixture
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[GATED]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        messages = ordered_messages(queue)
+        running = Worker(messages[str(first.id)])
+        copy = Worker(messages[str(first.id)])
+        try:
+            running.start()
+            wait_for(lambda: gated_runs() == [str(first.id)], 10, "the first run")
+            with caplog.at_level(logging.INFO, "django_events.worker"):
+                copy.start()  # the same message again, on another worker, as it runs
+                # It runs nothing (a second run would wait at its gate, still running).
+                assert copy.outcome() == "skipped", gated_runs()
+            assert gated_runs() == [str(first.id)]
+            assert "Running on another worker right now" in caplog.text
+            gates[0].set()
+            assert running.outcome() == "succeeded"
+        finally:
+            for gate in gates:
+                gate.set()
+            running.join(10)
+            copy.join(10)
+        # Now a copy is a duplicate of a finished delivery; the key's next one runs after.
+        assert process_message(messages[str(first.id)], 0).status == "skipped"
+        assert process_message(messages[str(second.id)], 0).status == "succeeded"
+
+    assert gated_runs() == [str(first.id), str(second.id)]
+    assert all(run["ended"] for run in handlers.GATED)
+    assert run_locks() == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_copy_runs_once_the_worker_running_the_delivery_is_gone(
+    queue: str, gates: list[threading.Event]
+) -> None:
+    # The worker dies as its handler runs: PostgreSQL ends its session, and the lock with it;
+    # the message, never acknowledged, comes back and runs.
+    with shop_wiring(queue, SUBSCRIPTIONS=[GATED]):
+        event = publish("shop.paid", {"order_id": 1, "total": 10})
+        message = ordered_messages(queue)[str(event.id)]
+        dying = Worker(message)
+        try:
+            dying.start()
+            wait_for(lambda: gated_runs() == [str(event.id)], 10, "the first run")
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_terminate_backend(%s)", [handlers.GATED[0]["pid"]])
+            wait_for(lambda: not run_locks(), 10, "its session to end")
+            gates[1].set()
+            assert process_message(message, 0).status == "succeeded"
+            assert gated_runs() == [str(event.id)] * 2
+            assert handlers.GATED[1]["ended"] and not handlers.GATED[0]["ended"]
+        finally:
+            gates[0].set()
+            dying.join(10)
+        # Its handler ended after all: its success is saved on a new connection.
+        assert dying.status == "succeeded"
+    assert Delivery.objects.get(event_id=event.id, subscription=GATED["name"]).status == (
+        "succeeded"
+    )
+    assert run_locks() == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("handler", "retry", "payload", "status"),
+    [
+        ("always_fails", {"max_attempts": 3, "backoff": 0.1}, {}, "retry"),
+        ("always_fails", {"max_attempts": 1}, {}, "failed"),
+        ("permanent_failure", {}, {"n": 1}, "failed"),
+        ("retry_later", {}, {"times": 2}, "retry"),
+    ],
+)
+def test_a_run_that_did_not_finish_releases_its_lock_for_the_retry(
+    queue: str, handler: str, retry: dict[str, Any], payload: dict[str, Any], status: str
+) -> None:
+    # A worker keeps its connection between deliveries (CONN_MAX_AGE): a lock left held by
+    # a failed run would make its retry, on another worker process, look running.
+    declaration = {**ORDERED, "handler": f"tests.app.handlers.{handler}", "retry": retry}
+    with shop_wiring(queue, SUBSCRIPTIONS=[declaration]):
+        event = publish("shop.paid", {"order_id": 1, "total": 10, **payload})
+        message = ordered_messages(queue)[str(event.id)]
+        assert process_message(message, 0, manage_connections=False).status == status
+        assert run_locks() == []
+        elsewhere = Worker(message, retries=1)
+        elsewhere.start()
+        elsewhere.join(10)
+        assert process_message(message, 2, manage_connections=False).status != "skipped"
+    runs = HandlerRun.objects.filter(event_id=event.id, handler=handler).count()
+    assert (elsewhere.status, runs) == (status, 3)
+    assert run_locks() == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_an_idempotent_ordered_run_holds_its_lock_until_its_transaction_hands_on(
+    queue: str, gates: list[threading.Event]
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**GATED, "idempotent": True}]):
+        event = publish("shop.paid", {"order_id": 1, "total": 10})
+        message = ordered_messages(queue)[str(event.id)]
+        running = Worker(message)
+        try:
+            running.start()
+            wait_for(lambda: gated_runs() == [str(event.id)], 10, "the first run")
+            copy = Worker(message)
+            copy.start()
+            assert copy.outcome() == "skipped"  # not waiting for its row's lock
+            gates[0].set()
+            assert running.outcome() == "succeeded"
+        finally:
+            gates[0].set()
+            running.join(10)
+        assert process_message(message, 0, manage_connections=False).status == "skipped"
+    assert gated_runs() == [str(event.id)]
+    assert run_locks() == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_claim_whose_earlier_delivery_finishes_as_it_holds_takes_the_lock_too(
+    queue: str,
+) -> None:
+    # The claim reads an unfinished delivery before it; by the time it has locked the key's
+    # turn to hold, that one has finished: it runs, and its run's lock is taken then.
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        rows = Delivery.objects.filter(subscription=ORDERED["name"])
+
+        def first_finishes(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            if "pg_advisory_xact_lock" in sql and rows.get(event_id=first.id).status == "pending":
+                rows.filter(event_id=first.id).update(status="succeeded")
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(first_finishes):
+            claimed = ordering.claim("default", second.id, ORDERED["name"])
+        assert claimed.turn is ordering.Turn.RUN and claimed.lock is not None
+        assert len(run_locks()) == 1
+        copy = threading.Thread(
+            target=lambda: (
+                turns.append(ordering.claim("default", second.id, ORDERED["name"]).turn),
+                connections.close_all(),
+            )
+        )
+        turns: list[ordering.Turn] = []
+        copy.start()
+        copy.join(10)
+        assert turns == [ordering.Turn.RUNNING]
+        ordering.end_run(claimed)
+        ordering.end_run(claimed)  # once only
+    assert run_locks() == []
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_behind_a_pooler_in_transaction_mode_a_claim_takes_no_lock(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A session's lock would stay with a server connection the pooler hands to other clients.
+    monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        event = publish("shop.paid", {"order_id": 1, "total": 10})
+        claimed = ordering.claim("default", event.id, ORDERED["name"])
+        assert (claimed.turn, claimed.lock, run_locks()) == (ordering.Turn.RUN, None, [])

@@ -224,8 +224,19 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
             .values_list("ordering_key", "sequence", "status", "waits")
             .first()
         )
-        assert postgresql.turn(connection, record.pk, name, finished) == by_orm
+        assert postgresql.turn(connection, record.pk, name, finished) == (*by_orm, None)
     assert postgresql.turn(connection, uuid.uuid4(), "ordered", finished) is None
+    # With a run's lock: tried (and taken) only for a numbered delivery that runs now,
+    # unfinished with nothing unfinished before it.
+    locked = []
+    for n, (record, (name, key, number, _)) in enumerate(zip(records, layout, strict=True)):
+        took = postgresql.turn(connection, record.pk, name, finished, 1000 + n)
+        assert took is not None
+        if took[4] is not None:
+            locked.append((key, number, took[4]))
+    assert locked == [("k", 2, True), ("other", 1, True)]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_unlock_all()")
     for key in ("k", "other", "none"):
         by_orm = (
             Delivery.objects.filter(

@@ -11,6 +11,14 @@
   finds the key's first unfinished delivery; if it is held, it marks it pending and sends its
   message again after the commit. A failed delivery is unfinished: it holds its key until a
   retry succeeds or it is marked resolved (`release`).
+- On PostgreSQL the claim that lets a delivery run also takes a session-level advisory lock
+  of that delivery (`RunLock`), in the same statement; the claiming connection holds it while
+  the handler runs. A copy of its message claimed meanwhile (a broker's redelivery, the
+  relay's resend) cannot take it: `Turn.RUNNING`, it runs nothing. `finish` releases it in
+  its own statement, `end_run` after a run that did not finish (a failure, a retry), and
+  PostgreSQL when the connection closes (its worker died). SQLite and other databases have no
+  such lock, nor do databases behind a pooler in transaction mode (`DISABLE_SERVER_SIDE_CURSORS`):
+  there such a copy runs beside the delivery (docs/ordering.md, "Duplicates").
 
 The broker is not involved (RabbitMQ, Redis and the filesystem transport alike), nor is the
 number of workers and hosts. Its cost: at publish, the gates' upsert and the `Delivery`
@@ -63,14 +71,35 @@ class Turn(Enum):
     RUN = "run"  # its turn (or not ordered): run the handler
     HELD = "held"  # an earlier delivery of its key is unfinished: left held
     DONE = "done"  # already succeeded or resolved: a duplicate message, run nothing
+    RUNNING = "running"  # another worker runs it right now (PostgreSQL): a copy, run nothing
+
+
+@dataclass
+class RunLock:
+    """The lock of a delivery that runs (PostgreSQL): session-level, held by the connection
+    that claimed it until `finish` or `end_run` releases it, or that connection closes."""
+
+    alias: str
+    id: int
+    holder: Any  # that DB-API connection: one opened since (after an outage) does not hold it
+    held: bool = True
+
+    def to_release(self) -> int | None:
+        """Its id, if the alias's connection holds it now (None: released, or gone with the
+        connection that held it)."""
+        if self.held and connections[self.alias].connection is self.holder:
+            return self.id
+        return None
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What `claim` decided, and the delivery's key (for `finish`; None: not numbered)."""
+    """What `claim` decided, the delivery's key (for `finish`; None: not numbered), and the
+    lock its run holds (`Turn.RUN` on PostgreSQL), for `finish` or `end_run` to release."""
 
     turn: Turn
     key: str | None = None
+    lock: RunLock | None = None
 
 
 def key_value(data: dict[str, Any], path: str) -> str:
@@ -163,7 +192,7 @@ def _take(alias: str, subscription: str, key: str, count: int) -> int:
     return gate.last_sequence  # pragma: no cover
 
 
-def _lock(alias: str, subscription: str, key: str) -> None:
+def _lock(alias: str, subscription: str, key: str, run: RunLock | None = None) -> None:
     """Lock the key's turn until the transaction ends: `claim` holding a delivery and
     `finish` handing on wait for each other.
 
@@ -171,12 +200,20 @@ def _lock(alias: str, subscription: str, key: str) -> None:
     holds the gate row from its numbering to its commit, and a worker waiting for that would
     run no faster than the publishers commit (figure 16). Elsewhere an ``UPDATE`` of the gate
     row, not ``SELECT ... FOR UPDATE``: on SQLite a transaction that reads first and writes
-    later can fail at once with "database is locked"; one that writes first waits.
+    later can fail at once with "database is locked"; one that writes first waits. ``run``:
+    the lock of the run that finishes, released in the same statement (a session lock: at
+    once, whatever becomes of the transaction).
     """
     connection = connections[alias]
     if connection.vendor == "postgresql":
+        unlock = None if run is None else run.to_release()
         with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_id(subscription, key)])
+            cursor.execute(
+                "SELECT pg_advisory_xact_lock(%s), pg_advisory_unlock(%s::bigint)",
+                [_lock_id(subscription, key), unlock],
+            )
+        if run is not None:
+            run.held = False
         return
     OrderingGate.objects.using(alias).filter(subscription=subscription, key=key).update(
         last_sequence=F("last_sequence")
@@ -188,6 +225,23 @@ def _lock_id(subscription: str, key: str) -> int:
     waits)."""
     digest = hashlib.sha256(f"django_events.ordering\0{subscription}\0{key}".encode())
     return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+def _run_lock_id(event_id: UUID, subscription: str) -> int:
+    """The advisory lock of a delivery's run on PostgreSQL (`RunLock`)."""
+    digest = hashlib.sha256(f"django_events.ordering.run\0{event_id}\0{subscription}".encode())
+    return int.from_bytes(digest.digest()[:8], "big", signed=True)
+
+
+def _locks_runs(alias: str) -> bool:
+    """Whether a claim on ``alias`` locks the run it lets go: on PostgreSQL, unless its
+    connections go through a pooler in transaction mode, which hands a session's server
+    connection (and the locks it holds) to other clients between transactions. Django asks
+    for ``DISABLE_SERVER_SIDE_CURSORS`` there: that is what is read."""
+    connection = connections[alias]
+    return connection.vendor == "postgresql" and not connection.settings_dict.get(
+        "DISABLE_SERVER_SIDE_CURSORS"
+    )
 
 
 def first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str] | None:
@@ -211,15 +265,21 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     Its turn is read without a lock, with the row, in one query: every earlier delivery of
     the key finished (committed) stays finished, and a later one that looks now sees this
     one unfinished. Only holding locks the key's turn, so that the worker finishing the
-    delivery before it cannot miss the hold.
+    delivery before it cannot miss the hold. On PostgreSQL the query also takes the lock of
+    the run it lets go (`RunLock`): a `Turn.RUN` claim's is the caller's to release, through
+    `finish` or `end_run`.
     """
 
     def this_delivery() -> QuerySet[Delivery]:  # built only when used: not on PostgreSQL's turn
         return Delivery.objects.using(alias).filter(event_id=event_id, subscription=subscription)
 
     connection = connections[alias]
+    lock_id = _run_lock_id(event_id, subscription) if _locks_runs(alias) else None
+    locked: bool | None = None  # whether the lock was taken (None: not tried)
+    row: tuple[str | None, int | None, str, bool] | None
     if connection.vendor == "postgresql":
-        row = postgresql.turn(connection, event_id, subscription, FINISHED)
+        turn = postgresql.turn(connection, event_id, subscription, FINISHED, lock_id)
+        row, locked = (None, None) if turn is None else (turn[:4], turn[4])
     else:
         row = (
             this_delivery()
@@ -234,7 +294,7 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     if status in FINISHED:
         return Claim(Turn.DONE, key)
     if not waits:
-        return Claim(Turn.RUN, key)
+        return _run_turn(alias, key, lock_id, locked)
     with transaction.atomic(using=alias):
         _lock(alias, subscription, key)
         # Held only if an earlier one is still unfinished: it may have finished meanwhile.
@@ -244,7 +304,49 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
             .filter(earlier)
             .update(status=Delivery.Status.HELD, updated_at=timezone.now(), retry_at=None)
         )
-    return Claim(Turn.HELD if held else Turn.RUN, key)
+    if held:
+        return Claim(Turn.HELD, key)
+    if lock_id is not None:  # after the commit: a transaction that failed leaves it untaken
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(%s)", [lock_id])
+            locked = cursor.fetchone()[0]
+    return _run_turn(alias, key, lock_id, locked)
+
+
+def _run_turn(alias: str, key: str, lock_id: int | None, locked: bool | None) -> Claim:
+    """The claim of a delivery whose turn it is: run it, unless another worker's claim holds
+    its run's lock (``lock_id``, None: no lock on this database; ``locked``: taken here)."""
+    if lock_id is None:
+        return Claim(Turn.RUN, key)
+    if not locked:
+        return Claim(Turn.RUNNING, key)
+    return Claim(Turn.RUN, key, RunLock(alias, lock_id, connections[alias].connection))
+
+
+def end_run(claim: Claim) -> None:
+    """Release the lock of ``claim``'s run unless `finish` did (its handler failed, it was
+    skipped, its outcome could not be recorded). A no-op without one.
+
+    A lock left held would make every later copy of the delivery, its retries included, look
+    running (on a connection kept for the next delivery): if it cannot be released, the
+    connection is closed, which releases it.
+    """
+    run = claim.lock
+    lock_id = None if run is None else run.to_release()
+    if run is None or lock_id is None:
+        return
+    connection = connections[run.alias]
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [lock_id])
+    except DatabaseError:
+        logger.warning(
+            "Cannot release the lock of an ordered delivery's run; closing its connection",
+            exc_info=True,
+            extra=log_extra(),
+        )
+        connection.close()
+    run.held = False
 
 
 def _unfinished_before(
@@ -267,6 +369,7 @@ def finish(
     subscription: str,
     row: Delivery | None = None,
     key: str | None = None,
+    run: RunLock | None = None,
 ) -> None:
     """Record a delivery's outcome ``row`` and hand its key on, in one transaction.
 
@@ -275,7 +378,8 @@ def finish(
     (inside a transaction that recorded the outcome already: an idempotent run) only hands
     on. ``key``: the delivery's, as `claim` returned it (read here if None). The next
     delivery's message is sent after the commit. On PostgreSQL outside a transaction all of
-    it is one statement (figure 16).
+    it is one statement (figure 16), which also releases the run's lock ``run``, as claimed
+    (in a transaction, the key's lock's statement does).
     """
     if key is None:
         key = (
@@ -292,8 +396,9 @@ def finish(
     if row is not None and connection.vendor == "postgresql" and not connection.in_atomic_block:
         due = timezone.now() + timedelta(seconds=HAND_ON_GRACE)
         lock_id = _lock_id(subscription, key)
+        unlock = None if run is None else run.to_release()
         try:
-            handed = postgresql.finish_ordered(connection, row, key, lock_id, due)
+            handed = postgresql.finish_ordered(connection, row, key, lock_id, due, unlock)
         except ProgrammingError as exc:
             if not postgresql.is_missing_function(exc):
                 raise
@@ -301,10 +406,12 @@ def finish(
             # the same, slower.
             _warn_missing_function()
         else:
+            if run is not None:
+                run.held = False
             _send_handed(alias, subscription, handed, due)
             return
     with transaction.atomic(using=alias):
-        _lock(alias, subscription, key)
+        _lock(alias, subscription, key, run)
         if row is not None:
             save_deliveries(alias, [row])
         transaction.on_commit(_hand_on(alias, subscription, key), using=alias)

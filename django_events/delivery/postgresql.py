@@ -142,14 +142,23 @@ def upsert_delivery(connection: BaseDatabaseWrapper, row: Delivery) -> None:
 
 
 def turn(
-    connection: BaseDatabaseWrapper, event_id: UUID, subscription: str, finished: Sequence[str]
-) -> tuple[str | None, int | None, str, bool] | None:
+    connection: BaseDatabaseWrapper,
+    event_id: UUID,
+    subscription: str,
+    finished: Sequence[str],
+    run_lock: int | None = None,
+) -> tuple[str | None, int | None, str, bool, bool | None] | None:
     """An ordered delivery's key, number and status, and whether an unfinished delivery of
     its key comes before it (statuses other than ``finished``): what a worker reads for its
-    turn, in the SQL the ORM writes for it (`ordering.claim`)."""
+    turn, in the SQL the ORM writes for it (`ordering.claim`). Then, if it is numbered,
+    unfinished and nothing before it is, whether it took the session-level advisory lock
+    ``run_lock`` (``pg_try_advisory_lock``); None if it did not try (or no ``run_lock``)."""
     with connection.cursor() as cursor:
-        cursor.execute(_turn_sql(connection, len(finished)), [*finished, event_id, subscription])
-        row: tuple[str | None, int | None, str, bool] | None = cursor.fetchone()
+        cursor.execute(
+            _turn_sql(connection, len(finished)),
+            [*finished, run_lock, *finished, event_id, subscription],
+        )
+        row: tuple[str | None, int | None, str, bool, bool | None] | None = cursor.fetchone()
         return row
 
 
@@ -167,11 +176,17 @@ def first_unfinished(
 
 
 def finish_ordered(
-    connection: BaseDatabaseWrapper, row: Delivery, key: str, lock_id: int, due: datetime
+    connection: BaseDatabaseWrapper,
+    row: Delivery,
+    key: str,
+    lock_id: int,
+    due: datetime,
+    unlock: int | None = None,
 ) -> int | None:
     """Record an ordered delivery's outcome ``row`` and hand its key on, in one statement:
     the key's lock, the row's upsert and `hand_on`, in the function of migration 0012 (a
-    statement of its own in autocommit: its own transaction). The id of the delivery it
+    statement of its own in autocommit: its own transaction), then the release of the
+    session-level advisory lock ``unlock`` (the run's), if given. The id of the delivery it
     made pending, if any; its message is the caller's to send."""
     values = {
         str(f.column): f.get_db_prep_save(f.pre_save(row, add=True), connection)
@@ -179,8 +194,9 @@ def finish_ordered(
     }
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT django_events_finish_ordered(%s, %s, %s::jsonb, %s)",
-            [lock_id, key, json.dumps(values, default=str), due],
+            "SELECT django_events_finish_ordered(%s, %s, %s::jsonb, %s), "
+            "pg_advisory_unlock(%s::bigint)",
+            [lock_id, key, json.dumps(values, default=str), due, unlock],
         )
         handed: int | None = cursor.fetchone()[0]
         return handed
@@ -364,15 +380,21 @@ def _ordering_columns(connection: BaseDatabaseWrapper) -> dict[str, str]:
 
 def _build_turn_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
     # The status test is written as the index of unfinished deliveries' condition is, so
-    # that PostgreSQL reads that index (migration 0010).
+    # that PostgreSQL reads that index (migration 0010). OFFSET 0 keeps the row's read a
+    # subquery: pulled up, its EXISTS would be evaluated twice. The lock is tried only when
+    # the row runs now (CASE evaluates lazily); pg_try_advisory_lock(NULL) takes none.
     c = _ordering_columns(connection)
     finished = ", ".join(["%s"] * statuses)
     return (
-        f"SELECT d.{c['ordering_key']}, d.{c['sequence']}, d.{c['status']}, EXISTS("
+        f"SELECT t.k, t.n, t.s, t.w, CASE WHEN t.n IS NOT NULL AND NOT t.w "
+        f"AND NOT (t.s IN ({finished})) THEN pg_try_advisory_lock(%s::bigint) END FROM ("
+        f"SELECT d.{c['ordering_key']} AS k, d.{c['sequence']} AS n, d.{c['status']} AS s, "
+        f"EXISTS("
         f"SELECT 1 FROM {c['table']} u WHERE u.{c['subscription']} = d.{c['subscription']} "
         f"AND u.{c['ordering_key']} = d.{c['ordering_key']} "
         f"AND u.{c['sequence']} < d.{c['sequence']} AND NOT (u.{c['status']} IN ({finished}))) "
-        f"FROM {c['table']} d WHERE d.{c['event']} = %s AND d.{c['subscription']} = %s"
+        f"AS w FROM {c['table']} d WHERE d.{c['event']} = %s AND d.{c['subscription']} = %s "
+        f"OFFSET 0) t"
     )
 
 

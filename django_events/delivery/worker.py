@@ -353,10 +353,6 @@ def _run(
     uncounted: int = 0,
     rerun: bool = False,
 ) -> Outcome:
-    records_all = registry.events[event.name].records_all
-    broadcast = subscription.declaration.broadcast
-    # A broadcast copy is never retried: a retry would reach every worker again.
-    max_attempts = 1 if broadcast else subscription.retry.max_attempts
     try:
         subscription.handler()
     except HandlerImportError as exc:
@@ -364,18 +360,55 @@ def _run(
         return _handler_unavailable(
             subscription, event, alias, attempt, uncounted, retries, exc, rerun
         )
-    ordered = subscription.declaration.ordering_key is not None
-    key = None  # an ordered delivery's, from its claim to its finish
-    if ordered:
-        claimed = _claim_turn(subscription, event, alias, retries)
-        if isinstance(claimed, Outcome):
-            return claimed
-        key = claimed.key
+    if subscription.declaration.ordering_key is None:
+        return _run_claimed(
+            registry, subscription, event, alias, attempt, retries, batch_success, uncounted, rerun
+        )
+    claimed = _claim_turn(subscription, event, alias, retries)
+    if isinstance(claimed, Outcome):
+        return claimed
+    try:
+        return _run_claimed(
+            registry,
+            subscription,
+            event,
+            alias,
+            attempt,
+            retries,
+            batch_success,
+            uncounted,
+            rerun,
+            claimed,
+        )
+    finally:  # the run's lock, unless its finish released it (a failure, a skip, an error)
+        ordering.end_run(claimed)
+
+
+def _run_claimed(
+    registry: Registry,
+    subscription: Subscription,
+    event: Event,
+    alias: str,
+    attempt: int,
+    retries: int,
+    batch_success: bool,
+    uncounted: int,
+    rerun: bool,
+    claimed: ordering.Claim | None = None,
+) -> Outcome:
+    """`_run` once the handler imports and, for an ordered delivery, its turn is ``claimed``."""
+    records_all = registry.events[event.name].records_all
+    broadcast = subscription.declaration.broadcast
+    # A broadcast copy is never retried: a retry would reach every worker again.
+    max_attempts = 1 if broadcast else subscription.retry.max_attempts
+    ordered = claimed is not None
+    key = None if claimed is None else claimed.key  # an ordered delivery's, claim to finish
+    run = None if claimed is None else claimed.lock
     started = time.perf_counter()
     try:
         if subscription.declaration.idempotent:
             _run_idempotent(
-                registry, subscription, event, alias, attempt, uncounted, records_all, key
+                registry, subscription, event, alias, attempt, uncounted, records_all, key, run
             )
         else:
             run_handler(subscription, event, registry.interceptors, attempt)
@@ -507,6 +540,7 @@ def _run(
                 overwrite=not broadcast,
                 ordered=ordered,
                 key=key,
+                run=run,
                 finish_pending=broadcast and rerun,
             )
     elif rerun and not subscription.declaration.idempotent:
@@ -640,6 +674,19 @@ def _claim_turn(
     if claimed.turn is ordering.Turn.DONE:
         logger.info("Already succeeded or resolved; skipped", extra=extra)
         return Outcome("skipped")
+    if claimed.turn is ordering.Turn.RUNNING:
+        # A copy of the message (a broker's redelivery, the relay's resend): acknowledged.
+        # Should the worker running it die, its unacknowledged message comes back, or, if
+        # the broker had handed that on already (a visibility timeout), the relay resends.
+        logger.info(
+            "Running on another worker right now: this copy of its message is skipped "
+            "(subscription %r, event %s %s)",
+            subscription.name,
+            event.name,
+            event.id,
+            extra=extra,
+        )
+        return Outcome("skipped")
     return claimed
 
 
@@ -651,12 +698,15 @@ def _record_success(
     overwrite: bool,
     ordered: bool = False,
     key: str | None = None,
+    run: ordering.RunLock | None = None,
     finish_pending: bool = False,
 ) -> None:
     """Save a success row; while the database cannot be reached, wait for it and try again.
 
     Without ``overwrite`` (a broadcast copy) an existing row is kept; with
     ``finish_pending`` (a copy sent again: a resumed hold) a `pending` one is finished.
+    ``ordered``: `ordering.finish` records it, with ``key`` and ``run`` as claimed (a run's
+    lock goes with a connection the outage closed).
 
     The handler ran, so its outcome must not be lost, and running it again for a bookkeeping
     error would be worse than holding this worker process: the message stays unacknowledged
@@ -669,7 +719,7 @@ def _record_success(
     while True:
         try:
             if ordered:  # the success and the hand-on to the key's next, together
-                ordering.finish(alias, event.id, row.subscription, row, key)
+                ordering.finish(alias, event.id, row.subscription, row, key, run)
             elif overwrite:
                 save_deliveries(alias, [row])
             else:
@@ -781,11 +831,12 @@ def _run_idempotent(
     uncounted: int,
     records_all: bool,
     key: str | None = None,
+    run: ordering.RunLock | None = None,
 ) -> None:
     """Run at most once successfully: the handler's writes and the success commit together.
 
-    ``key``: an ordered delivery's, as its claim read it. Raises `_NothingRan` if the
-    database could not be reached before the handler ran.
+    ``key``, ``run``: an ordered delivery's, as its claim read them. Raises `_NothingRan` if
+    the database could not be reached before the handler ran.
     """
     with ExitStack() as transaction_of_run:
         try:
@@ -833,7 +884,7 @@ def _run_idempotent(
         )
         save_deliveries(alias, [row])
         if subscription.declaration.ordering_key is not None:
-            ordering.finish(alias, event.id, subscription.name, key=key)
+            ordering.finish(alias, event.id, subscription.name, key=key, run=run)
 
 
 def _keep_record(alias: str, event: Event, *, written: bool) -> None:

@@ -6,13 +6,14 @@ import asyncio
 import json
 import os
 import random
+import threading
 import time
 from io import StringIO
 from pathlib import Path
 from typing import Any
 
 from django.core.management import call_command
-from django.db import transaction
+from django.db import connection, transaction
 
 from django_events import Event, PermanentFailure, RetryLater, current_event, publish
 from django_events.interceptors import context
@@ -287,3 +288,26 @@ def ordered_step(event: Event) -> None:
     start = time.time()
     time.sleep(random.uniform(0, 0.02))
     _run("ordered_step", event, {**event.data, "start": start, "end": time.time()})
+
+
+# Concurrent runs in one test process (threads, each with its own database connection): each
+# run of `gated` is noted in GATED (its event, its connection's backend pid on PostgreSQL,
+# whether it ended), and the n-th run (from 0) waits until GATES[n] is set, if there is one.
+GATED: list[dict[str, Any]] = []
+GATES: list[threading.Event] = []
+_gated_lock = threading.Lock()
+
+
+def gated(event: Event) -> None:
+    pid = None
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pid = cursor.fetchone()[0]
+    run: dict[str, Any] = {"event": str(event.id), "pid": pid, "ended": False}
+    with _gated_lock:
+        n = len(GATED)
+        GATED.append(run)
+    if n < len(GATES) and not GATES[n].wait(30):
+        raise RuntimeError(f"gated run {n} was never let through")
+    run["ended"] = True
