@@ -24,10 +24,13 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.utils import timezone
 
 from django_events import publish
+from django_events.delivery.broker import send_deliveries
+from django_events.events import Event
 from django_events.models import Delivery
 from django_events.operations.relay import relay_backlog
 from django_events.operations.replay import replay_events
 from django_events.operations.retrying import held_deliveries, mark_resolved, retry_failures
+from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.app.models import HandlerRun
 from tests.worker import WorkerProcess, wait_for
@@ -57,6 +60,7 @@ class Rig:
     queue: str
     workers: list[WorkerProcess]
     fixed: Path  # DJANGO_EVENTS_ORDERING_FIXED: a file per key whose `fail` is fixed
+    faults: Path  # DJANGO_EVENTS_FAULT_DIR: hang_once's marker of each first run
 
     @property
     def app(self) -> Celery:
@@ -71,12 +75,15 @@ def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
     folder = tmp_path_factory.mktemp(f"ordering-{kind}")
     fixed = folder / "fixed"
     fixed.mkdir()
+    faults = folder / "faults"
+    faults.mkdir()
     env = {
         "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
         # What a worker sends itself (a hand-on) goes to the broker the test publishes to.
         "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
         "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
         "DJANGO_EVENTS_ORDERING_FIXED": str(fixed),
+        "DJANGO_EVENTS_FAULT_DIR": str(faults),
     }
     if kind == "redis":
         env |= {
@@ -94,7 +101,7 @@ def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
         )
         for i in range(2)
     ]
-    rig = Rig(kind, queue, workers, fixed)
+    rig = Rig(kind, queue, workers, fixed, faults)
     for worker in workers:
         worker.launch()
     try:
@@ -430,3 +437,45 @@ def test_retried_failed_head_runs_then_its_key_follows_in_order(wired: Rig) -> N
     wait_for(lambda: all_succeeded([head, *behind], "ord-flaky"), what="the key's deliveries")
     check_order([head, *behind], "ord-flaky")
     assert Delivery.objects.get(event_id=head, subscription="ord-flaky").attempts == 3
+
+
+def test_a_copy_of_a_running_delivery_is_skipped_by_the_other_workers(wired: Rig) -> None:
+    # A copy of the message of a delivery whose handler runs (the relay's resend of a key's
+    # first delivery, a broker's redelivery) reaches another worker process meanwhile.
+    if connection.vendor != "postgresql":
+        pytest.skip("no run lock but on PostgreSQL: the copy runs beside it (docs/ordering.md)")
+    key = f"acct-{uuid.uuid4().hex[:6]}"
+    event = publish("ord.slow", {"account": key, "n": 1, "hang": 6})
+    wait_for((wired.faults / f"{event.id}-hang_once").exists, 60, "the first run to start")
+
+    def logs() -> str:
+        return "".join(worker.log() for worker in wired.workers)
+
+    def runs() -> int:
+        return HandlerRun.objects.filter(handler="hang_once", event_id=event.id).count()
+
+    def row() -> str:
+        return Delivery.objects.get(event_id=event.id, subscription="ord-slow").status
+
+    skipped = f"message is skipped (subscription 'ord-slow', event ord.slow {event.id})"
+    send_copy(event, "ord-slow")
+    wait_for(lambda: skipped in logs() or runs() > 1, 30, "a worker to take the copy")
+    assert (runs(), row()) == (1, "pending")  # the first run still hangs, alone
+    wait_for(lambda: row() == "succeeded", 60, "the first run to succeed")
+    # A copy now is a duplicate of a finished delivery.
+    done = logs().count("Already succeeded or resolved; skipped")
+    send_copy(event, "ord-slow")
+    wait_for(
+        lambda: logs().count("Already succeeded or resolved; skipped") > done or runs() > 1,
+        30,
+        "a worker to take the second copy",
+    )
+    assert runs() == 1
+
+
+def send_copy(event: Event, subscription: str) -> None:
+    """Send the message of ``event``'s delivery to ``subscription`` again, as the relay does."""
+    registry = get_registry()
+    durable = registry.events[event.name].declaration.durable
+    unsent = send_deliveries([(event, durable, [registry.subscriptions[subscription]])], "default")
+    assert not unsent.ids
