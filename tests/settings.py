@@ -59,22 +59,30 @@ _db["TEST"] = {
         else f"test_django_events_{os.getpid()}"
     )
 }
-DATABASES = {
-    "default": _db,
-    # A second alias, for publish(using=...): the event log follows the caller's database.
-    "other": {
+# A second alias, for publish(using=...) and the routers' tests (the event log elsewhere):
+# the same backend as "default", so that PostgreSQL's statements (delivery/postgresql.py, the
+# function of migrations 0011/0012, advisory locks, SKIP LOCKED) run on an alias not default.
+_other: dict[str, Any]
+if _db["ENGINE"].endswith("postgresql"):
+    _other = {**_db, "TEST": {"NAME": f"test_django_events_other_{os.getpid()}"}}
+else:
+    _other = {
         "ENGINE": "django.db.backends.sqlite3",
         "NAME": str(VAR_DIR / "other.sqlite3"),
         "TEST": {"NAME": str(VAR_DIR / f"test-other-{os.getpid()}.sqlite3")},
-    },
-}
-if os.environ.get("DJANGO_EVENTS_WORKER_DB_NAME"):
-    # A worker subprocess connects straight to the database the test process created.
-    DATABASES["default"]["NAME"] = os.environ["DJANGO_EVENTS_WORKER_DB_NAME"]
-    if DATABASES["default"]["ENGINE"].endswith("postgresql"):
-        # Workers keep their connection, as production workers should (docs/reliability.md).
-        DATABASES["default"]["CONN_MAX_AGE"] = 60
-        DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    }
+DATABASES = {"default": _db, "other": _other}
+# A worker subprocess connects straight to the databases the test process created.
+for _alias, _variable in [
+    ("default", "DJANGO_EVENTS_WORKER_DB_NAME"),
+    ("other", "DJANGO_EVENTS_WORKER_OTHER_DB_NAME"),
+]:
+    if os.environ.get(_variable):
+        DATABASES[_alias]["NAME"] = os.environ[_variable]
+        if DATABASES[_alias]["ENGINE"].endswith("postgresql"):
+            # Workers keep their connection, as production workers should (docs/reliability.md).
+            DATABASES[_alias]["CONN_MAX_AGE"] = 60
+            DATABASES[_alias]["CONN_HEALTH_CHECKS"] = True
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_PORT"):
     # The fault tests put a proxy between a worker and PostgreSQL.
     DATABASES["default"]["PORT"] = os.environ["DJANGO_EVENTS_WORKER_DB_PORT"]

@@ -2010,7 +2010,20 @@ class EventLogOnOther:
 def _event_log_on_sqlite_locking_late(
     *subscriptions: dict[str, Any], **keys: Any
 ) -> Iterator[None]:
-    with override_settings(DATABASE_ROUTERS=[EventLogOnOther()]), wiring(*subscriptions, **keys):
+    from unittest import mock
+
+    from django.db import connections
+
+    # The PostgreSQL pass's "other" is PostgreSQL: the check reads only an alias's settings,
+    # so they say SQLite there (its connection, made already, stays PostgreSQL's).
+    database = connections["other"].settings_dict
+    as_sqlite = {"ENGINE": "django.db.backends.sqlite3", "OPTIONS": {}}
+    sqlite = database["ENGINE"].endswith(("sqlite3", "spatialite"))
+    with (
+        mock.patch.dict(database, {} if sqlite else as_sqlite),
+        override_settings(DATABASE_ROUTERS=[EventLogOnOther()]),
+        wiring(*subscriptions, **keys),
+    ):
         yield
 
 

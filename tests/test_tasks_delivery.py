@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import pairwise
 from pathlib import Path
 
@@ -520,19 +521,43 @@ class TasksElsewhere:
     db_for_write = db_for_read
 
 
+@contextmanager
+def _task_table_locked(alias: str) -> Iterator[None]:
+    """Another connection holds the lock of ``alias``'s task table: a write there fails after
+    a second (SQLite: the database's write lock; PostgreSQL: the table's, and a lock_timeout)."""
+    database = connections[alias]
+    if database.vendor == "sqlite":
+        down = sqlite3.connect(database.settings_dict["NAME"], timeout=1)
+        down.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            down.rollback()
+            down.close()
+        return
+    import psycopg
+
+    params = database.get_connection_params()
+    params.pop("cursor_factory", None)
+    params.pop("context", None)
+    with psycopg.connect(**params) as down:  # a transaction till the block ends
+        down.execute(f"LOCK TABLE {DBTaskResult._meta.db_table} IN ACCESS EXCLUSIVE MODE")
+        with database.cursor() as cursor:
+            cursor.execute("SET lock_timeout = '1s'")
+        try:
+            yield
+        finally:
+            down.rollback()
+            with database.cursor() as cursor:
+                cursor.execute("RESET lock_timeout")
+
+
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 def test_the_relay_enqueues_tasks_a_backend_refused_on_commit(tasks_wiring: str) -> None:
     with override_settings(DATABASE_ROUTERS=[TasksElsewhere()]):
         tasks = DBTaskResult.objects.using("other")
-        # The task database is down: another process holds its write lock.
-        down = sqlite3.connect(connections["other"].settings_dict["NAME"], timeout=1)
-        down.execute("BEGIN EXCLUSIVE")
-        try:
-            with transaction.atomic():
-                event = publish("tk.placed", {"order_id": 41})
-        finally:
-            down.rollback()
-            down.close()
+        with _task_table_locked("other"), transaction.atomic():  # the task database is down
+            event = publish("tk.placed", {"order_id": 41})
         assert EventRecord.objects.get(pk=event.id).status == "pending"
         assert not tasks.exists()
 

@@ -210,17 +210,19 @@ def worker_for(
 
     It loads base.yaml and ``manifest`` (from tests/manifests), consumes ``queue``, and logs to
     ``folder/<node>.log``; ``env`` adds to its environment, ``args`` to its command line.
+    Its alias "other" is the test database "other" too (a message's ``db`` names the alias).
     """
-    from django.db import connection
+    from django.db import connections
 
     from tests import brokers
 
     return WorkerProcess(
         kind,
         queue,
-        connection.settings_dict["NAME"],
+        connections["default"].settings_dict["NAME"],
         folder / f"{node or 'worker'}.log",
         extra_env={
+            "DJANGO_EVENTS_WORKER_OTHER_DB_NAME": connections["other"].settings_dict["NAME"],
             "DJANGO_EVENTS_TEST_MANIFEST": manifest,
             "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
             **(env or {}),
