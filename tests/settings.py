@@ -83,6 +83,8 @@ for _alias, _variable in [
             # Workers keep their connection, as production workers should (docs/reliability.md).
             DATABASES[_alias]["CONN_MAX_AGE"] = 60
             DATABASES[_alias]["CONN_HEALTH_CHECKS"] = True
+if os.environ.get("DJANGO_EVENTS_TEST_ROUTERS"):  # a worker subprocess's (comma-separated)
+    DATABASE_ROUTERS = os.environ["DJANGO_EVENTS_TEST_ROUTERS"].split(",")
 if os.environ.get("DJANGO_EVENTS_WORKER_DB_PORT"):
     # The fault tests put a proxy between a worker and PostgreSQL.
     DATABASES["default"]["PORT"] = os.environ["DJANGO_EVENTS_WORKER_DB_PORT"]

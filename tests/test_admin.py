@@ -23,6 +23,7 @@ from django_events.models import Delivery, EventRecord
 from django_events.wiring.redaction import MASK
 from tests.app.models import HandlerRun
 from tests.ops import drain, shop_wiring, work
+from tests.routers import EventLogElsewhere
 
 LOG = reverse("admin:django_events_eventrecord_changelist")
 FAILURES = reverse("admin:django_events_failure_changelist")
@@ -743,15 +744,6 @@ def test_a_webhook_failure_shows_the_answer_escaped_and_redacted(admin_client, p
     assert "HTTP 422 in 37 ms" in html and "HTTP 422 in 37 ms" in event_page
     assert "&lt;b&gt;bad&lt;/b&gt;" in html and "<b>bad</b>" not in html
     assert "y@example.com" not in html and MASK in html
-
-
-class EventLogElsewhere:
-    """A router that keeps the event log on the "other" database."""
-
-    def db_for_read(self, model: type, **hints: object) -> str | None:
-        return "other" if model._meta.app_label == "django_events" else None
-
-    db_for_write = db_for_read
 
 
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])

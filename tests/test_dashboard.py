@@ -99,7 +99,7 @@ def test_figures_per_window(traffic) -> None:
 def test_figures_are_read_where_the_routers_read_the_event_log() -> None:
     from django.test import override_settings
 
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
         _delivery("billing", timedelta(minutes=1), "succeeded", 3)  # routed: on "other"

@@ -1030,7 +1030,7 @@ def test_the_replay_page_delivers_the_events_of_a_time_range_again(
 @pytest.mark.django_db(databases=["default", "other"])
 def test_the_replay_page_reads_the_event_log_where_the_router_says(admin_client, queue) -> None:
     from django_events.models import EventRecord
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
         endpoint, name = shop_endpoint(queue)

@@ -59,7 +59,7 @@ def test_a_worker_says_at_start_which_migrations_are_missing() -> None:
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 def test_the_missing_migrations_name_the_database_the_routers_give_the_log() -> None:
     from django_events.delivery.migration_state import unapplied_problems
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
         try:

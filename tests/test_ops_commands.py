@@ -1472,7 +1472,7 @@ def test_a_database_without_the_log_names_the_alias_the_routers_give_it(
     from django.db import ProgrammingError
     from django.test import override_settings
 
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     def missing(*args: object) -> None:
         raise ProgrammingError('relation "django_events_delivery" does not exist')
@@ -1493,7 +1493,7 @@ def test_events_list_state_names_the_alias_the_routers_give_the_log() -> None:
     from django.db import ProgrammingError
     from django.test import override_settings
 
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     def missing(*args: object) -> None:
         raise ProgrammingError('relation "django_events_pausedsubscription" does not exist')
@@ -1584,7 +1584,7 @@ def test_the_event_log_commands_use_the_database_the_routers_give_it(
     admin use), not default; here both databases have the tables (migrate ran on both)."""
     from django.test import override_settings
 
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
         prepare("other")
@@ -1617,7 +1617,7 @@ def test_events_list_reads_where_the_routers_read_the_event_log() -> None:
 def test_an_explicit_database_wins_over_the_routers() -> None:
     from django.test import override_settings
 
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
         on_default = _record("default", status="pending")
@@ -1637,7 +1637,7 @@ def test_the_beat_tasks_use_the_database_the_routers_give_the_event_log() -> Non
     from django.test import override_settings
 
     from django_events.tasks import prune, relay
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
         pending = _record("other", status="pending")
@@ -1663,7 +1663,7 @@ def test_the_relay_and_pruning_functions_use_the_routers_database_by_default() -
 
     from django_events.operations.pruning import prune_events, prune_retained
     from django_events.operations.relay import recover_dead_runs, relay_backlog, relay_pending
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
         _record("other", status="pending")
@@ -1698,7 +1698,7 @@ def test_the_pausing_functions_use_the_routers_database_by_default() -> None:
         pause_state,
         resume,
     )
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     endpoint_id = uuid.uuid4()
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
@@ -1743,7 +1743,7 @@ def test_retry_replay_and_their_reads_use_the_routers_database_by_default() -> N
         retry_failures,
         select_failures,
     )
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]), shop_wiring():
         _audit_delivery("failed")("other")

@@ -550,7 +550,7 @@ def _stored_on(alias: str, *, status: str, ago: float) -> EventRecord:
 
 @pytest.mark.django_db(databases=["default", "other"])
 def test_resend_unfinished_uses_the_routers_database_by_default(queue) -> None:
-    from tests.test_admin import EventLogElsewhere
+    from tests.routers import EventLogElsewhere
 
     with override_settings(DATABASE_ROUTERS=[EventLogElsewhere()]):
         paid = _stored_on("other", status="dispatched", ago=1.5 * HOUR)
