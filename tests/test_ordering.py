@@ -162,6 +162,42 @@ def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
 
 
 @pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_the_function_missing_on_another_database_names_it_and_its_migrate(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The event log on "other", migrated there after default (a plain migrate migrates
+    # default only): what the error says to run must reach "other".
+    ordering._warn_missing_function.cache_clear()
+    other = connections["other"]
+    with other.cursor() as cursor:
+        cursor.execute(
+            "DROP FUNCTION django_events_finish_ordered(bigint, varchar, jsonb, timestamptz)"
+        )
+    try:
+        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+            first = publish("shop.paid", {"order_id": 1, "total": 10}, using="other")
+            second = publish("shop.paid", {"order_id": 1, "total": 11}, using="other")
+            messages = {
+                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+            }
+            assert process_message(messages[str(second.id)], 0).status == "held"
+            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+    finally:
+        with other.cursor() as cursor:
+            cursor.execute(import_module(LATEST_FUNCTION).FINISH_ORDERED)
+        ordering._warn_missing_function.cache_clear()
+
+    rows = Delivery.objects.using("other").filter(subscription=ORDERED["name"])
+    assert sorted(rows.values_list("status", flat=True)) == ["pending", "succeeded"]
+    [missing] = [r.getMessage() for r in caplog.records if "0011 is not applied" in r.getMessage()]
+    assert missing == (
+        "Run manage.py migrate --database other: django_events migration 0011 is not applied "
+        "on database 'other'; ordered deliveries are recorded the slower way until it is"
+    )
+
+
+@pytest.mark.postgresql
 @pytest.mark.django_db
 def test_a_keys_turn_and_head_read_only_its_unfinished_deliveries(
     queue: str, publish_now: Any

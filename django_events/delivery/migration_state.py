@@ -31,6 +31,11 @@ def lacks_migrations(alias: str) -> bool:
         return False
 
 
+def migrate_command(alias: str) -> str:
+    """The command that migrates ``alias``: a plain migrate migrates `default` only."""
+    return "manage.py migrate" + ("" if alias == DEFAULT_DB_ALIAS else f" --database {alias}")
+
+
 def unapplied_problems() -> list[str]:
     """What a worker logs at start when the event log's database (the router's, for
     `Delivery`) lacks migrations; nothing when all are applied."""
@@ -41,10 +46,8 @@ def unapplied_problems() -> list[str]:
         return [f"Could not check django_events' migrations on database {alias!r}: {exc}"]
     if not missing:
         return []
-    # A plain migrate migrates `default` only: name another alias (the log on its own).
-    command = "manage.py migrate" + ("" if alias == DEFAULT_DB_ALIAS else f" --database {alias}")
     return [
         f"Database {alias!r} lacks django_events migration(s) {', '.join(missing)}: run "
-        f"{command}. Until then this worker cannot record outcomes: each waits, "
+        f"{migrate_command(alias)}. Until then this worker cannot record outcomes: each waits, "
         "unacknowledged, for the migration"
     ]

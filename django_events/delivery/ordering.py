@@ -50,6 +50,7 @@ from django.utils import timezone
 
 from django_events.delivery import postgresql
 from django_events.delivery.messages import PriorRuns
+from django_events.delivery.migration_state import migrate_command
 from django_events.delivery.recording import FINISHED, delivery, event_of, save_deliveries
 from django_events.events import Event
 from django_events.logs import log_extra
@@ -404,7 +405,7 @@ def finish(
                 raise
             # Nothing was written (one statement in autocommit): the transaction below does
             # the same, slower.
-            _warn_missing_function()
+            _warn_missing_function(alias)
         else:
             if run is not None:
                 run.held = False
@@ -417,11 +418,13 @@ def finish(
         transaction.on_commit(_hand_on(alias, subscription, key), using=alias)
 
 
-@cache  # once a process
-def _warn_missing_function() -> None:
+@cache  # once a process and database
+def _warn_missing_function(alias: str) -> None:
     logger.error(
-        "Run migrate: django_events migration 0011 is not applied; ordered deliveries are "
-        "recorded the slower way until it is",
+        "Run %s: django_events migration 0011 is not applied on database %r; ordered "
+        "deliveries are recorded the slower way until it is",
+        migrate_command(alias),
+        alias,
         extra=log_extra(),
     )
 
