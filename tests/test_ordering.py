@@ -96,20 +96,26 @@ def test_held_then_handed_on_in_order_in_few_statements(
 
 
 @pytest.mark.postgresql
-@pytest.mark.django_db(transaction=True)
-def test_a_turn_on_postgresql_is_two_statements(queue: str) -> None:
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+@pytest.mark.parametrize(("alias", "elsewhere"), [("default", "other"), ("other", "default")])
+def test_a_turn_on_postgresql_is_two_statements(queue: str, alias: str, elsewhere: str) -> None:
     # Outside a transaction (a worker), the finish is one statement: the function of
-    # migration 0011 (lock, success row, hand-on); figure 16 measures what that buys.
+    # migration 0011 (lock, success row, hand-on); figure 16 measures what that buys. The
+    # same on the event log's database when it is not default, and none on the other one.
     with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-        first = publish("shop.paid", {"order_id": 1, "total": 10})
-        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        first = publish("shop.paid", {"order_id": 1, "total": 10}, using=alias)
+        second = publish("shop.paid", {"order_id": 1, "total": 11}, using=alias)
         messages = {
             m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
         }
 
         def deliver(event: Any) -> tuple[str, list[str]]:
-            with CaptureQueriesContext(connection) as queries:
+            with (
+                CaptureQueriesContext(connections[alias]) as queries,
+                CaptureQueriesContext(connections[elsewhere]) as stray,
+            ):
                 status = process_message(messages.pop(str(event.id)), 0).status
+            assert gate_statements(stray) == []
             return status, gate_statements(queries)
 
         assert deliver(second)[0] == "held"
@@ -121,7 +127,7 @@ def test_a_turn_on_postgresql_is_two_statements(queue: str) -> None:
         status, statements = deliver(second)
         assert (status, len(statements)) == ("succeeded", 2), statements
 
-    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    rows = Delivery.objects.using(alias).filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
     assert run_locks() == []  # the finish released each run's lock in its statement
 
