@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -814,6 +816,116 @@ def test_a_broadcast_copy_for_a_database_this_worker_lacks_is_not_sent_again(
         "broadcast copy of subscription 'shop-everywhere', event shop.paid "
         f"{paid.id} was not run on this worker, and is not sent again"
     ) in caplog.text
+
+
+# A broadcast copy's retry would go to the fanout exchange it came from: every worker would
+# get another copy, and those that ran it would run it again. It is dropped instead.
+EVERYWHERE = {**ONCE, "name": "shop-everywhere", "broadcast": True}
+
+
+def broadcast_copy(event: Any, subscription: str = "shop-everywhere") -> dict[str, Any]:
+    from django_events.delivery.messages import build_message, event_body
+
+    return build_message(event_body(event), subscription, "default")
+
+
+def dropped_line(caplog: pytest.LogCaptureFixture, subscription: str, event: Any) -> str:
+    """The error the worker logged as it dropped the broadcast copy, without its reason."""
+    prefix = (
+        f"The broadcast copy of subscription {subscription!r}, event {event.name} {event.id} "
+        f"is dropped on this worker ({socket.gethostname()} pid {os.getpid()}), not sent "
+        "again (a retry would reach every worker): "
+    )
+    [line] = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR and r.getMessage().startswith(prefix)
+    ]
+    return line.removeprefix(prefix)
+
+
+@pytest.mark.django_db
+def test_a_broadcast_copy_too_new_for_this_worker_is_recorded_failed_not_sent_again(
+    queue: str, publish_now
+) -> None:
+    everywhere = {**CRM_ASYNC, "name": "crm-everywhere", "broadcast": True}
+    with shop_wiring(queue, EVENTS={"crm.placed": CRM_V3}, SUBSCRIPTIONS=[everywhere]):
+        newer = publish_now("crm.placed", {"order_id": 1, "amount": 3, "currency": "EUR"})
+        message = broadcast_copy(newer, "crm-everywhere")
+        # A worker of the new release ran its copy.
+        assert process_message(message, 0, manage_connections=False).status == "succeeded"
+    with (
+        shop_wiring(queue, EVENTS={"crm.placed": CRM_V2}, SUBSCRIPTIONS=[everywhere]),
+        failures_signalled() as signalled,
+    ):
+        outcome = process_message(message, 0, manage_connections=False)
+
+    assert (outcome.status, outcome.retry_in) == ("failed", None)
+    # As a copy whose handler failed: that worker's failure is not hidden by another's success.
+    row = Delivery.objects.get(event_id=newer.id, subscription="crm-everywhere")
+    assert (row.status, row.attempts) == ("failed", 0)
+    assert row.last_error == (
+        f"on {socket.gethostname()} pid {os.getpid()}: Not run on this worker: Event "
+        "'crm.placed' is version 3; this process knows up to version 2. A broadcast copy is "
+        "not sent again (it would reach every worker)"
+    )
+    assert signalled == [("crm-everywhere", "async", 0)]
+    assert HandlerRun.objects.filter(event_id=newer.id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)  # the refused write ends its transaction
+@pytest.mark.parametrize(
+    ("handler", "paused", "why"),
+    [
+        (
+            RECORD,
+            True,
+            "its subscription is paused, and the held delivery could not be recorded",
+        ),
+        (
+            "tests.app.handlers.always_fails",
+            False,
+            "its handler failed (on {worker}: RuntimeError: boom for 1) and the failure could "
+            "not be recorded",
+        ),
+        (
+            "tests.app.nowhere.handle",
+            False,
+            "its handler does not import (HandlerImportError: Handler "
+            "'tests.app.nowhere.handle' does not import: No module named 'tests.app.nowhere'), "
+            "and the failure could not be recorded",
+        ),
+    ],
+    ids=["held", "failed", "unimportable"],
+)
+def test_a_broadcast_copy_whose_outcome_the_database_cannot_take_is_not_sent_again(
+    queue: str,
+    publish_now,
+    caplog: pytest.LogCaptureFixture,
+    handler: str,
+    paused: bool,
+    why: str,
+) -> None:
+    # Any other delivery waits for the database (a retry that counts no run); a broadcast
+    # copy's retry would reach every worker, and this worker's ones again at each round.
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**EVERYWHERE, "handler": handler}]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        if paused:
+            pause("shop-everywhere")
+        try:
+            with (
+                refused_once("INSERT", Delivery._meta.db_table),
+                caplog.at_level(logging.ERROR, logger="django_events.worker"),
+            ):
+                outcome = process_message(broadcast_copy(paid), 0, manage_connections=False)
+        finally:
+            if paused:  # this process caches what is paused
+                resume("shop-everywhere")
+
+    assert (outcome.status, outcome.retry_in, outcome.retry_with) == ("failed", None, None)
+    worker = f"{socket.gethostname()} pid {os.getpid()}"
+    assert dropped_line(caplog, "shop-everywhere", paid) == why.format(worker=worker)
+    assert not Delivery.objects.filter(event_id=paid.id, subscription="shop-everywhere")
 
 
 @pytest.mark.django_db

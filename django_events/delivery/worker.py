@@ -105,6 +105,9 @@ class Outcome:
     # A retry before the handler ran (the database could not be read or written for it):
     # its run is this attempt again, so max_attempts and the backoff count handler runs only.
     same_attempt: bool = False
+    # Why a retry that is not the handler's own is asked for: what the log of a broadcast
+    # copy, which is dropped instead, says.
+    waits_for: str = ""
 
 
 def process_message(
@@ -157,7 +160,13 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         except DatabaseError as exc:  # nothing ran: the endpoint is read again next time
             logger.warning("Cannot read the webhook endpoint: %s", exc, extra=log_extra())
             _close_broken(message.alias)
-            retry = Outcome("retry", retry_in=RECORD_RETRY_MAX, error=exc, same_attempt=True)
+            retry = Outcome(
+                "retry",
+                retry_in=RECORD_RETRY_MAX,
+                error=exc,
+                same_attempt=True,
+                waits_for=f"the webhook endpoint could not be read: {exc}",
+            )
             return _again(raw, message, retry)
     compiled = registry.events.get(event_name)
     try:
@@ -230,7 +239,10 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
 
 def _again(raw: dict[str, Any], message: DeliveryMessage, outcome: Outcome) -> Outcome:
     """``outcome`` with the message its retry sends, if that retry ran nothing: one prior
-    attempt less, as Celery's (or the task's) retry count adds one."""
+    attempt less, as Celery's (or the task's) retry count adds one. A broadcast copy's
+    retry is not sent: it is dropped (`_drop_copy`)."""
+    if outcome.retry_in is not None and _is_broadcast(message.subscription):
+        return _drop_copy(message, outcome)
     if not outcome.same_attempt:
         return outcome
     # At least a second, as a wait for a newer worker: with `backoff: 0` these retries would
@@ -241,6 +253,37 @@ def _again(raw: dict[str, Any], message: DeliveryMessage, outcome: Outcome) -> O
 
 def _same_attempt(raw: dict[str, Any], message: DeliveryMessage) -> dict[str, Any]:
     return {**raw, "prior_attempts": message.prior_attempts - 1}
+
+
+def _is_broadcast(name: str) -> bool:
+    """Whether ``name`` is a broadcast subscription on this worker."""
+    subscription = get_registry().subscriptions.get(name)
+    return subscription is not None and subscription.declaration.broadcast
+
+
+def _this_worker() -> str:
+    """This worker process, as a broadcast copy's log and failed row name it."""
+    return f"{socket.gethostname()} pid {os.getpid()}"
+
+
+def _drop_copy(message: DeliveryMessage, outcome: Outcome) -> Outcome:
+    """A broadcast copy that would be sent again: a retry goes to the fanout exchange it
+    came from, so every worker would get (and run) another copy. It is dropped on this
+    worker instead, with an error naming the worker and why (``outcome.waits_for``).
+    """
+    error = outcome.error
+    why = outcome.waits_for or (f"{type(error).__name__}: {error}" if error else outcome.status)
+    logger.error(
+        "The broadcast copy of subscription %r, event %s %s is dropped on this worker (%s), "
+        "not sent again (a retry would reach every worker): %s",
+        message.subscription,
+        message.event.get("name"),
+        message.event.get("id"),
+        _this_worker(),
+        why,
+        extra=_message_log_extra(message),
+    )
+    return Outcome("failed", error=error)
 
 
 def _wait_for_newer(
@@ -254,8 +297,17 @@ def _wait_for_newer(
     """A rolling deploy: the event is newer than this worker. Retry later, run nothing.
 
     The retried message counts one attempt less, so waiting never uses up ``max_attempts``;
-    its `Delivery` row says what it waits for (pending, attempts unchanged).
+    its `Delivery` row says what it waits for (pending, attempts unchanged). A broadcast
+    copy does not wait (its retry would reach every worker again): it is recorded failed.
     """
+    if subscription.declaration.broadcast:
+        return _give_up(
+            message,
+            attempt - 1,
+            f"on {_this_worker()}: Not run on this worker: {exc}. A broadcast copy is not sent "
+            "again (it would reach every worker)",
+            subscription,
+        )
     error = f"Waiting for a newer worker: {exc}"
     extra = _message_log_extra(message)
     logger.warning("%s (event %s)", error, message.event.get("id"), extra=extra)
@@ -421,12 +473,18 @@ def _run_claimed(
         )
         _close_broken(alias)
         delay = subscription.retry.delay(retries + 1)
-        return Outcome("retry", retry_in=delay, error=outage, same_attempt=True)
+        return Outcome(
+            "retry",
+            retry_in=delay,
+            error=outage,
+            same_attempt=True,
+            waits_for=f"the database could not be reached to run it: {outage}",
+        )
     except Exception as exc:  # noqa: BLE001 - any error of user code: logged and recorded
         took = (time.perf_counter() - started) * 1000
         error, tb = f"{type(exc).__name__}: {exc}", traceback.format_exc()
         if broadcast:  # one row for every worker's copy: say whose copy failed
-            error = f"on {socket.gethostname()} pid {os.getpid()}: {error}"
+            error = f"on {_this_worker()}: {error}"
         verdict = judge(exc, subscription, attempt - uncounted, event.occurred_at, timezone.now())
         final = verdict.final
         # Kept on the row with those before it: a retry sent from the row goes on counting.
@@ -509,6 +567,11 @@ def _run_claimed(
             error=exc,
             retry_of=(alias, event.id, subscription.name),
             uncounted=skips_count,
+            waits_for=(
+                f"its handler failed ({error}) and the failure could not be recorded"
+                if final
+                else ""
+            ),
         )
     took = (time.perf_counter() - started) * 1000
     # A rerun (attempt > 1) updates the failure recorded before, whatever RECORD says.
@@ -593,7 +656,12 @@ def _hold(
     if recorded == DUPLICATE:
         return _duplicate(event, subscription.name)
     if recorded != RECORDED:
-        return Outcome("retry", retry_in=subscription.retry.delay(1), same_attempt=True)
+        return Outcome(
+            "retry",
+            retry_in=subscription.retry.delay(1),
+            same_attempt=True,
+            waits_for="its subscription is paused, and the held delivery could not be recorded",
+        )
     # A resume between the cached read and the row's write would not see this row: it is
     # taken back and run here, unless that resume took it first (and sends it again).
     if subscription.name not in paused_names(message.alias, fresh=True):
@@ -667,7 +735,13 @@ def _claim_turn(
         if isinstance(exc, _OUTAGES):
             _close_broken(alias)
         delay = subscription.retry.delay(retries + 1)
-        return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
+        return Outcome(
+            "retry",
+            retry_in=delay,
+            error=exc,
+            same_attempt=True,
+            waits_for=f"the ordering gate could not be reached: {exc}",
+        )
     if claimed.turn is ordering.Turn.HELD:
         logger.info("Held: an earlier delivery of its key is not finished", extra=extra)
         return Outcome("held")
@@ -939,7 +1013,13 @@ def _handler_unavailable(
         return Outcome("failed", error=exc)
     # Retry until the outcome can be recorded (the handler did not run: no attempt used).
     delay = subscription.retry.delay(retries + 1)
-    return Outcome("retry", retry_in=delay, error=exc, same_attempt=True)
+    return Outcome(
+        "retry",
+        retry_in=delay,
+        error=exc,
+        same_attempt=True,
+        waits_for=f"its handler does not import ({error}), and the failure could not be recorded",
+    )
 
 
 def wiring_problems(consumed: Collection[str] | None = None) -> list[tuple[str | None, str]]:
@@ -981,11 +1061,14 @@ def queues_left_waiting(consumed: Collection[str], default_queue: str) -> list[s
     return sorted(ours)
 
 
-def _give_up(message: DeliveryMessage, runs: int, error: str) -> Outcome:
+def _give_up(
+    message: DeliveryMessage, runs: int, error: str, subscription: Subscription | None = None
+) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported).
 
     ``runs``: the handler's runs to record (`Delivery.attempts`), this one included if the
-    handler ran.
+    handler ran. ``subscription``: the message's, when it is known here (a broadcast copy's
+    failure is written over another worker's success).
     """
     extra = _message_log_extra(message)
     logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
@@ -1003,7 +1086,7 @@ def _give_up(message: DeliveryMessage, runs: int, error: str) -> Outcome:
         error,
         uncounted=message.uncounted,
     )
-    keep = _finished_wins(message.rerun, None)
+    keep = _finished_wins(message.rerun, subscription)
     recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
         return _duplicate(event, message.subscription)

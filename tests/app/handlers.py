@@ -205,6 +205,13 @@ def record_worker(event: Event) -> None:
     _run("record_worker", event, {"worker": os.environ.get("DJANGO_EVENTS_TEST_WORKER", "")})
 
 
+def record_worker_retrying(event: Event) -> None:
+    """`record_worker`, then ask for a retry on the worker the payload names (``retry_on``)."""
+    record_worker(event)
+    if os.environ.get("DJANGO_EVENTS_TEST_WORKER") == event.data["retry_on"]:
+        raise RetryLater(0.2)
+
+
 def _fails_first_time(name: str, event: Event) -> None:
     """Fails on its first run for an event, succeeds on later ones (state in the database)."""
     first = not HandlerRun.objects.filter(handler=name, event_id=event.id).exists()
