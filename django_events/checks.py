@@ -73,7 +73,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E211": "a task backend without defer for a subscription that retries",
     "django_events.E212": "a broadcast subscription goes via tasks",
     "django_events.E213": "a subscription's queue is not served by its task backend",
-    "django_events.E214": "a subscription via tasks has a timeout, which no task backend enforces",
+    "django_events.E214": "a handler via tasks has a timeout, which no task backend enforces",
     "django_events.E301": "an inbound secret setting or environment variable is missing",
     "django_events.E302": "an inbound secret has the wrong shape or is empty",
     "django_events.W301": "an inbound permission is declared by no model",
@@ -704,7 +704,9 @@ def check_tasks(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list
                     id="django_events.E211",
                 )
             )
-        if s.declaration.timeout:
+        # A webhook's timeout is its HTTP client's, each phase of the call: any worker
+        # enforces it. A handler's needs a time limit, which only Celery has.
+        if s.declaration.timeout and s.mode != "webhook":
             messages.append(
                 Error(
                     f"Subscription {s.name!r} has timeout {s.declaration.timeout!r}, which "

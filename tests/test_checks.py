@@ -2745,6 +2745,14 @@ def test_a_timeout_is_an_error_via_tasks_only() -> None:
     assert message.hint == "Use via: celery for a time limit, or remove timeout."
 
 
+def test_a_webhooks_timeout_via_tasks_is_no_error() -> None:
+    # A webhook's timeout is its HTTP client's (each phase of the call), enforced under any
+    # worker: E214 is about a handler's time limit, which only Celery enforces.
+    hook = {**WEBHOOK, "timeout": 5, "retry": {"max_attempts": 1}}
+    with wiring(hook, DELIVERY="tasks"), override_settings(TEST_WH_SECRET="whsec_c2VjcmV0"):
+        assert_reported()
+
+
 @pytest.mark.parametrize(
     ("declared", "expected"),
     [

@@ -331,7 +331,7 @@ def test_cloudevents_format(worker: WorkerProcess, receiver: Receiver) -> None:
     assert document["data"] == {"order_id": 8, "script": "cloud"}
 
 
-def test_via_tasks_a_db_worker_sends_and_retries_with_the_same_id(
+def test_via_tasks_a_db_worker_sends_retries_with_the_same_id_and_applies_the_timeout(
     receiver: Receiver, tmp_path
 ) -> None:
     queue = f"whtk-{uuid.uuid4().hex[:8]}"
@@ -354,7 +354,9 @@ def test_via_tasks_a_db_worker_sends_and_retries_with_the_same_id(
     try:
         with brokers.delivery_wiring("filesystem", queue, "webhooks.yaml", DELIVERY="tasks"):
             event = send("flaky", 9)
+            hanging = send("hang", 10)
         row = delivery(event, "hook-flaky", "succeeded", timeout=60)
+        timed_out = delivery(hanging, "hook-hang", "failed", timeout=60)
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=20)
@@ -362,6 +364,13 @@ def test_via_tasks_a_db_worker_sends_and_retries_with_the_same_id(
     first, second = receiver.of("flaky", message_id(event, "hook-flaky"))
     assert first.verified and second.verified
     assert (row.attempts, row.response_status) == (2, 200)
+    # No task backend has a time limit, but the HTTP client's timeout (1 s a phase, not the
+    # default 10) ends each call to a receiver that never answers.
+    assert timed_out.attempts == 2
+    assert timed_out.last_error.startswith("WebhookFailed: Timed out after")
+    assert timed_out.last_error.endswith(" ms (ReadTimeout)")
+    assert 900 <= (timed_out.response_ms or 0) < 5000
+    assert len(receiver.of("hang", message_id(hanging, "hook-hang"))) == 2
 
 
 def test_ordering_key_sends_a_key_in_recorded_order_each_after_the_last_was_answered(
