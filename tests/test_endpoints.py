@@ -1075,6 +1075,48 @@ def test_a_disabled_endpoint_is_not_replayed_to(admin_client, publish_now, queue
     assert sent_to(queue, name) == []
 
 
+def test_a_disabled_endpoints_failures_are_left_failed_by_a_retry(
+    admin_client, publish_now, queue
+) -> None:
+    """events_retry and "Retry selected" send nothing to a disabled endpoint (each attempt
+    would fail without a call): they say so, and events_retry fails when nothing else went."""
+    from django.core.management import CommandError, call_command
+
+    from django_events.delivery.recording import delivery, save_deliveries
+    from tests.test_admin import action
+
+    endpoint, name = shop_endpoint(queue)
+    event = publish_now("shop.refunded", {"order_id": 1})
+    save_deliveries("default", [delivery(event.id, name, "webhook", "failed", 2, "HTTP 500")])
+    sent_to(queue, name)  # what publishing sent
+    endpoints.disable([endpoint])
+    assert list(Delivery.objects.filter(status="failed").values_list("subscription")) == [(name,)]
+    refused = f"1 left failed: endpoint {endpoint.pk} is disabled; enable it first"
+
+    out = StringIO()
+    with pytest.raises(CommandError, match="No failed delivery was retried"):
+        call_command("events_retry", "--all", stdout=out, stderr=StringIO())
+    assert refused in out.getvalue()
+    assert "0 re-enqueued for a worker" in out.getvalue()
+    with pytest.raises(CommandError, match=f"{name!r} is disabled: enable it first"):
+        call_command("events_retry", "--subscription", name, stdout=StringIO())
+    failure = Delivery.objects.get(event_id=event.id, subscription=name)
+    page = action(admin_client, "retry_selected", failure.pk).content.decode()
+    assert refused in page
+    assert sent_to(queue, name) == []
+    failure.refresh_from_db()
+    assert (failure.status, failure.attempts) == ("failed", 2)
+
+    # With another failure to retry, the command succeeds and says what it left.
+    save_deliveries("default", [delivery(event.id, "shop-audit", "sync", "failed", 1, "x")])
+    out = StringIO()
+    call_command("events_retry", "--all", stdout=out, stderr=StringIO())
+    assert f"0 re-enqueued for a worker; 1 ran and succeeded; 0 ran and failed; {refused}" in (
+        out.getvalue()
+    )
+    assert sent_to(queue, name) == []
+
+
 def test_replaying_needs_the_operators_permission(queue) -> None:
     from tests.test_admin import user_client
 

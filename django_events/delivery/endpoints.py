@@ -54,6 +54,8 @@ logger = logging.getLogger("django_events.endpoints")
 PREFIX = ENDPOINT_PREFIX  # of the subscription names of endpoints; manifests may not use it
 #: The error of a delivery whose endpoint was deleted (nothing can deliver it any more).
 DELETED = "Webhook endpoint deleted"
+#: The error of an attempt of a disabled endpoint (nothing is sent, no attempt counted).
+DISABLED = "Webhook endpoint disabled: enable it, then retry this delivery"
 SECRET_BYTES = 32
 HINT_LENGTH = 12  # characters of a secret shown: "whsec_" and 6 of the key
 
@@ -69,6 +71,11 @@ class EndpointSubscription(Subscription):
     def receives(self, event_name: str) -> bool:
         """Whether the endpoint's patterns match events named ``event_name``."""
         return any(fnmatchcase(event_name, pattern) for pattern in self.patterns)
+
+    @property
+    def disabled(self) -> bool:
+        """Whether its row, as read with it, is disabled: each attempt fails without a call."""
+        return self.endpoint is not None and not self.endpoint.enabled
 
 
 def subscription_name(endpoint_id: UUID | str) -> str:
@@ -405,9 +412,7 @@ def deliver(subscription: EndpointSubscription, event: Event) -> webhooks.Respon
     if endpoint is None:
         raise webhooks.WebhookFailed(DELETED, retry=False)
     if not endpoint.enabled:
-        raise webhooks.WebhookFailed(
-            "Webhook endpoint disabled: enable it, then retry this delivery", retry=False
-        )
+        raise webhooks.WebhookFailed(DISABLED, retry=False)
     try:
         key = webhooks.signing_key_of(secret_of(endpoint))
     except (Unsealable, ValueError) as exc:

@@ -61,6 +61,9 @@ class RedeliveryResult:
     # under ATOMIC_REQUESTS): not sent yet when this result was read.
     at_commit: int = 0
     skipped: list[str] = field(default_factory=list)
+    # Failures of disabled webhook endpoints left failed, by endpoint subscription name: each
+    # attempt would fail without a call (enable the endpoint, then retry them).
+    disabled: dict[str, int] = field(default_factory=dict)
 
     def add(self, other: RedeliveryResult) -> None:
         self.sent += other.sent
@@ -72,10 +75,32 @@ class RedeliveryResult:
         self.held += other.held
         self.at_commit += other.at_commit
         self.skipped.extend(other.skipped)
+        for name, count in other.disabled.items():
+            self.disabled[name] = self.disabled.get(name, 0) + count
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.not_run or self.unsent or self.to_relay or self.skipped)
+        return not (
+            self.failed
+            or self.not_run
+            or self.unsent
+            or self.to_relay
+            or self.skipped
+            or self.disabled
+        )
+
+    @property
+    def anything_done(self) -> bool:
+        """Whether a delivery was sent, run, held or left for the relay or the commit."""
+        return bool(
+            self.sent
+            or self.succeeded
+            or self.failed
+            or self.not_run
+            or self.to_relay
+            or self.held
+            or self.at_commit
+        )
 
     def summary(self) -> str:
         parts = [
@@ -99,6 +124,9 @@ class RedeliveryResult:
                 f"{self.at_commit} to be sent when the current transaction commits (ordered; "
                 "events_relay sends any the broker does not take)"
             )
+        for name, count in sorted(self.disabled.items()):
+            endpoint = name.removeprefix(endpoints.PREFIX)
+            parts.append(f"{count} left failed: endpoint {endpoint} is disabled; enable it first")
         if self.skipped:
             parts.append(f"{len(self.skipped)} skipped")
         return "; ".join(parts) + "."

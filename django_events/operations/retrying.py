@@ -11,7 +11,7 @@ from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from django_events.delivery import ordering
-from django_events.delivery.endpoints import is_endpoint_name
+from django_events.delivery.endpoints import EndpointSubscription, is_endpoint_name
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.pausing import paused_names
 from django_events.delivery.recording import FINISHED, event_log_alias, event_log_read_alias
@@ -69,7 +69,9 @@ def retry_failures(
     go out before the claim commits: a process that dies in between leaves the deliveries
     failed (to retry again), never pending with no message. Sync handlers run after the
     commit, outside it, each claimed (failed -> running) just before its run, so a process
-    that dies midway leaves the rest failed. Deliveries no longer failed are left alone.
+    that dies midway leaves the rest failed. Deliveries no longer failed are left alone, and
+    so are those of a disabled webhook endpoint (``result.disabled``), whose attempts would fail
+    without a call.
     """
     using = deliveries.db
     failed = deliveries.filter(status=Delivery.Status.FAILED)
@@ -124,6 +126,11 @@ def _claim(
                 else "the subscription is no longer declared"
             )
             result.skipped.append(f"{failure.subscription} <- {record.pk}: {gone}")
+            continue
+        if isinstance(subscription, EndpointSubscription) and subscription.disabled:
+            # A worker would fail each at once, without a call: left as they are.
+            name = failure.subscription
+            result.disabled[name] = result.disabled.get(name, 0) + 1
             continue
         if not reaches(subscription, record.name):
             result.skipped.append(

@@ -4,6 +4,7 @@ from typing import Any
 
 from django.core.management.base import CommandError, CommandParser
 
+from django_events.delivery.endpoints import EndpointSubscription
 from django_events.management.base import EventLogCommand, add_database_argument
 from django_events.operations.redelivery import find_subscription, unknown_subscription
 from django_events.operations.retrying import retry_failures, select_failures
@@ -33,8 +34,15 @@ class Command(EventLogCommand):
             )
         registry = get_registry()
         subscription = options["subscription"]
-        if subscription and find_subscription(subscription, registry) is None:
-            raise CommandError(unknown_subscription(subscription, registry))
+        if subscription:
+            found = find_subscription(subscription, registry)
+            if found is None:
+                raise CommandError(unknown_subscription(subscription, registry))
+            if isinstance(found, EndpointSubscription) and found.disabled:
+                # Each attempt would fail without a call, as a replay's would.
+                raise CommandError(
+                    f"Webhook endpoint {subscription!r} is disabled: enable it first"
+                )
         if options["event"] and options["event"] not in registry.events:
             raise CommandError(f"Unknown event {options['event']!r}")
         try:
@@ -54,3 +62,8 @@ class Command(EventLogCommand):
         self.stdout.write(f"Retried failed deliveries: {result.summary()}")
         if result.unsent:
             raise CommandError("The broker did not take every delivery; they stay failed.")
+        if result.disabled and not result.anything_done:
+            raise CommandError(
+                "No failed delivery was retried: their webhook endpoints are disabled; "
+                "enable them first."
+            )
