@@ -412,6 +412,12 @@ def _run(
         return _handler_unavailable(
             subscription, event, alias, attempt, uncounted, retries, exc, rerun
         )
+    if isinstance(subscription, endpoints.EndpointSubscription) and subscription.disabled:
+        # Nothing is sent: no attempt counted. Enabling it and retrying sends it.
+        disabled = webhooks.WebhookFailed(endpoints.DISABLED, retry=False)
+        return _handler_unavailable(
+            subscription, event, alias, attempt, uncounted, retries, disabled, rerun
+        )
     if subscription.declaration.ordering_key is None:
         return _run_claimed(
             registry, subscription, event, alias, attempt, retries, batch_success, uncounted, rerun
@@ -986,10 +992,11 @@ def _handler_unavailable(
     attempt: int,
     uncounted: int,
     retries: int,
-    exc: HandlerImportError,
+    exc: HandlerImportError | webhooks.WebhookFailed,
     rerun: bool,
 ) -> Outcome:
-    """The handler does not import on this worker: fail the delivery at once, no retry.
+    """The handler does not import on this worker (or the webhook endpoint is disabled): fail
+    the delivery at once, no retry.
 
     It did not run: the row keeps the runs before this message (``attempt - 1``).
     """
