@@ -429,6 +429,26 @@ def test_E103_never_quotes_a_secret_typed_where_its_name_belongs(tmp_path: Path)
     for secret in ("hunter2", "sk_live_51Habc", "T0KEN", "whsec_MfKQ9r8"):
         assert secret not in output
     assert "HINT: Give the NAME of the setting or environment variable" in result.stderr
+    # The url is masked, so the hint says why an http:// one is refused.
+    assert (
+        "HINT: A literal url must start with https://; put another (an http:// receiver "
+        "under WEBHOOKS_ALLOW_PRIVATE) in a setting or environment variable and give its NAME."
+    ) in result.stderr
+
+
+def test_E103_of_a_webhook_url_in_the_setting_hints_at_https_without_quoting_it() -> None:
+    hook = {"event": "orders.placed", "mode": "webhook", "secret": "TEST_WH_SECRET"}
+    with wiring({**hook, "url": "http://127.0.0.1:8001/hook?token=T0KEN"}):
+        result = events_check()
+
+    assert [(r[0], r[2]) for r in result.reported] == [
+        (
+            "django_events.E103",
+            "$.subscriptions[0].url: '•••' does not match '^(https://\\\\S+|[A-Z][A-Z0-9_]*)$'",
+        )
+    ]
+    assert "T0KEN" not in result.stdout + result.stderr
+    assert "HINT: A literal url must start with https://; put another" in result.stderr
 
 
 def test_E103_never_quotes_a_secret_or_url_in_a_section_of_the_wrong_shape(tmp_path: Path) -> None:

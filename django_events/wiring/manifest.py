@@ -290,15 +290,25 @@ SECRET_HINT = (
     "case), never the secret itself."
 )
 
+# The value is masked (a token may be in its path or query): say what the schema accepts.
+URL_HINT = (
+    "A literal url must start with https://; put another (an http:// receiver under "
+    "WEBHOOKS_ALLOW_PRIVATE) in a setting or environment variable and give its NAME."
+)
+
 
 def _hint(path: JsonPath, message: str) -> str:
-    if path[-1:] == ("secret",) and message.startswith(repr(MASK)):  # a bad value, not a key
-        return SECRET_HINT
     run_together = re.search(rf"'(?P<name>secret|url)[^']*{MASK}'", message)
     if run_together:  # `_key_shown`: a key and its value with no space between them
         name = run_together["name"]
         space = f"Write '{name}: <value>', with a space after the colon."
         return f"{space} {SECRET_HINT}" if name == "secret" else space
+    if not message.startswith(repr(MASK)):  # a bad key, not a bad value
+        return "See the manifest reference in the docs."
+    if path[-1:] == ("secret",):
+        return SECRET_HINT
+    if path[:1] == ("subscriptions",) and path[-1:] == ("url",):
+        return URL_HINT
     return "See the manifest reference in the docs."
 
 
