@@ -13,12 +13,13 @@ from typing import Any
 
 import pytest
 from django.core.management import call_command
-from django.db import OperationalError, connection, connections, transaction
+from django.db import OperationalError, close_old_connections, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
 
 from django_events import publish
 from django_events.delivery import ordering
-from django_events.delivery.worker import process_message
+from django_events.delivery.worker import Outcome, process_message
+from django_events.events import Event
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
 from tests.app import handlers
 from tests.app.models import HandlerRun
@@ -470,10 +471,12 @@ class Worker(threading.Thread):
         super().__init__()
         self.message, self.retries = message, retries
         self.status: str | None = None
+        self.result: Outcome | None = None
 
     def run(self) -> None:
         try:
-            self.status = process_message(self.message, self.retries).status
+            self.result = process_message(self.message, self.retries)
+            self.status = self.result.status
         finally:
             connections.close_all()
 
@@ -517,10 +520,15 @@ def test_a_copy_of_a_running_delivery_runs_nothing_beside_it(
             wait_for(lambda: gated_runs() == [str(first.id)], 10, "the first run")
             with caplog.at_level(logging.INFO, "django_events.worker"):
                 copy.start()  # the same message again, on another worker, as it runs
-                # It runs nothing (a second run would wait at its gate, still running).
-                assert copy.outcome() == "skipped", gated_runs()
+                # It runs nothing (a second run would wait at its gate, still running) and
+                # comes back later as the same attempt: by then the run has finished.
+                assert copy.outcome() == "retry", gated_runs()
             assert gated_runs() == [str(first.id)]
             assert "Running on another worker right now" in caplog.text
+            assert copy.result is not None and copy.result.retry_in is not None
+            assert copy.result.retry_in >= 1
+            comes_back = copy.result.retry_with
+            assert comes_back["prior_attempts"] == messages[str(first.id)]["prior_attempts"] - 1
             gates[0].set()
             assert running.outcome() == "succeeded"
         finally:
@@ -614,7 +622,7 @@ def test_an_idempotent_ordered_run_holds_its_lock_until_its_transaction_hands_on
             wait_for(lambda: gated_runs() == [str(event.id)], 10, "the first run")
             copy = Worker(message)
             copy.start()
-            assert copy.outcome() == "skipped"  # not waiting for its row's lock
+            assert copy.outcome() == "retry"  # not waiting for its row's lock
             gates[0].set()
             assert running.outcome() == "succeeded"
         finally:
@@ -659,6 +667,51 @@ def test_a_claim_whose_earlier_delivery_finishes_as_it_holds_takes_the_lock_too(
         ordering.end_run(claimed)
         ordering.end_run(claimed)  # once only
     assert run_locks() == []
+
+
+POOLED_RUNS: list[str] = []
+
+
+def closes_its_connection_then_fails_once(event: Event) -> None:
+    """A handler that lets Django close its connection (a long one may), failing once."""
+    POOLED_RUNS.append(str(event.id))
+    close_old_connections()  # with CONN_MAX_AGE = 0: back to the pool, its session alive
+    if len(POOLED_RUNS) == 1:
+        raise RuntimeError("the first run fails")
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_with_djangos_connection_pool_a_failed_runs_retry_runs(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Django's pool takes a connection back, its session's locks held, where Django closes
+    # it: a run lock taken there would make the retry of a failed run find it "running".
+    POOLED_RUNS.clear()
+    connection.close()
+    options = {**connection.settings_dict.get("OPTIONS", {}), "pool": {"min_size": 2}}
+    monkeypatch.setitem(connection.settings_dict, "OPTIONS", options)
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", 0)
+    subscription = {
+        **ORDERED,
+        "handler": f"{__name__}.closes_its_connection_then_fails_once",
+        "retry": {"max_attempts": 3, "backoff": 0.1},
+    }
+    try:
+        with shop_wiring(queue, SUBSCRIPTIONS=[subscription]):
+            event = publish("shop.paid", {"order_id": 1, "total": 10})
+            message = ordered_messages(queue)[str(event.id)]
+            first = Worker(message)
+            first.start()
+            assert first.outcome() == "retry"
+            retry = Worker(message, retries=1)
+            retry.start()
+            assert retry.outcome() == "succeeded"
+        assert [str(event.id)] * 2 == POOLED_RUNS
+        assert run_locks() == []
+    finally:
+        connection.close()
+        connection.close_pool()
 
 
 @pytest.mark.postgresql

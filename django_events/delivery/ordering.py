@@ -17,8 +17,9 @@
   relay's resend) cannot take it: `Turn.RUNNING`, it runs nothing. `finish` releases it in
   its own statement, `end_run` after a run that did not finish (a failure, a retry), and
   PostgreSQL when the connection closes (its worker died). SQLite and other databases have no
-  such lock, nor do databases behind a pooler in transaction mode (`DISABLE_SERVER_SIDE_CURSORS`):
-  there such a copy runs beside the delivery (docs/ordering.md, "Duplicates").
+  such lock, nor do databases behind a pooler in transaction mode (`DISABLE_SERVER_SIDE_CURSORS`)
+  or Django's pool (``OPTIONS["pool"]``): there such a copy runs beside the delivery
+  (docs/ordering.md, "Duplicates").
 
 The broker is not involved (RabbitMQ, Redis and the filesystem transport alike), nor is the
 number of workers and hosts. Its cost: at publish, the gates' upsert and the `Delivery`
@@ -235,13 +236,18 @@ def _run_lock_id(event_id: UUID, subscription: str) -> int:
 
 
 def _locks_runs(alias: str) -> bool:
-    """Whether a claim on ``alias`` locks the run it lets go: on PostgreSQL, unless its
-    connections go through a pooler in transaction mode, which hands a session's server
-    connection (and the locks it holds) to other clients between transactions. Django asks
-    for ``DISABLE_SERVER_SIDE_CURSORS`` there: that is what is read."""
+    """Whether a claim on ``alias`` locks the run it lets go: on PostgreSQL, unless a pool
+    outlives its connections' sessions. A pooler in transaction mode hands a session's server
+    connection (and the locks it holds) to other clients between transactions: Django asks
+    for ``DISABLE_SERVER_SIDE_CURSORS`` there, which is what is read. Django's own pool
+    (``OPTIONS["pool"]``) takes a connection back, its locks held, where Django closes it."""
     connection = connections[alias]
-    return connection.vendor == "postgresql" and not connection.settings_dict.get(
-        "DISABLE_SERVER_SIDE_CURSORS"
+    settings = connection.settings_dict
+    pooled = bool((settings.get("OPTIONS") or {}).get("pool"))
+    return (
+        connection.vendor == "postgresql"
+        and not settings.get("DISABLE_SERVER_SIDE_CURSORS")
+        and not pooled
     )
 
 

@@ -755,18 +755,27 @@ def _claim_turn(
         logger.info("Already succeeded or resolved; skipped", extra=extra)
         return Outcome("skipped")
     if claimed.turn is ordering.Turn.RUNNING:
-        # A copy of the message (a broker's redelivery, the relay's resend): acknowledged.
-        # Should the worker running it die, its unacknowledged message comes back, or, if
-        # the broker had handed that on already (a visibility timeout), the relay resends.
+        # A copy of the message (a broker's redelivery, the relay's resend) runs nothing now
+        # and comes back, counting no attempt: by then the run has finished (the copy is a
+        # duplicate) or its worker died (the copy runs). Not acknowledged for good: the broker
+        # may have handed the original on already (a visibility timeout), and a lock left
+        # behind on a pooled connection would otherwise skip the delivery's retries.
+        delay = max(RAN_NOTHING_MIN_WAIT, subscription.retry.delay(retries + 1))
         logger.info(
-            "Running on another worker right now: this copy of its message is skipped "
-            "(subscription %r, event %s %s)",
+            "Running on another worker right now: this copy of its message runs nothing and "
+            "comes back in %.3g s (subscription %r, event %s %s)",
+            delay,
             subscription.name,
             event.name,
             event.id,
             extra=extra,
         )
-        return Outcome("skipped")
+        return Outcome(
+            "retry",
+            retry_in=delay,
+            same_attempt=True,
+            waits_for="its delivery is running on another worker",
+        )
     return claimed
 
 
