@@ -273,6 +273,46 @@ def test_create_endpoint_names_each_field_refused() -> None:
     assert caught.value.message_dict == {"url": ["Enter a valid URL."]}
 
 
+@pytest.mark.parametrize(
+    ("patterns", "refused"),
+    [
+        (["nope.*"], ["'nope.*' matches no declared event."]),
+        (["orders.placed;drop"], ["'orders.placed;drop' is not an event name or pattern."]),
+        ([""], ["'' is not an event name or pattern."]),
+        ([1], ["1 is not an event name or pattern."]),
+        ([], ["Name at least one event or pattern."]),
+        (
+            ["orders.*", "nope.*", "nope.*", None],
+            ["'nope.*' matches no declared event.", "None is not an event name or pattern."],
+        ),
+    ],
+)
+def test_create_endpoint_refuses_the_patterns_the_form_refuses(
+    admin_client, patterns: list[Any], refused: list[str]
+) -> None:
+    """One set of rules (`endpoints.check_patterns`): a pattern the form refuses, code cannot
+    register either (one matching nothing receives nothing; a non-string one was dropped
+    silently); the error names each pattern and its rule."""
+    with pytest.raises(ValidationError) as caught:
+        endpoints.create_endpoint("https://a.example.com/", patterns)
+    assert caught.value.message_dict == {"events": refused}
+    assert not WebhookEndpoint.objects.exists()
+    typed = ", ".join(p for p in patterns if isinstance(p, str) and p) or " , "
+    if all(isinstance(p, str) and p for p in patterns):  # what the form's text can hold
+        page = errors_of(admin_client.post(ADD, form(patterns=typed)))
+        assert all(html.escape(message) in page for message in refused), page
+
+
+def test_create_endpoint_stores_each_pattern_once() -> None:
+    endpoint, _ = endpoints.create_endpoint(
+        "https://a.example.com/", ["orders.*", "orders.placed", "orders.*"]
+    )
+    endpoint.refresh_from_db()
+    assert endpoint.events == ["orders.*", "orders.placed"]
+    with pytest.raises(TypeError, match=r"not a string: \['orders\.\*'\]"):
+        endpoints.create_endpoint("https://a.example.com/", "orders.*")  # type: ignore[arg-type]
+
+
 URL_HELP = {
     False: "Where each event is POSTed: an https:// URL of a public address.",
     True: "Where each event is POSTed: an https:// or http:// URL, of any address "

@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 else:
     WebhookEndpointAdminBase = admin.ModelAdmin
 
-PATTERN = re.compile(r"^[A-Za-z0-9_.*-]+$")  # event names (3.2), with * for patterns
 SEPARATORS = re.compile(r"[\s,]+")
 
 
@@ -124,18 +123,7 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
 
     def clean_patterns(self) -> list[str]:
         patterns = [p for p in SEPARATORS.split(self.cleaned_data["patterns"]) if p]
-        if not patterns:
-            raise forms.ValidationError(_("Name at least one event or pattern."))
-        declared = get_registry().events
-        problems = []
-        for pattern in dict.fromkeys(patterns):
-            if not PATTERN.match(pattern):
-                problems.append(gettext("%(p)r is not an event name or pattern.") % {"p": pattern})
-            elif not any(_matches(name, pattern) for name in declared):
-                problems.append(gettext("%(p)r matches no declared event.") % {"p": pattern})
-        if problems:
-            raise forms.ValidationError(problems)
-        return list(dict.fromkeys(patterns))
+        return endpoints.check_patterns(patterns)  # create_endpoint() applies the same rules
 
     def clean_secret(self) -> str:
         secret: str = self.cleaned_data.get("secret") or ""

@@ -17,6 +17,7 @@ import base64
 import ipaddress
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,7 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.describing import EndpointInfo, shown_url
+from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.endpoints")
 
@@ -58,6 +60,7 @@ DELETED = "Webhook endpoint deleted"
 DISABLED = "Webhook endpoint disabled: enable it, then retry this delivery"
 SECRET_BYTES = 32
 HINT_LENGTH = 12  # characters of a secret shown: "whsec_" and 6 of the key
+PATTERN = re.compile(r"^[A-Za-z0-9_.*-]+$")  # event names (3.2), with * for patterns
 
 
 @dataclass(eq=False)
@@ -158,6 +161,43 @@ def check_url(url: str) -> None:
         )
 
 
+def check_patterns(patterns: Sequence[object]) -> list[str]:
+    """Return ``patterns`` without repeats, or raise ValidationError naming each pattern
+    refused and its rule: the rules of the admin's form and `create_endpoint` alike.
+
+    At least one; each an event name or pattern (letters, digits, ``_ . - *``) that matches
+    a declared event (``orders.*``, ``*``).
+    """
+    if not patterns:
+        raise ValidationError(_("Name at least one event or pattern."), code="required")
+    unique: list[object] = []
+    for pattern in patterns:  # not dict.fromkeys: a bad one may be unhashable ([["a"]])
+        if pattern not in unique:
+            unique.append(pattern)
+    declared = get_registry().events
+    problems = []
+    for pattern in unique:
+        if not isinstance(pattern, str) or not PATTERN.match(pattern):
+            problems.append(
+                ValidationError(
+                    _("%(pattern)r is not an event name or pattern."),
+                    code="invalid",
+                    params={"pattern": pattern},
+                )
+            )
+        elif not any(fnmatchcase(name, pattern) for name in declared):
+            problems.append(
+                ValidationError(
+                    _("%(pattern)r matches no declared event."),
+                    code="undeclared",
+                    params={"pattern": pattern},
+                )
+            )
+    if problems:
+        raise ValidationError(problems)
+    return [p for p in unique if isinstance(p, str)]
+
+
 def create_endpoint(
     url: str,
     events: Sequence[str],
@@ -170,9 +210,11 @@ def create_endpoint(
     """Register an endpoint from code; return it and its secret (new unless given).
 
     Refuses what the admin's form refuses: ValidationError (by field) for a URL it would not
-    take (`check_url`, a user name or password), ValueError for a secret that is not
-    ``whsec_`` + base64.
+    take (`check_url`, a user name or password) or events it would not take
+    (`check_patterns`), ValueError for a secret that is not ``whsec_`` + base64.
     """
+    if isinstance(events, str):  # a sequence of its characters
+        raise TypeError(f"events is a list of names or patterns, not a string: [{events!r}]")
     endpoint = WebhookEndpoint(
         url=url, events=list(events), description=description, enabled=enabled
     )
@@ -180,7 +222,7 @@ def create_endpoint(
     set_secret(endpoint, secret)
     errors: dict[str, list[ValidationError]] = {}
     try:
-        endpoint.full_clean(exclude=["secret_sealed", "secret_hint"])
+        endpoint.full_clean(exclude=["secret_sealed", "secret_hint", "events"])
     except ValidationError as exc:
         errors = exc.update_error_dict(errors)
     if "url" not in errors:  # a URL at all, without a user name or password
@@ -188,6 +230,10 @@ def create_endpoint(
             check_url(url)
         except ValidationError as exc:
             errors["url"] = exc.error_list
+    try:
+        endpoint.events = check_patterns(endpoint.events)
+    except ValidationError as exc:
+        errors["events"] = exc.error_list
     if errors:
         raise ValidationError(errors)
     endpoint.save(using=using or router.db_for_write(WebhookEndpoint))
