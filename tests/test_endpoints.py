@@ -410,6 +410,56 @@ def test_publishing_sends_one_delivery_per_enabled_matching_endpoint() -> None:
     assert item.recorded  # pending until the broker takes it (the outbox)
 
 
+class EndpointsOnOther:
+    """A router that keeps webhook endpoints (only them) on "other"."""
+
+    def db_for_read(self, model: type, **hints: object) -> str | None:
+        return "other" if model is WebhookEndpoint else None
+
+    db_for_write = db_for_read
+
+
+def hooked(name: str) -> list[str]:
+    (item,) = published(name, ORDER)
+    return [s.name for s in item.async_ if endpoints.is_endpoint_name(s.name)]
+
+
+@pytest.mark.django_db(databases=["default", "other"])
+def test_endpoints_are_written_only_where_the_routers_keep_them() -> None:
+    """Publishers, workers and events_relay read endpoints only where the routers read
+    WebhookEndpoint: one written elsewhere (``using=``) would be sent nothing, silently."""
+    refused = (
+        "{action}(using={using!r}): webhook endpoints are where DATABASE_ROUTERS write "
+        "WebhookEndpoint, {routed!r} (publishers and workers read them only there): one in "
+        "{using!r} would never be sent anything. Leave out using, or route WebhookEndpoint "
+        "to {using!r}."
+    )
+    message = refused.format(action="create_endpoint", using="other", routed="default")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        endpoints.create_endpoint("https://a.example.com/", ["*"], using="other")
+    assert not WebhookEndpoint.objects.using("other").exists()
+
+    endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["*"], using="default")
+    assert hooked("orders.placed") == [endpoints.subscription_name(endpoint.pk)]
+    for action in (endpoints.disable, endpoints.enable):
+        message = refused.format(action=action.__name__, using="other", routed="default")
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            action([endpoint], using="other")
+    assert endpoints.disable([endpoint], using="default") == 1
+    assert hooked("orders.placed") == []
+    assert endpoints.enable([endpoint]) == 1
+
+    with override_settings(DATABASE_ROUTERS=[EndpointsOnOther()]):
+        endpoints.forget()
+        with pytest.raises(ValueError, match=r"^create_endpoint\(using='default'\)"):
+            endpoints.create_endpoint("https://b.example.com/", ["*"], using="default")
+        routed, _ = endpoints.create_endpoint("https://b.example.com/", ["*"], using="other")
+        assert hooked("orders.placed") == [endpoints.subscription_name(routed.pk)]
+        assert [e.name for e in endpoints.describe()] == [endpoints.subscription_name(routed.pk)]
+        assert endpoints.disable([routed]) == 1
+    endpoints.forget()
+
+
 def test_a_change_in_this_process_is_seen_at_once_others_after_refresh() -> None:
     assert endpoints.for_event("orders.placed") == ()
     endpoint, _ = endpoints.create_endpoint("https://a.example.com/", ["orders.*"])

@@ -198,6 +198,24 @@ def check_patterns(patterns: Sequence[object]) -> list[str]:
     return [p for p in unique if isinstance(p, str)]
 
 
+def write_alias(using: str | None, action: str) -> str:
+    """The alias the routers write endpoints to; ValueError when ``using`` names another.
+
+    Publishers, workers and ``events_relay`` read endpoints only where the routers read
+    `WebhookEndpoint` (a replica of this one, or this one): an endpoint written elsewhere
+    would never be sent anything.
+    """
+    routed = router.db_for_write(WebhookEndpoint)
+    if using is not None and using != routed:
+        raise ValueError(
+            f"{action}(using={using!r}): webhook endpoints are where DATABASE_ROUTERS write "
+            f"WebhookEndpoint, {routed!r} (publishers and workers read them only there): one "
+            f"in {using!r} would never be sent anything. Leave out using, or route "
+            f"WebhookEndpoint to {using!r}."
+        )
+    return routed
+
+
 def create_endpoint(
     url: str,
     events: Sequence[str],
@@ -211,8 +229,10 @@ def create_endpoint(
 
     Refuses what the admin's form refuses: ValidationError (by field) for a URL it would not
     take (`check_url`, a user name or password) or events it would not take
-    (`check_patterns`), ValueError for a secret that is not ``whsec_`` + base64.
+    (`check_patterns`), ValueError for a secret that is not ``whsec_`` + base64. ``using``:
+    only the alias the routers write endpoints to, the default (ValueError, `write_alias`).
     """
+    alias = write_alias(using, "create_endpoint")
     if isinstance(events, str):  # a sequence of its characters
         raise TypeError(f"events is a list of names or patterns, not a string: [{events!r}]")
     endpoint = WebhookEndpoint(
@@ -236,14 +256,17 @@ def create_endpoint(
         errors["events"] = exc.error_list
     if errors:
         raise ValidationError(errors)
-    endpoint.save(using=using or router.db_for_write(WebhookEndpoint))
+    endpoint.save(using=alias)
     return endpoint, secret
 
 
 def enable(endpoints: Iterable[WebhookEndpoint], *, using: str | None = None) -> int:
-    """Enable endpoints again (a fresh start: their failing time and reason are cleared)."""
+    """Enable endpoints again (a fresh start: their failing time and reason are cleared).
+
+    ``using``: only the alias the routers write endpoints to, the default (ValueError).
+    """
+    alias = write_alias(using, "enable")
     ids = [e.pk for e in endpoints]
-    alias = using or router.db_for_write(WebhookEndpoint)
     count = (
         WebhookEndpoint.objects.using(alias)
         .filter(pk__in=ids)
@@ -260,9 +283,12 @@ def enable(endpoints: Iterable[WebhookEndpoint], *, using: str | None = None) ->
 
 
 def disable(endpoints: Iterable[WebhookEndpoint], *, using: str | None = None) -> int:
-    """Disable endpoints by hand (nothing is sent to them; queued attempts fail, retryable)."""
+    """Disable endpoints by hand (nothing is sent to them; queued attempts fail, retryable).
+
+    ``using``: only the alias the routers write endpoints to, the default (ValueError).
+    """
+    alias = write_alias(using, "disable")
     ids = [e.pk for e in endpoints]
-    alias = using or router.db_for_write(WebhookEndpoint)
     now = timezone.now()
     count = (
         WebhookEndpoint.objects.using(alias)
@@ -285,7 +311,11 @@ def state_of(endpoint: WebhookEndpoint) -> str:
 
 def describe(*, using: str | None = None) -> list[EndpointInfo]:
     """Every endpoint, oldest first, as the wiring page and ``events_list`` show it (raises
-    DatabaseError)."""
+    DatabaseError).
+
+    ``using``: the rows of that database (default: where the routers read endpoints, the
+    only ones publishers and workers send to).
+    """
     alias = using or router.db_for_read(WebhookEndpoint)
     found = []
     for endpoint in WebhookEndpoint.objects.using(alias).order_by("created_at", "pk"):
