@@ -97,6 +97,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E324": "enabled webhook endpoints but httpx is not installed",
     "django_events.E325": "a webhook's url has a user name or password",
     "django_events.E326": "webhook endpoints have a user name or password in their URL",
+    "django_events.E327": "an enabled webhook endpoint's URL is refused (http://, private host)",
 }
 WEBHOOKS_EXTRA = "pip install 'django-event-wiring[webhooks]'"
 
@@ -429,7 +430,8 @@ def check_endpoints(
     **kwargs: Any,
 ) -> list[CheckMessage]:
     """Enabled webhook endpoints need httpx, as webhook subscriptions do (E324); no endpoint's
-    URL may have a user name or password (E326); workers send them, as W209 tells of.
+    URL may have a user name or password (E326); an enabled endpoint's URL passes the rules
+    new ones do (E327); workers send them, as W209 tells of.
 
     They are rows: read only when the checks may query a database (``databases``: ``manage.py
     check --database default``, and ``migrate`` before it migrates).
@@ -459,6 +461,7 @@ def check_endpoints(
                     id="django_events.E326",
                 )
             )
+        messages.extend(_endpoints_refused(alias))
         enabled = 0 if _has_httpx() else rows.filter(enabled=True).count()
         if enabled:
             messages.append(
@@ -471,6 +474,35 @@ def check_endpoints(
                 )
             )
     return messages + _endpoints_on_workers(databases)
+
+
+def _endpoints_refused(alias: str) -> list[CheckMessage]:
+    """E327 for each enabled endpoint whose stored URL the rules of new ones refuse (saved
+    before `create_endpoint` applied them): each attempt to it is refused."""
+    from django.core.exceptions import ValidationError
+
+    from django_events.delivery.endpoints import check_url
+    from django_events.models import WebhookEndpoint
+
+    messages: list[CheckMessage] = []
+    rows = WebhookEndpoint.objects.using(alias).filter(enabled=True).order_by("created_at")
+    for endpoint in rows.only("id", "url", "description"):
+        try:
+            check_url(endpoint.url)
+        except ValidationError as exc:
+            # check_url shows the URL's scheme, host and port: never a token in its path.
+            named = f" ({endpoint.description!r})" if endpoint.description else ""
+            messages.append(
+                Error(
+                    f"Webhook endpoint {endpoint.pk}{named} in database {alias!r}: "
+                    + " ".join(exc.messages),
+                    hint="Each delivery to it is refused: give it an https:// URL of a public "
+                    "address in the admin, or disable or delete it.",
+                    obj="django_events.WebhookEndpoint",
+                    id="django_events.E327",
+                )
+            )
+    return messages
 
 
 def _has_endpoints_table(alias: str) -> bool:

@@ -2519,6 +2519,17 @@ def _endpoint_with_credentials(tmp_path: Path) -> Iterator[None]:
 
 
 @contextmanager
+def _endpoint_refused(tmp_path: Path) -> Iterator[None]:
+    from django_events.delivery.endpoints import create_endpoint
+    from django_events.models import WebhookEndpoint
+
+    endpoint, _ = create_endpoint("https://hooks.example.com/in", ["orders.*"])
+    # Saved before create_endpoint applied the form's rules (it refuses them now).
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url="http://hooks.example.com/in")
+    yield
+
+
+@contextmanager
 def _settings(wired: AbstractContextManager[Any], **values: Any) -> Iterator[None]:
     """``wired`` with Django settings of its own (not DJANGO_EVENTS keys)."""
     with wired, override_settings(**values):
@@ -2640,6 +2651,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         {**WEBHOOK, "url": "https://u:pw@hooks.example.com/in"}, TEST_WH_SECRET="whsec_c2VjcmV0"
     ),
     "django_events.E326": _endpoint_with_credentials,
+    "django_events.E327": _endpoint_refused,
     "django_events.W311": _source(
         "{auth: github, secret: S_OK, events: {}}", ROOT_URLCONF="tests.app.urls_without_events"
     ),
@@ -2671,7 +2683,7 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
 
 
 # Read from the database, only by `check --database` and `migrate` (events_check reads none).
-DATABASE_CHECKS = {"django_events.E324", "django_events.E326"}
+DATABASE_CHECKS = {"django_events.E324", "django_events.E326", "django_events.E327"}
 
 
 @pytest.mark.parametrize("check_id", sorted(set(TRIGGERS) - DATABASE_CHECKS))
@@ -2748,6 +2760,67 @@ def test_endpoint_urls_with_credentials_are_an_error_where_checks_read_the_datab
         )
     ]
     assert "pw" not in str(caught.value).replace("password", "")
+
+
+NOT_PUBLIC = (
+    "is not a public address (private, loopback, link-local and reserved ones only with "
+    "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
+)
+
+
+def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_database() -> None:
+    """Endpoints saved before create_endpoint() applied the form's URL rules: each enabled
+    one is named, with its URL as check_url shows it (never its path or query) and the rule."""
+    from django.core.checks import run_checks
+
+    from django_events.delivery.endpoints import create_endpoint
+    from django_events.models import WebhookEndpoint
+
+    stored = {
+        "http://hooks.example.com/in?token=t-123": "CRM",
+        "https://10.0.0.7:8443/p/t-123": "",
+        "https://localhost/in": "local",
+        "https://[::1]/in": "off",  # disabled: sent nothing
+    }
+    made = []
+    for url, description in stored.items():
+        endpoint, _ = create_endpoint("https://hooks.example.com/in", ["orders.*"])
+        WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+            url=url, description=description, enabled=description != "off"
+        )
+        made.append(endpoint.pk)
+    create_endpoint("https://8.8.8.8/in", ["orders.*"])  # a public address: fine
+    assert [m for m in run_checks() if m.id.endswith("E327")] == []  # reads no database
+    with pytest.raises(SystemCheckError) as caught:
+        call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
+
+    crm, private, local, _ = made
+    https_only = (
+        "use an https:// URL (http:// only with DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
+    )
+    assert parse(str(caught.value)) == sorted(
+        ("django_events.E327", "django_events.WebhookEndpoint", message)
+        for message in (
+            f"Webhook endpoint {crm} ('CRM') in database 'default': Refused "
+            f"http://hooks.example.com/: {https_only}",
+            f"Webhook endpoint {private} in database 'default': Refused https://10.0.0.7:8443/: "
+            f"10.0.0.7 {NOT_PUBLIC}",
+            f"Webhook endpoint {local} ('local') in database 'default': Refused "
+            f"https://localhost/: localhost {NOT_PUBLIC}",
+        )
+    )
+    assert "t-123" not in str(caught.value)
+    assert (
+        str(caught.value).count(
+            "HINT: Each delivery to it is refused: give it an https:// URL of a public address in "
+            "the admin, or disable or delete it."
+        )
+        == 3
+    )
+    allowed = {**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": True}
+    with override_settings(DJANGO_EVENTS=allowed):  # sent, then (W320 tells of the setting)
+        checked = run_checks(tags=["django_events"], databases=["default"])
+    assert [m for m in checked if m.id.endswith("E327")] == []
 
 
 def test_a_timeout_is_an_error_via_tasks_only() -> None:

@@ -181,6 +181,47 @@ def test_an_endpoint_saved_with_a_password_never_shows_it_and_is_refused_at_send
     assert endpoint.url == "https://hooks.example.com/in"
 
 
+@pytest.mark.parametrize("url", ["http://hooks.example.com/in", "https://127.0.0.1:8443/in"])
+def test_an_endpoint_saved_with_a_url_refused_now_can_be_edited_disabled_and_deleted(
+    admin_client, url: str
+) -> None:
+    """Saved before create_endpoint() applied the form's rules (E327): its page opens, it can
+    be given another URL, disabled (the action, or its form keeping the URL) and deleted."""
+    refused = "Refused " + url.removesuffix("in")
+    endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/in", ["orders.*"])
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url=url)
+    page = admin_client.get(change_url(endpoint))
+    assert page.status_code == 200 and f'value="{url}"' in page.content.decode()
+    assert admin_client.get(CHANGES).status_code == 200
+
+    kept = form(url=url, secret="", description="renamed")
+    assert refused in errors_of(admin_client.post(change_url(endpoint), kept))  # still enabled
+    disabled = {k: v for k, v in kept.items() if k != "enabled"}
+    assert admin_client.post(change_url(endpoint), disabled).status_code == 302
+    endpoint.refresh_from_db()
+    assert (endpoint.url, endpoint.enabled, endpoint.description) == (url, False, "renamed")
+    # Enabled again, or given another refused URL, it must pass the rules.
+    assert refused in errors_of(admin_client.post(change_url(endpoint), kept))
+    other = {**disabled, "url": url.replace("/in", "/other")}
+    assert refused in errors_of(admin_client.post(change_url(endpoint), other))
+
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(enabled=True)
+    action = {"action": "disable_selected", "_selected_action": [str(endpoint.pk)]}
+    assert admin_client.post(CHANGES, action).status_code == 302
+    endpoint.refresh_from_db()
+    assert not endpoint.enabled
+    fixed = form(url="https://hooks.example.com/fixed", secret="")
+    assert admin_client.post(change_url(endpoint), fixed).status_code == 302
+    endpoint.refresh_from_db()
+    assert (endpoint.url, endpoint.enabled) == ("https://hooks.example.com/fixed", True)
+
+    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url=url)
+    delete = reverse("admin:django_events_webhookendpoint_delete", args=[endpoint.pk])
+    assert admin_client.get(delete).status_code == 200
+    assert admin_client.post(delete, {"post": "yes"}).status_code == 302
+    assert not WebhookEndpoint.objects.exists()
+
+
 def test_private_addresses_are_accepted_when_allowed(admin_client) -> None:
     with override_settings(
         DJANGO_EVENTS={**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": True}

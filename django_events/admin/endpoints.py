@@ -116,10 +116,18 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
                 "whsec_ secret to replace it."
             ) % {"hint": self.instance.secret_hint or "-"}
 
-    def clean_url(self) -> str:
-        url: str = self.cleaned_data["url"]
-        endpoints.check_url(url)  # create_endpoint() applies the same rules
-        return url
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        url = data.get("url")
+        # An endpoint saved before the URL's rules (E327) may be kept disabled as it is: it
+        # is sent nothing. Enabled, or given another URL, it must pass them.
+        kept = not self.instance._state.adding and url == self.instance.url
+        if url and not (kept and not data.get("enabled")):
+            try:
+                endpoints.check_url(url)  # create_endpoint() applies the same rules
+            except forms.ValidationError as exc:
+                self.add_error("url", exc)
+        return data
 
     def clean_patterns(self) -> list[str]:
         patterns = [p for p in SEPARATORS.split(self.cleaned_data["patterns"]) if p]
