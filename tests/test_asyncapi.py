@@ -14,6 +14,7 @@ from functools import cache
 from io import StringIO
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from django.test import override_settings
 from jsonschema import Draft7Validator
 from kombu import Exchange, Queue
 
+from tests.brokers import REDIS_URL
 from tests.conftest import wiring
 from tests.test_example_project import EXAMPLE, manage_with
 from tests.test_registry import typed_events  # noqa: F401 - a fixture
@@ -697,13 +699,16 @@ IDEMPOTENCY_HEADERS = {"Idempotency-Key", "X-GitHub-Delivery", "webhook-id"}
 def test_redis_queues_are_lists_and_broadcasts_pub_sub_channels() -> None:
     document = every_feature_document("tests.brokers.redis")
     channels = document["channels"]
+    # The Redis database of the URL the tests use (DJANGO_EVENTS_REDIS_URL; kombu's 0 without).
+    db = urlsplit(REDIS_URL).path.strip("/")
 
     assert document["servers"]["broker"]["protocol"] == "redis"
-    assert document["servers"]["broker"]["pathname"] == "/0"
+    assert document["servers"]["broker"].get("pathname") == (f"/{db}" if db else None)
     assert "queue.billing.consume" not in channels  # one address: the list
     assert channels["queue.billing"]["address"] == "billing"
     assert channels["queue.billing"]["bindings"] == {"redis": {"bindingVersion": "0.1.0"}}
-    assert channels["broadcast.caches"]["address"] == "/0.caches.broadcast/caches.broadcast"
+    fanout = f"/{db or 0}.caches.broadcast/caches.broadcast"
+    assert channels["broadcast.caches"]["address"] == fanout
     invoice = document["operations"]["invoice"]
     assert invoice["channel"] == {"$ref": "#/channels/queue.billing"}
 
