@@ -3,12 +3,15 @@ their event was dispatched): operations/unfinished.py, through the command and t
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from io import StringIO
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.test import override_settings
 from django.utils import timezone
 
@@ -382,6 +385,86 @@ def test_ordered_deliveries_a_worker_has_or_will_get_are_not_sent_again(
             ("shop-ordered", str(gone.id)),
             ("shop-receipt", str(gone.id)),
         ]
+
+
+@pytest.mark.django_db
+def test_the_relay_reads_an_ordered_keys_backlog_once_a_key(queue) -> None:
+    """After an outage an ordered key has thousands of pending deliveries, untouched (their
+    messages wait, or were lost): the pass finds each key's first unfinished delivery as the
+    gate does, through the index of unfinished deliveries, once a key. Checking each pending
+    row against those before it cost a pass one index probe a row on PostgreSQL, and on
+    SQLite, which cannot use that index for a bound parameter, a walk through the key's
+    finished history a row (docs/performance.md)."""
+    keys, history, backlog = 3, 20, 200
+    long_ago = timezone.now() - timedelta(seconds=1.5 * HOUR)
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        records, rows = [], []
+        for key in range(keys):
+            for number in range(1, history + backlog + 1):
+                records.append(
+                    EventRecord(
+                        id=uuid4(),
+                        name="shop.paid",
+                        payload={"order_id": key, "total": number},
+                        occurred_at=long_ago,
+                        correlation_id=uuid4(),
+                        status="dispatched",
+                        dispatched_at=long_ago,
+                    )
+                )
+                status = "succeeded" if number <= history else "pending"
+                rows.append(
+                    Delivery(
+                        event_id=records[-1].pk,
+                        subscription="shop-ordered",
+                        mode="async",
+                        status=status,
+                        ordering_key=str(key),
+                        sequence=number,
+                    )
+                )
+        EventRecord.objects.bulk_create(records)
+        Delivery.objects.bulk_create(rows)
+        Delivery.objects.update(updated_at=long_ago)
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
+        drain(queue)
+        statements: list[tuple[str, Any]] = []
+
+        def keep(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+            statements.append((sql, params))
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(keep):
+            result = unfinished.resend_unfinished(older_than=HOUR)
+
+        assert result.resent["shop-ordered"] == keys  # each key's first, once
+        heads = Delivery.objects.filter(sequence=history + 1)
+        assert set(heads.values_list("retry_at", flat=True)) != {None}  # claimed
+        plans = [
+            explain(sql, params)
+            for sql, params in statements
+            if sql.startswith("SELECT") and "ordering_key" in sql
+        ]
+        reads = 0
+        for plan in plans:
+            if connection.vendor == "postgresql":
+                # Each read of the deliveries runs once a key, not once a row.
+                loops = re.findall(r"on django_events_delivery\b.*loops=(\d+)", plan)
+                assert all(int(n) <= keys for n in loops), plan
+            else:
+                loops = [line for line in plan.splitlines() if "ordering_key=?" in line]
+                assert all("dlv_turn_idx" in line for line in loops), plan
+            reads += len(loops)
+        assert reads
+
+
+def explain(sql: str, params: Any) -> str:
+    """The plan of a statement as it ran, with its parameters bound (PostgreSQL: run again)."""
+    prefix = "EXPLAIN (ANALYZE, COSTS OFF) " if connection.vendor == "postgresql" else ""
+    with connection.cursor() as cursor:
+        cursor.execute((prefix or "EXPLAIN QUERY PLAN ") + sql, params)
+        return "\n".join(str(row[0] if prefix else row[-1]) for row in cursor.fetchall())
 
 
 def worker_finishes_during_the_broker_check(monkeypatch: Any, held: list[dict[str, Any]]) -> None:

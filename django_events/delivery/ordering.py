@@ -47,6 +47,7 @@ from uuid import UUID
 
 from django.db import DatabaseError, ProgrammingError, connections, transaction
 from django.db.models import Exists, F, OuterRef, QuerySet
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from django_events.delivery import postgresql
@@ -264,6 +265,37 @@ def first_unfinished(alias: str, subscription: str, key: str) -> tuple[int, str]
         .values_list("pk", "status")
         .first()
     )
+
+
+def first_unfinished_of(alias: str, rows: QuerySet[Delivery]) -> RawSQL:
+    """The ids of the first unfinished delivery of each key of the ordered ``rows``, as a
+    subquery (for ``pk__in``): one read of the index of unfinished deliveries a key, however
+    many of ``rows`` a key has.
+
+    Not through the ORM, which can only look a row's key up again for each row: a key's
+    backlog is thousands of rows. The statuses are written out, as the index's condition is,
+    so that SQLite reads that index too (it does not match a partial index to a bound
+    parameter).
+    """
+    connection = connections[alias]
+    quote = connection.ops.quote_name
+    keys, params = (
+        rows.order_by()
+        .values("subscription", "ordering_key")
+        .distinct()
+        .query.get_compiler(alias)
+        .as_sql()
+    )
+    table = quote(Delivery._meta.db_table)
+    column = {f.name: quote(str(f.column)) for f in Delivery._meta.concrete_fields}
+    subscription, key, number = column["subscription"], column["ordering_key"], column["sequence"]
+    finished = ", ".join("'" + status + "'" for status in FINISHED)  # our constants
+    first = (
+        f"SELECT u.{column['id']} FROM {table} u WHERE u.{subscription} = k.{subscription} "
+        f"AND u.{key} = k.{key} AND u.{number} IS NOT NULL "
+        f"AND NOT (u.{column['status']} IN ({finished})) ORDER BY u.{number} LIMIT 1"
+    )
+    return RawSQL(f"SELECT ({first}) FROM ({keys}) k", params)
 
 
 def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
