@@ -576,3 +576,54 @@ def test_the_relay_enqueues_tasks_a_backend_refused_on_commit(tasks_wiring: str)
             assert row.task.call(message) == "succeeded"
         assert relay_pending(min_age=0).sent == 0  # nothing sent twice
     assert len(runs("record", [event.id])) == 1 == len(runs("record_async", [event.id]))
+
+
+def task_rows(event_id: uuid.UUID, using: str = "default") -> list[DBTaskResult]:
+    rows = DBTaskResult.objects.using(using).filter(args_kwargs__args__0__event__id=str(event_id))
+    return list(rows.order_by("enqueued_at"))
+
+
+def run_task(row: DBTaskResult) -> str:
+    """Run a task in this process, as db_worker would."""
+    [message] = row.args_kwargs["args"]
+    result: str = row.task.call(message)
+    return result
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "other"])
+def test_a_retry_the_task_backend_refuses_is_left_to_the_relay(
+    tasks_wiring: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed run whose retry the task backend cannot take (its database down) leaves the
+    retry due for the relay, as on Celery. Before, the task raised (db_worker fails it and
+    never runs it again) and an ordered delivery stayed pending for good, with no task, its
+    key held behind it."""
+    monkeypatch.setenv("DJANGO_EVENTS_ORDERING_FIXED", str(tmp_path))
+    account = f"down-{uuid.uuid4().hex[:6]}"
+    with override_settings(DATABASE_ROUTERS=[TasksElsewhere()]):
+        with transaction.atomic():
+            head = publish("tk.step", {"account": account, "n": 0, "fail": True})
+            behind = publish("tk.step", {"account": account, "n": 1})
+        [first] = task_rows(head.id, "other")
+        down = sqlite3.connect(connections["other"].settings_dict["NAME"], timeout=1)
+        down.execute("BEGIN EXCLUSIVE")  # the task database is down
+        try:
+            assert run_task(first) == "retry"
+        finally:
+            down.rollback()
+            down.close()
+        row = Delivery.objects.get(event_id=head.id, subscription="tk-ordered")
+        assert (row.status, row.attempts) == ("pending", 1)
+        assert row.retry_at is not None  # due for the relay's retries
+        assert task_rows(head.id, "other") == [first]
+
+        Path(tmp_path, account).touch()  # the fix deployed
+        time.sleep(0.2)  # the retry is due (backoff 0.1 s)
+        assert relay_pending(min_age=0).retried == 1
+
+        [_, retry] = task_rows(head.id, "other")
+        assert run_task(retry) == "succeeded"
+        [second] = task_rows(behind.id, "other")
+        assert run_task(second) == "succeeded"
+    ran = runs("ordered_step", [head.id, behind.id])
+    assert [r.payload["n"] for r in ran] == [0, 1]

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from django_events.conf import conf
 from django_events.delivery.messages import NO_RUNS, PriorRuns, build_message, event_body
-from django_events.delivery.worker import process_message, record_stopped_run
+from django_events.delivery.worker import defer_retry, process_message, record_stopped_run
 from django_events.events import Event
 from django_events.logs import batch_log_extra, log_extra
 from django_events.wiring.compiled import Subscription
@@ -75,7 +75,20 @@ def deliver(message: dict[str, Any]) -> str:
         base = message if outcome.retry_with is None else outcome.retry_with
         again = {**base, "task_retries": retries + 1, "rerun": True}
         run_after = timezone.now() + timedelta(seconds=outcome.retry_in)
-        _task(message_queue(message)).using(run_after=run_after).enqueue(again)
+        try:
+            _task(message_queue(message)).using(run_after=run_after).enqueue(again)
+        except Exception:
+            # The backend refused the retry (its database out of reach): the delivery's row
+            # is left due for the relay's retries, as Celery's path leaves a retry its broker
+            # refused. A task that raised is never run again by db_worker: raised only if
+            # the row could not be marked either.
+            logger.warning(
+                "Could not enqueue the retry of a django_events task",
+                exc_info=True,
+                extra=log_extra(None, str(message.get("subscription"))),
+            )
+            if not defer_retry(outcome):
+                raise
     return outcome.status
 
 
