@@ -18,6 +18,7 @@ from pathlib import Path
 
 import django
 import pytest
+from django.conf import settings
 from django.core.management import call_command
 from django.db import OperationalError, connection, connections, transaction
 from django.test import Client, override_settings
@@ -627,3 +628,31 @@ def test_a_retry_the_task_backend_refuses_is_left_to_the_relay(
         assert run_task(second) == "succeeded"
     ran = runs("ordered_step", [head.id, behind.id])
     assert [r.payload["n"] for r in ran] == [0, 1]
+
+
+def test_an_ordered_retry_whose_task_the_backend_lost_is_sent_by_the_relay(
+    tasks_wiring: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry of an ordered delivery whose task is gone (a task row deleted, a task failed
+    by a db_worker) is sent by the relay one threshold after its time, as an unordered
+    one's. Before, its row had no due time and the relay's check of lost messages looks at
+    Celery's only: the delivery stayed pending for good, its key held behind it."""
+    monkeypatch.setenv("DJANGO_EVENTS_ORDERING_FIXED", str(tmp_path))
+    account = f"lost-{uuid.uuid4().hex[:6]}"
+    soon = {**settings.DJANGO_EVENTS, "RESEND_UNFINISHED_AFTER": 0.1}
+    with override_settings(DJANGO_EVENTS=soon):
+        with transaction.atomic():
+            head = publish("tk.step", {"account": account, "n": 0, "fail": True})
+        [first] = task_rows(head.id)
+        assert run_task(first) == "retry"
+        [_, retry] = task_rows(head.id)
+        retry.delete()  # the task backend lost the retry's task
+
+        Path(tmp_path, account).touch()
+        time.sleep(0.3)  # the retry's time (0.1 s) and the threshold (0.1 s) passed
+        assert relay_pending(min_age=0).retried == 1
+
+        [_, again] = task_rows(head.id)
+        assert run_task(again) == "succeeded"
+    row = Delivery.objects.get(event_id=head.id, subscription="tk-ordered")
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)

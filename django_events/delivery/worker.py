@@ -540,11 +540,12 @@ def _run_claimed(
             response,
             uncounted=uncounted + skips_count,
         )
-        if not final and not ordered:
+        if not final and (not ordered or subscription.via == "tasks"):
             # The retry goes as a message with a countdown, which a worker killed as it takes
             # it (Redis, the filesystem transport) loses: the row falls due for the relay's
             # retries one threshold after the retry's own time; any outcome written clears it.
-            # (An ordered key's first delivery has the relay's own check for a lost message.)
+            # (An ordered key's first delivery has the relay's own check for a lost message,
+            # for Celery's: a task the backend lost or failed has no other.)
             row.retry_at = timezone.now() + timedelta(seconds=retry_in + resend_after())
         recorded = _record_quietly(alias, event, [row], always=True)
         # A final failure nobody can see (the database is down too) would be an event lost:
