@@ -439,13 +439,10 @@ def test_retried_failed_head_runs_then_its_key_follows_in_order(wired: Rig) -> N
     assert Delivery.objects.get(event_id=head, subscription="ord-flaky").attempts == 3
 
 
-def test_a_copy_of_a_running_delivery_comes_back_then_is_skipped(
-    wired: Rig,
-) -> None:
+@pytest.mark.postgresql  # no run lock elsewhere: the copy runs beside it (docs/ordering.md)
+def test_a_copy_of_a_running_delivery_comes_back_then_is_skipped(wired: Rig) -> None:
     # A copy of the message of a delivery whose handler runs (the relay's resend of a key's
     # first delivery, a broker's redelivery) reaches another worker process meanwhile.
-    if connection.vendor != "postgresql":
-        pytest.skip("no run lock but on PostgreSQL: the copy runs beside it (docs/ordering.md)")
     key = f"acct-{uuid.uuid4().hex[:6]}"
     event = publish("ord.slow", {"account": key, "n": 1, "hang": 6})
     wait_for((wired.faults / f"{event.id}-hang_once").exists, 60, "the first run to start")
