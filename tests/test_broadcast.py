@@ -67,6 +67,42 @@ def test_a_failed_copy_is_recorded_once_not_retried_and_not_hidden_by_later_succ
     assert HandlerRun.objects.count() == 1
 
 
+# One worker's release, then another's that cannot take the copy: it refuses the payload,
+# cannot upcast it, or cannot read the message's format.
+SHAPED = {**BROADCAST, "event": "bc.shaped"}
+LOOSE = {"bc.shaped": {"schema": {"type": "object"}}}
+STRICT = {"bc.shaped": {"schema": {"type": "object", "required": ["key"]}}}
+NEWER = {"bc.shaped": {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}}
+
+
+@pytest.mark.parametrize(
+    ("events", "version", "why"),
+    [
+        (STRICT, 1, "Payload no longer valid for 'bc.shaped'"),
+        (NEWER, 1, "upcaster exploded on purpose"),
+        (LOOSE, 2, "Message format v2 is unknown to this worker"),
+    ],
+    ids=["schema", "upcaster", "format"],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_copy_another_worker_cannot_take_is_not_hidden_by_a_success(
+    events: dict[str, object], version: int, why: str
+) -> None:
+    with wiring(SHAPED, EVENTS=LOOSE):
+        event = publish("bc.shaped", {"order_id": 1})
+        message = build_message(event_body(event), "bc", "default")
+        assert process_message(message, 0).status == "succeeded"  # one worker's copy
+    with wiring(SHAPED, EVENTS=events):
+        failed = process_message({**message, "v": version}, 0)  # another worker's
+
+    assert (failed.status, failed.retry_in) == ("failed", None)
+    row = Delivery.objects.get(event_id=event.id, subscription="bc")
+    assert (row.status, row.attempts) == ("failed", 0)  # this worker ran nothing
+    assert row.last_error.startswith("on ") and " pid " in row.last_error
+    assert why in row.last_error
+    assert HandlerRun.objects.count() == 1
+
+
 @pytest.mark.django_db(transaction=True)
 def test_copies_sent_again_finish_a_pending_row_but_never_a_failure() -> None:
     # events_resume sends a held broadcast again (its row pending): a copy's success

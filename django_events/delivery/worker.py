@@ -304,9 +304,8 @@ def _wait_for_newer(
         return _give_up(
             message,
             attempt - 1,
-            f"on {_this_worker()}: Not run on this worker: {exc}. A broadcast copy is not sent "
-            "again (it would reach every worker)",
-            subscription,
+            f"Not run on this worker: {exc}. A broadcast copy is not sent again (it would "
+            "reach every worker)",
         )
     error = f"Waiting for a newer worker: {exc}"
     extra = _message_log_extra(message)
@@ -1078,15 +1077,17 @@ def queues_left_waiting(consumed: Collection[str], default_queue: str) -> list[s
     return sorted(ours)
 
 
-def _give_up(
-    message: DeliveryMessage, runs: int, error: str, subscription: Subscription | None = None
-) -> Outcome:
+def _give_up(message: DeliveryMessage, runs: int, error: str) -> Outcome:
     """A poison message: record it as a failed delivery (no retry, nothing imported).
 
     ``runs``: the handler's runs to record (`Delivery.attempts`), this one included if the
-    handler ran. ``subscription``: the message's, when it is known here (a broadcast copy's
-    failure is written over another worker's success).
+    handler ran. A copy of a subscription this worker declares broadcast is recorded with
+    this worker's name, over another worker's success (whatever made it fail here: its
+    format, payload, upcasting, version).
     """
+    broadcast = _is_broadcast(message.subscription)
+    if broadcast:  # one row for every worker's copy: say whose copy failed
+        error = f"on {_this_worker()}: {error}"
     extra = _message_log_extra(message)
     logger.error("%s (event %s)", error, message.event.get("id"), extra=extra)
     try:
@@ -1103,7 +1104,9 @@ def _give_up(
         error,
         uncounted=message.uncounted,
     )
-    keep = _finished_wins(message.rerun, subscription)
+    # Any other message is treated as one its worker does not declare (nothing of it ran
+    # here): an idempotent or ordered subscription's rerun overwrites a finished row as before.
+    keep = not broadcast and _finished_wins(message.rerun, None)
     recorded = _record_quietly(message.alias, event, [row], always=True, keep_finished=keep)
     if recorded == DUPLICATE:
         return _duplicate(event, message.subscription)
