@@ -1242,6 +1242,15 @@ def test_a_disabled_endpoints_failures_are_left_failed_by_a_retry(
     failure.refresh_from_db()
     assert (failure.status, failure.attempts) == ("failed", 2)
 
+    # One skipped besides: still nothing retried, and the command says both.
+    save_deliveries("default", [delivery(event.id, "gone", "sync", "failed", 1, "x")])
+    with pytest.raises(CommandError) as caught:
+        call_command("events_retry", "--all", stdout=StringIO(), stderr=StringIO())
+    assert str(caught.value) == (
+        "No failed delivery was retried: 1 was skipped, for the reasons above; the others' "
+        "webhook endpoints are disabled; enable them first."
+    )
+
     # With another failure to retry, the command succeeds and says what it left.
     save_deliveries("default", [delivery(event.id, "shop-audit", "sync", "failed", 1, "x")])
     out = StringIO()

@@ -350,8 +350,12 @@ def test_events_retry_skips_failures_their_subscription_no_longer_takes(publish_
     )
     out, err = StringIO(), StringIO()
 
-    call_command("events_retry", "--all", stdout=out, stderr=err)
+    with pytest.raises(CommandError) as caught:  # nothing retried: exit status 1
+        call_command("events_retry", "--all", stdout=out, stderr=err)
 
+    assert str(caught.value) == (
+        "No failed delivery was retried: 3 were skipped, for the reasons above."
+    )
     assert out.getvalue() == (
         "Retried failed deliveries: 0 re-enqueued for a worker; 0 ran and succeeded; "
         "0 ran and failed; 3 skipped.\n"
@@ -366,6 +370,9 @@ def test_events_retry_skips_failures_their_subscription_no_longer_takes(publish_
     )
     skipped = Delivery.objects.filter(subscription__in=["gone", "shop-ledger"])
     assert set(skipped.values_list("status", "attempts")) == {("failed", 1)}
+    # With one to retry besides, the command succeeds and says what it skipped.
+    save_deliveries("default", [delivery(first.id, "shop-audit", "sync", "failed", 1, "Boom")])
+    assert "1 ran and succeeded; 0 ran and failed; 3 skipped." in run("events_retry", "--all")
 
 
 @pytest.mark.django_db(transaction=True)
@@ -938,10 +945,13 @@ def test_a_broadcast_failure_is_not_retried_nor_replayed(publish_now, queue) -> 
             "default", [delivery(event.id, "shop-fanout", "async", "failed", 1, "on host1: Boom")]
         )
 
-        out = run("events_retry", "--subscription", "shop-fanout")
+        out, err = StringIO(), StringIO()
+        with pytest.raises(CommandError, match="retried: 1 was skipped, for the reasons above"):
+            call_command("events_retry", "--subscription", "shop-fanout", stdout=out, stderr=err)
         message = fails("events_replay", "shop-fanout")
 
-    assert "0 re-enqueued for a worker" in out and "1 skipped" in out
+    assert "0 re-enqueued for a worker" in out.getvalue() and "1 skipped" in out.getvalue()
+    assert "a broadcast is not retried" in err.getvalue()
     assert "Subscription 'shop-fanout' is a broadcast" in message
     row = Delivery.objects.get(event_id=event.id, subscription="shop-fanout")
     assert (row.status, row.attempts, row.last_error) == ("failed", 1, "on host1: Boom")

@@ -6,7 +6,11 @@ from django.core.management.base import CommandError, CommandParser
 
 from django_events.delivery.endpoints import EndpointSubscription
 from django_events.management.base import EventLogCommand, add_database_argument
-from django_events.operations.redelivery import find_subscription, unknown_subscription
+from django_events.operations.redelivery import (
+    RedeliveryResult,
+    find_subscription,
+    unknown_subscription,
+)
 from django_events.operations.retrying import retry_failures, select_failures
 from django_events.operations.timerange import EXAMPLES, parse_range
 from django_events.wiring.registry import get_registry
@@ -62,8 +66,17 @@ class Command(EventLogCommand):
         self.stdout.write(f"Retried failed deliveries: {result.summary()}")
         if result.unsent:
             raise CommandError("The broker did not take every delivery; they stay failed.")
-        if result.disabled and not result.anything_done:
-            raise CommandError(
-                "No failed delivery was retried: their webhook endpoints are disabled; "
-                "enable them first."
-            )
+        if (result.skipped or result.disabled) and not result.anything_done:
+            raise CommandError(nothing_retried(result))
+
+
+def nothing_retried(result: RedeliveryResult) -> str:
+    """Why a retry that found failures (all skipped or left failed) retried none of them."""
+    reasons = []
+    if result.skipped:
+        count = len(result.skipped)
+        reasons.append(f"{count} {'was' if count == 1 else 'were'} skipped, for the reasons above")
+    if result.disabled:
+        whose = "the others'" if result.skipped else "their"
+        reasons.append(f"{whose} webhook endpoints are disabled; enable them first")
+    return f"No failed delivery was retried: {'; '.join(reasons)}."
