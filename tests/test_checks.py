@@ -2780,6 +2780,7 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
         "http://hooks.example.com/in?token=t-123": "CRM",
         "https://10.0.0.7:8443/p/t-123": "",
         "https://localhost/in": "local",
+        "https://localhost./in": "fqdn",  # Django's URLField refuses it: stored before
         "https://[::1]/in": "off",  # disabled: sent nothing
     }
     made = []
@@ -2794,7 +2795,7 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
     with pytest.raises(SystemCheckError) as caught:
         call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
 
-    crm, private, local, _ = made
+    crm, private, local, fqdn, _ = made
     https_only = (
         "use an https:// URL (http:// only with DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on)."
     )
@@ -2807,6 +2808,8 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
             f"10.0.0.7 {NOT_PUBLIC}",
             f"Webhook endpoint {local} ('local') in database 'default': Refused "
             f"https://localhost/: localhost {NOT_PUBLIC}",
+            f"Webhook endpoint {fqdn} ('fqdn') in database 'default': Refused "
+            f"https://localhost./: localhost {NOT_PUBLIC}",
         )
     )
     assert "t-123" not in str(caught.value)
@@ -2815,7 +2818,7 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
             "HINT: Each delivery to it is refused: give it an https:// URL of a public address in "
             "the admin, or disable or delete it."
         )
-        == 3
+        == 4
     )
     allowed = {**settings.DJANGO_EVENTS, "WEBHOOKS_ALLOW_PRIVATE": True}
     with override_settings(DJANGO_EVENTS=allowed):  # sent, then (W320 tells of the setting)

@@ -273,6 +273,18 @@ HTTP_OR_HTTPS = "use an https:// or http:// URL (webhooks use no other)."
             "https://api.localhost/in",
             f"Refused https://api.localhost/: api.localhost {NOT_PUBLIC}",
         ),
+        (  # a fully qualified name: its trailing dot, case
+            False,
+            "https://api.localhost./in",
+            f"Refused https://api.localhost./: api.localhost {NOT_PUBLIC}",
+        ),
+        (
+            False,
+            "https://Hooks.LOCALHOST./in",
+            f"Refused https://hooks.localhost./: hooks.localhost {NOT_PUBLIC}",
+        ),
+        (False, "https://LOCALHOST/in", f"Refused https://localhost/: localhost {NOT_PUBLIC}"),
+        (False, "https://localhost./in", "Enter a valid URL."),  # Django's URL rules
         (True, "http://127.0.0.1:8000/in", None),
         (True, "https://localhost/in", None),
         (True, "http://10.0.0.7/in", None),

@@ -117,7 +117,8 @@ def check_url(url: str) -> None:
     and `create_endpoint` alike.
 
     An ``https://`` URL (or ``http://`` with ``WEBHOOKS_ALLOW_PRIVATE``) whose host, given as
-    an address (or ``localhost``), is public unless ``WEBHOOKS_ALLOW_PRIVATE``. A host name
+    an address (or ``localhost``, a name under it, in any case, with or without a fully
+    qualified name's trailing dot), is public unless ``WEBHOOKS_ALLOW_PRIVATE``. A host name
     is checked where it resolves, at each attempt (`webhooks.resolve`); a user name or
     password is refused by the model's ``clean``.
     """
@@ -141,7 +142,7 @@ def check_url(url: str) -> None:
         )
     if allow_private:
         return
-    host = parts.hostname or ""
+    host = _normal_host(parts.hostname or "")
     if host == "localhost" or host.endswith(".localhost"):  # always loopback (RFC 6761)
         public = False
     else:
@@ -159,6 +160,12 @@ def check_url(url: str) -> None:
             code="address",
             params={"url": shown, "address": host},
         )
+
+
+def _normal_host(host: str) -> str:
+    """``host`` as the rules compare it: lower-case, without the one trailing dot of a fully
+    qualified name (``localhost.`` is ``localhost``, ``127.0.0.1.`` that address)."""
+    return host.lower().removesuffix(".")
 
 
 def check_patterns(patterns: Sequence[object]) -> list[str]:
