@@ -504,6 +504,21 @@ def test_events_list_shows_paused_and_held() -> None:
         assert "held" not in out.getvalue()  # the wiring alone needs no database
 
 
+def test_events_list_state_says_active_for_a_subscription_never_paused() -> None:
+    """Held rows behind a failure of their key, no pause: the line said "resumed", as if an
+    operator had paused and resumed it; the admin's wiring page says "active"."""
+    ordered = {**sub("o", "async"), "ordering_key": "order_id"}
+    with wiring(ordered, CELERY_APP="tests.brokers.unreachable"):
+        first, *later = (publish("orders.placed", order(1)).id for _ in range(4))
+        Delivery.objects.filter(event_id=first).update(status="failed", attempts=1)
+        Delivery.objects.filter(event_id__in=later).update(status="held")
+        out = io.StringIO()
+        call_command("events_list", "--state", "--no-endpoints", stdout=out)
+
+    assert out.getvalue().splitlines()[-1] == "  o: active, 3 held"
+    assert "resumed" not in out.getvalue()
+
+
 def test_resuming_a_subscription_no_longer_declared_records_its_held_rows_failed() -> None:
     # Held, nothing could ever run them, resolve them or prune their events.
     with wiring(sub("gone", "sync")):

@@ -100,8 +100,9 @@ class Command(EventLogCommand):
             data["held"] = {name: s["held"] for name, s in state.items() if s["held"]}
             text = json.dumps(data, indent=2, sort_keys=True)
         elif fmt == "table" and state:
+            # "active", as the admin's wiring page: "resumed" read as if it had been paused.
             lines = [
-                f"{name}: {'paused' if s['paused'] else 'resumed'}, {s['held']} held"
+                f"{name}: {'paused' if s['paused'] else 'active'}, {s['held']} held"
                 for name, s in sorted(state.items())
             ]
             text += "\n\nPaused or holding deliveries:\n  " + "\n  ".join(lines)
