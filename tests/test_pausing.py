@@ -519,6 +519,34 @@ def test_events_list_state_says_active_for_a_subscription_never_paused() -> None
     assert "resumed" not in out.getvalue()
 
 
+def test_events_list_held_names_the_failure_a_paused_keys_deliveries_wait_behind() -> None:
+    """Paused, and the key's first delivery failed: the line said "paused (events_resume o
+    sends them)", but after a resume the worker holds them again behind the failure, in
+    order: what releases them is a retry or resolve of that failure."""
+    ordered = {**sub("o", "async"), "ordering_key": "order_id"}
+    with wiring(ordered, CELERY_APP="tests.brokers.unreachable"):
+        pause("o")
+        first, *later = (publish("orders.placed", order(1)).id for _ in range(7))
+        Delivery.objects.filter(event_id=first).update(
+            status="failed", attempts=1, last_error="RuntimeError: declined\nTraceback"
+        )
+        Delivery.objects.filter(event_id__in=later).update(status="held")
+        alone = publish("orders.placed", order(2)).id  # a key the pause alone holds
+        Delivery.objects.filter(event_id=alone).update(status="held")
+        listed = io.StringIO()
+        call_command("events_list", "--held", stdout=listed)
+
+    failure = (
+        f"behind {first} (failed, 1 attempt(s)): RuntimeError: declined; retry it "
+        "(events_retry) or mark it resolved (the admin) to send them"
+    )
+    assert listed.getvalue().splitlines() == [
+        f"o [1]: 6 held, {failure}; paused too (events_resume o does not send them before it)",
+        "o [2]: 1 held, paused (events_resume o sends them)",
+        "7 held delivery(ies)",
+    ]
+
+
 def test_resuming_a_subscription_no_longer_declared_records_its_held_rows_failed() -> None:
     # Held, nothing could ever run them, resolve them or prune their events.
     with wiring(sub("gone", "sync")):

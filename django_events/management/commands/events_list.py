@@ -114,16 +114,28 @@ class Command(EventLogCommand):
             self.stdout.write(json.dumps(held, indent=2, default=str))
             return
         for row in held:
-            head: dict[str, Any] | None = row["head"]  # type: ignore[assignment]
-            if row["paused"]:
-                behind = f"paused (events_resume {row['subscription']} sends them)"
-            else:
-                behind = (
-                    f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
-                    + (f": {head['last_error'].splitlines()[0]}" if head["last_error"] else "")
-                    if head
-                    else "behind nothing (events_relay hands it on)"
-                )
+            behind = _behind(row)
             key = "" if row["ordering_key"] is None else f" [{row['ordering_key']}]"
             self.stdout.write(f"{row['subscription']}{key}: {row['held']} held, {behind}")
         self.stdout.write(f"{sum(int(str(r['held'])) for r in held)} held delivery(ies)")
+
+
+def _behind(row: dict[str, Any]) -> str:
+    """What a key's held deliveries wait for: the pause only when their head is one of them
+    (or they have no key to wait in); a failed head whatever the pause (a resume leaves them
+    behind it, in order)."""
+    head: dict[str, Any] | None = row["head"]
+    name = row["subscription"]
+    unordered = row["ordering_key"] is None
+    if row["paused"] and (head is None or head["status"] == "held" or unordered):
+        return f"paused (events_resume {name} sends them)"
+    if head is None:
+        return "behind nothing (events_relay hands it on)"
+    error = head["last_error"].splitlines()[0] if head["last_error"] else ""
+    text = f"behind {head['event_id']} ({head['status']}, {head['attempts']} attempt(s))"
+    text += f": {error}" if error else ""
+    if head["status"] == "failed":
+        text += "; retry it (events_retry) or mark it resolved (the admin) to send them"
+    if row["paused"]:
+        text += f"; paused too (events_resume {name} does not send them before it)"
+    return text
