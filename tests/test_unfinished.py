@@ -269,7 +269,10 @@ def test_the_relay_function_reports_what_it_resent(plain, publish_now, caplog) -
 
     assert (result.resent, result.checked) == (3, 2)  # checked once per queue
     [line] = [r.getMessage() for r in caplog.records if "Resent" in r.getMessage()]
-    assert "Resent 3 async deliveries" in line
+    assert "Resent 3 async deliveries with no outcome recorded 3600s after" in line
+    # No outcome is what is known: a lost message, or a success row a killed worker lost.
+    assert "their message lost, or a worker killed before it wrote their outcome" in line
+    assert "their message was lost" not in line
     assert "shop-once x1, shop-plain x1, shop-receipt x1" in line
 
 

@@ -121,8 +121,11 @@ def resend_unfinished(
         _resend_queue(queue, threshold, batch_size, using, registry, queue_hooks, result)
     if result.total or result.unsent:
         logger.warning(
-            "Resent %d async deliveries with no outcome %gs after their event was dispatched "
-            "(their message was lost): %s%s",
+            # What is known is that no outcome was recorded: the message may be lost, or a
+            # worker killed before it wrote a batched success (the handler ran: it runs again).
+            "Resent %d async deliveries with no outcome recorded %gs after their event was "
+            "dispatched (their message lost, or a worker killed before it wrote their outcome; "
+            "see docs/reliability.md, Deliveries with no outcome): %s%s",
             result.total,
             threshold,
             ", ".join(f"{name} x{count}" for name, count in sorted(result.resent.items())),

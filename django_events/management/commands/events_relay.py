@@ -66,7 +66,8 @@ class Command(BaseCommand):
             default=None,
             metavar="SECONDS",
             help="Send again the async deliveries of events dispatched longer ago than this "
-            "that still have no outcome (their message was lost). Default: the "
+            "that still have no outcome recorded (their message lost, or a worker killed "
+            "before it wrote their outcome: the handler runs again). Default: the "
             "RESEND_UNFINISHED_AFTER setting, else one hour plus the broker's visibility "
             "timeout (two hours on Redis). Keep it above the longest queue wait plus run.",
         )
