@@ -1802,9 +1802,11 @@ def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -
 
 
 @pytest.mark.django_db(transaction=True)
-def test_events_relay_loop_stops_on_ctrl_c_with_a_line_and_status_0() -> None:
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_events_relay_loop_stops_on_ctrl_c_or_sigterm_with_a_line_and_status_0(stop: str) -> None:
     """Ctrl+C is how a loop is stopped by hand: no KeyboardInterrupt traceback, and status 0
-    as Django's runserver and a Celery worker's warm shutdown exit."""
+    as Django's runserver and a Celery worker's warm shutdown exit. SIGTERM is how systemd,
+    Docker and Kubernetes stop it: it exited 143 (killed by the signal) without the line."""
     import os
     import select
     import signal
@@ -1833,7 +1835,7 @@ def test_events_relay_loop_stops_on_ctrl_c_with_a_line_and_status_0() -> None:
         assert ready, "the loop printed nothing in 30 s"
         first = relay.stdout.readline()  # a pass ran: the loop is going
         assert first.startswith("Relayed 1 event(s)"), first
-        relay.send_signal(signal.SIGINT)
+        relay.send_signal(getattr(signal, stop))
         out, err = relay.communicate(timeout=30)
     finally:
         relay.kill()
@@ -1841,3 +1843,23 @@ def test_events_relay_loop_stops_on_ctrl_c_with_a_line_and_status_0() -> None:
 
     assert (relay.returncode, out, err) == (0, "Stopped.\n", "")
     assert EventRecord.objects.get(pk=record.pk).status == "dispatched"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_relay_asked_to_stop_ends_after_the_batch_under_way() -> None:
+    """What SIGTERM asks of a loop's pass: the batch under way is sent and marked, the rest
+    is left pending for the next run (nothing half-done)."""
+    from django_events.operations.relay import relay_backlog
+
+    records = [pending("orders.placed", {"order_id": n, "total": 1.0}) for n in range(3)]
+    asked: list[bool] = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return True
+
+    result = relay_backlog(batch_size=1, stop=stop)
+
+    assert (result.sent, len(asked)) == (1, 1)
+    statuses = [EventRecord.objects.get(pk=r.pk).status for r in records]
+    assert statuses == ["dispatched", "pending", "pending"]

@@ -4,6 +4,7 @@ task backend (``via: tasks`` on a backend that enqueues after commit)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -176,8 +177,10 @@ def relay_backlog(
     min_age: float = 0.0,
     using: str | None = None,
     resend_after: float | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> RelayResult:
     """Relay passes until the backlog is empty or the broker stops taking it; the totals.
+    ``stop`` is asked after each pass (each its own transactions): true ends it there.
 
     Raises the `DatabaseError` of a database that cannot be reached (see `DatabaseOutage`).
     """
@@ -195,7 +198,7 @@ def relay_backlog(
         # too, but a batch of nothing else would be read again and again.
         took = result.sent + result.undeclared
         more = (took and took + result.newer >= batch_size) or result.checked >= batch_size
-        if result.unsent or not more:
+        if result.unsent or not more or (stop is not None and stop()):
             return RelayResult(
                 sent,
                 result.unsent,

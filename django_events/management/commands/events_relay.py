@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from datetime import datetime, timedelta
+from types import FrameType, TracebackType
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -22,6 +25,56 @@ from django_events.operations.relay import (
 
 # Seconds between a loop's passes while the database or the broker is down, at most.
 MAX_BACKOFF = 30.0
+
+
+class _Stop(BaseException):
+    """Raised out of the loop's wait on SIGTERM (a BaseException: no handler takes it)."""
+
+
+class _StopOnSigterm:
+    """SIGTERM (how systemd, Docker and Kubernetes stop a service) stops the loop as Ctrl+C
+    does, but never mid-pass: during a wait at once, during a pass once its current batch
+    is done (each batch commits what it sent: nothing is left half-done)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._waiting = False
+        self._previous: Any = None
+        self._installed = False
+
+    def __enter__(self) -> _StopOnSigterm:
+        # Signal handlers can only be set in the main thread (call_command elsewhere: none).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._installed = True
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.requested = True
+        if self._waiting:
+            raise _Stop
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def sleep(self, seconds: float) -> None:
+        """Wait between passes; raise `_Stop` once SIGTERM came (before or during)."""
+        self._waiting = True  # before the check: a signal in between raises at once
+        try:
+            if self.requested:
+                raise _Stop
+            time.sleep(seconds)
+        finally:
+            self._waiting = False
 
 
 class Command(BaseCommand):
@@ -86,8 +139,11 @@ class Command(BaseCommand):
                 raise CommandError(f"The database could not be reached: {exc}") from exc
             return
         try:
-            self._loop(options)
+            with _StopOnSigterm() as stop:
+                self._loop(options, stop)
         except KeyboardInterrupt:  # Ctrl+C: how a loop is stopped by hand (status 0, as runserver)
+            self.stdout.write("Stopped.")
+        except _Stop:  # SIGTERM: a service manager's stop, after the pass under way
             self.stdout.write("Stopped.")
 
     def _requeue(self, options: dict[str, Any]) -> None:
@@ -104,7 +160,7 @@ class Command(BaseCommand):
                 "that is gone as failed: retry them (events_retry, or the admin's failures)."
             )
 
-    def _loop(self, options: dict[str, Any]) -> None:
+    def _loop(self, options: dict[str, Any], stop: _StopOnSigterm) -> None:
         """Relay until stopped, outliving database and broker outages (logged once each)."""
         interval = options["interval"]
         outage = DatabaseOutage(options["database"])
@@ -112,12 +168,12 @@ class Command(BaseCommand):
         while True:
             try:
                 self._requeue(options)
-                result = self._drain(options)
+                result = self._drain(options, stop)
             except DatabaseError as exc:
                 _refuse_without_tables(options["database"], exc)  # no outage: no relay ever
                 outage.failed(exc)
                 delay = min(delay * 2, max(interval, MAX_BACKOFF))
-                time.sleep(delay)
+                stop.sleep(delay)
                 continue
             outage.passed()
             if result.sent or result.retried or result.resent or result.unsent > unsent_before:
@@ -127,14 +183,15 @@ class Command(BaseCommand):
             unsent_before = result.unsent
             # The broker did not take everything: it is down (broker.health logs it once).
             delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
-            time.sleep(delay)
+            stop.sleep(delay)
 
-    def _drain(self, options: dict[str, Any]) -> RelayResult:
+    def _drain(self, options: dict[str, Any], stop: _StopOnSigterm | None = None) -> RelayResult:
         return relay_backlog(
             batch_size=options["batch_size"],
             min_age=options["min_age"],
             using=options["database"],
             resend_after=options["resend_unfinished_after"],
+            stop=stop,
         )
 
     @staticmethod
