@@ -416,7 +416,7 @@ def _count(run: Run, relay_log: Path) -> tuple[dict[str, Any], bool]:
     )
     text = relay_log.read_text(errors="replace") if relay_log.exists() else ""
     relayed_events = sum(int(n) for n in re.findall(r"Relayed (\d+) event", text))
-    relayed_retries = sum(int(n) for n in re.findall(r"and (\d+) due retr", text))
+    relayed_retries = sum(int(n) for n in re.findall(r"and (\d+) due deliver", text))
     resent = sum(int(n) for n in re.findall(r"resent (\d+) delivery", text))
     from django_events.conf import conf
 

@@ -284,7 +284,7 @@ def test_a_resent_message_lost_again_is_sent_once_more_when_due(plain, publish_n
     drain(plain)  # lost again
     Delivery.objects.filter(event_id=paid.id).update(retry_at=timezone.now())
 
-    assert "and 3 due retry(ies)" in relay()
+    assert "and 3 due delivery(ies) (retries, hand-ons)" in relay()
     assert sorted(s for s, _ in messages(plain)) == ["shop-once", "shop-plain", "shop-receipt"]
 
 

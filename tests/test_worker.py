@@ -83,7 +83,7 @@ def test_a_retry_whose_message_is_lost_falls_due_for_the_relay(queue: str, publi
         Delivery.objects.filter(pk=row.pk).update(retry_at=timezone.now() - timedelta(seconds=1))
         out = StringIO()
         call_command("events_relay", "--min-age", "0", stdout=out, stderr=StringIO())
-        assert "1 due retry(ies)" in out.getvalue()
+        assert "1 due delivery(ies) (retries, hand-ons)" in out.getvalue()
         [again] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
         assert process_message(again, 0, manage_connections=False).status == "succeeded"
 
@@ -135,7 +135,7 @@ def test_uncounted_runs_stay_uncounted_when_the_relay_sends_a_lost_retry(
         Delivery.objects.filter(event_id=job.id).update(retry_at=timezone.now())
         out = StringIO()
         call_command("events_relay", "--min-age", "0", stdout=out, stderr=StringIO())
-        assert "1 due retry(ies)" in out.getvalue()
+        assert "1 due delivery(ies) (retries, hand-ons)" in out.getvalue()
         [again] = retry_later_messages(queue)
         assert (again["prior_attempts"], again["uncounted"]) == (2, 2)
         # The first run that counts raises: 1 of max_attempts 2, so it is retried once more.

@@ -177,9 +177,10 @@ class Command(BaseCommand):
                 continue
             outage.passed()
             if result.sent or result.retried or result.resent or result.unsent > unsent_before:
-                # This pass's count: the records younger than --min-age are not in it.
+                # This pass's count: the records younger than --min-age are not in it. A pass
+                # the broker refused nothing says nothing of it.
                 left = f"{result.unsent} not taken by the broker (left pending)"
-                self.stdout.write(self._relayed(result, left))
+                self.stdout.write(self._relayed(result, left if result.unsent else ""))
             unsent_before = result.unsent
             # The broker did not take everything: it is down (broker.health logs it once).
             delay = min(delay * 2, max(interval, MAX_BACKOFF)) if result.unsent else interval
@@ -196,9 +197,14 @@ class Command(BaseCommand):
 
     @staticmethod
     def _relayed(result: RelayResult, left: str) -> str:
-        retries = f" and {result.retried} due retry(ies)" if result.retried else ""
-        resent = f"; resent {result.resent} delivery(ies) with no outcome" if result.resent else ""
-        return f"Relayed {result.sent} event(s){retries}; {left}{resent}."
+        # Due deliveries: retries, and ordered hand-ons, the broker refused to a worker.
+        due = (
+            f" and {result.retried} due delivery(ies) (retries, hand-ons)" if result.retried else ""
+        )
+        parts = [f"Relayed {result.sent} event(s){due}"]
+        parts += [left] if left else []
+        parts += [f"resent {result.resent} delivery(ies) with no outcome"] if result.resent else []
+        return "; ".join(parts) + "."
 
     def _one_shot(self, options: dict[str, Any]) -> None:
         """Send every record pending when the run started; account for each one left."""
