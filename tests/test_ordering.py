@@ -330,6 +330,26 @@ def test_a_delivery_held_by_its_key_shows_in_the_admin(queue: str, publish_now: 
     )
 
 
+def held_behind_a_failure(
+    queue: str, publish_now: Any, field: str, key: str
+) -> tuple[Event, Event]:
+    """Two events of one key (``field``): the first's delivery failed, its error quoting the
+    key; the second's held behind it, by a worker. Inside `shop_wiring` of a subscription
+    ordered by ``field``."""
+    first = publish_now("shop.paid", {"order_id": 1, field: key})
+    second = publish_now("shop.paid", {"order_id": 2, field: key})
+    Delivery.objects.filter(event_id=first.id, subscription=ORDERED["name"]).update(
+        status="failed", attempts=1, last_error=f"RuntimeError: declined {key}"
+    )
+    [message] = [
+        m
+        for m in drain(queue)
+        if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
+    ]
+    assert process_message(message, 0, manage_connections=False).status == "held"
+    return first, second
+
+
 @pytest.mark.django_db
 def test_a_key_that_is_a_redacted_value_is_masked_where_held_deliveries_show(
     queue: str, publish_now: Any
@@ -341,17 +361,7 @@ def test_a_key_that_is_a_redacted_value_is_masked_where_held_deliveries_show(
     by_email = {**ORDERED, "ordering_key": "email"}
     email = "ada@example.com"
     with shop_wiring(queue, SUBSCRIPTIONS=[by_email]):
-        first = publish_now("shop.paid", {"order_id": 1, "email": email})
-        second = publish_now("shop.paid", {"order_id": 2, "email": email})
-        Delivery.objects.filter(event_id=first.id, subscription=ORDERED["name"]).update(
-            status="failed", attempts=1, last_error=f"RuntimeError: declined {email}"
-        )
-        [message] = [
-            m
-            for m in drain(queue)
-            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
-        ]
-        assert process_message(message, 0, manage_connections=False).status == "held"
+        first, second = held_behind_a_failure(queue, publish_now, "email", email)
 
         page = user_client("view_eventrecord").get(
             reverse("admin:django_events_eventrecord_change", args=[second.id])
@@ -381,17 +391,7 @@ def test_held_deliveries_of_an_event_no_longer_declared_mask_every_value(
     by_account = {**ORDERED, "ordering_key": "account"}
     account = "acct-4111-secret"
     with shop_wiring(queue, SUBSCRIPTIONS=[by_account]):
-        first = publish_now("shop.paid", {"order_id": 1, "account": account})
-        second = publish_now("shop.paid", {"order_id": 2, "account": account})
-        Delivery.objects.filter(event_id=first.id, subscription=ORDERED["name"]).update(
-            status="failed", attempts=1, last_error=f"RuntimeError: declined {account}"
-        )
-        [message] = [
-            m
-            for m in drain(queue)
-            if m["subscription"] == ORDERED["name"] and m["event"]["id"] == str(second.id)
-        ]
-        assert process_message(message, 0, manage_connections=False).status == "held"
+        first, second = held_behind_a_failure(queue, publish_now, "account", account)
         # A deploy renamed the event: its records' declaration, and redact list, are gone.
         EventRecord.objects.filter(pk__in=[first.id, second.id]).update(name="shop.renamed")
 

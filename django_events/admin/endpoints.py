@@ -160,12 +160,8 @@ class WebhookEndpointForm(forms.ModelForm):  # type: ignore[type-arg]
         return endpoint
 
 
-def _matches(name: str, pattern: str) -> bool:
-    return fnmatchcase(name, pattern)
-
-
 def _receives(endpoint: WebhookEndpoint, event_name: str) -> bool:
-    return any(_matches(event_name, p) for p in endpoint.events or () if isinstance(p, str))
+    return any(fnmatchcase(event_name, p) for p in endpoint.events or () if isinstance(p, str))
 
 
 class ReplayForm(forms.Form):

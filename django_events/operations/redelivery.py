@@ -10,6 +10,7 @@ then succeeded or failed.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -63,7 +64,7 @@ class RedeliveryResult:
     skipped: list[str] = field(default_factory=list)
     # Failures of disabled webhook endpoints left failed, by endpoint subscription name: each
     # attempt would fail without a call (enable the endpoint, then retry them).
-    disabled: dict[str, int] = field(default_factory=dict)
+    disabled: Counter[str] = field(default_factory=Counter)
 
     def add(self, other: RedeliveryResult) -> None:
         self.sent += other.sent
@@ -75,8 +76,7 @@ class RedeliveryResult:
         self.held += other.held
         self.at_commit += other.at_commit
         self.skipped.extend(other.skipped)
-        for name, count in other.disabled.items():
-            self.disabled[name] = self.disabled.get(name, 0) + count
+        self.disabled.update(other.disabled)
 
     @property
     def ok(self) -> bool:

@@ -129,8 +129,7 @@ def _claim(
             continue
         if isinstance(subscription, EndpointSubscription) and subscription.disabled:
             # A worker would fail each at once, without a call: left as they are.
-            name = failure.subscription
-            result.disabled[name] = result.disabled.get(name, 0) + 1
+            result.disabled[failure.subscription] += 1
             continue
         if not reaches(subscription, record.name):
             result.skipped.append(
