@@ -1365,8 +1365,21 @@ def test_events_replay_gives_a_sync_handler_the_declared_version(queue) -> None:
 
 
 @pytest.mark.django_db
-def test_events_replay_records_an_upcaster_failure_without_running_the_handler(queue) -> None:
-    declared = {"version": 2, "upcast": {1: "tests.app.upcasters.explode"}}
+@pytest.mark.parametrize(
+    ("upcaster", "error"),
+    [
+        ("explode", "raised RuntimeError: upcaster exploded on purpose"),
+        ("drop_everything", "returned an invalid payload: $: 'order_id' is a required property"),
+    ],
+)
+def test_events_replay_records_an_upcaster_failure_without_running_the_handler(
+    queue, upcaster: str, error: str
+) -> None:
+    declared = {
+        "version": 2,
+        "upcast": {1: f"tests.app.upcasters.{upcaster}"},
+        "schema": {"type": "object", "required": ["order_id"]},
+    }
     subscription = {"event": "o.placed", "handler": RECORD, "mode": "sync", "name": "o-sync"}
     with shop_wiring(queue, EVENTS={"o.placed": declared}, SUBSCRIPTIONS=[subscription]):
         record = pending("o.placed", {"order_id": 1}, status="dispatched")
@@ -1378,8 +1391,7 @@ def test_events_replay_records_an_upcaster_failure_without_running_the_handler(q
     assert (failed.status, failed.attempts, failed.last_error) == (
         "failed",
         0,
-        "Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.explode) raised "
-        "RuntimeError: upcaster exploded on purpose",
+        f"Upcaster v1 -> v2 of event 'o.placed' (tests.app.upcasters.{upcaster}) {error}",
     )
     assert not HandlerRun.objects.exists()
 

@@ -58,7 +58,7 @@ from django_events.models import Delivery, EventRecord
 from django_events.signals import send_delivery_failed
 from django_events.wiring.compiled import HandlerImportError, Registry, Subscription
 from django_events.wiring.declarations import RetryPolicy
-from django_events.wiring.redaction import redact_text, stale_payload_error
+from django_events.wiring.redaction import redact_text
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.worker")
@@ -192,23 +192,25 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             f"Subscription {subscription.name!r} does not receive event {event_name!r} "
             "asynchronously on this worker",
         )
-    data = message.event["payload"]
+    data = sent = message.event["payload"]
     event_message = message.event
     version = event_message.get("version", 1)
+    redact = compiled.declaration.redact
     if version != compiled.declaration.version:
         try:
-            data = compiled.upgrade(data, int(version))
+            version = int(version)
+            data = compiled.upgrade(data, version, validate=False)  # checked once, below
         except NewerVersion as exc:
             return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
         except UpcastError as exc:
-            details = redact_text(str(exc), data, compiled.declaration.redact)
-            return _give_up(message, prior_runs, details)
+            return _give_up(message, prior_runs, redact_text(str(exc), sent, redact))
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
             return _give_up(message, prior_runs, f"Malformed event in message: version {exc}")
         event_message = {**event_message, "payload": data, "version": compiled.version}
-    problems = compiled.validator.problems(data, compiled.declaration.redact)
+    problems = compiled.validator.problems(data, redact)
     if problems:
-        return _give_up(message, prior_runs, stale_payload_error(event_name, problems))
+        details = redact_text(compiled.payload_error(version, problems), sent, redact)
+        return _give_up(message, prior_runs, details)
     try:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:

@@ -33,7 +33,7 @@ from django_events.logs import log_extra
 from django_events.models import Delivery, EventRecord
 from django_events.operations.failing import record_failed
 from django_events.wiring.compiled import CompiledEvent, Registry, Subscription
-from django_events.wiring.redaction import redact_text, stale_payload_error
+from django_events.wiring.redaction import redact_text
 from django_events.wiring.registry import get_registry
 
 logger = logging.getLogger("django_events.redelivery")
@@ -425,7 +425,7 @@ def _run_one(
 ) -> Delivery | None:
     """The outcome of one run (None only if ``run_sync_handler`` records no success)."""
     try:
-        data = event_type.upgrade(record.payload, record.version)
+        data = event_type.upgrade(record.payload, record.version, validate=False)
     except (NewerVersion, UpcastError) as exc:
         # The handler did not run: a failure, its count of runs as it was. (Of a newer
         # version too: no worker takes a sync delivery later, a retry from a process of the
@@ -437,9 +437,12 @@ def _run_one(
         )
         failed = Delivery.Status.FAILED
         return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
-    problems = event_type.validator.problems(data, event_type.declaration.redact)
+    redact = event_type.declaration.redact
+    problems = event_type.validator.problems(data, redact)
     if problems:
-        error = stale_payload_error(record.name, problems)
+        error = redact_text(
+            event_type.payload_error(record.version, problems), record.payload, redact
+        )
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )

@@ -26,8 +26,8 @@ from django_events.wiring.declarations import (
     SubscriptionDeclaration,
 )
 from django_events.wiring.filters import Predicate
-from django_events.wiring.redaction import redact_text
-from django_events.wiring.upcasting import Upcaster, upcast
+from django_events.wiring.redaction import redact_text, stale_payload_error
+from django_events.wiring.upcasting import Upcaster, invalid_result, upcast
 from django_events.wiring.validation import PayloadValidator, json_problems, plain_json_copy
 
 Handler = Callable[[Event], Any]
@@ -113,9 +113,15 @@ class CompiledEvent:
     def version(self) -> int:
         return self.declaration.version
 
-    def upgrade(self, data: dict[str, Any], version: int) -> dict[str, Any]:
+    def upgrade(
+        self, data: dict[str, Any], version: int, *, validate: bool = True
+    ) -> dict[str, Any]:
         """Upcast ``data`` of ``version`` to the declared version (raises ``UpcastError``,
-        or ``NewerVersion`` for a version this process does not know yet)."""
+        or ``NewerVersion`` for a version this process does not know yet).
+
+        An upcast result is checked against the schema, unless ``validate`` is false: then
+        the caller checks every payload once, and `payload_error` says what is wrong.
+        """
         declaration = self.declaration
         if version == declaration.version:
             return data
@@ -126,8 +132,18 @@ class CompiledEvent:
             declaration.version,
             declaration.upcast,
             self.upcasters,
-            self.validator.problems,
+            self.validator.problems if validate else None,
         )
+
+    def payload_error(self, version: int, problems: list[PayloadProblem]) -> str:
+        """The recorded error of a payload of ``version`` whose current form (`upgrade` with
+        ``validate`` false) has schema ``problems``: the last upcaster it went through is
+        named; a payload as stored is stale (`stale_payload_error`)."""
+        declaration = self.declaration
+        error = invalid_result(
+            declaration.name, version, declaration.version, declaration.upcast, problems
+        )
+        return stale_payload_error(self.name, problems) if error is None else str(error)
 
     @property
     def type(self) -> type | None:

@@ -36,7 +36,8 @@ def upcast(
     A version without an upcaster passes unchanged (the change was additive). Each step must
     return a dict; the chain's result must be JSON and, with ``validate``, valid for the
     current schema, or the last step that ran is named (a value an earlier step returned may
-    have passed through it: a worker checks a payload once, not once a step). Raises
+    have passed through it: a worker checks a payload once, not once a step). Without
+    ``validate`` the caller checks the result (`invalid_result` names the step). Raises
     `NewerVersion` for a payload newer than ``current``, `UpcastError` naming the step that
     failed.
     """
@@ -71,6 +72,23 @@ def upcast(
         raise UpcastError(name, *last, f"returned a payload that is not JSON: {details}")
     problems = validate(data) if validate is not None else []
     if problems:
-        details = "; ".join(map(str, problems))
-        raise UpcastError(name, *last, f"returned an invalid payload: {details}")
+        raise _invalid(name, last, problems)
     return data
+
+
+def invalid_result(
+    name: str, version: int, current: int, steps: dict[int, str], problems: list[PayloadProblem]
+) -> UpcastError | None:
+    """The error of a payload of ``version`` that `upcast` upgraded to ``current`` and whose
+    result has schema ``problems``: it names the last step that ran (None: no step ran, the
+    payload is as it was)."""
+    ran = [step for step in steps if max(version, 1) <= step < current]
+    if not ran:
+        return None
+    last = max(ran)
+    return _invalid(name, (last, steps[last]), problems)
+
+
+def _invalid(name: str, last: tuple[int, str], problems: list[PayloadProblem]) -> UpcastError:
+    details = "; ".join(map(str, problems))
+    return UpcastError(name, *last, f"returned an invalid payload: {details}")

@@ -95,7 +95,8 @@ def json_problems(payload: Any, redact: Iterable[str] = ()) -> list[PayloadProbl
 
     A message does not quote the value at (or inside) a ``redact`` path.
     """
-    if plain_json_copy(payload) is not None:
+    flat = type(payload) is dict and _is_flat_json(payload)  # checked in place, not copied
+    if flat or plain_json_copy(payload) is not None:
         return []
     problems: list[PayloadProblem] = []
     _json_walk(payload, (), problems, set(), redacted_paths(redact))
