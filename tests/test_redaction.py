@@ -9,6 +9,7 @@ import math
 import pickle
 import uuid
 from io import StringIO
+from typing import Any
 
 import pytest
 from celery.utils.serialization import get_pickleable_exception
@@ -145,14 +146,23 @@ VAULT_ERROR = (
 )
 
 
-def vault_wiring(queue: str, mode: str = "async"):
+def vault_wiring(queue: str, mode: str = "async", **declared: Any):
     subscription = {
         "name": "vault-audit",
         "event": "vault.opened",
         "handler": "tests.app.handlers.record",
         "mode": mode,
     }
-    return shop_wiring(queue, EVENTS=VAULT, SUBSCRIPTIONS=[subscription])
+    events = {"vault.opened": {**VAULT["vault.opened"], **declared}}
+    return shop_wiring(queue, EVENTS=events, SUBSCRIPTIONS=[subscription])
+
+
+# Version 2 of vault.opened, whose upcaster passes a v1 payload on as it is.
+UPCAST = {"version": 2, "upcast": {1: "builtins.dict"}}
+UPCAST_ERROR = (
+    "Upcaster v1 -> v2 of event 'vault.opened' (builtins.dict) returned an invalid payload: "
+    f"$.pin: {MASK!r} is not of type 'string'; $.qty: 10 is less than the minimum of 1000"
+)
 
 
 @pytest.mark.django_db
@@ -234,6 +244,43 @@ def test_the_worker_records_a_stale_payload_masked_by_path_not_garbled(
     assert outcome.status == "failed"
     row = Delivery.objects.get(event_id=event.id, subscription="vault-audit")
     assert row.last_error == VAULT_ERROR
+
+
+@pytest.mark.django_db
+def test_the_worker_records_an_invalid_upcast_masked_by_path_naming_the_upcaster(
+    queue, django_capture_on_commit_callbacks
+) -> None:
+    with vault_wiring(queue, **UPCAST):
+        with django_capture_on_commit_callbacks(execute=True):
+            event = publish("vault.opened", {"pin": "1000", "qty": 1200})
+        [message] = drain(queue)
+        message["event"] = open_event(message["event"])
+        message["event"].update(version=1, payload={"pin": 1000, "qty": 10})  # sent by v1
+
+        outcome = process_message(message, retries=0, manage_connections=False)
+
+    assert outcome.status == "failed"
+    row = Delivery.objects.get(event_id=event.id, subscription="vault-audit")
+    assert row.last_error == UPCAST_ERROR
+
+
+@pytest.mark.django_db
+def test_a_retry_records_an_invalid_upcast_masked_by_path_naming_the_upcaster(queue) -> None:
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="vault.opened",
+        payload={"pin": 1000, "qty": 10},
+        correlation_id=uuid.uuid4(),
+        status="dispatched",
+        version=1,
+    )
+    save_deliveries("default", [delivery(record.pk, "vault-audit", "sync", "failed", 1, "Boom")])
+
+    with vault_wiring(queue, mode="sync", **UPCAST):
+        call_command("events_retry", "--subscription", "vault-audit", stdout=StringIO())
+
+    row = Delivery.objects.get(event_id=record.pk, subscription="vault-audit")
+    assert row.last_error == UPCAST_ERROR
 
 
 @pytest.mark.django_db

@@ -192,7 +192,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             f"Subscription {subscription.name!r} does not receive event {event_name!r} "
             "asynchronously on this worker",
         )
-    data = sent = message.event["payload"]
+    data = message.event["payload"]
     event_message = message.event
     version = event_message.get("version", 1)
     redact = compiled.declaration.redact
@@ -203,14 +203,13 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
         except NewerVersion as exc:
             return _wait_for_newer(raw, message, subscription, attempt, retries, exc)
         except UpcastError as exc:
-            return _give_up(message, prior_runs, redact_text(str(exc), sent, redact))
+            return _give_up(message, prior_runs, redact_text(str(exc), data, redact))
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
             return _give_up(message, prior_runs, f"Malformed event in message: version {exc}")
         event_message = {**event_message, "payload": data, "version": compiled.version}
     problems = compiled.validator.problems(data, redact)
     if problems:
-        details = redact_text(compiled.payload_error(version, problems), sent, redact)
-        return _give_up(message, prior_runs, details)
+        return _give_up(message, prior_runs, compiled.payload_error(version, problems))
     try:
         event = event_from_body(event_message, compiled.typed_payload(data))
     except (KeyError, TypeError, ValueError) as exc:

@@ -437,12 +437,9 @@ def _run_one(
         )
         failed = Delivery.Status.FAILED
         return delivery(record.pk, subscription.name, subscription.mode, failed, attempts, error)
-    redact = event_type.declaration.redact
-    problems = event_type.validator.problems(data, redact)
-    if problems:
-        error = redact_text(
-            event_type.payload_error(record.version, problems), record.payload, redact
-        )
+    problems = event_type.validator.problems(data, event_type.declaration.redact)
+    if problems:  # masked by path
+        error = event_type.payload_error(record.version, problems)
         return delivery(
             record.pk, subscription.name, subscription.mode, Delivery.Status.FAILED, attempts, error
         )

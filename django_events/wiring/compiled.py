@@ -137,8 +137,9 @@ class CompiledEvent:
 
     def payload_error(self, version: int, problems: list[PayloadProblem]) -> str:
         """The recorded error of a payload of ``version`` whose current form (`upgrade` with
-        ``validate`` false) has schema ``problems``: the last upcaster it went through is
-        named; a payload as stored is stale (`stale_payload_error`)."""
+        ``validate`` false) has schema ``problems`` (masked by path: `PayloadValidator.problems`
+        with the ``redact`` list): the last upcaster it went through is named; a payload as
+        stored is stale (`stale_payload_error`)."""
         declaration = self.declaration
         error = invalid_result(
             declaration.name, version, declaration.version, declaration.upcast, problems
