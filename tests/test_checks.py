@@ -612,6 +612,190 @@ def test_E103_never_quotes_a_secret_or_url_run_together_with_its_key(tmp_path: P
     assert "HINT: Write 'url: <value>', with a space after the colon." in result.stderr
 
 
+def test_E103_never_quotes_a_miscased_secret_or_url_run_together_with_its_key(
+    tmp_path: Path,
+) -> None:
+    """`{Secret:hunter2}` is as much the secret as `{secret:hunter2}`: a key's case does not
+    decide whether its value is masked, and the hint names the key as the schema spells it."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          payments.paid:
+            inbound: {auth: hmac, Secret:hunter2-literal}
+        sources:
+          stripe: {auth: stripe, SECRET:sk_live_51Habc, events: {}}
+        subscriptions:
+          - {event: orders.placed, mode: webhook, URL:https://hooks.example.com/T0KEN, secret: S}
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: 'secret' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: Additional properties are not allowed "
+                "('Secret:•••' was unexpected)",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.sources.stripe: 'secret' is a required property",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:6",
+                "$.sources.stripe: Additional properties are not allowed ('SECRET:•••' was "
+                "unexpected)",
+            ),
+            ("django_events.E103", f"{path}:8", "$.subscriptions[0]: 'url' is a required property"),
+            (
+                "django_events.E103",
+                f"{path}:8",
+                "$.subscriptions[0]: Additional properties are not allowed ('URL:•••' was "
+                "unexpected)",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "sk_live_51Habc", "T0KEN"):
+        assert secret not in output
+    assert result.stderr.count("HINT: Write 'secret: <value>', with a space after the colon.") == 2
+    assert "HINT: Write 'url: <value>', with a space after the colon." in result.stderr
+
+
+def test_E103_never_quotes_a_secret_or_url_pasted_as_a_key(tmp_path: Path) -> None:
+    """A secret or a url written as a key (a flow mapping's item with no name, or a value run
+    together with a key that names a secret) is masked, and the line is that of the block;
+    a misspelt or misplaced key, or one run together with a plain value, is quoted."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          payments.paid:
+            inbound: {auth: hmac, secret: S, token:hunter2-literal}
+        sources:
+          stripe: {auth: stripe, secret: S, events: {}, sk_live_51Habc}
+        subscriptions:
+          - {whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw}
+          - event: orders.placed
+            handler: tests.app.handlers.record
+            https://hooks.example.com/services/T0KEN: 1
+          - {event: orders.placed, mode: webhook, url: U, secret: S, webhook_url:https://x.io/T1}
+          - {event: orders.placed, handler: tests.app.handlers.record, hunter3}
+          - {event: orders.placed, handler: tests.app.handlers.record, Handlr: x, queue:billing}
+          - {event: orders.placed, handler: tests.app.handlers.record, retry: {max_attempts:5}}
+        """,
+    )
+    masked = "Additional properties are not allowed ('•••' was unexpected)"
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:4",
+                "$.events['payments.paid'].inbound: Additional properties are not allowed "
+                "('token:•••' was unexpected)",
+            ),
+            ("django_events.E103", f"{path}:6", f"$.sources.stripe: {masked}"),
+            *[
+                (
+                    "django_events.E103",
+                    f"{path}:8",
+                    f"$.subscriptions[0]: '{key}' is a required property",
+                )
+                for key in ("event", "handler")
+            ],
+            ("django_events.E103", f"{path}:8", f"$.subscriptions[0]: {masked}"),
+            ("django_events.E103", f"{path}:9", f"$.subscriptions[1]: {masked}"),
+            (
+                "django_events.E103",
+                f"{path}:12",
+                "$.subscriptions[2]: Additional properties are not allowed ('webhook_url:•••' "
+                "was unexpected)",
+            ),
+            ("django_events.E103", f"{path}:13", f"$.subscriptions[3]: {masked}"),
+            (  # not a secret or a url: quoted, and pointed at
+                "django_events.E103",
+                f"{path}:14",
+                "$.subscriptions[4].Handlr: Additional properties are not allowed ('Handlr', "
+                "'queue:billing' were unexpected)",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:15",
+                "$.subscriptions[5].retry['max_attempts:5']: Additional properties are not "
+                "allowed ('max_attempts:5' was unexpected)",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("hunter2", "hunter3", "sk_live_51Habc", "whsec_MfKQ9r8", "T0KEN", "T1"):
+        assert secret not in output
+    hint = "HINT: A key that may hold a secret or a url is masked: remove it, or write one of"
+    assert result.stderr.count(hint) == 6
+
+
+def test_E103_never_quotes_a_url_given_where_another_value_or_a_name_belongs(
+    tmp_path: Path,
+) -> None:
+    """A webhook url given as a handler, an event or a source's event name is masked as the
+    value of `url` is: its path or query may hold a token."""
+    path, settings_ = manifest(
+        tmp_path,
+        """
+        version: 1
+        events:
+          https://hooks.example.com/T0KEN: {}
+        sources:
+          github:
+            auth: github
+            secret: S
+            events: {push: "https://hooks.example.com/T1"}
+        subscriptions:
+          - {event: orders.placed, handler: "https://hooks.example.com/T2"}
+          - {event: orders.placed, handler: tests.app.handlers.record, timeout: "https://x.io/T3"}
+        """,
+    )
+
+    with settings_:
+        result = assert_reported(
+            (
+                "django_events.E103",
+                f"{path}:3",
+                "$.events['•••']: '•••' does not match '^[A-Za-z0-9_.-]+$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:8",
+                "$.sources.github.events.push: '•••' does not match '^[A-Za-z0-9_.-]+$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:10",
+                "$.subscriptions[0].handler: '•••' does not match "
+                "'^[A-Za-z_][A-Za-z0-9_]*(\\\\.[A-Za-z_][A-Za-z0-9_]*)+$'",
+            ),
+            (
+                "django_events.E103",
+                f"{path}:11",
+                "$.subscriptions[1].timeout: '•••' is not of type 'number'",
+            ),
+        )
+
+    output = result.stdout + result.stderr
+    for secret in ("T0KEN", "T1", "T2", "T3"):
+        assert secret not in output
+
+
 def test_a_when_comparing_a_number_with_an_object_is_W108(tmp_path: Path) -> None:
     # "gtee" is no operator: {gtee: 1000} is a plain value, which a number never equals.
     path, settings_ = manifest(

@@ -276,6 +276,33 @@ def test_yaml_errors_are_E102_with_the_1_based_line(
         assert not manifest.events and not manifest.subscriptions
 
 
+def test_a_url_pasted_as_a_key_twice_is_masked_in_E102_as_in_E103(tmp_path: Path) -> None:
+    _, manifest = load(
+        tmp_path,
+        """
+        version: 1
+        subscriptions:
+          - event: orders.placed
+            handler: tests.app.handlers.record
+            https://hooks.example.com/T0KEN: 1
+            https://hooks.example.com/T0KEN: 2
+        """,
+    )
+
+    assert summary(manifest) == [
+        (
+            "django_events.E102",
+            6,
+            "YAML syntax error: duplicate key '•••' at $.subscriptions[0]['•••'] (first at line 5)",
+        ),
+        (
+            "django_events.E103",
+            3,
+            "$.subscriptions[0]: Additional properties are not allowed ('•••' was unexpected)",
+        ),
+    ]
+
+
 def test_event_declared_twice_in_one_file_is_E106_not_a_silent_override(tmp_path: Path) -> None:
     path, manifest = load(
         tmp_path,

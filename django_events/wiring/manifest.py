@@ -193,6 +193,7 @@ def _missing(path: Path) -> Problem:
 
 def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
     origin = Origin("manifest", file, line)
+    key = _key_shown(path[-1])  # a secret or url pasted as a key, twice
     if len(path) == 2 and path[0] == "events":
         return _problem(
             "E106",
@@ -202,8 +203,8 @@ def _duplicate(file: str, path: JsonPath, first: int, line: int) -> Problem:
         )
     return _problem(
         "E102",
-        f"YAML syntax error: duplicate key {path[-1]!r} at "
-        f"{format_path(path)} (first at line {first})",
+        f"YAML syntax error: duplicate key {key!r} at "
+        f"{_shown_path((*path[:-1], key))} (first at line {first})",
         "Remove one of them: until then the last one is used, as YAML does.",
         origin,
     )
@@ -244,7 +245,7 @@ def parse_manifest_data(data: Any, origin_for: OriginFor) -> Manifest:
         problems=[
             _problem(
                 "E103",
-                f"{format_path(path)}: {message}",
+                f"{_shown_path(path)}: {message}",
                 _hint(path, message),
                 origin,
             )
@@ -297,12 +298,21 @@ URL_HINT = (
 )
 
 
+HIDDEN_KEY_HINT = (
+    "A key that may hold a secret or a url is masked: remove it, or write one of the keys "
+    "of the manifest reference in the docs (with a space after the colon)."
+)
+
+
 def _hint(path: JsonPath, message: str) -> str:
-    run_together = re.search(rf"'(?P<name>secret|url)[^']*{MASK}'", message)
+    run_together = re.search(rf"'(?P<name>[A-Za-z_][\w-]*)[^'\w-]+{MASK}'", message)
     if run_together:  # `_key_shown`: a key and its value with no space between them
-        name = run_together["name"]
-        space = f"Write '{name}: <value>', with a space after the colon."
-        return f"{space} {SECRET_HINT}" if name == "secret" else space
+        name = run_together["name"].lower()
+        if name in _schema_keys():
+            space = f"Write '{name}: <value>', with a space after the colon."
+            return f"{space} {SECRET_HINT}" if name == "secret" else space
+    if run_together or re.search(rf"'{MASK}',? .*unexpected\)$", message):
+        return HIDDEN_KEY_HINT
     if not message.startswith(repr(MASK)):  # a bad key, not a bad value
         return "See the manifest reference in the docs."
     if path[-1:] == ("secret",):
@@ -338,19 +348,64 @@ def _hidden_paths(data: Any) -> list[tuple[str, ...]]:
     return paths
 
 
-# A key that is a hidden key, a separator and a value: `{secret:hunter2}` and `{url:https://...}`
-# in a YAML flow mapping (no space after the colon) are one key, the value in it.
-_KEY_WITH_VALUE = re.compile(r"^(?P<name>[A-Za-z_]+)(?P<sep>\s*[:=]\s*|\s+)\S")
+# A key that is a name, a separator and a value: `{secret:hunter2}` and `{url:https://...}` in
+# a YAML flow mapping (no space after the colon) are one key, the value in it.
+_KEY_WITH_VALUE = re.compile(r"^(?P<name>[A-Za-z_][\w-]*)(?P<sep>\s*[:=]\s*|\s+)(?P<value>\S.*)$")
+# What an unexpected key reads like when it is a misspelt or misplaced key, not a value.
+_KEY_LIKE = re.compile(r"^[A-Za-z_][A-Za-z_.-]{0,39}$")
+# Run together with such a name (in any case), a value is masked whatever it looks like.
+_SECRET_WORDS = ("secret", "token", "password", "url", "authorization", "api_key", "apikey")
 
 
-def _key_shown(path: JsonPath, key: Any) -> Any:
-    """An unexpected ``key`` as E103 may quote it: the value masked when it is a hidden key
-    run together with its value, inside a section that holds secrets or webhook urls."""
-    found = _KEY_WITH_VALUE.match(key) if isinstance(key, str) else None
-    if found is None or not path or path[0] not in HIDDEN_IN_ITEMS:
+@cache
+def _schema_keys() -> frozenset[str]:
+    """Every key the schema knows, for the hint of a key run together with its value."""
+    schema = manifest_schema()
+    bodies = [schema, *schema["$defs"].values()]
+    return frozenset(key for body in bodies for key in body.get("properties", {}))
+
+
+def _key_shown(key: Any) -> Any:
+    """An unexpected ``key`` as E103 may quote it. A secret or a webhook url pasted as a key,
+    or run together with its key (in any case) as one, is masked, as is any key holding a
+    url (a token may be in its path or query) or that does not read like a key: check output
+    ends up in CI logs. A misspelt key (``handlr``, ``queue:billing``) is quoted whole."""
+    if not isinstance(key, str):
         return key
-    names = {keys[-1] for keys in HIDDEN_IN_ITEMS[str(path[0])]}
-    return f"{found['name']}{found['sep']}{MASK}" if found["name"] in names else key
+    found = _KEY_WITH_VALUE.match(key)
+    if found is None or found["value"].startswith("//"):  # a bare key, or a url
+        secret = key.lower().startswith("whsec_")  # a webhook secret, even one of letters only
+        return key if _KEY_LIKE.match(key) and not secret else MASK
+    name = found["name"]
+    if any(word in name.lower() for word in _SECRET_WORDS) or not _plain(found["value"]):
+        return f"{name}{found['sep']}{MASK}"
+    return key
+
+
+def _plain(value: str) -> bool:
+    """Whether a value run together with its key reads like a word, a dotted path or a
+    number (``billing``, ``tests.app.handlers.record``, ``5``), not like a secret or a url."""
+    return _KEY_LIKE.match(value) is not None or value.replace(".", "", 1).isdigit()
+
+
+def _urls_in(value: Any) -> set[str]:
+    """The strings in ``value`` (keys included) that hold a url, which E103 never quotes."""
+    if isinstance(value, dict):
+        return {*_urls_in(list(value)), *_urls_in(list(value.values()))}
+    if isinstance(value, list):
+        return {text for item in value for text in _urls_in(item)}
+    return {value} if isinstance(value, str) and "://" in value else set()
+
+
+def _without_urls(message: str, instance: Any) -> str:
+    for url in _urls_in(instance):
+        message = message.replace(repr(url), repr(MASK))
+    return message
+
+
+def _shown_path(path: JsonPath) -> str:
+    """``format_path(path)`` for a problem's message: a key holding a url is masked."""
+    return format_path(MASK if isinstance(p, str) and "://" in p else p for p in path)
 
 
 def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[JsonPath, str]:
@@ -359,7 +414,7 @@ def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[
     path: JsonPath = tuple(error.absolute_path)
     instance, value = error.instance, error.validator_value
     if "propertyNames" in error.relative_schema_path:  # a bad key: point at the key itself
-        return (*path, str(instance)), error.message
+        return (*path, str(instance)), _without_urls(error.message, instance)
     if error.validator == "additionalProperties" and value is False and isinstance(instance, dict):
         schema = error.schema if isinstance(error.schema, dict) else {}
         patterns = schema.get("patternProperties", {})
@@ -370,7 +425,7 @@ def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[
             and not any(re.search(p, str(k)) for p in patterns)
         ]
         if extra:
-            shown = {key: _key_shown(path, key) for key in extra}
+            shown = {key: _key_shown(key) for key in extra}
             if all(shown[key] == key for key in extra):
                 return (*path, extra[0]), error.message
             message = error.message
@@ -386,7 +441,7 @@ def _locate(error: ValidationError, hidden: Sequence[tuple[str, ...]]) -> tuple[
         if len(exclusive) == 1 and given:  # a key some other key's value rules out
             mode = f" with mode: {instance['mode']}" if "mode" in instance else ""
             return (*path, given[0]), f"{given[0]!r} is not allowed{mode}"
-    return path, error_message(error, hidden)
+    return path, _without_urls(error_message(error, hidden), instance)
 
 
 def _event(
