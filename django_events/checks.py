@@ -96,7 +96,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E323": "a subscription's name starts with endpoint: (webhook endpoints')",
     "django_events.E324": "enabled webhook endpoints but httpx is not installed",
     "django_events.E325": "a webhook's url has a user name or password",
-    "django_events.E326": "webhook endpoints have a user name or password in their URL",
+    "django_events.E326": "enabled webhook endpoints have a user name or password in their URL",
     "django_events.E327": "an enabled webhook endpoint's URL is refused (http://, private host)",
 }
 WEBHOOKS_EXTRA = "pip install 'django-event-wiring[webhooks]'"
@@ -429,9 +429,9 @@ def check_endpoints(
     databases: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> list[CheckMessage]:
-    """Enabled webhook endpoints need httpx, as webhook subscriptions do (E324); no endpoint's
-    URL may have a user name or password (E326); an enabled endpoint's URL passes the rules
-    new ones do (E327); workers send them, as W209 tells of.
+    """Enabled webhook endpoints need httpx, as webhook subscriptions do (E324); their URLs
+    may have no user name or password (E326) and pass the rules new ones do (E327); workers
+    send them, as W209 tells of. A disabled endpoint is sent nothing: none of these.
 
     They are rows: read only when the checks may query a database (``databases``: ``manage.py
     check --database default``, and ``migrate`` before it migrates).
@@ -449,14 +449,15 @@ def check_endpoints(
         if not _has_endpoints_table(alias):
             continue  # not migrated yet: no endpoint
         rows = WebhookEndpoint.objects.using(alias)
-        urls = rows.filter(url__contains="@").values_list("url", flat=True)
+        urls = rows.filter(enabled=True, url__contains="@").values_list("url", flat=True)
         with_credentials = sum(1 for url in urls if has_credentials(url))
         if with_credentials:
             messages.append(
                 Error(
-                    f"{with_credentials} webhook endpoint URL(s) in database {alias!r} have a "
-                    "user name or password",
-                    hint="Remove them in the admin: they are not sent, and deliveries are refused.",
+                    f"{with_credentials} enabled webhook endpoint(s) in database {alias!r} have "
+                    "a user name or password in their URL",
+                    hint="Remove them in the admin, or disable the endpoints: they are not sent, "
+                    "and deliveries are refused.",
                     obj="django_events.WebhookEndpoint",
                     id="django_events.E326",
                 )

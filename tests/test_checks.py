@@ -2923,12 +2923,15 @@ def test_enabled_endpoints_without_httpx_are_an_error_where_checks_read_the_data
     call_command("check", "--database", "default", stdout=out, stderr=err)
 
 
-def test_endpoint_urls_with_credentials_are_an_error_where_checks_read_the_database(
+def test_enabled_endpoint_urls_with_credentials_are_an_error_where_checks_read_the_database(
     tmp_path: Path,
 ) -> None:
+    """A disabled endpoint is not reported, as by E327: it is sent nothing, and neither its
+    form nor "Enable selected" enables it again with that URL."""
     from django.core.checks import run_checks
 
     from django_events.delivery.endpoints import create_endpoint
+    from django_events.models import WebhookEndpoint
 
     create_endpoint("https://hooks.example.com/a@b?to=x@example.com", ["orders.*"])  # no userinfo
     call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
@@ -2936,11 +2939,14 @@ def test_endpoint_urls_with_credentials_are_an_error_where_checks_read_the_datab
         assert [m for m in run_checks() if m.id.endswith("E326")] == []
         with pytest.raises(SystemCheckError) as caught:
             call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
+        WebhookEndpoint.objects.filter(url__contains="pw@").update(enabled=False)
+        call_command("check", "--database", "default", stdout=StringIO(), stderr=StringIO())
     assert parse(str(caught.value)) == [
         (
             "django_events.E326",
             "django_events.WebhookEndpoint",
-            "1 webhook endpoint URL(s) in database 'default' have a user name or password",
+            "1 enabled webhook endpoint(s) in database 'default' have a user name or password "
+            "in their URL",
         )
     ]
     assert "pw" not in str(caught.value).replace("password", "")

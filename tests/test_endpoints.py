@@ -28,6 +28,7 @@ from django_events import publish
 from django_events.delivery import endpoints, webhooks
 from django_events.delivery.sealing import Unsealable
 from django_events.events import Event
+from django_events.models import CREDENTIALS_REFUSED as CREDENTIALS_TEXT
 from django_events.models import Delivery, WebhookEndpoint
 from django_events.publishing import use_outlet
 from django_events.signals import delivery_failed, endpoint_disabled
@@ -417,6 +418,47 @@ def test_enable_and_disable_actions(admin_client) -> None:
     admin_client.post(CHANGES, {**action, "action": "disable_selected"})
     endpoint.refresh_from_db()
     assert not endpoint.enabled and endpoint.disabled_at is not None
+
+
+def test_enable_selected_refuses_an_endpoint_whose_stored_url_is_refused_now(
+    admin_client,
+) -> None:
+    """Saved before the URL rules (E326, E327), disabled since: "Enable selected" enables the
+    others and says which it left and why, as the endpoint's form refuses the URL."""
+    made = {}
+    for url, description in (
+        ("https://10.0.0.7/p/t-123", "CRM"),
+        ("https://u:pw@hooks.example.com/in", ""),
+        ("https://hooks.example.com/fine", "fine"),
+        ("http://hooks.example.com/in?token=t-123", "plain"),  # enabled: E327 already
+    ):
+        endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/in", ["*"])
+        WebhookEndpoint.objects.filter(pk=endpoint.pk).update(
+            url=url, description=description, enabled=description == "plain"
+        )
+        made[description] = endpoint.pk
+    action = {"action": "enable_selected", "_selected_action": [str(pk) for pk in made.values()]}
+
+    page = admin_client.post(CHANGES, action, follow=True).content.decode()
+
+    enabled = dict(WebhookEndpoint.objects.values_list("description", "enabled"))
+    assert enabled == {"CRM": False, "": False, "fine": True, "plain": True}
+    shown = [
+        html.unescape(m) for m in re.findall(r'<li class="(?:error|success)">(.*?)</li>', page)
+    ]
+    assert sorted(shown) == sorted(
+        [
+            "1 endpoint enabled; retry its failed deliveries from the failures page.",
+            f"Webhook endpoint {made['CRM']} ('CRM') stays disabled: Refused https://10.0.0.7/: "
+            f"10.0.0.7 {NOT_PUBLIC} Give it another URL on its page first.",
+            f"Webhook endpoint {made['']} stays disabled: {CREDENTIALS_TEXT} Give it another "
+            "URL on its page first.",
+            f"Webhook endpoint {made['plain']} ('plain') is enabled, but its URL is refused "
+            f"(E327): Refused http://hooks.example.com/: {HTTPS_ONLY} Give it another URL on "
+            "its page, or disable it.",
+        ]
+    )
+    assert "t-123" not in page and "pw@" not in page
 
 
 def test_the_failures_page_filters_by_endpoint(admin_client) -> None:

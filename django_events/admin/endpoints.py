@@ -385,7 +385,34 @@ class WebhookEndpointAdmin(WebhookEndpointAdminBase):
 
     @admin.action(description=_("Enable selected (again)"), permissions=["change"])
     def enable_selected(self, request: HttpRequest, queryset: QuerySet[WebhookEndpoint]) -> None:
-        count = endpoints.enable(queryset, using=router.db_for_write(WebhookEndpoint))
+        # One whose stored URL the rules refuse now (E326, E327) is left, and said why: as
+        # its form, which saves it enabled only with a URL they take; each delivery would fail.
+        taken = []
+        for endpoint in queryset:
+            reasons = endpoints.url_refused(endpoint)
+            if not reasons:
+                taken.append(endpoint)
+                continue
+            params = {
+                "id": endpoint.pk,
+                "named": f" ({endpoint.description!r})" if endpoint.description else "",
+                "reasons": " ".join(reasons),
+            }
+            text = (
+                gettext(
+                    "Webhook endpoint %(id)s%(named)s is enabled, but its URL is refused "
+                    "(E327): %(reasons)s Give it another URL on its page, or disable it."
+                )
+                if endpoint.enabled
+                else gettext(
+                    "Webhook endpoint %(id)s%(named)s stays disabled: %(reasons)s Give it "
+                    "another URL on its page first."
+                )
+            )
+            self.message_user(request, text % params, messages.ERROR)
+        if not taken:  # each one refused, and said so
+            return
+        count = endpoints.enable(taken, using=router.db_for_write(WebhookEndpoint))
         message = ngettext(
             "%(count)d endpoint enabled; retry its failed deliveries from the failures page.",
             "%(count)d endpoints enabled; retry their failed deliveries from the failures page.",

@@ -39,7 +39,7 @@ from django_events.delivery import webhooks
 from django_events.delivery.sealing import Unsealable, open_text, seal_text
 from django_events.events import Event
 from django_events.logs import log_extra
-from django_events.models import WebhookEndpoint
+from django_events.models import CREDENTIALS_REFUSED, WebhookEndpoint, has_credentials
 from django_events.signals import endpoint_disabled
 from django_events.wiring.compiled import Subscription
 from django_events.wiring.declarations import (
@@ -160,6 +160,21 @@ def check_url(url: str) -> None:
             code="address",
             params={"url": shown, "address": host},
         )
+
+
+def url_refused(endpoint: WebhookEndpoint) -> list[str]:
+    """Why the URL rules of new endpoints refuse ``endpoint``'s stored URL (one saved before
+    they applied: E326, E327), empty if they take it.
+
+    The reasons the admin's form gives (a user name or password; `check_url`): "Enable
+    selected" enables no endpoint with one, as its form would not save it enabled.
+    """
+    reasons = [str(CREDENTIALS_REFUSED)] if has_credentials(endpoint.url) else []
+    try:
+        check_url(endpoint.url)
+    except ValidationError as exc:
+        reasons += exc.messages
+    return reasons
 
 
 def _normal_host(host: str) -> str:
