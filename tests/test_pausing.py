@@ -547,6 +547,43 @@ def test_events_list_held_names_the_failure_a_paused_keys_deliveries_wait_behind
     ]
 
 
+def test_events_list_held_names_no_head_for_a_subscription_without_keys() -> None:
+    """Held deliveries of an unordered subscription wait for nothing ahead of them: the pause,
+    or events_relay once resumed. The JSON named a "head" all the same (the first unfinished
+    delivery of the subscription: a failure of another event, or one of the held ones), and
+    the text, once resumed, said they waited behind that failure."""
+    with wiring(sub("u", "sync")):
+        failed = publish("orders.placed", order(1)).id
+        Delivery.objects.filter(event_id=failed).update(
+            status="failed", attempts=1, last_error="RuntimeError: declined"
+        )
+        pause("u")
+        publish("orders.placed", order(2))
+        publish("orders.placed", order(3))
+        listed, as_json = io.StringIO(), io.StringIO()
+        call_command("events_list", "--held", stdout=listed)
+        call_command("events_list", "--held", "--format", "json", stdout=as_json)
+        PausedSubscription.objects.all().delete()  # resumed, its held rows not yet handed on
+        resumed, resumed_json = io.StringIO(), io.StringIO()
+        call_command("events_list", "--held", stdout=resumed)
+        call_command("events_list", "--held", "--format", "json", stdout=resumed_json)
+
+    assert listed.getvalue().splitlines() == [
+        "u: 2 held, paused (events_resume u sends them)",
+        "2 held delivery(ies)",
+    ]
+    assert json.loads(as_json.getvalue()) == [
+        {"subscription": "u", "ordering_key": None, "held": 2, "head": None, "paused": True}
+    ]
+    assert resumed.getvalue().splitlines() == [
+        "u: 2 held, behind nothing (events_relay hands it on)",
+        "2 held delivery(ies)",
+    ]
+    assert json.loads(resumed_json.getvalue()) == [
+        {"subscription": "u", "ordering_key": None, "held": 2, "head": None, "paused": False}
+    ]
+
+
 def test_resuming_a_subscription_no_longer_declared_records_its_held_rows_failed() -> None:
     # Held, nothing could ever run them, resolve them or prune their events.
     with wiring(sub("gone", "sync")):

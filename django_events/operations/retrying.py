@@ -173,8 +173,9 @@ def mark_resolved(deliveries: QuerySet[Delivery]) -> int:
 def held_deliveries(using: str | None = None) -> list[dict[str, object]]:
     """Held deliveries by subscription and key: how many wait, behind what, and whether
     their subscription is paused (then they wait for events_resume, whatever is ahead).
-    A key or an error that is, or quotes, a value the event redacts comes masked.
-    ``using``: by default the alias the routers read the event log from."""
+    Those without a key (an unordered subscription's, held by a pause) wait behind nothing:
+    their ``head`` is None. A key or an error that is, or quotes, a value the event redacts
+    comes masked. ``using``: by default the alias the routers read the event log from."""
     using = event_log_read_alias(using)
     paused = paused_names(using, fresh=True)
     rows = (
@@ -186,6 +187,9 @@ def held_deliveries(using: str | None = None) -> list[dict[str, object]]:
     )
     found: list[dict[str, object]] = []
     for row in rows:
+        if row["ordering_key"] is None:  # not the first unfinished row of the subscription
+            found.append({**row, "head": None, "paused": row["subscription"] in paused})
+            continue
         first = (
             Delivery.objects.using(using)
             .filter(subscription=row["subscription"], ordering_key=row["ordering_key"])

@@ -124,10 +124,9 @@ def _behind(row: dict[str, Any]) -> str:
     """What a key's held deliveries wait for: the pause only when their head is one of them
     (or they have no key to wait in); a failed head whatever the pause (a resume leaves them
     behind it, in order)."""
-    head: dict[str, Any] | None = row["head"]
+    head: dict[str, Any] | None = row["head"]  # None without a key: nothing is ahead
     name = row["subscription"]
-    unordered = row["ordering_key"] is None
-    if row["paused"] and (head is None or head["status"] == "held" or unordered):
+    if row["paused"] and (head is None or head["status"] == "held"):
         return f"paused (events_resume {name} sends them)"
     if head is None:
         return "behind nothing (events_relay hands it on)"
