@@ -280,7 +280,7 @@ def test_wiring_diagram_and_pause_buttons_in_chromium(live_server, page, shots) 
         _login(page, live_server.url, "ops", "s3cret-pass")
         row = page.locator(".de-subscriptions tr", has_text="shop-ledger").first
         row.locator("button:has-text('Pause')").click()
-        assert "Paused shop-ledger." in page.inner_text(".messagelist")
+        assert "Paused 'shop-ledger'." in page.inner_text(".messagelist")
         publish("shop.paid", {"order_id": 8, "total": 3.0})  # held: shop-ledger is sync
         page.reload()
         drawn = page.evaluate("() => document.querySelector('#wiring-diagram svg').textContent")

@@ -338,7 +338,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
                 created = pause(name, by=request.user.get_username(), using=using)
                 # What events_pause says: a pause already there is not a new one.
                 text = (
-                    gettext("Paused %(name)s.")
+                    gettext("Paused '%(name)s'.")
                     if created
                     else gettext("'%(name)s' was already paused.")
                 )
@@ -349,7 +349,7 @@ class EventRecordAdmin(ReadOnlyMixin, EventRecordAdminBase):
                 level = messages.SUCCESS if result.ok else messages.WARNING
                 # What events_resume says: resuming one not paused still delivers what it held.
                 text = (
-                    gettext("Resumed %(name)s. Held deliveries: %(summary)s")
+                    gettext("Resumed '%(name)s'. Held deliveries: %(summary)s")
                     if was_paused
                     else gettext("'%(name)s' was not paused. Held deliveries: %(summary)s")
                 )
