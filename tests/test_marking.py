@@ -20,12 +20,14 @@ import pytest
 from celery import Celery
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from kombu import Queue
 
 from django_events import publish, publish_many
 from django_events.delivery import broker, marking
 from django_events.delivery.confirms import PublisherConfirms
-from django_events.models import EventRecord
+from django_events.delivery.worker import process_message
+from django_events.models import Delivery, EventRecord
 from django_events.operations.relay import relay_pending
 from tests import brokers
 from tests.conftest import wiring
@@ -36,8 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 ORDER = {"order_id": 1, "total": 10.0}
 ASYNC = {"event": "orders.placed", "handler": "tests.app.handlers.record", "mode": "async"}
 
-# A Celery app whose queue refuses every message: RabbitMQ nacks each publish.
+# Celery apps whose queue refuses every message: RabbitMQ nacks each publish. One a test (an
+# app declares its queues once).
 refusing = brokers.make_app("amqp")
+refusing_hand_ons = brokers.make_app("amqp")
 # One publishing through a FaultProxy, set by the test that cuts it.
 proxied: Celery | None = None
 
@@ -66,13 +70,18 @@ def queue() -> Iterator[str]:
         conn.default_channel.queue_delete(name)
 
 
-def _messages(queue: str) -> list[dict[str, Any]]:
+def _task_messages(queue: str) -> list[dict[str, Any]]:
+    """Take the messages waiting on ``queue`` (RabbitMQ): each one's argument."""
     bodies = []
     with brokers.amqp.connection_for_write() as conn:
         channel = conn.default_channel
         while (message := channel.basic_get(queue, no_ack=True)) is not None:
-            bodies.append(json.loads(message.body)[0][0]["event"])
+            bodies.append(json.loads(message.body)[0][0])
     return bodies
+
+
+def _messages(queue: str) -> list[dict[str, Any]]:
+    return [message["event"] for message in _task_messages(queue)]
 
 
 def _statuses(ids: list[uuid.UUID]) -> list[str]:
@@ -300,3 +309,71 @@ def test_a_broker_cut_with_confirms_outstanding_is_one_warning_and_loses_nothing
     ids = [warm.id, first.id, second.id]
     assert _statuses(ids) == ["dispatched"] * 3
     assert {m["id"] for m in _messages(queue)} == set(map(str, ids))
+
+
+ORDERED = {**ASYNC, "name": "placed-in-order", "ordering_key": "order_id"}
+
+
+def _held_behind_first(queue: str) -> tuple[dict[str, Any], Delivery]:
+    """Two events of one key: the second's message held. The first's message, and the row of
+    the second."""
+    first = publish("orders.placed", ORDER)
+    second = publish("orders.placed", ORDER)
+    messages = {m["event"]["id"]: m for m in _task_messages(queue)}
+    assert process_message(messages[str(second.id)], 0).status == "held"
+    return messages[str(first.id)], Delivery.objects.get(event_id=second.id)
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_hand_on_leaves_its_confirm_and_its_relay_due_time_to_the_marker(queue: str) -> None:
+    """The worker that finishes a delivery sends the key's next one without waiting for the
+    broker's confirm or writing its ``UPDATE``: the next delivery can start meanwhile (figure
+    16's one key). Until the marker's round the row stays due for the relay."""
+    slow = marking.Marker(interval=600)  # its rounds do not come during the test
+    wired = wiring(ORDERED, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp")
+    with _marker(slow), wired:
+        first, handed = _held_behind_first(queue)
+        assert process_message(first, 0).status == "succeeded"
+        handed.refresh_from_db()
+        assert (handed.status, handed.retry_at is not None) == ("pending", True)
+        assert [m["id"] for m in _messages(queue)] == [str(handed.event_id)]  # sent
+        slow.flush()
+        handed.refresh_from_db()
+        assert (handed.status, handed.retry_at) == ("pending", None)
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_hand_on_the_broker_refuses_stays_due_and_the_relay_sends_it(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with wiring(ORDERED, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        first, handed = _held_behind_first(queue)
+    with brokers.amqp.connection_for_write() as conn:
+        conn.default_channel.queue_delete(queue)  # declared again, refusing every message
+    refusing_hand_ons.conf.task_queues = [
+        Queue(queue, queue_arguments={"x-max-length": 0, "x-overflow": "reject-publish"})
+    ]
+    app = "tests.test_marking.refusing_hand_ons"
+    wired = wiring(ORDERED, DEFAULT_QUEUE=queue, CELERY_APP=app)
+    with wired, caplog.at_level(logging.WARNING, "django_events"):
+        assert process_message(first, 0).status == "succeeded"
+        marking.flush()
+    assert "did not confirm 1 event(s)" in caplog.text
+    handed.refresh_from_db()
+    assert handed.status == "pending" and handed.retry_at is not None  # due for the relay
+
+    other = f"{queue}-relayed"
+    try:
+        Delivery.objects.filter(pk=handed.pk).update(retry_at=timezone.now())  # 30 s later
+        with wiring(ORDERED, DEFAULT_QUEUE=other, CELERY_APP="tests.brokers.amqp"):
+            relay_pending(min_age=0)
+        assert [m["id"] for m in _messages(other)] == [str(handed.event_id)]
+        handed.refresh_from_db()
+        assert (handed.status, handed.retry_at) == ("pending", None)
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(other)

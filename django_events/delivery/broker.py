@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -19,7 +20,7 @@ from django.utils.module_loading import import_string
 from django_events.conf import conf
 from django_events.delivery import broadcast, webhooks
 from django_events.delivery.confirms import PublisherConfirms
-from django_events.delivery.marking import Marker
+from django_events.delivery.marking import HandOns, Marker, Marks
 from django_events.delivery.messages import (
     NO_RUNS,
     TASK_NAME,
@@ -274,6 +275,7 @@ def send_deliveries(
     always_try: bool = False,
     prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None = None,
     marker: Marker | None = None,
+    hand_ons: Mapping[UUID, tuple[int, datetime]] | None = None,
 ) -> Unsent:
     """Send one message per (event, subscription); return the events not known to be taken.
 
@@ -287,13 +289,16 @@ def send_deliveries(
     With a ``marker`` (the commit path) the events the broker takes are handed to it, to be
     marked dispatched in the background: with confirms, once they come (the send does not
     wait for them); without, at once. The events returned are those not even published.
+    ``hand_ons`` (deliveries an ordered key handed on, by event id: their `Delivery` row's id
+    and relay due time): the marker clears those due times instead.
     """
+    marks: Marks = alias if hand_ons is None else HandOns(alias, hand_ons)
     unsent, deferred = _send_deliveries(
-        items, alias, app, confirm, always_try, prior_attempts, marker
+        items, alias, app, confirm, always_try, prior_attempts, marker, marks
     )
     if marker is not None and not deferred:
         left = unsent.ids
-        marker.taken(alias, [event.id for event, _, _ in items if event.id not in left])
+        marker.taken(marks, [event.id for event, _, _ in items if event.id not in left])
     return unsent
 
 
@@ -305,8 +310,10 @@ def _send_deliveries(
     always_try: bool,
     prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None,
     marker: Marker | None,
+    marks: Marks,
 ) -> tuple[Unsent, bool]:
-    """`send_deliveries`: the events not sent, and whether their confirms went to ``marker``."""
+    """`send_deliveries`: the events not sent, and whether their confirms went to ``marker``
+    (for ``marks``)."""
     if confirm is None:
         confirm = conf.PUBLISHER_CONFIRMS
     try:
@@ -348,7 +355,9 @@ def _send_deliveries(
     later = marker if confirm and confirms_transport else None
     for last_try in (False, True):
         try:
-            unsent, silent = _send(app, items, alias, confirm, wait, policy, prior_attempts, later)
+            unsent, silent = _send(
+                app, items, alias, confirm, wait, policy, prior_attempts, later, marks
+            )
         except _StaleConnection:
             if last_try:
                 raise  # pragma: no cover - a new connection is never stale
@@ -406,11 +415,12 @@ def _send(
     confirm_timeout: float,
     policy: dict[str, Any],
     prior_attempts: Mapping[tuple[UUID, str], PriorRuns] | None,
-    marker: Marker | None = None,
+    marker: Marker | None,
+    marks: Marks,
 ) -> tuple[Unsent, bool]:
     """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
     and whether confirms were still missing when the wait ended. With a ``marker`` the
-    batch's confirms are left to it instead (nothing is waited for)."""
+    batch's confirms are left to it instead (nothing is waited for), for ``marks``."""
     sent = 0
     confirms: PublisherConfirms | None = None
     declared: set[str] = set()
@@ -479,13 +489,13 @@ def _send(
             if marker is not None:
                 ids = {event.id for event, _, _ in items}
                 if kept is not None and kept.confirms is not None:
-                    kept.awaiting(alias, ids, confirm_timeout)
-                    for done_alias, taken in kept.settle_arrived():
-                        marker.taken(done_alias, list(taken))
+                    kept.awaiting(marks, ids, confirm_timeout)
+                    for done, taken in kept.settle_arrived():
+                        marker.taken(done, list(taken))
                     marker.watch(kept)
                     kept.used = True
                 else:
-                    marker.taken(alias, list(ids))
+                    marker.taken(marks, list(ids))
                 return Unsent(), False
             unsent = Unsent()
             if confirms is not None:
@@ -537,8 +547,8 @@ class _Confirming:
         self.broken = False
         # Held by its thread while publishing, by the marker's while collecting confirms.
         self.lock = threading.Lock()
-        # Batches whose confirms the marker collects: (alias, event ids, deadline).
-        self.batches: list[tuple[str, set[UUID], float]] = []
+        # Batches whose confirms the marker collects: (what they mark, event ids, deadline).
+        self.batches: list[tuple[Marks, set[UUID], float]] = []
         try:
             _connect(self.connection, policy)
             self.producer = app.amqp.Producer(self.connection)
@@ -547,16 +557,16 @@ class _Confirming:
             self.close()
             raise
 
-    def awaiting(self, alias: str, event_ids: set[UUID], timeout: float) -> None:
+    def awaiting(self, marks: Marks, event_ids: set[UUID], timeout: float) -> None:
         """Leave the confirms of a batch just published to the marker (see `collect`)."""
-        self.batches.append((alias, event_ids, time.monotonic() + timeout))
+        self.batches.append((marks, event_ids, time.monotonic() + timeout))
 
     def outstanding(self) -> bool:
         return bool(self.batches) and not self.broken
 
-    def settle_arrived(self) -> list[tuple[str, set[UUID]]]:
-        """(alias, events taken) of the batches whose confirms have all arrived, read without
-        waiting, by its own thread while it holds the lock (after each batch it publishes):
+    def settle_arrived(self) -> list[tuple[Marks, set[UUID]]]:
+        """(what they mark, events taken) of the batches whose confirms have all arrived, read
+        without waiting, by its own thread while it holds the lock (after each batch it publishes):
         the marker's rounds skip a connection whose thread is publishing, so a thread that
         keeps publishing would leave every batch unconfirmed, for the relay to send again
         should the connection break."""
@@ -568,14 +578,16 @@ class _Confirming:
             return self._lost(exc)
         return self._settled()
 
-    def _settled(self) -> list[tuple[str, set[UUID]]]:
-        """Take the batches whose confirms all came off the list: (alias, events taken)."""
+    def _settled(self) -> list[tuple[Marks, set[UUID]]]:
+        """Take the batches whose confirms all came off the list: (what they mark, events
+        taken)."""
         assert self.confirms is not None
-        taken, left = [], []
-        for alias, event_ids, deadline in self.batches:
+        taken: list[tuple[Marks, set[UUID]]] = []
+        left = []
+        for marks, event_ids, deadline in self.batches:
             settled = self.confirms.settle(event_ids)
             if settled is None:
-                left.append((alias, event_ids, deadline))
+                left.append((marks, event_ids, deadline))
                 continue
             if settled[1]:
                 logger.warning(
@@ -583,12 +595,13 @@ class _Confirming:
                     len(settled[1]),
                     extra=log_extra(),
                 )
-            taken.append((alias, settled[0]))
+            taken.append((marks, settled[0]))
         self.batches = left
         return taken
 
-    def collect(self, timeout: float) -> list[tuple[str, set[UUID]]]:
-        """(alias, events taken) of each batch whose confirms all came (`marking.Confirming`).
+    def collect(self, timeout: float) -> list[tuple[Marks, set[UUID]]]:
+        """(what it marks, events taken) of each batch whose confirms all came
+        (`marking.Confirming`).
 
         A batch refused, or still unconfirmed at its deadline, leaves its events pending for
         the relay; a deadline missed or a transport error drops the connection (its thread
@@ -617,7 +630,7 @@ class _Confirming:
         finally:
             self.lock.release()
 
-    def _lost(self, exc: Exception) -> list[tuple[str, set[UUID]]]:
+    def _lost(self, exc: Exception) -> list[tuple[Marks, set[UUID]]]:
         """Give the connection up after reading its confirms failed: (alias, events taken) of
         the batches whose confirms all came before; the others stay pending."""
         taken = self._settled()

@@ -13,6 +13,10 @@ died, the database was away), is sent by ``events_relay`` once it is ``--min-age
 by default, far longer than the interval). What it can cost is a second message for an event
 the broker did take (at least once, as ever).
 
+A handed-on delivery of an ordered key (`ordering`) is sent the same way: its row is due for
+the relay 30 s later until the marker clears that due time, once the broker took the message
+(`HandOns`).
+
 Used on databases with row locks (PostgreSQL, MySQL, Oracle). On SQLite a second writer
 thread would contend for the database's single write lock: the publisher marks at once there,
 as it does when its batch is delivered inside a transaction still open (tests).
@@ -25,13 +29,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, TypeVar
 from uuid import UUID
 
 from django.db import DatabaseError, connections
 
-from django_events.delivery.recording import mark_dispatched
+from django_events.delivery.recording import clear_due, mark_dispatched
 from django_events.logs import log_extra
 
 logger = logging.getLogger("django_events.dispatch")
@@ -40,12 +46,28 @@ INTERVAL = 0.2  # seconds between two rounds of collecting confirms and marking
 EXIT_PATIENCE = 5.0  # seconds an exiting process waits for confirms and its last marks
 MAX_WAITING = 100_000  # ids kept while the database cannot be written; the relay has them
 
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class HandOns:
+    """A batch of deliveries handed on by their key (`ordering`): by event id, its `Delivery`
+    row's id and relay due time (``retry_at``), cleared once the broker took its message."""
+
+    alias: str
+    due: Mapping[UUID, tuple[int, datetime]]
+
+
+# What a batch the broker took gets: a database alias (its records marked dispatched), or
+# the due times of its hand-ons cleared.
+Marks = str | HandOns
+
 
 class Confirming(Protocol):
     """A kept publisher connection with batches still waiting for their confirms."""
 
-    def collect(self, timeout: float) -> list[tuple[str, set[UUID]]]:
-        """(database alias, ids the broker took) of each batch whose confirms all came,
+    def collect(self, timeout: float) -> list[tuple[Marks, set[UUID]]]:
+        """(what its batch marks, ids the broker took) of each batch whose confirms all came,
         reading what the broker sent for up to ``timeout`` seconds; empty while its thread
         is publishing on it."""
 
@@ -72,20 +94,26 @@ class Marker:
     def __init__(self, interval: float = INTERVAL) -> None:
         self.interval = interval
         self._taken: dict[str, list[UUID]] = {}
+        self._due: dict[str, list[tuple[int, datetime]]] = {}  # hand-ons' rows, by alias
         self._watched: list[Confirming] = []
-        self._lock = threading.Lock()  # guards _taken and _watched
+        self._lock = threading.Lock()  # guards _taken, _due and _watched
         self._flushing = threading.Lock()  # one round at a time (the thread, a flush, exit)
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit_hook = False
 
-    def taken(self, alias: str, ids: Sequence[UUID]) -> None:
-        """Mark ``ids`` dispatched in the next round (the broker took their messages)."""
+    def taken(self, marks: Marks, ids: Sequence[UUID]) -> None:
+        """Mark ``ids`` dispatched on the database ``marks`` in the next round (the broker took
+        their messages); for `HandOns`, clear those hand-ons' relay due times instead."""
         if not ids:
             return
         with self._lock:
-            self._taken.setdefault(alias, []).extend(ids)
+            if isinstance(marks, HandOns):
+                rows = [marks.due[i] for i in ids if i in marks.due]
+                self._due.setdefault(marks.alias, []).extend(rows)
+            else:
+                self._taken.setdefault(marks, []).extend(ids)
             self._ensure_thread()
 
     def watch(self, confirming: Confirming) -> None:
@@ -120,7 +148,7 @@ class Marker:
         with self._lock:
             self._thread, self._stopping = None, False
             self._wake.clear()
-            leftover = bool(self._taken or self._watched)
+            leftover = bool(self._taken or self._due or self._watched)
         if leftover:  # marked meanwhile, from another thread
             with self._lock:
                 self._ensure_thread()
@@ -161,28 +189,42 @@ class Marker:
         with self._lock:
             watched = list(self._watched)
         for confirming in watched:
-            for alias, ids in confirming.collect(timeout):
-                self.taken(alias, list(ids))
+            for marks, ids in confirming.collect(timeout):
+                self.taken(marks, list(ids))
         with self._lock:
             self._watched = [c for c in self._watched if c.outstanding()]
 
     def _write(self) -> None:
         with self._lock:
-            batches, self._taken = self._taken, {}
-        for alias, ids in batches.items():
-            try:
-                connections[alias].close_if_unusable_or_obsolete()
-                mark_dispatched(alias, ids)
-            except DatabaseError:
-                logger.exception(
-                    "Could not mark %d event(s) dispatched; they wait for the next round",
-                    len(ids),
-                    extra=log_extra(),
-                )
-                connections[alias].close()  # a broken connection is opened anew next time
-                with self._lock:
-                    waiting = self._taken.setdefault(alias, [])
-                    waiting[:0] = ids[-MAX_WAITING:]  # beyond that, the relay sends them again
+            taken, self._taken = self._taken, {}
+            due, self._due = self._due, {}
+        for alias, ids in taken.items():
+            self._write_one(alias, mark_dispatched, ids, self._taken, "mark %d event(s) dispatched")
+        for alias, rows in due.items():
+            what = "clear the relay due time of %d handed-on delivery(ies)"
+            self._write_one(alias, clear_due, rows, self._due, what)
+
+    def _write_one(
+        self,
+        alias: str,
+        write: Callable[[str, Sequence[_T]], None],
+        values: list[_T],
+        waiting: dict[str, list[_T]],
+        what: str,
+    ) -> None:
+        """``write`` ``values`` on ``alias``; if the database cannot take them, put them back
+        in ``waiting`` for the next round."""
+        try:
+            connections[alias].close_if_unusable_or_obsolete()
+            write(alias, values)
+        except DatabaseError:
+            logger.exception(
+                "Could not %s; they wait for the next round", what % len(values), extra=log_extra()
+            )
+            connections[alias].close()  # a broken connection is opened anew next time
+            with self._lock:
+                kept = waiting.setdefault(alias, [])
+                kept[:0] = values[-MAX_WAITING:]  # beyond that, the relay sends them again
 
 
 _marker: Marker | None = None

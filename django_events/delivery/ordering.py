@@ -51,9 +51,16 @@ from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from django_events.delivery import postgresql
+from django_events.delivery.marking import marker, marks_later
 from django_events.delivery.messages import PriorRuns
 from django_events.delivery.migration_state import migrate_command
-from django_events.delivery.recording import FINISHED, delivery, event_of, save_deliveries
+from django_events.delivery.recording import (
+    FINISHED,
+    clear_due,
+    delivery,
+    event_of,
+    save_deliveries,
+)
 from django_events.events import Event
 from django_events.logs import log_extra
 from django_events.models import Delivery, OrderingGate
@@ -543,9 +550,15 @@ def release(alias: str, keys: Sequence[tuple[str, str]]) -> int:
     return handed
 
 
-def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
-    """Send a handed-on delivery's message (``head``, read with its event record); on success
-    the relay need not."""
+def _send(alias: str, subscription_name: str, head: Delivery, due: datetime) -> None:
+    """Send a handed-on delivery's message (``head``, read with its event record); once the
+    broker has it, its relay due time ``due`` is cleared: the relay need not send it.
+
+    Where events are marked dispatched in the background (`marking.marks_later`), the send
+    waits neither for the broker's confirm nor for that ``UPDATE``: the marker clears it once
+    the confirm comes, and the key's next delivery can start meanwhile (figure 16's one key).
+    A message refused or never confirmed leaves the row due, for events_relay.
+    """
     from django_events.delivery import broker
 
     registry = get_registry()
@@ -558,10 +571,16 @@ def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
         return
     items = [(event_of(record), compiled.declaration.durable, [subscription])]
     prior = {(record.pk, subscription_name): PriorRuns(head.attempts, head.uncounted)}
+    later = subscription.via != "tasks" and marks_later(alias)
     if subscription.via == "tasks":
         from django_events.delivery import tasks_backend
 
         unsent = tasks_backend.send_deliveries(items, alias, prior_attempts=prior)
+    elif later:
+        hand_on = {record.pk: (head.pk, due)}
+        unsent = broker.send_deliveries(
+            items, alias, prior_attempts=prior, marker=marker(), hand_ons=hand_on
+        ).ids
     else:
         unsent = broker.send_deliveries(items, alias, prior_attempts=prior).ids
     if unsent:
@@ -569,7 +588,9 @@ def _send(alias: str, subscription_name: str, head: Delivery, due: Any) -> None:
             "The broker did not take a handed-on delivery; events_relay sends it", extra=extra
         )
         return
+    if later:
+        return
     try:
-        Delivery.objects.using(alias).filter(pk=head.pk, retry_at=due).update(retry_at=None)
+        clear_due(alias, [(head.pk, due)])
     except DatabaseError:
         logger.exception("Sent, but could not clear its relay due time", extra=extra)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from datetime import datetime
+from functools import reduce
 from typing import Any
 from uuid import UUID
 
 from django.db import connections, router, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from django_events.delivery import postgresql
@@ -89,6 +93,15 @@ def mark_dispatched(alias: str, ids: Sequence[UUID]) -> None:
             EventRecord.objects.using(alias).filter(pk__in=ids).update(
                 status=EventRecord.Status.DISPATCHED, dispatched_at=now
             )
+
+
+def clear_due(alias: str, rows: Sequence[tuple[int, datetime]]) -> None:
+    """Clear the relay due time of the `Delivery` rows (id, ``retry_at``) still due then:
+    handed-on deliveries whose messages the broker took (a row changed since keeps its own)."""
+    for start in range(0, len(rows), 500):  # a bounded statement
+        chunk = rows[start : start + 500]
+        due = reduce(operator.or_, (Q(pk=pk, retry_at=at) for pk, at in chunk))
+        Delivery.objects.using(alias).filter(due).update(retry_at=None)
 
 
 def save_deliveries(alias: str, deliveries: Sequence[Delivery]) -> None:
