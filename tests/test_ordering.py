@@ -21,6 +21,7 @@ from django_events.delivery import marking, ordering
 from django_events.delivery.worker import Outcome, process_message
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
+from django_events.tasks import deliver
 from tests.app import handlers
 from tests.app.models import HandlerRun
 from tests.conftest import inserts_refused
@@ -94,6 +95,31 @@ def test_held_then_handed_on_in_order_in_few_statements(
         (1, "succeeded", 1, None),
         (2, "succeeded", 1, None),
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_held_or_skipped_message_ends_its_task_done_not_ignored(queue: str) -> None:
+    """Its work is done: Celery's `Ignore` would take its traceback twice, format it and
+    pickle it to the pool's parent for every message that finds its key busy (figure 16's
+    one key). A failure for good still ends ignored (tests/test_worker_outcomes.py)."""
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        messages = {
+            m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+        }
+
+        def task_state(message: dict[str, Any]) -> str:
+            state: str = deliver.apply(args=(message,)).state
+            return state
+
+        assert task_state(messages[str(second.id)]) == "SUCCESS"  # held
+        assert task_state(messages[str(first.id)]) == "SUCCESS"  # ran, and handed on
+        assert task_state(messages[str(first.id)]) == "SUCCESS"  # a copy: skipped
+        [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+        assert task_state(again) == "SUCCESS"
+    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    assert list(rows.values_list("status", "attempts")) == [("succeeded", 1)] * 2
 
 
 @pytest.mark.postgresql
