@@ -122,6 +122,26 @@ def test_a_held_or_skipped_message_ends_its_task_done_not_ignored(queue: str) ->
     assert list(rows.values_list("status", "attempts")) == [("succeeded", 1)] * 2
 
 
+@pytest.mark.django_db
+def test_a_handed_on_message_carries_its_event_and_the_runs_its_row_records(
+    queue: str, publish_now: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    # Read in one raw query (figure 16's one key): the event record, and the runs so far of a
+    # delivery held after runs of its own (here written by hand: two, one of them uncounted).
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 1, "total": 11})
+        messages = ordered_messages(queue)
+        with django_capture_on_commit_callbacks(execute=True):
+            held = process_message(messages[str(second.id)], 0, manage_connections=False)
+            Delivery.objects.filter(event_id=second.id).update(attempts=2, uncounted=1)
+            ran = process_message(messages[str(first.id)], 0, manage_connections=False)
+            assert (held.status, ran.status) == ("held", "succeeded")
+        [again] = ordered_messages(queue).values()
+    assert (again["prior_attempts"], again["uncounted"]) == (2, 1)
+    assert again["event"] == messages[str(second.id)]["event"]  # as its first message had it
+
+
 @pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 @pytest.mark.parametrize(("alias", "elsewhere"), [("default", "other"), ("other", "default")])
