@@ -310,6 +310,61 @@ def test_hand_on_changes_what_the_orm_changes() -> None:
     assert held_head[1][2:] == (due, now)  # due for the relay, in case its send never happens
 
 
+def test_hold_changes_what_the_orm_changes() -> None:
+    from django_events.delivery import ordering
+
+    finished = recording.FINISHED
+    statuses = ["succeeded", "failed", "pending", "resolved", "pending"]  # numbered from 1
+    now = datetime(2026, 12, 5, 22, 0, tzinfo=UTC)
+
+    def lay_out() -> list[uuid.UUID]:
+        Delivery.objects.all().delete()
+        EventRecord.objects.all().delete()
+        ids = []
+        for number, status in enumerate(statuses, start=1):
+            event_id = uuid.uuid4()
+            event = Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1)
+            record_for(event, "dispatched").save()
+            row = delivery(event_id, "ordered", "async", status, 1)
+            row.ordering_key, row.sequence, row.retry_at = "k", number, now
+            row.save()
+            ids.append(event_id)
+        Delivery.objects.update(updated_at=now - timedelta(hours=1))
+        return ids
+
+    def state() -> list[tuple[Any, ...]]:
+        return list(
+            Delivery.objects.order_by("sequence").values_list(
+                "sequence", "status", "retry_at", "updated_at"
+            )
+        )
+
+    written: list[tuple[list[bool], list[tuple[Any, ...]]]] = []
+    for by_hand in (True, False):
+        ids = lay_out()
+        held = []
+        # From the last: each hold is decided on the statuses laid out, none held before it.
+        for number, event_id in reversed(list(enumerate(ids, start=1))):
+            if by_hand:
+                held.append(
+                    postgresql.hold(connection, event_id, "ordered", "k", number, finished, now)
+                )
+            else:
+                held.append(
+                    ordering._held_if_waiting("default", event_id, "ordered", "k", number, now)
+                )
+        written.append((held, state()))
+
+    assert written[0] == written[1]
+    held, rows = written[0]
+    assert held == [True, True, True, False, False]  # 5, 4 and 3 wait (2 failed); 2 and 1 not
+    assert [row[1:] for row in rows[:2]] == [
+        ("succeeded", now, now - timedelta(hours=1)),
+        ("failed", now, now - timedelta(hours=1)),
+    ]
+    assert [row[1:] for row in rows[2:]] == [("held", None, now)] * 3
+
+
 def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
     from django_events.delivery import ordering
     from django_events.models import OrderingGate

@@ -162,6 +162,26 @@ def turn(
         return row
 
 
+def hold(
+    connection: BaseDatabaseWrapper,
+    event_id: UUID,
+    subscription: str,
+    key: str,
+    number: int,
+    finished: Sequence[str],
+    now: datetime,
+) -> bool:
+    """Mark the ordered delivery of (``event_id``, ``subscription``) held if a delivery of its
+    key numbered before ``number`` is unfinished (a status other than ``finished``), in one
+    ``UPDATE``, the one the ORM writes for it (`ordering.claim`); whether it did."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _hold_sql(connection, len(finished)),
+            [now, event_id, subscription, subscription, key, number, *finished],
+        )
+        return bool(cursor.rowcount)
+
+
 def first_unfinished(
     connection: BaseDatabaseWrapper, subscription: str, key: str, finished: Sequence[str]
 ) -> tuple[int, str] | None:
@@ -409,6 +429,25 @@ def _build_first_unfinished_sql(
         f"WHERE {c['subscription']} = %s AND {c['ordering_key']} = %s "
         f"AND {c['sequence']} IS NOT NULL AND NOT ({c['status']} IN ({finished})) "
         f"ORDER BY {c['sequence']} LIMIT 1"
+    )
+
+
+def _hold_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    return _once(f"hold:{statuses}", lambda: _build_hold_sql(connection, statuses))
+
+
+def _build_hold_sql(connection: BaseDatabaseWrapper, statuses: int) -> str:
+    c = _ordering_columns(connection)
+    quote = connection.ops.quote_name
+    retry_at, updated_at = (quote(_column(Delivery, n)) for n in ("retry_at", "updated_at"))
+    finished = ", ".join(["%s"] * statuses)
+    return (
+        f"UPDATE {c['table']} SET {c['status']} = {_literal(Delivery.Status.HELD.value)}, "
+        f"{updated_at} = %s, {retry_at} = NULL "
+        f"WHERE {c['event']} = %s AND {c['subscription']} = %s AND EXISTS("
+        f"SELECT 1 FROM {c['table']} u WHERE u.{c['subscription']} = %s "
+        f"AND u.{c['ordering_key']} = %s AND u.{c['sequence']} < %s "
+        f"AND NOT (u.{c['status']} IN ({finished})))"
     )
 
 
