@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from kombu import Queue
@@ -377,3 +377,31 @@ def test_a_hand_on_the_broker_refuses_stays_due_and_the_relay_sends_it(
     finally:
         with brokers.amqp.connection_for_write() as conn:
             conn.default_channel.queue_delete(other)
+
+
+@pytest.mark.servers
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_relay_due_time_the_database_cannot_clear_waits_for_the_next_round(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    table = Delivery._meta.db_table
+
+    def refuse(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("UPDATE") and table in sql.split("SET")[0]:
+            raise OperationalError(f"{table}: the rows cannot be written")
+        return execute(sql, params, many, context)
+
+    slow = marking.Marker(interval=600)  # its rounds are this thread's flushes
+    wired = wiring(ORDERED, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp")
+    with _marker(slow), wired:
+        first, handed = _held_behind_first(queue)
+        assert process_message(first, 0).status == "succeeded"
+        with connection.execute_wrapper(refuse), caplog.at_level(logging.ERROR, "django_events"):
+            slow.flush()
+        assert "Could not clear the relay due time of 1 handed-on delivery(ies)" in caplog.text
+        handed.refresh_from_db()
+        assert handed.retry_at is not None
+        slow.flush()
+        handed.refresh_from_db()
+        assert handed.retry_at is None

@@ -142,6 +142,29 @@ def test_a_handed_on_message_carries_its_event_and_the_runs_its_row_records(
     assert again["event"] == messages[str(second.id)]["event"]  # as its first message had it
 
 
+@pytest.mark.django_db
+def test_a_handed_on_delivery_deleted_before_its_send_is_said_and_sent_nothing(
+    queue: str,
+    publish_now: Any,
+    django_capture_on_commit_callbacks: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        first = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        second = publish_now("shop.paid", {"order_id": 1, "total": 11})
+        messages = ordered_messages(queue)
+        held = process_message(messages[str(second.id)], 0, manage_connections=False)
+        with django_capture_on_commit_callbacks() as after_commit:
+            ran = process_message(messages[str(first.id)], 0, manage_connections=False)
+        assert (held.status, ran.status) == ("held", "succeeded")
+        Delivery.objects.filter(event_id=second.id).delete()  # by an admin, meanwhile
+        with caplog.at_level(logging.WARNING, "django_events"):
+            for callback in after_commit:
+                callback()
+        assert "Cannot read a handed-on delivery" in caplog.text
+        assert ordered_messages(queue) == {}
+
+
 @pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True, databases=["default", "other"])
 @pytest.mark.parametrize(("alias", "elsewhere"), [("default", "other"), ("other", "default")])
