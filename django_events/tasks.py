@@ -43,7 +43,7 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
     acknowledged: Celery would log a returned value as a task that succeeded. A message held
     (its ordered key's turn, a pause) or skipped (a duplicate) returns, as a success does: its
     work is done, its own INFO line says which, and Celery's `Ignore` costs a traceback taken
-    twice, formatted, and pickled to the pool's parent: a fifth to a third of a worker's CPU
+    twice, formatted, and pickled to the pool's parent: about a third of a worker's CPU
     while one key holds most of its messages (figure 16's one key).
     """
     outcome = process_message(
