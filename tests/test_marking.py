@@ -319,6 +319,7 @@ def _held_behind_first(queue: str) -> tuple[dict[str, Any], Delivery]:
     the second."""
     first = publish("orders.placed", ORDER)
     second = publish("orders.placed", ORDER)
+    marking.flush()  # their confirms: the messages are in the queue
     messages = {m["event"]["id"]: m for m in _task_messages(queue)}
     assert process_message(messages[str(second.id)], 0).status == "held"
     return messages[str(first.id)], Delivery.objects.get(event_id=second.id)
@@ -338,10 +339,10 @@ def test_a_hand_on_leaves_its_confirm_and_its_relay_due_time_to_the_marker(queue
         assert process_message(first, 0).status == "succeeded"
         handed.refresh_from_db()
         assert (handed.status, handed.retry_at is not None) == ("pending", True)
-        assert [m["id"] for m in _messages(queue)] == [str(handed.event_id)]  # sent
-        slow.flush()
+        slow.flush()  # the confirm
         handed.refresh_from_db()
         assert (handed.status, handed.retry_at) == ("pending", None)
+        assert [m["id"] for m in _messages(queue)] == [str(handed.event_id)]
 
 
 @pytest.mark.servers
