@@ -158,6 +158,26 @@ def _measure(run_id: str, conditions: list[str], blocks: int, n: int) -> None:
             f"{a_wall / s_wall:.2f}; CPU {a_cpu:.0f} / {s_cpu:.0f} us, the async handler adds "
             f"{a_cpu - s_cpu:.0f} us  [{len(rows)} blocks of {n}]"
         )
+    # Paired within each block (the same minute of the host): each condition against the first.
+    first = conditions[0]
+    for condition in conditions[1:]:
+        pairs = list(zip(results[condition], results[first], strict=True))
+        ratio = [_ratio(mine) - _ratio(theirs) for mine, theirs in pairs]
+        added = [_added_cpu(mine) - _added_cpu(theirs) for mine, theirs in pairs]
+        print(
+            f"  {condition} against {first}, block by block: ratio "
+            f"{statistics.median(ratio):+.2f} (higher in {sum(r > 0 for r in ratio)} of "
+            f"{len(ratio)} blocks), CPU the async handler adds {statistics.median(added):+.0f} us "
+            f"(more in {sum(a > 0 for a in added)} of {len(added)})"
+        )
+
+
+def _ratio(block: tuple[Sample, Sample]) -> float:
+    return block[0][0] / block[1][0]
+
+
+def _added_cpu(block: tuple[Sample, Sample]) -> float:
+    return block[0][1] - block[1][1]
 
 
 async def _thread_id() -> int:
