@@ -33,7 +33,10 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.bench_publish import Context
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -62,23 +65,24 @@ def main() -> None:
     django.setup()
     from django.db import connection, connections
 
+    from benchmarks.bench_delivery import cleanup
+    from benchmarks.bench_publish import Context
+
+    ctx = Context(smoke=False, repeat=1, run_id=run_id)
     server_db = connection.settings_dict["NAME"]
     connection.creation.create_test_db(verbosity=0, autoclobber=True)
     try:
-        _measure(run_id, conditions, args.blocks, args.n)
+        _measure(ctx, conditions, args.blocks, args.n)
     finally:
-        from django_events.delivery import marking
-
-        marking.stop()
+        cleanup(ctx)  # the marker, the run's queue (``threads`` publishes), its Redis keys
         connections.close_all()
         connection.creation.destroy_test_db(server_db, verbosity=0)
 
 
-def _measure(run_id: str, conditions: list[str], blocks: int, n: int) -> None:
+def _measure(ctx: Context, conditions: list[str], blocks: int, n: int) -> None:
     from django.db import transaction
     from django.utils import timezone
 
-    from benchmarks.bench_publish import Context
     from django_events import publish
     from django_events.delivery import marking
     from django_events.delivery.execution import run_coroutine_function
@@ -88,7 +92,6 @@ def _measure(run_id: str, conditions: list[str], blocks: int, n: int) -> None:
     from django_events.events import Event
     from django_events.models import EventRecord
 
-    ctx = Context(smoke=False, repeat=1, run_id=run_id)
     note = f"{ctx.counter}:figure12-hop"
 
     def messages(kind: str, count: int) -> list[dict[str, Any]]:
