@@ -165,6 +165,20 @@ UPCAST_ERROR = (
 )
 
 
+def _failed_vault_delivery() -> EventRecord:
+    """A stored v1 vault.opened that the schema refuses, its sync delivery failed."""
+    record = EventRecord.objects.create(
+        id=uuid.uuid4(),
+        name="vault.opened",
+        payload={"pin": 1000, "qty": 10},
+        correlation_id=uuid.uuid4(),
+        status="dispatched",
+        version=1,
+    )
+    save_deliveries("default", [delivery(record.pk, "vault-audit", "sync", "failed", 1, "Boom")])
+    return record
+
+
 @pytest.mark.django_db
 def test_publish_refuses_a_payload_with_problems_masked_by_path(queue) -> None:
     payload = {"pin": 1, "qty": 10, "card": {"number": CARD}, "forbidden": 1}
@@ -266,15 +280,7 @@ def test_the_worker_records_an_invalid_upcast_masked_by_path_naming_the_upcaster
 
 @pytest.mark.django_db
 def test_a_retry_records_an_invalid_upcast_masked_by_path_naming_the_upcaster(queue) -> None:
-    record = EventRecord.objects.create(
-        id=uuid.uuid4(),
-        name="vault.opened",
-        payload={"pin": 1000, "qty": 10},
-        correlation_id=uuid.uuid4(),
-        status="dispatched",
-        version=1,
-    )
-    save_deliveries("default", [delivery(record.pk, "vault-audit", "sync", "failed", 1, "Boom")])
+    record = _failed_vault_delivery()
 
     with vault_wiring(queue, mode="sync", **UPCAST):
         call_command("events_retry", "--subscription", "vault-audit", stdout=StringIO())
@@ -285,14 +291,7 @@ def test_a_retry_records_an_invalid_upcast_masked_by_path_naming_the_upcaster(qu
 
 @pytest.mark.django_db
 def test_a_retry_records_a_stale_payload_masked_by_path_not_garbled(queue, admin_client) -> None:
-    record = EventRecord.objects.create(
-        id=uuid.uuid4(),
-        name="vault.opened",
-        payload={"pin": 1000, "qty": 10},
-        correlation_id=uuid.uuid4(),
-        status="dispatched",
-    )
-    save_deliveries("default", [delivery(record.pk, "vault-audit", "sync", "failed", 1, "Boom")])
+    record = _failed_vault_delivery()
 
     with vault_wiring(queue, mode="sync"):
         call_command("events_retry", "--subscription", "vault-audit", stdout=StringIO())
