@@ -123,6 +123,40 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
             conn.default_channel.queue_delete(queue)
 
 
+def test_a_queue_deleted_meanwhile_is_declared_again_on_a_new_publishing_connection() -> None:
+    """The queues a kept confirming connection declared are remembered with it, not beyond:
+    once it is replaced (a broker restart, a connection dropped) they are declared again."""
+    from django_events.delivery import broker
+
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"declared-{uuid.uuid4().hex[:8]}"
+    subscription = {"event": "orders.placed", "handler": "tests.app.handlers.record"}
+    data = {"order_id": 3, "total": 9.5}
+
+    def send() -> None:
+        event_id = uuid.uuid4()
+        event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
+        compiled = get_registry().event("orders.placed")
+        assert send_deliveries([(event, True, compiled.async_)], "default") == Unsent()
+
+    try:
+        with wiring(
+            subscription | {"mode": "async"}, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"
+        ):
+            send()
+            send()  # the same kept connection: declared already
+            with brokers.amqp.connection_for_write() as conn:
+                assert conn.default_channel.queue_declare(queue, passive=True).message_count == 2
+                conn.default_channel.queue_delete(queue)
+            broker._drop_confirming(brokers.amqp)  # as a connection found broken is
+            send()
+            with brokers.amqp.connection_for_write() as conn:
+                assert conn.default_channel.queue_declare(queue, passive=True).message_count == 1
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+
+
 def test_time_limits_leave_a_webhooks_own_timeout_to_report_first() -> None:
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     queue = f"limits-{uuid.uuid4().hex[:8]}"

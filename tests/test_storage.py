@@ -12,7 +12,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from django.db import connection
+from django.db import DataError, connection
+from django.test.utils import CaptureQueriesContext
 
 from django_events.delivery import postgresql, recording
 from django_events.delivery.recording import delivery, record_for
@@ -79,6 +80,41 @@ def test_insert_records_writes_what_bulk_create_writes() -> None:
 
     assert ours == rows(EventRecord, "created_at")
     assert ours[0]["payload"] == batch[0][0].data or ours[1]["payload"] == batch[0][0].data
+
+
+@pytest.mark.parametrize("binding", ["client", "server"])
+@pytest.mark.parametrize("index", [0, 1])
+def test_one_record_is_inserted_as_bulk_create_writes_it(index: int, binding: str) -> None:
+    """One record (a publish()) goes in as plain VALUES, not the batch's JSON document; with
+    Django's server-side binding (``OPTIONS["server_side_binding"]``) as with client-side."""
+    event, status = events()[index], ["pending", "dispatched"][index]
+    writer = connection.copy()
+    writer.settings_dict["OPTIONS"] = {
+        **writer.settings_dict.get("OPTIONS", {}),
+        "server_side_binding": binding == "server",
+    }
+    try:
+        with CaptureQueriesContext(writer) as queries:
+            postgresql.insert_records(writer, [(event, status)])
+    finally:
+        writer.close()
+    ours = rows(EventRecord, "created_at")
+    EventRecord.objects.all().delete()
+    EventRecord.objects.bulk_create([record_for(event, status)])
+
+    assert ours == rows(EventRecord, "created_at")
+    assert ours[0]["payload"] == event.data
+    assert "VALUES" in queries[0]["sql"]
+    assert "jsonb_to_recordset" not in queries[0]["sql"]
+
+
+def test_one_record_with_a_name_too_long_for_its_column_is_refused_not_cut() -> None:
+    event = events()[0]
+    long = Event(event.id, "n" * 300, {}, {}, event.occurred_at, event.id, None, {})
+
+    with pytest.raises(DataError, match="too long"):
+        postgresql.insert_records(connection, [(long, "pending")])
+    assert not EventRecord.objects.exists()
 
 
 def test_mark_dispatched_writes_what_queryset_update_writes() -> None:
