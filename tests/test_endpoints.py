@@ -461,6 +461,24 @@ def test_enable_selected_refuses_an_endpoint_whose_stored_url_is_refused_now(
     assert "t-123" not in page and "pw@" not in page
 
 
+def test_enable_refuses_an_endpoint_whose_stored_url_is_refused_now_and_enables_none() -> None:
+    """The function "Enable selected" calls: what its form and create_endpoint refuse, it
+    refuses too, naming each endpoint, before it enables any."""
+    fine, _ = endpoints.create_endpoint("https://hooks.example.com/fine", ["*"], enabled=False)
+    old, _ = endpoints.create_endpoint("https://hooks.example.com/in", ["*"], enabled=False)
+    WebhookEndpoint.objects.filter(pk=old.pk).update(url="https://10.0.0.7/p/t-123")
+    old.refresh_from_db()
+
+    with pytest.raises(ValidationError) as caught:
+        endpoints.enable([fine, old])
+
+    assert caught.value.messages == [
+        f"Webhook endpoint {old.pk}: Refused https://10.0.0.7/: 10.0.0.7 {NOT_PUBLIC}"
+    ]
+    assert not WebhookEndpoint.objects.filter(enabled=True).exists()
+    assert endpoints.enable([fine]) == 1
+
+
 def test_the_failures_page_filters_by_endpoint(admin_client) -> None:
     endpoint, _ = endpoints.create_endpoint("https://hooks.example.com/a", ["*"])
     html = admin_client.get(change_url(endpoint)).content.decode()

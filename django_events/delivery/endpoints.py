@@ -285,10 +285,21 @@ def create_endpoint(
 def enable(endpoints: Iterable[WebhookEndpoint], *, using: str | None = None) -> int:
     """Enable endpoints again (a fresh start: their failing time and reason are cleared).
 
-    ``using``: only the alias the routers write endpoints to, the default (ValueError).
+    Enables none if the URL rules refuse the stored URL of any (saved before they applied:
+    `url_refused`, E326, E327): ValidationError naming each, as its form would not save it
+    enabled; give it another URL first. ``using``: only the alias the routers write
+    endpoints to, the default (ValueError).
     """
     alias = write_alias(using, "enable")
-    ids = [e.pk for e in endpoints]
+    chosen = list(endpoints)
+    refused = [
+        f"Webhook endpoint {endpoint.pk}: {' '.join(reasons)}"
+        for endpoint in chosen
+        if (reasons := url_refused(endpoint))
+    ]
+    if refused:
+        raise ValidationError(refused)
+    ids = [e.pk for e in chosen]
     count = (
         WebhookEndpoint.objects.using(alias)
         .filter(pk__in=ids)
