@@ -137,7 +137,7 @@ def figure_4(ctx: Context) -> bool:
         # the worker's commits not waiting for the disk
         _end_to_end(ctx, "amqp", flush=False, success="immediate")
     # The floor: the database write each delivery record needs, and where the CPU goes
-    # (the publisher, the worker and the PostgreSQL backends share 2 cores).
+    # (the publisher, the worker and the PostgreSQL server share 2 cores).
     write_ms = _record_write_ms(ctx)
     print(
         f" 4. floor: one delivery record (INSERT ... ON CONFLICT + commit) on this PostgreSQL "
@@ -152,7 +152,7 @@ def figure_4(ctx: Context) -> bool:
 
 
 _CPU_PARTS = (
-    "publisher / worker (all processes) / PostgreSQL backends / RabbitMQ and Redis servers, ms"
+    "publisher / worker (all processes) / PostgreSQL server / RabbitMQ and Redis servers, ms"
 )
 # Milliseconds of CPU per event of each part of _CPU_PARTS, in that order.
 CpuSample = tuple[float, ...]
@@ -194,29 +194,52 @@ def _cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(after[pid] - before[pid] for pid in before.keys() & after.keys())
 
 
-def _pg_backends() -> list[int]:
+def _postmaster() -> int:
+    """The PostgreSQL server's first process: the parent of this connection's backend."""
     with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid()"
-        )
-        others = [row[0] for row in cursor.fetchall()]
         cursor.execute("SELECT pg_backend_pid()")
-        return [*others, cursor.fetchone()[0]]
+        backend = cursor.fetchone()[0]
+    return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+PgCpu = tuple[dict[int, float], float]
+
+
+def _pg_cpu(postmaster: int) -> PgCpu:
+    """CPU seconds of each PostgreSQL server process now (the postmaster, its backends and
+    background workers), and what its children that ended took (their whole lives: Linux
+    adds a child's CPU to its parent's when the parent reaps it)."""
+    pids = [postmaster, *_children(postmaster)]
+    fields = Path(f"/proc/{postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+    return _cpu_seconds(pids), (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pg_cpu_delta(before: PgCpu, after: PgCpu) -> float:
+    """CPU seconds the PostgreSQL server spent in between, read whole, as RabbitMQ and Redis
+    are: backends that a worker opened or closed meanwhile (Celery reconnects every
+    `REUSE` tasks) count too."""
+    (then, reaped_then), (now, reaped_now) = before, after
+    alive = sum(seconds - then.get(pid, 0.0) for pid, seconds in now.items())
+    before_they_ended = sum(seconds for pid, seconds in then.items() if pid not in now)
+    return alive + (reaped_now - reaped_then) - before_they_ended
 
 
 @contextmanager
 def _cpu_per_event(worker: WorkerProcess, count: int, into: list[CpuSample]) -> Iterator[None]:
-    """CPU time per event of the publisher, the worker's processes and the PostgreSQL backends
-    of the benchmark database (backends that come and go between tasks are missed)."""
+    """CPU time per event of the publisher, the worker's processes, the PostgreSQL server
+    and the RabbitMQ and Redis servers."""
     assert worker.process is not None
-    groups = [[worker.process.pid, *_children(worker.process.pid)], _pg_backends(), _server_pids()]
+    groups = [[worker.process.pid, *_children(worker.process.pid)], _server_pids()]
+    postmaster = _postmaster()
     start, before = time.process_time(), [_cpu_seconds(pids) for pids in groups]
+    pg_before = _pg_cpu(postmaster)
     yield
-    seconds = [time.process_time() - start]
-    seconds += [
+    publisher = time.process_time() - start
+    pg_seconds = _pg_cpu_delta(pg_before, _pg_cpu(postmaster))
+    worker_seconds, servers = (
         _cpu_delta(then, _cpu_seconds(pids)) for then, pids in zip(before, groups, strict=True)
-    ]
+    )
+    seconds = (publisher, worker_seconds, pg_seconds, servers)
     into.append(tuple(s / count * 1000 for s in seconds))
 
 
@@ -256,7 +279,7 @@ def _end_to_end(
     runs = iter(range(1_000_000))
 
     cpu: dict[str, list[CpuSample]] = {"ours": [], "raw": []}
-    if reuse and flush:  # backends that connect per task cannot be followed
+    if reuse and flush:  # one CPU line per broker and setting: not the other context lines
         _cpu[f"{kind} {success or 'default'}"] = cpu
 
     def ours(count: int = n, measured: bool = True) -> float:

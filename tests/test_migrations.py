@@ -21,19 +21,23 @@ def test_no_missing_migrations(db: None, auto_field: str) -> None:
 
 @pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
-def test_the_finish_function_comes_and_goes_with_its_migration() -> None:
-    # Migration 0011's function (an ordered delivery's finish, PostgreSQL): unmigrating drops
-    # it, migrating creates it again.
+@pytest.mark.parametrize(
+    ("function", "before"),
+    [("django_events_finish_ordered", "0010"), ("django_events_ordered_turn", "0012")],
+)
+def test_each_function_comes_and_goes_with_its_migration(function: str, before: str) -> None:
+    # The functions of migrations 0011 (an ordered delivery's finish) and 0013 (its turn),
+    # PostgreSQL: unmigrating drops each, migrating creates it again.
     from django.db import connection
 
     def exists() -> bool:
         with connection.cursor() as cursor:
-            cursor.execute("SELECT to_regproc('django_events_finish_ordered') IS NOT NULL")
+            cursor.execute("SELECT to_regproc(%s) IS NOT NULL", [function])
             return bool(cursor.fetchone()[0])
 
     assert exists()
     try:
-        call_command("migrate", "django_events", "0010", verbosity=0)
+        call_command("migrate", "django_events", before, verbosity=0)
         assert not exists()
     finally:
         call_command("migrate", "django_events", verbosity=0)
@@ -51,7 +55,8 @@ def test_a_worker_says_at_start_which_migrations_are_missing() -> None:
     finally:
         call_command("migrate", "django_events", verbosity=0)
     assert problem.startswith(
-        "Database 'default' lacks django_events migration(s) 0012_delivery_uncounted: run "
+        "Database 'default' lacks django_events migration(s) 0012_delivery_uncounted, "
+        "0013_ordered_turn_function: run "
         "manage.py migrate."
     )
 
@@ -68,7 +73,8 @@ def test_the_missing_migrations_name_the_database_the_routers_give_the_log() -> 
         finally:
             call_command("migrate", "django_events", database="other", verbosity=0)
     assert problem.startswith(
-        "Database 'other' lacks django_events migration(s) 0012_delivery_uncounted: run "
+        "Database 'other' lacks django_events migration(s) 0012_delivery_uncounted, "
+        "0013_ordered_turn_function: run "
         "manage.py migrate --database other."
     )
 

@@ -30,6 +30,7 @@ from tests.worker import wait_for
 
 # The migration that last created the ordered finish function.
 LATEST_FUNCTION = "django_events.migrations.0012_delivery_uncounted"
+TURN_FUNCTION = "django_events.migrations.0013_ordered_turn_function"
 
 ORDERED = {
     "event": "shop.paid",
@@ -238,6 +239,43 @@ def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
     assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
     missing = [r for r in caplog.records if "migration 0011 is not applied" in r.getMessage()]
     assert len(missing) == 1
+
+
+@pytest.mark.postgresql
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_newer_than_the_turn_function_still_reads_its_turn(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A rolling deploy: the worker's code reads its turn through migration 0013's function
+    # before anyone ran migrate. It reads it with the statement instead, and says so once.
+    ordering._warn_missing_function.cache_clear()
+    with connection.cursor() as cursor:
+        cursor.execute("DROP FUNCTION django_events_ordered_turn(uuid, varchar, bigint)")
+    try:
+        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+            first = publish("shop.paid", {"order_id": 1, "total": 10})
+            second = publish("shop.paid", {"order_id": 1, "total": 11})
+            messages = {
+                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
+            }
+            assert process_message(messages[str(second.id)], 0).status == "held"
+            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+            [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+            assert process_message(again, 0).status == "succeeded"
+            assert process_message(again, 0).status == "skipped"  # a copy: already done
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(import_module(TURN_FUNCTION).ORDERED_TURN)
+        ordering._warn_missing_function.cache_clear()
+
+    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
+    assert list(rows.values_list("status", flat=True)) == ["succeeded"] * 2
+    assert run_locks() == []
+    missing = [r.getMessage() for r in caplog.records if "0013 is not applied" in r.getMessage()]
+    assert missing == [
+        "Run manage.py migrate: django_events migration 0013 is not applied on database "
+        "'default'; ordered deliveries read their turn the slower way until it is"
+    ]
 
 
 @pytest.mark.postgresql

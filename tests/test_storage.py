@@ -230,7 +230,10 @@ def test_insert_successes_writes_what_bulk_create_writes_and_keeps_existing_rows
     assert (stored["a-sub"].duration_ms, hook.duration_ms) == (1.25, None)
 
 
-def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
+@pytest.mark.parametrize("read", ["statement", "function"])
+def test_turn_and_first_unfinished_read_what_the_orm_reads(read: str) -> None:
+    """The turn as a statement (in a transaction, before migration 0013) and through that
+    migration's function (a worker), whose finished statuses are written out."""
     from django.db.models import Exists
 
     from django_events.delivery import ordering
@@ -253,6 +256,11 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
         row.save()
     finished = recording.FINISHED
 
+    def turn(event_id: uuid.UUID, name: str, lock: int | None = None) -> Any:
+        if read == "function":
+            return postgresql.ordered_turn(connection, event_id, name, lock)
+        return postgresql.turn(connection, event_id, name, finished, lock)
+
     for record, (name, _, _, _) in zip(records, layout, strict=True):
         by_orm = (
             Delivery.objects.filter(event_id=record.pk, subscription=name)
@@ -260,13 +268,13 @@ def test_turn_and_first_unfinished_read_what_the_orm_reads() -> None:
             .values_list("ordering_key", "sequence", "status", "waits")
             .first()
         )
-        assert postgresql.turn(connection, record.pk, name, finished) == (*by_orm, None)
-    assert postgresql.turn(connection, uuid.uuid4(), "ordered", finished) is None
+        assert turn(record.pk, name) == (*by_orm, None)
+    assert turn(uuid.uuid4(), "ordered") is None
     # With a run's lock: tried (and taken) only for a numbered delivery that runs now,
     # unfinished with nothing unfinished before it.
     locked = []
     for n, (record, (name, key, number, _)) in enumerate(zip(records, layout, strict=True)):
-        took = postgresql.turn(connection, record.pk, name, finished, 1000 + n)
+        took = turn(record.pk, name, 1000 + n)
         assert took is not None
         if took[4] is not None:
             locked.append((key, number, took[4]))

@@ -320,7 +320,7 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     locked: bool | None = None  # whether the lock was taken (None: not tried)
     row: tuple[str | None, int | None, str, bool] | None
     if connection.vendor == "postgresql":
-        turn = postgresql.turn(connection, event_id, subscription, FINISHED, lock_id)
+        turn = _turn(alias, event_id, subscription, lock_id)
         row, locked = (None, None) if turn is None else (turn[:4], turn[4])
     else:
         row = (
@@ -349,6 +349,22 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
             cursor.execute("SELECT pg_try_advisory_lock(%s)", [lock_id])
             locked = cursor.fetchone()[0]
     return _run_turn(alias, key, lock_id, locked)
+
+
+def _turn(
+    alias: str, event_id: UUID, subscription: str, lock_id: int | None
+) -> tuple[str | None, int | None, str, bool, bool | None] | None:
+    """`postgresql.turn`: outside a transaction (a worker) through migration 0013's function,
+    whose plan PostgreSQL keeps; inside one, or before that migration, the statement."""
+    connection = connections[alias]
+    if not connection.in_atomic_block:  # a missing function would break the transaction
+        try:
+            return postgresql.ordered_turn(connection, event_id, subscription, lock_id)
+        except ProgrammingError as exc:
+            if not postgresql.is_missing_function(exc):
+                raise
+            _warn_missing_function(alias, "0013", "read their turn")
+    return postgresql.turn(connection, event_id, subscription, FINISHED, lock_id)
 
 
 def _hold(alias: str, event_id: UUID, subscription: str, key: str, number: int) -> bool:
@@ -468,7 +484,7 @@ def finish(
                 raise
             # Nothing was written (one statement in autocommit): the transaction below does
             # the same, slower.
-            _warn_missing_function(alias)
+            _warn_missing_function(alias, "0011", "are recorded")
         else:
             if run is not None:
                 run.held = False
@@ -481,13 +497,15 @@ def finish(
         transaction.on_commit(_hand_on(alias, subscription, key), using=alias)
 
 
-@cache  # once a process and database
-def _warn_missing_function(alias: str) -> None:
+@cache  # once a process, database and migration
+def _warn_missing_function(alias: str, migration: str, slower: str) -> None:
     logger.error(
-        "Run %s: django_events migration 0011 is not applied on database %r; ordered "
-        "deliveries are recorded the slower way until it is",
+        "Run %s: django_events migration %s is not applied on database %r; ordered "
+        "deliveries %s the slower way until it is",
         migrate_command(alias),
+        migration,
         alias,
+        slower,
         extra=log_extra(),
     )
 

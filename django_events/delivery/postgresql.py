@@ -175,6 +175,22 @@ def turn(
         return row
 
 
+def ordered_turn(
+    connection: BaseDatabaseWrapper, event_id: UUID, subscription: str, run_lock: int | None
+) -> tuple[str | None, int | None, str, bool, bool | None] | None:
+    """`turn` through the function of migration 0013, which keeps its plan for the session:
+    sent as text, the statement was planned for every message, which cost the server five
+    times running it (figure 16). Its finished statuses are `recording.FINISHED`. Raises
+    ``ProgrammingError`` (`is_missing_function`) before that migration."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT * FROM django_events_ordered_turn(%s, %s, %s::bigint)",
+            [event_id, subscription, run_lock],
+        )
+        row: tuple[str | None, int | None, str, bool, bool | None] | None = cursor.fetchone()
+        return row
+
+
 def hold(
     connection: BaseDatabaseWrapper,
     event_id: UUID,
