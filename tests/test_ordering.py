@@ -206,6 +206,16 @@ def test_a_turn_on_postgresql_is_two_statements(queue: str, alias: str, elsewher
     assert run_locks() == []  # the finish released each run's lock in its statement
 
 
+def deliver_the_second_then_the_first(queue: str, using: str = "default") -> None:
+    """Publish two events of one key on ``using``; deliver the second (held), then the first
+    (its finish hands the second on: a new message on ``queue``)."""
+    first = publish("shop.paid", {"order_id": 1, "total": 10}, using=using)
+    second = publish("shop.paid", {"order_id": 1, "total": 11}, using=using)
+    messages = {m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]}
+    assert process_message(messages[str(second.id)], 0).status == "held"
+    assert process_message(messages[str(first.id)], 0).status == "succeeded"
+
+
 @pytest.mark.postgresql
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
@@ -221,13 +231,7 @@ def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
         )
     try:
         with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            first = publish("shop.paid", {"order_id": 1, "total": 10})
-            second = publish("shop.paid", {"order_id": 1, "total": 11})
-            messages = {
-                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
-            }
-            assert process_message(messages[str(second.id)], 0).status == "held"
-            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+            deliver_the_second_then_the_first(queue)
             [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
             assert process_message(again, 0).status == "succeeded"
     finally:
@@ -253,13 +257,7 @@ def test_a_worker_newer_than_the_turn_function_still_reads_its_turn(
         cursor.execute("DROP FUNCTION django_events_ordered_turn(uuid, varchar, bigint)")
     try:
         with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            first = publish("shop.paid", {"order_id": 1, "total": 10})
-            second = publish("shop.paid", {"order_id": 1, "total": 11})
-            messages = {
-                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
-            }
-            assert process_message(messages[str(second.id)], 0).status == "held"
-            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+            deliver_the_second_then_the_first(queue)
             [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
             assert process_message(again, 0).status == "succeeded"
             assert process_message(again, 0).status == "skipped"  # a copy: already done
@@ -293,13 +291,7 @@ def test_the_function_missing_on_another_database_names_it_and_its_migrate(
         )
     try:
         with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            first = publish("shop.paid", {"order_id": 1, "total": 10}, using="other")
-            second = publish("shop.paid", {"order_id": 1, "total": 11}, using="other")
-            messages = {
-                m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
-            }
-            assert process_message(messages[str(second.id)], 0).status == "held"
-            assert process_message(messages[str(first.id)], 0).status == "succeeded"
+            deliver_the_second_then_the_first(queue, "other")
     finally:
         with other.cursor() as cursor:
             cursor.execute(import_module(LATEST_FUNCTION).FINISH_ORDERED)
