@@ -53,16 +53,17 @@ def figure_16(ctx: Context) -> bool:
     for kind in ("amqp", "redis"):
         _over_keys(ctx, kind, 1, cpu)
     # Where the CPU goes: the publisher, the worker and PostgreSQL share 2 cores.
-    print(
-        f"16. CPU per event, {_CPU_PARTS}: "
-        + "; ".join(
-            f"{line} ordered {_cpu_text(samples['ordered'])}, "
-            f"unordered {_cpu_text(samples['unordered'])}"
-            for line, samples in cpu.items()
-        ),
-        flush=True,
-    )
+    print(cpu_line(cpu), flush=True)
     return all(judged.values())
+
+
+def cpu_line(cpu: dict[str, dict[str, list[CpuSample]]]) -> str:
+    """Figure 16's line of CPU per event: each line's ordered and unordered sides."""
+    return f"16. CPU per event, {_CPU_PARTS}: " + "; ".join(
+        f"{line} ordered {_cpu_text(samples['ordered'])}, "
+        f"unordered {_cpu_text(samples['unordered'])}"
+        for line, samples in cpu.items()
+    )
 
 
 def _over_keys(

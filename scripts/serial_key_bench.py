@@ -58,15 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 _ordered_only(ctx, kind.strip(), cpu)
             else:
                 bench_ordering._over_keys(ctx, kind.strip(), 1, cpu)
-        print(
-            f"16. CPU per event, {bench_delivery._CPU_PARTS}: "
-            + "; ".join(
-                f"{line} ordered {bench_delivery._cpu_text(samples['ordered'])}, "
-                f"unordered {bench_delivery._cpu_text(samples['unordered'])}"
-                for line, samples in cpu.items()
-            ),
-            flush=True,
-        )
+        print(bench_ordering.cpu_line(cpu), flush=True)
     finally:
         bench_delivery.cleanup(ctx)
         connection.creation.destroy_test_db(server_db, verbosity=0)

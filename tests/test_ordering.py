@@ -106,9 +106,7 @@ def test_a_held_or_skipped_message_ends_its_task_done_not_ignored(queue: str) ->
     with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
         first = publish("shop.paid", {"order_id": 1, "total": 10})
         second = publish("shop.paid", {"order_id": 1, "total": 11})
-        messages = {
-            m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]
-        }
+        messages = ordered_messages(queue)
 
         def task_state(message: dict[str, Any]) -> str:
             state: str = deliver.apply(args=(message,)).state
@@ -117,7 +115,7 @@ def test_a_held_or_skipped_message_ends_its_task_done_not_ignored(queue: str) ->
         assert task_state(messages[str(second.id)]) == "SUCCESS"  # held
         assert task_state(messages[str(first.id)]) == "SUCCESS"  # ran, and handed on
         assert task_state(messages[str(first.id)]) == "SUCCESS"  # a copy: skipped
-        [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+        [again] = ordered_messages(queue).values()
         assert task_state(again) == "SUCCESS"
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "attempts")) == [("succeeded", 1)] * 2
@@ -211,7 +209,7 @@ def deliver_the_second_then_the_first(queue: str, using: str = "default") -> Non
     (its finish hands the second on: a new message on ``queue``)."""
     first = publish("shop.paid", {"order_id": 1, "total": 10}, using=using)
     second = publish("shop.paid", {"order_id": 1, "total": 11}, using=using)
-    messages = {m["event"]["id"]: m for m in drain(queue) if m["subscription"] == ORDERED["name"]}
+    messages = ordered_messages(queue)
     assert process_message(messages[str(second.id)], 0).status == "held"
     assert process_message(messages[str(first.id)], 0).status == "succeeded"
 
@@ -258,7 +256,7 @@ def test_a_worker_newer_than_the_turn_function_still_reads_its_turn(
     try:
         with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
             deliver_the_second_then_the_first(queue)
-            [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+            [again] = ordered_messages(queue).values()
             assert process_message(again, 0).status == "succeeded"
             assert process_message(again, 0).status == "skipped"  # a copy: already done
     finally:
