@@ -29,7 +29,13 @@ from django_events.events import Event
 from django_events.models import EventRecord
 
 from . import handlers
-from .bench_delivery import _redis, _until_counted, _until_recorded, fresh_tables
+from .bench_delivery import (
+    _redis,
+    _until_counted,
+    _until_recorded,
+    analyze_tables,
+    fresh_tables,
+)
 from .bench_publish import Context
 from .harness import Baseline, Comparison, Target, compare, per_op
 
@@ -155,6 +161,7 @@ def figure_11(ctx: Context) -> Comparison:
             with _db_worker([settings.TASKS_QUEUE, settings.RAW_TASKS_QUEUE], env):
                 ours(min(n, 50))  # warm-up: the worker's start, imports, connections
                 raw(min(n, 50))
+                analyze_tables()
                 return compare(
                     "11",
                     f"end to end via tasks, django-tasks-db + one db_worker, records on, {title}",

@@ -19,6 +19,7 @@ from .bench_delivery import (
     _until_recorded,
     _wiring,
     _worker,
+    analyze_tables,
     fresh_tables,
 )
 from .bench_publish import Context
@@ -103,6 +104,7 @@ def _over_keys(
         # warm-up: imports, connections, the gates
         side("bench.ordered", min(n, 100), measured=False)
         side("bench.unordered", min(n, 100), measured=False)
+        analyze_tables()
         title = f"ordering_key over {keys} key{'s' if keys > 1 else ''}, prefork -c 2, {kind}"
         if keys == 1:
             title += " (the serial floor, reported)"

@@ -18,7 +18,14 @@ from django.db import transaction
 from django_events import publish_many
 
 from . import celery_app
-from .bench_delivery import _queues, _until_recorded, _wiring, _worker, fresh_tables
+from .bench_delivery import (
+    _queues,
+    _until_recorded,
+    _wiring,
+    _worker,
+    analyze_tables,
+    fresh_tables,
+)
 from .bench_publish import Context
 from .harness import Baseline, Comparison, Target, compare
 
@@ -135,6 +142,7 @@ def _line(ctx: Context, server: _Receiver, success: str, title: str) -> Comparis
     ):
         ours(min(n, 50))  # warm-up: imports, connections, the registry
         raw(min(n, 50))
+        analyze_tables()
         return compare(
             "13",
             f"webhooks out, publish to received, prefork -c 2, {kind}, {title}",
