@@ -462,6 +462,45 @@ def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
     assert gates == [("hook", "it's", 1), ("sub", "a", 4), ("sub", "b", 2)]
 
 
+@pytest.mark.parametrize("binding", ["client", "server"])
+def test_one_ordered_delivery_is_numbered_and_inserted_as_the_orm_writes_it(binding: str) -> None:
+    """One gate and one row (a publish() of one ordered event) go in as plain VALUES, not the
+    batch's JSON document; with Django's server-side binding as with client-side."""
+    from django_events.delivery import ordering
+    from django_events.models import OrderingGate
+
+    now = datetime(2026, 12, 6, 4, 0, tzinfo=UTC)
+    event_id = uuid.uuid4()
+    record_for(Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1), "x").save()
+    writer = connection.copy()
+    writer.settings_dict["OPTIONS"] = {
+        **writer.settings_dict.get("OPTIONS", {}),
+        "server_side_binding": binding == "server",
+    }
+    try:
+        with CaptureQueriesContext(writer) as queries:
+            taken = [postgresql.take_numbers(writer, [("sub", "it's", 2)]) for _ in range(2)]
+            postgresql.insert_numbered(writer, [(event_id, "sub", "async", "it's", 4)], now)
+    finally:
+        writer.close()
+    fields = [f.attname for f in Delivery._meta.concrete_fields if not f.primary_key]
+    ours = (taken, list(OrderingGate.objects.values_list("subscription", "key", "last_sequence")))
+    ours_rows = list(Delivery.objects.values_list(*fields))
+    OrderingGate.objects.all().delete()
+    Delivery.objects.all().delete()
+    by_orm = [{("sub", "it's"): ordering._take("default", "sub", "it's", 2)} for _ in range(2)]
+    row = delivery(event_id, "sub", "async", Delivery.Status.PENDING, 0)
+    row.ordering_key, row.sequence, row.created_at, row.updated_at = "it's", 4, now, now
+    row.save()
+
+    assert ours == (by_orm, [("sub", "it's", 4)])
+    assert by_orm == [{("sub", "it's"): 2}, {("sub", "it's"): 4}]
+    assert ours_rows == list(Delivery.objects.values_list(*fields))
+    assert [("VALUES" in q["sql"], "jsonb_to_recordset" in q["sql"]) for q in queries] == [
+        (True, False)
+    ] * 3
+
+
 def test_finish_ordered_writes_what_the_orm_writes() -> None:
     from django.db import transaction
 
