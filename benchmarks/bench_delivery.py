@@ -476,12 +476,12 @@ def figure_14(ctx: Context) -> bool:
                 deadline = time.monotonic() + 60
                 while client.llen(key) < n and time.monotonic() < deadline:
                     time.sleep(0.01)
-                if rep < 0:
-                    analyze_tables()
-                else:
+                if rep >= 0:
                     for item in client.lrange(key, 0, -1):
                         index, started = item.decode().split()
                         latencies[side].append(float(started) - committed[int(index)])
+            if rep < 0:
+                analyze_tables()
     marking.flush()
 
     def quantiles(values: list[float]) -> tuple[float, float]:
@@ -546,12 +546,15 @@ def fresh_tables() -> None:
 
 
 def analyze_tables() -> None:
-    """Give the planner the statistics of the tables a warm-up filled, as autovacuum would
-    have by the time a server has taken that many writes. This machine's PostgreSQL runs with
-    autovacuum off (its CI configuration), so an emptied table keeps none; a plan a worker's
-    session keeps (migration 0013's turn function) was then chosen for an empty table and
-    read every delivery of the subscription on each claim, a cost production servers, which
-    analyze a growing table, do not pay (docs/performance.md, figure 16, 2026-12-06)."""
+    """Give the planner the statistics of the tables `fresh_tables` empties, once a warm-up
+    has filled them, as autovacuum would have on a server that took that many writes.
+
+    This machine's PostgreSQL runs with autovacuum off (its CI configuration), so an emptied
+    table has none, and a plan a worker's connection keeps (migration 0013's turn function)
+    may be one chosen for an empty table, which reads every delivery of the subscription on
+    each claim (docs/performance.md, 2026-12-06). django-tasks-db's table, which figure 11's
+    two sides share, is left as it is.
+    """
     quote = connection.ops.quote_name
     with connection.cursor() as cursor:
         cursor.execute(f"ANALYZE {', '.join(quote(m._meta.db_table) for m in _FILLED)}")

@@ -419,8 +419,13 @@ def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
         event_id = uuid.uuid4()
         record_for(Event(event_id, "shop.paid", {}, {}, now, event_id, None, {}, 1), "x").save()
         ids.append(event_id)
-    # Two transactions' worth: the second adds to the gates the first created.
-    batches = [[("sub", "b", 2), ("sub", "a", 1)], [("sub", "a", 3), ("hook", "it's", 1)]]
+    # Three transactions' worth: the later add to the gates the first created; the last takes
+    # two numbers of one gate (publish_many() of one key: its gate's statement for one row).
+    batches = [
+        [("sub", "b", 2), ("sub", "a", 1)],
+        [("sub", "a", 3), ("hook", "it's", 1)],
+        [("sub", "b", 2)],
+    ]
     rows = [(ids[0], "sub", "async", "a", 1), (ids[1], "hook", "webhook", "it's", 1)]
 
     written = []
@@ -458,8 +463,12 @@ def test_take_numbers_and_insert_numbered_write_what_the_orm_writes() -> None:
 
     assert written[0] == written[1]
     taken, gates, _ = written[0]
-    assert taken == [{("sub", "a"): 1, ("sub", "b"): 2}, {("sub", "a"): 4, ("hook", "it's"): 1}]
-    assert gates == [("hook", "it's", 1), ("sub", "a", 4), ("sub", "b", 2)]
+    assert taken == [
+        {("sub", "a"): 1, ("sub", "b"): 2},
+        {("sub", "a"): 4, ("hook", "it's"): 1},
+        {("sub", "b"): 4},
+    ]
+    assert gates == [("hook", "it's", 1), ("sub", "a", 4), ("sub", "b", 4)]
 
 
 @pytest.mark.parametrize("binding", ["client", "server"])

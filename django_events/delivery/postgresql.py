@@ -5,12 +5,13 @@ hot paths (a publish, a delivery, an ordered delivery's turn) and cost a fractio
 ORM's client CPU there (docs/performance.md, figures 2-4 and 16): the rows of a batch
 travel as one JSON parameter that ``jsonb_to_recordset`` unpacks, and the ids of an update
 as one ``uuid[]`` literal, because psycopg adapts a JSON string or an array literal in C and
-other parameters one by one in Python; one row (a ``publish()``) as plain ``VALUES``, which
-PostgreSQL runs in a third of the time. They go through Django's cursor, so query logging and
-``execute_wrapper`` hooks see them. tests/test_storage.py checks that each writes exactly
-the rows the ORM would, and reads what the ORM reads. Two are functions: an ordered
-delivery's finish (migration 0011, created again by 0012), one statement instead of a
-transaction of five, and its turn (0013), planned once a session.
+other parameters one by one in Python; a single row (the ``publish()`` of one event) as
+plain ``VALUES``, which PostgreSQL plans and runs in well under half the time. They go
+through Django's cursor, so query logging and ``execute_wrapper`` hooks see them.
+tests/test_storage.py checks that each writes exactly the rows the ORM would, and reads what
+the ORM reads. Two are functions: an ordered delivery's finish (migration 0011, created again
+by 0012), one statement instead of a transaction of five, and its turn (0013), planned once
+a session.
 """
 
 from __future__ import annotations
@@ -310,10 +311,15 @@ def insert_numbered(
     with connection.cursor() as cursor:
         if len(rows) == 1:
             event_id, subscription, mode, key, number = rows[0]
-            cursor.execute(
-                _one_numbered_sql(connection),
-                [event_id, subscription, mode, created_at, created_at, key, number],
-            )
+            named: dict[str, Any] = {
+                "e": event_id,
+                "s": subscription,
+                "m": mode,
+                "k": key,
+                "n": number,
+                "at": created_at,
+            }
+            cursor.execute(_one_numbered_sql(connection), named)
             return
         document = json.dumps(
             [{"e": str(e), "s": s, "m": m, "k": k, "n": n} for e, s, m, k, n in rows]
@@ -616,10 +622,10 @@ def _delivery_type(connection: BaseDatabaseWrapper, name: str) -> str:
     return str(Delivery._meta.get_field(name).db_type(connection))
 
 
-def _numbered_values(given: Callable[[str], str]) -> dict[str, str]:
+def _numbered_values(given: Callable[[str], str], created: str) -> dict[str, str]:
     """The SQL of each column of an ordered delivery's pending row: ``given(key)`` for the
-    values of each row (e: event, s: subscription, m: mode, k: key, n: number), ``%s`` for
-    its creation time (twice), constants for the rest."""
+    values of each row (e: event, s: subscription, m: mode, k: key, n: number), ``created``
+    for its creation time, constants for the rest."""
     return {
         "event": given("e"),
         "subscription": given("s"),
@@ -629,8 +635,8 @@ def _numbered_values(given: Callable[[str], str]) -> dict[str, str]:
         "last_error": "''",
         "traceback": "''",
         "response_body": "''",
-        "created_at": "%s",
-        "updated_at": "%s",
+        "created_at": created,
+        "updated_at": created,
         "ordering_key": given("k"),
         "sequence": given("n"),
     }
@@ -640,7 +646,8 @@ def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
     return _json_rows_insert_sql(
         connection,
         Delivery,
-        _numbered_values(lambda key: f'rows."{key}"'),
+        # The creation time twice, before the document: `insert_numbered` passes it so.
+        _numbered_values(lambda key: f'rows."{key}"', "%s"),
         {
             "e": "uuid",
             "s": _delivery_type(connection, "subscription"),
@@ -652,8 +659,8 @@ def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
 
 
 def _build_one_numbered_sql(connection: BaseDatabaseWrapper) -> str:
-    # Not cast, as `_build_record_sql`: a key too long for its column is an error, not cut.
-    values = _numbered_values(lambda key: "%s")
+    # Named parameters: the row's values bound by name, whatever the columns' order.
+    values = _numbered_values(lambda key: f"%({key})s", "%(at)s")
     quote = connection.ops.quote_name
     columns = ", ".join(quote(_column(Delivery, name)) for name in values)
     return (
