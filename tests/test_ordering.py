@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from importlib import import_module
 from io import StringIO
 from typing import Any
@@ -31,6 +32,29 @@ from tests.worker import wait_for
 # The migration that last created the ordered finish function.
 LATEST_FUNCTION = "django_events.migrations.0012_delivery_uncounted"
 TURN_FUNCTION = "django_events.migrations.0013_ordered_turn_function"
+
+
+@contextmanager
+def function_missing(database: str, signature: str, migration: str, create: str) -> Iterator[None]:
+    """Drop one of the migrations' functions on ``database`` (a worker newer than its
+    migrations, in a rolling deploy), then create it again from ``migration``'s ``create``
+    statement; the missing-function warning is forgotten before and after."""
+    ordering._warn_missing_function.cache_clear()
+    with connections[database].cursor() as cursor:
+        cursor.execute(f"DROP FUNCTION {signature}")
+    try:
+        yield
+    finally:
+        with connections[database].cursor() as cursor:
+            cursor.execute(getattr(import_module(migration), create))
+        ordering._warn_missing_function.cache_clear()
+
+
+def finish_function_missing(database: str = "default") -> AbstractContextManager[None]:
+    """`function_missing` of migration 0011's finish (its latest form: 0012's)."""
+    signature = "django_events_finish_ordered(bigint, varchar, jsonb, timestamptz)"
+    return function_missing(database, signature, LATEST_FUNCTION, "FINISH_ORDERED")
+
 
 ORDERED = {
     "event": "shop.paid",
@@ -222,20 +246,10 @@ def test_a_worker_newer_than_the_migrations_still_finishes_and_hands_on(
     # A rolling deploy: the worker's code calls migration 0011's function before anyone
     # ran migrate. The outcome is recorded the slower way (the transaction), and said once.
     # (The function is dropped alone: the worker's code needs 0012's column.)
-    ordering._warn_missing_function.cache_clear()
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "DROP FUNCTION django_events_finish_ordered(bigint, varchar, jsonb, timestamptz)"
-        )
-    try:
-        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            deliver_the_second_then_the_first(queue)
-            [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
-            assert process_message(again, 0).status == "succeeded"
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(import_module(LATEST_FUNCTION).FINISH_ORDERED)
-        ordering._warn_missing_function.cache_clear()
+    with finish_function_missing(), shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        deliver_the_second_then_the_first(queue)
+        [again] = [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
+        assert process_message(again, 0).status == "succeeded"
 
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "retry_at")) == [("succeeded", None)] * 2
@@ -250,19 +264,15 @@ def test_a_worker_newer_than_the_turn_function_still_reads_its_turn(
 ) -> None:
     # A rolling deploy: the worker's code reads its turn through migration 0013's function
     # before anyone ran migrate. It reads it with the statement instead, and says so once.
-    ordering._warn_missing_function.cache_clear()
-    with connection.cursor() as cursor:
-        cursor.execute("DROP FUNCTION django_events_ordered_turn(uuid, varchar, bigint)")
-    try:
-        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            deliver_the_second_then_the_first(queue)
-            [again] = ordered_messages(queue).values()
-            assert process_message(again, 0).status == "succeeded"
-            assert process_message(again, 0).status == "skipped"  # a copy: already done
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute(import_module(TURN_FUNCTION).ORDERED_TURN)
-        ordering._warn_missing_function.cache_clear()
+    signature = "django_events_ordered_turn(uuid, varchar, bigint)"
+    with (
+        function_missing("default", signature, TURN_FUNCTION, "ORDERED_TURN"),
+        shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]),
+    ):
+        deliver_the_second_then_the_first(queue)
+        [again] = ordered_messages(queue).values()
+        assert process_message(again, 0).status == "succeeded"
+        assert process_message(again, 0).status == "skipped"  # a copy: already done
 
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", flat=True)) == ["succeeded"] * 2
@@ -281,19 +291,8 @@ def test_the_function_missing_on_another_database_names_it_and_its_migrate(
 ) -> None:
     # The event log on "other", migrated there after default (a plain migrate migrates
     # default only): what the error says to run must reach "other".
-    ordering._warn_missing_function.cache_clear()
-    other = connections["other"]
-    with other.cursor() as cursor:
-        cursor.execute(
-            "DROP FUNCTION django_events_finish_ordered(bigint, varchar, jsonb, timestamptz)"
-        )
-    try:
-        with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
-            deliver_the_second_then_the_first(queue, "other")
-    finally:
-        with other.cursor() as cursor:
-            cursor.execute(import_module(LATEST_FUNCTION).FINISH_ORDERED)
-        ordering._warn_missing_function.cache_clear()
+    with finish_function_missing("other"), shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):
+        deliver_the_second_then_the_first(queue, "other")
 
     rows = Delivery.objects.using("other").filter(subscription=ORDERED["name"])
     assert sorted(rows.values_list("status", flat=True)) == ["pending", "succeeded"]
