@@ -18,7 +18,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, router, transaction
 from django_events.delivery import endpoints, ordering
 from django_events.delivery.dispatch import Outgoing, Sender, accepted, dispatch, run_sync
 from django_events.delivery.execution import run_handler
-from django_events.delivery.recording import insert_records, mark_dispatched
+from django_events.delivery.recording import insert_records
 from django_events.events import Event, current_event
 from django_events.exceptions import InterceptorError, InvalidPayload, UnknownEvent
 from django_events.interceptors.base import run_send
@@ -308,11 +308,7 @@ def _all_or_nothing(batch: list[Outgoing], alias: str) -> bool:
 
 def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outlet: Outlet) -> None:
     records: list[tuple[Event, str]] = []
-    # Ordered deliveries to number. A key's later ones in the batch are written held, not
-    # sent, when the broker sends: a hand-on goes through the broker, never the outlet's
-    # `send` (events_eager), which must get every delivery.
-    in_line: ordering.Line | None = None
-    all_held: list[UUID] = []  # events whose every async delivery is written held
+    in_line: list[tuple[Event, list[Subscription]]] = []  # ordered deliveries to number
     deferred: list[Outgoing] = []
     sends = False  # whether a deferred item has async deliveries
     inline = False  # whether an item has inline subscriptions
@@ -324,14 +320,7 @@ def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outl
         if item.compiled.has_ordered:
             line = ordering.ordered([*item.async_, *item.tasks])
             if line:
-                if in_line is None:
-                    in_line = ordering.Line(hold_later=outlet.send is None)
-                held = in_line.add(item.event, line)
-                if held:
-                    item.async_ = [s for s in item.async_ if s.name not in held]
-                    item.tasks = [s for s in item.tasks if s.name not in held]
-                    if not item.async_ and not item.tasks:
-                        all_held.append(item.event.id)
+                in_line.append((item.event, line))
         if item.tasks and _tasks_in_transaction(alias):
             # The task rows go in the caller's transaction, beside the event record.
             in_transaction.append((item.event, item.compiled.declaration.durable, item.tasks))
@@ -364,12 +353,8 @@ def _record_and_hook(registry: Registry, batch: list[Outgoing], alias: str, outl
                 run_handler(subscription, item.event, registry.interceptors)
     if records:
         insert_records(alias, records)
-    if in_line is not None:
+    if in_line:
         ordering.assign(alias, in_line)
-    if all_held:
-        # Nothing of theirs is left to send at commit. The relay's check for lost messages
-        # reads the dispatch time: once handed on, such a delivery is checked as any other.
-        mark_dispatched(alias, all_held)
     if in_transaction:
         from django_events.delivery import tasks_backend
 

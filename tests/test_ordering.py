@@ -8,29 +8,24 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import timedelta
 from importlib import import_module
 from io import StringIO
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from django.core.management import call_command
 from django.db import OperationalError, close_old_connections, connection, connections, transaction
-from django.db.models import F
 from django.test.utils import CaptureQueriesContext
 
-from django_events import publish, publish_many
+from django_events import publish
 from django_events.delivery import marking, ordering
-from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.worker import Outcome, process_message
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
 from django_events.tasks import deliver
-from django_events.testing import events_eager
 from tests.app import handlers
 from tests.app.models import HandlerRun
-from tests.conftest import inserts_refused, wiring
+from tests.conftest import inserts_refused
 from tests.ops import drain, shop_wiring
 from tests.worker import wait_for
 
@@ -125,142 +120,6 @@ def test_held_then_handed_on_in_order_in_few_statements(
         (1, "succeeded", 1, None),
         (2, "succeeded", 1, None),
     ]
-
-
-@pytest.mark.django_db
-def test_a_keys_later_deliveries_in_one_batch_are_written_held_and_run_in_order(
-    queue: str, django_capture_on_commit_callbacks: Any
-) -> None:
-    """publish_many() sends only the first delivery of each key of its batch: the later ones
-    are written held (none can run before it) and each finish hands the next on. One message
-    each, not one held by a worker and another handed on (figure 16)."""
-    other = {**ORDERED, "name": "shop-ordered-other"}
-    with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED, other]):
-        with django_capture_on_commit_callbacks(execute=True):
-            events = publish_many(
-                [("shop.paid", {"order_id": key, "total": n}) for n, key in enumerate([1, 2, 1, 1])]
-            )
-        ids = [event.id for event in events]
-        ours = (ORDERED["name"], other["name"])
-        drained = [m for m in drain(queue) if m["subscription"] in ours]
-        sent = sorted((m["subscription"], m["event"]["id"]) for m in drained)
-        assert sent == sorted((name, str(ids[n])) for name in ours for n in (0, 1))
-        rows = Delivery.objects.filter(event_id__in=ids)
-        for name in ours:
-            assert list(
-                rows.filter(subscription=name)
-                .order_by("ordering_key", "sequence")
-                .values_list("event_id", "ordering_key", "sequence", "status", "retry_at")
-            ) == [
-                (ids[0], "1", 1, "pending", None),
-                (ids[2], "1", 2, "held", None),
-                (ids[3], "1", 3, "held", None),
-                (ids[1], "2", 1, "pending", None),
-            ]
-
-        handled = []
-        messages = [m for m in drained if m["subscription"] == ORDERED["name"]]
-        for _ in range(4):  # each message's finish hands the key's next one on
-            with django_capture_on_commit_callbacks(execute=True):
-                message = messages.pop(0)
-                outcome = process_message(message, 0, manage_connections=False)
-                assert outcome.status == "succeeded"
-            handled.append(message["event"]["id"])
-            messages += [m for m in drain(queue) if m["subscription"] == ORDERED["name"]]
-        assert not messages
-
-    assert handled == [str(ids[0]), str(ids[1]), str(ids[2]), str(ids[3])]
-    assert set(rows.filter(subscription=ORDERED["name"]).values_list("status", flat=True)) == {
-        "succeeded"
-    }
-    assert rows.filter(subscription=other["name"], status="held").count() == 2
-
-
-@pytest.mark.django_db(transaction=True)
-def test_a_held_from_publish_delivery_whose_message_is_lost_is_sent_again_by_the_relay() -> None:
-    """Its event had nothing to send at commit. Handed on, its message lost (a worker killed
-    as a whole on the filesystem transport, or at times on Redis), it is sent again once no
-    worker touched it for RESEND_UNFINISHED_AFTER, as a key's first delivery is."""
-    queue = f"ord-{uuid4().hex[:8]}"
-    with wiring({**ORDERED, "event": "orders.placed", "name": "sub", "queue": queue}):
-        first, second = publish_many(
-            [("orders.placed", {"order_id": 7, "total": total}) for total in (1, 2)]
-        )
-        [message] = drain(queue)
-        assert process_message(message, 0).status == "succeeded"
-        # The second had nothing to send at commit: its record is dispatched all the same.
-        assert EventRecord.objects.get(pk=second.id).dispatched_at is not None
-        [handed] = drain(queue)  # the second's message, then lost
-        assert handed["event"]["id"] == str(second.id)
-        marking.flush()
-        call_command("events_relay", "--min-age", "0", stdout=StringIO())
-        assert drain(queue) == []  # not yet: it may still be on its way
-
-        later = timedelta(seconds=resend_after() + 1)
-        EventRecord.objects.update(dispatched_at=F("dispatched_at") - later)
-        Delivery.objects.update(updated_at=F("updated_at") - later)
-        call_command("events_relay", "--min-age", "0", stdout=StringIO())
-        [again] = drain(queue)
-        assert again["event"]["id"] == str(second.id)
-        assert process_message(again, 0).status == "succeeded"
-    rows = Delivery.objects.filter(subscription="sub").order_by("sequence")
-    assert list(rows.values_list("event_id", "status")) == [
-        (first.id, "succeeded"),
-        (second.id, "succeeded"),
-    ]
-
-
-@pytest.mark.django_db(transaction=True)
-def test_via_tasks_a_keys_later_deliveries_in_one_batch_are_enqueued_as_handed_on() -> None:
-    """The same through Django's Tasks (the database backend: the first's task row goes in
-    with the publish, the later ones' as each is handed on)."""
-    from django_tasks_db.models import DBTaskResult
-
-    def enqueued() -> list[str]:
-        tasks = DBTaskResult.objects.order_by("enqueued_at")
-        messages = [t["args"][0] for t in tasks.values_list("args_kwargs", flat=True)]
-        tasks.delete()
-        for message in messages:
-            assert process_message(message, 0, manage_connections=False).status == "succeeded"
-        return [message["event"]["id"] for message in messages]
-
-    by_tasks = {
-        "event": "orders.placed",
-        "handler": "tests.app.handlers.record",
-        "mode": "async",
-        "name": "sub",
-        "via": "tasks",
-        "ordering_key": "order_id",
-    }
-    with wiring(by_tasks, TASKS_BACKEND="default"):
-        events = publish_many(
-            [("orders.placed", {"order_id": 7, "total": total}) for total in (1, 2, 3)]
-        )
-        statuses = Delivery.objects.order_by("sequence").values_list("status", flat=True)
-        assert list(statuses) == ["pending", "held", "held"]
-        handed = [enqueued() for _ in range(4)]
-    assert handed == [[str(events[0].id)], [str(events[1].id)], [str(events[2].id)], []]
-    assert list(statuses.all()) == ["succeeded"] * 3
-
-
-@pytest.mark.django_db
-def test_under_events_eager_a_keys_later_deliveries_in_one_batch_run_too(
-    queue: str, django_capture_on_commit_callbacks: Any
-) -> None:
-    """events_eager runs what publish() sends, and a hand-on goes through the broker: there a
-    key's later deliveries in a batch are sent too, and run in order."""
-    with (
-        shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]),
-        events_eager(propagate=False) as eager,
-        django_capture_on_commit_callbacks(execute=True),
-    ):
-        events = publish_many([("shop.paid", {"order_id": 1, "total": n}) for n in range(3)])
-    assert [event.id for name, event in eager.delivered if name == ORDERED["name"]] == [
-        event.id for event in events
-    ]
-    rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
-    assert list(rows.values_list("event_id", "status")) == [(e.id, "succeeded") for e in events]
-    assert not drain(queue)
 
 
 @pytest.mark.django_db(transaction=True)

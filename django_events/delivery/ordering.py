@@ -3,8 +3,7 @@
 - At publish, in the publisher's transaction, each ordered delivery takes the next number of
   its gate (`assign`): an upsert that locks the gate row until that transaction ends, so
   concurrent publishers of one key get their numbers in commit order ("recorded order"), and
-  a rolled-back publish gives its number back. Its `Delivery` row is written then, pending;
-  a key's later deliveries in one batch held, unsent (`Line`).
+  a rolled-back publish gives its number back. Its `Delivery` row is written then, pending.
 - A worker that gets the message looks for an unfinished delivery of the key with a lower
   number (`claim`). If there is none, the handler runs; if there is one, it locks the key's
   turn (`_lock`), looks again, and leaves the delivery ``held`` (the message acknowledged).
@@ -39,7 +38,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
 from functools import cache, partial
@@ -135,74 +134,44 @@ def ordered(subscriptions: Sequence[Subscription]) -> list[Subscription]:
     return [s for s in subscriptions if s.declaration.ordering_key is not None]
 
 
-@dataclass
-class Line:
-    """The ordered deliveries of a batch being published, numbered per (subscription, key)
-    in the batch's order (`assign`).
-
-    With ``hold_later``, only the first delivery of a (subscription, key) in the batch is
-    sent at commit; its later ones are written ``held``: none of them can run before it,
-    and its finish hands the next one on. Each costs one message, not one that a worker
-    receives only to hold it and another when it is handed on (figure 16). They are numbered
-    and written with it, in one transaction: the first one's finish, after that commit,
-    finds them.
-    """
-
-    hold_later: bool
-    numbered: dict[tuple[str, str], list[UUID]] = field(default_factory=dict)
-    modes: dict[str, str] = field(default_factory=dict)
-
-    def add(self, event: Event, subscriptions: Sequence[Subscription]) -> set[str]:
-        """Put ``event``'s ordered ``subscriptions`` in line; the names of those written
-        held (not sent at commit)."""
-        held: set[str] = set()
-        for subscription in subscriptions:
-            path = subscription.declaration.ordering_key
-            assert path is not None
-            ids = self.numbered.setdefault((subscription.name, key_value(event.data, path)), [])
-            if ids and self.hold_later:
-                held.add(subscription.name)
-            ids.append(event.id)
-            self.modes[subscription.name] = subscription.queued_mode
-        return held
-
-    def status(self, position: int) -> str:
-        """The status of the row of the delivery at ``position`` in its key's share of
-        the batch."""
-        if position and self.hold_later:
-            return Delivery.Status.HELD.value
-        return Delivery.Status.PENDING.value
-
-
-def assign(alias: str, line: Line) -> None:
-    """Number the ordered deliveries of new events and write their `Delivery` rows: pending,
-    or held (`Line`).
+def assign(alias: str, items: Sequence[tuple[Event, Sequence[Subscription]]]) -> None:
+    """Number the ordered deliveries of new events and write their pending `Delivery` rows.
 
     Runs in the publisher's transaction (after the event records are inserted). The gates are
     locked in one order, (subscription, key), so two publishers never wait on each other in
     a cycle.
     """
-    wanted, modes = line.numbered, line.modes
+    wanted: dict[tuple[str, str], list[UUID]] = {}
+    modes: dict[str, str] = {}
+    for event, subscriptions in items:
+        for subscription in subscriptions:
+            path = subscription.declaration.ordering_key
+            assert path is not None
+            wanted.setdefault((subscription.name, key_value(event.data, path)), []).append(event.id)
+            modes[subscription.name] = subscription.queued_mode
     connection = connections[alias]
     with transaction.mark_for_rollback_on_error(alias):
         if connection.vendor == "postgresql":  # two statements, whatever the count
             counts = [(name, key, len(ids)) for (name, key), ids in sorted(wanted.items())]
             last = postgresql.take_numbers(connection, counts)
-            numbered = []
-            for (name, key), ids in wanted.items():
-                first = last[name, key] - len(ids) + 1
-                numbered += [
-                    (event_id, name, modes[name], key, first + position, line.status(position))
-                    for position, event_id in enumerate(ids)
-                ]
-            postgresql.insert_numbered(connection, numbered, timezone.now())
+            postgresql.insert_numbered(
+                connection,
+                [
+                    (event_id, name, modes[name], key, number)
+                    for (name, key), ids in wanted.items()
+                    for number, event_id in enumerate(ids, start=last[name, key] - len(ids) + 1)
+                ],
+                timezone.now(),
+            )
             return
         rows = []
-        for (name, key), ids in sorted(wanted.items()):
-            first = _take(alias, name, key, len(ids)) - len(ids) + 1
-            for position, event_id in enumerate(ids):
-                row = delivery(event_id, name, modes[name], line.status(position), 0)
-                row.ordering_key, row.sequence = key, first + position
+        for (subscription_name, key), event_ids in sorted(wanted.items()):
+            mode = modes[subscription_name]
+            last_number = _take(alias, subscription_name, key, len(event_ids))
+            first_number = last_number - len(event_ids) + 1
+            for number, event_id in enumerate(event_ids, start=first_number):
+                row = delivery(event_id, subscription_name, mode, Delivery.Status.PENDING, 0)
+                row.ordering_key, row.sequence = key, number
                 rows.append(row)
         Delivery.objects.using(alias).bulk_create(rows)
 

@@ -303,27 +303,26 @@ def take_numbers(
 
 def insert_numbered(
     connection: BaseDatabaseWrapper,
-    rows: Sequence[tuple[UUID, str, str, str, int, str]],
+    rows: Sequence[tuple[UUID, str, str, str, int]],
     created_at: datetime,
 ) -> None:
-    """``INSERT`` the `Delivery` rows of ordered deliveries ((event id, subscription, mode,
-    key, number, status) each), in one statement; one row as plain ``VALUES``."""
+    """``INSERT`` the pending `Delivery` rows of ordered deliveries ((event id, subscription,
+    mode, key, number) each), in one statement; one row as plain ``VALUES``."""
     with connection.cursor() as cursor:
         if len(rows) == 1:
-            event_id, subscription, mode, key, number, status = rows[0]
+            event_id, subscription, mode, key, number = rows[0]
             named: dict[str, Any] = {
                 "e": event_id,
                 "s": subscription,
                 "m": mode,
                 "k": key,
                 "n": number,
-                "t": status,
                 "at": created_at,
             }
             cursor.execute(_one_numbered_sql(connection), named)
             return
         document = json.dumps(
-            [{"e": str(e), "s": s, "m": m, "k": k, "n": n, "t": t} for e, s, m, k, n, t in rows]
+            [{"e": str(e), "s": s, "m": m, "k": k, "n": n} for e, s, m, k, n in rows]
         )
         cursor.execute(_numbered_sql(connection), [created_at, created_at, document])
 
@@ -624,14 +623,14 @@ def _delivery_type(connection: BaseDatabaseWrapper, name: str) -> str:
 
 
 def _numbered_values(given: Callable[[str], str], created: str) -> dict[str, str]:
-    """The SQL of each column of an ordered delivery's new row: ``given(key)`` for the
-    values of each row (e: event, s: subscription, m: mode, k: key, n: number, t: status),
-    ``created`` for its creation time, constants for the rest."""
+    """The SQL of each column of an ordered delivery's pending row: ``given(key)`` for the
+    values of each row (e: event, s: subscription, m: mode, k: key, n: number), ``created``
+    for its creation time, constants for the rest."""
     return {
         "event": given("e"),
         "subscription": given("s"),
         "mode": given("m"),
-        "status": given("t"),
+        "status": _literal(Delivery.Status.PENDING.value),
         "attempts": "0",
         "last_error": "''",
         "traceback": "''",
@@ -655,7 +654,6 @@ def _build_numbered_sql(connection: BaseDatabaseWrapper) -> str:
             "m": _delivery_type(connection, "mode"),
             "k": _delivery_type(connection, "ordering_key"),
             "n": "bigint",
-            "t": _delivery_type(connection, "status"),
         },
     )
 
