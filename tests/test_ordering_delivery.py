@@ -125,8 +125,8 @@ def wired(rig: Rig) -> Iterator[Rig]:
 
 def publish_concurrently(event: str, count: int, keys: list[str]) -> list[uuid.UUID]:
     """``count`` events over ``keys`` from `PUBLISHERS` threads, 1-5 events a transaction:
-    half the threads call publish() for each, the others publish_many() once (which writes
-    a key's later deliveries in the batch held, sending only its first).
+    half the threads call publish() for each, the others publish_many() once (a key's
+    events of one batch numbered together, in the batch's order).
 
     The events of one transaction are in key order: a transaction locks the gates of the
     keys it publishes to as it goes, so two taking them in opposite orders would deadlock
