@@ -6,7 +6,9 @@ import gc
 import os
 import statistics
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 
@@ -51,6 +53,28 @@ def use_benchmark_settings(run_id: str) -> None:
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchmarks.settings"
     os.environ.setdefault("BENCH_HOOK_URL", "http://127.0.0.1:9/unused")
     os.environ.setdefault("BENCH_HOOK_SECRET", "whsec_" + "A" * 43 + "=")
+
+
+@contextmanager
+def scratch_database(name: str) -> Iterator[None]:
+    """Django set up on ``benchmarks.settings`` with a database of its own, created on entry
+    and dropped on exit (the scripts that time one thing in one process)."""
+    use_benchmark_settings(f"{name}_{uuid.uuid4().hex[:8]}")
+    import django
+
+    django.setup()
+    from django.db import connection, connections
+
+    from django_events.delivery import marking
+
+    server_db = connection.settings_dict["NAME"]
+    connection.creation.create_test_db(verbosity=0, autoclobber=True)
+    try:
+        yield
+    finally:
+        marking.stop()  # its thread's database connection, before the database is dropped
+        connections.close_all()
+        connection.creation.destroy_test_db(server_db, verbosity=0)
 
 
 # A smoke run (tiny counts) proves the benchmarks run; its figures judge nothing.

@@ -43,22 +43,8 @@ def main() -> None:
 
     from benchmarks import harness
 
-    harness.use_benchmark_settings(f"figure2_split_{uuid.uuid4().hex[:8]}")
-    import django
-
-    django.setup()
-    from django.db import connection
-
-    server_db = connection.settings_dict["NAME"]
-    connection.creation.create_test_db(verbosity=0, autoclobber=True)
-    try:
+    with harness.scratch_database("figure2_split"):
         _compare(args.rounds, args.per_round)
-    finally:
-        from django_events.delivery import marking
-
-        marking.stop()  # its thread's database connection, before the database is dropped
-        connection.close()
-        connection.creation.destroy_test_db(server_db, verbosity=0)
 
 
 def _compare(rounds: int, per_round: int) -> None:
