@@ -1,8 +1,14 @@
-"""Figure 16's one-key lines only ("the serial floor"): 500 events of one ordering key
-through a real worker (prefork -c 2), as ``python -m benchmarks --only 16`` runs them, without
-the judged 50-key lines.
+"""Figure 16's lines for other numbers of keys: by default its one-key lines only ("the serial
+floor"), 500 events of one ordering key through a real worker (prefork -c 2), as
+``python -m benchmarks --only 16`` runs them, without the judged 50-key lines; ``--keys 2,5``
+runs figure 16's line (3,000 events, 100 a transaction) over that many keys.
 
-    .venv/bin/python scripts/serial_key_bench.py [--repeat N] [--brokers amqp,redis]
+    .venv/bin/python scripts/serial_key_bench.py [--repeat N] [--brokers amqp,redis] [--keys 1,2]
+
+Each line also says how many times the ordered deliveries' rows were updated, per delivery
+(PostgreSQL's ``pg_stat_user_tables``, read once the worker's backends have reported): 1 is
+the finish alone; a delivery held and handed on adds two or three (the hold, the hand-on, the
+due time cleared).
 
 Needs what the benchmarks need (docs/performance.md, "Running them"); creates and drops its
 own database, queues and Redis keys. To profile the worker, attach py-spy to the `celery
@@ -30,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="only the ordered side, no baseline (to attach a profiler to the worker)",
     )
+    parser.add_argument("--keys", default="1", help="numbers of keys, comma-separated")
     args = parser.parse_args(argv)
 
     from benchmarks import harness
@@ -57,12 +64,40 @@ def main(argv: list[str] | None = None) -> int:
             if args.ordered_only:
                 _ordered_only(ctx, kind.strip(), cpu)
             else:
-                bench_ordering._over_keys(ctx, kind.strip(), 1, cpu)
+                for keys in map(int, args.keys.split(",")):
+                    updated = _delivery_updates()
+                    bench_ordering._over_keys(ctx, kind.strip(), keys, cpu)
+                    ordered = _ordered_deliveries(ctx.repeat, keys)
+                    print(
+                        f"{kind} {keys} key(s): {(_delivery_updates() - updated) / ordered:.2f} "
+                        "row updates an ordered delivery",
+                        flush=True,
+                    )
         print(bench_ordering.cpu_line(cpu), flush=True)
     finally:
         bench_delivery.cleanup(ctx)
         connection.creation.destroy_test_db(server_db, verbosity=0)
     return 0
+
+
+def _ordered_deliveries(repeat: int, keys: int) -> int:
+    """The ordered deliveries of one `bench_ordering._over_keys` line: its warm-up's and its
+    repetitions'."""
+    count = 3000 if keys > 1 else 500
+    return min(count, 100) + repeat * count
+
+
+def _delivery_updates() -> int:
+    """Rows of `Delivery` updated so far, once every backend has reported (a backend that
+    went idle reports within PostgreSQL's 10 s idle interval)."""
+    from django.db import connection
+
+    time.sleep(11)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT n_tup_upd FROM pg_stat_user_tables WHERE relname = 'django_events_delivery'"
+        )
+        return int(cursor.fetchone()[0])
 
 
 def _ordered_only(ctx: Any, kind: str, cpu: dict[str, dict[str, list[Any]]]) -> None:
