@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 from celery import Task, shared_task
@@ -10,16 +11,20 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import worker_ready
 
 from django_events.conf import conf
+from django_events.delivery import ordering
+from django_events.delivery.continuing import run_handed_on
 from django_events.delivery.failure_logs import masked_for_celery
 from django_events.delivery.messages import summary_of
 from django_events.delivery.migration_state import unapplied_problems
 from django_events.delivery.worker import (
+    Outcome,
     defer_retry,
     process_message,
     queues_left_waiting,
     wiring_problems,
 )
 from django_events.logs import log_extra
+from django_events.wiring.compiled import Subscription
 
 logger = logging.getLogger("django_events.worker")
 
@@ -46,9 +51,13 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
     twice, formatted, and pickled to the pool's parent: about a third of a worker's CPU
     while one key holds most of its messages (figure 16's one key).
     """
-    outcome = process_message(
-        message, self.request.retries or 0, batch_success=conf.SUCCESS_RECORDS == "batched"
-    )
+    batch_success = conf.SUCCESS_RECORDS == "batched"
+    # An ordered delivery's finish may hand its key on: the deliveries it hands on run here
+    # next (those left are sent their messages on the way out).
+    with ordering.hand_ons_kept() as handed_on:
+        outcome = process_message(message, self.request.retries or 0, batch_success=batch_success)
+        if handed_on and _without_time_limit(self):
+            run_handed_on(handed_on, batch_success=batch_success, retry=partial(_retry, self))
     if outcome.retry_in is not None:
         # Celery would saferepr() the whole message into the retry's argsrepr (task events,
         # Flower): keep the short summary the first message had.
@@ -67,6 +76,44 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
             raise
     if outcome.status not in DONE_WITHOUT_FAILING:
         raise Ignore(f"delivery {outcome.status}")
+
+
+def _without_time_limit(task: Task[Any, Any]) -> bool:
+    """Whether this task runs without a time limit (its message's, or the app's)."""
+    hard, soft = task.request.timelimit or (None, None)
+    app_conf = task.app.conf
+    return not (hard or soft or app_conf.task_time_limit or app_conf.task_soft_time_limit)
+
+
+def _retry(
+    task: Task[Any, Any], message: dict[str, Any], outcome: Outcome, subscription: Subscription
+) -> None:
+    """Send the retry of a delivery that ``task`` ran for its key (`run_handed_on`): what
+    ``self.retry`` sends for a delivery that was its task's own first message (one retry
+    counted), to the subscription's queue. One the broker does not take is left to the
+    relay, as a refused retry is."""
+    # Celery's send_task options its stubs leave out.
+    options: dict[str, Any] = {
+        "retries": 1,
+        "argsrepr": summary_of(message),
+        "kwargsrepr": "{}",
+    }
+    try:
+        task.apply_async(
+            args=(message,), countdown=outcome.retry_in or 0.0, queue=subscription.queue, **options
+        )
+    except Exception:  # any transport error: the delivery's row keeps it
+        logger.warning(
+            "The broker did not take the retry of a handed-on delivery",
+            exc_info=True,
+            extra=log_extra(None, subscription.name),
+        )
+        if not defer_retry(outcome):
+            logger.error(
+                "Could not leave the retry of a handed-on delivery to events_relay either; "
+                "its check for unfinished deliveries sends it",
+                extra=log_extra(None, subscription.name),
+            )
 
 
 @shared_task(name="django_events.relay", ignore_result=True)

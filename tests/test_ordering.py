@@ -3,6 +3,7 @@ in database statements at the worker (figure 16 measures the time; docs/ordering
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,13 +19,14 @@ from django.db import OperationalError, close_old_connections, connection, conne
 from django.test.utils import CaptureQueriesContext
 
 from django_events import publish
-from django_events.delivery import marking, ordering
+from django_events.delivery import continuing, marking, ordering
 from django_events.delivery.worker import Outcome, process_message
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
 from django_events.tasks import deliver
 from tests.app import handlers
 from tests.app.models import HandlerRun
+from tests.celery_app import app as celery_app
 from tests.conftest import inserts_refused
 from tests.ops import drain, shop_wiring
 from tests.worker import wait_for
@@ -137,12 +139,131 @@ def test_a_held_or_skipped_message_ends_its_task_done_not_ignored(queue: str) ->
             return state
 
         assert task_state(messages[str(second.id)]) == "SUCCESS"  # held
-        assert task_state(messages[str(first.id)]) == "SUCCESS"  # ran, and handed on
+        assert task_state(messages[str(first.id)]) == "SUCCESS"  # ran, and ran the second
         assert task_state(messages[str(first.id)]) == "SUCCESS"  # a copy: skipped
-        [again] = ordered_messages(queue).values()
-        assert task_state(again) == "SUCCESS"
+        assert task_state(messages[str(second.id)]) == "SUCCESS"  # a copy: skipped
     rows = Delivery.objects.filter(subscription=ORDERED["name"]).order_by("sequence")
     assert list(rows.values_list("status", "attempts")) == [("succeeded", 1)] * 2
+
+
+# An ordered subscription whose handler asks for a retry on its first ``times`` runs: its runs
+# are told from those of the manifest's sync subscriptions, which record every event.
+RETRYING = {**ORDERED, "handler": "tests.app.handlers.retry_later"}
+
+
+def handler_runs(handler: str = "retry_later") -> list[tuple[int, float]]:
+    """(order_id, total) of each run of ``handler``, in the order they ran."""
+    runs = HandlerRun.objects.filter(handler=handler, event_name="shop.paid").order_by("pk")
+    return [(run.payload["order_id"], run.payload["total"]) for run in runs]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_task_that_hands_a_key_on_runs_its_held_deliveries_itself_in_order(
+    queue: str,
+) -> None:
+    """Not sent to the back of the queue, behind the key's later messages, each of which
+    would be held in turn (docs/performance.md, "Busy keys")."""
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        events = [
+            publish("shop.paid", {"order_id": order, "total": total, "times": 0})
+            for order, total in ((1, 10), (1, 11), (2, 20), (1, 12))
+        ]
+        messages = ordered_messages(queue)
+        for event in (events[3], events[1]):  # the key's later ones first: both held
+            assert process_message(messages.pop(str(event.id)), 0).status == "held"
+        assert deliver.apply(args=(messages.pop(str(events[0].id)),)).state == "SUCCESS"
+        assert handler_runs() == [(1, 10), (1, 11), (1, 12)]  # the held ones ran, in order
+        assert ordered_messages(queue) == {}  # and no message was sent for them
+        assert process_message(messages.pop(str(events[2].id)), 0).status == "succeeded"
+    rows = Delivery.objects.filter(subscription=RETRYING["name"]).order_by(
+        "ordering_key", "sequence"
+    )
+    assert list(rows.values_list("ordering_key", "status", "attempts", "retry_at")) == [
+        ("1", "succeeded", 1, None),
+        ("1", "succeeded", 1, None),
+        ("1", "succeeded", 1, None),
+        ("2", "succeeded", 1, None),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("declared", "continue_for"),
+    [({"timeout": 30}, 1.0), ({}, 0.0)],
+    ids=["a-timeout", "no-time-left"],
+)
+def test_a_handed_on_delivery_with_a_time_limit_or_after_the_tasks_time_is_sent_its_message(
+    queue: str, declared: dict[str, Any], continue_for: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task's time limit is its own delivery's: a handler run after it could be cut short
+    (a webhook's limit is always set: `broker.soft_limit`). And a task goes on with a busy key
+    for `CONTINUE_FOR` seconds, then sends the next one."""
+    monkeypatch.setattr(continuing, "CONTINUE_FOR", continue_for)
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**ORDERED, **declared}]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        ordered = Delivery.objects.filter(subscription=ORDERED["name"])
+        ordered.filter(event_id=first.id).update(status="succeeded")  # as if it ran
+        with ordering.hand_ons_kept() as kept:
+            ordering.release("default", [(ORDERED["name"], "1")])  # hands the key on
+            assert [h.pk for h in kept] == [ordered.get(event_id=second.id).pk]
+            ran = continuing.run_handed_on(kept, batch_success=False, retry=_no_retry)
+        assert ran == 0
+        [again] = ordered_messages(queue).values()  # sent on the way out, as before
+    assert again["event"]["id"] == str(second.id)
+
+
+def _no_retry(*args: Any) -> None:
+    raise AssertionError("no retry was expected")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_second_run(
+    queue: str,
+) -> None:
+    """What Celery's retry would send had the delivery been the task's own message: one
+    retry counted, after the delay asked for; its payload sealed as every message's is."""
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
+        second = publish(
+            "shop.paid",
+            {"order_id": 1, "total": 11, "times": 1, "seconds": 30, "email": "b@example.com"},
+        )
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
+        assert handler_runs() == [(1, 10), (1, 11)]
+        [(retry, headers)] = waiting_messages(queue)
+    assert retry["event"]["id"] == str(second.id)
+    assert "b@example.com" not in json.dumps(retry)  # sealed
+    assert headers["retries"] == 1 and headers["eta"] is not None
+    row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
+    assert (row.status, row.attempts) == ("pending", 1)
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        assert deliver.apply(args=(retry,), retries=headers["retries"]).state == "SUCCESS"
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == ("succeeded", 2)
+
+
+def waiting_messages(queue: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """Each task message waiting on ``queue``: its argument and its headers."""
+    taken = []
+    with celery_app.connection_for_read() as broker_connection:
+        simple = broker_connection.SimpleQueue(queue)
+        try:
+            while True:
+                try:
+                    message = simple.get(block=False)
+                except simple.Empty:
+                    break
+                args, _kwargs, _embed = message.decode()
+                taken.append((args[0], message.headers))
+                message.ack()
+        finally:
+            simple.close()
+    return taken
 
 
 @pytest.mark.django_db

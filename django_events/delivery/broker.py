@@ -50,7 +50,7 @@ CONFIRM_TIMEOUT = 30.0
 COMMIT_CONFIRM_TIMEOUT = 5.0
 
 
-def _soft_limit(subscription: Subscription) -> float | None:
+def soft_limit(subscription: Subscription) -> float | None:
     """Celery's soft time limit of a subscription's messages: its ``timeout``.
 
     A webhook's ``timeout`` (declared or not: the HTTP client's default) bounds each phase of
@@ -63,6 +63,15 @@ def _soft_limit(subscription: Subscription) -> float | None:
     if subscription.mode == "webhook":
         return WEBHOOK_PHASES * (timeout or webhooks.DEFAULT_TIMEOUT) + HARD_LIMIT_GRACE
     return timeout
+
+
+def delivery_message(
+    event: Event, subscription: str, alias: str, prior: PriorRuns = NO_RUNS
+) -> dict[str, Any]:
+    """The task argument `send_deliveries` sends for one delivery sent again from its row
+    (``prior``: the runs it records), its payload sealed where the event redacts fields."""
+    body = seal_event(event_body(event), _redacted(event.name))
+    return build_message(body, subscription, alias, prior.attempts, True, prior.uncounted)
 
 
 def celery_app() -> Celery | None:
@@ -431,7 +440,7 @@ def _send(
             for event, durable, subscriptions in items:
                 message = seal_event(event_body(event), _redacted(event.name))
                 for subscription in subscriptions:
-                    soft_limit = _soft_limit(subscription)
+                    limit = soft_limit(subscription)
                     if subscription.declaration.broadcast:
                         route = broadcast.route(subscription.queue)
                     else:
@@ -477,8 +486,8 @@ def _send(
                         retry=confirms is None,
                         retry_policy=policy,
                         # Celery takes fractional seconds here; its stubs say int.
-                        soft_time_limit=soft_limit,  # type: ignore[arg-type]
-                        time_limit=soft_limit + HARD_LIMIT_GRACE if soft_limit else None,  # type: ignore[arg-type]
+                        soft_time_limit=limit,  # type: ignore[arg-type]
+                        time_limit=limit + HARD_LIMIT_GRACE if limit else None,  # type: ignore[arg-type]
                         # Celery calls it with the task id; its stubs ask for an AsyncResult.
                         result_cls=_Sent,  # type: ignore[arg-type]
                         # Not a child of the task that publishes (its result is ignored).

@@ -9,8 +9,9 @@
   turn (`_lock`), looks again, and leaves the delivery ``held`` (the message acknowledged).
 - The worker that finishes a delivery (`finish`, in the transaction that records its success)
   finds the key's first unfinished delivery; if it is held, it marks it pending and sends its
-  message again after the commit. A failed delivery is unfinished: it holds its key until a
-  retry succeeds or it is marked resolved (`release`).
+  message again after the commit, unless the task that finished it keeps its hand-ons to run
+  them itself (`hand_ons_kept`, `continuing`). A failed delivery is unfinished: it holds its
+  key until a retry succeeds or it is marked resolved (`release`).
 - On PostgreSQL the claim that lets a delivery run also takes a session-level advisory lock
   of that delivery (`RunLock`), in the same statement; the claiming connection holds it while
   the handler runs. A copy of its message claimed meanwhile (a broker's redelivery, the
@@ -37,7 +38,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import Enum
@@ -100,6 +103,38 @@ class RunLock:
         if self.held and connections[self.alias].connection is self.holder:
             return self.id
         return None
+
+
+@dataclass(frozen=True)
+class HandedOn:
+    """A held delivery a hand-on made pending: its database, subscription, `Delivery` row id
+    and the time events_relay sends it unless its message went out (or it ran) before."""
+
+    alias: str
+    subscription: str
+    pk: int
+    due: datetime
+
+
+# The hand-ons a task keeps to run itself (`hand_ons_kept`); None: each is sent at once.
+_kept_hand_ons: ContextVar[list[HandedOn] | None] = ContextVar(
+    "django_events_kept_hand_ons", default=None
+)
+
+
+@contextmanager
+def hand_ons_kept() -> Iterator[list[HandedOn]]:
+    """Keep the hand-ons made in this context instead of sending their messages: the list
+    yielded, for the caller to run (`continuing`, taking them off it). Those still on it at
+    the end are sent then, as they would have been."""
+    kept: list[HandedOn] = []
+    token = _kept_hand_ons.set(kept)
+    try:
+        yield kept
+    finally:
+        _kept_hand_ons.reset(token)
+        while kept:
+            send_handed_on(kept.pop(0))
 
 
 @dataclass(frozen=True)
@@ -536,20 +571,47 @@ def _head_to_pending(alias: str, subscription: str, key: str) -> tuple[int | Non
 
 
 def _send_handed(alias: str, subscription: str, pk: int | None, due: datetime) -> None:
-    """Send the delivery ``pk`` a committed hand-on made pending (None: none was)."""
+    """Send the delivery ``pk`` a committed hand-on made pending (None: none was), or keep it
+    for the task that made it (`hand_ons_kept`)."""
     if pk is None:
         return
-    extra = {**log_extra(None, subscription), "delivery_id": pk}
+    handed = HandedOn(alias, subscription, pk, due)
+    kept = _kept_hand_ons.get()
+    if kept is not None:
+        kept.append(handed)
+        return
+    send_handed_on(handed)
+
+
+def send_handed_on(handed: HandedOn) -> None:
+    """Send the message of a handed-on delivery."""
+    read = _read_handed_on(handed)
+    if read is not None:
+        _send(handed.alias, handed.subscription, handed.pk, *read, handed.due)
+
+
+def handed_on_message(handed: HandedOn) -> dict[str, Any] | None:
+    """The message a handed-on delivery would be sent (None: it cannot be read, logged)."""
+    from django_events.delivery import broker
+
+    read = _read_handed_on(handed)
+    if read is None:
+        return None
+    record, runs = read
+    return broker.delivery_message(event_of(record), handed.subscription, handed.alias, runs)
+
+
+def _read_handed_on(handed: HandedOn) -> tuple[EventRecord, PriorRuns] | None:
+    extra = {**log_extra(None, handed.subscription), "delivery_id": handed.pk}
     unread = "Cannot read a handed-on delivery; events_relay sends it"
     try:  # with its event record: what the hand-on sends
-        handed = _handed_on(alias, pk)
+        read = _handed_on(handed.alias, handed.pk)
     except DatabaseError:
         logger.warning(unread, exc_info=True, extra=extra)
-        return
-    if handed is None:  # deleted meanwhile
+        return None
+    if read is None:  # deleted meanwhile
         logger.warning(unread, extra=extra)
-        return
-    _send(alias, subscription, pk, *handed, due)
+    return read
 
 
 def _handed_on(alias: str, pk: int) -> tuple[EventRecord, PriorRuns] | None:

@@ -254,7 +254,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Resp
             answer.close()
     except (httpx.TimeoutException, SoftTimeLimitExceeded) as exc:
         # SoftTimeLimitExceeded: the Celery task's time limit, for a call that outlasted all
-        # its phases' timeouts together (see broker._soft_limit).
+        # its phases' timeouts together (see broker.soft_limit).
         elapsed = _ms(started)
         raise WebhookFailed(
             f"Timed out after {elapsed} ms ({type(exc).__name__})",

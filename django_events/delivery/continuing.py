@@ -1,0 +1,78 @@
+"""A key's next ordered deliveries run by the task that finished the one before them.
+
+An ordered delivery that finds an earlier one of its key unfinished is held (`ordering`); the
+worker that finishes the earlier one hands the key on to it. Sent as a message, that hand-on
+goes to the back of the queue, behind the key's later messages: each of those comes up before
+it, finds it unfinished and is held in turn, so while a backlog lasts every delivery of a busy
+key costs a hold, a hand-on and a second trip through the queue (docs/performance.md, "Busy
+keys"). The Celery task that finished the delivery runs the handed-on one itself instead, and
+the ones its finish hands on, for up to `CONTINUE_FOR` seconds; the rest are sent as before.
+
+Nothing about a delivery changes: each is claimed, run and recorded as its own message would
+be (its row, its run lock, its attempts and retries), with its row due for events_relay in
+case this process dies first. Only deliveries that run without a time limit are run this way:
+a task's limit is its own delivery's, and would cut another's handler short. A subscription
+with a ``timeout``, a webhook or a ``via: tasks`` one is sent its message, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django_events.delivery import broker, ordering
+from django_events.delivery.worker import Outcome, process_message
+from django_events.logs import log_extra
+from django_events.wiring.compiled import Subscription
+from django_events.wiring.registry import get_registry
+
+logger = logging.getLogger("django_events.ordering")
+
+#: Seconds a task goes on running its key's handed-on deliveries before it sends the next
+#: one's message (a key busy for good would otherwise keep one task running).
+CONTINUE_FOR = 1.0
+
+# What sends the retry of a delivery run here: its message, as a retry would send it
+# (one run of it counted), and why.
+RetrySender = Callable[[dict[str, Any], Outcome, Subscription], None]
+
+
+def runs_here(subscription: Subscription) -> bool:
+    """Whether a handed-on delivery of ``subscription`` may run in the task that handed it on:
+    Celery's, with no time limit of its own."""
+    return subscription.via != "tasks" and broker.soft_limit(subscription) is None
+
+
+def run_handed_on(
+    handed_on: list[ordering.HandedOn],
+    *,
+    batch_success: bool,
+    retry: RetrySender,
+    seconds: float | None = None,
+) -> int:
+    """Run the deliveries of ``handed_on`` (from `ordering.hand_ons_kept`), and those their
+    finishes add to it, one after the other for up to ``seconds`` (`CONTINUE_FOR`); how many
+    ran. A run that
+    asks for a retry has it sent by ``retry``. What is left on the list is the caller's to
+    send (`ordering.hand_ons_kept` does, on its way out)."""
+    deadline = time.monotonic() + (CONTINUE_FOR if seconds is None else seconds)
+    registry = get_registry()
+    ran = 0
+    while handed_on and time.monotonic() < deadline:
+        subscription = registry.subscriptions.get(handed_on[0].subscription)
+        if subscription is None or not runs_here(subscription):
+            break
+        message = ordering.handed_on_message(handed_on.pop(0))
+        if message is None:  # gone, or unreadable: logged, and left to events_relay
+            continue
+        logger.debug(
+            "Running the next delivery of its key in the task that handed it on",
+            extra=log_extra(None, subscription.name),
+        )
+        outcome = process_message(message, 0, batch_success=batch_success)
+        ran += 1
+        if outcome.retry_in is not None:
+            retry(outcome.retry_with or message, outcome, subscription)
+    return ran
