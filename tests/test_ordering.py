@@ -17,6 +17,7 @@ import pytest
 from django.core.management import call_command
 from django.db import OperationalError, close_old_connections, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from django_events import publish
 from django_events.delivery import continuing, marking, ordering
@@ -245,6 +246,30 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
         assert deliver.apply(args=(retry,), retries=headers["retries"]).state == "SUCCESS"
     row.refresh_from_db()
     assert (row.status, row.attempts) == ("succeeded", 2)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_handed_on_retry_the_broker_refuses_is_left_to_the_relay(
+    queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The send itself is replaced (the task's own app is the in-memory broker): what is
+    tested is what the task does when it fails, as Celery's retry does for its own delivery."""
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise KombuOperationalError("[Errno 111] Connection refused")
+
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
+        second = publish("shop.paid", {"order_id": 1, "total": 11, "times": 1, "seconds": 5})
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        monkeypatch.setattr(deliver, "apply_async", refused)
+        assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
+        assert waiting_messages(queue) == []
+    row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.retry_at is not None  # events_relay sends it once due
+    assert "The broker did not take the retry of a handed-on delivery" in caplog.text
 
 
 def waiting_messages(queue: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
