@@ -30,6 +30,11 @@ def shop_wiring(queue: str | None = None, **keys: Any) -> override_settings:
 
 def drain(queue: str) -> list[dict[str, Any]]:
     """Take every task message waiting on ``queue`` (in-memory broker); return their argument."""
+    return [argument for argument, _headers in drain_with_headers(queue)]
+
+
+def drain_with_headers(queue: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """`drain`, with each message's headers (Celery's ``retries``, ``eta``...)."""
     messages = []
     with app.connection_for_read() as connection:
         simple = connection.SimpleQueue(queue)
@@ -40,7 +45,7 @@ def drain(queue: str) -> list[dict[str, Any]]:
                 except simple.Empty:
                     break
                 args, _kwargs, _embed = message.decode()
-                messages.append(args[0])
+                messages.append((args[0], message.headers))
                 message.ack()
         finally:
             simple.close()

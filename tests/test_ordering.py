@@ -27,9 +27,8 @@ from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubs
 from django_events.tasks import deliver
 from tests.app import handlers
 from tests.app.models import HandlerRun
-from tests.celery_app import app as celery_app
 from tests.conftest import inserts_refused
-from tests.ops import drain, shop_wiring
+from tests.ops import drain, drain_with_headers, shop_wiring
 from tests.worker import wait_for
 
 # The migration that last created the ordered finish function.
@@ -236,7 +235,7 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
         assert process_message(messages[str(second.id)], 0).status == "held"
         assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
         assert handler_runs() == [(1, 10), (1, 11)]
-        [(retry, headers)] = waiting_messages(queue)
+        [(retry, headers)] = drain_with_headers(queue)
     assert retry["event"]["id"] == str(second.id)
     assert "b@example.com" not in json.dumps(retry)  # sealed
     assert headers["retries"] == 1 and headers["eta"] is not None
@@ -265,30 +264,11 @@ def test_a_handed_on_retry_the_broker_refuses_is_left_to_the_relay(
         assert process_message(messages[str(second.id)], 0).status == "held"
         monkeypatch.setattr(deliver, "apply_async", refused)
         assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
-        assert waiting_messages(queue) == []
+        assert drain_with_headers(queue) == []
     row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
     assert (row.status, row.attempts) == ("pending", 1)
     assert row.retry_at is not None  # events_relay sends it once due
     assert "The broker did not take the retry of a handed-on delivery" in caplog.text
-
-
-def waiting_messages(queue: str) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """Each task message waiting on ``queue``: its argument and its headers."""
-    taken = []
-    with celery_app.connection_for_read() as broker_connection:
-        simple = broker_connection.SimpleQueue(queue)
-        try:
-            while True:
-                try:
-                    message = simple.get(block=False)
-                except simple.Empty:
-                    break
-                args, _kwargs, _embed = message.decode()
-                taken.append((args[0], message.headers))
-                message.ack()
-        finally:
-            simple.close()
-    return taken
 
 
 @pytest.mark.django_db

@@ -399,6 +399,22 @@ def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> Non
     check_order(ids)
 
 
+def test_a_busy_keys_held_deliveries_run_in_the_task_that_hands_it_on(wired: Rig) -> None:
+    """Held while the key's head runs, each is run by the process that finished the one
+    before it, in order, not sent to the back of the queue (docs/ordering.md)."""
+    key = f"busy-{uuid.uuid4().hex[:6]}"
+    head = publish("ord.slow", {"account": key, "n": 0, "hang": 3}).id
+    wait_for(lambda: (wired.faults / f"{head}-hang_once").exists(), what="the head to start")
+    behind = [publish("ord.slow", {"account": key, "n": n}).id for n in range(1, 5)]
+    ids = [head, *behind]
+    wait_for(lambda: all_succeeded(ids, "ord-slow"), what="the key's deliveries")
+    runs = list(HandlerRun.objects.filter(handler="hang_once", event_id__in=ids).order_by("pk"))
+    assert [run.event_id for run in runs] == ids
+    assert {run.pid for run in runs} == {runs[0].pid}  # the head's process ran them all
+    rows = Delivery.objects.filter(event_id__in=ids, subscription="ord-slow")
+    assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
+
+
 def test_replay_runs_a_key_again_in_order(wired: Rig) -> None:
     key = f"replay-{uuid.uuid4().hex[:6]}"
     since = timezone.now()

@@ -54,9 +54,8 @@ def run_handed_on(
 ) -> int:
     """Run the deliveries of ``handed_on`` (from `ordering.hand_ons_kept`), and those their
     finishes add to it, one after the other for up to ``seconds`` (`CONTINUE_FOR`); how many
-    ran. A run that
-    asks for a retry has it sent by ``retry``. What is left on the list is the caller's to
-    send (`ordering.hand_ons_kept` does, on its way out)."""
+    ran. A run that asks for a retry has it sent by ``retry``. What is left on the list is
+    the caller's to send (`ordering.hand_ons_kept` does, on its way out)."""
     deadline = time.monotonic() + (CONTINUE_FOR if seconds is None else seconds)
     registry = get_registry()
     ran = 0
