@@ -65,14 +65,16 @@ def scratch_database(name: str) -> Iterator[None]:
     django.setup()
     from django.db import connection, connections
 
-    from django_events.delivery import marking
+    from django_events.delivery import batching, marking
 
     server_db = connection.settings_dict["NAME"]
     connection.creation.create_test_db(verbosity=0, autoclobber=True)
     try:
         yield
     finally:
-        marking.stop()  # its thread's database connection, before the database is dropped
+        # Their threads' database connections, before the database is dropped.
+        marking.stop()
+        batching.reset_recorder()  # a script that delivered with success rows batched
         connections.close_all()
         connection.creation.destroy_test_db(server_db, verbosity=0)
 
