@@ -50,6 +50,9 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
     work is done, its own INFO line says which, and Celery's `Ignore` costs a traceback taken
     twice, formatted, and pickled to the pool's parent: about a third of a worker's CPU
     while one key holds most of its messages (figure 16's one key).
+
+    An ordered delivery that hands its key on to a held one runs that one next, in this task
+    (`continuing`), unless this task has a time limit.
     """
     batch_success = conf.SUCCESS_RECORDS == "batched"
     # An ordered delivery's finish may hand its key on: the deliveries it hands on run here
