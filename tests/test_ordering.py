@@ -215,6 +215,27 @@ def test_a_handed_on_delivery_with_a_time_limit_or_after_the_tasks_time_is_sent_
     assert again["event"]["id"] == str(second.id)
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_handed_on_delivery_gone_before_the_task_runs_it_is_said_and_run_nothing(
+    queue: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
+        second = publish("shop.paid", {"order_id": 1, "total": 11, "times": 0})
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        ordered = Delivery.objects.filter(subscription=RETRYING["name"])
+        ordered.filter(event_id=first.id).update(status="succeeded")  # as if it ran
+        with ordering.hand_ons_kept() as kept:
+            ordering.release("default", [(RETRYING["name"], "1")])
+            ordered.filter(event_id=second.id).delete()  # pruned meanwhile
+            ran = continuing.run_handed_on(kept, batch_success=False, retry=_no_retry)
+        assert (ran, kept) == (0, [])
+        assert ordered_messages(queue) == {}
+    assert handler_runs() == []
+    assert "Cannot read a handed-on delivery; events_relay sends it" in caplog.text
+
+
 def _no_retry(*args: Any) -> None:
     raise AssertionError("no retry was expected")
 
