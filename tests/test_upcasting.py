@@ -52,6 +52,8 @@ def test_a_v1_payload_is_upcast_to_v3_step_by_step() -> None:
         }
         v2 = {"order_id": 1, "amount": 5, "currency": "USD"}
         assert target.upgrade(v2, 2) == {**v2, "channel": "web"}
+        # Each version's chain is resolved once and kept: v1's is not v2's.
+        assert target.upgrade({"order_id": 2, "total": 1}, 1)["amount"] == 100
 
 
 def test_a_current_payload_is_returned_as_is() -> None:

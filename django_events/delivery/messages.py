@@ -98,15 +98,21 @@ def event_body(event: Event[Any]) -> dict[str, Any]:
     }
 
 
-def event_from_body(body: dict[str, Any], payload: Any = None) -> Event[Any]:
+def event_from_body(
+    body: dict[str, Any],
+    payload: Any = None,
+    *,
+    upcast: tuple[dict[str, Any], int] | None = None,
+) -> Event[Any]:
     """Rebuild an event from `event_body` output; ``payload`` is what handlers get, if typed.
 
+    ``upcast``: the body's payload upgraded, and the version it now has (`CompiledEvent.upgrade`).
     Raises ``KeyError``/``ValueError`` for a body `parse_message` did not check.
     """
     occurred_at = parse_datetime(body["occurred_at"])
     if occurred_at is None:
         raise ValueError(f"bad occurred_at {body['occurred_at']!r}")
-    data = body["payload"]
+    data, version = (body["payload"], body.get("version", 1)) if upcast is None else upcast
     headers = body.get("headers") or {}
     if not isinstance(data, dict) or not isinstance(headers, dict):
         raise ValueError("payload and headers must be objects")
@@ -120,7 +126,7 @@ def event_from_body(body: dict[str, Any], payload: Any = None) -> Event[Any]:
         UUID(body["correlation_id"]),
         UUID(causation) if causation else None,
         data,
-        int(body.get("version", 1)),  # messages sent before versions existed: 1
+        int(version),  # messages sent before versions existed: 1
     )
 
 

@@ -192,9 +192,10 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             f"Subscription {subscription.name!r} does not receive event {event_name!r} "
             "asynchronously on this worker",
         )
-    data = message.event["payload"]
     event_message = message.event
+    data = event_message["payload"]
     version = event_message.get("version", 1)
+    upcast = None
     redact = compiled.declaration.redact
     if version != compiled.declaration.version:
         try:
@@ -206,12 +207,12 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             return _give_up(message, prior_runs, redact_text(str(exc), data, redact))
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
             return _give_up(message, prior_runs, f"Malformed event in message: version {exc}")
-        event_message = {**event_message, "payload": data, "version": compiled.version}
+        upcast = (data, compiled.version)
     problems = compiled.validator.problems(data, redact)
     if problems:
         return _give_up(message, prior_runs, compiled.payload_error(version, problems))
     try:
-        event = event_from_body(event_message, compiled.typed_payload(data))
+        event = event_from_body(event_message, compiled.typed_payload(data), upcast=upcast)
     except (KeyError, TypeError, ValueError) as exc:
         return _give_up(message, prior_runs, f"Malformed event in message: {exc}")
     rerun = message.rerun

@@ -16,7 +16,7 @@ from django.utils.module_loading import import_string
 
 from django_events.conf import conf
 from django_events.events import Event
-from django_events.exceptions import InvalidPayload, PayloadProblem, UnknownEvent
+from django_events.exceptions import InvalidPayload, NewerVersion, PayloadProblem, UnknownEvent
 from django_events.wiring import typed
 from django_events.wiring.declarations import (
     EventDeclaration,
@@ -27,7 +27,7 @@ from django_events.wiring.declarations import (
 )
 from django_events.wiring.filters import Predicate
 from django_events.wiring.redaction import redact_text, stale_payload_error
-from django_events.wiring.upcasting import Upcaster, invalid_result, upcast
+from django_events.wiring.upcasting import Chain, Upcaster, invalid_result, resolve_chain, run_chain
 from django_events.wiring.validation import PayloadValidator, json_problems, plain_json_copy
 
 Handler = Callable[[Event], Any]
@@ -104,6 +104,7 @@ class CompiledEvent:
     async_: tuple[Subscription, ...] = ()  # async, through Celery
     tasks: tuple[Subscription, ...] = ()  # async, through Django's Tasks framework
     upcasters: dict[int, Upcaster] = field(default_factory=dict, repr=False)  # imported ones
+    chains: dict[int, Chain] = field(default_factory=dict, repr=False)  # by version upgraded
 
     @property
     def name(self) -> str:
@@ -125,14 +126,16 @@ class CompiledEvent:
         declaration = self.declaration
         if version == declaration.version:
             return data
-        return upcast(
-            declaration.name,
-            data,
-            version,
-            declaration.version,
-            declaration.upcast,
-            self.upcasters,
-            self.validator.problems if validate else None,
+        chain = self.chains.get(version)
+        if chain is None:
+            if version > declaration.version:
+                raise NewerVersion(declaration.name, version, declaration.version)
+            chain = resolve_chain(
+                declaration.name, version, declaration.version, declaration.upcast, self.upcasters
+            )
+            self.chains[version] = chain
+        return run_chain(
+            declaration.name, data, chain, self.validator.problems if validate else None
         )
 
     def payload_error(self, version: int, problems: list[PayloadProblem]) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 
 from django.utils.module_loading import import_string
 
-from django_events.exceptions import NewerVersion, PayloadProblem, UpcastError
+from django_events.exceptions import PayloadProblem, UpcastError
 from django_events.wiring.validation import json_problems
 
 Upcaster = Callable[[dict[str, Any]], Any]
@@ -22,29 +22,18 @@ def resolve_upcaster(path: str) -> Upcaster:
     return upcaster
 
 
-def upcast(
-    name: str,
-    data: dict[str, Any],
-    version: int,
-    current: int,
-    steps: dict[int, str],
-    cache: dict[int, Upcaster] | None = None,
-    validate: Callable[[dict[str, Any]], list[PayloadProblem]] | None = None,
-) -> dict[str, Any]:
-    """Return ``data`` (of ``version``) upgraded to ``current``, one step at a time.
+# A payload's way to the current version: (the version each upcaster upgrades from, its
+# path, the upcaster), in the order they run.
+Chain = tuple[tuple[int, str, Upcaster], ...]
 
-    A version without an upcaster passes unchanged (the change was additive). Each step must
-    return a dict; the chain's result must be JSON and, with ``validate``, valid for the
-    current schema, or the last step that ran is named (a value an earlier step returned may
-    have passed through it: a worker checks a payload once, not once a step). Without
-    ``validate`` the caller checks the result (`invalid_result` names the step). Raises
-    `NewerVersion` for a payload newer than ``current``, `UpcastError` naming the step that
-    failed.
-    """
-    if version > current:
-        raise NewerVersion(name, version, current)
-    cache = {} if cache is None else cache
-    last: tuple[int, str] | None = None
+
+def resolve_chain(
+    name: str, version: int, current: int, steps: dict[int, str], cache: dict[int, Upcaster]
+) -> Chain:
+    """The upcasters that take a payload of ``version`` (not newer than ``current``) to
+    ``current``, each imported once into ``cache``; a version without an upcaster has no
+    step (its change was additive). Raises `UpcastError` naming a step that does not import."""
+    chain = []
     for step in range(max(version, 1), current):
         path = steps.get(step)
         if path is None:
@@ -55,6 +44,25 @@ def upcast(
                 function = cache[step] = resolve_upcaster(path)
             except (ImportError, TypeError) as exc:
                 raise UpcastError(name, step, path, f"does not import: {exc}") from exc
+        chain.append((step, path, function))
+    return tuple(chain)
+
+
+def run_chain(
+    name: str,
+    data: dict[str, Any],
+    chain: Chain,
+    validate: Callable[[dict[str, Any]], list[PayloadProblem]] | None = None,
+) -> dict[str, Any]:
+    """Return ``data`` upgraded by each upcaster of ``chain`` in turn.
+
+    Each step must return a dict; the chain's result must be JSON and, with ``validate``,
+    valid for the current schema, or the last step is named (a value an earlier step
+    returned may have passed through it: a worker checks a payload once, not once a step).
+    Without ``validate`` the caller checks the result (`invalid_result` names the step).
+    Raises `UpcastError` naming the step that failed.
+    """
+    for step, path, function in chain:
         try:
             result = function(data)
         except Exception as exc:  # any error of user code: the caller records it as a failure
@@ -63,9 +71,10 @@ def upcast(
             raise UpcastError(
                 name, step, path, f"returned {type(result).__name__}, not a payload dict"
             )
-        data, last = result, (step, path)
-    if last is None:
+        data = result
+    if not chain:
         return data
+    last = chain[-1][:2]
     problems = json_problems(data)
     if problems:
         details = "; ".join(map(str, problems))
