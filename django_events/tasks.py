@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import Ignore, Reject
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready
 
 from django_events.conf import conf
 from django_events.delivery import ordering
@@ -81,11 +81,34 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         raise Ignore(f"delivery {outcome.status}")
 
 
+# The time limits of the worker this process runs for (`celery worker --time-limit` and
+# `--soft-time-limit`, or the app's settings): Celery keeps them on the worker, not in the
+# app's settings, and its pool's processes are forked after `worker_init`.
+_worker_limits: tuple[float | None, float | None] = (None, None)
+
+
+@worker_init.connect(dispatch_uid="django_events.worker_limits")
+def _note_worker_limits(sender: Any = None, **kwargs: Any) -> None:
+    global _worker_limits
+    _worker_limits = (
+        getattr(sender, "time_limit", None),
+        getattr(sender, "soft_time_limit", None),
+    )
+
+
 def _without_time_limit(task: Task[Any, Any]) -> bool:
-    """Whether this task runs without a time limit (its message's, or the app's)."""
-    hard, soft = task.request.timelimit or (None, None)
+    """Whether this task runs without a time limit: its message's, the task's own (the
+    app's ``task_annotations``), the worker's or the app's settings."""
     app_conf = task.app.conf
-    return not (hard or soft or app_conf.task_time_limit or app_conf.task_soft_time_limit)
+    limits = (
+        *(task.request.timelimit or ()),
+        task.time_limit,
+        task.soft_time_limit,
+        *_worker_limits,
+        app_conf.task_time_limit,
+        app_conf.task_soft_time_limit,
+    )
+    return not any(limits)
 
 
 def _retry(
@@ -112,9 +135,11 @@ def _retry(
             extra=log_extra(None, subscription.name),
         )
         if not defer_retry(outcome):
+            # Its row is due for events_relay all the same, later: as `continuing` made it
+            # before the send (`keep_retry_due`), or as its hand-on left it.
             logger.error(
-                "Could not leave the retry of a handed-on delivery to events_relay either; "
-                "its check for unfinished deliveries sends it",
+                "Could not leave the retry of a handed-on delivery to events_relay at its "
+                "time; events_relay sends it once its row falls due, later",
                 extra=log_extra(None, subscription.name),
             )
 

@@ -9,18 +9,22 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
+from datetime import timedelta
 from importlib import import_module
 from io import StringIO
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from django.core.management import call_command
 from django.db import OperationalError, close_old_connections, connection, connections, transaction
 from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from django_events import publish
+from django_events import publish, tasks
 from django_events.delivery import continuing, marking, ordering
+from django_events.delivery.lost_messages import resend_after
 from django_events.delivery.worker import Outcome, process_message
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord, OrderingGate, PausedSubscription
@@ -216,6 +220,66 @@ def test_a_handed_on_delivery_with_a_time_limit_or_after_the_tasks_time_is_sent_
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("where", ["the task", "the worker", "the app"])
+def test_a_task_with_a_time_limit_sends_the_delivery_it_hands_on_its_message(
+    queue: str, where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Wherever the limit is set: the task's own (``task_annotations``), the worker's
+    (``celery worker --soft-time-limit``, which Celery keeps on the worker and gives with
+    ``worker_init``, before it forks its pool) or the app's settings."""
+    if where == "the task":
+        monkeypatch.setattr(deliver, "soft_time_limit", 60)
+    elif where == "the worker":  # what worker_init gives (its sending: test_ordering_delivery)
+        monkeypatch.setattr(tasks, "_worker_limits", (None, None))
+        tasks._note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=60))
+    else:
+        monkeypatch.setitem(deliver.app.conf, "task_time_limit", 60)
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
+        second = publish("shop.paid", {"order_id": 1, "total": 11, "times": 0})
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
+        assert handler_runs() == [(1, 10)]  # not the second: sent its message instead
+        assert list(ordered_messages(queue)) == [str(second.id)]
+
+
+RELAYING = {**ORDERED, "handler": "tests.app.handlers.relays_meanwhile"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_delivery_run_for_its_key_is_not_sent_again_by_the_relay_while_it_runs(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its hand-on made it due for events_relay in `HAND_ON_GRACE` (here at once), in case
+    its message never went. Where no run lock keeps a copy from running beside it (SQLite),
+    the task that runs it moves that as far as a sent message's (`lost_messages.
+    resend_after`): a relay pass while its handler runs sends no copy. Where the lock does
+    (PostgreSQL), the due time stands, so that a process dying meanwhile has it sent again
+    soon: the copy sent then runs nothing."""
+    monkeypatch.setattr(ordering, "HAND_ON_GRACE", 0.0)
+    locked = ordering._locks_runs("default")
+    with shop_wiring(queue, SUBSCRIPTIONS=[RELAYING]):
+        first = publish("shop.paid", {"order_id": 1, "total": 10})
+        second = publish("shop.paid", {"order_id": 1, "total": 11})
+        messages = ordered_messages(queue)
+        assert process_message(messages[str(second.id)], 0).status == "held"
+        assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
+        copies = list(ordered_messages(queue).values())
+        assert [m["event"]["id"] for m in copies] == ([str(second.id)] if locked else [])
+        for copy in copies:  # after the run: a duplicate, skipped
+            assert process_message(copy, 0).status == "skipped"
+    runs = HandlerRun.objects.filter(handler="relays_meanwhile").order_by("pk")
+    retried = 1 if locked else 0
+    assert [(r.event_id, r.payload["retried"]) for r in runs] == [
+        (first.id, 0),
+        (second.id, retried),
+    ]
+    rows = Delivery.objects.filter(subscription=RELAYING["name"])
+    assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_a_handed_on_delivery_gone_before_the_task_runs_it_is_said_and_run_nothing(
     queue: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -262,10 +326,14 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
     assert headers["retries"] == 1 and headers["eta"] is not None
     row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
     assert (row.status, row.attempts) == ("pending", 1)
+    # Due for events_relay one threshold after the retry's time, should this process die
+    # before the broker has the retry (it has no message of its own to be redelivered).
+    assert row.retry_at is not None
+    assert row.retry_at > timezone.now() + timedelta(seconds=30 + resend_after() - 60)
     with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
         assert deliver.apply(args=(retry,), retries=headers["retries"]).state == "SUCCESS"
     row.refresh_from_db()
-    assert (row.status, row.attempts) == ("succeeded", 2)
+    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -288,7 +356,9 @@ def test_a_handed_on_retry_the_broker_refuses_is_left_to_the_relay(
         assert drain_with_headers(queue) == []
     row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
     assert (row.status, row.attempts) == ("pending", 1)
-    assert row.retry_at is not None  # events_relay sends it once due
+    # events_relay sends it once due: at the retry's own time, not a threshold later.
+    assert row.retry_at is not None
+    assert row.retry_at < timezone.now() + timedelta(seconds=5)
     assert "The broker did not take the retry of a handed-on delivery" in caplog.text
 
 

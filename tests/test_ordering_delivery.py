@@ -67,6 +67,22 @@ class Rig:
         return redis_publisher if self.kind == "redis" else getattr(brokers, self.kind)
 
 
+def worker_env(kind: str, faults: Path) -> dict[str, str]:
+    """The environment of a worker of the ordering tests on broker ``kind``; ``faults``:
+    where `hang_once` leaves its markers."""
+    return {
+        "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
+        # What a worker sends itself (a hand-on) goes to the broker the test publishes to.
+        "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
+        "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
+        "DJANGO_EVENTS_FAULT_DIR": str(faults),
+        # The workers' threshold is the relay's (as one deployment's settings): a delivery
+        # a task ran for its key, the task killed, is sent again after it where no run lock
+        # protects it (SQLite).
+        "DJANGO_EVENTS_TEST_RESEND_AFTER": str(RESEND_AFTER),
+    }
+
+
 @pytest.fixture(scope="module", params=brokers.worker_kinds("filesystem", "amqp", "redis"))
 def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[Rig]:
     kind = request.param
@@ -77,14 +93,7 @@ def rig(request, django_db_setup, django_db_blocker, tmp_path_factory) -> Iterat
     fixed.mkdir()
     faults = folder / "faults"
     faults.mkdir()
-    env = {
-        "DJANGO_EVENTS_TEST_MANIFEST": "ordering.yaml",
-        # What a worker sends itself (a hand-on) goes to the broker the test publishes to.
-        "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
-        "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
-        "DJANGO_EVENTS_ORDERING_FIXED": str(fixed),
-        "DJANGO_EVENTS_FAULT_DIR": str(faults),
-    }
+    env = {**worker_env(kind, faults), "DJANGO_EVENTS_ORDERING_FIXED": str(fixed)}
     if kind == "redis":
         env |= {
             "DJANGO_EVENTS_REDIS_URL": REDIS_URL,
@@ -413,6 +422,39 @@ def test_a_busy_keys_held_deliveries_run_in_the_task_that_hands_it_on(wired: Rig
     assert {run.pid for run in runs} == {runs[0].pid}  # the head's process ran them all
     rows = Delivery.objects.filter(event_id__in=ids, subscription="ord-slow")
     assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
+
+
+def test_a_worker_with_a_time_limit_sends_a_busy_keys_held_deliveries_their_messages(
+    tmp_path: Path,
+) -> None:
+    """`celery worker --soft-time-limit` is the worker's own, not in the app's settings: a
+    task there sends the held delivery it hands its key on to its message rather than run it
+    (the limit, its own delivery's, would cut that handler short). One broker: it is the
+    worker that is tested."""
+    kind = "filesystem"
+    queue = f"ord-limit-{uuid.uuid4().hex[:8]}"
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    worker = WorkerProcess(
+        kind,
+        queue,
+        connection.settings_dict["NAME"],
+        tmp_path / "worker.log",
+        extra_env=worker_env(kind, faults),
+        extra_args=("--soft-time-limit", "600"),
+    )
+    key = f"limit-{uuid.uuid4().hex[:6]}"
+    with brokers.delivery_wiring(kind, queue, "ordering.yaml"), worker:
+        head = publish("ord.slow", {"account": key, "n": 0, "hang": 3}).id
+        wait_for(lambda: (faults / f"{head}-hang_once").exists(), what="the head to start")
+        behind = [publish("ord.slow", {"account": key, "n": n}).id for n in range(1, 4)]
+        ids = [head, *behind]
+        wait_for(lambda: all_succeeded(ids, "ord-slow"), what="the key's deliveries")
+        runs = HandlerRun.objects.filter(handler="hang_once", event_id__in=ids).order_by("pk")
+        assert [run.event_id for run in runs] == ids
+        # The head's message and the three others' (held), then one for each held one it
+        # handed on: a task without a limit runs those itself, and receives 4 in all.
+        wait_for(lambda: worker.log().count("] received") >= 5, what="a hand-on's message")
 
 
 def test_replay_runs_a_key_again_in_order(wired: Rig) -> None:

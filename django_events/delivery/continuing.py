@@ -9,10 +9,16 @@ keys"). The Celery task that finished the delivery runs the handed-on one itself
 the ones its finish hands on, for up to `CONTINUE_FOR` seconds; the rest are sent as before.
 
 Nothing about a delivery changes: each is claimed, run and recorded as its own message would
-be (its row, its run lock, its attempts and retries), with its row due for events_relay in
-case this process dies first. Only deliveries that run without a time limit are run this way:
-a task's limit is its own delivery's, and would cut another's handler short. A subscription
-with a ``timeout``, a webhook or a ``via: tasks`` one is sent its message, as before.
+be (its row, its run lock, its attempts and retries). Its row stays due for events_relay
+should this process die while it runs (it has no message of its own for the broker to give
+back): in the hand-on's `ordering.HAND_ON_GRACE` where the delivery's run lock keeps a copy
+from running beside it, else as late as a sent message counts as lost
+(`ordering.take_over`). A retry it asks for is made due one such threshold after the
+retry's own time before it is sent, as an unordered delivery's retry is written.
+
+Only deliveries that run without a time limit are run this way: a task's limit is its own
+delivery's, and would cut another's handler short. A subscription with a ``timeout``, a
+webhook or a ``via: tasks`` one is sent its message, as before.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django_events.delivery import broker, ordering
-from django_events.delivery.worker import Outcome, process_message
+from django_events.delivery.worker import Outcome, keep_retry_due, process_message
 from django_events.logs import log_extra
 from django_events.wiring.compiled import Subscription
 from django_events.wiring.registry import get_registry
@@ -63,9 +69,11 @@ def run_handed_on(
         subscription = registry.subscriptions.get(handed_on[0].subscription)
         if subscription is None or not runs_here(subscription):
             break
-        message = ordering.handed_on_message(handed_on.pop(0))
+        handed = handed_on.pop(0)
+        message = ordering.handed_on_message(handed)
         if message is None:  # gone, or unreadable: logged, and left to events_relay
             continue
+        ordering.take_over(handed)
         logger.debug(
             "Running the next delivery of its key in the task that handed it on",
             extra=log_extra(None, subscription.name),
@@ -73,5 +81,6 @@ def run_handed_on(
         outcome = process_message(message, 0, batch_success=batch_success)
         ran += 1
         if outcome.retry_in is not None:
+            keep_retry_due(outcome)
             retry(outcome.retry_with or message, outcome, subscription)
     return ran

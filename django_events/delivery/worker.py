@@ -905,6 +905,28 @@ def defer_retry(outcome: Outcome) -> bool:
     return bool(marked)
 
 
+def keep_retry_due(outcome: Outcome) -> None:
+    """Make the `pending` row of ``outcome``'s retry due for events_relay one threshold for
+    lost messages (`resend_after`) past the retry's own time, in case its message never runs:
+    what a retry's row is written with, but an ordered key's, whose own message comes back if
+    its worker dies first (`continuing` runs deliveries that have none). Logged if the
+    database cannot take it."""
+    if outcome.retry_of is None or outcome.retry_in is None:
+        return  # nothing was written: the row keeps the due time it had
+    alias, event_id, subscription = outcome.retry_of
+    due = timezone.now() + timedelta(seconds=outcome.retry_in + resend_after())
+    try:
+        Delivery.objects.using(alias).filter(
+            event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING
+        ).update(retry_at=due)
+    except DatabaseError:
+        logger.warning(
+            "Could not make a retry's delivery due for events_relay",
+            exc_info=True,
+            extra={**log_extra(None, subscription), "event_id": str(event_id)},
+        )
+
+
 class _NothingRan(Exception):
     """The database could not be reached before an idempotent handler ran."""
 
