@@ -244,6 +244,37 @@ def test_a_task_with_a_time_limit_sends_the_delivery_it_hands_on_its_message(
         assert list(ordered_messages(queue)) == [str(second.id)]
 
 
+HANGING = {**ORDERED, "handler": "tests.app.handlers.hang_plain"}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_task_goes_on_with_its_key_for_continue_for_then_sends_the_next_its_message(
+    queue: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """A busy key keeps one task for `CONTINUE_FOR` at most: the delivery its last run hands
+    on once that time is up is sent its message, and the key goes on from there, in order."""
+    monkeypatch.setenv("DJANGO_EVENTS_FAULT_DIR", str(tmp_path))  # hang_plain's markers
+    monkeypatch.setattr(continuing, "CONTINUE_FOR", 0.2)
+    with shop_wiring(queue, SUBSCRIPTIONS=[HANGING]):
+        events = [
+            publish("shop.paid", {"order_id": 1, "total": total, "hang": 0.3})
+            for total in (10, 11, 12, 13)
+        ]
+        messages = ordered_messages(queue)
+        for event in events[1:]:
+            assert process_message(messages[str(event.id)], 0).status == "held"
+        # Its own run, then the next (started in time, ending after it): the third is sent.
+        assert deliver.apply(args=(messages[str(events[0].id)],)).state == "SUCCESS"
+        assert handler_runs("hang_plain") == [(1, 10), (1, 11)]
+        [third] = ordered_messages(queue).values()
+        assert third["event"]["id"] == str(events[2].id)
+        assert deliver.apply(args=(third,)).state == "SUCCESS"
+        assert handler_runs("hang_plain") == [(1, 10), (1, 11), (1, 12), (1, 13)]
+        assert ordered_messages(queue) == {}
+    rows = Delivery.objects.filter(subscription=HANGING["name"])
+    assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
+
+
 RELAYING = {**ORDERED, "handler": "tests.app.handlers.relays_meanwhile"}
 
 
@@ -305,16 +336,21 @@ def _no_retry(*args: Any) -> None:
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("counts", [True, False], ids=["counted", "uncounted"])
 def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_second_run(
-    queue: str,
+    queue: str, counts: bool
 ) -> None:
     """What Celery's retry would send had the delivery been the task's own message: one
-    retry counted, after the delay asked for; its payload sealed as every message's is."""
+    retry counted, after the delay asked for; its payload sealed as every message's is. A
+    ``RetryLater(counts=False)`` run stays uncounted (its row and its retry's message)."""
     with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
         first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
         second = publish(
             "shop.paid",
-            {"order_id": 1, "total": 11, "times": 1, "seconds": 30, "email": "b@example.com"},
+            {
+                **{"order_id": 1, "total": 11, "times": 1, "seconds": 30, "counts": counts},
+                "email": "b@example.com",
+            },
         )
         messages = ordered_messages(queue)
         assert process_message(messages[str(second.id)], 0).status == "held"
@@ -324,8 +360,9 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
     assert retry["event"]["id"] == str(second.id)
     assert "b@example.com" not in json.dumps(retry)  # sealed
     assert headers["retries"] == 1 and headers["eta"] is not None
+    assert retry.get("uncounted", 0) == (0 if counts else 1)
     row = Delivery.objects.get(event_id=second.id, subscription=RETRYING["name"])
-    assert (row.status, row.attempts) == ("pending", 1)
+    assert (row.status, row.attempts, row.uncounted) == ("pending", 1, 0 if counts else 1)
     # Due for events_relay one threshold after the retry's time, should this process die
     # before the broker has the retry (it has no message of its own to be redelivered).
     assert row.retry_at is not None
@@ -333,7 +370,9 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
     with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
         assert deliver.apply(args=(retry,), retries=headers["retries"]).state == "SUCCESS"
     row.refresh_from_db()
-    assert (row.status, row.attempts, row.retry_at) == ("succeeded", 2, None)
+    assert (row.status, row.attempts, row.uncounted, row.retry_at) == (
+        ("succeeded", 2, 0 if counts else 1, None)
+    )
 
 
 @pytest.mark.django_db(transaction=True)
