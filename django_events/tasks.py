@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Any
 
@@ -81,19 +82,17 @@ def deliver(self: Task[Any, Any], message: Any) -> None:
         raise Ignore(f"delivery {outcome.status}")
 
 
-# The time limits of the worker this process runs for (`celery worker --time-limit` and
-# `--soft-time-limit`, or the app's settings): Celery keeps them on the worker, not in the
-# app's settings, and its pool's processes are forked after `worker_init`.
-_worker_limits: tuple[float | None, float | None] = (None, None)
+# Set in a worker's environment when it has time limits of its own (`celery worker
+# --time-limit`/`--soft-time-limit`, or the app's settings): Celery keeps them on the worker,
+# not in the app's settings. Noted at `worker_init`, in the main process, whose environment
+# the pool's processes inherit, forked or spawned.
+WORKER_TIME_LIMITED = "DJANGO_EVENTS_WORKER_TIME_LIMITED"
 
 
 @worker_init.connect(dispatch_uid="django_events.worker_limits")
 def _note_worker_limits(sender: Any = None, **kwargs: Any) -> None:
-    global _worker_limits
-    _worker_limits = (
-        getattr(sender, "time_limit", None),
-        getattr(sender, "soft_time_limit", None),
-    )
+    limited = getattr(sender, "time_limit", None) or getattr(sender, "soft_time_limit", None)
+    os.environ[WORKER_TIME_LIMITED] = "1" if limited else ""
 
 
 def _without_time_limit(task: Task[Any, Any]) -> bool:
@@ -104,7 +103,7 @@ def _without_time_limit(task: Task[Any, Any]) -> bool:
         *(task.request.timelimit or ()),
         task.time_limit,
         task.soft_time_limit,
-        *_worker_limits,
+        os.environ.get(WORKER_TIME_LIMITED),
         app_conf.task_time_limit,
         app_conf.task_soft_time_limit,
     )

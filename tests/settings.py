@@ -170,8 +170,6 @@ if os.environ.get("DJANGO_EVENTS_SOAK"):
         DJANGO_EVENTS["RESEND_UNFINISHED_AFTER"] = float(
             os.environ["DJANGO_EVENTS_SOAK_RESEND_AFTER"]
         )
-if os.environ.get("DJANGO_EVENTS_TEST_RESEND_AFTER"):  # the ordering rig's workers
-    DJANGO_EVENTS["RESEND_UNFINISHED_AFTER"] = float(os.environ["DJANGO_EVENTS_TEST_RESEND_AFTER"])
 if os.environ.get("DJANGO_EVENTS_TEST_RETENTION"):  # a worker subprocess of test_retention
     DJANGO_EVENTS["RETENTION"] = json.loads(os.environ["DJANGO_EVENTS_TEST_RETENTION"])
 if os.environ.get("DJANGO_EVENTS_TEST_WEBHOOKS_PRIVATE"):

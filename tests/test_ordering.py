@@ -161,6 +161,7 @@ def handler_runs(handler: str = "retry_later") -> list[tuple[int, float]]:
     return [(run.payload["order_id"], run.payload["total"]) for run in runs]
 
 
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
 def test_the_task_that_hands_a_key_on_runs_its_held_deliveries_itself_in_order(
     queue: str,
@@ -219,6 +220,7 @@ def test_a_handed_on_delivery_with_a_time_limit_or_after_the_tasks_time_is_sent_
     assert again["event"]["id"] == str(second.id)
 
 
+@pytest.mark.postgresql  # elsewhere no task runs what it hands on
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("where", ["the task", "the worker", "the app"])
 def test_a_task_with_a_time_limit_sends_the_delivery_it_hands_on_its_message(
@@ -230,23 +232,31 @@ def test_a_task_with_a_time_limit_sends_the_delivery_it_hands_on_its_message(
     if where == "the task":
         monkeypatch.setattr(deliver, "soft_time_limit", 60)
     elif where == "the worker":  # what worker_init gives (its sending: test_ordering_delivery)
-        monkeypatch.setattr(tasks, "_worker_limits", (None, None))
+        monkeypatch.setenv(tasks.WORKER_TIME_LIMITED, "")  # put back as it was afterwards
         tasks._note_worker_limits(sender=SimpleNamespace(time_limit=None, soft_time_limit=60))
     else:
         monkeypatch.setitem(deliver.app.conf, "task_time_limit", 60)
     with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
-        first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
-        second = publish("shop.paid", {"order_id": 1, "total": 11, "times": 0})
-        messages = ordered_messages(queue)
-        assert process_message(messages[str(second.id)], 0).status == "held"
-        assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
-        assert handler_runs() == [(1, 10)]  # not the second: sent its message instead
-        assert list(ordered_messages(queue)) == [str(second.id)]
+        second, sent = first_run_with_the_second_held(queue)
+    assert handler_runs() == [(1, 10)]  # not the second: sent its message instead
+    assert [m["event"]["id"] for m in sent] == [str(second.id)]
+
+
+def first_run_with_the_second_held(queue: str) -> tuple[Event, list[dict[str, Any]]]:
+    """Two events of one key (`RETRYING`), the second's message held, then the first's run
+    by its task: the second event, and the messages of the key sent meanwhile."""
+    first = publish("shop.paid", {"order_id": 1, "total": 10, "times": 0})
+    second = publish("shop.paid", {"order_id": 1, "total": 11, "times": 0})
+    messages = ordered_messages(queue)
+    assert process_message(messages[str(second.id)], 0).status == "held"
+    assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
+    return second, list(ordered_messages(queue).values())
 
 
 HANGING = {**ORDERED, "handler": "tests.app.handlers.hang_plain"}
 
 
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
 def test_a_task_goes_on_with_its_key_for_continue_for_then_sends_the_next_its_message(
     queue: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
@@ -275,41 +285,66 @@ def test_a_task_goes_on_with_its_key_for_continue_for_then_sends_the_next_its_me
     assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
 
 
+def test_a_limit_of_the_task_counts_though_its_message_has_none() -> None:
+    """A worker applies the task's own limits (``task_annotations``) to a message that
+    carries none, as the messages of a subscription without ``timeout`` do."""
+    deliver.push_request(timelimit=None)
+    try:
+        assert tasks._without_time_limit(deliver)
+        deliver.soft_time_limit = 60
+        assert not tasks._without_time_limit(deliver)
+    finally:
+        deliver.soft_time_limit = None
+        deliver.pop_request()
+
+
 RELAYING = {**ORDERED, "handler": "tests.app.handlers.relays_meanwhile"}
 
 
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
-def test_a_delivery_run_for_its_key_is_not_sent_again_by_the_relay_while_it_runs(
+def test_the_relays_copy_of_a_delivery_a_task_runs_for_its_key_runs_nothing_beside_it(
     queue: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its hand-on made it due for events_relay in `HAND_ON_GRACE` (here at once), in case
-    its message never went. Where no run lock keeps a copy from running beside it (SQLite),
-    the task that runs it moves that as far as a sent message's (`lost_messages.
-    resend_after`): a relay pass while its handler runs sends no copy. Where the lock does
-    (PostgreSQL), the due time stands, so that a process dying meanwhile has it sent again
-    soon: the copy sent then runs nothing."""
+    """Its hand-on made it due for events_relay in `HAND_ON_GRACE` (here at once), so that a
+    process dying while it runs has it sent again soon: a relay pass while its handler runs
+    sends a copy, which its run lock keeps from running beside it; after the run the copy
+    is a duplicate, skipped."""
     monkeypatch.setattr(ordering, "HAND_ON_GRACE", 0.0)
-    locked = ordering._locks_runs("default")
     with shop_wiring(queue, SUBSCRIPTIONS=[RELAYING]):
         first = publish("shop.paid", {"order_id": 1, "total": 10})
         second = publish("shop.paid", {"order_id": 1, "total": 11})
         messages = ordered_messages(queue)
         assert process_message(messages[str(second.id)], 0).status == "held"
         assert deliver.apply(args=(messages[str(first.id)],)).state == "SUCCESS"
-        copies = list(ordered_messages(queue).values())
-        assert [m["event"]["id"] for m in copies] == ([str(second.id)] if locked else [])
-        for copy in copies:  # after the run: a duplicate, skipped
-            assert process_message(copy, 0).status == "skipped"
+        [copy] = ordered_messages(queue).values()
+        assert copy["event"]["id"] == str(second.id)
+        assert process_message(copy, 0).status == "skipped"
     runs = HandlerRun.objects.filter(handler="relays_meanwhile").order_by("pk")
-    retried = 1 if locked else 0
-    assert [(r.event_id, r.payload["retried"]) for r in runs] == [
-        (first.id, 0),
-        (second.id, retried),
-    ]
+    assert [(r.event_id, r.payload["retried"]) for r in runs] == [(first.id, 0), (second.id, 1)]
     rows = Delivery.objects.filter(subscription=RELAYING["name"])
     assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_where_no_run_lock_protects_it_a_task_sends_the_delivery_it_hands_on_its_message(
+    queue: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite, or PostgreSQL behind a pooler in transaction mode (``DISABLE_SERVER_SIDE_
+    CURSORS``): a relay copy sent while a handler runs longer than the hand-on's grace would
+    run beside it there, so the task does not run it: its message goes, as before."""
+    monkeypatch.setitem(connection.settings_dict, "DISABLE_SERVER_SIDE_CURSORS", True)
+    assert not ordering.locks_runs("default")
+    with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
+        second, sent = first_run_with_the_second_held(queue)
+        assert handler_runs() == [(1, 10)]
+        [again] = sent
+        assert again["event"]["id"] == str(second.id)
+        assert process_message(again, 0).status == "succeeded"
+    assert handler_runs() == [(1, 10), (1, 11)]
+
+
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
 def test_a_handed_on_delivery_gone_before_the_task_runs_it_is_said_and_run_nothing(
     queue: str, caplog: pytest.LogCaptureFixture
@@ -335,6 +370,7 @@ def _no_retry(*args: Any) -> None:
     raise AssertionError("no retry was expected")
 
 
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("counts", [True, False], ids=["counted", "uncounted"])
 def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_second_run(
@@ -375,6 +411,7 @@ def test_a_handed_on_delivery_that_asks_for_a_retry_is_sent_one_counted_as_its_s
     )
 
 
+@pytest.mark.postgresql  # the run lock lets a task run what it hands on
 @pytest.mark.django_db(transaction=True)
 def test_a_handed_on_retry_the_broker_refuses_is_left_to_the_relay(
     queue: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -76,10 +76,6 @@ def worker_env(kind: str, faults: Path) -> dict[str, str]:
         "DJANGO_EVENTS_TEST_CELERY_APP": f"tests.brokers.{kind}",
         "DJANGO_EVENTS_FS_BROKER": str(brokers.FS_FOLDER),
         "DJANGO_EVENTS_FAULT_DIR": str(faults),
-        # The workers' threshold is the relay's (as one deployment's settings): a delivery
-        # a task ran for its key, the task killed, is sent again after it where no run lock
-        # protects it (SQLite).
-        "DJANGO_EVENTS_TEST_RESEND_AFTER": str(RESEND_AFTER),
     }
 
 
@@ -408,6 +404,7 @@ def test_sigkilled_whole_worker_keeps_order_and_loses_nothing(wired: Rig) -> Non
     check_order(ids)
 
 
+@pytest.mark.postgresql  # the run lock: elsewhere a hand-on is sent its message
 def test_a_busy_keys_held_deliveries_run_in_the_task_that_hands_it_on(wired: Rig) -> None:
     """Held while the key's head runs, each is run by the process that finished the one
     before it, in order, not sent to the back of the queue (docs/ordering.md)."""
@@ -424,6 +421,7 @@ def test_a_busy_keys_held_deliveries_run_in_the_task_that_hands_it_on(wired: Rig
     assert {(r.status, r.attempts, r.retry_at) for r in rows} == {("succeeded", 1, None)}
 
 
+@pytest.mark.postgresql  # elsewhere (no run lock) a task with no limit sends them too
 def test_a_worker_with_a_time_limit_sends_a_busy_keys_held_deliveries_their_messages(
     tmp_path: Path,
 ) -> None:

@@ -9,16 +9,19 @@ keys"). The Celery task that finished the delivery runs the handed-on one itself
 the ones its finish hands on, for up to `CONTINUE_FOR` seconds; the rest are sent as before.
 
 Nothing about a delivery changes: each is claimed, run and recorded as its own message would
-be (its row, its run lock, its attempts and retries). Its row stays due for events_relay
-should this process die while it runs (it has no message of its own for the broker to give
-back): in the hand-on's `ordering.HAND_ON_GRACE` where the delivery's run lock keeps a copy
-from running beside it, else as late as a sent message counts as lost
-(`ordering.take_over`). A retry it asks for is made due one such threshold after the
-retry's own time before it is sent, as an unordered delivery's retry is written.
+be (its row, its run lock, its attempts and retries). Its row stays due for events_relay in
+the hand-on's `ordering.HAND_ON_GRACE` should this process die while it runs (it has no
+message of its own for the broker to give back); the relay's copy of a delivery still
+running then runs nothing, for its run lock. A retry it asks for is made due one threshold
+for lost messages after the retry's own time before it is sent, as an unordered delivery's
+retry is written.
 
-Only deliveries that run without a time limit are run this way: a task's limit is its own
-delivery's, and would cut another's handler short. A subscription with a ``timeout``, a
-webhook or a ``via: tasks`` one is sent its message, as before.
+Only deliveries that a run lock protects and that run without a time limit are run this
+way. Without the lock (`ordering.locks_runs`: SQLite, a pool that outlives its sessions) a
+relay copy sent while a handler runs longer than the hand-on's grace would run beside it. A
+task's time limit is its own delivery's, and would cut another's handler short. A
+subscription with a ``timeout``, a webhook or a ``via: tasks`` one is sent its message, as
+before.
 """
 
 from __future__ import annotations
@@ -45,10 +48,14 @@ CONTINUE_FOR = 1.0
 RetrySender = Callable[[dict[str, Any], Outcome, Subscription], None]
 
 
-def runs_here(subscription: Subscription) -> bool:
-    """Whether a handed-on delivery of ``subscription`` may run in the task that handed it on:
-    Celery's, with no time limit of its own."""
-    return subscription.via != "tasks" and broker.soft_limit(subscription) is None
+def runs_here(subscription: Subscription, alias: str) -> bool:
+    """Whether a handed-on delivery of ``subscription`` on database ``alias`` may run in the
+    task that handed it on: Celery's, with no time limit of its own, its run locked."""
+    return (
+        subscription.via != "tasks"
+        and broker.soft_limit(subscription) is None
+        and ordering.locks_runs(alias)
+    )
 
 
 def run_handed_on(
@@ -67,13 +74,11 @@ def run_handed_on(
     ran = 0
     while handed_on and time.monotonic() < deadline:
         subscription = registry.subscriptions.get(handed_on[0].subscription)
-        if subscription is None or not runs_here(subscription):
+        if subscription is None or not runs_here(subscription, handed_on[0].alias):
             break
-        handed = handed_on.pop(0)
-        message = ordering.handed_on_message(handed)
+        message = ordering.handed_on_message(handed_on.pop(0))
         if message is None:  # gone, or unreadable: logged, and left to events_relay
             continue
-        ordering.take_over(handed)
         logger.debug(
             "Running the next delivery of its key in the task that handed it on",
             extra=log_extra(None, subscription.name),

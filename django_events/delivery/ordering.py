@@ -278,7 +278,7 @@ def _run_lock_id(event_id: UUID, subscription: str) -> int:
     return int.from_bytes(digest.digest()[:8], "big", signed=True)
 
 
-def _locks_runs(alias: str) -> bool:
+def locks_runs(alias: str) -> bool:
     """Whether a claim on ``alias`` locks the run it lets go: on PostgreSQL, unless a pool
     outlives its connections' sessions. A pooler in transaction mode hands a session's server
     connection (and the locks it holds) to other clients between transactions: Django asks
@@ -351,7 +351,7 @@ def claim(alias: str, event_id: UUID, subscription: str) -> Claim:
     `finish` or `end_run`.
     """
     connection = connections[alias]
-    lock_id = _run_lock_id(event_id, subscription) if _locks_runs(alias) else None
+    lock_id = _run_lock_id(event_id, subscription) if locks_runs(alias) else None
     locked: bool | None = None  # whether the lock was taken (None: not tried)
     row: tuple[str | None, int | None, str, bool] | None
     if connection.vendor == "postgresql":
@@ -588,31 +588,6 @@ def send_handed_on(handed: HandedOn) -> None:
     read = _read_handed_on(handed)
     if read is not None:
         _send(handed.alias, handed.subscription, handed.pk, *read, handed.due)
-
-
-def take_over(handed: HandedOn) -> None:
-    """Before a task runs the handed-on delivery itself (`continuing`): where no run lock
-    keeps the relay's copy of a running delivery from running beside it (`_locks_runs`),
-    move its relay due time (`HAND_ON_GRACE` on) to when a sent message would count as lost
-    (`lost_messages.resend_after`), so that a handler running longer is not sent again
-    meanwhile. With the lock the hand-on's due time stands: a copy then runs nothing, and a
-    process that dies while it runs the delivery has it sent again that soon. Logged if it
-    cannot be written: a copy may then run beside it, as where a message comes back early."""
-    if _locks_runs(handed.alias):
-        return
-    from django_events.delivery.lost_messages import resend_after
-
-    due = timezone.now() + timedelta(seconds=resend_after())
-    try:
-        Delivery.objects.using(handed.alias).filter(
-            pk=handed.pk, status=Delivery.Status.PENDING
-        ).update(retry_at=due)
-    except DatabaseError:
-        logger.warning(
-            "Could not move the relay due time of a handed-on delivery run in this task",
-            exc_info=True,
-            extra={**log_extra(None, handed.subscription), "delivery_id": handed.pk},
-        )
 
 
 def handed_on_message(handed: HandedOn) -> dict[str, Any] | None:
