@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import uuid
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -153,6 +154,6 @@ def without_module(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
         for loaded in [m for m in sys.modules if m.startswith("kombu.transport.")]:
             monkeypatch.delitem(sys.modules, loaded)
         monkeypatch.setattr(kombu.transport, "_transport_cache", {})
-        monkeypatch.setattr(broker, "_has_confirms", {})
+        monkeypatch.setattr(broker, "_transport_kinds", weakref.WeakKeyDictionary())
 
     return hide

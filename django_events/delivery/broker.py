@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -687,7 +688,9 @@ def _drop_confirming(app: Celery) -> None:
         entry.drop()
 
 
-_has_confirms: dict[int, bool] = {}  # id of a Celery app -> whether its transport has them
+# A Celery app -> its transport's kind (weak: an app made and dropped, as tests do, is not
+# taken for a later one that reuses its id).
+_transport_kinds: weakref.WeakKeyDictionary[Celery, str] = weakref.WeakKeyDictionary()
 _unloadable: set[int] = set()  # ids of Celery apps whose transport did not load (logged)
 
 
@@ -714,14 +717,7 @@ def _log_unloadable(app: Celery, exc: BaseException, events: Sequence[Event]) ->
 def _confirms_transport(app: Celery) -> bool:
     """Whether ``app``'s broker has publisher confirms (AMQP). Redis and the filesystem
     transport store a message before the publish returns: there is nothing to wait for."""
-    known = _has_confirms.get(id(app))
-    if known is None:
-        connection = app.connection_for_write()  # not connected: the transport's class only
-        try:
-            known = _has_confirms[id(app)] = connection.transport.driver_type == "amqp"
-        finally:
-            connection.release()
-    return known
+    return transport_kind(app) == "amqp"
 
 
 @contextmanager
@@ -762,12 +758,17 @@ def _connect(connection: Any, policy: Mapping[str, Any]) -> None:
 
 
 def transport_kind(app: Celery) -> str:
-    """The kind of ``app``'s broker transport (kombu's ``driver_type``: amqp, redis, ...)."""
-    connection = app.connection_for_write()  # not connected: the transport's class only
-    try:
-        return str(connection.transport.driver_type)
-    finally:
-        connection.release()
+    """The kind of ``app``'s broker transport (kombu's ``driver_type``: amqp, redis, ...),
+    read once an app: building the connection that tells it costs ~140 us, on every send
+    and every retry's due time (`lost_messages.resend_after`)."""
+    kind = _transport_kinds.get(app)
+    if kind is None:
+        connection = app.connection_for_write()  # not connected: the transport's class only
+        try:
+            kind = _transport_kinds[app] = str(connection.transport.driver_type)
+        finally:
+            connection.release()
+    return kind
 
 
 def waiting_messages(queue: str, app: Celery | None = None) -> int | None:
