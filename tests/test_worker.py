@@ -25,7 +25,7 @@ from django.utils import timezone
 
 from django_events.delivery import marking
 from django_events.delivery.lost_messages import resend_after
-from django_events.delivery.worker import process_message
+from django_events.delivery.worker import keep_retry_due, process_message
 from django_events.models import Delivery, EventRecord
 from django_events.operations.pausing import pause, resume
 from tests.app.models import HandlerRun
@@ -102,6 +102,38 @@ def test_an_ordered_retry_is_left_to_the_relays_check_of_its_key(queue: str, pub
 
     row: Any = Delivery.objects.get(event_id=paid.id, subscription="shop-flaky")
     assert (row.status, row.attempts, row.retry_at) == ("pending", 1, None)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_ordered_retry_without_a_message_of_its_own_is_made_due_or_said_when_it_cannot_be(
+    queue: str, publish_now, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`keep_retry_due`, for a delivery a task ran for its key (`continuing`): its row falls
+    due one threshold after the retry's time; a database that refuses that is logged, and
+    the retry goes on (the row keeps what it had)."""
+    with shop_wiring(queue, SUBSCRIPTIONS=[{**FLAKY, "ordering_key": "order_id"}]):
+        paid = publish_now("shop.paid", {"order_id": 1, "total": 10})
+        [message] = [m for m in drain(queue) if m["subscription"] == "shop-flaky"]
+        outcome = process_message(message, 0, manage_connections=False)
+    row: Any = Delivery.objects.get(event_id=paid.id, subscription="shop-flaky")
+    assert (outcome.status, row.retry_at) == ("retry", None)
+
+    def refuse(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if sql.startswith("UPDATE") and Delivery._meta.db_table in sql:
+            raise OperationalError("the delivery rows cannot be written")
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(refuse):
+        keep_retry_due(outcome)
+    assert "Could not make a retry's delivery due for events_relay" in caplog.text
+    row.refresh_from_db()
+    assert row.retry_at is None
+
+    keep_retry_due(outcome)
+    row.refresh_from_db()
+    assert outcome.retry_in is not None
+    least = timezone.now() + timedelta(seconds=outcome.retry_in + resend_after() - 60)
+    assert row.retry_at is not None and row.retry_at > least
 
 
 # RetryLater(counts=False) runs of a delivery sent again from its row (tests/manifests/

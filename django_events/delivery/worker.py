@@ -10,7 +10,7 @@ import traceback
 from collections.abc import Collection
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -884,15 +884,9 @@ def defer_retry(outcome: Outcome) -> bool:
     """
     if outcome.retry_of is None or outcome.retry_in is None:
         return False
-    alias, event_id, subscription = outcome.retry_of
-    due = timezone.now() + timedelta(seconds=outcome.retry_in)
-    extra = {**log_extra(None, subscription), "event_id": str(event_id)}
+    extra = _retry_extra(outcome.retry_of)
     try:
-        marked = (
-            Delivery.objects.using(alias)
-            .filter(event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING)
-            .update(retry_at=due)
-        )
+        marked, due = _make_retry_due(outcome.retry_of, outcome.retry_in)
     except DatabaseError:
         logger.exception("Could not leave the retry to events_relay", extra=extra)
         return False
@@ -913,18 +907,32 @@ def keep_retry_due(outcome: Outcome) -> None:
     database cannot take it."""
     if outcome.retry_of is None or outcome.retry_in is None:
         return  # nothing was written: the row keeps the due time it had
-    alias, event_id, subscription = outcome.retry_of
-    due = timezone.now() + timedelta(seconds=outcome.retry_in + resend_after())
     try:
-        Delivery.objects.using(alias).filter(
-            event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING
-        ).update(retry_at=due)
+        _make_retry_due(outcome.retry_of, outcome.retry_in + resend_after())
     except DatabaseError:
         logger.warning(
             "Could not make a retry's delivery due for events_relay",
             exc_info=True,
-            extra={**log_extra(None, subscription), "event_id": str(event_id)},
+            extra=_retry_extra(outcome.retry_of),
         )
+
+
+def _make_retry_due(retry_of: tuple[str, UUID, str], seconds: float) -> tuple[int, datetime]:
+    """Set the relay due time of the `pending` row ``retry_of`` names ``seconds`` from now:
+    how many rows it changed (0 or 1), and that time."""
+    alias, event_id, subscription = retry_of
+    due = timezone.now() + timedelta(seconds=seconds)
+    marked = (
+        Delivery.objects.using(alias)
+        .filter(event_id=event_id, subscription=subscription, status=Delivery.Status.PENDING)
+        .update(retry_at=due)
+    )
+    return marked, due
+
+
+def _retry_extra(retry_of: tuple[str, UUID, str]) -> dict[str, Any]:
+    _alias, event_id, subscription = retry_of
+    return {**log_extra(None, subscription), "event_id": str(event_id)}
 
 
 class _NothingRan(Exception):
