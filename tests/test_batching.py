@@ -22,7 +22,7 @@ from django_events.delivery.batching import BatchedRecorder
 from django_events.delivery.recording import record_for
 from django_events.events import Event
 from django_events.models import Delivery, EventRecord
-from tests.worker import wait_for
+from tests.worker import wait_for, wake_ups
 
 pytestmark = pytest.mark.django_db(transaction=True)
 RECORD = "tests.app.handlers.record"
@@ -114,6 +114,22 @@ def test_a_full_batch_is_written_before_the_interval_is_up(recorders) -> None:
     wait_for(lambda: len(stored(ids)) == 3, timeout=10, what="the full batch written")
     recorder.add("default", ids[3], "billing")
     assert recorder.waiting() == 1
+
+
+def test_an_idle_writer_sleeps_until_a_row_comes(recorders) -> None:
+    ids = recorded_events(2)
+    recorder = make(recorders, interval=0.02)
+    recorder.add("default", ids[0], "billing")
+    wait_for(lambda: len(stored(ids)) == 1, timeout=10, what="the first row written")
+    thread = recorder._thread
+    assert thread is not None
+
+    # Nothing waits: 25 intervals go by without the thread waking once.
+    assert wake_ups(thread, 0.5) <= 1
+
+    recorder.add("default", ids[1], "billing")
+    wait_for(lambda: len(stored(ids)) == 2, timeout=10, what="the row that woke it written")
+    assert thread.is_alive()
 
 
 def test_stop_writes_what_waits(recorders) -> None:

@@ -26,13 +26,16 @@ from kombu import Queue
 from django_events import publish, publish_many
 from django_events.delivery import broker, marking
 from django_events.delivery.confirms import PublisherConfirms
+from django_events.delivery.recording import record_for
 from django_events.delivery.worker import process_message
+from django_events.events import Event
 from django_events.models import Delivery, EventRecord
 from django_events.operations.relay import relay_pending
 from tests import brokers
 from tests.conftest import wiring
 from tests.faultproxy import FaultProxy
 from tests.test_confirms import ScriptedChannel, publish_tags
+from tests.worker import wait_for, wake_ups
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = {"order_id": 1, "total": 10.0}
@@ -44,6 +47,28 @@ refusing = brokers.make_app("amqp")
 refusing_hand_ons = brokers.make_app("amqp")
 # One publishing through a FaultProxy, set by the test that cuts it.
 proxied: Celery | None = None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_idle_marker_sleeps_until_something_is_taken() -> None:
+    now = timezone.now()
+    events = [Event(uuid.uuid4(), "orders.placed", {}, {}, now, 1, None, {}) for _ in range(2)]
+    EventRecord.objects.bulk_create([record_for(e, EventRecord.Status.PENDING) for e in events])
+    ids = [e.id for e in events]
+    quick = marking.Marker(interval=0.02)
+    try:
+        quick.taken("default", ids[:1])
+        wait_for(lambda: _statuses(ids) == ["dispatched", "pending"], 10, "the first marked")
+        thread = quick._thread
+        assert thread is not None
+
+        # Nothing to mark or collect: 25 intervals go by without the thread waking once.
+        assert wake_ups(thread, 0.5) <= 1
+
+        quick.taken("default", ids[1:])
+        wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the second marked")
+    finally:
+        quick.stop()
 
 
 def test_batches_sharing_a_channel_settle_apart() -> None:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -334,3 +335,18 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "con
             workers = "".join(f"\n\n{worker.describe()}" for worker in _running)
             raise AssertionError(f"timed out after {timeout}s waiting for {what}{workers}")
         time.sleep(0.1)
+
+
+def wake_ups(thread: threading.Thread, seconds: float) -> int:
+    """How many times ``thread`` went to sleep again in the next ``seconds`` (Linux counts a
+    thread's voluntary context switches): 0 for a thread that slept throughout."""
+
+    def switches() -> int:
+        status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+        found = re.search(r"^voluntary_ctxt_switches:\s+(\d+)$", status, re.MULTILINE)
+        assert found is not None, status
+        return int(found[1])
+
+    before = switches()
+    time.sleep(seconds)
+    return switches() - before

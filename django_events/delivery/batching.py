@@ -62,6 +62,7 @@ class BatchedRecorder:
         self._lock = threading.Lock()  # guards _waiting, _count, _stopped and _failing
         self._flushing = threading.Lock()  # one flush at a time (thread or exit)
         self._wake = threading.Event()
+        self._idle = False  # the thread waits for a first row, with no timeout
         self._thread: threading.Thread | None = None
         self._owner = os.getpid()  # a forked child inherits the exit hooks, not the thread
 
@@ -84,7 +85,8 @@ class BatchedRecorder:
             if not stopped:
                 self._waiting.setdefault(alias, []).append(row)
                 self._count += 1
-                full = self._count >= self.max_batch
+                wake = self._count >= self.max_batch or self._idle
+                self._idle = False
                 if self._thread is None:
                     self._start()
         if stopped:  # a thread pool's task finishing during shutdown
@@ -94,7 +96,7 @@ class BatchedRecorder:
                 logger.exception(
                     "Could not record a successful delivery", extra=log_extra(None, subscription)
                 )
-        elif full:
+        elif wake:
             self._wake.set()
 
     def takes(self, alias: str) -> bool:
@@ -177,8 +179,7 @@ class BatchedRecorder:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.interval)
-            self._wake.clear()
+            self._gather()
             with self._lock:
                 if self._stopped:
                     break
@@ -188,6 +189,18 @@ class BatchedRecorder:
                 logger.exception("Lost a batch of success records", extra=log_extra())
         for connection in connections.all(initialized_only=True):
             connection.close()  # this thread's own connections
+
+    def _gather(self) -> None:
+        """Sleep while the interval's rows gather (a full batch or `stop` ends it sooner); with
+        none waiting, until the first comes: an idle process's thread does not wake."""
+        with self._lock:
+            idle = self._idle = not self._count and not self._stopped
+        if idle:
+            self._wake.wait()
+            self._wake.clear()
+        if not self._stopped:
+            self._wake.wait(self.interval)
+            self._wake.clear()
 
     def _requeue(self, alias: str, rows: list[Success]) -> None:
         with self._lock:

@@ -99,6 +99,7 @@ class Marker:
         self._lock = threading.Lock()  # guards _taken, _due and _watched
         self._flushing = threading.Lock()  # one round at a time (the thread, a flush, exit)
         self._wake = threading.Event()
+        self._idle = False  # the thread waits for something to mark, with no timeout
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._exit_hook = False
@@ -115,6 +116,7 @@ class Marker:
             else:
                 self._taken.setdefault(marks, []).extend(ids)
             self._ensure_thread()
+            self._wake_idle()
 
     def watch(self, confirming: Confirming) -> None:
         """Collect the confirms of ``confirming`` in the next rounds, until none is left."""
@@ -122,6 +124,7 @@ class Marker:
             if confirming not in self._watched:
                 self._watched.append(confirming)
             self._ensure_thread()
+            self._wake_idle()
 
     def flush(self, timeout: float = EXIT_PATIENCE) -> None:
         """Wait up to ``timeout`` seconds for the confirms outstanding, then write every mark
@@ -146,7 +149,7 @@ class Marker:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         with self._lock:
-            self._thread, self._stopping = None, False
+            self._thread, self._stopping, self._idle = None, False, False
             self._wake.clear()
             leftover = bool(self._taken or self._due or self._watched)
         if leftover:  # marked meanwhile, from another thread
@@ -170,9 +173,26 @@ class Marker:
     def _on_process_shutdown(self, **kwargs: object) -> None:
         self.stop()
 
+    def _wake_idle(self) -> None:
+        if self._idle:  # under self._lock
+            self._idle = False
+            self._wake.set()
+
+    def _rest(self) -> None:
+        """Sleep until the next round; with nothing to collect or mark, until something
+        comes: an idle process's thread does not wake every interval."""
+        with self._lock:
+            idle = self._idle = not (self._taken or self._due or self._watched or self._stopping)
+        if idle:
+            self._wake.wait()
+            self._wake.clear()
+        if not self._stopping:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
     def _run(self) -> None:
         while True:
-            self._wake.wait(self.interval)
+            self._rest()
             with self._lock:
                 if self._stopping:
                     break
