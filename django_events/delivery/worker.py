@@ -196,8 +196,9 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
     data = event_message["payload"]
     version = event_message.get("version", 1)
     upcast = None
-    redact = compiled.declaration.redact
-    if version != compiled.declaration.version:
+    declared = compiled.declaration
+    redact = declared.redact
+    if version != declared.version:
         try:
             version = int(version)
             data = compiled.upgrade(data, version, validate=False)  # checked once, below
@@ -207,7 +208,7 @@ def _process(raw: Any, retries: int, batch_success: bool) -> Outcome:
             return _give_up(message, prior_runs, redact_text(str(exc), data, redact))
         except (TypeError, ValueError) as exc:  # int() of a version that is not a number
             return _give_up(message, prior_runs, f"Malformed event in message: version {exc}")
-        upcast = (data, compiled.version)
+        upcast = (data, declared.version)
     problems = compiled.validator.problems(data, redact)
     if problems:
         return _give_up(message, prior_runs, compiled.payload_error(version, problems))

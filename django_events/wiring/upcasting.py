@@ -74,14 +74,14 @@ def run_chain(
         data = result
     if not chain:
         return data
-    last = chain[-1][:2]
     problems = json_problems(data)
     if problems:
         details = "; ".join(map(str, problems))
-        raise UpcastError(name, *last, f"returned a payload that is not JSON: {details}")
-    problems = validate(data) if validate is not None else []
-    if problems:
-        raise _invalid(name, last, problems)
+        step, path, _ = chain[-1]
+        raise UpcastError(name, step, path, f"returned a payload that is not JSON: {details}")
+    if validate is not None and (problems := validate(data)):
+        step, path, _ = chain[-1]
+        raise _invalid(name, (step, path), problems)
     return data
 
 
