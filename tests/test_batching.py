@@ -7,6 +7,7 @@ Its writer is a thread with database connections of its own, so these tests comm
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -123,6 +124,7 @@ def test_an_idle_writer_sleeps_until_a_row_comes(recorders) -> None:
     wait_for(lambda: len(stored(ids)) == 1, timeout=10, what="the first row written")
     thread = recorder._thread
     assert thread is not None
+    wait_for(lambda: recorder._idle, timeout=10, what="the thread asleep")
 
     # Nothing waits: 25 intervals go by without the thread waking once.
     assert wake_ups(thread, 0.5) <= 1
@@ -130,6 +132,20 @@ def test_an_idle_writer_sleeps_until_a_row_comes(recorders) -> None:
     recorder.add("default", ids[1], "billing")
     wait_for(lambda: len(stored(ids)) == 2, timeout=10, what="the row that woke it written")
     assert thread.is_alive()
+
+
+def test_rows_a_failed_flush_puts_back_wake_an_idle_writer(recorders) -> None:
+    ids = recorded_events(2)
+    recorder = make(recorders, interval=0.02)
+    recorder.add("default", ids[0], "billing")
+    wait_for(lambda: recorder._idle, timeout=10, what="the thread asleep")
+
+    # What a flush from another thread does when its write fails while the thread sleeps:
+    # the rows go back, and the thread, which took none, must try them without another add().
+    recorder._requeue("default", [(ids[1], "billing", time.time(), None, None)])
+
+    wait_for(lambda: len(stored(ids)) == 2, timeout=10, what="the rows put back written")
+    assert recorder.waiting() == 0
 
 
 def test_stop_writes_what_waits(recorders) -> None:

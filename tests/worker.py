@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -340,6 +342,9 @@ def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "con
 def wake_ups(thread: threading.Thread, seconds: float) -> int:
     """How many times ``thread`` went to sleep again in the next ``seconds`` (Linux counts a
     thread's voluntary context switches): 0 for a thread that slept throughout."""
+
+    if sys.platform != "linux":
+        pytest.skip("counts a thread's context switches in /proc (Linux)")
 
     def switches() -> int:
         status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()

@@ -59,7 +59,7 @@ class BatchedRecorder:
         self._count = 0
         self._stopped = False
         self._failing: set[str] = set()  # aliases whose last write failed
-        self._lock = threading.Lock()  # guards _waiting, _count, _stopped and _failing
+        self._lock = threading.Lock()  # guards _waiting, _count, _stopped, _failing and _idle
         self._flushing = threading.Lock()  # one flush at a time (thread or exit)
         self._wake = threading.Event()
         self._idle = False  # the thread waits for a first row, with no timeout
@@ -85,8 +85,8 @@ class BatchedRecorder:
             if not stopped:
                 self._waiting.setdefault(alias, []).append(row)
                 self._count += 1
-                wake = self._count >= self.max_batch or self._idle
-                self._idle = False
+                full = self._count >= self.max_batch
+                self._wake_idle()
                 if self._thread is None:
                     self._start()
         if stopped:  # a thread pool's task finishing during shutdown
@@ -96,7 +96,7 @@ class BatchedRecorder:
                 logger.exception(
                     "Could not record a successful delivery", extra=log_extra(None, subscription)
                 )
-        elif wake:
+        elif full:
             self._wake.set()
 
     def takes(self, alias: str) -> bool:
@@ -190,6 +190,11 @@ class BatchedRecorder:
         for connection in connections.all(initialized_only=True):
             connection.close()  # this thread's own connections
 
+    def _wake_idle(self) -> None:
+        if self._idle:  # under self._lock
+            self._idle = False
+            self._wake.set()
+
     def _gather(self) -> None:
         """Sleep while the interval's rows gather (a full batch or `stop` ends it sooner); with
         none waiting, until the first comes: an idle process's thread does not wake."""
@@ -198,7 +203,7 @@ class BatchedRecorder:
         if idle:
             self._wake.wait()
             self._wake.clear()
-        if not self._stopped:
+        if not self._stopped:  # read unlocked: `stop` sets it before the event
             self._wake.wait(self.interval)
             self._wake.clear()
 
@@ -207,6 +212,7 @@ class BatchedRecorder:
             waiting = self._waiting.setdefault(alias, [])
             waiting[:0] = rows
             self._count += len(rows)
+            self._wake_idle()  # put back by a flush of another thread's: try them again
             dropped = min(max(0, self._count - self.max_waiting), len(waiting))
             del waiting[:dropped]  # the oldest
             self._count -= dropped

@@ -96,7 +96,7 @@ class Marker:
         self._taken: dict[str, list[UUID]] = {}
         self._due: dict[str, list[tuple[int, datetime]]] = {}  # hand-ons' rows, by alias
         self._watched: list[Confirming] = []
-        self._lock = threading.Lock()  # guards _taken, _due and _watched
+        self._lock = threading.Lock()  # guards _taken, _due, _watched and _idle
         self._flushing = threading.Lock()  # one round at a time (the thread, a flush, exit)
         self._wake = threading.Event()
         self._idle = False  # the thread waits for something to mark, with no timeout
@@ -186,7 +186,7 @@ class Marker:
         if idle:
             self._wake.wait()
             self._wake.clear()
-        if not self._stopping:
+        if not self._stopping:  # read unlocked: `stop` sets it before the event
             self._wake.wait(self.interval)
             self._wake.clear()
 
@@ -245,6 +245,7 @@ class Marker:
             with self._lock:
                 kept = waiting.setdefault(alias, [])
                 kept[:0] = values[-MAX_WAITING:]  # beyond that, the relay sends them again
+                self._wake_idle()  # put back by a flush of another thread's: try them again
 
 
 _marker: Marker | None = None
