@@ -49,49 +49,51 @@ refusing_hand_ons = brokers.make_app("amqp")
 proxied: Celery | None = None
 
 
-@pytest.mark.django_db(transaction=True)
-def test_an_idle_marker_sleeps_until_something_is_taken() -> None:
+def _pending_records(count: int) -> list[uuid.UUID]:
+    """Ids of ``count`` committed records left pending: what a marker marks dispatched."""
     now = timezone.now()
-    events = [Event(uuid.uuid4(), "orders.placed", {}, {}, now, 1, None, {}) for _ in range(2)]
+    events = [Event(uuid.uuid4(), "orders.placed", {}, {}, now, 1, None, {}) for _ in range(count)]
     EventRecord.objects.bulk_create([record_for(e, EventRecord.Status.PENDING) for e in events])
-    ids = [e.id for e in events]
-    quick = marking.Marker(interval=0.02)
-    try:
-        quick.taken("default", ids[:1])
-        wait_for(lambda: _statuses(ids) == ["dispatched", "pending"], 10, "the first marked")
-        thread = quick._thread
-        assert thread is not None
-        wait_for(lambda: quick._idle, 10, "the thread asleep")
+    return [e.id for e in events]
 
-        # Nothing to mark or collect: 25 intervals go by without the thread waking once.
-        assert wake_ups(thread, 0.5) <= 1
 
-        quick.taken("default", ids[1:])
-        wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the second marked")
-    finally:
-        quick.stop()
+@pytest.fixture
+def quick() -> Iterator[marking.Marker]:
+    """A marker of the test's own, a round every 0.02 s; stopped after the test."""
+    marker = marking.Marker(interval=0.02)
+    yield marker
+    marker.stop()
 
 
 @pytest.mark.django_db(transaction=True)
-def test_marks_a_failed_flush_puts_back_wake_an_idle_marker() -> None:
-    now = timezone.now()
-    events = [Event(uuid.uuid4(), "orders.placed", {}, {}, now, 1, None, {}) for _ in range(2)]
-    EventRecord.objects.bulk_create([record_for(e, EventRecord.Status.PENDING) for e in events])
-    ids = [e.id for e in events]
-    quick = marking.Marker(interval=0.02)
+def test_an_idle_marker_sleeps_until_something_is_taken(quick: marking.Marker) -> None:
+    ids = _pending_records(2)
+    quick.taken("default", ids[:1])
+    wait_for(lambda: _statuses(ids) == ["dispatched", "pending"], 10, "the first marked")
+    thread = quick._thread
+    assert thread is not None
+    wait_for(lambda: quick._idle, 10, "the thread asleep")
+
+    # Nothing to mark or collect: 25 intervals go by without the thread waking once.
+    assert wake_ups(thread, 0.5) <= 1
+
+    quick.taken("default", ids[1:])
+    wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the second marked")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_marks_a_failed_flush_puts_back_wake_an_idle_marker(quick: marking.Marker) -> None:
+    ids = _pending_records(2)
 
     def refused(alias: str, values: Any) -> None:
         raise OperationalError("the database cannot be written")
 
-    try:
-        quick.taken("default", ids[:1])
-        wait_for(lambda: quick._idle, 10, "the thread asleep")
-        # What a flush from another thread does when its write fails while the thread
-        # sleeps: the marks go back, and the thread must write them without another taken().
-        quick._write_one("default", refused, ids[1:], quick._taken, "mark %d event(s)")
-        wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the mark put back written")
-    finally:
-        quick.stop()
+    quick.taken("default", ids[:1])
+    wait_for(lambda: quick._idle, 10, "the thread asleep")
+    # What a flush from another thread does when its write fails while the thread sleeps:
+    # the marks go back, and the thread must write them without another taken().
+    quick._write_one("default", refused, ids[1:], quick._taken, "mark %d event(s)")
+    wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the mark put back written")
 
 
 def test_batches_sharing_a_channel_settle_apart() -> None:
