@@ -46,12 +46,13 @@ def _redis() -> redis.Redis:
 
 
 @contextmanager
-def _wiring(ctx: Context, kind: str, queue: str) -> Iterator[None]:
-    """Our async subscription on ``queue`` of broker ``kind``."""
+def _wiring(ctx: Context, kind: str, queue: str, app: str = "") -> Iterator[None]:
+    """Our async subscription on ``queue`` of broker ``kind`` (through Celery app ``app`` of
+    benchmarks/celery_app.py, by default the one named ``kind``)."""
     _queues[kind].add(queue)
     value = {
         **settings.DJANGO_EVENTS,
-        "CELERY_APP": f"benchmarks.celery_app.{kind}",
+        "CELERY_APP": f"benchmarks.celery_app.{app or kind}",
         "DEFAULT_QUEUE": queue,
     }
     with override_settings(DJANGO_EVENTS=value):
@@ -502,9 +503,16 @@ def figure_14(ctx: Context) -> bool:
 
 def figure_15(ctx: Context) -> bool:
     """Publisher memory: this process's resident size after 100,000 events published (one
-    async subscription, records on, 10 events per transaction) against after the first 5,000."""
+    async subscription, records on, 10 events per transaction) against after the first 5,000;
+    then the same through a Celery app that keeps task results in Redis (``result_backend``)."""
+    lines = [("", "RabbitMQ"), ("amqp_with_results", "RabbitMQ, Celery results in Redis")]
+    met = [_publisher_memory(ctx, app, title) for app, title in lines]  # both lines run
+    return all(met)
+
+
+def _publisher_memory(ctx: Context, app: str, title: str) -> bool:
     first, total = (20, 100) if ctx.smoke else (5_000, ctx.deliveries)
-    queue = f"bench-pubmem-{ctx.run_id}"
+    queue = f"bench-pubmem-{ctx.run_id}{'-' if app else ''}{app}"
     items = [("bench.async", ctx.payload(i)) for i in range(10)]
 
     def publish_until(count: int) -> None:
@@ -512,7 +520,7 @@ def figure_15(ctx: Context) -> bool:
             with transaction.atomic():
                 publish_many(items)
 
-    with _wiring(ctx, "amqp", queue):
+    with _wiring(ctx, "amqp", queue, app):
         publish_until(first)
         marking.flush()
         gc.collect()
@@ -526,7 +534,7 @@ def figure_15(ctx: Context) -> bool:
     per_100k = (after - before) * 100_000 / (total - first)
     return single(
         "15",
-        f"publisher RSS after {total:,} events vs after {first:,} (publish_many of 10, RabbitMQ)",
+        f"publisher RSS after {total:,} events vs after {first:,} (publish_many of 10, {title})",
         f"{before:.1f} -> {after:.1f} MB, {per_100k:+.1f} MB per 100,000 events "
         f"({(total - first) / elapsed:.0f} events/s) | target <= +10 MB",
         per_100k <= 10,

@@ -108,5 +108,8 @@ def _raw_webhook(task: Any, event_id: str, payload: dict[str, Any]) -> None:
 amqp = _configure(Celery("bench-amqp", set_as_current=False), AMQP_URL)
 redis = _configure(Celery("bench-redis", set_as_current=False), REDIS_URL)
 peer = _configure(OutboxCelery("bench-peer", set_as_current=False), AMQP_URL)
+# Figure 15's second line: an app that keeps Celery's task results in Redis, as many do.
+amqp_with_results = _configure(Celery("bench-amqp-results", set_as_current=False), AMQP_URL)
+amqp_with_results.conf.result_backend = REDIS_URL
 APPS = {"amqp": amqp, "redis": redis}
 URLS = {"amqp": AMQP_URL, "redis": REDIS_URL}

@@ -257,7 +257,7 @@ def test_a_message_on_the_wire_matches_its_description() -> None:
         with brokers.amqp.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
     assert raw is not None
-    headers = raw.headers  # as Celery sends them: ignore_result null, timelimit [null, null]
+    headers = raw.headers  # as Celery sends them: ignore_result true, timelimit [null, null]
     body = json.loads(raw.body)
     task = document["components"]["messages"]["orders.placed.task"]
     resolver_root = {"components": document["components"]}

@@ -36,6 +36,10 @@ for _closing_app in (closing_amqp, closing_redis):
     _closing_app.conf.update(accept_content=["json"], broker_connection_timeout=3)
 CLOSING_URLS = {"amqp": "amqp://guest:guest@127.0.0.1:{}//", "redis": "redis://127.0.0.1:{}/0"}
 
+# An app that keeps Celery's task results in Redis, as many projects do (result_backend).
+with_result_backend = brokers.make_app("amqp")
+with_result_backend.conf.result_backend = brokers.REDIS_URL
+
 
 class _ClosingBroker:
     """A loopback port that accepts each connection and closes it at once, counting them;
@@ -118,6 +122,37 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
         # The payload travels in the body only, its redacted fields sealed (delivery/sealing.py).
         assert '"order_id": 3' in body and '"sealed": ' in body
         assert "secret@example.com" not in body
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+
+
+def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> None:
+    """The delivery task keeps no result, and its messages say so: an app with a Redis result
+    backend is not left subscribed to a result channel for each message sent, for the life of
+    the publishing process."""
+    import redis
+
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    brokers.require_server(brokers.REDIS_URL, "Redis")
+    queue = f"results-{uuid.uuid4().hex[:8]}"
+    subscription = {"event": "orders.placed", "handler": "tests.app.handlers.record"}
+    now = datetime.now(UTC)
+    data = {"order_id": 3, "total": 9.5}
+    ids = [uuid.uuid4() for _ in range(3)]
+    events = [Event(i, "orders.placed", data, {}, now, i, None, data) for i in ids]
+    app_path = f"{__name__}.with_result_backend"
+    with wiring({**subscription, "mode": "async"}, DEFAULT_QUEUE=queue, CELERY_APP=app_path):
+        compiled = get_registry().event("orders.placed")
+        sent = send_deliveries([(e, True, compiled.async_) for e in events], "default")
+        assert sent == Unsent()
+    try:
+        with brokers.amqp.connection_for_write() as conn:
+            messages = [conn.default_channel.basic_get(queue, no_ack=True) for _ in events]
+        assert all(m is not None and m.headers["ignore_result"] is True for m in messages)
+        channels = [with_result_backend.backend.get_key_for_task(m.headers["id"]) for m in messages]
+        subscribers = redis.Redis.from_url(brokers.REDIS_URL).pubsub_numsub(*channels)
+        assert [count for _, count in subscribers] == [0] * len(events)
     finally:
         with brokers.amqp.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)

@@ -493,6 +493,10 @@ def _send(
                         result_cls=_Sent,  # type: ignore[arg-type]
                         # Not a child of the task that publishes (its result is ignored).
                         add_to_parent=False,
+                        # As the task says: else send_task has the app's result backend wait
+                        # for a result that never comes (Redis subscribes to a channel per
+                        # message, for the process's life).
+                        ignore_result=True,
                     )
                     if confirms is not None:
                         confirms.published(event.id)
