@@ -129,8 +129,8 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
 
 def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> None:
     """The delivery task keeps no result, and its messages say so: an app with a Redis result
-    backend is not left subscribed to a result channel for each message sent, for the life of
-    the publishing process."""
+    backend is not subscribed to a result channel for each message sent (the send's
+    `_Sent` never unsubscribes it, as a dropped `AsyncResult` would)."""
     import redis
 
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
@@ -142,16 +142,17 @@ def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> Non
     ids = [uuid.uuid4() for _ in range(3)]
     events = [Event(i, "orders.placed", data, {}, now, i, None, data) for i in ids]
     app_path = f"{__name__}.with_result_backend"
-    with wiring({**subscription, "mode": "async"}, DEFAULT_QUEUE=queue, CELERY_APP=app_path):
-        compiled = get_registry().event("orders.placed")
-        sent = send_deliveries([(e, True, compiled.async_) for e in events], "default")
-        assert sent == Unsent()
     try:
+        with wiring({**subscription, "mode": "async"}, DEFAULT_QUEUE=queue, CELERY_APP=app_path):
+            compiled = get_registry().event("orders.placed")
+            sent = send_deliveries([(e, True, compiled.async_) for e in events], "default")
+            assert sent == Unsent()
         with brokers.amqp.connection_for_write() as conn:
             messages = [conn.default_channel.basic_get(queue, no_ack=True) for _ in events]
         assert all(m is not None and m.headers["ignore_result"] is True for m in messages)
         channels = [with_result_backend.backend.get_key_for_task(m.headers["id"]) for m in messages]
-        subscribers = redis.Redis.from_url(brokers.REDIS_URL).pubsub_numsub(*channels)
+        with redis.Redis.from_url(brokers.REDIS_URL) as client:
+            subscribers = client.pubsub_numsub(*channels)
         assert [count for _, count in subscribers] == [0] * len(events)
     finally:
         with brokers.amqp.connection_for_write() as conn:

@@ -495,7 +495,7 @@ def _send(
                         add_to_parent=False,
                         # As the task says: else send_task has the app's result backend wait
                         # for a result that never comes (Redis subscribes to a channel per
-                        # message, for the process's life).
+                        # message, which only a dropped AsyncResult, not _Sent, ends).
                         ignore_result=True,
                     )
                     if confirms is not None:

@@ -70,8 +70,8 @@ TASK_HEADERS: dict[str, Any] = {
         "origin": {"type": "string", "description": "<process>@<host> that sent the message."},
         "ignore_result": {
             "type": ["boolean", "null"],
-            "description": "true: a delivery keeps no Celery result (null from releases "
-            "before 2026-12-06, which left it to the task).",
+            "description": "true: a delivery keeps no Celery result (false or null, by "
+            "Celery version, from releases that left it to the task).",
         },
         "replaced_task_nesting": {"type": "integer"},
         "stamped_headers": {"type": ["array", "null"]},
