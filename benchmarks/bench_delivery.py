@@ -512,7 +512,7 @@ def figure_15(ctx: Context) -> bool:
 
 def _publisher_memory(ctx: Context, app: str, title: str) -> bool:
     first, total = (20, 100) if ctx.smoke else (5_000, ctx.deliveries)
-    queue = f"bench-pubmem-{ctx.run_id}{'-' if app else ''}{app}"
+    queue = f"bench-pubmem-{ctx.run_id}-{app or 'amqp'}"
     items = [("bench.async", ctx.payload(i)) for i in range(10)]
 
     def publish_until(count: int) -> None:

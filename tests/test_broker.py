@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from io import StringIO
 
 import pytest
+import redis
 from celery import Celery
 from django.core.management import CommandError, call_command
 from django.utils.module_loading import import_string
@@ -131,8 +132,6 @@ def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> Non
     """The delivery task keeps no result, and its messages say so: an app with a Redis result
     backend is not subscribed to a result channel for each message sent (the send's
     `_Sent` never unsubscribes it, as a dropped `AsyncResult` would)."""
-    import redis
-
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     brokers.require_server(brokers.REDIS_URL, "Redis")
     queue = f"results-{uuid.uuid4().hex[:8]}"
