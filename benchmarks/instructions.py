@@ -5,10 +5,10 @@ Figure 1's two loops (``publish()`` with one sync subscription; ``Signal.send`` 
 ``on_commit``) and figure 8's (the worker's path for a v1 message upcast to v3; for a v3
 one), each run in its own process under valgrind's callgrind, which counts the user-space
 instructions between two markers around the loop: it dumps its counters when
-``os.getppid()`` returns and again when ``os.getpgrp()`` is called. The counts repeat to
-within a few tenths of a percent on an idle machine (the loops' periodic reads of the
-database held, `_reads_held`; a test run beside them adds a percent or two), where the time
-ratios move by a tenth between runs. They leave the kernel out (``publish()`` makes one
+``os.getppid()`` returns and again when ``os.getpgrp()`` is called. Most counts repeat to
+within a few tenths of a percent (the loops' periodic reads of the database held,
+`_reads_held`); now and then one reads a percent or two higher. The time ratios move by a
+tenth between runs. They leave the kernel out (``publish()`` makes one
 ``getrandom`` call an event, for its id). Needs valgrind and PostgreSQL on loopback; not run
 by the smoke run (about a minute of callgrind a loop).
 """
