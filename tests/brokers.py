@@ -87,11 +87,14 @@ def _flush_interval(**kwargs: object) -> None:
 
 def worker_kinds(*kinds: str) -> list[Any]:
     """``params`` of a test that runs real workers on each broker of ``kinds``: the filesystem
-    transport in both passes (with SQLite, the embedded default), RabbitMQ and Redis in the
-    PostgreSQL pass only (their pairing in production; in the SQLite pass they ran the same
-    broker code again, about two minutes of the suite, docs/contributing.md)."""
+    transport with SQLite (the embedded default; marked ``embedded``, which run_tests.sh's
+    PostgreSQL pass deselects unless the test is PostgreSQL-only), RabbitMQ and Redis with
+    PostgreSQL (their pairing in production). Each pass ran the other's brokers the same way
+    again, for minutes of the suite (docs/contributing.md)."""
     return [
-        kind if kind == "filesystem" else pytest.param(kind, marks=pytest.mark.postgresql)
+        pytest.param(kind, marks=pytest.mark.embedded)
+        if kind == "filesystem"
+        else pytest.param(kind, marks=pytest.mark.postgresql)
         for kind in kinds
     ]
 
