@@ -123,12 +123,16 @@ rm -rf docs/_build
 # each has its own test databases (tests/settings.py) and queues. Timings in
 # docs/contributing.md. PYTEST_PROCESSES=0 runs in this process.
 PROCESSES=${PYTEST_PROCESSES:-4}
+# "worksteal": a process that ran out of tests takes some of another's. With the default
+# ("load"), in a measured PostgreSQL pass, one process still ran the tests it had been handed
+# two minutes after the other three had finished (docs/contributing.md).
+XDIST=(-n "$PROCESSES" --dist worksteal)
 
 oldest_celery_passes() {
   # PostgreSQL: RabbitMQ and Redis workers run in the PostgreSQL pass only (tests/brokers.py).
-  DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_private_apis.py \
+  DATABASE_URL=$PG_URL .venv-django61/bin/python -m pytest -q "${XDIST[@]}" tests/test_private_apis.py \
     tests/test_confirms.py tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py &&
-    .venv-django61/bin/python -m pytest -q -n "$PROCESSES" tests/test_tasks_delivery.py
+    .venv-django61/bin/python -m pytest -q "${XDIST[@]}" tests/test_tasks_delivery.py
 }
 # The SQLite pass leaves a core idle about a third of the time: these mostly wait on their
 # workers (their own databases and queues); their output follows the Django 6.1 pass.
@@ -147,11 +151,11 @@ beside benchmark-smoke env DATABASE_URL="$PG_URL" .venv/bin/python -m benchmarks
 COVERAGE_FLOOR=95  # measured: 97% on 2026-12-04 (PostgreSQL pass, workers and pool children included)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite (the tests that can reach a database)"
-.venv/bin/python -m pytest -q -n "$PROCESSES" -m database "$@"
+.venv/bin/python -m pytest -q "${XDIST[@]}" -m database "$@"
 step "tests: the example project's own suite (captured_events / events_eager), SQLite"
 (cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL (every test, with coverage)"
-DATABASE_URL=$PG_URL .venv/bin/coverage run -m pytest -q -n "$PROCESSES" -m "not embedded or postgresql" "$@"
+DATABASE_URL=$PG_URL .venv/bin/coverage run -m pytest -q "${XDIST[@]}" -m "not embedded or postgresql" "$@"
 step "tests: the example project's own suite, PostgreSQL"
 (cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
 step "coverage (branch, the PostgreSQL pass; floor ${COVERAGE_FLOOR}%)"
@@ -159,7 +163,7 @@ step "coverage (branch, the PostgreSQL pass; floor ${COVERAGE_FLOOR}%)"
 .venv/bin/coverage report --fail-under="$COVERAGE_FLOOR" | tail -n 25
 if [ -n "$PY313" ]; then
   step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
-  .venv-django61/bin/python -m pytest -q -n "$PROCESSES" -m "not servers" "$@"
+  .venv-django61/bin/python -m pytest -q "${XDIST[@]}" -m "not servers" "$@"
   step "tests: the oldest Celery and kombu allowed: output"
   joined oldest-celery
 fi
