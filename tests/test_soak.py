@@ -38,7 +38,7 @@ def test_the_soak_script_loses_nothing_through_cuts_and_kills(kind: str) -> None
     url = os.environ["DATABASE_URL"]  # the PostgreSQL pass's server
     command = [
         *(sys.executable, str(ROOT / "scripts" / "soak.py"), "--broker", kind),
-        *("--events", "300", "--batch", "10", "--kill-every", "5", "--cut", "10"),
+        *("--events", "300", "--batch", "10", "--kill-every", "2", "--cut", "10"),
         *(REDIS if kind == "redis" else AMQP),
     ]
     env = {
@@ -48,8 +48,7 @@ def test_the_soak_script_loses_nothing_through_cuts_and_kills(kind: str) -> None
         "SOAK_REDIS_URL": os.environ.get("SOAK_REDIS_URL", "redis://127.0.0.1:6379/15"),
     }
     # Unmeasured by coverage: the other tests measure what it runs, and measuring its workers
-    # (killed and started again every 5 s, until the run settles) cost half as much CPU again
-    # (docs/contributing.md). Each start costs about a second of CPU.
+    # (killed and started again every 2 s) cost half as much CPU again (docs/contributing.md).
     for name in ("COVERAGE_PROCESS_START", "COVERAGE_PROCESS_CONFIG"):
         env.pop(name, None)
     done = subprocess.run(
