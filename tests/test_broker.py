@@ -95,6 +95,30 @@ def closing_broker(
     return broker
 
 
+def test_a_transport_that_does_not_load_is_an_error_once_an_app(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    event_id = uuid.uuid4()
+    event = Event(event_id, "orders.placed", {}, {}, datetime.now(UTC), event_id, None, {})
+    subscription = {"event": "orders.placed", "handler": "tests.app.handlers.record"}
+
+    def told(app: Celery) -> list[int]:
+        """The levels at which a send through ``app`` said its transport does not load."""
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, "django_events"):
+            unsent = send_deliveries([(event, True, compiled.async_)], "default", app=app)
+        assert unsent.ids == {event_id}  # refused: the record stays pending for the relay
+        return [r.levelno for r in caplog.records if "does not load" in r.getMessage()]
+
+    with wiring({**subscription, "mode": "async"}):
+        compiled = get_registry().event("orders.placed")
+        first = Celery(broker="nope://127.0.0.1//", set_as_current=False)
+        assert told(first) == [logging.ERROR]
+        assert told(first) == [logging.DEBUG]  # once is enough: events_check reports it too
+        # Another app (another settings module, a test's app) is told of in its own right.
+        assert told(Celery(broker="nope://127.0.0.1//", set_as_current=False)) == [logging.ERROR]
+
+
 def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     queue = f"headers-{uuid.uuid4().hex[:8]}"

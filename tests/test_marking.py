@@ -9,6 +9,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,6 +95,47 @@ def test_marks_a_failed_flush_puts_back_wake_an_idle_marker(quick: marking.Marke
     # the marks go back, and the thread must write them without another taken().
     quick._write_one("default", refused, ids[1:], quick._taken, "mark %d event(s)")
     wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the mark put back written")
+
+
+class _RoundHeldAfterFlush:
+    """A kept connection whose confirms the marker's thread cannot read until released, from
+    its first round after a flush began: a round that outlasts `Marker.stop`'s patience."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.released = threading.Event()
+
+    def collect(self, timeout: float) -> list[tuple[marking.Marks, set[uuid.UUID]]]:
+        if threading.current_thread().name != "django_events-dispatched":
+            self.armed = True  # a flush holds the rounds back: the next one is after it
+        elif self.armed:
+            self.released.wait(30)
+        return []
+
+    def outstanding(self) -> bool:
+        return not self.released.is_set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_thread_stop_gave_up_waiting_for_ends_after_its_round(quick: marking.Marker) -> None:
+    held = _RoundHeldAfterFlush()
+    quick.watch(held)
+    old = quick._thread
+    assert old is not None
+
+    quick.stop(timeout=0.3)  # its flush waits 0.3 s for confirms, then the round holds the thread
+    assert old.is_alive()
+    ids = _pending_records(1)
+    quick.taken("default", ids)  # a new thread, while the old one is still in its round
+    new = quick._thread
+    assert new is not None and new is not old
+
+    held.released.set()  # the old round ends (the new thread's wait for it too)
+    wait_for(lambda: not old.is_alive(), 10, "the old thread's end after its round")
+    wait_for(lambda: _statuses(ids) == ["dispatched"], 10, "the new thread's mark")
+    assert new.is_alive()  # the stop was the old thread's only
+    quick.stop()
+    assert not new.is_alive()
 
 
 def test_batches_sharing_a_channel_settle_apart() -> None:

@@ -695,7 +695,7 @@ def _drop_confirming(app: Celery) -> None:
 # A Celery app -> its transport's kind (weak: an app made and dropped, as tests do, is not
 # taken for a later one that reuses its id).
 _transport_kinds: weakref.WeakKeyDictionary[Celery, str] = weakref.WeakKeyDictionary()
-_unloadable: set[int] = set()  # ids of Celery apps whose transport did not load (logged)
+_unloadable: weakref.WeakSet[Celery] = weakref.WeakSet()  # apps whose transport did not load
 
 
 def _log_unloadable(app: Celery, exc: BaseException, events: Sequence[Event]) -> None:
@@ -703,8 +703,8 @@ def _log_unloadable(app: Celery, exc: BaseException, events: Sequence[Event]) ->
     url: Any = app.conf.broker_url  # a string (";" between failover URLs) or a list
     first_url = url.split(";")[0] if isinstance(url, str) else next(iter(url or []), "")
     scheme = app.conf.broker_transport or urlsplit(first_url or "").scheme or "amqp"
-    first = id(app) not in _unloadable
-    _unloadable.add(id(app))
+    first = app not in _unloadable
+    _unloadable.add(app)
     logger.log(
         logging.ERROR if first else logging.DEBUG,
         "Celery's broker transport %r does not load (%s: %s); %d event(s) stay pending for "

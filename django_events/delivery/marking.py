@@ -101,7 +101,9 @@ class Marker:
         self._wake = threading.Event()
         self._idle = False  # the thread waits for something to mark, with no timeout
         self._thread: threading.Thread | None = None
-        self._stopping = False
+        # Set by `stop` for the thread running then, and never cleared: a thread whose round
+        # outlasted stop's patience ends after that round, not beside the next one.
+        self._stopping = threading.Event()
         self._exit_hook = False
 
     def taken(self, marks: Marks, ids: Sequence[UUID]) -> None:
@@ -144,12 +146,13 @@ class Marker:
         exiting; before a test database is dropped). Marking again starts a new one."""
         self.flush(timeout)
         with self._lock:
-            thread, self._stopping = self._thread, True
+            thread, stopping = self._thread, self._stopping
+            stopping.set()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         with self._lock:
-            self._thread, self._stopping, self._idle = None, False, False
+            self._thread, self._stopping, self._idle = None, threading.Event(), False
             self._wake.clear()
             leftover = bool(self._taken or self._due or self._watched)
         if leftover:  # marked meanwhile, from another thread
@@ -157,9 +160,12 @@ class Marker:
                 self._ensure_thread()
 
     def _ensure_thread(self) -> None:
-        if self._thread is None and not self._stopping:
+        if self._thread is None and not self._stopping.is_set():
             self._thread = threading.Thread(
-                target=self._run, name="django_events-dispatched", daemon=True
+                target=self._run,
+                args=(self._stopping,),
+                name="django_events-dispatched",
+                daemon=True,
             )
             self._thread.start()
             if not self._exit_hook:
@@ -178,24 +184,25 @@ class Marker:
             self._idle = False
             self._wake.set()
 
-    def _rest(self) -> None:
+    def _rest(self, stopping: threading.Event) -> None:
         """Sleep until the next round; with nothing to collect or mark, until something
         comes: an idle process's thread does not wake every interval."""
         with self._lock:
-            idle = self._idle = not (self._taken or self._due or self._watched or self._stopping)
+            if stopping.is_set():  # this thread's stop: `_idle` is the next thread's
+                return
+            idle = self._idle = not (self._taken or self._due or self._watched)
         if idle:
             self._wake.wait()
             self._wake.clear()
-        if not self._stopping:  # read unlocked: `stop` sets it before the event
+        if not stopping.is_set():  # `stop` sets it before the event
             self._wake.wait(self.interval)
             self._wake.clear()
 
-    def _run(self) -> None:
+    def _run(self, stopping: threading.Event) -> None:
         while True:
-            self._rest()
-            with self._lock:
-                if self._stopping:
-                    break
+            self._rest(stopping)
+            if stopping.is_set():
+                break
             try:
                 with self._flushing:
                     self._collect(0.001)
