@@ -122,18 +122,20 @@ def test_a_thread_stop_gave_up_waiting_for_ends_after_its_round(quick: marking.M
     quick.watch(held)
     old = quick._thread
     assert old is not None
-
-    quick.stop(timeout=0.3)  # its flush waits 0.3 s for confirms, then the round holds the thread
-    assert old.is_alive()
-    ids = _pending_records(1)
-    quick.taken("default", ids)  # a new thread, while the old one is still in its round
-    new = quick._thread
-    assert new is not None and new is not old
-
-    held.released.set()  # the old round ends (the new thread's wait for it too)
+    try:
+        quick.stop(timeout=1)  # its flush waits 1 s for confirms, then the round holds the thread
+        assert old.is_alive()
+        first, second = _pending_records(2)
+        quick.taken("default", [first])  # a new thread, while the old one is in its round
+        new = quick._thread
+        assert new is not None and new is not old
+    finally:
+        held.released.set()  # the old round ends (and the new thread's wait for it)
     wait_for(lambda: not old.is_alive(), 10, "the old thread's end after its round")
-    wait_for(lambda: _statuses(ids) == ["dispatched"], 10, "the new thread's mark")
+    wait_for(lambda: _statuses([first]) == ["dispatched"], 10, "the first mark")
     assert new.is_alive()  # the stop was the old thread's only
+    quick.taken("default", [second])  # the old thread gone: only the new one can mark it
+    wait_for(lambda: _statuses([second]) == ["dispatched"], 10, "the new thread's mark")
     quick.stop()
     assert not new.is_alive()
 

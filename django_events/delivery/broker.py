@@ -148,23 +148,25 @@ class BrokerHealth:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._outages: dict[int, _Outage] = {}  # id(app) -> its outage, while it lasts
+        # An app -> its outage, while it lasts (weak: a dropped app's outage is not taken for
+        # a later app that reuses its id).
+        self._outages: weakref.WeakKeyDictionary[Celery, _Outage] = weakref.WeakKeyDictionary()
 
     def reset(self) -> None:
         """Forget every outage (tests)."""
         with self._lock:
             self._outages.clear()
 
-    def is_down(self, app: object) -> bool:
+    def is_down(self, app: Celery) -> bool:
         """Whether ``app``'s last send failed (its outage is known)."""
-        return id(app) in self._outages
+        return app in self._outages
 
-    def may_try(self, app: object) -> bool:
+    def may_try(self, app: Celery) -> bool:
         """Whether a publisher should try the broker now (if so, later ones wait)."""
         if not self._outages:  # no outage: every publish passes here, so no lock
             return True
         with self._lock:
-            outage = self._outages.get(id(app))
+            outage = self._outages.get(app)
             if outage is None:
                 return True
             now = time.monotonic()
@@ -177,7 +179,7 @@ class BrokerHealth:
         self,
         exc: BaseException,
         events: Sequence[Event],
-        app: object,
+        app: Celery,
         *,
         sent_again: bool = False,
     ) -> None:
@@ -188,10 +190,10 @@ class BrokerHealth:
         logs): the outage is noted, and the first send that leaves events behind says so at
         ERROR."""
         with self._lock:
-            outage = self._outages.get(id(app))
+            outage = self._outages.get(app)
             if outage is None:
                 outage = _Outage(time.monotonic() + self.first_probe, self.first_probe, exc)
-                self._outages[id(app)] = outage
+                self._outages[app] = outage
             else:
                 outage.interval = min(outage.interval * 2, self.max_probe)
                 outage.next_try, outage.error = time.monotonic() + outage.interval, exc
@@ -199,10 +201,10 @@ class BrokerHealth:
             self._report(events, outage, sent_again, tried=True)
 
     def passed_over(
-        self, events: Sequence[Event], app: object, *, sent_again: bool = False
+        self, events: Sequence[Event], app: Celery, *, sent_again: bool = False
     ) -> None:
         """A send of ``events`` not tried (``app``'s probe interval); as `failed`."""
-        self._report(events, self._outages.get(id(app)), sent_again, tried=False)
+        self._report(events, self._outages.get(app), sent_again, tried=False)
 
     def _report(
         self, events: Sequence[Event], outage: _Outage | None, sent_again: bool, *, tried: bool
@@ -235,12 +237,12 @@ class BrokerHealth:
         else:
             logger.debug("Broker down; %d %s without trying", len(events), fate, extra=extra)
 
-    def succeeded(self, app: object) -> None:
+    def succeeded(self, app: Celery) -> None:
         """The broker of ``app`` took a send: its outage, if any, is over."""
         if not self._outages:  # no outage: every send passes here, so no lock
             return
         with self._lock:
-            outage = self._outages.pop(id(app), None)
+            outage = self._outages.pop(app, None)
         if outage is not None:
             logger.warning("Broker reachable again", extra=log_extra())
 

@@ -30,7 +30,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, TypeVar
 from uuid import UUID
@@ -88,6 +88,16 @@ def marks_later(alias: str) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Signals:
+    """One marking thread's events: ``wake`` ends its sleep, ``stop`` its loop. A stopped
+    thread's are never used again: one whose round outlasted `Marker.stop`'s patience ends
+    after that round, and cannot take the wake-ups of the thread started after it."""
+
+    wake: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
 class Marker:
     """This process's background marking: ids the broker took, connections to collect from."""
 
@@ -96,14 +106,12 @@ class Marker:
         self._taken: dict[str, list[UUID]] = {}
         self._due: dict[str, list[tuple[int, datetime]]] = {}  # hand-ons' rows, by alias
         self._watched: list[Confirming] = []
-        self._lock = threading.Lock()  # guards _taken, _due, _watched and _idle
-        self._flushing = threading.Lock()  # one round at a time (the thread, a flush, exit)
-        self._wake = threading.Event()
+        # Guards _taken, _due, _watched, _idle, _thread and _signals.
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one round at a time (the threads, a flush, exit)
         self._idle = False  # the thread waits for something to mark, with no timeout
         self._thread: threading.Thread | None = None
-        # Set by `stop` for the thread running then, and never cleared: a thread whose round
-        # outlasted stop's patience ends after that round, not beside the next one.
-        self._stopping = threading.Event()
+        self._signals = _Signals()  # the current thread's (or the next one's)
         self._exit_hook = False
 
     def taken(self, marks: Marks, ids: Sequence[UUID]) -> None:
@@ -143,27 +151,31 @@ class Marker:
 
     def stop(self, timeout: float = EXIT_PATIENCE) -> None:
         """`flush`, then end the thread, which closes its database connections (a process
-        exiting; before a test database is dropped). Marking again starts a new one."""
+        exiting; before a test database is dropped). Marking again starts a new one.
+
+        A thread still in a round after ``timeout`` more seconds ends after that round, with
+        its connections, beside the new one if marking started again meanwhile (their rounds
+        never overlap)."""
         self.flush(timeout)
         with self._lock:
-            thread, stopping = self._thread, self._stopping
-            stopping.set()
-        self._wake.set()
+            thread, signals = self._thread, self._signals
+            signals.stop.set()
+            signals.wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
         with self._lock:
-            self._thread, self._stopping, self._idle = None, threading.Event(), False
-            self._wake.clear()
+            if self._signals is signals:  # else a stop overlapping this one reset it first
+                self._thread, self._signals, self._idle = None, _Signals(), False
             leftover = bool(self._taken or self._due or self._watched)
         if leftover:  # marked meanwhile, from another thread
             with self._lock:
                 self._ensure_thread()
 
     def _ensure_thread(self) -> None:
-        if self._thread is None and not self._stopping.is_set():
+        if self._thread is None and not self._signals.stop.is_set():
             self._thread = threading.Thread(
                 target=self._run,
-                args=(self._stopping,),
+                args=(self._signals,),
                 name="django_events-dispatched",
                 daemon=True,
             )
@@ -182,26 +194,26 @@ class Marker:
     def _wake_idle(self) -> None:
         if self._idle:  # under self._lock
             self._idle = False
-            self._wake.set()
+            self._signals.wake.set()
 
-    def _rest(self, stopping: threading.Event) -> None:
+    def _rest(self, signals: _Signals) -> None:
         """Sleep until the next round; with nothing to collect or mark, until something
         comes: an idle process's thread does not wake every interval."""
         with self._lock:
-            if stopping.is_set():  # this thread's stop: `_idle` is the next thread's
+            if signals.stop.is_set():  # stopped: `_idle` is the next thread's
                 return
             idle = self._idle = not (self._taken or self._due or self._watched)
         if idle:
-            self._wake.wait()
-            self._wake.clear()
-        if not stopping.is_set():  # `stop` sets it before the event
-            self._wake.wait(self.interval)
-            self._wake.clear()
+            signals.wake.wait()
+            signals.wake.clear()
+        if not signals.stop.is_set():  # `stop` sets it before the wake
+            signals.wake.wait(self.interval)
+            signals.wake.clear()
 
-    def _run(self, stopping: threading.Event) -> None:
+    def _run(self, signals: _Signals) -> None:
         while True:
-            self._rest(stopping)
-            if stopping.is_set():
+            self._rest(signals)
+            if signals.stop.is_set():
                 break
             try:
                 with self._flushing:
@@ -252,7 +264,10 @@ class Marker:
             with self._lock:
                 kept = waiting.setdefault(alias, [])
                 kept[:0] = values[-MAX_WAITING:]  # beyond that, the relay sends them again
-                self._wake_idle()  # put back by a flush of another thread's: try them again
+                # Put back by a flush of another thread's, or by a thread `stop` left in its
+                # round: a thread must try them again.
+                self._ensure_thread()
+                self._wake_idle()
 
 
 _marker: Marker | None = None
