@@ -4,14 +4,14 @@
 #   2. creates .venv (python3, Django 5.2) and .venv-django61 (Python 3.13, Django 6.1),
 #      side by side;
 #   3. ruff and mypy, and the Sphinx docs with warnings as errors;
-#   4. the tests that can reach a database on SQLite (real celery workers on the filesystem
-#      transport), then every test on PostgreSQL with coverage (real workers on RabbitMQ and
-#      Redis; the filesystem-transport lines the SQLite pass ran are left out), each followed
-#      by the example project's own tests (example_project/tests), then the non-server tests
-#      on Django 6.1;
-#   5. beside the SQLite pass: the broker tests on the oldest Celery and kombu, and a smoke
-#      run of the benchmarks (each once with a tiny count, nothing timed); their output
-#      follows step 4.
+#   4. the tests with real celery workers on SQLite (the filesystem transport), then every
+#      test on PostgreSQL with coverage (real workers on RabbitMQ and Redis; the
+#      filesystem-transport lines the SQLite pass ran are left out), each followed by the
+#      example project's own tests (example_project/tests);
+#   5. beside step 4: the tests without servers on Django 6.1 and SQLite (the other tests
+#      that can reach a database run on SQLite there), the broker tests on the oldest Celery
+#      and kombu, and a smoke run of the benchmarks (each once with a tiny count, nothing
+#      timed); their output follows step 4.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -135,24 +135,32 @@ oldest_celery_passes() {
     tests/test_confirms.py tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py &&
     .venv-django61/bin/python -m pytest -q "${XDIST[@]}" tests/test_tasks_delivery.py
 }
-# The SQLite pass leaves a core idle about a third of the time: these mostly wait on their
-# workers (their own databases and queues); their output follows the Django 6.1 pass.
+# The SQLite pass mostly waits on its workers: these run beside it, and on into the
+# PostgreSQL pass, which leaves the cores idle a quarter of the time or more (each pass has its
+# own databases and queues); their output follows the PostgreSQL pass.
 if [ -n "$PY313" ]; then
+  # Every test that needs no server, on Django 6.1: SQLite's database tests run here, not in
+  # the Django 5.2 SQLite pass too (PostgreSQL's pass runs them on 5.2).
+  step "started: Django 6.1 on Python 3.13, SQLite, the tests without servers"
+  beside django61 .venv-django61/bin/python -m pytest -q "${XDIST[@]}" -m "not servers" "$@"
   step "started: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
   beside oldest-celery oldest_celery_passes
 fi
 step "started: the benchmarks' smoke run (each once, tiny counts; nothing is timed or judged)"
 beside benchmark-smoke env DATABASE_URL="$PG_URL" .venv/bin/python -m benchmarks --smoke
 
-# The SQLite pass runs the tests that can reach a database (`-m database`, tests/conftest.py);
-# the PostgreSQL pass runs every test but the filesystem-transport lines of the delivery tests
-# that the SQLite pass ran (`embedded`, tests/brokers.py; PostgreSQL-only ones stay), measured:
-# branch coverage, the celery worker and other subprocesses included ([tool.coverage] in
-# pyproject.toml).
+# The SQLite pass runs the tests with a real worker (`servers`: the filesystem transport, the
+# embedded default), or, without Python 3.13, every test that can reach a database
+# (`database`, tests/conftest.py). The PostgreSQL pass runs every test but the
+# filesystem-transport lines of the delivery tests that the SQLite pass ran (`embedded`,
+# tests/brokers.py; PostgreSQL-only ones stay), measured: branch coverage, the celery worker
+# and other subprocesses included ([tool.coverage] in pyproject.toml).
+SQLITE_TESTS="database and servers"
+[ -n "$PY313" ] || SQLITE_TESTS=database
 COVERAGE_FLOOR=95  # measured: 97% on 2026-12-06 (PostgreSQL pass, workers and pool children included)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
-step "tests: Django 5.2, SQLite (the tests that can reach a database)"
-.venv/bin/python -m pytest -q "${XDIST[@]}" -m database "$@"
+step "tests: Django 5.2, SQLite (-m \"$SQLITE_TESTS\": real workers on the filesystem transport)"
+.venv/bin/python -m pytest -q "${XDIST[@]}" -m "$SQLITE_TESTS" "$@"
 step "tests: the example project's own suite (captured_events / events_eager), SQLite"
 (cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL (every test but the embedded lines, with coverage)"
@@ -163,8 +171,8 @@ step "coverage (branch, the PostgreSQL pass; floor ${COVERAGE_FLOOR}%)"
 .venv/bin/coverage combine -q
 .venv/bin/coverage report --fail-under="$COVERAGE_FLOOR" | tail -n 25
 if [ -n "$PY313" ]; then
-  step "tests: Django 6.1 on Python 3.13, SQLite, without servers"
-  .venv-django61/bin/python -m pytest -q "${XDIST[@]}" -m "not servers" "$@"
+  step "tests: Django 6.1 on Python 3.13, SQLite, without servers: output"
+  joined django61
   step "tests: the oldest Celery and kombu allowed: output"
   joined oldest-celery
 fi
