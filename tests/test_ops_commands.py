@@ -1815,6 +1815,12 @@ def test_events_relay_loop_stops_on_a_database_without_the_event_log(tmp_path) -
     assert "migrate --database default" in relay.stderr
 
 
+def _sigint_as_at_a_terminal() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python then installs its Ctrl+C handler
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_events_relay_loop_stops_on_ctrl_c_or_sigterm_with_a_line_and_status_0(stop: str) -> None:
@@ -1842,6 +1848,10 @@ def test_events_relay_loop_stops_on_ctrl_c_or_sigterm_with_a_line_and_status_0(s
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As at a terminal. A test run in the background (run_tests.sh runs passes beside each
+        # other) inherits SIGINT ignored, as a shell sets for its background commands; the
+        # relay would inherit that, and Ctrl+C would not reach it.
+        preexec_fn=_sigint_as_at_a_terminal,
     )
     try:
         assert relay.stdout is not None
