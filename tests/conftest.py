@@ -125,7 +125,8 @@ def uses_a_database(item: pytest.Item) -> bool:
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    # `-m database` selects them (the suite's SQLite pass: the rest runs in its PostgreSQL pass).
+    # `-m database` selects them (run_tests.sh's SQLite passes select from them; the rest runs
+    # on PostgreSQL, and on Django 6.1 without servers).
     if uses_a_database(item):
         item.add_marker("database")
 

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from io import StringIO
@@ -117,6 +118,17 @@ def test_a_transport_that_does_not_load_is_an_error_once_an_app(
         assert told(first) == [logging.DEBUG]  # once is enough: events_check reports it too
         # Another app (another settings module, a test's app) is told of in its own right.
         assert told(Celery(broker="nope://127.0.0.1//", set_as_current=False)) == [logging.ERROR]
+
+
+def test_celery_app_given_as_celerys_current_app_proxy_is_the_app_behind_it() -> None:
+    from celery import current_app
+
+    from django_events.delivery.broker import celery_app
+
+    with wiring(CELERY_APP="celery.current_app"):
+        app = celery_app()
+    assert type(app) is type(current_app._get_current_object())
+    assert weakref.ref(app)() is app  # the broker's outage and transport are kept by app
 
 
 def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:

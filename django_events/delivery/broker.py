@@ -12,7 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 from uuid import UUID
 
@@ -87,6 +87,12 @@ def celery_app() -> Celery | None:
                     f"{path!r} is a module: name the Celery app in it, such as {path + '.app'!r}"
                 ) from None
             raise
+        from celery.local import Proxy
+
+        # `celery.current_app` and the like: the app behind it, which a process's broker state
+        # (its outage, its transport) is kept for.
+        if issubclass(type(app), Proxy):
+            return cast("Proxy[Celery]", app)._get_current_object()
         return app
     # Celery's private state holds every app the process made, the thread's current one and
     # its default one: the project's once Celery's Django fixup ran (the first app made), or
