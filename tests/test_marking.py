@@ -97,6 +97,18 @@ def test_marks_a_failed_flush_puts_back_wake_an_idle_marker(quick: marking.Marke
     wait_for(lambda: _statuses(ids) == ["dispatched"] * 2, 10, "the mark put back written")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_marks_a_failed_flush_puts_back_after_stop_start_a_thread(quick: marking.Marker) -> None:
+    ids = _pending_records(1)
+
+    def refused(alias: str, values: Any) -> None:
+        raise OperationalError("the database cannot be written")
+
+    quick.stop()  # no thread now, as after a stop that a round outlived
+    quick._write_one("default", refused, ids, quick._taken, "mark %d event(s)")
+    wait_for(lambda: _statuses(ids) == ["dispatched"], 10, "the mark put back written")
+
+
 class _RoundHeldAfterFlush:
     """A kept connection whose confirms the marker's thread cannot read until released, from
     its first round after a flush began: a round that outlasts `Marker.stop`'s patience."""
