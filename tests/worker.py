@@ -59,7 +59,13 @@ class WorkerProcess:
 
     def start(self, timeout: float = 60) -> None:
         self.launch()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            # Ctrl+C while it starts: `with worker:` never reaches __exit__, and the worker,
+            # in a session of its own, would outlive the run.
+            self.stop()
+            raise
 
     def launch(self) -> None:
         """Start the process without waiting (start several, then `wait_ready` each)."""
