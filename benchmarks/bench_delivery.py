@@ -513,7 +513,10 @@ def figure_14(ctx: Context) -> bool:
     title, text, ratio = line(with_order=True)
     met = single("14", title, f"{text} (target <= 1.5)", ratio <= 1.5)
     title, text, ratio = line(with_order=False)
-    print(f"14. {title}: {text} (context: the record's commit reaches the disk, raw's does not)")
+    print(
+        f"14. {title}: {text} (context: the record's commit reaches the disk, raw's does not)",
+        flush=True,
+    )
     return met
 
 

@@ -24,8 +24,9 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # `beside NAME COMMAND...` runs COMMAND in the background, its output kept in a file;
 # `joined NAME` waits for it, prints that output, and stops the run if COMMAND failed.
-# COMMAND runs in a subshell: bash starts a background command with SIGINT ignored, and a
-# subshell gives the commands it runs the shell's own SIGINT back, so Ctrl+C stops them too.
+# COMMAND runs in a subshell: bash (not every shell) starts a background command with SIGINT
+# ignored, and the commands a background subshell runs get back the disposition the script
+# started with, so Ctrl+C at a terminal stops them too.
 declare -A BESIDE_PID BESIDE_LOG
 beside() {
   local name=$1
