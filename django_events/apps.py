@@ -31,6 +31,7 @@ class DjangoEventsConfig(AppConfig):
         register(checks.check_upcasters, "django_events")
         register(checks.check_lock, "django_events")
         register(checks.check_endpoints, "django_events", Tags.database)  # reads rows
+        register(checks.check_worker_connections, "django_events", deploy=True)
         register(check_inbound, "django_events")
         setting_changed.connect(_reset_on_settings_change, dispatch_uid="django_events.reset")
         # A publisher's list of webhook endpoints is read again after a change in this

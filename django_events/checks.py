@@ -74,6 +74,7 @@ CHECK_IDS: dict[str, str] = {
     "django_events.E212": "a broadcast subscription goes via tasks",
     "django_events.E213": "a subscription's queue is not served by its task backend",
     "django_events.E214": "a handler via tasks has a timeout, which no task backend enforces",
+    "django_events.W215": "(deploy) Celery workers connect to their databases for every delivery",
     "django_events.E301": "an inbound secret setting or environment variable is missing",
     "django_events.E302": "an inbound secret has the wrong shape or is empty",
     "django_events.W301": "an inbound permission is declared by no model",
@@ -540,18 +541,7 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
     registry = checked_registry()
     if not any(s.is_queued and s.via != "tasks" for s in registry.subscriptions.values()):
         return []
-    from celery import Celery
-
-    from django_events.delivery.broker import celery_app
-
-    try:
-        app: Any = celery_app()
-    except Exception as exc:  # noqa: BLE001 - ImportError, or the module raised while importing
-        app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] does not import: {exc}"
-    else:
-        reason = "no Celery app is configured"
-    if app is not None and not isinstance(app, Celery):
-        app, reason = None, f"DJANGO_EVENTS['CELERY_APP'] is not a Celery app: {app!r}"
+    app, reason = _celery_app()
     if app is None:
         return [
             Error(
@@ -602,6 +592,85 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
             )
         )
     return messages
+
+
+def _celery_app() -> tuple[Any, str]:
+    """The Celery app publishers send through, or None and why not (E203 tells it)."""
+    from celery import Celery
+
+    from django_events.delivery.broker import celery_app
+
+    try:
+        app: Any = celery_app()
+    except Exception as exc:  # noqa: BLE001 - ImportError, or the module raised while importing
+        return None, f"DJANGO_EVENTS['CELERY_APP'] does not import: {exc}"
+    if app is None:
+        return None, "no Celery app is configured"
+    if not isinstance(app, Celery):
+        return None, f"DJANGO_EVENTS['CELERY_APP'] is not a Celery app: {app!r}"
+    return app, ""
+
+
+def check_worker_connections(
+    app_configs: Sequence[Any] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """(``check --deploy``) Celery workers that connect to their databases again for every
+    delivery that uses one (its handler's queries, a row it writes before the acknowledgement):
+    Celery's Django fixup closes the connections before and after each task unless
+    ``CELERY_DB_REUSE_MAX`` is set (it does not read ``CONN_MAX_AGE``), and the worker closes a
+    connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at each request.
+    SQLite is left out: its connection is a file opened."""
+    if not any(s.is_queued and s.via != "tasks" for s in checked_registry().subscriptions.values()):
+        return []
+    app, _ = _celery_app()
+    if app is None:
+        return []  # E203
+    from django.db import connections
+
+    servers = {
+        alias: database
+        for alias, database in connections.settings.items()
+        if not str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES)
+    }
+    if not servers:
+        return []
+    if not app.conf.get("CELERY_DB_REUSE_MAX"):  # the key Celery's fixup reads
+        closing = sorted(servers)
+        cause = (
+            "Celery's Django fixup closes the workers' database connections before and after "
+            "every task (CELERY_DB_REUSE_MAX is not set)"
+        )
+    else:
+        closing = sorted(
+            alias
+            for alias, database in servers.items()
+            if database.get("CONN_MAX_AGE") == 0 and not (database.get("OPTIONS") or {}).get("pool")
+        )
+        if not closing:
+            return []
+        cause = (
+            f"{_aliases(closing, 'DATABASES[{!r}]')} {'has' if len(closing) == 1 else 'have'} "
+            "CONN_MAX_AGE 0 and no pool, so a worker closes the connection before each "
+            "delivery, as Django does at each request"
+        )
+    return [
+        Warning(
+            f"{cause}: each delivery whose handler or record uses "
+            f"{_aliases(closing, 'database {!r}')} connects to it again",
+            hint=(
+                "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
+                "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
+                "pool on the database; silence this where a pooler such as PgBouncer makes "
+                "connections cheap."
+            ),
+            obj="DATABASES",
+            id="django_events.W215",
+        )
+    ]
+
+
+def _aliases(aliases: Sequence[str], form: str) -> str:
+    return " and ".join(form.format(alias) for alias in aliases)
 
 
 # Celery's bundles for the transports whose packages are not kombu's own dependencies.

@@ -34,6 +34,8 @@ def make_app(kind: str, url: str | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_prefetch_multiplier=4,
     )
+    if os.environ.get("DJANGO_EVENTS_TEST_DB_REUSE_MAX"):  # a worker of test_worker_connections
+        app.conf["CELERY_DB_REUSE_MAX"] = int(os.environ["DJANGO_EVENTS_TEST_DB_REUSE_MAX"])
     if kind == "redis":
         # Without it a Redis that accepts connections but never answers hangs a publisher.
         app.conf.broker_transport_options = {"socket_timeout": 5}

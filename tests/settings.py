@@ -80,8 +80,12 @@ for _alias, _variable in [
     if os.environ.get(_variable):
         DATABASES[_alias]["NAME"] = os.environ[_variable]
         if DATABASES[_alias]["ENGINE"].endswith("postgresql"):
-            # Workers keep their connection, as production workers should (docs/reliability.md).
-            DATABASES[_alias]["CONN_MAX_AGE"] = 60
+            # As production workers should have them (docs/reliability.md); Celery still closes
+            # the connection after each task unless its app sets CELERY_DB_REUSE_MAX (check
+            # W215; tests/brokers.py sets it when DJANGO_EVENTS_TEST_DB_REUSE_MAX asks).
+            DATABASES[_alias]["CONN_MAX_AGE"] = int(
+                os.environ.get("DJANGO_EVENTS_WORKER_CONN_MAX_AGE", "60")
+            )
             DATABASES[_alias]["CONN_HEALTH_CHECKS"] = True
 if os.environ.get("DJANGO_EVENTS_TEST_ROUTERS"):  # a worker subprocess's (comma-separated)
     DATABASE_ROUTERS = os.environ["DJANGO_EVENTS_TEST_ROUTERS"].split(",")

@@ -2277,6 +2277,107 @@ def test_W209_knows_each_sqlite_backend_of_django_and_its_transaction_modes(
     assert [m.id for m in messages] == (["django_events.W209"] if warned else [])
 
 
+def deploy_check() -> list[Reported]:
+    """What `manage.py check --deploy --tag django_events` reports."""
+    out, err = StringIO(), StringIO()
+    call_command("check", "--deploy", "--tag", "django_events", stdout=out, stderr=err)
+    return parse(out.getvalue() + err.getvalue())
+
+
+@contextmanager
+def _databases_on_postgresql(**database: Any) -> Iterator[None]:
+    """"default" set as PostgreSQL with ``database``'s keys, "other" as SQLite: W215 reads
+    only their settings (the connections, made already, stay as they are)."""
+    from unittest import mock
+
+    from django.db import connections
+
+    postgresql = {"ENGINE": "django.db.backends.postgresql", "OPTIONS": {}, **database}
+    sqlite = {"ENGINE": "django.db.backends.sqlite3", "OPTIONS": {"transaction_mode": "IMMEDIATE"}}
+    with (
+        mock.patch.dict(connections.settings["default"], postgresql),
+        mock.patch.dict(connections.settings["other"], sqlite),
+    ):
+        yield
+
+
+REUSES_CONNECTIONS = "tests.app.reusing_celery.app"  # CELERY_DB_REUSE_MAX = 1000
+
+
+def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_deploy() -> None:
+    with _databases_on_postgresql(CONN_MAX_AGE=60), wiring(ASYNC):
+        assert deploy_check() == [
+            (
+                "django_events.W215",
+                "DATABASES",
+                "Celery's Django fixup closes the workers' database connections before and "
+                "after every task (CELERY_DB_REUSE_MAX is not set): each delivery whose handler "
+                "or record uses database 'default' connects to it again",
+            )
+        ]
+        # A deploy check: `check` and `events_check` leave it out.
+        assert_reported()
+    with _databases_on_postgresql(CONN_MAX_AGE=0), wiring(ASYNC, CELERY_APP=REUSES_CONNECTIONS):
+        assert deploy_check() == [
+            (
+                "django_events.W215",
+                "DATABASES",
+                "DATABASES['default'] has CONN_MAX_AGE 0 and no pool, so a worker closes the "
+                "connection before each delivery, as Django does at each request: each "
+                "delivery whose handler or record uses database 'default' connects to it again",
+            )
+        ]
+
+
+def test_W215_names_each_database_a_worker_connects_to_again() -> None:
+    from unittest import mock
+
+    from django.db import connections
+
+    mysql = {"ENGINE": "django.db.backends.mysql", "CONN_MAX_AGE": 0}
+    with (
+        _databases_on_postgresql(CONN_MAX_AGE=0),
+        mock.patch.dict(connections.settings["other"], mysql),
+        wiring(ASYNC, CELERY_APP=REUSES_CONNECTIONS),
+    ):
+        assert [r[2].split(":")[0] for r in deploy_check()] == [
+            "DATABASES['default'] and DATABASES['other'] have CONN_MAX_AGE 0 and no pool, so a "
+            "worker closes the connection before each delivery, as Django does at each request"
+        ]
+
+
+@pytest.mark.parametrize(
+    ("database", "keys", "subscription"),
+    [
+        # Celery keeps the connection, and Django too (CONN_MAX_AGE, or its pool).
+        ({"CONN_MAX_AGE": 60}, {"CELERY_APP": REUSES_CONNECTIONS}, ASYNC),
+        ({"CONN_MAX_AGE": None}, {"CELERY_APP": REUSES_CONNECTIONS}, ASYNC),
+        ({"CONN_MAX_AGE": 0, "OPTIONS": {"pool": True}}, {"CELERY_APP": REUSES_CONNECTIONS}, ASYNC),
+        # No Celery worker: sync deliveries run in the publishing process, and a task backend's
+        # worker is not Celery's.
+        ({"CONN_MAX_AGE": 0}, {}, {**ASYNC, "mode": "sync"}),
+        ({"CONN_MAX_AGE": 0}, {}, {**ASYNC, "via": "tasks", "retry": {"max_attempts": 1}}),
+        # SQLite: a connection is a file opened (IMMEDIATE: no W209).
+        (
+            {"ENGINE": "django.db.backends.sqlite3", "OPTIONS": {"transaction_mode": "IMMEDIATE"}},
+            {},
+            ASYNC,
+        ),
+    ],
+)
+def test_W215_leaves_out_workers_that_keep_their_connections(
+    database: dict[str, Any], keys: dict[str, Any], subscription: dict[str, Any]
+) -> None:
+    with _databases_on_postgresql(**database), wiring(subscription, **keys):
+        assert deploy_check() == []
+
+
+@contextmanager
+def _w215() -> Iterator[None]:
+    with _databases_on_postgresql(CONN_MAX_AGE=60), wiring(ASYNC):
+        yield
+
+
 VIA_TASKS = {**ASYNC, "via": "tasks", "retry": {"max_attempts": 1}}  # no E211 on any backend
 WEBHOOK_VIA_TASKS = {
     "event": "orders.placed",
@@ -2801,6 +2902,7 @@ TRIGGERS: dict[str, Callable[[Path], AbstractContextManager[Any]]] = {
         ASYNC, CELERY_APP="tests.app.misspelt_broker_celery.app"
     ),
     "django_events.W209": lambda _: _event_log_on_sqlite_locking_late(ASYNC),
+    "django_events.W215": lambda _: _w215(),
     "django_events.E301": lambda _: _inbound({"auth": "token", "secret": "NO_SUCH_SECRET_E301"}),
     "django_events.E302": lambda _: _inbound(
         {"auth": "hmac", "secret": "EMPTY_SECRET_E302"}, EMPTY_SECRET_E302=""
@@ -2857,8 +2959,11 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
     from django.core.checks import run_checks
 
     with TRIGGERS[check_id](tmp_path):
-        # `databases`: as `check --database default` and `migrate` run them (E324 reads rows).
-        checked = run_checks(tags=["django_events"], databases=["default"])
+        # `databases`: as `check --database default` and `migrate` run them (E324 reads rows);
+        # with the deploy checks, as `check --deploy` (W215).
+        checked = run_checks(
+            tags=["django_events"], databases=["default"], include_deployment_checks=True
+        )
         messages = [m for m in checked if m.id == check_id]
 
     assert messages, f"{check_id} was not emitted"
@@ -2868,9 +2973,10 @@ def test_each_id_is_emitted_at_the_level_its_letter_says(
 
 # Read from the database, only by `check --database` and `migrate` (events_check reads none).
 DATABASE_CHECKS = {"django_events.E324", "django_events.E326", "django_events.E327"}
+DEPLOY_CHECKS = {"django_events.W215"}  # only `check --deploy`: production settings
 
 
-@pytest.mark.parametrize("check_id", sorted(set(TRIGGERS) - DATABASE_CHECKS))
+@pytest.mark.parametrize("check_id", sorted(set(TRIGGERS) - DATABASE_CHECKS - DEPLOY_CHECKS))
 def test_events_check_reports_each_id_the_system_checks_do(
     check_id: str, tmp_path: Path, pickle_app: str
 ) -> None:

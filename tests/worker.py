@@ -58,12 +58,13 @@ class WorkerProcess:
         self.stop()
 
     def start(self, timeout: float = 60) -> None:
-        self.launch()
         try:
+            self.launch()
             self.wait_ready(timeout)
         except BaseException:
             # Ctrl+C while it starts: `with worker:` never reaches __exit__, and the worker,
-            # in a session of its own, would outlive the run.
+            # in a session of its own, would outlive the run. (launch() is inside: an
+            # interrupt just after its Popen returns would leave the worker running too.)
             self.stop()
             raise
 

@@ -41,6 +41,16 @@ def record_other(event: Event) -> None:
     _run("record_other", event)
 
 
+def record_connection(event: Event) -> None:
+    """Record which PostgreSQL connection ran the handler: its server process and its start."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()"
+        )
+        pid, started = cursor.fetchone()
+    _run("record_connection", event, {"backend_pid": pid, "backend_start": started})
+
+
 def hang_once(event: Event) -> None:
     """Record a run; on the first run for this event, announce it and hang (``hang`` s)."""
     _run("hang_once", event)

@@ -1,0 +1,81 @@
+"""What check W215 says, on a real worker and PostgreSQL.
+
+Celery's Django fixup closes a worker's database connections before and after every task
+unless its app sets ``CELERY_DB_REUSE_MAX`` (it does not read ``CONN_MAX_AGE``), and the
+worker closes a connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at
+each request. With both set, each pool process keeps its connection. Should Celery change
+how it closes them, this fails, and W215 must change with it.
+"""
+
+from __future__ import annotations
+
+from io import StringIO
+from pathlib import Path
+
+import pytest
+from django.core.management import call_command
+from django.db import connections, transaction
+
+from django_events import publish
+from tests import brokers
+from tests.app.models import HandlerRun
+from tests.worker import start_worker, wait_for
+
+pytestmark = [
+    pytest.mark.servers,
+    pytest.mark.postgresql,
+    pytest.mark.django_db(transaction=True),
+]
+
+DELIVERIES = 8
+
+
+@pytest.mark.parametrize(
+    ("reuse_max", "conn_max_age", "most_connections", "warning"),
+    [
+        # Celery's default: a connection a task.
+        (None, 60, DELIVERIES, "CELERY_DB_REUSE_MAX is not set"),
+        # Celery keeps it, but the worker closes it before each delivery, as a request would.
+        (1000, 0, DELIVERIES, "have CONN_MAX_AGE 0 and no pool"),
+        # Both: one connection a pool process (prefork -c 2).
+        (1000, 60, 2, None),
+    ],
+)
+def test_a_worker_connects_for_each_delivery_unless_celery_and_django_keep_connections(
+    reuse_max: int | None,
+    conn_max_age: int,
+    most_connections: int,
+    warning: str | None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"DJANGO_EVENTS_WORKER_CONN_MAX_AGE": str(conn_max_age)}
+    if reuse_max is not None:
+        env["DJANGO_EVENTS_TEST_DB_REUSE_MAX"] = str(reuse_max)
+        monkeypatch.setitem(brokers.amqp.conf, "CELERY_DB_REUSE_MAX", reuse_max)
+    with (
+        start_worker("amqp", tmp_path, prefix="conn", manifest="connections.yaml", env=env) as w,
+        brokers.delivery_wiring("amqp", w.queue, "connections.yaml"),
+    ):
+        ids = []
+        for n in range(DELIVERIES):
+            with transaction.atomic():
+                ids.append(publish("conn.noted", {"n": n}).id)
+        runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids)
+        wait_for(lambda: runs.count() == DELIVERIES, what=f"{DELIVERIES} deliveries")
+        # What `check --deploy` says of the worker's settings, seen from this process.
+        for alias in ("default", "other"):  # the worker's two, tests/settings.py
+            monkeypatch.setitem(connections.settings[alias], "CONN_MAX_AGE", conn_max_age)
+        out = StringIO()
+        call_command("check", "--deploy", "--tag", "django_events", stdout=out, stderr=out)
+
+    seen = {(r.payload["backend_pid"], r.payload["backend_start"]) for r in runs}
+    if most_connections == DELIVERIES:
+        assert len(seen) == DELIVERIES, seen
+    else:
+        assert len(seen) <= most_connections, seen
+    if warning is None:
+        assert "W215" not in out.getvalue(), out.getvalue()
+    else:
+        assert "(django_events.W215)" in out.getvalue(), out.getvalue()
+        assert warning in out.getvalue()
