@@ -2286,7 +2286,7 @@ def deploy_check() -> list[Reported]:
 
 @contextmanager
 def _databases_on_postgresql(**database: Any) -> Iterator[None]:
-    """"default" set as PostgreSQL with ``database``'s keys, "other" as SQLite: W215 reads
+    """ "default" set as PostgreSQL with ``database``'s keys, "other" as SQLite: W215 reads
     only their settings (the connections, made already, stay as they are)."""
     from unittest import mock
 

@@ -3,22 +3,26 @@
 Celery's Django fixup closes a worker's database connections before and after every task
 unless its app sets ``CELERY_DB_REUSE_MAX`` (it does not read ``CONN_MAX_AGE``), and the
 worker closes a connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at
-each request. With both set, each pool process keeps its connection. Should Celery change
-how it closes them, this fails, and W215 must change with it.
+each request. With both set, each pool process keeps its connection, and a database restart
+does not wedge it. Should Celery change how it closes them, this fails, and W215 must change
+with it.
 """
 
 from __future__ import annotations
 
 from io import StringIO
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from django.core.management import call_command
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
 
 from django_events import publish
+from django_events.models import Delivery
 from tests import brokers
 from tests.app.models import HandlerRun
+from tests.faultproxy import FaultProxy
 from tests.worker import start_worker, wait_for
 
 pytestmark = [
@@ -28,6 +32,20 @@ pytestmark = [
 ]
 
 DELIVERIES = 8
+KEEPS_CONNECTIONS = {"DJANGO_EVENTS_TEST_DB_REUSE_MAX": "1000"}  # and CONN_MAX_AGE 60
+
+
+def _publish(count: int, start: int = 0) -> list[UUID]:
+    ids = []
+    for n in range(start, start + count):
+        with transaction.atomic():
+            ids.append(publish("conn.noted", {"n": n}).id)
+    return ids
+
+
+def _backends(ids: list[UUID]) -> set[tuple[int, str]]:
+    runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids)
+    return {(r.payload["backend_pid"], r.payload["backend_start"]) for r in runs}
 
 
 @pytest.mark.parametrize(
@@ -79,3 +97,45 @@ def test_a_worker_connects_for_each_delivery_unless_celery_and_django_keep_conne
     else:
         assert "(django_events.W215)" in out.getvalue(), out.getvalue()
         assert warning in out.getvalue()
+
+
+def test_a_worker_that_keeps_its_connections_outlives_a_database_restart(tmp_path: Path) -> None:
+    # What W215 asks for must not wedge a worker on connections a restart broke: the worker
+    # closes a broken one before the next delivery (CONN_HEALTH_CHECKS, as tests/settings.py
+    # gives workers), and a delivery that could not reach the database is retried.
+    address = (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
+    with FaultProxy(address) as db:
+        env = {**KEEPS_CONNECTIONS, "DJANGO_EVENTS_WORKER_DB_PORT": str(db.port)}
+        with (
+            start_worker(
+                "amqp", tmp_path, prefix="conn-restart", manifest="connections.yaml", env=env
+            ) as worker,
+            brokers.delivery_wiring("amqp", worker.queue, "connections.yaml"),
+        ):
+            before = _publish(DELIVERIES)
+            wait_for(lambda: len(_backends(before)) and _ran(before), what="the first deliveries")
+            kept = _backends(before)
+            assert len(kept) <= 2, kept  # one a pool process: the connections were kept
+
+            db.cut()  # the server goes down: its connections dropped, new ones refused
+            during = _publish(2, start=DELIVERIES)
+            wait_for(lambda: worker.log().count("Retry in") >= 2, what="the deliveries retried")
+            db.restore()
+            after = _publish(DELIVERIES, start=DELIVERIES + 2)
+            everything = before + during + after
+            wait_for(lambda: _ran(everything), timeout=60, what="every delivery after the restart")
+
+    assert _backends(during + after).isdisjoint(kept)  # connected again, once back
+    per_event = HandlerRun.objects.filter(handler="record_connection", event_id__in=everything)
+    assert per_event.count() == len(everything)  # each ran to its commit once
+    assert set(
+        Delivery.objects.filter(event_id__in=everything).values_list("status", flat=True)
+    ) == {"succeeded"}
+
+
+def _ran(ids: list[UUID]) -> bool:
+    return Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == len(
+        ids
+    ) and HandlerRun.objects.filter(handler="record_connection", event_id__in=ids).count() == len(
+        ids
+    )

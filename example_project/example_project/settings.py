@@ -108,6 +108,9 @@ def database_from_url(url: str) -> dict[str, object]:
             "PASSWORD": unquote(parsed.password or ""),
             "HOST": parsed.hostname or "127.0.0.1",
             "PORT": str(parsed.port or 5432),
+            # Workers keep their connection (with CELERY_DB_REUSE_MAX below): check W215.
+            "CONN_MAX_AGE": 60,
+            "CONN_HEALTH_CHECKS": True,
         }
     raise ValueError(f"Unsupported DATABASE_URL scheme {parsed.scheme!r}: {url!r}")
 
@@ -136,6 +139,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_CONNECTION_TIMEOUT = 2  # a publisher with the broker down fails fast
+# Celery closes a worker's database connections after every task unless this is set, whatever
+# CONN_MAX_AGE says (`manage.py check --deploy` warns: django_events.W215).
+CELERY_DB_REUSE_MAX = 1000
 
 
 # django_events: who handles what is in events.yaml next to manage.py; the events themselves
