@@ -9,7 +9,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 from difflib import get_close_matches
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.core.checks import CheckMessage, Error, Warning
 from django.utils.module_loading import import_string
@@ -27,6 +27,9 @@ from django_events.wiring.contracts import compare, lock_data, read_lock
 from django_events.wiring.declarations import Problem
 from django_events.wiring.registry import checked_registry
 from django_events.wiring.upcasting import resolve_upcaster
+
+if TYPE_CHECKING:
+    from celery import Celery
 
 # Every id this module can emit, with a one-line summary (kept in sync with docs/checks.md).
 CHECK_IDS: dict[str, str] = {
@@ -538,8 +541,7 @@ def _endpoints_on_workers(databases: Sequence[str]) -> list[CheckMessage]:
 
 def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> list[CheckMessage]:
     """Async subscriptions need a Celery app that accepts only safe serializers."""
-    registry = checked_registry()
-    if not any(s.is_queued and s.via != "tasks" for s in registry.subscriptions.values()):
+    if not _celery_subscriptions():
         return []
     app, reason = _celery_app()
     if app is None:
@@ -594,7 +596,7 @@ def check_celery(app_configs: Sequence[Any] | None = None, **kwargs: Any) -> lis
     return messages
 
 
-def _celery_app() -> tuple[Any, str]:
+def _celery_app() -> tuple[Celery | None, str]:
     """The Celery app publishers send through, or None and why not (E203 tells it)."""
     from celery import Celery
 
@@ -614,31 +616,35 @@ def _celery_app() -> tuple[Any, str]:
 def check_worker_connections(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """(``check --deploy``) Celery workers that connect to their databases again for every
-    delivery that uses one (its handler's queries, a row it writes before the acknowledgement):
+    """Warn (``check --deploy``) when Celery workers connect to a database again for every
+    delivery that queries it in its task (a handler's queries, a row written before the
+    acknowledgement).
+
     Celery's Django fixup closes the connections before and after each task unless
-    ``CELERY_DB_REUSE_MAX`` is set (it does not read ``CONN_MAX_AGE``), and the worker closes a
-    connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at each request.
-    SQLite is left out: its connection is a file opened."""
-    if not any(s.is_queued and s.via != "tasks" for s in checked_registry().subscriptions.values()):
+    ``CELERY_DB_REUSE_MAX`` is set (it does not read ``CONN_MAX_AGE``); the worker closes a
+    connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at each
+    request. SQLite is left out: its connection is a file opened.
+    """
+    if not _celery_subscriptions():
         return []
     app, _ = _celery_app()
     if app is None:
         return []  # E203
     from django.db import connections
 
-    servers = {
-        alias: database
-        for alias, database in connections.settings.items()
-        if not str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES)
-    }
+    servers = {a: d for a, d in connections.settings.items() if not _is_sqlite(d)}
     if not servers:
         return []
-    if not app.conf.get("CELERY_DB_REUSE_MAX"):  # the key Celery's fixup reads
+    # The key and the arithmetic of Celery's fixup: it closes every 2 x N task signals, so
+    # below 2 it closes at every task (tests/test_checks.py holds the two in step).
+    reuse = app.conf.get("CELERY_DB_REUSE_MAX")
+    if not (type(reuse) is int and reuse >= 2):
         closing = sorted(servers)
+        obj = "CELERY_DB_REUSE_MAX"
+        value = "is not set" if reuse is None else f"is {reuse!r}, not an integer of 2 or more"
         cause = (
             "Celery's Django fixup closes the workers' database connections before and after "
-            "every task (CELERY_DB_REUSE_MAX is not set)"
+            f"every task (CELERY_DB_REUSE_MAX {value})"
         )
     else:
         closing = sorted(
@@ -648,28 +654,30 @@ def check_worker_connections(
         )
         if not closing:
             return []
+        obj = "DATABASES"
         cause = (
-            f"{_aliases(closing, 'DATABASES[{!r}]')} {'has' if len(closing) == 1 else 'have'} "
+            f"{_listed(closing, 'DATABASES[{!r}]')} {'has' if len(closing) == 1 else 'have'} "
             "CONN_MAX_AGE 0 and no pool, so a worker closes the connection before each "
             "delivery, as Django does at each request"
         )
     return [
         Warning(
-            f"{cause}: each delivery whose handler or record uses "
-            f"{_aliases(closing, 'database {!r}')} connects to it again",
+            f"{cause}: each delivery whose handler queries {_listed(closing, 'database {!r}')}, "
+            "or that records its outcome before the acknowledgement, connects to it again",
             hint=(
                 "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
                 "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
                 "pool on the database; silence this where a pooler such as PgBouncer makes "
                 "connections cheap."
             ),
-            obj="DATABASES",
+            obj=obj,
             id="django_events.W215",
         )
     ]
 
 
-def _aliases(aliases: Sequence[str], form: str) -> str:
+def _listed(aliases: Sequence[str], form: str) -> str:
+    """Each alias in ``form`` (``"database {!r}"``), joined with "and"."""
     return " and ".join(form.format(alias) for alias in aliases)
 
 
@@ -868,10 +876,20 @@ def _event_log_locking_late() -> tuple[str, object] | None:
 
     alias = router.db_for_write(Delivery)
     database = connections.settings[alias]
-    if not str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES):
+    if not _is_sqlite(database):
         return None
     mode = (database.get("OPTIONS") or {}).get("transaction_mode")
     return None if str(mode).upper() in _LOCKS_AT_BEGIN else (alias, mode)
+
+
+def _is_sqlite(database: dict[str, Any]) -> bool:
+    """Whether a ``DATABASES`` entry is SQLite (Django's backend, or GeoDjango's)."""
+    return str(database.get("ENGINE", "")).endswith(_SQLITE_ENGINES)
+
+
+def _celery_subscriptions() -> bool:
+    """Whether a declared subscription is delivered through Celery (async, webhook)."""
+    return any(s.is_queued and s.via != "tasks" for s in checked_registry().subscriptions.values())
 
 
 def _subscriptions_on_workers() -> bool:

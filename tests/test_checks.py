@@ -2286,8 +2286,8 @@ def deploy_check() -> list[Reported]:
 
 @contextmanager
 def _databases_on_postgresql(**database: Any) -> Iterator[None]:
-    """ "default" set as PostgreSQL with ``database``'s keys, "other" as SQLite: W215 reads
-    only their settings (the connections, made already, stay as they are)."""
+    """Alias default set as PostgreSQL with ``database``'s keys, and other as SQLite: W215
+    reads only their settings (the connections, made already, stay as they are)."""
     from unittest import mock
 
     from django.db import connections
@@ -2309,10 +2309,11 @@ def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_de
         assert deploy_check() == [
             (
                 "django_events.W215",
-                "DATABASES",
+                "CELERY_DB_REUSE_MAX",
                 "Celery's Django fixup closes the workers' database connections before and "
                 "after every task (CELERY_DB_REUSE_MAX is not set): each delivery whose handler "
-                "or record uses database 'default' connects to it again",
+                "queries database 'default', or that records its outcome before the "
+                "acknowledgement, connects to it again",
             )
         ]
         # A deploy check: `check` and `events_check` leave it out.
@@ -2324,9 +2325,56 @@ def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_de
                 "DATABASES",
                 "DATABASES['default'] has CONN_MAX_AGE 0 and no pool, so a worker closes the "
                 "connection before each delivery, as Django does at each request: each "
-                "delivery whose handler or record uses database 'default' connects to it again",
+                "delivery whose handler queries database 'default', or that records its "
+                "outcome before the acknowledgement, connects to it again",
             )
         ]
+
+
+@pytest.mark.parametrize(
+    ("configure", "reuse"),
+    [
+        # Celery's Django layout: CELERY_* Django settings (tests.celery_app reads them so).
+        (lambda app: override_settings(CELERY_DB_REUSE_MAX=1000), 1000),
+        (lambda app: override_settings(CELERY_DB_REUSE_MAX=1), 1),  # closes at every task
+        (lambda app: override_settings(CELERY_DB_REUSE_MAX="1000"), "1000"),  # not a number
+        # The new-style name is not one Celery's fixup reads.
+        (lambda app: _conf(app, db_reuse_max=1000), None),
+        (lambda app: _conf(app, CELERY_DB_REUSE_MAX=1000), 1000),
+    ],
+)
+def test_W215_reads_celery_db_reuse_max_as_celerys_django_fixup_does(
+    configure: Callable[[Any], AbstractContextManager[Any]], reuse: object
+) -> None:
+    from celery.fixups.django import DjangoWorkerFixup
+
+    from django_events.delivery.broker import celery_app
+
+    with _databases_on_postgresql(CONN_MAX_AGE=60), wiring(ASYNC):
+        app = celery_app()
+        with configure(app):
+            fixup = DjangoWorkerFixup(app)
+            warned = [r[2].split(":")[0] for r in deploy_check()]
+
+    assert fixup.db_reuse_max == reuse  # what a worker's fixup reads, as the test expects
+    closes_every_task = not (type(reuse) is int and reuse >= 2)
+    assert bool(warned) == closes_every_task, warned
+    if reuse is not None and closes_every_task:
+        assert warned == [
+            "Celery's Django fixup closes the workers' database connections before and after "
+            f"every task (CELERY_DB_REUSE_MAX is {reuse!r}, not an integer of 2 or more)"
+        ]
+
+
+@contextmanager
+def _conf(app: Any, **values: Any) -> Iterator[None]:
+    """``values`` set on ``app.conf`` for the block, then taken out (none was set before)."""
+    app.conf.update(values)
+    try:
+        yield
+    finally:
+        for key in values:
+            del app.conf[key]
 
 
 def test_W215_names_each_database_a_worker_connects_to_again() -> None:

@@ -123,7 +123,8 @@ def process_message(
     """
     if manage_connections:
         # Once, before: a connection that broke or aged during this delivery is closed before
-        # the next one, and Celery's Django fixup closes such connections after each task.
+        # the next one (Celery's Django fixup closes every connection after each task too,
+        # unless CELERY_DB_REUSE_MAX is set: check W215).
         close_old_connections()
     return _process(message, retries, batch_success)
 
