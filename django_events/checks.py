@@ -636,7 +636,7 @@ def check_worker_connections(
     if not servers:
         return []
     # The key and the arithmetic of Celery's fixup: it closes every 2 x N task signals, so
-    # below 2 it closes at every task (tests/test_checks.py holds the two in step).
+    # below 2 it closes at every task (tests/test_private_apis.py pins both).
     reuse = app.conf.get("CELERY_DB_REUSE_MAX")
     if not (type(reuse) is int and reuse >= 2):
         closing = sorted(servers)

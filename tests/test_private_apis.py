@@ -102,3 +102,29 @@ def test_py_amqp_channels_confirm_and_report_acks_through_their_events() -> None
             channel.connection.drain_events(timeout=1)
         channel.queue_delete(queue)
     assert acks and acks[0][0] == 1, "py-amqp no longer reports confirms via channel.events"
+
+
+@pytest.mark.parametrize(("reuse", "closes_at_every_task"), [(None, True), (1, True), (2, False)])
+def test_celerys_django_fixup_keeps_connections_for_celery_db_reuse_max_of_2_or_more(
+    reuse: int | None, closes_at_every_task: bool
+) -> None:
+    # django_events.checks.check_worker_connections (W215) reads the key Celery's Django fixup
+    # reads, and warns below 2, where the fixup still closes the connections at every task.
+    from celery.fixups.django import DjangoWorkerFixup
+
+    app = Celery("private-api-reuse", set_as_current=False)
+    if reuse is not None:
+        app.conf["CELERY_DB_REUSE_MAX"] = reuse
+    fixup = DjangoWorkerFixup(app)
+    closes = []
+    fixup._close_database = lambda *args, **kwargs: closes.append(1)  # type: ignore[method-assign]
+    tasks = 10
+    for _ in range(tasks):  # its task_prerun and task_postrun handlers each call it
+        fixup.close_database()
+        fixup.close_database()
+
+    assert fixup.db_reuse_max == reuse, "DjangoWorkerFixup no longer reads CELERY_DB_REUSE_MAX"
+    if closes_at_every_task:
+        assert len(closes) >= tasks - 1, closes
+    else:
+        assert len(closes) <= tasks // 2, closes
