@@ -616,14 +616,14 @@ def _celery_app() -> tuple[Celery | None, str]:
 def check_worker_connections(
     app_configs: Sequence[Any] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """Warn (``check --deploy``) when Celery workers connect to a database again for every
-    delivery that queries it in its task (a handler's queries, a row written before the
-    acknowledgement).
+    """Warn (``check --deploy``) when Celery workers reconnect for every delivery.
 
     Celery's Django fixup closes the connections before and after each task unless
     ``CELERY_DB_REUSE_MAX`` is set (it does not read ``CONN_MAX_AGE``); the worker closes a
     connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at each
-    request. SQLite is left out: its connection is a file opened.
+    request. What reconnects is a delivery that uses a database in its task: its handler's
+    queries, a row written before the acknowledgement. SQLite is left out: its connection is
+    a file opened.
     """
     if not _celery_subscriptions():
         return []
@@ -638,10 +638,17 @@ def check_worker_connections(
     # The key and the arithmetic of Celery's fixup: it closes every 2 x N task signals, so
     # below 2 it closes at every task (tests/test_private_apis.py pins both).
     reuse = app.conf.get("CELERY_DB_REUSE_MAX")
-    if not (type(reuse) is int and reuse >= 2):
+    if isinstance(reuse, bool) or not (isinstance(reuse, int | float) and reuse >= 2):
         closing = sorted(servers)
-        obj = "CELERY_DB_REUSE_MAX"
-        value = "is not set" if reuse is None else f"is {reuse!r}, not an integer of 2 or more"
+        value = "is not set" if reuse is None else f"is {reuse!r}, not a number of 2 or more"
+        obj, hint = (
+            "CELERY_DB_REUSE_MAX",
+            (
+                "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
+                "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
+                "pool on the database."
+            ),
+        )
         cause = (
             "Celery's Django fixup closes the workers' database connections before and after "
             f"every task (CELERY_DB_REUSE_MAX {value})"
@@ -654,7 +661,13 @@ def check_worker_connections(
         )
         if not closing:
             return []
-        obj = "DATABASES"
+        obj, hint = (
+            "DATABASES",
+            (
+                "Set CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) on "
+                f"{_listed(closing, 'DATABASES[{!r}]')}, or give it a connection pool."
+            ),
+        )
         cause = (
             f"{_listed(closing, 'DATABASES[{!r}]')} {'has' if len(closing) == 1 else 'have'} "
             "CONN_MAX_AGE 0 and no pool, so a worker closes the connection before each "
@@ -662,14 +675,10 @@ def check_worker_connections(
         )
     return [
         Warning(
-            f"{cause}: each delivery whose handler queries {_listed(closing, 'database {!r}')}, "
-            "or that records its outcome before the acknowledgement, connects to it again",
-            hint=(
-                "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
-                "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
-                "pool on the database; silence this where a pooler such as PgBouncer makes "
-                "connections cheap."
-            ),
+            f"{cause}: each delivery that uses {_listed(closing, 'database {!r}')} in its task "
+            "(its handler's queries, a Delivery row written before the acknowledgement) "
+            "connects again",
+            hint=f"{hint} Silence this where a pooler such as PgBouncer makes connections cheap.",
             obj=obj,
             id="django_events.W215",
         )

@@ -2311,9 +2311,9 @@ def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_de
                 "django_events.W215",
                 "CELERY_DB_REUSE_MAX",
                 "Celery's Django fixup closes the workers' database connections before and "
-                "after every task (CELERY_DB_REUSE_MAX is not set): each delivery whose handler "
-                "queries database 'default', or that records its outcome before the "
-                "acknowledgement, connects to it again",
+                "after every task (CELERY_DB_REUSE_MAX is not set): each delivery that uses "
+                "database 'default' in its task (its handler's queries, a Delivery row written "
+                "before the acknowledgement) connects again",
             )
         ]
         # A deploy check: `check` and `events_check` leave it out.
@@ -2325,8 +2325,8 @@ def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_de
                 "DATABASES",
                 "DATABASES['default'] has CONN_MAX_AGE 0 and no pool, so a worker closes the "
                 "connection before each delivery, as Django does at each request: each "
-                "delivery whose handler queries database 'default', or that records its "
-                "outcome before the acknowledgement, connects to it again",
+                "delivery that uses database 'default' in its task (its handler's queries, a "
+                "Delivery row written before the acknowledgement) connects again",
             )
         ]
 
@@ -2338,6 +2338,7 @@ def test_celery_workers_that_reconnect_for_each_delivery_are_W215_under_check_de
         (lambda app: override_settings(CELERY_DB_REUSE_MAX=1000), 1000),
         (lambda app: override_settings(CELERY_DB_REUSE_MAX=1), 1),  # closes at every task
         (lambda app: override_settings(CELERY_DB_REUSE_MAX="1000"), "1000"),  # not a number
+        (lambda app: override_settings(CELERY_DB_REUSE_MAX=1000.0), 1000.0),
         # The new-style name is not one Celery's fixup reads.
         (lambda app: _conf(app, db_reuse_max=1000), None),
         (lambda app: _conf(app, CELERY_DB_REUSE_MAX=1000), 1000),
@@ -2357,12 +2358,12 @@ def test_W215_reads_celery_db_reuse_max_as_celerys_django_fixup_does(
             warned = [r[2].split(":")[0] for r in deploy_check()]
 
     assert fixup.db_reuse_max == reuse  # what a worker's fixup reads, as the test expects
-    closes_every_task = not (type(reuse) is int and reuse >= 2)
+    closes_every_task = not (type(reuse) in (int, float) and reuse >= 2)
     assert bool(warned) == closes_every_task, warned
     if reuse is not None and closes_every_task:
         assert warned == [
             "Celery's Django fixup closes the workers' database connections before and after "
-            f"every task (CELERY_DB_REUSE_MAX is {reuse!r}, not an integer of 2 or more)"
+            f"every task (CELERY_DB_REUSE_MAX is {reuse!r}, not a number of 2 or more)"
         ]
 
 
@@ -2375,6 +2376,32 @@ def _conf(app: Any, **values: Any) -> Iterator[None]:
     finally:
         for key in values:
             del app.conf[key]
+
+
+@pytest.mark.parametrize(
+    ("database", "subscription"),
+    [
+        # A webhook subscription's deliveries run on Celery workers too.
+        (
+            {"CONN_MAX_AGE": 60},
+            {
+                "event": "orders.placed",
+                "mode": "webhook",
+                "url": "https://example.com/in",
+                "secret": "WHSEC_W209",
+            },
+        ),
+        # Without CELERY_DB_REUSE_MAX a prefork worker's fixup closes the pool itself.
+        ({"CONN_MAX_AGE": 0, "OPTIONS": {"pool": True}}, ASYNC),
+    ],
+)
+def test_W215_counts_webhooks_and_pooled_databases_celery_closes(
+    database: dict[str, Any], subscription: dict[str, Any]
+) -> None:
+    with _databases_on_postgresql(**database), wiring(subscription):
+        messages = checks.check_worker_connections()
+
+    assert [(m.id, m.obj) for m in messages] == [("django_events.W215", "CELERY_DB_REUSE_MAX")]
 
 
 def test_W215_names_each_database_a_worker_connects_to_again() -> None:

@@ -3,9 +3,9 @@
 Celery's Django fixup closes a worker's database connections before and after every task
 unless its app sets ``CELERY_DB_REUSE_MAX`` (it does not read ``CONN_MAX_AGE``), and the
 worker closes a connection ``CONN_MAX_AGE`` has aged before each delivery, as Django does at
-each request. With both set, each pool process keeps its connection, and a database restart
-does not wedge it. Should Celery change how it closes them, this fails, and W215 must change
-with it.
+each request. With both set, each pool process keeps its connection, and a cut connection
+to the database does not wedge it. Should Celery change how it closes them, this fails, and
+W215 must change with it.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def test_a_worker_connects_for_each_delivery_unless_celery_and_django_keep_conne
     ):
         ids = _publish(DELIVERIES)
         wait_for(lambda: _ran(ids), what=f"{DELIVERIES} deliveries")
-        # What `check --deploy` says of the worker's settings, seen from this process.
+        # What `check --deploy` says of the same settings, given to this process (it cannot see
+        # the worker's: the count of connections above is what tests the worker).
         for alias in ("default", "other"):  # the worker's two, tests/settings.py
             monkeypatch.setitem(connections.settings[alias], "CONN_MAX_AGE", conn_max_age)
         out = StringIO()
@@ -95,8 +96,9 @@ def test_a_worker_connects_for_each_delivery_unless_celery_and_django_keep_conne
         assert warning in out.getvalue()
 
 
-def test_a_worker_that_keeps_its_connections_outlives_a_database_restart(tmp_path: Path) -> None:
-    # What W215 asks for must not wedge a worker on connections a restart broke: the worker
+def test_a_worker_that_keeps_its_connections_outlives_a_database_cut(tmp_path: Path) -> None:
+    # What W215 asks for must not wedge a worker on connections a cut broke (as a database
+    # restart or a network fault would; the proxy drops them, the server runs on): the worker
     # closes a broken one before the next delivery (CONN_HEALTH_CHECKS, as tests/settings.py
     # gives workers), and a delivery that could not reach the database is retried.
     address = (connection.settings_dict["HOST"], int(connection.settings_dict["PORT"]))
@@ -104,7 +106,7 @@ def test_a_worker_that_keeps_its_connections_outlives_a_database_restart(tmp_pat
         env = {**KEEPS_CONNECTIONS, "DJANGO_EVENTS_WORKER_DB_PORT": str(db.port)}
         with (
             start_worker(
-                "amqp", tmp_path, prefix="conn-restart", manifest="connections.yaml", env=env
+                "amqp", tmp_path, prefix="conn-cut", manifest="connections.yaml", env=env
             ) as worker,
             brokers.delivery_wiring("amqp", worker.queue, "connections.yaml"),
         ):
@@ -113,15 +115,15 @@ def test_a_worker_that_keeps_its_connections_outlives_a_database_restart(tmp_pat
             kept = _backends(before)
             assert len(kept) <= 2, kept  # one a pool process: the connections were kept
 
-            db.cut()  # the server goes down: its connections dropped, new ones refused
+            db.cut()  # the kept connections dropped, new ones refused
             during = _publish(2, start=DELIVERIES)
             wait_for(lambda: worker.log().count("Retry in") >= 2, what="the deliveries retried")
             db.restore()
             after = _publish(DELIVERIES, start=DELIVERIES + 2)
             everything = before + during + after
-            wait_for(lambda: _ran(everything), timeout=60, what="every delivery after the restart")
+            wait_for(lambda: _ran(everything), timeout=60, what="every delivery after the cut")
 
-    assert _backends(during + after).isdisjoint(kept)  # connected again, once back
+    assert _backends(during + after).isdisjoint(kept)  # connected again once it was back
     per_event = HandlerRun.objects.filter(handler="record_connection", event_id__in=everything)
     assert per_event.count() == len(everything)  # each ran to its commit once
     assert set(

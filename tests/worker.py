@@ -63,8 +63,8 @@ class WorkerProcess:
             self.wait_ready(timeout)
         except BaseException:
             # Ctrl+C while it starts: `with worker:` never reaches __exit__, and the worker,
-            # in a session of its own, would outlive the run. (launch() is inside: an
-            # interrupt just after its Popen returns would leave the worker running too.)
+            # in a session of its own, would outlive the run. (launch() is inside too, which
+            # leaves only the instant between Popen's return and `self.process = ...`.)
             self.stop()
             raise
 
@@ -82,37 +82,36 @@ class WorkerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._stopping = False
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                self.app,
-                "worker",
-                "-Q",
-                self.queue,
-                "--pool",
-                "prefork",
-                "-c",
-                "2",
-                "-n",
-                f"{self.node}@%h",
-                "--without-heartbeat",
-                "--without-mingle",
-                "--without-gossip",
-                "-l",
-                "INFO",
-                *self.extra_args,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group, for kill()
-        )
-        log.close()
+        with self.log_path.open("ab") as log:  # the child has its own copy
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    self.app,
+                    "worker",
+                    "-Q",
+                    self.queue,
+                    "--pool",
+                    "prefork",
+                    "-c",
+                    "2",
+                    "-n",
+                    f"{self.node}@%h",
+                    "--without-heartbeat",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "-l",
+                    "INFO",
+                    *self.extra_args,
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group, for kill()
+            )
         _running.add(self)
 
     def wait_ready(self, timeout: float = 60) -> None:
