@@ -8,7 +8,7 @@ import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -91,9 +91,11 @@ def _worker(
         yield worker
 
 
-def _publish_events(ctx: Context, count: int, note: str, chunk: int = 100) -> None:
+def _publish_events(
+    ctx: Context, count: int, note: str, chunk: int = 100, event: str = "bench.async"
+) -> None:
     for start in range(0, count, chunk):
-        items = [("bench.async", ctx.payload(i, note)) for i in range(start, start + chunk)]
+        items = [(event, ctx.payload(i, note)) for i in range(start, start + chunk)]
         with transaction.atomic():
             publish_many(items[: count - start])
 
@@ -137,6 +139,7 @@ def figure_4(ctx: Context) -> bool:
         _end_to_end(ctx, "amqp", reuse=0)
         # the worker's commits not waiting for the disk
         _end_to_end(ctx, "amqp", flush=False, success="immediate")
+    _orm_handler(ctx)  # a handler that writes a row: Celery's connection per task (W215)
     # The floor: the database write each delivery record needs, and where the CPU goes
     # (the publisher, the worker and the PostgreSQL server share 2 cores).
     write_ms = _record_write_ms(ctx)
@@ -330,6 +333,52 @@ def _end_to_end(
             "events/s",
             ours,
             [Baseline("raw Celery task", raw, Target(0.85, higher=True))],
+            ctx.repeat,
+        )
+
+
+def _orm_handler(ctx: Context) -> None:
+    """Figure 4's context for check W215: a handler that writes a row (as most handlers use
+    the ORM), on a worker with Celery's default, a database connection a task, against one
+    that keeps its connections (``CELERY_DB_REUSE_MAX``). Both workers run throughout, each
+    on its own queue; the sides alternate."""
+    n = ctx.count(600)
+    fresh_tables()
+    client = _redis()
+    runs = iter(range(1_000_000))
+    queues = {reuse: f"bench-orm-{ctx.run_id}-{reuse}" for reuse in (0, REUSE)}
+
+    def side(reuse: int) -> Callable[..., float]:
+        def run(count: int = n) -> float:
+            key = f"{ctx.counter}:orm:{reuse}:{next(runs)}"
+            recorded = Delivery.objects.count() + count
+            with _wiring(ctx, "amqp", queues[reuse]):
+                start = time.perf_counter()
+                _publish_events(ctx, count, key, event="bench.orm")
+                _until_counted(client, key, count, timeout=60 + count / 10)
+                elapsed = time.perf_counter() - start
+            _until_recorded(recorded, timeout=30)  # untimed, as figure 4's other lines
+            return count / elapsed
+
+        return run
+
+    with (
+        _worker(ctx, "amqp", [queues[0]], reuse=0),
+        _worker(ctx, "amqp", [queues[REUSE]], reuse=REUSE),
+    ):
+        for reuse in queues:
+            side(reuse)(min(n, 20))  # warm-up: imports, connections, the registry
+        compare(
+            "4",
+            "end to end, prefork -c 2, amqp, default settings, a handler that writes a row "
+            "(context, check W215): Celery default: connect per task",
+            "events/s",
+            side(0),
+            [
+                Baseline(
+                    "connections kept (CELERY_DB_REUSE_MAX)", side(REUSE), Target(0, higher=True)
+                )
+            ],
             ctx.repeat,
         )
 

@@ -45,6 +45,14 @@ def count(event: Event) -> None:
     bump(event.data)
 
 
+def count_with_row(event: Event) -> None:
+    """Figure 4's handler that uses the ORM, as most do: an order row, then the count."""
+    from .models import Order
+
+    Order.objects.create(total=event.data["total"], created_at=event.occurred_at)
+    bump(event.data)
+
+
 async def acount(event: Event) -> None:
     """The async handler of figure 10: the same work as :func:`count`."""
     bump(event.data)

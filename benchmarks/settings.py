@@ -66,6 +66,8 @@ DJANGO_EVENTS = {
     "EVENTS": {
         "bench.sync": {"schema": SCHEMA, "record": "failures"},
         "bench.async": {"schema": SCHEMA},
+        # Figure 4's context for check W215: a handler that writes a row.
+        "bench.orm": {"schema": SCHEMA},
         # Figure 9: the same event with a redacted field (its messages carry it sealed).
         "bench.redacted": {"schema": SCHEMA, "redact": ["email"]},
         "bench.tasks": {"schema": SCHEMA},
@@ -81,6 +83,7 @@ DJANGO_EVENTS = {
     "SUBSCRIPTIONS": [
         {"event": "bench.sync", "handler": "benchmarks.handlers.noop", "mode": "sync"},
         {"event": "bench.async", "handler": "benchmarks.handlers.count", "mode": "async"},
+        {"event": "bench.orm", "handler": "benchmarks.handlers.count_with_row", "mode": "async"},
         {
             "event": "bench.tasks",
             "handler": "benchmarks.handlers.count",
