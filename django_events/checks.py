@@ -635,24 +635,20 @@ def check_worker_connections(
     servers = {a: d for a, d in connections.settings.items() if not _is_sqlite(d)}
     if not servers:
         return []
-    # The key and the arithmetic of Celery's fixup: it closes every 2 x N task signals, so
-    # below 2 it closes at every task (tests/test_private_apis.py pins both).
-    reuse = app.conf.get("CELERY_DB_REUSE_MAX")
-    if isinstance(reuse, bool) or not (isinstance(reuse, int | float) and reuse >= 2):
+    reuse = app.conf.get("CELERY_DB_REUSE_MAX")  # the key Celery's fixup reads
+    if not _keeps_connections(reuse):
         closing = sorted(servers)
         value = "is not set" if reuse is None else f"is {reuse!r}, not a number of 2 or more"
-        obj, hint = (
-            "CELERY_DB_REUSE_MAX",
-            (
-                "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
-                "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
-                "pool on the database."
-            ),
-        )
         cause = (
             "Celery's Django fixup closes the workers' database connections before and after "
             f"every task (CELERY_DB_REUSE_MAX {value})"
         )
+        hint = (
+            "Set CELERY_DB_REUSE_MAX = 1000 where your Celery app reads its settings, and "
+            "CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) or a connection "
+            "pool on the database."
+        )
+        obj = "CELERY_DB_REUSE_MAX"
     else:
         closing = sorted(
             alias
@@ -661,18 +657,16 @@ def check_worker_connections(
         )
         if not closing:
             return []
-        obj, hint = (
-            "DATABASES",
-            (
-                "Set CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) on "
-                f"{_listed(closing, 'DATABASES[{!r}]')}, or give it a connection pool."
-            ),
-        )
+        named = _listed(closing, "DATABASES[{!r}]")
         cause = (
-            f"{_listed(closing, 'DATABASES[{!r}]')} {'has' if len(closing) == 1 else 'have'} "
-            "CONN_MAX_AGE 0 and no pool, so a worker closes the connection before each "
-            "delivery, as Django does at each request"
+            f"{named} {'has' if len(closing) == 1 else 'have'} CONN_MAX_AGE 0 and no pool, so "
+            "a worker closes the connection before each delivery, as Django does at each request"
         )
+        hint = (
+            f"Set CONN_MAX_AGE (for example 60, with CONN_HEALTH_CHECKS = True) on {named}, or "
+            "give it a connection pool."
+        )
+        obj = "DATABASES"
     return [
         Warning(
             f"{cause}: each delivery that uses {_listed(closing, 'database {!r}')} in its task "
@@ -683,6 +677,13 @@ def check_worker_connections(
             id="django_events.W215",
         )
     ]
+
+
+def _keeps_connections(reuse: object) -> bool:
+    """Whether Celery's Django fixup, given ``CELERY_DB_REUSE_MAX = reuse``, keeps connections
+    across tasks: it closes them every 2 x ``reuse`` task signals, so below 2 at every task
+    (tests/test_private_apis.py pins both)."""
+    return isinstance(reuse, int | float) and not isinstance(reuse, bool) and reuse >= 2
 
 
 def _listed(aliases: Sequence[str], form: str) -> str:

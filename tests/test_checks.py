@@ -2118,6 +2118,9 @@ def test_the_current_celery_app_is_used_when_celery_app_is_not_set(
     from tests.celery_app import app
 
     monkeypatch.setattr(celery_state._tls, "current_app", app)
+    # No default app: Celery's Django fixup makes the first app it is installed on the
+    # default, which may be another test's app, and the default goes first.
+    monkeypatch.setattr(celery_state, "default_app", None)
     with wiring(ASYNC, CELERY_APP=None):
         assert_reported()
 
@@ -2402,6 +2405,12 @@ def test_W215_counts_webhooks_and_pooled_databases_celery_closes(
         messages = checks.check_worker_connections()
 
     assert [(m.id, m.obj) for m in messages] == [("django_events.W215", "CELERY_DB_REUSE_MAX")]
+
+
+def test_W215_leaves_a_missing_celery_app_to_E203() -> None:
+    with _databases_on_postgresql(CONN_MAX_AGE=0), wiring(ASYNC, CELERY_APP="tests.nope.app"):
+        assert checks.check_worker_connections() == []
+        assert [m.id for m in checks.check_celery()] == ["django_events.E203"]
 
 
 def test_W215_names_each_database_a_worker_connects_to_again() -> None:
