@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Ordered delivery at the issue's scale: 10,000 events over 50 keys, two workers (prefork -c 2)
 # on each broker, 4 concurrent publishers, handlers sleeping 0-20 ms: tests/test_ordering_delivery.py
-# with larger counts. Three runs a broker: no faults; pool processes SIGKILLed; and (RabbitMQ and
+# with larger counts. Three runs a broker: no faults; pool processes SIGKILLed (100, 0.4 s apart:
+# 40 s of kills, against the suite's 4); and (RabbitMQ and
 # Redis: the filesystem transport has no acknowledgements) a whole worker SIGKILLed twice and
 # restarted, events_relay beside. Each prints its counts: lost, run twice, out of order.
 #   scripts/ordering_soak.sh                      # SQLite
@@ -12,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export DJANGO_EVENTS_ORDERING_EVENTS=${DJANGO_EVENTS_ORDERING_EVENTS:-10000}
 export DJANGO_EVENTS_ORDERING_KEYS=${DJANGO_EVENTS_ORDERING_KEYS:-50}
+export DJANGO_EVENTS_ORDERING_KILLS=${DJANGO_EVENTS_ORDERING_KILLS:-100}
 BROKERS=${ORDERING_SOAK_BROKERS:-filesystem or amqp or redis}
 # The suite's pytest-timeout (300 s a test, pyproject.toml) would stop a run of this size
 # midway; each test waits for as long as its deliveries keep succeeding.

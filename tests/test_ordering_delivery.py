@@ -39,6 +39,8 @@ pytestmark = [pytest.mark.servers, pytest.mark.django_db(transaction=True)]
 
 EVENTS = int(os.environ.get("DJANGO_EVENTS_ORDERING_EVENTS", "200"))
 KEYS = int(os.environ.get("DJANGO_EVENTS_ORDERING_KEYS", "10"))
+# Pool processes SIGKILLed, 0.4 s apart, while deliveries run (scripts/ordering_soak.sh: more).
+KILLS = int(os.environ.get("DJANGO_EVENTS_ORDERING_KILLS", "4"))
 PUBLISHERS = 4
 # A Redis database of its own: the messages a SIGKILLed worker took come back after a short
 # visibility_timeout, and kombu keeps its unacknowledged messages per database: a short
@@ -299,7 +301,7 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
         # SIGKILL a pool child of the first worker every 0.4 s while deliveries run: its
         # message goes back to the queue (acks_late + reject_on_worker_lost), Celery starts
         # a new child, and the rolled-back run is run again.
-        while not done.wait(0.4) and len(killed) < 4:
+        while not done.wait(0.4) and len(killed) < KILLS:
             children = wired.workers[0].pool_children()
             if children:
                 pid = random.choice(children)
@@ -317,6 +319,7 @@ def test_sigkilled_worker_processes_keep_order_and_lose_nothing(wired: Rig) -> N
         thread.join()
 
     assert killed
+    print(f"\n{len(killed)} pool processes SIGKILLed")
     check_order(ids)
 
 
