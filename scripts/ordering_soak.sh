@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Ordered delivery at the scale: 10,000 events over 50 keys, two workers (prefork -c 2)
 # on each broker, 4 concurrent publishers, handlers sleeping 0-20 ms: tests/test_ordering_delivery.py
-# with larger counts. Three runs a broker: no faults; pool processes SIGKILLed (100, 0.4 s apart:
-# 40 s of kills, against the suite's 4); and a whole worker SIGKILLed twice and restarted,
+# with larger counts. Three runs a broker: no faults; pool processes SIGKILLed (100, 0.4 s apart,
+# at least 40 s of kills, against the suite's 4); and a whole worker SIGKILLed twice and restarted,
 # events_relay beside (it sends again what the filesystem transport, which keeps no copy of a
 # taken message, lost with the worker). Each prints its counts: lost, run twice, out of order.
 # Figures of a run: docs/ordering.md, "Tests and figures".
