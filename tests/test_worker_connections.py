@@ -43,6 +43,13 @@ def _publish(count: int, start: int = 0) -> list[UUID]:
     return ids
 
 
+def _ran(ids: list[UUID]) -> bool:
+    """Whether each delivery succeeded and its handler's row was committed."""
+    succeeded = Delivery.objects.filter(event_id__in=ids, status="succeeded").count()
+    runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids).count()
+    return succeeded == runs == len(ids)
+
+
 def _backends(ids: list[UUID]) -> set[tuple[int, str]]:
     runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids)
     return {(r.payload["backend_pid"], r.payload["backend_start"]) for r in runs}
@@ -129,11 +136,3 @@ def test_a_worker_that_keeps_its_connections_outlives_a_database_cut(tmp_path: P
     assert set(
         Delivery.objects.filter(event_id__in=everything).values_list("status", flat=True)
     ) == {"succeeded"}
-
-
-def _ran(ids: list[UUID]) -> bool:
-    return Delivery.objects.filter(event_id__in=ids, status="succeeded").count() == len(
-        ids
-    ) and HandlerRun.objects.filter(handler="record_connection", event_id__in=ids).count() == len(
-        ids
-    )
