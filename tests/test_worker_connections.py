@@ -17,6 +17,7 @@ from uuid import UUID
 import pytest
 from django.core.management import call_command
 from django.db import connection, connections, transaction
+from django.db.models import QuerySet
 
 from django_events import publish
 from django_events.models import Delivery
@@ -43,16 +44,19 @@ def _publish(count: int, start: int = 0) -> list[UUID]:
     return ids
 
 
+def _runs(ids: list[UUID]) -> QuerySet[HandlerRun]:
+    """The rows the handler committed for the events ``ids``, one a run."""
+    return HandlerRun.objects.filter(handler="record_connection", event_id__in=ids)
+
+
 def _ran(ids: list[UUID]) -> bool:
     """Whether each delivery succeeded and its handler's row was committed."""
     succeeded = Delivery.objects.filter(event_id__in=ids, status="succeeded").count()
-    runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids).count()
-    return succeeded == runs == len(ids)
+    return succeeded == _runs(ids).count() == len(ids)
 
 
 def _backends(ids: list[UUID]) -> set[tuple[int, str]]:
-    runs = HandlerRun.objects.filter(handler="record_connection", event_id__in=ids)
-    return {(r.payload["backend_pid"], r.payload["backend_start"]) for r in runs}
+    return {(r.payload["backend_pid"], r.payload["backend_start"]) for r in _runs(ids)}
 
 
 @pytest.mark.parametrize(
@@ -131,8 +135,7 @@ def test_a_worker_that_keeps_its_connections_outlives_a_database_cut(tmp_path: P
             wait_for(lambda: _ran(everything), timeout=60, what="every delivery after the cut")
 
     assert _backends(during + after).isdisjoint(kept)  # connected again once it was back
-    per_event = HandlerRun.objects.filter(handler="record_connection", event_id__in=everything)
-    assert per_event.count() == len(everything)  # each ran to its commit once
+    assert _runs(everything).count() == len(everything)  # each ran to its commit once
     assert set(
         Delivery.objects.filter(event_id__in=everything).values_list("status", flat=True)
     ) == {"succeeded"}
