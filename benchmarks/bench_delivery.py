@@ -628,7 +628,7 @@ def analyze_tables() -> None:
     This machine's PostgreSQL runs with autovacuum off (its CI configuration), so an emptied
     table has none, and a plan a worker's connection keeps (migration 0013's turn function)
     may be one chosen for an empty table, which reads every delivery of the subscription on
-    each claim (docs/performance.md, 2026-12-06). django-tasks-db's table, which figure 11's
+    each claim (docs/performance-log.md, 2026-12-06). django-tasks-db's table, which figure 11's
     two sides share, is left as it is.
     """
     quote = connection.ops.quote_name

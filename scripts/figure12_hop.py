@@ -1,5 +1,5 @@
 """Figure 12's deliveries under conditions switched block by block in one process
-(docs/performance.md, "Figure 12 in a full run (2026-12-05)").
+(docs/performance-log.md, "Figure 12 in a full run (2026-12-05)").
 
     BENCH_REDIS_URL=redis://127.0.0.1:6379/6 .venv/bin/python scripts/figure12_hop.py
 

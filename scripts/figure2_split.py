@@ -1,4 +1,4 @@
-"""Figure 2 taken apart, interleaved in one process (docs/performance.md, "Figure 2 taken
+"""Figure 2 taken apart, interleaved in one process (docs/performance-log.md, "Figure 2 taken
 apart").
 
     .venv/bin/python scripts/figure2_split.py [--rounds 20] [--per-round 100]

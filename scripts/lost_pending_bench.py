@@ -1,5 +1,5 @@
 """Time the relay's pass over lost messages (`resend_unfinished`) on a backlog of pending
-deliveries, and show the plan of each of its queries (docs/performance.md, "The relay's
+deliveries, and show the plan of each of its queries (docs/performance-log.md, "The relay's
 lost-message pass on a large backlog").
 
     createdb -h 127.0.0.1 -U postgres lost_pending_bench

@@ -1,5 +1,5 @@
 """One ordered event's gate and row as one-row statements against the batch's JSON documents,
-interleaved in one process (docs/performance.md, "One ordered event's gate and row as plain
+interleaved in one process (docs/performance-log.md, "One ordered event's gate and row as plain
 `VALUES`").
 
     .venv/bin/python scripts/ordered_publish_ab.py [--rounds 40] [--per-round 100]

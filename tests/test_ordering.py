@@ -167,7 +167,7 @@ def test_the_task_that_hands_a_key_on_runs_its_held_deliveries_itself_in_order(
     queue: str,
 ) -> None:
     """Not sent to the back of the queue, behind the key's later messages, each of which
-    would be held in turn (docs/performance.md, "Busy keys")."""
+    would be held in turn (docs/performance-log.md, "Busy keys")."""
     with shop_wiring(queue, SUBSCRIPTIONS=[RETRYING]):
         events = [
             publish("shop.paid", {"order_id": order, "total": total, "times": 0})

@@ -397,7 +397,7 @@ def test_the_relay_reads_an_ordered_keys_backlog_once_a_key(queue) -> None:
     gate does, through the index of unfinished deliveries, once a key. Checking each pending
     row against those before it cost a pass one index probe a row on PostgreSQL, and on
     SQLite, which cannot use that index for a bound parameter, a walk through the key's
-    finished history a row (docs/performance.md)."""
+    finished history a row (docs/performance-log.md)."""
     keys, history, backlog = 3, 20, 200
     long_ago = timezone.now() - timedelta(seconds=1.5 * HOUR)
     with shop_wiring(queue, SUBSCRIPTIONS=[ORDERED]):

@@ -4,7 +4,7 @@ An ordered delivery that finds an earlier one of its key unfinished is held (`or
 worker that finishes the earlier one hands the key on to it. Sent as a message, that hand-on
 goes to the back of the queue, behind the key's later messages: each of those comes up before
 it, finds it unfinished and is held in turn, so while a backlog lasts every delivery of a busy
-key costs a hold, a hand-on and a second trip through the queue (docs/performance.md, "Busy
+key costs a hold, a hand-on and a second trip through the queue (docs/performance-log.md, "Busy
 keys"). The Celery task that finished the delivery runs the handed-on one itself instead, and
 the ones its finish hands on, for up to `CONTINUE_FOR` seconds; the rest are sent as before.
 

@@ -307,7 +307,7 @@ def _lost_pending(
     # Of an ordered key, its first unfinished delivery, read as the gate reads it, once a key:
     # checking each pending row against those before it cost a pass a read a row of a key's
     # backlog, and on SQLite a walk through the key's history a row (11 s a pass at 20,000
-    # behind 2,000 succeeded: docs/performance.md).
+    # behind 2,000 succeeded: docs/performance-log.md).
     heads = ordering.first_unfinished_of(using, untouched.filter(sequence__isnull=False))
     lost_rows = list(
         untouched.filter(
