@@ -26,7 +26,8 @@ _db: dict[str, Any] = database_from_url(
 )
 _db["TEST"] = {"NAME": os.environ.get("BENCH_DB_NAME") or f"django_events_bench_{os.getpid()}"}
 # Workers keep their connection between deliveries, as a production worker should: with
-# Django's default 0 every delivery would open a new PostgreSQL connection (docs/performance.md).
+# Django's default 0 every delivery would open a new PostgreSQL connection
+# (docs/performance-log.md, "What the profiles showed").
 _db["CONN_MAX_AGE"] = int(os.environ.get("BENCH_CONN_MAX_AGE", "60"))
 if os.environ.get("BENCH_WORKER_SYNCHRONOUS_COMMIT") == "off" and os.environ.get("BENCH_WORKER"):
     # Figure 4's floor line: the worker's commits do not wait for the WAL flush.

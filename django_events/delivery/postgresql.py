@@ -2,7 +2,7 @@
 
 Every other backend (and every other statement) goes through the ORM. These are on the
 hot paths (a publish, a delivery, an ordered delivery's turn) and cost a fraction of the
-ORM's client CPU there (docs/performance.md, figures 2-4 and 16): the rows of a batch
+ORM's client CPU there (figures 2-4 and 16, docs/performance-log.md): the rows of a batch
 travel as one JSON parameter that ``jsonb_to_recordset`` unpacks, and the ids of an update
 as one ``uuid[]`` literal, because psycopg adapts a JSON string or an array literal in C and
 other parameters one by one in Python; a single row (the ``publish()`` of one event) as
@@ -87,7 +87,8 @@ def insert_records(connection: BaseDatabaseWrapper, records: Sequence[tuple[Even
 
     Several as one JSON document that ``jsonb_to_recordset`` unpacks (psycopg adapts one
     parameter, not nine a row); one, the ``publish()`` of figure 2, as plain ``VALUES``,
-    which PostgreSQL runs in a third of the time (docs/performance.md).
+    which PostgreSQL runs in a third of the time (docs/performance-log.md, "Figure 2: one
+    record's `INSERT` as plain `VALUES`").
     """
     rows = [
         {

@@ -353,7 +353,7 @@ def transport() -> httpx.HTTPTransport:
     Requests go to it straight, not through an ``httpx.Client``: a client's cookie jar would
     keep what one receiver sets and send it to the next receiver at that address, and its
     default headers, redirect and auth layers are work a signed POST does not need (a third
-    of the time of a call to a receiver on loopback, docs/performance.md, figure 13). A
+    of the time of a call to a receiver on loopback, docs/performance-log.md, "Issue 18"). A
     transport never follows redirects and reads no proxy from the environment.
     """
     global _transport, _transport_pid

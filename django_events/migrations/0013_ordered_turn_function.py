@@ -1,9 +1,9 @@
 # An ordered delivery's turn (`ordering.claim`, PostgreSQL) read through a function: PL/pgSQL
 # keeps its statement's plan for the session, where the statement sent as text was planned
-# again for every message, five times the cost of running it (docs/performance.md, figure
-# 16). The statuses are written out, as the turn index's condition is (0010), so that the
-# plan reads that index; they are `recording.FINISHED` (tests/test_storage.py compares the
-# function with the statement).
+# again for every message, five times the cost of running it (docs/performance-log.md,
+# "Figure 16: the PostgreSQL server's CPU counted whole"). The statuses are written out, as
+# the turn index's condition is (0010), so that the plan reads that index; they are
+# `recording.FINISHED` (tests/test_storage.py compares the function with the statement).
 
 from __future__ import annotations
 
