@@ -438,7 +438,8 @@ def check_endpoints(
     send them, as W209 tells of. A disabled endpoint is sent nothing: none of these.
 
     They are rows: read only when the checks may query a database (``databases``: ``manage.py
-    check --database default``, and ``migrate`` before it migrates).
+    check --database default``, ``migrate`` before it migrates, and from Django 6.1 a ``check
+    --tag`` without ``--database``, given every alias).
     """
     if not databases:
         return []
