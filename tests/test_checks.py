@@ -3208,7 +3208,7 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
 
 def test_check_by_tag_reads_the_endpoints_from_django_6_1_on() -> None:
     """`check --tag django_events` without --database: Django 6.1 runs the checks that read
-    rows against every database (docs/checks.md), Django 5.2 against none."""
+    rows against every database (docs/checks.md), Django 5.2 and 6.0 against none."""
     import django
 
     from django_events.delivery.endpoints import create_endpoint
