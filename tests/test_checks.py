@@ -3206,30 +3206,28 @@ def test_endpoint_urls_refused_now_are_an_error_each_where_checks_read_the_datab
     assert [m for m in checked if m.id.endswith("E327")] == []
 
 
-def test_check_by_tag_reads_the_endpoints_from_django_6_1_on() -> None:
+def test_check_by_tag_reads_the_endpoints_from_django_6_1_on(tmp_path: Path) -> None:
     """`check --tag django_events` without --database: Django 6.1 runs the checks that read
     rows against every database (docs/checks.md), Django 5.2 and 6.0 against none."""
     import django
 
-    from django_events.delivery.endpoints import create_endpoint
     from django_events.models import WebhookEndpoint
-
-    endpoint, _ = create_endpoint("https://hooks.example.com/in", ["orders.*"])
-    WebhookEndpoint.objects.filter(pk=endpoint.pk).update(url="http://hooks.example.com/in")
 
     def check_by_tag() -> None:
         call_command("check", "--tag", "django_events", stdout=StringIO(), stderr=StringIO())
 
-    if django.VERSION < (6, 1):
-        check_by_tag()  # no SystemCheckError: the endpoint was not read
-        return
-    with pytest.raises(SystemCheckError) as caught:
-        check_by_tag()
+    with _endpoint_refused(tmp_path):
+        refused = WebhookEndpoint.objects.get()
+        if django.VERSION < (6, 1):
+            check_by_tag()  # no SystemCheckError: the endpoint was not read
+            return
+        with pytest.raises(SystemCheckError) as caught:
+            check_by_tag()
     assert parse(str(caught.value)) == [
         (
             "django_events.E327",
             "django_events.WebhookEndpoint",
-            f"Webhook endpoint {endpoint.pk} in database 'default': Refused "
+            f"Webhook endpoint {refused.pk} in database 'default': Refused "
             "http://hooks.example.com/: use an https:// URL (http:// only with "
             "DJANGO_EVENTS['WEBHOOKS_ALLOW_PRIVATE'] on).",
         )
