@@ -444,10 +444,10 @@ def _send(
     rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"
     kept: _Confirming | None = None
     try:
+        messages = [seal_event(event_body(event), _redacted(event.name)) for event, _, _ in items]
         with _producer(app, confirm, policy) as (producer, confirms, kept):
             declared = kept.declared if kept is not None else set()
-            for event, durable, subscriptions in items:
-                message = seal_event(event_body(event), _redacted(event.name))
+            for (event, durable, subscriptions), message in zip(items, messages, strict=True):
                 for subscription in subscriptions:
                     limit = soft_limit(subscription)
                     if subscription.declaration.broadcast:
