@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import threading
@@ -21,6 +22,7 @@ from django.utils.module_loading import import_string
 from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries, waiting_messages
 from django_events.delivery.messages import TASK_NAME
 from django_events.delivery.recording import delivery, save_deliveries
+from django_events.delivery.sealing import open_event
 from django_events.events import Event
 from django_events.models import EventRecord
 from django_events.wiring.registry import get_registry
@@ -162,6 +164,47 @@ def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
     finally:
         with brokers.amqp.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
+
+
+def test_each_message_of_a_batch_carries_its_own_events_sealed_payload() -> None:
+    """A batch's events are sealed before its first send: each message still carries its
+    own event's sealed payload, with that event's own options (durable or not)."""
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"sealed-batch-{uuid.uuid4().hex[:8]}"
+    subscription = {
+        "event": "orders.placed",
+        "handler": "tests.app.handlers.record",
+        "mode": "async",
+        "name": "billing",
+    }
+    now = datetime.now(UTC)
+    events = []
+    for n in range(3):
+        event_id = uuid.uuid4()
+        data = {"order_id": n, "total": 9.5, "email": f"buyer{n}@example.com"}
+        events.append(Event(event_id, "orders.placed", data, {}, now, event_id, None, data))
+    with wiring(subscription, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+        compiled = get_registry().event("orders.placed")
+        durable = {str(event.id): n == 0 for n, event in enumerate(events)}
+        batch = [(event, durable[str(event.id)], compiled.async_) for event in events]
+        assert send_deliveries(batch, "default") == Unsent()
+        try:
+            opened, persistent = {}, {}
+            with brokers.amqp.connection_for_write() as conn:
+                for _ in events:
+                    message = conn.default_channel.basic_get(queue, no_ack=True)
+                    assert message is not None
+                    body = message.body if isinstance(message.body, str) else message.body.decode()
+                    assert "@example.com" not in body
+                    (delivered,), _, _ = json.loads(body)
+                    event_part = open_event(delivered["event"])
+                    opened[event_part["id"]] = event_part["payload"]
+                    persistent[event_part["id"]] = message.properties["delivery_mode"] == 2
+        finally:
+            with brokers.amqp.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+    assert opened == {str(event.id): event.data for event in events}
+    assert persistent == durable
 
 
 def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> None:
