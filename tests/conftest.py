@@ -50,6 +50,22 @@ def _fresh_registry() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _workers_done_before_the_database_is_emptied(request: pytest.FixtureRequest) -> Iterator[None]:
+    # After a transactional test pytest-django empties its database (TRUNCATE). A worker still
+    # running one of the test's tasks writes meanwhile, and PostgreSQL can deadlock the two:
+    # CI once failed so, in `flush`, with "deadlock detected". The workers finish first.
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None or not marker.kwargs.get("transaction"):
+        yield
+        return
+    request.getfixturevalue("transactional_db")  # set up first, so emptied after this returns
+    yield
+    from tests.worker import finish_running_work
+
+    finish_running_work()
+
+
+@pytest.fixture(autouse=True)
 def _broker_reachable() -> None:
     # The publisher remembers an outage per process (to log it once); a test that cut the
     # broker must not make the next test's first failure a silent "still unreachable".

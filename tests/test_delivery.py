@@ -162,6 +162,8 @@ def test_a_message_of_an_unknown_format_version_is_a_recorded_failure(wired: Bro
     assert failure.last_error.startswith(
         "Message format v2 is unknown to this worker (it reads v1)"
     )
+    wait_for(lambda: runs("record", [stored.id]), what="the stored event's own delivery")
+    wait_idle(wired.worker)
     assert runs("record", [event_id]) == []  # the handler never ran for it
 
 

@@ -294,6 +294,17 @@ def _ready_messages(worker: WorkerProcess) -> dict[str, int]:
         return {queue: channel.queue_declare(queue, passive=True).message_count for queue in queues}
 
 
+def _busy(workers: list[WorkerProcess]) -> dict[str, tuple[dict[str, int], int, list[str]]]:
+    """The workers with messages waiting or runs not ended: node -> (those, how many, tasks)."""
+    busy = {}
+    for worker in workers:
+        ready = {queue: n for queue, n in _ready_messages(worker).items() if n}
+        running, tasks = _unfinished(worker)
+        if ready or running > 0:
+            busy[worker.node] = (ready, running, tasks)
+    return busy
+
+
 def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3) -> None:
     """Wait until no message waits in the broker for these workers (all running ones if none
     given) and every task run their logs show as received has ended; fail after ``timeout``.
@@ -308,12 +319,7 @@ def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3)
     deadline = time.monotonic() + timeout
     idle_since: float | None = None
     while True:
-        busy = {}
-        for worker in watched:
-            ready = {queue: n for queue, n in _ready_messages(worker).items() if n}
-            running, tasks = _unfinished(worker)
-            if ready or running > 0:
-                busy[worker.node] = (ready, running, tasks)
+        busy = _busy(watched)
         now = time.monotonic()
         if busy:
             idle_since = None
@@ -330,6 +336,13 @@ def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3)
             logs = "".join(f"\n\n{worker.describe()}" for worker in watched)
             raise AssertionError(f"workers not idle after {timeout}s: {states}{logs}")
         time.sleep(0.05)
+
+
+def finish_running_work() -> None:
+    """Let every running worker end what it has taken (`wait_idle`), if one is busy now: one
+    look at each worker's log and queues when none is."""
+    if _running and _busy(list(_running)):
+        wait_idle()
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
