@@ -13,6 +13,7 @@ from django.test import TransactionTestCase, override_settings
 
 from django_events.delivery import broker, endpoints
 from django_events.wiring.registry import reset_registry
+from tests.worker import wait_live_workers_idle
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -49,20 +50,37 @@ def _fresh_registry() -> Iterator[None]:
     endpoints.forget()
 
 
+_EMPTYING_FIXTURES = frozenset({"transactional_db", "live_server", "django_db_reset_sequences"})
+
+
+def _emptied_after(request: pytest.FixtureRequest) -> bool:
+    """Whether pytest-django empties the test's database after it, by its own rule: the
+    marker's ``transaction`` or ``reset_sequences``, or a fixture that asks for that."""
+    if not _EMPTYING_FIXTURES.isdisjoint(request.fixturenames):
+        return True
+    marker = request.node.get_closest_marker("django_db")
+    if marker is None:
+        return False
+    transaction, reset_sequences = (*marker.args, False, False)[:2]
+    return bool(
+        marker.kwargs.get("transaction", transaction)
+        or marker.kwargs.get("reset_sequences", reset_sequences)
+    )
+
+
 @pytest.fixture(autouse=True)
-def _workers_done_before_the_database_is_emptied(request: pytest.FixtureRequest) -> Iterator[None]:
+def _workers_idle_before_the_database_is_emptied(request: pytest.FixtureRequest) -> Iterator[None]:
     # After a transactional test pytest-django empties its database (TRUNCATE). A worker still
     # running one of the test's tasks writes meanwhile, and PostgreSQL can deadlock the two:
     # CI once failed so, in `flush`, with "deadlock detected". The workers finish first.
-    marker = request.node.get_closest_marker("django_db")
-    if marker is None or not marker.kwargs.get("transaction"):
+    if not _emptied_after(request):
         yield
         return
-    request.getfixturevalue("transactional_db")  # set up first, so emptied after this returns
+    # Set up before this fixture (a test without the marker asks for it in its arguments,
+    # which come after the autouse fixtures), so torn down, emptied, after this one.
+    request.getfixturevalue("transactional_db")
     yield
-    from tests.worker import finish_running_work
-
-    finish_running_work()
+    wait_live_workers_idle()
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -279,6 +280,13 @@ def _unfinished(worker: WorkerProcess) -> tuple[int, list[str]]:
     return sum(runs.values()) - lost, [task for task, count in runs.items() if count > 0]
 
 
+@functools.cache
+def _redis_app(url: str) -> Celery:
+    from tests import brokers
+
+    return brokers.make_app("redis", url)
+
+
 def _ready_messages(worker: WorkerProcess) -> dict[str, int]:
     """Messages waiting in the broker on each queue ``worker`` consumes (its broadcast ones too)."""
     from tests import brokers
@@ -287,15 +295,19 @@ def _ready_messages(worker: WorkerProcess) -> dict[str, int]:
     if worker.kind == "filesystem":  # kombu's rule: the part after the first dot
         names = [p.name.partition(".")[2] for p in brokers.FS_FOLDER.iterdir()]
         return {queue: names.count(f"{queue}.msg") for queue in queues}
-    with getattr(brokers, worker.kind).connection_for_write() as conn:
+    app = getattr(brokers, worker.kind)
+    if worker.kind == "redis" and "DJANGO_EVENTS_REDIS_URL" in worker.extra_env:
+        app = _redis_app(worker.extra_env["DJANGO_EVENTS_REDIS_URL"])  # a database of its own
+    with app.connection_for_write() as conn:
         channel = conn.default_channel
         if worker.kind == "redis":  # a list per queue (the tests send without priority)
             return {queue: int(channel.client.llen(queue)) for queue in queues}
         return {queue: channel.queue_declare(queue, passive=True).message_count for queue in queues}
 
 
-def _busy(workers: list[WorkerProcess]) -> dict[str, tuple[dict[str, int], int, list[str]]]:
-    """The workers with messages waiting or runs not ended: node -> (those, how many, tasks)."""
+def _busy(workers: Iterable[WorkerProcess]) -> dict[str, tuple[dict[str, int], int, list[str]]]:
+    """Each worker with work left: node -> (messages waiting by queue, runs not ended, the ids
+    of their tasks)."""
     busy = {}
     for worker in workers:
         ready = {queue: n for queue, n in _ready_messages(worker).items() if n}
@@ -338,11 +350,11 @@ def wait_idle(*workers: WorkerProcess, timeout: float = 30, settle: float = 0.3)
         time.sleep(0.05)
 
 
-def finish_running_work() -> None:
-    """Let every running worker end what it has taken (`wait_idle`), if one is busy now: one
-    look at each worker's log and queues when none is."""
-    if _running and _busy(list(_running)):
-        wait_idle()
+def wait_live_workers_idle() -> None:
+    """`wait_idle` for every started worker whose process is alive, with a shorter settle."""
+    live = [w for w in _running if w.process is not None and w.process.poll() is None]
+    if live:
+        wait_idle(*live, settle=0.1)
 
 
 def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
