@@ -51,6 +51,9 @@ HANG = 30  # seconds a handler sleeps on its first run: the test kills it long b
 
 # The app publishers use in these tests: CELERY_APP names it; the `rig` fixture sets it.
 publisher: Celery | None = None
+# The unconfirmed-retry test's own, through a proxy of its own: a test that ran between the
+# rig's tests and set (then cleared) `publisher` left the rig's next tests without an app.
+unconfirmed_publisher: Celery | None = None
 
 
 @dataclass
@@ -381,16 +384,16 @@ def test_a_retry_sent_without_a_confirm_is_left_pending_and_runs_once(
     recorded failed "not sent": a second events_retry has nothing to send again, and the
     relay's check of lost messages sends it only if the queue does not hold it. The handler
     runs once more, not twice."""
-    global publisher
+    global unconfirmed_publisher
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     with (
         fresh_queue("amqp", "faults-unconfirmed") as queue,
         FaultProxy.for_url(brokers.AMQP_URL) as proxy,
     ):
-        publisher = brokers.make_app("amqp", proxy.url(brokers.AMQP_URL))
-        publisher.conf.broker_connection_timeout = 1
+        unconfirmed_publisher = brokers.make_app("amqp", proxy.url(brokers.AMQP_URL))
+        unconfirmed_publisher.conf.broker_connection_timeout = 1
         try:
-            with _wiring(queue):
+            with _wiring(queue, "tests.test_faults.unconfirmed_publisher"):
                 with _worker("amqp", queue, tmp_path):
                     event = publish("fault.unconfirmed", {"order_id": 9})
                     wait_for(lambda: _status(event.id) == "failed", what="the first run")
@@ -415,7 +418,7 @@ def test_a_retry_sent_without_a_confirm_is_left_pending_and_runs_once(
                     wait_for(lambda: _status(event.id) == "succeeded", what="the retry's run")
                     wait_idle(worker)
         finally:
-            publisher = None
+            unconfirmed_publisher = None
     row = Delivery.objects.get(event_id=event.id)
     assert (row.status, row.attempts) == ("succeeded", 2)
     assert runs("fails_first_time", [event.id]) == {event.id: 2}
