@@ -39,6 +39,13 @@ closing_redis = Celery("tests-closing-redis", set_as_current=False)
 for _closing_app in (closing_amqp, closing_redis):
     _closing_app.conf.update(accept_content=["json"], broker_connection_timeout=3)
 CLOSING_URLS = {"amqp": "amqp://guest:guest@127.0.0.1:{}//", "redis": "redis://127.0.0.1:{}/0"}
+# The async subscription of the tests that read a sent message off its queue.
+BILLING = {
+    "event": "orders.placed",
+    "handler": "tests.app.handlers.record",
+    "mode": "async",
+    "name": "billing",
+}
 
 # An app that keeps Celery's task results in Redis, as many projects do (result_backend).
 with_result_backend = brokers.make_app("amqp")
@@ -136,16 +143,10 @@ def test_celery_app_given_as_celerys_current_app_proxy_is_the_app_behind_it() ->
 def test_celery_headers_name_the_delivery_and_leave_the_payload_out() -> None:
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     queue = f"headers-{uuid.uuid4().hex[:8]}"
-    subscription = {
-        "event": "orders.placed",
-        "handler": "tests.app.handlers.record",
-        "mode": "async",
-        "name": "billing",
-    }
     event_id = uuid.uuid4()
     data = {"order_id": 3, "total": 9.5, "email": "secret@example.com"}
     event = Event(event_id, "orders.placed", data, {}, datetime.now(UTC), event_id, None, data)
-    with wiring(subscription, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+    with wiring(BILLING, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
         compiled = get_registry().event("orders.placed")
         assert send_deliveries([(event, True, compiled.async_)], "default") == Unsent()
     try:
@@ -171,19 +172,13 @@ def test_each_message_of_a_batch_carries_its_own_events_sealed_payload() -> None
     own event's sealed payload, with that event's own options (durable or not)."""
     brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
     queue = f"sealed-batch-{uuid.uuid4().hex[:8]}"
-    subscription = {
-        "event": "orders.placed",
-        "handler": "tests.app.handlers.record",
-        "mode": "async",
-        "name": "billing",
-    }
     now = datetime.now(UTC)
     events = []
     for n in range(3):
         event_id = uuid.uuid4()
         data = {"order_id": n, "total": 9.5, "email": f"buyer{n}@example.com"}
         events.append(Event(event_id, "orders.placed", data, {}, now, event_id, None, data))
-    with wiring(subscription, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
+    with wiring(BILLING, DEFAULT_QUEUE=queue, CELERY_APP="tests.brokers.amqp"):
         compiled = get_registry().event("orders.placed")
         durable = {str(event.id): n == 0 for n, event in enumerate(events)}
         batch = [(event, durable[str(event.id)], compiled.async_) for event in events]
