@@ -42,6 +42,13 @@ joined() {
   cat "${BESIDE_LOG[$name]}" && rm -f "${BESIDE_LOG[$name]}"
   [ "$status" = 0 ] || { echo "$name failed (exit $status)" >&2; exit 1; }
 }
+# `timed COMMAND...` runs COMMAND, then prints its wall time and the CPU time of it and of
+# what it started and waited for (test processes, celery workers). On two cores the suite is
+# CPU-bound from the first pass to the last: a change to a pass is weighed by its CPU.
+timed() {
+  local TIMEFORMAT="   (%0R s; CPU %0U s user + %0S s system, with what it started)"
+  time "$@"
+}
 # pytest exits 5 when a pass selected no test: with a user's `-k` or `-m` (this script's
 # arguments), a pass may have none, which is not a failure.
 USER_ARGS=$#
@@ -153,12 +160,12 @@ if [ -n "$PY313" ]; then
   # Every test that needs no server, on Django 6.1: SQLite's database tests run here, not in
   # the Django 5.2 SQLite pass too (PostgreSQL's pass runs them on 5.2).
   step "started: Django 6.1 on Python 3.13, SQLite, the tests without servers"
-  beside django61 no_tests_allowed .venv-django61/bin/python -m pytest -q "${XDIST[@]}" -m "not servers" "$@"
+  beside django61 timed no_tests_allowed .venv-django61/bin/python -m pytest -q "${XDIST[@]}" -m "not servers" "$@"
   step "started: the oldest Celery and kombu allowed (5.5.0, 5.5.2), real brokers and workers; django.tasks (not the backport) with db_worker"
-  beside oldest-celery oldest_celery_passes
+  beside oldest-celery timed oldest_celery_passes
 fi
 step "started: the benchmarks' smoke run (each once, tiny counts; nothing is timed or judged)"
-beside benchmark-smoke env DATABASE_URL="$PG_URL" .venv/bin/python -m benchmarks --smoke
+beside benchmark-smoke timed env DATABASE_URL="$PG_URL" .venv/bin/python -m benchmarks --smoke
 
 # The SQLite pass runs the tests with a real worker (`servers`: the filesystem transport, the
 # embedded default), or, without Python 3.13, every test that can reach a database
@@ -174,11 +181,11 @@ fi
 COVERAGE_FLOOR=95  # measured: 97% on 2026-12-06 (PostgreSQL pass, workers and pool children included)
 rm -rf tests/var/coverage && mkdir -p tests/var/coverage
 step "tests: Django 5.2, SQLite (-m \"$SQLITE_TESTS\": $SQLITE_WHAT)"
-no_tests_allowed .venv/bin/python -m pytest -q "${XDIST[@]}" -m "$SQLITE_TESTS" "$@"
+timed no_tests_allowed .venv/bin/python -m pytest -q "${XDIST[@]}" -m "$SQLITE_TESTS" "$@"
 step "tests: the example project's own suite (captured_events / events_eager), SQLite"
 (cd example_project && ../.venv/bin/python -m pytest -q)
 step "tests: Django 5.2, PostgreSQL (every test but the embedded lines, with coverage)"
-DATABASE_URL=$PG_URL no_tests_allowed .venv/bin/coverage run -m pytest -q "${XDIST[@]}" -m "not embedded or postgresql" "$@"
+DATABASE_URL=$PG_URL timed no_tests_allowed .venv/bin/coverage run -m pytest -q "${XDIST[@]}" -m "not embedded or postgresql" "$@"
 step "tests: the example project's own suite, PostgreSQL"
 (cd example_project && DATABASE_URL=$PG_URL ../.venv/bin/python -m pytest -q)
 step "coverage (branch, the PostgreSQL pass; floor ${COVERAGE_FLOOR}%, for the whole suite only)"
