@@ -44,10 +44,13 @@ joined() {
 }
 # `timed COMMAND...` runs COMMAND, then prints its wall time and the CPU time of it and of
 # what it started and waited for (test processes, celery workers). On two cores the suite is
-# CPU-bound from the first pass to the last: a change to a pass is weighed by its CPU.
+# CPU-bound from the first pass to the last: a change to a pass is weighed by its CPU. In a
+# subshell: `time` counts every child its shell reaps meanwhile, `beside`'s included.
 timed() {
-  local TIMEFORMAT="   (%0R s; CPU %0U s user + %0S s system, with what it started)"
-  time "$@"
+  (
+    TIMEFORMAT="   (%0R s; CPU %0U s user + %0S s system, with what it started)"
+    time "$@"
+  )
 }
 # pytest exits 5 when a pass selected no test: with a user's `-k` or `-m` (this script's
 # arguments), a pass may have none, which is not a failure.
