@@ -156,7 +156,7 @@ oldest_celery_passes() {
     tests/test_confirms.py tests/test_filesystem_transport.py tests/test_delivery.py tests/test_tasks_delivery.py &&
     .venv-django61/bin/python -m pytest -q "${XDIST[@]}" tests/test_tasks_delivery.py
 }
-# The SQLite pass mostly waits on its workers: these run beside it, and on into the
+# These run beside the SQLite pass (with it they keep both cores busy), and on into the
 # PostgreSQL pass if they last longer (each pass has its own databases and queues); their
 # output follows the PostgreSQL pass.
 if [ -n "$PY313" ]; then
