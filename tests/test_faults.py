@@ -51,8 +51,8 @@ HANG = 30  # seconds a handler sleeps on its first run: the test kills it long b
 
 # The app publishers use in these tests: CELERY_APP names it; the `rig` fixture sets it.
 publisher: Celery | None = None
-# The unconfirmed-retry test's own, through a proxy of its own: a test that ran between the
-# rig's tests and set (then cleared) `publisher` left the rig's next tests without an app.
+# The unconfirmed-retry test's app (its broker behind a fault proxy of its own). It used to
+# set, then clear, `publisher`: run between the rig's tests, it left their next without an app.
 unconfirmed_publisher: Celery | None = None
 
 
