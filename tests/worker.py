@@ -80,6 +80,11 @@ class WorkerProcess:
             "PYTHONPATH": str(ROOT),
             **self.extra_env,
         }
+        if "COVERAGE_PROCESS_CONFIG" in env and self.app.startswith("tests.brokers:"):
+            from tests import brokers  # the test process's: it measures the imports
+
+            # Measured from its `celeryd_init` on, not from its first import (tests/brokers.py).
+            env[brokers.DEFERRED_COVERAGE] = env.pop("COVERAGE_PROCESS_CONFIG")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self._stopping = False
