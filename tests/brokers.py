@@ -93,7 +93,10 @@ def _measure_from_here(**kwargs: object) -> None:
         import coverage
 
         os.environ["COVERAGE_PROCESS_CONFIG"] = config  # for the processes the worker starts
-        coverage.process_startup()
+        if coverage.process_startup() is None:
+            # Celery logs an exception a receiver raises and goes on: the worker would run
+            # unmeasured, and the report lose its lines quietly.
+            raise SystemExit(f"coverage did not start from {DEFERRED_COVERAGE} in this worker")
 
 
 @worker_process_init.connect
