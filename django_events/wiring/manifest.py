@@ -124,9 +124,12 @@ def load_manifest(path: Path) -> Manifest:
                 )
             ]
         )
+    loader = yaml.SafeLoader(text)
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        # Parsed once: the nodes give the lines, the data is built from them (what
+        # yaml.safe_load does after composing the same nodes).
+        root = loader.get_single_node()
+        data = None if root is None else loader.construct_document(root)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -144,6 +147,8 @@ def load_manifest(path: Path) -> Manifest:
                 )
             ]
         )
+    finally:
+        loader.dispose()
     lines: dict[JsonPath, int] = {}
     duplicates: list[Duplicate] = []
     if root is not None:
