@@ -276,6 +276,26 @@ def test_yaml_errors_are_E102_with_the_1_based_line(
         assert not manifest.events and not manifest.subscriptions
 
 
+def test_a_character_yaml_does_not_allow_is_E102_at_its_line(tmp_path: Path) -> None:
+    # A control character pasted with a description: YAML refuses the whole stream before
+    # parsing it, and says where only as an offset into the text.
+    path, manifest = load(
+        tmp_path,
+        'version: 1\nevents:\n  orders.placed:\n    description: "ring \x07 twice"\n',
+    )
+
+    assert summary(manifest) == [
+        (
+            "django_events.E102",
+            4,
+            "YAML syntax error: unacceptable character #x0007: special characters are not allowed",
+        )
+    ]
+    assert str(manifest.problems[0]).startswith(f"django_events.E102 {path}:4: ")
+    assert manifest.problems[0].hint.startswith("Remove the character at that line")
+    assert not manifest.events
+
+
 def test_a_url_pasted_as_a_key_twice_is_masked_in_E102_as_in_E103(tmp_path: Path) -> None:
     _, manifest = load(
         tmp_path,

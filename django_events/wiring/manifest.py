@@ -124,12 +124,21 @@ def load_manifest(path: Path) -> Manifest:
                 )
             ]
         )
-    loader = yaml.SafeLoader(text)
     try:
-        # Parsed once: the nodes give the lines, the data is built from them (what
-        # yaml.safe_load does after composing the same nodes).
-        root = loader.get_single_node()
-        data = None if root is None else loader.construct_document(root)
+        root, data = _parse_yaml(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML refuses, anywhere in the file
+        return Manifest(
+            problems=[
+                _problem(
+                    "E102",
+                    f"YAML syntax error: unacceptable character #x{exc.character:04x}: "
+                    f"{exc.reason}",
+                    "Remove the character at that line (a control character pasted with "
+                    "the text): the file is ignored until then.",
+                    Origin("manifest", file, text.count("\n", 0, exc.position) + 1),
+                )
+            ]
+        )
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -147,8 +156,6 @@ def load_manifest(path: Path) -> Manifest:
                 )
             ]
         )
-    finally:
-        loader.dispose()
     lines: dict[JsonPath, int] = {}
     duplicates: list[Duplicate] = []
     if root is not None:
@@ -173,6 +180,17 @@ def load_manifest(path: Path) -> Manifest:
     manifest = parse_manifest_data(data, origin_for)
     manifest.problems[:0] = [_duplicate(file, *d) for d in duplicates]
     return manifest
+
+
+def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's nodes (for the lines) and its data, parsed once: the data is built
+    from the same nodes, as ``yaml.safe_load`` builds it."""
+    loader = yaml.SafeLoader(text)  # raises ReaderError for a character YAML refuses
+    try:
+        root = loader.get_single_node()
+        return root, None if root is None else loader.construct_document(root)
+    finally:
+        loader.dispose()
 
 
 def _missing(path: Path) -> Problem:
