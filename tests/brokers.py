@@ -89,14 +89,21 @@ def _measure_from_here(**kwargs: object) -> None:
     (docs/contributing.md). What the worker runs from here on is measured as before: our
     start-up code (this signal comes before it), the pool processes, the deliveries."""
     config = os.environ.pop(DEFERRED_COVERAGE, None)
-    if config is not None:
-        import coverage
+    if config is None:
+        return
+    import coverage
 
-        os.environ["COVERAGE_PROCESS_CONFIG"] = config  # for the processes the worker starts
-        if coverage.process_startup() is None:
-            # Celery logs an exception a receiver raises and goes on: the worker would run
-            # unmeasured, and the report lose its lines quietly.
-            raise SystemExit(f"coverage did not start from {DEFERRED_COVERAGE} in this worker")
+    os.environ["COVERAGE_PROCESS_CONFIG"] = config  # for the processes the worker starts
+    if coverage.Coverage.current() is not None:  # measured since it started after all
+        return
+    # Celery logs an exception a receiver raises and goes on: the worker would run
+    # unmeasured, and the report lose its lines quietly. It stops instead.
+    try:
+        started = coverage.process_startup()
+    except Exception as exc:
+        raise SystemExit(f"coverage did not start in this worker: {exc!r}") from exc
+    if started is None:
+        raise SystemExit(f"coverage did not start from {DEFERRED_COVERAGE} in this worker")
 
 
 @worker_process_init.connect
