@@ -126,33 +126,12 @@ def load_manifest(path: Path) -> Manifest:
         )
     try:
         root, data = _parse_yaml(text)
-    except yaml.reader.ReaderError as exc:  # a character YAML refuses, anywhere in the file
-        return Manifest(
-            problems=[
-                _problem(
-                    "E102",
-                    f"YAML syntax error: unacceptable character #x{exc.character:04x}: "
-                    f"{exc.reason}",
-                    "Remove the character at that line (a control character pasted with "
-                    "the text): the file is ignored until then.",
-                    Origin("manifest", file, text.count("\n", 0, exc.position) + 1),
-                )
-            ]
-        )
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        reason = getattr(exc, "problem", None) or str(exc)
-        context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
-        if context and context_mark is not None:  # e.g. where an unclosed quote started
-            reason += f" ({context} at line {context_mark.line + 1})"
+        line, reason, hint = _yaml_failure(exc, text)
         return Manifest(
             problems=[
                 _problem(
-                    "E102",
-                    f"YAML syntax error: {reason}",
-                    "Fix the YAML at that line: the file is ignored until then.",
-                    Origin("manifest", file, line),
+                    "E102", f"YAML syntax error: {reason}", hint, Origin("manifest", file, line)
                 )
             ]
         )
@@ -191,6 +170,24 @@ def _parse_yaml(text: str) -> tuple[yaml.Node | None, Any]:
         return root, None if root is None else loader.construct_document(root)
     finally:
         loader.dispose()
+
+
+def _yaml_failure(exc: yaml.YAMLError, text: str) -> tuple[int | None, str, str]:
+    """The 1-based line, the reason and the hint of E102 for a YAML error."""
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML refuses, anywhere
+        return (
+            text.count("\n", 0, exc.position) + 1,  # the reader gives an offset, not a line
+            f"unacceptable character #x{exc.character:04x}: {exc.reason}",
+            "Remove the character at that line (a control character pasted with the text): "
+            "the file is ignored until then.",
+        )
+    mark = getattr(exc, "problem_mark", None)
+    reason = getattr(exc, "problem", None) or str(exc)
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:  # e.g. where an unclosed quote started
+        reason += f" ({context} at line {context_mark.line + 1})"
+    line = mark.line + 1 if mark is not None else None
+    return line, reason, "Fix the YAML at that line: the file is ignored until then."
 
 
 def _missing(path: Path) -> Problem:
