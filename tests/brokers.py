@@ -94,7 +94,7 @@ def _measure_from_here(**kwargs: object) -> None:
     import coverage
 
     os.environ["COVERAGE_PROCESS_CONFIG"] = config  # for the processes the worker starts
-    if coverage.Coverage.current() is not None:  # measured since it started after all
+    if coverage.Coverage.current() is not None:  # started with the process (COVERAGE_PROCESS_START)
         return
     # Celery logs an exception a receiver raises and goes on: the worker would run
     # unmeasured, and the report lose its lines quietly. It stops instead.
