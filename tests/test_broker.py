@@ -17,14 +17,25 @@ import pytest
 import redis
 from celery import Celery
 from django.core.management import CommandError, call_command
+from django.db import transaction
+from django.test import override_settings
 from django.utils.module_loading import import_string
 
-from django_events.delivery.broker import BrokerHealth, Unsent, send_deliveries, waiting_messages
+from django_events import publish, publish_many
+from django_events.delivery import marking
+from django_events.delivery.broker import (
+    BrokerHealth,
+    Unsent,
+    health,
+    send_deliveries,
+    waiting_messages,
+)
 from django_events.delivery.messages import TASK_NAME
 from django_events.delivery.recording import delivery, save_deliveries
 from django_events.delivery.sealing import open_event
 from django_events.events import Event
 from django_events.models import EventRecord
+from django_events.operations.relay import relay_pending
 from django_events.wiring.registry import get_registry
 from tests import brokers
 from tests.conftest import wiring
@@ -200,6 +211,62 @@ def test_each_message_of_a_batch_carries_its_own_events_sealed_payload() -> None
                 conn.default_channel.queue_delete(queue)
     assert opened == {str(event.id): event.data for event in events}
     assert persistent == durable
+
+
+def _taken_off(queue: str) -> list[dict[str, object]]:
+    """The deliveries waiting on RabbitMQ's ``queue``, taken off it."""
+    taken = []
+    with brokers.amqp.connection_for_write() as conn:
+        while message := conn.default_channel.basic_get(queue, no_ack=True):
+            body = message.body if isinstance(message.body, str) else message.body.decode()
+            (delivered,), _, _ = json.loads(body)
+            taken.append(delivered)
+    return taken
+
+
+@pytest.mark.django_db(transaction=True)
+def test_events_whose_payload_cannot_be_sealed_stay_pending_and_the_broker_is_not_blamed(
+    caplog,
+) -> None:
+    """An empty SECRET_KEY seals nothing: the events that redact fields stay pending, said
+    so once a send; the others go, the broker is not taken for down, and the relay sends the
+    pending ones once SECRET_KEY is back."""
+    brokers.require_server(brokers.AMQP_URL, "RabbitMQ")
+    queue = f"unsealed-{uuid.uuid4().hex[:8]}"
+    paid = {"order_id": 1, "email": "ada@example.com"}
+    try:
+        with shop_wiring(queue, CELERY_APP="tests.brokers.amqp"):
+            with override_settings(SECRET_KEY=""), caplog.at_level(logging.INFO, "django_events"):
+                with transaction.atomic():  # a batch with an event that redacts nothing
+                    unsealed, cancelled = publish_many(
+                        [("shop.paid", paid), ("orders.cancelled", {"order_id": 1})]
+                    )
+                with transaction.atomic():  # alone: on PostgreSQL, the background marker's path
+                    alone = publish("shop.paid", {**paid, "order_id": 2})
+                marking.flush()
+            assert not health.is_down(brokers.amqp)
+            said = [r for r in caplog.records if r.name == "django_events.broker"]
+            assert [r.getMessage() for r in said if r.levelno >= logging.WARNING] == [
+                f"Cannot seal the payload of 1 event(s) (shop.paid; the first: {event.id}): "
+                "they stay pending, for events_relay to send once it can seal them: "
+                "ImproperlyConfigured: The SECRET_KEY setting must not be empty."
+                for event in (unsealed, alone)
+            ]
+            records = dict(EventRecord.objects.values_list("id", "status"))
+            # orders.cancelled records failures only: sent, it needs none.
+            assert records == {unsealed.id: "pending", alone.id: "pending"}
+            [sent] = _taken_off(queue)
+            assert sent["event"]["id"] == str(cancelled.id)
+
+            assert relay_pending().sent == 2
+            resent = {m["event"]["id"]: m["event"] for m in _taken_off(queue)}
+    finally:
+        with brokers.amqp.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+    assert set(EventRecord.objects.values_list("status", flat=True)) == {"dispatched"}
+    assert resent.keys() == {str(unsealed.id), str(alone.id)}
+    assert all("sealed" in e and "ada@" not in json.dumps(e) for e in resent.values())
+    assert open_event(resent[str(unsealed.id)])["payload"] == paid
 
 
 def test_deliveries_leave_the_apps_result_backend_waiting_for_no_result() -> None:

@@ -311,17 +311,62 @@ def send_deliveries(
     and relay due time): the marker clears those due times instead.
     """
     marks: Marks = alias if hand_ons is None else HandOns(alias, hand_ons)
+    sendable, messages, unsealed = _messages(items)
+    if not sendable:
+        return Unsent(refused=unsealed)
     unsent, deferred = _send_deliveries(
-        items, alias, app, confirm, always_try, prior_attempts, marker, marks
+        sendable, messages, alias, app, confirm, always_try, prior_attempts, marker, marks
     )
     if marker is not None and not deferred:
         left = unsent.ids
-        marker.taken(marks, [event.id for event, _, _ in items if event.id not in left])
+        marker.taken(marks, [event.id for event, _, _ in sendable if event.id not in left])
+    if unsealed:
+        return Unsent(unsent.refused | unsealed, unsent.unconfirmed)
     return unsent
+
+
+def _messages(
+    items: Sequence[SendItem],
+) -> tuple[list[SendItem], list[dict[str, Any]], frozenset[UUID]]:
+    """The items whose event message was built, those messages, and the ids of the events
+    whose payload could not be sealed (logged: they stay pending, and the broker is not
+    blamed for them).
+
+    Built, and sealed, before the first send: sealing between two sends costs several times
+    as much (figure 9).
+    """
+    sendable: list[SendItem] = []
+    messages: list[dict[str, Any]] = []
+    unsealed: list[Event] = []
+    error: Exception | None = None
+    for item in items:
+        event = item[0]
+        try:
+            messages.append(seal_event(event_body(event), _redacted(event.name)))
+        except Exception as exc:  # noqa: BLE001 - logged below; the event stays pending
+            unsealed.append(event)
+            error = error or exc
+            continue
+        sendable.append(item)
+    if error is not None:
+        # An empty SECRET_KEY, say: no send can take these events until it is fixed.
+        logger.error(
+            "Cannot seal the payload of %d event(s) (%s; the first: %s): they stay pending, "
+            "for events_relay to send once it can seal them: %s: %s",
+            len(unsealed),
+            ", ".join(sorted({event.name for event in unsealed})),
+            unsealed[0].id,
+            type(error).__name__,
+            error,
+            exc_info=error,
+            extra=batch_log_extra(unsealed),
+        )
+    return sendable, messages, frozenset(event.id for event in unsealed)
 
 
 def _send_deliveries(
     items: Sequence[SendItem],
+    messages: Sequence[dict[str, Any]],
     alias: str,
     app: Celery | None,
     confirm: bool | None,
@@ -330,8 +375,8 @@ def _send_deliveries(
     marker: Marker | None,
     marks: Marks,
 ) -> tuple[Unsent, bool]:
-    """`send_deliveries`: the events not sent, and whether their confirms went to ``marker``
-    (for ``marks``)."""
+    """`send_deliveries` of ``items`` and their ``messages`` (`_messages`): the events not
+    sent, and whether their confirms went to ``marker`` (for ``marks``)."""
     if confirm is None:
         confirm = conf.PUBLISHER_CONFIRMS
     try:
@@ -374,7 +419,7 @@ def _send_deliveries(
     for last_try in (False, True):
         try:
             unsent, silent = _send(
-                app, items, alias, confirm, wait, policy, prior_attempts, later, marks
+                app, items, messages, alias, confirm, wait, policy, prior_attempts, later, marks
             )
         except _StaleConnection:
             if last_try:
@@ -428,6 +473,7 @@ class _Sent:
 def _send(
     app: Celery,
     items: Sequence[SendItem],
+    messages: Sequence[dict[str, Any]],
     alias: str,
     confirm: bool,
     confirm_timeout: float,
@@ -436,17 +482,15 @@ def _send(
     marker: Marker | None,
     marks: Marks,
 ) -> tuple[Unsent, bool]:
-    """One try at sending the batch: the events nacked or unconfirmed (see send_deliveries),
-    and whether confirms were still missing when the wait ended. With a ``marker`` the
-    batch's confirms are left to it instead (nothing is waited for), for ``marks``."""
+    """One try at sending the batch (``messages``: its events' messages, in order): the
+    events nacked or unconfirmed (see send_deliveries), and whether confirms were still
+    missing when the wait ended. With a ``marker`` the batch's confirms are left to it
+    instead (nothing is waited for), for ``marks``."""
     sent = 0
     confirms: PublisherConfirms | None = None
     rerun = prior_attempts is not None  # events_retry, events_replay, "Retry selected"
     kept: _Confirming | None = None
     try:
-        # Built, and sealed, before the first send: sealing between two sends costs several
-        # times as much (figure 9).
-        messages = [seal_event(event_body(event), _redacted(event.name)) for event, _, _ in items]
         with _producer(app, confirm, policy) as (producer, confirms, kept):
             declared = kept.declared if kept is not None else set()
             for (event, durable, subscriptions), message in zip(items, messages, strict=True):
