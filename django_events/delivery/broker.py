@@ -71,8 +71,9 @@ def delivery_message(
 ) -> dict[str, Any]:
     """The task argument `send_deliveries` sends for one delivery sent again from its row
     (``prior``: the runs it records), its payload sealed where the event redacts fields."""
-    body = seal_event(event_body(event), _redacted(event.name))
-    return build_message(body, subscription, alias, prior.attempts, True, prior.uncounted)
+    return build_message(
+        _sealed_body(event), subscription, alias, prior.attempts, True, prior.uncounted
+    )
 
 
 def celery_app() -> Celery | None:
@@ -121,9 +122,11 @@ def _is_celery_fallback(app: Any) -> bool:
     return app.main == "default" and not app.set_as_current and not app.fixups
 
 
-def _redacted(event_name: str) -> tuple[str, ...]:
-    compiled = get_registry().events.get(event_name)
-    return compiled.declaration.redact if compiled is not None else ()
+def _sealed_body(event: Event) -> dict[str, Any]:
+    """``event``'s message body (`event_body`), its payload sealed where it redacts fields."""
+    compiled = get_registry().events.get(event.name)
+    redacted = compiled.declaration.redact if compiled is not None else ()
+    return seal_event(event_body(event), redacted)
 
 
 @dataclass
@@ -342,7 +345,7 @@ def _messages(
     for item in items:
         event = item[0]
         try:
-            messages.append(seal_event(event_body(event), _redacted(event.name)))
+            messages.append(_sealed_body(event))
         except Exception as exc:  # noqa: BLE001 - logged below; the event stays pending
             unsealed.append(event)
             error = error or exc
